@@ -1,0 +1,1 @@
+"""Many georeg nodes as one registry: cluster spec, supervisor, routing, CLI."""

@@ -1,0 +1,1 @@
+"""Benchmarks: a node against the reference registry; replication lag."""

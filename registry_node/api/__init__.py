@@ -1,0 +1,1 @@
+"""The node's OCI HTTP API (aiohttp): thin handlers over ``registry.Registry``."""

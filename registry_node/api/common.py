@@ -1,0 +1,79 @@
+"""Small pieces every handler uses: app keys, parameter parsing, bodies, headers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlencode
+
+import msgspec
+from aiohttp import web
+
+from ..errors import ErrorCode, RegistryError
+from ..reference import Digest, validate_name
+
+if TYPE_CHECKING:
+    from ..registry import Registry
+
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry", object)  # type: ignore[arg-type]
+
+DIGEST_HEADER = "Docker-Content-Digest"
+UPLOAD_UUID_HEADER = "Docker-Upload-UUID"
+JSON = "application/json"
+_json = msgspec.json.Encoder(enc_hook=lambda value: str(value) if isinstance(value, str) else None)
+
+
+def registry(request: web.Request) -> Registry:
+    return request.app[REGISTRY]
+
+
+def repo_name(request: web.Request) -> str:
+    return validate_name(request.match_info["name"])
+
+
+def digest_param(value: str | None, what: str = "digest") -> Digest:
+    if not value:
+        raise RegistryError(ErrorCode.DIGEST_INVALID, f"the {what} parameter is required",
+                            message="digest missing")
+    return Digest.parse(value)
+
+
+def json_response(payload: object, status: int = 200, content_type: str = JSON,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=_json.encode(payload), status=status, content_type=content_type,
+                        headers=headers)
+
+
+def empty(status: int, headers: dict[str, str]) -> web.Response:
+    headers.setdefault("Content-Length", "0")
+    return web.Response(status=status, headers=headers)
+
+
+def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    return request.content.iter_any()
+
+
+def has_body(request: web.Request) -> bool:
+    if request.content_length is not None:
+        return request.content_length > 0
+    return request.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+
+def page_size(request: web.Request, cap: int) -> int | None:
+    """The `n` query parameter: None when absent, else an integer in [0, cap]."""
+    raw = request.query.get("n")
+    if raw is None or raw == "":
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise RegistryError(ErrorCode.PAGINATION_NUMBER_INVALID,
+                            f"n must be a non-negative integer, got {raw!r}")
+    return min(n, cap)
+
+
+def next_link(path: str, n: int | None, last: str) -> str:
+    query = urlencode({"last": last, **({"n": n} if n is not None else {})})
+    return f'<{quote(path)}?{query}>; rel="next"'

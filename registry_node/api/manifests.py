@@ -1,0 +1,56 @@
+"""end-3, end-7, end-9: manifests by tag or digest, stored and served byte-exact."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..errors import ErrorCode, RegistryError
+from ..registry import manifest_too_large
+from .common import DIGEST_HEADER, empty, registry, repo_name
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    repo = repo_name(request)
+    reg = registry(request)
+    stored = reg.stat_manifest(repo, request.match_info["reference"])
+    etag = f'"{stored.digest}"'
+    headers = {DIGEST_HEADER: stored.digest, "Content-Type": stored.media_type, "ETag": etag}
+    if request.headers.get("If-None-Match") == etag:
+        return empty(304, headers)
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(stored.size)
+        return web.Response(status=200, headers=headers)
+    return web.Response(status=200, body=reg.manifest_body(stored), headers=headers)
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise manifest_too_large(limit)
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            raise manifest_too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    repo = repo_name(request)
+    reg = registry(request)
+    body = await _read_limited(request, reg.limits.max_manifest_size)
+    if not body:
+        raise RegistryError(ErrorCode.MANIFEST_INVALID, "the manifest body is empty")
+    result = reg.put_manifest(repo, request.match_info["reference"], body,
+                              request.headers.get("Content-Type"))
+    headers = {"Location": f"/v2/{repo}/manifests/{result.digest}", DIGEST_HEADER: result.digest}
+    if result.subject:
+        headers["OCI-Subject"] = result.subject
+    return empty(201, headers)
+
+
+async def delete_manifest(request: web.Request) -> web.Response:
+    repo = repo_name(request)
+    registry(request).delete_manifest(repo, request.match_info["reference"])
+    return empty(202, {})

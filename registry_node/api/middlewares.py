@@ -1,0 +1,79 @@
+"""The data plane's middleware chain: request ids, the access log, and the
+translation of every refusal into an OCI error body.
+
+Later layers (authentication, throttling, network rules) join this chain;
+handlers never need to know about them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import structlog
+from aiohttp import web
+
+from ..errors import ErrorCode, RegistryError
+
+log = structlog.get_logger("georeg.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+
+
+def error_response(error: RegistryError) -> web.Response:
+    import msgspec
+
+    headers = {"Content-Type": "application/json", **error.headers}
+    return web.Response(status=error.status, body=msgspec.json.encode(error.body()), headers=headers)
+
+
+def _from_http(exc: web.HTTPException, request: web.Request) -> RegistryError:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return RegistryError(ErrorCode.UNSUPPORTED, f"{request.method} is not allowed on {request.path}",
+                             message="method not allowed", headers={"Allow": ",".join(sorted(exc.allowed_methods))})
+    if isinstance(exc, web.HTTPNotFound):
+        return RegistryError(ErrorCode.UNSUPPORTED, f"no endpoint at {request.path}",
+                             message="not found", status=404)
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return RegistryError(ErrorCode.SIZE_INVALID, exc.text, message="request too large", status=413)
+    return RegistryError(ErrorCode.UNSUPPORTED, exc.text, message=exc.reason, status=exc.status)
+
+
+@web.middleware
+async def access(request: web.Request, handler) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id", "")
+    if not _REQUEST_ID.fullmatch(rid):
+        rid = os.urandom(8).hex()
+    request[REQUEST_ID] = rid
+    started = time.perf_counter()
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except RegistryError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(_from_http(exc, request))
+        status = response.status
+        return response
+    except (ConnectionResetError, ConnectionError) as exc:
+        status = 499  # the client went away; nothing to answer
+        log.info("client_gone", rid=rid, error=str(exc) or type(exc).__name__)
+        raise
+    except Exception:
+        log.exception("unhandled", rid=rid, method=request.method, path=request.path)
+        status = 500
+        return error_response(RegistryError(ErrorCode.UNKNOWN, {"request_id": rid}))
+    finally:
+        log.info("request", rid=rid, method=request.method, path=request.path, status=status,
+                 ms=round((time.perf_counter() - started) * 1000, 2), remote=request.remote)
+
+
+async def common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+    rid = request.get(REQUEST_ID)
+    if rid:
+        response.headers["X-Request-Id"] = rid

@@ -1,0 +1,48 @@
+"""Every route of the node's HTTP API, declared as data.
+
+``{name}`` is a repository name and may contain slashes, so it is matched
+greedily up to the fixed suffix that names the resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
+
+from aiohttp import web
+
+from . import base, blobs, listings, manifests, uploads
+
+
+class Route(NamedTuple):
+    method: str
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+_NAME = "/v2/{name:.+}"
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v2/", base.version_check),
+    Route("GET", "/v2", base.version_check),
+    Route("GET", "/v2/_catalog", listings.catalog),
+    Route("GET", _NAME + "/tags/list", listings.list_tags),
+    Route("GET", _NAME + "/referrers/{digest}", listings.referrers),
+    Route("GET", _NAME + "/manifests/{reference}", manifests.get_manifest),
+    Route("HEAD", _NAME + "/manifests/{reference}", manifests.get_manifest),
+    Route("PUT", _NAME + "/manifests/{reference}", manifests.put_manifest),
+    Route("DELETE", _NAME + "/manifests/{reference}", manifests.delete_manifest),
+    Route("POST", _NAME + "/blobs/uploads/", uploads.start_upload),
+    Route("GET", _NAME + "/blobs/uploads/{uuid}", uploads.upload_status),
+    Route("PATCH", _NAME + "/blobs/uploads/{uuid}", uploads.patch_upload),
+    Route("PUT", _NAME + "/blobs/uploads/{uuid}", uploads.finish_upload),
+    Route("DELETE", _NAME + "/blobs/uploads/{uuid}", uploads.cancel_upload),
+    Route("GET", _NAME + "/blobs/{digest}", blobs.get_blob),
+    Route("HEAD", _NAME + "/blobs/{digest}", blobs.get_blob),
+    Route("DELETE", _NAME + "/blobs/{digest}", blobs.delete_blob),
+)
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    for route in ROUTES:
+        router.add_route(route.method, route.path, route.handler)

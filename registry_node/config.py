@@ -1,0 +1,26 @@
+"""A node's settings: where its data lives, where it listens, who it is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 5000
+    region: str = "local"
+    zone: str = ""
+    key_file: Path | None = None        # default: <data_dir>/node.key, created if absent
+    gc_grace_s: float = 3600.0          # unreferenced blobs younger than this are kept
+    gc_interval_s: float = 60.0
+    upload_ttl_s: float = 24 * 3600.0   # idle upload sessions older than this expire
+    sync: bool = True                   # fsync metadata and blobs before acknowledging
+    io_threads: int = 4
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key_path(self) -> Path:
+        return self.key_file or self.data_dir / "node.key"

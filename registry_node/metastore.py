@@ -1,0 +1,128 @@
+"""The node's metadata database (RocksDB through rocksdict) and its event log.
+
+Owns: the only handle on the database, the log's sequence counter, and the
+rule that makes replication trustworthy: a mutation's metadata and the events
+describing it are one ``WriteBatch``, written with a synced WAL before the
+client is acknowledged. A crash (even ``kill -9`` or power loss) therefore
+either keeps both or neither, and the log never has a gap.
+
+Writes are synchronous on purpose: a synced batch costs ~0.15 ms here, and
+doing check-then-write in one event-loop step makes every domain operation
+atomic with respect to the others without locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from msgspec import structs
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+from . import keys
+from .records import Event, decode, encode
+
+
+@dataclass
+class Batch:
+    """Puts, deletes and events that commit together or not at all."""
+
+    puts: dict[bytes, bytes] = field(default_factory=dict)
+    deletes: set[bytes] = field(default_factory=set)
+    events: list[Event] = field(default_factory=list)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.deletes.discard(key)
+        self.puts[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.puts.pop(key, None)
+        self.deletes.add(key)
+
+    def event(self, event: Event) -> None:
+        self.events.append(event)
+
+    def __bool__(self) -> bool:
+        return bool(self.puts or self.deletes or self.events)
+
+
+class MetadataStore:
+    def __init__(self, path: Path, *, sync: bool = True) -> None:
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.set_keep_log_file_num(3)
+        self._db = Rdict(str(path), options)
+        self._write_options = WriteOptions()
+        self._write_options.sync = sync
+        self._last_seq = self._read_last_seq()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- reads ---------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._db.get(key)
+
+    def scan(self, prefix: bytes, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Keys starting with ``prefix`` in byte order, strictly after ``after`` if given."""
+        it = self._db.iter()
+        it.seek(after if after is not None else prefix)
+        if after is not None and it.valid() and it.key() == after:
+            it.next()
+        while it.valid():
+            key = it.key()
+            if not key.startswith(prefix):
+                return
+            yield key, it.value()
+            it.next()
+
+    def has_prefix(self, prefix: bytes) -> bool:
+        it = self._db.iter()
+        it.seek(prefix)
+        return it.valid() and it.key().startswith(prefix)
+
+    # -- the log -------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    def _read_last_seq(self) -> int:
+        it = self._db.iter()
+        it.seek_for_prev(keys.LOG + b"\xff" * 8)
+        if it.valid() and it.key().startswith(keys.LOG):
+            return keys.log_seq(it.key())
+        return 0
+
+    def read_log(self, after: int, limit: int = 1000) -> list[Event]:
+        """Events with ``seq > after``, oldest first, at most ``limit``."""
+        out: list[Event] = []
+        for _, value in self.scan(keys.LOG, after=keys.log(after) if after else None):
+            out.append(decode(value, Event))
+            if len(out) >= limit:
+                break
+        return out
+
+    # -- writes --------------------------------------------------------------
+
+    def commit(self, batch: Batch) -> list[Event]:
+        """Write ``batch`` atomically and durably; returns its events with their
+        sequence numbers (and origin sequence, for events that originate here)."""
+        wb = WriteBatch(raw_mode=True)
+        for key, value in batch.puts.items():
+            wb.put(key, value)
+        for key in batch.deletes:
+            wb.delete(key)
+        seq = self._last_seq
+        committed: list[Event] = []
+        for event in batch.events:
+            seq += 1
+            origin_seq = event.origin_seq or seq
+            stamped = structs.replace(event, seq=seq, origin_seq=origin_seq)
+            wb.put(keys.log(seq), encode(stamped))
+            committed.append(stamped)
+        self._db.write(wb, self._write_options)
+        self._last_seq = seq
+        return committed

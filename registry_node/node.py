@@ -1,0 +1,96 @@
+"""One node's storage and domain objects, opened and closed together.
+
+Opening a data dir checks that it belongs to this node (region and zone) and
+was encrypted with this key, and refuses to start otherwise with a message
+that says what to do: serving a data dir with the wrong key would fail on
+every read, and adopting another region's data would corrupt replication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from . import keys
+from .blobstore import BlobStore
+from .config import NodeConfig
+from .crypto import NodeKey, Sealer
+from .metastore import Batch, MetadataStore
+from .records import NodeIdentity, decode, encode
+from .registry import Registry
+
+SCHEMA_VERSION = b"1"
+KEY_CHECK = b"meta\x00keycheck"
+
+
+class DataDirError(Exception):
+    """The data dir cannot be used by this node; the message says why and what to do."""
+
+
+@dataclass
+class Node:
+    config: NodeConfig
+    identity: NodeIdentity
+    meta: MetadataStore
+    blobs: BlobStore
+    registry: Registry
+    executor: ThreadPoolExecutor
+
+    @classmethod
+    def open(cls, config: NodeConfig) -> Node:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.data_dir, 0o700)
+        node_key = NodeKey.load_or_create(config.key_path) if config.key_file is None \
+            else NodeKey.load(config.key_file)
+        meta = MetadataStore(config.data_dir / "meta", sync=config.sync)
+        try:
+            identity = _check_data_dir(meta, node_key, config)
+        except BaseException:
+            meta.close()
+            raise
+        executor = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="georeg-io")
+        blobs = BlobStore(config.data_dir, node_key)
+
+        def run_blocking(fn):
+            return asyncio.get_running_loop().run_in_executor(executor, fn)
+
+        registry = Registry(meta, blobs, Sealer(node_key.derive(b"manifest")), identity,
+                            run_blocking=run_blocking)
+        return cls(config, identity, meta, blobs, registry, executor)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.meta.close()
+
+
+def _check_data_dir(meta: MetadataStore, node_key: NodeKey, config: NodeConfig) -> NodeIdentity:
+    batch = Batch()
+    schema = meta.get(keys.SCHEMA)
+    if schema is None:
+        batch.put(keys.SCHEMA, SCHEMA_VERSION)
+    elif schema != SCHEMA_VERSION:
+        raise DataDirError(f"{config.data_dir} has storage schema {schema.decode()}, this georeg "
+                           f"reads schema {SCHEMA_VERSION.decode()}")
+    check = meta.get(KEY_CHECK)
+    if check is None:
+        batch.put(KEY_CHECK, node_key.check_value())
+    elif not node_key.matches(check):
+        raise DataDirError(f"{config.key_path} is not the key {config.data_dir} was encrypted "
+                           f"with; pass the original with --key-file")
+    raw = meta.get(keys.IDENTITY)
+    if raw is None:
+        identity = NodeIdentity(config.region, config.zone, uuid.uuid4().hex)
+        batch.put(keys.IDENTITY, encode(identity))
+    else:
+        identity = decode(raw, NodeIdentity)
+        if (identity.region, identity.zone) != (config.region, config.zone):
+            zone = f" --zone {identity.zone}" if identity.zone else ""
+            raise DataDirError(
+                f"{config.data_dir} belongs to region {identity.region!r} zone {identity.zone!r}; "
+                f"start it with --region {identity.region}{zone}, or use another --data-dir")
+    if batch:
+        meta.commit(batch)
+    return identity

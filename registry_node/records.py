@@ -1,0 +1,123 @@
+"""The values stored under the keys of ``keys``: typed, versioned by field
+defaults, encoded with msgpack through msgspec.
+
+``Event`` is the unit of replication: every mutation writes one (or more) in the
+same write batch as its metadata, so the log is exactly the history of the node.
+An event carries its origin (region, zone, origin sequence), a hybrid logical
+clock stamp that orders competing writes everywhere, and the wall time at which
+the origin acknowledged the client, from which replication lag is measured.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class EventKind(enum.StrEnum):
+    BLOB_PUT = "blob_put"              # an upload committed into a repository
+    BLOB_MOUNT = "blob_mount"          # a blob linked from another repository
+    BLOB_DELETE = "blob_delete"        # a blob unlinked from a repository
+    MANIFEST_PUT = "manifest_put"
+    MANIFEST_DELETE = "manifest_delete"
+    TAG_SET = "tag_set"
+    TAG_DELETE = "tag_delete"
+    BLOB_RECLAIMED = "blob_reclaimed"  # local garbage collection; never replicated
+
+
+class Event(msgspec.Struct, frozen=True, omit_defaults=True):
+    kind: EventKind
+    repository: str
+    digest: str = ""
+    tag: str = ""
+    media_type: str = ""
+    size: int = 0
+    # Manifests: the digests they need, blobs first then child manifests, in the
+    # order a replica must fetch them. Mounts: the source repository.
+    references: tuple[str, ...] = ()
+    subject: str = ""
+    source_repository: str = ""
+    # Origin and ordering.
+    origin_region: str = ""
+    origin_zone: str = ""
+    origin_seq: int = 0
+    hlc: int = 0
+    acked_ns: int = 0
+    # Assigned by the log when the event is committed.
+    seq: int = 0
+
+
+class NodeIdentity(msgspec.Struct, frozen=True):
+    region: str
+    zone: str
+    node_id: str
+
+
+class BlobRecord(msgspec.Struct, frozen=True):
+    size: int
+    created_ns: int
+
+
+class BlobLink(msgspec.Struct, frozen=True):
+    linked_ns: int
+
+
+class RepoRecord(msgspec.Struct, frozen=True):
+    created_ns: int
+
+
+class Descriptor(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An OCI descriptor as the referrers API lists it."""
+
+    mediaType: str
+    digest: str
+    size: int
+    artifactType: str | None = None
+    annotations: dict[str, str] | None = None
+
+
+class ManifestRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+    media_type: str
+    size: int
+    sealed_body: bytes                 # AES-GCM sealed manifest bytes (see crypto)
+    references: tuple[str, ...] = ()   # blobs then child manifests
+    subject: str = ""
+    artifact_type: str = ""
+    annotations: dict[str, str] | None = None
+    created_ns: int = 0
+
+
+class TagRecord(msgspec.Struct, frozen=True):
+    digest: str
+    hlc: int
+    origin_region: str = ""
+    origin_zone: str = ""
+
+
+class UploadRecord(msgspec.Struct, frozen=True):
+    repository: str
+    started_ns: int
+
+
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def _encode_other(value: object) -> object:
+    if isinstance(value, str):  # str subclasses such as reference.Digest
+        return str(value)
+    raise NotImplementedError(f"cannot store {type(value).__name__}")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_encode_other)
+
+
+def encode(record: msgspec.Struct) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode(data: bytes, kind: type[msgspec.Struct]):
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return decoder.decode(data)

@@ -1,0 +1,570 @@
+"""The registry's domain logic: repositories, blobs, uploads, manifests, tags
+and referrers, over the metadata store and the blob store.
+
+Invariants kept here
+    * Referential integrity: a manifest is stored only when every blob it names
+      is linked into its repository and every child manifest is in the
+      repository; a blob or manifest that a manifest of the repository needs
+      cannot be deleted from under it. So a node never serves an incomplete image.
+    * Every mutation commits its metadata and its replication events in one
+      batch (``MetadataStore.commit``); a blob's file is in place and fsynced
+      before the batch that makes it visible.
+    * Check-then-commit sequences run in one event-loop step (the store's
+      commit is synchronous), so they are atomic with respect to each other and
+      to garbage collection.
+    * Nothing of a body whose digest does not match is kept.
+
+No HTTP here: streams come in as async iterators of bytes, refusals leave as
+``RegistryError``. Time, the HLC and the thread pool are injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from . import keys
+from . import manifest as manifests
+from .blobstore import BlobStore, UploadFile
+from .crypto import SealedBlob, Sealer
+from .errors import ErrorCode, RegistryError
+from .hlc import HybridLogicalClock
+from .metastore import Batch, MetadataStore
+from .records import (
+    BlobLink,
+    BlobRecord,
+    Descriptor,
+    Event,
+    EventKind,
+    ManifestRecord,
+    NodeIdentity,
+    RepoRecord,
+    TagRecord,
+    UploadRecord,
+    decode,
+    encode,
+)
+from .reference import Digest, is_digest, validate_name, validate_tag
+
+T = TypeVar("T")
+RunBlocking = Callable[[Callable[..., T]], Awaitable[T]]
+
+# Work handed to a thread in pieces of this size, so hashing and encryption of
+# one piece overlap with receiving the next.
+PIPELINE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_blob_size: int = 200 * 1024**3          # ACR's layer limit
+    max_manifest_size: int = manifests.MAX_MANIFEST_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    digest: str
+    media_type: str
+    size: int
+    record: ManifestRecord
+
+
+@dataclass(frozen=True, slots=True)
+class PutManifestResult:
+    digest: str
+    subject: str | None
+
+
+@dataclass
+class _OpenUpload:
+    repository: str
+    file: UploadFile
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = 0.0
+
+
+class Registry:
+    def __init__(
+        self,
+        meta: MetadataStore,
+        blobs: BlobStore,
+        manifest_sealer: Sealer,
+        identity: NodeIdentity,
+        *,
+        run_blocking: RunBlocking,
+        hlc: HybridLogicalClock | None = None,
+        wall_ns: Callable[[], int] = time.time_ns,
+        monotonic: Callable[[], float] = time.monotonic,
+        limits: Limits = Limits(),
+    ) -> None:
+        self.meta = meta
+        self.blobs = blobs
+        self.identity = identity
+        self.limits = limits
+        self._sealer = manifest_sealer
+        self.run_blocking = run_blocking
+        self._wall_ns = wall_ns
+        self._monotonic = monotonic
+        stored = meta.get(keys.HLC)
+        self.hlc = hlc or HybridLogicalClock(last=int(stored) if stored else 0)
+        self._uploads: dict[str, _OpenUpload] = {}
+        # Last time each blob was named by a client (HEAD, mount, commit,
+        # manifest push): garbage collection spares blobs touched within its grace.
+        self.touched: dict[str, float] = {}
+        self.started = monotonic()
+
+    # -- helpers -------------------------------------------------------------
+
+    def touch(self, digest: str) -> None:
+        self.touched[digest] = self._monotonic()
+
+    def _event(self, kind: EventKind, repository: str, stamp: int, **fields: Any) -> Event:
+        return Event(kind=kind, repository=repository, origin_region=self.identity.region,
+                     origin_zone=self.identity.zone, hlc=stamp, acked_ns=self._wall_ns(),
+                     **fields)
+
+    def _stamp(self, batch: Batch) -> int:
+        stamp = self.hlc.now()
+        batch.put(keys.HLC, str(stamp).encode())
+        return stamp
+
+    def _ensure_repo(self, batch: Batch, name: str) -> None:
+        if self.meta.get(keys.repo(name)) is None:
+            batch.put(keys.repo(name), encode(RepoRecord(created_ns=self._wall_ns())))
+
+    def _drop_repo_if_emptied(self, batch: Batch, name: str) -> None:
+        for key, _ in self.meta.scan(keys.repo_prefix(name)):
+            if key not in batch.deletes:
+                return
+        if not any(k.startswith(keys.repo_prefix(name)) for k in batch.puts):
+            batch.delete(keys.repo(name))
+
+    def repository_exists(self, name: str) -> bool:
+        return self.meta.get(keys.repo(name)) is not None
+
+    # -- blobs ---------------------------------------------------------------
+
+    def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
+        if self.meta.get(keys.blob_link(repo, digest)) is not None:
+            raw = self.meta.get(keys.blob(digest))
+            if raw is not None:
+                self.touch(digest)
+                return BlobInfo(digest, decode(raw, BlobRecord).size)
+        raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)})
+
+    def open_blob(self, repo: str, digest: Digest) -> SealedBlob:
+        """Open a blob for reading (file IO of a few microseconds; no data read)."""
+        self.stat_blob(repo, digest)
+        try:
+            return self.blobs.open(digest)
+        except FileNotFoundError:
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)}) from None
+
+    def delete_blob(self, repo: str, digest: Digest) -> None:
+        if self.meta.get(keys.blob_link(repo, digest)) is None:
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)})
+        for key, _ in self.meta.scan(keys.ref_repo_prefix(digest, repo)):
+            user = keys.suffix(key, keys.ref_repo_prefix(digest, repo))
+            raise RegistryError(
+                ErrorCode.DENIED,
+                f"blob {digest} is used by manifest {user} in {repo}; delete that manifest first",
+                message="blob is in use",
+            )
+        batch = Batch()
+        stamp = self._stamp(batch)
+        batch.delete(keys.blob_link(repo, digest))
+        batch.delete(keys.blob_user(digest, repo))
+        batch.event(self._event(EventKind.BLOB_DELETE, repo, stamp, digest=digest))
+        self._drop_repo_if_emptied(batch, repo)
+        self.meta.commit(batch)
+
+    def mount_blob(self, repo: str, digest: Digest, source: str) -> bool:
+        """Link a blob of ``source`` into ``repo``; False when ``source`` lacks it."""
+        validate_name(source)
+        if self.meta.get(keys.blob_link(source, digest)) is None:
+            return False
+        raw = self.meta.get(keys.blob(digest))
+        if raw is None:
+            return False
+        self.touch(digest)
+        if self.meta.get(keys.blob_link(repo, digest)) is not None:
+            return True
+        batch = Batch()
+        stamp = self._stamp(batch)
+        self._link(batch, repo, digest)
+        batch.event(self._event(EventKind.BLOB_MOUNT, repo, stamp, digest=digest,
+                                size=decode(raw, BlobRecord).size, source_repository=source))
+        self.meta.commit(batch)
+        return True
+
+    def _link(self, batch: Batch, repo: str, digest: str) -> None:
+        self._ensure_repo(batch, repo)
+        batch.put(keys.blob_link(repo, digest), encode(BlobLink(linked_ns=self._wall_ns())))
+        batch.put(keys.blob_user(digest, repo), b"")
+
+    # -- uploads -------------------------------------------------------------
+
+    async def start_upload(self, repo: str) -> str:
+        upload_id = str(uuidlib.uuid4())
+        file = self.blobs.create_upload(upload_id)
+        batch = Batch()
+        batch.put(keys.upload(upload_id), encode(UploadRecord(repo, self._wall_ns())))
+        self.meta.commit(batch)
+        self._uploads[upload_id] = _OpenUpload(repo, file, last_used=self._monotonic())
+        return upload_id
+
+    async def _open_upload(self, repo: str, upload_id: str) -> _OpenUpload:
+        upload = self._uploads.get(upload_id)
+        if upload is None:
+            raw = self.meta.get(keys.upload(upload_id))
+            if raw is None:
+                raise RegistryError(ErrorCode.BLOB_UPLOAD_UNKNOWN, {"upload": upload_id})
+            record = decode(raw, UploadRecord)
+            try:
+                file = await self.run_blocking(lambda: self.blobs.resume_upload(upload_id))
+            except (FileNotFoundError, ValueError):
+                raise RegistryError(ErrorCode.BLOB_UPLOAD_UNKNOWN, {"upload": upload_id}) from None
+            upload = self._uploads.setdefault(upload_id, _OpenUpload(record.repository, file))
+        if upload.repository != repo:
+            raise RegistryError(ErrorCode.BLOB_UPLOAD_UNKNOWN, {"upload": upload_id})
+        upload.last_used = self._monotonic()
+        return upload
+
+    async def upload_offset(self, repo: str, upload_id: str) -> int:
+        upload = await self._open_upload(repo, upload_id)
+        return upload.file.size
+
+    async def append_upload(
+        self,
+        repo: str,
+        upload_id: str,
+        chunks: AsyncIterator[bytes],
+        start: int | None = None,
+        length: int | None = None,
+    ) -> int:
+        """Append a chunk; ``start`` (from Content-Range) must equal the current
+        offset. Returns the new offset."""
+        upload = await self._open_upload(repo, upload_id)
+        async with upload.lock:
+            offset = upload.file.size
+            if start is not None and start != offset:
+                raise _range_error(offset, f"chunk starts at {start}, the upload has {offset} bytes")
+            try:
+                await self._receive(upload.file, chunks, length)
+            except RegistryError as exc:
+                if exc.status == 413:  # over the size limit: nothing of it is kept
+                    await self.run_blocking(lambda: self.blobs.discard_upload(upload.file))
+                    self._forget_upload(upload_id)
+                raise
+            await self.run_blocking(upload.file.flush)
+            upload.last_used = self._monotonic()
+            return upload.file.size
+
+    async def _receive(self, file: UploadFile, chunks: AsyncIterator[bytes],
+                       expected: int | None) -> None:
+        """Feed a body into an upload, hashing and encrypting in a worker thread
+        while the next piece is received."""
+        limit = self.limits.max_blob_size
+        buffered: list[bytes] = []
+        buffered_len = 0
+        in_flight: Awaitable[None] | None = None
+        received = 0
+        async for chunk in chunks:
+            received += len(chunk)
+            if file.size + received > limit:
+                raise RegistryError(ErrorCode.SIZE_INVALID,
+                                    f"blob exceeds the {limit}-byte limit", status=413)
+            buffered.append(chunk)
+            buffered_len += len(chunk)
+            if buffered_len >= PIPELINE_CHUNK:
+                data = b"".join(buffered)
+                buffered, buffered_len = [], 0
+                if in_flight is not None:
+                    await in_flight
+                in_flight = self.run_blocking(lambda d=data: file.write(d))
+        if in_flight is not None:
+            await in_flight
+        if buffered:
+            data = b"".join(buffered)
+            if len(data) < 64 * 1024:
+                file.write(data)
+            else:
+                await self.run_blocking(lambda: file.write(data))
+        if expected is not None and received != expected:
+            raise RegistryError(ErrorCode.SIZE_INVALID,
+                                f"body has {received} bytes, Content-Length said {expected}")
+
+    async def complete_upload(
+        self,
+        repo: str,
+        upload_id: str,
+        digest: Digest,
+        chunks: AsyncIterator[bytes] | None = None,
+        start: int | None = None,
+        length: int | None = None,
+    ) -> BlobInfo:
+        upload = await self._open_upload(repo, upload_id)
+        async with upload.lock:
+            if chunks is not None:
+                offset = upload.file.size
+                if start is not None and start != offset:
+                    raise _range_error(offset, f"chunk starts at {start}, the upload has {offset} bytes")
+                await self._receive(upload.file, chunks, length)
+            try:
+                info = await self._commit_upload(repo, upload.file, digest)
+            except RegistryError:  # wrong digest: the upload is gone, say so next time
+                self._forget_upload(upload_id)
+                raise
+            self._forget_upload(upload_id)
+            return info
+
+    async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterator[bytes],
+                       length: int | None) -> BlobInfo:
+        """A whole blob in one request (``POST …/uploads/?digest=``)."""
+        upload_id = str(uuidlib.uuid4())
+        file = self.blobs.create_upload(upload_id, digest.algorithm)
+        try:
+            await self._receive(file, chunks, length)
+        except BaseException:
+            await self.run_blocking(lambda: self.blobs.discard_upload(file))
+            raise
+        return await self._commit_upload(repo, file, digest)
+
+    async def _commit_upload(self, repo: str, file: UploadFile, digest: Digest) -> BlobInfo:
+        actual = await self.run_blocking(lambda: file.digest(digest.algorithm))
+        if actual != digest:
+            await self.run_blocking(lambda: self.blobs.discard_upload(file))
+            raise RegistryError(ErrorCode.DIGEST_INVALID,
+                                {"expected": str(digest), "computed": actual})
+        size = file.size
+        self.touch(digest)  # before the file lands, so GC cannot take it meanwhile
+        await self.run_blocking(lambda: self.blobs.commit_upload(file, digest))
+        batch = Batch()
+        stamp = self._stamp(batch)
+        if self.meta.get(keys.blob(digest)) is None:
+            batch.put(keys.blob(digest), encode(BlobRecord(size, self._wall_ns())))
+        self._link(batch, repo, digest)
+        batch.event(self._event(EventKind.BLOB_PUT, repo, stamp, digest=digest, size=size))
+        self.meta.commit(batch)
+        return BlobInfo(digest, size)
+
+    def _forget_upload(self, upload_id: str) -> None:
+        self._uploads.pop(upload_id, None)
+        batch = Batch()
+        batch.delete(keys.upload(upload_id))
+        self.meta.commit(batch)
+
+    async def cancel_upload(self, repo: str, upload_id: str) -> None:
+        upload = await self._open_upload(repo, upload_id)
+        async with upload.lock:
+            await self.run_blocking(lambda: self.blobs.discard_upload(upload.file))
+            self._forget_upload(upload_id)
+
+    async def expire_uploads(self, older_than_s: float) -> int:
+        """Drop upload sessions idle for longer than ``older_than_s``."""
+        now_mono, now_ns = self._monotonic(), self._wall_ns()
+        expired = 0
+        for key, raw in list(self.meta.scan(keys.UPLOAD)):
+            upload_id = keys.suffix(key, keys.UPLOAD)
+            open_upload = self._uploads.get(upload_id)
+            if open_upload is not None:
+                if open_upload.lock.locked() or now_mono - open_upload.last_used < older_than_s:
+                    continue
+            elif (now_ns - decode(raw, UploadRecord).started_ns) / 1e9 < older_than_s \
+                    or now_mono - self.started < older_than_s:
+                continue
+            if open_upload is not None:
+                await self.run_blocking(lambda u=open_upload: self.blobs.discard_upload(u.file))
+            else:
+                await self.run_blocking(lambda i=upload_id: self.blobs.discard_upload_file(i))
+            self._forget_upload(upload_id)
+            expired += 1
+        # Files with no session: single-request uploads cut short by a crash.
+        if now_mono - self.started >= older_than_s:
+            for upload_id in await self.run_blocking(self.blobs.upload_ids):
+                if upload_id not in self._uploads and self.meta.get(keys.upload(upload_id)) is None:
+                    await self.run_blocking(lambda i=upload_id: self.blobs.discard_upload_file(i))
+        return expired
+
+    # -- manifests -----------------------------------------------------------
+
+    def _resolve(self, repo: str, reference: str) -> str | None:
+        if is_digest(reference):
+            return str(Digest.parse(reference))
+        raw = self.meta.get(keys.tag(repo, reference))
+        return decode(raw, TagRecord).digest if raw is not None else None
+
+    def stat_manifest(self, repo: str, reference: str) -> StoredManifest:
+        if not is_digest(reference):
+            try:
+                validate_tag(reference)
+            except RegistryError:  # an impossible tag names nothing: 404, as the spec's tests expect
+                raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"reference": reference}) from None
+        digest = self._resolve(repo, reference)
+        raw = self.meta.get(keys.manifest(repo, digest)) if digest else None
+        if raw is None:
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"reference": reference})
+        record = decode(raw, ManifestRecord)
+        return StoredManifest(digest, record.media_type, record.size, record)
+
+    def manifest_body(self, stored: StoredManifest) -> bytes:
+        return self._sealer.open(stored.record.sealed_body, _manifest_ad(stored.digest))
+
+    def put_manifest(self, repo: str, reference: str, body: bytes,
+                     content_type: str | None) -> PutManifestResult:
+        if len(body) > self.limits.max_manifest_size:
+            raise manifest_too_large(self.limits.max_manifest_size)
+        tag = None
+        if is_digest(reference):
+            expected = Digest.parse(reference)
+            digest = Digest.of(body, expected.algorithm)
+            if digest != expected:
+                raise RegistryError(ErrorCode.DIGEST_INVALID,
+                                    {"expected": str(expected), "computed": str(digest)})
+        else:
+            tag = validate_tag(reference)
+            digest = Digest.of(body)
+        parsed = manifests.parse(body, content_type)
+        for needed in parsed.blobs:
+            self.touch(needed)
+        missing = [d for d in parsed.blobs
+                   if self.meta.get(keys.blob_link(repo, d)) is None
+                   or self.meta.get(keys.blob(d)) is None]
+        missing += [d for d in parsed.children if self.meta.get(keys.manifest(repo, d)) is None]
+        if missing:
+            raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                                {"missing": missing[:20], "count": len(missing)})
+
+        batch = Batch()
+        stamp = self._stamp(batch)
+        if self.meta.get(keys.manifest(repo, digest)) is None:
+            self._ensure_repo(batch, repo)
+            record = ManifestRecord(
+                media_type=parsed.media_type, size=len(body),
+                sealed_body=self._sealer.seal(body, _manifest_ad(digest)),
+                references=parsed.references, subject=parsed.subject or "",
+                artifact_type=parsed.artifact_type or "", annotations=parsed.annotations,
+                created_ns=self._wall_ns(),
+            )
+            batch.put(keys.manifest(repo, digest), encode(record))
+            for target in parsed.references:
+                batch.put(keys.ref(target, repo, digest), b"")
+            if parsed.subject:
+                batch.put(keys.referrer(repo, parsed.subject, digest), encode(_descriptor(digest, record)))
+            batch.event(self._event(EventKind.MANIFEST_PUT, repo, stamp, digest=digest,
+                                    media_type=parsed.media_type, size=len(body),
+                                    references=parsed.references, subject=parsed.subject or ""))
+        if tag is not None:
+            current = self.meta.get(keys.tag(repo, tag))
+            if current is None or decode(current, TagRecord).digest != digest:
+                batch.put(keys.tag(repo, tag), encode(TagRecord(
+                    digest, stamp, self.identity.region, self.identity.zone)))
+                batch.event(self._event(EventKind.TAG_SET, repo, stamp, digest=digest, tag=tag,
+                                        media_type=parsed.media_type))
+        if batch.events:
+            self.meta.commit(batch)
+        return PutManifestResult(digest, parsed.subject)
+
+    def delete_manifest(self, repo: str, reference: str) -> None:
+        batch = Batch()
+        if not is_digest(reference):
+            tag = validate_tag(reference)
+            raw = self.meta.get(keys.tag(repo, tag))
+            if raw is None:
+                raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": tag})
+            stamp = self._stamp(batch)
+            batch.delete(keys.tag(repo, tag))
+            batch.event(self._event(EventKind.TAG_DELETE, repo, stamp, tag=tag,
+                                    digest=decode(raw, TagRecord).digest))
+            self._drop_repo_if_emptied(batch, repo)
+            self.meta.commit(batch)
+            return
+        digest = Digest.parse(reference)
+        raw = self.meta.get(keys.manifest(repo, digest))
+        if raw is None:
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": str(digest)})
+        for key, _ in self.meta.scan(keys.ref_repo_prefix(digest, repo)):
+            user = keys.suffix(key, keys.ref_repo_prefix(digest, repo))
+            raise RegistryError(
+                ErrorCode.DENIED,
+                f"manifest {digest} is part of index {user} in {repo}; delete the index first",
+                message="manifest is in use",
+            )
+        record = decode(raw, ManifestRecord)
+        stamp = self._stamp(batch)
+        for key, value in self.meta.scan(keys.tag_prefix(repo)):
+            if decode(value, TagRecord).digest == digest:
+                tag = keys.suffix(key, keys.tag_prefix(repo))
+                batch.delete(key)
+                batch.event(self._event(EventKind.TAG_DELETE, repo, stamp, tag=tag, digest=digest))
+        batch.delete(keys.manifest(repo, digest))
+        for target in record.references:
+            batch.delete(keys.ref(target, repo, digest))
+        if record.subject:
+            batch.delete(keys.referrer(repo, record.subject, digest))
+        batch.event(self._event(EventKind.MANIFEST_DELETE, repo, stamp, digest=digest,
+                                media_type=record.media_type))
+        self._drop_repo_if_emptied(batch, repo)
+        self.meta.commit(batch)
+
+    # -- listings ------------------------------------------------------------
+
+    def list_tags(self, repo: str, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        """Tags in byte order after ``last``; the bool says whether more follow."""
+        if not self.repository_exists(repo):
+            raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
+        prefix = keys.tag_prefix(repo)
+        after = keys.tag(repo, last) if last else None
+        return _page((keys.suffix(k, prefix) for k, _ in self.meta.scan(prefix, after)), n)
+
+    def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        after = keys.repo(last) if last else None
+        return _page((keys.suffix(k, keys.REPO) for k, _ in self.meta.scan(keys.REPO, after)), n)
+
+    def referrers(self, repo: str, subject: Digest,
+                  artifact_type: str | None) -> list[Descriptor]:
+        out = []
+        for _, value in self.meta.scan(keys.referrer_prefix(repo, subject)):
+            descriptor = decode(value, Descriptor)
+            if artifact_type is None or descriptor.artifactType == artifact_type:
+                out.append(descriptor)
+        return out
+
+
+def _page(items, n: int | None) -> tuple[list[str], bool]:
+    if n is None:
+        return list(items), False
+    out = []
+    for item in items:
+        if len(out) == n:
+            return out, True
+        out.append(item)
+    return out, False
+
+
+def _manifest_ad(digest: str) -> bytes:
+    return b"georeg/manifest/v1\x00" + digest.encode()
+
+
+def _descriptor(digest: str, record: ManifestRecord) -> Descriptor:
+    return Descriptor(mediaType=record.media_type, digest=digest, size=record.size,
+                      artifactType=record.artifact_type or None, annotations=record.annotations)
+
+
+def _range_error(offset: int, detail: str) -> RegistryError:
+    return RegistryError(ErrorCode.RANGE_INVALID, detail, message="chunk out of order",
+                         headers={"Range": f"0-{max(offset - 1, 0)}"})
+
+
+def manifest_too_large(limit: int) -> RegistryError:
+    return RegistryError(ErrorCode.SIZE_INVALID, f"manifests are limited to {limit} bytes",
+                         message="manifest too large", status=413)

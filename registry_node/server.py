@@ -1,0 +1,59 @@
+"""Running one node as a process: serve until SIGTERM or SIGINT, then stop cleanly.
+
+On start it prints one line to stdout naming the URL it serves (the actual
+port, when asked for port 0), so scripts and supervisors know where it is;
+logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+
+from .app import init_app
+from .config import NodeConfig
+
+log = structlog.get_logger("georeg.node")
+
+
+async def serve(config: NodeConfig, *, announce: Callable[[str], None] | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve ``config`` until ``stop`` is set or the process receives SIGTERM/SIGINT."""
+    app = init_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
+        url = f"http://{config.host}:{port}/v2/"
+        where = config.region + (f"/{config.zone}" if config.zone else "")
+        log.info("listening", url=url, region=config.region, zone=config.zone,
+                 data_dir=str(config.data_dir))
+        (announce or _print)(f"georeg node {where} listening on {url} (data dir {config.data_dir})")
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def run(config: NodeConfig) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(serve(config))
+        return
+    uvloop.run(serve(config))

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from registry_node.config import NodeConfig
+
+from .helpers import NodeProcess, start_node
+
+
+@pytest.fixture
+def node_config(tmp_path) -> NodeConfig:
+    return NodeConfig(data_dir=tmp_path / "node", port=0)
+
+
+@pytest.fixture
+async def node(node_config):
+    """A real node serving on a loopback port, in this process."""
+    running = await start_node(node_config)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@pytest.fixture
+def node_process(tmp_path):
+    """Factory for `georeg node` child processes, all killed at teardown."""
+    started: list[NodeProcess] = []
+
+    def make(name: str = "proc", *args: str) -> NodeProcess:
+        proc = NodeProcess(tmp_path / name, list(args)).start()
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.close()

@@ -1,0 +1,235 @@
+"""Shared test machinery: real nodes (in-process servers and child processes),
+waiting for conditions, and building OCI content.
+
+Nodes here are real: aiohttp servers on loopback sockets with real storage in
+a temp dir, or `georeg node` child processes that tests can SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from registry_node.app import NODE, init_app
+from registry_node.config import NodeConfig
+from registry_node.node import Node
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0,
+                     interval: float = 0.02, what: str = "condition") -> None:
+    """Wait until ``predicate()`` is true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+# -- in-process node ---------------------------------------------------------
+
+
+@dataclass
+class RunningNode:
+    url: str                     # http://127.0.0.1:PORT
+    config: NodeConfig
+    runner: web.AppRunner
+
+    @property
+    def node(self) -> Node:
+        return self.runner.app[NODE]
+
+    @property
+    def registry(self):
+        return self.node.registry
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_node(config: NodeConfig) -> RunningNode:
+    runner = web.AppRunner(init_app(config), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return RunningNode(f"http://127.0.0.1:{port}", config, runner)
+
+
+# -- child-process node ------------------------------------------------------
+
+
+@dataclass
+class NodeProcess:
+    """A `georeg node` child process; `kill()` is SIGKILL, `restart()` reuses the data dir."""
+
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    url: str = ""
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 15.0) -> NodeProcess:
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(self.data_dir),
+             "--listen", "127.0.0.1:0", "--log-format", "json", *self.args],
+            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), True)
+        # The node prints one line once it is serving; read it (bounded by the timeout).
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"node did not start; log: {self.log_path.read_text()[-2000:]}")
+            if sel.select(remaining):
+                line = self.proc.stdout.readline()
+                if "listening on " in line:
+                    self.url = line.split("listening on ", 1)[1].split("/v2/", 1)[0]
+                    break
+        sel.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def restart(self) -> NodeProcess:
+        self.kill()
+        return self.start()
+
+    def close(self) -> None:
+        self.kill()
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+
+
+# -- OCI content -------------------------------------------------------------
+
+
+@dataclass
+class Image:
+    """An OCI image in memory: its blobs (config first) and its manifest bytes."""
+
+    config: bytes
+    layers: list[bytes]
+    manifest: bytes
+    media_type: str = OCI_MANIFEST
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
+    @property
+    def blobs(self) -> list[bytes]:
+        return [self.config, *self.layers]
+
+
+def make_image(layer_sizes: list[int] = (1024, 2048), *, seed: int | None = None,
+               subject: dict | None = None, artifact_type: str | None = None,
+               annotations: dict | None = None) -> Image:
+    rng = __import__("random").Random(seed)
+    layers = [rng.randbytes(n) for n in layer_sizes]
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [digest_of(x) for x in layers]},
+                         "nonce": rng.random()}).encode()
+    doc: dict = {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
+        "layers": [{"mediaType": OCI_LAYER, "digest": digest_of(x), "size": len(x)} for x in layers],
+    }
+    if subject is not None:
+        doc["subject"] = subject
+    if artifact_type is not None:
+        doc["artifactType"] = artifact_type
+    if annotations is not None:
+        doc["annotations"] = annotations
+    return Image(config, layers, json.dumps(doc).encode())
+
+
+def descriptor(data: bytes, media_type: str) -> dict:
+    return {"mediaType": media_type, "digest": digest_of(data), "size": len(data)}
+
+
+async def push_blob(session: aiohttp.ClientSession, base: str, repo: str, data: bytes) -> str:
+    digest = digest_of(data)
+    async with session.post(f"{base}/v2/{repo}/blobs/uploads/", params={"digest": digest},
+                            data=data, headers={"Content-Type": "application/octet-stream"}) as r:
+        assert r.status == 201, await r.text()
+    return digest
+
+
+async def push_image(session: aiohttp.ClientSession, base: str, repo: str, image: Image,
+                     tag: str | None = None) -> str:
+    for blob in image.blobs:
+        await push_blob(session, base, repo, blob)
+    ref = tag or image.digest
+    async with session.put(f"{base}/v2/{repo}/manifests/{ref}", data=image.manifest,
+                           headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 201, await r.text()
+        return r.headers["Docker-Content-Digest"]
+
+
+def write_oci_layout(path: Path, image: Image, tag: str = "latest") -> None:
+    """An OCI image layout directory, as skopeo's `oci:` transport reads it."""
+    blobs = path / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    for data in [*image.blobs, image.manifest]:
+        (blobs / digest_of(data).split(":")[1]).write_bytes(data)
+    (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        **descriptor(image.manifest, image.media_type),
+        "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+
+
+def tar_layer(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

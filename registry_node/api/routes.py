@@ -44,5 +44,9 @@ ROUTES: tuple[Route, ...] = (
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
+    """Register every route; each GET also answers HEAD (same headers, no body)."""
+    explicit_head = {r.path for r in ROUTES if r.method == "HEAD"}
     for route in ROUTES:
         router.add_route(route.method, route.path, route.handler)
+        if route.method == "GET" and route.path not in explicit_head:
+            router.add_route("HEAD", route.path, route.handler)

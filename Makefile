@@ -7,7 +7,12 @@ GEOREG := $(VENV)/bin/georeg
 SYSTEM_PACKAGES := skopeo docker-registry
 DATA_DIR ?= .georeg
 
-.PHONY: help install system-deps up node test soak bench lint proto clean
+PROTO_SRC := proto/georeg/replication/v1/replication.proto
+# The contract lives under proto/georeg/…; generated modules land in replicator/wire/v1
+# (the virtual import path makes their imports `replicator.wire.v1…`).
+PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
+
+.PHONY: help install system-deps up node test soak bench lint proto proto-check clean
 
 help:
 	@echo "make up       start georeg (installs first)"
@@ -39,8 +44,21 @@ system-deps:
 up: install
 	$(GEOREG) node --data-dir $(DATA_DIR)/node --listen 127.0.0.1:5000
 
-test: install
+test: install proto-check
 	$(PY) -m pytest
+
+# Regenerate the gRPC code from proto/ (never edit replicator/wire/v1/*_pb2*.py by hand).
+proto: $(VENV)/.installed
+	$(PROTOC) --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_SRC)
+
+# Fails when the committed generated code differs from a fresh generation.
+proto-check: $(VENV)/.installed
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	$(PROTOC) --python_out=$$tmp --grpc_python_out=$$tmp --pyi_out=$$tmp $(PROTO_SRC) && \
+	for f in replication_pb2.py replication_pb2_grpc.py replication_pb2.pyi; do \
+	  if ! cmp -s $$tmp/replicator/wire/v1/$$f replicator/wire/v1/$$f; then \
+	    echo "replicator/wire/v1/$$f is stale or edited by hand: run 'make proto' and commit"; exit 1; fi; \
+	done; echo "generated gRPC code matches proto/"
 
 soak: install
 	$(PY) -m pytest -m soak

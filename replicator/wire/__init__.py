@@ -1,0 +1,1 @@
+"""Generated gRPC code for the replication contract in proto/ (see `make proto`)."""

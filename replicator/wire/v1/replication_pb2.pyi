@@ -1,0 +1,245 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class NodeRef(_message.Message):
+    __slots__ = ("region", "zone", "node_id")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    zone: str
+    node_id: str
+    def __init__(self, region: _Optional[str] = ..., zone: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_REGION_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_ZONE_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HLC_FIELD_NUMBER: _ClassVar[int]
+    ACKED_NS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: str
+    repository: str
+    digest: str
+    tag: str
+    media_type: str
+    size: int
+    references: _containers.RepeatedScalarFieldContainer[str]
+    subject: str
+    source_repository: str
+    origin_region: str
+    origin_zone: str
+    origin_seq: int
+    hlc: int
+    acked_ns: int
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ...) -> None: ...
+
+class SubscribeStart(_message.Message):
+    __slots__ = ("subscriber", "expected_node_id", "cursor")
+    SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    subscriber: NodeRef
+    expected_node_id: str
+    cursor: int
+    def __init__(self, subscriber: _Optional[_Union[NodeRef, _Mapping]] = ..., expected_node_id: _Optional[str] = ..., cursor: _Optional[int] = ...) -> None: ...
+
+class SubscribeAck(_message.Message):
+    __slots__ = ("applied",)
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    applied: int
+    def __init__(self, applied: _Optional[int] = ...) -> None: ...
+
+class SubscribeMessage(_message.Message):
+    __slots__ = ("start", "ack")
+    START_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    start: SubscribeStart
+    ack: SubscribeAck
+    def __init__(self, start: _Optional[_Union[SubscribeStart, _Mapping]] = ..., ack: _Optional[_Union[SubscribeAck, _Mapping]] = ...) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("sender", "events", "last_seq", "cursor_reset")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_RESET_FIELD_NUMBER: _ClassVar[int]
+    sender: NodeRef
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    last_seq: int
+    cursor_reset: bool
+    def __init__(self, sender: _Optional[_Union[NodeRef, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., last_seq: _Optional[int] = ..., cursor_reset: _Optional[bool] = ...) -> None: ...
+
+class FetchBlobRequest(_message.Message):
+    __slots__ = ("requester", "repository", "digest", "offset")
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    requester: NodeRef
+    repository: str
+    digest: str
+    offset: int
+    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class BlobChunk(_message.Message):
+    __slots__ = ("offset", "data", "total_size")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    total_size: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class FetchManifestRequest(_message.Message):
+    __slots__ = ("requester", "repository", "digest")
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    requester: NodeRef
+    repository: str
+    digest: str
+    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ManifestReply(_message.Message):
+    __slots__ = ("digest", "media_type", "body", "hlc", "origin_region", "origin_zone", "origin_acked_ns")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    HLC_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_REGION_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_ZONE_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_ACKED_NS_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    media_type: str
+    body: bytes
+    hlc: int
+    origin_region: str
+    origin_zone: str
+    origin_acked_ns: int
+    def __init__(self, digest: _Optional[str] = ..., media_type: _Optional[str] = ..., body: _Optional[bytes] = ..., hlc: _Optional[int] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_acked_ns: _Optional[int] = ...) -> None: ...
+
+class SummaryRequest(_message.Message):
+    __slots__ = ("requester",)
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    requester: NodeRef
+    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ...) -> None: ...
+
+class RepositorySummary(_message.Message):
+    __slots__ = ("repository", "fingerprint")
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    repository: str
+    fingerprint: bytes
+    def __init__(self, repository: _Optional[str] = ..., fingerprint: _Optional[bytes] = ...) -> None: ...
+
+class Summary(_message.Message):
+    __slots__ = ("repositories", "last_seq")
+    REPOSITORIES_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    repositories: _containers.RepeatedCompositeFieldContainer[RepositorySummary]
+    last_seq: int
+    def __init__(self, repositories: _Optional[_Iterable[_Union[RepositorySummary, _Mapping]]] = ..., last_seq: _Optional[int] = ...) -> None: ...
+
+class RepositoryStateRequest(_message.Message):
+    __slots__ = ("requester", "repository")
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    requester: NodeRef
+    repository: str
+    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ..., repository: _Optional[str] = ...) -> None: ...
+
+class Register(_message.Message):
+    __slots__ = ("key", "digest", "deleted", "hlc", "origin_region", "origin_zone", "media_type", "size", "references", "origin_acked_ns")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    HLC_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_REGION_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_ZONE_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_ACKED_NS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    digest: str
+    deleted: bool
+    hlc: int
+    origin_region: str
+    origin_zone: str
+    media_type: str
+    size: int
+    references: _containers.RepeatedScalarFieldContainer[str]
+    origin_acked_ns: int
+    def __init__(self, key: _Optional[str] = ..., digest: _Optional[str] = ..., deleted: _Optional[bool] = ..., hlc: _Optional[int] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., origin_acked_ns: _Optional[int] = ...) -> None: ...
+
+class RepositoryState(_message.Message):
+    __slots__ = ("repository", "tags", "manifests", "blobs")
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    MANIFESTS_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    repository: str
+    tags: _containers.RepeatedCompositeFieldContainer[Register]
+    manifests: _containers.RepeatedCompositeFieldContainer[Register]
+    blobs: _containers.RepeatedCompositeFieldContainer[Register]
+    def __init__(self, repository: _Optional[str] = ..., tags: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., manifests: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., blobs: _Optional[_Iterable[_Union[Register, _Mapping]]] = ...) -> None: ...
+
+class ImageStatusRequest(_message.Message):
+    __slots__ = ("repository", "digest")
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    repository: str
+    digest: str
+    def __init__(self, repository: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ImageStatusReply(_message.Message):
+    __slots__ = ("node", "present", "arrived_ns", "origin_acked_ns", "origin_region", "failure", "blobs_present", "blobs_total")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_NS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_ACKED_NS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_REGION_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    node: NodeRef
+    present: bool
+    arrived_ns: int
+    origin_acked_ns: int
+    origin_region: str
+    failure: str
+    blobs_present: int
+    blobs_total: int
+    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., present: _Optional[bool] = ..., arrived_ns: _Optional[int] = ..., origin_acked_ns: _Optional[int] = ..., origin_region: _Optional[str] = ..., failure: _Optional[str] = ..., blobs_present: _Optional[int] = ..., blobs_total: _Optional[int] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("node", "last_seq", "writable")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    node: NodeRef
+    last_seq: int
+    writable: bool
+    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., last_seq: _Optional[int] = ..., writable: _Optional[bool] = ...) -> None: ...

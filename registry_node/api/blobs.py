@@ -31,15 +31,15 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     if not match[1]:  # suffix range: the last N bytes
         suffix = int(match[2])
-        if suffix == 0:
+        if suffix == 0 or size == 0:  # an empty blob has no last bytes to give
             raise _unsatisfiable(size)
         return max(0, size - suffix), size
     start = int(match[1])
-    end = int(match[2]) + 1 if match[2] else size
-    if end <= start:
+    if match[2] and int(match[2]) < start:  # "b-a" is malformed, not unsatisfiable
         return None
-    if start >= size:
+    if start >= size:  # also "a-" with a at or past the end
         raise _unsatisfiable(size)
+    end = int(match[2]) + 1 if match[2] else size
     return start, min(end, size)
 
 

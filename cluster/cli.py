@@ -40,8 +40,8 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                    help="where the node keeps its metadata, blobs and (by default) its key")
     p.add_argument("--listen", type=_listen, default=("127.0.0.1", 5000), metavar="HOST:PORT",
                    help="address to serve on (default 127.0.0.1:5000; port 0 picks a free port)")
-    p.add_argument("--region", default="local", help="Azure region this node simulates (default: local)")
-    p.add_argument("--zone", default="", help="availability zone within the region, e.g. 1")
+    p.add_argument("--region", help="Azure region this node simulates (default: local)")
+    p.add_argument("--zone", help="availability zone within the region, e.g. 1")
     p.add_argument("--key-file", type=Path,
                    help="32-byte node key (raw, hex or base64, mode 0600); default: "
                         "DATA_DIR/node.key, created on first start")
@@ -51,6 +51,10 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                    help="how often garbage collection runs (default 60)")
     p.add_argument("--upload-ttl", type=_seconds, default=86400.0, metavar="SECONDS",
                    help="expire upload sessions idle this long (default 86400)")
+    p.add_argument("--cluster", type=Path, metavar="FILE",
+                   help="this node's view of its cluster (JSON written by `georeg up`): its "
+                        "name, region, zone, peers and their replication addresses, residency; "
+                        "turns on replication. --region/--zone then default to the file's")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                    help="log format on stderr (default: console on a terminal, else json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -65,11 +69,28 @@ def _run_node(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_format, args.log_level, sys.stderr)
     host, port = args.listen
-    config = NodeConfig(data_dir=args.data_dir, host=host, port=port, region=args.region,
-                        zone=args.zone, key_file=args.key_file, gc_grace_s=args.gc_grace,
+    region, zone = args.region, args.zone
+    extensions = []
+    if args.cluster is not None:
+        from replicator.runtime import Replication
+        from replicator.topology import ClusterView
+
+        try:
+            view = ClusterView.load(args.cluster)
+        except (OSError, ValueError) as exc:
+            print(f"georeg node: cannot use --cluster {args.cluster}: {exc}", file=sys.stderr)
+            return 2
+        if (region or view.region) != view.region or (zone or view.zone) != view.zone:
+            print(f"georeg node: --region/--zone say {region}/{zone} but {args.cluster} is for "
+                  f"{view.region}/{view.zone}", file=sys.stderr)
+            return 2
+        region, zone = view.region, view.zone
+        extensions.append(Replication(view))
+    config = NodeConfig(data_dir=args.data_dir, host=host, port=port, region=region or "local",
+                        zone=zone or "", key_file=args.key_file, gc_grace_s=args.gc_grace,
                         gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl)
     try:
-        run(config)
+        run(config, extensions)
     except (DataDirError, KeyFileError) as exc:
         print(f"georeg node: {exc}", file=sys.stderr)
         return 2

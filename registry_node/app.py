@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
 from aiohttp import web
 
@@ -24,11 +25,23 @@ from .node import Node
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 
 
-def init_app(config: NodeConfig) -> web.Application:
+class Extension(Protocol):
+    """Something that runs inside a node beside its OCI API (replication does):
+    it may add routes, and lives as long as the node's storage is open."""
+
+    def add_routes(self, router: web.UrlDispatcher) -> None: ...
+
+    def lifetime(self, app: web.Application) -> AsyncIterator[None]: ...
+
+
+def init_app(config: NodeConfig, extensions: Sequence[Extension] = ()) -> web.Application:
     app = web.Application(middlewares=[access], client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
     add_routes(app.router)
     app.cleanup_ctx.append(_storage(config))
+    for extension in extensions:
+        extension.add_routes(app.router)
+        app.cleanup_ctx.append(extension.lifetime)
     app.cleanup_ctx.append(_garbage_collector)
     return app
 

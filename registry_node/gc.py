@@ -57,8 +57,8 @@ class GarbageCollector:
     async def collect(self) -> CollectionReport:
         registry = self.registry
         meta = registry.meta
-        now = registry._monotonic()
-        now_ns = registry._wall_ns()
+        now = registry.monotonic()
+        now_ns = registry.wall_ns()
         since_start = now - registry.started
         reclaimed = reclaimed_bytes = 0
         for key, raw in list(meta.scan(keys.BLOB)):
@@ -91,7 +91,7 @@ class GarbageCollector:
             repo = keys.suffix(key, users_prefix)
             batch.delete(key)
             batch.delete(keys.blob_link(repo, digest))
-            registry._drop_repo_if_emptied(batch, repo)
+            registry.drop_repo_if_emptied(batch, repo)
         batch.delete(keys.blob(digest))
         batch.event(Event(kind=EventKind.BLOB_RECLAIMED, repository="", digest=digest,
                           origin_region=registry.identity.region,

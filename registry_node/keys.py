@@ -21,6 +21,13 @@ The key space::
     ├── t\\0<tag>                           → TagRecord         tag → digest, with its HLC
     └── s\\0<subject>\\0<referrer>           → Descriptor        referrers of <subject>
     upload\\0<uuid>                         → UploadRecord      an open upload session
+    tomb\\0<repo>\\0
+    ├── t\\0<tag>                           → Tombstone         a deleted tag
+    ├── m\\0<digest>                        → Tombstone         a deleted manifest
+    └── b\\0<digest>                        → Tombstone         a deleted blob link
+    cursor\\0<peer name>                    → Cursor            how far a peer's log is applied
+    fail\\0<repo>\\0<digest>                → ReplicationFailure  why content could not replicate
+    xfer\\0<digest>                         → upload id         an inbound blob transfer to resume
 
 Blob bytes are not here: they live in ``blobs/<alg>/<hex[:2]>/<hex>`` under the
 data dir, encrypted (see ``crypto``); uploads in progress in ``uploads/<uuid>``.
@@ -42,6 +49,10 @@ BLOB_USER = b"user\x00"
 REPO = b"repo\x00"
 REPO_DATA = b"r\x00"
 UPLOAD = b"upload\x00"
+TOMB = b"tomb\x00"
+CURSOR = b"cursor\x00"
+FAIL = b"fail\x00"
+TRANSFER = b"xfer\x00"
 
 _SEQ = struct.Struct(">Q")
 
@@ -129,3 +140,31 @@ def upload(uuid: str) -> bytes:
 def suffix(key: bytes, prefix: bytes) -> str:
     """The last component of ``key`` after ``prefix``, decoded."""
     return key[len(prefix):].decode()
+
+
+def tomb_prefix(name: str) -> bytes:
+    return TOMB + _b(name) + SEP
+
+
+def tag_tomb(name: str, tag_name: str) -> bytes:
+    return tomb_prefix(name) + b"t" + SEP + _b(tag_name)
+
+
+def manifest_tomb(name: str, digest: str) -> bytes:
+    return tomb_prefix(name) + b"m" + SEP + _b(digest)
+
+
+def blob_tomb(name: str, digest: str) -> bytes:
+    return tomb_prefix(name) + b"b" + SEP + _b(digest)
+
+
+def cursor(peer: str) -> bytes:
+    return CURSOR + _b(peer)
+
+
+def failure(name: str, digest: str) -> bytes:
+    return FAIL + _b(name) + SEP + _b(digest)
+
+
+def transfer(digest: str) -> bytes:
+    return TRANSFER + _b(digest)

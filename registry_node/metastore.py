@@ -13,7 +13,7 @@ atomic with respect to the others without locks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,7 @@ class MetadataStore:
         self._write_options = WriteOptions()
         self._write_options.sync = sync
         self._last_seq = self._read_last_seq()
+        self._listeners: list[Callable[[int], None]] = []
 
     def close(self) -> None:
         self._db.close()
@@ -84,6 +85,11 @@ class MetadataStore:
         return it.valid() and it.key().startswith(prefix)
 
     # -- the log -------------------------------------------------------------
+
+    def on_commit(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(last_seq)`` after every commit that appended events
+        (the replication feed wakes its subscribers with it)."""
+        self._listeners.append(listener)
 
     @property
     def last_seq(self) -> int:
@@ -124,5 +130,8 @@ class MetadataStore:
             wb.put(keys.log(seq), encode(stamped))
             committed.append(stamped)
         self._db.write(wb, self._write_options)
-        self._last_seq = seq
+        if committed:
+            self._last_seq = seq
+            for listener in self._listeners:
+                listener(seq)
         return committed

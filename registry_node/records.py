@@ -59,8 +59,11 @@ class BlobRecord(msgspec.Struct, frozen=True):
     created_ns: int
 
 
-class BlobLink(msgspec.Struct, frozen=True):
+class BlobLink(msgspec.Struct, frozen=True, omit_defaults=True):
     linked_ns: int
+    hlc: int = 0
+    origin_region: str = ""
+    origin_zone: str = ""
 
 
 class RepoRecord(msgspec.Struct, frozen=True):
@@ -85,7 +88,12 @@ class ManifestRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     subject: str = ""
     artifact_type: str = ""
     annotations: dict[str, str] | None = None
-    created_ns: int = 0
+    created_ns: int = 0                # when it arrived on this node
+    hlc: int = 0                       # the register's stamp (bumped by later tag sets)
+    origin_region: str = ""
+    origin_zone: str = ""
+    origin_acked_ns: int = 0           # when its origin acknowledged the push
+    pushed_region: str = ""            # region of the first push (residency); never bumped
 
 
 class TagRecord(msgspec.Struct, frozen=True):
@@ -93,6 +101,40 @@ class TagRecord(msgspec.Struct, frozen=True):
     hlc: int
     origin_region: str = ""
     origin_zone: str = ""
+    origin_acked_ns: int = 0
+
+
+class Tombstone(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A deleted register (tag, manifest or blob link): a late, older write
+    stamped before it does not bring the deleted thing back."""
+
+    hlc: int
+    origin_region: str = ""
+    origin_zone: str = ""
+    digest: str = ""                   # tags: what the tag pointed at
+
+
+class Cursor(msgspec.Struct, frozen=True):
+    """How far this node has applied a peer's log, and which incarnation of
+    that peer (its node id) the sequence belongs to."""
+
+    node_id: str
+    seq: int
+
+
+class ReplicationFailure(msgspec.Struct, frozen=True):
+    reason: str
+    at_ns: int
+    source: str = ""
+
+
+Stamp = tuple[int, str, str]
+"""(hlc, origin region, origin zone): totally ordered, so every replica picks
+the same winner between competing writes, ties included."""
+
+
+def stamp_of(record: TagRecord | ManifestRecord | BlobLink | Tombstone | Event) -> Stamp:
+    return (record.hlc, record.origin_region, record.origin_zone)
 
 
 class UploadRecord(msgspec.Struct, frozen=True):

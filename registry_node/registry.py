@@ -27,10 +27,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgspec
+
 from . import keys
 from . import manifest as manifests
 from .blobstore import BlobStore, UploadFile
 from .crypto import SealedBlob, Sealer
+from .durability import LocalDurability, WriteQuorum
 from .errors import ErrorCode, RegistryError
 from .hlc import HybridLogicalClock
 from .metastore import Batch, MetadataStore
@@ -43,10 +46,13 @@ from .records import (
     ManifestRecord,
     NodeIdentity,
     RepoRecord,
+    Stamp,
     TagRecord,
+    Tombstone,
     UploadRecord,
     decode,
     encode,
+    stamp_of,
 )
 from .reference import Digest, is_digest, validate_name, validate_tag
 
@@ -105,12 +111,14 @@ class Registry:
         wall_ns: Callable[[], int] = time.time_ns,
         monotonic: Callable[[], float] = time.monotonic,
         limits: Limits = Limits(),
+        quorum: WriteQuorum | None = None,
     ) -> None:
         self.meta = meta
         self.blobs = blobs
         self.identity = identity
         self.limits = limits
-        self._sealer = manifest_sealer
+        self.quorum: WriteQuorum = quorum or LocalDurability()
+        self.sealer = manifest_sealer
         self.run_blocking = run_blocking
         self._wall_ns = wall_ns
         self._monotonic = monotonic
@@ -127,6 +135,12 @@ class Registry:
     def touch(self, digest: str) -> None:
         self.touched[digest] = self._monotonic()
 
+    def wall_ns(self) -> int:
+        return self._wall_ns()
+
+    def monotonic(self) -> float:
+        return self._monotonic()
+
     def _event(self, kind: EventKind, repository: str, stamp: int, **fields: Any) -> Event:
         return Event(kind=kind, repository=repository, origin_region=self.identity.region,
                      origin_zone=self.identity.zone, hlc=stamp, acked_ns=self._wall_ns(),
@@ -137,11 +151,21 @@ class Registry:
         batch.put(keys.HLC, str(stamp).encode())
         return stamp
 
-    def _ensure_repo(self, batch: Batch, name: str) -> None:
-        if self.meta.get(keys.repo(name)) is None:
+    def _tombstone(self, stamp: int, digest: str = "") -> bytes:
+        return encode(Tombstone(stamp, self.identity.region, self.identity.zone, digest))
+
+    async def _commit(self, batch: Batch) -> list[Event]:
+        """Commit a client's mutation and wait until it is durable on the write quorum."""
+        events = self.meta.commit(batch)
+        if events:
+            await self.quorum.wait_durable(events[-1].seq)
+        return events
+
+    def ensure_repo(self, batch: Batch, name: str) -> None:
+        if self.meta.get(keys.repo(name)) is None and keys.repo(name) not in batch.puts:
             batch.put(keys.repo(name), encode(RepoRecord(created_ns=self._wall_ns())))
 
-    def _drop_repo_if_emptied(self, batch: Batch, name: str) -> None:
+    def drop_repo_if_emptied(self, batch: Batch, name: str) -> None:
         for key, _ in self.meta.scan(keys.repo_prefix(name)):
             if key not in batch.deletes:
                 return
@@ -153,8 +177,14 @@ class Registry:
 
     # -- blobs ---------------------------------------------------------------
 
+    def blob_visible(self, repo: str, digest: str) -> bool:
+        """A blob is in a repository when linked there (pushed or mounted) or
+        needed by one of its manifests (replicated content arrives that way)."""
+        return (self.meta.get(keys.blob_link(repo, digest)) is not None
+                or self.meta.has_prefix(keys.ref_repo_prefix(digest, repo)))
+
     def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
-        if self.meta.get(keys.blob_link(repo, digest)) is not None:
+        if self.blob_visible(repo, digest):
             raw = self.meta.get(keys.blob(digest))
             if raw is not None:
                 self.touch(digest)
@@ -169,8 +199,8 @@ class Registry:
         except FileNotFoundError:
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)}) from None
 
-    def delete_blob(self, repo: str, digest: Digest) -> None:
-        if self.meta.get(keys.blob_link(repo, digest)) is None:
+    async def delete_blob(self, repo: str, digest: Digest) -> None:
+        if not self.blob_visible(repo, digest):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)})
         for key, _ in self.meta.scan(keys.ref_repo_prefix(digest, repo)):
             user = keys.suffix(key, keys.ref_repo_prefix(digest, repo))
@@ -179,18 +209,20 @@ class Registry:
                 f"blob {digest} is used by manifest {user} in {repo}; delete that manifest first",
                 message="blob is in use",
             )
+        self.quorum.check_writable()
         batch = Batch()
         stamp = self._stamp(batch)
         batch.delete(keys.blob_link(repo, digest))
         batch.delete(keys.blob_user(digest, repo))
+        batch.put(keys.blob_tomb(repo, digest), self._tombstone(stamp))
         batch.event(self._event(EventKind.BLOB_DELETE, repo, stamp, digest=digest))
-        self._drop_repo_if_emptied(batch, repo)
-        self.meta.commit(batch)
+        self.drop_repo_if_emptied(batch, repo)
+        await self._commit(batch)
 
-    def mount_blob(self, repo: str, digest: Digest, source: str) -> bool:
+    async def mount_blob(self, repo: str, digest: Digest, source: str) -> bool:
         """Link a blob of ``source`` into ``repo``; False when ``source`` lacks it."""
         validate_name(source)
-        if self.meta.get(keys.blob_link(source, digest)) is None:
+        if not self.blob_visible(source, digest):
             return False
         raw = self.meta.get(keys.blob(digest))
         if raw is None:
@@ -198,18 +230,23 @@ class Registry:
         self.touch(digest)
         if self.meta.get(keys.blob_link(repo, digest)) is not None:
             return True
+        self.quorum.check_writable()
         batch = Batch()
         stamp = self._stamp(batch)
-        self._link(batch, repo, digest)
+        self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
         batch.event(self._event(EventKind.BLOB_MOUNT, repo, stamp, digest=digest,
                                 size=decode(raw, BlobRecord).size, source_repository=source))
-        self.meta.commit(batch)
+        await self._commit(batch)
         return True
 
-    def _link(self, batch: Batch, repo: str, digest: str) -> None:
-        self._ensure_repo(batch, repo)
-        batch.put(keys.blob_link(repo, digest), encode(BlobLink(linked_ns=self._wall_ns())))
+    def link(self, batch: Batch, repo: str, digest: str, stamp: int, origin_region: str,
+             origin_zone: str) -> None:
+        """Link a blob into a repository (the register's present state)."""
+        self.ensure_repo(batch, repo)
+        batch.put(keys.blob_link(repo, digest), encode(BlobLink(
+            self._wall_ns(), stamp, origin_region, origin_zone)))
         batch.put(keys.blob_user(digest, repo), b"")
+        batch.delete(keys.blob_tomb(repo, digest))
 
     # -- uploads -------------------------------------------------------------
 
@@ -259,7 +296,7 @@ class Registry:
             if start is not None and start != offset:
                 raise _range_error(offset, f"chunk starts at {start}, the upload has {offset} bytes")
             try:
-                await self._receive(upload.file, chunks, length)
+                await self.receive(upload.file, chunks, length)
             except RegistryError as exc:
                 if exc.status == 413:  # over the size limit: nothing of it is kept
                     await self.run_blocking(lambda: self.blobs.discard_upload(upload.file))
@@ -269,7 +306,7 @@ class Registry:
             upload.last_used = self._monotonic()
             return upload.file.size
 
-    async def _receive(self, file: UploadFile, chunks: AsyncIterator[bytes],
+    async def receive(self, file: UploadFile, chunks: AsyncIterator[bytes],
                        expected: int | None) -> None:
         """Feed a body into an upload, hashing and encrypting in a worker thread
         while the next piece is received."""
@@ -318,7 +355,7 @@ class Registry:
                 offset = upload.file.size
                 if start is not None and start != offset:
                     raise _range_error(offset, f"chunk starts at {start}, the upload has {offset} bytes")
-                await self._receive(upload.file, chunks, length)
+                await self.receive(upload.file, chunks, length)
             try:
                 info = await self._commit_upload(repo, upload.file, digest)
             except RegistryError:  # wrong digest: the upload is gone, say so next time
@@ -333,7 +370,7 @@ class Registry:
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id, digest.algorithm)
         try:
-            await self._receive(file, chunks, length)
+            await self.receive(file, chunks, length)
         except BaseException:
             await self.run_blocking(lambda: self.blobs.discard_upload(file))
             raise
@@ -346,15 +383,16 @@ class Registry:
             raise RegistryError(ErrorCode.DIGEST_INVALID,
                                 {"expected": str(digest), "computed": actual})
         size = file.size
+        self.quorum.check_writable()
         self.touch(digest)  # before the file lands, so GC cannot take it meanwhile
         await self.run_blocking(lambda: self.blobs.commit_upload(file, digest))
         batch = Batch()
         stamp = self._stamp(batch)
         if self.meta.get(keys.blob(digest)) is None:
             batch.put(keys.blob(digest), encode(BlobRecord(size, self._wall_ns())))
-        self._link(batch, repo, digest)
+        self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
         batch.event(self._event(EventKind.BLOB_PUT, repo, stamp, digest=digest, size=size))
-        self.meta.commit(batch)
+        await self._commit(batch)
         return BlobInfo(digest, size)
 
     def _forget_upload(self, upload_id: str) -> None:
@@ -417,10 +455,10 @@ class Registry:
         return StoredManifest(digest, record.media_type, record.size, record)
 
     def manifest_body(self, stored: StoredManifest) -> bytes:
-        return self._sealer.open(stored.record.sealed_body, _manifest_ad(stored.digest))
+        return self.sealer.open(stored.record.sealed_body, manifest_ad(stored.digest))
 
-    def put_manifest(self, repo: str, reference: str, body: bytes,
-                     content_type: str | None) -> PutManifestResult:
+    async def put_manifest(self, repo: str, reference: str, body: bytes,
+                           content_type: str | None) -> PutManifestResult:
         if len(body) > self.limits.max_manifest_size:
             raise manifest_too_large(self.limits.max_manifest_size)
         tag = None
@@ -436,57 +474,114 @@ class Registry:
         parsed = manifests.parse(body, content_type)
         for needed in parsed.blobs:
             self.touch(needed)
-        missing = [d for d in parsed.blobs
-                   if self.meta.get(keys.blob_link(repo, d)) is None
-                   or self.meta.get(keys.blob(d)) is None]
-        missing += [d for d in parsed.children if self.meta.get(keys.manifest(repo, d)) is None]
+        missing = self.missing_references(repo, parsed)
         if missing:
             raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
                                 {"missing": missing[:20], "count": len(missing)})
-
+        self.quorum.check_writable()
         batch = Batch()
-        stamp = self._stamp(batch)
+        hlc = self._stamp(batch)
+        origin = (self.identity.region, self.identity.zone)
+        acked = self._wall_ns()
         if self.meta.get(keys.manifest(repo, digest)) is None:
-            self._ensure_repo(batch, repo)
-            record = ManifestRecord(
-                media_type=parsed.media_type, size=len(body),
-                sealed_body=self._sealer.seal(body, _manifest_ad(digest)),
-                references=parsed.references, subject=parsed.subject or "",
-                artifact_type=parsed.artifact_type or "", annotations=parsed.annotations,
-                created_ns=self._wall_ns(),
-            )
-            batch.put(keys.manifest(repo, digest), encode(record))
-            for target in parsed.references:
-                batch.put(keys.ref(target, repo, digest), b"")
-            if parsed.subject:
-                batch.put(keys.referrer(repo, parsed.subject, digest), encode(_descriptor(digest, record)))
-            batch.event(self._event(EventKind.MANIFEST_PUT, repo, stamp, digest=digest,
+            self.stage_manifest(batch, repo, digest, body, parsed, (hlc, *origin), acked)
+            batch.event(self._event(EventKind.MANIFEST_PUT, repo, hlc, digest=digest,
                                     media_type=parsed.media_type, size=len(body),
                                     references=parsed.references, subject=parsed.subject or ""))
         if tag is not None:
             current = self.meta.get(keys.tag(repo, tag))
             if current is None or decode(current, TagRecord).digest != digest:
-                batch.put(keys.tag(repo, tag), encode(TagRecord(
-                    digest, stamp, self.identity.region, self.identity.zone)))
-                batch.event(self._event(EventKind.TAG_SET, repo, stamp, digest=digest, tag=tag,
+                self.stage_tag(batch, repo, tag, digest, (hlc, *origin), acked)
+                batch.event(self._event(EventKind.TAG_SET, repo, hlc, digest=digest, tag=tag,
                                         media_type=parsed.media_type))
         if batch.events:
-            self.meta.commit(batch)
+            await self._commit(batch)
         return PutManifestResult(digest, parsed.subject)
 
-    def delete_manifest(self, repo: str, reference: str) -> None:
+    def missing_references(self, repo: str, parsed: manifests.ParsedManifest) -> list[str]:
+        """What a manifest needs that the repository does not hold."""
+        missing = [d for d in parsed.blobs
+                   if not self.blob_visible(repo, d) or self.meta.get(keys.blob(d)) is None]
+        missing += [d for d in parsed.children if self.meta.get(keys.manifest(repo, d)) is None]
+        return missing
+
+    def stage_manifest(self, batch: Batch, repo: str, digest: str, body: bytes,
+                       parsed: manifests.ParsedManifest, stamp: Stamp, origin_acked_ns: int) -> None:
+        """Add a manifest, its reference index and its referrer entry to ``batch``."""
+        self.ensure_repo(batch, repo)
+        hlc, origin_region, origin_zone = stamp
+        record = ManifestRecord(
+            media_type=parsed.media_type, size=len(body),
+            sealed_body=self.sealer.seal(body, manifest_ad(digest)),
+            references=parsed.references, subject=parsed.subject or "",
+            # Annotations stay out of the record: they are client data, kept only
+            # sealed (in the body, and in the referrer descriptor below).
+            artifact_type=parsed.artifact_type or "", created_ns=self._wall_ns(),
+            hlc=hlc, origin_region=origin_region, origin_zone=origin_zone,
+            origin_acked_ns=origin_acked_ns, pushed_region=origin_region,
+        )
+        batch.put(keys.manifest(repo, digest), encode(record))
+        batch.delete(keys.manifest_tomb(repo, digest))
+        for target in parsed.references:
+            batch.put(keys.ref(target, repo, digest), b"")
+        if parsed.subject:
+            key = keys.referrer(repo, parsed.subject, digest)
+            descriptor = _descriptor(digest, record, parsed.annotations)
+            batch.put(key, self.sealer.seal(encode(descriptor), _referrer_ad(key)))
+
+    def stage_manifest_removal(self, batch: Batch, repo: str, digest: str,
+                               record: ManifestRecord) -> None:
+        batch.delete(keys.manifest(repo, digest))
+        for target in record.references:
+            batch.delete(keys.ref(target, repo, digest))
+        if record.subject:
+            batch.delete(keys.referrer(repo, record.subject, digest))
+
+    def stage_tag(self, batch: Batch, repo: str, tag: str, digest: str, stamp: Stamp,
+                  origin_acked_ns: int) -> None:
+        """Point a tag at a manifest. A tag set also renews the manifest's own
+        register, so a concurrent, older delete of that manifest loses to it
+        everywhere, in whatever order the two arrive."""
+        hlc, origin_region, origin_zone = stamp
+        batch.put(keys.tag(repo, tag), encode(TagRecord(digest, hlc, origin_region, origin_zone,
+                                                        origin_acked_ns)))
+        batch.delete(keys.tag_tomb(repo, tag))
+        raw = batch.puts.get(keys.manifest(repo, digest)) or self.meta.get(keys.manifest(repo, digest))
+        if raw is not None:
+            record = decode(raw, ManifestRecord)
+            if stamp_of(record) < stamp:
+                batch.put(keys.manifest(repo, digest), encode(msgspec.structs.replace(
+                    record, hlc=hlc, origin_region=origin_region, origin_zone=origin_zone)))
+
+    def stage_tags_removal(self, batch: Batch, repo: str, digest: str, stamp: Stamp,
+                           tombstone: bytes) -> list[str]:
+        """Remove every tag pointing at ``digest`` that is older than ``stamp``."""
+        removed = []
+        for key, value in self.meta.scan(keys.tag_prefix(repo)):
+            record = decode(value, TagRecord)
+            if record.digest == digest and stamp_of(record) < stamp:
+                tag = keys.suffix(key, keys.tag_prefix(repo))
+                batch.delete(key)
+                batch.put(keys.tag_tomb(repo, tag), tombstone)
+                removed.append(tag)
+        return removed
+
+    async def delete_manifest(self, repo: str, reference: str) -> None:
         batch = Batch()
+        origin = (self.identity.region, self.identity.zone)
         if not is_digest(reference):
             tag = validate_tag(reference)
             raw = self.meta.get(keys.tag(repo, tag))
             if raw is None:
                 raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": tag})
-            stamp = self._stamp(batch)
+            self.quorum.check_writable()
+            hlc = self._stamp(batch)
+            pointed = decode(raw, TagRecord).digest
             batch.delete(keys.tag(repo, tag))
-            batch.event(self._event(EventKind.TAG_DELETE, repo, stamp, tag=tag,
-                                    digest=decode(raw, TagRecord).digest))
-            self._drop_repo_if_emptied(batch, repo)
-            self.meta.commit(batch)
+            batch.put(keys.tag_tomb(repo, tag), self._tombstone(hlc, pointed))
+            batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed))
+            self.drop_repo_if_emptied(batch, repo)
+            await self._commit(batch)
             return
         digest = Digest.parse(reference)
         raw = self.meta.get(keys.manifest(repo, digest))
@@ -499,22 +594,18 @@ class Registry:
                 f"manifest {digest} is part of index {user} in {repo}; delete the index first",
                 message="manifest is in use",
             )
+        self.quorum.check_writable()
         record = decode(raw, ManifestRecord)
-        stamp = self._stamp(batch)
-        for key, value in self.meta.scan(keys.tag_prefix(repo)):
-            if decode(value, TagRecord).digest == digest:
-                tag = keys.suffix(key, keys.tag_prefix(repo))
-                batch.delete(key)
-                batch.event(self._event(EventKind.TAG_DELETE, repo, stamp, tag=tag, digest=digest))
-        batch.delete(keys.manifest(repo, digest))
-        for target in record.references:
-            batch.delete(keys.ref(target, repo, digest))
-        if record.subject:
-            batch.delete(keys.referrer(repo, record.subject, digest))
-        batch.event(self._event(EventKind.MANIFEST_DELETE, repo, stamp, digest=digest,
+        hlc = self._stamp(batch)
+        tombstone = self._tombstone(hlc, digest)
+        for tag in self.stage_tags_removal(batch, repo, digest, (hlc, *origin), tombstone):
+            batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=digest))
+        self.stage_manifest_removal(batch, repo, digest, record)
+        batch.put(keys.manifest_tomb(repo, digest), self._tombstone(hlc))
+        batch.event(self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,
                                 media_type=record.media_type))
-        self._drop_repo_if_emptied(batch, repo)
-        self.meta.commit(batch)
+        self.drop_repo_if_emptied(batch, repo)
+        await self._commit(batch)
 
     # -- listings ------------------------------------------------------------
 
@@ -533,8 +624,8 @@ class Registry:
     def referrers(self, repo: str, subject: Digest,
                   artifact_type: str | None) -> list[Descriptor]:
         out = []
-        for _, value in self.meta.scan(keys.referrer_prefix(repo, subject)):
-            descriptor = decode(value, Descriptor)
+        for key, value in self.meta.scan(keys.referrer_prefix(repo, subject)):
+            descriptor = decode(self.sealer.open(value, _referrer_ad(key)), Descriptor)
             if artifact_type is None or descriptor.artifactType == artifact_type:
                 out.append(descriptor)
         return out
@@ -551,13 +642,19 @@ def _page(items, n: int | None) -> tuple[list[str], bool]:
     return out, False
 
 
-def _manifest_ad(digest: str) -> bytes:
+def manifest_ad(digest: str) -> bytes:
+    """Associated data sealing a manifest body: its digest."""
     return b"georeg/manifest/v1\x00" + digest.encode()
 
 
-def _descriptor(digest: str, record: ManifestRecord) -> Descriptor:
+def _referrer_ad(key: bytes) -> bytes:
+    return b"georeg/referrer/v1\x00" + key
+
+
+def _descriptor(digest: str, record: ManifestRecord,
+                annotations: dict[str, str] | None) -> Descriptor:
     return Descriptor(mediaType=record.media_type, digest=digest, size=record.size,
-                      artifactType=record.artifact_type or None, annotations=record.annotations)
+                      artifactType=record.artifact_type or None, annotations=annotations)
 
 
 def _range_error(offset: int, detail: str) -> RegistryError:

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 from aiohttp import web
 
-from .app import init_app
+from .app import Extension, init_app
 from .config import NodeConfig
 
 log = structlog.get_logger("georeg.node")
 
 
-async def serve(config: NodeConfig, *, announce: Callable[[str], None] | None = None,
+async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
+                announce: Callable[[str], None] | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Serve ``config`` until ``stop`` is set or the process receives SIGTERM/SIGINT."""
-    app = init_app(config)
+    app = init_app(config, extensions)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     try:
@@ -34,7 +35,8 @@ async def serve(config: NodeConfig, *, announce: Callable[[str], None] | None = 
         where = config.region + (f"/{config.zone}" if config.zone else "")
         log.info("listening", url=url, region=config.region, zone=config.zone,
                  data_dir=str(config.data_dir))
-        (announce or _print)(f"georeg node {where} listening on {url} (data dir {config.data_dir})")
+        extra = "".join(f", {ext.describe()}" for ext in extensions if hasattr(ext, "describe"))
+        (announce or _print)(f"georeg node {where} listening on {url} (data dir {config.data_dir}{extra})")
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -50,10 +52,10 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def run(config: NodeConfig) -> None:
+def run(config: NodeConfig, extensions: Sequence[Extension] = ()) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, extensions=extensions))
         return
-    uvloop.run(serve(config))
+    uvloop.run(serve(config, extensions=extensions))

@@ -115,5 +115,5 @@ def _corrupt(digest: str, exc: BlobCorrupt) -> RegistryError:
 async def delete_blob(request: web.Request) -> web.Response:
     repo = repo_name(request)
     digest = digest_param(request.match_info["digest"])
-    registry(request).delete_blob(repo, digest)
+    await registry(request).delete_blob(repo, digest)
     return empty(202, {})

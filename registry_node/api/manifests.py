@@ -42,7 +42,7 @@ async def put_manifest(request: web.Request) -> web.Response:
     body = await _read_limited(request, reg.limits.max_manifest_size)
     if not body:
         raise RegistryError(ErrorCode.MANIFEST_INVALID, "the manifest body is empty")
-    result = reg.put_manifest(repo, request.match_info["reference"], body,
+    result = await reg.put_manifest(repo, request.match_info["reference"], body,
                               request.headers.get("Content-Type"))
     headers = {"Location": f"/v2/{repo}/manifests/{result.digest}", DIGEST_HEADER: result.digest}
     if result.subject:
@@ -52,5 +52,5 @@ async def put_manifest(request: web.Request) -> web.Response:
 
 async def delete_manifest(request: web.Request) -> web.Response:
     repo = repo_name(request)
-    registry(request).delete_manifest(repo, request.match_info["reference"])
+    await registry(request).delete_manifest(repo, request.match_info["reference"])
     return empty(202, {})

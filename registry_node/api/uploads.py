@@ -76,7 +76,7 @@ async def start_upload(request: web.Request) -> web.Response:
     if mount:
         digest = digest_param(mount, "mount")
         source = query.get("from")
-        if source and reg.mount_blob(repo, digest, validate_name(source)):
+        if source and await reg.mount_blob(repo, digest, validate_name(source)):
             return empty(201, _blob_headers(repo, digest))
     elif "digest" in query:
         digest = digest_param(query.get("digest"))

@@ -203,15 +203,17 @@ class RepositoryState(_message.Message):
     def __init__(self, repository: _Optional[str] = ..., tags: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., manifests: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., blobs: _Optional[_Iterable[_Union[Register, _Mapping]]] = ...) -> None: ...
 
 class ImageStatusRequest(_message.Message):
-    __slots__ = ("repository", "digest")
+    __slots__ = ("repository", "digest", "tag")
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     repository: str
     digest: str
-    def __init__(self, repository: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+    tag: str
+    def __init__(self, repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
 
 class ImageStatusReply(_message.Message):
-    __slots__ = ("node", "present", "arrived_ns", "origin_acked_ns", "origin_region", "failure", "blobs_present", "blobs_total")
+    __slots__ = ("node", "present", "arrived_ns", "origin_acked_ns", "origin_region", "failure", "blobs_present", "blobs_total", "digest")
     NODE_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     ARRIVED_NS_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +222,7 @@ class ImageStatusReply(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     BLOBS_PRESENT_FIELD_NUMBER: _ClassVar[int]
     BLOBS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     node: NodeRef
     present: bool
     arrived_ns: int
@@ -228,7 +231,8 @@ class ImageStatusReply(_message.Message):
     failure: str
     blobs_present: int
     blobs_total: int
-    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., present: _Optional[bool] = ..., arrived_ns: _Optional[int] = ..., origin_acked_ns: _Optional[int] = ..., origin_region: _Optional[str] = ..., failure: _Optional[str] = ..., blobs_present: _Optional[int] = ..., blobs_total: _Optional[int] = ...) -> None: ...
+    digest: str
+    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., present: _Optional[bool] = ..., arrived_ns: _Optional[int] = ..., origin_acked_ns: _Optional[int] = ..., origin_region: _Optional[str] = ..., failure: _Optional[str] = ..., blobs_present: _Optional[int] = ..., blobs_total: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

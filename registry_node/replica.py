@@ -1,0 +1,427 @@
+"""Applying what other replicas did, and describing this replica's state to them.
+
+Each tag, manifest and blob link is a last-writer-wins register whose writes
+are ordered by their ``Stamp`` (HLC, origin region, origin zone): every replica
+that sees the same writes, in any order, keeps the same winner. Deletes are
+tombstones, so a late, older write does not bring deleted things back.
+
+Three rules couple the registers, the same here as for local writes:
+
+* a tag set renews its manifest's register, so a concurrent, older delete of
+  that manifest loses to it everywhere; and a tag set older than its
+  manifest's tombstone is itself a delete (it is what the deleting replica's
+  cascade did to that tag);
+* a manifest that a present index of the repository needs is never removed:
+  a delete of it loses, and an index arriving brings it back;
+* a blob a manifest needs stays visible in its repository whatever happens to
+  its link (``Registry.blob_visible``).
+
+Invariants
+    * Content before references: ``apply_manifest`` refuses (``MissingContent``)
+      a manifest whose blobs or child manifests are not here yet; the caller
+      (replicator.transfer) fetches them first. So no replica ever serves an
+      incomplete image, not even for an instant.
+    * Applying anything twice is a no-op that writes and logs nothing; that is
+      also what stops an event from echoing between replicas forever.
+    * A change applied here is logged with its original origin, origin
+      sequence, HLC and acknowledgement time, so replicas that hear of it only
+      through this one (transitive propagation) see the very same event.
+
+No gRPC here: the replicator converts wire messages to ``Event``s and content
+streams to async iterators of bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from . import keys
+from . import manifest as manifests
+from .blobstore import UploadFile
+from .errors import RegistryError
+from .metastore import Batch
+from .records import (
+    BlobLink,
+    BlobRecord,
+    Event,
+    EventKind,
+    ManifestRecord,
+    ReplicationFailure,
+    Stamp,
+    TagRecord,
+    Tombstone,
+    decode,
+    encode,
+    stamp_of,
+)
+from .reference import Digest
+from .registry import Registry, manifest_ad
+
+
+class MissingContent(Exception):
+    """A manifest cannot be stored yet: these digests must arrive first."""
+
+    def __init__(self, blobs: list[str], manifests: list[str]) -> None:
+        super().__init__(f"missing blobs {blobs} and manifests {manifests}")
+        self.blobs = blobs
+        self.manifests = manifests
+
+
+class ContentRejected(Exception):
+    """Content that can never be stored (digest mismatch, invalid manifest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterState:
+    """One register as anti-entropy exchanges it (see ``Replica.repository_state``)."""
+
+    key: str
+    digest: str
+    deleted: bool
+    stamp: Stamp
+    media_type: str = ""
+    size: int = 0
+    references: tuple[str, ...] = ()
+    origin_acked_ns: int = 0
+    content_region: str = ""      # manifests: region of the first push (residency)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageState:
+    present: bool
+    arrived_ns: int = 0
+    origin_acked_ns: int = 0
+    origin_region: str = ""
+    failure: str = ""
+    blobs_present: int = 0
+    blobs_total: int = 0
+
+
+def _stamp_of_event(event: Event) -> Stamp:
+    return (event.hlc, event.origin_region, event.origin_zone)
+
+
+def _tombstone(stamp: Stamp, digest: str = "") -> bytes:
+    return encode(Tombstone(stamp[0], stamp[1], stamp[2], digest))
+
+
+class Replica:
+    """The merge side of one node's registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.meta = registry.meta
+        self.blobs = registry.blobs
+
+    # -- commit ----------------------------------------------------------------
+
+    def _commit(self, batch: Batch, event: Event) -> Event:
+        """Commit a merge and log ``event`` as it came from its origin."""
+        self.registry.hlc.observe(event.hlc)
+        batch.put(keys.HLC, str(self.registry.hlc.last).encode())
+        batch.event(msgspec.structs.replace(event, seq=0))
+        if event.digest:  # it arrived: an earlier failure to replicate it is history
+            batch.delete(keys.failure(event.repository, event.digest))
+        return self.meta.commit(batch)[-1]
+
+    # -- blobs -----------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        return self.meta.get(keys.blob(digest)) is not None
+
+    def inbound_blob(self, digest: str) -> UploadFile:
+        """The file an incoming blob is written to; resumes a transfer that was
+        cut (or a node that was killed) where it stopped. Blocking."""
+        raw = self.meta.get(keys.transfer(digest))
+        if raw is not None:
+            try:
+                return self.blobs.resume_upload(raw.decode())
+            except (FileNotFoundError, ValueError, OSError):
+                pass
+        upload_id = str(uuid.uuid4())
+        file = self.blobs.create_upload(upload_id, Digest(digest).algorithm)
+        batch = Batch()
+        batch.put(keys.transfer(digest), upload_id.encode())
+        self.meta.commit(batch)
+        return file
+
+    async def receive_blob(self, file: UploadFile, chunks: AsyncIterator[bytes]) -> None:
+        """Append transferred bytes; durable on return (a later attempt resumes here)."""
+        try:
+            await self.registry.receive(file, chunks, None)
+        finally:
+            await self.registry.run_blocking(file.flush)
+
+    async def commit_blob(self, file: UploadFile, digest: str) -> None:
+        """Verify and store a fully transferred blob. On a digest mismatch the
+        partial transfer is discarded (the next attempt starts over) and
+        ``ContentRejected`` is raised."""
+        registry = self.registry
+        actual = await registry.run_blocking(lambda: file.digest(Digest(digest).algorithm))
+        clear = Batch()
+        clear.delete(keys.transfer(digest))
+        if actual != digest:
+            await registry.run_blocking(lambda: self.blobs.discard_upload(file))
+            self.meta.commit(clear)
+            raise ContentRejected(f"transferred bytes hash to {actual}, not {digest}")
+        size = file.size
+        registry.touch(digest)
+        await registry.run_blocking(lambda: self.blobs.commit_upload(file, digest))
+        if self.meta.get(keys.blob(digest)) is None:
+            clear.put(keys.blob(digest), encode(BlobRecord(size, registry.wall_ns())))
+        self.meta.commit(clear)
+
+    def discard_inbound(self, digest: str) -> None:
+        raw = self.meta.get(keys.transfer(digest))
+        if raw is not None:
+            self.blobs.discard_upload_file(raw.decode())
+            batch = Batch()
+            batch.delete(keys.transfer(digest))
+            self.meta.commit(batch)
+
+    def apply_blob_link(self, event: Event) -> Event | None:
+        """BLOB_PUT / BLOB_MOUNT: link a blob this node holds into the repository."""
+        if not self.has_blob(event.digest):
+            raise MissingContent([event.digest], [])
+        stamp = _stamp_of_event(event)
+        repo, digest = event.repository, event.digest
+        raw = self.meta.get(keys.blob_link(repo, digest))
+        if raw is not None and stamp_of(decode(raw, BlobLink)) >= stamp:
+            return None
+        tomb = self.meta.get(keys.blob_tomb(repo, digest))
+        if tomb is not None and stamp_of(decode(tomb, Tombstone)) >= stamp:
+            return None
+        batch = Batch()
+        self.registry.link(batch, repo, digest, *stamp)
+        return self._commit(batch, event)
+
+    def apply_blob_unlink(self, event: Event) -> Event | None:
+        stamp = _stamp_of_event(event)
+        repo, digest = event.repository, event.digest
+        raw = self.meta.get(keys.blob_link(repo, digest))
+        tomb = self.meta.get(keys.blob_tomb(repo, digest))
+        if raw is not None and stamp_of(decode(raw, BlobLink)) >= stamp:
+            return None
+        if tomb is not None and stamp_of(decode(tomb, Tombstone)) >= stamp:
+            return None
+        batch = Batch()
+        batch.delete(keys.blob_link(repo, digest))
+        batch.delete(keys.blob_user(digest, repo))
+        batch.put(keys.blob_tomb(repo, digest), _tombstone(stamp))
+        self.registry.drop_repo_if_emptied(batch, repo)
+        return self._commit(batch, event)
+
+    # -- manifests -------------------------------------------------------------
+
+    def manifest_record(self, repo: str, digest: str) -> ManifestRecord | None:
+        raw = self.meta.get(keys.manifest(repo, digest))
+        return decode(raw, ManifestRecord) if raw is not None else None
+
+    def manifest_body(self, repo: str, digest: str) -> tuple[ManifestRecord, bytes] | None:
+        record = self.manifest_record(repo, digest)
+        if record is None:
+            return None
+        return record, self.registry.sealer.open(record.sealed_body, manifest_ad(digest))
+
+    def wants_manifest(self, event: Event, needed_by_index: bool = False) -> bool:
+        """Whether a MANIFEST_PUT would change anything here (so its content is worth fetching)."""
+        stamp = _stamp_of_event(event)
+        record = self.manifest_record(event.repository, event.digest)
+        if record is not None:
+            return stamp_of(record) < stamp
+        if needed_by_index:
+            return True
+        tomb = self.meta.get(keys.manifest_tomb(event.repository, event.digest))
+        return tomb is None or stamp_of(decode(tomb, Tombstone)) < stamp
+
+    def parse_manifest(self, digest: str, body: bytes, media_type: str) -> manifests.ParsedManifest:
+        algorithm = Digest(digest).algorithm
+        if f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}" != digest:
+            raise ContentRejected(f"manifest bytes do not hash to {digest}")
+        try:
+            return manifests.parse(body, media_type)
+        except RegistryError as exc:
+            raise ContentRejected(f"manifest {digest} is invalid: {exc}") from None
+
+    def apply_manifest(self, event: Event, body: bytes, *, needed_by_index: bool = False,
+                       origin_acked_ns: int = 0) -> Event | None:
+        """MANIFEST_PUT with its bytes. ``needed_by_index``: stored even over a
+        newer tombstone, because a present index needs it."""
+        repo, digest = event.repository, event.digest
+        stamp = _stamp_of_event(event)
+        record = self.manifest_record(repo, digest)
+        if record is not None:
+            if stamp_of(record) >= stamp:
+                return None
+            batch = Batch()  # a newer push of the same bytes renews the register
+            batch.put(keys.manifest(repo, digest), encode(msgspec.structs.replace(
+                record, hlc=stamp[0], origin_region=stamp[1], origin_zone=stamp[2])))
+            return self._commit(batch, event)
+        if not self.wants_manifest(event, needed_by_index):
+            return None
+        parsed = self.parse_manifest(digest, body, event.media_type)
+        missing = self.registry.missing_references(repo, parsed)
+        if missing:
+            children = set(parsed.children)
+            raise MissingContent([d for d in missing if d not in children],
+                                 [d for d in missing if d in children])
+        batch = Batch()
+        self.registry.stage_manifest(batch, repo, digest, body, parsed, stamp,
+                                     origin_acked_ns or event.acked_ns)
+        return self._commit(batch, event)
+
+    def apply_manifest_delete(self, event: Event) -> Event | None:
+        repo, digest = event.repository, event.digest
+        stamp = _stamp_of_event(event)
+        record = self.manifest_record(repo, digest)
+        tomb = self.meta.get(keys.manifest_tomb(repo, digest))
+        if tomb is not None and stamp_of(decode(tomb, Tombstone)) >= stamp:
+            return None
+        batch = Batch()
+        if record is not None:
+            if stamp_of(record) >= stamp or self.meta.has_prefix(keys.ref_repo_prefix(digest, repo)):
+                return None  # renewed since, or an index here needs it: the delete loses
+            self.registry.stage_manifest_removal(batch, repo, digest, record)
+        self.registry.stage_tags_removal(batch, repo, digest, stamp, _tombstone(stamp, digest))
+        batch.put(keys.manifest_tomb(repo, digest), _tombstone(stamp))
+        self.registry.drop_repo_if_emptied(batch, repo)
+        return self._commit(batch, event)
+
+    # -- tags ------------------------------------------------------------------
+
+    def _tag_stamp(self, repo: str, tag: str) -> Stamp | None:
+        raw = self.meta.get(keys.tag(repo, tag))
+        if raw is not None:
+            return stamp_of(decode(raw, TagRecord))
+        tomb = self.meta.get(keys.tag_tomb(repo, tag))
+        return stamp_of(decode(tomb, Tombstone)) if tomb is not None else None
+
+    def wants_tag(self, event: Event) -> bool:
+        current = self._tag_stamp(event.repository, event.tag)
+        return current is None or current < _stamp_of_event(event)
+
+    def apply_tag(self, event: Event, origin_acked_ns: int = 0) -> Event | None:
+        """TAG_SET: needs its manifest here, unless a newer delete of that
+        manifest makes this tag set a delete."""
+        repo, tag, digest = event.repository, event.tag, event.digest
+        stamp = _stamp_of_event(event)
+        if not self.wants_tag(event):
+            return None
+        batch = Batch()
+        if self.meta.get(keys.manifest(repo, digest)) is None:
+            tomb = self.meta.get(keys.manifest_tomb(repo, digest))
+            if tomb is None or stamp_of(decode(tomb, Tombstone)) < stamp:
+                raise MissingContent([], [digest])
+            deleted_at = stamp_of(decode(tomb, Tombstone))
+            current = self._tag_stamp(repo, tag)
+            if current is not None and current >= deleted_at:
+                return None
+            batch.delete(keys.tag(repo, tag))
+            batch.put(keys.tag_tomb(repo, tag), _tombstone(deleted_at, digest))
+            self.registry.drop_repo_if_emptied(batch, repo)
+            return self._commit(batch, event)
+        self.registry.stage_tag(batch, repo, tag, digest, stamp, origin_acked_ns or event.acked_ns)
+        return self._commit(batch, event)
+
+    def apply_tag_delete(self, event: Event) -> Event | None:
+        repo, tag = event.repository, event.tag
+        stamp = _stamp_of_event(event)
+        current = self._tag_stamp(repo, tag)
+        if current is not None and current >= stamp:
+            return None
+        batch = Batch()
+        batch.delete(keys.tag(repo, tag))
+        batch.put(keys.tag_tomb(repo, tag), _tombstone(stamp, event.digest))
+        self.registry.drop_repo_if_emptied(batch, repo)
+        return self._commit(batch, event)
+
+    # -- what replication asks of this node ------------------------------------
+
+    def record_failure(self, repo: str, digest: str, reason: str, source: str = "") -> None:
+        batch = Batch()
+        batch.put(keys.failure(repo, digest),
+                  encode(ReplicationFailure(reason, self.registry.wall_ns(), source)))
+        self.meta.commit(batch)
+
+    def failure(self, repo: str, digest: str) -> ReplicationFailure | None:
+        raw = self.meta.get(keys.failure(repo, digest))
+        return decode(raw, ReplicationFailure) if raw is not None else None
+
+    def repositories(self) -> list[str]:
+        """Every repository with live content or tombstones."""
+        names = {keys.suffix(k, keys.REPO) for k, _ in self.meta.scan(keys.REPO)}
+        for key, _ in self.meta.scan(keys.TOMB):
+            names.add(key[len(keys.TOMB):].split(keys.SEP, 1)[0].decode())
+        return sorted(names)
+
+    def repository_state(self, repo: str, visible: Callable[[str], bool]) -> dict[str, list[RegisterState]]:
+        """Tags and manifests (live and deleted) of ``repo`` whose origin region
+        passes ``visible``. Blob links are left out: a blob that matters is
+        carried by the manifests that need it."""
+        tags: list[RegisterState] = []
+        for key, raw in self.meta.scan(keys.tag_prefix(repo)):
+            rec = decode(raw, TagRecord)
+            if visible(rec.origin_region):
+                tags.append(RegisterState(keys.suffix(key, keys.tag_prefix(repo)), rec.digest,
+                                          False, stamp_of(rec), origin_acked_ns=rec.origin_acked_ns))
+        manifests_out: list[RegisterState] = []
+        for key, raw in self.meta.scan(keys.manifest_prefix(repo)):
+            rec = decode(raw, ManifestRecord)
+            if visible(rec.pushed_region or rec.origin_region):
+                digest = keys.suffix(key, keys.manifest_prefix(repo))
+                manifests_out.append(RegisterState(
+                    digest, digest, False, stamp_of(rec), rec.media_type, rec.size,
+                    rec.references, rec.origin_acked_ns, rec.pushed_region or rec.origin_region))
+        prefix = keys.tomb_prefix(repo)
+        for key, raw in self.meta.scan(prefix):
+            tomb = decode(raw, Tombstone)
+            kind, _, name = key[len(prefix):].partition(keys.SEP)
+            if not visible(tomb.origin_region):
+                continue
+            if kind == b"t":
+                tags.append(RegisterState(name.decode(), tomb.digest, True, stamp_of(tomb)))
+            elif kind == b"m":
+                manifests_out.append(RegisterState(name.decode(), name.decode(), True, stamp_of(tomb)))
+        return {"tags": tags, "manifests": manifests_out}
+
+    def fingerprint(self, repo: str, visible: Callable[[str], bool]) -> bytes:
+        """A digest of ``repository_state``: equal fingerprints, equal state.
+        Manifests count by presence only, since their registers' stamps are
+        renewed by tag sets that residency may keep from some replicas."""
+        state = self.repository_state(repo, visible)
+        h = hashlib.sha256()
+        for reg in sorted(state["tags"], key=lambda r: r.key):
+            h.update(f"t|{reg.key}|{reg.digest}|{int(reg.deleted)}|{reg.stamp}\n".encode())
+        for reg in sorted(state["manifests"], key=lambda r: r.key):
+            h.update(f"m|{reg.key}|{int(reg.deleted)}|{reg.stamp if reg.deleted else ''}\n".encode())
+        return h.digest()
+
+    def resolve_tag(self, repo: str, tag: str) -> str | None:
+        raw = self.meta.get(keys.tag(repo, tag))
+        return decode(raw, TagRecord).digest if raw is not None else None
+
+    def image_state(self, repo: str, digest: str) -> ImageState:
+        record = self.manifest_record(repo, digest)
+        failure = self.failure(repo, digest)
+        reason = failure.reason if failure else ""
+        if record is None:
+            return ImageState(False, failure=reason)
+        blobs = [d for d in record.references if self.has_blob(d)
+                 or self.meta.get(keys.manifest(repo, d)) is not None]
+        return ImageState(True, record.created_ns, record.origin_acked_ns,
+                          record.pushed_region or record.origin_region, reason,
+                          len(blobs), len(record.references))
+
+
+def register_event(repo: str, kind: EventKind, reg: RegisterState) -> Event:
+    """The event that applying a register received through anti-entropy amounts to."""
+    hlc, region, zone = reg.stamp
+    return Event(kind=kind, repository=repo, digest=reg.digest, tag=reg.key if kind in (
+        EventKind.TAG_SET, EventKind.TAG_DELETE) else "", media_type=reg.media_type,
+        size=reg.size, references=reg.references, origin_region=region, origin_zone=zone,
+        hlc=hlc, acked_ns=reg.origin_acked_ns)

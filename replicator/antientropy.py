@@ -1,0 +1,105 @@
+"""Anti-entropy: repairs what the event stream missed (partitions longer than
+a log, crashes, a node rebuilt from nothing, a permanent failure that has
+since become possible).
+
+Periodically, and whenever a subscription (re)connects, a node asks each peer
+for per-repository fingerprints over the state both may hold (residency), and
+for every repository that differs, the peer's full register state; each
+register is then applied through ``Transfer`` exactly as if it had arrived as
+an event. Pull-only: every node repairs itself from its peers, so with all
+nodes doing it the cluster converges whenever the replica graph is connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import structlog
+
+from registry_node.records import EventKind
+from registry_node.replica import RegisterState, register_event
+
+from .convert import register_from_wire
+from .errors import Outcome, ReplicationError
+from .peers import PeerClient
+from .residency import ResidencyPolicy
+from .transfer import Transfer
+
+log = structlog.get_logger("georeg.replication")
+
+
+class AntiEntropy:
+    def __init__(self, transfer: Transfer, residency: ResidencyPolicy,
+                 peers: Sequence[PeerClient], interval_s: float) -> None:
+        self.transfer = transfer
+        self.replica = transfer.replica
+        self.region = transfer.replica.registry.identity.region
+        self.residency = residency
+        self.peers = list(peers)
+        self.interval_s = interval_s
+        self._locks: dict[str, asyncio.Lock] = {p.name: asyncio.Lock() for p in self.peers}
+        self.rounds = 0
+        self.repaired = 0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            for peer in self.peers:
+                await self.sync_with(peer)
+            self.rounds += 1
+
+    async def sync_with(self, peer: PeerClient) -> int:
+        """Repair this node from ``peer``; returns how many registers changed here."""
+        lock = self._locks.setdefault(peer.name, asyncio.Lock())
+        if lock.locked():
+            return 0
+        async with lock:
+            try:
+                return await self._sync(peer)
+            except ReplicationError as exc:
+                log.info("anti_entropy_failed", peer=peer.name, error=exc.reason)
+                return 0
+
+    def _visible(self, repository: str, peer_region: str):
+        def visible(origin_region: str) -> bool:
+            return (self.residency.allows(origin_region, repository, peer_region)
+                    and self.residency.allows(origin_region, repository, self.region))
+        return visible
+
+    async def _sync(self, peer: PeerClient) -> int:
+        summary = await peer.summarize()
+        changed = 0
+        for entry in summary.repositories:
+            repo = entry.repository
+            mine = self.replica.fingerprint(repo, self._visible(repo, peer.peer.region))
+            if mine == entry.fingerprint:
+                continue
+            state = await peer.repository_state(repo)
+            changed += await self._merge(repo, [register_from_wire(r) for r in state.manifests],
+                                         [register_from_wire(r) for r in state.tags], peer)
+        if changed:
+            self.repaired += changed
+            log.info("anti_entropy_repaired", peer=peer.name, changes=changed)
+        return changed
+
+    async def _merge(self, repo: str, manifests: list[RegisterState], tags: list[RegisterState],
+                     peer: PeerClient) -> int:
+        sources = [peer, *(p for p in self.peers if p is not peer)]
+        steps = (
+            [(EventKind.MANIFEST_PUT, r) for r in manifests if not r.deleted]
+            + [(EventKind.TAG_SET, r) for r in tags if not r.deleted]
+            + [(EventKind.TAG_DELETE, r) for r in tags if r.deleted]
+            + [(EventKind.MANIFEST_DELETE, r) for r in manifests if r.deleted]
+        )
+        changed = 0
+        for kind, register in steps:
+            try:
+                if await self.transfer.apply(register_event(repo, kind, register), sources):
+                    changed += 1
+            except ReplicationError as exc:
+                if exc.outcome is Outcome.PERMANENT:
+                    self.replica.record_failure(repo, register.digest, exc.reason, peer.name)
+                    continue
+                raise
+        return changed

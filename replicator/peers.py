@@ -1,0 +1,107 @@
+"""Talking to one peer over gRPC: a channel, and each RPC wrapped so that
+failures leave as ``ReplicationError`` (definite, indefinite or permanent).
+
+Channels reconnect on their own; keepalive pings notice a peer that vanished
+without closing its connections (a crashed host, a cut link) within seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from registry_node.records import NodeIdentity
+
+from .convert import node_ref
+from .errors import from_grpc, permanent
+from .topology import Peer
+from .wire.v1 import replication_pb2 as pb
+from .wire.v1 import replication_pb2_grpc as pbg
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.enable_retries", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+class PeerClient:
+    def __init__(self, peer: Peer, me: NodeIdentity, rpc_timeout_s: float = 10.0) -> None:
+        self.peer = peer
+        self._me = node_ref(me)
+        self._timeout = rpc_timeout_s
+        self.channel = grpc.aio.insecure_channel(peer.grpc, options=CHANNEL_OPTIONS)
+        self.stub = pbg.ReplicationStub(self.channel)
+
+    @property
+    def name(self) -> str:
+        return self.peer.name
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+    def subscribe(self) -> grpc.aio.StreamStreamCall:
+        return self.stub.Subscribe()
+
+    def start_message(self, expected_node_id: str, cursor: int) -> pb.SubscribeMessage:
+        return pb.SubscribeMessage(start=pb.SubscribeStart(
+            subscriber=self._me, expected_node_id=expected_node_id, cursor=cursor))
+
+    async def fetch_blob(self, repository: str, digest: str, offset: int) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset`` on, as they arrive."""
+        call = self.stub.FetchBlob(pb.FetchBlobRequest(
+            requester=self._me, repository=repository, digest=digest, offset=offset))
+        expected = offset
+        try:
+            async for chunk in call:
+                if chunk.offset != expected:
+                    raise permanent(f"{self.name} sent offset {chunk.offset}, expected {expected}")
+                expected += len(chunk.data)
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, f"fetching {digest} from {self.name}") from None
+        finally:
+            call.cancel()
+
+    async def fetch_manifest(self, repository: str, digest: str) -> pb.ManifestReply:
+        return await self._unary(self.stub.FetchManifest, pb.FetchManifestRequest(
+            requester=self._me, repository=repository, digest=digest), f"manifest {digest}")
+
+    async def summarize(self) -> pb.Summary:
+        return await self._unary(self.stub.Summarize, pb.SummaryRequest(requester=self._me),
+                                 "summary")
+
+    async def repository_state(self, repository: str) -> pb.RepositoryState:
+        return await self._unary(self.stub.GetRepositoryState, pb.RepositoryStateRequest(
+            requester=self._me, repository=repository), f"state of {repository}")
+
+    async def image_status_ref(self, repository: str, digest: str, tag: str,
+                               timeout: float) -> pb.ImageStatusReply:
+        return await self._unary(self.stub.GetImageStatus, pb.ImageStatusRequest(
+            repository=repository, digest=digest, tag=tag), f"status of {digest or tag}", timeout)
+
+    async def health(self, timeout: float = 2.0) -> pb.HealthReply:
+        return await self._unary(self.stub.Health, pb.HealthRequest(), "health", timeout)
+
+    async def _unary(self, method, request, what: str, timeout: float | None = None):
+        try:
+            return await method(request, timeout=timeout or self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, f"{what} from {self.name}") from None

@@ -1,0 +1,89 @@
+"""Zone quorum: a write to a zone-redundant region is acknowledged only once
+it is durable in two of its three zones.
+
+The other zones subscribe to this node's log like any peer and acknowledge
+what they have applied (and synced). A write commits here, then waits until
+one other zone has acknowledged its sequence number. With no other zone
+connected, writes are refused before anything happens (503); reads go on.
+If a connected zone does not confirm in time, the client gets a 503 that says
+the write is stored here but unconfirmed — an indefinite outcome a client
+resolves by retrying, which is idempotent for every registry write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from registry_node.errors import ErrorCode, RegistryError
+
+
+class ZoneQuorum:
+    def __init__(self, me: str, zone_peers: list[str], *, copies: int = 2,
+                 timeout_s: float = 10.0) -> None:
+        self.me = me
+        self.zone_peers = set(zone_peers)
+        self.needed = copies - 1                 # confirmations besides this node
+        self.timeout_s = timeout_s
+        self._connections: dict[str, int] = {}
+        self._acked: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    # -- fed by the replication service --------------------------------------------
+
+    def connected(self, peer: str) -> None:
+        if peer in self.zone_peers:
+            self._connections[peer] = self._connections.get(peer, 0) + 1
+
+    def disconnected(self, peer: str) -> None:
+        if peer in self._connections:
+            self._connections[peer] -= 1
+            if self._connections[peer] <= 0:
+                del self._connections[peer]
+            self._changed.set()
+
+    def acked(self, peer: str, seq: int) -> None:
+        if peer in self.zone_peers and seq > self._acked.get(peer, 0):
+            self._acked[peer] = seq
+            self._changed.set()
+
+    # -- WriteQuorum -------------------------------------------------------------
+
+    @property
+    def live_peers(self) -> set[str]:
+        return set(self._connections)
+
+    @property
+    def writable(self) -> bool:
+        return len(self._connections) >= self.needed
+
+    def check_writable(self) -> None:
+        if not self.writable:
+            zones = len(self.zone_peers) + 1
+            up = len(self._connections) + 1
+            raise RegistryError(
+                ErrorCode.UNAVAILABLE,
+                f"only {up} of {zones} zones of this region are reachable from {self.me}; writes "
+                f"need {self.needed + 1}. Reads keep working; retry writes when a zone returns, "
+                "or push through another region",
+                message="write quorum unavailable", headers={"Retry-After": "5"})
+
+    def _confirmations(self, seq: int) -> int:
+        return sum(1 for peer, acked in self._acked.items()
+                   if acked >= seq and peer in self._connections)
+
+    async def wait_durable(self, seq: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while self._confirmations(seq) < self.needed:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not self.writable:
+                raise RegistryError(
+                    ErrorCode.UNAVAILABLE,
+                    f"the write is stored in {self.me} but no other zone confirmed it within "
+                    f"{self.timeout_s:g}s; it will replicate when a zone returns — retrying is safe",
+                    message="write not confirmed by a second zone", headers={"Retry-After": "5"})
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass

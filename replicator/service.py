@@ -1,0 +1,217 @@
+"""The replication gRPC service a node offers its peers: its log, its content
+by digest, its state for anti-entropy, per-image status and health.
+
+Residency is enforced here, at the sender: an event or a piece of content
+whose origin region may not reach the requester's region is never sent.
+Handlers are thin; what they read comes from ``registry_node``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from registry_node import keys
+from registry_node.crypto import BlobCorrupt
+from registry_node.records import BlobLink, EventKind, decode
+from registry_node.replica import Replica
+
+from .convert import event_to_wire, node_ref, register_to_wire
+from .feed import LogFeed
+from .metrics import ReplicationMetrics
+from .quorum import ZoneQuorum
+from .residency import ResidencyPolicy
+from .wire.v1 import replication_pb2 as pb
+from .wire.v1 import replication_pb2_grpc as pbg
+
+log = structlog.get_logger("georeg.replication")
+
+BATCH_LIMIT = 256
+IDLE_WAIT_S = 5.0
+LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
+
+
+def _label(ref: pb.NodeRef) -> str:
+    return f"{ref.region}/{ref.zone}" if ref.zone else ref.region
+
+
+class ReplicationService(pbg.ReplicationServicer):
+    def __init__(self, replica: Replica, feed: LogFeed, residency: ResidencyPolicy,
+                 quorum: ZoneQuorum | None, metrics: ReplicationMetrics,
+                 chunk_size: int = 1 << 20) -> None:
+        self.replica = replica
+        self.registry = replica.registry
+        self.identity = replica.registry.identity
+        self.feed = feed
+        self.residency = residency
+        self.quorum = quorum
+        self.metrics = metrics
+        self.chunk_size = chunk_size
+
+    def _allowed(self, origin_region: str, repository: str, requester: pb.NodeRef) -> bool:
+        return self.residency.allows(origin_region, repository, requester.region)
+
+    # -- the log ---------------------------------------------------------------
+
+    async def Subscribe(self, request_iterator: AsyncIterator[pb.SubscribeMessage],
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EventBatch]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("message") != "start":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be start")
+        start = first.start
+        subscriber = start.subscriber
+        label = _label(subscriber)
+        me = node_ref(self.identity)
+        cursor = start.cursor
+        reset = (start.expected_node_id != self.identity.node_id and bool(start.expected_node_id)) \
+            or cursor > self.feed.last_seq
+        if reset:
+            cursor = 0
+        acks = asyncio.create_task(self._read_acks(request_iterator, label))
+        if self.quorum is not None:
+            self.quorum.connected(label)
+        log.info("subscriber_connected", subscriber=label, cursor=cursor, reset=reset)
+        try:
+            if reset or cursor == self.feed.last_seq:
+                # Tell the subscriber who we are (and to reset) before any event exists.
+                yield pb.EventBatch(sender=me, last_seq=cursor, cursor_reset=reset)
+            while True:
+                events = self.replica.meta.read_log(cursor, BATCH_LIMIT)
+                if not events:
+                    if acks.done():
+                        return
+                    await self.feed.wait_beyond(cursor, IDLE_WAIT_S)
+                    continue
+                out = [event_to_wire(e) for e in events
+                       if e.kind not in LOCAL_ONLY
+                       and self._allowed(e.origin_region, e.repository, subscriber)]
+                cursor = events[-1].seq
+                yield pb.EventBatch(sender=me, events=out, last_seq=cursor)
+        finally:
+            acks.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await acks
+            if self.quorum is not None:
+                self.quorum.disconnected(label)
+            log.info("subscriber_gone", subscriber=label)
+
+    async def _read_acks(self, request_iterator: AsyncIterator[pb.SubscribeMessage], label: str) -> None:
+        async for message in request_iterator:
+            if message.WhichOneof("message") == "ack" and self.quorum is not None:
+                self.quorum.acked(label, message.ack.applied)
+
+    # -- content ---------------------------------------------------------------
+
+    def _content_regions(self, repository: str, digest: str) -> set[str]:
+        """Regions whose pushes put ``digest`` in ``repository`` (for residency)."""
+        regions: set[str] = set()
+        raw = self.replica.meta.get(keys.blob_link(repository, digest))
+        if raw is not None:
+            regions.add(decode(raw, BlobLink).origin_region)
+        prefix = keys.ref_repo_prefix(digest, repository)
+        for key, _ in self.replica.meta.scan(prefix):
+            record = self.replica.manifest_record(repository, keys.suffix(key, prefix))
+            if record is not None:
+                regions.add(record.pushed_region or record.origin_region)
+        return regions
+
+    async def FetchBlob(self, request: pb.FetchBlobRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
+        repo, digest = request.repository, request.digest
+        regions = self._content_regions(repo, digest)
+        if not regions:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} is not in {repo} here")
+        if not any(self._allowed(r, repo, request.requester) for r in regions):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{digest} is confined to {sorted(regions)}")
+        try:
+            blob = self.replica.blobs.open(digest)
+        except FileNotFoundError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} has no file here")
+        except BlobCorrupt as exc:
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        try:
+            offset = min(request.offset, blob.size)
+            first = True
+            run = self.registry.run_blocking
+            while offset < blob.size or first:
+                stop = min(blob.size, offset + self.chunk_size)
+                data = await run(lambda a=offset, b=stop: blob.read(a, b))
+                yield pb.BlobChunk(offset=offset, data=data,
+                                   total_size=blob.size if first else 0)
+                self.metrics.bytes_sent(_label(request.requester), len(data))
+                first = False
+                offset = stop
+        except BlobCorrupt as exc:
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        finally:
+            blob.close()
+
+    async def FetchManifest(self, request: pb.FetchManifestRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ManifestReply:
+        found = self.replica.manifest_body(request.repository, request.digest)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"{request.digest} is not in {request.repository} here")
+        record, body = found
+        region = record.pushed_region or record.origin_region
+        if not self._allowed(region, request.repository, request.requester):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.digest} is confined to {region}")
+        return pb.ManifestReply(digest=request.digest, media_type=record.media_type, body=body,
+                                hlc=record.hlc, origin_region=record.origin_region,
+                                origin_zone=record.origin_zone,
+                                origin_acked_ns=record.origin_acked_ns)
+
+    # -- anti-entropy ------------------------------------------------------------
+
+    def _visible_to_both(self, repository: str, requester: pb.NodeRef):
+        me = self.identity.region
+
+        def visible(origin_region: str) -> bool:
+            return (self.residency.allows(origin_region, repository, requester.region)
+                    and self.residency.allows(origin_region, repository, me))
+        return visible
+
+    async def Summarize(self, request: pb.SummaryRequest,
+                        context: grpc.aio.ServicerContext) -> pb.Summary:
+        summaries = []
+        for repo in self.replica.repositories():
+            fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, request.requester))
+            summaries.append(pb.RepositorySummary(repository=repo, fingerprint=fingerprint))
+            await asyncio.sleep(0)
+        return pb.Summary(repositories=summaries, last_seq=self.feed.last_seq)
+
+    async def GetRepositoryState(self, request: pb.RepositoryStateRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.RepositoryState:
+        state = self.replica.repository_state(
+            request.repository, self._visible_to_both(request.repository, request.requester))
+        return pb.RepositoryState(
+            repository=request.repository,
+            tags=[register_to_wire(r) for r in state["tags"]],
+            manifests=[register_to_wire(r) for r in state["manifests"]])
+
+    # -- status ----------------------------------------------------------------
+
+    async def GetImageStatus(self, request: pb.ImageStatusRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ImageStatusReply:
+        digest = request.digest or self.replica.resolve_tag(request.repository, request.tag) or ""
+        state = self.replica.image_state(request.repository, digest)
+        return pb.ImageStatusReply(
+            node=node_ref(self.identity), digest=digest, present=state.present,
+            arrived_ns=state.arrived_ns,
+            origin_acked_ns=state.origin_acked_ns, origin_region=state.origin_region,
+            failure=state.failure, blobs_present=state.blobs_present,
+            blobs_total=state.blobs_total)
+
+    async def Health(self, request: pb.HealthRequest,
+                     context: grpc.aio.ServicerContext) -> pb.HealthReply:
+        writable = True
+        if self.quorum is not None:
+            writable = self.quorum.writable
+        return pb.HealthReply(node=node_ref(self.identity), last_seq=self.feed.last_seq,
+                              writable=writable)
+

@@ -362,7 +362,13 @@ class SealedBlob:
         """Open and authenticate the header; raises ``FileNotFoundError`` or ``BlobCorrupt``."""
         fd = os.open(path, os.O_RDONLY)
         try:
-            header = _Header.unpack(os.pread(fd, HEADER_SIZE, 0))
+            raw = os.pread(fd, HEADER_SIZE, 0)
+            header = _Header.unpack(raw)
+            # Padding, reserved bits and the digest field's tail are outside the
+            # authenticated fields; a header that is not exactly what ``pack``
+            # writes has been altered, and altered files are not served.
+            if header.pack() != raw:
+                raise BlobCorrupt("header altered outside its authenticated fields")
             if not header.sealed or header.digest != digest:
                 raise BlobCorrupt(f"file does not hold {digest}")
             data_key = node_key.unwrap(header.wrapped_key, header.associated())

@@ -100,7 +100,12 @@ async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.Stre
         except BlobCorrupt as exc:
             # Headers are gone; the only honest thing left is to cut the connection
             # so the client sees a short body instead of wrong bytes.
+            # Closing the transport is what cuts it: an exception alone would reach
+            # the error middleware, whose error response cannot be sent any more,
+            # and the client would wait for the rest of the body forever.
             log.error("blob_corrupt", digest=digest, error=str(exc))
+            if request.transport is not None:
+                request.transport.close()
             raise
     await response.write_eof()
     return response

@@ -233,3 +233,30 @@ def tar_layer(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+# -- OCI error bodies ----------------------------------------------------------
+
+SPEC_ERROR_CODES = frozenset({
+    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
+    "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS",
+})
+
+
+async def assert_error(response: aiohttp.ClientResponse, status: int, code: str | None = None) -> dict:
+    """Check ``response`` is an OCI error: ``status`` and a ``{"errors": [{code, message}]}``
+    body whose first code is ``code`` (when given). Returns the first error entry."""
+    body = await response.read()
+    assert response.status == status, (response.status, body[:500])
+    if response.method == "HEAD":
+        return {}
+    assert response.headers.get("Content-Type", "").startswith("application/json"), response.headers
+    doc = json.loads(body)
+    errors = doc["errors"]
+    assert isinstance(errors, list) and errors, doc
+    for entry in errors:
+        assert isinstance(entry["code"], str) and isinstance(entry["message"], str), entry
+    if code is not None:
+        assert errors[0]["code"] == code, doc
+    return errors[0]

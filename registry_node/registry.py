@@ -251,6 +251,7 @@ class Registry:
     # -- uploads -------------------------------------------------------------
 
     async def start_upload(self, repo: str) -> str:
+        self.quorum.check_writable()  # refuse before the client sends a single layer byte
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id)
         batch = Batch()
@@ -290,6 +291,7 @@ class Registry:
     ) -> int:
         """Append a chunk; ``start`` (from Content-Range) must equal the current
         offset. Returns the new offset."""
+        self.quorum.check_writable()
         upload = await self._open_upload(repo, upload_id)
         async with upload.lock:
             offset = upload.file.size
@@ -367,6 +369,7 @@ class Registry:
     async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterator[bytes],
                        length: int | None) -> BlobInfo:
         """A whole blob in one request (``POST …/uploads/?digest=``)."""
+        self.quorum.check_writable()
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id, digest.algorithm)
         try:

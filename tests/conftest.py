@@ -3,9 +3,14 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from registry_node import logs
 from registry_node.config import NodeConfig
 
 from .helpers import NodeProcess, start_node
+
+
+# Nodes in this process log warnings and errors only; child processes log to files.
+logs.configure("console", "warning")
 
 
 @pytest.fixture

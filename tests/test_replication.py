@@ -1,0 +1,133 @@
+"""Multi-node replication through real gRPC and real TCP links, in one process."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from .helpers import digest_of, eventually, make_image, push_image
+from .replication_harness import InProcessCluster
+
+TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"), ("westeurope", ""),
+            ("brazilsouth", "")]
+
+
+@pytest.fixture
+async def cluster(tmp_path):
+    c = await InProcessCluster(tmp_path, TOPOLOGY).start()
+    try:
+        await c.wait_ready()
+        yield c
+    finally:
+        await c.stop()
+
+
+async def manifest_status(session: aiohttp.ClientSession, url: str, repo: str, ref: str) -> int:
+    async with session.get(f"{url}/v2/{repo}/manifests/{ref}") as r:
+        return r.status
+
+
+async def test_push_in_one_region_is_pullable_everywhere(cluster, http):
+    image = make_image([1 << 20, 1 << 20, 1 << 20], seed=1)
+    origin = cluster.nodes["eastus-1"]
+    digest = await push_image(http, origin.url, "app/web", image, tag="v1")
+    for node in cluster.nodes.values():
+        await eventually(lambda n=node: _pullable(http, n.url, "app/web", "v1", image),
+                         timeout=15, what=f"v1 on {node.name}")
+    # Every blob arrived intact and the manifest is the same bytes everywhere.
+    for node in cluster.nodes.values():
+        for blob in image.blobs:
+            async with http.get(f"{node.url}/v2/app/web/blobs/{digest_of(blob)}") as r:
+                assert r.status == 200 and await r.read() == blob
+        async with http.head(f"{node.url}/v2/app/web/manifests/v1") as r:
+            assert r.headers["Docker-Content-Digest"] == digest
+
+
+async def _pullable(http, url, repo, tag, image) -> bool:
+    async with http.get(f"{url}/v2/{repo}/manifests/{tag}") as r:
+        return r.status == 200 and await r.read() == image.manifest
+
+
+async def test_confined_region_content_stays_home(cluster, http):
+    image = make_image([4096], seed=2)
+    brazil = cluster.nodes["brazilsouth"]
+    await push_image(http, brazil.url, "br/app", image, tag="v1")
+    # A later push elsewhere is a marker that replication has flowed past it.
+    marker = make_image([100], seed=3)
+    await push_image(http, brazil.url, "shared/marker", make_image([50], seed=4), tag="v1")
+    await push_image(http, cluster.nodes["westeurope"].url, "we/marker", marker, tag="v1")
+    await eventually(lambda: _pullable(http, brazil.url, "we/marker", "v1", marker),
+                     timeout=15, what="westeurope content in brazilsouth")
+    for node in cluster.nodes.values():
+        if node.region == "brazilsouth":
+            continue
+        assert await manifest_status(http, node.url, "br/app", "v1") == 404
+        assert not node.registry.meta.has_prefix(b"r\x00br/app\x00")
+
+
+async def test_zone_quorum_through_one_and_two_zone_outages(cluster, http):
+    zone1 = cluster.nodes["eastus-1"]
+    await eventually(lambda: zone1.replication.quorum.writable, timeout=10, what="zone peers")
+    await cluster.crash("eastus-3")
+    image = make_image([2048], seed=5)
+    await push_image(http, zone1.url, "zr/app", image, tag="v1")   # 2 of 3 zones: accepted
+    # The acknowledged write is already durable in zone 2.
+    assert await manifest_status(http, cluster.nodes["eastus-2"].url, "zr/app", "v1") == 200
+    await cluster.crash("eastus-2")
+    await eventually(lambda: not zone1.replication.quorum.writable, timeout=10,
+                     what="zone 1 noticing it is alone")
+    async with http.post(f"{zone1.url}/v2/zr/app/blobs/uploads/",
+                         params={"digest": digest_of(b"x")}, data=b"x") as r:
+        assert r.status == 503
+        body = await r.json()
+        assert body["errors"][0]["code"] == "UNAVAILABLE"
+        assert "zones" in body["errors"][0]["detail"]
+    assert await manifest_status(http, zone1.url, "zr/app", "v1") == 200  # reads go on
+    await cluster.restart("eastus-2")
+    await cluster.restart("eastus-3")
+    await eventually(lambda: zone1.replication.quorum.writable, timeout=15, what="quorum back")
+    image2 = make_image([1024], seed=6)
+    await push_image(http, zone1.url, "zr/app", image2, tag="v2")
+    await eventually(lambda: _pullable(http, cluster.nodes["eastus-3"].url, "zr/app", "v2", image2),
+                     timeout=15, what="returning zone catching up")
+
+
+async def test_transitive_propagation_through_a_partition(cluster, http):
+    cluster.partition("westeurope", "eastus")   # westeurope only reaches brazilsouth
+    image = make_image([1000], seed=7)
+    await push_image(http, cluster.nodes["westeurope"].url, "we/app", image, tag="v1")
+    await eventually(lambda: _pullable(http, cluster.nodes["eastus-2"].url, "we/app", "v1", image),
+                     timeout=20, what="westeurope push reaching eastus through brazilsouth")
+
+
+async def test_concurrent_pushes_of_one_tag_converge_to_one_winner(cluster, http):
+    a, b = make_image([300], seed=8), make_image([301], seed=9)
+    cluster.partition("westeurope", "eastus")
+    cluster.partition("westeurope", "brazilsouth")
+    await push_image(http, cluster.nodes["eastus-1"].url, "race/app", a, tag="latest")
+    await push_image(http, cluster.nodes["westeurope"].url, "race/app", b, tag="latest")
+    cluster.heal()
+
+    async def converged() -> bool:
+        maps = [await cluster.tags(http, n, "race/app") for n in cluster.running()
+                if n.region != "brazilsouth" or True]
+        return len({tuple(sorted(m.items())) for m in maps}) == 1 and "latest" in maps[0]
+
+    await eventually(converged, timeout=20, what="one winner for race/app:latest")
+
+
+async def test_deletes_replicate_and_are_not_undone(cluster, http):
+    image = make_image([500], seed=10)
+    origin = cluster.nodes["westeurope"]
+    digest = await push_image(http, origin.url, "del/app", image, tag="v1")
+    for node in cluster.nodes.values():
+        await eventually(lambda n=node: _pullable(http, n.url, "del/app", "v1", image), timeout=15)
+    async with http.delete(f"{cluster.nodes['eastus-2'].url}/v2/del/app/manifests/{digest}") as r:
+        assert r.status == 202
+    for node in cluster.nodes.values():
+        await eventually(lambda n=node: _gone(http, n.url, "del/app", digest), timeout=15,
+                         what=f"delete reaching {node.name}")
+
+
+async def _gone(http, url, repo, digest) -> bool:
+    return await manifest_status(http, url, repo, digest) == 404

@@ -15,12 +15,20 @@ async def get_manifest(request: web.Request) -> web.Response:
     stored = reg.stat_manifest(repo, request.match_info["reference"])
     etag = f'"{stored.digest}"'
     headers = {DIGEST_HEADER: stored.digest, "Content-Type": stored.media_type, "ETag": etag}
-    if request.headers.get("If-None-Match") == etag:
+    if _none_match(request.headers.get("If-None-Match"), etag):
         return empty(304, headers)
     if request.method == "HEAD":
         headers["Content-Length"] = str(stored.size)
         return web.Response(status=200, headers=headers)
     return web.Response(status=200, body=reg.manifest_body(stored), headers=headers)
+
+
+def _none_match(header: str | None, etag: str) -> bool:
+    """RFC 9110 If-None-Match: a list of entity tags or ``*``, compared weakly."""
+    if not header:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag in tags
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes:

@@ -119,9 +119,17 @@ async def test_if_none_match_gives_304(node, http):
         r, body = await get(http, node.url, "app/web", ref, method="HEAD",
                             **{"If-None-Match": etag})
         assert r.status == 304
-    r, body = await get(http, node.url, "app/web", "v1", **{"If-None-Match": '"sha256:other"'})
-    assert r.status == 200 and body == image.manifest
-    assert r.headers["ETag"] == etag
+    # RFC 9110: a list of entity tags, weak comparison, and "*" all match.
+    for header in (f'"sha256:other", {etag}', f"W/{etag}", "*"):
+        r, body = await get(http, node.url, "app/web", "v1", **{"If-None-Match": header})
+        assert r.status == 304, header
+    for header in ('"sha256:other"', '"v1"', image.digest):
+        r, body = await get(http, node.url, "app/web", "v1", **{"If-None-Match": header})
+        assert r.status == 200 and body == image.manifest, header
+        assert r.headers["ETag"] == etag
+    # A manifest that does not exist is still a 404, whatever If-None-Match says.
+    async with http.get(f"{node.url}/v2/app/web/manifests/nope", headers={"If-None-Match": "*"}) as r:
+        await assert_error(r, 404, "MANIFEST_UNKNOWN")
 
 
 # -- PUT -----------------------------------------------------------------------
@@ -543,8 +551,7 @@ async def test_delete_with_invalid_references(node, http):
     async with http.delete(f"{node.url}/v2/app/del/manifests/sha256:abc") as r:
         await assert_error(r, 400, "DIGEST_INVALID")
     async with http.delete(f"{node.url}/v2/app/del/manifests/-bad") as r:
-        assert r.status in (400, 404)
-        await assert_error(r, r.status)
+        await assert_error(r, 400, "MANIFEST_INVALID")
     async with http.delete(f"{node.url}/v2/app/nothing/manifests/v1") as r:
         await assert_error(r, 404, "MANIFEST_UNKNOWN")
 
@@ -557,3 +564,39 @@ async def test_retag_moves_the_tag(node, http):
     assert r.status == 200 and body == two.manifest
     r, body = await get(http, node.url, "app/retag", one.digest)
     assert r.status == 200 and body == one.manifest
+
+
+async def test_manifest_after_its_blob_was_deleted_is_manifest_blob_unknown(node, http):
+    image = make_image(seed=34)
+    for blob in image.blobs:
+        await push_blob(http, node.url, "app/gone", blob)
+    async with http.delete(f"{node.url}/v2/app/gone/blobs/{digest_of(image.layers[1])}") as r:
+        assert r.status == 202
+    async with http.put(f"{node.url}/v2/app/gone/manifests/v1", data=image.manifest,
+                        headers={"Content-Type": OCI_MANIFEST}) as r:
+        await assert_error(r, 400, "MANIFEST_BLOB_UNKNOWN")
+
+
+async def test_deleting_a_blob_in_one_repo_leaves_other_repos_images_whole(node, http):
+    image = make_image([5000], seed=35)
+    await push_image(http, node.url, "app/one", image, tag="v1")
+    for blob in image.blobs:
+        await push_blob(http, node.url, "app/two", blob)
+    for blob in image.blobs:
+        async with http.delete(f"{node.url}/v2/app/two/blobs/{digest_of(blob)}") as r:
+            assert r.status == 202
+    r, body = await get(http, node.url, "app/one", "v1")
+    assert r.status == 200 and body == image.manifest
+    for blob in image.blobs:
+        async with http.get(f"{node.url}/v2/app/one/blobs/{digest_of(blob)}") as r:
+            assert r.status == 200 and await r.read() == blob
+
+
+async def test_pushing_a_referrer_twice_lists_it_once(node, http):
+    subject = make_image(seed=36)
+    await push_image(http, node.url, "app/twice", subject, tag="v1")
+    sig = make_image([10], seed=37, subject=descriptor(subject.manifest, OCI_MANIFEST))
+    for tag in ("a", "b", None):
+        await push_image(http, node.url, "app/twice", sig, tag=tag)
+    async with http.get(f"{node.url}/v2/app/twice/referrers/{subject.digest}") as r:
+        assert [m["digest"] for m in (await r.json())["manifests"]] == [sig.digest]

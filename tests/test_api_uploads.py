@@ -4,6 +4,7 @@ a blob can be uploaded, and every way an upload can be refused.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 
@@ -209,6 +210,20 @@ async def test_streamed_chunk_shorter_than_its_content_range_is_400_and_resumabl
         (200, b"0123456789")
 
 
+async def test_concurrent_chunks_for_the_same_range_append_once(node, http):
+    location = await start(http, node.url, "lib/race")
+    bodies = [b"a" * 200_000, b"b" * 200_000]
+    results = await asyncio.gather(*(patch(http, location, body, 0) for body in bodies))
+    statuses = [status for status, _ in results]
+    assert sorted(statuses) == [202, 416]
+    winner = bodies[statuses.index(202)]
+    status, headers = await status_of(http, location)
+    assert status == 204 and headers["Range"] == "0-199999"
+    async with http.put(location, params={"digest": digest_of(winner)}) as r:
+        assert r.status == 201, await r.text()
+    assert await blob_body(http, node.url, "lib/race", digest_of(winner)) == (200, winner)
+
+
 # -- GET status, old Locations -------------------------------------------------
 
 
@@ -260,6 +275,16 @@ async def test_put_with_final_chunk_with_and_without_content_range(node, http):
             assert r.status == 201, await r.text()
             assert r.headers["Docker-Content-Digest"] == digest_of(data)
         assert await blob_body(http, node.url, repo, digest_of(data)) == (200, data)
+
+
+async def test_put_with_streamed_final_chunk(node, http):
+    data = random.Random(12).randbytes(300_000)
+    location = await start(http, node.url, "lib/final")
+    await patch(http, location, data[:1000], 0)
+    async with http.put(location, params={"digest": digest_of(data)},
+                        data=stream(data[1000:], 40_000), headers=OCTET) as r:
+        assert r.status == 201, await r.text()
+    assert await blob_body(http, node.url, "lib/final", digest_of(data)) == (200, data)
 
 
 async def test_put_final_chunk_out_of_order_is_416_and_keeps_session(node, http):

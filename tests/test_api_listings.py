@@ -333,3 +333,32 @@ async def test_every_error_body_has_the_spec_shape(node, http):
             error = await assert_error(r, status, code)
             assert error["message"], (method, path)
             assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+@pytest.mark.parametrize("repo", ["x/blobs", "x/manifests", "x/tags", "x/blobs/uploads",
+                                  "x/referrers", "blobs/uploads/manifests/tags/list"])
+async def test_repository_names_made_of_route_words(node, http, repo):
+    """``{name}`` may contain slashes and the words the routes end in; every
+    route still finds the right repository."""
+    subject = make_image([100], seed=20)
+    await push_image(http, node.url, repo, subject, tag="v1")
+    sig = make_image([10], seed=21, subject=descriptor(subject.manifest, OCI_MANIFEST))
+    await push_image(http, node.url, repo, sig)
+    async with http.get(f"{node.url}/v2/{repo}/manifests/v1") as r:
+        assert r.status == 200 and await r.read() == subject.manifest
+    async with http.get(f"{node.url}/v2/{repo}/blobs/{digest_of(subject.layers[0])}") as r:
+        assert r.status == 200 and await r.read() == subject.layers[0]
+    async with http.get(f"{node.url}/v2/{repo}/tags/list") as r:
+        assert await r.json() == {"name": repo, "tags": ["v1"]}
+    async with http.get(f"{node.url}/v2/{repo}/referrers/{subject.digest}") as r:
+        assert [m["digest"] for m in (await r.json())["manifests"]] == [sig.digest]
+    async with http.post(f"{node.url}/v2/{repo}/blobs/uploads/") as r:
+        assert r.status == 202
+        location = r.headers["Location"]
+    assert location.startswith(f"/v2/{repo}/blobs/uploads/")
+    async with http.get(node.url + location) as r:
+        assert r.status == 204
+    async with http.put(node.url + location, params={"digest": digest_of(b"z")}, data=b"z") as r:
+        assert r.status == 201
+    async with http.get(f"{node.url}/v2/_catalog") as r:
+        assert (await r.json())["repositories"] == [repo]

@@ -32,7 +32,7 @@ import msgspec
 from . import keys
 from . import manifest as manifests
 from .blobstore import BlobStore, UploadFile
-from .crypto import SealedBlob, Sealer
+from .crypto import BlobCorrupt, SealedBlob, Sealer
 from .durability import LocalDurability, WriteQuorum
 from .errors import ErrorCode, RegistryError
 from .hlc import HybridLogicalClock
@@ -270,6 +270,13 @@ class Registry:
             try:
                 file = await self.run_blocking(lambda: self.blobs.resume_upload(upload_id))
             except (FileNotFoundError, ValueError):
+                raise RegistryError(ErrorCode.BLOB_UPLOAD_UNKNOWN, {"upload": upload_id}) from None
+            except BlobCorrupt:
+                # Sealed but not yet moved into place when the process died (or torn):
+                # it cannot take more bytes, so the session ends and the client starts
+                # over, a definite error (no blob was stored from this session).
+                await self.run_blocking(lambda: self.blobs.discard_upload_file(upload_id))
+                self._forget_upload(upload_id)
                 raise RegistryError(ErrorCode.BLOB_UPLOAD_UNKNOWN, {"upload": upload_id}) from None
             upload = self._uploads.setdefault(upload_id, _OpenUpload(record.repository, file))
         if upload.repository != repo:

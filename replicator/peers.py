@@ -27,7 +27,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 500),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.enable_retries", 0),
 ]
@@ -58,7 +58,9 @@ class PeerClient:
         await self.channel.close(grace=None)
 
     def subscribe(self) -> grpc.aio.StreamStreamCall:
-        return self.stub.Subscribe()
+        # wait_for_ready: while the peer is down, the call waits for the channel
+        # (which retries every ≤0.5 s) instead of failing and backing off twice.
+        return self.stub.Subscribe(wait_for_ready=True)
 
     def start_message(self, expected_node_id: str, cursor: int) -> pb.SubscribeMessage:
         return pb.SubscribeMessage(start=pb.SubscribeStart(

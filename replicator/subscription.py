@@ -37,7 +37,7 @@ from .wire.v1 import replication_pb2 as pb
 log = structlog.get_logger("georeg.replication")
 
 BLOB_KINDS = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT})
-RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=3.0)
+RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=1.0)
 
 
 class Subscription:

@@ -1,0 +1,127 @@
+"""From a validated spec to the concrete cluster: which nodes exist, their
+ports and data dirs, which WAN links connect them, and what each node is told
+about its peers (its ``ClusterView``). Pure: no processes, no sockets.
+
+Every node reaches every other node through its own link (one per ordered
+pair), so a fault can cut one direction between two zones without touching
+anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from replicator.topology import ClusterView, Peer, ReplicationSettings
+
+from .links import LinkModel
+from .spec import ClusterSpec, port_layout
+
+ZONES = ("1", "2", "3")
+
+
+@dataclass(frozen=True, slots=True)
+class NodePlan:
+    name: str
+    region: str
+    zone: str
+    http_port: int
+    grpc_port: int
+    data_dir: Path
+    view_file: Path
+    log_file: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.region}/{self.zone}" if self.zone else self.region
+
+
+@dataclass(frozen=True, slots=True)
+class LinkPlan:
+    source: str          # node name
+    target: str
+    port: int
+    target_port: int
+    model: LinkModel
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}->{self.target}"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPlan:
+    kind: str            # "global" (per client location) or "regional" (per replica)
+    region: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterPlan:
+    spec: ClusterSpec
+    data_dir: Path
+    host: str
+    nodes: tuple[NodePlan, ...]
+    links: tuple[LinkPlan, ...]
+    endpoints: tuple[EndpointPlan, ...]
+    management_port: int
+
+    def node(self, name: str) -> NodePlan:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def nodes_in(self, region: str) -> list[NodePlan]:
+        return [n for n in self.nodes if n.region == region]
+
+    def link(self, source: str, target: str) -> LinkPlan:
+        for link in self.links:
+            if link.source == source and link.target == target:
+                return link
+        raise KeyError((source, target))
+
+    def view(self, node: NodePlan, settings: ReplicationSettings | None = None) -> ClusterView:
+        peers = tuple(
+            Peer(name=other.name, region=other.region, zone=other.zone,
+                 grpc=f"{self.host}:{self.link(node.name, other.name).port}",
+                 http=f"http://{self.host}:{other.http_port}")
+            for other in self.nodes if other.name != node.name)
+        return ClusterView(name=node.name, region=node.region, zone=node.zone,
+                           grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
+                           residency=self.spec.residency_policy(),
+                           replication=settings or ReplicationSettings())
+
+
+def node_name(region: str, zone: str) -> str:
+    return f"{region}-{zone}" if zone else region
+
+
+def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
+    layout = port_layout(spec)
+    host = spec.network.host
+    nodes: list[NodePlan] = []
+    for replica in spec.all_replicas:
+        for zone in ZONES if replica.zone_redundant else ("",):
+            i = len(nodes)
+            name = node_name(replica.region, zone)
+            nodes.append(NodePlan(
+                name=name, region=replica.region, zone=zone, http_port=layout.node_http(i),
+                grpc_port=layout.node_grpc(i), data_dir=data_dir / "nodes" / name,
+                view_file=data_dir / "views" / f"{name}.json",
+                log_file=data_dir / "logs" / f"{name}.log"))
+    wan = spec.wan_model()
+    links: list[LinkPlan] = []
+    # Ordered so that adding a replica only appends links: every port already in
+    # use keeps its meaning while the cluster runs.
+    for k, newer in enumerate(nodes):
+        for older in nodes[:k]:
+            for source, target in ((newer, older), (older, newer)):
+                links.append(LinkPlan(source.name, target.name, layout.link(len(links)),
+                                      target.grpc_port, wan.link(source.region, target.region)))
+    endpoints = [EndpointPlan("global", loc, layout.global_endpoint(i))
+                 for i, loc in enumerate(spec.client_locations)]
+    endpoints += [EndpointPlan("regional", r.region, layout.regional_endpoint(i))
+                  for i, r in enumerate(spec.all_replicas)]
+    return ClusterPlan(spec, data_dir, host, tuple(nodes), tuple(links), tuple(endpoints),
+                       layout.management)

@@ -1,0 +1,366 @@
+"""The cluster spec: a TOML file describing the registry to simulate, validated
+with errors that say what to change. With no file, ``DEFAULT_SPEC`` is used.
+
+Example (every key optional except where noted)::
+
+    registry = "contoso"            # name of the registry
+    tier = "Premium"                # Basic | Standard | Premium
+    home_region = "eastus"          # where the registry was created; holds the control plane
+    home_zone_redundant = true
+    home_global_routing = true
+
+    [[replicas]]                    # geo-replicas (Premium only), not the home region
+    region = "westeurope"
+    zone_redundant = true
+    global_routing = true           # regionEndpointEnabled / --global-endpoint-routing
+
+    [wan]                           # the WAN model (see cluster.wan)
+    enabled = true
+    bandwidth_mbps = 500
+    [[wan.pairs]]
+    a = "eastus"
+    b = "brazilsouth"
+    rtt_ms = 120
+
+    [residency]                     # defaults to Azure's: brazilsouth, southeastasia confined
+    confined_regions = ["brazilsouth", "southeastasia"]
+    [[residency.repositories]]
+    repository = "public/*"
+    confined = false
+
+    [network]
+    port_base = 5000
+    data_dir = ".georeg"
+    client_locations = ["eastus", "westeurope", "japaneast"]   # one global endpoint each
+
+ACR's rules checked here: geo-replication and zone redundancy need Premium;
+zone redundancy needs a region with availability zones; the home region
+cannot also be listed as a replica; a region is replicated at most once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from replicator.residency import ResidencyPolicy
+
+from .regions import CONFINED_BY_DEFAULT, REGIONS, unknown_region_message
+from .wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
+
+TIERS = ("Basic", "Standard", "Premium")
+MAX_PORT = 65535
+
+
+class SpecError(ValueError):
+    """An invalid spec. ``problems`` lists every problem found, each saying what to change."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} is not a valid cluster spec:\n{lines}")
+
+
+class ReplicaSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    region: str
+    zone_redundant: bool = False
+    global_routing: bool = True
+
+
+class WanPairSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    a: str
+    b: str
+    rtt_ms: float | None = None
+    jitter_ms: float | None = None
+    bandwidth_mbps: float | None = None
+
+
+class WanSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: bool = True
+    bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS
+    pairs: tuple[WanPairSpec, ...] = ()
+
+
+class RepositoryResidencySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    repository: str
+    confined: bool
+
+
+class ResidencySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    confined_regions: tuple[str, ...] = CONFINED_BY_DEFAULT
+    repositories: tuple[RepositoryResidencySpec, ...] = ()
+
+
+class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    port_base: int = 5000
+    management_port: int | None = None
+    data_dir: str = ".georeg"
+    client_locations: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+
+
+class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    registry: str = "georeg"
+    tier: str = "Premium"
+    home_region: str = "eastus"
+    home_zone_redundant: bool = False
+    home_global_routing: bool = True
+    replicas: tuple[ReplicaSpec, ...] = ()
+    wan: WanSpec = WanSpec()
+    residency: ResidencySpec = ResidencySpec()
+    network: NetworkSpec = NetworkSpec()
+
+    # -- derived -----------------------------------------------------------------
+
+    @property
+    def all_replicas(self) -> tuple[ReplicaSpec, ...]:
+        """The home replica first, then the geo-replicas, as ACR lists them."""
+        home = ReplicaSpec(self.home_region, self.home_zone_redundant, self.home_global_routing)
+        return (home, *self.replicas)
+
+    @property
+    def client_locations(self) -> tuple[str, ...]:
+        return self.network.client_locations or tuple(r.region for r in self.all_replicas)
+
+    def wan_model(self) -> WanModel:
+        return WanModel(tuple(PairOverride(p.a, p.b, p.rtt_ms, p.jitter_ms, p.bandwidth_mbps)
+                              for p in self.wan.pairs),
+                        bandwidth_mbps=self.wan.bandwidth_mbps, enabled=self.wan.enabled)
+
+    def residency_policy(self) -> ResidencyPolicy:
+        from replicator.residency import RepositoryRule
+
+        return ResidencyPolicy(
+            confined_regions=tuple(self.residency.confined_regions),
+            repositories=tuple(RepositoryRule(r.repository, r.confined)
+                               for r in self.residency.repositories))
+
+    def with_replicas(self, replicas: tuple[ReplicaSpec, ...]) -> ClusterSpec:
+        return msgspec.structs.replace(self, replicas=replicas)
+
+    def node_count(self) -> int:
+        return sum(3 if r.zone_redundant else 1 for r in self.all_replicas)
+
+
+DEFAULT_SPEC = ClusterSpec(
+    registry="georeg",
+    tier="Premium",
+    home_region="eastus",
+    home_zone_redundant=True,
+    replicas=(
+        ReplicaSpec("westeurope", zone_redundant=True),
+        ReplicaSpec("brazilsouth"),
+        ReplicaSpec("southeastasia"),
+    ),
+)
+
+
+# -- loading and validation ------------------------------------------------------
+
+
+def load(path: Path | None) -> ClusterSpec:
+    """The spec at ``path`` (or the default), validated; raises ``SpecError``."""
+    if path is None:
+        return validate(DEFAULT_SPEC, "the built-in default spec")
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(source, [f"{path} does not exist"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(source, [f"not valid TOML: {exc}"]) from None
+    return parse(raw, source)
+
+
+def parse(raw: dict, source: str = "spec") -> ClusterSpec:
+    _check_keys(raw, source)
+    try:
+        spec = msgspec.convert(raw, ClusterSpec)
+    except msgspec.ValidationError as exc:
+        raise SpecError(source, [_explain(exc)]) from None
+    return validate(spec, source)
+
+
+_FIELDS = {"": set(ClusterSpec.__struct_fields__), "replicas": set(ReplicaSpec.__struct_fields__),
+           "wan": set(WanSpec.__struct_fields__), "residency": set(ResidencySpec.__struct_fields__),
+           "network": set(NetworkSpec.__struct_fields__)}
+
+
+def _check_keys(raw: dict, source: str) -> None:
+    """Unknown keys, with the nearest known one suggested (typos are the usual cause)."""
+    problems = []
+
+    def check(table: dict, known: set[str], where: str) -> None:
+        for key in table:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+                problems.append(f"unknown key {where}{key!r}{hint}")
+
+    check(raw, _FIELDS[""], "")
+    for i, replica in enumerate(raw.get("replicas") or []):
+        if isinstance(replica, dict):
+            check(replica, _FIELDS["replicas"], f"replicas[{i}].")
+    for section in ("wan", "residency", "network"):
+        if isinstance(raw.get(section), dict):
+            check(raw[section], _FIELDS[section], f"{section}.")
+    if problems:
+        raise SpecError(source, problems)
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    where = text.rpartition(" - at `")[2].rstrip("`") if " - at `" in text else ""
+    path = where.replace("$.", "").replace("$", "")
+    what = text.split(" - at ")[0]
+    return f"{path}: {what}" if path else what
+
+
+def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
+    problems: list[str] = []
+    if spec.tier not in TIERS:
+        close = difflib.get_close_matches(spec.tier.capitalize(), TIERS, n=1)
+        problems.append(f"tier {spec.tier!r} is not one of {', '.join(TIERS)}"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    if not spec.registry or not spec.registry.isalnum() or not 5 <= len(spec.registry) <= 50:
+        problems.append(f"registry {spec.registry!r}: ACR registry names are 5–50 letters and digits")
+
+    names = [spec.home_region, *(r.region for r in spec.replicas)]
+    for name in dict.fromkeys(names):
+        if name not in REGIONS:
+            problems.append(unknown_region_message(name))
+    for name in spec.client_locations:
+        if name not in REGIONS:
+            problems.append("client_locations: " + unknown_region_message(name))
+    for name in spec.residency.confined_regions:
+        if name not in REGIONS:
+            problems.append("residency.confined_regions: " + unknown_region_message(name))
+
+    premium = spec.tier == "Premium"
+    if spec.replicas and not premium:
+        problems.append(f"geo-replication needs the Premium tier (this spec is {spec.tier}): set "
+                        f"tier = \"Premium\" or remove the [[replicas]] tables")
+    seen: set[str] = set()
+    for i, replica in enumerate(spec.replicas):
+        if replica.region == spec.home_region:
+            problems.append(f"replicas[{i}]: {replica.region} is the home region, which always has "
+                            f"the registry; remove this replica (for zones there, set "
+                            f"home_zone_redundant = true)")
+        elif replica.region in seen:
+            problems.append(f"replicas[{i}]: {replica.region} is replicated twice; keep one")
+        seen.add(replica.region)
+    for replica in spec.all_replicas:
+        if not replica.zone_redundant or replica.region not in REGIONS:
+            continue
+        where = "home_zone_redundant" if replica.region == spec.home_region else \
+            f"zone_redundant for {replica.region}"
+        if not premium:
+            problems.append(f"{where}: zone redundancy needs the Premium tier")
+        if not REGIONS[replica.region].zones:
+            with_zones = [r.name for r in REGIONS.values()
+                          if r.zones and r.geography == REGIONS[replica.region].geography]
+            problems.append(f"{where}: {replica.region} has no availability zones"
+                            + (f"; regions nearby that do: {', '.join(with_zones)}" if with_zones else ""))
+    for i, pair in enumerate(spec.wan.pairs):
+        for end in (pair.a, pair.b):
+            if end not in REGIONS:
+                problems.append(f"wan.pairs[{i}]: " + unknown_region_message(end))
+        for field_name in ("rtt_ms", "jitter_ms", "bandwidth_mbps"):
+            value = getattr(pair, field_name)
+            if value is not None and value < 0:
+                problems.append(f"wan.pairs[{i}].{field_name} must not be negative")
+    if spec.wan.bandwidth_mbps < 0:
+        problems.append("wan.bandwidth_mbps must not be negative (0 means unlimited)")
+    problems += _port_problems(spec)
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+# -- ports -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortLayout:
+    """Where everything listens, from ``network.port_base`` (P):
+
+    P + i             global endpoint for client location i   (up to 20)
+    P + 20 + i        regional endpoint for replica i          (up to 40)
+    P + 99            management API (unless management_port is set)
+    P + 100 + i       node i, HTTP
+    P + 200 + i       node i, gRPC
+    P + 300 + j       WAN link j (one per ordered pair of nodes)
+    """
+
+    base: int
+    management: int
+    locations: int
+    replicas: int
+    nodes: int
+
+    def global_endpoint(self, i: int) -> int:
+        return self.base + i
+
+    def regional_endpoint(self, i: int) -> int:
+        return self.base + 20 + i
+
+    def node_http(self, i: int) -> int:
+        return self.base + 100 + i
+
+    def node_grpc(self, i: int) -> int:
+        return self.base + 200 + i
+
+    def link(self, j: int) -> int:
+        return self.base + 300 + j
+
+    @property
+    def link_count(self) -> int:
+        return self.nodes * (self.nodes - 1)
+
+    def all_ports(self) -> list[int]:
+        ports = [self.global_endpoint(i) for i in range(self.locations)]
+        ports += [self.regional_endpoint(i) for i in range(self.replicas)]
+        ports += [self.management]
+        ports += [self.node_http(i) for i in range(self.nodes)]
+        ports += [self.node_grpc(i) for i in range(self.nodes)]
+        ports += [self.link(j) for j in range(self.link_count)]
+        return ports
+
+
+def port_layout(spec: ClusterSpec) -> PortLayout:
+    base = spec.network.port_base
+    return PortLayout(base, spec.network.management_port or base + 99, len(spec.client_locations),
+                      len(spec.all_replicas), spec.node_count())
+
+
+def _port_problems(spec: ClusterSpec) -> list[str]:
+    problems = []
+    layout = port_layout(spec)
+    base = spec.network.port_base
+    if layout.locations > 20:
+        problems.append(f"client_locations: at most 20 global endpoints, got {layout.locations}")
+    if layout.replicas > 40:
+        problems.append(f"at most 40 replicas, got {layout.replicas}")
+    if layout.nodes > 99:
+        problems.append(f"at most 99 nodes, got {layout.nodes}")
+    if not 1 <= base:
+        problems.append(f"network.port_base {base} must be a port number")
+    top = max(layout.all_ports())
+    if top > MAX_PORT:
+        problems.append(f"network.port_base {base} leaves no room: this cluster needs ports up to "
+                        f"{top}; use a port_base of at most {MAX_PORT - (top - base)}")
+    mgmt = spec.network.management_port
+    if mgmt is not None:
+        used = set(layout.all_ports()) - {layout.management}
+        if mgmt in used:
+            problems.append(f"network.management_port {mgmt} collides with a port georeg assigns "
+                            f"from port_base {base} (it uses {base}–{top}); pick a port outside "
+                            f"that range")
+        if not 1 <= mgmt <= MAX_PORT:
+            problems.append(f"network.management_port {mgmt} is not a port number")
+    return problems

@@ -1,0 +1,270 @@
+"""The supervisor: runs a whole cluster from its plan and stops it cleanly.
+
+It starts one ``georeg node`` process per node (each in its own process
+group, and killed by the kernel if the supervisor dies, so nothing is ever
+orphaned), the WAN links between them and the routing endpoints in its own
+event loop, and watches every node's health. Node processes log to
+``<data dir>/logs/<node>.log``.
+
+Health: a node is healthy when its process runs and ``GET /georeg/v1/node``
+answers within a second; it is checked every half second, and marked down at
+once when its process exits or a router fails to connect to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+
+from replicator.topology import ReplicationSettings
+
+from .links import Link
+from .plan import ClusterPlan, NodePlan
+
+log = structlog.get_logger("georeg.supervisor")
+
+HEALTH_INTERVAL_S = 0.5
+HEALTH_TIMEOUT_S = 1.0
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class NodeStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class NodeRuntime:
+    """A node as the supervisor sees it."""
+
+    plan: NodePlan
+    process: asyncio.subprocess.Process | None = None
+    state: str = "stopped"          # starting | healthy | unhealthy | stopped | crashed
+    reason: str = ""
+    info: dict = field(default_factory=dict)
+    last_ok: float = 0.0
+    started_at: float = 0.0
+    intended_down: bool = False     # stopped on purpose (fault or command): not a failure
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.plan.http_port}"
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "healthy"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.returncode is None else None
+
+
+class Supervisor:
+    def __init__(self, plan: ClusterPlan, *, settings: ReplicationSettings | None = None,
+                 extra_node_args: tuple[str, ...] = ()) -> None:
+        self.plan = plan
+        self.settings = settings or ReplicationSettings()
+        self.extra_node_args = extra_node_args
+        self.nodes: dict[str, NodeRuntime] = {n.name: NodeRuntime(n) for n in plan.nodes}
+        self.links: dict[tuple[str, str], Link] = {}
+        self._health_task: asyncio.Task | None = None
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._listeners: list[Callable[[NodeRuntime], None]] = []
+
+    def on_health_change(self, listener: Callable[[NodeRuntime], None]) -> None:
+        self._listeners.append(listener)
+
+    def _set_state(self, node: NodeRuntime, state: str, reason: str = "") -> None:
+        if node.state != state:
+            log.info("node_state", node=node.name, state=state, reason=reason or None)
+            node.state, node.reason = state, reason
+            for listener in self._listeners:
+                listener(node)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        plan = self.plan
+        for sub in ("nodes", "views", "logs"):
+            (plan.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S))
+        for link_plan in plan.links:
+            await self.add_link(link_plan)
+        for node in plan.nodes:
+            plan.view(node, self.settings).dump(node.view_file)
+        try:
+            await asyncio.gather(*(self.start_node(n) for n in self.nodes))
+        except BaseException:
+            await self.stop()
+            raise
+        self._health_task = asyncio.create_task(self._watch_health(), name="health")
+
+    async def add_link(self, link_plan) -> Link:
+        link = Link(link_plan.name, ("127.0.0.1", link_plan.target_port), link_plan.model,
+                    listen_port=link_plan.port)
+        await link.start()
+        self.links[(link_plan.source, link_plan.target)] = link
+        return link
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        await asyncio.gather(*(self.stop_node(name, graceful=True) for name in self.nodes),
+                             return_exceptions=True)
+        for link in self.links.values():
+            await link.stop()
+        self.links.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- nodes -----------------------------------------------------------------------
+
+    def node_command(self, node: NodePlan) -> list[str]:
+        return [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(node.data_dir),
+                "--listen", f"127.0.0.1:{node.http_port}", "--cluster", str(node.view_file),
+                "--log-format", "json", *self.extra_node_args]
+
+    async def start_node(self, name: str) -> NodeRuntime:
+        node = self.nodes[name]
+        if node.pid is not None:
+            return node
+        node.intended_down = False
+        self._set_state(node, "starting")
+        node.plan.log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
+        with open(node.plan.log_file, "ab") as log_file:  # noqa: ASYNC230 - a local append, microseconds
+            node.process = await asyncio.create_subprocess_exec(
+                *self.node_command(node.plan), stdout=asyncio.subprocess.PIPE, stderr=log_file,
+                stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
+                preexec_fn=_die_with_parent)
+        node.started_at = time.monotonic()
+        try:
+            line = await asyncio.wait_for(self._ready_line(node), START_TIMEOUT_S)
+        except (TimeoutError, NodeStartError) as exc:
+            await self.stop_node(name, graceful=False)
+            tail = _tail(node.plan.log_file)
+            raise NodeStartError(f"node {name} did not start: {exc or 'timed out'}\n{tail}") from None
+        log.info("node_started", node=name, pid=node.process.pid, line=line)
+        self._watchers[name] = asyncio.create_task(self._watch_exit(node), name=f"exit:{name}")
+        await self._check(node)
+        return node
+
+    async def _ready_line(self, node: NodeRuntime) -> str:
+        assert node.process and node.process.stdout
+        while True:
+            raw = await node.process.stdout.readline()
+            if not raw:
+                code = await node.process.wait()
+                raise NodeStartError(f"exited with status {code}")
+            line = raw.decode(errors="replace").strip()
+            if "listening on" in line:
+                return line
+
+    async def _watch_exit(self, node: NodeRuntime) -> None:
+        process = node.process
+        assert process is not None
+        code = await process.wait()
+        if node.process is process:
+            if node.intended_down:
+                self._set_state(node, "stopped", f"exit status {code}")
+            else:
+                self._set_state(node, "crashed", f"exit status {code}")
+
+    async def stop_node(self, name: str, *, graceful: bool = True) -> None:
+        """Stop a node: SIGTERM and wait (graceful), or SIGKILL (a crash)."""
+        node = self.nodes[name]
+        process = node.process
+        if process is None or process.returncode is not None:
+            return
+        node.intended_down = True
+        self._set_state(node, "stopping" if graceful else "crashed",
+                        "stopped" if graceful else "killed (SIGKILL)")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S if graceful else 5)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        watcher = self._watchers.pop(name, None)
+        if watcher is not None:
+            watcher.cancel()
+        self._set_state(node, "stopped" if graceful else "crashed",
+                        "stopped" if graceful else "killed (SIGKILL)")
+
+    async def restart_node(self, name: str) -> NodeRuntime:
+        await self.stop_node(name, graceful=True)
+        return await self.start_node(name)
+
+    # -- health ----------------------------------------------------------------------
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(n) for n in self.nodes.values()
+                                   if n.pid is not None))
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def _check(self, node: NodeRuntime) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{node.url}/georeg/v1/node") as r:
+                if r.status == 200:
+                    node.info = await r.json()
+                    node.last_ok = time.monotonic()
+                    if node.pid is not None:
+                        self._set_state(node, "healthy")
+                    return
+                reason = f"HTTP {r.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
+        if node.pid is not None and node.state != "starting":
+            self._set_state(node, "unhealthy", reason)
+
+    def mark_down(self, name: str, reason: str) -> None:
+        """A router could not reach the node: take it out of rotation until the
+        next successful health check."""
+        node = self.nodes.get(name)
+        if node is not None and node.state == "healthy":
+            self._set_state(node, "unhealthy", reason)
+
+    async def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(n.healthy for n in self.nodes.values() if not n.intended_down):
+            if time.monotonic() > deadline:
+                bad = {n.name: f"{n.state} {n.reason}" for n in self.nodes.values() if not n.healthy}
+                raise NodeStartError(f"nodes not healthy after {timeout:g}s: {bad}")
+            await asyncio.sleep(0.05)
+
+
+def _tail(path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text)

@@ -85,7 +85,7 @@ def _run_node(args: argparse.Namespace) -> int:
                   f"{view.region}/{view.zone}", file=sys.stderr)
             return 2
         region, zone = view.region, view.zone
-        extensions.append(Replication(view))
+        extensions.append(Replication(view, args.cluster))
     config = NodeConfig(data_dir=args.data_dir, host=host, port=port, region=region or "local",
                         zone=zone or "", key_file=args.key_file, gc_grace_s=args.gc_grace,
                         gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl)

@@ -117,6 +117,7 @@ class Replica:
         self.registry = registry
         self.meta = registry.meta
         self.blobs = registry.blobs
+        self._summary: tuple[int, dict[str, dict[str, int]]] | None = None
 
     # -- commit ----------------------------------------------------------------
 
@@ -400,6 +401,34 @@ class Replica:
         for reg in sorted(state["manifests"], key=lambda r: r.key):
             h.update(f"m|{reg.key}|{int(reg.deleted)}|{reg.stamp if reg.deleted else ''}\n".encode())
         return h.digest()
+
+    def content_summary(self) -> dict[str, dict[str, int]]:
+        """Images and distinct blob bytes held here, by the region they were first
+        pushed in (what a new replica's sync progress is measured against).
+        Cached until the log moves."""
+        seq = self.meta.last_seq
+        if self._summary is not None and self._summary[0] == seq:
+            return self._summary[1]
+        images: dict[str, int] = {}
+        blobs: dict[str, dict[str, int]] = {}
+        for repo in [keys.suffix(k, keys.REPO) for k, _ in self.meta.scan(keys.REPO)]:
+            for _, raw in self.meta.scan(keys.manifest_prefix(repo)):
+                record = decode(raw, ManifestRecord)
+                region = record.pushed_region or record.origin_region
+                images[region] = images.get(region, 0) + 1
+                sizes = blobs.setdefault(region, {})
+                for digest in record.references:
+                    blob = self.meta.get(keys.blob(digest))
+                    if blob is not None:
+                        sizes[digest] = decode(blob, BlobRecord).size
+        summary = {region: {"images": images[region],
+                            "bytes": sum(blobs.get(region, {}).values())} for region in images}
+        self._summary = (seq, summary)
+        return summary
+
+    def stored_bytes(self) -> int:
+        """Plaintext bytes of every blob this node holds."""
+        return sum(decode(raw, BlobRecord).size for _, raw in self.meta.scan(keys.BLOB))
 
     def resolve_tag(self, repo: str, tag: str) -> str | None:
         raw = self.meta.get(keys.tag(repo, tag))

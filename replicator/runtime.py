@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import structlog
@@ -40,9 +41,13 @@ from .wire.v1 import replication_pb2_grpc as pbg
 log = structlog.get_logger("georeg.replication")
 
 
+VIEW_POLL_S = 1.0
+
+
 class Replication:
-    def __init__(self, view: ClusterView) -> None:
+    def __init__(self, view: ClusterView, view_file: Path | None = None) -> None:
         self.view = view
+        self.view_file = view_file
         self.residency = view.residency
         self.metrics = ReplicationMetrics(view.region)
         self.grpc_address = ""
@@ -54,6 +59,7 @@ class Replication:
         self.quorum: ZoneQuorum | None = None
         self.replica: Replica | None = None
         self._status = ImageStatus(self)
+        self._tasks: dict[str, asyncio.Task] = {}
 
     # -- Extension -----------------------------------------------------------------
 
@@ -91,19 +97,18 @@ class Replication:
         await server.start()
         self.anti_entropy = AntiEntropy(self.transfer, self.residency, self.clients,
                                         settings.anti_entropy_interval_s)
-        self.subscriptions = [
-            Subscription(client, self.transfer, lambda: self.clients, self.metrics,
-                         on_connect=self.anti_entropy.sync_with)
-            for client in self.clients
-        ]
-        tasks = [asyncio.create_task(s.run(), name=f"subscription:{s.peer.name}")
-                 for s in self.subscriptions]
-        tasks.append(asyncio.create_task(self.anti_entropy.run(), name="anti-entropy"))
+        self.subscriptions = []
+        for client in self.clients:
+            self._subscribe(client)
+        tasks = [asyncio.create_task(self.anti_entropy.run(), name="anti-entropy")]
+        if self.view_file is not None:
+            tasks.append(asyncio.create_task(self._watch_view(), name="view-watch"))
         log.info("replication_started", grpc=self.grpc_address, peers=[c.name for c in self.clients],
                  zone_redundant=view.zone_redundant)
         try:
             yield
         finally:
+            tasks += self._tasks.values()
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -113,6 +118,61 @@ class Replication:
             for client in self.clients:
                 await client.close()
             node.registry.quorum = LocalDurability()
+
+    # -- peers -----------------------------------------------------------------------
+
+    def _subscribe(self, client: PeerClient) -> None:
+        subscription = Subscription(client, self.transfer, lambda: self.clients, self.metrics,
+                                    on_connect=self.anti_entropy.sync_with)
+        self.subscriptions.append(subscription)
+        self._tasks[client.name] = asyncio.create_task(subscription.run(),
+                                                       name=f"subscription:{client.name}")
+
+    async def _watch_view(self) -> None:
+        """Peers come and go while the node runs (``georeg replication create`` /
+        ``delete``): the supervisor rewrites this node's view file, and the node
+        reconciles its subscriptions with it."""
+        assert self.view_file is not None
+        last = self.view_file.stat().st_mtime_ns
+        while True:
+            await asyncio.sleep(VIEW_POLL_S)
+            try:
+                mtime = self.view_file.stat().st_mtime_ns
+                if mtime == last:
+                    continue
+                view = ClusterView.load(self.view_file)
+                last = mtime
+            except (OSError, ValueError) as exc:
+                log.warning("view_unreadable", file=str(self.view_file), error=str(exc))
+                continue
+            await self.reconcile(view)
+
+    async def reconcile(self, view: ClusterView) -> None:
+        wanted = {p.name: p for p in view.peers}
+        current = {c.name: c for c in self.clients}
+        for name, client in current.items():
+            if name not in wanted or wanted[name] != client.peer:
+                await self._drop_peer(client)
+        for name, peer in wanted.items():
+            if name not in current or current[name].peer != peer:
+                client = PeerClient(peer, self.replica.registry.identity)
+                self.clients.append(client)
+                self.anti_entropy.peers.append(client)
+                self._subscribe(client)
+        self.view = view
+        log.info("peers_reconciled", peers=sorted(wanted))
+
+    async def _drop_peer(self, client: PeerClient) -> None:
+        task = self._tasks.pop(client.name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.subscriptions = [s for s in self.subscriptions if s.peer is not client]
+        self.clients.remove(client)
+        if client in self.anti_entropy.peers:
+            self.anti_entropy.peers.remove(client)
+        await client.close()
 
     # -- HTTP ----------------------------------------------------------------------
 
@@ -136,6 +196,7 @@ class Replication:
                 "rounds": self.anti_entropy.rounds if self.anti_entropy else 0,
                 "repaired": self.anti_entropy.repaired if self.anti_entropy else 0,
             },
+            "content": self.replica.content_summary() if self.replica else {},
         })
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -100,27 +100,15 @@ def _run_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_node_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--node", dest="node_url", default="http://127.0.0.1:5000", metavar="URL",
-                   help="HTTP address of any node of the cluster (default http://127.0.0.1:5000)")
-
-
-def _add_replication(sub: argparse._SubParsersAction) -> None:
-    from . import replication_cli
-
-    p = sub.add_parser("replication", help="replicas and per-image replication status",
-                       description="Replication of the registry across regions.")
-    commands = p.add_subparsers(dest="replication_command", required=True, metavar="COMMAND")
-    replication_cli.register(commands, _add_node_target)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="georeg",
         description="georeg: a geo-replicating OCI container registry cluster on one machine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_node(sub)
-    _add_replication(sub)
+    from . import cluster_cli
+
+    cluster_cli.register(sub)
     from .bench import cli as bench_cli
 
     bench_cli.register(sub)

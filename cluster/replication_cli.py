@@ -31,6 +31,17 @@ def split_image(ref: str) -> tuple[str, str]:
     return repo, tag
 
 
+def _any_node(args: argparse.Namespace) -> str:
+    """A healthy node of the cluster found through --data-dir."""
+    from .cluster_cli import CliError, _data_dir, call
+
+    status = call(_data_dir(args), "GET", "/georeg/v1/cluster")
+    for node in status["nodes"]:
+        if node["healthy"]:
+            return node["http"]
+    raise CliError("no node of the cluster is healthy")
+
+
 def register(sub: argparse._SubParsersAction, add_target) -> None:
     p = sub.add_parser(
         "status", help="where an image has replicated to, per replica",
@@ -41,12 +52,14 @@ def register(sub: argparse._SubParsersAction, add_target) -> None:
     p.add_argument("image", metavar="REPO:TAG|REPO@DIGEST")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     add_target(p)
-    p.set_defaults(func=run_status)
+    from .cluster_cli import _run
+
+    p.set_defaults(func=_run(run_status))
 
 
 def run_status(args: argparse.Namespace) -> int:
     repo, reference = split_image(args.image)
-    base = args.node_url.rstrip("/")
+    base = (args.node_url or _any_node(args)).rstrip("/")
     query = urllib.parse.urlencode({"repository": repo, "reference": reference})
     try:
         with urllib.request.urlopen(f"{base}/georeg/v1/replication/status?{query}", timeout=10) as r:

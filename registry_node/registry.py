@@ -617,6 +617,30 @@ class Registry:
         self.drop_repo_if_emptied(batch, repo)
         await self._commit(batch)
 
+    async def delete_repository(self, repo: str) -> dict[str, list[str]]:
+        """Delete every manifest (indexes before what they reference), tag and blob
+        link of a repository, each as the replicated delete it is."""
+        if not self.repository_exists(repo):
+            raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
+        self.quorum.check_writable()
+        tags = [keys.suffix(k, keys.tag_prefix(repo)) for k, _ in self.meta.scan(keys.tag_prefix(repo))]
+        manifests_left = [keys.suffix(k, keys.manifest_prefix(repo))
+                          for k, _ in self.meta.scan(keys.manifest_prefix(repo))]
+        deleted: list[str] = []
+        while manifests_left:
+            free = [d for d in manifests_left
+                    if not self.meta.has_prefix(keys.ref_repo_prefix(d, repo))]
+            if not free:  # a reference cycle cannot exist (digests); stop rather than spin
+                break
+            for digest in free:
+                await self.delete_manifest(repo, digest)
+                deleted.append(digest)
+            manifests_left = [d for d in manifests_left if d not in free]
+        prefix = keys.repo_prefix(repo) + b"b" + keys.SEP
+        for key, _ in list(self.meta.scan(prefix)):
+            await self.delete_blob(repo, Digest(keys.suffix(key, prefix)))
+        return {"manifestsDeleted": deleted, "tagsDeleted": tags}
+
     # -- listings ------------------------------------------------------------
 
     def list_tags(self, repo: str, n: int | None, last: str | None) -> tuple[list[str], bool]:

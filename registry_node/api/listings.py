@@ -38,3 +38,10 @@ async def referrers(request: web.Request) -> web.Response:
     headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else None
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
     return json_response(index, content_type=OCI_INDEX, headers=headers)
+
+
+async def delete_repository(request: web.Request) -> web.Response:
+    """``DELETE /acr/v1/{name}`` — ACR's repository delete: every manifest and tag."""
+    repo = repo_name(request)
+    result = await registry(request).delete_repository(repo)
+    return json_response(result, status=202)

@@ -40,6 +40,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", _NAME + "/blobs/{digest}", blobs.get_blob),
     Route("HEAD", _NAME + "/blobs/{digest}", blobs.get_blob),
     Route("DELETE", _NAME + "/blobs/{digest}", blobs.delete_blob),
+    # ACR's own API, beside the OCI one.
+    Route("DELETE", "/acr/v1/{name:.+}", listings.delete_repository),
 )
 
 

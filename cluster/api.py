@@ -1,0 +1,439 @@
+"""The Python API of a georeg cluster: start one, find its endpoints, manage
+its replicas, stop it. ``georeg up``, the management REST API and the pytest
+plugin are all thin layers over ``Cluster``.
+
+    async with await Cluster.start(data_dir=tmp) as cluster:
+        url = cluster.global_endpoint("westeurope")     # as a client there sees it
+        ...
+
+The home region holds the control plane, as in ACR: while every node of the
+home region is down, configuration changes (replicas, routing) fail with
+``ControlPlaneUnavailable``; pushes and pulls go on through the other replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from replicator.topology import ReplicationSettings
+
+from . import spec as specs
+from .plan import ClusterPlan, plan
+from .regions import REGIONS
+from .supervisor import NodeRuntime, Supervisor
+
+log = structlog.get_logger("georeg.cluster")
+
+STATE_FILE = "cluster.json"
+SPEC_FILE = "spec.json"
+
+
+class ClusterError(Exception):
+    """A request the cluster cannot honour; the message says why and what to do."""
+
+    status = 400
+
+
+class ControlPlaneUnavailable(ClusterError):
+    status = 503
+
+
+class NotFound(ClusterError):
+    status = 404
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    kind: str      # global | regional
+    region: str
+    url: str
+
+
+@dataclass
+class ReplicaProgress:
+    """A replica's provisioning and sync state, as ACR shows it (Creating → Syncing → Ready)."""
+
+    state: str = "Creating"
+    images_done: int = 0
+    images_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    created_at: float = 0.0
+
+
+class Cluster:
+    def __init__(self, spec: specs.ClusterSpec, data_dir: Path, *,
+                 settings: ReplicationSettings | None = None,
+                 routing: bool = True, management: bool = True,
+                 node_args: tuple[str, ...] = ()) -> None:
+        self.spec = spec
+        self.data_dir = data_dir.resolve()
+        self.settings = settings or ReplicationSettings()
+        self.plan: ClusterPlan = plan(spec, self.data_dir)
+        self.supervisor = Supervisor(self.plan, settings=self.settings, extra_node_args=node_args)
+        self.routing_enabled = routing
+        self.management_enabled = management
+        self.routing = None          # cluster.endpoints.Endpoints, when routing is on
+        self.management = None       # cluster.management.ManagementServer
+        self.progress: dict[str, ReplicaProgress] = {}
+        self.started_at = 0.0
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, spec: specs.ClusterSpec | None = None, data_dir: Path | None = None,
+                    **options) -> Cluster:
+        data_dir = Path(data_dir or (spec.network.data_dir if spec else ".georeg"))
+        spec = spec or saved_spec(data_dir) or specs.load(None)
+        cluster = cls(spec, data_dir, **options)
+        await cluster._start()
+        return cluster
+
+    async def _start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
+        save_spec(self.data_dir, self.spec)
+        await self.supervisor.start()
+        try:
+            for replica in self.spec.all_replicas:
+                self.progress.setdefault(replica.region, ReplicaProgress(created_at=time.time()))
+            if self.routing_enabled:
+                from .endpoints import Endpoints
+
+                self.routing = Endpoints(self)
+                await self.routing.start()
+            if self.management_enabled:
+                from .management import ManagementServer
+
+                self.management = ManagementServer(self)
+                await self.management.start()
+            await self.wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        self._write_state()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every node is healthy, subscribed to every peer, and writable."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.supervisor.wait_healthy(max(0.1, deadline - time.monotonic()))
+            if all(_ready(n) for n in self.supervisor.nodes.values() if not n.intended_down):
+                return
+            if time.monotonic() > deadline:
+                slow = [n.name for n in self.supervisor.nodes.values() if not _ready(n)]
+                raise ClusterError(f"nodes not subscribed to their peers after {timeout:g}s: {slow}")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.management is not None:
+            await self.management.stop()
+            self.management = None
+        if self.routing is not None:
+            await self.routing.stop()
+            self.routing = None
+        await self.supervisor.stop()
+        with contextlib.suppress(FileNotFoundError):
+            (self.data_dir / STATE_FILE).unlink()
+        self._stopped.set()
+
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` to return (management ``shutdown``, signals)."""
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Cluster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _write_state(self) -> None:
+        import os
+
+        state = {
+            "pid": os.getpid(),
+            "data_dir": str(self.data_dir),
+            "management": self.management_url,
+            "started_at": self.started_at,
+        }
+        (self.data_dir / STATE_FILE).write_text(msgspec.json.encode(state).decode())
+
+    # -- endpoints -------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self.plan.host
+
+    @property
+    def management_url(self) -> str | None:
+        return f"http://{self.host}:{self.plan.management_port}" if self.management else None
+
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint(e.kind, e.region, f"http://{self.host}:{e.port}")
+                for e in self.plan.endpoints]
+
+    def global_endpoint(self, client_region: str) -> str:
+        for e in self.endpoints():
+            if e.kind == "global" and e.region == client_region:
+                return e.url
+        raise NotFound(f"no global endpoint for client location {client_region}; the spec's "
+                       f"client_locations are {', '.join(self.spec.client_locations)}")
+
+    def regional_endpoint(self, region: str) -> str:
+        for e in self.endpoints():
+            if e.kind == "regional" and e.region == region:
+                return e.url
+        raise NotFound(f"{region} has no replica")
+
+    def node_url(self, name: str) -> str:
+        return f"http://{self.host}:{self.plan.node(name).http_port}"
+
+    def nodes(self) -> dict[str, NodeRuntime]:
+        return self.supervisor.nodes
+
+    # -- status ----------------------------------------------------------------------
+
+    def replica_specs(self) -> dict[str, specs.ReplicaSpec]:
+        return {r.region: r for r in self.spec.all_replicas}
+
+    def _update_progress(self) -> None:
+        """Creating → Syncing → Ready per replica, with progress against the
+        content its region may hold (residency) as the other replicas report it."""
+        policy = self.spec.residency_policy()
+        nodes = self.supervisor.nodes.values()
+        for region, progress in self.progress.items():
+            mine = [n for n in nodes if n.plan.region == region]
+            if not mine:
+                continue
+            if not all(n.healthy for n in mine) and progress.state == "Creating":
+                continue
+            expected: dict[str, dict[str, int]] = {}
+            for other in nodes:
+                for origin, counts in (other.info.get("content") or {}).items():
+                    if not policy.allows(origin, "", region):
+                        continue
+                    best = expected.setdefault(origin, {"images": 0, "bytes": 0})
+                    best["images"] = max(best["images"], counts["images"])
+                    best["bytes"] = max(best["bytes"], counts["bytes"])
+            have = [n.info.get("content") or {} for n in mine if n.healthy]
+            done_images = min((sum(c.get(o, {}).get("images", 0) for o in expected) for c in have),
+                              default=0)
+            done_bytes = min((sum(c.get(o, {}).get("bytes", 0) for o in expected) for c in have),
+                             default=0)
+            progress.images_total = sum(e["images"] for e in expected.values())
+            progress.bytes_total = sum(e["bytes"] for e in expected.values())
+            progress.images_done = min(done_images, progress.images_total)
+            progress.bytes_done = min(done_bytes, progress.bytes_total)
+            caught_up = all(_ready(n) and all(p["behind_events"] == 0 for p in n.info["peers"])
+                            for n in mine)
+            complete = progress.images_done >= progress.images_total
+            if progress.state != "Ready":
+                progress.state = "Ready" if caught_up and complete else "Syncing"
+
+    def status(self) -> dict:
+        self._update_progress()
+        replicas = self.replica_specs()
+        routing = self.routing.routing_flags() if self.routing else {}
+        nodes = []
+        for node in self.supervisor.nodes.values():
+            info = node.info
+            peers = info.get("peers", [])
+            nodes.append({
+                "name": node.name, "region": node.plan.region, "zone": node.plan.zone,
+                "http": node.url, "pid": node.pid, "health": node.state,
+                "healthy": node.healthy, "reason": node.reason or None,
+                "routing": routing.get(node.plan.region, replicas[node.plan.region].global_routing),
+                "writable": info.get("writable"),
+                "replication": {
+                    "peers_connected": sum(1 for p in peers if p["connected"]),
+                    "peers": len(peers),
+                    "behind_events": max((p["behind_events"] for p in peers), default=0),
+                },
+                "storage_bytes": sum(c["bytes"] for c in (info.get("content") or {}).values()),
+                "images": sum(c["images"] for c in (info.get("content") or {}).values()),
+            })
+        return {
+            "registry": self.spec.registry,
+            "tier": self.spec.tier,
+            "home_region": self.spec.home_region,
+            "data_dir": str(self.data_dir),
+            "management": self.management_url,
+            "replicas": [self.replica_status(r.region) for r in self.spec.all_replicas],
+            "nodes": nodes,
+            "global_endpoints": {e.region: e.url for e in self.endpoints() if e.kind == "global"},
+            "regional_endpoints": {e.region: e.url for e in self.endpoints() if e.kind == "regional"},
+        }
+
+    def replica_status(self, region: str) -> dict:
+        self._update_progress()
+        replica = self.replica_specs().get(region)
+        if replica is None:
+            raise NotFound(f"{region} has no replica; `georeg replication list` shows them")
+        progress = self.progress.get(region) or ReplicaProgress()
+        routing = self.routing.routing_flags() if self.routing else {}
+        nodes = [n for n in self.supervisor.nodes.values() if n.plan.region == region]
+        return {
+            "name": region, "location": region,
+            "home": region == self.spec.home_region,
+            "provisioningState": "Succeeded" if all(n.pid for n in nodes) else "Failed",
+            "status": {"displayStatus": progress.state,
+                       "message": _progress_message(progress),
+                       "timestamp": progress.created_at},
+            "regionEndpointEnabled": routing.get(region, replica.global_routing),
+            "zoneRedundancy": "Enabled" if replica.zone_redundant else "Disabled",
+            "sync": {"images": [progress.images_done, progress.images_total],
+                     "bytes": [progress.bytes_done, progress.bytes_total]},
+            "nodes": [n.name for n in nodes],
+        }
+
+    # -- management -------------------------------------------------------------------
+
+    def _control_plane(self) -> None:
+        home = [n for n in self.supervisor.nodes.values() if n.plan.region == self.spec.home_region]
+        if not any(n.healthy for n in home):
+            raise ControlPlaneUnavailable(
+                f"the home region {self.spec.home_region} holds the control plane and is down; "
+                "configuration changes are unavailable until it returns. Pushes, pulls and "
+                "deletes keep working through the other replicas")
+
+    async def create_replication(self, region: str, *, zone_redundant: bool = False,
+                                 global_routing: bool = True) -> dict:
+        self._control_plane()
+        new_spec = self.spec.with_replicas(
+            (*self.spec.replicas, specs.ReplicaSpec(region, zone_redundant, global_routing)))
+        new_spec = specs.validate(new_spec, f"replication create {region}")
+        new_plan = plan(new_spec, self.data_dir)
+        old_names = {n.name for n in self.plan.nodes}
+        added = [n for n in new_plan.nodes if n.name not in old_names]
+        self.progress[region] = ReplicaProgress(created_at=time.time())
+        for link in new_plan.links:
+            if link.source not in old_names or link.target not in old_names:
+                await self.supervisor.add_link(link)
+        self.spec, self.plan = new_spec, new_plan
+        self.supervisor.plan = new_plan
+        for node in added:
+            self.supervisor.nodes[node.name] = NodeRuntime(node)
+        for node in new_plan.nodes:                   # peers learn of the newcomer
+            new_plan.view(node, self.settings).dump(node.view_file)
+        save_spec(self.data_dir, new_spec)
+        await asyncio.gather(*(self.supervisor.start_node(n.name) for n in added))
+        if self.routing is not None:
+            await self.routing.refresh()
+        log.info("replication_created", region=region, nodes=[n.name for n in added])
+        return self.replica_status(region)
+
+    async def update_replication(self, region: str, *, global_routing: bool) -> dict:
+        self._control_plane()
+        if region not in self.replica_specs():
+            raise NotFound(f"{region} has no replica")
+        if self.routing is not None:
+            self.routing.set_routing(region, global_routing)
+        replicas = tuple(specs.ReplicaSpec(r.region, r.zone_redundant, global_routing)
+                         if r.region == region else r for r in self.spec.replicas)
+        if region == self.spec.home_region:
+            self.spec = msgspec.structs.replace(self.spec, home_global_routing=global_routing)
+        else:
+            self.spec = self.spec.with_replicas(replicas)
+        save_spec(self.data_dir, self.spec)
+        return self.replica_status(region)
+
+    async def delete_replication(self, region: str) -> None:
+        self._control_plane()
+        if region == self.spec.home_region:
+            raise ClusterError(f"{region} is the home region; the home replica cannot be deleted")
+        if region not in self.replica_specs():
+            raise NotFound(f"{region} has no replica")
+        gone = [n.name for n in self.plan.nodes if n.region == region]
+        new_spec = self.spec.with_replicas(tuple(r for r in self.spec.replicas if r.region != region))
+        for name in gone:
+            await self.supervisor.stop_node(name, graceful=True)
+            del self.supervisor.nodes[name]
+        for key in [k for k in self.supervisor.links if k[0] in gone or k[1] in gone]:
+            await self.supervisor.links.pop(key).stop()
+        for name in gone:  # a deleted replica's data goes with it, as in ACR
+            shutil.rmtree(self.plan.node(name).data_dir, ignore_errors=True)
+        self.plan = _without(self.plan, gone, new_spec)
+        self.spec = new_spec
+        self.supervisor.plan = self.plan
+        for node in self.plan.nodes:
+            self.plan.view(node, self.settings).dump(node.view_file)
+        self.progress.pop(region, None)
+        save_spec(self.data_dir, new_spec)
+        if self.routing is not None:
+            await self.routing.refresh()
+
+
+def _without(current: ClusterPlan, gone: list[str], spec: specs.ClusterSpec) -> ClusterPlan:
+    from dataclasses import replace
+
+    return replace(current, spec=spec,
+                   nodes=tuple(n for n in current.nodes if n.name not in gone),
+                   links=tuple(link for link in current.links
+                               if link.source not in gone and link.target not in gone),
+                   endpoints=tuple(e for e in current.endpoints
+                                   if not (e.kind == "regional" and e.region not in
+                                           {r.region for r in spec.all_replicas})))
+
+
+def _ready(node: NodeRuntime) -> bool:
+    info = node.info
+    return (node.healthy and bool(info.get("writable"))
+            and all(p["connected"] for p in info.get("peers", [])))
+
+
+def _progress_message(p: ReplicaProgress) -> str:
+    if p.state == "Ready":
+        return "replica is in sync"
+    if p.state == "Creating":
+        return "starting the replica's nodes"
+    mib = 1024 * 1024
+    return (f"syncing: {p.images_done}/{p.images_total} images, "
+            f"{p.bytes_done / mib:.1f}/{p.bytes_total / mib:.1f} MiB")
+
+
+def save_spec(data_dir: Path, spec: specs.ClusterSpec) -> None:
+    path = data_dir / SPEC_FILE
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
+
+
+def saved_spec(data_dir: Path) -> specs.ClusterSpec | None:
+    """The spec a cluster in ``data_dir`` last ran with (replicas created since included)."""
+    path = Path(data_dir) / SPEC_FILE
+    if not path.exists():
+        return None
+    spec = msgspec.json.decode(path.read_bytes(), type=specs.ClusterSpec)
+    return specs.validate(spec, str(path))
+
+
+def running_state(data_dir: Path) -> dict | None:
+    """The state file of a cluster running from ``data_dir``, if its supervisor lives."""
+    import os
+
+    path = Path(data_dir) / STATE_FILE
+    try:
+        state = msgspec.json.decode(path.read_bytes())
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
+    try:
+        os.kill(state["pid"], 0)
+    except (ProcessLookupError, KeyError):
+        return None
+    except PermissionError:
+        pass
+    return state
+
+
+def known_region(name: str) -> bool:
+    return name in REGIONS

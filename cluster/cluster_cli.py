@@ -1,0 +1,468 @@
+"""The cluster commands of the ``georeg`` CLI: ``up``, ``down``, ``status``,
+``replication list|create|update|delete``, ``repository list|show-tags|delete``.
+
+``up`` runs the cluster in this process (or in the background with
+``--detach``); every other command finds a running cluster through
+``<data dir>/cluster.json`` and talks to its management API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_DATA_DIR = Path(".georeg")
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                   help="the cluster's data dir (default ./.georeg)")
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return args.data_dir or DEFAULT_DATA_DIR
+
+
+class CliError(Exception):
+    pass
+
+
+# -- talking to a running cluster ----------------------------------------------------
+
+
+def management_url(data_dir: Path) -> str:
+    from .api import running_state
+
+    state = running_state(data_dir)
+    if state is None or not state.get("management"):
+        raise CliError(f"no georeg cluster is running from {data_dir}; start one with "
+                       f"`georeg up --data-dir {data_dir}` (or pass the right --data-dir)")
+    return state["management"]
+
+
+def call(data_dir: Path, method: str, path: str, body: dict | None = None,
+         timeout: float = 120) -> object:
+    url = management_url(data_dir) + path
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            raw = r.read()
+            return json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise CliError(message) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach the cluster's management API at {url}: "
+                       f"{getattr(exc, 'reason', exc)}") from None
+
+
+def _run(func):
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except CliError as exc:
+            print(f"georeg: {exc}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+# -- up / down / status ----------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up", help="start a multi-region registry cluster on this machine",
+        description="Start every node of the cluster (one process per region and zone), the WAN "
+                    "links between them, the global and regional endpoints and the management "
+                    "API; wait until all are healthy; print the endpoints. Ctrl-C (or `georeg "
+                    "down`) stops everything. Data persists in the data dir, and a second `up` "
+                    "resumes it, replicas created since included.")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="cluster spec (TOML); default: the spec saved in the data dir, else the "
+                        "built-in default (Premium, home eastus with zones, westeurope with "
+                        "zones, brazilsouth, southeastasia)")
+    add_data_dir(p)
+    p.add_argument("--detach", action="store_true",
+                   help="run in the background; stop it with `georeg down`")
+    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    p.set_defaults(func=_run(run_up))
+
+    p = sub.add_parser("down", help="stop a cluster started with `georeg up`",
+                       description="Stop every process of the cluster running from the data dir. "
+                                   "Data stays; `georeg up` resumes it.")
+    add_data_dir(p)
+    p.set_defaults(func=_run(run_down))
+
+    p = sub.add_parser("status", help="health, routing, replication and storage of every node",
+                       description="Show every replica and zone of the running cluster: health, "
+                                   "global routing, replication state (Creating → Syncing → "
+                                   "Ready, with progress), lag and storage, and its endpoints.")
+    add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run(run_status))
+
+    _register_replication(sub)
+    _register_repository(sub)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from registry_node import logs
+
+    from . import spec as specs
+    from .api import running_state, saved_spec
+
+    data_dir = args.data_dir
+    spec = None
+    if args.config is not None:
+        try:
+            spec = specs.load(args.config)
+        except specs.SpecError as exc:
+            raise CliError(str(exc)) from None
+    data_dir = data_dir or Path(spec.network.data_dir if spec else DEFAULT_DATA_DIR)
+    state = running_state(data_dir)
+    if state is not None:
+        raise CliError(f"a cluster is already running from {data_dir} (pid {state['pid']}, "
+                       f"management {state['management']}); stop it with `georeg down` first")
+    if spec is None:
+        try:
+            spec = saved_spec(data_dir) or specs.load(None)
+        except (specs.SpecError, ValueError) as exc:
+            raise CliError(f"cannot resume from {data_dir}: {exc}") from None
+    if args.detach:
+        return _detach(args, data_dir)
+    logs.configure(args.log_format, "warning", sys.stderr)
+    _check_ports_free(spec)
+    return asyncio.run(_up(spec, data_dir))
+
+
+def _check_ports_free(spec) -> None:
+    import socket
+
+    from .spec import port_layout
+
+    for port in port_layout(spec).all_ports():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((spec.network.host, port))
+            except OSError:
+                raise CliError(f"port {port} on {spec.network.host} is in use; this cluster needs "
+                               f"ports {spec.network.port_base}–{max(port_layout(spec).all_ports())}"
+                               f" — stop what uses it or set network.port_base in a spec") from None
+
+
+async def _up(spec, data_dir: Path) -> int:
+    from .api import Cluster, ClusterError
+    from .supervisor import NodeStartError
+
+    started = time.monotonic()
+    try:
+        cluster = await Cluster.start(spec, data_dir)
+    except (NodeStartError, ClusterError, OSError) as exc:
+        print(f"georeg: the cluster did not start: {exc}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, cluster.request_stop)
+    print_endpoints(cluster.status(), time.monotonic() - started)
+    print("Ctrl-C (or `georeg down`) stops the cluster.", flush=True)
+    try:
+        await cluster.serve_forever()
+    finally:
+        print("stopping…", flush=True)
+        await cluster.stop()
+        print("stopped; data kept in", cluster.data_dir, flush=True)
+    return 0
+
+
+def _detach(args: argparse.Namespace, data_dir: Path) -> int:
+    from .api import running_state
+
+    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "logs" / "supervisor.log"
+    command = [sys.executable, "-m", "cluster.cli", "up", "--data-dir", str(data_dir),
+               "--log-format", "json"]
+    if args.config:
+        command += ["--config", str(args.config)]
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+    started = time.monotonic()
+    deadline = started + 60
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-20:]
+            raise CliError("the cluster did not start:\n" + "\n".join(tail))
+        if running_state(data_dir) is not None:
+            status = call(data_dir, "GET", "/georeg/v1/cluster")
+            print_endpoints(status, time.monotonic() - started)
+            print(f"Running in the background (pid {child.pid}); `georeg down --data-dir "
+                  f"{data_dir}` stops it. Logs: {data_dir / 'logs'}")
+            return 0
+        time.sleep(0.1)
+    os.killpg(child.pid, signal.SIGTERM)
+    raise CliError(f"the cluster did not become ready within 60 s; see {log_path}")
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from .api import running_state
+
+    data_dir = _data_dir(args)
+    state = running_state(data_dir)
+    if state is None:
+        raise CliError(f"no georeg cluster is running from {data_dir}")
+    call(data_dir, "POST", "/georeg/v1/shutdown")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(state["pid"], 0)
+        except ProcessLookupError:
+            print(f"stopped the cluster in {data_dir}")
+            return 0
+        time.sleep(0.1)
+    raise CliError(f"the supervisor (pid {state['pid']}) did not stop within 60 s")
+
+
+def print_endpoints(status: dict, seconds: float | None = None) -> None:
+    console = Console()
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    healthy = sum(1 for n in status["nodes"] if n["healthy"])
+    console.print(f"[bold]georeg[/] registry [bold]{status['registry']}[/] ({status['tier']}, home "
+                  f"{status['home_region']}): {healthy}/{len(status['nodes'])} nodes healthy{took}; "
+                  f"data in {status['data_dir']}")
+    table = Table("endpoint", "for", "URL", title="Endpoints", title_justify="left")
+    for region, url in status["global_endpoints"].items():
+        table.add_row("global", f"clients in {region}", url)
+    for region, url in status["regional_endpoints"].items():
+        table.add_row("regional", f"{region} only", url)
+    if status.get("management"):
+        table.add_row("management", "georeg CLI / REST", status["management"])
+    console.print(table)
+    _node_table(console, status)
+    first = next(iter(status["global_endpoints"].values()), "http://127.0.0.1:5000")
+    host = first.removeprefix("http://")
+    console.print(f"Try: skopeo copy --dest-tls-verify=false docker-archive:image.tar "
+                  f"docker://{host}/demo/app:v1")
+
+
+def _node_table(console: Console, status: dict) -> None:
+    table = Table("node", "health", "routing", "peers", "behind", "images", "stored", "URL",
+                  title="Nodes", title_justify="left")
+    for n in status["nodes"]:
+        rep = n["replication"]
+        health = n["health"] + (f" ({n['reason']})" if n["reason"] and not n["healthy"] else "")
+        table.add_row(n["name"], f"[{'green' if n['healthy'] else 'red'}]{health}[/]",
+                      "on" if n["routing"] else "[yellow]off[/]",
+                      f"{rep['peers_connected']}/{rep['peers']}", str(rep["behind_events"]),
+                      str(n["images"]), _size(n["storage_bytes"]), n["http"])
+    console.print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    status = call(_data_dir(args), "GET", "/georeg/v1/cluster")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    console = Console()
+    table = Table("replica", "home", "zones", "routing", "status", "sync", title="Replicas",
+                  title_justify="left")
+    for r in status["replicas"]:
+        table.add_row(r["name"], "yes" if r["home"] else "", r["zoneRedundancy"],
+                      "on" if r["regionEndpointEnabled"] else "[yellow]off[/]",
+                      r["status"]["displayStatus"], r["status"]["message"])
+    console.print(table)
+    _node_table(console, status)
+    return 0 if all(n["healthy"] for n in status["nodes"]) else 1
+
+
+# -- replication ---------------------------------------------------------------------
+
+
+def _register_replication(sub: argparse._SubParsersAction) -> None:
+    from . import replication_cli
+
+    p = sub.add_parser("replication", help="replicas (az acr replication) and per-image status",
+                       description="Geo-replicas of the registry, after `az acr replication`.")
+    commands = p.add_subparsers(dest="replication_command", required=True, metavar="COMMAND")
+
+    c = commands.add_parser("list", help="list replicas")
+    add_data_dir(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_run(run_replication_list))
+
+    c = commands.add_parser(
+        "create", help="add a replica; it syncs existing content (watch `georeg replication show`)",
+        description="Add a replica in a region. Its nodes start, every other node learns of "
+                    "them, and the replica syncs everything residency allows it to hold; its "
+                    "status goes Creating → Syncing → Ready, with progress.")
+    c.add_argument("--location", "-l", required=True, help="region, e.g. japaneast")
+    c.add_argument("--zone-redundancy", choices=("Enabled", "Disabled"), default="Disabled")
+    c.add_argument("--region-endpoint-enabled", "--global-endpoint-routing", dest="routing",
+                   choices=("true", "false"), default="true")
+    c.add_argument("--wait", action="store_true", help="wait until the replica is Ready")
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_replication_create))
+
+    c = commands.add_parser("show", help="one replica, with its sync progress")
+    c.add_argument("--name", "-n", required=True, metavar="REGION")
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_replication_show))
+
+    c = commands.add_parser(
+        "update", help="take a replica in or out of global routing",
+        description="With --global-endpoint-routing false, the global endpoints stop sending "
+                    "clients to this replica (e.g. for maintenance); it keeps replicating both "
+                    "ways, and its regional endpoint keeps working.")
+    c.add_argument("--name", "-n", required=True, metavar="REGION")
+    c.add_argument("--global-endpoint-routing", "--region-endpoint-enabled", dest="routing",
+                   choices=("true", "false"), required=True)
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_replication_update))
+
+    c = commands.add_parser("delete", help="remove a replica and its data (not the home one)")
+    c.add_argument("--name", "-n", required=True, metavar="REGION")
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_replication_delete))
+
+    def add_target(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--node", dest="node_url", metavar="URL",
+                            help="HTTP address of any node (default: found through --data-dir)")
+        add_data_dir(parser)
+
+    replication_cli.register(commands, add_target)
+
+
+def _replica_table(replicas: list[dict]) -> None:
+    table = Table("name", "location", "home", "zone redundancy", "routing", "status", "message")
+    for r in replicas:
+        table.add_row(r["name"], r["location"], "yes" if r["home"] else "", r["zoneRedundancy"],
+                      "on" if r["regionEndpointEnabled"] else "off", r["status"]["displayStatus"],
+                      r["status"]["message"])
+    Console().print(table)
+
+
+def run_replication_list(args: argparse.Namespace) -> int:
+    replicas = call(_data_dir(args), "GET", "/georeg/v1/replications")
+    if args.json:
+        print(json.dumps(replicas, indent=2))
+    else:
+        _replica_table(replicas)
+    return 0
+
+
+def run_replication_create(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    body = {"location": args.location, "zoneRedundancy": args.zone_redundancy,
+            "regionEndpointEnabled": args.routing == "true"}
+    replica = call(data_dir, "POST", "/georeg/v1/replications", body)
+    _replica_table([replica])
+    if not args.wait:
+        return 0
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn()) as progress:
+        task = progress.add_task(f"syncing {args.location}", total=None)
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            replica = call(data_dir, "GET", f"/georeg/v1/replications/{args.location}")
+            done, total = replica["sync"]["bytes"]
+            progress.update(task, completed=done, total=max(total, 1),
+                            description=f"{args.location}: {replica['status']['message']}")
+            if replica["status"]["displayStatus"] == "Ready":
+                progress.update(task, completed=max(total, 1))
+                return 0
+            time.sleep(0.25)
+    raise CliError(f"{args.location} is not Ready after an hour")
+
+
+def run_replication_show(args: argparse.Namespace) -> int:
+    replica = call(_data_dir(args), "GET", f"/georeg/v1/replications/{args.name}")
+    print(json.dumps(replica, indent=2))
+    return 0
+
+
+def run_replication_update(args: argparse.Namespace) -> int:
+    replica = call(_data_dir(args), "PATCH", f"/georeg/v1/replications/{args.name}",
+                   {"regionEndpointEnabled": args.routing == "true"})
+    _replica_table([replica])
+    return 0
+
+
+def run_replication_delete(args: argparse.Namespace) -> int:
+    call(_data_dir(args), "DELETE", f"/georeg/v1/replications/{args.name}")
+    print(f"deleted the replica in {args.name}")
+    return 0
+
+
+# -- repositories --------------------------------------------------------------------
+
+
+def _register_repository(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("repository", help="repositories (az acr repository)",
+                       description="Repositories of the registry, after `az acr repository`.")
+    commands = p.add_subparsers(dest="repository_command", required=True, metavar="COMMAND")
+    c = commands.add_parser("list", help="list repositories")
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_repository_list))
+    c = commands.add_parser("show-tags", help="tags of a repository, with digests")
+    c.add_argument("--name", "-n", required=True, metavar="REPOSITORY")
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_repository_show_tags))
+    c = commands.add_parser("delete", help="delete a repository: every manifest and tag")
+    c.add_argument("--name", "-n", required=True, metavar="REPOSITORY")
+    c.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_repository_delete))
+
+
+def run_repository_list(args: argparse.Namespace) -> int:
+    for name in call(_data_dir(args), "GET", "/georeg/v1/repositories"):
+        print(name)
+    return 0
+
+
+def run_repository_show_tags(args: argparse.Namespace) -> int:
+    tags = call(_data_dir(args), "GET", f"/georeg/v1/repositories/{args.name}/tags")
+    table = Table("tag", "digest")
+    for tag in tags:
+        table.add_row(tag["name"], tag["digest"] or "")
+    Console().print(table)
+    return 0
+
+
+def run_repository_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CliError("refusing to delete without confirmation; pass --yes")
+        answer = input(f"Delete repository {args.name} and every image in it? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            return 1
+    result = call(_data_dir(args), "DELETE", f"/georeg/v1/repositories/{args.name}")
+    print(f"deleted {len(result['manifestsDeleted'])} manifests and {len(result['tagsDeleted'])} "
+          f"tags from {args.name}")
+    return 0

@@ -1,0 +1,183 @@
+"""The management REST API of a running cluster, served by the supervisor
+process. Its nouns follow ``az acr``: replications, repositories; it is what
+the ``georeg`` CLI talks to.
+
+    GET    /georeg/v1/cluster                     status: nodes, replicas, endpoints
+    GET    /georeg/v1/replications                replicas (ACR's replication resources)
+    POST   /georeg/v1/replications                {"location", "zoneRedundancy", "regionEndpointEnabled"}
+    GET    /georeg/v1/replications/{region}
+    PATCH  /georeg/v1/replications/{region}       {"regionEndpointEnabled": false}
+    DELETE /georeg/v1/replications/{region}
+    GET    /georeg/v1/repositories                the catalog
+    GET    /georeg/v1/repositories/{name}/tags    tags with digests
+    DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository
+                                                  (ACR's DELETE /acr/v1/{name} on a node)
+    POST   /georeg/v1/shutdown                    stop the cluster
+
+Errors are JSON ``{"error": {"code", "message"}}`` with a fitting status; a
+management write while the home region is down is a 503 that says so.
+Repository reads and deletes go through the data plane of the nearest healthy
+node, so they work whenever any replica does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+from aiohttp import web
+
+from registry_node.reference import validate_name
+
+from .api import Cluster, ClusterError, NotFound
+from .regions import unknown_region_message
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ClusterError as exc:
+        code = {404: "NotFound", 503: "ControlPlaneUnavailable"}.get(exc.status, "BadRequest")
+        return _error(exc.status, code, str(exc))
+    except ValueError as exc:  # spec validation and bad input
+        return _error(400, "BadRequest", str(exc))
+    except Exception as exc:  # noqa: BLE001 - answer, and keep the cluster running
+        from registry_node.errors import RegistryError
+
+        if isinstance(exc, RegistryError):
+            return _error(exc.status, exc.code.name, exc.message + (f": {exc.detail}" if exc.detail else ""))
+        raise
+
+
+class ManagementServer:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[_errors])
+        r = app.router
+        r.add_get("/georeg/v1/cluster", self.cluster_status)
+        r.add_get("/georeg/v1/replications", self.list_replications)
+        r.add_post("/georeg/v1/replications", self.create_replication)
+        r.add_get("/georeg/v1/replications/{region}", self.show_replication)
+        r.add_patch("/georeg/v1/replications/{region}", self.update_replication)
+        r.add_delete("/georeg/v1/replications/{region}", self.delete_replication)
+        r.add_get("/georeg/v1/repositories", self.list_repositories)
+        r.add_get("/georeg/v1/repositories/{name:.+}/tags", self.show_tags)
+        r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
+        r.add_post("/georeg/v1/shutdown", self.shutdown)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cluster.host, self.cluster.plan.management_port,
+                           reuse_address=True)
+        await site.start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- cluster & replicas ------------------------------------------------------------
+
+    async def cluster_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.cluster.status())
+
+    async def list_replications(self, request: web.Request) -> web.Response:
+        return web.json_response([self.cluster.replica_status(r.region)
+                                  for r in self.cluster.spec.all_replicas])
+
+    async def show_replication(self, request: web.Request) -> web.Response:
+        return web.json_response(self.cluster.replica_status(request.match_info["region"]))
+
+    async def create_replication(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        region = body.get("location") or body.get("region")
+        if not isinstance(region, str):
+            raise ClusterError("give the replica's region as \"location\"")
+        from .regions import REGIONS
+
+        if region not in REGIONS:
+            raise ClusterError(unknown_region_message(region))
+        zone = body.get("zoneRedundancy", "Disabled")
+        zone_redundant = zone is True or str(zone).lower() in ("enabled", "true")
+        routing = body.get("regionEndpointEnabled", True)
+        status = await self.cluster.create_replication(region, zone_redundant=zone_redundant,
+                                                       global_routing=bool(routing))
+        return web.json_response(status, status=201)
+
+    async def update_replication(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        if "regionEndpointEnabled" not in body:
+            raise ClusterError("nothing to update: send {\"regionEndpointEnabled\": true|false}")
+        status = await self.cluster.update_replication(
+            request.match_info["region"], global_routing=bool(body["regionEndpointEnabled"]))
+        return web.json_response(status)
+
+    async def delete_replication(self, request: web.Request) -> web.Response:
+        await self.cluster.delete_replication(request.match_info["region"])
+        return web.Response(status=204)
+
+    async def shutdown(self, request: web.Request) -> web.Response:
+        asyncio.get_running_loop().call_soon(self.cluster.request_stop)
+        return web.json_response({"stopping": True}, status=202)
+
+    # -- repositories (through the data plane) -------------------------------------------
+
+    def _data_plane(self) -> str:
+        """A healthy node, home region first."""
+        nodes = sorted(self.cluster.supervisor.nodes.values(),
+                       key=lambda n: n.plan.region != self.cluster.spec.home_region)
+        for node in nodes:
+            if node.healthy:
+                return node.url
+        raise ClusterError("no node is healthy")
+
+    async def list_repositories(self, request: web.Request) -> web.Response:
+        async with self._session.get(f"{self._data_plane()}/v2/_catalog") as r:
+            return web.json_response((await r.json())["repositories"])
+
+    async def show_tags(self, request: web.Request) -> web.Response:
+        name = validate_name(request.match_info["name"])
+        base = self._data_plane()
+        async with self._session.get(f"{base}/v2/{name}/tags/list") as r:
+            if r.status == 404:
+                raise NotFound(f"repository {name} does not exist")
+            tags = (await r.json())["tags"]
+        out = []
+        for tag in tags:
+            async with self._session.head(f"{base}/v2/{name}/manifests/{tag}") as r:
+                out.append({"name": tag, "digest": r.headers.get("Docker-Content-Digest")})
+        return web.json_response(out)
+
+    async def delete_repository(self, request: web.Request) -> web.Response:
+        name = validate_name(request.match_info["name"])
+        async with self._session.delete(f"{self._data_plane()}/acr/v1/{name}") as r:
+            if r.status == 404:
+                raise NotFound(f"repository {name} does not exist")
+            body = await r.json()
+            if r.status != 202:
+                error = body.get("errors", [{}])[0]
+                raise ClusterError(f"{error.get('message')}: {error.get('detail')}")
+            return web.json_response({"repository": name, **body})
+
+
+async def _json(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ClusterError("the request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise ClusterError("the request body must be a JSON object")
+    return body

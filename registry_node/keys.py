@@ -19,7 +19,7 @@ The key space::
     ├── b\\0<digest>                        → BlobLink          blob is visible in <repo>
     ├── m\\0<digest>                        → ManifestRecord    manifest (sealed body inside)
     ├── t\\0<tag>                           → TagRecord         tag → digest, with its HLC
-    └── s\\0<subject>\\0<referrer>           → Descriptor        referrers of <subject>
+    └── s\\0<subject>\\0<referrer>           → sealed Descriptor referrers of <subject> (annotations are client data)
     upload\\0<uuid>                         → UploadRecord      an open upload session
     tomb\\0<repo>\\0
     ├── t\\0<tag>                           → Tombstone         a deleted tag

@@ -55,6 +55,7 @@ from .records import (
     stamp_of,
 )
 from .reference import Digest, is_digest, validate_name, validate_tag
+from .staleness import PeerContent
 
 T = TypeVar("T")
 RunBlocking = Callable[[Callable[..., T]], Awaitable[T]]
@@ -112,12 +113,14 @@ class Registry:
         monotonic: Callable[[], float] = time.monotonic,
         limits: Limits = Limits(),
         quorum: WriteQuorum | None = None,
+        peers: PeerContent | None = None,
     ) -> None:
         self.meta = meta
         self.blobs = blobs
         self.identity = identity
         self.limits = limits
         self.quorum: WriteQuorum = quorum or LocalDurability()
+        self.peers: PeerContent | None = peers
         self.sealer = manifest_sealer
         self.run_blocking = run_blocking
         self._wall_ns = wall_ns
@@ -451,6 +454,18 @@ class Registry:
         raw = self.meta.get(keys.tag(repo, reference))
         return decode(raw, TagRecord).digest if raw is not None else None
 
+    async def find_manifest(self, repo: str, reference: str) -> StoredManifest:
+        """``stat_manifest``, but a manifest a peer already has is fetched rather
+        than answered with 404 (bounded staleness)."""
+        try:
+            return self.stat_manifest(repo, reference)
+        except RegistryError as exc:
+            if exc.code is not ErrorCode.MANIFEST_UNKNOWN or self.peers is None:
+                raise
+            if not await self.peers.fetch_manifest(repo, reference):
+                raise
+        return self.stat_manifest(repo, reference)
+
     def stat_manifest(self, repo: str, reference: str) -> StoredManifest:
         if not is_digest(reference):
             try:
@@ -485,6 +500,18 @@ class Registry:
         for needed in parsed.blobs:
             self.touch(needed)
         missing = self.missing_references(repo, parsed)
+        fetched: set[str] = set()
+        if missing and self.peers is not None:
+            # The layers may have gone to another replica (routing moved between the
+            # blob uploads and this manifest): bring them here rather than refuse.
+            fetched = await self.peers.fetch_blobs(repo, [d for d in missing
+                                                          if d not in parsed.children])
+            for child in parsed.children:
+                if child in missing and await self.peers.fetch_manifest(repo, child):
+                    fetched.add(child)
+            missing = [d for d in self.missing_references(repo, parsed)
+                       if d not in fetched or self.meta.get(keys.blob(d)) is None
+                       and self.meta.get(keys.manifest(repo, d)) is None]
         if missing:
             raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
                                 {"missing": missing[:20], "count": len(missing)})

@@ -100,6 +100,7 @@ class ImageState:
     failure: str = ""
     blobs_present: int = 0
     blobs_total: int = 0
+    media_type: str = ""
 
 
 def _stamp_of_event(event: Event) -> Stamp:
@@ -430,9 +431,13 @@ class Replica:
         """Plaintext bytes of every blob this node holds."""
         return sum(decode(raw, BlobRecord).size for _, raw in self.meta.scan(keys.BLOB))
 
-    def resolve_tag(self, repo: str, tag: str) -> str | None:
+    def tag_record(self, repo: str, tag: str) -> TagRecord | None:
         raw = self.meta.get(keys.tag(repo, tag))
-        return decode(raw, TagRecord).digest if raw is not None else None
+        return decode(raw, TagRecord) if raw is not None else None
+
+    def resolve_tag(self, repo: str, tag: str) -> str | None:
+        record = self.tag_record(repo, tag)
+        return record.digest if record is not None else None
 
     def image_state(self, repo: str, digest: str) -> ImageState:
         record = self.manifest_record(repo, digest)
@@ -444,7 +449,7 @@ class Replica:
                  or self.meta.get(keys.manifest(repo, d)) is not None]
         return ImageState(True, record.created_ns, record.origin_acked_ns,
                           record.pushed_region or record.origin_region, reason,
-                          len(blobs), len(record.references))
+                          len(blobs), len(record.references), record.media_type)
 
 
 def register_event(repo: str, kind: EventKind, reg: RegisterState) -> Event:

@@ -97,7 +97,8 @@ class PeerClient:
     async def image_status_ref(self, repository: str, digest: str, tag: str,
                                timeout: float) -> pb.ImageStatusReply:
         return await self._unary(self.stub.GetImageStatus, pb.ImageStatusRequest(
-            repository=repository, digest=digest, tag=tag), f"status of {digest or tag}", timeout)
+            repository=repository, digest=digest, tag=tag, requester=self._me),
+            f"status of {digest or tag}", timeout)
 
     async def health(self, timeout: float = 2.0) -> pb.HealthReply:
         return await self._unary(self.stub.Health, pb.HealthRequest(), "health", timeout)

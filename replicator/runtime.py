@@ -32,6 +32,7 @@ from .metrics import ReplicationMetrics
 from .peers import SERVER_OPTIONS, PeerClient
 from .quorum import ZoneQuorum
 from .service import ReplicationService
+from .staleness import PeerRescue
 from .status import ImageStatus
 from .subscription import Subscription
 from .topology import ClusterView
@@ -60,6 +61,7 @@ class Replication:
         self.replica: Replica | None = None
         self._status = ImageStatus(self)
         self._tasks: dict[str, asyncio.Task] = {}
+        self.rescue: PeerRescue | None = None
 
     # -- Extension -----------------------------------------------------------------
 
@@ -97,6 +99,8 @@ class Replication:
         await server.start()
         self.anti_entropy = AntiEntropy(self.transfer, self.residency, self.clients,
                                         settings.anti_entropy_interval_s)
+        self.rescue = PeerRescue(self)
+        node.registry.peers = self.rescue
         self.subscriptions = []
         for client in self.clients:
             self._subscribe(client)
@@ -118,6 +122,7 @@ class Replication:
             for client in self.clients:
                 await client.close()
             node.registry.quorum = LocalDurability()
+            node.registry.peers = None
 
     # -- peers -----------------------------------------------------------------------
 

@@ -198,10 +198,17 @@ class ReplicationService(pbg.ReplicationServicer):
 
     async def GetImageStatus(self, request: pb.ImageStatusRequest,
                              context: grpc.aio.ServicerContext) -> pb.ImageStatusReply:
-        digest = request.digest or self.replica.resolve_tag(request.repository, request.tag) or ""
+        tag = self.replica.tag_record(request.repository, request.tag) if request.tag else None
+        digest = request.digest or (tag.digest if tag else "")
         state = self.replica.image_state(request.repository, digest)
+        if tag is not None and not self._allowed(tag.origin_region, request.repository,
+                                                 request.requester):
+            tag = None  # its register may not leave the region it was set in
         return pb.ImageStatusReply(
             node=node_ref(self.identity), digest=digest, present=state.present,
+            tag_hlc=tag.hlc if tag else 0, tag_origin_region=tag.origin_region if tag else "",
+            tag_origin_zone=tag.origin_zone if tag else "",
+            tag_acked_ns=tag.origin_acked_ns if tag else 0, media_type=state.media_type,
             arrived_ns=state.arrived_ns,
             origin_acked_ns=state.origin_acked_ns, origin_region=state.origin_region,
             failure=state.failure, blobs_present=state.blobs_present,

@@ -48,7 +48,8 @@ class ImageStatus:
         tag_query = "" if digest_query else reference
         local = rt.service
         me = await local.GetImageStatus(pb.ImageStatusRequest(
-            repository=repository, digest=digest_query, tag=tag_query), None)
+            repository=repository, digest=digest_query, tag=tag_query,
+            requester=pb.NodeRef(region=rt.view.region, zone=rt.view.zone)), None)
 
         async def ask(client):
             try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from .helpers import digest_of, eventually, make_image, push_image
+from cluster.links import LinkFaults
+
+from .helpers import digest_of, eventually, make_image, push_blob, push_image
 from .replication_harness import InProcessCluster
 
 TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"), ("westeurope", ""),
@@ -131,3 +133,34 @@ async def test_deletes_replicate_and_are_not_undone(cluster, http):
 
 async def _gone(http, url, repo, digest) -> bool:
     return await manifest_status(http, url, repo, digest) == 404
+
+
+def slow_links_from(cluster: InProcessCluster, region: str, ms: float) -> None:
+    """Every link from ``region``'s nodes gets ``ms`` of extra one-way latency."""
+    for (src, _), link in cluster.links.items():
+        if cluster.nodes[src].region == region:
+            link.set_faults(LinkFaults(extra_latency_ms=ms))
+
+
+async def test_pull_right_after_a_push_elsewhere_is_served_not_404(cluster, http):
+    """Bounded staleness: a replica that lacks a just-pushed image fetches it from
+    a peer instead of answering 404 (live replication to it takes >= 0.6 s here)."""
+    image = make_image([2000, 3000], seed=11)
+    slow_links_from(cluster, "westeurope", 150)
+    await push_image(http, cluster.nodes["eastus-1"].url, "fresh/app", image, tag="v1")
+    assert await _pullable(http, cluster.nodes["westeurope"].url, "fresh/app", "v1", image)
+    assert cluster.nodes["westeurope"].replication.rescue.rescued >= 1
+
+
+async def test_manifest_push_finds_layers_that_went_to_another_replica(cluster, http):
+    """Layers uploaded through eastus, the manifest right after through westeurope
+    (routing moved): no MANIFEST_BLOB_UNKNOWN, the layers are fetched."""
+    image = make_image([4000, 5000], seed=12)
+    slow_links_from(cluster, "westeurope", 150)
+    for blob in image.blobs:
+        await push_blob(http, cluster.nodes["eastus-2"].url, "moved/app", blob)
+    async with http.put(f"{cluster.nodes['westeurope'].url}/v2/moved/app/manifests/v1",
+                        data=image.manifest, headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 201, await r.text()
+    assert cluster.nodes["westeurope"].replication.rescue.rescued >= 1
+    assert await _pullable(http, cluster.nodes["westeurope"].url, "moved/app", "v1", image)

@@ -12,7 +12,7 @@ from .common import DIGEST_HEADER, empty, registry, repo_name
 async def get_manifest(request: web.Request) -> web.Response:
     repo = repo_name(request)
     reg = registry(request)
-    stored = reg.stat_manifest(repo, request.match_info["reference"])
+    stored = await reg.find_manifest(repo, request.match_info["reference"])
     etag = f'"{stored.digest}"'
     headers = {DIGEST_HEADER: stored.digest, "Content-Type": stored.media_type, "ETag": etag}
     if _none_match(request.headers.get("If-None-Match"), etag):

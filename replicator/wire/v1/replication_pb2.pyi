@@ -203,17 +203,19 @@ class RepositoryState(_message.Message):
     def __init__(self, repository: _Optional[str] = ..., tags: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., manifests: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., blobs: _Optional[_Iterable[_Union[Register, _Mapping]]] = ...) -> None: ...
 
 class ImageStatusRequest(_message.Message):
-    __slots__ = ("repository", "digest", "tag")
+    __slots__ = ("repository", "digest", "tag", "requester")
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
     repository: str
     digest: str
     tag: str
-    def __init__(self, repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+    requester: NodeRef
+    def __init__(self, repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., requester: _Optional[_Union[NodeRef, _Mapping]] = ...) -> None: ...
 
 class ImageStatusReply(_message.Message):
-    __slots__ = ("node", "present", "arrived_ns", "origin_acked_ns", "origin_region", "failure", "blobs_present", "blobs_total", "digest")
+    __slots__ = ("node", "present", "arrived_ns", "origin_acked_ns", "origin_region", "failure", "blobs_present", "blobs_total", "digest", "tag_hlc", "tag_origin_region", "tag_origin_zone", "tag_acked_ns", "media_type")
     NODE_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     ARRIVED_NS_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +225,11 @@ class ImageStatusReply(_message.Message):
     BLOBS_PRESENT_FIELD_NUMBER: _ClassVar[int]
     BLOBS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TAG_HLC_FIELD_NUMBER: _ClassVar[int]
+    TAG_ORIGIN_REGION_FIELD_NUMBER: _ClassVar[int]
+    TAG_ORIGIN_ZONE_FIELD_NUMBER: _ClassVar[int]
+    TAG_ACKED_NS_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
     node: NodeRef
     present: bool
     arrived_ns: int
@@ -232,7 +239,12 @@ class ImageStatusReply(_message.Message):
     blobs_present: int
     blobs_total: int
     digest: str
-    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., present: _Optional[bool] = ..., arrived_ns: _Optional[int] = ..., origin_acked_ns: _Optional[int] = ..., origin_region: _Optional[str] = ..., failure: _Optional[str] = ..., blobs_present: _Optional[int] = ..., blobs_total: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+    tag_hlc: int
+    tag_origin_region: str
+    tag_origin_zone: str
+    tag_acked_ns: int
+    media_type: str
+    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., present: _Optional[bool] = ..., arrived_ns: _Optional[int] = ..., origin_acked_ns: _Optional[int] = ..., origin_region: _Optional[str] = ..., failure: _Optional[str] = ..., blobs_present: _Optional[int] = ..., blobs_total: _Optional[int] = ..., digest: _Optional[str] = ..., tag_hlc: _Optional[int] = ..., tag_origin_region: _Optional[str] = ..., tag_origin_zone: _Optional[str] = ..., tag_acked_ns: _Optional[int] = ..., media_type: _Optional[str] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

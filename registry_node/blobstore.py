@@ -120,10 +120,19 @@ class BlobStore:
 
     def digests(self) -> Iterator[str]:
         """Every blob file present (for verification and repair)."""
+        for digest, _ in self.files():
+            yield digest
+
+    def files(self) -> Iterator[tuple[str, float]]:
+        """Every blob file present, with its modification time."""
         for alg_dir in sorted(self._blobs.iterdir()):
             for shard in sorted(alg_dir.iterdir()):
                 for entry in sorted(shard.iterdir()):
-                    yield f"{alg_dir.name}:{entry.name}"
+                    try:
+                        mtime = entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    yield f"{alg_dir.name}:{entry.name}", mtime
 
     # -- uploads -------------------------------------------------------------
 

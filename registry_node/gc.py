@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -67,8 +68,31 @@ class GarbageCollector:
                 reclaimed += 1
                 reclaimed_bytes += decode(raw, BlobRecord).size
             await asyncio.sleep(0)  # stay responsive on large stores
+        reclaimed += await self._sweep_orphan_files()
         expired = await registry.expire_uploads(self.upload_ttl_s)
         return CollectionReport(reclaimed, reclaimed_bytes, expired)
+
+    async def _sweep_orphan_files(self) -> int:
+        """Blob files with no metadata: a crash between moving a finished upload
+        into place and committing it leaves one (the client was never told the
+        blob was stored). Removed once older than the grace period and not
+        named by a client meanwhile; a commit in flight touches its digest first."""
+        registry = self.registry
+        files = await registry.run_blocking(lambda: list(registry.blobs.files()))
+        now, wall = registry.monotonic(), time.time()
+        if now - registry.started < self.grace_s:
+            return 0
+        swept = 0
+        for digest, mtime in files:
+            touched = registry.touched.get(digest)
+            if registry.meta.get(keys.blob(digest)) is not None or wall - mtime < self.grace_s \
+                    or (touched is not None and now - touched < self.grace_s):
+                continue
+            registry.blobs.delete(digest)  # same loop step as the check
+            swept += 1
+        if swept:
+            log.info("gc_orphan_files", files=swept)
+        return swept
 
     def _reclaim(self, digest: str, now: float, now_ns: int, since_start: float) -> bool:
         """Reclaim one blob if it is garbage. Synchronous: decision, metadata and

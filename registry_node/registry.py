@@ -282,6 +282,8 @@ class Registry:
                 self._forget_upload(upload_id)
                 raise RegistryError(ErrorCode.BLOB_UPLOAD_UNKNOWN, {"upload": upload_id}) from None
             upload = self._uploads.setdefault(upload_id, _OpenUpload(record.repository, file))
+            if upload.file is not file:  # another request resumed it meanwhile: use that one
+                file.close()
         if upload.repository != repo:
             raise RegistryError(ErrorCode.BLOB_UPLOAD_UNKNOWN, {"upload": upload_id})
         upload.last_used = self._monotonic()

@@ -42,7 +42,7 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_bench_node_reports_every_metric_for_both_registries(tmp_path):
     out, workdir = tmp_path / "bench.json", tmp_path / "work"
     status = main(["bench", "node", "--layers", "4", "--layer-kib", "64", "--images", "2",
-                   "--small-ops", "20", "--big-mib", "2", "--repeat", "1", "--no-warmup",
+                   "--small-ops", "20", "--big-mib", "2", "--repeat", "1", "--no-warmup", "--quiet-wait", "0",
                    "--workdir", str(workdir), "--json", str(out)])
 
     assert status == 0

@@ -74,6 +74,9 @@ examples:
                            "(e.g. --node-arg=--log-level=warning)")
     what.add_argument("--reference-binary", metavar="PATH",
                       help="the reference registry (default /usr/bin/docker-registry)")
+    what.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                      help="before each step, wait up to this long for other processes on the "
+                           "machine to go quiet (default 30; 0 never waits)")
     what.add_argument("--workdir", type=Path,
                       help="keep data and server logs here (default: a temp dir, removed)")
     out = p.add_argument_group("output")
@@ -109,7 +112,7 @@ def _run_node_bench(args: argparse.Namespace) -> int:
                       targets=(args.only,) if args.only else (GEOREG, REFERENCE),
                       reference_binary=args.reference_binary, workdir=args.workdir,
                       profile_dir=args.profile, profile_format=args.profile_format,
-                      profile_native=args.profile_native)
+                      profile_native=args.profile_native, quiet_wait_s=args.quiet_wait)
     try:
         results = _event_loop_run(run(options))
     except (ServerStartError, WorkloadError) as exc:

@@ -11,6 +11,8 @@ Invariants
       steps; which registry goes first alternates from one repeat to the next,
       and dirty pages are written back before every measured step, so neither
       pays for the other's writes.
+    * Before each step the run waits (boundedly) for other processes on the
+      machine to go quiet; what they used anyway is recorded in every sample.
     * Every server started here is stopped on the way out, whatever happens
       (``ExitStack``, also on Ctrl-C).
 """
@@ -92,6 +94,7 @@ class NodeBenchOptions:
     profile_format: str = "raw"
     profile_native: bool = False
     seed: int = 1
+    quiet_wait_s: float = 30.0    # before each step, wait up to this long for other work to stop
 
     def quick(self) -> NodeBenchOptions:
         """The ~30 s smoke version."""
@@ -102,6 +105,7 @@ class NodeBenchOptions:
                 "concurrency": self.concurrency, "images": self.images,
                 "small_ops": self.small_ops, "big_bytes": self.big_bytes, "warmup": self.warmup,
                 "node_args": " ".join(self.node_args), "seed": self.seed,
+                "quiet_wait_s": self.quiet_wait_s,
                 "client": "one process, aiohttp on uvloop, one session per registry"}
 
 
@@ -178,6 +182,11 @@ class _Run:
                    measure: Callable[[Client], Awaitable[Sample]]) -> Sample:
         client = self.clients[name]
         flush_page_cache_writes()
+        if self.options.quiet_wait_s > 0:
+            pids = [c.target.pid for c in self.clients.values()]
+            load = await procfs.wait_for_quiet(pids, self.options.quiet_wait_s)
+            if load >= 0.1:
+                self.say(f"other processes still use {load:.0%} of a core; measuring {step} anyway")
         profile = _profile(self.options, client, step, self.index)
         with profile or contextlib.nullcontext():
             sample = await measure(client)

@@ -17,6 +17,7 @@ import os
 import platform
 import resource
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +55,41 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
 
 
-def machine_busy_seconds() -> float:
-    """CPU time spent by every process on the machine so far, all cores together."""
+def machine_user_seconds() -> float:
+    """User-space CPU time of every process on the machine so far, all cores together.
+    (Kernel time is left out: much of it, writeback and loopback networking, is
+    done on behalf of the registries under test, but not charged to them.)"""
     with open("/proc/stat") as stat:
-        fields = [int(x) for x in stat.readline().split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+        user, nice = (int(x) for x in stat.readline().split()[1:3])
+    return (user + nice) / _CLOCK_TICKS
+
+
+def user_seconds(pid: int) -> float:
+    """User-space CPU time of every thread of ``pid`` so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[11]) / _CLOCK_TICKS
+
+
+def own_user_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
+async def wait_for_quiet(pids: list[int], max_wait_s: float, threshold: float = 0.1,
+                         window_s: float = 0.5) -> float:
+    """Wait until processes other than ``pids`` and this one use less than
+    ``threshold`` of a core over a ``window_s`` window, for at most ``max_wait_s``.
+    Returns the last window's load (fraction of one core)."""
+    deadline = time.monotonic() + max_wait_s
+
+    def others() -> float:
+        return machine_user_seconds() - own_user_seconds() - sum(user_seconds(p) for p in pids)
+
+    while True:
+        before = others()
+        await asyncio.sleep(window_s)  # the measuring window, not a readiness wait
+        load = max(0.0, others() - before) / window_s
+        if load < threshold or time.monotonic() >= deadline:
+            return load
 
 
 def own_cpu_seconds() -> float:

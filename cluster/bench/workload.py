@@ -41,7 +41,15 @@ from typing import Protocol, TypeVar
 import aiohttp
 from yarl import URL
 
-from .procfs import MIB, PeakRss, cpu_seconds, machine_busy_seconds, own_cpu_seconds
+from .procfs import (
+    MIB,
+    PeakRss,
+    cpu_seconds,
+    machine_user_seconds,
+    own_cpu_seconds,
+    own_user_seconds,
+    user_seconds,
+)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -81,7 +89,7 @@ class Sample:
     count: int = 0               # requests (small ops) or bytes (transfers)
     p99_ms: float | None = None
     peak_rss: int | None = None  # server's peak resident set, bytes (big blob only)
-    other_cpu_s: float = 0.0     # CPU used meanwhile by processes other than server and client
+    other_cpu_s: float = 0.0     # user CPU used meanwhile by processes other than server and client
 
 
 @dataclass
@@ -165,7 +173,7 @@ class Measured:
     async def __aenter__(self) -> Measured:
         self._cpu = cpu_seconds(self.pid)
         self._own = own_cpu_seconds()
-        self._machine = machine_busy_seconds()
+        self._users = machine_user_seconds() - user_seconds(self.pid) - own_user_seconds()
         self._t0 = time.perf_counter()
         return self
 
@@ -173,9 +181,9 @@ class Measured:
         self.seconds = time.perf_counter() - self._t0
         self.server_cpu_s = cpu_seconds(self.pid) - self._cpu
         self.client_cpu_s = own_cpu_seconds() - self._own
-        machine = machine_busy_seconds() - self._machine
-        # Clock-tick granularity can make this slightly negative on short steps.
-        self.other_cpu_s = max(0.0, machine - self.server_cpu_s - self.client_cpu_s)
+        others = machine_user_seconds() - user_seconds(self.pid) - own_user_seconds()
+        # User-space time only (see procfs); tick granularity can make it slightly negative.
+        self.other_cpu_s = max(0.0, others - self._users)
 
 
 def open_session(concurrency: int) -> aiohttp.ClientSession:

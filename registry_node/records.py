@@ -102,6 +102,7 @@ class TagRecord(msgspec.Struct, frozen=True):
     origin_region: str = ""
     origin_zone: str = ""
     origin_acked_ns: int = 0
+    arrived_ns: int = 0                # when the tag took this value on this node
 
 
 class Tombstone(msgspec.Struct, frozen=True, omit_defaults=True):

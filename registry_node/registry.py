@@ -583,7 +583,7 @@ class Registry:
         everywhere, in whatever order the two arrive."""
         hlc, origin_region, origin_zone = stamp
         batch.put(keys.tag(repo, tag), encode(TagRecord(digest, hlc, origin_region, origin_zone,
-                                                        origin_acked_ns)))
+                                                        origin_acked_ns, self._wall_ns())))
         batch.delete(keys.tag_tomb(repo, tag))
         raw = batch.puts.get(keys.manifest(repo, digest)) or self.meta.get(keys.manifest(repo, digest))
         if raw is not None:

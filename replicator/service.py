@@ -31,6 +31,7 @@ from .wire.v1 import replication_pb2_grpc as pbg
 log = structlog.get_logger("georeg.replication")
 
 BATCH_LIMIT = 256
+INLINE_MANIFEST_MAX = 64 * 1024
 IDLE_WAIT_S = 5.0
 LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
 
@@ -86,7 +87,7 @@ class ReplicationService(pbg.ReplicationServicer):
                         return
                     await self.feed.wait_beyond(cursor, IDLE_WAIT_S)
                     continue
-                out = [event_to_wire(e) for e in events
+                out = [self._wire(e) for e in events
                        if e.kind not in LOCAL_ONLY
                        and self._allowed(e.origin_region, e.repository, subscriber)]
                 cursor = events[-1].seq
@@ -98,6 +99,14 @@ class ReplicationService(pbg.ReplicationServicer):
             if self.quorum is not None:
                 self.quorum.disconnected(label)
             log.info("subscriber_gone", subscriber=label)
+
+    def _wire(self, event) -> pb.Event:
+        message = event_to_wire(event)
+        if event.kind is EventKind.MANIFEST_PUT and event.size <= INLINE_MANIFEST_MAX:
+            found = self.replica.manifest_body(event.repository, event.digest)
+            if found is not None:  # still here: send it along, saving a round trip
+                message.manifest_body = found[1]
+        return message
 
     async def _read_acks(self, request_iterator: AsyncIterator[pb.SubscribeMessage], label: str) -> None:
         async for message in request_iterator:
@@ -209,6 +218,7 @@ class ReplicationService(pbg.ReplicationServicer):
             tag_hlc=tag.hlc if tag else 0, tag_origin_region=tag.origin_region if tag else "",
             tag_origin_zone=tag.origin_zone if tag else "",
             tag_acked_ns=tag.origin_acked_ns if tag else 0, media_type=state.media_type,
+            tag_arrived_ns=tag.arrived_ns if tag else 0,
             arrived_ns=state.arrived_ns,
             origin_acked_ns=state.origin_acked_ns, origin_region=state.origin_region,
             failure=state.failure, blobs_present=state.blobs_present,

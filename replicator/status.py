@@ -75,8 +75,11 @@ class ImageStatus:
                 entry.update(state="excluded", reason=f"residency: content from {origin_region} "
                                                       f"stays in {origin_region}")
             elif reply.present and reply.digest == digest:
-                lag = (reply.arrived_ns - reply.origin_acked_ns) / 1e6 if reply.origin_acked_ns else None
-                entry.update(state="present", arrived_at=_iso(reply.arrived_ns),
+                # Pullable by tag once both the manifest and the tag are here.
+                arrived = max(reply.arrived_ns, reply.tag_arrived_ns if tag_query else 0)
+                acked = reply.tag_acked_ns if tag_query and reply.tag_acked_ns else reply.origin_acked_ns
+                lag = (arrived - acked) / 1e6 if acked else None
+                entry.update(state="present", arrived_at=_iso(arrived),
                              lag_ms=round(max(lag, 0.0), 2) if lag is not None else None)
             elif reply.failure:
                 entry.update(state="failed", reason=reply.failure)

@@ -133,7 +133,7 @@ class Subscription:
             if pending:
                 await self._settle(pending)
                 pending = []
-            await self._apply_one(event, sources)
+            await self._apply_one(event, sources, message.manifest_body or None)
         if pending:
             await self._settle(pending)
 
@@ -143,9 +143,10 @@ class Subscription:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _apply_one(self, event: Event, sources: Sequence[PeerClient]) -> None:
+    async def _apply_one(self, event: Event, sources: Sequence[PeerClient],
+                         manifest_body: bytes | None = None) -> None:
         try:
-            await self.transfer.apply(event, sources)
+            await self.transfer.apply(event, sources, manifest_body)
         except ReplicationError as exc:
             if exc.outcome is not Outcome.PERMANENT:
                 raise

@@ -35,6 +35,7 @@ from .metrics import ReplicationMetrics
 from .peers import PeerClient
 from .residency import ResidencyPolicy
 from .retry import Backoff, retry
+from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
 
@@ -62,9 +63,11 @@ class Transfer:
 
     # -- events ------------------------------------------------------------------
 
-    async def apply(self, event: Event, sources: Sequence[PeerClient]) -> Event | None:
-        """Apply one replicated change here, fetching whatever content it needs.
-        Returns the event as logged here, or None when it changed nothing."""
+    async def apply(self, event: Event, sources: Sequence[PeerClient],
+                    manifest_body: bytes | None = None) -> Event | None:
+        """Apply one replicated change here, fetching whatever content it needs
+        (a manifest_put may bring its manifest's bytes along). Returns the event
+        as logged here, or None when it changed nothing."""
         if not self.residency.allows(event.origin_region, event.repository, self.region):
             # The sender should never have sent it: refuse, and say so in metrics.
             self.metrics.residency_refusals.labels(event.origin_region).inc()
@@ -79,7 +82,8 @@ class Transfer:
         elif kind is EventKind.MANIFEST_PUT:
             applied = None
             if replica.wants_manifest(event):
-                applied = await self.ensure_manifest(event.repository, event.digest, sources, event)
+                applied = await self.ensure_manifest(event.repository, event.digest, sources, event,
+                                                     body=manifest_body)
         elif kind is EventKind.TAG_SET:
             applied = None
             if replica.wants_tag(event):
@@ -166,7 +170,8 @@ class Transfer:
     # -- manifests ---------------------------------------------------------------
 
     async def ensure_manifest(self, repository: str, digest: str, sources: Sequence[PeerClient],
-                              event: Event | None = None, *, needed_by_index: bool = False) -> Event | None:
+                              event: Event | None = None, *, needed_by_index: bool = False,
+                              body: bytes | None = None) -> Event | None:
         """Fetch a manifest, everything it needs, then store it. ``event`` gives
         the register stamp; without one (a tag or an index needs the manifest)
         the stamp the source holds is used."""
@@ -176,23 +181,31 @@ class Transfer:
             await asyncio.shield(future)
             return None
         task = asyncio.ensure_future(self._transfer_manifest(repository, digest, sources, event,
-                                                             needed_by_index))
+                                                             needed_by_index, body))
         if event is None:
             self._manifests[key] = task
             task.add_done_callback(lambda _: self._manifests.pop(key, None))
         return await asyncio.shield(task)
 
     async def _transfer_manifest(self, repository: str, digest: str, sources: Sequence[PeerClient],
-                                 event: Event | None, needed_by_index: bool) -> Event | None:
+                                 event: Event | None, needed_by_index: bool,
+                                 body: bytes | None = None) -> Event | None:
         replica = self.replica
         last: ReplicationError | None = None
         for peer in sources:
-            try:
-                reply = await retry(lambda p=peer: p.fetch_manifest(repository, digest),
-                                    backoff=self.backoff, attempts=self.attempts, rng=self.rng)
-            except ReplicationError as exc:
-                last = exc
-                continue
+            if body is not None and event is not None:  # it came with the event
+                reply = pb.ManifestReply(digest=digest, media_type=event.media_type, body=body,
+                                         hlc=event.hlc, origin_region=event.origin_region,
+                                         origin_zone=event.origin_zone,
+                                         origin_acked_ns=event.acked_ns)
+                body = None  # if it is unusable, fetch from the peers
+            else:
+                try:
+                    reply = await retry(lambda p=peer: p.fetch_manifest(repository, digest),
+                                        backoff=self.backoff, attempts=self.attempts, rng=self.rng)
+                except ReplicationError as exc:
+                    last = exc
+                    continue
             stamped = event or Event(
                 kind=EventKind.MANIFEST_PUT, repository=repository, digest=digest,
                 media_type=reply.media_type, size=len(reply.body), hlc=reply.hlc,

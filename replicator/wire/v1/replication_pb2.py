@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$replicator/wire/v1/replication.proto\x12\x15georeg.replication.v1\"8\n\x07NodeRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"\x94\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nrepository\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12\x12\n\nmedia_type\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x12\n\nreferences\x18\x08 \x03(\t\x12\x0f\n\x07subject\x18\t \x01(\t\x12\x19\n\x11source_repository\x18\n \x01(\t\x12\x15\n\rorigin_region\x18\x0b \x01(\t\x12\x13\n\x0borigin_zone\x18\x0c \x01(\t\x12\x12\n\norigin_seq\x18\r \x01(\x04\x12\x0b\n\x03hlc\x18\x0e \x01(\x04\x12\x10\n\x08\x61\x63ked_ns\x18\x0f \x01(\x03\"n\n\x0eSubscribeStart\x12\x32\n\nsubscriber\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x18\n\x10\x65xpected_node_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x04\"\x1f\n\x0cSubscribeAck\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\"\x89\x01\n\x10SubscribeMessage\x12\x36\n\x05start\x18\x01 \x01(\x0b\x32%.georeg.replication.v1.SubscribeStartH\x00\x12\x32\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32#.georeg.replication.v1.SubscribeAckH\x00\x42\t\n\x07message\"\x92\x01\n\nEventBatch\x12.\n\x06sender\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.georeg.replication.v1.Event\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ursor_reset\x18\x04 \x01(\x08\"y\n\x10\x46\x65tchBlobRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"=\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"m\n\x14\x46\x65tchManifestRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"\x93\x01\n\rManifestReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x13\n\x0borigin_zone\x18\x06 \x01(\t\x12\x17\n\x0forigin_acked_ns\x18\x07 \x01(\x03\"C\n\x0eSummaryRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\"<\n\x11RepositorySummary\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\"[\n\x07Summary\x12>\n\x0crepositories\x18\x01 \x03(\x0b\x32(.georeg.replication.v1.RepositorySummary\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"_\n\x16RepositoryStateRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\"\xc0\x01\n\x08Register\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x13\n\x0borigin_zone\x18\x06 \x01(\t\x12\x12\n\nmedia_type\x18\x07 \x01(\t\x12\x0c\n\x04size\x18\x08 \x01(\x04\x12\x12\n\nreferences\x18\t \x03(\t\x12\x17\n\x0forigin_acked_ns\x18\n \x01(\x03\"\xb8\x01\n\x0fRepositoryState\x12\x12\n\nrepository\x18\x01 \x01(\t\x12-\n\x04tags\x18\x02 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\x12\x32\n\tmanifests\x18\x03 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\x12.\n\x05\x62lobs\x18\x04 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\"x\n\x12ImageStatusRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x31\n\trequester\x18\x04 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\"\xd1\x02\n\x10ImageStatusReply\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x12\n\narrived_ns\x18\x03 \x01(\x03\x12\x17\n\x0forigin_acked_ns\x18\x04 \x01(\x03\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x06 \x01(\t\x12\x15\n\rblobs_present\x18\x07 \x01(\x04\x12\x13\n\x0b\x62lobs_total\x18\x08 \x01(\x04\x12\x0e\n\x06\x64igest\x18\t \x01(\t\x12\x0f\n\x07tag_hlc\x18\n \x01(\x04\x12\x19\n\x11tag_origin_region\x18\x0b \x01(\t\x12\x17\n\x0ftag_origin_zone\x18\x0c \x01(\t\x12\x14\n\x0ctag_acked_ns\x18\r \x01(\x03\x12\x12\n\nmedia_type\x18\x0e \x01(\t\"\x0f\n\rHealthRequest\"_\n\x0bHealthReply\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x10\n\x08writable\x18\x03 \x01(\x08\x32\xa3\x05\n\x0bReplication\x12[\n\tSubscribe\x12\'.georeg.replication.v1.SubscribeMessage\x1a!.georeg.replication.v1.EventBatch(\x01\x30\x01\x12X\n\tFetchBlob\x12\'.georeg.replication.v1.FetchBlobRequest\x1a .georeg.replication.v1.BlobChunk0\x01\x12\x62\n\rFetchManifest\x12+.georeg.replication.v1.FetchManifestRequest\x1a$.georeg.replication.v1.ManifestReply\x12R\n\tSummarize\x12%.georeg.replication.v1.SummaryRequest\x1a\x1e.georeg.replication.v1.Summary\x12k\n\x12GetRepositoryState\x12-.georeg.replication.v1.RepositoryStateRequest\x1a&.georeg.replication.v1.RepositoryState\x12\x64\n\x0eGetImageStatus\x12).georeg.replication.v1.ImageStatusRequest\x1a\'.georeg.replication.v1.ImageStatusReply\x12R\n\x06Health\x12$.georeg.replication.v1.HealthRequest\x1a\".georeg.replication.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$replicator/wire/v1/replication.proto\x12\x15georeg.replication.v1\"8\n\x07NodeRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"\xab\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nrepository\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12\x12\n\nmedia_type\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x12\n\nreferences\x18\x08 \x03(\t\x12\x0f\n\x07subject\x18\t \x01(\t\x12\x19\n\x11source_repository\x18\n \x01(\t\x12\x15\n\rorigin_region\x18\x0b \x01(\t\x12\x13\n\x0borigin_zone\x18\x0c \x01(\t\x12\x12\n\norigin_seq\x18\r \x01(\x04\x12\x0b\n\x03hlc\x18\x0e \x01(\x04\x12\x10\n\x08\x61\x63ked_ns\x18\x0f \x01(\x03\x12\x15\n\rmanifest_body\x18\x10 \x01(\x0c\"n\n\x0eSubscribeStart\x12\x32\n\nsubscriber\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x18\n\x10\x65xpected_node_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x04\"\x1f\n\x0cSubscribeAck\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\"\x89\x01\n\x10SubscribeMessage\x12\x36\n\x05start\x18\x01 \x01(\x0b\x32%.georeg.replication.v1.SubscribeStartH\x00\x12\x32\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32#.georeg.replication.v1.SubscribeAckH\x00\x42\t\n\x07message\"\x92\x01\n\nEventBatch\x12.\n\x06sender\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.georeg.replication.v1.Event\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ursor_reset\x18\x04 \x01(\x08\"y\n\x10\x46\x65tchBlobRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"=\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"m\n\x14\x46\x65tchManifestRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"\x93\x01\n\rManifestReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x13\n\x0borigin_zone\x18\x06 \x01(\t\x12\x17\n\x0forigin_acked_ns\x18\x07 \x01(\x03\"C\n\x0eSummaryRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\"<\n\x11RepositorySummary\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\"[\n\x07Summary\x12>\n\x0crepositories\x18\x01 \x03(\x0b\x32(.georeg.replication.v1.RepositorySummary\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"_\n\x16RepositoryStateRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\"\xc0\x01\n\x08Register\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x13\n\x0borigin_zone\x18\x06 \x01(\t\x12\x12\n\nmedia_type\x18\x07 \x01(\t\x12\x0c\n\x04size\x18\x08 \x01(\x04\x12\x12\n\nreferences\x18\t \x03(\t\x12\x17\n\x0forigin_acked_ns\x18\n \x01(\x03\"\xb8\x01\n\x0fRepositoryState\x12\x12\n\nrepository\x18\x01 \x01(\t\x12-\n\x04tags\x18\x02 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\x12\x32\n\tmanifests\x18\x03 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\x12.\n\x05\x62lobs\x18\x04 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\"x\n\x12ImageStatusRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x31\n\trequester\x18\x04 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\"\xe9\x02\n\x10ImageStatusReply\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x12\n\narrived_ns\x18\x03 \x01(\x03\x12\x17\n\x0forigin_acked_ns\x18\x04 \x01(\x03\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x06 \x01(\t\x12\x15\n\rblobs_present\x18\x07 \x01(\x04\x12\x13\n\x0b\x62lobs_total\x18\x08 \x01(\x04\x12\x0e\n\x06\x64igest\x18\t \x01(\t\x12\x0f\n\x07tag_hlc\x18\n \x01(\x04\x12\x19\n\x11tag_origin_region\x18\x0b \x01(\t\x12\x17\n\x0ftag_origin_zone\x18\x0c \x01(\t\x12\x14\n\x0ctag_acked_ns\x18\r \x01(\x03\x12\x12\n\nmedia_type\x18\x0e \x01(\t\x12\x16\n\x0etag_arrived_ns\x18\x0f \x01(\x03\"\x0f\n\rHealthRequest\"_\n\x0bHealthReply\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x10\n\x08writable\x18\x03 \x01(\x08\x32\xa3\x05\n\x0bReplication\x12[\n\tSubscribe\x12\'.georeg.replication.v1.SubscribeMessage\x1a!.georeg.replication.v1.EventBatch(\x01\x30\x01\x12X\n\tFetchBlob\x12\'.georeg.replication.v1.FetchBlobRequest\x1a .georeg.replication.v1.BlobChunk0\x01\x12\x62\n\rFetchManifest\x12+.georeg.replication.v1.FetchManifestRequest\x1a$.georeg.replication.v1.ManifestReply\x12R\n\tSummarize\x12%.georeg.replication.v1.SummaryRequest\x1a\x1e.georeg.replication.v1.Summary\x12k\n\x12GetRepositoryState\x12-.georeg.replication.v1.RepositoryStateRequest\x1a&.georeg.replication.v1.RepositoryState\x12\x64\n\x0eGetImageStatus\x12).georeg.replication.v1.ImageStatusRequest\x1a\'.georeg.replication.v1.ImageStatusReply\x12R\n\x06Health\x12$.georeg.replication.v1.HealthRequest\x1a\".georeg.replication.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,43 +34,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEREF']._serialized_start=63
   _globals['_NODEREF']._serialized_end=119
   _globals['_EVENT']._serialized_start=122
-  _globals['_EVENT']._serialized_end=398
-  _globals['_SUBSCRIBESTART']._serialized_start=400
-  _globals['_SUBSCRIBESTART']._serialized_end=510
-  _globals['_SUBSCRIBEACK']._serialized_start=512
-  _globals['_SUBSCRIBEACK']._serialized_end=543
-  _globals['_SUBSCRIBEMESSAGE']._serialized_start=546
-  _globals['_SUBSCRIBEMESSAGE']._serialized_end=683
-  _globals['_EVENTBATCH']._serialized_start=686
-  _globals['_EVENTBATCH']._serialized_end=832
-  _globals['_FETCHBLOBREQUEST']._serialized_start=834
-  _globals['_FETCHBLOBREQUEST']._serialized_end=955
-  _globals['_BLOBCHUNK']._serialized_start=957
-  _globals['_BLOBCHUNK']._serialized_end=1018
-  _globals['_FETCHMANIFESTREQUEST']._serialized_start=1020
-  _globals['_FETCHMANIFESTREQUEST']._serialized_end=1129
-  _globals['_MANIFESTREPLY']._serialized_start=1132
-  _globals['_MANIFESTREPLY']._serialized_end=1279
-  _globals['_SUMMARYREQUEST']._serialized_start=1281
-  _globals['_SUMMARYREQUEST']._serialized_end=1348
-  _globals['_REPOSITORYSUMMARY']._serialized_start=1350
-  _globals['_REPOSITORYSUMMARY']._serialized_end=1410
-  _globals['_SUMMARY']._serialized_start=1412
-  _globals['_SUMMARY']._serialized_end=1503
-  _globals['_REPOSITORYSTATEREQUEST']._serialized_start=1505
-  _globals['_REPOSITORYSTATEREQUEST']._serialized_end=1600
-  _globals['_REGISTER']._serialized_start=1603
-  _globals['_REGISTER']._serialized_end=1795
-  _globals['_REPOSITORYSTATE']._serialized_start=1798
-  _globals['_REPOSITORYSTATE']._serialized_end=1982
-  _globals['_IMAGESTATUSREQUEST']._serialized_start=1984
-  _globals['_IMAGESTATUSREQUEST']._serialized_end=2104
-  _globals['_IMAGESTATUSREPLY']._serialized_start=2107
-  _globals['_IMAGESTATUSREPLY']._serialized_end=2444
-  _globals['_HEALTHREQUEST']._serialized_start=2446
-  _globals['_HEALTHREQUEST']._serialized_end=2461
-  _globals['_HEALTHREPLY']._serialized_start=2463
-  _globals['_HEALTHREPLY']._serialized_end=2558
-  _globals['_REPLICATION']._serialized_start=2561
-  _globals['_REPLICATION']._serialized_end=3236
+  _globals['_EVENT']._serialized_end=421
+  _globals['_SUBSCRIBESTART']._serialized_start=423
+  _globals['_SUBSCRIBESTART']._serialized_end=533
+  _globals['_SUBSCRIBEACK']._serialized_start=535
+  _globals['_SUBSCRIBEACK']._serialized_end=566
+  _globals['_SUBSCRIBEMESSAGE']._serialized_start=569
+  _globals['_SUBSCRIBEMESSAGE']._serialized_end=706
+  _globals['_EVENTBATCH']._serialized_start=709
+  _globals['_EVENTBATCH']._serialized_end=855
+  _globals['_FETCHBLOBREQUEST']._serialized_start=857
+  _globals['_FETCHBLOBREQUEST']._serialized_end=978
+  _globals['_BLOBCHUNK']._serialized_start=980
+  _globals['_BLOBCHUNK']._serialized_end=1041
+  _globals['_FETCHMANIFESTREQUEST']._serialized_start=1043
+  _globals['_FETCHMANIFESTREQUEST']._serialized_end=1152
+  _globals['_MANIFESTREPLY']._serialized_start=1155
+  _globals['_MANIFESTREPLY']._serialized_end=1302
+  _globals['_SUMMARYREQUEST']._serialized_start=1304
+  _globals['_SUMMARYREQUEST']._serialized_end=1371
+  _globals['_REPOSITORYSUMMARY']._serialized_start=1373
+  _globals['_REPOSITORYSUMMARY']._serialized_end=1433
+  _globals['_SUMMARY']._serialized_start=1435
+  _globals['_SUMMARY']._serialized_end=1526
+  _globals['_REPOSITORYSTATEREQUEST']._serialized_start=1528
+  _globals['_REPOSITORYSTATEREQUEST']._serialized_end=1623
+  _globals['_REGISTER']._serialized_start=1626
+  _globals['_REGISTER']._serialized_end=1818
+  _globals['_REPOSITORYSTATE']._serialized_start=1821
+  _globals['_REPOSITORYSTATE']._serialized_end=2005
+  _globals['_IMAGESTATUSREQUEST']._serialized_start=2007
+  _globals['_IMAGESTATUSREQUEST']._serialized_end=2127
+  _globals['_IMAGESTATUSREPLY']._serialized_start=2130
+  _globals['_IMAGESTATUSREPLY']._serialized_end=2491
+  _globals['_HEALTHREQUEST']._serialized_start=2493
+  _globals['_HEALTHREQUEST']._serialized_end=2508
+  _globals['_HEALTHREPLY']._serialized_start=2510
+  _globals['_HEALTHREPLY']._serialized_end=2605
+  _globals['_REPLICATION']._serialized_start=2608
+  _globals['_REPLICATION']._serialized_end=3283
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ class NodeRef(_message.Message):
     def __init__(self, region: _Optional[str] = ..., zone: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns")
+    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns", "manifest_body")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class Event(_message.Message):
     ORIGIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     HLC_FIELD_NUMBER: _ClassVar[int]
     ACKED_NS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_BODY_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: str
     repository: str
@@ -48,7 +49,8 @@ class Event(_message.Message):
     origin_seq: int
     hlc: int
     acked_ns: int
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ...) -> None: ...
+    manifest_body: bytes
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ...) -> None: ...
 
 class SubscribeStart(_message.Message):
     __slots__ = ("subscriber", "expected_node_id", "cursor")
@@ -215,7 +217,7 @@ class ImageStatusRequest(_message.Message):
     def __init__(self, repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., requester: _Optional[_Union[NodeRef, _Mapping]] = ...) -> None: ...
 
 class ImageStatusReply(_message.Message):
-    __slots__ = ("node", "present", "arrived_ns", "origin_acked_ns", "origin_region", "failure", "blobs_present", "blobs_total", "digest", "tag_hlc", "tag_origin_region", "tag_origin_zone", "tag_acked_ns", "media_type")
+    __slots__ = ("node", "present", "arrived_ns", "origin_acked_ns", "origin_region", "failure", "blobs_present", "blobs_total", "digest", "tag_hlc", "tag_origin_region", "tag_origin_zone", "tag_acked_ns", "media_type", "tag_arrived_ns")
     NODE_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     ARRIVED_NS_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +232,7 @@ class ImageStatusReply(_message.Message):
     TAG_ORIGIN_ZONE_FIELD_NUMBER: _ClassVar[int]
     TAG_ACKED_NS_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TAG_ARRIVED_NS_FIELD_NUMBER: _ClassVar[int]
     node: NodeRef
     present: bool
     arrived_ns: int
@@ -244,7 +247,8 @@ class ImageStatusReply(_message.Message):
     tag_origin_zone: str
     tag_acked_ns: int
     media_type: str
-    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., present: _Optional[bool] = ..., arrived_ns: _Optional[int] = ..., origin_acked_ns: _Optional[int] = ..., origin_region: _Optional[str] = ..., failure: _Optional[str] = ..., blobs_present: _Optional[int] = ..., blobs_total: _Optional[int] = ..., digest: _Optional[str] = ..., tag_hlc: _Optional[int] = ..., tag_origin_region: _Optional[str] = ..., tag_origin_zone: _Optional[str] = ..., tag_acked_ns: _Optional[int] = ..., media_type: _Optional[str] = ...) -> None: ...
+    tag_arrived_ns: int
+    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., present: _Optional[bool] = ..., arrived_ns: _Optional[int] = ..., origin_acked_ns: _Optional[int] = ..., origin_region: _Optional[str] = ..., failure: _Optional[str] = ..., blobs_present: _Optional[int] = ..., blobs_total: _Optional[int] = ..., digest: _Optional[str] = ..., tag_hlc: _Optional[int] = ..., tag_origin_region: _Optional[str] = ..., tag_origin_zone: _Optional[str] = ..., tag_acked_ns: _Optional[int] = ..., media_type: _Optional[str] = ..., tag_arrived_ns: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .crypto import NodeKey, SealedBlob, SegmentWriter, read_unsealed
+from .storage_faults import StorageFaults
 
 _UUID_LEN = 36
 
@@ -44,18 +45,20 @@ class UploadFile:
     compute a non-sha256 digest or to recover the hash state after a restart."""
 
     def __init__(self, path: Path, fd: int, writer: SegmentWriter, hasher: hashlib._Hash,
-                 node_key: NodeKey) -> None:
+                 node_key: NodeKey, faults: StorageFaults) -> None:
         self.path = path
         self._fd = fd
         self._writer = writer
         self._hasher = hasher
         self._node_key = node_key
+        self._faults = faults
 
     @property
     def size(self) -> int:
         return self._writer.size
 
     def write(self, data: bytes | memoryview) -> None:
+        self._faults.before_write()
         self._hasher.update(data)
         self._writer.write(data)
 
@@ -76,6 +79,7 @@ class UploadFile:
         yield from read_unsealed(self._fd, self._node_key)
 
     def seal(self, digest: str) -> None:
+        self._faults.before_write()
         self._writer.seal(digest)
         os.fsync(self._fd)
 
@@ -86,9 +90,10 @@ class UploadFile:
 
 
 class BlobStore:
-    def __init__(self, root: Path, node_key: NodeKey) -> None:
+    def __init__(self, root: Path, node_key: NodeKey, faults: StorageFaults | None = None) -> None:
         self.root = root
         self._node_key = node_key
+        self.faults = faults or StorageFaults()
         self._blobs = root / "blobs"
         self._uploads = root / "uploads"
         self._blobs.mkdir(parents=True, exist_ok=True)
@@ -137,10 +142,11 @@ class BlobStore:
     # -- uploads -------------------------------------------------------------
 
     def create_upload(self, upload_id: str, algorithm: str = "sha256") -> UploadFile:
+        self.faults.before_write()
         path = self.upload_path(upload_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         writer = SegmentWriter.create(fd, self._node_key)
-        return UploadFile(path, fd, writer, hashlib.new(algorithm), self._node_key)
+        return UploadFile(path, fd, writer, hashlib.new(algorithm), self._node_key, self.faults)
 
     def resume_upload(self, upload_id: str) -> UploadFile:
         """Reopen an upload after a restart, recomputing its hash from disk."""
@@ -155,7 +161,7 @@ class BlobStore:
         except BaseException:
             os.close(fd)
             raise
-        return UploadFile(path, fd, writer, hasher, self._node_key)
+        return UploadFile(path, fd, writer, hasher, self._node_key, self.faults)
 
     def commit_upload(self, upload: UploadFile, digest: str) -> None:
         """Seal the upload under ``digest`` and move it into place, durably.

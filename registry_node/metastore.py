@@ -13,6 +13,7 @@ atomic with respect to the others without locks.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from . import keys
 from .records import Event, decode, encode
+from .storage_faults import StorageFaults
 
 
 @dataclass
@@ -48,7 +50,8 @@ class Batch:
 
 
 class MetadataStore:
-    def __init__(self, path: Path, *, sync: bool = True) -> None:
+    def __init__(self, path: Path, *, sync: bool = True,
+                 faults: StorageFaults | None = None) -> None:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         options.set_keep_log_file_num(3)
@@ -57,6 +60,7 @@ class MetadataStore:
         self._write_options.sync = sync
         self._last_seq = self._read_last_seq()
         self._listeners: list[Callable[[int], None]] = []
+        self.faults = faults or StorageFaults()
 
     def close(self) -> None:
         self._db.close()
@@ -116,6 +120,7 @@ class MetadataStore:
     def commit(self, batch: Batch) -> list[Event]:
         """Write ``batch`` atomically and durably; returns its events with their
         sequence numbers (and origin sequence, for events that originate here)."""
+        self.faults.before_write()
         wb = WriteBatch(raw_mode=True)
         for key, value in batch.puts.items():
             wb.put(key, value)
@@ -129,7 +134,12 @@ class MetadataStore:
             stamped = structs.replace(event, seq=seq, origin_seq=origin_seq)
             wb.put(keys.log(seq), encode(stamped))
             committed.append(stamped)
-        self._db.write(wb, self._write_options)
+        try:
+            self._db.write(wb, self._write_options)
+        except Exception as exc:  # rocksdict raises plain Exceptions for IO errors
+            if "No space" in str(exc):
+                raise OSError(errno.ENOSPC, f"metadata write failed: {exc}") from None
+            raise
         if committed:
             self._last_seq = seq
             for listener in self._listeners:

@@ -21,6 +21,7 @@ from .crypto import NodeKey, Sealer
 from .metastore import Batch, MetadataStore
 from .records import NodeIdentity, decode, encode
 from .registry import Registry
+from .storage_faults import StorageFaults
 
 SCHEMA_VERSION = b"1"
 KEY_CHECK = b"meta\x00keycheck"
@@ -45,14 +46,15 @@ class Node:
         os.chmod(config.data_dir, 0o700)
         node_key = NodeKey.load_or_create(config.key_path) if config.key_file is None \
             else NodeKey.load(config.key_file)
-        meta = MetadataStore(config.data_dir / "meta", sync=config.sync)
+        faults = StorageFaults()
+        meta = MetadataStore(config.data_dir / "meta", sync=config.sync, faults=faults)
         try:
             identity = _check_data_dir(meta, node_key, config)
         except BaseException:
             meta.close()
             raise
         executor = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="georeg-io")
-        blobs = BlobStore(config.data_dir, node_key)
+        blobs = BlobStore(config.data_dir, node_key, faults)
 
         def run_blocking(fn):
             return asyncio.get_running_loop().run_in_executor(executor, fn)

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from ..errors import ErrorCode, RegistryError
+from ..storage_faults import is_disk_full
 
 log = structlog.get_logger("georeg.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -63,7 +64,14 @@ async def access(request: web.Request, handler) -> web.StreamResponse:
         status = 499  # the client went away; nothing to answer
         log.info("client_gone", rid=rid, error=str(exc) or type(exc).__name__)
         raise
-    except Exception:
+    except Exception as exc:
+        if is_disk_full(exc):
+            # Refused before anything changed: what is stored stays intact.
+            log.warning("disk_full", rid=rid, method=request.method, path=request.path)
+            status = 507
+            return error_response(RegistryError(
+                ErrorCode.UNAVAILABLE, "the node's disk is full; writes are refused until space "
+                "is freed, reads keep working", message="disk full", status=507))
         log.exception("unhandled", rid=rid, method=request.method, path=request.path)
         status = 500
         return error_response(RegistryError(ErrorCode.UNKNOWN, {"request_id": rid}))

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from aiohttp import web
 
-from . import base, blobs, listings, manifests, uploads
+from . import admin, base, blobs, listings, manifests, uploads
 
 
 class Route(NamedTuple):
@@ -42,6 +42,9 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", _NAME + "/blobs/{digest}", blobs.delete_blob),
     # ACR's own API, beside the OCI one.
     Route("DELETE", "/acr/v1/{name:.+}", listings.delete_repository),
+    # Fault injection's storage seam.
+    Route("GET", "/georeg/v1/faults/storage", admin.get_storage_faults),
+    Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
 )
 
 

@@ -1,0 +1,1071 @@
+"""The routing layer's sockets: a streaming HTTP/1.1 reverse proxy per endpoint
+(the global endpoint of one client location, or one region's regional
+endpoint), and an optional active health probe.
+
+``cluster.routing`` decides where a request goes; this module moves the bytes.
+It works at the asyncio ``Protocol`` level and parses only what it must, with
+httptools (llhttp): the request head (to route it), the response head (to add
+``X-Georeg-Replica`` and learn upload sessions) and message boundaries (for
+keep-alive on both sides). A ``Content-Length`` body is counted, not parsed:
+the bytes read are the bytes written (``_MessageStream``). A chunked body goes
+through the parser and is re-framed on the way out.
+
+Invariants
+    * Nothing buffers a whole body. Each direction holds at most the socket
+      write buffer's high-water mark plus one read; a full buffer pauses
+      reading on the other side (backpressure both ways).
+    * A request is retried on the next candidate only while none of its body
+      has left the proxy and no response byte has come back: after a refused
+      or timed-out connect (the node is marked down at once), or when a
+      connection closes before answering (a pooled connection gets one retry
+      on a fresh connection to the same node first; a fresh one marks the
+      node down). A request whose body was partly sent gets a ``502`` and its
+      connection is closed; one whose response was partly sent has its client
+      connection closed (the client retries). ``429`` and every other status
+      pass through untouched: only transport failures fail over.
+    * Every proxied response carries ``X-Georeg-Replica: <node name>``; a
+      response that is the proxy's own (``503`` no replica, ``502``) does not.
+    * Upload sessions are learnt from ``Location`` / ``Docker-Upload-UUID`` of
+      the responses that carry them and forgotten when the session completes
+      (``PUT``) or is cancelled (``DELETE``).
+    * ``Expect: 100-continue`` is answered by the proxy once a backend
+      connection is ready, and not forwarded.
+    * A request answered before its body ended (an early 404, the proxy's
+      own 503) has the rest of its body read and dropped, for at most
+      ``_LINGER_S``, then the client connection carries on (or closes, if the
+      body takes longer); that backend connection is never reused. The
+      framing of the next request is never in doubt.
+    * A client sends one request at a time (no client of a registry
+      pipelines); a pipelined request is parsed, held and sent after the
+      previous response, to the node its own route picks.
+
+The proxy runs on the caller's event loop (uvloop when the process runs
+under it, as ``georeg`` does); state changes (health, routing flags) are
+plain calls on the shared ``NodeHealth`` and ``Replicas`` objects from that
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+
+import httptools
+import structlog
+
+from .routing import (
+    EndpointPolicy,
+    GlobalPolicy,
+    HealthView,
+    LatencyMs,
+    NodeEndpoint,
+    NodeHealth,
+    RegionalPolicy,
+    ReplicaGroup,
+    Replicas,
+    RequestRoute,
+    UploadAffinity,
+    ZoneSpread,
+    route_of,
+    upload_id_of,
+)
+
+log = structlog.get_logger("georeg.routing")
+
+REPLICA_HEADER = b"X-Georeg-Replica"
+# Hop-by-hop headers (RFC 9110 7.6.1) and what the proxy re-frames itself.
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                         b"upgrade"})
+_MAX_HEAD = 64 * 1024                 # request line + headers; larger gets 431
+_WRITE_HIGH_WATER = 256 * 1024
+_CHUNK_END = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LINGER_S = 5.0                       # how long an answered request's body is read and dropped
+
+# Reasons a client connection stops being read (bits; reading resumes when none is left).
+_CONNECTING = 1       # the request's backend is not chosen yet: hold its body back
+_BACKPRESSURE = 2     # the backend's socket buffer is full
+_AWAITING = 4         # the request is complete; its response is in flight
+
+
+_HEAD, _RAW, _PARSED = 0, 1, 2
+
+
+class _MessageStream:
+    """One direction of a connection as a sequence of HTTP messages.
+
+    Each head goes to the httptools parser as it arrives (so garbage, such as
+    a TLS hello, is refused at once), cut exactly where it ends. The owner's
+    parser callbacks report to the stream: ``begun()`` from
+    ``on_message_begin``, ``headers_done(length)`` from ``on_headers_complete``
+    and ``ended()`` from ``on_message_complete``. If the head was cut cleanly
+    and ``length`` is a positive ``Content-Length``, the next ``length`` bytes
+    go to ``on_body`` as they arrived — no parser, no copy — followed by
+    ``on_end``, and a fresh parser takes the next head. Otherwise (chunked,
+    delimited by the connection's end, or a pipelined message the parser had
+    already begun) the parser gets everything until a message ends at the end
+    of a read: always correct, only not as cheap.
+    """
+
+    __slots__ = ("_new_parser", "parser", "_on_body", "_on_end", "_head_limit", "_mode",
+                 "_left", "_tail", "_head_size", "_ended", "_cutting")
+
+    def __init__(self, new_parser: Callable[[], object], on_body: Callable[[bytes], None],
+                 on_end: Callable[[], None], head_limit: int) -> None:
+        self._new_parser = new_parser
+        self.parser = new_parser()
+        self._on_body = on_body
+        self._on_end = on_end
+        self._head_limit = head_limit
+        self._mode = _HEAD
+        self._left = 0
+        self._tail = b""          # the last bytes of the head so far, to find its end across reads
+        self._head_size = 0
+        self._ended = True
+        self._cutting = False
+
+    def begun(self) -> None:
+        self._ended = False
+
+    def ended(self) -> None:
+        self._ended = True
+
+    def headers_done(self, raw_length: int | None) -> None:
+        if self._cutting and raw_length:
+            self._mode = _RAW
+            self._left = raw_length
+        else:
+            self._mode = _PARSED      # the parser carries the body (if any) to the end
+
+    def feed(self, data: bytes | memoryview) -> None:
+        while data:
+            mode = self._mode
+            if mode == _RAW:
+                left = self._left
+                if len(data) < left:
+                    self._left = left - len(data)
+                    self._on_body(data)
+                    return
+                piece, data = data[:left], data[left:]
+                self._left = 0
+                self._mode = _HEAD
+                self.parser = self._new_parser()
+                self._on_body(piece)
+                self._on_end()
+                continue
+            if mode == _PARSED:
+                self.parser.feed_data(data)
+                if self._ended:
+                    self._mode = _HEAD
+                return
+            if isinstance(data, memoryview):
+                data = bytes(data)        # a second head in one read: rare, and small
+            tail = self._tail
+            end = -1
+            if tail:
+                found = (tail + data[:3]).find(b"\r\n\r\n")
+                if found >= 0:
+                    end = found + 4 - len(tail)
+            if end < 0:
+                found = data.find(b"\r\n\r\n")
+                if found >= 0:
+                    end = found + 4
+            if end < 0:
+                self._head_size += len(data)
+                if self._head_size > self._head_limit:
+                    raise _HeadTooLarge
+                self._tail = (tail + data)[-3:]
+                self.parser.feed_data(data)
+                if self._mode == _PARSED and self._ended:
+                    self._mode = _HEAD
+                return
+            # The rest is (the start of) a body: a view, not a copy.
+            head, data = data[:end], memoryview(data)[end:]
+            self._tail = b""
+            self._head_size = 0
+            self._cutting = True
+            try:
+                self.parser.feed_data(head)
+            finally:
+                self._cutting = False
+            if self._mode == _PARSED and self._ended:
+                self._mode = _HEAD        # a message without a body
+
+
+class RoutingProxy:
+    """One endpoint: accepts client connections on ``start(host, port)`` and
+    routes each request with ``policy``.
+
+    ``health`` receives ``mark_down`` on connect failures; ``affinity`` may be
+    shared by every endpoint of a cluster so a session begun through one
+    endpoint continues through another.
+    """
+
+    def __init__(self, policy: EndpointPolicy, health: HealthView,
+                 affinity: UploadAffinity | None = None, *, connect_timeout_s: float = 1.0,
+                 client_idle_timeout_s: float = 75.0, backend_idle_timeout_s: float = 30.0,
+                 max_idle_per_backend: int = 64) -> None:
+        self.policy = policy
+        self.health = health
+        self.affinity = affinity if affinity is not None else UploadAffinity()
+        self.connect_timeout_s = connect_timeout_s
+        self.client_idle_timeout_s = client_idle_timeout_s
+        self.backend_idle_timeout_s = backend_idle_timeout_s
+        self.requests_by_backend: Counter[str] = Counter()
+        self.failovers = 0                # requests sent on after a candidate failed
+        self.unavailable_responses = 0    # 503s for want of a healthy node
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._pool = _BackendPool(self, max_idle_per_backend)
+        self._connecting: set[asyncio.Task] = set()
+        self._clients: set[_ClientConnection] = set()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    @classmethod
+    def global_endpoint(cls, client_region: str, replicas: Replicas, latency_ms: LatencyMs,
+                        health: HealthView, affinity: UploadAffinity | None = None, *,
+                        zone_spread: ZoneSpread = ZoneSpread.REPOSITORY,
+                        **options) -> RoutingProxy:
+        return cls(GlobalPolicy(client_region, replicas, latency_ms, health,
+                                zone_spread=zone_spread), health, affinity, **options)
+
+    @classmethod
+    def regional_endpoint(cls, replica: ReplicaGroup, health: HealthView,
+                          affinity: UploadAffinity | None = None, *,
+                          zone_spread: ZoneSpread = ZoneSpread.REPOSITORY,
+                          **options) -> RoutingProxy:
+        return cls(RegionalPolicy(replica, health, zone_spread=zone_spread), health, affinity,
+                   **options)
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on ``host:port`` (0 picks a free port); returns the port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _ClientConnection(self), host, port,
+                                                backlog=1024, reuse_address=True)
+        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        period = min(self.client_idle_timeout_s, self.backend_idle_timeout_s) / 4
+        self._sweeper = loop.create_task(self._sweep(period))
+        log.info("endpoint_listening", endpoint=self.name, host=host, port=self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, close every client and backend connection."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        self._pool.closed = True
+        if self._server is not None:
+            self._server.close()
+        for client in list(self._clients):
+            client.shut()
+        self._pool.close_all()
+        for task in list(self._connecting):
+            task.cancel()
+        await asyncio.gather(*self._connecting, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _sweep(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for client in list(self._clients):
+                if not client.queue and now - client.idle_since > self.client_idle_timeout_s:
+                    client.shut()
+            self._pool.expire(now - self.backend_idle_timeout_s)
+
+
+class _BackendPool:
+    """Idle keep-alive connections per node address, most recently used first."""
+
+    def __init__(self, proxy: RoutingProxy, max_idle: int) -> None:
+        self.proxy = proxy
+        self.max_idle = max_idle
+        self.closed = False
+        self._idle: dict[NodeEndpoint, list[_BackendConnection]] = {}
+
+    def take(self, node: NodeEndpoint) -> _BackendConnection | None:
+        idle = self._idle.get(node)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    def put(self, conn: _BackendConnection) -> None:
+        idle = self._idle.setdefault(conn.node, [])
+        if conn.closed or self.closed or len(idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    def discard(self, conn: _BackendConnection) -> None:
+        idle = self._idle.get(conn.node)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def expire(self, idle_before: float) -> None:
+        for idle in self._idle.values():
+            for conn in [c for c in idle if c.idle_since < idle_before]:
+                idle.remove(conn)
+                conn.close()
+
+    def close_all(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+
+class _BackendConnection(asyncio.Protocol):
+    """One connection to a node; serves one exchange at a time."""
+
+    def __init__(self, node: NodeEndpoint, proxy: RoutingProxy) -> None:
+        self.node = node
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.exchange: _Exchange | None = None
+        self.closed = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:        # nothing was asked: a confused server, not to be reused
+            self.close()
+            return
+        exchange.backend_data(data)
+
+    def eof_received(self) -> bool:
+        return False                # close; connection_lost tells the exchange
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy._pool.discard(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.backend_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.hold(_BACKPRESSURE)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.release(_BACKPRESSURE)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests and runs their exchanges in order."""
+
+    def __init__(self, proxy: RoutingProxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.stream = _MessageStream(lambda: httptools.HttpRequestParser(self), self.on_body,
+                                     self.on_message_complete, _MAX_HEAD)
+        self.queue: deque[_Exchange] = deque()   # the first is in flight
+        self.receiving: _Exchange | None = None  # whose request body is arriving
+        self.peer = b""
+        self.local = b""
+        self.draining: _Exchange | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.closing = False
+        self.write_paused = False
+        self.idle_since = time.monotonic()
+        self._holds = 0
+        self._url: list[bytes] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+
+    # -- transport callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0].encode() if peer else b""
+        local = transport.get_extra_info("sockname")
+        self.local = f"{local[0]}:{local[1]}".encode() if local else b"localhost"
+        self.proxy._clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.stream.feed(data)
+        except _HeadTooLarge:
+            self._refuse(431, "UNSUPPORTED", "request head too large")
+        except httptools.HttpParserUpgrade:
+            self._refuse(501, "UNSUPPORTED", "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadTooLarge):
+                self._refuse(431, "UNSUPPORTED", "request head too large")
+            elif cause is not None:          # a fault of ours, not the client's
+                log.error("proxy_fault", endpoint=self.proxy.name, exc_info=cause)
+                self.shut()
+            else:
+                self._refuse(400, "UNSUPPORTED", f"malformed HTTP request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy._clients.discard(self)
+        if self._linger:
+            self._linger.cancel()
+        for exchange in self.queue:
+            exchange.abort()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.queue and (backend := self.queue[0].backend) is not None:
+            backend.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.queue and (backend := self.queue[0].backend) is not None:
+            backend.transport.resume_reading()
+
+    # -- parser callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.stream.begun()
+        self._url = []
+        self._headers = []
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._head_size += len(url)
+        if self._head_size > _MAX_HEAD:
+            raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > _MAX_HEAD:
+            raise _HeadTooLarge
+
+    def on_headers_complete(self) -> None:
+        parser = self.stream.parser
+        exchange = _Exchange(self, parser.get_method(), b"".join(self._url), self._headers,
+                             parser.get_http_version(), parser.should_keep_alive())
+        self.receiving = exchange
+        self.queue.append(exchange)
+        self.stream.headers_done(exchange.req_length)
+        if len(self.queue) == 1:
+            exchange.start()
+
+    def on_body(self, data: bytes) -> None:
+        if self.receiving is not None:
+            self.receiving.request_body(data)
+
+    def on_message_complete(self) -> None:
+        self.stream.ended()
+        exchange, self.receiving = self.receiving, None
+        if exchange is not None:
+            exchange.request_done()
+
+    # -- used by exchanges -------------------------------------------------------------
+
+    def hold(self, reason: int) -> None:
+        if not self._holds and not self.closed:
+            self.transport.pause_reading()
+        self._holds |= reason
+
+    def release(self, reason: int) -> None:
+        if self._holds & reason:
+            self._holds &= ~reason
+            if not self._holds and not self.closed:
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def finished(self, exchange: _Exchange, close: bool) -> None:
+        """``exchange`` (the first in the queue) has sent its whole response."""
+        if close or self.closing:
+            self.closing = True
+            if not self.closed:
+                self.transport.close()      # after what is buffered has been sent
+            return
+        if not exchange.request_complete:
+            # Answered before its body ended (an early 404, a 503): read the rest
+            # and drop it, for a while, rather than close on a client that is still
+            # sending — it might see a reset instead of its answer.
+            self.draining = exchange
+            self._linger = asyncio.get_running_loop().call_later(_LINGER_S, self._linger_over)
+            self.release(_CONNECTING | _BACKPRESSURE | _AWAITING)
+            return
+        if self.queue and self.queue[0] is exchange:
+            self.queue.popleft()
+        self.idle_since = time.monotonic()
+        if self.queue:
+            following = self.queue[0]
+            self.release(_BACKPRESSURE)
+            if not following.request_complete:
+                self.release(_AWAITING)
+            following.start()
+        else:
+            self.release(_AWAITING | _BACKPRESSURE)
+
+    def drained(self, exchange: _Exchange) -> None:
+        """The body of an already answered request has ended: carry on."""
+        if self.draining is exchange:
+            self.draining = None
+            if self._linger:
+                self._linger.cancel()
+            self.finished(exchange, close=False)
+
+    def _linger_over(self) -> None:
+        self.draining = None
+        self.closing = True
+        if not self.closed:
+            self.transport.close()
+
+    def shut(self) -> None:
+        """Close now (the proxy is stopping or the connection sat idle)."""
+        self.closing = True
+        for exchange in self.queue:
+            exchange.abort()
+        if self.transport is None or self.closed:
+            return
+        if self.queue:
+            self.transport.abort()           # a response is cut short: say so with a reset
+        else:
+            self.transport.close()
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """A request the proxy cannot parse or forward: answer if nothing of a
+        response is on the wire yet, and close."""
+        self.closing = True
+        if not self.queue or not self.queue[0].response_started:
+            self.write(_local_response(status, code, message, {}, close=True))
+        for exchange in self.queue:
+            exchange.abort()
+        if not self.closed:
+            self.transport.close()
+
+
+class _Exchange:
+    """One request and its response, from routing to the last body byte."""
+
+    __slots__ = (
+        # the request
+        "client", "proxy", "method", "route", "head", "keep_alive", "http_10", "req_chunked",
+        "req_length", "expect_continue", "continue_sent", "pending", "body_sent",
+        "request_complete",
+        # where it goes
+        "candidates", "fresh_only", "backend", "reused", "connecting", "failed_over",
+        # the response
+        "stream", "reason", "resp_headers", "resp_chunked", "resp_length", "resp_until_eof",
+        "resp_keep_alive", "interim", "close_client", "response_started", "response_complete",
+        "done",
+    )
+
+    def __init__(self, client: _ClientConnection, method: bytes, url: bytes,
+                 headers: list[tuple[bytes, bytes]], version: str, keep_alive: bool) -> None:
+        self.client = client
+        self.proxy = client.proxy
+        self.method = method
+        self.route: RequestRoute = route_of(url.split(b"?", 1)[0].decode("latin-1"))
+        self.keep_alive = keep_alive and not client.closing
+        self.http_10 = version == "1.0"
+        self.req_chunked = False
+        self.req_length = 0
+        self.expect_continue = False
+        self.continue_sent = False
+        self.head = self._forward_head(method, url, headers)
+        self.candidates: list[NodeEndpoint] = []
+        self.fresh_only: NodeEndpoint | None = None
+        self.backend: _BackendConnection | None = None
+        self.reused = False
+        self.connecting: asyncio.Task | None = None
+        self.pending: list[bytes] = []
+        self.body_sent = False
+        self.request_complete = False
+        self.response_started = False
+        self.response_complete = False
+        self.done = False
+        self.stream: _MessageStream | None = None
+        self.reason = b""
+        self.resp_headers: list[tuple[bytes, bytes]] = []
+        self.resp_chunked = False
+        self.resp_length: int | None = None
+        self.resp_until_eof = False
+        self.resp_keep_alive = False
+        self.interim = False
+        self.close_client = False
+        self.failed_over = False
+
+    def _forward_head(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+        parts = [method, b" ", url, b" HTTP/1.1\r\n"]
+        drop = _HOP_BY_HOP
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                if tokens - {b"close", b"keep-alive"}:
+                    drop = drop | tokens
+        forwarded_for = self.client.peer
+        has_host = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower in drop:
+                continue
+            if lower == b"transfer-encoding":
+                self.req_chunked = value.lower().rstrip().endswith(b"chunked")
+            elif lower == b"content-length":
+                self.req_length = int(value)        # llhttp has checked it is a number
+            elif lower == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    self.expect_continue = not self.http_10
+                    continue
+            elif lower == b"x-forwarded-for":
+                forwarded_for = value + b", " + forwarded_for
+                continue
+            elif lower == b"host":
+                has_host = True
+            parts += (name, b": ", value, b"\r\n")
+        if not has_host:            # HTTP/1.0 may omit it; HTTP/1.1 servers require it
+            parts += (b"Host: ", self.client.local, b"\r\n")
+        parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\n\r\n")
+        return b"".join(parts)
+
+    # -- routing and connecting ------------------------------------------------------
+
+    def start(self) -> None:
+        proxy = self.proxy
+        upload_id = self.route.upload_id
+        pinned = proxy.affinity.node_for(upload_id) if upload_id else None
+        self.candidates = proxy.policy.candidates(self.route, pinned)
+        self.client.hold(_CONNECTING)
+        self._next()
+
+    def _next(self) -> None:
+        if self.done:
+            return
+        if self.fresh_only is not None:
+            node, self.fresh_only = self.fresh_only, None
+        elif self.candidates:
+            node = self.candidates.pop(0)
+            conn = self.proxy._pool.take(node)
+            if conn is not None:
+                self._attach(conn, reused=True)
+                return
+        else:
+            self._unavailable()
+            return
+        task = asyncio.get_running_loop().create_task(self._connect(node))
+        self.connecting = task
+        self.proxy._connecting.add(task)
+        task.add_done_callback(self.proxy._connecting.discard)
+
+    async def _connect(self, node: NodeEndpoint) -> None:
+        proxy = self.proxy
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(proxy.connect_timeout_s):
+                _, conn = await loop.create_connection(lambda: _BackendConnection(node, proxy),
+                                                       node.host, node.port)
+        except (OSError, TimeoutError) as exc:
+            self.connecting = None
+            reason = (f"connect to {node.host}:{node.port} timed out"
+                      if isinstance(exc, TimeoutError) else
+                      f"connect to {node.host}:{node.port} failed: {exc.strerror or exc}")
+            proxy.health.mark_down(node.name, reason)
+            log.warning("node_marked_down", endpoint=proxy.name, node=node.name, reason=reason)
+            self._failover()
+            return
+        self.connecting = None
+        if self.done:
+            proxy._pool.put(conn)
+            return
+        self._attach(conn, reused=False)
+
+    def _failover(self) -> None:
+        if not self.failed_over:
+            self.failed_over = True
+            self.proxy.failovers += 1
+        self._next()
+
+    def _attach(self, conn: _BackendConnection, reused: bool) -> None:
+        self.backend = conn
+        self.reused = reused
+        conn.exchange = self
+        self.stream = _MessageStream(lambda: httptools.HttpResponseParser(self), self.on_body,
+                                     self.on_message_complete, _MAX_HEAD)
+        self.proxy.requests_by_backend[conn.node.name] += 1
+        transport = conn.transport
+        transport.write(self.head)
+        if self.client.write_paused:
+            transport.pause_reading()
+        if self.pending:
+            for piece in self.pending:
+                self._send_body(transport, piece)
+            self.pending.clear()
+        if self.request_complete:
+            if self.req_chunked:
+                transport.write(_CHUNK_END)
+                self.body_sent = True
+        elif self.expect_continue and not self.continue_sent:
+            self.continue_sent = True
+            self.client.write(_CONTINUE)
+        self.client.release(_CONNECTING)
+
+    def _send_body(self, transport: asyncio.Transport, data: bytes) -> None:
+        if self.req_chunked:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+        self.body_sent = True
+
+    # -- the request ---------------------------------------------------------------------
+
+    def request_body(self, data: bytes) -> None:
+        if self.done:
+            return                 # answered already: the rest is read and dropped
+        if self.backend is not None:
+            self._send_body(self.backend.transport, data)
+        else:
+            self.pending.append(data)
+
+    def request_done(self) -> None:
+        self.request_complete = True
+        if self.done:
+            self.client.drained(self)
+            return
+        if self.backend is not None and self.req_chunked:
+            self.backend.transport.write(_CHUNK_END)
+            self.body_sent = True
+        if not self.response_complete:
+            self.client.hold(_AWAITING)
+
+    # -- the response (httptools callbacks) ---------------------------------------
+
+    def backend_data(self, data: bytes) -> None:
+        try:
+            self.stream.feed(data)
+        except _HeadTooLarge:
+            self._broken(f"response head from {self.backend.node.name} too large")
+        except httptools.HttpParserError as exc:
+            node = self.backend.node.name if self.backend else None
+            if exc.__context__ is not None:  # a fault of ours, not the node's
+                log.error("proxy_fault", endpoint=self.proxy.name, node=node,
+                          exc_info=exc.__context__)
+            else:
+                log.warning("bad_backend_response", endpoint=self.proxy.name, node=node,
+                            error=str(exc))
+            self._broken(f"invalid HTTP response from {node}: {exc}")
+
+    def on_message_begin(self) -> None:
+        self.stream.begun()
+        self.resp_headers = []
+        self.reason = b""
+
+    def on_status(self, data: bytes) -> None:
+        self.reason += data
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.resp_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.done:
+            self.stream.headers_done(None)
+            return
+        parser = self.stream.parser
+        status = parser.get_status_code()
+        if status < 200:
+            # Interim responses are the proxy's business (100) or optional (103): dropped.
+            self.interim = True
+            self.stream.headers_done(None)
+            if status == 101:
+                self._broken("protocol upgrades are not supported")
+            return
+        self.interim = False
+        self.resp_keep_alive = parser.should_keep_alive()
+        self.response_started = True
+        self.client.write(self._client_head(status))
+        self.stream.headers_done(self.resp_length)
+        if self.method == b"HEAD":
+            self._finish()
+
+    def on_body(self, data: bytes) -> None:
+        if self.done or self.client.closed:
+            return
+        if self.resp_chunked:
+            self.client.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.client.transport.write(data)
+
+    def on_message_complete(self) -> None:
+        self.stream.ended()
+        if self.interim:
+            self.interim = False
+            return
+        if not self.done:
+            self._finish()
+
+    def _client_head(self, status: int) -> bytes:
+        node = self.backend.node
+        parts = [b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
+        length = None
+        chunked = False
+        upload_id = None
+        for name, value in self.resp_headers:
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                continue
+            if lower == b"content-length":
+                length = int(value)             # llhttp has checked it is a number
+            elif lower == b"transfer-encoding":
+                chunked = value.lower().rstrip().endswith(b"chunked")
+                if self.http_10:
+                    continue           # an HTTP/1.0 client gets the body unframed
+            elif lower == b"docker-upload-uuid":
+                upload_id = value.decode("latin-1").strip()
+            elif lower == b"location" and upload_id is None:
+                upload_id = upload_id_of(value.decode("latin-1"))
+            parts += (name, b": ", value, b"\r\n")
+        self._learn_upload(status, upload_id, node)
+        bodiless = self.method == b"HEAD" or status in (204, 304)
+        self.resp_chunked = chunked and not bodiless and not self.http_10
+        self.resp_length = None if bodiless or chunked else length
+        self.resp_until_eof = not bodiless and length is None and not chunked
+        self.close_client = (not self.keep_alive or self.resp_until_eof
+                             or (chunked and self.http_10) or self.client.closing)
+        parts += (REPLICA_HEADER, b": ", node.name.encode(), b"\r\n")
+        if self.close_client:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _learn_upload(self, status: int, upload_id: str | None, node: NodeEndpoint) -> None:
+        affinity = self.proxy.affinity
+        if upload_id and 200 <= status < 300:
+            affinity.remember(upload_id, node.name)
+        session = self.route.upload_id
+        if session and 200 <= status < 300 and self.method in (b"PUT", b"DELETE"):
+            affinity.forget(session)
+
+    def _finish(self) -> None:
+        """The whole response is with the client (or in its socket buffer)."""
+        self.response_complete = True
+        self.done = True
+        if self.resp_chunked:
+            self.client.write(_CHUNK_END)
+        conn, self.backend = self.backend, None
+        conn.exchange = None
+        if self.client.write_paused:
+            conn.transport.resume_reading()
+        if self.resp_keep_alive and self.request_complete and not self.resp_until_eof:
+            self.proxy._pool.put(conn)
+        else:
+            conn.close()
+        self.client.finished(self, close=self.close_client)
+
+    # -- failures --------------------------------------------------------------------
+
+    def backend_lost(self, conn: _BackendConnection, exc: Exception | None) -> None:
+        if self.done or conn is not self.backend:
+            return
+        self.backend = None
+        node = conn.node
+        if self.response_started:
+            if self.resp_until_eof:       # that is how such a response ends
+                self.backend = conn
+                self.resp_keep_alive = False
+                self._finish()
+                return
+            # Died mid-response: the client sees its connection close and retries.
+            log.warning("backend_lost_mid_response", endpoint=self.proxy.name, node=node.name)
+            self.done = True
+            self.client.closing = True
+            if not self.client.closed:
+                self.client.transport.abort()
+            return
+        if not self.body_sent:
+            # Nothing of this request can have been acted upon beyond its head:
+            # send it on. A pooled connection may just have been closed by the
+            # node while idle; try the same node once more, on a fresh connection.
+            self.stream = None
+            self.client.hold(_CONNECTING)
+            if self.reused:
+                self.fresh_only = node
+                self._next()
+            else:
+                reason = "connection closed before a response"
+                self.proxy.health.mark_down(node.name, reason)
+                log.warning("node_marked_down", endpoint=self.proxy.name, node=node.name,
+                            reason=reason)
+                self._failover()
+            return
+        self._respond(502, "UNAVAILABLE",
+                      f"replica node {node.name} closed the connection before answering; "
+                      "the request may or may not have taken effect",
+                      {"node": node.name, "region": node.region})
+
+    def _broken(self, why: str) -> None:
+        """The backend spoke something we cannot forward."""
+        conn, self.backend = self.backend, None
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+        if self.response_started:
+            self.done = True
+            self.client.closing = True
+            if not self.client.closed:
+                self.client.transport.abort()
+        else:
+            self._respond(502, "UNAVAILABLE", why, {"node": conn.node.name if conn else None})
+
+    def _unavailable(self) -> None:
+        self.proxy.unavailable_responses += 1
+        why = self.proxy.policy.unavailable()
+        self._respond(503, "UNAVAILABLE", why.message, why.detail)
+
+    def _respond(self, status: int, code: str, message: str, detail: dict) -> None:
+        """Answer from the proxy itself (no node will)."""
+        self.done = True
+        self.response_started = self.response_complete = True
+        close = not self.keep_alive or self.client.closing
+        self.client.write(_local_response(status, code, message, detail, close,
+                                          head_only=self.method == b"HEAD"))
+        self.client.release(_CONNECTING)
+        self.client.finished(self, close)
+
+    def abort(self) -> None:
+        """The client is gone (or the proxy stops): drop everything in flight."""
+        self.done = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        conn, self.backend = self.backend, None
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+
+
+_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large",
+            501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable"}
+
+
+def _local_response(status: int, code: str, message: str, detail: dict, close: bool,
+                    head_only: bool = False) -> bytes:
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": detail}]}).encode()
+    head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Docker-Distribution-API-Version: registry/2.0\r\n"
+            % (status, _REASONS.get(status, b"Error"), len(body)))
+    if close:
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" + (b"" if head_only else body)
+
+
+# -- active health checks ------------------------------------------------------------
+
+
+class HealthProbe:
+    """Asks every node ``GET /v2/`` every ``interval_s`` and reports the verdict
+    to ``health``: any answer below 500 (401 and 429 included) is up; a
+    5xx, a refused connection or no answer within ``timeout_s`` is down.
+
+    Passive detection only sees refused connections; this is what notices a
+    node that accepts but never answers (stopped, isolated behind a stalled
+    link) within ``interval_s + timeout_s``.
+    """
+
+    def __init__(self, nodes: Callable[[], list[NodeEndpoint]] | Replicas, health: NodeHealth,
+                 *, interval_s: float = 0.5, timeout_s: float = 1.0) -> None:
+        if isinstance(nodes, Replicas):
+            replicas = nodes
+            nodes = lambda: [n for g in replicas for n in g.nodes]  # noqa: E731
+        self._nodes = nodes
+        self.health = health
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def probe_all(self) -> None:
+        nodes = self._nodes()
+        verdicts = await asyncio.gather(*(self.probe(n) for n in nodes))
+        for node, (up, reason) in zip(nodes, verdicts, strict=True):
+            was = self.health.healthy(node.name)
+            self.health.report(node.name, up, reason)
+            if was != up:
+                log.info("node_health", node=node.name, up=up, reason=reason)
+
+    async def probe(self, node: NodeEndpoint) -> tuple[bool, str]:
+        writer = None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                reader, writer = await asyncio.open_connection(node.host, node.port)
+                writer.write(b"GET /v2/ HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n"
+                             b"User-Agent: georeg-health-probe\r\n\r\n"
+                             % (node.host.encode(), node.port))
+                line = await reader.readline()
+        except TimeoutError:
+            return False, f"no answer to GET /v2/ within {self.timeout_s}s"
+        except OSError as exc:
+            return False, f"GET /v2/ failed: {exc.strerror or exc}"
+        finally:
+            if writer is not None:
+                writer.transport.abort()
+        fields = line.split()
+        if len(fields) < 2 or not fields[1].isdigit():
+            return False, f"GET /v2/ answered {line[:80]!r}"
+        status = int(fields[1])
+        if status >= 500:
+            return False, f"GET /v2/ answered {status}"
+        return True, ""
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            await self.probe_all()
+            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))

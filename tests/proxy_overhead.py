@@ -1,0 +1,145 @@
+"""What the routing proxy costs: push and pull of 1 MiB blobs at concurrency 8
+against one real georeg node process, directly and through a proxy process,
+with the same client; runs alternate, the median of each is reported.
+
+    .venv/bin/python -m tests.proxy_overhead [--runs 5] [--blobs 256]
+
+Not a test (pytest does not collect it): a measurement, printed as a table.
+Every pulled blob is hashed and checked, so a fast wrong answer fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from .helpers import NodeProcess
+from .proxy_process import ProxyProcess
+
+MIB = 1 << 20
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def blobs(count: int, size: int) -> list[tuple[str, bytes]]:
+    pool = os.urandom(size)
+    out = []
+    for _ in range(count):
+        data = os.urandom(16) + pool[16:]
+        out.append(("sha256:" + hashlib.sha256(data).hexdigest(), data))
+    return out
+
+
+async def run_all(items, concurrency: int, step) -> None:
+    queue = iter(items)
+
+    async def worker() -> None:
+        for item in queue:
+            await step(item)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def push(session: aiohttp.ClientSession, base: str, repo: str, digest: str,
+               data: bytes) -> None:
+    async with session.post(f"{base}/v2/{repo}/blobs/uploads/",
+                            headers={"Content-Length": "0"}) as r:
+        assert r.status == 202, await r.text()
+        location = r.headers["Location"]
+    async with session.patch(base + location, data=data,
+                             headers={"Content-Type": "application/octet-stream"}) as r:
+        assert r.status == 202, await r.text()
+        location = r.headers["Location"]
+    async with session.put(base + location, params={"digest": digest},
+                           headers={"Content-Length": "0"}) as r:
+        assert r.status == 201, await r.text()
+
+
+async def pull(session: aiohttp.ClientSession, base: str, repo: str, digest: str,
+               size: int) -> None:
+    async with session.get(f"{base}/v2/{repo}/blobs/{digest}") as r:
+        assert r.status == 200
+        body = await r.read()
+    assert len(body) == size and "sha256:" + hashlib.sha256(body).hexdigest() == digest
+
+
+async def measure(base: str, repo: str, layers, concurrency: int,
+                  pids: list[int]) -> dict[str, tuple[float, list[float]]]:
+    """{step: (MB/s, [cpu seconds of each pid])}"""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    total = sum(len(d) for _, d in layers)
+    out = {}
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
+        for step in ("push", "pull"):
+            os.sync()
+            cpu0 = [cpu_seconds(p) for p in pids]
+            started = time.perf_counter()
+            if step == "push":
+                await run_all(layers, concurrency, lambda b: push(session, base, repo, *b))
+            else:
+                await run_all(layers, concurrency,
+                              lambda b: pull(session, base, repo, b[0], len(b[1])))
+            seconds = time.perf_counter() - started
+            out[step] = (total / seconds / 1e6,
+                         [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)])
+    return out
+
+
+async def main(runs: int, count: int, concurrency: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        node = NodeProcess(Path(tmp) / "node").start()
+        host, port = node.url.removeprefix("http://").rsplit(":", 1)
+        proxy = ProxyProcess([f"node={host}:{port}"]).start()
+        me = os.getpid()
+        results: dict[tuple[str, str], list[float]] = {}
+        proxy_cpu: dict[str, list[float]] = {"push": [], "pull": []}
+        node_cpu: dict[tuple[str, str], list[float]] = {}
+        try:
+            for i in range(runs):
+                for target, base in (("direct", node.url), ("proxied", proxy.url)):
+                    layers = blobs(count, MIB)
+                    got = await measure(base, f"bench/{target}{i}", layers, concurrency,
+                                        [node.proc.pid, proxy.pid, me])
+                    for step, (mbps, cpu) in got.items():
+                        results.setdefault((target, step), []).append(mbps)
+                        node_cpu.setdefault((target, step), []).append(cpu[0])
+                        if target == "proxied":
+                            proxy_cpu[step].append(cpu[1])
+                    print(f"run {i + 1} {target:8}: " + ", ".join(
+                        f"{s} {m:7.1f} MB/s (node cpu {c[0]:.2f}s, proxy {c[1]:.2f}s, "
+                        f"client {c[2]:.2f}s)" for s, (m, c) in got.items()), flush=True)
+        finally:
+            proxy.close()
+            node.close()
+    print(f"\n{count} x 1 MiB blobs, concurrency {concurrency}, {runs} runs, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'step':6} {'direct MB/s':>12} {'proxied MB/s':>13} {'ratio':>6} "
+          f"{'proxy cpu s':>12} {'node cpu s d/p':>15}")
+    for step in ("push", "pull"):
+        d = statistics.median(results["direct", step])
+        p = statistics.median(results["proxied", step])
+        print(f"{step:6} {d:12.1f} {p:13.1f} {p / d:6.3f} "
+              f"{statistics.median(proxy_cpu[step]):12.2f} "
+              f"{statistics.median(node_cpu['direct', step]):7.2f}/"
+              f"{statistics.median(node_cpu['proxied', step]):.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--blobs", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, args.blobs, args.concurrency))

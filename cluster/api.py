@@ -84,6 +84,9 @@ class Cluster:
         self.routing = None          # cluster.endpoints.Endpoints, when routing is on
         self.management = None       # cluster.management.ManagementServer
         self.progress: dict[str, ReplicaProgress] = {}
+        from .faults import FaultController
+
+        self.faults = FaultController(self)
         self.started_at = 0.0
         self._stopped = asyncio.Event()
 
@@ -135,6 +138,7 @@ class Cluster:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        await self.faults.close()
         if self.management is not None:
             await self.management.stop()
             self.management = None

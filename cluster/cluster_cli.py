@@ -120,6 +120,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     _register_replication(sub)
     _register_repository(sub)
+    from . import fault_cli
+
+    fault_cli.register(sub)
 
 
 def run_up(args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ the ``georeg`` CLI talks to.
     GET    /georeg/v1/replications/{region}
     PATCH  /georeg/v1/replications/{region}       {"regionEndpointEnabled": false}
     DELETE /georeg/v1/replications/{region}
+    GET    /georeg/v1/faults                      faults injected (cluster.faults)
+    POST   /georeg/v1/faults                      {"kind", "duration_s", …target}
+    DELETE /georeg/v1/faults[/{id}]               heal one, or all
     GET    /georeg/v1/repositories                the catalog
     GET    /georeg/v1/repositories/{name}/tags    tags with digests
     DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository
@@ -31,6 +34,7 @@ from aiohttp import web
 from registry_node.reference import validate_name
 
 from .api import Cluster, ClusterError, NotFound
+from .faults import FaultError
 from .regions import unknown_region_message
 
 
@@ -74,6 +78,10 @@ class ManagementServer:
         r.add_get("/georeg/v1/repositories/{name:.+}/tags", self.show_tags)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
         r.add_post("/georeg/v1/shutdown", self.shutdown)
+        r.add_get("/georeg/v1/faults", self.list_faults)
+        r.add_post("/georeg/v1/faults", self.inject_fault)
+        r.add_delete("/georeg/v1/faults", self.heal_all)
+        r.add_delete("/georeg/v1/faults/{id}", self.heal_fault)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -132,6 +140,35 @@ class ManagementServer:
     async def shutdown(self, request: web.Request) -> web.Response:
         asyncio.get_running_loop().call_soon(self.cluster.request_stop)
         return web.json_response({"stopping": True}, status=202)
+
+    # -- faults ----------------------------------------------------------------------------
+
+    async def list_faults(self, request: web.Request) -> web.Response:
+        return web.json_response([f.as_dict() for f in self.cluster.faults.faults.values()])
+
+    async def inject_fault(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        kind = body.pop("kind", None)
+        duration = body.pop("duration_s", None)
+        if not isinstance(kind, str):
+            raise ClusterError("give the fault's \"kind\"")
+        try:
+            fault = await self.cluster.faults.inject(kind, duration_s=duration, **body)
+        except TypeError as exc:  # an argument the fault kind does not take
+            raise ClusterError(f"{kind}: {exc}") from None
+        except FaultError as exc:
+            raise ClusterError(str(exc)) from None
+        return web.json_response(fault.as_dict(), status=201)
+
+    async def heal_fault(self, request: web.Request) -> web.Response:
+        try:
+            fault = await self.cluster.faults.heal(request.match_info["id"])
+        except KeyError:
+            raise NotFound(f"no fault {request.match_info['id']}; `georeg fault list` shows them") from None
+        return web.json_response(fault.as_dict())
+
+    async def heal_all(self, request: web.Request) -> web.Response:
+        return web.json_response([f.as_dict() for f in await self.cluster.faults.heal_all()])
 
     # -- repositories (through the data plane) -------------------------------------------
 

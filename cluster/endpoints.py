@@ -1,0 +1,113 @@
+"""The cluster's routing endpoints, wired to its plan and its health checks.
+
+One global endpoint per client location (the registry as a client in that
+region sees it: nearest healthy replica with routing enabled, by the WAN
+model) and one regional endpoint per replica (pinned, spreading over its
+zones). All share one ``Replicas`` (so a routing flag changes every endpoint at
+once), one ``NodeHealth`` (fed by the supervisor's checks, and by the proxies'
+own connect failures) and one ``UploadAffinity`` (an upload continues on its
+node whichever endpoint carries it). The policies and the proxy themselves
+live in ``cluster.routing`` and ``cluster.proxy``.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from .proxy import RoutingProxy
+from .routing import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas, UploadAffinity
+
+log = structlog.get_logger("georeg.endpoints")
+
+
+class Endpoints:
+    def __init__(self, cluster) -> None:  # cluster: cluster.api.Cluster
+        self.cluster = cluster
+        self.health = NodeHealth()
+        self.affinity = UploadAffinity()
+        self.replicas = Replicas()
+        self.proxies: dict[tuple[str, str], RoutingProxy] = {}   # (kind, region) -> proxy
+        self.unreachable: set[str] = set()
+        self._wan = cluster.spec.wan_model()
+
+    def _latency(self, client_region: str, replica_region: str) -> float:
+        return self._wan.one_way_ms(client_region, replica_region)
+
+    def _group(self, region: str) -> ReplicaGroup:
+        plan = self.cluster.plan
+        nodes = tuple(NodeEndpoint(n.name, n.region, n.zone, plan.host, n.http_port)
+                      for n in plan.nodes_in(region))
+        flag = self.cluster.replica_specs()[region].global_routing
+        return ReplicaGroup(region, nodes, flag)
+
+    async def start(self) -> None:
+        for replica in self.cluster.spec.all_replicas:
+            self.replicas.add(self._group(replica.region))
+        self.cluster.supervisor.on_health_change(self._on_health)
+        for node in self.cluster.supervisor.nodes.values():
+            self._on_health(node)
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Match the endpoints to the plan (replicas created or deleted since)."""
+        plan = self.cluster.plan
+        wanted_regions = {r.region for r in self.cluster.spec.all_replicas}
+        for region in [g.region for g in self.replicas]:
+            if region not in wanted_regions:
+                self.replicas.remove(region)
+        for region in wanted_regions:
+            if region not in self.replicas:
+                self.replicas.add(self._group(region))
+        wanted = {(e.kind, e.region): e for e in plan.endpoints}
+        for key in [k for k in self.proxies if k not in wanted]:
+            await self.proxies.pop(key).stop()
+        for key, endpoint in wanted.items():
+            if key in self.proxies:
+                continue
+            if endpoint.kind == "global":
+                proxy = RoutingProxy.global_endpoint(endpoint.region, self.replicas, self._latency,
+                                                     self.health, self.affinity)
+            else:
+                proxy = RoutingProxy.regional_endpoint(self.replicas.get(endpoint.region),
+                                                       self.health, self.affinity)
+            await proxy.start(plan.host, endpoint.port)
+            self.proxies[key] = proxy
+        for node in self.cluster.supervisor.nodes.values():
+            self._on_health(node)
+
+    async def stop(self) -> None:
+        for proxy in self.proxies.values():
+            await proxy.stop()
+        self.proxies.clear()
+
+    # -- state -------------------------------------------------------------------------
+
+    def _on_health(self, node) -> None:  # node: supervisor.NodeRuntime
+        if node.name in self.unreachable:
+            self.health.report(node.name, False, "isolated (fault injection)")
+        elif node.healthy:
+            self.health.report(node.name, True)
+        else:
+            self.health.report(node.name, False, f"{node.state}: {node.reason}".rstrip(": "))
+
+    def set_unreachable(self, names: set[str]) -> None:
+        """Nodes clients cannot reach (an isolated region or zone)."""
+        changed = names ^ self.unreachable
+        self.unreachable = set(names)
+        for name in changed:
+            node = self.cluster.supervisor.nodes.get(name)
+            if node is not None:
+                self._on_health(node)
+
+    def set_routing(self, region: str, enabled: bool) -> None:
+        self.replicas.set_routing(region, enabled)
+        log.info("routing", region=region, enabled=enabled)
+
+    def routing_flags(self) -> dict[str, bool]:
+        return {g.region: g.routing_enabled for g in self.replicas}
+
+    def stats(self) -> dict:
+        return {f"{kind}:{region}": {"requests": dict(p.requests_by_backend),
+                                     "failovers": p.failovers,
+                                     "unavailable": p.unavailable_responses}
+                for (kind, region), p in self.proxies.items()}

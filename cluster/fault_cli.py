@@ -1,0 +1,144 @@
+"""`georeg fault …`: inject and heal faults in a running cluster (see cluster.faults)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from .cluster_cli import _data_dir, _run, add_data_dir, call
+
+
+def _duration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="heal by itself after this many seconds (default: until `georeg fault heal`)")
+    add_data_dir(p)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fault", help="break the cluster on purpose: outages, partitions, slow links, disks",
+        description="Inject faults into the running cluster and heal them. Every fault gets an "
+                    "id (`georeg fault list`); `georeg fault heal ID` or `--all` heals.")
+    faults = p.add_subparsers(dest="fault_command", required=True, metavar="FAULT")
+
+    c = faults.add_parser("region-outage", help="a whole region goes down",
+                          description="crash: SIGKILL every node of the region; stop: graceful "
+                                      "shutdown; isolate: processes stay up, every link to and "
+                                      "from the region is cut and clients cannot reach it.")
+    c.add_argument("region")
+    c.add_argument("--mode", choices=("crash", "stop", "isolate"), default="crash")
+    _duration(c)
+    c.set_defaults(func=_run(lambda a: _inject(a, "region-outage", region=a.region, mode=a.mode)))
+
+    c = faults.add_parser("zone-outage", help="one availability zone goes down")
+    c.add_argument("region")
+    c.add_argument("zone")
+    c.add_argument("--mode", choices=("crash", "stop", "isolate"), default="crash")
+    _duration(c)
+    c.set_defaults(func=_run(lambda a: _inject(a, "zone-outage", region=a.region, zone=a.zone,
+                                               mode=a.mode)))
+
+    c = faults.add_parser("partition", help="cut the network between two regions",
+                          description="Cut every link between regions A and B (both ways), or "
+                                      "with --one-way only A → B: A's nodes can no longer reach "
+                                      "B's, while B still reaches A.")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--one-way", action="store_true")
+    _duration(c)
+    c.set_defaults(func=_run(lambda a: _inject(a, "partition", a=a.a, b=a.b, one_way=a.one_way)))
+
+    c = faults.add_parser("link", help="degrade the link between two regions")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--latency", type=float, default=0.0, metavar="MS", help="extra one-way latency")
+    c.add_argument("--jitter", type=float, default=0.0, metavar="MS")
+    c.add_argument("--bandwidth", type=float, default=0.0, metavar="MBPS", help="bandwidth cap")
+    c.add_argument("--reset-prob", type=float, default=0.0, metavar="P",
+                   help="probability that a chunk of traffic resets its connection")
+    c.add_argument("--stall", action="store_true", help="accept connections, deliver nothing")
+    _duration(c)
+    c.set_defaults(func=_run(lambda a: _inject(
+        a, "link", a=a.a, b=a.b, latency_ms=a.latency, jitter_ms=a.jitter,
+        bandwidth_mbps=a.bandwidth, reset_probability=a.reset_prob, stall=a.stall)))
+
+    c = faults.add_parser("routing", help="take a replica out of global routing (it keeps syncing)")
+    c.add_argument("region")
+    c.add_argument("state", choices=("off", "on"))
+    _duration(c)
+    c.set_defaults(func=_run(lambda a: _inject(a, "routing", region=a.region,
+                                               enabled=a.state == "on")))
+
+    c = faults.add_parser("disk", help="a full or slow disk on a region's (or one zone's) nodes")
+    c.add_argument("where", metavar="REGION[/ZONE]")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--full", action="store_true", help="writes fail with 507; reads go on")
+    what.add_argument("--slow", type=float, metavar="MS", help="add MS to every write and sync")
+    _duration(c)
+    c.set_defaults(func=_run(_inject_disk))
+
+    c = faults.add_parser("destroy", help="wipe a region's data; it restarts empty and re-syncs",
+                          description="Destroy a region: SIGKILL its nodes, delete their data dirs "
+                                      "and restart them empty. They re-sync from the other "
+                                      "replicas; `georeg region restore` also brings back what "
+                                      "only its paired-region copy holds.")
+    c.add_argument("region")
+    add_data_dir(c)
+    c.set_defaults(func=_run(lambda a: _inject(a, "destroy", region=a.region)))
+
+    c = faults.add_parser("list", help="faults injected, active first")
+    c.add_argument("--json", action="store_true")
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_list))
+
+    c = faults.add_parser("heal", help="heal one fault, or all")
+    c.add_argument("id", nargs="?")
+    c.add_argument("--all", action="store_true")
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_heal))
+
+
+def _inject(args: argparse.Namespace, kind: str, **target) -> int:
+    body = {"kind": kind, **target}
+    if getattr(args, "duration", None):
+        body["duration_s"] = args.duration
+    fault = call(_data_dir(args), "POST", "/georeg/v1/faults", body)
+    heals = f" (heals in {fault['duration_s']:g} s)" if fault.get("duration_s") else ""
+    print(f"{fault['id']}: {fault['description']}{heals}")
+    return 0
+
+
+def _inject_disk(args: argparse.Namespace) -> int:
+    region, _, zone = args.where.partition("/")
+    return _inject(args, "disk", region=region, zone=zone or None, full=args.full,
+                   slow_ms=args.slow or 0.0)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    faults = call(_data_dir(args), "GET", "/georeg/v1/faults")
+    if args.json:
+        print(json.dumps(faults, indent=2))
+        return 0
+    table = Table("id", "kind", "state", "description")
+    for f in sorted(faults, key=lambda f: (not f["active"], f["started_at"])):
+        table.add_row(f["id"], f["kind"], "[red]active[/]" if f["active"] else "healed",
+                      f["description"])
+    Console().print(table)
+    return 0
+
+
+def run_heal(args: argparse.Namespace) -> int:
+    if args.all == bool(args.id):
+        from .cluster_cli import CliError
+
+        raise CliError("give a fault id (see `georeg fault list`) or --all")
+    if args.all:
+        healed = call(_data_dir(args), "DELETE", "/georeg/v1/faults")
+        print(f"healed {len(healed)} fault(s)")
+    else:
+        fault = call(_data_dir(args), "DELETE", f"/georeg/v1/faults/{args.id}")
+        print(f"healed {fault['id']}: {fault['description']}")
+    return 0

@@ -1,0 +1,310 @@
+"""Fault injection: break a running cluster the ways real regions break, and heal it.
+
+Kinds (each optionally healing itself after a duration):
+
+    region-outage REGION --mode crash|stop|isolate    every node of a region
+    zone-outage REGION ZONE --mode crash|stop|isolate  one zone node
+    partition A B [--one-way]                          links between two regions cut
+    link A B --latency/--jitter/--bandwidth/--reset-prob/--stall
+    routing REGION off                                 out of global routing, still syncing
+    disk REGION[/ZONE] --full | --slow MS              storage faults on nodes
+    destroy REGION                                     data dirs wiped, restarted empty
+
+Faults are applied only at the seams: node processes (signals), the WAN links
+(``cluster.links``), the routing layer, and each node's storage fault seam.
+Link faults compose: every link's effective fault is recomputed from all active
+faults that touch it (cut if any cuts, latencies add, the lowest bandwidth
+wins), so healing one fault never heals another.
+
+``crash`` is SIGKILL; ``stop`` is SIGTERM (graceful); ``isolate`` keeps the
+processes alive and cuts every link to and from them, and clients can no
+longer reach them either (they leave routing and their regional endpoint
+answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+
+from .links import LinkFaults
+from .regions import REGIONS
+
+log = structlog.get_logger("georeg.faults")
+
+KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "destroy")
+MODES = ("crash", "stop", "isolate")
+
+
+class FaultError(ValueError):
+    """A fault that cannot be injected as asked; the message says why."""
+
+
+@dataclass
+class Fault:
+    id: str
+    kind: str
+    target: dict
+    description: str
+    started_at: float
+    duration_s: float | None = None
+    healed_at: float | None = None
+    nodes: list[str] = field(default_factory=list)          # nodes it acts on
+    links: list[tuple[str, str]] = field(default_factory=list)
+    link_faults: LinkFaults | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.healed_at is None
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id, "kind": self.kind, "target": self.target,
+            "description": self.description, "active": self.active,
+            "started_at": self.started_at, "duration_s": self.duration_s,
+            "heals_at": self.started_at + self.duration_s if self.duration_s else None,
+            "healed_at": self.healed_at, "nodes": self.nodes,
+        }
+
+
+class FaultController:
+    def __init__(self, cluster) -> None:  # cluster: cluster.api.Cluster
+        self.cluster = cluster
+        self.faults: dict[str, Fault] = {}
+        self._ids = itertools.count(1)
+        self._timers: dict[str, asyncio.Task] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _nodes_in(self, region: str) -> list[str]:
+        names = [n.name for n in self.cluster.plan.nodes if n.region == region]
+        if not names:
+            raise FaultError(f"{region} has no replica" + (
+                "" if region in REGIONS else "; " + _region_hint(region)))
+        return names
+
+    def _node(self, region: str, zone: str) -> str:
+        for node in self.cluster.plan.nodes:
+            if node.region == region and node.zone == zone:
+                return node.name
+        zones = [n.zone for n in self.cluster.plan.nodes if n.region == region]
+        if not zones:
+            raise FaultError(f"{region} has no replica")
+        if zones == [""]:
+            raise FaultError(f"{region} is not zone redundant; use region-outage")
+        raise FaultError(f"{region} has zones {', '.join(zones)}, not {zone!r}")
+
+    def _links_between(self, a: list[str], b: list[str], both: bool = True) -> list[tuple[str, str]]:
+        links = [(s, t) for s in a for t in b if (s, t) in self.cluster.supervisor.links]
+        if both:
+            links += [(t, s) for s in a for t in b if (t, s) in self.cluster.supervisor.links]
+        return links
+
+    def _links_touching(self, names: list[str]) -> list[tuple[str, str]]:
+        return [key for key in self.cluster.supervisor.links if key[0] in names or key[1] in names]
+
+    def _apply_links(self, keys: list[tuple[str, str]]) -> None:
+        """Recompute each link's fault from every active fault that touches it."""
+        for key in set(keys):
+            link = self.cluster.supervisor.links.get(key)
+            if link is None:
+                continue
+            combined = LinkFaults()
+            for fault in self.faults.values():
+                if fault.active and key in fault.links and fault.link_faults is not None:
+                    combined = _combine(combined, fault.link_faults)
+            link.set_faults(combined)
+
+    def _isolated_nodes(self) -> set[str]:
+        return {n for f in self.faults.values()
+                if f.active and f.target.get("mode") == "isolate" for n in f.nodes}
+
+    def _sync_routing(self) -> None:
+        routing = self.cluster.routing
+        if routing is not None:
+            routing.set_unreachable(self._isolated_nodes())
+
+    async def _session_get(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        return self._session
+
+    async def close(self) -> None:
+        for task in self._timers.values():
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- injecting ---------------------------------------------------------------------
+
+    async def inject(self, kind: str, *, duration_s: float | None = None, **target) -> Fault:
+        if kind not in KINDS:
+            raise FaultError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
+        if duration_s is not None and duration_s <= 0:
+            raise FaultError("a duration must be positive (seconds)")
+        fault = Fault(f"f{next(self._ids)}", kind, target, "", time.time(), duration_s)
+        await getattr(self, "_inject_" + kind.replace("-", "_"))(fault, **target)
+        self.faults[fault.id] = fault
+        if fault.links:
+            self._apply_links(fault.links)
+        self._sync_routing()
+        if duration_s:
+            self._timers[fault.id] = asyncio.create_task(self._heal_later(fault.id, duration_s))
+        log.info("fault_injected", id=fault.id, kind=kind, description=fault.description)
+        return fault
+
+    async def _heal_later(self, fault_id: str, after: float) -> None:
+        await asyncio.sleep(after)
+        self._timers.pop(fault_id, None)
+        with contextlib.suppress(KeyError, FaultError):
+            await self.heal(fault_id)
+
+    async def _outage(self, fault: Fault, nodes: list[str], mode: str) -> None:
+        if mode not in MODES:
+            raise FaultError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        fault.nodes = nodes
+        if mode in ("crash", "stop"):
+            await asyncio.gather(*(self.cluster.supervisor.stop_node(n, graceful=mode == "stop")
+                                   for n in nodes))
+        else:
+            fault.links = self._links_touching(nodes)
+            fault.link_faults = LinkFaults(cut_forward=True, cut_backward=True)
+
+    async def _inject_region_outage(self, fault: Fault, region: str, mode: str = "crash") -> None:
+        nodes = self._nodes_in(region)
+        await self._outage(fault, nodes, mode)
+        fault.description = f"{region} down ({mode}): {', '.join(nodes)}"
+
+    async def _inject_zone_outage(self, fault: Fault, region: str, zone: str,
+                                  mode: str = "crash") -> None:
+        node = self._node(region, str(zone))
+        await self._outage(fault, [node], mode)
+        fault.description = f"{region} zone {zone} down ({mode}): {node}"
+
+    async def _inject_partition(self, fault: Fault, a: str, b: str, one_way: bool = False) -> None:
+        if a == b:
+            raise FaultError("a partition needs two different regions")
+        fault.links = self._links_between(self._nodes_in(a), self._nodes_in(b), both=not one_way)
+        fault.link_faults = LinkFaults(cut_forward=True, cut_backward=True)
+        arrow = "cannot reach" if one_way else "and"
+        fault.description = f"partition: {a} {arrow} {b}" + ("" if one_way else " cut off from each other")
+
+    async def _inject_link(self, fault: Fault, a: str, b: str, latency_ms: float = 0.0,
+                           jitter_ms: float = 0.0, bandwidth_mbps: float = 0.0,
+                           reset_probability: float = 0.0, stall: bool = False) -> None:
+        if not 0 <= reset_probability <= 1:
+            raise FaultError("reset probability must be between 0 and 1")
+        if min(latency_ms, jitter_ms, bandwidth_mbps) < 0:
+            raise FaultError("latency, jitter and bandwidth must not be negative")
+        if not (latency_ms or jitter_ms or bandwidth_mbps or reset_probability or stall):
+            raise FaultError("say how to degrade the link: --latency, --jitter, --bandwidth, "
+                             "--reset-prob or --stall")
+        fault.links = self._links_between(self._nodes_in(a), self._nodes_in(b))
+        fault.link_faults = LinkFaults(stall=stall, reset_probability=reset_probability,
+                                       extra_latency_ms=latency_ms, extra_jitter_ms=jitter_ms,
+                                       bandwidth_mbps=bandwidth_mbps)
+        parts = [f"+{latency_ms:g} ms" if latency_ms else "", f"±{jitter_ms:g} ms" if jitter_ms else "",
+                 f"{bandwidth_mbps:g} Mbps" if bandwidth_mbps else "",
+                 f"resets {reset_probability:.0%}" if reset_probability else "", "stalled" if stall else ""]
+        fault.description = f"link {a} ↔ {b} degraded: {', '.join(p for p in parts if p)}"
+
+    async def _inject_routing(self, fault: Fault, region: str, enabled: bool = False) -> None:
+        self._nodes_in(region)
+        if self.cluster.routing is None:
+            raise FaultError("this cluster runs without routing endpoints")
+        fault.target["previous"] = self.cluster.routing.routing_flags().get(region, True)
+        self.cluster.routing.set_routing(region, enabled)
+        fault.description = f"global routing {'on' if enabled else 'off'} for {region} (it keeps syncing)"
+
+    async def _storage(self, nodes: list[str], body: dict) -> None:
+        session = await self._session_get()
+        for name in nodes:
+            url = self.cluster.node_url(name) + "/georeg/v1/faults/storage"
+            try:
+                async with session.put(url, json=body) as r:
+                    if r.status != 200:
+                        raise FaultError(f"{name} refused the storage fault: HTTP {r.status}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise FaultError(f"{name} is unreachable: {exc}") from None
+
+    async def _inject_disk(self, fault: Fault, region: str, zone: str | None = None,
+                           full: bool = False, slow_ms: float = 0.0) -> None:
+        if not full and not slow_ms:
+            raise FaultError("say what is wrong with the disk: --full or --slow MS")
+        nodes = [self._node(region, str(zone))] if zone else self._nodes_in(region)
+        fault.nodes = nodes
+        await self._storage(nodes, {"full": full, "slow_ms": slow_ms})
+        what = "full" if full else f"slow (+{slow_ms:g} ms per write)"
+        fault.description = f"disk {what} on {', '.join(nodes)}"
+
+    async def _inject_destroy(self, fault: Fault, region: str) -> None:
+        nodes = self._nodes_in(region)
+        fault.nodes = nodes
+        supervisor = self.cluster.supervisor
+        await asyncio.gather(*(supervisor.stop_node(n, graceful=False) for n in nodes))
+        for name in nodes:
+            shutil.rmtree(self.cluster.plan.node(name).data_dir, ignore_errors=True)
+        await asyncio.gather(*(supervisor.start_node(n) for n in nodes))
+        fault.description = f"{region} destroyed: data wiped, restarted empty ({', '.join(nodes)})"
+        fault.healed_at = time.time()  # nothing to heal: it re-syncs by itself
+
+    # -- healing -------------------------------------------------------------------------
+
+    async def heal(self, fault_id: str) -> Fault:
+        fault = self.faults.get(fault_id)
+        if fault is None:
+            raise KeyError(fault_id)
+        if not fault.active:
+            return fault
+        timer = self._timers.pop(fault_id, None)
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
+        fault.healed_at = time.time()
+        kind, target = fault.kind, fault.target
+        if kind in ("region-outage", "zone-outage") and target.get("mode", "crash") != "isolate":
+            still_down = {n for f in self.faults.values() if f.active and f is not fault
+                          and f.kind in ("region-outage", "zone-outage") for n in f.nodes}
+            await asyncio.gather(*(self.cluster.supervisor.start_node(n)
+                                   for n in fault.nodes if n not in still_down))
+        elif kind == "routing" and self.cluster.routing is not None:
+            self.cluster.routing.set_routing(target["region"], target.get("previous", True))
+        elif kind == "disk":
+            await self._storage(fault.nodes, {"full": False, "slow_ms": 0})
+        if fault.links:
+            self._apply_links(fault.links)
+        self._sync_routing()
+        log.info("fault_healed", id=fault.id, kind=kind)
+        return fault
+
+    async def heal_all(self) -> list[Fault]:
+        return [await self.heal(f.id) for f in list(self.faults.values()) if f.active]
+
+    def active(self) -> list[Fault]:
+        return [f for f in self.faults.values() if f.active]
+
+
+def _combine(a: LinkFaults, b: LinkFaults) -> LinkFaults:
+    bandwidths = [x for x in (a.bandwidth_mbps, b.bandwidth_mbps) if x > 0]
+    return LinkFaults(
+        cut_forward=a.cut_forward or b.cut_forward,
+        cut_backward=a.cut_backward or b.cut_backward,
+        stall=a.stall or b.stall,
+        reset_probability=max(a.reset_probability, b.reset_probability),
+        extra_latency_ms=a.extra_latency_ms + b.extra_latency_ms,
+        extra_jitter_ms=a.extra_jitter_ms + b.extra_jitter_ms,
+        bandwidth_mbps=min(bandwidths) if bandwidths else 0.0,
+    )
+
+
+def _region_hint(name: str) -> str:
+    from .regions import unknown_region_message
+
+    return unknown_region_message(name)

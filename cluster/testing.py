@@ -1,0 +1,138 @@
+"""A georeg cluster for tests, from synchronous or asynchronous code alike.
+
+``RunningCluster`` runs a ``Cluster`` (node processes, links, endpoints,
+management API) on an event loop of its own, in a background thread, and
+exposes plain methods: a test can push with skopeo or ``requests``, break a
+region, and assert, without caring about event loops. The pytest plugin
+(``cluster.pytest_plugin``) hands one to tests as the ``georeg_cluster``
+fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from . import spec as specs
+from .api import Cluster
+
+T = TypeVar("T")
+
+# A small cluster that still shows routing, zones and residency.
+SMALL_SPEC = specs.ClusterSpec(
+    registry="georegtest", tier="Premium", home_region="eastus", home_zone_redundant=True,
+    replicas=(specs.ReplicaSpec("westeurope"), specs.ReplicaSpec("brazilsouth")),
+)
+
+
+def free_port_base(spec: specs.ClusterSpec, start: int = 20000, stop: int = 60000) -> int:
+    """A ``port_base`` at which every port the spec needs is free right now."""
+    span = max(specs.port_layout(spec).all_ports()) - spec.network.port_base + 1
+    for base in range(start, stop - span, 500):
+        candidate = msgspec.structs.replace(spec, network=msgspec.structs.replace(
+            spec.network, port_base=base, management_port=None))
+        if all(_free(spec.network.host, p) for p in specs.port_layout(candidate).all_ports()):
+            return base
+    raise RuntimeError(f"no free range of {span} ports between {start} and {stop}")
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def with_port_base(spec: specs.ClusterSpec, base: int) -> specs.ClusterSpec:
+    return msgspec.structs.replace(spec, network=msgspec.structs.replace(
+        spec.network, port_base=base, management_port=None))
+
+
+class RunningCluster:
+    """A started cluster driven from any thread."""
+
+    def __init__(self, spec: specs.ClusterSpec, data_dir: Path, **options) -> None:
+        self.spec = with_port_base(spec, free_port_base(spec))
+        self.data_dir = data_dir
+        self._options = options
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="georeg-cluster",
+                                        daemon=True)
+        self.cluster: Cluster | None = None
+
+    def start(self, timeout: float = 60.0) -> RunningCluster:
+        self._thread.start()
+        self.cluster = self.run(lambda: Cluster.start(self.spec, self.data_dir, **self._options),
+                                timeout)
+        return self
+
+    def run(self, coroutine: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+        """Run a coroutine on the cluster's loop and return its result."""
+        async def call():
+            return await coroutine()
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.run(self.cluster.stop, 60)
+            self.cluster = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> RunningCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what tests use ----------------------------------------------------------
+
+    def endpoint(self, client_region: str) -> str:
+        """The global endpoint as seen by a client in ``client_region``."""
+        return self.cluster.global_endpoint(client_region)
+
+    def regional_endpoint(self, region: str) -> str:
+        return self.cluster.regional_endpoint(region)
+
+    def node_url(self, name: str) -> str:
+        return self.cluster.node_url(name)
+
+    @property
+    def management_url(self) -> str | None:
+        return self.cluster.management_url
+
+    def status(self) -> dict:
+        return self.run(self._status)
+
+    async def _status(self) -> dict:
+        return self.cluster.status()
+
+    def crash(self, node: str) -> None:
+        """SIGKILL one node."""
+        self.run(lambda: self.cluster.supervisor.stop_node(node, graceful=False))
+
+    def restart(self, node: str) -> None:
+        self.run(lambda: self.cluster.supervisor.start_node(node))
+
+    def set_routing(self, region: str, enabled: bool) -> None:
+        self.run(lambda: self.cluster.update_replication(region, global_routing=enabled))
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0,
+                 what: str = "condition") -> None:
+        """Poll ``predicate`` (from the calling thread) until true or fail."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+            time.sleep(0.05)

@@ -196,6 +196,11 @@ class _MessageStream:
                 self._mode = _HEAD        # a message without a body
 
 
+# What an exchange holds once it is over: its own stream and parser point back at
+# it, and dropping them then lets reference counting free it (no cyclic GC work).
+_DETACHED = _MessageStream(lambda: None, lambda data: None, lambda: None, 0)
+
+
 class RoutingProxy:
     """One endpoint: accepts client connections on ``start(host, port)`` and
     routes each request with ``policy``.
@@ -535,6 +540,7 @@ class _ClientConnection(asyncio.Protocol):
             return
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()
+        exchange.stream = _DETACHED
         self.idle_since = time.monotonic()
         if self.queue:
             following = self.queue[0]
@@ -623,7 +629,7 @@ class _Exchange:
         self.response_started = False
         self.response_complete = False
         self.done = False
-        self.stream: _MessageStream | None = None
+        self.stream = _DETACHED
         self.reason = b""
         self.resp_headers: list[tuple[bytes, bytes]] = []
         self.resp_chunked = False
@@ -924,7 +930,7 @@ class _Exchange:
             # Nothing of this request can have been acted upon beyond its head:
             # send it on. A pooled connection may just have been closed by the
             # node while idle; try the same node once more, on a fresh connection.
-            self.stream = None
+            self.stream = _DETACHED
             self.client.hold(_CONNECTING)
             if self.reused:
                 self.fresh_only = node
@@ -973,6 +979,7 @@ class _Exchange:
     def abort(self) -> None:
         """The client is gone (or the proxy stops): drop everything in flight."""
         self.done = True
+        self.stream = _DETACHED
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None

@@ -6,6 +6,9 @@ with the same client; runs alternate, the median of each is reported.
 
 Not a test (pytest does not collect it): a measurement, printed as a table.
 Every pulled blob is hashed and checked, so a fast wrong answer fails the run.
+On a shared machine each step first waits (up to a minute) until other
+processes use less than 15 % of a core, and reports how much they used during
+the step, so a disturbed run shows as such.
 """
 
 from __future__ import annotations
@@ -30,6 +33,36 @@ MIB = 1 << 20
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """CPU seconds spent by processes other than ``pids`` since ``start()``."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def start(self) -> None:
+        self._machine = machine_busy_seconds()
+        self._ours = sum(cpu_seconds(p) for p in self.pids)
+
+    def seconds(self) -> float:
+        ours = sum(cpu_seconds(p) for p in self.pids) - self._ours
+        return max(0.0, machine_busy_seconds() - self._machine - ours)
+
+    async def wait_quiet(self, cores: float = 0.15, window: float = 0.5,
+                         patience: float = 60.0) -> None:
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            self.start()
+            await asyncio.sleep(window)       # a sampling window, not a wait for a condition
+            if self.seconds() / window < cores:
+                return
 
 
 def blobs(count: int, size: int) -> list[tuple[str, bytes]]:
@@ -75,8 +108,9 @@ async def pull(session: aiohttp.ClientSession, base: str, repo: str, digest: str
 
 
 async def measure(base: str, repo: str, layers, concurrency: int,
-                  pids: list[int]) -> dict[str, tuple[float, list[float]]]:
-    """{step: (MB/s, [cpu seconds of each pid])}"""
+                  pids: list[int]) -> dict[str, tuple[float, list[float], float]]:
+    """{step: (MB/s, [cpu seconds of each pid], cores used by other processes)}"""
+    others = OtherLoad(pids)
     connector = aiohttp.TCPConnector(limit=concurrency)
     total = sum(len(d) for _, d in layers)
     out = {}
@@ -84,6 +118,8 @@ async def measure(base: str, repo: str, layers, concurrency: int,
                                      cookie_jar=aiohttp.DummyCookieJar()) as session:
         for step in ("push", "pull"):
             os.sync()
+            await others.wait_quiet()
+            others.start()
             cpu0 = [cpu_seconds(p) for p in pids]
             started = time.perf_counter()
             if step == "push":
@@ -93,7 +129,8 @@ async def measure(base: str, repo: str, layers, concurrency: int,
                               lambda b: pull(session, base, repo, b[0], len(b[1])))
             seconds = time.perf_counter() - started
             out[step] = (total / seconds / 1e6,
-                         [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)])
+                         [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)],
+                         others.seconds() / seconds)
     return out
 
 
@@ -106,34 +143,43 @@ async def main(runs: int, count: int, concurrency: int) -> None:
         results: dict[tuple[str, str], list[float]] = {}
         proxy_cpu: dict[str, list[float]] = {"push": [], "pull": []}
         node_cpu: dict[tuple[str, str], list[float]] = {}
+        others: dict[tuple[str, str], list[float]] = {}
         try:
             for i in range(runs):
                 for target, base in (("direct", node.url), ("proxied", proxy.url)):
                     layers = blobs(count, MIB)
                     got = await measure(base, f"bench/{target}{i}", layers, concurrency,
                                         [node.proc.pid, proxy.pid, me])
-                    for step, (mbps, cpu) in got.items():
+                    for step, (mbps, cpu, load) in got.items():
                         results.setdefault((target, step), []).append(mbps)
+                        others.setdefault((target, step), []).append(load)
                         node_cpu.setdefault((target, step), []).append(cpu[0])
                         if target == "proxied":
                             proxy_cpu[step].append(cpu[1])
                     print(f"run {i + 1} {target:8}: " + ", ".join(
-                        f"{s} {m:7.1f} MB/s (node cpu {c[0]:.2f}s, proxy {c[1]:.2f}s, "
-                        f"client {c[2]:.2f}s)" for s, (m, c) in got.items()), flush=True)
+                        f"{s} {m:7.1f} MB/s (cpu s: node {c[0]:.2f}, proxy {c[1]:.2f}, "
+                        f"client {c[2]:.2f}; others {o:.2f} cores)"
+                        for s, (m, c, o) in got.items()), flush=True)
         finally:
             proxy.close()
             node.close()
     print(f"\n{count} x 1 MiB blobs, concurrency {concurrency}, {runs} runs, "
           f"{os.cpu_count()} CPUs")
-    print(f"{'step':6} {'direct MB/s':>12} {'proxied MB/s':>13} {'ratio':>6} "
-          f"{'proxy cpu s':>12} {'node cpu s d/p':>15}")
+    print("ratio = median proxied / median direct; paired = median of each run's "
+          "proxied/direct; quiet = the same over runs where other processes used "
+          "< 0.25 core in both steps")
+    print(f"{'step':6} {'direct MB/s':>12} {'proxied MB/s':>13} {'ratio':>6} {'paired':>7} "
+          f"{'quiet':>10} {'proxy ms/MiB':>13}")
+    mib = count * MIB / MIB
     for step in ("push", "pull"):
-        d = statistics.median(results["direct", step])
-        p = statistics.median(results["proxied", step])
-        print(f"{step:6} {d:12.1f} {p:13.1f} {p / d:6.3f} "
-              f"{statistics.median(proxy_cpu[step]):12.2f} "
-              f"{statistics.median(node_cpu['direct', step]):7.2f}/"
-              f"{statistics.median(node_cpu['proxied', step]):.2f}")
+        direct, proxied = results["direct", step], results["proxied", step]
+        d, p = statistics.median(direct), statistics.median(proxied)
+        pairs = [b / a for a, b in zip(direct, proxied, strict=True)]
+        quiet = [r for r, x, y in zip(pairs, others["direct", step], others["proxied", step],
+                                      strict=True) if x < 0.25 and y < 0.25]
+        quiet_text = f"{statistics.median(quiet):.3f} ({len(quiet)})" if quiet else "-"
+        print(f"{step:6} {d:12.1f} {p:13.1f} {p / d:6.3f} {statistics.median(pairs):7.3f} "
+              f"{quiet_text:>10} {statistics.median(proxy_cpu[step]) * 1000 / mib:13.2f}")
 
 
 if __name__ == "__main__":

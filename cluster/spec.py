@@ -49,7 +49,7 @@ import msgspec
 
 from replicator.residency import ResidencyPolicy
 
-from .regions import CONFINED_BY_DEFAULT, REGIONS, unknown_region_message
+from .regions import CONFINED_BY_DEFAULT, REGIONS, distance_km, unknown_region_message
 from .wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
 
 TIERS = ("Basic", "Standard", "Premium")
@@ -234,14 +234,14 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
     for name in dict.fromkeys(names):
         if name not in REGIONS:
             problems.append(unknown_region_message(name))
-    for name in spec.client_locations:
+    for name in spec.network.client_locations:  # (the default is the replica regions)
         if name not in REGIONS:
             problems.append("client_locations: " + unknown_region_message(name))
     for name in spec.residency.confined_regions:
         if name not in REGIONS:
             problems.append("residency.confined_regions: " + unknown_region_message(name))
 
-    premium = spec.tier == "Premium"
+    premium = spec.tier == "Premium" or spec.tier not in TIERS  # (a bad tier is reported once)
     if spec.replicas and not premium:
         problems.append(f"geo-replication needs the Premium tier (this spec is {spec.tier}): set "
                         f"tier = \"Premium\" or remove the [[replicas]] tables")
@@ -262,10 +262,10 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
         if not premium:
             problems.append(f"{where}: zone redundancy needs the Premium tier")
         if not REGIONS[replica.region].zones:
-            with_zones = [r.name for r in REGIONS.values()
-                          if r.zones and r.geography == REGIONS[replica.region].geography]
-            problems.append(f"{where}: {replica.region} has no availability zones"
-                            + (f"; regions nearby that do: {', '.join(with_zones)}" if with_zones else ""))
+            nearby = sorted((r.name for r in REGIONS.values() if r.zones),
+                            key=lambda name: distance_km(replica.region, name))[:3]
+            problems.append(f"{where}: {replica.region} has no availability zones; the nearest "
+                            f"regions that do: {', '.join(nearby)}")
     for i, pair in enumerate(spec.wan.pairs):
         for end in (pair.a, pair.b):
             if end not in REGIONS:
@@ -356,7 +356,8 @@ def _port_problems(spec: ClusterSpec) -> list[str]:
                         f"{top}; use a port_base of at most {MAX_PORT - (top - base)}")
     mgmt = spec.network.management_port
     if mgmt is not None:
-        used = set(layout.all_ports()) - {layout.management}
+        used = list(layout.all_ports())
+        used.remove(layout.management)
         if mgmt in used:
             problems.append(f"network.management_port {mgmt} collides with a port georeg assigns "
                             f"from port_base {base} (it uses {base}–{top}); pick a port outside "

@@ -132,6 +132,7 @@ class Transfer:
                     return
                 except ReplicationError as exc:
                     self.metrics.failures.labels(peer.name, exc.outcome.value).inc()
+                    log.info("transfer_source_failed", peer=peer.name, digest=digest, error=exc.reason)
                     last = exc
             raise last or permanent(f"no peer to fetch {digest} from")
 

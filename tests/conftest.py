@@ -8,7 +8,6 @@ from registry_node.config import NodeConfig
 
 from .helpers import NodeProcess, start_node
 
-
 # Nodes in this process log warnings and errors only; child processes log to files.
 logs.configure("console", "warning")
 

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import oras.client
@@ -28,6 +27,7 @@ from .helpers import (
     OCI_INDEX,
     OCI_MANIFEST,
     Image,
+    Skopeo,
     descriptor,
     digest_of,
     push_image,
@@ -37,8 +37,6 @@ from .helpers import (
 
 pytestmark = pytest.mark.interop
 
-SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
-SKOPEO_TIMEOUT_S = 90
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -94,72 +92,6 @@ def layout_tagged(path: Path, tag: str) -> dict:
 
 
 # -- running skopeo -------------------------------------------------------------------
-
-
-class Skopeo:
-    """skopeo with a sandboxed configuration; ``run`` fails the test on a non-zero exit."""
-
-    def __init__(self, root: Path, host: str) -> None:
-        self.host = host
-        root.mkdir()
-        (root / "tmp").mkdir()
-        (root / "registries.d").mkdir()
-        self.auth = root / "auth.json"
-        self.auth.write_text('{"auths": {}}')
-        self.policy = root / "policy.json"
-        self.policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
-        registries = root / "registries.conf"
-        registries.write_text("unqualified-search-registries = []\n")
-        self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root),
-            "XDG_RUNTIME_DIR": str(root), "XDG_CONFIG_HOME": str(root / "config"),
-            "CONTAINERS_REGISTRIES_CONF": str(registries), "TMPDIR": str(root / "tmp"),
-            "NO_PROXY": "*", "no_proxy": "*",
-        }
-        self.globals = ["--policy", str(self.policy), "--registries.d", str(root / "registries.d"),
-                        "--tmpdir", str(root / "tmp"), "--command-timeout", f"{SKOPEO_TIMEOUT_S}s"]
-
-    def ref(self, repo_and_tag: str) -> str:
-        return f"docker://{self.host}/{repo_and_tag}"
-
-    async def run(self, *args: str, check: bool = True) -> tuple[int, bytes, str]:
-        proc = await asyncio.create_subprocess_exec(
-            SKOPEO, *self.globals, *args, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), SKOPEO_TIMEOUT_S + 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise AssertionError(f"skopeo {' '.join(args)} timed out") from None
-        if check:
-            assert proc.returncode == 0, f"skopeo {' '.join(args)}: {err.decode()[-3000:]}"
-        return proc.returncode, out, err.decode()
-
-    async def copy(self, src: str, dst: str, *flags: str) -> None:
-        tls = []
-        if src.startswith("docker://"):
-            tls.append("--src-tls-verify=false")
-        if dst.startswith("docker://"):
-            tls.append("--dest-tls-verify=false")
-        await self.run("copy", "--quiet", "--authfile", str(self.auth), *tls, *flags, src, dst)
-
-    async def inspect_raw(self, ref: str) -> bytes:
-        _, out, _ = await self.run("inspect", "--raw", "--tls-verify=false",
-                                   "--authfile", str(self.auth), ref)
-        return out
-
-    async def inspect(self, ref: str) -> dict:
-        _, out, _ = await self.run("inspect", "--tls-verify=false", "--authfile", str(self.auth), ref)
-        return json.loads(out)
-
-    async def list_tags(self, repo: str) -> list[str]:
-        _, out, _ = await self.run("list-tags", "--tls-verify=false", "--authfile", str(self.auth),
-                                   self.ref(repo))
-        return json.loads(out)["Tags"]
-
-    async def delete(self, ref: str) -> None:
-        await self.run("delete", "--tls-verify=false", "--authfile", str(self.auth), ref)
 
 
 @pytest.fixture

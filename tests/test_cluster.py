@@ -1,0 +1,293 @@
+"""The whole cluster: node processes, WAN links, endpoints, management, the CLI.
+
+One default-topology cluster (Premium, eastus and westeurope zone redundant,
+brazilsouth, southeastasia) serves the tests that do not break it; tests that
+break a region get their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from cluster import spec as specs
+from cluster.testing import RunningCluster
+
+from .helpers import Skopeo, digest_of, eventually, make_image, push_image, write_oci_layout
+
+REPLICA_HEADER = "X-Georeg-Replica"
+
+
+def georeg(*args: str, data_dir, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def default_cluster(tmp_path_factory):
+    with RunningCluster(specs.load(None), tmp_path_factory.mktemp("default")) as running:
+        yield running
+
+
+async def replicated(http: aiohttp.ClientSession, running: RunningCluster, repo: str, ref: str,
+                     timeout: float = 30) -> dict:
+    """Wait until per-image status says every replica residency allows has it."""
+    node = running.node_url("eastus-1")
+    answer: dict = {}
+
+    async def complete() -> bool:
+        nonlocal answer
+        async with http.get(f"{node}/georeg/v1/replication/status",
+                            params={"repository": repo, "reference": ref}) as r:
+            answer = await r.json()
+        return answer["complete"]
+
+    await eventually(complete, timeout=timeout, what=f"{repo}:{ref} on every replica")
+    return answer
+
+
+# -- status and the CLI --------------------------------------------------------------
+
+
+def test_status_json_reports_every_node_healthy_with_its_endpoints(default_cluster):
+    result = georeg("status", "--json", data_dir=default_cluster.data_dir)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    nodes = {n["name"]: n for n in status["nodes"]}
+    assert set(nodes) == {"eastus-1", "eastus-2", "eastus-3", "westeurope-1", "westeurope-2",
+                          "westeurope-3", "brazilsouth", "southeastasia"}
+    for node in nodes.values():
+        assert node["healthy"] and node["health"] == "healthy"
+        assert node["http"].startswith("http://127.0.0.1:") and node["region"]
+    assert nodes["eastus-2"]["zone"] == "2" and nodes["brazilsouth"]["zone"] == ""
+    assert set(status["global_endpoints"]) == {"eastus", "westeurope", "brazilsouth", "southeastasia"}
+    assert set(status["regional_endpoints"]) == set(status["global_endpoints"])
+    assert [r["status"]["displayStatus"] for r in status["replicas"]] == ["Ready"] * 4
+    human = georeg("status", data_dir=default_cluster.data_dir)
+    assert human.returncode == 0 and "eastus-1" in human.stdout and "Ready" in human.stdout
+
+
+async def test_skopeo_push_from_east_us_pull_from_west_europe(default_cluster, http, tmp_path):
+    image = make_image([1 << 20, 300_000, 70_000], seed=41)
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, image, "v1")
+    east = Skopeo(tmp_path / "east", default_cluster.endpoint("eastus").removeprefix("http://"))
+    await east.copy(f"oci:{layout}:v1", east.ref("demo/app:v1"), "--preserve-digests")
+    status = await replicated(http, default_cluster, "demo/app", "v1")
+    assert status["digest"] == image.digest
+    by_region = {r["name"]: r for r in status["replicas"]}
+    assert by_region["westeurope-1"]["state"] == "present"
+    west = Skopeo(tmp_path / "west", default_cluster.endpoint("westeurope").removeprefix("http://"))
+    out = tmp_path / "out"
+    await west.copy(west.ref("demo/app:v1"), f"oci:{out}:v1", "--preserve-digests")
+    index = json.loads((out / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == image.digest
+    for blob in image.blobs:
+        assert (out / "blobs" / "sha256" / digest_of(blob).split(":")[1]).read_bytes() == blob
+    # The west european client was served by a west european replica.
+    async with http.head(f"{default_cluster.endpoint('westeurope')}/v2/demo/app/manifests/v1") as r:
+        assert r.headers[REPLICA_HEADER].startswith("westeurope")
+
+
+async def test_confined_content_pushed_in_brazil_stays_there(default_cluster, http):
+    image = make_image([5000], seed=42)
+    brazil = default_cluster.endpoint("brazilsouth")
+    await push_image(http, brazil, "br/only", image, tag="v1")
+    status = await replicated(http, default_cluster, "br/only", "v1")
+    states = {r["name"]: r["state"] for r in status["replicas"]}
+    assert states.pop("brazilsouth") == "present"
+    assert set(states.values()) == {"excluded"}
+    async with http.get(f"{default_cluster.regional_endpoint('westeurope')}/v2/br/only/manifests/v1") as r:
+        assert r.status == 404
+
+
+async def test_lag_to_southeast_asia_is_never_below_the_modelled_delay(default_cluster, http):
+    wan = default_cluster.spec.wan_model()
+    floor_ms = wan.one_way_ms("eastus", "southeastasia")
+    image = make_image([200_000], seed=43)
+    await push_image(http, default_cluster.regional_endpoint("eastus"), "lag/app", image, tag="v1")
+    status = await replicated(http, default_cluster, "lag/app", "v1")
+    lags = {r["name"]: r["lag_ms"] for r in status["replicas"] if r["state"] == "present"}
+    assert lags["southeastasia"] >= floor_ms, (lags, floor_ms)
+    assert lags["westeurope-1"] >= wan.one_way_ms("eastus", "westeurope")
+    assert lags["southeastasia"] > lags["westeurope-1"]
+
+
+def test_repository_commands(default_cluster):
+    async def push():
+        async with aiohttp.ClientSession() as http:
+            await push_image(http, default_cluster.endpoint("eastus"), "cli/repo",
+                             make_image([100], seed=44), tag="one")
+            await push_image(http, default_cluster.endpoint("eastus"), "cli/repo",
+                             make_image([101], seed=45), tag="two")
+    asyncio.run(push())
+    data_dir = default_cluster.data_dir
+    listed = georeg("repository", "list", data_dir=data_dir)
+    assert listed.returncode == 0 and "cli/repo" in listed.stdout.split()
+    tags = georeg("repository", "show-tags", "--name", "cli/repo", data_dir=data_dir)
+    assert tags.returncode == 0 and "one" in tags.stdout and "two" in tags.stdout
+    deleted = georeg("repository", "delete", "--name", "cli/repo", "--yes", data_dir=data_dir)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "deleted 2 manifests and 2 tags" in deleted.stdout
+    missing = georeg("repository", "show-tags", "--name", "cli/repo", data_dir=data_dir)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# -- routing: failover ---------------------------------------------------------------
+
+
+async def _served_by(http: aiohttp.ClientSession, endpoint: str) -> str:
+    async with http.get(f"{endpoint}/v2/") as r:
+        return r.headers.get(REPLICA_HEADER, "") if r.status == 200 else f"HTTP {r.status}"
+
+
+async def _seconds_until_served_elsewhere(http, endpoint: str, away_from: str) -> float:
+    started = time.monotonic()
+    await eventually(lambda: _not_from(http, endpoint, away_from), timeout=10, interval=0.05,
+                     what=f"requests leaving {away_from}")
+    return time.monotonic() - started
+
+
+async def _not_from(http, endpoint, region) -> bool:
+    served = await _served_by(http, endpoint)
+    return bool(served) and not served.startswith(region) and not served.startswith("HTTP")
+
+
+@pytest.fixture
+def breakable_cluster(tmp_path):
+    spec = specs.parse({"home_region": "eastus", "home_zone_redundant": True,
+                        "replicas": [{"region": "westeurope"}, {"region": "brazilsouth"}]})
+    with RunningCluster(spec, tmp_path / "c") as running:
+        yield running
+
+
+async def test_failover_when_routing_is_disabled_and_when_the_region_dies(breakable_cluster, http):
+    c = breakable_cluster
+    east = c.endpoint("eastus")
+    assert (await _served_by(http, east)).startswith("eastus")
+    c.set_routing("eastus", False)
+    assert await _seconds_until_served_elsewhere(http, east, "eastus") < 2.0
+    assert (await _served_by(http, east)).startswith("westeurope")  # next nearest
+    # Out of routing, the replica keeps serving its regional endpoint and syncing.
+    assert (await _served_by(http, c.regional_endpoint("eastus"))).startswith("eastus")
+    c.set_routing("eastus", True)
+    await eventually(lambda: _is_from(http, east, "eastus"), timeout=5, what="routing back")
+    for zone in ("1", "2", "3"):
+        c.crash(f"eastus-{zone}")
+    assert await _seconds_until_served_elsewhere(http, east, "eastus") < 2.0
+    async with http.get(f"{c.regional_endpoint('eastus')}/v2/") as r:
+        assert r.status == 503
+        assert (await r.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def _is_from(http, endpoint, region) -> bool:
+    return (await _served_by(http, endpoint)).startswith(region)
+
+
+async def test_an_upload_in_flight_survives_routing_moving(breakable_cluster, http):
+    """POST and first chunk through East US, routing moves to West Europe, the rest of
+    the upload and the manifest still succeed: never MANIFEST_BLOB_UNKNOWN."""
+    c = breakable_cluster
+    east = c.endpoint("eastus")
+    image = make_image([3 * 65536 + 17], seed=46)
+    layer, config = image.layers[0], image.config
+    async with http.post(f"{east}/v2/moving/app/blobs/uploads/") as r:
+        assert r.status == 202
+        location = r.headers["Location"]
+        began_on = r.headers[REPLICA_HEADER]
+    assert began_on.startswith("eastus")
+    async with http.patch(f"{east}{location}", data=layer[:65536],
+                          headers={"Content-Range": f"0-{65535}"}) as r:
+        assert r.status == 202
+    c.set_routing("eastus", False)
+    assert await _seconds_until_served_elsewhere(http, east, "eastus") < 2.0
+    async with http.patch(f"{east}{location}", data=layer[65536:],
+                          headers={"Content-Range": f"65536-{len(layer) - 1}"}) as r:
+        assert r.status == 202 and r.headers[REPLICA_HEADER] == began_on
+    async with http.put(f"{east}{location}", params={"digest": digest_of(layer)}) as r:
+        assert r.status == 201
+    async with http.post(f"{east}/v2/moving/app/blobs/uploads/", params={"digest": digest_of(config)},
+                         data=config) as r:
+        assert r.status == 201 and r.headers[REPLICA_HEADER].startswith("westeurope")
+    async with http.put(f"{east}/v2/moving/app/manifests/v1", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 201, await r.text()   # the layer came from East US on demand
+
+
+async def test_home_region_down_blocks_management_not_data(breakable_cluster, http):
+    c = breakable_cluster
+    for zone in ("1", "2", "3"):
+        c.crash(f"eastus-{zone}")
+    await eventually(lambda: not any(n["healthy"] for n in c.status()["nodes"]
+                                     if n["region"] == "eastus"), timeout=10, what="eastus down")
+    result = georeg("replication", "update", "--name", "westeurope",
+                    "--global-endpoint-routing", "false", data_dir=c.data_dir)
+    assert result.returncode == 2
+    assert "home region eastus holds the control plane" in result.stderr
+    image = make_image([800], seed=47)
+    west = c.endpoint("westeurope")
+    await push_image(http, west, "during/outage", image, tag="v1")
+    async with http.get(f"{c.endpoint('brazilsouth')}/v2/during/outage/manifests/v1") as r:
+        assert r.status == 200 and await r.read() == image.manifest
+
+
+# -- replicas created while running ----------------------------------------------------
+
+
+async def test_replication_create_syncs_existing_content_with_visible_progress(breakable_cluster, http):
+    c = breakable_cluster
+    images = [make_image([150_000, 2000], seed=50 + i) for i in range(4)]
+    for i, image in enumerate(images):
+        await push_image(http, c.endpoint("eastus"), "sync/app", image, tag=f"v{i}")
+    result = georeg("replication", "create", "--location", "japaneast", "--wait",
+                    data_dir=c.data_dir, timeout=180)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(georeg("replication", "show", "--name", "japaneast",
+                              data_dir=c.data_dir).stdout)
+    assert shown["status"]["displayStatus"] == "Ready"
+    done, total = shown["sync"]["images"]
+    assert total >= len(images) and done == total
+    japan = c.node_url("japaneast")
+    for i, image in enumerate(images):
+        async with http.get(f"{japan}/v2/sync/app/manifests/v{i}") as r:
+            assert r.status == 200 and await r.read() == image.manifest
+    listed = georeg("replication", "list", data_dir=c.data_dir)
+    assert "japaneast" in listed.stdout
+    # The new replica has its endpoints and takes part in replication both ways.
+    later = make_image([999], seed=60)
+    await push_image(http, c.endpoint("japaneast"), "sync/app", later, tag="late")
+    await eventually(lambda: _has(http, c.node_url("westeurope"), "sync/app", "late"), timeout=20)
+
+
+async def _has(http, url, repo, tag) -> bool:
+    async with http.head(f"{url}/v2/{repo}/manifests/{tag}") as r:
+        return r.status == 200
+
+
+# -- the pytest plugin ---------------------------------------------------------------
+
+
+@pytest.mark.georeg_spec({"home_region": "westeurope",
+                          "replicas": [{"region": "northeurope"}]})
+def test_the_pytest_plugin_gives_a_cluster_built_from_the_marker(georeg_cluster):
+    status = georeg_cluster.status()
+    assert {n["name"] for n in status["nodes"]} == {"westeurope", "northeurope"}
+    url = georeg_cluster.endpoint("westeurope")
+
+    async def push_and_pull() -> bytes:
+        async with aiohttp.ClientSession() as http:
+            image = make_image([123], seed=70)
+            await push_image(http, url, "plugin/app", image, tag="v1")
+            await eventually(lambda: _has(http, georeg_cluster.node_url("northeurope"),
+                                          "plugin/app", "v1"), timeout=20)
+            return image.manifest
+
+    assert asyncio.run(push_and_pull())

@@ -1,0 +1,137 @@
+"""The cluster spec's validation, the WAN model and the plan: pure, no processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cluster import spec as specs
+from cluster.plan import plan
+from cluster.regions import REGIONS, distance_km
+from cluster.wan import PairOverride, WanModel
+
+
+def problems(raw: dict) -> list[str]:
+    with pytest.raises(specs.SpecError) as info:
+        specs.parse(raw, "test.toml")
+    return info.value.problems
+
+
+def test_the_default_spec_is_valid_and_shows_zones_routing_and_residency():
+    spec = specs.load(None)
+    assert spec.tier == "Premium" and spec.home_region == "eastus"
+    assert [(r.region, r.zone_redundant) for r in spec.all_replicas] == [
+        ("eastus", True), ("westeurope", True), ("brazilsouth", False), ("southeastasia", False)]
+    assert set(spec.residency.confined_regions) == {"brazilsouth", "southeastasia"}
+    assert spec.node_count() == 8
+
+
+def test_unknown_region_suggests_the_nearest_names():
+    [problem] = problems({"home_region": "eastsu"})
+    assert "unknown region 'eastsu'" in problem and "eastus" in problem
+    [problem] = problems({"replicas": [{"region": "west europe"}]})
+    assert "westeurope" in problem
+
+
+def test_geo_replication_and_zones_need_premium():
+    found = problems({"tier": "Standard", "replicas": [{"region": "westeurope"}]})
+    assert any("geo-replication needs the Premium tier" in p for p in found)
+    found = problems({"tier": "Basic", "home_zone_redundant": True})
+    assert any("zone redundancy needs the Premium tier" in p for p in found)
+
+
+def test_zone_redundancy_needs_a_region_with_zones():
+    [problem] = problems({"replicas": [{"region": "westus", "zone_redundant": True}]})
+    assert "westus has no availability zones" in problem
+    assert "westus2" in problem  # a nearby region that has them
+
+
+def test_home_region_as_replica_and_duplicates_are_refused():
+    found = problems({"replicas": [{"region": "eastus"}, {"region": "westeurope"},
+                                   {"region": "westeurope"}]})
+    assert any("eastus is the home region" in p for p in found)
+    assert any("westeurope is replicated twice" in p for p in found)
+
+
+def test_ports_that_collide_or_overflow_are_refused():
+    [problem] = problems({"network": {"port_base": 5000, "management_port": 5100}})
+    assert "collides" in problem and "5100" in problem
+    [problem] = problems({"network": {"port_base": 65400}})
+    assert "leaves no room" in problem
+
+
+def test_typos_in_keys_are_caught_with_a_suggestion():
+    [problem] = problems({"home_regoin": "eastus"})
+    assert "unknown key 'home_regoin'" in problem and "home_region" in problem
+    [problem] = problems({"replicas": [{"region": "westeurope", "zone_redundnat": True}]})
+    assert "zone_redundant" in problem
+
+
+def test_wrong_types_name_the_field():
+    [problem] = problems({"replicas": [{"region": 3}]})
+    assert "replicas[0].region" in problem
+
+
+def test_every_problem_is_reported_at_once():
+    found = problems({"tier": "Premum", "home_region": "nowhere",
+                      "replicas": [{"region": "westus", "zone_redundant": True}]})
+    assert len(found) == 3
+    assert any("did you mean 'Premium'" in p for p in found)
+
+
+def test_georeg_up_refuses_an_invalid_spec_file_and_says_why(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('tier = "Standard"\n[[replicas]]\nregion = "japaneast"\n')
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--config", str(bad),
+                             "--data-dir", str(tmp_path / "data")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "geo-replication needs the Premium tier" in result.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("tier = \n")
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--config", str(broken),
+                             "--data-dir", str(tmp_path / "data")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "not valid TOML" in result.stderr
+
+
+def test_wan_model_matches_known_round_trips():
+    wan = WanModel()
+    assert wan.rtt_ms("eastus", "westeurope") == pytest.approx(80, abs=5)
+    assert wan.rtt_ms("eastus", "eastus") == pytest.approx(1.0)
+    # Farther is slower, and the model is symmetric.
+    assert wan.rtt_ms("eastus", "southeastasia") > wan.rtt_ms("eastus", "westeurope")
+    assert wan.rtt_ms("westeurope", "eastus") == wan.rtt_ms("eastus", "westeurope")
+    link = wan.link("eastus", "westeurope")
+    assert link.latency_ms == pytest.approx(wan.rtt_ms("eastus", "westeurope") / 2)
+    assert link.jitter_ms > 0 and link.bandwidth_mbps > 0
+    overridden = WanModel((PairOverride("eastus", "brazilsouth", rtt_ms=120),))
+    assert overridden.rtt_ms("brazilsouth", "eastus") == 120
+
+
+def test_regions_know_their_pairs_and_geography():
+    assert REGIONS["eastus"].pair == "westus" and REGIONS["westus"].pair == "eastus"
+    assert REGIONS["brazilsouth"].pair == "southcentralus"   # one-way, outside Brazil
+    assert REGIONS["southeastasia"].pair == "eastasia"
+    assert 6000 < distance_km("eastus", "westeurope") < 7000
+
+
+def test_plan_gives_each_node_ports_and_a_link_to_every_peer(tmp_path):
+    p = plan(specs.load(None), tmp_path)
+    names = [n.name for n in p.nodes]
+    assert names == ["eastus-1", "eastus-2", "eastus-3", "westeurope-1", "westeurope-2",
+                     "westeurope-3", "brazilsouth", "southeastasia"]
+    assert len(p.links) == 8 * 7
+    ports = [n.http_port for n in p.nodes] + [n.grpc_port for n in p.nodes] + \
+        [link.port for link in p.links] + [e.port for e in p.endpoints] + [p.management_port]
+    assert len(ports) == len(set(ports))
+    view = p.view(p.node("westeurope-1"))
+    assert {peer.name for peer in view.peers} == set(names) - {"westeurope-1"}
+    assert view.zone_redundant and {z.name for z in view.zone_peers} == {"westeurope-2", "westeurope-3"}
+    # Adding a replica only appends: every port in use keeps its meaning.
+    bigger = plan(specs.validate(p.spec.with_replicas(
+        (*p.spec.replicas, specs.ReplicaSpec("japaneast"))), "t"), tmp_path)
+    assert bigger.links[:len(p.links)] == p.links
+    assert bigger.nodes[:len(p.nodes)] == p.nodes

@@ -84,6 +84,7 @@ class Cluster:
         self.routing = None          # cluster.endpoints.Endpoints, when routing is on
         self.management = None       # cluster.management.ManagementServer
         self.progress: dict[str, ReplicaProgress] = {}
+        self.restoring: set[str] = set()   # regions whose nodes peer with their paired copy
         from .faults import FaultController
 
         self.faults = FaultController(self)
@@ -252,11 +253,14 @@ class Cluster:
         routing = self.routing.routing_flags() if self.routing else {}
         nodes = []
         for node in self.supervisor.nodes.values():
+            if node.plan.copy_of:
+                continue
             info = node.info
             peers = info.get("peers", [])
             nodes.append({
                 "name": node.name, "region": node.plan.region, "zone": node.plan.zone,
-                "http": node.url, "pid": node.pid, "health": node.state,
+                "http": node.url, "data_dir": str(node.plan.data_dir), "pid": node.pid,
+                "health": node.state,
                 "healthy": node.healthy, "reason": node.reason or None,
                 "routing": routing.get(node.plan.region, replicas[node.plan.region].global_routing),
                 "writable": info.get("writable"),
@@ -276,6 +280,11 @@ class Cluster:
             "management": self.management_url,
             "replicas": [self.replica_status(r.region) for r in self.spec.all_replicas],
             "nodes": nodes,
+            "paired_copies": [{
+                "name": n.name, "keeps": n.plan.copy_of, "region": n.plan.region,
+                "health": n.state, "healthy": n.healthy, "http": n.url,
+                "images": sum(c["images"] for c in (n.info.get("content") or {}).values()),
+            } for n in self.supervisor.nodes.values() if n.plan.copy_of],
             "global_endpoints": {e.region: e.url for e in self.endpoints() if e.kind == "global"},
             "regional_endpoints": {e.region: e.url for e in self.endpoints() if e.kind == "regional"},
         }
@@ -319,8 +328,8 @@ class Cluster:
             (*self.spec.replicas, specs.ReplicaSpec(region, zone_redundant, global_routing)))
         new_spec = specs.validate(new_spec, f"replication create {region}")
         new_plan = plan(new_spec, self.data_dir)
-        old_names = {n.name for n in self.plan.nodes}
-        added = [n for n in new_plan.nodes if n.name not in old_names]
+        old_names = {n.name for n in self.plan.all_nodes}
+        added = [n for n in new_plan.all_nodes if n.name not in old_names]
         self.progress[region] = ReplicaProgress(created_at=time.time())
         for link in new_plan.links:
             if link.source not in old_names or link.target not in old_names:
@@ -329,8 +338,7 @@ class Cluster:
         self.supervisor.plan = new_plan
         for node in added:
             self.supervisor.nodes[node.name] = NodeRuntime(node)
-        for node in new_plan.nodes:                   # peers learn of the newcomer
-            new_plan.view(node, self.settings).dump(node.view_file)
+        self._write_views()                               # peers learn of the newcomer
         save_spec(self.data_dir, new_spec)
         await asyncio.gather(*(self.supervisor.start_node(n.name) for n in added))
         if self.routing is not None:
@@ -353,13 +361,62 @@ class Cluster:
         save_spec(self.data_dir, self.spec)
         return self.replica_status(region)
 
+    def _write_views(self) -> None:
+        for node in self.plan.all_nodes:
+            view = self.plan.view(node, self.settings,
+                                  with_pair_copy=node.region in self.restoring and not node.copy_of)
+            view.dump(node.view_file)
+
+    async def restore_region(self, region: str, timeout: float = 300.0) -> dict:
+        """Rebuild a region from its paired-region copy (and every other replica):
+        its nodes peer with the copy until they hold all it holds. A confined
+        region has no copy; what reached no other replica is gone, and the
+        answer says so."""
+        self._control_plane()
+        if region not in self.replica_specs():
+            raise NotFound(f"{region} has no replica")
+        members = [self.supervisor.nodes[n.name] for n in self.plan.nodes_in(region)]
+        await asyncio.gather(*(self.supervisor.start_node(n.name) for n in members if n.pid is None))
+        pair = self.plan.pair_copy(region)
+        before = min(_images(n) for n in members)
+        if pair is None:
+            await self.wait_ready(timeout)
+            after = min(_images(n) for n in members)
+            return {"region": region, "paired_copy": None, "images_before": before,
+                    "images_after": after,
+                    "message": f"{region} keeps its data in the region (Azure gives it no "
+                               f"paired-region copy): content that had reached no other replica "
+                               f"is lost. {region} re-synced what the other replicas hold "
+                               f"({after} images)."}
+        self.restoring.add(region)
+        self._write_views()
+        deadline = time.monotonic() + timeout
+        try:
+            copy = self.supervisor.nodes[pair.name]
+            while True:
+                await asyncio.sleep(0.2)
+                done = all(_caught_up_with(n, pair.name) for n in members)
+                if done and all(_images(n) >= _images(copy) for n in members):
+                    break
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{region} did not catch up with its paired copy in "
+                                       f"{timeout:g}s")
+        finally:
+            self.restoring.discard(region)
+            self._write_views()
+        after = min(_images(n) for n in members)
+        return {"region": region, "paired_copy": pair.name, "pair_region": pair.region,
+                "images_before": before, "images_after": after,
+                "message": f"{region} restored from its copy in {pair.region}: "
+                           f"{after} images (had {before})."}
+
     async def delete_replication(self, region: str) -> None:
         self._control_plane()
         if region == self.spec.home_region:
             raise ClusterError(f"{region} is the home region; the home replica cannot be deleted")
         if region not in self.replica_specs():
             raise NotFound(f"{region} has no replica")
-        gone = [n.name for n in self.plan.nodes if n.region == region]
+        gone = [n.name for n in self.plan.all_nodes if n.region == region or n.copy_of == region]
         new_spec = self.spec.with_replicas(tuple(r for r in self.spec.replicas if r.region != region))
         for name in gone:
             await self.supervisor.stop_node(name, graceful=True)
@@ -371,8 +428,7 @@ class Cluster:
         self.plan = _without(self.plan, gone, new_spec)
         self.spec = new_spec
         self.supervisor.plan = self.plan
-        for node in self.plan.nodes:
-            self.plan.view(node, self.settings).dump(node.view_file)
+        self._write_views()
         self.progress.pop(region, None)
         save_spec(self.data_dir, new_spec)
         if self.routing is not None:
@@ -384,11 +440,21 @@ def _without(current: ClusterPlan, gone: list[str], spec: specs.ClusterSpec) -> 
 
     return replace(current, spec=spec,
                    nodes=tuple(n for n in current.nodes if n.name not in gone),
+                   pair_copies=tuple(n for n in current.pair_copies if n.name not in gone),
                    links=tuple(link for link in current.links
                                if link.source not in gone and link.target not in gone),
                    endpoints=tuple(e for e in current.endpoints
                                    if not (e.kind == "regional" and e.region not in
                                            {r.region for r in spec.all_replicas})))
+
+
+def _images(node: NodeRuntime) -> int:
+    return sum(c["images"] for c in (node.info.get("content") or {}).values())
+
+
+def _caught_up_with(node: NodeRuntime, peer: str) -> bool:
+    return any(p["name"] == peer and p["connected"] and p["behind_events"] == 0
+               for p in node.info.get("peers", []))
 
 
 def _ready(node: NodeRuntime) -> bool:

@@ -120,9 +120,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     _register_replication(sub)
     _register_repository(sub)
-    from . import fault_cli
+    from . import fault_cli, verify_cli
 
     fault_cli.register(sub)
+    verify_cli.register(sub)
+    p = sub.add_parser("region", help="regions: restore one from its paired-region copy")
+    regions = p.add_subparsers(dest="region_command", required=True, metavar="COMMAND")
+    c = regions.add_parser(
+        "restore", help="rebuild a (destroyed) region from its paired-region copy",
+        description="Azure keeps a copy of each region's data in its paired region (except "
+                    "Brazil South and Southeast Asia, whose data stays in the region). This "
+                    "rebuilds the region's nodes from that copy and from every other replica, "
+                    "recovering content that had reached no other replica. For a confined "
+                    "region it says plainly what could not be recovered.")
+    c.add_argument("region")
+    add_data_dir(c)
+    c.set_defaults(func=_run(run_region_restore))
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -301,6 +314,13 @@ def run_status(args: argparse.Namespace) -> int:
     console.print(table)
     _node_table(console, status)
     return 0 if all(n["healthy"] for n in status["nodes"]) else 1
+
+
+def run_region_restore(args: argparse.Namespace) -> int:
+    result = call(_data_dir(args), "POST", f"/georeg/v1/regions/{args.region}/restore",
+                  timeout=600)
+    print(result["message"])
+    return 0 if result["paired_copy"] else 1
 
 
 # -- replication ---------------------------------------------------------------------

@@ -15,6 +15,8 @@ the ``georeg`` CLI talks to.
     GET    /georeg/v1/repositories/{name}/tags    tags with digests
     DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository
                                                   (ACR's DELETE /acr/v1/{name} on a node)
+    POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
+    GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
 
 Errors are JSON ``{"error": {"code", "message"}}`` with a fitting status; a
@@ -78,6 +80,8 @@ class ManagementServer:
         r.add_get("/georeg/v1/repositories/{name:.+}/tags", self.show_tags)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
         r.add_post("/georeg/v1/shutdown", self.shutdown)
+        r.add_get("/georeg/v1/verify", self.verify)
+        r.add_post("/georeg/v1/regions/{region}/restore", self.restore_region)
         r.add_get("/georeg/v1/faults", self.list_faults)
         r.add_post("/georeg/v1/faults", self.inject_fault)
         r.add_delete("/georeg/v1/faults", self.heal_all)
@@ -137,9 +141,21 @@ class ManagementServer:
         await self.cluster.delete_replication(request.match_info["region"])
         return web.Response(status=204)
 
+    async def restore_region(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.restore_region(request.match_info["region"]))
+
     async def shutdown(self, request: web.Request) -> web.Response:
         asyncio.get_running_loop().call_soon(self.cluster.request_stop)
         return web.json_response({"stopping": True}, status=202)
+
+    async def verify(self, request: web.Request) -> web.Response:
+        from .verify import verify
+
+        try:
+            timeout = float(request.query.get("timeout", 60))
+        except ValueError:
+            raise ClusterError("timeout must be a number of seconds") from None
+        return web.json_response((await verify(self.cluster, timeout=timeout)).as_dict())
 
     # -- faults ----------------------------------------------------------------------------
 

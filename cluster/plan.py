@@ -30,6 +30,7 @@ class NodePlan:
     data_dir: Path
     view_file: Path
     log_file: Path
+    copy_of: str = ""          # a paired-region copy: the replica region it keeps
 
     @property
     def label(self) -> str:
@@ -65,12 +66,24 @@ class ClusterPlan:
     links: tuple[LinkPlan, ...]
     endpoints: tuple[EndpointPlan, ...]
     management_port: int
+    pair_copies: tuple[NodePlan, ...] = ()
+
+    @property
+    def all_nodes(self) -> tuple[NodePlan, ...]:
+        """Serving nodes, then the storage-only paired-region copies."""
+        return self.nodes + self.pair_copies
 
     def node(self, name: str) -> NodePlan:
-        for node in self.nodes:
+        for node in self.all_nodes:
             if node.name == name:
                 return node
         raise KeyError(name)
+
+    def pair_copy(self, region: str) -> NodePlan | None:
+        for node in self.pair_copies:
+            if node.copy_of == region:
+                return node
+        return None
 
     def nodes_in(self, region: str) -> list[NodePlan]:
         return [n for n in self.nodes if n.region == region]
@@ -81,12 +94,23 @@ class ClusterPlan:
                 return link
         raise KeyError((source, target))
 
-    def view(self, node: NodePlan, settings: ReplicationSettings | None = None) -> ClusterView:
+    def view(self, node: NodePlan, settings: ReplicationSettings | None = None, *,
+             with_pair_copy: bool = False) -> ClusterView:
+        """What ``node`` is told of its peers. A paired-region copy knows only the
+        nodes of the region it keeps; a replica node knows every other replica
+        node, and its region's copy only while the region is being restored."""
+        if node.copy_of:
+            others = self.nodes_in(node.copy_of)
+        else:
+            others = [n for n in self.nodes if n.name != node.name]
+            pair = self.pair_copy(node.region)
+            if with_pair_copy and pair is not None:
+                others.append(pair)
         peers = tuple(
             Peer(name=other.name, region=other.region, zone=other.zone,
                  grpc=f"{self.host}:{self.link(node.name, other.name).port}",
                  http=f"http://{self.host}:{other.http_port}")
-            for other in self.nodes if other.name != node.name)
+            for other in others)
         return ClusterView(name=node.name, region=node.region, zone=node.zone,
                            grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
                            residency=self.spec.residency_policy(),
@@ -119,9 +143,22 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
             for source, target in ((newer, older), (older, newer)):
                 links.append(LinkPlan(source.name, target.name, layout.link(len(links)),
                                       target.grpc_port, wan.link(source.region, target.region)))
+    pairs: list[NodePlan] = []
+    for k, (region, pair_region) in enumerate(spec.paired_regions().items()):
+        name = f"pair-{region}"
+        pairs.append(NodePlan(
+            name=name, region=pair_region, zone="", http_port=layout.pair_http(k),
+            grpc_port=layout.pair_grpc(k), data_dir=data_dir / "pairs" / region,
+            view_file=data_dir / "views" / f"{name}.json", log_file=data_dir / "logs" / f"{name}.log",
+            copy_of=region))
+        for member in (n for n in nodes if n.region == region):
+            for source, target in ((pairs[-1], member), (member, pairs[-1])):
+                links.append(LinkPlan(source.name, target.name,
+                                      layout.pair_link(len(links) - layout.link_count),
+                                      target.grpc_port, wan.link(source.region, target.region)))
     endpoints = [EndpointPlan("global", loc, layout.global_endpoint(i))
                  for i, loc in enumerate(spec.client_locations)]
     endpoints += [EndpointPlan("regional", r.region, layout.regional_endpoint(i))
                   for i, r in enumerate(spec.all_replicas)]
     return ClusterPlan(spec, data_dir, host, tuple(nodes), tuple(links), tuple(endpoints),
-                       layout.management)
+                       layout.management, tuple(pairs))

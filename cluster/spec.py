@@ -110,6 +110,9 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     home_region: str = "eastus"
     home_zone_redundant: bool = False
     home_global_routing: bool = True
+    # Azure also keeps each region's data in its paired region (except where data
+    # is confined); georeg runs that copy as a storage-only node per region.
+    paired_copies: bool = True
     replicas: tuple[ReplicaSpec, ...] = ()
     wan: WanSpec = WanSpec()
     residency: ResidencySpec = ResidencySpec()
@@ -145,6 +148,15 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def node_count(self) -> int:
         return sum(3 if r.zone_redundant else 1 for r in self.all_replicas)
+
+    def paired_regions(self) -> dict[str, str]:
+        """Replica region → the paired region holding its copy (confined regions have none)."""
+        if not self.paired_copies:
+            return {}
+        policy = self.residency_policy()
+        return {r.region: REGIONS[r.region].pair for r in self.all_replicas
+                if r.region in REGIONS and REGIONS[r.region].pair
+                and not policy.confined(r.region, "")}
 
 
 DEFAULT_SPEC = ClusterSpec(
@@ -291,10 +303,13 @@ class PortLayout:
 
     P + i             global endpoint for client location i   (up to 20)
     P + 20 + i        regional endpoint for replica i          (up to 40)
+    P + 60 + k        paired-region copy k, HTTP                 (up to 20)
+    P + 80 + k        paired-region copy k, gRPC
     P + 99            management API (unless management_port is set)
-    P + 100 + i       node i, HTTP
+    P + 100 + i       node i, HTTP                               (up to 40)
     P + 200 + i       node i, gRPC
-    P + 300 + j       WAN link j (one per ordered pair of nodes)
+    P + 300 + j       WAN link j (one per ordered pair of nodes, up to 1560)
+    P + 2000 + m      WAN link m of a paired-region copy (to and from its region's nodes)
     """
 
     base: int
@@ -302,6 +317,17 @@ class PortLayout:
     locations: int
     replicas: int
     nodes: int
+    pair_copies: int = 0
+    pair_links: int = 0
+
+    def pair_http(self, k: int) -> int:
+        return self.base + 60 + k
+
+    def pair_grpc(self, k: int) -> int:
+        return self.base + 80 + k
+
+    def pair_link(self, m: int) -> int:
+        return self.base + 2000 + m
 
     def global_endpoint(self, i: int) -> int:
         return self.base + i
@@ -329,13 +355,19 @@ class PortLayout:
         ports += [self.node_http(i) for i in range(self.nodes)]
         ports += [self.node_grpc(i) for i in range(self.nodes)]
         ports += [self.link(j) for j in range(self.link_count)]
+        ports += [self.pair_http(k) for k in range(self.pair_copies)]
+        ports += [self.pair_grpc(k) for k in range(self.pair_copies)]
+        ports += [self.pair_link(m) for m in range(self.pair_links)]
         return ports
 
 
 def port_layout(spec: ClusterSpec) -> PortLayout:
     base = spec.network.port_base
+    zones = {r.region: (3 if r.zone_redundant else 1) for r in spec.all_replicas}
+    pairs = spec.paired_regions()
     return PortLayout(base, spec.network.management_port or base + 99, len(spec.client_locations),
-                      len(spec.all_replicas), spec.node_count())
+                      len(spec.all_replicas), spec.node_count(), len(pairs),
+                      sum(2 * zones[r] for r in pairs))
 
 
 def _port_problems(spec: ClusterSpec) -> list[str]:
@@ -346,8 +378,8 @@ def _port_problems(spec: ClusterSpec) -> list[str]:
         problems.append(f"client_locations: at most 20 global endpoints, got {layout.locations}")
     if layout.replicas > 40:
         problems.append(f"at most 40 replicas, got {layout.replicas}")
-    if layout.nodes > 99:
-        problems.append(f"at most 99 nodes, got {layout.nodes}")
+    if layout.nodes > 40:
+        problems.append(f"at most 40 nodes, got {layout.nodes}")
     if not 1 <= base:
         problems.append(f"network.port_base {base} must be a port number")
     top = max(layout.all_ports())

@@ -85,7 +85,7 @@ class Supervisor:
         self.plan = plan
         self.settings = settings or ReplicationSettings()
         self.extra_node_args = extra_node_args
-        self.nodes: dict[str, NodeRuntime] = {n.name: NodeRuntime(n) for n in plan.nodes}
+        self.nodes: dict[str, NodeRuntime] = {n.name: NodeRuntime(n) for n in plan.all_nodes}
         self.links: dict[tuple[str, str], Link] = {}
         self._health_task: asyncio.Task | None = None
         self._watchers: dict[str, asyncio.Task] = {}
@@ -111,7 +111,7 @@ class Supervisor:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S))
         for link_plan in plan.links:
             await self.add_link(link_plan)
-        for node in plan.nodes:
+        for node in plan.all_nodes:
             plan.view(node, self.settings).dump(node.view_file)
         try:
             await asyncio.gather(*(self.start_node(n) for n in self.nodes))

@@ -250,8 +250,9 @@ async def test_replication_create_syncs_existing_content_with_visible_progress(b
     result = georeg("replication", "create", "--location", "japaneast", "--wait",
                     data_dir=c.data_dir, timeout=180)
     assert result.returncode == 0, result.stderr
-    shown = json.loads(georeg("replication", "show", "--name", "japaneast",
-                              data_dir=c.data_dir).stdout)
+    show = georeg("replication", "show", "--name", "japaneast", data_dir=c.data_dir)
+    assert show.returncode == 0, show.stderr
+    shown = json.loads(show.stdout)
     assert shown["status"]["displayStatus"] == "Ready"
     done, total = shown["sync"]["images"]
     assert total >= len(images) and done == total

@@ -232,6 +232,8 @@ class Registry:
             return False
         self.touch(digest)
         if self.meta.get(keys.blob_link(repo, digest)) is not None:
+            self.quorum.check_writable()
+            await self.quorum.wait_durable(self.meta.last_seq)  # as a no-op manifest push
             return True
         self.quorum.check_writable()
         batch = Batch()
@@ -535,6 +537,10 @@ class Registry:
                                         media_type=parsed.media_type))
         if batch.events:
             await self._commit(batch)
+        else:
+            # Nothing new: but this may be the retry of a write that got an
+            # indefinite 503, stored here and not yet confirmed by the quorum.
+            await self.quorum.wait_durable(self.meta.last_seq)
         return PutManifestResult(digest, parsed.subject)
 
     def missing_references(self, repo: str, parsed: manifests.ParsedManifest) -> list[str]:

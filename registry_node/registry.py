@@ -403,6 +403,12 @@ class Registry:
         self.quorum.check_writable()
         self.touch(digest)  # before the file lands, so GC cannot take it meanwhile
         await self.run_blocking(lambda: self.blobs.commit_upload(file, digest))
+        if self.meta.get(keys.blob(digest)) is not None \
+                and self.meta.get(keys.blob_link(repo, digest)) is not None:
+            # Uploaded again into a repository that has it: nothing changes, so
+            # nothing is logged (every replica would apply and log it again).
+            await self.quorum.wait_durable(self.meta.last_seq)  # as a no-op manifest push
+            return BlobInfo(digest, size)
         batch = Batch()
         stamp = self._stamp(batch)
         if self.meta.get(keys.blob(digest)) is None:

@@ -91,7 +91,14 @@ class Transfer:
                     applied = replica.apply_tag(event)
                 except MissingContent:
                     await self.ensure_manifest(event.repository, event.digest, sources)
-                    applied = replica.apply_tag(event)
+                    try:
+                        applied = replica.apply_tag(event)
+                    except MissingContent:
+                        # No source had a copy newer than this node's tombstone of
+                        # the manifest (the announcer deleted it since): record it,
+                        # anti-entropy settles the tag; never end the subscription.
+                        raise permanent(f"{event.repository}:{event.tag} needs "
+                                        f"{event.digest}, which no peer can provide") from None
         elif kind is EventKind.TAG_DELETE:
             applied = replica.apply_tag_delete(event)
         elif kind is EventKind.MANIFEST_DELETE:

@@ -604,16 +604,20 @@ class Registry:
                 batch.put(keys.manifest(repo, digest), encode(msgspec.structs.replace(
                     record, hlc=hlc, origin_region=origin_region, origin_zone=origin_zone)))
 
-    def stage_tags_removal(self, batch: Batch, repo: str, digest: str, stamp: Stamp,
-                           tombstone: bytes) -> list[str]:
-        """Remove every tag pointing at ``digest`` that is older than ``stamp``."""
+    def stage_tags_removal(self, batch: Batch, repo: str, digest: str, stamp: Stamp) -> list[str]:
+        """Remove every tag pointing at ``digest`` that is older than ``stamp``
+        (a delete of that manifest). Each tombstone keeps the stamp of the tag
+        value it ends, not the delete's: the delete ends *that* value, so a
+        re-tag stamped after it — even before the delete, in another region —
+        still wins everywhere (a tombstone wins a tie with the value it ends)."""
         removed = []
         for key, value in self.meta.scan(keys.tag_prefix(repo)):
             record = decode(value, TagRecord)
             if record.digest == digest and stamp_of(record) < stamp:
                 tag = keys.suffix(key, keys.tag_prefix(repo))
                 batch.delete(key)
-                batch.put(keys.tag_tomb(repo, tag), tombstone)
+                batch.put(keys.tag_tomb(repo, tag), encode(Tombstone(
+                    record.hlc, record.origin_region, record.origin_zone, digest)))
                 removed.append(tag)
         return removed
 
@@ -648,9 +652,9 @@ class Registry:
         self.quorum.check_writable()
         record = decode(raw, ManifestRecord)
         hlc = self._stamp(batch)
-        tombstone = self._tombstone(hlc, digest)
-        for tag in self.stage_tags_removal(batch, repo, digest, (hlc, *origin), tombstone):
-            batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=digest))
+        # The tags go with it, here and (by the same rule) wherever the delete
+        # arrives; no tag_delete events, which would end newer values elsewhere.
+        self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
         self.stage_manifest_removal(batch, repo, digest, record)
         batch.put(keys.manifest_tomb(repo, digest), self._tombstone(hlc))
         batch.event(self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,

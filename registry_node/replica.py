@@ -8,9 +8,12 @@ tombstones, so a late, older write does not bring deleted things back.
 Three rules couple the registers, the same here as for local writes:
 
 * a tag set renews its manifest's register, so a concurrent, older delete of
-  that manifest loses to it everywhere; and a tag set older than its
-  manifest's tombstone is itself a delete (it is what the deleting replica's
-  cascade did to that tag);
+  that manifest loses to it everywhere; a delete of a manifest ends the tag
+  values pointing at it that are older than the delete, each with a tombstone
+  stamped like the value it ends (and winning a tie with it), so a re-tag
+  stamped after that value survives the delete everywhere, as it would had
+  the writes happened one after the other; and a tag set older than its
+  manifest's tombstone is such a tombstone at once;
 * a manifest that a present index of the repository needs is never removed:
   a delete of it loses, and an index arriving brings it back;
 * a blob a manifest needs stays visible in its repository whatever happens to
@@ -289,7 +292,7 @@ class Replica:
             if stamp_of(record) >= stamp or self.meta.has_prefix(keys.ref_repo_prefix(digest, repo)):
                 return None  # renewed since, or an index here needs it: the delete loses
             self.registry.stage_manifest_removal(batch, repo, digest, record)
-        self.registry.stage_tags_removal(batch, repo, digest, stamp, _tombstone(stamp, digest))
+        self.registry.stage_tags_removal(batch, repo, digest, stamp)
         batch.put(keys.manifest_tomb(repo, digest), _tombstone(stamp))
         self.registry.drop_repo_if_emptied(batch, repo)
         return self._commit(batch, event)
@@ -319,12 +322,10 @@ class Replica:
             tomb = self.meta.get(keys.manifest_tomb(repo, digest))
             if tomb is None or stamp_of(decode(tomb, Tombstone)) < stamp:
                 raise MissingContent([], [digest])
-            deleted_at = stamp_of(decode(tomb, Tombstone))
-            current = self._tag_stamp(repo, tag)
-            if current is not None and current >= deleted_at:
-                return None
+            # The delete already ended this value: a tombstone with its own
+            # stamp, as the cascade of that delete leaves on every replica.
             batch.delete(keys.tag(repo, tag))
-            batch.put(keys.tag_tomb(repo, tag), _tombstone(deleted_at, digest))
+            batch.put(keys.tag_tomb(repo, tag), _tombstone(stamp, digest))
             self.registry.drop_repo_if_emptied(batch, repo)
             return self._commit(batch, event)
         self.registry.stage_tag(batch, repo, tag, digest, stamp, origin_acked_ns or event.acked_ns)
@@ -333,9 +334,16 @@ class Replica:
     def apply_tag_delete(self, event: Event) -> Event | None:
         repo, tag = event.repository, event.tag
         stamp = _stamp_of_event(event)
-        current = self._tag_stamp(repo, tag)
-        if current is not None and current >= stamp:
-            return None
+        raw = self.meta.get(keys.tag(repo, tag))
+        if raw is not None:
+            # A tie is the value itself, ended elsewhere by a delete of its
+            # manifest (an index kept it here): the tombstone wins.
+            if stamp_of(decode(raw, TagRecord)) > stamp:
+                return None
+        else:
+            tomb = self.meta.get(keys.tag_tomb(repo, tag))
+            if tomb is not None and stamp_of(decode(tomb, Tombstone)) >= stamp:
+                return None
         batch = Batch()
         batch.delete(keys.tag(repo, tag))
         batch.put(keys.tag_tomb(repo, tag), _tombstone(stamp, event.digest))

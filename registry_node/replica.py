@@ -270,11 +270,13 @@ class Replica:
         if not self.wants_manifest(event, needed_by_index):
             return None
         parsed = self.parse_manifest(digest, body, event.media_type)
-        missing = self.registry.missing_references(repo, parsed)
-        if missing:
-            children = set(parsed.children)
-            raise MissingContent([d for d in missing if d not in children],
-                                 [d for d in missing if d in children])
+        # Blobs need only be here: the manifest's references make them visible in
+        # the repository (they may arrive by a fetch, without a link of their own).
+        missing_blobs = [d for d in parsed.blobs if not self.has_blob(d)]
+        missing_children = [d for d in parsed.children
+                            if self.meta.get(keys.manifest(repo, d)) is None]
+        if missing_blobs or missing_children:
+            raise MissingContent(missing_blobs, missing_children)
         batch = Batch()
         self.registry.stage_manifest(batch, repo, digest, body, parsed, stamp,
                                      origin_acked_ns or event.acked_ns)

@@ -120,10 +120,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     _register_replication(sub)
     _register_repository(sub)
-    from . import fault_cli, verify_cli
+    from . import chaos_cli, fault_cli, verify_cli
 
     fault_cli.register(sub)
     verify_cli.register(sub)
+    chaos_cli.register(sub)
     p = sub.add_parser("region", help="regions: restore one from its paired-region copy")
     regions = p.add_subparsers(dest="region_command", required=True, metavar="COMMAND")
     c = regions.add_parser(

@@ -237,7 +237,10 @@ class Supervisor:
                 if r.status == 200:
                     node.info = await r.json()
                     node.last_ok = time.monotonic()
-                    if node.pid is not None:
+                    # A (re)starting node joins routing once it can take writes (its
+                    # zone quorum formed); a running one stays in for reads regardless.
+                    ready = node.state != "starting" or node.info.get("writable", True)
+                    if node.pid is not None and ready:
                         self._set_state(node, "healthy")
                     return
                 reason = f"HTTP {r.status}"

@@ -105,6 +105,8 @@ class PeerClient:
 
     async def _unary(self, method, request, what: str, timeout: float | None = None):
         try:
-            return await method(request, timeout=timeout or self._timeout)
+            # wait_for_ready: a channel still connecting (a node just restarted)
+            # waits up to the timeout rather than failing at once.
+            return await method(request, timeout=timeout or self._timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc, f"{what} from {self.name}") from None

@@ -1,0 +1,508 @@
+"""Chaos scenarios: a workload, timed faults, assertions — and a report a person
+can act on.
+
+A scenario is a TOML file::
+
+    name = "home-region-crash"
+    description = "East US (home) crashes under a steady push load"
+    seed = 7
+    duration_s = 60                      # how long the workload runs
+
+    [workload]
+    push_rate = 2.0                      # pushes per second, all clients together
+    pull_rate = 4.0                      # pulls of already acknowledged images per second
+    clients = ["eastus", "westeurope"]   # client locations (their global endpoints)
+    layers = 2
+    layer_size = 65536                   # bytes (or [min, max])
+    repositories = 4
+
+    [[steps]]
+    at_s = 10                            # or [min, max]: drawn with the seed
+    fault = "region-outage"              # any kind of cluster.faults, with its arguments
+    region = "eastus"                    # or a list: one drawn with the seed
+    mode = "crash"
+    duration_s = 20                      # heals by itself after this long
+
+    [[steps]]
+    at_s = 45
+    heal = "all"
+
+    [assertions]
+    max_lost_acknowledged = 0
+    max_convergence_s = 60
+    verify = true
+
+The seed drives every random choice (schedule ranges, workload), so the same
+seed gives the same fault schedule and the same pushes. The runner talks to the
+cluster only through its management API and endpoints, so it runs against a
+cluster started by ``georeg up`` or one it starts itself.
+
+The report counts acknowledged pushes and those lost (an acknowledged tag no
+replica serves once the cluster has converged), client-visible errors by code
+and client location with their time windows, failovers (a client location's
+requests moving to another region), the time to converge after the last heal,
+and the worst replication lag seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import msgspec
+
+from .faults import KINDS
+
+MAX_WORKERS = 16
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+# -- the scenario file ---------------------------------------------------------------
+
+
+class Workload(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    push_rate: float = 1.0
+    pull_rate: float = 2.0
+    clients: tuple[str, ...] = ()
+    layers: int = 2
+    layer_size: int | tuple[int, int] = 65536
+    repositories: int = 4
+
+
+class Assertions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    max_lost_acknowledged: int = 0
+    max_convergence_s: float = 120.0
+    verify: bool = True
+    min_acknowledged: int = 1
+
+
+class Scenario(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    description: str = ""
+    seed: int = 1
+    duration_s: float = 60.0
+    workload: Workload = Workload()
+    steps: tuple[dict, ...] = ()
+    assertions: Assertions = Assertions()
+
+
+@dataclass
+class Step:
+    at_s: float
+    action: str                       # "fault" | "heal"
+    kind: str = ""
+    arguments: dict = field(default_factory=dict)
+    heal: str = ""
+
+    def describe(self) -> str:
+        if self.action == "heal":
+            return f"t+{self.at_s:.1f}s heal {self.heal}"
+        args = ", ".join(f"{k}={v}" for k, v in self.arguments.items())
+        return f"t+{self.at_s:.1f}s {self.kind}({args})"
+
+
+def load(path: Path) -> Scenario:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return msgspec.convert(raw, Scenario)
+    except msgspec.ValidationError as exc:
+        raise ScenarioError(f"{path}: {exc}") from None
+
+
+def schedule(scenario: Scenario, rng: random.Random, scale: float = 1.0) -> list[Step]:
+    """Resolve ranges and choices with the seed; times are scaled by ``scale``."""
+    steps = []
+    for i, raw in enumerate(scenario.steps):
+        raw = dict(raw)
+        at = raw.pop("at_s", None)
+        if at is None:
+            raise ScenarioError(f"steps[{i}] needs at_s")
+        at_s = rng.uniform(*at) if isinstance(at, list) else float(at)
+        resolved = {k: rng.choice(v) if isinstance(v, list) else v for k, v in raw.items()}
+        if "heal" in resolved:
+            steps.append(Step(at_s * scale, "heal", heal=str(resolved["heal"])))
+            continue
+        kind = resolved.pop("fault", None)
+        if kind not in KINDS:
+            raise ScenarioError(f"steps[{i}]: fault must be one of {', '.join(KINDS)}, not {kind!r}")
+        if "duration_s" in resolved:
+            resolved["duration_s"] = float(resolved["duration_s"]) * scale
+        steps.append(Step(at_s * scale, "fault", kind, resolved))
+    return sorted(steps, key=lambda s: s.at_s)
+
+
+# -- observations ----------------------------------------------------------------------
+
+
+@dataclass
+class Push:
+    repository: str
+    tag: str
+    digest: str
+    client: str
+    acked_at: float                   # seconds since the run started
+
+
+@dataclass
+class Observations:
+    started: float = field(default_factory=time.monotonic)
+    pushes_attempted: int = 0
+    pulls_attempted: int = 0
+    acknowledged: list[Push] = field(default_factory=list)
+    errors: list[tuple[float, str, str, str]] = field(default_factory=list)  # t, client, op, code
+    served_by: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def error(self, client: str, op: str, code: str) -> None:
+        self.errors.append((self.now(), client, op, code))
+
+    def served(self, client: str, replica: str) -> None:
+        history = self.served_by.setdefault(client, [])
+        region = replica.rsplit("-", 1)[0] if replica[-1:].isdigit() else replica
+        if not history or history[-1][1] != region:
+            history.append((self.now(), region))
+
+
+def _windows(times: list[float], gap: float = 2.0) -> list[tuple[float, float]]:
+    """Group error times into windows (errors closer than ``gap`` s apart)."""
+    windows: list[list[float]] = []
+    for t in sorted(times):
+        if windows and t - windows[-1][1] <= gap:
+            windows[-1][1] = t
+        else:
+            windows.append([t, t])
+    return [(round(a, 2), round(b, 2)) for a, b in windows]
+
+
+# -- the workload ------------------------------------------------------------------------
+
+
+class ChaosWorkload:
+    """Pushes and pulls at the scenario's rates through the clients' global endpoints."""
+
+    def __init__(self, scenario: Scenario, endpoints: dict[str, str], rng: random.Random,
+                 obs: Observations) -> None:
+        self.scenario = scenario
+        self.workload = scenario.workload
+        self.clients = list(self.workload.clients or endpoints)
+        missing = [c for c in self.clients if c not in endpoints]
+        if missing:
+            raise ScenarioError(f"no global endpoint for client locations {missing}; "
+                                f"the cluster has {sorted(endpoints)}")
+        self.endpoints = endpoints
+        self.rng = rng
+        self.obs = obs
+        self._counter = 0
+
+    def _layer(self) -> bytes:
+        size = self.workload.layer_size
+        n = self.rng.randint(*size) if isinstance(size, (list, tuple)) else size
+        return self.rng.randbytes(n)
+
+    async def run(self, session: aiohttp.ClientSession, until: float) -> None:
+        tasks: set[asyncio.Task] = set()
+        next_push = next_pull = 0.0
+        loop_start = self.obs.now()
+        while self.obs.now() < until:
+            now = self.obs.now() - loop_start
+            if self.workload.push_rate and now >= next_push:
+                next_push += self.rng.expovariate(self.workload.push_rate)
+                if len(tasks) < MAX_WORKERS:
+                    tasks.add(asyncio.create_task(self._push(session)))
+            if self.workload.pull_rate and now >= next_pull and self.obs.acknowledged:
+                next_pull += self.rng.expovariate(self.workload.pull_rate)
+                if len(tasks) < MAX_WORKERS:
+                    tasks.add(asyncio.create_task(self._pull(session)))
+            elif self.workload.pull_rate and not self.obs.acknowledged:
+                next_pull = now
+            done = {t for t in tasks if t.done()}
+            tasks -= done
+            await asyncio.sleep(min(0.01, max(0.0, min(next_push, next_pull) - now)) or 0.001)
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+
+    async def _push(self, session: aiohttp.ClientSession) -> None:
+        self._counter += 1
+        client = self.rng.choice(self.clients)
+        repo = f"chaos/{self.scenario.name}/r{self.rng.randrange(self.workload.repositories)}"
+        tag = f"p{self._counter}"
+        layers = [self._layer() for _ in range(self.workload.layers)]
+        config = json.dumps({"architecture": "amd64", "os": "linux", "n": self._counter}).encode()
+        base = self.endpoints[client]
+        self.obs.pushes_attempted += 1
+        try:
+            for blob in [config, *layers]:
+                digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+                async with session.post(f"{base}/v2/{repo}/blobs/uploads/", params={"digest": digest},
+                                        data=blob) as r:
+                    await self._check(r, client, "push", 201)
+            manifest = json.dumps({
+                "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                           "size": len(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                            "digest": "sha256:" + hashlib.sha256(x).hexdigest(), "size": len(x)}
+                           for x in layers]}).encode()
+            async with session.put(f"{base}/v2/{repo}/manifests/{tag}", data=manifest,
+                                   headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}) as r:
+                await self._check(r, client, "push", 201)
+                self.obs.acknowledged.append(Push(repo, tag, r.headers["Docker-Content-Digest"],
+                                                  client, self.obs.now()))
+        except _Refused:
+            pass
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            self.obs.error(client, "push", f"connection:{type(exc).__name__}")
+
+    async def _pull(self, session: aiohttp.ClientSession) -> None:
+        client = self.rng.choice(self.clients)
+        push = self.rng.choice(self.obs.acknowledged)
+        self.obs.pulls_attempted += 1
+        try:
+            async with session.get(f"{self.endpoints[client]}/v2/{push.repository}/manifests/{push.tag}") as r:
+                await self._check(r, client, "pull", 200)
+        except _Refused:
+            pass
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            self.obs.error(client, "pull", f"connection:{type(exc).__name__}")
+
+    async def _check(self, r: aiohttp.ClientResponse, client: str, op: str, want: int) -> None:
+        replica = r.headers.get("X-Georeg-Replica")
+        if replica:
+            self.obs.served(client, replica)
+        if r.status == want:
+            await r.read()
+            return
+        code = f"HTTP {r.status}"
+        try:
+            code = (await r.json())["errors"][0]["code"]
+        except (ValueError, KeyError, IndexError, aiohttp.ContentTypeError):
+            pass
+        self.obs.error(client, op, code)
+        raise _Refused
+
+
+class _Refused(Exception):
+    pass
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+class ChaosRun:
+    def __init__(self, scenario: Scenario, management: str, *, seed: int | None = None,
+                 scale: float = 1.0) -> None:
+        self.scenario = scenario
+        self.management = management.rstrip("/")
+        self.seed = scenario.seed if seed is None else seed
+        self.scale = scale
+        self.rng = random.Random(self.seed)
+        self.steps = schedule(scenario, self.rng, scale)
+        self.obs = Observations()
+        self.applied: list[dict] = []
+
+    async def _api(self, session, method: str, path: str, body: dict | None = None):
+        async with session.request(method, self.management + path, json=body) as r:
+            data = await r.json(content_type=None) if r.content_length != 0 else None
+            if r.status >= 400:
+                message = (data or {}).get("error", {}).get("message", r.reason)
+                raise ScenarioError(f"{method} {path}: {message}")
+            return data
+
+    async def run(self, progress=None) -> dict:
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            status = await self._api(session, "GET", "/georeg/v1/cluster")
+            endpoints = status["global_endpoints"]
+            workload = ChaosWorkload(self.scenario, endpoints, self.rng, self.obs)
+            duration = self.scenario.duration_s * self.scale
+            self.obs.started = time.monotonic()
+            runner = asyncio.create_task(workload.run(session, duration))
+            faults = asyncio.create_task(self._faults(session))
+            while not runner.done():
+                if progress:
+                    progress(min(self.obs.now(), duration), duration)
+                await asyncio.sleep(0.25)
+            await runner
+            await faults
+            await self._api(session, "DELETE", "/georeg/v1/faults")
+            last_heal = self.obs.now()
+            converged_after = await self._converge(session)
+            lost = await self._lost(session, endpoints)
+            verify = await self._verify(session) if self.scenario.assertions.verify else None
+            max_lag = await self._max_lag(session, status)
+        return self._report(last_heal, converged_after, lost, verify, max_lag)
+
+    async def _faults(self, session) -> None:
+        for step in self.steps:
+            delay = step.at_s - self.obs.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            entry = {"at_s": round(self.obs.now(), 2), "step": step.describe()}
+            try:
+                if step.action == "heal":
+                    path = "/georeg/v1/faults" if step.heal == "all" else f"/georeg/v1/faults/{step.heal}"
+                    await self._api(session, "DELETE", path)
+                else:
+                    body = {"kind": step.kind, **step.arguments}
+                    fault = await self._api(session, "POST", "/georeg/v1/faults", body)
+                    entry["fault"] = fault["id"]
+                    entry["description"] = fault["description"]
+            except ScenarioError as exc:
+                entry["error"] = str(exc)
+            self.applied.append(entry)
+
+    async def _converge(self, session, limit_s: float | None = None) -> float | None:
+        """Seconds from the last heal until every acknowledged image is everywhere
+        residency allows (None if that did not happen within the limit)."""
+        limit = limit_s or max(self.scenario.assertions.max_convergence_s * 2, 30)
+        started = time.monotonic()
+        status = await self._api(session, "GET", "/georeg/v1/cluster")
+        node = next((n["http"] for n in status["nodes"] if n["healthy"]), None)
+        pending = {(p.repository, p.tag) for p in self.obs.acknowledged}
+        while time.monotonic() - started < limit and node is not None:
+            for repo, tag in list(pending):
+                async with session.get(f"{node}/georeg/v1/replication/status",
+                                       params={"repository": repo, "reference": tag}) as r:
+                    if r.status == 200 and (await r.json())["complete"]:
+                        pending.discard((repo, tag))
+            if not pending:
+                return round(time.monotonic() - started, 2)
+            await asyncio.sleep(0.25)
+        return None
+
+    async def _lost(self, session, endpoints: dict[str, str]) -> list[dict]:
+        """Acknowledged pushes no replica serves (after convergence)."""
+        status = await self._api(session, "GET", "/georeg/v1/cluster")
+        nodes = [n["http"] for n in status["nodes"] if n["healthy"]]
+        lost = []
+        for push in self.obs.acknowledged:
+            found = False
+            for node in nodes:
+                async with session.head(f"{node}/v2/{push.repository}/manifests/{push.tag}") as r:
+                    if r.status == 200 and r.headers.get("Docker-Content-Digest") == push.digest:
+                        found = True
+                        break
+            if not found:
+                lost.append({"repository": push.repository, "tag": push.tag,
+                             "digest": push.digest, "client": push.client,
+                             "acked_at_s": round(push.acked_at, 2)})
+        return lost
+
+    async def _verify(self, session) -> dict | None:
+        try:
+            return await self._api(session, "GET", "/georeg/v1/verify")
+        except ScenarioError as exc:
+            return {"clean": False, "error": str(exc)}
+
+    async def _max_lag(self, session, status: dict, sample: int = 60) -> float | None:
+        """The worst lag (ms) any replica recorded for the acknowledged images
+        (a seeded sample of them, read from per-image status)."""
+        node = next((n["http"] for n in status["nodes"] if n["healthy"]), None)
+        pushes = list(self.obs.acknowledged)
+        if node is None or not pushes:
+            return None
+        chosen = random.Random(self.seed).sample(pushes, min(sample, len(pushes)))
+        worst = None
+        for push in chosen:
+            async with session.get(f"{node}/georeg/v1/replication/status",
+                                   params={"repository": push.repository, "reference": push.tag}) as r:
+                if r.status != 200:
+                    continue
+                for replica in (await r.json())["replicas"]:
+                    if replica.get("lag_ms") is not None:
+                        worst = max(worst or 0.0, replica["lag_ms"])
+        return worst
+
+    def _report(self, last_heal: float, converged_after: float | None, lost: list[dict],
+                verify: dict | None, max_lag: float | None) -> dict:
+        obs = self.obs
+        errors: dict[str, dict[str, int]] = {}
+        windows: dict[str, dict[str, list]] = {}
+        for _t, client, _op, code in obs.errors:
+            errors.setdefault(client, {}).setdefault(code, 0)
+            errors[client][code] += 1
+        for client in errors:
+            for code in errors[client]:
+                times = [t for t, c, _, k in obs.errors if c == client and k == code]
+                windows.setdefault(client, {})[code] = _windows(times)
+        failovers = {client: [{"at_s": round(t, 2), "to": region} for t, region in history[1:]]
+                     for client, history in obs.served_by.items()}
+        a = self.scenario.assertions
+        checks = {
+            "lost_acknowledged": len(lost) <= a.max_lost_acknowledged,
+            "converged": converged_after is not None and converged_after <= a.max_convergence_s,
+            "acknowledged_enough": len(obs.acknowledged) >= a.min_acknowledged,
+        }
+        if a.verify:
+            checks["verify_clean"] = bool(verify and verify.get("ok"))
+        return {
+            "scenario": self.scenario.name,
+            "description": self.scenario.description,
+            "seed": self.seed,
+            "scale": self.scale,
+            "schedule": [s.describe() for s in self.steps],
+            "applied": self.applied,
+            "pushes": {"attempted": obs.pushes_attempted, "acknowledged": len(obs.acknowledged),
+                       "lost": len(lost)},
+            "pulls": {"attempted": obs.pulls_attempted},
+            "lost": lost,
+            "errors_by_client": errors,
+            "error_windows_s": windows,
+            "failovers": failovers,
+            "last_heal_at_s": round(last_heal, 2),
+            "convergence_s": converged_after,
+            "max_lag_ms": max_lag,
+            "verify": verify,
+            "checks": checks,
+            "passed": all(checks.values()),
+        }
+
+
+def summary(report: dict) -> str:
+    lines = [f"scenario {report['scenario']} (seed {report['seed']}, scale {report['scale']:g}): "
+             f"{'PASSED' if report['passed'] else 'FAILED'}"]
+    if report["description"]:
+        lines.append(f"  {report['description']}")
+    lines.append("  schedule: " + "; ".join(report["schedule"]))
+    p = report["pushes"]
+    lines.append(f"  pushes: {p['attempted']} attempted, {p['acknowledged']} acknowledged, "
+                 f"{p['lost']} acknowledged then lost; pulls: {report['pulls']['attempted']}")
+    for client, codes in report["errors_by_client"].items():
+        for code, count in codes.items():
+            spans = ", ".join(f"{a:g}–{b:g}s" for a, b in report["error_windows_s"][client][code])
+            lines.append(f"  errors seen by clients in {client}: {count} × {code} ({spans})")
+    for client, moves in report["failovers"].items():
+        for move in moves:
+            lines.append(f"  failover: clients in {client} moved to {move['to']} at {move['at_s']:g}s")
+    conv = report["convergence_s"]
+    lines.append(f"  converged {conv:g}s after the last heal" if conv is not None
+                 else "  did NOT converge")
+    if report["max_lag_ms"] is not None:
+        lines.append(f"  worst replication lag of an acknowledged image: {report['max_lag_ms']:.0f} ms")
+    if report["verify"] is not None:
+        verdict = report["verify"]
+        lines.append(f"  georeg verify: {'clean' if verdict.get('ok') else 'DIVERGENT'}"
+                     + (f" ({len(verdict.get('divergences') or [])} divergences)"
+                        if not verdict.get("ok") else ""))
+    failed = [k for k, ok in report["checks"].items() if not ok]
+    if failed:
+        lines.append(f"  failed checks: {', '.join(failed)}")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""`georeg chaos run FILE|NAME` and `georeg chaos list`: scripted fault scenarios."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .cluster_cli import CliError, _run
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chaos", help="run scripted fault scenarios against a cluster",
+                       description="Scenarios combine a workload (pushes and pulls through the "
+                                   "global endpoints), timed faults and assertions, and end with "
+                                   "a report: acknowledged pushes lost, client-visible errors by "
+                                   "code and location with their time windows, failovers, time to "
+                                   "converge, worst lag, and `georeg verify`.")
+    commands = p.add_subparsers(dest="chaos_command", required=True, metavar="COMMAND")
+    c = commands.add_parser("list", help="the scenarios that ship with georeg")
+    c.set_defaults(func=_run(run_list))
+    c = commands.add_parser(
+        "run", help="run a scenario",
+        description="Run a scenario (a TOML file, or the name of a shipped one) against the "
+                    "cluster running from --data-dir, or, if none runs there, against a cluster "
+                    "it starts (the default spec, on free ports) and stops afterwards.")
+    c.add_argument("scenario", metavar="FILE|NAME")
+    c.add_argument("--data-dir", type=Path, help="a running cluster's data dir (default: start one)")
+    c.add_argument("--seed", type=int, help="override the scenario's seed")
+    c.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every duration and time (e.g. 0.3 for a short run)")
+    c.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    c.set_defaults(func=_run(run_scenario))
+
+
+def find(name: str) -> Path:
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = SCENARIOS / f"{name}.toml"
+    if shipped.exists():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.toml")))
+    raise CliError(f"no scenario file {name}; shipped scenarios: {known}")
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from .chaos import load
+
+    for path in sorted(SCENARIOS.glob("*.toml")):
+        scenario = load(path)
+        first = scenario.description.split(".")[0].replace("\n", " ")
+        print(f"{scenario.name:28} {first}.")
+    return 0
+
+
+def run_scenario(args: argparse.Namespace) -> int:
+    from registry_node import logs
+
+    from .api import running_state
+    from .chaos import ScenarioError, load
+
+    logs.configure("console", "warning", sys.stderr)
+    try:
+        scenario = load(find(args.scenario))
+    except ScenarioError as exc:
+        raise CliError(str(exc)) from None
+    if args.scale <= 0:
+        raise CliError("--scale must be positive")
+    state = running_state(args.data_dir) if args.data_dir else None
+    report = asyncio.run(_run_scenario(scenario, args, state))
+    from .chaos import summary
+
+    print(summary(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0 if report["passed"] else 1
+
+
+async def _run_scenario(scenario, args, state) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import spec as specs
+    from .api import Cluster
+    from .chaos import ChaosRun
+    from .testing import free_port_base, with_port_base
+
+    cluster = None
+    scratch = None
+    if state is None:
+        spec = specs.load(None)
+        spec = with_port_base(spec, free_port_base(spec))
+        data_dir = args.data_dir
+        if data_dir is None:
+            scratch = tempfile.TemporaryDirectory(prefix="georeg-chaos-")
+            data_dir = Path(scratch.name)
+        print(f"starting a cluster for the scenario in {data_dir} …", file=sys.stderr)
+        cluster = await Cluster.start(spec, data_dir)
+        management = cluster.management_url
+    else:
+        management = state["management"]
+    try:
+        run = ChaosRun(scenario, management, seed=args.seed, scale=args.scale)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
+                      transient=True) as progress:
+            task = progress.add_task(f"{scenario.name}", total=scenario.duration_s * args.scale)
+            report = await run.run(lambda done, total: progress.update(task, completed=done))
+    finally:
+        if cluster is not None:
+            await cluster.stop()
+        if scratch is not None:
+            scratch.cleanup()
+    return report

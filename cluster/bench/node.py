@@ -97,7 +97,7 @@ class NodeBenchOptions:
     quiet_wait_s: float = 30.0    # before each step, wait up to this long for other work to stop
 
     def quick(self) -> NodeBenchOptions:
-        """The ~30 s smoke version."""
+        """The smoke version: every step once, at sizes that run in well under 30 s."""
         return replace(self, layers=64, images=8, small_ops=1000, big_bytes=128 * MIB, repeat=1)
 
     def workload(self) -> dict[str, int | bool | str]:

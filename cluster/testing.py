@@ -118,6 +118,12 @@ class RunningCluster:
     async def _status(self) -> dict:
         return self.cluster.status()
 
+    def verify(self, timeout: float = 60.0):
+        """``georeg verify`` on this cluster: a ``cluster.verify.VerifyReport``."""
+        from .verify import verify
+
+        return self.run(lambda: verify(self.cluster, timeout=timeout), timeout + 30)
+
     def crash(self, node: str) -> None:
         """SIGKILL one node."""
         self.run(lambda: self.cluster.supervisor.stop_node(node, graceful=False))

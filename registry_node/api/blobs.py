@@ -54,6 +54,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     reg = registry(request)
     if request.method == "HEAD":
         info = reg.stat_blob(repo, digest)
+        if not reg.blobs.exists(digest):  # HEAD must not promise what GET cannot serve
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)})
         return empty(200, {"Content-Length": str(info.size), DIGEST_HEADER: digest,
                            "Content-Type": "application/octet-stream",
                            "Accept-Ranges": "bytes"})

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from aiohttp import web
 
-from . import admin, base, blobs, listings, manifests, uploads
+from . import admin, base, blobs, inventory, listings, manifests, uploads
 
 
 class Route(NamedTuple):
@@ -45,6 +45,8 @@ ROUTES: tuple[Route, ...] = (
     # Fault injection's storage seam.
     Route("GET", "/georeg/v1/faults/storage", admin.get_storage_faults),
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
+    # What this node stores, with stamps and origins (georeg verify).
+    Route("GET", "/georeg/v1/inventory", inventory.get_inventory),
 )
 
 

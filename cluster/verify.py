@@ -1,0 +1,798 @@
+"""``georeg verify``: is the cluster converged, complete and resident?
+
+It looks at every live replica from outside, through its HTTP API and its
+data dir, and names every divergence it finds:
+
+* **Registers** — tags and manifests are last-writer-wins registers (deletes
+  are tombstones). For every node, the write it should hold is the newest
+  write, on any checked node, whose origin region residency lets into the
+  node's region; what it holds must be that write (a tag's digest, a
+  manifest's presence). A manifest that a present index of the node needs is
+  kept whatever its deletes say, as replication keeps it. Unreferenced blob
+  links are not compared: each node's garbage collector reclaims them on its
+  own schedule. Blobs are compared through the manifests that need them.
+* **Served and stored agree** — the catalog, each tags list, each tag's
+  resolution and each referrers listing served by the OCI API match what the
+  node stores (its inventory, ``GET /georeg/v1/inventory``).
+* **Completeness** — every manifest a node stores is served byte-exact, and
+  every blob it names answers ``HEAD`` with 200 and the descriptor's size,
+  every child manifest is stored and answers 200; every tag points at a
+  stored manifest. A blob record without its file is a divergence too.
+* **Residency** — no node holds a register whose origin region may not reach
+  its region; and on disk (blob files named by digest, and every key and log
+  event of the metadata database, opened read-only beside the running node),
+  no digest or repository that only content confined elsewhere explains.
+
+Nodes that are down, or stop answering during the check, are reported as
+not checked, never as divergent; fewer than two checked replica nodes make the
+whole check inconclusive (exit code 2). Paired-region copies (storage-only
+nodes, ``copy_of``) are checked for completeness and residency but are not
+compared as replicas. Verify reads only, and asks a node only for what it
+stores, so bounded staleness never fetches anything on its behalf and hides
+a gap. It is a snapshot: run it on a quiet cluster (scenario runs end with
+it), as writes in flight show up as divergences.
+
+The result, ``VerifyReport``, is JSON-serialisable (``as_dict``): the CLI
+(``georeg verify``), the management API (``GET /georeg/v1/verify``) and
+``RunningCluster.verify`` all hand it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from registry_node import hlc, keys
+from registry_node import inventory as inventories
+from registry_node.errors import RegistryError
+from registry_node.manifest import parse as parse_manifest
+from registry_node.records import Event, EventKind, TagRecord, Tombstone, UploadRecord, decode
+from replicator.residency import ResidencyPolicy
+
+if TYPE_CHECKING:
+    from .api import Cluster
+
+MANIFEST_ACCEPT = ", ".join((
+    "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json"))
+REQUESTS_PER_NODE = 16
+DISK_OPEN_ATTEMPTS = 5
+
+
+# -- what verify looks at, and what it says --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeTarget:
+    """One node to check: where its API answers and where its data lives."""
+
+    name: str
+    region: str
+    url: str
+    zone: str = ""
+    data_dir: Path | None = None
+    healthy: bool = True
+    reason: str = ""
+    copy_of: str = ""      # a paired-region copy (storage only): not compared as a replica
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """One thing that is not as it should be, on one node.
+
+    kind: ``tag`` | ``manifest`` (a register differs from the write it should
+    hold) | ``served`` (the API disagrees with storage) | ``incomplete`` (a
+    served manifest lacks something it names) | ``storage`` (a blob record
+    without its file) | ``residency`` (data outside the regions it may be in).
+    """
+
+    kind: str
+    node: str
+    region: str
+    repository: str
+    detail: str
+    tag: str | None = None
+    digest: str | None = None
+    expected: object = None
+    actual: object = None
+    source: str | None = None      # the node whose state sets the expectation
+    location: str | None = None    # residency on disk: the file or key
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class VerifyReport:
+    checked: list[str] = field(default_factory=list)
+    not_checked: list[dict] = field(default_factory=list)   # {"node", "region", "reason"}
+    divergences: list[Divergence] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None         # why the check is inconclusive
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)   # per checked node
+    elapsed_s: float = 0.0
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "unverifiable"
+        return "divergent" if self.divergences else "clean"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "clean"
+
+    @property
+    def exit_code(self) -> int:
+        return {"clean": 0, "divergent": 1}.get(self.status, 2)
+
+    def as_dict(self) -> dict:
+        return {
+            "status": self.status, "ok": self.ok, "error": self.error,
+            "checked": self.checked, "not_checked": self.not_checked,
+            "divergences": [d.as_dict() for d in self.divergences],
+            "notes": self.notes, "counts": self.counts, "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+# -- entry point ------------------------------------------------------------------------
+
+
+def targets_of(cluster: Cluster) -> list[NodeTarget]:
+    return [NodeTarget(n.name, n.plan.region, n.url, n.plan.zone, n.plan.data_dir, n.healthy,
+                       "" if n.healthy else _down_reason(n.state, n.reason),
+                       getattr(n.plan, "copy_of", ""))
+            for n in cluster.supervisor.nodes.values()]
+
+
+def targets_from_status(status: dict) -> list[NodeTarget]:
+    """Targets from the management API's ``GET /georeg/v1/cluster``."""
+    nodes = [{**n, "copy_of": ""} for n in status["nodes"]]
+    nodes += [{**n, "copy_of": n["keeps"]} for n in status.get("paired_copies") or ()]
+    return [NodeTarget(n["name"], n["region"], n["http"], n.get("zone") or "",
+                       Path(n["data_dir"]) if n.get("data_dir") else None, bool(n["healthy"]),
+                       "" if n["healthy"] else _down_reason(n.get("health", ""), n.get("reason")),
+                       n["copy_of"])
+            for n in nodes]
+
+
+def _down_reason(state: str, reason: str | None) -> str:
+    return f"down ({state}{': ' + reason if reason else ''})"
+
+
+async def verify(cluster_or_nodes: Cluster | Iterable[NodeTarget], *,
+                 policy: ResidencyPolicy | None = None, timeout: float = 60.0,
+                 disk: bool = True) -> VerifyReport:
+    """Check every live replica against the others (see the module docstring).
+
+    ``cluster_or_nodes``: a running ``Cluster`` (its nodes and residency policy
+    are used), or ``NodeTarget``s with ``policy`` (default: Azure's). ``disk``:
+    also walk the data dirs the targets name. Never raises for what it finds;
+    an inconclusive check is a report whose ``error`` says why."""
+    started = time.monotonic()
+    if isinstance(cluster_or_nodes, Iterable):
+        targets = list(cluster_or_nodes)
+    else:
+        targets = targets_of(cluster_or_nodes)
+        policy = policy or cluster_or_nodes.spec.residency_policy()
+    policy = policy or ResidencyPolicy()
+    report = VerifyReport()
+    try:
+        async with asyncio.timeout(timeout):
+            await _verify(targets, policy, disk, report)
+    except TimeoutError:
+        report.error = f"the check did not finish within {timeout:g}s (raise --timeout)"
+    report.elapsed_s = time.monotonic() - started
+    return report
+
+
+async def _verify(targets: list[NodeTarget], policy: ResidencyPolicy, disk: bool,
+                  report: VerifyReport) -> None:
+    live = [t for t in targets if t.healthy]
+    for t in targets:
+        if not t.healthy:
+            report.not_checked.append({"node": t.name, "region": t.region,
+                                       "reason": t.reason or "down"})
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
+    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as http:
+        results = await asyncio.gather(*(_collect(http, t) for t in live), return_exceptions=True)
+    snapshots: list[Snapshot] = []
+    for target, result in zip(live, results, strict=True):
+        if isinstance(result, Snapshot):
+            snapshots.append(result)
+        elif isinstance(result, (aiohttp.ClientError, OSError, _Unreachable, TimeoutError,
+                                 ValueError)):
+            report.not_checked.append({"node": target.name, "region": target.region,
+                                       "reason": f"did not answer: {_describe(result)}"})
+        else:
+            raise result
+    report.checked = [s.target.name for s in snapshots]
+    replicas = [s for s in snapshots if not s.target.copy_of]
+    if len(replicas) < 2:
+        names = ", ".join(s.name for s in replicas) or "none"
+        report.error = (f"only {len(replicas)} replica node(s) could be checked ({names}); "
+                        f"comparing replicas needs at least two")
+    for s in snapshots:
+        report.divergences += s.problems
+        report.counts[s.target.name] = s.counts
+    report.divergences += compare_registers(replicas, policy)
+    report.divergences += register_residency(snapshots, policy)
+    if disk:
+        await _check_disks(targets, snapshots, policy, report)
+    regions = {t.region for t in targets if not t.copy_of}
+    for region in sorted(regions):
+        if not any(s.target.region == region for s in snapshots):
+            report.notes.append(f"no node of {region} was checked: content written there is "
+                                "compared and residency-checked only as far as other "
+                                "replicas hold it")
+    report.divergences.sort(key=lambda d: (d.kind, d.repository, d.tag or "", d.digest or "",
+                                           d.node, d.location or ""))
+
+
+async def _check_disks(targets: list[NodeTarget], snapshots: list[Snapshot],
+                       policy: ResidencyPolicy, report: VerifyReport) -> None:
+    """Residency on the disks of checked nodes. Down nodes' data dirs are read
+    too, but only to learn what they hold (what is confined where), never judged."""
+    checked = {s.name: s for s in snapshots}
+    for s in snapshots:
+        if s.target.data_dir is None:
+            report.notes.append(f"{s.name}: no data dir given; residency on disk not checked")
+    readable = [t for t in targets if t.data_dir is not None
+                and (t.name in checked or (t.data_dir / "meta").is_dir())]
+    found = await asyncio.gather(*(asyncio.to_thread(read_disk, t.data_dir) for t in readable),
+                                 return_exceptions=True)
+    views: dict[str, DiskView] = {}
+    for t, view in zip(readable, found, strict=True):
+        if not isinstance(view, BaseException):
+            views[t.name] = view
+        elif t.name in checked:
+            report.notes.append(f"{t.name}: data dir {t.data_dir} unreadable "
+                                f"({_describe(view)}); residency on disk not checked")
+    reference = [s.inventory for s in snapshots]
+    reference += [views[t.name].inventory() for t in readable
+                  if t.name in views and t.name not in checked]
+    for name, s in checked.items():
+        if name in views:
+            report.divergences += disk_residency(s, views[name], reference, policy)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+# -- one node, through its HTTP API ---------------------------------------------------------
+
+
+class _Unreachable(Exception):
+    pass
+
+
+@dataclass
+class Snapshot:
+    """What one node stores (its inventory) and what checking its API found."""
+
+    target: NodeTarget
+    inventory: dict
+    problems: list[Divergence] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def region(self) -> str:
+        return self.target.region
+
+    def repo(self, name: str) -> dict:
+        return self.inventory["repositories"].get(name) or {}
+
+    def problem(self, kind: str, repository: str, detail: str, **fields) -> None:
+        self.problems.append(Divergence(kind, self.name, self.region, repository, detail, **fields))
+
+
+class _Node:
+    """HTTP to one node, at most ``REQUESTS_PER_NODE`` requests at a time."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
+        self.http = http
+        self.url = url.rstrip("/")
+        self.gate = asyncio.Semaphore(REQUESTS_PER_NODE)
+
+    async def get(self, path: str, *, head: bool = False,
+                  headers: dict | None = None) -> tuple[int, bytes, dict]:
+        async with self.gate:
+            method = self.http.head if head else self.http.get
+            async with method(self.url + path, headers=headers, allow_redirects=False) as r:
+                return r.status, await r.read(), dict(r.headers)
+
+    async def listing(self, path: str, field_name: str) -> list[str] | None:
+        """A paginated OCI listing (``Link: rel="next"``); None on 404."""
+        items: list[str] = []
+        while path:
+            status, body, headers = await self.get(path)
+            if status == 404:
+                return None
+            if status != 200:
+                raise _Unreachable(f"GET {path} answered {status}")
+            items += json.loads(body).get(field_name) or []
+            link = headers.get("Link", "")
+            path = link.split(";", 1)[0].strip().strip("<>") if 'rel="next"' in link else ""
+        return items
+
+
+async def _collect(http: aiohttp.ClientSession, target: NodeTarget) -> Snapshot:
+    node = _Node(http, target.url)
+    status, body, _ = await node.get("/georeg/v1/inventory")
+    if status != 200:
+        raise _Unreachable(f"GET /georeg/v1/inventory answered {status}")
+    snap = Snapshot(target, json.loads(body))
+    catalog = await node.listing("/v2/_catalog", "repositories") or []
+    if sorted(catalog) != sorted(snap.inventory["catalog"]):
+        served, stored = set(catalog), set(snap.inventory["catalog"])
+        for repo in sorted(served ^ stored):
+            snap.problem("served", repo, "the catalog " + ("lists a repository the node does not "
+                         "store" if repo in served else "omits a repository the node stores"),
+                         expected=repo in stored, actual=repo in served)
+    repos = sorted(set(catalog) | set(snap.inventory["repositories"]))
+    await asyncio.gather(*(_check_repository(node, snap, repo) for repo in repos))
+    blobs, files = snap.inventory["blobs"], set(snap.inventory["blob_files"])
+    for digest in sorted(set(blobs) - files):
+        snap.problem("storage", "", "the node has a record of this blob but no file for it",
+                     digest=digest, expected="file", actual="missing")
+    inv = snap.inventory["repositories"]
+    snap.counts = {
+        "repositories": len(snap.inventory["catalog"]),
+        "tags": sum(len(r["tags"]) for r in inv.values()),
+        "manifests": sum(len(r["manifests"]) for r in inv.values()),
+        "blobs": len(blobs), "blob_files": len(files),
+    }
+    return snap
+
+
+async def _check_repository(node: _Node, snap: Snapshot, repo: str) -> None:
+    stored = snap.repo(repo)
+    stored_tags = stored.get("tags", {})
+    served_tags = await node.listing(f"/v2/{repo}/tags/list", "tags") or []
+    manifests = stored.get("manifests", {})
+    for tag in sorted(set(served_tags) | set(stored_tags)):
+        expected = stored_tags[tag]["digest"] if tag in stored_tags else None
+        if tag not in served_tags:
+            snap.problem("served", repo, "the tags list omits a tag the node stores", tag=tag,
+                         expected=expected, actual=None)
+            continue
+        if expected is not None and expected not in manifests:
+            # Resolving it would make the node fetch the manifest from a peer.
+            snap.problem("incomplete", repo, "the tag points at a manifest the node does not "
+                         "store", tag=tag, digest=expected, expected="present", actual="absent")
+            continue
+        # Only tags the node lists are resolved: asking for others would make it
+        # fetch them from a peer.
+        status, _, headers = await node.get(f"/v2/{repo}/manifests/{tag}", head=True,
+                                            headers={"Accept": MANIFEST_ACCEPT})
+        actual = headers.get("Docker-Content-Digest") if status == 200 else None
+        if actual != expected:
+            snap.problem("served", repo, f"the tag resolves (HEAD: {status}) to something "
+                         "other than what the node stores", tag=tag, expected=expected,
+                         actual=actual)
+    await asyncio.gather(*(_check_manifest(node, snap, repo, d, manifests) for d in manifests))
+    subjects = sorted({m["subject"] for m in manifests.values() if m.get("subject")})
+    for subject in subjects:
+        status, body, _ = await node.get(f"/v2/{repo}/referrers/{subject}")
+        listed = {m["digest"] for m in json.loads(body).get("manifests", [])} \
+            if status == 200 else set()
+        wanted = {d for d, m in manifests.items() if m.get("subject") == subject}
+        if listed != wanted:
+            snap.problem("served", repo, f"the referrers listing (status {status}) differs from "
+                         "the referrers the node stores", digest=subject,
+                         expected=sorted(wanted), actual=sorted(listed))
+
+
+async def _check_manifest(node: _Node, snap: Snapshot, repo: str, digest: str,
+                          stored: dict[str, dict]) -> None:
+    record = stored[digest]
+    status, body, headers = await node.get(f"/v2/{repo}/manifests/{digest}",
+                                           headers={"Accept": MANIFEST_ACCEPT})
+    if status != 200:
+        snap.problem("incomplete", repo, f"a stored manifest is not served (GET: {status})",
+                     digest=digest, expected=200, actual=status)
+        return
+    algorithm, _, _ = digest.partition(":")
+    served = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+    if served != digest:
+        snap.problem("incomplete", repo, "the manifest is served with bytes of another digest",
+                     digest=digest, expected=digest, actual=served)
+        return
+    try:
+        parsed = parse_manifest(body, headers.get("Content-Type"))
+        sizes = _descriptor_sizes(json.loads(body))
+    except (RegistryError, ValueError) as exc:
+        snap.problem("incomplete", repo, f"the served manifest does not parse: {exc}",
+                     digest=digest)
+        return
+    checks = [_check_blob(node, snap, repo, digest, b, sizes.get(b)) for b in parsed.blobs]
+    for child in parsed.children:
+        if child not in stored:
+            snap.problem("incomplete", repo, f"the manifest names child manifest {child}, which "
+                         "the node does not store", digest=digest, expected=child, actual=None)
+        else:
+            checks.append(_check_child(node, snap, repo, digest, child, sizes.get(child)))
+    await asyncio.gather(*checks)
+    if list(parsed.references) != record["references"]:
+        snap.problem("served", repo, "the served manifest names other references than the "
+                     "node stores for it", digest=digest, expected=record["references"],
+                     actual=list(parsed.references))
+
+
+async def _check_blob(node: _Node, snap: Snapshot, repo: str, manifest: str, blob: str,
+                      size: int | None) -> None:
+    status, _, headers = await node.get(f"/v2/{repo}/blobs/{blob}", head=True)
+    length = int(headers.get("Content-Length", -1)) if status == 200 else None
+    if status != 200:
+        snap.problem("incomplete", repo, f"manifest {manifest} is served but its blob {blob} "
+                     f"answers HEAD with {status}", digest=manifest, expected=200, actual=status)
+    elif size is not None and length != size:
+        snap.problem("incomplete", repo, f"blob {blob} of manifest {manifest} has the wrong size",
+                     digest=manifest, expected=size, actual=length)
+
+
+async def _check_child(node: _Node, snap: Snapshot, repo: str, manifest: str, child: str,
+                       size: int | None) -> None:
+    status, _, headers = await node.get(f"/v2/{repo}/manifests/{child}", head=True,
+                                        headers={"Accept": MANIFEST_ACCEPT})
+    length = int(headers.get("Content-Length", -1)) if status == 200 else None
+    if status != 200:
+        snap.problem("incomplete", repo, f"index {manifest} is served but its child {child} "
+                     f"answers HEAD with {status}", digest=manifest, expected=200, actual=status)
+    elif size is not None and length != size:
+        snap.problem("incomplete", repo, f"child {child} of index {manifest} has the wrong size",
+                     digest=manifest, expected=size, actual=length)
+
+
+def _descriptor_sizes(doc: dict) -> dict[str, int]:
+    descriptors = [doc.get("config"), *(doc.get("layers") or []), *(doc.get("manifests") or [])]
+    return {d["digest"]: d["size"] for d in descriptors
+            if isinstance(d, dict) and isinstance(d.get("size"), int)}
+
+
+# -- across replicas ---------------------------------------------------------------------
+
+
+Stamp = tuple[int, str, str]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Write:
+    """A register's value on one node: ``value`` None for a delete."""
+
+    node: Snapshot
+    stamp: Stamp
+    value: str | None
+    region: str            # the origin region residency judges it by
+
+
+def compare_registers(snapshots: list[Snapshot], policy: ResidencyPolicy) -> list[Divergence]:
+    """Every node holds, for each tag and manifest, the newest write residency lets reach it."""
+    out: list[Divergence] = []
+    repos = sorted({r for s in snapshots for r in s.inventory["repositories"]})
+    for repo in repos:
+        tags = sorted({t for s in snapshots for part in ("tags", "deleted_tags")
+                       for t in s.repo(repo).get(part, {})})
+        for tag in tags:
+            writes = {}
+            for s in snapshots:
+                live, dead = s.repo(repo).get("tags", {}).get(tag), \
+                    s.repo(repo).get("deleted_tags", {}).get(tag)
+                if live is not None:
+                    stamp = _stamp(live)
+                    writes[s.name] = _Write(s, stamp, live["digest"], stamp[1])
+                elif dead is not None:
+                    stamp = _stamp(dead)
+                    writes[s.name] = _Write(s, stamp, None, stamp[1])
+            for s in snapshots:
+                held, winner = _expectation(s, repo, writes, policy)
+                if winner is not None and winner.value != held:
+                    out.append(Divergence(
+                        "tag", s.name, s.region, repo, _tag_detail(winner, held), tag=tag,
+                        expected=winner.value, actual=held, source=winner.node.name))
+        digests = sorted({d for s in snapshots for part in ("manifests", "deleted_manifests")
+                          for d in s.repo(repo).get(part, {})})
+        for digest in digests:
+            writes = {}
+            for s in snapshots:
+                live = s.repo(repo).get("manifests", {}).get(digest)
+                dead = s.repo(repo).get("deleted_manifests", {}).get(digest)
+                if live is not None:
+                    writes[s.name] = _Write(s, _stamp(live), digest, live["pushed_region"])
+                elif dead is not None:
+                    stamp = _stamp(dead)
+                    writes[s.name] = _Write(s, stamp, None, stamp[1])
+            for s in snapshots:
+                held, winner = _expectation(s, repo, writes, policy)
+                if winner is None or winner.value == held:
+                    continue
+                if held is not None and _needed_by_index(s, repo, digest):
+                    continue  # an index here needs it: replication keeps it, rightly
+                out.append(Divergence(
+                    "manifest", s.name, s.region, repo, _manifest_detail(winner, held),
+                    digest=digest, expected="present" if winner.value else "absent",
+                    actual="present" if held else "absent", source=winner.node.name))
+    return out
+
+
+def _expectation(s: Snapshot, repo: str, writes: dict[str, _Write],
+                 policy: ResidencyPolicy) -> tuple[str | None, _Write | None]:
+    """(what ``s`` holds, the write it should hold) for one register."""
+    mine = writes.get(s.name)
+    visible = [w for w in writes.values() if policy.allows(w.region, repo, s.region)]
+    if mine is not None and all(w is not mine for w in visible):
+        visible.append(mine)  # its own write is what it holds; residency is judged elsewhere
+    winner = max(visible, key=lambda w: w.stamp, default=None)
+    return (mine.value if mine else None), winner
+
+
+def _needed_by_index(s: Snapshot, repo: str, digest: str) -> bool:
+    return any(digest in m["references"] for m in s.repo(repo).get("manifests", {}).values())
+
+
+def _stamp(entry: dict) -> Stamp:
+    hlc, region, zone = entry["stamp"]
+    return int(hlc), region, zone
+
+
+def _when(w: _Write) -> str:
+    wall_ms, logical = hlc.unpack(w.stamp[0])
+    at = datetime.fromtimestamp(wall_ms / 1000, UTC).isoformat(timespec="milliseconds")
+    where = f"{w.stamp[1] or '?'}{' zone ' + w.stamp[2] if w.stamp[2] else ''}"
+    return f"written in {where} at {at}{f' (+{logical})' if logical else ''}"
+
+
+def _tag_detail(winner: _Write, held: str | None) -> str:
+    newest = (f"points at {winner.value}" if winner.value else "was deleted")
+    has = f"points at {held}" if held else "is absent"
+    return f"the newest write this node may hold ({_when(winner)}, on {winner.node.name}) " \
+           f"says the tag {newest}; here it {has}"
+
+
+def _manifest_detail(winner: _Write, held: str | None) -> str:
+    newest = "stores it" if winner.value else "deleted it"
+    return f"the newest write this node may hold ({_when(winner)}, on {winner.node.name}) " \
+           f"{newest}; here it is {'present' if held else 'absent'}"
+
+
+# -- residency ------------------------------------------------------------------------------
+
+
+def register_residency(snapshots: list[Snapshot], policy: ResidencyPolicy) -> list[Divergence]:
+    """No node stores a register whose origin region may not reach its region."""
+    out = []
+    for s in snapshots:
+        for repo, stored in sorted(s.inventory["repositories"].items()):
+            for part, what in (("tags", "tag"), ("deleted_tags", "tag deletion"),
+                               ("manifests", "manifest"), ("deleted_manifests", "manifest deletion"),
+                               ("blob_links", "blob link"), ("deleted_blob_links", "blob unlink")):
+                for name, entry in sorted(stored.get(part, {}).items()):
+                    origin = entry.get("pushed_region") or entry["stamp"][1]
+                    if not origin or policy.allows(origin, repo, s.region):
+                        continue
+                    is_tag = part.endswith("tags")
+                    out.append(Divergence(
+                        "residency", s.name, s.region, repo,
+                        f"a {what} written in {origin}, which residency keeps in {origin}, is "
+                        f"stored in {s.region}", tag=name if is_tag else None,
+                        digest=entry.get("digest") if is_tag else name,
+                        expected=f"only in {origin}", actual=s.region, location="metadata"))
+    return out
+
+
+@dataclass
+class DiskView:
+    """A node's data dir as read from outside: its blob files and every
+    metadata key (with the values verify decodes)."""
+
+    blob_files: dict[str, str]                  # digest → path
+    keys: list[tuple[bytes, bytes]]
+
+    def inventory(self) -> dict:
+        """The inventory of this data dir, as the node itself would serve it."""
+        ordered = self.keys
+
+        def scan(prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+            start = bisect.bisect_left(ordered, (prefix,))
+            for key, value in ordered[start:]:
+                if not key.startswith(prefix):
+                    return
+                yield key, value
+        return inventories.build(scan, self.blob_files)
+
+
+def read_disk(data_dir: Path) -> DiskView:
+    """Blob files under ``blobs/<alg>/<xx>/<hex>`` and the metadata database
+    (``meta/``), opened read-only: RocksDB lets a read-only instance open a
+    database another process holds; an open racing a compaction can fail, so
+    it is retried."""
+    from rocksdict import AccessType, Options, Rdict
+
+    files: dict[str, str] = {}
+    root = data_dir / "blobs"
+    if root.is_dir():
+        for alg in sorted(p for p in root.iterdir() if p.is_dir()):
+            for shard in sorted(p for p in alg.iterdir() if p.is_dir()):
+                for entry in sorted(shard.iterdir()):
+                    files[f"{alg.name}:{entry.name}"] = str(entry)
+    meta = data_dir / "meta"
+    if not meta.is_dir():
+        raise FileNotFoundError(f"{meta} does not exist")
+    last: Exception | None = None
+    for attempt in range(DISK_OPEN_ATTEMPTS):
+        try:
+            db = Rdict(str(meta), Options(raw_mode=True), access_type=AccessType.read_only())
+        except Exception as exc:  # noqa: BLE001 - rocksdict raises plain Exceptions
+            last = exc
+            time.sleep(0.05 * (attempt + 1))
+            continue
+        try:
+            it = db.iter()
+            it.seek_to_first()
+            pairs = []
+            while it.valid():
+                pairs.append((it.key(), it.value()))
+                it.next()
+            del it
+            return DiskView(files, pairs)
+        except Exception as exc:  # noqa: BLE001
+            last = exc
+        finally:
+            db.close()
+    raise OSError(f"cannot open {meta} read-only: {last}")
+
+
+@dataclass
+class _Content:
+    """What content the inventories name, split by whether a region may hold it."""
+
+    allowed_digests: set[str] = field(default_factory=set)
+    allowed_repos: set[str] = field(default_factory=set)
+    confined_digests: dict[str, tuple[str, str]] = field(default_factory=dict)  # → (origin, repo)
+    confined_repos: dict[str, str] = field(default_factory=dict)                # → origin
+
+    def leaked_digest(self, digest: str) -> tuple[str, str] | None:
+        """(origin, repository) if only content confined elsewhere explains ``digest``."""
+        if digest in self.allowed_digests:
+            return None
+        return self.confined_digests.get(digest)
+
+    def leaked_repo(self, repo: str) -> str | None:
+        return None if repo in self.allowed_repos else self.confined_repos.get(repo)
+
+
+def _content(reference: list[dict], policy: ResidencyPolicy, region: str) -> _Content:
+    """Digests and repositories that content allowed in ``region`` explains,
+    and those that content confined elsewhere names — from every inventory."""
+    found = _Content()
+    for inventory in reference:
+        for repo, stored in inventory["repositories"].items():
+            for part in ("tags", "deleted_tags", "manifests", "deleted_manifests",
+                         "blob_links", "deleted_blob_links"):
+                for name, entry in stored.get(part, {}).items():
+                    origin = entry.get("pushed_region") or entry["stamp"][1]
+                    named = [entry.get("digest")] if part.endswith("tags") else \
+                        [name, *entry.get("references", ())]
+                    if not origin or policy.allows(origin, repo, region):
+                        found.allowed_repos.add(repo)
+                        found.allowed_digests.update(d for d in named if d)
+                    else:
+                        found.confined_repos.setdefault(repo, origin)
+                        for digest in filter(None, named):
+                            found.confined_digests.setdefault(digest, (origin, repo))
+    return found
+
+
+def disk_residency(s: Snapshot, disk: DiskView, reference: list[dict],
+                   policy: ResidencyPolicy) -> list[Divergence]:
+    """Blob files and metadata keys of ``s`` that only content confined to
+    another region explains (what is confined is learnt from the ``reference``
+    inventories), and log events from regions that may not reach it."""
+    content = _content(reference, policy, s.region)
+    events = []
+    for key, value in disk.keys:
+        if key.startswith(keys.LOG):
+            event = decode(value, Event)
+            events.append((key, event))
+            if event.origin_region and event.kind is not EventKind.BLOB_RECLAIMED and \
+                    policy.allows(event.origin_region, event.repository, s.region):
+                # Events the node was allowed to receive explain what they name,
+                # even after what they made is deleted and collected.
+                content.allowed_repos.add(event.repository)
+                content.allowed_digests.update(_event_digests(event))
+    out = []
+
+    def leak(what: str, location: str, origin: str, repository: str = "",
+             digest: str | None = None) -> None:
+        out.append(Divergence(
+            "residency", s.name, s.region, repository,
+            f"{what} of content confined to {origin} is stored in {s.region}", digest=digest,
+            expected=f"only in {origin}", actual=f"in {s.region}", location=location))
+
+    for digest, path in sorted(disk.blob_files.items()):
+        if found := content.leaked_digest(digest):
+            leak("a blob file", path, found[0], found[1], digest)
+    for key, event in events:
+        origin = event.origin_region
+        if origin and not policy.allows(origin, event.repository, s.region):
+            leak(f"a {event.kind} event", _render(key), origin, event.repository,
+                 event.digest or None)
+            continue
+        hits = [content.leaked_digest(d) for d in _event_digests(event)]
+        hit = content.leaked_repo(event.repository) or next((h[0] for h in hits if h), None)
+        if hit:
+            leak(f"a {event.kind} event naming it", _render(key), hit, event.repository,
+                 event.digest or None)
+    for key, value in disk.keys:
+        if key.startswith(keys.LOG):
+            continue
+        repos, digests = _key_names(key, value)
+        for repo in repos:
+            if origin := content.leaked_repo(repo):
+                leak("a metadata key naming a repository", _render(key), origin, repo)
+                break
+        else:
+            for digest in digests:
+                if found := content.leaked_digest(digest):
+                    leak("a metadata key naming a digest", _render(key), found[0], found[1],
+                         digest)
+                    break
+    return out
+
+
+def _event_digests(event: Event) -> Iterator[str]:
+    yield from (d for d in (event.digest, event.subject) if d)
+    yield from event.references
+
+
+def _key_names(key: bytes, value: bytes) -> tuple[list[str], list[str]]:
+    """(repositories, digests) a metadata key (and, for tags, its value) names."""
+    parts = [p.decode(errors="replace") for p in key.split(keys.SEP)]
+    family, rest = parts[0], parts[1:]
+    if family == "blob" or family == "xfer":
+        return [], rest[:1]
+    if family == "ref":                       # ref/<target>/<repo>/<manifest>
+        return rest[1:2], [rest[0], *rest[2:3]]
+    if family == "user":                      # user/<digest>/<repo>
+        return rest[1:2], rest[:1]
+    if family == "repo":
+        return rest[:1], []
+    if family == "upload":
+        with contextlib.suppress(Exception):
+            return [decode(value, UploadRecord).repository], []
+    if family == "fail":                      # fail/<repo>/<digest>
+        return rest[:1], rest[1:2]
+    if family in ("r", "tomb") and len(rest) >= 3:
+        repo, kind, names = rest[0], rest[1], rest[2:]
+        digests = [n for n in names if ":" in n] if kind in ("m", "b", "s") else []
+        with contextlib.suppress(Exception):
+            if family == "r" and kind == "t":
+                digests.append(decode(value, TagRecord).digest)
+            elif family == "tomb" and kind == "t":
+                digests.append(decode(value, Tombstone).digest)
+        return [repo], [d for d in digests if d]
+    return [], []
+
+
+def _render(key: bytes) -> str:
+    if key.startswith(keys.LOG):
+        return f"log/{keys.log_seq(key)}"
+    return key.replace(keys.SEP, b"/").decode(errors="replace")
+

@@ -55,6 +55,9 @@ _BY_CODE: dict[grpc.StatusCode, Outcome] = {
     grpc.StatusCode.FAILED_PRECONDITION: Outcome.PERMANENT,
     grpc.StatusCode.INVALID_ARGUMENT: Outcome.PERMANENT,
     grpc.StatusCode.UNIMPLEMENTED: Outcome.PERMANENT,
+    # The peer's copy does not authenticate (rot, tampering): asking it again
+    # cannot help; another peer may have a good copy.
+    grpc.StatusCode.DATA_LOSS: Outcome.PERMANENT,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Outcome.DEFINITE,
     grpc.StatusCode.ABORTED: Outcome.DEFINITE,
 }

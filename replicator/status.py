@@ -63,7 +63,13 @@ class ImageStatus:
         replies += [(c.peer.name, c.peer.region, c.peer.zone, r) for c, r in answers]
         # The image in question: what the origin (or, failing that, anyone) has.
         present = [r for *_, r in replies if isinstance(r, pb.ImageStatusReply) and r.present]
-        origin = min(present, key=lambda r: r.origin_acked_ns or 1 << 62) if present else None
+        if tag_query:
+            # The tag's newest value is the one last-writer-wins keeps everywhere:
+            # a replica still on an older push is stale, not the other way round.
+            origin = max(present, key=lambda r: (r.tag_hlc, r.tag_origin_region,
+                                                 r.tag_origin_zone)) if present else None
+        else:
+            origin = min(present, key=lambda r: r.origin_acked_ns or 1 << 62) if present else None
         digest = digest_query or (origin.digest if origin else "")
         origin_region = origin.origin_region if origin else ""
         replicas = []

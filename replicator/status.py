@@ -42,6 +42,26 @@ class ImageStatus:
             validate_tag(reference)
         return web.json_response(await self.status(repository, reference))
 
+    async def _failures_by_digest(self, repository: str, digest: str, replies: list) -> None:
+        """A replica without the tag may have tried to fetch the image and failed
+        for good; such failures are recorded by digest, so ask for them by digest."""
+        rt = self.runtime
+        clients = {c.peer.name: c for c in rt.clients}
+
+        async def recheck(reply: pb.ImageStatusReply, name: str) -> None:
+            request = pb.ImageStatusRequest(repository=repository, digest=digest)
+            try:
+                again = await (rt.service.GetImageStatus(request, None) if name == rt.view.name
+                               else clients[name].image_status_ref(repository, digest, "",
+                                                                   STATUS_TIMEOUT_S))
+            except ReplicationError:
+                return
+            reply.failure = again.failure
+
+        await asyncio.gather(*(recheck(r, name) for name, _, _, r in replies
+                               if isinstance(r, pb.ImageStatusReply) and not r.present
+                               and not r.failure and r.digest != digest))
+
     async def status(self, repository: str, reference: str) -> dict:
         rt = self.runtime
         digest_query = reference if is_digest(reference) else ""
@@ -71,6 +91,8 @@ class ImageStatus:
         else:
             origin = min(present, key=lambda r: r.origin_acked_ns or 1 << 62) if present else None
         digest = digest_query or (origin.digest if origin else "")
+        if tag_query and digest:
+            await self._failures_by_digest(repository, digest, replies)
         origin_region = origin.origin_region if origin else ""
         replicas = []
         for name, region, zone, reply in replies:

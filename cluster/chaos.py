@@ -165,13 +165,17 @@ class Observations:
     pulls_attempted: int = 0
     acknowledged: list[Push] = field(default_factory=list)
     errors: list[tuple[float, str, str, str]] = field(default_factory=list)  # t, client, op, code
+    examples: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # first messages
     served_by: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
 
     def now(self) -> float:
         return time.monotonic() - self.started
 
-    def error(self, client: str, op: str, code: str) -> None:
+    def error(self, client: str, op: str, code: str, detail: str = "") -> None:
         self.errors.append((self.now(), client, op, code))
+        examples = self.examples.setdefault((client, code), [])
+        if detail and len(examples) < 3:
+            examples.append(f"t+{self.now():.1f}s {op}: {detail}"[:300])
 
     def served(self, client: str, replica: str) -> None:
         history = self.served_by.setdefault(client, [])
@@ -290,12 +294,15 @@ class ChaosWorkload:
         if r.status == want:
             await r.read()
             return
-        code = f"HTTP {r.status}"
+        code, detail = f"HTTP {r.status}", ""
         try:
-            code = (await r.json())["errors"][0]["code"]
+            error = (await r.json())["errors"][0]
+            code = error["code"]
+            detail = f"{error.get('message', '')}: {error.get('detail', '')}".strip(": ")
         except (ValueError, KeyError, IndexError, aiohttp.ContentTypeError):
             pass
-        self.obs.error(client, op, code)
+        detail += f" [via {r.headers.get('X-Georeg-Replica', '?')}]"
+        self.obs.error(client, op, code, detail)
         raise _Refused
 
 
@@ -466,6 +473,8 @@ class ChaosRun:
             "lost": lost,
             "errors_by_client": errors,
             "error_windows_s": windows,
+            "error_examples": {f"{client} {code}": messages
+                               for (client, code), messages in obs.examples.items()},
             "failovers": failovers,
             "last_heal_at_s": round(last_heal, 2),
             "convergence_s": converged_after,

@@ -35,6 +35,7 @@ log = structlog.get_logger("georeg.supervisor")
 
 HEALTH_INTERVAL_S = 0.5
 HEALTH_TIMEOUT_S = 1.0
+HEALTH_FAILURES = 2          # consecutive failed checks before a live process is unhealthy
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
@@ -59,6 +60,7 @@ class NodeRuntime:
     reason: str = ""
     info: dict = field(default_factory=dict)
     last_ok: float = 0.0
+    failures: int = 0
     started_at: float = 0.0
     intended_down: bool = False     # stopped on purpose (fault or command): not a failure
 
@@ -240,13 +242,17 @@ class Supervisor:
                     # A (re)starting node joins routing once it can take writes (its
                     # zone quorum formed); a running one stays in for reads regardless.
                     ready = node.state != "starting" or node.info.get("writable", True)
+                    node.failures = 0
                     if node.pid is not None and ready:
                         self._set_state(node, "healthy")
                     return
                 reason = f"HTTP {r.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
-        if node.pid is not None and node.state != "starting":
+        node.failures += 1
+        # One slow answer on a loaded machine is not an outage; a dead process is
+        # noticed at once by _watch_exit, and routers mark refused nodes down.
+        if node.pid is not None and node.state != "starting" and node.failures >= HEALTH_FAILURES:
             self._set_state(node, "unhealthy", reason)
 
     def mark_down(self, name: str, reason: str) -> None:

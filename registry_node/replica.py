@@ -122,6 +122,7 @@ class Replica:
         self.meta = registry.meta
         self.blobs = registry.blobs
         self._summary: tuple[int, dict[str, dict[str, int]]] | None = None
+        self._summary_at = 0.0
 
     # -- commit ----------------------------------------------------------------
 
@@ -413,13 +414,17 @@ class Replica:
             h.update(f"m|{reg.key}|{int(reg.deleted)}|{reg.stamp if reg.deleted else ''}\n".encode())
         return h.digest()
 
-    def content_summary(self) -> dict[str, dict[str, int]]:
+    def content_summary(self, max_age_s: float = 2.0) -> dict[str, dict[str, int]]:
         """Images and distinct blob bytes held here, by the region they were first
         pushed in (what a new replica's sync progress is measured against).
-        Cached until the log moves."""
+        Recomputed when the log has moved and the last count is older than
+        ``max_age_s``: health checks ask often, and must stay cheap under load."""
         seq = self.meta.last_seq
-        if self._summary is not None and self._summary[0] == seq:
+        now = self.registry.monotonic()
+        if self._summary is not None and (self._summary[0] == seq
+                                          or now - self._summary_at < max_age_s):
             return self._summary[1]
+        self._summary_at = now
         images: dict[str, int] = {}
         blobs: dict[str, dict[str, int]] = {}
         for repo in [keys.suffix(k, keys.REPO) for k, _ in self.meta.scan(keys.REPO)]:

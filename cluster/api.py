@@ -282,6 +282,7 @@ class Cluster:
             "nodes": nodes,
             "paired_copies": [{
                 "name": n.name, "keeps": n.plan.copy_of, "region": n.plan.region,
+                "data_dir": str(n.plan.data_dir),
                 "health": n.state, "healthy": n.healthy, "http": n.url,
                 "images": sum(c["images"] for c in (n.info.get("content") or {}).values()),
             } for n in self.supervisor.nodes.values() if n.plan.copy_of],

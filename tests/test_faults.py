@@ -1,0 +1,301 @@
+"""Every fault kind: inject (CLI or Python API), observe what clients see, heal,
+and the cluster converges with `georeg verify` clean.
+
+One cluster (eastus zone redundant and home, westeurope, brazilsouth confined)
+serves the module; each test heals what it broke and waits until verify is
+clean before the next one runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from cluster import spec as specs
+from cluster.testing import RunningCluster
+
+from .helpers import digest_of, eventually, make_image, push_image
+
+SPEC = {"home_region": "eastus", "home_zone_redundant": True,
+        "replicas": [{"region": "westeurope"}, {"region": "brazilsouth"}]}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with RunningCluster(specs.parse(SPEC), tmp_path_factory.mktemp("faults")) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def converges_clean(cluster):
+    """After each test: everything healed, and the cluster converges, verify clean."""
+    yield
+    cluster.run(cluster.cluster.faults.heal_all)
+    for name, node in cluster.cluster.supervisor.nodes.items():
+        if node.pid is None:
+            cluster.restart(name)
+    deadline = time.monotonic() + 60
+    report = None
+    while time.monotonic() < deadline:
+        report = cluster.verify(timeout=30)
+        if report.ok:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the cluster did not converge after healing: {report.as_dict()}")
+
+
+def georeg(cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    # The cluster runs on its own thread, so a blocking call here stalls nothing.
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args,
+                           "--data-dir", str(cluster.data_dir)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def fault_cli(cluster, *args: str) -> subprocess.CompletedProcess:
+    return georeg(cluster, "fault", *args)
+
+
+def fault_id(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split(":", 1)[0]
+
+
+async def served_by(http, url: str) -> str:
+    async with http.get(f"{url}/v2/") as r:
+        return r.headers.get("X-Georeg-Replica", f"HTTP {r.status}") if r.status == 200 \
+            else f"HTTP {r.status}"
+
+
+async def pullable(http, url, repo, tag, image) -> bool:
+    try:
+        async with http.get(f"{url}/v2/{repo}/manifests/{tag}") as r:
+            return r.status == 200 and await r.read() == image.manifest
+    except aiohttp.ClientError:
+        return False
+
+
+# -- outages ---------------------------------------------------------------------------
+
+
+async def test_region_outage_crash_from_the_cli_fails_over_and_heals(cluster, http):
+    fid = fault_id(fault_cli(cluster, "region-outage", "westeurope", "--mode", "crash"))
+    listed = json.loads(fault_cli(cluster, "list", "--json").stdout)
+    assert any(f["id"] == fid and f["active"] for f in listed)
+    west = cluster.endpoint("westeurope")
+    await eventually(lambda: _not_in(http, west, "westeurope"), timeout=5,
+                     what="West Europe clients failing over")
+    image = make_image([1000], seed=1)
+    await push_image(http, west, "outage/app", image, tag="v1")   # through the next replica
+    fault_cli(cluster, "heal", fid)
+    await eventually(lambda: pullable(http, cluster.node_url("westeurope"), "outage/app", "v1",
+                                      image), timeout=30, what="westeurope catching up")
+
+
+async def _not_in(http, url, region) -> bool:
+    served = await served_by(http, url)
+    return not served.startswith(region) and not served.startswith("HTTP")
+
+
+async def test_region_outage_stop_is_graceful(cluster, http):
+    fault = cluster.run(lambda: cluster.cluster.faults.inject("region-outage", region="brazilsouth",
+                                                              mode="stop"))
+    node = cluster.cluster.supervisor.nodes["brazilsouth"]
+    assert node.process.returncode == 0    # SIGTERM: a clean exit, not a kill
+    async with http.get(f"{cluster.regional_endpoint('brazilsouth')}/v2/") as r:
+        assert r.status == 503
+    cluster.run(lambda: cluster.cluster.faults.heal(fault.id))
+
+
+async def test_region_isolation_keeps_processes_but_cuts_everything(cluster, http):
+    fid = fault_id(fault_cli(cluster, "region-outage", "westeurope", "--mode", "isolate"))
+    node = cluster.cluster.supervisor.nodes["westeurope"]
+    assert node.pid is not None                     # alive
+    async with http.get(f"{cluster.regional_endpoint('westeurope')}/v2/") as r:
+        assert r.status == 503                      # but clients cannot reach it
+    image = make_image([1100], seed=2)
+    await push_image(http, cluster.endpoint("eastus"), "isolated/app", image, tag="v1")
+    await eventually(lambda: pullable(http, cluster.node_url("brazilsouth"), "isolated/app", "v1",
+                                      image), timeout=20)
+    # Nothing reaches the isolated node directly either.
+    async with http.head(f"{cluster.node_url('westeurope')}/v2/isolated/app/manifests/v1") as r:
+        assert r.status == 404
+    fault_cli(cluster, "heal", fid)
+    await eventually(lambda: pullable(http, cluster.node_url("westeurope"), "isolated/app", "v1",
+                                      image), timeout=30, what="isolated region catching up")
+
+
+async def test_zone_outage_keeps_writes_going_on_two_zones(cluster, http):
+    fid = fault_id(fault_cli(cluster, "zone-outage", "eastus", "2", "--mode", "crash"))
+    image = make_image([1200], seed=3)
+    await push_image(http, cluster.regional_endpoint("eastus"), "zone/app", image, tag="v1")
+    fault_cli(cluster, "heal", fid)
+    await eventually(lambda: pullable(http, cluster.node_url("eastus-2"), "zone/app", "v1", image),
+                     timeout=30, what="returning zone catching up unaided")
+
+
+# -- network ---------------------------------------------------------------------------
+
+
+async def test_one_way_partition(cluster, http):
+    # westeurope cannot reach eastus: it stops receiving eastus's pushes
+    # directly, while eastus still receives westeurope's.
+    fid = fault_id(fault_cli(cluster, "partition", "westeurope", "eastus", "--one-way"))
+    from_west = make_image([1300], seed=4)
+    await push_image(http, cluster.node_url("westeurope"), "oneway/west", from_west, tag="v1")
+    await eventually(lambda: pullable(http, cluster.node_url("eastus-1"), "oneway/west", "v1",
+                                      from_west), timeout=20)
+    fault_cli(cluster, "heal", fid)
+
+
+async def test_link_degradation_is_visible_in_lag(cluster, http):
+    extra = 300.0
+    fid = fault_id(fault_cli(cluster, "link", "eastus", "westeurope", "--latency", str(extra)))
+    image = make_image([1400], seed=5)
+    await push_image(http, cluster.regional_endpoint("eastus"), "slow/app", image, tag="v1")
+    status = await _status_when_complete(http, cluster, "slow/app", "v1")
+    lag = {r["name"]: r["lag_ms"] for r in status["replicas"]}
+    assert lag["westeurope"] >= extra, lag
+    fault_cli(cluster, "heal", fid)
+
+
+async def _status_when_complete(http, cluster, repo, ref) -> dict:
+    out = {}
+
+    async def complete() -> bool:
+        nonlocal out
+        async with http.get(f"{cluster.node_url('eastus-1')}/georeg/v1/replication/status",
+                            params={"repository": repo, "reference": ref}) as r:
+            out = await r.json()
+        return out.get("complete", False)
+
+    await eventually(complete, timeout=30, what=f"{repo}:{ref} everywhere")
+    return out
+
+
+async def test_stalled_link_and_resets_then_recovery(cluster, http):
+    stall = cluster.run(lambda: cluster.cluster.faults.inject("link", a="eastus", b="brazilsouth",
+                                                              stall=True))
+    resets = cluster.run(lambda: cluster.cluster.faults.inject(
+        "link", a="westeurope", b="brazilsouth", reset_probability=0.5))
+    image = make_image([60_000, 70_000], seed=6)
+    await push_image(http, cluster.regional_endpoint("eastus"), "stall/app", image, tag="v1")
+    async with http.head(f"{cluster.node_url('brazilsouth')}/v2/stall/app/manifests/v1") as r:
+        assert r.status in (200, 404)           # the node stays responsive meanwhile
+    cluster.run(lambda: cluster.cluster.faults.heal(stall.id))
+    cluster.run(lambda: cluster.cluster.faults.heal(resets.id))
+    await eventually(lambda: pullable(http, cluster.node_url("brazilsouth"), "stall/app", "v1",
+                                      image), timeout=40, what="brazilsouth after the link recovers")
+
+
+async def test_routing_off_keeps_syncing(cluster, http):
+    fid = fault_id(fault_cli(cluster, "routing", "eastus", "off"))
+    east = cluster.endpoint("eastus")
+    await eventually(lambda: _not_in(http, east, "eastus"), timeout=3, what="routing away")
+    image = make_image([1500], seed=7)
+    await push_image(http, east, "routing/app", image, tag="v1")
+    await eventually(lambda: pullable(http, cluster.node_url("eastus-3"), "routing/app", "v1",
+                                      image), timeout=20, what="eastus still syncing")
+    fault_cli(cluster, "heal", fid)
+    await eventually(lambda: _in(http, east, "eastus"), timeout=3, what="routing back")
+
+
+async def _in(http, url, region) -> bool:
+    return (await served_by(http, url)).startswith(region)
+
+
+# -- storage ---------------------------------------------------------------------------
+
+
+async def test_full_disk_refuses_writes_with_507_and_harms_nothing(cluster, http):
+    before = make_image([1600], seed=8)
+    await push_image(http, cluster.node_url("brazilsouth"), "disk/app", before, tag="v1")
+    fid = fault_id(fault_cli(cluster, "disk", "brazilsouth", "--full"))
+    blob = b"x" * 5000
+    async with http.post(f"{cluster.node_url('brazilsouth')}/v2/disk/app/blobs/uploads/",
+                         params={"digest": digest_of(blob)}, data=blob) as r:
+        assert r.status == 507
+        assert (await r.json())["errors"][0]["message"] == "disk full"
+    assert await pullable(http, cluster.node_url("brazilsouth"), "disk/app", "v1", before)
+    fault_cli(cluster, "heal", fid)
+    async with http.post(f"{cluster.node_url('brazilsouth')}/v2/disk/app/blobs/uploads/",
+                         params={"digest": digest_of(blob)}, data=blob) as r:
+        assert r.status == 201
+
+
+async def test_slow_disk_slows_writes(cluster, http):
+    blob = b"y" * 4000
+    url = f"{cluster.node_url('brazilsouth')}/v2/slowdisk/app/blobs/uploads/"
+    fid = fault_id(fault_cli(cluster, "disk", "brazilsouth", "--slow", "300"))
+    started = time.monotonic()
+    async with http.post(url, params={"digest": digest_of(blob)}, data=blob) as r:
+        assert r.status == 201
+    assert time.monotonic() - started >= 0.3
+    fault_cli(cluster, "heal", fid)
+
+
+async def test_faults_heal_themselves_after_their_duration(cluster, http):
+    result = fault_cli(cluster, "partition", "westeurope", "brazilsouth", "--duration", "1")
+    fid = fault_id(result)
+    assert "heals in 1 s" in result.stdout
+
+    def healed() -> bool:
+        faults = json.loads(fault_cli(cluster, "list", "--json").stdout)
+        return not next(f for f in faults if f["id"] == fid)["active"]
+
+    await eventually(lambda: asyncio.to_thread(healed), timeout=15, what="self-healing")
+
+
+def test_bad_fault_requests_say_what_is_wrong(cluster):
+    result = fault_cli(cluster, "region-outage", "narnia")
+    assert result.returncode == 2 and "narnia has no replica" in result.stderr
+    result = fault_cli(cluster, "zone-outage", "westeurope", "1")
+    assert result.returncode == 2 and "not zone redundant" in result.stderr
+    result = fault_cli(cluster, "heal", "f999")
+    assert result.returncode == 2 and "no fault f999" in result.stderr
+
+
+# -- destroy and restore -------------------------------------------------------------------
+
+
+async def test_destroy_and_restore_from_the_paired_copy(cluster, http):
+    # Content that reaches no other replica: eastus cut off from every region,
+    # but not from its own storage copy in its paired region (westus).
+    cut = [cluster.run(lambda r=r: cluster.cluster.faults.inject("partition", a="eastus", b=r))
+           for r in ("westeurope", "brazilsouth")]
+    image = make_image([1700, 1800], seed=9)
+    await push_image(http, cluster.node_url("eastus-1"), "onlyeast/app", image, tag="v1")
+    copy = cluster.node_url("pair-eastus")
+    await eventually(lambda: pullable(http, copy, "onlyeast/app", "v1", image), timeout=20,
+                     what="the paired copy holding the push")
+    cluster.run(lambda: cluster.cluster.faults.inject("destroy", region="eastus"))
+    for fault in cut:
+        cluster.run(lambda f=fault: cluster.cluster.faults.heal(f.id))
+    cluster.run(cluster.cluster.wait_ready)
+    assert not await pullable(http, cluster.node_url("eastus-2"), "onlyeast/app", "v1", image)
+    restore = georeg(cluster, "region", "restore", "eastus", timeout=300)
+    assert restore.returncode == 0, restore.stderr
+    assert "restored from its copy in westus" in restore.stdout
+    for zone in ("1", "2", "3"):
+        assert await pullable(http, cluster.node_url(f"eastus-{zone}"), "onlyeast/app", "v1", image)
+
+
+async def test_confined_region_restore_says_what_is_lost(cluster, http):
+    image = make_image([1900], seed=10)
+    cut = [cluster.run(lambda r=r: cluster.cluster.faults.inject("partition", a="brazilsouth", b=r))
+           for r in ("eastus", "westeurope")]
+    await push_image(http, cluster.node_url("brazilsouth"), "br/lost", image, tag="v1")
+    cluster.run(lambda: cluster.cluster.faults.inject("destroy", region="brazilsouth"))
+    for fault in cut:
+        cluster.run(lambda f=fault: cluster.cluster.faults.heal(f.id))
+    restore = georeg(cluster, "region", "restore", "brazilsouth", timeout=300)
+    assert restore.returncode == 1
+    assert "no paired-region copy" in restore.stdout and "is lost" in restore.stdout
+    assert not await pullable(http, cluster.node_url("brazilsouth"), "br/lost", "v1", image)

@@ -27,7 +27,7 @@ from registry_node.metastore import Batch
 from registry_node.records import Cursor, Event, EventKind, decode, encode
 
 from .convert import event_from_wire
-from .errors import Outcome, ReplicationError, from_grpc
+from .errors import Outcome, ReplicationError, from_grpc, indefinite
 from .metrics import ReplicationMetrics
 from .peers import PeerClient
 from .retry import Backoff
@@ -118,6 +118,12 @@ class Subscription:
                 await call.write(pb.SubscribeMessage(ack=pb.SubscribeAck(applied=batch.last_seq)))
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc, f"subscription to {self.peer.name}") from None
+        except asyncio.InvalidStateError:
+            # The stream ended (peer gone, link cut) while a batch was applied
+            # with content from elsewhere: grpc refuses the acknowledgement with
+            # this, not an AioRpcError. The cursor is saved; resume from it.
+            raise indefinite(f"subscription to {self.peer.name}: the stream ended "
+                             "during a batch") from None
         finally:
             call.cancel()
 

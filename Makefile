@@ -12,12 +12,13 @@ PROTO_SRC := proto/georeg/replication/v1/replication.proto
 # (the virtual import path makes their imports `replicator.wire.v1…`).
 PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
 
-.PHONY: help install system-deps up node test soak bench lint proto proto-check clean
+.PHONY: help install system-deps up node test soak chaos bench bench-lag lint proto proto-check clean
 
 help:
 	@echo "make up       start georeg (installs first)"
 	@echo "make test     run the test suite (installs first)"
 	@echo "make soak     run the long soak tests"
+	@echo "make chaos    run the shipped chaos scenarios at full length"
 	@echo "make bench    benchmark a node against the reference registry"
 	@echo "make lint     ruff"
 	@echo "make install  virtualenv in $(VENV), editable install, system packages"
@@ -62,6 +63,10 @@ proto-check: $(VENV)/.installed
 
 soak: install
 	$(PY) -m pytest -m soak
+
+# The shipped chaos scenarios at full length (make test runs them scaled down).
+chaos: install
+	GEOREG_CHAOS_SCALE=1 $(PY) -m pytest -s tests/test_chaos.py
 
 bench: install
 	$(GEOREG) bench node

@@ -1,0 +1,105 @@
+"""`georeg bench footprint`: what a cluster costs the machine it runs on.
+
+Starts a cluster (the default spec unless ``--config``), and reports:
+
+* startup: from the first process spawned to every node healthy, and to every
+  node subscribed to every peer and writable (what `georeg up` waits for);
+* idle CPU: over a quiet window after startup, each process's CPU time (user
+  plus system, from ``/proc``) divided by the window — per node, and the
+  whole cluster including the supervisor (links, endpoints, health checks);
+* memory: each node's resident set (VmRSS) at the end of the idle window.
+
+Startup is measured ``--repeat`` times (a fresh data dir each time) and the
+median reported; the machine's load average is printed beside the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .. import spec as specs
+from ..api import Cluster
+from ..testing import free_port_base, with_port_base
+from .procfs import MIB, cpu_seconds, rss_bytes
+
+
+async def _start(spec: specs.ClusterSpec, data_dir: Path) -> tuple[Cluster, float, float]:
+    cluster = Cluster(spec, data_dir)
+    started = time.monotonic()
+    healthy_at = None
+
+    async def watch() -> None:
+        nonlocal healthy_at
+        while healthy_at is None:
+            nodes = cluster.supervisor.nodes.values()
+            if nodes and all(n.healthy for n in nodes):
+                healthy_at = time.monotonic()
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    await cluster._start()
+    ready_at = time.monotonic()
+    if healthy_at is None:
+        healthy_at = ready_at
+    watcher.cancel()
+    return cluster, healthy_at - started, ready_at - started
+
+
+async def measure(spec: specs.ClusterSpec, repeat: int, idle_s: float) -> dict:
+    spec = with_port_base(spec, free_port_base(spec))
+    healthy, ready = [], []
+    result: dict = {}
+    for run in range(repeat):
+        with tempfile.TemporaryDirectory(prefix="georeg-footprint-") as tmp:
+            cluster, to_healthy, to_ready = await _start(spec, Path(tmp))
+            healthy.append(to_healthy)
+            ready.append(to_ready)
+            if run == repeat - 1:
+                result = await _idle(cluster, idle_s)
+            await cluster.stop()
+    result["startup_healthy_s"] = statistics.median(healthy)
+    result["startup_ready_s"] = statistics.median(ready)
+    result["startup_runs"] = {"healthy_s": healthy, "ready_s": ready}
+    result["load_average"] = os.getloadavg()
+    return result
+
+
+async def _idle(cluster: Cluster, idle_s: float) -> dict:
+    await asyncio.sleep(2.0)  # let start-up work (first anti-entropy rounds) pass
+    pids = {name: node.pid for name, node in cluster.supervisor.nodes.items() if node.pid}
+    pids["supervisor"] = os.getpid()
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
+    await asyncio.sleep(idle_s)
+    window = time.monotonic() - started
+    cpu = {name: (cpu_seconds(pid) - before[name]) / window for name, pid in pids.items()}
+    rss = {name: rss_bytes(pid) for name, pid in pids.items()}
+    return {"idle_window_s": window, "idle_cpu": cpu, "rss": rss}
+
+
+def run(config: Path | None, repeat: int, idle_s: float) -> dict:
+    spec = specs.load(config)
+    result = asyncio.run(measure(spec, repeat, idle_s))
+    console = Console()
+    load = ", ".join(f"{x:.2f}" for x in result["load_average"])
+    console.print(f"[bold]georeg cluster footprint[/] ({spec.node_count()} nodes + "
+                  f"{len(spec.paired_regions())} paired copies; load average {load})")
+    console.print(f"startup to all healthy: {result['startup_healthy_s']:.2f} s, to all subscribed "
+                  f"and writable: {result['startup_ready_s']:.2f} s (median of {repeat})")
+    table = Table("process", "idle CPU", "RSS")
+    for name in sorted(result["rss"], key=lambda n: (n == "supervisor", n)):
+        table.add_row(name, f"{result['idle_cpu'][name]:.2%}", f"{result['rss'][name] / MIB:.1f} MiB")
+    total = sum(result["idle_cpu"].values())
+    table.add_row("[bold]whole cluster[/]", f"[bold]{total:.2%}[/] of one core",
+                  f"{sum(result['rss'].values()) / MIB:.0f} MiB")
+    console.print(table)
+    console.print(f"idle CPU over {result['idle_window_s']:.1f} s; machine: {os.cpu_count()} cores")
+    return result

@@ -1,0 +1,175 @@
+"""A georeg cluster for the cluster benchmarks, in a process of its own.
+
+``ClusterProcess.start`` writes the spec into a fresh data dir and runs
+``georeg up`` there as a child process (which calls ``Cluster.start``); it is
+ready once the cluster has written its state file, which ``Cluster`` does only
+after every node is healthy, subscribed to every peer and writable.
+``ClusterProcess.attach`` uses a cluster already running from a data dir.
+
+Why a child process rather than ``Cluster.start`` in the benchmark's own
+process: the WAN links are asyncio proxies in the supervisor, and the
+benchmark's client (pushing, hashing, polling) would otherwise share their
+event loop or their GIL, adding delay to exactly what is being measured.
+
+Everything the benchmark needs comes from the spec (``cluster.plan``: node
+ports and names, the WAN model) and the management API (node pids, faults).
+Only a cluster this class started is stopped by it: SIGTERM to the supervisor,
+which stops its nodes; should it not exit in time, it and the node pids it
+reported are killed, one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .. import spec as specs
+from ..api import running_state, save_spec, saved_spec
+from ..plan import ClusterPlan, NodePlan, plan
+
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 60.0
+
+
+class ClusterStartError(RuntimeError):
+    pass
+
+
+class ClusterProcess:
+    def __init__(self, spec: specs.ClusterSpec, data_dir: Path,
+                 process: subprocess.Popen | None = None) -> None:
+        self.spec = spec
+        self.data_dir = data_dir.resolve()
+        self.process = process
+        self.plan: ClusterPlan = plan(spec, self.data_dir)
+        self.management = ""
+        self.pids: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, spec: specs.ClusterSpec, data_dir: Path,
+              timeout_s: float = START_TIMEOUT_S) -> ClusterProcess:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        save_spec(data_dir, spec)
+        (data_dir / "logs").mkdir(exist_ok=True)
+        log_path = data_dir / "logs" / "supervisor.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cluster.cli", "up", "--data-dir", str(data_dir),
+                 "--log-format", "json"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        cluster = cls(spec, data_dir, process)
+        try:
+            cluster._wait_ready(time.monotonic() + timeout_s, log_path)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    @classmethod
+    def attach(cls, data_dir: Path) -> ClusterProcess:
+        spec = saved_spec(data_dir)
+        if spec is None or running_state(data_dir) is None:
+            raise ClusterStartError(f"no georeg cluster is running from {data_dir}")
+        cluster = cls(spec, data_dir)
+        cluster._wait_ready(time.monotonic() + 30, None)
+        return cluster
+
+    def _wait_ready(self, deadline: float, log_path: Path | None) -> None:
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                tail = log_path.read_text(errors="replace").splitlines()[-20:] if log_path else []
+                raise ClusterStartError("the cluster did not start:\n" + "\n".join(tail))
+            state = running_state(self.data_dir)
+            if state is not None and state.get("management"):
+                self.management = state["management"]
+                status = self.call("GET", "/georeg/v1/cluster")
+                self.pids = {n["name"]: n["pid"] for n in status["nodes"] if n.get("pid")}
+                if all(n["healthy"] for n in status["nodes"]):
+                    return
+            if time.monotonic() > deadline:
+                raise ClusterStartError(f"the cluster in {self.data_dir} was not ready in time; "
+                                        f"see {self.data_dir / 'logs'}")
+            time.sleep(0.1)  # poll interval, bounded by the deadline above
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        self.process = None
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for pid in self.pids.values():  # nodes die with their supervisor; make sure
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+    # -- what the benchmarks use -----------------------------------------------------------
+
+    @property
+    def nodes(self) -> tuple[NodePlan, ...]:
+        """The serving nodes (not paired-region copies), in plan order."""
+        return self.plan.nodes
+
+    def node(self, name: str) -> NodePlan:
+        return self.plan.node(name)
+
+    def http(self, name: str) -> str:
+        return f"http://{self.plan.host}:{self.node(name).http_port}"
+
+    def grpc(self, name: str) -> str:
+        return f"{self.plan.host}:{self.node(name).grpc_port}"
+
+    @property
+    def supervisor_pid(self) -> int | None:
+        state = running_state(self.data_dir)
+        return state["pid"] if state else None
+
+    def all_pids(self) -> list[int]:
+        pids = list(self.pids.values())
+        if self.supervisor_pid:
+            pids.append(self.supervisor_pid)
+        return pids
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> object:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.management + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                raw = r.read()
+                return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            raise ClusterStartError(f"{method} {path}: {exc.read()[:300]!r}") from None
+
+    def inject(self, kind: str, **target) -> dict:
+        return self.call("POST", "/georeg/v1/faults", {"kind": kind, **target})
+
+    def heal_all(self) -> None:
+        self.call("DELETE", "/georeg/v1/faults")
+
+    def resolve_node(self, name: str) -> NodePlan:
+        """A node by name, or a region's first node."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        for node in self.nodes:
+            if node.region == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes)
+        raise ClusterStartError(f"{name!r} is neither a node nor a region of this cluster "
+                                f"(nodes: {known})")

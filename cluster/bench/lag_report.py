@@ -1,0 +1,343 @@
+"""The lag benchmark's results: per origin → destination pair statistics, the
+targets, the table printed for people and the JSON written for machines.
+
+Per pair, over every image pushed at the origin node and recorded at the
+destination node:
+
+* lag = arrival at the destination − the client's receipt of the manifest
+  PUT's 201 (ms); p50/p95/p99 are nearest-rank percentiles;
+* floor = the median of the images' floors (``floor``: the least the protocol
+  needs over the modelled link); ratios are lag ÷ floor, shown only where the
+  floor is at least 1 ms (zones of one region, loopback: the floor is ~0);
+* throughput = bytes of the pair's images ÷ (last arrival − first push start);
+* node ack offset = the origin's own stamp of the acknowledgement − the
+  client's receipt of the 201 (negative: the node stamps before it answers, and
+  in a zone-redundant region before the second zone confirms).
+
+Targets (reported, never asserted): with the modelled WAN, p50 ≤ 1.25 × floor
++ 20 ms and p99 ≤ 2 × floor + 50 ms; on loopback (no modelled WAN), p50 < 50 ms
+and p99 < 200 ms. Zone peers of the origin may show negative lag: zone quorum
+makes one of them hold the image before the client is answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .floor import FORMULA, NS_PER_MS, ImagePush
+
+
+@dataclass(frozen=True)
+class Host:
+    cpu_model: str
+    cores: int
+    python: str
+    kernel: str
+
+    def describe(self) -> str:
+        return f"{self.cpu_model}, {self.cores} cores · Linux {self.kernel} · Python {self.python}"
+
+
+def host() -> Host:
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return Host(model, os.cpu_count() or 0, platform.python_version(), platform.release())
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One image recorded at one destination."""
+
+    origin: str
+    destination: str
+    repository: str
+    size: int
+    started_ns: int          # the client began pushing the image
+    acked_ns: int            # the client received the manifest PUT's 201
+    arrived_ns: int          # the destination committed manifest and tag
+    node_acked_ns: int       # the origin's own stamp of the acknowledgement (0: unknown)
+    floor_ms: float
+
+    @property
+    def lag_ms(self) -> float:
+        return (self.arrived_ns - self.acked_ns) / NS_PER_MS
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A recorded arrival against what real GETs at the destination observed."""
+
+    origin: str
+    destination: str
+    repository: str
+    acked_ns: int
+    recorded_ns: int         # arrival as the node recorded it (0: never read)
+    seen_ns: int             # the first GET that listed the tag answered (0: never)
+    previous_sent_ns: int    # the last GET that did not list it was sent
+    slack_ns: int
+
+    @property
+    def get_minus_recorded_ms(self) -> float:
+        return (self.seen_ns - self.recorded_ns) / NS_PER_MS
+
+    @property
+    def window_ms(self) -> float:
+        return (self.seen_ns - self.previous_sent_ns) / NS_PER_MS
+
+    @property
+    def consistent(self) -> bool:
+        """Recorded within the observation window: not after the GET that saw it,
+        not before the last GET that did not (less the stamp-to-commit slack)."""
+        return bool(self.recorded_ns and self.seen_ns) and \
+            self.previous_sent_ns - self.slack_ns <= self.recorded_ns <= self.seen_ns
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True)
+class PairStats:
+    origin: str
+    destination: str
+    samples: int
+    missing: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    min_ms: float
+    mean_ms: float
+    floor_ms: float
+    floor_max_ms: float
+    throughput_mb_s: float
+    node_ack_offset_ms: float
+    wan: bool
+
+    @property
+    def p50_ratio(self) -> float | None:
+        return self.p50_ms / self.floor_ms if self.floor_ms >= 1 else None
+
+    @property
+    def p99_ratio(self) -> float | None:
+        return self.p99_ms / self.floor_ms if self.floor_ms >= 1 else None
+
+    @property
+    def p50_limit_ms(self) -> float:
+        return 1.25 * self.floor_ms + 20 if self.wan else 50.0
+
+    @property
+    def p99_limit_ms(self) -> float:
+        return 2 * self.floor_ms + 50 if self.wan else 200.0
+
+    @property
+    def met(self) -> bool:
+        if self.missing:
+            return False
+        if self.wan:
+            return self.p50_ms <= self.p50_limit_ms and self.p99_ms <= self.p99_limit_ms
+        return self.p50_ms < self.p50_limit_ms and self.p99_ms < self.p99_limit_ms
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.update(p50_ratio=self.p50_ratio, p99_ratio=self.p99_ratio,
+                    p50_limit_ms=self.p50_limit_ms, p99_limit_ms=self.p99_limit_ms, met=self.met)
+        return data
+
+
+def target_text(wan: bool) -> str:
+    if wan:
+        return "p50 ≤ 1.25×floor + 20 ms and p99 ≤ 2×floor + 50 ms"
+    return "p50 < 50 ms and p99 < 200 ms (loopback)"
+
+
+@dataclass
+class LagResults:
+    host: Host
+    workload: dict
+    cluster: dict
+    fault: str | None = None
+    pushes: list[ImagePush] = field(default_factory=list)
+    arrivals: list[Arrival] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    verification: list[Verification] = field(default_factory=list)
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    other_cpu_cores: float = 0.0
+    cluster_cpu: dict = field(default_factory=dict)   # {"wall_s", "cpu_s": {process: s}}
+
+    @property
+    def wan(self) -> bool:
+        return bool(self.cluster.get("wan_enabled"))
+
+    def pairs(self) -> list[PairStats]:
+        order = [n["name"] for n in self.cluster["nodes"]]
+        grouped: dict[tuple[str, str], list[Arrival]] = {}
+        for arrival in self.arrivals:
+            grouped.setdefault((arrival.origin, arrival.destination), []).append(arrival)
+        missing: dict[tuple[str, str], int] = {}
+        for key in self.missing:
+            missing[key] = missing.get(key, 0) + 1
+            grouped.setdefault(key, [])
+        stats = []
+        for (origin, dest), arrivals in sorted(
+                grouped.items(), key=lambda kv: (order.index(kv[0][0]), order.index(kv[0][1]))):
+            if not arrivals:
+                stats.append(PairStats(origin, dest, 0, missing.get((origin, dest), 0),
+                                       *([math.nan] * 10), wan=self.wan))
+                continue
+            lags = [a.lag_ms for a in arrivals]
+            floors = [a.floor_ms for a in arrivals]
+            span_s = (max(a.arrived_ns for a in arrivals)
+                      - min(a.started_ns for a in arrivals)) / 1e9
+            offsets = [(a.node_acked_ns - a.acked_ns) / NS_PER_MS for a in arrivals
+                       if a.node_acked_ns]
+            stats.append(PairStats(
+                origin, dest, len(arrivals), missing.get((origin, dest), 0),
+                p50_ms=percentile(lags, 0.50), p95_ms=percentile(lags, 0.95),
+                p99_ms=percentile(lags, 0.99), max_ms=max(lags), min_ms=min(lags),
+                mean_ms=statistics.fmean(lags), floor_ms=statistics.median(floors),
+                floor_max_ms=max(floors),
+                throughput_mb_s=sum(a.size for a in arrivals) / span_s / 1e6 if span_s > 0 else 0,
+                node_ack_offset_ms=statistics.median(offsets) if offsets else math.nan,
+                wan=self.wan))
+        return stats
+
+    def verification_summary(self) -> dict | None:
+        if not self.verification:
+            return None
+        deltas = [v.get_minus_recorded_ms for v in self.verification if v.recorded_ns and v.seen_ns]
+        windows = [v.window_ms for v in self.verification if v.recorded_ns and v.seen_ns]
+        return {
+            "checks": len(self.verification),
+            "consistent": sum(v.consistent for v in self.verification),
+            "all_consistent": all(v.consistent for v in self.verification),
+            "get_minus_recorded_ms": {"min": min(deltas), "median": statistics.median(deltas),
+                                      "max": max(deltas)} if deltas else None,
+            "observation_window_ms": {"median": statistics.median(windows),
+                                      "max": max(windows)} if windows else None,
+            "rule": "recorded arrival ≥ last GET not listing the tag (sent) − 5 ms and "
+                    "≤ first GET listing it (answered)",
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "host": asdict(self.host),
+            "load_average_before": self.load_before, "load_average_after": self.load_after,
+            "other_processes_cpu_cores": self.other_cpu_cores,
+            "cluster_cpu": self.cluster_cpu,
+            "workload": self.workload,
+            "cluster": self.cluster,
+            "fault": self.fault,
+            "floor_formula": FORMULA,
+            "target": target_text(self.wan),
+            "pairs": [p.to_json() | {"lags_ms": [a.lag_ms for a in self.arrivals
+                                                 if (a.origin, a.destination)
+                                                 == (p.origin, p.destination)]}
+                      for p in self.pairs()],
+            "verification": self.verification_summary(),
+            "verification_checks": [asdict(v) | {"consistent": v.consistent,
+                                                 "get_minus_recorded_ms": v.get_minus_recorded_ms}
+                                    for v in self.verification],
+            "images": len(self.pushes),
+            "push_timelines": [_timeline(p) for p in self.pushes],
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.write_text(json.dumps(_finite(self.to_json()), indent=2, allow_nan=False) + "\n")
+
+
+def _timeline(push: ImagePush) -> dict:
+    """One push, every time in ms relative to its acknowledgement."""
+    def rel(ns: int) -> float:
+        return round((ns - push.acked_ns) / NS_PER_MS, 3)
+    return {"origin": push.origin, "repository": push.repository, "size": push.size,
+            "started_ms": rel(push.started_ns), "manifest_sent_ms": rel(push.manifest_sent_ns),
+            "blobs": [{"size": b.size, "put_sent_ms": rel(b.sent_ns), "acked_ms": rel(b.acked_ns)}
+                      for b in push.blobs]}
+
+
+def _finite(value):
+    """NaN (no sample) becomes null: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _ms(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def print_table(results: LagResults, console: Console | None = None) -> None:
+    console = console or Console()
+    load = " ".join(f"{x:.2f}" for x in results.load_before)
+    console.print(f"[bold]machine[/bold]  {results.host.describe()} · load average before "
+                  f"{load}, other processes used {results.other_cpu_cores:.2f} cores meanwhile")
+    w = results.workload
+    size = w["layer_bytes"]
+    layer = f"{size // (1 << 20)} MiB" if size % (1 << 20) == 0 else f"{size // 1024} KiB"
+    mode = (f"modelled WAN ({results.cluster['bandwidth_mbps']:g} Mbps per direction)"
+            if results.wan else "loopback, no modelled WAN")
+    console.print(f"[bold]workload[/bold] {len(results.pushes)} images ({w['layers']} × {layer} "
+                  f"layers + config), {w['rate_per_origin']:g}/s per origin · {mode}")
+    if results.fault:
+        console.print(f"[bold yellow]fault[/bold yellow]    {results.fault}")
+    table = Table(title="replication lag: arrival at the destination − origin's ack (ms)",
+                  caption=f"floor: {FORMULA}\ntarget: {target_text(results.wan)}",
+                  caption_justify="left")
+    for name, justify in (("origin → destination", "left"), ("n", "right"), ("p50", "right"),
+                          ("p95", "right"), ("p99", "right"), ("max", "right"),
+                          ("floor", "right"), ("p50/floor", "right"), ("p99/floor", "right"),
+                          ("target", "center"), ("MB/s", "right"), ("node ack", "right")):
+        table.add_column(name, justify=justify)
+    for p in results.pairs():
+        n = str(p.samples) + (f" [red](−{p.missing})[/red]" if p.missing else "")
+        table.add_row(f"{p.origin} → {p.destination}", n, _ms(p.p50_ms), _ms(p.p95_ms),
+                      _ms(p.p99_ms), _ms(p.max_ms), _ms(p.floor_ms), _ratio(p.p50_ratio),
+                      _ratio(p.p99_ratio), "[green]✓[/green]" if p.met else "[red]✗[/red]",
+                      f"{p.throughput_mb_s:.2f}", _ms(p.node_ack_offset_ms))
+    console.print(table)
+    console.print("[dim]node ack: the origin's own acknowledgement stamp − the client's receipt "
+                  "of the 201, median (ms). MB = 10⁶ bytes.[/dim]")
+    if results.cluster_cpu.get("cpu_s"):
+        wall = results.cluster_cpu["wall_s"]
+        busiest = sorted(results.cluster_cpu["cpu_s"].items(), key=lambda kv: -kv[1])
+        total = sum(v for _, v in busiest)
+        console.print(f"[bold]cluster CPU[/bold] {total / wall:.2f} cores over {wall:.0f} s of "
+                      "pushing and replicating: " + ", ".join(
+                          f"{name} {seconds / wall:.2f}" for name, seconds in busiest[:5]))
+    summary = results.verification_summary()
+    if summary:
+        d, window = summary["get_minus_recorded_ms"], summary["observation_window_ms"]
+        verdict = "[green]consistent[/green]" if summary["all_consistent"] else "[red]INCONSISTENT[/red]"
+        detail = (f"GET-observed − recorded: min {d['min']:.2f}, median {d['median']:.2f}, max "
+                  f"{d['max']:.2f} ms; poll window median {window['median']:.2f} ms"
+                  if d else "no observations")
+        console.print(f"[bold]verification[/bold] {summary['consistent']}/{summary['checks']} "
+                      f"recorded arrivals within the real-GET observation window: {verdict} "
+                      f"({detail})")

@@ -1,0 +1,104 @@
+"""`georeg bench lag` end to end in its smallest form, plus the floor formula.
+
+Only the shape of the results is checked — every pair is there with positive
+lags and a floor, the chart is a PNG, the recorded arrivals agree with what real
+GETs saw, no process outlives the run. Performance is reported by the
+benchmark, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.bench.floor import BlobPush, ImagePush, image_floor_ms
+from cluster.cli import main
+from cluster.links import LinkModel
+
+SPEC = """\
+registry = "georegtest"
+home_region = "eastus"
+paired_copies = false
+
+[[replicas]]
+region = "westeurope"
+
+[[replicas]]
+region = "southeastasia"
+"""
+NODES = {"eastus", "westeurope", "southeastasia"}
+ORIGINS = ("eastus", "westeurope")   # content written in southeastasia never leaves it
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in argv:
+            found.append(argv)
+    return found
+
+
+@pytest.mark.parametrize("wan", [False, True], ids=["loopback", "wan"])
+def test_bench_lag_reports_every_pair_with_floors_and_a_chart(tmp_path, wan):
+    config = tmp_path / "spec.toml"
+    config.write_text(SPEC)
+    out, chart, workdir = tmp_path / "lag.json", tmp_path / "lag.png", tmp_path / "work"
+    argv = ["bench", "lag", "--config", str(config), "--images", "3", "--rate", "4",
+            "--layer-size", "64KiB", "--verify", "2", "--quiet-wait", "0",
+            "--json", str(out), "--chart", str(chart), "--workdir", str(workdir)]
+    for origin in ORIGINS:
+        argv += ["--origin", origin]
+    if not wan:
+        argv.append("--no-wan")
+
+    assert main(argv) == 0
+
+    results = json.loads(out.read_text())
+    assert results["cluster"]["wan_enabled"] is wan
+    pairs = {(p["origin"], p["destination"]): p for p in results["pairs"]}
+    assert set(pairs) == {(o, d) for o in ORIGINS for d in NODES if d != o}
+    for key, pair in pairs.items():
+        assert pair["samples"] == 3 and pair["missing"] == 0, key
+        for field in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "throughput_mb_s"):
+            assert pair[field] > 0, (key, field, pair)
+        assert pair["p50_ms"] <= pair["p95_ms"] <= pair["p99_ms"] <= pair["max_ms"]
+        assert pair["floor_ms"] >= 0 and len(pair["lags_ms"]) == 3
+        if wan:  # every one of these pairs crosses an ocean: the floor is tens of ms
+            assert pair["floor_ms"] > 10, (key, pair)
+            assert pair["p50_ratio"] > 0
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    verification = results["verification"]
+    assert verification["checks"] == 2
+    assert verification["all_consistent"], results["verification_checks"]
+    assert verification["get_minus_recorded_ms"]["min"] >= 0
+    assert _processes_mentioning(str(workdir)) == []
+
+
+def _push(blob_sent_ms: list[float], manifest_sent_ms: float, size: int = 1 << 20) -> ImagePush:
+    ms = 1_000_000
+    t0 = 10**18
+    return ImagePush("a", "r", "t", "sha256:x",
+                     tuple(BlobPush(size, t0 + int(s * ms), t0 + int(s * ms) + 1) for s in blob_sent_ms),
+                     t0 - 100 * ms, t0 + int(manifest_sent_ms * ms), t0)
+
+
+def test_floor_is_the_slowest_blob_or_the_manifest_event_whichever_is_later():
+    link = LinkModel(latency_ms=40.0, jitter_ms=0.0, bandwidth_mbps=500.0)
+    one_mib_ms = (1 << 20) * 8 / 500e6 * 1000          # 16.8 ms on the wire
+    # Blobs long before the acknowledgement: the manifest event (one way) decides.
+    assert image_floor_ms(_push([-500, -400], -5), link) == pytest.approx(40.0)
+    # A blob committed just before: event + request + data, one way each, and its bytes.
+    assert image_floor_ms(_push([-500, -10], -5), link) == pytest.approx(-10 + 120 + one_mib_ms)
+
+
+def test_floor_uses_the_least_delay_and_is_zero_on_loopback():
+    jittery = LinkModel(latency_ms=40.0, jitter_ms=4.0, bandwidth_mbps=0.0)
+    assert image_floor_ms(_push([-500], 0), jittery) == pytest.approx(36.0)
+    assert image_floor_ms(_push([-500], -20), LinkModel()) == 0.0

@@ -57,6 +57,14 @@ def with_port_base(spec: specs.ClusterSpec, base: int) -> specs.ClusterSpec:
         spec.network, port_base=base, management_port=None))
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class RunningCluster:
     """A started cluster driven from any thread."""
 
@@ -64,7 +72,7 @@ class RunningCluster:
         self.spec = with_port_base(spec, free_port_base(spec))
         self.data_dir = data_dir
         self._options = options
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="georeg-cluster",
                                         daemon=True)
         self.cluster: Cluster | None = None

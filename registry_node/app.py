@@ -43,6 +43,7 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = ()) -> web.Ap
         extension.add_routes(app.router)
         app.cleanup_ctx.append(extension.lifetime)
     app.cleanup_ctx.append(_garbage_collector)
+    app.cleanup_ctx.append(_memory_trim)
     return app
 
 
@@ -67,3 +68,34 @@ async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+MEMORY_TRIM_INTERVAL_S = 15.0
+
+
+async def _memory_trim(app: web.Application) -> AsyncIterator[None]:
+    """Give freed heap memory back to the kernel now and then (glibc's
+    ``malloc_trim``): an idle node should not keep what its busiest moment
+    needed. A no-op where glibc is not the allocator."""
+    trim = _malloc_trim()
+    task = asyncio.create_task(_trim_forever(trim), name="memory-trim") if trim else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+async def _trim_forever(trim) -> None:
+    while True:
+        await asyncio.sleep(MEMORY_TRIM_INTERVAL_S)
+        trim(0)

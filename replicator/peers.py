@@ -1,8 +1,10 @@
 """Talking to one peer over gRPC: a channel, and each RPC wrapped so that
 failures leave as ``ReplicationError`` (definite, indefinite or permanent).
 
-Channels reconnect on their own; keepalive pings notice a peer that vanished
-without closing its connections (a crashed host, a cut link) within seconds.
+Channels reconnect on their own. A peer that dies or a link that is cut closes
+its connections, which the channel sees at once; keepalive pings (every 10 s)
+are for the silent cases (a stalled link, a frozen process), kept rare so an
+idle cluster stays idle.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
 
 CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 2000),
-    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 << 20),
@@ -32,10 +34,10 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),
 ]
 SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 2000),
-    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),

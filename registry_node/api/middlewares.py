@@ -20,6 +20,7 @@ from ..storage_faults import is_disk_full
 log = structlog.get_logger("georeg.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+HEALTH_PATH = "/georeg/v1/node"
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -76,8 +77,11 @@ async def access(request: web.Request, handler) -> web.StreamResponse:
         status = 500
         return error_response(RegistryError(ErrorCode.UNKNOWN, {"request_id": rid}))
     finally:
-        log.info("request", rid=rid, method=request.method, path=request.path, status=status,
-                 ms=round((time.perf_counter() - started) * 1000, 2), remote=request.remote)
+        # The supervisor's health checks (twice a second) are not worth a line each.
+        quiet = status == 200 and request.path == HEALTH_PATH
+        (log.debug if quiet else log.info)(
+            "request", rid=rid, method=request.method, path=request.path, status=status,
+            ms=round((time.perf_counter() - started) * 1000, 2), remote=request.remote)
 
 
 async def common_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -123,15 +123,23 @@ def test_plan_gives_each_node_ports_and_a_link_to_every_peer(tmp_path):
     names = [n.name for n in p.nodes]
     assert names == ["eastus-1", "eastus-2", "eastus-3", "westeurope-1", "westeurope-2",
                      "westeurope-3", "brazilsouth", "southeastasia"]
-    assert len(p.links) == 8 * 7
-    ports = [n.http_port for n in p.nodes] + [n.grpc_port for n in p.nodes] + \
+    # A link for every ordered pair of nodes, and each paired copy (eastus's in
+    # westus, westeurope's in northeurope; none for confined regions) linked both
+    # ways with the three zones of the region it keeps.
+    assert [(c.name, c.region, c.copy_of) for c in p.pair_copies] == [
+        ("pair-eastus", "westus", "eastus"), ("pair-westeurope", "northeurope", "westeurope")]
+    assert len(p.links) == 8 * 7 + 2 * 3 * 2
+    ports = [n.http_port for n in p.all_nodes] + [n.grpc_port for n in p.all_nodes] + \
         [link.port for link in p.links] + [e.port for e in p.endpoints] + [p.management_port]
     assert len(ports) == len(set(ports))
+    assert {peer.name for peer in p.view(p.pair_copy("eastus")).peers} == \
+        {"eastus-1", "eastus-2", "eastus-3"}
     view = p.view(p.node("westeurope-1"))
     assert {peer.name for peer in view.peers} == set(names) - {"westeurope-1"}
     assert view.zone_redundant and {z.name for z in view.zone_peers} == {"westeurope-2", "westeurope-3"}
     # Adding a replica only appends: every port in use keeps its meaning.
     bigger = plan(specs.validate(p.spec.with_replicas(
         (*p.spec.replicas, specs.ReplicaSpec("japaneast"))), "t"), tmp_path)
-    assert bigger.links[:len(p.links)] == p.links
+    assert bigger.links[:8 * 7] == p.links[:8 * 7]
     assert bigger.nodes[:len(p.nodes)] == p.nodes
+    assert {link.port for link in p.links} <= {link.port for link in bigger.links}

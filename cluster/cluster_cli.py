@@ -283,6 +283,10 @@ def print_endpoints(status: dict, seconds: float | None = None) -> None:
         table.add_row("management", "georeg CLI / REST", status["management"])
     console.print(table)
     _node_table(console, status)
+    copies = status.get("paired_copies") or []
+    if copies:
+        console.print("Paired-region copies (storage only, for `georeg region restore`): "
+                      + ", ".join(f"{c['keeps']} → {c['region']}" for c in copies))
     first = next(iter(status["global_endpoints"].values()), "http://127.0.0.1:5000")
     host = first.removeprefix("http://")
     console.print(f"Try: skopeo copy --dest-tls-verify=false docker-archive:image.tar "

@@ -16,8 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from rich.console import Console
@@ -54,23 +52,12 @@ def management_url(data_dir: Path) -> str:
 
 def call(data_dir: Path, method: str, path: str, body: dict | None = None,
          timeout: float = 120) -> object:
-    url = management_url(data_dir) + path
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    from .management_client import ManagementError, request
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            raw = r.read()
-            return json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise CliError(message) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise CliError(f"cannot reach the cluster's management API at {url}: "
-                       f"{getattr(exc, 'reason', exc)}") from None
+        return request(management_url(data_dir), method, path, body, timeout)
+    except ManagementError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _run(func):

@@ -21,18 +21,16 @@ reported are killed, one by one.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from .. import spec as specs
 from ..api import running_state, save_spec, saved_spec
+from ..management_client import ManagementError, request
 from ..plan import ClusterPlan, NodePlan, plan
 
 START_TIMEOUT_S = 180.0
@@ -146,15 +144,10 @@ class ClusterProcess:
         return pids
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> object:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.management + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                raw = r.read()
-                return json.loads(raw) if raw else None
-        except urllib.error.HTTPError as exc:
-            raise ClusterStartError(f"{method} {path}: {exc.read()[:300]!r}") from None
+            return request(self.management, method, path, body, timeout)
+        except ManagementError as exc:
+            raise ClusterStartError(str(exc)) from None
 
     def inject(self, kind: str, **target) -> dict:
         return self.call("POST", "/georeg/v1/faults", {"kind": kind, **target})

@@ -22,7 +22,6 @@ makes one of them hold the image before the client is answered.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .floor import FORMULA, NS_PER_MS, ImagePush
+from .procfs import cpu_model
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,7 @@ class Host:
 
 
 def host() -> Host:
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return Host(model, os.cpu_count() or 0, platform.python_version(), platform.release())
+    return Host(cpu_model(), os.cpu_count() or 0, platform.python_version(), platform.release())
 
 
 @dataclass(frozen=True)

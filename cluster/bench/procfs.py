@@ -147,14 +147,17 @@ class Machine:
                 f"Python {self.python} · georeg {self.georeg_commit} · {self.reference_version}")
 
 
-def machine(reference_binary: str) -> Machine:
+def cpu_model() -> str:
     model = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return Machine(cpu_model=model, cores=os.cpu_count() or 0, python=platform.python_version(),
+                return line.split(":", 1)[1].strip()
+    return model
+
+
+def machine(reference_binary: str) -> Machine:
+    return Machine(cpu_model=cpu_model(), cores=os.cpu_count() or 0, python=platform.python_version(),
                    kernel=platform.release(), georeg_commit=_georeg_commit(),
                    reference_version=_reference_version(reference_binary))
 

@@ -1,0 +1,34 @@
+"""Calling a running cluster's management API (cluster.management) from another
+process: the CLI, the benchmarks. Plain urllib, so a short-lived command needs
+no event loop."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+
+class ManagementError(Exception):
+    """The API refused (its own message), or could not be reached."""
+
+
+def request(base_url: str, method: str, path: str, body: dict | None = None,
+            timeout: float = 120) -> object:
+    url = base_url.rstrip("/") + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"{method} {path}: HTTP {exc.code} {exc.reason}"
+        raise ManagementError(message) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ManagementError(f"cannot reach the cluster's management API at {url}: "
+                              f"{getattr(exc, 'reason', exc)}") from None

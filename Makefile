@@ -15,11 +15,13 @@ PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
 .PHONY: help install system-deps up node test soak chaos bench bench-lag lint proto proto-check clean
 
 help:
-	@echo "make up       start georeg (installs first)"
+	@echo "make up       start the default multi-region cluster (installs first)"
+	@echo "make node     start one standalone node on port 5000"
 	@echo "make test     run the test suite (installs first)"
 	@echo "make soak     run the long soak tests"
 	@echo "make chaos    run the shipped chaos scenarios at full length"
 	@echo "make bench    benchmark a node against the reference registry"
+	@echo "make bench-lag  replication lag per region pair against the WAN model's floor"
 	@echo "make lint     ruff"
 	@echo "make install  virtualenv in $(VENV), editable install, system packages"
 
@@ -42,7 +44,12 @@ system-deps:
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# The default cluster (or the spec in CONFIG=file.toml); Ctrl-C stops it, data stays in DATA_DIR.
 up: install
+	$(GEOREG) up --data-dir $(DATA_DIR) $(if $(CONFIG),--config $(CONFIG))
+
+# One standalone node on port 5000.
+node: install
 	$(GEOREG) node --data-dir $(DATA_DIR)/node --listen 127.0.0.1:5000
 
 test: install proto-check
@@ -70,6 +77,9 @@ chaos: install
 
 bench: install
 	$(GEOREG) bench node
+
+bench-lag: install
+	$(GEOREG) bench lag
 
 lint: install
 	$(VENV)/bin/ruff check registry_node replicator cluster tests

@@ -2,17 +2,24 @@
 
 Owns: the only handle on the database, the log's sequence counter, and the
 rule that makes replication trustworthy: a mutation's metadata and the events
-describing it are one ``WriteBatch``, written with a synced WAL before the
-client is acknowledged. A crash (even ``kill -9`` or power loss) therefore
-either keeps both or neither, and the log never has a gap.
+describing it are one ``WriteBatch``. A crash therefore either keeps both or
+neither, and the log never has a gap.
 
-Writes are synchronous on purpose: a synced batch costs ~0.15 ms here, and
-doing check-then-write in one event-loop step makes every domain operation
-atomic with respect to the others without locks.
+Two steps, so the event loop never waits on a disk:
+
+* ``commit`` writes the batch to RocksDB and its write-ahead log (the OS has
+  it: a ``kill -9`` cannot lose it) and makes it visible at once. It is
+  synchronous on purpose: doing check-then-write in one event-loop step makes
+  every domain operation atomic with respect to the others without locks.
+* ``synced`` waits until everything committed so far is fsynced (power loss
+  cannot lose it either). One fsync in a worker thread covers every commit
+  made while the previous one ran (group commit). Whatever acknowledges a
+  write — to a client, or to a peer waiting for zone quorum — awaits it first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -57,7 +64,12 @@ class MetadataStore:
         options.set_keep_log_file_num(3)
         self._db = Rdict(str(path), options)
         self._write_options = WriteOptions()
-        self._write_options.sync = sync
+        self._write_options.sync = False
+        self._fsync = sync
+        self._written = 0          # commits made
+        self._synced = 0           # commits known durable on disk
+        self._sync_task: asyncio.Task | None = None
+        self._sync_waiters: list[tuple[int, asyncio.Future]] = []
         self._last_seq = self._read_last_seq()
         self._listeners: list[Callable[[int], None]] = []
         self.faults = faults or StorageFaults()
@@ -118,8 +130,9 @@ class MetadataStore:
     # -- writes --------------------------------------------------------------
 
     def commit(self, batch: Batch) -> list[Event]:
-        """Write ``batch`` atomically and durably; returns its events with their
-        sequence numbers (and origin sequence, for events that originate here)."""
+        """Write ``batch`` atomically (durable against a process crash; await
+        ``synced`` for power loss); returns its events with their sequence
+        numbers (and origin sequence, for events that originate here)."""
         self.faults.before_write()
         wb = WriteBatch(raw_mode=True)
         for key, value in batch.puts.items():
@@ -140,8 +153,42 @@ class MetadataStore:
             if "No space" in str(exc):
                 raise OSError(errno.ENOSPC, f"metadata write failed: {exc}") from None
             raise
+        self._written += 1
         if committed:
             self._last_seq = seq
             for listener in self._listeners:
                 listener(seq)
         return committed
+
+    async def synced(self) -> None:
+        """Return once every commit made so far is fsynced."""
+        target = self._written
+        if not self._fsync or self._synced >= target:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._sync_waiters.append((target, future))
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.create_task(self._sync_loop())
+        await future
+
+    async def _sync_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._sync_waiters:
+            covers = self._written
+            try:
+                await loop.run_in_executor(None, self._db.flush_wal, True)
+            except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+                waiters, self._sync_waiters = self._sync_waiters, []
+                for _, future in waiters:
+                    if not future.done():
+                        future.set_exception(OSError(errno.EIO, f"WAL sync failed: {exc}"))
+                return
+            self._synced = max(self._synced, covers)
+            still = []
+            for target, future in self._sync_waiters:
+                if target <= self._synced:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    still.append((target, future))
+            self._sync_waiters = still

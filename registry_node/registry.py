@@ -158,11 +158,21 @@ class Registry:
         return encode(Tombstone(stamp, self.identity.region, self.identity.zone, digest))
 
     async def _commit(self, batch: Batch) -> list[Event]:
-        """Commit a client's mutation and wait until it is durable on the write quorum."""
+        """Commit a client's mutation and wait until it is durable: fsynced here,
+        and on the write quorum."""
         events = self.meta.commit(batch)
-        if events:
-            await self.quorum.wait_durable(events[-1].seq)
+        await self.durable(events[-1].seq if events else 0)
         return events
+
+    async def durable(self, seq: int | None = None) -> None:
+        """Wait until what this node committed up to log sequence ``seq`` (default:
+        everything so far) is fsynced here and confirmed by the write quorum. A
+        write that changes nothing calls it too: it may be the retry of one that
+        got an indefinite 503, stored here but not yet confirmed."""
+        await self.meta.synced()
+        seq = self.meta.last_seq if seq is None else seq
+        if seq:
+            await self.quorum.wait_durable(seq)
 
     def ensure_repo(self, batch: Batch, name: str) -> None:
         if self.meta.get(keys.repo(name)) is None and keys.repo(name) not in batch.puts:
@@ -233,7 +243,7 @@ class Registry:
         self.touch(digest)
         if self.meta.get(keys.blob_link(repo, digest)) is not None:
             self.quorum.check_writable()
-            await self.quorum.wait_durable(self.meta.last_seq)  # as a no-op manifest push
+            await self.durable()  # as a no-op manifest push
             return True
         self.quorum.check_writable()
         batch = Batch()
@@ -544,9 +554,7 @@ class Registry:
         if batch.events:
             await self._commit(batch)
         else:
-            # Nothing new: but this may be the retry of a write that got an
-            # indefinite 503, stored here and not yet confirmed by the quorum.
-            await self.quorum.wait_durable(self.meta.last_seq)
+            await self.durable()  # nothing new, but perhaps the retry of an unconfirmed write
         return PutManifestResult(digest, parsed.subject)
 
     def missing_references(self, repo: str, parsed: manifests.ParsedManifest) -> list[str]:

@@ -197,6 +197,7 @@ class Subscription:
                     await self._settle(tasks)
                 self._advance(cursor)
                 self.metrics.queue_depth.labels(self.peer.name).set(self.lag_events)
+                await self.meta.synced()  # an acknowledgement promises durable here
                 await call.write(pb.SubscribeMessage(ack=pb.SubscribeAck(applied=cursor.seq)))
             finally:
                 applying.task_done()

@@ -3,16 +3,23 @@ and referrers, over the metadata store and the blob store.
 
 Invariants kept here
     * Referential integrity: a manifest is stored only when every blob it names
-      is linked into its repository and every child manifest is in the
-      repository; a blob or manifest that a manifest of the repository needs
-      cannot be deleted from under it. So a node never serves an incomplete image.
+      is in its repository (pushed or mounted there, or needed by one of its
+      manifests) and every child manifest is; a blob or manifest that a
+      manifest of the repository needs cannot be deleted from under it. So a
+      node never serves an incomplete image.
     * Every mutation commits its metadata and its replication events in one
       batch (``MetadataStore.commit``); a blob's file is in place and fsynced
       before the batch that makes it visible.
+    * A client is answered only once its write is durable: fsynced here and,
+      in a zone-redundant region, confirmed by a second zone (``durable``).
+      Where the write quorum cannot be met, writes are refused before any
+      side effect.
     * Check-then-commit sequences run in one event-loop step (the store's
       commit is synchronous), so they are atomic with respect to each other and
       to garbage collection.
     * Nothing of a body whose digest does not match is kept.
+    * A manifest or layers a peer already has are fetched rather than refused
+      or answered 404 (``peers``, bounded staleness), when the node has peers.
 
 No HTTP here: streams come in as async iterators of bytes, refusals leave as
 ``RegistryError``. Time, the HLC and the thread pool are injected.

@@ -1,0 +1,654 @@
+"""A Hypothesis state machine over a real five-node cluster: pushes, re-tags,
+deletes, partitions, zone crashes, checked against a model after every step.
+
+The cluster (``InProcessCluster``: real aiohttp and gRPC servers on loopback
+sockets, real TCP links between every pair) is eastus with three zones,
+westeurope, and brazilsouth (confined by default residency). It runs in one
+event loop on a background thread for the whole test; rules submit coroutines
+to it and wait for them.
+
+One cluster per example: examples must not leak state into each other (a
+crashed zone, a partition, a tombstone or an HLC from the previous example
+would make a failure depend on which examples ran before it, and its replay
+under shrinking meaningless). Starting five nodes costs ~0.5 s and stopping
+them, in parallel, ~1.5 s — small next to the seconds each example spends.
+
+The model
+    Every acknowledged write is read back from the writing node's own event
+    log (its stamp: HLC, region, zone), so the model knows the exact order in
+    which last-writer-wins must resolve competing writes — including writes a
+    503 left indefinite. Replaying the writes in stamp order (a tag set points
+    the tag and keeps its manifest alive; an untag removes the tag; a manifest
+    delete removes the manifest and the tags pointing at it *at that point of
+    the order*) gives the state every replica must reach.
+
+Invariants after every step, on every running node
+    * no served manifest lacks a blob or child (through the API, and in storage);
+    * nothing written in brazilsouth is on a node outside it (API and storage).
+
+After heal and quiesce (every partition healed, every zone back)
+    * every replica allowed by residency has the same tags, the same manifests
+      and the blobs they need, and that state is the model's.
+
+Brazil's repositories are written only in brazilsouth and the others only
+outside it, and the two kinds never share a layer, so "confined content" is
+well defined: anything else would be a legitimate copy of unconfined content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from registry_node.records import EventKind
+
+from .helpers import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, digest_of, eventually
+from .replication_invariants import (
+    Write,
+    replay,
+    residency_problems,
+    served_manifest_problems,
+    start_cluster,
+    stop_cluster,
+    storage_problems,
+    stored_manifests,
+    writes_since,
+)
+
+TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"), ("westeurope", ""),
+            ("brazilsouth", "")]
+ZONES = ["eastus-1", "eastus-2", "eastus-3"]
+REGIONS = ["eastus", "westeurope", "brazilsouth"]
+GLOBAL_REPOS = ["global/app", "global/lib"]
+CONFINED_REPOS = ["brazil-only/app"]
+TAGS = ["latest", "v1", "v2", "stable"]
+STEP_TIMEOUT_S = 60.0
+CONVERGENCE_TIMEOUT_S = 40.0
+
+
+class LoopThread:
+    """One asyncio loop on a background thread, for a synchronous Hypothesis test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="cluster-loop",
+                                       daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = STEP_TIMEOUT_S):
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise AssertionError(f"a step took more than {timeout:g}s; what the cluster was "
+                                 f"waiting on:\n{self._stacks()}") from None
+
+    def _stacks(self) -> str:
+        """Where every task of the loop is waiting (for a step that hangs)."""
+        async def dump() -> str:
+            out = []
+            for task in asyncio.all_tasks():
+                if task is asyncio.current_task():
+                    continue
+                chain, coro = [], task.get_coro()
+                while coro is not None and len(chain) < 16:  # follow what each coroutine awaits
+                    frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                    if frame is not None:
+                        known = {k: frame.f_locals[k] for k in ("repository", "reference", "peer")
+                                 if k in frame.f_locals}
+                        known = {k: getattr(v, "name", v) for k, v in known.items()}
+                        chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}"
+                                     + (f"{known}" if known else ""))
+                    coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+                out.append(f"{task.get_name()}: {' > '.join(chain)}")
+            return "\n".join(sorted(out))
+
+        try:
+            return asyncio.run_coroutine_threadsafe(dump(), self.loop).result(10)
+        except Exception as exc:  # the loop itself is stuck: say so
+            return f"(no answer from the loop: {exc!r})"
+
+    def close(self) -> None:
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.run(drain(), timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+@dataclass(frozen=True)
+class Image:
+    repo: str
+    manifest: bytes
+    media_type: str
+    blobs: tuple[bytes, ...] = ()
+    children: tuple[str, ...] = ()        # indexes: child manifest digests
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
+
+@dataclass
+class Model:
+    images: dict[str, Image] = field(default_factory=dict)    # by digest
+    writes: list[Write] = field(default_factory=list)
+    confined_digests: set[str] = field(default_factory=set)   # manifests and blobs
+
+    def add(self, write: Write) -> None:
+        if write not in self.writes:  # two concurrent plans on one node read the same log
+            self.writes.append(write)
+
+    def state(self) -> tuple[dict[tuple[str, str], str], set[tuple[str, str]]]:
+        return replay(self.writes)
+
+    def live_indexes(self, repo: str) -> list[Image]:
+        _, manifests = self.state()
+        return [self.images[d] for r, d in manifests if r == repo and self.images[d].children]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A client write about to happen on ``node``, and what it logs there."""
+
+    node: str
+    repo: str
+    kinds: frozenset[EventKind]
+    run: Callable[[], Awaitable[None]]
+
+
+PUSH_KINDS = frozenset({EventKind.MANIFEST_PUT, EventKind.TAG_SET})
+WRITE_KINDS = st.sampled_from(["push", "push", "retag", "retag", "index", "untag", "delete",
+                               "delete"])
+CONFINED = st.sampled_from([False, False, False, True])
+
+
+def _layer(confined: bool, seed: int, size: int) -> bytes:
+    # The prefix keeps confined and unconfined layers apart even when
+    # Hypothesis draws the same seed and size for both.
+    return (b"br:" if confined else b"gl:") + random.Random(seed).randbytes(size)
+
+
+def _image(repo: str, layers: list[bytes], confined: bool, nonce: int) -> Image:
+    config = json.dumps({"architecture": "amd64", "os": "linux", "confined": confined,
+                         "rootfs": {"type": "layers", "diff_ids": [digest_of(x) for x in layers]},
+                         "nonce": nonce}).encode()
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+           "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
+           "layers": [{"mediaType": OCI_LAYER, "digest": digest_of(x), "size": len(x)}
+                      for x in layers]}
+    return Image(repo, json.dumps(doc).encode(), OCI_MANIFEST, (config, *layers))
+
+
+def _index(repo: str, children: list[Image]) -> Image:
+    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX,
+           "manifests": [{"mediaType": c.media_type, "digest": c.digest, "size": len(c.manifest),
+                          "platform": {"architecture": f"arch{i}", "os": "linux"}}
+                         for i, c in enumerate(children)]}
+    return Image(repo, json.dumps(doc).encode(), OCI_INDEX, (), tuple(c.digest for c in children))
+
+
+class ReplicationMachine(RuleBasedStateMachine):
+    loop: LoopThread  # set by the test function
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Model()
+        self.layers: dict[bool, list[bytes]] = {False: [], True: []}
+        self.crashed: str | None = None
+        self.root = Path(tempfile.mkdtemp(prefix="georeg-stateful-"))
+        self.cluster = None
+        self.http: aiohttp.ClientSession | None = None
+        try:
+            self.run(self._start())
+        except BaseException:
+            self._cleanup()
+            raise
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def run(self, coro, timeout: float = STEP_TIMEOUT_S):
+        return self.loop.run(coro, timeout)
+
+    async def _start(self) -> None:
+        self.http = aiohttp.ClientSession(auto_decompress=False,
+                                          timeout=aiohttp.ClientTimeout(total=30))
+        self.cluster = await start_cluster(self.root, TOPOLOGY)
+
+    async def _stop(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+        if self.cluster is not None:
+            await stop_cluster(self.cluster)
+
+    def _cleanup(self) -> None:
+        try:
+            self.run(self._stop())
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def teardown(self) -> None:
+        try:
+            self.run(self._quiesce_and_check(), timeout=CONVERGENCE_TIMEOUT_S + 30)
+        finally:
+            self._cleanup()
+
+    def node(self, name: str):
+        return self.cluster.nodes[name]
+
+    def writers(self, confined: bool) -> list[str]:
+        if confined:
+            return ["brazilsouth"]
+        return [n.name for n in self.cluster.running() if n.region != "brazilsouth"]
+
+    # -- writes ------------------------------------------------------------------
+
+    async def _request(self, method: str, url: str, **kwargs) -> tuple[int, dict]:
+        async with self.http.request(method, url, **kwargs) as r:
+            body = await r.read()
+            try:
+                doc = json.loads(body) if body else {}
+            except ValueError:
+                doc = {}
+            return r.status, doc
+
+    def _refusal_expected(self, name: str, status: int, doc: dict) -> None:
+        """A 503 is acceptable only when the zone quorum really is unavailable."""
+        assert status == 503, (name, status, doc)
+        node = self.node(name)
+        zones_up = [z for z in ZONES if self.node(z).running]
+        assert node.zone and len(zones_up) < 2, (
+            f"{name} refused a write with 503 while zones {zones_up} were running: {doc}")
+
+    async def _push(self, name: str, image: Image, tag: str | None) -> bool:
+        """Push like a client does: HEAD each blob, upload what is missing,
+        push child manifests, then the manifest. False when refused."""
+        node = self.node(name)
+        base = f"{node.url}/v2/{image.repo}"
+        for _attempt in range(3):
+            for child in image.children:
+                if not await self._push(name, self.model.images[child], None):
+                    return False
+            for blob in image.blobs:
+                digest = digest_of(blob)
+                async with self.http.head(f"{base}/blobs/{digest}") as r:
+                    if r.status == 200:
+                        continue
+                status, doc = await self._request(
+                    "POST", f"{base}/blobs/uploads/", params={"digest": digest}, data=blob,
+                    headers={"Content-Type": "application/octet-stream"})
+                if status != 201:
+                    self._refusal_expected(name, status, doc)
+                    return False
+            status, doc = await self._request(
+                "PUT", f"{base}/manifests/{tag or image.digest}", data=image.manifest,
+                headers={"Content-Type": image.media_type})
+            if status == 201:
+                return True
+            codes = [e.get("code") for e in doc.get("errors", [])]
+            if status == 400 and "MANIFEST_BLOB_UNKNOWN" in codes:
+                # A blob seen by HEAD was only visible through a manifest that a
+                # replicated delete has just removed: upload again, as clients do.
+                continue
+            self._refusal_expected(name, status, doc)
+            return False
+        raise AssertionError(f"{name}: {image.repo}@{image.digest} kept lacking blobs")
+
+    def _run_writes(self, plans: list[Plan]) -> None:
+        """Run the planned writes at once (several: concurrently, as clients in
+        different regions would), then record what each node's log says happened."""
+        async def one(plan: Plan) -> None:
+            before = self.node(plan.node).registry.meta.last_seq
+            try:
+                await plan.run()
+            finally:
+                # Whatever the answer (even an indefinite 503), what the log holds happened.
+                for write in writes_since(self.node(plan.node), before, plan.kinds, plan.repo):
+                    self.model.add(write)
+
+        async def all_of() -> None:
+            results = await asyncio.gather(*(one(p) for p in plans), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
+        self.run(all_of())
+
+    # -- planning writes ----------------------------------------------------------
+
+    def _plan(self, data, kind: str, confined: bool) -> Plan | None:
+        return getattr(self, f"_plan_{kind}")(data, confined)
+
+    @staticmethod
+    def _pick(data, items: list, label: str):
+        """One of ``items``, or None. Always draws exactly one integer, whatever
+        ``items`` holds: what the model holds depends on what the cluster did
+        (a delete answered 404, a push lost a race), and Hypothesis needs the
+        same draws in the same order when it replays an example."""
+        index = data.draw(st.integers(0, 1 << 16), label)
+        return items[index % len(items)] if items else None
+
+    def _plan_push(self, data, confined: bool) -> Plan:
+        repo = data.draw(st.sampled_from(CONFINED_REPOS if confined else GLOBAL_REPOS), "repo")
+        name = self._pick(data, self.writers(confined), "node")
+        count = data.draw(st.integers(1, 3), "layers")
+        layers = []
+        for _ in range(3):
+            share = data.draw(st.booleans(), "share a layer")
+            shared = self._pick(data, self.layers[confined], "shared layer")
+            seed = data.draw(st.integers(0, 1 << 16), "seed")
+            size = data.draw(st.integers(1, 4096), "size")
+            layers.append(shared if share and shared is not None else _layer(confined, seed, size))
+        layers = layers[:count]
+        image = _image(repo, layers, confined, data.draw(st.integers(0, 3), "nonce"))
+        tag = data.draw(st.sampled_from(TAGS), "tag")
+        self._add_image(image, confined)
+        self.layers[confined].extend(x for x in layers if x not in self.layers[confined])
+        return Plan(name, repo, PUSH_KINDS, lambda: self._push(name, image, tag))
+
+    def _add_image(self, image: Image, confined: bool) -> None:
+        self.model.images[image.digest] = image
+        if confined:
+            self.model.confined_digests.add(image.digest)
+            self.model.confined_digests.update(digest_of(b) for b in image.blobs)
+
+    def _live(self, confined: bool, indexes: bool = True) -> list[Image]:
+        _, manifests = self.model.state()
+        repos = CONFINED_REPOS if confined else GLOBAL_REPOS
+        return sorted((self.model.images[d] for r, d in manifests if r in repos
+                       and (indexes or not self.model.images[d].children)),
+                      key=lambda i: (i.repo, i.digest))
+
+    def _plan_index(self, data, confined: bool) -> Plan | None:
+        candidates = self._live(confined, indexes=False)
+        first = self._pick(data, candidates, "child")
+        same_repo = [i for i in candidates if first and i.repo == first.repo]
+        more = [self._pick(data, same_repo, "another child") for _ in range(2)]
+        count = data.draw(st.integers(0, 2), "more children")
+        name = self._pick(data, self.writers(confined), "node")
+        tag = data.draw(st.sampled_from([*TAGS, None]), "tag")
+        if first is None:
+            return None
+        children = [first]
+        for child in more[:count]:
+            if child.digest not in {c.digest for c in children}:
+                children.append(child)
+        index = _index(first.repo, children)
+        self._add_image(index, confined)
+        return Plan(name, index.repo, PUSH_KINDS, lambda: self._push(name, index, tag))
+
+    def _plan_retag(self, data, confined: bool) -> Plan | None:
+        """Point a tag at a manifest that exists, pushing from any replica."""
+        image = self._pick(data, self._live(confined), "image")
+        name = self._pick(data, self.writers(confined), "node")
+        tag = data.draw(st.sampled_from(TAGS), "tag")
+        if image is None:
+            return None
+        return Plan(name, image.repo, PUSH_KINDS, lambda: self._push(name, image, tag))
+
+    def _plan_untag(self, data, confined: bool) -> Plan | None:
+        tags, _ = self.model.state()
+        repos = CONFINED_REPOS if confined else GLOBAL_REPOS
+        chosen = self._pick(data, sorted(k for k in tags if k[0] in repos), "tag")
+        name = self._pick(data, self.writers(confined), "node")
+        if chosen is None:
+            return None
+        repo, tag = chosen
+
+        async def untag():
+            url = f"{self.node(name).url}/v2/{repo}/manifests/{tag}"
+            status, doc = await self._request("DELETE", url)
+            if status not in (202, 404):  # 404: not there (yet, or any more)
+                self._refusal_expected(name, status, doc)
+
+        return Plan(name, repo, frozenset({EventKind.TAG_DELETE}), untag)
+
+    def _plan_delete(self, data, confined: bool) -> Plan | None:
+        in_index = {c for repo in [*GLOBAL_REPOS, *CONFINED_REPOS]
+                    for i in self.model.live_indexes(repo) for c in i.children}
+        candidates = [i for i in self._live(confined) if i.digest not in in_index]
+        image = self._pick(data, candidates, "manifest")
+        name = self._pick(data, self.writers(confined), "node")
+        if image is None:
+            return None
+
+        async def delete():
+            url = f"{self.node(name).url}/v2/{image.repo}/manifests/{image.digest}"
+            status, doc = await self._request("DELETE", url)
+            # 404: not there yet; 403: an index being deleted elsewhere still holds it here.
+            if status not in (202, 404, 403):
+                self._refusal_expected(name, status, doc)
+
+        # Only the manifest delete is the client's write: the tags it removes
+        # follow from the replay, whatever this replica happened to know.
+        return Plan(name, image.repo, frozenset({EventKind.MANIFEST_DELETE}), delete)
+
+    # -- rules: writes ------------------------------------------------------------
+
+    @initialize(data=st.data())
+    def first_images(self, data) -> None:
+        """Something to re-tag and delete from the first step on."""
+        self._run_writes([self._plan_push(data, False), self._plan_push(data, True)])
+
+    @rule(data=st.data(), kind=WRITE_KINDS, confined=CONFINED)
+    def write(self, data, kind: str, confined: bool) -> None:
+        plan = self._plan(data, kind, confined)
+        if plan is not None:
+            self._run_writes([plan])
+
+    @rule(data=st.data(), kinds=st.tuples(WRITE_KINDS, WRITE_KINDS))
+    def concurrent_writes(self, data, kinds: tuple[str, str]) -> None:
+        """Two unconfined writes at once, in two regions: the races that
+        last-writer-wins must settle the same way everywhere."""
+        plans = [self._plan(data, k, False) for k in kinds]
+        plans = [p for p in plans if p is not None]
+        if len(plans) == 2 and self.node(plans[0].node).region == self.node(plans[1].node).region:
+            plans = plans[:1]
+        if plans:
+            self._run_writes(plans)
+
+    @rule(data=st.data())
+    def retag_racing_delete(self, data) -> None:
+        """The coupling of tags to manifests under a race. With the two regions
+        cut apart (they stay so until healed; the deleting one hears nothing
+        from brazilsouth either), a tag is moved to another image —
+        or set again on the same one, renewing it — in one region, and then the
+        manifest the tag pointed at is deleted in the other, which has not heard
+        of the move: the delete is stamped later, yet it no longer concerns the
+        tag (or, renewed, the manifest)."""
+        tags, _ = self.model.state()
+        chosen = self._pick(data, sorted((r, t, d) for (r, t), d in tags.items()
+                                         if r in GLOBAL_REPOS), "tag")
+        repo, tag, old = chosen or ("", "", "")
+        target = self._pick(data, [i for i in self._live(False)
+                                   if i.repo == repo and i.digest != old], "new target")
+        renew = data.draw(st.booleans(), "same image")
+        retag_at = self._pick(data, self.writers(False), "retag at")
+        delete_at = self._pick(data, [n for n in self.writers(False) if retag_at and
+                                      self.node(n).region != self.node(retag_at).region],
+                               "delete at")
+        in_index = {c for i in self.model.live_indexes(repo) for c in i.children}
+        if chosen is None or delete_at is None or old in in_index:
+            return
+        if renew or target is None:
+            target = self.model.images[old]
+        regions = (self.node(retag_at).region, self.node(delete_at).region)
+        self.cluster.partition(*regions)
+        # Not even through brazilsouth, which relays whatever is not confined.
+        self.cluster.partition(regions[1], "brazilsouth", one_way=True)
+
+        async def delete():
+            url = f"{self.node(delete_at).url}/v2/{repo}/manifests/{old}"
+            status, doc = await self._request("DELETE", url)
+            if status not in (202, 404, 403):
+                self._refusal_expected(delete_at, status, doc)
+
+        self._run_writes([Plan(retag_at, repo, PUSH_KINDS,
+                               lambda: self._push(retag_at, target, tag))])
+        self._run_writes([Plan(delete_at, repo, frozenset({EventKind.MANIFEST_DELETE}), delete)])
+
+    # -- rules: faults -----------------------------------------------------------
+
+    @rule(pair=st.sampled_from([(a, b) for a in REGIONS for b in REGIONS if a != b]),
+          one_way=st.booleans())
+    def partition(self, pair: tuple[str, str], one_way: bool) -> None:
+        self.cluster.partition(*pair, one_way=one_way)
+
+    @rule()
+    def heal(self) -> None:
+        self.cluster.heal()
+
+    @precondition(lambda self: self.crashed is None)
+    @rule(zone=st.sampled_from(ZONES))
+    def crash_zone(self, zone: str) -> None:
+        self.run(self.cluster.crash(zone))
+        self.crashed = zone
+        self.run(self._zones_settled())
+
+    @precondition(lambda self: self.crashed is not None)
+    @rule()
+    def restart_zone(self) -> None:
+        zone, self.crashed = self.crashed, None
+        self.run(self.cluster.restart(zone))
+        self.run(self._zones_settled())
+
+    async def _zones_settled(self) -> None:
+        """Every running zone sees exactly the other running zones as live (quorum)."""
+        def settled() -> bool:
+            up = {z for z in ZONES if self.node(z).running}
+            for z in up:
+                quorum = self.node(z).replication.quorum
+                labels = {f"eastus/{o.split('-')[1]}" for o in up - {z}}
+                if quorum is None or quorum.live_peers != labels:
+                    return False
+            return True
+
+        await eventually(settled, timeout=20, what="zones to see each other")
+
+    @precondition(lambda self: len(self.model.writes) >= 4)
+    @rule()
+    def heal_and_quiesce(self) -> None:
+        self.run(self._quiesce_and_check(), timeout=CONVERGENCE_TIMEOUT_S + 30)
+
+    # -- invariants --------------------------------------------------------------
+
+    @invariant()
+    def every_node_consistent_and_resident(self) -> None:
+        self.run(self._step_invariants())
+
+    async def _step_invariants(self, probe_manifests: bool = False) -> None:
+        running = self.cluster.running()
+        problems: list[str] = []
+        for node in running:
+            problems += storage_problems(node)
+        results = await asyncio.gather(*(served_manifest_problems(self.http, n) for n in running))
+        for found in results:
+            problems += found
+        confined = sorted(self.model.confined_digests)
+        for node in running:
+            if node.region != "brazilsouth":
+                problems += await residency_problems(self.http, node, CONFINED_REPOS, confined,
+                                                     probe_manifests=probe_manifests)
+        assert not problems, "\n".join(problems)
+
+    async def _quiesce_and_check(self) -> None:
+        self.cluster.heal()
+        if self.crashed is not None:
+            zone, self.crashed = self.crashed, None
+            await self.cluster.restart(zone)
+
+        def disconnected() -> list[str]:
+            return [f"{n.name}→{s.peer.name} ({s.last_error or 'no error'})"
+                    for n in self.cluster.running() for s in n.replication.subscriptions
+                    if not s.connected and self.node(s.peer.name).running]
+
+        try:
+            await eventually(lambda: not disconnected(), timeout=20, what="subscriptions")
+        except AssertionError:
+            raise AssertionError(f"subscriptions never reconnected: {disconnected()}") from None
+        tags, manifests = self.model.state()
+        expected = {}
+        for repo in [*GLOBAL_REPOS, *CONFINED_REPOS]:
+            expected[repo] = (
+                {t: d for (r, t), d in tags.items() if r == repo},
+                {d for r, d in manifests if r == repo})
+
+        async def observed(node, repo):
+            return await self.cluster.tags(self.http, node, repo), stored_manifests(node, repo)
+
+        last: dict = {}
+
+        async def converged() -> bool:
+            last.clear()
+            for node in self.cluster.running():
+                for repo in GLOBAL_REPOS + (CONFINED_REPOS if node.region == "brazilsouth" else []):
+                    last[(node.name, repo)] = await observed(node, repo)
+            return all(last[(n, r)] == expected[r] for n, r in last)
+
+        try:
+            await eventually(converged, timeout=CONVERGENCE_TIMEOUT_S, interval=0.2,
+                             what="every replica to reach the model's state")
+        except AssertionError:
+            lines = [f"expected {r}: {expected[r]}" for r in expected]
+            lines += [f"{n} {r}: {v}" for (n, r), v in sorted(last.items()) if v != expected[r]]
+            raise AssertionError("no convergence to the model:\n" + "\n".join(lines)) from None
+        await self._step_invariants(probe_manifests=True)
+
+
+def test_replication_state_machine() -> None:
+    """Sized for CI (about two minutes here); GEOREG_STATEFUL_EXAMPLES=50 digs deeper."""
+    loop = LoopThread()
+    ReplicationMachine.loop = loop
+    try:
+        run_state_machine_as_test(ReplicationMachine, settings=settings(
+            max_examples=int(os.environ.get("GEOREG_STATEFUL_EXAMPLES", "8")),
+            stateful_step_count=20, deadline=None, print_blob=True,
+            suppress_health_check=list(HealthCheck)))
+    finally:
+        loop.close()
+
+
+def test_model_replays_in_stamp_order() -> None:
+    """The model itself: a re-tag stamped between a tag set and a delete of its
+    old target survives the delete; a re-tag of the deleted manifest after it
+    brings it back."""
+    m = Model()
+    a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    m.writes = [
+        Write((1, "eastus", "1"), EventKind.TAG_SET, "r", a, "t"),
+        Write((3, "eastus", "1"), EventKind.MANIFEST_DELETE, "r", a),
+        Write((2, "westeurope", ""), EventKind.TAG_SET, "r", b, "t"),
+        Write((1, "eastus", "1"), EventKind.TAG_SET, "r", a, "u"),
+    ]
+    assert m.state() == ({("r", "t"): b}, {("r", b)})
+    m.writes.append(Write((4, "westeurope", ""), EventKind.TAG_SET, "r", a, "u"))
+    assert m.state() == ({("r", "t"): b, ("r", "u"): a}, {("r", a), ("r", b)})

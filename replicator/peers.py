@@ -9,6 +9,7 @@ idle cluster stays idle.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,7 +17,7 @@ import grpc
 from registry_node.records import NodeIdentity
 
 from .convert import node_ref
-from .errors import from_grpc, permanent
+from .errors import definite, from_grpc, permanent
 from .topology import Peer
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
@@ -33,6 +34,9 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.enable_retries", 0),
 ]
+# A peer asked to wait for a blob answers within the wait; beyond it by this
+# much, it is taken for unreachable.
+WAIT_SLACK_S = 2.0
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),
@@ -68,13 +72,30 @@ class PeerClient:
         return pb.SubscribeMessage(start=pb.SubscribeStart(
             subscriber=self._me, expected_node_id=expected_node_id, cursor=cursor))
 
-    async def fetch_blob(self, repository: str, digest: str, offset: int) -> AsyncIterator[bytes]:
-        """The blob's bytes from ``offset`` on, as they arrive."""
+    async def fetch_blob(self, repository: str, digest: str, offset: int,
+                         wait_ms: int = 0) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset`` on, as they arrive. With ``wait_ms``
+        the peer may wait that long for the blob to land before it answers; if
+        it has sent nothing by then (plus slack) it is unreachable or stalled,
+        and this gives up on it (definite: nothing was stored)."""
         call = self.stub.FetchBlob(pb.FetchBlobRequest(
-            requester=self._me, repository=repository, digest=digest, offset=offset))
+            requester=self._me, repository=repository, digest=digest, offset=offset,
+            wait_ms=wait_ms))
         expected = offset
+        first_within = wait_ms / 1000 + WAIT_SLACK_S if wait_ms else None
         try:
-            async for chunk in call:
+            while True:
+                if first_within is None:
+                    chunk = await call.read()
+                else:
+                    try:
+                        chunk = await asyncio.wait_for(call.read(), first_within)
+                    except TimeoutError:
+                        raise definite(f"{self.name} sent nothing of {digest} within "
+                                       f"{first_within:g}s") from None
+                    first_within = None
+                if chunk is grpc.aio.EOF:
+                    return
                 if chunk.offset != expected:
                     raise permanent(f"{self.name} sent offset {chunk.offset}, expected {expected}")
                 expected += len(chunk.data)

@@ -4,6 +4,13 @@ by digest, its state for anti-entropy, per-image status and health.
 Residency is enforced here, at the sender: an event or a piece of content
 whose origin region may not reach the requester's region is never sent.
 Handlers are thin; what they read comes from ``registry_node``.
+
+``FetchBlob`` may be asked to wait (``wait_ms``, capped at
+``MAX_FETCH_WAIT_MS``) for a blob this node is about to have — a sibling zone
+fetching it across the WAN, a zone of the origin region still receiving it. It
+streams only once the blob is stored here (verified, committed) and linked, so
+the residency check sees its origin exactly as without the wait; past the
+wait it answers NOT_FOUND and the requester asks its next source.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ log = structlog.get_logger("georeg.replication")
 BATCH_LIMIT = 256
 INLINE_MANIFEST_MAX = 64 * 1024
 IDLE_WAIT_S = 5.0
+# The longest a FetchBlob waits for a blob that has not landed yet (wait_ms).
+MAX_FETCH_WAIT_MS = 10_000
 LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
 
 
@@ -128,10 +137,25 @@ class ReplicationService(pbg.ReplicationServicer):
                 regions.add(record.pushed_region or record.origin_region)
         return regions
 
+    async def _landed(self, repo: str, digest: str, wait_ms: int) -> set[str]:
+        """The regions ``digest`` came from, once it is stored here and linked
+        in ``repo`` or after ``wait_ms`` (capped), whichever comes first. A blob
+        lands with a log event (its link), so the feed is the signal."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(wait_ms, MAX_FETCH_WAIT_MS) / 1000
+        while True:
+            regions = self._content_regions(repo, digest)
+            remaining = deadline - loop.time()
+            if (regions and self.replica.has_blob(digest)) or remaining <= 0:
+                return regions
+            await self.feed.wait_beyond(self.feed.last_seq, remaining)
+
     async def FetchBlob(self, request: pb.FetchBlobRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
         repo, digest = request.repository, request.digest
         regions = self._content_regions(repo, digest)
+        if request.wait_ms and not (regions and self.replica.has_blob(digest)):
+            regions = await self._landed(repo, digest, request.wait_ms)
         if not regions:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} is not in {repo} here")
         if not any(self._allowed(r, repo, request.requester) for r in regions):

@@ -30,7 +30,10 @@ class Peer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ReplicationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     anti_entropy_interval_s: float = 30.0
     quorum_timeout_s: float = 10.0
-    transfer_concurrency: int = 4
+    # Blob transfers at once. Mostly they wait on the WAN's round trips (or on a
+    # sibling zone's bounded wait), not on this node, so allow an image's worth
+    # from several origins at once.
+    transfer_concurrency: int = 16
     chunk_size: int = 1 << 20
 
 

@@ -11,7 +11,25 @@ so an incomplete image is never visible here, not even for an instant.
 * A blob transfer that breaks keeps what arrived (flushed to disk) and
   resumes from that offset, from the same peer or another one.
 * Content is asked of the peer that announced the change first, then of the
-  others (propagation is transitive, so any of them may have it).
+  others (propagation is transitive, so any of them may have it) — except for
+  a blob from another region, whose sources follow the WAN (``blob_attempts``):
+
+  - each zone of the origin region has its own link here, so a blob is asked
+    first of the origin zone this node is fetching least from (ties rotate by
+    digest): an image's layers cross the WAN side by side, not one after the
+    other on one link, and no origin node serves every copy alone;
+  - in a zone-redundant region one zone, chosen by digest (every zone makes
+    the same choice), fetches a blob across the WAN; its sibling zones ask it
+    for the blob, over the region's own network, with a bounded wait for it to
+    land (``FetchBlobRequest.wait_ms``). So each blob crosses the WAN once per
+    region.
+
+  A waited-for source that does not have the blob in time (down, partitioned,
+  slow, or never got the event) costs one bounded wait; then the usual sources
+  follow, announcer first. Waits only ever point from a sibling to its
+  region's fetching zone and from there to the origin region, whose own zones
+  never wait: no cycle. Whatever the source, the bytes are verified against
+  the digest before the blob is stored.
 * Failures follow the taxonomy in ``errors``: retried with backoff while
   retryable, recorded (per repository and digest) when permanent.
 """
@@ -19,9 +37,12 @@ so an incomplete image is never visible here, not even for an instant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import msgspec
 import structlog
@@ -40,17 +61,35 @@ from .wire.v1 import replication_pb2 as pb
 log = structlog.get_logger("georeg.replication")
 
 TRANSFER_BACKOFF = Backoff(base_s=0.05, cap_s=2.0)
+# How long a source may wait for a blob it is about to have (ms): a sibling
+# zone fetching it across the WAN (a round trip to the origin region and the
+# bytes), a zone of the origin region receiving it from the zone it was pushed
+# to (a round trip inside the region).
+SIBLING_WAIT_MS = 2000
+ORIGIN_ZONE_WAIT_MS = 1000
+
+
 CONTENT_KINDS = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT, EventKind.MANIFEST_PUT,
                            EventKind.TAG_SET})
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One source to ask for a blob, and how long it may wait for it to land."""
+
+    peer: PeerClient
+    wait_ms: int = 0
+    wan: bool = False          # a zone of the origin region, in another region
+
+
 class Transfer:
     def __init__(self, replica: Replica, residency: ResidencyPolicy,
-                 metrics: ReplicationMetrics, *, concurrency: int = 4,
+                 metrics: ReplicationMetrics, *, concurrency: int = 16,
                  backoff: Backoff = TRANSFER_BACKOFF, attempts: int = 4,
                  rng: random.Random | None = None) -> None:
         self.replica = replica
         self.region = replica.registry.identity.region
+        self.zone = replica.registry.identity.zone
         self.residency = residency
         self.metrics = metrics
         self.backoff = backoff
@@ -60,6 +99,7 @@ class Transfer:
         self._blobs: dict[str, asyncio.Future[None]] = {}
         self._manifests: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._inbound: dict[str, UploadFile] = {}
+        self._crossing: Counter[str] = Counter()   # blob transfers planned across the WAN, per peer
 
     # -- events ------------------------------------------------------------------
 
@@ -77,7 +117,7 @@ class Transfer:
         replica = self.replica
         kind = event.kind
         if kind in (EventKind.BLOB_PUT, EventKind.BLOB_MOUNT):
-            await self.ensure_blob(event.repository, event.digest, sources)
+            await self.ensure_blob(event.repository, event.digest, sources, event.origin_region)
             applied = replica.apply_blob_link(event)
         elif kind is EventKind.MANIFEST_PUT:
             applied = None
@@ -116,34 +156,77 @@ class Transfer:
 
     # -- blobs -------------------------------------------------------------------
 
-    async def ensure_blob(self, repository: str, digest: str, sources: Sequence[PeerClient]) -> None:
-        """Make sure the blob's bytes are here (not its link: events do that)."""
+    async def ensure_blob(self, repository: str, digest: str, sources: Sequence[PeerClient],
+                          origin_region: str = "") -> None:
+        """Make sure the blob's bytes are here (not its link: events do that).
+        ``origin_region``, where the blob was pushed, when known, lets the
+        sources follow the WAN (``blob_attempts``)."""
         if self.replica.has_blob(digest):
             return
         future = self._blobs.get(digest)
         if future is None:
-            future = asyncio.ensure_future(self._transfer_blob(repository, digest, sources))
+            attempts = self.blob_attempts(digest, origin_region, sources)
+            future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts))
             self._blobs[digest] = future
             future.add_done_callback(lambda _: self._blobs.pop(digest, None))
+            crossing = attempts[0].peer.name if attempts and attempts[0].wan else None
+            if crossing is not None:  # spreads the next blobs over the other origin zones
+                self._crossing[crossing] += 1
+                future.add_done_callback(lambda _: self._crossing.subtract((crossing,)))
         await asyncio.shield(future)
 
-    async def _transfer_blob(self, repository: str, digest: str,
-                             sources: Sequence[PeerClient]) -> None:
-        async with self._slots:
-            last: ReplicationError | None = None
-            for peer in sources:
-                try:
-                    await retry(lambda p=peer: self._fetch_blob(p, repository, digest),
-                                backoff=self.backoff, attempts=self.attempts, rng=self.rng,
-                                on_retry=lambda exc, n, d, p=peer: self._on_retry(p, exc))
-                    return
-                except ReplicationError as exc:
-                    self.metrics.failures.labels(peer.name, exc.outcome.value).inc()
-                    log.info("transfer_source_failed", peer=peer.name, digest=digest, error=exc.reason)
-                    last = exc
-            raise last or permanent(f"no peer to fetch {digest} from")
+    def blob_attempts(self, digest: str, origin_region: str,
+                      sources: Sequence[PeerClient]) -> list[Attempt]:
+        """Where to ask for ``digest``, in order (see the module docstring)."""
+        plain = [Attempt(p) for p in sources]
+        if not origin_region or origin_region == self.region:
+            return plain  # a zone of the origin region: its sibling announced it
+        spin = _spin(digest)
+        first: list[Attempt] = []
+        siblings = [p for p in sources
+                    if self.zone and p.peer.zone and p.peer.region == self.region]
+        if siblings:
+            zones = sorted({self.zone, *(p.peer.zone for p in siblings)})
+            fetcher = zones[spin % len(zones)]
+            if fetcher != self.zone:
+                first += [Attempt(p, SIBLING_WAIT_MS) for p in siblings if p.peer.zone == fetcher]
+        origin_zones = sorted((p for p in sources if p.peer.region == origin_region),
+                              key=lambda p: p.name)
+        if origin_zones:
+            n = len(origin_zones)
+            pick = min(range(n), key=lambda i: (self._crossing[origin_zones[i].name],
+                                                (i - spin) % n))
+            first.append(Attempt(origin_zones[pick], ORIGIN_ZONE_WAIT_MS if n > 1 else 0,
+                                 wan=True))
+        chosen = {a.peer.name for a in first}
+        return first + [a for a in plain if a.peer.name not in chosen]
 
-    async def _fetch_blob(self, peer: PeerClient, repository: str, digest: str) -> None:
+    async def _transfer_blob(self, repository: str, digest: str,
+                             attempts: Sequence[Attempt]) -> None:
+        last: ReplicationError | None = None
+        for attempt in attempts:
+            peer = attempt.peer
+            # Waiting on a sibling takes no slot: the sibling's own transfer
+            # takes one there, and slots all held by waits on each other would
+            # stall a region until the waits ran out.
+            sibling = attempt.wait_ms and not attempt.wan
+            try:
+                async with contextlib.nullcontext() if sibling else self._slots:
+                    # A waited-for source had its chance in the wait: one try.
+                    await retry(lambda p=peer, w=attempt.wait_ms:
+                                self._fetch_blob(p, repository, digest, w),
+                                backoff=self.backoff,
+                                attempts=1 if attempt.wait_ms else self.attempts, rng=self.rng,
+                                on_retry=lambda exc, n, d, p=peer: self._on_retry(p, exc))
+                return
+            except ReplicationError as exc:
+                self.metrics.failures.labels(peer.name, exc.outcome.value).inc()
+                log.info("transfer_source_failed", peer=peer.name, digest=digest, error=exc.reason)
+                last = exc
+        raise last or permanent(f"no peer to fetch {digest} from")
+
+    async def _fetch_blob(self, peer: PeerClient, repository: str, digest: str,
+                          wait_ms: int = 0) -> None:
         replica = self.replica
         if replica.has_blob(digest):
             return
@@ -154,7 +237,8 @@ class Transfer:
             self._inbound[digest] = file
         offset = file.size
         try:
-            await replica.receive_blob(file, self._counted(peer, peer.fetch_blob(repository, digest, offset)))
+            await replica.receive_blob(file, self._counted(
+                peer, peer.fetch_blob(repository, digest, offset, wait_ms)))
             await replica.commit_blob(file, digest)
         except ContentRejected as exc:
             self._inbound.pop(digest, None)
@@ -235,6 +319,11 @@ class Transfer:
             except MissingContent as exc:  # something vanished meanwhile: try again later
                 raise definite(f"{digest} still lacks {exc.blobs + exc.manifests}") from None
         raise last or permanent(f"no peer to fetch manifest {digest} from")
+
+
+def _spin(digest: str) -> int:
+    """A number every node derives alike from ``digest`` (uniform: a hash)."""
+    return int(digest.rpartition(":")[2][:8] or "0", 16)
 
 
 def _with_type(event: Event, media_type: str) -> Event:

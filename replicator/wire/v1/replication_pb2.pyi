@@ -89,16 +89,18 @@ class EventBatch(_message.Message):
     def __init__(self, sender: _Optional[_Union[NodeRef, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., last_seq: _Optional[int] = ..., cursor_reset: _Optional[bool] = ...) -> None: ...
 
 class FetchBlobRequest(_message.Message):
-    __slots__ = ("requester", "repository", "digest", "offset")
+    __slots__ = ("requester", "repository", "digest", "offset", "wait_ms")
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     requester: NodeRef
     repository: str
     digest: str
     offset: int
-    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    wait_ms: int
+    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., offset: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class BlobChunk(_message.Message):
     __slots__ = ("offset", "data", "total_size")

@@ -1,0 +1,247 @@
+"""Blob transfer across the WAN: where a destination asks for a blob.
+
+Two zone-redundant regions in one process (real nodes, real gRPC, a real TCP
+``cluster.links.Link`` for every ordered pair of nodes), so the bytes that
+cross between regions can be counted on the links themselves:
+
+* each blob of a push crosses the WAN once per destination region — one zone
+  fetches it, its siblings get it from that zone over the region's links;
+* a destination zone whose links to the origin region are all cut still gets
+  every blob (from a sibling that can reach the origin);
+* a sibling that never gets the blob costs its siblings one bounded wait, then
+  they fetch from the origin region themselves;
+* ``FetchBlob`` with ``wait_ms`` serves a blob that lands during the wait,
+  answers NOT_FOUND when the wait runs out, never waits past it, and keeps the
+  residency rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from registry_node.records import NodeIdentity
+from replicator.errors import Outcome, ReplicationError
+from replicator.peers import PeerClient
+from replicator.residency import ResidencyPolicy
+from replicator.topology import Peer, ReplicationSettings
+from replicator.transfer import ORIGIN_ZONE_WAIT_MS, SIBLING_WAIT_MS, Transfer, _spin
+
+from .helpers import digest_of, eventually, make_image, push_blob, push_image
+from .replication_harness import InProcessCluster
+
+TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"),
+            ("westeurope", "1"), ("westeurope", "2"), ("westeurope", "3")]
+# Anti-entropy only on connect: the transfers counted here are the event path's.
+SETTINGS = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0)
+
+
+@pytest.fixture
+async def cluster(tmp_path):
+    c = await InProcessCluster(tmp_path, TOPOLOGY, settings=SETTINGS).start()
+    try:
+        await c.wait_ready()
+        yield c
+    finally:
+        await c.stop()
+
+
+async def _pullable(http, node, repo: str, tag: str, image) -> bool:
+    async with http.get(f"{node.url}/v2/{repo}/manifests/{tag}") as r:
+        return r.status == 200 and await r.read() == image.manifest
+
+
+def _wan_bytes_into(cluster: InProcessCluster, region: str, origin: str) -> int:
+    """Bytes the links from ``region``'s nodes to ``origin``'s carried (both
+    directions: the destination's requests and the blobs coming back)."""
+    return sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
+               if cluster.nodes[src].region == region and cluster.nodes[dst].region == origin)
+
+
+def _fetcher_zone(digest: str, zones=("1", "2", "3")) -> str:
+    return sorted(zones)[_spin(digest) % len(zones)]
+
+
+async def test_each_blob_crosses_the_wan_once_per_region(cluster, http):
+    image = make_image([256 << 10, 256 << 10, 256 << 10, 256 << 10], seed=11)
+    blob_bytes = sum(len(b) for b in image.blobs)
+    before = _wan_bytes_into(cluster, "westeurope", "eastus")
+    await push_image(http, cluster.nodes["eastus-1"].url, "wan/once", image, tag="v1")
+    for name in cluster.names_in("westeurope"):
+        await eventually(lambda n=cluster.nodes[name]: _pullable(http, n, "wan/once", "v1", image),
+                         timeout=20, what=f"wan/once:v1 on {name}")
+    crossed = _wan_bytes_into(cluster, "westeurope", "eastus") - before
+    # Once per region, plus events and framing; three zones each fetching
+    # across the WAN would be three times the blobs.
+    assert blob_bytes <= crossed < 1.5 * blob_bytes, (crossed, blob_bytes)
+    # The other two zones got each blob from a sibling, over the region's links.
+    local = sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
+                if cluster.nodes[src].region == cluster.nodes[dst].region == "westeurope")
+    assert local >= 2 * blob_bytes
+    # And the layers were served by more than one zone of the origin region.
+    served = {name for name in cluster.names_in("eastus")
+              if sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
+                     if dst == name and cluster.nodes[src].region == "westeurope") > 200 << 10}
+    assert len(served) >= 2, served
+
+
+async def test_a_zone_cut_off_from_the_origin_region_gets_every_blob(cluster, http):
+    # Only westeurope-1 still reaches eastus; its siblings depend on it.
+    for name in ("westeurope-2", "westeurope-3"):
+        for origin in cluster.names_in("eastus"):
+            cluster.links[(name, origin)].cut()
+            cluster.links[(origin, name)].cut()
+    image = make_image([64 << 10] * 6, seed=12)
+    await push_image(http, cluster.nodes["eastus-1"].url, "wan/cut", image, tag="v1")
+    for name in cluster.names_in("westeurope"):
+        node = cluster.nodes[name]
+        await eventually(lambda n=node: _pullable(http, n, "wan/cut", "v1", image),
+                         timeout=30, what=f"wan/cut:v1 on {name}")
+        for blob in image.blobs:
+            async with http.get(f"{node.url}/v2/wan/cut/blobs/{digest_of(blob)}") as r:
+                assert r.status == 200 and await r.read() == blob
+
+
+async def test_a_sibling_that_never_gets_the_blob_costs_one_bounded_wait(cluster, http):
+    image = make_image([128 << 10, 128 << 10, 128 << 10], seed=13)
+    layer = digest_of(image.layers[0])
+    stuck = f"westeurope-{_fetcher_zone(layer)}"
+    # The zone that should fetch the first layer hears of nothing from eastus and
+    # cannot reach it: whoever waits on it must give up and cross the WAN itself.
+    for origin in cluster.names_in("eastus"):
+        cluster.links[(stuck, origin)].cut()
+        cluster.links[(origin, stuck)].cut()
+    waiting = [n for n in cluster.names_in("westeurope") if n != stuck]
+    started = time.monotonic()
+    await push_image(http, cluster.nodes["eastus-1"].url, "wan/stuck", image, tag="v1")
+    for name in cluster.names_in("westeurope"):
+        await eventually(lambda n=cluster.nodes[name]: _pullable(http, n, "wan/stuck", "v1", image),
+                         timeout=30, what=f"wan/stuck:v1 on {name}")
+    elapsed = time.monotonic() - started
+    assert elapsed < 20, elapsed  # waits are bounded: no hang until a keepalive
+    for name in waiting:
+        gave_up = cluster.nodes[name].replication.metrics.failures.labels(
+            stuck, Outcome.PERMANENT.value)._value.get()
+        assert gave_up >= 1, f"{name} never asked {stuck} for {layer}"
+    # The first layer reached the stuck zone too, through its siblings.
+    async with http.get(f"{cluster.nodes[stuck].url}/v2/wan/stuck/blobs/{layer}") as r:
+        assert r.status == 200 and await r.read() == image.layers[0]
+
+
+@pytest.fixture
+async def two_regions(tmp_path):
+    """eastus (one node) and brazilsouth, which is confined (the default policy)."""
+    c = await InProcessCluster(tmp_path, [("eastus", ""), ("brazilsouth", "")],
+                               residency=ResidencyPolicy(), settings=SETTINGS).start()
+    try:
+        await c.wait_ready()
+        yield c
+    finally:
+        await c.stop()
+
+
+def _client(node, requester_region: str) -> PeerClient:
+    peer = Peer(name=node.name, region=node.region, grpc=f"127.0.0.1:{node.grpc_port}")
+    return PeerClient(peer, NodeIdentity(region=requester_region, zone="", node_id="test"))
+
+
+async def _fetch(client: PeerClient, repo: str, digest: str, wait_ms: int) -> bytes:
+    return b"".join([chunk async for chunk in client.fetch_blob(repo, digest, 0, wait_ms)])
+
+
+async def test_fetch_blob_waits_for_a_blob_that_lands_and_no_longer(two_regions, http):
+    east = two_regions.nodes["eastus"]
+    client = _client(east, "westeurope")
+    try:
+        data = b"landing later" * 1000
+        digest = digest_of(data)
+        # Never lands: NOT_FOUND once the wait has run out, not before.
+        started = time.monotonic()
+        with pytest.raises(ReplicationError) as caught:
+            await _fetch(client, "wait/app", digest, 600)
+        assert caught.value.outcome is Outcome.PERMANENT and "NOT_FOUND" in caught.value.reason
+        assert 0.55 < time.monotonic() - started < 0.6 + 2.0
+        # Lands during the wait: served as soon as it is stored.
+        fetching = asyncio.ensure_future(_fetch(client, "wait/app", digest, 10_000))
+        started = time.monotonic()
+        await push_blob(http, east.url, "wait/app", data)
+        assert await asyncio.wait_for(fetching, 5) == data
+        assert time.monotonic() - started < 5
+    finally:
+        await client.close()
+
+
+async def test_fetch_blob_wait_keeps_residency(two_regions, http):
+    brazil = two_regions.nodes["brazilsouth"]
+    data = b"stays in brazil" * 100
+    digest = await push_blob(http, brazil.url, "br/app", data)
+    outsider, insider = _client(brazil, "eastus"), _client(brazil, "brazilsouth")
+    try:
+        with pytest.raises(ReplicationError) as caught:
+            await _fetch(outsider, "br/app", digest, 2000)
+        assert caught.value.outcome is Outcome.PERMANENT
+        assert grpc.StatusCode.PERMISSION_DENIED.name in caught.value.reason
+        assert await _fetch(insider, "br/app", digest, 2000) == data
+    finally:
+        await outsider.close()
+        await insider.close()
+
+
+def _planner(region: str, zone: str) -> Transfer:
+    """A ``Transfer`` with only what ``blob_attempts`` reads (no node)."""
+    transfer = Transfer.__new__(Transfer)
+    transfer.region, transfer.zone, transfer._crossing = region, zone, Counter()
+    return transfer
+
+
+def _peer(region: str, zone: str) -> SimpleNamespace:
+    name = f"{region}-{zone}" if zone else region
+    return SimpleNamespace(name=name, peer=Peer(name=name, region=region, zone=zone))
+
+
+def test_only_a_sibling_and_the_origin_region_are_ever_waited_on():
+    """The order of sources (pure: no sockets). A sibling zone waits on the zone
+    that fetches; that zone asks a zone of the origin region; nothing else is
+    waited on, every source is still tried in the end, and a zone of the
+    origin region keeps the announcer-first order."""
+    everyone = [_peer(r, z) for r, z in TOPOLOGY] + [_peer("brazilsouth", "")]
+    for zone in ("1", "2", "3"):
+        transfer = _planner("westeurope", zone)
+        sources = [p for p in everyone if p.name != f"westeurope-{zone}"]
+        for seed in range(12):
+            digest = "sha256:" + f"{seed * 0x1357:08x}" + "0" * 56
+            attempts = transfer.blob_attempts(digest, "eastus", sources)
+            assert sorted(a.peer.name for a in attempts) == sorted(p.name for p in sources)
+            fetcher = _fetcher_zone(digest)
+            waited = [a for a in attempts if a.wait_ms]
+            crossing = attempts[0] if fetcher == zone else attempts[1]
+            assert crossing.wan and crossing.peer.peer.region == "eastus"
+            assert crossing.wait_ms == ORIGIN_ZONE_WAIT_MS
+            if fetcher == zone:
+                assert waited == [crossing]
+            else:
+                assert attempts[0].peer.name == f"westeurope-{fetcher}"
+                assert attempts[0].wait_ms == SIBLING_WAIT_MS and not attempts[0].wan
+                assert waited == attempts[:2]
+    origin = _planner("eastus", "2")
+    sources = [p for p in everyone if p.name != "eastus-2"]
+    plain = origin.blob_attempts("sha256:" + "ab" * 32, "eastus", sources)
+    assert [a.peer.name for a in plain] == [p.name for p in sources]
+    assert not any(a.wait_ms for a in plain)
+
+
+def test_an_images_layers_cross_from_different_origin_zones():
+    transfer = _planner("southeastasia", "")
+    sources = [_peer(r, z) for r, z in TOPOLOGY]
+    picked = []
+    for seed in range(3):  # three layers announced at once, none finished yet
+        digest = "sha256:" + f"{seed:08x}" + "0" * 56
+        first = transfer.blob_attempts(digest, "eastus", sources)[0]
+        transfer._crossing[first.peer.name] += 1   # as ensure_blob records it
+        picked.append(first.peer.name)
+    assert sorted(picked) == ["eastus-1", "eastus-2", "eastus-3"]

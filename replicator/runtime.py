@@ -35,7 +35,7 @@ from .service import ReplicationService
 from .staleness import PeerRescue
 from .status import ImageStatus
 from .subscription import Subscription
-from .topology import ClusterView
+from .topology import ClusterView, Peer
 from .transfer import Transfer
 from .wire.v1 import replication_pb2_grpc as pbg
 
@@ -128,7 +128,8 @@ class Replication:
 
     def _subscribe(self, client: PeerClient) -> None:
         subscription = Subscription(client, self.transfer, lambda: self.clients, self.metrics,
-                                    on_connect=self.anti_entropy.sync_with)
+                                    on_connect=self.anti_entropy.sync_with,
+                                    acknowledge=_zone_peer(self.view, client.peer))
         self.subscriptions.append(subscription)
         self._tasks[client.name] = asyncio.create_task(subscription.run(),
                                                        name=f"subscription:{client.name}")
@@ -209,6 +210,11 @@ class Replication:
             self.metrics.queue_depth.labels(sub.peer.name).set(sub.lag_events)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _zone_peer(view: ClusterView, peer: Peer) -> bool:
+    """Whether ``peer`` is another zone of this node's region (its quorum)."""
+    return bool(view.zone and peer.zone and peer.region == view.region)
 
 
 def _label(region: str, zone: str) -> str:

@@ -2,7 +2,10 @@
 
 The loop connects, announces the cursor it persisted (and which incarnation
 of the peer it belongs to), applies each batch through ``Transfer``, advances
-the cursor, and acknowledges it — which is what zone quorum waits for.
+the cursor, and — to a zone peer of its own region — acknowledges it, which
+is what zone quorum waits for. Nothing else reads acknowledgements, so a
+subscription to any other peer sends none: a message, and a wait for the
+metadata fsync, less per batch on every such stream.
 Blob transfers run concurrently, within a batch and across batches (a push's
 layers usually arrive one per batch): the loop reads on while they run, and
 anything else waits for every blob before it, so order is kept where it
@@ -60,9 +63,10 @@ RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=1.0)
 class Subscription:
     def __init__(self, peer: PeerClient, transfer: Transfer, others: Callable[[], Sequence[PeerClient]],
                  metrics: ReplicationMetrics, *, on_connect: Callable[[PeerClient], Awaitable[None]] | None = None,
-                 backoff: Backoff = RECONNECT_BACKOFF,
+                 backoff: Backoff = RECONNECT_BACKOFF, acknowledge: bool = True,
                  rng: random.Random | None = None) -> None:
         self.peer = peer
+        self.acknowledge = acknowledge   # the peer counts this node toward its zone quorum
         self.transfer = transfer
         self.replica = transfer.replica
         self.meta = transfer.replica.meta
@@ -197,8 +201,9 @@ class Subscription:
                     await self._settle(tasks)
                 self._advance(cursor)
                 self.metrics.queue_depth.labels(self.peer.name).set(self.lag_events)
-                await self.meta.synced()  # an acknowledgement promises durable here
-                await call.write(pb.SubscribeMessage(ack=pb.SubscribeAck(applied=cursor.seq)))
+                if self.acknowledge:
+                    await self.meta.synced()  # an acknowledgement promises durable here
+                    await call.write(pb.SubscribeMessage(ack=pb.SubscribeAck(applied=cursor.seq)))
             finally:
                 applying.task_done()
 

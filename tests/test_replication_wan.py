@@ -12,7 +12,9 @@ cross between regions can be counted on the links themselves:
   they fetch from the origin region themselves;
 * ``FetchBlob`` with ``wait_ms`` serves a blob that lands during the wait,
   answers NOT_FOUND when the wait runs out, never waits past it, and keeps the
-  residency rule.
+  residency rule;
+* a node relays an image's events to a subscriber in about one batch, and
+  subscriptions acknowledge only to the zone quorum.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def _fetcher_zone(digest: str, zones=("1", "2", "3")) -> str:
 
 
 async def test_each_blob_crosses_the_wan_once_per_region(cluster, http):
+    for node in cluster.running():  # acknowledgements go to the zone quorum only
+        for sub in node.replication.subscriptions:
+            assert sub.acknowledge == (sub.peer.peer.region == node.region)
     image = make_image([256 << 10, 256 << 10, 256 << 10, 256 << 10], seed=11)
     blob_bytes = sum(len(b) for b in image.blobs)
     before = _wan_bytes_into(cluster, "westeurope", "eastus")
@@ -245,3 +250,27 @@ def test_an_images_layers_cross_from_different_origin_zones():
         transfer._crossing[first.peer.name] += 1   # as ensure_blob records it
         picked.append(first.peer.name)
     assert sorted(picked) == ["eastus-1", "eastus-2", "eastus-3"]
+
+
+async def test_relayed_events_of_an_image_travel_together(cluster, http):
+    """westeurope-1 relays an eastus push as its blobs land there, one event at a
+    time; a subscriber gets those events in about one batch, not one each."""
+    relay = cluster.nodes["westeurope-1"]
+    client = _client(relay, "southeastasia")
+    call = client.subscribe()
+    try:
+        await call.write(client.start_message(relay.node.identity.node_id,
+                                              relay.node.meta.last_seq))
+        image = make_image([64 << 10] * 5, seed=14)
+        await push_image(http, cluster.nodes["eastus-1"].url, "wan/relay", image, tag="v1")
+        batches, kinds = 0, []
+        while "tag_set" not in kinds:
+            batch = await asyncio.wait_for(call.read(), 20)
+            mine = [e.kind for e in batch.events if e.repository == "wan/relay"]
+            batches += bool(mine)
+            kinds += mine
+        assert kinds.count("blob_put") == len(image.blobs)
+        assert batches <= 2, f"{len(kinds)} relayed events came in {batches} batches"
+    finally:
+        call.cancel()
+        await client.close()

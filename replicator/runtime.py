@@ -88,7 +88,8 @@ class Replication:
             node.registry.quorum = self.quorum
         self.clients = [PeerClient(peer, identity) for peer in view.peers]
         self.transfer = Transfer(replica, self.residency, self.metrics,
-                                 concurrency=settings.transfer_concurrency)
+                                 concurrency=settings.transfer_concurrency,
+                                 one_wan_copy_per_region=settings.one_wan_copy_per_region)
         self.service = ReplicationService(replica, feed, self.residency, self.quorum,
                                           self.metrics, settings.chunk_size)
         server = grpc.aio.server(options=SERVER_OPTIONS)

@@ -4,8 +4,10 @@ Two zone-redundant regions in one process (real nodes, real gRPC, a real TCP
 ``cluster.links.Link`` for every ordered pair of nodes), so the bytes that
 cross between regions can be counted on the links themselves:
 
-* each blob of a push crosses the WAN once per destination region — one zone
-  fetches it, its siblings get it from that zone over the region's links;
+* an image's layers are fetched from different zones of the origin region;
+* with ``one_wan_copy_per_region``, each blob of a push crosses the WAN once
+  per destination region — one zone fetches it, its siblings get it from that
+  zone over the region's links — and without it, once per zone;
 * a destination zone whose links to the origin region are all cut still gets
   every blob (from a sibling that can reach the origin);
 * a sibling that never gets the blob costs its siblings one bounded wait, then
@@ -25,6 +27,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import grpc
+import msgspec
 import pytest
 
 from registry_node.records import NodeIdentity
@@ -40,12 +43,16 @@ from .replication_harness import InProcessCluster
 TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"),
             ("westeurope", "1"), ("westeurope", "2"), ("westeurope", "3")]
 # Anti-entropy only on connect: the transfers counted here are the event path's.
-SETTINGS = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0)
+SETTINGS = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0,
+                               one_wan_copy_per_region=True)
 
 
 @pytest.fixture
-async def cluster(tmp_path):
-    c = await InProcessCluster(tmp_path, TOPOLOGY, settings=SETTINGS).start()
+async def cluster(tmp_path, request):
+    settings = SETTINGS
+    if getattr(request, "param", True) is False:
+        settings = msgspec.structs.replace(SETTINGS, one_wan_copy_per_region=False)
+    c = await InProcessCluster(tmp_path, TOPOLOGY, settings=settings).start()
     try:
         await c.wait_ready()
         yield c
@@ -69,7 +76,10 @@ def _fetcher_zone(digest: str, zones=("1", "2", "3")) -> str:
     return sorted(zones)[_spin(digest) % len(zones)]
 
 
-async def test_each_blob_crosses_the_wan_once_per_region(cluster, http):
+@pytest.mark.parametrize("cluster", [True, False], indirect=True,
+                         ids=["one_wan_copy_per_region", "one_per_zone"])
+async def test_each_blob_crosses_the_wan_once_per_region_or_zone(cluster, http):
+    per_region = cluster.settings.one_wan_copy_per_region
     for node in cluster.running():  # acknowledgements go to the zone quorum only
         for sub in node.replication.subscriptions:
             assert sub.acknowledge == (sub.peer.peer.region == node.region)
@@ -81,13 +91,17 @@ async def test_each_blob_crosses_the_wan_once_per_region(cluster, http):
         await eventually(lambda n=cluster.nodes[name]: _pullable(http, n, "wan/once", "v1", image),
                          timeout=20, what=f"wan/once:v1 on {name}")
     crossed = _wan_bytes_into(cluster, "westeurope", "eastus") - before
-    # Once per region, plus events and framing; three zones each fetching
-    # across the WAN would be three times the blobs.
-    assert blob_bytes <= crossed < 1.5 * blob_bytes, (crossed, blob_bytes)
-    # The other two zones got each blob from a sibling, over the region's links.
     local = sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
                 if cluster.nodes[src].region == cluster.nodes[dst].region == "westeurope")
-    assert local >= 2 * blob_bytes
+    if per_region:
+        # Once per region, plus events and framing (three zones each fetching
+        # across the WAN would be three times the blobs); the other two zones
+        # got each blob from a sibling, over the region's links.
+        assert blob_bytes <= crossed < 1.5 * blob_bytes, (crossed, blob_bytes)
+        assert local >= 2 * blob_bytes
+    else:
+        assert 3 * blob_bytes <= crossed < 3.5 * blob_bytes, (crossed, blob_bytes)
+        assert local < blob_bytes
     # And the layers were served by more than one zone of the origin region.
     served = {name for name in cluster.names_in("eastus")
               if sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
@@ -197,10 +211,11 @@ async def test_fetch_blob_wait_keeps_residency(two_regions, http):
         await insider.close()
 
 
-def _planner(region: str, zone: str) -> Transfer:
+def _planner(region: str, zone: str, one_wan_copy_per_region: bool = True) -> Transfer:
     """A ``Transfer`` with only what ``blob_attempts`` reads (no node)."""
     transfer = Transfer.__new__(Transfer)
     transfer.region, transfer.zone, transfer._crossing = region, zone, Counter()
+    transfer.one_wan_copy_per_region = one_wan_copy_per_region
     return transfer
 
 
@@ -238,6 +253,12 @@ def test_only_a_sibling_and_the_origin_region_are_ever_waited_on():
     plain = origin.blob_attempts("sha256:" + "ab" * 32, "eastus", sources)
     assert [a.peer.name for a in plain] == [p.name for p in sources]
     assert not any(a.wait_ms for a in plain)
+    # By default every zone crosses the WAN itself and waits on no sibling.
+    zone = _planner("westeurope", "2", one_wan_copy_per_region=False)
+    sources = [p for p in everyone if p.name != "westeurope-2"]
+    for seed in range(12):
+        attempts = zone.blob_attempts("sha256:" + f"{seed:08x}" + "0" * 56, "eastus", sources)
+        assert attempts[0].wan and [a for a in attempts if a.wait_ms] == attempts[:1]
 
 
 def test_an_images_layers_cross_from_different_origin_zones():

@@ -9,8 +9,8 @@ target. Each direction of each connection is shaped separately:
   latency (+ jitter), and never before a byte read earlier;
 * **bandwidth**: bytes leave at most at the link's rate (a serialising
   token clock per direction);
-* **faults**: ``cut`` (new connections refused and open ones closed, in one
-  direction or both), ``stall`` (accepted, nothing delivered), resets with a
+* **faults**: ``cut`` (open connections closed and, when the forward
+  direction is cut, new ones refused — the listening socket closes), ``stall`` (accepted, nothing delivered), resets with a
   probability per chunk, and added latency or a lower bandwidth on top of the
   model. Faults change at run time; healing restores the model.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -89,18 +90,52 @@ class Link:
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._stopped = False
+        self._relisten: asyncio.Future | None = None
 
     @property
     def address(self) -> str:
         return f"{self.listen_host}:{self.listen_port}"
 
     async def start(self) -> Link:
-        self._server = await asyncio.start_server(self._accept, self.listen_host, self.listen_port,
-                                                  reuse_address=True)
-        self.listen_port = self._server.sockets[0].getsockname()[1]
+        await self._listen()
         return self
 
+    async def _listen(self, sock: socket.socket | None = None) -> None:
+        sock = sock or self._bind()
+        self._server = await asyncio.start_server(self._accept, sock=sock)
+        if self.faults.cut_forward or self._stopped:  # cut again while this was starting
+            self._server.close()
+            self._server = None
+
+    def _bind(self) -> socket.socket:
+        """Listen now (connections queue in the backlog until accepted)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.listen_host, self.listen_port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.listen_port = sock.getsockname()[1]
+        return sock
+
+    def _set_listening(self, listening: bool) -> None:
+        """A cut link refuses connections (the caller fails at once, as with a
+        dead host behind a firewall that rejects), instead of accepting and
+        resetting them, which gRPC would wait out until its deadline."""
+        if not listening and self._server is not None:
+            self._server.close()
+            self._server = None
+        elif listening and self._server is None and not self._stopped:
+            if self._relisten is None or self._relisten.done():
+                # Bound and listening before this returns; accepted shortly after.
+                self._relisten = asyncio.ensure_future(self._listen(self._bind()))
+
     async def stop(self) -> None:
+        self._stopped = True
+        if self._relisten is not None:
+            self._relisten.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._relisten
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -125,6 +160,7 @@ class Link:
             self._flowing.set()
         if cut_now:
             self._close_all()
+        self._set_listening(not faults.cut_forward)
         log.info("link_faults", link=self.name, faults=str(faults) if faults.any else "healed")
 
     def cut(self, forward: bool = True, backward: bool = True) -> None:

@@ -91,30 +91,40 @@ class Link:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._stopped = False
-        self._relisten: asyncio.Future | None = None
+        self._relisten: asyncio.Task | None = None
+        self._pending_sock: socket.socket | None = None
 
     @property
     def address(self) -> str:
         return f"{self.listen_host}:{self.listen_port}"
 
     async def start(self) -> Link:
-        await self._listen()
+        await self._listen(self._bind())
         return self
 
-    async def _listen(self, sock: socket.socket | None = None) -> None:
-        sock = sock or self._bind()
-        self._server = await asyncio.start_server(self._accept, sock=sock)
-        if self.faults.cut_forward or self._stopped:  # cut again while this was starting
-            self._server.close()
-            self._server = None
+    async def _listen(self, sock: socket.socket) -> None:
+        """Serve ``sock`` (bound and listening) unless the link was cut or
+        stopped meanwhile. Nothing here yields before the server owns the
+        socket, so a cancellation cannot strand it."""
+        self._pending_sock = None
+        server = await asyncio.start_server(self._accept, sock=sock, start_serving=False)
+        if self.faults.cut_forward or self._stopped:  # cut again while this was queued
+            server.close()
+            return
+        self._server = server
+        await server.start_serving()
 
     def _bind(self) -> socket.socket:
         """Listen now (connections queue in the backlog until accepted)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.listen_host, self.listen_port))
-        sock.listen(1024)
-        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.listen_host, self.listen_port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
         self.listen_port = sock.getsockname()[1]
         return sock
 
@@ -122,13 +132,16 @@ class Link:
         """A cut link refuses connections (the caller fails at once, as with a
         dead host behind a firewall that rejects), instead of accepting and
         resetting them, which gRPC would wait out until its deadline."""
+        loop = asyncio.get_running_loop()
         if not listening and self._server is not None:
             self._server.close()
             self._server = None
         elif listening and self._server is None and not self._stopped:
             if self._relisten is None or self._relisten.done():
                 # Bound and listening before this returns; accepted shortly after.
-                self._relisten = asyncio.ensure_future(self._listen(self._bind()))
+                self._pending_sock = self._bind()
+                self._relisten = loop.create_task(self._listen(self._pending_sock),
+                                                  name=f"link-listen:{self.name}")
 
     async def stop(self) -> None:
         self._stopped = True
@@ -136,6 +149,9 @@ class Link:
             self._relisten.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._relisten
+        if self._pending_sock is not None:  # its listener was cancelled before it ran
+            self._pending_sock.close()
+            self._pending_sock = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -150,6 +166,10 @@ class Link:
     # -- faults --------------------------------------------------------------------
 
     def set_faults(self, faults: LinkFaults) -> None:
+        """Apply ``faults`` now. Call it on the loop that runs the link (from
+        another thread, use ``loop.call_soon_threadsafe``): a link's sockets
+        and tasks are that loop's."""
+        asyncio.get_running_loop()  # raises in any other thread, before anything changes
         cut_now = (faults.cut_forward and not self.faults.cut_forward) or \
                   (faults.cut_backward and not self.faults.cut_backward) or \
                   (faults.stall and not self.faults.stall)

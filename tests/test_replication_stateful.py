@@ -239,6 +239,13 @@ class ReplicationMachine(RuleBasedStateMachine):
     def run(self, coro, timeout: float = STEP_TIMEOUT_S):
         return self.loop.run(coro, timeout)
 
+    def on_loop(self, action: Callable[..., None], *args, **kwargs) -> None:
+        """Run a synchronous cluster action (a partition, a heal) on the
+        cluster's loop: links are that loop's objects, not thread-safe ones."""
+        async def call() -> None:
+            action(*args, **kwargs)
+        self.run(call())
+
     async def _start(self) -> None:
         self.http = aiohttp.ClientSession(auto_decompress=False,
                                           timeout=aiohttp.ClientTimeout(total=30))
@@ -502,9 +509,9 @@ class ReplicationMachine(RuleBasedStateMachine):
         if renew or target is None:
             target = self.model.images[old]
         regions = (self.node(retag_at).region, self.node(delete_at).region)
-        self.cluster.partition(*regions)
+        self.on_loop(self.cluster.partition, *regions)
         # Not even through brazilsouth, which relays whatever is not confined.
-        self.cluster.partition(regions[1], "brazilsouth", one_way=True)
+        self.on_loop(self.cluster.partition, regions[1], "brazilsouth", one_way=True)
 
         async def delete():
             url = f"{self.node(delete_at).url}/v2/{repo}/manifests/{old}"
@@ -521,11 +528,11 @@ class ReplicationMachine(RuleBasedStateMachine):
     @rule(pair=st.sampled_from([(a, b) for a in REGIONS for b in REGIONS if a != b]),
           one_way=st.booleans())
     def partition(self, pair: tuple[str, str], one_way: bool) -> None:
-        self.cluster.partition(*pair, one_way=one_way)
+        self.on_loop(self.cluster.partition, *pair, one_way=one_way)
 
     @rule()
     def heal(self) -> None:
-        self.cluster.heal()
+        self.on_loop(self.cluster.heal)
 
     @precondition(lambda self: self.crashed is None)
     @rule(zone=st.sampled_from(ZONES))

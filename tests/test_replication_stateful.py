@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -631,17 +632,27 @@ class ReplicationMachine(RuleBasedStateMachine):
         await self._step_invariants(probe_manifests=True)
 
 
-def test_replication_state_machine() -> None:
-    """Sized for CI (about two minutes here); GEOREG_STATEFUL_EXAMPLES=50 digs deeper."""
+def _run_machine(examples: int, steps: int) -> None:
     loop = LoopThread()
     ReplicationMachine.loop = loop
     try:
         run_state_machine_as_test(ReplicationMachine, settings=settings(
-            max_examples=int(os.environ.get("GEOREG_STATEFUL_EXAMPLES", "8")),
-            stateful_step_count=20, deadline=None, print_blob=True,
-            suppress_health_check=list(HealthCheck)))
+            max_examples=examples, stateful_step_count=steps, deadline=None,
+            print_blob=True, suppress_health_check=list(HealthCheck)))
     finally:
         loop.close()
+
+
+def test_replication_state_machine() -> None:
+    """Sized for CI (about two minutes here); GEOREG_STATEFUL_EXAMPLES=50 digs deeper."""
+    _run_machine(int(os.environ.get("GEOREG_STATEFUL_EXAMPLES", "8")), steps=20)
+
+
+@pytest.mark.soak
+def test_replication_state_machine_soak() -> None:
+    """``make soak``: longer programs, many more of them (about 25 minutes here
+    with the default 60; GEOREG_SOAK_EXAMPLES changes it)."""
+    _run_machine(int(os.environ.get("GEOREG_SOAK_EXAMPLES", "60")), steps=40)
 
 
 def test_model_replays_in_stamp_order() -> None:

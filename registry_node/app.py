@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc as python_gc
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -78,7 +79,8 @@ async def _memory_trim(app: web.Application) -> AsyncIterator[None]:
     ``malloc_trim``): an idle node should not keep what its busiest moment
     needed. A no-op where glibc is not the allocator."""
     trim = _malloc_trim()
-    task = asyncio.create_task(_trim_forever(trim), name="memory-trim") if trim else None
+    task = asyncio.create_task(_trim_forever(trim, app[NODE].meta), name="memory-trim") \
+        if trim else None
     yield
     if task is not None:
         task.cancel()
@@ -95,7 +97,15 @@ def _malloc_trim():
         return None
 
 
-async def _trim_forever(trim) -> None:
+async def _trim_forever(trim, meta) -> None:
+    commits = meta.commits
     while True:
         await asyncio.sleep(MEMORY_TRIM_INTERVAL_S)
+        if meta.commits != commits:
+            # After writes, a full collection first: reference cycles (aiohttp
+            # and grpc leave some per request) hold buffers the trim could not
+            # return. A few tens of ms, and only after activity: an idle node
+            # skips it.
+            commits = meta.commits
+            python_gc.collect()
         trim(0)

@@ -111,6 +111,11 @@ class MetadataStore:
     def last_seq(self) -> int:
         return self._last_seq
 
+    @property
+    def commits(self) -> int:
+        """Commits made since the store opened (a cheap activity counter)."""
+        return self._written
+
     def _read_last_seq(self) -> int:
         it = self._db.iter()
         it.seek_for_prev(keys.LOG + b"\xff" * 8)

@@ -33,7 +33,7 @@ from .plan import ClusterPlan, NodePlan
 
 log = structlog.get_logger("georeg.supervisor")
 
-HEALTH_INTERVAL_S = 0.5
+HEALTH_INTERVAL_S = 1.0     # a dead process is seen at once (_watch_exit); this is for hung ones
 HEALTH_TIMEOUT_S = 1.0
 HEALTH_FAILURES = 2          # consecutive failed checks before a live process is unhealthy
 START_TIMEOUT_S = 30.0

@@ -77,7 +77,7 @@ async def access(request: web.Request, handler) -> web.StreamResponse:
         status = 500
         return error_response(RegistryError(ErrorCode.UNKNOWN, {"request_id": rid}))
     finally:
-        # The supervisor's health checks (twice a second) are not worth a line each.
+        # The supervisor's health checks (once a second) are not worth a line each.
         quiet = status == 200 and request.path == HEALTH_PATH
         (log.debug if quiet else log.info)(
             "request", rid=rid, method=request.method, path=request.path, status=status,

@@ -69,6 +69,9 @@ def _run_node(args: argparse.Namespace) -> int:
         # terminal; a node logging JSON never does, and each node process is
         # ~3 MiB smaller without it.
         sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+    from registry_node import allocator
+
+    allocator.tune()  # first: before any library starts a thread
     from registry_node import logs
     from registry_node.config import NodeConfig
     from registry_node.crypto import KeyFileError

@@ -39,17 +39,9 @@ HEALTH_FAILURES = 2          # consecutive failed checks before a live process i
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
-# glibc settings for node processes: one malloc arena (a second one, for grpc's
-# and the disk executor's threads, kept 2-6 MiB more per node after a workload),
-# and fixed mmap and trim thresholds above the 1 MiB transfer buffers. At 128 KiB
-# every blob chunk was a fresh mmap, faulted in and zeroed page by page: half
-# of an origin node's CPU during a push (0.29 → 0.15 CPU-s per image under
-# `georeg bench lag`). What a busy moment takes goes back to the kernel through
-# the node's periodic collection and malloc_trim (registry_node.app). Default
-# spec, 80 images pushed, 25 s later: 77-81 MiB per node (76 MiB before any
-# work); with two arenas and no collection, 79-86 MiB.
-NODE_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "4194304",
-            "MALLOC_TRIM_THRESHOLD_": "33554432", "PYTHONUNBUFFERED": "1"}
+# A node process sets its own allocator (registry_node.allocator); a
+# MALLOC_* variable in the environment would override it.
+NODE_ENV = {"PYTHONUNBUFFERED": "1"}
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

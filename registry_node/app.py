@@ -15,6 +15,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from . import allocator
 from .api.common import REGISTRY
 from .api.middlewares import access, common_headers
 from .api.routes import add_routes
@@ -78,7 +79,7 @@ async def _memory_trim(app: web.Application) -> AsyncIterator[None]:
     """Give freed heap memory back to the kernel now and then (glibc's
     ``malloc_trim``): an idle node should not keep what its busiest moment
     needed. A no-op where glibc is not the allocator."""
-    trim = _malloc_trim()
+    trim = allocator.trimmer()
     task = asyncio.create_task(_trim_forever(trim, app[NODE].meta), name="memory-trim") \
         if trim else None
     yield
@@ -86,15 +87,6 @@ async def _memory_trim(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def _malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 async def _trim_forever(trim, meta) -> None:

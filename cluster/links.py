@@ -116,7 +116,7 @@ class Link:
 
     def _bind(self) -> socket.socket:
         """Listen now (connections queue in the backlog until accepted)."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.listen_host, self.listen_port))
@@ -220,6 +220,8 @@ class Link:
         except OSError:
             client_writer.transport.abort()
             return
+        for writer in (client_writer, target_writer):
+            _no_delay(writer)
         self._writers.update((client_writer, target_writer))
         forward = _Direction("forward", client_reader, target_writer)
         backward = _Direction("backward", target_reader, client_writer)
@@ -296,3 +298,14 @@ class Link:
             d.buffered -= len(data)
             if d.buffered <= MAX_BUFFERED:
                 d.drained.set()
+
+
+def _no_delay(writer: asyncio.StreamWriter) -> None:
+    """Every byte the link delivers goes out at once: the link models latency
+    itself, and Nagle's algorithm would add up to a delayed-ACK timeout (40 ms)
+    to small writes such as HTTP/2 window updates. asyncio sets this only on
+    sockets whose protocol number says TCP, uvloop on every TCP socket."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

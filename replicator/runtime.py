@@ -90,8 +90,11 @@ class Replication:
         self.transfer = Transfer(replica, self.residency, self.metrics,
                                  concurrency=settings.transfer_concurrency,
                                  one_wan_copy_per_region=settings.one_wan_copy_per_region)
-        self.service = ReplicationService(replica, feed, self.residency, self.quorum,
-                                          self.metrics, settings.chunk_size)
+        self.service = ReplicationService(
+            replica, feed, self.residency, self.quorum, self.metrics, settings.chunk_size,
+            # One WAN copy per region means remote zones fetch from one sibling:
+            # blobs then go with events only to this node's own region.
+            inline_blobs_across_regions=not settings.one_wan_copy_per_region)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pbg.add_ReplicationServicer_to_server(self.service, server)
         port = server.add_insecure_port(view.grpc_listen)

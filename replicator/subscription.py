@@ -188,7 +188,8 @@ class Subscription:
                 await self._apply(batch.events)
             elif batch.events:
                 sources = self._sources()
-                tasks = [asyncio.ensure_future(self._apply_one(event_from_wire(m), sources))
+                tasks = [asyncio.ensure_future(self._apply_one(event_from_wire(m), sources,
+                                                               m.blob_body or None))
                          for m in batch.events]
             await applying.put((Cursor(batch.sender.node_id, batch.last_seq), tasks))
 
@@ -214,7 +215,8 @@ class Subscription:
         for message in wire_events:
             event = event_from_wire(message)
             if event.kind in BLOB_KINDS:
-                pending.append(asyncio.ensure_future(self._apply_one(event, sources)))
+                pending.append(asyncio.ensure_future(
+                    self._apply_one(event, sources, message.blob_body or None)))
                 continue
             if pending:
                 await self._settle(pending)
@@ -230,9 +232,9 @@ class Subscription:
                 raise result
 
     async def _apply_one(self, event: Event, sources: Sequence[PeerClient],
-                         manifest_body: bytes | None = None) -> None:
+                         body: bytes | None = None) -> None:
         try:
-            await self.transfer.apply(event, sources, manifest_body)
+            await self.transfer.apply(event, sources, body)
         except ReplicationError as exc:
             if exc.outcome is not Outcome.PERMANENT:
                 raise

@@ -10,6 +10,8 @@ so an incomplete image is never visible here, not even for an instant.
   digest share one transfer.
 * A blob transfer that breaks keeps what arrived (flushed to disk) and
   resumes from that offset, from the same peer or another one.
+* A small blob may come with its event (``replicator.service``): it is stored
+  if it hashes to its digest, else fetched like any other.
 * Content is asked of the peer that announced the change first, then of the
   others (propagation is transitive, so any of them may have it) — except for
   a blob from another region, whose sources follow the WAN (``blob_attempts``):
@@ -52,6 +54,7 @@ from dataclasses import dataclass
 import msgspec
 import structlog
 
+from registry_node import keys
 from registry_node.blobstore import UploadFile
 from registry_node.records import Event, EventKind
 from registry_node.replica import ContentRejected, MissingContent, Replica
@@ -111,10 +114,11 @@ class Transfer:
     # -- events ------------------------------------------------------------------
 
     async def apply(self, event: Event, sources: Sequence[PeerClient],
-                    manifest_body: bytes | None = None) -> Event | None:
+                    body: bytes | None = None) -> Event | None:
         """Apply one replicated change here, fetching whatever content it needs
-        (a manifest_put may bring its manifest's bytes along). Returns the event
-        as logged here, or None when it changed nothing."""
+        (a manifest_put or a blob_put may bring its content's bytes along, as
+        ``body``). Returns the event as logged here, or None when it changed
+        nothing."""
         if not self.residency.allows(event.origin_region, event.repository, self.region):
             # The sender should never have sent it: refuse, and say so in metrics.
             self.metrics.residency_refusals.labels(event.origin_region).inc()
@@ -124,13 +128,14 @@ class Transfer:
         replica = self.replica
         kind = event.kind
         if kind in (EventKind.BLOB_PUT, EventKind.BLOB_MOUNT):
-            await self.ensure_blob(event.repository, event.digest, sources, event.origin_region)
+            await self.ensure_blob(event.repository, event.digest, sources, event.origin_region,
+                                   sent=body if kind is EventKind.BLOB_PUT else None)
             applied = replica.apply_blob_link(event)
         elif kind is EventKind.MANIFEST_PUT:
             applied = None
             if replica.wants_manifest(event):
                 applied = await self.ensure_manifest(event.repository, event.digest, sources, event,
-                                                     body=manifest_body)
+                                                     body=body)
         elif kind is EventKind.TAG_SET:
             applied = None
             if replica.wants_tag(event):
@@ -164,16 +169,20 @@ class Transfer:
     # -- blobs -------------------------------------------------------------------
 
     async def ensure_blob(self, repository: str, digest: str, sources: Sequence[PeerClient],
-                          origin_region: str = "") -> None:
+                          origin_region: str = "", sent: bytes | None = None) -> None:
         """Make sure the blob's bytes are here (not its link: events do that).
         ``origin_region``, where the blob was pushed, when known, lets the
-        sources follow the WAN (``blob_attempts``)."""
+        sources follow the WAN (``blob_attempts``); ``sent``, the bytes that
+        came with the event, if any, are stored if they hash to ``digest``
+        (otherwise the sources are asked)."""
         if self.replica.has_blob(digest):
             return
         future = self._blobs.get(digest)
         if future is None:
             attempts = self.blob_attempts(digest, origin_region, sources)
-            future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts))
+            sender = sources[0].name if sources else ""
+            future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts,
+                                                               sent and (sender, sent)))
             self._blobs[digest] = future
             future.add_done_callback(lambda _: self._blobs.pop(digest, None))
             crossing = attempts[0].peer.name if attempts and attempts[0].wan else None
@@ -209,7 +218,10 @@ class Transfer:
         return first + [a for a in plain if a.peer.name not in chosen]
 
     async def _transfer_blob(self, repository: str, digest: str,
-                             attempts: Sequence[Attempt]) -> None:
+                             attempts: Sequence[Attempt],
+                             sent: tuple[str, bytes] | None = None) -> None:
+        if sent is not None and await self._store_sent(digest, *sent):
+            return
         last: ReplicationError | None = None
         for attempt in attempts:
             peer = attempt.peer
@@ -231,6 +243,26 @@ class Transfer:
                 log.info("transfer_source_failed", peer=peer.name, digest=digest, error=exc.reason)
                 last = exc
         raise last or permanent(f"no peer to fetch {digest} from")
+
+    async def _store_sent(self, digest: str, sender: str, body: bytes) -> bool:
+        """Store bytes that came with the blob's event; False (nothing kept)
+        if a transfer of it is already partly here or they are not the blob."""
+        replica = self.replica
+        if digest in self._inbound or replica.meta.get(keys.transfer(digest)) is not None:
+            return False  # resume that transfer instead
+        run = replica.registry.run_blocking
+        try:
+            file = await run(lambda: replica.inbound_blob(digest))
+            await replica.receive_blob(file, _once(body))
+            await replica.commit_blob(file, digest)
+        except ContentRejected as exc:
+            log.warning("sent_blob_rejected", digest=digest, error=str(exc))
+            return False
+        except OSError as exc:
+            replica.discard_inbound(digest)
+            raise definite(f"storing {digest}: {exc}") from None
+        self.metrics.bytes_received(sender, len(body))
+        return True
 
     async def _fetch_blob(self, peer: PeerClient, repository: str, digest: str,
                           wait_ms: int = 0) -> None:
@@ -335,3 +367,7 @@ def _spin(digest: str) -> int:
 
 def _with_type(event: Event, media_type: str) -> Event:
     return msgspec.structs.replace(event, media_type=media_type)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body

@@ -102,11 +102,12 @@ async def test_each_blob_crosses_the_wan_once_per_region_or_zone(cluster, http):
     else:
         assert 3 * blob_bytes <= crossed < 3.5 * blob_bytes, (crossed, blob_bytes)
         assert local < blob_bytes
-    # And the layers were served by more than one zone of the origin region.
-    served = {name for name in cluster.names_in("eastus")
-              if sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
-                     if dst == name and cluster.nodes[src].region == "westeurope") > 200 << 10}
-    assert len(served) >= 2, served
+    if per_region:
+        # The fetching zones' requests were spread over the origin region's zones.
+        served = {name for name in cluster.names_in("eastus")
+                  if sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
+                         if dst == name and cluster.nodes[src].region == "westeurope") > 200 << 10}
+        assert len(served) >= 2, served
 
 
 async def test_a_zone_cut_off_from_the_origin_region_gets_every_blob(cluster, http):

@@ -34,6 +34,7 @@ from .plan import ClusterPlan, NodePlan
 log = structlog.get_logger("georeg.supervisor")
 
 HEALTH_INTERVAL_S = 1.0     # a dead process is seen at once (_watch_exit); this is for hung ones
+HEALTH_SETTLING_INTERVAL_S = 0.2   # while some live node is not healthy yet
 HEALTH_TIMEOUT_S = 1.0
 HEALTH_FAILURES = 2          # consecutive failed checks before a live process is unhealthy
 START_TIMEOUT_S = 30.0
@@ -231,9 +232,12 @@ class Supervisor:
 
     async def _watch_health(self) -> None:
         while True:
-            await asyncio.gather(*(self._check(n) for n in self.nodes.values()
-                                   if n.pid is not None))
-            await asyncio.sleep(HEALTH_INTERVAL_S)
+            live = [n for n in self.nodes.values() if n.pid is not None]
+            await asyncio.gather(*(self._check(n) for n in live))
+            # Quickly while a node is on its way up (start-up, a restart, a
+            # recovery), at rest once every live node is healthy.
+            settling = any(n.state != "healthy" for n in live)
+            await asyncio.sleep(HEALTH_SETTLING_INTERVAL_S if settling else HEALTH_INTERVAL_S)
 
     async def _check(self, node: NodeRuntime) -> None:
         assert self._session is not None

@@ -182,6 +182,38 @@ class Replica:
             clear.put(keys.blob(digest), encode(BlobRecord(size, registry.wall_ns())))
         self.meta.commit(clear)
 
+    async def store_sent_blob(self, digest: str, body: bytes) -> None:
+        """Store a whole blob whose bytes came with its event, independently of
+        any transfer of it in progress (which finds it stored when it ends).
+        ``ContentRejected`` if the bytes are not the blob; nothing is kept then.
+        A crash midway leaves only an upload file, which upload expiry removes."""
+        registry = self.registry
+        algorithm = Digest(digest).algorithm
+
+        def store() -> str | None:
+            file = self.blobs.create_upload(str(uuid.uuid4()), algorithm)
+            try:
+                file.write(body)
+                file.flush()
+                actual = file.digest(algorithm)
+                if actual != digest:
+                    self.blobs.discard_upload(file)
+                    return actual
+                registry.touch(digest)
+                self.blobs.commit_upload(file, digest)
+            except BaseException:
+                self.blobs.discard_upload(file)
+                raise
+            return None
+
+        wrong = await registry.run_blocking(store)
+        if wrong is not None:
+            raise ContentRejected(f"sent bytes hash to {wrong}, not {digest}")
+        if self.meta.get(keys.blob(digest)) is None:
+            batch = Batch()
+            batch.put(keys.blob(digest), encode(BlobRecord(len(body), registry.wall_ns())))
+            self.meta.commit(batch)
+
     def discard_inbound(self, digest: str) -> None:
         raw = self.meta.get(keys.transfer(digest))
         if raw is not None:

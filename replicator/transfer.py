@@ -54,7 +54,6 @@ from dataclasses import dataclass
 import msgspec
 import structlog
 
-from registry_node import keys
 from registry_node.blobstore import UploadFile
 from registry_node.records import Event, EventKind
 from registry_node.replica import ContentRejected, MissingContent, Replica
@@ -177,12 +176,16 @@ class Transfer:
         (otherwise the sources are asked)."""
         if self.replica.has_blob(digest):
             return
+        if sent is not None:
+            # Stored on its own, not after a transfer a relayed event or
+            # anti-entropy may have started first (three WAN trips away).
+            sender = sources[0].name if sources else ""
+            if await self._store_sent(digest, sender, sent):
+                return
         future = self._blobs.get(digest)
         if future is None:
             attempts = self.blob_attempts(digest, origin_region, sources)
-            sender = sources[0].name if sources else ""
-            future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts,
-                                                               sent and (sender, sent)))
+            future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts))
             self._blobs[digest] = future
             future.add_done_callback(lambda _: self._blobs.pop(digest, None))
             crossing = attempts[0].peer.name if attempts and attempts[0].wan else None
@@ -218,10 +221,7 @@ class Transfer:
         return first + [a for a in plain if a.peer.name not in chosen]
 
     async def _transfer_blob(self, repository: str, digest: str,
-                             attempts: Sequence[Attempt],
-                             sent: tuple[str, bytes] | None = None) -> None:
-        if sent is not None and await self._store_sent(digest, *sent):
-            return
+                             attempts: Sequence[Attempt]) -> None:
         last: ReplicationError | None = None
         for attempt in attempts:
             peer = attempt.peer
@@ -246,20 +246,13 @@ class Transfer:
 
     async def _store_sent(self, digest: str, sender: str, body: bytes) -> bool:
         """Store bytes that came with the blob's event; False (nothing kept)
-        if a transfer of it is already partly here or they are not the blob."""
-        replica = self.replica
-        if digest in self._inbound or replica.meta.get(keys.transfer(digest)) is not None:
-            return False  # resume that transfer instead
-        run = replica.registry.run_blocking
+        if they are not the blob."""
         try:
-            file = await run(lambda: replica.inbound_blob(digest))
-            await replica.receive_blob(file, _once(body))
-            await replica.commit_blob(file, digest)
+            await self.replica.store_sent_blob(digest, body)
         except ContentRejected as exc:
-            log.warning("sent_blob_rejected", digest=digest, error=str(exc))
+            log.warning("sent_blob_rejected", digest=digest, sender=sender, error=str(exc))
             return False
         except OSError as exc:
-            replica.discard_inbound(digest)
             raise definite(f"storing {digest}: {exc}") from None
         self.metrics.bytes_received(sender, len(body))
         return True
@@ -367,7 +360,3 @@ def _spin(digest: str) -> int:
 
 def _with_type(event: Event, media_type: str) -> Event:
     return msgspec.structs.replace(event, media_type=media_type)
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    yield body

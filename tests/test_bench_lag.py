@@ -65,9 +65,13 @@ def test_bench_lag_reports_every_pair_with_floors_and_a_chart(tmp_path, wan):
     assert set(pairs) == {(o, d) for o in ORIGINS for d in NODES if d != o}
     for key, pair in pairs.items():
         assert pair["samples"] == 3 and pair["missing"] == 0, key
-        for field in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "throughput_mb_s"):
-            assert pair[field] > 0, (key, field, pair)
-        assert pair["p50_ms"] <= pair["p95_ms"] <= pair["p99_ms"] <= pair["max_ms"]
+        assert pair["throughput_mb_s"] > 0, (key, pair)
+        assert pair["min_ms"] <= pair["p50_ms"] <= pair["p95_ms"] <= pair["p99_ms"] <= pair["max_ms"]
+        # Lag counts from the client's receipt of the 201. On loopback a replica
+        # may hold the image before that (the blobs travel with their events,
+        # and the origin still fsyncs and answers): below zero by at most that
+        # commit-to-answer time, which 250 ms bounds loosely.
+        assert pair["min_ms"] > (0 if wan else -250), (key, pair)
         assert pair["floor_ms"] >= 0 and len(pair["lags_ms"]) == 3
         if wan:  # every one of these pairs crosses an ocean: the floor is tens of ms
             assert pair["floor_ms"] > 10, (key, pair)

@@ -167,51 +167,44 @@ class Replica:
         """Verify and store a fully transferred blob. On a digest mismatch the
         partial transfer is discarded (the next attempt starts over) and
         ``ContentRejected`` is raised."""
-        registry = self.registry
-        actual = await registry.run_blocking(lambda: file.digest(Digest(digest).algorithm))
-        clear = Batch()
-        clear.delete(keys.transfer(digest))
-        if actual != digest:
-            await registry.run_blocking(lambda: self.blobs.discard_upload(file))
-            self.meta.commit(clear)
-            raise ContentRejected(f"transferred bytes hash to {actual}, not {digest}")
-        size = file.size
-        registry.touch(digest)
-        await registry.run_blocking(lambda: self.blobs.commit_upload(file, digest))
-        if self.meta.get(keys.blob(digest)) is None:
-            clear.put(keys.blob(digest), encode(BlobRecord(size, registry.wall_ns())))
-        self.meta.commit(clear)
+        done = Batch()
+        done.delete(keys.transfer(digest))
+        await self._seal(file, digest, done)
 
     async def store_sent_blob(self, digest: str, body: bytes) -> None:
         """Store a whole blob whose bytes came with its event, independently of
         any transfer of it in progress (which finds it stored when it ends).
         ``ContentRejected`` if the bytes are not the blob; nothing is kept then.
         A crash midway leaves only an upload file, which upload expiry removes."""
-        registry = self.registry
-        algorithm = Digest(digest).algorithm
-
-        def store() -> str | None:
-            file = self.blobs.create_upload(str(uuid.uuid4()), algorithm)
+        def write() -> UploadFile:
+            file = self.blobs.create_upload(str(uuid.uuid4()), Digest(digest).algorithm)
             try:
                 file.write(body)
                 file.flush()
-                actual = file.digest(algorithm)
-                if actual != digest:
-                    self.blobs.discard_upload(file)
-                    return actual
-                registry.touch(digest)
-                self.blobs.commit_upload(file, digest)
             except BaseException:
                 self.blobs.discard_upload(file)
                 raise
-            return None
+            return file
 
-        wrong = await registry.run_blocking(store)
-        if wrong is not None:
-            raise ContentRejected(f"sent bytes hash to {wrong}, not {digest}")
+        await self._seal(await self.registry.run_blocking(write), digest, Batch())
+
+    async def _seal(self, file: UploadFile, digest: str, batch: Batch) -> None:
+        """Move a complete upload into place as ``digest`` and record it (with
+        ``batch``), or discard it and raise ``ContentRejected`` if its bytes
+        hash to something else (``batch`` is still committed)."""
+        registry = self.registry
+        actual = await registry.run_blocking(lambda: file.digest(Digest(digest).algorithm))
+        if actual != digest:
+            await registry.run_blocking(lambda: self.blobs.discard_upload(file))
+            if batch:
+                self.meta.commit(batch)
+            raise ContentRejected(f"transferred bytes hash to {actual}, not {digest}")
+        size = file.size
+        registry.touch(digest)
+        await registry.run_blocking(lambda: self.blobs.commit_upload(file, digest))
         if self.meta.get(keys.blob(digest)) is None:
-            batch = Batch()
-            batch.put(keys.blob(digest), encode(BlobRecord(len(body), registry.wall_ns())))
+            batch.put(keys.blob(digest), encode(BlobRecord(size, registry.wall_ns())))
+        if batch:
             self.meta.commit(batch)
 
     def discard_inbound(self, digest: str) -> None:

@@ -50,6 +50,19 @@ async def eventually(predicate: Callable[[], Awaitable[bool] | bool], timeout: f
         await asyncio.sleep(interval)
 
 
+def verified_clean(running, timeout: float = 60.0, what: str = "a clean verify") -> None:
+    """Run ``georeg verify`` on a ``RunningCluster`` (from a thread other than
+    its loop) until it is clean; fail with the last report after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    report = None
+    while time.monotonic() < deadline:
+        report = running.verify(timeout=30)
+        if report.ok:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}: {report.as_dict()}")
+
+
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 

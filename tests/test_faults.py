@@ -21,7 +21,7 @@ import pytest
 from cluster import spec as specs
 from cluster.testing import RunningCluster
 
-from .helpers import digest_of, eventually, make_image, push_image
+from .helpers import digest_of, eventually, make_image, push_image, verified_clean
 
 SPEC = {"home_region": "eastus", "home_zone_redundant": True,
         "replicas": [{"region": "westeurope"}, {"region": "brazilsouth"}]}
@@ -41,14 +41,7 @@ def converges_clean(cluster):
     for name, node in cluster.cluster.supervisor.nodes.items():
         if node.pid is None:
             cluster.restart(name)
-    deadline = time.monotonic() + 60
-    report = None
-    while time.monotonic() < deadline:
-        report = cluster.verify(timeout=30)
-        if report.ok:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"the cluster did not converge after healing: {report.as_dict()}")
+    verified_clean(cluster, 60, "the cluster to converge after healing")
 
 
 def georeg(cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +18,7 @@ import pytest
 from cluster.bench.procfs import MIB, rss_bytes
 from cluster.testing import SMALL_SPEC, RunningCluster
 
-from .helpers import digest_of, make_image, push_image
+from .helpers import digest_of, make_image, push_image, verified_clean
 
 ROUNDS = int(os.environ.get("GEOREG_SOAK_ROUNDS", "12"))
 IMAGES_PER_ROUND = 40
@@ -47,17 +46,6 @@ async def _round(endpoints: list[str], number: int) -> None:
             await asyncio.gather(*(one(i) for i in range(start, start + 8)))
 
 
-def _converged(running: RunningCluster, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    report = None
-    while time.monotonic() < deadline:
-        report = running.verify(timeout=60)
-        if report.ok:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"no convergence after a round: {report.as_dict()}")
-
-
 @pytest.mark.soak
 def test_node_memory_levels_off_under_repeated_load() -> None:
     with tempfile.TemporaryDirectory(prefix="georeg-soak-") as tmp, \
@@ -66,7 +54,7 @@ def test_node_memory_levels_off_under_repeated_load() -> None:
         history: dict[str, list[float]] = {}
         for number in range(ROUNDS):
             running.run(lambda n=number: _round(endpoints, n), timeout=600)
-            _converged(running)
+            verified_clean(running, 300, f"convergence after round {number}")
             pids = {name: node.pid for name, node in
                     running.cluster.supervisor.nodes.items() if node.pid}
             for name, pid in pids.items():

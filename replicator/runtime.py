@@ -34,7 +34,7 @@ from .quorum import ZoneQuorum
 from .service import ReplicationService
 from .staleness import PeerRescue
 from .status import ImageStatus
-from .subscription import Subscription
+from .subscription import OriginStreams, Subscription
 from .topology import ClusterView, Peer
 from .transfer import Transfer
 from .wire.v1 import replication_pb2_grpc as pbg
@@ -54,6 +54,7 @@ class Replication:
         self.grpc_address = ""
         self.clients: list[PeerClient] = []
         self.subscriptions: list[Subscription] = []
+        self.origins = OriginStreams()
         self.service: ReplicationService | None = None
         self.transfer: Transfer | None = None
         self.anti_entropy: AntiEntropy | None = None
@@ -133,8 +134,10 @@ class Replication:
     def _subscribe(self, client: PeerClient) -> None:
         subscription = Subscription(client, self.transfer, lambda: self.clients, self.metrics,
                                     on_connect=self.anti_entropy.sync_with,
-                                    acknowledge=_zone_peer(self.view, client.peer))
+                                    acknowledge=_zone_peer(self.view, client.peer),
+                                    origins=self.origins)
         self.subscriptions.append(subscription)
+        self.origins.add(subscription)
         self._tasks[client.name] = asyncio.create_task(subscription.run(),
                                                        name=f"subscription:{client.name}")
 
@@ -178,6 +181,9 @@ class Replication:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for subscription in self.subscriptions:
+            if subscription.peer is client:
+                self.origins.remove(subscription)
         self.subscriptions = [s for s in self.subscriptions if s.peer is not client]
         self.clients.remove(client)
         if client in self.anti_entropy.peers:

@@ -25,11 +25,22 @@ resumes from the persisted cursor; whatever is re-sent is a no-op. An event
 that fails permanently is recorded against its repository and digest and
 skipped (anti-entropy retries it later); one that keeps failing for
 retryable reasons ends the session, which then resumes from the same cursor.
+
+A relayed event (one whose origin is not the peer that sent it) can overtake
+the origin's own: the origin's stream carries the blob bytes with its events
+(``replicator.service``) and so moves slower than a relay's few hundred bytes.
+Fetching the content on the relay's word would then cross the WAN a second
+time, on the same connection the bytes are already queued on. So while this
+node's stream from the event's origin is connected and only a little behind
+(``ORIGIN_AHEAD_MAX`` events), a relayed content event first waits, at most
+``ORIGIN_WAIT_S``, until that stream has delivered the event's origin
+sequence number (``OriginStreams``); usually it already has, and nothing waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -58,12 +69,44 @@ PIPELINE_DEPTH = 64
 # they still took a tenth of a busy node's main thread.
 CURSOR_PERSIST_S = 2.0
 RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=1.0)
+# How long a relayed event may wait for its origin's own stream to deliver it,
+# and how far behind that stream may be for the wait to be worth it.
+ORIGIN_WAIT_S = 1.0
+ORIGIN_AHEAD_MAX = 512
+CONTENT_KINDS = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT, EventKind.MANIFEST_PUT,
+                           EventKind.TAG_SET})
+
+
+class OriginStreams:
+    """This node's subscriptions by the peer they read from, so a relayed event
+    can wait for its origin's own stream (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._by_origin: dict[tuple[str, str], Subscription] = {}
+
+    def add(self, subscription: Subscription) -> None:
+        peer = subscription.peer.peer
+        self._by_origin[(peer.region, peer.zone)] = subscription
+
+    def remove(self, subscription: Subscription) -> None:
+        peer = subscription.peer.peer
+        if self._by_origin.get((peer.region, peer.zone)) is subscription:
+            del self._by_origin[(peer.region, peer.zone)]
+
+    async def delivered(self, event: Event) -> None:
+        """Return once the origin's stream has delivered ``event``, or at once
+        if it is not connected, far behind or the event predates it; at most
+        after ``ORIGIN_WAIT_S``."""
+        stream = self._by_origin.get((event.origin_region, event.origin_zone))
+        if stream is not None and event.origin_seq:
+            await stream.received(event.origin_seq)
 
 
 class Subscription:
     def __init__(self, peer: PeerClient, transfer: Transfer, others: Callable[[], Sequence[PeerClient]],
                  metrics: ReplicationMetrics, *, on_connect: Callable[[PeerClient], Awaitable[None]] | None = None,
                  backoff: Backoff = RECONNECT_BACKOFF, acknowledge: bool = True,
+                 origins: OriginStreams | None = None,
                  rng: random.Random | None = None) -> None:
         self.peer = peer
         self.acknowledge = acknowledge   # the peer counts this node toward its zone quorum
@@ -77,6 +120,9 @@ class Subscription:
         self.rng = rng or random.Random()
         self.connected = False
         self.peer_last_seq = 0
+        self.origins = origins
+        self._received = 0              # the peer's log up to here is applied or under way here
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
         self.last_error = ""
         self._applied: Cursor | None = None       # in memory, ahead of the persisted one
         self._persisted: Cursor | None = None
@@ -115,6 +161,35 @@ class Subscription:
         self._persisted = cursor
         self._persisted_at = asyncio.get_running_loop().time()
 
+    async def received(self, seq: int) -> None:
+        """Return once this stream has delivered the peer's event ``seq`` (its
+        apply is done or under way), or at once if the stream is down or more
+        than ``ORIGIN_AHEAD_MAX`` events behind it; at most after ``ORIGIN_WAIT_S``."""
+        if not self.connected or seq <= self._received or seq - self._received > ORIGIN_AHEAD_MAX:
+            return
+        future = asyncio.get_running_loop().create_future()
+        entry = (seq, future)
+        self._waiting.append(entry)
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(future), ORIGIN_WAIT_S)
+        finally:
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+
+    def _delivered(self, seq: int | None) -> None:
+        """The peer's log is delivered up to ``seq`` (None: the stream ended)."""
+        if seq is not None:
+            self._received = max(self._received, seq)
+        still = []
+        for entry in self._waiting:
+            if seq is None or entry[0] <= self._received:
+                if not entry[1].done():
+                    entry[1].set_result(None)
+            else:
+                still.append(entry)
+        self._waiting = still
+
     @property
     def lag_events(self) -> int:
         return max(0, self.peer_last_seq - self.cursor().seq)
@@ -140,6 +215,7 @@ class Subscription:
         return [self.peer, *(p for p in self.others() if p is not self.peer)]
 
     async def _session(self) -> None:
+        self._received = self.cursor().seq
         call = self.peer.subscribe()
         # (cursor after a batch, its blob tasks) in log order: the reader adds,
         # the acknowledger advances and acknowledges each once its tasks are done.
@@ -165,6 +241,8 @@ class Subscription:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             call.cancel()
+            self.connected = False
+            self._delivered(None)
             self._persist()
 
     async def _read(self, call: grpc.aio.StreamStreamCall,
@@ -191,6 +269,9 @@ class Subscription:
                 tasks = [asyncio.ensure_future(self._apply_one(event_from_wire(m), sources,
                                                                m.blob_body or None))
                          for m in batch.events]
+            # The tasks above run their first step (which registers a transfer
+            # or a store of sent bytes) before any relayed event woken here.
+            self._delivered(batch.last_seq)
             await applying.put((Cursor(batch.sender.node_id, batch.last_seq), tasks))
 
     async def _acknowledge(self, call: grpc.aio.StreamStreamCall,
@@ -233,6 +314,10 @@ class Subscription:
 
     async def _apply_one(self, event: Event, sources: Sequence[PeerClient],
                          body: bytes | None = None) -> None:
+        peer = self.peer.peer
+        if (self.origins is not None and event.kind in CONTENT_KINDS
+                and (event.origin_region, event.origin_zone) != (peer.region, peer.zone)):
+            await self.origins.delivered(event)   # a relay: let the origin's own copy land first
         try:
             await self.transfer.apply(event, sources, body)
         except ReplicationError as exc:

@@ -11,7 +11,8 @@ so an incomplete image is never visible here, not even for an instant.
 * A blob transfer that breaks keeps what arrived (flushed to disk) and
   resumes from that offset, from the same peer or another one.
 * A small blob may come with its event (``replicator.service``): it is stored
-  if it hashes to its digest, else fetched like any other.
+  if it hashes to its digest, else fetched like any other. While such a store
+  runs, another event for the same digest waits for it instead of fetching.
 * Content is asked of the peer that announced the change first, then of the
   others (propagation is transitive, so any of them may have it) — except for
   a blob from another region, whose sources follow the WAN (``blob_attempts``):
@@ -107,6 +108,7 @@ class Transfer:
         self._slots = asyncio.Semaphore(concurrency)
         self._blobs: dict[str, asyncio.Future[None]] = {}
         self._manifests: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._sent: dict[str, asyncio.Future[bool]] = {}   # stores of bytes that came with events
         self._inbound: dict[str, UploadFile] = {}
         self._crossing: Counter[str] = Counter()   # blob transfers planned across the WAN, per peer
 
@@ -176,12 +178,23 @@ class Transfer:
         (otherwise the sources are asked)."""
         if self.replica.has_blob(digest):
             return
-        if sent is not None:
+        storing = self._sent.get(digest)
+        if storing is None and sent is not None:
             # Stored on its own, not after a transfer a relayed event or
             # anti-entropy may have started first (three WAN trips away).
             sender = sources[0].name if sources else ""
-            if await self._store_sent(digest, sender, sent):
-                return
+            storing = asyncio.ensure_future(self._store_sent(digest, sender, sent))
+            self._sent[digest] = storing
+            storing.add_done_callback(lambda _: self._sent.pop(digest, None))
+        if storing is not None:
+            # Bytes in hand (these or another event's) are being stored: wait
+            # for them rather than fetch; if they were not the blob, fetch.
+            try:
+                if await asyncio.shield(storing):
+                    return
+            except ReplicationError:
+                if sent is not None:
+                    raise
         future = self._blobs.get(digest)
         if future is None:
             attempts = self.blob_attempts(digest, origin_region, sources)

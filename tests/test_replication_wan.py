@@ -16,7 +16,9 @@ cross between regions can be counted on the links themselves:
   answers NOT_FOUND when the wait runs out, never waits past it, and keeps the
   residency rule;
 * a node relays an image's events to a subscriber in about one batch, and
-  subscriptions acknowledge only to the zone quorum.
+  subscriptions acknowledge only to the zone quorum;
+* a relay that overtakes the origin's own stream (which carries the bytes)
+  waits for it instead of fetching: the bytes cross the WAN once.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import grpc
 import msgspec
 import pytest
 
+from cluster.links import LinkFaults
 from registry_node.records import NodeIdentity
 from replicator.errors import Outcome, ReplicationError
 from replicator.peers import PeerClient
 from replicator.residency import ResidencyPolicy
+from replicator.subscription import ORIGIN_WAIT_S
 from replicator.topology import Peer, ReplicationSettings
 from replicator.transfer import ORIGIN_ZONE_WAIT_MS, SIBLING_WAIT_MS, Transfer, _spin
 
@@ -296,3 +300,29 @@ async def test_relayed_events_of_an_image_travel_together(cluster, http):
     finally:
         call.cancel()
         await client.close()
+
+
+@pytest.mark.parametrize("cluster", [False], indirect=True, ids=["one_per_zone"])
+async def test_a_relay_that_overtakes_the_origin_waits_for_its_bytes(cluster, http):
+    """eastus-1's stream to westeurope-1 carries the blobs and is made slow;
+    eastus-2's relay of the same events (no bytes) arrives first. westeurope-1
+    waits for the origin's stream rather than fetch: each blob crosses once."""
+    node = cluster.nodes["westeurope-1"]
+    cluster.links[("westeurope-1", "eastus-1")].set_faults(
+        LinkFaults(extra_latency_ms=ORIGIN_WAIT_S * 1000 / 3))
+    # Only eastus-2 may relay: the race is the origin's slow stream against it.
+    for other in ("westeurope-2", "westeurope-3", "eastus-3"):
+        cluster.links[("westeurope-1", other)].cut()
+    image = make_image([256 << 10] * 4, seed=15)
+    blob_bytes = sum(len(b) for b in image.blobs)
+    links_in = [link for (src, dst), link in cluster.links.items()
+                if src == "westeurope-1" and cluster.nodes[dst].region == "eastus"]
+    before = sum(link.bytes_forwarded for link in links_in)
+    relayed = node.replication.metrics.bytes.labels("eastus-2", "in")
+    relayed_before = relayed._value.get()
+    await push_image(http, cluster.nodes["eastus-1"].url, "wan/overtake", image, tag="v1")
+    await eventually(lambda: _pullable(http, node, "wan/overtake", "v1", image),
+                     timeout=20, what="wan/overtake:v1 on westeurope-1")
+    assert relayed._value.get() == relayed_before, "a blob was fetched on the relay's word"
+    crossed = sum(link.bytes_forwarded for link in links_in) - before
+    assert blob_bytes <= crossed < 1.5 * blob_bytes, (crossed, blob_bytes)

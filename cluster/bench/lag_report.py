@@ -257,11 +257,12 @@ class LagResults:
 
 
 def _timeline(push: ImagePush) -> dict:
-    """One push, every time in ms relative to its acknowledgement."""
+    """One push, every time in ms relative to its acknowledgement (``acked_ns``,
+    the client's clock, to line a push up with the nodes' logs)."""
     def rel(ns: int) -> float:
         return round((ns - push.acked_ns) / NS_PER_MS, 3)
     return {"origin": push.origin, "repository": push.repository, "size": push.size,
-            "started_ms": rel(push.started_ns), "manifest_sent_ms": rel(push.manifest_sent_ns),
+            "acked_ns": push.acked_ns, "started_ms": rel(push.started_ns), "manifest_sent_ms": rel(push.manifest_sent_ns),
             "blobs": [{"size": b.size, "put_sent_ms": rel(b.sent_ns), "acked_ms": rel(b.acked_ns)}
                       for b in push.blobs]}
 

@@ -18,7 +18,9 @@ cross between regions can be counted on the links themselves:
 * a node relays an image's events to a subscriber in about one batch, and
   subscriptions acknowledge only to the zone quorum;
 * a relay that overtakes the origin's own stream (which carries the bytes)
-  waits for it instead of fetching: the bytes cross the WAN once.
+  waits for it instead of fetching: the bytes cross the WAN once;
+* the origin reads a blob it sends with its events once, for every
+  subscriber, not once per subscriber.
 """
 
 from __future__ import annotations
@@ -326,3 +328,28 @@ async def test_a_relay_that_overtakes_the_origin_waits_for_its_bytes(cluster, ht
     assert relayed._value.get() == relayed_before, "a blob was fetched on the relay's word"
     crossed = sum(link.bytes_forwarded for link in links_in) - before
     assert blob_bytes <= crossed < 1.5 * blob_bytes, (crossed, blob_bytes)
+
+
+@pytest.mark.parametrize("cluster", [False], indirect=True, ids=["one_per_zone"])
+async def test_the_origin_reads_an_inline_blob_once_for_every_subscriber(cluster, http):
+    origin = cluster.nodes["eastus-1"]
+    service = origin.replication.service
+    reads: Counter[str] = Counter()
+    read_blob = service._read_blob
+
+    async def counted(digest: str, size: int):
+        reads[digest] += 1
+        return await read_blob(digest, size)
+
+    service._read_blob = counted
+    image = make_image([300 << 10, 200 << 10, 100 << 10], seed=16)
+    await push_image(http, origin.url, "wan/once-read", image, tag="v1")
+    for node in cluster.running():
+        await eventually(lambda n=node: _pullable(http, n, "wan/once-read", "v1", image),
+                         timeout=20, what=f"wan/once-read:v1 on {node.name}")
+    sent = origin.replication.metrics.bytes
+    inline = sum(sent.labels(f"{n.region}/{n.zone}", "out")._value.get()
+                 for n in cluster.running())
+    assert inline >= 5 * sum(len(b) for b in image.blobs)   # all five subscribers got bytes
+    assert {digest_of(b) for b in image.blobs} <= set(reads)
+    assert max(reads.values()) == 1, reads

@@ -66,6 +66,7 @@ INLINE_BLOB_BATCH_MAX = 4 * 1024 * 1024  # blob bytes per batch, at most
 # at 0.5 images/s per origin, each 1 MiB layer was read and decrypted once per
 # subscriber, nine times, a third of an origin node's busy time.
 INLINE_CACHE_BYTES = 8 * 1024 * 1024
+INLINE_CACHE_S = 5.0     # and for this long at most: an idle node holds none of it
 IDLE_WAIT_S = 5.0
 # The longest a FetchBlob waits for a blob that has not landed yet (wait_ms).
 MAX_FETCH_WAIT_MS = 10_000
@@ -193,7 +194,7 @@ class ReplicationService(pbg.ReplicationServicer):
         subscriber then fetches it as usual, from wherever it is). Every
         subscriber at the head wants the same blob within milliseconds: one
         read serves them all, and the last ``INLINE_CACHE_BYTES`` read stay in
-        memory for the subscribers that come a little later."""
+        memory, for ``INLINE_CACHE_S``, for the subscribers a little later."""
         body = self._recent.get(digest)
         if body is not None:
             self._recent.move_to_end(digest)
@@ -210,9 +211,16 @@ class ReplicationService(pbg.ReplicationServicer):
             self._recent[digest] = body
             self._recent_bytes += len(body)
             while self._recent_bytes > INLINE_CACHE_BYTES:
-                _, dropped = self._recent.popitem(last=False)
-                self._recent_bytes -= len(dropped)
+                self._forget(next(iter(self._recent)))
+            asyncio.get_running_loop().call_later(INLINE_CACHE_S, self._forget, digest, body)
         return body
+
+    def _forget(self, digest: str, body: bytes | None = None) -> None:
+        """Drop a remembered blob (only ``body``, if given: not a newer copy)."""
+        held = self._recent.get(digest)
+        if held is not None and (body is None or held is body):
+            del self._recent[digest]
+            self._recent_bytes -= len(held)
 
     async def _read_blob(self, digest: str, size: int) -> bytes | None:
         try:

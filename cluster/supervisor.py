@@ -46,6 +46,7 @@ _PR_SET_PDEATHSIG = 1
 # A node process sets its own allocator (registry_node.allocator); a
 # MALLOC_* variable in the environment would override it.
 NODE_ENV = {"PYTHONUNBUFFERED": "1"}
+PAIR_COPY_NICE = 10
 
 
 # What a node process imports of this project (the rest is installed compiled).
@@ -69,6 +70,15 @@ def ensure_bytecode() -> None:
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _storage_copy_child() -> None:
+    """A paired-region copy is storage, not a registry anyone waits on: its
+    process yields the CPU to the serving nodes (on two cores, an image's
+    copies all arrive at once and compete)."""
+    _die_with_parent()
+    with contextlib.suppress(OSError):
+        os.nice(PAIR_COPY_NICE)
 
 
 class NodeStartError(RuntimeError):
@@ -189,7 +199,7 @@ class Supervisor:
             node.process = await asyncio.create_subprocess_exec(
                 *self.node_command(node.plan), stdout=asyncio.subprocess.PIPE, stderr=log_file,
                 stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                preexec_fn=_storage_copy_child if node.plan.copy_of else _die_with_parent)
         node.started_at = time.monotonic()
         try:
             line = await asyncio.wait_for(self._ready_line(node), START_TIMEOUT_S)

@@ -14,11 +14,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from cluster import spec as specs
+from cluster.supervisor import PAIR_COPY_NICE
 from cluster.testing import RunningCluster
 
 from .helpers import digest_of, eventually, make_image, push_image, verified_clean
@@ -258,6 +260,10 @@ def test_bad_fault_requests_say_what_is_wrong(cluster):
 # -- destroy and restore -------------------------------------------------------------------
 
 
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 async def test_destroy_and_restore_from_the_paired_copy(cluster, http):
     # Content that reaches no other replica: eastus cut off from every region,
     # but not from its own storage copy in its paired region (westus).
@@ -268,6 +274,9 @@ async def test_destroy_and_restore_from_the_paired_copy(cluster, http):
     copy = cluster.node_url("pair-eastus")
     await eventually(lambda: pullable(http, copy, "onlyeast/app", "v1", image), timeout=20,
                      what="the paired copy holding the push")
+    # The copy is storage: its process yields the CPU to the serving nodes.
+    nodes = cluster.cluster.supervisor.nodes
+    assert _nice(nodes["pair-eastus"].pid) == PAIR_COPY_NICE + _nice(nodes["eastus-1"].pid)
     cluster.run(lambda: cluster.cluster.faults.inject("destroy", region="eastus"))
     for fault in cut:
         cluster.run(lambda f=fault: cluster.cluster.faults.heal(f.id))

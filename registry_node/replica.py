@@ -193,15 +193,25 @@ class Replica:
         ``batch``), or discard it and raise ``ContentRejected`` if its bytes
         hash to something else (``batch`` is still committed)."""
         registry = self.registry
-        actual = await registry.run_blocking(lambda: file.digest(Digest(digest).algorithm))
+        touched = registry.touched.get(digest)
+        registry.touch(digest)          # before it is in place: GC spares it until linked
+
+        def check_and_place() -> str:     # one trip to a worker thread, not two
+            actual = file.digest(Digest(digest).algorithm)
+            if actual != digest:
+                self.blobs.discard_upload(file)
+            else:
+                self.blobs.commit_upload(file, digest)
+            return actual
+
+        size = file.size
+        actual = await registry.run_blocking(check_and_place)
         if actual != digest:
-            await registry.run_blocking(lambda: self.blobs.discard_upload(file))
+            if touched is None:
+                registry.touched.pop(digest, None)
             if batch:
                 self.meta.commit(batch)
             raise ContentRejected(f"transferred bytes hash to {actual}, not {digest}")
-        size = file.size
-        registry.touch(digest)
-        await registry.run_blocking(lambda: self.blobs.commit_upload(file, digest))
         if self.meta.get(keys.blob(digest)) is None:
             batch.put(keys.blob(digest), encode(BlobRecord(size, registry.wall_ns())))
         if batch:

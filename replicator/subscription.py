@@ -56,7 +56,7 @@ from .errors import Outcome, ReplicationError, from_grpc, indefinite
 from .metrics import ReplicationMetrics
 from .peers import PeerClient
 from .retry import Backoff
-from .transfer import Transfer
+from .transfer import CONTENT_KINDS, Transfer
 from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
@@ -73,8 +73,6 @@ RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=1.0)
 # and how far behind that stream may be for the wait to be worth it.
 ORIGIN_WAIT_S = 1.0
 ORIGIN_AHEAD_MAX = 512
-CONTENT_KINDS = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT, EventKind.MANIFEST_PUT,
-                           EventKind.TAG_SET})
 
 
 class OriginStreams:
@@ -172,7 +170,7 @@ class Subscription:
         self._waiting.append(entry)
         try:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(future), ORIGIN_WAIT_S)
+                await asyncio.wait_for(future, ORIGIN_WAIT_S)
         finally:
             if entry in self._waiting:
                 self._waiting.remove(entry)
@@ -206,8 +204,6 @@ class Subscription:
                 self.last_error = exc.reason
                 self.metrics.failures.labels(self.peer.name, exc.outcome.value).inc()
                 log.info("subscription_broken", peer=self.peer.name, error=exc.reason)
-            finally:
-                self.connected = False
             await asyncio.sleep(self.backoff.delay(attempt, self.rng))
             attempt += 1
 
@@ -241,7 +237,7 @@ class Subscription:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             call.cancel()
-            self.connected = False
+            self.connected = False     # first: a relay asking from now on does not wait
             self._delivered(None)
             self._persist()
 

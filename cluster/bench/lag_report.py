@@ -262,7 +262,8 @@ def _timeline(push: ImagePush) -> dict:
     def rel(ns: int) -> float:
         return round((ns - push.acked_ns) / NS_PER_MS, 3)
     return {"origin": push.origin, "repository": push.repository, "size": push.size,
-            "acked_ns": push.acked_ns, "started_ms": rel(push.started_ns), "manifest_sent_ms": rel(push.manifest_sent_ns),
+            "acked_ns": push.acked_ns, "started_ms": rel(push.started_ns),
+            "manifest_sent_ms": rel(push.manifest_sent_ns),
             "blobs": [{"size": b.size, "put_sent_ms": rel(b.sent_ns), "acked_ms": rel(b.acked_ns)}
                       for b in push.blobs]}
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
+import random
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +30,26 @@ from replicator.residency import ResidencyPolicy
 from replicator.runtime import Replication
 from replicator.topology import ClusterView, Peer, ReplicationSettings
 
+# Ports handed to nodes that bind them later. Below the kernel's ephemeral
+# range (32768-60999 here): a port picked by binding port 0 was free only at
+# that instant, and a link listening on port 0 or any outgoing connection could
+# take it before the node bound it ("Address already in use", twice in a CI
+# run).
+_PORTS = itertools.count(random.Random(os.getpid()).randrange(10000))
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port outside the ephemeral range, free now, not handed out
+    before by this process."""
+    for _ in range(10000):
+        port = 10000 + next(_PORTS) % 10000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port between 10000 and 19999")
 
 
 @dataclass

@@ -132,10 +132,13 @@ class ReplicationService(pbg.ReplicationServicer):
                     continue
                 if not any(self._own(e) for e in events):
                     events += await self._gather_relays(events[-1].seq, BATCH_LIMIT - len(events))
-                # A batch short of the limit reached the head of the log when read.
-                out = await self._wire_batch(events, subscriber, at_head=len(events) < BATCH_LIMIT)
                 cursor = events[-1].seq
-                yield pb.EventBatch(sender=me, events=out, last_seq=cursor)
+                # A batch short of the limit reached the head of the log when read.
+                # Built in the yield, not bound to a name: the batch (inline blob
+                # bytes included) must not outlive its sending, or an idle
+                # stream would hold its last one until the next event.
+                yield pb.EventBatch(sender=me, last_seq=cursor, events=await self._wire_batch(
+                    events, subscriber, at_head=len(events) < BATCH_LIMIT))
         finally:
             acks.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

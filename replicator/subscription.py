@@ -268,7 +268,11 @@ class Subscription:
             # The tasks above run their first step (which registers a transfer
             # or a store of sent bytes) before any relayed event woken here.
             self._delivered(batch.last_seq)
-            await applying.put((Cursor(batch.sender.node_id, batch.last_seq), tasks))
+            cursor = Cursor(batch.sender.node_id, batch.last_seq)
+            # Not kept while waiting for the next batch: an idle stream would
+            # otherwise hold its last batch, inline blob bytes and all.
+            del batch
+            await applying.put((cursor, tasks))
 
     async def _acknowledge(self, call: grpc.aio.StreamStreamCall,
                            applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]]) -> None:

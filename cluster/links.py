@@ -16,6 +16,15 @@ target. Each direction of each connection is shaped separately:
 
 Randomness (jitter, resets) comes from an injected ``random.Random``, so a
 seeded scenario replays the same way.
+
+The bytes move at the ``asyncio.Protocol`` level: each chunk read is stamped
+with its delivery time and queued, and one loop timer per direction writes
+everything due when it fires (a sink whose socket buffer is full holds the
+queue; a queue beyond ``MAX_BUFFERED`` stops reading its source). Every link
+of a cluster shares the supervisor's event loop with the routing proxy, and
+a default cluster moves ~30 MiB across links per image pushed, so the cost
+per byte matters: 1.8 ms of CPU per MiB at 20 ms latency, against 3.0 with
+a reader task, a queue and a sleeping writer task per direction.
 """
 
 from __future__ import annotations
@@ -24,15 +33,20 @@ import asyncio
 import contextlib
 import random
 import socket
-from dataclasses import dataclass, field, replace
+from collections import deque
+from dataclasses import dataclass, replace
 
 import structlog
 
 log = structlog.get_logger("georeg.links")
 
-READ_SIZE = 64 * 1024
 # Bytes a direction may hold in flight before it stops reading (backpressure).
 MAX_BUFFERED = 4 * 1024 * 1024
+# A socket's own write buffer beyond which the link holds delivered bytes back.
+_WRITE_HIGH_WATER = 256 * 1024
+# Loop timers may round to the millisecond: aim this much after a chunk is due,
+# so that none is ever delivered before its time.
+_TIMER_MARGIN_S = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +75,236 @@ class LinkFaults:
         return self != LinkFaults()
 
 
-@dataclass
-class _Direction:
-    name: str
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    buffered: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    last_delivery: float = 0.0
-    wire_free_at: float = 0.0
+class _Side(asyncio.Protocol):
+    """One socket of a linked connection: the caller's, or the target's."""
+
+    __slots__ = ("conn", "transport", "write_paused", "closed")
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        _no_delay(transport)
+        self.conn.made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.received(self, data)
+
+    def eof_received(self) -> bool:
+        self.conn.received(self, b"")
+        return True                 # half-closed: the other direction carries on
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.conn.lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.conn.toward(self).schedule()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+
+class _Flow:
+    """One direction of a connection: chunks read from ``source`` wait in
+    ``queue`` until due, then go to ``sink``; ``b""`` is the end of stream."""
+
+    __slots__ = ("conn", "source", "sink", "queue", "buffered", "last_delivery",
+                 "wire_free_at", "timer", "reading_paused", "ended", "delivered")
+
+    def __init__(self, conn: _Connection, source: _Side, sink: _Side) -> None:
+        self.conn = conn
+        self.source = source
+        self.sink = sink
+        self.queue: deque[tuple[float, bytes]] = deque()
+        self.buffered = 0
+        self.last_delivery = 0.0
+        self.wire_free_at = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.reading_paused = False
+        self.ended = False          # the source's end is queued
+        self.delivered = False      # ... and has reached the sink
+
+    def add(self, deliver_at: float, data: bytes) -> None:
+        self.last_delivery = deliver_at
+        self.queue.append((deliver_at, data))
+        if data:
+            self.buffered += len(data)
+            if self.buffered > MAX_BUFFERED and not self.reading_paused:
+                self.reading_paused = True
+                self.source.transport.pause_reading()
+        else:
+            self.ended = True
+        if self.timer is None:
+            self.schedule()
+
+    def schedule(self) -> None:
+        if self.timer is not None or not self.queue:
+            return
+        loop = self.conn.loop
+        self.timer = loop.call_at(self.queue[0][0] + _TIMER_MARGIN_S, self.flush)
+
+    def flush(self) -> None:
+        """Write everything due, unless the link is stalled, the target has
+        not answered yet or the sink's buffer is full (healing, connecting and
+        ``resume_writing`` call ``schedule`` again)."""
+        self.timer = None
+        link = self.conn.link
+        sink = self.sink
+        if link.faults.stall or sink.transport is None or sink.write_paused or sink.closed \
+                or self.delivered:
+            return
+        now = self.conn.loop.time()
+        queue = self.queue
+        out: list[bytes] = []
+        ended = False
+        while queue and queue[0][0] <= now:
+            data = queue.popleft()[1]
+            if not data:
+                ended = True
+                break
+            out.append(data)
+        if out:
+            size = sum(map(len, out))
+            self.sink.transport.writelines(out)
+            self.buffered -= size
+            link.bytes_forwarded += size
+            if self.reading_paused and self.buffered <= MAX_BUFFERED and not self.source.closed:
+                self.reading_paused = False
+                self.source.transport.resume_reading()
+        if ended:
+            self.delivered = True
+            if self.sink.transport.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    self.sink.transport.write_eof()
+            self.conn.flow_done()
+        else:
+            self.schedule()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.queue.clear()
+
+
+class _Connection:
+    """A caller's connection through the link to its target, both directions shaped."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.loop = asyncio.get_running_loop()
+        self.client = _Side(self)
+        self.target = _Side(self)
+        self.forward = _Flow(self, self.client, self.target)
+        self.backward = _Flow(self, self.target, self.client)
+        self.connecting: asyncio.Task | None = None
+        self.finished = False
+
+    def toward(self, side: _Side) -> _Flow:
+        return self.forward if side is self.target else self.backward
+
+    def made(self, side: _Side) -> None:
+        if side is not self.client:
+            return
+        link = self.link
+        if link.faults.cut_forward or link.faults.cut_backward or link._stopped:
+            side.transport.abort()
+            return
+        link._live.add(self)
+        # What the caller sends meanwhile is queued as usual, and flows once
+        # the target has answered.
+        self.connecting = self.loop.create_task(self._connect(), name=f"link:{link.name}")
+
+    async def _connect(self) -> None:
+        try:
+            await self.loop.create_connection(lambda: self.target, *self.link.target)
+        except OSError:
+            self.connecting = None
+            self.abort()
+            return
+        self.connecting = None
+        if self.client.closed:
+            self.abort()
+        else:
+            self.forward.schedule()
+
+    def received(self, side: _Side, data: bytes) -> None:
+        link = self.link
+        flow = self.forward if side is self.client else self.backward
+        if flow.ended or self.finished:
+            return
+        if flow.sink.closed and data:
+            self.abort()                        # as TCP answers bytes for a closed socket
+            return
+        now = self.loop.time()
+        if not data:
+            flow.add(max(now, flow.last_delivery), b"")
+            return
+        faults = link.faults
+        if faults.reset_probability and link.rng.random() < faults.reset_probability:
+            log.debug("link_reset_injected", link=link.name)
+            self.abort()
+            return
+        rate = link._rate_bytes_per_s()
+        if rate:  # serialise onto the wire at the link's rate
+            sent = flow.wire_free_at = max(now, flow.wire_free_at) + len(data) / rate
+        else:
+            sent = now
+        flow.add(max(sent + link._delay_s(), flow.last_delivery), data)
+
+    def lost(self, side: _Side, exc: Exception | None) -> None:
+        if self.finished:
+            return
+        if exc is not None:
+            self.abort()                        # a reset travels on at once
+            return
+        inbound = self.forward if side is self.client else self.backward
+        if not inbound.ended:                   # closed without a half-close first
+            self.received(side, b"")
+        outbound = self.toward(side)
+        if outbound.queue:
+            self.abort()                        # bytes for a socket that is gone
+            return
+        outbound.delivered = True
+        self.flow_done()
+
+    def flow_done(self) -> None:
+        if self.forward.delivered and self.backward.delivered:
+            self.close()
+
+    def kick(self) -> None:
+        self.forward.schedule()
+        self.backward.schedule()
+
+    def close(self) -> None:
+        self._end()
+        for side in (self.client, self.target):
+            if side.transport is not None and not side.closed:
+                side.transport.close()
+
+    def abort(self) -> None:
+        self._end()
+        for side in (self.client, self.target):
+            side.abort()
+
+    def _end(self) -> None:
+        self.finished = True
+        self.link._live.discard(self)
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.forward.cancel()
+        self.backward.cancel()
 
 
 class Link:
@@ -86,10 +320,7 @@ class Link:
         self.rng = rng or random.Random()
         self.bytes_forwarded = 0
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._flowing = asyncio.Event()
-        self._flowing.set()
+        self._live: set[_Connection] = set()
         self._stopped = False
         self._relisten: asyncio.Task | None = None
         self._pending_sock: socket.socket | None = None
@@ -107,7 +338,9 @@ class Link:
         stopped meanwhile. Nothing here yields before the server owns the
         socket, so a cancellation cannot strand it."""
         self._pending_sock = None
-        server = await asyncio.start_server(self._accept, sock=sock, start_serving=False)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Connection(self).client, sock=sock,
+                                          start_serving=False)
         if self.faults.cut_forward or self._stopped:  # cut again while this was queued
             server.close()
             return
@@ -157,11 +390,6 @@ class Link:
             await self._server.wait_closed()
             self._server = None
         self._close_all()
-        for task in list(self._connections):
-            task.cancel()
-        for task in list(self._connections):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
 
     # -- faults --------------------------------------------------------------------
 
@@ -174,12 +402,11 @@ class Link:
                   (faults.cut_backward and not self.faults.cut_backward) or \
                   (faults.stall and not self.faults.stall)
         self.faults = faults
-        if faults.stall:
-            self._flowing.clear()
-        else:
-            self._flowing.set()
         if cut_now:
             self._close_all()
+        elif not faults.stall:
+            for conn in list(self._live):       # what a stall held back is due now
+                conn.kick()
         self._set_listening(not faults.cut_forward)
         log.info("link_faults", link=self.name, faults=str(faults) if faults.any else "healed")
 
@@ -190,57 +417,11 @@ class Link:
         self.set_faults(LinkFaults())
 
     def _close_all(self) -> None:
-        for writer in list(self._writers):
-            with contextlib.suppress(Exception):
-                writer.transport.abort()
-        self._writers.clear()
+        for conn in list(self._live):
+            conn.abort()
+        self._live.clear()
 
-    # -- forwarding ----------------------------------------------------------------
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)
-        try:
-            await self._serve(reader, writer)
-        except asyncio.CancelledError:
-            # The link is stopping. asyncio's stream server inspects this task's
-            # exception when it ends; ending quietly keeps that from logging noise.
-            pass
-        finally:
-            self._connections.discard(task)
-
-    async def _serve(self, client_reader: asyncio.StreamReader,
-                     client_writer: asyncio.StreamWriter) -> None:
-        faults = self.faults
-        if faults.cut_forward or faults.cut_backward:
-            client_writer.transport.abort()
-            return
-        try:
-            target_reader, target_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            client_writer.transport.abort()
-            return
-        for writer in (client_writer, target_writer):
-            _no_delay(writer)
-        self._writers.update((client_writer, target_writer))
-        forward = _Direction("forward", client_reader, target_writer)
-        backward = _Direction("backward", target_reader, client_writer)
-        tasks = [asyncio.create_task(self._pump(d)) for d in (forward, backward)]
-        tasks += [asyncio.create_task(self._deliver(d)) for d in (forward, backward)]
-        try:
-            # Until both directions have delivered everything (a half-close keeps
-            # the other direction open, as TCP does), or one of them fails.
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            for w in (client_writer, target_writer):
-                self._writers.discard(w)
-                with contextlib.suppress(Exception):
-                    w.transport.abort()
+    # -- shaping -------------------------------------------------------------------
 
     def _delay_s(self) -> float:
         latency = self.model.latency_ms + self.faults.extra_latency_ms
@@ -253,59 +434,13 @@ class Link:
         rates = [r for r in (self.model.bandwidth_mbps, self.faults.bandwidth_mbps) if r > 0]
         return min(rates) * 1e6 / 8 if rates else 0.0
 
-    async def _pump(self, d: _Direction) -> None:
-        """Read from one side and schedule each chunk's delivery."""
-        loop = asyncio.get_running_loop()
-        while True:
-            while d.buffered > MAX_BUFFERED:
-                d.drained.clear()
-                await d.drained.wait()
-            data = await d.reader.read(READ_SIZE)
-            if not data:
-                await d.queue.put((loop.time(), b""))
-                return
-            faults = self.faults
-            if faults.reset_probability and self.rng.random() < faults.reset_probability:
-                raise ConnectionResetError(f"{self.name}: injected reset")
-            now = loop.time()
-            rate = self._rate_bytes_per_s()
-            if rate:  # serialise onto the wire at the link's rate
-                start = max(now, d.wire_free_at)
-                d.wire_free_at = start + len(data) / rate
-                sent = d.wire_free_at
-            else:
-                sent = now
-            deliver_at = max(sent + self._delay_s(), d.last_delivery)
-            d.last_delivery = deliver_at
-            d.buffered += len(data)
-            await d.queue.put((deliver_at, data))
 
-    async def _deliver(self, d: _Direction) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            deliver_at, data = await d.queue.get()
-            delay = deliver_at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await self._flowing.wait()  # a stalled link accepts but never answers
-            if not data:
-                with contextlib.suppress(Exception):
-                    d.writer.write_eof()
-                return
-            d.writer.write(data)
-            await d.writer.drain()
-            self.bytes_forwarded += len(data)
-            d.buffered -= len(data)
-            if d.buffered <= MAX_BUFFERED:
-                d.drained.set()
-
-
-def _no_delay(writer: asyncio.StreamWriter) -> None:
+def _no_delay(transport: asyncio.BaseTransport) -> None:
     """Every byte the link delivers goes out at once: the link models latency
     itself, and Nagle's algorithm would add up to a delayed-ACK timeout (40 ms)
     to small writes such as HTTP/2 window updates. asyncio sets this only on
     sockets whose protocol number says TCP, uvloop on every TCP socket."""
-    sock = writer.get_extra_info("socket")
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

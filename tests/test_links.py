@@ -1,4 +1,6 @@
-"""The WAN link's listening socket through cuts and heals: a cut link refuses
+"""The WAN link: its shaping (latency each way, bandwidth, every byte in
+order, half-closes carried through, a stall holding bytes until it heals,
+resets) and its listening socket through cuts and heals: a cut link refuses
 connections, a healed one serves again on the same port, a link stopped while
 it was about to listen again leaves no socket behind, and faults set from a
 thread other than the link's loop are refused instead of corrupting it."""
@@ -6,11 +8,14 @@ thread other than the link's loop are refused instead of corrupting it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import threading
+import time
 
 import pytest
 
-from cluster.links import Link
+from cluster.links import Link, LinkFaults, LinkModel
 
 from .helpers import eventually
 
@@ -41,13 +46,92 @@ async def _round_trip(port: int) -> bool | str:
 
 
 @pytest.fixture
-async def link():
+async def echo_port():
     server = await asyncio.start_server(_echo, "127.0.0.1", 0)
-    link = await Link("a->b", ("127.0.0.1", server.sockets[0].getsockname()[1])).start()
-    yield link
-    await link.stop()
+    yield server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
+
+
+@pytest.fixture
+async def link(echo_port):
+    link = await Link("a->b", ("127.0.0.1", echo_port)).start()
+    yield link
+    await link.stop()
+
+
+@pytest.fixture
+async def shaped(echo_port):
+    links: list[Link] = []
+
+    async def make(model: LinkModel) -> Link:
+        links.append(await Link("a->b", ("127.0.0.1", echo_port), model).start())
+        return links[-1]
+
+    yield make
+    for link in links:
+        await link.stop()
+
+
+async def _echoed(port: int, payload: bytes) -> tuple[bytes, float]:
+    """Send ``payload``, half-close, read the echo to its end: (bytes, seconds)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        received = await asyncio.wait_for(reader.read(), 30)
+        return received, time.monotonic() - started
+    finally:
+        writer.close()
+
+
+async def test_a_byte_takes_the_latency_each_way(shaped) -> None:
+    link = await shaped(LinkModel(latency_ms=60))
+    received, seconds = await _echoed(link.listen_port, b"x")
+    assert received == b"x"
+    assert seconds >= 0.120 - 0.002, f"echoed after {seconds * 1000:.1f} ms, two ways of 60 ms"
+
+
+async def test_bytes_cross_in_order_at_the_link_rate(shaped) -> None:
+    link = await shaped(LinkModel(bandwidth_mbps=80))   # 10 MB/s each way
+    payload = os.urandom(3 << 20)
+    received, seconds = await _echoed(link.listen_port, payload)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    # Both directions are serialised at 10 MB/s; they overlap, so at least one
+    # crossing's worth of time passes.
+    assert seconds >= len(payload) / 10e6 * 0.98, f"{len(payload)} bytes in {seconds:.3f} s"
+    assert link.bytes_forwarded == 2 * len(payload)
+
+
+async def test_a_stall_holds_bytes_until_it_heals(shaped) -> None:
+    link = await shaped(LinkModel(latency_ms=1))
+    link.set_faults(LinkFaults(stall=True))
+    reader, writer = await asyncio.open_connection("127.0.0.1", link.listen_port)
+    try:
+        writer.write(b"held")
+        await writer.drain()
+        with pytest.raises(TimeoutError):   # accepted, and nothing comes back meanwhile
+            await asyncio.wait_for(reader.read(4), 0.3)
+        assert link.bytes_forwarded == 0
+        link.heal()
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"held"
+    finally:
+        writer.close()
+
+
+async def test_a_certain_reset_breaks_the_connection(shaped) -> None:
+    link = await shaped(LinkModel())
+    link.set_faults(LinkFaults(reset_probability=1.0))
+    reader, writer = await asyncio.open_connection("127.0.0.1", link.listen_port)
+    try:
+        writer.write(b"x")
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 5)
+    finally:
+        writer.close()
+    link.heal()
+    assert await _round_trip(link.listen_port) is True
 
 
 async def test_cut_refuses_and_heal_serves_on_the_same_port(link: Link) -> None:

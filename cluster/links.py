@@ -30,6 +30,7 @@ a reader task, a queue and a sleeping writer task per direction.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import random
 import socket
@@ -44,6 +45,11 @@ log = structlog.get_logger("georeg.links")
 MAX_BUFFERED = 4 * 1024 * 1024
 # A socket's own write buffer beyond which the link holds delivered bytes back.
 _WRITE_HIGH_WATER = 256 * 1024
+# Buckets (upper bounds, ms) of how late a chunk reached its receiver against
+# its modelled delivery time; the last bucket holds everything beyond.
+LATENESS_BOUNDS_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500,
+                      1000, 2000)
+_LATENESS_BOUNDS_S = tuple(b / 1000 for b in LATENESS_BOUNDS_MS)
 # Loop timers may round to the millisecond: aim this much after a chunk is due,
 # so that none is ever delivered before its time.
 _TIMER_MARGIN_S = 0.0005
@@ -73,6 +79,28 @@ class LinkFaults:
     @property
     def any(self) -> bool:
         return self != LinkFaults()
+
+
+class DeliveryStats:
+    """What a link's shaping cost beyond the model: how late each chunk was
+    written to its receiver against its modelled time (the supervisor's loop
+    was busy, or the receiver's socket was full) in ``LATENESS_BOUNDS_MS``
+    buckets, and how often a receiver not reading held back a chunk that was
+    due. A lag measured through links that deliver late measures the machine,
+    not only the protocol: ``georeg bench lag`` reports these."""
+
+    __slots__ = ("counts", "held")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENESS_BOUNDS_MS) + 1)
+        self.held = 0
+
+    def record(self, late_s: float) -> None:
+        self.counts[bisect.bisect_left(_LATENESS_BOUNDS_S, late_s)] += 1
+
+    def as_dict(self) -> dict:
+        return {"lateness_bounds_ms": list(LATENESS_BOUNDS_MS),
+                "lateness_counts": list(self.counts), "held_by_receiver": self.held}
 
 
 class _Side(asyncio.Protocol):
@@ -161,18 +189,23 @@ class _Flow:
         self.timer = None
         link = self.conn.link
         sink = self.sink
-        if link.faults.stall or sink.transport is None or sink.write_paused or sink.closed \
-                or self.delivered:
+        if link.faults.stall or sink.transport is None or sink.closed or self.delivered:
             return
         now = self.conn.loop.time()
         queue = self.queue
+        if sink.write_paused:
+            if queue and queue[0][0] <= now:
+                link.delivery.held += 1
+            return
         out: list[bytes] = []
         ended = False
+        record = link.delivery.record
         while queue and queue[0][0] <= now:
-            data = queue.popleft()[1]
+            at, data = queue.popleft()
             if not data:
                 ended = True
                 break
+            record(now - at)
             out.append(data)
         if out:
             size = sum(map(len, out))
@@ -319,6 +352,7 @@ class Link:
         self.listen_port = listen_port
         self.rng = rng or random.Random()
         self.bytes_forwarded = 0
+        self.delivery = DeliveryStats()
         self._server: asyncio.Server | None = None
         self._live: set[_Connection] = set()
         self._stopped = False
@@ -328,6 +362,9 @@ class Link:
     @property
     def address(self) -> str:
         return f"{self.listen_host}:{self.listen_port}"
+
+    def stats(self) -> dict:
+        return {"name": self.name, "bytes": self.bytes_forwarded, **self.delivery.as_dict()}
 
     async def start(self) -> Link:
         await self._listen(self._bind())

@@ -83,6 +83,7 @@ class ManagementServer:
         r.add_get("/georeg/v1/verify", self.verify)
         r.add_post("/georeg/v1/regions/{region}/restore", self.restore_region)
         r.add_get("/georeg/v1/faults", self.list_faults)
+        r.add_get("/georeg/v1/links", self.list_links)
         r.add_post("/georeg/v1/faults", self.inject_fault)
         r.add_delete("/georeg/v1/faults", self.heal_all)
         r.add_delete("/georeg/v1/faults/{id}", self.heal_fault)
@@ -158,6 +159,12 @@ class ManagementServer:
         return web.json_response((await verify(self.cluster, timeout=timeout)).as_dict())
 
     # -- faults ----------------------------------------------------------------------------
+
+    async def list_links(self, request: web.Request) -> web.Response:
+        """Every WAN and zone link: its nodes, bytes delivered, and how late
+        it delivered them against the model (``links.DeliveryStats``)."""
+        return web.json_response([{"from": source, "to": target, **link.stats()}
+                                  for (source, target), link in self.cluster.supervisor.links.items()])
 
     async def list_faults(self, request: web.Request) -> web.Response:
         return web.json_response([f.as_dict() for f in self.cluster.faults.faults.values()])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.bench.floor import BlobPush, ImagePush, image_floor_ms
+from cluster.bench.lag_report import link_delivery
 from cluster.cli import main
 from cluster.links import LinkModel
 
@@ -78,6 +79,11 @@ def test_bench_lag_reports_every_pair_with_floors_and_a_chart(tmp_path, wan):
             assert pair["p50_ratio"] > 0
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    links = results["link_delivery"]
+    if wan:  # every layer of every image crossed to both other regions, at least once
+        assert links["bytes"] >= len(ORIGINS) * 3 * 3 * 64 * 1024 * 2, links
+        assert links["chunks"] > 0 and links["lateness_ms_at_most"]["p50"] is not None, links
+
     verification = results["verification"]
     assert verification["checks"] == 2
     assert verification["all_consistent"], results["verification_checks"]
@@ -106,3 +112,22 @@ def test_floor_uses_the_least_delay_and_is_zero_on_loopback():
     jittery = LinkModel(latency_ms=40.0, jitter_ms=4.0, bandwidth_mbps=0.0)
     assert image_floor_ms(_push([-500], 0), jittery) == pytest.approx(36.0)
     assert image_floor_ms(_push([-500], -20), LinkModel()) == 0.0
+
+
+def test_link_delivery_counts_only_what_crossed_between_the_snapshots():
+    bounds = [1, 10, 100]
+
+    def snapshot(name: str, moved: int, counts: list[int], held: int) -> dict:
+        return {"name": name, "bytes": moved, "lateness_bounds_ms": bounds,
+                "lateness_counts": counts, "held_by_receiver": held}
+
+    before = [snapshot("a->b", 1000, [5, 0, 0, 0], 1), snapshot("b->a", 0, [0, 0, 0, 0], 0)]
+    after = [snapshot("a->b", 5000, [195, 4, 0, 1], 3), snapshot("b->a", 700, [0, 0, 2, 0], 0),
+             snapshot("c->a", 10, [1, 0, 0, 0], 0)]   # a link added meanwhile
+    summary = link_delivery(before, after)
+    assert summary["bytes"] == 4000 + 700 + 10
+    assert summary["chunks"] == 190 + 4 + 1 + 2 + 1
+    assert summary["held_by_receiver"] == 2
+    assert summary["lateness_ms_at_most"] == {"p50": 1, "p99": 100, "p999": None}
+    assert list(summary["worst_links_p99_ms_at_most"]) == ["a->b", "b->a", "c->a"]
+    assert summary["worst_links_p99_ms_at_most"]["b->a"] == 100

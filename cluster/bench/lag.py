@@ -60,9 +60,9 @@ from replicator.wire.v1 import replication_pb2_grpc as pbg
 from .. import spec as specs
 from ..testing import free_port_base, with_port_base
 from . import procfs
-from .clusterproc import ClusterProcess
+from .clusterproc import ClusterProcess, ClusterStartError
 from .floor import BlobPush, ImagePush, image_floor_ms
-from .lag_report import Arrival, LagResults, Verification, host
+from .lag_report import Arrival, LagResults, Verification, host, link_delivery
 from .procfs import MIB
 from .profile import Profile
 from .workload import (
@@ -286,11 +286,15 @@ class _Run:
             with self._progress() as progress:
                 others = _OtherCpu(cluster.all_pids())
                 cpu = _ClusterCpu(cluster)
+                links_before = self._links()
                 with self._profiles():
                     await self._push_all(origins, prepared, progress)
                     results.arrivals = await self._collect(reader, progress)
                 results.other_cpu_cores = others.cores()
                 results.cluster_cpu = cpu.seconds()
+                links_after = self._links()
+                if links_before is not None and links_after is not None:
+                    results.link_delivery = link_delivery(links_before, links_after)
                 if options.verify:
                     results.verification = await self._verify(origins, content, reader, progress)
         finally:
@@ -299,6 +303,14 @@ class _Run:
         results.missing = self.missing
         results.load_after = os.getloadavg()
         return results
+
+    def _links(self) -> list[dict] | None:
+        """The links' delivery counters, or None from a cluster that has no such
+        endpoint (an older georeg attached with --data-dir)."""
+        try:
+            return self.cluster.call("GET", "/georeg/v1/links")  # type: ignore[return-value]
+        except ClusterStartError:
+            return None
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),

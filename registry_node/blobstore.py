@@ -8,8 +8,10 @@ Layout under the data dir::
 
 Invariants
     * A file appears under ``blobs/`` only by ``rename`` of a complete, sealed
-      and fsynced upload file, followed by an fsync of its directory; so after
-      any crash a blob path holds either nothing or the whole blob.
+      and fsynced upload file, so after any crash a blob path holds either
+      nothing or the whole blob. Its directory is fsynced right after, or, for
+      a replicated blob, with the metadata's next group sync, before the WAL
+      that holds the blob's record.
     * Paths are built only from validated digests (lowercase hex) and upload
       ids (UUIDs), never from anything else a client sent.
     * Everything here blocks (file IO, AES, SHA): the registry calls it from a
@@ -163,18 +165,25 @@ class BlobStore:
             raise
         return UploadFile(path, fd, writer, hasher, self._node_key, self.faults)
 
-    def commit_upload(self, upload: UploadFile, digest: str) -> None:
+    def commit_upload(self, upload: UploadFile, digest: str, *, sync_dir: bool = True) -> Path | None:
         """Seal the upload under ``digest`` and move it into place, durably.
-        If the blob is already stored, the upload is simply dropped."""
+        If the blob is already stored, the upload is simply dropped. With
+        ``sync_dir=False`` the rename is not fsynced here: the caller must
+        have the returned directory fsynced before anything relies on the
+        blob surviving a power loss (``MetadataStore.sync_directory``)."""
         target = self.path(digest)
         if target.exists():
+            # Placed before, perhaps by a process killed before its directory
+            # was synced: the caller syncs it all the same.
             self.discard_upload(upload)
-            return
+            return None if sync_dir else target.parent
         upload.seal(digest)
         upload.close()
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(upload.path, target)
-        _fsync_dir(target.parent)
+        if sync_dir:
+            _fsync_dir(target.parent)
+        return target.parent
 
     def discard_upload(self, upload: UploadFile) -> None:
         upload.close()

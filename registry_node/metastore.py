@@ -15,6 +15,9 @@ Two steps, so the event loop never waits on a disk:
   cannot lose it either). One fsync in a worker thread covers every commit
   made while the previous one ran (group commit). Whatever acknowledges a
   write — to a client, or to a peer waiting for zone quorum — awaits it first.
+  Directories registered with ``sync_directory`` (where a replicated blob was
+  just renamed into place) are fsynced in the same trip, before the WAL: a
+  record can never be durable while the rename it describes is not.
 
 Memory: RocksDB's defaults are sized for a database that owns its machine —
 a 64 MiB memtable, filled by every write until it is flushed, and a 32 MiB
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +89,7 @@ class MetadataStore:
         self._synced = 0           # commits known durable on disk
         self._sync_task: asyncio.Task | None = None
         self._sync_waiters: list[tuple[int, asyncio.Future]] = []
+        self._directories: set[Path] = set()   # to fsync before the next WAL sync
         self._last_seq = self._read_last_seq()
         self._listeners: list[Callable[[int], None]] = []
         self.faults = faults or StorageFaults()
@@ -185,6 +190,21 @@ class MetadataStore:
                 listener(seq)
         return committed
 
+    def sync_directory(self, path: Path) -> None:
+        """Fsync ``path`` before the WAL at the next ``synced`` trip; call it
+        before committing the record of what changed in it."""
+        if self._fsync:
+            self._directories.add(path)
+
+    def _sync(self, directories: set[Path]) -> None:
+        for path in directories:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._db.flush_wal(True)
+
     async def synced(self) -> None:
         """Return once every commit made so far is fsynced."""
         target = self._written
@@ -200,9 +220,11 @@ class MetadataStore:
         loop = asyncio.get_running_loop()
         while self._sync_waiters:
             covers = self._written
+            directories, self._directories = self._directories, set()
             try:
-                await loop.run_in_executor(None, self._db.flush_wal, True)
+                await loop.run_in_executor(None, self._sync, directories)
             except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+                self._directories |= directories
                 waiters, self._sync_waiters = self._sync_waiters, []
                 for _, future in waiters:
                     if not future.done():

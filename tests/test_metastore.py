@@ -1,8 +1,12 @@
-"""The metadata store's memory: bounded however much metadata a node keeps."""
+"""The metadata store's memory: bounded however much metadata a node keeps;
+and its group sync, which also fsyncs the directories a replicated blob was
+renamed into, before the WAL, and reports a failure instead of promising."""
 
 from __future__ import annotations
 
 import random
+
+import pytest
 
 from registry_node.metastore import BLOCK_CACHE_BYTES, MEMTABLE_BYTES, Batch, MetadataStore
 
@@ -30,5 +34,29 @@ def test_metadata_memory_stays_bounded_as_the_store_grows(tmp_path):
             assert meta.get(key) is not None
         held = meta.memory_bytes()
         assert held <= 2 * MEMTABLE_BYTES + BLOCK_CACHE_BYTES + MIB, f"{held / MIB:.1f} MiB held"
+    finally:
+        meta.close()
+
+
+async def test_a_directory_to_sync_goes_with_the_wal_and_its_failure_is_reported(tmp_path):
+    meta = MetadataStore(tmp_path / "meta", sync=True)
+    try:
+        placed = tmp_path / "blobs" / "ab"
+        placed.mkdir(parents=True)
+        meta.sync_directory(placed)
+        batch = Batch()
+        batch.put(b"t/record", b"1")
+        meta.commit(batch)
+        await meta.synced()                 # the directory and the WAL, one trip
+
+        gone = tmp_path / "blobs" / "cd"    # a directory that cannot be fsynced
+        meta.sync_directory(gone)
+        batch = Batch()
+        batch.put(b"t/record", b"2")
+        meta.commit(batch)
+        with pytest.raises(OSError):        # no acknowledgement may follow
+            await meta.synced()
+        gone.mkdir()
+        await meta.synced()                 # still pending, and done once it can be
     finally:
         meta.close()

@@ -189,6 +189,9 @@ the ratio to it, throughput, and whether the target is met:
   {FORMULA}
   target with the WAN model: p50 ≤ 1.25×floor + 20 ms, p99 ≤ 2×floor + 50 ms
   target on loopback (--no-wan): p50 < 50 ms, p99 < 200 ms
+Also: the cluster's CPU while it ran, and how late the links delivered against
+the model (a chunk the supervisor wrote 30 ms after its modelled time adds
+30 ms of lag that is the machine's, not the protocol's).
 Targets are reported, never enforced: the exit status is 0 whatever the numbers.""",
         epilog="""\
 examples:

@@ -173,8 +173,7 @@ class _Flow:
                 self.source.transport.pause_reading()
         else:
             self.ended = True
-        if self.timer is None:
-            self.schedule()
+        self.schedule()
 
     def schedule(self) -> None:
         if self.timer is not None or not self.queue:

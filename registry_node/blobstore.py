@@ -165,25 +165,24 @@ class BlobStore:
             raise
         return UploadFile(path, fd, writer, hasher, self._node_key, self.faults)
 
-    def commit_upload(self, upload: UploadFile, digest: str, *, sync_dir: bool = True) -> Path | None:
+    def commit_upload(self, upload: UploadFile, digest: str, *, sync_dir: bool = True) -> None:
         """Seal the upload under ``digest`` and move it into place, durably.
         If the blob is already stored, the upload is simply dropped. With
         ``sync_dir=False`` the rename is not fsynced here: the caller must
-        have the returned directory fsynced before anything relies on the
-        blob surviving a power loss (``MetadataStore.sync_directory``)."""
+        have ``path(digest).parent`` fsynced before anything relies on the
+        blob surviving a power loss (``MetadataStore.sync_directory``), also
+        when the blob was already there (placed, perhaps, by a process killed
+        before its directory was synced)."""
         target = self.path(digest)
         if target.exists():
-            # Placed before, perhaps by a process killed before its directory
-            # was synced: the caller syncs it all the same.
             self.discard_upload(upload)
-            return None if sync_dir else target.parent
+            return
         upload.seal(digest)
         upload.close()
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(upload.path, target)
         if sync_dir:
-            _fsync_dir(target.parent)
-        return target.parent
+            fsync_directory(target.parent)
 
     def discard_upload(self, upload: UploadFile) -> None:
         upload.close()
@@ -202,7 +201,7 @@ class BlobStore:
         return [p.name for p in self._uploads.iterdir() if valid_upload_id(p.name)]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from msgspec import structs
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
 from . import keys
+from .blobstore import fsync_directory
 from .records import Event, decode, encode
 from .storage_faults import StorageFaults
 
@@ -198,11 +198,7 @@ class MetadataStore:
 
     def _sync(self, directories: set[Path]) -> None:
         for path in directories:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_directory(path)
         self._db.flush_wal(True)
 
     async def synced(self) -> None:

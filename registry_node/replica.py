@@ -40,7 +40,6 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgspec
 
@@ -197,21 +196,23 @@ class Replica:
         touched = registry.touched.get(digest)
         registry.touch(digest)          # before it is in place: GC spares it until linked
 
-        def check_and_place() -> tuple[str, Path | None]:   # one worker trip, not two
+        def check_and_place() -> str:     # one trip to a worker thread, not two
             actual = file.digest(Digest(digest).algorithm)
             if actual != digest:
                 self.blobs.discard_upload(file)
-                return actual, None
-            # The directory is fsynced with the next group sync, before the WAL
-            # holding the record: the copy is pullable one fsync sooner, and an
-            # acknowledgement (which awaits that sync) still promises it durable.
-            return actual, self.blobs.commit_upload(file, digest, sync_dir=False)
+            else:
+                # The directory is fsynced with the next group sync, before the
+                # WAL holding the record: the copy is pullable one fsync sooner,
+                # and an acknowledgement (which awaits that sync) still promises
+                # it durable.
+                self.blobs.commit_upload(file, digest, sync_dir=False)
+            return actual
 
         size = file.size
-        actual, directory = await registry.run_blocking(check_and_place)
-        if directory is not None:
-            self.meta.sync_directory(directory)
-        if actual != digest:
+        actual = await registry.run_blocking(check_and_place)
+        if actual == digest:
+            self.meta.sync_directory(self.blobs.path(digest).parent)
+        else:
             if touched is None:
                 registry.touched.pop(digest, None)
             if batch:

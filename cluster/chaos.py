@@ -165,23 +165,40 @@ class Observations:
     pulls_attempted: int = 0
     acknowledged: list[Push] = field(default_factory=list)
     errors: list[tuple[float, str, str, str]] = field(default_factory=list)  # t, client, op, code
-    examples: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # first messages
+    # (t, message) of every error that said why, up to _MAX_EXAMPLES per client and code
+    examples: dict[tuple[str, str], list[tuple[float, str]]] = field(default_factory=dict)
     served_by: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
 
     def now(self) -> float:
         return time.monotonic() - self.started
 
     def error(self, client: str, op: str, code: str, detail: str = "") -> None:
-        self.errors.append((self.now(), client, op, code))
+        now = self.now()
+        self.errors.append((now, client, op, code))
         examples = self.examples.setdefault((client, code), [])
-        if detail and len(examples) < 3:
-            examples.append(f"t+{self.now():.1f}s {op}: {detail}"[:300])
+        if detail and len(examples) < _MAX_EXAMPLES:
+            examples.append((now, f"t+{now:.1f}s {op}: {detail}"[:300]))
+
+    def first_examples(self, client: str, code: str,
+                       windows: list[tuple[float, float]]) -> list[str]:
+        """The first message of each error window (windows without one skipped)."""
+        examples = self.examples.get((client, code), [])
+        out = []
+        for start, end in windows:
+            inside = [text for t, text in examples if start - 0.01 <= t <= end + 0.01]
+            if inside:
+                out.append(inside[0])
+        return out
 
     def served(self, client: str, replica: str) -> None:
         history = self.served_by.setdefault(client, [])
         region = replica.rsplit("-", 1)[0] if replica[-1:].isdigit() else replica
         if not history or history[-1][1] != region:
             history.append((self.now(), region))
+
+
+_MAX_EXAMPLES = 10_000
+CONVERGE_CONCURRENCY = 32       # image statuses asked at once while waiting for convergence
 
 
 def _windows(times: list[float], gap: float = 2.0) -> list[tuple[float, float]]:
@@ -384,12 +401,22 @@ class ChaosRun:
         status = await self._api(session, "GET", "/georeg/v1/cluster")
         node = next((n["http"] for n in status["nodes"] if n["healthy"]), None)
         pending = {(p.repository, p.tag) for p in self.obs.acknowledged}
+        # Each status asks every replica, across the modelled WAN (a few hundred
+        # ms): asked one image at a time, a pass over ~100 images took longer
+        # than the convergence it was measuring.
+        slots = asyncio.Semaphore(CONVERGE_CONCURRENCY)
+
+        async def complete(repo: str, tag: str) -> bool:
+            async with slots, session.get(f"{node}/georeg/v1/replication/status",
+                                          params={"repository": repo, "reference": tag}) as r:
+                return r.status == 200 and (await r.json())["complete"]
+
         while time.monotonic() - started < limit and node is not None:
-            for repo, tag in list(pending):
-                async with session.get(f"{node}/georeg/v1/replication/status",
-                                       params={"repository": repo, "reference": tag}) as r:
-                    if r.status == 200 and (await r.json())["complete"]:
-                        pending.discard((repo, tag))
+            asked = list(pending)
+            for image, done in zip(asked, await asyncio.gather(*(complete(*i) for i in asked)),
+                                   strict=True):
+                if done:
+                    pending.discard(image)
             if not pending:
                 return round(time.monotonic() - started, 2)
             await asyncio.sleep(0.25)
@@ -473,8 +500,9 @@ class ChaosRun:
             "lost": lost,
             "errors_by_client": errors,
             "error_windows_s": windows,
-            "error_examples": {f"{client} {code}": messages
-                               for (client, code), messages in obs.examples.items()},
+            "error_examples": {f"{client} {code}": obs.first_examples(client, code, spans)
+                               for client, codes in windows.items()
+                               for code, spans in codes.items()},
             "failovers": failovers,
             "last_heal_at_s": round(last_heal, 2),
             "convergence_s": converged_after,
@@ -498,6 +526,8 @@ def summary(report: dict) -> str:
         for code, count in codes.items():
             spans = ", ".join(f"{a:g}–{b:g}s" for a, b in report["error_windows_s"][client][code])
             lines.append(f"  errors seen by clients in {client}: {count} × {code} ({spans})")
+            for example in report["error_examples"].get(f"{client} {code}", []):
+                lines.append(f"    first of a window: {example}")
     for client, moves in report["failovers"].items():
         for move in moves:
             lines.append(f"  failover: clients in {client} moved to {move['to']} at {move['at_s']:g}s")

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from cluster import spec as specs
-from cluster.chaos import ChaosRun, load, summary
+from cluster.chaos import ChaosRun, Observations, _windows, load, summary
 from cluster.chaos_cli import SCENARIOS
 from cluster.testing import RunningCluster
 
@@ -42,6 +42,24 @@ def test_every_scenario_is_valid_and_its_schedule_is_seeded():
         again = ChaosRun(scenario, "http://unused", seed=11, scale=1).steps
         assert [s.describe() for s in first] == [s.describe() for s in again]
         assert scenario.steps and scenario.description
+
+
+def test_report_keeps_the_first_message_of_every_error_window():
+    obs = Observations()
+    clock = iter([1.0, 1.5, 9.0, 9.2, 30.0])
+    obs.now = lambda: next(clock)
+    obs.error("eastus", "push", "UNAVAILABLE", "node eastus-2 closed the connection")
+    obs.error("eastus", "push", "UNAVAILABLE", "node eastus-2 closed the connection")
+    obs.error("eastus", "push", "UNAVAILABLE", "stored here but unconfirmed")
+    obs.error("eastus", "pull", "UNAVAILABLE")           # said nothing: no example
+    obs.error("eastus", "pull", "UNAVAILABLE", "no healthy replica")
+    windows = _windows([t for t, *_ in obs.errors])
+    assert windows == [(1.0, 1.5), (9.0, 9.2), (30.0, 30.0)]
+    assert obs.first_examples("eastus", "UNAVAILABLE", windows) == [
+        "t+1.0s push: node eastus-2 closed the connection",
+        "t+9.0s push: stored here but unconfirmed",
+        "t+30.0s pull: no healthy replica"]
+    assert obs.first_examples("westeurope", "UNAVAILABLE", windows) == []
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -35,6 +35,12 @@ node's stream from the event's origin is connected and only a little behind
 (``ORIGIN_AHEAD_MAX`` events), a relayed content event first waits, at most
 ``ORIGIN_WAIT_S``, until that stream has delivered the event's origin
 sequence number (``OriginStreams``); usually it already has, and nothing waits.
+A stream that is itself waiting for another is not waited for: two streams
+catching up together (a region back from an outage reads every peer's
+backlog, full of relays of each other's events) would otherwise each stop at
+a relay of the other's, both readers blocked, and go on only when the wait ran
+out — a second per relayed manifest, which held a returning zone's
+acknowledgements back past the zone-quorum timeout.
 """
 
 from __future__ import annotations
@@ -93,8 +99,8 @@ class OriginStreams:
 
     async def delivered(self, event: Event) -> None:
         """Return once the origin's stream has delivered ``event``, or at once
-        if it is not connected, far behind or the event predates it; at most
-        after ``ORIGIN_WAIT_S``."""
+        if it is not connected, far behind, waiting itself or the event
+        predates it; at most after ``ORIGIN_WAIT_S``."""
         stream = self._by_origin.get((event.origin_region, event.origin_zone))
         if stream is not None and event.origin_seq:
             await stream.received(event.origin_seq)
@@ -121,6 +127,7 @@ class Subscription:
         self.origins = origins
         self._received = 0              # the peer's log up to here is applied or under way here
         self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+        self.origin_waits = 0           # applies of this stream waiting for another stream
         self.last_error = ""
         self._applied: Cursor | None = None       # in memory, ahead of the persisted one
         self._persisted: Cursor | None = None
@@ -161,9 +168,11 @@ class Subscription:
 
     async def received(self, seq: int) -> None:
         """Return once this stream has delivered the peer's event ``seq`` (its
-        apply is done or under way), or at once if the stream is down or more
-        than ``ORIGIN_AHEAD_MAX`` events behind it; at most after ``ORIGIN_WAIT_S``."""
-        if not self.connected or seq <= self._received or seq - self._received > ORIGIN_AHEAD_MAX:
+        apply is done or under way), or at once if the stream is down, more
+        than ``ORIGIN_AHEAD_MAX`` events behind it or itself waiting for
+        another stream; at most after ``ORIGIN_WAIT_S``."""
+        if (not self.connected or seq <= self._received or self.origin_waits
+                or seq - self._received > ORIGIN_AHEAD_MAX):
             return
         future = asyncio.get_running_loop().create_future()
         entry = (seq, future)
@@ -317,7 +326,11 @@ class Subscription:
         peer = self.peer.peer
         if (self.origins is not None and event.kind in CONTENT_KINDS
                 and (event.origin_region, event.origin_zone) != (peer.region, peer.zone)):
-            await self.origins.delivered(event)   # a relay: let the origin's own copy land first
+            self.origin_waits += 1               # a relay: let the origin's own copy land first
+            try:
+                await self.origins.delivered(event)
+            finally:
+                self.origin_waits -= 1
         try:
             await self.transfer.apply(event, sources, body)
         except ReplicationError as exc:

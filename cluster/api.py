@@ -288,6 +288,7 @@ class Cluster:
             } for n in self.supervisor.nodes.values() if n.plan.copy_of],
             "global_endpoints": {e.region: e.url for e in self.endpoints() if e.kind == "global"},
             "regional_endpoints": {e.region: e.url for e in self.endpoints() if e.kind == "regional"},
+            "residency": msgspec.to_builtins(self.spec.residency_policy()),
         }
 
     def replica_status(self, region: str) -> dict:

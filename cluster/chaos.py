@@ -39,9 +39,12 @@ cluster started by ``georeg up`` or one it starts itself.
 
 The report counts acknowledged pushes and those lost (an acknowledged tag no
 replica serves once the cluster has converged), client-visible errors by code
-and client location with their time windows, failovers (a client location's
-requests moving to another region), the time to converge after the last heal,
-and the worst replication lag seen.
+and client location with their time windows and the first message of each
+window, failovers (a client location's requests moving to another region), the
+time to converge after the last heal, and the worst replication lag seen. A
+pull of an image that residency keeps in another region (pushed through Brazil
+South, pulled from East US) is counted as ``MANIFEST_UNKNOWN (confined by
+residency)``, apart from misses that lag or a fault explains.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
+
+from replicator.residency import ResidencyPolicy
 
 from .faults import KINDS
 
@@ -156,6 +161,7 @@ class Push:
     digest: str
     client: str
     acked_at: float                   # seconds since the run started
+    region: str = ""                  # where it was pushed (the replica that acknowledged it)
 
 
 @dataclass
@@ -192,11 +198,20 @@ class Observations:
 
     def served(self, client: str, replica: str) -> None:
         history = self.served_by.setdefault(client, [])
-        region = replica.rsplit("-", 1)[0] if replica[-1:].isdigit() else replica
+        region = region_of(replica)
         if not history or history[-1][1] != region:
             history.append((self.now(), region))
 
 
+def region_of(replica: str) -> str:
+    """``eastus-2`` → ``eastus``; a region without zones is its own node name."""
+    return replica.rsplit("-", 1)[0] if replica[-1:].isdigit() else replica
+
+
+# A pull refused because the image may not leave the region it was pushed in:
+# the registry doing its job, counted apart from misses that replication lag or
+# a fault explains.
+RESIDENCY_MISS = "MANIFEST_UNKNOWN (confined by residency)"
 _MAX_EXAMPLES = 10_000
 CONVERGE_CONCURRENCY = 32       # image statuses asked at once while waiting for convergence
 
@@ -219,8 +234,9 @@ class ChaosWorkload:
     """Pushes and pulls at the scenario's rates through the clients' global endpoints."""
 
     def __init__(self, scenario: Scenario, endpoints: dict[str, str], rng: random.Random,
-                 obs: Observations) -> None:
+                 obs: Observations, residency: ResidencyPolicy | None = None) -> None:
         self.scenario = scenario
+        self.residency = residency or ResidencyPolicy()
         self.workload = scenario.workload
         self.clients = list(self.workload.clients or endpoints)
         missing = [c for c in self.clients if c not in endpoints]
@@ -286,7 +302,8 @@ class ChaosWorkload:
                                    headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}) as r:
                 await self._check(r, client, "push", 201)
                 self.obs.acknowledged.append(Push(repo, tag, r.headers["Docker-Content-Digest"],
-                                                  client, self.obs.now()))
+                                                  client, self.obs.now(),
+                                                  region_of(r.headers.get("X-Georeg-Replica", ""))))
         except _Refused:
             pass
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
@@ -298,13 +315,14 @@ class ChaosWorkload:
         self.obs.pulls_attempted += 1
         try:
             async with session.get(f"{self.endpoints[client]}/v2/{push.repository}/manifests/{push.tag}") as r:
-                await self._check(r, client, "pull", 200)
+                await self._check(r, client, "pull", 200, push)
         except _Refused:
             pass
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             self.obs.error(client, "pull", f"connection:{type(exc).__name__}")
 
-    async def _check(self, r: aiohttp.ClientResponse, client: str, op: str, want: int) -> None:
+    async def _check(self, r: aiohttp.ClientResponse, client: str, op: str, want: int,
+                     pulled: Push | None = None) -> None:
         replica = r.headers.get("X-Georeg-Replica")
         if replica:
             self.obs.served(client, replica)
@@ -318,7 +336,12 @@ class ChaosWorkload:
             detail = f"{error.get('message', '')}: {error.get('detail', '')}".strip(": ")
         except (ValueError, KeyError, IndexError, aiohttp.ContentTypeError):
             pass
-        detail += f" [via {r.headers.get('X-Georeg-Replica', '?')}]"
+        detail += f" [via {replica or '?'}]"
+        if (code == "MANIFEST_UNKNOWN" and pulled is not None and pulled.region and replica
+                and not self.residency.allows(pulled.region, pulled.repository,
+                                              region_of(replica))):
+            code = RESIDENCY_MISS
+            detail += f" (pushed in {pulled.region}, which keeps it)"
         self.obs.error(client, op, code, detail)
         raise _Refused
 
@@ -355,7 +378,9 @@ class ChaosRun:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             status = await self._api(session, "GET", "/georeg/v1/cluster")
             endpoints = status["global_endpoints"]
-            workload = ChaosWorkload(self.scenario, endpoints, self.rng, self.obs)
+            residency = msgspec.convert(status["residency"], ResidencyPolicy) \
+                if "residency" in status else None
+            workload = ChaosWorkload(self.scenario, endpoints, self.rng, self.obs, residency)
             duration = self.scenario.duration_s * self.scale
             self.obs.started = time.monotonic()
             runner = asyncio.create_task(workload.run(session, duration))
@@ -532,8 +557,10 @@ def summary(report: dict) -> str:
         for move in moves:
             lines.append(f"  failover: clients in {client} moved to {move['to']} at {move['at_s']:g}s")
     conv = report["convergence_s"]
-    lines.append(f"  converged {conv:g}s after the last heal" if conv is not None
-                 else "  did NOT converge")
+    healed = (f"the last heal (t+{report['last_heal_at_s']:g}s: workload over, "
+              "every fault healed)")
+    lines.append(f"  converged {conv:g}s after {healed}" if conv is not None
+                 else f"  did NOT converge after {healed}")
     if report["max_lag_ms"] is not None:
         lines.append(f"  worst replication lag of an acknowledged image: {report['max_lag_ms']:.0f} ms")
     if report["verify"] is not None:

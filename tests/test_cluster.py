@@ -70,6 +70,7 @@ def test_status_json_reports_every_node_healthy_with_its_endpoints(default_clust
     assert nodes["eastus-2"]["zone"] == "2" and nodes["brazilsouth"]["zone"] == ""
     assert set(status["global_endpoints"]) == {"eastus", "westeurope", "brazilsouth", "southeastasia"}
     assert set(status["regional_endpoints"]) == set(status["global_endpoints"])
+    assert status["residency"]["confined_regions"] == ["brazilsouth", "southeastasia"]
     assert [r["status"]["displayStatus"] for r in status["replicas"]] == ["Ready"] * 4
     human = georeg("status", data_dir=default_cluster.data_dir)
     assert human.returncode == 0 and "eastus-1" in human.stdout and "Ready" in human.stdout

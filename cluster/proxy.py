@@ -7,8 +7,10 @@ It works at the asyncio ``Protocol`` level and parses only what it must, with
 httptools (llhttp): the request head (to route it), the response head (to add
 ``X-Georeg-Replica`` and learn upload sessions) and message boundaries (for
 keep-alive on both sides). A ``Content-Length`` body is counted, not parsed:
-the bytes read are the bytes written (``_MessageStream``). A chunked body goes
-through the parser and is re-framed on the way out.
+the bytes read are the bytes written (``_MessageStream``), and once a read
+leaves ``SPLICE_MIN`` or more of it to come, the rest goes from socket to
+socket inside the kernel (``cluster.splice``), never through Python. A chunked
+body goes through the parser and is re-framed on the way out.
 
 Invariants
     * Nothing buffers a whole body. Each direction holds at most the socket
@@ -57,6 +59,7 @@ from collections.abc import Callable
 import httptools
 import structlog
 
+from . import splice as kernel
 from .routing import (
     EndpointPolicy,
     GlobalPolicy,
@@ -85,14 +88,17 @@ _WRITE_HIGH_WATER = 256 * 1024
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_S = 5.0                       # how long an answered request's body is read and dropped
+# Bodies with at least this much left go socket to socket inside the kernel (``cluster.splice``).
+SPLICE_MIN = 64 * 1024
 
 # Reasons a client connection stops being read (bits; reading resumes when none is left).
 _CONNECTING = 1       # the request's backend is not chosen yet: hold its body back
 _BACKPRESSURE = 2     # the backend's socket buffer is full
 _AWAITING = 4         # the request is complete; its response is in flight
+_SPLICING = 8         # the rest of the request body is being spliced to the node
 
 
-_HEAD, _RAW, _PARSED = 0, 1, 2
+_HEAD, _RAW, _PARSED, _SPLICING_BODY = 0, 1, 2, 3
 
 
 class _MessageStream:
@@ -109,18 +115,27 @@ class _MessageStream:
     delimited by the connection's end, or a pipelined message the parser had
     already begun) the parser gets everything until a message ends at the end
     of a read: always correct, only not as cheap.
+
+    When a counted body still has ``splice_min`` bytes or more to come after a
+    read, ``take(left)`` may take them: it returns True if it will move them
+    past the stream (in the kernel) and call ``handed_back(taken)`` with how
+    many of them it read, once done or stopped; the stream then carries on
+    from there. The stream is not fed meanwhile.
     """
 
     __slots__ = ("_new_parser", "parser", "_on_body", "_on_end", "_head_limit", "_mode",
-                 "_left", "_tail", "_head_size", "_ended", "_cutting")
+                 "_left", "_tail", "_head_size", "_ended", "_cutting", "_take", "_splice_min")
 
     def __init__(self, new_parser: Callable[[], object], on_body: Callable[[bytes], None],
-                 on_end: Callable[[], None], head_limit: int) -> None:
+                 on_end: Callable[[], None], head_limit: int,
+                 take: Callable[[int], bool] | None = None, splice_min: int = 0) -> None:
         self._new_parser = new_parser
         self.parser = new_parser()
         self._on_body = on_body
         self._on_end = on_end
         self._head_limit = head_limit
+        self._take = take if splice_min > 0 else None
+        self._splice_min = splice_min
         self._mode = _HEAD
         self._left = 0
         self._tail = b""          # the last bytes of the head so far, to find its end across reads
@@ -141,7 +156,19 @@ class _MessageStream:
         else:
             self._mode = _PARSED      # the parser carries the body (if any) to the end
 
+    def handed_back(self, taken: int) -> None:
+        """``take``'s splice is over, having read ``taken`` bytes of the body."""
+        self._left -= taken
+        if self._left:
+            self._mode = _RAW
+            return
+        self._mode = _HEAD
+        self.parser = self._new_parser()
+        self._on_end()
+
     def feed(self, data: bytes | memoryview) -> None:
+        if self._mode == _SPLICING_BODY:
+            raise RuntimeError("fed while its body is being spliced")
         while data:
             mode = self._mode
             if mode == _RAW:
@@ -149,7 +176,7 @@ class _MessageStream:
                 if len(data) < left:
                     self._left = left - len(data)
                     self._on_body(data)
-                    return
+                    break
                 piece, data = data[:left], data[left:]
                 self._left = 0
                 self._mode = _HEAD
@@ -194,6 +221,10 @@ class _MessageStream:
                 self._cutting = False
             if self._mode == _PARSED and self._ended:
                 self._mode = _HEAD        # a message without a body
+        if self._mode == _RAW and self._take is not None and self._left >= self._splice_min:
+            self._mode = _SPLICING_BODY   # set first: the splice may end before take returns
+            if not self._take(self._left):
+                self._mode = _RAW
 
 
 # What an exchange holds once it is over: its own stream and parser point back at
@@ -213,7 +244,7 @@ class RoutingProxy:
     def __init__(self, policy: EndpointPolicy, health: HealthView,
                  affinity: UploadAffinity | None = None, *, connect_timeout_s: float = 1.0,
                  client_idle_timeout_s: float = 75.0, backend_idle_timeout_s: float = 30.0,
-                 max_idle_per_backend: int = 64) -> None:
+                 max_idle_per_backend: int = 64, splice_min: int | None = SPLICE_MIN) -> None:
         self.policy = policy
         self.health = health
         self.affinity = affinity if affinity is not None else UploadAffinity()
@@ -223,6 +254,10 @@ class RoutingProxy:
         self.requests_by_backend: Counter[str] = Counter()
         self.failovers = 0                # requests sent on after a candidate failed
         self.unavailable_responses = 0    # 503s for want of a healthy node
+        # Counted bodies with this much left go through the kernel (None: never).
+        self.splice_min = splice_min if kernel.AVAILABLE and splice_min else 0
+        self.spliced_bytes = 0
+        self.pipes = kernel.PipePool()
         self.host = "127.0.0.1"
         self.port = 0
         self._pool = _BackendPool(self, max_idle_per_backend)
@@ -285,6 +320,7 @@ class RoutingProxy:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        self.pipes.close_all()
 
     async def _sweep(self, period: float) -> None:
         while True:
@@ -349,10 +385,12 @@ class _BackendConnection(asyncio.Protocol):
         self.exchange: _Exchange | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self.fd = _socket_fd(transport)
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -401,7 +439,8 @@ class _ClientConnection(asyncio.Protocol):
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
         self.stream = _MessageStream(lambda: httptools.HttpRequestParser(self), self.on_body,
-                                     self.on_message_complete, _MAX_HEAD)
+                                     self.on_message_complete, _MAX_HEAD, self._take_body,
+                                     proxy.splice_min)
         self.queue: deque[_Exchange] = deque()   # the first is in flight
         self.receiving: _Exchange | None = None  # whose request body is arriving
         self.peer = b""
@@ -416,12 +455,14 @@ class _ClientConnection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        self.fd = -1
 
     # -- transport callbacks ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self.fd = _socket_fd(transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b""
         local = transport.get_extra_info("sockname")
@@ -463,7 +504,8 @@ class _ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.queue and (backend := self.queue[0].backend) is not None:
+        if self.queue and (backend := self.queue[0].backend) is not None \
+                and self.queue[0].resp_splice is None:
             backend.transport.resume_reading()
 
     # -- parser callbacks ----------------------------------------------------------------
@@ -505,6 +547,10 @@ class _ClientConnection(asyncio.Protocol):
         exchange, self.receiving = self.receiving, None
         if exchange is not None:
             exchange.request_done()
+
+    def _take_body(self, left: int) -> bool:
+        exchange = self.receiving
+        return exchange is not None and exchange.splice_request(left)
 
     # -- used by exchanges -------------------------------------------------------------
 
@@ -603,6 +649,8 @@ class _Exchange:
         "stream", "reason", "resp_headers", "resp_chunked", "resp_length", "resp_until_eof",
         "resp_keep_alive", "interim", "close_client", "response_started", "response_complete",
         "done",
+        # bodies moving in the kernel (cluster.splice), one per direction
+        "req_splice", "resp_splice",
     )
 
     def __init__(self, client: _ClientConnection, method: bytes, url: bytes,
@@ -639,6 +687,8 @@ class _Exchange:
         self.interim = False
         self.close_client = False
         self.failed_over = False
+        self.req_splice: kernel.Splice | None = None
+        self.resp_splice: kernel.Splice | None = None
 
     def _forward_head(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         parts = [method, b" ", url, b" HTTP/1.1\r\n"]
@@ -736,7 +786,8 @@ class _Exchange:
         self.reused = reused
         conn.exchange = self
         self.stream = _MessageStream(lambda: httptools.HttpResponseParser(self), self.on_body,
-                                     self.on_message_complete, _MAX_HEAD)
+                                     self.on_message_complete, _MAX_HEAD, self.splice_response,
+                                     self.proxy.splice_min)
         self.proxy.requests_by_backend[conn.node.name] += 1
         transport = conn.transport
         transport.write(self.head)
@@ -782,6 +833,98 @@ class _Exchange:
             self.body_sent = True
         if not self.response_complete:
             self.client.hold(_AWAITING)
+
+    # -- bodies in the kernel ------------------------------------------------------------
+
+    def splice_request(self, left: int) -> bool:
+        """Take the rest of the request body (``left`` bytes) straight from the
+        client's socket to the node's, if nothing else is on its way there."""
+        conn = self.backend
+        if (self.done or conn is None or self.pending or conn.fd < 0 or self.client.fd < 0
+                or conn.transport.get_write_buffer_size()):
+            return False
+        client = self.client
+        try:
+            splice = kernel.Splice(self.proxy.pipes, client.fd, conn.fd, left,
+                                   self._request_spliced)
+        except OSError:             # out of descriptors: copy
+            return False
+        self.req_splice = splice
+        self.body_sent = True
+        client.hold(_SPLICING)
+        splice.start()
+        return True
+
+    def _request_spliced(self, broken: kernel.SpliceBroken | None) -> None:
+        splice, self.req_splice = self.req_splice, None
+        client = self.client
+        self.proxy.spliced_bytes += splice.taken
+        if broken is not None and broken.side == "source":      # the client hung up
+            client.closing = True
+            if not client.closed:
+                client.transport.abort()     # connection_lost aborts the exchange
+            return
+        client.stream.handed_back(splice.taken)
+        client.release(_SPLICING)
+        if broken is not None and (conn := self.backend) is not None:
+            # The node's connection failed under the body: it answers nothing now.
+            # As when the copy path loses a node: 502, and the rest of the body is
+            # read and dropped.
+            log.warning("node_lost_mid_request", endpoint=self.proxy.name, node=conn.node.name,
+                        reason=broken.reason)
+            conn.abort()
+            self.backend_lost(conn, None)
+
+    def splice_response(self, left: int) -> bool:
+        """Take the rest of the response body (``left`` bytes) straight from the
+        node's socket to the client's, once everything before it has left."""
+        client = self.client
+        conn = self.backend
+        if (self.done or conn is None or client.closed or client.write_paused or conn.fd < 0
+                or client.fd < 0 or client.transport.get_write_buffer_size()):
+            return False
+        try:
+            splice = kernel.Splice(self.proxy.pipes, conn.fd, client.fd, left,
+                                   self._response_spliced)
+        except OSError:             # out of descriptors: copy
+            return False
+        self.resp_splice = splice
+        conn.transport.pause_reading()
+        splice.start()
+        return True
+
+    def _response_spliced(self, broken: kernel.SpliceBroken | None) -> None:
+        splice, self.resp_splice = self.resp_splice, None
+        self.proxy.spliced_bytes += splice.taken
+        conn = self.backend
+        if broken is None:
+            conn.transport.resume_reading()
+            self.stream.handed_back(splice.taken)
+            return
+        # Cut mid-response, from either end: the client sees its connection close
+        # and retries; the node's connection is not reused.
+        log.warning("response_cut", endpoint=self.proxy.name, node=conn.node.name,
+                    side=broken.side, reason=broken.reason)
+        self.done = True
+        self.backend = None
+        conn.exchange = None
+        conn.abort()
+        self.client.closing = True
+        if not self.client.closed:
+            self.client.transport.abort()
+
+    def _unsplice(self) -> bool:
+        """Stop moving the request body in the kernel (the exchange is answered or
+        its node is gone); the client's stream reads the rest as usual. True if a
+        request body was cut short on its way to the node."""
+        splice, self.req_splice = self.req_splice, None
+        if splice is None:
+            return False
+        taken = splice.cancel()
+        self.proxy.spliced_bytes += taken
+        self.client.stream.handed_back(taken)
+        self.client.release(_SPLICING)
+        return True
 
     # -- the response (httptools callbacks) ---------------------------------------
 
@@ -892,6 +1035,7 @@ class _Exchange:
 
     def _finish(self) -> None:
         """The whole response is with the client (or in its socket buffer)."""
+        body_cut = self._unsplice()
         self.response_complete = True
         self.done = True
         if self.resp_chunked:
@@ -900,7 +1044,8 @@ class _Exchange:
         conn.exchange = None
         if self.client.write_paused:
             conn.transport.resume_reading()
-        if self.resp_keep_alive and self.request_complete and not self.resp_until_eof:
+        if (self.resp_keep_alive and self.request_complete and not self.resp_until_eof
+                and not body_cut):
             self.proxy._pool.put(conn)
         else:
             conn.close()
@@ -911,6 +1056,7 @@ class _Exchange:
     def backend_lost(self, conn: _BackendConnection, exc: Exception | None) -> None:
         if self.done or conn is not self.backend:
             return
+        self._unsplice()
         self.backend = None
         node = conn.node
         if self.response_started:
@@ -949,6 +1095,7 @@ class _Exchange:
 
     def _broken(self, why: str) -> None:
         """The backend spoke something we cannot forward."""
+        self._unsplice()
         conn, self.backend = self.backend, None
         if conn is not None:
             conn.exchange = None
@@ -979,6 +1126,10 @@ class _Exchange:
     def abort(self) -> None:
         """The client is gone (or the proxy stops): drop everything in flight."""
         self.done = True
+        for splice in (self.req_splice, self.resp_splice):
+            if splice is not None:
+                self.proxy.spliced_bytes += splice.cancel()
+        self.req_splice = self.resp_splice = None
         self.stream = _DETACHED
         if self.connecting is not None:
             self.connecting.cancel()
@@ -987,6 +1138,14 @@ class _Exchange:
         if conn is not None:
             conn.exchange = None
             conn.abort()
+
+
+def _socket_fd(transport: asyncio.BaseTransport) -> int:
+    """The descriptor of a plain socket transport, or -1 (no kernel splicing)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.get_extra_info("sslcontext") is not None:
+        return -1
+    return sock.fileno()
 
 
 _REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large",

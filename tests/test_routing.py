@@ -7,6 +7,7 @@ processes) — and skopeo pushing and pulling through it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import hashlib
 import inspect
@@ -482,9 +483,11 @@ def pattern_sha256(size: int) -> str:
 
 
 class Cluster:
-    """Backends as replicas, and proxies over them; ``close()`` stops everything."""
+    """Backends as replicas, and proxies over them (made with ``proxy_options``
+    unless a call says otherwise); ``close()`` stops everything."""
 
-    def __init__(self) -> None:
+    def __init__(self, **proxy_options) -> None:
+        self.proxy_options = proxy_options
         self.backends: dict[str, Backend] = {}
         self.replicas = Replicas()
         self.health = NodeHealth()
@@ -504,14 +507,14 @@ class Cluster:
 
     async def global_endpoint(self, client_region: str, **options) -> RoutingProxy:
         proxy = RoutingProxy.global_endpoint(client_region, self.replicas, latency, self.health,
-                                             self.affinity, **options)
+                                             self.affinity, **{**self.proxy_options, **options})
         await proxy.start()
         self.proxies.append(proxy)
         return proxy
 
     async def regional_endpoint(self, region: str, **options) -> RoutingProxy:
         proxy = RoutingProxy.regional_endpoint(self.replicas.get(region), self.health,
-                                               self.affinity, **options)
+                                               self.affinity, **{**self.proxy_options, **options})
         await proxy.start()
         self.proxies.append(proxy)
         return proxy
@@ -523,9 +526,14 @@ class Cluster:
             await backend.stop()
 
 
-@pytest.fixture
-async def cluster():
-    c = Cluster()
+# How a counted body crosses the proxy: socket to socket in the kernel (the default)
+# or copied through the event loop (small bodies, and when splicing is unavailable).
+BODY_PATHS = {"kernel": {}, "copy": {"splice_min": None}}
+
+
+@pytest.fixture(params=list(BODY_PATHS))
+async def cluster(request):
+    c = Cluster(**BODY_PATHS[request.param])
     try:
         yield c
     finally:
@@ -910,6 +918,75 @@ async def test_clients_hanging_up_mid_transfer_leave_the_proxy_clean(cluster, cl
     assert await who(client, proxy.url) == "eastus"
 
 
+async def test_large_bodies_cross_intact_both_ways_on_kept_connections(cluster, client):
+    """Counted bodies with more than ``SPLICE_MIN`` to come go socket to socket in
+    the kernel (on the "kernel" path): byte for byte, and both sides' keep-alive
+    connections carry on after them."""
+    (backend,) = await cluster.add("eastus")
+    proxy = await cluster.global_endpoint("eastus")
+    size = 8 * MIB + 12345
+    for _ in range(2):
+        async with client.put(proxy.url + "/sink", data=b"".join(pattern(size))) as r:
+            assert await r.json() == {"size": size, "sha256": pattern_sha256(size),
+                                      "transfer_encoding": None}
+        async with client.get(proxy.url + "/stream", params={"size": str(size)}) as r:
+            assert r.headers["X-Georeg-Replica"] == "eastus"
+            assert hashlib.sha256(await r.read()).hexdigest() == pattern_sha256(size)
+    assert len(backend.peers) == 1 and len(proxy._clients) == 1
+    if proxy.splice_min:
+        # All of each body but what came in the read that ended its head (<= 256 KiB).
+        assert proxy.spliced_bytes >= 4 * (size - 256 * 1024)
+    else:
+        assert proxy.spliced_bytes == 0
+
+
+@pytest.mark.parametrize("fault", ["hangs up", "answers garbage"])
+async def test_node_failing_under_a_request_body_gets_502_and_the_connection_carries_on(
+        cluster, fault):
+    """The node fails with part of a large body read: the client hears 502 (the
+    request may or may not have taken effect), the rest of its body is read and
+    dropped, and its connection serves the next request."""
+
+    async def hang_up_mid_body(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"PUT"):
+            await reader.readexactly(2 * MIB)
+            if fault == "hangs up":
+                writer.transport.abort()
+            else:                   # and reads no more
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nonsense\r\n\r\n")
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(hang_up_mid_body, "127.0.0.1", 0)
+    reader = writer = None
+    try:
+        port = server.sockets[0].getsockname()[1]
+        cluster.replicas.add(ReplicaGroup("eastus", (node("eastus", "eastus", port=port),)))
+        proxy = await cluster.global_endpoint("eastus")
+        body = os.urandom(16 * MIB)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"PUT /sink HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+        head, answer = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 502") and b"UNAVAILABLE" in answer
+        assert b"Connection: close" not in head
+        await writer.drain()
+        writer.write(b"GET /v2/ HTTP/1.1\r\nHost: r\r\n\r\n")
+        head, answer = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200") and answer == b"ok"
+        assert cluster.health.healthy("eastus")     # a cut mid-body does not mark it down
+        if proxy.splice_min:
+            assert proxy.spliced_bytes > 0
+    finally:
+        if writer is not None:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_idle_client_connections_are_closed(cluster):
     await cluster.add("eastus")
     proxy = await cluster.global_endpoint("eastus", client_idle_timeout_s=0.2)
@@ -976,12 +1053,21 @@ ON_UVLOOP = [
     test_a_pooled_connection_closed_by_the_node_is_retried_fresh,
     test_an_early_answer_drains_the_body_and_keeps_the_connection,
     test_clients_hanging_up_mid_transfer_leave_the_proxy_clean,
+    test_large_bodies_cross_intact_both_ways_on_kept_connections,
+    *(functools.partial(test_node_failing_under_a_request_body_gets_502_and_the_connection_carries_on,
+                        fault=fault) for fault in ("hangs up", "answers garbage")),
     test_a_tls_hello_is_refused_at_once,
     test_http_10_client_gets_an_unframed_body_and_a_close,
 ]
 
 
-@pytest.mark.parametrize("scenario", ON_UVLOOP, ids=lambda f: f.__name__.removeprefix("test_"))
+def _scenario_id(scenario) -> str:
+    if isinstance(scenario, functools.partial):
+        return f"{_scenario_id(scenario.func)}[{','.join(scenario.keywords.values())}]"
+    return scenario.__name__.removeprefix("test_")
+
+
+@pytest.mark.parametrize("scenario", ON_UVLOOP, ids=_scenario_id)
 def test_on_uvloop(scenario):
     """georeg runs on uvloop, whose transports buffer, pause and report a closed
     peer differently from asyncio's: the proxy scenarios again, on uvloop."""

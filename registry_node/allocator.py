@@ -57,3 +57,23 @@ def trimmer() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where there is none."""
     libc = _libc()
     return libc.malloc_trim if libc is not None else None
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def heap() -> dict[str, int]:
+    """The C heap as glibc sees it (``mallinfo2``, glibc 2.33+): bytes in use,
+    bytes free inside the heap (kept by fragmentation or below the trim
+    threshold), bytes in separately mapped large blocks. Empty elsewhere."""
+    libc = _libc()
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if mallinfo2 is None:
+        return {}
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return {"heap_in_use_bytes": info.uordblks, "heap_free_bytes": info.fordblks,
+            "mmapped_bytes": info.hblkhd}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from registry_node import allocator
 from registry_node.app import NODE
 from registry_node.durability import LocalDurability
 from registry_node.replica import Replica
@@ -213,6 +215,7 @@ class Replication:
                 "repaired": self.anti_entropy.repaired if self.anti_entropy else 0,
             },
             "content": self.replica.content_summary() if self.replica else {},
+            "memory": _memory(node),
         })
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -220,6 +223,18 @@ class Replication:
             self.metrics.queue_depth.labels(sub.peer.name).set(sub.lag_events)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _memory(node) -> dict[str, int]:
+    """Where this process's memory is: resident set, RocksDB's memtables and block
+    cache, the C heap (in use, and free but not given back), Python's objects."""
+    rss = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    return {"rss_bytes": rss, "rocksdb_bytes": node.meta.memory_bytes(),
+            **allocator.heap(), "python_blocks": sys.getallocatedblocks()}
 
 
 def _zone_peer(view: ClusterView, peer: Peer) -> bool:

@@ -221,6 +221,12 @@ async def test_metrics_lag_queue_depth_bytes_and_failures(tmp_path, http):
         # Bytes: what westeurope received is what eastus sent it, and all of the image.
         received = metric_sum(text, "georeg_replication_bytes_total", direction="in")
         assert received == sum(len(b) for b in small.blobs)
+        # Where the node's memory is (an in-process node: the test process's).
+        async with http.get(f"{west.url}/georeg/v1/node") as r:
+            memory = (await r.json())["memory"]
+        assert memory["rocksdb_bytes"] > 0                  # the image's records, in the memtable
+        assert 0 < memory["heap_in_use_bytes"] < memory["rss_bytes"]
+        assert memory["heap_free_bytes"] >= 0 and memory["python_blocks"] > 0
 
         # Queue depth per peer: events westeurope knows of and has not applied,
         # held up behind a large layer crossing a slow link.

@@ -2,9 +2,11 @@
 against one real georeg node process, directly and through a proxy process,
 with the same client; runs alternate, the median of each is reported.
 
-    .venv/bin/python -m tests.proxy_overhead [--runs 5] [--blobs 768]
+    .venv/bin/python -m tests.proxy_overhead [--runs 5] [--blobs 768] [--copy]
 
 Not a test (pytest does not collect it): a measurement, printed as a table.
+With ``--copy``, a second proxy that copies bodies through the event loop
+instead of splicing them runs in the same alternation, as "copying".
 Every pulled blob is hashed and checked, so a fast wrong answer fails the run.
 On a shared machine each step first waits (up to a minute) until other
 processes use less than 15 % of a core, and reports how much they used during
@@ -134,52 +136,61 @@ async def measure(base: str, repo: str, layers, concurrency: int,
     return out
 
 
-async def main(runs: int, count: int, concurrency: int) -> None:
+async def main(runs: int, count: int, concurrency: int, copy: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         node = NodeProcess(Path(tmp) / "node").start()
         host, port = node.url.removeprefix("http://").rsplit(":", 1)
-        proxy = ProxyProcess([f"node={host}:{port}"]).start()
+        proxies = {"proxied": ProxyProcess([f"node={host}:{port}"])}
+        if copy:
+            proxies["copying"] = ProxyProcess([f"node={host}:{port}"], copy=True)
         me = os.getpid()
         results: dict[tuple[str, str], list[float]] = {}
-        proxy_cpu: dict[str, list[float]] = {"push": [], "pull": []}
-        node_cpu: dict[tuple[str, str], list[float]] = {}
+        proxy_cpu: dict[tuple[str, str], list[float]] = {}
         others: dict[tuple[str, str], list[float]] = {}
         try:
+            for proxy in proxies.values():
+                proxy.start()
+            targets = [("direct", node.url, None)] + [(name, proxy.url, proxy.pid)
+                                                      for name, proxy in proxies.items()]
             for i in range(runs):
-                for target, base in (("direct", node.url), ("proxied", proxy.url)):
+                for target, base, proxy_pid in targets:
                     layers = blobs(count, MIB)
-                    got = await measure(base, f"bench/{target}{i}", layers, concurrency,
-                                        [node.proc.pid, proxy.pid, me])
+                    pids = [node.proc.pid, me] + ([proxy_pid] if proxy_pid else [])
+                    got = await measure(base, f"bench/{target}{i}", layers, concurrency, pids)
                     for step, (mbps, cpu, load) in got.items():
                         results.setdefault((target, step), []).append(mbps)
                         others.setdefault((target, step), []).append(load)
-                        node_cpu.setdefault((target, step), []).append(cpu[0])
-                        if target == "proxied":
-                            proxy_cpu[step].append(cpu[1])
+                        if proxy_pid:
+                            proxy_cpu.setdefault((target, step), []).append(cpu[2])
                     print(f"run {i + 1} {target:8}: " + ", ".join(
-                        f"{s} {m:7.1f} MB/s (cpu s: node {c[0]:.2f}, proxy {c[1]:.2f}, "
-                        f"client {c[2]:.2f}; others {o:.2f} cores)"
+                        f"{s} {m:7.1f} MB/s (cpu s: node {c[0]:.2f}, client {c[1]:.2f}"
+                        + (f", proxy {c[2]:.2f}" if proxy_pid else "")
+                        + f"; others {o:.2f} cores)"
                         for s, (m, c, o) in got.items()), flush=True)
         finally:
-            proxy.close()
+            for proxy in proxies.values():
+                proxy.close()
             node.close()
     print(f"\n{count} x 1 MiB blobs, concurrency {concurrency}, {runs} runs, "
           f"{os.cpu_count()} CPUs")
-    print("ratio = median proxied / median direct; paired = median of each run's "
-          "proxied/direct; quiet = the same over runs where other processes used "
+    print("ratio = median through the proxy / median direct; paired = median of each "
+          "run's proxy/direct; quiet = the same over runs where other processes used "
           "< 0.25 core in both steps")
-    print(f"{'step':6} {'direct MB/s':>12} {'proxied MB/s':>13} {'ratio':>6} {'paired':>7} "
-          f"{'quiet':>10} {'proxy ms/MiB':>13}")
+    print(f"{'step':6} {'proxy':8} {'direct MB/s':>12} {'proxy MB/s':>11} {'ratio':>6} "
+          f"{'paired':>7} {'quiet':>10} {'proxy ms/MiB':>13}")
     mib = count * MIB / MIB
     for step in ("push", "pull"):
-        direct, proxied = results["direct", step], results["proxied", step]
-        d, p = statistics.median(direct), statistics.median(proxied)
-        pairs = [b / a for a, b in zip(direct, proxied, strict=True)]
-        quiet = [r for r, x, y in zip(pairs, others["direct", step], others["proxied", step],
-                                      strict=True) if x < 0.25 and y < 0.25]
-        quiet_text = f"{statistics.median(quiet):.3f} ({len(quiet)})" if quiet else "-"
-        print(f"{step:6} {d:12.1f} {p:13.1f} {p / d:6.3f} {statistics.median(pairs):7.3f} "
-              f"{quiet_text:>10} {statistics.median(proxy_cpu[step]) * 1000 / mib:13.2f}")
+        direct = results["direct", step]
+        for target in proxies:
+            proxied = results[target, step]
+            d, p = statistics.median(direct), statistics.median(proxied)
+            pairs = [b / a for a, b in zip(direct, proxied, strict=True)]
+            quiet = [r for r, x, y in zip(pairs, others["direct", step], others[target, step],
+                                          strict=True) if x < 0.25 and y < 0.25]
+            quiet_text = f"{statistics.median(quiet):.3f} ({len(quiet)})" if quiet else "-"
+            print(f"{step:6} {target:8} {d:12.1f} {p:11.1f} {p / d:6.3f} "
+                  f"{statistics.median(pairs):7.3f} {quiet_text:>10} "
+                  f"{statistics.median(proxy_cpu[target, step]) * 1000 / mib:13.2f}")
 
 
 if __name__ == "__main__":
@@ -189,5 +200,7 @@ if __name__ == "__main__":
     # 256 blobs gave pull ratios from 0.82 to 0.98 on a quiet machine).
     parser.add_argument("--blobs", type=int, default=768)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--copy", action="store_true",
+                        help="also measure a proxy that copies bodies instead of splicing them")
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.blobs, args.concurrency))
+    asyncio.run(main(args.runs, args.blobs, args.concurrency, args.copy))

@@ -1,11 +1,12 @@
 """A routing proxy in a process of its own, for measurements that must not
 share a process with the client or the nodes (peak memory, throughput).
 
-    python -m tests.proxy_process --backend NAME=HOST:PORT [--backend ...]
+    python -m tests.proxy_process --backend NAME=HOST:PORT [--backend ...] [--copy]
 
 Runs a global endpoint (under uvloop) for clients in region ``local`` over
 one replica in region ``local`` holding the given nodes, prints
 ``proxy listening on PORT`` once it serves, and stops on SIGTERM or SIGINT.
+With ``--copy`` bodies are copied through the event loop, never spliced.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def _backend(value: str) -> NodeEndpoint:
     return NodeEndpoint(name, "local", "", host or "127.0.0.1", int(port))
 
 
-async def _serve(backends: list[NodeEndpoint]) -> None:
+async def _serve(backends: list[NodeEndpoint], copy: bool) -> None:
     health = NodeHealth()
     proxy = RoutingProxy.global_endpoint(
-        "local", Replicas([ReplicaGroup("local", tuple(backends))]), lambda a, b: 0.0, health)
+        "local", Replicas([ReplicaGroup("local", tuple(backends))]), lambda a, b: 0.0, health,
+        **({"splice_min": None} if copy else {}))
     port = await proxy.start("127.0.0.1", 0)
     print(f"proxy listening on {port}", flush=True)
     stop = asyncio.Event()
@@ -46,6 +48,8 @@ async def _serve(backends: list[NodeEndpoint]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", type=_backend, action="append", required=True)
+    parser.add_argument("--copy", action="store_true",
+                        help="copy bodies through the event loop instead of splicing them")
     args = parser.parse_args()
     import uvloop
 
@@ -53,7 +57,7 @@ def main() -> None:
 
     logs.configure("json", "warning", stream=sys.stderr)   # stdout carries the port line only
 
-    uvloop.run(_serve(args.backend))
+    uvloop.run(_serve(args.backend, args.copy))
 
 
 @dataclass
@@ -61,11 +65,12 @@ class ProxyProcess:
     """Starts ``main`` as a child process; ``url``, ``pid``, ``close()``."""
 
     backends: list[str]
+    copy: bool = False
     proc: subprocess.Popen | None = None
     url: str = ""
 
     def start(self, timeout: float = 15.0) -> ProxyProcess:
-        args = [a for b in self.backends for a in ("--backend", b)]
+        args = [a for b in self.backends for a in ("--backend", b)] + ["--copy"] * self.copy
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.proxy_process", *args],
                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -293,3 +293,19 @@ def test_the_pytest_plugin_gives_a_cluster_built_from_the_marker(georeg_cluster)
             return image.manifest
 
     assert asyncio.run(push_and_pull())
+
+
+def test_bench_footprint_reads_memory_at_rest_and_after_a_workload():
+    """`georeg bench footprint --after-images`: the workload really runs through
+    the global endpoints (every pulled blob is checked against its digest) and
+    every node's memory is read at rest and after it. Figures are reported by
+    the benchmark, never asserted here."""
+    from cluster.bench import footprint
+    from cluster.testing import SMALL_SPEC
+
+    result = asyncio.run(footprint.measure(SMALL_SPEC, repeat=1, idle_s=0.5, after_images=4,
+                                           settle_s=0.0))
+    nodes = set(result["rss"]) - {"supervisor"}
+    assert nodes and set(result["after"]["rss"]) == nodes
+    assert result["after"]["images"] == 4 and result["after"]["workload_s"] > 0
+    assert all(rss > 0 for rss in result["after"]["rss"].values())

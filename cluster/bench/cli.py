@@ -27,6 +27,12 @@ def _add_footprint(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="FILE", help="cluster spec (default: built-in)")
     p.add_argument("--repeat", type=int, default=3, help="startups measured (median reported)")
     p.add_argument("--idle", type=float, default=10.0, metavar="SECONDS", help="idle window")
+    p.add_argument("--after-images", type=int, default=0, metavar="N",
+                   help="then push N images of 3 MiB through the global endpoints (and pull "
+                        "their blobs back) and read every node's RSS again (default: skip)")
+    p.add_argument("--settle", type=float, default=25.0, metavar="SECONDS",
+                   help="how long after that workload RSS is read (default 25: one memory "
+                        "trim of the nodes' at least)")
     p.set_defaults(func=_run_footprint)
 
 
@@ -36,7 +42,7 @@ def _run_footprint(args: argparse.Namespace) -> int:
     from .footprint import run
 
     logs.configure("console", "warning", sys.stderr)
-    run(args.config, max(1, args.repeat), args.idle)
+    run(args.config, max(1, args.repeat), args.idle, max(0, args.after_images), args.settle)
     return 0
 
 

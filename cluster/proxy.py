@@ -256,8 +256,8 @@ class RoutingProxy:
         self.unavailable_responses = 0    # 503s for want of a healthy node
         # Counted bodies with this much left go through the kernel (None: never).
         self.splice_min = splice_min if kernel.AVAILABLE and splice_min else 0
-        self.spliced_bytes = 0
-        self.pipes = kernel.PipePool()
+        self.spliced_bytes = 0            # body bytes taken from a socket by a splice
+        self.pipes = kernel.SHARED
         self.host = "127.0.0.1"
         self.port = 0
         self._pool = _BackendPool(self, max_idle_per_backend)
@@ -320,7 +320,6 @@ class RoutingProxy:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-        self.pipes.close_all()
 
     async def _sweep(self, period: float) -> None:
         while True:
@@ -850,7 +849,6 @@ class _Exchange:
         except OSError:             # out of descriptors: copy
             return False
         self.req_splice = splice
-        self.body_sent = True
         client.hold(_SPLICING)
         splice.start()
         return True
@@ -858,8 +856,9 @@ class _Exchange:
     def _request_spliced(self, broken: kernel.SpliceBroken | None) -> None:
         splice, self.req_splice = self.req_splice, None
         client = self.client
-        self.proxy.spliced_bytes += splice.taken
+        self._took(splice)
         if broken is not None and broken.side == "source":      # the client hung up
+            self._cancel_splices()
             client.closing = True
             if not client.closed:
                 client.transport.abort()     # connection_lost aborts the exchange
@@ -897,6 +896,8 @@ class _Exchange:
         splice, self.resp_splice = self.resp_splice, None
         self.proxy.spliced_bytes += splice.taken
         conn = self.backend
+        if conn is None:        # cannot happen: every end of an exchange cancels its splices
+            return
         if broken is None:
             conn.transport.resume_reading()
             self.stream.handed_back(splice.taken)
@@ -905,6 +906,7 @@ class _Exchange:
         # and retries; the node's connection is not reused.
         log.warning("response_cut", endpoint=self.proxy.name, node=conn.node.name,
                     side=broken.side, reason=broken.reason)
+        self._cancel_splices()
         self.done = True
         self.backend = None
         conn.exchange = None
@@ -921,10 +923,26 @@ class _Exchange:
         if splice is None:
             return False
         taken = splice.cancel()
-        self.proxy.spliced_bytes += taken
+        self._took(splice)
         self.client.stream.handed_back(taken)
         self.client.release(_SPLICING)
         return True
+
+    def _took(self, splice: kernel.Splice) -> None:
+        """Account for a request splice that is over. Bytes it took from the
+        client cannot be sent again (some may have died in the pipe), so the
+        request can no longer be retried elsewhere once it took any."""
+        self.proxy.spliced_bytes += splice.taken
+        if splice.taken:
+            self.body_sent = True
+
+    def _cancel_splices(self) -> None:
+        """Stop both directions without handing anything back: the client's
+        connection is being closed."""
+        for splice in (self.req_splice, self.resp_splice):
+            if splice is not None:
+                self.proxy.spliced_bytes += splice.cancel()
+        self.req_splice = self.resp_splice = None
 
     # -- the response (httptools callbacks) ---------------------------------------
 
@@ -1067,6 +1085,7 @@ class _Exchange:
                 return
             # Died mid-response: the client sees its connection close and retries.
             log.warning("backend_lost_mid_response", endpoint=self.proxy.name, node=node.name)
+            self._cancel_splices()
             self.done = True
             self.client.closing = True
             if not self.client.closed:
@@ -1126,10 +1145,7 @@ class _Exchange:
     def abort(self) -> None:
         """The client is gone (or the proxy stops): drop everything in flight."""
         self.done = True
-        for splice in (self.req_splice, self.resp_splice):
-            if splice is not None:
-                self.proxy.spliced_bytes += splice.cancel()
-        self.req_splice = self.resp_splice = None
+        self._cancel_splices()
         self.stream = _DETACHED
         if self.connecting is not None:
             self.connecting.cancel()

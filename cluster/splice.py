@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import sys
@@ -47,33 +48,56 @@ class SpliceBroken(Exception):
 
 
 class PipePool:
-    """Empty pipes for reuse (creating and sizing one costs three system calls)."""
+    """Pipes for splices, reused while empty (creating and sizing one costs three
+    system calls), within a budget of pipe capacity.
 
-    def __init__(self, max_idle: int = 32) -> None:
+    The kernel charges a pipe's whole capacity to its user, and an unprivileged
+    user past ``/proc/sys/fs/pipe-user-pages-soft`` (64 MiB by default) gets
+    one-page pipes from then on, in every process it runs. So this process
+    holds at most ``budget`` bytes of pipes, idle ones included; past it
+    ``take`` refuses and the caller copies instead. One pool serves a whole
+    process (``SHARED``).
+    """
+
+    def __init__(self, budget: int = 16 * PIPE_SIZE, max_idle: int = 8) -> None:
+        self.budget = budget
         self.max_idle = max_idle
+        self.charged = 0            # capacity of every pipe open, in use or idle
         self._idle: list[tuple[int, int, int]] = []
 
     def take(self) -> tuple[int, int, int]:
-        """``(read_fd, write_fd, capacity)``, empty."""
+        """``(read_fd, write_fd, capacity)``, empty; ``OSError`` when the budget
+        is spent or no pipe can be had."""
         if self._idle:
             return self._idle.pop()
+        if self.charged + PIPE_SIZE > self.budget:
+            raise OSError(errno.ENOBUFS, "pipe budget spent")
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):    # over the system's limit: keep the default size
+        with contextlib.suppress(OSError):    # over the user's limit: keep the size given
             fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        return read_fd, write_fd, fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
+        capacity = fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
+        self.charged += capacity
+        return read_fd, write_fd, capacity
 
     def put(self, pipe: tuple[int, int, int], empty: bool) -> None:
-        if empty and len(self._idle) < self.max_idle:
+        """Back after use; kept only if empty and full-sized, and while there is room."""
+        if empty and pipe[2] >= PIPE_SIZE and len(self._idle) < self.max_idle:
             self._idle.append(pipe)
         else:
-            os.close(pipe[0])
-            os.close(pipe[1])
+            self._close(pipe)
 
-    def close_all(self) -> None:
+    def close_idle(self) -> None:
         for pipe in self._idle:
-            os.close(pipe[0])
-            os.close(pipe[1])
+            self._close(pipe)
         self._idle.clear()
+
+    def _close(self, pipe: tuple[int, int, int]) -> None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+        self.charged -= pipe[2]
+
+
+SHARED = PipePool()
 
 
 class Splice:
@@ -155,6 +179,10 @@ class Splice:
         except SpliceBroken as broken:
             self._close()
             self._done(broken)
+            return
+        except OSError as exc:         # the loop could not watch a descriptor
+            self._close()
+            self._done(SpliceBroken("source", f"cannot wait for it: {exc.strerror or exc}"))
             return
         self._wait(_IDLE)
         self._scheduled = self._loop.call_soon(self._pump)

@@ -39,6 +39,7 @@ from cluster.routing import (
     route_of,
     upload_id_of,
 )
+from cluster.splice import PipePool
 from registry_node.config import NodeConfig
 
 from .helpers import (
@@ -860,6 +861,47 @@ async def test_a_pooled_connection_closed_by_the_node_is_retried_fresh(cluster, 
         await server.wait_closed()
 
 
+async def test_a_pooled_connection_closed_before_the_body_came_is_retried_fresh(cluster):
+    """The keep-alive race with a body: a request's head reaches a pooled
+    connection the node has just closed, and none of its body has come yet
+    (clients often send the head on its own). Nothing of the request is lost,
+    so it goes again on a fresh connection, not back as a 502."""
+    connections = []
+
+    async def one_answer_per_connection(reader, writer):
+        connections.append(1)
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.readuntil(b"\r\n\r\n")      # the next request: hang up unanswered
+        writer.transport.abort()
+
+    server = await asyncio.start_server(one_answer_per_connection, "127.0.0.1", 0)
+    writer = None
+    try:
+        port = server.sockets[0].getsockname()[1]
+        cluster.replicas.add(ReplicaGroup("eastus", (node("eastus", "eastus", port=port),)))
+        proxy = await cluster.global_endpoint("eastus")
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        body = os.urandom(MIB)
+        for i in range(3):
+            writer.write(b"PUT /v2/app/blobs/uploads/x HTTP/1.1\r\nHost: r\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            # Request i reaches the node on connection i + 1: the first on a new one,
+            # the others after the pooled one they were sent on hung up.
+            await eventually(lambda n=i + 1: len(connections) == n, timeout=10,
+                             what=f"request {i} on connection {i + 1}")
+            writer.write(body)
+            head, answer = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200") and answer == b"ok", head
+        assert cluster.health.healthy("eastus") and proxy.failovers == 0
+    finally:
+        if writer is not None:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     head = await read_head(reader)
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
@@ -938,6 +980,20 @@ async def test_large_bodies_cross_intact_both_ways_on_kept_connections(cluster, 
         assert proxy.spliced_bytes >= 4 * (size - 256 * 1024)
     else:
         assert proxy.spliced_bytes == 0
+
+
+async def test_bodies_are_copied_when_the_pipe_budget_is_spent(cluster, client):
+    """No pipe to be had (the budget is spent): the proxy copies instead, and
+    every byte still arrives."""
+    await cluster.add("eastus")
+    proxy = await cluster.global_endpoint("eastus")
+    proxy.pipes = PipePool(budget=0)
+    size = 2 * MIB
+    async with client.put(proxy.url + "/sink", data=b"".join(pattern(size))) as r:
+        assert (await r.json())["sha256"] == pattern_sha256(size)
+    async with client.get(proxy.url + "/stream", params={"size": str(size)}) as r:
+        assert hashlib.sha256(await r.read()).hexdigest() == pattern_sha256(size)
+    assert proxy.spliced_bytes == 0
 
 
 @pytest.mark.parametrize("fault", ["hangs up", "answers garbage"])
@@ -1051,6 +1107,7 @@ ON_UVLOOP = [
     test_backend_dying_mid_response_closes_the_client_connection,
     test_connection_closed_before_answering_fails_over,
     test_a_pooled_connection_closed_by_the_node_is_retried_fresh,
+    test_a_pooled_connection_closed_before_the_body_came_is_retried_fresh,
     test_an_early_answer_drains_the_body_and_keeps_the_connection,
     test_clients_hanging_up_mid_transfer_leave_the_proxy_clean,
     test_large_bodies_cross_intact_both_ways_on_kept_connections,

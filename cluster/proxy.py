@@ -85,6 +85,13 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te
                          b"upgrade"})
 _MAX_HEAD = 64 * 1024                 # request line + headers; larger gets 431
 _WRITE_HIGH_WATER = 256 * 1024
+# Reads go into one of two buffers shared by every connection of the process
+# (a read is handled in full before the next): a small one while a head is
+# expected or a body may yet be spliced, so little of a body passes through
+# Python before the rest goes through the kernel, and a large one for bodies
+# that are copied.
+_HEAD_READ = 16 * 1024
+_BODY_READ = 256 * 1024
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_S = 5.0                       # how long an answered request's body is read and dropped
@@ -166,9 +173,20 @@ class _MessageStream:
         self.parser = self._new_parser()
         self._on_end()
 
+    @property
+    def small_reads(self) -> bool:
+        """Whether the next read should be small: a head is expected, or a body
+        that may yet be spliced (each read ends with another try), so that
+        little of it passes through Python first."""
+        mode = self._mode
+        return mode == _HEAD or (mode == _RAW and self._take is not None
+                                 and self._left >= self._splice_min)
+
     def feed(self, data: bytes | memoryview) -> None:
         if self._mode == _SPLICING_BODY:
             raise RuntimeError("fed while its body is being spliced")
+        if isinstance(data, memoryview) and not data.readonly:
+            data = bytes(data)            # a view of a shared read buffer: not to be kept
         while data:
             mode = self._mode
             if mode == _RAW:
@@ -374,7 +392,24 @@ class _BackendPool:
         self._idle.clear()
 
 
-class _BackendConnection(asyncio.Protocol):
+class _ReadBuffers:
+    """The process's two read buffers (see ``_HEAD_READ``)."""
+
+    head: memoryview | None = None
+    body: memoryview | None = None
+
+    @classmethod
+    def get(cls, small: bool) -> memoryview:
+        if small:
+            if cls.head is None:
+                cls.head = memoryview(bytearray(_HEAD_READ))
+            return cls.head
+        if cls.body is None:
+            cls.body = memoryview(bytearray(_BODY_READ))
+        return cls.body
+
+
+class _BackendConnection(asyncio.BufferedProtocol):
     """One connection to a node; serves one exchange at a time."""
 
     def __init__(self, node: NodeEndpoint, proxy: RoutingProxy) -> None:
@@ -385,18 +420,24 @@ class _BackendConnection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.fd = -1
+        self._buffer: memoryview | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         self.fd = _socket_fd(transport)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        exchange = self.exchange
+        self._buffer = _ReadBuffers.get(exchange is None or exchange.stream.small_reads)
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         exchange = self.exchange
         if exchange is None:        # nothing was asked: a confused server, not to be reused
             self.close()
             return
-        exchange.backend_data(data)
+        exchange.backend_data(self._buffer[:nbytes])
 
     def eof_received(self) -> bool:
         return False                # close; connection_lost tells the exchange
@@ -431,7 +472,7 @@ class _HeadTooLarge(Exception):
     pass
 
 
-class _ClientConnection(asyncio.Protocol):
+class _ClientConnection(asyncio.BufferedProtocol):
     """One client connection: parses requests and runs their exchanges in order."""
 
     def __init__(self, proxy: RoutingProxy) -> None:
@@ -455,6 +496,7 @@ class _ClientConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
         self.fd = -1
+        self._buffer: memoryview | None = None
 
     # -- transport callbacks ---------------------------------------------------------
 
@@ -468,7 +510,14 @@ class _ClientConnection(asyncio.Protocol):
         self.local = f"{local[0]}:{local[1]}".encode() if local else b"localhost"
         self.proxy._clients.add(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._buffer = _ReadBuffers.get(self.stream.small_reads)
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closing:
             return
         try:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import oras.client
@@ -92,6 +93,15 @@ def layout_tagged(path: Path, tag: str) -> dict:
 
 
 # -- running skopeo -------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _scratch_in_tmp_path(monkeypatch, tmp_path):
+    """oras-py tars a pushed directory into the system temp dir and never
+    removes it: keep such scratch files inside the test's own temp dir."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
 
 @pytest.fixture

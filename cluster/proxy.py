@@ -892,10 +892,9 @@ class _Exchange:
                 or conn.transport.get_write_buffer_size()):
             return False
         client = self.client
-        try:
-            splice = kernel.Splice(self.proxy.pipes, client.fd, conn.fd, left,
-                                   self._request_spliced)
-        except OSError:             # out of descriptors: copy
+        splice = kernel.Splice.open(self.proxy.pipes, client.fd, conn.fd, left,
+                                    self._request_spliced)
+        if splice is None:
             return False
         self.req_splice = splice
         client.hold(_SPLICING)
@@ -931,10 +930,9 @@ class _Exchange:
         if (self.done or conn is None or client.closed or client.write_paused or conn.fd < 0
                 or client.fd < 0 or client.transport.get_write_buffer_size()):
             return False
-        try:
-            splice = kernel.Splice(self.proxy.pipes, conn.fd, client.fd, left,
-                                   self._response_spliced)
-        except OSError:             # out of descriptors: copy
+        splice = kernel.Splice.open(self.proxy.pipes, conn.fd, client.fd, left,
+                                    self._response_spliced)
+        if splice is None:
             return False
         self.resp_splice = splice
         conn.transport.pause_reading()

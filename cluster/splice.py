@@ -133,6 +133,16 @@ class Splice:
         self._waiting = _IDLE
         self._scheduled: asyncio.Handle | None = None
 
+    @classmethod
+    def open(cls, pipes: PipePool, source: int, destination: int, length: int,
+             done: Callable[[SpliceBroken | None], None]) -> Splice | None:
+        """A new splice, or None when its descriptors cannot be had (out of
+        descriptors, or the pipe budget spent): the caller then copies."""
+        try:
+            return cls(pipes, source, destination, length, done)
+        except OSError:
+            return None
+
     @property
     def taken(self) -> int:
         """Bytes read from the source so far (some may still be in the pipe)."""

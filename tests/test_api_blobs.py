@@ -4,6 +4,7 @@ deleting them, and the refusals around digests, names and repository scope.
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -269,3 +270,29 @@ async def test_delete_blob_used_by_a_manifest_is_403_denied(node, http):
         assert r.status == 202
     async with http.get(f"{node.url}/v2/lib/used/blobs/{digest_of(image.layers[0])}") as r:
         await assert_error(r, 404, "BLOB_UNKNOWN")
+
+
+# -- memory -------------------------------------------------------------------------
+
+
+def _responses_holding(size: int) -> list:
+    from aiohttp import web
+
+    return [o for o in gc.get_objects() if isinstance(o, web.Response)
+            and isinstance(o.body, bytes | bytearray) and len(o.body) == size]
+
+
+async def test_an_idle_kept_alive_connection_holds_no_served_body(node, http):
+    """aiohttp's server keeps a connection's last response until the next request
+    on it; behind the proxy's pool of idle connections a node kept one served
+    blob (up to 1 MiB) per connection, and a manifest each, long after a pull."""
+    image = make_image([900_000])
+    await push_image(http, node.url, "held/app", image, tag="v1")
+    layer = image.blobs[-1]
+    for url, accept, size in [
+            (f"{node.url}/v2/held/app/blobs/{digest_of(layer)}", "*/*", len(layer)),
+            (f"{node.url}/v2/held/app/manifests/v1", image.media_type, len(image.manifest))]:
+        async with http.get(url, headers={"Accept": accept}) as r:
+            assert r.status == 200 and len(await r.read()) == size
+        assert len(node.runner.server.connections) == 1, "the connection was not kept alive"
+        assert _responses_holding(size) == []

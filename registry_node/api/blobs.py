@@ -13,7 +13,7 @@ from aiohttp import web
 
 from ..crypto import BlobCorrupt, SealedBlob
 from ..errors import ErrorCode, RegistryError
-from .common import DIGEST_HEADER, digest_param, empty, registry, repo_name
+from .common import DIGEST_HEADER, BodyResponse, digest_param, empty, registry, repo_name
 
 log = structlog.get_logger("georeg.api")
 
@@ -82,7 +82,7 @@ async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.Stre
     except BlobCorrupt as exc:
         raise _corrupt(digest, exc) from None
     if first_end == end:
-        return web.Response(status=status, body=first, headers=headers)
+        return BodyResponse(status=status, body=first, headers=headers)
 
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = end - start

@@ -38,9 +38,24 @@ def digest_param(value: str | None, what: str = "digest") -> Digest:
     return Digest.parse(value)
 
 
+class BodyResponse(web.Response):
+    """A response that lets go of its body once the body is sent.
+
+    aiohttp's server keeps a connection's last response until the next request
+    arrives on it, and the proxies in front of a node keep idle connections
+    for reuse: each held a served blob (up to a 1 MiB piece), a manifest or a
+    listing, 3 MiB in a node 25 s after a workload of 80 images."""
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        finally:
+            self.body = None
+
+
 def json_response(payload: object, status: int = 200, content_type: str = JSON,
                   headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=_json.encode(payload), status=status, content_type=content_type,
+    return BodyResponse(body=_json.encode(payload), status=status, content_type=content_type,
                         headers=headers)
 
 

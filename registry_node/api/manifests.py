@@ -6,7 +6,7 @@ from aiohttp import web
 
 from ..errors import ErrorCode, RegistryError
 from ..registry import manifest_too_large
-from .common import DIGEST_HEADER, empty, registry, repo_name
+from .common import DIGEST_HEADER, BodyResponse, empty, registry, repo_name
 
 
 async def get_manifest(request: web.Request) -> web.Response:
@@ -20,7 +20,7 @@ async def get_manifest(request: web.Request) -> web.Response:
     if request.method == "HEAD":
         headers["Content-Length"] = str(stored.size)
         return web.Response(status=200, headers=headers)
-    return web.Response(status=200, body=reg.manifest_body(stored), headers=headers)
+    return BodyResponse(status=200, body=reg.manifest_body(stored), headers=headers)
 
 
 def _none_match(header: str | None, etag: str) -> bool:

@@ -13,6 +13,7 @@ import gc as python_gc
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+import structlog
 from aiohttp import web
 
 from . import allocator
@@ -25,6 +26,7 @@ from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
+log = structlog.get_logger("georeg.node")
 
 
 class Extension(Protocol):
@@ -75,29 +77,46 @@ async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:
 MEMORY_TRIM_INTERVAL_S = 15.0
 
 
-async def _memory_trim(app: web.Application) -> AsyncIterator[None]:
-    """Give freed heap memory back to the kernel now and then (glibc's
-    ``malloc_trim``): an idle node should not keep what its busiest moment
-    needed. A no-op where glibc is not the allocator."""
-    trim = allocator.trimmer()
-    task = asyncio.create_task(_trim_forever(trim, app[NODE].meta), name="memory-trim") \
-        if trim else None
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+class MemoryTrim:
+    """Gives back what a busy moment needed, once the node is past it: run every
+    ``MEMORY_TRIM_INTERVAL_S``; a pass after writes collects reference cycles
+    (aiohttp and grpc leave some per request, holding buffers) and writes
+    RocksDB's memtable out to a table file (its arena, up to MEMTABLE_BYTES,
+    held 1-1.5 MiB after a few hundred images); every pass then returns freed
+    heap memory to the kernel (glibc's ``malloc_trim``, where glibc is the
+    allocator). An idle node's pass is only the trim."""
 
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._trim = allocator.trimmer()
+        self._commits = node.meta.commits
 
-async def _trim_forever(trim, meta) -> None:
-    commits = meta.commits
-    while True:
-        await asyncio.sleep(MEMORY_TRIM_INTERVAL_S)
-        if meta.commits != commits:
-            # After writes, a full collection first: reference cycles (aiohttp
-            # and grpc leave some per request) hold buffers the trim could not
-            # return. A few tens of ms, and only after activity: an idle node
-            # skips it.
-            commits = meta.commits
+    async def once(self) -> None:
+        meta = self.node.meta
+        if meta.commits != self._commits:
+            self._commits = meta.commits
             python_gc.collect()
-        trim(0)
+            # On the node's executor, which the node drains before it closes the store.
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.node.executor, meta.flush)
+            except Exception as exc:  # noqa: BLE001 - a full disk must not end the trims
+                log.warning("memtable_flush_failed", error=str(exc))
+        if self._trim is not None:
+            self._trim(0)
+
+    async def forever(self) -> None:
+        while True:
+            await asyncio.sleep(MEMORY_TRIM_INTERVAL_S)
+            await self.once()
+
+
+MEMORY_TRIM: web.AppKey[MemoryTrim] = web.AppKey("memory_trim", MemoryTrim)
+
+
+async def _memory_trim(app: web.Application) -> AsyncIterator[None]:
+    app[MEMORY_TRIM] = trim = MemoryTrim(app[NODE])
+    task = asyncio.create_task(trim.forever(), name="memory-trim")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -133,8 +133,15 @@ class MetadataStore:
 
     def memory_bytes(self) -> int:
         """What RocksDB holds in memory: memtables and cached table blocks."""
-        return sum(int(self._db.property_value(name) or 0)
-                   for name in ("rocksdb.cur-size-all-mem-tables", "rocksdb.block-cache-usage"))
+        return self.memtable_bytes() + int(self._db.property_value("rocksdb.block-cache-usage") or 0)
+
+    def memtable_bytes(self) -> int:
+        return int(self._db.property_value("rocksdb.cur-size-all-mem-tables") or 0)
+
+    def flush(self) -> None:
+        """Write the memtable out to a table file (blocking), freeing its memory.
+        Commits are durable without it (the WAL); this only moves them."""
+        self._db.flush(True)
 
     @property
     def commits(self) -> int:

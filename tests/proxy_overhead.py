@@ -1,10 +1,16 @@
-"""What the routing proxy costs: push and pull of 1 MiB blobs at concurrency 8
+"""What the routing proxy costs: push and pull of blobs (1 MiB unless told) at concurrency 8
 against one real georeg node process, directly and through a proxy process,
 with the same client; runs alternate, the median of each is reported.
 
     .venv/bin/python -m tests.proxy_overhead [--runs 5] [--blobs 768] [--copy]
+                                             [--only push|pull] [--blob-mib 1]
 
 Not a test (pytest does not collect it): a measurement, printed as a table.
+Each run measures every target once, in the opposite order from the run
+before (direct first, then last), so that a machine speeding up or slowing
+down over a run does not favour one side. With ``--only pull`` the blobs are
+pushed once, unmeasured, and each run pulls them again: many runs fit in a
+few minutes, for a paired ratio with its spread.
 With ``--copy``, a second proxy that copies bodies through the event loop
 instead of splicing them runs in the same alternation, as "copying".
 Every pulled blob is hashed and checked, so a fast wrong answer fails the run.
@@ -109,8 +115,9 @@ async def pull(session: aiohttp.ClientSession, base: str, repo: str, digest: str
     assert len(body) == size and "sha256:" + hashlib.sha256(body).hexdigest() == digest
 
 
-async def measure(base: str, repo: str, layers, concurrency: int,
-                  pids: list[int]) -> dict[str, tuple[float, list[float], float]]:
+async def measure(base: str, repo: str, layers, concurrency: int, pids: list[int],
+                  steps: tuple[str, ...] = ("push", "pull"),
+                  ) -> dict[str, tuple[float, list[float], float]]:
     """{step: (MB/s, [cpu seconds of each pid], cores used by other processes)}"""
     others = OtherLoad(pids)
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -118,7 +125,7 @@ async def measure(base: str, repo: str, layers, concurrency: int,
     out = {}
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                      cookie_jar=aiohttp.DummyCookieJar()) as session:
-        for step in ("push", "pull"):
+        for step in steps:
             os.sync()
             await others.wait_quiet()
             others.start()
@@ -136,7 +143,16 @@ async def measure(base: str, repo: str, layers, concurrency: int,
     return out
 
 
-async def main(runs: int, count: int, concurrency: int, copy: bool) -> None:
+async def push_once(base: str, repo: str, layers, concurrency: int) -> None:
+    """Blobs for pull-only runs, pushed unmeasured."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
+        await run_all(layers, concurrency, lambda b: push(session, base, repo, *b))
+
+
+async def main(runs: int, count: int, concurrency: int, copy: bool,
+               only: str | None = None, size: int = MIB) -> None:
+    steps = (only,) if only else ("push", "pull")
     with tempfile.TemporaryDirectory() as tmp:
         node = NodeProcess(Path(tmp) / "node").start()
         host, port = node.url.removeprefix("http://").rsplit(":", 1)
@@ -152,11 +168,15 @@ async def main(runs: int, count: int, concurrency: int, copy: bool) -> None:
                 proxy.start()
             targets = [("direct", node.url, None)] + [(name, proxy.url, proxy.pid)
                                                       for name, proxy in proxies.items()]
+            pulled = blobs(count, size) if only == "pull" else None
+            if pulled:
+                await push_once(node.url, "bench/pulled", pulled, concurrency)
             for i in range(runs):
-                for target, base, proxy_pid in targets:
-                    layers = blobs(count, MIB)
+                for target, base, proxy_pid in targets[::-1] if i % 2 else targets:
+                    layers = pulled or blobs(count, size)
+                    repo = "bench/pulled" if pulled else f"bench/{target}{i}"
                     pids = [node.proc.pid, me] + ([proxy_pid] if proxy_pid else [])
-                    got = await measure(base, f"bench/{target}{i}", layers, concurrency, pids)
+                    got = await measure(base, repo, layers, concurrency, pids, steps)
                     for step, (mbps, cpu, load) in got.items():
                         results.setdefault((target, step), []).append(mbps)
                         others.setdefault((target, step), []).append(load)
@@ -171,15 +191,16 @@ async def main(runs: int, count: int, concurrency: int, copy: bool) -> None:
             for proxy in proxies.values():
                 proxy.close()
             node.close()
-    print(f"\n{count} x 1 MiB blobs, concurrency {concurrency}, {runs} runs, "
+    print(f"\n{count} x {size / MIB:g} MiB blobs, concurrency {concurrency}, {runs} runs, "
           f"{os.cpu_count()} CPUs")
     print("ratio = median through the proxy / median direct; paired = median of each "
           "run's proxy/direct; quiet = the same over runs where other processes used "
           "< 0.25 core in both steps")
+    print("paired IQR: the middle half of the runs' proxy/direct ratios")
     print(f"{'step':6} {'proxy':8} {'direct MB/s':>12} {'proxy MB/s':>11} {'ratio':>6} "
-          f"{'paired':>7} {'quiet':>10} {'proxy ms/MiB':>13}")
-    mib = count * MIB / MIB
-    for step in ("push", "pull"):
+          f"{'paired':>7} {'paired IQR':>12} {'quiet':>10} {'proxy ms/MiB':>13}")
+    mib = count * size / MIB
+    for step in steps:
         direct = results["direct", step]
         for target in proxies:
             proxied = results[target, step]
@@ -188,8 +209,10 @@ async def main(runs: int, count: int, concurrency: int, copy: bool) -> None:
             quiet = [r for r, x, y in zip(pairs, others["direct", step], others[target, step],
                                           strict=True) if x < 0.25 and y < 0.25]
             quiet_text = f"{statistics.median(quiet):.3f} ({len(quiet)})" if quiet else "-"
+            iqr = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
             print(f"{step:6} {target:8} {d:12.1f} {p:11.1f} {p / d:6.3f} "
-                  f"{statistics.median(pairs):7.3f} {quiet_text:>10} "
+                  f"{statistics.median(pairs):7.3f} {f'{iqr[0]:.3f}-{iqr[2]:.3f}':>12} "
+                  f"{quiet_text:>10} "
                   f"{statistics.median(proxy_cpu[target, step]) * 1000 / mib:13.2f}")
 
 
@@ -199,8 +222,12 @@ if __name__ == "__main__":
     # 256 MiB pulls in under a second here: too short to be steady (runs of
     # 256 blobs gave pull ratios from 0.82 to 0.98 on a quiet machine).
     parser.add_argument("--blobs", type=int, default=768)
+    parser.add_argument("--blob-mib", type=float, default=1.0, help="blob size (default 1 MiB)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--copy", action="store_true",
                         help="also measure a proxy that copies bodies instead of splicing them")
+    parser.add_argument("--only", choices=("push", "pull"),
+                        help="measure one step; with pull, the blobs are pushed once, unmeasured")
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.blobs, args.concurrency, args.copy))
+    asyncio.run(main(args.runs, args.blobs, args.concurrency, args.copy, args.only,
+                     int(args.blob_mib * MIB)))

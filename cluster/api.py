@@ -276,6 +276,7 @@ class Cluster:
             "registry": self.spec.registry,
             "tier": self.spec.tier,
             "home_region": self.spec.home_region,
+            "blob_downloads": self.spec.blob_downloads,
             "data_dir": str(self.data_dir),
             "management": self.management_url,
             "replicas": [self.replica_status(r.region) for r in self.spec.all_replicas],

@@ -269,6 +269,9 @@ def print_endpoints(status: dict, seconds: float | None = None) -> None:
     if status.get("management"):
         table.add_row("management", "georeg CLI / REST", status["management"])
     console.print(table)
+    if status.get("blob_downloads") == "redirect":
+        console.print("Blob downloads through an endpoint are redirected (307) to the node it "
+                      "routes them to (blob_downloads = \"redirect\").")
     _node_table(console, status)
     copies = status.get("paired_copies") or []
     if copies:

@@ -64,12 +64,15 @@ class Endpoints:
         for key, endpoint in wanted.items():
             if key in self.proxies:
                 continue
+            redirect = self.cluster.spec.blob_downloads == "redirect"
             if endpoint.kind == "global":
                 proxy = RoutingProxy.global_endpoint(endpoint.region, self.replicas, self._latency,
-                                                     self.health, self.affinity)
+                                                     self.health, self.affinity,
+                                                     redirect_blobs=redirect)
             else:
                 proxy = RoutingProxy.regional_endpoint(self.replicas.get(endpoint.region),
-                                                       self.health, self.affinity)
+                                                       self.health, self.affinity,
+                                                       redirect_blobs=redirect)
             await proxy.start(plan.host, endpoint.port)
             self.proxies[key] = proxy
         for node in self.cluster.supervisor.nodes.values():

@@ -32,6 +32,11 @@ Invariants
       (``PUT``) or is cancelled (``DELETE``).
     * ``Expect: 100-continue`` is answered by the proxy once a backend
       connection is ready, and not forwarded.
+    * With ``redirect_blobs`` (spec ``blob_downloads = "redirect"``), a ``GET`` of
+      a blob by digest is answered by the proxy itself: ``307`` to the same
+      path on the node routing chose, which serves the bytes. The proxy does
+      not contact the node for it, so only health checks (not a refused
+      connect) take a dead node out of these answers.
     * A request answered before its body ended (an early 404, the proxy's
       own 503) has the rest of its body read and dropped, for at most
       ``_LINGER_S``, then the client connection carries on (or closes, if the
@@ -262,7 +267,8 @@ class RoutingProxy:
     def __init__(self, policy: EndpointPolicy, health: HealthView,
                  affinity: UploadAffinity | None = None, *, connect_timeout_s: float = 1.0,
                  client_idle_timeout_s: float = 75.0, backend_idle_timeout_s: float = 30.0,
-                 max_idle_per_backend: int = 64, splice_min: int | None = SPLICE_MIN) -> None:
+                 max_idle_per_backend: int = 64, splice_min: int | None = SPLICE_MIN,
+                 redirect_blobs: bool = False) -> None:
         self.policy = policy
         self.health = health
         self.affinity = affinity if affinity is not None else UploadAffinity()
@@ -272,6 +278,8 @@ class RoutingProxy:
         self.requests_by_backend: Counter[str] = Counter()
         self.failovers = 0                # requests sent on after a candidate failed
         self.unavailable_responses = 0    # 503s for want of a healthy node
+        self.redirect_blobs = redirect_blobs
+        self.redirects = 0                # blob downloads sent to a node with a 307
         # Counted bodies with this much left go through the kernel (None: never).
         self.splice_min = splice_min if kernel.AVAILABLE and splice_min else 0
         self.spliced_bytes = 0            # body bytes taken from a socket by a splice
@@ -699,6 +707,8 @@ class _Exchange:
         "done",
         # bodies moving in the kernel (cluster.splice), one per direction
         "req_splice", "resp_splice",
+        # what the client asked for, as it asked it (for a redirect)
+        "url",
     )
 
     def __init__(self, client: _ClientConnection, method: bytes, url: bytes,
@@ -706,6 +716,7 @@ class _Exchange:
         self.client = client
         self.proxy = client.proxy
         self.method = method
+        self.url = url
         self.route: RequestRoute = route_of(url.split(b"?", 1)[0].decode("latin-1"))
         self.keep_alive = keep_alive and not client.closing
         self.http_10 = version == "1.0"
@@ -780,6 +791,9 @@ class _Exchange:
         pinned = proxy.affinity.node_for(upload_id) if upload_id else None
         self.candidates = proxy.policy.candidates(self.route, pinned)
         self.client.hold(_CONNECTING)
+        if proxy.redirect_blobs and self.route.blob and self.method == b"GET" and self.candidates:
+            self._redirect(self.candidates[0])
+            return
         self._next()
 
     def _next(self) -> None:
@@ -1189,6 +1203,21 @@ class _Exchange:
         self.client.release(_CONNECTING)
         self.client.finished(self, close)
 
+    def _redirect(self, node: NodeEndpoint) -> None:
+        """Send the client to ``node`` for this blob, as ACR sends it to a
+        storage or data endpoint."""
+        proxy = self.proxy
+        proxy.redirects += 1
+        proxy.requests_by_backend[node.name] += 1
+        host = f"[{node.host}]" if ":" in node.host else node.host
+        location = b"http://%s:%d%s" % (host.encode(), node.port, self.url)
+        self.done = True
+        self.response_started = self.response_complete = True
+        close = not self.keep_alive or self.client.closing
+        self.client.write(_redirect_response(location, node.name, close))
+        self.client.release(_CONNECTING)
+        self.client.finished(self, close)
+
     def abort(self) -> None:
         """The client is gone (or the proxy stops): drop everything in flight."""
         self.done = True
@@ -1224,6 +1253,13 @@ def _local_response(status: int, code: str, message: str, detail: dict, close: b
     if close:
         head += b"Connection: close\r\n"
     return head + b"\r\n" + (b"" if head_only else body)
+
+
+def _redirect_response(location: bytes, node_name: str, close: bool) -> bytes:
+    return (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n"
+            b"Docker-Distribution-API-Version: registry/2.0\r\n%s: %s\r\n%s\r\n"
+            % (location, REPLICA_HEADER, node_name.encode(),
+               b"Connection: close\r\n" if close else b""))
 
 
 # -- active health checks ------------------------------------------------------------

@@ -242,15 +242,18 @@ class NodeHealth:
 
 _UPLOAD = re.compile(r"/v2/(.+)/blobs/uploads/([^/]+)")
 _REPOSITORY = re.compile(r"/v2/(.+)/(?:blobs|manifests|tags|referrers)/")
+_BLOB = re.compile(r"/v2/.+/blobs/[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 
 
 @dataclass(frozen=True, slots=True)
 class RequestRoute:
     """What routing needs to know of a request: its repository (for zone
-    placement) and its upload session, if it continues one."""
+    placement), its upload session, if it continues one, and whether it names
+    a blob by digest (a download, when it is a GET)."""
 
     repository: str | None = None
     upload_id: str | None = None
+    blob: bool = False
 
 
 def route_of(path: str) -> RequestRoute:
@@ -258,7 +261,7 @@ def route_of(path: str) -> RequestRoute:
     if match := _UPLOAD.fullmatch(path):
         return RequestRoute(match[1], match[2])
     if match := _REPOSITORY.match(path):
-        return RequestRoute(match[1])
+        return RequestRoute(match[1], blob=_BLOB.fullmatch(path) is not None)
     return RequestRoute()
 
 

@@ -8,6 +8,7 @@ Example (every key optional except where noted)::
     home_region = "eastus"          # where the registry was created; holds the control plane
     home_zone_redundant = true
     home_global_routing = true
+    blob_downloads = "relay"        # or "redirect": a 307 to the node, as ACR does
 
     [[replicas]]                    # geo-replicas (Premium only), not the home region
     region = "westeurope"
@@ -53,6 +54,7 @@ from .regions import CONFINED_BY_DEFAULT, REGIONS, distance_km, unknown_region_m
 from .wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
 
 TIERS = ("Basic", "Standard", "Premium")
+BLOB_DOWNLOADS = ("relay", "redirect")
 MAX_PORT = 65535
 
 
@@ -113,6 +115,12 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Azure also keeps each region's data in its paired region (except where data
     # is confined); georeg runs that copy as a storage-only node per region.
     paired_copies: bool = True
+    # How an endpoint serves a blob download. "relay": it streams the blob from
+    # the node it routed the request to (one address for everything; a node
+    # found dead fails over unseen). "redirect": it answers 307 to that node,
+    # which serves the bytes itself, as ACR sends clients to a storage or data
+    # endpoint; the endpoint is then off the data path.
+    blob_downloads: str = "relay"
     replicas: tuple[ReplicaSpec, ...] = ()
     wan: WanSpec = WanSpec()
     residency: ResidencySpec = ResidencySpec()
@@ -239,6 +247,10 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
         close = difflib.get_close_matches(spec.tier.capitalize(), TIERS, n=1)
         problems.append(f"tier {spec.tier!r} is not one of {', '.join(TIERS)}"
                         + (f"; did you mean {close[0]!r}?" if close else ""))
+    if spec.blob_downloads not in BLOB_DOWNLOADS:
+        problems.append(f"blob_downloads {spec.blob_downloads!r} is not one of "
+                        f"{', '.join(map(repr, BLOB_DOWNLOADS))}: \"relay\" streams blobs through "
+                        f"the endpoint, \"redirect\" answers 307 to the node")
     if not spec.registry or not spec.registry.isalnum() or not 5 <= len(spec.registry) <= 50:
         problems.append(f"registry {spec.registry!r}: ACR registry names are 5–50 letters and digits")
 

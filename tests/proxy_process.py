@@ -1,12 +1,13 @@
 """A routing proxy in a process of its own, for measurements that must not
 share a process with the client or the nodes (peak memory, throughput).
 
-    python -m tests.proxy_process --backend NAME=HOST:PORT [--backend ...] [--copy]
+    python -m tests.proxy_process --backend NAME=HOST:PORT [--backend ...] [--copy] [--redirect]
 
 Runs a global endpoint (under uvloop) for clients in region ``local`` over
 one replica in region ``local`` holding the given nodes, prints
 ``proxy listening on PORT`` once it serves, and stops on SIGTERM or SIGINT.
-With ``--copy`` bodies are copied through the event loop, never spliced.
+With ``--copy`` bodies are copied through the event loop, never spliced;
+with ``--redirect`` blob downloads get a 307 to the node.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ def _backend(value: str) -> NodeEndpoint:
     return NodeEndpoint(name, "local", "", host or "127.0.0.1", int(port))
 
 
-async def _serve(backends: list[NodeEndpoint], copy: bool) -> None:
+async def _serve(backends: list[NodeEndpoint], copy: bool, redirect: bool) -> None:
     health = NodeHealth()
     proxy = RoutingProxy.global_endpoint(
         "local", Replicas([ReplicaGroup("local", tuple(backends))]), lambda a, b: 0.0, health,
-        **({"splice_min": None} if copy else {}))
+        redirect_blobs=redirect, **({"splice_min": None} if copy else {}))
     port = await proxy.start("127.0.0.1", 0)
     print(f"proxy listening on {port}", flush=True)
     stop = asyncio.Event()
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--backend", type=_backend, action="append", required=True)
     parser.add_argument("--copy", action="store_true",
                         help="copy bodies through the event loop instead of splicing them")
+    parser.add_argument("--redirect", action="store_true",
+                        help="answer blob downloads with a 307 to the node")
     args = parser.parse_args()
     import uvloop
 
@@ -57,7 +60,7 @@ def main() -> None:
 
     logs.configure("json", "warning", stream=sys.stderr)   # stdout carries the port line only
 
-    uvloop.run(_serve(args.backend, args.copy))
+    uvloop.run(_serve(args.backend, args.copy, args.redirect))
 
 
 @dataclass
@@ -66,11 +69,13 @@ class ProxyProcess:
 
     backends: list[str]
     copy: bool = False
+    redirect: bool = False
     proc: subprocess.Popen | None = None
     url: str = ""
 
     def start(self, timeout: float = 15.0) -> ProxyProcess:
-        args = [a for b in self.backends for a in ("--backend", b)] + ["--copy"] * self.copy
+        args = ([a for b in self.backends for a in ("--backend", b)] + ["--copy"] * self.copy
+                + ["--redirect"] * self.redirect)
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.proxy_process", *args],
                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.monotonic() + timeout

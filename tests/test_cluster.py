@@ -71,6 +71,7 @@ def test_status_json_reports_every_node_healthy_with_its_endpoints(default_clust
     assert set(status["global_endpoints"]) == {"eastus", "westeurope", "brazilsouth", "southeastasia"}
     assert set(status["regional_endpoints"]) == set(status["global_endpoints"])
     assert status["residency"]["confined_regions"] == ["brazilsouth", "southeastasia"]
+    assert status["blob_downloads"] == "relay"
     assert [r["status"]["displayStatus"] for r in status["replicas"]] == ["Ready"] * 4
     human = georeg("status", data_dir=default_cluster.data_dir)
     assert human.returncode == 0 and "eastus-1" in human.stdout and "Ready" in human.stdout
@@ -272,6 +273,33 @@ async def test_replication_create_syncs_existing_content_with_visible_progress(b
 async def _has(http, url, repo, tag) -> bool:
     async with http.head(f"{url}/v2/{repo}/manifests/{tag}") as r:
         return r.status == 200
+
+
+@pytest.mark.georeg_spec({"home_region": "westeurope", "replicas": [{"region": "northeurope"}],
+                          "blob_downloads": "redirect"})
+async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(georeg_cluster, http,
+                                                                          tmp_path):
+    """With blob_downloads = "redirect", blob downloads through an endpoint are
+    307s to the node routing chose (as ACR's are); a real client follows them."""
+    image = make_image([1 << 20, 300_000], seed=43)
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, image, "v1")
+    west = Skopeo(tmp_path / "west", georeg_cluster.endpoint("westeurope").removeprefix("http://"))
+    await west.copy(f"oci:{layout}:v1", west.ref("data/app:v1"), "--preserve-digests")
+    north_node = georeg_cluster.node_url("northeurope")
+    await eventually(lambda: _has(http, north_node, "data/app", "v1"), timeout=30,
+                     what="data/app:v1 in northeurope")
+    north = georeg_cluster.endpoint("northeurope")
+    layer = digest_of(image.blobs[0])
+    async with http.get(f"{north}/v2/data/app/blobs/{layer}", allow_redirects=False) as r:
+        assert r.status == 307 and r.headers[REPLICA_HEADER] == "northeurope"
+        assert r.headers["Location"] == f"{north_node}/v2/data/app/blobs/{layer}"
+    assert georeg_cluster.status()["blob_downloads"] == "redirect"
+    puller = Skopeo(tmp_path / "north", north.removeprefix("http://"))
+    out = tmp_path / "out"
+    await puller.copy(puller.ref("data/app:v1"), f"oci:{out}:v1", "--preserve-digests")
+    for blob in image.blobs:
+        assert (out / "blobs" / "sha256" / digest_of(blob).split(":")[1]).read_bytes() == blob
 
 
 # -- the pytest plugin ---------------------------------------------------------------

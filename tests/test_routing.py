@@ -261,7 +261,9 @@ def test_routes_of_request_paths():
     assert route_of("/v2/") == RequestRoute()
     assert route_of("/v2/_catalog") == RequestRoute()
     assert route_of("/v2/a/b/manifests/latest") == RequestRoute("a/b")
-    assert route_of("/v2/a/blobs/b/blobs/sha256:00") == RequestRoute("a/blobs/b")
+    assert route_of("/v2/a/blobs/b/blobs/sha256:00") == RequestRoute("a/blobs/b", blob=True)
+    assert route_of("/v2/a/b/blobs/sha256:00/x") == RequestRoute("a/b")
+    assert route_of("/v2/a/b/manifests/sha256:00") == RequestRoute("a/b")
     assert route_of("/v2/a/b/blobs/uploads/") == RequestRoute("a/b")
     assert route_of("/v2/a/b/blobs/uploads/0f3e") == RequestRoute("a/b", "0f3e")
     assert upload_id_of("/v2/a/blobs/uploads/xyz?_state=1") == "xyz"
@@ -369,6 +371,7 @@ class Backend:
         app.middlewares.append(self._record)
         app.router.add_get("/v2/", self.hello)
         app.router.add_get("/v2/{name:.+}/manifests/{ref}", self.hello)
+        app.router.add_get("/v2/{name:.+}/blobs/{digest}", self.blob)
         app.router.add_post("/v2/{name:.+}/blobs/uploads/", self.start_upload)
         app.router.add_patch("/v2/{name:.+}/blobs/uploads/{uuid}", self.patch_upload)
         app.router.add_put("/v2/{name:.+}/blobs/uploads/{uuid}", self.finish_upload)
@@ -401,6 +404,11 @@ class Backend:
 
     async def hello(self, request):
         return web.json_response({"backend": self.name, "path": request.path})
+
+    async def blob(self, request):
+        size = int(request.query.get("size", "0"))
+        return web.Response(body=b"".join(pattern(size)), headers={
+            "Docker-Content-Digest": request.match_info["digest"]})
 
     async def start_upload(self, request):
         upload = uuid.uuid4().hex
@@ -633,6 +641,79 @@ async def test_429_passes_through_without_failover(cluster, client):
             assert (await r.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
     assert cluster.health.healthy("eastus") and proxy.failovers == 0
     assert proxy.requests_by_backend == {"eastus": 3}
+
+
+BLOB = "/v2/app/blobs/sha256:" + "ab" * 32
+
+
+async def test_redirected_blob_downloads_go_to_the_routed_node(client):
+    """With redirect_blobs (blob_downloads = "redirect"), a blob GET gets a 307 to the
+    node routing picks, decided by the proxy alone; everything else, HEAD of
+    that blob included, is relayed as before."""
+    cluster = Cluster(redirect_blobs=True)
+    try:
+        (east,) = await cluster.add("eastus")
+        await cluster.add("westus")
+        zones = await cluster.add("westeurope", "12")
+        proxy = await cluster.global_endpoint("eastus")
+        regional = await cluster.regional_endpoint("westeurope")
+        for _ in range(2):                 # the client connection stays open across them
+            async with client.get(proxy.url + BLOB + "?size=5", allow_redirects=False) as r:
+                assert r.status == 307 and await r.read() == b""
+                assert r.headers["Location"] == f"http://127.0.0.1:{east.port}{BLOB}?size=5"
+                assert r.headers["X-Georeg-Replica"] == "eastus"
+                assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        assert len(proxy._clients) == 1
+        assert east.headers == []          # the node was not asked
+        assert proxy.redirects == 2 and proxy.requests_by_backend == {"eastus": 2}
+        # A client that follows the redirect gets the blob from that node.
+        async with client.get(proxy.url + BLOB + "?size=70000") as r:
+            assert r.status == 200 and await r.read() == b"".join(pattern(70000))
+            assert r.headers["X-Backend"] == "eastus" and "X-Georeg-Replica" not in r.headers
+        # HEAD of a blob, manifests and uploads still go through the proxy.
+        async with client.head(proxy.url + BLOB, allow_redirects=False) as r:
+            assert r.status == 200 and r.headers["X-Georeg-Replica"] == "eastus"
+        assert await who(client, proxy.url) == "eastus"
+        async with client.post(proxy.url + "/v2/app/blobs/uploads/", allow_redirects=False) as r:
+            assert r.status == 202 and r.headers["X-Georeg-Replica"] == "eastus"
+        assert proxy.redirects == 3
+        # Routing moves the redirects with it, and a regional endpoint keeps its region.
+        cluster.health.report("eastus", False, "down for the test")
+        async with client.get(proxy.url + BLOB, allow_redirects=False) as r:
+            assert r.status == 307 and r.headers["X-Georeg-Replica"] == "westus"
+        async with client.get(regional.url + BLOB, allow_redirects=False) as r:
+            assert r.status == 307
+            assert r.headers["X-Georeg-Replica"] in {b.name for b in zones}
+            port = {b.name: b.port for b in zones}[r.headers["X-Georeg-Replica"]]
+            assert r.headers["Location"] == f"http://127.0.0.1:{port}{BLOB}"
+        # Nothing routable: the proxy's own 503, not a redirect.
+        cluster.replicas.set_routing("westus", False)
+        cluster.replicas.set_routing("westeurope", False)
+        async with client.get(proxy.url + BLOB, allow_redirects=False) as r:
+            assert r.status == 503
+            assert (await r.json())["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        await cluster.close()
+
+
+async def test_a_blob_get_with_a_body_is_redirected_and_the_connection_carries_on():
+    cluster = Cluster(redirect_blobs=True)
+    try:
+        (east,) = await cluster.add("eastus")
+        proxy = await cluster.global_endpoint("eastus")
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            writer.write(b"GET %s HTTP/1.1\r\nHost: r\r\nContent-Length: 4\r\n\r\nbody"
+                         b"GET /v2/ HTTP/1.1\r\nHost: r\r\n\r\n" % BLOB.encode())
+            head = await read_head(reader)
+            assert head.startswith(b"HTTP/1.1 307") and b"Content-Length: 0" in head
+            assert b"Location: http://127.0.0.1:%d%s" % (east.port, BLOB.encode()) in head
+            head = await read_head(reader)
+            assert head.startswith(b"HTTP/1.1 200") and b"X-Georeg-Replica: eastus" in head
+        finally:
+            writer.close()
+    finally:
+        await cluster.close()
 
 
 async def test_head_has_headers_and_no_body_and_keeps_the_connection(cluster):

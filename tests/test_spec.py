@@ -42,6 +42,13 @@ def test_geo_replication_and_zones_need_premium():
     assert any("zone redundancy needs the Premium tier" in p for p in found)
 
 
+def test_blob_downloads_are_relayed_or_redirected():
+    assert specs.load(None).blob_downloads == "relay"
+    assert specs.parse({"blob_downloads": "redirect"}).blob_downloads == "redirect"
+    [problem] = problems({"blob_downloads": "proxy"})
+    assert "blob_downloads 'proxy' is not one of 'relay', 'redirect'" in problem
+
+
 def test_zone_redundancy_needs_a_region_with_zones():
     [problem] = problems({"replicas": [{"region": "westus", "zone_redundant": True}]})
     assert "westus has no availability zones" in problem

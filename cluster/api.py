@@ -290,6 +290,7 @@ class Cluster:
             "global_endpoints": {e.region: e.url for e in self.endpoints() if e.kind == "global"},
             "regional_endpoints": {e.region: e.url for e in self.endpoints() if e.kind == "regional"},
             "residency": msgspec.to_builtins(self.spec.residency_policy()),
+            "endpoint_traffic": self.routing.stats() if self.routing else {},
         }
 
     def replica_status(self, region: str) -> dict:

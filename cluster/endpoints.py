@@ -110,7 +110,13 @@ class Endpoints:
         return {g.region: g.routing_enabled for g in self.replicas}
 
     def stats(self) -> dict:
+        """Per endpoint (``global:<client region>``, ``regional:<region>``), since
+        it started: requests routed to each node, requests sent on after a node
+        failed, the endpoint's own 503s, blob downloads redirected, and body
+        bytes relayed inside the kernel."""
         return {f"{kind}:{region}": {"requests": dict(p.requests_by_backend),
                                      "failovers": p.failovers,
-                                     "unavailable": p.unavailable_responses}
+                                     "unavailable": p.unavailable_responses,
+                                     "redirects": p.redirects,
+                                     "spliced_bytes": p.spliced_bytes}
                 for (kind, region), p in self.proxies.items()}

@@ -94,9 +94,16 @@ async def test_skopeo_push_from_east_us_pull_from_west_europe(default_cluster, h
     assert index["manifests"][0]["digest"] == image.digest
     for blob in image.blobs:
         assert (out / "blobs" / "sha256" / digest_of(blob).split(":")[1]).read_bytes() == blob
-    # The west european client was served by a west european replica.
+    # The west european client was served by a west european replica, and
+    # status counts what each endpoint routed where.
     async with http.head(f"{default_cluster.endpoint('westeurope')}/v2/demo/app/manifests/v1") as r:
         assert r.headers[REPLICA_HEADER].startswith("westeurope")
+    traffic = default_cluster.status()["endpoint_traffic"]
+    west_routed = traffic["global:westeurope"]["requests"]
+    assert west_routed and all(name.startswith("westeurope") for name in west_routed)
+    assert sum(west_routed.values()) >= len(image.blobs) + 2     # blobs, manifest, HEAD
+    assert traffic["global:westeurope"]["spliced_bytes"] > 0      # the 1 MiB layer
+    assert traffic["global:eastus"]["redirects"] == 0
 
 
 async def test_confined_content_pushed_in_brazil_stays_there(default_cluster, http):
@@ -294,7 +301,10 @@ async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(geore
     async with http.get(f"{north}/v2/data/app/blobs/{layer}", allow_redirects=False) as r:
         assert r.status == 307 and r.headers[REPLICA_HEADER] == "northeurope"
         assert r.headers["Location"] == f"{north_node}/v2/data/app/blobs/{layer}"
-    assert georeg_cluster.status()["blob_downloads"] == "redirect"
+    status = georeg_cluster.status()
+    assert status["blob_downloads"] == "redirect"
+    traffic = status["endpoint_traffic"]["global:northeurope"]
+    assert traffic["redirects"] == 1 and traffic["requests"] == {"northeurope": 1}
     puller = Skopeo(tmp_path / "north", north.removeprefix("http://"))
     out = tmp_path / "out"
     await puller.copy(puller.ref("data/app:v1"), f"oci:{out}:v1", "--preserve-digests")

@@ -111,9 +111,9 @@ class Endpoints:
 
     def stats(self) -> dict:
         """Per endpoint (``global:<client region>``, ``regional:<region>``), since
-        it started: requests routed to each node, requests sent on after a node
-        failed, the endpoint's own 503s, blob downloads redirected, and body
-        bytes relayed inside the kernel."""
+        it started: requests routed to each node (redirected ones included),
+        requests sent on after a node failed, the endpoint's own 503s, blob
+        downloads redirected, and body bytes relayed inside the kernel."""
         return {f"{kind}:{region}": {"requests": dict(p.requests_by_backend),
                                      "failovers": p.failovers,
                                      "unavailable": p.unavailable_responses,

@@ -26,7 +26,8 @@ Invariants
       connection closed (the client retries). ``429`` and every other status
       pass through untouched: only transport failures fail over.
     * Every proxied response carries ``X-Georeg-Replica: <node name>``; a
-      response that is the proxy's own (``503`` no replica, ``502``) does not.
+      response that is the proxy's own (``503`` no replica, ``502``) does not,
+      except a redirect, which names the node it sends the client to.
     * Upload sessions are learnt from ``Location`` / ``Docker-Upload-UUID`` of
       the responses that carry them and forgotten when the session completes
       (``PUT``) or is cancelled (``DELETE``).
@@ -99,6 +100,7 @@ _HEAD_READ = 16 * 1024
 _BODY_READ = 256 * 1024
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 _LINGER_S = 5.0                       # how long an answered request's body is read and dropped
 # Bodies with at least this much left go socket to socket inside the kernel (``cluster.splice``).
 SPLICE_MIN = 64 * 1024
@@ -493,6 +495,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.receiving: _Exchange | None = None  # whose request body is arriving
         self.peer = b""
         self.local = b""
+        self.local_ip = ""
         self.draining: _Exchange | None = None
         self._linger: asyncio.TimerHandle | None = None
         self.closed = False
@@ -500,6 +503,8 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.write_paused = False
         self.idle_since = time.monotonic()
         self._holds = 0
+        self._starting = False          # in _start_first's loop
+        self._start_again = False
         self._url: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
@@ -516,6 +521,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.peer = peer[0].encode() if peer else b""
         local = transport.get_extra_info("sockname")
         self.local = f"{local[0]}:{local[1]}".encode() if local else b"localhost"
+        self.local_ip = local[0] if local else ""
         self.proxy._clients.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -592,7 +598,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.queue.append(exchange)
         self.stream.headers_done(exchange.req_length)
         if len(self.queue) == 1:
-            exchange.start()
+            self._start_first()
 
     def on_body(self, data: bytes) -> None:
         if self.receiving is not None:
@@ -632,10 +638,12 @@ class _ClientConnection(asyncio.BufferedProtocol):
             if not self.closed:
                 self.transport.close()      # after what is buffered has been sent
             return
-        if not exchange.request_complete:
+        if not exchange.request_complete and (exchange.req_length or exchange.req_chunked):
             # Answered before its body ended (an early 404, a 503): read the rest
             # and drop it, for a while, rather than close on a client that is still
-            # sending — it might see a reset instead of its answer.
+            # sending — it might see a reset instead of its answer. (A request
+            # without a body is only between its head and its end, in this same
+            # parser call.)
             self.draining = exchange
             self._linger = asyncio.get_running_loop().call_later(_LINGER_S, self._linger_over)
             self.release(_CONNECTING | _BACKPRESSURE | _AWAITING)
@@ -649,9 +657,26 @@ class _ClientConnection(asyncio.BufferedProtocol):
             self.release(_BACKPRESSURE)
             if not following.request_complete:
                 self.release(_AWAITING)
-            following.start()
+            self._start_first()
         else:
             self.release(_AWAITING | _BACKPRESSURE)
+
+    def _start_first(self) -> None:
+        """Start the first exchange of the queue. One the proxy answers at once
+        (a redirect, a 503) finishes inside its ``start``, which brings here
+        again for the next: that call only asks this loop to go on, so a long
+        pipeline of such requests is a loop, not a recursion."""
+        if self._starting:
+            self._start_again = True
+            return
+        self._starting = True
+        try:
+            self._start_again = True
+            while self._start_again and self.queue and not self.closing:
+                self._start_again = False
+                self.queue[0].start()
+        finally:
+            self._starting = False
 
     def drained(self, exchange: _Exchange) -> None:
         """The body of an already answered request has ended: carry on."""
@@ -1209,7 +1234,11 @@ class _Exchange:
         proxy = self.proxy
         proxy.redirects += 1
         proxy.requests_by_backend[node.name] += 1
-        host = f"[{node.host}]" if ":" in node.host else node.host
+        host = node.host
+        if host in _WILDCARD_HOSTS:            # a node listening everywhere: where the client
+            host = self.client.local_ip or "127.0.0.1"   # reached us reaches the node too
+        if ":" in host:
+            host = f"[{host}]"
         location = b"http://%s:%d%s" % (host.encode(), node.port, self.url)
         self.done = True
         self.response_started = self.response_complete = True

@@ -248,9 +248,10 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
         problems.append(f"tier {spec.tier!r} is not one of {', '.join(TIERS)}"
                         + (f"; did you mean {close[0]!r}?" if close else ""))
     if spec.blob_downloads not in BLOB_DOWNLOADS:
-        problems.append(f"blob_downloads {spec.blob_downloads!r} is not one of "
-                        f"{', '.join(map(repr, BLOB_DOWNLOADS))}: \"relay\" streams blobs through "
-                        f"the endpoint, \"redirect\" answers 307 to the node")
+        close = difflib.get_close_matches(spec.blob_downloads.lower(), BLOB_DOWNLOADS, n=1)
+        problems.append(f"blob_downloads {spec.blob_downloads!r} is not one of 'relay' (the "
+                        f"endpoint streams blobs) or 'redirect' (it answers 307 to the node)"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
     if not spec.registry or not spec.registry.isalnum() or not 5 <= len(spec.registry) <= 50:
         problems.append(f"registry {spec.registry!r}: ACR registry names are 5–50 letters and digits")
 

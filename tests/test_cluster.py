@@ -310,6 +310,10 @@ async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(geore
     await puller.copy(puller.ref("data/app:v1"), f"oci:{out}:v1", "--preserve-digests")
     for blob in image.blobs:
         assert (out / "blobs" / "sha256" / digest_of(blob).split(":")[1]).read_bytes() == blob
+    # skopeo's downloads (config and layers) were redirected, not relayed.
+    traffic = georeg_cluster.status()["endpoint_traffic"]["global:northeurope"]
+    assert traffic["redirects"] == 1 + len(image.blobs)
+    assert traffic["spliced_bytes"] == 0
 
 
 # -- the pytest plugin ---------------------------------------------------------------

@@ -716,6 +716,50 @@ async def test_a_blob_get_with_a_body_is_redirected_and_the_connection_carries_o
         await cluster.close()
 
 
+async def test_a_long_pipeline_of_redirects_is_answered_in_order():
+    """Each redirect is answered at once, so the queue behind a slow request
+    empties in one go: a loop, not a recursion per request (which ran out of
+    stack at ~330 and left the connection hanging)."""
+    cluster = Cluster(redirect_blobs=True)
+    try:
+        await cluster.add("eastus")
+        proxy = await cluster.global_endpoint("eastus")
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        count = 1000
+        try:
+            # Short requests (no Host: the proxy adds one when it relays), so
+            # that one 16 KiB read queues hundreds of them.
+            writer.write(b"GET /v2/ HTTP/1.1\r\n\r\n"
+                         + b"".join(b"GET /v2/a/blobs/a:b?n=%d HTTP/1.1\r\n\r\n" % i
+                                    for i in range(count))
+                         + b"GET /v2/ HTTP/1.1\r\n\r\n")
+            status, body = await read_response(reader)
+            assert status.startswith(b"HTTP/1.1 200") and b"eastus" in body
+            for i in range(count):
+                head = await read_head(reader)
+                assert head.startswith(b"HTTP/1.1 307")
+                assert b"/v2/a/blobs/a:b?n=%d\r\n" % i in head
+            status, _ = await read_response(reader)
+            assert status.startswith(b"HTTP/1.1 200")
+        finally:
+            writer.close()
+        assert proxy.redirects == count
+    finally:
+        await cluster.close()
+
+
+async def test_a_node_listening_everywhere_is_reached_where_the_client_reached_us(client):
+    cluster = Cluster(redirect_blobs=True)
+    try:
+        (backend,) = await cluster.add("eastus")
+        cluster.replicas.update_node(NodeEndpoint("eastus", "eastus", "", "0.0.0.0", backend.port))
+        proxy = await cluster.global_endpoint("eastus")
+        async with client.get(proxy.url + BLOB, allow_redirects=False) as r:
+            assert r.headers["Location"] == f"http://127.0.0.1:{backend.port}{BLOB}"
+    finally:
+        await cluster.close()
+
+
 async def test_head_has_headers_and_no_body_and_keeps_the_connection(cluster):
     (backend,) = await cluster.add("eastus")
     proxy = await cluster.global_endpoint("eastus")

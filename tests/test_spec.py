@@ -46,7 +46,9 @@ def test_blob_downloads_are_relayed_or_redirected():
     assert specs.load(None).blob_downloads == "relay"
     assert specs.parse({"blob_downloads": "redirect"}).blob_downloads == "redirect"
     [problem] = problems({"blob_downloads": "proxy"})
-    assert "blob_downloads 'proxy' is not one of 'relay', 'redirect'" in problem
+    assert "blob_downloads 'proxy' is not one of 'relay'" in problem and "'redirect'" in problem
+    [problem] = problems({"blob_downloads": "Redirects"})
+    assert "did you mean 'redirect'?" in problem
 
 
 def test_zone_redundancy_needs_a_region_with_zones():

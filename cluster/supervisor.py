@@ -67,9 +67,20 @@ def ensure_bytecode() -> None:
             compileall.compile_dir(directory, quiet=2, workers=1)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def dies_with_parent(signum: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` for a child process that must not outlive this one: the
+    kernel sends it ``signum`` when the thread that started it ends (so start
+    children from a thread that lives as long as they should). Where prctl is
+    missing, the child simply does not get the guard."""
+
+    def in_child() -> None:  # runs in the child between fork and exec
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+
+    return in_child
+
+
+_die_with_parent = dies_with_parent(signal.SIGKILL)
 
 
 def _storage_copy_child() -> None:

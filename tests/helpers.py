@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from cluster.supervisor import dies_with_parent
 from registry_node.app import NODE, init_app
 from registry_node.config import NodeConfig
 from registry_node.node import Node
@@ -117,6 +118,7 @@ class NodeProcess:
             [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(self.data_dir),
              "--listen", "127.0.0.1:0", "--log-format", "json", *self.args],
             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+            preexec_fn=dies_with_parent(),     # never outlives a killed test run
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from cluster.proxy import RoutingProxy
 from cluster.routing import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas
+from cluster.supervisor import dies_with_parent
 
 
 def _backend(value: str) -> NodeEndpoint:
@@ -77,7 +78,8 @@ class ProxyProcess:
         args = ([a for b in self.backends for a in ("--backend", b)] + ["--copy"] * self.copy
                 + ["--redirect"] * self.redirect)
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.proxy_process", *args],
-                                     stdout=subprocess.PIPE, text=True, start_new_session=True)
+                                     stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                     preexec_fn=dies_with_parent())
         deadline = time.monotonic() + timeout
         import selectors
 

@@ -12,7 +12,6 @@ Invariants
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -21,14 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+from ..supervisor import dies_with_parent
 
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+_die_with_parent = dies_with_parent(signal.SIGTERM)
 
 
 class ServerStartError(RuntimeError):

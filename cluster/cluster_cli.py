@@ -318,7 +318,27 @@ def run_status(args: argparse.Namespace) -> int:
                       r["status"]["displayStatus"], r["status"]["message"])
     console.print(table)
     _node_table(console, status)
+    _traffic_table(console, status)
     return 0 if all(n["healthy"] for n in status["nodes"]) else 1
+
+
+def _traffic_table(console: Console, status: dict) -> None:
+    """Where each endpoint sent its requests since the cluster started; only
+    endpoints that carried any."""
+    used = {name: t for name, t in (status.get("endpoint_traffic") or {}).items()
+            if t["requests"] or t["unavailable"]}
+    if not used:
+        return
+    table = Table("endpoint", "requests → node", "failovers", "503s", "redirects",
+                  title="Endpoint traffic (since start)", title_justify="left")
+    for name, t in used.items():
+        kind, _, region = name.partition(":")
+        routed = ", ".join(f"{node} {count}" for node, count in
+                           sorted(t["requests"].items(), key=lambda item: -item[1]))
+        label = f"global, clients in {region}" if kind == "global" else f"regional, {region} only"
+        table.add_row(label, routed or "-", str(t["failovers"]),
+                      str(t["unavailable"]), str(t["redirects"]))
+    console.print(table)
 
 
 def run_region_restore(args: argparse.Namespace) -> int:

@@ -89,6 +89,10 @@ class Cluster:
 
         self.faults = FaultController(self)
         self.started_at = 0.0
+        # Seconds from the start to every node healthy, and to ready (subscribed
+        # to every peer and writable, endpoints up); None until reached.
+        self.healthy_after_s: float | None = None
+        self.ready_after_s: float | None = None
         self._stopped = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -105,6 +109,7 @@ class Cluster:
     async def _start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
+        clock = time.monotonic()
         save_spec(self.data_dir, self.spec)
         await self.supervisor.start()
         try:
@@ -120,7 +125,10 @@ class Cluster:
 
                 self.management = ManagementServer(self)
                 await self.management.start()
+            await self.supervisor.wait_healthy()
+            self.healthy_after_s = time.monotonic() - clock
             await self.wait_ready()
+            self.ready_after_s = time.monotonic() - clock
         except BaseException:
             await self.stop()
             raise
@@ -277,6 +285,7 @@ class Cluster:
             "tier": self.spec.tier,
             "home_region": self.spec.home_region,
             "blob_downloads": self.spec.blob_downloads,
+            "startup_s": {"healthy": self.healthy_after_s, "ready": self.ready_after_s},
             "data_dir": str(self.data_dir),
             "management": self.management_url,
             "replicas": [self.replica_status(r.region) for r in self.spec.all_replicas],

@@ -245,18 +245,38 @@ def run_down(args: argparse.Namespace) -> int:
     call(data_dir, "POST", "/georeg/v1/shutdown")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try:
-            os.kill(state["pid"], 0)
-        except ProcessLookupError:
+        if not _running(state["pid"]):
             print(f"stopped the cluster in {data_dir}")
             return 0
         time.sleep(0.1)
     raise CliError(f"the supervisor (pid {state['pid']}) did not stop within 60 s")
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs. A detached supervisor's parent is init; where
+    init does not reap (a container whose first process is a shell), the exited
+    supervisor stays a zombie, which signal 0 still finds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:                      # no /proc: ask the kernel the portable way
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def print_endpoints(status: dict, seconds: float | None = None) -> None:
     console = Console()
-    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    startup = status.get("startup_s") or {}
+    if startup.get("healthy") is not None and startup.get("ready") is not None:
+        took = (f" in {startup['healthy']:.1f} s (replicating and ready in "
+                f"{startup['ready']:.1f} s)")
+    else:
+        took = f" in {seconds:.1f} s" if seconds is not None else ""
     healthy = sum(1 for n in status["nodes"] if n["healthy"])
     console.print(f"[bold]georeg[/] registry [bold]{status['registry']}[/] ({status['tier']}, home "
                   f"{status['home_region']}): {healthy}/{len(status['nodes'])} nodes healthy{took}; "

@@ -13,12 +13,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from cluster import spec as specs
-from cluster.testing import RunningCluster
+from cluster.testing import RunningCluster, free_port_base
 
 from .helpers import Skopeo, digest_of, eventually, make_image, push_image, write_oci_layout
 
@@ -318,6 +319,55 @@ async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(geore
     traffic = georeg_cluster.status()["endpoint_traffic"]["global:northeurope"]
     assert traffic["redirects"] == 1 + len(image.blobs)
     assert traffic["spliced_bytes"] == 0
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie nobody has reaped yet counts: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_down_counts_an_unreaped_supervisor_as_stopped():
+    """`georeg down` waits for the supervisor to exit; where init does not reap
+    (a container whose first process is a shell) it stays a zombie."""
+    from cluster.cluster_cli import _running
+
+    child = subprocess.Popen(["true"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)   # exited, left unreaped
+        assert Path(f"/proc/{child.pid}/stat").exists()          # a zombie, signal 0 finds it
+        assert not _running(child.pid)
+        assert _running(os.getpid())
+    finally:
+        child.wait()
+
+
+def test_up_detached_prints_its_endpoints_and_down_leaves_nothing_running(tmp_path):
+    spec = specs.parse({"home_region": "westeurope", "replicas": [{"region": "northeurope"}],
+                        "paired_copies": False})
+    base = free_port_base(spec)
+    config = tmp_path / "spec.toml"
+    config.write_text('home_region = "westeurope"\npaired_copies = false\n'
+                      '[[replicas]]\nregion = "northeurope"\n'
+                      f"[network]\nport_base = {base}\n")
+    data = tmp_path / "data"
+    up = georeg("up", "--detach", "--config", str(config), data_dir=data)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "2/2 nodes healthy in" in up.stdout and "replicating and ready in" in up.stdout
+        assert f"http://127.0.0.1:{base}" in up.stdout        # the first global endpoint
+        status = json.loads(georeg("status", "--json", data_dir=data).stdout)
+        assert all(n["healthy"] for n in status["nodes"])
+        startup = status["startup_s"]
+        assert 0 < startup["healthy"] <= startup["ready"]
+        pids = [n["pid"] for n in status["nodes"]]
+    finally:
+        down = georeg("down", data_dir=data)
+    assert down.returncode == 0, down.stderr
+    assert "stopped the cluster" in down.stdout
+    assert all(_gone(pid) for pid in pids)
 
 
 # -- the pytest plugin ---------------------------------------------------------------

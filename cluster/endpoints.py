@@ -61,10 +61,10 @@ class Endpoints:
         wanted = {(e.kind, e.region): e for e in plan.endpoints}
         for key in [k for k in self.proxies if k not in wanted]:
             await self.proxies.pop(key).stop()
+        redirect = self.cluster.spec.blob_downloads == "redirect"
         for key, endpoint in wanted.items():
             if key in self.proxies:
                 continue
-            redirect = self.cluster.spec.blob_downloads == "redirect"
             if endpoint.kind == "global":
                 proxy = RoutingProxy.global_endpoint(endpoint.region, self.replicas, self._latency,
                                                      self.health, self.affinity,

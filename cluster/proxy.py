@@ -1219,14 +1219,9 @@ class _Exchange:
         self._respond(503, "UNAVAILABLE", why.message, why.detail)
 
     def _respond(self, status: int, code: str, message: str, detail: dict) -> None:
-        """Answer from the proxy itself (no node will)."""
-        self.done = True
-        self.response_started = self.response_complete = True
-        close = not self.keep_alive or self.client.closing
-        self.client.write(_local_response(status, code, message, detail, close,
-                                          head_only=self.method == b"HEAD"))
-        self.client.release(_CONNECTING)
-        self.client.finished(self, close)
+        """Answer with an OCI error from the proxy itself (no node will)."""
+        self._answer(lambda close: _local_response(status, code, message, detail, close,
+                                                   head_only=self.method == b"HEAD"))
 
     def _redirect(self, node: NodeEndpoint) -> None:
         """Send the client to ``node`` for this blob, as ACR sends it to a
@@ -1240,10 +1235,15 @@ class _Exchange:
         if ":" in host:
             host = f"[{host}]"
         location = b"http://%s:%d%s" % (host.encode(), node.port, self.url)
+        self._answer(lambda close: _redirect_response(location, node.name, close))
+
+    def _answer(self, response: Callable[[bool], bytes]) -> None:
+        """Answer from the proxy itself: ``response(close)`` is the whole
+        message, told whether the connection closes after it."""
         self.done = True
         self.response_started = self.response_complete = True
         close = not self.keep_alive or self.client.closing
-        self.client.write(_redirect_response(location, node.name, close))
+        self.client.write(response(close))
         self.client.release(_CONNECTING)
         self.client.finished(self, close)
 

@@ -344,15 +344,15 @@ def _traffic_table(console: Console, status: dict) -> None:
             if t["requests"] or t["unavailable"]}
     if not used:
         return
-    table = Table("endpoint", "requests → node", "failovers", "503s", "redirects",
-                  title="Endpoint traffic (since start)", title_justify="left")
+    table = Table("endpoint", "requests → node", "failovers", "503s", "downloads handed over",
+                  "redirects", title="Endpoint traffic (since start)", title_justify="left")
     for name, t in used.items():
         kind, _, region = name.partition(":")
         routed = ", ".join(f"{node} {count}" for node, count in
                            sorted(t["requests"].items(), key=lambda item: -item[1]))
         label = f"global, clients in {region}" if kind == "global" else f"regional, {region} only"
         table.add_row(label, routed or "-", str(t["failovers"]),
-                      str(t["unavailable"]), str(t["redirects"]))
+                      str(t["unavailable"]), str(t.get("handed_over", 0)), str(t["redirects"]))
     console.print(table)
 
 

@@ -113,10 +113,12 @@ class Endpoints:
         """Per endpoint (``global:<client region>``, ``regional:<region>``), since
         it started: requests routed to each node (redirected ones included),
         requests sent on after a node failed, the endpoint's own 503s, blob
-        downloads redirected, and body bytes relayed inside the kernel."""
+        downloads redirected, blob downloads the node wrote on the client's
+        connection (handed over), and body bytes relayed inside the kernel."""
         return {f"{kind}:{region}": {"requests": dict(p.requests_by_backend),
                                      "failovers": p.failovers,
                                      "unavailable": p.unavailable_responses,
                                      "redirects": p.redirects,
+                                     "handed_over": p.handed_over,
                                      "spliced_bytes": p.spliced_bytes}
                 for (kind, region), p in self.proxies.items()}

@@ -66,6 +66,7 @@ import httptools
 import structlog
 
 from . import splice as kernel
+from .handoff import Channel, Handoffs
 from .routing import (
     EndpointPolicy,
     GlobalPolicy,
@@ -270,7 +271,7 @@ class RoutingProxy:
                  affinity: UploadAffinity | None = None, *, connect_timeout_s: float = 1.0,
                  client_idle_timeout_s: float = 75.0, backend_idle_timeout_s: float = 30.0,
                  max_idle_per_backend: int = 64, splice_min: int | None = SPLICE_MIN,
-                 redirect_blobs: bool = False) -> None:
+                 redirect_blobs: bool = False, handoff_blobs: bool = True) -> None:
         self.policy = policy
         self.health = health
         self.affinity = affinity if affinity is not None else UploadAffinity()
@@ -282,6 +283,9 @@ class RoutingProxy:
         self.unavailable_responses = 0    # 503s for want of a healthy node
         self.redirect_blobs = redirect_blobs
         self.redirects = 0                # blob downloads sent to a node with a 307
+        # Relayed blob downloads are handed over to the node where it takes them.
+        self.handoffs = Handoffs() if handoff_blobs else None
+        self.handed_over = 0              # blob downloads the node wrote on the client's socket
         # Counted bodies with this much left go through the kernel (None: never).
         self.splice_min = splice_min if kernel.AVAILABLE and splice_min else 0
         self.spliced_bytes = 0            # body bytes taken from a socket by a splice
@@ -341,6 +345,8 @@ class RoutingProxy:
             self._server.close()
         for client in list(self._clients):
             client.shut()
+        if self.handoffs is not None:
+            self.handoffs.close_all()
         self._pool.close_all()
         for task in list(self._connecting):
             task.cancel()
@@ -734,6 +740,8 @@ class _Exchange:
         "req_splice", "resp_splice",
         # what the client asked for, as it asked it (for a redirect)
         "url",
+        # a download the node writes itself (cluster.handoff), while it does
+        "handoff", "handoff_serial",
     )
 
     def __init__(self, client: _ClientConnection, method: bytes, url: bytes,
@@ -773,6 +781,8 @@ class _Exchange:
         self.failed_over = False
         self.req_splice: kernel.Splice | None = None
         self.resp_splice: kernel.Splice | None = None
+        self.handoff: Channel | None = None
+        self.handoff_serial = 0
 
     def _forward_head(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         parts = [method, b" ", url, b" HTTP/1.1\r\n"]
@@ -816,10 +826,65 @@ class _Exchange:
         pinned = proxy.affinity.node_for(upload_id) if upload_id else None
         self.candidates = proxy.policy.candidates(self.route, pinned)
         self.client.hold(_CONNECTING)
-        if proxy.redirect_blobs and self.route.blob and self.method == b"GET" and self.candidates:
-            self._redirect(self.candidates[0])
-            return
+        if self.route.blob and self.method == b"GET" and self.candidates:
+            if proxy.redirect_blobs:
+                self._redirect(self.candidates[0])
+                return
+            if proxy.handoffs is not None and self._hand_over():
+                return
         self._next()
+
+    # -- downloads the node writes itself ------------------------------------------------
+
+    def _hand_over(self) -> bool:
+        """Pass the client's socket to the first candidate, which writes the
+        response on it (``cluster.handoff``); False to relay the request."""
+        client = self.client
+        if (client.fd < 0 or self.http_10 or self.req_length or self.req_chunked
+                or self.expect_continue or client.write_paused
+                or client.transport.get_write_buffer_size()):
+            return False            # a body to pass on, or response bytes of ours still queued
+        node = self.candidates[0]
+        channel = self.proxy.handoffs.channel(node)
+        if channel is None:
+            return False
+        self.close_client = not self.keep_alive or client.closing
+        extra = b"%s: %s\r\n" % (REPLICA_HEADER, node.name.encode())
+        if self.close_client:
+            extra += b"Connection: close\r\n"
+        serial = channel.hand(client.fd, self.head, extra, self)
+        if serial is None:
+            return False
+        self.handoff, self.handoff_serial = channel, serial
+        self.response_started = True    # the node may write at any moment; the proxy must not
+        client.release(_CONNECTING)
+        return True
+
+    def handoff_writing(self) -> None:
+        self.proxy.handed_over += 1
+        self.proxy.requests_by_backend[self.handoff.node.name] += 1
+
+    def handoff_done(self) -> None:
+        self.handoff = None
+        self.done = self.response_complete = True
+        self.client.finished(self, self.close_client)
+
+    def handoff_declined(self) -> None:
+        """Nothing was written (an error to answer, the node is gone): relay it,
+        to the same node first, as any request."""
+        self.handoff = None
+        self.response_started = False
+        self._next()
+
+    def handoff_cut(self) -> None:
+        node = self.handoff.node.name if self.handoff else None
+        self.handoff = None
+        log.warning("response_cut", endpoint=self.proxy.name, node=node, side="node",
+                    reason="the node stopped writing a handed-over download")
+        self.done = True
+        self.client.closing = True
+        if not self.client.closed:
+            self.client.transport.abort()
 
     def _next(self) -> None:
         if self.done:
@@ -1252,6 +1317,9 @@ class _Exchange:
         self.done = True
         self._cancel_splices()
         self.stream = _DETACHED
+        if self.handoff is not None:
+            self.handoff.forget(self.handoff_serial)
+            self.handoff = None
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None

@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 import structlog
 from aiohttp import web
 
+from .api.common import REGISTRY
 from .app import Extension, init_app
 from .config import NodeConfig
+from .handoff import HandoffServer
 
 log = structlog.get_logger("georeg.node")
 
@@ -27,10 +29,13 @@ async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
     app = init_app(config, extensions)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
+    handoff: HandoffServer | None = None
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
+        handoff = HandoffServer(app[REGISTRY], config.host, port)
+        handoff.start()
         url = f"http://{config.host}:{port}/v2/"
         where = config.region + (f"/{config.zone}" if config.zone else "")
         log.info("listening", url=url, region=config.region, zone=config.zone,
@@ -44,6 +49,8 @@ async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
         await stop.wait()
         log.info("stopping")
     finally:
+        if handoff is not None:     # before the storage its downloads read from closes
+            await handoff.stop()
         await runner.cleanup()
     log.info("stopped")
 

@@ -4,6 +4,7 @@ with the same client; runs alternate, the median of each is reported.
 
     .venv/bin/python -m tests.proxy_overhead [--runs 5] [--blobs 768] [--copy]
                                              [--only push|pull] [--blob-mib 1] [--redirect]
+                                             [--relay]
 
 Not a test (pytest does not collect it): a measurement, printed as a table.
 Each run measures every target once, in the opposite order from the run
@@ -14,7 +15,9 @@ few minutes, for a paired ratio with its spread.
 With ``--copy``, a second proxy that copies bodies through the event loop
 instead of splicing them runs in the same alternation, as "copying"; with
 ``--redirect``, a proxy that answers blob downloads with a 307 to the node
-(``blob_downloads = "redirect"``), as "redirect" (the client follows it).
+(``blob_downloads = "redirect"``), as "redirect" (the client follows it); with
+``--relay``, a proxy that relays blob downloads instead of handing the client's
+socket over to the node (``cluster.handoff``), as "relayed".
 Every pulled blob is hashed and checked, so a fast wrong answer fails the run.
 On a shared machine each step first waits (up to a minute) until other
 processes use less than 15 % of a core, and reports how much they used during
@@ -153,7 +156,8 @@ async def push_once(base: str, repo: str, layers, concurrency: int) -> None:
 
 
 async def main(runs: int, count: int, concurrency: int, copy: bool,
-               only: str | None = None, size: int = MIB, redirect: bool = False) -> None:
+               only: str | None = None, size: int = MIB, redirect: bool = False,
+               relay: bool = False) -> None:
     steps = (only,) if only else ("push", "pull")
     with tempfile.TemporaryDirectory() as tmp:
         node = NodeProcess(Path(tmp) / "node").start()
@@ -163,6 +167,8 @@ async def main(runs: int, count: int, concurrency: int, copy: bool,
             proxies["copying"] = ProxyProcess([f"node={host}:{port}"], copy=True)
         if redirect:
             proxies["redirect"] = ProxyProcess([f"node={host}:{port}"], redirect=True)
+        if relay:
+            proxies["relayed"] = ProxyProcess([f"node={host}:{port}"], relay=True)
         me = os.getpid()
         results: dict[tuple[str, str], list[float]] = {}
         proxy_cpu: dict[tuple[str, str], list[float]] = {}
@@ -232,8 +238,10 @@ if __name__ == "__main__":
                         help="also measure a proxy that copies bodies instead of splicing them")
     parser.add_argument("--redirect", action="store_true",
                         help="also measure a proxy that redirects blob downloads to the node")
+    parser.add_argument("--relay", action="store_true",
+                        help="also measure a proxy that relays blob downloads (no hand-over)")
     parser.add_argument("--only", choices=("push", "pull"),
                         help="measure one step; with pull, the blobs are pushed once, unmeasured")
     args = parser.parse_args()
     asyncio.run(main(args.runs, args.blobs, args.concurrency, args.copy, args.only,
-                     int(args.blob_mib * MIB), args.redirect))
+                     int(args.blob_mib * MIB), args.redirect, args.relay))

@@ -2,12 +2,14 @@
 share a process with the client or the nodes (peak memory, throughput).
 
     python -m tests.proxy_process --backend NAME=HOST:PORT [--backend ...] [--copy] [--redirect]
+                                  [--relay]
 
 Runs a global endpoint (under uvloop) for clients in region ``local`` over
 one replica in region ``local`` holding the given nodes, prints
 ``proxy listening on PORT`` once it serves, and stops on SIGTERM or SIGINT.
 With ``--copy`` bodies are copied through the event loop, never spliced;
-with ``--redirect`` blob downloads get a 307 to the node.
+with ``--redirect`` blob downloads get a 307 to the node; with ``--relay`` they
+are relayed, never handed over to the node (``cluster.handoff``).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ def _backend(value: str) -> NodeEndpoint:
     return NodeEndpoint(name, "local", "", host or "127.0.0.1", int(port))
 
 
-async def _serve(backends: list[NodeEndpoint], copy: bool, redirect: bool) -> None:
+async def _serve(backends: list[NodeEndpoint], copy: bool, redirect: bool, relay: bool) -> None:
     health = NodeHealth()
     proxy = RoutingProxy.global_endpoint(
         "local", Replicas([ReplicaGroup("local", tuple(backends))]), lambda a, b: 0.0, health,
-        redirect_blobs=redirect, **({"splice_min": None} if copy else {}))
+        redirect_blobs=redirect, handoff_blobs=not relay,
+        **({"splice_min": None} if copy else {}))
     port = await proxy.start("127.0.0.1", 0)
     print(f"proxy listening on {port}", flush=True)
     stop = asyncio.Event()
@@ -54,6 +57,8 @@ def main() -> None:
                         help="copy bodies through the event loop instead of splicing them")
     parser.add_argument("--redirect", action="store_true",
                         help="answer blob downloads with a 307 to the node")
+    parser.add_argument("--relay", action="store_true",
+                        help="relay blob downloads, never hand them over to the node")
     args = parser.parse_args()
     import uvloop
 
@@ -61,7 +66,7 @@ def main() -> None:
 
     logs.configure("json", "warning", stream=sys.stderr)   # stdout carries the port line only
 
-    uvloop.run(_serve(args.backend, args.copy, args.redirect))
+    uvloop.run(_serve(args.backend, args.copy, args.redirect, args.relay))
 
 
 @dataclass
@@ -71,12 +76,13 @@ class ProxyProcess:
     backends: list[str]
     copy: bool = False
     redirect: bool = False
+    relay: bool = False
     proc: subprocess.Popen | None = None
     url: str = ""
 
     def start(self, timeout: float = 15.0) -> ProxyProcess:
         args = ([a for b in self.backends for a in ("--backend", b)] + ["--copy"] * self.copy
-                + ["--redirect"] * self.redirect)
+                + ["--redirect"] * self.redirect + ["--relay"] * self.relay)
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.proxy_process", *args],
                                      stdout=subprocess.PIPE, text=True, start_new_session=True,
                                      preexec_fn=dies_with_parent())

@@ -6,7 +6,11 @@ ahead of the socket, so a blob of any size streams in bounded memory.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -14,6 +18,9 @@ from aiohttp import web
 from ..crypto import BlobCorrupt, SealedBlob
 from ..errors import ErrorCode, RegistryError
 from .common import DIGEST_HEADER, BodyResponse, digest_param, empty, registry, repo_name
+
+if TYPE_CHECKING:
+    from ..registry import RunBlocking
 
 log = structlog.get_logger("georeg.api")
 
@@ -67,50 +74,85 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 
 async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.StreamResponse:
-    wanted = parse_range(request.headers.get("Range"), blob.size)
-    start, end = wanted or (0, blob.size)
-    headers = {DIGEST_HEADER: digest, "Accept-Ranges": "bytes",
-               "Content-Type": "application/octet-stream"}
-    status = 200
-    if wanted is not None:
-        status = 206
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
-    run = registry(request).run_blocking
-    first_end = min(end, start + STREAM_PIECE)
-    try:
-        first = await run(lambda: blob.read(start, first_end))
-    except BlobCorrupt as exc:
-        raise _corrupt(digest, exc) from None
-    if first_end == end:
-        return BodyResponse(status=status, body=first, headers=headers)
-
-    response = web.StreamResponse(status=status, headers=headers)
-    response.content_length = end - start
-    await response.prepare(request)
-    pos, piece = first_end, first
-    while True:
-        nxt = None
-        if pos < end:
-            stop = min(end, pos + STREAM_PIECE)
-            nxt = run(lambda a=pos, b=stop: blob.read(a, b))
-            pos = stop
-        await response.write(piece)
-        if nxt is None:
-            break
+    download = Download(blob, digest, request.headers.get("Range"))
+    async with contextlib.aclosing(download.pieces(registry(request).run_blocking)) as pieces:
+        first = await anext(pieces)
+        if len(first) == download.length:
+            return BodyResponse(status=download.status, body=first, headers=download.headers)
+        response = web.StreamResponse(status=download.status, headers=download.headers)
+        response.content_length = download.length
+        await response.prepare(request)
+        await response.write(first)
         try:
-            piece = await nxt
-        except BlobCorrupt as exc:
+            async for piece in pieces:
+                await response.write(piece)
+        except BlobCorrupt:
             # Headers are gone; the only honest thing left is to cut the connection
             # so the client sees a short body instead of wrong bytes.
             # Closing the transport is what cuts it: an exception alone would reach
             # the error middleware, whose error response cannot be sent any more,
             # and the client would wait for the rest of the body forever.
-            log.error("blob_corrupt", digest=digest, error=str(exc))
             if request.transport is not None:
                 request.transport.close()
             raise
     await response.write_eof()
     return response
+
+
+class Download:
+    """What a GET of a blob sends: status, headers, and the bytes (all, or the
+    range asked for), read one piece ahead of the socket. The HTTP handler and
+    the routing proxy's hand-over (``registry_node.handoff``) both send these."""
+
+    def __init__(self, blob: SealedBlob, digest: str, range_header: str | None) -> None:
+        wanted = parse_range(range_header, blob.size)
+        self.blob = blob
+        self.digest = digest
+        self.start, self.end = wanted or (0, blob.size)
+        self.status = 200 if wanted is None else 206
+        self.headers = {DIGEST_HEADER: digest, "Accept-Ranges": "bytes",
+                        "Content-Type": "application/octet-stream"}
+        if wanted is not None:
+            self.headers["Content-Range"] = f"bytes {self.start}-{self.end - 1}/{blob.size}"
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    async def pieces(self, run: RunBlocking) -> AsyncIterator[bytes]:
+        """The body in pieces of at most ``STREAM_PIECE``; the next is being
+        decrypted (on ``run``'s threads) while the caller sends this one.
+
+        A first piece that fails its integrity check raises ``RegistryError``
+        (nothing is sent yet: the client gets a 500); a later one raises
+        ``BlobCorrupt``, and the caller must cut the connection. Close the
+        iterator (``contextlib.aclosing``) so a read still in flight ends
+        before the blob's file is closed."""
+        pos = min(self.end, self.start + STREAM_PIECE)
+        try:
+            piece = await run(lambda: self.blob.read(self.start, pos))
+        except BlobCorrupt as exc:
+            raise _corrupt(self.digest, exc) from None
+        ahead: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                ahead = None
+                if pos < self.end:
+                    stop = min(self.end, pos + STREAM_PIECE)
+                    ahead = asyncio.ensure_future(run(lambda a=pos, b=stop: self.blob.read(a, b)))
+                    pos = stop
+                yield piece
+                if ahead is None:
+                    return
+                try:
+                    piece = await ahead
+                except BlobCorrupt as exc:
+                    log.error("blob_corrupt", digest=self.digest, error=str(exc))
+                    raise
+        finally:
+            if ahead is not None and not ahead.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(ahead)
 
 
 def _corrupt(digest: str, exc: BlobCorrupt) -> RegistryError:

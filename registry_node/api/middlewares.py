@@ -23,6 +23,13 @@ REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 HEALTH_PATH = "/georeg/v1/node"
 
 
+def request_id(asked: str | None) -> str:
+    """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+    if asked and _REQUEST_ID.fullmatch(asked):
+        return asked
+    return os.urandom(8).hex()
+
+
 def error_response(error: RegistryError) -> web.Response:
     import msgspec
 
@@ -44,10 +51,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> RegistryError:
 
 @web.middleware
 async def access(request: web.Request, handler) -> web.StreamResponse:
-    rid = request.headers.get("X-Request-Id", "")
-    if not _REQUEST_ID.fullmatch(rid):
-        rid = os.urandom(8).hex()
-    request[REQUEST_ID] = rid
+    request[REQUEST_ID] = rid = request_id(request.headers.get("X-Request-Id"))
     started = time.perf_counter()
     status = 500
     try:

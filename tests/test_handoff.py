@@ -1,0 +1,293 @@
+"""Blob downloads handed over to the node: the routing proxy passes the client's
+socket to the node (``cluster.handoff``, ``registry_node.handoff``), which writes
+the response on it. Real node processes, real sockets; every answer is held
+against the same request relayed by a proxy that never hands over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import aiohttp
+import httptools
+import pytest
+import yarl
+
+from cluster.proxy import RoutingProxy
+from cluster.routing import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas
+from registry_node import handoff as node_side
+
+from .helpers import NodeProcess, digest_of, eventually, make_image, push_blob, push_image
+
+MIB = 1 << 20
+# What a client may rely on in a download's answer (not Date or Server).
+COMPARED = ("Content-Length", "Content-Type", "Docker-Content-Digest", "Accept-Ranges",
+            "Content-Range", "Docker-Distribution-API-Version", "X-Georeg-Replica", "Connection")
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started: list[NodeProcess] = []
+
+    def make(name: str) -> NodeProcess:
+        proc = NodeProcess(tmp_path / name, ["--region", "eastus"]).start()
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        if proc.proc and proc.proc.poll() is None:
+            os.killpg(proc.proc.pid, signal.SIGCONT)
+        proc.close()
+
+
+def endpoint(proc: NodeProcess, name: str) -> NodeEndpoint:
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    return NodeEndpoint(name, name, "", host, int(port))
+
+
+async def proxy_over(*members: tuple[NodeProcess, str], **options) -> RoutingProxy:
+    """A global endpoint for clients in the first member's region, nearest first."""
+    order = {name: i for i, (_, name) in enumerate(members)}
+    replicas = Replicas([ReplicaGroup(name, (endpoint(proc, name),)) for proc, name in members])
+    proxy = RoutingProxy.global_endpoint(members[0][1], replicas,
+                                         lambda _client, replica: order[replica], NodeHealth(),
+                                         **options)
+    await proxy.start()
+    return proxy
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, **headers: str):
+    async with session.get(yarl.URL(url, encoded=True), headers=headers) as r:  # sent as written
+        return r.status, {h: r.headers.get(h) for h in COMPARED}, await r.read()
+
+
+async def test_downloads_are_written_by_the_node_as_the_relay_would_answer(nodes):
+    node = nodes("eastus")
+    image = make_image([3 * MIB + 17, 1000], seed=5)
+    big, small = image.layers
+    handing = await proxy_over((node, "eastus"))
+    relaying = await proxy_over((node, "eastus"), handoff_blobs=False)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                         auto_decompress=False) as session:
+            await push_image(session, node.url, "team/app", image, tag="v1")
+            blob = "/v2/team/app/blobs/"
+            asks = [(blob + digest_of(big), {}),
+                    (blob + digest_of(small), {}),
+                    (blob + digest_of(big), {"Range": "bytes=100-199"}),
+                    (blob + digest_of(big), {"Range": f"bytes={2 * MIB}-"}),
+                    (blob + digest_of(small), {"Range": "bytes=-10"})]
+            for path, headers in asks:
+                handed = await fetch(session, handing.url + path, **headers)
+                relayed = await fetch(session, relaying.url + path, **headers)
+                assert handed == relayed, path
+                assert handed[0] in (200, 206) and handed[1]["X-Georeg-Replica"] == "eastus"
+            assert handing.handed_over == len(asks) and relaying.handed_over == 0
+            assert (await fetch(session, handing.url + asks[0][0]))[2] == big
+
+            # Anything but a plain download the node can serve is relayed: the
+            # errors, and what aiohttp reads differently (an escaped path).
+            relayed_asks = [(blob + "sha256:" + "0" * 64, {}, 404),        # unknown
+                            (blob + "sha256:zz", {}, 400),                  # malformed digest
+                            (asks[1][0], {"Range": "bytes=5000-"}, 416),    # unsatisfiable
+                            ("/v2/Team/app/blobs/" + digest_of(small), {}, 400),  # bad name
+                            ("/v2/te%61m/app/blobs/" + digest_of(small), {}, 200)]
+            for path, headers, status in relayed_asks:
+                handed = await fetch(session, handing.url + path, **headers)
+                relayed = await fetch(session, relaying.url + path, **headers)
+                assert handed == relayed and handed[0] == status, (path, handed[:2])
+            assert handing.handed_over == len(asks) + 1
+            async with session.head(handing.url + asks[0][0]) as r:     # HEAD: relayed
+                assert r.status == 200 and r.headers["Content-Length"] == str(len(big))
+            assert handing.handed_over == len(asks) + 1
+            # One client connection carried all of it.
+            assert len(handing._clients) == 1
+            assert handing.requests_by_backend["eastus"] == len(asks) + 1 + len(relayed_asks) + 1
+    finally:
+        await handing.stop()
+        await relaying.stop()
+
+
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Read ``count`` responses (then EOF, if the last says close) off a raw socket."""
+    responses: list = []
+
+    class Parser:
+        def on_message_begin(self):
+            responses.append([0, {}, bytearray()])
+
+        def on_header(self, name, value):
+            responses[-1][1][name.lower()] = value
+
+        def on_body(self, body):
+            responses[-1][2] += body
+
+        def on_message_complete(self):
+            responses[-1][0] = parser.get_status_code()
+
+    parser = httptools.HttpResponseParser(Parser())
+    sock.settimeout(10)
+    while not (len(responses) == count and responses[-1][0]):
+        data = sock.recv(1 << 16)
+        assert data, f"connection closed after {len(responses)} responses"
+        parser.feed_data(data)
+    return [(s, h, bytes(b)) for s, h, b in responses]
+
+
+async def test_pipelined_requests_around_downloads_are_answered_in_order(nodes):
+    node = nodes("eastus")
+    image = make_image([200_000, 3000], seed=6)
+    proxy = await proxy_over((node, "eastus"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            await push_image(session, node.url, "app", image, tag="v1")
+        first, second = (f"/v2/app/blobs/{digest_of(x)}" for x in image.layers)
+        heads = [f"GET {first} HTTP/1.1\r\nHost: x\r\n\r\n",
+                 "GET /v2/app/manifests/v1 HTTP/1.1\r\nHost: x\r\n"
+                 "Accept: application/vnd.oci.image.manifest.v1+json\r\n\r\n",
+                 f"GET {second} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"]
+        loop = asyncio.get_running_loop()
+
+        def exchange() -> tuple[list, bytes]:
+            with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+                sock.sendall("".join(heads).encode())
+                got = read_responses(sock, 3)
+                return got, sock.recv(1)
+
+        got, after = await loop.run_in_executor(None, exchange)
+        assert [r[0] for r in got] == [200, 200, 200]
+        assert got[0][2] == image.layers[0] and got[2][2] == image.layers[1]
+        assert got[1][2] == image.manifest
+        assert all(r[1][b"x-georeg-replica"] == b"eastus" for r in got)
+        assert got[2][1][b"connection"] == b"close" and after == b""   # then the proxy closed
+        assert proxy.handed_over == 2
+    finally:
+        await proxy.stop()
+
+
+async def test_a_node_killed_under_a_hand_over_fails_over_unseen(nodes):
+    """The node is stopped, so it has taken the client's socket but written
+    nothing; then killed. The proxy must relay the download to the next replica,
+    and the client sees only a 200 from there."""
+    east, west = nodes("eastus"), nodes("westus")
+    data = os.urandom(300_000)
+    proxy = await proxy_over((east, "eastus"), (west, "westus"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            digest = await push_blob(session, east.url, "app", data)
+            assert await push_blob(session, west.url, "app", data) == digest
+            url = f"{proxy.url}/v2/app/blobs/{digest}"
+            async with session.get(url) as r:            # opens the hand-over channel
+                assert r.headers["X-Georeg-Replica"] == "eastus" and await r.read() == data
+            channel = proxy.handoffs.channel(endpoint(east, "eastus"))
+            os.killpg(east.proc.pid, signal.SIGSTOP)
+            pending = asyncio.ensure_future(session.get(url))
+            try:
+                await eventually(lambda: bool(channel.waiting), timeout=5,
+                                 what="the download handed over to the stopped node")
+                east.kill()
+                killed = time.monotonic()
+                async with await asyncio.wait_for(pending, 2.0) as r:
+                    assert r.status == 200 and r.headers["X-Georeg-Replica"] == "westus"
+                    assert await r.read() == data
+                assert time.monotonic() - killed < 2.0
+            finally:
+                pending.cancel()
+            assert proxy.failovers == 1 and proxy.handed_over == 1
+            assert channel.closed
+            # Later downloads go to westus, handed over there.
+            async with session.get(url) as r:
+                assert r.headers["X-Georeg-Replica"] == "westus" and await r.read() == data
+            assert proxy.handed_over == 2
+    finally:
+        await proxy.stop()
+
+
+async def test_a_client_hanging_up_mid_download_leaves_node_and_proxy_ready(nodes):
+    node = nodes("eastus")
+    data = os.urandom(24 * MIB)
+    proxy = await proxy_over((node, "eastus"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            digest = await push_blob(session, node.url, "app", data)
+            path = f"/v2/app/blobs/{digest}"
+
+            def hang_up() -> int:
+                with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+                    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    sock.settimeout(10)
+                    return len(sock.recv(64 * 1024))
+
+            assert await asyncio.get_running_loop().run_in_executor(None, hang_up) > 0
+            channel = proxy.handoffs.channel(endpoint(node, "eastus"))
+            await eventually(lambda: not channel.waiting and not proxy._clients, timeout=10,
+                             what="the node giving the cut download up")
+            assert not channel.closed
+            async with session.get(proxy.url + path) as r:
+                assert r.status == 200 and await r.read() == data
+            assert proxy.handed_over == 2
+    finally:
+        await proxy.stop()
+
+
+async def test_a_node_stopping_under_a_slow_download_cuts_it_and_exits(nodes):
+    """SIGTERM while a client is not reading a handed-over download: the node
+    ends it (the proxy resets the client's connection) and exits cleanly."""
+    node = nodes("eastus")
+    data = os.urandom(32 * MIB)
+    proxy = await proxy_over((node, "eastus"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            digest = await push_blob(session, node.url, "app", data)
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            channel = proxy.handoffs.channel(endpoint(node, "eastus"))
+            await eventually(lambda: bool(channel.writing), timeout=10,
+                             what="the node writing the download")
+            node.proc.send_signal(signal.SIGTERM)
+            await asyncio.get_running_loop().run_in_executor(None, node.proc.wait, 15)
+            assert node.proc.returncode == 0
+            assert proxy.handed_over == 1 and not channel.waiting
+
+            def drain() -> int:
+                sock.settimeout(10)
+                got = 0
+                try:
+                    while chunk := sock.recv(1 << 20):
+                        got += len(chunk)
+                except ConnectionResetError:
+                    pass
+                return got
+
+            got = await asyncio.get_running_loop().run_in_executor(None, drain)
+            assert got < len(data)          # cut short: never a whole-looking response
+        finally:
+            sock.close()
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /v2/app/blobs/sha256:%s HTTP/1.0\r\n\r\n",
+    b"HEAD /v2/app/blobs/sha256:%s HTTP/1.1\r\n\r\n",
+    b"GET /v2/ap%%70/blobs/sha256:%s HTTP/1.1\r\n\r\n",
+    b"GET /v2/app/blobs/sha256:%s HTTP/1.1\r\nno colon\r\n\r\n",
+])
+def test_heads_the_http_api_would_read_differently_are_declined(head):
+    with pytest.raises(node_side._Declined):
+        node_side._parse(head % (b"0" * 64))
+
+
+def test_a_forwarded_head_is_read_as_aiohttp_reads_it():
+    path, headers = node_side._parse(
+        b"GET /v2/a/b/blobs/sha256:00?x=1 HTTP/1.1\r\nRange: bytes=1-2\r\nrange: bytes=3-4\r\n"
+        b"X-Request-Id: abc\r\n\r\n")
+    assert path == "/v2/a/b/blobs/sha256:00"
+    assert headers == {"range": "bytes=1-2", "x-request-id": "abc"}

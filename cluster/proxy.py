@@ -33,6 +33,13 @@ Invariants
       (``PUT``) or is cancelled (``DELETE``).
     * ``Expect: 100-continue`` is answered by the proxy once a backend
       connection is ready, and not forwarded.
+    * A ``GET`` of a blob by digest is handed over where the node takes it
+      (``cluster.handoff``): the client's socket goes to the node routing
+      chose, which writes the response on it; the proxy writes nothing on
+      that connection until the node says it is done, then carries on. The
+      node declines what it would answer with an error (the request is then
+      relayed to it). A node lost before it began writing is failed over as
+      a refused connect is; lost after, the client's connection is reset.
     * With ``redirect_blobs`` (spec ``blob_downloads = "redirect"``), a ``GET`` of
       a blob by digest is answered by the proxy itself: ``307`` to the same
       path on the node routing chose, which serves the bytes. The proxy does

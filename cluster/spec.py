@@ -115,11 +115,12 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Azure also keeps each region's data in its paired region (except where data
     # is confined); georeg runs that copy as a storage-only node per region.
     paired_copies: bool = True
-    # How an endpoint serves a blob download. "relay": it streams the blob from
-    # the node it routed the request to (one address for everything; a node
-    # found dead fails over unseen). "redirect": it answers 307 to that node,
-    # which serves the bytes itself, as ACR sends clients to a storage or data
-    # endpoint; the endpoint is then off the data path.
+    # How an endpoint serves a blob download. "relay": on the client's
+    # connection to the endpoint, from the node it routed the request to (the
+    # endpoint hands the connection to that node, which writes the blob on it;
+    # a node found dead before it writes fails over unseen). "redirect": it
+    # answers 307 to that node, which serves the bytes itself, as ACR sends
+    # clients to a storage or data endpoint.
     blob_downloads: str = "relay"
     replicas: tuple[ReplicaSpec, ...] = ()
     wan: WanSpec = WanSpec()

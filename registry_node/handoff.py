@@ -100,19 +100,25 @@ class HandoffServer:
         asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
         return True
 
-    async def stop(self) -> None:
-        """Stop taking hand-overs and end those in flight (the proxy closes their
-        client connections) before the node's storage closes."""
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop taking hand-overs, give those in flight ``grace_s`` to finish (as
+        aiohttp gives its requests), then cut the rest (the proxy resets their
+        client connections). Hand-overs sent but not yet read are closed with
+        their channel, unanswered: the proxy relays those. Call it before the
+        node's storage closes."""
         loop = asyncio.get_running_loop()
         if self._listener is not None:
             loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in self._channels:
             loop.remove_reader(channel.fileno())
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        for channel in self._channels:
             channel.close()
         self._channels.clear()
 

@@ -20,6 +20,7 @@ from .config import NodeConfig
 from .handoff import HandoffServer
 
 log = structlog.get_logger("georeg.node")
+SHUTDOWN_GRACE_S = 5.0     # for requests in flight when the node is told to stop
 
 
 async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
@@ -27,7 +28,8 @@ async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
                 stop: asyncio.Event | None = None) -> None:
     """Serve ``config`` until ``stop`` is set or the process receives SIGTERM/SIGINT."""
     app = init_app(config, extensions)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     handoff: HandoffServer | None = None
     try:
@@ -50,7 +52,7 @@ async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
         log.info("stopping")
     finally:
         if handoff is not None:     # before the storage its downloads read from closes
-            await handoff.stop()
+            await handoff.stop(grace_s=SHUTDOWN_GRACE_S)
         await runner.cleanup()
     log.info("stopped")
 

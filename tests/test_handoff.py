@@ -20,6 +20,7 @@ import yarl
 from cluster.proxy import RoutingProxy
 from cluster.routing import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas
 from registry_node import handoff as node_side
+from registry_node.server import SHUTDOWN_GRACE_S
 
 from .helpers import NodeProcess, digest_of, eventually, make_image, push_blob, push_image
 
@@ -235,9 +236,34 @@ async def test_a_client_hanging_up_mid_download_leaves_node_and_proxy_ready(node
         await proxy.stop()
 
 
-async def test_a_node_stopping_under_a_slow_download_cuts_it_and_exits(nodes):
-    """SIGTERM while a client is not reading a handed-over download: the node
-    ends it (the proxy resets the client's connection) and exits cleanly."""
+async def test_a_download_in_flight_when_the_node_is_told_to_stop_completes(nodes):
+    node = nodes("eastus")
+    data = os.urandom(32 * MIB)
+    proxy = await proxy_over((node, "eastus"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            digest = await push_blob(session, node.url, "app", data)
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            channel = proxy.handoffs.channel(endpoint(node, "eastus"))
+            await eventually(lambda: bool(channel.writing), timeout=10,
+                             what="the node writing the download")
+            node.proc.send_signal(signal.SIGTERM)
+            loop = asyncio.get_running_loop()
+            [(status, headers, body)] = await loop.run_in_executor(None, read_responses, sock, 1)
+            assert status == 200 and body == data
+            await loop.run_in_executor(None, node.proc.wait, 20)
+            assert node.proc.returncode == 0
+        assert proxy.handed_over == 1
+    finally:
+        await proxy.stop()
+
+
+async def test_a_node_stopping_under_a_stalled_download_cuts_it_and_exits(nodes):
+    """SIGTERM while a client is not reading a handed-over download: after the
+    grace requests in flight get, the node ends it (the proxy resets the
+    client's connection) and exits cleanly."""
     node = nodes("eastus")
     data = os.urandom(32 * MIB)
     proxy = await proxy_over((node, "eastus"))
@@ -252,8 +278,10 @@ async def test_a_node_stopping_under_a_slow_download_cuts_it_and_exits(nodes):
             await eventually(lambda: bool(channel.writing), timeout=10,
                              what="the node writing the download")
             node.proc.send_signal(signal.SIGTERM)
-            await asyncio.get_running_loop().run_in_executor(None, node.proc.wait, 15)
+            told = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(None, node.proc.wait, 20)
             assert node.proc.returncode == 0
+            assert time.monotonic() - told >= SHUTDOWN_GRACE_S - 0.5   # it had its grace
             assert proxy.handed_over == 1 and not channel.waiting
 
             def drain() -> int:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import array
 import asyncio
+import os
 import socket
 import time
 from typing import Protocol
 
 import structlog
 
-from registry_node.handoff import CUT, DECLINED, DONE, REPLY, REQUEST, WRITING, address
+from registry_node.handoff import CUT, DECLINED, DONE, REPLY, REQUEST, WRITING, address, peer_uid
 
 from .routing import NodeEndpoint
 
@@ -64,10 +65,9 @@ class Channel:
         try:
             self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                            array.array("i", [client_fd]))])
-        except (BlockingIOError, InterruptedError):
-            return None                     # the node is behind on hand-overs: relay this one
-        except OSError as exc:
-            self.close(f"hand-over failed: {exc}")
+        except OSError:
+            # Nothing was sent: relay this one. (The node behind on hand-overs,
+            # out of descriptors, or gone, which the reader sees as an end.)
             return None
         self.waiting[serial] = waiter
         return serial
@@ -84,11 +84,16 @@ class Channel:
                 reply = self.sock.recv(REPLY.size)
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionResetError:
+                reply = b""
             except OSError as exc:
                 self.close(f"read failed: {exc}")
                 return
+            if not reply:
+                self.close("closed by the node", node_closed=True)
+                return
             if len(reply) != REPLY.size:
-                self.close("closed by the node" if not reply else "malformed reply")
+                self.close("malformed reply")
                 return
             serial, code = REPLY.unpack(reply)
             waiter = self.waiting.get(serial)
@@ -109,9 +114,12 @@ class Channel:
                     log.warning("handoff_bad_reply", node=self.node.name, code=code)
                 waiter.handoff_cut()
 
-    def close(self, why: str) -> None:
-        """Close the channel. A waiter whose response had begun is cut; the
-        others have nothing on the wire and are relayed."""
+    def close(self, why: str, node_closed: bool = False) -> None:
+        """Close the channel and end what waits on it. Only the node's own end
+        of the channel (``node_closed``: every reply it sent has been read)
+        proves that a waiter without a ``W`` has nothing on the wire; those are
+        relayed. Every other waiter is cut: the node may be writing its
+        response, and a second one must never follow."""
         if self.closed:
             return
         self.closed = True
@@ -124,10 +132,10 @@ class Channel:
             log.warning("handoff_channel_lost", node=self.node.name, reason=why,
                         in_flight=len(waiting))
         for serial, waiter in waiting.items():
-            if serial in writing:
-                waiter.handoff_cut()
-            else:
+            if node_closed and serial not in writing:
                 waiter.handoff_declined()
+            else:
+                waiter.handoff_cut()
 
 
 class Handoffs:
@@ -136,6 +144,7 @@ class Handoffs:
     def __init__(self) -> None:
         self._channels: dict[tuple[str, int], Channel] = {}
         self._retry_at: dict[tuple[str, int], float] = {}
+        self._uid = os.getuid()
 
     def channel(self, node: NodeEndpoint) -> Channel | None:
         key = (node.host, node.port)
@@ -149,9 +158,18 @@ class Handoffs:
                              | socket.SOCK_CLOEXEC)
         try:
             sock.connect(address(node.host, node.port))
+            owner = peer_uid(sock)
         except OSError:
             sock.close()
             self._retry_at[key] = now + RETRY_S
+            return None
+        if owner not in (self._uid, 0):
+            # Abstract names have no permissions: whoever took this one is not
+            # our node, and must never see a client's connection.
+            sock.close()
+            self._retry_at[key] = now + RETRY_S
+            log.warning("handoff_refused", node=node.name, uid=owner,
+                        reason="the hand-over socket belongs to another user")
             return None
         self._retry_at.pop(key, None)
         channel = self._channels[key] = Channel(node, sock, self._closed)

@@ -39,7 +39,8 @@ Invariants
       that connection until the node says it is done, then carries on. The
       node declines what it would answer with an error (the request is then
       relayed to it). A node lost before it began writing is failed over as
-      a refused connect is; lost after, the client's connection is reset.
+      a refused connect is; lost after, the client's connection is closed
+      (as for a relayed response cut short).
     * With ``redirect_blobs`` (spec ``blob_downloads = "redirect"``), a ``GET`` of
       a blob by digest is answered by the proxy itself: ``307`` to the same
       path on the node routing chose, which serves the bytes. The proxy does

@@ -22,10 +22,13 @@ from .api.middlewares import access, common_headers
 from .api.routes import add_routes
 from .config import NodeConfig
 from .gc import GarbageCollector
+from .handoff import HandoffServer
 from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
+HANDOFF: web.AppKey[HandoffServer] = web.AppKey("handoff", HandoffServer)
+SHUTDOWN_GRACE_S = 5.0     # for requests in flight when the node is told to stop
 log = structlog.get_logger("georeg.node")
 
 
@@ -43,6 +46,8 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = ()) -> web.Ap
     app.on_response_prepare.append(common_headers)
     add_routes(app.router)
     app.cleanup_ctx.append(_storage(config))
+    app.cleanup_ctx.append(_handoff)        # ends before the storage closes
+    app.on_shutdown.append(_stop_handoffs)
     for extension in extensions:
         extension.add_routes(app.router)
         app.cleanup_ctx.append(extension.lifetime)
@@ -60,6 +65,20 @@ def _storage(config: NodeConfig):
         node.close()
 
     return ctx
+
+
+async def _handoff(app: web.Application) -> AsyncIterator[None]:
+    """Blob downloads the routing proxy hands over (``registry_node.handoff``);
+    the server listens once the node's port is known (``server.serve``)."""
+    app[HANDOFF] = handoff = HandoffServer(app[REGISTRY])
+    yield
+    await handoff.close()
+
+
+async def _stop_handoffs(app: web.Application) -> None:
+    # aiohttp's shutdown: the site has stopped accepting; requests in flight,
+    # hand-overs included, get the same grace.
+    app[HANDOFF].stop_accepting(SHUTDOWN_GRACE_S)
 
 
 async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:

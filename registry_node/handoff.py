@@ -30,7 +30,10 @@ the HTTP API answers. Headers are those of the HTTP handler (``Download``).
 
 The socket's address is in Linux's abstract namespace, derived from the
 node's HTTP address (``address``), so a proxy that knows where a node listens
-knows where to hand over; connections from another user are refused.
+knows where to hand over. Abstract names have no permissions, so each end
+checks the other's user (``SO_PEERCRED``): the node takes hand-overs only from
+its own user (or root), the proxy hands over only to its own user's (or
+root's) socket, never to a process of another user that took the name.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ import re
 import socket
 import struct
 import time
+from collections import deque
+from collections.abc import Callable
 from urllib.parse import unquote
 
 import structlog
@@ -63,6 +68,7 @@ WRITING, DONE, DECLINED, CUT = b"W", b"D", b"N", b"X"
 MAX_REQUEST = 128 * 1024           # a head is at most 64 KiB (the proxy refuses larger)
 _BLOB_PATH = re.compile(r"/v2/(.+)/blobs/([^/]+)")
 _REASONS = {200: "OK", 206: "Partial Content"}
+_FD_SIZE = array.array("i").itemsize
 
 
 def address(host: str, port: int) -> bytes:
@@ -74,19 +80,89 @@ class _Declined(Exception):
     """Nothing was written: the proxy relays the request instead."""
 
 
-class HandoffServer:
-    """Accepts proxies' hand-over connections and serves what they hand over."""
+class _Channel:
+    """The node's end of one proxy's hand-over socket. Replies leave in order;
+    one that finds the socket full waits for it to drain (a proxy far behind)."""
 
-    def __init__(self, registry: Registry, host: str, port: int) -> None:
+    def __init__(self, sock: socket.socket, on_closed: Callable[[_Channel], None]) -> None:
+        self.sock = sock
+        self.open = True
+        self._outbox: deque[tuple[bytes, asyncio.Future[bool]]] = deque()
+        self._waiting_writable = False
+        self._on_closed = on_closed
+
+    def send(self, serial: int, code: bytes) -> asyncio.Future[bool]:
+        """Queue a reply; the future says whether it reached the socket (False:
+        the channel closed first). Awaiting one already sent does not yield."""
+        sent = asyncio.get_running_loop().create_future()
+        if not self.open:
+            sent.set_result(False)
+            return sent
+        self._outbox.append((REPLY.pack(serial, code), sent))
+        if len(self._outbox) == 1:
+            self._flush()
+        return sent
+
+    def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._outbox:
+            message, sent = self._outbox[0]
+            try:
+                self.sock.send(message)
+            except (BlockingIOError, InterruptedError):
+                if not self._waiting_writable:
+                    self._waiting_writable = True
+                    loop.add_writer(self.sock.fileno(), self._flush)
+                return
+            except OSError as exc:          # the proxy is gone
+                self.close(f"reply failed: {exc}")
+                return
+            self._outbox.popleft()
+            sent.set_result(True)
+        if self._waiting_writable:
+            self._waiting_writable = False
+            loop.remove_writer(self.sock.fileno())
+
+    def close(self, why: str = "closed") -> None:
+        if not self.open:
+            return
+        self.open = False
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        if self._waiting_writable:
+            loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+        for _, sent in self._outbox:
+            sent.set_result(False)
+        self._outbox.clear()
+        self._on_closed(self)
+        if why != "closed":
+            log.warning("handoff_channel_dropped", reason=why)
+
+
+class HandoffServer:
+    """Accepts proxies' hand-over connections and serves what they hand over.
+
+    Its life follows the node's HTTP server (``registry_node.app``): created
+    with the app, listening once the node knows its port (``start``), refusing
+    new hand-overs when the app shuts down (``stop_accepting``; the proxy
+    relays them), and finishing those in flight before the storage closes
+    (``close``)."""
+
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.address = address(host, port)
+        self.address = b""
         self._listener: socket.socket | None = None
-        self._channels: set[socket.socket] = set()
+        self._channels: set[_Channel] = set()
         self._tasks: set[asyncio.Task] = set()
         self._uid = os.getuid()
+        self._accepting = True
+        self._deadline: float | None = None
 
-    def start(self) -> bool:
-        """Listen; False (and downloads are relayed) if the address is taken."""
+    def start(self, host: str, port: int) -> bool:
+        """Listen for ``host:port``'s proxies; False (their downloads are then
+        relayed) if the address is taken."""
+        self.address = address(host, port)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
                                  | socket.SOCK_CLOEXEC)
         try:
@@ -100,102 +176,90 @@ class HandoffServer:
         asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
         return True
 
-    async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop taking hand-overs, give those in flight ``grace_s`` to finish (as
-        aiohttp gives its requests), then cut the rest (the proxy resets their
-        client connections). Hand-overs sent but not yet read are closed with
-        their channel, unanswered: the proxy relays those. Call it before the
-        node's storage closes."""
-        loop = asyncio.get_running_loop()
+    def stop_accepting(self, grace_s: float) -> None:
+        """Answer new hand-overs "not served" (the proxy relays them, and finds
+        the node going) and give those in flight until ``grace_s`` from now."""
+        self._accepting = False
+        self._deadline = time.monotonic() + grace_s
         if self._listener is not None:
-            loop.remove_reader(self._listener.fileno())
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-        for channel in self._channels:
-            loop.remove_reader(channel.fileno())
+
+    async def close(self) -> None:
+        """Wait for hand-overs in flight until the grace is over, cut the rest
+        (the proxy closes their client connections), close every channel."""
+        if self._accepting:
+            self.stop_accepting(0.0)
         if self._tasks:
-            _, late = await asyncio.wait(self._tasks, timeout=grace_s)
+            _, late = await asyncio.wait(self._tasks,
+                                         timeout=max(0.0, self._deadline - time.monotonic()))
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for channel in self._channels:
+        for channel in list(self._channels):
             channel.close()
-        self._channels.clear()
 
     # -- the proxy's connections ---------------------------------------------------------
 
     def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
         for _ in range(64):
             try:
-                channel, _ = self._listener.accept()
+                sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:     # out of descriptors: the proxies relay meanwhile
                 log.warning("handoff_accept_failed", error=str(exc))
                 return
-            creds = channel.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                       struct.calcsize("3i"))
-            _, uid, _ = struct.unpack("3i", creds)
-            if uid not in (self._uid, 0):
-                channel.close()
+            if peer_uid(sock) not in (self._uid, 0):
+                sock.close()
                 continue
-            channel.setblocking(False)
+            sock.setblocking(False)
+            channel = _Channel(sock, self._channels.discard)
             self._channels.add(channel)
-            asyncio.get_running_loop().add_reader(channel.fileno(), self._receive, channel)
+            loop.add_reader(sock.fileno(), self._receive, channel)
 
-    def _receive(self, channel: socket.socket) -> None:
-        fds = array.array("i")
+    def _receive(self, channel: _Channel) -> None:
+        loop = asyncio.get_running_loop()
         for _ in range(64):
             try:
-                data, ancillary, flags, _ = channel.recvmsg(MAX_REQUEST,
-                                                            socket.CMSG_SPACE(fds.itemsize))
+                data, ancillary, flags, _ = channel.sock.recvmsg(MAX_REQUEST,
+                                                                 socket.CMSG_SPACE(_FD_SIZE))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data, ancillary, flags = b"", [], 0
             received = [fd for level, kind, raw in ancillary
                         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                        for fd in array.array("i", raw[:len(raw) - len(raw) % fds.itemsize])]
+                        for fd in array.array("i", raw[:len(raw) - len(raw) % _FD_SIZE])]
             if not data or len(received) != 1 or len(data) < REQUEST.size \
                     or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 for fd in received:
                     os.close(fd)
-                self._drop(channel, "closed" if not data else "malformed hand-over")
+                channel.close("closed" if not data else "malformed hand-over")
                 return
             serial, extra_length = REQUEST.unpack_from(data)
+            if not self._accepting:
+                os.close(received[0])
+                channel.send(serial, DECLINED)
+                continue
             extra = data[REQUEST.size:REQUEST.size + extra_length]
             head = data[REQUEST.size + extra_length:]
-            task = asyncio.get_running_loop().create_task(
-                self._serve(channel, serial, received[0], extra, head))
+            task = loop.create_task(self._serve(channel, serial, received[0], extra, head))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _drop(self, channel: socket.socket, why: str) -> None:
-        if channel in self._channels:
-            self._channels.discard(channel)
-            asyncio.get_running_loop().remove_reader(channel.fileno())
-            channel.close()
-            if why != "closed":
-                log.warning("handoff_channel_dropped", reason=why)
-
-    def _reply(self, channel: socket.socket, serial: int, code: bytes) -> None:
-        if channel not in self._channels:
-            return                 # the proxy went away; its client connections went with it
-        try:
-            channel.send(REPLY.pack(serial, code))
-        except OSError as exc:     # the proxy is gone, or has stopped reading: it is stuck
-            self._drop(channel, f"reply failed: {exc}")
-
     # -- one download --------------------------------------------------------------------
 
-    async def _serve(self, channel: socket.socket, serial: int, fd: int, extra: bytes,
+    async def _serve(self, channel: _Channel, serial: int, fd: int, extra: bytes,
                      head: bytes) -> None:
         started = time.perf_counter()
         try:
             client = socket.socket(fileno=fd)
         except OSError:                 # not a socket
             os.close(fd)
-            self._reply(channel, serial, DECLINED)
+            channel.send(serial, DECLINED)
             return
         code, status, path, rid = DECLINED, 499, "", ""
         try:
@@ -212,8 +276,11 @@ class HandoffServer:
                         first = await anext(pieces)
                     except RegistryError:        # its first piece failed the integrity check
                         return
+                    # Not a byte before the proxy can know it: if the channel is
+                    # gone, the proxy relays the request elsewhere.
+                    if not await channel.send(serial, WRITING):
+                        return
                     code, status = CUT, download.status
-                    self._reply(channel, serial, WRITING)
                     await _send(client, _response_head(download, rid, extra), first)
                     async for piece in pieces:
                         await _send(client, piece)
@@ -229,7 +296,7 @@ class HandoffServer:
         finally:
             remote = _peer(client)
             client.close()       # only this process's descriptor: the proxy keeps the connection
-            self._reply(channel, serial, code)
+            channel.send(serial, code)
             if code != DECLINED:
                 log.info("request", rid=rid, method="GET", path=path,
                          status=status if code == DONE else 499,
@@ -302,6 +369,12 @@ async def _send(client: socket.socket, *buffers: bytes) -> None:
             continue
         await loop.sock_sendall(client, memoryview(buffer)[sent:])
         sent = 0
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user on the other end of a Unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 def _peer(client: socket.socket) -> str | None:

@@ -14,13 +14,10 @@ from collections.abc import Callable, Sequence
 import structlog
 from aiohttp import web
 
-from .api.common import REGISTRY
-from .app import Extension, init_app
+from .app import HANDOFF, SHUTDOWN_GRACE_S, Extension, init_app
 from .config import NodeConfig
-from .handoff import HandoffServer
 
 log = structlog.get_logger("georeg.node")
-SHUTDOWN_GRACE_S = 5.0     # for requests in flight when the node is told to stop
 
 
 async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
@@ -31,13 +28,11 @@ async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
-    handoff: HandoffServer | None = None
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
-        handoff = HandoffServer(app[REGISTRY], config.host, port)
-        handoff.start()
+        app[HANDOFF].start(config.host, port)
         url = f"http://{config.host}:{port}/v2/"
         where = config.region + (f"/{config.zone}" if config.zone else "")
         log.info("listening", url=url, region=config.region, zone=config.zone,
@@ -51,8 +46,6 @@ async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
         await stop.wait()
         log.info("stopping")
     finally:
-        if handoff is not None:     # before the storage its downloads read from closes
-            await handoff.stop(grace_s=SHUTDOWN_GRACE_S)
         await runner.cleanup()
     log.info("stopped")
 

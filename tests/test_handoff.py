@@ -7,7 +7,9 @@ against the same request relayed by a proxy that never hands over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
 import signal
 import socket
 import time
@@ -16,11 +18,13 @@ import aiohttp
 import httptools
 import pytest
 import yarl
+from aiohttp import web
 
+from cluster.handoff import Channel
 from cluster.proxy import RoutingProxy
 from cluster.routing import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas
 from registry_node import handoff as node_side
-from registry_node.server import SHUTDOWN_GRACE_S
+from registry_node.app import SHUTDOWN_GRACE_S
 
 from .helpers import NodeProcess, digest_of, eventually, make_image, push_blob, push_image
 
@@ -282,7 +286,7 @@ async def test_a_node_stopping_under_a_stalled_download_cuts_it_and_exits(nodes)
             await asyncio.get_running_loop().run_in_executor(None, node.proc.wait, 20)
             assert node.proc.returncode == 0
             assert time.monotonic() - told >= SHUTDOWN_GRACE_S - 0.5   # it had its grace
-            assert proxy.handed_over == 1 and not channel.waiting
+            assert proxy.handed_over == 1
 
             def drain() -> int:
                 sock.settimeout(10)
@@ -296,6 +300,8 @@ async def test_a_node_stopping_under_a_stalled_download_cuts_it_and_exits(nodes)
 
             got = await asyncio.get_running_loop().run_in_executor(None, drain)
             assert got < len(data)          # cut short: never a whole-looking response
+            await eventually(lambda: not channel.waiting and not proxy._clients, timeout=5,
+                             what="the proxy closing the cut connection")
         finally:
             sock.close()
     finally:
@@ -319,3 +325,142 @@ def test_a_forwarded_head_is_read_as_aiohttp_reads_it():
         b"X-Request-Id: abc\r\n\r\n")
     assert path == "/v2/a/b/blobs/sha256:00"
     assert headers == {"range": "bytes=1-2", "x-request-id": "abc"}
+
+
+async def test_downloads_handed_over_while_a_node_stops_go_elsewhere_at_once(nodes):
+    """During a node's shutdown grace its hand-over socket still answers, with
+    "not served": a download routed there meanwhile fails over to the next
+    replica instead of waiting out the grace."""
+    east, west = nodes("eastus"), nodes("westus")
+    stalled, quick = os.urandom(32 * MIB), os.urandom(100_000)
+    proxy = await proxy_over((east, "eastus"), (west, "westus"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            big = await push_blob(session, east.url, "app", stalled)
+            small = await push_blob(session, east.url, "app", quick)
+            assert await push_blob(session, west.url, "app", quick) == small
+            with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                sock.sendall(f"GET /v2/app/blobs/{big} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                channel = proxy.handoffs.channel(endpoint(east, "eastus"))
+                await eventually(lambda: bool(channel.writing), timeout=10,
+                                 what="the node writing the stalled download")
+                east.proc.send_signal(signal.SIGTERM)
+                told = time.monotonic()
+                await eventually(lambda: _listening_gone(endpoint(east, "eastus")), timeout=5,
+                                 what="eastus refusing new connections")
+                async with session.get(f"{proxy.url}/v2/app/blobs/{small}") as r:
+                    assert r.status == 200 and await r.read() == quick
+                    assert r.headers["X-Georeg-Replica"] == "westus"
+                assert time.monotonic() - told < SHUTDOWN_GRACE_S / 2   # well inside the grace
+                assert east.proc.poll() is None                        # still in its grace
+    finally:
+        await proxy.stop()
+
+
+def _listening_gone(node: NodeEndpoint) -> bool:
+    try:
+        socket.create_connection((node.host, node.port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+async def test_a_channel_the_proxy_closes_itself_never_lets_a_response_be_doubled(
+        nodes, monkeypatch):
+    """The node has said it is writing, the proxy has not read that yet, and the
+    proxy drops the channel: it must not relay the request a second time."""
+    node = nodes("eastus")
+    data = os.urandom(2 * MIB)
+    proxy = await proxy_over((node, "eastus"))
+    hand = Channel.hand
+
+    def hand_then_drop(channel: Channel, *args):
+        serial = hand(channel, *args)
+
+        def drop() -> None:
+            # Runs before the proxy's loop reads the channel again: block it
+            # until the node's W is in the socket, then drop the channel unread.
+            assert select.select([channel.sock], [], [], 10)[0]
+            channel.close("the test drops it")
+
+        asyncio.get_running_loop().call_soon(drop)
+        return serial
+
+    monkeypatch.setattr(Channel, "hand", hand_then_drop)
+    try:
+        async with aiohttp.ClientSession() as session:
+            digest = await push_blob(session, node.url, "app", data)
+
+        def download() -> bytes:
+            with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+                sock.sendall(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                sock.settimeout(10)
+                got = bytearray()
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := sock.recv(1 << 20):
+                        got += chunk
+                return bytes(got)
+
+        got = await asyncio.get_running_loop().run_in_executor(None, download)
+        # The node's one response, whole (it still held the socket), then the end.
+        assert got.count(b"HTTP/1.1 ") == 1 and got.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert got.endswith(data)
+        assert sum(proxy.requests_by_backend.values()) == 0 and proxy.failovers == 0
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to take a socket as another user")
+async def test_a_hand_over_socket_of_another_user_never_gets_a_client():
+    """Abstract socket names have no permissions: another user may take a
+    node's. The proxy checks who it reached and relays instead."""
+    async def relayed(request: web.Request) -> web.Response:
+        return web.Response(text="relayed")
+
+    app = web.Application()
+    app.router.add_get("/v2/{tail:.*}", relayed)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    squatter.bind(node_side.address("127.0.0.1", port))
+    os.seteuid(65534)               # the kernel records who listens at listen()
+    try:
+        squatter.listen(4)
+    finally:
+        os.seteuid(0)
+    node = NodeEndpoint("eastus", "eastus", "", "127.0.0.1", port)
+    proxy = RoutingProxy.global_endpoint("eastus", Replicas([ReplicaGroup("eastus", (node,))]),
+                                         lambda _c, _r: 0.0, NodeHealth())
+    await proxy.start()
+    try:
+        # (Handed over, the download would wait on the squatter forever.)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(f"{proxy.url}/v2/app/blobs/sha256:{'0' * 64}") as r:
+                assert r.status == 200 and await r.text() == "relayed"
+        assert proxy.handed_over == 0
+        squatter.settimeout(5)
+        conn, _ = squatter.accept()          # the proxy did connect, and looked
+        with conn:
+            conn.settimeout(5)
+            message, ancillary, _, _ = conn.recvmsg(1 << 17, socket.CMSG_SPACE(4))
+        assert (message, ancillary) == (b"", [])     # and left, handing nothing over
+    finally:
+        squatter.close()
+        await proxy.stop()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("scenario", [
+    test_downloads_are_written_by_the_node_as_the_relay_would_answer,
+    test_pipelined_requests_around_downloads_are_answered_in_order,
+    test_a_node_killed_under_a_hand_over_fails_over_unseen,
+], ids=lambda f: f.__name__.removeprefix("test_"))
+def test_on_uvloop(scenario, nodes):
+    """georeg's endpoints run under uvloop: the proxy's side of hand-overs again there."""
+    import uvloop
+
+    uvloop.run(scenario(nodes))

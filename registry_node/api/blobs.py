@@ -129,30 +129,34 @@ class Download:
         iterator (``contextlib.aclosing``) so a read still in flight ends
         before the blob's file is closed."""
         pos = min(self.end, self.start + STREAM_PIECE)
+        reading: asyncio.Future[bytes] | None = asyncio.ensure_future(
+            run(lambda: self.blob.read(self.start, pos)))
         try:
-            piece = await run(lambda: self.blob.read(self.start, pos))
-        except BlobCorrupt as exc:
-            raise _corrupt(self.digest, exc) from None
-        ahead: asyncio.Future[bytes] | None = None
-        try:
+            try:
+                piece = await asyncio.shield(reading)
+            except BlobCorrupt as exc:
+                raise _corrupt(self.digest, exc) from None
             while True:
-                ahead = None
+                reading = None
                 if pos < self.end:
                     stop = min(self.end, pos + STREAM_PIECE)
-                    ahead = asyncio.ensure_future(run(lambda a=pos, b=stop: self.blob.read(a, b)))
+                    reading = asyncio.ensure_future(run(lambda a=pos, b=stop: self.blob.read(a, b)))
                     pos = stop
                 yield piece
-                if ahead is None:
+                if reading is None:
                     return
                 try:
-                    piece = await ahead
+                    piece = await asyncio.shield(reading)
                 except BlobCorrupt as exc:
                     log.error("blob_corrupt", digest=self.digest, error=str(exc))
                     raise
         finally:
-            if ahead is not None and not ahead.done():
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(ahead)
+            # A read on a worker thread outlives a cancelled await (the shields
+            # keep it running): let it end before the caller closes the file.
+            if reading is not None and not reading.done():
+                await asyncio.wait([reading])
+                if not reading.cancelled():
+                    reading.exception()          # seen, whatever it was
 
 
 def _corrupt(digest: str, exc: BlobCorrupt) -> RegistryError:

@@ -23,6 +23,12 @@ The wire, one datagram each way per step:
                    here); ``X`` cut after ``W`` (the proxy closes the client's
                    connection, as it does for a relayed response cut short).
 
+A response is never sent twice: the node writes its first byte only once
+its ``W`` is in the channel's socket, and the proxy relays a hand-over that
+got no ``W`` only when it has read the node's end of the channel (so every
+reply the node sent has been seen). A channel the proxy drops itself cuts
+every hand-over on it.
+
 Only the happy path is served here: a well-formed name and digest, a blob
 that exists, a satisfiable or absent range, a first piece that passes its
 integrity check. Everything else is ``N``, so the client gets exactly what

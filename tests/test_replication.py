@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import aiohttp
 import pytest
 
 from cluster.links import LinkFaults
 
-from .helpers import digest_of, eventually, make_image, push_blob, push_image
+from .helpers import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    digest_of,
+    eventually,
+    make_image,
+    push_blob,
+    push_image,
+)
 from .replication_harness import InProcessCluster
 
 TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"), ("westeurope", ""),
@@ -150,6 +162,27 @@ async def test_pull_right_after_a_push_elsewhere_is_served_not_404(cluster, http
     await push_image(http, cluster.nodes["eastus-1"].url, "fresh/app", image, tag="v1")
     assert await _pullable(http, cluster.nodes["westeurope"].url, "fresh/app", "v1", image)
     assert cluster.nodes["westeurope"].replication.rescue.rescued >= 1
+
+
+async def test_an_index_naming_what_no_peer_has_is_refused_promptly_with_a_zone_down(
+        cluster, http):
+    """The rescue asks every peer for the missing child. One zone is down: its
+    channel must cost a refused connect, not its RPC timeout per attempt (a
+    PUT waited 60 s so before), and the client gets MANIFEST_BLOB_UNKNOWN."""
+    await cluster.crash("eastus-3")
+    child = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [],
+                        "config": {"mediaType": OCI_CONFIG, "digest": digest_of(b"{}"),
+                                   "size": 2}}).encode()
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": digest_of(child), "size": len(child)}]}).encode()
+
+    async def put() -> tuple[int, dict]:
+        async with http.put(f"{cluster.nodes['westeurope'].url}/v2/lonely/app/manifests/v1",
+                            data=index, headers={"Content-Type": OCI_INDEX}) as r:
+            return r.status, await r.json()
+
+    status, body = await asyncio.wait_for(put(), 15)   # 4 attempts x 10 s before
+    assert status == 400 and body["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
 
 
 async def test_manifest_push_finds_layers_that_went_to_another_replica(cluster, http):

@@ -35,19 +35,9 @@ COMPARED = ("Content-Length", "Content-Type", "Docker-Content-Digest", "Accept-R
 
 
 @pytest.fixture
-def nodes(tmp_path):
-    started: list[NodeProcess] = []
-
-    def make(name: str) -> NodeProcess:
-        proc = NodeProcess(tmp_path / name, ["--region", "eastus"]).start()
-        started.append(proc)
-        return proc
-
-    yield make
-    for proc in started:
-        if proc.proc and proc.proc.poll() is None:
-            os.killpg(proc.proc.pid, signal.SIGCONT)
-        proc.close()
+def nodes(node_process):
+    """Node processes by name (conftest's factory), each a region of its own."""
+    return lambda name: node_process(name, "--region", "eastus")
 
 
 def endpoint(proc: NodeProcess, name: str) -> NodeEndpoint:
@@ -64,6 +54,20 @@ async def proxy_over(*members: tuple[NodeProcess, str], **options) -> RoutingPro
                                          **options)
     await proxy.start()
     return proxy
+
+
+async def stalled_download(proxy: RoutingProxy, node: NodeProcess, name: str,
+                           digest: str) -> tuple[socket.socket, Channel]:
+    """A client that asks for ``digest`` and reads nothing, once the node is
+    writing it on the handed-over connection (a small receive buffer keeps it
+    writing): the socket and the node's channel."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.sendall(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    channel = proxy.handoffs.channel(endpoint(node, name))
+    await eventually(lambda: bool(channel.writing), timeout=10,
+                     what="the node writing the download")
+    return sock, channel
 
 
 async def fetch(session: aiohttp.ClientSession, url: str, **headers: str):
@@ -247,12 +251,8 @@ async def test_a_download_in_flight_when_the_node_is_told_to_stop_completes(node
     try:
         async with aiohttp.ClientSession() as session:
             digest = await push_blob(session, node.url, "app", data)
-        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            sock.sendall(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            channel = proxy.handoffs.channel(endpoint(node, "eastus"))
-            await eventually(lambda: bool(channel.writing), timeout=10,
-                             what="the node writing the download")
+        sock, channel = await stalled_download(proxy, node, "eastus", digest)
+        with sock:
             node.proc.send_signal(signal.SIGTERM)
             loop = asyncio.get_running_loop()
             [(status, headers, body)] = await loop.run_in_executor(None, read_responses, sock, 1)
@@ -274,13 +274,8 @@ async def test_a_node_stopping_under_a_stalled_download_cuts_it_and_exits(nodes)
     try:
         async with aiohttp.ClientSession() as session:
             digest = await push_blob(session, node.url, "app", data)
-        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock, channel = await stalled_download(proxy, node, "eastus", digest)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            sock.sendall(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            channel = proxy.handoffs.channel(endpoint(node, "eastus"))
-            await eventually(lambda: bool(channel.writing), timeout=10,
-                             what="the node writing the download")
             node.proc.send_signal(signal.SIGTERM)
             told = time.monotonic()
             await asyncio.get_running_loop().run_in_executor(None, node.proc.wait, 20)
@@ -339,12 +334,8 @@ async def test_downloads_handed_over_while_a_node_stops_go_elsewhere_at_once(nod
             big = await push_blob(session, east.url, "app", stalled)
             small = await push_blob(session, east.url, "app", quick)
             assert await push_blob(session, west.url, "app", quick) == small
-            with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-                sock.sendall(f"GET /v2/app/blobs/{big} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                channel = proxy.handoffs.channel(endpoint(east, "eastus"))
-                await eventually(lambda: bool(channel.writing), timeout=10,
-                                 what="the node writing the stalled download")
+            sock, _ = await stalled_download(proxy, east, "eastus", big)
+            with sock:
                 east.proc.send_signal(signal.SIGTERM)
                 told = time.monotonic()
                 await eventually(lambda: _listening_gone(endpoint(east, "eastus")), timeout=5,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import pytest
 
-from . import spec as specs
+from .control import spec as specs
 from .testing import SMALL_SPEC, RunningCluster
 
 

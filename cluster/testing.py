@@ -20,8 +20,10 @@ from typing import TypeVar
 
 import msgspec
 
-from . import spec as specs
-from .api import Cluster
+from .control import spec as specs
+from .control.cluster import Cluster
+from .control.management import ManagementServer
+from .faults.verify import VerifyReport
 
 T = TypeVar("T")
 
@@ -76,11 +78,18 @@ class RunningCluster:
         self._thread = threading.Thread(target=self._loop.run_forever, name="georeg-cluster",
                                         daemon=True)
         self.cluster: Cluster | None = None
+        self.management: ManagementServer | None = None
 
     def start(self, timeout: float = 60.0) -> RunningCluster:
         self._thread.start()
         self.cluster = self.run(lambda: Cluster.start(self.spec, self.data_dir, **self._options),
                                 timeout)
+        self.management = ManagementServer(self.cluster)
+        try:
+            self.run(self.management.start)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def run(self, coroutine: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
@@ -90,6 +99,9 @@ class RunningCluster:
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout)
 
     def stop(self) -> None:
+        if self.management is not None:
+            self.run(self.management.stop)
+            self.management = None
         if self.cluster is not None:
             self.run(self.cluster.stop, 60)
             self.cluster = None
@@ -118,19 +130,18 @@ class RunningCluster:
 
     @property
     def management_url(self) -> str | None:
-        return self.cluster.management_url
+        """The management REST API (``cluster.control.management``) serving this cluster."""
+        return self.management.url if self.management else None
 
     def status(self) -> dict:
         return self.run(self._status)
 
     async def _status(self) -> dict:
-        return self.cluster.status()
+        return {**self.cluster.status(), "management": self.management_url}
 
-    def verify(self, timeout: float = 60.0):
-        """``georeg verify`` on this cluster: a ``cluster.verify.VerifyReport``."""
-        from .verify import verify
-
-        return self.run(lambda: verify(self.cluster, timeout=timeout), timeout + 30)
+    def verify(self, timeout: float = 60.0) -> VerifyReport:
+        """``georeg verify`` on this cluster (``cluster.faults.verify``)."""
+        return self.run(lambda: self.cluster.verify(timeout), timeout + 30)
 
     def crash(self, node: str) -> None:
         """SIGKILL one node."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from cluster.supervisor import dies_with_parent
+from cluster.control.supervisor import dies_with_parent
 from registry_node.app import NODE, init_app
 from registry_node.config import NodeConfig
 from registry_node.node import Node

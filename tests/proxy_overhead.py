@@ -17,7 +17,7 @@ instead of splicing them runs in the same alternation, as "copying"; with
 ``--redirect``, a proxy that answers blob downloads with a 307 to the node
 (``blob_downloads = "redirect"``), as "redirect" (the client follows it); with
 ``--relay``, a proxy that relays blob downloads instead of handing the client's
-socket over to the node (``cluster.handoff``), as "relayed".
+socket over to the node (``cluster.routing.handoff``), as "relayed".
 Every pulled blob is hashed and checked, so a fast wrong answer fails the run.
 On a shared machine each step first waits (up to a minute) until other
 processes use less than 15 % of a core, and reports how much they used during

@@ -9,7 +9,7 @@ one replica in region ``local`` holding the given nodes, prints
 ``proxy listening on PORT`` once it serves, and stops on SIGTERM or SIGINT.
 With ``--copy`` bodies are copied through the event loop, never spliced;
 with ``--redirect`` blob downloads get a 307 to the node; with ``--relay`` they
-are relayed, never handed over to the node (``cluster.handoff``).
+are relayed, never handed over to the node (``cluster.routing.handoff``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from cluster.proxy import RoutingProxy
-from cluster.routing import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas
-from cluster.supervisor import dies_with_parent
+from cluster.control.supervisor import dies_with_parent
+from cluster.routing.policy import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas
+from cluster.routing.proxy import RoutingProxy
 
 
 def _backend(value: str) -> NodeEndpoint:

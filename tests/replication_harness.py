@@ -1,6 +1,6 @@
 """An in-process cluster for replication tests: real nodes (aiohttp + gRPC
 servers on loopback sockets, real encrypted storage) in this event loop, with
-a real TCP link (``cluster.links.Link``) for every ordered pair of nodes, so a
+a real TCP link (``cluster.network.links.Link``) for every ordered pair of nodes, so a
 test can partition any pair in either direction.
 
 Node names are the region, or ``region-zone`` for zones of a zone-redundant
@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from cluster.links import Link
+from cluster.network.links import Link
 from registry_node.app import NODE, init_app
 from registry_node.config import NodeConfig
 from replicator.residency import ResidencyPolicy

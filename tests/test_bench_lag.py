@@ -15,8 +15,8 @@ import pytest
 
 from cluster.bench.floor import BlobPush, ImagePush, image_floor_ms
 from cluster.bench.lag_report import link_delivery
-from cluster.cli import main
-from cluster.links import LinkModel
+from cluster.cli.main import main
+from cluster.network.links import LinkModel
 
 SPEC = """\
 registry = "georegtest"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.bench.reference import find_binary
-from cluster.cli import main
+from cluster.cli.main import main
 
 pytestmark = pytest.mark.skipif(find_binary() is None,
                                 reason="the reference registry (docker-registry) is not installed")

@@ -12,9 +12,16 @@ import os
 
 import pytest
 
-from cluster import spec as specs
-from cluster.chaos import RESIDENCY_MISS, ChaosRun, Observations, _windows, load, summary
-from cluster.chaos_cli import SCENARIOS
+from cluster.control import spec as specs
+from cluster.faults.chaos import (
+    RESIDENCY_MISS,
+    SCENARIOS,
+    ChaosRun,
+    Observations,
+    _windows,
+    load,
+    summary,
+)
 from cluster.testing import RunningCluster
 
 SCALE = float(os.environ.get("GEOREG_CHAOS_SCALE", "0.3"))

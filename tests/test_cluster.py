@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cluster import spec as specs
-from cluster.cluster_cli import _running
+from cluster.cli.cluster import _running
+from cluster.control import spec as specs
 from cluster.testing import RunningCluster, free_port_base
 
 from .helpers import Skopeo, digest_of, eventually, make_image, push_image, write_oci_layout

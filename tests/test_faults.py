@@ -19,8 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cluster import spec as specs
-from cluster.supervisor import PAIR_COPY_NICE
+from cluster.control import spec as specs
+from cluster.control.supervisor import PAIR_COPY_NICE
 from cluster.testing import RunningCluster
 
 from .helpers import digest_of, eventually, make_image, push_image, verified_clean

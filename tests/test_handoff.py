@@ -1,5 +1,5 @@
 """Blob downloads handed over to the node: the routing proxy passes the client's
-socket to the node (``cluster.handoff``, ``registry_node.handoff``), which writes
+socket to the node (``cluster.routing.handoff``, ``registry_node.handoff``), which writes
 the response on it. Real node processes, real sockets; every answer is held
 against the same request relayed by a proxy that never hands over.
 """
@@ -20,9 +20,9 @@ import pytest
 import yarl
 from aiohttp import web
 
-from cluster.handoff import Channel
-from cluster.proxy import RoutingProxy
-from cluster.routing import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas
+from cluster.routing.handoff import Channel
+from cluster.routing.policy import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas
+from cluster.routing.proxy import RoutingProxy
 from registry_node import handoff as node_side
 from registry_node.app import SHUTDOWN_GRACE_S
 

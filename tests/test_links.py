@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cluster.links import Link, LinkFaults, LinkModel
+from cluster.network.links import Link, LinkFaults, LinkModel
 
 from .helpers import eventually
 

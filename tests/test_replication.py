@@ -8,7 +8,7 @@ import json
 import aiohttp
 import pytest
 
-from cluster.links import LinkFaults
+from cluster.network.links import LinkFaults
 
 from .helpers import (
     OCI_CONFIG,

@@ -19,7 +19,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from cluster.links import LinkFaults
+from cluster.network.links import LinkFaults
 from registry_node import keys
 from registry_node.hlc import unpack, wall_ms_now
 from registry_node.metastore import Batch, MetadataStore

@@ -8,7 +8,7 @@
 (c) The source process is SIGKILLed halfway: the destination finishes from
     another peer that holds the blob, from where it stopped.
 
-Every transfer is slowed by a ``cluster.links.Link`` with a bandwidth cap, in
+Every transfer is slowed by a ``cluster.network.links.Link`` with a bandwidth cap, in
 the test's event loop, between the destination and its source(s), so "halfway"
 is a state the test can wait for rather than a sleep. The bytes that crossed
 are counted twice: by the destination's ``georeg_replication_bytes_total`` and
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
-from cluster.links import Link, LinkFaults
+from cluster.network.links import Link, LinkFaults
 from registry_node import keys
 from registry_node.metastore import MetadataStore
 from replicator.topology import ClusterView, Peer, ReplicationSettings

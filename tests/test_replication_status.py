@@ -18,7 +18,7 @@ import sys
 
 import aiohttp
 
-from cluster.links import LinkFaults
+from cluster.network.links import LinkFaults
 
 from .helpers import eventually, push_image
 from .replication_invariants import (

@@ -1,7 +1,7 @@
 """Blob transfer across the WAN: where a destination asks for a blob.
 
 Two zone-redundant regions in one process (real nodes, real gRPC, a real TCP
-``cluster.links.Link`` for every ordered pair of nodes), so the bytes that
+``cluster.network.links.Link`` for every ordered pair of nodes), so the bytes that
 cross between regions can be counted on the links themselves:
 
 * an image's layers are fetched from different zones of the origin region;
@@ -34,7 +34,7 @@ import grpc
 import msgspec
 import pytest
 
-from cluster.links import LinkFaults
+from cluster.network.links import LinkFaults
 from registry_node.records import NodeIdentity
 from replicator.errors import Outcome, ReplicationError
 from replicator.peers import PeerClient

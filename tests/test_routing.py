@@ -25,8 +25,7 @@ import httptools
 import pytest
 from aiohttp import web
 
-from cluster.proxy import HealthProbe, RoutingProxy, _HeadTooLarge, _MessageStream
-from cluster.routing import (
+from cluster.routing.policy import (
     GlobalPolicy,
     NodeEndpoint,
     NodeHealth,
@@ -39,7 +38,8 @@ from cluster.routing import (
     route_of,
     upload_id_of,
 )
-from cluster.splice import PipePool
+from cluster.routing.proxy import HealthProbe, RoutingProxy, _HeadTooLarge, _MessageStream
+from cluster.routing.splice import PipePool
 from registry_node.config import NodeConfig
 
 from .helpers import (

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from cluster import spec as specs
-from cluster.plan import plan
-from cluster.regions import REGIONS, distance_km
-from cluster.wan import PairOverride, WanModel
+from cluster.control import spec as specs
+from cluster.control.plan import plan
+from cluster.control.regions import REGIONS, distance_km
+from cluster.network.wan import PairOverride, WanModel
 
 
 def problems(raw: dict) -> list[str]:

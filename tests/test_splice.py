@@ -1,4 +1,4 @@
-"""The pipe pool behind the proxy's kernel splices (``cluster.splice``): it
+"""The pipe pool behind the proxy's kernel splices (``cluster.routing.splice``): it
 reuses empty pipes and never holds more pipe capacity than its budget, since
 the kernel charges every pipe to its user and an unprivileged user past its
 limit gets one-page pipes everywhere."""
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from cluster.splice import AVAILABLE, PIPE_SIZE, PipePool
+from cluster.routing.splice import AVAILABLE, PIPE_SIZE, PipePool
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="splice(2) is Linux-only")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cluster import spec as specs
+from cluster.control import spec as specs
+from cluster.faults.verify import VerifyReport
 from cluster.testing import RunningCluster
-from cluster.verify import VerifyReport
 
 from .helpers import OCI_INDEX, descriptor, eventually, make_image, push_image
 

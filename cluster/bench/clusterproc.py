@@ -11,7 +11,7 @@ process: the WAN links are asyncio proxies in the supervisor, and the
 benchmark's client (pushing, hashing, polling) would otherwise share their
 event loop or their GIL, adding delay to exactly what is being measured.
 
-Everything the benchmark needs comes from the spec (``cluster.plan``: node
+Everything the benchmark needs comes from the spec (``cluster.control.plan``: node
 ports and names, the WAN model) and the management API (node pids, faults).
 Only a cluster this class started is stopped by it: SIGTERM to the supervisor,
 which stops its nodes; should it not exit in time, it and the node pids it
@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from .. import spec as specs
-from ..api import running_state, save_spec, saved_spec
-from ..management_client import ManagementError, request
-from ..plan import ClusterPlan, NodePlan, plan
+from ..control import spec as specs
+from ..control.management_client import ManagementError, request
+from ..control.plan import ClusterPlan, NodePlan, plan
+from ..control.state import running_state, save_spec, saved_spec
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.links import LinkModel
+from ..network.links import LinkModel
 
 NS_PER_MS = 1_000_000
 

@@ -30,9 +30,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .. import spec as specs
-from ..api import Cluster
+from ..control import spec as specs
+from ..control.cluster import Cluster
 from ..testing import free_port_base, with_port_base
+from .lag import prepare
 from .procfs import MIB, cpu_seconds, rss_bytes
 from .workload import Client, RandomBytes, open_session, run_concurrently
 
@@ -102,8 +103,6 @@ class _Endpoint:
 
 
 async def _after_workload(cluster: Cluster, images: int, settle_s: float) -> dict:
-    from .lag import prepare
-
     endpoints = [_Endpoint(f"global@{e.region}", e.url) for e in cluster.endpoints()
                  if e.kind == "global"]
     content = RandomBytes(seed=7)

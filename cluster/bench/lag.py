@@ -57,7 +57,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from replicator.wire.v1 import replication_pb2 as pb
 from replicator.wire.v1 import replication_pb2_grpc as pbg
 
-from .. import spec as specs
+from ..control import spec as specs
 from ..testing import free_port_base, with_port_base
 from . import procfs
 from .clusterproc import ClusterProcess, ClusterStartError

@@ -35,7 +35,7 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from .. import spec as specs
+from ..control import spec as specs
 from ..testing import free_port_base, with_port_base
 from .clusterproc import ClusterProcess
 from .lag_report import Host, host

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..supervisor import dies_with_parent
+from ..control.supervisor import dies_with_parent
 
 _die_with_parent = dies_with_parent(signal.SIGTERM)
 

@@ -1,4 +1,4 @@
-"""Calling a running cluster's management API (cluster.management) from another
+"""Calling a running cluster's management API (cluster.control.management) from another
 process: the CLI, the benchmarks. Plain urllib, so a short-lived command needs
 no event loop."""
 

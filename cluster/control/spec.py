@@ -15,7 +15,7 @@ Example (every key optional except where noted)::
     zone_redundant = true
     global_routing = true           # regionEndpointEnabled / --global-endpoint-routing
 
-    [wan]                           # the WAN model (see cluster.wan)
+    [wan]                           # the WAN model (see cluster.network.wan)
     enabled = true
     bandwidth_mbps = 500
     [[wan.pairs]]
@@ -50,8 +50,8 @@ import msgspec
 
 from replicator.residency import ResidencyPolicy
 
+from ..network.wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
 from .regions import CONFINED_BY_DEFAULT, REGIONS, distance_km, unknown_region_message
-from .wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
 
 TIERS = ("Basic", "Standard", "Premium")
 BLOB_DOWNLOADS = ("relay", "redirect")

@@ -2,14 +2,14 @@
 (the global endpoint of one client location, or one region's regional
 endpoint), and an optional active health probe.
 
-``cluster.routing`` decides where a request goes; this module moves the bytes.
+``cluster.routing.policy`` decides where a request goes; this module moves the bytes.
 It works at the asyncio ``Protocol`` level and parses only what it must, with
 httptools (llhttp): the request head (to route it), the response head (to add
 ``X-Georeg-Replica`` and learn upload sessions) and message boundaries (for
 keep-alive on both sides). A ``Content-Length`` body is counted, not parsed:
 the bytes read are the bytes written (``_MessageStream``), and once a read
 leaves ``SPLICE_MIN`` or more of it to come, the rest goes from socket to
-socket inside the kernel (``cluster.splice``), never through Python. A chunked
+socket inside the kernel (``cluster.routing.splice``), never through Python. A chunked
 body goes through the parser and is re-framed on the way out.
 
 Invariants
@@ -34,7 +34,7 @@ Invariants
     * ``Expect: 100-continue`` is answered by the proxy once a backend
       connection is ready, and not forwarded.
     * A ``GET`` of a blob by digest is handed over where the node takes it
-      (``cluster.handoff``): the client's socket goes to the node routing
+      (``cluster.routing.handoff``): the client's socket goes to the node routing
       chose, which writes the response on it; the proxy writes nothing on
       that connection until the node says it is done, then carries on. The
       node declines what it would answer with an error (the request is then
@@ -75,7 +75,7 @@ import structlog
 
 from . import splice as kernel
 from .handoff import Channel, Handoffs
-from .routing import (
+from .policy import (
     EndpointPolicy,
     GlobalPolicy,
     HealthView,
@@ -111,7 +111,7 @@ _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 _LINGER_S = 5.0                       # how long an answered request's body is read and dropped
-# Bodies with at least this much left go socket to socket inside the kernel (``cluster.splice``).
+# Bodies with at least this much left go socket to socket inside the kernel (``cluster.routing.splice``).
 SPLICE_MIN = 64 * 1024
 
 # Reasons a client connection stops being read (bits; reading resumes when none is left).
@@ -744,11 +744,11 @@ class _Exchange:
         "stream", "reason", "resp_headers", "resp_chunked", "resp_length", "resp_until_eof",
         "resp_keep_alive", "interim", "close_client", "response_started", "response_complete",
         "done",
-        # bodies moving in the kernel (cluster.splice), one per direction
+        # bodies moving in the kernel (cluster.routing.splice), one per direction
         "req_splice", "resp_splice",
         # what the client asked for, as it asked it (for a redirect)
         "url",
-        # a download the node writes itself (cluster.handoff), while it does
+        # a download the node writes itself (cluster.routing.handoff), while it does
         "handoff", "handoff_serial",
     )
 
@@ -846,7 +846,7 @@ class _Exchange:
 
     def _hand_over(self) -> bool:
         """Pass the client's socket to the first candidate, which writes the
-        response on it (``cluster.handoff``); False to relay the request."""
+        response on it (``cluster.routing.handoff``); False to relay the request."""
         client = self.client
         if (client.fd < 0 or self.http_10 or self.req_length or self.req_chunked
                 or self.expect_continue or client.write_paused

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from replicator.topology import ClusterView, Peer, ReplicationSettings
 
-from .links import LinkModel
+from ..network.links import LinkModel
 from .spec import ClusterSpec, port_layout
 
 ZONES = ("1", "2", "3")

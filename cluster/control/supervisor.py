@@ -31,7 +31,7 @@ import structlog
 
 from replicator.topology import ReplicationSettings
 
-from .links import Link
+from ..network.links import Link
 from .plan import ClusterPlan, NodePlan
 
 log = structlog.get_logger("georeg.supervisor")

@@ -1,4 +1,4 @@
-"""`georeg verify`: the convergence check of a running cluster (see cluster.verify).
+"""`georeg verify`: the convergence check of a running cluster (see cluster.faults.verify).
 
 It runs in the CLI's own process: the management API says which nodes exist,
 where they answer and where their data lives; the saved spec gives the
@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .cluster_cli import CliError, _data_dir, _run, add_data_dir, call
+from ..control.state import saved_spec
+from ..faults.verify import targets_from_status, verify
+from .common import CliError, add_data_dir, call, command, data_dir_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,14 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="the full report, machine-readable")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="give up (exit 2) after this many seconds (default 60)")
-    p.set_defaults(func=_run(run_verify))
+    p.set_defaults(func=command(run_verify))
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from .api import saved_spec
-    from .verify import targets_from_status, verify
-
-    data_dir = _data_dir(args)
+    data_dir = data_dir_of(args)
     status = call(data_dir, "GET", "/georeg/v1/cluster", timeout=args.timeout)
     spec = saved_spec(data_dir)
     if spec is None:

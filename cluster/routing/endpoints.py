@@ -7,21 +7,21 @@ zones). All share one ``Replicas`` (so a routing flag changes every endpoint at
 once), one ``NodeHealth`` (fed by the supervisor's checks, and by the proxies'
 own connect failures) and one ``UploadAffinity`` (an upload continues on its
 node whichever endpoint carries it). The policies and the proxy themselves
-live in ``cluster.routing`` and ``cluster.proxy``.
+live in ``cluster.routing.policy`` and ``cluster.routing.proxy``.
 """
 
 from __future__ import annotations
 
 import structlog
 
+from .policy import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas, UploadAffinity
 from .proxy import RoutingProxy
-from .routing import NodeEndpoint, NodeHealth, ReplicaGroup, Replicas, UploadAffinity
 
 log = structlog.get_logger("georeg.endpoints")
 
 
 class Endpoints:
-    def __init__(self, cluster) -> None:  # cluster: cluster.api.Cluster
+    def __init__(self, cluster) -> None:  # cluster: cluster.control.cluster.Cluster
         self.cluster = cluster
         self.health = NodeHealth()
         self.affinity = UploadAffinity()

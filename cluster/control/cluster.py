@@ -1,6 +1,7 @@
 """The Python API of a georeg cluster: start one, find its endpoints, manage
-its replicas, stop it. ``georeg up``, the management REST API and the pytest
-plugin are all thin layers over ``Cluster``.
+its replicas, inject faults, verify it, stop it. ``georeg up``, the management
+REST API (``cluster.control.management``, which serves a ``Cluster``) and the
+pytest plugin are all thin layers over ``Cluster``.
 
     async with await Cluster.start(data_dir=tmp) as cluster:
         url = cluster.global_endpoint("westeurope")     # as a client there sees it
@@ -14,10 +15,9 @@ home region is down, configuration changes (replicas, routing) fail with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
@@ -25,29 +25,16 @@ import structlog
 
 from replicator.topology import ReplicationSettings
 
+from ..faults.controller import FaultController
+from ..faults.verify import NodeTarget, VerifyReport, down_reason, verify
+from ..routing.endpoints import Endpoints
 from . import spec as specs
+from .errors import ClusterError, ControlPlaneUnavailable, NotFound
 from .plan import ClusterPlan, plan
-from .regions import REGIONS
+from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
 
 log = structlog.get_logger("georeg.cluster")
-
-STATE_FILE = "cluster.json"
-SPEC_FILE = "spec.json"
-
-
-class ClusterError(Exception):
-    """A request the cluster cannot honour; the message says why and what to do."""
-
-    status = 400
-
-
-class ControlPlaneUnavailable(ClusterError):
-    status = 503
-
-
-class NotFound(ClusterError):
-    status = 404
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +59,7 @@ class ReplicaProgress:
 class Cluster:
     def __init__(self, spec: specs.ClusterSpec, data_dir: Path, *,
                  settings: ReplicationSettings | None = None,
-                 routing: bool = True, management: bool = True,
+                 routing: bool = True,
                  node_args: tuple[str, ...] = ()) -> None:
         self.spec = spec
         self.data_dir = data_dir.resolve()
@@ -80,13 +67,9 @@ class Cluster:
         self.plan: ClusterPlan = plan(spec, self.data_dir)
         self.supervisor = Supervisor(self.plan, settings=self.settings, extra_node_args=node_args)
         self.routing_enabled = routing
-        self.management_enabled = management
-        self.routing = None          # cluster.endpoints.Endpoints, when routing is on
-        self.management = None       # cluster.management.ManagementServer
+        self.routing: Endpoints | None = None      # when routing is on
         self.progress: dict[str, ReplicaProgress] = {}
         self.restoring: set[str] = set()   # regions whose nodes peer with their paired copy
-        from .faults import FaultController
-
         self.faults = FaultController(self)
         self.started_at = 0.0
         # Seconds from the start to every node healthy, and to ready (subscribed
@@ -116,15 +99,8 @@ class Cluster:
             for replica in self.spec.all_replicas:
                 self.progress.setdefault(replica.region, ReplicaProgress(created_at=time.time()))
             if self.routing_enabled:
-                from .endpoints import Endpoints
-
                 self.routing = Endpoints(self)
                 await self.routing.start()
-            if self.management_enabled:
-                from .management import ManagementServer
-
-                self.management = ManagementServer(self)
-                await self.management.start()
             await self.supervisor.wait_healthy()
             self.healthy_after_s = time.monotonic() - clock
             await self.wait_ready()
@@ -132,7 +108,6 @@ class Cluster:
         except BaseException:
             await self.stop()
             raise
-        self._write_state()
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Until every node is healthy, subscribed to every peer, and writable."""
@@ -148,15 +123,10 @@ class Cluster:
 
     async def stop(self) -> None:
         await self.faults.close()
-        if self.management is not None:
-            await self.management.stop()
-            self.management = None
         if self.routing is not None:
             await self.routing.stop()
             self.routing = None
         await self.supervisor.stop()
-        with contextlib.suppress(FileNotFoundError):
-            (self.data_dir / STATE_FILE).unlink()
         self._stopped.set()
 
     def request_stop(self) -> None:
@@ -172,17 +142,6 @@ class Cluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _write_state(self) -> None:
-        import os
-
-        state = {
-            "pid": os.getpid(),
-            "data_dir": str(self.data_dir),
-            "management": self.management_url,
-            "started_at": self.started_at,
-        }
-        (self.data_dir / STATE_FILE).write_text(msgspec.json.encode(state).decode())
-
     # -- endpoints -------------------------------------------------------------------
 
     @property
@@ -190,8 +149,9 @@ class Cluster:
         return self.plan.host
 
     @property
-    def management_url(self) -> str | None:
-        return f"http://{self.host}:{self.plan.management_port}" if self.management else None
+    def management_address(self) -> tuple[str, int]:
+        """Where the management API listens when one serves this cluster."""
+        return self.host, self.plan.management_port
 
     def endpoints(self) -> list[Endpoint]:
         return [Endpoint(e.kind, e.region, f"http://{self.host}:{e.port}")
@@ -287,7 +247,6 @@ class Cluster:
             "blob_downloads": self.spec.blob_downloads,
             "startup_s": {"healthy": self.healthy_after_s, "ready": self.ready_after_s},
             "data_dir": str(self.data_dir),
-            "management": self.management_url,
             "replicas": [self.replica_status(r.region) for r in self.spec.all_replicas],
             "nodes": nodes,
             "paired_copies": [{
@@ -323,6 +282,19 @@ class Cluster:
                      "bytes": [progress.bytes_done, progress.bytes_total]},
             "nodes": [n.name for n in nodes],
         }
+
+    # -- verification ------------------------------------------------------------------
+
+    def verify_targets(self) -> list[NodeTarget]:
+        """Every node (paired-region copies included) as ``georeg verify`` checks it."""
+        return [NodeTarget(n.name, n.plan.region, n.url, n.plan.zone, n.plan.data_dir, n.healthy,
+                           "" if n.healthy else down_reason(n.state, n.reason), n.plan.copy_of)
+                for n in self.supervisor.nodes.values()]
+
+    async def verify(self, timeout: float = 60.0, disk: bool = True) -> VerifyReport:
+        """``georeg verify`` on this cluster (see ``cluster.faults.verify``)."""
+        return await verify(self.verify_targets(), policy=self.spec.residency_policy(),
+                            timeout=timeout, disk=disk)
 
     # -- management -------------------------------------------------------------------
 
@@ -449,8 +421,6 @@ class Cluster:
 
 
 def _without(current: ClusterPlan, gone: list[str], spec: specs.ClusterSpec) -> ClusterPlan:
-    from dataclasses import replace
-
     return replace(current, spec=spec,
                    nodes=tuple(n for n in current.nodes if n.name not in gone),
                    pair_copies=tuple(n for n in current.pair_copies if n.name not in gone),
@@ -484,39 +454,3 @@ def _progress_message(p: ReplicaProgress) -> str:
     mib = 1024 * 1024
     return (f"syncing: {p.images_done}/{p.images_total} images, "
             f"{p.bytes_done / mib:.1f}/{p.bytes_total / mib:.1f} MiB")
-
-
-def save_spec(data_dir: Path, spec: specs.ClusterSpec) -> None:
-    path = data_dir / SPEC_FILE
-    path.write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
-
-
-def saved_spec(data_dir: Path) -> specs.ClusterSpec | None:
-    """The spec a cluster in ``data_dir`` last ran with (replicas created since included)."""
-    path = Path(data_dir) / SPEC_FILE
-    if not path.exists():
-        return None
-    spec = msgspec.json.decode(path.read_bytes(), type=specs.ClusterSpec)
-    return specs.validate(spec, str(path))
-
-
-def running_state(data_dir: Path) -> dict | None:
-    """The state file of a cluster running from ``data_dir``, if its supervisor lives."""
-    import os
-
-    path = Path(data_dir) / STATE_FILE
-    try:
-        state = msgspec.json.decode(path.read_bytes())
-    except (FileNotFoundError, msgspec.DecodeError):
-        return None
-    try:
-        os.kill(state["pid"], 0)
-    except (ProcessLookupError, KeyError):
-        return None
-    except PermissionError:
-        pass
-    return state
-
-
-def known_region(name: str) -> bool:
-    return name in REGIONS

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..control.regions import distance_km
 from .links import LinkModel
-from .regions import distance_km
 
 FIBRE_KM_PER_MS = 200.0
 PATH_INFLATION = 1.15

@@ -33,8 +33,8 @@ a gap. It is a snapshot: run it on a quiet cluster (scenario runs end with
 it), as writes in flight show up as divergences.
 
 The result, ``VerifyReport``, is JSON-serialisable (``as_dict``): the CLI
-(``georeg verify``), the management API (``GET /georeg/v1/verify``) and
-``RunningCluster.verify`` all hand it out.
+(``georeg verify``), the management API (``GET /georeg/v1/verify``),
+``Cluster.verify`` and ``RunningCluster.verify`` all hand it out.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -59,9 +58,6 @@ from registry_node.errors import RegistryError
 from registry_node.manifest import parse as parse_manifest
 from registry_node.records import Event, EventKind, TagRecord, Tombstone, UploadRecord, decode
 from replicator.residency import ResidencyPolicy
-
-if TYPE_CHECKING:
-    from .api import Cluster
 
 MANIFEST_ACCEPT = ", ".join((
     "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
@@ -150,43 +146,32 @@ class VerifyReport:
 # -- entry point ------------------------------------------------------------------------
 
 
-def targets_of(cluster: Cluster) -> list[NodeTarget]:
-    return [NodeTarget(n.name, n.plan.region, n.url, n.plan.zone, n.plan.data_dir, n.healthy,
-                       "" if n.healthy else _down_reason(n.state, n.reason),
-                       getattr(n.plan, "copy_of", ""))
-            for n in cluster.supervisor.nodes.values()]
-
-
 def targets_from_status(status: dict) -> list[NodeTarget]:
     """Targets from the management API's ``GET /georeg/v1/cluster``."""
     nodes = [{**n, "copy_of": ""} for n in status["nodes"]]
     nodes += [{**n, "copy_of": n["keeps"]} for n in status.get("paired_copies") or ()]
     return [NodeTarget(n["name"], n["region"], n["http"], n.get("zone") or "",
                        Path(n["data_dir"]) if n.get("data_dir") else None, bool(n["healthy"]),
-                       "" if n["healthy"] else _down_reason(n.get("health", ""), n.get("reason")),
+                       "" if n["healthy"] else down_reason(n.get("health", ""), n.get("reason")),
                        n["copy_of"])
             for n in nodes]
 
 
-def _down_reason(state: str, reason: str | None) -> str:
+def down_reason(state: str, reason: str | None) -> str:
     return f"down ({state}{': ' + reason if reason else ''})"
 
 
-async def verify(cluster_or_nodes: Cluster | Iterable[NodeTarget], *,
-                 policy: ResidencyPolicy | None = None, timeout: float = 60.0,
-                 disk: bool = True) -> VerifyReport:
+async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None = None,
+                 timeout: float = 60.0, disk: bool = True) -> VerifyReport:
     """Check every live replica against the others (see the module docstring).
 
-    ``cluster_or_nodes``: a running ``Cluster`` (its nodes and residency policy
-    are used), or ``NodeTarget``s with ``policy`` (default: Azure's). ``disk``:
+    ``nodes``: what to check (``Cluster.verify_targets`` for a cluster in this
+    process, ``targets_from_status`` for one behind a management API);
+    ``policy``: the cluster's residency policy (default: Azure's). ``disk``:
     also walk the data dirs the targets name. Never raises for what it finds;
     an inconclusive check is a report whose ``error`` says why."""
     started = time.monotonic()
-    if isinstance(cluster_or_nodes, Iterable):
-        targets = list(cluster_or_nodes)
-    else:
-        targets = targets_of(cluster_or_nodes)
-        policy = policy or cluster_or_nodes.spec.residency_policy()
+    targets = list(nodes)
     policy = policy or ResidencyPolicy()
     report = VerifyReport()
     try:

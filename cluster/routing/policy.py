@@ -1,7 +1,7 @@
 """Where a registry request goes: the routing policies of the global and the
 regional endpoints, node health as routing sees it, and upload affinity.
 
-This module is IO-free. It owns the *decisions*; ``cluster.proxy`` owns the
+This module is IO-free. It owns the *decisions*; ``cluster.routing.proxy`` owns the
 sockets and asks it, per request, for an ordered list of candidate nodes. The
 clock is injected, so every rule here is testable without sockets or sleeps.
 

@@ -1,9 +1,9 @@
-"""The cluster commands of the ``georeg`` CLI: ``up``, ``down``, ``status``,
-``replication list|create|update|delete``, ``repository list|show-tags|delete``.
+"""``georeg up``, ``down``, ``status`` and ``region restore``: the cluster as a whole.
 
 ``up`` runs the cluster in this process (or in the background with
-``--detach``); every other command finds a running cluster through
-``<data dir>/cluster.json`` and talks to its management API.
+``--detach``) and serves its management API; every other command finds a
+running cluster through ``<data dir>/cluster.json`` (``cluster.control.state``)
+and talks to that API.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,56 +22,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-DEFAULT_DATA_DIR = Path(".georeg")
+from registry_node import logs
 
-
-def add_data_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                   help="the cluster's data dir (default ./.georeg)")
-
-
-def _data_dir(args: argparse.Namespace) -> Path:
-    return args.data_dir or DEFAULT_DATA_DIR
-
-
-class CliError(Exception):
-    pass
-
-
-# -- talking to a running cluster ----------------------------------------------------
-
-
-def management_url(data_dir: Path) -> str:
-    from .api import running_state
-
-    state = running_state(data_dir)
-    if state is None or not state.get("management"):
-        raise CliError(f"no georeg cluster is running from {data_dir}; start one with "
-                       f"`georeg up --data-dir {data_dir}` (or pass the right --data-dir)")
-    return state["management"]
-
-
-def call(data_dir: Path, method: str, path: str, body: dict | None = None,
-         timeout: float = 120) -> object:
-    from .management_client import ManagementError, request
-
-    try:
-        return request(management_url(data_dir), method, path, body, timeout)
-    except ManagementError as exc:
-        raise CliError(str(exc)) from None
-
-
-def _run(func):
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except CliError as exc:
-            print(f"georeg: {exc}", file=sys.stderr)
-            return 2
-    return wrapper
-
-
-# -- up / down / status ----------------------------------------------------------------
+from ..control import spec as specs
+from ..control.cluster import Cluster
+from ..control.errors import ClusterError
+from ..control.management import ManagementServer
+from ..control.spec import port_layout
+from ..control.state import running_state, saved_spec
+from ..control.supervisor import NodeStartError
+from .common import DEFAULT_DATA_DIR, CliError, add_data_dir, call, command, data_dir_of, event_loop
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,13 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detach", action="store_true",
                    help="run in the background; stop it with `georeg down`")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
-    p.set_defaults(func=_run(run_up))
+    p.set_defaults(func=command(run_up))
 
     p = sub.add_parser("down", help="stop a cluster started with `georeg up`",
                        description="Stop every process of the cluster running from the data dir. "
                                    "Data stays; `georeg up` resumes it.")
     add_data_dir(p)
-    p.set_defaults(func=_run(run_down))
+    p.set_defaults(func=command(run_down))
 
     p = sub.add_parser("status", help="health, routing, replication and storage of every node",
                        description="Show every replica and zone of the running cluster: health, "
@@ -103,15 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Ready, with progress), lag and storage, and its endpoints.")
     add_data_dir(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_run(run_status))
+    p.set_defaults(func=command(run_status))
 
-    _register_replication(sub)
-    _register_repository(sub)
-    from . import chaos_cli, fault_cli, verify_cli
 
-    fault_cli.register(sub)
-    verify_cli.register(sub)
-    chaos_cli.register(sub)
+def register_region(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("region", help="regions: restore one from its paired-region copy")
     regions = p.add_subparsers(dest="region_command", required=True, metavar="COMMAND")
     c = regions.add_parser(
@@ -123,15 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "region it says plainly what could not be recovered.")
     c.add_argument("region")
     add_data_dir(c)
-    c.set_defaults(func=_run(run_region_restore))
+    c.set_defaults(func=command(run_region_restore))
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from registry_node import logs
-
-    from . import spec as specs
-    from .api import running_state, saved_spec
-
     data_dir = args.data_dir
     spec = None
     if args.config is not None:
@@ -153,24 +104,10 @@ def run_up(args: argparse.Namespace) -> int:
         return _detach(args, data_dir)
     logs.configure(args.log_format, "warning", sys.stderr)
     _check_ports_free(spec)
-    return _event_loop().run(_up(spec, data_dir))
-
-
-def _event_loop():
-    """uvloop where available: the supervisor proxies every byte between nodes
-    and clients, and uvloop's loop and child watcher cost less idle CPU."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio
-    return uvloop
+    return event_loop().run(_up(spec, data_dir))
 
 
 def _check_ports_free(spec) -> None:
-    import socket
-
-    from .spec import port_layout
-
     for port in port_layout(spec).all_ports():
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -183,9 +120,6 @@ def _check_ports_free(spec) -> None:
 
 
 async def _up(spec, data_dir: Path) -> int:
-    from .api import Cluster, ClusterError
-    from .supervisor import NodeStartError
-
     try:
         cluster = await Cluster.start(spec, data_dir)
     except (NodeStartError, ClusterError, OSError) as exc:
@@ -194,10 +128,11 @@ async def _up(spec, data_dir: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, cluster.request_stop)
-    print_endpoints(cluster.status())
-    print("Ctrl-C (or `georeg down`) stops the cluster.", flush=True)
     try:
-        await cluster.serve_forever()
+        async with ManagementServer(cluster) as management:
+            print_endpoints({**cluster.status(), "management": management.url})
+            print("Ctrl-C (or `georeg down`) stops the cluster.", flush=True)
+            await cluster.serve_forever()
     finally:
         print("stopping…", flush=True)
         await cluster.stop()
@@ -206,16 +141,14 @@ async def _up(spec, data_dir: Path) -> int:
 
 
 def _detach(args: argparse.Namespace, data_dir: Path) -> int:
-    from .api import running_state
-
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "logs" / "supervisor.log"
-    command = [sys.executable, "-m", "cluster.cli", "up", "--data-dir", str(data_dir),
-               "--log-format", "json"]
+    argv = [sys.executable, "-m", "cluster.cli", "up", "--data-dir", str(data_dir),
+            "--log-format", "json"]
     if args.config:
-        command += ["--config", str(args.config)]
+        argv += ["--config", str(args.config)]
     with open(log_path, "ab") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        child = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                  start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -234,17 +167,15 @@ def _detach(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from .api import running_state
-
-    data_dir = _data_dir(args)
-    state = running_state(data_dir)
+    where = data_dir_of(args)
+    state = running_state(where)
     if state is None:
-        raise CliError(f"no georeg cluster is running from {data_dir}")
-    call(data_dir, "POST", "/georeg/v1/shutdown")
+        raise CliError(f"no georeg cluster is running from {where}")
+    call(where, "POST", "/georeg/v1/shutdown")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if not _running(state["pid"]):
-            print(f"stopped the cluster in {data_dir}")
+            print(f"stopped the cluster in {where}")
             return 0
         time.sleep(0.1)
     raise CliError(f"the supervisor (pid {state['pid']}) did not stop within 60 s")
@@ -320,7 +251,7 @@ def _size(n: int) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    status = call(_data_dir(args), "GET", "/georeg/v1/cluster")
+    status = call(data_dir_of(args), "GET", "/georeg/v1/cluster")
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -357,175 +288,7 @@ def _traffic_table(console: Console, status: dict) -> None:
 
 
 def run_region_restore(args: argparse.Namespace) -> int:
-    result = call(_data_dir(args), "POST", f"/georeg/v1/regions/{args.region}/restore",
+    result = call(data_dir_of(args), "POST", f"/georeg/v1/regions/{args.region}/restore",
                   timeout=600)
     print(result["message"])
     return 0 if result["paired_copy"] else 1
-
-
-# -- replication ---------------------------------------------------------------------
-
-
-def _register_replication(sub: argparse._SubParsersAction) -> None:
-    from . import replication_cli
-
-    p = sub.add_parser("replication", help="replicas (az acr replication) and per-image status",
-                       description="Geo-replicas of the registry, after `az acr replication`.")
-    commands = p.add_subparsers(dest="replication_command", required=True, metavar="COMMAND")
-
-    c = commands.add_parser("list", help="list replicas")
-    add_data_dir(c)
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=_run(run_replication_list))
-
-    c = commands.add_parser(
-        "create", help="add a replica; it syncs existing content (watch `georeg replication show`)",
-        description="Add a replica in a region. Its nodes start, every other node learns of "
-                    "them, and the replica syncs everything residency allows it to hold; its "
-                    "status goes Creating → Syncing → Ready, with progress.")
-    c.add_argument("--location", "-l", required=True, help="region, e.g. japaneast")
-    c.add_argument("--zone-redundancy", choices=("Enabled", "Disabled"), default="Disabled")
-    c.add_argument("--region-endpoint-enabled", "--global-endpoint-routing", dest="routing",
-                   choices=("true", "false"), default="true")
-    c.add_argument("--wait", action="store_true", help="wait until the replica is Ready")
-    add_data_dir(c)
-    c.set_defaults(func=_run(run_replication_create))
-
-    c = commands.add_parser("show", help="one replica, with its sync progress")
-    c.add_argument("--name", "-n", required=True, metavar="REGION")
-    add_data_dir(c)
-    c.set_defaults(func=_run(run_replication_show))
-
-    c = commands.add_parser(
-        "update", help="take a replica in or out of global routing",
-        description="With --global-endpoint-routing false, the global endpoints stop sending "
-                    "clients to this replica (e.g. for maintenance); it keeps replicating both "
-                    "ways, and its regional endpoint keeps working.")
-    c.add_argument("--name", "-n", required=True, metavar="REGION")
-    c.add_argument("--global-endpoint-routing", "--region-endpoint-enabled", dest="routing",
-                   choices=("true", "false"), required=True)
-    add_data_dir(c)
-    c.set_defaults(func=_run(run_replication_update))
-
-    c = commands.add_parser("delete", help="remove a replica and its data (not the home one)")
-    c.add_argument("--name", "-n", required=True, metavar="REGION")
-    add_data_dir(c)
-    c.set_defaults(func=_run(run_replication_delete))
-
-    def add_target(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--node", dest="node_url", metavar="URL",
-                            help="HTTP address of any node (default: found through --data-dir)")
-        add_data_dir(parser)
-
-    replication_cli.register(commands, add_target)
-
-
-def _replica_table(replicas: list[dict]) -> None:
-    table = Table("name", "location", "home", "zone redundancy", "routing", "status", "message")
-    for r in replicas:
-        table.add_row(r["name"], r["location"], "yes" if r["home"] else "", r["zoneRedundancy"],
-                      "on" if r["regionEndpointEnabled"] else "off", r["status"]["displayStatus"],
-                      r["status"]["message"])
-    Console().print(table)
-
-
-def run_replication_list(args: argparse.Namespace) -> int:
-    replicas = call(_data_dir(args), "GET", "/georeg/v1/replications")
-    if args.json:
-        print(json.dumps(replicas, indent=2))
-    else:
-        _replica_table(replicas)
-    return 0
-
-
-def run_replication_create(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
-    body = {"location": args.location, "zoneRedundancy": args.zone_redundancy,
-            "regionEndpointEnabled": args.routing == "true"}
-    replica = call(data_dir, "POST", "/georeg/v1/replications", body)
-    _replica_table([replica])
-    if not args.wait:
-        return 0
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn()) as progress:
-        task = progress.add_task(f"syncing {args.location}", total=None)
-        deadline = time.monotonic() + 3600
-        while time.monotonic() < deadline:
-            replica = call(data_dir, "GET", f"/georeg/v1/replications/{args.location}")
-            done, total = replica["sync"]["bytes"]
-            progress.update(task, completed=done, total=max(total, 1),
-                            description=f"{args.location}: {replica['status']['message']}")
-            if replica["status"]["displayStatus"] == "Ready":
-                progress.update(task, completed=max(total, 1))
-                return 0
-            time.sleep(0.25)
-    raise CliError(f"{args.location} is not Ready after an hour")
-
-
-def run_replication_show(args: argparse.Namespace) -> int:
-    replica = call(_data_dir(args), "GET", f"/georeg/v1/replications/{args.name}")
-    print(json.dumps(replica, indent=2))
-    return 0
-
-
-def run_replication_update(args: argparse.Namespace) -> int:
-    replica = call(_data_dir(args), "PATCH", f"/georeg/v1/replications/{args.name}",
-                   {"regionEndpointEnabled": args.routing == "true"})
-    _replica_table([replica])
-    return 0
-
-
-def run_replication_delete(args: argparse.Namespace) -> int:
-    call(_data_dir(args), "DELETE", f"/georeg/v1/replications/{args.name}")
-    print(f"deleted the replica in {args.name}")
-    return 0
-
-
-# -- repositories --------------------------------------------------------------------
-
-
-def _register_repository(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("repository", help="repositories (az acr repository)",
-                       description="Repositories of the registry, after `az acr repository`.")
-    commands = p.add_subparsers(dest="repository_command", required=True, metavar="COMMAND")
-    c = commands.add_parser("list", help="list repositories")
-    add_data_dir(c)
-    c.set_defaults(func=_run(run_repository_list))
-    c = commands.add_parser("show-tags", help="tags of a repository, with digests")
-    c.add_argument("--name", "-n", required=True, metavar="REPOSITORY")
-    add_data_dir(c)
-    c.set_defaults(func=_run(run_repository_show_tags))
-    c = commands.add_parser("delete", help="delete a repository: every manifest and tag")
-    c.add_argument("--name", "-n", required=True, metavar="REPOSITORY")
-    c.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    add_data_dir(c)
-    c.set_defaults(func=_run(run_repository_delete))
-
-
-def run_repository_list(args: argparse.Namespace) -> int:
-    for name in call(_data_dir(args), "GET", "/georeg/v1/repositories"):
-        print(name)
-    return 0
-
-
-def run_repository_show_tags(args: argparse.Namespace) -> int:
-    tags = call(_data_dir(args), "GET", f"/georeg/v1/repositories/{args.name}/tags")
-    table = Table("tag", "digest")
-    for tag in tags:
-        table.add_row(tag["name"], tag["digest"] or "")
-    Console().print(table)
-    return 0
-
-
-def run_repository_delete(args: argparse.Namespace) -> int:
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise CliError("refusing to delete without confirmation; pass --yes")
-        answer = input(f"Delete repository {args.name} and every image in it? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            return 1
-    result = call(_data_dir(args), "DELETE", f"/georeg/v1/repositories/{args.name}")
-    print(f"deleted {len(result['manifestsDeleted'])} manifests and {len(result['tagsDeleted'])} "
-          f"tags from {args.name}")
-    return 0

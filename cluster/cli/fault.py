@@ -1,4 +1,4 @@
-"""`georeg fault …`: inject and heal faults in a running cluster (see cluster.faults)."""
+"""`georeg fault …`: inject and heal faults in a running cluster (see cluster.faults.controller)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from .cluster_cli import _data_dir, _run, add_data_dir, call
+from .common import CliError, add_data_dir, call, command, data_dir_of
 
 
 def _duration(p: argparse.ArgumentParser) -> None:
@@ -31,14 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("region")
     c.add_argument("--mode", choices=("crash", "stop", "isolate"), default="crash")
     _duration(c)
-    c.set_defaults(func=_run(lambda a: _inject(a, "region-outage", region=a.region, mode=a.mode)))
+    c.set_defaults(func=command(lambda a: _inject(a, "region-outage", region=a.region, mode=a.mode)))
 
     c = faults.add_parser("zone-outage", help="one availability zone goes down")
     c.add_argument("region")
     c.add_argument("zone")
     c.add_argument("--mode", choices=("crash", "stop", "isolate"), default="crash")
     _duration(c)
-    c.set_defaults(func=_run(lambda a: _inject(a, "zone-outage", region=a.region, zone=a.zone,
+    c.set_defaults(func=command(lambda a: _inject(a, "zone-outage", region=a.region, zone=a.zone,
                                                mode=a.mode)))
 
     c = faults.add_parser("partition", help="cut the network between two regions",
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("b")
     c.add_argument("--one-way", action="store_true")
     _duration(c)
-    c.set_defaults(func=_run(lambda a: _inject(a, "partition", a=a.a, b=a.b, one_way=a.one_way)))
+    c.set_defaults(func=command(lambda a: _inject(a, "partition", a=a.a, b=a.b, one_way=a.one_way)))
 
     c = faults.add_parser("link", help="degrade the link between two regions")
     c.add_argument("a")
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="probability that a chunk of traffic resets its connection")
     c.add_argument("--stall", action="store_true", help="accept connections, deliver nothing")
     _duration(c)
-    c.set_defaults(func=_run(lambda a: _inject(
+    c.set_defaults(func=command(lambda a: _inject(
         a, "link", a=a.a, b=a.b, latency_ms=a.latency, jitter_ms=a.jitter,
         bandwidth_mbps=a.bandwidth, reset_probability=a.reset_prob, stall=a.stall)))
 
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("region")
     c.add_argument("state", choices=("off", "on"))
     _duration(c)
-    c.set_defaults(func=_run(lambda a: _inject(a, "routing", region=a.region,
+    c.set_defaults(func=command(lambda a: _inject(a, "routing", region=a.region,
                                                enabled=a.state == "on")))
 
     c = faults.add_parser("disk", help="a full or slow disk on a region's (or one zone's) nodes")
@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--full", action="store_true", help="writes fail with 507; reads go on")
     what.add_argument("--slow", type=float, metavar="MS", help="add MS to every write and sync")
     _duration(c)
-    c.set_defaults(func=_run(_inject_disk))
+    c.set_defaults(func=command(_inject_disk))
 
     c = faults.add_parser("destroy", help="wipe a region's data; it restarts empty and re-syncs",
                           description="Destroy a region: SIGKILL its nodes, delete their data dirs "
@@ -87,25 +87,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "only its paired-region copy holds.")
     c.add_argument("region")
     add_data_dir(c)
-    c.set_defaults(func=_run(lambda a: _inject(a, "destroy", region=a.region)))
+    c.set_defaults(func=command(lambda a: _inject(a, "destroy", region=a.region)))
 
     c = faults.add_parser("list", help="faults injected, active first")
     c.add_argument("--json", action="store_true")
     add_data_dir(c)
-    c.set_defaults(func=_run(run_list))
+    c.set_defaults(func=command(run_list))
 
     c = faults.add_parser("heal", help="heal one fault, or all")
     c.add_argument("id", nargs="?")
     c.add_argument("--all", action="store_true")
     add_data_dir(c)
-    c.set_defaults(func=_run(run_heal))
+    c.set_defaults(func=command(run_heal))
 
 
 def _inject(args: argparse.Namespace, kind: str, **target) -> int:
     body = {"kind": kind, **target}
     if getattr(args, "duration", None):
         body["duration_s"] = args.duration
-    fault = call(_data_dir(args), "POST", "/georeg/v1/faults", body)
+    fault = call(data_dir_of(args), "POST", "/georeg/v1/faults", body)
     heals = f" (heals in {fault['duration_s']:g} s)" if fault.get("duration_s") else ""
     print(f"{fault['id']}: {fault['description']}{heals}")
     return 0
@@ -118,7 +118,7 @@ def _inject_disk(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    faults = call(_data_dir(args), "GET", "/georeg/v1/faults")
+    faults = call(data_dir_of(args), "GET", "/georeg/v1/faults")
     if args.json:
         print(json.dumps(faults, indent=2))
         return 0
@@ -132,13 +132,11 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_heal(args: argparse.Namespace) -> int:
     if args.all == bool(args.id):
-        from .cluster_cli import CliError
-
         raise CliError("give a fault id (see `georeg fault list`) or --all")
     if args.all:
-        healed = call(_data_dir(args), "DELETE", "/georeg/v1/faults")
+        healed = call(data_dir_of(args), "DELETE", "/georeg/v1/faults")
         print(f"healed {len(healed)} fault(s)")
     else:
-        fault = call(_data_dir(args), "DELETE", f"/georeg/v1/faults/{args.id}")
+        fault = call(data_dir_of(args), "DELETE", f"/georeg/v1/faults/{args.id}")
         print(f"healed {fault['id']}: {fault['description']}")
     return 0

@@ -1,6 +1,8 @@
 """The management REST API of a running cluster, served by the supervisor
-process. Its nouns follow ``az acr``: replications, repositories; it is what
-the ``georeg`` CLI talks to.
+process beside the ``Cluster`` it manages. Its nouns follow ``az acr``:
+replications, repositories; it is what the ``georeg`` CLI talks to. While it
+serves, it keeps the data dir's state file (``cluster.control.state``), by
+which other processes find it.
 
     GET    /georeg/v1/cluster                     status: nodes, replicas, endpoints
     GET    /georeg/v1/replications                replicas (ACR's replication resources)
@@ -8,7 +10,7 @@ the ``georeg`` CLI talks to.
     GET    /georeg/v1/replications/{region}
     PATCH  /georeg/v1/replications/{region}       {"regionEndpointEnabled": false}
     DELETE /georeg/v1/replications/{region}
-    GET    /georeg/v1/faults                      faults injected (cluster.faults)
+    GET    /georeg/v1/faults                      faults injected (cluster.faults.controller)
     POST   /georeg/v1/faults                      {"kind", "duration_s", …target}
     DELETE /georeg/v1/faults[/{id}]               heal one, or all
     GET    /georeg/v1/repositories                the catalog
@@ -16,7 +18,7 @@ the ``georeg`` CLI talks to.
     DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository
                                                   (ACR's DELETE /acr/v1/{name} on a node)
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
-    GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.verify), as JSON
+    GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
 
 Errors are JSON ``{"error": {"code", "message"}}`` with a fitting status; a
@@ -29,15 +31,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
+from registry_node.errors import RegistryError
 from registry_node.reference import validate_name
 
-from .api import Cluster, ClusterError, NotFound
-from .faults import FaultError
-from .regions import unknown_region_message
+from ..faults.controller import FaultError
+from .errors import ClusterError, NotFound
+from .regions import REGIONS, unknown_region_message
+from .state import clear_running_state, write_running_state
+
+if TYPE_CHECKING:                      # the API serves a Cluster; the Cluster never sees the API
+    from .cluster import Cluster
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -53,19 +61,30 @@ async def _errors(request: web.Request, handler):
         return _error(exc.status, code, str(exc))
     except ValueError as exc:  # spec validation and bad input
         return _error(400, "BadRequest", str(exc))
-    except Exception as exc:  # noqa: BLE001 - answer, and keep the cluster running
-        from registry_node.errors import RegistryError
-
-        if isinstance(exc, RegistryError):
-            return _error(exc.status, exc.code.name, exc.message + (f": {exc.detail}" if exc.detail else ""))
-        raise
+    except RegistryError as exc:
+        return _error(exc.status, exc.code.name, exc.message + (f": {exc.detail}" if exc.detail else ""))
 
 
 class ManagementServer:
+    """``async with ManagementServer(cluster):`` serves the API (and keeps the
+    state file) for as long as the block runs."""
+
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.cluster.management_address
+        return f"http://{host}:{port}"
+
+    async def __aenter__(self) -> ManagementServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
         app = web.Application(middlewares=[_errors])
@@ -90,11 +109,13 @@ class ManagementServer:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cluster.host, self.cluster.plan.management_port,
-                           reuse_address=True)
+        host, port = self.cluster.management_address
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
+        write_running_state(self.cluster.data_dir, self.url, self.cluster.started_at)
 
     async def stop(self) -> None:
+        clear_running_state(self.cluster.data_dir)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -105,7 +126,7 @@ class ManagementServer:
     # -- cluster & replicas ------------------------------------------------------------
 
     async def cluster_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.cluster.status())
+        return web.json_response({**self.cluster.status(), "management": self.url})
 
     async def list_replications(self, request: web.Request) -> web.Response:
         return web.json_response([self.cluster.replica_status(r.region)
@@ -119,8 +140,6 @@ class ManagementServer:
         region = body.get("location") or body.get("region")
         if not isinstance(region, str):
             raise ClusterError("give the replica's region as \"location\"")
-        from .regions import REGIONS
-
         if region not in REGIONS:
             raise ClusterError(unknown_region_message(region))
         zone = body.get("zoneRedundancy", "Disabled")
@@ -150,13 +169,11 @@ class ManagementServer:
         return web.json_response({"stopping": True}, status=202)
 
     async def verify(self, request: web.Request) -> web.Response:
-        from .verify import verify
-
         try:
             timeout = float(request.query.get("timeout", 60))
         except ValueError:
             raise ClusterError("timeout must be a number of seconds") from None
-        return web.json_response((await verify(self.cluster, timeout=timeout)).as_dict())
+        return web.json_response((await self.cluster.verify(timeout)).as_dict())
 
     # -- faults ----------------------------------------------------------------------------
 

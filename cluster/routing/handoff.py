@@ -23,7 +23,7 @@ import structlog
 
 from registry_node.handoff import CUT, DECLINED, DONE, REPLY, REQUEST, WRITING, address, peer_uid
 
-from .routing import NodeEndpoint
+from .policy import NodeEndpoint
 
 log = structlog.get_logger("georeg.routing")
 

@@ -9,9 +9,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .cluster_cli import CliError, _run
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-SCENARIOS = Path(__file__).parent / "scenarios"
+from registry_node import logs
+
+from ..control import spec as specs
+from ..control.cluster import Cluster
+from ..control.management import ManagementServer
+from ..control.state import running_state
+from ..faults.chaos import SCENARIOS, ChaosRun, ScenarioError, load, summary
+from ..testing import free_port_base, with_port_base
+from .common import CliError, command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "converge, worst lag, and `georeg verify`.")
     commands = p.add_subparsers(dest="chaos_command", required=True, metavar="COMMAND")
     c = commands.add_parser("list", help="the scenarios that ship with georeg")
-    c.set_defaults(func=_run(run_list))
+    c.set_defaults(func=command(run_list))
     c = commands.add_parser(
         "run", help="run a scenario",
         description="Run a scenario (a TOML file, or the name of a shipped one) against the "
@@ -35,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--scale", type=float, default=1.0,
                    help="multiply every duration and time (e.g. 0.3 for a short run)")
     c.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
-    c.set_defaults(func=_run(run_scenario))
+    c.set_defaults(func=command(run_scenario))
 
 
 def find(name: str) -> Path:
@@ -50,8 +58,6 @@ def find(name: str) -> Path:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from .chaos import load
-
     for path in sorted(SCENARIOS.glob("*.toml")):
         scenario = load(path)
         first = scenario.description.split(".")[0].replace("\n", " ")
@@ -60,11 +66,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_scenario(args: argparse.Namespace) -> int:
-    from registry_node import logs
-
-    from .api import running_state
-    from .chaos import ScenarioError, load
-
     logs.configure("console", "warning", sys.stderr)
     try:
         scenario = load(find(args.scenario))
@@ -74,8 +75,6 @@ def run_scenario(args: argparse.Namespace) -> int:
         raise CliError("--scale must be positive")
     state = running_state(args.data_dir) if args.data_dir else None
     report = asyncio.run(_run_scenario(scenario, args, state))
-    from .chaos import summary
-
     print(summary(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -83,16 +82,12 @@ def run_scenario(args: argparse.Namespace) -> int:
 
 
 async def _run_scenario(scenario, args, state) -> dict:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from . import spec as specs
-    from .api import Cluster
-    from .chaos import ChaosRun
-    from .testing import free_port_base, with_port_base
-
-    cluster = None
+    """The scenario against the cluster running from --data-dir (``state``), or
+    against a cluster started for it here, in --data-dir or a scratch dir."""
+    if state is not None:
+        return await _run_against(scenario, args, state["management"])
     scratch = None
-    if state is None:
+    try:
         spec = specs.load(None)
         spec = with_port_base(spec, free_port_base(spec))
         data_dir = args.data_dir
@@ -100,19 +95,17 @@ async def _run_scenario(scenario, args, state) -> dict:
             scratch = tempfile.TemporaryDirectory(prefix="georeg-chaos-")
             data_dir = Path(scratch.name)
         print(f"starting a cluster for the scenario in {data_dir} …", file=sys.stderr)
-        cluster = await Cluster.start(spec, data_dir)
-        management = cluster.management_url
-    else:
-        management = state["management"]
-    try:
-        run = ChaosRun(scenario, management, seed=args.seed, scale=args.scale)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
-                      transient=True) as progress:
-            task = progress.add_task(f"{scenario.name}", total=scenario.duration_s * args.scale)
-            report = await run.run(lambda done, total: progress.update(task, completed=done))
+        async with await Cluster.start(spec, data_dir) as cluster, \
+                ManagementServer(cluster) as management:
+            return await _run_against(scenario, args, management.url)
     finally:
-        if cluster is not None:
-            await cluster.stop()
         if scratch is not None:
             scratch.cleanup()
-    return report
+
+
+async def _run_against(scenario, args, management: str) -> dict:
+    run = ChaosRun(scenario, management, seed=args.seed, scale=args.scale)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
+                  transient=True) as progress:
+        task = progress.add_task(f"{scenario.name}", total=scenario.duration_s * args.scale)
+        return await run.run(lambda done, total: progress.update(task, completed=done))

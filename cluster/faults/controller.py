@@ -11,7 +11,7 @@ Kinds (each optionally healing itself after a duration):
     destroy REGION                                     data dirs wiped, restarted empty
 
 Faults are applied only at the seams: node processes (signals), the WAN links
-(``cluster.links``), the routing layer, and each node's storage fault seam.
+(``cluster.network.links``), the routing layer, and each node's storage fault seam.
 Link faults compose: every link's effective fault is recomputed from all active
 faults that touch it (cut if any cuts, latencies add, the lowest bandwidth
 wins), so healing one fault never heals another.
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
-from .links import LinkFaults
-from .regions import REGIONS
+from ..control.regions import REGIONS, unknown_region_message
+from ..network.links import LinkFaults
 
 log = structlog.get_logger("georeg.faults")
 
@@ -75,7 +75,7 @@ class Fault:
 
 
 class FaultController:
-    def __init__(self, cluster) -> None:  # cluster: cluster.api.Cluster
+    def __init__(self, cluster) -> None:  # cluster: cluster.control.cluster.Cluster
         self.cluster = cluster
         self.faults: dict[str, Fault] = {}
         self._ids = itertools.count(1)
@@ -88,7 +88,7 @@ class FaultController:
         names = [n.name for n in self.cluster.plan.nodes if n.region == region]
         if not names:
             raise FaultError(f"{region} has no replica" + (
-                "" if region in REGIONS else "; " + _region_hint(region)))
+                "" if region in REGIONS else "; " + unknown_region_message(region)))
         return names
 
     def _node(self, region: str, zone: str) -> str:
@@ -303,8 +303,3 @@ def _combine(a: LinkFaults, b: LinkFaults) -> LinkFaults:
         bandwidth_mbps=min(bandwidths) if bandwidths else 0.0,
     )
 
-
-def _region_hint(name: str) -> str:
-    from .regions import unknown_region_message
-
-    return unknown_region_message(name)

@@ -18,7 +18,7 @@ A scenario is a TOML file::
 
     [[steps]]
     at_s = 10                            # or [min, max]: drawn with the seed
-    fault = "region-outage"              # any kind of cluster.faults, with its arguments
+    fault = "region-outage"              # any kind of cluster.faults.controller, with its arguments
     region = "eastus"                    # or a list: one drawn with the seed
     mode = "crash"
     duration_s = 20                      # heals by itself after this long
@@ -63,8 +63,9 @@ import msgspec
 
 from replicator.residency import ResidencyPolicy
 
-from .faults import KINDS
+from .controller import KINDS
 
+SCENARIOS = Path(__file__).parent / "scenarios"    # the scenarios that ship with georeg
 MAX_WORKERS = 16
 
 

@@ -39,7 +39,7 @@ def _add_footprint(sub: argparse._SubParsersAction) -> None:
 def _run_footprint(args: argparse.Namespace) -> int:
     from registry_node import logs
 
-    from .footprint import run
+    from ..bench.footprint import run
 
     logs.configure("console", "warning", sys.stderr)
     run(args.config, max(1, args.repeat), args.idle, max(0, args.after_images), args.settle)
@@ -125,11 +125,11 @@ examples:
 def _run_node_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .node import NodeBenchOptions, run
-    from .procfs import MIB
-    from .report import GEOREG, REFERENCE, print_table
-    from .server import ServerStartError
-    from .workload import WorkloadError
+    from ..bench.node import NodeBenchOptions, run
+    from ..bench.procfs import MIB
+    from ..bench.report import GEOREG, REFERENCE, print_table
+    from ..bench.server import ServerStartError
+    from ..bench.workload import WorkloadError
 
     options = NodeBenchOptions()
     if args.quick:
@@ -176,7 +176,7 @@ def _size(value: str) -> int:
 
 
 def _add_lag(sub: argparse._SubParsersAction) -> None:
-    from .floor import FORMULA
+    from ..bench.floor import FORMULA
 
     p = sub.add_parser(
         "lag", help="replication lag per origin → destination pair, against the WAN's floor",
@@ -248,9 +248,9 @@ examples:
 def _run_lag_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .clusterproc import ClusterStartError
-    from .lag import LagBenchOptions, run
-    from .lag_report import print_table
+    from ..bench.clusterproc import ClusterStartError
+    from ..bench.lag import LagBenchOptions, run
+    from ..bench.lag_report import print_table
 
     options = LagBenchOptions()
     if args.fault_link and not (args.fault_latency or args.fault_bandwidth):
@@ -286,7 +286,7 @@ def _run_lag_bench(args: argparse.Namespace) -> int:
         results.write_json(args.json)
         print(f"results written to {args.json}", file=sys.stderr)
     if args.chart:
-        from .lag_chart import write_chart
+        from ..bench.lag_chart import write_chart
 
         write_chart(results, args.chart)
         print(f"chart written to {args.chart}", file=sys.stderr)
@@ -318,9 +318,9 @@ def _run_replication_bench(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from .clusterproc import ClusterStartError
-    from .replication import ReplicationBenchOptions, run
-    from .workload import WorkloadError
+    from ..bench.clusterproc import ClusterStartError
+    from ..bench.replication import ReplicationBenchOptions, run
+    from ..bench.workload import WorkloadError
 
     options = ReplicationBenchOptions()
     given = {"layers": args.layers, "layer_bytes": args.layer_size,

@@ -1,7 +1,6 @@
-"""The ``georeg`` command line.
-
-Each subcommand lives in its own module and registers itself here; this file
-only builds the parser and dispatches.
+"""The ``georeg`` command line: builds the parser from the command modules
+and dispatches. Each command family lives in its own module beside this one
+and registers its subcommands; what they share is in ``common``.
 """
 
 from __future__ import annotations
@@ -9,26 +8,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import node_cli
+from . import node
 
 
 def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     """The whole CLI; with ``only_node``, just `georeg node` — a node process then
-    imports nothing it does not run (no rich tables, no benchmarks), which keeps
-    each of a cluster's processes a few MiB smaller."""
+    imports nothing it does not run (no rich tables, no cluster control, no
+    benchmarks), which keeps each of a cluster's processes a few MiB smaller."""
     parser = argparse.ArgumentParser(
         prog="georeg",
         description="georeg: a geo-replicating OCI container registry cluster on one machine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    node_cli.register(sub)
+    node.register(sub)
     if only_node:
         return parser
-    from . import cluster_cli
+    from . import bench, chaos, cluster, fault, replication, repository, verify
 
-    cluster_cli.register(sub)
-    from .bench import cli as bench_cli
-
-    bench_cli.register(sub)
+    cluster.register(sub)
+    replication.register(sub)
+    repository.register(sub)
+    fault.register(sub)
+    verify.register(sub)
+    chaos.register(sub)
+    cluster.register_region(sub)
+    bench.register(sub)
     return parser
 
 
@@ -36,7 +39,3 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(only_node=argv[:1] == ["node"]).parse_args(argv)
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

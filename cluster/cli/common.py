@@ -1,0 +1,69 @@
+"""What every ``georeg`` command shares: the data dir option, the error a
+command raises to stop with a message, and the call to a running cluster's
+management API. It imports no command module, so every command module can
+import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ..control.management_client import ManagementError, request
+from ..control.state import running_state
+
+DEFAULT_DATA_DIR = Path(".georeg")
+
+
+class CliError(Exception):
+    """Stops a command: ``georeg: <message>`` on stderr, exit status 2."""
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                   help="the cluster's data dir (default ./.georeg)")
+
+
+def data_dir_of(args: argparse.Namespace) -> Path:
+    return args.data_dir or DEFAULT_DATA_DIR
+
+
+def command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command's entry point: a ``CliError`` it raises becomes a message and exit status 2."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except CliError as exc:
+            print(f"georeg: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def management_url(data_dir: Path) -> str:
+    state = running_state(data_dir)
+    if state is None or not state.get("management"):
+        raise CliError(f"no georeg cluster is running from {data_dir}; start one with "
+                       f"`georeg up --data-dir {data_dir}` (or pass the right --data-dir)")
+    return state["management"]
+
+
+def call(data_dir: Path, method: str, path: str, body: dict | None = None,
+         timeout: float = 120) -> object:
+    """One request to the management API of the cluster running from ``data_dir``."""
+    try:
+        return request(management_url(data_dir), method, path, body, timeout)
+    except ManagementError as exc:
+        raise CliError(str(exc)) from None
+
+
+def event_loop():
+    """uvloop where available (the supervisor proxies every byte between nodes
+    and clients, and uvloop's loop and child watcher cost less idle CPU), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        import asyncio
+        return asyncio
+    return uvloop

@@ -1,0 +1,200 @@
+"""``georeg replication …``: the registry's replicas, after ``az acr
+replication`` (``list``, ``create``, ``show``, ``update``, ``delete``, through
+the management API), and ``status REPO:TAG``, where one image has replicated
+to, asked of any node (each answers for the whole cluster) through its HTTP
+API, ``GET /georeg/v1/replication/status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+from rich.table import Table
+
+from .common import CliError, add_data_dir, call, command, data_dir_of
+
+_STYLE = {"present": "green", "pending": "yellow", "stale": "yellow", "excluded": "dim",
+          "failed": "red", "unreachable": "red"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replication", help="replicas (az acr replication) and per-image status",
+                       description="Geo-replicas of the registry, after `az acr replication`.")
+    commands = p.add_subparsers(dest="replication_command", required=True, metavar="COMMAND")
+
+    c = commands.add_parser("list", help="list replicas")
+    add_data_dir(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=command(run_replication_list))
+
+    c = commands.add_parser(
+        "create", help="add a replica; it syncs existing content (watch `georeg replication show`)",
+        description="Add a replica in a region. Its nodes start, every other node learns of "
+                    "them, and the replica syncs everything residency allows it to hold; its "
+                    "status goes Creating → Syncing → Ready, with progress.")
+    c.add_argument("--location", "-l", required=True, help="region, e.g. japaneast")
+    c.add_argument("--zone-redundancy", choices=("Enabled", "Disabled"), default="Disabled")
+    c.add_argument("--region-endpoint-enabled", "--global-endpoint-routing", dest="routing",
+                   choices=("true", "false"), default="true")
+    c.add_argument("--wait", action="store_true", help="wait until the replica is Ready")
+    add_data_dir(c)
+    c.set_defaults(func=command(run_replication_create))
+
+    c = commands.add_parser("show", help="one replica, with its sync progress")
+    c.add_argument("--name", "-n", required=True, metavar="REGION")
+    add_data_dir(c)
+    c.set_defaults(func=command(run_replication_show))
+
+    c = commands.add_parser(
+        "update", help="take a replica in or out of global routing",
+        description="With --global-endpoint-routing false, the global endpoints stop sending "
+                    "clients to this replica (e.g. for maintenance); it keeps replicating both "
+                    "ways, and its regional endpoint keeps working.")
+    c.add_argument("--name", "-n", required=True, metavar="REGION")
+    c.add_argument("--global-endpoint-routing", "--region-endpoint-enabled", dest="routing",
+                   choices=("true", "false"), required=True)
+    add_data_dir(c)
+    c.set_defaults(func=command(run_replication_update))
+
+    c = commands.add_parser("delete", help="remove a replica and its data (not the home one)")
+    c.add_argument("--name", "-n", required=True, metavar="REGION")
+    add_data_dir(c)
+    c.set_defaults(func=command(run_replication_delete))
+
+    c = commands.add_parser(
+        "status", help="where an image has replicated to, per replica",
+        description="Show, for every replica of the cluster, whether an image is present (and "
+                    "when it arrived, and its lag behind the push), pending, excluded by data "
+                    "residency, failed (and why), or unreachable. Exit status 0 when the image "
+                    "is present everywhere residency allows, 1 otherwise.")
+    c.add_argument("image", metavar="REPO:TAG|REPO@DIGEST")
+    c.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    c.add_argument("--node", dest="node_url", metavar="URL",
+                   help="HTTP address of any node (default: found through --data-dir)")
+    add_data_dir(c)
+    c.set_defaults(func=command(run_status))
+
+
+def _replica_table(replicas: list[dict]) -> None:
+    table = Table("name", "location", "home", "zone redundancy", "routing", "status", "message")
+    for r in replicas:
+        table.add_row(r["name"], r["location"], "yes" if r["home"] else "", r["zoneRedundancy"],
+                      "on" if r["regionEndpointEnabled"] else "off", r["status"]["displayStatus"],
+                      r["status"]["message"])
+    Console().print(table)
+
+
+def run_replication_list(args: argparse.Namespace) -> int:
+    replicas = call(data_dir_of(args), "GET", "/georeg/v1/replications")
+    if args.json:
+        print(json.dumps(replicas, indent=2))
+    else:
+        _replica_table(replicas)
+    return 0
+
+
+def run_replication_create(args: argparse.Namespace) -> int:
+    data_dir = data_dir_of(args)
+    body = {"location": args.location, "zoneRedundancy": args.zone_redundancy,
+            "regionEndpointEnabled": args.routing == "true"}
+    replica = call(data_dir, "POST", "/georeg/v1/replications", body)
+    _replica_table([replica])
+    if not args.wait:
+        return 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn()) as progress:
+        task = progress.add_task(f"syncing {args.location}", total=None)
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            replica = call(data_dir, "GET", f"/georeg/v1/replications/{args.location}")
+            done, total = replica["sync"]["bytes"]
+            progress.update(task, completed=done, total=max(total, 1),
+                            description=f"{args.location}: {replica['status']['message']}")
+            if replica["status"]["displayStatus"] == "Ready":
+                progress.update(task, completed=max(total, 1))
+                return 0
+            time.sleep(0.25)
+    raise CliError(f"{args.location} is not Ready after an hour")
+
+
+def run_replication_show(args: argparse.Namespace) -> int:
+    replica = call(data_dir_of(args), "GET", f"/georeg/v1/replications/{args.name}")
+    print(json.dumps(replica, indent=2))
+    return 0
+
+
+def run_replication_update(args: argparse.Namespace) -> int:
+    replica = call(data_dir_of(args), "PATCH", f"/georeg/v1/replications/{args.name}",
+                   {"regionEndpointEnabled": args.routing == "true"})
+    _replica_table([replica])
+    return 0
+
+
+def run_replication_delete(args: argparse.Namespace) -> int:
+    call(data_dir_of(args), "DELETE", f"/georeg/v1/replications/{args.name}")
+    print(f"deleted the replica in {args.name}")
+    return 0
+
+
+# -- per-image status ---------------------------------------------------------------
+
+
+def split_image(ref: str) -> tuple[str, str]:
+    """``repo:tag`` or ``repo@sha256:…`` → (repository, reference)."""
+    if "@" in ref:
+        repo, _, digest = ref.partition("@")
+        return repo, digest
+    repo, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        return ref, "latest"
+    return repo, tag
+
+
+def _any_node(args: argparse.Namespace) -> str:
+    """A healthy node of the cluster found through --data-dir."""
+    status = call(data_dir_of(args), "GET", "/georeg/v1/cluster")
+    for node in status["nodes"]:
+        if node["healthy"]:
+            return node["http"]
+    raise CliError("no node of the cluster is healthy")
+
+
+def run_status(args: argparse.Namespace) -> int:
+    repo, reference = split_image(args.image)
+    base = (args.node_url or _any_node(args)).rstrip("/")
+    query = urllib.parse.urlencode({"repository": repo, "reference": reference})
+    try:
+        with urllib.request.urlopen(f"{base}/georeg/v1/replication/status?{query}", timeout=10) as r:
+            answer = json.load(r)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        print(f"georeg: {base} answered {exc.code}: {detail}", file=sys.stderr)
+        return 2
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"georeg: cannot reach {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0 if answer["complete"] else 1
+    console = Console()
+    origin = answer["origin"]
+    console.print(f"[bold]{repo}:{reference}[/] → {answer['digest'] or 'unknown'}"
+                  + (f"  pushed in {origin['region']} at {origin['acked_at']}" if origin["region"] else ""))
+    table = Table("replica", "region", "zone", "state", "arrived", "lag (ms)", "detail")
+    for r in answer["replicas"]:
+        state = r["state"]
+        table.add_row(r["name"], r["region"], r["zone"] or "-",
+                      f"[{_STYLE.get(state, '')}]{state}[/]", r.get("arrived_at") or "",
+                      "" if r.get("lag_ms") is None else f"{r['lag_ms']:.1f}",
+                      r.get("reason") or r.get("digest") or "")
+    console.print(table)
+    console.print("complete: every replica allowed by residency has it" if answer["complete"]
+                  else "not complete yet")
+    return 0 if answer["complete"] else 1

@@ -1,5 +1,8 @@
 """Zone quorum: a write to a zone-redundant region is acknowledged only once
-it is durable in two of its three zones.
+it is durable in as many of its zones as the plan's write quorum says (two of
+three), this node's included. Which zones there are and how many must confirm
+come from the node's view (``topology.ZoneRedundancy``), never from which peers
+happen to be connected or listed.
 
 The other zones subscribe to this node's log like any peer and acknowledge
 what they have applied (and synced). A write commits here, then waits until
@@ -18,11 +21,11 @@ from registry_node.errors import ErrorCode, RegistryError
 
 
 class ZoneQuorum:
-    def __init__(self, me: str, zone_peers: list[str], *, copies: int = 2,
+    def __init__(self, me: str, zone_peers: list[str], *, write_quorum: int,
                  timeout_s: float = 10.0) -> None:
         self.me = me
-        self.zone_peers = set(zone_peers)
-        self.needed = copies - 1                 # confirmations besides this node
+        self.zone_peers = set(zone_peers)        # the region's other zones (labels)
+        self.needed = write_quorum - 1           # confirmations besides this node
         self.timeout_s = timeout_s
         self._connections: dict[str, int] = {}
         self._acked: dict[str, int] = {}

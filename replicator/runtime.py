@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import msgspec
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,7 +38,7 @@ from .service import ReplicationService
 from .staleness import PeerRescue
 from .status import ImageStatus
 from .subscription import OriginStreams, Subscription
-from .topology import ClusterView, Peer
+from .topology import ClusterView
 from .transfer import Transfer
 from .wire.v1 import replication_pb2_grpc as pbg
 
@@ -85,14 +86,16 @@ class Replication:
         feed = LogFeed(node.meta)
         self.metrics.track_log(lambda: node.meta.last_seq)
         if view.zone_redundant:
-            self.quorum = ZoneQuorum(_label(view.region, view.zone),
-                                     [p.label for p in view.zone_peers],
+            self.quorum = ZoneQuorum(_label(view.region, view.zone), list(view.quorum_zones),
+                                     write_quorum=view.zone_redundancy.write_quorum,
                                      timeout_s=settings.quorum_timeout_s)
             node.registry.quorum = self.quorum
         self.clients = [PeerClient(peer, identity) for peer in view.peers]
         self.transfer = Transfer(replica, self.residency, self.metrics,
                                  concurrency=settings.transfer_concurrency,
-                                 one_wan_copy_per_region=settings.one_wan_copy_per_region)
+                                 one_wan_copy_per_region=settings.one_wan_copy_per_region,
+                                 region_zones=view.zone_redundancy.zones,
+                                 zone_peer=view.is_zone_peer)
         self.service = ReplicationService(
             replica, feed, self.residency, self.quorum, self.metrics, settings.chunk_size,
             # One WAN copy per region means remote zones fetch from one sibling:
@@ -136,7 +139,7 @@ class Replication:
     def _subscribe(self, client: PeerClient) -> None:
         subscription = Subscription(client, self.transfer, lambda: self.clients, self.metrics,
                                     on_connect=self.anti_entropy.sync_with,
-                                    acknowledge=_zone_peer(self.view, client.peer),
+                                    acknowledge=self.view.is_zone_peer(client.peer),
                                     origins=self.origins)
         self.subscriptions.append(subscription)
         self.origins.add(subscription)
@@ -163,6 +166,13 @@ class Replication:
             await self.reconcile(view)
 
     async def reconcile(self, view: ClusterView) -> None:
+        if view.zone_redundancy != self.view.zone_redundancy:
+            # The quorum and every acknowledging subscription were built from
+            # the decision this node started with; half-applying another one
+            # would mix them. (The plan never changes it for a running node.)
+            log.warning("zone_redundancy_changed", running=str(self.view.zone_redundancy),
+                        new=str(view.zone_redundancy), effect="at the next start")
+            view = msgspec.structs.replace(view, zone_redundancy=self.view.zone_redundancy)
         wanted = {p.name: p for p in view.peers}
         current = {c.name: c for c in self.clients}
         for name, client in current.items():
@@ -205,6 +215,8 @@ class Replication:
             "last_seq": node.meta.last_seq,
             "writable": self.quorum.writable if self.quorum else True,
             "zone_redundant": self.view.zone_redundant,
+            "zones": self.view.zone_redundancy.zone_count,
+            "write_quorum": self.view.zone_redundancy.write_quorum,
             "peers": [{
                 "name": s.peer.name, "region": s.peer.peer.region, "zone": s.peer.peer.zone,
                 "connected": s.connected, "behind_events": s.lag_events,
@@ -235,11 +247,6 @@ def _memory(node) -> dict[str, int]:
                 rss = int(line.split()[1]) * 1024
     return {"rss_bytes": rss, "rocksdb_bytes": node.meta.memory_bytes(),
             **allocator.heap(), "python_blocks": sys.getallocatedblocks()}
-
-
-def _zone_peer(view: ClusterView, peer: Peer) -> bool:
-    """Whether ``peer`` is another zone of this node's region (its quorum)."""
-    return bool(view.zone and peer.zone and peer.region == view.region)
 
 
 def _label(region: str, zone: str) -> str:

@@ -1,9 +1,19 @@
 """What one node knows of its cluster: itself, its peers and how to reach them,
-the residency policy, and replication settings.
+whether its region is zone redundant (and so what a write needs), the
+residency policy, and replication settings.
 
 It arrives as a JSON file (``georeg node --cluster FILE``), written by the
 cluster supervisor. Peer addresses are as seen *from this node*: between
 regions they point at WAN link proxies, so faults and latency apply.
+
+Zone redundancy is decided by the spec and placed by the plan
+(``cluster.control.plan``); the view carries that decision as
+``ZoneRedundancy`` and the node acts on it alone. Which peers happen to be
+listed never changes it: a zone whose entry is missing still counts toward the
+write quorum, and peers that carry zones do not make a region redundant that
+the plan did not. Only a view file written before views said so (no
+``zone_redundancy`` key) has the decision read from its peers, once, as it is
+loaded (``ClusterView.load``).
 """
 
 from __future__ import annotations
@@ -42,30 +52,94 @@ class ReplicationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     chunk_size: int = 1 << 20
 
 
+class ZoneRedundancy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The plan's decision for this node's region. Zone redundant: one node in
+    each of ``zones``, and a write is acknowledged once ``write_quorum`` of
+    them (this one included) hold it. Not zone redundant: the node alone
+    acknowledges (``zones`` empty, ``write_quorum`` 1)."""
+
+    enabled: bool = False
+    zones: tuple[str, ...] = ()
+    write_quorum: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            if self.zones or self.write_quorum != 1:
+                raise ValueError("a region that is not zone redundant has no zones and a write "
+                                 "quorum of 1")
+            return
+        if len(set(self.zones)) != len(self.zones) or "" in self.zones:
+            raise ValueError(f"zones must be distinct zone names, got {list(self.zones)}")
+        if not 1 <= self.write_quorum <= len(self.zones):
+            raise ValueError(f"write_quorum {self.write_quorum} must be between 1 and the "
+                             f"number of zones ({len(self.zones)})")
+
+    @property
+    def zone_count(self) -> int:
+        """Nodes of the region (1 where it is not zone redundant)."""
+        return len(self.zones) if self.enabled else 1
+
+
 class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str                      # this node's name
     region: str
     zone: str = ""
     grpc_listen: str = "127.0.0.1:0"
     peers: tuple[Peer, ...] = ()
+    zone_redundancy: ZoneRedundancy = ZoneRedundancy()
     residency: ResidencyPolicy = ResidencyPolicy()
     replication: ReplicationSettings = ReplicationSettings()
 
-    @property
-    def zone_peers(self) -> tuple[Peer, ...]:
-        """The other zones of this node's region (empty unless zone redundant)."""
-        return tuple(p for p in self.peers if p.region == self.region and self.zone and p.zone)
+    def __post_init__(self) -> None:
+        if self.zone_redundancy.enabled and self.zone not in self.zone_redundancy.zones:
+            raise ValueError(f"zone {self.zone!r} of {self.name} is not one of its region's "
+                             f"zones {list(self.zone_redundancy.zones)}")
 
     @property
     def zone_redundant(self) -> bool:
-        return bool(self.zone_peers)
+        return self.zone_redundancy.enabled
+
+    @property
+    def quorum_zones(self) -> tuple[str, ...]:
+        """The labels (``region/zone``) of the other zones of this node's region,
+        whose confirmations count toward its write quorum: every zone the plan
+        placed, listed as a peer here or not."""
+        return tuple(f"{self.region}/{zone}" for zone in self.zone_redundancy.zones
+                     if zone != self.zone)
+
+    def is_zone_peer(self, peer: Peer) -> bool:
+        """Whether ``peer`` is another zone of this node's zone-redundant region."""
+        return peer.region == self.region and peer.label in self.quorum_zones
+
+    @property
+    def zone_peers(self) -> tuple[Peer, ...]:
+        """The listed peers that are other zones of this node's region (none
+        unless it is zone redundant)."""
+        return tuple(p for p in self.peers if self.is_zone_peer(p))
 
     @classmethod
     def load(cls, path: Path) -> ClusterView:
         try:
-            return msgspec.json.decode(path.read_bytes(), type=cls)
-        except msgspec.ValidationError as exc:
+            raw = msgspec.json.decode(path.read_bytes())
+            view = msgspec.convert(raw, type=cls)
+        except msgspec.DecodeError as exc:   # not JSON, or not a view (ValidationError)
             raise ValueError(f"{path}: {exc}") from None
+        if isinstance(raw, dict) and "zone_redundancy" not in raw:
+            view = msgspec.structs.replace(view, zone_redundancy=_read_from_peers(view))
+        return view
 
     def dump(self, path: Path) -> None:
         path.write_bytes(msgspec.json.format(msgspec.json.encode(self)))
+
+
+# What a view written before views carried the decision meant: its region was
+# zone redundant when a peer of its region had a zone (and so did this node),
+# and a write needed two copies. Applied only where the key is absent.
+LEGACY_WRITE_QUORUM = 2
+
+
+def _read_from_peers(view: ClusterView) -> ZoneRedundancy:
+    zones = {p.zone for p in view.peers if p.region == view.region and p.zone}
+    if not view.zone or not zones:
+        return ZoneRedundancy()
+    return ZoneRedundancy(True, tuple(sorted(zones | {view.zone})), LEGACY_WRITE_QUORUM)

@@ -49,7 +49,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -64,6 +64,7 @@ from .metrics import ReplicationMetrics
 from .peers import PeerClient
 from .residency import ResidencyPolicy
 from .retry import Backoff, retry
+from .topology import Peer
 from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
@@ -95,11 +96,17 @@ class Transfer:
                  metrics: ReplicationMetrics, *, concurrency: int = 16,
                  backoff: Backoff = TRANSFER_BACKOFF, attempts: int = 4,
                  one_wan_copy_per_region: bool = False,
+                 region_zones: tuple[str, ...] = (),
+                 zone_peer: Callable[[Peer], bool] = lambda peer: False,
                  rng: random.Random | None = None) -> None:
         self.replica = replica
         self.region = replica.registry.identity.region
         self.zone = replica.registry.identity.zone
         self.one_wan_copy_per_region = one_wan_copy_per_region
+        # This region's zones and whether a peer is one of them, as the plan
+        # decided (empty / never unless the region is zone redundant).
+        self.region_zones = tuple(sorted(region_zones))
+        self.zone_peer = zone_peer
         self.residency = residency
         self.metrics = metrics
         self.backoff = backoff
@@ -215,11 +222,11 @@ class Transfer:
             return plain  # a zone of the origin region: its sibling announced it
         spin = _spin(digest)
         first: list[Attempt] = []
-        siblings = [p for p in sources
-                    if self.zone and p.peer.zone and p.peer.region == self.region]
+        siblings = [p for p in sources if self.zone_peer(p.peer)]
         if siblings and self.one_wan_copy_per_region:
-            zones = sorted({self.zone, *(p.peer.zone for p in siblings)})
-            fetcher = zones[spin % len(zones)]
+            # Over the plan's zones, not the siblings at hand: every zone of
+            # the region picks the same fetcher.
+            fetcher = self.region_zones[spin % len(self.region_zones)]
             if fetcher != self.zone:
                 first += [Attempt(p, SIBLING_WAIT_MS) for p in siblings if p.peer.zone == fetcher]
         origin_zones = sorted((p for p in sources if p.peer.region == origin_region),

@@ -4,7 +4,9 @@ a real TCP link (``cluster.network.links.Link``) for every ordered pair of nodes
 test can partition any pair in either direction.
 
 Node names are the region, or ``region-zone`` for zones of a zone-redundant
-region. ``crash`` stops a node abruptly (its servers vanish, nothing is
+region. A region listed with zones is zone redundant across exactly those
+zones, with the spec's write quorum, and each node's view says so (as the
+plan's would). ``crash`` stops a node abruptly (its servers vanish, nothing is
 flushed beyond what each commit already synced); ``restart`` brings it back on
 the same data dir.
 """
@@ -23,12 +25,13 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from cluster.control.spec import ZONE_WRITE_QUORUM
 from cluster.network.links import Link
 from registry_node.app import NODE, init_app
 from registry_node.config import NodeConfig
 from replicator.residency import ResidencyPolicy
 from replicator.runtime import Replication
-from replicator.topology import ClusterView, Peer, ReplicationSettings
+from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
 
 # Ports handed to nodes that bind them later. Below the kernel's ephemeral
 # range (32768-60999 here): a port picked by binding port 0 was free only at
@@ -106,10 +109,18 @@ class InProcessCluster:
                           for other, r, z in names if other != name)
             view = ClusterView(name=name, region=region, zone=zone,
                                grpc_listen=f"127.0.0.1:{grpc_ports[name]}", peers=peers,
+                               zone_redundancy=self.zone_redundancy(region),
                                residency=self.residency, replication=self.settings)
             self.nodes[name] = TestNode(name, region, zone, self.root / name, grpc_ports[name], view)
         await asyncio.gather(*(self.restart(name) for name in self.nodes))
         return self
+
+    def zone_redundancy(self, region: str) -> ZoneRedundancy:
+        zones = tuple(z for r, z in self.topology if r == region and z)
+        if not zones:
+            return ZoneRedundancy()
+        return ZoneRedundancy(enabled=True, zones=zones,
+                              write_quorum=min(ZONE_WRITE_QUORUM, len(zones)))
 
     async def restart(self, name: str) -> TestNode:
         node = self.nodes[name]

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import aiohttp
+import msgspec
 import pytest
 
 from cluster.network.links import LinkFaults
@@ -104,6 +105,26 @@ async def test_zone_quorum_through_one_and_two_zone_outages(cluster, http):
     await push_image(http, zone1.url, "zr/app", image2, tag="v2")
     await eventually(lambda: _pullable(http, cluster.nodes["eastus-3"].url, "zr/app", "v2", image2),
                      timeout=15, what="returning zone catching up")
+
+
+async def test_a_zone_missing_from_the_view_still_counts_toward_the_quorum(cluster, http):
+    """The plan, not the peer list, says which zones a write needs: eastus-1's
+    view lacks zone 3's entry (as a view mid-way through a replica change
+    might), yet zone 3 — subscribed to it and acknowledging — confirms its
+    writes while zone 2 is down."""
+    zone1 = cluster.nodes["eastus-1"]
+    await cluster.crash("eastus-1")
+    zone1.view = msgspec.structs.replace(
+        zone1.view, peers=tuple(p for p in zone1.view.peers if p.name != "eastus-3"))
+    await cluster.restart("eastus-1")
+    await cluster.crash("eastus-2")
+    quorum = cluster.nodes["eastus-1"].replication.quorum
+    assert quorum.zone_peers == {"eastus/2", "eastus/3"}
+    await eventually(lambda: quorum.live_peers == {"eastus/3"}, timeout=10,
+                     what="zone 3 subscribed to zone 1")
+    image = make_image([1500], seed=15)
+    await push_image(http, zone1.url, "zr/missing", image, tag="v1")   # zones 1 and 3: accepted
+    assert await manifest_status(http, cluster.nodes["eastus-3"].url, "zr/missing", "v1") == 200
 
 
 async def test_transitive_propagation_through_a_partition(cluster, http):

@@ -34,13 +34,14 @@ import grpc
 import msgspec
 import pytest
 
+from cluster.control.spec import ZONE_WRITE_QUORUM, ZONES
 from cluster.network.links import LinkFaults
 from registry_node.records import NodeIdentity
 from replicator.errors import Outcome, ReplicationError
 from replicator.peers import PeerClient
 from replicator.residency import ResidencyPolicy
 from replicator.subscription import ORIGIN_WAIT_S
-from replicator.topology import Peer, ReplicationSettings
+from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
 from replicator.transfer import ORIGIN_ZONE_WAIT_MS, SIBLING_WAIT_MS, Transfer, _spin
 
 from .helpers import digest_of, eventually, make_image, push_blob, push_image
@@ -223,6 +224,9 @@ def _planner(region: str, zone: str, one_wan_copy_per_region: bool = True) -> Tr
     transfer = Transfer.__new__(Transfer)
     transfer.region, transfer.zone, transfer._crossing = region, zone, Counter()
     transfer.one_wan_copy_per_region = one_wan_copy_per_region
+    view = ClusterView(name=f"{region}-{zone}" if zone else region, region=region, zone=zone,
+                       zone_redundancy=ZoneRedundancy(True, ZONES, ZONE_WRITE_QUORUM) if zone else ZoneRedundancy())
+    transfer.region_zones, transfer.zone_peer = view.zone_redundancy.zones, view.is_zone_peer
     return transfer
 
 

@@ -5,6 +5,10 @@ about its peers (its ``ClusterView``). Pure: no processes, no sockets.
 Every node reaches every other node through its own link (one per ordered
 pair), so a fault can cut one direction between two zones without touching
 anything else.
+
+Decisions travel from here as data, never re-inferred downstream: each node's
+plan carries its region's zone redundancy (zones and write quorum, from the
+spec's ``ReplicaSpec``), which its view hands to the node.
 """
 
 from __future__ import annotations
@@ -12,12 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from replicator.topology import ClusterView, Peer, ReplicationSettings
+from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
 
 from ..network.links import LinkModel
-from .spec import ClusterSpec, port_layout
-
-ZONES = ("1", "2", "3")
+from .spec import ClusterSpec, ReplicaSpec, port_layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,8 @@ class NodePlan:
     view_file: Path
     log_file: Path
     copy_of: str = ""          # a paired-region copy: the replica region it keeps
+    # Its region's zones and write quorum (a paired-region copy is storage: none).
+    zone_redundancy: ZoneRedundancy = ZoneRedundancy()
 
     @property
     def label(self) -> str:
@@ -113,6 +117,7 @@ class ClusterPlan:
             for other in others)
         return ClusterView(name=node.name, region=node.region, zone=node.zone,
                            grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
+                           zone_redundancy=node.zone_redundancy,
                            residency=self.spec.residency_policy(),
                            replication=settings or ReplicationSettings())
 
@@ -121,19 +126,27 @@ def node_name(region: str, zone: str) -> str:
     return f"{region}-{zone}" if zone else region
 
 
+def zone_redundancy(replica: ReplicaSpec) -> ZoneRedundancy:
+    """What the spec decided for ``replica``'s region, as its nodes are told it."""
+    if not replica.zone_redundant:
+        return ZoneRedundancy()
+    return ZoneRedundancy(enabled=True, zones=replica.zones, write_quorum=replica.write_quorum)
+
+
 def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
     layout = port_layout(spec)
     host = spec.network.host
     nodes: list[NodePlan] = []
     for replica in spec.all_replicas:
-        for zone in ZONES if replica.zone_redundant else ("",):
+        redundancy = zone_redundancy(replica)
+        for zone in replica.zones:
             i = len(nodes)
             name = node_name(replica.region, zone)
             nodes.append(NodePlan(
                 name=name, region=replica.region, zone=zone, http_port=layout.node_http(i),
                 grpc_port=layout.node_grpc(i), data_dir=data_dir / "nodes" / name,
                 view_file=data_dir / "views" / f"{name}.json",
-                log_file=data_dir / "logs" / f"{name}.log"))
+                log_file=data_dir / "logs" / f"{name}.log", zone_redundancy=redundancy))
     wan = spec.wan_model()
     links: list[LinkPlan] = []
     # Ordered so that adding a replica only appends links: every port already in

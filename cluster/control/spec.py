@@ -68,10 +68,28 @@ class SpecError(ValueError):
         super().__init__(f"{source} is not a valid cluster spec:\n{lines}")
 
 
+# Zone placement. A zone-redundant replica runs one node in each availability
+# zone of its region (Azure's zonal regions have three), and a write there is
+# acknowledged once a majority of them hold it. Everything that counts nodes or
+# zones asks a ``ReplicaSpec``; the plan hands the decision to each node.
+ZONES = ("1", "2", "3")
+ZONE_WRITE_QUORUM = len(ZONES) // 2 + 1
+
+
 class ReplicaSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     region: str
     zone_redundant: bool = False
     global_routing: bool = True
+
+    @property
+    def zones(self) -> tuple[str, ...]:
+        """The zones this replica has a node in; ``("",)``: one node, no zone."""
+        return ZONES if self.zone_redundant else ("",)
+
+    @property
+    def write_quorum(self) -> int:
+        """Nodes of this replica that must hold a write before it is acknowledged."""
+        return ZONE_WRITE_QUORUM if self.zone_redundant else 1
 
 
 class WanPairSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -156,7 +174,7 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return msgspec.structs.replace(self, replicas=replicas)
 
     def node_count(self) -> int:
-        return sum(3 if r.zone_redundant else 1 for r in self.all_replicas)
+        return sum(len(r.zones) for r in self.all_replicas)
 
     def paired_regions(self) -> dict[str, str]:
         """Replica region → the paired region holding its copy (confined regions have none)."""
@@ -377,7 +395,7 @@ class PortLayout:
 
 def port_layout(spec: ClusterSpec) -> PortLayout:
     base = spec.network.port_base
-    zones = {r.region: (3 if r.zone_redundant else 1) for r in spec.all_replicas}
+    zones = {r.region: len(r.zones) for r in spec.all_replicas}
     pairs = spec.paired_regions()
     return PortLayout(base, spec.network.management_port or base + 99, len(spec.client_locations),
                       len(spec.all_replicas), spec.node_count(), len(pairs),

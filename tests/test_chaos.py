@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+from cluster.cli.chaos import scenario_cluster
 from cluster.control import spec as specs
 from cluster.faults.chaos import (
     RESIDENCY_MISS,
@@ -69,10 +70,27 @@ def test_report_keeps_the_first_message_of_every_error_window():
     assert obs.first_examples("westeurope", "UNAVAILABLE", windows) == []
 
 
+def test_a_cluster_a_scenario_starts_is_seeded_with_the_runs_seed():
+    scenario = load(SCENARIOS / "zone-outage.toml")
+    assert scenario_cluster(scenario).seed == scenario.seed == 3
+    assert scenario_cluster(scenario, seed=99).seed == 99          # --seed 99
+    # A cluster started apart has its own seed; the summary then names both.
+    report = {"scenario": "x", "seed": 3, "cluster_seed": 1234, "scale": 1.0, "passed": True,
+              "description": "", "schedule": [], "pushes": {"attempted": 0, "acknowledged": 0,
+                                                             "lost": 0},
+              "pulls": {"attempted": 0}, "errors_by_client": {}, "failovers": {},
+              "convergence_s": 0.5, "last_heal_at_s": 1.0, "max_lag_ms": None,
+              "verify": None, "checks": {}}
+    assert summary(report).startswith("scenario x (seed 3, scale 1; cluster seed 1234): PASSED")
+    report["cluster_seed"] = 3
+    assert summary(report).startswith("scenario x (seed 3, scale 1): PASSED")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_scenario(cluster, name):
     report = run(cluster, name)
     print(summary(report))
+    assert report["cluster_seed"] == cluster.cluster.spec.seed is not None
     assert report["pushes"]["acknowledged"] > 0
     assert report["pushes"]["lost"] == 0, report["lost"]
     assert report["convergence_s"] is not None

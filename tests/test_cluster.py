@@ -348,12 +348,15 @@ def test_up_detached_prints_its_endpoints_and_down_leaves_nothing_running(tmp_pa
                       '[[replicas]]\nregion = "northeurope"\n'
                       f"[network]\nport_base = {base}\n")
     data = tmp_path / "data"
-    up = georeg("up", "--detach", "--config", str(config), data_dir=data)
+    up = georeg("up", "--detach", "--config", str(config), "--seed", "4242", data_dir=data)
     try:
         assert up.returncode == 0, up.stderr
         assert "2/2 nodes healthy in" in up.stdout and "replicating and ready in" in up.stdout
         assert f"http://127.0.0.1:{base}" in up.stdout        # the first global endpoint
+        # The seed its links draw from, printed so that the run can be replayed.
+        assert "WAN links seeded with 4242 (`georeg up --seed 4242`" in up.stdout
         status = json.loads(georeg("status", "--json", data_dir=data).stdout)
+        assert status["seed"] == 4242
         assert all(n["healthy"] for n in status["nodes"])
         startup = status["startup_s"]
         assert 0 < startup["healthy"] <= startup["ready"]

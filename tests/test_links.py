@@ -3,19 +3,25 @@ order, half-closes carried through, a stall holding bytes until it heals,
 resets) and its listening socket through cuts and heals: a cut link refuses
 connections, a healed one serves again on the same port, a link stopped while
 it was about to listen again leaves no socket behind, and faults set from a
-thread other than the link's loop are refused instead of corrupting it."""
+thread other than the link's loop are refused instead of corrupting it. Its
+randomness replays: links seeded alike draw the same jitter and resets, and
+the supervisor seeds each link as the plan says."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import random
 import threading
 import time
 
 import pytest
 
-from cluster.network.links import Link, LinkFaults, LinkModel
+from cluster.control.plan import plan
+from cluster.control.supervisor import Supervisor
+from cluster.network.links import Link, LinkFaults, LinkModel, link_seed
+from cluster.testing import SMALL_SPEC, free_port_base, with_port_base
 
 from .helpers import eventually
 
@@ -175,3 +181,61 @@ async def test_faults_from_another_thread_are_refused(link: Link) -> None:
     thread.join(5)
     assert errors and isinstance(errors[0], RuntimeError)
     assert await _round_trip(link.listen_port) is True
+
+
+async def _reset_pattern(port: int, connections: int = 6, cap: int = 40) -> list[int]:
+    """How many one-byte round trips each of ``connections`` connections made
+    before the link reset it. One byte at a time, each awaited: every chunk the
+    link reads is one byte, so its draws (a reset draw and a jitter draw per
+    chunk, each way) come in one order only."""
+    pattern = []
+    for _ in range(connections):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        trips = 0
+        try:
+            while trips < cap:
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.wait_for(reader.readexactly(1), 5)
+                trips += 1
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+        pattern.append(trips)
+    return pattern
+
+
+async def test_links_seeded_alike_draw_the_same_jitter_and_resets(echo_port) -> None:
+    model = LinkModel(latency_ms=2, jitter_ms=2)
+
+    async def run(seed: int) -> tuple[list[int], object]:
+        link = await Link("a->b", ("127.0.0.1", echo_port), model, rng=random.Random(seed)).start()
+        try:
+            link.set_faults(LinkFaults(reset_probability=0.3))
+            return await _reset_pattern(link.listen_port), link.rng.getstate()
+        finally:
+            await link.stop()
+
+    seed = link_seed(7, "eastus-1", "westeurope-1")
+    first = await run(seed)
+    assert max(first[0]) < 40 and sum(first[0]) > 0   # resets came, between round trips
+    # The same draws again, even while another link carries traffic beside it.
+    again, _ = await asyncio.gather(run(seed), run(link_seed(7, "eastus-1", "brazilsouth")))
+    assert again == first
+    # Another cluster seed, or the other direction of the same pair: other draws.
+    assert (await run(link_seed(8, "eastus-1", "westeurope-1")))[0] != first[0]
+    assert (await run(link_seed(7, "westeurope-1", "eastus-1")))[0] != first[0]
+
+
+async def test_the_supervisor_seeds_each_link_as_the_plan_says(tmp_path) -> None:
+    spec = SMALL_SPEC.seeded(11)
+    p = plan(with_port_base(spec, free_port_base(spec)), tmp_path)
+    supervisor = Supervisor(p)
+    try:
+        for planned in (p.links[0], p.links[1], p.links[-1]):
+            link = await supervisor.add_link(planned)
+            assert planned.seed == link_seed(11, planned.source, planned.target)
+            assert link.rng.getstate() == random.Random(planned.seed).getstate()
+    finally:
+        await supervisor.stop()

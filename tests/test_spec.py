@@ -128,7 +128,7 @@ def test_regions_know_their_pairs_and_geography():
 
 
 def test_plan_gives_each_node_ports_and_a_link_to_every_peer(tmp_path):
-    p = plan(specs.load(None), tmp_path)
+    p = plan(specs.load(None).seeded(1), tmp_path)
     names = [n.name for n in p.nodes]
     assert names == ["eastus-1", "eastus-2", "eastus-3", "westeurope-1", "westeurope-2",
                      "westeurope-3", "brazilsouth", "southeastasia"]
@@ -152,3 +152,38 @@ def test_plan_gives_each_node_ports_and_a_link_to_every_peer(tmp_path):
     assert bigger.links[:8 * 7] == p.links[:8 * 7]
     assert bigger.nodes[:len(p.nodes)] == p.nodes
     assert {link.port for link in p.links} <= {link.port for link in bigger.links}
+
+
+def test_each_link_draws_from_its_own_seed_whatever_the_order_of_links(tmp_path):
+    """A plan carries the cluster's seed and, per link, one derived from it and
+    the link's two ends: the same in two plans of the same seed even where the
+    link's place (and port) differ; different under another seed."""
+    spec = specs.load(None)
+    reordered = spec.with_replicas(tuple(reversed(spec.replicas)))
+    seeds = {}
+    for name, s in (("a", spec.seeded(5)), ("b", reordered.seeded(5)), ("c", spec.seeded(6))):
+        p = plan(s, tmp_path)
+        assert p.seed == s.seed
+        seeds[name] = {(link.source, link.target): link.seed for link in p.links}
+    assert seeds["a"] == seeds["b"]
+    assert [link.name for link in plan(spec.seeded(5), tmp_path).links] != \
+        [link.name for link in plan(reordered.seeded(5), tmp_path).links]
+    assert len(set(seeds["a"].values())) == len(seeds["a"])   # no two links alike
+    assert all(seeds["c"][k] != v for k, v in seeds["a"].items())
+    with pytest.raises(ValueError, match="seeded spec"):
+        plan(spec, tmp_path)
+
+
+def test_a_spec_seed_is_kept_and_an_open_one_is_decided_once(tmp_path):
+    from cluster.control.cluster import Cluster
+
+    assert specs.parse({"seed": 42}).seeded().seed == 42
+    assert specs.parse({"seed": 42}).seeded(7).seed == 7         # georeg up --seed 7
+    assert "seed -1 must be between 0 and 2**64 - 1" in problems({"seed": -1})
+    open_spec = specs.load(None)
+    assert open_spec.seed is None
+    drawn = open_spec.seeded().seed
+    assert isinstance(drawn, int) and 0 <= drawn < specs.SEEDS
+    cluster = Cluster(open_spec, tmp_path)        # not started: only its plan is made
+    assert cluster.spec.seed is not None and cluster.plan.seed == cluster.spec.seed
+    assert cluster.status()["seed"] == cluster.spec.seed

@@ -44,7 +44,7 @@ class ClusterStartError(RuntimeError):
 class ClusterProcess:
     def __init__(self, spec: specs.ClusterSpec, data_dir: Path,
                  process: subprocess.Popen | None = None) -> None:
-        self.spec = spec
+        self.spec = spec = spec.seeded()
         self.data_dir = data_dir.resolve()
         self.process = process
         self.plan: ClusterPlan = plan(spec, self.data_dir)
@@ -57,6 +57,7 @@ class ClusterProcess:
     def start(cls, spec: specs.ClusterSpec, data_dir: Path,
               timeout_s: float = START_TIMEOUT_S) -> ClusterProcess:
         data_dir.mkdir(parents=True, exist_ok=True)
+        spec = spec.seeded()          # decided here, so this plan and the child's agree
         save_spec(data_dir, spec)
         (data_dir / "logs").mkdir(exist_ok=True)
         log_path = data_dir / "logs" / "supervisor.log"

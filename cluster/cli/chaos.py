@@ -17,7 +17,7 @@ from ..control import spec as specs
 from ..control.cluster import Cluster
 from ..control.management import ManagementServer
 from ..control.state import running_state
-from ..faults.chaos import SCENARIOS, ChaosRun, ScenarioError, load, summary
+from ..faults.chaos import SCENARIOS, ChaosRun, ScenarioError, load, run_seed, summary
 from ..testing import free_port_base, with_port_base
 from .common import CliError, command
 
@@ -88,8 +88,7 @@ async def _run_scenario(scenario, args, state) -> dict:
         return await _run_against(scenario, args, state["management"])
     scratch = None
     try:
-        spec = specs.load(None)
-        spec = with_port_base(spec, free_port_base(spec))
+        spec = scenario_cluster(scenario, args.seed)
         data_dir = args.data_dir
         if data_dir is None:
             scratch = tempfile.TemporaryDirectory(prefix="georeg-chaos-")
@@ -101,6 +100,13 @@ async def _run_scenario(scenario, args, state) -> dict:
     finally:
         if scratch is not None:
             scratch.cleanup()
+
+
+def scenario_cluster(scenario, seed: int | None = None) -> specs.ClusterSpec:
+    """The cluster a scenario starts when none runs: the default spec on free
+    ports, seeded with the run's seed, so its links replay with the scenario."""
+    spec = specs.load(None).seeded(run_seed(scenario, seed))
+    return with_port_base(spec, free_port_base(spec))
 
 
 async def _run_against(scenario, args, management: str) -> dict:

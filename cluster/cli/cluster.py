@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "built-in default (Premium, home eastus with zones, westeurope with "
                         "zones, brazilsouth, southeastasia)")
     add_data_dir(p)
+    p.add_argument("--seed", type=int,
+                   help="seed of the WAN links' random draws (jitter, resets); default: the "
+                        "spec's (--config, or the one the data dir's cluster last ran with), "
+                        "else a new one. `up` prints it, so a run can be replayed")
     p.add_argument("--detach", action="store_true",
                    help="run in the background; stop it with `georeg down`")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
@@ -100,6 +104,11 @@ def run_up(args: argparse.Namespace) -> int:
             spec = saved_spec(data_dir) or specs.load(None)
         except (specs.SpecError, ValueError) as exc:
             raise CliError(f"cannot resume from {data_dir}: {exc}") from None
+    if args.seed is not None:
+        try:
+            spec = specs.validate(spec.seeded(args.seed), "--seed")
+        except specs.SpecError as exc:
+            raise CliError(str(exc)) from None
     if args.detach:
         return _detach(args, data_dir)
     logs.configure(args.log_format, "warning", sys.stderr)
@@ -147,6 +156,8 @@ def _detach(args: argparse.Namespace, data_dir: Path) -> int:
             "--log-format", "json"]
     if args.config:
         argv += ["--config", str(args.config)]
+    if args.seed is not None:
+        argv += ["--seed", str(args.seed)]
     with open(log_path, "ab") as log:
         child = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                  start_new_session=True)
@@ -207,6 +218,9 @@ def print_endpoints(status: dict) -> None:
     console.print(f"[bold]georeg[/] registry [bold]{status['registry']}[/] ({status['tier']}, home "
                   f"{status['home_region']}): {healthy}/{len(status['nodes'])} nodes healthy{took}; "
                   f"data in {status['data_dir']}")
+    if status.get("seed") is not None:
+        console.print(f"WAN links seeded with {status['seed']} (`georeg up --seed {status['seed']}` "
+                      "replays their jitter and resets)", highlight=False)
     table = Table("endpoint", "for", "URL", title="Endpoints", title_justify="left")
     for region, url in status["global_endpoints"].items():
         table.add_row("global", f"clients in {region}", url)

@@ -61,7 +61,10 @@ class Cluster:
                  settings: ReplicationSettings | None = None,
                  routing: bool = True,
                  node_args: tuple[str, ...] = ()) -> None:
-        self.spec = spec
+        # The seed is decided here once, if the spec left it open, and travels
+        # in the spec from now on: into the plan, the saved spec (a resumed
+        # cluster replays it) and the status.
+        self.spec = spec = spec.seeded()
         self.data_dir = data_dir.resolve()
         self.settings = settings or ReplicationSettings()
         self.plan: ClusterPlan = plan(spec, self.data_dir)
@@ -94,6 +97,7 @@ class Cluster:
         self.started_at = time.time()
         clock = time.monotonic()
         save_spec(self.data_dir, self.spec)
+        log.info("cluster_starting", seed=self.spec.seed, data_dir=str(self.data_dir))
         await self.supervisor.start()
         try:
             for replica in self.spec.all_replicas:
@@ -245,6 +249,7 @@ class Cluster:
             "tier": self.spec.tier,
             "home_region": self.spec.home_region,
             "blob_downloads": self.spec.blob_downloads,
+            "seed": self.spec.seed,
             "startup_s": {"healthy": self.healthy_after_s, "ready": self.ready_after_s},
             "data_dir": str(self.data_dir),
             "replicas": [self.replica_status(r.region) for r in self.spec.all_replicas],

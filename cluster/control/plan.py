@@ -1,6 +1,6 @@
-"""From a validated spec to the concrete cluster: which nodes exist, their
-ports and data dirs, which WAN links connect them, and what each node is told
-about its peers (its ``ClusterView``). Pure: no processes, no sockets.
+"""From a validated, seeded spec to the concrete cluster: which nodes exist,
+their ports and data dirs, which WAN links connect them, and what each node is
+told about its peers (its ``ClusterView``). Pure: no processes, no sockets.
 
 Every node reaches every other node through its own link (one per ordered
 pair), so a fault can cut one direction between two zones without touching
@@ -8,7 +8,8 @@ anything else.
 
 Decisions travel from here as data, never re-inferred downstream: each node's
 plan carries its region's zone redundancy (zones and write quorum, from the
-spec's ``ReplicaSpec``), which its view hands to the node.
+spec's ``ReplicaSpec``), which its view hands to the node; each link's plan
+carries its own seed, derived from the cluster's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
 
-from ..network.links import LinkModel
+from ..network.links import LinkModel, link_seed
 from .spec import ClusterSpec, ReplicaSpec, port_layout
 
 
@@ -48,6 +49,7 @@ class LinkPlan:
     port: int
     target_port: int
     model: LinkModel
+    seed: int            # of this link's random draws (jitter, resets)
 
     @property
     def name(self) -> str:
@@ -71,6 +73,12 @@ class ClusterPlan:
     endpoints: tuple[EndpointPlan, ...]
     management_port: int
     pair_copies: tuple[NodePlan, ...] = ()
+
+    @property
+    def seed(self) -> int:
+        """The cluster's seed, from which every link's is derived."""
+        assert self.spec.seed is not None   # plan() takes only a seeded spec
+        return self.spec.seed
 
     @property
     def all_nodes(self) -> tuple[NodePlan, ...]:
@@ -134,6 +142,9 @@ def zone_redundancy(replica: ReplicaSpec) -> ZoneRedundancy:
 
 
 def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
+    if spec.seed is None:
+        raise ValueError("plan a seeded spec (ClusterSpec.seeded): the links' draws derive "
+                         "from its seed")
     layout = port_layout(spec)
     host = spec.network.host
     nodes: list[NodePlan] = []
@@ -149,13 +160,18 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
                 log_file=data_dir / "logs" / f"{name}.log", zone_redundancy=redundancy))
     wan = spec.wan_model()
     links: list[LinkPlan] = []
+
+    def link(source: NodePlan, target: NodePlan, port: int) -> LinkPlan:
+        return LinkPlan(source.name, target.name, port, target.grpc_port,
+                        wan.link(source.region, target.region),
+                        link_seed(spec.seed, source.name, target.name))
+
     # Ordered so that adding a replica only appends links: every port already in
     # use keeps its meaning while the cluster runs.
     for k, newer in enumerate(nodes):
         for older in nodes[:k]:
             for source, target in ((newer, older), (older, newer)):
-                links.append(LinkPlan(source.name, target.name, layout.link(len(links)),
-                                      target.grpc_port, wan.link(source.region, target.region)))
+                links.append(link(source, target, layout.link(len(links))))
     pairs: list[NodePlan] = []
     for k, (region, pair_region) in enumerate(spec.paired_regions().items()):
         name = f"pair-{region}"
@@ -166,9 +182,8 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
             copy_of=region))
         for member in (n for n in nodes if n.region == region):
             for source, target in ((pairs[-1], member), (member, pairs[-1])):
-                links.append(LinkPlan(source.name, target.name,
-                                      layout.pair_link(len(links) - layout.link_count),
-                                      target.grpc_port, wan.link(source.region, target.region)))
+                links.append(link(source, target,
+                                  layout.pair_link(len(links) - layout.link_count)))
     endpoints = [EndpointPlan("global", loc, layout.global_endpoint(i))
                  for i, loc in enumerate(spec.client_locations)]
     endpoints += [EndpointPlan("regional", r.region, layout.regional_endpoint(i))

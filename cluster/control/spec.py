@@ -9,6 +9,9 @@ Example (every key optional except where noted)::
     home_zone_redundant = true
     home_global_routing = true
     blob_downloads = "relay"        # or "redirect": a 307 to the node, as ACR does
+    seed = 42                       # drives the WAN links' random draws (jitter, resets);
+                                    # unset: drawn when the cluster is first started, printed,
+                                    # and kept with the cluster's data
 
     [[replicas]]                    # geo-replicas (Premium only), not the home region
     region = "westeurope"
@@ -42,6 +45,7 @@ cannot also be listed as a replica; a region is replicated at most once.
 from __future__ import annotations
 
 import difflib
+import random
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +58,7 @@ from ..network.wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
 from .regions import CONFINED_BY_DEFAULT, REGIONS, distance_km, unknown_region_message
 
 TIERS = ("Basic", "Standard", "Premium")
+SEEDS = 2**32                  # a drawn seed is below this: short enough to copy from a log
 BLOB_DOWNLOADS = ("relay", "redirect")
 MAX_PORT = 65535
 
@@ -140,6 +145,10 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # answers 307 to that node, which serves the bytes itself, as ACR sends
     # clients to a storage or data endpoint.
     blob_downloads: str = "relay"
+    # One seed drives every random draw of the cluster's WAN links (each link
+    # derives its own from it, cluster.network.links.link_seed), so a run is
+    # replayed from the seed it printed. None: not decided yet (``seeded``).
+    seed: int | None = None
     replicas: tuple[ReplicaSpec, ...] = ()
     wan: WanSpec = WanSpec()
     residency: ResidencySpec = ResidencySpec()
@@ -172,6 +181,13 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def with_replicas(self, replicas: tuple[ReplicaSpec, ...]) -> ClusterSpec:
         return msgspec.structs.replace(self, replicas=replicas)
+
+    def seeded(self, seed: int | None = None) -> ClusterSpec:
+        """This spec with its seed decided: ``seed`` if given, else its own,
+        else one drawn now from the operating system's randomness."""
+        if seed is None:
+            seed = self.seed if self.seed is not None else random.SystemRandom().randrange(SEEDS)
+        return msgspec.structs.replace(self, seed=seed)
 
     def node_count(self) -> int:
         return sum(len(r.zones) for r in self.all_replicas)
@@ -318,6 +334,8 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
             value = getattr(pair, field_name)
             if value is not None and value < 0:
                 problems.append(f"wan.pairs[{i}].{field_name} must not be negative")
+    if spec.seed is not None and not 0 <= spec.seed < 2**64:
+        problems.append(f"seed {spec.seed} must be between 0 and 2**64 - 1")
     if spec.wan.bandwidth_mbps < 0:
         problems.append("wan.bandwidth_mbps must not be negative (0 means unlimited)")
     problems += _port_problems(spec)

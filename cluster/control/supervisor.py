@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import importlib
 import os
+import random
 import signal
 import sys
 import time
@@ -171,7 +172,7 @@ class Supervisor:
 
     async def add_link(self, link_plan) -> Link:
         link = Link(link_plan.name, ("127.0.0.1", link_plan.target_port), link_plan.model,
-                    listen_port=link_plan.port)
+                    listen_port=link_plan.port, rng=random.Random(link_plan.seed))
         await link.start()
         self.links[(link_plan.source, link_plan.target)] = link
         return link

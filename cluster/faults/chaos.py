@@ -33,9 +33,11 @@ A scenario is a TOML file::
     verify = true
 
 The seed drives every random choice (schedule ranges, workload), so the same
-seed gives the same fault schedule and the same pushes. The runner talks to the
-cluster only through its management API and endpoints, so it runs against a
-cluster started by ``georeg up`` or one it starts itself.
+seed gives the same fault schedule and the same pushes; a cluster the run
+starts itself is seeded with it too, so its WAN links draw the same jitter and
+resets. The runner talks to the cluster only through its management API and
+endpoints, so it runs against a cluster started by ``georeg up`` (whose own
+seed the report gives as ``cluster_seed``) or one it starts itself.
 
 The report counts acknowledged pushes and those lost (an acknowledged tag no
 replica serves once the cluster has converged), client-visible errors by code
@@ -354,12 +356,18 @@ class _Refused(Exception):
 # -- the run -----------------------------------------------------------------------------
 
 
+def run_seed(scenario: Scenario, override: int | None = None) -> int:
+    """The seed of a run: ``override`` (``--seed``) if given, else the scenario's."""
+    return scenario.seed if override is None else override
+
+
 class ChaosRun:
     def __init__(self, scenario: Scenario, management: str, *, seed: int | None = None,
                  scale: float = 1.0) -> None:
         self.scenario = scenario
         self.management = management.rstrip("/")
-        self.seed = scenario.seed if seed is None else seed
+        self.seed = run_seed(scenario, seed)
+        self.cluster_seed: int | None = None
         self.scale = scale
         self.rng = random.Random(self.seed)
         self.steps = schedule(scenario, self.rng, scale)
@@ -378,6 +386,7 @@ class ChaosRun:
         timeout = aiohttp.ClientTimeout(total=60)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             status = await self._api(session, "GET", "/georeg/v1/cluster")
+            self.cluster_seed = status.get("seed")
             endpoints = status["global_endpoints"]
             residency = msgspec.convert(status["residency"], ResidencyPolicy) \
                 if "residency" in status else None
@@ -517,6 +526,7 @@ class ChaosRun:
             "scenario": self.scenario.name,
             "description": self.scenario.description,
             "seed": self.seed,
+            "cluster_seed": self.cluster_seed,
             "scale": self.scale,
             "schedule": [s.describe() for s in self.steps],
             "applied": self.applied,
@@ -540,8 +550,11 @@ class ChaosRun:
 
 
 def summary(report: dict) -> str:
-    lines = [f"scenario {report['scenario']} (seed {report['seed']}, scale {report['scale']:g}): "
-             f"{'PASSED' if report['passed'] else 'FAILED'}"]
+    # The cluster's own seed only where it is not the run's (a cluster started apart).
+    cluster_seed = report.get("cluster_seed")
+    other = f"; cluster seed {cluster_seed}" if cluster_seed not in (None, report["seed"]) else ""
+    lines = [f"scenario {report['scenario']} (seed {report['seed']}, scale {report['scale']:g}"
+             f"{other}): {'PASSED' if report['passed'] else 'FAILED'}"]
     if report["description"]:
         lines.append(f"  {report['description']}")
     lines.append("  schedule: " + "; ".join(report["schedule"]))

@@ -14,8 +14,10 @@ target. Each direction of each connection is shaped separately:
   probability per chunk, and added latency or a lower bandwidth on top of the
   model. Faults change at run time; healing restores the model.
 
-Randomness (jitter, resets) comes from an injected ``random.Random``, so a
-seeded scenario replays the same way.
+Randomness (jitter, resets) comes from an injected ``random.Random``. In a
+cluster, each link's is seeded with ``link_seed(cluster seed, source, target)``:
+the same seed gives every link the same sequence of draws, whatever order the
+links were created in and whatever traffic the other links carry.
 
 The bytes move at the ``asyncio.Protocol`` level: each chunk read is stamped
 with its delivery time and queued, and one loop timer per direction writes
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import hashlib
 import random
 import socket
 from collections import deque
@@ -337,6 +340,14 @@ class _Connection:
             self.connecting.cancel()
         self.forward.cancel()
         self.backward.cancel()
+
+
+def link_seed(seed: int, source: str, target: str) -> int:
+    """The seed of the link from ``source`` to ``target`` in a cluster seeded
+    with ``seed``: a hash of the three, so that no link's draws depend on
+    another link's (nor on the order links are made in)."""
+    digest = hashlib.sha256(f"{seed}\0{source}\0{target}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 class Link:

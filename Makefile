@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 GEOREG := $(VENV)/bin/georeg
-SYSTEM_PACKAGES := skopeo docker-registry
+# python3-venv: Debian's python3 cannot make a virtualenv without it.
+SYSTEM_PACKAGES := python3-venv skopeo docker-registry
 DATA_DIR ?= .georeg
 
 PROTO_SRC := proto/georeg/replication/v1/replication.proto
@@ -25,9 +26,16 @@ help:
 	@echo "make lint     ruff"
 	@echo "make install  virtualenv in $(VENV), editable install, system packages"
 
-install: $(VENV)/.installed system-deps
+# The virtualenv is rebuilt from scratch whenever pyproject.toml's content
+# changes (not its timestamp): the stamp file is named after a hash of it, so
+# a dependency removed from the project is gone from the venv too.
+DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+INSTALLED := $(VENV)/.installed-$(DEPS_HASH)
 
-$(VENV)/.installed: pyproject.toml
+install: system-deps $(INSTALLED)
+
+$(INSTALLED): | system-deps
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
 	touch $@
@@ -56,11 +64,11 @@ test: install proto-check
 	$(PY) -m pytest
 
 # Regenerate the gRPC code from proto/ (never edit replicator/wire/v1/*_pb2*.py by hand).
-proto: $(VENV)/.installed
+proto: $(INSTALLED)
 	$(PROTOC) --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_SRC)
 
 # Fails when the committed generated code differs from a fresh generation.
-proto-check: $(VENV)/.installed
+proto-check: $(INSTALLED)
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
 	$(PROTOC) --python_out=$$tmp --grpc_python_out=$$tmp --pyi_out=$$tmp $(PROTO_SRC) && \
 	for f in replication_pb2.py replication_pb2_grpc.py replication_pb2.pyi; do \

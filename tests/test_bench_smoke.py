@@ -15,8 +15,12 @@ import pytest
 from cluster.bench.reference import find_binary
 from cluster.cli.main import main
 
-pytestmark = pytest.mark.skipif(find_binary() is None,
-                                reason="the reference registry (docker-registry) is not installed")
+from .helpers import require_program
+
+
+@pytest.fixture(autouse=True)
+def reference_registry_installed() -> None:
+    require_program("docker-registry", "docker-registry", found=find_binary())
 
 METRICS = {
     "push_mb_s", "pull_mb_s",

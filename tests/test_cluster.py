@@ -79,6 +79,7 @@ def test_status_json_reports_every_node_healthy_with_its_endpoints(default_clust
     assert human.returncode == 0 and "eastus-1" in human.stdout and "Ready" in human.stdout
 
 
+@pytest.mark.interop
 async def test_skopeo_push_from_east_us_pull_from_west_europe(default_cluster, http, tmp_path):
     image = make_image([1 << 20, 300_000, 70_000], seed=41)
     layout = tmp_path / "layout"
@@ -292,6 +293,7 @@ async def _has(http, url, repo, tag) -> bool:
         return r.status == 200
 
 
+@pytest.mark.interop
 @pytest.mark.georeg_spec({"home_region": "westeurope", "replicas": [{"region": "northeurope"}],
                           "blob_downloads": "redirect"})
 async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(georeg_cluster, http,

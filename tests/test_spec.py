@@ -138,9 +138,14 @@ def test_plan_gives_each_node_ports_and_a_link_to_every_peer(tmp_path):
     assert [(c.name, c.region, c.copy_of) for c in p.pair_copies] == [
         ("pair-eastus", "westus", "eastus"), ("pair-westeurope", "northeurope", "westeurope")]
     assert len(p.links) == 8 * 7 + 2 * 3 * 2
+    # The management API reaches each serving node through a link of its own.
+    assert [(m.target, m.target_port) for m in p.management_links] == \
+        [(n.name, n.http_port) for n in p.nodes]
     ports = [n.http_port for n in p.all_nodes] + [n.grpc_port for n in p.all_nodes] + \
-        [link.port for link in p.links] + [e.port for e in p.endpoints] + [p.management_port]
+        [link.port for link in p.links] + [e.port for e in p.endpoints] + [p.management_port] + \
+        [m.port for m in p.management_links]
     assert len(ports) == len(set(ports))
+    assert set(ports) <= set(specs.port_layout(p.spec).all_ports())
     assert {peer.name for peer in p.view(p.pair_copy("eastus")).peers} == \
         {"eastus-1", "eastus-2", "eastus-3"}
     view = p.view(p.node("westeurope-1"))
@@ -152,6 +157,7 @@ def test_plan_gives_each_node_ports_and_a_link_to_every_peer(tmp_path):
     assert bigger.links[:8 * 7] == p.links[:8 * 7]
     assert bigger.nodes[:len(p.nodes)] == p.nodes
     assert {link.port for link in p.links} <= {link.port for link in bigger.links}
+    assert bigger.management_links[:len(p.nodes)] == p.management_links
 
 
 def test_each_link_draws_from_its_own_seed_whatever_the_order_of_links(tmp_path):

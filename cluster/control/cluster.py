@@ -321,8 +321,8 @@ class Cluster:
         old_names = {n.name for n in self.plan.all_nodes}
         added = [n for n in new_plan.all_nodes if n.name not in old_names]
         self.progress[region] = ReplicaProgress(created_at=time.time())
-        for link in new_plan.links:
-            if link.source not in old_names or link.target not in old_names:
+        for link in (*new_plan.links, *new_plan.management_links):
+            if (link.source, link.target) not in self.supervisor.links:
                 await self.supervisor.add_link(link)
         self.spec, self.plan = new_spec, new_plan
         self.supervisor.plan = new_plan
@@ -431,6 +431,8 @@ def _without(current: ClusterPlan, gone: list[str], spec: specs.ClusterSpec) -> 
                    pair_copies=tuple(n for n in current.pair_copies if n.name not in gone),
                    links=tuple(link for link in current.links
                                if link.source not in gone and link.target not in gone),
+                   management_links=tuple(link for link in current.management_links
+                                          if link.target not in gone),
                    endpoints=tuple(e for e in current.endpoints
                                    if not (e.kind == "regional" and e.region not in
                                            {r.region for r in spec.all_replicas})))

@@ -4,7 +4,9 @@ told about its peers (its ``ClusterView``). Pure: no processes, no sockets.
 
 Every node reaches every other node through its own link (one per ordered
 pair), so a fault can cut one direction between two zones without touching
-anything else.
+anything else. The management API reaches each serving node through a link of
+its own too (``management_links``, from ``MANAGEMENT``): what cuts a node off
+from the network cuts it off from the control plane's requests as well.
 
 Decisions travel from here as data, never re-inferred downstream: each node's
 plan carries its region's zone redundancy (zones and write quorum, from the
@@ -21,6 +23,9 @@ from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedu
 
 from ..network.links import LinkModel, link_seed
 from .spec import ClusterSpec, ReplicaSpec, port_layout
+
+# The source of a management link: the management API, which is no node.
+MANAGEMENT = "management"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ class ClusterPlan:
     endpoints: tuple[EndpointPlan, ...]
     management_port: int
     pair_copies: tuple[NodePlan, ...] = ()
+    management_links: tuple[LinkPlan, ...] = ()   # MANAGEMENT -> each serving node's HTTP port
 
     @property
     def seed(self) -> int:
@@ -105,6 +111,12 @@ class ClusterPlan:
             if link.source == source and link.target == target:
                 return link
         raise KeyError((source, target))
+
+    def management_link(self, node: str) -> LinkPlan:
+        for link in self.management_links:
+            if link.target == node:
+                return link
+        raise KeyError((MANAGEMENT, node))
 
     def view(self, node: NodePlan, settings: ReplicationSettings | None = None, *,
              with_pair_copy: bool = False) -> ClusterView:
@@ -184,9 +196,13 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
             for source, target in ((pairs[-1], member), (member, pairs[-1])):
                 links.append(link(source, target,
                                   layout.pair_link(len(links) - layout.link_count)))
+    # Nothing models where the management API sits, so its links add no latency.
+    management = tuple(LinkPlan(MANAGEMENT, node.name, layout.management_link(i), node.http_port,
+                                LinkModel(), link_seed(spec.seed, MANAGEMENT, node.name))
+                       for i, node in enumerate(nodes))
     endpoints = [EndpointPlan("global", loc, layout.global_endpoint(i))
                  for i, loc in enumerate(spec.client_locations)]
     endpoints += [EndpointPlan("regional", r.region, layout.regional_endpoint(i))
                   for i, r in enumerate(spec.all_replicas)]
     return ClusterPlan(spec, data_dir, host, tuple(nodes), tuple(links), tuple(endpoints),
-                       layout.management, tuple(pairs))
+                       layout.management, tuple(pairs), management)

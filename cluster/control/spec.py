@@ -359,6 +359,7 @@ class PortLayout:
     P + 100 + i       node i, HTTP                               (up to 40)
     P + 200 + i       node i, gRPC
     P + 300 + j       WAN link j (one per ordered pair of nodes, up to 1560)
+    P + 1900 + i      management link to node i (how the management API reaches it)
     P + 2000 + m      WAN link m of a paired-region copy (to and from its region's nodes)
     """
 
@@ -394,6 +395,9 @@ class PortLayout:
     def link(self, j: int) -> int:
         return self.base + 300 + j
 
+    def management_link(self, i: int) -> int:
+        return self.base + 1900 + i
+
     @property
     def link_count(self) -> int:
         return self.nodes * (self.nodes - 1)
@@ -405,6 +409,7 @@ class PortLayout:
         ports += [self.node_http(i) for i in range(self.nodes)]
         ports += [self.node_grpc(i) for i in range(self.nodes)]
         ports += [self.link(j) for j in range(self.link_count)]
+        ports += [self.management_link(i) for i in range(self.nodes)]
         ports += [self.pair_http(k) for k in range(self.pair_copies)]
         ports += [self.pair_grpc(k) for k in range(self.pair_copies)]
         ports += [self.pair_link(m) for m in range(self.pair_links)]

@@ -158,7 +158,7 @@ class Supervisor:
         for sub in ("nodes", "views", "logs"):
             (plan.data_dir / sub).mkdir(parents=True, exist_ok=True)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S))
-        for link_plan in plan.links:
+        for link_plan in (*plan.links, *plan.management_links):
             await self.add_link(link_plan)
         for node in plan.all_nodes:
             plan.view(node, self.settings).dump(node.view_file)

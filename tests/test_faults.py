@@ -136,6 +136,50 @@ async def test_zone_outage_keeps_writes_going_on_two_zones(cluster, http):
                      timeout=30, what="returning zone catching up unaided")
 
 
+def replicas(cluster) -> dict[str, dict]:
+    """`georeg replication list --json`, by region."""
+    listed = georeg(cluster, "replication", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {r["name"]: r for r in json.loads(listed.stdout)}
+
+
+def status_of(cluster, region: str) -> tuple[str, str]:
+    replica = replicas(cluster)[region]
+    return replica["status"]["displayStatus"], replica["status"]["message"]
+
+
+# -- the control plane -------------------------------------------------------------------
+
+
+async def test_an_isolated_home_region_blocks_configuration_until_it_heals(cluster, http):
+    """The home region holds the control plane: cut off from the network (its
+    processes still running), it can no more take configuration changes than
+    when it is down. One isolated zone of it is not the region."""
+    fid = fault_id(fault_cli(cluster, "region-outage", "eastus", "--mode", "isolate"))
+    assert all(cluster.cluster.supervisor.nodes[f"eastus-{z}"].healthy for z in "123")
+    update = georeg(cluster, "replication", "update", "--name", "westeurope",
+                    "--global-endpoint-routing", "false")
+    assert update.returncode == 2
+    assert "home region eastus holds the control plane" in update.stderr
+    create = georeg(cluster, "replication", "create", "--location", "japaneast")
+    assert create.returncode == 2
+    assert "home region eastus holds the control plane" in create.stderr
+    assert "japaneast" not in replicas(cluster)
+    # Data goes on through the other replicas meanwhile.
+    image = make_image([2600], seed=13)
+    await push_image(http, cluster.endpoint("westeurope"), "cut/home", image, tag="v1")
+    fault_cli(cluster, "heal", fid)
+    for routing in ("false", "true"):
+        update = georeg(cluster, "replication", "update", "--name", "westeurope",
+                        "--global-endpoint-routing", routing)
+        assert update.returncode == 0, update.stderr
+    fid = fault_id(fault_cli(cluster, "zone-outage", "eastus", "2", "--mode", "isolate"))
+    update = georeg(cluster, "replication", "update", "--name", "westeurope",
+                    "--global-endpoint-routing", "true")
+    assert update.returncode == 0, update.stderr
+    fault_cli(cluster, "heal", fid)
+
+
 # -- network ---------------------------------------------------------------------------
 
 

@@ -7,9 +7,13 @@ pytest plugin are all thin layers over ``Cluster``.
         url = cluster.global_endpoint("westeurope")     # as a client there sees it
         ...
 
-The home region holds the control plane, as in ACR: while every node of the
-home region is down, configuration changes (replicas, routing) fail with
+The home region holds the control plane, as in ACR: while no node of the
+home region can be reached over the network (crashed, stopped, or cut off),
+configuration changes (replicas, routing, restores) fail with
 ``ControlPlaneUnavailable``; pushes and pulls go on through the other replicas.
+Reachability is asked of the network itself: a request to each home node
+through its management link (``ClusterPlan.management_links``), which every
+fault that cuts a node off cuts as well.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import structlog
 
@@ -42,6 +47,12 @@ class Endpoint:
     kind: str      # global | regional
     region: str
     url: str
+
+
+# How long the control plane waits for a home node to answer through its
+# management link before counting it unreachable (a cut link refuses at once;
+# this bounds a stalled or hung one).
+CONTROL_PLANE_PROBE_S = 2.0
 
 
 @dataclass
@@ -74,6 +85,7 @@ class Cluster:
         self.progress: dict[str, ReplicaProgress] = {}
         self.restoring: set[str] = set()   # regions whose nodes peer with their paired copy
         self.faults = FaultController(self)
+        self._http: aiohttp.ClientSession | None = None   # requests over management links
         self.started_at = 0.0
         # Seconds from the start to every node healthy, and to ready (subscribed
         # to every peer and writable, endpoints up); None until reached.
@@ -127,6 +139,9 @@ class Cluster:
 
     async def stop(self) -> None:
         await self.faults.close()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         if self.routing is not None:
             await self.routing.stop()
             self.routing = None
@@ -176,6 +191,18 @@ class Cluster:
 
     def node_url(self, name: str) -> str:
         return f"http://{self.host}:{self.plan.node(name).http_port}"
+
+    def management_link_url(self, name: str) -> str:
+        """A serving node's HTTP API as the management API reaches it: through the
+        node's management link, so not while the node is cut off from the network."""
+        return f"http://{self.host}:{self.plan.management_link(name).port}"
+
+    def http(self) -> aiohttp.ClientSession:
+        """The session for requests over management links. A fresh connection per
+        request: a pooled one may belong to a link cut or a node restarted since."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        return self._http
 
     def nodes(self) -> dict[str, NodeRuntime]:
         return self.supervisor.nodes
@@ -303,17 +330,43 @@ class Cluster:
 
     # -- management -------------------------------------------------------------------
 
-    def _control_plane(self) -> None:
-        home = [n for n in self.supervisor.nodes.values() if n.plan.region == self.spec.home_region]
-        if not any(n.healthy for n in home):
-            raise ControlPlaneUnavailable(
-                f"the home region {self.spec.home_region} holds the control plane and is down; "
-                "configuration changes are unavailable until it returns. Pushes, pulls and "
-                "deletes keep working through the other replicas")
+    async def answers(self, name: str, timeout: float = CONTROL_PLANE_PROBE_S) -> bool:
+        """Whether a serving node answers over the network: ``GET /georeg/v1/node``
+        through its management link. False when the node is down, hung, or cut
+        off (an isolation cuts the link: it refuses the connection at once)."""
+        try:
+            async with self.http().get(f"{self.management_link_url(name)}/georeg/v1/node",
+                                       timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def _control_plane(self) -> None:
+        """The home region holds the control plane: a configuration change goes
+        ahead only if some home node answers over the network. Asked of the
+        network rather than of the supervisor's health (which sees the processes)
+        or of the fault controller's records (which know only the faults it
+        injected), so that whatever cuts the home region off, now or later, a
+        crash, an isolation or a link fault, stops configuration as it would in
+        Azure."""
+        probes = {asyncio.ensure_future(self.answers(n.name))
+                  for n in self.plan.nodes_in(self.spec.home_region)}
+        try:
+            while probes:
+                done, probes = await asyncio.wait(probes, return_when=asyncio.FIRST_COMPLETED)
+                if any(probe.result() for probe in done):
+                    return
+        finally:
+            for probe in probes:         # one home node answered: the rest need not
+                probe.cancel()
+        raise ControlPlaneUnavailable(
+            f"the home region {self.spec.home_region} holds the control plane and cannot be "
+            "reached (down, or cut off from the network); configuration changes are unavailable "
+            "until it returns. Pushes, pulls and deletes keep working through the other replicas")
 
     async def create_replication(self, region: str, *, zone_redundant: bool = False,
                                  global_routing: bool = True) -> dict:
-        self._control_plane()
+        await self._control_plane()
         new_spec = self.spec.with_replicas(
             (*self.spec.replicas, specs.ReplicaSpec(region, zone_redundant, global_routing)))
         new_spec = specs.validate(new_spec, f"replication create {region}")
@@ -337,7 +390,7 @@ class Cluster:
         return self.replica_status(region)
 
     async def update_replication(self, region: str, *, global_routing: bool) -> dict:
-        self._control_plane()
+        await self._control_plane()
         if region not in self.replica_specs():
             raise NotFound(f"{region} has no replica")
         if self.routing is not None:
@@ -362,7 +415,7 @@ class Cluster:
         its nodes peer with the copy until they hold all it holds. A confined
         region has no copy; what reached no other replica is gone, and the
         answer says so."""
-        self._control_plane()
+        await self._control_plane()
         if region not in self.replica_specs():
             raise NotFound(f"{region} has no replica")
         members = [self.supervisor.nodes[n.name] for n in self.plan.nodes_in(region)]
@@ -401,7 +454,7 @@ class Cluster:
                            f"{after} images (had {before})."}
 
     async def delete_replication(self, region: str) -> None:
-        self._control_plane()
+        await self._control_plane()
         if region == self.spec.home_region:
             raise ClusterError(f"{region} is the home region; the home replica cannot be deleted")
         if region not in self.replica_specs():

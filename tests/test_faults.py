@@ -148,6 +148,51 @@ def status_of(cluster, region: str) -> tuple[str, str]:
     return replica["status"]["displayStatus"], replica["status"]["message"]
 
 
+async def test_replica_status_while_a_zone_or_a_region_is_down_and_catching_up(cluster, http):
+    """As Azure shows a replica through an outage: provisioning stays
+    Succeeded (nothing failed to provision); the status says what is
+    unavailable, then Syncing with progress while the replica catches up,
+    then Ready."""
+    cluster.crash("eastus-2")
+    east = replicas(cluster)["eastus"]
+    assert east["provisioningState"] == "Succeeded"
+    assert east["status"]["displayStatus"] == "Ready"     # zones 1 and 3 serve, in sync
+    assert east["status"]["message"].startswith("zone 2 of 3 unavailable")
+    cluster.restart("eastus-2")
+    await eventually(lambda: asyncio.to_thread(lambda: status_of(cluster, "eastus")[0] == "Ready"),
+                     timeout=30, what="eastus Ready with every zone back")
+    assert "unavailable" not in status_of(cluster, "eastus")[1]
+
+    # West Europe down as a whole; it is cut off from the other regions before
+    # it returns, so it comes back behind and cannot catch up until healed.
+    cuts = [cluster.run(lambda r=r: cluster.cluster.faults.inject("partition", a="westeurope", b=r))
+            for r in ("eastus", "brazilsouth")]
+    cluster.crash("westeurope")
+    west = replicas(cluster)["westeurope"]
+    assert west["provisioningState"] == "Succeeded"
+    assert west["status"]["displayStatus"] == "Unavailable"
+    assert "replica is unavailable" in west["status"]["message"]
+    status = json.loads(georeg(cluster, "status", "--json").stdout)
+    assert {r["name"]: r["status"]["displayStatus"] for r in status["replicas"]}["westeurope"] == \
+        "Unavailable"
+    human = georeg(cluster, "status")
+    assert human.returncode == 1
+    row = next(line for line in human.stdout.splitlines() if line.startswith("│ westeurope"))
+    assert "Unavailable" in row
+    image = make_image([2500], seed=12)
+    await push_image(http, cluster.regional_endpoint("eastus"), "behind/app", image, tag="v1")
+    cluster.restart("westeurope")
+    shown, message = status_of(cluster, "westeurope")
+    assert shown == "Syncing", message
+    done, total = replicas(cluster)["westeurope"]["sync"]["images"]
+    assert done < total and message.startswith(f"syncing: {done}/{total} images")
+    for fault in cuts:
+        cluster.run(lambda f=fault: cluster.cluster.faults.heal(f.id))
+    await eventually(lambda: asyncio.to_thread(lambda: status_of(cluster, "westeurope")[0] == "Ready"),
+                     timeout=30, what="westeurope Ready once caught up")
+    assert await pullable(http, cluster.node_url("westeurope"), "behind/app", "v1", image)
+
+
 # -- the control plane -------------------------------------------------------------------
 
 

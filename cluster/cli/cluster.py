@@ -65,7 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="health, routing, replication and storage of every node",
                        description="Show every replica and zone of the running cluster: health, "
                                    "global routing, replication state (Creating → Syncing → "
-                                   "Ready, with progress), lag and storage, and its endpoints.")
+                                   "Ready, with progress; Unavailable while none of a replica's "
+                                   "nodes is up, Syncing again while one that was down catches "
+                                   "up; the zones that are down are named), lag and storage, and "
+                                   "its endpoints. Exit status 1 when a node is not healthy.")
     add_data_dir(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=command(run_status))

@@ -27,10 +27,18 @@ _STYLE = {"present": "green", "pending": "yellow", "stale": "yellow", "excluded"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replication", help="replicas (az acr replication) and per-image status",
-                       description="Geo-replicas of the registry, after `az acr replication`.")
+                       description="Geo-replicas of the registry, after `az acr replication`. "
+                                   "The home region holds the control plane: while it cannot be "
+                                   "reached (down, or cut off from the network), create, update "
+                                   "and delete fail with exit status 2.")
     commands = p.add_subparsers(dest="replication_command", required=True, metavar="COMMAND")
 
-    c = commands.add_parser("list", help="list replicas")
+    c = commands.add_parser(
+        "list", help="list replicas",
+        description="List the replicas, each with its status as ACR shows it: Creating, "
+                    "Syncing (with progress), Ready, or Unavailable while none of its nodes is up; "
+                    "the message names the zones that are down. provisioningState stays "
+                    "Succeeded through an outage.")
     add_data_dir(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=command(run_replication_list))

@@ -14,6 +14,13 @@ configuration changes (replicas, routing, restores) fail with
 Reachability is asked of the network itself: a request to each home node
 through its management link (``ClusterPlan.management_links``), which every
 fault that cuts a node off cuts as well.
+
+A replica's status is ACR's: ``provisioningState`` says whether the replica
+exists (it stays ``Succeeded`` through an outage: nothing failed to
+provision); ``status.displayStatus`` goes Creating → Syncing → Ready, shows
+``Unavailable`` while none of its nodes is up, and Syncing again while a node
+that was down catches up (``ReplicaProgress``); ``status.message`` names the
+zones that are down.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -57,7 +64,11 @@ CONTROL_PLANE_PROBE_S = 2.0
 
 @dataclass
 class ReplicaProgress:
-    """A replica's provisioning and sync state, as ACR shows it (Creating → Syncing → Ready)."""
+    """A replica's sync state, as ACR shows it: Creating → Syncing → Ready,
+    and Ready → Syncing when a node that was down is back but has not caught
+    up with what it missed (``missed``), Ready again once it has. Transitions
+    happen only in ``Cluster._update_progress``. Whether nodes are down right
+    now is no state here: the supervisor knows, and ``_display`` reads it."""
 
     state: str = "Creating"
     images_done: int = 0
@@ -65,6 +76,9 @@ class ReplicaProgress:
     bytes_done: int = 0
     bytes_total: int = 0
     created_at: float = 0.0
+    missed: set[str] = field(default_factory=set)   # nodes down since the replica was last in sync
+    shown: tuple[str, str] = ("", "")              # (displayStatus, message) last reported
+    shown_since: float = 0.0                        # when displayStatus last changed (ACR's timestamp)
 
 
 class Cluster:
@@ -114,6 +128,7 @@ class Cluster:
         try:
             for replica in self.spec.all_replicas:
                 self.progress.setdefault(replica.region, ReplicaProgress(created_at=time.time()))
+            self.supervisor.on_health_change(self._on_node_health)
             if self.routing_enabled:
                 self.routing = Endpoints(self)
                 await self.routing.start()
@@ -213,25 +228,31 @@ class Cluster:
         return {r.region: r for r in self.spec.all_replicas}
 
     def _update_progress(self) -> None:
-        """Creating → Syncing → Ready per replica, with progress against the
-        content its region may hold (residency) as the other replicas report it."""
+        """Every replica's sync state and progress (see ``ReplicaProgress``),
+        against the content its region may hold (residency) as the other
+        replicas report it. A replica in sync stays Ready while ordinary
+        replication runs a few events behind; only a node that missed time
+        (down, or not yet up since creation) makes it Syncing."""
         policy = self.spec.residency_policy()
-        nodes = self.supervisor.nodes.values()
+        nodes = self.supervisor.nodes
         for region, progress in self.progress.items():
-            mine = [n for n in nodes if n.plan.region == region]
+            mine = [n for n in nodes.values() if n.plan.region == region and not n.plan.copy_of]
             if not mine:
                 continue
-            if not all(n.healthy for n in mine) and progress.state == "Creating":
+            down = {n.name for n in mine if not n.healthy}
+            if progress.state == "Creating" and down:
+                self._show(progress, mine)
                 continue
             expected: dict[str, dict[str, int]] = {}
-            for other in nodes:
+            for other in nodes.values():
                 for origin, counts in (other.info.get("content") or {}).items():
                     if not policy.allows(origin, "", region):
                         continue
                     best = expected.setdefault(origin, {"images": 0, "bytes": 0})
                     best["images"] = max(best["images"], counts["images"])
                     best["bytes"] = max(best["bytes"], counts["bytes"])
-            have = [n.info.get("content") or {} for n in mine if n.healthy]
+            live = [n for n in mine if n.healthy]
+            have = [n.info.get("content") or {} for n in live]
             done_images = min((sum(c.get(o, {}).get("images", 0) for o in expected) for c in have),
                               default=0)
             done_bytes = min((sum(c.get(o, {}).get("bytes", 0) for o in expected) for c in have),
@@ -240,11 +261,28 @@ class Cluster:
             progress.bytes_total = sum(e["bytes"] for e in expected.values())
             progress.images_done = min(done_images, progress.images_total)
             progress.bytes_done = min(done_bytes, progress.bytes_total)
-            caught_up = all(_ready(n) and all(p["behind_events"] == 0 for p in n.info["peers"])
-                            for n in mine)
-            complete = progress.images_done >= progress.images_total
-            if progress.state != "Ready":
-                progress.state = "Ready" if caught_up and complete else "Syncing"
+            progress.missed |= down
+            in_sync = (bool(live) and all(_caught_up(n, nodes) for n in live)
+                       and progress.images_done >= progress.images_total)
+            if in_sync:
+                progress.missed &= down          # those back have caught up
+                progress.state = "Ready"
+            elif progress.state != "Ready" or progress.missed - down:
+                progress.state = "Syncing"
+            self._show(progress, mine)
+
+    @staticmethod
+    def _show(progress: ReplicaProgress, nodes: list[NodeRuntime]) -> None:
+        shown = _display(progress, nodes)
+        if shown[0] != progress.shown[0]:
+            progress.shown_since = time.time()
+        progress.shown = shown
+
+    def _on_node_health(self, node: NodeRuntime) -> None:
+        """A node changed health: a replica's status follows at once, so that a
+        node down and back between two looks at the status is still known to
+        have missed what was pushed meanwhile."""
+        self._update_progress()
 
     def status(self) -> dict:
         self._update_progress()
@@ -300,14 +338,17 @@ class Cluster:
             raise NotFound(f"{region} has no replica; `georeg replication list` shows them")
         progress = self.progress.get(region) or ReplicaProgress()
         routing = self.routing.routing_flags() if self.routing else {}
-        nodes = [n for n in self.supervisor.nodes.values() if n.plan.region == region]
+        nodes = [n for n in self.supervisor.nodes.values()
+                 if n.plan.region == region and not n.plan.copy_of]
+        shown, message = progress.shown if progress.shown[0] else _display(progress, nodes)
         return {
             "name": region, "location": region,
             "home": region == self.spec.home_region,
-            "provisioningState": "Succeeded" if all(n.pid for n in nodes) else "Failed",
-            "status": {"displayStatus": progress.state,
-                       "message": _progress_message(progress),
-                       "timestamp": progress.created_at},
+            # The replica exists: an outage is no failed provisioning (ACR keeps
+            # Succeeded and tells the outage in the status).
+            "provisioningState": "Succeeded",
+            "status": {"displayStatus": shown, "message": message,
+                       "timestamp": progress.shown_since or progress.created_at},
             "regionEndpointEnabled": routing.get(region, replica.global_routing),
             "zoneRedundancy": "Enabled" if replica.zone_redundant else "Disabled",
             "sync": {"images": [progress.images_done, progress.images_total],
@@ -506,11 +547,56 @@ def _ready(node: NodeRuntime) -> bool:
             and all(p["connected"] for p in info.get("peers", [])))
 
 
+def _caught_up(node: NodeRuntime, nodes: dict[str, NodeRuntime]) -> bool:
+    """Writable, and subscribed to and level with every peer that is up (a peer
+    that is down has nothing to send until it returns)."""
+    if not (node.healthy and node.info.get("writable")):
+        return False
+    for peer in node.info.get("peers", []):
+        other = nodes.get(peer["name"])
+        if other is not None and not other.healthy:
+            continue
+        if not peer["connected"] or peer["behind_events"]:
+            return False
+    return True
+
+
+def _display(progress: ReplicaProgress, nodes: list[NodeRuntime]) -> tuple[str, str]:
+    """``(displayStatus, message)`` of a replica: its sync state, unless none of
+    its nodes is up (Unavailable); zones that are down are named either way."""
+    down = [n for n in nodes if not n.healthy]
+    if progress.state == "Creating":
+        return "Creating", "starting the replica's nodes"
+    if nodes and len(down) == len(nodes):
+        if len(nodes) == 1:
+            return "Unavailable", f"replica is unavailable: its node is down ({down[0].state})"
+        return "Unavailable", (f"replica is unavailable: {_zones([n.plan.zone for n in down])} "
+                               f"of {len(nodes)} are down ({_states(down)})")
+    message = _progress_message(progress)
+    if down:
+        zones = _zones([n.plan.zone for n in down])   # only a zone-redundant replica has some up
+        # The nodes say whether they can reach a write quorum; not re-derived here.
+        reads_only = "" if any(n.info.get("writable") for n in nodes if n.healthy) else \
+            "; no write quorum: the replica serves reads only"
+        message = (f"{zones} of {len(nodes)} unavailable ({_states(down)}){reads_only}; "
+                   f"{message}")
+    return progress.state, message
+
+
+def _zones(zones: list[str]) -> str:
+    if len(zones) == 1:
+        return f"zone {zones[0]}"
+    return f"zones {', '.join(zones[:-1])} and {zones[-1]}"
+
+
+def _states(nodes: list[NodeRuntime]) -> str:
+    states = sorted({n.state for n in nodes})
+    return ", ".join(states)
+
+
 def _progress_message(p: ReplicaProgress) -> str:
     if p.state == "Ready":
         return "replica is in sync"
-    if p.state == "Creating":
-        return "starting the replica's nodes"
     mib = 1024 * 1024
     return (f"syncing: {p.images_done}/{p.images_total} images, "
             f"{p.bytes_done / mib:.1f}/{p.bytes_total / mib:.1f} MiB")

@@ -161,6 +161,76 @@ def test_repository_commands(default_cluster):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+async def test_repository_commands_cover_every_region_confined_ones_too(default_cluster, http):
+    """What is pushed in Brazil South or Southeast Asia never leaves the region
+    (residency), so no single node holds the whole registry: `repository list`
+    and `show-tags` ask every region and say which holds what, and `delete`
+    deletes wherever the repository exists."""
+    c = default_cluster
+    data_dir = c.data_dir
+    in_brazil, in_asia = make_image([2100], seed=80), make_image([2200], seed=81)
+    shared_east, shared_brazil = make_image([2300], seed=82), make_image([2400], seed=83)
+    await push_image(http, c.regional_endpoint("brazilsouth"), "residency/br", in_brazil, tag="v1")
+    await push_image(http, c.regional_endpoint("southeastasia"), "residency/sea", in_asia, tag="v1")
+    # The same tag in two regions: eastus's copy reaches every region, then
+    # Brazil South re-tags it with content that stays in Brazil South.
+    await push_image(http, c.regional_endpoint("eastus"), "residency/shared", shared_east, tag="v1")
+    await replicated(http, c, "residency/shared", "v1")
+    await push_image(http, c.regional_endpoint("brazilsouth"), "residency/shared", shared_brazil,
+                     tag="v1")
+
+    human = georeg("repository", "list", data_dir=data_dir)
+    assert human.returncode == 0, human.stderr
+    listed_names = [line.split()[0] for line in human.stdout.splitlines()]
+    assert {"residency/br", "residency/sea", "residency/shared"} <= set(listed_names)
+    assert listed_names[0] == "REPOSITORY" and human.stdout.split()[1] == "REGIONS"
+    row = next(line for line in human.stdout.splitlines() if line.startswith("residency/br "))
+    assert row.split()[1:] == ["brazilsouth"]
+    listed = georeg("repository", "list", "--json", data_dir=data_dir)
+    assert listed.returncode == 0, listed.stderr
+    answer = json.loads(listed.stdout)
+    regions = {r["name"]: r["regions"] for r in answer["repositories"]}
+    assert regions["residency/br"] == ["brazilsouth"]
+    assert regions["residency/sea"] == ["southeastasia"]
+    assert regions["residency/shared"] == ["eastus", "westeurope", "brazilsouth", "southeastasia"]
+    assert answer["unavailable"] == []
+
+    tags = georeg("repository", "show-tags", "--name", "residency/br", data_dir=data_dir)
+    assert tags.returncode == 0, tags.stderr
+    assert in_brazil.digest in tags.stdout and "brazilsouth" in tags.stdout
+    shown = georeg("repository", "show-tags", "--name", "residency/shared", "--json",
+                   data_dir=data_dir)
+    assert shown.returncode == 0, shown.stderr
+    [v1] = json.loads(shown.stdout)["tags"]
+    assert v1["name"] == "v1" and not v1["agreed"]
+    assert v1["digests"] == {shared_east.digest: ["eastus", "westeurope", "southeastasia"],
+                             shared_brazil.digest: ["brazilsouth"]}
+    assert v1["digest"] == shared_east.digest      # what most regions resolve
+    human = georeg("repository", "show-tags", "--name", "residency/shared", data_dir=data_dir)
+    assert "v1 resolves to different digests" in " ".join(human.stdout.split())
+
+    deleted = georeg("repository", "delete", "--name", "residency/sea", "--yes", data_dir=data_dir)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "deleted 1 manifest and 1 tag from residency/sea in southeastasia" in deleted.stdout
+    gone = georeg("repository", "show-tags", "--name", "residency/sea", data_dir=data_dir)
+    assert gone.returncode == 2 and "does not exist" in gone.stderr
+    # Both images of the shared repository go: eastus's wherever it replicated,
+    # Brazil South's where it lives.
+    deleted = georeg("repository", "delete", "--name", "residency/shared", "--yes",
+                     data_dir=data_dir)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "deleted 2 manifests and 1 tag from residency/shared" in deleted.stdout
+    for region in ("eastus", "westeurope", "brazilsouth", "southeastasia"):
+        await eventually(lambda r=region: _repository_gone(http, c.regional_endpoint(r),
+                                                           "residency/shared"),
+                         timeout=10, what=f"residency/shared gone from {region}")
+
+
+async def _repository_gone(http, url: str, repo: str) -> bool:
+    async with http.get(f"{url}/v2/{repo}/tags/list") as r:
+        return r.status == 404
+
+
 # -- routing: failover ---------------------------------------------------------------
 
 

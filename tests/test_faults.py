@@ -225,6 +225,38 @@ async def test_an_isolated_home_region_blocks_configuration_until_it_heals(clust
     fault_cli(cluster, "heal", fid)
 
 
+# -- repositories ------------------------------------------------------------------------
+
+
+async def test_repository_commands_report_a_region_they_cannot_ask(cluster, http):
+    """A region whose nodes are all down, or that is cut off, is reported, not
+    silently left out; once it is back the same commands are complete."""
+    image = make_image([2700], seed=14)
+    await push_image(http, cluster.node_url("brazilsouth"), "br/away", image, tag="v1")
+    fid = fault_id(fault_cli(cluster, "region-outage", "brazilsouth", "--mode", "crash"))
+    listed = georeg(cluster, "repository", "list")
+    assert listed.returncode == 1
+    assert "brazilsouth" in listed.stderr and "down" in listed.stderr
+    assert "br/away" not in listed.stdout
+    missing = georeg(cluster, "repository", "show-tags", "--name", "br/away")
+    assert missing.returncode == 2 and "brazilsouth" in missing.stderr
+    deleted = georeg(cluster, "repository", "delete", "--name", "br/away", "--yes")
+    assert deleted.returncode == 2 and "brazilsouth" in deleted.stderr
+    fault_cli(cluster, "heal", fid)
+    fid = fault_id(fault_cli(cluster, "region-outage", "brazilsouth", "--mode", "isolate"))
+    listed = json.loads(georeg(cluster, "repository", "list", "--json").stdout)
+    assert [u["region"] for u in listed["unavailable"]] == ["brazilsouth"]
+    assert "cannot be reached" in listed["unavailable"][0]["reason"]
+    fault_cli(cluster, "heal", fid)
+    listed = georeg(cluster, "repository", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    regions = {r["name"]: r["regions"] for r in json.loads(listed.stdout)["repositories"]}
+    assert regions["br/away"] == ["brazilsouth"]
+    deleted = georeg(cluster, "repository", "delete", "--name", "br/away", "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    assert "deleted 1 manifest and 1 tag from br/away in brazilsouth" in deleted.stdout
+
+
 # -- network ---------------------------------------------------------------------------
 
 

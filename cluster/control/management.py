@@ -13,18 +13,21 @@ which other processes find it.
     GET    /georeg/v1/faults                      faults injected (cluster.faults.controller)
     POST   /georeg/v1/faults                      {"kind", "duration_s", …target}
     DELETE /georeg/v1/faults[/{id}]               heal one, or all
-    GET    /georeg/v1/repositories                the catalog
-    GET    /georeg/v1/repositories/{name}/tags    tags with digests
-    DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository
-                                                  (ACR's DELETE /acr/v1/{name} on a node)
+    GET    /georeg/v1/repositories                the catalog of every region: {"repositories":
+                                                  [{"name", "regions"}], "unavailable"}
+    GET    /georeg/v1/repositories/{name}/tags    per tag, the digest each region resolves it to
+    DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository in
+                                                  every region that holds it (ACR's
+                                                  DELETE /acr/v1/{name} on a node of each)
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
     GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
 
 Errors are JSON ``{"error": {"code", "message"}}`` with a fitting status; a
-management write while the home region is down is a 503 that says so.
-Repository reads and deletes go through the data plane of the nearest healthy
-node, so they work whenever any replica does.
+management write while the home region cannot be reached is a 503 that says so.
+Repository reads and deletes go through the data plane of one node of every
+region (``cluster.control.repositories``): a region that cannot be asked is
+named in the answer's ``unavailable``, never left out in silence.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import asyncio
 import json
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
 from registry_node.errors import RegistryError
@@ -42,6 +44,7 @@ from registry_node.reference import validate_name
 from ..faults.controller import FaultError
 from .errors import ClusterError, NotFound
 from .regions import REGIONS, unknown_region_message
+from .repositories import Repositories
 from .state import clear_running_state, write_running_state
 
 if TYPE_CHECKING:                      # the API serves a Cluster; the Cluster never sees the API
@@ -57,8 +60,7 @@ async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
     except ClusterError as exc:
-        code = {404: "NotFound", 503: "ControlPlaneUnavailable"}.get(exc.status, "BadRequest")
-        return _error(exc.status, code, str(exc))
+        return _error(exc.status, exc.code, str(exc))
     except ValueError as exc:  # spec validation and bad input
         return _error(400, "BadRequest", str(exc))
     except RegistryError as exc:
@@ -71,8 +73,8 @@ class ManagementServer:
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
+        self.repositories = Repositories(cluster)
         self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
 
     @property
     def url(self) -> str:
@@ -106,7 +108,6 @@ class ManagementServer:
         r.add_post("/georeg/v1/faults", self.inject_fault)
         r.add_delete("/georeg/v1/faults", self.heal_all)
         r.add_delete("/georeg/v1/faults/{id}", self.heal_fault)
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = self.cluster.management_address
@@ -119,9 +120,6 @@ class ManagementServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     # -- cluster & replicas ------------------------------------------------------------
 
@@ -210,44 +208,18 @@ class ManagementServer:
     async def heal_all(self, request: web.Request) -> web.Response:
         return web.json_response([f.as_dict() for f in await self.cluster.faults.heal_all()])
 
-    # -- repositories (through the data plane) -------------------------------------------
-
-    def _data_plane(self) -> str:
-        """A healthy node, home region first."""
-        nodes = sorted(self.cluster.supervisor.nodes.values(),
-                       key=lambda n: n.plan.region != self.cluster.spec.home_region)
-        for node in nodes:
-            if node.healthy:
-                return node.url
-        raise ClusterError("no node is healthy")
+    # -- repositories (through the data plane of every region) ----------------------
 
     async def list_repositories(self, request: web.Request) -> web.Response:
-        async with self._session.get(f"{self._data_plane()}/v2/_catalog") as r:
-            return web.json_response((await r.json())["repositories"])
+        return web.json_response(await self.repositories.list())
 
     async def show_tags(self, request: web.Request) -> web.Response:
         name = validate_name(request.match_info["name"])
-        base = self._data_plane()
-        async with self._session.get(f"{base}/v2/{name}/tags/list") as r:
-            if r.status == 404:
-                raise NotFound(f"repository {name} does not exist")
-            tags = (await r.json())["tags"]
-        out = []
-        for tag in tags:
-            async with self._session.head(f"{base}/v2/{name}/manifests/{tag}") as r:
-                out.append({"name": tag, "digest": r.headers.get("Docker-Content-Digest")})
-        return web.json_response(out)
+        return web.json_response(await self.repositories.show_tags(name))
 
     async def delete_repository(self, request: web.Request) -> web.Response:
         name = validate_name(request.match_info["name"])
-        async with self._session.delete(f"{self._data_plane()}/acr/v1/{name}") as r:
-            if r.status == 404:
-                raise NotFound(f"repository {name} does not exist")
-            body = await r.json()
-            if r.status != 202:
-                error = body.get("errors", [{}])[0]
-                raise ClusterError(f"{error.get('message')}: {error.get('detail')}")
-            return web.json_response({"repository": name, **body})
+        return web.json_response(await self.repositories.delete(name))
 
 
 async def _json(request: web.Request) -> dict:

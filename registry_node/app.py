@@ -18,6 +18,7 @@ from aiohttp import web
 
 from . import allocator
 from .api.common import REGISTRY
+from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
 from .api.routes import add_routes
 from .config import NodeConfig
@@ -34,7 +35,8 @@ log = structlog.get_logger("georeg.node")
 
 class Extension(Protocol):
     """Something that runs inside a node beside its OCI API (replication does):
-    it may add routes, and lives as long as the node's storage is open."""
+    it may add routes, lives as long as the node's storage is open, and may
+    add its collectors to the node's metrics (``app[METRICS].registry``)."""
 
     def add_routes(self, router: web.UrlDispatcher) -> None: ...
 
@@ -44,6 +46,7 @@ class Extension(Protocol):
 def init_app(config: NodeConfig, extensions: Sequence[Extension] = ()) -> web.Application:
     app = web.Application(middlewares=[access], client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
+    app[METRICS] = NodeMetrics()
     add_routes(app.router)
     app.cleanup_ctx.append(_storage(config))
     app.cleanup_ctx.append(_handoff)        # ends before the storage closes

@@ -14,11 +14,13 @@ from typing import Protocol
 
 class WriteQuorum(Protocol):
     def check_writable(self) -> None:
-        """Raise ``RegistryError(UNAVAILABLE)`` if a write cannot reach its quorum now."""
+        """Raise ``RegistryError(UNAVAILABLE)`` if a write cannot reach its quorum now;
+        its outcome is definite (called before any side effect)."""
 
     async def wait_durable(self, seq: int) -> None:
         """Return once the commit with log sequence ``seq`` is durable on the quorum;
-        raise ``RegistryError(UNAVAILABLE)`` if that does not happen in time."""
+        raise ``RegistryError(UNAVAILABLE)`` if that does not happen in time, its
+        outcome indefinite (the write is committed here and may yet replicate)."""
 
 
 class LocalDurability:

@@ -1,15 +1,78 @@
-"""The OCI error codes a node can answer with, mapped once to their HTTP status.
+"""The OCI error codes a node can answer with, mapped once to their HTTP status,
+and the outcome every failure reports: did the request take effect?
 
 Everything that refuses a client request raises :class:`RegistryError` with one of
-these codes; the HTTP layer turns it into the spec's error body
-(``{"errors": [{"code", "message", "detail"}]}``). A client mistake therefore
-never surfaces as a 500: only a bug or a storage fault does.
+these codes; the HTTP layer turns it into the spec's error body. A client
+mistake therefore never surfaces as a 500: only a bug or a storage fault does.
+
+Wire contract of an error answer (part of the node's API, and of the routing
+endpoints', which answer their own errors in the same shape)::
+
+    {"errors": [{"code": "UNAVAILABLE", "message": "write not confirmed by a second zone",
+                 "detail": {"outcome": "indefinite", "reason": "the write is stored in …", …}}]}
+
+* ``code`` is an ``ErrorCode`` name: the distribution spec's codes, plus
+  ``UNAVAILABLE`` and ``UNKNOWN`` for the server's own trouble. ``message``
+  and ``detail.reason`` are for people; nothing should parse them.
+* A **4xx** refuses the request as sent: nothing changed (definite). Its
+  ``detail`` is whatever its code carries (``{"digest": …}``, a text, or none).
+* Every **5xx** has an object ``detail`` with ``"outcome"`` (an ``Outcome``
+  value), ``"reason"`` when there is more to say than the message, and fields
+  particular to the cause:
+
+  ``"definite"``
+      The request did not take effect and will not. Retrying is safe, and
+      succeeds once the cause is gone.
+  ``"indefinite"``
+      It may have taken effect, or may yet: stored on this node but not
+      confirmed by a second zone (it replicates when one returns), or cut
+      short after part of it was done. Read it back to learn which. Retrying
+      is safe because every registry write is idempotent by digest — a blob
+      is stored under its digest, a manifest under its digest or a tag that
+      then names that digest — but retry the *push* (``HEAD`` the blob, then
+      upload it if missing), not the upload session: a session whose
+      completion failed may be gone (``404 BLOB_UPLOAD_UNKNOWN``).
+
+  The 5xx a node answers, and their outcome:
+
+  ===  ===================================  =========================================
+  503  ``write quorum unavailable``         definite: refused before any change (zone
+                                            quorum out of reach, ``replicator.quorum``)
+  503  ``write not confirmed by a second    indefinite: committed here, no second zone
+       zone``                               confirmed it in time
+  507  ``disk full``                        definite: refused before any change
+                                            (``storage_faults``)
+  500  ``blob corrupt``                     definite: a read
+  500  ``unknown error`` (a bug, an I/O     definite for ``GET``/``HEAD`` (reads change
+       error such as a failed WAL sync)     nothing), indefinite for every write
+  ===  ===================================  =========================================
+
+  Any of them is indefinite for an operation of several commits that had
+  made some before it failed (``DELETE /acr/v1/<name>``: one delete per
+  manifest and blob); ``detail.done`` says what was done.
+
+* The same outcome labels the node's metric of error answers,
+  ``georeg_http_errors_total{code, status, outcome}`` (``api.metrics``); a 4xx
+  counts as ``definite``.
+
+``Outcome`` is the project's one failure taxonomy (after Maelstrom):
+replication between nodes uses it too, with a third value, ``permanent``,
+for failures no retry can mend (``replicator.errors``). HTTP answers use
+only the first two.
 """
 
 from __future__ import annotations
 
 from enum import Enum
 from typing import Any
+
+
+class Outcome(Enum):
+    """Whether a failed operation took effect."""
+
+    DEFINITE = "definite"        # it did not happen and will not; safe to retry
+    INDEFINITE = "indefinite"    # it may have happened; a retry must be idempotent
+    PERMANENT = "permanent"      # replication only: retrying cannot help; record why
 
 
 class ErrorCode(Enum):
@@ -50,7 +113,9 @@ class ErrorCode(Enum):
 class RegistryError(Exception):
     """A refusal with an OCI code. ``status`` overrides the code's default status
     where the spec asks for a different one (416 for a bad range, 413 for an
-    oversized manifest)."""
+    oversized manifest). ``outcome`` says whether a 5xx took effect; left out,
+    a 4xx is definite and a 5xx indefinite — the safe reading, as for a gRPC
+    failure mid-stream (``replicator.errors``)."""
 
     def __init__(
         self,
@@ -60,16 +125,42 @@ class RegistryError(Exception):
         message: str | None = None,
         status: int | None = None,
         headers: dict[str, str] | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
         self.code = code
         self.detail = detail
         self.message = message or code.message
         self.status = status or code.status
         self.headers = headers or {}
+        if outcome is None:
+            outcome = Outcome.DEFINITE if self.status < 500 else Outcome.INDEFINITE
+        self.outcome = outcome
         super().__init__(f"{code.name}: {self.message}" + (f" ({detail})" if detail else ""))
+
+    def indefinite(self, done: dict[str, Any]) -> RegistryError:
+        """The same failure, for an operation of several commits that had already
+        made some of them (``done`` says which)."""
+        return RegistryError(self.code, {**self._fields(), "done": done}, message=self.message,
+                             status=self.status, headers=self.headers,
+                             outcome=Outcome.INDEFINITE)
+
+    def _fields(self) -> dict[str, Any]:
+        if isinstance(self.detail, dict):
+            return self.detail
+        return {} if self.detail is None else {"reason": self.detail}
 
     def body(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"code": self.code.name, "message": self.message}
-        if self.detail is not None:
+        if self.status >= 500:
+            entry["detail"] = {"outcome": self.outcome.value, **self._fields()}
+        elif self.detail is not None:
             entry["detail"] = self.detail
         return {"errors": [entry]}
+
+
+def disk_full() -> RegistryError:
+    """The answer to a write the disk had no room for (ENOSPC, real or injected):
+    refused before anything changed."""
+    return RegistryError(ErrorCode.UNAVAILABLE, "the node's disk is full; writes are refused "
+                         "until space is freed, reads keep working", message="disk full",
+                         status=507, outcome=Outcome.DEFINITE)

@@ -7,20 +7,18 @@
   residency rule forbids it, it is invalid); record why and move on.
 
 Everything that talks to a peer raises ``ReplicationError`` with one of these,
-so the retry helper and the status reporting need no knowledge of gRPC.
+so the retry helper and the status reporting need no knowledge of gRPC. The
+taxonomy itself (``Outcome``) is the node's, shared with its HTTP answers
+(``registry_node.errors``): one vocabulary for "did it happen?".
 """
 
 from __future__ import annotations
 
-import enum
-
 import grpc
 
+from registry_node.errors import Outcome
 
-class Outcome(enum.Enum):
-    DEFINITE = "definite"
-    INDEFINITE = "indefinite"
-    PERMANENT = "permanent"
+__all__ = ["Outcome", "ReplicationError", "definite", "from_grpc", "indefinite", "permanent"]
 
 
 class ReplicationError(Exception):

@@ -1,14 +1,17 @@
-"""Prometheus metrics of one node's replication, served at ``/metrics``.
+"""Prometheus metrics of one node's replication, served at the node's ``/metrics``.
 
 Each node has its own ``CollectorRegistry`` so several nodes can share a
-process (tests, the Python API) without mixing their numbers.
+process (tests, the Python API) without mixing their numbers; while
+replication runs, it is one collector of the node's metrics
+(``registry_node.api.metrics``), refreshed (``refresh``) at every scrape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60,
                120, 300)
@@ -41,6 +44,12 @@ class ReplicationMetrics:
             ["origin_region"], registry=self.registry)
         self.log_seq = Gauge("georeg_log_last_seq", "Last sequence in this node's event log",
                              registry=self.registry)
+        self.refresh: Callable[[], None] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        """Everything above, as one collector of the node's registry."""
+        self.refresh()
+        return self.registry.collect()
 
     def observe_lag(self, origin_region: str, kind: str, seconds: float) -> None:
         self.lag.labels(origin_region, self.region, kind).observe(max(seconds, 0.0))

@@ -7,17 +7,19 @@ happen to be connected or listed.
 The other zones subscribe to this node's log like any peer and acknowledge
 what they have applied (and synced). A write commits here, then waits until
 one other zone has acknowledged its sequence number. With no other zone
-connected, writes are refused before anything happens (503); reads go on.
-If a connected zone does not confirm in time, the client gets a 503 that says
-the write is stored here but unconfirmed — an indefinite outcome a client
-resolves by retrying, which is idempotent for every registry write.
+connected, writes are refused before anything happens: a 503 whose outcome is
+*definite* (``registry_node.errors``); reads go on. If no connected zone
+confirms in time (or the last one goes away meanwhile), the client gets a 503
+whose outcome is *indefinite*: the write is stored here and replicates when a
+zone returns. A client resolves it by retrying, which is idempotent for every
+registry write, or by reading it back.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from registry_node.errors import ErrorCode, RegistryError
+from registry_node.errors import ErrorCode, Outcome, RegistryError
 
 
 class ZoneQuorum:
@@ -65,10 +67,12 @@ class ZoneQuorum:
             up = len(self._connections) + 1
             raise RegistryError(
                 ErrorCode.UNAVAILABLE,
-                f"only {up} of {zones} zones of this region are reachable from {self.me}; writes "
-                f"need {self.needed + 1}. Reads keep working; retry writes when a zone returns, "
-                "or push through another region",
-                message="write quorum unavailable", headers={"Retry-After": "5"})
+                {"reason": f"only {up} of {zones} zones of this region are reachable from "
+                           f"{self.me}; writes need {self.needed + 1}. Reads keep working; retry "
+                           "writes when a zone returns, or push through another region",
+                 "zones": zones, "zones_reachable": up, "zones_needed": self.needed + 1},
+                message="write quorum unavailable", headers={"Retry-After": "5"},
+                outcome=Outcome.DEFINITE)
 
     def _confirmations(self, seq: int) -> int:
         return sum(1 for peer, acked in self._acked.items()
@@ -82,9 +86,13 @@ class ZoneQuorum:
             if remaining <= 0 or not self.writable:
                 raise RegistryError(
                     ErrorCode.UNAVAILABLE,
-                    f"the write is stored in {self.me} but no other zone confirmed it within "
-                    f"{self.timeout_s:g}s; it will replicate when a zone returns — retrying is safe",
-                    message="write not confirmed by a second zone", headers={"Retry-After": "5"})
+                    {"reason": f"the write is stored in {self.me} but no other zone confirmed "
+                               f"it within {self.timeout_s:g}s; it will replicate when a zone "
+                               "returns — retrying is safe",
+                     "stored_in": self.me, "zones_confirmed": 1 + self._confirmations(seq),
+                     "zones_needed": self.needed + 1},
+                    message="write not confirmed by a second zone", headers={"Retry-After": "5"},
+                    outcome=Outcome.INDEFINITE)
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)

@@ -3,11 +3,11 @@
 ``Replication`` is a node extension (``registry_node.app.Extension``): given the
 node's ``ClusterView`` it serves the replication gRPC service, subscribes to
 every peer, runs anti-entropy, plugs zone quorum into the registry's writes,
-and adds three HTTP routes beside the OCI API:
+adds its metrics to the node's ``GET /metrics``, and adds two HTTP routes
+beside the OCI API:
 
     GET /georeg/v1/node                     this node, its peers and subscriptions
     GET /georeg/v1/replication/status       per-image replication status
-    GET /metrics                            Prometheus metrics
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import grpc
 import msgspec
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from registry_node import allocator
+from registry_node.api.metrics import METRICS
 from registry_node.app import NODE
 from registry_node.durability import LocalDurability
 from registry_node.replica import Replica
@@ -72,7 +72,6 @@ class Replication:
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/georeg/v1/node", self._node_info)
         router.add_get("/georeg/v1/replication/status", self._status.handle)
-        router.add_get("/metrics", self._metrics)
 
     def describe(self) -> str:
         return f"replication on {self.grpc_address}"
@@ -85,6 +84,8 @@ class Replication:
         self.replica = replica = Replica(node.registry)
         feed = LogFeed(node.meta)
         self.metrics.track_log(lambda: node.meta.last_seq)
+        self.metrics.refresh = self._refresh_queue_depths
+        app[METRICS].registry.register(self.metrics)
         if view.zone_redundant:
             self.quorum = ZoneQuorum(_label(view.region, view.zone), list(view.quorum_zones),
                                      write_quorum=view.zone_redundancy.write_quorum,
@@ -133,6 +134,7 @@ class Replication:
                 await client.close()
             node.registry.quorum = LocalDurability()
             node.registry.peers = None
+            app[METRICS].registry.unregister(self.metrics)
 
     # -- peers -----------------------------------------------------------------------
 
@@ -230,11 +232,9 @@ class Replication:
             "memory": _memory(node),
         })
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    def _refresh_queue_depths(self) -> None:
         for sub in self.subscriptions:
             self.metrics.queue_depth.labels(sub.peer.name).set(sub.lag_events)
-        body = generate_latest(self.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _memory(node) -> dict[str, int]:

@@ -96,6 +96,7 @@ def assert_not_served(status: int, body: bytes | None, ctype: str, original: byt
         assert ctype.startswith("application/json")
         errors = json.loads(body)["errors"]
         assert errors and errors[0]["code"] == "UNKNOWN", errors
+        assert errors[0]["detail"]["outcome"] == "definite", errors   # a read changes nothing
         return
     assert status in (200, 206), status
     assert body is None or len(body) < len(original), "a tampered blob was served in full"

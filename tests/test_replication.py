@@ -96,7 +96,8 @@ async def test_zone_quorum_through_one_and_two_zone_outages(cluster, http):
         assert r.status == 503
         body = await r.json()
         assert body["errors"][0]["code"] == "UNAVAILABLE"
-        assert "zones" in body["errors"][0]["detail"]
+        assert "zones" in body["errors"][0]["detail"]["reason"]
+        assert body["errors"][0]["detail"]["outcome"] == "definite"   # refused before anything
     assert await manifest_status(http, zone1.url, "zr/app", "v1") == 200  # reads go on
     await cluster.restart("eastus-2")
     await cluster.restart("eastus-3")

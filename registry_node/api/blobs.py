@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 
 from ..crypto import BlobCorrupt, SealedBlob
-from ..errors import ErrorCode, RegistryError
+from ..errors import ErrorCode, Outcome, RegistryError
 from .common import DIGEST_HEADER, BodyResponse, digest_param, empty, registry, repo_name
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class Download:
 def _corrupt(digest: str, exc: BlobCorrupt) -> RegistryError:
     log.error("blob_corrupt", digest=digest, error=str(exc))
     return RegistryError(ErrorCode.UNKNOWN, "stored blob failed its integrity check; it is not served",
-                         message="blob corrupt", status=500)
+                         message="blob corrupt", status=500, outcome=Outcome.DEFINITE)  # a read
 
 
 async def delete_blob(request: web.Request) -> web.Response:

@@ -1,5 +1,6 @@
 """The data plane's middleware chain: request ids, the access log, and the
-translation of every refusal into an OCI error body.
+translation of every refusal into an OCI error body — with its outcome, and
+counted in the node's metrics (the wire contract is in ``registry_node.errors``).
 
 Later layers (authentication, throttling, network rules) join this chain;
 handlers never need to know about them.
@@ -14,11 +15,14 @@ import time
 import structlog
 from aiohttp import web
 
-from ..errors import ErrorCode, RegistryError
+from ..errors import ErrorCode, Outcome, RegistryError, disk_full
 from ..storage_faults import is_disk_full
+from .metrics import METRICS
 
 log = structlog.get_logger("georeg.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Methods that ask for no change: whatever fails under them, nothing happened.
+_READS = frozenset({"GET", "HEAD"})
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 HEALTH_PATH = "/georeg/v1/node"
 
@@ -30,9 +34,11 @@ def request_id(asked: str | None) -> str:
     return os.urandom(8).hex()
 
 
-def error_response(error: RegistryError) -> web.Response:
+def error_response(error: RegistryError, request: web.Request) -> web.Response:
+    """The OCI error body of ``error``, counted in the node's metrics."""
     import msgspec
 
+    request.app[METRICS].error(error)
     headers = {"Content-Type": "application/json", **error.headers}
     return web.Response(status=error.status, body=msgspec.json.encode(error.body()), headers=headers)
 
@@ -58,11 +64,11 @@ async def access(request: web.Request, handler) -> web.StreamResponse:
         try:
             response = await handler(request)
         except RegistryError as exc:
-            response = error_response(exc)
+            response = error_response(exc, request)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            response = error_response(_from_http(exc, request))
+            response = error_response(_from_http(exc, request), request)
         status = response.status
         return response
     except (ConnectionResetError, ConnectionError) as exc:
@@ -74,12 +80,14 @@ async def access(request: web.Request, handler) -> web.StreamResponse:
             # Refused before anything changed: what is stored stays intact.
             log.warning("disk_full", rid=rid, method=request.method, path=request.path)
             status = 507
-            return error_response(RegistryError(
-                ErrorCode.UNAVAILABLE, "the node's disk is full; writes are refused until space "
-                "is freed, reads keep working", message="disk full", status=507))
+            return error_response(disk_full(), request)
         log.exception("unhandled", rid=rid, method=request.method, path=request.path)
         status = 500
-        return error_response(RegistryError(ErrorCode.UNKNOWN, {"request_id": rid}))
+        # A bug or an I/O error (a failed WAL sync) may strike after a commit:
+        # a write that fails this way may have happened; a read changed nothing.
+        outcome = Outcome.DEFINITE if request.method in _READS else Outcome.INDEFINITE
+        return error_response(RegistryError(ErrorCode.UNKNOWN, {"request_id": rid},
+                                            outcome=outcome), request)
     finally:
         # The supervisor's health checks (once a second) are not worth a line each.
         quiet = status == 200 and request.path == HEALTH_PATH

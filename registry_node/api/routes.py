@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from aiohttp import web
 
-from . import admin, base, blobs, inventory, listings, manifests, uploads
+from . import admin, base, blobs, inventory, listings, manifests, metrics, uploads
 
 
 class Route(NamedTuple):
@@ -47,6 +47,8 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
     # What this node stores, with stamps and origins (georeg verify).
     Route("GET", "/georeg/v1/inventory", inventory.get_inventory),
+    # Prometheus: the node's error answers, and what its extensions register.
+    Route("GET", "/metrics", metrics.get_metrics),
 )
 
 

@@ -14,6 +14,11 @@ Invariants kept here
       in a zone-redundant region, confirmed by a second zone (``durable``).
       Where the write quorum cannot be met, writes are refused before any
       side effect.
+    * A refusal says whether it took effect (``RegistryError.outcome``, the
+      wire contract in ``errors``): the quorum check and a full disk refuse
+      before anything changes (definite); a failure after a commit — no
+      second zone confirmed it, an operation of several commits cut short —
+      is indefinite.
     * Check-then-commit sequences run in one event-loop step (the store's
       commit is synchronous), so they are atomic with respect to each other and
       to garbage collection.
@@ -41,7 +46,7 @@ from . import manifest as manifests
 from .blobstore import BlobStore, UploadFile
 from .crypto import BlobCorrupt, SealedBlob, Sealer
 from .durability import LocalDurability, WriteQuorum
-from .errors import ErrorCode, RegistryError
+from .errors import ErrorCode, RegistryError, disk_full
 from .hlc import HybridLogicalClock
 from .metastore import Batch, MetadataStore
 from .records import (
@@ -63,6 +68,7 @@ from .records import (
 )
 from .reference import Digest, is_digest, validate_name, validate_tag
 from .staleness import PeerContent
+from .storage_faults import is_disk_full
 
 T = TypeVar("T")
 RunBlocking = Callable[[Callable[..., T]], Awaitable[T]]
@@ -394,7 +400,13 @@ class Registry:
             except RegistryError:  # wrong digest: the upload is gone, say so next time
                 self._forget_upload(upload_id)
                 raise
-            self._forget_upload(upload_id)
+            try:
+                self._forget_upload(upload_id)
+            except OSError:
+                # The blob is stored and acknowledged by the quorum: a disk that
+                # filled since must not turn that into a failure (a 507 says
+                # nothing happened). The session's record is swept when it expires.
+                pass
             return info
 
     async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterator[bytes],
@@ -687,18 +699,31 @@ class Registry:
         manifests_left = [keys.suffix(k, keys.manifest_prefix(repo))
                           for k, _ in self.meta.scan(keys.manifest_prefix(repo))]
         deleted: list[str] = []
-        while manifests_left:
-            free = [d for d in manifests_left
-                    if not self.meta.has_prefix(keys.ref_repo_prefix(d, repo))]
-            if not free:  # a reference cycle cannot exist (digests); stop rather than spin
-                break
-            for digest in free:
-                await self.delete_manifest(repo, digest)
-                deleted.append(digest)
-            manifests_left = [d for d in manifests_left if d not in free]
-        prefix = keys.repo_prefix(repo) + b"b" + keys.SEP
-        for key, _ in list(self.meta.scan(prefix)):
-            await self.delete_blob(repo, Digest(keys.suffix(key, prefix)))
+        unlinked: list[str] = []
+        try:
+            while manifests_left:
+                free = [d for d in manifests_left
+                        if not self.meta.has_prefix(keys.ref_repo_prefix(d, repo))]
+                if not free:  # a reference cycle cannot exist (digests); stop rather than spin
+                    break
+                for digest in free:
+                    await self.delete_manifest(repo, digest)
+                    deleted.append(digest)
+                manifests_left = [d for d in manifests_left if d not in free]
+            prefix = keys.repo_prefix(repo) + b"b" + keys.SEP
+            for key, _ in list(self.meta.scan(prefix)):
+                await self.delete_blob(repo, Digest(keys.suffix(key, prefix)))
+                unlinked.append(keys.suffix(key, prefix))
+        except (RegistryError, OSError) as exc:
+            # One commit per delete: a failure after the first leaves the
+            # repository partly deleted, whatever the failure would say alone.
+            done = {"manifestsDeleted": deleted, "blobsDeleted": unlinked}
+            if deleted or unlinked:
+                if isinstance(exc, RegistryError) and exc.status >= 500:
+                    raise exc.indefinite(done) from exc
+                if is_disk_full(exc):
+                    raise disk_full().indefinite(done) from exc
+            raise
         return {"manifestsDeleted": deleted, "tagsDeleted": tags}
 
     # -- listings ------------------------------------------------------------

@@ -836,6 +836,7 @@ async def test_503_with_an_oci_error_when_nothing_is_routable(cluster, client):
         error = (await r.json())["errors"][0]
         assert error["code"] == "UNAVAILABLE" and "eastus" in error["message"]
         assert error["detail"]["replicas"]["westus"] == "routing disabled"
+        assert error["detail"]["outcome"] == "definite"     # sent to no node
     async with client.get(regional.url + "/v2/app/manifests/x") as r:
         assert r.status == 503
         error = (await r.json())["errors"][0]
@@ -952,7 +953,9 @@ async def test_connection_closed_before_answering_fails_over(cluster, client):
         cluster.health.report("eastus", True)
         async with client.put(proxy.url + "/sink", data=b"y" * MIB) as r:
             assert r.status == 502
-            assert (await r.json())["errors"][0]["code"] == "UNAVAILABLE"
+            error = (await r.json())["errors"][0]
+            assert error["code"] == "UNAVAILABLE"
+            assert error["detail"]["outcome"] == "indefinite"   # the node had the request
     finally:
         cut.close()
         await cut.wait_closed()
@@ -1155,6 +1158,7 @@ async def test_node_failing_under_a_request_body_gets_502_and_the_connection_car
                      % len(body) + body)
         head, answer = await read_response(reader)
         assert head.startswith(b"HTTP/1.1 502") and b"UNAVAILABLE" in answer
+        assert json.loads(answer)["errors"][0]["detail"]["outcome"] == "indefinite"
         assert b"Connection: close" not in head
         await writer.drain()
         writer.write(b"GET /v2/ HTTP/1.1\r\nHost: r\r\n\r\n")
@@ -1180,6 +1184,28 @@ async def test_idle_client_connections_are_closed(cluster):
         assert await asyncio.wait_for(reader.read(), 5) == b""
     finally:
         writer.close()
+
+
+async def test_a_502_under_a_read_is_definite(cluster, client):
+    """A node that answers a GET with garbage changed nothing: the proxy's 502
+    says so (under a write it would be indefinite, as above)."""
+
+    async def garbage(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nonsense\r\n\r\n")
+        await writer.drain()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        cluster.replicas.add(ReplicaGroup("eastus", (node("eastus", "eastus", port=port),)))
+        proxy = await cluster.global_endpoint("eastus")
+        async with client.get(proxy.url + "/v2/app/manifests/v1") as r:
+            assert r.status == 502
+            assert (await r.json())["errors"][0]["detail"]["outcome"] == "definite"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_malformed_requests_get_400(cluster):

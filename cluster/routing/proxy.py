@@ -28,6 +28,11 @@ Invariants
     * Every proxied response carries ``X-Georeg-Replica: <node name>``; a
       response that is the proxy's own (``503`` no replica, ``502``) does not,
       except a redirect, which names the node it sends the client to.
+    * The proxy's own errors follow the node's wire contract
+      (``registry_node.errors``): a 5xx says in ``detail.outcome`` whether the
+      request may have taken effect. ``503`` (no replica) and ``501`` sent
+      nothing to a node: definite. A ``502`` came after the request reached a
+      node: indefinite for a write, definite for a ``GET`` or ``HEAD``.
     * Upload sessions are learnt from ``Location`` / ``Docker-Upload-UUID`` of
       the responses that carry them and forgotten when the session completes
       (``PUT``) or is cancelled (``DELETE``).
@@ -73,6 +78,8 @@ from collections.abc import Callable
 import httptools
 import structlog
 
+from registry_node.errors import Outcome
+
 from . import splice as kernel
 from .handoff import Channel, Handoffs
 from .policy import (
@@ -95,6 +102,8 @@ from .policy import (
 log = structlog.get_logger("georeg.routing")
 
 REPLICA_HEADER = b"X-Georeg-Replica"
+# Methods that ask for no change: a node that failed under one changed nothing.
+_READS = frozenset({b"GET", b"HEAD"})
 # Hop-by-hop headers (RFC 9110 7.6.1) and what the proxy re-frames itself.
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                          b"upgrade"})
@@ -723,7 +732,8 @@ class _ClientConnection(asyncio.BufferedProtocol):
         response is on the wire yet, and close."""
         self.closing = True
         if not self.queue or not self.queue[0].response_started:
-            self.write(_local_response(status, code, message, {}, close=True))
+            detail = {"outcome": Outcome.DEFINITE.value} if status >= 500 else {}  # never sent on
+            self.write(_local_response(status, code, message, detail, close=True))
         for exchange in self.queue:
             exchange.abort()
         if not self.closed:
@@ -1269,7 +1279,7 @@ class _Exchange:
         self._respond(502, "UNAVAILABLE",
                       f"replica node {node.name} closed the connection before answering; "
                       "the request may or may not have taken effect",
-                      {"node": node.name, "region": node.region})
+                      {"node": node.name, "region": node.region}, self._sent_outcome())
 
     def _broken(self, why: str) -> None:
         """The backend spoke something we cannot forward."""
@@ -1284,15 +1294,22 @@ class _Exchange:
             if not self.client.closed:
                 self.client.transport.abort()
         else:
-            self._respond(502, "UNAVAILABLE", why, {"node": conn.node.name if conn else None})
+            self._respond(502, "UNAVAILABLE", why, {"node": conn.node.name if conn else None},
+                          self._sent_outcome())
 
     def _unavailable(self) -> None:
         self.proxy.unavailable_responses += 1
         why = self.proxy.policy.unavailable()
-        self._respond(503, "UNAVAILABLE", why.message, why.detail)
+        self._respond(503, "UNAVAILABLE", why.message, why.detail, Outcome.DEFINITE)
 
-    def _respond(self, status: int, code: str, message: str, detail: dict) -> None:
+    def _sent_outcome(self) -> Outcome:
+        """The outcome of a request a node received and did not answer."""
+        return Outcome.DEFINITE if self.method in _READS else Outcome.INDEFINITE
+
+    def _respond(self, status: int, code: str, message: str, detail: dict,
+                 outcome: Outcome) -> None:
         """Answer with an OCI error from the proxy itself (no node will)."""
+        detail = {"outcome": outcome.value, **detail}
         self._answer(lambda close: _local_response(status, code, message, detail, close,
                                                    head_only=self.method == b"HEAD"))
 

@@ -19,11 +19,14 @@ from cluster.faults.chaos import (
     SCENARIOS,
     ChaosRun,
     Observations,
+    Push,
+    Scenario,
     _windows,
     load,
     summary,
 )
 from cluster.testing import RunningCluster
+from registry_node.errors import Outcome
 
 SCALE = float(os.environ.get("GEOREG_CHAOS_SCALE", "0.3"))
 NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
@@ -84,6 +87,56 @@ def test_a_cluster_a_scenario_starts_is_seeded_with_the_runs_seed():
     assert summary(report).startswith("scenario x (seed 3, scale 1; cluster seed 1234): PASSED")
     report["cluster_seed"] = 3
     assert summary(report).startswith("scenario x (seed 3, scale 1): PASSED")
+
+
+def test_report_splits_5xx_by_outcome_and_never_counts_an_indefinite_push_as_lost():
+    """503s are counted apart by outcome; a push whose manifest got an
+    indefinite answer is neither acknowledged nor lost, whether it landed or
+    not, and the summary says what such an answer means."""
+    chaos = ChaosRun(Scenario(name="outcomes"), "http://unused", seed=1)
+    obs = chaos.obs
+    clock = iter([1.0, 1.2, 1.4, 5.0, 30.0])
+    obs.now = lambda: next(clock)
+    obs.error("eastus", "push", "UNAVAILABLE", "write quorum unavailable", Outcome.DEFINITE)
+    obs.error("eastus", "push", "UNAVAILABLE", "write quorum unavailable", Outcome.DEFINITE)
+    obs.error("eastus", "push", "UNAVAILABLE", "write not confirmed by a second zone",
+              Outcome.INDEFINITE)
+    obs.error("eastus", "push", "UNAVAILABLE", "write not confirmed by a second zone",
+              Outcome.INDEFINITE)
+    obs.error("westeurope", "pull", "MANIFEST_UNKNOWN")          # a 4xx: its code says it all
+    obs.pushes_attempted, obs.pushes_refused = 5, 2
+    obs.acknowledged = [Push("r", "p1", "sha256:a", "westeurope", 0.5, "westeurope")]
+    obs.indefinite = [Push("r", "p2", "sha256:b", "eastus", 1.4),
+                      Push("r", "p3", "sha256:c", "eastus", 5.0)]
+    report = chaos._report(last_heal=10.0, converged_after=1.0, lost=[], verify={"ok": True},
+                           max_lag=None, landed=[True, False])
+    assert report["errors_by_client"] == {
+        "eastus": {"UNAVAILABLE (definite)": 2, "UNAVAILABLE (indefinite)": 2},
+        "westeurope": {"MANIFEST_UNKNOWN": 1}}
+    assert report["error_windows_s"]["eastus"] == {"UNAVAILABLE (definite)": [(1.0, 1.2)],
+                                                   "UNAVAILABLE (indefinite)": [(1.4, 1.4),
+                                                                                (5.0, 5.0)]}
+    assert report["pushes"] == {"attempted": 5, "acknowledged": 1, "lost": 0, "refused": 2,
+                                "indefinite": 2, "indefinite_landed": 1, "indefinite_absent": 1}
+    assert [(p["tag"], p["landed"]) for p in report["indefinite"]] == [("p2", True), ("p3", False)]
+    assert report["checks"]["lost_acknowledged"] and report["passed"]
+    text = summary(report)
+    assert "0 acknowledged then lost, 2 refused (did not happen), 2 indefinite (1 landed, " \
+           "1 never appeared); pulls" in text
+    assert "2 × UNAVAILABLE (indefinite) (1.4–1.4s, 5–5s)" in text
+    assert "2 × UNAVAILABLE (definite) (1–1.2s)" in text
+    assert "the write may have landed" in text and "idempotent by digest" in text
+
+
+def test_summary_speaks_of_indefinite_outcomes_only_when_there_were_some():
+    chaos = ChaosRun(Scenario(name="calm"), "http://unused", seed=1)
+    chaos.obs.error("eastus", "push", "UNAVAILABLE", "write quorum unavailable", Outcome.DEFINITE)
+    chaos.obs.pushes_attempted = chaos.obs.pushes_refused = 1
+    report = chaos._report(last_heal=1.0, converged_after=0.5, lost=[], verify={"ok": True},
+                           max_lag=None, landed=[])
+    text = summary(report)
+    assert "may have landed" not in text and "indefinite (" not in text
+    assert "0 acknowledged then lost, 1 refused (did not happen); pulls" in text
 
 
 @pytest.mark.parametrize("name", NAMES)

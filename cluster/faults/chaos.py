@@ -39,14 +39,26 @@ resets. The runner talks to the cluster only through its management API and
 endpoints, so it runs against a cluster started by ``georeg up`` (whose own
 seed the report gives as ``cluster_seed``) or one it starts itself.
 
-The report counts acknowledged pushes and those lost (an acknowledged tag no
-replica serves once the cluster has converged), client-visible errors by code
-and client location with their time windows and the first message of each
-window, failovers (a client location's requests moving to another region), the
-time to converge after the last heal, and the worst replication lag seen. A
-pull of an image that residency keeps in another region (pushed through Brazil
-South, pulled from East US) is counted as ``MANIFEST_UNKNOWN (confined by
-residency)``, apart from misses that lag or a fault explains.
+The report counts every push by what became of it: *acknowledged* (201),
+*lost* (acknowledged, yet no replica serves its tag once the cluster has
+converged), *refused* (it did not happen: an answer whose outcome is definite,
+a 4xx, or any failure before its manifest was sent) and *indefinite* (its
+manifest PUT failed in a way that may have taken effect: a 5xx whose outcome
+is indefinite — stored by a replica, not confirmed by a second zone — or a
+connection lost after the request was sent). An indefinite push is looked
+for once the cluster has converged and reported as landed or never appeared;
+neither is a loss, since neither was acknowledged. Outcomes are read from the
+error body (``detail.outcome``, the contract in ``registry_node.errors``).
+
+Client-visible errors are counted by code and client location, with their
+time windows and the first message of each window; a 5xx (or a connection
+error) is split by outcome, ``UNAVAILABLE (definite)`` apart from
+``UNAVAILABLE (indefinite)``. The report also has failovers (a client
+location's requests moving to another region), the time to converge after the
+last heal, and the worst replication lag seen. A pull of an image that
+residency keeps in another region (pushed through Brazil South, pulled from
+East US) is counted as ``MANIFEST_UNKNOWN (confined by residency)``, apart
+from misses that lag or a fault explains.
 """
 
 from __future__ import annotations
@@ -63,6 +75,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
+from registry_node.errors import Outcome
 from replicator.residency import ResidencyPolicy
 
 from .controller import KINDS
@@ -163,17 +176,28 @@ class Push:
     tag: str
     digest: str
     client: str
-    acked_at: float                   # seconds since the run started
+    answered_at: float                # seconds since the run started (201, or the failure)
     region: str = ""                  # where it was pushed (the replica that acknowledged it)
+
+
+@dataclass(frozen=True)
+class ChaosImage:
+    repository: str
+    tag: str
+    blobs: list[bytes]                # config first
+    manifest: bytes
 
 
 @dataclass
 class Observations:
     started: float = field(default_factory=time.monotonic)
     pushes_attempted: int = 0
+    pushes_refused: int = 0           # did not happen (definitely)
     pulls_attempted: int = 0
     acknowledged: list[Push] = field(default_factory=list)
-    errors: list[tuple[float, str, str, str]] = field(default_factory=list)  # t, client, op, code
+    indefinite: list[Push] = field(default_factory=list)   # may have happened; never acknowledged
+    # t, client, op, code (split by outcome where the answer had one, see ``error_label``)
+    errors: list[tuple[float, str, str, str]] = field(default_factory=list)
     # (t, message) of every error that said why, up to _MAX_EXAMPLES per client and code
     examples: dict[tuple[str, str], list[tuple[float, str]]] = field(default_factory=dict)
     served_by: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
@@ -181,7 +205,9 @@ class Observations:
     def now(self) -> float:
         return time.monotonic() - self.started
 
-    def error(self, client: str, op: str, code: str, detail: str = "") -> None:
+    def error(self, client: str, op: str, code: str, detail: str = "",
+              outcome: Outcome | None = None) -> None:
+        code = error_label(code, outcome)
         now = self.now()
         self.errors.append((now, client, op, code))
         examples = self.examples.setdefault((client, code), [])
@@ -206,6 +232,31 @@ class Observations:
             history.append((self.now(), region))
 
 
+def error_label(code: str, outcome: Outcome | None) -> str:
+    """How an error is counted: its code, split by outcome where the answer had one."""
+    return f"{code} ({outcome.value})" if outcome is not None else code
+
+
+def answer_outcome(status: int, error: dict) -> Outcome | None:
+    """The outcome an error answer states (``detail.outcome`` of a 5xx); a 4xx
+    refused the request as sent: definite. None when a 5xx says nothing."""
+    if status < 500:
+        return Outcome.DEFINITE
+    detail = error.get("detail")
+    try:
+        return Outcome(detail.get("outcome")) if isinstance(detail, dict) else None
+    except ValueError:
+        return None
+
+
+def connection_outcome(exc: BaseException, write: bool) -> Outcome:
+    """A request that never connected did not happen; one whose connection
+    failed later may have, unless it was a read."""
+    if isinstance(exc, aiohttp.ClientConnectorError) or not write:
+        return Outcome.DEFINITE
+    return Outcome.INDEFINITE
+
+
 def region_of(replica: str) -> str:
     """``eastus-2`` → ``eastus``; a region without zones is its own node name."""
     return replica.rsplit("-", 1)[0] if replica[-1:].isdigit() else replica
@@ -215,6 +266,7 @@ def region_of(replica: str) -> str:
 # the registry doing its job, counted apart from misses that replication lag or
 # a fault explains.
 RESIDENCY_MISS = "MANIFEST_UNKNOWN (confined by residency)"
+INDEFINITE_LABEL = error_label("", Outcome.INDEFINITE)    # how an indefinite error's label ends
 _MAX_EXAMPLES = 10_000
 CONVERGE_CONCURRENCY = 32       # image statuses asked at once while waiting for convergence
 
@@ -281,36 +333,57 @@ class ChaosWorkload:
     async def _push(self, session: aiohttp.ClientSession) -> None:
         self._counter += 1
         client = self.rng.choice(self.clients)
+        await self.push(session, client, self.image())
+
+    def image(self) -> ChaosImage:
+        """The next image to push, drawn with the seed."""
         repo = f"chaos/{self.scenario.name}/r{self.rng.randrange(self.workload.repositories)}"
-        tag = f"p{self._counter}"
         layers = [self._layer() for _ in range(self.workload.layers)]
         config = json.dumps({"architecture": "amd64", "os": "linux", "n": self._counter}).encode()
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                       "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": "sha256:" + hashlib.sha256(x).hexdigest(), "size": len(x)}
+                       for x in layers]}).encode()
+        return ChaosImage(repo, f"p{self._counter}", [config, *layers], manifest)
+
+    async def push(self, session: aiohttp.ClientSession, client: str, image: ChaosImage) -> None:
+        """Push ``image`` as a client in ``client`` does, and record what became of it."""
         base = self.endpoints[client]
+        repo, tag = image.repository, image.tag
         self.obs.pushes_attempted += 1
+        push: Push | None = None          # once its manifest is on its way
         try:
-            for blob in [config, *layers]:
+            for blob in image.blobs:
                 digest = "sha256:" + hashlib.sha256(blob).hexdigest()
                 async with session.post(f"{base}/v2/{repo}/blobs/uploads/", params={"digest": digest},
                                         data=blob) as r:
                     await self._check(r, client, "push", 201)
-            manifest = json.dumps({
-                "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
-                           "size": len(config)},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                            "digest": "sha256:" + hashlib.sha256(x).hexdigest(), "size": len(x)}
-                           for x in layers]}).encode()
-            async with session.put(f"{base}/v2/{repo}/manifests/{tag}", data=manifest,
+            push = Push(repo, tag, "sha256:" + hashlib.sha256(image.manifest).hexdigest(), client,
+                        0.0)
+            async with session.put(f"{base}/v2/{repo}/manifests/{tag}", data=image.manifest,
                                    headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}) as r:
                 await self._check(r, client, "push", 201)
-                self.obs.acknowledged.append(Push(repo, tag, r.headers["Docker-Content-Digest"],
-                                                  client, self.obs.now(),
-                                                  region_of(r.headers.get("X-Georeg-Replica", ""))))
-        except _Refused:
-            pass
+                push.digest = r.headers["Docker-Content-Digest"]
+                push.answered_at = self.obs.now()
+                push.region = region_of(r.headers.get("X-Georeg-Replica", ""))
+                self.obs.acknowledged.append(push)
+                return
+        except _Refused as refused:
+            outcome = refused.outcome
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            self.obs.error(client, "push", f"connection:{type(exc).__name__}")
+            outcome = connection_outcome(exc, write=True)
+            self.obs.error(client, "push", f"connection:{type(exc).__name__}", outcome=outcome)
+        # A push that stopped before its manifest was sent did not happen, whatever
+        # became of its blobs: no tag can name them.
+        if push is not None and outcome is not Outcome.DEFINITE:
+            push.answered_at = self.obs.now()
+            self.obs.indefinite.append(push)
+        else:
+            self.obs.pushes_refused += 1
 
     async def _pull(self, session: aiohttp.ClientSession) -> None:
         client = self.rng.choice(self.clients)
@@ -322,7 +395,8 @@ class ChaosWorkload:
         except _Refused:
             pass
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            self.obs.error(client, "pull", f"connection:{type(exc).__name__}")
+            self.obs.error(client, "pull", f"connection:{type(exc).__name__}",
+                           outcome=connection_outcome(exc, write=False))
 
     async def _check(self, r: aiohttp.ClientResponse, client: str, op: str, want: int,
                      pulled: Push | None = None) -> None:
@@ -332,25 +406,40 @@ class ChaosWorkload:
         if r.status == want:
             await r.read()
             return
-        code, detail = f"HTTP {r.status}", ""
+        code, detail, error = f"HTTP {r.status}", "", {}
         try:
             error = (await r.json())["errors"][0]
             code = error["code"]
-            detail = f"{error.get('message', '')}: {error.get('detail', '')}".strip(": ")
-        except (ValueError, KeyError, IndexError, aiohttp.ContentTypeError):
+            detail = f"{error.get('message', '')}: {_reason(error.get('detail'))}".strip(": ")
+        except (ValueError, KeyError, IndexError, TypeError, aiohttp.ContentTypeError):
             pass
+        outcome = answer_outcome(r.status, error if isinstance(error, dict) else {})
         detail += f" [via {replica or '?'}]"
         if (code == "MANIFEST_UNKNOWN" and pulled is not None and pulled.region and replica
                 and not self.residency.allows(pulled.region, pulled.repository,
                                               region_of(replica))):
             code = RESIDENCY_MISS
             detail += f" (pushed in {pulled.region}, which keeps it)"
-        self.obs.error(client, op, code, detail)
-        raise _Refused
+        # A 4xx is counted by its code alone: the code says what was refused.
+        self.obs.error(client, op, code, detail, outcome if r.status >= 500 else None)
+        raise _Refused(outcome)
+
+
+def _reason(detail: object) -> str:
+    """What an error's detail says to a person: its reason, else the rest of it."""
+    if isinstance(detail, dict):
+        if "reason" in detail:
+            return str(detail["reason"])
+        rest = {k: v for k, v in detail.items() if k != "outcome"}
+        return json.dumps(rest) if rest else ""
+    return "" if detail is None else str(detail)
 
 
 class _Refused(Exception):
-    pass
+    def __init__(self, outcome: Outcome | None) -> None:
+        super().__init__(outcome)
+        # None: a 5xx that did not say; for a write, the safe reading is that it may have happened.
+        self.outcome = outcome if outcome is not None else Outcome.INDEFINITE
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -404,10 +493,11 @@ class ChaosRun:
             await self._api(session, "DELETE", "/georeg/v1/faults")
             last_heal = self.obs.now()
             converged_after = await self._converge(session)
-            lost = await self._lost(session, endpoints)
+            lost = await self._lost(session)
+            landed = await self._landed(session)
             verify = await self._verify(session) if self.scenario.assertions.verify else None
             max_lag = await self._max_lag(session, status)
-        return self._report(last_heal, converged_after, lost, verify, max_lag)
+        return self._report(last_heal, converged_after, lost, verify, max_lag, landed)
 
     async def _faults(self, session) -> None:
         for step in self.steps:
@@ -457,23 +547,33 @@ class ChaosRun:
             await asyncio.sleep(0.25)
         return None
 
-    async def _lost(self, session, endpoints: dict[str, str]) -> list[dict]:
-        """Acknowledged pushes no replica serves (after convergence)."""
+    async def _served(self, session, pushes: list[Push]) -> list[bool]:
+        """Whether any replica serves each push's tag with its digest."""
         status = await self._api(session, "GET", "/georeg/v1/cluster")
         nodes = [n["http"] for n in status["nodes"] if n["healthy"]]
-        lost = []
-        for push in self.obs.acknowledged:
-            found = False
+        found = []
+        for push in pushes:
             for node in nodes:
                 async with session.head(f"{node}/v2/{push.repository}/manifests/{push.tag}") as r:
                     if r.status == 200 and r.headers.get("Docker-Content-Digest") == push.digest:
-                        found = True
+                        found.append(True)
                         break
-            if not found:
-                lost.append({"repository": push.repository, "tag": push.tag,
-                             "digest": push.digest, "client": push.client,
-                             "acked_at_s": round(push.acked_at, 2)})
-        return lost
+            else:
+                found.append(False)
+        return found
+
+    async def _lost(self, session) -> list[dict]:
+        """Acknowledged pushes no replica serves (after convergence)."""
+        pushes = self.obs.acknowledged
+        return [{"repository": push.repository, "tag": push.tag, "digest": push.digest,
+                 "client": push.client, "acked_at_s": round(push.answered_at, 2)}
+                for push, served in zip(pushes, await self._served(session, pushes), strict=True)
+                if not served]
+
+    async def _landed(self, session) -> list[bool]:
+        """For each indefinite push, whether it took effect after all (after
+        convergence: what landed anywhere has had time to be served)."""
+        return await self._served(session, self.obs.indefinite)
 
     async def _verify(self, session) -> dict | None:
         try:
@@ -501,7 +601,7 @@ class ChaosRun:
         return worst
 
     def _report(self, last_heal: float, converged_after: float | None, lost: list[dict],
-                verify: dict | None, max_lag: float | None) -> dict:
+                verify: dict | None, max_lag: float | None, landed: list[bool]) -> dict:
         obs = self.obs
         errors: dict[str, dict[str, int]] = {}
         windows: dict[str, dict[str, list]] = {}
@@ -531,9 +631,16 @@ class ChaosRun:
             "schedule": [s.describe() for s in self.steps],
             "applied": self.applied,
             "pushes": {"attempted": obs.pushes_attempted, "acknowledged": len(obs.acknowledged),
-                       "lost": len(lost)},
+                       "lost": len(lost), "refused": obs.pushes_refused,
+                       "indefinite": len(obs.indefinite),
+                       "indefinite_landed": sum(landed),
+                       "indefinite_absent": len(landed) - sum(landed)},
             "pulls": {"attempted": obs.pulls_attempted},
             "lost": lost,
+            "indefinite": [{"repository": push.repository, "tag": push.tag, "digest": push.digest,
+                            "client": push.client, "answered_at_s": round(push.answered_at, 2),
+                            "landed": was_landed}
+                           for push, was_landed in zip(obs.indefinite, landed, strict=True)],
             "errors_by_client": errors,
             "error_windows_s": windows,
             "error_examples": {f"{client} {code}": obs.first_examples(client, code, spans)
@@ -559,14 +666,25 @@ def summary(report: dict) -> str:
         lines.append(f"  {report['description']}")
     lines.append("  schedule: " + "; ".join(report["schedule"]))
     p = report["pushes"]
+    unacknowledged = "".join([
+        f", {p['refused']} refused (did not happen)" if p["refused"] else "",
+        f", {p['indefinite']} indefinite ({p['indefinite_landed']} landed, "
+        f"{p['indefinite_absent']} never appeared)" if p["indefinite"] else ""])
     lines.append(f"  pushes: {p['attempted']} attempted, {p['acknowledged']} acknowledged, "
-                 f"{p['lost']} acknowledged then lost; pulls: {report['pulls']['attempted']}")
+                 f"{p['lost']} acknowledged then lost{unacknowledged}; "
+                 f"pulls: {report['pulls']['attempted']}")
     for client, codes in report["errors_by_client"].items():
         for code, count in codes.items():
             spans = ", ".join(f"{a:g}–{b:g}s" for a, b in report["error_windows_s"][client][code])
             lines.append(f"  errors seen by clients in {client}: {count} × {code} ({spans})")
             for example in report["error_examples"].get(f"{client} {code}", []):
                 lines.append(f"    first of a window: {example}")
+    if p["indefinite"] or any(code.endswith(INDEFINITE_LABEL)
+                              for codes in report["errors_by_client"].values() for code in codes):
+        lines.append("  indefinite: the write may have landed — a replica stored it but no second "
+                     "zone confirmed it, or the connection was lost after the request was sent; "
+                     "retrying is safe, pushes are idempotent by digest. An indefinite push is "
+                     "not a lost one: it was never acknowledged")
     for client, moves in report["failovers"].items():
         for move in moves:
             lines.append(f"  failover: clients in {client} moved to {move['to']} at {move['at_s']:g}s")

@@ -666,10 +666,10 @@ def summary(report: dict) -> str:
         lines.append(f"  {report['description']}")
     lines.append("  schedule: " + "; ".join(report["schedule"]))
     p = report["pushes"]
-    unacknowledged = "".join([
-        f", {p['refused']} refused (did not happen)" if p["refused"] else "",
+    unacknowledged = "".join([   # said only when there were some
+        f", {p['refused']} refused (did not happen)" if p.get("refused") else "",
         f", {p['indefinite']} indefinite ({p['indefinite_landed']} landed, "
-        f"{p['indefinite_absent']} never appeared)" if p["indefinite"] else ""])
+        f"{p['indefinite_absent']} never appeared)" if p.get("indefinite") else ""])
     lines.append(f"  pushes: {p['attempted']} attempted, {p['acknowledged']} acknowledged, "
                  f"{p['lost']} acknowledged then lost{unacknowledged}; "
                  f"pulls: {report['pulls']['attempted']}")
@@ -679,7 +679,7 @@ def summary(report: dict) -> str:
             lines.append(f"  errors seen by clients in {client}: {count} × {code} ({spans})")
             for example in report["error_examples"].get(f"{client} {code}", []):
                 lines.append(f"    first of a window: {example}")
-    if p["indefinite"] or any(code.endswith(INDEFINITE_LABEL)
+    if p.get("indefinite") or any(code.endswith(INDEFINITE_LABEL)
                               for codes in report["errors_by_client"].values() for code in codes):
         lines.append("  indefinite: the write may have landed — a replica stored it but no second "
                      "zone confirmed it, or the connection was lost after the request was sent; "

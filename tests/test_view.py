@@ -113,7 +113,8 @@ async def test_georeg_node_follows_the_view_files_decision(tmp_path):
             async with http.post(f"{nodes[1].url}/v2/zr/app/blobs/uploads/") as r:
                 assert r.status == 503
                 detail = (await r.json())["errors"][0]["detail"]
-            assert "only 1 of 3 zones" in detail and "writes need 2" in detail
+            assert "only 1 of 3 zones" in detail["reason"] and "writes need 2" in detail["reason"]
+            assert (detail["zones"], detail["zones_needed"], detail["outcome"]) == (3, 2, "definite")
     finally:
         for node in nodes:
             node.close()

@@ -1,4 +1,5 @@
-"""Every key in a node's metadata database is built here, and only here.
+"""Every key in a node's metadata database is built here, and read back here:
+nowhere else splits, slices or assembles key bytes.
 
 Components are joined by NUL (``\\x00``). No repository name, tag, digest or
 upload id can contain NUL (see ``reference``), so a prefix scan over one
@@ -10,6 +11,7 @@ The key space::
     meta\\0schema                          → schema version (ascii int)
     meta\\0identity                        → NodeIdentity      which region/zone wrote this DB
     meta\\0hlc                             → last HLC stamp issued (ascii int)
+    meta\\0keycheck                        → key check value   which node key encrypted this DB
     log\\0<seq:u64be>                       → Event             the replication log, seq from 1
     blob\\0<digest>                         → BlobRecord        the node holds this blob's file
     ref\\0<target>\\0<repo>\\0<manifest>      → b""               <manifest> in <repo> needs <target>
@@ -27,7 +29,17 @@ The key space::
     └── b\\0<digest>                        → Tombstone         a deleted blob link
     cursor\\0<peer name>                    → Cursor            how far a peer's log is applied
     fail\\0<repo>\\0<digest>                → ReplicationFailure  why content could not replicate
+                                                                (<digest> is the event's tag when
+                                                                it names no digest)
     xfer\\0<digest>                         → upload id         an inbound blob transfer to resume
+
+Each leaf of the tree has a builder (``tag(repo, tag)`` → bytes) and a frozen
+value named after it (``TagKey(repository, tag)``) that ``parse`` returns for
+those bytes; ``TagKey(…).encode()`` calls the builder, so the two cannot drift.
+``parse`` checks the shape only — family, kind, number of components, UTF-8,
+no empty component, an 8-byte sequence — and raises ``MalformedKey`` for
+anything else; names, tags and digests were validated (``reference``) before
+they were ever stored, and are not re-validated on the way out.
 
 Blob bytes are not here: they live in ``blobs/<alg>/<hex[:2]>/<hex>`` under the
 data dir, encrypted (see ``crypto``); uploads in progress in ``uploads/<uuid>``.
@@ -36,11 +48,16 @@ data dir, encrypted (see ``crypto``); uploads in progress in ``uploads/<uuid>``.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, fields
+from typing import TypeVar, overload
 
 SEP = b"\x00"
-SCHEMA = b"meta\x00schema"
-IDENTITY = b"meta\x00identity"
-HLC = b"meta\x00hlc"
+
+META = b"meta\x00"
+SCHEMA = META + b"schema"
+IDENTITY = META + b"identity"
+HLC = META + b"hlc"
+KEY_CHECK = META + b"keycheck"
 
 LOG = b"log\x00"
 BLOB = b"blob\x00"
@@ -54,11 +71,22 @@ CURSOR = b"cursor\x00"
 FAIL = b"fail\x00"
 TRANSFER = b"xfer\x00"
 
+# The second level of ``r\0<repo>\0`` and ``tomb\0<repo>\0``.
+_LINK = b"b"
+_MANIFEST = b"m"
+_TAG = b"t"
+_REFERRER = b"s"
+
 _SEQ = struct.Struct(">Q")
+LAST_SEQ = 2**64 - 1
+"""The largest sequence a log key can hold (``log(LAST_SEQ)`` sorts after every log key)."""
 
 
 def _b(text: str) -> bytes:
     return text.encode()
+
+
+# -- builders ----------------------------------------------------------------
 
 
 def log(seq: int) -> bytes:
@@ -106,15 +134,19 @@ def repo_prefix(name: str) -> bytes:
 
 
 def blob_link(name: str, digest: str) -> bytes:
-    return repo_prefix(name) + b"b" + SEP + _b(digest)
+    return blob_link_prefix(name) + _b(digest)
+
+
+def blob_link_prefix(name: str) -> bytes:
+    return repo_prefix(name) + _LINK + SEP
 
 
 def manifest(name: str, digest: str) -> bytes:
-    return repo_prefix(name) + b"m" + SEP + _b(digest)
+    return manifest_prefix(name) + _b(digest)
 
 
 def manifest_prefix(name: str) -> bytes:
-    return repo_prefix(name) + b"m" + SEP
+    return repo_prefix(name) + _MANIFEST + SEP
 
 
 def tag(name: str, tag_name: str) -> bytes:
@@ -122,7 +154,7 @@ def tag(name: str, tag_name: str) -> bytes:
 
 
 def tag_prefix(name: str) -> bytes:
-    return repo_prefix(name) + b"t" + SEP
+    return repo_prefix(name) + _TAG + SEP
 
 
 def referrer(name: str, subject: str, referrer_digest: str) -> bytes:
@@ -130,7 +162,7 @@ def referrer(name: str, subject: str, referrer_digest: str) -> bytes:
 
 
 def referrer_prefix(name: str, subject: str) -> bytes:
-    return repo_prefix(name) + b"s" + SEP + _b(subject) + SEP
+    return repo_prefix(name) + _REFERRER + SEP + _b(subject) + SEP
 
 
 def upload(uuid: str) -> bytes:
@@ -147,15 +179,15 @@ def tomb_prefix(name: str) -> bytes:
 
 
 def tag_tomb(name: str, tag_name: str) -> bytes:
-    return tomb_prefix(name) + b"t" + SEP + _b(tag_name)
+    return tomb_prefix(name) + _TAG + SEP + _b(tag_name)
 
 
 def manifest_tomb(name: str, digest: str) -> bytes:
-    return tomb_prefix(name) + b"m" + SEP + _b(digest)
+    return tomb_prefix(name) + _MANIFEST + SEP + _b(digest)
 
 
 def blob_tomb(name: str, digest: str) -> bytes:
-    return tomb_prefix(name) + b"b" + SEP + _b(digest)
+    return tomb_prefix(name) + _LINK + SEP + _b(digest)
 
 
 def cursor(peer: str) -> bytes:
@@ -168,3 +200,281 @@ def failure(name: str, digest: str) -> bytes:
 
 def transfer(digest: str) -> bytes:
     return TRANSFER + _b(digest)
+
+
+def in_repository(key: bytes, name: str) -> bool:
+    """Whether ``key`` is stored under repository ``name`` (``r\\0<name>\\0…``)."""
+    return key.startswith(repo_prefix(name))
+
+
+# -- parsed keys ---------------------------------------------------------------
+# One frozen value per leaf of the tree, fields in the order the key holds them.
+
+
+@dataclass(frozen=True, slots=True)
+class MetaKey:
+    """``meta\\0<name>``: one of the node's own settings (schema, identity, hlc, keycheck)."""
+
+    name: str
+
+    def encode(self) -> bytes:
+        return META + _b(self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class LogKey:
+    seq: int
+
+    def encode(self) -> bytes:
+        return log(self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobKey:
+    digest: str
+
+    def encode(self) -> bytes:
+        return blob(self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class RefKey:
+    """Manifest ``manifest`` of ``repository`` needs ``target`` (a blob or child manifest)."""
+
+    target: str
+    repository: str
+    manifest: str
+
+    def encode(self) -> bytes:
+        return ref(self.target, self.repository, self.manifest)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobUserKey:
+    digest: str
+    repository: str
+
+    def encode(self) -> bytes:
+        return blob_user(self.digest, self.repository)
+
+
+@dataclass(frozen=True, slots=True)
+class RepoKey:
+    """A catalog entry."""
+
+    repository: str
+
+    def encode(self) -> bytes:
+        return repo(self.repository)
+
+
+@dataclass(frozen=True, slots=True)
+class RepoDataKey:
+    """An entry stored under ``repository`` (one of the four below)."""
+
+    repository: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobLinkKey(RepoDataKey):
+    digest: str
+
+    def encode(self) -> bytes:
+        return blob_link(self.repository, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestKey(RepoDataKey):
+    digest: str
+
+    def encode(self) -> bytes:
+        return manifest(self.repository, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class TagKey(RepoDataKey):
+    tag: str
+
+    def encode(self) -> bytes:
+        return tag(self.repository, self.tag)
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrerKey(RepoDataKey):
+    subject: str
+    referrer: str
+
+    def encode(self) -> bytes:
+        return referrer(self.repository, self.subject, self.referrer)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadKey:
+    upload_id: str
+
+    def encode(self) -> bytes:
+        return upload(self.upload_id)
+
+
+@dataclass(frozen=True, slots=True)
+class TombKey:
+    """A deleted register of ``repository`` (one of the three below)."""
+
+    repository: str
+
+
+@dataclass(frozen=True, slots=True)
+class TagTombKey(TombKey):
+    tag: str
+
+    def encode(self) -> bytes:
+        return tag_tomb(self.repository, self.tag)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestTombKey(TombKey):
+    digest: str
+
+    def encode(self) -> bytes:
+        return manifest_tomb(self.repository, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobTombKey(TombKey):
+    digest: str
+
+    def encode(self) -> bytes:
+        return blob_tomb(self.repository, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class CursorKey:
+    peer: str
+
+    def encode(self) -> bytes:
+        return cursor(self.peer)
+
+
+@dataclass(frozen=True, slots=True)
+class FailureKey:
+    repository: str
+    digest: str
+
+    def encode(self) -> bytes:
+        return failure(self.repository, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferKey:
+    digest: str
+
+    def encode(self) -> bytes:
+        return transfer(self.digest)
+
+
+Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | RepoKey | BlobLinkKey | ManifestKey
+       | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
+       | CursorKey | FailureKey | TransferKey)
+
+_META_NAMES = frozenset(k[len(META):] for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK))
+# Families whose components follow the family name directly.
+_FLAT: dict[bytes, type] = {
+    BLOB: BlobKey, REF: RefKey, BLOB_USER: BlobUserKey, REPO: RepoKey, UPLOAD: UploadKey,
+    CURSOR: CursorKey, FAIL: FailureKey, TRANSFER: TransferKey,
+}
+# Families of ``<family><repo>\0<kind>\0…``, by kind.
+_IN_REPOSITORY: dict[bytes, dict[bytes, type]] = {
+    REPO_DATA: {_LINK: BlobLinkKey, _MANIFEST: ManifestKey, _TAG: TagKey, _REFERRER: ReferrerKey},
+    TOMB: {_TAG: TagTombKey, _MANIFEST: ManifestTombKey, _LINK: BlobTombKey},
+}
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {
+    kind: tuple(f.name for f in fields(kind)) for kind in Key.__args__}
+
+
+class MalformedKey(ValueError):
+    """Bytes that are not a key of this grammar (or not of the family expected)."""
+
+    def __init__(self, key: bytes, why: str) -> None:
+        super().__init__(f"malformed metadata key {key!r}: {why}")
+        self.key = key
+        self.why = why
+
+
+K = TypeVar("K")
+
+
+@overload
+def parse(key: bytes) -> Key: ...
+
+
+@overload
+def parse(key: bytes, expected: type[K]) -> K: ...
+
+
+def parse(key, expected=None):
+    """The typed value of ``key`` (see the tree); with ``expected``, also
+    refuse a well-formed key of another family. Raises ``MalformedKey``."""
+    parsed = _parse(key)
+    if expected is not None and not isinstance(parsed, expected):
+        raise MalformedKey(key, f"a {type(parsed).__name__}, not a {expected.__name__}")
+    return parsed
+
+
+def _parse(key: bytes) -> Key:
+    head, sep, rest = key.partition(SEP)
+    family = head + sep
+    if not sep:
+        raise MalformedKey(key, "no NUL after the family name")
+    if family == LOG:  # binary: the sequence may itself hold NUL bytes
+        if len(rest) != _SEQ.size:
+            raise MalformedKey(key, f"a log sequence is {_SEQ.size} bytes, not {len(rest)}")
+        return LogKey(_SEQ.unpack(rest)[0])
+    parts = _components(key, rest)
+    if family == META:
+        if len(parts) != 1 or rest not in _META_NAMES:
+            raise MalformedKey(key, f"meta names one of {sorted(n.decode() for n in _META_NAMES)}")
+        return MetaKey(parts[0])
+    if family in _FLAT:
+        return _build(key, _FLAT[family], parts)
+    if family in _IN_REPOSITORY:
+        if len(parts) < 2:
+            raise MalformedKey(key, "no kind after the repository")
+        kinds = _IN_REPOSITORY[family]
+        kind = parts[1].encode()
+        if kind not in kinds:
+            raise MalformedKey(key, f"kind {parts[1]!r} is not one of "
+                                    f"{sorted(k.decode() for k in kinds)}")
+        return _build(key, kinds[kind], [parts[0], *parts[2:]])
+    raise MalformedKey(key, f"unknown family {head!r}")
+
+
+def _components(key: bytes, rest: bytes) -> list[str]:
+    parts = rest.split(SEP)
+    if any(not part for part in parts):
+        raise MalformedKey(key, "an empty component")
+    try:
+        return [part.decode() for part in parts]
+    except UnicodeDecodeError:
+        raise MalformedKey(key, "a component that is not UTF-8") from None
+
+
+def _build(key: bytes, kind: type, parts: list[str]) -> Key:
+    names = _FIELDS[kind]
+    if len(parts) != len(names):
+        raise MalformedKey(key, f"a {kind.__name__} has {len(names)} components "
+                                f"({', '.join(names)}), not {len(parts)}")
+    return kind(*parts)
+
+
+def render(key: bytes) -> str:
+    """``key`` as a person reads it (in reports): components joined by ``/``, a
+    log key as ``log/<seq>``. Any bytes render, well-formed or not."""
+    try:
+        parsed = _parse(key)
+    except MalformedKey:
+        parsed = None
+    if isinstance(parsed, LogKey):
+        return f"log/{parsed.seq}"
+    return key.replace(SEP, b"/").decode(errors="replace")

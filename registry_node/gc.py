@@ -63,7 +63,7 @@ class GarbageCollector:
         since_start = now - registry.started
         reclaimed = reclaimed_bytes = 0
         for key, raw in list(meta.scan(keys.BLOB)):
-            digest = keys.suffix(key, keys.BLOB)
+            digest = keys.parse(key, keys.BlobKey).digest
             if self._reclaim(digest, now, now_ns, since_start):
                 reclaimed += 1
                 reclaimed_bytes += decode(raw, BlobRecord).size
@@ -110,9 +110,8 @@ class GarbageCollector:
         if meta.has_prefix(keys.ref_prefix(digest)):
             return False
         batch = Batch()
-        users_prefix = keys.blob_users_prefix(digest)
-        for key, _ in meta.scan(users_prefix):
-            repo = keys.suffix(key, users_prefix)
+        for key, _ in meta.scan(keys.blob_users_prefix(digest)):
+            repo = keys.parse(key, keys.BlobUserKey).repository
             batch.delete(key)
             batch.delete(keys.blob_link(repo, digest))
             registry.drop_repo_if_emptied(batch, repo)

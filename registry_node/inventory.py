@@ -26,7 +26,8 @@ A stamp is ``[hlc, origin region, origin zone]``, as ``records.Stamp`` orders th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from . import keys
 from .records import (
@@ -43,7 +44,7 @@ from .records import (
 Scan = Callable[[bytes], Iterable[tuple[bytes, bytes]]]
 """``scan(prefix)``: every (key, value) whose key starts with ``prefix``, in key order."""
 
-_KINDS = {b"t": "tags", b"m": "manifests", b"b": "blob_links"}
+K = TypeVar("K")
 
 
 def _repository(out: dict, name: str) -> dict:
@@ -54,45 +55,50 @@ def _repository(out: dict, name: str) -> dict:
     return repo
 
 
-def _split(key: bytes, prefix: bytes) -> tuple[str, bytes, str] | None:
-    """``<prefix><repo>\\0<kind>\\0<name>`` → (repo, kind, name)."""
-    parts = key[len(prefix):].split(keys.SEP, 2)
-    if len(parts) != 3:
-        return None
-    return parts[0].decode(), parts[1], parts[2].decode()
+def _keys(scan: Scan, prefix: bytes, kind: type[K]) -> Iterator[tuple[K, bytes]]:
+    """The keys of ``kind`` under ``prefix``, parsed. A key that does not parse
+    names no content this inventory can describe: it is left out, not fatal (the
+    builder also reads data dirs from outside, where one odd key must not hide
+    the rest)."""
+    for key, raw in scan(prefix):
+        try:
+            yield keys.parse(key, kind), raw
+        except keys.MalformedKey:
+            continue
 
 
 def build(scan: Scan, blob_files: Iterable[str], last_seq: int = 0) -> dict:
     """The inventory of one node's storage (see the module docstring)."""
     repositories: dict[str, dict] = {}
-    for key, raw in scan(keys.REPO_DATA):
-        parsed = _split(key, keys.REPO_DATA)
-        if parsed is None or parsed[1] not in _KINDS:
-            continue  # referrer entries: derivable from the manifests' subjects
-        name, kind, item = parsed
-        repo = _repository(repositories, name)
-        if kind == b"t":
-            tag = decode(raw, TagRecord)
-            repo["tags"][item] = {"digest": tag.digest, "stamp": list(stamp_of(tag))}
-        elif kind == b"m":
-            record = decode(raw, ManifestRecord)
-            repo["manifests"][item] = {
-                "media_type": record.media_type, "size": record.size,
-                "pushed_region": record.pushed_region or record.origin_region,
-                "references": list(record.references), "subject": record.subject,
-                "stamp": list(stamp_of(record))}
-        else:
-            repo["blob_links"][item] = {"stamp": list(stamp_of(decode(raw, BlobLink)))}
-    for key, raw in scan(keys.TOMB):
-        parsed = _split(key, keys.TOMB)
-        if parsed is None or parsed[1] not in _KINDS:
-            continue
-        name, kind, item = parsed
+    for key, raw in _keys(scan, keys.REPO_DATA, keys.RepoDataKey):
+        match key:
+            case keys.TagKey(repository=name, tag=tag_name):
+                tag = decode(raw, TagRecord)
+                _repository(repositories, name)["tags"][tag_name] = {
+                    "digest": tag.digest, "stamp": list(stamp_of(tag))}
+            case keys.ManifestKey(repository=name, digest=digest):
+                record = decode(raw, ManifestRecord)
+                _repository(repositories, name)["manifests"][digest] = {
+                    "media_type": record.media_type, "size": record.size,
+                    "pushed_region": record.pushed_region or record.origin_region,
+                    "references": list(record.references), "subject": record.subject,
+                    "stamp": list(stamp_of(record))}
+            case keys.BlobLinkKey(repository=name, digest=digest):
+                _repository(repositories, name)["blob_links"][digest] = {
+                    "stamp": list(stamp_of(decode(raw, BlobLink)))}
+            # Referrer entries are left out: derivable from the manifests' subjects.
+    for key, raw in _keys(scan, keys.TOMB, keys.TombKey):
         tomb = decode(raw, Tombstone)
         entry: dict = {"stamp": list(stamp_of(tomb))}
-        if kind == b"t":
-            entry["digest"] = tomb.digest
-        _repository(repositories, name)["deleted_" + _KINDS[kind]][item] = entry
+        deleted = _repository(repositories, key.repository)
+        match key:
+            case keys.TagTombKey(tag=tag_name):
+                entry["digest"] = tomb.digest
+                deleted["deleted_tags"][tag_name] = entry
+            case keys.ManifestTombKey(digest=digest):
+                deleted["deleted_manifests"][digest] = entry
+            case keys.BlobTombKey(digest=digest):
+                deleted["deleted_blob_links"][digest] = entry
     identity = None
     for _, raw in scan(keys.IDENTITY):
         found = decode(raw, NodeIdentity)
@@ -100,10 +106,10 @@ def build(scan: Scan, blob_files: Iterable[str], last_seq: int = 0) -> dict:
     return {
         "identity": identity,
         "last_seq": last_seq,
-        "catalog": [keys.suffix(k, keys.REPO) for k, _ in scan(keys.REPO)],
+        "catalog": [k.repository for k, _ in _keys(scan, keys.REPO, keys.RepoKey)],
         "repositories": repositories,
-        "blobs": {keys.suffix(k, keys.BLOB): decode(raw, BlobRecord).size
-                  for k, raw in scan(keys.BLOB)},
+        "blobs": {k.digest: decode(raw, BlobRecord).size
+                  for k, raw in _keys(scan, keys.BLOB, keys.BlobKey)},
         "blob_files": sorted(blob_files),
     }
 

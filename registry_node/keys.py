@@ -93,10 +93,6 @@ def log(seq: int) -> bytes:
     return LOG + _SEQ.pack(seq)
 
 
-def log_seq(key: bytes) -> int:
-    return _SEQ.unpack(key[len(LOG):])[0]
-
-
 def blob(digest: str) -> bytes:
     return BLOB + _b(digest)
 
@@ -167,11 +163,6 @@ def referrer_prefix(name: str, subject: str) -> bytes:
 
 def upload(uuid: str) -> bytes:
     return UPLOAD + _b(uuid)
-
-
-def suffix(key: bytes, prefix: bytes) -> str:
-    """The last component of ``key`` after ``prefix``, decoded."""
-    return key[len(prefix):].decode()
 
 
 def tomb_prefix(name: str) -> bytes:

@@ -150,9 +150,10 @@ class MetadataStore:
 
     def _read_last_seq(self) -> int:
         it = self._db.iter()
-        it.seek_for_prev(keys.LOG + b"\xff" * 8)
-        if it.valid() and it.key().startswith(keys.LOG):
-            return keys.log_seq(it.key())
+        it.seek_for_prev(keys.log(keys.LAST_SEQ))
+        # Whatever lies between the first and the last possible log key is a log key.
+        if it.valid() and it.key() >= keys.log(0):
+            return keys.parse(it.key(), keys.LogKey).seq
         return 0
 
     def read_log(self, after: int, limit: int = 1000) -> list[Event]:

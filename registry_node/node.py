@@ -24,7 +24,6 @@ from .registry import Registry
 from .storage_faults import StorageFaults
 
 SCHEMA_VERSION = b"1"
-KEY_CHECK = b"meta\x00keycheck"
 
 
 class DataDirError(Exception):
@@ -76,9 +75,9 @@ def _check_data_dir(meta: MetadataStore, node_key: NodeKey, config: NodeConfig) 
     elif schema != SCHEMA_VERSION:
         raise DataDirError(f"{config.data_dir} has storage schema {schema.decode()}, this georeg "
                            f"reads schema {SCHEMA_VERSION.decode()}")
-    check = meta.get(KEY_CHECK)
+    check = meta.get(keys.KEY_CHECK)
     if check is None:
-        batch.put(KEY_CHECK, node_key.check_value())
+        batch.put(keys.KEY_CHECK, node_key.check_value())
     elif not node_key.matches(check):
         raise DataDirError(f"{config.key_path} is not the key {config.data_dir} was encrypted "
                            f"with; pass the original with --key-file")

@@ -195,7 +195,7 @@ class Registry:
         for key, _ in self.meta.scan(keys.repo_prefix(name)):
             if key not in batch.deletes:
                 return
-        if not any(k.startswith(keys.repo_prefix(name)) for k in batch.puts):
+        if not any(keys.in_repository(k, name) for k in batch.puts):
             batch.delete(keys.repo(name))
 
     def repository_exists(self, name: str) -> bool:
@@ -229,7 +229,7 @@ class Registry:
         if not self.blob_visible(repo, digest):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)})
         for key, _ in self.meta.scan(keys.ref_repo_prefix(digest, repo)):
-            user = keys.suffix(key, keys.ref_repo_prefix(digest, repo))
+            user = keys.parse(key, keys.RefKey).manifest
             raise RegistryError(
                 ErrorCode.DENIED,
                 f"blob {digest} is used by manifest {user} in {repo}; delete that manifest first",
@@ -464,7 +464,7 @@ class Registry:
         now_mono, now_ns = self._monotonic(), self._wall_ns()
         expired = 0
         for key, raw in list(self.meta.scan(keys.UPLOAD)):
-            upload_id = keys.suffix(key, keys.UPLOAD)
+            upload_id = keys.parse(key, keys.UploadKey).upload_id
             open_upload = self._uploads.get(upload_id)
             if open_upload is not None:
                 if open_upload.lock.locked() or now_mono - open_upload.last_used < older_than_s:
@@ -641,7 +641,7 @@ class Registry:
         for key, value in self.meta.scan(keys.tag_prefix(repo)):
             record = decode(value, TagRecord)
             if record.digest == digest and stamp_of(record) < stamp:
-                tag = keys.suffix(key, keys.tag_prefix(repo))
+                tag = keys.parse(key, keys.TagKey).tag
                 batch.delete(key)
                 batch.put(keys.tag_tomb(repo, tag), encode(Tombstone(
                     record.hlc, record.origin_region, record.origin_zone, digest)))
@@ -670,7 +670,7 @@ class Registry:
         if raw is None:
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": str(digest)})
         for key, _ in self.meta.scan(keys.ref_repo_prefix(digest, repo)):
-            user = keys.suffix(key, keys.ref_repo_prefix(digest, repo))
+            user = keys.parse(key, keys.RefKey).manifest
             raise RegistryError(
                 ErrorCode.DENIED,
                 f"manifest {digest} is part of index {user} in {repo}; delete the index first",
@@ -695,8 +695,8 @@ class Registry:
         if not self.repository_exists(repo):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
         self.quorum.check_writable()
-        tags = [keys.suffix(k, keys.tag_prefix(repo)) for k, _ in self.meta.scan(keys.tag_prefix(repo))]
-        manifests_left = [keys.suffix(k, keys.manifest_prefix(repo))
+        tags = [keys.parse(k, keys.TagKey).tag for k, _ in self.meta.scan(keys.tag_prefix(repo))]
+        manifests_left = [keys.parse(k, keys.ManifestKey).digest
                           for k, _ in self.meta.scan(keys.manifest_prefix(repo))]
         deleted: list[str] = []
         unlinked: list[str] = []
@@ -710,10 +710,10 @@ class Registry:
                     await self.delete_manifest(repo, digest)
                     deleted.append(digest)
                 manifests_left = [d for d in manifests_left if d not in free]
-            prefix = keys.repo_prefix(repo) + b"b" + keys.SEP
-            for key, _ in list(self.meta.scan(prefix)):
-                await self.delete_blob(repo, Digest(keys.suffix(key, prefix)))
-                unlinked.append(keys.suffix(key, prefix))
+            for key, _ in list(self.meta.scan(keys.blob_link_prefix(repo))):
+                digest = keys.parse(key, keys.BlobLinkKey).digest
+                await self.delete_blob(repo, Digest(digest))
+                unlinked.append(digest)
         except (RegistryError, OSError) as exc:
             # One commit per delete: a failure after the first leaves the
             # repository partly deleted, whatever the failure would say alone.
@@ -732,13 +732,14 @@ class Registry:
         """Tags in byte order after ``last``; the bool says whether more follow."""
         if not self.repository_exists(repo):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
-        prefix = keys.tag_prefix(repo)
         after = keys.tag(repo, last) if last else None
-        return _page((keys.suffix(k, prefix) for k, _ in self.meta.scan(prefix, after)), n)
+        return _page((keys.parse(k, keys.TagKey).tag
+                      for k, _ in self.meta.scan(keys.tag_prefix(repo), after)), n)
 
     def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
         after = keys.repo(last) if last else None
-        return _page((keys.suffix(k, keys.REPO) for k, _ in self.meta.scan(keys.REPO, after)), n)
+        return _page((keys.parse(k, keys.RepoKey).repository
+                      for k, _ in self.meta.scan(keys.REPO, after)), n)
 
     def referrers(self, repo: str, subject: Digest,
                   artifact_type: str | None) -> list[Descriptor]:

@@ -408,9 +408,8 @@ class Replica:
 
     def repositories(self) -> list[str]:
         """Every repository with live content or tombstones."""
-        names = {keys.suffix(k, keys.REPO) for k, _ in self.meta.scan(keys.REPO)}
-        for key, _ in self.meta.scan(keys.TOMB):
-            names.add(key[len(keys.TOMB):].split(keys.SEP, 1)[0].decode())
+        names = {keys.parse(k, keys.RepoKey).repository for k, _ in self.meta.scan(keys.REPO)}
+        names.update(keys.parse(k, keys.TombKey).repository for k, _ in self.meta.scan(keys.TOMB))
         return sorted(names)
 
     def repository_state(self, repo: str, visible: Callable[[str], bool]) -> dict[str, list[RegisterState]]:
@@ -421,26 +420,25 @@ class Replica:
         for key, raw in self.meta.scan(keys.tag_prefix(repo)):
             rec = decode(raw, TagRecord)
             if visible(rec.origin_region):
-                tags.append(RegisterState(keys.suffix(key, keys.tag_prefix(repo)), rec.digest,
+                tags.append(RegisterState(keys.parse(key, keys.TagKey).tag, rec.digest,
                                           False, stamp_of(rec), origin_acked_ns=rec.origin_acked_ns))
         manifests_out: list[RegisterState] = []
         for key, raw in self.meta.scan(keys.manifest_prefix(repo)):
             rec = decode(raw, ManifestRecord)
             if visible(rec.pushed_region or rec.origin_region):
-                digest = keys.suffix(key, keys.manifest_prefix(repo))
+                digest = keys.parse(key, keys.ManifestKey).digest
                 manifests_out.append(RegisterState(
                     digest, digest, False, stamp_of(rec), rec.media_type, rec.size,
                     rec.references, rec.origin_acked_ns, rec.pushed_region or rec.origin_region))
-        prefix = keys.tomb_prefix(repo)
-        for key, raw in self.meta.scan(prefix):
+        for key, raw in self.meta.scan(keys.tomb_prefix(repo)):
             tomb = decode(raw, Tombstone)
-            kind, _, name = key[len(prefix):].partition(keys.SEP)
             if not visible(tomb.origin_region):
                 continue
-            if kind == b"t":
-                tags.append(RegisterState(name.decode(), tomb.digest, True, stamp_of(tomb)))
-            elif kind == b"m":
-                manifests_out.append(RegisterState(name.decode(), name.decode(), True, stamp_of(tomb)))
+            match keys.parse(key):
+                case keys.TagTombKey(tag=tag):
+                    tags.append(RegisterState(tag, tomb.digest, True, stamp_of(tomb)))
+                case keys.ManifestTombKey(digest=digest):
+                    manifests_out.append(RegisterState(digest, digest, True, stamp_of(tomb)))
         return {"tags": tags, "manifests": manifests_out}
 
     def fingerprint(self, repo: str, visible: Callable[[str], bool]) -> bytes:
@@ -468,7 +466,7 @@ class Replica:
         self._summary_at = now
         images: dict[str, int] = {}
         blobs: dict[str, dict[str, int]] = {}
-        for repo in [keys.suffix(k, keys.REPO) for k, _ in self.meta.scan(keys.REPO)]:
+        for repo in [keys.parse(k, keys.RepoKey).repository for k, _ in self.meta.scan(keys.REPO)]:
             for _, raw in self.meta.scan(keys.manifest_prefix(repo)):
                 record = decode(raw, ManifestRecord)
                 region = record.pushed_region or record.origin_region

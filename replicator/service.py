@@ -260,9 +260,8 @@ class ReplicationService(pbg.ReplicationServicer):
         raw = self.replica.meta.get(keys.blob_link(repository, digest))
         if raw is not None:
             regions.add(decode(raw, BlobLink).origin_region)
-        prefix = keys.ref_repo_prefix(digest, repository)
-        for key, _ in self.replica.meta.scan(prefix):
-            record = self.replica.manifest_record(repository, keys.suffix(key, prefix))
+        for key, _ in self.replica.meta.scan(keys.ref_repo_prefix(digest, repository)):
+            record = self.replica.manifest_record(repository, keys.parse(key, keys.RefKey).manifest)
             if record is not None:
                 regions.add(record.pushed_region or record.origin_region)
         return regions

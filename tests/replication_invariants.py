@@ -45,12 +45,12 @@ INDEX_TYPES = frozenset({"application/vnd.oci.image.index.v1+json",
 
 def stored_manifests(node, repo: str) -> set[str]:
     """Digests of the manifests ``node`` stores in ``repo`` (straight from storage)."""
-    prefix = keys.manifest_prefix(repo)
-    return {keys.suffix(k, prefix) for k, _ in node.registry.meta.scan(prefix)}
+    return {keys.parse(k, keys.ManifestKey).digest
+            for k, _ in node.registry.meta.scan(keys.manifest_prefix(repo))}
 
 
 def stored_repositories(node) -> set[str]:
-    return {keys.suffix(k, keys.REPO) for k, _ in node.registry.meta.scan(keys.REPO)}
+    return {keys.parse(k, keys.RepoKey).repository for k, _ in node.registry.meta.scan(keys.REPO)}
 
 
 def references_of(body: bytes) -> tuple[list[str], list[str]]:
@@ -142,7 +142,7 @@ def storage_problems(node) -> list[str]:
     problems = []
     for repo in stored_repositories(node):
         for key, raw in meta.scan(keys.manifest_prefix(repo)):
-            digest = keys.suffix(key, keys.manifest_prefix(repo))
+            digest = keys.parse(key, keys.ManifestKey).digest
             record = decode(raw, ManifestRecord)
             for ref in record.references:
                 if meta.get(keys.manifest(repo, ref)) is not None:

@@ -256,7 +256,8 @@ def check_offline(data_dir: Path, ledger: Ledger, where: str) -> None:
                 assert raw is not None and decode(raw, TagRecord).digest == e.digest, f"{where}: {e}"
 
         store = BlobStore(data_dir, NodeKey.load(data_dir / "node.key"))
-        records = {keys.suffix(k, keys.BLOB): decode(v, BlobRecord) for k, v in meta.scan(keys.BLOB)}
+        records = {keys.parse(k, keys.BlobKey).digest: decode(v, BlobRecord)
+                   for k, v in meta.scan(keys.BLOB)}
         for digest, record in records.items():
             with store.open(digest) as blob:
                 assert blob.size == record.size, f"{where}: {digest} size"
@@ -269,9 +270,9 @@ def check_offline(data_dir: Path, ledger: Ledger, where: str) -> None:
                 f"{where}: acknowledged blob {repo} {digest} missing"
         # Every manifest of every repository has every blob it names.
         for key, raw in meta.scan(keys.REPO_DATA):
-            if key[len(keys.REPO_DATA):].split(b"\x00")[1] != b"m":
+            if not isinstance(stored := keys.parse(key), keys.ManifestKey):
                 continue
-            repo = key[len(keys.REPO_DATA):].split(b"\x00")[0].decode()
+            repo = stored.repository
             record = decode(raw, ManifestRecord)
             for needed in record.references:
                 assert needed in records, f"{where}: manifest in {repo} needs absent {needed}"

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from cluster.network.links import LinkFaults
+from registry_node import keys
 
 from .helpers import (
     OCI_CONFIG,
@@ -77,7 +78,7 @@ async def test_confined_region_content_stays_home(cluster, http):
         if node.region == "brazilsouth":
             continue
         assert await manifest_status(http, node.url, "br/app", "v1") == 404
-        assert not node.registry.meta.has_prefix(b"r\x00br/app\x00")
+        assert not node.registry.meta.has_prefix(keys.repo_prefix("br/app"))
 
 
 async def test_zone_quorum_through_one_and_two_zone_outages(cluster, http):

@@ -691,9 +691,10 @@ def disk_residency(s: Snapshot, disk: DiskView, reference: list[dict],
     another region explains (what is confined is learnt from the ``reference``
     inventories), and log events from regions that may not reach it."""
     content = _content(reference, policy, s.region)
+    parsed = [(_parsed(key), key, value) for key, value in disk.keys]
     events = []
-    for key, value in disk.keys:
-        if key.startswith(keys.LOG):
+    for typed, key, value in parsed:
+        if isinstance(typed, keys.LogKey):
             event = decode(value, Event)
             events.append((key, event))
             if event.origin_region and event.kind is not EventKind.BLOB_RECLAIMED and \
@@ -717,26 +718,26 @@ def disk_residency(s: Snapshot, disk: DiskView, reference: list[dict],
     for key, event in events:
         origin = event.origin_region
         if origin and not policy.allows(origin, event.repository, s.region):
-            leak(f"a {event.kind} event", _render(key), origin, event.repository,
+            leak(f"a {event.kind} event", keys.render(key), origin, event.repository,
                  event.digest or None)
             continue
         hits = [content.leaked_digest(d) for d in _event_digests(event)]
         hit = content.leaked_repo(event.repository) or next((h[0] for h in hits if h), None)
         if hit:
-            leak(f"a {event.kind} event naming it", _render(key), hit, event.repository,
+            leak(f"a {event.kind} event naming it", keys.render(key), hit, event.repository,
                  event.digest or None)
-    for key, value in disk.keys:
-        if key.startswith(keys.LOG):
+    for typed, key, value in parsed:
+        if isinstance(typed, keys.LogKey):
             continue
-        repos, digests = _key_names(key, value)
+        repos, digests = _key_names(typed, value)
         for repo in repos:
             if origin := content.leaked_repo(repo):
-                leak("a metadata key naming a repository", _render(key), origin, repo)
+                leak("a metadata key naming a repository", keys.render(key), origin, repo)
                 break
         else:
             for digest in digests:
                 if found := content.leaked_digest(digest):
-                    leak("a metadata key naming a digest", _render(key), found[0], found[1],
+                    leak("a metadata key naming a digest", keys.render(key), found[0], found[1],
                          digest)
                     break
     return out
@@ -747,37 +748,48 @@ def _event_digests(event: Event) -> Iterator[str]:
     yield from event.references
 
 
-def _key_names(key: bytes, value: bytes) -> tuple[list[str], list[str]]:
+def _parsed(key: bytes) -> keys.Key | None:
+    """``key`` parsed, or None: a key outside the grammar names nothing verify
+    can judge (it is not a divergence of residency)."""
+    try:
+        return keys.parse(key)
+    except keys.MalformedKey:
+        return None
+
+
+def _key_names(key: keys.Key | None, value: bytes) -> tuple[list[str], list[str]]:
     """(repositories, digests) a metadata key (and, for tags, its value) names."""
-    parts = [p.decode(errors="replace") for p in key.split(keys.SEP)]
-    family, rest = parts[0], parts[1:]
-    if family == "blob" or family == "xfer":
-        return [], rest[:1]
-    if family == "ref":                       # ref/<target>/<repo>/<manifest>
-        return rest[1:2], [rest[0], *rest[2:3]]
-    if family == "user":                      # user/<digest>/<repo>
-        return rest[1:2], rest[:1]
-    if family == "repo":
-        return rest[:1], []
-    if family == "upload":
-        with contextlib.suppress(Exception):
-            return [decode(value, UploadRecord).repository], []
-    if family == "fail":                      # fail/<repo>/<digest>
-        return rest[:1], rest[1:2]
-    if family in ("r", "tomb") and len(rest) >= 3:
-        repo, kind, names = rest[0], rest[1], rest[2:]
-        digests = [n for n in names if ":" in n] if kind in ("m", "b", "s") else []
-        with contextlib.suppress(Exception):
-            if family == "r" and kind == "t":
-                digests.append(decode(value, TagRecord).digest)
-            elif family == "tomb" and kind == "t":
-                digests.append(decode(value, Tombstone).digest)
-        return [repo], [d for d in digests if d]
+    match key:
+        case keys.BlobKey(digest=digest) | keys.TransferKey(digest=digest):
+            return [], [digest]
+        case keys.RefKey(target=target, repository=repo, manifest=manifest):
+            return [repo], [target, manifest]
+        case keys.BlobUserKey(digest=digest, repository=repo):
+            return [repo], [digest]
+        case keys.RepoKey(repository=repo):
+            return [repo], []
+        case keys.UploadKey():
+            with contextlib.suppress(Exception):
+                return [decode(value, UploadRecord).repository], []
+        case keys.FailureKey(repository=repo, digest=digest):
+            return [repo], [digest]
+        case keys.ManifestKey(repository=repo, digest=digest) \
+                | keys.BlobLinkKey(repository=repo, digest=digest) \
+                | keys.ManifestTombKey(repository=repo, digest=digest) \
+                | keys.BlobTombKey(repository=repo, digest=digest):
+            return [repo], [digest]
+        case keys.ReferrerKey(repository=repo, subject=subject, referrer=referrer):
+            return [repo], [subject, referrer]
+        case keys.TagKey(repository=repo):
+            return [repo], _pointed(value, TagRecord)
+        case keys.TagTombKey(repository=repo):
+            return [repo], _pointed(value, Tombstone)
     return [], []
 
 
-def _render(key: bytes) -> str:
-    if key.startswith(keys.LOG):
-        return f"log/{keys.log_seq(key)}"
-    return key.replace(keys.SEP, b"/").decode(errors="replace")
-
+def _pointed(value: bytes, record: type[TagRecord] | type[Tombstone]) -> list[str]:
+    """The digest a tag (or a deleted tag) points at, if its value says."""
+    with contextlib.suppress(Exception):
+        if digest := decode(value, record).digest:
+            return [digest]
+    return []

@@ -1,5 +1,6 @@
 """The shape of the code: no import cycles, every module importable on its
-own, and dependencies that point the way the layers do.
+own, dependencies that point the way the layers do, and storage keys built
+and read in one module.
 
 Imports are read with ``ast``, every one of them: module level, inside
 functions (a function-local import that only hides a cycle is still a cycle
@@ -9,9 +10,12 @@ here) and under ``if TYPE_CHECKING:``.
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,3 +179,181 @@ def test_a_node_process_loads_no_cluster_control():
                             text=True, timeout=60, check=True)
     loaded = eval(result.stdout.strip().splitlines()[-1])  # noqa: S307 - our own output
     assert loaded == ["cluster.cli", "cluster.cli.main", "cluster.cli.node"]
+
+
+# -- one key grammar ------------------------------------------------------------
+#
+# Storage keys are built and read only in ``registry_node/keys.py``. Outside it a
+# key may be built by calling a builder, read with ``keys.parse``, passed on, stored
+# and compared whole; it may not be assembled with an operator, sliced, measured,
+# split or prefix-tested with a bytes method, nor written as a literal. What a key
+# is comes from ``keys.py`` itself: its bytes constants, its functions that return
+# bytes (builders) and the family heads (``log\0``, ``r\0`` …) its constants begin.
+
+KEYS_MODULE = "registry_node.keys"
+_BYTES_METHODS = frozenset(name for name in dir(bytes) if not name.startswith("_"))
+_MEASURES = frozenset({"len", "bytes", "bytearray", "memoryview"})
+_SCOPES = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+
+@dataclass(frozen=True)
+class KeyGrammar:
+    constants: frozenset[str]       # names of keys.py's bytes constants
+    builders: frozenset[str]        # names of keys.py's functions that return bytes
+    sep: bytes
+    families: tuple[bytes, ...]     # "<family>\0": the head of every key of a family
+
+
+def key_grammar() -> KeyGrammar:
+    module = importlib.import_module(KEYS_MODULE)
+    constants = {name: value for name, value in vars(module).items() if isinstance(value, bytes)}
+    builders = {name for name, value in vars(module).items()
+                if inspect.isfunction(value) and value.__module__ == KEYS_MODULE
+                and value.__annotations__.get("return") in ("bytes", bytes)}
+    sep = module.SEP
+    families = {value.partition(sep)[0] + sep for value in constants.values()
+                if sep in value and not value.startswith(sep)}
+    return KeyGrammar(frozenset(constants), frozenset(builders), sep, tuple(sorted(families)))
+
+
+def key_grammar_breaches(name: str, path: Path, grammar: KeyGrammar) -> list[str]:
+    """Every place in module ``name`` that builds or takes apart key bytes by hand."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    modules: set[str] = set()           # names bound to the keys module
+    constants: set[str] = set()         # key constants imported by name
+    builders: set[str] = set()          # builders imported by name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update(a.asname for a in node.names if a.name == KEYS_MODULE and a.asname)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                bound = alias.asname or alias.name
+                if f"{base}.{alias.name}" == KEYS_MODULE:
+                    modules.add(bound)
+                elif base == KEYS_MODULE and alias.name in grammar.constants:
+                    constants.add(bound)
+                elif base == KEYS_MODULE and alias.name in grammar.builders:
+                    builders.add(bound)
+
+    def scope_of(node: ast.AST) -> ast.AST:
+        node = parents[node]
+        while not isinstance(node, _SCOPES):
+            node = parents[node]
+        return node
+
+    bound: dict[ast.AST, set[str]] = {}     # scope → local names holding a key
+
+    def holds_key(node: ast.AST) -> bool:
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            return node.value.id in modules and node.attr in grammar.constants
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+                return func.value.id in modules and func.attr in grammar.builders
+            return isinstance(func, ast.Name) and func.id in builders
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            if node.id in constants:
+                return True
+            scope: ast.AST | None = node
+            while scope is not None and not isinstance(scope, ast.Module):
+                scope = scope_of(scope)
+                if node.id in bound.get(scope, ()):
+                    return True
+        return False
+
+    assignments = [node for node in ast.walk(tree)
+                   if isinstance(node, ast.Assign | ast.AnnAssign | ast.NamedExpr)]
+    changed = True
+    while changed:                      # a name copied from a name that holds a key holds one
+        changed = False
+        for node in assignments:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if node.value is None or not holds_key(node.value):
+                continue
+            names = bound.setdefault(scope_of(node), set())
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id not in names:
+                    names.add(target.id)
+                    changed = True
+
+    found = []
+
+    def breach(node: ast.AST, what: str) -> None:
+        found.append(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:"
+                     f"{node.lineno}: {what}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, bytes | str):
+            raw = node.value if isinstance(node.value, bytes) else node.value.encode()
+            if raw == grammar.sep or raw.startswith(grammar.families):
+                breach(node, f"key bytes written as a literal: {node.value!r}")
+            continue
+        if not holds_key(node):
+            continue
+        parent = parents.get(node)
+        while isinstance(parent, ast.List | ast.Tuple | ast.Starred | ast.keyword):
+            parent = parents.get(parent)
+        if isinstance(parent, ast.BinOp | ast.AugAssign):
+            breach(node, "a key assembled with an operator")
+        elif isinstance(parent, ast.Subscript) and parent.value is node:
+            breach(node, "a key sliced")
+        elif isinstance(parent, ast.Attribute) and parent.attr in _BYTES_METHODS:
+            breach(node, f"bytes.{parent.attr}() called on a key")
+        elif isinstance(parent, ast.Call) and node is not parent.func:
+            func = parent.func
+            if isinstance(func, ast.Name) and func.id in _MEASURES:
+                breach(node, f"a key passed to {func.id}()")
+            elif isinstance(func, ast.Attribute) and func.attr in _BYTES_METHODS:
+                breach(node, f"a key passed to bytes.{func.attr}()")
+    return found
+
+
+def test_the_key_guard_finds_keys_taken_apart_or_assembled_by_hand(tmp_path):
+    """The guard itself can fail: each line marked ``breach`` below is found,
+    and none of the legitimate uses around them is."""
+    source = '''
+from registry_node import keys
+from registry_node.keys import SEP as NUL, tag_prefix
+
+def allowed(meta, batch, repo, k):
+    meta.scan(keys.BLOB)
+    meta.get(keys.tag(repo, "v1"))
+    prefix = keys.tag_prefix(repo)
+    meta.scan(prefix, keys.tag(repo, "a"))
+    print(keys.render(k) + "!", b"georeg/v1\\x00" + k, len(k))
+    return keys.tag(repo, "x") in batch.puts, keys.parse(k, keys.TagKey).tag
+
+def by_hand(k, repo):
+    k.split(keys.SEP)                          # breach
+    k[len(keys.LOG):]                          # breach
+    keys.repo_prefix(repo) + b"b"              # breach
+    k.startswith(keys.repo_prefix(repo))       # breach
+    prefix = keys.tag_prefix(repo)
+    start = prefix
+    k[len(start):]                             # breach
+    k.partition(NUL)                           # breach
+    tag_prefix(repo) + b"x"                    # breach
+    b"meta\\x00keycheck"                        # breach
+    k.split(b"\\x00")                           # breach
+    keys.LOG.join([k])                         # breach
+    k.split(sep=keys.SEP)                      # breach
+    keys.tag(repo, "v1")[:-1]                  # breach
+'''
+    path = tmp_path / "sample.py"
+    path.write_text(source)
+    expected = [i for i, line in enumerate(source.splitlines(), 1) if line.endswith("# breach")]
+    found = key_grammar_breaches("sample", path, key_grammar())
+    assert sorted({int(f.split(":")[1]) for f in found}) == expected, found
+
+
+def test_keys_are_built_and_parsed_only_in_keys_py():
+    grammar = key_grammar()
+    breaches = [breach for name, path in module_files().items() if name != KEYS_MODULE
+                for breach in key_grammar_breaches(name, path, grammar)]
+    assert breaches == []

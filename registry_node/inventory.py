@@ -44,7 +44,7 @@ from .records import (
 Scan = Callable[[bytes], Iterable[tuple[bytes, bytes]]]
 """``scan(prefix)``: every (key, value) whose key starts with ``prefix``, in key order."""
 
-K = TypeVar("K")
+_K = TypeVar("_K")
 
 
 def _repository(out: dict, name: str) -> dict:
@@ -55,7 +55,7 @@ def _repository(out: dict, name: str) -> dict:
     return repo
 
 
-def _keys(scan: Scan, prefix: bytes, kind: type[K]) -> Iterator[tuple[K, bytes]]:
+def _keys(scan: Scan, prefix: bytes, kind: type[_K]) -> Iterator[tuple[_K, bytes]]:
     """The keys of ``kind`` under ``prefix``, parsed. A key that does not parse
     names no content this inventory can describe: it is left out, not fatal (the
     builder also reads data dirs from outside, where one odd key must not hide

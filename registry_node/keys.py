@@ -48,8 +48,9 @@ data dir, encrypted (see ``crypto``); uploads in progress in ``uploads/<uuid>``.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, fields
 from typing import TypeVar, overload
+
+import msgspec
 
 SEP = b"\x00"
 
@@ -200,10 +201,11 @@ def in_repository(key: bytes, name: str) -> bool:
 
 # -- parsed keys ---------------------------------------------------------------
 # One frozen value per leaf of the tree, fields in the order the key holds them.
+# msgspec Structs, not dataclasses: a frozen dataclass costs several times as
+# much to make, and listings parse a key per entry.
 
 
-@dataclass(frozen=True, slots=True)
-class MetaKey:
+class MetaKey(msgspec.Struct, frozen=True):
     """``meta\\0<name>``: one of the node's own settings (schema, identity, hlc, keycheck)."""
 
     name: str
@@ -212,24 +214,21 @@ class MetaKey:
         return META + _b(self.name)
 
 
-@dataclass(frozen=True, slots=True)
-class LogKey:
+class LogKey(msgspec.Struct, frozen=True):
     seq: int
 
     def encode(self) -> bytes:
         return log(self.seq)
 
 
-@dataclass(frozen=True, slots=True)
-class BlobKey:
+class BlobKey(msgspec.Struct, frozen=True):
     digest: str
 
     def encode(self) -> bytes:
         return blob(self.digest)
 
 
-@dataclass(frozen=True, slots=True)
-class RefKey:
+class RefKey(msgspec.Struct, frozen=True):
     """Manifest ``manifest`` of ``repository`` needs ``target`` (a blob or child manifest)."""
 
     target: str
@@ -240,8 +239,7 @@ class RefKey:
         return ref(self.target, self.repository, self.manifest)
 
 
-@dataclass(frozen=True, slots=True)
-class BlobUserKey:
+class BlobUserKey(msgspec.Struct, frozen=True):
     digest: str
     repository: str
 
@@ -249,8 +247,7 @@ class BlobUserKey:
         return blob_user(self.digest, self.repository)
 
 
-@dataclass(frozen=True, slots=True)
-class RepoKey:
+class RepoKey(msgspec.Struct, frozen=True):
     """A catalog entry."""
 
     repository: str
@@ -259,39 +256,34 @@ class RepoKey:
         return repo(self.repository)
 
 
-@dataclass(frozen=True, slots=True)
-class RepoDataKey:
+class RepoDataKey(msgspec.Struct, frozen=True):
     """An entry stored under ``repository`` (one of the four below)."""
 
     repository: str
 
 
-@dataclass(frozen=True, slots=True)
-class BlobLinkKey(RepoDataKey):
+class BlobLinkKey(RepoDataKey, frozen=True):
     digest: str
 
     def encode(self) -> bytes:
         return blob_link(self.repository, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
-class ManifestKey(RepoDataKey):
+class ManifestKey(RepoDataKey, frozen=True):
     digest: str
 
     def encode(self) -> bytes:
         return manifest(self.repository, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
-class TagKey(RepoDataKey):
+class TagKey(RepoDataKey, frozen=True):
     tag: str
 
     def encode(self) -> bytes:
         return tag(self.repository, self.tag)
 
 
-@dataclass(frozen=True, slots=True)
-class ReferrerKey(RepoDataKey):
+class ReferrerKey(RepoDataKey, frozen=True):
     subject: str
     referrer: str
 
@@ -299,55 +291,48 @@ class ReferrerKey(RepoDataKey):
         return referrer(self.repository, self.subject, self.referrer)
 
 
-@dataclass(frozen=True, slots=True)
-class UploadKey:
+class UploadKey(msgspec.Struct, frozen=True):
     upload_id: str
 
     def encode(self) -> bytes:
         return upload(self.upload_id)
 
 
-@dataclass(frozen=True, slots=True)
-class TombKey:
+class TombKey(msgspec.Struct, frozen=True):
     """A deleted register of ``repository`` (one of the three below)."""
 
     repository: str
 
 
-@dataclass(frozen=True, slots=True)
-class TagTombKey(TombKey):
+class TagTombKey(TombKey, frozen=True):
     tag: str
 
     def encode(self) -> bytes:
         return tag_tomb(self.repository, self.tag)
 
 
-@dataclass(frozen=True, slots=True)
-class ManifestTombKey(TombKey):
+class ManifestTombKey(TombKey, frozen=True):
     digest: str
 
     def encode(self) -> bytes:
         return manifest_tomb(self.repository, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
-class BlobTombKey(TombKey):
+class BlobTombKey(TombKey, frozen=True):
     digest: str
 
     def encode(self) -> bytes:
         return blob_tomb(self.repository, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
-class CursorKey:
+class CursorKey(msgspec.Struct, frozen=True):
     peer: str
 
     def encode(self) -> bytes:
         return cursor(self.peer)
 
 
-@dataclass(frozen=True, slots=True)
-class FailureKey:
+class FailureKey(msgspec.Struct, frozen=True):
     repository: str
     digest: str
 
@@ -355,8 +340,7 @@ class FailureKey:
         return failure(self.repository, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
-class TransferKey:
+class TransferKey(msgspec.Struct, frozen=True):
     digest: str
 
     def encode(self) -> bytes:
@@ -367,21 +351,26 @@ Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | RepoKey | BlobLinkKey
        | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
        | CursorKey | FailureKey | TransferKey)
 
-_META_NAMES = frozenset(k[len(META):] for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK))
+
+def _head(family: bytes) -> bytes:
+    return family.removesuffix(SEP)
+
+
+_LOG_HEAD = _head(LOG)
+_META_HEAD = _head(META)
+_META_NAMES = frozenset(k.removeprefix(META).decode() for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK))
 # Families whose components follow the family name directly.
-_FLAT: dict[bytes, type] = {
-    BLOB: BlobKey, REF: RefKey, BLOB_USER: BlobUserKey, REPO: RepoKey, UPLOAD: UploadKey,
-    CURSOR: CursorKey, FAIL: FailureKey, TRANSFER: TransferKey,
-}
+_FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
+    (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (REPO, RepoKey),
+    (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey)]}
 # Families of ``<family><repo>\0<kind>\0…``, by kind.
-_IN_REPOSITORY: dict[bytes, dict[bytes, type]] = {
-    REPO_DATA: {_LINK: BlobLinkKey, _MANIFEST: ManifestKey, _TAG: TagKey, _REFERRER: ReferrerKey},
-    TOMB: {_TAG: TagTombKey, _MANIFEST: ManifestTombKey, _LINK: BlobTombKey},
+_IN_REPOSITORY: dict[bytes, dict[str, type]] = {
+    _head(REPO_DATA): {_LINK.decode(): BlobLinkKey, _MANIFEST.decode(): ManifestKey,
+                       _TAG.decode(): TagKey, _REFERRER.decode(): ReferrerKey},
+    _head(TOMB): {_TAG.decode(): TagTombKey, _MANIFEST.decode(): ManifestTombKey,
+                  _LINK.decode(): BlobTombKey},
 }
-
-
-_FIELDS: dict[type, tuple[str, ...]] = {
-    kind: tuple(f.name for f in fields(kind)) for kind in Key.__args__}
+_FIELDS: dict[type, tuple[str, ...]] = {kind: kind.__struct_fields__ for kind in Key.__args__}
 
 
 class MalformedKey(ValueError):
@@ -393,7 +382,7 @@ class MalformedKey(ValueError):
         self.why = why
 
 
-K = TypeVar("K")
+_K = TypeVar("_K")
 
 
 @overload
@@ -401,7 +390,7 @@ def parse(key: bytes) -> Key: ...
 
 
 @overload
-def parse(key: bytes, expected: type[K]) -> K: ...
+def parse(key: bytes, expected: type[_K]) -> _K: ...
 
 
 def parse(key, expected=None):
@@ -415,45 +404,35 @@ def parse(key, expected=None):
 
 def _parse(key: bytes) -> Key:
     head, sep, rest = key.partition(SEP)
-    family = head + sep
     if not sep:
         raise MalformedKey(key, "no NUL after the family name")
-    if family == LOG:  # binary: the sequence may itself hold NUL bytes
+    if head == _LOG_HEAD:  # binary: the sequence may itself hold NUL bytes
         if len(rest) != _SEQ.size:
             raise MalformedKey(key, f"a log sequence is {_SEQ.size} bytes, not {len(rest)}")
         return LogKey(_SEQ.unpack(rest)[0])
-    parts = _components(key, rest)
-    if family == META:
-        if len(parts) != 1 or rest not in _META_NAMES:
-            raise MalformedKey(key, f"meta names one of {sorted(n.decode() for n in _META_NAMES)}")
-        return MetaKey(parts[0])
-    if family in _FLAT:
-        return _build(key, _FLAT[family], parts)
-    if family in _IN_REPOSITORY:
-        if len(parts) < 2:
-            raise MalformedKey(key, "no kind after the repository")
-        kinds = _IN_REPOSITORY[family]
-        kind = parts[1].encode()
-        if kind not in kinds:
-            raise MalformedKey(key, f"kind {parts[1]!r} is not one of "
-                                    f"{sorted(k.decode() for k in kinds)}")
-        return _build(key, kinds[kind], [parts[0], *parts[2:]])
-    raise MalformedKey(key, f"unknown family {head!r}")
-
-
-def _components(key: bytes, rest: bytes) -> list[str]:
-    parts = rest.split(SEP)
-    if any(not part for part in parts):
-        raise MalformedKey(key, "an empty component")
+    kind = _FLAT.get(head)
+    kinds = _IN_REPOSITORY.get(head) if kind is None else None
+    if kind is None and kinds is None and head != _META_HEAD:
+        raise MalformedKey(key, f"unknown family {head!r}")
     try:
-        return [part.decode() for part in parts]
+        # UTF-8 encodes no character but NUL itself with a zero byte, so
+        # splitting the text is splitting the bytes.
+        parts = rest.decode().split("\x00")
     except UnicodeDecodeError:
         raise MalformedKey(key, "a component that is not UTF-8") from None
-
-
-def _build(key: bytes, kind: type, parts: list[str]) -> Key:
-    names = _FIELDS[kind]
-    if len(parts) != len(names):
+    if "" in parts:
+        raise MalformedKey(key, "an empty component")
+    if kinds is not None:
+        if len(parts) < 2:
+            raise MalformedKey(key, "no kind after the repository")
+        if (kind := kinds.get(parts[1])) is None:
+            raise MalformedKey(key, f"kind {parts[1]!r} is not one of {sorted(kinds)}")
+        del parts[1]
+    if kind is None:
+        if len(parts) != 1 or parts[0] not in _META_NAMES:
+            raise MalformedKey(key, f"meta names one of {sorted(_META_NAMES)}")
+        return MetaKey(parts[0])
+    if len(parts) != len(names := _FIELDS[kind]):
         raise MalformedKey(key, f"a {kind.__name__} has {len(names)} components "
                                 f"({', '.join(names)}), not {len(parts)}")
     return kind(*parts)

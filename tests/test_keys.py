@@ -133,7 +133,7 @@ def test_the_names_drawn_include_names_with_slashes():
 def test_a_built_key_parses_back_to_its_fields(family, data):
     builder, kind, strategies = FAMILIES[family]
     fields = [data.draw(strategy, label=name)
-              for strategy, name in zip(strategies, kind.__dataclass_fields__, strict=True)]
+              for strategy, name in zip(strategies, kind.__struct_fields__, strict=True)]
     key = builder(*fields)
     parsed = keys.parse(key)
     assert parsed == kind(*fields)

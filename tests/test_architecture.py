@@ -291,7 +291,9 @@ def key_grammar_breaches(name: str, path: Path, grammar: KeyGrammar) -> list[str
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, bytes | str):
             raw = node.value if isinstance(node.value, bytes) else node.value.encode()
-            if raw == grammar.sep or raw.startswith(grammar.families):
+            # A lone NUL in a str is text (a hash input, say), not a key separator.
+            lone_separator = raw == grammar.sep and isinstance(node.value, bytes)
+            if lone_separator or raw.startswith(grammar.families):
                 breach(node, f"key bytes written as a literal: {node.value!r}")
             continue
         if not holds_key(node):

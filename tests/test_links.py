@@ -126,6 +126,28 @@ async def test_a_stall_holds_bytes_until_it_heals(shaped) -> None:
         writer.close()
 
 
+async def test_a_stall_holds_an_open_connection_quiet_not_closed(shaped) -> None:
+    """A connection open when the stall begins stays open and goes quiet, as
+    behind a real stalled path: its peer can tell only by waiting. (Closing
+    it made a stall look like a cut to every client already connected.)"""
+    link = await shaped(LinkModel(latency_ms=1))
+    reader, writer = await asyncio.open_connection("127.0.0.1", link.listen_port)
+    try:
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        link.set_faults(LinkFaults(stall=True))
+        forwarded = link.bytes_forwarded
+        writer.write(b"held")
+        await writer.drain()
+        with pytest.raises(TimeoutError):   # neither an end nor a reset: nothing at all
+            await asyncio.wait_for(reader.read(4), 0.3)
+        assert link.bytes_forwarded == forwarded
+        link.heal()
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"held"
+    finally:
+        writer.close()
+
+
 async def test_a_certain_reset_breaks_the_connection(shaped) -> None:
     link = await shaped(LinkModel())
     link.set_faults(LinkFaults(reset_probability=1.0))

@@ -10,9 +10,11 @@ target. Each direction of each connection is shaped separately:
 * **bandwidth**: bytes leave at most at the link's rate (a serialising
   token clock per direction);
 * **faults**: ``cut`` (open connections closed and, when the forward
-  direction is cut, new ones refused — the listening socket closes), ``stall`` (accepted, nothing delivered), resets with a
-  probability per chunk, and added latency or a lower bandwidth on top of the
-  model. Faults change at run time; healing restores the model.
+  direction is cut, new ones refused — the listening socket closes),
+  ``stall`` (open connections stay open and new ones are accepted, but
+  nothing is delivered until it heals), resets with a probability per chunk,
+  and added latency or a lower bandwidth on top of the model. Faults change
+  at run time; healing restores the model.
 
 Randomness (jitter, resets) comes from an injected ``random.Random``. In a
 cluster, each link's is seeded with ``link_seed(cluster seed, source, target)``:
@@ -445,9 +447,11 @@ class Link:
         another thread, use ``loop.call_soon_threadsafe``): a link's sockets
         and tasks are that loop's."""
         asyncio.get_running_loop()  # raises in any other thread, before anything changes
+        # A stall closes nothing: connections already open stay open and go
+        # quiet, as they do behind a real stalled path or in front of a frozen
+        # process, which only a keepalive or a deadline notices.
         cut_now = (faults.cut_forward and not self.faults.cut_forward) or \
-                  (faults.cut_backward and not self.faults.cut_backward) or \
-                  (faults.stall and not self.faults.stall)
+                  (faults.cut_backward and not self.faults.cut_backward)
         self.faults = faults
         if cut_now:
             self._close_all()

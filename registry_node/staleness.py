@@ -7,6 +7,12 @@ manifest through another: MANIFEST_BLOB_UNKNOWN" (Azure/acr #588). A node with
 a ``PeerContent`` asks its peers before answering either; a standalone node
 has none and answers as the spec says. Fetched content arrives through the
 same replication path as any other, with its original stamps.
+
+The node asks before every 404 for a manifest, and most of those are for
+manifests that exist nowhere (a client probes a tag before pushing it), so
+a ``PeerContent`` must say "no" about as fast as its peers that answer do: a
+peer that has stopped answering may not hold every 404 up
+(``replicator.staleness`` says how, and what that may cost).
 """
 
 from __future__ import annotations

@@ -223,7 +223,13 @@ class Replication:
                 "name": s.peer.name, "region": s.peer.peer.region, "zone": s.peer.peer.zone,
                 "connected": s.connected, "behind_events": s.lag_events,
                 "last_error": s.last_error or None,
+                "silent": self.rescue.is_silent(s.peer.name) if self.rescue else False,
             } for s in self.subscriptions],
+            "rescue": {
+                "rescued": self.rescue.rescued if self.rescue else 0,
+                "lookup_rounds": self.rescue.rounds if self.rescue else 0,
+                "not_waited_for": dict(self.rescue.not_waited_for) if self.rescue else {},
+            },
             "anti_entropy": {
                 "rounds": self.anti_entropy.rounds if self.anti_entropy else 0,
                 "repaired": self.anti_entropy.repaired if self.anti_entropy else 0,

@@ -220,3 +220,104 @@ async def test_manifest_push_finds_layers_that_went_to_another_replica(cluster, 
         assert r.status == 201, await r.text()
     assert cluster.nodes["westeurope"].replication.rescue.rescued >= 1
     assert await _pullable(http, cluster.nodes["westeurope"].url, "moved/app", "v1", image)
+
+
+class LookupsTo:
+    """The status lookups (``GetImageStatus``) one node sends one peer, counted
+    as they start and as they end (answered, refused or given up): the real
+    calls, only watched."""
+
+    def __init__(self, node, peer: str) -> None:
+        client = next(c for c in node.replication.clients if c.name == peer)
+        self.started = self.ended = 0
+        send = client.stub.GetImageStatus
+
+        async def counted(*args, **kwargs):
+            self.started += 1
+            try:
+                return await send(*args, **kwargs)
+            finally:
+                self.ended += 1
+
+        client.stub.GetImageStatus = counted     # shared by the client's hurried copies
+
+    @property
+    def in_flight(self) -> int:
+        return self.started - self.ended
+
+
+async def _status(http, method: str, url: str) -> int:
+    async with http.request(method, url) as r:
+        await r.read()
+        return r.status
+
+
+@pytest.mark.parametrize("method, reference", [
+    ("HEAD", "never-pushed"), ("GET", "never-pushed"),
+    ("GET", digest_of(b"a manifest nobody pushed"))])
+async def test_a_missing_manifest_is_answered_without_waiting_for_a_stalled_peer(
+        cluster, http, method, reference):
+    """A 404 for a manifest that exists nowhere, with one peer behind a stalled
+    link (its connection open, nothing delivered): the first lookup to it runs
+    out (the lookup timeout), and from then on every 404 is answered while the
+    lookup to that peer is still in flight: nobody waits for it any more."""
+    west = cluster.nodes["westeurope"]
+    stalled = LookupsTo(west, "eastus-1")
+    cluster.links[("westeurope", "eastus-1")].set_faults(LinkFaults(stall=True))
+    url = f"{west.url}/v2/absent/app/manifests/{reference}"
+    assert await _status(http, method, url) == 404      # waits for eastus-1, once
+    for _ in range(3):
+        assert await _status(http, method, url) == 404
+        # Exactly one: not waited for, and not asked again while a lookup is out.
+        assert stalled.in_flight == 1, "the 404 waited for the stalled peer"
+    rescue = west.replication.rescue
+    assert rescue.is_silent("eastus-1")
+    assert rescue.last_round.not_waited_for == ["eastus-1"]
+    assert rescue.not_waited_for["eastus-1"] == 3
+
+
+async def test_a_stalled_peer_is_waited_for_again_once_it_answers(cluster, http):
+    """Silence lasts until something arrives from the peer: after the link
+    heals, the next round's lookup to it is answered, and the rounds after it
+    wait for it again (content only it holds is found again)."""
+    west = cluster.nodes["westeurope"]
+    link = cluster.links[("westeurope", "eastus-1")]
+    link.set_faults(LinkFaults(stall=True))
+    url = f"{west.url}/v2/absent/app/manifests/never-pushed"
+    assert await _status(http, "HEAD", url) == 404
+    assert west.replication.rescue.is_silent("eastus-1")
+    link.heal()
+
+    async def waited_for_again() -> bool:
+        await _status(http, "HEAD", url)
+        return "eastus-1" in west.replication.rescue.last_round.waited_for
+
+    await eventually(waited_for_again, timeout=15, what="eastus-1 waited for again")
+    assert not west.replication.rescue.is_silent("eastus-1")
+
+
+async def test_a_push_elsewhere_is_still_rescued_while_a_peer_is_silent(cluster, http):
+    """Bounded staleness with a silent peer about: an image pushed to eastus-2,
+    whose stream to westeurope is behind (150 ms more each way), is fetched on
+    the first pull, by digest and by tag, while eastus-1 sits behind a stalled
+    link and is not waited for."""
+    west = cluster.nodes["westeurope"]
+    cluster.links[("westeurope", "eastus-1")].set_faults(LinkFaults(stall=True))
+    assert await _status(http, "HEAD", f"{west.url}/v2/absent/app/manifests/v0") == 404
+    assert west.replication.rescue.is_silent("eastus-1")
+    for (src, dst), link in cluster.links.items():
+        if src == "westeurope" and dst != "eastus-1":
+            link.set_faults(LinkFaults(extra_latency_ms=150))
+    rescue = west.replication.rescue
+    by_tag, by_digest = make_image([2000, 3000], seed=13), make_image([2500], seed=14)
+    await push_image(http, cluster.nodes["eastus-2"].url, "fresh/app", by_tag, tag="v1")
+    assert await _pullable(http, west.url, "fresh/app", "v1", by_tag)
+    assert rescue.rescued == 1 and rescue.last_round.not_waited_for == ["eastus-1"]
+    digest = await push_image(http, cluster.nodes["eastus-2"].url, "fresh/app", by_digest,
+                              tag="v2")
+    async with http.get(f"{west.url}/v2/fresh/app/manifests/{digest}") as r:
+        assert r.status == 200 and await r.read() == by_digest.manifest
+    assert rescue.rescued == 2 and rescue.last_round.not_waited_for == ["eastus-1"]
+    for blob in (*by_tag.blobs, *by_digest.blobs):
+        async with http.get(f"{west.url}/v2/fresh/app/blobs/{digest_of(blob)}") as r:
+            assert r.status == 200 and await r.read() == blob

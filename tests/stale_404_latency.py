@@ -9,7 +9,12 @@ Not a test (pytest does not collect it): a measurement, printed as a table.
 A cluster of three regions (eastus, westeurope, westus; no zones, no paired
 copies, the WAN model on) runs as real node processes; once every node is
 subscribed to every peer, the link between eastus and westeurope is stalled
-both ways and eastus is asked, one request at a time, through its own port:
+both ways and eastus is asked, one request at a time, through its own port;
+each kind of request meets a stall of its own (stalled before its first
+request, healed after its last, every subscription back and every peer
+heard from again before the next),
+since how long a stall has lasted matters: a gRPC channel that has given up
+on its connection fails a hurried call at once.
 
 * ``HEAD tag``: a tag never pushed, a new one each time (what ``skopeo copy``
   and every push of a new tag ask first);
@@ -68,6 +73,16 @@ async def _subscribed(http: aiohttp.ClientSession, urls: list[str]) -> bool:
     return True
 
 
+async def _heard_again(http: aiohttp.ClientSession, url: str) -> bool:
+    """Whether ``url``'s node has heard from every peer since the last stall
+    (a node that keeps no such state has); asks it once more for a missing
+    tag, unmeasured, which is how a silent peer is heard from again."""
+    async with http.head(f"{url}/v2/absent/app/manifests/warm-{time.time_ns()}") as r:
+        await r.read()
+    info = await _info(http, url)
+    return info is not None and not any(p.get("silent") for p in info["peers"])
+
+
 async def _measure(http: aiohttp.ClientSession, url: str, kind: str, count: int,
                    pids: list[int]) -> dict:
     method = "HEAD" if kind == "HEAD tag" else "GET"
@@ -101,14 +116,19 @@ async def _run(running: RunningCluster, counts: dict[str, int],
     urls = [running.node_url(n) for n in running.cluster.supervisor.nodes]
     url = running.node_url(ASKED)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
-        await eventually(lambda: _subscribed(http, urls), timeout=60, interval=0.2,
-                         what="every node subscribed to every peer")
-        if stall:
-            running.run(lambda: running.cluster.faults.inject("link", a=ASKED, b=STALLED,
-                                                              stall=True))
         pids = [n.pid for n in running.cluster.supervisor.nodes.values() if n.pid]
         pids.append(os.getpid())
-        rows = [await _measure(http, url, kind, counts[kind], pids) for kind in KINDS]
+        rows = []
+        for kind in KINDS:
+            await eventually(lambda: _subscribed(http, urls), timeout=120, interval=0.2,
+                             what="every node subscribed to every peer")
+            fault = running.run(lambda: running.cluster.faults.inject(
+                "link", a=ASKED, b=STALLED, stall=True)) if stall else None
+            rows.append(await _measure(http, url, kind, counts[kind], pids))
+            if fault is not None:
+                running.run(lambda f=fault: running.cluster.faults.heal(f.id))
+                await eventually(lambda: _heard_again(http, url), timeout=120, interval=0.2,
+                                 what=f"{ASKED} hearing from {STALLED} again")
         info = await _info(http, url)
     return rows, (info or {}).get("rescue")
 

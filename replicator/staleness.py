@@ -195,7 +195,10 @@ class PeerRescue:
                      reference=digest or tag)
             return None
         except ReplicationError:
-            return None          # refused or broken at once: nothing to wait for
+            # Refused or broken: no answer, but not silence either (a channel
+            # that knows it cannot connect refuses at once; a peer that is
+            # down costs nothing to ask).
+            return None
         self.silence.answered(client.name)
         return reply
 

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from cluster.control import spec as specs
+from cluster.control.plan import MANAGEMENT
 from cluster.control.supervisor import PAIR_COPY_NICE
 from cluster.testing import RunningCluster
 
@@ -85,18 +86,15 @@ async def test_region_outage_crash_from_the_cli_fails_over_and_heals(cluster, ht
     listed = json.loads(fault_cli(cluster, "list", "--json").stdout)
     assert any(f["id"] == fid and f["active"] for f in listed)
     west = cluster.endpoint("westeurope")
-    await eventually(lambda: _not_in(http, west, "westeurope"), timeout=5,
-                     what="West Europe clients failing over")
+    # The crash is known before the CLI returns: the very next request fails
+    # over, with no error for the client.
+    served = await served_by(http, west)
+    assert not served.startswith(("westeurope", "HTTP")), served
     image = make_image([1000], seed=1)
     await push_image(http, west, "outage/app", image, tag="v1")   # through the next replica
     fault_cli(cluster, "heal", fid)
     await eventually(lambda: pullable(http, cluster.node_url("westeurope"), "outage/app", "v1",
                                       image), timeout=30, what="westeurope catching up")
-
-
-async def _not_in(http, url, region) -> bool:
-    served = await served_by(http, url)
-    return not served.startswith(region) and not served.startswith("HTTP")
 
 
 async def test_region_outage_stop_is_graceful(cluster, http):
@@ -260,15 +258,69 @@ async def test_repository_commands_report_a_region_they_cannot_ask(cluster, http
 # -- network ---------------------------------------------------------------------------
 
 
+async def links(http, cluster) -> list[dict]:
+    """Every link's own counters, from the management API (``GET /georeg/v1/links``),
+    with the regions at either end."""
+    plan = cluster.cluster.plan
+    async with http.get(f"{cluster.management_url}/georeg/v1/links") as r:
+        assert r.status == 200, await r.text()
+        listed = await r.json()
+    out = []
+    for link in listed:
+        if link["from"] == MANAGEMENT:
+            continue
+        out.append({**link, "from_region": plan.node(link["from"]).region,
+                    "to_region": plan.node(link["to"]).region})
+    return out
+
+
+async def delivered(http, cluster, source: str, target: str) -> int:
+    """Bytes the links from ``source``'s nodes to ``target``'s have delivered,
+    both ways (a link carries the connections ``source`` opens to ``target``)."""
+    return sum(link["bytes"] for link in await links(http, cluster)
+               if (link["from_region"], link["to_region"]) == (source, target))
+
+
+async def grew(http, cluster, source: str, target: str, since: int) -> bool:
+    return await delivered(http, cluster, source, target) > since
+
+
 async def test_one_way_partition(cluster, http):
-    # westeurope cannot reach eastus: it stops receiving eastus's pushes
-    # directly, while eastus still receives westeurope's.
+    """westeurope cannot reach eastus: the connections westeurope opens to
+    eastus's nodes (its subscriptions to them, its fetches) carry nothing,
+    while those eastus opens to westeurope carry westeurope's pushes to it.
+    After healing, both carry traffic again."""
     fid = fault_id(fault_cli(cluster, "partition", "westeurope", "eastus", "--one-way"))
+    blocked = await delivered(http, cluster, "westeurope", "eastus")
+    flowing = await delivered(http, cluster, "eastus", "westeurope")
     from_west = make_image([1300], seed=4)
     await push_image(http, cluster.node_url("westeurope"), "oneway/west", from_west, tag="v1")
     await eventually(lambda: pullable(http, cluster.node_url("eastus-1"), "oneway/west", "v1",
-                                      from_west), timeout=20)
+                                      from_west), timeout=30)
+    await eventually(lambda: grew(http, cluster, "eastus", "westeurope", flowing), timeout=30,
+                     what="eastus's connections to westeurope carrying its push")
+    # A push in eastus reaches westeurope only the long way round (relayed by
+    # brazilsouth): nothing crosses the cut links.
+    from_east = make_image([1350], seed=41)
+    await push_image(http, cluster.node_url("eastus-1"), "oneway/east", from_east, tag="v1")
+    await eventually(lambda: pullable(http, cluster.node_url("westeurope"), "oneway/east", "v1",
+                                      from_east), timeout=30, what="the relayed push in westeurope")
+    assert await delivered(http, cluster, "westeurope", "eastus") == blocked
     fault_cli(cluster, "heal", fid)
+    healed = await delivered(http, cluster, "westeurope", "eastus")
+    again = make_image([1360], seed=42)
+    await push_image(http, cluster.node_url("eastus-1"), "oneway/healed", again, tag="v1")
+    await eventually(lambda: grew(http, cluster, "westeurope", "eastus", healed), timeout=30,
+                     what="westeurope's connections to eastus carrying traffic after healing")
+    flowing = await delivered(http, cluster, "eastus", "westeurope")
+    back = make_image([1370], seed=43)
+    await push_image(http, cluster.node_url("westeurope"), "oneway/back", back, tag="v1")
+    await eventually(lambda: grew(http, cluster, "eastus", "westeurope", flowing), timeout=30,
+                     what="eastus's connections to westeurope still carrying traffic")
+    for node, repo, image in (("westeurope", "oneway/healed", again),
+                              ("eastus-1", "oneway/back", back)):
+        await eventually(lambda n=node, r=repo, i=image: pullable(http, cluster.node_url(n), r,
+                                                                    "v1", i), timeout=30)
 
 
 async def test_link_degradation_is_visible_in_lag(cluster, http):
@@ -297,12 +349,41 @@ async def _status_when_complete(http, cluster, repo, ref) -> dict:
 
 
 async def test_stalled_link_and_resets_then_recovery(cluster, http):
+    """A stalled link takes connections and delivers nothing; a link with
+    resets breaks them. Each shows in the links' own counters while replication
+    goes on elsewhere; once both heal, brazilsouth catches up over them."""
     stall = cluster.run(lambda: cluster.cluster.faults.inject("link", a="eastus", b="brazilsouth",
                                                               stall=True))
     resets = cluster.run(lambda: cluster.cluster.faults.inject(
         "link", a="westeurope", b="brazilsouth", reset_probability=0.5))
+
+    def stalled(link) -> bool:
+        return {link["from_region"], link["to_region"]} == {"eastus", "brazilsouth"}
+
+    def resetting(link) -> bool:
+        return {link["from_region"], link["to_region"]} == {"westeurope", "brazilsouth"}
+
+    held_back = {link["name"]: link["bytes"] for link in await links(http, cluster)
+                 if stalled(link)}
     image = make_image([60_000, 70_000], seed=6)
     await push_image(http, cluster.regional_endpoint("eastus"), "stall/app", image, tag="v1")
+    # Replication goes on where nothing is broken.
+    await eventually(lambda: pullable(http, cluster.node_url("westeurope"), "stall/app", "v1",
+                                      image), timeout=30, what="westeurope unaffected")
+
+    async def stall_holding_bytes() -> bool:
+        return any(link["queued_bytes"] > 0 for link in await links(http, cluster)
+                   if stalled(link))
+
+    async def connections_reset() -> bool:
+        return sum(link["resets"] for link in await links(http, cluster) if resetting(link)) > 0
+
+    await eventually(stall_holding_bytes, timeout=30,
+                     what="a stalled link holding what a peer sent over it")
+    await eventually(connections_reset, timeout=30, what="connections reset on a resetting link")
+    # Everything sent into the stall was held: not a byte delivered either way.
+    assert {link["name"]: link["bytes"] for link in await links(http, cluster)
+            if stalled(link)} == held_back
     async with http.head(f"{cluster.node_url('brazilsouth')}/v2/stall/app/manifests/v1") as r:
         assert r.status in (200, 404)           # the node stays responsive meanwhile
     cluster.run(lambda: cluster.cluster.faults.heal(stall.id))
@@ -310,21 +391,26 @@ async def test_stalled_link_and_resets_then_recovery(cluster, http):
     await eventually(lambda: pullable(http, cluster.node_url("brazilsouth"), "stall/app", "v1",
                                       image), timeout=40, what="brazilsouth after the link recovers")
 
+    async def stalled_links_delivering() -> bool:
+        now = {link["name"]: link["bytes"] for link in await links(http, cluster)
+               if stalled(link)}
+        return any(now[name] > before for name, before in held_back.items())
+
+    await eventually(stalled_links_delivering, timeout=30,
+                     what="the healed links delivering again")
+
 
 async def test_routing_off_keeps_syncing(cluster, http):
     fid = fault_id(fault_cli(cluster, "routing", "eastus", "off"))
     east = cluster.endpoint("eastus")
-    await eventually(lambda: _not_in(http, east, "eastus"), timeout=3, what="routing away")
+    served = await served_by(http, east)        # routing moved before the CLI returned
+    assert not served.startswith(("eastus", "HTTP")), served
     image = make_image([1500], seed=7)
     await push_image(http, east, "routing/app", image, tag="v1")
     await eventually(lambda: pullable(http, cluster.node_url("eastus-3"), "routing/app", "v1",
                                       image), timeout=20, what="eastus still syncing")
     fault_cli(cluster, "heal", fid)
-    await eventually(lambda: _in(http, east, "eastus"), timeout=3, what="routing back")
-
-
-async def _in(http, url, region) -> bool:
-    return (await served_by(http, url)).startswith(region)
+    assert (await served_by(http, east)).startswith("eastus")   # and back at once
 
 
 # -- storage ---------------------------------------------------------------------------

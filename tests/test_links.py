@@ -120,6 +120,7 @@ async def test_a_stall_holds_bytes_until_it_heals(shaped) -> None:
         with pytest.raises(TimeoutError):   # accepted, and nothing comes back meanwhile
             await asyncio.wait_for(reader.read(4), 0.3)
         assert link.bytes_forwarded == 0
+        assert link.stats()["queued_bytes"] == 4            # held by the link, counted
         link.heal()
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"held"
     finally:
@@ -158,6 +159,7 @@ async def test_a_certain_reset_breaks_the_connection(shaped) -> None:
             await asyncio.wait_for(reader.readexactly(1), 5)
     finally:
         writer.close()
+    assert link.stats()["resets"] == 1
     link.heal()
     assert await _round_trip(link.listen_port) is True
 

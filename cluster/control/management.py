@@ -176,8 +176,9 @@ class ManagementServer:
     # -- faults ----------------------------------------------------------------------------
 
     async def list_links(self, request: web.Request) -> web.Response:
-        """Every WAN and zone link: its nodes, bytes delivered, and how late
-        it delivered them against the model (``links.DeliveryStats``)."""
+        """Every WAN and zone link: its nodes, bytes delivered, bytes it holds
+        (in transit or stalled), connections its reset fault broke, and how late
+        it delivered against the model (``Link.stats``)."""
         return web.json_response([{"from": source, "to": target, **link.stats()}
                                   for (source, target), link in self.cluster.supervisor.links.items()])
 

@@ -291,6 +291,7 @@ class _Connection:
         faults = link.faults
         if faults.reset_probability and link.rng.random() < faults.reset_probability:
             log.debug("link_reset_injected", link=link.name)
+            link.resets += 1
             self.abort()
             return
         rate = link._rate_bytes_per_s()
@@ -364,6 +365,7 @@ class Link:
         self.listen_port = listen_port
         self.rng = rng or random.Random()
         self.bytes_forwarded = 0
+        self.resets = 0                 # connections the reset fault broke
         self.delivery = DeliveryStats()
         self._server: asyncio.Server | None = None
         self._live: set[_Connection] = set()
@@ -376,7 +378,12 @@ class Link:
         return f"{self.listen_host}:{self.listen_port}"
 
     def stats(self) -> dict:
-        return {"name": self.name, "bytes": self.bytes_forwarded, **self.delivery.as_dict()}
+        """Bytes delivered; bytes read and not delivered yet (``queued_bytes``:
+        in transit, or held by a stall); connections broken by the reset fault;
+        lateness against the model."""
+        queued = sum(c.forward.buffered + c.backward.buffered for c in self._live)
+        return {"name": self.name, "bytes": self.bytes_forwarded, "queued_bytes": queued,
+                "resets": self.resets, **self.delivery.as_dict()}
 
     async def start(self) -> Link:
         await self._listen(self._bind())

@@ -443,22 +443,50 @@ def test_up_detached_prints_its_endpoints_and_down_leaves_nothing_running(tmp_pa
 # -- the pytest plugin ---------------------------------------------------------------
 
 
-@pytest.mark.georeg_spec({"home_region": "westeurope",
-                          "replicas": [{"region": "northeurope"}]})
+@pytest.mark.georeg_spec({"home_region": "westeurope", "home_zone_redundant": True,
+                          "paired_copies": False, "blob_downloads": "redirect", "seed": 2024,
+                          "replicas": [{"region": "northeurope", "global_routing": False}],
+                          "network": {"client_locations": ["northeurope", "japaneast"]}})
 def test_the_pytest_plugin_gives_a_cluster_built_from_the_marker(georeg_cluster):
+    """Every key of the marker shapes the cluster the fixture started, and
+    content pushed through its endpoint really replicates (a sync test: the
+    plugin serves those as well as async ones)."""
     status = georeg_cluster.status()
-    assert {n["name"] for n in status["nodes"]} == {"westeurope", "northeurope"}
-    url = georeg_cluster.endpoint("westeurope")
+    assert status["home_region"] == "westeurope" and status["seed"] == 2024
+    assert status["blob_downloads"] == "redirect"
+    assert {n["name"]: n["zone"] for n in status["nodes"]} == {
+        "westeurope-1": "1", "westeurope-2": "2", "westeurope-3": "3", "northeurope": ""}
+    assert status["paired_copies"] == []
+    assert set(status["global_endpoints"]) == {"northeurope", "japaneast"}
+    replicas = {r["name"]: r for r in status["replicas"]}
+    assert replicas["westeurope"]["zoneRedundancy"] == "Enabled"
+    assert replicas["northeurope"]["regionEndpointEnabled"] is False
+    north = georeg_cluster.endpoint("northeurope")
+    image = make_image([123, 45_678], seed=70)
 
-    async def push_and_pull() -> bytes:
+    async def push_through_the_endpoint() -> None:
         async with aiohttp.ClientSession() as http:
-            image = make_image([123], seed=70)
-            await push_image(http, url, "plugin/app", image, tag="v1")
-            await eventually(lambda: _has(http, georeg_cluster.node_url("northeurope"),
-                                          "plugin/app", "v1"), timeout=20)
-            return image.manifest
+            # A client in northeurope is routed to westeurope: its own region's
+            # replica is out of global routing.
+            assert (await _served_by(http, north)).startswith("westeurope-")
+            await push_image(http, north, "plugin/app", image, tag="v1")
+            for node in ("westeurope-1", "westeurope-2", "westeurope-3", "northeurope"):
+                url = georeg_cluster.node_url(node)
+                await eventually(lambda u=url: _has(http, u, "plugin/app", "v1"), timeout=30,
+                                 what=f"plugin/app:v1 on {node}")
+                async with http.get(f"{url}/v2/plugin/app/manifests/v1") as r:
+                    assert r.status == 200 and await r.read() == image.manifest
+                for blob in image.blobs:
+                    async with http.get(f"{url}/v2/plugin/app/blobs/{digest_of(blob)}") as r:
+                        assert r.status == 200 and await r.read() == blob
+            # Blob downloads through the endpoint are redirected to a node.
+            layer = digest_of(image.layers[1])
+            async with http.get(f"{north}/v2/plugin/app/blobs/{layer}",
+                                allow_redirects=False) as r:
+                assert r.status == 307 and r.headers[REPLICA_HEADER].startswith("westeurope-")
 
-    assert asyncio.run(push_and_pull())
+    asyncio.run(push_through_the_endpoint())
+    assert georeg_cluster.status()["endpoint_traffic"]["global:northeurope"]["redirects"] == 1
 
 
 def test_bench_footprint_reads_memory_at_rest_and_after_a_workload():

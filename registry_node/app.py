@@ -29,7 +29,6 @@ from .node import Node
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 HANDOFF: web.AppKey[HandoffServer] = web.AppKey("handoff", HandoffServer)
-SHUTDOWN_GRACE_S = 5.0     # for requests in flight when the node is told to stop
 log = structlog.get_logger("georeg.node")
 
 
@@ -81,7 +80,7 @@ async def _handoff(app: web.Application) -> AsyncIterator[None]:
 async def _stop_handoffs(app: web.Application) -> None:
     # aiohttp's shutdown: the site has stopped accepting; requests in flight,
     # hand-overs included, get the same grace.
-    app[HANDOFF].stop_accepting(SHUTDOWN_GRACE_S)
+    app[HANDOFF].stop_accepting(app[NODE].config.shutdown_grace_s)
 
 
 async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:

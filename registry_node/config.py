@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# How long requests in flight (downloads handed over included) may take to
+# finish once the node is told to stop.
+SHUTDOWN_GRACE_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
@@ -17,6 +21,7 @@ class NodeConfig:
     gc_grace_s: float = 3600.0          # unreferenced blobs younger than this are kept
     gc_interval_s: float = 60.0
     upload_ttl_s: float = 24 * 3600.0   # idle upload sessions older than this expire
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
     sync: bool = True                   # fsync metadata and blobs before acknowledging
     io_threads: int = 4
     extra: dict[str, str] = field(default_factory=dict)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import structlog
 from aiohttp import web
 
-from .app import HANDOFF, SHUTDOWN_GRACE_S, Extension, init_app
+from .app import HANDOFF, Extension, init_app
 from .config import NodeConfig
 
 log = structlog.get_logger("georeg.node")
@@ -26,7 +26,7 @@ async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
     """Serve ``config`` until ``stop`` is set or the process receives SIGTERM/SIGINT."""
     app = init_app(config, extensions)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_GRACE_S)
+                           shutdown_timeout=config.shutdown_grace_s)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -239,18 +238,6 @@ async def _served_by(http: aiohttp.ClientSession, endpoint: str) -> str:
         return r.headers.get(REPLICA_HEADER, "") if r.status == 200 else f"HTTP {r.status}"
 
 
-async def _seconds_until_served_elsewhere(http, endpoint: str, away_from: str) -> float:
-    started = time.monotonic()
-    await eventually(lambda: _not_from(http, endpoint, away_from), timeout=10, interval=0.05,
-                     what=f"requests leaving {away_from}")
-    return time.monotonic() - started
-
-
-async def _not_from(http, endpoint, region) -> bool:
-    served = await _served_by(http, endpoint)
-    return bool(served) and not served.startswith(region) and not served.startswith("HTTP")
-
-
 @pytest.fixture
 def breakable_cluster(tmp_path):
     spec = specs.parse({"home_region": "eastus", "home_zone_redundant": True,
@@ -264,22 +251,21 @@ async def test_failover_when_routing_is_disabled_and_when_the_region_dies(breaka
     east = c.endpoint("eastus")
     assert (await _served_by(http, east)).startswith("eastus")
     c.set_routing("eastus", False)
-    assert await _seconds_until_served_elsewhere(http, east, "eastus") < 2.0
-    assert (await _served_by(http, east)).startswith("westeurope")  # next nearest
+    # Routing moved before set_routing returned: the very next request goes to
+    # the next nearest replica, with no error.
+    assert (await _served_by(http, east)).startswith("westeurope")
     # Out of routing, the replica keeps serving its regional endpoint and syncing.
     assert (await _served_by(http, c.regional_endpoint("eastus"))).startswith("eastus")
     c.set_routing("eastus", True)
-    await eventually(lambda: _is_from(http, east, "eastus"), timeout=5, what="routing back")
+    assert (await _served_by(http, east)).startswith("eastus")
     for zone in ("1", "2", "3"):
         c.crash(f"eastus-{zone}")
-    assert await _seconds_until_served_elsewhere(http, east, "eastus") < 2.0
+    # The supervisor saw every crash before crash() returned: the very next
+    # request fails over, with no error.
+    assert (await _served_by(http, east)).startswith("westeurope")
     async with http.get(f"{c.regional_endpoint('eastus')}/v2/") as r:
         assert r.status == 503
         assert (await r.json())["errors"][0]["code"] == "UNAVAILABLE"
-
-
-async def _is_from(http, endpoint, region) -> bool:
-    return (await _served_by(http, endpoint)).startswith(region)
 
 
 async def test_an_upload_in_flight_survives_routing_moving(breakable_cluster, http):
@@ -298,7 +284,7 @@ async def test_an_upload_in_flight_survives_routing_moving(breakable_cluster, ht
                           headers={"Content-Range": f"0-{65535}"}) as r:
         assert r.status == 202
     c.set_routing("eastus", False)
-    assert await _seconds_until_served_elsewhere(http, east, "eastus") < 2.0
+    assert (await _served_by(http, east)).startswith("westeurope")   # routing moved
     async with http.patch(f"{east}{location}", data=layer[65536:],
                           headers={"Content-Range": f"65536-{len(layer) - 1}"}) as r:
         assert r.status == 202 and r.headers[REPLICA_HEADER] == began_on

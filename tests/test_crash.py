@@ -378,7 +378,9 @@ async def test_sigkill_at_random_moments_loses_nothing_acknowledged(node_process
 
 
 async def test_sigterm_stops_cleanly_and_a_restart_keeps_everything(node_process):
-    proc = node_process("term")
+    # An hour of grace: a stop that waited on the idle keep-alive connection
+    # below would not end within the wait for it.
+    proc = node_process("term", "--shutdown-grace", "3600")
     ledger = Ledger()
     rnd = Round(7, "acks", proc.url, ledger, 0)
     rnd.kill_after_acks = 12          # here it only stops the clients after their image
@@ -396,11 +398,8 @@ async def test_sigterm_stops_cleanly_and_a_restart_keeps_everything(node_process
             assert r.status == 202
         ledger.open_uploads.append(("term/open", location, data, 200_000))
 
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        code = await asyncio.to_thread(proc.terminate, 10)
+        code = await asyncio.to_thread(proc.terminate, 60)
         assert code == 0, proc.log_path.read_text()[-2000:]
-        assert loop.time() - started < 3, "a clean stop should take well under 3 s"
     check_offline(proc.data_dir, ledger, "after SIGTERM")
     proc.start()
     assert await resume_cut_uploads(proc.url, ledger, "after SIGTERM") == 1

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from registry_node.config import SHUTDOWN_GRACE_S
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     _add_node(sub)
@@ -53,6 +55,9 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                    help="how often garbage collection runs (default 60)")
     p.add_argument("--upload-ttl", type=_seconds, default=86400.0, metavar="SECONDS",
                    help="expire upload sessions idle this long (default 86400)")
+    p.add_argument("--shutdown-grace", type=_seconds, default=SHUTDOWN_GRACE_S, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may take to finish "
+                        f"(default {SHUTDOWN_GRACE_S:g})")
     p.add_argument("--cluster", type=Path, metavar="FILE",
                    help="this node's view of its cluster (JSON written by `georeg up`): its "
                         "name, region, zone, peers and their replication addresses, residency; "
@@ -99,7 +104,8 @@ def _run_node(args: argparse.Namespace) -> int:
         extensions.append(Replication(view, args.cluster))
     config = NodeConfig(data_dir=args.data_dir, host=host, port=port, region=region or "local",
                         zone=zone or "", key_file=args.key_file, gc_grace_s=args.gc_grace,
-                        gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl)
+                        gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl,
+                        shutdown_grace_s=args.shutdown_grace)
     try:
         run(config, extensions)
     except (DataDirError, KeyFileError) as exc:

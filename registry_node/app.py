@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc as python_gc
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -42,12 +43,16 @@ class Extension(Protocol):
     def lifetime(self, app: web.Application) -> AsyncIterator[None]: ...
 
 
-def init_app(config: NodeConfig, extensions: Sequence[Extension] = ()) -> web.Application:
+def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
+             wall_ns: Callable[[], int] = time.time_ns,
+             monotonic: Callable[[], float] = time.monotonic) -> web.Application:
+    """The node's application. The clocks are injected (``Node.open``): a test
+    moves time past a GC grace or an upload TTL instead of waiting for it."""
     app = web.Application(middlewares=[access], client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
     app[METRICS] = NodeMetrics()
     add_routes(app.router)
-    app.cleanup_ctx.append(_storage(config))
+    app.cleanup_ctx.append(_storage(config, wall_ns, monotonic))
     app.cleanup_ctx.append(_handoff)        # ends before the storage closes
     app.on_shutdown.append(_stop_handoffs)
     for extension in extensions:
@@ -58,9 +63,9 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = ()) -> web.Ap
     return app
 
 
-def _storage(config: NodeConfig):
+def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable[[], float]):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        node = Node.open(config)
+        node = Node.open(config, wall_ns=wall_ns, monotonic=monotonic)
         app[NODE] = node
         app[REGISTRY] = node.registry
         yield

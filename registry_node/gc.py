@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from dataclasses import dataclass
 
 import structlog
@@ -79,7 +78,7 @@ class GarbageCollector:
         named by a client meanwhile; a commit in flight touches its digest first."""
         registry = self.registry
         files = await registry.run_blocking(lambda: list(registry.blobs.files()))
-        now, wall = registry.monotonic(), time.time()
+        now, wall = registry.monotonic(), registry.wall_ns() / 1e9
         if now - registry.started < self.grace_s:
             return 0
         swept = 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -40,7 +42,10 @@ class Node:
     executor: ThreadPoolExecutor
 
     @classmethod
-    def open(cls, config: NodeConfig) -> Node:
+    def open(cls, config: NodeConfig, *, wall_ns: Callable[[], int] = time.time_ns,
+             monotonic: Callable[[], float] = time.monotonic) -> Node:
+        """Open the node's storage; ``wall_ns`` and ``monotonic`` are the clocks
+        its registry reads (record stamps; ages against GC grace and upload TTL)."""
         config.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(config.data_dir, 0o700)
         node_key = NodeKey.load_or_create(config.key_path) if config.key_file is None \
@@ -59,7 +64,7 @@ class Node:
             return asyncio.get_running_loop().run_in_executor(executor, fn)
 
         registry = Registry(meta, blobs, Sealer(node_key.derive(b"manifest")), identity,
-                            run_blocking=run_blocking)
+                            run_blocking=run_blocking, wall_ns=wall_ns, monotonic=monotonic)
         return cls(config, identity, meta, blobs, registry, executor)
 
     def close(self) -> None:

@@ -90,8 +90,30 @@ class RunningNode:
         await self.runner.cleanup()
 
 
-async def start_node(config: NodeConfig) -> RunningNode:
-    runner = web.AppRunner(init_app(config), access_log=None, handle_signals=False)
+class ManualClock:
+    """A node's clocks (``init_app``'s ``wall_ns`` and ``monotonic``), moved only
+    by the test: a window such as GC's grace or an upload's TTL passes when the
+    test calls ``advance``, never because the machine was slow. The wall clock
+    starts at the real time, so that ages against file times make sense."""
+
+    def __init__(self) -> None:
+        self._wall_ns = time.time_ns()
+        self._monotonic = 1000.0
+
+    def wall_ns(self) -> int:
+        return self._wall_ns
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def advance(self, seconds: float) -> None:
+        self._wall_ns += int(seconds * 1e9)
+        self._monotonic += seconds
+
+
+async def start_node(config: NodeConfig, clock: ManualClock | None = None) -> RunningNode:
+    clocks = {} if clock is None else {"wall_ns": clock.wall_ns, "monotonic": clock.monotonic}
+    runner = web.AppRunner(init_app(config, **clocks), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

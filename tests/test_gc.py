@@ -1,10 +1,11 @@
 """Garbage collection on a live in-process node: what is reclaimed, what is
 spared, and when.
 
-Each test drives ``GarbageCollector.collect()`` itself, with a short grace
-period, and waits for the outcome with ``eventually`` (the node's own
-background collector runs every 60 s with an hour of grace, so it never
-interferes). Blobs are checked on disk and through the API.
+Each test drives ``GarbageCollector.collect()`` itself, and time itself: the
+node reads a ``ManualClock`` that only the test moves, so a grace period or an
+upload TTL has passed exactly when the test says, however slow the machine
+(the node's own background collector runs every 60 s with an hour of grace,
+so it never interferes). Blobs are checked on disk and through the API.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import os
 import random
 import uuid
+
+import pytest
 
 from registry_node import keys
 from registry_node.blobstore import BlobStore
@@ -25,16 +28,31 @@ from .helpers import (
     OCI_LAYER,
     OCI_MANIFEST,
     Image,
+    ManualClock,
     descriptor,
     digest_of,
-    eventually,
     push_blob,
     push_image,
     start_node,
 )
 
-GRACE_S = 0.3
-UPLOAD_TTL_S = 0.5
+GRACE_S = 60.0
+UPLOAD_TTL_S = 600.0
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def node(node_config, clock):
+    """A real node in this process, on the test's clock."""
+    running = await start_node(node_config, clock)
+    try:
+        yield running
+    finally:
+        await running.stop()
 
 
 def collector(node, grace_s: float = GRACE_S, upload_ttl_s: float = UPLOAD_TTL_S) -> GarbageCollector:
@@ -73,7 +91,7 @@ def reclaimed_in_log(node) -> set[str]:
             if e.kind == EventKind.BLOB_RECLAIMED}
 
 
-async def test_unreferenced_blobs_are_reclaimed_after_grace_referenced_ones_stay(node, http):
+async def test_unreferenced_blobs_are_reclaimed_after_grace_referenced_ones_stay(node, http, clock):
     rng = random.Random(1)
     image = image_of([rng.randbytes(20_000), rng.randbytes(70_000)], seed=1)
     await push_image(http, node.url, "gc/app", image, tag="v1")
@@ -82,18 +100,18 @@ async def test_unreferenced_blobs_are_reclaimed_after_grace_referenced_ones_stay
     await push_blob(http, node.url, "gc/app", orphan)
     await push_blob(http, node.url, "gc/lonely", lonely)
 
-    # Within the grace period nothing goes.
-    report = await collector(node, grace_s=60).collect()
+    gc = collector(node)
+    # Within the grace period nothing goes, up to its last moment.
+    clock.advance(GRACE_S - 1)
+    report = await gc.collect()
     assert report.blobs_reclaimed == 0
     assert all(on_disk(node, b) for b in [*image.blobs, orphan, lonely])
 
-    gc = collector(node)
-
-    async def orphans_gone() -> bool:
-        await gc.collect()
-        return not on_disk(node, orphan) and not on_disk(node, lonely)
-
-    await eventually(orphans_gone, timeout=10, what="unreferenced blobs reclaimed")
+    clock.advance(2)
+    report = await gc.collect()
+    assert report.blobs_reclaimed == 2
+    assert report.bytes_reclaimed == len(orphan) + len(lonely)
+    assert not on_disk(node, orphan) and not on_disk(node, lonely)
     assert await blob_status(http, node, "gc/app", orphan) == 404
     assert await blob_status(http, node, "gc/lonely", lonely) == 404
     assert node.registry.meta.get(keys.blob(digest_of(orphan))) is None
@@ -110,7 +128,7 @@ async def test_unreferenced_blobs_are_reclaimed_after_grace_referenced_ones_stay
         assert r.status == 200 and await r.read() == image.manifest
 
 
-async def test_blob_found_by_head_within_grace_survives_for_the_manifest_push(node, http):
+async def test_blob_found_by_head_within_grace_survives_for_the_manifest_push(node, http, clock):
     """A client that finds its layers present (HEAD) and then pushes the manifest
     must not lose them in between, even though nothing references them yet."""
     rng = random.Random(2)
@@ -119,19 +137,18 @@ async def test_blob_found_by_head_within_grace_survives_for_the_manifest_push(no
     for blob in [*image.blobs, control]:
         await push_blob(http, node.url, "gc/push", blob)
     gc = collector(node)
-
-    async def head_then_collect() -> bool:
-        for blob in image.blobs:
-            assert await blob_status(http, node, "gc/push", blob) == 200
-        await gc.collect()
-        return not on_disk(node, control)
-
-    await eventually(head_then_collect, timeout=10, what="the unasked-for blob reclaimed")
+    clock.advance(2 * GRACE_S)                   # every blob is old, none referenced
+    for blob in image.blobs:
+        assert await blob_status(http, node, "gc/push", blob) == 200
+    clock.advance(GRACE_S - 1)                   # the HEADs are still within the grace
+    await gc.collect()
+    assert not on_disk(node, control)
     assert all(on_disk(node, b) for b in image.blobs)
 
     async with http.put(f"{node.url}/v2/gc/push/manifests/v1", data=image.manifest,
                         headers={"Content-Type": OCI_MANIFEST}) as r:
         assert r.status == 201, await r.text()
+    clock.advance(10 * GRACE_S)
     await gc.collect()                           # referenced now: kept for good
     for blob in image.blobs:
         await assert_blob_served(http, node, "gc/push", blob)
@@ -139,7 +156,7 @@ async def test_blob_found_by_head_within_grace_survives_for_the_manifest_push(no
     assert not reclaimed_in_log(node) & {digest_of(b) for b in image.blobs}
 
 
-async def test_deleting_manifests_frees_their_unique_layers_not_shared_ones(node, http):
+async def test_deleting_manifests_frees_their_unique_layers_not_shared_ones(node, http, clock):
     rng = random.Random(3)
     shared, unique1, unique2 = rng.randbytes(30_000), rng.randbytes(31_000), rng.randbytes(32_000)
     first = image_of([shared, unique1], seed=31)
@@ -152,12 +169,9 @@ async def test_deleting_manifests_frees_their_unique_layers_not_shared_ones(node
 
     async with http.delete(f"{node.url}/v2/gc/a/manifests/{first.digest}") as r:
         assert r.status == 202, await r.text()
-
-    async def first_freed() -> bool:
-        await gc.collect()
-        return not on_disk(node, unique1) and not on_disk(node, first.config)
-
-    await eventually(first_freed, timeout=10, what="the deleted manifest's unique blobs reclaimed")
+    clock.advance(GRACE_S + 1)
+    await gc.collect()
+    assert not on_disk(node, unique1) and not on_disk(node, first.config)
     for blob in second.blobs:
         assert on_disk(node, blob)
         await assert_blob_served(http, node, "gc/a", blob)
@@ -174,19 +188,16 @@ async def test_deleting_manifests_frees_their_unique_layers_not_shared_ones(node
     # stays for the image in gc/b.
     async with http.delete(f"{node.url}/v2/gc/a/manifests/{second.digest}") as r:
         assert r.status == 202, await r.text()
-
-    async def second_freed() -> bool:
-        await gc.collect()
-        return not on_disk(node, unique2) and not on_disk(node, second.config)
-
-    await eventually(second_freed, timeout=10, what="the second manifest's unique blobs reclaimed")
+    clock.advance(GRACE_S + 1)
+    await gc.collect()
+    assert not on_disk(node, unique2) and not on_disk(node, second.config)
     assert on_disk(node, shared)
     for blob in elsewhere.blobs:
         await assert_blob_served(http, node, "gc/b", blob)
     assert digest_of(shared) not in reclaimed_in_log(node)
 
 
-async def test_abandoned_uploads_expire_and_active_ones_stay(node, http):
+async def test_abandoned_uploads_expire_and_active_ones_stay(node, http, clock):
     rng = random.Random(4)
     base = node.url
 
@@ -210,23 +221,23 @@ async def test_abandoned_uploads_expire_and_active_ones_stay(node, http):
     leftover.write_bytes(os.urandom(1000))
     assert abandoned_file.exists() and active_file.exists()
 
+    gc = collector(node)
     # Younger than the TTL: all stay.
-    report = await collector(node, upload_ttl_s=60).collect()
+    clock.advance(UPLOAD_TTL_S / 2)
+    report = await gc.collect()
     assert report.uploads_expired == 0 and abandoned_file.exists() and leftover.exists()
 
-    gc = collector(node)
-
-    async def keep_active_then_collect() -> bool:
-        chunk = rng.randbytes(1_000)
-        start = len(active_data)
-        async with http.patch(active, data=chunk,
-                              headers={"Content-Range": f"{start}-{start + len(chunk) - 1}"}) as r:
-            assert r.status == 202, await r.text()
-        active_data.extend(chunk)
-        await gc.collect()
-        return not abandoned_file.exists() and not leftover.exists()
-
-    await eventually(keep_active_then_collect, timeout=10, what="the abandoned upload expired")
+    # The active one goes on; past the TTL, only the idle ones go.
+    chunk = rng.randbytes(1_000)
+    start = len(active_data)
+    async with http.patch(active, data=chunk,
+                          headers={"Content-Range": f"{start}-{start + len(chunk) - 1}"}) as r:
+        assert r.status == 202, await r.text()
+    active_data.extend(chunk)
+    clock.advance(UPLOAD_TTL_S / 2 + 1)
+    report = await gc.collect()
+    assert report.uploads_expired == 1
+    assert not abandoned_file.exists() and not leftover.exists()
     async with http.get(abandoned) as r:
         assert r.status == 404
         assert (await r.json())["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
@@ -260,15 +271,16 @@ async def test_blob_file_left_without_metadata_by_a_crash_is_swept(node_config, 
     orphan = store.path(digest_of(data))
     assert orphan.exists()
 
-    running = await start_node(node_config)
+    clock = ManualClock()                        # from now on: the file is older than it
+    running = await start_node(node_config, clock)
     try:
         assert await blob_status(http, running, "gc/orphan", data) == 404   # invisible
         gc = collector(running)
-
-        async def swept() -> bool:
-            await gc.collect()
-            return not orphan.exists()
-
-        await eventually(swept, timeout=3, what="the orphan blob file swept")
+        clock.advance(GRACE_S - 1)               # the node started within the grace
+        await gc.collect()
+        assert orphan.exists()
+        clock.advance(2)
+        await gc.collect()
+        assert not orphan.exists()
     finally:
         await running.stop()

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,17 @@ def verified_clean(running, timeout: float = 60.0, what: str = "a clean verify")
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}: {report.as_dict()}")
+
+
+# Tests reach their nodes and clusters directly, whatever http_proxy says, as
+# aiohttp (no trust_env) and skopeo (NO_PROXY) already do; urllib would send
+# even loopback requests to the proxy.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def urlopen(url: str | urllib.request.Request, timeout: float = 30.0):
+    """``urllib.request.urlopen``, never through a proxy."""
+    return _DIRECT.open(url, timeout=timeout)
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:

@@ -26,10 +26,11 @@ from .helpers import Skopeo, digest_of, eventually, make_image, push_image, writ
 REPLICA_HEADER = "X-Georeg-Replica"
 
 
-def georeg(*args: str, data_dir, timeout: float = 120) -> subprocess.CompletedProcess:
+def georeg(*args: str, data_dir, timeout: float = 120,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--data-dir", str(data_dir)],
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,16 @@ def test_status_json_reports_every_node_healthy_with_its_endpoints(default_clust
     assert [r["status"]["displayStatus"] for r in status["replicas"]] == ["Ready"] * 4
     human = georeg("status", data_dir=default_cluster.data_dir)
     assert human.returncode == 0 and "eastus-1" in human.stdout and "Ready" in human.stdout
+
+
+def test_the_cli_reaches_its_cluster_directly_whatever_http_proxy_says(default_cluster):
+    """A proxy in the environment is for the world outside: `georeg` talks to
+    its cluster directly (here the proxy refuses every connection)."""
+    dead = "http://127.0.0.1:9"
+    result = georeg("status", "--json", data_dir=default_cluster.data_dir,
+                    env={"http_proxy": dead, "HTTP_PROXY": dead, "no_proxy": "", "NO_PROXY": ""})
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["nodes"]) == 8
 
 
 @pytest.mark.interop

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .helpers import make_image, push_image
+from .helpers import make_image, push_image, urlopen
 
 
 async def test_push_and_pull_an_image(node, http):
@@ -13,9 +13,7 @@ async def test_push_and_pull_an_image(node, http):
 
 
 def test_node_process_restarts(node_process):
-    import urllib.request
-
     proc = node_process("n")
-    assert urllib.request.urlopen(proc.url + "/v2/").status == 200
+    assert urlopen(proc.url + "/v2/").status == 200
     proc.restart()
-    assert urllib.request.urlopen(proc.url + "/v2/").status == 200
+    assert urlopen(proc.url + "/v2/").status == 200

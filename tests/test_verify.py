@@ -25,7 +25,7 @@ from cluster.control import spec as specs
 from cluster.faults.verify import VerifyReport
 from cluster.testing import RunningCluster
 
-from .helpers import OCI_INDEX, descriptor, eventually, make_image, push_image
+from .helpers import OCI_INDEX, descriptor, eventually, make_image, push_image, urlopen
 
 SPEC = specs.ClusterSpec(
     registry="verifytest", tier="Premium", home_region="eastus",
@@ -168,9 +168,7 @@ def test_a_converged_cluster_verifies_clean_from_the_cli_api_and_python(cluster)
     assert set(doc["counts"]["eastus"]) >= {"repositories", "tags", "manifests", "blobs"}
     assert isinstance(doc["elapsed_s"], float)
 
-    import urllib.request
-
-    with urllib.request.urlopen(f"{cluster.management_url}/georeg/v1/verify", timeout=60) as r:
+    with urlopen(f"{cluster.management_url}/georeg/v1/verify", timeout=60) as r:
         assert json.loads(r.read())["status"] == "clean"
 
 

@@ -17,9 +17,9 @@ import signal
 import subprocess
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
+from ..control.management_client import open_direct
 from ..control.supervisor import dies_with_parent
 
 _die_with_parent = dies_with_parent(signal.SIGTERM)
@@ -66,7 +66,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise self._failed(f"exited with status {self.proc.returncode} before answering")
             try:
-                with urllib.request.urlopen(self.url + "/v2/", timeout=1) as response:
+                with open_direct(self.url + "/v2/", timeout=1) as response:
                     if response.status == 200:
                         return
             except urllib.error.HTTPError as exc:

@@ -1,12 +1,24 @@
 """Calling a running cluster's management API (cluster.control.management) from another
 process: the CLI, the benchmarks. Plain urllib, so a short-lived command needs
-no event loop."""
+no event loop.
+
+A cluster is reached directly, whatever ``http_proxy`` says: a proxy in the
+environment is for the world outside, and the rest of georeg (aiohttp without
+``trust_env``, skopeo run with ``NO_PROXY``) already ignores it. urllib would
+not: by default it sends even loopback requests to the proxy."""
 
 from __future__ import annotations
 
 import json
 import urllib.error
 import urllib.request
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def open_direct(request: urllib.request.Request | str, timeout: float):
+    """``urllib.request.urlopen``, never through a proxy."""
+    return _DIRECT.open(request, timeout=timeout)
 
 
 class ManagementError(Exception):
@@ -20,7 +32,7 @@ def request(base_url: str, method: str, path: str, body: dict | None = None,
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with open_direct(req, timeout=timeout) as r:
             raw = r.read()
             return json.loads(raw) if raw else None
     except urllib.error.HTTPError as exc:

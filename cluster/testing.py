@@ -11,7 +11,6 @@ fixture.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -34,29 +33,12 @@ SMALL_SPEC = specs.ClusterSpec(
 )
 
 
-def free_port_base(spec: specs.ClusterSpec, start: int = 20000, stop: int = 60000) -> int:
-    """A ``port_base`` at which every port the spec needs is free right now."""
-    span = max(specs.port_layout(spec).all_ports()) - spec.network.port_base + 1
-    for base in range(start, stop - span, 500):
-        candidate = msgspec.structs.replace(spec, network=msgspec.structs.replace(
-            spec.network, port_base=base, management_port=None))
-        if all(_free(spec.network.host, p) for p in specs.port_layout(candidate).all_ports()):
-            return base
-    raise RuntimeError(f"no free range of {span} ports between {start} and {stop}")
-
-
-def _free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def with_port_base(spec: specs.ClusterSpec, base: int) -> specs.ClusterSpec:
+def on_any_ports(spec: specs.ClusterSpec) -> specs.ClusterSpec:
+    """``spec`` on whatever range of ports is free when it starts (its management
+    API's included): ``Cluster.start`` picks one, and another if a port of it
+    turns out to be taken."""
     return msgspec.structs.replace(spec, network=msgspec.structs.replace(
-        spec.network, port_base=base, management_port=None))
+        spec.network, port_base=specs.ANY_PORT_BASE, management_port=None))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -71,7 +53,7 @@ class RunningCluster:
     """A started cluster driven from any thread."""
 
     def __init__(self, spec: specs.ClusterSpec, data_dir: Path, **options) -> None:
-        self.spec = with_port_base(spec, free_port_base(spec))
+        self.spec = on_any_ports(spec)       # the range it got, once started
         self.data_dir = data_dir
         self._options = options
         self._loop = _new_loop()
@@ -84,6 +66,7 @@ class RunningCluster:
         self._thread.start()
         self.cluster = self.run(lambda: Cluster.start(self.spec, self.data_dir, **self._options),
                                 timeout)
+        self.spec = self.cluster.spec
         self.management = ManagementServer(self.cluster)
         try:
             self.run(self.management.start)

@@ -2,7 +2,9 @@
 
 On start it prints one line to stdout naming the URL it serves (the actual
 port, when asked for port 0), so scripts and supervisors know where it is;
-logs go to stderr.
+logs go to stderr. A node that cannot listen because its HTTP or replication
+port is in use exits with ``EXIT_ADDRESS_IN_USE``, so that whoever started it
+can tell that from any other failure (a supervisor then picks other ports).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from .app import HANDOFF, Extension, init_app
 from .config import NodeConfig
 
 log = structlog.get_logger("georeg.node")
+
+EXIT_ADDRESS_IN_USE = 3
 
 
 async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),

@@ -54,6 +54,10 @@ CHANNEL_OPTIONS = [
 # much, it is taken for unreachable.
 WAIT_SLACK_S = 2.0
 SERVER_OPTIONS = [
+    # gRPC sets SO_REUSEPORT by default: a second server on a port another one
+    # (another cluster's node, say) holds would then bind without error and
+    # share its connections with it. Without it, the bind fails as it should.
+    ("grpc.so_reuseport", 0),
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -104,7 +106,7 @@ class Replication:
             inline_blobs_across_regions=not settings.one_wan_copy_per_region)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pbg.add_ReplicationServicer_to_server(self.service, server)
-        port = server.add_insecure_port(view.grpc_listen)
+        port = _listen(server, view.grpc_listen)
         host = view.grpc_listen.rpartition(":")[0]
         self.grpc_address = f"{host}:{port}"
         await server.start()
@@ -257,3 +259,24 @@ def _memory(node) -> dict[str, int]:
 
 def _label(region: str, zone: str) -> str:
     return f"{region}/{zone}" if zone else region
+
+
+def _listen(server: grpc.aio.Server, address: str) -> int:
+    """Add ``address`` to ``server``; the port bound. gRPC says only that the
+    bind failed; an ``OSError`` says why, so that a port in use is told apart
+    (``georeg node`` exits with its own status for it, and a cluster starting
+    on any free range tries another)."""
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        host, _, port = address.rpartition(":")
+        probe = socket.socket()
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError as why:
+            raise OSError(why.errno, f"cannot listen for replication on {address}: "
+                                     f"{why.strerror}") from exc
+        finally:
+            probe.close()
+        raise OSError(errno.EIO, f"cannot listen for replication on {address}: {exc}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,11 @@ import pytest
 
 from cluster.cli.cluster import _running
 from cluster.control import spec as specs
-from cluster.testing import RunningCluster, free_port_base
+from cluster.control.cluster import Cluster, any_port_bases
+from cluster.control.errors import PortInUse
+from cluster.control.plan import plan
+from cluster.control.state import saved_spec
+from cluster.testing import RunningCluster
 
 from .helpers import Skopeo, digest_of, eventually, make_image, push_image, write_oci_layout
 
@@ -409,23 +414,23 @@ def test_down_counts_an_unreaped_supervisor_as_stopped():
 
 
 def test_up_detached_prints_its_endpoints_and_down_leaves_nothing_running(tmp_path):
-    spec = specs.parse({"home_region": "westeurope", "replicas": [{"region": "northeurope"}],
-                        "paired_copies": False})
-    base = free_port_base(spec)
     config = tmp_path / "spec.toml"
     config.write_text('home_region = "westeurope"\npaired_copies = false\n'
                       '[[replicas]]\nregion = "northeurope"\n'
-                      f"[network]\nport_base = {base}\n")
+                      "[network]\nport_base = 0\n")        # any free range
     data = tmp_path / "data"
     up = georeg("up", "--detach", "--config", str(config), "--seed", "4242", data_dir=data)
     try:
         assert up.returncode == 0, up.stderr
         assert "2/2 nodes healthy in" in up.stdout and "replicating and ready in" in up.stdout
-        assert f"http://127.0.0.1:{base}" in up.stdout        # the first global endpoint
         # The seed its links draw from, printed so that the run can be replayed.
         assert "WAN links seeded with 4242 (`georeg up --seed 4242`" in up.stdout
         status = json.loads(georeg("status", "--json", data_dir=data).stdout)
         assert status["seed"] == 4242
+        # The range it got, shown and kept: the first global endpoint at its base.
+        base = saved_spec(data).network.port_base
+        assert base > 0 and status["global_endpoints"]["westeurope"] == f"http://127.0.0.1:{base}"
+        assert status["global_endpoints"]["westeurope"] in up.stdout
         assert all(n["healthy"] for n in status["nodes"])
         startup = status["startup_s"]
         assert 0 < startup["healthy"] <= startup["ready"]
@@ -435,6 +440,70 @@ def test_up_detached_prints_its_endpoints_and_down_leaves_nothing_running(tmp_pa
     assert down.returncode == 0, down.stderr
     assert "stopped the cluster" in down.stdout
     assert not any(_running(pid) for pid in pids)
+
+
+# -- ports ---------------------------------------------------------------------------
+
+TWO_NODES = {"home_region": "westeurope", "replicas": [{"region": "northeurope"}],
+             "paired_copies": False}
+
+
+def _held(port: int, *, reuse_port: bool = False) -> socket.socket:
+    """``port`` listened on by something else, as another cluster's gRPC server
+    (which sets SO_REUSEPORT) or any other program would."""
+    sock = socket.socket()
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def _two_free_bases(spec) -> tuple[int, int]:
+    bases = any_port_bases(spec)
+    first = next(bases)
+    second = next(b for b in bases if abs(b - first) > 3000)
+    return first, second
+
+
+async def test_a_cluster_on_any_ports_moves_past_a_port_a_node_finds_taken(tmp_path, http):
+    """The range first tried has a node's replication port held by another
+    process (which set SO_REUSEPORT, as every gRPC server does): that node must
+    fail to listen, not share the port, and the cluster starts on the next
+    range, says so in its spec, and works."""
+    spec = specs.parse({**TWO_NODES, "network": {"port_base": 0}})
+    first, second = _two_free_bases(spec)
+    taken = plan(spec.seeded(1).with_port_base(first), tmp_path).node("westeurope").grpc_port
+    with _held(taken, reuse_port=True):
+        cluster = await Cluster.start(spec, tmp_path / "c", port_bases=[first, second])
+        try:
+            assert cluster.spec.network.port_base == second
+            assert saved_spec(tmp_path / "c").network.port_base == second
+            log = (tmp_path / "c" / "logs" / "westeurope.log").read_text()
+            assert f"cannot listen for replication on 127.0.0.1:{taken}" in log
+            image = make_image([1000], seed=80)
+            await push_image(http, cluster.node_url("westeurope"), "ports/app", image, tag="v1")
+            await eventually(lambda: _has(http, cluster.node_url("northeurope"), "ports/app", "v1"),
+                             timeout=30, what="ports/app:v1 in northeurope")
+        finally:
+            await cluster.stop()
+
+
+async def test_a_cluster_on_given_ports_refuses_to_start_when_one_is_taken(tmp_path):
+    """A base the spec names is kept or the start fails, saying which port and
+    what to do; the port is found binding it, before anything is written."""
+    spec = specs.parse(TWO_NODES).with_port_base(_two_free_bases(specs.parse(TWO_NODES))[0])
+    taken = specs.port_layout(spec).management
+    with _held(taken):
+        with pytest.raises(PortInUse) as refused:
+            await Cluster.start(spec, tmp_path / "c")
+        assert f"port {taken} (management API) is in use" in str(refused.value)
+        assert "set another port_base (0: any free range)" in str(refused.value)
+        assert list((tmp_path / "c").iterdir()) == []
+        # Left to choose, but offered only that range: no free range.
+        with pytest.raises(PortInUse, match="no free range"):
+            await Cluster.start(spec.with_port_base(0), tmp_path / "d",
+                                port_bases=[spec.network.port_base])
 
 
 # -- the pytest plugin ---------------------------------------------------------------

@@ -10,6 +10,7 @@ the supervisor seeds each link as the plan says."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import random
@@ -21,7 +22,7 @@ import pytest
 from cluster.control.plan import plan
 from cluster.control.supervisor import Supervisor
 from cluster.network.links import Link, LinkFaults, LinkModel, link_seed
-from cluster.testing import SMALL_SPEC, free_port_base, with_port_base
+from cluster.testing import SMALL_SPEC
 
 from .helpers import eventually
 
@@ -254,11 +255,11 @@ async def test_links_seeded_alike_draw_the_same_jitter_and_resets(echo_port) -> 
 
 async def test_the_supervisor_seeds_each_link_as_the_plan_says(tmp_path) -> None:
     spec = SMALL_SPEC.seeded(11)
-    p = plan(with_port_base(spec, free_port_base(spec)), tmp_path)
+    p = plan(spec.with_port_base(20000), tmp_path)
     supervisor = Supervisor(p)
     try:
         for planned in (p.links[0], p.links[1], p.links[-1]):
-            link = await supervisor.add_link(planned)
+            link = await supervisor.add_link(dataclasses.replace(planned, port=0))  # any free port
             assert planned.seed == link_seed(11, planned.source, planned.target)
             assert link.rng.getstate() == random.Random(planned.seed).getstate()
     finally:

@@ -69,6 +69,16 @@ def test_ports_that_collide_or_overflow_are_refused():
     assert "collides" in problem and "5100" in problem
     [problem] = problems({"network": {"port_base": 65400}})
     assert "leaves no room" in problem
+    [problem] = problems({"network": {"port_base": -1}})
+    assert "must be a port number, or 0 for any free range" in problem
+
+
+def test_a_base_of_0_leaves_the_ports_to_the_start_and_cannot_be_planned(tmp_path):
+    spec = specs.parse({"network": {"port_base": 0}}).seeded(1)
+    assert spec.network.port_base == specs.ANY_PORT_BASE
+    with pytest.raises(ValueError, match="ports are decided"):
+        plan(spec, tmp_path)
+    assert plan(spec.with_port_base(20000), tmp_path).management_port == 20099
 
 
 def test_typos_in_keys_are_caught_with_a_suggestion():

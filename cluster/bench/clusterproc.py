@@ -12,7 +12,9 @@ benchmark's client (pushing, hashing, polling) would otherwise share their
 event loop or their GIL, adding delay to exactly what is being measured.
 
 Everything the benchmark needs comes from the spec (``cluster.control.plan``: node
-ports and names, the WAN model) and the management API (node pids, faults).
+ports and names, the WAN model) and the management API (node pids, faults). A
+spec that leaves its ports open (``port_base = 0``) is planned once the cluster
+has started, from the spec it saved with the range it got.
 Only a cluster this class started is stopped by it: SIGTERM to the supervisor,
 which stops its nodes; should it not exit in time, it and the node pids it
 reported are killed, one by one.
@@ -47,7 +49,9 @@ class ClusterProcess:
         self.spec = spec = spec.seeded()
         self.data_dir = data_dir.resolve()
         self.process = process
-        self.plan: ClusterPlan = plan(spec, self.data_dir)
+        self.plan: ClusterPlan | None = None
+        if spec.network.port_base != specs.ANY_PORT_BASE:
+            self.plan = plan(spec, self.data_dir)
         self.management = ""
         self.pids: dict[str, int] = {}
 
@@ -91,6 +95,9 @@ class ClusterProcess:
             state = running_state(self.data_dir)
             if state is not None and state.get("management"):
                 self.management = state["management"]
+                started = saved_spec(self.data_dir)   # with the ports the cluster got
+                if started is not None and started != self.spec:
+                    self.spec, self.plan = started, plan(started, self.data_dir)
                 status = self.call("GET", "/georeg/v1/cluster")
                 self.pids = {n["name"]: n["pid"] for n in status["nodes"] if n.get("pid")}
                 if all(n["healthy"] for n in status["nodes"]):

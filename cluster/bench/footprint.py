@@ -32,37 +32,24 @@ from rich.table import Table
 
 from ..control import spec as specs
 from ..control.cluster import Cluster
-from ..testing import free_port_base, with_port_base
+from ..testing import on_any_ports
 from .lag import prepare
 from .procfs import MIB, cpu_seconds, rss_bytes
 from .workload import Client, RandomBytes, open_session, run_concurrently
 
 
 async def _start(spec: specs.ClusterSpec, data_dir: Path) -> tuple[Cluster, float, float]:
-    cluster = Cluster(spec, data_dir)
-    started = time.monotonic()
-    healthy_at = None
-
-    async def watch() -> None:
-        nonlocal healthy_at
-        while healthy_at is None:
-            nodes = cluster.supervisor.nodes.values()
-            if nodes and all(n.healthy for n in nodes):
-                healthy_at = time.monotonic()
-            await asyncio.sleep(0.01)
-
-    watcher = asyncio.create_task(watch())
-    await cluster._start()
-    ready_at = time.monotonic()
-    if healthy_at is None:
-        healthy_at = ready_at
-    watcher.cancel()
-    return cluster, healthy_at - started, ready_at - started
+    """A started cluster, with the seconds it took to every node healthy and to
+    ready, as the cluster measured them (a range of ports found in use and
+    left for another is not counted)."""
+    cluster = await Cluster.start(spec, data_dir)
+    assert cluster.healthy_after_s is not None and cluster.ready_after_s is not None
+    return cluster, cluster.healthy_after_s, cluster.ready_after_s
 
 
 async def measure(spec: specs.ClusterSpec, repeat: int, idle_s: float,
                   after_images: int = 0, settle_s: float = 25.0) -> dict:
-    spec = with_port_base(spec, free_port_base(spec))
+    spec = on_any_ports(spec)
     healthy, ready = [], []
     result: dict = {}
     for run in range(repeat):

@@ -58,7 +58,7 @@ from replicator.wire.v1 import replication_pb2 as pb
 from replicator.wire.v1 import replication_pb2_grpc as pbg
 
 from ..control import spec as specs
-from ..testing import free_port_base, with_port_base
+from ..testing import on_any_ports
 from . import procfs
 from .clusterproc import ClusterProcess, ClusterStartError
 from .floor import BlobPush, ImagePush, image_floor_ms
@@ -247,7 +247,7 @@ def cluster_spec(options: LagBenchOptions) -> specs.ClusterSpec:
     if options.wan is not None:
         spec = msgspec.structs.replace(spec, wan=msgspec.structs.replace(spec.wan,
                                                                          enabled=options.wan))
-    return with_port_base(spec, free_port_base(spec))
+    return on_any_ports(spec)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..control import spec as specs
-from ..testing import free_port_base, with_port_base
+from ..testing import on_any_ports
 from .clusterproc import ClusterProcess
 from .lag_report import Host, host
 from .procfs import MIB
@@ -122,7 +122,7 @@ def cluster_spec(options: ReplicationBenchOptions) -> specs.ClusterSpec:
                              replicas=(specs.ReplicaSpec("westeurope"),),
                              wan=specs.WanSpec(enabled=options.wan))
     spec = specs.validate(spec, "bench replication")
-    return with_port_base(spec, free_port_base(spec))
+    return on_any_ports(spec)
 
 
 @dataclass(frozen=True)

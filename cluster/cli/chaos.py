@@ -18,7 +18,7 @@ from ..control.cluster import Cluster
 from ..control.management import ManagementServer
 from ..control.state import running_state
 from ..faults.chaos import SCENARIOS, ChaosRun, ScenarioError, load, run_seed, summary
-from ..testing import free_port_base, with_port_base
+from ..testing import on_any_ports
 from .common import CliError, command
 
 
@@ -103,10 +103,9 @@ async def _run_scenario(scenario, args, state) -> dict:
 
 
 def scenario_cluster(scenario, seed: int | None = None) -> specs.ClusterSpec:
-    """The cluster a scenario starts when none runs: the default spec on free
-    ports, seeded with the run's seed, so its links replay with the scenario."""
-    spec = specs.load(None).seeded(run_seed(scenario, seed))
-    return with_port_base(spec, free_port_base(spec))
+    """The cluster a scenario starts when none runs: the default spec on any
+    free ports, seeded with the run's seed, so its links replay with the scenario."""
+    return on_any_ports(specs.load(None).seeded(run_seed(scenario, seed)))
 
 
 async def _run_against(scenario, args, management: str) -> dict:

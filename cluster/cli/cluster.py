@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,6 @@ from ..control import spec as specs
 from ..control.cluster import Cluster
 from ..control.errors import ClusterError
 from ..control.management import ManagementServer
-from ..control.spec import port_layout
 from ..control.state import running_state, saved_spec
 from ..control.supervisor import NodeStartError
 from .common import DEFAULT_DATA_DIR, CliError, add_data_dir, call, command, data_dir_of, event_loop
@@ -115,20 +113,9 @@ def run_up(args: argparse.Namespace) -> int:
     if args.detach:
         return _detach(args, data_dir)
     logs.configure(args.log_format, "warning", sys.stderr)
-    _check_ports_free(spec)
+    # A port in use is found by binding it (Cluster.start says which, and what
+    # to do); a check here first would only race with whoever takes it next.
     return event_loop().run(_up(spec, data_dir))
-
-
-def _check_ports_free(spec) -> None:
-    for port in port_layout(spec).all_ports():
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((spec.network.host, port))
-            except OSError:
-                raise CliError(f"port {port} on {spec.network.host} is in use; this cluster needs "
-                               f"ports {spec.network.port_base}–{max(port_layout(spec).all_ports())}"
-                               f" — stop what uses it or set network.port_base in a spec") from None
 
 
 async def _up(spec, data_dir: Path) -> int:

@@ -7,6 +7,7 @@ runs many, loads only what a node needs.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def _run_node(args: argparse.Namespace) -> int:
     from registry_node.config import NodeConfig
     from registry_node.crypto import KeyFileError
     from registry_node.node import DataDirError
-    from registry_node.server import run
+    from registry_node.server import EXIT_ADDRESS_IN_USE, run
 
     logs.configure(args.log_format, args.log_level, sys.stderr)
     host, port = args.listen
@@ -113,5 +114,5 @@ def _run_node(args: argparse.Namespace) -> int:
         return 2
     except OSError as exc:
         print(f"georeg node: cannot serve on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return EXIT_ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else 2
     return 0

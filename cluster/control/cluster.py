@@ -21,13 +21,30 @@ provision); ``status.displayStatus`` goes Creating → Syncing → Ready, shows
 ``Unavailable`` while none of its nodes is up, and Syncing again while a node
 that was down catches up (``ReplicaProgress``); ``status.message`` names the
 zones that are down.
+
+Ports: the plan gives every listener its port, from the spec's
+``network.port_base``, so that a node keeps its port across restarts and the
+links, views and endpoints that name it stay right. A spec that leaves the
+base open (``port_base = 0``: tests, benchmarks, chaos runs, anyone who does
+not care) gets a random range below the kernel's ephemeral ports, and a fresh
+one whenever a port of it turns out to be held by another process
+(``PortInUse``): whether a port is free is learnt by binding it, never by
+checking first and binding later. Every socket of this process (management
+API, links, endpoints) is bound before anything is written; a node process
+binds its own two when it starts, and one in use makes it exit with a status
+of its own. The base the cluster got travels on in its spec (saved, shown).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import random
 import shutil
+import socket
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,7 +58,7 @@ from ..faults.controller import FaultController
 from ..faults.verify import NodeTarget, VerifyReport, down_reason, verify
 from ..routing.endpoints import Endpoints
 from . import spec as specs
-from .errors import ClusterError, ControlPlaneUnavailable, NotFound
+from .errors import ClusterError, ControlPlaneUnavailable, NotFound, PortInUse
 from .plan import ClusterPlan, plan
 from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
@@ -55,6 +72,13 @@ class Endpoint:
     region: str
     url: str
 
+
+# Ranges tried for a spec that leaves its ports open before giving up.
+PORT_BASE_ATTEMPTS = 12
+# Where such ranges start: above the well-known ports, below the kernel's
+# ephemeral ones (which any outgoing connection may take while a node is down
+# between a crash and its restart).
+ANY_PORTS_FROM = 10000
 
 # How long the control plane waits for a home node to answer through its
 # management link before counting it unreachable (a cut link refuses at once;
@@ -106,32 +130,70 @@ class Cluster:
         self.healthy_after_s: float | None = None
         self.ready_after_s: float | None = None
         self._stopped = asyncio.Event()
+        # The management API's port, bound (not listening: connections are
+        # refused) from the start until a ManagementServer serves it.
+        self._management_socket: socket.socket | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     @classmethod
     async def start(cls, spec: specs.ClusterSpec | None = None, data_dir: Path | None = None,
-                    **options) -> Cluster:
+                    *, port_bases: Iterable[int] | None = None, **options) -> Cluster:
+        """Start a cluster. With ``port_base = 0`` in the spec, on the first of
+        ``port_bases`` (default: random draws, ``any_port_bases``) whose ports
+        are all free when bound; with a base given, on that one or not at all."""
         data_dir = Path(data_dir or (spec.network.data_dir if spec else ".georeg"))
         spec = spec or saved_spec(data_dir) or specs.load(None)
-        cluster = cls(spec, data_dir, **options)
-        await cluster._start()
-        return cluster
+        if spec.network.port_base != specs.ANY_PORT_BASE:
+            cluster = cls(spec, data_dir, **options)
+            try:
+                await cluster._start()
+            except PortInUse as exc:
+                layout = specs.port_layout(spec)
+                raise PortInUse(f"{exc}; this cluster uses ports from network.port_base "
+                                f"{layout.base} to {max(layout.all_ports())}: stop what holds it, "
+                                f"or set another port_base (0: any free range)") from None
+            return cluster
+        spec = spec.seeded()               # one seed, whichever range the cluster gets
+        bases = iter(port_bases) if port_bases is not None else any_port_bases(spec)
+        refused: list[str] = []
+        for base in bases:
+            cluster = cls(spec.with_port_base(base), data_dir, **options)
+            try:
+                await cluster._start()
+                return cluster
+            except PortInUse as exc:
+                log.info("cluster_ports_in_use", port_base=base, error=str(exc).splitlines()[0])
+                refused.append(f"{base}: {str(exc).splitlines()[0]}")
+                if len(refused) >= PORT_BASE_ATTEMPTS:
+                    break
+        raise PortInUse("no free range of ports for the cluster; tried port_base "
+                        + "; ".join(refused))
 
     async def _start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         clock = time.monotonic()
-        save_spec(self.data_dir, self.spec)
-        log.info("cluster_starting", seed=self.spec.seed, data_dir=str(self.data_dir))
-        await self.supervisor.start()
         try:
+            # This process's own sockets first: a port in use fails the start
+            # before anything is written.
+            try:
+                self._management_socket = _reserve(*self.management_address)
+                await self.supervisor.open_links()
+                if self.routing_enabled:
+                    self.routing = Endpoints(self)
+                    await self.routing.start()
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(str(exc)) from None
+                raise
+            save_spec(self.data_dir, self.spec)
+            log.info("cluster_starting", seed=self.spec.seed, data_dir=str(self.data_dir),
+                     port_base=self.spec.network.port_base)
+            await self.supervisor.start()
             for replica in self.spec.all_replicas:
                 self.progress.setdefault(replica.region, ReplicaProgress(created_at=time.time()))
             self.supervisor.on_health_change(self._on_node_health)
-            if self.routing_enabled:
-                self.routing = Endpoints(self)
-                await self.routing.start()
             await self.supervisor.wait_healthy()
             self.healthy_after_s = time.monotonic() - clock
             await self.wait_ready()
@@ -153,6 +215,9 @@ class Cluster:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        if self._management_socket is not None:
+            self._management_socket.close()
+            self._management_socket = None
         await self.faults.close()
         if self._http is not None:
             await self._http.close()
@@ -186,6 +251,11 @@ class Cluster:
     def management_address(self) -> tuple[str, int]:
         """Where the management API listens when one serves this cluster."""
         return self.host, self.plan.management_port
+
+    def take_management_socket(self) -> socket.socket | None:
+        """The management API's bound socket, for the one server that serves it."""
+        sock, self._management_socket = self._management_socket, None
+        return sock
 
     def endpoints(self) -> list[Endpoint]:
         return [Endpoint(e.kind, e.region, f"http://{self.host}:{e.port}")
@@ -600,3 +670,37 @@ def _progress_message(p: ReplicaProgress) -> str:
     mib = 1024 * 1024
     return (f"syncing: {p.images_done}/{p.images_total} images, "
             f"{p.bytes_done / mib:.1f}/{p.bytes_total / mib:.1f} MiB")
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """``host:port`` bound, not listening yet (``ManagementServer`` listens on it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"port {port} (management API) is in use"
+                      if exc.errno == errno.EADDRINUSE else exc.strerror) from None
+    return sock
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 32768, 60999        # Linux's default
+
+
+def any_port_bases(spec: specs.ClusterSpec, rng: random.Random | None = None) -> Iterator[int]:
+    """Port bases for a spec that leaves them open: random, so that clusters
+    started at once (test workers, CI jobs on one machine) seldom meet, each
+    with its whole range above ``ANY_PORTS_FROM`` and below the ephemeral
+    ports (or, where those start too low, below the highest port)."""
+    rng = rng or random.Random()
+    layout = specs.port_layout(spec.with_port_base(1))
+    span = max(p for p in layout.all_ports() if p != spec.network.management_port)
+    low, _ = _ephemeral_ports()
+    top = low - span if low - span > ANY_PORTS_FROM + 1000 else specs.MAX_PORT - span
+    while True:
+        yield rng.randrange(ANY_PORTS_FROM, top)

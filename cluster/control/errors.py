@@ -27,6 +27,15 @@ class RegionUnavailable(ClusterError):
     code = "RegionUnavailable"
 
 
+class PortInUse(ClusterError):
+    """A port the cluster's plan gives to a listener (a link, an endpoint, the
+    management API, a node) is held by something else. ``Cluster.start`` tries
+    another range when the spec leaves the ports to it (``port_base = 0``)."""
+
+    status = 409
+    code = "PortInUse"
+
+
 class NotFound(ClusterError):
     status = 404
     code = "NotFound"

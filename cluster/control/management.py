@@ -110,8 +110,12 @@ class ManagementServer:
         r.add_delete("/georeg/v1/faults/{id}", self.heal_fault)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        host, port = self.cluster.management_address
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        reserved = self.cluster.take_management_socket()   # bound when the cluster started
+        if reserved is not None:
+            site: web.BaseSite = web.SockSite(self._runner, reserved)
+        else:
+            host, port = self.cluster.management_address
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         write_running_state(self.cluster.data_dir, self.url, self.cluster.started_at)
 

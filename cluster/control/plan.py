@@ -22,7 +22,7 @@ from pathlib import Path
 from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
 
 from ..network.links import LinkModel, link_seed
-from .spec import ClusterSpec, ReplicaSpec, port_layout
+from .spec import ANY_PORT_BASE, ClusterSpec, ReplicaSpec, port_layout
 
 # The source of a management link: the management API, which is no node.
 MANAGEMENT = "management"
@@ -157,6 +157,9 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
     if spec.seed is None:
         raise ValueError("plan a seeded spec (ClusterSpec.seeded): the links' draws derive "
                          "from its seed")
+    if spec.network.port_base == ANY_PORT_BASE:
+        raise ValueError("plan a spec whose ports are decided: Cluster.start picks a base for "
+                         "port_base 0 (ClusterSpec.with_port_base)")
     layout = port_layout(spec)
     host = spec.network.host
     nodes: list[NodePlan] = []

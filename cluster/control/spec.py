@@ -33,7 +33,7 @@ Example (every key optional except where noted)::
     confined = false
 
     [network]
-    port_base = 5000
+    port_base = 5000                # 0: any free range, chosen when the cluster starts
     data_dir = ".georeg"
     client_locations = ["eastus", "westeurope", "japaneast"]   # one global endpoint each
 
@@ -121,6 +121,12 @@ class ResidencySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     repositories: tuple[RepositoryResidencySpec, ...] = ()
 
 
+# ``network.port_base`` meaning "any": the cluster picks a range when it starts
+# (``Cluster.start``), on a fresh one whenever a port of it turns out to be in
+# use, and keeps the one it got in its saved spec.
+ANY_PORT_BASE = 0
+
+
 class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     port_base: int = 5000
     management_port: int | None = None
@@ -188,6 +194,12 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if seed is None:
             seed = self.seed if self.seed is not None else random.SystemRandom().randrange(SEEDS)
         return msgspec.structs.replace(self, seed=seed)
+
+    def with_port_base(self, base: int) -> ClusterSpec:
+        """This spec listening from ``base`` (``ANY_PORT_BASE``: wherever is free
+        when it starts)."""
+        return msgspec.structs.replace(self, network=msgspec.structs.replace(
+            self.network, port_base=base))
 
     def node_count(self) -> int:
         return sum(len(r.zones) for r in self.all_replicas)
@@ -435,20 +447,22 @@ def _port_problems(spec: ClusterSpec) -> list[str]:
         problems.append(f"at most 40 replicas, got {layout.replicas}")
     if layout.nodes > 40:
         problems.append(f"at most 40 nodes, got {layout.nodes}")
-    if not 1 <= base:
-        problems.append(f"network.port_base {base} must be a port number")
+    if not (1 <= base or base == ANY_PORT_BASE):
+        problems.append(f"network.port_base {base} must be a port number, or 0 for any free "
+                        f"range")
     top = max(layout.all_ports())
     if top > MAX_PORT:
         problems.append(f"network.port_base {base} leaves no room: this cluster needs ports up to "
                         f"{top}; use a port_base of at most {MAX_PORT - (top - base)}")
     mgmt = spec.network.management_port
-    if mgmt is not None:
+    if mgmt is not None and base != ANY_PORT_BASE:   # with any base, a clash is found binding
         used = list(layout.all_ports())
         used.remove(layout.management)
         if mgmt in used:
             problems.append(f"network.management_port {mgmt} collides with a port georeg assigns "
                             f"from port_base {base} (it uses {base}–{top}); pick a port outside "
                             f"that range")
+    if mgmt is not None:
         if not 1 <= mgmt <= MAX_PORT:
             problems.append(f"network.management_port {mgmt} is not a port number")
     return problems

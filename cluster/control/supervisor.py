@@ -9,6 +9,9 @@ event loop, and watches every node's health. Node processes log to
 Health: a node is healthy when its process runs and ``GET /georeg/v1/node``
 answers within a second; it is checked every half second, and marked down at
 once when its process exits or a router fails to connect to it.
+
+Ports come from the plan. One found in use — by a link here, or by a node
+process, which exits with ``EXIT_ADDRESS_IN_USE`` — raises ``PortInUse``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import compileall
 import contextlib
 import ctypes
+import errno
 import importlib
 import os
 import random
@@ -30,9 +34,11 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from registry_node.server import EXIT_ADDRESS_IN_USE
 from replicator.topology import ReplicationSettings
 
 from ..network.links import Link
+from .errors import PortInUse
 from .plan import ClusterPlan, NodePlan
 
 log = structlog.get_logger("georeg.supervisor")
@@ -153,13 +159,19 @@ class Supervisor:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    async def open_links(self) -> None:
+        """Every link of the plan listening (the first sockets a cluster binds:
+        a port in use fails here, before anything is written)."""
+        for link_plan in (*self.plan.links, *self.plan.management_links):
+            if (link_plan.source, link_plan.target) not in self.links:
+                await self.add_link(link_plan)
+
     async def start(self) -> None:
         plan = self.plan
+        await self.open_links()
         for sub in ("nodes", "views", "logs"):
             (plan.data_dir / sub).mkdir(parents=True, exist_ok=True)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S))
-        for link_plan in (*plan.links, *plan.management_links):
-            await self.add_link(link_plan)
         for node in plan.all_nodes:
             plan.view(node, self.settings).dump(node.view_file)
         await asyncio.get_running_loop().run_in_executor(None, ensure_bytecode)
@@ -173,7 +185,13 @@ class Supervisor:
     async def add_link(self, link_plan) -> Link:
         link = Link(link_plan.name, ("127.0.0.1", link_plan.target_port), link_plan.model,
                     listen_port=link_plan.port, rng=random.Random(link_plan.seed))
-        await link.start()
+        try:
+            await link.start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(f"port {link_plan.port} (link {link_plan.name}) is in use") \
+                    from None
+            raise
         self.links[(link_plan.source, link_plan.target)] = link
         return link
 
@@ -217,6 +235,10 @@ class Supervisor:
             line = await asyncio.wait_for(self._ready_line(node), START_TIMEOUT_S)
         except (TimeoutError, NodeStartError) as exc:
             await self.stop_node(name, graceful=False)
+            if node.process.returncode == EXIT_ADDRESS_IN_USE:
+                raise PortInUse(f"port {node.plan.http_port} or {node.plan.grpc_port} (node {name}, "
+                                f"HTTP and replication) is in use\n{_tail(node.plan.log_file, 2)}") \
+                    from None
             tail = _tail(node.plan.log_file)
             raise NodeStartError(f"node {name} did not start: {exc or 'timed out'}\n{tail}") from None
         log.info("node_started", node=name, pid=node.process.pid, line=line)

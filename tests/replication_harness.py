@@ -33,11 +33,12 @@ from replicator.residency import ResidencyPolicy
 from replicator.runtime import Replication
 from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
 
-# Ports handed to nodes that bind them later. Below the kernel's ephemeral
-# range (32768-60999 here): a port picked by binding port 0 was free only at
-# that instant, and a link listening on port 0 or any outgoing connection could
-# take it before the node bound it ("Address already in use", twice in a CI
-# run).
+# Ports handed to node *processes* that bind them later (test_replication_resume's
+# ProcessCluster: peers there name each other's ports in their views before
+# they start, and keep them across a restart). A check, then a bind later: the
+# race this leaves is narrowed, not closed, by staying below the kernel's
+# ephemeral range (32768-60999 here) and below the ranges clusters on any
+# ports draw from (20000 up). In-process nodes bind port 0 instead.
 _PORTS = itertools.count(random.Random(os.getpid()).randrange(10000))
 
 
@@ -97,21 +98,22 @@ class InProcessCluster:
 
     async def start(self) -> InProcessCluster:
         names = [(self.node_name(r, z), r, z) for r, z in self.topology]
-        grpc_ports = {name: free_port() for name, _, _ in names}
+        # Each node's gRPC server binds port 0; the links to it are pointed at
+        # the port it got whenever it (re)starts (``restart``).
         for src, _, _ in names:
             for dst, _, _ in names:
                 if src != dst:
-                    link = Link(f"{src}->{dst}", ("127.0.0.1", grpc_ports[dst]))
+                    link = Link(f"{src}->{dst}", ("127.0.0.1", 0))
                     self.links[(src, dst)] = await link.start()
         for name, region, zone in names:
             peers = tuple(Peer(name=other, region=r, zone=z,
                                grpc=self.links[(name, other)].address)
                           for other, r, z in names if other != name)
             view = ClusterView(name=name, region=region, zone=zone,
-                               grpc_listen=f"127.0.0.1:{grpc_ports[name]}", peers=peers,
+                               grpc_listen="127.0.0.1:0", peers=peers,
                                zone_redundancy=self.zone_redundancy(region),
                                residency=self.residency, replication=self.settings)
-            self.nodes[name] = TestNode(name, region, zone, self.root / name, grpc_ports[name], view)
+            self.nodes[name] = TestNode(name, region, zone, self.root / name, 0, view)
         await asyncio.gather(*(self.restart(name) for name in self.nodes))
         return self
 
@@ -132,6 +134,10 @@ class InProcessCluster:
         runner = web.AppRunner(init_app(config, [node.replication]), handle_signals=False,
                                shutdown_timeout=0.5)
         await runner.setup()
+        node.grpc_port = int(node.replication.grpc_address.rpartition(":")[2])
+        for (_, dst), link in self.links.items():
+            if dst == name:
+                link.target = ("127.0.0.1", node.grpc_port)
         port = self.http_ports.get(name, 0)
         site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
         await site.start()

@@ -75,10 +75,11 @@ class Endpoint:
 
 # Ranges tried for a spec that leaves its ports open before giving up.
 PORT_BASE_ATTEMPTS = 12
-# Where such ranges start: above the well-known ports, below the kernel's
-# ephemeral ones (which any outgoing connection may take while a node is down
-# between a crash and its restart).
-ANY_PORTS_FROM = 10000
+# Where such ranges start: well above the well-known ports (and above the
+# 10000-19999 the tests' process harness hands out), below the kernel's
+# ephemeral ones, which any outgoing connection may take while a node is down
+# between a crash and its restart.
+ANY_PORTS_FROM = 20000
 
 # How long the control plane waits for a home node to answer through its
 # management link before counting it unreachable (a cut link refuses at once;

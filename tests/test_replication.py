@@ -171,6 +171,13 @@ async def _gone(http, url, repo, digest) -> bool:
     return await manifest_status(http, url, repo, digest) == 404
 
 
+def slow_links_from(cluster: InProcessCluster, region: str, ms: float) -> None:
+    """Every link from ``region``'s nodes gets ``ms`` of extra one-way latency."""
+    for (src, _), link in cluster.links.items():
+        if cluster.nodes[src].region == region:
+            link.set_faults(LinkFaults(extra_latency_ms=ms))
+
+
 @pytest.fixture
 async def lagging_cluster(tmp_path):
     """The cluster, but westeurope gets nothing unless it asks: its subscriptions

@@ -440,6 +440,16 @@ def test_up_detached_prints_its_endpoints_and_down_leaves_nothing_running(tmp_pa
     assert down.returncode == 0, down.stderr
     assert "stopped the cluster" in down.stdout
     assert not any(_running(pid) for pid in pids)
+    # Resumed from its data dir, it serves where it did: the base it got is
+    # the spec's now.
+    again = georeg("up", "--detach", data_dir=data)
+    try:
+        assert again.returncode == 0, again.stderr
+        assert saved_spec(data).network.port_base == base
+        status = json.loads(georeg("status", "--json", data_dir=data).stdout)
+        assert status["global_endpoints"]["westeurope"] == f"http://127.0.0.1:{base}"
+    finally:
+        assert georeg("down", data_dir=data).returncode == 0
 
 
 # -- ports ---------------------------------------------------------------------------

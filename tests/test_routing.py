@@ -362,8 +362,8 @@ class Backend:
         self.uploads: dict[str, int] = {}
         self.peers: set[tuple] = set()
         self.headers: list[dict[str, str]] = []
-        self.streamed = 0                      # bytes /stream has written so far
-        self.sink_open = asyncio.Event()       # /sink?hold=1 reads nothing until set
+        self.streamed = 0                      # bytes /v2/stream has written so far
+        self.sink_open = asyncio.Event()       # /v2/sink?hold=1 reads nothing until set
         self.runner: web.AppRunner | None = None
 
     async def start(self, port: int = 0) -> Backend:
@@ -375,10 +375,11 @@ class Backend:
         app.router.add_post("/v2/{name:.+}/blobs/uploads/", self.start_upload)
         app.router.add_patch("/v2/{name:.+}/blobs/uploads/{uuid}", self.patch_upload)
         app.router.add_put("/v2/{name:.+}/blobs/uploads/{uuid}", self.finish_upload)
-        app.router.add_route("*", "/sink", self.sink)
-        app.router.add_get("/stream", self.stream)
-        app.router.add_get("/throttled", self.throttled)
-        app.router.add_get("/die", self.die)
+        # Test routes live under /v2/ too: endpoints forward only the registry's API.
+        app.router.add_route("*", "/v2/sink", self.sink)
+        app.router.add_get("/v2/stream", self.stream)
+        app.router.add_get("/v2/throttled", self.throttled)
+        app.router.add_get("/v2/die", self.die)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
@@ -633,7 +634,7 @@ async def test_429_passes_through_without_failover(cluster, client):
     await cluster.add("westus")
     proxy = await cluster.global_endpoint("eastus")
     for _ in range(3):
-        async with client.get(proxy.url + "/throttled") as r:
+        async with client.get(proxy.url + "/v2/throttled") as r:
             assert r.status == 429 and r.headers["Retry-After"] == "7"
             assert r.headers["X-Georeg-Replica"] == "eastus"
             assert (await r.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
@@ -746,6 +747,26 @@ async def test_a_long_pipeline_of_redirects_is_answered_in_order():
         await cluster.close()
 
 
+async def test_an_absolute_form_blob_get_is_relayed_not_redirected():
+    """A 307 repeats the client's path on the node; a target in absolute form
+    has none to repeat, so that download is relayed."""
+    cluster = Cluster(redirect_blobs=True)
+    try:
+        await cluster.add("eastus")
+        proxy = await cluster.global_endpoint("eastus")
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            writer.write(b"GET http://r%s?size=5 HTTP/1.1\r\nHost: r\r\n\r\n" % BLOB.encode())
+            head, body = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200") and body == next(pattern(5))
+            assert b"X-Georeg-Replica: eastus" in head and b"X-Backend: eastus" in head
+        finally:
+            writer.close()
+        assert proxy.redirects == 0
+    finally:
+        await cluster.close()
+
+
 async def test_a_node_listening_everywhere_is_reached_where_the_client_reached_us(client):
     cluster = Cluster(redirect_blobs=True)
     try:
@@ -763,8 +784,8 @@ async def test_head_has_headers_and_no_body_and_keeps_the_connection(cluster):
     proxy = await cluster.global_endpoint("eastus")
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        writer.write(b"HEAD /stream?size=12345 HTTP/1.1\r\nHost: r\r\n\r\n"
-                     b"GET /stream?size=5 HTTP/1.1\r\nHost: r\r\n\r\n")   # pipelined, too
+        writer.write(b"HEAD /v2/stream?size=12345 HTTP/1.1\r\nHost: r\r\n\r\n"
+                     b"GET /v2/stream?size=5 HTTP/1.1\r\nHost: r\r\n\r\n")   # pipelined, too
         head = await read_head(reader)
         assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 12345" in head
         assert b"X-Georeg-Replica: eastus" in head
@@ -788,11 +809,11 @@ async def test_chunked_bodies_both_ways(cluster, client):
         for piece in pattern(3 * MIB + 17, piece=100_000):
             yield piece
 
-    async with client.post(proxy.url + "/sink", data=body()) as r:
+    async with client.post(proxy.url + "/v2/sink", data=body()) as r:
         doc = await r.json()
     assert doc == {"size": 3 * MIB + 17, "sha256": pattern_sha256(3 * MIB + 17),
                    "transfer_encoding": "chunked"}
-    async with client.get(proxy.url + "/stream", params={"size": 2 * MIB + 1, "chunked": "1"}) as r:
+    async with client.get(proxy.url + "/v2/stream", params={"size": 2 * MIB + 1, "chunked": "1"}) as r:
         assert r.headers["Transfer-Encoding"] == "chunked"
         assert hashlib.sha256(await r.read()).hexdigest() == pattern_sha256(2 * MIB + 1)
     async with client.get(proxy.url + "/v2/") as r:       # the connection is still in step
@@ -804,7 +825,7 @@ async def test_expect_100_continue_is_answered_once_a_node_is_ready(cluster):
     proxy = await cluster.global_endpoint("eastus")
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        writer.write(b"PUT /sink HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\n"
+        writer.write(b"PUT /v2/sink HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\n"
                      b"Expect: 100-continue\r\n\r\n")
         assert (await read_head(reader)).startswith(b"HTTP/1.1 100 Continue")
         writer.write(b"hello")
@@ -817,7 +838,7 @@ async def test_expect_100_continue_is_answered_once_a_node_is_ready(cluster):
     assert "Expect" not in backend.headers[-1]
     # aiohttp's own Expect handling works through it too.
     async with aiohttp.ClientSession() as session:
-        async with session.put(proxy.url + "/sink", data=b"x" * 1000, expect100=True) as r:
+        async with session.put(proxy.url + "/v2/sink", data=b"x" * 1000, expect100=True) as r:
             assert (await r.json())["size"] == 1000
 
 
@@ -925,7 +946,7 @@ async def test_backend_dying_mid_response_closes_the_client_connection(cluster, 
     await cluster.add("eastus")
     proxy = await cluster.global_endpoint("eastus")
     with pytest.raises(aiohttp.ClientError):
-        async with client.get(proxy.url + "/die") as r:
+        async with client.get(proxy.url + "/v2/die") as r:
             assert r.status == 200
             await r.read()
     assert await who(client, proxy.url) == "eastus"    # a new connection works
@@ -949,7 +970,7 @@ async def test_connection_closed_before_answering_fails_over(cluster, client):
         assert accepted and not cluster.health.healthy("eastus")
         # A request whose body had started cannot be replayed: 502, and the node is tried anew.
         cluster.health.report("eastus", True)
-        async with client.put(proxy.url + "/sink", data=b"y" * MIB) as r:
+        async with client.put(proxy.url + "/v2/sink", data=b"y" * MIB) as r:
             assert r.status == 502
             error = (await r.json())["errors"][0]
             assert error["code"] == "UNAVAILABLE"
@@ -1051,7 +1072,7 @@ async def test_an_early_answer_drains_the_body_and_keeps_the_connection(cluster)
         assert head.startswith(b"HTTP/1.1 200") and json.loads(answer)["backend"] == "eastus"
         # The proxy's own early answer (a 503) too.
         cluster.health.report("eastus", False, "down")
-        writer.write(b"PUT /sink HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n"
+        writer.write(b"PUT /v2/sink HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n"
                      % len(body) + body)
         head, answer = await read_response(reader)
         assert head.startswith(b"HTTP/1.1 503") and b"UNAVAILABLE" in answer
@@ -1070,13 +1091,13 @@ async def test_clients_hanging_up_mid_transfer_leave_the_proxy_clean(cluster, cl
     proxy = await cluster.global_endpoint("eastus")
     # Mid-response.
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"GET /stream?size=67108864 HTTP/1.1\r\nHost: r\r\n\r\n")
+    writer.write(b"GET /v2/stream?size=67108864 HTTP/1.1\r\nHost: r\r\n\r\n")
     await read_head(reader)
     await reader.readexactly(MIB)
     writer.transport.abort()
     # Mid-request.
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"PUT /sink HTTP/1.1\r\nHost: r\r\nContent-Length: 9999999\r\n\r\n" + b"z" * MIB)
+    writer.write(b"PUT /v2/sink HTTP/1.1\r\nHost: r\r\nContent-Length: 9999999\r\n\r\n" + b"z" * MIB)
     await writer.drain()
     writer.transport.abort()
     await eventually(lambda: len(proxy._clients) == 0, what="both client connections gone")
@@ -1094,10 +1115,10 @@ async def test_large_bodies_cross_intact_both_ways_on_kept_connections(cluster, 
     proxy = await cluster.global_endpoint("eastus")
     size = 8 * MIB + 12345
     for _ in range(2):
-        async with client.put(proxy.url + "/sink", data=b"".join(pattern(size))) as r:
+        async with client.put(proxy.url + "/v2/sink", data=b"".join(pattern(size))) as r:
             assert await r.json() == {"size": size, "sha256": pattern_sha256(size),
                                       "transfer_encoding": None}
-        async with client.get(proxy.url + "/stream", params={"size": str(size)}) as r:
+        async with client.get(proxy.url + "/v2/stream", params={"size": str(size)}) as r:
             assert r.headers["X-Georeg-Replica"] == "eastus"
             assert hashlib.sha256(await r.read()).hexdigest() == pattern_sha256(size)
     assert len(backend.peers) == 1 and len(proxy._clients) == 1
@@ -1117,9 +1138,9 @@ async def test_bodies_are_copied_when_the_pipe_budget_is_spent(cluster, client):
     proxy = await cluster.global_endpoint("eastus")
     proxy.pipes = PipePool(budget=0)
     size = 2 * MIB
-    async with client.put(proxy.url + "/sink", data=b"".join(pattern(size))) as r:
+    async with client.put(proxy.url + "/v2/sink", data=b"".join(pattern(size))) as r:
         assert (await r.json())["sha256"] == pattern_sha256(size)
-    async with client.get(proxy.url + "/stream", params={"size": str(size)}) as r:
+    async with client.get(proxy.url + "/v2/stream", params={"size": str(size)}) as r:
         assert hashlib.sha256(await r.read()).hexdigest() == pattern_sha256(size)
     assert proxy.spliced_bytes == 0
 
@@ -1152,7 +1173,7 @@ async def test_node_failing_under_a_request_body_gets_502_and_the_connection_car
         proxy = await cluster.global_endpoint("eastus")
         body = os.urandom(16 * MIB)
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(b"PUT /sink HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n"
+        writer.write(b"PUT /v2/sink HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n"
                      % len(body) + body)
         head, answer = await read_response(reader)
         assert head.startswith(b"HTTP/1.1 502") and b"UNAVAILABLE" in answer
@@ -1236,7 +1257,7 @@ async def test_http_10_client_gets_an_unframed_body_and_a_close(cluster):
     proxy = await cluster.global_endpoint("eastus")
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        writer.write(b"GET /stream?size=70000&chunked=1 HTTP/1.0\r\n\r\n")
+        writer.write(b"GET /v2/stream?size=70000&chunked=1 HTTP/1.0\r\n\r\n")
         head = await read_head(reader)
         assert b"Transfer-Encoding" not in head and b"Connection: close" in head
         assert await asyncio.wait_for(reader.read(), 10) == next(pattern(70000))
@@ -1353,7 +1374,7 @@ async def test_64_mib_streams_both_ways_in_bounded_proxy_memory():
                     yield piece
 
             upload = asyncio.ensure_future(session.put(
-                proxy.url + "/sink?hold=1", data=body(), headers={"Content-Length": str(size)}))
+                proxy.url + "/v2/sink?hold=1", data=body(), headers={"Content-Length": str(size)}))
             try:
                 await eventually(stalled(lambda: sent[0]), timeout=20, what="the upload stalling")
                 assert sent[0] < size / 2, f"{sent[0]} bytes left the client unread"
@@ -1366,7 +1387,7 @@ async def test_64_mib_streams_both_ways_in_bounded_proxy_memory():
 
             # Down: the client holds off reading; the node's writes must stall.
             digest, got = hashlib.sha256(), 0
-            async with session.get(proxy.url + "/stream", params={"size": size}) as r:
+            async with session.get(proxy.url + "/v2/stream", params={"size": size}) as r:
                 assert r.headers["X-Georeg-Replica"] == "solo"
                 await eventually(stalled(lambda: backend.streamed), timeout=20,
                                  what="the download stalling")

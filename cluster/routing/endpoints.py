@@ -112,12 +112,14 @@ class Endpoints:
     def stats(self) -> dict:
         """Per endpoint (``global:<client region>``, ``regional:<region>``), since
         it started: requests routed to each node (redirected ones included),
-        requests sent on after a node failed, the endpoint's own 503s, blob
+        requests sent on after a node failed, the endpoint's own 503s, its own
+        404s for paths endpoints do not carry (a node's internal routes), blob
         downloads redirected, blob downloads the node wrote on the client's
         connection (handed over), and body bytes relayed inside the kernel."""
         return {f"{kind}:{region}": {"requests": dict(p.requests_by_backend),
                                      "failovers": p.failovers,
                                      "unavailable": p.unavailable_responses,
+                                     "not_forwarded": p.not_forwarded,
                                      "redirects": p.redirects,
                                      "handed_over": p.handed_over,
                                      "spliced_bytes": p.spliced_bytes}

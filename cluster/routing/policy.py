@@ -40,6 +40,10 @@ Invariants
       ``ZoneSpread.ROTATE`` rotates per request instead. Requests without a
       repository (``/v2/``, ``_catalog``) always rotate.
     * ``candidates`` never returns a node twice and never an unhealthy one.
+    * Endpoints carry the registry's public API and nothing else
+      (``request_route``): a node's internal routes (its storage fault seam,
+      inventory, own status, metrics) answer 404 at every endpoint, however
+      the request target is written, and stay reachable on the node's port.
 """
 
 from __future__ import annotations
@@ -248,12 +252,14 @@ _BLOB = re.compile(r"/v2/.+/blobs/[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+"
 @dataclass(frozen=True, slots=True)
 class RequestRoute:
     """What routing needs to know of a request: its repository (for zone
-    placement), its upload session, if it continues one, and whether it names
-    a blob by digest (a download, when it is a GET)."""
+    placement), its upload session, if it continues one, whether it names a
+    blob by digest (a download, when it is a GET), and whether endpoints
+    forward it at all (``request_route``)."""
 
     repository: str | None = None
     upload_id: str | None = None
     blob: bool = False
+    forwarded: bool = True
 
 
 def route_of(path: str) -> RequestRoute:
@@ -263,6 +269,104 @@ def route_of(path: str) -> RequestRoute:
     if match := _REPOSITORY.match(path):
         return RequestRoute(match[1], blob=_BLOB.fullmatch(path) is not None)
     return RequestRoute()
+
+
+# -- what endpoints forward --------------------------------------------------------
+#
+# An allowlist, not a blocklist: a route added to nodes later stays behind the
+# endpoints until it is named here. Endpoints forward the registry API (OCI's
+# ``/v2/``), ACR's own ``/acr/v1/`` and its token service ``/oauth2/``; a node's
+# other routes are for the cluster around it (``/georeg/v1/faults/storage``
+# makes a node refuse writes, ``/georeg/v1/inventory`` lists all it stores,
+# ``/georeg/v1/node`` and ``/metrics`` describe the node), and answer 404.
+#
+# One exception: ``GET``/``HEAD /georeg/v1/replication/status`` stays forwarded.
+# It is per image (repository and reference in the query), read-only, and the
+# question a registry client asks about an image it can pull ("has my push
+# reached every region?"), so a client that reaches the registry only
+# through its endpoints must be able to ask it. It reveals nothing a pull of
+# that image through the same endpoint does not, and when identity arrives
+# the node's own request chain authorises it per repository, as it does a
+# manifest read (endpoints never decide access). Every other method on it is
+# refused here.
+
+FORWARDED_PREFIXES = ("/v2/", "/acr/v1/", "/oauth2/")
+FORWARDED_PATHS = frozenset({"/v2"})
+PUBLIC_NODE_READS = frozenset({"/georeg/v1/replication/status"})
+_READ_METHODS = frozenset({"GET", "HEAD"})
+NOT_FORWARDED = RequestRoute(forwarded=False)
+
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(.*)", re.DOTALL)
+
+
+def node_path(target: str) -> str | None:
+    """The path of a request target as a node routes it, made canonical, for
+    deciding whether endpoints forward the request; None for a target that
+    names no path (``*``, an authority).
+
+    A node (aiohttp) takes the path of an absolute-form target (``GET
+    http://host/p``), cuts it at the first ``?`` (or ``#``), decodes
+    percent-escapes once except ``%2F`` and ``%25``, and matches its routes
+    on that, leaving dot segments and doubled slashes as they are (aiohttp
+    3.14, yarl 1.25). This does all of that, and more: it decodes ``%2F`` and
+    ``%25`` too, resolves ``.`` and ``..`` segments and merges doubled slashes.
+    Every target a node routes to an internal route therefore comes out here
+    as that route's path, so the decision is at least as strict as the node's
+    reading; the request is forwarded as the client wrote it.
+    """
+    if not target.startswith("/"):
+        match = _ABSOLUTE_FORM.fullmatch(target)
+        if match is None:
+            return None
+        target = match[1]
+    end = len(target)
+    for mark in "?#":
+        found = target.find(mark, 0, end)
+        if found >= 0:
+            end = found
+    path = target[:end] or "/"
+    if "%" in path:
+        path = _ESCAPE.sub(lambda m: chr(int(m[1], 16)), path)
+    if "//" in path or "/." in path or not path.startswith("/"):
+        path = _resolved(path)
+    return path
+
+
+def _resolved(path: str) -> str:
+    """``path`` with its dot segments resolved (RFC 3986 5.2.4) and empty
+    segments dropped; a path that ends with a separator or a dot segment
+    keeps one trailing ``/``."""
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment and segment != ".":
+            segments.append(segment)
+    out = "/" + "/".join(segments)
+    if segments and path.rpartition("/")[2] in ("", ".", ".."):
+        out += "/"
+    return out
+
+
+def forwarded(method: str, path: str | None) -> bool:
+    """Whether endpoints forward ``method`` on ``path`` (a ``node_path``) to a node."""
+    if path is None:
+        return False
+    if path.startswith(FORWARDED_PREFIXES) or path in FORWARDED_PATHS:
+        return True
+    return path in PUBLIC_NODE_READS and method in _READ_METHODS
+
+
+def request_route(method: str, target: str) -> RequestRoute:
+    """The route of a request as it came to an endpoint (``target`` as
+    written: origin or absolute form, with its query); ``NOT_FORWARDED`` for
+    one that endpoints answer 404 themselves."""
+    path = node_path(target)
+    if not forwarded(method, path):
+        return NOT_FORWARDED
+    return route_of(path)
 
 
 def upload_id_of(location: str) -> str | None:

@@ -25,9 +25,13 @@ Invariants
       connection is closed; one whose response was partly sent has its client
       connection closed (the client retries). ``429`` and every other status
       pass through untouched: only transport failures fail over.
+    * Only what ``policy.request_route`` forwards reaches a node: the
+      registry's API. Any other path (a node's internal routes however the
+      target spells them) gets the proxy's own ``404``, in its turn on a
+      pipelined connection, and no node is contacted for it.
     * Every proxied response carries ``X-Georeg-Replica: <node name>``; a
-      response that is the proxy's own (``503`` no replica, ``502``) does not,
-      except a redirect, which names the node it sends the client to.
+      response that is the proxy's own (``503`` no replica, ``502``, ``404``)
+      does not, except a redirect, which names the node it sends the client to.
     * The proxy's own errors follow the node's wire contract
       (``registry_node.errors``): a 5xx says in ``detail.outcome`` whether the
       request may have taken effect. ``503`` (no replica) and ``501`` sent
@@ -47,8 +51,8 @@ Invariants
       a refused connect is; lost after, the client's connection is closed
       (as for a relayed response cut short).
     * With ``redirect_blobs`` (spec ``blob_downloads = "redirect"``), a ``GET`` of
-      a blob by digest is answered by the proxy itself: ``307`` to the same
-      path on the node routing chose, which serves the bytes. The proxy does
+      a blob by digest (in origin form) is answered by the proxy itself: ``307``
+      to the same path on the node routing chose, which serves the bytes. The proxy does
       not contact the node for it, so only health checks (not a refused
       connect) take a dead node out of these answers.
     * A request answered before its body ended (an early 404, the proxy's
@@ -95,7 +99,7 @@ from .policy import (
     RequestRoute,
     UploadAffinity,
     ZoneSpread,
-    route_of,
+    request_route,
     upload_id_of,
 )
 
@@ -298,6 +302,7 @@ class RoutingProxy:
         self.requests_by_backend: Counter[str] = Counter()
         self.failovers = 0                # requests sent on after a candidate failed
         self.unavailable_responses = 0    # 503s for want of a healthy node
+        self.not_forwarded = 0            # 404s for paths endpoints do not carry
         self.redirect_blobs = redirect_blobs
         self.redirects = 0                # blob downloads sent to a node with a 307
         # Relayed blob downloads are handed over to the node where it takes them.
@@ -768,7 +773,7 @@ class _Exchange:
         self.proxy = client.proxy
         self.method = method
         self.url = url
-        self.route: RequestRoute = route_of(url.split(b"?", 1)[0].decode("latin-1"))
+        self.route: RequestRoute = request_route(method.decode("latin-1"), url.decode("latin-1"))
         self.keep_alive = keep_alive and not client.closing
         self.http_10 = version == "1.0"
         self.req_chunked = False
@@ -839,13 +844,16 @@ class _Exchange:
     # -- routing and connecting ------------------------------------------------------
 
     def start(self) -> None:
+        if not self.route.forwarded:
+            self._not_forwarded()
+            return
         proxy = self.proxy
         upload_id = self.route.upload_id
         pinned = proxy.affinity.node_for(upload_id) if upload_id else None
         self.candidates = proxy.policy.candidates(self.route, pinned)
         self.client.hold(_CONNECTING)
         if self.route.blob and self.method == b"GET" and self.candidates:
-            if proxy.redirect_blobs:
+            if proxy.redirect_blobs and self.url.startswith(b"/"):   # origin form: a Location
                 self._redirect(self.candidates[0])
                 return
             if proxy.handoffs is not None and self._hand_over():
@@ -1297,6 +1305,16 @@ class _Exchange:
             self._respond(502, "UNAVAILABLE", why, {"node": conn.node.name if conn else None},
                           self._sent_outcome())
 
+    def _not_forwarded(self) -> None:
+        """A path endpoints do not carry (``policy.request_route``): a node's
+        internal route, or nothing of the registry's. No node is asked."""
+        self.proxy.not_forwarded += 1
+        path = self.url.split(b"?", 1)[0].decode("latin-1")
+        self._respond(404, "UNSUPPORTED",
+                      "not found: this path is not served by the registry's endpoints (a "
+                      "node's own routes are reachable on the node's port only)",
+                      {"endpoint": self.proxy.name, "path": path}, Outcome.DEFINITE)
+
     def _unavailable(self) -> None:
         self.proxy.unavailable_responses += 1
         why = self.proxy.policy.unavailable()
@@ -1362,7 +1380,7 @@ def _socket_fd(transport: asyncio.BaseTransport) -> int:
     return sock.fileno()
 
 
-_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large",
+_REASONS = {400: b"Bad Request", 404: b"Not Found", 431: b"Request Header Fields Too Large",
             501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable"}
 
 

@@ -38,8 +38,10 @@ from cluster.routing.policy import (
     route_of,
     upload_id_of,
 )
-from cluster.routing.proxy import HealthProbe, RoutingProxy, _HeadTooLarge, _MessageStream
+from cluster.routing.probe import HealthProbe
+from cluster.routing.proxy import RoutingProxy
 from cluster.routing.splice import PipePool
+from cluster.routing.stream import HeadTooLarge, MessageStream
 from registry_node.config import NodeConfig
 
 from .helpers import (
@@ -275,11 +277,11 @@ def test_routes_of_request_paths():
 
 
 class Recorder:
-    """A parser owner as the proxy's are: reports to its ``_MessageStream``."""
+    """A parser owner as the proxy's are: reports to its ``MessageStream``."""
 
     def __init__(self) -> None:
         self.events: list = []
-        self.stream = _MessageStream(lambda: httptools.HttpRequestParser(self), self.on_body,
+        self.stream = MessageStream(lambda: httptools.HttpRequestParser(self), self.on_body,
                                      self.on_message_complete, 1 << 16)
 
     def on_message_begin(self):
@@ -343,7 +345,7 @@ def test_message_stream_byte_by_byte_and_all_at_once():
 def test_message_stream_refuses_an_endless_head():
     r = Recorder()
     r.stream.feed(b"GET /" + b"a" * 60000)
-    with pytest.raises(_HeadTooLarge):
+    with pytest.raises(HeadTooLarge):
         r.stream.feed(b"a" * 10000)
 
 

@@ -1,4 +1,6 @@
-"""How clients reach the cluster: where each request goes (``policy``, no I/O),
-the streaming reverse proxy that moves its bytes (``proxy``, with kernel
-splicing in ``splice`` and blob-download hand-over to nodes in ``handoff``),
-and the global and regional endpoints wired to a cluster (``endpoints``)."""
+"""How clients reach the cluster: where each request goes and what endpoints
+carry at all (``policy``, no I/O), the streaming reverse proxy that moves its
+bytes (``proxy``; HTTP message framing in ``stream``, kernel splicing in
+``splice``, blob-download hand-over to nodes in ``handoff``), active health
+checks (``probe``), and the global and regional endpoints wired to a cluster
+(``endpoints``)."""

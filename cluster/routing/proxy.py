@@ -1,13 +1,14 @@
 """The routing layer's sockets: a streaming HTTP/1.1 reverse proxy per endpoint
 (the global endpoint of one client location, or one region's regional
-endpoint), and an optional active health probe.
+endpoint). Message framing is ``cluster.routing.stream``'s; the active health
+probe is ``cluster.routing.probe``.
 
 ``cluster.routing.policy`` decides where a request goes; this module moves the bytes.
 It works at the asyncio ``Protocol`` level and parses only what it must, with
 httptools (llhttp): the request head (to route it), the response head (to add
 ``X-Georeg-Replica`` and learn upload sessions) and message boundaries (for
 keep-alive on both sides). A ``Content-Length`` body is counted, not parsed:
-the bytes read are the bytes written (``_MessageStream``), and once a read
+the bytes read are the bytes written (``MessageStream``), and once a read
 leaves ``SPLICE_MIN`` or more of it to come, the rest goes from socket to
 socket inside the kernel (``cluster.routing.splice``), never through Python. A chunked
 body goes through the parser and is re-framed on the way out.
@@ -92,7 +93,6 @@ from .policy import (
     HealthView,
     LatencyMs,
     NodeEndpoint,
-    NodeHealth,
     RegionalPolicy,
     ReplicaGroup,
     Replicas,
@@ -102,6 +102,7 @@ from .policy import (
     request_route,
     upload_id_of,
 )
+from .stream import HeadTooLarge, MessageStream
 
 log = structlog.get_logger("georeg.routing")
 
@@ -134,149 +135,9 @@ _AWAITING = 4         # the request is complete; its response is in flight
 _SPLICING = 8         # the rest of the request body is being spliced to the node
 
 
-_HEAD, _RAW, _PARSED, _SPLICING_BODY = 0, 1, 2, 3
-
-
-class _MessageStream:
-    """One direction of a connection as a sequence of HTTP messages.
-
-    Each head goes to the httptools parser as it arrives (so garbage, such as
-    a TLS hello, is refused at once), cut exactly where it ends. The owner's
-    parser callbacks report to the stream: ``begun()`` from
-    ``on_message_begin``, ``headers_done(length)`` from ``on_headers_complete``
-    and ``ended()`` from ``on_message_complete``. If the head was cut cleanly
-    and ``length`` is a positive ``Content-Length``, the next ``length`` bytes
-    go to ``on_body`` as they arrived — no parser, no copy — followed by
-    ``on_end``, and a fresh parser takes the next head. Otherwise (chunked,
-    delimited by the connection's end, or a pipelined message the parser had
-    already begun) the parser gets everything until a message ends at the end
-    of a read: always correct, only not as cheap.
-
-    When a counted body still has ``splice_min`` bytes or more to come after a
-    read, ``take(left)`` may take them: it returns True if it will move them
-    past the stream (in the kernel) and call ``handed_back(taken)`` with how
-    many of them it read, once done or stopped; the stream then carries on
-    from there. The stream is not fed meanwhile.
-    """
-
-    __slots__ = ("_new_parser", "parser", "_on_body", "_on_end", "_head_limit", "_mode",
-                 "_left", "_tail", "_head_size", "_ended", "_cutting", "_take", "_splice_min")
-
-    def __init__(self, new_parser: Callable[[], object], on_body: Callable[[bytes], None],
-                 on_end: Callable[[], None], head_limit: int,
-                 take: Callable[[int], bool] | None = None, splice_min: int = 0) -> None:
-        self._new_parser = new_parser
-        self.parser = new_parser()
-        self._on_body = on_body
-        self._on_end = on_end
-        self._head_limit = head_limit
-        self._take = take if splice_min > 0 else None
-        self._splice_min = splice_min
-        self._mode = _HEAD
-        self._left = 0
-        self._tail = b""          # the last bytes of the head so far, to find its end across reads
-        self._head_size = 0
-        self._ended = True
-        self._cutting = False
-
-    def begun(self) -> None:
-        self._ended = False
-
-    def ended(self) -> None:
-        self._ended = True
-
-    def headers_done(self, raw_length: int | None) -> None:
-        if self._cutting and raw_length:
-            self._mode = _RAW
-            self._left = raw_length
-        else:
-            self._mode = _PARSED      # the parser carries the body (if any) to the end
-
-    def handed_back(self, taken: int) -> None:
-        """``take``'s splice is over, having read ``taken`` bytes of the body."""
-        self._left -= taken
-        if self._left:
-            self._mode = _RAW
-            return
-        self._mode = _HEAD
-        self.parser = self._new_parser()
-        self._on_end()
-
-    @property
-    def small_reads(self) -> bool:
-        """Whether the next read should be small: a head is expected, or a body
-        that may yet be spliced (each read ends with another try), so that
-        little of it passes through Python first."""
-        mode = self._mode
-        return mode == _HEAD or (mode == _RAW and self._take is not None
-                                 and self._left >= self._splice_min)
-
-    def feed(self, data: bytes | memoryview) -> None:
-        if self._mode == _SPLICING_BODY:
-            raise RuntimeError("fed while its body is being spliced")
-        if isinstance(data, memoryview) and not data.readonly:
-            data = bytes(data)            # a view of a shared read buffer: not to be kept
-        while data:
-            mode = self._mode
-            if mode == _RAW:
-                left = self._left
-                if len(data) < left:
-                    self._left = left - len(data)
-                    self._on_body(data)
-                    break
-                piece, data = data[:left], data[left:]
-                self._left = 0
-                self._mode = _HEAD
-                self.parser = self._new_parser()
-                self._on_body(piece)
-                self._on_end()
-                continue
-            if mode == _PARSED:
-                self.parser.feed_data(data)
-                if self._ended:
-                    self._mode = _HEAD
-                return
-            if isinstance(data, memoryview):
-                data = bytes(data)        # a second head in one read: rare, and small
-            tail = self._tail
-            end = -1
-            if tail:
-                found = (tail + data[:3]).find(b"\r\n\r\n")
-                if found >= 0:
-                    end = found + 4 - len(tail)
-            if end < 0:
-                found = data.find(b"\r\n\r\n")
-                if found >= 0:
-                    end = found + 4
-            if end < 0:
-                self._head_size += len(data)
-                if self._head_size > self._head_limit:
-                    raise _HeadTooLarge
-                self._tail = (tail + data)[-3:]
-                self.parser.feed_data(data)
-                if self._mode == _PARSED and self._ended:
-                    self._mode = _HEAD
-                return
-            # The rest is (the start of) a body: a view, not a copy.
-            head, data = data[:end], memoryview(data)[end:]
-            self._tail = b""
-            self._head_size = 0
-            self._cutting = True
-            try:
-                self.parser.feed_data(head)
-            finally:
-                self._cutting = False
-            if self._mode == _PARSED and self._ended:
-                self._mode = _HEAD        # a message without a body
-        if self._mode == _RAW and self._take is not None and self._left >= self._splice_min:
-            self._mode = _SPLICING_BODY   # set first: the splice may end before take returns
-            if not self._take(self._left):
-                self._mode = _RAW
-
-
 # What an exchange holds once it is over: its own stream and parser point back at
 # it, and dropping them then lets reference counting free it (no cyclic GC work).
-_DETACHED = _MessageStream(lambda: None, lambda data: None, lambda: None, 0)
+_DETACHED = MessageStream(lambda: None, lambda data: None, lambda: None, 0)
 
 
 class RoutingProxy:
@@ -506,17 +367,13 @@ class _BackendConnection(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
-class _HeadTooLarge(Exception):
-    pass
-
-
 class _ClientConnection(asyncio.BufferedProtocol):
     """One client connection: parses requests and runs their exchanges in order."""
 
     def __init__(self, proxy: RoutingProxy) -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
-        self.stream = _MessageStream(lambda: httptools.HttpRequestParser(self), self.on_body,
+        self.stream = MessageStream(lambda: httptools.HttpRequestParser(self), self.on_body,
                                      self.on_message_complete, _MAX_HEAD, self._take_body,
                                      proxy.splice_min)
         self.queue: deque[_Exchange] = deque()   # the first is in flight
@@ -564,13 +421,13 @@ class _ClientConnection(asyncio.BufferedProtocol):
             return
         try:
             self.stream.feed(data)
-        except _HeadTooLarge:
+        except HeadTooLarge:
             self._refuse(431, "UNSUPPORTED", "request head too large")
         except httptools.HttpParserUpgrade:
             self._refuse(501, "UNSUPPORTED", "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
             cause = exc.__context__
-            if isinstance(cause, _HeadTooLarge):
+            if isinstance(cause, HeadTooLarge):
                 self._refuse(431, "UNSUPPORTED", "request head too large")
             elif cause is not None:          # a fault of ours, not the client's
                 log.error("proxy_fault", endpoint=self.proxy.name, exc_info=cause)
@@ -610,13 +467,13 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self._url.append(url)
         self._head_size += len(url)
         if self._head_size > _MAX_HEAD:
-            raise _HeadTooLarge
+            raise HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > _MAX_HEAD:
-            raise _HeadTooLarge
+            raise HeadTooLarge
 
     def on_headers_complete(self) -> None:
         parser = self.stream.parser
@@ -963,7 +820,7 @@ class _Exchange:
         self.backend = conn
         self.reused = reused
         conn.exchange = self
-        self.stream = _MessageStream(lambda: httptools.HttpResponseParser(self), self.on_body,
+        self.stream = MessageStream(lambda: httptools.HttpResponseParser(self), self.on_body,
                                      self.on_message_complete, _MAX_HEAD, self.splice_response,
                                      self.proxy.splice_min)
         self.proxy.requests_by_backend[conn.node.name] += 1
@@ -1126,7 +983,7 @@ class _Exchange:
     def backend_data(self, data: bytes) -> None:
         try:
             self.stream.feed(data)
-        except _HeadTooLarge:
+        except HeadTooLarge:
             self._broken(f"response head from {self.backend.node.name} too large")
         except httptools.HttpParserError as exc:
             node = self.backend.node.name if self.backend else None
@@ -1400,77 +1257,3 @@ def _redirect_response(location: bytes, node_name: str, close: bool) -> bytes:
             b"Docker-Distribution-API-Version: registry/2.0\r\n%s: %s\r\n%s\r\n"
             % (location, REPLICA_HEADER, node_name.encode(),
                b"Connection: close\r\n" if close else b""))
-
-
-# -- active health checks ------------------------------------------------------------
-
-
-class HealthProbe:
-    """Asks every node ``GET /v2/`` every ``interval_s`` and reports the verdict
-    to ``health``: any answer below 500 (401 and 429 included) is up; a
-    5xx, a refused connection or no answer within ``timeout_s`` is down.
-
-    Passive detection only sees refused connections; this is what notices a
-    node that accepts but never answers (stopped, isolated behind a stalled
-    link) within ``interval_s + timeout_s``.
-    """
-
-    def __init__(self, nodes: Callable[[], list[NodeEndpoint]] | Replicas, health: NodeHealth,
-                 *, interval_s: float = 0.5, timeout_s: float = 1.0) -> None:
-        if isinstance(nodes, Replicas):
-            replicas = nodes
-            nodes = lambda: [n for g in replicas for n in g.nodes]  # noqa: E731
-        self._nodes = nodes
-        self.health = health
-        self.interval_s = interval_s
-        self.timeout_s = timeout_s
-        self._task: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def probe_all(self) -> None:
-        nodes = self._nodes()
-        verdicts = await asyncio.gather(*(self.probe(n) for n in nodes))
-        for node, (up, reason) in zip(nodes, verdicts, strict=True):
-            was = self.health.healthy(node.name)
-            self.health.report(node.name, up, reason)
-            if was != up:
-                log.info("node_health", node=node.name, up=up, reason=reason)
-
-    async def probe(self, node: NodeEndpoint) -> tuple[bool, str]:
-        writer = None
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                reader, writer = await asyncio.open_connection(node.host, node.port)
-                writer.write(b"GET /v2/ HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n"
-                             b"User-Agent: georeg-health-probe\r\n\r\n"
-                             % (node.host.encode(), node.port))
-                line = await reader.readline()
-        except TimeoutError:
-            return False, f"no answer to GET /v2/ within {self.timeout_s}s"
-        except OSError as exc:
-            return False, f"GET /v2/ failed: {exc.strerror or exc}"
-        finally:
-            if writer is not None:
-                writer.transport.abort()
-        fields = line.split()
-        if len(fields) < 2 or not fields[1].isdigit():
-            return False, f"GET /v2/ answered {line[:80]!r}"
-        status = int(fields[1])
-        if status >= 500:
-            return False, f"GET /v2/ answered {status}"
-        return True, ""
-
-    async def _run(self) -> None:
-        while True:
-            started = time.monotonic()
-            await self.probe_all()
-            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))

@@ -36,8 +36,15 @@ COMPARED = ("Content-Length", "Content-Type", "Docker-Content-Digest", "Accept-R
 
 @pytest.fixture
 def nodes(node_process):
-    """Node processes by name (conftest's factory), each a region of its own."""
-    return lambda name: node_process(name, "--region", "eastus")
+    """Node processes by name (conftest's factory), each a region of its own;
+    at the end, checks that no exchange of the test's proxies tried a move its
+    lifecycle does not hold."""
+    yield lambda name: node_process(name, "--region", "eastus")
+    assert [p.illegal_transitions for p in _PROXIES] == [0] * len(_PROXIES)
+    _PROXIES.clear()
+
+
+_PROXIES: list[RoutingProxy] = []
 
 
 def endpoint(proc: NodeProcess, name: str) -> NodeEndpoint:
@@ -53,6 +60,7 @@ async def proxy_over(*members: tuple[NodeProcess, str], **options) -> RoutingPro
                                          lambda _client, replica: order[replica], NodeHealth(),
                                          **options)
     await proxy.start()
+    _PROXIES.append(proxy)
     return proxy
 
 

@@ -536,6 +536,8 @@ class Cluster:
             await proxy.stop()
         for backend in self.backends.values():
             await backend.stop()
+        # Whatever a test did, no exchange tried a move its lifecycle does not hold.
+        assert [p.illegal_transitions for p in self.proxies] == [0] * len(self.proxies)
 
 
 # How a counted body crosses the proxy: socket to socket in the kernel (the default)

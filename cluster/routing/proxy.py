@@ -1,17 +1,25 @@
 """The routing layer's sockets: a streaming HTTP/1.1 reverse proxy per endpoint
 (the global endpoint of one client location, or one region's regional
-endpoint). Message framing is ``cluster.routing.stream``'s; the active health
-probe is ``cluster.routing.probe``.
+endpoint).
 
 ``cluster.routing.policy`` decides where a request goes; this module moves the bytes.
 It works at the asyncio ``Protocol`` level and parses only what it must, with
 httptools (llhttp): the request head (to route it), the response head (to add
 ``X-Georeg-Replica`` and learn upload sessions) and message boundaries (for
 keep-alive on both sides). A ``Content-Length`` body is counted, not parsed:
-the bytes read are the bytes written (``MessageStream``), and once a read
-leaves ``SPLICE_MIN`` or more of it to come, the rest goes from socket to
+the bytes read are the bytes written (``cluster.routing.stream``), and once a
+read leaves ``SPLICE_MIN`` or more of it to come, the rest goes from socket to
 socket inside the kernel (``cluster.routing.splice``), never through Python. A chunked
 body goes through the parser and is re-framed on the way out.
+
+Three kinds of object: ``_ClientConnection`` (one client socket: parses its
+requests, queues their exchanges, holds its reads while it must),
+``_BackendConnection`` (one socket to a node, pooled between exchanges) and
+``_Exchange`` (one request and its response). An exchange's state is its
+phase, from ``cluster.routing.lifecycle`` (queued, connecting, handed over,
+sent, relaying, answered, cut, aborted, ...), changed in one method that
+refuses any move the lifecycle's table does not hold; its other fields are
+data. The active health probe is ``cluster.routing.probe``.
 
 Invariants
     * Nothing buffers a whole body. Each direction holds at most the socket
@@ -87,6 +95,7 @@ from registry_node.errors import Outcome
 
 from . import splice as kernel
 from .handoff import Channel, Handoffs
+from .lifecycle import TRANSITIONS, IllegalTransition, Phase
 from .policy import (
     EndpointPolicy,
     GlobalPolicy,
@@ -129,11 +138,17 @@ _LINGER_S = 5.0                       # how long an answered request's body is r
 SPLICE_MIN = 64 * 1024
 
 # Reasons a client connection stops being read (bits; reading resumes when none is left).
-_CONNECTING = 1       # the request's backend is not chosen yet: hold its body back
-_BACKPRESSURE = 2     # the backend's socket buffer is full
-_AWAITING = 4         # the request is complete; its response is in flight
-_SPLICING = 8         # the rest of the request body is being spliced to the node
+_HOLD_CONNECTING = 1       # the request's backend is not chosen yet: hold its body back
+_HOLD_BACKPRESSURE = 2     # the backend's socket buffer is full
+_HOLD_AWAITING = 4         # the request is complete; its response is in flight
+_HOLD_SPLICING = 8         # the rest of the request body is being spliced to the node
 
+
+# Phases by module-level name: the hot paths compare with ``is`` and no lookup.
+_QUEUED, _CONNECTING, _HANDED_OVER, _NODE_WRITING = (
+    Phase.QUEUED, Phase.CONNECTING, Phase.HANDED_OVER, Phase.NODE_WRITING)
+_SENT, _INTERIM, _RELAYING = Phase.SENT, Phase.INTERIM, Phase.RELAYING
+_ANSWERED, _CUT, _ABORTED = Phase.ANSWERED, Phase.CUT, Phase.ABORTED
 
 # What an exchange holds once it is over: its own stream and parser point back at
 # it, and dropping them then lets reference counting free it (no cyclic GC work).
@@ -164,6 +179,7 @@ class RoutingProxy:
         self.failovers = 0                # requests sent on after a candidate failed
         self.unavailable_responses = 0    # 503s for want of a healthy node
         self.not_forwarded = 0            # 404s for paths endpoints do not carry
+        self.illegal_transitions = 0      # moves of an exchange its lifecycle refused (bugs)
         self.redirect_blobs = redirect_blobs
         self.redirects = 0                # blob downloads sent to a node with a 307
         # Relayed blob downloads are handed over to the node where it takes them.
@@ -350,11 +366,11 @@ class _BackendConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client.hold(_BACKPRESSURE)
+            self.exchange.client.hold(_HOLD_BACKPRESSURE)
 
     def resume_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client.release(_BACKPRESSURE)
+            self.exchange.client.release(_HOLD_BACKPRESSURE)
 
     def close(self) -> None:
         self.closed = True
@@ -531,7 +547,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
             # parser call.)
             self.draining = exchange
             self._linger = asyncio.get_running_loop().call_later(_LINGER_S, self._linger_over)
-            self.release(_CONNECTING | _BACKPRESSURE | _AWAITING)
+            self.release(_HOLD_CONNECTING | _HOLD_BACKPRESSURE | _HOLD_AWAITING)
             return
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()
@@ -539,12 +555,12 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.idle_since = time.monotonic()
         if self.queue:
             following = self.queue[0]
-            self.release(_BACKPRESSURE)
+            self.release(_HOLD_BACKPRESSURE)
             if not following.request_complete:
-                self.release(_AWAITING)
+                self.release(_HOLD_AWAITING)
             self._start_first()
         else:
-            self.release(_AWAITING | _BACKPRESSURE)
+            self.release(_HOLD_AWAITING | _HOLD_BACKPRESSURE)
 
     def _start_first(self) -> None:
         """Start the first exchange of the queue. One the proxy answers at once
@@ -593,7 +609,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         """A request the proxy cannot parse or forward: answer if nothing of a
         response is on the wire yet, and close."""
         self.closing = True
-        if not self.queue or not self.queue[0].response_started:
+        if not self.queue or not self.queue[0].phase.response_begun:
             detail = {"outcome": Outcome.DEFINITE.value} if status >= 500 else {}  # never sent on
             self.write(_local_response(status, code, message, detail, close=True))
         for exchange in self.queue:
@@ -603,29 +619,38 @@ class _ClientConnection(asyncio.BufferedProtocol):
 
 
 class _Exchange:
-    """One request and its response, from routing to the last body byte."""
+    """One request and its response, from routing to the last body byte.
+
+    Its phase (``cluster.routing.lifecycle``) is its state, changed only by
+    ``_to``; the other fields are data: what the request is, where it went,
+    how the response is framed, and the handles of what runs for it (a
+    connect, a splice per direction, a hand-over). Two facts of the request
+    direction only ever turn true: ``body_sent`` (some of the body left the
+    proxy: the request can no longer go to another node) and
+    ``request_complete`` (the client sent its last byte).
+    """
 
     __slots__ = (
+        "phase",
         # the request
         "client", "proxy", "method", "route", "head", "keep_alive", "http_10", "req_chunked",
-        "req_length", "expect_continue", "continue_sent", "pending", "body_sent",
-        "request_complete",
+        "req_length", "continue_due", "pending", "body_sent", "request_complete",
+        # what the client asked for, as it asked it (for a redirect, a 404)
+        "url",
         # where it goes
         "candidates", "fresh_only", "backend", "reused", "connecting", "failed_over",
         # the response
         "stream", "reason", "resp_headers", "resp_chunked", "resp_length", "resp_until_eof",
-        "resp_keep_alive", "interim", "close_client", "response_started", "response_complete",
-        "done",
+        "resp_keep_alive", "close_client",
         # bodies moving in the kernel (cluster.routing.splice), one per direction
         "req_splice", "resp_splice",
-        # what the client asked for, as it asked it (for a redirect)
-        "url",
         # a download the node writes itself (cluster.routing.handoff), while it does
         "handoff", "handoff_serial",
     )
 
     def __init__(self, client: _ClientConnection, method: bytes, url: bytes,
                  headers: list[tuple[bytes, bytes]], version: str, keep_alive: bool) -> None:
+        self.phase = _QUEUED
         self.client = client
         self.proxy = client.proxy
         self.method = method
@@ -635,20 +660,16 @@ class _Exchange:
         self.http_10 = version == "1.0"
         self.req_chunked = False
         self.req_length = 0
-        self.expect_continue = False
-        self.continue_sent = False
+        self.continue_due = False      # the client waits for a 100 Continue before its body
         self.head = self._forward_head(method, url, headers)
         self.candidates: list[NodeEndpoint] = []
         self.fresh_only: NodeEndpoint | None = None
-        self.backend: _BackendConnection | None = None
+        self.backend: _BackendConnection | None = None   # set in SENT, INTERIM, RELAYING only
         self.reused = False
-        self.connecting: asyncio.Task | None = None
+        self.connecting: asyncio.Task | None = None     # set in CONNECTING only
         self.pending: list[bytes] = []
         self.body_sent = False
         self.request_complete = False
-        self.response_started = False
-        self.response_complete = False
-        self.done = False
         self.stream = _DETACHED
         self.reason = b""
         self.resp_headers: list[tuple[bytes, bytes]] = []
@@ -656,13 +677,22 @@ class _Exchange:
         self.resp_length: int | None = None
         self.resp_until_eof = False
         self.resp_keep_alive = False
-        self.interim = False
         self.close_client = False
         self.failed_over = False
         self.req_splice: kernel.Splice | None = None
         self.resp_splice: kernel.Splice | None = None
-        self.handoff: Channel | None = None
+        self.handoff: Channel | None = None             # set in HANDED_OVER, NODE_WRITING only
         self.handoff_serial = 0
+
+    def _to(self, phase: Phase) -> None:
+        """The one place an exchange changes phase. A move ``TRANSITIONS`` does
+        not hold is a bug in this module: refused, loudly."""
+        if phase not in TRANSITIONS[self.phase]:
+            self.proxy.illegal_transitions += 1
+            log.error("illegal_transition", endpoint=self.proxy.name, phase=self.phase.name,
+                      to=phase.name, method=self.method.decode("latin-1"))
+            raise IllegalTransition(self.phase, phase)
+        self.phase = phase
 
     def _forward_head(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         parts = [method, b" ", url, b" HTTP/1.1\r\n"]
@@ -685,7 +715,7 @@ class _Exchange:
                 self.req_length = int(value)        # llhttp has checked it is a number
             elif lower == b"expect":
                 if value.strip().lower() == b"100-continue":
-                    self.expect_continue = not self.http_10
+                    self.continue_due = not self.http_10
                     continue
             elif lower == b"x-forwarded-for":
                 forwarded_for = value + b", " + forwarded_for
@@ -698,7 +728,7 @@ class _Exchange:
         parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\n\r\n")
         return b"".join(parts)
 
-    # -- routing and connecting ------------------------------------------------------
+    # -- routing and connecting (QUEUED → CONNECTING / SENT / HANDED_OVER / ANSWERED) ----
 
     def start(self) -> None:
         if not self.route.forwarded:
@@ -708,7 +738,7 @@ class _Exchange:
         upload_id = self.route.upload_id
         pinned = proxy.affinity.node_for(upload_id) if upload_id else None
         self.candidates = proxy.policy.candidates(self.route, pinned)
-        self.client.hold(_CONNECTING)
+        self.client.hold(_HOLD_CONNECTING)
         if self.route.blob and self.method == b"GET" and self.candidates:
             if proxy.redirect_blobs and self.url.startswith(b"/"):   # origin form: a Location
                 self._redirect(self.candidates[0])
@@ -717,61 +747,9 @@ class _Exchange:
                 return
         self._next()
 
-    # -- downloads the node writes itself ------------------------------------------------
-
-    def _hand_over(self) -> bool:
-        """Pass the client's socket to the first candidate, which writes the
-        response on it (``cluster.routing.handoff``); False to relay the request."""
-        client = self.client
-        if (client.fd < 0 or self.http_10 or self.req_length or self.req_chunked
-                or self.expect_continue or client.write_paused
-                or client.transport.get_write_buffer_size()):
-            return False            # a body to pass on, or response bytes of ours still queued
-        node = self.candidates[0]
-        channel = self.proxy.handoffs.channel(node)
-        if channel is None:
-            return False
-        self.close_client = not self.keep_alive or client.closing
-        extra = b"%s: %s\r\n" % (REPLICA_HEADER, node.name.encode())
-        if self.close_client:
-            extra += b"Connection: close\r\n"
-        serial = channel.hand(client.fd, self.head, extra, self)
-        if serial is None:
-            return False
-        self.handoff, self.handoff_serial = channel, serial
-        self.response_started = True    # the node may write at any moment; the proxy must not
-        client.release(_CONNECTING)
-        return True
-
-    def handoff_writing(self) -> None:
-        self.proxy.handed_over += 1
-        self.proxy.requests_by_backend[self.handoff.node.name] += 1
-
-    def handoff_done(self) -> None:
-        self.handoff = None
-        self.done = self.response_complete = True
-        self.client.finished(self, self.close_client)
-
-    def handoff_declined(self) -> None:
-        """Nothing was written (an error to answer, the node is gone): relay it,
-        to the same node first, as any request."""
-        self.handoff = None
-        self.response_started = False
-        self._next()
-
-    def handoff_cut(self) -> None:
-        node = self.handoff.node.name if self.handoff else None
-        self.handoff = None
-        log.warning("response_cut", endpoint=self.proxy.name, node=node, side="node",
-                    reason="the node stopped writing a handed-over download")
-        self.done = True
-        self.client.closing = True
-        if not self.client.closed:
-            self.client.transport.abort()
-
     def _next(self) -> None:
-        if self.done:
-            return
+        """Send the request to the next candidate (→ CONNECTING, or SENT on a
+        pooled connection), or answer 503 when none is left (→ ANSWERED)."""
         if self.fresh_only is not None:
             node, self.fresh_only = self.fresh_only, None
         elif self.candidates:
@@ -783,6 +761,7 @@ class _Exchange:
         else:
             self._unavailable()
             return
+        self._to(_CONNECTING)
         task = asyncio.get_running_loop().create_task(self._connect(node))
         self.connecting = task
         self.proxy._connecting.add(task)
@@ -805,7 +784,7 @@ class _Exchange:
             self._failover()
             return
         self.connecting = None
-        if self.done:
+        if self.phase is not _CONNECTING:      # aborted meanwhile
             proxy._pool.put(conn)
             return
         self._attach(conn, reused=False)
@@ -817,12 +796,15 @@ class _Exchange:
         self._next()
 
     def _attach(self, conn: _BackendConnection, reused: bool) -> None:
+        """Send the request on ``conn`` (→ SENT): its head, what of its body
+        has come, and to the client the ``100 Continue`` it waits for."""
+        self._to(_SENT)
         self.backend = conn
         self.reused = reused
         conn.exchange = self
         self.stream = MessageStream(lambda: httptools.HttpResponseParser(self), self.on_body,
-                                     self.on_message_complete, _MAX_HEAD, self.splice_response,
-                                     self.proxy.splice_min)
+                                    self.on_message_complete, _MAX_HEAD, self.splice_response,
+                                    self.proxy.splice_min)
         self.proxy.requests_by_backend[conn.node.name] += 1
         transport = conn.transport
         transport.write(self.head)
@@ -836,10 +818,10 @@ class _Exchange:
             if self.req_chunked:
                 transport.write(_CHUNK_END)
                 self.body_sent = True
-        elif self.expect_continue and not self.continue_sent:
-            self.continue_sent = True
+        elif self.continue_due:
+            self.continue_due = False
             self.client.write(_CONTINUE)
-        self.client.release(_CONNECTING)
+        self.client.release(_HOLD_CONNECTING)
 
     def _send_body(self, transport: asyncio.Transport, data: bytes) -> None:
         if self.req_chunked:
@@ -848,26 +830,79 @@ class _Exchange:
             transport.write(data)
         self.body_sent = True
 
+    # -- downloads the node writes itself (HANDED_OVER, NODE_WRITING) --------------------
+
+    def _hand_over(self) -> bool:
+        """Pass the client's socket to the first candidate, which writes the
+        response on it (``cluster.routing.handoff``); False to relay the request."""
+        client = self.client
+        if (client.fd < 0 or self.http_10 or self.req_length or self.req_chunked
+                or self.continue_due or client.write_paused
+                or client.transport.get_write_buffer_size()):
+            return False            # a body to pass on, or response bytes of ours still queued
+        node = self.candidates[0]
+        channel = self.proxy.handoffs.channel(node)
+        if channel is None:
+            return False
+        self.close_client = not self.keep_alive or client.closing
+        extra = b"%s: %s\r\n" % (REPLICA_HEADER, node.name.encode())
+        if self.close_client:
+            extra += b"Connection: close\r\n"
+        serial = channel.hand(client.fd, self.head, extra, self)
+        if serial is None:
+            return False
+        self.handoff, self.handoff_serial = channel, serial
+        self._to(_HANDED_OVER)      # the node may write at any moment; the proxy must not
+        client.release(_HOLD_CONNECTING)
+        return True
+
+    def handoff_writing(self) -> None:
+        self._to(_NODE_WRITING)
+        self.proxy.handed_over += 1
+        self.proxy.requests_by_backend[self.handoff.node.name] += 1
+
+    def handoff_done(self) -> None:
+        self.handoff = None
+        self._to(_ANSWERED)
+        self.client.finished(self, self.close_client)
+
+    def handoff_declined(self) -> None:
+        """Nothing was written (an error to answer, the node is gone): relay it,
+        to the same node first, as any request."""
+        if self.phase is _NODE_WRITING:
+            # "Not served" after "writing": the node broke the protocol, and may
+            # have written. A second response must never follow: as a cut.
+            self.handoff_cut()
+            return
+        self.handoff = None
+        self._next()
+
+    def handoff_cut(self) -> None:
+        node = self.handoff.node.name if self.handoff else None
+        self.handoff = None
+        log.warning("response_cut", endpoint=self.proxy.name, node=node, side="node",
+                    reason="the node stopped writing a handed-over download")
+        self._cut()
+
     # -- the request ---------------------------------------------------------------------
 
     def request_body(self, data: bytes) -> None:
-        if self.done:
-            return                 # answered already: the rest is read and dropped
-        if self.backend is not None:
-            self._send_body(self.backend.transport, data)
-        else:
+        backend = self.backend
+        if backend is not None:
+            self._send_body(backend.transport, data)
+        elif not self.phase.over:
             self.pending.append(data)
+        # else answered already: the rest is read and dropped
 
     def request_done(self) -> None:
         self.request_complete = True
-        if self.done:
+        if self.phase.over:
             self.client.drained(self)
             return
         if self.backend is not None and self.req_chunked:
             self.backend.transport.write(_CHUNK_END)
             self.body_sent = True
-        if not self.response_complete:
-            self.client.hold(_AWAITING)
+        self.client.hold(_HOLD_AWAITING)
 
     # -- bodies in the kernel ------------------------------------------------------------
 
@@ -875,7 +910,7 @@ class _Exchange:
         """Take the rest of the request body (``left`` bytes) straight from the
         client's socket to the node's, if nothing else is on its way there."""
         conn = self.backend
-        if (self.done or conn is None or self.pending or conn.fd < 0 or self.client.fd < 0
+        if (conn is None or self.pending or conn.fd < 0 or self.client.fd < 0
                 or conn.transport.get_write_buffer_size()):
             return False
         client = self.client
@@ -884,7 +919,7 @@ class _Exchange:
         if splice is None:
             return False
         self.req_splice = splice
-        client.hold(_SPLICING)
+        client.hold(_HOLD_SPLICING)
         splice.start()
         return True
 
@@ -899,7 +934,7 @@ class _Exchange:
                 client.transport.abort()     # connection_lost aborts the exchange
             return
         client.stream.handed_back(splice.taken)
-        client.release(_SPLICING)
+        client.release(_HOLD_SPLICING)
         if broken is not None and (conn := self.backend) is not None:
             # The node's connection failed under the body: it answers nothing now.
             # As when the copy path loses a node: 502, and the rest of the body is
@@ -914,7 +949,7 @@ class _Exchange:
         node's socket to the client's, once everything before it has left."""
         client = self.client
         conn = self.backend
-        if (self.done or conn is None or client.closed or client.write_paused or conn.fd < 0
+        if (conn is None or client.closed or client.write_paused or conn.fd < 0
                 or client.fd < 0 or client.transport.get_write_buffer_size()):
             return False
         splice = kernel.Splice.open(self.proxy.pipes, conn.fd, client.fd, left,
@@ -940,14 +975,10 @@ class _Exchange:
         # and retries; the node's connection is not reused.
         log.warning("response_cut", endpoint=self.proxy.name, node=conn.node.name,
                     side=broken.side, reason=broken.reason)
-        self._cancel_splices()
-        self.done = True
         self.backend = None
         conn.exchange = None
         conn.abort()
-        self.client.closing = True
-        if not self.client.closed:
-            self.client.transport.abort()
+        self._cut()
 
     def _unsplice(self) -> bool:
         """Stop moving the request body in the kernel (the exchange is answered or
@@ -959,7 +990,7 @@ class _Exchange:
         taken = splice.cancel()
         self._took(splice)
         self.client.stream.handed_back(taken)
-        self.client.release(_SPLICING)
+        self.client.release(_HOLD_SPLICING)
         return True
 
     def _took(self, splice: kernel.Splice) -> None:
@@ -978,7 +1009,7 @@ class _Exchange:
                 self.proxy.spliced_bytes += splice.cancel()
         self.req_splice = self.resp_splice = None
 
-    # -- the response (httptools callbacks) ---------------------------------------
+    # -- the response (httptools callbacks): SENT → INTERIM → SENT → RELAYING ----------
 
     def backend_data(self, data: bytes) -> None:
         try:
@@ -1007,28 +1038,27 @@ class _Exchange:
         self.resp_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.done:
+        if self.phase.over:         # bytes after the end of what it answered: dropped
             self.stream.headers_done(None)
             return
         parser = self.stream.parser
         status = parser.get_status_code()
         if status < 200:
             # Interim responses are the proxy's business (100) or optional (103): dropped.
-            self.interim = True
+            self._to(_INTERIM)
             self.stream.headers_done(None)
             if status == 101:
                 self._broken("protocol upgrades are not supported")
             return
-        self.interim = False
         self.resp_keep_alive = parser.should_keep_alive()
-        self.response_started = True
+        self._to(_RELAYING)
         self.client.write(self._client_head(status))
         self.stream.headers_done(self.resp_length)
         if self.method == b"HEAD":
             self._finish()
 
     def on_body(self, data: bytes) -> None:
-        if self.done or self.client.closed:
+        if self.phase is not _RELAYING or self.client.closed:
             return
         if self.resp_chunked:
             self.client.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
@@ -1037,11 +1067,11 @@ class _Exchange:
 
     def on_message_complete(self) -> None:
         self.stream.ended()
-        if self.interim:
-            self.interim = False
-            return
-        if not self.done:
+        phase = self.phase
+        if phase is _RELAYING:
             self._finish()
+        elif phase is _INTERIM:
+            self._to(_SENT)           # the final response is still to come
 
     def _client_head(self, status: int) -> bytes:
         node = self.backend.node
@@ -1086,10 +1116,10 @@ class _Exchange:
             affinity.forget(session)
 
     def _finish(self) -> None:
-        """The whole response is with the client (or in its socket buffer)."""
+        """The whole response is with the client, or in its socket buffer
+        (RELAYING → ANSWERED)."""
         body_cut = self._unsplice()
-        self.response_complete = True
-        self.done = True
+        self._to(_ANSWERED)
         if self.resp_chunked:
             self.client.write(_CHUNK_END)
         conn, self.backend = self.backend, None
@@ -1106,31 +1136,27 @@ class _Exchange:
     # -- failures --------------------------------------------------------------------
 
     def backend_lost(self, conn: _BackendConnection, exc: Exception | None) -> None:
-        if self.done or conn is not self.backend:
+        if conn is not self.backend:    # not (or no longer) this exchange's connection
             return
         self._unsplice()
-        self.backend = None
         node = conn.node
-        if self.response_started:
+        if self.phase is _RELAYING:
             if self.resp_until_eof:       # that is how such a response ends
-                self.backend = conn
                 self.resp_keep_alive = False
                 self._finish()
                 return
             # Died mid-response: the client sees its connection close and retries.
             log.warning("backend_lost_mid_response", endpoint=self.proxy.name, node=node.name)
-            self._cancel_splices()
-            self.done = True
-            self.client.closing = True
-            if not self.client.closed:
-                self.client.transport.abort()
+            self.backend = None
+            self._cut()
             return
+        self.backend = None
         if not self.body_sent:
             # Nothing of this request can have been acted upon beyond its head:
             # send it on. A pooled connection may just have been closed by the
             # node while idle; try the same node once more, on a fresh connection.
             self.stream = _DETACHED
-            self.client.hold(_CONNECTING)
+            self.client.hold(_HOLD_CONNECTING)
             if self.reused:
                 self.fresh_only = node
                 self._next()
@@ -1148,19 +1174,28 @@ class _Exchange:
 
     def _broken(self, why: str) -> None:
         """The backend spoke something we cannot forward."""
+        if self.phase.over:
+            return      # after the end of a response (its connection is pooled or closed)
         self._unsplice()
         conn, self.backend = self.backend, None
         if conn is not None:
             conn.exchange = None
             conn.abort()
-        if self.response_started:
-            self.done = True
-            self.client.closing = True
-            if not self.client.closed:
-                self.client.transport.abort()
+        if self.phase.response_begun:
+            self._cut()
         else:
             self._respond(502, "UNAVAILABLE", why, {"node": conn.node.name if conn else None},
                           self._sent_outcome())
+
+    def _cut(self) -> None:
+        """The response was cut short (→ CUT): the client sees its connection
+        close, and retries."""
+        self._to(_CUT)
+        self._cancel_splices()
+        client = self.client
+        client.closing = True
+        if not client.closed:
+            client.transport.abort()     # connection_lost then aborts what is queued
 
     def _not_forwarded(self) -> None:
         """A path endpoints do not carry (``policy.request_route``): a node's
@@ -1203,18 +1238,19 @@ class _Exchange:
         self._answer(lambda close: _redirect_response(location, node.name, close))
 
     def _answer(self, response: Callable[[bool], bytes]) -> None:
-        """Answer from the proxy itself: ``response(close)`` is the whole
-        message, told whether the connection closes after it."""
-        self.done = True
-        self.response_started = self.response_complete = True
+        """Answer from the proxy itself (→ ANSWERED): ``response(close)`` is the
+        whole message, told whether the connection closes after it."""
+        self._to(_ANSWERED)
         close = not self.keep_alive or self.client.closing
         self.client.write(response(close))
-        self.client.release(_CONNECTING)
+        self.client.release(_HOLD_CONNECTING)
         self.client.finished(self, close)
 
     def abort(self) -> None:
-        """The client is gone (or the proxy stops): drop everything in flight."""
-        self.done = True
+        """The client is gone (or the proxy stops): drop everything in flight
+        (→ ABORTED; an exchange already over stays as it ended)."""
+        if not self.phase.over:
+            self._to(_ABORTED)
         self._cancel_splices()
         self.stream = _DETACHED
         if self.handoff is not None:

@@ -264,7 +264,9 @@ class RequestRoute:
 
 def route_of(path: str) -> RequestRoute:
     """The route of a request path (without its query string)."""
-    if match := _UPLOAD.fullmatch(path):
+    # The substring test first: it is what a request that continues no upload
+    # costs, instead of the expression's backtracking over the whole path.
+    if "/blobs/uploads/" in path and (match := _UPLOAD.fullmatch(path)):
         return RequestRoute(match[1], match[2])
     if match := _REPOSITORY.match(path):
         return RequestRoute(match[1], blob=_BLOB.fullmatch(path) is not None)
@@ -315,22 +317,24 @@ def node_path(target: str) -> str | None:
     as that route's path, so the decision is at least as strict as the node's
     reading; the request is forwarded as the client wrote it.
     """
-    if not target.startswith("/"):
+    if target.startswith("/"):
+        path = target.split("?", 1)[0]
+    else:
         match = _ABSOLUTE_FORM.fullmatch(target)
         if match is None:
             return None
-        target = match[1]
-    end = len(target)
-    for mark in "?#":
-        found = target.find(mark, 0, end)
-        if found >= 0:
-            end = found
-    path = target[:end] or "/"
+        path = match[1].split("?", 1)[0]
+    if "#" in path:
+        path = path.split("#", 1)[0]
     if "%" in path:
-        path = _ESCAPE.sub(lambda m: chr(int(m[1], 16)), path)
+        path = _ESCAPE.sub(_unescaped, path)
     if "//" in path or "/." in path or not path.startswith("/"):
         path = _resolved(path)
     return path
+
+
+def _unescaped(escape: re.Match) -> str:
+    return chr(int(escape[1], 16))
 
 
 def _resolved(path: str) -> str:
@@ -350,23 +354,16 @@ def _resolved(path: str) -> str:
     return out
 
 
-def forwarded(method: str, path: str | None) -> bool:
-    """Whether endpoints forward ``method`` on ``path`` (a ``node_path``) to a node."""
-    if path is None:
-        return False
-    if path.startswith(FORWARDED_PREFIXES) or path in FORWARDED_PATHS:
-        return True
-    return path in PUBLIC_NODE_READS and method in _READ_METHODS
-
-
 def request_route(method: str, target: str) -> RequestRoute:
     """The route of a request as it came to an endpoint (``target`` as
     written: origin or absolute form, with its query); ``NOT_FORWARDED`` for
-    one that endpoints answer 404 themselves."""
+    one that endpoints answer 404 themselves. This is the rule of what
+    endpoints carry: the registry's API, and public reads of a node."""
     path = node_path(target)
-    if not forwarded(method, path):
-        return NOT_FORWARDED
-    return route_of(path)
+    if path is not None and (path.startswith(FORWARDED_PREFIXES) or path in FORWARDED_PATHS
+                             or (path in PUBLIC_NODE_READS and method in _READ_METHODS)):
+        return route_of(path)
+    return NOT_FORWARDED
 
 
 def upload_id_of(location: str) -> str | None:

@@ -1387,6 +1387,9 @@ async def test_64_mib_streams_both_ways_in_bounded_proxy_memory():
                     assert await r.json() == {"size": size, "sha256": pattern_sha256(size),
                                               "transfer_encoding": None}
             finally:
+                # On a failure too: a node still holding off would leave the client's
+                # connection unable to flush, and closing the session would wait forever.
+                backend.sink_open.set()
                 upload.cancel()
 
             # Down: the client holds off reading; the node's writes must stall.

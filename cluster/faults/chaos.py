@@ -647,6 +647,11 @@ class ChaosRun:
                                for client, codes in windows.items()
                                for code, spans in codes.items()},
             "failovers": failovers,
+            # When each client's pushes were acknowledged (seconds into the run),
+            # to set errors against: did a client see errors after it was served?
+            "acknowledged_at_s": {client: sorted(round(p.answered_at, 2) for p in obs.acknowledged
+                                                 if p.client == client)
+                                  for client in sorted({p.client for p in obs.acknowledged})},
             "last_heal_at_s": round(last_heal, 2),
             "convergence_s": converged_after,
             "max_lag_ms": max_lag,

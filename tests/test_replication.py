@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiohttp
@@ -212,6 +211,9 @@ async def test_an_index_naming_what_no_peer_has_is_refused_promptly_with_a_zone_
     channel must cost a refused connect, not its RPC timeout per attempt (a
     PUT waited 60 s so before), and the client gets MANIFEST_BLOB_UNKNOWN."""
     await cluster.crash("eastus-3")
+    dead_zone = next(c for c in cluster.nodes["westeurope"].replication.clients
+                     if c.name == "eastus-3")
+    dead_zone.stub = calls = RecordingStub(dead_zone.stub)
     child = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [],
                         "config": {"mediaType": OCI_CONFIG, "digest": digest_of(b"{}"),
                                    "size": 2}}).encode()
@@ -223,8 +225,31 @@ async def test_an_index_naming_what_no_peer_has_is_refused_promptly_with_a_zone_
                             data=index, headers={"Content-Type": OCI_INDEX}) as r:
             return r.status, await r.json()
 
-    status, body = await asyncio.wait_for(put(), 15)   # 4 attempts x 10 s before
+    status, body = await put()
     assert status == 400 and body["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+    # The rescue asked the dead zone, and none of its calls waited for the
+    # channel to come back (that is what cost 4 attempts x 10 s before). The
+    # subscription's own resubscribe waits for the zone, as it should.
+    rescue = [(rpc, waits) for rpc, waits in calls.made if rpc != "Subscribe"]
+    assert rescue, "the rescue never asked eastus-3"
+    assert [(rpc, waits) for rpc, waits in rescue if waits] == []
+
+
+class RecordingStub:
+    """A peer's gRPC stub that notes, for every call made through it, the method
+    and whether the call waits for the channel to be ready, then makes it."""
+
+    def __init__(self, stub) -> None:
+        self._stub = stub
+        self.made: list[tuple[str, bool]] = []
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+
+        def call(*args, **kwargs):
+            self.made.append((name, bool(kwargs.get("wait_for_ready"))))
+            return method(*args, **kwargs)
+        return call
 
 
 async def test_manifest_push_finds_layers_that_went_to_another_replica(lagging_cluster, http):

@@ -6,9 +6,38 @@ test can partition any pair in either direction.
 Node names are the region, or ``region-zone`` for zones of a zone-redundant
 region. A region listed with zones is zone redundant across exactly those
 zones, with the spec's write quorum, and each node's view says so (as the
-plan's would). ``crash`` stops a node abruptly (its servers vanish, nothing is
-flushed beyond what each commit already synced); ``restart`` brings it back on
-the same data dir.
+plan's would).
+
+Stopping a node, three ways:
+
+* ``stop`` — graceful, as SIGTERM: requests end, the node closes its storage.
+* ``crash`` — what SIGKILL leaves. In one instant (one event-loop step) every
+  socket of the node goes (HTTP connections reset, its listener closed, every
+  connection through its links reset and the links refusing until the node
+  is gone) and its disk is frozen as the kernel holds it: the data dir is
+  copied, RocksDB's background work waited out first, so the copy is a
+  moment of the disk. Committed writes are in that copy even when never
+  fsynced (``MetadataStore.commit`` hands them to the OS), and the WAL is
+  replayed from there, not closed cleanly; an upload holds what reached its
+  file; anything only in memory (open upload sessions, cursors not yet
+  persisted, the HLC's last stamp) is gone. The next ``restart`` opens the
+  copy.
+* ``power_cut`` — ``crash``, and the machine loses power: of every WAL file,
+  the bytes written since the node last fsynced it may be lost (a seeded
+  draw keeps a prefix between what was fsynced and everything). Which bytes
+  were fsynced is recorded around the node's own WAL syncs
+  (``MetadataStore._sync``): sizes taken before the sync are durable once it
+  returns. Blob and upload files are kept as written — a blob is fsynced
+  before it is renamed into place and its directory before the WAL, so
+  losing an unsynced rename (not modelled) can only lose a blob nothing
+  durable names yet.
+
+Why a copy: the dead node's code runs in this process, and Python cannot end
+a coroutine without running its ``finally`` blocks, nor RocksDB release a
+database without closing it. So the node is cut off from everything first
+(nothing it does afterwards can reach a client, a peer or the disk the next
+incarnation opens), then shut down in that isolation, and its old data dir
+deleted. ``restart`` brings a stopped or crashed node back on its disk.
 """
 
 from __future__ import annotations
@@ -18,6 +47,7 @@ import contextlib
 import itertools
 import os
 import random
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +56,7 @@ import aiohttp
 from aiohttp import web
 
 from cluster.control.spec import ZONE_WRITE_QUORUM
-from cluster.network.links import Link
+from cluster.network.links import Link, LinkFaults
 from registry_node.app import NODE, init_app
 from registry_node.config import NodeConfig
 from replicator.residency import ResidencyPolicy
@@ -61,12 +91,15 @@ class TestNode:
     name: str
     region: str
     zone: str
-    data_dir: Path
+    data_dir: Path               # the disk the node runs on, or starts on next
     grpc_port: int
     view: ClusterView
     url: str = ""
     runner: web.AppRunner | None = None
     replication: Replication | None = None
+    incarnation: int = 0         # data dirs left behind by crashes: one each
+    # WAL file name → bytes known to be fsynced (what a power cut keeps at least).
+    wal_synced: dict[str, int] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -125,9 +158,10 @@ class InProcessCluster:
                               write_quorum=min(ZONE_WRITE_QUORUM, len(zones)))
 
     async def restart(self, name: str) -> TestNode:
+        """Start a stopped or crashed node again, on what its disk holds."""
         node = self.nodes[name]
         if node.running:
-            await self.crash(name)
+            raise RuntimeError(f"{name} is running: crash or stop it first")
         node.replication = Replication(node.view)
         config = NodeConfig(data_dir=node.data_dir, port=0, region=node.region, zone=node.zone,
                             gc_interval_s=3600)
@@ -138,6 +172,7 @@ class InProcessCluster:
         for (_, dst), link in self.links.items():
             if dst == name:
                 link.target = ("127.0.0.1", node.grpc_port)
+        _record_wal_syncs(node, runner.app[NODE].meta)
         port = self.http_ports.get(name, 0)
         site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
         await site.start()
@@ -146,16 +181,61 @@ class InProcessCluster:
         node.runner = runner
         return node
 
-    async def crash(self, name: str) -> None:
+    async def stop(self, name: str) -> None:
+        """A graceful stop (SIGTERM): requests finish, storage closes cleanly."""
         node = self.nodes[name]
         if node.runner is not None:
             runner, node.runner = node.runner, None
             await runner.cleanup()
 
-    async def stop(self) -> None:
-        for name in list(self.nodes):
-            with contextlib.suppress(Exception):
-                await self.crash(name)
+    async def crash(self, name: str) -> None:
+        """SIGKILL (see the module docstring): every committed write survives,
+        nothing else the node held does."""
+        await self._die(name, None)
+
+    async def power_cut(self, name: str, rng: random.Random) -> None:
+        """SIGKILL and a lost disk cache: ``rng`` draws how much of each WAL
+        file's unsynced tail is lost."""
+        await self._die(name, rng)
+
+    async def _die(self, name: str, power_cut: random.Random | None) -> None:
+        node = self.nodes[name]
+        if node.runner is None:
+            raise RuntimeError(f"{name} is not running")
+        runner, old_dir = node.runner, node.data_dir
+        # The instant of death: no await from here until the disk is frozen.
+        cut = self._sever(name, runner)
+        node.data_dir = _freeze_disk(node, runner.app[NODE].meta, power_cut)
+        node.runner = None
+        try:
+            # What is left runs on in isolation (see the module docstring).
+            await runner.cleanup()
+        finally:
+            for link, (faults, during) in cut.items():
+                if link.faults == during:      # unless a test changed them meanwhile
+                    link.set_faults(faults)
+            shutil.rmtree(old_dir, ignore_errors=True)
+
+    def _sever(self, name: str, runner: web.AppRunner) -> dict[Link, tuple[LinkFaults, LinkFaults]]:
+        """Every socket of ``name`` gone at once, as the kernel does for a killed
+        process; returns each link cut with its faults before and during."""
+        for site in runner.sites:
+            if site._server is not None:
+                site._server.close()               # the listener: connections refused
+        for handler in runner.server.connections:
+            if handler.transport is not None:
+                handler.transport.abort()          # clients see a reset
+        cut = {}
+        for (src, dst), link in self.links.items():
+            if name in (src, dst):
+                before = link.faults
+                link.cut()                         # resets its connections, refuses new ones
+                cut[link] = (before, link.faults)
+        return cut
+
+    async def close(self) -> None:
+        """Stop every node (gracefully, at once), then the links."""
+        await asyncio.gather(*(self.stop(n) for n in self.nodes), return_exceptions=True)
         for link in self.links.values():
             await link.stop()
 
@@ -210,3 +290,77 @@ class InProcessCluster:
                 if r.status == 200:
                     out[tag] = r.headers["Docker-Content-Digest"]
         return out
+
+
+# -- the disk a dead node leaves -----------------------------------------------------
+
+
+def _wal_sizes(db_dir: Path) -> dict[str, int]:
+    sizes = {}
+    for path in db_dir.glob("*.log"):          # RocksDB's WAL files (its own log is LOG)
+        with contextlib.suppress(FileNotFoundError):
+            sizes[path.name] = path.stat().st_size
+    return sizes
+
+
+def _record_wal_syncs(node: TestNode, meta) -> None:
+    """Track, in ``node.wal_synced``, how much of each WAL file the node has
+    fsynced: the sizes before each of its syncs, once that sync returns. The
+    disk it started on counts as durable (it is what survived)."""
+    db_dir = node.data_dir / "meta"
+    synced = node.wal_synced = _wal_sizes(db_dir)
+    sync = meta._sync
+
+    def recorded_sync(directories):
+        before = _wal_sizes(db_dir)
+        sync(directories)
+        for name, size in before.items():
+            synced[name] = max(synced.get(name, 0), size)
+
+    meta._sync = recorded_sync
+
+
+def _freeze_disk(node: TestNode, meta, power_cut: random.Random | None) -> Path:
+    """Copy ``node``'s data dir as the disk holds it at this instant (minus, on a
+    power cut, part of each WAL's unsynced tail); returns the copy."""
+    # A flush or compaction half done would make a copy no disk ever held:
+    # wait for the running one, and start none (the node is dead anyway).
+    meta._db.cancel_all_background(True)
+    # RocksDB then refuses a clean close ("Shutdown in progress"), which the
+    # dead node's teardown would attempt: its handle goes with its objects.
+    close = meta.close
+
+    def close_dead() -> None:
+        with contextlib.suppress(Exception):
+            close()
+
+    meta.close = close_dead
+    node.incarnation += 1
+    copy = node.data_dir.parent / f"{node.name}@{node.incarnation}"
+    _copy_tree(node.data_dir, copy)
+    if power_cut is not None:
+        for name, size in _wal_sizes(copy / "meta").items():
+            durable = min(node.wal_synced.get(name, 0), size)
+            keep = power_cut.choice([durable, power_cut.randint(durable, size)])
+            os.truncate(copy / "meta" / name, keep)
+    return copy
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy a directory a node's IO threads may still be writing: a file or
+    directory gone before it is read (an upload renamed into place, a temp file
+    dropped) is simply not in the copy, as if the kill came just before."""
+    dst.mkdir(mode=0o700)
+    try:
+        entries = list(os.scandir(src))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        target = dst / entry.name
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                _copy_tree(Path(entry.path), target)
+            else:
+                shutil.copy2(entry.path, target)
+        except FileNotFoundError:
+            continue

@@ -22,7 +22,6 @@ model of last-writer-wins (``replay``), and reading ``/metrics``.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -266,8 +265,7 @@ async def start_cluster(root: Path, topology, **kwargs) -> InProcessCluster:
 
 async def stop_cluster(cluster: InProcessCluster) -> None:
     """Stop every node at once (each takes about a second), then the links."""
-    await asyncio.gather(*(cluster.crash(n) for n in cluster.nodes), return_exceptions=True)
-    await cluster.stop()
+    await cluster.close()
 
 
 # -- a model of last-writer-wins ----------------------------------------------------

@@ -35,7 +35,7 @@ async def cluster(tmp_path):
         await c.wait_ready()
         yield c
     finally:
-        await c.stop()
+        await c.close()
 
 
 async def manifest_status(session: aiohttp.ClientSession, url: str, repo: str, ref: str) -> int:

@@ -65,7 +65,7 @@ async def cluster(tmp_path, request):
         await c.wait_ready()
         yield c
     finally:
-        await c.stop()
+        await c.close()
 
 
 async def _pullable(http, node, repo: str, tag: str, image) -> bool:
@@ -169,7 +169,7 @@ async def two_regions(tmp_path):
         await c.wait_ready()
         yield c
     finally:
-        await c.stop()
+        await c.close()
 
 
 def _client(node, requester_region: str) -> PeerClient:

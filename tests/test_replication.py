@@ -11,6 +11,8 @@ import pytest
 from cluster.network.links import LinkFaults
 from registry_node import keys
 from replicator.topology import ReplicationSettings
+from registry_node import hlc
+from registry_node.records import EventKind
 
 from .helpers import (
     OCI_CONFIG,
@@ -23,6 +25,7 @@ from .helpers import (
     push_image,
 )
 from .replication_harness import InProcessCluster
+from .replication_invariants import writes_since
 
 TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"), ("westeurope", ""),
             ("brazilsouth", "")]
@@ -137,20 +140,49 @@ async def test_transitive_propagation_through_a_partition(cluster, http):
                      timeout=20, what="westeurope push reaching eastus through brazilsouth")
 
 
-async def test_concurrent_pushes_of_one_tag_converge_to_one_winner(cluster, http):
-    a, b = make_image([300], seed=8), make_image([301], seed=9)
+@pytest.mark.parametrize("clocks", ["running", "tied"])
+async def test_concurrent_pushes_of_one_tag_converge_to_the_last_writer(cluster, http, clocks):
+    """Two regions cut apart both push ``race/app:latest``. After healing, every
+    replica serves the write that last-writer-wins names: the larger HLC stamp
+    — or, when the HLCs tie, the deterministic tie-break on the origin
+    (region, then zone). With tied clocks westeurope pushes first and East US
+    second, so neither arrival order nor wall time can pass for the rule."""
+    east, west = cluster.nodes["eastus-1"], cluster.nodes["westeurope"]
     cluster.partition("westeurope", "eastus")
     cluster.partition("westeurope", "brazilsouth")
-    await push_image(http, cluster.nodes["eastus-1"].url, "race/app", a, tag="latest")
-    await push_image(http, cluster.nodes["westeurope"].url, "race/app", b, tag="latest")
+    if clocks == "tied":
+        # Both clocks frozen one millisecond past now and every stamp issued so
+        # far: the same operations then draw the same stamps on both nodes.
+        frozen = max(hlc.wall_ms_now(),
+                     *(hlc.unpack(n.registry.hlc.last)[0] for n in cluster.running())) + 1
+        for node in (east, west):
+            node.registry.hlc = hlc.HybridLogicalClock(lambda: frozen, last=hlc.pack(frozen, 0))
+    pushes = [(east, make_image([300], seed=8)), (west, make_image([301], seed=9))]
+    if clocks == "tied":
+        pushes.reverse()
+    writes = []
+    for node, image in pushes:
+        before = node.registry.meta.last_seq
+        await push_image(http, node.url, "race/app", image, tag="latest")
+        writes += writes_since(node, before, {EventKind.TAG_SET}, "race/app")
+    assert len(writes) == 2, writes
+    if clocks == "tied":
+        assert writes[0].stamp[0] == writes[1].stamp[0], f"the HLCs did not tie: {writes}"
+    winner = max(writes, key=lambda w: w.stamp)
+    if clocks == "tied":   # ("westeurope" > "eastus"): the first push wins the tie
+        assert winner.digest == pushes[0][1].digest
     cluster.heal()
+    last: dict[str, dict[str, str]] = {}
 
-    async def converged() -> bool:
-        maps = [await cluster.tags(http, n, "race/app") for n in cluster.running()
-                if n.region != "brazilsouth" or True]
-        return len({tuple(sorted(m.items())) for m in maps}) == 1 and "latest" in maps[0]
+    async def everywhere_the_winner() -> bool:
+        for n in cluster.running():
+            last[n.name] = await cluster.tags(http, n, "race/app")
+        return all(tags == {"latest": winner.digest} for tags in last.values())
 
-    await eventually(converged, timeout=20, what="one winner for race/app:latest")
+    try:
+        await eventually(everywhere_the_winner, timeout=20, what="the last writer everywhere")
+    except AssertionError:
+        raise AssertionError(f"last writer {winner}; replicas serve {last}") from None
 
 
 async def test_deletes_replicate_and_are_not_undone(cluster, http):

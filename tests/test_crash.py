@@ -4,7 +4,8 @@ Several concurrent clients push distinct images (blobs monolithic, POST+PUT
 and chunked, then manifests with tags) into a child process, which is killed
 with SIGKILL at a moment chosen by a seeded trigger: after a random number of
 acknowledged writes, in the middle of a large chunk or a large monolithic
-body, or while a large upload commits. A write counts as acknowledged only
+body, or while a large upload commits (once the node has read the final PUT
+off its socket, seen in ``/proc/net/tcp``). A write counts as acknowledged only
 once its final response (201) has arrived.
 
 After each kill, with the node down, the data dir is read directly
@@ -26,9 +27,12 @@ import hashlib
 import json
 import os
 import random
+import socket
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -38,14 +42,22 @@ from registry_node.crypto import SEGMENT_SIZE, NodeKey
 from registry_node.metastore import MetadataStore
 from registry_node.records import BlobRecord, EventKind, ManifestRecord, TagRecord, decode
 
-from .helpers import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, descriptor, digest_of, start_node
+from .helpers import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    descriptor,
+    digest_of,
+    eventually,
+    start_node,
+)
 
 CLIENTS = 4
 CHUNK = 512 * 1024
 PIECE = 64 * 1024
 # (seed, trigger). Triggers: "acks" (after N acknowledged writes), "mid-chunk"
 # (inside a large PATCH body), "mid-monolithic" (inside a large POST ?digest=
-# body), "commit" (as the final PUT of a large chunked upload is sent).
+# body), "commit" (once the node has read the final PUT of a large chunked upload).
 # GEOREG_CRASH_SEED shifts every seed, to explore other moments; failures print theirs.
 BASE_SEED = int(os.environ.get("GEOREG_CRASH_SEED", "0"))
 ROUNDS = [(BASE_SEED + seed, trigger) for seed, trigger in
@@ -154,11 +166,10 @@ async def push_chunked(http, rnd: Round, repo: str, data: bytes) -> bool:
             assert r.status == 202, await r.text()
             location = rnd.base + r.headers["Location"]
             entry[1], entry[3] = location, start + len(piece)
-    put = asyncio.ensure_future(_finish(http, location, data))
     if at_commit:
-        await asyncio.sleep(0)                       # let the request start, then kill
-        rnd.fire.set()
-    ok = await put
+        ok = await _finish_then_kill(rnd, location, data)
+    else:
+        ok = await _finish(http, location, data)
     rnd.ledger.open_uploads.remove(entry)
     return ok
 
@@ -166,6 +177,58 @@ async def push_chunked(http, rnd: Round, repo: str, data: bytes) -> bool:
 async def _finish(http, location: str, data: bytes) -> bool:
     async with http.put(location, params={"digest": digest_of(data)}) as r:
         return r.status == 201
+
+
+async def _finish_then_kill(rnd: Round, location: str, data: bytes) -> bool:
+    """The final PUT, on a connection of its own, and the kill once the node
+    has read it off the socket: the kill lands in the commit, not before the
+    request arrived. (The PUT has no body, so the whole request is one read.)"""
+    url = urlsplit(location)     # the node's own Location: a path, no query
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        target = f"{url.path}?{urlencode({'digest': digest_of(data)})}"
+        writer.write(f"PUT {target} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                     "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        ours, theirs = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
+        await eventually(lambda: read_by_peer(ours, theirs), timeout=30, interval=0.001,
+                         what=f"round {rnd.number}: the node reading the commit request")
+        rnd.fire.set()
+        status = await reader.readline()
+        if not status:
+            raise ConnectionResetError("the node died before answering")
+        return status.split()[1] == b"201"
+    finally:
+        writer.close()
+
+
+def read_by_peer(ours: tuple[str, int], theirs: tuple[str, int]) -> bool:
+    """Whether the process at the other end of a loopback TCP connection has
+    read everything sent to it: the kernel has delivered it (nothing left
+    unacknowledged on our side) and the receiving process has taken it out
+    of its socket (nothing left in the receive queue on theirs)."""
+    queues = tcp_queues()
+    sent = queues.get((ours, theirs))
+    received = queues.get((theirs, ours))
+    return sent is not None and received is not None and sent[0] == 0 and received[1] == 0
+
+
+def tcp_queues() -> dict[tuple[tuple[str, int], tuple[str, int]], tuple[int, int]]:
+    """(local, remote) → (send queue, receive queue) of every IPv4 TCP socket,
+    from ``/proc/net/tcp``: bytes not yet acknowledged by the peer, and bytes
+    received but not yet read by the process."""
+    def address(field: str) -> tuple[str, int]:
+        host, port = field.split(":")
+        return socket.inet_ntoa(struct.pack("<I", int(host, 16))), int(port, 16)
+
+    out = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            tx, rx = fields[4].split(":")
+            out[(address(fields[1]), address(fields[2]))] = (int(tx, 16), int(rx, 16))
+    return out
 
 
 async def client(http: aiohttp.ClientSession, rnd: Round, cid: int) -> None:

@@ -276,7 +276,7 @@ async def test_applying_anything_twice_is_a_no_op(cluster, http):
     # 2. A node restarted with its cursors rolled back to the start of every
     #    peer's log receives everything again, and applies none of it.
     node = cluster.nodes["westeurope"]
-    await cluster.crash("westeurope")
+    await cluster.stop("westeurope")   # graceful: its cursors are persisted, to roll back
     meta = MetadataStore(node.data_dir / "meta")
     try:
         batch = Batch()

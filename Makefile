@@ -19,7 +19,7 @@ help:
 	@echo "make up       start the default multi-region cluster (installs first)"
 	@echo "make node     start one standalone node on port 5000"
 	@echo "make test     run the test suite (installs first)"
-	@echo "make soak     run the long soak tests"
+	@echo "make soak     run the long soak tests and the Hypothesis tests in the soak profile"
 	@echo "make chaos    run the shipped chaos scenarios at full length"
 	@echo "make bench    benchmark a node against the reference registry"
 	@echo "make bench-lag  replication lag per region pair against the WAN model's floor"
@@ -76,8 +76,11 @@ proto-check: $(INSTALLED)
 	    echo "replicator/wire/v1/$$f is stale or edited by hand: run 'make proto' and commit"; exit 1; fi; \
 	done; echo "generated gRPC code matches proto/"
 
+# The soak-marked tests, and every Hypothesis test in the soak profile (tests/profiles.py):
+# a fresh seed (printed; GEOREG_HYPOTHESIS_SEED=N replays it), ten times the examples;
+# the per-test ceiling is raised to match.
 soak: install
-	$(PY) -m pytest -m soak
+	$(PY) -m pytest --hypothesis-profile=soak --timeout=7200 -m 'soak or hypothesis'
 
 # The shipped chaos scenarios at full length (make test runs them scaled down).
 chaos: install

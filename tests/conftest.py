@@ -6,10 +6,27 @@ import pytest
 from registry_node import logs
 from registry_node.config import NodeConfig
 
+from . import profiles
 from .helpers import NodeProcess, start_node
 
 # Nodes in this process log warnings and errors only; child processes log to files.
 logs.configure("console", "warning")
+
+profiles.register()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Settle the Hypothesis profile and seed (``tests/profiles.py``) before
+    Hypothesis's own plugin reads its options and applies them."""
+    name, seed = profiles.choose(config.getoption("hypothesis_profile"),
+                                 config.getoption("hypothesis_seed"))
+    config.option.hypothesis_profile = name
+    config.option.hypothesis_seed = seed
+
+
+def pytest_report_header(config):
+    return profiles.header()
 
 
 @pytest.fixture

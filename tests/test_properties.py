@@ -55,6 +55,7 @@ from .helpers import (
     push_image,
     start_node,
 )
+from .profiles import scaled
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -172,7 +173,7 @@ async def _chunked_upload(live: LiveNode, repo: str, plan: UploadPlan) -> str:
     return digest
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=scaled(60), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.data_too_large])
 @given(plan=upload_plans())
 def test_any_chunking_yields_the_same_blob(live, plan):
@@ -311,7 +312,7 @@ url_safe_refs = st.text(alphabet=st.characters(codec="ascii", exclude_characters
                         min_size=1, max_size=12).filter(lambda s: s not in (".", "..", BASE_TAG))
 
 
-@settings(max_examples=220, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(220), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_no_manifest_body_yields_a_5xx_or_breaks_the_repo(live, base_image, data):
     base = json.loads(base_image.manifest)
@@ -419,7 +420,7 @@ def expected_index_answer(doc: dict, complete: bool) -> str | None:
     return None
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(children=st.lists(st.integers(0, 3), max_size=4),
        media=st.sampled_from([OCI_INDEX, DOCKER_LIST]),
        subject=st.booleans(), extra=index_extras())
@@ -480,7 +481,7 @@ spec_names = st.lists(st.from_regex(SPEC_COMPONENT, fullmatch=True), min_size=1,
 name_like = st.text(alphabet="ab09._-/A", max_size=40)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=scaled(300), deadline=None)
 @given(name=st.one_of(spec_names, name_like, st.text(max_size=30),
                       spec_names.map(lambda s: "/".join([s] * 30)),
                       st.integers(240, 270).map(lambda n: ("ab/" * 100)[:n].strip("/"))))
@@ -496,7 +497,7 @@ def test_name_validator_matches_the_spec_grammar(name):
     assert accepts(validate_name, name) == spec_name_ok(name), name
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=scaled(400), deadline=None)
 @given(tag=st.one_of(st.from_regex(SPEC_TAG, fullmatch=True),
                      st.text(alphabet="aZ09._-+:/@", max_size=140), st.text(max_size=20)))
 @example(tag="a" * 128)
@@ -516,7 +517,7 @@ digest_like = st.builds(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=scaled(400), deadline=None)
 @given(digest=st.one_of(st.from_regex(SPEC_DIGEST, fullmatch=True), digest_like,
                         st.text(max_size=80)))
 @example(digest="sha256:" + "a" * 64 + "\n")
@@ -584,7 +585,7 @@ def ranges(size: int, rng: random.Random, count: int = 6):
         yield min(a, b := rng.randint(0, size)), max(a, b)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=scaled(150), deadline=None)
 @given(plan=write_plans(), seed=st.integers(0, 2**32))
 def test_sealed_blob_reads_back_any_range(tmp_path_factory, plan, seed):
     path = tmp_path_factory.mktemp("seal") / "blob"
@@ -634,7 +635,7 @@ def _read_all_or_corrupt(path: Path, digest: str, data: bytes, seed: int) -> boo
     return detected
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 @given(plan=write_plans(), where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255),
        seed=st.integers(0, 2**32))
 def test_any_flipped_byte_is_detected(tmp_path_factory, plan, where, mask, seed):
@@ -648,7 +649,7 @@ def test_any_flipped_byte_is_detected(tmp_path_factory, plan, where, mask, seed)
         f"byte {offset} of {len(raw)} (header {HEADER_SIZE}) changed undetected"
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=scaled(100), deadline=None)
 @given(plan=write_plans(), cut=st.floats(0, 1, exclude_max=True),
        extra=st.binary(max_size=40), seed=st.integers(0, 2**32))
 def test_truncated_or_extended_file_is_detected(tmp_path_factory, plan, cut, extra, seed):

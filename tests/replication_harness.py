@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import random
@@ -262,6 +263,17 @@ class InProcessCluster:
                 self.links[(src, dst)].cut()
                 if not one_way:
                     self.links[(dst, src)].cut()
+
+    def degrade(self, a: str, b: str, one_way: bool = False, **faults) -> None:
+        """Set ``faults`` (``LinkFaults`` fields: latency, stall, resets…) on every
+        link from region ``a`` to region ``b`` (and back unless one-way), keeping
+        what else is broken on them; ``a == b`` degrades the links between its zones."""
+        for src in self.names_in(a):
+            for dst in self.names_in(b):
+                for pair in [(src, dst)] + ([] if one_way else [(dst, src)]):
+                    if pair[0] != pair[1]:
+                        link = self.links[pair]
+                        link.set_faults(dataclasses.replace(link.faults, **faults))
 
     def isolate(self, name: str) -> None:
         for (src, dst), link in self.links.items():

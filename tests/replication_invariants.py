@@ -33,7 +33,14 @@ from pathlib import Path
 import aiohttp
 
 from registry_node import keys
-from registry_node.records import EventKind, ManifestRecord, decode, stamp_of
+from registry_node.records import (
+    EventKind,
+    ManifestRecord,
+    TagRecord,
+    Tombstone,
+    decode,
+    stamp_of,
+)
 
 from .helpers import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Image, digest_of
 from .replication_harness import InProcessCluster
@@ -292,6 +299,30 @@ def writes_since(node, after_seq: int, kinds: Iterable[EventKind], repo: str) ->
         if event.kind in kinds and event.repository == repo:
             out.append(Write(stamp_of(event), event.kind, repo, event.digest, event.tag))
     return out
+
+
+def logged_writes(node) -> set[Write]:
+    """Every write ``node``'s log holds, originated there or applied."""
+    return {Write(stamp_of(e), e.kind, e.repository, e.digest, e.tag)
+            for e in node.registry.meta.read_log(0, 1 << 30)}
+
+
+def log_gaps(node) -> list[str]:
+    """A node's own log runs 1..last_seq without a gap (after any crash too)."""
+    seqs = [e.seq for e in node.registry.meta.read_log(0, 1 << 30)]
+    if seqs != list(range(1, len(seqs) + 1)) or node.registry.meta.last_seq != len(seqs):
+        return [f"{node.name}: log {seqs[:5]}…{seqs[-5:]} (last_seq "
+                f"{node.registry.meta.last_seq}) has gaps"]
+    return []
+
+
+def tag_register_stamp(node, repo: str, tag: str) -> tuple[int, str, str] | None:
+    """The stamp of ``repo:tag``'s register on ``node``: its value's, or its tombstone's."""
+    raw = node.registry.meta.get(keys.tag(repo, tag))
+    if raw is not None:
+        return stamp_of(decode(raw, TagRecord))
+    tomb = node.registry.meta.get(keys.tag_tomb(repo, tag))
+    return stamp_of(decode(tomb, Tombstone)) if tomb is not None else None
 
 
 def replay(writes: Iterable[Write]) -> tuple[dict[tuple[str, str], str], set[tuple[str, str]]]:

@@ -9,10 +9,9 @@ import msgspec
 import pytest
 
 from cluster.network.links import LinkFaults
-from registry_node import keys
-from replicator.topology import ReplicationSettings
-from registry_node import hlc
+from registry_node import hlc, keys
 from registry_node.records import EventKind
+from replicator.topology import ReplicationSettings
 
 from .helpers import (
     OCI_CONFIG,
@@ -224,7 +223,7 @@ async def lagging_cluster(tmp_path):
             task.cancel()
         yield c
     finally:
-        await c.stop()
+        await c.close()
 
 
 async def test_pull_right_after_a_push_elsewhere_is_served_not_404(lagging_cluster, http):

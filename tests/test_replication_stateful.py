@@ -682,7 +682,15 @@ class ReplicationMachine(RuleBasedStateMachine):
                     return False
             return True
 
-        await eventually(settled, timeout=20, what="zones to see each other")
+        try:
+            await eventually(settled, timeout=20, what="zones to see each other")
+        except AssertionError:
+            raise AssertionError("zones never saw each other: " + "; ".join(
+                f"{z} sees {sorted(self.node(z).replication.quorum.live_peers)}, subscribed "
+                + ", ".join(f"{s.peer.name}:{'up' if s.connected else s.last_error or 'down'}"
+                            for s in self.node(z).replication.subscriptions
+                            if s.peer.name in ZONES)
+                for z in ZONES if self.node(z).running)) from None
 
     @precondition(lambda self: len(self.model.writes) >= 4)
     @rule()

@@ -169,7 +169,10 @@ def _refused_for_quorum(status: int, body: dict, headers) -> None:
     error = body["errors"][0]
     assert error["code"] == "UNAVAILABLE", error
     assert error["message"] == "write quorum unavailable", error
-    assert "only 1 of 3 zones" in error["detail"] and "need 2" in error["detail"], error
+    detail = error["detail"]
+    assert detail["outcome"] == "definite", error
+    assert (detail["zones"], detail["zones_reachable"]) == (3, 1), error
+    assert "only 1 of 3 zones" in detail["reason"] and "need 2" in detail["reason"], error
     assert headers["Retry-After"] == "5"
 
 

@@ -499,6 +499,12 @@ class Cluster:
     unless a call says otherwise); ``close()`` stops everything."""
 
     def __init__(self, **proxy_options) -> None:
+        # Client, proxies and backends share this test's one event loop, so a
+        # connect that the kernel completes at once is seen only when the loop
+        # next runs: on a busy machine that can be more than the proxy's 1 s
+        # connect timeout, which in a cluster measures another process. No
+        # test here is about connect timeouts; none may fail on one.
+        proxy_options.setdefault("connect_timeout_s", 30.0)
         self.proxy_options = proxy_options
         self.backends: dict[str, Backend] = {}
         self.replicas = Replicas()

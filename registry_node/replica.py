@@ -46,6 +46,7 @@ import msgspec
 from . import keys
 from . import manifest as manifests
 from .blobstore import UploadFile
+from .configuration import Configuration
 from .errors import RegistryError
 from .metastore import Batch
 from .records import (
@@ -117,8 +118,10 @@ def _tombstone(stamp: Stamp, digest: str = "") -> bytes:
 class Replica:
     """The merge side of one node's registry."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, configuration: Configuration | None = None) -> None:
         self.registry = registry
+        # Registry configuration travels with content (``configuration``).
+        self.configuration = configuration or Configuration(registry)
         self.meta = registry.meta
         self.blobs = registry.blobs
         self._summary: tuple[int, dict[str, dict[str, int]]] | None = None

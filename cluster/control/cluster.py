@@ -47,6 +47,7 @@ import random
 import shutil
 import socket
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,6 +56,8 @@ import aiohttp
 import msgspec
 import structlog
 
+from registry_node.configuration import check_name, kind_of
+from registry_node.errors import RegistryError
 from replicator.topology import ReplicationSettings
 
 from ..faults.controller import FaultController
@@ -507,6 +510,21 @@ class Cluster:
             r.status, error.get("code", "Unavailable"))
         raise NodeRefusal(message, r.status, code)
 
+    @staticmethod
+    def _object_path(kind: str, name: str | None = None) -> str:
+        """``/{kind}[/{name}]`` of a node's configuration routes, checked first:
+        a name such as ``../x`` must be refused here, not resolved by the URL
+        into another route of the node."""
+        try:
+            spec = kind_of(kind)
+            path = "/" + urllib.parse.quote(spec.name, safe="")
+            if name is not None:
+                path += "/" + urllib.parse.quote(check_name(spec, name), safe="")
+        except RegistryError as exc:
+            raise NodeRefusal(f"{exc.message}: {exc.detail}", exc.status,
+                              "NotFound" if exc.status == 404 else "BadRequest") from None
+        return path
+
     async def _config_reader(self) -> str:
         """A node to read configuration from: a home node if one answers, else
         any node that does (every node holds the configuration)."""
@@ -520,19 +538,23 @@ class Cluster:
 
     async def list_configuration(self, kind: str) -> list[dict]:
         """Live objects of one kind (``registry_node.configuration.KINDS``)."""
-        answer = await self._node_call(await self._config_reader(), "GET", f"/{kind}")
+        path = self._object_path(kind)
+        answer = await self._node_call(await self._config_reader(), "GET", path)
         return [o for o in answer["objects"] if not o["deleted"]]
 
     async def get_configuration(self, kind: str, name: str) -> dict:
-        return await self._node_call(await self._config_reader(), "GET", f"/{kind}/{name}")
+        path = self._object_path(kind, name)
+        return await self._node_call(await self._config_reader(), "GET", path)
 
     async def set_configuration(self, kind: str, name: str, value: dict) -> dict:
         """Write an object through the home region (validated there, stamped,
         replicated to every node); ``ControlPlaneUnavailable`` while it is down."""
-        return await self._node_call(await self._control_plane(), "PUT", f"/{kind}/{name}", value)
+        path = self._object_path(kind, name)
+        return await self._node_call(await self._control_plane(), "PUT", path, value)
 
     async def delete_configuration(self, kind: str, name: str) -> dict:
-        return await self._node_call(await self._control_plane(), "DELETE", f"/{kind}/{name}")
+        path = self._object_path(kind, name)
+        return await self._node_call(await self._control_plane(), "DELETE", path)
 
     async def registry_properties(self) -> dict:
         """The registry resource, as ``az acr show`` shows its switches."""

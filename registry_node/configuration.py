@@ -162,6 +162,7 @@ class Configuration:
         self._generation = 0
         self._cache: dict[tuple[str, str], msgspec.Struct | None] = {}
         self._listeners: list[Callable[[int], None]] = []
+        self._fingerprint: tuple[int, bytes] | None = None     # (generation, digest)
 
     # -- reads -------------------------------------------------------------------
 
@@ -201,6 +202,18 @@ class Configuration:
             out.append(StoredObject(parsed.kind, parsed.name, value, record.deleted,
                                     stamp_of(record), record.origin_acked_ns))
         return out
+
+    def register(self, kind: str, name: str) -> StoredObject | None:
+        """One register held here (object or tombstone), with its stamp."""
+        if not _well_formed(kind, name):
+            return None
+        record = self._record(kind, name)
+        if record is None:
+            return None
+        known = KINDS.get(kind)
+        value = None if record.deleted or known is None else _decode_value(known, record.value)
+        return StoredObject(kind, name, value, record.deleted, stamp_of(record),
+                            record.origin_acked_ns)
 
     def on_change(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(generation)`` after every change held here."""
@@ -281,14 +294,19 @@ class Configuration:
         return logged
 
     def fingerprint(self) -> bytes:
-        """A digest of every register held here: equal fingerprints, equal configuration."""
+        """A digest of every register held here: equal fingerprints, equal
+        configuration. Computed once per generation: anti-entropy asks every
+        round, and an idle registry's configuration does not change."""
+        if self._fingerprint is not None and self._fingerprint[0] == self._generation:
+            return self._fingerprint[1]
         h = hashlib.sha256()
         for key, raw in self.meta.scan(keys.CONFIG):
             parsed = keys.parse(key, keys.ConfigKey)
             record = decode(raw, ConfigRecord)
             h.update(f"{parsed.kind}|{parsed.name}|{stamp_of(record)}|{int(record.deleted)}\n"
                      .encode())
-        return h.digest()
+        self._fingerprint = (self._generation, h.digest())
+        return self._fingerprint[1]
 
     def register_events(self) -> list[Event]:
         """Every register held here as the event that applying it amounts to

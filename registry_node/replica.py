@@ -118,10 +118,11 @@ def _tombstone(stamp: Stamp, digest: str = "") -> bytes:
 class Replica:
     """The merge side of one node's registry."""
 
-    def __init__(self, registry: Registry, configuration: Configuration | None = None) -> None:
+    def __init__(self, registry: Registry, configuration: Configuration) -> None:
         self.registry = registry
-        # Registry configuration travels with content (``configuration``).
-        self.configuration = configuration or Configuration(registry)
+        # Registry configuration travels with content: the node's one store
+        # (``Node.configuration``), whose generation its readers watch.
+        self.configuration = configuration
         self.meta = registry.meta
         self.blobs = registry.blobs
         self._summary: tuple[int, dict[str, dict[str, int]]] | None = None

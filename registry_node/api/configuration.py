@@ -41,9 +41,9 @@ async def list_configuration(request: web.Request) -> web.Response:
 
 async def get_object(request: web.Request) -> web.Response:
     kind, name = _kind_and_name(request)
-    for obj in request.app[CONFIGURATION].registers(kind):
-        if obj.name == name and not obj.deleted:
-            return json_response(obj.as_dict())
+    obj = request.app[CONFIGURATION].register(kind, name)
+    if obj is not None and not obj.deleted:
+        return json_response(obj.as_dict())
     raise RegistryError(ErrorCode.NAME_UNKNOWN, {"kind": kind, "name": name},
                         message="configuration object not found")
 

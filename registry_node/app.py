@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from . import allocator
-from .api.common import REGISTRY
+from .api.common import CONFIGURATION, REGISTRY
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
 from .api.routes import add_routes
@@ -68,6 +68,7 @@ def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable
         node = Node.open(config, wall_ns=wall_ns, monotonic=monotonic)
         app[NODE] = node
         app[REGISTRY] = node.registry
+        app[CONFIGURATION] = node.configuration
         yield
         node.close()
 

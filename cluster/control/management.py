@@ -22,9 +22,18 @@ which other processes find it.
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
     GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
+    GET    /georeg/v1/registry                    the registry: name, sku, adminUserEnabled,
+                                                  anonymousPullEnabled
+    PATCH  /georeg/v1/registry                    {"adminUserEnabled", "anonymousPullEnabled"}
+    GET    /georeg/v1/configuration/{kind}        registry configuration objects of one kind
+    GET    /georeg/v1/configuration/{kind}/{name}
+    PUT    /georeg/v1/configuration/{kind}/{name} the object's value (JSON), validated at home
+    DELETE /georeg/v1/configuration/{kind}/{name}
 
 Errors are JSON ``{"error": {"code", "message"}}`` with a fitting status; a
-management write while the home region cannot be reached is a 503 that says so.
+management write while the home region cannot be reached is a 503 that says so
+(registry configuration included: its writes go to a home node, which
+validates, stamps and logs them; replication delivers them everywhere).
 Repository reads and deletes go through the data plane of one node of every
 region (``cluster.control.repositories``): a region that cannot be asked is
 named in the answer's ``unavailable``, never left out in silence.
@@ -100,6 +109,12 @@ class ManagementServer:
         r.add_get("/georeg/v1/repositories", self.list_repositories)
         r.add_get("/georeg/v1/repositories/{name:.+}/tags", self.show_tags)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
+        r.add_get("/georeg/v1/registry", self.show_registry)
+        r.add_patch("/georeg/v1/registry", self.update_registry)
+        r.add_get("/georeg/v1/configuration/{kind}", self.list_configuration)
+        r.add_get("/georeg/v1/configuration/{kind}/{name}", self.show_configuration)
+        r.add_put("/georeg/v1/configuration/{kind}/{name}", self.set_configuration)
+        r.add_delete("/georeg/v1/configuration/{kind}/{name}", self.delete_configuration)
         r.add_post("/georeg/v1/shutdown", self.shutdown)
         r.add_get("/georeg/v1/verify", self.verify)
         r.add_post("/georeg/v1/regions/{region}/restore", self.restore_region)
@@ -176,6 +191,42 @@ class ManagementServer:
         except ValueError:
             raise ClusterError("timeout must be a number of seconds") from None
         return web.json_response((await self.cluster.verify(timeout)).as_dict())
+
+    # -- registry configuration ------------------------------------------------------------
+
+    async def show_registry(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.registry_properties())
+
+    async def update_registry(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        switches = {"adminUserEnabled": "admin_enabled",
+                    "anonymousPullEnabled": "anonymous_pull_enabled"}
+        unknown = sorted(set(body) - set(switches))
+        if unknown or not body:
+            raise ClusterError('send {"adminUserEnabled": true|false, "anonymousPullEnabled": '
+                               'true|false}' + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        changes = {}
+        for field, name in switches.items():
+            if field in body:
+                if not isinstance(body[field], bool):
+                    raise ClusterError(f"{field} is true or false, not {body[field]!r}")
+                changes[name] = body[field]
+        return web.json_response(await self.cluster.update_registry(**changes))
+
+    async def list_configuration(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.list_configuration(request.match_info["kind"]))
+
+    async def show_configuration(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.get_configuration(
+            request.match_info["kind"], request.match_info["name"]))
+
+    async def set_configuration(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.set_configuration(
+            request.match_info["kind"], request.match_info["name"], await _json(request)))
+
+    async def delete_configuration(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.delete_configuration(
+            request.match_info["kind"], request.match_info["name"]))
 
     # -- faults ----------------------------------------------------------------------------
 

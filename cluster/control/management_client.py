@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -44,3 +45,30 @@ def request(base_url: str, method: str, path: str, body: dict | None = None,
     except (urllib.error.URLError, OSError) as exc:
         raise ManagementError(f"cannot reach the cluster's management API at {url}: "
                               f"{getattr(exc, 'reason', exc)}") from None
+
+
+# -- registry configuration (GET|PUT|DELETE /georeg/v1/configuration/{kind}[/{name}]) --------
+# Each object comes back as the home node stored it: {"kind", "name", "value",
+# "deleted", "stamp": {"hlc", "region", "zone"}, "acked_ns"}.
+
+
+def _object_path(kind: str, name: str = "") -> str:
+    path = "/georeg/v1/configuration/" + urllib.parse.quote(kind, safe="")
+    return path + ("/" + urllib.parse.quote(name, safe="") if name else "")
+
+
+def list_objects(base_url: str, kind: str) -> list[dict]:
+    return request(base_url, "GET", _object_path(kind))
+
+
+def get_object(base_url: str, kind: str, name: str) -> dict:
+    return request(base_url, "GET", _object_path(kind, name))
+
+
+def set_object(base_url: str, kind: str, name: str, value: dict) -> dict:
+    """Write through the home region; ``ManagementError`` while it cannot be reached."""
+    return request(base_url, "PUT", _object_path(kind, name), value)
+
+
+def delete_object(base_url: str, kind: str, name: str) -> dict:
+    return request(base_url, "DELETE", _object_path(kind, name))

@@ -56,7 +56,15 @@ from registry_node import hlc, keys
 from registry_node import inventory as inventories
 from registry_node.errors import RegistryError
 from registry_node.manifest import parse as parse_manifest
-from registry_node.records import Event, EventKind, TagRecord, Tombstone, UploadRecord, decode
+from registry_node.records import (
+    CONFIG_KINDS,
+    Event,
+    EventKind,
+    TagRecord,
+    Tombstone,
+    UploadRecord,
+    decode,
+)
 from replicator.residency import ResidencyPolicy
 
 MANIFEST_ACCEPT = ", ".join((
@@ -717,6 +725,8 @@ def disk_residency(s: Snapshot, disk: DiskView, reference: list[dict],
             leak("a blob file", path, found[0], found[1], digest)
     for key, event in events:
         origin = event.origin_region
+        if event.kind in CONFIG_KINDS:      # registry-wide: residency never applies
+            continue
         if origin and not policy.allows(origin, event.repository, s.region):
             leak(f"a {event.kind} event", keys.render(key), origin, event.repository,
                  event.digest or None)

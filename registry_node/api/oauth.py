@@ -54,7 +54,11 @@ def _check_service(request: web.Request, service: str | None) -> None:
 async def _form(request: web.Request):
     if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
         raise RegistryError(ErrorCode.SIZE_INVALID, "the form is too large", status=413)
-    return await request.post()
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, ValueError):
+        raise RegistryError(ErrorCode.UNSUPPORTED, "the body is not a URL-encoded form",
+                            message="invalid form", status=400) from None
 
 
 def _basic(request: web.Request) -> tuple[bool, Principal | None]:

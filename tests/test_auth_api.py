@@ -315,6 +315,16 @@ async def test_scope_escalation_a_pull_token_asking_push_gets_only_pull_and_403(
         assert (await r.json())["tags"] == ["v1"]
 
 
+async def test_a_token_carries_only_what_it_was_granted_even_for_admin(http, node):
+    token = await token_for(http, node, REGISTRY, ADMIN_PASSWORD, "repository:a:pull")
+    async with http.get(f"{node.url}/v2/a/tags/list", headers=bearer(token)) as r:
+        assert r.status == 404                  # allowed; nothing there
+    for method, path in (("GET", "/v2/b/tags/list"), ("PUT", "/v2/a/manifests/v1"),
+                         ("DELETE", "/v2/a/manifests/v1"), ("GET", "/v2/_catalog")):
+        async with http.request(method, node.url + path, headers=bearer(token)) as r:
+            await assert_error(r, 403, "DENIED")
+
+
 async def test_a_disabled_token_can_neither_log_in_nor_use_its_tokens(http, node, source):
     async with http.get(f"{node.url}/v2/", headers=basic("off", DISABLED_PASSWORD)) as r:
         await assert_error(r, 401, "UNAUTHORIZED")

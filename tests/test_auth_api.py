@@ -5,12 +5,14 @@ the security battery — each its own test, none a 500, nothing touched."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 
 import aiohttp
 import pytest
 
+from registry_node.app import init_app
 from registry_node.auth.identities import (
     DISABLED,
     Password,
@@ -22,6 +24,7 @@ from registry_node.auth.tokens import (
     ACCESS,
     ACCESS_LIFETIME_S,
     LEEWAY_S,
+    AuthConfigError,
     SigningKey,
     TokenAuthority,
     Trust,
@@ -423,6 +426,16 @@ async def test_unknown_grant_type_and_garbage_forms_get_400(http, node):
     async with http.post(f"{node.url}/oauth2/token", data={"grant_type": "refresh_token",
                                                            "refresh_token": "junk"}) as r:
         await assert_error(r, 401, "UNAUTHORIZED")
+
+
+def test_a_node_with_a_broken_identities_file_does_not_start(files, tmp_path):
+    bad = tmp_path / "identities.json"
+    bad.write_text('{"tokens": []}')
+    config = dataclasses.replace(files.config("node-a", tmp_path / "d"), auth_identities=bad)
+    with pytest.raises(AuthConfigError, match="cannot use identities"):
+        init_app(config)
+    with pytest.raises(AuthConfigError, match="signing key and certificate"):
+        init_app(dataclasses.replace(config, auth_key_file=None))
 
 
 # -- anonymous pull ----------------------------------------------------------------------------

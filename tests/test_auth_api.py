@@ -148,6 +148,15 @@ async def test_each_route_asks_for_what_the_reference_registry_asks(http, node, 
         assert parse_challenge(r.headers["WWW-Authenticate"])["scope"] == scope
 
 
+async def test_unknown_routes_and_methods_need_a_principal_first(http, node):
+    for method, path in (("GET", "/v2/nothing/here"), ("OPTIONS", "/v2/a/manifests/v1"),
+                         ("POST", "/v2/_catalog")):
+        async with http.request(method, node.url + path) as r:
+            await assert_error(r, 401, "UNAUTHORIZED")
+        async with http.request(method, node.url + path, headers=basic("puller", PULL_PASSWORD)) as r:
+            assert r.status in (404, 405, 403), r.status
+
+
 async def test_the_realm_is_the_address_the_client_used(http, node):
     async with http.get(f"{node.url}/v2/", headers={"Host": "registry.example:8443"}) as r:
         assert r.status == 401

@@ -11,7 +11,10 @@ method and the route before any handler runs (so no answer depends on whether
 a repository exists): ``GET``/``HEAD`` pull; ``POST``/``PUT``/``PATCH`` pull and
 push; ``DELETE`` delete; a cross-repository mount also pull on ``from``;
 ``/v2/_catalog`` ``registry:catalog:*``; ``/v2/`` (and any unknown path
-below it) only a valid principal.
+below it) only a valid principal. Deliberately not ACR's rule that tag
+listing needs ``metadata_read``: skopeo asks for ``pull`` before listing
+tags and treats a 403 as final, so that rule would break ``skopeo
+list-tags`` with any credential.
 
 Refusals: ``401 UNAUTHORIZED`` or ``403 DENIED`` with the distribution spec's
 body (``detail``: the access records needed, or lacking) and one

@@ -21,6 +21,7 @@ from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate
 from .api.common import CONFIGURATION, REGISTRY
+from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_access
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
 from .api.routes import add_routes
@@ -57,6 +58,10 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     With ``config.auth_enabled``, registry routes need credentials checked
     against ``identities`` (default: ``config.auth_identities``, else none)."""
     middlewares = [access]
+    internal = None
+    if config.internal_credential_file is not None:
+        internal = expected_header(read_internal_credential(config.internal_credential_file))
+        middlewares.append(internal_access)
     gate = None
     if config.auth_enabled:
         gate = open_gate(config, identities, lambda: wall_ns() / 1e9)
@@ -64,6 +69,8 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     app = web.Application(middlewares=middlewares, client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
     app[METRICS] = NodeMetrics()
+    if internal is not None:
+        app[INTERNAL_CREDENTIAL] = internal
     add_routes(app.router)
     if gate is not None:
         app[GATE] = gate
@@ -77,6 +84,19 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     app.cleanup_ctx.append(_garbage_collector)
     app.cleanup_ctx.append(_memory_trim)
     return app
+
+
+def read_internal_credential(path) -> str:
+    """The cluster's internal credential from its file; ``AuthConfigError`` if unusable."""
+    try:
+        credential = path.read_text().strip()
+    except OSError as exc:
+        raise AuthConfigError(f"cannot read the internal credential from {path}: "
+                              f"{exc.strerror or exc}") from None
+    if len(credential) < 16 or not credential.isascii() or not credential.isprintable():
+        raise AuthConfigError(f"{path} does not hold an internal credential (at least 16 "
+                              f"printable ASCII characters)")
+    return credential
 
 
 def open_gate(config: NodeConfig, identities: IdentitySource | None,

@@ -80,6 +80,12 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                       help="the admin user, tokens, scope maps, identities and role assignments "
                            "to enforce, as JSON with hashed secrets (default: none, so only "
                            "anonymous pull, when enabled there, gets in)")
+    auth.add_argument("--internal-credential-file", type=Path, metavar="FILE",
+                      help="a file (mode 0600) holding the cluster's internal credential: the "
+                           "node's internal routes (/georeg/v1/..., /metrics; not "
+                           "/georeg/v1/replication/status) then answer only requests that carry "
+                           "it as `Authorization: Bearer`. A file, so the secret is never on a "
+                           "command line")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                    help="log format on stderr (default: console on a terminal, else json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -126,7 +132,8 @@ def _run_node(args: argparse.Namespace) -> int:
                         gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl,
                         shutdown_grace_s=args.shutdown_grace, auth_ca_file=args.auth_ca,
                         auth_key_file=args.auth_key, auth_cert_file=args.auth_cert,
-                        auth_service=args.auth_service or "", auth_identities=args.auth_identities)
+                        auth_service=args.auth_service or "", auth_identities=args.auth_identities,
+                        internal_credential_file=args.internal_credential_file)
     try:
         run(config, extensions)
     except (DataDirError, KeyFileError, AuthConfigError) as exc:

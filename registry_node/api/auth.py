@@ -2,9 +2,10 @@
 middleware over ``registry_node.auth.gate``).
 
 Guarded: ``/v2`` and everything below it, and ACR's ``/acr/`` routes. Not
-yet: the node's internal ``/georeg/v1`` routes and ``/metrics`` (they will
-take the cluster's internal credential), and ``/oauth2/`` (the token server
-authenticates its own requests).
+here: the node's internal ``/georeg/v1`` routes and ``/metrics`` (they take
+the cluster's internal credential, ``api.internal``, which also admits the
+cluster's own requests to these routes without this gate), and ``/oauth2/``
+(the token server authenticates its own requests).
 
 What each route needs is the reference registry's rule, decided from the
 method and the route before any handler runs (so no answer depends on whether
@@ -51,6 +52,7 @@ from ..auth.scopes import (
     repository,
 )
 from ..errors import ErrorCode, RegistryError
+from .internal import INTERNAL
 
 GATE: web.AppKey[Gate] = web.AppKey("gate", Gate)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
@@ -118,7 +120,7 @@ def refusal_error(request: web.Request, gate: Gate, refusal: Refusal) -> Registr
 
 @web.middleware
 async def authenticate(request: web.Request, handler) -> web.StreamResponse:
-    if not guarded(request.path):
+    if not guarded(request.path) or request.get(INTERNAL):
         return await handler(request)
     gate = request.app[GATE]
     needed = needed_access(request)

@@ -64,6 +64,7 @@ from ..faults.controller import FaultController
 from ..faults.verify import NodeTarget, VerifyReport, down_reason, verify
 from ..routing.endpoints import Endpoints
 from . import spec as specs
+from .access import ClusterAccess, open_ca, provision, provision_node
 from .errors import ClusterError, ControlPlaneUnavailable, NodeRefusal, NotFound, PortInUse
 from .plan import ClusterPlan, plan
 from .state import save_spec, saved_spec
@@ -130,6 +131,8 @@ class Cluster:
         self.progress: dict[str, ReplicaProgress] = {}
         self.restoring: set[str] = set()   # regions whose nodes peer with their paired copy
         self.faults = FaultController(self)
+        # With auth: the credentials made at first start (cluster.control.access).
+        self.access: ClusterAccess | None = None
         self._http: aiohttp.ClientSession | None = None   # requests over management links
         self.started_at = 0.0
         # Seconds from the start to every node healthy, and to ready (subscribed
@@ -197,6 +200,9 @@ class Cluster:
                     raise PortInUse(str(exc)) from None
                 raise
             save_spec(self.data_dir, self.spec)
+            self.access = await asyncio.get_running_loop().run_in_executor(
+                None, provision, self.plan)
+            self.supervisor.internal_headers = self.internal_headers()
             log.info("cluster_starting", seed=self.spec.seed, data_dir=str(self.data_dir),
                      port_base=self.spec.network.port_base)
             await self.supervisor.start()
@@ -291,11 +297,18 @@ class Cluster:
         node's management link, so not while the node is cut off from the network."""
         return f"http://{self.host}:{self.plan.management_link(name).port}"
 
+    def internal_headers(self) -> dict[str, str]:
+        """What the cluster's own requests to its nodes carry: the internal
+        credential on a cluster with auth (``registry_node.api.internal``)."""
+        return self.access.internal_headers() if self.access is not None else {}
+
     def http(self) -> aiohttp.ClientSession:
         """The session for requests over management links. A fresh connection per
-        request: a pooled one may belong to a link cut or a node restarted since."""
+        request: a pooled one may belong to a link cut or a node restarted since.
+        It carries the internal credential: the cluster itself is asking."""
         if self._http is None:
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                               headers=self.internal_headers())
         return self._http
 
     def nodes(self) -> dict[str, NodeRuntime]:
@@ -391,6 +404,9 @@ class Cluster:
         return {
             "registry": self.spec.registry,
             "tier": self.spec.tier,
+            "auth": self.spec.auth,
+            "login_server": self.spec.login_server if self.spec.auth_enabled else None,
+            "admin_username": self.access.admin.username if self.access else None,
             "home_region": self.spec.home_region,
             "blob_downloads": self.spec.blob_downloads,
             "seed": self.spec.seed,
@@ -446,7 +462,7 @@ class Cluster:
     async def verify(self, timeout: float = 60.0, disk: bool = True) -> VerifyReport:
         """``georeg verify`` on this cluster (see ``cluster.faults.verify``)."""
         return await verify(self.verify_targets(), policy=self.spec.residency_policy(),
-                            timeout=timeout, disk=disk)
+                            timeout=timeout, disk=disk, headers=self.internal_headers())
 
     # -- management -------------------------------------------------------------------
 
@@ -604,6 +620,10 @@ class Cluster:
         for link in (*new_plan.links, *new_plan.management_links):
             if (link.source, link.target) not in self.supervisor.links:
                 await self.supervisor.add_link(link)
+        if self.access is not None:
+            ca = open_ca(new_plan)
+            for node in added:
+                provision_node(ca, new_plan, node)
         self.spec, self.plan = new_spec, new_plan
         self.supervisor.plan = new_plan
         for node in added:

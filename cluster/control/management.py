@@ -30,6 +30,12 @@ which other processes find it.
     PUT    /georeg/v1/configuration/{kind}/{name} the object's value (JSON), validated at home
     DELETE /georeg/v1/configuration/{kind}/{name}
 
+On a cluster with auth (``cluster.control.access``) every route answers only
+the cluster owner: a request without ``Authorization: Bearer <owner
+credential>`` gets ``401 Unauthorized``, whose message says where the
+credential is kept; the CLI sends it from the data dir. Reading status is
+refused too: it names data dirs and processes, and ``verify`` costs work.
+
 Errors are JSON ``{"error": {"code", "message"}}`` with a fitting status; a
 management write while the home region cannot be reached is a 503 that says so
 (registry configuration included: its writes go to a home node, which
@@ -42,6 +48,7 @@ named in the answer's ``unavailable``, never left out in silence.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from typing import TYPE_CHECKING
 
@@ -51,6 +58,7 @@ from registry_node.errors import RegistryError
 from registry_node.reference import validate_name
 
 from ..faults.controller import FaultError
+from .access import authorization, owner_credential_path
 from .errors import ClusterError, NotFound
 from .regions import REGIONS, unknown_region_message
 from .repositories import Repositories
@@ -76,6 +84,28 @@ async def _errors(request: web.Request, handler):
         return _error(exc.status, exc.code.name, exc.message + (f": {exc.detail}" if exc.detail else ""))
 
 
+def _owner_only(cluster: Cluster):
+    """A middleware admitting only requests that carry the cluster owner's credential."""
+    assert cluster.access is not None
+    expected = authorization(cluster.access.owner)["Authorization"].encode()
+    where = owner_credential_path(cluster.data_dir)
+
+    @web.middleware
+    async def owner_only(request: web.Request, handler):
+        sent = request.headers.get("Authorization", "")
+        if hmac.compare_digest(sent.encode(errors="replace"), expected):
+            return await handler(request)
+        response = _error(401, "Unauthorized",
+                          f"this cluster's management API answers only its owner: send the owner "
+                          f"credential as `Authorization: Bearer <credential>`. It is kept in "
+                          f"{where} (mode 0600), made when the cluster first started; georeg "
+                          f"commands run by that user with --data-dir {cluster.data_dir} send it")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="georeg management"'
+        return response
+
+    return owner_only
+
+
 class ManagementServer:
     """``async with ManagementServer(cluster):`` serves the API (and keeps the
     state file) for as long as the block runs."""
@@ -98,7 +128,10 @@ class ManagementServer:
         await self.stop()
 
     async def start(self) -> None:
-        app = web.Application(middlewares=[_errors])
+        middlewares = [_errors]
+        if self.cluster.access is not None:
+            middlewares.insert(0, _owner_only(self.cluster))
+        app = web.Application(middlewares=middlewares)
         r = app.router
         r.add_get("/georeg/v1/cluster", self.cluster_status)
         r.add_get("/georeg/v1/replications", self.list_replications)

@@ -23,15 +23,21 @@ def open_direct(request: urllib.request.Request | str, timeout: float):
 
 
 class ManagementError(Exception):
-    """The API refused (its own message), or could not be reached."""
+    """The API refused (its own message; ``status`` its HTTP status), or could
+    not be reached (``status`` 0)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def request(base_url: str, method: str, path: str, body: dict | None = None,
-            timeout: float = 120) -> object:
+            timeout: float = 120, headers: dict[str, str] | None = None) -> object:
+    """One call; ``headers`` carry the owner credential of a cluster with auth."""
     url = base_url.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with open_direct(req, timeout=timeout) as r:
             raw = r.read()
@@ -41,7 +47,7 @@ def request(base_url: str, method: str, path: str, body: dict | None = None,
             message = json.loads(exc.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = f"{method} {path}: HTTP {exc.code} {exc.reason}"
-        raise ManagementError(message) from None
+        raise ManagementError(message, exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         raise ManagementError(f"cannot reach the cluster's management API at {url}: "
                               f"{getattr(exc, 'reason', exc)}") from None

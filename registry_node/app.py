@@ -18,10 +18,16 @@ import structlog
 from aiohttp import web
 
 from . import allocator
-from .api.common import REGISTRY
+from .api import oauth
+from .api.auth import GATE, authenticate
+from .api.common import CONFIGURATION, REGISTRY
+from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_access
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
 from .api.routes import add_routes
+from .auth.gate import Gate
+from .auth.identities import IdentitySource, InMemoryIdentities, RegistrySettings
+from .auth.tokens import AuthConfigError, SigningKey, TokenAuthority, Trust
 from .config import NodeConfig
 from .gc import GarbageCollector
 from .handoff import HandoffServer
@@ -45,13 +51,30 @@ class Extension(Protocol):
 
 def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
              wall_ns: Callable[[], int] = time.time_ns,
-             monotonic: Callable[[], float] = time.monotonic) -> web.Application:
+             monotonic: Callable[[], float] = time.monotonic,
+             identities: IdentitySource | None = None) -> web.Application:
     """The node's application. The clocks are injected (``Node.open``): a test
-    moves time past a GC grace or an upload TTL instead of waiting for it."""
-    app = web.Application(middlewares=[access], client_max_size=MAX_MANIFEST_SIZE + 1)
+    moves time past a GC grace or an upload TTL instead of waiting for it.
+    With ``config.auth_enabled``, registry routes need credentials checked
+    against ``identities`` (default: ``config.auth_identities``, else none)."""
+    middlewares = [access]
+    internal = None
+    if config.internal_credential_file is not None:
+        internal = expected_header(read_internal_credential(config.internal_credential_file))
+        middlewares.append(internal_access)
+    gate = None
+    if config.auth_enabled:
+        gate = open_gate(config, identities, lambda: wall_ns() / 1e9)
+        middlewares.append(authenticate)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
     app[METRICS] = NodeMetrics()
+    if internal is not None:
+        app[INTERNAL_CREDENTIAL] = internal
     add_routes(app.router)
+    if gate is not None:
+        app[GATE] = gate
+        oauth.add_routes(app.router)
     app.cleanup_ctx.append(_storage(config, wall_ns, monotonic))
     app.cleanup_ctx.append(_handoff)        # ends before the storage closes
     app.on_shutdown.append(_stop_handoffs)
@@ -63,11 +86,46 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     return app
 
 
+def read_internal_credential(path) -> str:
+    """The cluster's internal credential from its file; ``AuthConfigError`` if unusable."""
+    try:
+        credential = path.read_text().strip()
+    except OSError as exc:
+        raise AuthConfigError(f"cannot read the internal credential from {path}: "
+                              f"{exc.strerror or exc}") from None
+    if len(credential) < 16 or not credential.isascii() or not credential.isprintable():
+        raise AuthConfigError(f"{path} does not hold an internal credential (at least 16 "
+                              f"printable ASCII characters)")
+    return credential
+
+
+def open_gate(config: NodeConfig, identities: IdentitySource | None,
+              now: Callable[[], float]) -> Gate:
+    """The node's access gate from its settings; ``AuthConfigError`` says what is wrong."""
+    if config.auth_key_file is None or config.auth_cert_file is None:
+        raise AuthConfigError("authentication needs the node's signing key and certificate "
+                              "as well as the CA (--auth-key, --auth-cert, --auth-ca)")
+    trust = Trust.load(config.auth_ca_file, now)
+    signing = SigningKey.load(config.auth_key_file, config.auth_cert_file, trust)
+    if identities is None:
+        if config.auth_identities is not None:
+            try:
+                identities = InMemoryIdentities.load(config.auth_identities)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise AuthConfigError(f"cannot use identities from {config.auth_identities}: "
+                                      f"{type(exc).__name__}: {exc}") from None
+        else:
+            identities = InMemoryIdentities(RegistrySettings(config.auth_service or "georeg"))
+    service = config.auth_service or identities.settings().name
+    return Gate(identities, TokenAuthority(signing, trust, service, now), now)
+
+
 def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable[[], float]):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         node = Node.open(config, wall_ns=wall_ns, monotonic=monotonic)
         app[NODE] = node
         app[REGISTRY] = node.registry
+        app[CONFIGURATION] = node.configuration
         yield
         node.close()
 

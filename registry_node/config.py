@@ -25,6 +25,20 @@ class NodeConfig:
     sync: bool = True                   # fsync metadata and blobs before acknowledging
     io_threads: int = 4
     extra: dict[str, str] = field(default_factory=dict)
+    # Authentication of the data plane: off unless the CA file is given, and then
+    # the node's signing key and certificate (issued by that CA) are needed too.
+    auth_ca_file: Path | None = None
+    auth_key_file: Path | None = None
+    auth_cert_file: Path | None = None
+    auth_service: str = ""              # the login server (token audience); default: registry name
+    auth_identities: Path | None = None  # identities to enforce, as JSON (until config replicates)
+    # The cluster's internal credential (a file holding it): the node's internal
+    # routes then answer only requests carrying it (registry_node.api.internal).
+    internal_credential_file: Path | None = None
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_ca_file is not None
 
     @property
     def key_path(self) -> Path:

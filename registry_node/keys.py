@@ -32,6 +32,8 @@ The key space::
                                                                 (<digest> is the event's tag when
                                                                 it names no digest)
     xfer\\0<digest>                         → upload id         an inbound blob transfer to resume
+    conf\\0<kind>\\0<name>                  → ConfigRecord      registry configuration object (or
+                                                                its tombstone), registry-wide
 
 Each leaf of the tree has a builder (``tag(repo, tag)`` → bytes) and a frozen
 value named after it (``TagKey(repository, tag)``) that ``parse`` returns for
@@ -71,6 +73,7 @@ TOMB = b"tomb\x00"
 CURSOR = b"cursor\x00"
 FAIL = b"fail\x00"
 TRANSFER = b"xfer\x00"
+CONFIG = b"conf\x00"
 
 # The second level of ``r\0<repo>\0`` and ``tomb\0<repo>\0``.
 _LINK = b"b"
@@ -192,6 +195,15 @@ def failure(name: str, digest: str) -> bytes:
 
 def transfer(digest: str) -> bytes:
     return TRANSFER + _b(digest)
+
+
+def configuration_prefix(kind: str) -> bytes:
+    """Every object (and tombstone) of one configuration kind."""
+    return CONFIG + _b(kind) + SEP
+
+
+def configuration(kind: str, name: str) -> bytes:
+    return configuration_prefix(kind) + _b(name)
 
 
 def in_repository(key: bytes, name: str) -> bool:
@@ -347,9 +359,19 @@ class TransferKey(msgspec.Struct, frozen=True):
         return transfer(self.digest)
 
 
+class ConfigKey(msgspec.Struct, frozen=True):
+    """A registry configuration object: ``name`` of ``kind`` (``configuration``)."""
+
+    kind: str
+    name: str
+
+    def encode(self) -> bytes:
+        return configuration(self.kind, self.name)
+
+
 Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | RepoKey | BlobLinkKey | ManifestKey
        | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
-       | CursorKey | FailureKey | TransferKey)
+       | CursorKey | FailureKey | TransferKey | ConfigKey)
 
 
 def _head(family: bytes) -> bytes:
@@ -362,7 +384,8 @@ _META_NAMES = frozenset(k.removeprefix(META).decode() for k in (SCHEMA, IDENTITY
 # Families whose components follow the family name directly.
 _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (REPO, RepoKey),
-    (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey)]}
+    (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
+    (CONFIG, ConfigKey)]}
 # Families of ``<family><repo>\0<kind>\0…``, by kind.
 _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
     _head(REPO_DATA): {_LINK.decode(): BlobLinkKey, _MANIFEST.decode(): ManifestKey,

@@ -2,8 +2,10 @@
 
 JSON lines when stdout is not a terminal (so logs can be shipped and queried),
 coloured key=value lines when it is. Secrets never reach a log line: values of
-keys that name credentials are replaced before rendering, and request logging
-records paths, never headers.
+keys that name credentials are replaced before rendering, request logging
+records paths, never headers, and aiohttp's report of a request its parser
+refused (a header line over 8190 bytes, say a 64 KiB ``Authorization``) keeps
+the refusal and drops the bytes it quotes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,25 @@ def redact_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
         if _SECRET_KEY.search(key):
             event[key] = "[redacted]"
     return event
+
+
+class ParserRefusals(logging.Filter):
+    """Rewrites aiohttp's "Error handling request" records for requests its HTTP
+    parser refused: the exception's text quotes the offending bytes (the first
+    hundred of an oversized header — a credential), so only its class and
+    status are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__module__ == "aiohttp.http_exceptions":
+            record.msg = "request refused by the HTTP parser: %s (status %s)"
+            record.args = (type(exc).__name__, getattr(exc, "code", 400))
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_PARSER_REFUSALS = ParserRefusals()
 
 
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -55,6 +76,9 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
     ))
+    server = logging.getLogger("aiohttp.server")
+    if _PARSER_REFUSALS not in server.filters:
+        server.addFilter(_PARSER_REFUSALS)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))

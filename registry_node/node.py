@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from . import keys
 from .blobstore import BlobStore
 from .config import NodeConfig
+from .configuration import Configuration
 from .crypto import NodeKey, Sealer
 from .metastore import Batch, MetadataStore
 from .records import NodeIdentity, decode, encode
@@ -40,6 +41,7 @@ class Node:
     blobs: BlobStore
     registry: Registry
     executor: ThreadPoolExecutor
+    configuration: Configuration
 
     @classmethod
     def open(cls, config: NodeConfig, *, wall_ns: Callable[[], int] = time.time_ns,
@@ -65,7 +67,7 @@ class Node:
 
         registry = Registry(meta, blobs, Sealer(node_key.derive(b"manifest")), identity,
                             run_blocking=run_blocking, wall_ns=wall_ns, monotonic=monotonic)
-        return cls(config, identity, meta, blobs, registry, executor)
+        return cls(config, identity, meta, blobs, registry, executor, Configuration(registry))
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

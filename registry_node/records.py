@@ -24,6 +24,15 @@ class EventKind(enum.StrEnum):
     TAG_SET = "tag_set"
     TAG_DELETE = "tag_delete"
     BLOB_RECLAIMED = "blob_reclaimed"  # local garbage collection; never replicated
+    # Registry configuration (``configuration``): registry-wide, never confined.
+    CONFIG_SET = "config_set"
+    CONFIG_DELETE = "config_delete"
+
+
+CONFIG_KINDS = frozenset({EventKind.CONFIG_SET, EventKind.CONFIG_DELETE})
+"""Events about registry configuration rather than a repository's content:
+they carry ``config_kind``, ``config_name`` (and ``config_value``), and an
+empty ``repository``; residency does not apply to them."""
 
 
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -46,6 +55,10 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     acked_ns: int = 0
     # Assigned by the log when the event is committed.
     seq: int = 0
+    # Configuration events: the object and (config_set) its msgpack-encoded value.
+    config_kind: str = ""
+    config_name: str = ""
+    config_value: bytes = b""
 
 
 class NodeIdentity(msgspec.Struct, frozen=True):
@@ -115,6 +128,20 @@ class Tombstone(msgspec.Struct, frozen=True, omit_defaults=True):
     digest: str = ""                   # tags: what the tag pointed at
 
 
+class ConfigRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One registry configuration object, or its tombstone (``deleted``): a
+    last-writer-wins register like a tag. ``value`` is the msgpack encoding of
+    the kind's Struct (``configuration``), kept as bytes so a node stores and
+    relays a kind it does not know yet exactly as it received it."""
+
+    hlc: int
+    origin_region: str = ""
+    origin_zone: str = ""
+    value: bytes = b""
+    deleted: bool = False
+    origin_acked_ns: int = 0
+
+
 class Cursor(msgspec.Struct, frozen=True):
     """How far this node has applied a peer's log, and which incarnation of
     that peer (its node id) the sequence belongs to."""
@@ -134,7 +161,8 @@ Stamp = tuple[int, str, str]
 the same winner between competing writes, ties included."""
 
 
-def stamp_of(record: TagRecord | ManifestRecord | BlobLink | Tombstone | Event) -> Stamp:
+def stamp_of(record: TagRecord | ManifestRecord | BlobLink | Tombstone | ConfigRecord
+             | Event) -> Stamp:
     return (record.hlc, record.origin_region, record.origin_zone)
 
 

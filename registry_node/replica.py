@@ -46,6 +46,7 @@ import msgspec
 from . import keys
 from . import manifest as manifests
 from .blobstore import UploadFile
+from .configuration import Configuration
 from .errors import RegistryError
 from .metastore import Batch
 from .records import (
@@ -117,8 +118,11 @@ def _tombstone(stamp: Stamp, digest: str = "") -> bytes:
 class Replica:
     """The merge side of one node's registry."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, configuration: Configuration) -> None:
         self.registry = registry
+        # Registry configuration travels with content: the node's one store
+        # (``Node.configuration``), whose generation its readers watch.
+        self.configuration = configuration
         self.meta = registry.meta
         self.blobs = registry.blobs
         self._summary: tuple[int, dict[str, dict[str, int]]] | None = None

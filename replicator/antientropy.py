@@ -6,7 +6,9 @@ Periodically, and whenever a subscription (re)connects, a node asks each peer
 for per-repository fingerprints over the state both may hold (residency), and
 for every repository that differs, the peer's full register state; each
 register is then applied through ``Transfer`` exactly as if it had arrived as
-an event. Pull-only: every node repairs itself from its peers, so with all
+an event. Registry configuration is compared the same way, by one fingerprint
+over all of it (registry-wide: no residency), and fetched whole where it
+differs. Pull-only: every node repairs itself from its peers, so with all
 nodes doing it the cluster converges whenever the replica graph is connected.
 """
 
@@ -20,7 +22,7 @@ import structlog
 from registry_node.records import EventKind
 from registry_node.replica import RegisterState, register_event
 
-from .convert import register_from_wire
+from .convert import event_from_wire, register_from_wire
 from .errors import Outcome, ReplicationError
 from .peers import PeerClient
 from .residency import ResidencyPolicy
@@ -78,9 +80,21 @@ class AntiEntropy:
             state = await peer.repository_state(repo)
             changed += await self._merge(repo, [register_from_wire(r) for r in state.manifests],
                                          [register_from_wire(r) for r in state.tags], peer)
+        if summary.configuration_fingerprint != self.replica.configuration.fingerprint():
+            changed += await self._merge_configuration(peer)
         if changed:
             self.repaired += changed
             log.info("anti_entropy_repaired", peer=peer.name, changes=changed)
+        return changed
+
+    async def _merge_configuration(self, peer: PeerClient) -> int:
+        """Registry configuration: registry-wide, so every register the peer
+        holds, applied as the event it amounts to (newer wins, as always)."""
+        state = await peer.configuration_state()
+        changed = 0
+        for message in state.registers:
+            if await self.transfer.apply(event_from_wire(message), [peer]):
+                changed += 1
         return changed
 
     async def _merge(self, repo: str, manifests: list[RegisterState], tags: list[RegisterState],

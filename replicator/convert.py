@@ -19,7 +19,8 @@ def event_to_wire(event: Event) -> pb.Event:
         references=list(event.references), subject=event.subject,
         source_repository=event.source_repository, origin_region=event.origin_region,
         origin_zone=event.origin_zone, origin_seq=event.origin_seq, hlc=event.hlc,
-        acked_ns=event.acked_ns)
+        acked_ns=event.acked_ns, config_kind=event.config_kind, config_name=event.config_name,
+        config_value=event.config_value)
 
 
 def event_from_wire(message: pb.Event) -> Event:
@@ -29,7 +30,8 @@ def event_from_wire(message: pb.Event) -> Event:
         references=tuple(message.references), subject=message.subject,
         source_repository=message.source_repository, origin_region=message.origin_region,
         origin_zone=message.origin_zone, origin_seq=message.origin_seq, hlc=message.hlc,
-        acked_ns=message.acked_ns, seq=message.seq)
+        acked_ns=message.acked_ns, seq=message.seq, config_kind=message.config_kind,
+        config_name=message.config_name, config_value=message.config_value)
 
 
 def register_to_wire(reg: RegisterState) -> pb.Register:

@@ -147,6 +147,10 @@ class PeerClient:
         return await self._unary(self.stub.GetRepositoryState, pb.RepositoryStateRequest(
             requester=self._me, repository=repository), f"state of {repository}")
 
+    async def configuration_state(self) -> pb.ConfigurationState:
+        return await self._unary(self.stub.GetConfiguration,
+                                 pb.ConfigurationRequest(requester=self._me), "configuration")
+
     async def image_status_ref(self, repository: str, digest: str, tag: str,
                                timeout: float) -> pb.ImageStatusReply:
         return await self._unary(self.stub.GetImageStatus, pb.ImageStatusRequest(

@@ -83,7 +83,7 @@ class Replication:
         view = self.view
         identity = node.identity
         settings = view.replication
-        self.replica = replica = Replica(node.registry)
+        self.replica = replica = Replica(node.registry, node.configuration)
         feed = LogFeed(node.meta)
         self.metrics.track_log(lambda: node.meta.last_seq)
         self.metrics.refresh = self._refresh_queue_depths

@@ -3,6 +3,8 @@ by digest, its state for anti-entropy, per-image status and health.
 
 Residency is enforced here, at the sender: an event or a piece of content
 whose origin region may not reach the requester's region is never sent.
+Registry configuration events are the exception: configuration is
+registry-wide, and every node, a confined region's included, needs it.
 Handlers are thin; what they read comes from ``registry_node``.
 
 Events are relayed: a node's log holds what it applied from others too, so
@@ -45,7 +47,7 @@ import structlog
 
 from registry_node import keys
 from registry_node.crypto import BlobCorrupt
-from registry_node.records import BlobLink, EventKind, decode
+from registry_node.records import CONFIG_KINDS, BlobLink, EventKind, decode
 from registry_node.replica import Replica
 
 from .convert import event_to_wire, node_ref, register_to_wire
@@ -178,8 +180,11 @@ class ReplicationService(pbg.ReplicationServicer):
         if subscriber.region != self.identity.region and not self.inline_blobs_across_regions:
             budget = 0
         for event in events:
-            if event.kind in LOCAL_ONLY or not self._allowed(event.origin_region, event.repository,
-                                                             subscriber):
+            if event.kind in LOCAL_ONLY:
+                continue
+            # Configuration is registry-wide: every node gets it, confined regions included.
+            if event.kind not in CONFIG_KINDS and not self._allowed(
+                    event.origin_region, event.repository, subscriber):
                 continue
             message = self._wire(event)
             if (event.kind is EventKind.BLOB_PUT and 0 < event.size <= min(budget, INLINE_BLOB_MAX)
@@ -345,7 +350,14 @@ class ReplicationService(pbg.ReplicationServicer):
             fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, request.requester))
             summaries.append(pb.RepositorySummary(repository=repo, fingerprint=fingerprint))
             await asyncio.sleep(0)
-        return pb.Summary(repositories=summaries, last_seq=self.feed.last_seq)
+        return pb.Summary(repositories=summaries, last_seq=self.feed.last_seq,
+                          configuration_fingerprint=self.replica.configuration.fingerprint())
+
+    async def GetConfiguration(self, request: pb.ConfigurationRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ConfigurationState:
+        """Every configuration register: registry-wide, so whoever asks gets all."""
+        return pb.ConfigurationState(
+            registers=[event_to_wire(e) for e in self.replica.configuration.register_events()])
 
     async def GetRepositoryState(self, request: pb.RepositoryStateRequest,
                                  context: grpc.aio.ServicerContext) -> pb.RepositoryState:

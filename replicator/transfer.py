@@ -56,7 +56,7 @@ import msgspec
 import structlog
 
 from registry_node.blobstore import UploadFile
-from registry_node.records import Event, EventKind
+from registry_node.records import CONFIG_KINDS, Event, EventKind
 from registry_node.replica import ContentRejected, MissingContent, Replica
 
 from .errors import ReplicationError, definite, permanent
@@ -126,7 +126,9 @@ class Transfer:
         """Apply one replicated change here, fetching whatever content it needs
         (a manifest_put or a blob_put may bring its content's bytes along, as
         ``body``). Returns the event as logged here, or None when it changed
-        nothing."""
+        nothing. Registry configuration is registry-wide: no residency applies."""
+        if event.kind in CONFIG_KINDS:
+            return self._apply_configuration(event)
         if not self.residency.allows(event.origin_region, event.repository, self.region):
             # The sender should never have sent it: refuse, and say so in metrics.
             self.metrics.residency_refusals.labels(event.origin_region).inc()
@@ -172,6 +174,18 @@ class Transfer:
             if kind in CONTENT_KINDS and event.acked_ns:
                 self.metrics.observe_lag(event.origin_region, kind.value,
                                          (time.time_ns() - event.acked_ns) / 1e9)
+        return applied
+
+    def _apply_configuration(self, event: Event) -> Event | None:
+        try:
+            applied = self.replica.configuration.apply(event)
+        except ValueError as exc:
+            # Nothing a retry or another source could mend, and no repository to
+            # record it against: said in the log, the stream goes on.
+            log.warning("configuration_event_refused", origin=event.origin_region, error=str(exc))
+            return None
+        if applied is not None:
+            self.metrics.applied.labels(event.origin_region, event.kind.value).inc()
         return applied
 
     # -- blobs -------------------------------------------------------------------

@@ -358,12 +358,15 @@ class Skopeo:
     def ref(self, repo_and_tag: str) -> str:
         return f"docker://{self.host}/{repo_and_tag}"
 
-    async def run(self, *args: str, check: bool = True) -> tuple[int, bytes, str]:
+    async def run(self, *args: str, check: bool = True,
+                  stdin: bytes | None = None) -> tuple[int, bytes, str]:
+        """``stdin``: what skopeo reads (``--password-stdin``: never a secret in argv)."""
         proc = await asyncio.create_subprocess_exec(
-            self.program, *self.globals, *args, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+            self.program, *self.globals, *args, env=self.env,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), SKOPEO_TIMEOUT_S + 10)
+            out, err = await asyncio.wait_for(proc.communicate(stdin), SKOPEO_TIMEOUT_S + 10)
         except TimeoutError:
             proc.kill()
             await proc.wait()

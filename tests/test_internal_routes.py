@@ -30,6 +30,10 @@ INTERNAL = [
     ("PUT", "/georeg/v1/faults/storage"),
     ("GET", "/georeg/v1/inventory"),
     ("GET", "/georeg/v1/node"),
+    ("GET", "/georeg/v1/configuration"),
+    ("GET", "/georeg/v1/configuration/registry"),
+    ("PUT", "/georeg/v1/configuration/registry/default"),
+    ("DELETE", "/georeg/v1/configuration/registry/default"),
     ("GET", "/metrics"),
     ("PUT", "/georeg/v1/replication/status"),     # only reads of it are public
 ]

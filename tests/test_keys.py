@@ -29,6 +29,8 @@ digests = st.one_of(st.binary(min_size=32, max_size=32).map(lambda b: f"sha256:{
 uploads = st.uuids().map(str)
 peers = st.from_regex(r"[a-z0-9]+(?:-[a-z0-9]+)*", fullmatch=True)
 seqs = st.integers(0, keys.LAST_SEQ)
+config_kinds = st.from_regex(r"[a-z][a-z-]{0,30}", fullmatch=True)
+config_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", fullmatch=True)
 
 # family → (builder, parsed type, strategies of the builder's arguments)
 FAMILIES = {
@@ -48,6 +50,7 @@ FAMILIES = {
     "cursor": (keys.cursor, keys.CursorKey, (peers,)),
     "failure": (keys.failure, keys.FailureKey, (repositories, st.one_of(digests, tags))),
     "transfer": (keys.transfer, keys.TransferKey, (digests,)),
+    "configuration": (keys.configuration, keys.ConfigKey, (config_kinds, config_names)),
 }
 META = {keys.SCHEMA: "schema", keys.IDENTITY: "identity", keys.HLC: "hlc",
         keys.KEY_CHECK: "keycheck"}
@@ -63,6 +66,7 @@ PREFIXES = {
     "tag tomb": lambda repo, _: keys.tomb_prefix(repo),
     "manifest tomb": lambda repo, _: keys.tomb_prefix(repo),
     "blob tomb": lambda repo, _: keys.tomb_prefix(repo),
+    "configuration": lambda kind, _: keys.configuration_prefix(kind),
 }
 
 D1 = "sha256:" + "a" * 64
@@ -93,6 +97,7 @@ ON_DISK = [
     (keys.cursor("eastus-2"), b"cursor\x00eastus-2"),
     (keys.failure("lib/app", D1), b"fail\x00lib/app\x00" + D1.encode()),
     (keys.transfer(D1), b"xfer\x00" + D1.encode()),
+    (keys.configuration("registry", "default"), b"conf\x00registry\x00default"),
 ]
 
 
@@ -113,7 +118,7 @@ def test_the_tree_draws_every_family():
     """The docstring's tree stays the description of the key space: every family
     head and every meta key is drawn in it."""
     heads = [keys.LOG, keys.BLOB, keys.REF, keys.BLOB_USER, keys.REPO, keys.REPO_DATA,
-             keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, *META]
+             keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG, *META]
     drawn = keys.__doc__
     missing = [h for h in heads if h.decode().replace("\x00", "\\0") not in drawn]
     assert missing == []
@@ -188,6 +193,7 @@ MALFORMED = [
     b"r\x00lib/app\x00s\x00" + D1.encode(),     # a referrer has two
     b"tomb\x00lib/app\x00s\x00" + D1.encode(),  # referrers have no tombstones
     b"blob\x00sha256:\xff\xfe",                 # not UTF-8
+    b"conf\x00registry",                        # a configuration object has a kind and a name
 ]
 
 

@@ -20,7 +20,7 @@ async def test_a_manifest_whose_blobs_arrived_without_links_is_stored(node, http
     image = make_image([700, 800], seed=13)
     for blob in image.blobs:  # here, but linked only in another repository
         await push_blob(http, node.url, "elsewhere/repo", blob)
-    replica = Replica(node.registry)
+    replica = Replica(node.registry, node.node.configuration)
     event = remote(EventKind.MANIFEST_PUT, "target/app", digest=image.digest,
                    media_type=image.media_type, size=len(image.manifest))
     assert replica.apply_manifest(event, image.manifest) is not None

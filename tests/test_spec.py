@@ -51,6 +51,22 @@ def test_blob_downloads_are_relayed_or_redirected():
     assert "did you mean 'redirect'?" in problem
 
 
+def test_auth_is_token_or_none_and_plans_each_nodes_access_files(tmp_path):
+    # "none" stays the default until the test suite logs in everywhere.
+    assert specs.load(None).auth == "none"
+    assert plan(specs.load(None).seeded(1), tmp_path).nodes[0].access is None
+    spec = specs.parse({"auth": "token", "registry": "contoso"}).seeded(1)
+    assert spec.auth_enabled and spec.login_server == "contoso.azurecr.io"
+    cluster_plan = plan(spec, tmp_path)
+    for node in cluster_plan.all_nodes:       # paired-region copies included
+        access = node.access
+        assert access is not None and access.service == "contoso.azurecr.io"
+        assert node.name in str(access.cert_file) and node.name in str(access.key_file)
+        assert access.ca_file == cluster_plan.nodes[0].access.ca_file
+    [problem] = problems({"auth": "Token "})
+    assert "auth 'Token ' is not one of 'token'" in problem and "did you mean 'token'" in problem
+
+
 def test_zone_redundancy_needs_a_region_with_zones():
     [problem] = problems({"replicas": [{"region": "westus", "zone_redundant": True}]})
     assert "westus has no availability zones" in problem

@@ -24,6 +24,7 @@ from rich.table import Table
 from registry_node import logs
 
 from ..control import spec as specs
+from ..control.access import AdminLogin, CredentialMissing, read_admin
 from ..control.cluster import Cluster
 from ..control.errors import ClusterError
 from ..control.management import ManagementServer
@@ -49,9 +50,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed of the WAN links' random draws (jitter, resets); default: the "
                         "spec's (--config, or the one the data dir's cluster last ran with), "
                         "else a new one. `up` prints it, so a run can be replayed")
+    p.add_argument("--auth", choices=specs.AUTH_MODES,
+                   help="token: every node and endpoint wants credentials, as ACR does (the "
+                        "admin user's password is generated at first start and printed; "
+                        "`georeg login` hands it to skopeo, podman, docker); none: an open "
+                        "registry. Default: the spec's auth (default none)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background; stop it with `georeg down`")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    # The background child of --detach: its stdout is a log file, so it prints
+    # no password (the parent prints them, from the data dir).
+    p.add_argument("--detached-child", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=command(run_up))
 
     p = sub.add_parser("down", help="stop a cluster started with `georeg up`",
@@ -110,15 +119,17 @@ def run_up(args: argparse.Namespace) -> int:
             spec = specs.validate(spec.seeded(args.seed), "--seed")
         except specs.SpecError as exc:
             raise CliError(str(exc)) from None
+    if args.auth is not None:
+        spec = spec.with_auth(args.auth)
     if args.detach:
         return _detach(args, data_dir)
     logs.configure(args.log_format, "warning", sys.stderr)
     # A port in use is found by binding it (Cluster.start says which, and what
     # to do); a check here first would only race with whoever takes it next.
-    return event_loop().run(_up(spec, data_dir))
+    return event_loop().run(_up(spec, data_dir, show_secrets=not args.detached_child))
 
 
-async def _up(spec, data_dir: Path) -> int:
+async def _up(spec, data_dir: Path, show_secrets: bool = True) -> int:
     try:
         cluster = await Cluster.start(spec, data_dir)
     except (NodeStartError, ClusterError, OSError) as exc:
@@ -129,7 +140,8 @@ async def _up(spec, data_dir: Path) -> int:
         loop.add_signal_handler(sig, cluster.request_stop)
     try:
         async with ManagementServer(cluster) as management:
-            print_endpoints({**cluster.status(), "management": management.url})
+            print_endpoints({**cluster.status(), "management": management.url},
+                            cluster.access.admin if cluster.access and show_secrets else None)
             print("Ctrl-C (or `georeg down`) stops the cluster.", flush=True)
             await cluster.serve_forever()
     finally:
@@ -143,11 +155,13 @@ def _detach(args: argparse.Namespace, data_dir: Path) -> int:
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "logs" / "supervisor.log"
     argv = [sys.executable, "-m", "cluster.cli", "up", "--data-dir", str(data_dir),
-            "--log-format", "json"]
+            "--log-format", "json", "--detached-child"]
     if args.config:
         argv += ["--config", str(args.config)]
     if args.seed is not None:
         argv += ["--seed", str(args.seed)]
+    if args.auth is not None:
+        argv += ["--auth", args.auth]
     with open(log_path, "ab") as log:
         child = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                  start_new_session=True)
@@ -158,7 +172,13 @@ def _detach(args: argparse.Namespace, data_dir: Path) -> int:
             raise CliError("the cluster did not start:\n" + "\n".join(tail))
         if running_state(data_dir) is not None:
             status = call(data_dir, "GET", "/georeg/v1/cluster")
-            print_endpoints(status)
+            admin = None
+            if status.get("auth") == "token":
+                try:
+                    admin = read_admin(data_dir)
+                except CredentialMissing as exc:
+                    raise CliError(str(exc)) from None
+            print_endpoints(status, admin)
             print(f"Running in the background (pid {child.pid}); `georeg down --data-dir "
                   f"{data_dir}` stops it. Logs: {data_dir / 'logs'}")
             return 0
@@ -199,8 +219,9 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def print_endpoints(status: dict) -> None:
-    """What `georeg up` shows once the cluster it started is ready."""
+def print_endpoints(status: dict, admin: AdminLogin | None = None) -> None:
+    """What `georeg up` shows once the cluster it started is ready; with
+    ``admin``, the credentials a client logs in with."""
     console = Console()
     startup = status["startup_s"]
     took = f" in {startup['healthy']:.1f} s (replicating and ready in {startup['ready']:.1f} s)"
@@ -229,6 +250,22 @@ def print_endpoints(status: dict) -> None:
                       + ", ".join(f"{c['keeps']} → {c['region']}" for c in copies))
     first = next(iter(status["global_endpoints"].values()), "http://127.0.0.1:5000")
     host = first.removeprefix("http://")
+    data_dir = status["data_dir"]
+    if status.get("auth") == "token":
+        if admin is not None:
+            console.print(f"[bold]Registry credentials[/] (every endpoint and node): username "
+                          f"[bold]{admin.username}[/], password [bold]{admin.password}[/]",
+                          highlight=False)
+        console.print(f"Generated at the cluster's first start and kept in {data_dir}/auth/"
+                      f"admin.json (mode 0600), for a cluster on this machine. `georeg login` "
+                      f"writes them where skopeo and podman look ($REGISTRY_AUTH_FILE, else "
+                      f"$XDG_RUNTIME_DIR/containers/auth.json; --docker: ~/.docker/config.json "
+                      f"for docker and oras). The management API and this CLI use the cluster "
+                      f"owner's credential in {data_dir}/auth/owner.secret.", highlight=False)
+        console.print(f"Try: georeg login --data-dir {data_dir} && skopeo copy "
+                      f"--dest-tls-verify=false docker-archive:image.tar "
+                      f"docker://{host}/demo/app:v1", highlight=False)
+        return
     console.print(f"Try: skopeo copy --dest-tls-verify=false docker-archive:image.tar "
                   f"docker://{host}/demo/app:v1")
 

@@ -1,7 +1,8 @@
 """What every ``georeg`` command shares: the data dir option, the error a
 command raises to stop with a message, and the call to a running cluster's
-management API. It imports no command module, so every command module can
-import it.
+management API, which carries the cluster owner's credential from the data
+dir when there is one (``cluster.control.access``). It imports no command
+module, so every command module can import it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..control.access import CredentialMissing, authorization, read_owner_credential
 from ..control.management_client import ManagementError, request
 from ..control.state import running_state
 
@@ -51,10 +53,19 @@ def management_url(data_dir: Path) -> str:
 
 def call(data_dir: Path, method: str, path: str, body: dict | None = None,
          timeout: float = 120) -> object:
-    """One request to the management API of the cluster running from ``data_dir``."""
+    """One request to the management API of the cluster running from ``data_dir``,
+    with the owner credential kept there (a cluster without auth has none)."""
+    url = management_url(data_dir)
+    headers, missing = {}, None
     try:
-        return request(management_url(data_dir), method, path, body, timeout)
+        headers = authorization(read_owner_credential(data_dir))
+    except CredentialMissing as exc:
+        missing = exc
+    try:
+        return request(url, method, path, body, timeout, headers=headers)
     except ManagementError as exc:
+        if exc.status == 401 and missing is not None:
+            raise CliError(f"{exc}\n{missing}") from None
         raise CliError(str(exc)) from None
 
 

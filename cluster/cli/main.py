@@ -22,9 +22,11 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     node.register(sub)
     if only_node:
         return parser
-    from . import bench, chaos, cluster, fault, replication, repository, verify
+    from . import bench, chaos, cluster, fault, login, registry, replication, repository, verify
 
     cluster.register(sub)
+    login.register(sub)
+    registry.register(sub)
     replication.register(sub)
     repository.register(sub)
     fault.register(sub)

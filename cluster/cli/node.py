@@ -63,6 +63,29 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                    help="this node's view of its cluster (JSON written by `georeg up`): its "
                         "name, region, zone, peers and their replication addresses, residency; "
                         "turns on replication. --region/--zone then default to the file's")
+    auth = p.add_argument_group(
+        "authentication", "Off unless --auth-ca is given. Then every /v2/ route needs credentials "
+        "(Basic or a bearer token from this node's /oauth2/token), as ACR's do; tokens minted by "
+        "any node whose certificate the same CA issued are valid here.")
+    auth.add_argument("--auth-ca", type=Path, metavar="FILE",
+                      help="the cluster CA's certificate (PEM): trusted to vouch for token keys")
+    auth.add_argument("--auth-key", type=Path, metavar="FILE",
+                      help="this node's P-256 private key (PEM, mode 0600) that signs its tokens")
+    auth.add_argument("--auth-cert", type=Path, metavar="FILE",
+                      help="this node's certificate for --auth-key, issued by --auth-ca (PEM)")
+    auth.add_argument("--auth-service", metavar="NAME",
+                      help="the login server named in challenges and tokens (the audience); "
+                           "default: the registry name from --auth-identities")
+    auth.add_argument("--auth-identities", type=Path, metavar="FILE",
+                      help="the admin user, tokens, scope maps, identities and role assignments "
+                           "to enforce, as JSON with hashed secrets (default: none, so only "
+                           "anonymous pull, when enabled there, gets in)")
+    auth.add_argument("--internal-credential-file", type=Path, metavar="FILE",
+                      help="a file (mode 0600) holding the cluster's internal credential: the "
+                           "node's internal routes (/georeg/v1/..., /metrics; not "
+                           "/georeg/v1/replication/status) then answer only requests that carry "
+                           "it as `Authorization: Bearer`. A file, so the secret is never on a "
+                           "command line")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                    help="log format on stderr (default: console on a terminal, else json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -79,6 +102,7 @@ def _run_node(args: argparse.Namespace) -> int:
 
     allocator.tune()  # first: before any library starts a thread
     from registry_node import logs
+    from registry_node.auth.tokens import AuthConfigError
     from registry_node.config import NodeConfig
     from registry_node.crypto import KeyFileError
     from registry_node.node import DataDirError
@@ -106,10 +130,13 @@ def _run_node(args: argparse.Namespace) -> int:
     config = NodeConfig(data_dir=args.data_dir, host=host, port=port, region=region or "local",
                         zone=zone or "", key_file=args.key_file, gc_grace_s=args.gc_grace,
                         gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl,
-                        shutdown_grace_s=args.shutdown_grace)
+                        shutdown_grace_s=args.shutdown_grace, auth_ca_file=args.auth_ca,
+                        auth_key_file=args.auth_key, auth_cert_file=args.auth_cert,
+                        auth_service=args.auth_service or "", auth_identities=args.auth_identities,
+                        internal_credential_file=args.internal_credential_file)
     try:
         run(config, extensions)
-    except (DataDirError, KeyFileError) as exc:
+    except (DataDirError, KeyFileError, AuthConfigError) as exc:
         print(f"georeg node: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

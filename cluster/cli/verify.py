@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..control.access import CredentialMissing, authorization, read_internal_credential
 from ..control.state import saved_spec
 from ..faults.verify import targets_from_status, verify
 from .common import CliError, add_data_dir, call, command, data_dir_of
@@ -43,8 +44,14 @@ def run_verify(args: argparse.Namespace) -> int:
     spec = saved_spec(data_dir)
     if spec is None:
         raise CliError(f"{data_dir} has no saved spec; is it a georeg cluster's data dir?")
+    headers = {}
+    if spec.auth_enabled:      # it asks every node itself, as the cluster does
+        try:
+            headers = authorization(read_internal_credential(data_dir))
+        except CredentialMissing as exc:
+            raise CliError(str(exc)) from None
     report = asyncio.run(verify(targets_from_status(status), policy=spec.residency_policy(),
-                                timeout=args.timeout))
+                                timeout=args.timeout, headers=headers))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

@@ -9,8 +9,11 @@ pytest plugin are all thin layers over ``Cluster``.
 
 The home region holds the control plane, as in ACR: while no node of the
 home region can be reached over the network (crashed, stopped, or cut off),
-configuration changes (replicas, routing, restores) fail with
-``ControlPlaneUnavailable``; pushes and pulls go on through the other replicas.
+configuration changes (replicas, routing, restores, registry configuration)
+fail with ``ControlPlaneUnavailable``; pushes and pulls go on through the
+other replicas. Registry configuration (``registry_node.configuration``) is
+written through one home node, which stamps and logs it; replication carries
+it to every node, and every node answers reads of it from what it holds.
 Reachability is asked of the network itself: a request to each home node
 through its management link (``ClusterPlan.management_links``), which every
 fault that cuts a node off cuts as well.
@@ -44,6 +47,7 @@ import random
 import shutil
 import socket
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,13 +56,16 @@ import aiohttp
 import msgspec
 import structlog
 
+from registry_node.configuration import check_name, kind_of
+from registry_node.errors import RegistryError
 from replicator.topology import ReplicationSettings
 
 from ..faults.controller import FaultController
 from ..faults.verify import NodeTarget, VerifyReport, down_reason, verify
 from ..routing.endpoints import Endpoints
 from . import spec as specs
-from .errors import ClusterError, ControlPlaneUnavailable, NotFound, PortInUse
+from .access import ClusterAccess, open_ca, provision, provision_node
+from .errors import ClusterError, ControlPlaneUnavailable, NodeRefusal, NotFound, PortInUse
 from .plan import ClusterPlan, plan
 from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
@@ -124,6 +131,8 @@ class Cluster:
         self.progress: dict[str, ReplicaProgress] = {}
         self.restoring: set[str] = set()   # regions whose nodes peer with their paired copy
         self.faults = FaultController(self)
+        # With auth: the credentials made at first start (cluster.control.access).
+        self.access: ClusterAccess | None = None
         self._http: aiohttp.ClientSession | None = None   # requests over management links
         self.started_at = 0.0
         # Seconds from the start to every node healthy, and to ready (subscribed
@@ -131,6 +140,8 @@ class Cluster:
         self.healthy_after_s: float | None = None
         self.ready_after_s: float | None = None
         self._stopped = asyncio.Event()
+        # Read-modify-write of the registry object, one at a time.
+        self._registry_update = asyncio.Lock()
         # The management API's port, bound (not listening: connections are
         # refused) from the start until a ManagementServer serves it.
         self._management_socket: socket.socket | None = None
@@ -189,6 +200,9 @@ class Cluster:
                     raise PortInUse(str(exc)) from None
                 raise
             save_spec(self.data_dir, self.spec)
+            self.access = await asyncio.get_running_loop().run_in_executor(
+                None, provision, self.plan)
+            self.supervisor.internal_headers = self.internal_headers()
             log.info("cluster_starting", seed=self.spec.seed, data_dir=str(self.data_dir),
                      port_base=self.spec.network.port_base)
             await self.supervisor.start()
@@ -283,11 +297,18 @@ class Cluster:
         node's management link, so not while the node is cut off from the network."""
         return f"http://{self.host}:{self.plan.management_link(name).port}"
 
+    def internal_headers(self) -> dict[str, str]:
+        """What the cluster's own requests to its nodes carry: the internal
+        credential on a cluster with auth (``registry_node.api.internal``)."""
+        return self.access.internal_headers() if self.access is not None else {}
+
     def http(self) -> aiohttp.ClientSession:
         """The session for requests over management links. A fresh connection per
-        request: a pooled one may belong to a link cut or a node restarted since."""
+        request: a pooled one may belong to a link cut or a node restarted since.
+        It carries the internal credential: the cluster itself is asking."""
         if self._http is None:
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                               headers=self.internal_headers())
         return self._http
 
     def nodes(self) -> dict[str, NodeRuntime]:
@@ -383,6 +404,9 @@ class Cluster:
         return {
             "registry": self.spec.registry,
             "tier": self.spec.tier,
+            "auth": self.spec.auth,
+            "login_server": self.spec.login_server if self.spec.auth_enabled else None,
+            "admin_username": self.access.admin.username if self.access else None,
             "home_region": self.spec.home_region,
             "blob_downloads": self.spec.blob_downloads,
             "seed": self.spec.seed,
@@ -438,7 +462,7 @@ class Cluster:
     async def verify(self, timeout: float = 60.0, disk: bool = True) -> VerifyReport:
         """``georeg verify`` on this cluster (see ``cluster.faults.verify``)."""
         return await verify(self.verify_targets(), policy=self.spec.residency_policy(),
-                            timeout=timeout, disk=disk)
+                            timeout=timeout, disk=disk, headers=self.internal_headers())
 
     # -- management -------------------------------------------------------------------
 
@@ -453,21 +477,24 @@ class Cluster:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
-    async def _control_plane(self) -> None:
+    async def _control_plane(self) -> str:
         """The home region holds the control plane: a configuration change goes
-        ahead only if some home node answers over the network. Asked of the
+        ahead only if some home node answers over the network; returns the name
+        of the first that did. Asked of the
         network rather than of the supervisor's health (which sees the processes)
         or of the fault controller's records (which know only the faults it
         injected), so that whatever cuts the home region off, now or later, a
         crash, an isolation or a link fault, stops configuration as it would in
         Azure."""
-        probes = {asyncio.ensure_future(self.answers(n.name))
-                  for n in self.plan.nodes_in(self.spec.home_region)}
+        names = {asyncio.ensure_future(self.answers(n.name)): n.name
+                 for n in self.plan.nodes_in(self.spec.home_region)}
+        probes = set(names)
         try:
             while probes:
                 done, probes = await asyncio.wait(probes, return_when=asyncio.FIRST_COMPLETED)
-                if any(probe.result() for probe in done):
-                    return
+                for probe in done:
+                    if probe.result():
+                        return names[probe]
         finally:
             for probe in probes:         # one home node answered: the rest need not
                 probe.cancel()
@@ -475,6 +502,110 @@ class Cluster:
             f"the home region {self.spec.home_region} holds the control plane and cannot be "
             "reached (down, or cut off from the network); configuration changes are unavailable "
             "until it returns. Pushes, pulls and deletes keep working through the other replicas")
+
+    # -- registry configuration (registry_node.configuration) ---------------------------
+
+    async def _node_call(self, name: str, method: str, path: str,
+                         body: dict | None = None) -> dict:
+        """One request to a node's configuration routes, over its management
+        link; a refusal becomes a ``NodeRefusal`` with the node's reason."""
+        url = f"{self.management_link_url(name)}/georeg/v1/configuration{path}"
+        try:
+            async with self.http().request(method, url, json=body,
+                                           timeout=aiohttp.ClientTimeout(total=30)) as r:
+                answer = await r.json(content_type=None)
+                if r.status < 400:
+                    return answer
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise NodeRefusal(f"{name} did not answer: {exc}", 503, "NodeUnavailable") from None
+        error = (answer.get("errors") or [{}])[0] if isinstance(answer, dict) else {}
+        detail = error.get("detail")
+        reason = detail.get("reason") if isinstance(detail, dict) else detail
+        message = error.get("message", f"HTTP {r.status}") + (f": {reason}" if reason else "")
+        code = {400: "BadRequest", 404: "NotFound", 413: "BadRequest"}.get(
+            r.status, error.get("code", "Unavailable"))
+        raise NodeRefusal(message, r.status, code)
+
+    @staticmethod
+    def _object_path(kind: str, name: str | None = None) -> str:
+        """``/{kind}[/{name}]`` of a node's configuration routes, checked first:
+        a name such as ``../x`` must be refused here, not resolved by the URL
+        into another route of the node."""
+        try:
+            spec = kind_of(kind)
+            path = "/" + urllib.parse.quote(spec.name, safe="")
+            if name is not None:
+                path += "/" + urllib.parse.quote(check_name(spec, name), safe="")
+        except RegistryError as exc:
+            raise NodeRefusal(f"{exc.message}: {exc.detail}", exc.status,
+                              "NotFound" if exc.status == 404 else "BadRequest") from None
+        return path
+
+    async def _config_reader(self) -> str:
+        """A node to read configuration from: a home node if one answers, else
+        any node that does (every node holds the configuration)."""
+        try:
+            return await self._control_plane()
+        except ControlPlaneUnavailable:
+            for node in self.plan.nodes:
+                if await self.answers(node.name):
+                    return node.name
+            raise ClusterError("no node of the cluster answers") from None
+
+    async def list_configuration(self, kind: str) -> list[dict]:
+        """Live objects of one kind (``registry_node.configuration.KINDS``)."""
+        path = self._object_path(kind)
+        answer = await self._node_call(await self._config_reader(), "GET", path)
+        return [o for o in answer["objects"] if not o["deleted"]]
+
+    async def get_configuration(self, kind: str, name: str) -> dict:
+        path = self._object_path(kind, name)
+        return await self._node_call(await self._config_reader(), "GET", path)
+
+    async def set_configuration(self, kind: str, name: str, value: dict) -> dict:
+        """Write an object through the home region (validated there, stamped,
+        replicated to every node); ``ControlPlaneUnavailable`` while it is down."""
+        path = self._object_path(kind, name)
+        return await self._node_call(await self._control_plane(), "PUT", path, value)
+
+    async def delete_configuration(self, kind: str, name: str) -> dict:
+        path = self._object_path(kind, name)
+        return await self._node_call(await self._control_plane(), "DELETE", path)
+
+    async def registry_properties(self) -> dict:
+        """The registry resource, as ``az acr show`` shows its switches."""
+        try:
+            stored = (await self.get_configuration("registry", "default"))["value"]
+        except NodeRefusal as exc:
+            if exc.status != 404:
+                raise
+            stored = {}
+        return {"name": self.spec.registry, "location": self.spec.home_region,
+                "sku": {"name": self.spec.tier, "tier": self.spec.tier},
+                "adminUserEnabled": bool(stored.get("admin_enabled", False)),
+                "anonymousPullEnabled": bool(stored.get("anonymous_pull_enabled", False))}
+
+    async def update_registry(self, *, admin_enabled: bool | None = None,
+                              anonymous_pull_enabled: bool | None = None) -> dict:
+        """``az acr update --admin-enabled / --anonymous-pull-enabled``: the
+        switches given change, the others keep their value."""
+        if anonymous_pull_enabled and self.spec.tier == "Basic":
+            raise ClusterError("anonymous pull needs the Standard or Premium tier; this "
+                               "registry is Basic")
+        async with self._registry_update:
+            home = await self._control_plane()
+            try:
+                current = (await self._node_call(home, "GET", "/registry/default"))["value"]
+            except NodeRefusal as exc:
+                if exc.status != 404:
+                    raise
+                current = {}
+            if admin_enabled is not None:
+                current["admin_enabled"] = admin_enabled
+            if anonymous_pull_enabled is not None:
+                current["anonymous_pull_enabled"] = anonymous_pull_enabled
+            await self._node_call(home, "PUT", "/registry/default", current)
+        return await self.registry_properties()
 
     async def create_replication(self, region: str, *, zone_redundant: bool = False,
                                  global_routing: bool = True) -> dict:
@@ -489,6 +620,10 @@ class Cluster:
         for link in (*new_plan.links, *new_plan.management_links):
             if (link.source, link.target) not in self.supervisor.links:
                 await self.supervisor.add_link(link)
+        if self.access is not None:
+            ca = open_ca(new_plan)
+            for node in added:
+                provision_node(ca, new_plan, node)
         self.spec, self.plan = new_spec, new_plan
         self.supervisor.plan = new_plan
         for node in added:

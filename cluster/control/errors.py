@@ -20,6 +20,17 @@ class ControlPlaneUnavailable(ClusterError):
     code = "ControlPlaneUnavailable"
 
 
+class NodeRefusal(ClusterError):
+    """A node refused a request the control plane passed on to it (a
+    configuration write it found invalid, a quorum it could not reach): its
+    status, and its message as the reason."""
+
+    def __init__(self, message: str, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
 class RegionUnavailable(ClusterError):
     """A region that had to be asked (it may hold what was asked for) cannot be."""
 

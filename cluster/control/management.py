@@ -22,9 +22,24 @@ which other processes find it.
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
     GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
+    GET    /georeg/v1/registry                    the registry: name, sku, adminUserEnabled,
+                                                  anonymousPullEnabled
+    PATCH  /georeg/v1/registry                    {"adminUserEnabled", "anonymousPullEnabled"}
+    GET    /georeg/v1/configuration/{kind}        registry configuration objects of one kind
+    GET    /georeg/v1/configuration/{kind}/{name}
+    PUT    /georeg/v1/configuration/{kind}/{name} the object's value (JSON), validated at home
+    DELETE /georeg/v1/configuration/{kind}/{name}
+
+On a cluster with auth (``cluster.control.access``) every route answers only
+the cluster owner: a request without ``Authorization: Bearer <owner
+credential>`` gets ``401 Unauthorized``, whose message says where the
+credential is kept; the CLI sends it from the data dir. Reading status is
+refused too: it names data dirs and processes, and ``verify`` costs work.
 
 Errors are JSON ``{"error": {"code", "message"}}`` with a fitting status; a
-management write while the home region cannot be reached is a 503 that says so.
+management write while the home region cannot be reached is a 503 that says so
+(registry configuration included: its writes go to a home node, which
+validates, stamps and logs them; replication delivers them everywhere).
 Repository reads and deletes go through the data plane of one node of every
 region (``cluster.control.repositories``): a region that cannot be asked is
 named in the answer's ``unavailable``, never left out in silence.
@@ -33,6 +48,7 @@ named in the answer's ``unavailable``, never left out in silence.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from typing import TYPE_CHECKING
 
@@ -42,6 +58,7 @@ from registry_node.errors import RegistryError
 from registry_node.reference import validate_name
 
 from ..faults.controller import FaultError
+from .access import authorization, owner_credential_path
 from .errors import ClusterError, NotFound
 from .regions import REGIONS, unknown_region_message
 from .repositories import Repositories
@@ -67,6 +84,28 @@ async def _errors(request: web.Request, handler):
         return _error(exc.status, exc.code.name, exc.message + (f": {exc.detail}" if exc.detail else ""))
 
 
+def _owner_only(cluster: Cluster):
+    """A middleware admitting only requests that carry the cluster owner's credential."""
+    assert cluster.access is not None
+    expected = authorization(cluster.access.owner)["Authorization"].encode()
+    where = owner_credential_path(cluster.data_dir)
+
+    @web.middleware
+    async def owner_only(request: web.Request, handler):
+        sent = request.headers.get("Authorization", "")
+        if hmac.compare_digest(sent.encode(errors="replace"), expected):
+            return await handler(request)
+        response = _error(401, "Unauthorized",
+                          f"this cluster's management API answers only its owner: send the owner "
+                          f"credential as `Authorization: Bearer <credential>`. It is kept in "
+                          f"{where} (mode 0600), made when the cluster first started; georeg "
+                          f"commands run by that user with --data-dir {cluster.data_dir} send it")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="georeg management"'
+        return response
+
+    return owner_only
+
+
 class ManagementServer:
     """``async with ManagementServer(cluster):`` serves the API (and keeps the
     state file) for as long as the block runs."""
@@ -89,7 +128,10 @@ class ManagementServer:
         await self.stop()
 
     async def start(self) -> None:
-        app = web.Application(middlewares=[_errors])
+        middlewares = [_errors]
+        if self.cluster.access is not None:
+            middlewares.insert(0, _owner_only(self.cluster))
+        app = web.Application(middlewares=middlewares)
         r = app.router
         r.add_get("/georeg/v1/cluster", self.cluster_status)
         r.add_get("/georeg/v1/replications", self.list_replications)
@@ -100,6 +142,12 @@ class ManagementServer:
         r.add_get("/georeg/v1/repositories", self.list_repositories)
         r.add_get("/georeg/v1/repositories/{name:.+}/tags", self.show_tags)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
+        r.add_get("/georeg/v1/registry", self.show_registry)
+        r.add_patch("/georeg/v1/registry", self.update_registry)
+        r.add_get("/georeg/v1/configuration/{kind}", self.list_configuration)
+        r.add_get("/georeg/v1/configuration/{kind}/{name}", self.show_configuration)
+        r.add_put("/georeg/v1/configuration/{kind}/{name}", self.set_configuration)
+        r.add_delete("/georeg/v1/configuration/{kind}/{name}", self.delete_configuration)
         r.add_post("/georeg/v1/shutdown", self.shutdown)
         r.add_get("/georeg/v1/verify", self.verify)
         r.add_post("/georeg/v1/regions/{region}/restore", self.restore_region)
@@ -176,6 +224,42 @@ class ManagementServer:
         except ValueError:
             raise ClusterError("timeout must be a number of seconds") from None
         return web.json_response((await self.cluster.verify(timeout)).as_dict())
+
+    # -- registry configuration ------------------------------------------------------------
+
+    async def show_registry(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.registry_properties())
+
+    async def update_registry(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        switches = {"adminUserEnabled": "admin_enabled",
+                    "anonymousPullEnabled": "anonymous_pull_enabled"}
+        unknown = sorted(set(body) - set(switches))
+        if unknown or not body:
+            raise ClusterError('send {"adminUserEnabled": true|false, "anonymousPullEnabled": '
+                               'true|false}' + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        changes = {}
+        for field, name in switches.items():
+            if field in body:
+                if not isinstance(body[field], bool):
+                    raise ClusterError(f"{field} is true or false, not {body[field]!r}")
+                changes[name] = body[field]
+        return web.json_response(await self.cluster.update_registry(**changes))
+
+    async def list_configuration(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.list_configuration(request.match_info["kind"]))
+
+    async def show_configuration(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.get_configuration(
+            request.match_info["kind"], request.match_info["name"]))
+
+    async def set_configuration(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.set_configuration(
+            request.match_info["kind"], request.match_info["name"], await _json(request)))
+
+    async def delete_configuration(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.delete_configuration(
+            request.match_info["kind"], request.match_info["name"]))
 
     # -- faults ----------------------------------------------------------------------------
 

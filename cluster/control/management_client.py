@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -22,15 +23,21 @@ def open_direct(request: urllib.request.Request | str, timeout: float):
 
 
 class ManagementError(Exception):
-    """The API refused (its own message), or could not be reached."""
+    """The API refused (its own message; ``status`` its HTTP status), or could
+    not be reached (``status`` 0)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def request(base_url: str, method: str, path: str, body: dict | None = None,
-            timeout: float = 120) -> object:
+            timeout: float = 120, headers: dict[str, str] | None = None) -> object:
+    """One call; ``headers`` carry the owner credential of a cluster with auth."""
     url = base_url.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with open_direct(req, timeout=timeout) as r:
             raw = r.read()
@@ -40,7 +47,34 @@ def request(base_url: str, method: str, path: str, body: dict | None = None,
             message = json.loads(exc.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = f"{method} {path}: HTTP {exc.code} {exc.reason}"
-        raise ManagementError(message) from None
+        raise ManagementError(message, exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         raise ManagementError(f"cannot reach the cluster's management API at {url}: "
                               f"{getattr(exc, 'reason', exc)}") from None
+
+
+# -- registry configuration (GET|PUT|DELETE /georeg/v1/configuration/{kind}[/{name}]) --------
+# Each object comes back as the home node stored it: {"kind", "name", "value",
+# "deleted", "stamp": {"hlc", "region", "zone"}, "acked_ns"}.
+
+
+def _object_path(kind: str, name: str = "") -> str:
+    path = "/georeg/v1/configuration/" + urllib.parse.quote(kind, safe="")
+    return path + ("/" + urllib.parse.quote(name, safe="") if name else "")
+
+
+def list_objects(base_url: str, kind: str) -> list[dict]:
+    return request(base_url, "GET", _object_path(kind))
+
+
+def get_object(base_url: str, kind: str, name: str) -> dict:
+    return request(base_url, "GET", _object_path(kind, name))
+
+
+def set_object(base_url: str, kind: str, name: str, value: dict) -> dict:
+    """Write through the home region; ``ManagementError`` while it cannot be reached."""
+    return request(base_url, "PUT", _object_path(kind, name), value)
+
+
+def delete_object(base_url: str, kind: str, name: str) -> dict:
+    return request(base_url, "DELETE", _object_path(kind, name))

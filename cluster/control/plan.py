@@ -11,7 +11,12 @@ from the network cuts it off from the control plane's requests as well.
 Decisions travel from here as data, never re-inferred downstream: each node's
 plan carries its region's zone redundancy (zones and write quorum, from the
 spec's ``ReplicaSpec``), which its view hands to the node; each link's plan
-carries its own seed, derived from the cluster's.
+carries its own seed, derived from the cluster's; on a cluster with
+``auth = "token"``, each node's plan names the files of its access
+(``NodeAccess``: CA, its key and certificate, the login server, the identities
+to enforce, the internal credential), which ``cluster.control.access``
+provisions at start and the supervisor hands to the node as paths, never as
+secrets.
 """
 
 from __future__ import annotations
@@ -23,6 +28,34 @@ from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedu
 
 from ..network.links import LinkModel, link_seed
 from .spec import ANY_PORT_BASE, ClusterSpec, ReplicaSpec, port_layout
+
+# Where a cluster keeps its access material, under its data dir (the layout
+# is ``cluster.control.access``'s; the plan only names the files).
+AUTH_DIR = "auth"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAccess:
+    """What a node of an auth cluster is given (``georeg node --auth-*``), as files."""
+
+    ca_file: Path
+    key_file: Path
+    cert_file: Path
+    service: str                 # the login server: challenges' service, tokens' audience
+    identities_file: Path
+    internal_credential_file: Path
+
+
+def node_access(spec: ClusterSpec, data_dir: Path, name: str) -> NodeAccess | None:
+    """The files of node ``name``'s access (None on a cluster without auth)."""
+    if not spec.auth_enabled:
+        return None
+    auth = data_dir / AUTH_DIR
+    return NodeAccess(ca_file=auth / "ca" / "ca.pem",
+                      key_file=auth / "ca" / "nodes" / name / "node.key",
+                      cert_file=auth / "ca" / "nodes" / name / "node.pem",
+                      service=spec.login_server, identities_file=auth / "identities.json",
+                      internal_credential_file=auth / "internal.secret")
 
 # The source of a management link: the management API, which is no node.
 MANAGEMENT = "management"
@@ -41,6 +74,7 @@ class NodePlan:
     copy_of: str = ""          # a paired-region copy: the replica region it keeps
     # Its region's zones and write quorum (a paired-region copy is storage: none).
     zone_redundancy: ZoneRedundancy = ZoneRedundancy()
+    access: NodeAccess | None = None    # on an auth cluster: its credentials' files
 
     @property
     def label(self) -> str:
@@ -172,7 +206,8 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
                 name=name, region=replica.region, zone=zone, http_port=layout.node_http(i),
                 grpc_port=layout.node_grpc(i), data_dir=data_dir / "nodes" / name,
                 view_file=data_dir / "views" / f"{name}.json",
-                log_file=data_dir / "logs" / f"{name}.log", zone_redundancy=redundancy))
+                log_file=data_dir / "logs" / f"{name}.log", zone_redundancy=redundancy,
+                access=node_access(spec, data_dir, name)))
     wan = spec.wan_model()
     links: list[LinkPlan] = []
 
@@ -194,7 +229,7 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
             name=name, region=pair_region, zone="", http_port=layout.pair_http(k),
             grpc_port=layout.pair_grpc(k), data_dir=data_dir / "pairs" / region,
             view_file=data_dir / "views" / f"{name}.json", log_file=data_dir / "logs" / f"{name}.log",
-            copy_of=region))
+            copy_of=region, access=node_access(spec, data_dir, name)))
         for member in (n for n in nodes if n.region == region):
             for source, target in ((pairs[-1], member), (member, pairs[-1])):
                 links.append(link(source, target,

@@ -9,6 +9,11 @@ Example (every key optional except where noted)::
     home_zone_redundant = true
     home_global_routing = true
     blob_downloads = "relay"        # or "redirect": a 307 to the node, as ACR does
+    auth = "none"                   # or "token": every node wants credentials, as ACR does
+                                    # (ACR's token flow; the admin user's password, the
+                                    # cluster owner's credential for the management API and
+                                    # the nodes' internal one are generated at first start
+                                    # and kept in <data_dir>/auth, mode 0600)
     seed = 42                       # drives the WAN links' random draws (jitter, resets);
                                     # unset: drawn when the cluster is first started, printed,
                                     # and kept with the cluster's data
@@ -60,6 +65,11 @@ from .regions import CONFINED_BY_DEFAULT, REGIONS, distance_km, unknown_region_m
 TIERS = ("Basic", "Standard", "Premium")
 SEEDS = 2**32                  # a drawn seed is below this: short enough to copy from a log
 BLOB_DOWNLOADS = ("relay", "redirect")
+AUTH_MODES = ("token", "none")
+# The login server, as ACR names a registry's (``<name>.azurecr.io``): the
+# ``service`` of every challenge and the audience of every token, the same on
+# every endpoint and node, so a token minted through one works on all.
+LOGIN_SERVER_DOMAIN = "azurecr.io"
 MAX_PORT = 65535
 
 
@@ -151,6 +161,12 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # answers 307 to that node, which serves the bytes itself, as ACR sends
     # clients to a storage or data endpoint.
     blob_downloads: str = "relay"
+    # Who may use the registry. "none": anyone who reaches a port (the open
+    # cluster). "token": ACR's access rules on every node (``registry_node.auth``),
+    # the management API for the cluster owner only, nodes' internal routes for
+    # the cluster itself (``cluster.control.access``). The default stays "none"
+    # until the test suite logs in everywhere.
+    auth: str = "none"
     # One seed drives every random draw of the cluster's WAN links (each link
     # derives its own from it, cluster.network.links.link_seed), so a run is
     # replayed from the seed it printed. None: not decided yet (``seeded``).
@@ -167,6 +183,15 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         """The home replica first, then the geo-replicas, as ACR lists them."""
         home = ReplicaSpec(self.home_region, self.home_zone_redundant, self.home_global_routing)
         return (home, *self.replicas)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "token"
+
+    @property
+    def login_server(self) -> str:
+        """The registry's login server name, as ACR's: ``<registry>.azurecr.io``."""
+        return f"{self.registry}.{LOGIN_SERVER_DOMAIN}"
 
     @property
     def client_locations(self) -> tuple[str, ...]:
@@ -194,6 +219,9 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if seed is None:
             seed = self.seed if self.seed is not None else random.SystemRandom().randrange(SEEDS)
         return msgspec.structs.replace(self, seed=seed)
+
+    def with_auth(self, auth: str) -> ClusterSpec:
+        return msgspec.structs.replace(self, auth=auth)
 
     def with_port_base(self, base: int) -> ClusterSpec:
         """This spec listening from ``base`` (``ANY_PORT_BASE``: wherever is free
@@ -298,6 +326,11 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
         close = difflib.get_close_matches(spec.blob_downloads.lower(), BLOB_DOWNLOADS, n=1)
         problems.append(f"blob_downloads {spec.blob_downloads!r} is not one of 'relay' (the "
                         f"endpoint streams blobs) or 'redirect' (it answers 307 to the node)"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    if spec.auth not in AUTH_MODES:
+        close = difflib.get_close_matches(spec.auth.lower(), AUTH_MODES, n=1)
+        problems.append(f"auth {spec.auth!r} is not one of 'token' (credentials needed, as ACR) "
+                        f"or 'none' (an open registry)"
                         + (f"; did you mean {close[0]!r}?" if close else ""))
     if not spec.registry or not spec.registry.isalnum() or not 5 <= len(spec.registry) <= 50:
         problems.append(f"registry {spec.registry!r}: ACR registry names are 5–50 letters and digits")

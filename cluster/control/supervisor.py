@@ -10,6 +10,11 @@ Health: a node is healthy when its process runs and ``GET /georeg/v1/node``
 answers within a second; it is checked every half second, and marked down at
 once when its process exits or a router fails to connect to it.
 
+Access: on a cluster with auth, each node is given the files its plan names
+(``NodeAccess``: CA, its key and certificate, the identities, the internal
+credential) as paths on its command line — never a secret, which anyone may
+read there (``ps``) — and the health checks carry the internal credential.
+
 Ports come from the plan. One found in use — by a link here, or by a node
 process, which exits with ``EXIT_ADDRESS_IN_USE`` — raises ``PortInUse``.
 """
@@ -136,10 +141,12 @@ class NodeRuntime:
 
 class Supervisor:
     def __init__(self, plan: ClusterPlan, *, settings: ReplicationSettings | None = None,
-                 extra_node_args: tuple[str, ...] = ()) -> None:
+                 extra_node_args: tuple[str, ...] = (),
+                 internal_headers: dict[str, str] | None = None) -> None:
         self.plan = plan
         self.settings = settings or ReplicationSettings()
         self.extra_node_args = extra_node_args
+        self.internal_headers = internal_headers or {}
         self.nodes: dict[str, NodeRuntime] = {n.name: NodeRuntime(n) for n in plan.all_nodes}
         self.links: dict[tuple[str, str], Link] = {}
         self._health_task: asyncio.Task | None = None
@@ -171,7 +178,8 @@ class Supervisor:
         await self.open_links()
         for sub in ("nodes", "views", "logs"):
             (plan.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S))
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S),
+                                              headers=self.internal_headers)
         for node in plan.all_nodes:
             plan.view(node, self.settings).dump(node.view_file)
         await asyncio.get_running_loop().run_in_executor(None, ensure_bytecode)
@@ -213,9 +221,16 @@ class Supervisor:
     # -- nodes -----------------------------------------------------------------------
 
     def node_command(self, node: NodePlan) -> list[str]:
+        access = []
+        if node.access is not None:
+            a = node.access
+            access = ["--auth-ca", str(a.ca_file), "--auth-key", str(a.key_file),
+                      "--auth-cert", str(a.cert_file), "--auth-service", a.service,
+                      "--auth-identities", str(a.identities_file),
+                      "--internal-credential-file", str(a.internal_credential_file)]
         return [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(node.data_dir),
                 "--listen", f"127.0.0.1:{node.http_port}", "--cluster", str(node.view_file),
-                "--log-format", "json", *self.extra_node_args]
+                "--log-format", "json", *access, *self.extra_node_args]
 
     async def start_node(self, name: str) -> NodeRuntime:
         node = self.nodes[name]

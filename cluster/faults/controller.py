@@ -134,7 +134,8 @@ class FaultController:
 
     async def _session_get(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
+                                                  headers=self.cluster.internal_headers())
         return self._session
 
     async def close(self) -> None:

@@ -56,7 +56,15 @@ from registry_node import hlc, keys
 from registry_node import inventory as inventories
 from registry_node.errors import RegistryError
 from registry_node.manifest import parse as parse_manifest
-from registry_node.records import Event, EventKind, TagRecord, Tombstone, UploadRecord, decode
+from registry_node.records import (
+    CONFIG_KINDS,
+    Event,
+    EventKind,
+    TagRecord,
+    Tombstone,
+    UploadRecord,
+    decode,
+)
 from replicator.residency import ResidencyPolicy
 
 MANIFEST_ACCEPT = ", ".join((
@@ -162,13 +170,15 @@ def down_reason(state: str, reason: str | None) -> str:
 
 
 async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None = None,
-                 timeout: float = 60.0, disk: bool = True) -> VerifyReport:
+                 timeout: float = 60.0, disk: bool = True,
+                 headers: dict[str, str] | None = None) -> VerifyReport:
     """Check every live replica against the others (see the module docstring).
 
     ``nodes``: what to check (``Cluster.verify_targets`` for a cluster in this
     process, ``targets_from_status`` for one behind a management API);
     ``policy``: the cluster's residency policy (default: Azure's). ``disk``:
-    also walk the data dirs the targets name. Never raises for what it finds;
+    also walk the data dirs the targets name. ``headers``: what every request to a
+    node carries (the internal credential of a cluster with auth). Never raises for what it finds;
     an inconclusive check is a report whose ``error`` says why."""
     started = time.monotonic()
     targets = list(nodes)
@@ -176,7 +186,7 @@ async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None 
     report = VerifyReport()
     try:
         async with asyncio.timeout(timeout):
-            await _verify(targets, policy, disk, report)
+            await _verify(targets, policy, disk, report, headers or {})
     except TimeoutError:
         report.error = f"the check did not finish within {timeout:g}s (raise --timeout)"
     report.elapsed_s = time.monotonic() - started
@@ -184,14 +194,15 @@ async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None 
 
 
 async def _verify(targets: list[NodeTarget], policy: ResidencyPolicy, disk: bool,
-                  report: VerifyReport) -> None:
+                  report: VerifyReport, headers: dict[str, str]) -> None:
     live = [t for t in targets if t.healthy]
     for t in targets:
         if not t.healthy:
             report.not_checked.append({"node": t.name, "region": t.region,
                                        "reason": t.reason or "down"})
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
-    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as http:
+    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
+                                     headers=headers) as http:
         results = await asyncio.gather(*(_collect(http, t) for t in live), return_exceptions=True)
     snapshots: list[Snapshot] = []
     for target, result in zip(live, results, strict=True):
@@ -717,6 +728,8 @@ def disk_residency(s: Snapshot, disk: DiskView, reference: list[dict],
             leak("a blob file", path, found[0], found[1], digest)
     for key, event in events:
         origin = event.origin_region
+        if event.kind in CONFIG_KINDS:      # registry-wide: residency never applies
+            continue
         if origin and not policy.allows(origin, event.repository, s.region):
             leak(f"a {event.kind} event", keys.render(key), origin, event.repository,
                  event.digest or None)

@@ -13,9 +13,12 @@ from ..errors import ErrorCode, RegistryError
 from ..reference import Digest, validate_name
 
 if TYPE_CHECKING:
+    from ..configuration import Configuration
     from ..registry import Registry
 
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry", object)  # type: ignore[arg-type]
+# The node's registry configuration (``registry_node.configuration``).
+CONFIGURATION: web.AppKey[Configuration] = web.AppKey("configuration", object)  # type: ignore[arg-type]
 
 DIGEST_HEADER = "Docker-Content-Digest"
 UPLOAD_UUID_HEADER = "Docker-Upload-UUID"

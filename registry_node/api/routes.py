@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from aiohttp import web
 
-from . import admin, base, blobs, inventory, listings, manifests, metrics, uploads
+from . import admin, base, blobs, configuration, inventory, listings, manifests, metrics, uploads
 
 
 class Route(NamedTuple):
@@ -47,6 +47,13 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
     # What this node stores, with stamps and origins (georeg verify).
     Route("GET", "/georeg/v1/inventory", inventory.get_inventory),
+    # Registry configuration as this node holds it; writes come from the home
+    # region's management API (registry_node.configuration).
+    Route("GET", "/georeg/v1/configuration", configuration.list_configuration),
+    Route("GET", "/georeg/v1/configuration/{kind}", configuration.list_configuration),
+    Route("GET", "/georeg/v1/configuration/{kind}/{name}", configuration.get_object),
+    Route("PUT", "/georeg/v1/configuration/{kind}/{name}", configuration.put_object),
+    Route("DELETE", "/georeg/v1/configuration/{kind}/{name}", configuration.delete_object),
     # Prometheus: the node's error answers, and what its extensions register.
     Route("GET", "/metrics", metrics.get_metrics),
 )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$replicator/wire/v1/replication.proto\x12\x15georeg.replication.v1\"8\n\x07NodeRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"\xbe\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nrepository\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12\x12\n\nmedia_type\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x12\n\nreferences\x18\x08 \x03(\t\x12\x0f\n\x07subject\x18\t \x01(\t\x12\x19\n\x11source_repository\x18\n \x01(\t\x12\x15\n\rorigin_region\x18\x0b \x01(\t\x12\x13\n\x0borigin_zone\x18\x0c \x01(\t\x12\x12\n\norigin_seq\x18\r \x01(\x04\x12\x0b\n\x03hlc\x18\x0e \x01(\x04\x12\x10\n\x08\x61\x63ked_ns\x18\x0f \x01(\x03\x12\x15\n\rmanifest_body\x18\x10 \x01(\x0c\x12\x11\n\tblob_body\x18\x11 \x01(\x0c\"n\n\x0eSubscribeStart\x12\x32\n\nsubscriber\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x18\n\x10\x65xpected_node_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x04\"\x1f\n\x0cSubscribeAck\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\"\x89\x01\n\x10SubscribeMessage\x12\x36\n\x05start\x18\x01 \x01(\x0b\x32%.georeg.replication.v1.SubscribeStartH\x00\x12\x32\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32#.georeg.replication.v1.SubscribeAckH\x00\x42\t\n\x07message\"\x92\x01\n\nEventBatch\x12.\n\x06sender\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.georeg.replication.v1.Event\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ursor_reset\x18\x04 \x01(\x08\"\x8a\x01\n\x10\x46\x65tchBlobRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"=\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"m\n\x14\x46\x65tchManifestRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"\x93\x01\n\rManifestReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x13\n\x0borigin_zone\x18\x06 \x01(\t\x12\x17\n\x0forigin_acked_ns\x18\x07 \x01(\x03\"C\n\x0eSummaryRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\"<\n\x11RepositorySummary\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\"[\n\x07Summary\x12>\n\x0crepositories\x18\x01 \x03(\x0b\x32(.georeg.replication.v1.RepositorySummary\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"_\n\x16RepositoryStateRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\"\xc0\x01\n\x08Register\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x13\n\x0borigin_zone\x18\x06 \x01(\t\x12\x12\n\nmedia_type\x18\x07 \x01(\t\x12\x0c\n\x04size\x18\x08 \x01(\x04\x12\x12\n\nreferences\x18\t \x03(\t\x12\x17\n\x0forigin_acked_ns\x18\n \x01(\x03\"\xb8\x01\n\x0fRepositoryState\x12\x12\n\nrepository\x18\x01 \x01(\t\x12-\n\x04tags\x18\x02 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\x12\x32\n\tmanifests\x18\x03 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\x12.\n\x05\x62lobs\x18\x04 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\"x\n\x12ImageStatusRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x31\n\trequester\x18\x04 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\"\xe9\x02\n\x10ImageStatusReply\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x12\n\narrived_ns\x18\x03 \x01(\x03\x12\x17\n\x0forigin_acked_ns\x18\x04 \x01(\x03\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x06 \x01(\t\x12\x15\n\rblobs_present\x18\x07 \x01(\x04\x12\x13\n\x0b\x62lobs_total\x18\x08 \x01(\x04\x12\x0e\n\x06\x64igest\x18\t \x01(\t\x12\x0f\n\x07tag_hlc\x18\n \x01(\x04\x12\x19\n\x11tag_origin_region\x18\x0b \x01(\t\x12\x17\n\x0ftag_origin_zone\x18\x0c \x01(\t\x12\x14\n\x0ctag_acked_ns\x18\r \x01(\x03\x12\x12\n\nmedia_type\x18\x0e \x01(\t\x12\x16\n\x0etag_arrived_ns\x18\x0f \x01(\x03\"\x0f\n\rHealthRequest\"_\n\x0bHealthReply\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x10\n\x08writable\x18\x03 \x01(\x08\x32\xa3\x05\n\x0bReplication\x12[\n\tSubscribe\x12\'.georeg.replication.v1.SubscribeMessage\x1a!.georeg.replication.v1.EventBatch(\x01\x30\x01\x12X\n\tFetchBlob\x12\'.georeg.replication.v1.FetchBlobRequest\x1a .georeg.replication.v1.BlobChunk0\x01\x12\x62\n\rFetchManifest\x12+.georeg.replication.v1.FetchManifestRequest\x1a$.georeg.replication.v1.ManifestReply\x12R\n\tSummarize\x12%.georeg.replication.v1.SummaryRequest\x1a\x1e.georeg.replication.v1.Summary\x12k\n\x12GetRepositoryState\x12-.georeg.replication.v1.RepositoryStateRequest\x1a&.georeg.replication.v1.RepositoryState\x12\x64\n\x0eGetImageStatus\x12).georeg.replication.v1.ImageStatusRequest\x1a\'.georeg.replication.v1.ImageStatusReply\x12R\n\x06Health\x12$.georeg.replication.v1.HealthRequest\x1a\".georeg.replication.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$replicator/wire/v1/replication.proto\x12\x15georeg.replication.v1\"8\n\x07NodeRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"\xfe\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nrepository\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12\x12\n\nmedia_type\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x12\n\nreferences\x18\x08 \x03(\t\x12\x0f\n\x07subject\x18\t \x01(\t\x12\x19\n\x11source_repository\x18\n \x01(\t\x12\x15\n\rorigin_region\x18\x0b \x01(\t\x12\x13\n\x0borigin_zone\x18\x0c \x01(\t\x12\x12\n\norigin_seq\x18\r \x01(\x04\x12\x0b\n\x03hlc\x18\x0e \x01(\x04\x12\x10\n\x08\x61\x63ked_ns\x18\x0f \x01(\x03\x12\x15\n\rmanifest_body\x18\x10 \x01(\x0c\x12\x11\n\tblob_body\x18\x11 \x01(\x0c\x12\x13\n\x0b\x63onfig_kind\x18\x12 \x01(\t\x12\x13\n\x0b\x63onfig_name\x18\x13 \x01(\t\x12\x14\n\x0c\x63onfig_value\x18\x14 \x01(\x0c\"n\n\x0eSubscribeStart\x12\x32\n\nsubscriber\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x18\n\x10\x65xpected_node_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x04\"\x1f\n\x0cSubscribeAck\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\"\x89\x01\n\x10SubscribeMessage\x12\x36\n\x05start\x18\x01 \x01(\x0b\x32%.georeg.replication.v1.SubscribeStartH\x00\x12\x32\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32#.georeg.replication.v1.SubscribeAckH\x00\x42\t\n\x07message\"\x92\x01\n\nEventBatch\x12.\n\x06sender\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.georeg.replication.v1.Event\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ursor_reset\x18\x04 \x01(\x08\"\x8a\x01\n\x10\x46\x65tchBlobRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"=\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"m\n\x14\x46\x65tchManifestRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"\x93\x01\n\rManifestReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x13\n\x0borigin_zone\x18\x06 \x01(\t\x12\x17\n\x0forigin_acked_ns\x18\x07 \x01(\x03\"C\n\x0eSummaryRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\"<\n\x11RepositorySummary\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\"~\n\x07Summary\x12>\n\x0crepositories\x18\x01 \x03(\x0b\x32(.georeg.replication.v1.RepositorySummary\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12!\n\x19\x63onfiguration_fingerprint\x18\x03 \x01(\x0c\"I\n\x14\x43onfigurationRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\"E\n\x12\x43onfigurationState\x12/\n\tregisters\x18\x01 \x03(\x0b\x32\x1c.georeg.replication.v1.Event\"_\n\x16RepositoryStateRequest\x12\x31\n\trequester\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x12\n\nrepository\x18\x02 \x01(\t\"\xc0\x01\n\x08Register\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x13\n\x0borigin_zone\x18\x06 \x01(\t\x12\x12\n\nmedia_type\x18\x07 \x01(\t\x12\x0c\n\x04size\x18\x08 \x01(\x04\x12\x12\n\nreferences\x18\t \x03(\t\x12\x17\n\x0forigin_acked_ns\x18\n \x01(\x03\"\xb8\x01\n\x0fRepositoryState\x12\x12\n\nrepository\x18\x01 \x01(\t\x12-\n\x04tags\x18\x02 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\x12\x32\n\tmanifests\x18\x03 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\x12.\n\x05\x62lobs\x18\x04 \x03(\x0b\x32\x1f.georeg.replication.v1.Register\"x\n\x12ImageStatusRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x31\n\trequester\x18\x04 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\"\xe9\x02\n\x10ImageStatusReply\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x12\n\narrived_ns\x18\x03 \x01(\x03\x12\x17\n\x0forigin_acked_ns\x18\x04 \x01(\x03\x12\x15\n\rorigin_region\x18\x05 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x06 \x01(\t\x12\x15\n\rblobs_present\x18\x07 \x01(\x04\x12\x13\n\x0b\x62lobs_total\x18\x08 \x01(\x04\x12\x0e\n\x06\x64igest\x18\t \x01(\t\x12\x0f\n\x07tag_hlc\x18\n \x01(\x04\x12\x19\n\x11tag_origin_region\x18\x0b \x01(\t\x12\x17\n\x0ftag_origin_zone\x18\x0c \x01(\t\x12\x14\n\x0ctag_acked_ns\x18\r \x01(\x03\x12\x12\n\nmedia_type\x18\x0e \x01(\t\x12\x16\n\x0etag_arrived_ns\x18\x0f \x01(\x03\"\x0f\n\rHealthRequest\"_\n\x0bHealthReply\x12,\n\x04node\x18\x01 \x01(\x0b\x32\x1e.georeg.replication.v1.NodeRef\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x10\n\x08writable\x18\x03 \x01(\x08\x32\x8f\x06\n\x0bReplication\x12[\n\tSubscribe\x12\'.georeg.replication.v1.SubscribeMessage\x1a!.georeg.replication.v1.EventBatch(\x01\x30\x01\x12X\n\tFetchBlob\x12\'.georeg.replication.v1.FetchBlobRequest\x1a .georeg.replication.v1.BlobChunk0\x01\x12\x62\n\rFetchManifest\x12+.georeg.replication.v1.FetchManifestRequest\x1a$.georeg.replication.v1.ManifestReply\x12R\n\tSummarize\x12%.georeg.replication.v1.SummaryRequest\x1a\x1e.georeg.replication.v1.Summary\x12k\n\x12GetRepositoryState\x12-.georeg.replication.v1.RepositoryStateRequest\x1a&.georeg.replication.v1.RepositoryState\x12j\n\x10GetConfiguration\x12+.georeg.replication.v1.ConfigurationRequest\x1a).georeg.replication.v1.ConfigurationState\x12\x64\n\x0eGetImageStatus\x12).georeg.replication.v1.ImageStatusRequest\x1a\'.georeg.replication.v1.ImageStatusReply\x12R\n\x06Health\x12$.georeg.replication.v1.HealthRequest\x1a\".georeg.replication.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,43 +34,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEREF']._serialized_start=63
   _globals['_NODEREF']._serialized_end=119
   _globals['_EVENT']._serialized_start=122
-  _globals['_EVENT']._serialized_end=440
-  _globals['_SUBSCRIBESTART']._serialized_start=442
-  _globals['_SUBSCRIBESTART']._serialized_end=552
-  _globals['_SUBSCRIBEACK']._serialized_start=554
-  _globals['_SUBSCRIBEACK']._serialized_end=585
-  _globals['_SUBSCRIBEMESSAGE']._serialized_start=588
-  _globals['_SUBSCRIBEMESSAGE']._serialized_end=725
-  _globals['_EVENTBATCH']._serialized_start=728
-  _globals['_EVENTBATCH']._serialized_end=874
-  _globals['_FETCHBLOBREQUEST']._serialized_start=877
-  _globals['_FETCHBLOBREQUEST']._serialized_end=1015
-  _globals['_BLOBCHUNK']._serialized_start=1017
-  _globals['_BLOBCHUNK']._serialized_end=1078
-  _globals['_FETCHMANIFESTREQUEST']._serialized_start=1080
-  _globals['_FETCHMANIFESTREQUEST']._serialized_end=1189
-  _globals['_MANIFESTREPLY']._serialized_start=1192
-  _globals['_MANIFESTREPLY']._serialized_end=1339
-  _globals['_SUMMARYREQUEST']._serialized_start=1341
-  _globals['_SUMMARYREQUEST']._serialized_end=1408
-  _globals['_REPOSITORYSUMMARY']._serialized_start=1410
-  _globals['_REPOSITORYSUMMARY']._serialized_end=1470
-  _globals['_SUMMARY']._serialized_start=1472
-  _globals['_SUMMARY']._serialized_end=1563
-  _globals['_REPOSITORYSTATEREQUEST']._serialized_start=1565
-  _globals['_REPOSITORYSTATEREQUEST']._serialized_end=1660
-  _globals['_REGISTER']._serialized_start=1663
-  _globals['_REGISTER']._serialized_end=1855
-  _globals['_REPOSITORYSTATE']._serialized_start=1858
-  _globals['_REPOSITORYSTATE']._serialized_end=2042
-  _globals['_IMAGESTATUSREQUEST']._serialized_start=2044
-  _globals['_IMAGESTATUSREQUEST']._serialized_end=2164
-  _globals['_IMAGESTATUSREPLY']._serialized_start=2167
-  _globals['_IMAGESTATUSREPLY']._serialized_end=2528
-  _globals['_HEALTHREQUEST']._serialized_start=2530
-  _globals['_HEALTHREQUEST']._serialized_end=2545
-  _globals['_HEALTHREPLY']._serialized_start=2547
-  _globals['_HEALTHREPLY']._serialized_end=2642
-  _globals['_REPLICATION']._serialized_start=2645
-  _globals['_REPLICATION']._serialized_end=3320
+  _globals['_EVENT']._serialized_end=504
+  _globals['_SUBSCRIBESTART']._serialized_start=506
+  _globals['_SUBSCRIBESTART']._serialized_end=616
+  _globals['_SUBSCRIBEACK']._serialized_start=618
+  _globals['_SUBSCRIBEACK']._serialized_end=649
+  _globals['_SUBSCRIBEMESSAGE']._serialized_start=652
+  _globals['_SUBSCRIBEMESSAGE']._serialized_end=789
+  _globals['_EVENTBATCH']._serialized_start=792
+  _globals['_EVENTBATCH']._serialized_end=938
+  _globals['_FETCHBLOBREQUEST']._serialized_start=941
+  _globals['_FETCHBLOBREQUEST']._serialized_end=1079
+  _globals['_BLOBCHUNK']._serialized_start=1081
+  _globals['_BLOBCHUNK']._serialized_end=1142
+  _globals['_FETCHMANIFESTREQUEST']._serialized_start=1144
+  _globals['_FETCHMANIFESTREQUEST']._serialized_end=1253
+  _globals['_MANIFESTREPLY']._serialized_start=1256
+  _globals['_MANIFESTREPLY']._serialized_end=1403
+  _globals['_SUMMARYREQUEST']._serialized_start=1405
+  _globals['_SUMMARYREQUEST']._serialized_end=1472
+  _globals['_REPOSITORYSUMMARY']._serialized_start=1474
+  _globals['_REPOSITORYSUMMARY']._serialized_end=1534
+  _globals['_SUMMARY']._serialized_start=1536
+  _globals['_SUMMARY']._serialized_end=1662
+  _globals['_CONFIGURATIONREQUEST']._serialized_start=1664
+  _globals['_CONFIGURATIONREQUEST']._serialized_end=1737
+  _globals['_CONFIGURATIONSTATE']._serialized_start=1739
+  _globals['_CONFIGURATIONSTATE']._serialized_end=1808
+  _globals['_REPOSITORYSTATEREQUEST']._serialized_start=1810
+  _globals['_REPOSITORYSTATEREQUEST']._serialized_end=1905
+  _globals['_REGISTER']._serialized_start=1908
+  _globals['_REGISTER']._serialized_end=2100
+  _globals['_REPOSITORYSTATE']._serialized_start=2103
+  _globals['_REPOSITORYSTATE']._serialized_end=2287
+  _globals['_IMAGESTATUSREQUEST']._serialized_start=2289
+  _globals['_IMAGESTATUSREQUEST']._serialized_end=2409
+  _globals['_IMAGESTATUSREPLY']._serialized_start=2412
+  _globals['_IMAGESTATUSREPLY']._serialized_end=2773
+  _globals['_HEALTHREQUEST']._serialized_start=2775
+  _globals['_HEALTHREQUEST']._serialized_end=2790
+  _globals['_HEALTHREPLY']._serialized_start=2792
+  _globals['_HEALTHREPLY']._serialized_end=2887
+  _globals['_REPLICATION']._serialized_start=2890
+  _globals['_REPLICATION']._serialized_end=3673
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ class NodeRef(_message.Message):
     def __init__(self, region: _Optional[str] = ..., zone: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns", "manifest_body", "blob_body")
+    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns", "manifest_body", "blob_body", "config_kind", "config_name", "config_value")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,9 @@ class Event(_message.Message):
     ACKED_NS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_BODY_FIELD_NUMBER: _ClassVar[int]
     BLOB_BODY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_KIND_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_VALUE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: str
     repository: str
@@ -52,7 +55,10 @@ class Event(_message.Message):
     acked_ns: int
     manifest_body: bytes
     blob_body: bytes
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ..., blob_body: _Optional[bytes] = ...) -> None: ...
+    config_kind: str
+    config_name: str
+    config_value: bytes
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ..., blob_body: _Optional[bytes] = ..., config_kind: _Optional[str] = ..., config_name: _Optional[str] = ..., config_value: _Optional[bytes] = ...) -> None: ...
 
 class SubscribeStart(_message.Message):
     __slots__ = ("subscriber", "expected_node_id", "cursor")
@@ -157,12 +163,26 @@ class RepositorySummary(_message.Message):
     def __init__(self, repository: _Optional[str] = ..., fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("repositories", "last_seq")
+    __slots__ = ("repositories", "last_seq", "configuration_fingerprint")
     REPOSITORIES_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CONFIGURATION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     repositories: _containers.RepeatedCompositeFieldContainer[RepositorySummary]
     last_seq: int
-    def __init__(self, repositories: _Optional[_Iterable[_Union[RepositorySummary, _Mapping]]] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    configuration_fingerprint: bytes
+    def __init__(self, repositories: _Optional[_Iterable[_Union[RepositorySummary, _Mapping]]] = ..., last_seq: _Optional[int] = ..., configuration_fingerprint: _Optional[bytes] = ...) -> None: ...
+
+class ConfigurationRequest(_message.Message):
+    __slots__ = ("requester",)
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    requester: NodeRef
+    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ...) -> None: ...
+
+class ConfigurationState(_message.Message):
+    __slots__ = ("registers",)
+    REGISTERS_FIELD_NUMBER: _ClassVar[int]
+    registers: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, registers: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class RepositoryStateRequest(_message.Message):
     __slots__ = ("requester", "repository")

@@ -59,6 +59,11 @@ class ReplicationStub:
                 request_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.RepositoryStateRequest.SerializeToString,
                 response_deserializer=replicator_dot_wire_dot_v1_dot_replication__pb2.RepositoryState.FromString,
                 _registered_method=True)
+        self.GetConfiguration = channel.unary_unary(
+                '/georeg.replication.v1.Replication/GetConfiguration',
+                request_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ConfigurationRequest.SerializeToString,
+                response_deserializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ConfigurationState.FromString,
+                _registered_method=True)
         self.GetImageStatus = channel.unary_unary(
                 '/georeg.replication.v1.Replication/GetImageStatus',
                 request_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusRequest.SerializeToString,
@@ -106,6 +111,12 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetConfiguration(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetImageStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -145,6 +156,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.GetRepositoryState,
                     request_deserializer=replicator_dot_wire_dot_v1_dot_replication__pb2.RepositoryStateRequest.FromString,
                     response_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.RepositoryState.SerializeToString,
+            ),
+            'GetConfiguration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConfiguration,
+                    request_deserializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ConfigurationRequest.FromString,
+                    response_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ConfigurationState.SerializeToString,
             ),
             'GetImageStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetImageStatus,
@@ -292,6 +308,33 @@ class Replication:
             '/georeg.replication.v1.Replication/GetRepositoryState',
             replicator_dot_wire_dot_v1_dot_replication__pb2.RepositoryStateRequest.SerializeToString,
             replicator_dot_wire_dot_v1_dot_replication__pb2.RepositoryState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConfiguration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/georeg.replication.v1.Replication/GetConfiguration',
+            replicator_dot_wire_dot_v1_dot_replication__pb2.ConfigurationRequest.SerializeToString,
+            replicator_dot_wire_dot_v1_dot_replication__pb2.ConfigurationState.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,114 @@
+"""``georeg login``: the registry's credentials written where clients look.
+
+On a cluster with ``auth = "token"`` the admin user's credentials (made at
+the cluster's first start, ``cluster.control.access``) go into a client
+auth file, for every address a client may use: each global and regional
+endpoint and each node (a token from any of them works on all). The file
+format is the one skopeo, podman, docker and oras read:
+``{"auths": {"HOST:PORT": {"auth": base64("user:password")}}}``; what the
+file held for other registries stays.
+
+Where (as containers-auth.json(5) and skopeo-login(1) say):
+``--authfile PATH``; else ``$REGISTRY_AUTH_FILE``; else
+``$XDG_RUNTIME_DIR/containers/auth.json`` (``/run/containers/<uid>/auth.json``
+without ``XDG_RUNTIME_DIR``). With ``--docker``: ``$DOCKER_CONFIG/config.json``,
+else ``~/.docker/config.json`` (docker, and oras-py, which reads only that).
+
+The file is written mode 0600 (it holds a password) and replaced atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+from pathlib import Path
+
+from ..control.access import CredentialMissing, read_admin
+from ..control.plan import plan
+from ..control.state import saved_spec
+from .common import CliError, add_data_dir, command, data_dir_of
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "login", help="write the registry's credentials where skopeo, podman, docker look",
+        description="Write the admin user's credentials of a cluster with auth = \"token\" into "
+                    "a client auth file, for every endpoint and node address of the cluster. "
+                    "Default file: $REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/"
+                    "auth.json (skopeo, podman); --docker: $DOCKER_CONFIG/config.json, else "
+                    "~/.docker/config.json (docker, oras).")
+    add_data_dir(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--authfile", type=Path, metavar="PATH", help="write this file instead")
+    where.add_argument("--docker", action="store_true",
+                       help="write Docker's config.json (also read by oras)")
+    p.set_defaults(func=command(run_login))
+
+
+def auth_file(args: argparse.Namespace, env: dict[str, str] | os._Environ = os.environ) -> Path:
+    if args.authfile is not None:
+        return args.authfile
+    if args.docker:
+        if env.get("DOCKER_CONFIG"):
+            return Path(env["DOCKER_CONFIG"]) / "config.json"
+        return Path.home() / ".docker" / "config.json"
+    if env.get("REGISTRY_AUTH_FILE"):
+        return Path(env["REGISTRY_AUTH_FILE"])
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"
+    return Path(f"/run/containers/{os.getuid()}/auth.json")
+
+
+def addresses(data_dir: Path) -> list[str]:
+    """``HOST:PORT`` of every endpoint and node of the cluster in ``data_dir``
+    (as its saved spec places them), ``localhost`` beside ``127.0.0.1``."""
+    spec = saved_spec(data_dir)
+    if spec is None:
+        raise CliError(f"{data_dir} holds no georeg cluster; start one with "
+                       f"`georeg up --auth token --data-dir {data_dir}`")
+    if not spec.auth_enabled:
+        raise CliError(f"the cluster in {data_dir} runs without auth (auth = \"none\"): "
+                       f"clients need no login. `georeg up --auth token` turns it on")
+    cluster_plan = plan(spec, Path(data_dir).resolve())
+    ports = [e.port for e in cluster_plan.endpoints] + [n.http_port for n in cluster_plan.nodes]
+    hosts = [cluster_plan.host] + (["localhost"] if cluster_plan.host == "127.0.0.1" else [])
+    return [f"{host}:{port}" for port in ports for host in hosts]
+
+
+def write_auth_file(path: Path, entries: dict[str, str]) -> None:
+    """``entries`` (address → base64 user:password) merged into the auth file at ``path``."""
+    try:
+        doc = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot update {path}: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("auths", {}), dict):
+        raise CliError(f"{path} is not an auth file ({{\"auths\": {{…}}}}); give another "
+                       f"with --authfile")
+    auths = doc.setdefault("auths", {})
+    for address, auth in entries.items():
+        auths[address] = {**(auths.get(address) or {}), "auth": auth}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".georeg.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run_login(args: argparse.Namespace) -> int:
+    data_dir = data_dir_of(args)
+    where = addresses(data_dir)
+    try:
+        admin = read_admin(data_dir)
+    except CredentialMissing as exc:
+        raise CliError(str(exc)) from None
+    auth = base64.b64encode(f"{admin.username}:{admin.password}".encode()).decode()
+    path = auth_file(args)
+    write_auth_file(path, dict.fromkeys(where, auth))
+    print(f"Logged in as {admin.username} to {len(where)} addresses ({where[0]} … {where[-1]}): "
+          f"credentials written to {path}")
+    return 0

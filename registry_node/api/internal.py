@@ -1,0 +1,59 @@
+"""The node's internal routes, kept for the cluster around it.
+
+``/georeg/...`` (fault injection's storage seam, the inventory, registry
+configuration, the node's own description) and ``/metrics`` serve the
+supervisor, the management plane, ``georeg verify`` and fault injection, never
+a registry client; endpoints do not forward them (``cluster.routing.policy``).
+With an internal credential configured (``georeg node
+--internal-credential-file``; a cluster with ``auth = "token"`` gives every
+node the same one), they answer only a request that carries it, as
+``Authorization: Bearer <credential>``; any other gets ``401 UNAUTHORIZED``
+before a handler runs.
+
+The one exception is ``GET /georeg/v1/replication/status``, which endpoints
+forward: a question a registry client asks about an image it can pull.
+
+The same credential on a registry route admits the request without the
+data-plane gate (``api.auth``): it is the cluster itself asking (the
+management plane listing or deleting a repository in every region,
+``georeg verify`` reading what every node holds), not a client.
+
+Invariants: the credential is compared in constant time and never logged; a
+refusal says what is needed, never what was sent.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from ..errors import ErrorCode, RegistryError
+
+INTERNAL_CREDENTIAL: web.AppKey[bytes] = web.AppKey("internal_credential", bytes)
+# Set on a request that carried the internal credential.
+INTERNAL: web.RequestKey[bool] = web.RequestKey("internal", bool)
+PUBLIC_PATHS = frozenset({"/georeg/v1/replication/status"})
+
+
+def internal_route(path: str) -> bool:
+    return (path.startswith("/georeg/") or path == "/metrics") and path not in PUBLIC_PATHS
+
+
+def expected_header(credential: str) -> bytes:
+    return f"Bearer {credential}".encode()
+
+
+@web.middleware
+async def internal_access(request: web.Request, handler) -> web.StreamResponse:
+    sent = request.headers.get("Authorization")
+    expected = request.app[INTERNAL_CREDENTIAL]
+    if sent is not None and hmac.compare_digest(sent.encode(errors="replace"), expected):
+        request[INTERNAL] = True
+        return await handler(request)
+    if internal_route(request.path):
+        raise RegistryError(
+            ErrorCode.UNAUTHORIZED, "this route serves the cluster itself (supervisor, management "
+            "API, georeg verify) and needs the cluster's internal credential",
+            message="authentication required")
+    return await handler(request)

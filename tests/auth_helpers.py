@@ -1,0 +1,129 @@
+"""Identities and credentials for the access tests: a cluster CA in a temp dir, node
+certificates from it, and an in-memory identity source with known secrets.
+
+Everything is real: the CA and certificates are ``cluster.control.ca``'s, the
+identity source is ``InMemoryIdentities`` (the node's own implementation), and a
+node with auth on is the node's own app (in process) or ``georeg node`` (child
+process) given the same files a cluster would give it.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from cluster.control.ca import ClusterCA, NodeCertificate
+from registry_node.app import init_app
+from registry_node.auth.identities import (
+    DISABLED,
+    IdentityRecord,
+    InMemoryIdentities,
+    Password,
+    RegistrySettings,
+    RoleAssignment,
+    ScopeMapRecord,
+    TokenRecord,
+    hash_secret,
+)
+from registry_node.config import NodeConfig
+
+from .helpers import ManualClock, RunningNode
+
+REGISTRY = "georegtest"
+SERVICE = "georegtest.azurecr.test"
+
+# Secrets the tests log in with (each distinct, so a grep of a log finds any of them).
+ADMIN_PASSWORD = "admin-pw-3c1f0a9e7d"
+ADMIN_PASSWORD2 = "admin-pw2-8b2d4e6f1a"
+PULL_PASSWORD = "pull-pw-5e7a9c1b3d"
+PUSH_PASSWORD = "push-pw-2f4b6d8e0c"
+TEAM_PASSWORD = "team-pw-7d9f1b3e5a"
+DISABLED_PASSWORD = "off-pw-4a6c8e0f2b"
+EXPIRED_PASSWORD = "old-pw-9e1c3a5b7d"
+IDENTITY_ID = "11111111-2222-3333-4444-555555555555"
+IDENTITY_SECRET = "identity-secret-6b8d0f2a4c"
+READER_ID = "66666666-7777-8888-9999-000000000000"
+READER_SECRET = "reader-secret-1c3e5a7b9d"
+SECRETS = (ADMIN_PASSWORD, ADMIN_PASSWORD2, PULL_PASSWORD, PUSH_PASSWORD, TEAM_PASSWORD,
+           DISABLED_PASSWORD, EXPIRED_PASSWORD, IDENTITY_SECRET, READER_SECRET)
+
+
+def basic(username: str, password: str) -> dict[str, str]:
+    encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {encoded}"}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def identities(*, admin: bool = True, anonymous: bool = False) -> InMemoryIdentities:
+    """The registry every access test uses:
+
+    * admin enabled (two passwords) unless ``admin=False``;
+    * token ``puller``: ``_repositories_pull``; ``pusher``: ``_repositories_push``;
+    * token ``team``: scope map ``team-rw`` — read/write under ``team/*``, read on ``shared``;
+    * token ``off`` (disabled), token ``old`` (password expired in 1970);
+    * identity ``IDENTITY_ID`` with AcrPush; ``READER_ID`` with AcrPull limited to ``shared``.
+    """
+    source = InMemoryIdentities(RegistrySettings(
+        REGISTRY, admin_enabled=admin,
+        admin_passwords=(Password("password1", hash_secret(ADMIN_PASSWORD)),
+                         Password("password2", hash_secret(ADMIN_PASSWORD2))),
+        anonymous_pull_enabled=anonymous))
+    source.put_scope_map(ScopeMapRecord("team-rw", (
+        "repositories/team/*/content/read", "repositories/team/*/content/write",
+        "repositories/team/*/metadata/read", "repositories/shared/content/read")))
+    for name, scope_map, password in (("puller", "_repositories_pull", PULL_PASSWORD),
+                                      ("pusher", "_repositories_push", PUSH_PASSWORD),
+                                      ("team", "team-rw", TEAM_PASSWORD)):
+        source.put_token(TokenRecord(name, scope_map,
+                                     passwords=(Password("password1", hash_secret(password)),)))
+    source.put_token(TokenRecord("off", "_repositories_admin", status=DISABLED,
+                                 passwords=(Password("password1", hash_secret(DISABLED_PASSWORD)),)))
+    source.put_token(TokenRecord("old", "_repositories_admin", passwords=(
+        Password("password1", hash_secret(EXPIRED_PASSWORD), expiry=1.0),)))
+    source.put_identity(IdentityRecord(IDENTITY_ID, (Password("secret", hash_secret(IDENTITY_SECRET)),)))
+    source.assign(RoleAssignment(IDENTITY_ID, "AcrPush"))
+    source.put_identity(IdentityRecord(READER_ID, (Password("secret", hash_secret(READER_SECRET)),)))
+    source.assign(RoleAssignment(READER_ID, "AcrPull", repository="shared"))
+    return source
+
+
+@dataclass
+class AuthFiles:
+    ca: ClusterCA
+    certificates: dict[str, NodeCertificate]
+
+    def node_args(self, node: str, identities_file: Path) -> list[str]:
+        cert = self.certificates[node]
+        return ["--auth-ca", str(cert.ca_file), "--auth-key", str(cert.key_file),
+                "--auth-cert", str(cert.cert_file), "--auth-service", SERVICE,
+                "--auth-identities", str(identities_file)]
+
+    def config(self, node: str, data_dir: Path) -> NodeConfig:
+        cert = self.certificates[node]
+        return NodeConfig(data_dir=data_dir, port=0, auth_ca_file=cert.ca_file,
+                          auth_key_file=cert.key_file, auth_cert_file=cert.cert_file,
+                          auth_service=SERVICE)
+
+
+def auth_files(root: Path, *nodes: str) -> AuthFiles:
+    ca = ClusterCA.open(root / "ca")
+    return AuthFiles(ca, {n: ca.node_certificate(n, "eastus", "1") for n in nodes})
+
+
+async def start_auth_node(config: NodeConfig, source: InMemoryIdentities,
+                          clock: ManualClock | None = None) -> RunningNode:
+    """A node with auth on, in this process, enforcing ``source`` (which the test may change)."""
+    clocks = {} if clock is None else {"wall_ns": clock.wall_ns, "monotonic": clock.monotonic}
+    runner = web.AppRunner(init_app(config, identities=source, **clocks), access_log=None,
+                           handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return RunningNode(f"http://127.0.0.1:{port}", config, runner)

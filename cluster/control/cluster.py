@@ -64,6 +64,7 @@ from ..faults.controller import FaultController
 from ..faults.verify import NodeTarget, VerifyReport, down_reason, verify
 from ..routing.endpoints import Endpoints
 from . import spec as specs
+from .access import ACCESS_KINDS, RegistryAccess
 from .errors import ClusterError, ControlPlaneUnavailable, NodeRefusal, NotFound, PortInUse
 from .plan import ClusterPlan, plan
 from .state import save_spec, saved_spec
@@ -137,8 +138,10 @@ class Cluster:
         self.healthy_after_s: float | None = None
         self.ready_after_s: float | None = None
         self._stopped = asyncio.Event()
-        # Read-modify-write of the registry object, one at a time.
-        self._registry_update = asyncio.Lock()
+        # Admin credentials, tokens, scope maps, identities, role assignments.
+        self.access = RegistryAccess(registry=spec.registry, tier=lambda: self.spec.tier,
+                                     data_dir=self.data_dir, home=self._control_plane,
+                                     reader=self._config_reader, call=self._node_call)
         # The management API's port, bound (not listening: connections are
         # refused) from the start until a ManagementServer serves it.
         self._management_socket: socket.socket | None = None
@@ -548,13 +551,45 @@ class Cluster:
 
     async def set_configuration(self, kind: str, name: str, value: dict) -> dict:
         """Write an object through the home region (validated there, stamped,
-        replicated to every node); ``ControlPlaneUnavailable`` while it is down."""
+        replicated to every node); ``ControlPlaneUnavailable`` while it is down.
+        Identities have their own commands (``access``), which generate their
+        secrets and check what they refer to; the registry object's name and
+        admin passwords are the control plane's and keep their values."""
         path = self._object_path(kind, name)
-        return await self._node_call(await self._control_plane(), "PUT", path, value)
+        self._not_an_identity(kind)
+        if kind != "registry":
+            return await self._node_call(await self._control_plane(), "PUT", path, value)
+        owned = sorted({"name", "admin_passwords"} & set(value))
+        if owned:
+            raise ClusterError(f"{', '.join(owned)}: set by the control plane (use `georeg "
+                               "credential renew` for the admin passwords)")
+        async with self.access.lock:
+            home = await self._control_plane()
+            current = await self._current_registry(home)
+            return await self._node_call(home, "PUT", path, {
+                **value, "name": self.spec.registry,
+                "admin_passwords": current.get("admin_passwords", [])})
 
     async def delete_configuration(self, kind: str, name: str) -> dict:
         path = self._object_path(kind, name)
+        self._not_an_identity(kind)
         return await self._node_call(await self._control_plane(), "DELETE", path)
+
+    @staticmethod
+    def _not_an_identity(kind: str) -> None:
+        if kind in ACCESS_KINDS:
+            command = {"role-assignment": "role assignment"}.get(kind, kind)
+            raise ClusterError(f"{kind} objects are written by `georeg {command} create|update|"
+                               "delete` (or Cluster.access), which check them and generate "
+                               "their secrets")
+
+    async def _current_registry(self, home: str) -> dict:
+        try:
+            return (await self._node_call(home, "GET", "/registry/default"))["value"]
+        except NodeRefusal as exc:
+            if exc.status != 404:
+                raise
+            return {}
 
     async def registry_properties(self) -> dict:
         """The registry resource, as ``az acr show`` shows its switches."""
@@ -572,23 +607,17 @@ class Cluster:
     async def update_registry(self, *, admin_enabled: bool | None = None,
                               anonymous_pull_enabled: bool | None = None) -> dict:
         """``az acr update --admin-enabled / --anonymous-pull-enabled``: the
-        switches given change, the others keep their value."""
+        switches given change, the others keep their value; the admin user gets
+        its two passwords the first time it is enabled (``access``)."""
         if anonymous_pull_enabled and self.spec.tier == "Basic":
             raise ClusterError("anonymous pull needs the Standard or Premium tier; this "
                                "registry is Basic")
-        async with self._registry_update:
+        async with self.access.lock:
             home = await self._control_plane()
-            try:
-                current = (await self._node_call(home, "GET", "/registry/default"))["value"]
-            except NodeRefusal as exc:
-                if exc.status != 404:
-                    raise
-                current = {}
-            if admin_enabled is not None:
-                current["admin_enabled"] = admin_enabled
-            if anonymous_pull_enabled is not None:
-                current["anonymous_pull_enabled"] = anonymous_pull_enabled
-            await self._node_call(home, "PUT", "/registry/default", current)
+            current = await self._current_registry(home)
+            value = self.access.registry_value(current, admin_enabled=admin_enabled,
+                                               anonymous_pull_enabled=anonymous_pull_enabled)
+            await self._node_call(home, "PUT", "/registry/default", value)
         return await self.registry_properties()
 
     async def create_replication(self, region: str, *, zone_redundant: bool = False,

@@ -5,6 +5,11 @@
     <data dir>/cluster.json   {"pid", "data_dir", "management", "started_at"}:
                               present while a supervisor serves the management
                               API, removed when it stops
+    <data dir>/admin-passwords.json
+                              mode 0600: the admin user's passwords in clear,
+                              {"password": [...], "password2": [...]}, newest
+                              last; only the control plane reads it (``georeg
+                              credential show``), nodes hold only hashes
 
 The CLI reads both without importing anything that runs a cluster.
 """
@@ -12,6 +17,7 @@ The CLI reads both without importing anything that runs a cluster.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -63,3 +69,37 @@ def running_state(data_dir: Path) -> dict | None:
     except PermissionError:
         pass
     return state
+
+
+ADMIN_PASSWORDS_FILE = "admin-passwords.json"
+# Kept per slot: the password being set and the one before it, so that a
+# renewal interrupted between this file and the home node's write still shows
+# whichever of them the replicated hash names.
+_CANDIDATES = 2
+
+
+def admin_password_candidates(data_dir: Path) -> dict[str, list[str]]:
+    try:
+        raw = (Path(data_dir) / ADMIN_PASSWORDS_FILE).read_text()
+    except FileNotFoundError:
+        return {}
+    doc = json.loads(raw)
+    return {slot: [v for v in values if isinstance(v, str)]
+            for slot, values in doc.items() if isinstance(values, list)}
+
+
+def remember_admin_password(data_dir: Path, slot: str, value: str) -> None:
+    """Add ``value`` as the newest candidate for ``slot`` (the file stays 0600 and
+    is replaced atomically: a crash leaves the old file or the new one)."""
+    candidates = admin_password_candidates(data_dir)
+    candidates[slot] = (candidates.get(slot, []) + [value])[-_CANDIDATES:]
+    path = Path(data_dir) / ADMIN_PASSWORDS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(candidates, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

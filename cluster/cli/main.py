@@ -22,10 +22,28 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     node.register(sub)
     if only_node:
         return parser
-    from . import bench, chaos, cluster, fault, registry, replication, repository, verify
+    from . import (
+        bench,
+        chaos,
+        cluster,
+        credential,
+        fault,
+        identity,
+        registry,
+        replication,
+        repository,
+        scope_map,
+        token,
+        verify,
+    )
 
     cluster.register(sub)
     registry.register(sub)
+    credential.register(sub)
+    token.register(sub)
+    scope_map.register(sub)
+    identity.register(sub)
+    identity.register_role(sub)
     replication.register(sub)
     repository.register(sub)
     fault.register(sub)

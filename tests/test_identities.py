@@ -115,6 +115,17 @@ async def test_admin_credentials_show_and_renew_and_only_hashes_leave_the_contro
     code, _, err = cli(c, "credential", "renew", "--password-name", "password3")
     assert code == 2 and "invalid choice" in err
 
+    # A raw write of the registry object changes its switches, never the control
+    # plane's fields: the admin passwords and the name stay.
+    for value in ({"admin_passwords": []}, {"name": "other"}):
+        with pytest.raises(management_client.ManagementError, match="set by the control plane"):
+            await asyncio.to_thread(management_client.set_object, c.management_url, "registry",
+                                    "default", value)
+    await asyncio.to_thread(management_client.set_object, c.management_url, "registry",
+                            "default", {"admin_enabled": True, "anonymous_pull_enabled": True})
+    assert ok(c, "credential", "show") == renewed
+    assert held(c, "eastus", "registry", "default")["name"] == "georegids"
+
 
 # -- scope maps ------------------------------------------------------------------------------
 
@@ -328,7 +339,6 @@ async def test_identity_and_role_assignment_commands(running):
     # Identities are written by their commands only, never as raw configuration.
     ("PUT", f"{CONF}/token/t", {"scope_map": "_repositories_admin"}, 400),
     ("DELETE", f"{CONF}/scope-map/m", None, 400),
-    ("PUT", f"{CONF}/registry/default", {"admin_passwords": []}, 400),
 ])
 async def test_bad_input_is_a_4xx_and_changes_nothing(running, http, method, path, body, status):
     before = await asyncio.to_thread(_everything, running)

@@ -14,6 +14,9 @@ fail with ``ControlPlaneUnavailable``; pushes and pulls go on through the
 other replicas. Registry configuration (``registry_node.configuration``) is
 written through one home node, which stamps and logs it; replication carries
 it to every node, and every node answers reads of it from what it holds.
+The registry's identities (admin credentials, tokens, scope maps, identities,
+role assignments) have their own commands, ``Cluster.access``
+(``cluster.control.access``), after ``az acr``.
 Reachability is asked of the network itself: a request to each home node
 through its management link (``ClusterPlan.management_links``), which every
 fault that cuts a node off cuts as well.

@@ -12,10 +12,14 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
 
+from cluster.control import spec as specs
+from cluster.control.access import admin_passwords_path
+from cluster.control.cluster import Cluster
 from cluster.control.state import running_state
 
 from .helpers import Skopeo, eventually, write_oci_layout
@@ -307,6 +311,40 @@ async def test_a_cli_token_and_a_renewed_admin_password_work_through_the_global_
                                    "--password-stdin", endpoint, check=False,
                                    stdin=old.encode() + b"\n")
     assert code != 0 and "invalid username/password" in err
+
+
+async def test_the_first_start_enables_the_admin_user_once_and_keeps_an_older_data_dirs_password(
+        tmp_path, http):
+    """The registry object gets its admin passwords at an auth cluster's first
+    start only: a restart rotates nothing. A data dir from before identities
+    were registry configuration keeps its admin password (``auth/admin.json``,
+    then removed: the plaintexts have one home)."""
+    spec = specs.parse({"auth": "token", "home_region": "westeurope", "paired_copies": False,
+                        "network": {"port_base": 0}})
+    data = tmp_path / "data"
+    (data / "auth").mkdir(parents=True, mode=0o700)
+    legacy = "legacy-admin-password-0123456789abcdef"
+    (data / "auth" / "admin.json").write_text(json.dumps({"username": spec.registry,
+                                                          "password": legacy}))
+    (data / "auth" / "identities.json").write_text("{}")
+    held = []
+    for _ in range(2):                          # the first start, then a restart
+        cluster = await Cluster.start(spec, data)
+        try:
+            shown = await cluster.access.admin_credentials()
+            held.append((shown, (await cluster.get_configuration("registry", "default"))
+                         ["value"]["admin_passwords"]))
+            node = cluster.node_url(cluster.plan.nodes[0].name)
+            async with http.get(f"{node}/oauth2/token", params={"service": spec.login_server},
+                                headers=_basic(spec.registry, legacy)) as r:
+                assert r.status == 200, await r.text()
+        finally:
+            await cluster.stop()
+    assert held[0] == held[1]
+    passwords = {p["name"]: p["value"] for p in held[0][0]["passwords"]}
+    assert passwords["password"] == legacy and passwords["password2"] not in (None, legacy)
+    assert not [p for p in ("admin.json", "identities.json") if (data / "auth" / p).exists()]
+    assert stat.S_IMODE(os.stat(admin_passwords_path(data)).st_mode) == 0o600
 
 
 # -- secrets stay secret ---------------------------------------------------------------

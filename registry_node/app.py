@@ -38,7 +38,10 @@ from .node import Node
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 HANDOFF: web.AppKey[HandoffServer] = web.AppKey("handoff", HandoffServer)
 log = structlog.get_logger("georeg.node")
-# The token audience of a node given neither --auth-service nor a registry name.
+# The token audience of a node not given --auth-service. One value, whatever
+# identities the node enforces: a cluster passes every node the same login
+# server (the plan's NodeAccess.service), and a default that followed the
+# identity source would let two nodes of one cluster disagree silently.
 DEFAULT_SERVICE = "georeg"
 
 
@@ -68,7 +71,7 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
         middlewares.append(internal_access)
     authority = None
     if config.auth_enabled:
-        authority = token_authority(config, identities, lambda: wall_ns() / 1e9)
+        authority = token_authority(config, lambda: wall_ns() / 1e9)
         middlewares.append(authenticate)
     app = web.Application(middlewares=middlewares, client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
@@ -104,18 +107,16 @@ def read_internal_credential(path) -> str:
     return credential
 
 
-def token_authority(config: NodeConfig, identities: IdentitySource | None,
-                    now: Callable[[], float]) -> TokenAuthority:
+def token_authority(config: NodeConfig, now: Callable[[], float]) -> TokenAuthority:
     """The node's token signer and verifier from its settings, checked before
     anything opens; ``AuthConfigError`` says what is wrong. The service (token
-    audience) is ``--auth-service``, else the registry's name."""
+    audience) is ``--auth-service``, else ``DEFAULT_SERVICE``."""
     if config.auth_key_file is None or config.auth_cert_file is None:
         raise AuthConfigError("authentication needs the node's signing key and certificate "
                               "as well as the CA (--auth-key, --auth-cert, --auth-ca)")
     trust = Trust.load(config.auth_ca_file, now)
     signing = SigningKey.load(config.auth_key_file, config.auth_cert_file, trust)
-    service = config.auth_service or (identities.settings().name if identities else "") \
-        or DEFAULT_SERVICE
+    service = config.auth_service or DEFAULT_SERVICE
     return TokenAuthority(signing, trust, service, now)
 
 

@@ -17,8 +17,8 @@ every node can check a password without having seen it. Token and identity
 secrets are shown once, by the command that creates or renews them, and are
 then gone — as in ACR. The admin passwords are the exception, because ACR's
 ``credential show`` prints them whenever asked: their plaintexts stay with the
-control plane that generated them (a file in the cluster's data dir, mode
-0600, which only the control plane reads), never in a node, a log or a
+control plane that generated them (``<data dir>/auth/admin-passwords.json``,
+mode 0600, read through the control plane's ``credential show``), never in a node, a log or a
 replicated value; nodes hold only their hashes like every other secret. A
 node needs no plaintext to check a password, and a replicated plaintext would
 sit in every node's store, log and anti-entropy stream, in every region.

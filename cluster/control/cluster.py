@@ -241,7 +241,9 @@ class Cluster:
         home = await self._control_plane()
         written = (await self._node_call(home, "GET", "/registry/default"))["value"]
         deadline = time.monotonic() + timeout
-        waiting = [n.name for n in self.supervisor.nodes.values() if not n.intended_down]
+        # The nodes that serve clients (paired-region copies are storage only).
+        waiting = [n.name for n in self.plan.nodes
+                   if not self.supervisor.nodes[n.name].intended_down]
         while waiting:
             for name in list(waiting):
                 try:

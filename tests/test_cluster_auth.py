@@ -313,20 +313,13 @@ async def test_a_cli_token_and_a_renewed_admin_password_work_through_the_global_
     assert code != 0 and "invalid username/password" in err
 
 
-async def test_the_first_start_enables_the_admin_user_once_and_keeps_an_older_data_dirs_password(
-        tmp_path, http):
+async def test_the_first_start_enables_the_admin_user_once(tmp_path, http):
     """The registry object gets its admin passwords at an auth cluster's first
-    start only: a restart rotates nothing. A data dir from before identities
-    were registry configuration keeps its admin password (``auth/admin.json``,
-    then removed: the plaintexts have one home)."""
+    start only: a restart rotates nothing, and the password shown before it
+    still logs in after it."""
     spec = specs.parse({"auth": "token", "home_region": "westeurope", "paired_copies": False,
                         "network": {"port_base": 0}})
     data = tmp_path / "data"
-    (data / "auth").mkdir(parents=True, mode=0o700)
-    legacy = "legacy-admin-password-0123456789abcdef"
-    (data / "auth" / "admin.json").write_text(json.dumps({"username": spec.registry,
-                                                          "password": legacy}))
-    (data / "auth" / "identities.json").write_text("{}")
     held = []
     for _ in range(2):                          # the first start, then a restart
         cluster = await Cluster.start(spec, data)
@@ -334,16 +327,14 @@ async def test_the_first_start_enables_the_admin_user_once_and_keeps_an_older_da
             shown = await cluster.access.admin_credentials()
             held.append((shown, (await cluster.get_configuration("registry", "default"))
                          ["value"]["admin_passwords"]))
+            password = {p["name"]: p["value"] for p in held[0][0]["passwords"]}["password"]
             node = cluster.node_url(cluster.plan.nodes[0].name)
             async with http.get(f"{node}/oauth2/token", params={"service": spec.login_server},
-                                headers=_basic(spec.registry, legacy)) as r:
+                                headers=_basic(spec.registry, password)) as r:
                 assert r.status == 200, await r.text()
         finally:
             await cluster.stop()
     assert held[0] == held[1]
-    passwords = {p["name"]: p["value"] for p in held[0][0]["passwords"]}
-    assert passwords["password"] == legacy and passwords["password2"] not in (None, legacy)
-    assert not [p for p in ("admin.json", "identities.json") if (data / "auth" / p).exists()]
     assert stat.S_IMODE(os.stat(admin_passwords_path(data)).st_mode) == 0o600
 
 

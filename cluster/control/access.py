@@ -52,10 +52,6 @@ ADMIN_PASSWORDS_FILE = "admin-passwords.json"
 # renewal interrupted between this file and the home node's write still shows
 # whichever of them the replicated hash names.
 _CANDIDATES = 2
-# What a cluster first started before identities were registry configuration
-# kept here: the admin password in clear and what nodes enforced. Read once,
-# to carry the password over (``legacy_admin_password``), then removed.
-LEGACY_FILES = ("admin.json", "identities.json")
 
 
 def auth_dir(data_dir: Path) -> Path:
@@ -216,21 +212,3 @@ def remember_admin_password(data_dir: Path, slot: str, value: str) -> None:
     auth_dir(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_secret_file(admin_passwords_path(data_dir), json.dumps(candidates) + "\n")
 
-
-def legacy_admin_password(data_dir: Path, username: str) -> str | None:
-    """The admin password a data dir from before kept in ``auth/admin.json``, so
-    that the clients logged in with it keep working (None if there is none)."""
-    try:
-        doc = json.loads((auth_dir(data_dir) / LEGACY_FILES[0]).read_text())
-    except (OSError, ValueError):
-        return None
-    password = doc.get("password") if isinstance(doc, dict) else None
-    if doc.get("username") != username or not isinstance(password, str) or not password:
-        return None
-    return password
-
-
-def forget_legacy_files(data_dir: Path) -> None:
-    """Remove ``LEGACY_FILES``: the admin plaintexts have one home."""
-    for name in LEGACY_FILES:
-        (auth_dir(data_dir) / name).unlink(missing_ok=True)

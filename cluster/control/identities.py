@@ -50,13 +50,7 @@ from registry_node.identities import (
     TOKEN_SLOTS,
 )
 
-from .access import (
-    AdminLogin,
-    admin_password_candidates,
-    forget_legacy_files,
-    legacy_admin_password,
-    remember_admin_password,
-)
+from .access import AdminLogin, admin_password_candidates, remember_admin_password
 from .errors import ClusterError, Conflict, NodeRefusal, NotFound, QuotaExceeded
 
 # Tokens, and scope maps, a registry of each tier may have.
@@ -204,18 +198,13 @@ class RegistryAccess:
         generated passwords, through the home node, so that a first-time user
         gets in with what ``georeg up`` prints. Only while the registry object
         holds no admin passwords: a restart, or a registry whose admin user was
-        disabled since, keeps what it has (nothing rotates). A data dir from
-        before keeps its admin password (``access.legacy_admin_password``).
-        True if written."""
+        disabled since, keeps what it has (nothing rotates). True if written."""
         home = await self._home()
         current = await self._get(home, "registry", "default") or {}
         if current.get("admin_passwords"):
-            forget_legacy_files(self.data_dir)
             return False
-        legacy = legacy_admin_password(self.data_dir, self.registry)
-        await self._put(home, "registry", "default", self.registry_value(
-            current, admin_enabled=True, kept={ADMIN_SLOTS[0]: legacy} if legacy else None))
-        forget_legacy_files(self.data_dir)
+        await self._put(home, "registry", "default",
+                        self.registry_value(current, admin_enabled=True))
         return True
 
     def _require_admin(self, stored: dict) -> None:
@@ -223,19 +212,17 @@ class RegistryAccess:
             raise ClusterError("the admin user is disabled; run `georeg registry update "
                                "--admin-enabled true` to enable it first")
 
-    def new_admin_password(self, slot: str, value: str | None = None) -> dict:
-        """A fresh admin password for ``slot`` (or ``value``): remembered here first,
-        its hash returned to be written (see the module docstring)."""
-        value = value or new_secret()
+    def new_admin_password(self, slot: str) -> dict:
+        """A fresh admin password for ``slot``: remembered here first, its hash returned
+        to be written (see the module docstring)."""
+        value = new_secret()
         remember_admin_password(self.data_dir, slot, value)
         return {"name": slot, "hash": hash_secret(value), "created": self.now()}
 
     def registry_value(self, current: dict, *, admin_enabled: bool | None = None,
-                       anonymous_pull_enabled: bool | None = None,
-                       kept: dict[str, str] | None = None) -> dict:
+                       anonymous_pull_enabled: bool | None = None) -> dict:
         """The registry object ``current`` with its switches changed; enabling the
-        admin user for the first time generates its two passwords, as ACR does
-        (or takes a slot's value from ``kept``)."""
+        admin user for the first time generates its two passwords, as ACR does."""
         value = dict(current)
         value["name"] = self.registry
         if admin_enabled is not None:
@@ -243,8 +230,7 @@ class RegistryAccess:
         if anonymous_pull_enabled is not None:
             value["anonymous_pull_enabled"] = anonymous_pull_enabled
         if value.get("admin_enabled") and not value.get("admin_passwords"):
-            value["admin_passwords"] = [self.new_admin_password(s, (kept or {}).get(s))
-                                        for s in ADMIN_SLOTS]
+            value["admin_passwords"] = [self.new_admin_password(s) for s in ADMIN_SLOTS]
         return value
 
     @_one_at_a_time

@@ -26,17 +26,23 @@ from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
 from .api.routes import add_routes
 from .auth.gate import Gate
-from .auth.identities import IdentitySource, InMemoryIdentities, RegistrySettings
+from .auth.identities import IdentitySource
 from .auth.tokens import AuthConfigError, SigningKey, TokenAuthority, Trust
 from .config import NodeConfig
 from .gc import GarbageCollector
 from .handoff import HandoffServer
+from .identities import ConfigurationIdentities
 from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 HANDOFF: web.AppKey[HandoffServer] = web.AppKey("handoff", HandoffServer)
 log = structlog.get_logger("georeg.node")
+# The token audience of a node not given --auth-service. One value, whatever
+# identities the node enforces: a cluster passes every node the same login
+# server (the plan's NodeAccess.service), and a default that followed the
+# identity source would let two nodes of one cluster disagree silently.
+DEFAULT_SERVICE = "georeg"
 
 
 class Extension(Protocol):
@@ -56,15 +62,16 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     """The node's application. The clocks are injected (``Node.open``): a test
     moves time past a GC grace or an upload TTL instead of waiting for it.
     With ``config.auth_enabled``, registry routes need credentials checked
-    against ``identities`` (default: ``config.auth_identities``, else none)."""
+    against the registry configuration this node holds
+    (``ConfigurationIdentities``), or against ``identities`` when a test gives them."""
     middlewares = [access]
     internal = None
     if config.internal_credential_file is not None:
         internal = expected_header(read_internal_credential(config.internal_credential_file))
         middlewares.append(internal_access)
-    gate = None
+    authority = None
     if config.auth_enabled:
-        gate = open_gate(config, identities, lambda: wall_ns() / 1e9)
+        authority = token_authority(config, lambda: wall_ns() / 1e9)
         middlewares.append(authenticate)
     app = web.Application(middlewares=middlewares, client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
@@ -72,10 +79,11 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     if internal is not None:
         app[INTERNAL_CREDENTIAL] = internal
     add_routes(app.router)
-    if gate is not None:
-        app[GATE] = gate
+    if authority is not None:
+        if identities is not None:
+            app[GATE] = Gate(identities, authority, authority.now)
         oauth.add_routes(app.router)
-    app.cleanup_ctx.append(_storage(config, wall_ns, monotonic))
+    app.cleanup_ctx.append(_storage(config, wall_ns, monotonic, authority))
     app.cleanup_ctx.append(_handoff)        # ends before the storage closes
     app.on_shutdown.append(_stop_handoffs)
     for extension in extensions:
@@ -99,33 +107,32 @@ def read_internal_credential(path) -> str:
     return credential
 
 
-def open_gate(config: NodeConfig, identities: IdentitySource | None,
-              now: Callable[[], float]) -> Gate:
-    """The node's access gate from its settings; ``AuthConfigError`` says what is wrong."""
+def token_authority(config: NodeConfig, now: Callable[[], float]) -> TokenAuthority:
+    """The node's token signer and verifier from its settings, checked before
+    anything opens; ``AuthConfigError`` says what is wrong. The service (token
+    audience) is ``--auth-service``, else ``DEFAULT_SERVICE``."""
     if config.auth_key_file is None or config.auth_cert_file is None:
         raise AuthConfigError("authentication needs the node's signing key and certificate "
                               "as well as the CA (--auth-key, --auth-cert, --auth-ca)")
     trust = Trust.load(config.auth_ca_file, now)
     signing = SigningKey.load(config.auth_key_file, config.auth_cert_file, trust)
-    if identities is None:
-        if config.auth_identities is not None:
-            try:
-                identities = InMemoryIdentities.load(config.auth_identities)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise AuthConfigError(f"cannot use identities from {config.auth_identities}: "
-                                      f"{type(exc).__name__}: {exc}") from None
-        else:
-            identities = InMemoryIdentities(RegistrySettings(config.auth_service or "georeg"))
-    service = config.auth_service or identities.settings().name
-    return Gate(identities, TokenAuthority(signing, trust, service, now), now)
+    service = config.auth_service or DEFAULT_SERVICE
+    return TokenAuthority(signing, trust, service, now)
 
 
-def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable[[], float]):
+def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable[[], float],
+             authority: TokenAuthority | None):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         node = Node.open(config, wall_ns=wall_ns, monotonic=monotonic)
         app[NODE] = node
         app[REGISTRY] = node.registry
         app[CONFIGURATION] = node.configuration
+        if authority is not None and GATE not in app:
+            # The identities this node enforces are the registry configuration it
+            # holds: replication brings every change, and enforcement goes on
+            # while the home region is down.
+            app[GATE] = Gate(ConfigurationIdentities(node.configuration),
+                             authority, authority.now)
         yield
         node.close()
 

@@ -30,8 +30,7 @@ class NodeConfig:
     auth_ca_file: Path | None = None
     auth_key_file: Path | None = None
     auth_cert_file: Path | None = None
-    auth_service: str = ""              # the login server (token audience); default: registry name
-    auth_identities: Path | None = None  # identities to enforce, as JSON (until config replicates)
+    auth_service: str = ""              # the login server (token audience); default: "georeg"
     # The cluster's internal credential (a file holding it): the node's internal
     # routes then answer only requests carrying it (registry_node.api.internal).
     internal_credential_file: Path | None = None

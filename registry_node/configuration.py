@@ -1,6 +1,7 @@
 """Registry configuration: the settings around the data (the registry's own
-properties today; identities, scope maps, webhooks, locks … as they come),
-held by every node, written only through the home region.
+properties, and its identities: tokens, scope maps, identities, role
+assignments — ``identities``; webhooks, locks … as they come), held by every
+node, written only through the home region.
 
 An object is addressed by ``(kind, name)``; its value is a msgspec Struct of
 its kind (``KINDS``). Each object is a last-writer-wins register stamped like
@@ -31,8 +32,8 @@ the returned Structs across a generation change. A kind absent from a node
 
 Adding a kind is a row in ``KINDS``: a name (lowercase, ``-`` allowed), a
 Struct with defaults for every field (values written by an older georeg
-decode with them), and, for a singleton, the one name it may have. Values are
-validated when written (unknown fields, wrong types and names refused with a
+decode with them), for a singleton the one name it may have, and the check a
+value must pass beyond its types. Values are validated when written (unknown fields, wrong types and names refused with a
 4xx, never a 500); a node stores and relays a kind it does not know (a newer
 node's) as the bytes it received.
 
@@ -59,7 +60,7 @@ from typing import Any
 
 import msgspec
 
-from . import keys
+from . import identities, keys
 from .errors import ErrorCode, RegistryError
 from .metastore import Batch
 from .records import CONFIG_KINDS, ConfigRecord, Event, EventKind, Stamp, decode, encode, stamp_of
@@ -68,10 +69,18 @@ from .registry import Registry
 
 class RegistryProperties(msgspec.Struct, frozen=True):
     """The registry's own switches (ACR's ``adminUserEnabled``,
-    ``anonymousPullEnabled``); singleton ``registry/default``."""
+    ``anonymousPullEnabled``), its name (the admin user's username) and the
+    admin user's two password hashes (``identities``); singleton
+    ``registry/default``."""
 
     admin_enabled: bool = False
     anonymous_pull_enabled: bool = False
+    name: str = ""
+    admin_passwords: tuple[identities.Secret, ...] = ()
+
+
+def _check_registry(name: str, value: RegistryProperties) -> None:
+    identities.check_admin_passwords(value.admin_passwords)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +88,16 @@ class Kind:
     name: str
     value: type[msgspec.Struct]
     singleton: str = ""            # the one name a singleton kind's object has
+    # What a value must satisfy beyond its types; raises ``identities.InvalidValue``.
+    check: Callable[[str, Any], None] | None = None
 
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind("registry", RegistryProperties, singleton="default"),
+    Kind("registry", RegistryProperties, singleton="default", check=_check_registry),
+    Kind(identities.TOKEN, identities.Token, check=identities.check_token),
+    Kind(identities.SCOPE_MAP, identities.ScopeMap, check=identities.check_scope_map),
+    Kind(identities.IDENTITY, identities.Identity, check=identities.check_identity),
+    Kind(identities.ROLE_ASSIGNMENT, identities.Assignment, check=identities.check_assignment),
 )}
 
 # Object names: ACR's resource names (tokens, scope maps, webhooks) plus the
@@ -135,8 +150,8 @@ def check_name(kind: Kind, name: str) -> str:
     return name
 
 
-def validate(kind: Kind, value: object) -> msgspec.Struct:
-    """``value`` (decoded JSON) as the kind's Struct, or a 400 saying what is wrong."""
+def validate(kind: Kind, value: object, name: str = "") -> msgspec.Struct:
+    """``value`` (decoded JSON) as the kind's Struct, checked, or a 400 saying what is wrong."""
     def invalid(reason: str) -> RegistryError:
         return RegistryError(ErrorCode.UNSUPPORTED, reason, message="invalid configuration value",
                              status=400)
@@ -148,9 +163,15 @@ def validate(kind: Kind, value: object) -> msgspec.Struct:
         raise invalid(f"unknown fields {unknown[:10]}; a {kind.name} has "
                       f"{list(kind.value.__struct_fields__)}")
     try:
-        return msgspec.convert(value, kind.value, strict=True)
+        struct = msgspec.convert(value, kind.value, strict=True)
     except msgspec.ValidationError as exc:
         raise invalid(str(exc)) from None
+    if kind.check is not None:
+        try:
+            kind.check(name, struct)
+        except identities.InvalidValue as exc:
+            raise invalid(str(exc)) from None
+    return struct
 
 
 class Configuration:
@@ -225,7 +246,7 @@ class Configuration:
         """Validate and write an object; returns it as stored, once durable."""
         spec = kind_of(kind)
         check_name(spec, name)
-        struct = validate(spec, value)
+        struct = validate(spec, value, name)
         raw = encode(struct)
         if len(raw) > MAX_VALUE_BYTES:
             raise RegistryError(ErrorCode.SIZE_INVALID, f"a configuration value is at most "

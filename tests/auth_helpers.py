@@ -2,9 +2,11 @@
 certificates from it, and an in-memory identity source with known secrets.
 
 Everything is real: the CA and certificates are ``cluster.control.ca``'s, the
-identity source is ``InMemoryIdentities`` (the node's own implementation), and a
-node with auth on is the node's own app (in process) or ``georeg node`` (child
-process) given the same files a cluster would give it.
+identity source is ``InMemoryIdentities`` (an implementation of the node's
+``IdentitySource``) for a node in process, and for a ``georeg node`` child process
+the same identities written into its registry configuration
+(``configuration_objects``, ``seed_configuration``), which is what a node with
+auth on enforces; the node is given the same files a cluster would give it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import base64
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+import msgspec
 from aiohttp import web
 
 from cluster.control.ca import ClusterCA, NodeCertificate
@@ -29,6 +33,8 @@ from registry_node.auth.identities import (
     hash_secret,
 )
 from registry_node.config import NodeConfig
+from registry_node.configuration import RegistryProperties
+from registry_node.identities import Assignment, Identity, ScopeMap, Secret, Token
 
 from .helpers import ManualClock, RunningNode
 
@@ -98,11 +104,10 @@ class AuthFiles:
     ca: ClusterCA
     certificates: dict[str, NodeCertificate]
 
-    def node_args(self, node: str, identities_file: Path) -> list[str]:
+    def node_args(self, node: str) -> list[str]:
         cert = self.certificates[node]
         return ["--auth-ca", str(cert.ca_file), "--auth-key", str(cert.key_file),
-                "--auth-cert", str(cert.cert_file), "--auth-service", SERVICE,
-                "--auth-identities", str(identities_file)]
+                "--auth-cert", str(cert.cert_file), "--auth-service", SERVICE]
 
     def config(self, node: str, data_dir: Path) -> NodeConfig:
         cert = self.certificates[node]
@@ -127,3 +132,34 @@ async def start_auth_node(config: NodeConfig, source: InMemoryIdentities,
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return RunningNode(f"http://127.0.0.1:{port}", config, runner)
+
+
+def configuration_objects(source: InMemoryIdentities) -> list[tuple[str, str, dict]]:
+    """``source`` as registry configuration objects: (kind, name, value) as the
+    management API writes them (hashes only)."""
+    def secrets(passwords):
+        return tuple(Secret(p.name, p.hashed, expiry=p.expiry) for p in passwords)
+
+    r = source.registry
+    objects: list[tuple[str, str, msgspec.Struct]] = [
+        ("registry", "default", RegistryProperties(
+            r.admin_enabled, r.anonymous_pull_enabled, r.name,
+            tuple(Secret("password" if s.name == "password1" else s.name, s.hash, s.created,
+                         s.expiry) for s in secrets(r.admin_passwords))))]
+    objects += [("scope-map", m.name, ScopeMap(actions=m.actions))
+                for m in source.scope_maps.values()]
+    objects += [("token", t.name, Token(t.scope_map, t.status, secrets(t.passwords)))
+                for t in source.tokens.values()]
+    objects += [("identity", i.id, Identity(secrets=secrets(i.secrets)))
+                for i in source.identities.values()]
+    objects += [("role-assignment", f"assignment-{n}", Assignment(a.assignee, a.role, a.repository))
+                for n, a in enumerate(source.assignments)]
+    return [(kind, name, msgspec.to_builtins(value)) for kind, name, value in objects]
+
+
+async def seed_configuration(http: aiohttp.ClientSession, url: str,
+                             source: InMemoryIdentities) -> None:
+    """Write ``source`` into the registry configuration of the node at ``url``."""
+    for kind, name, value in configuration_objects(source):
+        async with http.put(f"{url}/georeg/v1/configuration/{kind}/{name}", json=value) as r:
+            assert r.status == 200, await r.text()

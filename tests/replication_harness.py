@@ -124,6 +124,8 @@ class InProcessCluster:
         anti_entropy_interval_s=1.0, quorum_timeout_s=5.0))
     nodes: dict[str, TestNode] = field(default_factory=dict)
     links: dict[tuple[str, str], Link] = field(default_factory=dict)
+    # More NodeConfig settings for some nodes, by name (auth on, for one).
+    node_settings: dict[str, dict] = field(default_factory=dict)
     http_ports: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
@@ -165,7 +167,7 @@ class InProcessCluster:
             raise RuntimeError(f"{name} is running: crash or stop it first")
         node.replication = Replication(node.view)
         config = NodeConfig(data_dir=node.data_dir, port=0, region=node.region, zone=node.zone,
-                            gc_interval_s=3600)
+                            gc_interval_s=3600, **self.node_settings.get(name, {}))
         runner = web.AppRunner(init_app(config, [node.replication]), handle_signals=False,
                                shutdown_timeout=0.5)
         await runner.setup()

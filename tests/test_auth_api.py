@@ -437,12 +437,8 @@ async def test_unknown_grant_type_and_garbage_forms_get_400(http, node):
         await assert_error(r, 401, "UNAUTHORIZED")
 
 
-def test_a_node_with_a_broken_identities_file_does_not_start(files, tmp_path):
-    bad = tmp_path / "identities.json"
-    bad.write_text('{"tokens": []}')
-    config = dataclasses.replace(files.config("node-a", tmp_path / "d"), auth_identities=bad)
-    with pytest.raises(AuthConfigError, match="cannot use identities"):
-        init_app(config)
+def test_a_node_with_auth_but_no_signing_key_does_not_start(files, tmp_path):
+    config = files.config("node-a", tmp_path / "d")
     with pytest.raises(AuthConfigError, match="signing key and certificate"):
         init_app(dataclasses.replace(config, auth_key_file=None))
 

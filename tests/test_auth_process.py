@@ -29,6 +29,7 @@ from .auth_helpers import (
     basic,
     bearer,
     identities,
+    seed_configuration,
 )
 from .helpers import assert_error, make_image, push_image
 
@@ -37,11 +38,7 @@ NULL_GUID = "00000000-0000-0000-0000-000000000000"
 
 @pytest.fixture
 def files(tmp_path):
-    files = auth_files(tmp_path, "node-a", "node-b")
-    path = tmp_path / "identities.json"
-    path.write_text(identities().to_json())
-    files.identities_file = path
-    return files
+    return auth_files(tmp_path, "node-a", "node-b")
 
 
 @pytest.fixture
@@ -60,8 +57,11 @@ async def _token(http, url, headers, *scopes, offline=False) -> dict:
 
 
 async def test_a_token_minted_by_one_node_works_on_another(node_process, files, http):
-    a = node_process("a", *files.node_args("node-a", files.identities_file))
-    b = node_process("b", *files.node_args("node-b", files.identities_file))
+    a = node_process("a", *files.node_args("node-a"))
+    b = node_process("b", *files.node_args("node-b"))
+    source = identities()        # one set of hashes, as replication would give both
+    for node in (a, b):
+        await seed_configuration(http, node.url, source)
     token = (await _token(http, a.url, basic("pusher", PUSH_PASSWORD), "repository:x/app:pull,push"))["token"]
     async with aiohttp.ClientSession(headers=bearer(token)) as client:
         await push_image(client, b.url, "x/app", make_image(seed=3), tag="v1")
@@ -75,7 +75,8 @@ async def test_a_token_minted_by_one_node_works_on_another(node_process, files, 
 
 async def test_a_64_kib_authorization_header_is_refused_without_a_500_or_a_log_of_it(
         node_process, files, http):
-    node = node_process("a", *files.node_args("node-a", files.identities_file))
+    node = node_process("a", *files.node_args("node-a"))
+    await seed_configuration(http, node.url, identities())
     # A Basic credential padded past the parser's limit: its head holds the password.
     value = "Basic " + base64.b64encode(f"{REGISTRY}:{ADMIN_PASSWORD}".encode()).decode()
     value += "A" * (64 * 1024 - len(value))
@@ -90,7 +91,8 @@ async def test_a_64_kib_authorization_header_is_refused_without_a_500_or_a_log_o
 
 
 async def test_secrets_never_reach_the_log(node_process, files, http):
-    node = node_process("a", *files.node_args("node-a", files.identities_file))
+    node = node_process("a", *files.node_args("node-a"))
+    await seed_configuration(http, node.url, identities())
     url = node.url
     used: list[str] = list(SECRETS)
     # Good and bad logins, every way in.
@@ -143,7 +145,7 @@ async def test_secrets_never_reach_the_log(node_process, files, http):
 
 def test_a_node_refuses_to_start_with_a_certificate_from_another_ca(tmp_path, files):
     foreign = ClusterCA.open(tmp_path / "foreign").node_certificate("node-a", "eastus")
-    args = files.node_args("node-a", files.identities_file)
+    args = files.node_args("node-a")
     args[args.index("--auth-cert") + 1] = str(foreign.cert_file)
     args[args.index("--auth-key") + 1] = str(foreign.key_file)
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "node", "--data-dir",

@@ -12,13 +12,17 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
 
+from cluster.control import spec as specs
+from cluster.control.access import admin_passwords_path
+from cluster.control.cluster import Cluster
 from cluster.control.state import running_state
 
-from .helpers import Skopeo, write_oci_layout
+from .helpers import Skopeo, eventually, write_oci_layout
 from .test_cluster import georeg
 from .test_interop import gzip_image
 
@@ -233,6 +237,105 @@ async def test_node_internal_routes_refuse_without_the_internal_credential(auth_
     async with http.get(node + "/georeg/v1/replication/status",
                         params={"repository": "demo/app", "reference": "v1"}) as r:
         assert r.status != 401
+
+
+# -- identities written through the control plane ---------------------------------------
+
+
+async def _every_node_answers(auth_cluster, http, username: str, password: str,
+                              expected: int) -> bool:
+    """Whether every node's token endpoint answers ``expected`` to these Basic credentials."""
+    for region in ("westeurope", "northeurope"):
+        async with http.get(f"{auth_cluster.node(region)}/oauth2/token",
+                            params={"service": auth_cluster.status["login_server"]},
+                            headers=_basic(username, password)) as r:
+            if r.status != expected:
+                return False
+    return True
+
+
+@pytest.mark.interop
+async def test_a_cli_token_and_a_renewed_admin_password_work_through_the_global_endpoint(
+        auth_cluster, http, tmp_path):
+    """The admin user and tokens are one design: what ``georeg token create`` and
+    ``georeg credential renew`` write through the home region is what every node
+    enforces, and ``georeg login`` writes the password that works now."""
+    endpoint = auth_cluster.global_endpoint("westeurope").removeprefix("http://")
+    made = georeg("token", "create", "--name", "ci-push", "--repository", "demo/tok",
+                  "content/read", "content/write", data_dir=auth_cluster.data)
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)
+    password = next(p["value"] for p in token["credentials"]["passwords"]
+                    if p["name"] == "password1")
+    auth_cluster.tokens.append(password)
+    await eventually(lambda: _every_node_answers(auth_cluster, http, "ci-push", password, 200),
+                     timeout=30, what="the token on every node")
+    skopeo = Skopeo(tmp_path / "token", endpoint)
+    await skopeo.run("login", "--tls-verify=false", "--authfile", str(skopeo.auth),
+                     "-u", "ci-push", "--password-stdin", endpoint, stdin=password.encode() + b"\n")
+    image = gzip_image(8, [1500])
+    write_oci_layout(tmp_path / "layout", image, tag="v1")
+    await skopeo.copy(f"oci:{tmp_path / 'layout'}:v1", skopeo.ref("demo/tok:v1"))
+    assert await skopeo.inspect_raw(skopeo.ref("demo/tok:v1")) == image.manifest
+    # Its scope map names demo/tok only: another repository is refused.
+    code, _, err = await skopeo.run("copy", "--quiet", "--authfile", str(skopeo.auth),
+                                    "--dest-tls-verify=false", f"oci:{tmp_path / 'layout'}:v1",
+                                    skopeo.ref("demo/other:v1"), check=False)
+    assert code != 0 and "403 (Forbidden)" in err, err
+
+    old = auth_cluster.password
+    renewed = georeg("credential", "renew", "--password-name", "password",
+                     data_dir=auth_cluster.data)
+    assert renewed.returncode == 0, renewed.stderr
+    shown = json.loads(renewed.stdout)
+    new = next(p["value"] for p in shown["passwords"] if p["name"] == "password")
+    assert new and new != old and shown["username"] == auth_cluster.username
+    auth_cluster.tokens.append(new)
+    await eventually(lambda: _every_node_answers(auth_cluster, http, auth_cluster.username,
+                                                 new, 200),
+                     timeout=30, what="the renewed password on every node")
+    await eventually(lambda: _every_node_answers(auth_cluster, http, auth_cluster.username,
+                                                 old, 401),
+                     timeout=30, what="the old password refused on every node")
+    fresh = Skopeo(tmp_path / "fresh", endpoint)
+    login = georeg("login", data_dir=auth_cluster.data,
+                   env={"REGISTRY_AUTH_FILE": str(fresh.auth)})
+    assert login.returncode == 0, login.stderr
+    written = json.loads(fresh.auth.read_text())["auths"][endpoint]["auth"]
+    assert base64.b64decode(written).decode() == f"{auth_cluster.username}:{new}"
+    fresh.env["REGISTRY_AUTH_FILE"] = str(fresh.auth)
+    _, out, _ = await fresh.run("list-tags", "--tls-verify=false", fresh.ref("demo/tok"))
+    assert json.loads(out)["Tags"] == ["v1"]
+    code, _, err = await fresh.run("login", "--tls-verify=false", "--authfile",
+                                   str(tmp_path / "old.json"), "-u", auth_cluster.username,
+                                   "--password-stdin", endpoint, check=False,
+                                   stdin=old.encode() + b"\n")
+    assert code != 0 and "invalid username/password" in err
+
+
+async def test_the_first_start_enables_the_admin_user_once(tmp_path, http):
+    """The registry object gets its admin passwords at an auth cluster's first
+    start only: a restart rotates nothing, and the password shown before it
+    still logs in after it."""
+    spec = specs.parse({"auth": "token", "home_region": "westeurope", "paired_copies": False,
+                        "network": {"port_base": 0}})
+    data = tmp_path / "data"
+    held = []
+    for _ in range(2):                          # the first start, then a restart
+        cluster = await Cluster.start(spec, data)
+        try:
+            shown = await cluster.access.admin_credentials()
+            held.append((shown, (await cluster.get_configuration("registry", "default"))
+                         ["value"]["admin_passwords"]))
+            password = {p["name"]: p["value"] for p in held[0][0]["passwords"]}["password"]
+            node = cluster.node_url(cluster.plan.nodes[0].name)
+            async with http.get(f"{node}/oauth2/token", params={"service": spec.login_server},
+                                headers=_basic(spec.registry, password)) as r:
+                assert r.status == 200, await r.text()
+        finally:
+            await cluster.stop()
+    assert held[0] == held[1]
+    assert stat.S_IMODE(os.stat(admin_passwords_path(data)).st_mode) == 0o600
 
 
 # -- secrets stay secret ---------------------------------------------------------------

@@ -73,7 +73,8 @@ async def test_a_write_at_home_reaches_every_node_confined_regions_included(clus
     before = {n.name: n.node.configuration.generation for n in cluster.nodes.values()}
     stored = await put(http, cluster.nodes["eastus-1"].url, "registry/default",
                        {"admin_enabled": True})
-    assert stored["value"] == {"admin_enabled": True, "anonymous_pull_enabled": False}
+    assert stored["value"] == {"admin_enabled": True, "anonymous_pull_enabled": False,
+                               "name": "", "admin_passwords": []}
     assert stamp(stored)[1:] == ("eastus", "1")
     for node in cluster.nodes.values():
         await eventually(lambda n=node: held(http, n.url, "registry", "default"),
@@ -275,9 +276,11 @@ def running(tmp_path_factory):
 
 
 def _node_holds(c: RunningCluster, name: str, kind: str, obj: str, value: dict) -> bool:
+    """Whether the node holds ``kind/obj`` with (at least) the fields of ``value``."""
     try:
         with management_client.open_direct(f"{c.node_url(name)}{CONF}/{kind}/{obj}", 10) as r:
-            return json.load(r)["value"] == value
+            held = json.load(r)["value"]
+            return {k: held.get(k) for k in value} == value
     except OSError:
         return False
 
@@ -289,7 +292,7 @@ async def test_registry_update_reaches_every_node_and_needs_the_home_region(runn
     assert json.loads(shown.stdout)["adminUserEnabled"] is False
     updated = georeg("registry", "update", "--admin-enabled", "true", data_dir=c.data_dir)
     assert updated.returncode == 0, updated.stderr
-    value = {"admin_enabled": True, "anonymous_pull_enabled": False}
+    value = {"admin_enabled": True, "anonymous_pull_enabled": False, "name": "georegconf"}
     nodes = [n["name"] for n in c.status()["nodes"]]
     assert any(n.startswith("brazilsouth") for n in nodes)
     for name in nodes:

@@ -1,11 +1,15 @@
 """The ``IdentitySource`` contract: what the access code relies on from whatever holds
 the registry's identities. ``IdentitySourceContract`` is written once; each
-implementation runs it by subclassing with its own ``build`` (the replicated
-configuration store will join ``InMemoryIdentitiesContract`` here)."""
+implementation runs it by subclassing with its own ``build``: the in-memory source
+and the replicated configuration store (``ConfigurationIdentities``), written the
+way a replica receives it (replicated ``config_set``/``config_delete`` events)."""
 
 from __future__ import annotations
 
+import itertools
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +26,18 @@ from registry_node.auth.identities import (
     hash_secret,
     secret_matches,
 )
+from registry_node.config import NodeConfig
+from registry_node.configuration import RegistryProperties
+from registry_node.identities import (
+    Assignment,
+    ConfigurationIdentities,
+    Identity,
+    ScopeMap,
+    Secret,
+    Token,
+)
+from registry_node.node import Node
+from registry_node.records import Event, EventKind, encode
 
 # A writer is what the test calls to change the source: (kind, record) → None, where
 # kind is "registry", "token", "scope_map", "identity", "role_assignment" or
@@ -82,23 +98,6 @@ class TestInMemoryIdentities(IdentitySourceContract):
         return source, write
 
 
-class TestInMemoryIdentitiesFromJson(IdentitySourceContract):
-    """The file ``georeg node --auth-identities`` reads holds what was written."""
-
-    def build(self, settings):
-        inner, write = TestInMemoryIdentities().build(settings)
-
-        class Reloaded:
-            @property
-            def generation(self):
-                return inner.generation
-
-            def __getattr__(self, name):
-                return getattr(InMemoryIdentities.from_json(inner.to_json()), name)
-
-        return Reloaded(), write
-
-
 def test_secrets_are_stored_salted_and_checked_in_constant_time():
     first, second = hash_secret("s3cret"), hash_secret("s3cret")
     assert first != second and "s3cret" not in first
@@ -108,7 +107,68 @@ def test_secrets_are_stored_salted_and_checked_in_constant_time():
         assert not secret_matches("s3cret", broken)
 
 
-@pytest.mark.parametrize("text", ["{}", "[]", '{"registry": {}}', "not json"])
-def test_a_broken_identities_file_is_an_error_not_a_crash_at_request_time(text):
-    with pytest.raises((ValueError, KeyError, TypeError)):
-        InMemoryIdentities.from_json(text)
+class TestConfigurationIdentities(IdentitySourceContract):
+    """The source every node with auth on reads: its registry configuration, as
+    replication brings it (``Configuration.apply``, what a replica runs)."""
+
+    @pytest.fixture(autouse=True)
+    def _nodes(self):
+        self.opened: list[Node] = []
+        with tempfile.TemporaryDirectory() as root:
+            self.root = Path(root)
+            yield
+            for node in self.opened:
+                node.close()
+
+    def build(self, settings):
+        node = Node.open(NodeConfig(data_dir=self.root / str(len(self.opened)), port=0,
+                                    region="westeurope"))
+        self.opened.append(node)
+        config = node.configuration
+        hlc = itertools.count(1000)
+
+        def secrets(passwords):
+            return tuple(Secret(p.name, p.hashed, expiry=p.expiry) for p in passwords)
+
+        def apply(kind, name, value=None):
+            config.apply(Event(
+                kind=EventKind.CONFIG_SET if value is not None else EventKind.CONFIG_DELETE,
+                repository="", origin_region="eastus", origin_zone="", hlc=next(hlc),
+                config_kind=kind, config_name=name,
+                config_value=encode(value) if value is not None else b""))
+
+        def write(kind, record):
+            if kind == "registry":
+                apply("registry", "default", RegistryProperties(
+                    record.admin_enabled, record.anonymous_pull_enabled, record.name,
+                    secrets(record.admin_passwords)))
+            elif kind == "token":
+                apply("token", record.name, Token(record.scope_map, record.status,
+                                                  secrets(record.passwords)))
+            elif kind == "scope_map":
+                apply("scope-map", record.name, ScopeMap(actions=record.actions))
+            elif kind == "identity":
+                apply("identity", record.id, Identity(secrets=secrets(record.secrets)))
+            elif kind == "role_assignment":
+                apply("role-assignment", f"ra-{next(hlc)}",
+                      Assignment(record.assignee, record.role, record.repository))
+            elif kind == "delete_token":
+                apply("token", record)
+            else:
+                raise AssertionError(kind)
+
+        return ConfigurationIdentities(config, settings.name), write
+
+
+def test_the_configuration_source_names_the_registry_as_the_control_plane_wrote_it(tmp_path):
+    node = Node.open(NodeConfig(data_dir=tmp_path, port=0))
+    try:
+        source = ConfigurationIdentities(node.configuration, "fallback")
+        assert source.settings() == RegistrySettings("fallback")
+        node.configuration.apply(Event(
+            kind=EventKind.CONFIG_SET, repository="", origin_region="eastus", hlc=5,
+            config_kind="registry", config_name="default",
+            config_value=encode(RegistryProperties(name="georegtest"))))
+        assert source.settings().name == "georegtest"
+    finally:
+        node.close()

@@ -10,6 +10,7 @@ import pytest
 from cluster.control import spec as specs
 from cluster.control.plan import plan
 from cluster.control.regions import REGIONS, distance_km
+from cluster.control.supervisor import Supervisor
 from cluster.network.wan import PairOverride, WanModel
 
 
@@ -65,6 +66,21 @@ def test_auth_is_token_or_none_and_plans_each_nodes_access_files(tmp_path):
         assert access.ca_file == cluster_plan.nodes[0].access.ca_file
     [problem] = problems({"auth": "Token "})
     assert "auth 'Token ' is not one of 'token'" in problem and "did you mean 'token'" in problem
+
+
+def test_every_node_of_an_auth_cluster_gets_the_same_login_server_and_no_identities_file(
+        tmp_path):
+    """Tokens are checked against the service every node is told: the spec's
+    login server, passed to each node (its own default would differ); what a
+    node enforces is the registry configuration it holds, no file."""
+    spec = specs.parse({"auth": "token", "registry": "contoso",
+                        "replicas": [{"region": "northeurope"}]}).seeded(1)
+    cluster_plan = plan(spec, tmp_path)
+    supervisor = Supervisor(cluster_plan)
+    for node in cluster_plan.all_nodes:
+        command = supervisor.node_command(node)
+        assert command[command.index("--auth-service") + 1] == "contoso.azurecr.io"
+        assert "--auth-identities" not in command
 
 
 def test_zone_redundancy_needs_a_region_with_zones():

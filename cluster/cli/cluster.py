@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,13 +25,22 @@ from rich.table import Table
 from registry_node import logs
 
 from ..control import spec as specs
-from ..control.access import AdminLogin, CredentialMissing, read_admin
+from ..control.access import AdminLogin
 from ..control.cluster import Cluster
 from ..control.errors import ClusterError
 from ..control.management import ManagementServer
 from ..control.state import running_state, saved_spec
 from ..control.supervisor import NodeStartError
-from .common import DEFAULT_DATA_DIR, CliError, add_data_dir, call, command, data_dir_of, event_loop
+from .common import (
+    DEFAULT_DATA_DIR,
+    CliError,
+    add_data_dir,
+    admin_login,
+    call,
+    command,
+    data_dir_of,
+    event_loop,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -140,8 +150,10 @@ async def _up(spec, data_dir: Path, show_secrets: bool = True) -> int:
         loop.add_signal_handler(sig, cluster.request_stop)
     try:
         async with ManagementServer(cluster) as management:
-            print_endpoints({**cluster.status(), "management": management.url},
-                            cluster.access.admin if cluster.access and show_secrets else None)
+            admin = None
+            if cluster.spec.auth_enabled and show_secrets:
+                admin = await cluster.access.admin_login()
+            print_endpoints({**cluster.status(), "management": management.url}, admin)
             print("Ctrl-C (or `georeg down`) stops the cluster.", flush=True)
             await cluster.serve_forever()
     finally:
@@ -174,10 +186,8 @@ def _detach(args: argparse.Namespace, data_dir: Path) -> int:
             status = call(data_dir, "GET", "/georeg/v1/cluster")
             admin = None
             if status.get("auth") == "token":
-                try:
-                    admin = read_admin(data_dir)
-                except CredentialMissing as exc:
-                    raise CliError(str(exc)) from None
+                with contextlib.suppress(CliError):     # the admin user disabled since
+                    admin = admin_login(data_dir)
             print_endpoints(status, admin)
             print(f"Running in the background (pid {child.pid}); `georeg down --data-dir "
                   f"{data_dir}` stops it. Logs: {data_dir / 'logs'}")
@@ -257,7 +267,8 @@ def print_endpoints(status: dict, admin: AdminLogin | None = None) -> None:
                           f"[bold]{admin.username}[/], password [bold]{admin.password}[/]",
                           highlight=False)
         console.print(f"Generated at the cluster's first start and kept in {data_dir}/auth/"
-                      f"admin.json (mode 0600), for a cluster on this machine. `georeg login` "
+                      f"admin-passwords.json (mode 0600), for a cluster on this machine; "
+                      f"`georeg credential show|renew` shows and renews them. `georeg login` "
                       f"writes them where skopeo and podman look ($REGISTRY_AUTH_FILE, else "
                       f"$XDG_RUNTIME_DIR/containers/auth.json; --docker: ~/.docker/config.json "
                       f"for docker and oras). The management API and this CLI use the cluster "

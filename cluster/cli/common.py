@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..control.access import CredentialMissing, authorization, read_owner_credential
+from ..control.access import AdminLogin, CredentialMissing, authorization, read_owner_credential
 from ..control.management_client import ManagementError, request
 from ..control.state import running_state
 
@@ -67,6 +67,20 @@ def call(data_dir: Path, method: str, path: str, body: dict | None = None,
         if exc.status == 401 and missing is not None:
             raise CliError(f"{exc}\n{missing}") from None
         raise CliError(str(exc)) from None
+
+
+def admin_login(data_dir: Path) -> AdminLogin:
+    """The admin credentials a client logs in with, as the running cluster's
+    ``credential show`` answers them (from the one home of the plaintexts,
+    checked against the hash the registry holds): the first password that works."""
+    shown = call(data_dir, "GET", "/georeg/v1/registry/credentials")
+    assert isinstance(shown, dict)
+    value = next((p["value"] for p in shown["passwords"] if p.get("value")), None)
+    if value is None:
+        raise CliError(f"no admin password kept in {data_dir}/auth/admin-passwords.json works "
+                       f"any more; `georeg credential renew --password-name password` makes "
+                       f"a new one")
+    return AdminLogin(shown["username"], value)
 
 
 def event_loop():

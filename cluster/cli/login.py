@@ -1,7 +1,8 @@
 """``georeg login``: the registry's credentials written where clients look.
 
 On a cluster with ``auth = "token"`` the admin user's credentials (made at
-the cluster's first start, ``cluster.control.access``) go into a client
+the cluster's first start, renewed by ``georeg credential renew``; the
+running cluster's ``credential show`` says which work) go into a client
 auth file, for every address a client may use: each global and regional
 endpoint and each node (a token from any of them works on all). The file
 format is the one skopeo, podman, docker and oras read:
@@ -25,17 +26,16 @@ import json
 import os
 from pathlib import Path
 
-from ..control.access import CredentialMissing, read_admin
 from ..control.plan import plan
 from ..control.state import saved_spec
-from .common import CliError, add_data_dir, command, data_dir_of
+from .common import CliError, add_data_dir, admin_login, command, data_dir_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "login", help="write the registry's credentials where skopeo, podman, docker look",
-        description="Write the admin user's credentials of a cluster with auth = \"token\" into "
-                    "a client auth file, for every endpoint and node address of the cluster. "
+        description="Write the admin user's credentials of a running cluster with auth = "
+                    "\"token\" (what `georeg credential show` shows) into a client auth file, for every endpoint and node address of the cluster. "
                     "Default file: $REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/"
                     "auth.json (skopeo, podman); --docker: $DOCKER_CONFIG/config.json, else "
                     "~/.docker/config.json (docker, oras).")
@@ -102,10 +102,7 @@ def write_auth_file(path: Path, entries: dict[str, str]) -> None:
 def run_login(args: argparse.Namespace) -> int:
     data_dir = data_dir_of(args)
     where = addresses(data_dir)
-    try:
-        admin = read_admin(data_dir)
-    except CredentialMissing as exc:
-        raise CliError(str(exc)) from None
+    admin = admin_login(data_dir)
     auth = base64.b64encode(f"{admin.username}:{admin.password}".encode()).decode()
     path = auth_file(args)
     write_auth_file(path, dict.fromkeys(where, auth))

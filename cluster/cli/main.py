@@ -22,11 +22,30 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     node.register(sub)
     if only_node:
         return parser
-    from . import bench, chaos, cluster, fault, login, registry, replication, repository, verify
+    from . import (
+        bench,
+        chaos,
+        cluster,
+        credential,
+        fault,
+        identity,
+        login,
+        registry,
+        replication,
+        repository,
+        scope_map,
+        token,
+        verify,
+    )
 
     cluster.register(sub)
     login.register(sub)
     registry.register(sub)
+    credential.register(sub)
+    token.register(sub)
+    scope_map.register(sub)
+    identity.register(sub)
+    identity.register_role(sub)
     replication.register(sub)
     repository.register(sub)
     fault.register(sub)

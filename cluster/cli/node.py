@@ -66,7 +66,9 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     auth = p.add_argument_group(
         "authentication", "Off unless --auth-ca is given. Then every /v2/ route needs credentials "
         "(Basic or a bearer token from this node's /oauth2/token), as ACR's do; tokens minted by "
-        "any node whose certificate the same CA issued are valid here.")
+        "any node whose certificate the same CA issued are valid here. Who may log in is the "
+        "registry configuration this node holds (admin user, tokens, scope maps, identities, "
+        "role assignments), written through the home region and replicated.")
     auth.add_argument("--auth-ca", type=Path, metavar="FILE",
                       help="the cluster CA's certificate (PEM): trusted to vouch for token keys")
     auth.add_argument("--auth-key", type=Path, metavar="FILE",
@@ -75,11 +77,8 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                       help="this node's certificate for --auth-key, issued by --auth-ca (PEM)")
     auth.add_argument("--auth-service", metavar="NAME",
                       help="the login server named in challenges and tokens (the audience); "
-                           "default: the registry name from --auth-identities")
-    auth.add_argument("--auth-identities", type=Path, metavar="FILE",
-                      help="the admin user, tokens, scope maps, identities and role assignments "
-                           "to enforce, as JSON with hashed secrets (default: none, so only "
-                           "anonymous pull, when enabled there, gets in)")
+                           "the same on every node of a cluster (`georeg up` passes the "
+                           "registry's login server); default: georeg")
     auth.add_argument("--internal-credential-file", type=Path, metavar="FILE",
                       help="a file (mode 0600) holding the cluster's internal credential: the "
                            "node's internal routes (/georeg/v1/..., /metrics; not "
@@ -132,7 +131,7 @@ def _run_node(args: argparse.Namespace) -> int:
                         gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl,
                         shutdown_grace_s=args.shutdown_grace, auth_ca_file=args.auth_ca,
                         auth_key_file=args.auth_key, auth_cert_file=args.auth_cert,
-                        auth_service=args.auth_service or "", auth_identities=args.auth_identities,
+                        auth_service=args.auth_service or "",
                         internal_credential_file=args.internal_credential_file)
     try:
         run(config, extensions)

@@ -9,10 +9,10 @@ start and kept in its data dir::
         internal.secret              the cluster's internal credential: nodes' internal
                                      routes (``registry_node.api.internal``); the supervisor,
                                      the management plane, verify and faults send it
-        admin.json                   the registry's admin user: {"username", "password"},
-                                     printed by ``georeg up``, written by ``georeg login``
-        identities.json              what every node enforces (the admin user, its password
-                                     hashed): ``georeg node --auth-identities``
+        admin-passwords.json         the admin user's passwords in clear, {"password": [...],
+                                     "password2": [...]}, newest last: the one home of
+                                     them (``credential show|renew``, ``georeg up``'s
+                                     printout, ``georeg login``); nodes hold only hashes
 
 Who may do what: a registry client needs credentials on every node and
 endpoint (ACR's token flow, ``registry_node.auth``); with the admin user's
@@ -22,13 +22,13 @@ credential may use the management API (configure, inject faults, shut down):
 whoever can read the data dir owns the cluster, as whoever holds an
 Azure subscription's Owner role owns its registry.
 
-The identities nodes enforce come from one seam, ``IDENTITIES``: today a
-file written here from the admin user (``InMemoryIdentities``' JSON); once
-the replicated registry configuration carries identities, nodes read them
-from there and this file goes.
+The identities nodes enforce are the replicated registry configuration
+(``registry_node.identities``), written through the home region by
+``cluster.control.identities``; at an auth cluster's first start the cluster
+enables the admin user there with generated passwords (``Cluster._start``).
 
 Invariants: every secret is 256 random bits, generated once and reused at
-every restart; every secret file is written mode 0600 from its first byte
+every restart (the admin passwords change only by ``credential renew``); every secret file is written mode 0600 from its first byte
 (never chmod-ed after), under a 0700 directory; secrets reach node processes
 only as file paths, never on a command line or in the environment, and are
 never logged.
@@ -42,20 +42,16 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry_node.auth.identities import (
-    InMemoryIdentities,
-    Password,
-    RegistrySettings,
-    hash_secret,
-)
-
 from .ca import ClusterCA
 from .plan import AUTH_DIR, ClusterPlan, NodePlan
 
 OWNER_FILE = "owner.secret"
 INTERNAL_FILE = "internal.secret"
-ADMIN_FILE = "admin.json"
-IDENTITIES_FILE = "identities.json"
+ADMIN_PASSWORDS_FILE = "admin-passwords.json"
+# Kept per slot: the password being set and the one before it, so that a
+# renewal interrupted between this file and the home node's write still shows
+# whichever of them the replicated hash names.
+_CANDIDATES = 2
 
 
 def auth_dir(data_dir: Path) -> Path:
@@ -80,12 +76,11 @@ class AdminLogin:
 
 
 @dataclass(frozen=True, slots=True)
-class ClusterAccess:
-    """A cluster's credentials, as the supervisor process holds them."""
+class ClusterSecrets:
+    """A cluster's own credentials, as the supervisor process holds them."""
 
     owner: str
     internal: str
-    admin: AdminLogin
     service: str
 
     def internal_headers(self) -> dict[str, str]:
@@ -115,26 +110,7 @@ def _secret(path: Path) -> str:
     return value
 
 
-def _admin(path: Path, username: str) -> AdminLogin:
-    if path.exists():
-        doc = json.loads(path.read_text())
-        if doc.get("username") == username and doc.get("password"):
-            return AdminLogin(username, doc["password"])
-    login = AdminLogin(username, secrets.token_urlsafe(32))
-    _write_secret_file(path, json.dumps({"username": login.username,
-                                         "password": login.password}) + "\n")
-    return login
-
-
-def identities_for(admin: AdminLogin) -> InMemoryIdentities:
-    """What nodes enforce on a new cluster: the admin user enabled with its
-    password (hashed), no tokens, no anonymous pull."""
-    return InMemoryIdentities(RegistrySettings(
-        admin.username, admin_enabled=True,
-        admin_passwords=(Password("password1", hash_secret(admin.password)),)))
-
-
-def provision(cluster_plan: ClusterPlan) -> ClusterAccess | None:
+def provision(cluster_plan: ClusterPlan) -> ClusterSecrets | None:
     """Everything a cluster with auth needs before its nodes start, made at its
     first start and reused at every later one (None on a cluster without auth)."""
     spec = cluster_plan.spec
@@ -144,14 +120,10 @@ def provision(cluster_plan: ClusterPlan) -> ClusterAccess | None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     owner = _secret(directory / OWNER_FILE)
     internal = _secret(directory / INTERNAL_FILE)
-    admin = _admin(directory / ADMIN_FILE, spec.registry)
-    identities = directory / IDENTITIES_FILE
-    if not identities.exists():
-        _write_secret_file(identities, identities_for(admin).to_json())
     ca = ClusterCA.open(directory / "ca", spec.registry)
     for node in cluster_plan.all_nodes:
         provision_node(ca, cluster_plan, node)
-    return ClusterAccess(owner, internal, admin, spec.login_server)
+    return ClusterSecrets(owner, internal, spec.login_server)
 
 
 def provision_node(ca: ClusterCA, cluster_plan: ClusterPlan, node: NodePlan) -> None:
@@ -212,17 +184,31 @@ def read_internal_credential(data_dir: Path) -> str:
                                 f"(mode 0600); run georeg as that user") from None
 
 
-def read_admin(data_dir: Path) -> AdminLogin:
-    path = auth_dir(data_dir) / ADMIN_FILE
+# -- the admin user's passwords ---------------------------------------------------------
+
+
+def admin_passwords_path(data_dir: Path) -> Path:
+    return auth_dir(data_dir) / ADMIN_PASSWORDS_FILE
+
+
+def admin_password_candidates(data_dir: Path) -> dict[str, list[str]]:
+    """Per slot, the admin passwords generated for it (newest last); which of them
+    works is the one whose hash the registry holds (``RegistryAccess``)."""
     try:
-        doc = json.loads(path.read_text())
-        return AdminLogin(doc["username"], doc["password"])
+        raw = admin_passwords_path(data_dir).read_text()
     except FileNotFoundError:
-        raise CredentialMissing(
-            f"{path} does not exist: the admin user's password is made when a cluster with "
-            f"auth = \"token\" first starts (`georeg up --auth token`)") from None
-    except PermissionError:
-        raise CredentialMissing(f"{path} is readable only by the user who started the cluster "
-                                f"(mode 0600); run georeg as that user") from None
-    except (ValueError, KeyError, TypeError):
-        raise CredentialMissing(f"{path} does not hold the admin user's credentials") from None
+        return {}
+    doc = json.loads(raw)
+    return {slot: [v for v in values if isinstance(v, str)]
+            for slot, values in doc.items() if isinstance(values, list)}
+
+
+def remember_admin_password(data_dir: Path, slot: str, value: str) -> None:
+    """Add ``value`` as the newest candidate for ``slot``, before its hash is
+    written anywhere (the file stays 0600, replaced atomically: a crash leaves
+    the old file or the new one)."""
+    candidates = admin_password_candidates(data_dir)
+    candidates[slot] = (candidates.get(slot, []) + [value])[-_CANDIDATES:]
+    auth_dir(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_secret_file(admin_passwords_path(data_dir), json.dumps(candidates) + "\n")
+

@@ -14,6 +14,10 @@ fail with ``ControlPlaneUnavailable``; pushes and pulls go on through the
 other replicas. Registry configuration (``registry_node.configuration``) is
 written through one home node, which stamps and logs it; replication carries
 it to every node, and every node answers reads of it from what it holds.
+The registry's identities (admin credentials, tokens, scope maps, identities,
+role assignments) have their own commands, ``Cluster.access``
+(``cluster.control.identities``), after ``az acr``; an auth cluster's own
+credentials (CA, owner and internal secrets) are ``cluster.control.access``'s.
 Reachability is asked of the network itself: a request to each home node
 through its management link (``ClusterPlan.management_links``), which every
 fault that cuts a node off cuts as well.
@@ -64,8 +68,9 @@ from ..faults.controller import FaultController
 from ..faults.verify import NodeTarget, VerifyReport, down_reason, verify
 from ..routing.endpoints import Endpoints
 from . import spec as specs
-from .access import ClusterAccess, open_ca, provision, provision_node
+from .access import ClusterSecrets, open_ca, provision, provision_node
 from .errors import ClusterError, ControlPlaneUnavailable, NodeRefusal, NotFound, PortInUse
+from .identities import ACCESS_KINDS, RegistryAccess
 from .plan import ClusterPlan, plan
 from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
@@ -131,8 +136,9 @@ class Cluster:
         self.progress: dict[str, ReplicaProgress] = {}
         self.restoring: set[str] = set()   # regions whose nodes peer with their paired copy
         self.faults = FaultController(self)
-        # With auth: the credentials made at first start (cluster.control.access).
-        self.access: ClusterAccess | None = None
+        # With auth: the cluster's own credentials, made at first start
+        # (cluster.control.access).
+        self.secrets: ClusterSecrets | None = None
         self._http: aiohttp.ClientSession | None = None   # requests over management links
         self.started_at = 0.0
         # Seconds from the start to every node healthy, and to ready (subscribed
@@ -140,8 +146,10 @@ class Cluster:
         self.healthy_after_s: float | None = None
         self.ready_after_s: float | None = None
         self._stopped = asyncio.Event()
-        # Read-modify-write of the registry object, one at a time.
-        self._registry_update = asyncio.Lock()
+        # Admin credentials, tokens, scope maps, identities, role assignments.
+        self.access = RegistryAccess(registry=spec.registry, tier=lambda: self.spec.tier,
+                                     data_dir=self.data_dir, home=self._control_plane,
+                                     reader=self._config_reader, call=self._node_call)
         # The management API's port, bound (not listening: connections are
         # refused) from the start until a ManagementServer serves it.
         self._management_socket: socket.socket | None = None
@@ -200,7 +208,7 @@ class Cluster:
                     raise PortInUse(str(exc)) from None
                 raise
             save_spec(self.data_dir, self.spec)
-            self.access = await asyncio.get_running_loop().run_in_executor(
+            self.secrets = await asyncio.get_running_loop().run_in_executor(
                 None, provision, self.plan)
             self.supervisor.internal_headers = self.internal_headers()
             log.info("cluster_starting", seed=self.spec.seed, data_dir=str(self.data_dir),
@@ -213,9 +221,42 @@ class Cluster:
             self.healthy_after_s = time.monotonic() - clock
             await self.wait_ready()
             self.ready_after_s = time.monotonic() - clock
+            if self.spec.auth_enabled:
+                await self._admin_user_everywhere()
         except BaseException:
             await self.stop()
             raise
+
+    async def _admin_user_everywhere(self, timeout: float = 30.0) -> None:
+        """At an auth cluster's first start, the admin user enabled through the
+        home node (``RegistryAccess.enable_admin_at_first_start``; a restart
+        changes nothing), and the start waits until every node holds it, so
+        the credentials ``georeg up`` prints work on every node and endpoint."""
+        try:
+            if not await self.access.enable_admin_at_first_start():
+                return
+        except ControlPlaneUnavailable as exc:       # a restart with home down
+            log.warning("admin_user_not_checked", error=str(exc))
+            return
+        home = await self._control_plane()
+        written = (await self._node_call(home, "GET", "/registry/default"))["value"]
+        deadline = time.monotonic() + timeout
+        # The nodes that serve clients (paired-region copies are storage only).
+        waiting = [n.name for n in self.plan.nodes
+                   if not self.supervisor.nodes[n.name].intended_down]
+        while waiting:
+            for name in list(waiting):
+                try:
+                    held = (await self._node_call(name, "GET", "/registry/default"))["value"]
+                except NodeRefusal:
+                    continue
+                if held.get("admin_passwords") == written["admin_passwords"]:
+                    waiting.remove(name)
+            if waiting and time.monotonic() > deadline:
+                raise ClusterError(f"the admin user did not reach {', '.join(waiting)} within "
+                                   f"{timeout:g}s")
+            if waiting:
+                await asyncio.sleep(0.05)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Until every node is healthy, subscribed to every peer, and writable."""
@@ -300,7 +341,7 @@ class Cluster:
     def internal_headers(self) -> dict[str, str]:
         """What the cluster's own requests to its nodes carry: the internal
         credential on a cluster with auth (``registry_node.api.internal``)."""
-        return self.access.internal_headers() if self.access is not None else {}
+        return self.secrets.internal_headers() if self.secrets is not None else {}
 
     def http(self) -> aiohttp.ClientSession:
         """The session for requests over management links. A fresh connection per
@@ -406,7 +447,7 @@ class Cluster:
             "tier": self.spec.tier,
             "auth": self.spec.auth,
             "login_server": self.spec.login_server if self.spec.auth_enabled else None,
-            "admin_username": self.access.admin.username if self.access else None,
+            "admin_username": self.spec.registry if self.spec.auth_enabled else None,
             "home_region": self.spec.home_region,
             "blob_downloads": self.spec.blob_downloads,
             "seed": self.spec.seed,
@@ -564,13 +605,45 @@ class Cluster:
 
     async def set_configuration(self, kind: str, name: str, value: dict) -> dict:
         """Write an object through the home region (validated there, stamped,
-        replicated to every node); ``ControlPlaneUnavailable`` while it is down."""
+        replicated to every node); ``ControlPlaneUnavailable`` while it is down.
+        Identities have their own commands (``access``), which generate their
+        secrets and check what they refer to; the registry object's name and
+        admin passwords are the control plane's and keep their values."""
         path = self._object_path(kind, name)
-        return await self._node_call(await self._control_plane(), "PUT", path, value)
+        self._not_an_identity(kind)
+        if kind != "registry":
+            return await self._node_call(await self._control_plane(), "PUT", path, value)
+        owned = sorted({"name", "admin_passwords"} & set(value))
+        if owned:
+            raise ClusterError(f"{', '.join(owned)}: set by the control plane (use `georeg "
+                               "credential renew` for the admin passwords)")
+        async with self.access.lock:
+            home = await self._control_plane()
+            current = await self._current_registry(home)
+            return await self._node_call(home, "PUT", path, {
+                **value, "name": self.spec.registry,
+                "admin_passwords": current.get("admin_passwords", [])})
 
     async def delete_configuration(self, kind: str, name: str) -> dict:
         path = self._object_path(kind, name)
+        self._not_an_identity(kind)
         return await self._node_call(await self._control_plane(), "DELETE", path)
+
+    @staticmethod
+    def _not_an_identity(kind: str) -> None:
+        if kind in ACCESS_KINDS:
+            command = {"role-assignment": "role assignment"}.get(kind, kind)
+            raise ClusterError(f"{kind} objects are written by `georeg {command} create|update|"
+                               "delete` (or Cluster.access), which check them and generate "
+                               "their secrets")
+
+    async def _current_registry(self, home: str) -> dict:
+        try:
+            return (await self._node_call(home, "GET", "/registry/default"))["value"]
+        except NodeRefusal as exc:
+            if exc.status != 404:
+                raise
+            return {}
 
     async def registry_properties(self) -> dict:
         """The registry resource, as ``az acr show`` shows its switches."""
@@ -588,23 +661,17 @@ class Cluster:
     async def update_registry(self, *, admin_enabled: bool | None = None,
                               anonymous_pull_enabled: bool | None = None) -> dict:
         """``az acr update --admin-enabled / --anonymous-pull-enabled``: the
-        switches given change, the others keep their value."""
+        switches given change, the others keep their value; the admin user gets
+        its two passwords the first time it is enabled (``access``)."""
         if anonymous_pull_enabled and self.spec.tier == "Basic":
             raise ClusterError("anonymous pull needs the Standard or Premium tier; this "
                                "registry is Basic")
-        async with self._registry_update:
+        async with self.access.lock:
             home = await self._control_plane()
-            try:
-                current = (await self._node_call(home, "GET", "/registry/default"))["value"]
-            except NodeRefusal as exc:
-                if exc.status != 404:
-                    raise
-                current = {}
-            if admin_enabled is not None:
-                current["admin_enabled"] = admin_enabled
-            if anonymous_pull_enabled is not None:
-                current["anonymous_pull_enabled"] = anonymous_pull_enabled
-            await self._node_call(home, "PUT", "/registry/default", current)
+            current = await self._current_registry(home)
+            value = self.access.registry_value(current, admin_enabled=admin_enabled,
+                                               anonymous_pull_enabled=anonymous_pull_enabled)
+            await self._node_call(home, "PUT", "/registry/default", value)
         return await self.registry_properties()
 
     async def create_replication(self, region: str, *, zone_redundant: bool = False,
@@ -620,7 +687,7 @@ class Cluster:
         for link in (*new_plan.links, *new_plan.management_links):
             if (link.source, link.target) not in self.supervisor.links:
                 await self.supervisor.add_link(link)
-        if self.access is not None:
+        if self.secrets is not None:
             ca = open_ca(new_plan)
             for node in added:
                 provision_node(ca, new_plan, node)

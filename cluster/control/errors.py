@@ -50,3 +50,17 @@ class PortInUse(ClusterError):
 class NotFound(ClusterError):
     status = 404
     code = "NotFound"
+
+
+class Conflict(ClusterError):
+    """The object exists already, or something still uses it."""
+
+    status = 409
+    code = "Conflict"
+
+
+class QuotaExceeded(ClusterError):
+    """One more would pass a limit of the registry's tier (ACR-SEMANTICS.md, Tiers)."""
+
+    status = 409
+    code = "QuotaExceeded"

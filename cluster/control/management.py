@@ -25,9 +25,34 @@ which other processes find it.
     GET    /georeg/v1/registry                    the registry: name, sku, adminUserEnabled,
                                                   anonymousPullEnabled
     PATCH  /georeg/v1/registry                    {"adminUserEnabled", "anonymousPullEnabled"}
+    GET    /georeg/v1/registry/credentials        the admin user's name and passwords
+                                                  (az acr credential show)
+    POST   /georeg/v1/registry/credentials/renew  {"name": "password"|"password2"}
+    GET    /georeg/v1/scope-maps                  system and user scope maps
+    POST   /georeg/v1/scope-maps                  {"name", "repositories": [[REPO, ACTION...]],
+                                                  "description"}
+    GET    /georeg/v1/scope-maps/{name}
+    PATCH  /georeg/v1/scope-maps/{name}           {"addRepositories", "removeRepositories",
+                                                  "description"}
+    DELETE /georeg/v1/scope-maps/{name}
+    GET    /georeg/v1/tokens                      tokens (never a password)
+    POST   /georeg/v1/tokens                      {"name", "scopeMap" | "repositories", "status",
+                                                  "expirationInDays"}: both passwords, once
+    GET    /georeg/v1/tokens/{name}
+    PATCH  /georeg/v1/tokens/{name}               {"scopeMap", "status"}
+    DELETE /georeg/v1/tokens/{name}
+    POST   /georeg/v1/tokens/{name}/credentials   {"name": "password1"|"password2",
+                                                  "expirationInDays"}: the new password, once
+    GET    /georeg/v1/identities                  identities (never a secret)
+    POST   /georeg/v1/identities                  {"name"}: its id and secret, once
+    DELETE /georeg/v1/identities/{id}             it and its role assignments
+    GET    /georeg/v1/role-assignments[?assignee=ID]
+    POST   /georeg/v1/role-assignments            {"role", "assignee", "scope": "repository/NAME"}
+    DELETE /georeg/v1/role-assignments/{id}
     GET    /georeg/v1/configuration/{kind}        registry configuration objects of one kind
     GET    /georeg/v1/configuration/{kind}/{name}
     PUT    /georeg/v1/configuration/{kind}/{name} the object's value (JSON), validated at home
+                                                  (not for identities: their routes above)
     DELETE /georeg/v1/configuration/{kind}/{name}
 
 On a cluster with auth (``cluster.control.access``) every route answers only
@@ -86,8 +111,8 @@ async def _errors(request: web.Request, handler):
 
 def _owner_only(cluster: Cluster):
     """A middleware admitting only requests that carry the cluster owner's credential."""
-    assert cluster.access is not None
-    expected = authorization(cluster.access.owner)["Authorization"].encode()
+    assert cluster.secrets is not None
+    expected = authorization(cluster.secrets.owner)["Authorization"].encode()
     where = owner_credential_path(cluster.data_dir)
 
     @web.middleware
@@ -129,7 +154,7 @@ class ManagementServer:
 
     async def start(self) -> None:
         middlewares = [_errors]
-        if self.cluster.access is not None:
+        if self.cluster.secrets is not None:
             middlewares.insert(0, _owner_only(self.cluster))
         app = web.Application(middlewares=middlewares)
         r = app.router
@@ -144,6 +169,25 @@ class ManagementServer:
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
         r.add_get("/georeg/v1/registry", self.show_registry)
         r.add_patch("/georeg/v1/registry", self.update_registry)
+        r.add_get("/georeg/v1/registry/credentials", self.show_credentials)
+        r.add_post("/georeg/v1/registry/credentials/renew", self.renew_credential)
+        r.add_get("/georeg/v1/scope-maps", self.list_scope_maps)
+        r.add_post("/georeg/v1/scope-maps", self.create_scope_map)
+        r.add_get("/georeg/v1/scope-maps/{name}", self.show_scope_map)
+        r.add_patch("/georeg/v1/scope-maps/{name}", self.update_scope_map)
+        r.add_delete("/georeg/v1/scope-maps/{name}", self.delete_scope_map)
+        r.add_get("/georeg/v1/tokens", self.list_tokens)
+        r.add_post("/georeg/v1/tokens", self.create_token)
+        r.add_get("/georeg/v1/tokens/{name}", self.show_token)
+        r.add_patch("/georeg/v1/tokens/{name}", self.update_token)
+        r.add_delete("/georeg/v1/tokens/{name}", self.delete_token)
+        r.add_post("/georeg/v1/tokens/{name}/credentials", self.generate_token_password)
+        r.add_get("/georeg/v1/identities", self.list_identities)
+        r.add_post("/georeg/v1/identities", self.create_identity)
+        r.add_delete("/georeg/v1/identities/{id}", self.delete_identity)
+        r.add_get("/georeg/v1/role-assignments", self.list_role_assignments)
+        r.add_post("/georeg/v1/role-assignments", self.create_role_assignment)
+        r.add_delete("/georeg/v1/role-assignments/{id}", self.delete_role_assignment)
         r.add_get("/georeg/v1/configuration/{kind}", self.list_configuration)
         r.add_get("/georeg/v1/configuration/{kind}/{name}", self.show_configuration)
         r.add_put("/georeg/v1/configuration/{kind}/{name}", self.set_configuration)
@@ -261,6 +305,104 @@ class ManagementServer:
         return web.json_response(await self.cluster.delete_configuration(
             request.match_info["kind"], request.match_info["name"]))
 
+    # -- identities (cluster.control.identities) ---------------------------------------------
+
+    async def show_credentials(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.access.admin_credentials())
+
+    async def renew_credential(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        return web.json_response(await self.cluster.access.renew_admin_password(
+            _field(body, "name", str)))
+
+    async def list_scope_maps(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.access.list_scope_maps())
+
+    async def show_scope_map(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.access.show_scope_map(request.match_info["name"]))
+
+    async def create_scope_map(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "name", "repositories", "description")
+        created = await self.cluster.access.create_scope_map(
+            _field(body, "name", str), _field(body, "repositories", list, []),
+            _field(body, "description", str, ""))
+        return web.json_response(created, status=201)
+
+    async def update_scope_map(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "addRepositories", "removeRepositories", "description")
+        return web.json_response(await self.cluster.access.update_scope_map(
+            request.match_info["name"], add=_field(body, "addRepositories", list, []),
+            remove=_field(body, "removeRepositories", list, []),
+            description=_field(body, "description", str, None)))
+
+    async def delete_scope_map(self, request: web.Request) -> web.Response:
+        await self.cluster.access.delete_scope_map(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def list_tokens(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.access.list_tokens())
+
+    async def show_token(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.access.show_token(request.match_info["name"]))
+
+    async def create_token(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "name", "scopeMap", "repositories", "status", "expirationInDays")
+        created = await self.cluster.access.create_token(
+            _field(body, "name", str), scope_map=_field(body, "scopeMap", str, None),
+            repositories=_field(body, "repositories", list, []),
+            status=_field(body, "status", str, "enabled"),
+            expiration_in_days=_field(body, "expirationInDays", int, None))
+        return web.json_response(created, status=201)
+
+    async def update_token(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "scopeMap", "status")
+        return web.json_response(await self.cluster.access.update_token(
+            request.match_info["name"], scope_map=_field(body, "scopeMap", str, None),
+            status=_field(body, "status", str, None)))
+
+    async def delete_token(self, request: web.Request) -> web.Response:
+        await self.cluster.access.delete_token(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def generate_token_password(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "name", "expirationInDays")
+        return web.json_response(await self.cluster.access.generate_token_password(
+            request.match_info["name"], _field(body, "name", str),
+            _field(body, "expirationInDays", int, None)))
+
+    async def list_identities(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.access.list_identities())
+
+    async def create_identity(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "name")
+        return web.json_response(await self.cluster.access.create_identity(
+            _field(body, "name", str)), status=201)
+
+    async def delete_identity(self, request: web.Request) -> web.Response:
+        await self.cluster.access.delete_identity(request.match_info["id"])
+        return web.Response(status=204)
+
+    async def list_role_assignments(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.access.list_role_assignments(
+            request.query.get("assignee")))
+
+    async def create_role_assignment(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "role", "assignee", "scope")
+        return web.json_response(await self.cluster.access.create_role_assignment(
+            _field(body, "role", str), _field(body, "assignee", str),
+            _field(body, "scope", str, None)), status=201)
+
+    async def delete_role_assignment(self, request: web.Request) -> web.Response:
+        await self.cluster.access.delete_role_assignment(request.match_info["id"])
+        return web.Response(status=204)
+
     # -- faults ----------------------------------------------------------------------------
 
     async def list_links(self, request: web.Request) -> web.Response:
@@ -319,3 +461,25 @@ async def _json(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise ClusterError("the request body must be a JSON object")
     return body
+
+
+_REQUIRED = object()
+
+
+def _field(body: dict, name: str, kind: type, default: object = _REQUIRED):
+    """``body[name]`` if it is a ``kind`` (never a bool passing as an int), else
+    ``default``; a 400 saying what is wrong otherwise."""
+    if name not in body or body[name] is None:
+        if default is _REQUIRED:
+            raise ClusterError(f"give {name!r}")
+        return default
+    value = body[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ClusterError(f"{name!r} is a {kind.__name__}, not {value!r}"[:200])
+    return value
+
+
+def _only(body: dict, *names: str) -> None:
+    unknown = sorted(set(body) - set(names))
+    if unknown:
+        raise ClusterError(f"unknown fields {', '.join(unknown)[:200]}; send {', '.join(names)}")

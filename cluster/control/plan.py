@@ -13,8 +13,9 @@ plan carries its region's zone redundancy (zones and write quorum, from the
 spec's ``ReplicaSpec``), which its view hands to the node; each link's plan
 carries its own seed, derived from the cluster's; on a cluster with
 ``auth = "token"``, each node's plan names the files of its access
-(``NodeAccess``: CA, its key and certificate, the login server, the identities
-to enforce, the internal credential), which ``cluster.control.access``
+(``NodeAccess``: CA, its key and certificate, the login server, the internal
+credential; the identities it enforces are the replicated registry
+configuration it holds), which ``cluster.control.access``
 provisions at start and the supervisor hands to the node as paths, never as
 secrets.
 """
@@ -42,7 +43,6 @@ class NodeAccess:
     key_file: Path
     cert_file: Path
     service: str                 # the login server: challenges' service, tokens' audience
-    identities_file: Path
     internal_credential_file: Path
 
 
@@ -54,7 +54,7 @@ def node_access(spec: ClusterSpec, data_dir: Path, name: str) -> NodeAccess | No
     return NodeAccess(ca_file=auth / "ca" / "ca.pem",
                       key_file=auth / "ca" / "nodes" / name / "node.key",
                       cert_file=auth / "ca" / "nodes" / name / "node.pem",
-                      service=spec.login_server, identities_file=auth / "identities.json",
+                      service=spec.login_server,
                       internal_credential_file=auth / "internal.secret")
 
 # The source of a management link: the management API, which is no node.

@@ -11,7 +11,7 @@ answers within a second; it is checked every half second, and marked down at
 once when its process exits or a router fails to connect to it.
 
 Access: on a cluster with auth, each node is given the files its plan names
-(``NodeAccess``: CA, its key and certificate, the identities, the internal
+(``NodeAccess``: CA, its key and certificate, the login server, the internal
 credential) as paths on its command line — never a secret, which anyone may
 read there (``ps``) — and the health checks carry the internal credential.
 
@@ -226,7 +226,6 @@ class Supervisor:
             a = node.access
             access = ["--auth-ca", str(a.ca_file), "--auth-key", str(a.key_file),
                       "--auth-cert", str(a.cert_file), "--auth-service", a.service,
-                      "--auth-identities", str(a.identities_file),
                       "--internal-credential-file", str(a.internal_credential_file)]
         return [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(node.data_dir),
                 "--listen", f"127.0.0.1:{node.http_port}", "--cluster", str(node.view_file),

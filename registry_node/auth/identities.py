@@ -4,8 +4,10 @@ Protocol, its records, and an in-memory implementation.
 The registry's configuration (admin user, tokens, scope maps, identities and
 their role assignments, anonymous pull) has one home and reaches every node
 by replication; a node only reads it, through this Protocol, so the access
-code does not care where it is kept. ``InMemoryIdentities`` is a real
-implementation of it (tests and ``georeg node --auth-identities FILE`` use it).
+code does not care where it is kept. Nodes read ``ConfigurationIdentities``
+(``registry_node.identities``), over the replicated registry configuration;
+``InMemoryIdentities`` is a second implementation, held in dicts, for tests that
+change identities under a running node.
 
 Secrets are never held in clear: a password or identity secret is stored as
 ``hash_secret(secret)``, a salted SHA-256. That is enough because georeg
@@ -20,12 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Protocol
 
 ENABLED = "enabled"
@@ -191,51 +191,3 @@ class InMemoryIdentities:
     def assign(self, assignment: RoleAssignment) -> None:
         self.assignments.append(assignment)
         self.generation += 1
-
-    # -- a file of them (``georeg node --auth-identities``) ---------------------------
-
-    def to_json(self) -> str:
-        def passwords(items: tuple[Password, ...]) -> list[dict]:
-            return [{"name": p.name, "hashed": p.hashed, "expiry": p.expiry} for p in items]
-
-        r = self.registry
-        return json.dumps({
-            "registry": {"name": r.name, "admin_enabled": r.admin_enabled,
-                         "anonymous_pull_enabled": r.anonymous_pull_enabled,
-                         "admin_passwords": passwords(r.admin_passwords)},
-            "tokens": [{"name": t.name, "scope_map": t.scope_map, "status": t.status,
-                        "passwords": passwords(t.passwords)} for t in self.tokens.values()],
-            "scope_maps": [{"name": s.name, "actions": list(s.actions)}
-                           for s in self.scope_maps.values()],
-            "identities": [{"id": i.id, "secrets": passwords(i.secrets)}
-                           for i in self.identities.values()],
-            "role_assignments": [{"assignee": a.assignee, "role": a.role,
-                                  "repository": a.repository} for a in self.assignments],
-        }, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> InMemoryIdentities:
-        doc = json.loads(text)
-
-        def passwords(items: list[dict]) -> tuple[Password, ...]:
-            return tuple(Password(p["name"], p["hashed"], p.get("expiry")) for p in items)
-
-        r = doc["registry"]
-        return cls(
-            registry=RegistrySettings(r["name"], bool(r.get("admin_enabled", False)),
-                                      passwords(r.get("admin_passwords", [])),
-                                      bool(r.get("anonymous_pull_enabled", False))),
-            tokens={t["name"]: TokenRecord(t["name"], t["scope_map"], t.get("status", ENABLED),
-                                           passwords(t.get("passwords", [])))
-                    for t in doc.get("tokens", [])},
-            scope_maps={s["name"]: ScopeMapRecord(s["name"], tuple(s["actions"]))
-                        for s in doc.get("scope_maps", [])},
-            identities={i["id"]: IdentityRecord(i["id"], passwords(i.get("secrets", [])))
-                        for i in doc.get("identities", [])},
-            assignments=[RoleAssignment(a["assignee"], a["role"], a.get("repository"))
-                         for a in doc.get("role_assignments", [])],
-        )
-
-    @classmethod
-    def load(cls, path: Path) -> InMemoryIdentities:
-        return cls.from_json(path.read_text())

@@ -5,7 +5,8 @@ nothing it merely claims is believed: its names (SAN: ``127.0.0.1``,
 ``localhost`` and any given host names, since clients such as skopeo check
 only the SAN), and its region and zone, in the subject (``OU=region:<r>``,
 ``OU=zone:<z>``) and as a URI SAN ``spiffe://georeg/region/<r>/zone/<z>``
-that gRPC exposes to a servicer (``location_of`` reads it back). The same
+that gRPC exposes to a servicer (``location_of``, from
+``replicator.peer_identity``, reads them back). The same
 key signs the node's tokens (``registry_node.auth.tokens``), which every
 node verifies against this CA.
 
@@ -33,6 +34,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# Read back by replication (a peer's region and zone come from its certificate).
+from replicator.peer_identity import REGION_UNIT, ZONE_UNIT
+from replicator.peer_identity import location_of as location_of
 
 CA_LIFETIME = dt.timedelta(days=3650)
 NODE_LIFETIME = dt.timedelta(days=825)
@@ -176,9 +181,9 @@ class ClusterCA:
 
 def _node_subject(node: str, region: str, zone: str) -> x509.Name:
     attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "georeg"),
-                  x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"region:{region}")]
+                  x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"{REGION_UNIT}{region}")]
     if zone:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"zone:{zone}"))
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"{ZONE_UNIT}{zone}"))
     attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, node))
     return x509.Name(attributes)
 
@@ -192,17 +197,3 @@ def _san(names: tuple[str, ...], region: str, zone: str) -> list[x509.GeneralNam
             out.append(x509.DNSName(name))
     out.append(x509.UniformResourceIdentifier(_SPIFFE.format(region=region, zone=zone or "-")))
     return out
-
-
-def location_of(certificate: x509.Certificate) -> tuple[str, str]:
-    """The (region, zone) a node certificate names ("" when it has no zone)."""
-    region = zone = None
-    for attribute in certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME):
-        key, _, value = str(attribute.value).partition(":")
-        if key == "region":
-            region = value
-        elif key == "zone":
-            zone = value
-    if region is None:
-        raise ValueError("the certificate names no region")
-    return region, zone or ""

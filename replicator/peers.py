@@ -1,7 +1,9 @@
 """Talking to one peer over gRPC: a channel, and each RPC wrapped so that
 failures leave as ``ReplicationError`` (definite, indefinite or permanent).
 
-Channels reconnect on their own. A peer that dies or a link that is cut closes
+Channels are plaintext, or mutual TLS on an auth cluster (the node's
+certificate presented, the peer's checked against the cluster CA:
+``replicator.peer_identity``). Channels reconnect on their own. A peer that dies or a link that is cut closes
 its connections, which the channel sees at once; keepalive pings (every 30 s)
 are for the silent cases (a stalled link, a frozen process), kept rare so an
 idle cluster stays idle: every ping crosses a WAN link in the cluster process,
@@ -31,6 +33,7 @@ from registry_node.records import NodeIdentity
 
 from .convert import node_ref
 from .errors import definite, from_grpc, permanent
+from .peer_identity import PeerCredentials
 from .topology import Peer
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
@@ -69,12 +72,19 @@ SERVER_OPTIONS = [
 
 
 class PeerClient:
-    def __init__(self, peer: Peer, me: NodeIdentity, rpc_timeout_s: float = 10.0) -> None:
+    def __init__(self, peer: Peer, me: NodeIdentity, rpc_timeout_s: float = 10.0,
+                 credentials: PeerCredentials | None = None) -> None:
         self.peer = peer
         self._me = node_ref(me)
         self._timeout = rpc_timeout_s
         self._wait_for_ready = True
-        self.channel = grpc.aio.insecure_channel(peer.grpc, options=CHANNEL_OPTIONS)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(peer.grpc, options=CHANNEL_OPTIONS)
+        else:
+            # The TLS bytes cross WAN links unchanged (TCP proxies on the
+            # addresses node certificates name), so the address is the name checked.
+            self.channel = grpc.aio.secure_channel(peer.grpc, credentials.channel(),
+                                                   options=CHANNEL_OPTIONS)
         self.stub = pbg.ReplicationStub(self.channel)
 
     def hurried(self) -> PeerClient:

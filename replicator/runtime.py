@@ -1,7 +1,9 @@
 """Replication inside one node process: wires the pieces and owns their lifetime.
 
 ``Replication`` is a node extension (``registry_node.app.Extension``): given the
-node's ``ClusterView`` it serves the replication gRPC service, subscribes to
+node's ``ClusterView`` it serves the replication gRPC service (over mutual TLS
+with the node's certificate when the view says so: an auth cluster's nodes
+accept and dial only peers with a certificate from the cluster CA), subscribes to
 every peer, runs anti-entropy, plugs zone quorum into the registry's writes,
 adds its metrics to the node's ``GET /metrics``, and adds two HTTP routes
 beside the OCI API:
@@ -28,12 +30,15 @@ from aiohttp import web
 from registry_node import allocator
 from registry_node.api.metrics import METRICS
 from registry_node.app import NODE
+from registry_node.auth.tokens import AuthConfigError
+from registry_node.config import NodeConfig
 from registry_node.durability import LocalDurability
 from registry_node.replica import Replica
 
 from .antientropy import AntiEntropy
 from .feed import LogFeed
 from .metrics import ReplicationMetrics
+from .peer_identity import PeerCredentials
 from .peers import SERVER_OPTIONS, PeerClient
 from .quorum import ZoneQuorum
 from .service import ReplicationService
@@ -57,6 +62,7 @@ class Replication:
         self.residency = view.residency
         self.metrics = ReplicationMetrics(view.region)
         self.grpc_address = ""
+        self.credentials: PeerCredentials | None = None   # mutual TLS (view.mutual_tls)
         self.clients: list[PeerClient] = []
         self.subscriptions: list[Subscription] = []
         self.origins = OriginStreams()
@@ -93,7 +99,9 @@ class Replication:
                                      write_quorum=view.zone_redundancy.write_quorum,
                                      timeout_s=settings.quorum_timeout_s)
             node.registry.quorum = self.quorum
-        self.clients = [PeerClient(peer, identity) for peer in view.peers]
+        self.credentials = _credentials(view, node.config)
+        self.clients = [PeerClient(peer, identity, credentials=self.credentials)
+                        for peer in view.peers]
         self.transfer = Transfer(replica, self.residency, self.metrics,
                                  concurrency=settings.transfer_concurrency,
                                  one_wan_copy_per_region=settings.one_wan_copy_per_region,
@@ -106,7 +114,7 @@ class Replication:
             inline_blobs_across_regions=not settings.one_wan_copy_per_region)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pbg.add_ReplicationServicer_to_server(self.service, server)
-        port = _listen(server, view.grpc_listen)
+        port = _listen(server, view.grpc_listen, self.credentials)
         host = view.grpc_listen.rpartition(":")[0]
         self.grpc_address = f"{host}:{port}"
         await server.start()
@@ -184,7 +192,8 @@ class Replication:
                 await self._drop_peer(client)
         for name, peer in wanted.items():
             if name not in current or current[name].peer != peer:
-                client = PeerClient(peer, self.replica.registry.identity)
+                client = PeerClient(peer, self.replica.registry.identity,
+                                    credentials=self.credentials)
                 self.clients.append(client)
                 self.anti_entropy.peers.append(client)
                 self._subscribe(client)
@@ -261,12 +270,32 @@ def _label(region: str, zone: str) -> str:
     return f"{region}/{zone}" if zone else region
 
 
-def _listen(server: grpc.aio.Server, address: str) -> int:
+def _credentials(view: ClusterView, config: NodeConfig) -> PeerCredentials | None:
+    """The node's credentials for replicating over mutual TLS, when its view
+    says to; ``AuthConfigError`` when it says so but the node has no certificate."""
+    if not view.mutual_tls:
+        return None
+    if config.auth_ca_file is None or config.auth_key_file is None \
+            or config.auth_cert_file is None:
+        raise AuthConfigError(f"{view.name} replicates over mutual TLS (its cluster has auth) "
+                              f"but was given no certificate (--auth-ca, --auth-key, --auth-cert)")
+    try:
+        return PeerCredentials.load(config.auth_ca_file, config.auth_key_file,
+                                    config.auth_cert_file)
+    except OSError as exc:
+        raise AuthConfigError(f"cannot read {view.name}'s certificate for replication: "
+                              f"{exc.strerror or exc}") from None
+
+
+def _listen(server: grpc.aio.Server, address: str,
+            credentials: PeerCredentials | None = None) -> int:
     """Add ``address`` to ``server``; the port bound. gRPC says only that the
     bind failed; an ``OSError`` says why, so that a port in use is told apart
     (``georeg node`` exits with its own status for it, and a cluster starting
     on any free range tries another)."""
     try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials.server())
         return server.add_insecure_port(address)
     except RuntimeError as exc:
         host, _, port = address.rpartition(":")

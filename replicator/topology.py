@@ -14,6 +14,9 @@ write quorum, and peers that carry zones do not make a region redundant that
 the plan did not. Only a view file written before views said so (no
 ``zone_redundancy`` key) has the decision read from its peers, once, as it is
 loaded (``ClusterView.load``).
+
+Whether peers talk over mutual TLS is the plan's decision too (an auth
+cluster's): ``mutual_tls``, never inferred from what files a node was given.
 """
 
 from __future__ import annotations
@@ -89,6 +92,10 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     zone_redundancy: ZoneRedundancy = ZoneRedundancy()
     residency: ResidencyPolicy = ResidencyPolicy()
     replication: ReplicationSettings = ReplicationSettings()
+    # Replicate over mutual TLS (an auth cluster): the node serves and dials its
+    # peers with its certificate from the cluster CA (its --auth-* files) and
+    # takes a peer's region and zone from the peer's certificate alone.
+    mutual_tls: bool = False
 
     def __post_init__(self) -> None:
         if self.zone_redundancy.enabled and self.zone not in self.zone_redundancy.zones:

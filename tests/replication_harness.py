@@ -127,6 +127,9 @@ class InProcessCluster:
     # More NodeConfig settings for some nodes, by name (auth on, for one).
     node_settings: dict[str, dict] = field(default_factory=dict)
     http_ports: dict[str, int] = field(default_factory=dict)
+    # Replicate over mutual TLS, as an auth cluster does (each node's auth
+    # files then come in ``node_settings``).
+    mutual_tls: bool = False
 
     @staticmethod
     def node_name(region: str, zone: str) -> str:
@@ -148,7 +151,8 @@ class InProcessCluster:
             view = ClusterView(name=name, region=region, zone=zone,
                                grpc_listen="127.0.0.1:0", peers=peers,
                                zone_redundancy=self.zone_redundancy(region),
-                               residency=self.residency, replication=self.settings)
+                               residency=self.residency, replication=self.settings,
+                               mutual_tls=self.mutual_tls)
             self.nodes[name] = TestNode(name, region, zone, self.root / name, 0, view)
         await asyncio.gather(*(self.restart(name) for name in self.nodes))
         return self

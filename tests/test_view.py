@@ -7,6 +7,8 @@ from its peers, once, as it loads)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import aiohttp
 import msgspec
@@ -118,3 +120,25 @@ async def test_georeg_node_follows_the_view_files_decision(tmp_path):
     finally:
         for node in nodes:
             node.close()
+
+
+def test_an_auth_clusters_nodes_are_told_to_replicate_over_mutual_tls(tmp_path):
+    """The plan decides it (an auth cluster's), each view carries it; the node
+    never guesses it from the files it was given."""
+    open_plan = plan(specs.load(None).seeded(1), tmp_path / "open")
+    auth_plan = plan(specs.load(None).with_auth("token").seeded(1), tmp_path / "auth")
+    assert not any(open_plan.view(n).mutual_tls for n in open_plan.all_nodes)
+    assert all(auth_plan.view(n).mutual_tls for n in auth_plan.all_nodes)
+
+
+def test_a_node_told_to_replicate_over_mutual_tls_without_a_certificate_does_not_start(tmp_path):
+    view = ClusterView(name="eastus", region="eastus", grpc_listen="127.0.0.1:0",
+                       peers=_peers("westus", ("",)), mutual_tls=True)
+    path = tmp_path / "eastus.json"
+    view.dump(path)
+    node = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(tmp_path / "eastus"),
+         "--listen", "127.0.0.1:0", "--log-format", "json", "--cluster", str(path)],
+        capture_output=True, text=True, timeout=120)
+    assert node.returncode == 2, node.stderr
+    assert "eastus replicates over mutual TLS" in node.stderr and "--auth-cert" in node.stderr

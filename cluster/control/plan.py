@@ -173,7 +173,8 @@ class ClusterPlan:
                            grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
                            zone_redundancy=node.zone_redundancy,
                            residency=self.spec.residency_policy(),
-                           replication=settings or ReplicationSettings())
+                           replication=settings or ReplicationSettings(),
+                           mutual_tls=node.access is not None)
 
 
 def node_name(region: str, zone: str) -> str:

@@ -111,7 +111,8 @@ class Replication:
             replica, feed, self.residency, self.quorum, self.metrics, settings.chunk_size,
             # One WAN copy per region means remote zones fetch from one sibling:
             # blobs then go with events only to this node's own region.
-            inline_blobs_across_regions=not settings.one_wan_copy_per_region)
+            inline_blobs_across_regions=not settings.one_wan_copy_per_region,
+            certified_peers=self.credentials is not None)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pbg.add_ReplicationServicer_to_server(self.service, server)
         port = _listen(server, view.grpc_listen, self.credentials)

@@ -7,6 +7,15 @@ Registry configuration events are the exception: configuration is
 registry-wide, and every node, a confined region's included, needs it.
 Handlers are thin; what they read comes from ``registry_node``.
 
+Who asks is what residency turns on. On a mutual-TLS server
+(``certified_peers``: an auth cluster) the requester's region and zone are
+those of the client certificate the handshake verified
+(``replicator.peer_identity``), for residency, zone quorum acknowledgements
+and metrics alike; a request that claims another region or zone is refused
+(PERMISSION_DENIED) and logged, so a process holding one node's certificate
+cannot pass for a node of another region. Without mutual TLS the request's
+claim is all there is, as before.
+
 Events are relayed: a node's log holds what it applied from others too, so
 content reaches every replica as long as the replica graph is connected. A
 subscriber normally has a relayed event already, from its origin; so a batch
@@ -53,6 +62,7 @@ from registry_node.replica import Replica
 from .convert import event_to_wire, node_ref, register_to_wire
 from .feed import LogFeed
 from .metrics import ReplicationMetrics
+from .peer_identity import certified_location
 from .quorum import ZoneQuorum
 from .residency import ResidencyPolicy
 from .wire.v1 import replication_pb2 as pb
@@ -84,8 +94,10 @@ def _label(ref: pb.NodeRef) -> str:
 class ReplicationService(pbg.ReplicationServicer):
     def __init__(self, replica: Replica, feed: LogFeed, residency: ResidencyPolicy,
                  quorum: ZoneQuorum | None, metrics: ReplicationMetrics,
-                 chunk_size: int = 1 << 20, *, inline_blobs_across_regions: bool = True) -> None:
+                 chunk_size: int = 1 << 20, *, inline_blobs_across_regions: bool = True,
+                 certified_peers: bool = False) -> None:
         self.replica = replica
+        self.certified_peers = certified_peers
         self.inline_blobs_across_regions = inline_blobs_across_regions
         self.registry = replica.registry
         self.identity = replica.registry.identity
@@ -98,6 +110,30 @@ class ReplicationService(pbg.ReplicationServicer):
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_bytes = 0
 
+    async def _requester(self, claimed: pb.NodeRef, context: grpc.aio.ServicerContext) -> pb.NodeRef:
+        """Who asks: on a mutual-TLS server the certificate's region and zone
+        (a claim that disagrees ends the call: PERMISSION_DENIED); otherwise
+        the claim."""
+        if not self.certified_peers:
+            return claimed
+        try:
+            region, zone = certified_location(context.auth_context())
+        except ValueError as exc:
+            # The handshake requires a certificate from the CA; one that names
+            # no region is no node's.
+            log.warning("peer_refused", peer=context.peer(), claimed=_label(claimed),
+                        reason=str(exc))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the peer certificate does not name a node: {exc}")
+        if (claimed.region or claimed.zone) and (claimed.region, claimed.zone) != (region, zone):
+            certified = _label(pb.NodeRef(region=region, zone=zone))
+            log.warning("peer_claim_refused", peer=context.peer(), claimed=_label(claimed),
+                        certified=certified)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the request claims {_label(claimed)} but the peer's "
+                                f"certificate is for {certified}")
+        return pb.NodeRef(region=region, zone=zone, node_id=claimed.node_id)
+
     def _allowed(self, origin_region: str, repository: str, requester: pb.NodeRef) -> bool:
         return self.residency.allows(origin_region, repository, requester.region)
 
@@ -109,7 +145,7 @@ class ReplicationService(pbg.ReplicationServicer):
         if first is None or first.WhichOneof("message") != "start":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be start")
         start = first.start
-        subscriber = start.subscriber
+        subscriber = await self._requester(start.subscriber, context)
         label = _label(subscriber)
         me = node_ref(self.identity)
         cursor = start.cursor
@@ -287,12 +323,13 @@ class ReplicationService(pbg.ReplicationServicer):
     async def FetchBlob(self, request: pb.FetchBlobRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
         repo, digest = request.repository, request.digest
+        requester = await self._requester(request.requester, context)
         regions = self._content_regions(repo, digest)
         if request.wait_ms and not (regions and self.replica.has_blob(digest)):
             regions = await self._landed(repo, digest, request.wait_ms)
         if not regions:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} is not in {repo} here")
-        if not any(self._allowed(r, repo, request.requester) for r in regions):
+        if not any(self._allowed(r, repo, requester) for r in regions):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"{digest} is confined to {sorted(regions)}")
         try:
@@ -310,7 +347,7 @@ class ReplicationService(pbg.ReplicationServicer):
                 data = await run(lambda a=offset, b=stop: blob.read(a, b))
                 yield pb.BlobChunk(offset=offset, data=data,
                                    total_size=blob.size if first else 0)
-                self.metrics.bytes_sent(_label(request.requester), len(data))
+                self.metrics.bytes_sent(_label(requester), len(data))
                 first = False
                 offset = stop
         except BlobCorrupt as exc:
@@ -320,13 +357,14 @@ class ReplicationService(pbg.ReplicationServicer):
 
     async def FetchManifest(self, request: pb.FetchManifestRequest,
                             context: grpc.aio.ServicerContext) -> pb.ManifestReply:
+        requester = await self._requester(request.requester, context)
         found = self.replica.manifest_body(request.repository, request.digest)
         if found is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"{request.digest} is not in {request.repository} here")
         record, body = found
         region = record.pushed_region or record.origin_region
-        if not self._allowed(region, request.repository, request.requester):
+        if not self._allowed(region, request.repository, requester):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.digest} is confined to {region}")
         return pb.ManifestReply(digest=request.digest, media_type=record.media_type, body=body,
                                 hlc=record.hlc, origin_region=record.origin_region,
@@ -345,9 +383,10 @@ class ReplicationService(pbg.ReplicationServicer):
 
     async def Summarize(self, request: pb.SummaryRequest,
                         context: grpc.aio.ServicerContext) -> pb.Summary:
+        requester = await self._requester(request.requester, context)
         summaries = []
         for repo in self.replica.repositories():
-            fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, request.requester))
+            fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, requester))
             summaries.append(pb.RepositorySummary(repository=repo, fingerprint=fingerprint))
             await asyncio.sleep(0)
         return pb.Summary(repositories=summaries, last_seq=self.feed.last_seq,
@@ -356,13 +395,15 @@ class ReplicationService(pbg.ReplicationServicer):
     async def GetConfiguration(self, request: pb.ConfigurationRequest,
                                context: grpc.aio.ServicerContext) -> pb.ConfigurationState:
         """Every configuration register: registry-wide, so whoever asks gets all."""
+        await self._requester(request.requester, context)   # but a false claim gets nothing
         return pb.ConfigurationState(
             registers=[event_to_wire(e) for e in self.replica.configuration.register_events()])
 
     async def GetRepositoryState(self, request: pb.RepositoryStateRequest,
                                  context: grpc.aio.ServicerContext) -> pb.RepositoryState:
+        requester = await self._requester(request.requester, context)
         state = self.replica.repository_state(
-            request.repository, self._visible_to_both(request.repository, request.requester))
+            request.repository, self._visible_to_both(request.repository, requester))
         return pb.RepositoryState(
             repository=request.repository,
             tags=[register_to_wire(r) for r in state["tags"]],
@@ -372,11 +413,12 @@ class ReplicationService(pbg.ReplicationServicer):
 
     async def GetImageStatus(self, request: pb.ImageStatusRequest,
                              context: grpc.aio.ServicerContext) -> pb.ImageStatusReply:
+        requester = await self._requester(request.requester, context)
         tag = self.replica.tag_record(request.repository, request.tag) if request.tag else None
         digest = request.digest or (tag.digest if tag else "")
         state = self.replica.image_state(request.repository, digest)
         if tag is not None and not self._allowed(tag.origin_region, request.repository,
-                                                 request.requester):
+                                                 requester):
             tag = None  # its register may not leave the region it was set in
         return pb.ImageStatusReply(
             node=node_ref(self.identity), digest=digest, present=state.present,

@@ -110,11 +110,12 @@ class ReplicationService(pbg.ReplicationServicer):
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_bytes = 0
 
-    async def _requester(self, claimed: pb.NodeRef, context: grpc.aio.ServicerContext) -> pb.NodeRef:
+    async def _requester(self, claimed: pb.NodeRef,
+                         context: grpc.aio.ServicerContext | None) -> pb.NodeRef:
         """Who asks: on a mutual-TLS server the certificate's region and zone
         (a claim that disagrees ends the call: PERMISSION_DENIED); otherwise
-        the claim."""
-        if not self.certified_peers:
+        the claim, as it is for a call from this node itself (no context: no transport)."""
+        if not self.certified_peers or context is None:
             return claimed
         try:
             region, zone = certified_location(context.auth_context())

@@ -115,6 +115,14 @@ async def test_an_auth_cluster_replicates_over_mutual_tls_through_its_links(auth
     for blob in image.blobs:
         async with admin.get(f"{c.nodes['brazilsouth'].url}/v2/{REPO}/blobs/{digest_of(blob)}") as r:
             assert r.status == 200 and await r.read() == blob
+    # The node's per-image status asks itself and its peers (over mutual TLS).
+    async def complete() -> bool:
+        async with admin.get(f"{c.nodes['eastus'].url}/georeg/v1/replication/status",
+                             params={"repository": REPO, "reference": "v1"}) as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["complete"]
+
+    await eventually(complete, timeout=30, what="v1's status complete, as East US sees it")
     # What carried it: the link from Brazil South to East US, whose far end
     # speaks only TLS (a plaintext client through the same link is refused),
     # and a client with a cluster certificate gets through it too (the link

@@ -15,14 +15,19 @@ import shutil
 import stat
 from pathlib import Path
 
+import aiohttp
+import grpc
 import pytest
 
 from cluster.control import spec as specs
 from cluster.control.access import admin_passwords_path
+from cluster.control.ca import ClusterCA
 from cluster.control.cluster import Cluster
 from cluster.control.state import running_state
+from replicator.wire.v1 import replication_pb2 as pb
+from replicator.wire.v1 import replication_pb2_grpc as pbg
 
-from .helpers import Skopeo, eventually, write_oci_layout
+from .helpers import Skopeo, eventually, make_image, push_image, write_oci_layout
 from .test_cluster import georeg
 from .test_interop import gzip_image
 
@@ -163,6 +168,41 @@ async def test_a_token_minted_through_one_regions_endpoint_works_on_another_regi
     async with http.post(f"{other}/v2/demo/app/blobs/uploads/", headers=bearer) as r:
         assert r.status == 403
         assert (await r.json())["errors"][0]["code"] == "DENIED"
+
+
+# -- replication between the nodes -------------------------------------------------------
+
+
+async def test_nodes_replicate_over_mutual_tls(auth_cluster):
+    # Before any test renews the admin password: it pushes with the printed one.
+    """A push in West Europe is pulled in North Europe (node processes, through
+    the WAN link between them), and a node's replication port takes only a
+    client with a certificate from the cluster CA."""
+    admin = _basic(auth_cluster.username, auth_cluster.password)
+    image = make_image([2048, 70_000], seed=1616)
+    async with aiohttp.ClientSession(headers=admin) as http:
+        digest = await push_image(http, auth_cluster.node("westeurope"), "mtls/app", image,
+                                  tag="v1")
+
+        async def pulled() -> bool:
+            async with http.get(f"{auth_cluster.node('northeurope')}/v2/mtls/app/manifests/v1") as r:
+                return r.status == 200 and r.headers["Docker-Content-Digest"] == digest
+
+        await eventually(pulled, timeout=60, what="West Europe's push in North Europe")
+        async with http.get(auth_cluster.node("northeurope") + "/georeg/v1/node",
+                            headers={"Authorization": f"Bearer {auth_cluster.internal}"}) as r:
+            assert r.status == 200
+            target = (await r.json())["grpc"]
+    cert = ClusterCA.open(auth_cluster.data / "auth" / "ca").node_certificate("probe", "eastus")
+    certified = grpc.ssl_channel_credentials(cert.ca_file.read_bytes(), cert.key_file.read_bytes(),
+                                             cert.cert_file.read_bytes())
+    async with grpc.aio.secure_channel(target, certified) as channel:
+        reply = await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
+        assert reply.node.region == "northeurope"
+    async with grpc.aio.insecure_channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
 # -- the management API and the CLI ------------------------------------------------------

@@ -133,7 +133,8 @@ def test_an_auth_clusters_nodes_are_told_to_replicate_over_mutual_tls(tmp_path):
 
 def test_a_node_told_to_replicate_over_mutual_tls_without_a_certificate_does_not_start(tmp_path):
     view = ClusterView(name="eastus", region="eastus", grpc_listen="127.0.0.1:0",
-                       peers=_peers("westus", ("",)), mutual_tls=True)
+                       peers=(Peer(name="westus", region="westus", grpc="127.0.0.1:9000"),),
+                       mutual_tls=True)
     path = tmp_path / "eastus.json"
     view.dump(path)
     node = subprocess.run(

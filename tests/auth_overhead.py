@@ -11,7 +11,9 @@ Not a test (pytest does not collect it): a measurement, printed as a table.
 Three node processes run side by side, each on its own data dir, started the
 same way from the same code: ``auth`` (``--auth-ca/--auth-key/--auth-cert``,
 the test identities of ``tests.auth_helpers`` written into its registry
-configuration), ``off`` and ``off2`` (no auth). Only one is driven at a time.
+configuration), ``off`` and ``off2`` (no auth); a fourth client, ``off+token``,
+sends the bearer token to ``off``, which ignores it: what carrying a token
+costs, apart from checking it. Only one node is driven at a time.
 Each run measures every kind of operation on every node, the nodes in a
 rotated order from one run to the next (so no node always goes first), with
 one client and one connection pool per node. The client against ``auth``
@@ -59,7 +61,7 @@ from .auth_helpers import (
     seed_configuration,
 )
 from .helpers import NodeProcess, make_image, push_image
-from .proxy_overhead import OtherLoad
+from .proxy_overhead import OtherLoad, cpu_seconds
 
 REPO, PUSHED = "bench/app", "bench/pushed"
 TAGS = [f"v{i}" for i in range(10)]
@@ -141,14 +143,18 @@ async def run_all(count: int, concurrency: int,
 
 
 async def measured(others: OtherLoad, count: int, concurrency: int,
-                   step: Callable[[int], Awaitable[None]]) -> tuple[float, list[float], float]:
-    """(ops/s, latencies, cores other processes used meanwhile)."""
+                   step: Callable[[int], Awaitable[None]]
+                   ) -> tuple[float, list[float], float, float]:
+    """(ops/s, latencies, cores other processes used meanwhile, the node's CPU
+    seconds per operation); ``others.pids[0]`` is the node's."""
     await others.wait_quiet()
     others.start()
+    node_cpu = cpu_seconds(others.pids[0])
     started = time.perf_counter()
     latencies = await run_all(count, concurrency, step)
     seconds = time.perf_counter() - started
-    return count / seconds, latencies, others.seconds() / seconds
+    return (count / seconds, latencies, others.seconds() / seconds,
+            (cpu_seconds(others.pids[0]) - node_cpu) / count)
 
 
 async def bearer_for(http: aiohttp.ClientSession, url: str) -> str:
@@ -205,20 +211,28 @@ async def main(runs: int, ops: int, concurrency: int, tokens: int) -> None:
                 headers = {"Authorization": f"Bearer {token}"} if name == "auth" else {}
                 targets[name] = Target(name, node, headers, concurrency)
                 await targets[name].setup()
+            # The auth-off node again, sent the same bearer token (which it ignores):
+            # what carrying the token costs, apart from checking it.
+            targets["off+token"] = Target("off+token", nodes["off"],
+                                          {"Authorization": f"Bearer {token}"}, concurrency)
+            targets["off+token"].blob = targets["off"].blob
+            print(f"access token: {len(token)} bytes", flush=True)
             me = os.getpid()
             order = list(targets)
             rates: dict[tuple[str, str], list[float]] = {}
             loads: dict[tuple[str, str], list[float]] = {}
+            node_cpu: dict[tuple[str, str], list[float]] = {}
             for run in range(runs):
-                names = order[run % 3:] + order[:run % 3]
+                names = order[run % len(order):] + order[:run % len(order)]
                 for kind in OPS:
                     line = []
                     for name in names:
                         target = targets[name]
                         others = OtherLoad([target.node.proc.pid, me])
-                        rate, _, load = await measured(others, ops, concurrency,
-                                                       target.operation(kind))
+                        rate, _, load, cpu = await measured(others, ops, concurrency,
+                                                            target.operation(kind))
                         rates.setdefault((name, kind), []).append(rate)
+                        node_cpu.setdefault((name, kind), []).append(cpu)
                         loads.setdefault((name, kind), []).append(load)
                         line.append(f"{name} {rate:7.0f}/s (others {load:.2f})")
                     print(f"run {run + 1} {kind:16}: " + ", ".join(line), flush=True)
@@ -233,7 +247,7 @@ async def main(runs: int, ops: int, concurrency: int, tokens: int) -> None:
                 who = {"admin": (REGISTRY, ADMIN_PASSWORD), "token": ("pusher", PUSH_PASSWORD)}
                 for run in range(runs):
                     for label, (username, password) in who.items():
-                        rate, latencies, load = await measured(
+                        rate, latencies, load, _ = await measured(
                             OtherLoad([auth.proc.pid, me]), tokens, concurrency,
                             token_step(session, auth.url, username, password))
                         token_rates.setdefault(label, []).append(rate)
@@ -251,19 +265,26 @@ async def main(runs: int, ops: int, concurrency: int, tokens: int) -> None:
     print(f"\n{ops} ops per step, concurrency {concurrency}, {runs} runs, "
           f"{os.cpu_count()} CPUs; 1 KiB blobs")
     print("ratio = median auth / median off; paired = median over runs of auth/off "
-          "(IQR: its middle half); A/A = the same for off2/off")
+          "(IQR: its middle half); A/A = the same for off2/off; +token = the same for "
+          "off+token/off (the auth-off node sent the token); node µs/op: the node "
+          "process's CPU per operation, median over runs")
     print(f"{'operation':16} {'off /s':>8} {'off2 /s':>8} {'auth /s':>8} {'ratio':>6} "
-          f"{'paired':>7} {'paired IQR':>12} {'A/A':>6} {'A/A IQR':>12}")
+          f"{'paired':>7} {'paired IQR':>12} {'A/A':>6} {'A/A IQR':>12} {'+token':>7} "
+          f"{'node µs/op off/off2/off+token/auth':>35}")
     for kind in OPS:
-        off, off2, auth = (rates[n, kind] for n in ("off", "off2", "auth"))
+        off, off2, auth, carried = (rates[n, kind] for n in ("off", "off2", "auth", "off+token"))
         paired = [a / o for a, o in zip(auth, off, strict=True)]
         aa = [b / o for b, o in zip(off2, off, strict=True)]
+        with_token = [c / o for c, o in zip(carried, off, strict=True)]
         pq, aq = quartiles(paired), quartiles(aa)
         print(f"{kind:16} {statistics.median(off):8.0f} {statistics.median(off2):8.0f} "
               f"{statistics.median(auth):8.0f} "
               f"{statistics.median(auth) / statistics.median(off):6.3f} "
               f"{statistics.median(paired):7.3f} {f'{pq[0]:.3f}-{pq[1]:.3f}':>12} "
-              f"{statistics.median(aa):6.3f} {f'{aq[0]:.3f}-{aq[1]:.3f}':>12}")
+              f"{statistics.median(aa):6.3f} {f'{aq[0]:.3f}-{aq[1]:.3f}':>12} "
+              f"{statistics.median(with_token):7.3f} "
+              + "{:>35}".format("/".join(f"{statistics.median(node_cpu[n, kind]) * 1e6:.0f}"
+                                         for n in ("off", "off2", "off+token", "auth"))))
     print(f"\ntoken endpoint (GET /oauth2/token, Basic), {tokens} requests per run, "
           f"concurrency {concurrency}: medians over runs")
     print(f"{'login':8} {'tokens/s':>9} {'p50 ms':>7} {'p99 ms':>7}")

@@ -26,13 +26,13 @@ import aiohttp
 import pytest
 
 from cluster.control.state import running_state
+from registry_node.auth.gate import NULL_GUID
 
 from .helpers import Skopeo, eventually, write_oci_layout
 from .test_cluster import georeg
 from .test_interop import gzip_image
 
 HOME, OTHER = "westeurope", "northeurope"
-NULL_GUID = "00000000-0000-0000-0000-000000000000"
 SPEC = f"""\
 registry = "georegacc"
 home_region = "{HOME}"

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from registry_node.app import init_app
+from registry_node.auth.gate import NULL_GUID
 from registry_node.auth.identities import (
     DISABLED,
     Password,
@@ -51,8 +52,6 @@ from .auth_helpers import (
     start_auth_node,
 )
 from .helpers import ManualClock, assert_error, digest_of, make_image, push_image
-
-NULL_GUID = "00000000-0000-0000-0000-000000000000"
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from cluster.control.ca import ClusterCA
+from registry_node.auth.gate import NULL_GUID
 
 from .auth_helpers import (
     ADMIN_PASSWORD,
@@ -32,8 +33,6 @@ from .auth_helpers import (
     seed_configuration,
 )
 from .helpers import assert_error, make_image, push_image
-
-NULL_GUID = "00000000-0000-0000-0000-000000000000"
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from ..control.plan import plan
+from ..control.private_files import write_private
 from ..control.state import saved_spec
 from .common import CliError, add_data_dir, admin_login, command, data_dir_of
 
@@ -90,13 +91,7 @@ def write_auth_file(path: Path, entries: dict[str, str]) -> None:
     for address, auth in entries.items():
         auths[address] = {**(auths.get(address) or {}), "auth": auth}
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".georeg.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_private(path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def run_login(args: argparse.Namespace) -> int:

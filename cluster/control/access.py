@@ -37,13 +37,13 @@ never logged.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from .ca import ClusterCA
 from .plan import AUTH_DIR, ClusterPlan, NodePlan
+from .private_files import write_private
 
 OWNER_FILE = "owner.secret"
 INTERNAL_FILE = "internal.secret"
@@ -87,18 +87,6 @@ class ClusterSecrets:
         return authorization(self.internal)
 
 
-def _write_secret_file(path: Path, text: str) -> None:
-    """``text`` at ``path``, mode 0600 from the first byte, replaced atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _secret(path: Path) -> str:
     """The secret kept at ``path``, made now if there is none."""
     if path.exists():
@@ -106,7 +94,7 @@ def _secret(path: Path) -> str:
         if value:
             return value
     value = secrets.token_urlsafe(32)
-    _write_secret_file(path, value + "\n")
+    write_private(path, (value + "\n").encode())
     return value
 
 
@@ -210,5 +198,5 @@ def remember_admin_password(data_dir: Path, slot: str, value: str) -> None:
     candidates = admin_password_candidates(data_dir)
     candidates[slot] = (candidates.get(slot, []) + [value])[-_CANDIDATES:]
     auth_dir(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_secret_file(admin_passwords_path(data_dir), json.dumps(candidates) + "\n")
+    write_private(admin_passwords_path(data_dir), (json.dumps(candidates) + "\n").encode())
 

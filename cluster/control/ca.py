@@ -39,6 +39,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from replicator.peer_identity import REGION_UNIT, ZONE_UNIT
 from replicator.peer_identity import location_of as location_of
 
+from .private_files import write_private
+
 CA_LIFETIME = dt.timedelta(days=3650)
 NODE_LIFETIME = dt.timedelta(days=825)
 _SPIFFE = "spiffe://georeg/region/{region}/zone/{zone}"
@@ -55,16 +57,9 @@ class NodeCertificate:
 
 
 def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
 
 
 def _write_public(path: Path, certificate: x509.Certificate) -> None:

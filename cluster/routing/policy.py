@@ -287,10 +287,10 @@ def route_of(path: str) -> RequestRoute:
 # question a registry client asks about an image it can pull ("has my push
 # reached every region?"), so a client that reaches the registry only
 # through its endpoints must be able to ask it. It reveals nothing a pull of
-# that image through the same endpoint does not, and when identity arrives
-# the node's own request chain authorises it per repository, as it does a
-# manifest read (endpoints never decide access). Every other method on it is
-# refused here.
+# that image through the same endpoint does not: on an auth cluster the node's
+# own request chain asks for ``pull`` on the repository it names, as it does
+# for a manifest read (``registry_node.api.auth``; endpoints never decide
+# access). Every other method on it is refused here.
 
 FORWARDED_PREFIXES = ("/v2/", "/acr/v1/", "/oauth2/")
 FORWARDED_PATHS = frozenset({"/v2"})

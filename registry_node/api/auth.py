@@ -1,8 +1,11 @@
 """Authentication and authorization on the node's registry routes (an aiohttp
 middleware over ``registry_node.auth.gate``).
 
-Guarded: ``/v2`` and everything below it, and ACR's ``/acr/`` routes. Not
-here: the node's internal ``/georeg/v1`` routes and ``/metrics`` (they take
+Guarded: ``/v2`` and everything below it, ACR's ``/acr/`` routes, and the
+node routes a registry client may ask about one repository, which that
+repository names in the query (``REPOSITORY_QUERIES``: per-image replication
+status, ``?repository=R``): they need ``pull`` on it, as a manifest read
+does. Not here: the node's internal ``/georeg/v1`` routes and ``/metrics`` (they take
 the cluster's internal credential, ``api.internal``, which also admits the
 cluster's own requests to these routes without this gate), and ``/oauth2/``
 (the token server authenticates its own requests).
@@ -12,7 +15,9 @@ method and the route before any handler runs (so no answer depends on whether
 a repository exists): ``GET``/``HEAD`` pull; ``POST``/``PUT``/``PATCH`` pull and
 push; ``DELETE`` delete; a cross-repository mount also pull on ``from``;
 ``/v2/_catalog`` ``registry:catalog:*``; ``/v2/`` (and any unknown path
-below it) only a valid principal. Deliberately not ACR's rule that tag
+below it) only a valid principal; a route of ``REPOSITORY_QUERIES`` pull on
+the repository its query names (without one, or with a name that is no
+repository's, only a valid principal: the handler then refuses the name). Deliberately not ACR's rule that tag
 listing needs ``metadata_read``: skopeo asks for ``pull`` before listing
 tags and treats a 403 as final, so that rule would break ``skopeo
 list-tags`` with any credential.
@@ -62,14 +67,21 @@ _ACTIONS_BY_METHOD = {"GET": (PULL,), "HEAD": (PULL,), "POST": (PULL, PUSH), "PU
                       "PATCH": (PULL, PUSH), "DELETE": (DELETE,)}
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 UNAUTHORIZED_MESSAGE = "authentication required"
+# Node routes (not OCI's) that read what one repository holds, named by their
+# ``repository`` query parameter. They reveal content state, so they need
+# what a pull needs; endpoints forward them (``cluster.routing.policy``).
+REPOSITORY_QUERIES = frozenset({"/georeg/v1/replication/status"})
 
 
 def guarded(path: str) -> bool:
-    return path == "/v2" or path.startswith(("/v2/", "/acr/"))
+    return path == "/v2" or path.startswith(("/v2/", "/acr/")) or path in REPOSITORY_QUERIES
 
 
 def needed_access(request: web.Request) -> list[Scope]:
     """What ``request`` needs (an empty list: only a valid principal)."""
+    if request.path in REPOSITORY_QUERIES:
+        named = request.query.get("repository", "")
+        return parse_scopes([repository(named, PULL).format()]) if named else []
     name = request.match_info.get("name")
     if name is not None:
         actions = _ACTIONS_BY_METHOD.get(request.method, (PULL, PUSH))

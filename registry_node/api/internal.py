@@ -11,7 +11,10 @@ node the same one), they answer only a request that carries it, as
 before a handler runs.
 
 The one exception is ``GET /georeg/v1/replication/status``, which endpoints
-forward: a question a registry client asks about an image it can pull.
+forward: a question a registry client asks about an image it can pull. It
+needs no internal credential; on a node with auth on it needs ``pull`` on the
+repository it asks about, as a manifest read does (``api.auth``), or the
+internal credential.
 
 The same credential on a registry route admits the request without the
 data-plane gate (``api.auth``): it is the cluster itself asking (the

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import allocator
 from .api import oauth
-from .api.auth import GATE, authenticate
+from .api.auth import GATE, authenticate, pull_check
 from .api.common import CONFIGURATION, REGISTRY
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_access
 from .api.metrics import METRICS, NodeMetrics
@@ -142,7 +142,9 @@ def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable
 async def _handoff(app: web.Application) -> AsyncIterator[None]:
     """Blob downloads the routing proxy hands over (``registry_node.handoff``);
     the server listens once the node's port is known (``server.serve``)."""
-    app[HANDOFF] = handoff = HandoffServer(app[REGISTRY])
+    gate = app.get(GATE)        # set by _storage, which runs first, when auth is on
+    app[HANDOFF] = handoff = HandoffServer(app[REGISTRY],
+                                           pull_check(gate) if gate is not None else None)
     yield
     await handoff.close()
 

@@ -29,10 +29,14 @@ got no ``W`` only when it has read the node's end of the channel (so every
 reply the node sent has been seen). A channel the proxy drops itself cuts
 every hand-over on it.
 
-Only the happy path is served here: a well-formed name and digest, a blob
-that exists, a satisfiable or absent range, a first piece that passes its
-integrity check. Everything else is ``N``, so the client gets exactly what
-the HTTP API answers. Headers are those of the HTTP handler (``Download``).
+Only the happy path is served here: a well-formed name and digest, a
+request the node's access chain admits (on a node with auth on: credentials
+with ``pull`` on the repository, checked by ``admits`` before the blob is
+looked up), a blob that exists, a satisfiable or absent range, a first piece
+that passes its integrity check. Everything else is ``N``, so the client gets
+exactly what the HTTP API answers — a 401 challenge or 403 included, from
+the one place that writes them. Headers are those of the HTTP handler
+(``Download``).
 
 The socket's address is in Linux's abstract namespace, derived from the
 node's HTTP address (``address``), so a proxy that knows where a node listens
@@ -155,8 +159,11 @@ class HandoffServer:
     relays them), and finishing those in flight before the storage closes
     (``close``)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry,
+                 admits: Callable[[str | None, str], bool] | None = None) -> None:
         self.registry = registry
+        # (Authorization header, repository) -> may it pull there; None: auth off.
+        self.admits = admits
         self.address = b""
         self._listener: socket.socket | None = None
         self._channels: set[_Channel] = set()
@@ -318,6 +325,8 @@ class HandoffServer:
         try:
             repo = validate_name(match[1])
             digest = Digest.parse(match[2])
+            if self.admits is not None and not self.admits(headers.get("authorization"), repo):
+                raise _Declined
             blob = self.registry.open_blob(repo, digest)
         except RegistryError:
             raise _Declined from None

@@ -273,10 +273,12 @@ async def test_node_internal_routes_refuse_without_the_internal_credential(auth_
         assert r.status == 200 and (await r.json())["full"] is False
     async with http.get(node + "/georeg/v1/node", headers=cluster) as r:
         assert r.status == 200
-    # The one route endpoints forward stays a client's question.
+    # The one route endpoints forward is a client's question, which needs pull
+    # on the repository it asks about (tests/test_auth_node_routes.py).
     async with http.get(node + "/georeg/v1/replication/status",
                         params={"repository": "demo/app", "reference": "v1"}) as r:
-        assert r.status != 401
+        assert r.status == 401
+        assert _challenge(r.headers["WWW-Authenticate"])["scope"] == "repository:demo/app:pull"
 
 
 # -- identities written through the control plane ---------------------------------------

@@ -130,6 +130,21 @@ def refusal_error(request: web.Request, gate: Gate, refusal: Refusal) -> Registr
                          headers=headers)
 
 
+def pull_check(gate: Gate):
+    """Whether an ``Authorization`` header (None: none sent) may pull from a
+    repository, as this middleware would decide a blob GET: for the node's
+    hand-over path (``registry_node.handoff``), which serves blobs outside
+    aiohttp and declines, to this chain, whatever it may not serve."""
+    def admits(authorization: str | None, name: str) -> bool:
+        try:
+            gate.admit(authorization, [repository(name, PULL)])
+        except Refusal:
+            return False
+        return True
+
+    return admits
+
+
 @web.middleware
 async def authenticate(request: web.Request, handler) -> web.StreamResponse:
     if not guarded(request.path) or request.get(INTERNAL):

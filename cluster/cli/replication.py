@@ -2,24 +2,29 @@
 replication`` (``list``, ``create``, ``show``, ``update``, ``delete``, through
 the management API), and ``status REPO:TAG``, where one image has replicated
 to, asked of any node (each answers for the whole cluster) through its HTTP
-API, ``GET /georeg/v1/replication/status``.
+API, ``GET /georeg/v1/replication/status`` (on an auth cluster with the
+credentials its data dir holds: ``_credentials_for``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 import time
 import urllib.error
 import urllib.parse
+import urllib.request
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
+from ..control.access import CredentialMissing, authorization, read_internal_credential
 from ..control.management_client import open_direct
-from .common import CliError, add_data_dir, call, command, data_dir_of
+from ..control.state import running_state, saved_spec
+from .common import CliError, add_data_dir, admin_login, call, command, data_dir_of
 
 _STYLE = {"present": "green", "pending": "yellow", "stale": "yellow", "excluded": "dim",
           "failed": "red", "unreachable": "red"}
@@ -174,12 +179,39 @@ def _any_node(args: argparse.Namespace) -> str:
     raise CliError("no node of the cluster is healthy")
 
 
+def _credentials_for(args: argparse.Namespace, base: str) -> dict[str, str]:
+    """What to send ``base`` on an auth cluster running from --data-dir: a node
+    of it gets the cluster's internal credential (the cluster asking its own
+    node, as ``georeg verify`` does), an endpoint of it the admin user's (a
+    client's credential, for the client-facing address); an address the
+    cluster does not serve gets none of its secrets."""
+    data_dir = data_dir_of(args)
+    spec = saved_spec(data_dir) if running_state(data_dir) is not None else None
+    if spec is None or not spec.auth_enabled:
+        return {}
+    status = call(data_dir, "GET", "/georeg/v1/cluster")
+    if base in {n["http"].rstrip("/") for n in status["nodes"]}:
+        try:
+            return authorization(read_internal_credential(data_dir))
+        except CredentialMissing as exc:
+            raise CliError(str(exc)) from None
+    endpoints = [*status.get("global_endpoints", {}).values(),
+                 *status.get("regional_endpoints", {}).values()]
+    if base in {e.rstrip("/") for e in endpoints}:
+        login = admin_login(data_dir)
+        token = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+    return {}
+
+
 def run_status(args: argparse.Namespace) -> int:
     repo, reference = split_image(args.image)
     base = (args.node_url or _any_node(args)).rstrip("/")
     query = urllib.parse.urlencode({"repository": repo, "reference": reference})
+    request = urllib.request.Request(f"{base}/georeg/v1/replication/status?{query}",
+                                     headers=_credentials_for(args, base))
     try:
-        with open_direct(f"{base}/georeg/v1/replication/status?{query}", timeout=10) as r:
+        with open_direct(request, timeout=10) as r:
             answer = json.load(r)
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")

@@ -163,3 +163,45 @@ async def test_verify_status_repository_and_replication_commands_work_on_an_auth
                         return False
             return True
         await eventually(gone, timeout=30, what="ops/repo deleted everywhere")
+
+
+SCENARIO = """\
+name = "auth-ops"
+description = "A short run on an auth cluster: the runner as its owner, clients logged in."
+seed = 5
+duration_s = 4
+
+[workload]
+push_rate = 2.0
+pull_rate = 2.0
+layers = 1
+layer_size = 4096
+repositories = 2
+
+[[steps]]
+at_s = 1
+fault = "link"
+a = "westeurope"
+b = "northeurope"
+latency_ms = 50
+duration_s = 1.5
+
+[assertions]
+max_convergence_s = 30
+"""
+
+
+async def test_chaos_run_against_a_running_auth_cluster(running, tmp_path):
+    """`georeg chaos run --data-dir`: faults through the management API with the
+    owner credential from the data dir, pushes and pulls with the admin user's."""
+    (tmp_path / "auth-ops.toml").write_text(SCENARIO)
+    out = tmp_path / "report.json"
+    done = georeg("chaos", "run", str(tmp_path / "auth-ops.toml"), "--json", str(out),
+                  data_dir=running.data, timeout=180)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    report = json.loads(out.read_text())
+    assert report["passed"], report["checks"]
+    assert report["pushes"]["acknowledged"] > 0 and report["pulls"]["attempted"] > 0
+    assert not report["errors_by_client"], report["error_examples"]
+    assert [a.get("error") for a in report["applied"]] == [None], report["applied"]
+    assert report["verify"]["ok"]

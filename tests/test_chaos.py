@@ -34,13 +34,17 @@ NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with RunningCluster(specs.load(None), tmp_path_factory.mktemp("chaos")) as running:
+    """The default topology with access control on, as a user's cluster has it:
+    the runner is the owner (management API, faults), its clients log in."""
+    spec = specs.load(None).with_auth("token")
+    with RunningCluster(spec, tmp_path_factory.mktemp("chaos")) as running:
         yield running
 
 
 def run(cluster, name: str, seed: int | None = None) -> dict:
     scenario = load(SCENARIOS / f"{name}.toml")
-    chaos = ChaosRun(scenario, cluster.management_url, seed=seed, scale=SCALE)
+    chaos = ChaosRun(scenario, cluster.management_url, seed=seed, scale=SCALE,
+                     owner=cluster.cluster.secrets.owner)
     return asyncio.run(chaos.run())
 
 
@@ -145,6 +149,8 @@ def test_scenario(cluster, name):
     print(summary(report))
     assert report["cluster_seed"] == cluster.cluster.spec.seed is not None
     assert report["pushes"]["acknowledged"] > 0
+    seen = {code for codes in report["errors_by_client"].values() for code in codes}
+    assert not seen & {"UNAUTHORIZED", "DENIED"}, report["error_examples"]
     assert report["pushes"]["lost"] == 0, report["lost"]
     assert report["convergence_s"] is not None
     assert report["verify"]["ok"], report["verify"]["divergences"]

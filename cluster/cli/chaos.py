@@ -14,9 +14,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from registry_node import logs
 
 from ..control import spec as specs
+from ..control.access import CredentialMissing, read_owner_credential
 from ..control.cluster import Cluster
 from ..control.management import ManagementServer
-from ..control.state import running_state
+from ..control.state import running_state, saved_spec
 from ..faults.chaos import SCENARIOS, ChaosRun, ScenarioError, load, run_seed, summary
 from ..testing import on_any_ports
 from .common import CliError, command
@@ -43,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--scale", type=float, default=1.0,
                    help="multiply every duration and time (e.g. 0.3 for a short run)")
     c.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    c.add_argument("--auth", choices=specs.AUTH_MODES,
+                   help="access control of a cluster it starts (default: the default spec's); "
+                        "on a cluster with auth the run uses the owner credential from the data "
+                        "dir and its clients log in as the admin user")
     c.set_defaults(func=command(run_scenario))
 
 
@@ -74,7 +79,10 @@ def run_scenario(args: argparse.Namespace) -> int:
     if args.scale <= 0:
         raise CliError("--scale must be positive")
     state = running_state(args.data_dir) if args.data_dir else None
-    report = asyncio.run(_run_scenario(scenario, args, state))
+    try:
+        report = asyncio.run(_run_scenario(scenario, args, state))
+    except ScenarioError as exc:      # the cluster refused the run (e.g. its admin user is off)
+        raise CliError(str(exc)) from None
     print(summary(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -85,10 +93,14 @@ async def _run_scenario(scenario, args, state) -> dict:
     """The scenario against the cluster running from --data-dir (``state``), or
     against a cluster started for it here, in --data-dir or a scratch dir."""
     if state is not None:
-        return await _run_against(scenario, args, state["management"])
+        try:
+            owner = read_owner_credential(args.data_dir) if _has_auth(args.data_dir) else None
+        except CredentialMissing as exc:
+            raise CliError(str(exc)) from None
+        return await _run_against(scenario, args, state["management"], owner)
     scratch = None
     try:
-        spec = scenario_cluster(scenario, args.seed)
+        spec = scenario_cluster(scenario, args.seed, args.auth)
         data_dir = args.data_dir
         if data_dir is None:
             scratch = tempfile.TemporaryDirectory(prefix="georeg-chaos-")
@@ -96,20 +108,31 @@ async def _run_scenario(scenario, args, state) -> dict:
         print(f"starting a cluster for the scenario in {data_dir} …", file=sys.stderr)
         async with await Cluster.start(spec, data_dir) as cluster, \
                 ManagementServer(cluster) as management:
-            return await _run_against(scenario, args, management.url)
+            owner = cluster.secrets.owner if cluster.secrets is not None else None
+            return await _run_against(scenario, args, management.url, owner)
     finally:
         if scratch is not None:
             scratch.cleanup()
 
 
-def scenario_cluster(scenario, seed: int | None = None) -> specs.ClusterSpec:
+def scenario_cluster(scenario, seed: int | None = None,
+                     auth: str | None = None) -> specs.ClusterSpec:
     """The cluster a scenario starts when none runs: the default spec on any
-    free ports, seeded with the run's seed, so its links replay with the scenario."""
-    return on_any_ports(specs.load(None).seeded(run_seed(scenario, seed)))
+    free ports (with ``auth`` when given), seeded with the run's seed, so its
+    links replay with the scenario."""
+    spec = specs.load(None)
+    if auth is not None:
+        spec = spec.with_auth(auth)
+    return on_any_ports(spec.seeded(run_seed(scenario, seed)))
 
 
-async def _run_against(scenario, args, management: str) -> dict:
-    run = ChaosRun(scenario, management, seed=args.seed, scale=args.scale)
+def _has_auth(data_dir: Path) -> bool:
+    spec = saved_spec(data_dir)
+    return spec is not None and spec.auth_enabled
+
+
+async def _run_against(scenario, args, management: str, owner: str | None) -> dict:
+    run = ChaosRun(scenario, management, seed=args.seed, scale=args.scale, owner=owner)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
                   transient=True) as progress:
         task = progress.add_task(f"{scenario.name}", total=scenario.duration_s * args.scale)

@@ -9,7 +9,6 @@ credentials its data dir holds: ``_credentials_for``).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 import time
@@ -198,9 +197,7 @@ def _credentials_for(args: argparse.Namespace, base: str) -> dict[str, str]:
     endpoints = [*status.get("global_endpoints", {}).values(),
                  *status.get("regional_endpoints", {}).values()]
     if base in {e.rstrip("/") for e in endpoints}:
-        login = admin_login(data_dir)
-        token = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
-        return {"Authorization": f"Basic {token}"}
+        return admin_login(data_dir).headers()
     return {}
 
 

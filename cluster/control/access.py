@@ -36,6 +36,7 @@ never logged.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from dataclasses import dataclass
@@ -73,6 +74,11 @@ class AdminLogin:
 
     username: str
     password: str
+
+    def headers(self) -> dict[str, str]:
+        """Basic credentials, as ``curl -u`` sends them on registry routes."""
+        encoded = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return {"Authorization": f"Basic {encoded}"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,17 @@ A scenario is a TOML file::
     max_convergence_s = 60
     verify = true
 
+On a cluster with auth (``auth = "token"``) the runner is the cluster's owner:
+it calls the management API with the owner credential (``ChaosRun(owner=)``,
+read from the data dir, or the ``Cluster``'s own), and, since faults are
+injected through that API, the management plane carries the internal
+credential to nodes itself. Its clients push and pull with the admin user's
+credentials, which it asks the management API for (``GET
+/georeg/v1/registry/credentials``), as Basic credentials on every request, as
+``curl -u`` does; so do its own reads of nodes (per-image status, whether an
+acknowledged tag is served). A run on a cluster whose admin user is disabled
+stops before it starts, saying so.
+
 The seed drives every random choice (schedule ranges, workload), so the same
 seed gives the same fault schedule and the same pushes; a cluster the run
 starts itself is seeded with it too, so its WAN links draw the same jitter and
@@ -78,6 +89,7 @@ import msgspec
 from registry_node.errors import Outcome
 from replicator.residency import ResidencyPolicy
 
+from ..control.access import AdminLogin
 from .controller import KINDS
 
 SCENARIOS = Path(__file__).parent / "scenarios"    # the scenarios that ship with georeg
@@ -289,8 +301,10 @@ class ChaosWorkload:
     """Pushes and pulls at the scenario's rates through the clients' global endpoints."""
 
     def __init__(self, scenario: Scenario, endpoints: dict[str, str], rng: random.Random,
-                 obs: Observations, residency: ResidencyPolicy | None = None) -> None:
+                 obs: Observations, residency: ResidencyPolicy | None = None,
+                 credentials: dict[str, str] | None = None) -> None:
         self.scenario = scenario
+        self.credentials = credentials or {}    # a registry client's (Authorization)
         self.residency = residency or ResidencyPolicy()
         self.workload = scenario.workload
         self.clients = list(self.workload.clients or endpoints)
@@ -360,12 +374,13 @@ class ChaosWorkload:
             for blob in image.blobs:
                 digest = "sha256:" + hashlib.sha256(blob).hexdigest()
                 async with session.post(f"{base}/v2/{repo}/blobs/uploads/", params={"digest": digest},
-                                        data=blob) as r:
+                                        data=blob, headers=self.credentials) as r:
                     await self._check(r, client, "push", 201)
             push = Push(repo, tag, "sha256:" + hashlib.sha256(image.manifest).hexdigest(), client,
                         0.0)
             async with session.put(f"{base}/v2/{repo}/manifests/{tag}", data=image.manifest,
-                                   headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}) as r:
+                                   headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
+                                            **self.credentials}) as r:
                 await self._check(r, client, "push", 201)
                 push.digest = r.headers["Docker-Content-Digest"]
                 push.answered_at = self.obs.now()
@@ -390,7 +405,8 @@ class ChaosWorkload:
         push = self.rng.choice(self.obs.acknowledged)
         self.obs.pulls_attempted += 1
         try:
-            async with session.get(f"{self.endpoints[client]}/v2/{push.repository}/manifests/{push.tag}") as r:
+            async with session.get(f"{self.endpoints[client]}/v2/{push.repository}/manifests/{push.tag}",
+                                   headers=self.credentials) as r:
                 await self._check(r, client, "pull", 200, push)
         except _Refused:
             pass
@@ -452,9 +468,12 @@ def run_seed(scenario: Scenario, override: int | None = None) -> int:
 
 class ChaosRun:
     def __init__(self, scenario: Scenario, management: str, *, seed: int | None = None,
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.0, owner: str | None = None) -> None:
         self.scenario = scenario
         self.management = management.rstrip("/")
+        # The cluster owner's credential (a cluster with auth): the management API's.
+        self._owner = {"Authorization": f"Bearer {owner}"} if owner else {}
+        self.credentials: dict[str, str] = {}    # the registry's admin user's, once known
         self.seed = run_seed(scenario, seed)
         self.cluster_seed: int | None = None
         self.scale = scale
@@ -464,7 +483,8 @@ class ChaosRun:
         self.applied: list[dict] = []
 
     async def _api(self, session, method: str, path: str, body: dict | None = None):
-        async with session.request(method, self.management + path, json=body) as r:
+        async with session.request(method, self.management + path, json=body,
+                                   headers=self._owner) as r:
             data = await r.json(content_type=None) if r.content_length != 0 else None
             if r.status >= 400:
                 message = (data or {}).get("error", {}).get("message", r.reason)
@@ -479,7 +499,10 @@ class ChaosRun:
             endpoints = status["global_endpoints"]
             residency = msgspec.convert(status["residency"], ResidencyPolicy) \
                 if "residency" in status else None
-            workload = ChaosWorkload(self.scenario, endpoints, self.rng, self.obs, residency)
+            if status.get("admin_username"):       # a cluster with auth
+                self.credentials = await self._admin_credentials(session)
+            workload = ChaosWorkload(self.scenario, endpoints, self.rng, self.obs, residency,
+                                     self.credentials)
             duration = self.scenario.duration_s * self.scale
             self.obs.started = time.monotonic()
             runner = asyncio.create_task(workload.run(session, duration))
@@ -498,6 +521,19 @@ class ChaosRun:
             verify = await self._verify(session) if self.scenario.assertions.verify else None
             max_lag = await self._max_lag(session, status)
         return self._report(last_heal, converged_after, lost, verify, max_lag, landed)
+
+    async def _admin_credentials(self, session) -> dict[str, str]:
+        """The admin user's Basic credentials, as the management API shows them."""
+        try:
+            shown = await self._api(session, "GET", "/georeg/v1/registry/credentials")
+        except ScenarioError as exc:
+            raise ScenarioError(f"the scenario's clients log in as the admin user: {exc}") from None
+        password = next((p["value"] for p in shown.get("passwords", []) if p.get("value")), None)
+        if password is None:
+            raise ScenarioError("the scenario's clients log in as the admin user, and no admin "
+                                "password works; enable it with `georeg registry update "
+                                "--admin-enabled true`")
+        return AdminLogin(shown["username"], password).headers()
 
     async def _faults(self, session) -> None:
         for step in self.steps:
@@ -533,7 +569,8 @@ class ChaosRun:
 
         async def complete(repo: str, tag: str) -> bool:
             async with slots, session.get(f"{node}/georeg/v1/replication/status",
-                                          params={"repository": repo, "reference": tag}) as r:
+                                          params={"repository": repo, "reference": tag},
+                                          headers=self.credentials) as r:
                 return r.status == 200 and (await r.json())["complete"]
 
         while time.monotonic() - started < limit and node is not None:
@@ -554,7 +591,8 @@ class ChaosRun:
         found = []
         for push in pushes:
             for node in nodes:
-                async with session.head(f"{node}/v2/{push.repository}/manifests/{push.tag}") as r:
+                async with session.head(f"{node}/v2/{push.repository}/manifests/{push.tag}",
+                                        headers=self.credentials) as r:
                     if r.status == 200 and r.headers.get("Docker-Content-Digest") == push.digest:
                         found.append(True)
                         break
@@ -592,7 +630,8 @@ class ChaosRun:
         worst = None
         for push in chosen:
             async with session.get(f"{node}/georeg/v1/replication/status",
-                                   params={"repository": push.repository, "reference": push.tag}) as r:
+                                   params={"repository": push.repository, "reference": push.tag},
+                                   headers=self.credentials) as r:
                 if r.status != 200:
                     continue
                 for replica in (await r.json())["replicas"]:

@@ -6,6 +6,12 @@ stale (the tag points at an older push there), unreachable, failed (and why).
 ``georeg replication status REPO:TAG --node URL`` prints it, run here as a
 child process against the in-process cluster (its nodes serve real sockets;
 the subprocess runs without blocking the loop that serves them).
+
+Every cluster here runs with access control on (``auth_inprocess``: mutual
+TLS between nodes, the admin user in the registry configuration), as a
+user's does: the status is asked with a client's credentials (pull on the
+repository), the CLI finds them in a client auth file, and /metrics and
+/georeg/v1/node, which serve the cluster itself, take its internal credential.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import random
 import sys
 
 import aiohttp
+import pytest
 
 from cluster.network.links import LinkFaults
 
+from .auth_inprocess import ADMIN, start_auth_cluster
 from .helpers import eventually, push_image
 from .replication_invariants import (
     big_image,
@@ -27,13 +35,19 @@ from .replication_invariants import (
     metric_samples,
     metric_sum,
     metrics_text,
-    start_cluster,
     stop_cluster,
 )
 
 TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"), ("westeurope", ""),
             ("brazilsouth", "")]
 NAMES = ["eastus-1", "eastus-2", "eastus-3", "westeurope", "brazilsouth"]
+
+
+@pytest.fixture
+async def http():
+    """A registry client logged in as the admin user (Basic on every request)."""
+    async with aiohttp.ClientSession(auto_decompress=False, headers=ADMIN) as session:
+        yield session
 
 
 async def status(http: aiohttp.ClientSession, node, repo: str, reference: str) -> dict:
@@ -57,7 +71,7 @@ async def cli(*args: str) -> tuple[int, str]:
 
 
 async def test_status_through_present_pending_stale_unreachable_and_excluded(tmp_path, http):
-    cluster = await start_cluster(tmp_path, TOPOLOGY)
+    cluster = await start_auth_cluster(tmp_path, TOPOLOGY)
     try:
         n = cluster.nodes
         rng = random.Random(1)
@@ -75,10 +89,10 @@ async def test_status_through_present_pending_stale_unreachable_and_excluded(tmp
         by_digest = await status(http, n["eastus-2"], "app/web", first.digest)
         assert by_digest["complete"] and states(by_digest) == dict.fromkeys(NAMES, "present")
 
-        code, out = await cli("app/web:v1", "--node", n["westeurope"].url)
+        code, out = await cli("app/web:v1", "--node", n["westeurope"].url, "--authfile", str(cluster.authfile))
         assert code == 0, out
         assert all(name in out for name in NAMES) and "present" in out, out
-        code, out = await cli("app/web:v1", "--node", n["eastus-3"].url, "--json")
+        code, out = await cli("app/web:v1", "--node", n["eastus-3"].url, "--json", "--authfile", str(cluster.authfile))
         assert code == 0 and json.loads(out)["complete"] is True, out
 
         # pending: westeurope can be asked, but cannot fetch (one-way partition).
@@ -97,7 +111,7 @@ async def test_status_through_present_pending_stale_unreachable_and_excluded(tmp
         # westeurope itself reaches nobody: it can only say so.
         answer = await status(http, n["westeurope"], "app/web", "v2")
         assert set(states(answer).values()) == {"unreachable", "pending"}, answer
-        code, out = await cli("app/web:v2", "--node", n["eastus-1"].url)
+        code, out = await cli("app/web:v2", "--node", n["eastus-1"].url, "--authfile", str(cluster.authfile))
         assert code == 1 and "pending" in out, out
 
         # stale: v1 pushed again in eastus; westeurope still serves the old v1.
@@ -122,7 +136,7 @@ async def test_status_through_present_pending_stale_unreachable_and_excluded(tmp
         down = next(r for r in answer["replicas"] if r["name"] == "eastus-3")
         assert down["state"] == "unreachable" and down["reason"], down
         assert answer["complete"] is False
-        code, out = await cli("app/web:v2", "--node", n["eastus-1"].url)
+        code, out = await cli("app/web:v2", "--node", n["eastus-1"].url, "--authfile", str(cluster.authfile))
         assert code == 1 and "unreachable" in out, out
         await cluster.restart("eastus-3")
         await eventually(lambda: _complete(http, n["eastus-1"], "app/web", "v1"), timeout=20,
@@ -139,7 +153,7 @@ async def test_status_through_present_pending_stale_unreachable_and_excluded(tmp
             for replica in answer["replicas"]:
                 if replica["state"] == "excluded":
                     assert "residency" in replica["reason"]
-        code, out = await cli("br/payroll:v1", "--node", n["eastus-2"].url)
+        code, out = await cli("br/payroll:v1", "--node", n["eastus-2"].url, "--authfile", str(cluster.authfile))
         assert code == 0 and "excluded" in out, out
     finally:
         await stop_cluster(cluster)
@@ -153,7 +167,8 @@ async def test_status_failed_when_the_only_copy_is_corrupt(tmp_path, http):
     """The only copy of a layer rots on the source's disk: its blob file no
     longer authenticates, so FetchBlob answers DATA_LOSS. No retry can help —
     the replica must say failed (and why), and keep replicating everything else."""
-    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")])
+    cluster = await start_auth_cluster(tmp_path, [("eastus", ""), ("westeurope", "")])
+    itself = aiohttp.ClientSession(headers=cluster.internal)   # the cluster's own reads
     try:
         east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
         cluster.partition("westeurope", "eastus", one_way=True)
@@ -173,9 +188,9 @@ async def test_status_failed_when_the_only_copy_is_corrupt(tmp_path, http):
         failed = next(r for r in answer["replicas"] if r["name"] == "westeurope")
         assert "DATA_LOSS" in failed["reason"] or "corrupt" in failed["reason"].lower(), failed
         assert answer["complete"] is False
-        code, out = await _cli_status("app/rot:v1", east.url)
+        code, out = await cli("app/rot:v1", "--node", east.url, "--authfile", str(cluster.authfile))
         assert code == 1 and "failed" in out, out
-        text = await metrics_text(http, west)
+        text = await metrics_text(itself, west)
         assert metric_sum(text, "georeg_replication_transfer_failures_total", peer="eastus",
                           outcome="permanent") > 0
         # The subscription moved on: later pushes still arrive.
@@ -184,11 +199,8 @@ async def test_status_failed_when_the_only_copy_is_corrupt(tmp_path, http):
         await eventually(lambda: _complete(http, west, "app/next", "v1"), timeout=20,
                          what="a later image to replicate past the failure")
     finally:
+        await itself.close()
         await stop_cluster(cluster)
-
-
-async def _cli_status(image: str, url: str) -> tuple[int, str]:
-    return await cli(image, "--node", url)
 
 
 def _digest(data: bytes) -> str:
@@ -198,22 +210,23 @@ def _digest(data: bytes) -> str:
 
 
 async def test_metrics_lag_queue_depth_bytes_and_failures(tmp_path, http):
-    cluster = await start_cluster(tmp_path, [("eastus", "1"), ("eastus", "2"), ("eastus", "3"),
+    cluster = await start_auth_cluster(tmp_path, [("eastus", "1"), ("eastus", "2"), ("eastus", "3"),
                                              ("westeurope", "")])
+    itself = aiohttp.ClientSession(headers=cluster.internal)   # the cluster's own reads
     try:
         east, west = cluster.nodes["eastus-1"], cluster.nodes["westeurope"]
         lag = "georeg_replication_lag_seconds_count"
-        assert metric_sum(await metrics_text(http, west), lag) == 0
+        assert metric_sum(await metrics_text(itself, west), lag) == 0
         small = layered_image(random.Random(4), False)
         await push_image(http, east.url, "m/app", small, tag="v1")
         await eventually(lambda: _complete(http, west, "m/app", "v1"), timeout=20)
 
         # The lag histogram, by origin and destination region.
-        text = await metrics_text(http, west)
+        text = await metrics_text(itself, west)
         series = [labels for labels, value in metric_samples(text, lag) if value > 0]
         assert {"origin_region": "eastus", "destination_region": "westeurope"}.items() <= \
             series[0].items(), series
-        zone2 = await metrics_text(http, cluster.nodes["eastus-2"])
+        zone2 = await metrics_text(itself, cluster.nodes["eastus-2"])
         assert metric_sum(zone2, lag, origin_region="eastus", destination_region="eastus") > 0
         buckets = [v for labels, v in metric_samples(text, "georeg_replication_lag_seconds_bucket")
                    if labels.get("le") == "+Inf"]
@@ -222,7 +235,7 @@ async def test_metrics_lag_queue_depth_bytes_and_failures(tmp_path, http):
         received = metric_sum(text, "georeg_replication_bytes_total", direction="in")
         assert received == sum(len(b) for b in small.blobs)
         # Where the node's memory is (an in-process node: the test process's).
-        async with http.get(f"{west.url}/georeg/v1/node") as r:
+        async with itself.get(f"{west.url}/georeg/v1/node") as r:
             memory = (await r.json())["memory"]
         assert memory["rocksdb_bytes"] > 0                  # the image's records, in the memtable
         assert 0 < memory["heap_in_use_bytes"] < memory["rss_bytes"]
@@ -239,17 +252,17 @@ async def test_metrics_lag_queue_depth_bytes_and_failures(tmp_path, http):
         await push_image(http, east.url, "m/after", layered_image(random.Random(5), False), tag="v1")
 
         async def queued() -> bool:
-            text = await metrics_text(http, west)
+            text = await metrics_text(itself, west)
             return metric_sum(text, "georeg_replication_queue_depth", peer="eastus-1") > 0
 
         await eventually(queued, timeout=20, what="a queue behind the slow layer")
-        text = await metrics_text(http, west)
+        text = await metrics_text(itself, west)
         assert {labels["peer"] for labels, _ in
                 metric_samples(text, "georeg_replication_queue_depth")} >= {"eastus-1", "eastus-2"}
         link.cut()                                       # and a failure while it crosses
 
         async def failed_once() -> bool:
-            text = await metrics_text(http, west)
+            text = await metrics_text(itself, west)
             return metric_sum(text, "georeg_replication_transfer_failures_total",
                               peer="eastus-1") > 0
 
@@ -259,14 +272,15 @@ async def test_metrics_lag_queue_depth_bytes_and_failures(tmp_path, http):
                          what="the queue to drain")
 
         async def drained() -> bool:
-            text = await metrics_text(http, west)
+            text = await metrics_text(itself, west)
             return metric_sum(text, "georeg_replication_queue_depth") == 0
 
         await eventually(drained, timeout=20, what="queue depth back to 0")
-        text = await metrics_text(http, west)
+        text = await metrics_text(itself, west)
         assert metric_sum(text, "georeg_replication_bytes_total", direction="in") >= len(layer)
-        sent = sum([metric_sum(await metrics_text(http, n), "georeg_replication_bytes_total",
+        sent = sum([metric_sum(await metrics_text(itself, n), "georeg_replication_bytes_total",
                                direction="out", peer="westeurope") for n in cluster.running()])
         assert sent >= len(layer)
     finally:
+        await itself.close()
         await stop_cluster(cluster)

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
@@ -24,6 +25,7 @@ from ..control.access import CredentialMissing, authorization, read_internal_cre
 from ..control.management_client import open_direct
 from ..control.state import running_state, saved_spec
 from .common import CliError, add_data_dir, admin_login, call, command, data_dir_of
+from .login import auth_file
 
 _STYLE = {"present": "green", "pending": "yellow", "stale": "yellow", "excluded": "dim",
           "failed": "red", "unreachable": "red"}
@@ -90,7 +92,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("image", metavar="REPO:TAG|REPO@DIGEST")
     c.add_argument("--json", action="store_true", help="print the raw JSON answer")
     c.add_argument("--node", dest="node_url", metavar="URL",
-                   help="HTTP address of any node (default: found through --data-dir)")
+                   help="HTTP address of any node or endpoint (default: a node found through "
+                        "--data-dir)")
+    c.add_argument("--authfile", type=Path, metavar="PATH",
+                   help="on a registry with auth, the client auth file with credentials for "
+                        "--node's address (default: where `georeg login` writes, "
+                        "$REGISTRY_AUTH_FILE, ...); not needed for the cluster running from "
+                        "--data-dir, whose own credentials are used")
     add_data_dir(c)
     c.set_defaults(func=command(run_status))
 
@@ -187,7 +195,7 @@ def _credentials_for(args: argparse.Namespace, base: str) -> dict[str, str]:
     data_dir = data_dir_of(args)
     spec = saved_spec(data_dir) if running_state(data_dir) is not None else None
     if spec is None or not spec.auth_enabled:
-        return {}
+        return _from_auth_file(args, base)
     status = call(data_dir, "GET", "/georeg/v1/cluster")
     if base in {n["http"].rstrip("/") for n in status["nodes"]}:
         try:
@@ -198,6 +206,20 @@ def _credentials_for(args: argparse.Namespace, base: str) -> dict[str, str]:
                  *status.get("regional_endpoints", {}).values()]
     if base in {e.rstrip("/") for e in endpoints}:
         return admin_login(data_dir).headers()
+    return _from_auth_file(args, base)
+
+
+def _from_auth_file(args: argparse.Namespace, base: str) -> dict[str, str]:
+    """Basic credentials for ``base``'s HOST:PORT from the client auth file
+    (``--authfile``, else where ``georeg login`` writes), as skopeo finds them."""
+    path = auth_file(argparse.Namespace(authfile=args.authfile, docker=False))
+    try:
+        auths = json.loads(path.read_text()).get("auths", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    entry = auths.get(urllib.parse.urlsplit(base).netloc) if isinstance(auths, dict) else None
+    if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
+        return {"Authorization": f"Basic {entry['auth']}"}
     return {}
 
 
@@ -213,6 +235,10 @@ def run_status(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
         print(f"georeg: {base} answered {exc.code}: {detail}", file=sys.stderr)
+        if exc.code == 401:
+            print("georeg: the registry wants credentials with pull on the repository: run "
+                  "georeg with the cluster's --data-dir, or log in first (`georeg login`, or "
+                  "--authfile)", file=sys.stderr)
         return 2
     except (urllib.error.URLError, OSError) as exc:
         print(f"georeg: cannot reach {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)

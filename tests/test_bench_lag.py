@@ -18,10 +18,13 @@ from cluster.bench.lag_report import link_delivery
 from cluster.cli.main import main
 from cluster.network.links import LinkModel
 
+# Access control on, as a user's cluster has it: the benchmark is the owner
+# (management API), its client logs in, its arrival reader speaks mutual TLS.
 SPEC = """\
 registry = "georegtest"
 home_region = "eastus"
 paired_copies = false
+auth = "token"
 
 [[replicas]]
 region = "westeurope"

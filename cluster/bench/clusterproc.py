@@ -15,6 +15,14 @@ Everything the benchmark needs comes from the spec (``cluster.control.plan``: no
 ports and names, the WAN model) and the management API (node pids, faults). A
 spec that leaves its ports open (``port_base = 0``) is planned once the cluster
 has started, from the spec it saved with the range it got.
+On a cluster with auth (``auth = "token"``) the benchmark is the cluster's
+owner, as ``georeg`` commands run from its data dir are: management calls
+carry the owner credential, its registry clients the admin user's
+(``registry_headers``: asked of the management API), its reads of a node's
+internal routes the internal credential (``internal_headers``), and its gRPC
+channels to a node present that node's own certificate from the cluster CA
+(``grpc_channel``: nodes accept nothing else, and a node asked with its own
+identity answers as it would itself, residency included).
 Only a cluster this class started is stopped by it: SIGTERM to the supervisor,
 which stops its nodes; should it not exit in time, it and the node pids it
 reported are killed, one by one.
@@ -30,7 +38,18 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
+
+from replicator.peer_identity import PeerCredentials
+
 from ..control import spec as specs
+from ..control.access import (
+    AdminLogin,
+    CredentialMissing,
+    authorization,
+    read_internal_credential,
+    read_owner_credential,
+)
 from ..control.management_client import ManagementError, request
 from ..control.plan import ClusterPlan, NodePlan, plan
 from ..control.state import running_state, save_spec, saved_spec
@@ -54,6 +73,7 @@ class ClusterProcess:
             self.plan = plan(spec, self.data_dir)
         self.management = ""
         self.pids: dict[str, int] = {}
+        self._registry_headers: dict[str, str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -153,9 +173,47 @@ class ClusterProcess:
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> object:
         try:
-            return request(self.management, method, path, body, timeout)
+            return request(self.management, method, path, body, timeout,
+                           headers=self._credential(read_owner_credential))
         except ManagementError as exc:
             raise ClusterStartError(str(exc)) from None
+
+    def _credential(self, read) -> dict[str, str]:
+        """``read``'s credential from the data dir as a header ({} without auth)."""
+        if not self.spec.auth_enabled:
+            return {}
+        try:
+            return authorization(read(self.data_dir))
+        except CredentialMissing as exc:
+            raise ClusterStartError(str(exc)) from None
+
+    def internal_headers(self) -> dict[str, str]:
+        """What a node's internal routes (``/metrics``, ...) need ({} without auth)."""
+        return self._credential(read_internal_credential)
+
+    def registry_headers(self) -> dict[str, str]:
+        """A registry client's credentials: the admin user's ({} without auth)."""
+        if self._registry_headers is None:
+            self._registry_headers = {}
+            if self.spec.auth_enabled:
+                shown = self.call("GET", "/georeg/v1/registry/credentials")
+                password = next((p["value"] for p in shown["passwords"] if p.get("value")), None)
+                if password is None:
+                    raise ClusterStartError("the benchmark's client logs in as the admin user, "
+                                            "and no admin password works; enable it with "
+                                            "`georeg registry update --admin-enabled true`")
+                self._registry_headers = AdminLogin(shown["username"], password).headers()
+        return self._registry_headers
+
+    def grpc_channel(self, name: str) -> grpc.aio.Channel:
+        """A channel to node ``name``'s replication port, as the node itself would
+        open it (mutual TLS with its certificate on a cluster with auth)."""
+        node, target = self.node(name), self.grpc(name)
+        if node.access is None:
+            return grpc.aio.insecure_channel(target)
+        identity = PeerCredentials.load(node.access.ca_file, node.access.key_file,
+                                        node.access.cert_file)
+        return grpc.aio.secure_channel(target, identity.channel())
 
     def inject(self, kind: str, **target) -> dict:
         return self.call("POST", "/georeg/v1/faults", {"kind": kind, **target})

@@ -93,8 +93,14 @@ async def _after_workload(cluster: Cluster, images: int, settle_s: float) -> dic
     endpoints = [_Endpoint(f"global@{e.region}", e.url) for e in cluster.endpoints()
                  if e.kind == "global"]
     content = RandomBytes(seed=7)
+    credentials = {}
+    if cluster.spec.auth_enabled:          # the workload is a client: it logs in as admin
+        login = await cluster.access.admin_login()
+        if login is None:
+            raise RuntimeError("the workload logs in as the admin user, which is disabled")
+        credentials = login.headers()
     started = time.monotonic()
-    async with open_session(8) as session:
+    async with open_session(8, credentials) as session:
         clients = [Client(e, session) for e in endpoints]
 
         async def one(i: int) -> None:

@@ -21,7 +21,9 @@ What "pullable" is, and how it is measured
     benchmark reads max(manifest, tag) arrival per node over the replication
     gRPC service's ``GetImageStatus`` (the source of ``replication/status``),
     directly on each node's gRPC port, after the pushes, so measuring adds no
-    load while replication runs. Lag = arrival − the client's receipt of the
+    load while replication runs (on a cluster with auth over mutual TLS, each
+    node asked with its own certificate; pushes and GETs carry the admin
+    user's credentials: ``ClusterProcess``). Lag = arrival − the client's receipt of the
     manifest PUT's 201 (``time.time_ns()`` in this process: one clock). The
     origin's own recorded acknowledgement is reported beside it.
 
@@ -193,8 +195,8 @@ class ArrivalReader:
     """``GetImageStatus`` on each node's own gRPC port (not through the WAN links)."""
 
     def __init__(self, cluster: ClusterProcess) -> None:
-        self._channels = {n.name: grpc.aio.insecure_channel(cluster.grpc(n.name))
-                          for n in cluster.nodes}
+        # Each node asked with its own identity (mutual TLS on a cluster with auth).
+        self._channels = {n.name: cluster.grpc_channel(n.name) for n in cluster.nodes}
         self._stubs = {name: pbg.ReplicationStub(ch) for name, ch in self._channels.items()}
         self._regions = {n.name: (n.region, n.zone) for n in cluster.nodes}
 
@@ -258,9 +260,11 @@ class _Run:
     console: Console
     pushes: list[ImagePush] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
+    credentials: dict[str, str] = field(default_factory=dict)   # the registry client's
 
     async def run(self) -> LagResults:
         options, cluster = self.options, self.cluster
+        self.credentials = cluster.registry_headers()
         origins = [cluster.resolve_node(o) for o in options.origins]
         if len({o.name for o in origins}) != len(origins):
             raise ValueError(f"origins name the same node twice: {options.origins}")
@@ -342,7 +346,7 @@ class _Run:
         async def one_origin(k: int, origin) -> None:
             target = NodeTarget(origin.name, self.cluster.http(origin.name),
                                 self.cluster.pids.get(origin.name, 0))
-            async with open_session(options.layers + 2) as session:
+            async with open_session(options.layers + 2, self.credentials) as session:
                 client = TimedClient(target, session, options.layers + 2)
 
                 async def push(image: PreparedImage) -> None:
@@ -407,7 +411,8 @@ class _Run:
         options = self.options
         task = progress.add_task("verifying against real GETs", total=options.verify)
         checks: list[Verification] = []
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4)) as polling:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4),
+                                         headers=self.credentials) as polling:
             for i in range(options.verify):
                 origin = origins[i % len(origins)]
                 dests = self._destinations(origin)
@@ -420,7 +425,7 @@ class _Run:
                 def watch(out=watching, image=image, dest=dest) -> None:
                     out.append(asyncio.ensure_future(self._watch(polling, dest.name, image)))
 
-                async with open_session(options.layers + 2) as session:
+                async with open_session(options.layers + 2, self.credentials) as session:
                     client = TimedClient(target, session, options.layers + 2)
                     push = await client.push_image(origin.name, image, before_manifest=watch)
                 seen_ns, previous_ns = await watching[0]

@@ -186,12 +186,14 @@ class Measured:
         self.other_cpu_s = max(0.0, others - self._users)
 
 
-def open_session(concurrency: int) -> aiohttp.ClientSession:
-    """The one client configuration every registry gets."""
+def open_session(concurrency: int, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
+    """The one client configuration every registry gets; ``headers`` go with
+    every request (a registry's credentials)."""
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
     return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-        read_bufsize=PIECE, timeout=aiohttp.ClientTimeout(total=None, sock_read=120))
+        read_bufsize=PIECE, timeout=aiohttp.ClientTimeout(total=None, sock_read=120),
+        headers=headers)
 
 
 async def _check(response: aiohttp.ClientResponse, expected: int, what: str,

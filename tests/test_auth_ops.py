@@ -205,3 +205,44 @@ async def test_chaos_run_against_a_running_auth_cluster(running, tmp_path):
     assert not report["errors_by_client"], report["error_examples"]
     assert [a.get("error") for a in report["applied"]] == [None], report["applied"]
     assert report["verify"]["ok"]
+
+
+async def test_fault_commands_reach_the_nodes_of_an_auth_cluster(running):
+    """A disk fault goes through the management API (owner credential) to the
+    node's storage seam (internal credential), and heals the same way."""
+    internal = {"Authorization": "Bearer "
+                + (running.data / "auth" / "internal.secret").read_text().strip()}
+    seam = f"{running.node('northeurope')}/georeg/v1/faults/storage"
+
+    async def full() -> bool:
+        async with aiohttp.ClientSession(headers=internal) as itself, itself.get(seam) as r:
+            assert r.status == 200
+            return (await r.json())["full"]
+
+    injected = georeg("fault", "disk", "northeurope", "--full", data_dir=running.data)
+    assert injected.returncode == 0, injected.stderr
+    try:
+        assert await full()
+        listed = georeg("fault", "list", "--json", data_dir=running.data)
+        assert listed.returncode == 0, listed.stderr
+        assert [f["kind"] for f in json.loads(listed.stdout) if f["active"]] == ["disk"]
+    finally:
+        healed = georeg("fault", "heal", "--all", data_dir=running.data)
+        assert healed.returncode == 0, healed.stderr
+    assert not await full()
+
+
+def test_bench_lag_against_a_running_auth_cluster(running, tmp_path):
+    """`georeg bench lag --data-dir`: the owner's management calls, a client that
+    logs in, and arrivals read over mutual TLS with each node's own certificate."""
+    out = tmp_path / "lag.json"
+    done = georeg("bench", "lag", "--origin", "westeurope", "--images", "2", "--rate", "4",
+                  "--layer-size", "16KiB", "--verify", "1", "--quiet-wait", "0",
+                  "--json", str(out), data_dir=running.data, timeout=240)
+    assert done.returncode == 0, (done.stdout, done.stderr[-3000:])
+    results = json.loads(out.read_text())
+    pairs = {(p["origin"], p["destination"]): p for p in results["pairs"]}
+    assert set(pairs) == {("westeurope", "northeurope")}
+    assert pairs["westeurope", "northeurope"]["samples"] == 2
+    assert pairs["westeurope", "northeurope"]["missing"] == 0
+    assert results["verification"]["all_consistent"], results["verification_checks"]

@@ -134,3 +134,16 @@ def test_link_delivery_counts_only_what_crossed_between_the_snapshots():
     assert summary["lateness_ms_at_most"] == {"p50": 1, "p99": 100, "p999": None}
     assert list(summary["worst_links_p99_ms_at_most"]) == ["a->b", "b->a", "c->a"]
     assert summary["worst_links_p99_ms_at_most"]["b->a"] == 100
+
+
+def test_a_run_where_nothing_arrived_gets_no_chart_and_no_traceback(tmp_path):
+    """Every copy missing (a cluster the reader could not ask, say) is a result
+    to report, not a crash in the chart."""
+    from cluster.bench.lag_chart import write_chart
+    from cluster.bench.lag_report import LagResults, host
+
+    results = LagResults(host(), {}, {"nodes": [{"name": "eastus"}, {"name": "westeurope"}],
+                                      "wan_enabled": False},
+                         missing=[("eastus", "westeurope")] * 3)
+    assert write_chart(results, tmp_path / "lag.png") is False
+    assert not (tmp_path / "lag.png").exists()

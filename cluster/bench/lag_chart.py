@@ -15,7 +15,11 @@ from pathlib import Path
 from .lag_report import LagResults
 
 
-def write_chart(results: LagResults, path: Path) -> None:
+def write_chart(results: LagResults, path: Path) -> bool:
+    """The chart of ``results`` at ``path``; False (and no file) when no image
+    arrived anywhere, so there is nothing to draw."""
+    if not any(p.samples for p in results.pairs()):
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,6 +71,7 @@ def write_chart(results: LagResults, path: Path) -> None:
         fig.colorbar(image, ax=ax, shrink=0.8)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+    return True
 
 
 def _cell(pair, value) -> float:

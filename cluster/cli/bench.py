@@ -288,8 +288,11 @@ def _run_lag_bench(args: argparse.Namespace) -> int:
     if args.chart:
         from ..bench.lag_chart import write_chart
 
-        write_chart(results, args.chart)
-        print(f"chart written to {args.chart}", file=sys.stderr)
+        if write_chart(results, args.chart):
+            print(f"chart written to {args.chart}", file=sys.stderr)
+        else:
+            print(f"no chart: no image arrived at any destination ({args.chart} not written)",
+                  file=sys.stderr)
     return 0
 
 

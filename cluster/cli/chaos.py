@@ -19,7 +19,7 @@ from ..control.management import ManagementServer
 from ..control.state import running_state
 from ..faults.chaos import SCENARIOS, ChaosRun, ScenarioError, load, run_seed, summary
 from ..testing import on_any_ports
-from .common import CliError, command
+from .common import CliError, cluster_tls, command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,7 +85,7 @@ async def _run_scenario(scenario, args, state) -> dict:
     """The scenario against the cluster running from --data-dir (``state``), or
     against a cluster started for it here, in --data-dir or a scratch dir."""
     if state is not None:
-        return await _run_against(scenario, args, state["management"])
+        return await _run_against(scenario, args, state["management"], cluster_tls(args.data_dir))
     scratch = None
     try:
         spec = scenario_cluster(scenario, args.seed)
@@ -96,7 +96,8 @@ async def _run_scenario(scenario, args, state) -> dict:
         print(f"starting a cluster for the scenario in {data_dir} …", file=sys.stderr)
         async with await Cluster.start(spec, data_dir) as cluster, \
                 ManagementServer(cluster) as management:
-            return await _run_against(scenario, args, management.url)
+            return await _run_against(scenario, args, management.url,
+                                      cluster.tls.client if cluster.tls is not None else None)
     finally:
         if scratch is not None:
             scratch.cleanup()
@@ -108,8 +109,8 @@ def scenario_cluster(scenario, seed: int | None = None) -> specs.ClusterSpec:
     return on_any_ports(specs.load(None).seeded(run_seed(scenario, seed)))
 
 
-async def _run_against(scenario, args, management: str) -> dict:
-    run = ChaosRun(scenario, management, seed=args.seed, scale=args.scale)
+async def _run_against(scenario, args, management: str, tls=None) -> dict:
+    run = ChaosRun(scenario, management, seed=args.seed, scale=args.scale, tls=tls)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
                   transient=True) as progress:
         task = progress.add_task(f"{scenario.name}", total=scenario.duration_s * args.scale)

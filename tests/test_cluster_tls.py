@@ -246,9 +246,13 @@ def test_ca_export_says_where_the_ca_is_and_how_each_client_trusts_it(tls_cluste
     assert f"Cluster CA certificate (PEM): {tls_cluster.ca_file.resolve()}" in out
     assert f"curl --cacert {tls_cluster.ca_file.resolve()} https://" in out
     assert "--dest-cert-dir" in out
+    certs_d = re.search(r"for a in (.*); do install -D -m 0644 (\S+) "
+                        r"/etc/containers/certs\.d/\$a/ca\.crt; done", out)
+    assert certs_d and certs_d[2] == str(tls_cluster.ca_file.resolve()), out
     for url in [*tls_cluster.status["global_endpoints"].values(),
-                *tls_cluster.status["regional_endpoints"].values()]:
-        assert f"/etc/containers/certs.d/{_host(url)}/ca.crt" in out, url
+                *tls_cluster.status["regional_endpoints"].values(),
+                *(n["http"] for n in tls_cluster.status["nodes"])]:
+        assert _host(url) in certs_d[1].split(), url
     as_json = json.loads(georeg("ca", "export", "--json", data_dir=tls_cluster.data).stdout)
     assert as_json["tls"] is True and as_json["ca_file"] == str(tls_cluster.ca_file.resolve())
     assert re.fullmatch(r"[0-9A-F]{64}", as_json["fingerprint_sha256"])

@@ -102,10 +102,10 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"  skopeo: skopeo copy --src-cert-dir {cert_dir} ... / --dest-cert-dir {cert_dir} "
           f"(or --cert-dir for inspect, login), {cert_dir} holding {CA_NAME}"
           + ("" if written else f"; `georeg ca export --cert-dir {cert_dir}` writes one"))
-    print(f"  podman, skopeo, buildah for every user (as root): the CA as "
-          f"/etc/containers/certs.d/HOST:PORT/{CA_NAME} for each address:")
-    for address in addresses:
-        print(f"    install -D -m 0644 {pem_path} /etc/containers/certs.d/{address}/{CA_NAME}")
+    print(f"  podman, skopeo, buildah, every user: as root, the CA as "
+          f"/etc/containers/certs.d/HOST:PORT/{CA_NAME} for every endpoint and node:")
+    print(f"    for a in {' '.join(addresses)}; do install -D -m 0644 {pem_path} "
+          f"/etc/containers/certs.d/$a/{CA_NAME}; done")
     return 0
 
 

@@ -198,7 +198,10 @@ class RoutingProxy:
         self.handoffs = Handoffs() if handoff_blobs and server_tls is None else None
         self.handed_over = 0              # blob downloads the node wrote on the client's socket
         # Counted bodies with this much left go through the kernel (None: never).
-        self.splice_min = splice_min if kernel.AVAILABLE and splice_min else 0
+        # Never through TLS: what is on the socket is ciphertext, and reads stay
+        # large (a small read is only worth it while a splice may follow).
+        self.splice_min = splice_min if kernel.AVAILABLE and splice_min and server_tls is None \
+            else 0
         self.spliced_bytes = 0            # body bytes taken from a socket by a splice
         self.pipes = kernel.SHARED
         self.host = "127.0.0.1"

@@ -26,7 +26,7 @@ from cluster.control.state import save_spec
 from cluster.control.tls import client_context
 from cluster.routing.proxy import SPLICE_MIN
 
-from .helpers import Skopeo, eventually, write_oci_layout
+from .helpers import Skopeo, eventually, make_image, push_image, write_oci_layout
 from .test_cluster import georeg
 from .test_interop import gzip_image
 
@@ -234,6 +234,26 @@ async def test_a_blob_above_the_splice_threshold_is_byte_identical_through_a_tls
     status = json.loads(georeg("status", "--json", data_dir=tls_cluster.data).stdout)
     traffic = status["endpoint_traffic"]["global:westeurope"]
     assert traffic["spliced_bytes"] == 0 and traffic["handed_over"] == 0
+
+
+async def test_georeg_commands_that_ask_nodes_themselves_trust_the_cluster_ca(tls_cluster):
+    """`replication status` and `verify` ask nodes over HTTPS, trusting the CA in
+    the data dir (not the system's CAs, which know nothing of it)."""
+    image = make_image([2000, 300], seed=5)
+    connector = aiohttp.TCPConnector(ssl=tls_cluster.tls())
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as http:
+        await push_image(http, tls_cluster.global_endpoint("westeurope"), "cli/app", image, "v1")
+
+    def complete() -> bool:
+        status = georeg("replication", "status", "cli/app:v1", "--json", data_dir=tls_cluster.data)
+        assert status.returncode in (0, 1), status.stderr
+        return json.loads(status.stdout)["complete"]
+
+    await eventually(complete, timeout=60)
+    verify = georeg("verify", "--json", data_dir=tls_cluster.data)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    report = json.loads(verify.stdout)
+    assert report["status"] == "clean" and len(report["checked"]) == 2, report
 
 
 # -- georeg ca export ---------------------------------------------------------------------

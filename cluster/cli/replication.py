@@ -19,7 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
 from ..control.management_client import open_direct
-from .common import CliError, add_data_dir, call, command, data_dir_of
+from .common import CliError, add_data_dir, call, cluster_tls, command, data_dir_of
 
 _STYLE = {"present": "green", "pending": "yellow", "stale": "yellow", "excluded": "dim",
           "failed": "red", "unreachable": "red"}
@@ -179,7 +179,8 @@ def run_status(args: argparse.Namespace) -> int:
     base = (args.node_url or _any_node(args)).rstrip("/")
     query = urllib.parse.urlencode({"repository": repo, "reference": reference})
     try:
-        with open_direct(f"{base}/georeg/v1/replication/status?{query}", timeout=10) as r:
+        with open_direct(f"{base}/georeg/v1/replication/status?{query}", timeout=10,
+                         tls=cluster_tls(data_dir_of(args))) as r:
             answer = json.load(r)
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")

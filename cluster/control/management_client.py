@@ -10,6 +10,7 @@ not: by default it sends even loopback requests to the proxy."""
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,9 +18,15 @@ import urllib.request
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def open_direct(request: urllib.request.Request | str, timeout: float):
-    """``urllib.request.urlopen``, never through a proxy."""
-    return _DIRECT.open(request, timeout=timeout)
+def open_direct(request: urllib.request.Request | str, timeout: float,
+                tls: ssl.SSLContext | None = None):
+    """``urllib.request.urlopen``, never through a proxy; ``tls``: what verifies
+    an https URL (a TLS cluster's CA) instead of the system's CAs."""
+    if tls is None:
+        return _DIRECT.open(request, timeout=timeout)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=tls))
+    return opener.open(request, timeout=timeout)
 
 
 class ManagementError(Exception):

@@ -19,6 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cluster.bench.clusterproc import ClusterProcess
+from cluster.bench.workload import open_session
 from cluster.control import spec as specs
 from cluster.control.access import provision
 from cluster.control.plan import plan
@@ -254,6 +256,17 @@ async def test_georeg_commands_that_ask_nodes_themselves_trust_the_cluster_ca(tl
     assert verify.returncode == 0, verify.stdout + verify.stderr
     report = json.loads(verify.stdout)
     assert report["status"] == "clean" and len(report["checked"]) == 2, report
+
+
+async def test_benchmarks_reach_a_tls_clusters_nodes_trusting_its_ca(tls_cluster):
+    cluster = ClusterProcess.attach(tls_cluster.data)
+    assert cluster.tls is not None
+    async with open_session(2, cluster.tls) as session:
+        for node in cluster.nodes:
+            url = cluster.http(node.name)
+            assert url.startswith("https://"), url
+            async with session.get(f"{url}/v2/") as r:
+                assert r.status == 200
 
 
 # -- georeg ca export ---------------------------------------------------------------------

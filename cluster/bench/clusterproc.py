@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from ..control import spec as specs
 from ..control.management_client import ManagementError, request
 from ..control.plan import ClusterPlan, NodePlan, plan
 from ..control.state import running_state, save_spec, saved_spec
+from ..control.tls import client_context
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
@@ -135,7 +137,12 @@ class ClusterProcess:
         return self.plan.node(name)
 
     def http(self, name: str) -> str:
-        return f"http://{self.plan.host}:{self.node(name).http_port}"
+        return f"{self.plan.scheme}://{self.plan.host}:{self.node(name).http_port}"
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """What verifies the nodes' certificates on a TLS cluster (its CA)."""
+        return client_context(self.plan.ca_file) if self.spec.tls else None
 
     def grpc(self, name: str) -> str:
         return f"{self.plan.host}:{self.node(name).grpc_port}"

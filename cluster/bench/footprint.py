@@ -94,7 +94,7 @@ async def _after_workload(cluster: Cluster, images: int, settle_s: float) -> dic
                  if e.kind == "global"]
     content = RandomBytes(seed=7)
     started = time.monotonic()
-    async with open_session(8) as session:
+    async with open_session(8, cluster.tls.client if cluster.tls else None) as session:
         clients = [Client(e, session) for e in endpoints]
 
         async def one(i: int) -> None:

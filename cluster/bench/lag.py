@@ -342,7 +342,7 @@ class _Run:
         async def one_origin(k: int, origin) -> None:
             target = NodeTarget(origin.name, self.cluster.http(origin.name),
                                 self.cluster.pids.get(origin.name, 0))
-            async with open_session(options.layers + 2) as session:
+            async with open_session(options.layers + 2, self.cluster.tls) as session:
                 client = TimedClient(target, session, options.layers + 2)
 
                 async def push(image: PreparedImage) -> None:
@@ -407,7 +407,8 @@ class _Run:
         options = self.options
         task = progress.add_task("verifying against real GETs", total=options.verify)
         checks: list[Verification] = []
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4)) as polling:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                limit=4, ssl=self.cluster.tls or True)) as polling:
             for i in range(options.verify):
                 origin = origins[i % len(origins)]
                 dests = self._destinations(origin)
@@ -420,7 +421,7 @@ class _Run:
                 def watch(out=watching, image=image, dest=dest) -> None:
                     out.append(asyncio.ensure_future(self._watch(polling, dest.name, image)))
 
-                async with open_session(options.layers + 2) as session:
+                async with open_session(options.layers + 2, self.cluster.tls) as session:
                     client = TimedClient(target, session, options.layers + 2)
                     push = await client.push_image(origin.name, image, before_manifest=watch)
                 seen_ns, previous_ns = await watching[0]

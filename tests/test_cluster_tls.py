@@ -24,7 +24,7 @@ from cluster.bench.workload import open_session
 from cluster.control import spec as specs
 from cluster.control.access import provision
 from cluster.control.plan import plan
-from cluster.control.state import save_spec
+from cluster.control.state import running_state, save_spec
 from cluster.control.tls import client_context
 from cluster.routing.proxy import SPLICE_MIN
 
@@ -118,6 +118,9 @@ def test_every_endpoint_and_node_is_an_https_url(tls_cluster):
             *(n["http"] for n in status["nodes"])]
     assert urls and all(u.startswith("https://127.0.0.1:") for u in urls), urls
     assert "https://127.0.0.1:" in tls_cluster.stdout      # what `georeg up` printed
+    # The management API too: the CLI (this `status`) trusts the CA in the data dir.
+    management = running_state(tls_cluster.data)["management"]
+    assert management.startswith("https://127.0.0.1:"), management
     # TLS alone made the CA (no auth secrets).
     assert tls_cluster.ca_file.exists()
     assert not (tls_cluster.data / "auth" / "owner.secret").exists()
@@ -150,11 +153,12 @@ async def test_a_client_that_does_not_trust_the_cluster_ca_is_refused(tls_cluste
             ssl=untrusting, server_hostname="127.0.0.1")
 
 
-@pytest.mark.parametrize("kind", ["endpoint", "node"])
+@pytest.mark.parametrize("kind", ["endpoint", "node", "management"])
 def test_plain_http_to_an_https_port_gets_no_http_answer_and_the_port_serves_on(tls_cluster,
                                                                                  kind):
-    url = tls_cluster.global_endpoint("westeurope") if kind == "endpoint" \
-        else tls_cluster.node("westeurope")
+    url = {"endpoint": tls_cluster.global_endpoint("westeurope"),
+           "node": tls_cluster.node("westeurope"),
+           "management": running_state(tls_cluster.data)["management"]}[kind]
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -171,7 +175,7 @@ def test_plain_http_to_an_https_port_gets_no_http_answer_and_the_port_serves_on(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             tls_cluster.tls().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
         sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        assert sock.recv(64).startswith(b"HTTP/1.1 "), kind     # an HTTP answer, over TLS
 
 
 # -- real clients, verifying -------------------------------------------------------------

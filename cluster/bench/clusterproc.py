@@ -160,7 +160,9 @@ class ClusterProcess:
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> object:
         try:
-            return request(self.management, method, path, body, timeout)
+            return request(self.management, method, path, body, timeout,
+                           tls=client_context(self.plan.ca_file)
+                           if self.management.startswith("https:") else None)
         except ManagementError as exc:
             raise ClusterStartError(str(exc)) from None
 

@@ -65,7 +65,8 @@ def call(data_dir: Path, method: str, path: str, body: dict | None = None,
     except CredentialMissing as exc:
         missing = exc
     try:
-        return request(url, method, path, body, timeout, headers=headers)
+        return request(url, method, path, body, timeout, headers=headers,
+                       tls=cluster_tls(data_dir) if url.startswith("https:") else None)
     except ManagementError as exc:
         if exc.status == 401 and missing is not None:
             raise CliError(f"{exc}\n{missing}") from None

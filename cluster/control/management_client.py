@@ -39,14 +39,16 @@ class ManagementError(Exception):
 
 
 def request(base_url: str, method: str, path: str, body: dict | None = None,
-            timeout: float = 120, headers: dict[str, str] | None = None) -> object:
-    """One call; ``headers`` carry the owner credential of a cluster with auth."""
+            timeout: float = 120, headers: dict[str, str] | None = None,
+            tls: ssl.SSLContext | None = None) -> object:
+    """One call; ``headers`` carry the owner credential of a cluster with auth,
+    ``tls`` verifies the API's certificate on a cluster with TLS (its CA)."""
     url = base_url.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with open_direct(req, timeout=timeout) as r:
+        with open_direct(req, timeout=timeout, tls=tls) as r:
             raw = r.read()
             return json.loads(raw) if raw else None
     except urllib.error.HTTPError as exc:

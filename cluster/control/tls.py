@@ -2,11 +2,12 @@
 use, all from the cluster CA (``cluster.control.ca``).
 
 Who holds which: every node serves with the certificate the CA issued it
-(``georeg node --tls-cert``, built there); the routing endpoints serve with
-the endpoints' certificate (``server_context``) and, since they terminate
-TLS, reach nodes over TLS again, trusting only the CA (``client_context``),
-as do the supervisor's health checks, the management plane's requests
-through management links, verify, faults and the CLI.
+(``georeg node --tls-cert``, built there); the routing endpoints and the
+management API serve with the endpoints' certificate (``ClusterTls.server``)
+and the endpoints, since they terminate TLS, reach nodes over TLS again,
+trusting only the CA (``client_context``), as do the supervisor's health
+checks, the management plane's requests through management links, verify,
+faults, the benchmarks and the CLI (``cluster.cli.common.cluster_tls``).
 
 Invariants: a client context verifies the peer's certificate and its name
 (127.0.0.1, localhost or the login server, as the certificate's SAN holds

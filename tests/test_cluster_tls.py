@@ -17,16 +17,20 @@ import ssl
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 
 from cluster.bench.clusterproc import ClusterProcess
 from cluster.bench.workload import open_session
 from cluster.control import spec as specs
 from cluster.control.access import provision
+from cluster.control.ca import ClusterCA
 from cluster.control.plan import plan
 from cluster.control.state import running_state, save_spec
 from cluster.control.tls import client_context
 from cluster.routing.proxy import SPLICE_MIN
+from replicator.wire.v1 import replication_pb2 as pb
+from replicator.wire.v1 import replication_pb2_grpc as pbg
 
 from .helpers import Skopeo, eventually, make_image, push_image, write_oci_layout
 from .test_cluster import georeg
@@ -271,6 +275,27 @@ async def test_benchmarks_reach_a_tls_clusters_nodes_trusting_its_ca(tls_cluster
             assert url.startswith("https://"), url
             async with session.get(f"{url}/v2/") as r:
                 assert r.status == 200
+
+
+async def test_replication_without_auth_takes_only_peers_with_a_certificate_from_the_ca(
+        tls_cluster):
+    """TLS without auth still replicates over mutual TLS, with the certificates
+    the nodes serve HTTPS with: a plaintext peer is refused."""
+    connector = aiohttp.TCPConnector(ssl=tls_cluster.tls())
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.get(tls_cluster.node("northeurope") + "/georeg/v1/node") as r:
+            assert r.status == 200
+            target = (await r.json())["grpc"]
+    cert = ClusterCA.open(tls_cluster.data / "auth" / "ca").node_certificate("probe", "eastus")
+    certified = grpc.ssl_channel_credentials(cert.ca_file.read_bytes(), cert.key_file.read_bytes(),
+                                             cert.cert_file.read_bytes())
+    async with grpc.aio.secure_channel(target, certified) as channel:
+        reply = await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
+        assert reply.node.region == "northeurope"
+    async with grpc.aio.insecure_channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
 # -- georeg ca export ---------------------------------------------------------------------

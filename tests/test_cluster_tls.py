@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from aiohttp import web
 
 from cluster.bench.clusterproc import ClusterProcess
 from cluster.bench.workload import open_session
@@ -27,8 +28,9 @@ from cluster.control.access import provision
 from cluster.control.ca import ClusterCA
 from cluster.control.plan import plan
 from cluster.control.state import running_state, save_spec
-from cluster.control.tls import client_context
-from cluster.routing.proxy import SPLICE_MIN
+from cluster.control.tls import client_context, server_context
+from cluster.routing.policy import NodeEndpoint, NodeHealth, ReplicaGroup
+from cluster.routing.proxy import SPLICE_MIN, RoutingProxy
 from replicator.wire.v1 import replication_pb2 as pb
 from replicator.wire.v1 import replication_pb2_grpc as pbg
 
@@ -296,6 +298,52 @@ async def test_replication_without_auth_takes_only_peers_with_a_certificate_from
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_redirecting_tls_endpoint_sends_clients_to_the_nodes_https_address(tmp_path):
+    """blob_downloads = "redirect" on a TLS cluster: the 307 names the node's
+    https URL, which verifies against the CA; other requests are relayed to the
+    node over TLS. A real proxy and a real TLS node server, in this process."""
+    ca = ClusterCA.open(tmp_path / "ca")
+    node_cert = ca.node_certificate("eastus", "eastus")
+    served = ca.endpoint_certificate()
+    blob = b"redirected blob over TLS" * 100
+
+    async def get_blob(request: web.Request) -> web.Response:
+        return web.Response(body=blob, headers={"X-Scheme": request.scheme})
+
+    app = web.Application()
+    app.router.add_route("*", "/v2/{tail:.*}", get_blob)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0,
+                       ssl_context=server_context(node_cert.cert_file, node_cert.key_file))
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    health = NodeHealth()
+    health.report("eastus", True)
+    group = ReplicaGroup("eastus", (NodeEndpoint("eastus", "eastus", "", "127.0.0.1", port),), True)
+    proxy = RoutingProxy.regional_endpoint(
+        group, health, redirect_blobs=True, server_tls=server_context(served.cert_file,
+                                                                      served.key_file),
+        backend_tls=client_context(ca.cert_file))
+    await proxy.start()
+    try:
+        assert proxy.url.startswith("https://")
+        path = "/v2/app/blobs/sha256:" + "ab" * 32
+        connector = aiohttp.TCPConnector(ssl=client_context(ca.cert_file))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get(proxy.url + path, allow_redirects=False) as r:
+                assert r.status == 307
+                assert r.headers["Location"] == f"https://127.0.0.1:{port}{path}"
+            async with http.get(proxy.url + path) as r:          # followed, verified
+                assert r.status == 200 and await r.read() == blob
+            async with http.head(proxy.url + path) as r:          # relayed, over TLS
+                assert r.status == 200 and r.headers["X-Scheme"] == "https"
+                assert r.headers["X-Georeg-Replica"] == "eastus"
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
 
 
 # -- georeg ca export ---------------------------------------------------------------------

@@ -17,7 +17,8 @@ Installed with georeg (entry point ``pytest11``), it provides:
     The spec the cluster starts from; override this fixture in your
     ``conftest.py``, or mark a test ``@pytest.mark.georeg_spec({...})`` with
     the same keys as a TOML spec file. Default: ``cluster.testing.SMALL_SPEC``
-    (eastus with zones, westeurope, brazilsouth).
+    (eastus with zones, westeurope, brazilsouth). With ``{"tls": True}`` every
+    URL is https; clients trust ``georeg_cluster.ca_file`` (the cluster CA).
 """
 
 from __future__ import annotations

@@ -112,6 +112,12 @@ class RunningCluster:
         return self.cluster.node_url(name)
 
     @property
+    def ca_file(self) -> Path | None:
+        """The cluster CA's certificate (PEM): what a client trusts when the spec
+        says ``tls = true`` (every URL here is then https); None without a CA."""
+        return self.cluster.ca_file
+
+    @property
     def management_url(self) -> str | None:
         """The management REST API (``cluster.control.management``) serving this cluster."""
         return self.management.url if self.management else None

@@ -34,10 +34,24 @@ class NodeConfig:
     # The cluster's internal credential (a file holding it): the node's internal
     # routes then answer only requests carrying it (registry_node.api.internal).
     internal_credential_file: Path | None = None
+    # HTTPS: off unless the certificate is given; then the node serves TLS only.
+    # The CA (the one that issued the certificate) is what it trusts for peers
+    # in replication when it has no --auth-ca.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
 
     @property
     def auth_enabled(self) -> bool:
         return self.auth_ca_file is not None
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_enabled else "http"
 
     @property
     def key_path(self) -> Path:

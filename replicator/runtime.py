@@ -276,13 +276,18 @@ def _credentials(view: ClusterView, config: NodeConfig) -> PeerCredentials | Non
     says to; ``AuthConfigError`` when it says so but the node has no certificate."""
     if not view.mutual_tls:
         return None
-    if config.auth_ca_file is None or config.auth_key_file is None \
-            or config.auth_cert_file is None:
-        raise AuthConfigError(f"{view.name} replicates over mutual TLS (its cluster has auth) "
-                              f"but was given no certificate (--auth-ca, --auth-key, --auth-cert)")
+    # The auth certificate where the node has one, else the one it serves HTTPS
+    # with (a TLS cluster without auth): the same CA issued both.
+    files = (config.auth_ca_file, config.auth_key_file, config.auth_cert_file)
+    if config.auth_ca_file is None:
+        files = (config.tls_ca_file, config.tls_key_file, config.tls_cert_file)
+    ca_file, key_file, cert_file = files
+    if ca_file is None or key_file is None or cert_file is None:
+        raise AuthConfigError(f"{view.name} replicates over mutual TLS (its cluster has auth "
+                              f"or TLS) but was given no certificate (--auth-ca, --auth-key, "
+                              f"--auth-cert, or --tls-ca, --tls-key, --tls-cert)")
     try:
-        return PeerCredentials.load(config.auth_ca_file, config.auth_key_file,
-                                    config.auth_cert_file)
+        return PeerCredentials.load(ca_file, key_file, cert_file)
     except OSError as exc:
         raise AuthConfigError(f"cannot read {view.name}'s certificate for replication: "
                               f"{exc.strerror or exc}") from None

@@ -334,9 +334,12 @@ def require_program(name: str, package: str, found: str | None = None) -> str:
 class Skopeo:
     """skopeo with a sandboxed configuration; ``run`` fails the test on a non-zero exit."""
 
-    def __init__(self, root: Path, host: str) -> None:
+    def __init__(self, root: Path, host: str, cert_dir: Path | None = None) -> None:
         self.program = require_program("skopeo", "skopeo")
         self.host = host
+        # With a cert dir (holding the registry's CA as ca.crt), TLS is verified
+        # against it; without, skopeo is told not to verify (plain HTTP registries).
+        self.cert_dir = cert_dir
         root.mkdir()
         (root / "tmp").mkdir()
         (root / "registries.d").mkdir()
@@ -375,21 +378,26 @@ class Skopeo:
             assert proc.returncode == 0, f"skopeo {' '.join(args)}: {err.decode()[-3000:]}"
         return proc.returncode, out, err.decode()
 
+    def _tls(self, side: str) -> list[str]:
+        if self.cert_dir is not None:
+            return [f"--{side}cert-dir", str(self.cert_dir)]
+        return [f"--{side}tls-verify=false"]
+
     async def copy(self, src: str, dst: str, *flags: str) -> None:
         tls = []
         if src.startswith("docker://"):
-            tls.append("--src-tls-verify=false")
+            tls += self._tls("src-")
         if dst.startswith("docker://"):
-            tls.append("--dest-tls-verify=false")
+            tls += self._tls("dest-")
         await self.run("copy", "--quiet", "--authfile", str(self.auth), *tls, *flags, src, dst)
 
     async def inspect_raw(self, ref: str) -> bytes:
-        _, out, _ = await self.run("inspect", "--raw", "--tls-verify=false",
+        _, out, _ = await self.run("inspect", "--raw", *self._tls(""),
                                    "--authfile", str(self.auth), ref)
         return out
 
     async def inspect(self, ref: str) -> dict:
-        _, out, _ = await self.run("inspect", "--tls-verify=false", "--authfile", str(self.auth), ref)
+        _, out, _ = await self.run("inspect", *self._tls(""), "--authfile", str(self.auth), ref)
         return json.loads(out)
 
     async def list_tags(self, repo: str) -> list[str]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ from ..control.access import (
 from ..control.management_client import ManagementError, request
 from ..control.plan import ClusterPlan, NodePlan, plan
 from ..control.state import running_state, save_spec, saved_spec
+from ..control.tls import client_context
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
@@ -155,7 +157,12 @@ class ClusterProcess:
         return self.plan.node(name)
 
     def http(self, name: str) -> str:
-        return f"http://{self.plan.host}:{self.node(name).http_port}"
+        return f"{self.plan.scheme}://{self.plan.host}:{self.node(name).http_port}"
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """What verifies the nodes' certificates on a TLS cluster (its CA)."""
+        return client_context(self.plan.ca_file) if self.spec.tls else None
 
     def grpc(self, name: str) -> str:
         return f"{self.plan.host}:{self.node(name).grpc_port}"
@@ -174,7 +181,9 @@ class ClusterProcess:
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> object:
         try:
             return request(self.management, method, path, body, timeout,
-                           headers=self._credential(read_owner_credential))
+                           headers=self._credential(read_owner_credential),
+                           tls=client_context(self.plan.ca_file)
+                           if self.management.startswith("https:") else None)
         except ManagementError as exc:
             raise ClusterStartError(str(exc)) from None
 
@@ -207,12 +216,12 @@ class ClusterProcess:
 
     def grpc_channel(self, name: str) -> grpc.aio.Channel:
         """A channel to node ``name``'s replication port, as the node itself would
-        open it (mutual TLS with its certificate on a cluster with auth)."""
+        open it (mutual TLS with its certificate on a cluster with auth or TLS)."""
         node, target = self.node(name), self.grpc(name)
-        if node.access is None:
+        files = node.access or node.tls
+        if files is None:
             return grpc.aio.insecure_channel(target)
-        identity = PeerCredentials.load(node.access.ca_file, node.access.key_file,
-                                        node.access.cert_file)
+        identity = PeerCredentials.load(files.ca_file, files.key_file, files.cert_file)
         return grpc.aio.secure_channel(target, identity.channel())
 
     def inject(self, kind: str, **target) -> dict:

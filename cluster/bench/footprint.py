@@ -100,7 +100,8 @@ async def _after_workload(cluster: Cluster, images: int, settle_s: float) -> dic
             raise RuntimeError("the workload logs in as the admin user, which is disabled")
         credentials = login.headers()
     started = time.monotonic()
-    async with open_session(8, credentials) as session:
+    async with open_session(8, cluster.tls.client if cluster.tls else None,
+                            credentials) as session:
         clients = [Client(e, session) for e in endpoints]
 
         async def one(i: int) -> None:

@@ -346,7 +346,8 @@ class _Run:
         async def one_origin(k: int, origin) -> None:
             target = NodeTarget(origin.name, self.cluster.http(origin.name),
                                 self.cluster.pids.get(origin.name, 0))
-            async with open_session(options.layers + 2, self.credentials) as session:
+            async with open_session(options.layers + 2, self.cluster.tls,
+                                    self.credentials) as session:
                 client = TimedClient(target, session, options.layers + 2)
 
                 async def push(image: PreparedImage) -> None:
@@ -411,8 +412,8 @@ class _Run:
         options = self.options
         task = progress.add_task("verifying against real GETs", total=options.verify)
         checks: list[Verification] = []
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4),
-                                         headers=self.credentials) as polling:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                limit=4, ssl=self.cluster.tls or True), headers=self.credentials) as polling:
             for i in range(options.verify):
                 origin = origins[i % len(origins)]
                 dests = self._destinations(origin)
@@ -425,7 +426,8 @@ class _Run:
                 def watch(out=watching, image=image, dest=dest) -> None:
                     out.append(asyncio.ensure_future(self._watch(polling, dest.name, image)))
 
-                async with open_session(options.layers + 2, self.credentials) as session:
+                async with open_session(options.layers + 2, self.cluster.tls,
+                                        self.credentials) as session:
                     client = TimedClient(target, session, options.layers + 2)
                     push = await client.push_image(origin.name, image, before_manifest=watch)
                 seen_ns, previous_ns = await watching[0]

@@ -182,8 +182,10 @@ async def run(options: ReplicationBenchOptions, console: Console | None = None) 
         content = RandomBytes(options.seed)
         total = options.layers * options.layer_bytes
         deadline = lambda: time.monotonic() + options.timeout_s  # noqa: E731
-        async with open_session(options.concurrency, cluster.registry_headers()) as session, \
-                aiohttp.ClientSession(headers=cluster.internal_headers()) as probe:
+        async with open_session(options.concurrency, cluster.tls,
+                                cluster.registry_headers()) as session, \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=cluster.tls or True),
+                                      headers=cluster.internal_headers()) as probe:
             client = Client(_Target(a.name, cluster.http(a.name), cluster.pids[a.name]), session,
                             options.concurrency)
             bytes_in = BytesIn(probe, cluster.http(b.name))

@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -186,10 +187,13 @@ class Measured:
         self.other_cpu_s = max(0.0, others - self._users)
 
 
-def open_session(concurrency: int, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
-    """The one client configuration every registry gets; ``headers`` go with
-    every request (a registry's credentials)."""
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+def open_session(concurrency: int, tls: ssl.SSLContext | None = None,
+                 headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
+    """The one client configuration every registry gets; ``tls``: what verifies a
+    TLS cluster's certificates (its CA); ``headers`` go with every request (a
+    registry's credentials)."""
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency,
+                                     ssl=tls or True)
     return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
         read_bufsize=PIECE, timeout=aiohttp.ClientTimeout(total=None, sock_read=120),

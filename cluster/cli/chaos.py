@@ -20,7 +20,7 @@ from ..control.management import ManagementServer
 from ..control.state import running_state, saved_spec
 from ..faults.chaos import SCENARIOS, ChaosRun, ScenarioError, load, run_seed, summary
 from ..testing import on_any_ports
-from .common import CliError, command
+from .common import CliError, cluster_tls, command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +97,8 @@ async def _run_scenario(scenario, args, state) -> dict:
             owner = read_owner_credential(args.data_dir) if _has_auth(args.data_dir) else None
         except CredentialMissing as exc:
             raise CliError(str(exc)) from None
-        return await _run_against(scenario, args, state["management"], owner)
+        return await _run_against(scenario, args, state["management"], owner,
+                                  cluster_tls(args.data_dir))
     scratch = None
     try:
         spec = scenario_cluster(scenario, args.seed, args.auth)
@@ -109,7 +110,8 @@ async def _run_scenario(scenario, args, state) -> dict:
         async with await Cluster.start(spec, data_dir) as cluster, \
                 ManagementServer(cluster) as management:
             owner = cluster.secrets.owner if cluster.secrets is not None else None
-            return await _run_against(scenario, args, management.url, owner)
+            return await _run_against(scenario, args, management.url, owner,
+                                      cluster.tls.client if cluster.tls is not None else None)
     finally:
         if scratch is not None:
             scratch.cleanup()
@@ -131,8 +133,8 @@ def _has_auth(data_dir: Path) -> bool:
     return spec is not None and spec.auth_enabled
 
 
-async def _run_against(scenario, args, management: str, owner: str | None) -> dict:
-    run = ChaosRun(scenario, management, seed=args.seed, scale=args.scale, owner=owner)
+async def _run_against(scenario, args, management: str, owner: str | None, tls=None) -> dict:
+    run = ChaosRun(scenario, management, seed=args.seed, scale=args.scale, owner=owner, tls=tls)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
                   transient=True) as progress:
         task = progress.add_task(f"{scenario.name}", total=scenario.duration_s * args.scale)

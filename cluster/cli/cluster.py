@@ -65,6 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "admin user's password is generated at first start and printed; "
                         "`georeg login` hands it to skopeo, podman, docker); none: an open "
                         "registry. Default: the spec's auth (default none)")
+    p.add_argument("--tls", action="store_true", default=None,
+                   help="serve HTTPS on every node and endpoint, with certificates from the "
+                        "cluster CA made at first start (in DATA_DIR/auth/ca) for 127.0.0.1, "
+                        "localhost and the login server; `georeg ca export` says how to trust "
+                        "it. Default: the spec's tls (default false)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background; stop it with `georeg down`")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
@@ -131,6 +136,8 @@ def run_up(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
     if args.auth is not None:
         spec = spec.with_auth(args.auth)
+    if args.tls:
+        spec = spec.with_tls(True)
     if args.detach:
         return _detach(args, data_dir)
     logs.configure(args.log_format, "warning", sys.stderr)
@@ -174,6 +181,8 @@ def _detach(args: argparse.Namespace, data_dir: Path) -> int:
         argv += ["--seed", str(args.seed)]
     if args.auth is not None:
         argv += ["--auth", args.auth]
+    if args.tls:
+        argv.append("--tls")
     with open(log_path, "ab") as log:
         child = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                  start_new_session=True)
@@ -259,8 +268,19 @@ def print_endpoints(status: dict, admin: AdminLogin | None = None) -> None:
         console.print("Paired-region copies (storage only, for `georeg region restore`): "
                       + ", ".join(f"{c['keeps']} → {c['region']}" for c in copies))
     first = next(iter(status["global_endpoints"].values()), "http://127.0.0.1:5000")
-    host = first.removeprefix("http://")
+    host = first.partition("://")[2]
     data_dir = status["data_dir"]
+    # How skopeo reaches an endpoint: verifying the cluster CA on a TLS cluster.
+    verify = "--dest-tls-verify=false"
+    if status.get("tls"):
+        certs = f"{data_dir}/certs"
+        console.print(f"HTTPS everywhere, certificates from the cluster CA {status['ca_file']}; "
+                      f"`georeg ca export --data-dir {data_dir}` says how to trust it.",
+                      highlight=False)
+        verify = f"--dest-cert-dir {certs}"
+        setup = f"georeg ca export --data-dir {data_dir} --cert-dir {certs} >/dev/null && "
+    else:
+        setup = ""
     if status.get("auth") == "token":
         if admin is not None:
             console.print(f"[bold]Registry credentials[/] (every endpoint and node): username "
@@ -273,12 +293,12 @@ def print_endpoints(status: dict, admin: AdminLogin | None = None) -> None:
                       f"$XDG_RUNTIME_DIR/containers/auth.json; --docker: ~/.docker/config.json "
                       f"for docker and oras). The management API and this CLI use the cluster "
                       f"owner's credential in {data_dir}/auth/owner.secret.", highlight=False)
-        console.print(f"Try: georeg login --data-dir {data_dir} && skopeo copy "
-                      f"--dest-tls-verify=false docker-archive:image.tar "
+        console.print(f"Try: {setup}georeg login --data-dir {data_dir} && skopeo copy "
+                      f"{verify} docker-archive:image.tar "
                       f"docker://{host}/demo/app:v1", highlight=False)
         return
-    console.print(f"Try: skopeo copy --dest-tls-verify=false docker-archive:image.tar "
-                  f"docker://{host}/demo/app:v1")
+    console.print(f"Try: {setup}skopeo copy {verify} docker-archive:image.tar "
+                  f"docker://{host}/demo/app:v1", highlight=False)
 
 
 def _node_table(console: Console, status: dict) -> None:

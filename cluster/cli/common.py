@@ -8,13 +8,16 @@ module, so every command module can import it.
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from ..control.access import AdminLogin, CredentialMissing, authorization, read_owner_credential
 from ..control.management_client import ManagementError, request
+from ..control.plan import ca_file
 from ..control.state import running_state
+from ..control.tls import client_context
 
 DEFAULT_DATA_DIR = Path(".georeg")
 
@@ -62,11 +65,25 @@ def call(data_dir: Path, method: str, path: str, body: dict | None = None,
     except CredentialMissing as exc:
         missing = exc
     try:
-        return request(url, method, path, body, timeout, headers=headers)
+        return request(url, method, path, body, timeout, headers=headers,
+                       tls=cluster_tls(data_dir) if url.startswith("https:") else None)
     except ManagementError as exc:
         if exc.status == 401 and missing is not None:
             raise CliError(f"{exc}\n{missing}") from None
         raise CliError(str(exc)) from None
+
+
+def cluster_tls(data_dir: Path) -> ssl.SSLContext | None:
+    """What a command that asks nodes or endpoints itself trusts: the cluster CA
+    kept in ``data_dir`` (None when the cluster has none; its URLs are then
+    plain HTTP, and a context would never be used)."""
+    path = ca_file(data_dir)
+    try:
+        return client_context(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"cannot use the cluster CA {path}: {exc}") from None
 
 
 def admin_login(data_dir: Path) -> AdminLogin:

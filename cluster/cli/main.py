@@ -24,6 +24,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         return parser
     from . import (
         bench,
+        ca,
         chaos,
         cluster,
         credential,
@@ -42,6 +43,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     login.register(sub)
     registry.register(sub)
     credential.register(sub)
+    ca.register(sub)
     token.register(sub)
     scope_map.register(sub)
     identity.register(sub)

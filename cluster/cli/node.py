@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ssl
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "node", help="run one standalone registry node",
         description="Run one georeg registry node: an OCI registry (distribution-spec v1.1) with "
-                    "encrypted storage, serving http://HOST:PORT/v2/. Stops cleanly on SIGTERM or "
+                    "encrypted storage, serving http://HOST:PORT/v2/ (https with --tls-cert). Stops cleanly on SIGTERM or "
                     "Ctrl-C; restart it on the same --data-dir to resume with everything intact.")
     p.add_argument("--data-dir", type=Path, required=True,
                    help="where the node keeps its metadata, blobs and (by default) its key")
@@ -85,6 +86,18 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                            "/georeg/v1/replication/status) then answer only requests that carry "
                            "it as `Authorization: Bearer`. A file, so the secret is never on a "
                            "command line")
+    tls = p.add_argument_group(
+        "TLS", "Off unless --tls-cert is given. Then the node serves HTTPS only (HTTP/1.1 over "
+        "TLS 1.2 or later) on --listen, and endpoints relay blob downloads rather than handing "
+        "the client's socket to the node. `georeg up` passes the certificate the cluster CA "
+        "issued to the node, for 127.0.0.1, localhost and the registry's login server.")
+    tls.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="the certificate (PEM, chain allowed) the node serves HTTPS with")
+    tls.add_argument("--tls-key", type=Path, metavar="FILE",
+                     help="the private key of --tls-cert (PEM, mode 0600)")
+    tls.add_argument("--tls-ca", type=Path, metavar="FILE",
+                     help="the CA that issued --tls-cert (PEM): without --auth-ca, what the node "
+                          "trusts for peers when its cluster view asks for mutual TLS")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                    help="log format on stderr (default: console on a terminal, else json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -105,7 +118,7 @@ def _run_node(args: argparse.Namespace) -> int:
     from registry_node.config import NodeConfig
     from registry_node.crypto import KeyFileError
     from registry_node.node import DataDirError
-    from registry_node.server import EXIT_ADDRESS_IN_USE, run
+    from registry_node.server import EXIT_ADDRESS_IN_USE, run, tls_context
 
     logs.configure(args.log_format, args.log_level, sys.stderr)
     host, port = args.listen
@@ -132,7 +145,18 @@ def _run_node(args: argparse.Namespace) -> int:
                         shutdown_grace_s=args.shutdown_grace, auth_ca_file=args.auth_ca,
                         auth_key_file=args.auth_key, auth_cert_file=args.auth_cert,
                         auth_service=args.auth_service or "",
-                        internal_credential_file=args.internal_credential_file)
+                        internal_credential_file=args.internal_credential_file,
+                        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key or args.tls_cert,
+                        tls_ca_file=args.tls_ca)
+    if (args.tls_key or args.tls_ca) and args.tls_cert is None:
+        print("georeg node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
+        return 2
+    try:
+        tls_context(config)         # checked before anything opens
+    except (OSError, ssl.SSLError) as exc:
+        print(f"georeg node: cannot serve TLS with {args.tls_cert} and {config.tls_key_file}: "
+              f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 2
     try:
         run(config, extensions)
     except (DataDirError, KeyFileError, AuthConfigError) as exc:

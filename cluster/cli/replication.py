@@ -24,7 +24,7 @@ from rich.table import Table
 from ..control.access import CredentialMissing, authorization, read_internal_credential
 from ..control.management_client import open_direct
 from ..control.state import running_state, saved_spec
-from .common import CliError, add_data_dir, admin_login, call, command, data_dir_of
+from .common import CliError, add_data_dir, admin_login, call, cluster_tls, command, data_dir_of
 from .login import auth_file
 
 _STYLE = {"present": "green", "pending": "yellow", "stale": "yellow", "excluded": "dim",
@@ -230,7 +230,7 @@ def run_status(args: argparse.Namespace) -> int:
     request = urllib.request.Request(f"{base}/georeg/v1/replication/status?{query}",
                                      headers=_credentials_for(args, base))
     try:
-        with open_direct(request, timeout=10) as r:
+        with open_direct(request, timeout=10, tls=cluster_tls(data_dir_of(args))) as r:
             answer = json.load(r)
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")

@@ -18,7 +18,7 @@ from rich.table import Table
 from ..control.access import CredentialMissing, authorization, read_internal_credential
 from ..control.state import saved_spec
 from ..faults.verify import targets_from_status, verify
-from .common import CliError, add_data_dir, call, command, data_dir_of
+from .common import CliError, add_data_dir, call, cluster_tls, command, data_dir_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +51,8 @@ def run_verify(args: argparse.Namespace) -> int:
         except CredentialMissing as exc:
             raise CliError(str(exc)) from None
     report = asyncio.run(verify(targets_from_status(status), policy=spec.residency_policy(),
-                                timeout=args.timeout, headers=headers))
+                                timeout=args.timeout, headers=headers,
+                                tls=cluster_tls(data_dir)))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

@@ -1,9 +1,11 @@
-"""The access material of a cluster with ``auth = "token"``, made at its first
-start and kept in its data dir::
+"""The access material of a cluster with ``auth = "token"`` (and the CA of one
+with ``tls = true``), made at its first start and kept in its data dir::
 
     <data dir>/auth/                 mode 0700
-        ca/                          the cluster CA, and each node's key and certificate
-                                     (``cluster.control.ca``; what ``NodeAccess`` names)
+        ca/                          the cluster CA, each node's key and certificate and
+                                     the endpoints' (``cluster.control.ca``; what
+                                     ``NodeAccess`` and ``NodeTls`` name). A TLS cluster
+                                     without auth has only this
         owner.secret                 the cluster owner's credential: the management API
                                      answers nothing without it; the CLI reads it here
         internal.secret              the cluster's internal credential: nodes' internal
@@ -42,7 +44,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ca import ClusterCA
+from .ca import ClusterCA, NodeCertificate
 from .plan import AUTH_DIR, ClusterPlan, NodePlan
 from .private_files import write_private
 
@@ -105,33 +107,49 @@ def _secret(path: Path) -> str:
 
 
 def provision(cluster_plan: ClusterPlan) -> ClusterSecrets | None:
-    """Everything a cluster with auth needs before its nodes start, made at its
-    first start and reused at every later one (None on a cluster without auth)."""
+    """Everything a cluster with auth or TLS needs before its nodes start, made at
+    its first start and reused at every later one: the CA and each node's
+    certificate (auth or TLS), and the cluster's secrets (auth; None on a cluster without auth)."""
     spec = cluster_plan.spec
-    if not spec.auth_enabled:
+    if not spec.needs_ca:
         return None
     directory = auth_dir(cluster_plan.data_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    owner = _secret(directory / OWNER_FILE)
-    internal = _secret(directory / INTERNAL_FILE)
     ca = ClusterCA.open(directory / "ca", spec.registry)
     for node in cluster_plan.all_nodes:
         provision_node(ca, cluster_plan, node)
+    if not spec.auth_enabled:
+        return None
+    owner = _secret(directory / OWNER_FILE)
+    internal = _secret(directory / INTERNAL_FILE)
     return ClusterSecrets(owner, internal, spec.login_server)
+
+
+def served_names(cluster_plan: ClusterPlan) -> tuple[str, ...]:
+    """The names a node's or endpoint's certificate holds besides 127.0.0.1 and
+    localhost: the cluster's host (unless it listens everywhere) and the
+    registry's login server."""
+    return tuple(h for h in (cluster_plan.host, cluster_plan.spec.login_server)
+                 if h not in ("0.0.0.0", "::"))
 
 
 def provision_node(ca: ClusterCA, cluster_plan: ClusterPlan, node: NodePlan) -> None:
     """``node``'s key and certificate (its region and zone in the subject), where
     its plan says the node will look for them."""
-    access = node.access
-    assert access is not None
-    hosts = tuple(h for h in (cluster_plan.host, cluster_plan.spec.login_server)
-                  if h not in ("0.0.0.0", "::"))
-    issued = ca.node_certificate(node.name, node.region, node.zone, hosts)
-    if (issued.key_file, issued.cert_file, issued.ca_file) != \
-            (access.key_file, access.cert_file, access.ca_file):
-        raise RuntimeError(f"the CA put {node.name}'s certificate at {issued.cert_file}, not "
-                           f"where its plan says ({access.cert_file})")
+    wanted = [(f.key_file, f.cert_file, f.ca_file) for f in (node.access, node.tls)
+              if f is not None]
+    assert wanted, f"{node.name} has neither access nor TLS in its plan"
+    issued = ca.node_certificate(node.name, node.region, node.zone, served_names(cluster_plan))
+    for files in wanted:
+        if (issued.key_file, issued.cert_file, issued.ca_file) != files:
+            raise RuntimeError(f"the CA put {node.name}'s certificate at {issued.cert_file}, "
+                               f"not where its plan says ({files[1]})")
+
+
+def endpoint_certificate(cluster_plan: ClusterPlan) -> NodeCertificate:
+    """The routing endpoints' key and certificate (a TLS cluster's), issued at its
+    first start and reused after, for the same names as its nodes'."""
+    return open_ca(cluster_plan).endpoint_certificate(served_names(cluster_plan))
 
 
 def open_ca(cluster_plan: ClusterPlan) -> ClusterCA:

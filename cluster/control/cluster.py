@@ -68,12 +68,13 @@ from ..faults.controller import FaultController
 from ..faults.verify import NodeTarget, VerifyReport, down_reason, verify
 from ..routing.endpoints import Endpoints
 from . import spec as specs
-from .access import ClusterSecrets, open_ca, provision, provision_node
+from .access import ClusterSecrets, endpoint_certificate, open_ca, provision, provision_node
 from .errors import ClusterError, ControlPlaneUnavailable, NodeRefusal, NotFound, PortInUse
 from .identities import ACCESS_KINDS, RegistryAccess
 from .plan import ClusterPlan, plan
 from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
+from .tls import ClusterTls
 
 log = structlog.get_logger("georeg.cluster")
 
@@ -139,6 +140,9 @@ class Cluster:
         # With auth: the cluster's own credentials, made at first start
         # (cluster.control.access).
         self.secrets: ClusterSecrets | None = None
+        # With TLS: what the endpoints serve with and reach nodes with, and what
+        # this process's own requests to nodes trust (cluster.control.tls).
+        self.tls: ClusterTls | None = ClusterTls() if spec.tls else None
         self._http: aiohttp.ClientSession | None = None   # requests over management links
         self.started_at = 0.0
         # Seconds from the start to every node healthy, and to ready (subscribed
@@ -210,6 +214,10 @@ class Cluster:
             save_spec(self.data_dir, self.spec)
             self.secrets = await asyncio.get_running_loop().run_in_executor(
                 None, provision, self.plan)
+            if self.tls is not None:
+                served = await asyncio.get_running_loop().run_in_executor(
+                    None, endpoint_certificate, self.plan)
+                self.tls.load(served.ca_file, served.cert_file, served.key_file)
             self.supervisor.internal_headers = self.internal_headers()
             log.info("cluster_starting", seed=self.spec.seed, data_dir=str(self.data_dir),
                      port_base=self.spec.network.port_base)
@@ -314,7 +322,7 @@ class Cluster:
         return sock
 
     def endpoints(self) -> list[Endpoint]:
-        return [Endpoint(e.kind, e.region, f"http://{self.host}:{e.port}")
+        return [Endpoint(e.kind, e.region, f"{self.scheme}://{self.host}:{e.port}")
                 for e in self.plan.endpoints]
 
     def global_endpoint(self, client_region: str) -> str:
@@ -330,13 +338,25 @@ class Cluster:
                 return e.url
         raise NotFound(f"{region} has no replica")
 
+    @property
+    def scheme(self) -> str:
+        """``https`` on a cluster with ``tls = true``: what every URL here says."""
+        return self.plan.scheme
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The cluster CA's certificate, which a client trusts on a TLS cluster
+        (None on a cluster that has no CA)."""
+        return self.plan.ca_file if self.spec.needs_ca else None
+
     def node_url(self, name: str) -> str:
-        return f"http://{self.host}:{self.plan.node(name).http_port}"
+        return f"{self.scheme}://{self.host}:{self.plan.node(name).http_port}"
 
     def management_link_url(self, name: str) -> str:
         """A serving node's HTTP API as the management API reaches it: through the
-        node's management link, so not while the node is cut off from the network."""
-        return f"http://{self.host}:{self.plan.management_link(name).port}"
+        node's management link, so not while the node is cut off from the network
+        (TLS passes through the link; the node's certificate names the host)."""
+        return f"{self.scheme}://{self.host}:{self.plan.management_link(name).port}"
 
     def internal_headers(self) -> dict[str, str]:
         """What the cluster's own requests to its nodes carry: the internal
@@ -348,8 +368,10 @@ class Cluster:
         request: a pooled one may belong to a link cut or a node restarted since.
         It carries the internal credential: the cluster itself is asking."""
         if self._http is None:
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
-                                               headers=self.internal_headers())
+            tls = self.tls.client if self.tls is not None else True
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, ssl=tls),
+                headers=self.internal_headers())
         return self._http
 
     def nodes(self) -> dict[str, NodeRuntime]:
@@ -446,6 +468,8 @@ class Cluster:
             "registry": self.spec.registry,
             "tier": self.spec.tier,
             "auth": self.spec.auth,
+            "tls": self.spec.tls,
+            "ca_file": str(self.ca_file) if self.ca_file is not None else None,
             "login_server": self.spec.login_server if self.spec.auth_enabled else None,
             "admin_username": self.spec.registry if self.spec.auth_enabled else None,
             "home_region": self.spec.home_region,
@@ -503,7 +527,8 @@ class Cluster:
     async def verify(self, timeout: float = 60.0, disk: bool = True) -> VerifyReport:
         """``georeg verify`` on this cluster (see ``cluster.faults.verify``)."""
         return await verify(self.verify_targets(), policy=self.spec.residency_policy(),
-                            timeout=timeout, disk=disk, headers=self.internal_headers())
+                            timeout=timeout, disk=disk, headers=self.internal_headers(),
+                            tls=self.tls.client if self.tls is not None else None)
 
     # -- management -------------------------------------------------------------------
 
@@ -687,7 +712,7 @@ class Cluster:
         for link in (*new_plan.links, *new_plan.management_links):
             if (link.source, link.target) not in self.supervisor.links:
                 await self.supervisor.add_link(link)
-        if self.secrets is not None:
+        if self.spec.needs_ca:
             ca = open_ca(new_plan)
             for node in added:
                 provision_node(ca, new_plan, node)

@@ -143,7 +143,7 @@ class ManagementServer:
     @property
     def url(self) -> str:
         host, port = self.cluster.management_address
-        return f"http://{host}:{port}"
+        return f"{self.cluster.scheme}://{host}:{port}"
 
     async def __aenter__(self) -> ManagementServer:
         await self.start()
@@ -203,11 +203,14 @@ class ManagementServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         reserved = self.cluster.take_management_socket()   # bound when the cluster started
+        # On a TLS cluster, HTTPS with the endpoints' certificate: the owner
+        # credential never crosses a network in clear.
+        tls = self.cluster.tls.server if self.cluster.tls is not None else None
         if reserved is not None:
-            site: web.BaseSite = web.SockSite(self._runner, reserved)
+            site: web.BaseSite = web.SockSite(self._runner, reserved, ssl_context=tls)
         else:
             host, port = self.cluster.management_address
-            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=tls)
         await site.start()
         write_running_state(self.cluster.data_dir, self.url, self.cluster.started_at)
 

@@ -10,6 +10,7 @@ not: by default it sends even loopback requests to the proxy."""
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,9 +18,15 @@ import urllib.request
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def open_direct(request: urllib.request.Request | str, timeout: float):
-    """``urllib.request.urlopen``, never through a proxy."""
-    return _DIRECT.open(request, timeout=timeout)
+def open_direct(request: urllib.request.Request | str, timeout: float,
+                tls: ssl.SSLContext | None = None):
+    """``urllib.request.urlopen``, never through a proxy; ``tls``: what verifies
+    an https URL (a TLS cluster's CA) instead of the system's CAs."""
+    if tls is None:
+        return _DIRECT.open(request, timeout=timeout)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=tls))
+    return opener.open(request, timeout=timeout)
 
 
 class ManagementError(Exception):
@@ -32,14 +39,16 @@ class ManagementError(Exception):
 
 
 def request(base_url: str, method: str, path: str, body: dict | None = None,
-            timeout: float = 120, headers: dict[str, str] | None = None) -> object:
-    """One call; ``headers`` carry the owner credential of a cluster with auth."""
+            timeout: float = 120, headers: dict[str, str] | None = None,
+            tls: ssl.SSLContext | None = None) -> object:
+    """One call; ``headers`` carry the owner credential of a cluster with auth,
+    ``tls`` verifies the API's certificate on a cluster with TLS (its CA)."""
     url = base_url.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with open_direct(req, timeout=timeout) as r:
+        with open_direct(req, timeout=timeout, tls=tls) as r:
             raw = r.read()
             return json.loads(raw) if raw else None
     except urllib.error.HTTPError as exc:

@@ -17,7 +17,9 @@ carries its own seed, derived from the cluster's; on a cluster with
 credential; the identities it enforces are the replicated registry
 configuration it holds), which ``cluster.control.access``
 provisions at start and the supervisor hands to the node as paths, never as
-secrets.
+secrets; on a cluster with ``tls = true``, each node's plan names the
+certificate it serves HTTPS with (``NodeTls``, from the same CA), and
+every URL of a node says ``https``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,32 @@ def node_access(spec: ClusterSpec, data_dir: Path, name: str) -> NodeAccess | No
                       service=spec.login_server,
                       internal_credential_file=auth / "internal.secret")
 
+
+@dataclass(frozen=True, slots=True)
+class NodeTls:
+    """What a node of a TLS cluster serves HTTPS with (``georeg node --tls-*``), as
+    files: its certificate from the cluster CA (the one its access names on an
+    auth cluster) and the CA, which it trusts for peers in replication."""
+
+    ca_file: Path
+    key_file: Path
+    cert_file: Path
+
+
+def ca_file(data_dir: Path) -> Path:
+    """The cluster CA's certificate under ``data_dir`` (there on a cluster with auth or TLS)."""
+    return data_dir / AUTH_DIR / "ca" / "ca.pem"
+
+
+def node_tls(spec: ClusterSpec, data_dir: Path, name: str) -> NodeTls | None:
+    """The files node ``name`` serves HTTPS with (None on a cluster without TLS)."""
+    if not spec.tls:
+        return None
+    ca = data_dir / AUTH_DIR / "ca"
+    return NodeTls(ca_file=ca_file(data_dir), key_file=ca / "nodes" / name / "node.key",
+                   cert_file=ca / "nodes" / name / "node.pem")
+
+
 # The source of a management link: the management API, which is no node.
 MANAGEMENT = "management"
 
@@ -75,6 +103,7 @@ class NodePlan:
     # Its region's zones and write quorum (a paired-region copy is storage: none).
     zone_redundancy: ZoneRedundancy = ZoneRedundancy()
     access: NodeAccess | None = None    # on an auth cluster: its credentials' files
+    tls: NodeTls | None = None          # on a TLS cluster: what it serves HTTPS with
 
     @property
     def label(self) -> str:
@@ -119,6 +148,16 @@ class ClusterPlan:
         """The cluster's seed, from which every link's is derived."""
         assert self.spec.seed is not None   # plan() takes only a seeded spec
         return self.spec.seed
+
+    @property
+    def scheme(self) -> str:
+        """``https`` on a TLS cluster: what every URL of a node or endpoint says."""
+        return self.spec.scheme
+
+    @property
+    def ca_file(self) -> Path:
+        """Where the cluster CA's certificate is (made at first start, with auth or TLS)."""
+        return ca_file(self.data_dir)
 
     @property
     def all_nodes(self) -> tuple[NodePlan, ...]:
@@ -167,14 +206,14 @@ class ClusterPlan:
         peers = tuple(
             Peer(name=other.name, region=other.region, zone=other.zone,
                  grpc=f"{self.host}:{self.link(node.name, other.name).port}",
-                 http=f"http://{self.host}:{other.http_port}")
+                 http=f"{self.spec.scheme}://{self.host}:{other.http_port}")
             for other in others)
         return ClusterView(name=node.name, region=node.region, zone=node.zone,
                            grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
                            zone_redundancy=node.zone_redundancy,
                            residency=self.spec.residency_policy(),
                            replication=settings or ReplicationSettings(),
-                           mutual_tls=node.access is not None)
+                           mutual_tls=node.access is not None or node.tls is not None)
 
 
 def node_name(region: str, zone: str) -> str:
@@ -208,7 +247,7 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
                 grpc_port=layout.node_grpc(i), data_dir=data_dir / "nodes" / name,
                 view_file=data_dir / "views" / f"{name}.json",
                 log_file=data_dir / "logs" / f"{name}.log", zone_redundancy=redundancy,
-                access=node_access(spec, data_dir, name)))
+                access=node_access(spec, data_dir, name), tls=node_tls(spec, data_dir, name)))
     wan = spec.wan_model()
     links: list[LinkPlan] = []
 
@@ -230,7 +269,8 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
             name=name, region=pair_region, zone="", http_port=layout.pair_http(k),
             grpc_port=layout.pair_grpc(k), data_dir=data_dir / "pairs" / region,
             view_file=data_dir / "views" / f"{name}.json", log_file=data_dir / "logs" / f"{name}.log",
-            copy_of=region, access=node_access(spec, data_dir, name)))
+            copy_of=region, access=node_access(spec, data_dir, name),
+            tls=node_tls(spec, data_dir, name)))
         for member in (n for n in nodes if n.region == region):
             for source, target in ((pairs[-1], member), (member, pairs[-1])):
                 links.append(link(source, target,

@@ -14,6 +14,10 @@ Example (every key optional except where noted)::
                                     # cluster owner's credential for the management API and
                                     # the nodes' internal one are generated at first start
                                     # and kept in <data_dir>/auth, mode 0600)
+    tls = false                     # true: every node and endpoint serves HTTPS with a
+                                    # certificate from the cluster CA (made at first start
+                                    # in <data_dir>/auth/ca, with auth or without); trust it
+                                    # with what `georeg ca export` prints
     seed = 42                       # drives the WAN links' random draws (jitter, resets);
                                     # unset: drawn when the cluster is first started, printed,
                                     # and kept with the cluster's data
@@ -167,6 +171,11 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # the cluster itself (``cluster.control.access``). The default stays "none"
     # until the test suite logs in everywhere.
     auth: str = "none"
+    # Whether nodes and endpoints serve HTTPS. The certificates come from the
+    # cluster CA (``cluster.control.ca``), which a cluster makes at first start
+    # when either this or auth needs it: TLS does not require auth. With it,
+    # replication between nodes uses mutual TLS as on an auth cluster.
+    tls: bool = False
     # One seed drives every random draw of the cluster's WAN links (each link
     # derives its own from it, cluster.network.links.link_seed), so a run is
     # replayed from the seed it printed. None: not decided yet (``seeded``).
@@ -222,6 +231,19 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def with_auth(self, auth: str) -> ClusterSpec:
         return msgspec.structs.replace(self, auth=auth)
+
+    def with_tls(self, tls: bool) -> ClusterSpec:
+        return msgspec.structs.replace(self, tls=tls)
+
+    @property
+    def needs_ca(self) -> bool:
+        """Whether the cluster has a CA: for auth's tokens and peers, or for TLS."""
+        return self.auth_enabled or self.tls
+
+    @property
+    def scheme(self) -> str:
+        """What clients speak to nodes and endpoints: ``https`` on a TLS cluster."""
+        return "https" if self.tls else "http"
 
     def with_port_base(self, base: int) -> ClusterSpec:
         """This spec listening from ``base`` (``ANY_PORT_BASE``: wherever is free

@@ -14,6 +14,8 @@ Access: on a cluster with auth, each node is given the files its plan names
 (``NodeAccess``: CA, its key and certificate, the login server, the internal
 credential) as paths on its command line — never a secret, which anyone may
 read there (``ps``) — and the health checks carry the internal credential.
+On a TLS cluster each node is also given its certificate (``NodeTls``) and
+the health checks speak HTTPS, trusting the cluster CA only.
 
 Ports come from the plan. One found in use — by a link here, or by a node
 process, which exits with ``EXIT_ADDRESS_IN_USE`` — raises ``PortInUse``.
@@ -45,6 +47,7 @@ from replicator.topology import ReplicationSettings
 from ..network.links import Link
 from .errors import PortInUse
 from .plan import ClusterPlan, NodePlan
+from .tls import client_context
 
 log = structlog.get_logger("georeg.supervisor")
 
@@ -128,7 +131,8 @@ class NodeRuntime:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.plan.http_port}"
+        scheme = "https" if self.plan.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.plan.http_port}"
 
     @property
     def healthy(self) -> bool:
@@ -178,8 +182,11 @@ class Supervisor:
         await self.open_links()
         for sub in ("nodes", "views", "logs"):
             (plan.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        # On a TLS cluster the CA exists by now (the cluster provisions it first).
+        tls = client_context(plan.ca_file) if plan.spec.tls else None
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S),
-                                              headers=self.internal_headers)
+                                              headers=self.internal_headers,
+                                              connector=aiohttp.TCPConnector(ssl=tls or True))
         for node in plan.all_nodes:
             plan.view(node, self.settings).dump(node.view_file)
         await asyncio.get_running_loop().run_in_executor(None, ensure_bytecode)
@@ -227,6 +234,10 @@ class Supervisor:
             access = ["--auth-ca", str(a.ca_file), "--auth-key", str(a.key_file),
                       "--auth-cert", str(a.cert_file), "--auth-service", a.service,
                       "--internal-credential-file", str(a.internal_credential_file)]
+        if node.tls is not None:
+            t = node.tls
+            access += ["--tls-cert", str(t.cert_file), "--tls-key", str(t.key_file),
+                       "--tls-ca", str(t.ca_file)]
         return [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(node.data_dir),
                 "--listen", f"127.0.0.1:{node.http_port}", "--cluster", str(node.view_file),
                 "--log-format", "json", *access, *self.extra_node_args]

@@ -78,6 +78,7 @@ import asyncio
 import hashlib
 import json
 import random
+import ssl
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -468,8 +469,10 @@ def run_seed(scenario: Scenario, override: int | None = None) -> int:
 
 class ChaosRun:
     def __init__(self, scenario: Scenario, management: str, *, seed: int | None = None,
-                 scale: float = 1.0, owner: str | None = None) -> None:
+                 scale: float = 1.0, owner: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.scenario = scenario
+        self.tls = tls          # trusts the cluster CA: a TLS cluster's endpoints are HTTPS
         self.management = management.rstrip("/")
         # The cluster owner's credential (a cluster with auth): the management API's.
         self._owner = {"Authorization": f"Bearer {owner}"} if owner else {}
@@ -493,7 +496,8 @@ class ChaosRun:
 
     async def run(self, progress=None) -> dict:
         timeout = aiohttp.ClientTimeout(total=60)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with aiohttp.ClientSession(
+                timeout=timeout, connector=aiohttp.TCPConnector(ssl=self.tls or True)) as session:
             status = await self._api(session, "GET", "/georeg/v1/cluster")
             self.cluster_seed = status.get("seed")
             endpoints = status["global_endpoints"]

@@ -134,8 +134,10 @@ class FaultController:
 
     async def _session_get(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
-                                                  headers=self.cluster.internal_headers())
+            tls = self.cluster.tls
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=10), headers=self.cluster.internal_headers(),
+                connector=aiohttp.TCPConnector(ssl=tls.client if tls is not None else True))
         return self._session
 
     async def close(self) -> None:

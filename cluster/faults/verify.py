@@ -44,6 +44,7 @@ import bisect
 import contextlib
 import hashlib
 import json
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -171,14 +172,16 @@ def down_reason(state: str, reason: str | None) -> str:
 
 async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None = None,
                  timeout: float = 60.0, disk: bool = True,
-                 headers: dict[str, str] | None = None) -> VerifyReport:
+                 headers: dict[str, str] | None = None,
+                 tls: ssl.SSLContext | None = None) -> VerifyReport:
     """Check every live replica against the others (see the module docstring).
 
     ``nodes``: what to check (``Cluster.verify_targets`` for a cluster in this
     process, ``targets_from_status`` for one behind a management API);
     ``policy``: the cluster's residency policy (default: Azure's). ``disk``:
     also walk the data dirs the targets name. ``headers``: what every request to a
-    node carries (the internal credential of a cluster with auth). Never raises for what it finds;
+    node carries (the internal credential of a cluster with auth); ``tls``: what
+    verifies nodes' certificates on a TLS cluster (the CA's context). Never raises for what it finds;
     an inconclusive check is a report whose ``error`` says why."""
     started = time.monotonic()
     targets = list(nodes)
@@ -186,7 +189,7 @@ async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None 
     report = VerifyReport()
     try:
         async with asyncio.timeout(timeout):
-            await _verify(targets, policy, disk, report, headers or {})
+            await _verify(targets, policy, disk, report, headers or {}, tls)
     except TimeoutError:
         report.error = f"the check did not finish within {timeout:g}s (raise --timeout)"
     report.elapsed_s = time.monotonic() - started
@@ -194,15 +197,16 @@ async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None 
 
 
 async def _verify(targets: list[NodeTarget], policy: ResidencyPolicy, disk: bool,
-                  report: VerifyReport, headers: dict[str, str]) -> None:
+                  report: VerifyReport, headers: dict[str, str],
+                  tls: ssl.SSLContext | None = None) -> None:
     live = [t for t in targets if t.healthy]
     for t in targets:
         if not t.healthy:
             report.not_checked.append({"node": t.name, "region": t.region,
                                        "reason": t.reason or "down"})
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
-    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
-                                     headers=headers) as http:
+    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False, headers=headers,
+                                     connector=aiohttp.TCPConnector(ssl=tls or True)) as http:
         results = await asyncio.gather(*(_collect(http, t) for t in live), return_exceptions=True)
     snapshots: list[Snapshot] = []
     for target, result in zip(live, results, strict=True):

@@ -6,7 +6,9 @@ model) and one regional endpoint per replica (pinned, spreading over its
 zones). All share one ``Replicas`` (so a routing flag changes every endpoint at
 once), one ``NodeHealth`` (fed by the supervisor's checks, and by the proxies'
 own connect failures) and one ``UploadAffinity`` (an upload continues on its
-node whichever endpoint carries it). The policies and the proxy themselves
+node whichever endpoint carries it). On a TLS cluster every endpoint serves
+HTTPS and reaches nodes over HTTPS, with the cluster's contexts
+(``cluster.tls``: the endpoints' certificate, the CA). The policies and the proxy themselves
 live in ``cluster.routing.policy`` and ``cluster.routing.proxy``.
 """
 
@@ -61,18 +63,19 @@ class Endpoints:
         wanted = {(e.kind, e.region): e for e in plan.endpoints}
         for key in [k for k in self.proxies if k not in wanted]:
             await self.proxies.pop(key).stop()
-        redirect = self.cluster.spec.blob_downloads == "redirect"
+        options = {"redirect_blobs": self.cluster.spec.blob_downloads == "redirect"}
+        tls = self.cluster.tls
+        if tls is not None:
+            options.update(server_tls=tls.server, backend_tls=tls.client)
         for key, endpoint in wanted.items():
             if key in self.proxies:
                 continue
             if endpoint.kind == "global":
                 proxy = RoutingProxy.global_endpoint(endpoint.region, self.replicas, self._latency,
-                                                     self.health, self.affinity,
-                                                     redirect_blobs=redirect)
+                                                     self.health, self.affinity, **options)
             else:
                 proxy = RoutingProxy.regional_endpoint(self.replicas.get(endpoint.region),
-                                                       self.health, self.affinity,
-                                                       redirect_blobs=redirect)
+                                                       self.health, self.affinity, **options)
             await proxy.start(plan.host, endpoint.port)
             self.proxies[key] = proxy
         for node in self.cluster.supervisor.nodes.values():

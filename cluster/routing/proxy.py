@@ -25,6 +25,12 @@ Invariants
     * Nothing buffers a whole body. Each direction holds at most the socket
       write buffer's high-water mark plus one read; a full buffer pauses
       reading on the other side (backpressure both ways).
+    * With TLS (``server_tls``), the proxy terminates the client's TLS and
+      reaches nodes over TLS again (``backend_tls``, trusting the cluster CA
+      only): bytes then pass through the proxy's memory to be decrypted and
+      encrypted again, so nothing goes through the kernel and no socket is
+      handed over (a TLS transport has no descriptor to give: ``_socket_fd``
+      answers -1, and every splice and hand-over checks it).
     * A request is retried on the next candidate only while none of its body
       has left the proxy and no response byte has come back: after a refused
       or timed-out connect (the node is marked down at once), or when a
@@ -84,6 +90,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -168,8 +175,13 @@ class RoutingProxy:
                  affinity: UploadAffinity | None = None, *, connect_timeout_s: float = 1.0,
                  client_idle_timeout_s: float = 75.0, backend_idle_timeout_s: float = 30.0,
                  max_idle_per_backend: int = 64, splice_min: int | None = SPLICE_MIN,
-                 redirect_blobs: bool = False, handoff_blobs: bool = True) -> None:
+                 redirect_blobs: bool = False, handoff_blobs: bool = True,
+                 server_tls: ssl.SSLContext | None = None,
+                 backend_tls: ssl.SSLContext | None = None) -> None:
         self.policy = policy
+        # HTTPS to clients, and to nodes (a TLS cluster has both or neither).
+        self.server_tls = server_tls
+        self.backend_tls = backend_tls
         self.health = health
         self.affinity = affinity if affinity is not None else UploadAffinity()
         self.connect_timeout_s = connect_timeout_s
@@ -183,10 +195,13 @@ class RoutingProxy:
         self.redirect_blobs = redirect_blobs
         self.redirects = 0                # blob downloads sent to a node with a 307
         # Relayed blob downloads are handed over to the node where it takes them.
-        self.handoffs = Handoffs() if handoff_blobs else None
+        self.handoffs = Handoffs() if handoff_blobs and server_tls is None else None
         self.handed_over = 0              # blob downloads the node wrote on the client's socket
         # Counted bodies with this much left go through the kernel (None: never).
-        self.splice_min = splice_min if kernel.AVAILABLE and splice_min else 0
+        # Never through TLS: what is on the socket is ciphertext, and reads stay
+        # large (a small read is only worth it while a splice may follow).
+        self.splice_min = splice_min if kernel.AVAILABLE and splice_min and server_tls is None \
+            else 0
         self.spliced_bytes = 0            # body bytes taken from a socket by a splice
         self.pipes = kernel.SHARED
         self.host = "127.0.0.1"
@@ -218,14 +233,19 @@ class RoutingProxy:
         return self.policy.name
 
     @property
+    def scheme(self) -> bytes:
+        return b"https" if self.server_tls is not None else b"http"
+
+    @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme.decode()}://{self.host}:{self.port}"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on ``host:port`` (0 picks a free port); returns the port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _ClientConnection(self), host, port,
-                                                backlog=1024, reuse_address=True)
+                                                backlog=1024, reuse_address=True,
+                                                ssl=self.server_tls)
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
         period = min(self.client_idle_timeout_s, self.backend_idle_timeout_s) / 4
         self._sweeper = loop.create_task(self._sweep(period))
@@ -772,9 +792,10 @@ class _Exchange:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(proxy.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: _BackendConnection(node, proxy),
-                                                       node.host, node.port)
-        except (OSError, TimeoutError) as exc:
+                _, conn = await loop.create_connection(
+                    lambda: _BackendConnection(node, proxy), node.host, node.port,
+                    **_tls_to(node, proxy.backend_tls))
+        except (OSError, TimeoutError) as exc:       # ssl.SSLError is an OSError
             self.connecting = None
             reason = (f"connect to {node.host}:{node.port} timed out"
                       if isinstance(exc, TimeoutError) else
@@ -1234,7 +1255,7 @@ class _Exchange:
             host = self.client.local_ip or "127.0.0.1"   # reached us reaches the node too
         if ":" in host:
             host = f"[{host}]"
-        location = b"http://%s:%d%s" % (host.encode(), node.port, self.url)
+        location = b"%s://%s:%d%s" % (proxy.scheme, host.encode(), node.port, self.url)
         self._answer(lambda close: _redirect_response(location, node.name, close))
 
     def _answer(self, response: Callable[[bool], bytes]) -> None:
@@ -1263,6 +1284,16 @@ class _Exchange:
         if conn is not None:
             conn.exchange = None
             conn.abort()
+
+
+def _tls_to(node: NodeEndpoint, context: ssl.SSLContext | None) -> dict:
+    """``create_connection``'s TLS arguments for ``node``: the name its
+    certificate is checked for is the address it is reached at (a node
+    listening everywhere is reached, and named, as 127.0.0.1)."""
+    if context is None:
+        return {}
+    host = "127.0.0.1" if node.host in _WILDCARD_HOSTS else node.host
+    return {"ssl": context, "server_hostname": host}
 
 
 def _socket_fd(transport: asyncio.BaseTransport) -> int:

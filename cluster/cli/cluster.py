@@ -61,10 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "spec's (--config, or the one the data dir's cluster last ran with), "
                         "else a new one. `up` prints it, so a run can be replayed")
     p.add_argument("--auth", choices=specs.AUTH_MODES,
-                   help="token: every node and endpoint wants credentials, as ACR does (the "
-                        "admin user's password is generated at first start and printed; "
-                        "`georeg login` hands it to skopeo, podman, docker); none: an open "
-                        "registry. Default: the spec's auth (default none)")
+                   help="token (the default): every node and endpoint wants credentials, as "
+                        "ACR does (the admin user's password is generated at first start and "
+                        "printed; `georeg login` hands it to skopeo, podman, docker); none: an "
+                        "open registry that anyone who reaches a port may push to, delete "
+                        "from or shut down. Default: the spec's auth (default token)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background; stop it with `georeg down`")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
@@ -262,23 +263,37 @@ def print_endpoints(status: dict, admin: AdminLogin | None = None) -> None:
     host = first.removeprefix("http://")
     data_dir = status["data_dir"]
     if status.get("auth") == "token":
-        if admin is not None:
-            console.print(f"[bold]Registry credentials[/] (every endpoint and node): username "
-                          f"[bold]{admin.username}[/], password [bold]{admin.password}[/]",
-                          highlight=False)
-        console.print(f"Generated at the cluster's first start and kept in {data_dir}/auth/"
-                      f"admin-passwords.json (mode 0600), for a cluster on this machine; "
-                      f"`georeg credential show|renew` shows and renews them. `georeg login` "
-                      f"writes them where skopeo and podman look ($REGISTRY_AUTH_FILE, else "
-                      f"$XDG_RUNTIME_DIR/containers/auth.json; --docker: ~/.docker/config.json "
-                      f"for docker and oras). The management API and this CLI use the cluster "
-                      f"owner's credential in {data_dir}/auth/owner.secret.", highlight=False)
-        console.print(f"Try: georeg login --data-dir {data_dir} && skopeo copy "
-                      f"--dest-tls-verify=false docker-archive:image.tar "
-                      f"docker://{host}/demo/app:v1", highlight=False)
+        _print_login(console, data_dir, host, admin)
         return
+    console.print("Open cluster (auth = \"none\"): no login; anyone who reaches these ports "
+                  "may push, delete and shut it down.", highlight=False)
     console.print(f"Try: skopeo copy --dest-tls-verify=false docker-archive:image.tar "
-                  f"docker://{host}/demo/app:v1")
+                  f"docker://{host}/demo/app:v1", highlight=False)
+
+
+def _print_login(console: Console, data_dir: str, host: str, admin: AdminLogin | None) -> None:
+    """An auth cluster's way in, for someone who has read nothing else: the
+    admin login, the command that hands it to clients, and a first push."""
+    if admin is None:
+        console.print("The admin user is disabled, so there is no login to show: `georeg "
+                      f"registry update --admin-enabled true --data-dir {data_dir}` enables it, "
+                      "or `georeg token create` makes a repository-scoped one.", highlight=False)
+        return
+    console.print(f"[bold]Registry credentials[/] (every endpoint and node): username "
+                  f"[bold]{admin.username}[/], password [bold]{admin.password}[/]",
+                  highlight=False)
+    console.print(f"Generated at the cluster's first start for a cluster on this machine, kept in "
+                  f"{data_dir}/auth/admin-passwords.json (mode 0600); `georeg credential "
+                  f"show|renew` shows and renews them. The management API and this CLI use the "
+                  f"cluster owner's credential in {data_dir}/auth/owner.secret.", highlight=False)
+    console.print(f"Log in:  georeg login --data-dir {data_dir}\n"
+                  f"         (writes them where skopeo and podman look: $REGISTRY_AUTH_FILE, else "
+                  f"$XDG_RUNTIME_DIR/containers/auth.json; --docker: ~/.docker/config.json for "
+                  f"docker and oras)\n"
+                  f"     or: skopeo login --tls-verify=false -u {admin.username} "
+                  f"-p {admin.password} {host}\n"
+                  f"Then:    skopeo copy --dest-tls-verify=false docker-archive:image.tar "
+                  f"docker://{host}/demo/app:v1", highlight=False, soft_wrap=True)
 
 
 def _node_table(console: Console, status: dict) -> None:

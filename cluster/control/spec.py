@@ -9,11 +9,13 @@ Example (every key optional except where noted)::
     home_zone_redundant = true
     home_global_routing = true
     blob_downloads = "relay"        # or "redirect": a 307 to the node, as ACR does
-    auth = "none"                   # or "token": every node wants credentials, as ACR does
+    auth = "token"                  # the default: every node wants credentials, as ACR does
                                     # (ACR's token flow; the admin user's password, the
                                     # cluster owner's credential for the management API and
                                     # the nodes' internal one are generated at first start
-                                    # and kept in <data_dir>/auth, mode 0600)
+                                    # and kept in <data_dir>/auth, mode 0600; `georeg up`
+                                    # prints the admin login). "none": the open cluster,
+                                    # anyone who reaches a port may push, delete, break it
     seed = 42                       # drives the WAN links' random draws (jitter, resets);
                                     # unset: drawn when the cluster is first started, printed,
                                     # and kept with the cluster's data
@@ -164,9 +166,9 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Who may use the registry. "none": anyone who reaches a port (the open
     # cluster). "token": ACR's access rules on every node (``registry_node.auth``),
     # the management API for the cluster owner only, nodes' internal routes for
-    # the cluster itself (``cluster.control.access``). The default stays "none"
-    # until the test suite logs in everywhere.
-    auth: str = "none"
+    # the cluster itself (``cluster.control.access``). "token" by default, as
+    # ACR never lets an unauthenticated client in.
+    auth: str = "token"
     # One seed drives every random draw of the cluster's WAN links (each link
     # derives its own from it, cluster.network.links.link_seed), so a run is
     # replayed from the seed it printed. None: not decided yet (``seeded``).

@@ -10,7 +10,8 @@ fixture.
 Clusters require credentials by default (``auth = "token"``, as ACR), and a
 ``RunningCluster`` hands its clients the admin user's: ``credentials``
 (username, password), ``auth_headers()`` for raw HTTP clients, ``http()`` for
-an aiohttp session that sends them, ``login(path)`` for an auth file skopeo,
+an aiohttp session that sends them (``internal_headers()`` for the nodes'
+internal routes, which serve the cluster itself), ``login(path)`` for an auth file skopeo,
 podman, docker and oras read. On an open cluster (``auth = "none"``) the same
 calls give no credentials, no headers, a plain session and an auth file with
 no entries, so a test reads the same either way.
@@ -145,12 +146,17 @@ class RunningCluster:
     def http(self, **options) -> aiohttp.ClientSession:
         """An aiohttp session (for the caller's event loop; the caller closes
         it, e.g. ``async with running.http() as http:``) that sends
-        ``credentials`` with every request; ``options`` go to
-        ``aiohttp.ClientSession``."""
-        login = self._credentials
-        if login is not None:
-            options.setdefault("auth", aiohttp.BasicAuth(login.username, login.password))
-        return aiohttp.ClientSession(**options)
+        ``credentials`` with every request, unless a request passes its own
+        ``Authorization`` header; ``options`` go to ``aiohttp.ClientSession``."""
+        headers = {**self.auth_headers(), **options.pop("headers", {})}
+        return aiohttp.ClientSession(headers=headers, **options)
+
+    def internal_headers(self) -> dict[str, str]:
+        """What the cluster's own requests to its nodes carry (the internal
+        credential; empty on an open cluster): for a test that plays the
+        cluster itself on a node's internal routes (``/metrics``,
+        ``/georeg/v1/...``), which no registry credential opens."""
+        return self.cluster.internal_headers()
 
     def addresses(self) -> list[str]:
         """``HOST:PORT`` of every global and regional endpoint and every node

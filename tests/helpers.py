@@ -334,7 +334,9 @@ def require_program(name: str, package: str, found: str | None = None) -> str:
 class Skopeo:
     """skopeo with a sandboxed configuration; ``run`` fails the test on a non-zero exit."""
 
-    def __init__(self, root: Path, host: str) -> None:
+    def __init__(self, root: Path, host: str, cluster=None) -> None:
+        """``cluster``: a ``RunningCluster`` whose admin login (none on an open
+        cluster) goes into this skopeo's auth file, for every address of it."""
         self.program = require_program("skopeo", "skopeo")
         self.host = host
         root.mkdir()
@@ -342,6 +344,8 @@ class Skopeo:
         (root / "registries.d").mkdir()
         self.auth = root / "auth.json"
         self.auth.write_text('{"auths": {}}')
+        if cluster is not None:
+            cluster.login(self.auth)
         self.policy = root / "policy.json"
         self.policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
         registries = root / "registries.conf"

@@ -10,8 +10,9 @@ fixture.
 Clusters require credentials by default (``auth = "token"``, as ACR), and a
 ``RunningCluster`` hands its clients the admin user's: ``credentials``
 (username, password), ``auth_headers()`` for raw HTTP clients, ``http()`` for
-an aiohttp session that sends them (``internal_headers()`` for the nodes'
-internal routes, which serve the cluster itself), ``login(path)`` for an auth file skopeo,
+an aiohttp session that sends them (``owner_headers()`` for the management
+API, ``internal_headers()`` for the nodes' internal routes, which serve the
+cluster itself), ``login(path)`` for an auth file skopeo,
 podman, docker and oras read. On an open cluster (``auth = "none"``) the same
 calls give no credentials, no headers, a plain session and an auth file with
 no entries, so a test reads the same either way.
@@ -32,7 +33,7 @@ import aiohttp
 import msgspec
 
 from .control import spec as specs
-from .control.access import AdminLogin
+from .control.access import AdminLogin, authorization
 from .control.cluster import Cluster
 from .control.management import ManagementServer
 from .control.private_files import write_private
@@ -150,6 +151,13 @@ class RunningCluster:
         ``Authorization`` header; ``options`` go to ``aiohttp.ClientSession``."""
         headers = {**self.auth_headers(), **options.pop("headers", {})}
         return aiohttp.ClientSession(headers=headers, **options)
+
+    def owner_headers(self) -> dict[str, str]:
+        """What the management API (``management_url``) wants: the cluster
+        owner's credential, which the ``georeg`` CLI reads from the data dir;
+        empty on an open cluster."""
+        secrets = self.cluster.secrets
+        return authorization(secrets.owner) if secrets is not None else {}
 
     def internal_headers(self) -> dict[str, str]:
         """What the cluster's own requests to its nodes carry (the internal

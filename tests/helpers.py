@@ -264,6 +264,16 @@ async def push_image(session: aiohttp.ClientSession, base: str, repo: str, image
         return r.headers["Docker-Content-Digest"]
 
 
+async def cluster_http(cluster, **options) -> aiohttp.ClientSession:
+    """A session that sends the admin login of a started ``Cluster`` (what
+    ``georeg up`` prints; nothing on an open cluster), as
+    ``RunningCluster.http`` does for a cluster driven from another thread."""
+    login = await cluster.access.admin_login() if cluster.spec.auth_enabled else None
+    if login is not None:
+        options.setdefault("auth", aiohttp.BasicAuth(login.username, login.password))
+    return aiohttp.ClientSession(**options)
+
+
 def write_oci_layout(path: Path, image: Image, tag: str = "latest") -> None:
     """An OCI image layout directory, as skopeo's `oci:` transport reads it."""
     blobs = path / "blobs" / "sha256"

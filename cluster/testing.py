@@ -10,12 +10,12 @@ fixture.
 Clusters require credentials by default (``auth = "token"``, as ACR), and a
 ``RunningCluster`` hands its clients the admin user's: ``credentials``
 (username, password), ``auth_headers()`` for raw HTTP clients, ``http()`` for
-an aiohttp session that sends them (``owner_headers()`` for the management
-API, ``internal_headers()`` for the nodes' internal routes, which serve the
-cluster itself), ``login(path)`` for an auth file skopeo,
-podman, docker and oras read. On an open cluster (``auth = "none"``) the same
-calls give no credentials, no headers, a plain session and an auth file with
-no entries, so a test reads the same either way.
+an aiohttp session that sends them, ``login(path)`` for an auth file that
+skopeo, podman, docker and oras read. A test that plays the owner or the
+cluster itself has ``owner_headers()`` (the management API) and
+``internal_headers()`` (nodes' internal routes). On an open cluster
+(``auth = "none"``) the same calls give no credentials, no headers, a plain
+session and an auth file with no entries, so a test reads the same either way.
 """
 
 from __future__ import annotations

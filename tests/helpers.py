@@ -269,9 +269,9 @@ async def cluster_http(cluster, **options) -> aiohttp.ClientSession:
     ``georeg up`` prints; nothing on an open cluster), as
     ``RunningCluster.http`` does for a cluster driven from another thread."""
     login = await cluster.access.admin_login() if cluster.spec.auth_enabled else None
-    if login is not None:
-        options.setdefault("auth", aiohttp.BasicAuth(login.username, login.password))
-    return aiohttp.ClientSession(**options)
+    headers = {} if login is None else \
+        {"Authorization": aiohttp.BasicAuth(login.username, login.password).encode()}
+    return aiohttp.ClientSession(headers={**headers, **options.pop("headers", {})}, **options)
 
 
 def write_oci_layout(path: Path, image: Image, tag: str = "latest") -> None:

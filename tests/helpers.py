@@ -8,6 +8,7 @@ a temp dir, or `georeg node` child processes that tests can SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -269,8 +270,10 @@ async def cluster_http(cluster, **options) -> aiohttp.ClientSession:
     ``georeg up`` prints; nothing on an open cluster), as
     ``RunningCluster.http`` does for a cluster driven from another thread."""
     login = await cluster.access.admin_login() if cluster.spec.auth_enabled else None
-    headers = {} if login is None else \
-        {"Authorization": aiohttp.BasicAuth(login.username, login.password).encode()}
+    headers = {}
+    if login is not None:
+        basic = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {basic}"
     return aiohttp.ClientSession(headers={**headers, **options.pop("headers", {})}, **options)
 
 

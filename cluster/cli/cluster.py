@@ -275,9 +275,11 @@ def _print_login(console: Console, data_dir: str, host: str, admin: AdminLogin |
     """An auth cluster's way in, for someone who has read nothing else: the
     admin login, the command that hands it to clients, and a first push."""
     if admin is None:
-        console.print("The admin user is disabled, so there is no login to show: `georeg "
-                      f"registry update --admin-enabled true --data-dir {data_dir}` enables it, "
-                      "or `georeg token create` makes a repository-scoped one.", highlight=False)
+        # A detached child (its output is a log file) or an admin user disabled since.
+        console.print(f"Registry credentials: `georeg credential show --data-dir {data_dir}` "
+                      f"shows the admin login (if the admin user is disabled, `georeg registry "
+                      f"update --admin-enabled true` enables it; `georeg token create` makes a "
+                      f"repository-scoped one).", highlight=False)
         return
     console.print(f"[bold]Registry credentials[/] (every endpoint and node): username "
                   f"[bold]{admin.username}[/], password [bold]{admin.password}[/]",

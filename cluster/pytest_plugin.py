@@ -5,20 +5,39 @@ Installed with georeg (entry point ``pytest11``), it provides:
 ``georeg_cluster``
     A started cluster (``cluster.testing.RunningCluster``): node processes,
     WAN links, global and regional endpoints, on free loopback ports, in a
-    temp dir; stopped after the test. Works in sync and async tests.
+    temp dir; stopped after the test. Works in sync and async tests. Like ACR
+    (and ``georeg up``), it wants credentials: the admin user's are
+    ``georeg_cluster.credentials`` (username, password), ready-made as an auth
+    file for skopeo/podman/docker/oras (``login(path)``), as headers
+    (``auth_headers()``) or an aiohttp session (``http()``)::
 
-        def test_pull_after_failover(georeg_cluster):
-            url = georeg_cluster.endpoint("eastus")          # http://127.0.0.1:PORT
-            ...push with skopeo/oras/requests...
+        import subprocess
+
+        def test_pull_after_failover(georeg_cluster, tmp_path):
+            auth = georeg_cluster.login(tmp_path / "auth.json")
+            east = georeg_cluster.endpoint("eastus").removeprefix("http://")
+            subprocess.run(["skopeo", "copy", "--authfile", str(auth), "--dest-tls-verify=false",
+                            "oci:./image:v1", f"docker://{east}/demo/app:v1"], check=True)
             georeg_cluster.crash("eastus-1")
             georeg_cluster.set_routing("eastus", False)
+            ...pull through the same endpoint with the same auth file...
+
+        async def test_raw_http(georeg_cluster):
+            async with georeg_cluster.http() as http:   # sends the admin login
+                async with http.get(georeg_cluster.endpoint("eastus") + "/v2/") as r:
+                    assert r.status == 200
+
+    With ``auth = "none"`` in the spec (an open cluster) ``credentials`` is
+    None, the auth file holds no login and the session sends none: the same
+    test code runs against both.
 
 ``georeg_spec``
     The spec the cluster starts from; override this fixture in your
     ``conftest.py``, or mark a test ``@pytest.mark.georeg_spec({...})`` with
     the same keys as a TOML spec file. Default: ``cluster.testing.SMALL_SPEC``
-    (eastus with zones, westeurope, brazilsouth). With ``{"tls": True}`` every
-    URL is https; clients trust ``georeg_cluster.ca_file`` (the cluster CA).
+    (eastus with zones, westeurope, brazilsouth; auth on, as every spec
+    unless it says ``auth = "none"``). With ``{"tls": True}`` every URL is
+    https; clients trust ``georeg_cluster.ca_file`` (the cluster CA).
 """
 
 from __future__ import annotations

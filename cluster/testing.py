@@ -6,22 +6,38 @@ exposes plain methods: a test can push with skopeo or ``requests``, break a
 region, and assert, without caring about event loops. The pytest plugin
 (``cluster.pytest_plugin``) hands one to tests as the ``georeg_cluster``
 fixture.
+
+Clusters require credentials by default (``auth = "token"``, as ACR), and a
+``RunningCluster`` hands its clients the admin user's: ``credentials``
+(username, password), ``auth_headers()`` for raw HTTP clients, ``http()`` for
+an aiohttp session that sends them, ``login(path)`` for an auth file that
+skopeo, podman, docker and oras read. A test that plays the owner or the
+cluster itself has ``owner_headers()`` (the management API) and
+``internal_headers()`` (nodes' internal routes). On an open cluster
+(``auth = "none"``) the same calls give no credentials, no headers, a plain
+session and an auth file with no entries, so a test reads the same either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import aiohttp
 import msgspec
 
 from .control import spec as specs
+from .control.access import AdminLogin, authorization
 from .control.cluster import Cluster
 from .control.management import ManagementServer
+from .control.private_files import write_private
+from .control.tls import client_context
 from .faults.verify import VerifyReport
 
 T = TypeVar("T")
@@ -61,6 +77,7 @@ class RunningCluster:
                                         daemon=True)
         self.cluster: Cluster | None = None
         self.management: ManagementServer | None = None
+        self._credentials: AdminLogin | None = None
 
     def start(self, timeout: float = 60.0) -> RunningCluster:
         self._thread.start()
@@ -70,6 +87,8 @@ class RunningCluster:
         self.management = ManagementServer(self.cluster)
         try:
             self.run(self.management.start)
+            if self.spec.auth_enabled:
+                self._credentials = self.run(self.cluster.access.admin_login)
         except BaseException:
             self.stop()
             raise
@@ -100,6 +119,79 @@ class RunningCluster:
         self.stop()
 
     # -- what tests use ----------------------------------------------------------
+
+    @property
+    def credentials(self) -> AdminLogin | None:
+        """The admin user's login (``username``, ``password``), as ``georeg up``
+        prints it: it pushes, pulls and deletes on every endpoint and node.
+        None on an open cluster (``auth = "none"``), or if the admin user was
+        disabled before this cluster started; ``refresh_credentials`` after
+        ``credential renew`` or enabling it."""
+        return self._credentials
+
+    def refresh_credentials(self) -> AdminLogin | None:
+        """Ask the running cluster again which admin password works (after a
+        renewal, or the admin user enabled or disabled)."""
+        if self.spec.auth_enabled:
+            self._credentials = self.run(self.cluster.access.admin_login)
+        return self._credentials
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers that present ``credentials`` (HTTP Basic, which every node
+        accepts on registry routes, as ACR does); empty on an open cluster."""
+        login = self._credentials
+        if login is None:
+            return {}
+        basic = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
+        return {"Authorization": f"Basic {basic}"}
+
+    def http(self, **options) -> aiohttp.ClientSession:
+        """An aiohttp session (for the caller's event loop; the caller closes
+        it, e.g. ``async with running.http() as http:``) that sends
+        ``credentials`` with every request, unless a request passes its own
+        ``Authorization`` header, and on a TLS cluster trusts the cluster CA;
+        ``options`` go to ``aiohttp.ClientSession``."""
+        headers = {**self.auth_headers(), **options.pop("headers", {})}
+        if self.spec.tls and "connector" not in options:
+            options["connector"] = aiohttp.TCPConnector(ssl=client_context(self.ca_file))
+        return aiohttp.ClientSession(headers=headers, **options)
+
+    def owner_headers(self) -> dict[str, str]:
+        """What the management API (``management_url``) wants: the cluster
+        owner's credential, which the ``georeg`` CLI reads from the data dir;
+        empty on an open cluster."""
+        secrets = self.cluster.secrets
+        return authorization(secrets.owner) if secrets is not None else {}
+
+    def internal_headers(self) -> dict[str, str]:
+        """What the cluster's own requests to its nodes carry (the internal
+        credential; empty on an open cluster): for a test that plays the
+        cluster itself on a node's internal routes (``/metrics``,
+        ``/georeg/v1/...``), which no registry credential opens."""
+        return self.cluster.internal_headers()
+
+    def addresses(self) -> list[str]:
+        """``HOST:PORT`` of every global and regional endpoint and every node
+        (``localhost`` beside ``127.0.0.1``): where a client may log in."""
+        return self.cluster.plan.client_addresses()
+
+    def login(self, path: Path) -> Path:
+        """Write ``credentials`` for every address of the cluster into the auth
+        file at ``path`` (containers-auth.json(5): skopeo, podman, docker and
+        oras read it), as ``georeg login --authfile PATH`` does, keeping what
+        it holds for other registries. On an open cluster it holds no entry
+        for this one. Returns ``path``."""
+        path = Path(path)
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        auths = doc.setdefault("auths", {})
+        login = self._credentials
+        if login is not None:
+            auth = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
+            for address in self.addresses():
+                auths[address] = {**(auths.get(address) or {}), "auth": auth}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(path, (json.dumps(doc, indent=2) + "\n").encode())
+        return path
 
     def endpoint(self, client_region: str) -> str:
         """The global endpoint as seen by a client in ``client_region``."""

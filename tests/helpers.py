@@ -8,6 +8,7 @@ a temp dir, or `georeg node` child processes that tests can SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -264,6 +265,18 @@ async def push_image(session: aiohttp.ClientSession, base: str, repo: str, image
         return r.headers["Docker-Content-Digest"]
 
 
+async def cluster_http(cluster, **options) -> aiohttp.ClientSession:
+    """A session that sends the admin login of a started ``Cluster`` (what
+    ``georeg up`` prints; nothing on an open cluster), as
+    ``RunningCluster.http`` does for a cluster driven from another thread."""
+    login = await cluster.access.admin_login() if cluster.spec.auth_enabled else None
+    headers = {}
+    if login is not None:
+        basic = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {basic}"
+    return aiohttp.ClientSession(headers={**headers, **options.pop("headers", {})}, **options)
+
+
 def write_oci_layout(path: Path, image: Image, tag: str = "latest") -> None:
     """An OCI image layout directory, as skopeo's `oci:` transport reads it."""
     blobs = path / "blobs" / "sha256"
@@ -334,7 +347,9 @@ def require_program(name: str, package: str, found: str | None = None) -> str:
 class Skopeo:
     """skopeo with a sandboxed configuration; ``run`` fails the test on a non-zero exit."""
 
-    def __init__(self, root: Path, host: str, cert_dir: Path | None = None) -> None:
+    def __init__(self, root: Path, host: str, cluster=None, cert_dir: Path | None = None) -> None:
+        """``cluster``: a ``RunningCluster`` whose admin login (none on an open
+        cluster) goes into this skopeo's auth file, for every address of it."""
         self.program = require_program("skopeo", "skopeo")
         self.host = host
         # With a cert dir (holding the registry's CA as ca.crt), TLS is verified
@@ -345,6 +360,8 @@ class Skopeo:
         (root / "registries.d").mkdir()
         self.auth = root / "auth.json"
         self.auth.write_text('{"auths": {}}')
+        if cluster is not None:
+            cluster.login(self.auth)
         self.policy = root / "policy.json"
         self.policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
         registries = root / "registries.conf"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import urllib.request
 
 import aiohttp
 import msgspec
@@ -276,9 +277,12 @@ def running(tmp_path_factory):
 
 
 def _node_holds(c: RunningCluster, name: str, kind: str, obj: str, value: dict) -> bool:
-    """Whether the node holds ``kind/obj`` with (at least) the fields of ``value``."""
+    """Whether the node holds ``kind/obj`` with (at least) the fields of ``value``
+    (asked on the node's internal route, as the cluster itself asks)."""
+    request = urllib.request.Request(f"{c.node_url(name)}{CONF}/{kind}/{obj}",
+                                     headers=c.internal_headers())
     try:
-        with management_client.open_direct(f"{c.node_url(name)}{CONF}/{kind}/{obj}", 10) as r:
+        with management_client.open_direct(request, 10) as r:
             held = json.load(r)["value"]
             return {k: held.get(k) for k in value} == value
     except OSError:
@@ -289,10 +293,11 @@ async def test_registry_update_reaches_every_node_and_needs_the_home_region(runn
     c = running
     shown = georeg("registry", "show", "--json", data_dir=c.data_dir)
     assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["adminUserEnabled"] is False
-    updated = georeg("registry", "update", "--admin-enabled", "true", data_dir=c.data_dir)
+    # An auth cluster's first start enables the admin user (``georeg up``'s login).
+    assert json.loads(shown.stdout)["adminUserEnabled"] is True
+    updated = georeg("registry", "update", "--admin-enabled", "false", data_dir=c.data_dir)
     assert updated.returncode == 0, updated.stderr
-    value = {"admin_enabled": True, "anonymous_pull_enabled": False, "name": "georegconf"}
+    value = {"admin_enabled": False, "anonymous_pull_enabled": False, "name": "georegconf"}
     nodes = [n["name"] for n in c.status()["nodes"]]
     assert any(n.startswith("brazilsouth") for n in nodes)
     for name in nodes:
@@ -308,8 +313,9 @@ async def test_registry_update_reaches_every_node_and_needs_the_home_region(runn
         assert "home region eastus holds the control plane" in refused.stderr
         with pytest.raises(management_client.ManagementError, match="holds the control plane"):
             await asyncio.to_thread(management_client.set_object, c.management_url, "registry",
-                                    "default", {"admin_enabled": False})
-        async with http.put(f"{c.management_url}{CONF}/registry/default", json={}) as r:
+                                    "default", {"admin_enabled": True}, c.owner_headers())
+        async with http.put(f"{c.management_url}{CONF}/registry/default", json={},
+                            headers=c.owner_headers()) as r:
             assert r.status == 503
             assert (await r.json())["error"]["code"] == "ControlPlaneUnavailable"
         # Every other node still holds (and serves) what it had; reads go on.
@@ -318,14 +324,14 @@ async def test_registry_update_reaches_every_node_and_needs_the_home_region(runn
                 assert await asyncio.to_thread(_node_holds, c, name, "registry", "default", value)
         shown = georeg("registry", "show", "--json", data_dir=c.data_dir)
         assert shown.returncode == 0, shown.stderr
-        assert json.loads(shown.stdout)["adminUserEnabled"] is True
+        assert json.loads(shown.stdout)["adminUserEnabled"] is False
     finally:
         for zone in "123":
             c.restart(f"eastus-{zone}")
     c.run(c.cluster.wait_ready)
-    updated = georeg("registry", "update", "--admin-enabled", "false", data_dir=c.data_dir)
+    updated = georeg("registry", "update", "--admin-enabled", "true", data_dir=c.data_dir)
     assert updated.returncode == 0, updated.stderr
-    assert "disabled" in updated.stdout
+    assert "enabled" in updated.stdout
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), [
@@ -339,7 +345,8 @@ async def test_registry_update_reaches_every_node_and_needs_the_home_region(runn
 ])
 async def test_the_management_api_refuses_bad_configuration_with_a_4xx(running, http, method,
                                                                        path, body, status):
-    async with http.request(method, f"{running.management_url}{path}", json=body) as r:
+    async with http.request(method, f"{running.management_url}{path}", json=body,
+                            headers=running.owner_headers()) as r:
         assert r.status == status, await r.text()
         assert (await r.json())["error"]["message"]
 

@@ -32,14 +32,17 @@ QUORUM_TIMEOUT_S = 2.0
 SLOW_ZONE_LINK_MS = 4000.0
 
 
-async def metrics(http, url: str) -> str:
-    async with http.get(f"{url}/metrics") as r:
+async def metrics(http, url: str, internal: dict[str, str] | None = None) -> str:
+    """``url``'s metrics (a node's internal route: on a cluster with auth,
+    ``internal`` carries the cluster's internal credential)."""
+    async with http.get(f"{url}/metrics", headers=internal) as r:
         assert r.status == 200, r.status
         return await r.text()
 
 
-async def error_count(http, url: str, **labels: str) -> float:
-    return metric_sum(await metrics(http, url), ERRORS, **labels)
+async def error_count(http, url: str, internal: dict[str, str] | None = None,
+                      **labels: str) -> float:
+    return metric_sum(await metrics(http, url, internal), ERRORS, **labels)
 
 
 # -- the body and the metric on one node -------------------------------------------------
@@ -103,6 +106,13 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture
+async def client(cluster):
+    """A registry client of the cluster: it sends the admin login."""
+    async with cluster.http() as session:
+        yield session
+
+
+@pytest.fixture
 def zones(cluster):
     """The cluster, healed and writable in every zone after the test."""
     yield cluster
@@ -116,8 +126,8 @@ def inject(cluster, kind: str, **target) -> None:
     cluster.run(lambda: cluster.cluster.faults.inject(kind, **target))
 
 
-async def writable(http, url: str) -> bool:
-    async with http.get(f"{url}/georeg/v1/node") as r:
+async def writable(http, url: str, internal: dict[str, str]) -> bool:
+    async with http.get(f"{url}/georeg/v1/node", headers=internal) as r:
         return r.status == 200 and (await r.json())["writable"]
 
 
@@ -125,7 +135,8 @@ async def zone_quorum(http, cluster) -> None:
     """Until every zone can write and zone 1's writes are confirmed again (a
     fault healed just before may still hold confirmations back)."""
     for zone in ("1", "2", "3"):
-        await eventually(lambda z=zone: writable(http, cluster.node_url(f"eastus-{z}")),
+        await eventually(lambda z=zone: writable(http, cluster.node_url(f"eastus-{z}"),
+                                                 cluster.internal_headers()),
                          timeout=30, what=f"eastus-{zone} to reach its zone quorum")
     zone1, probes = cluster.node_url("eastus-1"), iter(range(1_000_000))
 
@@ -143,73 +154,74 @@ async def serves(http, url: str, repo: str, reference: str) -> bool:
         return r.status == 200
 
 
-async def test_two_zones_down_refuse_writes_definitely(zones, http):
+async def test_two_zones_down_refuse_writes_definitely(zones, client):
     zone1 = zones.node_url("eastus-1")
-    await zone_quorum(http, zones)
-    before = await error_count(http, zone1, code="UNAVAILABLE", status="503", outcome="definite")
+    await zone_quorum(client, zones)
+    before = await error_count(client, zone1, zones.internal_headers(),
+                               code="UNAVAILABLE", status="503", outcome="definite")
     inject(zones, "zone-outage", region="eastus", zone="2", mode="crash")
     inject(zones, "zone-outage", region="eastus", zone="3", mode="crash")
     async def alone() -> bool:
-        return not await writable(http, zone1)
+        return not await writable(client, zone1, zones.internal_headers())
 
     await eventually(alone, timeout=30, what="zone 1 noticing it is alone")
     blob = b"never stored" * 100
-    async with http.post(f"{zone1}/v2/outcome/app/blobs/uploads/",
+    async with client.post(f"{zone1}/v2/outcome/app/blobs/uploads/",
                          params={"digest": digest_of(blob)}, data=blob) as r:
         error = await assert_error(r, 503, "UNAVAILABLE")
     assert error["detail"]["outcome"] == "definite"
     assert (error["detail"]["zones_reachable"], error["detail"]["zones_needed"]) == (1, 2)
-    async with http.head(f"{zone1}/v2/outcome/app/blobs/{digest_of(blob)}") as r:
+    async with client.head(f"{zone1}/v2/outcome/app/blobs/{digest_of(blob)}") as r:
         assert r.status == 404                         # definite: it is not stored
-    assert await error_count(http, zone1, code="UNAVAILABLE", status="503",
-                             outcome="definite") == before + 1
+    assert await error_count(client, zone1, zones.internal_headers(),
+                             code="UNAVAILABLE", status="503", outcome="definite") == before + 1
 
 
-async def test_a_write_no_second_zone_confirms_is_indefinite_and_lands(zones, http):
+async def test_a_write_no_second_zone_confirms_is_indefinite_and_lands(zones, client):
     """The links between the zones slow far beyond the quorum's timeout (their
     connections stay up: a stall or a cut would close them, and zone 1 would
     refuse up front): the manifest commits in zone 1 and no zone confirms it in
     time. Its 503 is indefinite, and it reaches every zone."""
     zone1 = zones.node_url("eastus-1")
-    await zone_quorum(http, zones)
+    await zone_quorum(client, zones)
     image = make_image([2048], seed=21)
     for blob in image.blobs:                           # confirmed: the links still move
-        await push_blob(http, zone1, "outcome/app", blob)
-    before = await error_count(http, zone1, code="UNAVAILABLE", status="503",
-                               outcome="indefinite")
+        await push_blob(client, zone1, "outcome/app", blob)
+    before = await error_count(client, zone1, zones.internal_headers(),
+                               code="UNAVAILABLE", status="503", outcome="indefinite")
     inject(zones, "link", a="eastus", b="eastus", latency_ms=SLOW_ZONE_LINK_MS)
-    async with http.put(f"{zone1}/v2/outcome/app/manifests/v1", data=image.manifest,
+    async with client.put(f"{zone1}/v2/outcome/app/manifests/v1", data=image.manifest,
                         headers={"Content-Type": image.media_type}) as r:
         error = await assert_error(r, 503, "UNAVAILABLE")
     assert error["message"] == "write not confirmed by a second zone"
     assert error["detail"]["outcome"] == "indefinite"
     assert error["detail"]["stored_in"] == "eastus/1"
-    assert await serves(http, zone1, "outcome/app", "v1")          # it did happen here
-    assert await error_count(http, zone1, code="UNAVAILABLE", status="503",
-                             outcome="indefinite") == before + 1
+    assert await serves(client, zone1, "outcome/app", "v1")          # it did happen here
+    assert await error_count(client, zone1, zones.internal_headers(),
+                             code="UNAVAILABLE", status="503", outcome="indefinite") == before + 1
     for zone in ("2", "3"):
-        await eventually(lambda z=zone: serves(http, zones.node_url(f"eastus-{z}"),
+        await eventually(lambda z=zone: serves(client, zones.node_url(f"eastus-{z}"),
                                                "outcome/app", "v1"),
                          timeout=60, what=f"the unconfirmed write reaching eastus-{zone}")
 
 
 async def test_the_chaos_workload_counts_an_unconfirmed_push_as_indefinite_until_it_lands(
-        zones, http):
+        zones, client):
     """The chaos workload's bookkeeping, against a real zone: its blobs already
     stored (so only the manifest waits for a zone), a push whose manifest gets
     the indefinite 503 is neither acknowledged nor refused; once it lands, the
     run finds it."""
     zone1 = zones.node_url("eastus-1")
-    await zone_quorum(http, zones)
+    await zone_quorum(client, zones)
     scenario = Scenario(name="outcomes", workload=Workload(clients=("eastus",), layers=1,
                                                            layer_size=512))
     obs = Observations()
     workload = ChaosWorkload(scenario, {"eastus": zone1}, random.Random(7), obs)
     image = workload.image()
     for blob in image.blobs:                           # confirmed: the links still move
-        await push_blob(http, zone1, image.repository, blob)
+        await push_blob(client, zone1, image.repository, blob)
     inject(zones, "link", a="eastus", b="eastus", latency_ms=SLOW_ZONE_LINK_MS)
-    await workload.push(http, "eastus", image)
+    await workload.push(client, "eastus", image)
     assert (obs.pushes_attempted, len(obs.acknowledged), obs.pushes_refused) == (1, 0, 0)
     assert [p.tag for p in obs.indefinite] == [image.tag]
     assert [code for _, _, _, code in obs.errors] == ["UNAVAILABLE (indefinite)"]
@@ -217,32 +229,33 @@ async def test_the_chaos_workload_counts_an_unconfirmed_push_as_indefinite_until
     chaos.obs = obs
 
     async def landed() -> bool:
-        return await chaos._landed(http) == [True]
+        return await chaos._landed(client) == [True]
 
     await eventually(landed, timeout=60, what="the indefinite push to be found")
 
 
-async def test_a_full_disk_refuses_definitely(zones, http):
+async def test_a_full_disk_refuses_definitely(zones, client):
     zone1 = zones.node_url("eastus-1")
-    await zone_quorum(http, zones)
-    before = await error_count(http, zone1, code="UNAVAILABLE", status="507", outcome="definite")
+    await zone_quorum(client, zones)
+    before = await error_count(client, zone1, zones.internal_headers(),
+                               code="UNAVAILABLE", status="507", outcome="definite")
     inject(zones, "disk", region="eastus", zone="1", full=True)
     blob = b"no room" * 500
-    async with http.post(f"{zone1}/v2/outcome/disk/blobs/uploads/",
+    async with client.post(f"{zone1}/v2/outcome/disk/blobs/uploads/",
                          params={"digest": digest_of(blob)}, data=blob) as r:
         error = await assert_error(r, 507, "UNAVAILABLE")
     assert error["message"] == "disk full" and error["detail"]["outcome"] == "definite"
-    async with http.head(f"{zone1}/v2/outcome/disk/blobs/{digest_of(blob)}") as r:
+    async with client.head(f"{zone1}/v2/outcome/disk/blobs/{digest_of(blob)}") as r:
         assert r.status == 404
-    assert await error_count(http, zone1, code="UNAVAILABLE", status="507",
-                             outcome="definite") == before + 1
+    assert await error_count(client, zone1, zones.internal_headers(),
+                             code="UNAVAILABLE", status="507", outcome="definite") == before + 1
 
 
-async def test_an_endpoint_with_no_replica_to_send_to_refuses_definitely(zones, http):
+async def test_an_endpoint_with_no_replica_to_send_to_refuses_definitely(zones, client):
     regional = zones.regional_endpoint("eastus")
     inject(zones, "region-outage", region="eastus", mode="isolate")
     image = make_image([100], seed=22)
-    async with http.put(f"{regional}/v2/outcome/app/manifests/v2", data=image.manifest,
+    async with client.put(f"{regional}/v2/outcome/app/manifests/v2", data=image.manifest,
                         headers={"Content-Type": image.media_type}) as r:
         error = await assert_error(r, 503, "UNAVAILABLE")
     assert "X-Georeg-Replica" not in r.headers                    # the endpoint's own answer

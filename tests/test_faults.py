@@ -36,6 +36,13 @@ def cluster(tmp_path_factory):
         yield running
 
 
+@pytest.fixture
+async def http(cluster):
+    """A registry client of the cluster: it sends the admin login."""
+    async with cluster.http() as session:
+        yield session
+
+
 @pytest.fixture(autouse=True)
 def converges_clean(cluster):
     """After each test: everything healed, and the cluster converges, verify clean."""
@@ -262,7 +269,8 @@ async def links(http, cluster) -> list[dict]:
     """Every link's own counters, from the management API (``GET /georeg/v1/links``),
     with the regions at either end."""
     plan = cluster.cluster.plan
-    async with http.get(f"{cluster.management_url}/georeg/v1/links") as r:
+    async with http.get(f"{cluster.management_url}/georeg/v1/links",
+                        headers=cluster.owner_headers()) as r:
         assert r.status == 200, await r.text()
         listed = await r.json()
     out = []

@@ -14,7 +14,9 @@ import json
 import os
 import stat
 import urllib.parse
+import urllib.request
 
+import aiohttp
 import pytest
 
 from cluster.control import management_client
@@ -50,11 +52,18 @@ def ok(c: RunningCluster, *args: str):
     return json.loads(out) if out.lstrip()[:1] in ("{", "[") else out
 
 
+def on_node(c: RunningCluster, url: str):
+    """GET ``url`` on a node's internal route, as the cluster itself (its
+    internal credential): a response to read, or ``OSError``."""
+    return management_client.open_direct(
+        urllib.request.Request(url, headers=c.internal_headers()), 10)
+
+
 def held(c: RunningCluster, node: str, kind: str, name: str) -> dict | None:
     """The live value of ``kind/name`` on ``node``, from its own configuration API."""
     url = f"{c.node_url(node)}{CONF}/{kind}/{urllib.parse.quote(name, safe='')}"
     try:
-        with management_client.open_direct(url, 10) as r:
+        with on_node(c, url) as r:
             return json.load(r)["value"]
     except OSError:       # 404 (absent or deleted) or not reachable now
         return None
@@ -75,10 +84,15 @@ def matches(secrets: list[dict], slot: str, password: str) -> bool:
 
 async def test_admin_credentials_show_and_renew_and_only_hashes_leave_the_control_plane(running):
     c = running
+    # ACR's admin user is disabled by default; an auth cluster's first start
+    # enables it (so that `georeg up` can print a login), and it can be turned off.
+    at_start = ok(c, "credential", "show")
+    ok(c, "registry", "update", "--admin-enabled", "false")
     code, _, err = cli(c, "credential", "show")
-    assert code == 2 and "registry update --admin-enabled true" in err     # disabled by default
+    assert code == 2 and "registry update --admin-enabled true" in err
     ok(c, "registry", "update", "--admin-enabled", "true")
     shown = ok(c, "credential", "show")
+    assert shown == at_start                         # enabled again: the same passwords
     assert shown["username"] == "georegids"
     first = {p["name"]: p["value"] for p in shown["passwords"]}
     assert set(first) == {"password", "password2"} and all(first.values())
@@ -104,7 +118,7 @@ async def test_admin_credentials_show_and_renew_and_only_hashes_leave_the_contro
     assert stat.S_IMODE(os.stat(admin_passwords_path(c.data_dir)).st_mode) == 0o600
     plaintexts = [first["password"], first["password2"], second["password2"]]
     for node in NODES:
-        with management_client.open_direct(f"{c.node_url(node)}{CONF}", 10) as r:
+        with on_node(c, f"{c.node_url(node)}{CONF}") as r:
             everything = r.read().decode()
         assert "admin_passwords" in everything
         assert not [p for p in plaintexts if p in everything]
@@ -120,9 +134,10 @@ async def test_admin_credentials_show_and_renew_and_only_hashes_leave_the_contro
     for value in ({"admin_passwords": []}, {"name": "other"}):
         with pytest.raises(management_client.ManagementError, match="set by the control plane"):
             await asyncio.to_thread(management_client.set_object, c.management_url, "registry",
-                                    "default", value)
+                                    "default", value, c.owner_headers())
     await asyncio.to_thread(management_client.set_object, c.management_url, "registry",
-                            "default", {"admin_enabled": True, "anonymous_pull_enabled": True})
+                            "default", {"admin_enabled": True, "anonymous_pull_enabled": True},
+                            c.owner_headers())
     assert ok(c, "credential", "show") == renewed
     assert held(c, "eastus", "registry", "default")["name"] == "georegids"
 
@@ -204,7 +219,7 @@ async def test_token_commands(running):
     listed = ok(c, "token", "list", "--json")
     assert "value" not in json.dumps(shown) and "value" not in json.dumps(listed)
     for node in NODES:
-        with management_client.open_direct(f"{c.node_url(node)}{CONF}", 10) as r:
+        with on_node(c, f"{c.node_url(node)}{CONF}") as r:
             everything = r.read().decode()
         assert passwords["password1"] not in everything
     assert "ci-pull" in ok(c, "token", "list")
@@ -342,14 +357,15 @@ async def test_identity_and_role_assignment_commands(running):
 ])
 async def test_bad_input_is_a_4xx_and_changes_nothing(running, http, method, path, body, status):
     before = await asyncio.to_thread(_everything, running)
-    async with http.request(method, f"{running.management_url}{path}", json=body) as r:
+    async with http.request(method, f"{running.management_url}{path}", json=body,
+                            headers=running.owner_headers()) as r:
         assert r.status == status, await r.text()
         assert (await r.json())["error"]["message"]
     assert await asyncio.to_thread(_everything, running) == before
 
 
 def _everything(c: RunningCluster) -> list:
-    with management_client.open_direct(f"{c.node_url('eastus')}{CONF}", 10) as r:
+    with on_node(c, f"{c.node_url('eastus')}{CONF}") as r:
         return json.load(r)["objects"]
 
 
@@ -399,29 +415,30 @@ BASIC = specs.ClusterSpec(registry="georegbasic", tier="Basic", home_region="eas
                           paired_copies=False)
 
 
-async def test_the_basic_tier_allows_100_scope_maps_and_100_tokens(tmp_path, http):
+async def test_the_basic_tier_allows_100_scope_maps_and_100_tokens(tmp_path):
     with RunningCluster(BASIC, tmp_path) as c:
-        url = c.management_url
-        for n in range(99):
-            async with http.post(f"{url}/georeg/v1/scope-maps", json={
-                    "name": f"m{n}", "repositories": [[f"r{n}", "content/read"]]}) as r:
-                assert r.status == 201, await r.text()
-        # The 100th scope map is made by a token's --repository; a token counts once.
-        ok(c, "token", "create", "--name", "t99", "--repository", "r", "content/read")
-        code, _, err = cli(c, "scope-map", "create", "--name", "m100", "--repository", "r",
-                           "content/read")
-        assert code == 2 and "the Basic tier allows 100 scope maps" in err, err
-        assert "Standard (500)" in err
-        for n in range(99):
+        async with aiohttp.ClientSession(headers=c.owner_headers()) as http:
+            url = c.management_url
+            for n in range(99):
+                async with http.post(f"{url}/georeg/v1/scope-maps", json={
+                        "name": f"m{n}", "repositories": [[f"r{n}", "content/read"]]}) as r:
+                    assert r.status == 201, await r.text()
+            # The 100th scope map is made by a token's --repository; a token counts once.
+            ok(c, "token", "create", "--name", "t99", "--repository", "r", "content/read")
+            code, _, err = cli(c, "scope-map", "create", "--name", "m100", "--repository", "r",
+                               "content/read")
+            assert code == 2 and "the Basic tier allows 100 scope maps" in err, err
+            assert "Standard (500)" in err
+            for n in range(99):
+                async with http.post(f"{url}/georeg/v1/tokens", json={
+                        "name": f"t{n}", "scopeMap": "_repositories_pull"}) as r:
+                    assert r.status == 201, await r.text()
+            code, _, err = cli(c, "token", "create", "--name", "t100", "--scope-map",
+                               "_repositories_pull")
+            assert code == 2 and "the Basic tier allows 100 tokens" in err, err
             async with http.post(f"{url}/georeg/v1/tokens", json={
-                    "name": f"t{n}", "scopeMap": "_repositories_pull"}) as r:
-                assert r.status == 201, await r.text()
-        code, _, err = cli(c, "token", "create", "--name", "t100", "--scope-map",
-                           "_repositories_pull")
-        assert code == 2 and "the Basic tier allows 100 tokens" in err, err
-        async with http.post(f"{url}/georeg/v1/tokens", json={
-                "name": "t100", "scopeMap": "_repositories_pull"}) as r:
-            assert r.status == 409 and (await r.json())["error"]["code"] == "QuotaExceeded"
-        ok(c, "token", "delete", "--name", "t0")              # room again
-        ok(c, "token", "create", "--name", "t100", "--scope-map", "_repositories_pull")
+                    "name": "t100", "scopeMap": "_repositories_pull"}) as r:
+                assert r.status == 409 and (await r.json())["error"]["code"] == "QuotaExceeded"
+            ok(c, "token", "delete", "--name", "t0")              # room again
+            ok(c, "token", "create", "--name", "t100", "--scope-map", "_repositories_pull")
 

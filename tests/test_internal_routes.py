@@ -104,6 +104,10 @@ def test_endpoints_forward_the_registry_api_and_public_reads():
 ONE_NODE = specs.ClusterSpec(registry="georegpaths", home_region="eastus", paired_copies=False)
 
 
+def header_lines(headers: dict[str, str]) -> bytes:
+    return b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
+
+
 @pytest.fixture(scope="module")
 def one_node(tmp_path_factory):
     with RunningCluster(ONE_NODE, tmp_path_factory.mktemp("paths")) as running:
@@ -147,68 +151,81 @@ def assert_not_served(head: bytes, body: bytes) -> None:
 
 
 async def test_every_internal_route_is_404_at_endpoints_and_no_node_is_asked(one_node):
+    """Even a request that carries the cluster's internal credential: an
+    endpoint never forwards an internal route, whoever asks."""
+    internal = header_lines(one_node.internal_headers())
     before = routed(one_node)
     for url in endpoints(one_node).values():
         for method, path in INTERNAL:
             for target in disguises(path):
                 body = b'{"full": true, "slow_ms": 5000}' if method == "PUT" else b""
-                wire = (b"%s %s HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-                        % (method.encode(), target.encode(), len(body), body))
+                wire = (b"%s %s HTTP/1.1\r\nHost: r\r\n%sContent-Length: %d\r\n\r\n%s"
+                        % (method.encode(), target.encode(), internal, len(body), body))
                 [(head, answer)] = await raw_exchange(url, wire, 1)
                 assert_not_served(head, answer)
     assert routed(one_node) == before
 
 
-async def test_a_storage_fault_sent_through_endpoints_changes_nothing(one_node, http):
+async def test_a_storage_fault_sent_through_endpoints_changes_nothing(one_node):
     node = one_node.node_url("eastus")
-    for url in endpoints(one_node).values():
-        for target in disguises("/georeg/v1/faults/storage"):
-            wire = (b"PUT %s HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: 14\r\n\r\n{\"full\": true}" % target.encode())
-            [(head, answer)] = await raw_exchange(url, wire, 1)
-            assert_not_served(head, answer)
-        async with http.get(node + "/georeg/v1/faults/storage") as r:
-            assert await r.json() == {"full": False, "slow_ms": 0.0}
-        await push_image(http, url, "paths/app", make_image([2048], seed=7), tag="v1")
+    internal = one_node.internal_headers()
+    async with one_node.http() as http:
+        for url in endpoints(one_node).values():
+            for target in disguises("/georeg/v1/faults/storage"):
+                wire = (b"PUT %s HTTP/1.1\r\nHost: r\r\n%sContent-Type: application/json\r\n"
+                        b"Content-Length: 14\r\n\r\n{\"full\": true}"
+                        % (target.encode(), header_lines(internal)))
+                [(head, answer)] = await raw_exchange(url, wire, 1)
+                assert_not_served(head, answer)
+            async with http.get(node + "/georeg/v1/faults/storage", headers=internal) as r:
+                assert await r.json() == {"full": False, "slow_ms": 0.0}
+            await push_image(http, url, "paths/app", make_image([2048], seed=7), tag="v1")
 
 
 async def test_a_pipelined_internal_request_is_refused_in_its_turn(one_node):
     url = endpoints(one_node)["global"]
     before = routed(one_node)
-    answers = await raw_exchange(url, b"GET /v2/ HTTP/1.1\r\nHost: r\r\n\r\n"
-                                      b"PUT /georeg/v1/faults/storage HTTP/1.1\r\nHost: r\r\n"
+    login = header_lines(one_node.auth_headers())
+    internal = header_lines(one_node.internal_headers())
+    answers = await raw_exchange(url, b"GET /v2/ HTTP/1.1\r\nHost: r\r\n%s\r\n"
+                                      b"PUT /georeg/v1/faults/storage HTTP/1.1\r\nHost: r\r\n%s"
                                       b"Content-Length: 14\r\n\r\n{\"full\": true}"
-                                      b"GET /v2/ HTTP/1.1\r\nHost: r\r\n\r\n", 3)
+                                      b"GET /v2/ HTTP/1.1\r\nHost: r\r\n%s\r\n"
+                                      % (login, internal, login), 3)
     assert answers[0][0].startswith(b"HTTP/1.1 200") and b"X-Georeg-Replica" in answers[0][0]
     assert_not_served(*answers[1])
     assert answers[2][0].startswith(b"HTTP/1.1 200") and b"X-Georeg-Replica" in answers[2][0]
     assert routed(one_node) == before + 2
 
 
-async def test_public_reads_pass_and_the_node_port_still_serves_everything(one_node, http):
-    for url in endpoints(one_node).values():
-        async with http.get(url + "/georeg/v1/replication/status",
-                            params={"repository": "paths/none", "reference": "v1"}) as r:
-            assert r.headers["X-Georeg-Replica"] == "eastus"      # the node answered
-        async with http.head(url + "/georeg/v1/inventory") as r:
-            assert r.status == 404 and "X-Georeg-Replica" not in r.headers
-    node = one_node.node_url("eastus")
-    # The disguises are real: the node itself routes several of them to the route.
-    served = set()
-    for target in disguises("/georeg/v1/inventory"):
-        [(head, _)] = await raw_exchange(node, b"GET %s HTTP/1.1\r\nHost: r\r\n\r\n"
-                                         % target.encode(), 1)
-        if head.startswith(b"HTTP/1.1 200"):
-            served.add(target)
-    assert {"/georeg/v1/inventory?x=1", "/georeg/v1/inventory#fragment", "/%67eoreg/v1/inventory",
-            "http://registry.example/georeg/v1/inventory"} <= served
-    for path in ("/georeg/v1/inventory", "/georeg/v1/node", "/metrics",
-                 "/georeg/v1/faults/storage"):
-        async with http.get(node + path) as r:
-            assert r.status == 200, path
-    try:
-        async with http.put(node + "/georeg/v1/faults/storage", json={"slow_ms": 1}) as r:
-            assert r.status == 200 and (await r.json())["slow_ms"] == 1
-    finally:
-        async with http.put(node + "/georeg/v1/faults/storage", json={"slow_ms": 0}) as r:
-            assert r.status == 200
+async def test_public_reads_pass_and_the_node_port_still_serves_everything(one_node):
+    internal = one_node.internal_headers()
+    async with one_node.http() as http:
+        for url in endpoints(one_node).values():
+            async with http.get(url + "/georeg/v1/replication/status",
+                                params={"repository": "paths/none", "reference": "v1"}) as r:
+                assert r.headers["X-Georeg-Replica"] == "eastus"      # the node answered
+            async with http.head(url + "/georeg/v1/inventory") as r:
+                assert r.status == 404 and "X-Georeg-Replica" not in r.headers
+        node = one_node.node_url("eastus")
+        # The disguises are real: the node itself routes several of them to the route.
+        served = set()
+        for target in disguises("/georeg/v1/inventory"):
+            [(head, _)] = await raw_exchange(node, b"GET %s HTTP/1.1\r\nHost: r\r\n%s\r\n"
+                                             % (target.encode(), header_lines(internal)), 1)
+            if head.startswith(b"HTTP/1.1 200"):
+                served.add(target)
+        assert {"/georeg/v1/inventory?x=1", "/georeg/v1/inventory#fragment", "/%67eoreg/v1/inventory",
+                "http://registry.example/georeg/v1/inventory"} <= served
+        for path in ("/georeg/v1/inventory", "/georeg/v1/node", "/metrics",
+                     "/georeg/v1/faults/storage"):
+            async with http.get(node + path, headers=internal) as r:
+                assert r.status == 200, path
+        try:
+            async with http.put(node + "/georeg/v1/faults/storage", json={"slow_ms": 1},
+                                headers=internal) as r:
+                assert r.status == 200 and (await r.json())["slow_ms"] == 1
+        finally:
+            async with http.put(node + "/georeg/v1/faults/storage", json={"slow_ms": 0},
+                                headers=internal) as r:
+                assert r.status == 200

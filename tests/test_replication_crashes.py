@@ -146,8 +146,10 @@ ZONE_REDUNDANT_ONLY = specs.parse({"home_region": "eastus", "home_zone_redundant
 ZONES = ["eastus-1", "eastus-2", "eastus-3"]
 
 
-async def _node_info(http, url: str) -> dict:
-    async with http.get(f"{url}/georeg/v1/node") as r:
+async def _node_info(http, url: str, internal: dict[str, str]) -> dict:
+    """The node's own description (an internal route: ``internal`` carries the
+    cluster's internal credential)."""
+    async with http.get(f"{url}/georeg/v1/node", headers=internal) as r:
         assert r.status == 200
         return await r.json()
 
@@ -183,66 +185,71 @@ def zone_cluster(tmp_path):
 
 
 async def test_two_zones_killed_the_third_refuses_writes_and_nothing_half_written_remains(
-        zone_cluster, http):
+        zone_cluster):
     c = zone_cluster
-    assert sorted(c.cluster.supervisor.nodes) == ZONES   # three `georeg node` processes
-    urls = {name: c.node_url(name) for name in ZONES}
-    zone1 = urls["eastus-1"]
-    await eventually(lambda: _writable(http, zone1, True), timeout=30, what="zone quorum")
-    before = make_image([3000, 5000], seed=60)
-    await push_image(http, zone1, "zr/app", before, tag="v0")
-    for name in ZONES:
-        await eventually(lambda u=urls[name]: _has_tag(http, u, "zr/app", "v0"), timeout=30,
-                         what=f"v0 on {name}")
+    internal = c.internal_headers()
+    async with c.http() as http:
+        assert sorted(c.cluster.supervisor.nodes) == ZONES   # three `georeg node` processes
+        urls = {name: c.node_url(name) for name in ZONES}
+        zone1 = urls["eastus-1"]
+        await eventually(lambda: _writable(http, zone1, True, internal), timeout=30,
+                         what="zone quorum")
+        before = make_image([3000, 5000], seed=60)
+        await push_image(http, zone1, "zr/app", before, tag="v0")
+        for name in ZONES:
+            await eventually(lambda u=urls[name]: _has_tag(http, u, "zr/app", "v0"), timeout=30,
+                             what=f"v0 on {name}")
 
-    c.crash("eastus-2")                                   # SIGKILL
-    c.crash("eastus-3")
-    await eventually(lambda: _writable(http, zone1, False), timeout=30,
-                     what="zone 1 noticing it is alone")
-    seq = (await _node_info(http, zone1))["last_seq"]
+        c.crash("eastus-2")                                   # SIGKILL
+        c.crash("eastus-3")
+        await eventually(lambda: _writable(http, zone1, False, internal), timeout=30,
+                         what="zone 1 noticing it is alone")
+        seq = (await _node_info(http, zone1, internal))["last_seq"]
 
-    refused = make_image([4000], seed=61)
-    layer = refused.layers[0]
-    attempts = [
-        ("POST", f"/v2/zr/app/blobs/uploads/?digest={digest_of(layer)}", layer),  # monolithic
-        ("POST", "/v2/zr/app/blobs/uploads/", None),                              # a session
-        ("POST", f"/v2/zr/app/blobs/uploads/?mount={digest_of(before.layers[0])}&from=zr/app",
-         None),                                                                   # a mount
-        ("PUT", "/v2/zr/app/manifests/v1", before.manifest),                      # a re-tag
-        ("DELETE", "/v2/zr/app/manifests/v0", None),                              # an untag
-        ("DELETE", f"/v2/zr/app/manifests/{before.digest}", None),                # a delete
-    ]
-    for method, path, body in attempts:
-        headers = {"Content-Type": before.media_type} if path.endswith("/v1") else {}
-        async with http.request(method, zone1 + path, data=body, headers=headers) as r:
-            _refused_for_quorum(r.status, await r.json(), r.headers)
+        refused = make_image([4000], seed=61)
+        layer = refused.layers[0]
+        attempts = [
+            ("POST", f"/v2/zr/app/blobs/uploads/?digest={digest_of(layer)}", layer),  # monolithic
+            ("POST", "/v2/zr/app/blobs/uploads/", None),                              # a session
+            ("POST", f"/v2/zr/app/blobs/uploads/?mount={digest_of(before.layers[0])}&from=zr/app",
+             None),                                                                   # a mount
+            ("PUT", "/v2/zr/app/manifests/v1", before.manifest),                      # a re-tag
+            ("DELETE", "/v2/zr/app/manifests/v0", None),                              # an untag
+            ("DELETE", f"/v2/zr/app/manifests/{before.digest}", None),                # a delete
+        ]
+        for method, path, body in attempts:
+            headers = {"Content-Type": before.media_type} if path.endswith("/v1") else {}
+            async with http.request(method, zone1 + path, data=body, headers=headers) as r:
+                _refused_for_quorum(r.status, await r.json(), r.headers)
 
-    # Nothing of the refused writes, anywhere it could show; reads go on.
-    assert (await _node_info(http, zone1))["last_seq"] == seq, "a refused write was logged"
-    assert await _status(http, "HEAD", f"{zone1}/v2/zr/app/blobs/{digest_of(layer)}") == 404
-    assert await _tags(http, zone1, "zr/app") == ["v0"]
-    for ref in ("v0", before.digest):
-        async with http.get(f"{zone1}/v2/zr/app/manifests/{ref}") as r:
-            assert r.status == 200 and await r.read() == before.manifest
+        # Nothing of the refused writes, anywhere it could show; reads go on.
+        assert (await _node_info(http, zone1, internal))["last_seq"] == seq, \
+            "a refused write was logged"
+        assert await _status(http, "HEAD", f"{zone1}/v2/zr/app/blobs/{digest_of(layer)}") == 404
+        assert await _tags(http, zone1, "zr/app") == ["v0"]
+        for ref in ("v0", before.digest):
+            async with http.get(f"{zone1}/v2/zr/app/manifests/{ref}") as r:
+                assert r.status == 200 and await r.read() == before.manifest
 
-    c.restart("eastus-2")
-    c.restart("eastus-3")
-    await eventually(lambda: _writable(http, zone1, True), timeout=30, what="quorum back")
-    after = make_image([2500], seed=62)
-    await push_image(http, zone1, "zr/app", after, tag="v2")
-    for name in ZONES:
-        url = urls[name]
-        await eventually(lambda u=url: _has_tag(http, u, "zr/app", "v2"), timeout=30,
-                         what=f"v2 on {name}")
-        assert await _tags(http, url, "zr/app") == ["v0", "v2"], name
-        assert await _status(http, "HEAD", f"{url}/v2/zr/app/blobs/{digest_of(layer)}") == 404
-        async with http.get(f"{url}/v2/zr/app/manifests/v2") as r:
-            assert r.status == 200 and await r.read() == after.manifest
+        c.restart("eastus-2")
+        c.restart("eastus-3")
+        await eventually(lambda: _writable(http, zone1, True, internal), timeout=30,
+                         what="quorum back")
+        after = make_image([2500], seed=62)
+        await push_image(http, zone1, "zr/app", after, tag="v2")
+        for name in ZONES:
+            url = urls[name]
+            await eventually(lambda u=url: _has_tag(http, u, "zr/app", "v2"), timeout=30,
+                             what=f"v2 on {name}")
+            assert await _tags(http, url, "zr/app") == ["v0", "v2"], name
+            assert await _status(http, "HEAD", f"{url}/v2/zr/app/blobs/{digest_of(layer)}") == 404
+            async with http.get(f"{url}/v2/zr/app/manifests/v2") as r:
+                assert r.status == 200 and await r.read() == after.manifest
 
 
-async def _writable(http, url: str, expected: bool) -> bool:
+async def _writable(http, url: str, expected: bool, internal: dict[str, str]) -> bool:
     try:
-        return (await _node_info(http, url))["writable"] is expected
+        return (await _node_info(http, url, internal))["writable"] is expected
     except aiohttp.ClientError:
         return False
 

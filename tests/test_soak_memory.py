@@ -12,7 +12,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from cluster.bench.procfs import MIB, rss_bytes
@@ -27,8 +26,8 @@ IMAGES_PER_ROUND = 40
 GROWTH_ALLOWED_MIB = 12
 
 
-async def _round(endpoints: list[str], number: int) -> None:
-    async with aiohttp.ClientSession() as session:
+async def _round(running: RunningCluster, endpoints: list[str], number: int) -> None:
+    async with running.http() as session:
         async def one(i: int) -> None:
             base = endpoints[i % len(endpoints)]
             image = make_image([256 * 1024, 64 * 1024, 4096], seed=number * 1000 + i)
@@ -53,7 +52,7 @@ def test_node_memory_levels_off_under_repeated_load() -> None:
         endpoints = [running.endpoint(r) for r in ("eastus", "westeurope")]
         history: dict[str, list[float]] = {}
         for number in range(ROUNDS):
-            running.run(lambda n=number: _round(endpoints, n), timeout=600)
+            running.run(lambda n=number: _round(running, endpoints, n), timeout=600)
             verified_clean(running, 300, f"convergence after round {number}")
             pids = {name: node.pid for name, node in
                     running.cluster.supervisor.nodes.items() if node.pid}

@@ -53,10 +53,11 @@ def test_blob_downloads_are_relayed_or_redirected():
 
 
 def test_auth_is_token_or_none_and_plans_each_nodes_access_files(tmp_path):
-    # "none" stays the default until the test suite logs in everywhere.
-    assert specs.load(None).auth == "none"
-    assert plan(specs.load(None).seeded(1), tmp_path).nodes[0].access is None
-    spec = specs.parse({"auth": "token", "registry": "contoso"}).seeded(1)
+    # Credentials are the default, as in ACR; "none" is asked for by name.
+    assert specs.load(None).auth == "token" and specs.parse({}).auth == "token"
+    assert specs.parse({"auth": "none"}).auth_enabled is False
+    assert plan(specs.parse({"auth": "none"}).seeded(1), tmp_path).nodes[0].access is None
+    spec = specs.parse({"registry": "contoso"}).seeded(1)
     assert spec.auth_enabled and spec.login_server == "contoso.azurecr.io"
     cluster_plan = plan(spec, tmp_path)
     for node in cluster_plan.all_nodes:       # paired-region copies included

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -65,8 +66,10 @@ def blob_path(running: RunningCluster, region: str, digest: str) -> Path:
     return node_of(running, region).data_dir / "blobs" / alg / hexpart[:2] / hexpart
 
 
-async def inventory(http: aiohttp.ClientSession, url: str) -> dict:
-    async with http.get(f"{url}/georeg/v1/inventory") as r:
+async def inventory(http: aiohttp.ClientSession, url: str, internal: dict[str, str]) -> dict:
+    """A node's inventory (an internal route: ``internal`` carries the
+    cluster's internal credential)."""
+    async with http.get(f"{url}/georeg/v1/inventory", headers=internal) as r:
         assert r.status == 200, await r.text()
         return await r.json()
 
@@ -75,7 +78,8 @@ async def tag_on(http: aiohttp.ClientSession, running: RunningCluster, region: s
                  tag: str) -> str | None:
     """What ``tag`` points at on the region's node, read without side effects
     (a HEAD for a missing tag would make the node fetch it from a peer)."""
-    found = await inventory(http, running.node_url(node_of(running, region).name))
+    found = await inventory(http, running.node_url(node_of(running, region).name),
+                            running.internal_headers())
     entry = found["repositories"].get(repo, {}).get("tags", {}).get(tag)
     return entry["digest"] if entry else None
 
@@ -126,7 +130,7 @@ async def _push_everything(running: RunningCluster, c: Content) -> None:
     east = running.node_url(node_of(running, "eastus").name)
     west = running.node_url(node_of(running, "westeurope").name)
     brazil = running.node_url(node_of(running, "brazilsouth").name)
-    async with aiohttp.ClientSession() as http:
+    async with running.http() as http:
         await push_image(http, east, "verify/app", c.app_v1, tag="v1")
         await push_image(http, west, "verify/app", c.app_v2, tag="v2")
         await push_image(http, east, "verify/multi", c.child_a)
@@ -168,15 +172,17 @@ def test_a_converged_cluster_verifies_clean_from_the_cli_api_and_python(cluster)
     assert set(doc["counts"]["eastus"]) >= {"repositories", "tags", "manifests", "blobs"}
     assert isinstance(doc["elapsed_s"], float)
 
-    with urlopen(f"{cluster.management_url}/georeg/v1/verify", timeout=60) as r:
+    with urlopen(urllib.request.Request(f"{cluster.management_url}/georeg/v1/verify",
+                                        headers=cluster.owner_headers()), timeout=60) as r:
         assert json.loads(r.read())["status"] == "clean"
 
 
 def test_the_inventory_endpoint_reports_origins_and_stamps(cluster):
     async def check() -> None:
-        async with aiohttp.ClientSession() as http:
-            brazil = await inventory(http, cluster.node_url("brazilsouth"))
-            west = await inventory(http, cluster.node_url("westeurope"))
+        async with cluster.http() as http:
+            brazil = await inventory(http, cluster.node_url("brazilsouth"),
+                                     cluster.internal_headers())
+            west = await inventory(http, cluster.node_url("westeurope"), cluster.internal_headers())
         confined = brazil["repositories"]["br/only"]
         assert confined["tags"]["v1"]["digest"] == cluster.content.confined.digest
         assert confined["tags"]["v1"]["stamp"][1] == "brazilsouth"
@@ -278,7 +284,7 @@ def test_a_blob_file_gone_from_a_replica_makes_its_manifest_incomplete(cluster):
     west = cluster.node_url("westeurope")
     try:
         async def head() -> int:
-            async with aiohttp.ClientSession() as http, \
+            async with cluster.http() as http, \
                     http.head(f"{west}/v2/verify/app/blobs/{layer}") as r:
                 return r.status
 
@@ -305,7 +311,7 @@ def test_a_region_cut_off_during_a_push_is_named_with_what_it_lacks(cluster):
         "region-outage", region="westeurope", mode="isolate"))
     try:
         async def push() -> None:
-            async with aiohttp.ClientSession() as http:
+            async with cluster.http() as http:
                 await push_image(http, east, "verify/app", image, tag="v3")
                 await eventually(lambda: _is(tag_on(http, cluster, "brazilsouth", "verify/app",
                                                     "v3"), image.digest),
@@ -337,7 +343,7 @@ def test_down_nodes_are_not_checked_and_too_few_make_it_inconclusive(cluster):
     cluster.run(lambda: supervisor.stop_node("westeurope", graceful=True))
     try:
         async def untag() -> None:
-            async with aiohttp.ClientSession() as http:
+            async with cluster.http() as http:
                 async with http.delete(f"{east}/v2/verify/app/manifests/v2") as r:
                     assert r.status == 202, await r.text()
                 await eventually(lambda: _is(tag_on(http, cluster, "brazilsouth", "verify/app",

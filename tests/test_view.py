@@ -125,8 +125,8 @@ async def test_georeg_node_follows_the_view_files_decision(tmp_path):
 def test_an_auth_clusters_nodes_are_told_to_replicate_over_mutual_tls(tmp_path):
     """The plan decides it (an auth cluster's), each view carries it; the node
     never guesses it from the files it was given."""
-    open_plan = plan(specs.load(None).seeded(1), tmp_path / "open")
-    auth_plan = plan(specs.load(None).with_auth("token").seeded(1), tmp_path / "auth")
+    open_plan = plan(specs.load(None).with_auth("none").seeded(1), tmp_path / "open")
+    auth_plan = plan(specs.load(None).seeded(1), tmp_path / "auth")      # auth is the default
     assert not any(open_plan.view(n).mutual_tls for n in open_plan.all_nodes)
     assert all(auth_plan.view(n).mutual_tls for n in auth_plan.all_nodes)
 

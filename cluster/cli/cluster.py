@@ -61,10 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "spec's (--config, or the one the data dir's cluster last ran with), "
                         "else a new one. `up` prints it, so a run can be replayed")
     p.add_argument("--auth", choices=specs.AUTH_MODES,
-                   help="token: every node and endpoint wants credentials, as ACR does (the "
-                        "admin user's password is generated at first start and printed; "
-                        "`georeg login` hands it to skopeo, podman, docker); none: an open "
-                        "registry. Default: the spec's auth (default none)")
+                   help="token (the default): every node and endpoint wants credentials, as "
+                        "ACR does (the admin user's password is generated at first start and "
+                        "printed; `georeg login` hands it to skopeo, podman, docker); none: an "
+                        "open registry that anyone who reaches a port may push to, delete "
+                        "from or shut down. Default: the spec's auth (default token)")
     p.add_argument("--tls", action="store_true", default=None,
                    help="serve HTTPS on every node and endpoint, with certificates from the "
                         "cluster CA made at first start (in DATA_DIR/auth/ca) for 127.0.0.1, "
@@ -282,23 +283,43 @@ def print_endpoints(status: dict, admin: AdminLogin | None = None) -> None:
     else:
         setup = ""
     if status.get("auth") == "token":
-        if admin is not None:
-            console.print(f"[bold]Registry credentials[/] (every endpoint and node): username "
-                          f"[bold]{admin.username}[/], password [bold]{admin.password}[/]",
-                          highlight=False)
-        console.print(f"Generated at the cluster's first start and kept in {data_dir}/auth/"
-                      f"admin-passwords.json (mode 0600), for a cluster on this machine; "
-                      f"`georeg credential show|renew` shows and renews them. `georeg login` "
-                      f"writes them where skopeo and podman look ($REGISTRY_AUTH_FILE, else "
-                      f"$XDG_RUNTIME_DIR/containers/auth.json; --docker: ~/.docker/config.json "
-                      f"for docker and oras). The management API and this CLI use the cluster "
-                      f"owner's credential in {data_dir}/auth/owner.secret.", highlight=False)
-        console.print(f"Try: {setup}georeg login --data-dir {data_dir} && skopeo copy "
-                      f"{verify} docker-archive:image.tar "
-                      f"docker://{host}/demo/app:v1", highlight=False)
+        _print_login(console, data_dir, host, admin, setup, verify)
         return
+    console.print("Open cluster (auth = \"none\"): no login; anyone who reaches these ports "
+                  "may push, delete and shut it down.", highlight=False)
     console.print(f"Try: {setup}skopeo copy {verify} docker-archive:image.tar "
                   f"docker://{host}/demo/app:v1", highlight=False)
+
+
+def _print_login(console: Console, data_dir: str, host: str, admin: AdminLogin | None,
+                 setup: str, verify: str) -> None:
+    """An auth cluster's way in, for someone who has read nothing else: the
+    admin login, the command that hands it to clients, and a first push
+    (``setup``: what a TLS cluster's clients need first; ``verify``: skopeo's
+    TLS option for it)."""
+    if admin is None:
+        # A detached child (its output is a log file) or an admin user disabled since.
+        console.print(f"Registry credentials: `georeg credential show --data-dir {data_dir}` "
+                      f"shows the admin login (if the admin user is disabled, `georeg registry "
+                      f"update --admin-enabled true` enables it; `georeg token create` makes a "
+                      f"repository-scoped one).", highlight=False)
+        return
+    console.print(f"[bold]Registry credentials[/] (every endpoint and node): username "
+                  f"[bold]{admin.username}[/], password [bold]{admin.password}[/]",
+                  highlight=False)
+    console.print(f"Generated at the cluster's first start for a cluster on this machine, kept in "
+                  f"{data_dir}/auth/admin-passwords.json (mode 0600); `georeg credential "
+                  f"show|renew` shows and renews them. The management API and this CLI use the "
+                  f"cluster owner's credential in {data_dir}/auth/owner.secret.", highlight=False)
+    login_verify = verify.replace("--dest-", "--")
+    console.print(f"Log in:  {setup}georeg login --data-dir {data_dir}\n"
+                  f"         (writes them where skopeo and podman look: $REGISTRY_AUTH_FILE, else "
+                  f"$XDG_RUNTIME_DIR/containers/auth.json; --docker: ~/.docker/config.json for "
+                  f"docker and oras)\n"
+                  f"     or: skopeo login {login_verify} -u {admin.username} "
+                  f"-p {admin.password} {host}\n"
+                  f"Then:    skopeo copy {verify} docker-archive:image.tar "
+                  f"docker://{host}/demo/app:v1", highlight=False, soft_wrap=True)
 
 
 def _node_table(console: Console, status: dict) -> None:

@@ -68,14 +68,11 @@ def addresses(data_dir: Path) -> list[str]:
     spec = saved_spec(data_dir)
     if spec is None:
         raise CliError(f"{data_dir} holds no georeg cluster; start one with "
-                       f"`georeg up --auth token --data-dir {data_dir}`")
+                       f"`georeg up --data-dir {data_dir}`")
     if not spec.auth_enabled:
         raise CliError(f"the cluster in {data_dir} runs without auth (auth = \"none\"): "
                        f"clients need no login. `georeg up --auth token` turns it on")
-    cluster_plan = plan(spec, Path(data_dir).resolve())
-    ports = [e.port for e in cluster_plan.endpoints] + [n.http_port for n in cluster_plan.nodes]
-    hosts = [cluster_plan.host] + (["localhost"] if cluster_plan.host == "127.0.0.1" else [])
-    return [f"{host}:{port}" for port in ports for host in hosts]
+    return plan(spec, Path(data_dir).resolve()).client_addresses()
 
 
 def write_auth_file(path: Path, entries: dict[str, str]) -> None:

@@ -72,18 +72,21 @@ def _object_path(kind: str, name: str = "") -> str:
     return path + ("/" + urllib.parse.quote(name, safe="") if name else "")
 
 
-def list_objects(base_url: str, kind: str) -> list[dict]:
-    return request(base_url, "GET", _object_path(kind))
+def list_objects(base_url: str, kind: str, headers: dict[str, str] | None = None) -> list[dict]:
+    return request(base_url, "GET", _object_path(kind), headers=headers)
 
 
-def get_object(base_url: str, kind: str, name: str) -> dict:
-    return request(base_url, "GET", _object_path(kind, name))
+def get_object(base_url: str, kind: str, name: str,
+               headers: dict[str, str] | None = None) -> dict:
+    return request(base_url, "GET", _object_path(kind, name), headers=headers)
 
 
-def set_object(base_url: str, kind: str, name: str, value: dict) -> dict:
+def set_object(base_url: str, kind: str, name: str, value: dict,
+               headers: dict[str, str] | None = None) -> dict:
     """Write through the home region; ``ManagementError`` while it cannot be reached."""
-    return request(base_url, "PUT", _object_path(kind, name), value)
+    return request(base_url, "PUT", _object_path(kind, name), value, headers=headers)
 
 
-def delete_object(base_url: str, kind: str, name: str) -> dict:
-    return request(base_url, "DELETE", _object_path(kind, name))
+def delete_object(base_url: str, kind: str, name: str,
+                  headers: dict[str, str] | None = None) -> dict:
+    return request(base_url, "DELETE", _object_path(kind, name), headers=headers)

@@ -164,6 +164,13 @@ class ClusterPlan:
         """Serving nodes, then the storage-only paired-region copies."""
         return self.nodes + self.pair_copies
 
+    def client_addresses(self) -> list[str]:
+        """``HOST:PORT`` of every endpoint and every node serving clients
+        (``localhost`` beside ``127.0.0.1``): where a client may log in."""
+        ports = [e.port for e in self.endpoints] + [n.http_port for n in self.nodes]
+        hosts = [self.host] + (["localhost"] if self.host == "127.0.0.1" else [])
+        return [f"{host}:{port}" for port in ports for host in hosts]
+
     def node(self, name: str) -> NodePlan:
         for node in self.all_nodes:
             if node.name == name:

@@ -9,11 +9,13 @@ Example (every key optional except where noted)::
     home_zone_redundant = true
     home_global_routing = true
     blob_downloads = "relay"        # or "redirect": a 307 to the node, as ACR does
-    auth = "none"                   # or "token": every node wants credentials, as ACR does
+    auth = "token"                  # the default: every node wants credentials, as ACR does
                                     # (ACR's token flow; the admin user's password, the
                                     # cluster owner's credential for the management API and
                                     # the nodes' internal one are generated at first start
-                                    # and kept in <data_dir>/auth, mode 0600)
+                                    # and kept in <data_dir>/auth, mode 0600; `georeg up`
+                                    # prints the admin login). "none": the open cluster,
+                                    # anyone who reaches a port may push, delete, break it
     tls = false                     # true: every node and endpoint serves HTTPS with a
                                     # certificate from the cluster CA (made at first start
                                     # in <data_dir>/auth/ca, with auth or without); trust it
@@ -168,9 +170,9 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Who may use the registry. "none": anyone who reaches a port (the open
     # cluster). "token": ACR's access rules on every node (``registry_node.auth``),
     # the management API for the cluster owner only, nodes' internal routes for
-    # the cluster itself (``cluster.control.access``). The default stays "none"
-    # until the test suite logs in everywhere.
-    auth: str = "none"
+    # the cluster itself (``cluster.control.access``). "token" by default, as
+    # ACR never lets an unauthenticated client in.
+    auth: str = "token"
     # Whether nodes and endpoints serve HTTPS. The certificates come from the
     # cluster CA (``cluster.control.ca``), which a cluster makes at first start
     # when either this or auth needs it: TLS does not require auth. With it,

@@ -435,16 +435,15 @@ async def _has(http, url, repo, tag) -> bool:
 
 
 @pytest.mark.interop
-# Auth off: a client that follows the 307 to the node sends that node no
-# credentials (skopeo keeps them to the host it logged in to), and the node
-# asks for them; ACR's redirects carry their own grant (a SAS URL), which the
-# endpoints' redirects do not yet.
 @pytest.mark.georeg_spec({"home_region": "westeurope", "replicas": [{"region": "northeurope"}],
-                          "blob_downloads": "redirect", "auth": "none"})
+                          "blob_downloads": "redirect"})
 async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(georeg_cluster,
                                                                           tmp_path):
-    """With blob_downloads = "redirect", blob downloads through an endpoint are
-    307s to the node routing chose (as ACR's are); a real client follows them."""
+    """With blob_downloads = "redirect" on a cluster with auth (the default), blob
+    downloads through an endpoint are 307s to the node routing chose (as ACR's
+    are), answered by that node once it has checked the credentials, with a
+    grant in the URL: a real client, which sends its credentials to the host
+    it logged in to only, follows them."""
     async with georeg_cluster.http() as http:
         image = make_image([1 << 20, 300_000], seed=43)
         layout = tmp_path / "layout"
@@ -459,7 +458,12 @@ async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(geore
         layer = digest_of(image.blobs[0])
         async with http.get(f"{north}/v2/data/app/blobs/{layer}", allow_redirects=False) as r:
             assert r.status == 307 and r.headers[REPLICA_HEADER] == "northeurope"
-            assert r.headers["Location"] == f"{north_node}/v2/data/app/blobs/{layer}"
+            location = r.headers["Location"]
+        assert location.startswith(f"{north_node}/v2/data/app/blobs/{layer}?expires=")
+        # The Location works without credentials: its grant is the credential.
+        async with aiohttp.ClientSession() as anonymous:
+            async with anonymous.get(location) as r:
+                assert r.status == 200 and await r.read() == image.blobs[0]
         status = georeg_cluster.status()
         assert status["blob_downloads"] == "redirect"
         traffic = status["endpoint_traffic"]["global:northeurope"]

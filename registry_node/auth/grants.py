@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import time
@@ -53,7 +54,7 @@ GRANT_PARAMETERS = (EXPIRES, SIGNATURE)
 GRANT_TTL_S = 300
 # What a grant permits: reading the blob, nothing that changes anything.
 READS = frozenset({"GET", "HEAD"})
-_LABEL = b"georeg blob grant v1\0GET HEAD\0"
+_LABEL = "georeg blob grant v1: GET HEAD"
 _EXPIRES = re.compile(r"[0-9]{1,12}")
 _SIGNATURE = re.compile(r"[A-Za-z0-9_-]{43}")      # 32 bytes, base64url without padding
 
@@ -95,7 +96,8 @@ class BlobGrants:
             raise GrantRefused("blob grant expired")
 
     def _sign(self, repository: str, digest: str, expires: str) -> str:
-        message = b"\0".join((_LABEL, repository.encode(), digest.encode(), expires.encode()))
+        # A JSON array: unambiguous whatever the fields hold.
+        message = json.dumps([_LABEL, repository, digest, expires]).encode()
         mac = hmac.new(self._key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 

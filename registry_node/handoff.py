@@ -323,9 +323,7 @@ class HandoffServer:
         """The download ``path`` asks for, or ``_Declined`` for anything the HTTP
         handler would answer with an error."""
         match = _BLOB_PATH.fullmatch(path)
-        if match is None or _REDIRECT in headers:
-            # A request marked for a redirect is answered by the HTTP chain
-            # (``api.redirects``), never with the bytes.
+        if match is None:
             raise _Declined
         try:
             repo = validate_name(match[1])
@@ -364,6 +362,8 @@ def _parse(head: bytes) -> tuple[str, dict[str, str]]:
         if not colon:
             raise _Declined
         headers.setdefault(name.strip().lower(), value.strip())
+    if _REDIRECT in headers:
+        raise _Declined         # to be answered with a redirect, by the HTTP chain (api.redirects)
     return path, headers
 
 

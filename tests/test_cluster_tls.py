@@ -201,7 +201,7 @@ def test_plain_http_to_an_https_port_gets_no_http_answer_and_the_port_serves_on(
 async def test_skopeo_pushes_and_pulls_through_global_and_regional_endpoints_verifying_tls(
         tls_cluster, tmp_path):
     certs = _cert_dir(tls_cluster, tmp_path / "certs")
-    push = Skopeo(tmp_path / "push", _host(tls_cluster.global_endpoint("westeurope")), certs)
+    push = Skopeo(tmp_path / "push", _host(tls_cluster.global_endpoint("westeurope")), cert_dir=certs)
     # A layer well above the splice threshold: relayed through the proxy's memory
     # (TLS in, TLS out), it must arrive byte for byte.
     image = gzip_image(41, [3 * SPLICE_MIN + 12345, 900])
@@ -210,7 +210,7 @@ async def test_skopeo_pushes_and_pulls_through_global_and_regional_endpoints_ver
     assert await push.inspect_raw(push.ref("tls/app:v1")) == image.manifest
     # Pulled from the other region's regional endpoint once replication (mutual
     # TLS between the nodes, with their HTTPS certificates) has carried it there.
-    pull = Skopeo(tmp_path / "pull", _host(tls_cluster.regional_endpoint("northeurope")), certs)
+    pull = Skopeo(tmp_path / "pull", _host(tls_cluster.regional_endpoint("northeurope")), cert_dir=certs)
 
     async def arrived() -> bool:
         code, _, _ = await pull.run("inspect", "--raw", "--cert-dir", str(certs),

@@ -24,8 +24,10 @@ from .api.common import CONFIGURATION, REGISTRY
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_access
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
+from .api.redirects import BLOB_REDIRECTS, BlobRedirects
 from .api.routes import add_routes
 from .auth.gate import Gate
+from .auth.grants import BlobGrants
 from .auth.identities import IdentitySource
 from .auth.tokens import AuthConfigError, SigningKey, TokenAuthority, Trust
 from .config import NodeConfig
@@ -80,6 +82,10 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
         app[INTERNAL_CREDENTIAL] = internal
     add_routes(app.router)
     if authority is not None:
+        # Redirected blob downloads carry a grant signed with a key of this
+        # process, checked on the node's own clock (``api.redirects``).
+        app[BLOB_REDIRECTS] = BlobRedirects(BlobGrants(authority.now), config.host,
+                                            config.scheme)
         if identities is not None:
             app[GATE] = Gate(identities, authority, authority.now)
         oauth.add_routes(app.router)

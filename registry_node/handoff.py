@@ -33,7 +33,8 @@ Only the happy path is served here: a well-formed name and digest, a
 request the node's access chain admits (on a node with auth on: credentials
 with ``pull`` on the repository, checked by ``admits`` before the blob is
 looked up), a blob that exists, a satisfiable or absent range, a first piece
-that passes its integrity check. Everything else is ``N``, so the client gets
+that passes its integrity check, not marked for a redirect
+(``registry_node.api.redirects``). Everything else is ``N``, so the client gets
 exactly what the HTTP API answers — a 401 challenge or 403 included, from
 the one place that writes them. Headers are those of the HTTP handler
 (``Download``).
@@ -59,12 +60,13 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import structlog
 
 from .api.blobs import Download
 from .api.middlewares import request_id
+from .auth.grants import REDIRECT_HEADER, carries_grant
 from .crypto import BlobCorrupt
 from .errors import RegistryError
 from .reference import Digest, validate_name
@@ -79,6 +81,7 @@ MAX_REQUEST = 128 * 1024           # a head is at most 64 KiB (the proxy refuses
 _BLOB_PATH = re.compile(r"/v2/(.+)/blobs/([^/]+)")
 _REASONS = {200: "OK", 206: "Partial Content"}
 _FD_SIZE = array.array("i").itemsize
+_REDIRECT = REDIRECT_HEADER.lower()
 
 
 def address(host: str, port: int) -> bytes:
@@ -345,10 +348,12 @@ def _parse(head: bytes) -> tuple[str, dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     method, _, rest = lines[0].partition(" ")
     target, _, version = rest.rpartition(" ")
-    path = target.partition("?")[0]
+    path, _, query = target.partition("?")
     if method != "GET" or version != "HTTP/1.1" or not path.startswith("/v2/") \
             or unquote(path) != path:
         raise _Declined
+    if query and carries_grant(parse_qs(query)):
+        raise _Declined         # a blob grant is the HTTP chain's to judge (api.auth)
     headers: dict[str, str] = {}
     for line in lines[1:]:
         if not line:
@@ -357,6 +362,8 @@ def _parse(head: bytes) -> tuple[str, dict[str, str]]:
         if not colon:
             raise _Declined
         headers.setdefault(name.strip().lower(), value.strip())
+    if _REDIRECT in headers:
+        raise _Declined         # to be answered with a redirect, by the HTTP chain (api.redirects)
     return path, headers
 
 

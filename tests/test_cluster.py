@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import pytest
@@ -435,16 +436,15 @@ async def _has(http, url, repo, tag) -> bool:
 
 
 @pytest.mark.interop
-# Auth off: a client that follows the 307 to the node sends that node no
-# credentials (skopeo keeps them to the host it logged in to), and the node
-# asks for them; ACR's redirects carry their own grant (a SAS URL), which the
-# endpoints' redirects do not yet.
 @pytest.mark.georeg_spec({"home_region": "westeurope", "replicas": [{"region": "northeurope"}],
-                          "blob_downloads": "redirect", "auth": "none"})
+                          "blob_downloads": "redirect"})
 async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(georeg_cluster,
                                                                           tmp_path):
-    """With blob_downloads = "redirect", blob downloads through an endpoint are
-    307s to the node routing chose (as ACR's are); a real client follows them."""
+    """With blob_downloads = "redirect" on a cluster with auth (the default), blob
+    downloads through an endpoint are 307s to the node routing chose (as ACR's
+    are), answered by that node once it has checked the credentials, with a
+    grant in the URL: a real client, which sends its credentials to the host
+    it logged in to only, follows them."""
     async with georeg_cluster.http() as http:
         image = make_image([1 << 20, 300_000], seed=43)
         layout = tmp_path / "layout"
@@ -459,7 +459,12 @@ async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(geore
         layer = digest_of(image.blobs[0])
         async with http.get(f"{north}/v2/data/app/blobs/{layer}", allow_redirects=False) as r:
             assert r.status == 307 and r.headers[REPLICA_HEADER] == "northeurope"
-            assert r.headers["Location"] == f"{north_node}/v2/data/app/blobs/{layer}"
+            location = r.headers["Location"]
+        assert location.startswith(f"{north_node}/v2/data/app/blobs/{layer}?expires=")
+        # The Location works without credentials: its grant is the credential.
+        async with aiohttp.ClientSession() as anonymous:
+            async with anonymous.get(location) as r:
+                assert r.status == 200 and await r.read() == image.blobs[0]
         status = georeg_cluster.status()
         assert status["blob_downloads"] == "redirect"
         traffic = status["endpoint_traffic"]["global:northeurope"]
@@ -473,6 +478,76 @@ async def test_skopeo_pulls_through_endpoints_that_redirect_blob_downloads(geore
         traffic = georeg_cluster.status()["endpoint_traffic"]["global:northeurope"]
         assert traffic["redirects"] == 1 + len(image.blobs)
         assert traffic["spliced_bytes"] == 0
+
+
+@pytest.mark.georeg_spec({"home_region": "westeurope", "replicas": [{"region": "northeurope"}],
+                          "blob_downloads": "redirect"})
+async def test_an_anonymous_blob_get_through_a_redirecting_endpoint_is_challenged_not_redirected(
+        georeg_cluster):
+    """On a cluster with auth the endpoint decides no access, so it answers no
+    redirect itself: the node does, after its access chain. Without
+    credentials that is ACR's 401 challenge (realm on the endpoint), for a
+    blob that exists as for one that does not; and the grant a redirect
+    carries reaches no log."""
+    north = georeg_cluster.endpoint("northeurope")
+    image = make_image([5000], seed=44)
+    layer = digest_of(image.layers[0])
+    async with georeg_cluster.http() as http:
+        await push_image(http, north, "data/app", image, tag="v1")
+    async with aiohttp.ClientSession() as anonymous:
+        for digest in (layer, digest_of(b"not stored")):
+            async with anonymous.get(f"{north}/v2/data/app/blobs/{digest}",
+                                     allow_redirects=False) as r:
+                assert r.status == 401 and "Location" not in r.headers
+                challenge = r.headers["WWW-Authenticate"]
+                assert challenge.startswith(f'Bearer realm="{north}/oauth2/token"')
+                assert 'scope="repository:data/app:pull"' in challenge
+                assert (await r.json())["errors"][0]["code"] == "UNAUTHORIZED"
+    traffic = georeg_cluster.status()["endpoint_traffic"]["global:northeurope"]
+    assert traffic["redirects"] == 0
+    async with georeg_cluster.http() as http:
+        async with http.get(f"{north}/v2/data/app/blobs/{layer}", allow_redirects=False) as r:
+            assert r.status == 307 and r.headers[REPLICA_HEADER] == "northeurope"
+            location = r.headers["Location"]
+    assert georeg_cluster.status()["endpoint_traffic"]["global:northeurope"]["redirects"] == 1
+    signature = dict(parse_qsl(urlsplit(location).query))["signature"]
+    async with aiohttp.ClientSession() as anonymous:
+        async with anonymous.get(location) as r:
+            assert r.status == 200 and await r.read() == image.layers[0]
+        async with anonymous.get(location.replace(signature, signature[::-1])) as r:
+            assert r.status == 401
+    logs = list((georeg_cluster.data_dir / "logs").iterdir())
+    assert any(p.name.startswith("northeurope") for p in logs)
+    assert not [p.name for p in logs if signature in p.read_text(errors="replace")]
+
+
+@pytest.mark.georeg_spec({"home_region": "westeurope", "replicas": [{"region": "northeurope"}]})
+async def test_a_relaying_endpoint_hands_over_no_download_marked_for_a_redirect(georeg_cluster):
+    """blob_downloads = "relay" (the default) hands blob downloads over to the
+    node; one that asks for a redirect itself is declined there and answered by
+    the node's HTTP chain, which authenticates it first: a client gets nothing
+    its credentials would not read."""
+    north = georeg_cluster.endpoint("northeurope")
+    image = make_image([5000], seed=45)
+    url = f"{north}/v2/data/app/blobs/{digest_of(image.layers[0])}"
+    mark = {"X-Georeg-Redirect": "127.0.0.1"}
+    async with georeg_cluster.http() as http:
+        await push_image(http, north, "data/app", image, tag="v1")
+        async with http.get(url) as r:              # handed over, as always
+            assert r.status == 200 and await r.read() == image.layers[0]
+        handed = georeg_cluster.status()["endpoint_traffic"]["global:northeurope"]["handed_over"]
+        assert handed >= 1
+        async with http.get(url, headers=mark, allow_redirects=False) as r:
+            assert r.status == 307 and r.headers[REPLICA_HEADER] == "northeurope"
+            location = r.headers["Location"]
+        assert location.startswith(georeg_cluster.node_url("northeurope") + "/v2/data/app/")
+    async with aiohttp.ClientSession() as anonymous:
+        async with anonymous.get(url, headers=mark, allow_redirects=False) as r:
+            assert r.status == 401
+        async with anonymous.get(location) as r:
+            assert r.status == 200 and await r.read() == image.layers[0]
+    traffic = georeg_cluster.status()["endpoint_traffic"]["global:northeurope"]
+    assert traffic["handed_over"] == handed and traffic["redirects"] == 0
 
 
 def test_down_counts_an_unreaped_supervisor_as_stopped():

@@ -34,7 +34,14 @@ from cluster.routing.proxy import SPLICE_MIN, RoutingProxy
 from replicator.wire.v1 import replication_pb2 as pb
 from replicator.wire.v1 import replication_pb2_grpc as pbg
 
-from .helpers import Skopeo, eventually, make_image, push_image, write_oci_layout
+from .helpers import (
+    Skopeo,
+    digest_of,
+    eventually,
+    make_image,
+    push_image,
+    write_oci_layout,
+)
 from .test_cluster import georeg
 from .test_interop import gzip_image
 
@@ -42,6 +49,7 @@ SPEC = """\
 home_region = "westeurope"
 paired_copies = false
 auth = "{auth}"
+blob_downloads = "{blob_downloads}"
 [[replicas]]
 region = "northeurope"
 [network]
@@ -71,8 +79,8 @@ class TlsCluster:
         return client_context(self.ca_file)
 
 
-def _up(root: Path, auth: str) -> tuple[Path, object]:
-    (root / "spec.toml").write_text(SPEC.format(auth=auth))
+def _up(root: Path, auth: str, blob_downloads: str = "relay") -> tuple[Path, object]:
+    (root / "spec.toml").write_text(SPEC.format(auth=auth, blob_downloads=blob_downloads))
     data = root / "data"
     up = georeg("up", "--detach", "--tls", "--config", str(root / "spec.toml"), data_dir=data)
     return data, up
@@ -92,7 +100,9 @@ def tls_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tls_auth_cluster(tmp_path_factory):
-    data, up = _up(tmp_path_factory.mktemp("tls-auth-cluster"), "token")
+    # Blob downloads redirected: a redirect on a cluster with auth is the node's,
+    # and must name its https address.
+    data, up = _up(tmp_path_factory.mktemp("tls-auth-cluster"), "token", "redirect")
     try:
         assert up.returncode == 0, up.stderr
         yield TlsCluster(data, up.stdout)
@@ -191,7 +201,7 @@ def test_plain_http_to_an_https_port_gets_no_http_answer_and_the_port_serves_on(
 async def test_skopeo_pushes_and_pulls_through_global_and_regional_endpoints_verifying_tls(
         tls_cluster, tmp_path):
     certs = _cert_dir(tls_cluster, tmp_path / "certs")
-    push = Skopeo(tmp_path / "push", _host(tls_cluster.global_endpoint("westeurope")), certs)
+    push = Skopeo(tmp_path / "push", _host(tls_cluster.global_endpoint("westeurope")), cert_dir=certs)
     # A layer well above the splice threshold: relayed through the proxy's memory
     # (TLS in, TLS out), it must arrive byte for byte.
     image = gzip_image(41, [3 * SPLICE_MIN + 12345, 900])
@@ -200,7 +210,7 @@ async def test_skopeo_pushes_and_pulls_through_global_and_regional_endpoints_ver
     assert await push.inspect_raw(push.ref("tls/app:v1")) == image.manifest
     # Pulled from the other region's regional endpoint once replication (mutual
     # TLS between the nodes, with their HTTPS certificates) has carried it there.
-    pull = Skopeo(tmp_path / "pull", _host(tls_cluster.regional_endpoint("northeurope")), certs)
+    pull = Skopeo(tmp_path / "pull", _host(tls_cluster.regional_endpoint("northeurope")), cert_dir=certs)
 
     async def arrived() -> bool:
         code, _, _ = await pull.run("inspect", "--raw", "--cert-dir", str(certs),
@@ -420,10 +430,41 @@ async def test_skopeo_logs_in_and_copies_over_verified_tls_on_an_auth_cluster(
         tls_auth_cluster, tmp_path):
     certs = _cert_dir(tls_auth_cluster, tmp_path / "certs")
     skopeo = Skopeo(tmp_path / "skopeo", _host(tls_auth_cluster.global_endpoint("northeurope")),
-                    certs)
+                    cert_dir=certs)
     login = georeg("login", "--authfile", str(skopeo.auth), data_dir=tls_auth_cluster.data)
     assert login.returncode == 0, login.stderr
     image = gzip_image(42, [2 * SPLICE_MIN, 500])
     write_oci_layout(tmp_path / "layout", image, tag="v1")
     await skopeo.copy(f"oci:{tmp_path / 'layout'}:v1", skopeo.ref("secure/app:v1"))
     assert await skopeo.inspect_raw(skopeo.ref("secure/app:v1")) == image.manifest
+
+
+async def test_a_nodes_redirect_on_a_tls_auth_cluster_points_to_its_https_address(
+        tls_auth_cluster, tmp_path):
+    """blob_downloads = "redirect" with auth: the node routing chose answers the
+    redirect, to its own https URL (verified against the cluster CA) with a
+    grant that a client without credentials follows."""
+    authfile = tmp_path / "auth.json"
+    login = georeg("login", "--authfile", str(authfile), data_dir=tls_auth_cluster.data)
+    assert login.returncode == 0, login.stderr
+    north = tls_auth_cluster.global_endpoint("northeurope")
+    admin = json.loads(authfile.read_text())["auths"][_host(north)]["auth"]
+    image = make_image([4000], seed=46)
+    layer = image.layers[0]
+    node = tls_auth_cluster.node("northeurope")
+    connector = aiohttp.TCPConnector(ssl=tls_auth_cluster.tls())
+    async with aiohttp.ClientSession(connector=connector) as http:
+        credentials = {"Authorization": f"Basic {admin}"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                ssl=tls_auth_cluster.tls()), headers=credentials) as pusher:
+            await push_image(pusher, north, "secure/blobs", image, tag="v1")
+        url = f"{north}/v2/secure/blobs/blobs/{digest_of(layer)}"
+        async with http.get(url, allow_redirects=False) as r:
+            assert r.status == 401              # no credentials: the challenge, not a redirect
+        async with http.get(url, headers=credentials, allow_redirects=False) as r:
+            assert r.status == 307 and r.headers["X-Georeg-Replica"] == "northeurope"
+            location = r.headers["Location"]
+        assert location.startswith(f"{node}/v2/secure/blobs/blobs/sha256:")
+        assert location.startswith("https://")
+        async with http.get(location) as r:
+            assert r.status == 200 and await r.read() == layer

@@ -409,6 +409,9 @@ class Backend:
         return web.json_response({"backend": self.name, "path": request.path})
 
     async def blob(self, request):
+        if "X-Georeg-Redirect" in request.headers:       # as a node with auth answers it
+            return web.Response(status=307, headers={
+                "Location": f"http://127.0.0.1:{self.port}{request.path}?grant={self.name}"})
         size = int(request.query.get("size", "0"))
         return web.Response(body=b"".join(pattern(size)), headers={
             "Docker-Content-Digest": request.match_info["digest"]})
@@ -701,6 +704,37 @@ async def test_redirected_blob_downloads_go_to_the_routed_node(client):
         async with client.get(proxy.url + BLOB, allow_redirects=False) as r:
             assert r.status == 503
             assert (await r.json())["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        await cluster.close()
+
+
+async def test_with_node_redirects_the_routed_node_answers_the_redirect_and_fails_over(client):
+    """On a cluster with auth (node_redirects) the proxy answers no redirect
+    itself: it forwards the blob GET, marked, to the node routing picks (never
+    handed over), relays the node's 307 and counts it; a node that refuses the
+    connection fails over as for any request. Nothing else is marked."""
+    cluster = Cluster(redirect_blobs=True, node_redirects=True)
+    try:
+        (east,) = await cluster.add("eastus")
+        (west,) = await cluster.add("westus")
+        proxy = await cluster.global_endpoint("eastus")
+        async with client.get(proxy.url + BLOB, allow_redirects=False) as r:
+            assert r.status == 307 and r.headers["X-Georeg-Replica"] == "eastus"
+            assert r.headers["Location"] == f"http://127.0.0.1:{east.port}{BLOB}?grant=eastus"
+        assert east.headers[-1]["X-Georeg-Redirect"] == "127.0.0.1"
+        assert proxy.redirects == 1 and proxy.handed_over == 0
+        assert proxy.requests_by_backend == {"eastus": 1}
+        for request in (client.head(proxy.url + BLOB), client.get(proxy.url + "/v2/app/manifests/v1")):
+            async with request as r:
+                assert r.status == 200
+        assert [h for h in east.headers if "X-Georeg-Redirect" in h] == [east.headers[0]]
+        assert proxy.redirects == 1
+        await east.stop()                   # not yet known to be down: a refused connect
+        async with client.get(proxy.url + BLOB, allow_redirects=False) as r:
+            assert r.status == 307 and r.headers["X-Georeg-Replica"] == "westus"
+            assert r.headers["Location"].endswith("?grant=westus")
+        assert proxy.failovers == 1 and proxy.redirects == 2
+        assert not cluster.health.healthy("eastus")
     finally:
         await cluster.close()
 

@@ -163,9 +163,11 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # How an endpoint serves a blob download. "relay": on the client's
     # connection to the endpoint, from the node it routed the request to (the
     # endpoint hands the connection to that node, which writes the blob on it;
-    # a node found dead before it writes fails over unseen). "redirect": it
-    # answers 307 to that node, which serves the bytes itself, as ACR sends
-    # clients to a storage or data endpoint.
+    # a node found dead before it writes fails over unseen). "redirect": a 307
+    # to that node, which serves the bytes itself, as ACR sends clients to a
+    # storage or data endpoint. With auth the node answers the 307 (the endpoint
+    # decides no access): after checking the credentials, to its own address
+    # with a five-minute grant for that blob in the URL, as ACR's SAS URLs.
     blob_downloads: str = "relay"
     # Who may use the registry. "none": anyone who reaches a port (the open
     # cluster). "token": ACR's access rules on every node (``registry_node.auth``),

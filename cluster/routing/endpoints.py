@@ -63,7 +63,10 @@ class Endpoints:
         wanted = {(e.kind, e.region): e for e in plan.endpoints}
         for key in [k for k in self.proxies if k not in wanted]:
             await self.proxies.pop(key).stop()
-        options = {"redirect_blobs": self.cluster.spec.blob_downloads == "redirect"}
+        spec = self.cluster.spec
+        # With auth, a redirect is the node's: it authenticates, then signs a grant.
+        options = {"redirect_blobs": spec.blob_downloads == "redirect",
+                   "node_redirects": spec.auth_enabled}
         tls = self.cluster.tls
         if tls is not None:
             options.update(server_tls=tls.server, backend_tls=tls.client)

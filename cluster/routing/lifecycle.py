@@ -10,7 +10,9 @@ Moves, and what makes each::
     QUEUED       → CONNECTING    routed: a new connection to the first candidate
                  → SENT          routed: a pooled connection to it
                  → HANDED_OVER   a blob GET: the client's socket passed to the node
-                 → ANSWERED      the proxy's own answer: 307, 404, 503
+                 → ANSWERED      the proxy's own answer: 307, 404, 503 (a blob
+                                 redirect on a cluster with auth is the node's
+                                 to answer: relayed as any response, via SENT)
     CONNECTING   → SENT          connected
                  → CONNECTING    refused or timed out: the next candidate (SENT if pooled)
                  → ANSWERED      no candidate left: 503

@@ -66,10 +66,17 @@ Invariants
       a refused connect is; lost after, the client's connection is closed
       (as for a relayed response cut short).
     * With ``redirect_blobs`` (spec ``blob_downloads = "redirect"``), a ``GET`` of
-      a blob by digest (in origin form) is answered by the proxy itself: ``307``
-      to the same path on the node routing chose, which serves the bytes. The proxy does
-      not contact the node for it, so only health checks (not a refused
-      connect) take a dead node out of these answers.
+      a blob by digest (in origin form) is answered with a ``307`` to the node
+      routing chose, which serves the bytes. On an open cluster the proxy
+      answers it itself, to the same path on that node, without contacting it,
+      so only health checks (not a refused connect) take a dead node out of
+      these answers. With ``node_redirects`` (a cluster with auth) the proxy
+      decides no access, so it cannot answer: it forwards the request as any
+      (failing over as any; never handed over) with ``X-Georeg-Redirect``
+      added, and the node, once its access chain admitted the request,
+      answers the ``307`` itself, to its own address with a grant in the URL
+      (``registry_node.api.redirects``); that response is relayed and counted
+      as a redirect.
     * A request answered before its body ended (an early 404, the proxy's
       own 503) has the rest of its body read and dropped, for at most
       ``_LINGER_S``, then the client connection carries on (or closes, if the
@@ -98,6 +105,7 @@ from collections.abc import Callable
 import httptools
 import structlog
 
+from registry_node.auth.grants import REDIRECT_HEADER
 from registry_node.errors import Outcome
 
 from . import splice as kernel
@@ -123,6 +131,7 @@ from .stream import HeadTooLarge, MessageStream
 log = structlog.get_logger("georeg.routing")
 
 REPLICA_HEADER = b"X-Georeg-Replica"
+REDIRECT_REQUEST_HEADER = REDIRECT_HEADER.encode()
 # Methods that ask for no change: a node that failed under one changed nothing.
 _READS = frozenset({b"GET", b"HEAD"})
 # Hop-by-hop headers (RFC 9110 7.6.1) and what the proxy re-frames itself.
@@ -175,7 +184,8 @@ class RoutingProxy:
                  affinity: UploadAffinity | None = None, *, connect_timeout_s: float = 1.0,
                  client_idle_timeout_s: float = 75.0, backend_idle_timeout_s: float = 30.0,
                  max_idle_per_backend: int = 64, splice_min: int | None = SPLICE_MIN,
-                 redirect_blobs: bool = False, handoff_blobs: bool = True,
+                 redirect_blobs: bool = False, node_redirects: bool = False,
+                 handoff_blobs: bool = True,
                  server_tls: ssl.SSLContext | None = None,
                  backend_tls: ssl.SSLContext | None = None) -> None:
         self.policy = policy
@@ -193,6 +203,8 @@ class RoutingProxy:
         self.not_forwarded = 0            # 404s for paths endpoints do not carry
         self.illegal_transitions = 0      # moves of an exchange its lifecycle refused (bugs)
         self.redirect_blobs = redirect_blobs
+        # Redirects are the nodes' to answer (they authenticate, and sign a grant).
+        self.node_redirects = node_redirects
         self.redirects = 0                # blob downloads sent to a node with a 307
         # Relayed blob downloads are handed over to the node where it takes them.
         self.handoffs = Handoffs() if handoff_blobs and server_tls is None else None
@@ -666,6 +678,8 @@ class _Exchange:
         "req_splice", "resp_splice",
         # a download the node writes itself (cluster.routing.handoff), while it does
         "handoff", "handoff_serial",
+        # a blob GET the node is asked to answer with a redirect (node_redirects)
+        "redirecting",
     )
 
     def __init__(self, client: _ClientConnection, method: bytes, url: bytes,
@@ -703,6 +717,7 @@ class _Exchange:
         self.resp_splice: kernel.Splice | None = None
         self.handoff: Channel | None = None             # set in HANDED_OVER, NODE_WRITING only
         self.handoff_serial = 0
+        self.redirecting = False
 
     def _to(self, phase: Phase) -> None:
         """The one place an exchange changes phase. A move ``TRANSITIONS`` does
@@ -761,9 +776,11 @@ class _Exchange:
         self.client.hold(_HOLD_CONNECTING)
         if self.route.blob and self.method == b"GET" and self.candidates:
             if proxy.redirect_blobs and self.url.startswith(b"/"):   # origin form: a Location
-                self._redirect(self.candidates[0])
-                return
-            if proxy.handoffs is not None and self._hand_over():
+                if not proxy.node_redirects:
+                    self._redirect(self.candidates[0])
+                    return
+                self._ask_redirect()
+            elif proxy.handoffs is not None and self._hand_over():
                 return
         self._next()
 
@@ -1116,6 +1133,8 @@ class _Exchange:
                 upload_id = upload_id_of(value.decode("latin-1"))
             parts += (name, b": ", value, b"\r\n")
         self._learn_upload(status, upload_id, node)
+        if self.redirecting and status == 307:
+            self.proxy.redirects += 1
         bodiless = self.method == b"HEAD" or status in (204, 304)
         self.resp_chunked = chunked and not bodiless and not self.http_10
         self.resp_length = None if bodiless or chunked else length
@@ -1243,6 +1262,14 @@ class _Exchange:
         detail = {"outcome": outcome.value, **detail}
         self._answer(lambda close: _local_response(status, code, message, detail, close,
                                                    head_only=self.method == b"HEAD"))
+
+    def _ask_redirect(self) -> None:
+        """Ask the node to answer this blob GET with its own redirect: the
+        marker goes last in the head, with the address the client reached us
+        at (for a node listening everywhere, as ``_redirect`` uses it)."""
+        self.redirecting = True
+        self.head = b"%s%s: %s\r\n\r\n" % (self.head[:-2], REDIRECT_REQUEST_HEADER,
+                                             self.client.local_ip.encode())
 
     def _redirect(self, node: NodeEndpoint) -> None:
         """Send the client to ``node`` for this blob, as ACR sends it to a

@@ -22,6 +22,14 @@ listing needs ``metadata_read``: skopeo asks for ``pull`` before listing
 tags and treats a 403 as final, so that rule would break ``skopeo
 list-tags`` with any credential.
 
+A blob download may present, instead of credentials, the grant a node put in
+the ``Location`` of a redirect (``api.redirects``, ``auth.grants``): with no
+``Authorization`` header, a query that carries one admits a ``GET`` or
+``HEAD`` of the blob it names on the node that signed it, until it expires.
+Any other grant (tampered, expired, another blob, repository or node, another
+method or route) is refused as a bad credential is, ``401`` with the
+challenge; it is never passed over for anonymous access.
+
 Refusals: ``401 UNAUTHORIZED`` or ``403 DENIED`` with the distribution spec's
 body (``detail``: the access records needed, or lacking) and one
 ``WWW-Authenticate: Bearer`` challenge whose ``realm`` is the token endpoint
@@ -46,6 +54,7 @@ import structlog
 from aiohttp import web
 
 from ..auth.gate import Gate, Principal, Refusal
+from ..auth.grants import GrantRefused, carries_grant
 from ..auth.scopes import (
     DELETE,
     PULL,
@@ -58,6 +67,7 @@ from ..auth.scopes import (
 )
 from ..errors import ErrorCode, RegistryError
 from .internal import INTERNAL
+from .redirects import BLOB_REDIRECTS, GRANTED
 
 GATE: web.AppKey[Gate] = web.AppKey("gate", Gate)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
@@ -71,6 +81,7 @@ UNAUTHORIZED_MESSAGE = "authentication required"
 # ``repository`` query parameter. They reveal content state, so they need
 # what a pull needs; endpoints forward them (``cluster.routing.policy``).
 REPOSITORY_QUERIES = frozenset({"/georeg/v1/replication/status"})
+_BLOB = "/v2/{name}/blobs/{digest}"
 
 
 def guarded(path: str) -> bool:
@@ -151,8 +162,12 @@ async def authenticate(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     gate = request.app[GATE]
     needed = needed_access(request)
+    authorization = request.headers.get("Authorization")
+    if authorization is None and carries_grant(request.query):
+        _admit_grant(request, gate, needed)
+        return await handler(request)
     try:
-        admitted = gate.admit(request.headers.get("Authorization"), needed)
+        admitted = gate.admit(authorization, needed)
     except Refusal as refusal:
         # The reason names what was wrong, never a credential.
         log.info("access_refused", method=request.method, path=request.path,
@@ -160,3 +175,23 @@ async def authenticate(request: web.Request, handler) -> web.StreamResponse:
         raise refusal_error(request, gate, refusal) from None
     request[PRINCIPAL] = admitted.principal
     return await handler(request)
+
+
+def _admit_grant(request: web.Request, gate: Gate, needed: list[Scope]) -> None:
+    """Admit a request that presents a blob grant (``api.redirects``) instead of
+    credentials, or raise the 401 a bad credential gets: a grant admits a
+    ``GET`` or ``HEAD`` of the one blob it names, on the node that signed it,
+    until it expires, and nothing else."""
+    redirects = request.app.get(BLOB_REDIRECTS)
+    resource = request.match_info.route.resource
+    try:
+        if redirects is None or resource is None or resource.canonical != _BLOB:
+            raise GrantRefused("a blob grant admits only a download of its blob")
+        redirects.grants.check(request.method, request.match_info["name"],
+                               request.match_info["digest"], request.query)
+    except GrantRefused as refused:
+        log.info("access_refused", method=request.method, path=request.path, status=401,
+                 reason=str(refused))
+        raise refusal_error(request, gate, Refusal.unauthenticated(
+            needed, str(refused), "invalid_token")) from None
+    request[GRANTED] = True

@@ -1,5 +1,8 @@
 """end-2 and end-10: read and delete blobs.
 
+A ``GET`` an endpoint marked for a redirect is answered with one where the
+node may (``api.redirects``).
+
 Reads decrypt only the segments a range needs, in a worker thread, one piece
 ahead of the socket, so a blob of any size streams in bounded memory.
 """
@@ -18,6 +21,7 @@ from aiohttp import web
 from ..crypto import BlobCorrupt, SealedBlob
 from ..errors import ErrorCode, Outcome, RegistryError
 from .common import DIGEST_HEADER, BodyResponse, digest_param, empty, registry, repo_name
+from .redirects import redirect
 
 if TYPE_CHECKING:
     from ..registry import RunBlocking
@@ -66,6 +70,9 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         return empty(200, {"Content-Length": str(info.size), DIGEST_HEADER: digest,
                            "Content-Type": "application/octet-stream",
                            "Accept-Ranges": "bytes"})
+    redirected = redirect(request, repo, digest)
+    if redirected is not None:
+        return redirected
     blob = reg.open_blob(repo, digest)
     try:
         return await _send(request, blob, digest)

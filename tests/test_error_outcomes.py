@@ -225,7 +225,7 @@ async def test_the_chaos_workload_counts_an_unconfirmed_push_as_indefinite_until
     assert (obs.pushes_attempted, len(obs.acknowledged), obs.pushes_refused) == (1, 0, 0)
     assert [p.tag for p in obs.indefinite] == [image.tag]
     assert [code for _, _, _, code in obs.errors] == ["UNAVAILABLE (indefinite)"]
-    chaos = ChaosRun(scenario, zones.management_url)
+    chaos = ChaosRun(scenario, zones.management_url, owner=zones.cluster.secrets.owner)
     chaos.obs = obs
 
     async def landed() -> bool:

@@ -312,7 +312,9 @@ def _print_login(console: Console, data_dir: str, host: str, admin: AdminLogin |
                   f"show|renew` shows and renews them. The management API and this CLI use the "
                   f"cluster owner's credential in {data_dir}/auth/owner.secret.", highlight=False)
     login_verify = verify.replace("--dest-", "--")
-    console.print(f"Log in:  {setup}georeg login --data-dir {data_dir}\n"
+    if setup:
+        console.print(f"Trust:   {setup.partition(' >/dev/null')[0]}", highlight=False, soft_wrap=True)
+    console.print(f"Log in:  georeg login --data-dir {data_dir}\n"
                   f"         (writes them where skopeo and podman look: $REGISTRY_AUTH_FILE, else "
                   f"$XDG_RUNTIME_DIR/containers/auth.json; --docker: ~/.docker/config.json for "
                   f"docker and oras)\n"

@@ -437,6 +437,8 @@ class ReplicationService(pbg.ReplicationServicer):
         writable = True
         if self.quorum is not None:
             writable = self.quorum.writable
+        # wall_ns: the clock the node stamps arrivals with, so that a client can
+        # bracket it between its own readings (``georeg bench lag``'s clock error).
         return pb.HealthReply(node=node_ref(self.identity), last_seq=self.feed.last_seq,
-                              writable=writable)
+                              writable=writable, wall_ns=self.registry.wall_ns())
 

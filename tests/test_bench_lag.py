@@ -1,21 +1,26 @@
-"""`georeg bench lag` end to end in its smallest form, plus the floor formula.
+"""`georeg bench lag` end to end in its smallest form, plus the floor formula
+and the clock probe.
 
 Only the shape of the results is checked — every pair is there with positive
 lags and a floor, the chart is a PNG, the recorded arrivals agree with what real
-GETs saw, no process outlives the run. Performance is reported by the
+GETs saw, no lag beats its floor by more than the measured clock error, no
+process outlives the run. Performance is reported by the
 benchmark, never asserted here.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from cluster.bench.floor import BlobPush, ImagePush, image_floor_ms
+from cluster.bench.clocks import ClockCheck, bracket
+from cluster.bench.floor import BlobPush, ImagePush, image_floor_ms, least_one_way_ms
 from cluster.bench.lag_report import link_delivery
 from cluster.cli.main import main
+from cluster.control import spec as specs
 from cluster.network.links import LinkModel
 
 # Access control on, as a user's cluster has it: the benchmark is the owner
@@ -76,11 +81,22 @@ def test_bench_lag_reports_every_pair_with_floors_and_a_chart(tmp_path, wan):
         # and the origin still fsyncs and answers): below zero by at most that
         # commit-to-answer time, which 250 ms bounds loosely.
         assert pair["min_ms"] > (0 if wan else -250), (key, pair)
-        assert pair["floor_ms"] >= 0 and len(pair["lags_ms"]) == 3
+        assert len(pair["lags_ms"]) == len(pair["floors_ms"]) == 3
         if wan:  # every one of these pairs crosses an ocean: the floor is tens of ms
             assert pair["floor_ms"] > 10, (key, pair)
             assert pair["p50_ratio"] > 0
+        else:    # the manifest was held before it was acknowledged, and nothing more
+            assert -250 < pair["floor_ms"] <= 0, (key, pair)
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The floor is a lower bound: no image arrived sooner than its floor
+    # allows, beyond what the clocks (measured in the same run) could explain.
+    error = results["clocks"]["error_ms"]
+    assert error is not None, results["clocks"]
+    for key, pair in pairs.items():
+        for lag, floor in zip(pair["lags_ms"], pair["floors_ms"], strict=True):
+            assert lag >= floor - error, (key, lag, floor, error)
+        assert pair["below_floor_ms"] <= error, (key, pair)
 
     links = results["link_delivery"]
     if wan:  # every layer of every image crossed to both other regions, at least once
@@ -94,27 +110,70 @@ def test_bench_lag_reports_every_pair_with_floors_and_a_chart(tmp_path, wan):
     assert _processes_mentioning(str(workdir)) == []
 
 
-def _push(blob_sent_ms: list[float], manifest_sent_ms: float, size: int = 1 << 20) -> ImagePush:
+def _push(blobs_ms: list[tuple[float, float]], manifest_sent_ms: float,
+          size: int = 1 << 20) -> ImagePush:
+    """A push whose blobs' PATCH and PUT left the client at the given (first,
+    put) ms and whose manifest PUT at ``manifest_sent_ms``, all relative to the
+    client's receipt of the manifest's 201."""
     ms = 1_000_000
     t0 = 10**18
     return ImagePush("a", "r", "t", "sha256:x",
-                     tuple(BlobPush(size, t0 + int(s * ms), t0 + int(s * ms) + 1) for s in blob_sent_ms),
-                     t0 - 100 * ms, t0 + int(manifest_sent_ms * ms), t0)
+                     tuple(BlobPush(size, t0 + int(f * ms), t0 + int(s * ms), t0 + int(s * ms) + 1)
+                           for f, s in blobs_ms),
+                     t0 - 100 * ms, t0 + int(manifest_sent_ms * ms), t0, manifest_size=0)
 
 
-def test_floor_is_the_slowest_blob_or_the_manifest_event_whichever_is_later():
+def test_floor_is_the_latest_piece_held_then_carried_one_way():
     link = LinkModel(latency_ms=40.0, jitter_ms=0.0, bandwidth_mbps=500.0)
     one_mib_ms = (1 << 20) * 8 / 500e6 * 1000          # 16.8 ms on the wire
-    # Blobs long before the acknowledgement: the manifest event (one way) decides.
-    assert image_floor_ms(_push([-500, -400], -5), link) == pytest.approx(40.0)
-    # A blob committed just before: event + request + data, one way each, and its bytes.
-    assert image_floor_ms(_push([-500, -10], -5), link) == pytest.approx(-10 + 120 + one_mib_ms)
+    # Blobs long before the acknowledgement: the manifest decides, from when
+    # the client sent it (the origin holds it no earlier), one way and no more.
+    assert image_floor_ms(_push([(-600, -500), (-500, -400)], -5), link) == pytest.approx(35.0)
+    # A blob committed just before: one way and the bytes not yet across, of
+    # which a protocol streaming them onward may have sent 4 ms' worth since
+    # its PATCH began. No fetch round trip: any protocol could do without.
+    assert image_floor_ms(_push([(-600, -500), (-14, -10)], -5), link) == \
+        pytest.approx(-10 + 40 + one_mib_ms - 4)
+    # A PATCH that began long before its commit: all its bytes may be across.
+    assert image_floor_ms(_push([(-60, -30)], -40), link) == pytest.approx(-30 + 40)
 
 
-def test_floor_uses_the_least_delay_and_is_zero_on_loopback():
+def test_floor_uses_the_least_delay_and_is_held_minus_ack_on_loopback():
     jittery = LinkModel(latency_ms=40.0, jitter_ms=4.0, bandwidth_mbps=0.0)
-    assert image_floor_ms(_push([-500], 0), jittery) == pytest.approx(36.0)
-    assert image_floor_ms(_push([-500], -20), LinkModel()) == 0.0
+    assert image_floor_ms(_push([(-510, -500)], 0), jittery) == pytest.approx(36.0)
+    # No modelled WAN: the latest piece held, before the acknowledgement.
+    assert image_floor_ms(_push([(-510, -500)], -20), LinkModel()) == pytest.approx(-20.0)
+
+
+def test_no_relay_beats_a_direct_link_in_the_default_wan_model():
+    """The floor charges the direct link only; that is a lower bound because the
+    modelled least one-way delays obey the triangle inequality."""
+    spec = specs.load(None)
+    wan = spec.wan_model()
+    regions = {spec.home_region, *(r.region for r in spec.replicas), *spec.paired_regions().values()}
+    for a in regions:
+        for b in regions - {a}:
+            direct = least_one_way_ms(wan.link(a, b))
+            for via in regions - {a, b}:
+                relayed = least_one_way_ms(wan.link(a, via)) + least_one_way_ms(wan.link(via, b))
+                assert direct <= relayed, (a, via, b)
+
+
+async def test_a_clock_behind_ours_is_bracketed_by_at_least_its_offset():
+    async def behind() -> int:
+        return time.time_ns() - 3_000_000
+
+    found = await bracket("x", behind)
+    assert found is not None and found.consistent
+    assert 3.0 <= found.behind_at_most_ms < 3.0 + 50   # its probe's round trip, loosely
+    assert found.lo_ns <= -3_000_000 <= found.hi_ns
+
+    async def silent() -> int:
+        return 0
+
+    assert await bracket("y", silent) is None
+    check = ClockCheck([found], [], ["y"], 0)
+    assert check.error_ms is None
 
 
 def test_link_delivery_counts_only_what_crossed_between_the_snapshots():

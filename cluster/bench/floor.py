@@ -1,35 +1,44 @@
-"""The physical floor of replication lag: the least time the protocol could
-take to make one pushed image pullable at one destination, given the modelled
-WAN link and the push timeline the benchmark observed.
+"""The physical floor of replication lag: the least time *any* protocol could
+take to make one pushed image pullable at one destination over the modelled
+WAN link, given the push timeline the benchmark observed. A measured lag below
+it is a bug in the floor or in the clocks (``clocks`` measures the latter).
 
-What the protocol must do (``replicator.subscription``/``transfer``/``service``):
+An image is pullable at a destination once it holds every piece: each blob
+and the manifest (the tag travels with the manifest). A piece cannot reach the
+destination before the origin holds it, nor faster than the link carries it.
+Per piece, with every time on the benchmark's clock (``time.time_ns()``)::
 
-* each blob commit at the origin logs a BLOB_PUT event, pushed to the
-  destination's subscription (one way); the destination asks for the bytes
-  (FetchBlob: one way back), and the bytes come (one way, plus their size
-  divided by the link's bandwidth);
-* the manifest PUT logs MANIFEST_PUT and TAG_SET, the manifest's bytes inside
-  the event (one way; no extra round trip).
+    arrives ≥ held + ow + not_across ÷ B
+    not_across = max(0, size − B · (held − first))
 
-So, with every time on the benchmark's clock (``time.time_ns()``, the same
-clock the nodes stamp with), ``ack`` the client's receipt of the manifest
-PUT's 201, ``ow`` the link's least one-way delay (modelled latency − jitter),
-``B`` its bandwidth and, per blob i, ``sent_i`` the moment the client *sent*
-the request that commits it (the final ``PUT ?digest=``; the commit, and so
-its event, cannot come earlier)::
+* ``held``: when the origin held the piece. What the benchmark can measure on
+  its own clock is when the client *sent* the request that completes it (the
+  blob's ``PUT ?digest=``, the manifest's ``PUT``): the node receives and
+  commits it later, so this is an earlier bound, never a later one. (The
+  node's own stamp of the manifest is later and tighter, but it is taken
+  before the commit in another process: it is reported as ``node ack``, not
+  used here.)
+* ``first``: when the client sent the piece's first byte (the blob's
+  ``PATCH``). A protocol might stream bytes onward as they arrive, before the
+  commit, so at ``held`` up to ``B · (held − first)`` of them may already be
+  across; only the rest must still cross.
+* ``ow``: the link's least one-way delay (modelled latency − jitter); ``B`` its
+  bandwidth (unlimited inside a region: zone links). Each piece is charged
+  alone on the link, as if it had the link to itself: sharing only adds time.
+  The direct link is the shortest path: the modelled latencies obey the
+  triangle inequality (``tests/test_bench_lag.py`` checks the default model),
+  so no relay through a third region could be faster.
 
-    floor = max(ow, max_i (sent_i + 3·ow + size_i ÷ B) − ack)
-
-The manifest term counts from the acknowledgement: lag is measured from it,
-and a push is not expected anywhere before it is acknowledged. (A node logs
-the manifest's events just before it answers — in a zone-redundant region,
-before the second zone confirms — so a destination may beat this term by
-that head start; its ratio then goes below 1.) The blob terms count from
-each blob's own commit, each blob alone (not their sum over one wire), which
-keeps them a lower bound even when a destination fetches different blobs from
-different zones of the origin region. Under an injected link fault the floor
-stays the healthy model's, so the slowed pair stands out in its ratio. On
-loopback without the WAN model the floor is 0.
+Then ``floor = max over pieces (arrives) − ack``, ``ack`` the client's receipt
+of the manifest PUT's 201, from which lag is measured. The floor may be
+negative: a zone peer of the origin holds the image before the client is
+answered (zone quorum). Nothing here depends on georeg's protocol (how many
+round trips a fetch takes, whether blobs travel inline with events): it is
+physics of the model, so any target stated against it is one a protocol can
+actually approach. Under an injected link fault the floor stays the healthy
+model's, so the slowed pair stands out in its ratio. On loopback without the
+WAN model it is ``held − ack`` of the latest piece, about −(the origin's
+handling time).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ NS_PER_MS = 1_000_000
 @dataclass(frozen=True, slots=True)
 class BlobPush:
     size: int
+    first_sent_ns: int    # the PATCH carrying its bytes left the client
     sent_ns: int          # the final PUT ?digest= left the client
     acked_ns: int         # its 201 arrived
 
@@ -60,6 +70,7 @@ class ImagePush:
     started_ns: int
     manifest_sent_ns: int
     acked_ns: int         # the manifest PUT's 201 arrived: the origin's acknowledgement
+    manifest_size: int = 0
 
     @property
     def size(self) -> int:
@@ -70,23 +81,34 @@ def least_one_way_ms(link: LinkModel) -> float:
     return max(0.0, link.latency_ms - link.jitter_ms)
 
 
-def transfer_ms(size: int, link: LinkModel) -> float:
+def transfer_ms(size: float, link: LinkModel) -> float:
     """Time the link needs to put ``size`` bytes on the wire (0 if unlimited)."""
     if link.bandwidth_mbps <= 0:
         return 0.0
     return size * 8 / (link.bandwidth_mbps * 1e6) * 1000
 
 
+def piece_arrival_ms(size: int, first_ns: int, held_ns: int, link: LinkModel,
+                     zero_ns: int) -> float:
+    """The earliest a piece of ``size`` bytes, whose first byte left the client
+    at ``first_ns`` and which the origin held no earlier than ``held_ns``, can be
+    whole at the far end of ``link``: in ms after ``zero_ns``."""
+    head_start_ms = max(0, held_ns - first_ns) / NS_PER_MS
+    remaining_ms = max(0.0, transfer_ms(size, link) - head_start_ms)
+    return (held_ns - zero_ns) / NS_PER_MS + least_one_way_ms(link) + remaining_ms
+
+
 def image_floor_ms(push: ImagePush, link: LinkModel) -> float:
     """The floor (see the module docstring) for ``push`` over ``link``, in ms
-    after the origin's acknowledgement."""
-    ow = least_one_way_ms(link)
-    floor = ow
-    for blob in push.blobs:
-        floor = max(floor, (blob.sent_ns - push.acked_ns) / NS_PER_MS + 3 * ow
-                    + transfer_ms(blob.size, link))
-    return floor
+    after the client's receipt of the manifest's 201."""
+    pieces = [(b.size, b.first_sent_ns, b.sent_ns) for b in push.blobs]
+    pieces.append((push.manifest_size, push.manifest_sent_ns, push.manifest_sent_ns))
+    return max(piece_arrival_ms(size, first, held, link, push.acked_ns)
+               for size, first, held in pieces)
 
 
-FORMULA = ("floor = max(ow, max over blobs (put_sent + 3·ow + size ÷ bandwidth) − ack); "
-           "ow = modelled one-way latency − jitter, ack = client's receipt of the manifest 201")
+FORMULA = ("floor = max over the image's pieces (blobs, manifest) of\n"
+           "  (held + ow + max(0, size − B·(held − first)) ÷ B) − ack;\n"
+           "  held: the client sent the request completing the piece, first: its first byte,\n"
+           "  ow: the link's one-way latency − jitter, B: its bandwidth,\n"
+           "  ack: the client's receipt of the manifest's 201 (the least any protocol could do)")

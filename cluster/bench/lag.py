@@ -62,6 +62,7 @@ from replicator.wire.v1 import replication_pb2_grpc as pbg
 from ..control import spec as specs
 from ..testing import on_any_ports
 from . import procfs
+from .clocks import ClockBracket, ClockCheck, bracket, wall_minus_raw_ns
 from .clusterproc import ClusterProcess, ClusterStartError
 from .floor import BlobPush, ImagePush, image_floor_ms
 from .lag_report import Arrival, LagResults, Verification, host, link_delivery
@@ -137,6 +138,7 @@ class TimedClient(Client):
             await _expect(r, 202, "POST blob upload", self.target.name)
             location = self._location(r)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
+        first = time.time_ns()
         async with self.session.patch(location, data=body, headers=headers) as r:
             await _expect(r, 202, "PATCH blob upload", self.target.name)
             location = self._location(r)
@@ -145,7 +147,7 @@ class TimedClient(Client):
                                     headers={"Content-Length": "0"}) as r:
             await _expect(r, 201, "PUT blob upload", self.target.name)
             acked = time.time_ns()
-        return BlobPush(len(body), sent, acked)
+        return BlobPush(len(body), first, sent, acked)
 
     async def push_image(self, origin: str, image: PreparedImage,
                          before_manifest: Callable[[], None] | None = None) -> ImagePush:
@@ -158,7 +160,7 @@ class TimedClient(Client):
         await self.push_manifest(image.repository, image.tag, image.manifest)
         acked = time.time_ns()
         return ImagePush(origin, image.repository, image.tag, image.digest, tuple(blobs),
-                         started, sent, acked)
+                         started, sent, acked, len(image.manifest))
 
 
 async def _expect(response: aiohttp.ClientResponse, status: int, what: str, name: str) -> None:
@@ -215,6 +217,24 @@ class ArrivalReader:
         if not (reply.present and reply.digest == push.digest and reply.tag_arrived_ns):
             return None
         return RecordedArrival(max(reply.arrived_ns, reply.tag_arrived_ns), reply.tag_acked_ns)
+
+    async def clocks(self) -> tuple[list[ClockBracket], list[str]]:
+        """Every node's clock bracketed against ours (``clocks``), one node at a
+        time so that no probe waits behind another; and the nodes that did not
+        tell their clock."""
+        found, unknown = [], []
+        for node, stub in self._stubs.items():
+            async def wall(stub=stub) -> int:
+                return (await stub.Health(pb.HealthRequest(), timeout=10)).wall_ns
+            try:
+                probed = await bracket(node, wall)
+            except grpc.aio.AioRpcError:
+                probed = None
+            if probed is None:
+                unknown.append(node)
+            else:
+                found.append(probed)
+        return found, unknown
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -287,6 +307,8 @@ class _Run:
                 self.say(f"other processes still use {load:.0%} of a core; measuring anyway")
         reader = ArrivalReader(cluster)
         try:
+            adjusted_from = wall_minus_raw_ns()
+            before, unknown = await reader.clocks()
             with self._progress() as progress:
                 others = _OtherCpu(cluster.all_pids())
                 cpu = _ClusterCpu(cluster)
@@ -294,6 +316,9 @@ class _Run:
                 with self._profiles():
                     await self._push_all(origins, prepared, progress)
                     results.arrivals = await self._collect(reader, progress)
+                after, unknown_after = await reader.clocks()
+                results.clocks = ClockCheck(before, after, sorted({*unknown, *unknown_after}),
+                                            wall_minus_raw_ns() - adjusted_from)
                 results.other_cpu_cores = others.cores()
                 results.cluster_cpu = cpu.seconds()
                 links_after = self._links()

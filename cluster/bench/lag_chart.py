@@ -2,7 +2,8 @@
 
 * left: the lag distribution of every origin → destination pair (box: quartiles,
   whiskers: 5th–95th percentile, dots: every sample beyond), with the pair's
-  floor as a red tick;
+  floor (the least any protocol could do on the modelled link) as a red tick:
+  a box left of it would be a lag below physics;
 * right, top: origin × destination heatmap of p50 lag (ms);
 * right, bottom: the same of p50 ÷ floor (blank where the floor is under 1 ms).
 """
@@ -44,7 +45,8 @@ def write_chart(results: LagResults, path: Path) -> bool:
         for i, p in enumerate(pairs, start=1):
             box.plot([p.floor_ms, p.floor_ms], [i - 0.4, i + 0.4], color="red", linewidth=2)
     box.invert_yaxis()
-    box.set_xlabel("lag after the origin's acknowledgement (ms); red: floor")
+    box.set_xlabel("lag after the origin's acknowledgement (ms); red: floor, the least any "
+                   "protocol could do on the link")
     mode = "modelled WAN" if results.wan else "loopback"
     title = f"replication lag per pair ({mode}"
     title += f"; fault: {results.fault})" if results.fault else ")"

@@ -6,9 +6,12 @@ destination node:
 
 * lag = arrival at the destination − the client's receipt of the manifest
   PUT's 201 (ms); p50/p95/p99 are nearest-rank percentiles;
-* floor = the median of the images' floors (``floor``: the least the protocol
-  needs over the modelled link); ratios are lag ÷ floor, shown only where the
-  floor is at least 1 ms (zones of one region, loopback: the floor is ~0);
+* floor = the median of the images' floors (``floor``: the least any protocol
+  could do over the modelled link, from the push's own timeline); ratios are
+  lag ÷ floor, shown only where the floor is at least 1 ms (zones of one
+  region, loopback: the floor is ~0 or below); ``below_floor_ms`` = the most
+  any image's lag fell below its own floor (0 if none did): more than the
+  run's clock error (``clocks``) means the floor or the clocks are wrong;
 * throughput = bytes of the pair's images ÷ (last arrival − first push start);
 * node ack offset = the origin's own stamp of the acknowledgement − the
   client's receipt of the 201 (negative: the node stamps before it answers, and
@@ -33,6 +36,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .clocks import ClockCheck
 from .floor import FORMULA, NS_PER_MS, ImagePush
 from .procfs import cpu_model
 
@@ -69,6 +73,10 @@ class Arrival:
     @property
     def lag_ms(self) -> float:
         return (self.arrived_ns - self.acked_ns) / NS_PER_MS
+
+    @property
+    def over_floor_ms(self) -> float:
+        return self.lag_ms - self.floor_ms
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,7 @@ class PairStats:
     mean_ms: float
     floor_ms: float
     floor_max_ms: float
+    below_floor_ms: float
     throughput_mb_s: float
     node_ack_offset_ms: float
     wan: bool
@@ -217,6 +226,7 @@ class LagResults:
     other_cpu_cores: float = 0.0
     cluster_cpu: dict = field(default_factory=dict)   # {"wall_s", "cpu_s": {process: s}}
     link_delivery: dict | None = None                 # see link_delivery()
+    clocks: ClockCheck | None = None                  # the clock error of the lags
 
     @property
     def wan(self) -> bool:
@@ -236,7 +246,7 @@ class LagResults:
                 grouped.items(), key=lambda kv: (order.index(kv[0][0]), order.index(kv[0][1]))):
             if not arrivals:
                 stats.append(PairStats(origin, dest, 0, missing.get((origin, dest), 0),
-                                       *([math.nan] * 10), wan=self.wan))
+                                       *([math.nan] * 11), wan=self.wan))
                 continue
             lags = [a.lag_ms for a in arrivals]
             floors = [a.floor_ms for a in arrivals]
@@ -250,6 +260,7 @@ class LagResults:
                 p99_ms=percentile(lags, 0.99), max_ms=max(lags), min_ms=min(lags),
                 mean_ms=statistics.fmean(lags), floor_ms=statistics.median(floors),
                 floor_max_ms=max(floors),
+                below_floor_ms=max(0.0, -min(a.over_floor_ms for a in arrivals)),
                 throughput_mb_s=sum(a.size for a in arrivals) / span_s / 1e6 if span_s > 0 else 0,
                 node_ack_offset_ms=statistics.median(offsets) if offsets else math.nan,
                 wan=self.wan))
@@ -283,11 +294,9 @@ class LagResults:
             "cluster": self.cluster,
             "fault": self.fault,
             "floor_formula": FORMULA,
+            "clocks": self.clocks.to_json() if self.clocks else None,
             "target": target_text(self.wan),
-            "pairs": [p.to_json() | {"lags_ms": [a.lag_ms for a in self.arrivals
-                                                 if (a.origin, a.destination)
-                                                 == (p.origin, p.destination)]}
-                      for p in self.pairs()],
+            "pairs": [p.to_json() | self._samples(p.origin, p.destination) for p in self.pairs()],
             "verification": self.verification_summary(),
             "verification_checks": [asdict(v) | {"consistent": v.consistent,
                                                  "get_minus_recorded_ms": v.get_minus_recorded_ms}
@@ -295,6 +304,10 @@ class LagResults:
             "images": len(self.pushes),
             "push_timelines": [_timeline(p) for p in self.pushes],
         }
+
+    def _samples(self, origin: str, destination: str) -> dict:
+        mine = [a for a in self.arrivals if (a.origin, a.destination) == (origin, destination)]
+        return {"lags_ms": [a.lag_ms for a in mine], "floors_ms": [a.floor_ms for a in mine]}
 
     def write_json(self, path: Path) -> None:
         path.write_text(json.dumps(_finite(self.to_json()), indent=2, allow_nan=False) + "\n")
@@ -307,8 +320,9 @@ def _timeline(push: ImagePush) -> dict:
         return round((ns - push.acked_ns) / NS_PER_MS, 3)
     return {"origin": push.origin, "repository": push.repository, "size": push.size,
             "acked_ns": push.acked_ns, "started_ms": rel(push.started_ns),
-            "manifest_sent_ms": rel(push.manifest_sent_ns),
-            "blobs": [{"size": b.size, "put_sent_ms": rel(b.sent_ns), "acked_ms": rel(b.acked_ns)}
+            "manifest_sent_ms": rel(push.manifest_sent_ns), "manifest_size": push.manifest_size,
+            "blobs": [{"size": b.size, "patch_sent_ms": rel(b.first_sent_ns),
+                       "put_sent_ms": rel(b.sent_ns), "acked_ms": rel(b.acked_ns)}
                       for b in push.blobs]}
 
 
@@ -327,6 +341,14 @@ def _ms(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+def _below(pair: PairStats, clocks: ClockCheck | None) -> str:
+    text = _ms(pair.below_floor_ms)
+    error = clocks.error_ms if clocks else None
+    if error is not None and pair.below_floor_ms > error:
+        return f"[red]{text}[/red]"
+    return text
 
 
 def _ratio(value: float | None) -> str:
@@ -352,18 +374,30 @@ def print_table(results: LagResults, console: Console | None = None) -> None:
                   caption_justify="left")
     for name, justify in (("origin → destination", "left"), ("n", "right"), ("p50", "right"),
                           ("p95", "right"), ("p99", "right"), ("max", "right"),
-                          ("floor", "right"), ("p50/floor", "right"), ("p99/floor", "right"),
+                          ("floor", "right"), ("below", "right"), ("p50/floor", "right"),
+                          ("p99/floor", "right"),
                           ("target", "center"), ("MB/s", "right"), ("node ack", "right")):
         table.add_column(name, justify=justify)
     for p in results.pairs():
         n = str(p.samples) + (f" [red](−{p.missing})[/red]" if p.missing else "")
         table.add_row(f"{p.origin} → {p.destination}", n, _ms(p.p50_ms), _ms(p.p95_ms),
-                      _ms(p.p99_ms), _ms(p.max_ms), _ms(p.floor_ms), _ratio(p.p50_ratio),
+                      _ms(p.p99_ms), _ms(p.max_ms), _ms(p.floor_ms), _below(p, results.clocks),
+                      _ratio(p.p50_ratio),
                       _ratio(p.p99_ratio), "[green]✓[/green]" if p.met else "[red]✗[/red]",
                       f"{p.throughput_mb_s:.2f}", _ms(p.node_ack_offset_ms))
     console.print(table)
-    console.print("[dim]node ack: the origin's own acknowledgement stamp − the client's receipt "
-                  "of the 201, median (ms). MB = 10⁶ bytes.[/dim]")
+    console.print("[dim]floor: the least any protocol could do on the modelled link (median of "
+                  "the images'); below: the most an image's lag fell under its own floor (ms; red "
+                  "beyond the clock error). node ack: the origin's own acknowledgement stamp − the "
+                  "client's receipt of the 201, median (ms). MB = 10⁶ bytes.[/dim]")
+    clocks = results.clocks
+    if clocks is not None:
+        error = clocks.error_ms
+        console.print("[bold]clocks[/bold] " + (
+            f"error ≤ {error:.2f} ms: every node's clock bracketed against the benchmark's by "
+            f"Health probes before and after (same CLOCK_REALTIME), wall clock adjusted "
+            f"{clocks.adjusted_ns / NS_PER_MS:.3f} ms meanwhile" if error is not None else
+            f"[yellow]unknown[/yellow]: {', '.join(clocks.unknown)} did not tell their clock"))
     if results.cluster_cpu.get("cpu_s"):
         wall = results.cluster_cpu["wall_s"]
         busiest = sorted(results.cluster_cpu["cpu_s"].items(), key=lambda kv: -kv[1])

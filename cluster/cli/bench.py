@@ -190,13 +190,16 @@ client's receipt of the manifest PUT's 201. A few more images are then watched
 with real GETs at every destination, to show those recorded arrivals match
 what a client sees.
 
-Per pair: p50/p95/p99/max lag, the physical floor of the modelled link and
-the ratio to it, throughput, and whether the target is met:
+Per pair: p50/p95/p99/max lag, the floor (the least any protocol could do on
+the modelled link, per image from its own push timeline; a lag below it by
+more than the measured clock error is a bug), the ratio to it, throughput,
+and whether the target is met:
   {FORMULA}
   target with the WAN model: p50 ≤ 1.25×floor + 20 ms, p99 ≤ 2×floor + 50 ms
   target on loopback (--no-wan): p50 < 50 ms, p99 < 200 ms
-Also: the cluster's CPU while it ran, and how late the links delivered against
-the model (a chunk the supervisor wrote 30 ms after its modelled time adds
+Also: the clock error (every node's clock bracketed against the benchmark's
+before and after), the cluster's CPU while it ran, and how late the links
+delivered against the model (a chunk the supervisor wrote 30 ms after its modelled time adds
 30 ms of lag that is the machine's, not the protocol's).
 Targets are reported, never enforced: the exit status is 0 whatever the numbers.""",
         epilog="""\

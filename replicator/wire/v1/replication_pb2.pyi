@@ -279,11 +279,13 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node", "last_seq", "writable")
+    __slots__ = ("node", "last_seq", "writable", "wall_ns")
     NODE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    WALL_NS_FIELD_NUMBER: _ClassVar[int]
     node: NodeRef
     last_seq: int
     writable: bool
-    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., last_seq: _Optional[int] = ..., writable: _Optional[bool] = ...) -> None: ...
+    wall_ns: int
+    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., last_seq: _Optional[int] = ..., writable: _Optional[bool] = ..., wall_ns: _Optional[int] = ...) -> None: ...

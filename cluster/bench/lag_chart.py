@@ -2,8 +2,10 @@
 
 * left: the lag distribution of every origin → destination pair (box: quartiles,
   whiskers: 5th–95th percentile, dots: every sample beyond), with the pair's
-  floor (the least any protocol could do on the modelled link) as a red tick:
-  a box left of it would be a lag below physics;
+  floor (the least any protocol could do on the modelled link; median of the
+  images') as a red tick, and the range of the images' own floors as a thin
+  red line (an image whose push was acknowledged late has a lower floor: its
+  lag is held to its own, the report's ``below`` column);
 * right, top: origin × destination heatmap of p50 lag (ms);
 * right, bottom: the same of p50 ÷ floor (blank where the floor is under 1 ms).
 """
@@ -42,11 +44,16 @@ def write_chart(results: LagResults, path: Path) -> bool:
     if data:
         box.boxplot(data, orientation="horizontal", whis=(5, 95), tick_labels=labels,
                     flierprops={"markersize": 3, "alpha": 0.6}, medianprops={"color": "black"})
+        floors: dict[tuple[str, str], list[float]] = {}
+        for a in results.arrivals:
+            floors.setdefault((a.origin, a.destination), []).append(a.floor_ms)
         for i, p in enumerate(pairs, start=1):
             box.plot([p.floor_ms, p.floor_ms], [i - 0.4, i + 0.4], color="red", linewidth=2)
+            own = floors[(p.origin, p.destination)]   # each image is held to its own floor
+            box.plot([min(own), max(own)], [i, i], color="red", linewidth=1, alpha=0.4)
     box.invert_yaxis()
     box.set_xlabel("lag after the origin's acknowledgement (ms); red: floor, the least any "
-                   "protocol could do on the link")
+                   "protocol could do on the link (tick: median, line: each image's)")
     mode = "modelled WAN" if results.wan else "loopback"
     title = f"replication lag per pair ({mode}"
     title += f"; fault: {results.fault})" if results.fault else ")"

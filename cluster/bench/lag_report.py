@@ -370,7 +370,7 @@ def print_table(results: LagResults, console: Console | None = None) -> None:
     if results.fault:
         console.print(f"[bold yellow]fault[/bold yellow]    {results.fault}")
     table = Table(title="replication lag: arrival at the destination − origin's ack (ms)",
-                  caption=f"floor: {FORMULA}\ntarget: {target_text(results.wan)}",
+                  caption=f"{FORMULA}\ntarget: {target_text(results.wan)}",
                   caption_justify="left")
     for name, justify in (("origin → destination", "left"), ("n", "right"), ("p50", "right"),
                           ("p95", "right"), ("p99", "right"), ("max", "right"),

@@ -54,7 +54,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("wan", [False, True], ids=["loopback", "wan"])
-def test_bench_lag_reports_every_pair_with_floors_and_a_chart(tmp_path, wan):
+def test_bench_lag_reports_every_pair_and_no_lag_beats_its_floor(tmp_path, wan):
     config = tmp_path / "spec.toml"
     config.write_text(SPEC)
     out, chart, workdir = tmp_path / "lag.json", tmp_path / "lag.png", tmp_path / "work"

@@ -1,6 +1,7 @@
 """``georeg bench lag``: how long after a push in one region an image becomes
 pullable in every other replica, per origin → destination pair, beside the
-physical floor of the modelled WAN (``floor``).
+physical floor of the modelled WAN (``floor``) and the run's clock error
+(``clocks``: how far a node's stamps may be from this process's).
 
 The run
     1. start a cluster in a child process (``clusterproc``) on free ports, or

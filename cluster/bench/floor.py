@@ -25,6 +25,9 @@ Per piece, with every time on the benchmark's clock (``time.time_ns()``)::
 * ``ow``: the link's least one-way delay (modelled latency − jitter); ``B`` its
   bandwidth (unlimited inside a region: zone links). Each piece is charged
   alone on the link, as if it had the link to itself: sharing only adds time.
+  (``links`` shapes each connection's direction on its own, so a protocol that
+  split *one* piece over several parallel connections could beat the bandwidth
+  term; georeg sends a piece over one stream of one channel per peer.)
   The direct link is the shortest path: the modelled latencies obey the
   triangle inequality (``tests/test_bench_lag.py`` checks the default model),
   so no relay through a third region could be faster.

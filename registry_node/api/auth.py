@@ -45,6 +45,7 @@ from ..auth.scopes import (
     DELETE,
     PULL,
     PUSH,
+    REPOSITORY,
     Scope,
     catalog,
     format_scopes,
@@ -58,8 +59,9 @@ GATE: web.AppKey[Gate] = web.AppKey("gate", Gate)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 log = structlog.get_logger("georeg.auth")
 
-_ACTIONS_BY_METHOD = {"GET": (PULL,), "HEAD": (PULL,), "POST": (PULL, PUSH), "PUT": (PULL, PUSH),
-                      "PATCH": (PULL, PUSH), "DELETE": (DELETE,)}
+_PULL_PUSH = frozenset({PULL, PUSH})
+_ACTIONS_BY_METHOD = {"GET": frozenset({PULL}), "HEAD": frozenset({PULL}), "POST": _PULL_PUSH,
+                      "PUT": _PULL_PUSH, "PATCH": _PULL_PUSH, "DELETE": frozenset({DELETE})}
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 UNAUTHORIZED_MESSAGE = "authentication required"
 
@@ -68,20 +70,28 @@ def guarded(path: str) -> bool:
     return path == "/v2" or path.startswith(("/v2/", "/acr/"))
 
 
-def needed_access(request: web.Request) -> list[Scope]:
-    """What ``request`` needs (an empty list: only a valid principal)."""
+def needed_access(request: web.Request) -> tuple[Scope, ...]:
+    """What ``request`` needs (empty: only a valid principal), one entry per
+    repository. Runs on every guarded request, so the common shape (one
+    repository, a name with no whitespace) builds its one ``Scope`` directly;
+    anything else goes the long way through the scope grammar
+    (``parse_scopes``), which drops what is not a scope: a name with
+    whitespace never reaches a challenge header."""
     name = request.match_info.get("name")
     if name is not None:
-        actions = _ACTIONS_BY_METHOD.get(request.method, (PULL, PUSH))
-        needed = [repository(name, *actions)]
-        source = request.query.get("from")
-        if request.method == "POST" and source and "mount" in request.query:
-            needed.append(repository(source, PULL))
-        return parse_scopes(s.format() for s in needed)      # one entry per repository
+        method = request.method
+        actions = _ACTIONS_BY_METHOD.get(method, _PULL_PUSH)
+        mount = method == "POST" and "mount" in request.query and request.query.get("from")
+        if not mount and name.isprintable() and " " not in name:
+            return (Scope(REPOSITORY, name, actions),)
+        needed = [Scope(REPOSITORY, name, actions)]
+        if mount:
+            needed.append(repository(mount, PULL))
+        return tuple(parse_scopes(s.format() for s in needed))
     resource = request.match_info.route.resource
     if resource is not None and resource.canonical == "/v2/_catalog":
-        return [catalog()]
-    return []
+        return (catalog(),)
+    return ()
 
 
 def _quoted(value: str) -> str:

@@ -181,6 +181,32 @@ async def test_internal_routes_are_not_guarded_yet(http, node):
 # -- the token flow, as a plain HTTP client follows it --------------------------------------
 
 
+async def test_with_the_internal_credential_one_middleware_does_both_checks(
+        http, files, source, clock, tmp_path):
+    secret = tmp_path / "internal.secret"
+    secret.write_text("cluster-internal-credential-0123")
+    config = dataclasses.replace(files.config("node-a", tmp_path / "data-i"),
+                                 internal_credential_file=secret)
+    running = await start_auth_node(config, source, clock)
+    internal = {"Authorization": "Bearer cluster-internal-credential-0123"}
+    try:
+        token = await token_for(http, running, "puller", PULL_PASSWORD, "repository:a:pull")
+        for headers in ({}, bearer(token), basic(REGISTRY, ADMIN_PASSWORD)):
+            async with http.get(f"{running.url}/georeg/v1/inventory", headers=headers) as r:
+                await assert_error(r, 401, "UNAUTHORIZED")
+        async with http.get(f"{running.url}/georeg/v1/inventory", headers=internal) as r:
+            assert r.status == 200
+        # The cluster itself on a registry route: no gate (a token could not list the catalog).
+        async with http.get(f"{running.url}/v2/_catalog", headers=internal) as r:
+            assert r.status == 200
+        async with http.get(f"{running.url}/v2/_catalog", headers=bearer(token)) as r:
+            await assert_error(r, 403, "DENIED")
+        async with http.get(f"{running.url}/v2/a/tags/list", headers=bearer(token)) as r:
+            assert r.status == 404                  # allowed; nothing there
+    finally:
+        await running.stop()
+
+
 async def test_the_token_flow_end_to_end_with_a_plain_client(http, node):
     image = make_image(seed=1)
     async with http.post(f"{node.url}/v2/team/app/blobs/uploads/") as r:

@@ -39,8 +39,9 @@ import re
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from ..auth.gate import Gate, Principal, Refusal
+from ..auth.gate import Gate, Refusal
 from ..auth.scopes import (
     DELETE,
     PULL,
@@ -53,10 +54,9 @@ from ..auth.scopes import (
     repository,
 )
 from ..errors import ErrorCode, RegistryError
-from .internal import INTERNAL
+from .internal import carries_credential, internal_route, refusal
 
 GATE: web.AppKey[Gate] = web.AppKey("gate", Gate)
-PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 log = structlog.get_logger("georeg.auth")
 
 _PULL_PUSH = frozenset({PULL, PUSH})
@@ -67,7 +67,7 @@ UNAUTHORIZED_MESSAGE = "authentication required"
 
 
 def guarded(path: str) -> bool:
-    return path == "/v2" or path.startswith(("/v2/", "/acr/"))
+    return path.startswith(("/v2/", "/acr/")) or path == "/v2"
 
 
 def needed_access(request: web.Request) -> tuple[Scope, ...]:
@@ -128,18 +128,36 @@ def refusal_error(request: web.Request, gate: Gate, refusal: Refusal) -> Registr
                          headers=headers)
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler) -> web.StreamResponse:
-    if not guarded(request.path) or request.get(INTERNAL):
+def authenticate(internal: bytes | None) -> Middleware:
+    """The access middleware of a node with auth on. With ``internal`` (the
+    expected internal-credential header, ``api.internal``) it also does that
+    middleware's work: a request carrying the credential skips the gate, an
+    internal route without it is refused. One middleware for both, and the gate
+    looked up once, because this runs on every request and each layer of the
+    chain costs every request."""
+    gate: Gate | None = None        # app[GATE] exists once the node's storage is open
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler) -> web.StreamResponse:
+        nonlocal gate
+        authorization = request.headers.get("Authorization")
+        if internal is not None and carries_credential(authorization, internal):
+            return await handler(request)
+        path = request.path
+        if not guarded(path):
+            if internal is not None and internal_route(path):
+                raise refusal()
+            return await handler(request)
+        if gate is None:
+            gate = request.app[GATE]
+        needed = needed_access(request)
+        try:
+            gate.admit(authorization, needed)
+        except Refusal as refused:
+            # The reason names what was wrong, never a credential.
+            log.info("access_refused", method=request.method, path=path,
+                     status=refused.status, reason=refused.reason)
+            raise refusal_error(request, gate, refused) from None
         return await handler(request)
-    gate = request.app[GATE]
-    needed = needed_access(request)
-    try:
-        admitted = gate.admit(request.headers.get("Authorization"), needed)
-    except Refusal as refusal:
-        # The reason names what was wrong, never a credential.
-        log.info("access_refused", method=request.method, path=request.path,
-                 status=refusal.status, reason=refusal.reason)
-        raise refusal_error(request, gate, refusal) from None
-    request[PRINCIPAL] = admitted.principal
-    return await handler(request)
+
+    return authenticate

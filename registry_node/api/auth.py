@@ -2,10 +2,14 @@
 middleware over ``registry_node.auth.gate``).
 
 Guarded: ``/v2`` and everything below it, and ACR's ``/acr/`` routes. Not
-here: the node's internal ``/georeg/v1`` routes and ``/metrics`` (they take
-the cluster's internal credential, ``api.internal``, which also admits the
-cluster's own requests to these routes without this gate), and ``/oauth2/``
-(the token server authenticates its own requests).
+by the gate: the node's internal ``/georeg/v1`` routes and ``/metrics`` (they
+take the cluster's internal credential, ``api.internal``, which also admits the
+cluster's own requests to registry routes without the gate; on a node with
+auth this one middleware checks it, with ``api.internal``'s rules, before the
+gate), and ``/oauth2/`` (the token server authenticates its own requests).
+
+The gate remembers a bearer token's admissions (``Gate._recalled``), so a
+client reusing its token pays for a dictionary lookup, not a check.
 
 What each route needs is the reference registry's rule, decided from the
 method and the route before any handler runs (so no answer depends on whether

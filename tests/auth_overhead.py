@@ -35,9 +35,9 @@ thousand operations per step to mean anything; throughput and CPU time both move
 with what other processes on the machine do. ``--instructions`` counts instead
 the instructions each node process runs per operation, under valgrind's
 callgrind (``CallgrindNode``): a count that other load does not move (the A/A
-ratio is 1.00 within a percent or two: garbage collection and the node's
-periodic memory trim land in some steps and not others), and the same table
-for the four clients; it is ~50 times slower, so a few hundred operations per
+ratio was 0.97-1.01 in the runs so far: garbage collection and the node's
+periodic memory trim land in some steps and not others, most with pushes), and
+the same table for the four clients; it is ~50 times slower, so a few hundred operations per
 step and three steps suffice.
 
 The token endpoint: ``--tokens`` requests ``GET /oauth2/token`` with Basic at

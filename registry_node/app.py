@@ -70,11 +70,12 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     internal = None
     if config.internal_credential_file is not None:
         internal = expected_header(read_internal_credential(config.internal_credential_file))
-        middlewares.append(internal_access)
     authority = None
     if config.auth_enabled:
         authority = token_authority(config, lambda: wall_ns() / 1e9)
-        middlewares.append(authenticate)
+        middlewares.append(authenticate(internal))      # checks the internal credential too
+    elif internal is not None:
+        middlewares.append(internal_access)
     app = web.Application(middlewares=middlewares, client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
     app[METRICS] = NodeMetrics()

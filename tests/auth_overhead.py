@@ -4,13 +4,15 @@ identical node processes with auth off; and the token endpoint's throughput and
 latency.
 
     .venv/bin/python -m tests.auth_overhead [--runs 9] [--ops 600] [--concurrency 8]
-                                            [--tokens 2000]
+                                            [--tokens 2000] [--patience 60]
+    .venv/bin/python -m tests.auth_overhead --instructions --runs 3 --ops 400
 
 Not a test (pytest does not collect it): a measurement, printed as a table.
 
 Three node processes run side by side, each on its own data dir, started the
-same way from the same code: ``auth`` (``--auth-ca/--auth-key/--auth-cert``,
-the test identities of ``tests.auth_helpers`` written into its registry
+same way from the same code: ``auth`` (``--auth-ca/--auth-key/--auth-cert``
+and ``--internal-credential-file``, as a cluster with auth starts a node, the
+test identities of ``tests.auth_helpers`` written into its registry
 configuration), ``off`` and ``off2`` (no auth); a fourth client, ``off+token``,
 sends the bearer token to ``off``, which ignores it: what carrying a token
 costs, apart from checking it. Only one node is driven at a time.
@@ -28,12 +30,23 @@ half, and the same paired ratio for ``off2/off``: the A/A comparison, i.e. how
 far two identical nodes differ on this machine, which is the noise any
 ``auth/off`` difference must exceed to mean something.
 
+Node CPU per operation (``/proc``, in clock ticks of 10 ms) needs a few
+thousand operations per step to mean anything; throughput and CPU time both move
+with what other processes on the machine do. ``--instructions`` counts instead
+the instructions each node process runs per operation, under valgrind's
+callgrind (``CallgrindNode``): a count that other load does not move (the A/A
+ratio was 0.97-1.01 in the runs so far: garbage collection and the node's
+periodic memory trim land in some steps and not others, most with pushes), and
+the same table for the four clients; it is ~50 times slower, so a few hundred operations per
+step and three steps suffice.
+
 The token endpoint: ``--tokens`` requests ``GET /oauth2/token`` with Basic at
 ``--concurrency``, for the admin user and for a token (``pusher``), each
 answer checked; throughput and p50/p99 latency, as the median over runs.
 
-Before each step the run waits (up to a minute) until other processes use less
-than 15 % of a core and reports what they used during the step.
+Before each step the run waits (up to ``--patience`` seconds, a minute unless
+told) until other processes use less than 15 % of a core and reports what they
+used during the step.
 """
 
 from __future__ import annotations
@@ -42,11 +55,14 @@ import argparse
 import asyncio
 import hashlib
 import os
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from unittest import mock
 
 import aiohttp
 
@@ -143,11 +159,11 @@ async def run_all(count: int, concurrency: int,
 
 
 async def measured(others: OtherLoad, count: int, concurrency: int,
-                   step: Callable[[int], Awaitable[None]]
+                   step: Callable[[int], Awaitable[None]], patience: float = 60.0
                    ) -> tuple[float, list[float], float, float]:
     """(ops/s, latencies, cores other processes used meanwhile, the node's CPU
     seconds per operation); ``others.pids[0]`` is the node's."""
-    await others.wait_quiet()
+    await others.wait_quiet(patience=patience)
     others.start()
     node_cpu = cpu_seconds(others.pids[0])
     started = time.perf_counter()
@@ -194,28 +210,52 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
-async def main(runs: int, ops: int, concurrency: int, tokens: int) -> None:
+async def start_targets(root: Path, concurrency: int, node_class: type[NodeProcess] = NodeProcess
+                        ) -> tuple[dict[str, NodeProcess], dict[str, Target], str]:
+    """The three nodes, their data pushed, and the four clients; the access token."""
+    files = auth_files(root, "auth")
+    # As a cluster with auth starts its nodes: the internal credential too, so the
+    # auth node checks on every request what a cluster's node checks (``api.auth``).
+    internal = root / "internal.secret"
+    internal.write_text(os.urandom(24).hex())
+    nodes = {"auth": node_class(root / "auth", [*files.node_args("auth"),
+                                                "--internal-credential-file", str(internal)]),
+             "off": node_class(root / "off"), "off2": node_class(root / "off2")}
+    targets: dict[str, Target] = {}
+    try:
+        for node in nodes.values():
+            node.start()
+        async with aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {internal.read_text()}"},
+                timeout=aiohttp.ClientTimeout(total=600)) as http:
+            await seed_configuration(http, nodes["auth"].url, identities())
+            token = await bearer_for(http, nodes["auth"].url)
+        for name, node in nodes.items():
+            headers = {"Authorization": f"Bearer {token}"} if name == "auth" else {}
+            targets[name] = Target(name, node, headers, concurrency)
+            await targets[name].setup()
+        # The auth-off node again, sent the same bearer token (which it ignores):
+        # what carrying the token costs, apart from checking it.
+        targets["off+token"] = Target("off+token", nodes["off"],
+                                      {"Authorization": f"Bearer {token}"}, concurrency)
+        targets["off+token"].blob = targets["off"].blob
+    except BaseException:
+        await stop_targets(nodes, targets)
+        raise
+    return nodes, targets, token
+
+
+async def stop_targets(nodes: dict[str, NodeProcess], targets: dict[str, Target]) -> None:
+    for target in targets.values():
+        await target.session.close()
+    for node in nodes.values():
+        node.close()
+
+
+async def main(runs: int, ops: int, concurrency: int, tokens: int, patience: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        files = auth_files(root, "auth")
-        nodes = {"auth": NodeProcess(root / "auth", files.node_args("auth")),
-                 "off": NodeProcess(root / "off"), "off2": NodeProcess(root / "off2")}
-        targets: dict[str, Target] = {}
+        nodes, targets, token = await start_targets(Path(tmp), concurrency)
         try:
-            for node in nodes.values():
-                node.start()
-            async with aiohttp.ClientSession() as http:
-                await seed_configuration(http, nodes["auth"].url, identities())
-                token = await bearer_for(http, nodes["auth"].url)
-            for name, node in nodes.items():
-                headers = {"Authorization": f"Bearer {token}"} if name == "auth" else {}
-                targets[name] = Target(name, node, headers, concurrency)
-                await targets[name].setup()
-            # The auth-off node again, sent the same bearer token (which it ignores):
-            # what carrying the token costs, apart from checking it.
-            targets["off+token"] = Target("off+token", nodes["off"],
-                                          {"Authorization": f"Bearer {token}"}, concurrency)
-            targets["off+token"].blob = targets["off"].blob
             print(f"access token: {len(token)} bytes", flush=True)
             me = os.getpid()
             order = list(targets)
@@ -230,7 +270,7 @@ async def main(runs: int, ops: int, concurrency: int, tokens: int) -> None:
                         target = targets[name]
                         others = OtherLoad([target.node.proc.pid, me])
                         rate, _, load, cpu = await measured(others, ops, concurrency,
-                                                            target.operation(kind))
+                                                            target.operation(kind), patience)
                         rates.setdefault((name, kind), []).append(rate)
                         node_cpu.setdefault((name, kind), []).append(cpu)
                         loads.setdefault((name, kind), []).append(load)
@@ -249,7 +289,7 @@ async def main(runs: int, ops: int, concurrency: int, tokens: int) -> None:
                     for label, (username, password) in who.items():
                         rate, latencies, load, _ = await measured(
                             OtherLoad([auth.proc.pid, me]), tokens, concurrency,
-                            token_step(session, auth.url, username, password))
+                            token_step(session, auth.url, username, password), patience)
                         token_rates.setdefault(label, []).append(rate)
                         token_p50.setdefault(label, []).append(percentile(latencies, 0.5))
                         token_p99.setdefault(label, []).append(percentile(latencies, 0.99))
@@ -257,10 +297,7 @@ async def main(runs: int, ops: int, concurrency: int, tokens: int) -> None:
                               f"{percentile(latencies, 0.99) * 1000:.1f} ms (others {load:.2f})",
                               flush=True)
         finally:
-            for target in targets.values():
-                await target.session.close()
-            for node in nodes.values():
-                node.close()
+            await stop_targets(nodes, targets)
 
     print(f"\n{ops} ops per step, concurrency {concurrency}, {runs} runs, "
           f"{os.cpu_count()} CPUs; 1 KiB blobs")
@@ -294,6 +331,75 @@ async def main(runs: int, ops: int, concurrency: int, tokens: int) -> None:
               f"{statistics.median(token_p99[label]) * 1000:7.2f}")
 
 
+class CallgrindNode(NodeProcess):
+    """A ``georeg node`` process run under valgrind's callgrind, so the instructions it
+    executes can be counted: ``instructions()`` dumps (and zeroes) its counters and
+    returns what ran since the last dump. A count does not move with other load on
+    the machine, which CPU time and throughput do."""
+
+    def start(self, timeout: float = 240.0) -> NodeProcess:
+        self.dumps = self.data_dir.parent / f"{self.data_dir.name}.callgrind"
+        real = subprocess.Popen
+
+        def under_callgrind(args, *rest, **kwargs):
+            return real(["valgrind", "--tool=callgrind", "--dump-instr=no",
+                         f"--callgrind-out-file={self.dumps}.%p", *args], *rest, **kwargs)
+
+        # NodeProcess builds its command inline; prefix it for this start only.
+        with mock.patch.object(subprocess, "Popen", under_callgrind):
+            return super().start(timeout)
+
+    def instructions(self) -> int:
+        pid = self.proc.pid
+        before = set(self.dumps.parent.glob(f"{self.dumps.name}.{pid}*"))
+        subprocess.run(["callgrind_control", "--dump", str(pid)], check=True,
+                       capture_output=True, timeout=120)
+        dump, = set(self.dumps.parent.glob(f"{self.dumps.name}.{pid}*")) - before
+        for line in dump.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+        raise RuntimeError(f"{dump} holds no instruction total")
+
+
+async def instructions_main(runs: int, ops: int, concurrency: int) -> None:
+    """Instructions per operation of each node process (callgrind), each step a
+    zeroed counter, ``ops`` operations, a dump; the nodes in a rotated order."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("--instructions needs valgrind (callgrind, callgrind_control)")
+    with tempfile.TemporaryDirectory() as tmp:
+        nodes, targets, token = await start_targets(Path(tmp), concurrency, CallgrindNode)
+        try:
+            print(f"access token: {len(token)} bytes", flush=True)
+            order = list(targets)
+            counts: dict[tuple[str, str], list[float]] = {}
+            for kind in OPS:
+                for run in range(runs):
+                    for name in order[run % len(order):] + order[:run % len(order)]:
+                        target = targets[name]
+                        node = target.node
+                        await run_all(min(ops, 50), concurrency, target.operation(kind))   # warm
+                        node.instructions()
+                        await run_all(ops, concurrency, target.operation(kind))
+                        counts.setdefault((name, kind), []).append(node.instructions() / ops)
+                print(f"{kind:16}: " + ", ".join(
+                    f"{n} {statistics.median(counts[n, kind]) / 1000:.1f}k" for n in order),
+                    flush=True)
+        finally:
+            await stop_targets(nodes, targets)
+    print(f"\n{ops} ops per step, concurrency {concurrency}, {runs} steps per node and "
+          f"operation; instructions each node process ran per operation (callgrind), "
+          f"median over steps; ratios of those medians (A/A = off2/off; +token = off+token/off)")
+    print(f"{'operation':16} {'off':>9} {'off2':>9} {'off+token':>10} {'auth':>9} "
+          f"{'auth/off':>9} {'A/A':>6} {'+token':>7} {'auth spread':>14}")
+    for kind in OPS:
+        off, off2, carried, auth = (statistics.median(counts[n, kind])
+                                    for n in ("off", "off2", "off+token", "auth"))
+        spread = f"{min(counts['auth', kind]) / off:.3f}-{max(counts['auth', kind]) / off:.3f}"
+        print(f"{kind:16} {off / 1000:8.1f}k {off2 / 1000:8.1f}k {carried / 1000:9.1f}k "
+              f"{auth / 1000:8.1f}k {auth / off:9.3f} {off2 / off:6.3f} {carried / off:7.3f} "
+              f"{spread:>14}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=9)
@@ -301,5 +407,15 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2000,
                         help="token requests per run and login kind")
+    parser.add_argument("--patience", type=float, default=60.0,
+                        help="seconds each step waits for other processes to go quiet "
+                             "before it runs anyway (their load is reported either way)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count the instructions each node runs per operation (under "
+                             "valgrind's callgrind, ~50x slower: use --ops 400 --runs 3) "
+                             "instead of throughput; no token endpoint")
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.ops, args.concurrency, args.tokens))
+    if args.instructions:
+        asyncio.run(instructions_main(args.runs, args.ops, args.concurrency))
+    else:
+        asyncio.run(main(args.runs, args.ops, args.concurrency, args.tokens, args.patience))

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 
 from registry_node.app import init_app
-from registry_node.auth.gate import NULL_GUID
+from registry_node.auth import gate as gate_module
+from registry_node.auth.gate import NULL_GUID, Gate
 from registry_node.auth.identities import (
     DISABLED,
     Password,
@@ -21,6 +22,7 @@ from registry_node.auth.identities import (
     TokenRecord,
     hash_secret,
 )
+from registry_node.auth.scopes import PULL, repository
 from registry_node.auth.tokens import (
     ACCESS,
     ACCESS_LIFETIME_S,
@@ -147,6 +149,14 @@ async def test_each_route_asks_for_what_the_reference_registry_asks(http, node, 
         assert parse_challenge(r.headers["WWW-Authenticate"])["scope"] == scope
 
 
+@pytest.mark.parametrize("name", ["a%0Ab", "a%0D%0AX-Injected:%20yes", "a%20b", "a%09b"])
+async def test_a_repository_name_with_whitespace_gets_401_and_no_scope_never_500(http, node, name):
+    async with http.get(f"{node.url}/v2/{name}/tags/list") as r:
+        await assert_error(r, 401, "UNAUTHORIZED")
+        assert "X-Injected" not in r.headers
+        assert "scope" not in parse_challenge(r.headers["WWW-Authenticate"])
+
+
 async def test_unknown_routes_and_methods_need_a_principal_first(http, node):
     for method, path in (("GET", "/v2/nothing/here"), ("OPTIONS", "/v2/a/manifests/v1"),
                          ("POST", "/v2/_catalog")):
@@ -169,6 +179,32 @@ async def test_internal_routes_are_not_guarded_yet(http, node):
 
 
 # -- the token flow, as a plain HTTP client follows it --------------------------------------
+
+
+async def test_with_the_internal_credential_one_middleware_does_both_checks(
+        http, files, source, clock, tmp_path):
+    secret = tmp_path / "internal.secret"
+    secret.write_text("cluster-internal-credential-0123")
+    config = dataclasses.replace(files.config("node-a", tmp_path / "data-i"),
+                                 internal_credential_file=secret)
+    running = await start_auth_node(config, source, clock)
+    internal = {"Authorization": "Bearer cluster-internal-credential-0123"}
+    try:
+        token = await token_for(http, running, "puller", PULL_PASSWORD, "repository:a:pull")
+        for headers in ({}, bearer(token), basic(REGISTRY, ADMIN_PASSWORD)):
+            async with http.get(f"{running.url}/georeg/v1/inventory", headers=headers) as r:
+                await assert_error(r, 401, "UNAUTHORIZED")
+        async with http.get(f"{running.url}/georeg/v1/inventory", headers=internal) as r:
+            assert r.status == 200
+        # The cluster itself on a registry route: no gate (a token could not list the catalog).
+        async with http.get(f"{running.url}/v2/_catalog", headers=internal) as r:
+            assert r.status == 200
+        async with http.get(f"{running.url}/v2/_catalog", headers=bearer(token)) as r:
+            await assert_error(r, 403, "DENIED")
+        async with http.get(f"{running.url}/v2/a/tags/list", headers=bearer(token)) as r:
+            assert r.status == 404                  # allowed; nothing there
+    finally:
+        await running.stop()
 
 
 async def test_the_token_flow_end_to_end_with_a_plain_client(http, node):
@@ -374,6 +410,82 @@ async def test_a_scope_map_change_applies_at_once(http, node, source):
     source.put_scope_map(ScopeMapRecord("team-rw", ("repositories/other/content/read",)))
     async with http.get(f"{node.url}/v2/team/app/tags/list", headers=bearer(token)) as r:
         await assert_error(r, 403, "DENIED")
+
+
+# -- remembered bearer admissions (Gate._recalled): each test uses the token first, so
+# the admission is remembered, then changes what it stood on -----------------------------
+
+
+async def test_a_used_token_disabled_afterwards_is_refused(http, node, source):
+    token = await token_for(http, node, "puller", PULL_PASSWORD, "repository:a:pull")
+    async with http.get(f"{node.url}/v2/a/tags/list", headers=bearer(token)) as r:
+        assert r.status == 404                  # allowed; nothing there
+    source.put_token(TokenRecord("puller", "_repositories_pull", status=DISABLED,
+                                 passwords=source.token("puller").passwords))
+    async with http.get(f"{node.url}/v2/a/tags/list", headers=bearer(token)) as r:
+        await assert_error(r, 401, "UNAUTHORIZED")
+
+
+async def test_a_used_admin_token_is_refused_once_admin_is_switched_off(http, node, source):
+    token = await token_for(http, node, REGISTRY, ADMIN_PASSWORD, "repository:a:pull")
+    async with http.get(f"{node.url}/v2/a/tags/list", headers=bearer(token)) as r:
+        assert r.status == 404
+    source.update_registry(admin_enabled=False)
+    async with http.get(f"{node.url}/v2/a/tags/list", headers=bearer(token)) as r:
+        await assert_error(r, 401, "UNAUTHORIZED")
+
+
+async def test_a_used_token_is_refused_once_it_expires(http, node, clock):
+    token = await token_for(http, node, "puller", PULL_PASSWORD, "repository:a:pull")
+    async with http.get(f"{node.url}/v2/a/tags/list", headers=bearer(token)) as r:
+        assert r.status == 404
+    clock.advance(ACCESS_LIFETIME_S + LEEWAY_S + 1)
+    async with http.get(f"{node.url}/v2/a/tags/list", headers=bearer(token)) as r:
+        await assert_error(r, 401, "UNAUTHORIZED")
+        assert parse_challenge(r.headers["WWW-Authenticate"])["error"] == "invalid_token"
+
+
+async def test_a_used_token_is_refused_once_the_password_it_came_from_expires(
+        http, node, source, clock):
+    expiry = clock.wall_ns() / 1e9 + 600          # well inside the access token's lifetime
+    source.put_token(TokenRecord("brief", "_repositories_pull", passwords=(
+        Password("password1", hash_secret(PULL_PASSWORD), expiry=expiry),)))
+    token = await token_for(http, node, "brief", PULL_PASSWORD, "repository:a:pull")
+    async with http.get(f"{node.url}/v2/a/tags/list", headers=bearer(token)) as r:
+        assert r.status == 404
+    clock.advance(601)
+    async with http.get(f"{node.url}/v2/a/tags/list", headers=bearer(token)) as r:
+        await assert_error(r, 401, "UNAUTHORIZED")
+
+
+async def test_a_remembered_admission_admits_only_what_it_was_decided_for(http, node):
+    await seed(http, node)
+    token = await token_for(http, node, "puller", PULL_PASSWORD, "repository:team/app:pull,push")
+    async with http.get(f"{node.url}/v2/team/app/tags/list", headers=bearer(token)) as r:
+        assert r.status == 200
+    image = make_image(seed=11)
+    async with http.post(f"{node.url}/v2/team/app/blobs/uploads/", headers=bearer(token),
+                         params={"digest": image.digest}, data=image.config) as r:
+        await assert_error(r, 403, "DENIED")
+    async with http.get(f"{node.url}/v2/other/tags/list", headers=bearer(token)) as r:
+        await assert_error(r, 403, "DENIED")
+
+
+def test_remembered_admissions_are_bounded(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(gate_module, "ADMISSIONS_LIMIT", 3)
+    clock = ManualClock()
+    now = lambda: clock.wall_ns() / 1e9          # noqa: E731
+    trust = Trust.load(files.certificates["node-a"].ca_file, now)
+    cert = files.certificates["node-a"]
+    gate = Gate(identities(), TokenAuthority(SigningKey.load(cert.key_file, cert.cert_file, trust),
+                                             trust, SERVICE, now), now)
+    admin = gate.login(REGISTRY, ADMIN_PASSWORD)
+    needed = (repository("a", PULL),)
+    tokens = [gate.issue(admin, needed)[0].token for _ in range(5)]
+    for token in tokens:
+        gate.admit(f"Bearer {token}", needed)
+    assert len(gate._admissions) == 3
+    assert [key[0] for key in gate._admissions] == [f"Bearer {t}" for t in tokens[2:]]
 
 
 async def test_refusals_do_not_reveal_whether_a_repository_exists(http, node):

@@ -5,10 +5,16 @@ Guarded: ``/v2`` and everything below it, ACR's ``/acr/`` routes, and the
 node routes a registry client may ask about one repository, which that
 repository names in the query (``REPOSITORY_QUERIES``: per-image replication
 status, ``?repository=R``): they need ``pull`` on it, as a manifest read
-does. Not here: the node's internal ``/georeg/v1`` routes and ``/metrics`` (they take
-the cluster's internal credential, ``api.internal``, which also admits the
-cluster's own requests to these routes without this gate), and ``/oauth2/``
-(the token server authenticates its own requests).
+does. Not by the gate: the node's internal ``/georeg/v1`` routes and
+``/metrics`` (they take the cluster's internal credential, ``api.internal``,
+which also admits the cluster's own requests to registry routes without the
+gate; on a node with auth this one middleware checks it, with
+``api.internal``'s rules, before the gate), and ``/oauth2/`` (the token server
+authenticates its own requests). A blob download may present a grant
+(``api.redirects``) instead of credentials: the node's own redirect.
+
+The gate remembers a bearer token's admissions (``Gate._recalled``), so a
+client reusing its token pays for a dictionary lookup, not a check.
 
 What each route needs is the reference registry's rule, decided from the
 method and the route before any handler runs (so no answer depends on whether
@@ -52,13 +58,15 @@ import re
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from ..auth.gate import Gate, Principal, Refusal
+from ..auth.gate import Gate, Refusal
 from ..auth.grants import GrantRefused, carries_grant
 from ..auth.scopes import (
     DELETE,
     PULL,
     PUSH,
+    REPOSITORY,
     Scope,
     catalog,
     format_scopes,
@@ -66,15 +74,15 @@ from ..auth.scopes import (
     repository,
 )
 from ..errors import ErrorCode, RegistryError
-from .internal import INTERNAL
+from .internal import carries_credential, internal_route, refusal
 from .redirects import BLOB_REDIRECTS, GRANTED
 
 GATE: web.AppKey[Gate] = web.AppKey("gate", Gate)
-PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 log = structlog.get_logger("georeg.auth")
 
-_ACTIONS_BY_METHOD = {"GET": (PULL,), "HEAD": (PULL,), "POST": (PULL, PUSH), "PUT": (PULL, PUSH),
-                      "PATCH": (PULL, PUSH), "DELETE": (DELETE,)}
+_PULL_PUSH = frozenset({PULL, PUSH})
+_ACTIONS_BY_METHOD = {"GET": frozenset({PULL}), "HEAD": frozenset({PULL}), "POST": _PULL_PUSH,
+                      "PUT": _PULL_PUSH, "PATCH": _PULL_PUSH, "DELETE": frozenset({DELETE})}
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 UNAUTHORIZED_MESSAGE = "authentication required"
 # Node routes (not OCI's) that read what one repository holds, named by their
@@ -85,26 +93,34 @@ _BLOB = "/v2/{name}/blobs/{digest}"
 
 
 def guarded(path: str) -> bool:
-    return path == "/v2" or path.startswith(("/v2/", "/acr/")) or path in REPOSITORY_QUERIES
+    return path.startswith(("/v2/", "/acr/")) or path == "/v2" or path in REPOSITORY_QUERIES
 
 
-def needed_access(request: web.Request) -> list[Scope]:
-    """What ``request`` needs (an empty list: only a valid principal)."""
+def needed_access(request: web.Request) -> tuple[Scope, ...]:
+    """What ``request`` needs (empty: only a valid principal), one entry per
+    repository. Runs on every guarded request, so the common shape (one
+    repository, a name with no whitespace) builds its one ``Scope`` directly;
+    anything else goes the long way through the scope grammar
+    (``parse_scopes``), which drops what is not a scope: a name with
+    whitespace never reaches a challenge header."""
     if request.path in REPOSITORY_QUERIES:
         named = request.query.get("repository", "")
-        return parse_scopes([repository(named, PULL).format()]) if named else []
+        return tuple(parse_scopes([repository(named, PULL).format()])) if named else ()
     name = request.match_info.get("name")
     if name is not None:
-        actions = _ACTIONS_BY_METHOD.get(request.method, (PULL, PUSH))
-        needed = [repository(name, *actions)]
-        source = request.query.get("from")
-        if request.method == "POST" and source and "mount" in request.query:
-            needed.append(repository(source, PULL))
-        return parse_scopes(s.format() for s in needed)      # one entry per repository
+        method = request.method
+        actions = _ACTIONS_BY_METHOD.get(method, _PULL_PUSH)
+        mount = method == "POST" and "mount" in request.query and request.query.get("from")
+        if not mount and name.isprintable() and " " not in name:
+            return (Scope(REPOSITORY, name, actions),)
+        needed = [Scope(REPOSITORY, name, actions)]
+        if mount:
+            needed.append(repository(mount, PULL))
+        return tuple(parse_scopes(s.format() for s in needed))
     resource = request.match_info.route.resource
     if resource is not None and resource.canonical == "/v2/_catalog":
-        return [catalog()]
-    return []
+        return (catalog(),)
+    return ()
 
 
 def _quoted(value: str) -> str:
@@ -148,7 +164,7 @@ def pull_check(gate: Gate):
     aiohttp and declines, to this chain, whatever it may not serve."""
     def admits(authorization: str | None, name: str) -> bool:
         try:
-            gate.admit(authorization, [repository(name, PULL)])
+            gate.admit(authorization, (repository(name, PULL),))
         except Refusal:
             return False
         return True
@@ -156,28 +172,45 @@ def pull_check(gate: Gate):
     return admits
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler) -> web.StreamResponse:
-    if not guarded(request.path) or request.get(INTERNAL):
+def authenticate(internal: bytes | None) -> Middleware:
+    """The access middleware of a node with auth on. With ``internal`` (the
+    expected internal-credential header, ``api.internal``) it also does that
+    middleware's work: a request carrying the credential skips the gate, an
+    internal route without it is refused. One middleware for both, and the gate
+    looked up once, because this runs on every request and each layer of the
+    chain costs every request."""
+    gate: Gate | None = None        # app[GATE] exists once the node's storage is open
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler) -> web.StreamResponse:
+        nonlocal gate
+        authorization = request.headers.get("Authorization")
+        if internal is not None and carries_credential(authorization, internal):
+            return await handler(request)
+        path = request.path
+        if not guarded(path):
+            if internal is not None and internal_route(path):
+                raise refusal()
+            return await handler(request)
+        if gate is None:
+            gate = request.app[GATE]
+        needed = needed_access(request)
+        if authorization is None and carries_grant(request.query):
+            _admit_grant(request, gate, needed)
+            return await handler(request)
+        try:
+            gate.admit(authorization, needed)
+        except Refusal as refused:
+            # The reason names what was wrong, never a credential.
+            log.info("access_refused", method=request.method, path=path,
+                     status=refused.status, reason=refused.reason)
+            raise refusal_error(request, gate, refused) from None
         return await handler(request)
-    gate = request.app[GATE]
-    needed = needed_access(request)
-    authorization = request.headers.get("Authorization")
-    if authorization is None and carries_grant(request.query):
-        _admit_grant(request, gate, needed)
-        return await handler(request)
-    try:
-        admitted = gate.admit(authorization, needed)
-    except Refusal as refusal:
-        # The reason names what was wrong, never a credential.
-        log.info("access_refused", method=request.method, path=request.path,
-                 status=refusal.status, reason=refusal.reason)
-        raise refusal_error(request, gate, refusal) from None
-    request[PRINCIPAL] = admitted.principal
-    return await handler(request)
+
+    return authenticate
 
 
-def _admit_grant(request: web.Request, gate: Gate, needed: list[Scope]) -> None:
+def _admit_grant(request: web.Request, gate: Gate, needed: tuple[Scope, ...]) -> None:
     """Admit a request that presents a blob grant (``api.redirects``) instead of
     credentials, or raise the 401 a bad credential gets: a grant admits a
     ``GET`` or ``HEAD`` of the one blob it names, on the node that signed it,

@@ -34,8 +34,6 @@ from aiohttp import web
 from ..errors import ErrorCode, RegistryError
 
 INTERNAL_CREDENTIAL: web.AppKey[bytes] = web.AppKey("internal_credential", bytes)
-# Set on a request that carried the internal credential.
-INTERNAL: web.RequestKey[bool] = web.RequestKey("internal", bool)
 PUBLIC_PATHS = frozenset({"/georeg/v1/replication/status"})
 
 
@@ -47,16 +45,25 @@ def expected_header(credential: str) -> bytes:
     return f"Bearer {credential}".encode()
 
 
+def carries_credential(sent: str | None, expected: bytes) -> bool:
+    """Whether ``sent`` (an ``Authorization`` value) is the internal credential,
+    compared in constant time."""
+    return sent is not None and hmac.compare_digest(sent.encode(errors="replace"), expected)
+
+
+def refusal() -> RegistryError:
+    return RegistryError(
+        ErrorCode.UNAUTHORIZED, "this route serves the cluster itself (supervisor, management "
+        "API, georeg verify) and needs the cluster's internal credential",
+        message="authentication required")
+
+
 @web.middleware
 async def internal_access(request: web.Request, handler) -> web.StreamResponse:
-    sent = request.headers.get("Authorization")
-    expected = request.app[INTERNAL_CREDENTIAL]
-    if sent is not None and hmac.compare_digest(sent.encode(errors="replace"), expected):
-        request[INTERNAL] = True
+    """The internal credential's middleware on a node without data-plane auth (a
+    node with auth checks it in ``api.auth.authenticate``, one middleware for both)."""
+    if carries_credential(request.headers.get("Authorization"), request.app[INTERNAL_CREDENTIAL]):
         return await handler(request)
     if internal_route(request.path):
-        raise RegistryError(
-            ErrorCode.UNAUTHORIZED, "this route serves the cluster itself (supervisor, management "
-            "API, georeg verify) and needs the cluster's internal credential",
-            message="authentication required")
+        raise refusal()
     return await handler(request)

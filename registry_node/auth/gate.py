@@ -16,6 +16,14 @@ a role removed takes effect on the next request, on every node that has
 received the change. A bearer token's permissions are what it was granted
 *and* what its principal still holds.
 
+A client sends one bearer token for many requests, so an admission by bearer
+token is remembered, per (``Authorization`` value, access needed), for as long
+as it provably stands: the source's ``generation`` has not moved (any change
+to any identity, scope map, role or setting moves it) and the clock is before
+both the token's expiry (with its leeway) and the expiry of the credential it
+was minted from. Past either, the request is decided afresh. Refusals and
+``Basic`` credentials are never remembered (no password is kept).
+
 Outcomes: ``Refusal.unauthenticated`` (401: no, malformed, wrong or outdated
 credentials; anonymous lacking access) or ``Refusal.denied`` (403: a known
 principal lacking access), each naming the access the request needed. The
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +43,7 @@ from . import permissions as perms
 from .identities import DISABLED, IdentitySource, Password, secret_matches
 from .permissions import Holdings, Permissions
 from .scopes import ANY, Scope, grant, missing
-from .tokens import ACCESS, REFRESH, InvalidToken, Minted, TokenAuthority
+from .tokens import ACCESS, LEEWAY_S, REFRESH, InvalidToken, Minted, TokenAuthority
 
 # The username that says "the password is a refresh token" (ACR, az acr login).
 NULL_GUID = "00000000-0000-0000-0000-000000000000"
@@ -42,6 +51,9 @@ ADMIN, TOKEN, IDENTITY, ANONYMOUS = "admin", "token", "identity", "anonymous"
 # Credentials longer than this are refused unread; aiohttp's parser already
 # refuses any header line over 8190 bytes before a request gets this far.
 MAX_CREDENTIAL_LENGTH = 8192
+# Bearer admissions remembered (``Gate._recalled``): a client sends one token for
+# many requests, and checking it again costs more than the request it guards.
+ADMISSIONS_LIMIT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +116,8 @@ class Gate:
         self.source = source
         self.tokens = tokens
         self.now = now
+        # (Authorization header, needed) -> (Admitted, source generation, until)
+        self._admissions: dict[tuple[str, tuple[Scope, ...]], tuple[Admitted, int, float]] = {}
 
     @property
     def service(self) -> str:
@@ -121,6 +135,11 @@ class Gate:
                 if not missing(needed, held.actions_on):
                     return Admitted(ANONYMOUS_PRINCIPAL, held)
             raise Refusal.unauthenticated(needed, "no credentials")
+        needed = tuple(needed)
+        admitted = self._recalled(authorization, needed)
+        if admitted is not None:
+            return admitted
+        generation = self.source.generation         # what the decision below is made on
         scheme, _, value = authorization.strip().partition(" ")
         value = value.strip()
         scheme = scheme.lower()
@@ -138,10 +157,12 @@ class Gate:
             except InvalidToken as exc:
                 raise Refusal.unauthenticated(needed, str(exc), "invalid_token") from None
             principal = Principal.from_subject(claims.subject, claims.credential)
-            if principal is None or not self.current(principal):
+            credential_until = None if principal is None else self.standing(principal)
+            if credential_until is None:
                 raise Refusal.unauthenticated(needed, "the token's principal cannot log in now",
                                               "invalid_token")
             held = _within(self.permissions(principal), claims.access)
+            until = min(claims.expires + LEEWAY_S, credential_until)
         else:
             raise Refusal.unauthenticated(needed, "unsupported authorization scheme")
         lacking = missing(needed, held.actions_on)
@@ -150,7 +171,29 @@ class Gate:
                 raise Refusal.unauthenticated(needed, "anonymous access is not enough",
                                               "insufficient_scope" if scheme == "bearer" else None)
             raise Refusal.denied(needed, lacking)
-        return Admitted(principal, held)
+        admitted = Admitted(principal, held)
+        if scheme == "bearer":
+            self._remember(authorization, needed, admitted, generation, until)
+        return admitted
+
+    def _recalled(self, authorization: str, needed: tuple[Scope, ...]) -> Admitted | None:
+        """The admission of this very bearer request made before, if it still stands:
+        nothing the principal depends on has changed (the source's generation), and
+        neither the token nor the credential it was minted from has expired since."""
+        remembered = self._admissions.get((authorization, needed))
+        if remembered is None:
+            return None
+        admitted, generation, until = remembered
+        if generation != self.source.generation or self.now() >= until:
+            del self._admissions[(authorization, needed)]
+            return None
+        return admitted
+
+    def _remember(self, authorization: str, needed: tuple[Scope, ...], admitted: Admitted,
+                  generation: int, until: float) -> None:
+        if len(self._admissions) >= ADMISSIONS_LIMIT:
+            del self._admissions[next(iter(self._admissions))]       # the oldest
+        self._admissions[(authorization, needed)] = (admitted, generation, until)
 
     # -- logins (the token server's and Basic on registry routes) ---------------------
 
@@ -205,9 +248,14 @@ class Gate:
     def current(self, principal: Principal) -> bool:
         """Whether ``principal``'s login still stands: it exists, is enabled, and the
         credential it used is still there and unexpired."""
+        return self.standing(principal) is not None
+
+    def standing(self, principal: Principal) -> float | None:
+        """Until when ``principal``'s login stands as the source is now (``inf``: for
+        as long as nothing changes), or None if it does not stand now."""
         now = self.now()
         if principal.kind == ANONYMOUS:
-            return self.source.settings().anonymous_pull_enabled
+            return math.inf if self.source.settings().anonymous_pull_enabled else None
         if principal.kind == ADMIN:
             settings = self.source.settings()
             slots = settings.admin_passwords if settings.admin_enabled \
@@ -218,7 +266,10 @@ class Gate:
         else:
             identity = self.source.identity(principal.name)
             slots = identity.secrets if identity is not None else ()
-        return any(p.fingerprint == principal.credential and p.valid_at(now) for p in slots)
+        for slot in slots:
+            if slot.fingerprint == principal.credential and slot.valid_at(now):
+                return math.inf if slot.expiry is None else slot.expiry
+        return None
 
     def permissions(self, principal: Principal) -> Permissions:
         """What ``principal`` may do now."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 REPOSITORY = "repository"
 REGISTRY = "registry"
@@ -45,9 +45,10 @@ _TYPE = re.compile(r"([a-z0-9]+(?:[._-][a-z0-9]+)*)(?:\([a-z0-9]+\))?")
 _ACTION = re.compile(r"[a-z0-9_-]+|\*")
 
 
-@dataclass(frozen=True, slots=True)
-class Scope:
-    """Actions on one resource (``repository``/``<name>``, ``registry``/``catalog``)."""
+class Scope(NamedTuple):
+    """Actions on one resource (``repository``/``<name>``, ``registry``/``catalog``).
+    A named tuple, not a dataclass: the access gate hashes and compares the scopes
+    a request needs on every request, and a tuple does that in C."""
 
     type: str
     name: str

@@ -12,6 +12,7 @@ auth on enforces; the node is given the same files a cluster would give it.
 from __future__ import annotations
 
 import base64
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from cluster.control.ca import ClusterCA, NodeCertificate
+from cluster.control.private_files import write_private
 from registry_node.app import init_app
 from registry_node.auth.identities import (
     DISABLED,
@@ -103,11 +105,18 @@ def identities(*, admin: bool = True, anonymous: bool = False) -> InMemoryIdenti
 class AuthFiles:
     ca: ClusterCA
     certificates: dict[str, NodeCertificate]
+    internal_file: Path            # the cluster's internal credential, as `georeg up` makes one
 
     def node_args(self, node: str) -> list[str]:
         cert = self.certificates[node]
         return ["--auth-ca", str(cert.ca_file), "--auth-key", str(cert.key_file),
-                "--auth-cert", str(cert.cert_file), "--auth-service", SERVICE]
+                "--auth-cert", str(cert.cert_file), "--auth-service", SERVICE,
+                "--internal-credential-file", str(self.internal_file)]
+
+    def internal_headers(self) -> dict[str, str]:
+        """What the cluster's own requests carry: the node's internal routes
+        (the registry configuration among them) answer nothing else."""
+        return {"Authorization": f"Bearer {self.internal_file.read_text().strip()}"}
 
     def config(self, node: str, data_dir: Path) -> NodeConfig:
         cert = self.certificates[node]
@@ -118,7 +127,9 @@ class AuthFiles:
 
 def auth_files(root: Path, *nodes: str) -> AuthFiles:
     ca = ClusterCA.open(root / "ca")
-    return AuthFiles(ca, {n: ca.node_certificate(n, "eastus", "1") for n in nodes})
+    internal = root / "internal.secret"
+    write_private(internal, secrets.token_urlsafe(32).encode())
+    return AuthFiles(ca, {n: ca.node_certificate(n, "eastus", "1") for n in nodes}, internal)
 
 
 async def start_auth_node(config: NodeConfig, source: InMemoryIdentities,
@@ -158,8 +169,11 @@ def configuration_objects(source: InMemoryIdentities) -> list[tuple[str, str, di
 
 
 async def seed_configuration(http: aiohttp.ClientSession, url: str,
-                             source: InMemoryIdentities) -> None:
-    """Write ``source`` into the registry configuration of the node at ``url``."""
+                             source: InMemoryIdentities,
+                             headers: dict[str, str] | None = None) -> None:
+    """Write ``source`` into the registry configuration of the node at ``url``
+    (``headers``: the internal credential, which a node with auth wants there)."""
     for kind, name, value in configuration_objects(source):
-        async with http.put(f"{url}/georeg/v1/configuration/{kind}/{name}", json=value) as r:
+        async with http.put(f"{url}/georeg/v1/configuration/{kind}/{name}", json=value,
+                            headers=headers) as r:
             assert r.status == 200, await r.text()

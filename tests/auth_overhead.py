@@ -214,19 +214,17 @@ async def start_targets(root: Path, concurrency: int, node_class: type[NodeProce
                         ) -> tuple[dict[str, NodeProcess], dict[str, Target], str]:
     """The three nodes, their data pushed, and the four clients; the access token."""
     files = auth_files(root, "auth")
-    # As a cluster with auth starts its nodes: the internal credential too, so the
-    # auth node checks on every request what a cluster's node checks (``api.auth``).
-    internal = root / "internal.secret"
-    internal.write_text(os.urandom(24).hex())
-    nodes = {"auth": node_class(root / "auth", [*files.node_args("auth"),
-                                                "--internal-credential-file", str(internal)]),
+    # As a cluster with auth starts its nodes: the internal credential too
+    # (``files.node_args``), so the auth node checks on every request what a
+    # cluster's node checks (``api.auth``).
+    nodes = {"auth": node_class(root / "auth", files.node_args("auth")),
              "off": node_class(root / "off"), "off2": node_class(root / "off2")}
     targets: dict[str, Target] = {}
     try:
         for node in nodes.values():
             node.start()
         async with aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {internal.read_text()}"},
+                headers=files.internal_headers(),
                 timeout=aiohttp.ClientTimeout(total=600)) as http:
             await seed_configuration(http, nodes["auth"].url, identities())
             token = await bearer_for(http, nodes["auth"].url)

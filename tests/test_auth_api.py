@@ -173,9 +173,21 @@ async def test_the_realm_is_the_address_the_client_used(http, node):
             "http://registry.example:8443/oauth2/token"
 
 
-async def test_internal_routes_are_not_guarded_yet(http, node):
-    async with http.get(f"{node.url}/georeg/v1/inventory") as r:
-        assert r.status == 200
+async def test_without_an_internal_credential_internal_routes_answer_no_one(http, node, source):
+    """A node with auth but no internal credential (``georeg node --auth-ca``
+    alone) has no caller for its internal routes: were they open, anyone could
+    write a token of their own into the registry configuration."""
+    planted = {"scope_map": "_repositories_admin", "status": "enabled", "passwords": []}
+    for headers in ({}, basic(REGISTRY, ADMIN_PASSWORD)):
+        async with http.get(f"{node.url}/georeg/v1/inventory", headers=headers) as r:
+            await assert_error(r, 401, "UNAUTHORIZED")
+        async with http.put(f"{node.url}/georeg/v1/configuration/token/planted", json=planted,
+                            headers=headers) as r:
+            await assert_error(r, 401, "UNAUTHORIZED")
+        async with http.get(f"{node.url}/metrics", headers=headers) as r:
+            await assert_error(r, 401, "UNAUTHORIZED")
+    async with http.get(f"{node.url}/v2/", headers=basic(REGISTRY, ADMIN_PASSWORD)) as r:
+        assert r.status == 200                      # the registry itself serves on
 
 
 # -- the token flow, as a plain HTTP client follows it --------------------------------------

@@ -60,7 +60,7 @@ async def test_a_token_minted_by_one_node_works_on_another(node_process, files, 
     b = node_process("b", *files.node_args("node-b"))
     source = identities()        # one set of hashes, as replication would give both
     for node in (a, b):
-        await seed_configuration(http, node.url, source)
+        await seed_configuration(http, node.url, source, files.internal_headers())
     token = (await _token(http, a.url, basic("pusher", PUSH_PASSWORD), "repository:x/app:pull,push"))["token"]
     async with aiohttp.ClientSession(headers=bearer(token)) as client:
         await push_image(client, b.url, "x/app", make_image(seed=3), tag="v1")
@@ -75,7 +75,7 @@ async def test_a_token_minted_by_one_node_works_on_another(node_process, files, 
 async def test_a_64_kib_authorization_header_is_refused_without_a_500_or_a_log_of_it(
         node_process, files, http):
     node = node_process("a", *files.node_args("node-a"))
-    await seed_configuration(http, node.url, identities())
+    await seed_configuration(http, node.url, identities(), files.internal_headers())
     # A Basic credential padded past the parser's limit: its head holds the password.
     value = "Basic " + base64.b64encode(f"{REGISTRY}:{ADMIN_PASSWORD}".encode()).decode()
     value += "A" * (64 * 1024 - len(value))
@@ -91,7 +91,7 @@ async def test_a_64_kib_authorization_header_is_refused_without_a_500_or_a_log_o
 
 async def test_secrets_never_reach_the_log(node_process, files, http):
     node = node_process("a", *files.node_args("node-a"))
-    await seed_configuration(http, node.url, identities())
+    await seed_configuration(http, node.url, identities(), files.internal_headers())
     url = node.url
     used: list[str] = list(SECRETS)
     # Good and bad logins, every way in.

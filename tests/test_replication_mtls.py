@@ -16,11 +16,15 @@ is served by the same node), so a refusal that has another cause fails.
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 import aiohttp
 import grpc
 import pytest
 
 from cluster.control.ca import ClusterCA, NodeCertificate
+from cluster.control.private_files import write_private
 from replicator.wire.v1 import replication_pb2 as pb
 from replicator.wire.v1 import replication_pb2_grpc as pbg
 
@@ -31,9 +35,10 @@ from .replication_harness import InProcessCluster
 REPO = "app/web"
 
 
-def settings(cert: NodeCertificate) -> dict:
+def settings(cert: NodeCertificate, internal: Path) -> dict:
     return {"auth_ca_file": cert.ca_file, "auth_key_file": cert.key_file,
-            "auth_cert_file": cert.cert_file, "auth_service": SERVICE}
+            "auth_cert_file": cert.cert_file, "auth_service": SERVICE,
+            "internal_credential_file": internal}
 
 
 @pytest.fixture
@@ -42,14 +47,17 @@ async def auth_cluster(tmp_path):
     with the admin user in their registry configuration."""
     ca = ClusterCA.open(tmp_path / "ca")
     certificates = {name: ca.node_certificate(name, name) for name in ("brazilsouth", "eastus")}
+    internal = tmp_path / "internal.secret"
+    write_private(internal, secrets.token_urlsafe(32).encode())
     c = InProcessCluster(tmp_path / "nodes", [("brazilsouth", ""), ("eastus", "")],
-                         node_settings={n: settings(c) for n, c in certificates.items()},
+                         node_settings={n: settings(c, internal) for n, c in certificates.items()},
                          mutual_tls=True)
     await c.start()
     try:
         await c.wait_ready()
         async with aiohttp.ClientSession() as http:
-            await seed_configuration(http, c.nodes["eastus"].url, identities())
+            await seed_configuration(http, c.nodes["eastus"].url, identities(),
+                                     {"Authorization": f"Bearer {internal.read_text()}"})
         c.ca = ca
         yield c
     finally:

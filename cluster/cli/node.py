@@ -84,7 +84,8 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                       help="a file (mode 0600) holding the cluster's internal credential: the "
                            "node's internal routes (/georeg/v1/..., /metrics; not "
                            "/georeg/v1/replication/status) then answer only requests that carry "
-                           "it as `Authorization: Bearer`. A file, so the secret is never on a "
+                           "it as `Authorization: Bearer`; with --auth-ca and without this "
+                           "file, they answer no one. A file, so the secret is never on a "
                            "command line")
     tls = p.add_argument_group(
         "TLS", "Off unless --tls-cert is given. Then the node serves HTTPS only (HTTP/1.1 over "

@@ -173,10 +173,11 @@ def pull_check(gate: Gate):
 
 
 def authenticate(internal: bytes | None) -> Middleware:
-    """The access middleware of a node with auth on. With ``internal`` (the
-    expected internal-credential header, ``api.internal``) it also does that
-    middleware's work: a request carrying the credential skips the gate, an
-    internal route without it is refused. One middleware for both, and the gate
+    """The access middleware of a node with auth on. It also does
+    ``api.internal``'s work: a request carrying the internal credential
+    (``internal``, the expected header) skips the gate, an internal route
+    without it is refused — every internal route, when the node was given no
+    internal credential. One middleware for both, and the gate
     looked up once, because this runs on every request and each layer of the
     chain costs every request."""
     gate: Gate | None = None        # app[GATE] exists once the node's storage is open
@@ -189,7 +190,10 @@ def authenticate(internal: bytes | None) -> Middleware:
             return await handler(request)
         path = request.path
         if not guarded(path):
-            if internal is not None and internal_route(path):
+            # Without an internal credential a node with auth has no caller for
+            # its internal routes (the registry configuration among them): they
+            # answer no one rather than anyone.
+            if internal_route(path):
                 raise refusal()
             return await handler(request)
         if gate is None:

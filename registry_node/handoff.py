@@ -352,7 +352,9 @@ def _parse(head: bytes) -> tuple[str, dict[str, str]]:
     if method != "GET" or version != "HTTP/1.1" or not path.startswith("/v2/") \
             or unquote(path) != path:
         raise _Declined
-    if query and carries_grant(parse_qs(query)):
+    # Blank values kept, as aiohttp's query keeps them: ``?expires=`` is a grant
+    # (a bad one, for the HTTP chain to refuse), not the absence of one.
+    if query and carries_grant(parse_qs(query, keep_blank_values=True)):
         raise _Declined         # a blob grant is the HTTP chain's to judge (api.auth)
     headers: dict[str, str] = {}
     for line in lines[1:]:

@@ -8,6 +8,7 @@ test, each a 401 with the challenge, none a 500, nothing touched."""
 
 from __future__ import annotations
 
+import dataclasses
 from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
@@ -238,3 +239,25 @@ async def test_a_grant_admits_no_write(http, node, images):
         assert r.status == 200 and await r.read() == layer
     async with http.get(f"{base}/manifests/v1", headers=ADMIN) as r:
         assert r.status == 200
+
+
+async def test_on_a_node_listening_everywhere_the_endpoints_mark_names_the_host_not_the_clients(
+        http, tmp_path, clock):
+    """A node on 0.0.0.0 points its redirect at the address the endpoint says the
+    client reached; the endpoint appends its mark after the client's headers, so
+    a mark a client sent of its own (an address of its choosing) is not used."""
+    files = auth_files(tmp_path, "node-w")
+    config = dataclasses.replace(files.config("node-w", tmp_path / "data-w"), host="0.0.0.0")
+    node = await start_auth_node(config, identities(), clock)
+    try:
+        image = make_image([1500], seed=9)
+        async with aiohttp.ClientSession(headers=ADMIN) as admin:
+            await push_image(admin, node.url, "team/app", image, tag="v1")
+        forged_then_endpoint = [(REDIRECT_HEADER, "203.0.113.9"), (REDIRECT_HEADER, "127.0.0.1"),
+                                *ADMIN.items()]
+        async with http.get(blob_url(node, "team/app", image.blobs[0]),
+                            headers=forged_then_endpoint, allow_redirects=False) as r:
+            assert r.status == 307
+            assert urlsplit(r.headers["Location"]).hostname == "127.0.0.1"
+    finally:
+        await node.stop()

@@ -318,6 +318,7 @@ async def test_a_node_stopping_under_a_stalled_download_cuts_it_and_exits(nodes)
     b"GET /v2/app/blobs/sha256:%s HTTP/1.1\r\nX-Georeg-Redirect: 127.0.0.1\r\n\r\n",
     b"GET /v2/app/blobs/sha256:%s?expires=1&signature=x HTTP/1.1\r\n\r\n",
     b"GET /v2/app/blobs/sha256:%s?signature=x HTTP/1.1\r\n\r\n",
+    b"GET /v2/app/blobs/sha256:%s?expires= HTTP/1.1\r\n\r\n",       # blank, still a grant
 ])
 def test_heads_the_http_api_would_read_differently_are_declined(head):
     with pytest.raises(node_side._Declined):

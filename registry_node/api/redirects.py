@@ -49,7 +49,10 @@ class BlobRedirects:
     def origin(self, request: web.Request) -> str:
         host = self.host
         if host in _WILDCARD_HOSTS:
-            host = _ip_literal(request.headers.get(REDIRECT_HEADER, "")) or _local_ip(request)
+            # The endpoint appends its mark after the client's headers: the last
+            # one is the endpoint's, whatever a client sent of its own.
+            marks = request.headers.getall(REDIRECT_HEADER, [])
+            host = _ip_literal(marks[-1] if marks else "") or _local_ip(request)
         if ":" in host:
             host = f"[{host}]"
         return f"{self.scheme}://{host}:{_local_port(request)}"

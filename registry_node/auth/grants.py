@@ -27,6 +27,10 @@ Invariants:
   signature that is not base64, an expiry that is not a number, non-ASCII), so
   a bad grant is a 401, never a 500; the comparison is constant-time.
 * No grant is logged: the node's access log records paths, never queries.
+* Like a SAS URL, a grant is not revoked: one handed out before its token was
+  deleted or its role removed reads its one blob until it expires (at most
+  ``GRANT_TTL_S``). Any client that may pull a blob can get one, by marking its
+  own request; it gets nothing its credentials do not already read.
 """
 
 from __future__ import annotations

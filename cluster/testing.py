@@ -139,11 +139,7 @@ class RunningCluster:
     def auth_headers(self) -> dict[str, str]:
         """Headers that present ``credentials`` (HTTP Basic, which every node
         accepts on registry routes, as ACR does); empty on an open cluster."""
-        login = self._credentials
-        if login is None:
-            return {}
-        basic = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
-        return {"Authorization": f"Basic {basic}"}
+        return self._credentials.headers() if self._credentials is not None else {}
 
     def http(self, **options) -> aiohttp.ClientSession:
         """An aiohttp session (for the caller's event loop; the caller closes

@@ -8,7 +8,6 @@ a temp dir, or `georeg node` child processes that tests can SIGKILL.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import io
 import json
@@ -29,6 +28,7 @@ import pytest
 from aiohttp import web
 
 from cluster.control.supervisor import dies_with_parent
+from cluster.control.tls import client_context
 from registry_node.app import NODE, init_app
 from registry_node.config import NodeConfig
 from registry_node.node import Node
@@ -267,13 +267,13 @@ async def push_image(session: aiohttp.ClientSession, base: str, repo: str, image
 
 async def cluster_http(cluster, **options) -> aiohttp.ClientSession:
     """A session that sends the admin login of a started ``Cluster`` (what
-    ``georeg up`` prints; nothing on an open cluster), as
-    ``RunningCluster.http`` does for a cluster driven from another thread."""
+    ``georeg up`` prints; nothing on an open cluster) and trusts its CA on a TLS
+    cluster, as ``RunningCluster.http`` does for a cluster driven from another
+    thread."""
     login = await cluster.access.admin_login() if cluster.spec.auth_enabled else None
-    headers = {}
-    if login is not None:
-        basic = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
-        headers["Authorization"] = f"Basic {basic}"
+    headers = login.headers() if login is not None else {}
+    if cluster.spec.tls and "connector" not in options:
+        options["connector"] = aiohttp.TCPConnector(ssl=client_context(cluster.ca_file))
     return aiohttp.ClientSession(headers={**headers, **options.pop("headers", {})}, **options)
 
 
@@ -418,9 +418,9 @@ class Skopeo:
         return json.loads(out)
 
     async def list_tags(self, repo: str) -> list[str]:
-        _, out, _ = await self.run("list-tags", "--tls-verify=false", "--authfile", str(self.auth),
+        _, out, _ = await self.run("list-tags", *self._tls(""), "--authfile", str(self.auth),
                                    self.ref(repo))
         return json.loads(out)["Tags"]
 
     async def delete(self, ref: str) -> None:
-        await self.run("delete", "--tls-verify=false", "--authfile", str(self.auth), ref)
+        await self.run("delete", *self._tls(""), "--authfile", str(self.auth), ref)

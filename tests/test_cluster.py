@@ -577,7 +577,9 @@ def test_up_detached_prints_its_endpoints_and_down_leaves_nothing_running(tmp_pa
         password = json.loads(admin_passwords_path(data).read_text())["password"][-1]
         assert f"username georeg, password {password}" in up.stdout
         assert f"georeg login --data-dir {data.resolve()}" in up.stdout
-        assert f"skopeo login --tls-verify=false -u georeg -p {password} 127.0.0.1:" in up.stdout
+        # The password goes to skopeo on stdin (echo is the shell's: never in ps).
+        assert (f"echo {password} | skopeo login --tls-verify=false -u georeg --password-stdin "
+                f"127.0.0.1:") in up.stdout
         # The seed its links draw from, printed so that the run can be replayed.
         assert "WAN links seeded with 4242 (`georeg up --seed 4242`" in up.stdout
         status = json.loads(georeg("status", "--json", data_dir=data).stdout)

@@ -205,13 +205,12 @@ class ClusterProcess:
         if self._registry_headers is None:
             self._registry_headers = {}
             if self.spec.auth_enabled:
-                shown = self.call("GET", "/georeg/v1/registry/credentials")
-                password = next((p["value"] for p in shown["passwords"] if p.get("value")), None)
-                if password is None:
+                login = AdminLogin.from_shown(self.call("GET", "/georeg/v1/registry/credentials"))
+                if login is None:
                     raise ClusterStartError("the benchmark's client logs in as the admin user, "
                                             "and no admin password works; enable it with "
                                             "`georeg registry update --admin-enabled true`")
-                self._registry_headers = AdminLogin(shown["username"], password).headers()
+                self._registry_headers = login.headers()
         return self._registry_headers
 
     def grpc_channel(self, name: str) -> grpc.aio.Channel:

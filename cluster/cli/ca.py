@@ -73,10 +73,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise CliError(f"{pem_path} is not a PEM certificate: {exc}") from None
     der = certificate.public_bytes(serialization.Encoding.DER)
     fingerprint = hashlib.sha256(der).hexdigest().upper()
-    cluster_plan = plan(spec, data_dir)
-    ports = [e.port for e in cluster_plan.endpoints] + [n.http_port for n in cluster_plan.nodes]
-    hosts = [cluster_plan.host] + (["localhost"] if cluster_plan.host == "127.0.0.1" else [])
-    addresses = [f"{host}:{port}" for host in hosts for port in ports]
+    addresses = plan(spec, data_dir).client_addresses()
     written = None
     if args.cert_dir is not None:
         written = _write_cert_dir(args.cert_dir, pem)

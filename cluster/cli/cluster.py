@@ -318,8 +318,8 @@ def _print_login(console: Console, data_dir: str, host: str, admin: AdminLogin |
                   f"         (writes them where skopeo and podman look: $REGISTRY_AUTH_FILE, else "
                   f"$XDG_RUNTIME_DIR/containers/auth.json; --docker: ~/.docker/config.json for "
                   f"docker and oras)\n"
-                  f"     or: skopeo login {login_verify} -u {admin.username} "
-                  f"-p {admin.password} {host}\n"
+                  f"     or: echo {admin.password} | skopeo login {login_verify} "
+                  f"-u {admin.username} --password-stdin {host}\n"
                   f"Then:    skopeo copy {verify} docker-archive:image.tar "
                   f"docker://{host}/demo/app:v1", highlight=False, soft_wrap=True)
 

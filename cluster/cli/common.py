@@ -90,14 +90,12 @@ def admin_login(data_dir: Path) -> AdminLogin:
     """The admin credentials a client logs in with, as the running cluster's
     ``credential show`` answers them (from the one home of the plaintexts,
     checked against the hash the registry holds): the first password that works."""
-    shown = call(data_dir, "GET", "/georeg/v1/registry/credentials")
-    assert isinstance(shown, dict)
-    value = next((p["value"] for p in shown["passwords"] if p.get("value")), None)
-    if value is None:
+    login = AdminLogin.from_shown(call(data_dir, "GET", "/georeg/v1/registry/credentials"))
+    if login is None:
         raise CliError(f"no admin password kept in {data_dir}/auth/admin-passwords.json works "
                        f"any more; `georeg credential renew --password-name password` makes "
                        f"a new one")
-    return AdminLogin(shown["username"], value)
+    return login
 
 
 def event_loop():

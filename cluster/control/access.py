@@ -77,6 +77,16 @@ class AdminLogin:
     username: str
     password: str
 
+    @classmethod
+    def from_shown(cls, shown: object) -> AdminLogin | None:
+        """The login in what ``GET /georeg/v1/registry/credentials`` (``georeg
+        credential show``) answers: the first password that works, or None when
+        none does (the admin user disabled, or its passwords renewed elsewhere)."""
+        if not isinstance(shown, dict):
+            return None
+        value = next((p["value"] for p in shown.get("passwords", []) if p.get("value")), None)
+        return cls(shown["username"], value) if value is not None else None
+
     def headers(self) -> dict[str, str]:
         """Basic credentials, as ``curl -u`` sends them on registry routes."""
         encoded = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()

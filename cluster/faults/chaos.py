@@ -532,12 +532,12 @@ class ChaosRun:
             shown = await self._api(session, "GET", "/georeg/v1/registry/credentials")
         except ScenarioError as exc:
             raise ScenarioError(f"the scenario's clients log in as the admin user: {exc}") from None
-        password = next((p["value"] for p in shown.get("passwords", []) if p.get("value")), None)
-        if password is None:
+        login = AdminLogin.from_shown(shown)
+        if login is None:
             raise ScenarioError("the scenario's clients log in as the admin user, and no admin "
                                 "password works; enable it with `georeg registry update "
                                 "--admin-enabled true`")
-        return AdminLogin(shown["username"], password).headers()
+        return login.headers()
 
     async def _faults(self, session) -> None:
         for step in self.steps:

@@ -385,6 +385,8 @@ examples:
     size.add_argument("--concurrency", type=_positive, help="requests in flight (default 8)")
     size.add_argument("--reads", type=_positive,
                       help="requests per read measurement; full tag lists a tenth (default 2000)")
+    size.add_argument("--page", type=_positive, metavar="N",
+                      help="n= of the paged tag list and catalog reads (default 100)")
     size.add_argument("--idle", type=float, metavar="SECONDS",
                       help="each idle window on the cluster (default 30: one anti-entropy "
                            "period)")
@@ -421,7 +423,7 @@ def _run_scale_bench(args: argparse.Namespace) -> int:
         options = options.quick()
     given = {"manifests": args.manifests, "repositories": args.repositories,
              "largest": args.largest, "concurrency": args.concurrency, "reads": args.reads,
-             "idle_s": args.idle, "config": args.config, "workdir": args.workdir,
+             "page": args.page, "idle_s": args.idle, "config": args.config, "workdir": args.workdir,
              "reference_binary": args.reference_binary}
     options = replace(options, **{k: v for k, v in given.items() if v is not None},
                       sides=tuple(s for s in SIDES if not args.only or s in args.only),

@@ -403,7 +403,9 @@ async def cluster_idle(cluster: ClusterProcess, seconds: float) -> dict:
     await asyncio.sleep(seconds)  # the measuring window, not a wait for a condition
     after, window = cpu(), time.monotonic() - started
     links1 = _links(cluster)
-    used = sum(after[p] - before[p] for p in after if p in before)
+    shares = {p: (after[p] - before[p]) / window for p in after if p in before}
+    used = sum(shares.values()) * window
+    names = _process_names(cluster)
     carried = {}
     if links0 is not None and links1 is not None:
         was = {link["name"]: link["bytes"] for link in links0}
@@ -411,7 +413,24 @@ async def cluster_idle(cluster: ClusterProcess, seconds: float) -> dict:
     busiest = max(carried.items(), key=lambda kv: kv[1], default=("", 0))
     return {"window_s": window, "processes": len(after), "cpu_share": used / window,
             "link_bytes_total": sum(carried.values()), "links": len(carried),
-            "busiest_link": busiest[0], "busiest_link_bytes": busiest[1]}
+            "busiest_link": busiest[0], "busiest_link_bytes": busiest[1],
+            "per_process": {names.get(p, f"pid {p}"): share for p, share in sorted(shares.items())}}
+
+
+def _process_names(cluster: ClusterProcess) -> dict[int, str]:
+    """pid → node name (serving nodes), "supervisor"; paired copies by their data dir."""
+    names = {cluster.supervisor_pid: "supervisor"} if cluster.supervisor_pid else {}
+    with contextlib.suppress(ClusterStartError):
+        status = cluster.call("GET", "/georeg/v1/cluster")
+        names.update({n["pid"]: n["name"] for n in status["nodes"] if n.get("pid")})
+        copies = {c["data_dir"]: c["name"] for c in status["paired_copies"]}
+        for pid in descendants(cluster.supervisor_pid or 0):
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                for data_dir, name in copies.items():
+                    if data_dir.encode() in argv:
+                        names[pid] = name
+    return names
 
 
 def _links(cluster: ClusterProcess) -> list[dict] | None:
@@ -603,8 +622,9 @@ def print_table(results: dict, console: Console) -> None:
                            ("idle_after_new_region", f"idle CPU, with {NEW_REGION}")):
             if key in cluster:
                 i = cluster[key]
+                top = max(i["per_process"].items(), key=lambda kv: kv[1], default=("", 0.0))
                 c.add_row(f"{label} ({i['processes']} processes, {i['window_s']:.0f} s)",
-                          f"{i['cpu_share']:.1%} of one core")
+                          f"{i['cpu_share']:.1%} of one core (most: {top[0]} {top[1]:.1%})")
                 c.add_row(f"  links meanwhile ({i['links']}; busiest {i['busiest_link']})",
                           f"{i['link_bytes_total'] / 1024:,.0f} KiB; busiest "
                           f"{i['busiest_link_bytes'] / 1024:,.1f} KiB")

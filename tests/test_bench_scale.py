@@ -52,6 +52,7 @@ def test_bench_scale_counts_back_everything_it_pushed(tmp_path):
     assert set(cluster["rss_after_push_mib"]) and len(cluster["rss_after_push_mib"]) == cluster["nodes"]
     for idle in ("idle_empty", "idle_after_push", "idle_after_new_region"):
         assert cluster[idle]["processes"] >= cluster["nodes"] + 1, idle  # the supervisor too
+        assert {"supervisor", *cluster["rss_after_push_mib"]} <= set(cluster[idle]["per_process"])
     assert cluster["idle_after_new_region"]["processes"] > cluster["idle_after_push"]["processes"]
     assert cluster["new_region"]["images"] == [MANIFESTS, MANIFESTS]
     assert _processes_mentioning(str(workdir)) == []

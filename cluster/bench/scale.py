@@ -426,9 +426,9 @@ def _process_names(cluster: ClusterProcess) -> dict[int, str]:
         copies = {c["data_dir"]: c["name"] for c in status["paired_copies"]}
         for pid in descendants(cluster.supervisor_pid or 0):
             with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                argv = Path(f"/proc/{pid}/cmdline").read_text(errors="replace").split("\x00")
                 for data_dir, name in copies.items():
-                    if data_dir.encode() in argv:
+                    if data_dir in argv:
                         names[pid] = name
     return names
 
@@ -515,6 +515,8 @@ async def measure_cluster(options: ScaleOptions, workdir: Path, stack: contextli
     target = Target(f"cluster (global@{region})", endpoints[region], cluster.supervisor_pid or 0)
     async with open_session(options.concurrency, cluster.tls, cluster.registry_headers()) as session:
         side, content = await measure_side(CLUSTER, target, session, options, say)
+    # the global endpoint's proxy runs in the supervisor: its CPU is not a node's
+    side["push"]["supervisor_cpu_s"] = side["push"].pop("server_cpu_s", None)
     result.update(side)
     last = side["push"]["last_image"]
     repo, tag, _ = content.manifest(last)

@@ -3,8 +3,9 @@
 Correctness, not speed: every manifest pushed is counted back (the largest
 repository's tag list, every catalog page), every georeg side pages its tag
 list, the default cluster (auth on, pushed through a global endpoint as its
-admin user) has the last manifest on every node and the new region synced all
-of it, and no process outlives the run. Timings are the benchmark's to report.
+admin user) has the last manifest on every node, a region isolated during
+pushes lists none of them until the heal and all of them after, the new
+region synced everything, and no process outlives the run. Timings are the benchmark's to report.
 """
 
 from __future__ import annotations
@@ -54,5 +55,9 @@ def test_bench_scale_counts_back_everything_it_pushed(tmp_path):
         assert cluster[idle]["processes"] >= cluster["nodes"] + 1, idle  # the supervisor too
         assert {"supervisor", *cluster["rss_after_push_mib"]} <= set(cluster[idle]["per_process"])
     assert cluster["idle_after_new_region"]["processes"] > cluster["idle_after_push"]["processes"]
-    assert cluster["new_region"]["images"] == [MANIFESTS, MANIFESTS]
+    catch_up = cluster["catch_up"]   # --quick: 100 manifests pushed while a region is isolated
+    assert cluster["new_region"]["images"] == [MANIFESTS + 100] * 2    # created after it
+    assert catch_up["pushed"] == 100
+    assert catch_up["held_while_isolated"] == 0       # the isolation held
+    assert catch_up["held"] == 100 and catch_up["seconds_after_heal"] is not None
     assert _processes_mentioning(str(workdir)) == []

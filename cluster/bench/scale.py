@@ -31,6 +31,9 @@ On the cluster only (started here on free ports, the default spec):
                 endpoints, and every process under it: nodes and paired copies),
                 as a share of one core over ``idle`` seconds, empty before the push,
                 after it, and after the new region; per-node RSS after the push
+    catch-up    the last non-home region isolated (every link cut) while ``catch_up``
+                manifests are pushed into one repository; from the heal until that
+                region's node lists every one of them (its tag list, read there)
     links       bytes the cluster's links (WAN and zone) carried over that idle
                 window: between converged nodes this is anti-entropy plus the
                 subscriptions' keep-alives (no node counts its anti-entropy rounds
@@ -90,6 +93,7 @@ STANDALONE, REFERENCE, CLUSTER = "standalone", "reference", "cluster"
 SIDES = (STANDALONE, REFERENCE, CLUSTER)
 READS = ("tags", "tags_page", "catalog", "manifest")
 NEW_REGION = "japaneast"
+CATCH_UP_REPOSITORY = "scale/catch-up"
 POLL_S = 0.02
 LAYER = b"georeg bench scale: one shared tiny layer\n"
 
@@ -105,6 +109,7 @@ class ScaleOptions:
     idle_s: float = 30.0           # one anti-entropy period of the default spec
     sides: tuple[str, ...] = SIDES
     new_region: bool = True
+    catch_up: int = 10_000         # manifests pushed while a region is isolated; 0 skips
     config: Path | None = None
     workdir: Path | None = None
     reference_binary: str | None = None
@@ -113,7 +118,7 @@ class ScaleOptions:
 
     def quick(self) -> ScaleOptions:
         """Every step, at a size that runs in about a minute."""
-        return replace(self, manifests=400, repositories=8, reads=100, idle_s=3.0)
+        return replace(self, manifests=400, repositories=8, reads=100, idle_s=3.0, catch_up=100)
 
     @property
     def in_largest(self) -> int:
@@ -133,7 +138,8 @@ class ScaleOptions:
                 "largest": self.in_largest, "concurrency": self.concurrency,
                 "reads": self.reads, "full_tag_list_reads": self.full_tag_reads,
                 "page": self.page, "idle_s": self.idle_s, "sides": list(self.sides),
-                "new_region": NEW_REGION if self.new_region else None, "seed": self.seed}
+                "new_region": NEW_REGION if self.new_region else None,
+                "catch_up": self.catch_up, "seed": self.seed}
 
     @property
     def full_tag_reads(self) -> int:
@@ -469,6 +475,56 @@ async def every_node_holds(cluster: ClusterProcess, repo: str, tag: str, digest:
             "missing": sorted(set(stubs) - set(arrived))}
 
 
+async def catch_up(cluster: ClusterProcess, session: aiohttp.ClientSession, url: str,
+                   count: int, timeout_s: float, say: Callable[[str], None]) -> dict:
+    """Isolate the last region that is not the home region (every link to and from it
+    cut, its processes up), push ``count`` manifests into one repository through the
+    global endpoint, heal, and time until that region's node lists them all."""
+    home = cluster.spec.home_region
+    node = next(n for n in reversed(cluster.nodes) if n.region != home)
+    repo = CATCH_UP_REPOSITORY
+    say(f"cluster: {node.region} isolated; pushing {count} manifests to {repo}")
+    fault = cluster.inject("region-outage", region=node.region, mode="isolate")
+    try:
+        options = ScaleOptions(manifests=count, repositories=1, concurrency=8)
+        content = Content(options)
+        content.repositories = [repo]
+        content.configs = {repo: content.configs.popitem()[1]}
+        client = ScaleClient(Target("cluster", url, 0), session, options.concurrency)
+        await client.setup(content)
+        pushed = await client.push(content)
+        try:
+            held_isolated: int | None = await _tags_at(session, cluster.http(node.name), repo)
+        except aiohttp.ClientError:
+            held_isolated = None    # not reachable from here while isolated
+    finally:
+        cluster.heal_all()
+    healed = time.monotonic()
+    deadline = healed + timeout_s
+    held = held_isolated or 0
+    while held < count and time.monotonic() < deadline:
+        await asyncio.sleep(POLL_S)  # poll interval, bounded by the deadline above
+        held = await _tags_at(session, cluster.http(node.name), repo)
+    seconds = time.monotonic() - healed
+    return {"region": node.region, "node": node.name, "fault": fault.get("description"),
+            "pushed": pushed["pushed"], "push_per_s": pushed["per_s"],
+            "held_while_isolated": held_isolated, "held": held,
+            "seconds_after_heal": seconds if held >= count else None,
+            "manifests_per_s": count / seconds if held >= count and seconds else None}
+
+
+async def _tags_at(session: aiohttp.ClientSession, node_url: str, repo: str) -> int:
+    """Tags ``repo`` lists at one node, read there (a tag list is answered from the
+    node's own store; a manifest GET might fetch from a peer)."""
+    async with session.get(f"{node_url}/v2/{repo}/tags/list") as r:
+        body = await r.read()
+    if r.status == 404:
+        return 0
+    if r.status != 200:
+        raise WorkloadError(f"{node_url}: GET {repo} tags answered {r.status}")
+    return len(json.loads(body).get("tags") or [])
+
+
 async def create_region(cluster: ClusterProcess, region: str, timeout_s: float) -> dict:
     started = time.monotonic()
     replica = await asyncio.to_thread(cluster.call, "POST", "/georeg/v1/replications",
@@ -526,6 +582,11 @@ async def measure_cluster(options: ScaleOptions, workdir: Path, stack: contextli
     result["rss_after_push_mib"] = node_rss(cluster)
     say(f"cluster: idle after the push ({options.idle_s:g} s)")
     result["idle_after_push"] = await cluster_idle(cluster, options.idle_s)
+    if options.catch_up:
+        async with open_session(options.concurrency, cluster.tls,
+                                cluster.registry_headers()) as session:
+            result["catch_up"] = await catch_up(cluster, session, endpoints[region],
+                                                options.catch_up, options.timeout_s, say)
     if options.new_region:
         say(f"cluster: replication create --location {NEW_REGION}")
         result["new_region"] = await create_region(cluster, NEW_REGION, options.timeout_s)
@@ -630,6 +691,11 @@ def print_table(results: dict, console: Console) -> None:
                 c.add_row(f"  links meanwhile ({i['links']}; busiest {i['busiest_link']})",
                           f"{i['link_bytes_total'] / 1024:,.0f} KiB; busiest "
                           f"{i['busiest_link_bytes'] / 1024:,.1f} KiB")
+        if "catch_up" in cluster:
+            k = cluster["catch_up"]
+            c.add_row(f"{k['region']} isolated for {k['pushed']:,} pushes: lists all after the heal",
+                      f"{k['seconds_after_heal']:.2f} s" if k["seconds_after_heal"] is not None
+                      else f"{k['held']:,} of {k['pushed']:,}")
         if "new_region" in cluster:
             n = cluster["new_region"]
             c.add_row(f"replication create {n['region']} → Ready ({n['images'][0]:,} images)",

@@ -396,6 +396,9 @@ examples:
     what = p.add_argument_group("what runs")
     what.add_argument("--only", action="append", choices=("standalone", "reference", "cluster"),
                       help="measure this registry only; repeatable (default: all three)")
+    what.add_argument("--catch-up", type=int, metavar="N",
+                      help="manifests pushed while a region is isolated, then the time for it "
+                           "to list them all after the heal (default 10000; --quick 100; 0 skips)")
     what.add_argument("--no-new-region", action="store_true",
                       help="skip `replication create` on the cluster")
     what.add_argument("--config", type=Path, metavar="FILE",
@@ -423,7 +426,7 @@ def _run_scale_bench(args: argparse.Namespace) -> int:
         options = options.quick()
     given = {"manifests": args.manifests, "repositories": args.repositories,
              "largest": args.largest, "concurrency": args.concurrency, "reads": args.reads,
-             "page": args.page, "idle_s": args.idle, "config": args.config, "workdir": args.workdir,
+             "page": args.page, "idle_s": args.idle, "catch_up": args.catch_up, "config": args.config, "workdir": args.workdir,
              "reference_binary": args.reference_binary}
     options = replace(options, **{k: v for k, v in given.items() if v is not None},
                       sides=tuple(s for s in SIDES if not args.only or s in args.only),

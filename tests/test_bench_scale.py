@@ -60,4 +60,6 @@ def test_bench_scale_counts_back_everything_it_pushed(tmp_path):
     assert catch_up["pushed"] == 100
     assert catch_up["held_while_isolated"] == 0       # the isolation held
     assert catch_up["held"] == 100 and catch_up["seconds_after_heal"] is not None
+    # the figure's resolution and how often the timed node was asked for its full tag list
+    assert catch_up["poll_s"] > 0 and catch_up["tag_lists_read"] >= 1
     assert _processes_mentioning(str(workdir)) == []

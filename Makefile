@@ -13,7 +13,7 @@ PROTO_SRC := proto/georeg/replication/v1/replication.proto
 # (the virtual import path makes their imports `replicator.wire.v1…`).
 PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
 
-.PHONY: help install system-deps up node test soak chaos bench bench-lag lint proto proto-check clean
+.PHONY: help install system-deps up node test soak chaos bench bench-lag bench-scale lint proto proto-check clean
 
 help:
 	@echo "make up       start the default multi-region cluster (installs first)"
@@ -23,6 +23,7 @@ help:
 	@echo "make chaos    run the shipped chaos scenarios at full length"
 	@echo "make bench    benchmark a node against the reference registry"
 	@echo "make bench-lag  replication lag per region pair against the WAN model's floor"
+	@echo "make bench-scale  many small images: push rate, listings, idle cost (SCALE_ARGS=--quick)"
 	@echo "make lint     ruff"
 	@echo "make install  virtualenv in $(VENV), editable install, system packages"
 
@@ -91,6 +92,9 @@ bench: install
 
 bench-lag: install
 	$(GEOREG) bench lag
+
+bench-scale: install
+	$(GEOREG) bench scale $(SCALE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check registry_node replicator cluster tests

@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_lag(benchmarks)
     _add_replication(benchmarks)
     _add_footprint(benchmarks)
+    _add_scale(benchmarks)
 
 
 def _add_footprint(sub: argparse._SubParsersAction) -> None:
@@ -346,6 +347,104 @@ def _run_replication_bench(args: argparse.Namespace) -> int:
     results.print(console)
     if args.json:
         args.json.write_text(json.dumps(results.to_json(), indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def _add_scale(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "scale", help="many small images: push rate, listings, GETs, idle cost, new region",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Push N small manifests (a tiny config and one shared tiny layer per
+repository, told apart by an annotation) in R repositories, then read them
+back, on three registries in turn: a standalone georeg node, the reference
+registry (CNCF distribution), and the default cluster through its home
+region's global endpoint (started here on free ports, auth on, as its admin
+user). Per registry: manifests pushed per second at concurrency 8, full and
+paged (n=100) tag list of the largest repository, _catalog pages, GET
+manifest (p50/p99). On the cluster also: the time until every node holds
+the last manifest, whole-cluster idle CPU (empty, after the push, after a new
+region) with what its links carried meanwhile, per-node RSS, and
+`replication create --location japaneast` until Ready.
+Counts are checked (a wrong answer stops the run); timings are reported,
+never enforced.""",
+        epilog="""\
+examples:
+  georeg bench scale --quick                       every step at a small size, about a minute
+  georeg bench scale -n 10000 -r 100 --json s.json
+  georeg bench scale --only cluster --idle 60""")
+    size = p.add_argument_group("size")
+    size.add_argument("-n", "--manifests", type=_positive,
+                      help="manifests pushed (default 100000; --quick 400)")
+    size.add_argument("-r", "--repositories", type=_positive,
+                      help="repositories they go in (default 10000; --quick 8)")
+    size.add_argument("--largest", type=_positive, metavar="N",
+                      help="manifests in the first repository, where tags are listed "
+                           "(default a tenth of them)")
+    size.add_argument("--concurrency", type=_positive, help="requests in flight (default 8)")
+    size.add_argument("--reads", type=_positive,
+                      help="requests per read measurement; full tag lists a tenth (default 2000)")
+    size.add_argument("--page", type=_positive, metavar="N",
+                      help="n= of the paged tag list and catalog reads (default 100)")
+    size.add_argument("--idle", type=float, metavar="SECONDS",
+                      help="each idle window on the cluster (default 30: one anti-entropy "
+                           "period)")
+    size.add_argument("--quick", action="store_true",
+                      help="400 manifests in 8 repositories, 100 reads, 3 s idle windows "
+                           "(explicit options above still apply)")
+    what = p.add_argument_group("what runs")
+    what.add_argument("--only", action="append", choices=("standalone", "reference", "cluster"),
+                      help="measure this registry only; repeatable (default: all three)")
+    what.add_argument("--catch-up", type=int, metavar="N",
+                      help="manifests pushed while a region is isolated, then the time for it "
+                           "to list them all after the heal (default 10000; --quick 100; 0 skips)")
+    what.add_argument("--no-new-region", action="store_true",
+                      help="skip `replication create` on the cluster")
+    what.add_argument("--config", type=Path, metavar="FILE",
+                      help="cluster spec (TOML); default: built in")
+    what.add_argument("--reference-binary", metavar="PATH",
+                      help="the reference registry (default /usr/bin/docker-registry)")
+    what.add_argument("--workdir", type=Path,
+                      help="keep data and logs here (default: a temp dir, removed)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    p.set_defaults(func=_run_scale_bench)
+
+
+def _run_scale_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from ..bench.clusterproc import ClusterStartError
+    from ..bench.scale import SIDES, ScaleOptions, print_table, run
+    from ..bench.server import ServerStartError
+    from ..bench.workload import WorkloadError
+
+    options = ScaleOptions()
+    if args.quick:
+        options = options.quick()
+    given = {"manifests": args.manifests, "repositories": args.repositories,
+             "largest": args.largest, "concurrency": args.concurrency, "reads": args.reads,
+             "page": args.page, "idle_s": args.idle, "catch_up": args.catch_up, "config": args.config, "workdir": args.workdir,
+             "reference_binary": args.reference_binary}
+    options = replace(options, **{k: v for k, v in given.items() if v is not None},
+                      sides=tuple(s for s in SIDES if not args.only or s in args.only),
+                      new_region=not args.no_new_region)
+    try:
+        results = _event_loop_run(run(options))
+    except (ClusterStartError, ServerStartError, WorkloadError, TimeoutError, ValueError) as exc:
+        print(f"georeg bench scale: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("georeg bench scale: interrupted; servers stopped", file=sys.stderr)
+        return 130
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    print_table(results, console)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.json}", file=sys.stderr)
     return 0
 

@@ -12,6 +12,7 @@ The key space::
     meta\\0identity                        → NodeIdentity      which region/zone wrote this DB
     meta\\0hlc                             → last HLC stamp issued (ascii int)
     meta\\0keycheck                        → key check value   which node key encrypted this DB
+    meta\\0fingerprints                    → scheme (ascii int) the fp\\0 sums below are maintained
     log\\0<seq:u64be>                       → Event             the replication log, seq from 1
     blob\\0<digest>                         → BlobRecord        the node holds this blob's file
     ref\\0<target>\\0<repo>\\0<manifest>      → b""               <manifest> in <repo> needs <target>
@@ -34,6 +35,10 @@ The key space::
     xfer\\0<digest>                         → upload id         an inbound blob transfer to resume
     conf\\0<kind>\\0<name>                  → ConfigRecord      registry configuration object (or
                                                                 its tombstone), registry-wide
+    fp\\0<repo>                             → RepositoryFingerprint  hash-sums of the tag and
+                                                                manifest registers (live and
+                                                                tombstones) of <repo>, by region
+                                                                (see ``fingerprints``)
 
 Each leaf of the tree has a builder (``tag(repo, tag)`` → bytes) and a frozen
 value named after it (``TagKey(repository, tag)``) that ``parse`` returns for
@@ -61,6 +66,7 @@ SCHEMA = META + b"schema"
 IDENTITY = META + b"identity"
 HLC = META + b"hlc"
 KEY_CHECK = META + b"keycheck"
+FINGERPRINTS = META + b"fingerprints"
 
 LOG = b"log\x00"
 BLOB = b"blob\x00"
@@ -74,6 +80,7 @@ CURSOR = b"cursor\x00"
 FAIL = b"fail\x00"
 TRANSFER = b"xfer\x00"
 CONFIG = b"conf\x00"
+FINGERPRINT = b"fp\x00"
 
 # The second level of ``r\0<repo>\0`` and ``tomb\0<repo>\0``.
 _LINK = b"b"
@@ -204,6 +211,22 @@ def configuration_prefix(kind: str) -> bytes:
 
 def configuration(kind: str, name: str) -> bytes:
     return configuration_prefix(kind) + _b(name)
+
+
+def fingerprint(name: str) -> bytes:
+    return FINGERPRINT + _b(name)
+
+
+def register(key: bytes) -> TagKey | ManifestKey | TagTombKey | ManifestTombKey | None:
+    """The register ``key`` holds, if it is one that anti-entropy compares (a
+    tag or manifest, live or deleted); ``None`` for every other key, cheaply,
+    since every key of every commit is asked (``fingerprints``)."""
+    if not (key.startswith(REPO_DATA) or key.startswith(TOMB)):
+        return None
+    parsed = _parse(key)
+    if isinstance(parsed, (TagKey, ManifestKey, TagTombKey, ManifestTombKey)):
+        return parsed
+    return None
 
 
 def in_repository(key: bytes, name: str) -> bool:
@@ -359,6 +382,13 @@ class TransferKey(msgspec.Struct, frozen=True):
         return transfer(self.digest)
 
 
+class FingerprintKey(msgspec.Struct, frozen=True):
+    repository: str
+
+    def encode(self) -> bytes:
+        return fingerprint(self.repository)
+
+
 class ConfigKey(msgspec.Struct, frozen=True):
     """A registry configuration object: ``name`` of ``kind`` (``configuration``)."""
 
@@ -371,7 +401,7 @@ class ConfigKey(msgspec.Struct, frozen=True):
 
 Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | RepoKey | BlobLinkKey | ManifestKey
        | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
-       | CursorKey | FailureKey | TransferKey | ConfigKey)
+       | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey)
 
 
 def _head(family: bytes) -> bytes:
@@ -380,12 +410,13 @@ def _head(family: bytes) -> bytes:
 
 _LOG_HEAD = _head(LOG)
 _META_HEAD = _head(META)
-_META_NAMES = frozenset(k.removeprefix(META).decode() for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK))
+_META_NAMES = frozenset(k.removeprefix(META).decode()
+                        for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK, FINGERPRINTS))
 # Families whose components follow the family name directly.
 _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (REPO, RepoKey),
     (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
-    (CONFIG, ConfigKey)]}
+    (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey)]}
 # Families of ``<family><repo>\0<kind>\0…``, by kind.
 _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
     _head(REPO_DATA): {_LINK.decode(): BlobLinkKey, _MANIFEST.decode(): ManifestKey,

@@ -19,6 +19,12 @@ Two steps, so the event loop never waits on a disk:
   just renamed into place) are fsynced in the same trip, before the WAL: a
   record can never be durable while the rename it describes is not.
 
+Anti-entropy fingerprints (``fingerprints``) are derived data kept here, not
+by callers: ``commit`` adds to every batch the updated sums of the registers
+it writes, into the same ``WriteBatch``, so no code path that writes a tag or
+manifest can forget them and no crash can part them from what they sum. A
+database that predates them is summed once when opened.
+
 Memory: RocksDB's defaults are sized for a database that owns its machine —
 a 64 MiB memtable, filled by every write until it is flushed, and a 32 MiB
 block cache, filled by reads. A node's metadata is small and its files stay
@@ -39,7 +45,7 @@ from pathlib import Path
 from msgspec import structs
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
-from . import keys
+from . import fingerprints, keys
 from .blobstore import fsync_directory
 from .records import Event, decode, encode
 from .storage_faults import StorageFaults
@@ -93,6 +99,8 @@ class MetadataStore:
         self._last_seq = self._read_last_seq()
         self._listeners: list[Callable[[int], None]] = []
         self.faults = faults or StorageFaults()
+        if self._db.get(keys.FINGERPRINTS) != fingerprints.SCHEME:
+            self._rebuild_fingerprints()
 
     def close(self) -> None:
         self._db.close()
@@ -165,6 +173,32 @@ class MetadataStore:
                 break
         return out
 
+    # -- fingerprints ----------------------------------------------------------
+
+    def fingerprint_sums(self, repository: str) -> dict[str, int]:
+        """The maintained hash-sums of ``repository``'s registers, by region."""
+        return fingerprints.sums_of(self._db.get(keys.fingerprint(repository)))
+
+    def fingerprinted_repositories(self) -> list[str]:
+        """Every repository holding a register that fingerprints sum, in name order."""
+        return [keys.parse(key, keys.FingerprintKey).repository
+                for key, _ in self.scan(keys.FINGERPRINT)]
+
+    def _rebuild_fingerprints(self) -> None:
+        """Sum every repository's registers (a database written before the sums
+        were kept, or under another scheme); one batch, like any commit."""
+        wb = WriteBatch(raw_mode=True)
+        for key, _ in self.scan(keys.FINGERPRINT):
+            wb.delete(key)
+        names = {keys.parse(k, keys.RepoKey).repository for k, _ in self.scan(keys.REPO)}
+        names.update(keys.parse(k, keys.TombKey).repository for k, _ in self.scan(keys.TOMB))
+        for name in sorted(names):
+            value = fingerprints.encode_sums(fingerprints.recompute(self.scan, name))
+            if value is not None:
+                wb.put(keys.fingerprint(name), value)
+        wb.put(keys.FINGERPRINTS, fingerprints.SCHEME)
+        self._db.write(wb, self._write_options)
+
     # -- writes --------------------------------------------------------------
 
     def commit(self, batch: Batch) -> list[Event]:
@@ -177,6 +211,13 @@ class MetadataStore:
             wb.put(key, value)
         for key in batch.deletes:
             wb.delete(key)
+        # Read before the write, in the same event-loop step: nothing else
+        # commits in between, so the previous values are the ones replaced.
+        for key, value in fingerprints.stage(batch.puts, batch.deletes, self._db.get).items():
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
         seq = self._last_seq
         committed: list[Event] = []
         for event in batch.events:

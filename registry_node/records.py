@@ -142,6 +142,14 @@ class ConfigRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     origin_acked_ns: int = 0
 
 
+class RepositoryFingerprint(msgspec.Struct, frozen=True):
+    """The hash-sums of one repository's registers, by the region that decides
+    their residency (``fingerprints``): 32-byte big-endian integers modulo 2**256.
+    A region whose sum is zero is left out."""
+
+    sums: dict[str, bytes]
+
+
 class Cursor(msgspec.Struct, frozen=True):
     """How far this node has applied a peer's log, and which incarnation of
     that peer (its node id) the sequence belongs to."""

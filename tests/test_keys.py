@@ -51,9 +51,10 @@ FAMILIES = {
     "failure": (keys.failure, keys.FailureKey, (repositories, st.one_of(digests, tags))),
     "transfer": (keys.transfer, keys.TransferKey, (digests,)),
     "configuration": (keys.configuration, keys.ConfigKey, (config_kinds, config_names)),
+    "fingerprint": (keys.fingerprint, keys.FingerprintKey, (repositories,)),
 }
 META = {keys.SCHEMA: "schema", keys.IDENTITY: "identity", keys.HLC: "hlc",
-        keys.KEY_CHECK: "keycheck"}
+        keys.KEY_CHECK: "keycheck", keys.FINGERPRINTS: "fingerprints"}
 
 # The scan prefix each family is found under, from the same arguments.
 PREFIXES = {
@@ -98,6 +99,8 @@ ON_DISK = [
     (keys.failure("lib/app", D1), b"fail\x00lib/app\x00" + D1.encode()),
     (keys.transfer(D1), b"xfer\x00" + D1.encode()),
     (keys.configuration("registry", "default"), b"conf\x00registry\x00default"),
+    (keys.FINGERPRINTS, b"meta\x00fingerprints"),
+    (keys.fingerprint("lib/app"), b"fp\x00lib/app"),
 ]
 
 
@@ -118,7 +121,8 @@ def test_the_tree_draws_every_family():
     """The docstring's tree stays the description of the key space: every family
     head and every meta key is drawn in it."""
     heads = [keys.LOG, keys.BLOB, keys.REF, keys.BLOB_USER, keys.REPO, keys.REPO_DATA,
-             keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG, *META]
+             keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG,
+             keys.FINGERPRINT, *META]
     drawn = keys.__doc__
     missing = [h for h in heads if h.decode().replace("\x00", "\\0") not in drawn]
     assert missing == []

@@ -99,7 +99,10 @@ class MetadataStore:
         self._last_seq = self._read_last_seq()
         self._listeners: list[Callable[[int], None]] = []
         self.faults = faults or StorageFaults()
-        if self._db.get(keys.FINGERPRINTS) != fingerprints.SCHEME:
+        # Whether opening had to sum the registers (a database from before the
+        # sums were kept): never, for one this georeg wrote, even after a crash.
+        self.fingerprints_rebuilt = self._db.get(keys.FINGERPRINTS) != fingerprints.SCHEME
+        if self.fingerprints_rebuilt:
             self._rebuild_fingerprints()
 
     def close(self) -> None:

@@ -9,7 +9,9 @@ holds), so a test can gather them from every node and fail with all of them.
   with the right digest. A miss is confirmed (manifest still served, blob still
   missing) before it counts, since replication keeps running during the check.
 * ``storage_problems`` — the same invariant straight from storage, in one
-  event-loop step (so atomically with respect to every merge).
+  event-loop step (so atomically with respect to every merge); and the
+  anti-entropy sums kept beside each repository's registers equal a
+  recomputation from them (``registry_node.fingerprints``).
 * ``residency_problems`` — nothing of a confined region reaches another node:
   not in the API, not as a metadata key, an event, a blob record or file, or a
   partial transfer.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import aiohttp
 
-from registry_node import keys
+from registry_node import fingerprints, keys
 from registry_node.records import (
     EventKind,
     ManifestRecord,
@@ -156,7 +158,19 @@ def storage_problems(node) -> list[str]:
                 if meta.get(keys.blob(ref)) is None or not registry.blobs.exists(ref) \
                         or not registry.blob_visible(repo, ref):
                     problems.append(f"{node.name}: {repo}@{digest} stored without {ref}")
-    return problems
+    return problems + fingerprint_problems(node)
+
+
+def fingerprint_problems(node) -> list[str]:
+    """Every repository's maintained sums equal a recomputation from its
+    registers, and no repository without registers keeps any."""
+    meta = node.registry.meta
+    names = stored_repositories(node) | set(meta.fingerprinted_repositories())
+    names |= {keys.parse(k, keys.TombKey).repository for k, _ in meta.scan(keys.TOMB)}
+    return [f"{node.name}: {repo}: fingerprint sums {meta.fingerprint_sums(repo)} "
+            f"!= recomputed {fingerprints.recompute(meta.scan, repo)}"
+            for repo in sorted(names)
+            if meta.fingerprint_sums(repo) != fingerprints.recompute(meta.scan, repo)]
 
 
 async def residency_problems(http: aiohttp.ClientSession, node, confined_repos: Iterable[str],

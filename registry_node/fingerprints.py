@@ -44,6 +44,9 @@ from . import keys
 from .records import ManifestRecord, RepositoryFingerprint, TagRecord, Tombstone, decode, encode
 
 SCHEME = b"1"          # meta\0fingerprints: bump when a term's definition changes
+# How fingerprints travel (proto: SummaryRequest/Summary.fingerprint_scheme).
+RECOMPUTED = 0         # SHA-256 over the registers in key order (georeg before the sums)
+SUMMED = 1             # ``visible_fingerprint`` of the maintained sums
 MODULUS = 1 << 256
 EMPTY = bytes(32)
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from . import keys
+from . import fingerprints, keys
 from . import manifest as manifests
 from .blobstore import UploadFile
 from .configuration import Configuration
@@ -411,10 +411,9 @@ class Replica:
         return decode(raw, ReplicationFailure) if raw is not None else None
 
     def repositories(self) -> list[str]:
-        """Every repository with live content or tombstones."""
-        names = {keys.parse(k, keys.RepoKey).repository for k, _ in self.meta.scan(keys.REPO)}
-        names.update(keys.parse(k, keys.TombKey).repository for k, _ in self.meta.scan(keys.TOMB))
-        return sorted(names)
+        """Every repository holding a tag or manifest register, live or deleted
+        (what anti-entropy compares; one key each, not a scan of their content)."""
+        return self.meta.fingerprinted_repositories()
 
     def repository_state(self, repo: str, visible: Callable[[str], bool]) -> dict[str, list[RegisterState]]:
         """Tags and manifests (live and deleted) of ``repo`` whose origin region
@@ -445,10 +444,19 @@ class Replica:
                     manifests_out.append(RegisterState(digest, digest, True, stamp_of(tomb)))
         return {"tags": tags, "manifests": manifests_out}
 
-    def fingerprint(self, repo: str, visible: Callable[[str], bool]) -> bytes:
+    def fingerprint(self, repo: str, visible: Callable[[str], bool],
+                    scheme: int = fingerprints.SUMMED) -> bytes:
         """A digest of ``repository_state``: equal fingerprints, equal state.
-        Manifests count by presence only, since their registers' stamps are
-        renewed by tag sets that residency may keep from some replicas."""
+        ``SUMMED`` is read from the sums maintained on write (``fingerprints``):
+        O(regions), whatever the repository holds. ``RECOMPUTED`` is what
+        georeg sent before them, for peers that still compare in it: a scan of
+        the repository. Manifests count by presence only, since their
+        registers' stamps are renewed by tag sets that residency may keep
+        from some replicas."""
+        if scheme == fingerprints.SUMMED:
+            return fingerprints.visible_fingerprint(self.meta.fingerprint_sums(repo), visible)
+        if scheme != fingerprints.RECOMPUTED:
+            raise ValueError(f"unknown fingerprint scheme {scheme}")
         state = self.repository_state(repo, visible)
         h = hashlib.sha256()
         for reg in sorted(state["tags"], key=lambda r: r.key):

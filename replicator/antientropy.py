@@ -10,6 +10,11 @@ an event. Registry configuration is compared the same way, by one fingerprint
 over all of it (registry-wide: no residency), and fetched whole where it
 differs. Pull-only: every node repairs itself from its peers, so with all
 nodes doing it the cluster converges whenever the replica graph is connected.
+
+Both sides read their fingerprints from sums maintained on write
+(``registry_node.fingerprints``), so a round between converged nodes costs a
+read per repository on each side, whatever the repositories hold. A peer of
+an older georeg is compared in the scheme it knows (recomputed: O(content)).
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from collections.abc import Sequence
 
 import structlog
 
+from registry_node import fingerprints
 from registry_node.records import EventKind
 from registry_node.replica import RegisterState, register_event
 
 from .convert import event_from_wire, register_from_wire
-from .errors import Outcome, ReplicationError
+from .errors import Outcome, ReplicationError, permanent
 from .peers import PeerClient
 from .residency import ResidencyPolicy
 from .transfer import Transfer
@@ -71,10 +77,13 @@ class AntiEntropy:
 
     async def _sync(self, peer: PeerClient) -> int:
         summary = await peer.summarize()
+        scheme = summary.fingerprint_scheme   # an older peer leaves it unset: RECOMPUTED
+        if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
+            raise permanent(f"{peer.name} fingerprints in unknown scheme {scheme}")
         changed = 0
         for entry in summary.repositories:
             repo = entry.repository
-            mine = self.replica.fingerprint(repo, self._visible(repo, peer.peer.region))
+            mine = self.replica.fingerprint(repo, self._visible(repo, peer.peer.region), scheme)
             if mine == entry.fingerprint:
                 continue
             state = await peer.repository_state(repo)

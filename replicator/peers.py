@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from registry_node import fingerprints
 from registry_node.records import NodeIdentity
 
 from .convert import node_ref
@@ -150,8 +151,8 @@ class PeerClient:
             requester=self._me, repository=repository, digest=digest), f"manifest {digest}")
 
     async def summarize(self) -> pb.Summary:
-        return await self._unary(self.stub.Summarize, pb.SummaryRequest(requester=self._me),
-                                 "summary")
+        return await self._unary(self.stub.Summarize, pb.SummaryRequest(
+            requester=self._me, fingerprint_scheme=fingerprints.SUMMED), "summary")
 
     async def repository_state(self, repository: str) -> pb.RepositoryState:
         return await self._unary(self.stub.GetRepositoryState, pb.RepositoryStateRequest(

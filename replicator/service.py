@@ -54,7 +54,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from registry_node import keys
+from registry_node import fingerprints, keys
 from registry_node.crypto import BlobCorrupt
 from registry_node.records import CONFIG_KINDS, BlobLink, EventKind, decode
 from registry_node.replica import Replica
@@ -385,13 +385,21 @@ class ReplicationService(pbg.ReplicationServicer):
     async def Summarize(self, request: pb.SummaryRequest,
                         context: grpc.aio.ServicerContext) -> pb.Summary:
         requester = await self._requester(request.requester, context)
+        # In the scheme the requester compares in; one it does not know of
+        # (a newer node) gets ours, and the reply says which it got.
+        scheme = request.fingerprint_scheme
+        if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
+            scheme = fingerprints.SUMMED
         summaries = []
         for repo in self.replica.repositories():
-            fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, requester))
+            fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, requester),
+                                                   scheme)
             summaries.append(pb.RepositorySummary(repository=repo, fingerprint=fingerprint))
-            await asyncio.sleep(0)
+            if scheme == fingerprints.RECOMPUTED:
+                await asyncio.sleep(0)    # a scan per repository: let others run
         return pb.Summary(repositories=summaries, last_seq=self.feed.last_seq,
-                          configuration_fingerprint=self.replica.configuration.fingerprint())
+                          configuration_fingerprint=self.replica.configuration.fingerprint(),
+                          fingerprint_scheme=scheme)
 
     async def GetConfiguration(self, request: pb.ConfigurationRequest,
                                context: grpc.aio.ServicerContext) -> pb.ConfigurationState:

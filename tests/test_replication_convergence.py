@@ -20,11 +20,13 @@ import msgspec
 import pytest
 
 from cluster.network.links import LinkFaults
-from registry_node import keys
+from registry_node import fingerprints, keys
 from registry_node.hlc import unpack, wall_ms_now
 from registry_node.metastore import Batch, MetadataStore
 from registry_node.records import Cursor, EventKind, decode, encode
+from replicator.convert import node_ref
 from replicator.topology import ReplicationSettings
+from replicator.wire.v1 import replication_pb2 as pb
 
 from .helpers import Image, digest_of, eventually, push_image
 from .replication_invariants import (
@@ -295,11 +297,32 @@ async def test_applying_anything_twice_is_a_no_op(cluster, http):
     after_seqs, _ = await totals(cluster, http)
     assert after_seqs == seqs, "re-delivered events were logged again"
 
-    # 3. Anti-entropy against every peer, on every node: nothing to repair.
+    # 3. Anti-entropy against every peer, on every node: nothing to repair,
+    #    and nothing even to look at: every repository's fingerprint agrees,
+    #    in the maintained scheme and in the one older nodes recompute.
     for n in cluster.running():
         for peer in n.replication.clients:
             assert await n.replication.anti_entropy.sync_with(peer) == 0, (n.name, peer.name)
+            for scheme in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
+                assert await fingerprint_differences(n, peer, scheme) == [], (n.name, peer.name)
     assert (await totals(cluster, http))[0] == seqs
+
+
+async def fingerprint_differences(node, peer, scheme: int) -> list[str]:
+    """Repositories whose fingerprint from ``peer`` (over what both may hold)
+    differs from ``node``'s own, asked for in ``scheme``."""
+    replication = node.replication
+    summary = await peer.stub.Summarize(pb.SummaryRequest(
+        requester=node_ref(node.registry.identity), fingerprint_scheme=scheme))
+    assert summary.fingerprint_scheme == scheme
+    residency, here, there = replication.residency, node.region, peer.peer.region
+    differing = []
+    for entry in summary.repositories:
+        def visible(origin: str, repo=entry.repository) -> bool:
+            return residency.allows(origin, repo, here) and residency.allows(origin, repo, there)
+        if replication.replica.fingerprint(entry.repository, visible, scheme) != entry.fingerprint:
+            differing.append(entry.repository)
+    return differing
 
 
 # -- regressions ---------------------------------------------------------------------
@@ -422,5 +445,36 @@ async def test_retry_of_an_unconfirmed_write_is_acknowledged_only_once_durable(t
                     break
                 assert r.status == 503, r.status
             assert asyncio.get_running_loop().time() < deadline, "never confirmed after healing"
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_converged_nodes_agree_on_every_fingerprint_over_what_both_may_hold(tmp_path, http):
+    """One repository written in East US and in Brazil South (confined): each
+    node holds registers the other may not, yet over what both may hold their
+    fingerprints agree, in either scheme, so a round between them repairs
+    nothing and fetches no repository's state."""
+    rng = random.Random(25)
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("brazilsouth", "")])
+    try:
+        eastus, brazil = cluster.nodes["eastus"], cluster.nodes["brazilsouth"]
+        await push_image(http, eastus.url, "mixed/app", layered_image(rng, False), tag="global")
+        await push_image(http, eastus.url, "mixed/app", layered_image(rng, False), tag="old")
+        async with http.delete(f"{eastus.url}/v2/mixed/app/manifests/old") as r:
+            assert r.status == 202
+        await push_image(http, brazil.url, "mixed/app", layered_image(rng, True), tag="payroll")
+        await eventually(lambda: quiesced(cluster), timeout=20, what="replication to settle")
+
+        def everything(region: str) -> bool:
+            return True
+        assert (brazil.replication.replica.fingerprint("mixed/app", everything)
+                != eastus.replication.replica.fingerprint("mixed/app", everything)), \
+            "Brazil South should hold a register East US may not"
+        for node in (eastus, brazil):
+            for peer in node.replication.clients:
+                for scheme in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
+                    assert await fingerprint_differences(node, peer, scheme) == [], \
+                        (node.name, peer.name, scheme)
+                assert await node.replication.anti_entropy.sync_with(peer) == 0
     finally:
         await stop_cluster(cluster)

@@ -21,7 +21,16 @@ its origin region; a manifest: the region it was first pushed in), because the
 state two replicas may both hold is the registers of some regions only; a
 fingerprint over it is the sum of those regions' sums (``visible_fingerprint``).
 
-Invariant: after every commit, ``fp\\0<repo>`` equals ``recompute(repo)``.
+Repositories are spread over ``keys.FINGERPRINT_BUCKETS`` buckets by a hash of
+their name, and each bucket keeps the sum of its repositories' sums, by
+region, in the same commit. Two nodes compare the buckets first — a fixed
+number of reads, however many repositories there are — and then only the
+repositories of the buckets that differ. (A bucket's sum is filtered by region
+only; a residency policy with per-repository rules compares repositories
+directly.)
+
+Invariant: after every commit, ``fp\\0<bucket>\\0<repo>`` equals ``recompute(repo)``,
+and ``fpb\\0<bucket>`` the sum of its repositories' sums.
 ``MetadataStore.commit`` calls ``stage`` on every batch before writing it, and
 the updated sums go into that same ``WriteBatch``: a crash keeps the registers
 and their sums together or neither. ``stage`` reads the registers' previous
@@ -41,9 +50,9 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 
 from . import keys
-from .records import ManifestRecord, RepositoryFingerprint, TagRecord, Tombstone, decode, encode
+from .records import FingerprintSums, ManifestRecord, TagRecord, Tombstone, decode, encode
 
-SCHEME = b"1"          # meta\0fingerprints: bump when a term's definition changes
+SCHEME = b"2"          # meta\0fingerprints: bump when a term or the layout changes
 # How fingerprints travel (proto: SummaryRequest/Summary.fingerprint_scheme).
 RECOMPUTED = 0         # SHA-256 over the registers in key order (georeg before the sums)
 SUMMED = 1             # ``visible_fingerprint`` of the maintained sums
@@ -78,14 +87,14 @@ def term(register: keys.TagKey | keys.ManifestKey | keys.TagTombKey | keys.Manif
 def sums_of(raw: bytes | None) -> dict[str, int]:
     if raw is None:
         return {}
-    return {region: int.from_bytes(s, "big") for region, s in decode(raw, RepositoryFingerprint).sums.items()}
+    return {region: int.from_bytes(s, "big") for region, s in decode(raw, FingerprintSums).sums.items()}
 
 
 def encode_sums(sums: dict[str, int]) -> bytes | None:
     """The stored value for ``sums``; ``None`` when nothing is left to sum."""
     kept = {region: (s % MODULUS).to_bytes(32, "big") for region, s in sorted(sums.items())
             if s % MODULUS}
-    return encode(RepositoryFingerprint(kept)) if kept else None
+    return encode(FingerprintSums(kept)) if kept else None
 
 
 def stage(puts: dict[bytes, bytes], deletes: Iterable[bytes], get: Get) -> dict[bytes, bytes | None]:
@@ -113,15 +122,24 @@ def stage(puts: dict[bytes, bytes], deletes: Iterable[bytes], get: Get) -> dict[
     for key in deletes:
         account(key, None)
     out: dict[bytes, bytes | None] = {}
+    buckets: dict[int, dict[str, int]] = {}
     for repo, delta in deltas.items():
         if not any(d % MODULUS for d in delta.values()):
             continue
-        key = keys.fingerprint(repo)
-        sums = sums_of(get(key))
+        _add(out, keys.fingerprint(repo), delta, get)
+        bucket = buckets.setdefault(keys.fingerprint_bucket(repo), {})
         for region, d in delta.items():
-            sums[region] = sums.get(region, 0) + d
-        out[key] = encode_sums(sums)
+            bucket[region] = bucket.get(region, 0) + d
+    for bucket, delta in buckets.items():
+        _add(out, keys.bucket_fingerprint(bucket), delta, get)
     return out
+
+
+def _add(out: dict[bytes, bytes | None], key: bytes, delta: dict[str, int], get: Get) -> None:
+    sums = sums_of(get(key))
+    for region, d in delta.items():
+        sums[region] = sums.get(region, 0) + d
+    out[key] = encode_sums(sums)
 
 
 def registers(scan: Callable[[bytes], Iterator[tuple[bytes, bytes]]],
@@ -140,6 +158,28 @@ def recompute(scan: Callable[[bytes], Iterator[tuple[bytes, bytes]]], repo: str)
         region, t = term(keys.register(key), value)
         sums[region] = (sums.get(region, 0) + t) % MODULUS
     return {region: s for region, s in sums.items() if s}
+
+
+def recompute_all(scan: Callable[[bytes], Iterator[tuple[bytes, bytes]]]
+                  ) -> tuple[dict[str, dict[str, int]], dict[int, dict[str, int]]]:
+    """Every repository's sums and every bucket's, the slow way (O(everything))."""
+    names = {keys.parse(k, keys.RepoKey).repository for k, _ in scan(keys.REPO)}
+    names.update(keys.parse(k, keys.TombKey).repository for k, _ in scan(keys.TOMB))
+    repos: dict[str, dict[str, int]] = {}
+    buckets: dict[int, dict[str, int]] = {}
+    for name in sorted(names):
+        if sums := recompute(scan, name):
+            repos[name] = sums
+            add_sums(buckets.setdefault(keys.fingerprint_bucket(name), {}), sums)
+    buckets = {b: {region: s for region, s in sums.items() if s} for b, sums in buckets.items()}
+    return repos, {b: sums for b, sums in buckets.items() if sums}
+
+
+def add_sums(total: dict[str, int], sums: dict[str, int]) -> dict[str, int]:
+    """``total`` plus ``sums``, region by region (in place; returned)."""
+    for region, s in sums.items():
+        total[region] = (total.get(region, 0) + s) % MODULUS
+    return total
 
 
 def visible_fingerprint(sums: dict[str, int], visible: Callable[[str], bool]) -> bytes:

@@ -35,10 +35,13 @@ The key space::
     xfer\\0<digest>                         → upload id         an inbound blob transfer to resume
     conf\\0<kind>\\0<name>                  → ConfigRecord      registry configuration object (or
                                                                 its tombstone), registry-wide
-    fp\\0<repo>                             → RepositoryFingerprint  hash-sums of the tag and
+    fp\\0<bucket>\\0<repo>                  → FingerprintSums   hash-sums of the tag and
                                                                 manifest registers (live and
                                                                 tombstones) of <repo>, by region
                                                                 (see ``fingerprints``)
+    fpb\\0<bucket>                          → FingerprintSums   the same, over every <repo> of
+                                                                the bucket (two hex digits:
+                                                                ``fingerprint_bucket``)
 
 Each leaf of the tree has a builder (``tag(repo, tag)`` → bytes) and a frozen
 value named after it (``TagKey(repository, tag)``) that ``parse`` returns for
@@ -54,6 +57,7 @@ data dir, encrypted (see ``crypto``); uploads in progress in ``uploads/<uuid>``.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import TypeVar, overload
 
@@ -81,6 +85,10 @@ FAIL = b"fail\x00"
 TRANSFER = b"xfer\x00"
 CONFIG = b"conf\x00"
 FINGERPRINT = b"fp\x00"
+FINGERPRINT_BUCKET = b"fpb\x00"
+
+FINGERPRINT_BUCKETS = 64
+"""Repositories are spread over this many buckets by a hash of their name."""
 
 # The second level of ``r\0<repo>\0`` and ``tomb\0<repo>\0``.
 _LINK = b"b"
@@ -213,8 +221,27 @@ def configuration(kind: str, name: str) -> bytes:
     return configuration_prefix(kind) + _b(name)
 
 
+def fingerprint_bucket(name: str) -> int:
+    """The bucket of repository ``name``: fixed by its name, the same on every node."""
+    return hashlib.sha256(_b(name)).digest()[0] % FINGERPRINT_BUCKETS
+
+
 def fingerprint(name: str) -> bytes:
-    return FINGERPRINT + _b(name)
+    return fingerprint_in(fingerprint_bucket(name), name)
+
+
+def fingerprint_in(bucket: int, name: str) -> bytes:
+    """``fingerprint(name)`` when ``bucket`` is ``fingerprint_bucket(name)``."""
+    return fingerprint_prefix(bucket) + _b(name)
+
+
+def fingerprint_prefix(bucket: int) -> bytes:
+    """The sums of every repository of one bucket."""
+    return FINGERPRINT + _b(f"{bucket:02x}") + SEP
+
+
+def bucket_fingerprint(bucket: int) -> bytes:
+    return FINGERPRINT_BUCKET + _b(f"{bucket:02x}")
 
 
 def register(key: bytes) -> TagKey | ManifestKey | TagTombKey | ManifestTombKey | None:
@@ -383,10 +410,18 @@ class TransferKey(msgspec.Struct, frozen=True):
 
 
 class FingerprintKey(msgspec.Struct, frozen=True):
+    bucket: str                  # two hex digits, ``fingerprint_bucket(repository)``
     repository: str
 
     def encode(self) -> bytes:
-        return fingerprint(self.repository)
+        return fingerprint_in(int(self.bucket, 16), self.repository)
+
+
+class BucketFingerprintKey(msgspec.Struct, frozen=True):
+    bucket: str
+
+    def encode(self) -> bytes:
+        return bucket_fingerprint(int(self.bucket, 16))
 
 
 class ConfigKey(msgspec.Struct, frozen=True):
@@ -401,7 +436,8 @@ class ConfigKey(msgspec.Struct, frozen=True):
 
 Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | RepoKey | BlobLinkKey | ManifestKey
        | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
-       | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey)
+       | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey
+       | BucketFingerprintKey)
 
 
 def _head(family: bytes) -> bytes:
@@ -416,7 +452,8 @@ _META_NAMES = frozenset(k.removeprefix(META).decode()
 _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (REPO, RepoKey),
     (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
-    (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey)]}
+    (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey),
+    (FINGERPRINT_BUCKET, BucketFingerprintKey)]}
 # Families of ``<family><repo>\0<kind>\0…``, by kind.
 _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
     _head(REPO_DATA): {_LINK.decode(): BlobLinkKey, _MANIFEST.decode(): ManifestKey,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,23 +182,42 @@ class MetadataStore:
         """The maintained hash-sums of ``repository``'s registers, by region."""
         return fingerprints.sums_of(self._db.get(keys.fingerprint(repository)))
 
-    def fingerprinted_repositories(self) -> list[str]:
-        """Every repository holding a register that fingerprints sum, in name order."""
-        return [keys.parse(key, keys.FingerprintKey).repository
-                for key, _ in self.scan(keys.FINGERPRINT)]
+    def bucket_sums(self, bucket: int) -> dict[str, int]:
+        """The maintained hash-sums of every repository of ``bucket``, by region."""
+        return fingerprints.sums_of(self._db.get(keys.bucket_fingerprint(bucket)))
+
+    def fingerprinted_repositories(self, buckets: Iterable[int] | None = None) -> list[str]:
+        """Every repository holding a register that fingerprints sum (of
+        ``buckets`` only, if given), in name order."""
+        prefixes = [keys.FINGERPRINT] if buckets is None else \
+            [keys.fingerprint_prefix(b) for b in sorted(set(buckets))]
+        return sorted(keys.parse(key, keys.FingerprintKey).repository
+                      for prefix in prefixes for key, _ in self.scan(prefix))
+
+    def fingerprint_discrepancies(self) -> list[str]:
+        """Where the maintained sums differ from a recomputation (O(everything):
+        for checks and tests). Empty while the invariant holds."""
+        repos, buckets = fingerprints.recompute_all(self.scan)
+        stored = set(self.fingerprinted_repositories())
+        out = [f"repository {name}: stored {self.fingerprint_sums(name)} != recomputed "
+               f"{repos.get(name, {})}" for name in sorted(stored | set(repos))
+               if self.fingerprint_sums(name) != repos.get(name, {})]
+        out += [f"bucket {b}: stored {self.bucket_sums(b)} != recomputed {buckets.get(b, {})}"
+                for b in range(keys.FINGERPRINT_BUCKETS) if self.bucket_sums(b) != buckets.get(b, {})]
+        return out
 
     def _rebuild_fingerprints(self) -> None:
         """Sum every repository's registers (a database written before the sums
         were kept, or under another scheme); one batch, like any commit."""
         wb = WriteBatch(raw_mode=True)
-        for key, _ in self.scan(keys.FINGERPRINT):
-            wb.delete(key)
-        names = {keys.parse(k, keys.RepoKey).repository for k, _ in self.scan(keys.REPO)}
-        names.update(keys.parse(k, keys.TombKey).repository for k, _ in self.scan(keys.TOMB))
-        for name in sorted(names):
-            value = fingerprints.encode_sums(fingerprints.recompute(self.scan, name))
-            if value is not None:
-                wb.put(keys.fingerprint(name), value)
+        for family in (keys.FINGERPRINT, keys.FINGERPRINT_BUCKET):
+            for key, _ in self.scan(family):
+                wb.delete(key)
+        repos, buckets = fingerprints.recompute_all(self.scan)
+        for name, sums in repos.items():
+            wb.put(keys.fingerprint(name), fingerprints.encode_sums(sums))
+        for bucket, sums in buckets.items():
+            wb.put(keys.bucket_fingerprint(bucket), fingerprints.encode_sums(sums))
         wb.put(keys.FINGERPRINTS, fingerprints.SCHEME)
         self._db.write(wb, self._write_options)
 

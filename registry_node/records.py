@@ -142,10 +142,11 @@ class ConfigRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     origin_acked_ns: int = 0
 
 
-class RepositoryFingerprint(msgspec.Struct, frozen=True):
-    """The hash-sums of one repository's registers, by the region that decides
-    their residency (``fingerprints``): 32-byte big-endian integers modulo 2**256.
-    A region whose sum is zero is left out."""
+class FingerprintSums(msgspec.Struct, frozen=True):
+    """The hash-sums of one repository's registers (or of a bucket of
+    repositories), by the region that decides their residency
+    (``fingerprints``): 32-byte big-endian integers modulo 2**256. A region
+    whose sum is zero is left out."""
 
     sums: dict[str, bytes]
 

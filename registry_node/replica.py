@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -410,10 +410,17 @@ class Replica:
         raw = self.meta.get(keys.failure(repo, digest))
         return decode(raw, ReplicationFailure) if raw is not None else None
 
-    def repositories(self) -> list[str]:
+    def repositories(self, buckets: Iterable[int] | None = None) -> list[str]:
         """Every repository holding a tag or manifest register, live or deleted
-        (what anti-entropy compares; one key each, not a scan of their content)."""
-        return self.meta.fingerprinted_repositories()
+        (what anti-entropy compares; one key each, not a scan of their content);
+        with ``buckets``, those of these fingerprint buckets only."""
+        return self.meta.fingerprinted_repositories(buckets)
+
+    def bucket_fingerprint(self, bucket: int, visible: Callable[[str], bool]) -> bytes:
+        """The ``SUMMED`` fingerprint of every repository of ``bucket`` together,
+        over the registers whose region passes ``visible`` (which must not
+        depend on the repository)."""
+        return fingerprints.visible_fingerprint(self.meta.bucket_sums(bucket), visible)
 
     def repository_state(self, repo: str, visible: Callable[[str], bool]) -> dict[str, list[RegisterState]]:
         """Tags and manifests (live and deleted) of ``repo`` whose origin region

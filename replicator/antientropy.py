@@ -12,9 +12,13 @@ differs. Pull-only: every node repairs itself from its peers, so with all
 nodes doing it the cluster converges whenever the replica graph is connected.
 
 Both sides read their fingerprints from sums maintained on write
-(``registry_node.fingerprints``), so a round between converged nodes costs a
-read per repository on each side, whatever the repositories hold. A peer of
-an older georeg is compared in the scheme it knows (recomputed: O(content)).
+(``registry_node.fingerprints``). Repositories are compared by bucket first
+(a fixed number of sums, whatever the node holds), then only those of the
+buckets that differ, so a round between converged nodes costs the same at
+ten images as at a hundred thousand. With per-repository residency rules a
+bucket's sum cannot be filtered, and every repository's fingerprint is
+compared (still a read each). A peer of an older georeg is compared in the
+scheme it knows (recomputed: O(content)).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from registry_node import fingerprints
+from registry_node import fingerprints, keys
 from registry_node.records import EventKind
 from registry_node.replica import RegisterState, register_event
 
@@ -33,6 +37,7 @@ from .errors import Outcome, ReplicationError, permanent
 from .peers import PeerClient
 from .residency import ResidencyPolicy
 from .transfer import Transfer
+from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
 
@@ -49,6 +54,11 @@ class AntiEntropy:
         self._locks: dict[str, asyncio.Lock] = {p.name: asyncio.Lock() for p in self.peers}
         self.rounds = 0
         self.repaired = 0
+        # What rounds looked at: buckets found differing, repositories whose
+        # fingerprints were compared, and whose whole state was fetched.
+        self.buckets_differing = 0
+        self.compared = 0
+        self.fetched = 0
 
     async def run(self) -> None:
         while True:
@@ -75,17 +85,38 @@ class AntiEntropy:
                     and self.residency.allows(origin_region, repository, self.region))
         return visible
 
+    async def _repository_summaries(self, peer: PeerClient) -> tuple[pb.Summary, list]:
+        """The peer's summary, and its fingerprints of the repositories worth
+        comparing: by bucket where both sides can (only the repositories of the
+        buckets that differ), otherwise every repository."""
+        if self.residency.repositories:       # per-repository rules: no bucket sums
+            summary = await peer.summarize()
+            return summary, list(summary.repositories)
+        summary = await peer.summarize(buckets_only=True)
+        if summary.bucket_count != keys.FINGERPRINT_BUCKETS:
+            return summary, list(summary.repositories)   # it answered per repository
+        theirs = {b.bucket: b.fingerprint for b in summary.buckets}
+        visible = self._visible("", peer.peer.region)
+        differing = [b for b in range(keys.FINGERPRINT_BUCKETS)
+                     if theirs.get(b, fingerprints.EMPTY) != self.replica.bucket_fingerprint(b, visible)]
+        self.buckets_differing += len(differing)
+        if not differing:
+            return summary, []
+        return summary, list((await peer.summarize(buckets=differing)).repositories)
+
     async def _sync(self, peer: PeerClient) -> int:
-        summary = await peer.summarize()
+        summary, entries = await self._repository_summaries(peer)
         scheme = summary.fingerprint_scheme   # an older peer leaves it unset: RECOMPUTED
         if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
             raise permanent(f"{peer.name} fingerprints in unknown scheme {scheme}")
         changed = 0
-        for entry in summary.repositories:
+        for entry in entries:
             repo = entry.repository
             mine = self.replica.fingerprint(repo, self._visible(repo, peer.peer.region), scheme)
+            self.compared += 1
             if mine == entry.fingerprint:
                 continue
+            self.fetched += 1
             state = await peer.repository_state(repo)
             changed += await self._merge(repo, [register_from_wire(r) for r in state.manifests],
                                          [register_from_wire(r) for r in state.tags], peer)

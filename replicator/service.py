@@ -390,16 +390,27 @@ class ReplicationService(pbg.ReplicationServicer):
         scheme = request.fingerprint_scheme
         if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
             scheme = fingerprints.SUMMED
+        configuration = self.replica.configuration.fingerprint()
+        by_bucket = scheme == fingerprints.SUMMED and not self.residency.repositories
+        if request.buckets_only and by_bucket:
+            # No per-repository rules: what may travel depends on the region alone.
+            visible = self._visible_to_both("", requester)
+            buckets = [pb.BucketSummary(bucket=b, fingerprint=fp)
+                       for b in range(keys.FINGERPRINT_BUCKETS)
+                       if (fp := self.replica.bucket_fingerprint(b, visible)) != fingerprints.EMPTY]
+            return pb.Summary(buckets=buckets, bucket_count=keys.FINGERPRINT_BUCKETS,
+                              last_seq=self.feed.last_seq, fingerprint_scheme=scheme,
+                              configuration_fingerprint=configuration)
+        wanted = list(request.buckets) if scheme == fingerprints.SUMMED and request.buckets else None
         summaries = []
-        for repo in self.replica.repositories():
+        for repo in self.replica.repositories(wanted):
             fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, requester),
                                                    scheme)
             summaries.append(pb.RepositorySummary(repository=repo, fingerprint=fingerprint))
             if scheme == fingerprints.RECOMPUTED:
                 await asyncio.sleep(0)    # a scan per repository: let others run
         return pb.Summary(repositories=summaries, last_seq=self.feed.last_seq,
-                          configuration_fingerprint=self.replica.configuration.fingerprint(),
-                          fingerprint_scheme=scheme)
+                          configuration_fingerprint=configuration, fingerprint_scheme=scheme)
 
     async def GetConfiguration(self, request: pb.ConfigurationRequest,
                                context: grpc.aio.ServicerContext) -> pb.ConfigurationState:

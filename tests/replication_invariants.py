@@ -34,7 +34,7 @@ from pathlib import Path
 
 import aiohttp
 
-from registry_node import fingerprints, keys
+from registry_node import keys
 from registry_node.records import (
     EventKind,
     ManifestRecord,
@@ -162,15 +162,10 @@ def storage_problems(node) -> list[str]:
 
 
 def fingerprint_problems(node) -> list[str]:
-    """Every repository's maintained sums equal a recomputation from its
-    registers, and no repository without registers keeps any."""
-    meta = node.registry.meta
-    names = stored_repositories(node) | set(meta.fingerprinted_repositories())
-    names |= {keys.parse(k, keys.TombKey).repository for k, _ in meta.scan(keys.TOMB)}
-    return [f"{node.name}: {repo}: fingerprint sums {meta.fingerprint_sums(repo)} "
-            f"!= recomputed {fingerprints.recompute(meta.scan, repo)}"
-            for repo in sorted(names)
-            if meta.fingerprint_sums(repo) != fingerprints.recompute(meta.scan, repo)]
+    """Every repository's and every bucket's maintained sums equal a
+    recomputation from the registers, and nothing without registers keeps any."""
+    return [f"{node.name}: fingerprint {problem}"
+            for problem in node.registry.meta.fingerprint_discrepancies()]
 
 
 async def residency_problems(http: aiohttp.ClientSession, node, confined_repos: Iterable[str],

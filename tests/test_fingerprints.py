@@ -90,6 +90,7 @@ def assert_maintained(meta: MetadataStore, where: str) -> None:
                     == fingerprints.visible_fingerprint(recomputed, visible))
     held = [r for r in REPOS if fingerprints.recompute(meta.scan, r)]
     assert meta.fingerprinted_repositories() == sorted(held), where
+    assert meta.fingerprint_discrepancies() == [], where      # the buckets' sums too
 
 
 class Subject:
@@ -224,18 +225,12 @@ CRASH_REPOS = ("crash/a", "crash/b", "crash/c")
 
 def offline_problems(data_dir: Path, where: str) -> list[str]:
     """The stopped node's data dir, read directly: sums stored, not rebuilt on
-    this open, and equal to a recomputation for every repository it holds."""
+    this open, and equal to a recomputation for every repository and bucket."""
     meta = MetadataStore(data_dir / "meta")
     try:
         if meta.fingerprints_rebuilt:
             return [f"{where}: the data dir had no maintained sums"]
-        names = {keys.parse(k, keys.RepoKey).repository for k, _ in meta.scan(keys.REPO)}
-        names.update(keys.parse(k, keys.TombKey).repository for k, _ in meta.scan(keys.TOMB))
-        names.update(meta.fingerprinted_repositories())
-        problems = [f"{where}: {repo}: stored {meta.fingerprint_sums(repo)} "
-                    f"!= recomputed {fingerprints.recompute(meta.scan, repo)}"
-                    for repo in sorted(names)
-                    if meta.fingerprint_sums(repo) != fingerprints.recompute(meta.scan, repo)]
+        problems = [f"{where}: {problem}" for problem in meta.fingerprint_discrepancies()]
         if not any(meta.fingerprint_sums(r) for r in CRASH_REPOS):
             problems.append(f"{where}: nothing was written before the kill")
         return problems

@@ -325,6 +325,25 @@ async def fingerprint_differences(node, peer, scheme: int) -> list[str]:
     return differing
 
 
+async def bucket_differences(node, peer) -> list[int]:
+    """Fingerprint buckets whose sum from ``peer`` (over what both may hold)
+    differs from ``node``'s own; a summary with no bucket at all is one."""
+    summary = await peer.stub.Summarize(pb.SummaryRequest(
+        requester=node_ref(node.registry.identity), fingerprint_scheme=fingerprints.SUMMED,
+        buckets_only=True))
+    assert summary.bucket_count == keys.FINGERPRINT_BUCKETS and not summary.repositories
+    residency, here, there = node.replication.residency, node.region, peer.peer.region
+
+    def visible(origin: str) -> bool:
+        return residency.allows(origin, "", here) and residency.allows(origin, "", there)
+    theirs = {b.bucket: b.fingerprint for b in summary.buckets}
+    if not theirs:
+        return [-1]
+    return [b for b in range(keys.FINGERPRINT_BUCKETS)
+            if node.replication.replica.bucket_fingerprint(b, visible)
+            != theirs.get(b, fingerprints.EMPTY)]
+
+
 # -- regressions ---------------------------------------------------------------------
 
 
@@ -475,6 +494,57 @@ async def test_converged_nodes_agree_on_every_fingerprint_over_what_both_may_hol
                 for scheme in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
                     assert await fingerprint_differences(node, peer, scheme) == [], \
                         (node.name, peer.name, scheme)
+                assert await bucket_differences(node, peer) == [], (node.name, peer.name)
                 assert await node.replication.anti_entropy.sync_with(peer) == 0
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_a_round_compares_only_the_buckets_that_differ_and_fetches_only_what_changed(
+        tmp_path, http):
+    """West Europe hears nothing by the log (its subscriptions are ended); a
+    round of anti-entropy against East US must find the three repositories
+    written since — and look into no repository outside their buckets, and
+    fetch the state of no other repository."""
+    rng = random.Random(2525)
+    settings = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0)
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")], settings=settings)
+    try:
+        eastus, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        repos = [f"many/r{i}" for i in range(40)]
+        for repo in repos:
+            await push_image(http, eastus.url, repo, layered_image(rng, False, layers=1), tag="v1")
+        await eventually(lambda: quiesced(cluster), timeout=30, what="replication to settle")
+        for task in west.replication._tasks.values():
+            task.cancel()
+        await eventually(lambda: all(t.done() for t in west.replication._tasks.values()),
+                         what="westeurope's subscriptions ended")
+        rounds = west.replication.anti_entropy
+        source = next(c for c in west.replication.clients if c.peer.name == "eastus")
+
+        assert await rounds.sync_with(source) == 0
+        assert (rounds.buckets_differing, rounds.compared, rounds.fetched) == (0, 0, 0), \
+            "converged: not one repository should even be compared"
+
+        await push_image(http, eastus.url, "many/r3", layered_image(rng, False, layers=1), tag="v2")
+        async with http.delete(f"{eastus.url}/v2/many/r7/manifests/v1") as r:
+            assert r.status == 202
+        await push_image(http, eastus.url, "many/new", layered_image(rng, False, layers=1), tag="v1")
+        written = {"many/r3", "many/new", "many/r7"}
+        buckets = {keys.fingerprint_bucket(r) for r in written}
+        in_those_buckets = [r for r in [*repos, "many/new"] if keys.fingerprint_bucket(r) in buckets]
+
+        assert await rounds.sync_with(source) >= 3
+        assert rounds.buckets_differing == len(buckets)
+        assert rounds.compared == len(in_those_buckets) < len(repos)
+        assert rounds.fetched == len(written)
+        replica = west.replication.replica
+        assert replica.resolve_tag("many/r3", "v2") == eastus.replication.replica.resolve_tag(
+            "many/r3", "v2") is not None
+        assert replica.resolve_tag("many/r7", "v1") is None
+        assert replica.resolve_tag("many/new", "v1") is not None
+
+        assert await rounds.sync_with(source) == 0
+        assert rounds.fetched == len(written), "converged again: nothing more to fetch"
     finally:
         await stop_cluster(cluster)

@@ -76,7 +76,7 @@ def term(register: keys.TagKey | keys.ManifestKey | keys.TagTombKey | keys.Manif
                 f"t|{tag}|{tomb.digest}|1|{tomb.hlc}|{tomb.origin_region}|{tomb.origin_zone}")
         case keys.ManifestKey(digest=digest):
             record = decode(value, ManifestRecord)
-            region, text = record.pushed_region or record.origin_region, f"m|{digest}|0"
+            region, text = record.residency_region, f"m|{digest}|0"
         case keys.ManifestTombKey(digest=digest):
             tomb = decode(value, Tombstone)
             region, text = tomb.origin_region, (

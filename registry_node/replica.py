@@ -435,11 +435,11 @@ class Replica:
         manifests_out: list[RegisterState] = []
         for key, raw in self.meta.scan(keys.manifest_prefix(repo)):
             rec = decode(raw, ManifestRecord)
-            if visible(rec.pushed_region or rec.origin_region):
+            if visible(rec.residency_region):
                 digest = keys.parse(key, keys.ManifestKey).digest
                 manifests_out.append(RegisterState(
                     digest, digest, False, stamp_of(rec), rec.media_type, rec.size,
-                    rec.references, rec.origin_acked_ns, rec.pushed_region or rec.origin_region))
+                    rec.references, rec.origin_acked_ns, rec.residency_region))
         for key, raw in self.meta.scan(keys.tomb_prefix(repo)):
             tomb = decode(raw, Tombstone)
             if not visible(tomb.origin_region):
@@ -488,7 +488,7 @@ class Replica:
         for repo in [keys.parse(k, keys.RepoKey).repository for k, _ in self.meta.scan(keys.REPO)]:
             for _, raw in self.meta.scan(keys.manifest_prefix(repo)):
                 record = decode(raw, ManifestRecord)
-                region = record.pushed_region or record.origin_region
+                region = record.residency_region
                 images[region] = images.get(region, 0) + 1
                 sizes = blobs.setdefault(region, {})
                 for digest in record.references:
@@ -521,7 +521,7 @@ class Replica:
         blobs = [d for d in record.references if self.has_blob(d)
                  or self.meta.get(keys.manifest(repo, d)) is not None]
         return ImageState(True, record.created_ns, record.origin_acked_ns,
-                          record.pushed_region or record.origin_region, reason,
+                          record.residency_region, reason,
                           len(blobs), len(record.references), record.media_type)
 
 

@@ -305,7 +305,7 @@ class ReplicationService(pbg.ReplicationServicer):
         for key, _ in self.replica.meta.scan(keys.ref_repo_prefix(digest, repository)):
             record = self.replica.manifest_record(repository, keys.parse(key, keys.RefKey).manifest)
             if record is not None:
-                regions.add(record.pushed_region or record.origin_region)
+                regions.add(record.residency_region)
         return regions
 
     async def _landed(self, repo: str, digest: str, wait_ms: int) -> set[str]:
@@ -364,7 +364,7 @@ class ReplicationService(pbg.ReplicationServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"{request.digest} is not in {request.repository} here")
         record, body = found
-        region = record.pushed_region or record.origin_region
+        region = record.residency_region
         if not self._allowed(region, request.repository, requester):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.digest} is confined to {region}")
         return pb.ManifestReply(digest=request.digest, media_type=record.media_type, body=body,

@@ -88,13 +88,20 @@ class AntiEntropy:
     async def _repository_summaries(self, peer: PeerClient) -> tuple[pb.Summary, list]:
         """The peer's summary, and its fingerprints of the repositories worth
         comparing: by bucket where both sides can (only the repositories of the
-        buckets that differ), otherwise every repository."""
+        buckets that differ), otherwise every repository. The fingerprints are
+        in the scheme of the summary returned with them (the one that carried
+        them: a peer replaced between two questions may answer them in two)."""
         if self.residency.repositories:       # per-repository rules: no bucket sums
             summary = await peer.summarize()
             return summary, list(summary.repositories)
         summary = await peer.summarize(buckets_only=True)
-        if summary.bucket_count != keys.FINGERPRINT_BUCKETS:
+        if summary.bucket_count == 0:
             return summary, list(summary.repositories)   # it answered per repository
+        if summary.bucket_count != keys.FINGERPRINT_BUCKETS:
+            # Buckets laid out otherwise: not comparable with ours, and the
+            # reply carries no repositories. Ask for every repository's.
+            summary = await peer.summarize()
+            return summary, list(summary.repositories)
         theirs = {b.bucket: b.fingerprint for b in summary.buckets}
         visible = self._visible("", peer.peer.region)
         differing = [b for b in range(keys.FINGERPRINT_BUCKETS)
@@ -102,7 +109,8 @@ class AntiEntropy:
         self.buckets_differing += len(differing)
         if not differing:
             return summary, []
-        return summary, list((await peer.summarize(buckets=differing)).repositories)
+        summary = await peer.summarize(buckets=differing)
+        return summary, list(summary.repositories)
 
     async def _sync(self, peer: PeerClient) -> int:
         summary, entries = await self._repository_summaries(peer)

@@ -25,6 +25,7 @@ from registry_node.hlc import unpack, wall_ms_now
 from registry_node.metastore import Batch, MetadataStore
 from registry_node.records import Cursor, EventKind, decode, encode
 from replicator.convert import node_ref
+from replicator.service import ReplicationService
 from replicator.topology import ReplicationSettings
 from replicator.wire.v1 import replication_pb2 as pb
 
@@ -546,5 +547,84 @@ async def test_a_round_compares_only_the_buckets_that_differ_and_fetches_only_wh
 
         assert await rounds.sync_with(source) == 0
         assert rounds.fetched == len(written), "converged again: nothing more to fetch"
+    finally:
+        await stop_cluster(cluster)
+
+
+async def west_behind_eastus(tmp_path, http, rng: random.Random, count: int = 12):
+    """East US and West Europe, converged over ``count`` repositories; then
+    West Europe's subscriptions are ended and East US writes three
+    repositories. Returns (cluster, West Europe's anti-entropy, its client of
+    East US, the repositories written since)."""
+    settings = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0)
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")], settings=settings)
+    eastus, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+    for i in range(count):
+        await push_image(http, eastus.url, f"many/r{i}", layered_image(rng, False, layers=1), tag="v1")
+    await eventually(lambda: quiesced(cluster), timeout=30, what="replication to settle")
+    for task in west.replication._tasks.values():
+        task.cancel()
+    await eventually(lambda: all(t.done() for t in west.replication._tasks.values()),
+                     what="westeurope's subscriptions ended")
+    await push_image(http, eastus.url, "many/r3", layered_image(rng, False, layers=1), tag="v2")
+    async with http.delete(f"{eastus.url}/v2/many/r7/manifests/v1") as r:
+        assert r.status == 202
+    await push_image(http, eastus.url, "many/new", layered_image(rng, False, layers=1), tag="v1")
+    source = next(c for c in west.replication.clients if c.peer.name == "eastus")
+    return cluster, west.replication.anti_entropy, source, {"many/r3", "many/r7", "many/new"}
+
+
+def assert_repaired(cluster) -> None:
+    west = cluster.nodes["westeurope"].replication.replica
+    east = cluster.nodes["eastus"].replication.replica
+    assert west.resolve_tag("many/r3", "v2") == east.resolve_tag("many/r3", "v2") is not None
+    assert west.resolve_tag("many/r7", "v1") is None
+    assert west.resolve_tag("many/new", "v1") is not None
+
+
+async def test_a_peer_with_another_bucket_count_is_compared_per_repository(
+        tmp_path, http, monkeypatch):
+    """A peer whose buckets are laid out otherwise (another georeg) answers the
+    buckets-only question with sums this node cannot compare, and no
+    repositories: it must be asked again for every repository's fingerprint,
+    not skipped (which would leave this node never repaired from it)."""
+    real = ReplicationService.Summarize
+
+    async def in_32_buckets(self, request, context):
+        reply = await real(self, request, context)
+        if request.buckets_only:
+            reply.bucket_count = 32
+        return reply
+    monkeypatch.setattr(ReplicationService, "Summarize", in_32_buckets)
+    cluster, rounds, source, written = await west_behind_eastus(tmp_path, http, random.Random(26))
+    try:
+        assert await rounds.sync_with(source) >= 3
+        assert rounds.fetched == len(written)
+        assert rounds.compared == 13, "every repository East US holds, by its fingerprint"
+        assert_repaired(cluster)
+        assert await rounds.sync_with(source) == 0
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_fingerprints_are_compared_in_the_scheme_of_the_reply_that_carried_them(
+        tmp_path, http, monkeypatch):
+    """The buckets come in one reply and the repositories in a second; a peer
+    may answer that second one in another scheme (it was replaced in between
+    by an older georeg, which ignores the buckets asked for). Compared in the
+    first reply's scheme every repository would differ and be fetched whole."""
+    real = ReplicationService.Summarize
+
+    async def older_after_the_buckets(self, request, context):
+        if not request.buckets_only:
+            request = pb.SummaryRequest(requester=request.requester,
+                                        fingerprint_scheme=fingerprints.RECOMPUTED)
+        return await real(self, request, context)
+    monkeypatch.setattr(ReplicationService, "Summarize", older_after_the_buckets)
+    cluster, rounds, source, written = await west_behind_eastus(tmp_path, http, random.Random(27))
+    try:
+        assert await rounds.sync_with(source) >= 3
+        assert rounds.fetched == len(written), "only what changed is fetched"
+        assert_repaired(cluster)
     finally:
         await stop_cluster(cluster)

@@ -41,6 +41,8 @@ from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
 
+YIELD_EVERY = 1000   # fingerprints read between two turns of the event loop
+
 
 class AntiEntropy:
     def __init__(self, transfer: Transfer, residency: ResidencyPolicy,
@@ -118,7 +120,9 @@ class AntiEntropy:
         if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
             raise permanent(f"{peer.name} fingerprints in unknown scheme {scheme}")
         changed = 0
-        for entry in entries:
+        for n, entry in enumerate(entries, 1):
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)   # every repository may differ (a new replica)
             repo = entry.repository
             mine = self.replica.fingerprint(repo, self._visible(repo, peer.peer.region), scheme)
             self.compared += 1

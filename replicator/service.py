@@ -82,6 +82,7 @@ INLINE_CACHE_S = 5.0     # and for this long at most: an idle node holds none of
 IDLE_WAIT_S = 5.0
 # The longest a FetchBlob waits for a blob that has not landed yet (wait_ms).
 MAX_FETCH_WAIT_MS = 10_000
+YIELD_EVERY = 1000        # repositories summarised between two turns of the event loop
 # How long relayed events wait for more to go out with them (see the docstring).
 RELAY_GATHER_S = 0.2
 LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
@@ -403,12 +404,14 @@ class ReplicationService(pbg.ReplicationServicer):
                               configuration_fingerprint=configuration)
         wanted = list(request.buckets) if scheme == fingerprints.SUMMED and request.buckets else None
         summaries = []
-        for repo in self.replica.repositories(wanted):
+        for n, repo in enumerate(self.replica.repositories(wanted), 1):
             fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, requester),
                                                    scheme)
             summaries.append(pb.RepositorySummary(repository=repo, fingerprint=fingerprint))
-            if scheme == fingerprints.RECOMPUTED:
-                await asyncio.sleep(0)    # a scan per repository: let others run
+            # Let the node serve in between: a RECOMPUTED fingerprint is a scan
+            # of the repository; a SUMMED one a read, but there may be 100k.
+            if scheme == fingerprints.RECOMPUTED or n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         return pb.Summary(repositories=summaries, last_seq=self.feed.last_seq,
                           configuration_fingerprint=configuration, fingerprint_scheme=scheme)
 

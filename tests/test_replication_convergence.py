@@ -23,7 +23,7 @@ from cluster.network.links import LinkFaults
 from registry_node import fingerprints, keys
 from registry_node.hlc import unpack, wall_ms_now
 from registry_node.metastore import Batch, MetadataStore
-from registry_node.records import Cursor, EventKind, decode, encode
+from registry_node.records import Cursor, EventKind, TagRecord, decode, encode
 from replicator.convert import node_ref
 from replicator.service import ReplicationService
 from replicator.topology import ReplicationSettings
@@ -626,5 +626,48 @@ async def test_fingerprints_are_compared_in_the_scheme_of_the_reply_that_carried
         assert await rounds.sync_with(source) >= 3
         assert rounds.fetched == len(written), "only what changed is fetched"
         assert_repaired(cluster)
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_summarizing_many_repositories_lets_the_node_serve_in_between(tmp_path, http):
+    """A summary of every repository (a new replica, or per-repository
+    residency rules) reads one fingerprint per repository, a hundred thousand
+    at scale: it must let the event loop run in between, or the node's HTTP
+    and gRPC stand still until it is done."""
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")])
+    try:
+        eastus, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        batch = Batch()   # registers only, written here: no event, nothing replicates
+        for i in range(2500):
+            batch.put(keys.tag(f"bulk/r{i}", "v1"), encode(TagRecord(
+                digest=digest_of(b"%d" % i), hlc=1 << 20, origin_region="eastus", origin_zone="")))
+        eastus.registry.meta.commit(batch)
+        ticks = 0
+
+        async def ticking() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+        replica = eastus.replication.service.replica
+        fingerprint = replica.fingerprint
+        seen: list[int] = []
+
+        def watched(*args, **kwargs):
+            seen.append(ticks)
+            return fingerprint(*args, **kwargs)
+        replica.fingerprint = watched
+        ticker = asyncio.create_task(ticking())
+        try:
+            source = next(c for c in west.replication.clients if c.peer.name == "eastus")
+            summary = await source.stub.Summarize(pb.SummaryRequest(
+                requester=node_ref(west.registry.identity), fingerprint_scheme=fingerprints.SUMMED))
+        finally:
+            ticker.cancel()
+            del replica.fingerprint
+        assert len(summary.repositories) >= 2500
+        assert len(seen) == len(summary.repositories)
+        assert seen[-1] - seen[0] >= 2, "the loop never ran while the summary was made"
     finally:
         await stop_cluster(cluster)

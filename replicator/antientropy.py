@@ -62,6 +62,13 @@ class AntiEntropy:
         self.compared = 0
         self.fetched = 0
 
+    def counters(self) -> dict[str, int]:
+        """What rounds have done since the node started (reported by the node
+        and at ``/metrics``, so that a round's cost can be read from outside)."""
+        return {"rounds": self.rounds, "repaired": self.repaired,
+                "buckets_differing": self.buckets_differing, "compared": self.compared,
+                "fetched": self.fetched}
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)

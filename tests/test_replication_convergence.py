@@ -547,6 +547,16 @@ async def test_a_round_compares_only_the_buckets_that_differ_and_fetches_only_wh
 
         assert await rounds.sync_with(source) == 0
         assert rounds.fetched == len(written), "converged again: nothing more to fetch"
+
+        # What the rounds did can be read from outside (``georeg bench scale``).
+        expected = {"buckets_differing": len(buckets), "compared": len(in_those_buckets),
+                    "fetched": len(written), "repaired": rounds.repaired, "rounds": rounds.rounds}
+        async with http.get(f"{west.url}/georeg/v1/node") as r:
+            assert r.status == 200
+            assert (await r.json())["anti_entropy"] == expected
+        text = await metrics_text(http, west)
+        for what, count in expected.items():
+            assert metric_sum(text, "georeg_anti_entropy_total", what=what) == count, what
     finally:
         await stop_cluster(cluster)
 

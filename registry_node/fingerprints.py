@@ -52,10 +52,23 @@ from collections.abc import Callable, Iterable, Iterator
 from . import keys
 from .records import FingerprintSums, ManifestRecord, TagRecord, Tombstone, decode, encode
 
+# Two versions, changed together when a term changes (``term``): ``SCHEME``,
+# the stored one (a database marked with another is summed again on open), and
+# ``SUMMED``, the wire one (a peer summing the old terms must not be compared
+# with: every repository would differ). Changing only the bucket layout
+# (``keys.FINGERPRINT_BUCKETS``) bumps ``SCHEME`` alone: peers learn it from
+# ``Summary.bucket_count``.
+#
+# Downgrading: a georeg older than the sums writes registers without them and
+# leaves the marker in place, so the next upgrade would trust sums that no
+# longer add up (those registers never offered in a summary). A downgrade must
+# therefore delete ``meta\0fingerprints`` (with the node stopped); the upgrade
+# then sums everything again. ``MetadataStore.fingerprint_discrepancies``
+# finds a database where that was forgotten.
 SCHEME = b"2"          # meta\0fingerprints: bump when a term or the layout changes
 # How fingerprints travel (proto: SummaryRequest/Summary.fingerprint_scheme).
 RECOMPUTED = 0         # SHA-256 over the registers in key order (georeg before the sums)
-SUMMED = 1             # ``visible_fingerprint`` of the maintained sums
+SUMMED = 1             # ``visible_fingerprint`` of the maintained sums; see above
 MODULUS = 1 << 256
 EMPTY = bytes(32)
 

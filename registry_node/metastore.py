@@ -100,7 +100,10 @@ class MetadataStore:
         self._listeners: list[Callable[[int], None]] = []
         self.faults = faults or StorageFaults()
         # Whether opening had to sum the registers (a database from before the
-        # sums were kept): never, for one this georeg wrote, even after a crash.
+        # sums were kept, or marked with another scheme): never, for one this
+        # georeg wrote, even after a crash. Only the marker is read: a database
+        # written by an older georeg after this one must have had it removed
+        # (see ``fingerprints.SCHEME``).
         self.fingerprints_rebuilt = self._db.get(keys.FINGERPRINTS) != fingerprints.SCHEME
         if self.fingerprints_rebuilt:
             self._rebuild_fingerprints()

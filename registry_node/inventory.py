@@ -80,7 +80,7 @@ def build(scan: Scan, blob_files: Iterable[str], last_seq: int = 0) -> dict:
                 record = decode(raw, ManifestRecord)
                 _repository(repositories, name)["manifests"][digest] = {
                     "media_type": record.media_type, "size": record.size,
-                    "pushed_region": record.pushed_region or record.origin_region,
+                    "pushed_region": record.residency_region,
                     "references": list(record.references), "subject": record.subject,
                     "stamp": list(stamp_of(record))}
             case keys.BlobLinkKey(repository=name, digest=digest):

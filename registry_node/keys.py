@@ -12,6 +12,7 @@ The key space::
     meta\\0identity                        → NodeIdentity      which region/zone wrote this DB
     meta\\0hlc                             → last HLC stamp issued (ascii int)
     meta\\0keycheck                        → key check value   which node key encrypted this DB
+    meta\\0fingerprints                    → scheme (ascii int) the fp\\0 sums below are maintained
     log\\0<seq:u64be>                       → Event             the replication log, seq from 1
     blob\\0<digest>                         → BlobRecord        the node holds this blob's file
     ref\\0<target>\\0<repo>\\0<manifest>      → b""               <manifest> in <repo> needs <target>
@@ -34,6 +35,13 @@ The key space::
     xfer\\0<digest>                         → upload id         an inbound blob transfer to resume
     conf\\0<kind>\\0<name>                  → ConfigRecord      registry configuration object (or
                                                                 its tombstone), registry-wide
+    fp\\0<bucket>\\0<repo>                  → FingerprintSums   hash-sums of the tag and
+                                                                manifest registers (live and
+                                                                tombstones) of <repo>, by region
+                                                                (see ``fingerprints``)
+    fpb\\0<bucket>                          → FingerprintSums   the same, over every <repo> of
+                                                                the bucket (two hex digits:
+                                                                ``fingerprint_bucket``)
 
 Each leaf of the tree has a builder (``tag(repo, tag)`` → bytes) and a frozen
 value named after it (``TagKey(repository, tag)``) that ``parse`` returns for
@@ -49,6 +57,7 @@ data dir, encrypted (see ``crypto``); uploads in progress in ``uploads/<uuid>``.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import TypeVar, overload
 
@@ -61,6 +70,7 @@ SCHEMA = META + b"schema"
 IDENTITY = META + b"identity"
 HLC = META + b"hlc"
 KEY_CHECK = META + b"keycheck"
+FINGERPRINTS = META + b"fingerprints"
 
 LOG = b"log\x00"
 BLOB = b"blob\x00"
@@ -74,6 +84,11 @@ CURSOR = b"cursor\x00"
 FAIL = b"fail\x00"
 TRANSFER = b"xfer\x00"
 CONFIG = b"conf\x00"
+FINGERPRINT = b"fp\x00"
+FINGERPRINT_BUCKET = b"fpb\x00"
+
+FINGERPRINT_BUCKETS = 64
+"""Repositories are spread over this many buckets by a hash of their name."""
 
 # The second level of ``r\0<repo>\0`` and ``tomb\0<repo>\0``.
 _LINK = b"b"
@@ -204,6 +219,41 @@ def configuration_prefix(kind: str) -> bytes:
 
 def configuration(kind: str, name: str) -> bytes:
     return configuration_prefix(kind) + _b(name)
+
+
+def fingerprint_bucket(name: str) -> int:
+    """The bucket of repository ``name``: fixed by its name, the same on every node."""
+    return hashlib.sha256(_b(name)).digest()[0] % FINGERPRINT_BUCKETS
+
+
+def fingerprint(name: str) -> bytes:
+    return fingerprint_in(fingerprint_bucket(name), name)
+
+
+def fingerprint_in(bucket: int, name: str) -> bytes:
+    """``fingerprint(name)`` when ``bucket`` is ``fingerprint_bucket(name)``."""
+    return fingerprint_prefix(bucket) + _b(name)
+
+
+def fingerprint_prefix(bucket: int) -> bytes:
+    """The sums of every repository of one bucket."""
+    return FINGERPRINT + _b(f"{bucket:02x}") + SEP
+
+
+def bucket_fingerprint(bucket: int) -> bytes:
+    return FINGERPRINT_BUCKET + _b(f"{bucket:02x}")
+
+
+def register(key: bytes) -> TagKey | ManifestKey | TagTombKey | ManifestTombKey | None:
+    """The register ``key`` holds, if it is one that anti-entropy compares (a
+    tag or manifest, live or deleted); ``None`` for every other key, cheaply,
+    since every key of every commit is asked (``fingerprints``)."""
+    if not (key.startswith(REPO_DATA) or key.startswith(TOMB)):
+        return None
+    parsed = _parse(key)
+    if isinstance(parsed, (TagKey, ManifestKey, TagTombKey, ManifestTombKey)):
+        return parsed
+    return None
 
 
 def in_repository(key: bytes, name: str) -> bool:
@@ -359,6 +409,21 @@ class TransferKey(msgspec.Struct, frozen=True):
         return transfer(self.digest)
 
 
+class FingerprintKey(msgspec.Struct, frozen=True):
+    bucket: str                  # two hex digits, ``fingerprint_bucket(repository)``
+    repository: str
+
+    def encode(self) -> bytes:
+        return fingerprint_in(int(self.bucket, 16), self.repository)
+
+
+class BucketFingerprintKey(msgspec.Struct, frozen=True):
+    bucket: str
+
+    def encode(self) -> bytes:
+        return bucket_fingerprint(int(self.bucket, 16))
+
+
 class ConfigKey(msgspec.Struct, frozen=True):
     """A registry configuration object: ``name`` of ``kind`` (``configuration``)."""
 
@@ -371,7 +436,8 @@ class ConfigKey(msgspec.Struct, frozen=True):
 
 Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | RepoKey | BlobLinkKey | ManifestKey
        | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
-       | CursorKey | FailureKey | TransferKey | ConfigKey)
+       | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey
+       | BucketFingerprintKey)
 
 
 def _head(family: bytes) -> bytes:
@@ -380,12 +446,14 @@ def _head(family: bytes) -> bytes:
 
 _LOG_HEAD = _head(LOG)
 _META_HEAD = _head(META)
-_META_NAMES = frozenset(k.removeprefix(META).decode() for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK))
+_META_NAMES = frozenset(k.removeprefix(META).decode()
+                        for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK, FINGERPRINTS))
 # Families whose components follow the family name directly.
 _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (REPO, RepoKey),
     (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
-    (CONFIG, ConfigKey)]}
+    (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey),
+    (FINGERPRINT_BUCKET, BucketFingerprintKey)]}
 # Families of ``<family><repo>\0<kind>\0…``, by kind.
 _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
     _head(REPO_DATA): {_LINK.decode(): BlobLinkKey, _MANIFEST.decode(): ManifestKey,

@@ -19,6 +19,12 @@ Two steps, so the event loop never waits on a disk:
   just renamed into place) are fsynced in the same trip, before the WAL: a
   record can never be durable while the rename it describes is not.
 
+Anti-entropy fingerprints (``fingerprints``) are derived data kept here, not
+by callers: ``commit`` adds to every batch the updated sums of the registers
+it writes, into the same ``WriteBatch``, so no code path that writes a tag or
+manifest can forget them and no crash can part them from what they sum. A
+database that predates them is summed once when opened.
+
 Memory: RocksDB's defaults are sized for a database that owns its machine —
 a 64 MiB memtable, filled by every write until it is flushed, and a 32 MiB
 block cache, filled by reads. A node's metadata is small and its files stay
@@ -32,14 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from msgspec import structs
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
-from . import keys
+from . import fingerprints, keys
 from .blobstore import fsync_directory
 from .records import Event, decode, encode
 from .storage_faults import StorageFaults
@@ -93,6 +99,14 @@ class MetadataStore:
         self._last_seq = self._read_last_seq()
         self._listeners: list[Callable[[int], None]] = []
         self.faults = faults or StorageFaults()
+        # Whether opening had to sum the registers (a database from before the
+        # sums were kept, or marked with another scheme): never, for one this
+        # georeg wrote, even after a crash. Only the marker is read: a database
+        # written by an older georeg after this one must have had it removed
+        # (see ``fingerprints.SCHEME``).
+        self.fingerprints_rebuilt = self._db.get(keys.FINGERPRINTS) != fingerprints.SCHEME
+        if self.fingerprints_rebuilt:
+            self._rebuild_fingerprints()
 
     def close(self) -> None:
         self._db.close()
@@ -165,6 +179,51 @@ class MetadataStore:
                 break
         return out
 
+    # -- fingerprints ----------------------------------------------------------
+
+    def fingerprint_sums(self, repository: str) -> dict[str, int]:
+        """The maintained hash-sums of ``repository``'s registers, by region."""
+        return fingerprints.sums_of(self._db.get(keys.fingerprint(repository)))
+
+    def bucket_sums(self, bucket: int) -> dict[str, int]:
+        """The maintained hash-sums of every repository of ``bucket``, by region."""
+        return fingerprints.sums_of(self._db.get(keys.bucket_fingerprint(bucket)))
+
+    def fingerprinted_repositories(self, buckets: Iterable[int] | None = None) -> list[str]:
+        """Every repository holding a register that fingerprints sum (of
+        ``buckets`` only, if given), in name order."""
+        prefixes = [keys.FINGERPRINT] if buckets is None else \
+            [keys.fingerprint_prefix(b) for b in sorted(set(buckets))]
+        return sorted(keys.parse(key, keys.FingerprintKey).repository
+                      for prefix in prefixes for key, _ in self.scan(prefix))
+
+    def fingerprint_discrepancies(self) -> list[str]:
+        """Where the maintained sums differ from a recomputation (O(everything):
+        for checks and tests). Empty while the invariant holds."""
+        repos, buckets = fingerprints.recompute_all(self.scan)
+        stored = set(self.fingerprinted_repositories())
+        out = [f"repository {name}: stored {self.fingerprint_sums(name)} != recomputed "
+               f"{repos.get(name, {})}" for name in sorted(stored | set(repos))
+               if self.fingerprint_sums(name) != repos.get(name, {})]
+        out += [f"bucket {b}: stored {self.bucket_sums(b)} != recomputed {buckets.get(b, {})}"
+                for b in range(keys.FINGERPRINT_BUCKETS) if self.bucket_sums(b) != buckets.get(b, {})]
+        return out
+
+    def _rebuild_fingerprints(self) -> None:
+        """Sum every repository's registers (a database written before the sums
+        were kept, or under another scheme); one batch, like any commit."""
+        wb = WriteBatch(raw_mode=True)
+        for family in (keys.FINGERPRINT, keys.FINGERPRINT_BUCKET):
+            for key, _ in self.scan(family):
+                wb.delete(key)
+        repos, buckets = fingerprints.recompute_all(self.scan)
+        for name, sums in repos.items():
+            wb.put(keys.fingerprint(name), fingerprints.encode_sums(sums))
+        for bucket, sums in buckets.items():
+            wb.put(keys.bucket_fingerprint(bucket), fingerprints.encode_sums(sums))
+        wb.put(keys.FINGERPRINTS, fingerprints.SCHEME)
+        self._db.write(wb, self._write_options)
+
     # -- writes --------------------------------------------------------------
 
     def commit(self, batch: Batch) -> list[Event]:
@@ -177,6 +236,13 @@ class MetadataStore:
             wb.put(key, value)
         for key in batch.deletes:
             wb.delete(key)
+        # Read before the write, in the same event-loop step: nothing else
+        # commits in between, so the previous values are the ones replaced.
+        for key, value in fingerprints.stage(batch.puts, batch.deletes, self._db.get).items():
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
         seq = self._last_seq
         committed: list[Event] = []
         for event in batch.events:

@@ -108,6 +108,14 @@ class ManifestRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     origin_acked_ns: int = 0           # when its origin acknowledged the push
     pushed_region: str = ""            # region of the first push (residency); never bumped
 
+    @property
+    def residency_region(self) -> str:
+        """The region whose residency decides where this manifest may go: the
+        region it was first pushed in (a record from before that was kept: its
+        origin). Fingerprints sum it under this region and anti-entropy filters
+        it by it, so every reader must take it from here for the sums to agree."""
+        return self.pushed_region or self.origin_region
+
 
 class TagRecord(msgspec.Struct, frozen=True):
     digest: str
@@ -140,6 +148,15 @@ class ConfigRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     value: bytes = b""
     deleted: bool = False
     origin_acked_ns: int = 0
+
+
+class FingerprintSums(msgspec.Struct, frozen=True):
+    """The hash-sums of one repository's registers (or of a bucket of
+    repositories), by the region that decides their residency
+    (``fingerprints``): 32-byte big-endian integers modulo 2**256. A region
+    whose sum is zero is left out."""
+
+    sums: dict[str, bytes]
 
 
 class Cursor(msgspec.Struct, frozen=True):

@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
 
-from . import keys
+from . import fingerprints, keys
 from . import manifest as manifests
 from .blobstore import UploadFile
 from .configuration import Configuration
@@ -410,11 +410,17 @@ class Replica:
         raw = self.meta.get(keys.failure(repo, digest))
         return decode(raw, ReplicationFailure) if raw is not None else None
 
-    def repositories(self) -> list[str]:
-        """Every repository with live content or tombstones."""
-        names = {keys.parse(k, keys.RepoKey).repository for k, _ in self.meta.scan(keys.REPO)}
-        names.update(keys.parse(k, keys.TombKey).repository for k, _ in self.meta.scan(keys.TOMB))
-        return sorted(names)
+    def repositories(self, buckets: Iterable[int] | None = None) -> list[str]:
+        """Every repository holding a tag or manifest register, live or deleted
+        (what anti-entropy compares; one key each, not a scan of their content);
+        with ``buckets``, those of these fingerprint buckets only."""
+        return self.meta.fingerprinted_repositories(buckets)
+
+    def bucket_fingerprint(self, bucket: int, visible: Callable[[str], bool]) -> bytes:
+        """The ``SUMMED`` fingerprint of every repository of ``bucket`` together,
+        over the registers whose region passes ``visible`` (which must not
+        depend on the repository)."""
+        return fingerprints.visible_fingerprint(self.meta.bucket_sums(bucket), visible)
 
     def repository_state(self, repo: str, visible: Callable[[str], bool]) -> dict[str, list[RegisterState]]:
         """Tags and manifests (live and deleted) of ``repo`` whose origin region
@@ -429,11 +435,11 @@ class Replica:
         manifests_out: list[RegisterState] = []
         for key, raw in self.meta.scan(keys.manifest_prefix(repo)):
             rec = decode(raw, ManifestRecord)
-            if visible(rec.pushed_region or rec.origin_region):
+            if visible(rec.residency_region):
                 digest = keys.parse(key, keys.ManifestKey).digest
                 manifests_out.append(RegisterState(
                     digest, digest, False, stamp_of(rec), rec.media_type, rec.size,
-                    rec.references, rec.origin_acked_ns, rec.pushed_region or rec.origin_region))
+                    rec.references, rec.origin_acked_ns, rec.residency_region))
         for key, raw in self.meta.scan(keys.tomb_prefix(repo)):
             tomb = decode(raw, Tombstone)
             if not visible(tomb.origin_region):
@@ -445,10 +451,19 @@ class Replica:
                     manifests_out.append(RegisterState(digest, digest, True, stamp_of(tomb)))
         return {"tags": tags, "manifests": manifests_out}
 
-    def fingerprint(self, repo: str, visible: Callable[[str], bool]) -> bytes:
+    def fingerprint(self, repo: str, visible: Callable[[str], bool],
+                    scheme: int = fingerprints.SUMMED) -> bytes:
         """A digest of ``repository_state``: equal fingerprints, equal state.
-        Manifests count by presence only, since their registers' stamps are
-        renewed by tag sets that residency may keep from some replicas."""
+        ``SUMMED`` is read from the sums maintained on write (``fingerprints``):
+        O(regions), whatever the repository holds. ``RECOMPUTED`` is what
+        georeg sent before them, for peers that still compare in it: a scan of
+        the repository. Manifests count by presence only, since their
+        registers' stamps are renewed by tag sets that residency may keep
+        from some replicas."""
+        if scheme == fingerprints.SUMMED:
+            return fingerprints.visible_fingerprint(self.meta.fingerprint_sums(repo), visible)
+        if scheme != fingerprints.RECOMPUTED:
+            raise ValueError(f"unknown fingerprint scheme {scheme}")
         state = self.repository_state(repo, visible)
         h = hashlib.sha256()
         for reg in sorted(state["tags"], key=lambda r: r.key):
@@ -473,7 +488,7 @@ class Replica:
         for repo in [keys.parse(k, keys.RepoKey).repository for k, _ in self.meta.scan(keys.REPO)]:
             for _, raw in self.meta.scan(keys.manifest_prefix(repo)):
                 record = decode(raw, ManifestRecord)
-                region = record.pushed_region or record.origin_region
+                region = record.residency_region
                 images[region] = images.get(region, 0) + 1
                 sizes = blobs.setdefault(region, {})
                 for digest in record.references:
@@ -506,7 +521,7 @@ class Replica:
         blobs = [d for d in record.references if self.has_blob(d)
                  or self.meta.get(keys.manifest(repo, d)) is not None]
         return ImageState(True, record.created_ns, record.origin_acked_ns,
-                          record.pushed_region or record.origin_region, reason,
+                          record.residency_region, reason,
                           len(blobs), len(record.references), record.media_type)
 
 

@@ -10,6 +10,15 @@ an event. Registry configuration is compared the same way, by one fingerprint
 over all of it (registry-wide: no residency), and fetched whole where it
 differs. Pull-only: every node repairs itself from its peers, so with all
 nodes doing it the cluster converges whenever the replica graph is connected.
+
+Both sides read their fingerprints from sums maintained on write
+(``registry_node.fingerprints``). Repositories are compared by bucket first
+(a fixed number of sums, whatever the node holds), then only those of the
+buckets that differ, so a round between converged nodes costs the same at
+ten images as at a hundred thousand. With per-repository residency rules a
+bucket's sum cannot be filtered, and every repository's fingerprint is
+compared (still a read each). A peer of an older georeg is compared in the
+scheme it knows (recomputed: O(content)).
 """
 
 from __future__ import annotations
@@ -19,16 +28,20 @@ from collections.abc import Sequence
 
 import structlog
 
+from registry_node import fingerprints, keys
 from registry_node.records import EventKind
 from registry_node.replica import RegisterState, register_event
 
 from .convert import event_from_wire, register_from_wire
-from .errors import Outcome, ReplicationError
+from .errors import Outcome, ReplicationError, permanent
 from .peers import PeerClient
 from .residency import ResidencyPolicy
 from .transfer import Transfer
+from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
+
+YIELD_EVERY = 1000   # fingerprints read between two turns of the event loop
 
 
 class AntiEntropy:
@@ -43,6 +56,18 @@ class AntiEntropy:
         self._locks: dict[str, asyncio.Lock] = {p.name: asyncio.Lock() for p in self.peers}
         self.rounds = 0
         self.repaired = 0
+        # What rounds looked at: buckets found differing, repositories whose
+        # fingerprints were compared, and whose whole state was fetched.
+        self.buckets_differing = 0
+        self.compared = 0
+        self.fetched = 0
+
+    def counters(self) -> dict[str, int]:
+        """What rounds have done since the node started (reported by the node
+        and at ``/metrics``, so that a round's cost can be read from outside)."""
+        return {"rounds": self.rounds, "repaired": self.repaired,
+                "buckets_differing": self.buckets_differing, "compared": self.compared,
+                "fetched": self.fetched}
 
     async def run(self) -> None:
         while True:
@@ -69,14 +94,48 @@ class AntiEntropy:
                     and self.residency.allows(origin_region, repository, self.region))
         return visible
 
+    async def _repository_summaries(self, peer: PeerClient) -> tuple[pb.Summary, list]:
+        """The peer's summary, and its fingerprints of the repositories worth
+        comparing: by bucket where both sides can (only the repositories of the
+        buckets that differ), otherwise every repository. The fingerprints are
+        in the scheme of the summary returned with them (the one that carried
+        them: a peer replaced between two questions may answer them in two)."""
+        if self.residency.repositories:       # per-repository rules: no bucket sums
+            summary = await peer.summarize()
+            return summary, list(summary.repositories)
+        summary = await peer.summarize(buckets_only=True)
+        if summary.bucket_count == 0:
+            return summary, list(summary.repositories)   # it answered per repository
+        if summary.bucket_count != keys.FINGERPRINT_BUCKETS:
+            # Buckets laid out otherwise: not comparable with ours, and the
+            # reply carries no repositories. Ask for every repository's.
+            summary = await peer.summarize()
+            return summary, list(summary.repositories)
+        theirs = {b.bucket: b.fingerprint for b in summary.buckets}
+        visible = self._visible("", peer.peer.region)
+        differing = [b for b in range(keys.FINGERPRINT_BUCKETS)
+                     if theirs.get(b, fingerprints.EMPTY) != self.replica.bucket_fingerprint(b, visible)]
+        self.buckets_differing += len(differing)
+        if not differing:
+            return summary, []
+        summary = await peer.summarize(buckets=differing)
+        return summary, list(summary.repositories)
+
     async def _sync(self, peer: PeerClient) -> int:
-        summary = await peer.summarize()
+        summary, entries = await self._repository_summaries(peer)
+        scheme = summary.fingerprint_scheme   # an older peer leaves it unset: RECOMPUTED
+        if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
+            raise permanent(f"{peer.name} fingerprints in unknown scheme {scheme}")
         changed = 0
-        for entry in summary.repositories:
+        for n, entry in enumerate(entries, 1):
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)   # every repository may differ (a new replica)
             repo = entry.repository
-            mine = self.replica.fingerprint(repo, self._visible(repo, peer.peer.region))
+            mine = self.replica.fingerprint(repo, self._visible(repo, peer.peer.region), scheme)
+            self.compared += 1
             if mine == entry.fingerprint:
                 continue
+            self.fetched += 1
             state = await peer.repository_state(repo)
             changed += await self._merge(repo, [register_from_wire(r) for r in state.manifests],
                                          [register_from_wire(r) for r in state.tags], peer)

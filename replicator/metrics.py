@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60,
                120, 300)
@@ -45,11 +45,26 @@ class ReplicationMetrics:
         self.log_seq = Gauge("georeg_log_last_seq", "Last sequence in this node's event log",
                              registry=self.registry)
         self.refresh: Callable[[], None] = lambda: None
+        self._anti_entropy: Callable[[], dict[str, int]] = dict
 
     def collect(self) -> Iterator[Metric]:
         """Everything above, as one collector of the node's registry."""
         self.refresh()
-        return self.registry.collect()
+        yield from self.registry.collect()
+        counts = self._anti_entropy()
+        if counts:
+            # Kept by anti-entropy itself (plain counts); read at each scrape.
+            family = CounterMetricFamily(
+                "georeg_anti_entropy",
+                "Anti-entropy here: rounds run, registers repaired, buckets found "
+                "differing, repositories whose fingerprints were compared and "
+                "whose state was fetched", labels=["what"])
+            for what, count in counts.items():
+                family.add_metric([what], count)
+            yield family
+
+    def track_anti_entropy(self, counters: Callable[[], dict[str, int]]) -> None:
+        self._anti_entropy = counters
 
     def observe_lag(self, origin_region: str, kind: str, seconds: float) -> None:
         self.lag.labels(origin_region, self.region, kind).observe(max(seconds, 0.0))

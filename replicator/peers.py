@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from registry_node import fingerprints
 from registry_node.records import NodeIdentity
 
 from .convert import node_ref
@@ -149,9 +150,11 @@ class PeerClient:
         return await self._unary(self.stub.FetchManifest, pb.FetchManifestRequest(
             requester=self._me, repository=repository, digest=digest), f"manifest {digest}")
 
-    async def summarize(self) -> pb.Summary:
-        return await self._unary(self.stub.Summarize, pb.SummaryRequest(requester=self._me),
-                                 "summary")
+    async def summarize(self, *, buckets_only: bool = False,
+                        buckets: Sequence[int] = ()) -> pb.Summary:
+        return await self._unary(self.stub.Summarize, pb.SummaryRequest(
+            requester=self._me, fingerprint_scheme=fingerprints.SUMMED,
+            buckets_only=buckets_only, buckets=buckets), "summary")
 
     async def repository_state(self, repository: str) -> pb.RepositoryState:
         return await self._unary(self.stub.GetRepositoryState, pb.RepositoryStateRequest(

@@ -93,6 +93,7 @@ class Replication:
         feed = LogFeed(node.meta)
         self.metrics.track_log(lambda: node.meta.last_seq)
         self.metrics.refresh = self._refresh_queue_depths
+        self.metrics.track_anti_entropy(self._anti_entropy_counters)
         app[METRICS].registry.register(self.metrics)
         if view.zone_redundant:
             self.quorum = ZoneQuorum(_label(view.region, view.zone), list(view.quorum_zones),
@@ -242,13 +243,16 @@ class Replication:
                 "lookup_rounds": self.rescue.rounds if self.rescue else 0,
                 "not_waited_for": dict(self.rescue.not_waited_for) if self.rescue else {},
             },
-            "anti_entropy": {
-                "rounds": self.anti_entropy.rounds if self.anti_entropy else 0,
-                "repaired": self.anti_entropy.repaired if self.anti_entropy else 0,
-            },
+            "anti_entropy": self._anti_entropy_counters(),
             "content": self.replica.content_summary() if self.replica else {},
             "memory": _memory(node),
         })
+
+    def _anti_entropy_counters(self) -> dict[str, int]:
+        if self.anti_entropy is None:
+            return dict.fromkeys(("rounds", "repaired", "buckets_differing", "compared",
+                                  "fetched"), 0)
+        return self.anti_entropy.counters()
 
     def _refresh_queue_depths(self) -> None:
         for sub in self.subscriptions:

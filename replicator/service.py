@@ -54,7 +54,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from registry_node import keys
+from registry_node import fingerprints, keys
 from registry_node.crypto import BlobCorrupt
 from registry_node.records import CONFIG_KINDS, BlobLink, EventKind, decode
 from registry_node.replica import Replica
@@ -82,6 +82,7 @@ INLINE_CACHE_S = 5.0     # and for this long at most: an idle node holds none of
 IDLE_WAIT_S = 5.0
 # The longest a FetchBlob waits for a blob that has not landed yet (wait_ms).
 MAX_FETCH_WAIT_MS = 10_000
+YIELD_EVERY = 1000        # repositories summarised between two turns of the event loop
 # How long relayed events wait for more to go out with them (see the docstring).
 RELAY_GATHER_S = 0.2
 LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
@@ -305,7 +306,7 @@ class ReplicationService(pbg.ReplicationServicer):
         for key, _ in self.replica.meta.scan(keys.ref_repo_prefix(digest, repository)):
             record = self.replica.manifest_record(repository, keys.parse(key, keys.RefKey).manifest)
             if record is not None:
-                regions.add(record.pushed_region or record.origin_region)
+                regions.add(record.residency_region)
         return regions
 
     async def _landed(self, repo: str, digest: str, wait_ms: int) -> set[str]:
@@ -364,7 +365,7 @@ class ReplicationService(pbg.ReplicationServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"{request.digest} is not in {request.repository} here")
         record, body = found
-        region = record.pushed_region or record.origin_region
+        region = record.residency_region
         if not self._allowed(region, request.repository, requester):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.digest} is confined to {region}")
         return pb.ManifestReply(digest=request.digest, media_type=record.media_type, body=body,
@@ -385,13 +386,34 @@ class ReplicationService(pbg.ReplicationServicer):
     async def Summarize(self, request: pb.SummaryRequest,
                         context: grpc.aio.ServicerContext) -> pb.Summary:
         requester = await self._requester(request.requester, context)
+        # In the scheme the requester compares in; one it does not know of
+        # (a newer node) gets ours, and the reply says which it got.
+        scheme = request.fingerprint_scheme
+        if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
+            scheme = fingerprints.SUMMED
+        configuration = self.replica.configuration.fingerprint()
+        by_bucket = scheme == fingerprints.SUMMED and not self.residency.repositories
+        if request.buckets_only and by_bucket:
+            # No per-repository rules: what may travel depends on the region alone.
+            visible = self._visible_to_both("", requester)
+            buckets = [pb.BucketSummary(bucket=b, fingerprint=fp)
+                       for b in range(keys.FINGERPRINT_BUCKETS)
+                       if (fp := self.replica.bucket_fingerprint(b, visible)) != fingerprints.EMPTY]
+            return pb.Summary(buckets=buckets, bucket_count=keys.FINGERPRINT_BUCKETS,
+                              last_seq=self.feed.last_seq, fingerprint_scheme=scheme,
+                              configuration_fingerprint=configuration)
+        wanted = list(request.buckets) if scheme == fingerprints.SUMMED and request.buckets else None
         summaries = []
-        for repo in self.replica.repositories():
-            fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, requester))
+        for n, repo in enumerate(self.replica.repositories(wanted), 1):
+            fingerprint = self.replica.fingerprint(repo, self._visible_to_both(repo, requester),
+                                                   scheme)
             summaries.append(pb.RepositorySummary(repository=repo, fingerprint=fingerprint))
-            await asyncio.sleep(0)
+            # Let the node serve in between: a RECOMPUTED fingerprint is a scan
+            # of the repository; a SUMMED one a read, but there may be 100k.
+            if scheme == fingerprints.RECOMPUTED or n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         return pb.Summary(repositories=summaries, last_seq=self.feed.last_seq,
-                          configuration_fingerprint=self.replica.configuration.fingerprint())
+                          configuration_fingerprint=configuration, fingerprint_scheme=scheme)
 
     async def GetConfiguration(self, request: pb.ConfigurationRequest,
                                context: grpc.aio.ServicerContext) -> pb.ConfigurationState:

@@ -9,7 +9,9 @@ holds), so a test can gather them from every node and fail with all of them.
   with the right digest. A miss is confirmed (manifest still served, blob still
   missing) before it counts, since replication keeps running during the check.
 * ``storage_problems`` — the same invariant straight from storage, in one
-  event-loop step (so atomically with respect to every merge).
+  event-loop step (so atomically with respect to every merge); and the
+  anti-entropy sums kept beside each repository's registers equal a
+  recomputation from them (``registry_node.fingerprints``).
 * ``residency_problems`` — nothing of a confined region reaches another node:
   not in the API, not as a metadata key, an event, a blob record or file, or a
   partial transfer.
@@ -156,7 +158,14 @@ def storage_problems(node) -> list[str]:
                 if meta.get(keys.blob(ref)) is None or not registry.blobs.exists(ref) \
                         or not registry.blob_visible(repo, ref):
                     problems.append(f"{node.name}: {repo}@{digest} stored without {ref}")
-    return problems
+    return problems + fingerprint_problems(node)
+
+
+def fingerprint_problems(node) -> list[str]:
+    """Every repository's and every bucket's maintained sums equal a
+    recomputation from the registers, and nothing without registers keeps any."""
+    return [f"{node.name}: fingerprint {problem}"
+            for problem in node.registry.meta.fingerprint_discrepancies()]
 
 
 async def residency_problems(http: aiohttp.ClientSession, node, confined_repos: Iterable[str],

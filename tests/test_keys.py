@@ -33,6 +33,8 @@ config_kinds = st.from_regex(r"[a-z][a-z-]{0,30}", fullmatch=True)
 config_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", fullmatch=True)
 
 # family → (builder, parsed type, strategies of the builder's arguments)
+buckets = st.integers(0, keys.FINGERPRINT_BUCKETS - 1).map(lambda b: f"{b:02x}")
+
 FAMILIES = {
     "log": (keys.log, keys.LogKey, (seqs,)),
     "blob": (keys.blob, keys.BlobKey, (digests,)),
@@ -51,9 +53,13 @@ FAMILIES = {
     "failure": (keys.failure, keys.FailureKey, (repositories, st.one_of(digests, tags))),
     "transfer": (keys.transfer, keys.TransferKey, (digests,)),
     "configuration": (keys.configuration, keys.ConfigKey, (config_kinds, config_names)),
+    "fingerprint": (lambda bucket, repo: keys.fingerprint_in(int(bucket, 16), repo),
+                    keys.FingerprintKey, (buckets, repositories)),
+    "bucket fingerprint": (lambda bucket: keys.bucket_fingerprint(int(bucket, 16)),
+                           keys.BucketFingerprintKey, (buckets,)),
 }
 META = {keys.SCHEMA: "schema", keys.IDENTITY: "identity", keys.HLC: "hlc",
-        keys.KEY_CHECK: "keycheck"}
+        keys.KEY_CHECK: "keycheck", keys.FINGERPRINTS: "fingerprints"}
 
 # The scan prefix each family is found under, from the same arguments.
 PREFIXES = {
@@ -67,6 +73,7 @@ PREFIXES = {
     "manifest tomb": lambda repo, _: keys.tomb_prefix(repo),
     "blob tomb": lambda repo, _: keys.tomb_prefix(repo),
     "configuration": lambda kind, _: keys.configuration_prefix(kind),
+    "fingerprint": lambda bucket, _: keys.fingerprint_prefix(int(bucket, 16)),
 }
 
 D1 = "sha256:" + "a" * 64
@@ -98,6 +105,10 @@ ON_DISK = [
     (keys.failure("lib/app", D1), b"fail\x00lib/app\x00" + D1.encode()),
     (keys.transfer(D1), b"xfer\x00" + D1.encode()),
     (keys.configuration("registry", "default"), b"conf\x00registry\x00default"),
+    (keys.FINGERPRINTS, b"meta\x00fingerprints"),
+    (keys.fingerprint("lib/app"), b"fp\x00" + f"{keys.fingerprint_bucket('lib/app'):02x}".encode()
+     + b"\x00lib/app"),
+    (keys.bucket_fingerprint(10), b"fpb\x000a"),
 ]
 
 
@@ -118,7 +129,8 @@ def test_the_tree_draws_every_family():
     """The docstring's tree stays the description of the key space: every family
     head and every meta key is drawn in it."""
     heads = [keys.LOG, keys.BLOB, keys.REF, keys.BLOB_USER, keys.REPO, keys.REPO_DATA,
-             keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG, *META]
+             keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG,
+             keys.FINGERPRINT, keys.FINGERPRINT_BUCKET, *META]
     drawn = keys.__doc__
     missing = [h for h in heads if h.decode().replace("\x00", "\\0") not in drawn]
     assert missing == []

@@ -20,11 +20,14 @@ import msgspec
 import pytest
 
 from cluster.network.links import LinkFaults
-from registry_node import keys
+from registry_node import fingerprints, keys
 from registry_node.hlc import unpack, wall_ms_now
 from registry_node.metastore import Batch, MetadataStore
-from registry_node.records import Cursor, EventKind, decode, encode
+from registry_node.records import Cursor, EventKind, TagRecord, decode, encode
+from replicator.convert import node_ref
+from replicator.service import ReplicationService
 from replicator.topology import ReplicationSettings
+from replicator.wire.v1 import replication_pb2 as pb
 
 from .helpers import Image, digest_of, eventually, push_image
 from .replication_invariants import (
@@ -295,11 +298,51 @@ async def test_applying_anything_twice_is_a_no_op(cluster, http):
     after_seqs, _ = await totals(cluster, http)
     assert after_seqs == seqs, "re-delivered events were logged again"
 
-    # 3. Anti-entropy against every peer, on every node: nothing to repair.
+    # 3. Anti-entropy against every peer, on every node: nothing to repair,
+    #    and nothing even to look at: every repository's fingerprint agrees,
+    #    in the maintained scheme and in the one older nodes recompute.
     for n in cluster.running():
         for peer in n.replication.clients:
             assert await n.replication.anti_entropy.sync_with(peer) == 0, (n.name, peer.name)
+            for scheme in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
+                assert await fingerprint_differences(n, peer, scheme) == [], (n.name, peer.name)
     assert (await totals(cluster, http))[0] == seqs
+
+
+async def fingerprint_differences(node, peer, scheme: int) -> list[str]:
+    """Repositories whose fingerprint from ``peer`` (over what both may hold)
+    differs from ``node``'s own, asked for in ``scheme``."""
+    replication = node.replication
+    summary = await peer.stub.Summarize(pb.SummaryRequest(
+        requester=node_ref(node.registry.identity), fingerprint_scheme=scheme))
+    assert summary.fingerprint_scheme == scheme
+    residency, here, there = replication.residency, node.region, peer.peer.region
+    differing = []
+    for entry in summary.repositories:
+        def visible(origin: str, repo=entry.repository) -> bool:
+            return residency.allows(origin, repo, here) and residency.allows(origin, repo, there)
+        if replication.replica.fingerprint(entry.repository, visible, scheme) != entry.fingerprint:
+            differing.append(entry.repository)
+    return differing
+
+
+async def bucket_differences(node, peer) -> list[int]:
+    """Fingerprint buckets whose sum from ``peer`` (over what both may hold)
+    differs from ``node``'s own; a summary with no bucket at all is one."""
+    summary = await peer.stub.Summarize(pb.SummaryRequest(
+        requester=node_ref(node.registry.identity), fingerprint_scheme=fingerprints.SUMMED,
+        buckets_only=True))
+    assert summary.bucket_count == keys.FINGERPRINT_BUCKETS and not summary.repositories
+    residency, here, there = node.replication.residency, node.region, peer.peer.region
+
+    def visible(origin: str) -> bool:
+        return residency.allows(origin, "", here) and residency.allows(origin, "", there)
+    theirs = {b.bucket: b.fingerprint for b in summary.buckets}
+    if not theirs:
+        return [-1]
+    return [b for b in range(keys.FINGERPRINT_BUCKETS)
+            if node.replication.replica.bucket_fingerprint(b, visible)
+            != theirs.get(b, fingerprints.EMPTY)]
 
 
 # -- regressions ---------------------------------------------------------------------
@@ -422,5 +465,219 @@ async def test_retry_of_an_unconfirmed_write_is_acknowledged_only_once_durable(t
                     break
                 assert r.status == 503, r.status
             assert asyncio.get_running_loop().time() < deadline, "never confirmed after healing"
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_converged_nodes_agree_on_every_fingerprint_over_what_both_may_hold(tmp_path, http):
+    """One repository written in East US and in Brazil South (confined): each
+    node holds registers the other may not, yet over what both may hold their
+    fingerprints agree, in either scheme, so a round between them repairs
+    nothing and fetches no repository's state."""
+    rng = random.Random(25)
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("brazilsouth", "")])
+    try:
+        eastus, brazil = cluster.nodes["eastus"], cluster.nodes["brazilsouth"]
+        await push_image(http, eastus.url, "mixed/app", layered_image(rng, False), tag="global")
+        await push_image(http, eastus.url, "mixed/app", layered_image(rng, False), tag="old")
+        async with http.delete(f"{eastus.url}/v2/mixed/app/manifests/old") as r:
+            assert r.status == 202
+        await push_image(http, brazil.url, "mixed/app", layered_image(rng, True), tag="payroll")
+        await eventually(lambda: quiesced(cluster), timeout=20, what="replication to settle")
+
+        def everything(region: str) -> bool:
+            return True
+        assert (brazil.replication.replica.fingerprint("mixed/app", everything)
+                != eastus.replication.replica.fingerprint("mixed/app", everything)), \
+            "Brazil South should hold a register East US may not"
+        for node in (eastus, brazil):
+            for peer in node.replication.clients:
+                for scheme in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
+                    assert await fingerprint_differences(node, peer, scheme) == [], \
+                        (node.name, peer.name, scheme)
+                assert await bucket_differences(node, peer) == [], (node.name, peer.name)
+                assert await node.replication.anti_entropy.sync_with(peer) == 0
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_a_round_compares_only_the_buckets_that_differ_and_fetches_only_what_changed(
+        tmp_path, http):
+    """West Europe hears nothing by the log (its subscriptions are ended); a
+    round of anti-entropy against East US must find the three repositories
+    written since — and look into no repository outside their buckets, and
+    fetch the state of no other repository."""
+    rng = random.Random(2525)
+    settings = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0)
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")], settings=settings)
+    try:
+        eastus, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        repos = [f"many/r{i}" for i in range(40)]
+        for repo in repos:
+            await push_image(http, eastus.url, repo, layered_image(rng, False, layers=1), tag="v1")
+        await eventually(lambda: quiesced(cluster), timeout=30, what="replication to settle")
+        for task in west.replication._tasks.values():
+            task.cancel()
+        await eventually(lambda: all(t.done() for t in west.replication._tasks.values()),
+                         what="westeurope's subscriptions ended")
+        rounds = west.replication.anti_entropy
+        source = next(c for c in west.replication.clients if c.peer.name == "eastus")
+
+        assert await rounds.sync_with(source) == 0
+        assert (rounds.buckets_differing, rounds.compared, rounds.fetched) == (0, 0, 0), \
+            "converged: not one repository should even be compared"
+
+        await push_image(http, eastus.url, "many/r3", layered_image(rng, False, layers=1), tag="v2")
+        async with http.delete(f"{eastus.url}/v2/many/r7/manifests/v1") as r:
+            assert r.status == 202
+        await push_image(http, eastus.url, "many/new", layered_image(rng, False, layers=1), tag="v1")
+        written = {"many/r3", "many/new", "many/r7"}
+        buckets = {keys.fingerprint_bucket(r) for r in written}
+        in_those_buckets = [r for r in [*repos, "many/new"] if keys.fingerprint_bucket(r) in buckets]
+
+        assert await rounds.sync_with(source) >= 3
+        assert rounds.buckets_differing == len(buckets)
+        assert rounds.compared == len(in_those_buckets) < len(repos)
+        assert rounds.fetched == len(written)
+        replica = west.replication.replica
+        assert replica.resolve_tag("many/r3", "v2") == eastus.replication.replica.resolve_tag(
+            "many/r3", "v2") is not None
+        assert replica.resolve_tag("many/r7", "v1") is None
+        assert replica.resolve_tag("many/new", "v1") is not None
+
+        assert await rounds.sync_with(source) == 0
+        assert rounds.fetched == len(written), "converged again: nothing more to fetch"
+
+        # What the rounds did can be read from outside (``georeg bench scale``).
+        expected = {"buckets_differing": len(buckets), "compared": len(in_those_buckets),
+                    "fetched": len(written), "repaired": rounds.repaired, "rounds": rounds.rounds}
+        async with http.get(f"{west.url}/georeg/v1/node") as r:
+            assert r.status == 200
+            assert (await r.json())["anti_entropy"] == expected
+        text = await metrics_text(http, west)
+        for what, count in expected.items():
+            assert metric_sum(text, "georeg_anti_entropy_total", what=what) == count, what
+    finally:
+        await stop_cluster(cluster)
+
+
+async def west_behind_eastus(tmp_path, http, rng: random.Random, count: int = 12):
+    """East US and West Europe, converged over ``count`` repositories; then
+    West Europe's subscriptions are ended and East US writes three
+    repositories. Returns (cluster, West Europe's anti-entropy, its client of
+    East US, the repositories written since)."""
+    settings = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0)
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")], settings=settings)
+    eastus, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+    for i in range(count):
+        await push_image(http, eastus.url, f"many/r{i}", layered_image(rng, False, layers=1), tag="v1")
+    await eventually(lambda: quiesced(cluster), timeout=30, what="replication to settle")
+    for task in west.replication._tasks.values():
+        task.cancel()
+    await eventually(lambda: all(t.done() for t in west.replication._tasks.values()),
+                     what="westeurope's subscriptions ended")
+    await push_image(http, eastus.url, "many/r3", layered_image(rng, False, layers=1), tag="v2")
+    async with http.delete(f"{eastus.url}/v2/many/r7/manifests/v1") as r:
+        assert r.status == 202
+    await push_image(http, eastus.url, "many/new", layered_image(rng, False, layers=1), tag="v1")
+    source = next(c for c in west.replication.clients if c.peer.name == "eastus")
+    return cluster, west.replication.anti_entropy, source, {"many/r3", "many/r7", "many/new"}
+
+
+def assert_repaired(cluster) -> None:
+    west = cluster.nodes["westeurope"].replication.replica
+    east = cluster.nodes["eastus"].replication.replica
+    assert west.resolve_tag("many/r3", "v2") == east.resolve_tag("many/r3", "v2") is not None
+    assert west.resolve_tag("many/r7", "v1") is None
+    assert west.resolve_tag("many/new", "v1") is not None
+
+
+async def test_a_peer_with_another_bucket_count_is_compared_per_repository(
+        tmp_path, http, monkeypatch):
+    """A peer whose buckets are laid out otherwise (another georeg) answers the
+    buckets-only question with sums this node cannot compare, and no
+    repositories: it must be asked again for every repository's fingerprint,
+    not skipped (which would leave this node never repaired from it)."""
+    real = ReplicationService.Summarize
+
+    async def in_32_buckets(self, request, context):
+        reply = await real(self, request, context)
+        if request.buckets_only:
+            reply.bucket_count = 32
+        return reply
+    monkeypatch.setattr(ReplicationService, "Summarize", in_32_buckets)
+    cluster, rounds, source, written = await west_behind_eastus(tmp_path, http, random.Random(26))
+    try:
+        assert await rounds.sync_with(source) >= 3
+        assert rounds.fetched == len(written)
+        assert rounds.compared == 13, "every repository East US holds, by its fingerprint"
+        assert_repaired(cluster)
+        assert await rounds.sync_with(source) == 0
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_fingerprints_are_compared_in_the_scheme_of_the_reply_that_carried_them(
+        tmp_path, http, monkeypatch):
+    """The buckets come in one reply and the repositories in a second; a peer
+    may answer that second one in another scheme (it was replaced in between
+    by an older georeg, which ignores the buckets asked for). Compared in the
+    first reply's scheme every repository would differ and be fetched whole."""
+    real = ReplicationService.Summarize
+
+    async def older_after_the_buckets(self, request, context):
+        if not request.buckets_only:
+            request = pb.SummaryRequest(requester=request.requester,
+                                        fingerprint_scheme=fingerprints.RECOMPUTED)
+        return await real(self, request, context)
+    monkeypatch.setattr(ReplicationService, "Summarize", older_after_the_buckets)
+    cluster, rounds, source, written = await west_behind_eastus(tmp_path, http, random.Random(27))
+    try:
+        assert await rounds.sync_with(source) >= 3
+        assert rounds.fetched == len(written), "only what changed is fetched"
+        assert_repaired(cluster)
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_summarizing_many_repositories_lets_the_node_serve_in_between(tmp_path, http):
+    """A summary of every repository (a new replica, or per-repository
+    residency rules) reads one fingerprint per repository, a hundred thousand
+    at scale: it must let the event loop run in between, or the node's HTTP
+    and gRPC stand still until it is done."""
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")])
+    try:
+        eastus, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        batch = Batch()   # registers only, written here: no event, nothing replicates
+        for i in range(2500):
+            batch.put(keys.tag(f"bulk/r{i}", "v1"), encode(TagRecord(
+                digest=digest_of(b"%d" % i), hlc=1 << 20, origin_region="eastus", origin_zone="")))
+        eastus.registry.meta.commit(batch)
+        ticks = 0
+
+        async def ticking() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+        replica = eastus.replication.service.replica
+        fingerprint = replica.fingerprint
+        seen: list[int] = []
+
+        def watched(*args, **kwargs):
+            seen.append(ticks)
+            return fingerprint(*args, **kwargs)
+        replica.fingerprint = watched
+        ticker = asyncio.create_task(ticking())
+        try:
+            source = next(c for c in west.replication.clients if c.peer.name == "eastus")
+            summary = await source.stub.Summarize(pb.SummaryRequest(
+                requester=node_ref(west.registry.identity), fingerprint_scheme=fingerprints.SUMMED))
+        finally:
+            ticker.cancel()
+            del replica.fingerprint
+        assert len(summary.repositories) >= 2500
+        assert len(seen) == len(summary.repositories)
+        assert seen[-1] - seen[0] >= 2, "the loop never ran while the summary was made"
     finally:
         await stop_cluster(cluster)

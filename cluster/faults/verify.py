@@ -783,7 +783,7 @@ def _key_names(key: keys.Key | None, value: bytes) -> tuple[list[str], list[str]
             return [repo], [target, manifest]
         case keys.BlobUserKey(digest=digest, repository=repo):
             return [repo], [digest]
-        case keys.RepoKey(repository=repo):
+        case keys.RepoKey(repository=repo) | keys.FingerprintKey(repository=repo):
             return [repo], []
         case keys.UploadKey():
             with contextlib.suppress(Exception):

@@ -2,7 +2,7 @@
 
 The node counts its own error answers here, by OCI code, HTTP status and
 outcome (the wire contract in ``registry_node.errors``); an extension
-(replication: lag, transfers, queue depths) registers its collector in the
+(replication: lag, transfers, queue depths, anti-entropy) registers its collector in the
 same registry for as long as it runs, so one scrape shows both. Each app has
 a registry of its own, so several nodes can share a process (tests, the
 Python API) without mixing their numbers.

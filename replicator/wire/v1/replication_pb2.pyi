@@ -149,10 +149,24 @@ class ManifestReply(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., media_type: _Optional[str] = ..., body: _Optional[bytes] = ..., hlc: _Optional[int] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_acked_ns: _Optional[int] = ...) -> None: ...
 
 class SummaryRequest(_message.Message):
-    __slots__ = ("requester",)
+    __slots__ = ("requester", "fingerprint_scheme", "buckets_only", "buckets")
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_SCHEME_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
     requester: NodeRef
-    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ...) -> None: ...
+    fingerprint_scheme: int
+    buckets_only: bool
+    buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ..., fingerprint_scheme: _Optional[int] = ..., buckets_only: _Optional[bool] = ..., buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BucketSummary(_message.Message):
+    __slots__ = ("bucket", "fingerprint")
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    bucket: int
+    fingerprint: bytes
+    def __init__(self, bucket: _Optional[int] = ..., fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class RepositorySummary(_message.Message):
     __slots__ = ("repository", "fingerprint")
@@ -163,14 +177,20 @@ class RepositorySummary(_message.Message):
     def __init__(self, repository: _Optional[str] = ..., fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("repositories", "last_seq", "configuration_fingerprint")
+    __slots__ = ("repositories", "last_seq", "configuration_fingerprint", "fingerprint_scheme", "buckets", "bucket_count")
     REPOSITORIES_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     CONFIGURATION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_SCHEME_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_COUNT_FIELD_NUMBER: _ClassVar[int]
     repositories: _containers.RepeatedCompositeFieldContainer[RepositorySummary]
     last_seq: int
     configuration_fingerprint: bytes
-    def __init__(self, repositories: _Optional[_Iterable[_Union[RepositorySummary, _Mapping]]] = ..., last_seq: _Optional[int] = ..., configuration_fingerprint: _Optional[bytes] = ...) -> None: ...
+    fingerprint_scheme: int
+    buckets: _containers.RepeatedCompositeFieldContainer[BucketSummary]
+    bucket_count: int
+    def __init__(self, repositories: _Optional[_Iterable[_Union[RepositorySummary, _Mapping]]] = ..., last_seq: _Optional[int] = ..., configuration_fingerprint: _Optional[bytes] = ..., fingerprint_scheme: _Optional[int] = ..., buckets: _Optional[_Iterable[_Union[BucketSummary, _Mapping]]] = ..., bucket_count: _Optional[int] = ...) -> None: ...
 
 class ConfigurationRequest(_message.Message):
     __slots__ = ("requester",)

@@ -193,16 +193,7 @@ async def test_nodes_replicate_over_mutual_tls(auth_cluster):
                             headers={"Authorization": f"Bearer {auth_cluster.internal}"}) as r:
             assert r.status == 200
             target = (await r.json())["grpc"]
-    cert = ClusterCA.open(auth_cluster.data / "auth" / "ca").node_certificate("probe", "eastus")
-    certified = grpc.ssl_channel_credentials(cert.ca_file.read_bytes(), cert.key_file.read_bytes(),
-                                             cert.cert_file.read_bytes())
-    async with grpc.aio.secure_channel(target, certified) as channel:
-        reply = await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
-        assert reply.node.region == "northeurope"
-    async with grpc.aio.insecure_channel(target) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
-        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    await assert_only_certified_peers_replicate(auth_cluster.data, target, "northeurope")
 
 
 # -- the management API and the CLI ------------------------------------------------------
@@ -413,3 +404,19 @@ def test_no_secret_reaches_a_log(auth_cluster):
     assert "access_refused" in text or "request" in text        # the logs are there to read
     leaked = [s[:6] + "…" for s in auth_cluster.secrets() if s in text]
     assert not leaked
+
+
+async def assert_only_certified_peers_replicate(data_dir: Path, target: str, region: str) -> None:
+    """The replication port at ``target`` (a node of ``region``, in the cluster
+    of ``data_dir``) answers a peer holding a certificate of the cluster CA, and
+    refuses one without (mutual TLS)."""
+    cert = ClusterCA.open(data_dir / "auth" / "ca").node_certificate("probe", "eastus")
+    certified = grpc.ssl_channel_credentials(cert.ca_file.read_bytes(), cert.key_file.read_bytes(),
+                                             cert.cert_file.read_bytes())
+    async with grpc.aio.secure_channel(target, certified) as channel:
+        reply = await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
+        assert reply.node.region == region
+    async with grpc.aio.insecure_channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

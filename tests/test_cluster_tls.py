@@ -17,7 +17,6 @@ import ssl
 from pathlib import Path
 
 import aiohttp
-import grpc
 import pytest
 from aiohttp import web
 
@@ -31,8 +30,6 @@ from cluster.control.state import running_state, save_spec
 from cluster.control.tls import client_context, server_context
 from cluster.routing.policy import NodeEndpoint, NodeHealth, ReplicaGroup
 from cluster.routing.proxy import SPLICE_MIN, RoutingProxy
-from replicator.wire.v1 import replication_pb2 as pb
-from replicator.wire.v1 import replication_pb2_grpc as pbg
 
 from .helpers import (
     Skopeo,
@@ -43,6 +40,7 @@ from .helpers import (
     write_oci_layout,
 )
 from .test_cluster import georeg
+from .test_cluster_auth import assert_only_certified_peers_replicate
 from .test_interop import gzip_image
 
 SPEC = """\
@@ -298,16 +296,7 @@ async def test_replication_without_auth_takes_only_peers_with_a_certificate_from
         async with http.get(tls_cluster.node("northeurope") + "/georeg/v1/node") as r:
             assert r.status == 200
             target = (await r.json())["grpc"]
-    cert = ClusterCA.open(tls_cluster.data / "auth" / "ca").node_certificate("probe", "eastus")
-    certified = grpc.ssl_channel_credentials(cert.ca_file.read_bytes(), cert.key_file.read_bytes(),
-                                             cert.cert_file.read_bytes())
-    async with grpc.aio.secure_channel(target, certified) as channel:
-        reply = await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
-        assert reply.node.region == "northeurope"
-    async with grpc.aio.insecure_channel(target) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await pbg.ReplicationStub(channel).Health(pb.HealthRequest(), timeout=30)
-        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    await assert_only_certified_peers_replicate(tls_cluster.data, target, "northeurope")
 
 
 async def test_a_redirecting_tls_endpoint_sends_clients_to_the_nodes_https_address(tmp_path):

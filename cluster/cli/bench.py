@@ -124,7 +124,6 @@ examples:
 
 
 def _run_node_bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from ..bench.node import NodeBenchOptions, run
     from ..bench.procfs import MIB
@@ -145,17 +144,10 @@ def _run_node_bench(args: argparse.Namespace) -> int:
                       reference_binary=args.reference_binary, workdir=args.workdir,
                       profile_dir=args.profile, profile_format=args.profile_format,
                       profile_native=args.profile_native, quiet_wait_s=args.quiet_wait)
-    try:
-        results = _event_loop_run(run(options))
-    except (ServerStartError, WorkloadError) as exc:
-        print(f"georeg bench node: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("georeg bench node: interrupted; servers stopped", file=sys.stderr)
-        return 130
-    console = Console()
-    if not console.is_terminal:  # a file or pipe: wide enough that rows do not wrap
-        console = Console(width=160)
+    results = _run_bench("node", run(options), (ServerStartError, WorkloadError), "servers stopped")
+    if isinstance(results, int):
+        return results
+    console = _console(160)
     print_table(results, console)
     if args.json:
         results.write_json(args.json)
@@ -250,7 +242,6 @@ examples:
 
 
 def _run_lag_bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from ..bench.clusterproc import ClusterStartError
     from ..bench.lag import LagBenchOptions, run
@@ -274,17 +265,10 @@ def _run_lag_bench(args: argparse.Namespace) -> int:
                       fault_latency_ms=args.fault_latency,
                       fault_bandwidth_mbps=args.fault_bandwidth, quiet_wait_s=args.quiet_wait,
                       profile_nodes=tuple(args.profile_node))
-    try:
-        results = _event_loop_run(run(options))
-    except (ClusterStartError, ValueError) as exc:
-        print(f"georeg bench lag: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("georeg bench lag: interrupted; cluster stopped", file=sys.stderr)
-        return 130
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
+    results = _run_bench("lag", run(options), (ClusterStartError, ValueError), "cluster stopped")
+    if isinstance(results, int):
+        return results
+    console = _console(160)
     print_table(results, console)
     if args.json:
         results.write_json(args.json)
@@ -323,8 +307,6 @@ at once). Target: replication ≥ 0.5 × push. Reported, never enforced.""")
 def _run_replication_bench(args: argparse.Namespace) -> int:
     import json
 
-    from rich.console import Console
-
     from ..bench.clusterproc import ClusterStartError
     from ..bench.replication import ReplicationBenchOptions, run
     from ..bench.workload import WorkloadError
@@ -333,17 +315,12 @@ def _run_replication_bench(args: argparse.Namespace) -> int:
     given = {"layers": args.layers, "layer_bytes": args.layer_size,
              "concurrency": args.concurrency, "workdir": args.workdir}
     options = replace(options, **{k: v for k, v in given.items() if v is not None}, wan=args.wan)
-    try:
-        results = _event_loop_run(run(options))
-    except (ClusterStartError, WorkloadError, TimeoutError) as exc:
-        print(f"georeg bench replication: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("georeg bench replication: interrupted; cluster stopped", file=sys.stderr)
-        return 130
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=140)
+    results = _run_bench("replication", run(options),
+                         (ClusterStartError, WorkloadError, TimeoutError),
+                         "cluster stopped")
+    if isinstance(results, int):
+        return results
+    console = _console(140)
     results.print(console)
     if args.json:
         args.json.write_text(json.dumps(results.to_json(), indent=2) + "\n")
@@ -414,8 +391,6 @@ examples:
 def _run_scale_bench(args: argparse.Namespace) -> int:
     import json
 
-    from rich.console import Console
-
     from ..bench.clusterproc import ClusterStartError
     from ..bench.scale import SIDES, ScaleOptions, print_table, run
     from ..bench.server import ServerStartError
@@ -431,22 +406,40 @@ def _run_scale_bench(args: argparse.Namespace) -> int:
     options = replace(options, **{k: v for k, v in given.items() if v is not None},
                       sides=tuple(s for s in SIDES if not args.only or s in args.only),
                       new_region=not args.no_new_region)
-    try:
-        results = _event_loop_run(run(options))
-    except (ClusterStartError, ServerStartError, WorkloadError, TimeoutError, ValueError) as exc:
-        print(f"georeg bench scale: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("georeg bench scale: interrupted; servers stopped", file=sys.stderr)
-        return 130
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
+    results = _run_bench("scale", run(options),
+                         (ClusterStartError, ServerStartError, WorkloadError, TimeoutError, ValueError),
+                         "servers stopped")
+    if isinstance(results, int):
+        return results
+    console = _console(160)
     print_table(results, console)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.json}", file=sys.stderr)
     return 0
+
+
+def _run_bench(command: str, coroutine, errors: tuple[type[BaseException], ...],
+               stopped: str):
+    """The benchmark's results, or the exit status once it has said why there
+    are none: 2 for what it could not do (``errors``), 130 when interrupted."""
+    try:
+        return _event_loop_run(coroutine)
+    except errors as exc:
+        print(f"georeg bench {command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"georeg bench {command}: interrupted; {stopped}", file=sys.stderr)
+        return 130
+
+
+def _console(width: int):
+    """The terminal's console, or, to a file or pipe, one wide enough that rows
+    do not wrap (a ``rich.console.Console``)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=width)
 
 
 def _event_loop_run(coroutine):

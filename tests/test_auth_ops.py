@@ -19,7 +19,7 @@ import pytest
 from cluster.control.state import running_state
 
 from .helpers import digest_of, eventually, make_image, push_image
-from .test_cluster import georeg
+from .test_cluster import DetachedCluster, georeg
 
 SPEC = """\
 home_region = "westeurope"
@@ -35,21 +35,15 @@ def _basic(username: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
 
 
-class Running:
+class Running(DetachedCluster):
     def __init__(self, data: Path) -> None:
-        self.data = data
+        super().__init__(data)
         shown = georeg("credential", "show", data_dir=data)
         assert shown.returncode == 0, shown.stderr
         doc = json.loads(shown.stdout)
         password = next(p["value"] for p in doc["passwords"] if p.get("value"))
         self.admin = _basic(doc["username"], password)
-        status = georeg("status", "--json", data_dir=data)
-        assert status.returncode == 0, status.stderr
-        self.status = json.loads(status.stdout)
         self.management = running_state(data)["management"]
-
-    def node(self, region: str) -> str:
-        return next(n["http"] for n in self.status["nodes"] if n["region"] == region)
 
 
 @pytest.fixture(scope="module")

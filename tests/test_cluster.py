@@ -48,6 +48,26 @@ def georeg(*args: str, data_dir, timeout: float = 120,
                           env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
+class DetachedCluster:
+    """A cluster that `georeg up --detach` started in ``data``, as its user sees
+    it: the addresses `georeg status --json` gives."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        status = georeg("status", "--json", data_dir=data)
+        assert status.returncode == 0, status.stderr
+        self.status = json.loads(status.stdout)
+
+    def global_endpoint(self, region: str) -> str:
+        return self.status["global_endpoints"][region]
+
+    def regional_endpoint(self, region: str) -> str:
+        return self.status["regional_endpoints"][region]
+
+    def node(self, region: str) -> str:
+        return next(n["http"] for n in self.status["nodes"] if n["region"] == region)
+
+
 @pytest.fixture(scope="module")
 def default_cluster(tmp_path_factory):
     with RunningCluster(specs.load(None), tmp_path_factory.mktemp("default")) as running:

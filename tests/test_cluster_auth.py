@@ -28,7 +28,7 @@ from replicator.wire.v1 import replication_pb2 as pb
 from replicator.wire.v1 import replication_pb2_grpc as pbg
 
 from .helpers import Skopeo, eventually, make_image, push_image, write_oci_layout
-from .test_cluster import georeg
+from .test_cluster import DetachedCluster, georeg
 from .test_interop import gzip_image
 
 SPEC = """\
@@ -43,16 +43,13 @@ port_base = 0
 _PRINTED = re.compile(r"username (\S+), password (\S+)")
 
 
-class AuthCluster:
+class AuthCluster(DetachedCluster):
     def __init__(self, data: Path, stdout: str) -> None:
-        self.data = data
+        super().__init__(data)
         self.stdout = stdout
         match = _PRINTED.search(stdout)
         assert match, f"`georeg up` printed no credentials:\n{stdout}"
         self.username, self.password = match[1], match[2]
-        status = georeg("status", "--json", data_dir=data)
-        assert status.returncode == 0, status.stderr
-        self.status = json.loads(status.stdout)
         self.management = running_state(data)["management"]
         self.owner = (data / "auth" / "owner.secret").read_text().strip()
         self.internal = (data / "auth" / "internal.secret").read_text().strip()
@@ -61,15 +58,6 @@ class AuthCluster:
     def secrets(self) -> list[str]:
         basic = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         return [self.password, self.owner, self.internal, basic, *self.tokens]
-
-    def global_endpoint(self, region: str) -> str:
-        return self.status["global_endpoints"][region]
-
-    def regional_endpoint(self, region: str) -> str:
-        return self.status["regional_endpoints"][region]
-
-    def node(self, region: str) -> str:
-        return next(n["http"] for n in self.status["nodes"] if n["region"] == region)
 
 
 @pytest.fixture(scope="module")

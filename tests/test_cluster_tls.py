@@ -39,7 +39,7 @@ from .helpers import (
     push_image,
     write_oci_layout,
 )
-from .test_cluster import georeg
+from .test_cluster import DetachedCluster, georeg
 from .test_cluster_auth import assert_only_certified_peers_replicate
 from .test_interop import gzip_image
 
@@ -55,23 +55,11 @@ port_base = 0
 """
 
 
-class TlsCluster:
+class TlsCluster(DetachedCluster):
     def __init__(self, data: Path, stdout: str) -> None:
-        self.data = data
+        super().__init__(data)
         self.stdout = stdout
-        status = georeg("status", "--json", data_dir=data)
-        assert status.returncode == 0, status.stderr
-        self.status = json.loads(status.stdout)
         self.ca_file = data / "auth" / "ca" / "ca.pem"
-
-    def global_endpoint(self, region: str) -> str:
-        return self.status["global_endpoints"][region]
-
-    def regional_endpoint(self, region: str) -> str:
-        return self.status["regional_endpoints"][region]
-
-    def node(self, region: str) -> str:
-        return next(n["http"] for n in self.status["nodes"] if n["region"] == region)
 
     def tls(self) -> ssl.SSLContext:
         return client_context(self.ca_file)

@@ -5,7 +5,8 @@ repository's tag list, every catalog page), every georeg side pages its tag
 list, the default cluster (auth on, pushed through a global endpoint as its
 admin user) has the last manifest on every node, a region isolated during
 pushes lists none of them until the heal and all of them after, the new
-region synced everything, and no process outlives the run. Timings are the benchmark's to report.
+region synced everything, the standalone node's churn ran every operation
+and left the content as it was, and no process outlives the run. Timings are the benchmark's to report.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def test_bench_scale_counts_back_everything_it_pushed(tmp_path):
         for read in ("tags", "tags_page", "catalog", "manifest"):
             assert side[read]["count"] > 0 and side[read]["p50_ms"] > 0, (name, read)
     assert results["sides"]["standalone"]["tags_page"]["paged"]
+    churn = results["sides"]["standalone"]["churn"]  # --quick: 400 operations
+    assert churn["operations"] == 400 and churn["tags_at_largest"] == LARGEST
+    assert churn["metadata_bytes_before"] > 0 and churn["metadata_bytes_after"] > 0
+    assert "churn" not in results["sides"]["reference"]
     cluster = results["sides"]["cluster"]
     assert cluster["tags_page"]["paged"]
     assert cluster["auth"] is True

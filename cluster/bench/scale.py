@@ -44,6 +44,15 @@ On the cluster only (started here on free ports, the default spec):
     new region  ``replication create --location japaneast``, through the
                 management API with the owner credential, until Ready
 
+On the standalone node only:
+
+    churn       ``churn`` operations after the reads: an image pushed by tag
+                (``churn``, in each repository in turn) and deleted by digest, over
+                and over, so the final content is what it was before. Metadata on
+                disk (the node's ``meta`` directory without RocksDB's text logs,
+                the node stopped cleanly) before and after, and their ratio: what
+                history a node keeps for content it no longer holds
+
 Invariants
     * A wrong answer (status, digest, count) stops the run (``WorkloadError``);
       the JSON carries the counts it checked, so a test can assert on them.
@@ -115,6 +124,7 @@ class ScaleOptions:
     sides: tuple[str, ...] = SIDES
     new_region: bool = True
     catch_up: int = 10_000         # manifests pushed while a region is isolated; 0 skips
+    churn: int = 100_000           # push/delete operations on the standalone node; 0 skips
     config: Path | None = None
     workdir: Path | None = None
     reference_binary: str | None = None
@@ -123,7 +133,8 @@ class ScaleOptions:
 
     def quick(self) -> ScaleOptions:
         """Every step, at a size that runs in about a minute."""
-        return replace(self, manifests=400, repositories=8, reads=100, idle_s=3.0, catch_up=100)
+        return replace(self, manifests=400, repositories=8, reads=100, idle_s=3.0, catch_up=100,
+                       churn=400)
 
     @property
     def in_largest(self) -> int:
@@ -134,6 +145,8 @@ class ScaleOptions:
         return max(1, min(largest, self.manifests - (self.repositories - 1)))
 
     def validate(self) -> None:
+        if self.churn < 0 or self.catch_up < 0:
+            raise ValueError("--churn and --catch-up count operations: 0 or more")
         if self.manifests < self.repositories:
             raise ValueError(f"{self.manifests} manifests cannot fill {self.repositories} "
                              f"repositories (at least one each)")
@@ -144,7 +157,7 @@ class ScaleOptions:
                 "reads": self.reads, "full_tag_list_reads": self.full_tag_reads,
                 "page": self.page, "idle_s": self.idle_s, "sides": list(self.sides),
                 "new_region": NEW_REGION if self.new_region else None,
-                "catch_up": self.catch_up, "seed": self.seed}
+                "catch_up": self.catch_up, "churn": self.churn, "seed": self.seed}
 
     @property
     def full_tag_reads(self) -> int:
@@ -197,6 +210,18 @@ class Content:
             "annotations": {"org.georeg.bench.image": str(i)},
         }).encode()
         return repo, self.tag(i), body
+
+    def churn_manifest(self, repo: str, k: int) -> bytes:
+        """The ``k``-th churn image: like every other image of ``repo``, told apart
+        by its own annotation."""
+        config = self.configs[repo]
+        return json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(config),
+                       "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": self.layer[0], "size": len(LAYER)}],
+            "annotations": {"org.georeg.bench.churn": str(k)},
+        }).encode()
 
     def tags_of(self, j: int) -> list[str]:
         return sorted(self.tag(i) for i in range(self.options.manifests) if self.owner[i] == j)
@@ -348,6 +373,40 @@ class ScaleClient(Client):
                              "catalog_repositories": await self.walk_catalog(options.page)}
         return results
 
+    async def churn(self, content: Content, operations: int) -> dict:
+        """``operations`` PUTs and DELETEs: image ``churn-k`` pushed by tag ``churn``
+        in repository ``k`` mod R, then deleted by its digest, ``operations / 2``
+        times; at most ``concurrency`` repositories churn at once, each in order."""
+        pairs = operations // 2
+        repos = content.repositories
+        lanes = min(self.concurrency, len(repos))
+        deleted = {"count": 0}
+
+        async def lane(first: int) -> None:
+            for k in range(first, pairs, lanes):
+                repo = repos[k % len(repos)]
+                body = content.churn_manifest(repo, k)
+                async with self.session.put(self._url(f"/v2/{repo}/manifests/churn"), data=body,
+                                            headers={"Content-Type": OCI_MANIFEST}) as r:
+                    answer = await r.read()
+                if r.status != 201:
+                    raise WorkloadError(f"{self.target.name}: churn PUT {repo}:churn answered "
+                                        f"{r.status}: {answer[:300].decode(errors='replace')}")
+                digest = sha256_digest(body)
+                async with self.session.delete(self._url(f"/v2/{repo}/manifests/{digest}")) as r:
+                    answer = await r.read()
+                if r.status != 202:
+                    raise WorkloadError(f"{self.target.name}: churn DELETE {repo}@{digest} "
+                                        f"answered {r.status}: "
+                                        f"{answer[:300].decode(errors='replace')}")
+                deleted["count"] += 1
+
+        started = time.perf_counter()
+        await _first_error(run_concurrently(range(lanes), lanes, lane))
+        seconds = time.perf_counter() - started
+        return {"operations": 2 * deleted["count"], "seconds": seconds,
+                "per_s": 2 * deleted["count"] / seconds if seconds else None}
+
     async def walk_catalog(self, page: int) -> int:
         """Every ``_catalog`` page by its ``Link``; the repositories counted."""
         url: URL | None = self._url("/v2/_catalog").with_query(n=page)
@@ -377,6 +436,35 @@ async def measure_side(name: str, target: Target, session: aiohttp.ClientSession
     if target.pid:
         result["rss_after_push_mib"] = procfs.rss_bytes(target.pid) / MIB
     return result, content
+
+
+async def churn(node: GeoregNode, content: Content, options: ScaleOptions,
+                say: Callable[[str], None]) -> dict:
+    """The churn step on a standalone node (see the module docstring): metadata on
+    disk with the pushed content alone, then after ``options.churn`` push/delete
+    operations that end with the same content."""
+    node.stop()
+    before = metadata_bytes(node.data_dir)
+    node.url = ""
+    await asyncio.to_thread(node.start)
+    say(f"standalone: churn, {options.churn:,} push/delete operations")
+    async with open_session(options.concurrency) as session:
+        client = ScaleClient(Target(STANDALONE, node.url, node.pid), session, options.concurrency)
+        result = await client.churn(content, options.churn)
+        result["tags_at_largest"] = len(json.loads(
+            (await client._get(client._url(f"/v2/{content.repositories[0]}/tags/list"),
+                               "GET tags list"))[1]).get("tags") or [])
+    node.stop()
+    after = metadata_bytes(node.data_dir)
+    return {**result, "metadata_bytes_before": before, "metadata_bytes_after": after,
+            "ratio": after / before if before else None}
+
+
+def metadata_bytes(data_dir: Path) -> int:
+    """The node's metadata on disk: its RocksDB directory, without RocksDB's own
+    text logs (``LOG``, ``LOG.old.*``), which say how the store ran, not what it holds."""
+    return sum(f.stat().st_size for f in (data_dir / "meta").iterdir()
+               if f.is_file() and not f.name.startswith("LOG"))
 
 
 # -- the cluster ------------------------------------------------------------------------------
@@ -648,8 +736,11 @@ async def run(options: ScaleOptions, console: Console | None = None) -> dict:
             stack.callback(server.stop)
             server.start()
             async with open_session(options.concurrency) as session:
-                side, _ = await measure_side(name, Target(name, server.url, server.pid),
-                                             session, options, say)
+                side, content = await measure_side(name, Target(name, server.url, server.pid),
+                                                   session, options, say)
+            if name == STANDALONE and options.churn:
+                assert isinstance(server, GeoregNode)
+                side["churn"] = await churn(server, content, options, say)
             results["sides"][name] = side
             server.stop()
     results["load_average_after"] = os.getloadavg()
@@ -701,6 +792,13 @@ def print_table(results: dict, console: Console) -> None:
                                            if isinstance(s.get("rss_after_push_mib"), float)
                                            else _range(s.get("rss_after_push_mib"))))
     console.print(table)
+    turned = sides.get(STANDALONE, {}).get("churn")
+    if turned:
+        console.print(f"standalone churn: {turned['operations']:,} push/delete operations "
+                      f"({turned['per_s']:,.0f}/s); metadata on disk "
+                      f"{turned['metadata_bytes_before'] / MIB:,.1f} MiB with the content alone, "
+                      f"{turned['metadata_bytes_after'] / MIB:,.1f} MiB after the churn "
+                      f"({turned['ratio']:.2f}×)")
     cluster = sides.get(CLUSTER)
     if cluster:
         c = Table(title=f"the cluster: {cluster['nodes']} nodes + {cluster['paired_copies']} paired "

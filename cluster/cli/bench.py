@@ -340,7 +340,8 @@ registry (CNCF distribution), and the default cluster through its home
 region's global endpoint (started here on free ports, auth on, as its admin
 user). Per registry: manifests pushed per second at concurrency 8, full and
 paged (n=100) tag list of the largest repository, _catalog pages, GET
-manifest (p50/p99). On the cluster also: the time until every node holds
+manifest (p50/p99). On the standalone node also: metadata on disk after a
+push/delete churn, against the same content without it. On the cluster also: the time until every node holds
 the last manifest, whole-cluster idle CPU (empty, after the push, after a new
 region) with what its links carried meanwhile, per-node RSS, and
 `replication create --location japaneast` until Ready.
@@ -376,6 +377,10 @@ examples:
     what.add_argument("--catch-up", type=int, metavar="N",
                       help="manifests pushed while a region is isolated, then the time for it "
                            "to list them all after the heal (default 10000; --quick 100; 0 skips)")
+    what.add_argument("--churn", type=int, metavar="OPS",
+                      help="push/delete operations on the standalone node after its reads, "
+                           "then its metadata on disk before and after (default 100000; "
+                           "--quick 400; 0 skips)")
     what.add_argument("--no-new-region", action="store_true",
                       help="skip `replication create` on the cluster")
     what.add_argument("--config", type=Path, metavar="FILE",
@@ -401,7 +406,7 @@ def _run_scale_bench(args: argparse.Namespace) -> int:
         options = options.quick()
     given = {"manifests": args.manifests, "repositories": args.repositories,
              "largest": args.largest, "concurrency": args.concurrency, "reads": args.reads,
-             "page": args.page, "idle_s": args.idle, "catch_up": args.catch_up, "config": args.config, "workdir": args.workdir,
+             "page": args.page, "idle_s": args.idle, "catch_up": args.catch_up, "churn": args.churn, "config": args.config, "workdir": args.workdir,
              "reference_binary": args.reference_binary}
     options = replace(options, **{k: v for k, v in given.items() if v is not None},
                       sides=tuple(s for s in SIDES if not args.only or s in args.only),

@@ -55,6 +55,7 @@ def test_bench_scale_counts_back_everything_it_pushed(tmp_path):
     assert cluster["tags_page"]["paged"]
     assert cluster["auth"] is True
     assert cluster["replicated"]["holding"] == cluster["replicated"]["nodes"] == cluster["nodes"]
+    assert {"supervisor", *cluster["rss_after_push_mib"]} <= set(cluster["push"]["cpu_ms_per_manifest"])
     assert set(cluster["rss_after_push_mib"]) and len(cluster["rss_after_push_mib"]) == cluster["nodes"]
     for idle in ("idle_empty", "idle_after_push", "idle_after_new_region"):
         assert cluster[idle]["processes"] >= cluster["nodes"] + 1, idle  # the supervisor too

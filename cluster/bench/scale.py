@@ -24,6 +24,11 @@ auth on, as its admin user):
 
 On the cluster only (started here on free ports, the default spec):
 
+    push CPU    the push phase's CPU per manifest pushed, for each process (the
+                supervisor with the endpoint's proxy and the links, each node, each
+                paired copy): what one acknowledged manifest costs the whole cluster,
+                replication to every node included but for the tail still in
+                flight when the last 201 arrives
     replicated  the last acknowledged manifest: from the client's receipt of its
                 201 to every serving node's own record of holding it
                 (``GetImageStatus`` over gRPC, each node asked with its own identity)
@@ -421,16 +426,25 @@ class ScaleClient(Client):
 
 
 async def measure_side(name: str, target: Target, session: aiohttp.ClientSession,
-                       options: ScaleOptions, say: Callable[[str], None]) -> tuple[dict, Content]:
+                       options: ScaleOptions, say: Callable[[str], None],
+                       processes: dict[int, str] | None = None) -> tuple[dict, Content]:
+    """One registry's push and reads. ``processes`` (pid → name): the push's CPU is
+    also split over them, per manifest pushed."""
     content = Content(options)
     client = ScaleClient(target, session, options.concurrency)
     say(f"{name}: setup, {options.repositories} repositories × (config + shared layer)")
     result: dict = {"url": target.url, "setup_s": await client.setup(content)}
     say(f"{name}: pushing {options.manifests} manifests at c={options.concurrency}")
     cpu0 = procfs.cpu_seconds(target.pid) if target.pid else 0.0
+    split0 = _cpu_of(processes or {})
     result["push"] = await client.push(content)
     if target.pid:
         result["push"]["server_cpu_s"] = procfs.cpu_seconds(target.pid) - cpu0
+    if processes:
+        split = _cpu_of(processes)
+        result["push"]["cpu_ms_per_manifest"] = {
+            processes[pid]: (split[pid] - split0[pid]) * 1000 / options.manifests
+            for pid in split if pid in split0}
     say(f"{name}: {result['push']['per_s']:.0f} manifests/s; reading")
     result.update(await client.reads(content, random.Random(options.seed)))
     if target.pid:
@@ -465,6 +479,14 @@ def metadata_bytes(data_dir: Path) -> int:
     text logs (``LOG``, ``LOG.old.*``), which say how the store ran, not what it holds."""
     return sum(f.stat().st_size for f in (data_dir / "meta").iterdir()
                if f.is_file() and not f.name.startswith("LOG"))
+
+
+def _cpu_of(processes: dict[int, str]) -> dict[int, float]:
+    found = {}
+    for pid in processes:
+        with contextlib.suppress(OSError):
+            found[pid] = procfs.cpu_seconds(pid)
+    return found
 
 
 # -- the cluster ------------------------------------------------------------------------------
@@ -688,7 +710,8 @@ async def measure_cluster(options: ScaleOptions, workdir: Path, stack: contextli
     result["idle_empty"] = await cluster_idle(cluster, options.idle_s)
     target = Target(f"cluster (global@{region})", endpoints[region], cluster.supervisor_pid or 0)
     async with open_session(options.concurrency, cluster.tls, cluster.registry_headers()) as session:
-        side, content = await measure_side(CLUSTER, target, session, options, say)
+        side, content = await measure_side(CLUSTER, target, session, options, say,
+                                           _process_names(cluster))
     # the global endpoint's proxy runs in the supervisor: its CPU is not a node's
     side["push"]["supervisor_cpu_s"] = side["push"].pop("server_cpu_s", None)
     result.update(side)
@@ -805,6 +828,12 @@ def print_table(results: dict, console: Console) -> None:
                         f"copies, auth {'on' if cluster['auth'] else 'off'}")
         c.add_column("measurement")
         c.add_column("value", justify="right")
+        split = cluster["push"].get("cpu_ms_per_manifest") or {}
+        if split:
+            top = sorted(split.items(), key=lambda kv: -kv[1])[:3]
+            c.add_row(f"CPU per manifest pushed, all {len(split)} processes (most: "
+                      + ", ".join(f"{n} {v:.2f}" for n, v in top) + ")",
+                      f"{sum(split.values()):.1f} ms")
         rep = cluster["replicated"]
         c.add_row("every node holds the last manifest, after its ack",
                   f"{rep['after_ack_s']:.2f} s" if rep["after_ack_s"] is not None else

@@ -61,6 +61,8 @@ def test_bench_scale_counts_back_everything_it_pushed(tmp_path):
         assert cluster[idle]["processes"] >= cluster["nodes"] + 1, idle  # the supervisor too
         assert {"supervisor", *cluster["rss_after_push_mib"]} <= set(cluster[idle]["per_process"])
     assert cluster["idle_after_new_region"]["processes"] > cluster["idle_after_push"]["processes"]
+    # the push's tail ends: a cluster whose links never go back to their empty rate loops
+    assert cluster["quiet_after_push"]["seconds"] is not None
     catch_up = cluster["catch_up"]   # --quick: 100 manifests pushed while a region is isolated
     assert cluster["new_region"]["images"] == [MANIFESTS + 100] * 2    # created after it
     assert catch_up["pushed"] == 100

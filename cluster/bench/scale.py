@@ -35,7 +35,10 @@ On the cluster only (started here on free ports, the default spec):
     idle        whole-cluster CPU (the supervisor, which runs the links and the
                 endpoints, and every process under it: nodes and paired copies),
                 as a share of one core over ``idle`` seconds, empty before the push,
-                after it, and after the new region; per-node RSS after the push
+                after it, and after the new region; per-node RSS after the push.
+                The window after the push starts once the links are back to
+                their empty rate (``quiet``; how long that took is reported):
+                before, they still carry the push's tail
     catch-up    the last non-home region isolated (every link cut) while ``catch_up``
                 manifests are pushed into one repository; from the heal until that
                 region's node lists every one of them (its tag list, read there).
@@ -114,6 +117,14 @@ NEW_REGION = "japaneast"
 CATCH_UP_REPOSITORY = "scale/catch-up"
 POLL_S = 0.02           # "replicated": one small gRPC status call per node per poll
 CATCH_UP_POLL_S = 0.15  # catch-up: the resolution of its figure (see the docstring)
+# The idle window after the push starts once the links carry no more than this
+# many times what they did empty (at least QUIET_MIN_BYTES_PER_S), looked at
+# every QUIET_STEP_S: the first 10-20 s after a 3,000-image push still carry its
+# tail (736 KiB in 10 s, 23 KiB in the next 10), which is not idle cost.
+QUIET_STEP_S = 2.0
+QUIET_FACTOR = 2.0
+QUIET_MIN_BYTES_PER_S = 4096
+QUIET_TIMEOUT_S = 300.0
 LAYER = b"georeg bench scale: one shared tiny layer\n"
 
 
@@ -538,6 +549,30 @@ async def cluster_idle(cluster: ClusterProcess, seconds: float) -> dict:
             "per_process": {names.get(p, f"pid {p}"): share for p, share in sorted(shares.items())}}
 
 
+async def quiet(cluster: ClusterProcess, empty: dict, timeout_s: float) -> dict:
+    """Wait until the cluster's links carry no more than they did empty: every
+    ``QUIET_STEP_S``, the bytes all links carried since the last look, until they
+    are within ``QUIET_FACTOR`` × the empty window's rate (at least
+    ``QUIET_MIN_BYTES_PER_S``). What goes on before that is the tail of the push
+    (relays draining, the last fetches), not idle cost; the seconds it took are
+    reported. None if the links cannot be read or it never got quiet."""
+    empty_rate = empty["link_bytes_total"] / empty["window_s"] if empty.get("window_s") else 0.0
+    limit = max(QUIET_MIN_BYTES_PER_S, QUIET_FACTOR * empty_rate)
+    started = time.monotonic()
+    previous = _links(cluster)
+    while previous is not None and time.monotonic() - started < timeout_s:
+        await asyncio.sleep(QUIET_STEP_S)  # the sampling interval of the link counters
+        now = _links(cluster)
+        if now is None:
+            break
+        was = {link["name"]: link["bytes"] for link in previous}
+        carried = sum(link["bytes"] - was.get(link["name"], 0) for link in now)
+        if carried / QUIET_STEP_S <= limit:
+            return {"seconds": time.monotonic() - started, "bytes_per_s_limit": limit}
+        previous = now
+    return {"seconds": None, "bytes_per_s_limit": limit}
+
+
 def _process_names(cluster: ClusterProcess) -> dict[int, str]:
     """pid → node name (serving nodes), "supervisor"; paired copies by their data dir."""
     names = {cluster.supervisor_pid: "supervisor"} if cluster.supervisor_pid else {}
@@ -722,6 +757,9 @@ async def measure_cluster(options: ScaleOptions, workdir: Path, stack: contextli
         cluster, repo, tag, content.digests[last], side["push"]["last_ack_ns"], options.timeout_s)
     result["rss_after_push_mib"] = node_rss(cluster)
     say(f"cluster: idle after the push ({options.idle_s:g} s)")
+    say("cluster: waiting for the links to go quiet")
+    result["quiet_after_push"] = await quiet(cluster, result["idle_empty"],
+                                             min(options.timeout_s, QUIET_TIMEOUT_S))
     result["idle_after_push"] = await cluster_idle(cluster, options.idle_s)
     if options.catch_up:
         async with open_session(options.concurrency, cluster.tls,
@@ -838,6 +876,10 @@ def print_table(results: dict, console: Console) -> None:
         c.add_row("every node holds the last manifest, after its ack",
                   f"{rep['after_ack_s']:.2f} s" if rep["after_ack_s"] is not None else
                   f"{rep['holding']}/{rep['nodes']} nodes")
+        settled = cluster.get("quiet_after_push") or {}
+        c.add_row(f"links back to their empty rate (≤ {settled.get('bytes_per_s_limit', 0) / 1024:,.1f} "
+                  f"KiB/s) after every node held it",
+                  f"{settled['seconds']:.1f} s" if settled.get("seconds") is not None else "not seen")
         for key, label in (("idle_empty", "idle CPU, empty"), ("idle_after_push", "idle CPU, after the push"),
                            ("idle_after_new_region", f"idle CPU, with {NEW_REGION}")):
             if key in cluster:

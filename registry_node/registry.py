@@ -149,6 +149,9 @@ class Registry:
     # -- helpers -------------------------------------------------------------
 
     def touch(self, digest: str) -> None:
+        # Moved to the end, not updated in place: the map stays in touch order,
+        # so garbage collection finds the expired touches at its front.
+        self.touched.pop(digest, None)
         self.touched[digest] = self._monotonic()
 
     def wall_ns(self) -> int:

@@ -101,6 +101,10 @@ class GarbageCollector:
         the grace period and not named by a client meanwhile; a commit in flight
         touches its digest first."""
         registry = self.registry
+        files: list[tuple[str, float | None]] = []
+        if not self._walked:
+            files = await registry.run_blocking(lambda: list(registry.blobs.files()))
+            self._walked = True
         now, wall = registry.monotonic(), registry.wall_ns() / 1e9
         # Touches that expired: the digests of this process that may have a
         # file without a record. Dropped from ``touched`` (no rule reads an
@@ -113,12 +117,7 @@ class GarbageCollector:
         for digest in expired:
             del registry.touched[digest]
         self._suspects.update(expired)
-        if self._walked:
-            files = [(d, None) for d in self._suspects]
-        else:
-            files = await registry.run_blocking(lambda: list(registry.blobs.files()))
-            files += [(d, None) for d in self._suspects]
-            self._walked = True
+        files += [(digest, None) for digest in self._suspects]
         swept = 0
         for digest, mtime in files:
             if self._sweep_one(digest, mtime, now, wall):

@@ -21,10 +21,18 @@ write. A database written before the set was kept (no
 What the set is, and is not, trusted for: it decides which blobs a GC pass
 *looks at*, never which it removes. The collector checks the references
 again in the event-loop step that removes a blob (``gc``), so an entry that
-is wrong in the unsafe direction (a referenced blob listed: a downgrade that
-wrote without keeping the set and forgot to remove the marker) costs one
-wasted check; one missing would only leave garbage on disk.
-``MetadataStore.unreferenced_discrepancies`` finds either.
+is wrong in the unsafe direction (a referenced blob listed) costs one wasted
+check; one missing would only leave garbage on disk. Either can only come
+from a georeg older than the set writing to the database: a downgrade must
+therefore delete ``meta\\0unreferenced`` (node stopped), as for the
+fingerprints, and the next upgrade recomputes the set.
+``MetadataStore.unreferenced_discrepancies`` finds a database where that was
+forgotten.
+
+Deleted entries stay as RocksDB tombstones in the ``unref`` range until
+compaction drops them, so a pass's scan of the range steps over the
+tombstones of recent candidates too (a blob is a candidate from its upload
+until its manifest arrives); measured in ``tests/gc_idle_cost.py``.
 
 Cost per commit: one point read per blob record or reference written (two
 where a reference is removed, plus a seek for another reference of the same

@@ -13,10 +13,13 @@ The key space::
     meta\\0hlc                             → last HLC stamp issued (ascii int)
     meta\\0keycheck                        → key check value   which node key encrypted this DB
     meta\\0fingerprints                    → scheme (ascii int) the fp\\0 sums below are maintained
+    meta\\0unreferenced                    → scheme (ascii int) the unref\\0 set below is maintained
     log\\0<seq:u64be>                       → Event             the replication log, seq from 1
     blob\\0<digest>                         → BlobRecord        the node holds this blob's file
     ref\\0<target>\\0<repo>\\0<manifest>      → b""               <manifest> in <repo> needs <target>
     user\\0<digest>\\0<repo>                → b""               <repo> links blob <digest>
+    unref\\0<digest>                        → b""               blob\\0<digest> is held and no ref\\0<digest>\\0…
+                                                                is: a GC candidate (see ``unreferenced``)
     repo\\0<repo>                           → RepoRecord        the catalog
     r\\0<repo>\\0
     ├── b\\0<digest>                        → BlobLink          blob is visible in <repo>
@@ -71,11 +74,13 @@ IDENTITY = META + b"identity"
 HLC = META + b"hlc"
 KEY_CHECK = META + b"keycheck"
 FINGERPRINTS = META + b"fingerprints"
+UNREFERENCED_SCHEME = META + b"unreferenced"
 
 LOG = b"log\x00"
 BLOB = b"blob\x00"
 REF = b"ref\x00"
 BLOB_USER = b"user\x00"
+UNREFERENCED = b"unref\x00"
 REPO = b"repo\x00"
 REPO_DATA = b"r\x00"
 UPLOAD = b"upload\x00"
@@ -137,6 +142,11 @@ def blob_user(digest: str, repo: str) -> bytes:
 
 def blob_users_prefix(digest: str) -> bytes:
     return BLOB_USER + _b(digest) + SEP
+
+
+def unreferenced(digest: str) -> bytes:
+    """Marks blob ``digest`` as held with no manifest referencing it."""
+    return UNREFERENCED + _b(digest)
 
 
 def repo(name: str) -> bytes:
@@ -256,6 +266,16 @@ def register(key: bytes) -> TagKey | ManifestKey | TagTombKey | ManifestTombKey 
     return None
 
 
+def reference_holder(key: bytes) -> BlobKey | RefKey | None:
+    """The key parsed, if it is one whose write may change a blob's GC
+    candidacy (a blob record, or a manifest's reference to its target);
+    ``None`` for every other key, cheaply, since every key of every commit is
+    asked (``unreferenced``)."""
+    if not (key.startswith(BLOB) or key.startswith(REF)):
+        return None
+    return _parse(key)
+
+
 def in_repository(key: bytes, name: str) -> bool:
     """Whether ``key`` is stored under repository ``name`` (``r\\0<name>\\0…``)."""
     return key.startswith(repo_prefix(name))
@@ -307,6 +327,15 @@ class BlobUserKey(msgspec.Struct, frozen=True):
 
     def encode(self) -> bytes:
         return blob_user(self.digest, self.repository)
+
+
+class UnreferencedKey(msgspec.Struct, frozen=True):
+    """Blob ``digest`` is held and referenced by no manifest: a GC candidate."""
+
+    digest: str
+
+    def encode(self) -> bytes:
+        return unreferenced(self.digest)
 
 
 class RepoKey(msgspec.Struct, frozen=True):
@@ -434,8 +463,8 @@ class ConfigKey(msgspec.Struct, frozen=True):
         return configuration(self.kind, self.name)
 
 
-Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | RepoKey | BlobLinkKey | ManifestKey
-       | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
+Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | UnreferencedKey | RepoKey
+       | BlobLinkKey | ManifestKey | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
        | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey
        | BucketFingerprintKey)
 
@@ -447,10 +476,12 @@ def _head(family: bytes) -> bytes:
 _LOG_HEAD = _head(LOG)
 _META_HEAD = _head(META)
 _META_NAMES = frozenset(k.removeprefix(META).decode()
-                        for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK, FINGERPRINTS))
+                        for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK, FINGERPRINTS,
+                                  UNREFERENCED_SCHEME))
 # Families whose components follow the family name directly.
 _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
-    (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (REPO, RepoKey),
+    (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (UNREFERENCED, UnreferencedKey),
+    (REPO, RepoKey),
     (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
     (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey),
     (FINGERPRINT_BUCKET, BucketFingerprintKey)]}

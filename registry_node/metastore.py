@@ -45,7 +45,7 @@ from pathlib import Path
 from msgspec import structs
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
-from . import fingerprints, keys
+from . import fingerprints, keys, unreferenced
 from .blobstore import fsync_directory
 from .records import Event, decode, encode
 from .storage_faults import StorageFaults
@@ -107,6 +107,10 @@ class MetadataStore:
         self.fingerprints_rebuilt = self._db.get(keys.FINGERPRINTS) != fingerprints.SCHEME
         if self.fingerprints_rebuilt:
             self._rebuild_fingerprints()
+        # The same for the unreferenced blobs (``unreferenced.SCHEME``).
+        self.unreferenced_rebuilt = self._db.get(keys.UNREFERENCED_SCHEME) != unreferenced.SCHEME
+        if self.unreferenced_rebuilt:
+            self._rebuild_unreferenced()
 
     def close(self) -> None:
         self._db.close()
@@ -224,6 +228,35 @@ class MetadataStore:
         wb.put(keys.FINGERPRINTS, fingerprints.SCHEME)
         self._db.write(wb, self._write_options)
 
+    # -- blobs no manifest references ------------------------------------------
+
+    def unreferenced_blobs(self) -> Iterator[str]:
+        """Blobs held that no manifest references (garbage collection's
+        candidates, maintained on write: O(them), whatever else is stored)."""
+        for key, _ in self.scan(keys.UNREFERENCED):
+            yield keys.parse(key, keys.UnreferencedKey).digest
+
+    def unreferenced_discrepancies(self) -> list[str]:
+        """Where the maintained set differs from a recomputation (O(every blob):
+        for checks and tests). Empty while the invariant holds."""
+        kept, recomputed = unreferenced.stored(self.scan), unreferenced.recompute(
+            self.scan, self.has_prefix)
+        return ([f"blob {d} is marked unreferenced but is referenced or not held"
+                 for d in sorted(kept - recomputed)]
+                + [f"blob {d} is held and unreferenced but not marked"
+                   for d in sorted(recomputed - kept)])
+
+    def _rebuild_unreferenced(self) -> None:
+        """Find every unreferenced blob (a database written before the set was
+        kept, or under another scheme); one batch, like any commit."""
+        wb = WriteBatch(raw_mode=True)
+        for key, _ in self.scan(keys.UNREFERENCED):
+            wb.delete(key)
+        for digest in unreferenced.recompute(self.scan, self.has_prefix):
+            wb.put(keys.unreferenced(digest), b"")
+        wb.put(keys.UNREFERENCED_SCHEME, unreferenced.SCHEME)
+        self._db.write(wb, self._write_options)
+
     # -- writes --------------------------------------------------------------
 
     def commit(self, batch: Batch) -> list[Event]:
@@ -239,6 +272,12 @@ class MetadataStore:
         # Read before the write, in the same event-loop step: nothing else
         # commits in between, so the previous values are the ones replaced.
         for key, value in fingerprints.stage(batch.puts, batch.deletes, self._db.get).items():
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
+        for key, value in unreferenced.stage(batch.puts, batch.deletes, self._db.get,
+                                             self.scan).items():
             if value is None:
                 wb.delete(key)
             else:

@@ -142,13 +142,17 @@ class Registry:
         self.hlc = hlc or HybridLogicalClock(last=int(stored) if stored else 0)
         self._uploads: dict[str, _OpenUpload] = {}
         # Last time each blob was named by a client (HEAD, mount, commit,
-        # manifest push): garbage collection spares blobs touched within its grace.
+        # manifest push): garbage collection spares blobs touched within its
+        # grace. In touch order (``touch``); GC drops the touches that expire.
         self.touched: dict[str, float] = {}
         self.started = monotonic()
 
     # -- helpers -------------------------------------------------------------
 
     def touch(self, digest: str) -> None:
+        # Moved to the end, not updated in place: the map stays in touch order,
+        # so garbage collection finds the expired touches at its front.
+        self.touched.pop(digest, None)
         self.touched[digest] = self._monotonic()
 
     def wall_ns(self) -> int:

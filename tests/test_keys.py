@@ -40,6 +40,7 @@ FAMILIES = {
     "blob": (keys.blob, keys.BlobKey, (digests,)),
     "ref": (keys.ref, keys.RefKey, (digests, repositories, digests)),
     "user": (keys.blob_user, keys.BlobUserKey, (digests, repositories)),
+    "unreferenced": (keys.unreferenced, keys.UnreferencedKey, (digests,)),
     "repo": (keys.repo, keys.RepoKey, (repositories,)),
     "blob link": (keys.blob_link, keys.BlobLinkKey, (repositories, digests)),
     "manifest": (keys.manifest, keys.ManifestKey, (repositories, digests)),
@@ -59,7 +60,8 @@ FAMILIES = {
                            keys.BucketFingerprintKey, (buckets,)),
 }
 META = {keys.SCHEMA: "schema", keys.IDENTITY: "identity", keys.HLC: "hlc",
-        keys.KEY_CHECK: "keycheck", keys.FINGERPRINTS: "fingerprints"}
+        keys.KEY_CHECK: "keycheck", keys.FINGERPRINTS: "fingerprints",
+        keys.UNREFERENCED_SCHEME: "unreferenced"}
 
 # The scan prefix each family is found under, from the same arguments.
 PREFIXES = {
@@ -109,6 +111,8 @@ ON_DISK = [
     (keys.fingerprint("lib/app"), b"fp\x00" + f"{keys.fingerprint_bucket('lib/app'):02x}".encode()
      + b"\x00lib/app"),
     (keys.bucket_fingerprint(10), b"fpb\x000a"),
+    (keys.UNREFERENCED_SCHEME, b"meta\x00unreferenced"),
+    (keys.unreferenced(D1), b"unref\x00" + D1.encode()),
 ]
 
 

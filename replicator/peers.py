@@ -11,14 +11,21 @@ and at 10 s they were a fifth of an idle default cluster's CPU (5.9 → 4.8 %
 of one core).
 
 What a peer sends this node (its event stream, blob bytes) may run a fixed
-``RECEIVE_WINDOW`` ahead of what this node has read, per stream. gRPC's default
-starts at 64 KiB and grows by estimating the bandwidth-delay product, which a
-stream that is idle between images never lets it do: under ``georeg bench
-lag`` an image's 3 MiB of inline blobs then crossed East US → West Europe in
-several window round trips, ~200 ms where the link needs ~90. A fixed window
-that holds an image's inline bytes (``replicator.service`` sends at most
-4 MiB per batch) crosses in one trip; it also bounds what a peer can make this
-node buffer per stream.
+window ahead of what this node has read, per stream (``receive_window``).
+gRPC's default starts at 64 KiB and grows by estimating the bandwidth-delay
+product, which a stream that is idle between images never lets it do: under
+``georeg bench lag`` an image's 3 MiB of inline blobs then crossed East US →
+West Europe in several window round trips, ~200 ms where the link needs ~90.
+A fixed window of at least ``RECEIVE_WINDOW``, which holds an image's inline
+bytes (``replicator.service`` sends at most 4 MiB per batch), crosses in one
+trip. A large blob needs more: a stream moves at most one window per round
+trip, and 4 MiB per 186 ms (East US → Southeast Asia) is 180 Mbit/s whatever
+the link offers, so a 100 MiB layer took 4.7 s where 500 Mbit/s needs 1.7.
+So the window for a peer is sized to the bandwidth-delay product of the
+modelled link to it (``Peer.rtt_ms``, ``Peer.bandwidth_mbps``, from the plan),
+twice over — the receiver returns window only as it reads, and jitter and its
+own pauses must not idle the link — capped at ``MAX_RECEIVE_WINDOW``, which
+also bounds what a peer can make this node buffer per stream.
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ from .topology import Peer
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
 
-RECEIVE_WINDOW = 4 << 20
-CHANNEL_OPTIONS = [
+RECEIVE_WINDOW = 4 << 20           # the least window, any link
+MAX_RECEIVE_WINDOW = 64 << 20      # the most, any link (64 MiB per 186 ms: 2.9 Gbit/s)
+WINDOW_BDP_MULTIPLE = 2
+_CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -52,8 +61,27 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.enable_retries", 0),
     ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW),
 ]
+
+
+def receive_window(rtt_ms: float, bandwidth_mbps: float) -> int:
+    """The receive window (bytes per stream) for a peer over a link of this
+    round trip and bandwidth (0: unlimited, or unknown): ``WINDOW_BDP_MULTIPLE``
+    × its bandwidth-delay product, within [``RECEIVE_WINDOW``,
+    ``MAX_RECEIVE_WINDOW``]. Unlimited bandwidth (zones of one region,
+    loopback) has no product to size to: the least window, whose one round
+    trip of about a millisecond is never the bound."""
+    if bandwidth_mbps <= 0 or rtt_ms <= 0:
+        return RECEIVE_WINDOW
+    product = bandwidth_mbps * 1e6 / 8 * rtt_ms / 1000
+    return int(min(MAX_RECEIVE_WINDOW, max(RECEIVE_WINDOW, WINDOW_BDP_MULTIPLE * product)))
+
+
+def channel_options(peer: Peer) -> list[tuple[str, int]]:
+    """The gRPC channel options for ``peer``: the common ones, and the receive
+    window for its link (``receive_window``)."""
+    return [*_CHANNEL_OPTIONS, ("grpc.http2.lookahead_bytes",
+                                receive_window(peer.rtt_ms, peer.bandwidth_mbps))]
 # A peer asked to wait for a blob answers within the wait; beyond it by this
 # much, it is taken for unreachable.
 WAIT_SLACK_S = 2.0
@@ -80,12 +108,12 @@ class PeerClient:
         self._timeout = rpc_timeout_s
         self._wait_for_ready = True
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(peer.grpc, options=CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(peer.grpc, options=channel_options(peer))
         else:
             # The TLS bytes cross WAN links unchanged (TCP proxies on the
             # addresses node certificates name), so the address is the name checked.
             self.channel = grpc.aio.secure_channel(peer.grpc, credentials.channel(),
-                                                   options=CHANNEL_OPTIONS)
+                                                   options=channel_options(peer))
         self.stub = pbg.ReplicationStub(self.channel)
 
     def hurried(self) -> PeerClient:

@@ -24,7 +24,7 @@ links were created in and whatever traffic the other links carry.
 The bytes move at the ``asyncio.Protocol`` level: each chunk read is stamped
 with its delivery time and queued, and one loop timer per direction writes
 everything due when it fires (a sink whose socket buffer is full holds the
-queue; a queue beyond ``MAX_BUFFERED`` stops reading its source). Every link
+queue; a queue beyond ``Link.buffer_limit`` stops reading its source). Every link
 of a cluster shares the supervisor's event loop with the routing proxy, and
 a default cluster moves ~30 MiB across links per image pushed, so the cost
 per byte matters: 1.8 ms of CPU per MiB at 20 ms latency, against 3.0 with
@@ -46,8 +46,11 @@ import structlog
 
 log = structlog.get_logger("georeg.links")
 
-# Bytes a direction may hold in flight before it stops reading (backpressure).
+# Bytes a direction may hold in flight before it stops reading (backpressure),
+# at least; more on a link whose bandwidth × delay needs more (Link.buffer_limit).
 MAX_BUFFERED = 4 * 1024 * 1024
+# How many one-way delays' worth of the link's bandwidth a direction may hold.
+BUFFER_DELAYS = 2
 # A socket's own write buffer beyond which the link holds delivered bytes back.
 _WRITE_HIGH_WATER = 256 * 1024
 # Buckets (upper bounds, ms) of how late a chunk reached its receiver against
@@ -173,7 +176,7 @@ class _Flow:
         self.queue.append((deliver_at, data))
         if data:
             self.buffered += len(data)
-            if self.buffered > MAX_BUFFERED and not self.reading_paused:
+            if self.buffered > self.conn.link.buffer_limit and not self.reading_paused:
                 self.reading_paused = True
                 self.source.transport.pause_reading()
         else:
@@ -216,7 +219,8 @@ class _Flow:
             self.sink.transport.writelines(out)
             self.buffered -= size
             link.bytes_forwarded += size
-            if self.reading_paused and self.buffered <= MAX_BUFFERED and not self.source.closed:
+            if (self.reading_paused and self.buffered <= link.buffer_limit
+                    and not self.source.closed):
                 self.reading_paused = False
                 self.source.transport.resume_reading()
         if ended:
@@ -372,6 +376,7 @@ class Link:
         self._stopped = False
         self._relisten: asyncio.Task | None = None
         self._pending_sock: socket.socket | None = None
+        self.buffer_limit = self._buffer_limit()
 
     @property
     def address(self) -> str:
@@ -460,6 +465,7 @@ class Link:
         cut_now = (faults.cut_forward and not self.faults.cut_forward) or \
                   (faults.cut_backward and not self.faults.cut_backward)
         self.faults = faults
+        self.buffer_limit = self._buffer_limit()
         if cut_now:
             self._close_all()
         elif not faults.stall:
@@ -487,6 +493,19 @@ class Link:
         if jitter:
             latency += self.rng.uniform(-jitter, jitter)
         return max(latency, 0.0) / 1000.0
+
+    def _buffer_limit(self) -> int:
+        """Bytes a direction may hold before it stops reading its source: what
+        the link carries in ``BUFFER_DELAYS`` of its longest one-way delays,
+        and never less than ``MAX_BUFFERED``. A direction holds every byte for
+        its delay, so a smaller limit would itself cap the link below its
+        bandwidth: 4 MiB behind 93 ms (East US → Southeast Asia) is 45 MB/s,
+        360 Mbit/s of a modelled 500. Without a bandwidth (unlimited) there is
+        no product to size to: ``MAX_BUFFERED``."""
+        rate = self._rate_bytes_per_s()
+        delay_ms = (self.model.latency_ms + self.faults.extra_latency_ms
+                    + self.model.jitter_ms + self.faults.extra_jitter_ms)
+        return max(MAX_BUFFERED, int(BUFFER_DELAYS * rate * delay_ms / 1000))
 
     def _rate_bytes_per_s(self) -> float:
         rates = [r for r in (self.model.bandwidth_mbps, self.faults.bandwidth_mbps) if r > 0]

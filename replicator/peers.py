@@ -20,8 +20,9 @@ A fixed window of at least ``RECEIVE_WINDOW``, which holds an image's inline
 bytes (``replicator.service`` sends at most 4 MiB per batch), crosses in one
 trip. A large blob needs more: a stream moves at most one window per round
 trip, and 4 MiB per 186 ms (East US → Southeast Asia) is 180 Mbit/s whatever
-the link offers, so a 100 MiB layer took 4.7 s where 500 Mbit/s needs 1.7.
-So the window for a peer is sized to the bandwidth-delay product of the
+the link offers: a 100 MiB layer needs 4.7 s where 500 Mbit/s needs 1.7
+(``georeg bench lag --layer-mib 100`` measured it 5.7–6.2 s after the ack,
+2.1–3.0 s with the window below: ``docs/benchmarks.md``). So the window for a peer is sized to the bandwidth-delay product of the
 modelled link to it (``Peer.rtt_ms``, ``Peer.bandwidth_mbps``, from the plan),
 twice over — the receiver returns window only as it reads, and jitter and its
 own pauses must not idle the link — capped at ``MAX_RECEIVE_WINDOW``, which

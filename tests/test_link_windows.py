@@ -10,7 +10,8 @@ measures by how much; nothing here is timed).
 * over a real gRPC channel built for such a peer, a server may run that far
   ahead of a client that reads nothing;
 * a link with a long delay keeps reading past ``MAX_BUFFERED`` while its
-  bandwidth × delay is not yet in flight.
+  bandwidth × delay is not yet in flight, but never holds more than
+  ``MAX_BUFFER_LIMIT`` per direction, whatever latency a fault adds.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 from cluster.control import spec as specs
 from cluster.control.plan import plan
-from cluster.network.links import MAX_BUFFERED, Link, LinkModel
+from cluster.network.links import MAX_BUFFER_LIMIT, MAX_BUFFERED, Link, LinkFaults, LinkModel
 from registry_node.records import NodeIdentity
 from replicator.peers import MAX_RECEIVE_WINDOW, RECEIVE_WINDOW, PeerClient, receive_window
 from replicator.topology import Peer
@@ -116,3 +117,19 @@ async def test_a_long_fat_link_keeps_reading_while_its_product_is_not_in_flight(
         await link.stop()
         target.close()
         await target.wait_closed()
+
+
+async def test_a_link_slowed_by_seconds_holds_no_more_than_the_limit():
+    """+2 s on a 500 Mbit/s link is 250 MB of bandwidth × delay per direction:
+    the supervisor would hold that much per connection. The limit caps it,
+    and a healthy WAN link's product is still below the limit."""
+    link = await Link("slowed", ("127.0.0.1", 9), LinkModel(latency_ms=93, bandwidth_mbps=500)).start()
+    try:
+        healthy = link.buffer_limit
+        assert MAX_BUFFERED < healthy < MAX_BUFFER_LIMIT
+        link.set_faults(LinkFaults(extra_latency_ms=2000))
+        assert link.buffer_limit == MAX_BUFFER_LIMIT
+        link.heal()
+        assert link.buffer_limit == healthy
+    finally:
+        await link.stop()

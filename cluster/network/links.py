@@ -51,6 +51,14 @@ log = structlog.get_logger("georeg.links")
 MAX_BUFFERED = 4 * 1024 * 1024
 # How many one-way delays' worth of the link's bandwidth a direction may hold.
 BUFFER_DELAYS = 2
+# …and never more than this, however long the delay: the queue is the
+# supervisor's memory, per direction of every connection. A fault adding 2 s
+# at 500 Mbit/s would otherwise let one direction hold 250 MB. 64 MiB is the
+# most a node lets one peer send ahead of its reading (replicator.peers:
+# MAX_RECEIVE_WINDOW, CHANNEL_WINDOW_BUDGET), so a healthy link is never held
+# back by it; a link slowed past it carries less than its bandwidth, which a
+# fault that adds seconds of latency may.
+MAX_BUFFER_LIMIT = 64 * 1024 * 1024
 # A socket's own write buffer beyond which the link holds delivered bytes back.
 _WRITE_HIGH_WATER = 256 * 1024
 # Buckets (upper bounds, ms) of how late a chunk reached its receiver against
@@ -501,11 +509,13 @@ class Link:
         its delay, so a smaller limit would itself cap the link below its
         bandwidth: 4 MiB behind 93 ms (East US → Southeast Asia) is 45 MB/s,
         360 Mbit/s of a modelled 500. Without a bandwidth (unlimited) there is
-        no product to size to: ``MAX_BUFFERED``."""
+        no product to size to: ``MAX_BUFFERED``. Never more than
+        ``MAX_BUFFER_LIMIT``, whatever latency a fault adds."""
         rate = self._rate_bytes_per_s()
         delay_ms = (self.model.latency_ms + self.faults.extra_latency_ms
                     + self.model.jitter_ms + self.faults.extra_jitter_ms)
-        return max(MAX_BUFFERED, int(BUFFER_DELAYS * rate * delay_ms / 1000))
+        return min(MAX_BUFFER_LIMIT,
+                   max(MAX_BUFFERED, int(BUFFER_DELAYS * rate * delay_ms / 1000)))
 
     def _rate_bytes_per_s(self) -> float:
         rates = [r for r in (self.model.bandwidth_mbps, self.faults.bandwidth_mbps) if r > 0]

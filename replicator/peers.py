@@ -27,11 +27,26 @@ modelled link to it (``Peer.rtt_ms``, ``Peer.bandwidth_mbps``, from the plan),
 twice over — the receiver returns window only as it reads, and jitter and its
 own pauses must not idle the link — capped at ``MAX_RECEIVE_WINDOW``, which
 also bounds what a peer can make this node buffer per stream.
+
+The window is per stream, and gRPC sizes a connection's window as the sum of
+its streams' (there is no separate option for the connection), so what a
+peer may have in flight towards this node grows with the streams on the
+channel: the subscription and up to ``transfer_concurrency`` (16) blob
+fetches, 17 × 22 MiB from East US to Southeast Asia if this node fell behind
+reading them. So a channel whose window is sized past the least runs at most
+``fetch_streams`` blob fetches at once (``CHANNEL_WINDOW_BUDGET``: the
+subscription's window and theirs together); a further fetch from that peer
+waits for one to end. One stream at such a window already fills the link —
+that is what the window is sized for — so waiting costs a blob its turn,
+not bandwidth. Channels at the least window (zones of one region, loopback)
+keep no such limit: a sibling may wait on a blob that is about to land, and
+fetches queued behind such waits would stall the region.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from collections.abc import AsyncIterator, Sequence
 
@@ -48,7 +63,11 @@ from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
 
 RECEIVE_WINDOW = 4 << 20           # the least window, any link
-MAX_RECEIVE_WINDOW = 64 << 20      # the most, any link (64 MiB per 186 ms: 2.9 Gbit/s)
+MAX_RECEIVE_WINDOW = 24 << 20      # the most, any link (24 MiB per 186 ms: 1.1 Gbit/s)
+# The most the streams of one channel with a sized window may be sent ahead of
+# this node's reading, together (see the module docstring): two of the
+# largest windows, the subscription's and one fetch's.
+CHANNEL_WINDOW_BUDGET = 2 * MAX_RECEIVE_WINDOW
 WINDOW_BDP_MULTIPLE = 2
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30000),
@@ -76,6 +95,15 @@ def receive_window(rtt_ms: float, bandwidth_mbps: float) -> int:
         return RECEIVE_WINDOW
     product = bandwidth_mbps * 1e6 / 8 * rtt_ms / 1000
     return int(min(MAX_RECEIVE_WINDOW, max(RECEIVE_WINDOW, WINDOW_BDP_MULTIPLE * product)))
+
+
+def fetch_streams(window: int) -> int | None:
+    """How many blob fetches may run at once over a channel whose streams each
+    have ``window``: as many as fit ``CHANNEL_WINDOW_BUDGET`` beside the
+    subscription, at least one; no limit (None) at the least window."""
+    if window <= RECEIVE_WINDOW:
+        return None
+    return max(1, CHANNEL_WINDOW_BUDGET // window - 1)
 
 
 def channel_options(peer: Peer) -> list[tuple[str, int]]:
@@ -116,6 +144,10 @@ class PeerClient:
             self.channel = grpc.aio.secure_channel(peer.grpc, credentials.channel(),
                                                    options=channel_options(peer))
         self.stub = pbg.ReplicationStub(self.channel)
+        # Blob fetches running on the channel, at most (``fetch_streams``);
+        # shared by ``hurried`` copies, which use the same channel.
+        streams = fetch_streams(receive_window(peer.rtt_ms, peer.bandwidth_mbps))
+        self._fetching = asyncio.Semaphore(streams) if streams else None
 
     def hurried(self) -> PeerClient:
         """This peer over the same channel, but whose calls fail at once while the
@@ -147,33 +179,36 @@ class PeerClient:
         """The blob's bytes from ``offset`` on, as they arrive. With ``wait_ms``
         the peer may wait that long for the blob to land before it answers; if
         it has sent nothing by then (plus slack) it is unreachable or stalled,
-        and this gives up on it (definite: nothing was stored)."""
-        call = self.stub.FetchBlob(pb.FetchBlobRequest(
-            requester=self._me, repository=repository, digest=digest, offset=offset,
-            wait_ms=wait_ms))
-        expected = offset
-        first_within = wait_ms / 1000 + WAIT_SLACK_S if wait_ms else None
-        try:
-            while True:
-                if first_within is None:
-                    chunk = await call.read()
-                else:
-                    try:
-                        chunk = await asyncio.wait_for(call.read(), first_within)
-                    except TimeoutError:
-                        raise definite(f"{self.name} sent nothing of {digest} within "
-                                       f"{first_within:g}s") from None
-                    first_within = None
-                if chunk is grpc.aio.EOF:
-                    return
-                if chunk.offset != expected:
-                    raise permanent(f"{self.name} sent offset {chunk.offset}, expected {expected}")
-                expected += len(chunk.data)
-                yield chunk.data
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, f"fetching {digest} from {self.name}") from None
-        finally:
-            call.cancel()
+        and this gives up on it (definite: nothing was stored). Over a WAN
+        channel it may first wait for a fetch slot (``fetch_streams``); the
+        wait for a first chunk starts once it has one."""
+        async with self._fetching or contextlib.nullcontext():
+            call = self.stub.FetchBlob(pb.FetchBlobRequest(
+                requester=self._me, repository=repository, digest=digest, offset=offset,
+                wait_ms=wait_ms))
+            expected = offset
+            first_within = wait_ms / 1000 + WAIT_SLACK_S if wait_ms else None
+            try:
+                while True:
+                    if first_within is None:
+                        chunk = await call.read()
+                    else:
+                        try:
+                            chunk = await asyncio.wait_for(call.read(), first_within)
+                        except TimeoutError:
+                            raise definite(f"{self.name} sent nothing of {digest} within "
+                                           f"{first_within:g}s") from None
+                        first_within = None
+                    if chunk is grpc.aio.EOF:
+                        return
+                    if chunk.offset != expected:
+                        raise permanent(f"{self.name} sent offset {chunk.offset}, expected {expected}")
+                    expected += len(chunk.data)
+                    yield chunk.data
+            except grpc.aio.AioRpcError as exc:
+                raise from_grpc(exc, f"fetching {digest} from {self.name}") from None
+            finally:
+                call.cancel()
 
     async def fetch_manifest(self, repository: str, digest: str) -> pb.ManifestReply:
         return await self._unary(self.stub.FetchManifest, pb.FetchManifestRequest(

@@ -9,6 +9,10 @@ measures by how much; nothing here is timed).
 * the receive window is twice the bandwidth-delay product, within bounds;
 * over a real gRPC channel built for such a peer, a server may run that far
   ahead of a client that reads nothing;
+* a channel with a sized window runs only as many blob fetches at once as
+  fit ``CHANNEL_WINDOW_BUDGET`` beside its subscription (gRPC's connection
+  window is the sum of its streams'), so a peer cannot have 17 windows in
+  flight towards a node that fell behind;
 * a link with a long delay keeps reading past ``MAX_BUFFERED`` while its
   bandwidth × delay is not yet in flight, but never holds more than
   ``MAX_BUFFER_LIMIT`` per direction, whatever latency a fault adds.
@@ -25,8 +29,17 @@ from cluster.control import spec as specs
 from cluster.control.plan import plan
 from cluster.network.links import MAX_BUFFER_LIMIT, MAX_BUFFERED, Link, LinkFaults, LinkModel
 from registry_node.records import NodeIdentity
-from replicator.peers import MAX_RECEIVE_WINDOW, RECEIVE_WINDOW, PeerClient, receive_window
+from replicator.peers import (
+    CHANNEL_WINDOW_BUDGET,
+    MAX_RECEIVE_WINDOW,
+    RECEIVE_WINDOW,
+    PeerClient,
+    fetch_streams,
+    receive_window,
+)
 from replicator.topology import Peer
+from replicator.wire.v1 import replication_pb2 as pb
+from replicator.wire.v1 import replication_pb2_grpc as pbg
 
 from .helpers import eventually
 
@@ -42,6 +55,76 @@ def test_the_plan_tells_each_node_the_link_to_every_peer(tmp_path):
     assert peers["southeastasia"].bandwidth_mbps == far.bandwidth_mbps == 500
     # A sibling zone: about a millisecond away, bandwidth unlimited (0).
     assert 0 < peers["eastus-2"].rtt_ms < 5 and peers["eastus-2"].bandwidth_mbps == 0
+
+
+def test_a_channels_streams_fit_its_window_budget(tmp_path):
+    p = plan(specs.load(None).seeded(1), tmp_path)
+    sized = 0
+    for node in p.nodes:
+        for peer in p.view(node).peers:
+            window = receive_window(peer.rtt_ms, peer.bandwidth_mbps)
+            streams = fetch_streams(window)
+            if streams is None:          # the least window: zones, loopback
+                assert window == RECEIVE_WINDOW
+                continue
+            sized += 1
+            assert streams >= 1
+            # The subscription and every fetch at once, within the budget.
+            assert (1 + streams) * window <= CHANNEL_WINDOW_BUDGET, (node.name, peer.name)
+    assert sized    # the default spec has WAN links with sized windows
+    # East US → Southeast Asia (186 ms, 500 Mbit/s, 22 MiB): one fetch at a time.
+    assert fetch_streams(receive_window(186, 500)) == 1
+    assert fetch_streams(MAX_RECEIVE_WINDOW) == 1
+
+
+class _HeldFetches(pbg.ReplicationServicer):
+    """FetchBlob that sends one chunk, then holds the stream open until told."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.most_open = 0
+        self.release = asyncio.Event()
+
+    async def FetchBlob(self, request, context):
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            yield pb.BlobChunk(offset=0, data=b"x" * 1024, total_size=2048)
+            await self.release.wait()
+            yield pb.BlobChunk(offset=1024, data=b"y" * 1024)
+        finally:
+            self.open -= 1
+
+    async def Health(self, request, context):
+        return pb.HealthReply()
+
+
+async def test_a_wan_channel_runs_no_more_fetches_at_once_than_its_budget_allows():
+    servicer = _HeldFetches()
+    server = grpc.aio.server()
+    pbg.add_ReplicationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    peer = Peer(name="far", region="southeastasia", grpc=f"127.0.0.1:{port}",
+                rtt_ms=186, bandwidth_mbps=500)      # one fetch at a time
+    client = PeerClient(peer, NodeIdentity(region="eastus", zone="", node_id="test"))
+    fetches = [client.fetch_blob("r", "sha256:" + "ab" * 32, 0) for _ in range(2)]
+    firsts = [asyncio.ensure_future(anext(f)) for f in fetches]
+    try:
+        done, _ = await asyncio.wait(firsts, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1
+        await client.health()     # a round trip on the channel behind the second fetch
+        assert servicer.open == 1 and not all(f.done() for f in firsts)
+        servicer.release.set()
+        for fetch, first in zip(fetches, firsts, strict=True):
+            assert await asyncio.wait_for(first, 20) == b"x" * 1024
+            assert [c async for c in fetch] == [b"y" * 1024]
+        assert servicer.most_open == 1
+    finally:
+        for first in firsts:
+            first.cancel()
+        await client.close()
+        await server.stop(None)
 
 
 def test_the_window_is_twice_the_links_bandwidth_delay_product_within_bounds():
@@ -74,7 +157,7 @@ async def test_a_peer_may_run_its_links_window_ahead_of_a_reader_that_waits():
             stream, request_deserializer=bytes, response_serializer=bytes)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    # 1 Gbit/s × 400 ms round trip: twice that is past the cap, 64 MiB.
+    # 1 Gbit/s × 400 ms round trip: twice that is past the cap, 24 MiB.
     peer = Peer(name="far", region="southeastasia", grpc=f"127.0.0.1:{port}",
                 rtt_ms=400, bandwidth_mbps=1000)
     client = PeerClient(peer, NodeIdentity(region="eastus", zone="", node_id="test"))
@@ -82,8 +165,8 @@ async def test_a_peer_may_run_its_links_window_ahead_of_a_reader_that_waits():
                                        response_deserializer=bytes)(b"")
     try:
         assert await call.read() == chunk       # the stream is open; now read nothing
-        await eventually(lambda: sent >= 32 * MIB, timeout=20,
-                         what=f"the server to send 32 MiB ahead (sent {sent >> 20} MiB)")
+        await eventually(lambda: sent >= 16 * MIB, timeout=20,
+                         what=f"the server to send 16 MiB ahead (sent {sent >> 20} MiB)")
     finally:
         call.cancel()
         await client.close()

@@ -53,10 +53,10 @@ MAX_BUFFERED = 4 * 1024 * 1024
 BUFFER_DELAYS = 2
 # …and never more than this, however long the delay: the queue is the
 # supervisor's memory, per direction of every connection. A fault adding 2 s
-# at 500 Mbit/s would otherwise let one direction hold 250 MB. 64 MiB is the
-# most a node lets one peer send ahead of its reading (replicator.peers:
-# MAX_RECEIVE_WINDOW, CHANNEL_WINDOW_BUDGET), so a healthy link is never held
-# back by it; a link slowed past it carries less than its bandwidth, which a
+# at 500 Mbit/s would otherwise let one direction hold 250 MB. A node lets one
+# peer's channel run at most 48 MiB ahead of its reading over a WAN link
+# (replicator.peers: CHANNEL_WINDOW_BUDGET), so a healthy link is never held
+# back by this; a link slowed past it carries less than its bandwidth, which a
 # fault that adds seconds of latency may.
 MAX_BUFFER_LIMIT = 64 * 1024 * 1024
 # A socket's own write buffer beyond which the link holds delivered bytes back.

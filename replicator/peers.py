@@ -11,19 +11,42 @@ and at 10 s they were a fifth of an idle default cluster's CPU (5.9 → 4.8 %
 of one core).
 
 What a peer sends this node (its event stream, blob bytes) may run a fixed
-``RECEIVE_WINDOW`` ahead of what this node has read, per stream. gRPC's default
-starts at 64 KiB and grows by estimating the bandwidth-delay product, which a
-stream that is idle between images never lets it do: under ``georeg bench
-lag`` an image's 3 MiB of inline blobs then crossed East US → West Europe in
-several window round trips, ~200 ms where the link needs ~90. A fixed window
-that holds an image's inline bytes (``replicator.service`` sends at most
-4 MiB per batch) crosses in one trip; it also bounds what a peer can make this
-node buffer per stream.
+window ahead of what this node has read, per stream (``receive_window``).
+gRPC's default starts at 64 KiB and grows by estimating the bandwidth-delay
+product, which a stream that is idle between images never lets it do: under
+``georeg bench lag`` an image's 3 MiB of inline blobs then crossed East US →
+West Europe in several window round trips, ~200 ms where the link needs ~90.
+A fixed window of at least ``RECEIVE_WINDOW``, which holds an image's inline
+bytes (``replicator.service`` sends at most 4 MiB per batch), crosses in one
+trip. A large blob needs more: a stream moves at most one window per round
+trip, and 4 MiB per 186 ms (East US → Southeast Asia) is 180 Mbit/s whatever
+the link offers: a 100 MiB layer needs 4.7 s where 500 Mbit/s needs 1.7
+(``georeg bench lag --layer-mib 100`` measured it 5.7–6.2 s after the ack,
+2.1–3.0 s with the window below: ``docs/benchmarks.md``). So the window for a peer is sized to the bandwidth-delay product of the
+modelled link to it (``Peer.rtt_ms``, ``Peer.bandwidth_mbps``, from the plan),
+twice over — the receiver returns window only as it reads, and jitter and its
+own pauses must not idle the link — capped at ``MAX_RECEIVE_WINDOW``, which
+also bounds what a peer can make this node buffer per stream.
+
+The window is per stream, and gRPC sizes a connection's window as the sum of
+its streams' (there is no separate option for the connection), so what a
+peer may have in flight towards this node grows with the streams on the
+channel: the subscription and up to ``transfer_concurrency`` (16) blob
+fetches, 17 × 22 MiB from East US to Southeast Asia if this node fell behind
+reading them. So a channel whose window is sized past the least runs at most
+``fetch_streams`` blob fetches at once (``CHANNEL_WINDOW_BUDGET``: the
+subscription's window and theirs together); a further fetch from that peer
+waits for one to end. One stream at such a window already fills the link —
+that is what the window is sized for — so waiting costs a blob its turn,
+not bandwidth. Channels at the least window (zones of one region, loopback)
+keep no such limit: a sibling may wait on a blob that is about to land, and
+fetches queued behind such waits would stall the region.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from collections.abc import AsyncIterator, Sequence
 
@@ -39,8 +62,14 @@ from .topology import Peer
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
 
-RECEIVE_WINDOW = 4 << 20
-CHANNEL_OPTIONS = [
+RECEIVE_WINDOW = 4 << 20           # the least window, any link
+MAX_RECEIVE_WINDOW = 24 << 20      # the most, any link (24 MiB per 186 ms: 1.1 Gbit/s)
+# The most the streams of one channel with a sized window may be sent ahead of
+# this node's reading, together (see the module docstring): two of the
+# largest windows, the subscription's and one fetch's.
+CHANNEL_WINDOW_BUDGET = 2 * MAX_RECEIVE_WINDOW
+WINDOW_BDP_MULTIPLE = 2
+_CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -52,8 +81,36 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.enable_retries", 0),
     ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW),
 ]
+
+
+def receive_window(rtt_ms: float, bandwidth_mbps: float) -> int:
+    """The receive window (bytes per stream) for a peer over a link of this
+    round trip and bandwidth (0: unlimited, or unknown): ``WINDOW_BDP_MULTIPLE``
+    × its bandwidth-delay product, within [``RECEIVE_WINDOW``,
+    ``MAX_RECEIVE_WINDOW``]. Unlimited bandwidth (zones of one region,
+    loopback) has no product to size to: the least window, whose one round
+    trip of about a millisecond is never the bound."""
+    if bandwidth_mbps <= 0 or rtt_ms <= 0:
+        return RECEIVE_WINDOW
+    product = bandwidth_mbps * 1e6 / 8 * rtt_ms / 1000
+    return int(min(MAX_RECEIVE_WINDOW, max(RECEIVE_WINDOW, WINDOW_BDP_MULTIPLE * product)))
+
+
+def fetch_streams(window: int) -> int | None:
+    """How many blob fetches may run at once over a channel whose streams each
+    have ``window``: as many as fit ``CHANNEL_WINDOW_BUDGET`` beside the
+    subscription, at least one; no limit (None) at the least window."""
+    if window <= RECEIVE_WINDOW:
+        return None
+    return max(1, CHANNEL_WINDOW_BUDGET // window - 1)
+
+
+def channel_options(peer: Peer) -> list[tuple[str, int]]:
+    """The gRPC channel options for ``peer``: the common ones, and the receive
+    window for its link (``receive_window``)."""
+    return [*_CHANNEL_OPTIONS, ("grpc.http2.lookahead_bytes",
+                                receive_window(peer.rtt_ms, peer.bandwidth_mbps))]
 # A peer asked to wait for a blob answers within the wait; beyond it by this
 # much, it is taken for unreachable.
 WAIT_SLACK_S = 2.0
@@ -80,13 +137,17 @@ class PeerClient:
         self._timeout = rpc_timeout_s
         self._wait_for_ready = True
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(peer.grpc, options=CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(peer.grpc, options=channel_options(peer))
         else:
             # The TLS bytes cross WAN links unchanged (TCP proxies on the
             # addresses node certificates name), so the address is the name checked.
             self.channel = grpc.aio.secure_channel(peer.grpc, credentials.channel(),
-                                                   options=CHANNEL_OPTIONS)
+                                                   options=channel_options(peer))
         self.stub = pbg.ReplicationStub(self.channel)
+        # Blob fetches running on the channel, at most (``fetch_streams``);
+        # shared by ``hurried`` copies, which use the same channel.
+        streams = fetch_streams(receive_window(peer.rtt_ms, peer.bandwidth_mbps))
+        self._fetching = asyncio.Semaphore(streams) if streams else None
 
     def hurried(self) -> PeerClient:
         """This peer over the same channel, but whose calls fail at once while the
@@ -118,33 +179,36 @@ class PeerClient:
         """The blob's bytes from ``offset`` on, as they arrive. With ``wait_ms``
         the peer may wait that long for the blob to land before it answers; if
         it has sent nothing by then (plus slack) it is unreachable or stalled,
-        and this gives up on it (definite: nothing was stored)."""
-        call = self.stub.FetchBlob(pb.FetchBlobRequest(
-            requester=self._me, repository=repository, digest=digest, offset=offset,
-            wait_ms=wait_ms))
-        expected = offset
-        first_within = wait_ms / 1000 + WAIT_SLACK_S if wait_ms else None
-        try:
-            while True:
-                if first_within is None:
-                    chunk = await call.read()
-                else:
-                    try:
-                        chunk = await asyncio.wait_for(call.read(), first_within)
-                    except TimeoutError:
-                        raise definite(f"{self.name} sent nothing of {digest} within "
-                                       f"{first_within:g}s") from None
-                    first_within = None
-                if chunk is grpc.aio.EOF:
-                    return
-                if chunk.offset != expected:
-                    raise permanent(f"{self.name} sent offset {chunk.offset}, expected {expected}")
-                expected += len(chunk.data)
-                yield chunk.data
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, f"fetching {digest} from {self.name}") from None
-        finally:
-            call.cancel()
+        and this gives up on it (definite: nothing was stored). Over a WAN
+        channel it may first wait for a fetch slot (``fetch_streams``); the
+        wait for a first chunk starts once it has one."""
+        async with self._fetching or contextlib.nullcontext():
+            call = self.stub.FetchBlob(pb.FetchBlobRequest(
+                requester=self._me, repository=repository, digest=digest, offset=offset,
+                wait_ms=wait_ms))
+            expected = offset
+            first_within = wait_ms / 1000 + WAIT_SLACK_S if wait_ms else None
+            try:
+                while True:
+                    if first_within is None:
+                        chunk = await call.read()
+                    else:
+                        try:
+                            chunk = await asyncio.wait_for(call.read(), first_within)
+                        except TimeoutError:
+                            raise definite(f"{self.name} sent nothing of {digest} within "
+                                           f"{first_within:g}s") from None
+                        first_within = None
+                    if chunk is grpc.aio.EOF:
+                        return
+                    if chunk.offset != expected:
+                        raise permanent(f"{self.name} sent offset {chunk.offset}, expected {expected}")
+                    expected += len(chunk.data)
+                    yield chunk.data
+            except grpc.aio.AioRpcError as exc:
+                raise from_grpc(exc, f"fetching {digest} from {self.name}") from None
+            finally:
+                call.cancel()
 
     async def fetch_manifest(self, repository: str, digest: str) -> pb.ManifestReply:
         return await self._unary(self.stub.FetchManifest, pb.FetchManifestRequest(

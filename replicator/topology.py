@@ -34,6 +34,10 @@ class Peer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     zone: str = ""
     grpc: str = ""                 # host:port, as reachable from this node
     http: str = ""                 # base URL of its OCI API, for status pages
+    # The modelled link to it (the plan's WAN model; 0: unknown, or unlimited
+    # bandwidth): what sizes this node's receive window for it (replicator.peers).
+    rtt_ms: float = 0.0
+    bandwidth_mbps: float = 0.0
 
     @property
     def label(self) -> str:

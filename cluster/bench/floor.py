@@ -110,6 +110,15 @@ def image_floor_ms(push: ImagePush, link: LinkModel) -> float:
                for size, first, held in pieces)
 
 
+def layer_floor_ms(size: int, link: LinkModel) -> float:
+    """The least time a blob of ``size`` bytes takes to cross ``link`` once the
+    origin holds all of it: one way + size ÷ B. The bandwidth floor of large-
+    layer mode, measured from the blob's ``held``: a protocol that sends a
+    blob on only once the origin holds it (georeg's) can do no better, and
+    for a large layer the bandwidth term is what any protocol pays."""
+    return least_one_way_ms(link) + transfer_ms(size, link)
+
+
 FORMULA = ("floor = max over the image's pieces (blobs, manifest) of\n"
            "  (held + ow + max(0, size − B·(held − first)) ÷ B) − ack;\n"
            "  held: the client sent the request completing the piece, first: its first byte,\n"

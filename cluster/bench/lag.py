@@ -65,7 +65,7 @@ from ..testing import on_any_ports
 from . import procfs
 from .clocks import ClockBracket, ClockCheck, bracket, wall_minus_raw_ns
 from .clusterproc import ClusterProcess, ClusterStartError
-from .floor import BlobPush, ImagePush, image_floor_ms
+from .floor import BlobPush, ImagePush, image_floor_ms, layer_floor_ms
 from .lag_report import Arrival, LagResults, Verification, host, link_delivery
 from .procfs import MIB
 from .profile import Profile
@@ -80,6 +80,9 @@ from .workload import (
 )
 
 COMMIT_SLACK_NS = 5_000_000       # a tag is stamped just before its (synced) write batch commits
+# Large-layer mode waits at most this long for the machine to go quiet before each round.
+ROUND_QUIET_WAIT_S = 10.0
+LARGE_PIECE = 16 * MIB            # a large layer is made of pieces this size (see _layer)
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,22 @@ class LagBenchOptions:
     seed: int = 1
     profile_dir: Path | None = None
     profile_nodes: tuple[str, ...] = ()  # node names, or "supervisor" (the WAN links)
+    # Large-layer mode: each image is pushed alone, and its arrival everywhere
+    # awaited before the next (rounds, not an open-loop schedule).
+    large_layer: bool = False
+
+    @classmethod
+    def large(cls, layer_bytes: int, **given) -> LagBenchOptions:
+        """Large-layer mode: ``images`` rounds (3 by default), each one image of
+        one ``layer_bytes`` layer pushed at each origin (East US by default)
+        and awaited at every destination before the next round."""
+        defaults = {"origins": ("eastus",), "images": 3, "verify": 0,
+                    "arrival_timeout_s": 300.0}
+        return cls(**(defaults | given), layers=1, layer_bytes=layer_bytes, large_layer=True)
 
     def workload(self) -> dict:
         return {"origins": list(self.origins), "images_per_origin": self.images,
+                "large_layer": self.large_layer,
                 "layers": self.layers, "layer_bytes": self.layer_bytes, "rate_per_origin": self.rate,
                 "verify_images": self.verify, "verify_interval_ms": self.verify_interval_ms,
                 "seed": self.seed,
@@ -175,7 +191,7 @@ def prepare(content: RandomBytes, repository: str, layers: int, layer_bytes: int
                          "nonce": os.urandom(8).hex()}).encode()
     blobs = [(sha256_digest(config), config)]
     for _ in range(layers):
-        data = content.blob(layer_bytes)
+        data = _layer(content, layer_bytes)
         blobs.append((sha256_digest(data), data))
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
@@ -183,6 +199,14 @@ def prepare(content: RandomBytes, repository: str, layers: int, layer_bytes: int
         "layers": [{"mediaType": OCI_LAYER, "digest": d, "size": len(b)} for d, b in blobs[1:]],
     }).encode()
     return PreparedImage(repository, "v1", blobs, manifest, sha256_digest(manifest))
+
+
+def _layer(content: RandomBytes, size: int) -> bytes:
+    """``size`` incompressible bytes, distinct from every other layer's; larger
+    than the content's random pool, in pieces each of which is distinct."""
+    if size <= LARGE_PIECE:
+        return content.blob(size)
+    return b"".join(content.blob(min(LARGE_PIECE, size - at)) for at in range(0, size, LARGE_PIECE))
 
 
 # -- arrivals, as the nodes recorded them ----------------------------------------------------
@@ -315,8 +339,11 @@ class _Run:
                 cpu = _ClusterCpu(cluster)
                 links_before = self._links()
                 with self._profiles():
-                    await self._push_all(origins, prepared, progress)
-                    results.arrivals = await self._collect(reader, progress)
+                    if options.large_layer:
+                        results.arrivals = await self._rounds(origins, prepared, reader, progress)
+                    else:
+                        await self._push_all(origins, prepared, progress)
+                        results.arrivals = await self._collect(reader, progress, self.pushes)
                 after, unknown_after = await reader.clocks()
                 results.clocks = ClockCheck(before, after, sorted({*unknown, *unknown_after}),
                                             wall_minus_raw_ns() - adjusted_from)
@@ -390,14 +417,38 @@ class _Run:
             for k, origin in enumerate(origins):
                 group.create_task(one_origin(k, origin))
 
-    async def _collect(self, reader: ArrivalReader, progress: Progress) -> list[Arrival]:
+    async def _rounds(self, origins, prepared, reader: ArrivalReader,
+                      progress: Progress) -> list[Arrival]:
+        """Large-layer mode: one image at a time, at one origin at a time, each
+        awaited at every destination before the next is pushed, so that no
+        transfer shares the machine or a link with another image's."""
+        options = self.options
+        task = progress.add_task("pushing (acknowledged images)", total=len(origins) * options.images)
+        arrivals: list[Arrival] = []
+        for i in range(options.images):
+            for origin in origins:
+                if options.quiet_wait_s > 0:
+                    await procfs.wait_for_quiet(self.cluster.all_pids(),
+                                                min(options.quiet_wait_s, ROUND_QUIET_WAIT_S))
+                target = NodeTarget(origin.name, self.cluster.http(origin.name),
+                                    self.cluster.pids.get(origin.name, 0))
+                async with open_session(2, self.cluster.tls, self.credentials) as session:
+                    push = await TimedClient(target, session, 2).push_image(
+                        origin.name, prepared[origin.name][i])
+                self.pushes.append(push)
+                progress.advance(task)
+                arrivals += await self._collect(reader, progress, [push])
+        return arrivals
+
+    async def _collect(self, reader: ArrivalReader, progress: Progress,
+                       pushes: list[ImagePush]) -> list[Arrival]:
         by_name = {n.name: n for n in self.cluster.nodes}
         wan = self.cluster.spec.wan_model()
-        pending = [(push, dest) for push in self.pushes
+        pending = [(push, dest) for push in pushes
                    for dest in self._destinations(by_name[push.origin])]
         task = progress.add_task("arrivals recorded at destinations", total=len(pending))
         acks = {}
-        for push in self.pushes:
+        for push in pushes:
             found = await reader.read(push.origin, push)
             acks[push.repository] = found.tag_acked_ns if found else 0
         arrivals: list[Arrival] = []
@@ -412,9 +463,11 @@ class _Run:
                 return False
             origin = by_name[push.origin]
             link = wan.link(origin.region, dest.region)
+            largest = max(push.blobs, key=lambda b: b.size)
             arrivals.append(Arrival(push.origin, dest.name, push.repository, push.size,
                                     push.started_ns, push.acked_ns, found.arrived_ns,
-                                    acks[push.repository], image_floor_ms(push, link)))
+                                    acks[push.repository], image_floor_ms(push, link),
+                                    largest.sent_ns, layer_floor_ms(largest.size, link)))
             progress.advance(task)
             return True
 
@@ -427,7 +480,7 @@ class _Run:
                 break
             if pending:
                 await asyncio.sleep(0.1)  # poll interval, bounded by the deadline above
-        self.missing = [(push.origin, dest.name) for push, dest in pending]
+        self.missing += [(push.origin, dest.name) for push, dest in pending]
         return arrivals
 
     async def _verify(self, origins, content: RandomBytes, reader: ArrivalReader,

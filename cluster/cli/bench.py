@@ -201,7 +201,8 @@ examples:
   georeg bench lag --no-wan                     loopback, no modelled latency
   georeg bench lag --json lag.json --chart lag.png
   georeg bench lag --fault-link eastus southeastasia --fault-latency 100
-  georeg bench lag --images 10 --rate 2 --origin eastus-2 --origin brazilsouth""")
+  georeg bench lag --images 10 --rate 2 --origin eastus-2 --origin brazilsouth
+  georeg bench lag --layer-mib 100              one 100 MiB layer pushed in East US, 3 rounds""")
     p.add_argument("--config", type=Path, metavar="FILE", help="cluster spec (TOML); default: built in")
     p.add_argument("--no-wan", dest="wan", action="store_false", default=None,
                    help="no modelled latency or bandwidth: every link is plain loopback")
@@ -215,6 +216,11 @@ examples:
     load.add_argument("--layers", type=_positive, help="layers per image (default 3)")
     load.add_argument("--layer-size", type=_size, metavar="SIZE", help="bytes per layer (default 1MiB)")
     load.add_argument("--rate", type=float, help="images per second per origin (default 0.5)")
+    load.add_argument("--layer-mib", type=_positive, metavar="MIB",
+                      help="large-layer mode: each image is one layer of MIB MiB, pushed alone "
+                           "(--images rounds, default 3; origin eastus unless --origin) and "
+                           "awaited at every destination before the next; reports arrival per "
+                           "destination node and region against the bandwidth floor")
     load.add_argument("--duration", type=float, metavar="SECONDS",
                       help="push for this long: images per origin = rate × duration")
     load.add_argument("--verify", type=int, metavar="N",
@@ -248,6 +254,12 @@ def _run_lag_bench(args: argparse.Namespace) -> int:
     from ..bench.lag_report import print_table
 
     options = LagBenchOptions()
+    if args.layer_mib:
+        if args.layers or args.layer_size or args.rate or args.duration:
+            print("georeg bench lag: --layer-mib sets one layer per image, pushed in rounds: "
+                  "drop --layers, --layer-size, --rate and --duration", file=sys.stderr)
+            return 2
+        options = LagBenchOptions.large(args.layer_mib << 20)
     if args.fault_link and not (args.fault_latency or args.fault_bandwidth):
         print("georeg bench lag: --fault-link needs --fault-latency and/or --fault-bandwidth",
               file=sys.stderr)

@@ -213,6 +213,8 @@ class ClusterPlan:
         peers = tuple(
             Peer(name=other.name, region=other.region, zone=other.zone,
                  grpc=f"{self.host}:{self.link(node.name, other.name).port}",
+                 rtt_ms=2 * self.link(node.name, other.name).model.latency_ms,
+                 bandwidth_mbps=self.link(node.name, other.name).model.bandwidth_mbps,
                  http=f"{self.spec.scheme}://{self.host}:{other.http_port}")
             for other in others)
         return ClusterView(name=node.name, region=node.region, zone=node.zone,

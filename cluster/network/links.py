@@ -24,7 +24,7 @@ links were created in and whatever traffic the other links carry.
 The bytes move at the ``asyncio.Protocol`` level: each chunk read is stamped
 with its delivery time and queued, and one loop timer per direction writes
 everything due when it fires (a sink whose socket buffer is full holds the
-queue; a queue beyond ``MAX_BUFFERED`` stops reading its source). Every link
+queue; a queue beyond ``Link.buffer_limit`` stops reading its source). Every link
 of a cluster shares the supervisor's event loop with the routing proxy, and
 a default cluster moves ~30 MiB across links per image pushed, so the cost
 per byte matters: 1.8 ms of CPU per MiB at 20 ms latency, against 3.0 with
@@ -46,8 +46,19 @@ import structlog
 
 log = structlog.get_logger("georeg.links")
 
-# Bytes a direction may hold in flight before it stops reading (backpressure).
+# Bytes a direction may hold in flight before it stops reading (backpressure),
+# at least; more on a link whose bandwidth × delay needs more (Link.buffer_limit).
 MAX_BUFFERED = 4 * 1024 * 1024
+# How many one-way delays' worth of the link's bandwidth a direction may hold.
+BUFFER_DELAYS = 2
+# …and never more than this, however long the delay: the queue is the
+# supervisor's memory, per direction of every connection. A fault adding 2 s
+# at 500 Mbit/s would otherwise let one direction hold 250 MB. A node lets one
+# peer's channel run at most 48 MiB ahead of its reading over a WAN link
+# (replicator.peers: CHANNEL_WINDOW_BUDGET), so a healthy link is never held
+# back by this; a link slowed past it carries less than its bandwidth, which a
+# fault that adds seconds of latency may.
+MAX_BUFFER_LIMIT = 64 * 1024 * 1024
 # A socket's own write buffer beyond which the link holds delivered bytes back.
 _WRITE_HIGH_WATER = 256 * 1024
 # Buckets (upper bounds, ms) of how late a chunk reached its receiver against
@@ -173,7 +184,7 @@ class _Flow:
         self.queue.append((deliver_at, data))
         if data:
             self.buffered += len(data)
-            if self.buffered > MAX_BUFFERED and not self.reading_paused:
+            if self.buffered > self.conn.link.buffer_limit and not self.reading_paused:
                 self.reading_paused = True
                 self.source.transport.pause_reading()
         else:
@@ -216,7 +227,8 @@ class _Flow:
             self.sink.transport.writelines(out)
             self.buffered -= size
             link.bytes_forwarded += size
-            if self.reading_paused and self.buffered <= MAX_BUFFERED and not self.source.closed:
+            if (self.reading_paused and self.buffered <= link.buffer_limit
+                    and not self.source.closed):
                 self.reading_paused = False
                 self.source.transport.resume_reading()
         if ended:
@@ -372,6 +384,7 @@ class Link:
         self._stopped = False
         self._relisten: asyncio.Task | None = None
         self._pending_sock: socket.socket | None = None
+        self.buffer_limit = self._buffer_limit()
 
     @property
     def address(self) -> str:
@@ -460,6 +473,7 @@ class Link:
         cut_now = (faults.cut_forward and not self.faults.cut_forward) or \
                   (faults.cut_backward and not self.faults.cut_backward)
         self.faults = faults
+        self.buffer_limit = self._buffer_limit()
         if cut_now:
             self._close_all()
         elif not faults.stall:
@@ -487,6 +501,21 @@ class Link:
         if jitter:
             latency += self.rng.uniform(-jitter, jitter)
         return max(latency, 0.0) / 1000.0
+
+    def _buffer_limit(self) -> int:
+        """Bytes a direction may hold before it stops reading its source: what
+        the link carries in ``BUFFER_DELAYS`` of its longest one-way delays,
+        and never less than ``MAX_BUFFERED``. A direction holds every byte for
+        its delay, so a smaller limit would itself cap the link below its
+        bandwidth: 4 MiB behind 93 ms (East US → Southeast Asia) is 45 MB/s,
+        360 Mbit/s of a modelled 500. Without a bandwidth (unlimited) there is
+        no product to size to: ``MAX_BUFFERED``. Never more than
+        ``MAX_BUFFER_LIMIT``, whatever latency a fault adds."""
+        rate = self._rate_bytes_per_s()
+        delay_ms = (self.model.latency_ms + self.faults.extra_latency_ms
+                    + self.model.jitter_ms + self.faults.extra_jitter_ms)
+        return min(MAX_BUFFER_LIMIT,
+                   max(MAX_BUFFERED, int(BUFFER_DELAYS * rate * delay_ms / 1000)))
 
     def _rate_bytes_per_s(self) -> float:
         rates = [r for r in (self.model.bandwidth_mbps, self.faults.bandwidth_mbps) if r > 0]

@@ -32,24 +32,38 @@ per image — the difference between ~3 and ~1 modelled latencies of lag. Only
 own events carry bytes (a relay would send every blob once per relaying node),
 at most ``INLINE_BLOB_BATCH_MAX`` per batch, and never to a subscriber
 catching up (behind the head), which fetches as before and so keeps memory
-bounded by the fetch concurrency. The cost: the origin node sends every
-remote copy itself, where fetches spread over the origin region's zones; with
-``one_wan_copy_per_region`` blobs go with events only within the region.
+bounded by the fetch concurrency.
+
+One WAN copy per region (``one_wan_copy_per_region``, the default): of a
+zone-redundant remote region (the plan's ``remote_zones``) only the zone
+``topology.wan_receiver`` names for the blob gets its bytes — the first zone,
+in the digest's rotation of the region's zones, whose stream from this node
+is up, so a zone that is down or cut off from here passes its turn to the
+next. Its siblings get the event alone and ask that zone for the blob over
+their region's links (``replicator.transfer``). Each blob then crosses the
+WAN once per region; the layers of an image go to different zones, so each
+WAN stream carries a third of the bytes. Zones of this node's own region and
+single-node regions get bytes as before. Which streams are up is this node's
+own knowledge; where a remote zone's siblings see it otherwise, a blob goes
+with no event or with two, and a sibling waits once, boundedly.
 
 ``FetchBlob`` may be asked to wait (``wait_ms``, capped at
 ``MAX_FETCH_WAIT_MS``) for a blob this node is about to have — a sibling zone
-fetching it across the WAN, a zone of the origin region still receiving it. It
-streams only once the blob is stored here (verified, committed) and linked, so
-the residency check sees its origin exactly as without the wait; past the
-wait it answers NOT_FOUND and the requester asks its next source.
+receiving it across the WAN, a zone of the origin region still receiving it.
+It streams once the blob is stored here (verified, committed) and linked, or,
+sooner, once its bytes came with its event and are held while being stored
+(``transfer.HeldBlobs``), if they came for the same repository: residency is
+then checked against that event's origin, as it would be against the stored
+link's. Past the wait it answers NOT_FOUND and the requester asks its next
+source.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 import structlog
@@ -65,6 +79,8 @@ from .metrics import ReplicationMetrics
 from .peer_identity import certified_location
 from .quorum import ZoneQuorum
 from .residency import ResidencyPolicy
+from .topology import wan_receiver
+from .transfer import HeldBlob, HeldBlobs
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
 
@@ -95,11 +111,16 @@ def _label(ref: pb.NodeRef) -> str:
 class ReplicationService(pbg.ReplicationServicer):
     def __init__(self, replica: Replica, feed: LogFeed, residency: ResidencyPolicy,
                  quorum: ZoneQuorum | None, metrics: ReplicationMetrics,
-                 chunk_size: int = 1 << 20, *, inline_blobs_across_regions: bool = True,
+                 chunk_size: int = 1 << 20, *, one_wan_copy_per_region: bool = True,
+                 remote_zones: Callable[[], Mapping[str, tuple[str, ...]]] = dict,
+                 held: HeldBlobs | None = None,
                  certified_peers: bool = False) -> None:
         self.replica = replica
         self.certified_peers = certified_peers
-        self.inline_blobs_across_regions = inline_blobs_across_regions
+        self.one_wan_copy_per_region = one_wan_copy_per_region
+        self.remote_zones = remote_zones       # the plan's, as the node's view holds it now
+        self.held = held
+        self._streams: Counter[tuple[str, str]] = Counter()   # live Subscribe calls, by (region, zone)
         self.registry = replica.registry
         self.identity = replica.registry.identity
         self.feed = feed
@@ -156,6 +177,8 @@ class ReplicationService(pbg.ReplicationServicer):
         if reset:
             cursor = 0
         acks = asyncio.create_task(self._read_acks(request_iterator, label))
+        stream = (subscriber.region, subscriber.zone)
+        self._streams[stream] += 1
         if self.quorum is not None:
             self.quorum.connected(label)
         log.info("subscriber_connected", subscriber=label, cursor=cursor, reset=reset)
@@ -181,6 +204,9 @@ class ReplicationService(pbg.ReplicationServicer):
                     events, subscriber, at_head=len(events) < BATCH_LIMIT))
         finally:
             acks.cancel()
+            self._streams[stream] -= 1
+            if self._streams[stream] <= 0:
+                del self._streams[stream]
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await acks
             if self.quorum is not None:
@@ -215,8 +241,6 @@ class ReplicationService(pbg.ReplicationServicer):
         bytes while it is at the head of the log (see the module docstring)."""
         out = []
         budget = INLINE_BLOB_BATCH_MAX if at_head else 0
-        if subscriber.region != self.identity.region and not self.inline_blobs_across_regions:
-            budget = 0
         for event in events:
             if event.kind in LOCAL_ONLY:
                 continue
@@ -226,7 +250,7 @@ class ReplicationService(pbg.ReplicationServicer):
                 continue
             message = self._wire(event)
             if (event.kind is EventKind.BLOB_PUT and 0 < event.size <= min(budget, INLINE_BLOB_MAX)
-                    and self._own(event)):
+                    and self._own(event) and self._receives_bytes(subscriber, event.digest)):
                 body = await self._blob_bytes(event.digest, event.size)
                 if body is not None:
                     message.blob_body = body
@@ -234,6 +258,23 @@ class ReplicationService(pbg.ReplicationServicer):
                     self.metrics.bytes_sent(_label(subscriber), len(body))
             out.append(message)
         return out
+
+    def streaming_to(self, region: str, zone: str = "") -> bool:
+        """Whether a node of ``region``/``zone`` is subscribed to this log now."""
+        return self._streams[(region, zone)] > 0
+
+    def _receives_bytes(self, subscriber: pb.NodeRef, digest: str) -> bool:
+        """Whether the blob's bytes go with its event to ``subscriber``: always
+        within this region and to a single-node region; to a zone-redundant
+        remote region, only to its receiving zone (see the module docstring)."""
+        if subscriber.region == self.identity.region or not self.one_wan_copy_per_region:
+            return True
+        zones = self.remote_zones().get(subscriber.region)
+        if not zones or subscriber.zone not in zones:
+            return True
+        return wan_receiver(zones, digest,
+                            lambda zone: self.streaming_to(subscriber.region, zone)
+                            ) == subscriber.zone
 
     async def _blob_bytes(self, digest: str, size: int) -> bytes | None:
         """The blob's bytes, or None if it is gone or unreadable here (the
@@ -309,18 +350,51 @@ class ReplicationService(pbg.ReplicationServicer):
                 regions.add(record.residency_region)
         return regions
 
-    async def _landed(self, repo: str, digest: str, wait_ms: int) -> set[str]:
+    def _held_for(self, repo: str, digest: str) -> HeldBlob | None:
+        held = self.held.get(digest) if self.held is not None else None
+        return held if held is not None and held.repository == repo else None
+
+    async def _landed(self, repo: str, digest: str,
+                      wait_ms: int) -> tuple[set[str], HeldBlob | None]:
         """The regions ``digest`` came from, once it is stored here and linked
-        in ``repo`` or after ``wait_ms`` (capped), whichever comes first. A blob
-        lands with a log event (its link), so the feed is the signal."""
+        in ``repo``; or its bytes, once they came here with an event for
+        ``repo`` (held while they are stored); or what there is after
+        ``wait_ms`` (capped), whichever comes first. A blob lands with a log
+        event (its link), so the feed is the signal, and ``HeldBlobs`` says
+        when bytes arrive."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(wait_ms, MAX_FETCH_WAIT_MS) / 1000
         while True:
             regions = self._content_regions(repo, digest)
+            if regions and self.replica.has_blob(digest):
+                return regions, None
+            held = self._held_for(repo, digest)
             remaining = deadline - loop.time()
-            if (regions and self.replica.has_blob(digest)) or remaining <= 0:
-                return regions
-            await self.feed.wait_beyond(self.feed.last_seq, remaining)
+            if held is not None or remaining <= 0:
+                return regions, held
+            waits = [asyncio.ensure_future(self.feed.wait_beyond(self.feed.last_seq, remaining))]
+            if self.held is not None:
+                waits.append(asyncio.ensure_future(self.held.arrival(digest)))
+            try:
+                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _send_held(self, held: HeldBlob, offset: int,
+                         requester: pb.NodeRef) -> AsyncIterator[pb.BlobChunk]:
+        """Stream bytes held in memory (see ``_landed``), from ``offset``."""
+        body = held.body
+        offset = min(offset, len(body))
+        first = True
+        while offset < len(body) or first:
+            stop = min(len(body), offset + self.chunk_size)
+            yield pb.BlobChunk(offset=offset, data=body[offset:stop],
+                               total_size=len(body) if first else 0)
+            self.metrics.bytes_sent(_label(requester), stop - offset)
+            first = False
+            offset = stop
 
     async def FetchBlob(self, request: pb.FetchBlobRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
@@ -328,7 +402,14 @@ class ReplicationService(pbg.ReplicationServicer):
         requester = await self._requester(request.requester, context)
         regions = self._content_regions(repo, digest)
         if request.wait_ms and not (regions and self.replica.has_blob(digest)):
-            regions = await self._landed(repo, digest, request.wait_ms)
+            regions, held = await self._landed(repo, digest, request.wait_ms)
+            if held is not None and not (regions and self.replica.has_blob(digest)):
+                if not self._allowed(held.origin_region, repo, requester):
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                        f"{digest} is confined to {held.origin_region}")
+                async for chunk in self._send_held(held, request.offset, requester):
+                    yield chunk
+                return
         if not regions:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} is not in {repo} here")
         if not any(self._allowed(r, repo, requester) for r in regions):

@@ -24,13 +24,18 @@ so an incomplete image is never visible here, not even for an instant.
     may still be receiving the blob from the zone it was pushed to (events go
     out before zone quorum confirms), so it may wait for it, boundedly
     (``FetchBlobRequest.wait_ms``);
-  - with ``one_wan_copy_per_region`` (off by default), in a zone-redundant
-    region one zone, chosen by digest (every zone makes the same choice),
-    fetches a blob across the WAN; its sibling zones ask it for the blob, over
-    the region's own network, with a bounded wait for it to land. Each blob
-    then crosses the WAN once per region, not once per zone; but a sibling's
-    copy waits for the fetching zone's to be stored, which costs ~20 ms of
-    lag at the p50 under ``georeg bench lag``.
+  - with ``one_wan_copy_per_region`` (the default), in a zone-redundant
+    region one zone receives each blob across the WAN: the one
+    ``topology.wan_receiver`` names, chosen by digest among the zones whose
+    stream to this node is up (every zone, and the origin, make the same
+    choice; a zone that is down passes its turn to the next). The origin
+    sends the blob with its event to that zone alone (``replicator.service``),
+    and that zone fetches it if it did not come along. Its sibling zones ask
+    it for the blob, over the region's own network, with a bounded wait for
+    it to land; bytes that came with an event are served from memory
+    (``HeldBlobs``) while they are being stored, so a sibling does not wait
+    for the store. Each blob then crosses the WAN once per region, not once
+    per zone.
 
   A waited-for source that does not have the blob in time (down, partitioned,
   slow, or never got the event) costs one bounded wait; then the usual sources
@@ -64,7 +69,7 @@ from .metrics import ReplicationMetrics
 from .peers import PeerClient
 from .residency import ResidencyPolicy
 from .retry import Backoff, retry
-from .topology import Peer
+from .topology import Peer, digest_spin, wan_receiver
 from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
@@ -83,6 +88,56 @@ CONTENT_KINDS = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT, EventKind.M
 
 
 @dataclass(frozen=True, slots=True)
+class HeldBlob:
+    """Bytes that came with a blob's event, and the event's provenance."""
+
+    body: bytes
+    repository: str
+    origin_region: str
+
+
+class HeldBlobs:
+    """Blob bytes that came with their events, held from their arrival until
+    they are stored (or turn out not to be the blob). A sibling zone that asks
+    for one meanwhile is served from here (``replicator.service``) instead of
+    waiting for the store: the region's receiving zone passes the bytes on as
+    soon as it has them. Nothing here is verified, and need not be: whoever
+    receives bytes checks them against the digest, from any source."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, HeldBlob] = {}
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+
+    def hold(self, digest: str, blob: HeldBlob) -> None:
+        self._held[digest] = blob
+        for waiter in self._waiting.pop(digest, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def release(self, digest: str, blob: HeldBlob) -> None:
+        if self._held.get(digest) is blob:
+            del self._held[digest]
+
+    def get(self, digest: str) -> HeldBlob | None:
+        return self._held.get(digest)
+
+    async def arrival(self, digest: str) -> None:
+        """Return once bytes for ``digest`` are held (at once if they are)."""
+        if digest in self._held:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(digest, []).append(waiter)
+        try:
+            await waiter
+        finally:
+            waiters = self._waiting.get(digest)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiting[digest]
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """One source to ask for a blob, and how long it may wait for it to land."""
 
@@ -98,6 +153,8 @@ class Transfer:
                  one_wan_copy_per_region: bool = False,
                  region_zones: tuple[str, ...] = (),
                  zone_peer: Callable[[Peer], bool] = lambda peer: False,
+                 sibling_reachable: Callable[[str], bool] = lambda zone: True,
+                 held: HeldBlobs | None = None,
                  rng: random.Random | None = None) -> None:
         self.replica = replica
         self.region = replica.registry.identity.region
@@ -107,6 +164,10 @@ class Transfer:
         # decided (empty / never unless the region is zone redundant).
         self.region_zones = tuple(sorted(region_zones))
         self.zone_peer = zone_peer
+        # Whether this node's stream from a sibling zone is up, by zone: a
+        # sibling that is not is not waited on (``wan_receiver``).
+        self.sibling_reachable = sibling_reachable
+        self.held = held if held is not None else HeldBlobs()
         self.residency = residency
         self.metrics = metrics
         self.backoff = backoff
@@ -204,9 +265,15 @@ class Transfer:
             # Stored on its own, not after a transfer a relayed event or
             # anti-entropy may have started first (three WAN trips away).
             sender = sources[0].name if sources else ""
+            held = HeldBlob(sent, repository, origin_region)
+            self.held.hold(digest, held)   # siblings may have it before it is stored
             storing = asyncio.ensure_future(self._store_sent(digest, sender, sent))
             self._sent[digest] = storing
-            storing.add_done_callback(lambda _: self._sent.pop(digest, None))
+
+            def stored(_: asyncio.Future, held: HeldBlob = held) -> None:
+                self._sent.pop(digest, None)
+                self.held.release(digest, held)
+            storing.add_done_callback(stored)
         if storing is not None:
             # Bytes in hand (these or another event's) are being stored: wait
             # for them rather than fetch; if they were not the blob, fetch.
@@ -239,8 +306,9 @@ class Transfer:
         siblings = [p for p in sources if self.zone_peer(p.peer)]
         if siblings and self.one_wan_copy_per_region:
             # Over the plan's zones, not the siblings at hand: every zone of
-            # the region picks the same fetcher.
-            fetcher = self.region_zones[spin % len(self.region_zones)]
+            # the region, and the origin, name the same receiver.
+            fetcher = wan_receiver(self.region_zones, digest,
+                                   lambda zone: zone == self.zone or self.sibling_reachable(zone))
             if fetcher != self.zone:
                 first += [Attempt(p, SIBLING_WAIT_MS) for p in siblings if p.peer.zone == fetcher]
         origin_zones = sorted((p for p in sources if p.peer.region == origin_region),
@@ -387,9 +455,7 @@ class Transfer:
         raise last or permanent(f"no peer to fetch manifest {digest} from")
 
 
-def _spin(digest: str) -> int:
-    """A number every node derives alike from ``digest`` (uniform: a hash)."""
-    return int(digest.rpartition(":")[2][:8] or "0", 16)
+_spin = digest_spin
 
 
 def _with_type(event: Event, media_type: str) -> Event:

@@ -1,0 +1,195 @@
+"""One WAN copy per region, by default: an origin sends a zone-redundant remote
+region each blob once, with its event, to the zone ``wan_receiver`` names, and
+that zone's siblings get it over their region's links.
+
+One in-process cluster for the module (real nodes, real gRPC, a real TCP link
+for every ordered pair of nodes, whose byte counters say what crossed between
+regions): eastus and westeurope with three zones each, southeastasia with one
+node. Default replication settings, except that anti-entropy runs only on
+connect, so the bytes counted are the event path's.
+
+* an image's blobs cross into westeurope once, not once per zone, and its
+  layers land on different zones; a single-node region still gets its copy;
+* the receiving zone of a layer cut off from the origin region passes its turn
+  to the next zone: the region still receives each blob once, and the cut-off
+  zone converges through its siblings;
+* a receiving zone serves bytes that came with an event while it is still
+  storing them, and keeps the residency rule for them;
+* ``wan_receiver`` spreads digests over the zones and skips unreachable ones.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from registry_node.records import NodeIdentity
+from replicator.errors import Outcome, ReplicationError
+from replicator.peers import PeerClient
+from replicator.topology import Peer, ReplicationSettings, wan_receiver
+from replicator.transfer import HeldBlob
+
+from .helpers import digest_of, eventually, make_image, push_image
+from .replication_harness import InProcessCluster
+
+# The cluster is the module's: its tests run in the module's event loop.
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"),
+            ("westeurope", "1"), ("westeurope", "2"), ("westeurope", "3"),
+            ("southeastasia", "")]
+ZONES = ("1", "2", "3")
+# The defaults, but anti-entropy only on connect (its fetches are not the event path's).
+SETTINGS = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(tmp_path_factory):
+    c = await InProcessCluster(tmp_path_factory.mktemp("wancopy"), TOPOLOGY,
+                               settings=SETTINGS).start()
+    try:
+        await c.wait_ready()
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def http():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+async def _pullable(http, node, repo: str, tag: str, image) -> bool:
+    async with http.get(f"{node.url}/v2/{repo}/manifests/{tag}") as r:
+        return r.status == 200 and await r.read() == image.manifest
+
+
+def _wan_bytes(cluster: InProcessCluster, into: str, origin: str = "eastus",
+               via: str | None = None) -> int:
+    """Bytes on the links from ``into``'s nodes (or only ``via``) to ``origin``'s:
+    what its subscriptions and fetches brought from there, and their requests."""
+    return sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
+               if cluster.nodes[src].region == into and cluster.nodes[dst].region == origin
+               and via in (None, src))
+
+
+async def _push_everywhere(cluster: InProcessCluster, http, repo: str, image,
+                           regions=("westeurope", "southeastasia")) -> None:
+    await push_image(http, cluster.nodes["eastus-1"].url, repo, image, tag="v1")
+    for region in regions:
+        for name in cluster.names_in(region):
+            await eventually(lambda n=cluster.nodes[name]: _pullable(http, n, repo, "v1", image),
+                             timeout=30, what=f"{repo}:v1 on {name}")
+
+
+@in_module_loop
+async def test_each_blob_crosses_into_a_zone_redundant_region_once(cluster, http):
+    image = make_image([256 << 10] * 4, seed=31)
+    blob_bytes = sum(len(b) for b in image.blobs)
+    before = {region: _wan_bytes(cluster, region) for region in ("westeurope", "southeastasia")}
+    per_zone = {name: _wan_bytes(cluster, "westeurope", via=name)
+                for name in cluster.names_in("westeurope")}
+    await _push_everywhere(cluster, http, "wancopy/once", image)
+    crossed = _wan_bytes(cluster, "westeurope") - before["westeurope"]
+    # Once, plus events and framing; a copy per zone would be three times the blobs.
+    assert blob_bytes <= crossed < 1.5 * blob_bytes, (crossed, blob_bytes)
+    # The layers crossed into different zones: no WAN stream carried the whole image.
+    receivers = {name for name in cluster.names_in("westeurope")
+                 if _wan_bytes(cluster, "westeurope", via=name) - per_zone[name] > 200 << 10}
+    assert len(receivers) >= 2, receivers
+    # A region of one node gets its one copy, as before.
+    alone = _wan_bytes(cluster, "southeastasia") - before["southeastasia"]
+    assert blob_bytes <= alone < 1.5 * blob_bytes, (alone, blob_bytes)
+
+
+@in_module_loop
+async def test_a_receiving_zone_cut_off_from_the_origin_passes_its_turn(cluster, http):
+    image = make_image([192 << 10] * 3, seed=32)
+    blob_bytes = sum(len(b) for b in image.blobs)
+    layer = digest_of(image.layers[0])
+    cut_off = f"westeurope-{wan_receiver(ZONES, layer)}"
+    for origin in cluster.names_in("eastus"):
+        cluster.links[(cut_off, origin)].cut()
+        cluster.links[(origin, cut_off)].cut()
+    try:
+        # The origin passes the turn on once it sees the zone's stream gone.
+        origin_service = cluster.nodes["eastus-1"].replication.service
+        await eventually(lambda: not origin_service.streaming_to("westeurope", cut_off[-1]),
+                         timeout=10, what=f"eastus-1 to see {cut_off}'s stream end")
+        before = _wan_bytes(cluster, "westeurope")
+        await _push_everywhere(cluster, http, "wancopy/turn", image, regions=("westeurope",))
+        crossed = _wan_bytes(cluster, "westeurope") - before
+        # Still once for the region: the next zone in the layer's rotation got it
+        # with its event, and the cut-off zone got it from a sibling.
+        assert blob_bytes <= crossed < 1.5 * blob_bytes, (crossed, blob_bytes)
+        node = cluster.nodes[cut_off]
+        async with http.get(f"{node.url}/v2/wancopy/turn/blobs/{layer}") as r:
+            assert r.status == 200 and await r.read() == image.layers[0]
+    finally:
+        cluster.heal()
+        await cluster.wait_ready()
+
+
+def _client(node, requester_region: str, requester_zone: str = "") -> PeerClient:
+    peer = Peer(name=node.name, region=node.region, zone=node.zone,
+                grpc=f"127.0.0.1:{node.grpc_port}")
+    return PeerClient(peer, NodeIdentity(region=requester_region, zone=requester_zone,
+                                         node_id="test"))
+
+
+async def _fetch(client: PeerClient, repo: str, digest: str, wait_ms: int, offset: int = 0) -> bytes:
+    return b"".join([c async for c in client.fetch_blob(repo, digest, offset, wait_ms)])
+
+
+@in_module_loop
+async def test_held_bytes_are_served_before_they_are_stored_and_keep_residency(cluster):
+    """Bytes that came with an event, held while the node stores them, go to a
+    sibling that asks with a wait; only for the event's repository, and only
+    where the event's origin may send them."""
+    node = cluster.nodes["westeurope-2"]
+    held = node.replication.transfer.held
+    body = b"held, not yet stored" * 500
+    digest = digest_of(body)
+    sibling = _client(node, "westeurope", "1")
+    outsider = _client(node, "eastus", "1")
+    try:
+        blob = HeldBlob(body, "wancopy/held", "westeurope")
+        held.hold(digest, blob)
+        try:
+            assert not node.replication.replica.has_blob(digest)
+            assert await _fetch(sibling, "wancopy/held", digest, 5000) == body
+            assert await _fetch(sibling, "wancopy/held", digest, 5000, offset=100) == body[100:]
+            # Another repository's request waits for the stored blob, which never comes.
+            with pytest.raises(ReplicationError) as caught:
+                await _fetch(sibling, "wancopy/other", digest, 300)
+            assert caught.value.outcome is Outcome.PERMANENT and "NOT_FOUND" in caught.value.reason
+        finally:
+            held.release(digest, blob)
+        confined = HeldBlob(body, "wancopy/held", "southeastasia")   # confined by default
+        held.hold(digest, confined)
+        try:
+            with pytest.raises(ReplicationError) as caught:
+                await _fetch(outsider, "wancopy/held", digest, 5000)
+            assert "PERMISSION_DENIED" in caught.value.reason
+        finally:
+            held.release(digest, confined)
+    finally:
+        await sibling.close()
+        await outsider.close()
+
+
+def test_wan_receiver_spreads_digests_and_skips_unreachable_zones():
+    digests = ["sha256:" + f"{n * 0x9e3779b1 % (1 << 32):08x}" + "0" * 56 for n in range(60)]
+    picks = [wan_receiver(ZONES, d) for d in digests]
+    assert set(picks) == set(ZONES)
+    assert all(wan_receiver(("3", "1", "2"), d) == p for d, p in zip(digests, picks, strict=True))
+    for digest, pick in zip(digests, picks, strict=True):
+        others = [z for z in ZONES if z != pick]
+        nxt = wan_receiver(ZONES, digest, lambda z, p=pick: z != p)
+        assert nxt in others
+        # The next in the rotation after the pick, the same for everyone.
+        assert nxt == ZONES[(ZONES.index(pick) + 1) % 3]
+        assert wan_receiver(ZONES, digest, lambda z: False) == pick
+    assert wan_receiver((), digests[0]) == ""

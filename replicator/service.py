@@ -51,11 +51,13 @@ with no event or with two, and a sibling waits once, boundedly.
 ``MAX_FETCH_WAIT_MS``) for a blob this node is about to have — a sibling zone
 receiving it across the WAN, a zone of the origin region still receiving it.
 It streams once the blob is stored here (verified, committed) and linked, or,
-sooner, once its bytes came with its event and are held while being stored
-(``transfer.HeldBlobs``), if they came for the same repository: residency is
-then checked against that event's origin, as it would be against the stored
-link's. Past the wait it answers NOT_FOUND and the requester asks its next
-source.
+sooner, from memory (``transfer.HeldBlobs``) once its bytes came with its
+event or, on the region's receiving zone, as they arrive across the WAN, if
+they came for the same repository: residency is then checked against that
+event's origin, as it would be against the stored link's. A held transfer
+that breaks off ends the stream UNAVAILABLE (the requester resumes from what
+it has, elsewhere). Past the wait it answers NOT_FOUND and the requester asks
+its next source.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ from .peer_identity import certified_location
 from .quorum import ZoneQuorum
 from .residency import ResidencyPolicy
 from .topology import wan_receiver
-from .transfer import HeldBlob, HeldBlobs
+from .transfer import HeldBlob, HeldBlobs, HeldBroken
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
 
@@ -384,17 +386,20 @@ class ReplicationService(pbg.ReplicationServicer):
 
     async def _send_held(self, held: HeldBlob, offset: int,
                          requester: pb.NodeRef) -> AsyncIterator[pb.BlobChunk]:
-        """Stream bytes held in memory (see ``_landed``), from ``offset``."""
-        body = held.body
-        offset = min(offset, len(body))
+        """Stream bytes held in memory (see ``_landed``) from ``offset``, as
+        they arrive while the receiving zone's own transfer runs."""
         first = True
-        while offset < len(body) or first:
-            stop = min(len(body), offset + self.chunk_size)
-            yield pb.BlobChunk(offset=offset, data=body[offset:stop],
-                               total_size=len(body) if first else 0)
-            self.metrics.bytes_sent(_label(requester), stop - offset)
-            first = False
-            offset = stop
+        async for data in held.read(offset):
+            for start in range(0, len(data), self.chunk_size):
+                piece = data[start:start + self.chunk_size]
+                # total_size only when known (the stream's first chunk of a whole blob).
+                yield pb.BlobChunk(offset=offset, data=piece,
+                                   total_size=held.size if first and held.complete else 0)
+                self.metrics.bytes_sent(_label(requester), len(piece))
+                offset += len(piece)
+                first = False
+        if first:   # nothing past offset: say so, as the stored path does
+            yield pb.BlobChunk(offset=offset, data=b"", total_size=held.size)
 
     async def FetchBlob(self, request: pb.FetchBlobRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
@@ -407,8 +412,13 @@ class ReplicationService(pbg.ReplicationServicer):
                 if not self._allowed(held.origin_region, repo, requester):
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                         f"{digest} is confined to {held.origin_region}")
-                async for chunk in self._send_held(held, request.offset, requester):
-                    yield chunk
+                try:
+                    async for chunk in self._send_held(held, request.offset, requester):
+                        yield chunk
+                except HeldBroken:
+                    # What was sent is kept there; the requester resumes elsewhere.
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"the transfer of {digest} here broke off")
                 return
         if not regions:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} is not in {repo} here")

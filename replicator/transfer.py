@@ -32,10 +32,11 @@ so an incomplete image is never visible here, not even for an instant.
     sends the blob with its event to that zone alone (``replicator.service``),
     and that zone fetches it if it did not come along. Its sibling zones ask
     it for the blob, over the region's own network, with a bounded wait for
-    it to land; bytes that came with an event are served from memory
-    (``HeldBlobs``) while they are being stored, so a sibling does not wait
-    for the store. Each blob then crosses the WAN once per region, not once
-    per zone.
+    it to land; bytes that came with an event, and those the receiving zone
+    fetches across the WAN as they arrive, are served from memory
+    (``HeldBlobs``, within ``TEE_BUDGET``), so a sibling waits neither for the
+    whole blob nor for the store. Each blob then crosses the WAN once per
+    region, not once per zone.
 
   A waited-for source that does not have the blob in time (down, partitioned,
   slow, or never got the event) costs one bounded wait; then the usual sources
@@ -81,28 +82,90 @@ TRANSFER_BACKOFF = Backoff(base_s=0.05, cap_s=2.0)
 # to (a round trip inside the region).
 SIBLING_WAIT_MS = 2000
 ORIGIN_ZONE_WAIT_MS = 1000
+# Bytes of blobs a receiving zone is fetching across the WAN that it holds in
+# memory for its siblings, at most, over all such transfers; a blob that does
+# not fit is passed on once stored, as any other.
+TEE_BUDGET = 256 * 1024 * 1024
 
 
 CONTENT_KINDS = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT, EventKind.MANIFEST_PUT,
                            EventKind.TAG_SET})
 
 
-@dataclass(frozen=True, slots=True)
-class HeldBlob:
-    """Bytes that came with a blob's event, and the event's provenance."""
+class HeldBroken(Exception):
+    """The transfer that was filling a ``HeldBlob`` failed before its end."""
 
-    body: bytes
-    repository: str
-    origin_region: str
+
+class HeldBlob:
+    """A blob's bytes as they reach this node, and the provenance of the event
+    they came for. Whole from the start when they came with the event; growing
+    while the region's receiving zone fetches them across the WAN (``append``,
+    then ``finish`` or ``fail``), so a sibling reads them as they arrive."""
+
+    def __init__(self, body: bytes | None, repository: str, origin_region: str) -> None:
+        self.repository = repository
+        self.origin_region = origin_region
+        self._parts: list[bytes] = [body] if body else []
+        self.size = len(body) if body is not None else 0
+        self.complete = body is not None
+        self.failed = False
+        self._grew: asyncio.Future[None] | None = None
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._parts)
+
+    def append(self, data: bytes) -> None:
+        self._parts.append(data)
+        self.size += len(data)
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self) -> None:
+        self.failed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._grew is not None and not self._grew.done():
+            self._grew.set_result(None)
+        self._grew = None
+
+    async def read(self, offset: int) -> AsyncIterator[bytes]:
+        """The bytes from ``offset`` on, as they arrive; ``HeldBroken`` if the
+        transfer filling them fails first."""
+        start = 0          # where self._parts[index] begins in the blob
+        index = 0
+        while True:
+            while index < len(self._parts):
+                part = self._parts[index]
+                end = start + len(part)
+                if end > offset:
+                    yield part[max(0, offset - start):]
+                    offset = end
+                start = end
+                index += 1
+            if self.complete:
+                return
+            if self.failed:
+                raise HeldBroken()
+            if self._grew is None:
+                self._grew = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._grew)
 
 
 class HeldBlobs:
-    """Blob bytes that came with their events, held from their arrival until
-    they are stored (or turn out not to be the blob). A sibling zone that asks
-    for one meanwhile is served from here (``replicator.service``) instead of
-    waiting for the store: the region's receiving zone passes the bytes on as
-    soon as it has them. Nothing here is verified, and need not be: whoever
-    receives bytes checks them against the digest, from any source."""
+    """Blob bytes held in memory while they become a stored blob here: those
+    that came with their events, until they are stored (or turn out not to be
+    the blob), and those the region's receiving zone fetches across the WAN,
+    as they arrive, until the transfer ends (within ``TEE_BUDGET``). A sibling
+    zone that asks for one meanwhile is served from here
+    (``replicator.service``) instead of waiting for the store: the receiving
+    zone passes the bytes on as soon as it has them. Nothing here is
+    verified, and need not be: whoever receives bytes checks them against the
+    digest, from any source."""
 
     def __init__(self) -> None:
         self._held: dict[str, HeldBlob] = {}
@@ -178,6 +241,7 @@ class Transfer:
         self._manifests: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._sent: dict[str, asyncio.Future[bool]] = {}   # stores of bytes that came with events
         self._inbound: dict[str, UploadFile] = {}
+        self._teeing = 0     # bytes of growing HeldBlobs, against TEE_BUDGET
         self._crossing: Counter[str] = Counter()   # blob transfers planned across the WAN, per peer
 
     # -- events ------------------------------------------------------------------
@@ -200,7 +264,8 @@ class Transfer:
         kind = event.kind
         if kind in (EventKind.BLOB_PUT, EventKind.BLOB_MOUNT):
             await self.ensure_blob(event.repository, event.digest, sources, event.origin_region,
-                                   sent=body if kind is EventKind.BLOB_PUT else None)
+                                   sent=body if kind is EventKind.BLOB_PUT else None,
+                                   size=event.size)
             applied = replica.apply_blob_link(event)
         elif kind is EventKind.MANIFEST_PUT:
             applied = None
@@ -252,7 +317,8 @@ class Transfer:
     # -- blobs -------------------------------------------------------------------
 
     async def ensure_blob(self, repository: str, digest: str, sources: Sequence[PeerClient],
-                          origin_region: str = "", sent: bytes | None = None) -> None:
+                          origin_region: str = "", sent: bytes | None = None,
+                          size: int = 0) -> None:
         """Make sure the blob's bytes are here (not its link: events do that).
         ``origin_region``, where the blob was pushed, when known, lets the
         sources follow the WAN (``blob_attempts``); ``sent``, the bytes that
@@ -286,7 +352,8 @@ class Transfer:
         future = self._blobs.get(digest)
         if future is None:
             attempts = self.blob_attempts(digest, origin_region, sources)
-            future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts))
+            future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts,
+                                                               origin_region, size))
             self._blobs[digest] = future
             future.add_done_callback(lambda _: self._blobs.pop(digest, None))
             crossing = attempts[0].peer.name if attempts and attempts[0].wan else None
@@ -322,11 +389,14 @@ class Transfer:
         chosen = {a.peer.name for a in first}
         return first + [a for a in plain if a.peer.name not in chosen]
 
-    async def _transfer_blob(self, repository: str, digest: str,
-                             attempts: Sequence[Attempt]) -> None:
+    async def _transfer_blob(self, repository: str, digest: str, attempts: Sequence[Attempt],
+                             origin_region: str = "", size: int = 0) -> None:
         last: ReplicationError | None = None
         for attempt in attempts:
             peer = attempt.peer
+            # The region's receiving zone crossing the WAN: its siblings may
+            # read the bytes as they arrive (``HeldBlobs``).
+            tee = (origin_region, size) if attempt.wan and self._receives_for_region() else None
             # Waiting on a sibling takes no slot: the sibling's own transfer
             # takes one there, and slots all held by waits on each other would
             # stall a region until the waits ran out.
@@ -334,8 +404,8 @@ class Transfer:
             try:
                 async with contextlib.nullcontext() if sibling else self._slots:
                     # A waited-for source had its chance in the wait: one try.
-                    await retry(lambda p=peer, w=attempt.wait_ms:
-                                self._fetch_blob(p, repository, digest, w),
+                    await retry(lambda p=peer, w=attempt.wait_ms, t=tee:
+                                self._fetch_blob(p, repository, digest, w, t),
                                 backoff=self.backoff,
                                 attempts=1 if attempt.wait_ms else self.attempts, rng=self.rng,
                                 on_retry=lambda exc, n, d, p=peer: self._on_retry(p, exc))
@@ -359,8 +429,25 @@ class Transfer:
         self.metrics.bytes_received(sender, len(body))
         return True
 
+    def _receives_for_region(self) -> bool:
+        return self.one_wan_copy_per_region and len(self.region_zones) > 1
+
+    def _tee(self, digest: str, repository: str, tee: tuple[str, int] | None,
+             offset: int) -> HeldBlob | None:
+        """A growing ``HeldBlob`` for a fetch from the start whose size fits
+        what is left of ``TEE_BUDGET``; None otherwise."""
+        if tee is None or offset or self.held.get(digest) is not None:
+            return None
+        origin_region, size = tee
+        if not 0 < size <= TEE_BUDGET - self._teeing:
+            return None
+        held = HeldBlob(None, repository, origin_region)
+        self._teeing += size
+        self.held.hold(digest, held)
+        return held
+
     async def _fetch_blob(self, peer: PeerClient, repository: str, digest: str,
-                          wait_ms: int = 0) -> None:
+                          wait_ms: int = 0, tee: tuple[str, int] | None = None) -> None:
         replica = self.replica
         if replica.has_blob(digest):
             return
@@ -370,9 +457,12 @@ class Transfer:
             file = await run(lambda: replica.inbound_blob(digest))
             self._inbound[digest] = file
         offset = file.size
+        held = self._tee(digest, repository, tee, offset)
         try:
             await replica.receive_blob(file, self._counted(
-                peer, peer.fetch_blob(repository, digest, offset, wait_ms)))
+                peer, peer.fetch_blob(repository, digest, offset, wait_ms), held))
+            if held is not None:
+                held.finish()   # all of it is here: siblings need not wait for the store
             await replica.commit_blob(file, digest)
         except ContentRejected as exc:
             self._inbound.pop(digest, None)
@@ -382,11 +472,20 @@ class Transfer:
         except OSError as exc:
             self._inbound.pop(digest, None)
             raise definite(f"storing {digest}: {exc}") from None
+        finally:
+            if held is not None:
+                if not held.complete:
+                    held.fail()
+                self.held.release(digest, held)
+                self._teeing -= tee[1] if tee else 0
         self._inbound.pop(digest, None)
 
-    async def _counted(self, peer: PeerClient, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def _counted(self, peer: PeerClient, chunks: AsyncIterator[bytes],
+                       held: HeldBlob | None = None) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             self.metrics.bytes_received(peer.name, len(chunk))
+            if held is not None:
+                held.append(chunk)
             yield chunk
 
     def _on_retry(self, peer: PeerClient, exc: ReplicationError) -> None:

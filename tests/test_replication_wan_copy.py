@@ -13,12 +13,17 @@ connect, so the bytes counted are the event path's.
 * the receiving zone of a layer cut off from the origin region passes its turn
   to the next zone: the region still receives each blob once, and the cut-off
   zone converges through its siblings;
+* a blob too big to go with its event crosses the WAN once too: the
+  receiving zone fetches it, its siblings read it from that zone;
 * a receiving zone serves bytes that came with an event while it is still
-  storing them, and keeps the residency rule for them;
+  storing them, and bytes it fetches across the WAN as they arrive, and
+  keeps the residency rule for them;
 * ``wan_receiver`` spreads digests over the zones and skips unreachable ones.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import aiohttp
 import pytest
@@ -27,8 +32,9 @@ import pytest_asyncio
 from registry_node.records import NodeIdentity
 from replicator.errors import Outcome, ReplicationError
 from replicator.peers import PeerClient
+from replicator.service import INLINE_BLOB_MAX
 from replicator.topology import Peer, ReplicationSettings, wan_receiver
-from replicator.transfer import HeldBlob
+from replicator.transfer import HeldBlob, HeldBroken
 
 from .helpers import digest_of, eventually, make_image, push_image
 from .replication_harness import InProcessCluster
@@ -132,6 +138,29 @@ async def test_a_receiving_zone_cut_off_from_the_origin_passes_its_turn(cluster,
         await cluster.wait_ready()
 
 
+@in_module_loop
+async def test_a_blob_too_big_to_go_with_its_event_crosses_once(cluster, http):
+    image = make_image([INLINE_BLOB_MAX + (64 << 10), 32 << 10], seed=33)
+    blob_bytes = sum(len(b) for b in image.blobs)
+    layer = digest_of(image.layers[0])
+    # What the receiving zone holds for its siblings while it fetches (a record
+    # of calls on the real object; it still holds them).
+    held = cluster.nodes[f"westeurope-{wan_receiver(ZONES, layer)}"].replication.transfer.held
+    growing: list[str] = []
+    hold = held.hold
+    held.hold = lambda digest, blob: (growing.append(digest) if not blob.complete else None,
+                                      hold(digest, blob))
+    before = _wan_bytes(cluster, "westeurope")
+    try:
+        await _push_everywhere(cluster, http, "wancopy/big", image, regions=("westeurope",))
+    finally:
+        del held.hold
+    crossed = _wan_bytes(cluster, "westeurope") - before
+    assert blob_bytes <= crossed < 1.5 * blob_bytes, (crossed, blob_bytes)
+    # Its siblings could read the layer as it arrived, not once it was stored.
+    assert growing == [layer]
+
+
 def _client(node, requester_region: str, requester_zone: str = "") -> PeerClient:
     peer = Peer(name=node.name, region=node.region, zone=node.zone,
                 grpc=f"127.0.0.1:{node.grpc_port}")
@@ -178,6 +207,67 @@ async def test_held_bytes_are_served_before_they_are_stored_and_keep_residency(c
     finally:
         await sibling.close()
         await outsider.close()
+
+
+@in_module_loop
+async def test_a_receiving_zone_passes_bytes_on_as_they_arrive(cluster):
+    """A blob the receiving zone is still fetching across the WAN: a sibling
+    reads each part as it arrives, not once the whole blob is stored; a
+    transfer that breaks off ends the sibling's read (it resumes elsewhere)."""
+    node = cluster.nodes["westeurope-3"]
+    held = node.replication.transfer.held
+    parts = [b"first part " * 3000, b"second part " * 3000]
+    digest = digest_of(b"".join(parts))
+    sibling = _client(node, "westeurope", "1")
+    growing = HeldBlob(None, "wancopy/growing", "eastus")
+    held.hold(digest, growing)
+    try:
+        chunks = sibling.fetch_blob("wancopy/growing", digest, 0, 5000)
+        reading = asyncio.ensure_future(anext(chunks))
+        growing.append(parts[0])
+        assert await asyncio.wait_for(reading, 30) == parts[0]   # before the rest exists
+        growing.append(parts[1])
+        growing.finish()
+        assert b"".join([c async for c in chunks]) == parts[1]
+        # From an offset, once whole.
+        assert await _fetch(sibling, "wancopy/growing", digest, 5000, offset=5) == \
+            b"".join(parts)[5:]
+    finally:
+        held.release(digest, growing)
+    broken = HeldBlob(None, "wancopy/growing", "eastus")
+    held.hold(digest, broken)
+    try:
+        chunks = sibling.fetch_blob("wancopy/growing", digest, 0, 5000)
+        reading = asyncio.ensure_future(anext(chunks))
+        broken.append(parts[0])
+        assert await asyncio.wait_for(reading, 30) == parts[0]
+        broken.fail()
+        with pytest.raises(ReplicationError) as caught:
+            await anext(chunks)
+        assert "UNAVAILABLE" in caught.value.reason
+    finally:
+        held.release(digest, broken)
+        await sibling.close()
+
+
+@in_module_loop
+async def test_a_held_blob_reads_from_any_offset_as_it_grows():
+    blob = HeldBlob(None, "r", "eastus")
+    blob.append(b"abc")
+    blob.append(b"defg")
+    reader = blob.read(2)
+    assert await anext(reader) == b"c"
+    assert await anext(reader) == b"defg"
+    later = asyncio.ensure_future(anext(reader))   # waits for more
+    blob.append(b"hi")
+    assert await later == b"hi"
+    blob.finish()
+    assert [c async for c in reader] == []
+    assert [c async for c in blob.read(8)] == [b"i"]
+    broken = HeldBlob(None, "r", "eastus")
+    broken.fail()
+    with pytest.raises(HeldBroken):
+        await anext(broken.read(0))
 
 
 def test_wan_receiver_spreads_digests_and_skips_unreachable_zones():

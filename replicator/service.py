@@ -354,7 +354,9 @@ class ReplicationService(pbg.ReplicationServicer):
 
     def _held_for(self, repo: str, digest: str) -> HeldBlob | None:
         held = self.held.get(digest) if self.held is not None else None
-        return held if held is not None and held.repository == repo else None
+        if held is None or held.failed or held.repository != repo:
+            return None   # a broken transfer's bytes: wait for the blob, stored
+        return held
 
     async def _landed(self, repo: str, digest: str,
                       wait_ms: int) -> tuple[set[str], HeldBlob | None]:

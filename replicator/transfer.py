@@ -107,6 +107,7 @@ class HeldBlob:
         self.origin_region = origin_region
         self._parts: list[bytes] = [body] if body else []
         self.size = len(body) if body is not None else 0
+        self.expected = self.size    # the blob's size, where it is known before it is here
         self.complete = body is not None
         self.failed = False
         self._grew: asyncio.Future[None] | None = None
@@ -391,12 +392,25 @@ class Transfer:
 
     async def _transfer_blob(self, repository: str, digest: str, attempts: Sequence[Attempt],
                              origin_region: str = "", size: int = 0) -> None:
+        # The region's receiving zone crossing the WAN: its siblings may read
+        # the bytes as they arrive, whichever source they come from in the end.
+        held = None
+        if attempts and attempts[0].wan and self._receives_for_region():
+            held = self._tee(digest, repository, origin_region, size)
+        try:
+            await self._try_sources(repository, digest, attempts, held)
+        finally:
+            if held is not None:
+                if not held.complete:
+                    held.fail()
+                self.held.release(digest, held)
+                self._teeing -= size
+
+    async def _try_sources(self, repository: str, digest: str, attempts: Sequence[Attempt],
+                           held: HeldBlob | None) -> None:
         last: ReplicationError | None = None
         for attempt in attempts:
             peer = attempt.peer
-            # The region's receiving zone crossing the WAN: its siblings may
-            # read the bytes as they arrive (``HeldBlobs``).
-            tee = (origin_region, size) if attempt.wan and self._receives_for_region() else None
             # Waiting on a sibling takes no slot: the sibling's own transfer
             # takes one there, and slots all held by waits on each other would
             # stall a region until the waits ran out.
@@ -404,8 +418,8 @@ class Transfer:
             try:
                 async with contextlib.nullcontext() if sibling else self._slots:
                     # A waited-for source had its chance in the wait: one try.
-                    await retry(lambda p=peer, w=attempt.wait_ms, t=tee:
-                                self._fetch_blob(p, repository, digest, w, t),
+                    await retry(lambda p=peer, w=attempt.wait_ms:
+                                self._fetch_blob(p, repository, digest, w, held),
                                 backoff=self.backoff,
                                 attempts=1 if attempt.wait_ms else self.attempts, rng=self.rng,
                                 on_retry=lambda exc, n, d, p=peer: self._on_retry(p, exc))
@@ -432,22 +446,20 @@ class Transfer:
     def _receives_for_region(self) -> bool:
         return self.one_wan_copy_per_region and len(self.region_zones) > 1
 
-    def _tee(self, digest: str, repository: str, tee: tuple[str, int] | None,
-             offset: int) -> HeldBlob | None:
-        """A growing ``HeldBlob`` for a fetch from the start whose size fits
-        what is left of ``TEE_BUDGET``; None otherwise."""
-        if tee is None or offset or self.held.get(digest) is not None:
-            return None
-        origin_region, size = tee
-        if not 0 < size <= TEE_BUDGET - self._teeing:
+    def _tee(self, digest: str, repository: str, origin_region: str,
+             size: int) -> HeldBlob | None:
+        """A growing ``HeldBlob`` for a blob whose size fits what is left of
+        ``TEE_BUDGET`` and of which no bytes are held yet; None otherwise."""
+        if self.held.get(digest) is not None or not 0 < size <= TEE_BUDGET - self._teeing:
             return None
         held = HeldBlob(None, repository, origin_region)
+        held.expected = size
         self._teeing += size
         self.held.hold(digest, held)
         return held
 
     async def _fetch_blob(self, peer: PeerClient, repository: str, digest: str,
-                          wait_ms: int = 0, tee: tuple[str, int] | None = None) -> None:
+                          wait_ms: int = 0, held: HeldBlob | None = None) -> None:
         replica = self.replica
         if replica.has_blob(digest):
             return
@@ -457,12 +469,14 @@ class Transfer:
             file = await run(lambda: replica.inbound_blob(digest))
             self._inbound[digest] = file
         offset = file.size
-        held = self._tee(digest, repository, tee, offset)
         try:
             await replica.receive_blob(file, self._counted(
-                peer, peer.fetch_blob(repository, digest, offset, wait_ms), held))
-            if held is not None:
-                held.finish()   # all of it is here: siblings need not wait for the store
+                peer, peer.fetch_blob(repository, digest, offset, wait_ms), held, offset))
+            if held is not None and not held.failed:
+                if held.size == held.expected:
+                    held.finish()   # all of it is here: siblings need not wait for the store
+                else:
+                    held.fail()     # not what the event said: let them get it stored, or elsewhere
             await replica.commit_blob(file, digest)
         except ContentRejected as exc:
             self._inbound.pop(digest, None)
@@ -472,20 +486,21 @@ class Transfer:
         except OSError as exc:
             self._inbound.pop(digest, None)
             raise definite(f"storing {digest}: {exc}") from None
-        finally:
-            if held is not None:
-                if not held.complete:
-                    held.fail()
-                self.held.release(digest, held)
-                self._teeing -= tee[1] if tee else 0
         self._inbound.pop(digest, None)
 
     async def _counted(self, peer: PeerClient, chunks: AsyncIterator[bytes],
-                       held: HeldBlob | None = None) -> AsyncIterator[bytes]:
+                       held: HeldBlob | None = None, offset: int = 0) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             self.metrics.bytes_received(peer.name, len(chunk))
-            if held is not None:
-                held.append(chunk)
+            if held is not None and not held.failed:
+                # A resumed attempt may repeat bytes already held (the same
+                # bytes: the blob is its digest's); one that starts past them
+                # leaves a gap the siblings cannot read across.
+                if offset > held.size:
+                    held.fail()
+                elif offset + len(chunk) > held.size:
+                    held.append(chunk[held.size - offset:])
+            offset += len(chunk)
             yield chunk
 
     def _on_retry(self, peer: PeerClient, exc: ReplicationError) -> None:

@@ -10,9 +10,10 @@ connect, so the bytes counted are the event path's.
 
 * an image's blobs cross into westeurope once, not once per zone, and its
   layers land on different zones; a single-node region still gets its copy;
-* the receiving zone of a layer cut off from the origin region passes its turn
-  to the next zone: the region still receives each blob once, and the cut-off
-  zone converges through its siblings;
+* the receiving zone of a layer cut off from the origin region, or down,
+  passes its turn to the next zone: the region still receives each blob
+  once, and the cut-off zone converges through its siblings (the stopped
+  one once back);
 * a blob too big to go with its event crosses the WAN once too: the
   receiving zone fetches it, its siblings read it from that zone;
 * a receiving zone serves bytes that came with an event while it is still
@@ -136,6 +137,33 @@ async def test_a_receiving_zone_cut_off_from_the_origin_passes_its_turn(cluster,
     finally:
         cluster.heal()
         await cluster.wait_ready()
+
+
+@in_module_loop
+async def test_a_receiving_zone_that_is_down_does_not_hold_its_region_back(cluster, http):
+    image = make_image([160 << 10] * 3, seed=34)
+    blob_bytes = sum(len(b) for b in image.blobs)
+    down = f"westeurope-{wan_receiver(ZONES, digest_of(image.layers[0]))}"
+    await cluster.stop(down)
+    try:
+        origin_service = cluster.nodes["eastus-1"].replication.service
+        await eventually(lambda: not origin_service.streaming_to("westeurope", down[-1]),
+                         timeout=10, what=f"eastus-1 to see {down}'s stream end")
+        before = _wan_bytes(cluster, "westeurope")
+        await push_image(http, cluster.nodes["eastus-1"].url, "wancopy/down", image, tag="v1")
+        for name in cluster.names_in("westeurope"):
+            if name != down:
+                await eventually(lambda n=cluster.nodes[name]: _pullable(http, n, "wancopy/down",
+                                                                         "v1", image),
+                                 timeout=30, what=f"wancopy/down:v1 on {name}")
+        # The next zone took the stopped one's turn: still one copy for the region.
+        crossed = _wan_bytes(cluster, "westeurope") - before
+        assert blob_bytes <= crossed < 1.5 * blob_bytes, (crossed, blob_bytes)
+    finally:
+        await cluster.restart(down)
+        await cluster.wait_ready()
+    await eventually(lambda: _pullable(http, cluster.nodes[down], "wancopy/down", "v1", image),
+                     timeout=30, what=f"wancopy/down:v1 on {down}, back")
 
 
 @in_module_loop

@@ -57,8 +57,8 @@ class ReplicationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # A zone-redundant region receives each blob across the WAN once: an origin
     # sends a blob with its event only to the region's receiving zone for it
     # (``wan_receiver``), that zone fetches what did not come along, and its
-    # siblings get it from that zone over the region's own links, served from
-    # memory while it is still being stored (replicator.transfer, .service).
+    # siblings get it from that zone over the region's own links, from memory
+    # as it arrives or while it is stored (replicator.transfer, .service).
     # Off: every zone of a remote region gets its own copy across the WAN.
     one_wan_copy_per_region: bool = True
     chunk_size: int = 1 << 20

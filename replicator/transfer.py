@@ -369,7 +369,7 @@ class Transfer:
         plain = [Attempt(p) for p in sources]
         if not origin_region or origin_region == self.region:
             return plain  # a zone of the origin region: its sibling announced it
-        spin = _spin(digest)
+        spin = digest_spin(digest)
         first: list[Attempt] = []
         siblings = [p for p in sources if self.zone_peer(p.peer)]
         if siblings and self.one_wan_copy_per_region:
@@ -568,8 +568,6 @@ class Transfer:
                 raise definite(f"{digest} still lacks {exc.blobs + exc.manifests}") from None
         raise last or permanent(f"no peer to fetch manifest {digest} from")
 
-
-_spin = digest_spin
 
 
 def _with_type(event: Event, media_type: str) -> Event:

@@ -43,8 +43,8 @@ from replicator.peers import PeerClient
 from replicator.residency import ResidencyPolicy
 from replicator.service import INLINE_BLOB_MAX
 from replicator.subscription import ORIGIN_WAIT_S
-from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
-from replicator.transfer import ORIGIN_ZONE_WAIT_MS, SIBLING_WAIT_MS, Transfer, _spin
+from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy, digest_spin
+from replicator.transfer import ORIGIN_ZONE_WAIT_MS, SIBLING_WAIT_MS, Transfer
 
 from .helpers import digest_of, eventually, make_image, push_blob, push_image
 from .replication_harness import InProcessCluster
@@ -82,7 +82,7 @@ def _wan_bytes_into(cluster: InProcessCluster, region: str, origin: str) -> int:
 
 
 def _fetcher_zone(digest: str, zones=("1", "2", "3")) -> str:
-    return sorted(zones)[_spin(digest) % len(zones)]
+    return sorted(zones)[digest_spin(digest) % len(zones)]
 
 
 @pytest.mark.parametrize("cluster", [True, False], indirect=True,

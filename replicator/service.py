@@ -365,7 +365,9 @@ class ReplicationService(pbg.ReplicationServicer):
         ``repo`` (held while they are stored); or what there is after
         ``wait_ms`` (capped), whichever comes first. A blob lands with a log
         event (its link), so the feed is the signal, and ``HeldBlobs`` says
-        when bytes arrive."""
+        when bytes arrive. Held bytes that are no use here (another
+        repository's) are not waited on again: only a new hold wakes this
+        (``HeldBlobs.arrival``), and a failed hold is gone at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(wait_ms, MAX_FETCH_WAIT_MS) / 1000
         while True:
@@ -391,15 +393,18 @@ class ReplicationService(pbg.ReplicationServicer):
         """Stream bytes held in memory (see ``_landed``) from ``offset``, as
         they arrive while the receiving zone's own transfer runs."""
         first = True
-        async for data in held.read(offset):
-            for start in range(0, len(data), self.chunk_size):
-                piece = data[start:start + self.chunk_size]
-                # total_size only when known (the stream's first chunk of a whole blob).
-                yield pb.BlobChunk(offset=offset, data=piece,
-                                   total_size=held.size if first and held.complete else 0)
-                self.metrics.bytes_sent(_label(requester), len(piece))
-                offset += len(piece)
-                first = False
+        # Closed as soon as this stream ends, however it ends: an open reader
+        # keeps the bytes charged to the tee budget (``HeldBlobs``).
+        async with contextlib.aclosing(held.read(offset)) as reading:
+            async for data in reading:
+                for start in range(0, len(data), self.chunk_size):
+                    piece = data[start:start + self.chunk_size]
+                    # total_size only when known (the stream's first chunk of a whole blob).
+                    yield pb.BlobChunk(offset=offset, data=piece,
+                                       total_size=held.size if first and held.complete else 0)
+                    self.metrics.bytes_sent(_label(requester), len(piece))
+                    offset += len(piece)
+                    first = False
         if first:   # nothing past offset: say so, as the stored path does
             yield pb.BlobChunk(offset=offset, data=b"", total_size=held.size)
 

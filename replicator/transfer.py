@@ -100,7 +100,13 @@ class HeldBlob:
     """A blob's bytes as they reach this node, and the provenance of the event
     they came for. Whole from the start when they came with the event; growing
     while the region's receiving zone fetches them across the WAN (``append``,
-    then ``finish`` or ``fail``), so a sibling reads them as they arrive."""
+    then ``finish`` or ``fail``), so a sibling reads them as they arrive.
+
+    A growing blob never holds more than ``expected`` (the size its event
+    gave): a source that sends more fails it rather than grow it past what the
+    tee budget was charged. A blob that fails leaves its ``HeldBlobs`` at once:
+    nobody may be sent its bytes from then on, and a sibling waiting for the
+    blob waits for a new hold or the stored blob, not on this one."""
 
     def __init__(self, body: bytes | None, repository: str, origin_region: str) -> None:
         self.repository = repository
@@ -111,12 +117,21 @@ class HeldBlob:
         self.complete = body is not None
         self.failed = False
         self._grew: asyncio.Future[None] | None = None
+        self._holder: tuple[HeldBlobs, str] | None = None   # where it is held, under which digest
+        self._readers = 0
+        self._released = False
+        self._on_free: Callable[[], None] | None = None
 
     @property
     def body(self) -> bytes:
         return b"".join(self._parts)
 
     def append(self, data: bytes) -> None:
+        if self.failed or self.complete:
+            return
+        if self.expected and self.size + len(data) > self.expected:
+            self.fail()     # more than the blob: not the blob, and past its budget
+            return
         self._parts.append(data)
         self.size += len(data)
         self._wake()
@@ -128,67 +143,114 @@ class HeldBlob:
     def fail(self) -> None:
         self.failed = True
         self._wake()
+        if self._holder is not None:
+            holder, digest = self._holder
+            holder.release(digest, self)
 
     def _wake(self) -> None:
         if self._grew is not None and not self._grew.done():
             self._grew.set_result(None)
         self._grew = None
 
+    def _release(self) -> None:
+        self._released = True
+        self._free_if_unread()
+
+    def _free_if_unread(self) -> None:
+        """Once released and its last reader is done, its bytes are no one's:
+        drop them, and give back what they were charged (``HeldBlobs.tee``)."""
+        if self._released and not self._readers:
+            self._parts = []
+            on_free, self._on_free = self._on_free, None
+            if on_free is not None:
+                on_free()
+
     async def read(self, offset: int) -> AsyncIterator[bytes]:
         """The bytes from ``offset`` on, as they arrive; ``HeldBroken`` if the
-        transfer filling them fails first."""
-        start = 0          # where self._parts[index] begins in the blob
-        index = 0
-        while True:
-            while index < len(self._parts):
-                part = self._parts[index]
-                end = start + len(part)
-                if end > offset:
-                    yield part[max(0, offset - start):]
-                    offset = end
-                start = end
-                index += 1
-            if self.complete:
-                return
-            if self.failed:
-                raise HeldBroken()
-            if self._grew is None:
-                self._grew = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._grew)
+        transfer filling them fails first. The blob's bytes count against the
+        tee budget until the last reader is done with them, released or not."""
+        self._readers += 1
+        try:
+            start = 0          # where self._parts[index] begins in the blob
+            index = 0
+            while True:
+                while index < len(self._parts):
+                    part = self._parts[index]
+                    end = start + len(part)
+                    if end > offset:
+                        yield part[max(0, offset - start):]
+                        offset = end
+                    start = end
+                    index += 1
+                if self.complete:
+                    return
+                if self.failed:
+                    raise HeldBroken()
+                if self._grew is None:
+                    self._grew = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._grew)
+        finally:
+            self._readers -= 1
+            self._free_if_unread()
 
 
 class HeldBlobs:
     """Blob bytes held in memory while they become a stored blob here: those
     that came with their events, until they are stored (or turn out not to be
     the blob), and those the region's receiving zone fetches across the WAN,
-    as they arrive, until the transfer ends (within ``TEE_BUDGET``). A sibling
-    zone that asks for one meanwhile is served from here
+    as they arrive, until the transfer ends (``tee``, within ``budget``). A
+    sibling zone that asks for one meanwhile is served from here
     (``replicator.service``) instead of waiting for the store: the receiving
     zone passes the bytes on as soon as it has them. Nothing here is
     verified, and need not be: whoever receives bytes checks them against the
-    digest, from any source."""
+    digest, from any source.
 
-    def __init__(self) -> None:
+    A tee's bytes count against the budget from the tee until the blob is
+    released *and* the last sibling reading it is done: a reader keeps the
+    bytes alive past the release, and new tees must not be charged as if
+    they were gone."""
+
+    def __init__(self, budget: int = TEE_BUDGET) -> None:
+        self.budget = budget
+        self.teeing = 0      # bytes charged to tees whose bytes may still be in memory
         self._held: dict[str, HeldBlob] = {}
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
 
     def hold(self, digest: str, blob: HeldBlob) -> None:
+        blob._holder = (self, digest)
         self._held[digest] = blob
         for waiter in self._waiting.pop(digest, ()):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def tee(self, digest: str, repository: str, origin_region: str,
+            size: int) -> HeldBlob | None:
+        """Hold a growing blob of ``size`` bytes, if it fits what is left of the
+        budget and no bytes of ``digest`` are held yet; None otherwise."""
+        if digest in self._held or not 0 < size <= self.budget - self.teeing:
+            return None
+        blob = HeldBlob(None, repository, origin_region)
+        blob.expected = size
+        self.teeing += size
+
+        def untee() -> None:
+            self.teeing -= size
+        blob._on_free = untee
+        self.hold(digest, blob)
+        return blob
+
     def release(self, digest: str, blob: HeldBlob) -> None:
         if self._held.get(digest) is blob:
             del self._held[digest]
+        blob._release()
 
     def get(self, digest: str) -> HeldBlob | None:
         return self._held.get(digest)
 
     async def arrival(self, digest: str) -> None:
-        """Return once bytes for ``digest`` are held (at once if they are)."""
-        if digest in self._held:
-            return
+        """Return once bytes for ``digest`` are next held (``hold``); never at
+        once: a caller that found the held bytes unusable (failed, another
+        repository's) would otherwise spin on them."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(digest, []).append(waiter)
         try:
@@ -242,7 +304,6 @@ class Transfer:
         self._manifests: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._sent: dict[str, asyncio.Future[bool]] = {}   # stores of bytes that came with events
         self._inbound: dict[str, UploadFile] = {}
-        self._teeing = 0     # bytes of growing HeldBlobs, against TEE_BUDGET
         self._crossing: Counter[str] = Counter()   # blob transfers planned across the WAN, per peer
 
     # -- events ------------------------------------------------------------------
@@ -396,7 +457,7 @@ class Transfer:
         # the bytes as they arrive, whichever source they come from in the end.
         held = None
         if attempts and attempts[0].wan and self._receives_for_region():
-            held = self._tee(digest, repository, origin_region, size)
+            held = self.held.tee(digest, repository, origin_region, size)
         try:
             await self._try_sources(repository, digest, attempts, held)
         finally:
@@ -404,7 +465,6 @@ class Transfer:
                 if not held.complete:
                     held.fail()
                 self.held.release(digest, held)
-                self._teeing -= size
 
     async def _try_sources(self, repository: str, digest: str, attempts: Sequence[Attempt],
                            held: HeldBlob | None) -> None:
@@ -446,18 +506,6 @@ class Transfer:
     def _receives_for_region(self) -> bool:
         return self.one_wan_copy_per_region and len(self.region_zones) > 1
 
-    def _tee(self, digest: str, repository: str, origin_region: str,
-             size: int) -> HeldBlob | None:
-        """A growing ``HeldBlob`` for a blob whose size fits what is left of
-        ``TEE_BUDGET`` and of which no bytes are held yet; None otherwise."""
-        if self.held.get(digest) is not None or not 0 < size <= TEE_BUDGET - self._teeing:
-            return None
-        held = HeldBlob(None, repository, origin_region)
-        held.expected = size
-        self._teeing += size
-        self.held.hold(digest, held)
-        return held
-
     async def _fetch_blob(self, peer: PeerClient, repository: str, digest: str,
                           wait_ms: int = 0, held: HeldBlob | None = None) -> None:
         replica = self.replica
@@ -495,7 +543,8 @@ class Transfer:
             if held is not None and not held.failed:
                 # A resumed attempt may repeat bytes already held (the same
                 # bytes: the blob is its digest's); one that starts past them
-                # leaves a gap the siblings cannot read across.
+                # leaves a gap the siblings cannot read across. Bytes past
+                # the blob's size fail it (``HeldBlob.append``): never held.
                 if offset > held.size:
                     held.fail()
                 elif offset + len(chunk) > held.size:

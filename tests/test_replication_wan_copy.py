@@ -19,6 +19,10 @@ connect, so the bytes counted are the event path's.
 * a receiving zone serves bytes that came with an event while it is still
   storing them, and bytes it fetches across the WAN as they arrive, and
   keeps the residency rule for them;
+* a sibling waiting for held bytes it cannot use (a failed transfer's,
+  another repository's) waits for the feed or a new hold, not in a loop;
+* a growing held blob never holds more than its size, and a tee's bytes count
+  against the budget until its last reader is done;
 * ``wan_receiver`` spreads digests over the zones and skips unreachable ones.
 """
 
@@ -35,7 +39,7 @@ from replicator.errors import Outcome, ReplicationError
 from replicator.peers import PeerClient
 from replicator.service import INLINE_BLOB_MAX
 from replicator.topology import Peer, ReplicationSettings, wan_receiver
-from replicator.transfer import HeldBlob, HeldBroken
+from replicator.transfer import HeldBlob, HeldBlobs, HeldBroken
 
 from .helpers import digest_of, eventually, make_image, push_image
 from .replication_harness import InProcessCluster
@@ -276,6 +280,87 @@ async def test_a_receiving_zone_passes_bytes_on_as_they_arrive(cluster):
     finally:
         held.release(digest, broken)
         await sibling.close()
+
+
+@in_module_loop
+async def test_a_sibling_waiting_on_held_bytes_it_cannot_use_does_not_spin(cluster):
+    """Bytes held for a transfer that failed, or for another repository, are
+    not a reason to look again: the wait goes on until an event is logged or
+    new bytes are held, and new usable bytes end it."""
+    node = cluster.nodes["westeurope-1"]
+    service = node.replication.service
+    held = node.replication.transfer.held
+    body = b"held, but not for this" * 400
+    digest = digest_of(body)
+    sibling = _client(node, "westeurope", "2")
+    looks = 0
+    content_regions = service._content_regions
+
+    def counted(repo: str, d: str) -> set[str]:   # the real lookup, counted
+        nonlocal looks
+        looks += d == digest
+        return content_regions(repo, d)
+    service._content_regions = counted
+    try:
+        failed = HeldBlob(None, "wancopy/spin", "eastus")
+        held.hold(digest, failed)
+        failed.append(body[:100])
+        failed.fail()
+        elsewhere = HeldBlob(body, "wancopy/elsewhere", "eastus")
+        for unusable in (None, elsewhere):
+            if unusable is not None:
+                held.hold(digest, unusable)
+            looks = 0
+            with pytest.raises(ReplicationError) as caught:
+                await _fetch(sibling, "wancopy/spin", digest, 500)
+            assert "NOT_FOUND" in caught.value.reason
+            # One look when asked and one per event logged meanwhile, not one
+            # per turn of the event loop (thousands in half a second).
+            assert looks < 25, looks
+        # Usable bytes held during the wait end it.
+        fetching = asyncio.ensure_future(_fetch(sibling, "wancopy/spin", digest, 5000))
+        await eventually(lambda: looks >= 2, timeout=10, what="the fetch to wait")
+        usable = HeldBlob(body, "wancopy/spin", "eastus")
+        held.hold(digest, usable)
+        assert await asyncio.wait_for(fetching, 30) == body
+        held.release(digest, usable)
+    finally:
+        del service._content_regions
+        held.release(digest, elsewhere)
+        await sibling.close()
+
+
+@in_module_loop
+async def test_a_growing_held_blob_never_holds_more_than_its_size():
+    holder = HeldBlobs()
+    blob = HeldBlob(None, "r", "eastus")
+    blob.expected = 10
+    holder.hold("sha256:0a", blob)
+    blob.append(b"12345678")
+    blob.append(b"9abc")         # a source sending more than the blob: not the blob
+    assert blob.failed and blob.size == 8
+    assert holder.get("sha256:0a") is None     # failed: no longer held, for anyone
+    with pytest.raises(HeldBroken):
+        async for _ in blob.read(0):
+            pass
+
+
+@in_module_loop
+async def test_a_tee_counts_against_the_budget_until_its_last_reader_is_done():
+    holder = HeldBlobs(budget=100)
+    first = holder.tee("sha256:01", "r", "eastus", 60)
+    first.append(b"x" * 60)
+    first.finish()
+    reader = first.read(0)
+    assert await anext(reader) == b"x" * 60
+    holder.release("sha256:01", first)        # its transfer ended; a sibling still reads it
+    assert holder.tee("sha256:02", "r", "eastus", 60) is None   # its bytes are still here
+    await reader.aclose()
+    second = holder.tee("sha256:02", "r", "eastus", 60)
+    assert second is not None and holder.teeing == 60
+    assert holder.tee("sha256:03", "r", "eastus", 41) is None
+    holder.release("sha256:02", second)       # no reader: given back at once
+    assert holder.teeing == 0
 
 
 @in_module_loop

@@ -38,14 +38,17 @@ One WAN copy per region (``one_wan_copy_per_region``, the default): of a
 zone-redundant remote region (the plan's ``remote_zones``) only the zone
 ``topology.wan_receiver`` names for the blob gets its bytes — the first zone,
 in the digest's rotation of the region's zones, whose stream from this node
-is up, so a zone that is down or cut off from here passes its turn to the
-next. Its siblings get the event alone and ask that zone for the blob over
-their region's links (``replicator.transfer``). Each blob then crosses the
-WAN once per region; the layers of an image go to different zones, so each
-WAN stream carries a third of the bytes. Zones of this node's own region and
-single-node regions get bytes as before. Which streams are up is this node's
-own knowledge; where a remote zone's siblings see it otherwise, a blob goes
-with no event or with two, and a sibling waits once, boundedly.
+is at the head of the log, so a zone that is down, cut off from here or
+catching up (it gets no bytes, and its siblings would wait on a zone that
+has not reached the blob yet) passes its turn to the next. The choice
+travels with the event to every zone of that region (``Event.wan_receiver``,
+"" when no zone is at the head): its siblings ask that zone for the blob
+over their region's links and wait for it there (``replicator.transfer``);
+with no zone named, each zone fetches its own copy at once. The decision is
+this node's, made once, so the zones never guess differently from it. Each
+blob then crosses the WAN once per region; the layers of an image go to
+different zones, so each WAN stream carries a third of the bytes. Zones of
+this node's own region and single-node regions get bytes as before.
 
 ``FetchBlob`` may be asked to wait (``wait_ms``, capped at
 ``MAX_FETCH_WAIT_MS``) for a blob this node is about to have — a sibling zone
@@ -104,6 +107,9 @@ YIELD_EVERY = 1000        # repositories summarised between two turns of the eve
 # How long relayed events wait for more to go out with them (see the docstring).
 RELAY_GATHER_S = 0.2
 LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
+# Events whose blob one zone of a zone-redundant remote region receives across
+# the WAN for its siblings (``wan_receiver`` on the wire).
+WAN_RECEIVED = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT})
 
 
 def _label(ref: pb.NodeRef) -> str:
@@ -123,6 +129,7 @@ class ReplicationService(pbg.ReplicationServicer):
         self.remote_zones = remote_zones       # the plan's, as the node's view holds it now
         self.held = held
         self._streams: Counter[tuple[str, str]] = Counter()   # live Subscribe calls, by (region, zone)
+        self._at_head: Counter[tuple[str, str]] = Counter()   # those at the head of the log
         self.registry = replica.registry
         self.identity = replica.registry.identity
         self.feed = feed
@@ -181,6 +188,7 @@ class ReplicationService(pbg.ReplicationServicer):
         acks = asyncio.create_task(self._read_acks(request_iterator, label))
         stream = (subscriber.region, subscriber.zone)
         self._streams[stream] += 1
+        at_head = False       # this call's last batch reached the head of the log
         if self.quorum is not None:
             self.quorum.connected(label)
         log.info("subscriber_connected", subscriber=label, cursor=cursor, reset=reset)
@@ -193,19 +201,22 @@ class ReplicationService(pbg.ReplicationServicer):
                 if not events:
                     if acks.done():
                         return
+                    at_head = self._stream_at_head(stream, at_head, True)
                     await self.feed.wait_beyond(cursor, IDLE_WAIT_S)
                     continue
                 if not any(self._own(e) for e in events):
                     events += await self._gather_relays(events[-1].seq, BATCH_LIMIT - len(events))
                 cursor = events[-1].seq
+                at_head = self._stream_at_head(stream, at_head, len(events) < BATCH_LIMIT)
                 # A batch short of the limit reached the head of the log when read.
                 # Built in the yield, not bound to a name: the batch (inline blob
                 # bytes included) must not outlive its sending, or an idle
                 # stream would hold its last one until the next event.
                 yield pb.EventBatch(sender=me, last_seq=cursor, events=await self._wire_batch(
-                    events, subscriber, at_head=len(events) < BATCH_LIMIT))
+                    events, subscriber, at_head=at_head))
         finally:
             acks.cancel()
+            self._stream_at_head(stream, at_head, False)
             self._streams[stream] -= 1
             if self._streams[stream] <= 0:
                 del self._streams[stream]
@@ -214,6 +225,17 @@ class ReplicationService(pbg.ReplicationServicer):
             if self.quorum is not None:
                 self.quorum.disconnected(label)
             log.info("subscriber_gone", subscriber=label)
+
+    def _stream_at_head(self, stream: tuple[str, str], was: bool, now: bool) -> bool:
+        """Count a Subscribe call of ``stream`` at the head of the log, or no
+        longer; returns ``now``."""
+        if now and not was:
+            self._at_head[stream] += 1
+        elif was and not now:
+            self._at_head[stream] -= 1
+            if self._at_head[stream] <= 0:
+                del self._at_head[stream]
+        return now
 
     def _own(self, event) -> bool:
         return (event.origin_region, event.origin_zone) == (self.identity.region,
@@ -251,8 +273,14 @@ class ReplicationService(pbg.ReplicationServicer):
                     event.origin_region, event.repository, subscriber):
                 continue
             message = self._wire(event)
+            receives = True
+            if event.kind in WAN_RECEIVED and self._own(event):
+                receiver = self._wan_receiver(subscriber, event.digest)
+                if receiver is not None:
+                    message.wan_receiver = receiver
+                    receives = receiver == subscriber.zone
             if (event.kind is EventKind.BLOB_PUT and 0 < event.size <= min(budget, INLINE_BLOB_MAX)
-                    and self._own(event) and self._receives_bytes(subscriber, event.digest)):
+                    and self._own(event) and receives):
                 body = await self._blob_bytes(event.digest, event.size)
                 if body is not None:
                     message.blob_body = body
@@ -265,18 +293,28 @@ class ReplicationService(pbg.ReplicationServicer):
         """Whether a node of ``region``/``zone`` is subscribed to this log now."""
         return self._streams[(region, zone)] > 0
 
-    def _receives_bytes(self, subscriber: pb.NodeRef, digest: str) -> bool:
-        """Whether the blob's bytes go with its event to ``subscriber``: always
-        within this region and to a single-node region; to a zone-redundant
-        remote region, only to its receiving zone (see the module docstring)."""
+    def streaming_at_head(self, region: str, zone: str = "") -> bool:
+        """Whether a node of ``region``/``zone`` is subscribed to this log now
+        and its stream has reached the head (it is not catching up)."""
+        return self._at_head[(region, zone)] > 0
+
+    def _wan_receiver(self, subscriber: pb.NodeRef, digest: str) -> str | None:
+        """The zone of ``subscriber``'s region that gets the blob across the
+        WAN, if that region is a zone-redundant remote one (else None: every
+        node of it gets its own copy, as within this region): the digest's
+        pick among its zones whose streams are at the head of this log, ""
+        if none is (see the module docstring)."""
         if subscriber.region == self.identity.region or not self.one_wan_copy_per_region:
-            return True
+            return None
         zones = self.remote_zones().get(subscriber.region)
         if not zones or subscriber.zone not in zones:
-            return True
-        return wan_receiver(zones, digest,
-                            lambda zone: self.streaming_to(subscriber.region, zone)
-                            ) == subscriber.zone
+            return None
+
+        def at_head(zone: str) -> bool:
+            return self.streaming_at_head(subscriber.region, zone)
+        if not any(at_head(zone) for zone in zones):
+            return ""
+        return wan_receiver(zones, digest, at_head)
 
     async def _blob_bytes(self, digest: str, size: int) -> bytes | None:
         """The blob's bytes, or None if it is gone or unreadable here (the

@@ -25,12 +25,17 @@ so an incomplete image is never visible here, not even for an instant.
     out before zone quorum confirms), so it may wait for it, boundedly
     (``FetchBlobRequest.wait_ms``);
   - with ``one_wan_copy_per_region`` (the default), in a zone-redundant
-    region one zone receives each blob across the WAN: the one
-    ``topology.wan_receiver`` names, chosen by digest among the zones whose
-    stream to this node is up (every zone, and the origin, make the same
-    choice; a zone that is down passes its turn to the next). The origin
-    sends the blob with its event to that zone alone (``replicator.service``),
-    and that zone fetches it if it did not come along. Its sibling zones ask
+    region one zone receives each blob across the WAN: the one the origin
+    names with the event (``receiver``: ``topology.wan_receiver``, by digest
+    among the zones whose streams are at the head of its log, so a zone that
+    is down or catching up passes its turn; ``replicator.service``). With no
+    zone at the head the origin names none, and every zone fetches its own
+    copy at once rather than wait on a sibling that has not reached the blob
+    (a region catching up would pay ``SIBLING_WAIT_MS`` per blob). An event
+    the origin named nothing on (a relay, anti-entropy) falls back to the
+    same choice made here, among the siblings whose streams to this node are
+    up. The origin sends the blob with its event to the named zone alone, and
+    that zone fetches it if it did not come along. Its sibling zones ask
     it for the blob, over the region's own network, with a bounded wait for
     it to land; bytes that came with an event, and those the receiving zone
     fetches across the WAN as they arrive, are served from memory
@@ -309,11 +314,14 @@ class Transfer:
     # -- events ------------------------------------------------------------------
 
     async def apply(self, event: Event, sources: Sequence[PeerClient],
-                    body: bytes | None = None) -> Event | None:
+                    body: bytes | None = None, *,
+                    receiver: str | None = None) -> Event | None:
         """Apply one replicated change here, fetching whatever content it needs
         (a manifest_put or a blob_put may bring its content's bytes along, as
-        ``body``). Returns the event as logged here, or None when it changed
-        nothing. Registry configuration is registry-wide: no residency applies."""
+        ``body``; a blob event from another region may name the zone of this
+        region that receives it, as ``receiver``). Returns the event as
+        logged here, or None when it changed nothing. Registry configuration
+        is registry-wide: no residency applies."""
         if event.kind in CONFIG_KINDS:
             return self._apply_configuration(event)
         if not self.residency.allows(event.origin_region, event.repository, self.region):
@@ -327,7 +335,7 @@ class Transfer:
         if kind in (EventKind.BLOB_PUT, EventKind.BLOB_MOUNT):
             await self.ensure_blob(event.repository, event.digest, sources, event.origin_region,
                                    sent=body if kind is EventKind.BLOB_PUT else None,
-                                   size=event.size)
+                                   size=event.size, receiver=receiver)
             applied = replica.apply_blob_link(event)
         elif kind is EventKind.MANIFEST_PUT:
             applied = None
@@ -380,7 +388,7 @@ class Transfer:
 
     async def ensure_blob(self, repository: str, digest: str, sources: Sequence[PeerClient],
                           origin_region: str = "", sent: bytes | None = None,
-                          size: int = 0) -> None:
+                          size: int = 0, receiver: str | None = None) -> None:
         """Make sure the blob's bytes are here (not its link: events do that).
         ``origin_region``, where the blob was pushed, when known, lets the
         sources follow the WAN (``blob_attempts``); ``sent``, the bytes that
@@ -413,7 +421,7 @@ class Transfer:
                     raise
         future = self._blobs.get(digest)
         if future is None:
-            attempts = self.blob_attempts(digest, origin_region, sources)
+            attempts = self.blob_attempts(digest, origin_region, sources, receiver)
             future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts,
                                                                origin_region, size))
             self._blobs[digest] = future
@@ -424,9 +432,12 @@ class Transfer:
                 future.add_done_callback(lambda _: self._crossing.subtract((crossing,)))
         await asyncio.shield(future)
 
-    def blob_attempts(self, digest: str, origin_region: str,
-                      sources: Sequence[PeerClient]) -> list[Attempt]:
-        """Where to ask for ``digest``, in order (see the module docstring)."""
+    def blob_attempts(self, digest: str, origin_region: str, sources: Sequence[PeerClient],
+                      receiver: str | None = None) -> list[Attempt]:
+        """Where to ask for ``digest``, in order (see the module docstring).
+        ``receiver``: this region's zone the origin gives the blob to
+        across the WAN, "" for none (no sibling is waited on), None when the
+        origin named none (the zones choose alike)."""
         plain = [Attempt(p) for p in sources]
         if not origin_region or origin_region == self.region:
             return plain  # a zone of the origin region: its sibling announced it
@@ -434,11 +445,13 @@ class Transfer:
         first: list[Attempt] = []
         siblings = [p for p in sources if self.zone_peer(p.peer)]
         if siblings and self.one_wan_copy_per_region:
-            # Over the plan's zones, not the siblings at hand: every zone of
-            # the region, and the origin, name the same receiver.
-            fetcher = wan_receiver(self.region_zones, digest,
-                                   lambda zone: zone == self.zone or self.sibling_reachable(zone))
-            if fetcher != self.zone:
+            # The origin's choice where it made one; else over the plan's
+            # zones, not the siblings at hand, so every zone names the same.
+            fetcher = receiver
+            if fetcher is None:
+                fetcher = wan_receiver(self.region_zones, digest,
+                                       lambda zone: zone == self.zone or self.sibling_reachable(zone))
+            if fetcher and fetcher != self.zone:
                 first += [Attempt(p, SIBLING_WAIT_MS) for p in siblings if p.peer.zone == fetcher]
         origin_zones = sorted((p for p in sources if p.peer.region == origin_region),
                               key=lambda p: p.name)

@@ -14,6 +14,7 @@ connect, so the bytes counted are the event path's.
   passes its turn to the next zone: the region still receives each blob
   once, and the cut-off zone converges through its siblings (the stopped
   one once back);
+* a zone that is connected but catching up is passed over the same way;
 * a blob too big to go with its event crosses the WAN once too: the
   receiving zone fetches it, its siblings read it from that zone;
 * a receiving zone serves bytes that came with an event while it is still
@@ -168,6 +169,46 @@ async def test_a_receiving_zone_that_is_down_does_not_hold_its_region_back(clust
         await cluster.wait_ready()
     await eventually(lambda: _pullable(http, cluster.nodes[down], "wancopy/down", "v1", image),
                      timeout=30, what=f"wancopy/down:v1 on {down}, back")
+
+
+@in_module_loop
+async def test_a_zone_catching_up_is_not_named_the_receiver(cluster, http):
+    """A zone whose stream is connected but behind the head of the origin's log
+    gets no bytes with events: the origin names the next zone at the head,
+    which then has the layer with its event, and tells every zone so."""
+    image = make_image([96 << 10] * 2, seed=35)
+    layer = digest_of(image.layers[0])
+    behind_zone = wan_receiver(ZONES, layer)
+    behind = f"westeurope-{behind_zone}"
+    nxt = cluster.nodes[f"westeurope-{wan_receiver(ZONES, layer, lambda z: z != behind_zone)}"]
+    origin_service = cluster.nodes["eastus-1"].replication.service
+    await cluster.stop(behind)
+    with_event: list[str] = []      # complete holds on the next zone: bytes that came with events
+    held = nxt.replication.transfer.held
+    hold = held.hold
+    held.hold = lambda digest, blob: (with_event.append(digest) if blob.complete else None,
+                                      hold(digest, blob))
+    stream = ("westeurope", behind_zone)
+    try:
+        await eventually(lambda: not origin_service.streaming_to(*stream),
+                         timeout=10, what=f"eastus-1 to see {behind}'s stream end")
+        # The zone's stream as the origin sees it while that zone catches up
+        # from far behind: subscribed, its batches full, not at the head.
+        origin_service._streams[stream] += 1
+        await push_image(http, cluster.nodes["eastus-1"].url, "wancopy/behind", image, tag="v1")
+        for name in cluster.names_in("westeurope"):
+            if name != behind:
+                await eventually(lambda n=cluster.nodes[name]: _pullable(
+                    http, n, "wancopy/behind", "v1", image), timeout=30,
+                    what=f"wancopy/behind:v1 on {name}")
+        assert layer in with_event
+    finally:
+        del held.hold
+        origin_service._streams[stream] -= 1
+        if origin_service._streams[stream] <= 0:
+            del origin_service._streams[stream]
+        await cluster.restart(behind)
+        await cluster.wait_ready()
 
 
 @in_module_loop

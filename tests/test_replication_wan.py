@@ -10,8 +10,9 @@ cross between regions can be counted on the links themselves:
   zone over the region's links — and without it, once per zone;
 * a destination zone whose links to the origin region are all cut still gets
   every blob (from a sibling that can reach the origin);
-* a sibling that never gets the blob costs its siblings one bounded wait, then
-  they fetch from the origin region themselves;
+* the origin names the zone that receives a blob (``Event.wan_receiver``)
+  among those at the head of its log, and the siblings wait on that zone
+  alone: not on one the origin passed over, and on none when it named none;
 * ``FetchBlob`` with ``wait_ms`` serves a blob that lands during the wait,
   answers NOT_FOUND when the wait runs out, never waits past it, and keeps the
   residency rule;
@@ -289,6 +290,23 @@ def test_only_a_sibling_and_the_origin_region_are_ever_waited_on():
     for seed in range(12):
         attempts = zone.blob_attempts("sha256:" + f"{seed:08x}" + "0" * 56, "eastus", sources)
         assert attempts[0].wan and [a for a in attempts if a.wait_ms] == attempts[:1]
+
+
+def test_the_zone_the_origin_names_is_the_one_waited_on():
+    everyone = [_peer(r, z) for r, z in TOPOLOGY]
+    transfer = _planner("westeurope", "1")
+    sources = [p for p in everyone if p.name != "westeurope-1"]
+    digest = "sha256:" + "cd" * 32
+    # Named by the origin: that sibling, whatever the digest's own pick.
+    for named in ("2", "3"):
+        attempts = transfer.blob_attempts(digest, "eastus", sources, named)
+        assert attempts[0].peer.name == f"westeurope-{named}"
+        assert attempts[0].wait_ms == SIBLING_WAIT_MS and attempts[1].wan
+    # This zone named: it crosses the WAN itself, first.
+    assert transfer.blob_attempts(digest, "eastus", sources, "1")[0].wan
+    # None named (no zone at the head of the origin's log): no sibling is waited on.
+    attempts = transfer.blob_attempts(digest, "eastus", sources, "")
+    assert attempts[0].wan and not any(a.wait_ms and not a.wan for a in attempts)
 
 
 def test_an_images_layers_cross_from_different_origin_zones():

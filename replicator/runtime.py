@@ -46,7 +46,7 @@ from .staleness import PeerRescue
 from .status import ImageStatus
 from .subscription import OriginStreams, Subscription
 from .topology import ClusterView
-from .transfer import Transfer
+from .transfer import HeldBlobs, Transfer
 from .wire.v1 import replication_pb2_grpc as pbg
 
 log = structlog.get_logger("georeg.replication")
@@ -103,16 +103,17 @@ class Replication:
         self.credentials = _credentials(view, node.config)
         self.clients = [PeerClient(peer, identity, credentials=self.credentials)
                         for peer in view.peers]
+        held = HeldBlobs()   # bytes that came with events: a sibling may have them before the store
         self.transfer = Transfer(replica, self.residency, self.metrics,
                                  concurrency=settings.transfer_concurrency,
                                  one_wan_copy_per_region=settings.one_wan_copy_per_region,
                                  region_zones=view.zone_redundancy.zones,
-                                 zone_peer=view.is_zone_peer)
+                                 zone_peer=view.is_zone_peer,
+                                 sibling_reachable=self._sibling_connected, held=held)
         self.service = ReplicationService(
             replica, feed, self.residency, self.quorum, self.metrics, settings.chunk_size,
-            # One WAN copy per region means remote zones fetch from one sibling:
-            # blobs then go with events only to this node's own region.
-            inline_blobs_across_regions=not settings.one_wan_copy_per_region,
+            one_wan_copy_per_region=settings.one_wan_copy_per_region,
+            remote_zones=lambda: self.view.remote_zones, held=held,
             certified_peers=self.credentials is not None)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pbg.add_ReplicationServicer_to_server(self.service, server)
@@ -159,6 +160,11 @@ class Replication:
         self.origins.add(subscription)
         self._tasks[client.name] = asyncio.create_task(subscription.run(),
                                                        name=f"subscription:{client.name}")
+
+    def _sibling_connected(self, zone: str) -> bool:
+        """Whether this node's stream from its region's ``zone`` is up."""
+        return any(s.connected for s in self.subscriptions
+                   if s.peer.peer.region == self.view.region and s.peer.peer.zone == zone)
 
     async def _watch_view(self) -> None:
         """Peers come and go while the node runs (``georeg replication create`` /

@@ -32,24 +32,43 @@ per image — the difference between ~3 and ~1 modelled latencies of lag. Only
 own events carry bytes (a relay would send every blob once per relaying node),
 at most ``INLINE_BLOB_BATCH_MAX`` per batch, and never to a subscriber
 catching up (behind the head), which fetches as before and so keeps memory
-bounded by the fetch concurrency. The cost: the origin node sends every
-remote copy itself, where fetches spread over the origin region's zones; with
-``one_wan_copy_per_region`` blobs go with events only within the region.
+bounded by the fetch concurrency.
+
+One WAN copy per region (``one_wan_copy_per_region``, the default): of a
+zone-redundant remote region (the plan's ``remote_zones``) only the zone
+``topology.wan_receiver`` names for the blob gets its bytes — the first zone,
+in the digest's rotation of the region's zones, whose stream from this node
+is at the head of the log, so a zone that is down, cut off from here or
+catching up (it gets no bytes, and its siblings would wait on a zone that
+has not reached the blob yet) passes its turn to the next. The choice
+travels with the event to every zone of that region (``Event.wan_receiver``,
+"" when no zone is at the head): its siblings ask that zone for the blob
+over their region's links and wait for it there (``replicator.transfer``);
+with no zone named, each zone fetches its own copy at once. The decision is
+this node's, made once, so the zones never guess differently from it. Each
+blob then crosses the WAN once per region; the layers of an image go to
+different zones, so each WAN stream carries a third of the bytes. Zones of
+this node's own region and single-node regions get bytes as before.
 
 ``FetchBlob`` may be asked to wait (``wait_ms``, capped at
 ``MAX_FETCH_WAIT_MS``) for a blob this node is about to have — a sibling zone
-fetching it across the WAN, a zone of the origin region still receiving it. It
-streams only once the blob is stored here (verified, committed) and linked, so
-the residency check sees its origin exactly as without the wait; past the
-wait it answers NOT_FOUND and the requester asks its next source.
+receiving it across the WAN, a zone of the origin region still receiving it.
+It streams once the blob is stored here (verified, committed) and linked, or,
+sooner, from memory (``transfer.HeldBlobs``) once its bytes came with its
+event or, on the region's receiving zone, as they arrive across the WAN, if
+they came for the same repository: residency is then checked against that
+event's origin, as it would be against the stored link's. A held transfer
+that breaks off ends the stream UNAVAILABLE (the requester resumes from what
+it has, elsewhere). Past the wait it answers NOT_FOUND and the requester asks
+its next source.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 import structlog
@@ -65,6 +84,8 @@ from .metrics import ReplicationMetrics
 from .peer_identity import certified_location
 from .quorum import ZoneQuorum
 from .residency import ResidencyPolicy
+from .topology import wan_receiver
+from .transfer import HeldBlob, HeldBlobs, HeldBroken
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
 
@@ -86,6 +107,9 @@ YIELD_EVERY = 1000        # repositories summarised between two turns of the eve
 # How long relayed events wait for more to go out with them (see the docstring).
 RELAY_GATHER_S = 0.2
 LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
+# Events whose blob one zone of a zone-redundant remote region receives across
+# the WAN for its siblings (``wan_receiver`` on the wire).
+WAN_RECEIVED = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT})
 
 
 def _label(ref: pb.NodeRef) -> str:
@@ -95,11 +119,17 @@ def _label(ref: pb.NodeRef) -> str:
 class ReplicationService(pbg.ReplicationServicer):
     def __init__(self, replica: Replica, feed: LogFeed, residency: ResidencyPolicy,
                  quorum: ZoneQuorum | None, metrics: ReplicationMetrics,
-                 chunk_size: int = 1 << 20, *, inline_blobs_across_regions: bool = True,
+                 chunk_size: int = 1 << 20, *, one_wan_copy_per_region: bool = True,
+                 remote_zones: Callable[[], Mapping[str, tuple[str, ...]]] = dict,
+                 held: HeldBlobs | None = None,
                  certified_peers: bool = False) -> None:
         self.replica = replica
         self.certified_peers = certified_peers
-        self.inline_blobs_across_regions = inline_blobs_across_regions
+        self.one_wan_copy_per_region = one_wan_copy_per_region
+        self.remote_zones = remote_zones       # the plan's, as the node's view holds it now
+        self.held = held
+        self._streams: Counter[tuple[str, str]] = Counter()   # live Subscribe calls, by (region, zone)
+        self._at_head: Counter[tuple[str, str]] = Counter()   # those at the head of the log
         self.registry = replica.registry
         self.identity = replica.registry.identity
         self.feed = feed
@@ -156,6 +186,9 @@ class ReplicationService(pbg.ReplicationServicer):
         if reset:
             cursor = 0
         acks = asyncio.create_task(self._read_acks(request_iterator, label))
+        stream = (subscriber.region, subscriber.zone)
+        self._streams[stream] += 1
+        at_head = False       # this call's last batch reached the head of the log
         if self.quorum is not None:
             self.quorum.connected(label)
         log.info("subscriber_connected", subscriber=label, cursor=cursor, reset=reset)
@@ -168,24 +201,41 @@ class ReplicationService(pbg.ReplicationServicer):
                 if not events:
                     if acks.done():
                         return
+                    at_head = self._stream_at_head(stream, at_head, True)
                     await self.feed.wait_beyond(cursor, IDLE_WAIT_S)
                     continue
                 if not any(self._own(e) for e in events):
                     events += await self._gather_relays(events[-1].seq, BATCH_LIMIT - len(events))
                 cursor = events[-1].seq
+                at_head = self._stream_at_head(stream, at_head, len(events) < BATCH_LIMIT)
                 # A batch short of the limit reached the head of the log when read.
                 # Built in the yield, not bound to a name: the batch (inline blob
                 # bytes included) must not outlive its sending, or an idle
                 # stream would hold its last one until the next event.
                 yield pb.EventBatch(sender=me, last_seq=cursor, events=await self._wire_batch(
-                    events, subscriber, at_head=len(events) < BATCH_LIMIT))
+                    events, subscriber, at_head=at_head))
         finally:
             acks.cancel()
+            self._stream_at_head(stream, at_head, False)
+            self._streams[stream] -= 1
+            if self._streams[stream] <= 0:
+                del self._streams[stream]
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await acks
             if self.quorum is not None:
                 self.quorum.disconnected(label)
             log.info("subscriber_gone", subscriber=label)
+
+    def _stream_at_head(self, stream: tuple[str, str], was: bool, now: bool) -> bool:
+        """Count a Subscribe call of ``stream`` at the head of the log, or no
+        longer; returns ``now``."""
+        if now and not was:
+            self._at_head[stream] += 1
+        elif was and not now:
+            self._at_head[stream] -= 1
+            if self._at_head[stream] <= 0:
+                del self._at_head[stream]
+        return now
 
     def _own(self, event) -> bool:
         return (event.origin_region, event.origin_zone) == (self.identity.region,
@@ -215,8 +265,6 @@ class ReplicationService(pbg.ReplicationServicer):
         bytes while it is at the head of the log (see the module docstring)."""
         out = []
         budget = INLINE_BLOB_BATCH_MAX if at_head else 0
-        if subscriber.region != self.identity.region and not self.inline_blobs_across_regions:
-            budget = 0
         for event in events:
             if event.kind in LOCAL_ONLY:
                 continue
@@ -225,8 +273,14 @@ class ReplicationService(pbg.ReplicationServicer):
                     event.origin_region, event.repository, subscriber):
                 continue
             message = self._wire(event)
+            receives = True
+            if event.kind in WAN_RECEIVED and self._own(event):
+                receiver = self._wan_receiver(subscriber, event.digest)
+                if receiver is not None:
+                    message.wan_receiver = receiver
+                    receives = receiver == subscriber.zone
             if (event.kind is EventKind.BLOB_PUT and 0 < event.size <= min(budget, INLINE_BLOB_MAX)
-                    and self._own(event)):
+                    and self._own(event) and receives):
                 body = await self._blob_bytes(event.digest, event.size)
                 if body is not None:
                     message.blob_body = body
@@ -234,6 +288,33 @@ class ReplicationService(pbg.ReplicationServicer):
                     self.metrics.bytes_sent(_label(subscriber), len(body))
             out.append(message)
         return out
+
+    def streaming_to(self, region: str, zone: str = "") -> bool:
+        """Whether a node of ``region``/``zone`` is subscribed to this log now."""
+        return self._streams[(region, zone)] > 0
+
+    def streaming_at_head(self, region: str, zone: str = "") -> bool:
+        """Whether a node of ``region``/``zone`` is subscribed to this log now
+        and its stream has reached the head (it is not catching up)."""
+        return self._at_head[(region, zone)] > 0
+
+    def _wan_receiver(self, subscriber: pb.NodeRef, digest: str) -> str | None:
+        """The zone of ``subscriber``'s region that gets the blob across the
+        WAN, if that region is a zone-redundant remote one (else None: every
+        node of it gets its own copy, as within this region): the digest's
+        pick among its zones whose streams are at the head of this log, ""
+        if none is (see the module docstring)."""
+        if subscriber.region == self.identity.region or not self.one_wan_copy_per_region:
+            return None
+        zones = self.remote_zones().get(subscriber.region)
+        if not zones or subscriber.zone not in zones:
+            return None
+
+        def at_head(zone: str) -> bool:
+            return self.streaming_at_head(subscriber.region, zone)
+        if not any(at_head(zone) for zone in zones):
+            return ""
+        return wan_receiver(zones, digest, at_head)
 
     async def _blob_bytes(self, digest: str, size: int) -> bytes | None:
         """The blob's bytes, or None if it is gone or unreadable here (the
@@ -309,18 +390,61 @@ class ReplicationService(pbg.ReplicationServicer):
                 regions.add(record.residency_region)
         return regions
 
-    async def _landed(self, repo: str, digest: str, wait_ms: int) -> set[str]:
+    def _held_for(self, repo: str, digest: str) -> HeldBlob | None:
+        held = self.held.get(digest) if self.held is not None else None
+        if held is None or held.failed or held.repository != repo:
+            return None   # a broken transfer's bytes: wait for the blob, stored
+        return held
+
+    async def _landed(self, repo: str, digest: str,
+                      wait_ms: int) -> tuple[set[str], HeldBlob | None]:
         """The regions ``digest`` came from, once it is stored here and linked
-        in ``repo`` or after ``wait_ms`` (capped), whichever comes first. A blob
-        lands with a log event (its link), so the feed is the signal."""
+        in ``repo``; or its bytes, once they came here with an event for
+        ``repo`` (held while they are stored); or what there is after
+        ``wait_ms`` (capped), whichever comes first. A blob lands with a log
+        event (its link), so the feed is the signal, and ``HeldBlobs`` says
+        when bytes arrive. Held bytes that are no use here (another
+        repository's) are not waited on again: only a new hold wakes this
+        (``HeldBlobs.arrival``), and a failed hold is gone at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(wait_ms, MAX_FETCH_WAIT_MS) / 1000
         while True:
             regions = self._content_regions(repo, digest)
+            if regions and self.replica.has_blob(digest):
+                return regions, None
+            held = self._held_for(repo, digest)
             remaining = deadline - loop.time()
-            if (regions and self.replica.has_blob(digest)) or remaining <= 0:
-                return regions
-            await self.feed.wait_beyond(self.feed.last_seq, remaining)
+            if held is not None or remaining <= 0:
+                return regions, held
+            waits = [asyncio.ensure_future(self.feed.wait_beyond(self.feed.last_seq, remaining))]
+            if self.held is not None:
+                waits.append(asyncio.ensure_future(self.held.arrival(digest)))
+            try:
+                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _send_held(self, held: HeldBlob, offset: int,
+                         requester: pb.NodeRef) -> AsyncIterator[pb.BlobChunk]:
+        """Stream bytes held in memory (see ``_landed``) from ``offset``, as
+        they arrive while the receiving zone's own transfer runs."""
+        first = True
+        # Closed as soon as this stream ends, however it ends: an open reader
+        # keeps the bytes charged to the tee budget (``HeldBlobs``).
+        async with contextlib.aclosing(held.read(offset)) as reading:
+            async for data in reading:
+                for start in range(0, len(data), self.chunk_size):
+                    piece = data[start:start + self.chunk_size]
+                    # total_size only when known (the stream's first chunk of a whole blob).
+                    yield pb.BlobChunk(offset=offset, data=piece,
+                                       total_size=held.size if first and held.complete else 0)
+                    self.metrics.bytes_sent(_label(requester), len(piece))
+                    offset += len(piece)
+                    first = False
+        if first:   # nothing past offset: say so, as the stored path does
+            yield pb.BlobChunk(offset=offset, data=b"", total_size=held.size)
 
     async def FetchBlob(self, request: pb.FetchBlobRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
@@ -328,7 +452,19 @@ class ReplicationService(pbg.ReplicationServicer):
         requester = await self._requester(request.requester, context)
         regions = self._content_regions(repo, digest)
         if request.wait_ms and not (regions and self.replica.has_blob(digest)):
-            regions = await self._landed(repo, digest, request.wait_ms)
+            regions, held = await self._landed(repo, digest, request.wait_ms)
+            if held is not None and not (regions and self.replica.has_blob(digest)):
+                if not self._allowed(held.origin_region, repo, requester):
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                        f"{digest} is confined to {held.origin_region}")
+                try:
+                    async for chunk in self._send_held(held, request.offset, requester):
+                        yield chunk
+                except HeldBroken:
+                    # What was sent is kept there; the requester resumes elsewhere.
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"the transfer of {digest} here broke off")
+                return
         if not regions:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} is not in {repo} here")
         if not any(self._allowed(r, repo, requester) for r in regions):

@@ -278,7 +278,8 @@ class Subscription:
             elif batch.events:
                 sources = self._sources()
                 tasks = [asyncio.ensure_future(self._apply_one(event_from_wire(m), sources,
-                                                               m.blob_body or None))
+                                                               m.blob_body or None,
+                                                               _wan_receiver(m)))
                          for m in batch.events]
             # The tasks above run their first step (which registers a transfer
             # or a store of sent bytes) before any relayed event woken here.
@@ -312,7 +313,8 @@ class Subscription:
             event = event_from_wire(message)
             if event.kind in BLOB_KINDS:
                 pending.append(asyncio.ensure_future(
-                    self._apply_one(event, sources, message.blob_body or None)))
+                    self._apply_one(event, sources, message.blob_body or None,
+                                    _wan_receiver(message))))
                 continue
             if pending:
                 await self._settle(pending)
@@ -328,7 +330,7 @@ class Subscription:
                 raise result
 
     async def _apply_one(self, event: Event, sources: Sequence[PeerClient],
-                         body: bytes | None = None) -> None:
+                         body: bytes | None = None, wan_receiver: str | None = None) -> None:
         peer = self.peer.peer
         if (self.origins is not None and event.kind in CONTENT_KINDS
                 and (event.origin_region, event.origin_zone) != (peer.region, peer.zone)):
@@ -338,7 +340,7 @@ class Subscription:
             finally:
                 self.origin_waits -= 1
         try:
-            await self.transfer.apply(event, sources, body)
+            await self.transfer.apply(event, sources, body, receiver=wan_receiver)
         except ReplicationError as exc:
             if exc.outcome is not Outcome.PERMANENT:
                 raise
@@ -350,6 +352,12 @@ class Subscription:
 
 
 _BLOB_WIRE_KINDS = frozenset(k.value for k in BLOB_KINDS)
+
+
+def _wan_receiver(message: pb.Event) -> str | None:
+    """The zone the sender named to receive the blob for this region, "" for
+    none, None if it named nothing (``replicator.service``)."""
+    return message.wan_receiver if message.HasField("wan_receiver") else None
 
 
 def _drain(queue: asyncio.Queue) -> list:

@@ -17,10 +17,17 @@ loaded (``ClusterView.load``).
 
 Whether peers talk over mutual TLS is the plan's decision too (an auth
 cluster's): ``mutual_tls``, never inferred from what files a node was given.
+So are the zones of the *other* zone-redundant regions (``remote_zones``): an
+origin sends each such region one copy of a blob, to the zone
+``wan_receiver`` names, and that region's zones name the same one
+(``replicator.service``, ``replicator.transfer``). A view without the key
+(written before views carried it) knows of no remote zones: every remote
+node then gets its own copy, as before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -51,11 +58,13 @@ class ReplicationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # sibling zone's bounded wait), not on this node, so allow an image's worth
     # from several origins at once.
     transfer_concurrency: int = 16
-    # In a zone-redundant region, one zone fetches each blob across the WAN and
-    # its siblings fetch it from that zone (replicator.transfer): a third of the
-    # inter-region bytes, for ~20 ms more lag at the p50 (georeg bench lag,
-    # default spec), the siblings' copies waiting on the fetching zone's.
-    one_wan_copy_per_region: bool = False
+    # A zone-redundant region receives each blob across the WAN once: an origin
+    # sends a blob with its event only to the region's receiving zone for it
+    # (``wan_receiver``), that zone fetches what did not come along, and its
+    # siblings get it from that zone over the region's own links, from memory
+    # as it arrives or while it is stored (replicator.transfer, .service).
+    # Off: every zone of a remote region gets its own copy across the WAN.
+    one_wan_copy_per_region: bool = True
     chunk_size: int = 1 << 20
 
 
@@ -96,6 +105,9 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     zone_redundancy: ZoneRedundancy = ZoneRedundancy()
     residency: ResidencyPolicy = ResidencyPolicy()
     replication: ReplicationSettings = ReplicationSettings()
+    # The zones of every other zone-redundant region, by region, as the plan
+    # placed them (see the module docstring).
+    remote_zones: dict[str, tuple[str, ...]] = msgspec.field(default_factory=dict)
     # Replicate over mutual TLS (an auth cluster): the node serves and dials its
     # peers with its certificate from the cluster CA (its --auth-* files) and
     # takes a peer's region and zone from the peer's certificate alone.
@@ -141,6 +153,28 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def dump(self, path: Path) -> None:
         path.write_bytes(msgspec.json.format(msgspec.json.encode(self)))
+
+
+def digest_spin(digest: str) -> int:
+    """A number every node derives alike from ``digest`` (uniform: a hash)."""
+    return int(digest.rpartition(":")[2][:8] or "0", 16)
+
+
+def wan_receiver(zones: Sequence[str], digest: str,
+                 reachable: Callable[[str], bool] = lambda zone: True) -> str:
+    """The zone of a zone-redundant region (its plan's ``zones``) that receives
+    ``digest`` across the WAN: the first of the zones, in an order that starts
+    at one drawn from the digest (so an image's layers spread over the zones),
+    that ``reachable`` says can be reached; the digest's own pick if none can.
+    Every node with the same zones and the same answers from ``reachable``
+    names the same zone; where their answers differ (a zone cut off from some
+    nodes only), a wrong guess costs a sibling one bounded wait."""
+    ordered = sorted(zones)
+    if not ordered:
+        return ""
+    start = digest_spin(digest) % len(ordered)
+    rotation = ordered[start:] + ordered[:start]
+    return next((zone for zone in rotation if reachable(zone)), rotation[0])
 
 
 # What a view written before views carried the decision meant: its region was

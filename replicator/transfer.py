@@ -24,13 +24,24 @@ so an incomplete image is never visible here, not even for an instant.
     may still be receiving the blob from the zone it was pushed to (events go
     out before zone quorum confirms), so it may wait for it, boundedly
     (``FetchBlobRequest.wait_ms``);
-  - with ``one_wan_copy_per_region`` (off by default), in a zone-redundant
-    region one zone, chosen by digest (every zone makes the same choice),
-    fetches a blob across the WAN; its sibling zones ask it for the blob, over
-    the region's own network, with a bounded wait for it to land. Each blob
-    then crosses the WAN once per region, not once per zone; but a sibling's
-    copy waits for the fetching zone's to be stored, which costs ~20 ms of
-    lag at the p50 under ``georeg bench lag``.
+  - with ``one_wan_copy_per_region`` (the default), in a zone-redundant
+    region one zone receives each blob across the WAN: the one the origin
+    names with the event (``receiver``: ``topology.wan_receiver``, by digest
+    among the zones whose streams are at the head of its log, so a zone that
+    is down or catching up passes its turn; ``replicator.service``). With no
+    zone at the head the origin names none, and every zone fetches its own
+    copy at once rather than wait on a sibling that has not reached the blob
+    (a region catching up would pay ``SIBLING_WAIT_MS`` per blob). An event
+    the origin named nothing on (a relay, anti-entropy) falls back to the
+    same choice made here, among the siblings whose streams to this node are
+    up. The origin sends the blob with its event to the named zone alone, and
+    that zone fetches it if it did not come along. Its sibling zones ask
+    it for the blob, over the region's own network, with a bounded wait for
+    it to land; bytes that came with an event, and those the receiving zone
+    fetches across the WAN as they arrive, are served from memory
+    (``HeldBlobs``, within ``TEE_BUDGET``), so a sibling waits neither for the
+    whole blob nor for the store. Each blob then crosses the WAN once per
+    region, not once per zone.
 
   A waited-for source that does not have the blob in time (down, partitioned,
   slow, or never got the event) costs one bounded wait; then the usual sources
@@ -64,7 +75,7 @@ from .metrics import ReplicationMetrics
 from .peers import PeerClient
 from .residency import ResidencyPolicy
 from .retry import Backoff, retry
-from .topology import Peer
+from .topology import Peer, digest_spin, wan_receiver
 from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
@@ -76,10 +87,185 @@ TRANSFER_BACKOFF = Backoff(base_s=0.05, cap_s=2.0)
 # to (a round trip inside the region).
 SIBLING_WAIT_MS = 2000
 ORIGIN_ZONE_WAIT_MS = 1000
+# Bytes of blobs a receiving zone is fetching across the WAN that it holds in
+# memory for its siblings, at most, over all such transfers; a blob that does
+# not fit is passed on once stored, as any other.
+TEE_BUDGET = 256 * 1024 * 1024
 
 
 CONTENT_KINDS = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT, EventKind.MANIFEST_PUT,
                            EventKind.TAG_SET})
+
+
+class HeldBroken(Exception):
+    """The transfer that was filling a ``HeldBlob`` failed before its end."""
+
+
+class HeldBlob:
+    """A blob's bytes as they reach this node, and the provenance of the event
+    they came for. Whole from the start when they came with the event; growing
+    while the region's receiving zone fetches them across the WAN (``append``,
+    then ``finish`` or ``fail``), so a sibling reads them as they arrive.
+
+    A growing blob never holds more than ``expected`` (the size its event
+    gave): a source that sends more fails it rather than grow it past what the
+    tee budget was charged. A blob that fails leaves its ``HeldBlobs`` at once:
+    nobody may be sent its bytes from then on, and a sibling waiting for the
+    blob waits for a new hold or the stored blob, not on this one."""
+
+    def __init__(self, body: bytes | None, repository: str, origin_region: str) -> None:
+        self.repository = repository
+        self.origin_region = origin_region
+        self._parts: list[bytes] = [body] if body else []
+        self.size = len(body) if body is not None else 0
+        self.expected = self.size    # the blob's size, where it is known before it is here
+        self.complete = body is not None
+        self.failed = False
+        self._grew: asyncio.Future[None] | None = None
+        self._holder: tuple[HeldBlobs, str] | None = None   # where it is held, under which digest
+        self._readers = 0
+        self._released = False
+        self._on_free: Callable[[], None] | None = None
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._parts)
+
+    def append(self, data: bytes) -> None:
+        if self.failed or self.complete:
+            return
+        if self.expected and self.size + len(data) > self.expected:
+            self.fail()     # more than the blob: not the blob, and past its budget
+            return
+        self._parts.append(data)
+        self.size += len(data)
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self) -> None:
+        self.failed = True
+        self._wake()
+        if self._holder is not None:
+            holder, digest = self._holder
+            holder.release(digest, self)
+
+    def _wake(self) -> None:
+        if self._grew is not None and not self._grew.done():
+            self._grew.set_result(None)
+        self._grew = None
+
+    def _release(self) -> None:
+        self._released = True
+        self._free_if_unread()
+
+    def _free_if_unread(self) -> None:
+        """Once released and its last reader is done, its bytes are no one's:
+        drop them, and give back what they were charged (``HeldBlobs.tee``)."""
+        if self._released and not self._readers:
+            self._parts = []
+            on_free, self._on_free = self._on_free, None
+            if on_free is not None:
+                on_free()
+
+    async def read(self, offset: int) -> AsyncIterator[bytes]:
+        """The bytes from ``offset`` on, as they arrive; ``HeldBroken`` if the
+        transfer filling them fails first. The blob's bytes count against the
+        tee budget until the last reader is done with them, released or not."""
+        self._readers += 1
+        try:
+            start = 0          # where self._parts[index] begins in the blob
+            index = 0
+            while True:
+                while index < len(self._parts):
+                    part = self._parts[index]
+                    end = start + len(part)
+                    if end > offset:
+                        yield part[max(0, offset - start):]
+                        offset = end
+                    start = end
+                    index += 1
+                if self.complete:
+                    return
+                if self.failed:
+                    raise HeldBroken()
+                if self._grew is None:
+                    self._grew = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._grew)
+        finally:
+            self._readers -= 1
+            self._free_if_unread()
+
+
+class HeldBlobs:
+    """Blob bytes held in memory while they become a stored blob here: those
+    that came with their events, until they are stored (or turn out not to be
+    the blob), and those the region's receiving zone fetches across the WAN,
+    as they arrive, until the transfer ends (``tee``, within ``budget``). A
+    sibling zone that asks for one meanwhile is served from here
+    (``replicator.service``) instead of waiting for the store: the receiving
+    zone passes the bytes on as soon as it has them. Nothing here is
+    verified, and need not be: whoever receives bytes checks them against the
+    digest, from any source.
+
+    A tee's bytes count against the budget from the tee until the blob is
+    released *and* the last sibling reading it is done: a reader keeps the
+    bytes alive past the release, and new tees must not be charged as if
+    they were gone."""
+
+    def __init__(self, budget: int = TEE_BUDGET) -> None:
+        self.budget = budget
+        self.teeing = 0      # bytes charged to tees whose bytes may still be in memory
+        self._held: dict[str, HeldBlob] = {}
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+
+    def hold(self, digest: str, blob: HeldBlob) -> None:
+        blob._holder = (self, digest)
+        self._held[digest] = blob
+        for waiter in self._waiting.pop(digest, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def tee(self, digest: str, repository: str, origin_region: str,
+            size: int) -> HeldBlob | None:
+        """Hold a growing blob of ``size`` bytes, if it fits what is left of the
+        budget and no bytes of ``digest`` are held yet; None otherwise."""
+        if digest in self._held or not 0 < size <= self.budget - self.teeing:
+            return None
+        blob = HeldBlob(None, repository, origin_region)
+        blob.expected = size
+        self.teeing += size
+
+        def untee() -> None:
+            self.teeing -= size
+        blob._on_free = untee
+        self.hold(digest, blob)
+        return blob
+
+    def release(self, digest: str, blob: HeldBlob) -> None:
+        if self._held.get(digest) is blob:
+            del self._held[digest]
+        blob._release()
+
+    def get(self, digest: str) -> HeldBlob | None:
+        return self._held.get(digest)
+
+    async def arrival(self, digest: str) -> None:
+        """Return once bytes for ``digest`` are next held (``hold``); never at
+        once: a caller that found the held bytes unusable (failed, another
+        repository's) would otherwise spin on them."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(digest, []).append(waiter)
+        try:
+            await waiter
+        finally:
+            waiters = self._waiting.get(digest)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiting[digest]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +284,8 @@ class Transfer:
                  one_wan_copy_per_region: bool = False,
                  region_zones: tuple[str, ...] = (),
                  zone_peer: Callable[[Peer], bool] = lambda peer: False,
+                 sibling_reachable: Callable[[str], bool] = lambda zone: True,
+                 held: HeldBlobs | None = None,
                  rng: random.Random | None = None) -> None:
         self.replica = replica
         self.region = replica.registry.identity.region
@@ -107,6 +295,10 @@ class Transfer:
         # decided (empty / never unless the region is zone redundant).
         self.region_zones = tuple(sorted(region_zones))
         self.zone_peer = zone_peer
+        # Whether this node's stream from a sibling zone is up, by zone: a
+        # sibling that is not is not waited on (``wan_receiver``).
+        self.sibling_reachable = sibling_reachable
+        self.held = held if held is not None else HeldBlobs()
         self.residency = residency
         self.metrics = metrics
         self.backoff = backoff
@@ -122,11 +314,14 @@ class Transfer:
     # -- events ------------------------------------------------------------------
 
     async def apply(self, event: Event, sources: Sequence[PeerClient],
-                    body: bytes | None = None) -> Event | None:
+                    body: bytes | None = None, *,
+                    receiver: str | None = None) -> Event | None:
         """Apply one replicated change here, fetching whatever content it needs
         (a manifest_put or a blob_put may bring its content's bytes along, as
-        ``body``). Returns the event as logged here, or None when it changed
-        nothing. Registry configuration is registry-wide: no residency applies."""
+        ``body``; a blob event from another region may name the zone of this
+        region that receives it, as ``receiver``). Returns the event as
+        logged here, or None when it changed nothing. Registry configuration
+        is registry-wide: no residency applies."""
         if event.kind in CONFIG_KINDS:
             return self._apply_configuration(event)
         if not self.residency.allows(event.origin_region, event.repository, self.region):
@@ -139,7 +334,8 @@ class Transfer:
         kind = event.kind
         if kind in (EventKind.BLOB_PUT, EventKind.BLOB_MOUNT):
             await self.ensure_blob(event.repository, event.digest, sources, event.origin_region,
-                                   sent=body if kind is EventKind.BLOB_PUT else None)
+                                   sent=body if kind is EventKind.BLOB_PUT else None,
+                                   size=event.size, receiver=receiver)
             applied = replica.apply_blob_link(event)
         elif kind is EventKind.MANIFEST_PUT:
             applied = None
@@ -191,7 +387,8 @@ class Transfer:
     # -- blobs -------------------------------------------------------------------
 
     async def ensure_blob(self, repository: str, digest: str, sources: Sequence[PeerClient],
-                          origin_region: str = "", sent: bytes | None = None) -> None:
+                          origin_region: str = "", sent: bytes | None = None,
+                          size: int = 0, receiver: str | None = None) -> None:
         """Make sure the blob's bytes are here (not its link: events do that).
         ``origin_region``, where the blob was pushed, when known, lets the
         sources follow the WAN (``blob_attempts``); ``sent``, the bytes that
@@ -204,9 +401,15 @@ class Transfer:
             # Stored on its own, not after a transfer a relayed event or
             # anti-entropy may have started first (three WAN trips away).
             sender = sources[0].name if sources else ""
+            held = HeldBlob(sent, repository, origin_region)
+            self.held.hold(digest, held)   # siblings may have it before it is stored
             storing = asyncio.ensure_future(self._store_sent(digest, sender, sent))
             self._sent[digest] = storing
-            storing.add_done_callback(lambda _: self._sent.pop(digest, None))
+
+            def stored(_: asyncio.Future, held: HeldBlob = held) -> None:
+                self._sent.pop(digest, None)
+                self.held.release(digest, held)
+            storing.add_done_callback(stored)
         if storing is not None:
             # Bytes in hand (these or another event's) are being stored: wait
             # for them rather than fetch; if they were not the blob, fetch.
@@ -218,8 +421,9 @@ class Transfer:
                     raise
         future = self._blobs.get(digest)
         if future is None:
-            attempts = self.blob_attempts(digest, origin_region, sources)
-            future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts))
+            attempts = self.blob_attempts(digest, origin_region, sources, receiver)
+            future = asyncio.ensure_future(self._transfer_blob(repository, digest, attempts,
+                                                               origin_region, size))
             self._blobs[digest] = future
             future.add_done_callback(lambda _: self._blobs.pop(digest, None))
             crossing = attempts[0].peer.name if attempts and attempts[0].wan else None
@@ -228,20 +432,26 @@ class Transfer:
                 future.add_done_callback(lambda _: self._crossing.subtract((crossing,)))
         await asyncio.shield(future)
 
-    def blob_attempts(self, digest: str, origin_region: str,
-                      sources: Sequence[PeerClient]) -> list[Attempt]:
-        """Where to ask for ``digest``, in order (see the module docstring)."""
+    def blob_attempts(self, digest: str, origin_region: str, sources: Sequence[PeerClient],
+                      receiver: str | None = None) -> list[Attempt]:
+        """Where to ask for ``digest``, in order (see the module docstring).
+        ``receiver``: this region's zone the origin gives the blob to
+        across the WAN, "" for none (no sibling is waited on), None when the
+        origin named none (the zones choose alike)."""
         plain = [Attempt(p) for p in sources]
         if not origin_region or origin_region == self.region:
             return plain  # a zone of the origin region: its sibling announced it
-        spin = _spin(digest)
+        spin = digest_spin(digest)
         first: list[Attempt] = []
         siblings = [p for p in sources if self.zone_peer(p.peer)]
         if siblings and self.one_wan_copy_per_region:
-            # Over the plan's zones, not the siblings at hand: every zone of
-            # the region picks the same fetcher.
-            fetcher = self.region_zones[spin % len(self.region_zones)]
-            if fetcher != self.zone:
+            # The origin's choice where it made one; else over the plan's
+            # zones, not the siblings at hand, so every zone names the same.
+            fetcher = receiver
+            if fetcher is None:
+                fetcher = wan_receiver(self.region_zones, digest,
+                                       lambda zone: zone == self.zone or self.sibling_reachable(zone))
+            if fetcher and fetcher != self.zone:
                 first += [Attempt(p, SIBLING_WAIT_MS) for p in siblings if p.peer.zone == fetcher]
         origin_zones = sorted((p for p in sources if p.peer.region == origin_region),
                               key=lambda p: p.name)
@@ -254,8 +464,23 @@ class Transfer:
         chosen = {a.peer.name for a in first}
         return first + [a for a in plain if a.peer.name not in chosen]
 
-    async def _transfer_blob(self, repository: str, digest: str,
-                             attempts: Sequence[Attempt]) -> None:
+    async def _transfer_blob(self, repository: str, digest: str, attempts: Sequence[Attempt],
+                             origin_region: str = "", size: int = 0) -> None:
+        # The region's receiving zone crossing the WAN: its siblings may read
+        # the bytes as they arrive, whichever source they come from in the end.
+        held = None
+        if attempts and attempts[0].wan and self._receives_for_region():
+            held = self.held.tee(digest, repository, origin_region, size)
+        try:
+            await self._try_sources(repository, digest, attempts, held)
+        finally:
+            if held is not None:
+                if not held.complete:
+                    held.fail()
+                self.held.release(digest, held)
+
+    async def _try_sources(self, repository: str, digest: str, attempts: Sequence[Attempt],
+                           held: HeldBlob | None) -> None:
         last: ReplicationError | None = None
         for attempt in attempts:
             peer = attempt.peer
@@ -267,7 +492,7 @@ class Transfer:
                 async with contextlib.nullcontext() if sibling else self._slots:
                     # A waited-for source had its chance in the wait: one try.
                     await retry(lambda p=peer, w=attempt.wait_ms:
-                                self._fetch_blob(p, repository, digest, w),
+                                self._fetch_blob(p, repository, digest, w, held),
                                 backoff=self.backoff,
                                 attempts=1 if attempt.wait_ms else self.attempts, rng=self.rng,
                                 on_retry=lambda exc, n, d, p=peer: self._on_retry(p, exc))
@@ -291,8 +516,11 @@ class Transfer:
         self.metrics.bytes_received(sender, len(body))
         return True
 
+    def _receives_for_region(self) -> bool:
+        return self.one_wan_copy_per_region and len(self.region_zones) > 1
+
     async def _fetch_blob(self, peer: PeerClient, repository: str, digest: str,
-                          wait_ms: int = 0) -> None:
+                          wait_ms: int = 0, held: HeldBlob | None = None) -> None:
         replica = self.replica
         if replica.has_blob(digest):
             return
@@ -304,7 +532,12 @@ class Transfer:
         offset = file.size
         try:
             await replica.receive_blob(file, self._counted(
-                peer, peer.fetch_blob(repository, digest, offset, wait_ms)))
+                peer, peer.fetch_blob(repository, digest, offset, wait_ms), held, offset))
+            if held is not None and not held.failed:
+                if held.size == held.expected:
+                    held.finish()   # all of it is here: siblings need not wait for the store
+                else:
+                    held.fail()     # not what the event said: let them get it stored, or elsewhere
             await replica.commit_blob(file, digest)
         except ContentRejected as exc:
             self._inbound.pop(digest, None)
@@ -316,9 +549,20 @@ class Transfer:
             raise definite(f"storing {digest}: {exc}") from None
         self._inbound.pop(digest, None)
 
-    async def _counted(self, peer: PeerClient, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def _counted(self, peer: PeerClient, chunks: AsyncIterator[bytes],
+                       held: HeldBlob | None = None, offset: int = 0) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             self.metrics.bytes_received(peer.name, len(chunk))
+            if held is not None and not held.failed:
+                # A resumed attempt may repeat bytes already held (the same
+                # bytes: the blob is its digest's); one that starts past them
+                # leaves a gap the siblings cannot read across. Bytes past
+                # the blob's size fail it (``HeldBlob.append``): never held.
+                if offset > held.size:
+                    held.fail()
+                elif offset + len(chunk) > held.size:
+                    held.append(chunk[held.size - offset:])
+            offset += len(chunk)
             yield chunk
 
     def _on_retry(self, peer: PeerClient, exc: ReplicationError) -> None:
@@ -386,10 +630,6 @@ class Transfer:
                 raise definite(f"{digest} still lacks {exc.blobs + exc.manifests}") from None
         raise last or permanent(f"no peer to fetch manifest {digest} from")
 
-
-def _spin(digest: str) -> int:
-    """A number every node derives alike from ``digest`` (uniform: a hash)."""
-    return int(digest.rpartition(":")[2][:8] or "0", 16)
 
 
 def _with_type(event: Event, media_type: str) -> Event:

@@ -151,6 +151,9 @@ class InProcessCluster:
             view = ClusterView(name=name, region=region, zone=zone,
                                grpc_listen="127.0.0.1:0", peers=peers,
                                zone_redundancy=self.zone_redundancy(region),
+                               remote_zones={r: self.zone_redundancy(r).zones
+                                             for _, r, _ in names
+                                             if r != region and self.zone_redundancy(r).enabled},
                                residency=self.residency, replication=self.settings,
                                mutual_tls=self.mutual_tls)
             self.nodes[name] = TestNode(name, region, zone, self.root / name, 0, view)

@@ -10,8 +10,9 @@ cross between regions can be counted on the links themselves:
   zone over the region's links — and without it, once per zone;
 * a destination zone whose links to the origin region are all cut still gets
   every blob (from a sibling that can reach the origin);
-* a sibling that never gets the blob costs its siblings one bounded wait, then
-  they fetch from the origin region themselves;
+* the origin names the zone that receives a blob (``Event.wan_receiver``)
+  among those at the head of its log, and the siblings wait on that zone
+  alone: not on one the origin passed over, and on none when it named none;
 * ``FetchBlob`` with ``wait_ms`` serves a blob that lands during the wait,
   answers NOT_FOUND when the wait runs out, never waits past it, and keeps the
   residency rule;
@@ -41,9 +42,10 @@ from registry_node.records import NodeIdentity
 from replicator.errors import Outcome, ReplicationError
 from replicator.peers import PeerClient
 from replicator.residency import ResidencyPolicy
+from replicator.service import INLINE_BLOB_MAX
 from replicator.subscription import ORIGIN_WAIT_S
-from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
-from replicator.transfer import ORIGIN_ZONE_WAIT_MS, SIBLING_WAIT_MS, Transfer, _spin
+from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy, digest_spin
+from replicator.transfer import ORIGIN_ZONE_WAIT_MS, SIBLING_WAIT_MS, Transfer
 
 from .helpers import digest_of, eventually, make_image, push_blob, push_image
 from .replication_harness import InProcessCluster
@@ -81,7 +83,7 @@ def _wan_bytes_into(cluster: InProcessCluster, region: str, origin: str) -> int:
 
 
 def _fetcher_zone(digest: str, zones=("1", "2", "3")) -> str:
-    return sorted(zones)[_spin(digest) % len(zones)]
+    return sorted(zones)[digest_spin(digest) % len(zones)]
 
 
 @pytest.mark.parametrize("cluster", [True, False], indirect=True,
@@ -111,11 +113,12 @@ async def test_each_blob_crosses_the_wan_once_per_region_or_zone(cluster, http):
         assert 3 * blob_bytes <= crossed < 3.5 * blob_bytes, (crossed, blob_bytes)
         assert local < blob_bytes
     if per_region:
-        # The fetching zones' requests were spread over the origin region's zones.
-        served = {name for name in cluster.names_in("eastus")
-                  if sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
-                         if dst == name and cluster.nodes[src].region == "westeurope") > 200 << 10}
-        assert len(served) >= 2, served
+        # The layers crossed into different zones (each the receiving zone of
+        # its own layers): no WAN link carried the whole image.
+        receivers = {name for name in cluster.names_in("westeurope")
+                     if sum(link.bytes_forwarded for (src, dst), link in cluster.links.items()
+                            if src == name and cluster.nodes[dst].region == "eastus") > 200 << 10}
+        assert len(receivers) >= 2, receivers
 
 
 async def test_a_zone_cut_off_from_the_origin_region_gets_every_blob(cluster, http):
@@ -135,26 +138,32 @@ async def test_a_zone_cut_off_from_the_origin_region_gets_every_blob(cluster, ht
                 assert r.status == 200 and await r.read() == blob
 
 
-async def test_a_sibling_that_never_gets_the_blob_costs_one_bounded_wait(cluster, http):
-    image = make_image([128 << 10, 128 << 10, 128 << 10], seed=13)
+async def test_siblings_do_not_wait_on_a_zone_the_origin_passed_over(cluster, http):
+    # The first layer is too big to go with its event: it is fetched, by the
+    # zone the origin names for it.
+    image = make_image([INLINE_BLOB_MAX + 1, 128 << 10, 128 << 10], seed=13)
     layer = digest_of(image.layers[0])
     stuck = f"westeurope-{_fetcher_zone(layer)}"
-    # The zone that should fetch the first layer hears of nothing from eastus and
-    # cannot reach it: whoever waits on it must give up and cross the WAN itself.
+    # The zone whose turn the first layer is hears nothing from eastus and
+    # cannot reach it, while its siblings' streams from it stay up: the
+    # origin names another zone, and the siblings go by the origin's choice,
+    # not by what they see of the stuck zone (they would wait on it in vain).
     for origin in cluster.names_in("eastus"):
         cluster.links[(stuck, origin)].cut()
         cluster.links[(origin, stuck)].cut()
+    service = cluster.nodes["eastus-1"].replication.service
+    await eventually(lambda: not service.streaming_to("westeurope", stuck[-1]),
+                     timeout=10, what=f"eastus-1 to see {stuck}'s stream end")
     waiting = [n for n in cluster.names_in("westeurope") if n != stuck]
     await push_image(http, cluster.nodes["eastus-1"].url, "wan/stuck", image, tag="v1")
     for name in cluster.names_in("westeurope"):
         await eventually(lambda n=cluster.nodes[name]: _pullable(http, n, "wan/stuck", "v1", image),
                          timeout=30, what=f"wan/stuck:v1 on {name}")
-    # The waits ended with the sibling's NOT_FOUND (a permanent outcome), not
-    # with a transport giving up (a keepalive, a deadline: indefinite).
+    # No sibling asked the stuck zone and gave up (its NOT_FOUND after the wait).
     for name in waiting:
         gave_up = cluster.nodes[name].replication.metrics.failures.labels(
             stuck, Outcome.PERMANENT.value)._value.get()
-        assert gave_up >= 1, f"{name} never asked {stuck} for {layer}"
+        assert gave_up == 0, f"{name} waited on {stuck} for {layer}"
     # The first layer reached the stuck zone too, through its siblings.
     async with http.get(f"{cluster.nodes[stuck].url}/v2/wan/stuck/blobs/{layer}") as r:
         assert r.status == 200 and await r.read() == image.layers[0]
@@ -237,6 +246,7 @@ def _planner(region: str, zone: str, one_wan_copy_per_region: bool = True) -> Tr
     view = ClusterView(name=f"{region}-{zone}" if zone else region, region=region, zone=zone,
                        zone_redundancy=ZoneRedundancy(True, ZONES, ZONE_WRITE_QUORUM) if zone else ZoneRedundancy())
     transfer.region_zones, transfer.zone_peer = view.zone_redundancy.zones, view.is_zone_peer
+    transfer.sibling_reachable = lambda zone: True
     return transfer
 
 
@@ -280,6 +290,23 @@ def test_only_a_sibling_and_the_origin_region_are_ever_waited_on():
     for seed in range(12):
         attempts = zone.blob_attempts("sha256:" + f"{seed:08x}" + "0" * 56, "eastus", sources)
         assert attempts[0].wan and [a for a in attempts if a.wait_ms] == attempts[:1]
+
+
+def test_the_zone_the_origin_names_is_the_one_waited_on():
+    everyone = [_peer(r, z) for r, z in TOPOLOGY]
+    transfer = _planner("westeurope", "1")
+    sources = [p for p in everyone if p.name != "westeurope-1"]
+    digest = "sha256:" + "cd" * 32
+    # Named by the origin: that sibling, whatever the digest's own pick.
+    for named in ("2", "3"):
+        attempts = transfer.blob_attempts(digest, "eastus", sources, named)
+        assert attempts[0].peer.name == f"westeurope-{named}"
+        assert attempts[0].wait_ms == SIBLING_WAIT_MS and attempts[1].wan
+    # This zone named: it crosses the WAN itself, first.
+    assert transfer.blob_attempts(digest, "eastus", sources, "1")[0].wan
+    # None named (no zone at the head of the origin's log): no sibling is waited on.
+    attempts = transfer.blob_attempts(digest, "eastus", sources, "")
+    assert attempts[0].wan and not any(a.wait_ms and not a.wan for a in attempts)
 
 
 def test_an_images_layers_cross_from_different_origin_zones():

@@ -217,9 +217,11 @@ class ClusterPlan:
                  bandwidth_mbps=self.link(node.name, other.name).model.bandwidth_mbps,
                  http=f"{self.spec.scheme}://{self.host}:{other.http_port}")
             for other in others)
+        remote_zones = {other.region: other.zone_redundancy.zones for other in others
+                        if other.zone_redundancy.enabled and other.region != node.region}
         return ClusterView(name=node.name, region=node.region, zone=node.zone,
                            grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
-                           zone_redundancy=node.zone_redundancy,
+                           zone_redundancy=node.zone_redundancy, remote_zones=remote_zones,
                            residency=self.spec.residency_policy(),
                            replication=settings or ReplicationSettings(),
                            mutual_tls=node.access is not None or node.tls is not None)

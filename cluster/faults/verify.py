@@ -777,7 +777,8 @@ def _parsed(key: bytes) -> keys.Key | None:
 def _key_names(key: keys.Key | None, value: bytes) -> tuple[list[str], list[str]]:
     """(repositories, digests) a metadata key (and, for tags, its value) names."""
     match key:
-        case keys.BlobKey(digest=digest) | keys.TransferKey(digest=digest):
+        case (keys.BlobKey(digest=digest) | keys.TransferKey(digest=digest)
+              | keys.UnreferencedKey(digest=digest)):
             return [], [digest]
         case keys.RefKey(target=target, repository=repo, manifest=manifest):
             return [repo], [target, manifest]

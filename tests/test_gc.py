@@ -250,12 +250,11 @@ async def test_abandoned_uploads_expire_and_active_ones_stay(node, http, clock):
 
 
 async def test_blob_file_left_without_metadata_by_a_crash_is_swept(node_config, http):
-    """KNOWN GAP, reported, not fixed here: a crash between moving a sealed upload
-    into blobs/ and committing its metadata leaves a blob file no record names
-    (tests/test_crash.py produces a few per run). Nothing can serve or reference
-    it, and GarbageCollector only walks blob records, so it stays on disk forever
-    unless the same blob happens to be pushed again. Recreated here exactly: an
-    open upload's file is committed into place with the node stopped."""
+    """A crash between moving a sealed upload into blobs/ and committing its
+    metadata leaves a blob file no record names (tests/test_crash.py produces a
+    few per run). Nothing can serve or reference it; the first collection of a
+    process past the grace walks the blob files and sweeps it. Recreated here
+    exactly: an open upload's file is committed into place with the node stopped."""
     data = random.Random(6).randbytes(120_000)
     running = await start_node(node_config)
     try:

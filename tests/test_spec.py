@@ -236,3 +236,32 @@ def test_a_spec_seed_is_kept_and_an_open_one_is_decided_once(tmp_path):
     cluster = Cluster(open_spec, tmp_path)        # not started: only its plan is made
     assert cluster.spec.seed is not None and cluster.plan.seed == cluster.spec.seed
     assert cluster.status()["seed"] == cluster.spec.seed
+
+
+def test_replication_settings_come_from_the_spec_and_reach_every_nodes_view(tmp_path):
+    from cluster.control.cluster import Cluster
+    from replicator.topology import ReplicationSettings
+
+    assert specs.load(None).replication.settings() == ReplicationSettings()
+    spec = specs.parse({"replication": {"peer_horizon_s": 120, "tombstone_grace_s": 0,
+                                        "one_wan_copy_per_region": False,
+                                        "log_retain_events": 50}})
+    settings = spec.replication.settings()
+    assert (settings.peer_horizon_s, settings.tombstone_grace_s, settings.log_retain_events,
+            settings.one_wan_copy_per_region) == (120.0, 0.0, 50, False)
+    assert settings.anti_entropy_interval_s == ReplicationSettings().anti_entropy_interval_s
+    cluster = Cluster(spec.seeded(1), tmp_path)
+    assert cluster.settings == settings
+    view = cluster.plan.view(cluster.plan.nodes[0], cluster.settings)
+    assert view.replication == settings
+
+
+def test_replication_settings_out_of_range_or_misspelt_are_refused():
+    found = problems({"replication": {"peer_horizon_s": 0, "quorum_timeout_s": -1,
+                                      "tombstone_grace_s": -5, "log_retain_events": -1}})
+    assert sorted(p.split(" ")[0] for p in found) == [
+        "replication.log_retain_events", "replication.peer_horizon_s",
+        "replication.quorum_timeout_s", "replication.tombstone_grace_s"]
+    [problem] = problems({"replication": {"tombstone_grace": 60}})
+    assert "unknown key replication.'tombstone_grace'" in problem
+    assert "tombstone_grace_s" in problem

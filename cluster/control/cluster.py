@@ -129,7 +129,8 @@ class Cluster:
         # cluster replays it) and the status.
         self.spec = spec = spec.seeded()
         self.data_dir = data_dir.resolve()
-        self.settings = settings or ReplicationSettings()
+        # The spec's [replication] table, unless the caller gives settings outright.
+        self.settings = settings or spec.replication.settings()
         self.plan: ClusterPlan = plan(spec, self.data_dir)
         self.supervisor = Supervisor(self.plan, settings=self.settings, extra_node_args=node_args)
         self.routing_enabled = routing

@@ -43,6 +43,14 @@ Example (every key optional except where noted)::
     repository = "public/*"
     confined = false
 
+    [replication]                   # how nodes replicate; each key optional (the defaults
+    anti_entropy_interval_s = 30    # shown), see replicator.topology.ReplicationSettings
+    quorum_timeout_s = 10           # a zone-quorum write waits this long for a second zone
+    one_wan_copy_per_region = true  # false: every zone of a remote region fetches its own copy
+    peer_horizon_s = 86400          # a peer silent this long no longer holds logs back
+    tombstone_grace_s = 86400       # deletes are remembered at least this long (gc_grace)
+    log_retain_events = 10000       # events every log keeps, whatever its readers' cursors
+
     [network]
     port_base = 5000                # 0: any free range, chosen when the cluster starts
     data_dir = ".georeg"
@@ -64,6 +72,7 @@ from pathlib import Path
 import msgspec
 
 from replicator.residency import ResidencyPolicy
+from replicator.topology import ReplicationSettings
 
 from ..network.wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
 from .regions import CONFINED_BY_DEFAULT, REGIONS, distance_km, unknown_region_message
@@ -143,6 +152,23 @@ class ResidencySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 ANY_PORT_BASE = 0
 
 
+class ReplicationSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``[replication]`` table: the replication settings a spec may set,
+    each None unless given, so the defaults live in one place
+    (``ReplicationSettings``)."""
+
+    anti_entropy_interval_s: float | None = None
+    quorum_timeout_s: float | None = None
+    one_wan_copy_per_region: bool | None = None
+    peer_horizon_s: float | None = None
+    tombstone_grace_s: float | None = None
+    log_retain_events: int | None = None
+
+    def settings(self) -> ReplicationSettings:
+        given = {name: getattr(self, name) for name in self.__struct_fields__}
+        return ReplicationSettings(**{k: v for k, v in given.items() if v is not None})
+
+
 class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     port_base: int = 5000
     management_port: int | None = None
@@ -187,6 +213,7 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     replicas: tuple[ReplicaSpec, ...] = ()
     wan: WanSpec = WanSpec()
     residency: ResidencySpec = ResidencySpec()
+    replication: ReplicationSpec = ReplicationSpec()
     network: NetworkSpec = NetworkSpec()
 
     # -- derived -----------------------------------------------------------------
@@ -309,7 +336,8 @@ def parse(raw: dict, source: str = "spec") -> ClusterSpec:
 
 _FIELDS = {"": set(ClusterSpec.__struct_fields__), "replicas": set(ReplicaSpec.__struct_fields__),
            "wan": set(WanSpec.__struct_fields__), "residency": set(ResidencySpec.__struct_fields__),
-           "network": set(NetworkSpec.__struct_fields__)}
+           "network": set(NetworkSpec.__struct_fields__),
+           "replication": set(ReplicationSpec.__struct_fields__)}
 
 
 def _check_keys(raw: dict, source: str) -> None:
@@ -327,7 +355,7 @@ def _check_keys(raw: dict, source: str) -> None:
     for i, replica in enumerate(raw.get("replicas") or []):
         if isinstance(replica, dict):
             check(replica, _FIELDS["replicas"], f"replicas[{i}].")
-    for section in ("wan", "residency", "network"):
+    for section in ("wan", "residency", "replication", "network"):
         if isinstance(raw.get(section), dict):
             check(raw[section], _FIELDS[section], f"{section}.")
     if problems:
@@ -409,10 +437,25 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
         problems.append(f"seed {spec.seed} must be between 0 and 2**64 - 1")
     if spec.wan.bandwidth_mbps < 0:
         problems.append("wan.bandwidth_mbps must not be negative (0 means unlimited)")
+    problems += _replication_problems(spec.replication)
     problems += _port_problems(spec)
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+def _replication_problems(replication: ReplicationSpec) -> list[str]:
+    problems = []
+    for name in ("anti_entropy_interval_s", "quorum_timeout_s", "peer_horizon_s"):
+        value = getattr(replication, name)
+        if value is not None and not value > 0:
+            problems.append(f"replication.{name} must be more than 0 seconds")
+    if replication.tombstone_grace_s is not None and replication.tombstone_grace_s < 0:
+        problems.append("replication.tombstone_grace_s must not be negative (0: a tombstone "
+                        "goes as soon as every live peer has read past it)")
+    if replication.log_retain_events is not None and replication.log_retain_events < 0:
+        problems.append("replication.log_retain_events must not be negative")
+    return problems
 
 
 # -- ports -------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, Writ
 
 from . import fingerprints, keys
 from .blobstore import fsync_directory
-from .records import Event, decode, encode
+from .records import Event, TombstoneCandidate, decode, encode
 from .storage_faults import StorageFaults
 
 MEMTABLE_BYTES = 2 * 1024 * 1024        # flushed to a table file beyond this
@@ -79,7 +80,8 @@ class Batch:
 
 class MetadataStore:
     def __init__(self, path: Path, *, sync: bool = True,
-                 faults: StorageFaults | None = None) -> None:
+                 faults: StorageFaults | None = None,
+                 wall_ns: Callable[[], int] = time.time_ns) -> None:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         options.set_keep_log_file_num(3)
@@ -96,7 +98,10 @@ class MetadataStore:
         self._sync_task: asyncio.Task | None = None
         self._sync_waiters: list[tuple[int, asyncio.Future]] = []
         self._directories: set[Path] = set()   # to fsync before the next WAL sync
-        self._last_seq = self._read_last_seq()
+        self._wall_ns = wall_ns                 # when a tombstone was written (its candidate)
+        floor = self._db.get(keys.LOG_FLOOR)
+        self._log_floor = int(floor) if floor else 0
+        self._last_seq = max(self._read_last_seq(), self._log_floor)
         self._listeners: list[Callable[[int], None]] = []
         self.faults = faults or StorageFaults()
         # Whether opening had to sum the registers (a database from before the
@@ -170,8 +175,37 @@ class MetadataStore:
             return keys.parse(it.key(), keys.LogKey).seq
         return 0
 
+    @property
+    def log_floor(self) -> int:
+        """The log holds the events after this sequence only (0: all of them)."""
+        return self._log_floor
+
+    def truncate_log(self, through: int) -> int:
+        """Delete the events up to ``through`` (at most the last one) and raise
+        the floor to it, in one batch; returns how many events went."""
+        through = min(through, self._last_seq)
+        if through <= self._log_floor:
+            return 0
+        wb = WriteBatch(raw_mode=True)
+        wb.delete_range(keys.log(self._log_floor + 1), keys.log(through + 1))
+        wb.put(keys.LOG_FLOOR, str(through).encode())
+        self.faults.before_write()
+        self._db.write(wb, self._write_options)
+        removed, self._log_floor = through - self._log_floor, through
+        return removed
+
+    def tombstone_candidates(self) -> Iterator[tuple[keys.TombstoneCandidateKey, TombstoneCandidate]]:
+        """Every indexed tombstone, by the sequence of the event that wrote it."""
+        for key, value in self.scan(keys.TOMB_CANDIDATE):
+            yield keys.parse(key, keys.TombstoneCandidateKey), decode(value, TombstoneCandidate)
+
+    def count(self, prefix: bytes) -> int:
+        """How many keys start with ``prefix`` (a scan: for bounded families)."""
+        return sum(1 for _ in self.scan(prefix))
+
     def read_log(self, after: int, limit: int = 1000) -> list[Event]:
-        """Events with ``seq > after``, oldest first, at most ``limit``."""
+        """Events with ``seq > after``, oldest first, at most ``limit`` (those
+        above the floor only: a caller behind it must check ``log_floor``)."""
         out: list[Event] = []
         for _, value in self.scan(keys.LOG, after=keys.log(after) if after else None):
             out.append(decode(value, Event))
@@ -251,6 +285,13 @@ class MetadataStore:
             stamped = structs.replace(event, seq=seq, origin_seq=origin_seq)
             wb.put(keys.log(seq), encode(stamped))
             committed.append(stamped)
+        tombstones = [(key, value) for key, value in batch.puts.items()
+                      if key.startswith(keys.TOMB)]
+        if tombstones:
+            written = self._wall_ns()
+            for key, value in tombstones:
+                wb.put(keys.tombstone_candidate(seq, key),
+                       encode(TombstoneCandidate(written, value)))
         try:
             self._db.write(wb, self._write_options)
         except Exception as exc:  # rocksdict raises plain Exceptions for IO errors

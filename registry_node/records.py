@@ -167,6 +167,29 @@ class Cursor(msgspec.Struct, frozen=True):
     seq: int
 
 
+class LogReader(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A peer reading this node's log (``replicator.retention``): the cursor it
+    last reported as persisted (of this log), which incarnation of it
+    (its node id) reported it, and when it was last heard from. ``unproven_hlc``
+    and ``unproven_seq``: the highest HLC (capped at its last contact) and log
+    sequence of the tombstones collected here while it was away past the horizon
+    and had not read them; zero once it has read past them."""
+
+    seq: int = 0
+    node_id: str = ""
+    seen_ns: int = 0
+    unproven_hlc: int = 0
+    unproven_seq: int = 0
+
+
+class TombstoneCandidate(msgspec.Struct, frozen=True):
+    """A tombstone as written (its exact value, so that a newer one at the same
+    key is told apart) and when it was written here."""
+
+    written_ns: int
+    tombstone: bytes
+
+
 class ReplicationFailure(msgspec.Struct, frozen=True):
     reason: str
     at_ns: int

@@ -41,6 +41,7 @@ from .metrics import ReplicationMetrics
 from .peer_identity import PeerCredentials
 from .peers import SERVER_OPTIONS, PeerClient
 from .quorum import ZoneQuorum
+from .retention import LogRetention
 from .service import ReplicationService
 from .staleness import PeerRescue
 from .status import ImageStatus
@@ -69,6 +70,7 @@ class Replication:
         self.service: ReplicationService | None = None
         self.transfer: Transfer | None = None
         self.anti_entropy: AntiEntropy | None = None
+        self.retention: LogRetention | None = None
         self.quorum: ZoneQuorum | None = None
         self.replica: Replica | None = None
         self._status = ImageStatus(self)
@@ -94,6 +96,12 @@ class Replication:
         self.metrics.track_log(lambda: node.meta.last_seq)
         self.metrics.refresh = self._refresh_queue_depths
         self.metrics.track_anti_entropy(self._anti_entropy_counters)
+        self.retention = LogRetention(
+            node.meta, peers=lambda: [p.label for p in self.view.peers],
+            horizon_s=settings.peer_horizon_s, grace_s=settings.tombstone_grace_s,
+            retain_events=settings.log_retain_events, interval_s=settings.compaction_interval_s,
+            wall_ns=node.registry.wall_ns)
+        self.metrics.track_retention(self._metadata_counters)
         app[METRICS].registry.register(self.metrics)
         if view.zone_redundant:
             self.quorum = ZoneQuorum(_label(view.region, view.zone), list(view.quorum_zones),
@@ -113,7 +121,7 @@ class Replication:
             # One WAN copy per region means remote zones fetch from one sibling:
             # blobs then go with events only to this node's own region.
             inline_blobs_across_regions=not settings.one_wan_copy_per_region,
-            certified_peers=self.credentials is not None)
+            certified_peers=self.credentials is not None, retention=self.retention)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pbg.add_ReplicationServicer_to_server(self.service, server)
         port = _listen(server, view.grpc_listen, self.credentials)
@@ -122,12 +130,15 @@ class Replication:
         await server.start()
         self.anti_entropy = AntiEntropy(self.transfer, self.residency, self.clients,
                                         settings.anti_entropy_interval_s)
+        self.anti_entropy.unproven_of = self.retention.unproven
+        self.anti_entropy.stale_deletion = self.retention.stale_deletion
         self.rescue = PeerRescue(self)
         node.registry.peers = self.rescue
         self.subscriptions = []
         for client in self.clients:
             self._subscribe(client)
-        tasks = [asyncio.create_task(self.anti_entropy.run(), name="anti-entropy")]
+        tasks = [asyncio.create_task(self.anti_entropy.run(), name="anti-entropy"),
+                 asyncio.create_task(self.retention.run(), name="retention")]
         if self.view_file is not None:
             tasks.append(asyncio.create_task(self._watch_view(), name="view-watch"))
         log.info("replication_started", grpc=self.grpc_address, peers=[c.name for c in self.clients],
@@ -154,7 +165,7 @@ class Replication:
         subscription = Subscription(client, self.transfer, lambda: self.clients, self.metrics,
                                     on_connect=self.anti_entropy.sync_with,
                                     acknowledge=self.view.is_zone_peer(client.peer),
-                                    origins=self.origins)
+                                    origins=self.origins, resync=self.anti_entropy.resync)
         self.subscriptions.append(subscription)
         self.origins.add(subscription)
         self._tasks[client.name] = asyncio.create_task(subscription.run(),
@@ -244,6 +255,7 @@ class Replication:
                 "not_waited_for": dict(self.rescue.not_waited_for) if self.rescue else {},
             },
             "anti_entropy": self._anti_entropy_counters(),
+            "metadata": self._metadata_counters(),
             "content": self.replica.content_summary() if self.replica else {},
             "memory": _memory(node),
         })
@@ -253,6 +265,17 @@ class Replication:
             return dict.fromkeys(("rounds", "repaired", "buckets_differing", "compared",
                                   "fetched"), 0)
         return self.anti_entropy.counters()
+
+    def _metadata_counters(self) -> dict[str, int]:
+        """Bounded metadata: the log and tombstones (``retention``), and what
+        anti-entropy dropped or left out as unproven."""
+        if self.retention is None:
+            return {}
+        counts = self.retention.counters()
+        if self.anti_entropy is not None:
+            counts |= {"unproven_dropped": self.anti_entropy.dropped,
+                       "unproven_not_adopted": self.anti_entropy.not_adopted}
+        return counts
 
     def _refresh_queue_depths(self) -> None:
         for sub in self.subscriptions:

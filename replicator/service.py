@@ -65,6 +65,7 @@ from .metrics import ReplicationMetrics
 from .peer_identity import certified_location
 from .quorum import ZoneQuorum
 from .residency import ResidencyPolicy
+from .retention import LogRetention
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
 
@@ -96,8 +97,9 @@ class ReplicationService(pbg.ReplicationServicer):
     def __init__(self, replica: Replica, feed: LogFeed, residency: ResidencyPolicy,
                  quorum: ZoneQuorum | None, metrics: ReplicationMetrics,
                  chunk_size: int = 1 << 20, *, inline_blobs_across_regions: bool = True,
-                 certified_peers: bool = False) -> None:
+                 certified_peers: bool = False, retention: LogRetention | None = None) -> None:
         self.replica = replica
+        self.retention = retention
         self.certified_peers = certified_peers
         self.inline_blobs_across_regions = inline_blobs_across_regions
         self.registry = replica.registry
@@ -155,16 +157,35 @@ class ReplicationService(pbg.ReplicationServicer):
             or cursor > self.feed.last_seq
         if reset:
             cursor = 0
+        meta = self.replica.meta
+        if cursor < meta.log_floor and not start.resyncs:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                                f"events after {cursor} are truncated from this log (floor "
+                                f"{meta.log_floor}); upgrade the subscriber to resynchronise")
         acks = asyncio.create_task(self._read_acks(request_iterator, label))
         if self.quorum is not None:
             self.quorum.connected(label)
-        log.info("subscriber_connected", subscriber=label, cursor=cursor, reset=reset)
+        if self.retention is not None:
+            self.retention.connected(label, subscriber.node_id, cursor)
+        log.info("subscriber_connected", subscriber=label, cursor=cursor, reset=reset,
+                 log_floor=meta.log_floor)
         try:
             if reset or cursor == self.feed.last_seq:
                 # Tell the subscriber who we are (and to reset) before any event exists.
                 yield pb.EventBatch(sender=me, last_seq=cursor, cursor_reset=reset)
             while True:
-                events = self.replica.meta.read_log(cursor, BATCH_LIMIT)
+                if cursor < meta.log_floor:
+                    # What it has not read is gone: it repairs by anti-entropy,
+                    # then reads on from here (the head as this is sent).
+                    cursor = meta.last_seq
+                    log.info("subscriber_behind_floor", subscriber=label,
+                             log_floor=meta.log_floor, head=cursor)
+                    yield pb.EventBatch(
+                        sender=me, last_seq=cursor, cursor_truncated=True,
+                        log_floor=meta.log_floor,
+                        unproven_hlc=self.retention.unproven(label) if self.retention else 0)
+                    continue
+                events = meta.read_log(cursor, BATCH_LIMIT)
                 if not events:
                     if acks.done():
                         return
@@ -185,6 +206,8 @@ class ReplicationService(pbg.ReplicationServicer):
                 await acks
             if self.quorum is not None:
                 self.quorum.disconnected(label)
+            if self.retention is not None:
+                self.retention.disconnected(label)
             log.info("subscriber_gone", subscriber=label)
 
     def _own(self, event) -> bool:
@@ -292,8 +315,11 @@ class ReplicationService(pbg.ReplicationServicer):
 
     async def _read_acks(self, request_iterator: AsyncIterator[pb.SubscribeMessage], label: str) -> None:
         async for message in request_iterator:
-            if message.WhichOneof("message") == "ack" and self.quorum is not None:
+            kind = message.WhichOneof("message")
+            if kind == "ack" and self.quorum is not None:
                 self.quorum.acked(label, message.ack.applied)
+            elif kind == "cursor" and self.retention is not None:
+                self.retention.reported(label, message.cursor.persisted)
 
     # -- content ---------------------------------------------------------------
 

@@ -24,6 +24,17 @@ Every batch that arrives is counted (``batches_received``): a stream that
 delivers is the cheapest sign that its peer answers, which bounded staleness
 uses to tell a silent peer from one that is back (``replicator.staleness``).
 
+Each persisted cursor, once fsynced, is reported to the peer
+(``SubscribeCursor``): the peer truncates its log and collects tombstones
+behind the lowest cursor its peers reported (``replicator.retention``), so a
+report must never run ahead of what a restart here would resume from. When
+the peer answers that the cursor is below its log floor (``cursor_truncated``:
+this node was away past its horizon, or its cursor was reset), the events
+missed are gone: the subscription repairs this node by anti-entropy from that
+peer (``resync``, dropping what the peer says it cannot vouch for) and only
+then moves its cursor to the head the peer named; a resync that fails ends
+the session, which starts over from the same cursor.
+
 When the connection breaks, it reconnects with capped, jittered backoff and
 resumes from the persisted cursor; whatever is re-sent is a no-op. An event
 that fails permanently is recorded against its repository and digest and
@@ -62,7 +73,7 @@ from registry_node.metastore import Batch
 from registry_node.records import Cursor, Event, EventKind, decode, encode
 
 from .convert import event_from_wire
-from .errors import Outcome, ReplicationError, from_grpc, indefinite
+from .errors import Outcome, ReplicationError, from_grpc, indefinite, permanent
 from .metrics import ReplicationMetrics
 from .peers import PeerClient
 from .retry import Backoff
@@ -115,7 +126,8 @@ class Subscription:
                  metrics: ReplicationMetrics, *, on_connect: Callable[[PeerClient], Awaitable[None]] | None = None,
                  backoff: Backoff = RECONNECT_BACKOFF, acknowledge: bool = True,
                  origins: OriginStreams | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 resync: Callable[[PeerClient, int], Awaitable[object]] | None = None) -> None:
         self.peer = peer
         self.acknowledge = acknowledge   # the peer counts this node toward its zone quorum
         self.transfer = transfer
@@ -130,6 +142,11 @@ class Subscription:
         self.peer_last_seq = 0
         self.batches_received = 0       # grows with every batch: the stream delivers
         self.origins = origins
+        self.resync = resync             # anti-entropy from the peer, for a truncated cursor
+        self.resyncs = 0
+        self._report_due = asyncio.Event()
+        self._sender_id = ""             # the peer incarnation this session reads
+        self._writing = asyncio.Lock()   # one write at a time on the stream
         self._received = 0              # the peer's log up to here is applied or under way here
         self._waiting: list[tuple[int, asyncio.Future[None]]] = []
         self.origin_waits = 0           # applies of this stream waiting for another stream
@@ -170,6 +187,7 @@ class Subscription:
         self.meta.commit(batch)
         self._persisted = cursor
         self._persisted_at = asyncio.get_running_loop().time()
+        self._report_due.set()
 
     async def received(self, seq: int) -> None:
         """Return once this stream has delivered the peer's event ``seq`` (its
@@ -232,9 +250,12 @@ class Subscription:
         applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]] = asyncio.Queue(PIPELINE_DEPTH)
         acknowledger = asyncio.ensure_future(self._acknowledge(call, applying))
         reader = asyncio.ensure_future(self._read(call, applying))
+        self._report_due.clear()
+        reporter = asyncio.ensure_future(self._report(call))
         try:
-            await asyncio.wait({reader, acknowledger}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (acknowledger, reader):  # whichever stopped first says why
+            await asyncio.wait({reader, acknowledger, reporter},
+                               return_when=asyncio.FIRST_COMPLETED)
+            for task in (acknowledger, reader, reporter):  # whichever stopped first says why
                 if task.done():
                     task.result()
         except grpc.aio.AioRpcError as exc:
@@ -246,7 +267,8 @@ class Subscription:
             raise indefinite(f"subscription to {self.peer.name}: the stream ended "
                              "during a batch") from None
         finally:
-            pending = [reader, acknowledger, *(t for _, tasks in _drain(applying) for t in tasks)]
+            pending = [reader, acknowledger, reporter,
+                       *(t for _, tasks in _drain(applying) for t in tasks)]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -258,10 +280,13 @@ class Subscription:
     async def _read(self, call: grpc.aio.StreamStreamCall,
                     applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]]) -> None:
         cursor = self.cursor()
-        await call.write(self.peer.start_message(cursor.node_id, cursor.seq))
+        start = self.peer.start_message(cursor.node_id, cursor.seq)
+        start.start.resyncs = self.resync is not None
+        await call.write(start)
         first = True
         async for batch in call:
             self.batches_received += 1
+            self._sender_id = batch.sender.node_id
             if first:
                 first = False
                 self.connected = True
@@ -271,6 +296,12 @@ class Subscription:
                 if self.on_connect is not None:
                     asyncio.ensure_future(self.on_connect(self.peer))
             self.peer_last_seq = max(batch.last_seq, self.peer_last_seq)
+            if batch.cursor_truncated:
+                await applying.join()     # nothing before it is still being applied
+                await self._resync(batch)
+                self._delivered(batch.last_seq)
+                await applying.put((Cursor(batch.sender.node_id, batch.last_seq), []))
+                continue
             tasks: list[asyncio.Task] = []
             if any(m.kind not in _BLOB_WIRE_KINDS for m in batch.events):
                 await applying.join()  # every blob before these events is here
@@ -289,6 +320,33 @@ class Subscription:
             del batch
             await applying.put((cursor, tasks))
 
+    async def _resync(self, batch: pb.EventBatch) -> None:
+        """The peer's log no longer holds what this node has not read: repair
+        from its state instead (a ``ReplicationError`` ends the session, and the
+        cursor stays where it was)."""
+        if self.resync is None:
+            raise permanent(f"{self.peer.name} truncated its log below this node's cursor "
+                            f"{self.cursor().seq} (floor {batch.log_floor}) and nothing here "
+                            "can resynchronise")
+        log.info("resync_started", peer=self.peer.name, cursor=self.cursor().seq,
+                 log_floor=batch.log_floor, head=batch.last_seq, unproven_hlc=batch.unproven_hlc)
+        await self.resync(self.peer, batch.unproven_hlc)
+        self.resyncs += 1
+        log.info("resync_done", peer=self.peer.name, head=batch.last_seq)
+
+    async def _report(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Tell the peer each cursor persisted here, once it is fsynced."""
+        while True:
+            await self._report_due.wait()
+            self._report_due.clear()
+            cursor = self._persisted
+            if cursor is None or cursor.node_id != self._sender_id:
+                continue       # of another incarnation of the peer: not of this log
+            await self.meta.synced()
+            async with self._writing:
+                await call.write(pb.SubscribeMessage(
+                    cursor=pb.SubscribeCursor(persisted=cursor.seq)))
+
     async def _acknowledge(self, call: grpc.aio.StreamStreamCall,
                            applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]]) -> None:
         while True:
@@ -300,7 +358,9 @@ class Subscription:
                 self.metrics.queue_depth.labels(self.peer.name).set(self.lag_events)
                 if self.acknowledge:
                     await self.meta.synced()  # an acknowledgement promises durable here
-                    await call.write(pb.SubscribeMessage(ack=pb.SubscribeAck(applied=cursor.seq)))
+                    async with self._writing:
+                        await call.write(pb.SubscribeMessage(
+                            ack=pb.SubscribeAck(applied=cursor.seq)))
             finally:
                 applying.task_done()
 

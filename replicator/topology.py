@@ -53,6 +53,16 @@ class ReplicationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # default spec), the siblings' copies waiting on the fetching zone's.
     one_wan_copy_per_region: bool = False
     chunk_size: int = 1 << 20
+    # Bounded metadata (replicator.retention): a peer not heard from for
+    # peer_horizon_s no longer holds this node's log or tombstones back (it
+    # resynchronises by anti-entropy when it returns); a tombstone goes once
+    # every live peer read past it and tombstone_grace_s passed (gc_grace);
+    # the last log_retain_events events are kept whatever the cursors say;
+    # a pass every compaction_interval_s.
+    peer_horizon_s: float = 24 * 3600.0
+    tombstone_grace_s: float = 24 * 3600.0
+    log_retain_events: int = 10_000
+    compaction_interval_s: float = 60.0
 
 
 class ZoneRedundancy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -1,0 +1,323 @@
+"""Bounded metadata (replicator.retention): the event log is truncated behind
+every live peer's persisted cursor, tombstones are collected once every live
+peer read past them and the grace has passed, and a replica away past the
+horizon comes back by anti-entropy without bringing deleted content back.
+
+The rules are checked twice: on one standalone node whose clock the test moves
+(``LogRetention`` driven directly, peers played by calls the service would
+make), and on two in-process nodes with real subscriptions, links and
+anti-entropy, horizons of a second or two.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster.faults.verify import NodeTarget, verify
+from registry_node import keys
+from registry_node.config import NodeConfig
+from registry_node.metastore import Batch, MetadataStore
+from registry_node.records import Cursor, Event, EventKind, decode
+from replicator.retention import LogRetention
+from replicator.topology import ReplicationSettings
+
+from .helpers import ManualClock, eventually, push_image, start_node
+from .replication_invariants import (
+    layered_image,
+    metric_sum,
+    metrics_text,
+    start_cluster,
+    stop_cluster,
+)
+
+PEER = "westeurope"
+
+
+# -- the store ------------------------------------------------------------------------
+
+
+def test_a_truncated_log_keeps_its_sequence_across_a_reopen(tmp_path):
+    """With every event truncated the log holds no key; the next event must still
+    follow the last one, not start again at 1 (subscribers' cursors would reset)."""
+    meta = MetadataStore(tmp_path / "meta", sync=False)
+    try:
+        for i in range(5):
+            batch = Batch()
+            batch.event(Event(kind=EventKind.TAG_SET, repository="app", tag=f"t{i}"))
+            meta.commit(batch)
+        assert meta.truncate_log(3) == 3
+        assert [e.seq for e in meta.read_log(0)] == [4, 5]
+        assert meta.truncate_log(99) == 2 and meta.read_log(0) == []
+        assert meta.truncate_log(5) == 0
+    finally:
+        meta.close()
+    meta = MetadataStore(tmp_path / "meta", sync=False)
+    try:
+        assert (meta.last_seq, meta.log_floor) == (5, 5)
+        batch = Batch()
+        batch.event(Event(kind=EventKind.TAG_SET, repository="app", tag="next"))
+        assert meta.commit(batch)[0].seq == 6
+    finally:
+        meta.close()
+
+
+# -- one node, its clock moved by the test ----------------------------------------------
+
+
+@pytest.fixture
+async def standalone(tmp_path, http):
+    clock = ManualClock()
+    running = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0, sync=False,
+                                          gc_interval_s=3600), clock)
+    try:
+        yield running, clock
+    finally:
+        await running.stop()
+
+
+def _retention(running, clock: ManualClock, peers: list[str]) -> LogRetention:
+    return LogRetention(running.node.meta, peers=lambda: peers, horizon_s=60, grace_s=10,
+                        retain_events=0, interval_s=3600, wall_ns=clock.wall_ns)
+
+
+async def _push_and_delete(http, url: str, n: int, rng: random.Random) -> None:
+    """``n`` images pushed with a tag each, then the tag and the manifest deleted:
+    two tombstones per image (the blob links stay)."""
+    for i in range(n):
+        image = layered_image(rng, False, layers=1, layer_size=(10, 50))
+        digest = await push_image(http, url, "churn", image, tag=f"t{i}")
+        async with http.delete(f"{url}/v2/churn/manifests/t{i}") as r:
+            assert r.status == 202
+        async with http.delete(f"{url}/v2/churn/manifests/{digest}") as r:
+            assert r.status == 202
+
+
+async def test_a_tombstone_waits_for_every_live_peer_and_the_grace(standalone, http):
+    running, clock = standalone
+    meta = running.node.meta
+    retention = _retention(running, clock, [PEER])
+    retention.connected(PEER, "peer-1", 0)           # a subscriber that read nothing yet
+    await _push_and_delete(http, running.url, 3, random.Random(1))
+    held = meta.count(keys.TOMB)
+    assert held == 6
+
+    await retention.compact()
+    assert meta.count(keys.TOMB) == held and meta.log_floor == 0, "the peer has read nothing"
+    retention.reported(PEER, meta.last_seq)           # it persisted the whole log
+    await retention.compact()
+    assert meta.log_floor == meta.last_seq, "read by every peer: the log goes"
+    assert meta.count(keys.TOMB) == held, "within the grace, tombstones stay"
+
+    clock.advance(11)
+    await retention.compact()
+    assert meta.count(keys.TOMB) == 0 and retention.collected == held
+    assert not meta.has_prefix(keys.TOMB_CANDIDATE)
+    assert meta.fingerprint_discrepancies() == []
+    assert retention.unproven(PEER) == 0, "the peer read every collected tombstone"
+
+
+async def test_a_peer_away_past_the_horizon_holds_nothing_back_but_is_told(standalone, http):
+    running, clock = standalone
+    meta = running.node.meta
+    retention = _retention(running, clock, [PEER])
+    retention.connected(PEER, "peer-1", 0)
+    retention.disconnected(PEER)
+    await _push_and_delete(http, running.url, 2, random.Random(2))
+    last = meta.last_seq
+
+    clock.advance(30)                                  # within the horizon: it holds them back
+    await retention.compact()
+    assert meta.log_floor == 0 and meta.count(keys.TOMB) == 4
+
+    clock.advance(31)                                  # past it
+    await retention.compact()
+    assert meta.log_floor == last and meta.count(keys.TOMB) == 0
+    assert meta.fingerprint_discrepancies() == []
+    unproven = retention.unproven(PEER)
+    assert unproven > 0, "the away peer must be told it may hold what was deleted"
+
+    retention.connected(PEER, "peer-1", 0)             # back, below the floor: still unproven
+    assert retention.unproven(PEER) == unproven
+    retention.reported(PEER, last)                     # resynchronised up to the head
+    assert retention.unproven(PEER) == 0
+
+
+async def test_a_new_incarnation_of_a_peer_is_not_held_to_the_old_ones_account(standalone, http):
+    running, clock = standalone
+    retention = _retention(running, clock, [PEER])
+    retention.connected(PEER, "peer-1", 0)
+    retention.disconnected(PEER)
+    await _push_and_delete(http, running.url, 1, random.Random(3))
+    clock.advance(71)
+    await retention.compact()
+    assert retention.unproven(PEER) > 0
+    retention.connected(PEER, "peer-2", 0)             # wiped and recreated: holds nothing old
+    assert retention.unproven(PEER) == 0
+
+
+# -- two nodes ----------------------------------------------------------------------
+
+
+def _settings(**overrides) -> ReplicationSettings:
+    base = dict(anti_entropy_interval_s=60.0, quorum_timeout_s=5.0, peer_horizon_s=3600.0,
+                tombstone_grace_s=3600.0, log_retain_events=0, compaction_interval_s=0.2)
+    return ReplicationSettings(**(base | overrides))
+
+
+def _persisted_cursor(node, peer: str) -> int:
+    raw = node.registry.meta.get(keys.cursor(peer))
+    return decode(raw, Cursor).seq if raw is not None else 0
+
+
+async def test_truncation_never_drops_an_event_a_live_peer_has_not_read(tmp_path, http):
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")],
+                                  settings=_settings())
+    try:
+        east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        meta = east.registry.meta
+        retention = east.replication.retention
+        rng = random.Random(4)
+        for i in range(6):
+            await push_image(http, east.url, "app", layered_image(rng, False), tag=f"v{i}")
+            # At every moment: nothing above what westeurope persisted is gone.
+            assert meta.log_floor <= _persisted_cursor(west, "eastus")
+        await eventually(lambda: meta.log_floor == meta.last_seq, timeout=15,
+                         what="the log read by every peer to be truncated")
+
+        # westeurope stops reading (the link it reads through is cut), but is live.
+        cluster.links[("westeurope", "eastus")].cut()
+        cut_at = _persisted_cursor(west, "eastus")
+        for i in range(6, 10):
+            await push_image(http, east.url, "app", layered_image(rng, False), tag=f"v{i}")
+        passes = retention.passes
+        await eventually(lambda: retention.passes >= passes + 5, timeout=10,
+                         what="compaction passes")
+        assert meta.log_floor <= cut_at < meta.last_seq
+        assert meta.read_log(cut_at, 1)[0].seq == cut_at + 1, "an unread event is gone"
+
+        cluster.links[("westeurope", "eastus")].heal()
+        await eventually(lambda: west.replication.replica.resolve_tag("app", "v9") is not None,
+                         timeout=15, what="westeurope to catch up")
+        sub = next(s for s in west.replication.subscriptions if s.peer.name == "eastus")
+        assert sub.resyncs == 0, "a live peer caught up by the log, not by a resync"
+        await eventually(lambda: meta.log_floor == meta.last_seq, timeout=15,
+                         what="the log to be truncated once read")
+    finally:
+        await stop_cluster(cluster)
+
+
+async def _verify_clean(cluster) -> None:
+    targets = [NodeTarget(n.name, n.region, n.url, n.zone, n.data_dir) for n in cluster.running()]
+    report = await verify(targets, policy=cluster.residency, timeout=30)
+    assert report.error is None and not report.divergences, report.as_dict()
+
+
+def _tags(meta: MetadataStore, repo: str) -> set[str]:
+    return {keys.parse(k, keys.TagKey).tag for k, _ in meta.scan(keys.tag_prefix(repo))}
+
+
+async def test_a_replica_away_past_the_horizon_resyncs_by_anti_entropy(tmp_path, http):
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")],
+                                  settings=_settings(peer_horizon_s=1.0))
+    try:
+        east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        rng = random.Random(5)
+        await push_image(http, east.url, "app", layered_image(rng, False), tag="before")
+        await eventually(lambda: west.replication.replica.resolve_tag("app", "before"),
+                         timeout=10, what="the first image in westeurope")
+        await cluster.stop("westeurope")
+        for i in range(3):
+            await push_image(http, east.url, f"app{i}", layered_image(rng, False), tag="away")
+        meta = east.registry.meta
+        await eventually(lambda: meta.log_floor == meta.last_seq, timeout=15,
+                         what="eastus to stop keeping its log for westeurope")
+
+        await cluster.restart("westeurope")
+        west = cluster.nodes["westeurope"]
+        sub = next(s for s in west.replication.subscriptions if s.peer.name == "eastus")
+        await eventually(lambda: sub.resyncs >= 1 and sub.cursor().seq >= meta.last_seq,
+                         timeout=20, what="westeurope to resync from eastus")
+        for i in range(3):
+            assert west.replication.replica.resolve_tag(f"app{i}", "away") is not None
+        # Then it reads on from the head by the log.
+        await push_image(http, east.url, "app", layered_image(rng, False), tag="after")
+        await eventually(lambda: west.replication.replica.resolve_tag("app", "after"),
+                         timeout=10, what="the next image by the log")
+        assert sub.resyncs == 1
+        await _verify_clean(cluster)
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_a_replica_back_after_the_tombstone_grace_does_not_resurrect_deletes(tmp_path, http):
+    """The zombie: westeurope holds a tag and a manifest deleted while it was away,
+    and eastus has collected their tombstones. Neither side may bring them back."""
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")],
+                                  settings=_settings(peer_horizon_s=1.0, tombstone_grace_s=0.5))
+    try:
+        east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        rng = random.Random(6)
+        doomed = await push_image(http, east.url, "app", layered_image(rng, False), tag="doomed")
+        await push_image(http, east.url, "app", layered_image(rng, False), tag="kept")
+        await eventually(lambda: west.replication.replica.resolve_tag("app", "doomed"),
+                         timeout=10, what="both images in westeurope")
+        await eventually(lambda: west.replication.replica.resolve_tag("app", "kept"), timeout=10)
+        await cluster.stop("westeurope")
+
+        async with http.delete(f"{east.url}/v2/app/manifests/{doomed}") as r:
+            assert r.status == 202
+        await push_image(http, east.url, "app", layered_image(rng, False), tag="new")
+        meta = east.registry.meta
+        await eventually(lambda: meta.count(keys.TOMB) == 0, timeout=15,
+                         what="eastus to collect the tombstones westeurope never read")
+        assert east.replication.retention.unproven("westeurope") > 0
+
+        stored = MetadataStore(west.data_dir / "meta", sync=False)
+        try:
+            assert _tags(stored, "app") == {"doomed", "kept"}, "the zombie is on its disk"
+        finally:
+            stored.close()
+
+        await cluster.restart("westeurope")
+        west = cluster.nodes["westeurope"]
+        sub = next(s for s in west.replication.subscriptions if s.peer.name == "eastus")
+        await eventually(lambda: sub.resyncs >= 1, timeout=20, what="westeurope to resync")
+        await eventually(lambda: west.replication.replica.resolve_tag("app", "new"), timeout=10)
+        # Anti-entropy both ways, on purpose, once the dust has settled.
+        for node in (east, west):
+            for peer in node.replication.clients:
+                await node.replication.anti_entropy.sync_with(peer)
+        for node in (east, west):
+            assert _tags(node.registry.meta, "app") == {"kept", "new"}, node.name
+            assert node.replication.replica.manifest_record("app", doomed) is None, node.name
+            assert node.registry.meta.fingerprint_discrepancies() == []
+        await _verify_clean(cluster)
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_metadata_stays_bounded_under_push_delete_churn(tmp_path, http):
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")],
+                                  settings=_settings(tombstone_grace_s=0.3))
+    try:
+        east = cluster.nodes["eastus"]
+        await _push_and_delete(http, east.url, 20, random.Random(7))
+        written = east.registry.meta.last_seq
+        for node in cluster.running():
+            meta = node.registry.meta
+            await eventually(lambda m=meta: m.log_floor == m.last_seq and m.count(keys.TOMB) == 0,
+                             timeout=20, what=f"{node.name}'s log and tombstones to be compacted")
+            assert not meta.has_prefix(keys.TOMB_CANDIDATE)
+            assert meta.fingerprint_discrepancies() == []
+        # What the node reports of it, beside anti-entropy's counters.
+        async with http.get(f"{east.url}/georeg/v1/node") as r:
+            counts = (await r.json())["metadata"]
+        assert counts["log_events"] == 0 and counts["tombstones_held"] == 0
+        assert counts["log_floor"] >= written and counts["tombstones_collected"] >= 40
+        text = await metrics_text(http, east)
+        assert metric_sum(text, "georeg_metadata", what="tombstones_collected") >= 40
+        assert metric_sum(text, "georeg_metadata", what="log_events") == 0
+    finally:
+        await stop_cluster(cluster)

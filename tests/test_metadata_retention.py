@@ -20,6 +20,7 @@ from registry_node import keys
 from registry_node.config import NodeConfig
 from registry_node.metastore import Batch, MetadataStore
 from registry_node.records import Cursor, Event, EventKind, decode
+from replicator.antientropy import AntiEntropy
 from replicator.retention import LogRetention
 from replicator.topology import ReplicationSettings
 
@@ -218,7 +219,13 @@ def _tags(meta: MetadataStore, repo: str) -> set[str]:
     return {keys.parse(k, keys.TagKey).tag for k, _ in meta.scan(keys.tag_prefix(repo))}
 
 
-async def test_a_replica_away_past_the_horizon_resyncs_by_anti_entropy(tmp_path, http):
+async def test_a_replica_away_past_the_horizon_resyncs_by_anti_entropy(tmp_path, http,
+                                                                       monkeypatch):
+    """Only the resync can repair it: the rounds anti-entropy runs on its own (on
+    connecting, and every minute) are switched off."""
+    async def no_round(self, peer) -> int:
+        return 0
+    monkeypatch.setattr(AntiEntropy, "sync_with", no_round)
     cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")],
                                   settings=_settings(peer_horizon_s=1.0))
     try:

@@ -200,7 +200,7 @@ class LogRetention:
     async def _collect(self, read_by_all: int, away: dict[str, LogReader], now: int) -> int:
         collected = 0
         batch = Batch()
-        for key, candidate in list(self.meta.tombstone_candidates()):
+        for key, candidate in self.meta.tombstone_candidates():
             if key.seq > read_by_all or candidate.written_ns + self.grace_ns > now:
                 break                  # later ones were written later: none is due
             tombstone = decode(candidate.tombstone, Tombstone)

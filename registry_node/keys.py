@@ -277,6 +277,11 @@ def register(key: bytes) -> TagKey | ManifestKey | TagTombKey | ManifestTombKey 
     return None
 
 
+def is_tombstone(key: bytes) -> bool:
+    """Whether ``key`` is a tombstone's (``tomb\\0…``)."""
+    return key.startswith(TOMB)
+
+
 def in_repository(key: bytes, name: str) -> bool:
     """Whether ``key`` is stored under repository ``name`` (``r\\0<name>\\0…``)."""
     return key.startswith(repo_prefix(name))

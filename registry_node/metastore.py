@@ -199,9 +199,9 @@ class MetadataStore:
         for key, value in self.scan(keys.TOMB_CANDIDATE):
             yield keys.parse(key, keys.TombstoneCandidateKey), decode(value, TombstoneCandidate)
 
-    def count(self, prefix: bytes) -> int:
-        """How many keys start with ``prefix`` (a scan: for bounded families)."""
-        return sum(1 for _ in self.scan(prefix))
+    def tombstones_held(self) -> int:
+        """How many tombstones the node holds (a scan: they are collected, so few)."""
+        return sum(1 for _ in self.scan(keys.TOMB))
 
     def read_log(self, after: int, limit: int = 1000) -> list[Event]:
         """Events with ``seq > after``, oldest first, at most ``limit`` (those
@@ -286,7 +286,7 @@ class MetadataStore:
             wb.put(keys.log(seq), encode(stamped))
             committed.append(stamped)
         tombstones = [(key, value) for key, value in batch.puts.items()
-                      if key.startswith(keys.TOMB)]
+                      if keys.is_tombstone(key)]
         if tombstones:
             written = self._wall_ns()
             for key, value in tombstones:

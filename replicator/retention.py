@@ -87,7 +87,7 @@ class LogRetention:
         self.truncated = 0                   # events dropped from the log since start
         self.collected = 0                   # tombstones collected since start
         self.passes = 0
-        self.tombstones = meta.count(keys.TOMB)
+        self.tombstones = meta.tombstones_held()
 
     def counters(self) -> dict[str, int]:
         """Log length and floor, tombstones held and collected (``/georeg/v1/node``, ``/metrics``)."""
@@ -191,7 +191,7 @@ class LogRetention:
         self.truncated += removed
         collected = await self._collect(read_by_all, away, now)
         self.collected += collected
-        self.tombstones = self.meta.count(keys.TOMB)
+        self.tombstones = self.meta.tombstones_held()
         self.passes += 1
         if removed or collected:
             log.info("compacted", log_events_removed=removed, log_floor=self.meta.log_floor,

@@ -101,19 +101,19 @@ async def test_a_tombstone_waits_for_every_live_peer_and_the_grace(standalone, h
     retention = _retention(running, clock, [PEER])
     retention.connected(PEER, "peer-1", 0)           # a subscriber that read nothing yet
     await _push_and_delete(http, running.url, 3, random.Random(1))
-    held = meta.count(keys.TOMB)
+    held = meta.tombstones_held()
     assert held == 6
 
     await retention.compact()
-    assert meta.count(keys.TOMB) == held and meta.log_floor == 0, "the peer has read nothing"
+    assert meta.tombstones_held() == held and meta.log_floor == 0, "the peer has read nothing"
     retention.reported(PEER, meta.last_seq)           # it persisted the whole log
     await retention.compact()
     assert meta.log_floor == meta.last_seq, "read by every peer: the log goes"
-    assert meta.count(keys.TOMB) == held, "within the grace, tombstones stay"
+    assert meta.tombstones_held() == held, "within the grace, tombstones stay"
 
     clock.advance(11)
     await retention.compact()
-    assert meta.count(keys.TOMB) == 0 and retention.collected == held
+    assert meta.tombstones_held() == 0 and retention.collected == held
     assert not meta.has_prefix(keys.TOMB_CANDIDATE)
     assert meta.fingerprint_discrepancies() == []
     assert retention.unproven(PEER) == 0, "the peer read every collected tombstone"
@@ -130,11 +130,11 @@ async def test_a_peer_away_past_the_horizon_holds_nothing_back_but_is_told(stand
 
     clock.advance(30)                                  # within the horizon: it holds them back
     await retention.compact()
-    assert meta.log_floor == 0 and meta.count(keys.TOMB) == 4
+    assert meta.log_floor == 0 and meta.tombstones_held() == 4
 
     clock.advance(31)                                  # past it
     await retention.compact()
-    assert meta.log_floor == last and meta.count(keys.TOMB) == 0
+    assert meta.log_floor == last and meta.tombstones_held() == 0
     assert meta.fingerprint_discrepancies() == []
     unproven = retention.unproven(PEER)
     assert unproven > 0, "the away peer must be told it may hold what was deleted"
@@ -277,7 +277,7 @@ async def test_a_replica_back_after_the_tombstone_grace_does_not_resurrect_delet
             assert r.status == 202
         await push_image(http, east.url, "app", layered_image(rng, False), tag="new")
         meta = east.registry.meta
-        await eventually(lambda: meta.count(keys.TOMB) == 0, timeout=15,
+        await eventually(lambda: meta.tombstones_held() == 0, timeout=15,
                          what="eastus to collect the tombstones westeurope never read")
         assert east.replication.retention.unproven("westeurope") > 0
 
@@ -314,7 +314,7 @@ async def test_metadata_stays_bounded_under_push_delete_churn(tmp_path, http):
         written = east.registry.meta.last_seq
         for node in cluster.running():
             meta = node.registry.meta
-            await eventually(lambda m=meta: m.log_floor == m.last_seq and m.count(keys.TOMB) == 0,
+            await eventually(lambda m=meta: m.log_floor == m.last_seq and m.tombstones_held() == 0,
                              timeout=20, what=f"{node.name}'s log and tombstones to be compacted")
             assert not meta.has_prefix(keys.TOMB_CANDIDATE)
             assert meta.fingerprint_discrepancies() == []

@@ -246,7 +246,7 @@ class Replication:
             "peers": [{
                 "name": s.peer.name, "region": s.peer.peer.region, "zone": s.peer.peer.zone,
                 "connected": s.connected, "behind_events": s.lag_events,
-                "last_error": s.last_error or None,
+                "last_error": s.last_error or None, "resyncs": s.resyncs,
                 "silent": self.rescue.is_silent(s.peer.name) if self.rescue else False,
             } for s in self.subscriptions],
             "rescue": {

@@ -14,6 +14,8 @@ The key space::
     meta\\0keycheck                        → key check value   which node key encrypted this DB
     meta\\0fingerprints                    → scheme (ascii int) the fp\\0 sums below are maintained
     meta\\0logfloor                        → seq (ascii int)   the log is truncated up to here
+    meta\\0tombindex                       → scheme (ascii int) every tombstone has its tgc\\0 entry
+    meta\\0tombstones                      → count (ascii int) tombstones held (kept by each commit)
     log\\0<seq:u64be>                       → Event             the replication log, seq from 1
                                                                 (above meta\\0logfloor)
     blob\\0<digest>                         → BlobRecord        the node holds this blob's file
@@ -31,7 +33,7 @@ The key space::
     ├── m\\0<digest>                        → Tombstone         a deleted manifest
     └── b\\0<digest>                        → Tombstone         a deleted blob link
     cursor\\0<peer name>                    → Cursor            how far a peer's log is applied
-    reader\\0<region/zone>                  → LogReader         how far a peer has read this log
+    reader\\0<node name>                   → LogReader         how far a node has read this log
                                                                 (``replicator.retention``)
     tgc\\0<seq:u64be><tomb key>              → TombstoneCandidate  a tombstone written by the
                                                                 event at <seq>, to collect once
@@ -79,6 +81,8 @@ HLC = META + b"hlc"
 KEY_CHECK = META + b"keycheck"
 FINGERPRINTS = META + b"fingerprints"
 LOG_FLOOR = META + b"logfloor"
+TOMB_INDEX = META + b"tombindex"
+TOMB_COUNT = META + b"tombstones"
 
 LOG = b"log\x00"
 BLOB = b"blob\x00"
@@ -214,8 +218,8 @@ def cursor(peer: str) -> bytes:
     return CURSOR + _b(peer)
 
 
-def reader(label: str) -> bytes:
-    return READER + _b(label)
+def reader(name: str) -> bytes:
+    return READER + _b(name)
 
 
 def tombstone_candidate(seq: int, tomb_key: bytes) -> bytes:
@@ -421,15 +425,19 @@ class CursorKey(msgspec.Struct, frozen=True):
 
 
 class ReaderKey(msgspec.Struct, frozen=True):
-    """A peer (``region/zone``) reading this node's log."""
+    """A node (by its name: a region/zone label is ambiguous, see
+    ``replicator.retention``) reading this node's log."""
 
-    label: str
+    name: str
 
     def encode(self) -> bytes:
-        return reader(self.label)
+        return reader(self.name)
 
 
 class TombstoneCandidateKey(msgspec.Struct, frozen=True):
+    """A tombstone (``tomb``: its key) to collect once every reader of this log
+    read past the event at ``seq`` that wrote it (``replicator.retention``)."""
+
     seq: int
     tomb: TagTombKey | ManifestTombKey | BlobTombKey
 
@@ -492,7 +500,7 @@ _TOMB_CANDIDATE_HEAD = _head(TOMB_CANDIDATE)
 _META_HEAD = _head(META)
 _META_NAMES = frozenset(k.removeprefix(META).decode()
                         for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK, FINGERPRINTS,
-                                                   LOG_FLOOR))
+                                  LOG_FLOOR, TOMB_INDEX, TOMB_COUNT))
 # Families whose components follow the family name directly.
 _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (REPO, RepoKey),

@@ -51,6 +51,9 @@ from .blobstore import fsync_directory
 from .records import Event, TombstoneCandidate, decode, encode
 from .storage_faults import StorageFaults
 
+# Version of the tgc\0 index and tombstone count (meta\0tombindex): a database
+# without it is indexed once at open.
+TOMB_INDEX_SCHEME = b"1"
 MEMTABLE_BYTES = 2 * 1024 * 1024        # flushed to a table file beyond this
 BLOCK_CACHE_BYTES = 2 * 1024 * 1024
 
@@ -112,6 +115,12 @@ class MetadataStore:
         self.fingerprints_rebuilt = self._db.get(keys.FINGERPRINTS) != fingerprints.SCHEME
         if self.fingerprints_rebuilt:
             self._rebuild_fingerprints()
+        # Tombstones written before they were indexed for collection (or by an
+        # older georeg) get their tgc\0 entry once, and the count is summed once.
+        self.tombstone_index_rebuilt = self._db.get(keys.TOMB_INDEX) != TOMB_INDEX_SCHEME
+        if self.tombstone_index_rebuilt:
+            self._rebuild_tombstone_index()
+        self._tombstones = int(self._db.get(keys.TOMB_COUNT) or b"0")
 
     def close(self) -> None:
         self._db.close()
@@ -199,9 +208,30 @@ class MetadataStore:
         for key, value in self.scan(keys.TOMB_CANDIDATE):
             yield keys.parse(key, keys.TombstoneCandidateKey), decode(value, TombstoneCandidate)
 
+    @property
     def tombstones_held(self) -> int:
-        """How many tombstones the node holds (a scan: they are collected, so few)."""
-        return sum(1 for _ in self.scan(keys.TOMB))
+        """How many tombstones the node holds (kept by every commit: no scan)."""
+        return self._tombstones
+
+    def _rebuild_tombstone_index(self) -> None:
+        """Give every tombstone without one a candidate entry, and count them;
+        one batch. The event that wrote such a tombstone is unknown, so it is
+        filed under the head: collected only once every reader read past
+        everything logged so far, which is later than its own event, never
+        earlier."""
+        indexed = {keys.parse(k, keys.TombstoneCandidateKey).tomb.encode()
+                   for k, _ in self.scan(keys.TOMB_CANDIDATE)}
+        wb = WriteBatch(raw_mode=True)
+        count = 0
+        written = self._wall_ns()
+        for key, value in self.scan(keys.TOMB):
+            count += 1
+            if key not in indexed:
+                wb.put(keys.tombstone_candidate(self._last_seq, key),
+                       encode(TombstoneCandidate(written, value)))
+        wb.put(keys.TOMB_COUNT, str(count).encode())
+        wb.put(keys.TOMB_INDEX, TOMB_INDEX_SCHEME)
+        self._db.write(wb, self._write_options)
 
     def read_log(self, after: int, limit: int = 1000) -> list[Event]:
         """Events with ``seq > after``, oldest first, at most ``limit`` (those
@@ -286,12 +316,18 @@ class MetadataStore:
             wb.put(keys.log(seq), encode(stamped))
             committed.append(stamped)
         tombstones = [(key, value) for key, value in batch.puts.items()
-                      if keys.is_tombstone(key)]
+                      if keys.is_tombstone(key) and key not in batch.deletes]
+        held = self._tombstones
         if tombstones:
             written = self._wall_ns()
             for key, value in tombstones:
+                held += self._db.get(key) is None
                 wb.put(keys.tombstone_candidate(seq, key),
                        encode(TombstoneCandidate(written, value)))
+        held -= sum(1 for key in batch.deletes
+                    if keys.is_tombstone(key) and self._db.get(key) is not None)
+        if held != self._tombstones:
+            wb.put(keys.TOMB_COUNT, str(held).encode())
         try:
             self._db.write(wb, self._write_options)
         except Exception as exc:  # rocksdict raises plain Exceptions for IO errors
@@ -299,6 +335,7 @@ class MetadataStore:
                 raise OSError(errno.ENOSPC, f"metadata write failed: {exc}") from None
             raise
         self._written += 1
+        self._tombstones = held
         if committed:
             self._last_seq = seq
             for listener in self._listeners:

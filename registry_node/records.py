@@ -168,18 +168,13 @@ class Cursor(msgspec.Struct, frozen=True):
 
 
 class LogReader(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A peer reading this node's log (``replicator.retention``): the cursor it
-    last reported as persisted (of this log), which incarnation of it
-    (its node id) reported it, and when it was last heard from. ``unproven_hlc``
-    and ``unproven_seq``: the highest HLC (capped at its last contact) and log
-    sequence of the tombstones collected here while it was away past the horizon
-    and had not read them; zero once it has read past them."""
+    """A node reading this node's log (``replicator.retention``): the cursor it
+    last reported as persisted (of this log), which incarnation of it (its
+    node id) reported it, and when it was last heard from."""
 
     seq: int = 0
     node_id: str = ""
     seen_ns: int = 0
-    unproven_hlc: int = 0
-    unproven_seq: int = 0
 
 
 class TombstoneCandidate(msgspec.Struct, frozen=True):

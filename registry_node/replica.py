@@ -460,52 +460,6 @@ class Replica:
         return (self.meta.get(keys.manifest(repo, key)) is not None
                 or self.meta.get(keys.manifest_tomb(repo, key)) is not None)
 
-    def drop_unproven(self, repo: str, theirs: dict[str, list[RegisterState]], below_hlc: int,
-                      visible: Callable[[str], bool]) -> int:
-        """Drop the tags and manifests of ``repo`` that pass ``visible``, are
-        stamped at or below ``below_hlc`` and that ``theirs`` (a peer's
-        ``repository_state``) holds nothing of: that peer may have deleted them
-        and collected the tombstone while this node was away
-        (``replicator.retention``). No tombstone is left and no event logged —
-        the peers hold nothing of them already. A manifest that a kept manifest
-        of the repository needs stays (referential integrity); tags pointing at
-        a manifest dropped go with it. Returns how many registers went."""
-        if not below_hlc:
-            return 0
-        their_tags = {r.key for r in theirs["tags"]}
-        their_manifests = {r.key for r in theirs["manifests"]}
-        doomed: dict[str, ManifestRecord] = {}
-        for key, raw in self.meta.scan(keys.manifest_prefix(repo)):
-            record = decode(raw, ManifestRecord)
-            digest = keys.parse(key, keys.ManifestKey).digest
-            if (record.hlc <= below_hlc and digest not in their_manifests
-                    and visible(record.residency_region)):
-                doomed[digest] = record
-        while True:   # spare what a kept manifest needs, until nothing more is spared
-            spared = [d for d in doomed if any(
-                keys.parse(k, keys.RefKey).manifest not in doomed
-                for k, _ in self.meta.scan(keys.ref_repo_prefix(d, repo)))]
-            if not spared:
-                break
-            for digest in spared:
-                del doomed[digest]
-        batch = Batch()
-        dropped = len(doomed)
-        for key, raw in self.meta.scan(keys.tag_prefix(repo)):
-            record = decode(raw, TagRecord)
-            tag = keys.parse(key, keys.TagKey).tag
-            if record.digest in doomed or (record.hlc <= below_hlc and tag not in their_tags
-                                           and visible(record.origin_region)):
-                batch.delete(key)
-                dropped += 1
-        for digest, record in doomed.items():
-            self.registry.stage_manifest_removal(batch, repo, digest, record)
-        if not batch:
-            return 0
-        self.registry.drop_repo_if_emptied(batch, repo)
-        self.meta.commit(batch)
-        return dropped
-
     def fingerprint(self, repo: str, visible: Callable[[str], bool],
                     scheme: int = fingerprints.SUMMED) -> bytes:
         """A digest of ``repository_state``: equal fingerprints, equal state.

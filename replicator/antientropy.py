@@ -20,15 +20,13 @@ bucket's sum cannot be filtered, and every repository's fingerprint is
 compared (still a read each). A peer of an older georeg is compared in the
 scheme it knows (recomputed: O(content)).
 
-With bounded metadata (``replicator.retention``) two more rules apply, both
-only to a key this node holds nothing of (a value or a tombstone): a deletion
-past the tombstone grace is not stored (it would only be collected again,
-while the peers that collected it differ from this node until then); and a
-value a peer offers that is stamped at or below what the peer cannot prove
-(``unproven_of``: tombstones collected here while it was away) is not
-adopted. ``resync`` is the repair of a subscriber whose cursor fell below a
-peer's log floor: a full round that waits for any round in progress, raises
-on failure, and first drops what the peer says it cannot vouch for.
+With bounded metadata (``replicator.retention``) one more rule applies: a
+deletion past the tombstone grace, for a key this node holds nothing of (no
+value, no tombstone), is not stored. Nodes collect a tombstone at different
+moments; storing it again here would only have it logged and collected again
+(see ``replicator.retention`` for why nothing is lost). ``resync`` is the
+repair of a subscriber whose cursor fell below a peer's log floor: a full
+round that waits for any round in progress and raises on failure.
 """
 
 from __future__ import annotations
@@ -71,10 +69,8 @@ class AntiEntropy:
         self.buckets_differing = 0
         self.compared = 0
         self.fetched = 0
-        self.dropped = 0          # registers dropped as unproven (resyncs)
-        self.not_adopted = 0      # registers of a peer left out by the two rules above
+        self.stale_deletions = 0  # a peer's deletions past the grace, not stored (see above)
         # Bounded metadata (``replicator.retention``), wired by the runtime.
-        self.unproven_of: Callable[[str], int] = lambda label: 0
         self.stale_deletion: Callable[[int], bool] = lambda hlc: False
 
     def counters(self) -> dict[str, int]:
@@ -103,15 +99,15 @@ class AntiEntropy:
                 log.info("anti_entropy_failed", peer=peer.name, error=exc.reason)
                 return 0
 
-    async def resync(self, peer: PeerClient, unproven_hlc: int = 0) -> int:
+    async def resync(self, peer: PeerClient) -> int:
         """Repair this node from ``peer`` in full, for a cursor its log no longer
         continues: waits for a round with it in progress rather than skipping,
-        and raises ``ReplicationError`` if it fails. Registers this node holds,
-        ``peer`` holds nothing of, stamped at or below ``unproven_hlc`` are
-        dropped (``Replica.drop_unproven``)."""
+        and raises ``ReplicationError`` if it fails. Every deletion this node
+        missed is among the peer's tombstones still: the peer collects none
+        before every reader, this node included, read past it."""
         lock = self._locks.setdefault(peer.name, asyncio.Lock())
         async with lock:
-            return await self._sync(peer, drop_below=unproven_hlc)
+            return await self._sync(peer)
 
     def _visible(self, repository: str, peer_region: str):
         def visible(origin_region: str) -> bool:
@@ -119,45 +115,38 @@ class AntiEntropy:
                     and self.residency.allows(origin_region, repository, self.region))
         return visible
 
-    async def _repository_summaries(self, peer: PeerClient
-                                    ) -> tuple[pb.Summary, list, list[int] | None]:
+    async def _repository_summaries(self, peer: PeerClient) -> tuple[pb.Summary, list]:
         """The peer's summary, and its fingerprints of the repositories worth
         comparing: by bucket where both sides can (only the repositories of the
         buckets that differ), otherwise every repository. The fingerprints are
         in the scheme of the summary returned with them (the one that carried
-        them: a peer replaced between two questions may answer them in two);
-        and the buckets they are of (None: all of them)."""
+        them: a peer replaced between two questions may answer them in two)."""
         if self.residency.repositories:       # per-repository rules: no bucket sums
             summary = await peer.summarize()
-            return summary, list(summary.repositories), None
+            return summary, list(summary.repositories)
         summary = await peer.summarize(buckets_only=True)
         if summary.bucket_count == 0:
-            return summary, list(summary.repositories), None   # it answered per repository
+            return summary, list(summary.repositories)   # it answered per repository
         if summary.bucket_count != keys.FINGERPRINT_BUCKETS:
             # Buckets laid out otherwise: not comparable with ours, and the
             # reply carries no repositories. Ask for every repository's.
             summary = await peer.summarize()
-            return summary, list(summary.repositories), None
+            return summary, list(summary.repositories)
         theirs = {b.bucket: b.fingerprint for b in summary.buckets}
         visible = self._visible("", peer.peer.region)
         differing = [b for b in range(keys.FINGERPRINT_BUCKETS)
                      if theirs.get(b, fingerprints.EMPTY) != self.replica.bucket_fingerprint(b, visible)]
         self.buckets_differing += len(differing)
         if not differing:
-            return summary, [], differing
+            return summary, []
         summary = await peer.summarize(buckets=differing)
-        return summary, list(summary.repositories), differing
+        return summary, list(summary.repositories)
 
-    async def _sync(self, peer: PeerClient, drop_below: int = 0) -> int:
-        summary, entries, buckets = await self._repository_summaries(peer)
+    async def _sync(self, peer: PeerClient) -> int:
+        summary, entries = await self._repository_summaries(peer)
         scheme = summary.fingerprint_scheme   # an older peer leaves it unset: RECOMPUTED
         if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
             raise permanent(f"{peer.name} fingerprints in unknown scheme {scheme}")
-        if drop_below:
-            # What only this node holds matters too: the peer may have deleted it.
-            theirs = {e.repository for e in entries}
-            entries += [pb.RepositorySummary(repository=repo)
-                        for repo in self.replica.repositories(buckets) if repo not in theirs]
         changed = 0
         for n, entry in enumerate(entries, 1):
             if n % YIELD_EVERY == 0:
@@ -169,15 +158,8 @@ class AntiEntropy:
                 continue
             self.fetched += 1
             state = await peer.repository_state(repo)
-            manifests = [register_from_wire(r) for r in state.manifests]
-            tags = [register_from_wire(r) for r in state.tags]
-            if drop_below:
-                dropped = self.replica.drop_unproven(
-                    repo, {"manifests": manifests, "tags": tags}, drop_below,
-                    self._visible(repo, peer.peer.region))
-                self.dropped += dropped
-                changed += dropped
-            changed += await self._merge(repo, manifests, tags, peer)
+            changed += await self._merge(repo, [register_from_wire(r) for r in state.manifests],
+                                         [register_from_wire(r) for r in state.tags], peer)
         if summary.configuration_fingerprint != self.replica.configuration.fingerprint():
             changed += await self._merge_configuration(peer)
         if changed:
@@ -198,7 +180,6 @@ class AntiEntropy:
     async def _merge(self, repo: str, manifests: list[RegisterState], tags: list[RegisterState],
                      peer: PeerClient) -> int:
         sources = [peer, *(p for p in self.peers if p is not peer)]
-        unproven = self.unproven_of(peer.peer.label)
         steps = (
             [(EventKind.MANIFEST_PUT, r) for r in manifests if not r.deleted]
             + [(EventKind.TAG_SET, r) for r in tags if not r.deleted]
@@ -207,8 +188,8 @@ class AntiEntropy:
         )
         changed = 0
         for kind, register in steps:
-            if not self._adoptable(repo, kind, register, unproven):
-                self.not_adopted += 1
+            if not self._adoptable(repo, kind, register):
+                self.stale_deletions += 1
                 continue
             try:
                 if await self.transfer.apply(register_event(repo, kind, register), sources):
@@ -220,12 +201,10 @@ class AntiEntropy:
                 raise
         return changed
 
-    def _adoptable(self, repo: str, kind: EventKind, register: RegisterState,
-                   unproven: int) -> bool:
+    def _adoptable(self, repo: str, kind: EventKind, register: RegisterState) -> bool:
         """Whether to apply ``register`` (see the module docstring): always where
         this node holds something of its key, for last-writer-wins to decide."""
-        stamp = register.stamp[0]
         deletion = kind in (EventKind.TAG_DELETE, EventKind.MANIFEST_DELETE)
-        if not (self.stale_deletion(stamp) if deletion else stamp <= unproven):
+        if not (deletion and self.stale_deletion(register.stamp[0])):
             return True
         return self.replica.holds_register(repo, kind, register.key)

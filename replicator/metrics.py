@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+# Of the retention counts, those that go up and down (the rest only grow).
+_HELD = frozenset({"log_events", "log_floor", "tombstones_held"})
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60,
                120, 300)
 
@@ -65,14 +67,21 @@ class ReplicationMetrics:
             yield family
         retention = self._retention()
         if retention:
-            # Bounded metadata (replicator.retention): gauges and counts in one family.
-            family = GaugeMetricFamily(
+            # Bounded metadata (replicator.retention): what is held now (gauges)
+            # and what compaction has done since the node started (counters).
+            held = GaugeMetricFamily(
                 "georeg_metadata",
-                "Bounded metadata here: events in the log and its floor, events "
-                "truncated, tombstones held and collected, compaction passes", labels=["what"])
+                "Bounded metadata held here: events in the log, the log floor, "
+                "tombstones held", labels=["what"])
+            done = CounterMetricFamily(
+                "georeg_metadata_compaction",
+                "Bounded metadata since start: log events truncated, tombstones "
+                "collected, compaction passes, peers' stale deletions not stored",
+                labels=["what"])
             for what, count in retention.items():
-                family.add_metric([what], count)
-            yield family
+                (held if what in _HELD else done).add_metric([what], count)
+            yield held
+            yield done
 
     def track_anti_entropy(self, counters: Callable[[], dict[str, int]]) -> None:
         self._anti_entropy = counters

@@ -97,7 +97,7 @@ class Replication:
         self.metrics.refresh = self._refresh_queue_depths
         self.metrics.track_anti_entropy(self._anti_entropy_counters)
         self.retention = LogRetention(
-            node.meta, peers=lambda: [p.label for p in self.view.peers],
+            node.meta, readers=self._log_readers,
             horizon_s=settings.peer_horizon_s, grace_s=settings.tombstone_grace_s,
             retain_events=settings.log_retain_events, interval_s=settings.compaction_interval_s,
             wall_ns=node.registry.wall_ns)
@@ -109,7 +109,7 @@ class Replication:
                                      timeout_s=settings.quorum_timeout_s)
             node.registry.quorum = self.quorum
         self.credentials = _credentials(view, node.config)
-        self.clients = [PeerClient(peer, identity, credentials=self.credentials)
+        self.clients = [PeerClient(peer, identity, credentials=self.credentials, my_name=view.name)
                         for peer in view.peers]
         self.transfer = Transfer(replica, self.residency, self.metrics,
                                  concurrency=settings.transfer_concurrency,
@@ -130,7 +130,6 @@ class Replication:
         await server.start()
         self.anti_entropy = AntiEntropy(self.transfer, self.residency, self.clients,
                                         settings.anti_entropy_interval_s)
-        self.anti_entropy.unproven_of = self.retention.unproven
         self.anti_entropy.stale_deletion = self.retention.stale_deletion
         self.rescue = PeerRescue(self)
         node.registry.peers = self.rescue
@@ -206,7 +205,7 @@ class Replication:
         for name, peer in wanted.items():
             if name not in current or current[name].peer != peer:
                 client = PeerClient(peer, self.replica.registry.identity,
-                                    credentials=self.credentials)
+                                    credentials=self.credentials, my_name=self.view.name)
                 self.clients.append(client)
                 self.anti_entropy.peers.append(client)
                 self._subscribe(client)
@@ -267,15 +266,19 @@ class Replication:
         return self.anti_entropy.counters()
 
     def _metadata_counters(self) -> dict[str, int]:
-        """Bounded metadata: the log and tombstones (``retention``), and what
-        anti-entropy dropped or left out as unproven."""
+        """Bounded metadata: the log and tombstones (``retention``), and the
+        peers' deletions past the grace anti-entropy did not store."""
         if self.retention is None:
             return {}
         counts = self.retention.counters()
         if self.anti_entropy is not None:
-            counts |= {"unproven_dropped": self.anti_entropy.dropped,
-                       "unproven_not_adopted": self.anti_entropy.not_adopted}
+            counts["stale_deletions_skipped"] = self.anti_entropy.stale_deletions
         return counts
+
+    def _log_readers(self) -> list[str]:
+        """Every node that may read this node's log: its peers, and the nodes
+        that subscribe without being peers (the region's paired copy)."""
+        return [p.name for p in self.view.peers] + list(self.view.readers)
 
     def _refresh_queue_depths(self) -> None:
         for sub in self.subscriptions:

@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -62,7 +63,7 @@ from registry_node.replica import Replica
 from .convert import event_to_wire, node_ref, register_to_wire
 from .feed import LogFeed
 from .metrics import ReplicationMetrics
-from .peer_identity import certified_location
+from .peer_identity import certified_location, certified_name
 from .quorum import ZoneQuorum
 from .residency import ResidencyPolicy
 from .retention import LogRetention
@@ -91,6 +92,17 @@ LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
 
 def _label(ref: pb.NodeRef) -> str:
     return f"{ref.region}/{ref.zone}" if ref.zone else ref.region
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One subscriber's stream of the log: whose reading it reports (``reader``:
+    a node name; ``node_id``: its incarnation) and the highest sequence this
+    node has accounted for on it (``sent``), which caps what it may report."""
+
+    reader: str
+    node_id: str
+    sent: int = 0
 
 
 class ReplicationService(pbg.ReplicationServicer):
@@ -162,11 +174,12 @@ class ReplicationService(pbg.ReplicationServicer):
             await context.abort(grpc.StatusCode.OUT_OF_RANGE,
                                 f"events after {cursor} are truncated from this log (floor "
                                 f"{meta.log_floor}); upgrade the subscriber to resynchronise")
-        acks = asyncio.create_task(self._read_acks(request_iterator, label))
+        stream = _Stream(self._reader_name(start, label, context), subscriber.node_id)
+        acks = asyncio.create_task(self._read_acks(request_iterator, label, stream))
         if self.quorum is not None:
             self.quorum.connected(label)
         if self.retention is not None:
-            self.retention.connected(label, subscriber.node_id, cursor)
+            self.retention.connected(stream.reader, stream.node_id)
         log.info("subscriber_connected", subscriber=label, cursor=cursor, reset=reset,
                  log_floor=meta.log_floor)
         try:
@@ -180,10 +193,13 @@ class ReplicationService(pbg.ReplicationServicer):
                     cursor = meta.last_seq
                     log.info("subscriber_behind_floor", subscriber=label,
                              log_floor=meta.log_floor, head=cursor)
-                    yield pb.EventBatch(
-                        sender=me, last_seq=cursor, cursor_truncated=True,
-                        log_floor=meta.log_floor,
-                        unproven_hlc=self.retention.unproven(label) if self.retention else 0)
+                    if self.quorum is not None:
+                        # The resync brings registers, not the blobs of these
+                        # events: no acknowledgement of it counts for them.
+                        self.quorum.truncated(label, cursor)
+                    yield pb.EventBatch(sender=me, last_seq=cursor, cursor_truncated=True,
+                                        log_floor=meta.log_floor)
+                    stream.sent = cursor
                     continue
                 events = meta.read_log(cursor, BATCH_LIMIT)
                 if not events:
@@ -200,6 +216,7 @@ class ReplicationService(pbg.ReplicationServicer):
                 # stream would hold its last one until the next event.
                 yield pb.EventBatch(sender=me, last_seq=cursor, events=await self._wire_batch(
                     events, subscriber, at_head=len(events) < BATCH_LIMIT))
+                stream.sent = cursor
         finally:
             acks.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -207,7 +224,7 @@ class ReplicationService(pbg.ReplicationServicer):
             if self.quorum is not None:
                 self.quorum.disconnected(label)
             if self.retention is not None:
-                self.retention.disconnected(label)
+                self.retention.disconnected(stream.reader)
             log.info("subscriber_gone", subscriber=label)
 
     def _own(self, event) -> bool:
@@ -313,13 +330,27 @@ class ReplicationService(pbg.ReplicationServicer):
                 message.manifest_body = found[1]
         return message
 
-    async def _read_acks(self, request_iterator: AsyncIterator[pb.SubscribeMessage], label: str) -> None:
+    def _reader_name(self, start: pb.SubscribeStart, label: str,
+                     context: grpc.aio.ServicerContext | None) -> str:
+        """Whose record of reading this log the stream feeds (``replicator.retention``):
+        the certified node name on a mutual-TLS server, else the name the start
+        claims; a subscriber too old to send one is known by its label."""
+        if self.certified_peers and context is not None:
+            return certified_name(context.auth_context()) or label
+        return start.name or label
+
+    async def _read_acks(self, request_iterator: AsyncIterator[pb.SubscribeMessage], label: str,
+                         stream: _Stream) -> None:
         async for message in request_iterator:
             kind = message.WhichOneof("message")
             if kind == "ack" and self.quorum is not None:
                 self.quorum.acked(label, message.ack.applied)
             elif kind == "cursor" and self.retention is not None:
-                self.retention.reported(label, message.cursor.persisted)
+                # Never more than this stream sent: a report beyond it (a bug, a
+                # stale session's cursor, a forgery) must not let the log or a
+                # tombstone go that the subscriber has not read.
+                self.retention.reported(stream.reader, stream.node_id,
+                                        min(message.cursor.persisted, stream.sent))
 
     # -- content ---------------------------------------------------------------
 

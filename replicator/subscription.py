@@ -31,9 +31,10 @@ report must never run ahead of what a restart here would resume from. When
 the peer answers that the cursor is below its log floor (``cursor_truncated``:
 this node was away past its horizon, or its cursor was reset), the events
 missed are gone: the subscription repairs this node by anti-entropy from that
-peer (``resync``, dropping what the peer says it cannot vouch for) and only
-then moves its cursor to the head the peer named; a resync that fails ends
-the session, which starts over from the same cursor.
+peer (``resync``; every deletion it missed is still among the peer's
+tombstones) and only then moves its cursor to the head the peer named,
+acknowledging nothing for zone quorum (the resync brings no blobs); a resync
+that fails ends the session, which starts over from the same cursor.
 
 When the connection breaks, it reconnects with capped, jittered backoff and
 resumes from the persisted cursor; whatever is re-sent is a no-op. An event
@@ -127,7 +128,7 @@ class Subscription:
                  backoff: Backoff = RECONNECT_BACKOFF, acknowledge: bool = True,
                  origins: OriginStreams | None = None,
                  rng: random.Random | None = None,
-                 resync: Callable[[PeerClient, int], Awaitable[object]] | None = None) -> None:
+                 resync: Callable[[PeerClient], Awaitable[object]] | None = None) -> None:
         self.peer = peer
         self.acknowledge = acknowledge   # the peer counts this node toward its zone quorum
         self.transfer = transfer
@@ -249,9 +250,14 @@ class Subscription:
         # the acknowledger advances and acknowledges each once its tasks are done.
         applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]] = asyncio.Queue(PIPELINE_DEPTH)
         acknowledger = asyncio.ensure_future(self._acknowledge(call, applying))
-        reader = asyncio.ensure_future(self._read(call, applying))
+        # The reporter writes only once the start is written (a cursor persisted
+        # by the previous session's timer may be due already), and only cursors
+        # of the peer incarnation this session reads.
+        started = asyncio.Event()
+        self._sender_id = ""
         self._report_due.clear()
-        reporter = asyncio.ensure_future(self._report(call))
+        reader = asyncio.ensure_future(self._read(call, applying, started))
+        reporter = asyncio.ensure_future(self._report(call, started))
         try:
             await asyncio.wait({reader, acknowledger, reporter},
                                return_when=asyncio.FIRST_COMPLETED)
@@ -278,11 +284,14 @@ class Subscription:
             self._persist()
 
     async def _read(self, call: grpc.aio.StreamStreamCall,
-                    applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]]) -> None:
+                    applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]],
+                    started: asyncio.Event) -> None:
         cursor = self.cursor()
         start = self.peer.start_message(cursor.node_id, cursor.seq)
         start.start.resyncs = self.resync is not None
-        await call.write(start)
+        async with self._writing:
+            await call.write(start)
+        started.set()
         first = True
         async for batch in call:
             self.batches_received += 1
@@ -300,7 +309,11 @@ class Subscription:
                 await applying.join()     # nothing before it is still being applied
                 await self._resync(batch)
                 self._delivered(batch.last_seq)
-                await applying.put((Cursor(batch.sender.node_id, batch.last_seq), []))
+                # Not through the acknowledger: the resync brought registers, not
+                # the blobs of the events it skipped, so it acknowledges nothing
+                # for zone quorum (and the peer counts no later ack for them).
+                self._advance(Cursor(batch.sender.node_id, batch.last_seq))
+                self._persist()
                 continue
             tasks: list[asyncio.Task] = []
             if any(m.kind not in _BLOB_WIRE_KINDS for m in batch.events):
@@ -329,13 +342,15 @@ class Subscription:
                             f"{self.cursor().seq} (floor {batch.log_floor}) and nothing here "
                             "can resynchronise")
         log.info("resync_started", peer=self.peer.name, cursor=self.cursor().seq,
-                 log_floor=batch.log_floor, head=batch.last_seq, unproven_hlc=batch.unproven_hlc)
-        await self.resync(self.peer, batch.unproven_hlc)
+                 log_floor=batch.log_floor, head=batch.last_seq)
+        await self.resync(self.peer)
         self.resyncs += 1
         log.info("resync_done", peer=self.peer.name, head=batch.last_seq)
 
-    async def _report(self, call: grpc.aio.StreamStreamCall) -> None:
-        """Tell the peer each cursor persisted here, once it is fsynced."""
+    async def _report(self, call: grpc.aio.StreamStreamCall, started: asyncio.Event) -> None:
+        """Tell the peer each cursor persisted here, once it is fsynced (and the
+        start is written: the first message of a stream must be the start)."""
+        await started.wait()
         while True:
             await self._report_due.wait()
             self._report_due.clear()

@@ -54,9 +54,9 @@ class ReplicationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     one_wan_copy_per_region: bool = False
     chunk_size: int = 1 << 20
     # Bounded metadata (replicator.retention): a peer not heard from for
-    # peer_horizon_s no longer holds this node's log or tombstones back (it
-    # resynchronises by anti-entropy when it returns); a tombstone goes once
-    # every live peer read past it and tombstone_grace_s passed (gc_grace);
+    # peer_horizon_s no longer holds this node's log back (it resynchronises
+    # by anti-entropy when it returns); a tombstone goes once every reader,
+    # away or not, read past it and tombstone_grace_s passed (gc_grace);
     # the last log_retain_events events are kept whatever the cursors say;
     # a pass every compaction_interval_s.
     peer_horizon_s: float = 24 * 3600.0
@@ -106,6 +106,11 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # peers with its certificate from the cluster CA (its --auth-* files) and
     # takes a peer's region and zone from the peer's certificate alone.
     mutual_tls: bool = False
+    # Nodes, by name, that read this node's log without being its peers: its
+    # region's paired copy subscribes to the region's nodes, listed as their
+    # peer only during a restore. Bounded metadata counts them as readers
+    # (replicator.retention).
+    readers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.zone_redundancy.enabled and self.zone not in self.zone_redundancy.zones:

@@ -15,14 +15,19 @@ import random
 
 import pytest
 
+from cluster.control import spec as specs
+from cluster.control.plan import plan
 from cluster.faults.verify import NodeTarget, verify
 from registry_node import keys
 from registry_node.config import NodeConfig
 from registry_node.metastore import Batch, MetadataStore
-from registry_node.records import Cursor, Event, EventKind, decode
+from registry_node.records import Cursor, Event, EventKind, NodeIdentity, Tombstone, decode, encode
 from replicator.antientropy import AntiEntropy
+from replicator.peers import PeerClient
+from replicator.quorum import ZoneQuorum
 from replicator.retention import LogRetention
-from replicator.topology import ReplicationSettings
+from replicator.topology import Peer, ReplicationSettings
+from replicator.wire.v1 import replication_pb2 as pb
 
 from .helpers import ManualClock, eventually, push_image, start_node
 from .replication_invariants import (
@@ -78,9 +83,13 @@ async def standalone(tmp_path, http):
         await running.stop()
 
 
-def _retention(running, clock: ManualClock, peers: list[str]) -> LogRetention:
-    return LogRetention(running.node.meta, peers=lambda: peers, horizon_s=60, grace_s=10,
+def _retention(running, clock: ManualClock, readers: list[str]) -> LogRetention:
+    return LogRetention(running.node.meta, readers=lambda: readers, horizon_s=60, grace_s=10,
                         retain_events=0, interval_s=3600, wall_ns=clock.wall_ns)
+
+
+def _scanned_tombstones(meta: MetadataStore) -> int:
+    return sum(1 for _ in meta.scan(keys.TOMB))
 
 
 async def _push_and_delete(http, url: str, n: int, rng: random.Random) -> None:
@@ -95,67 +104,166 @@ async def _push_and_delete(http, url: str, n: int, rng: random.Random) -> None:
             assert r.status == 202
 
 
-async def test_a_tombstone_waits_for_every_live_peer_and_the_grace(standalone, http):
+async def test_a_tombstone_waits_for_every_reader_and_the_grace(standalone, http):
     running, clock = standalone
     meta = running.node.meta
     retention = _retention(running, clock, [PEER])
-    retention.connected(PEER, "peer-1", 0)           # a subscriber that read nothing yet
+    retention.connected(PEER, "peer-1")               # a subscriber that read nothing yet
     await _push_and_delete(http, running.url, 3, random.Random(1))
-    held = meta.tombstones_held()
-    assert held == 6
+    held = meta.tombstones_held
+    assert held == 6 == _scanned_tombstones(meta)
 
     await retention.compact()
-    assert meta.tombstones_held() == held and meta.log_floor == 0, "the peer has read nothing"
-    retention.reported(PEER, meta.last_seq)           # it persisted the whole log
+    assert meta.tombstones_held == held and meta.log_floor == 0, "the peer has read nothing"
+    retention.reported(PEER, "peer-1", meta.last_seq)  # it persisted the whole log
     await retention.compact()
     assert meta.log_floor == meta.last_seq, "read by every peer: the log goes"
-    assert meta.tombstones_held() == held, "within the grace, tombstones stay"
+    assert meta.tombstones_held == held, "within the grace, tombstones stay"
 
     clock.advance(11)
     await retention.compact()
-    assert meta.tombstones_held() == 0 and retention.collected == held
+    assert meta.tombstones_held == 0 == _scanned_tombstones(meta)
+    assert retention.collected == held
     assert not meta.has_prefix(keys.TOMB_CANDIDATE)
     assert meta.fingerprint_discrepancies() == []
-    assert retention.unproven(PEER) == 0, "the peer read every collected tombstone"
 
 
-async def test_a_peer_away_past_the_horizon_holds_nothing_back_but_is_told(standalone, http):
+async def test_an_away_peer_holds_tombstones_back_but_not_the_log(standalone, http):
+    """The strict rule: past the horizon a peer no longer holds the log back,
+    but every tombstone waits for it (the price), until it is back and has read
+    past them."""
     running, clock = standalone
     meta = running.node.meta
     retention = _retention(running, clock, [PEER])
-    retention.connected(PEER, "peer-1", 0)
+    retention.connected(PEER, "peer-1")
     retention.disconnected(PEER)
     await _push_and_delete(http, running.url, 2, random.Random(2))
     last = meta.last_seq
 
-    clock.advance(30)                                  # within the horizon: it holds them back
+    clock.advance(30)                                  # within the horizon: it holds both back
     await retention.compact()
-    assert meta.log_floor == 0 and meta.tombstones_held() == 4
+    assert meta.log_floor == 0 and meta.tombstones_held == 4
 
-    clock.advance(31)                                  # past it
+    clock.advance(31)                                  # past it: the log goes, tombstones stay
     await retention.compact()
-    assert meta.log_floor == last and meta.tombstones_held() == 0
+    assert meta.log_floor == last and meta.tombstones_held == 4
+    clock.advance(3600)
+    await retention.compact()
+    assert meta.tombstones_held == 4, "an away peer holds every tombstone back"
+
+    retention.connected(PEER, "peer-1")                # back; it resyncs, then reads the head
+    await retention.compact()
+    assert meta.tombstones_held == 4, "connecting is not reading"
+    retention.reported(PEER, "peer-1", last)
+    await retention.compact()
+    assert meta.tombstones_held == 0 and retention.collected == 4
     assert meta.fingerprint_discrepancies() == []
-    unproven = retention.unproven(PEER)
-    assert unproven > 0, "the away peer must be told it may hold what was deleted"
-
-    retention.connected(PEER, "peer-1", 0)             # back, below the floor: still unproven
-    assert retention.unproven(PEER) == unproven
-    retention.reported(PEER, last)                     # resynchronised up to the head
-    assert retention.unproven(PEER) == 0
 
 
-async def test_a_new_incarnation_of_a_peer_is_not_held_to_the_old_ones_account(standalone, http):
+async def test_a_new_incarnation_of_a_peer_starts_from_nothing(standalone, http):
     running, clock = standalone
+    meta = running.node.meta
     retention = _retention(running, clock, [PEER])
-    retention.connected(PEER, "peer-1", 0)
-    retention.disconnected(PEER)
     await _push_and_delete(http, running.url, 1, random.Random(3))
-    clock.advance(71)
+    retention.connected(PEER, "peer-1")
+    retention.reported(PEER, "peer-1", meta.last_seq)
+    retention.connected(PEER, "peer-2")                # wiped and recreated: read nothing here
+    retention.reported(PEER, "peer-1", meta.last_seq)  # the old one's report does not count
+    clock.advance(11)
     await retention.compact()
-    assert retention.unproven(PEER) > 0
-    retention.connected(PEER, "peer-2", 0)             # wiped and recreated: holds nothing old
-    assert retention.unproven(PEER) == 0
+    assert meta.tombstones_held == 2 and retention.reader(PEER).seq == 0
+    retention.reported(PEER, "peer-2", meta.last_seq - 1)
+    retention.reported(PEER, "peer-2", 1)              # a lower report does not move it back
+    assert retention.reader(PEER).seq == meta.last_seq - 1
+
+
+async def test_the_paired_copy_is_a_reader_under_its_own_name(standalone, http, tmp_path):
+    """A paired copy (placed in the pair region, no zone) subscribes to its
+    region's nodes: the view names it a reader, and its record is kept by name,
+    apart from the replica node of its region it shares a label with."""
+    cluster_plan = plan(specs.load(None).seeded(1), tmp_path / "plan")
+    for node in cluster_plan.nodes:
+        pair = cluster_plan.pair_copy(node.region)
+        view = cluster_plan.view(node)
+        if pair is None:
+            assert view.readers == ()
+            continue
+        assert view.readers == (pair.name,)
+        assert pair.name not in {p.name for p in view.peers}, "a reader, not a peer"
+
+    running, clock = standalone
+    meta = running.node.meta
+    retention = _retention(running, clock, ["westus", "pair-eastus"])
+    await _push_and_delete(http, running.url, 1, random.Random(8))
+    retention.connected("westus", "westus-1")
+    retention.reported("westus", "westus-1", meta.last_seq)
+    retention.connected("pair-eastus", "pair-1")        # its label is westus too
+    clock.advance(11)
+    await retention.compact()
+    assert meta.tombstones_held == 2, "the paired copy has not read them"
+    retention.reported("pair-eastus", "pair-1", meta.last_seq)
+    await retention.compact()
+    assert meta.tombstones_held == 0
+
+
+async def test_a_node_back_from_its_own_outage_finds_no_peer_away(standalone, http):
+    """This node down past the horizon heard from nobody: on its first pass the
+    peers count from its start, not from their last contact before it went."""
+    running, clock = standalone
+    meta = running.node.meta
+    retention = _retention(running, clock, [PEER])
+    await _push_and_delete(http, running.url, 1, random.Random(9))
+    retention.connected(PEER, "peer-1")
+    retention.disconnected(PEER)
+    clock.advance(120)                                   # down, past the 60 s horizon
+    restarted = _retention(running, clock, [PEER])      # as the node builds it at start
+    await restarted.compact()
+    assert meta.log_floor == 0, "the peer is not away: it could not reach a node that was down"
+
+
+def test_the_tombstone_count_is_kept_and_old_tombstones_are_indexed_once(tmp_path):
+    meta = MetadataStore(tmp_path / "meta", sync=False)
+    try:
+        batch = Batch()
+        batch.put(keys.tag_tomb("app", "a"), encode(Tombstone(1)))
+        batch.put(keys.tag_tomb("app", "b"), encode(Tombstone(2)))
+        meta.commit(batch)
+        batch = Batch()
+        batch.put(keys.tag_tomb("app", "a"), encode(Tombstone(3)))  # replaced: still one
+        batch.delete(keys.tag_tomb("app", "b"))
+        meta.commit(batch)
+        assert meta.tombstones_held == 1 == _scanned_tombstones(meta)
+        # As a database from before the index: no candidate, no count, no marker.
+        wiped = Batch()
+        for key, _ in meta.scan(keys.TOMB_CANDIDATE):
+            wiped.delete(key)
+        wiped.delete(keys.TOMB_INDEX)
+        wiped.delete(keys.TOMB_COUNT)
+        wiped.put(keys.tag_tomb("app", "c"), encode(Tombstone(4)))
+        meta.commit(wiped)
+    finally:
+        meta.close()
+    meta = MetadataStore(tmp_path / "meta", sync=False)
+    try:
+        assert meta.tombstone_index_rebuilt and meta.tombstones_held == 2
+        assert {k.tomb.tag for k, _ in meta.tombstone_candidates()} == {"a", "c"}
+        assert all(k.seq == meta.last_seq for k, _ in meta.tombstone_candidates())
+    finally:
+        meta.close()
+    meta = MetadataStore(tmp_path / "meta", sync=False)
+    try:
+        assert not meta.tombstone_index_rebuilt and meta.tombstones_held == 2
+    finally:
+        meta.close()
+
+
+def test_a_resynced_zone_acknowledges_nothing_it_skipped():
+    quorum = ZoneQuorum("eastus/1", ["eastus/2"], write_quorum=2)
+    quorum.connected("eastus/2")
+    quorum.truncated("eastus/2", 10)      # its cursor was below the floor; resync to 10
+    quorum.acked("eastus/2", 12)          # then it applied 11 and 12 from the stream
+    assert quorum._confirmations(12) == 1 and quorum._confirmations(11) == 1
+    assert quorum._confirmations(10) == 0 and quorum._confirmations(3) == 0
 
 
 # -- two nodes ----------------------------------------------------------------------
@@ -259,8 +367,10 @@ async def test_a_replica_away_past_the_horizon_resyncs_by_anti_entropy(tmp_path,
 
 
 async def test_a_replica_back_after_the_tombstone_grace_does_not_resurrect_deletes(tmp_path, http):
-    """The zombie: westeurope holds a tag and a manifest deleted while it was away,
-    and eastus has collected their tombstones. Neither side may bring them back."""
+    """The zombie: westeurope holds a tag and a manifest deleted while it was
+    away past the horizon and the grace. eastus truncated its log, but held the
+    tombstones back for it, so its resync brings the deletions and nothing
+    comes back; once it has read past them they are collected."""
     cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")],
                                   settings=_settings(peer_horizon_s=1.0, tombstone_grace_s=0.5))
     try:
@@ -276,10 +386,15 @@ async def test_a_replica_back_after_the_tombstone_grace_does_not_resurrect_delet
         async with http.delete(f"{east.url}/v2/app/manifests/{doomed}") as r:
             assert r.status == 202
         await push_image(http, east.url, "app", layered_image(rng, False), tag="new")
-        meta = east.registry.meta
-        await eventually(lambda: meta.tombstones_held() == 0, timeout=15,
-                         what="eastus to collect the tombstones westeurope never read")
-        assert east.replication.retention.unproven("westeurope") > 0
+        meta, retention = east.registry.meta, east.replication.retention
+        held = meta.tombstones_held
+        assert held >= 2                                   # the tag's and the manifest's
+        await eventually(lambda: meta.log_floor == meta.last_seq, timeout=15,
+                         what="eastus to stop keeping its log for westeurope (the horizon)")
+        passes = retention.passes
+        await eventually(lambda: retention.passes >= passes + 3, timeout=10,
+                         what="compaction passes past the horizon and the grace")
+        assert meta.tombstones_held == held, "the away replica holds the tombstones back"
 
         stored = MetadataStore(west.data_dir / "meta", sync=False)
         try:
@@ -292,6 +407,8 @@ async def test_a_replica_back_after_the_tombstone_grace_does_not_resurrect_delet
         sub = next(s for s in west.replication.subscriptions if s.peer.name == "eastus")
         await eventually(lambda: sub.resyncs >= 1, timeout=20, what="westeurope to resync")
         await eventually(lambda: west.replication.replica.resolve_tag("app", "new"), timeout=10)
+        await eventually(lambda: meta.tombstones_held == 0, timeout=15,
+                         what="eastus to collect the tombstones westeurope has now read")
         # Anti-entropy both ways, on purpose, once the dust has settled.
         for node in (east, west):
             for peer in node.replication.clients:
@@ -305,6 +422,43 @@ async def test_a_replica_back_after_the_tombstone_grace_does_not_resurrect_delet
         await stop_cluster(cluster)
 
 
+async def test_a_forged_cursor_report_collects_nothing_unread(tmp_path, http):
+    """A report beyond what the stream sent (a forgery, a bug, a stale
+    session's cursor) is clamped: westeurope, stopped but within the horizon,
+    still holds eastus's log and tombstones back."""
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")],
+                                  settings=_settings(tombstone_grace_s=0.3))
+    try:
+        east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        await cluster.stop("westeurope")
+        stored = MetadataStore(west.data_dir / "meta", sync=False)
+        try:
+            read = decode(stored.get(keys.cursor("eastus")), Cursor).seq
+        finally:
+            stored.close()
+        await _push_and_delete(http, east.url, 2, random.Random(10))
+        meta, retention = east.registry.meta, east.replication.retention
+
+        east_peer = Peer(name="eastus", region="eastus", grpc=east.replication.grpc_address)
+        forger = PeerClient(east_peer, NodeIdentity("westeurope", "",
+                                                    retention.reader("westeurope").node_id),
+                            my_name="westeurope")
+        call = forger.subscribe()
+        try:
+            await call.write(forger.start_message(east.registry.identity.node_id, read))
+            await call.write(pb.SubscribeMessage(cursor=pb.SubscribeCursor(persisted=1 << 60)))
+            passes = retention.passes
+            await eventually(lambda: retention.passes >= passes + 5, timeout=10,
+                             what="compaction passes")
+            assert retention.reader("westeurope").seq <= read
+            assert meta.log_floor <= read and meta.tombstones_held == 4
+        finally:
+            call.cancel()
+            await forger.close()
+    finally:
+        await stop_cluster(cluster)
+
+
 async def test_metadata_stays_bounded_under_push_delete_churn(tmp_path, http):
     cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")],
                                   settings=_settings(tombstone_grace_s=0.3))
@@ -314,7 +468,7 @@ async def test_metadata_stays_bounded_under_push_delete_churn(tmp_path, http):
         written = east.registry.meta.last_seq
         for node in cluster.running():
             meta = node.registry.meta
-            await eventually(lambda m=meta: m.log_floor == m.last_seq and m.tombstones_held() == 0,
+            await eventually(lambda m=meta: m.log_floor == m.last_seq and m.tombstones_held == 0,
                              timeout=20, what=f"{node.name}'s log and tombstones to be compacted")
             assert not meta.has_prefix(keys.TOMB_CANDIDATE)
             assert meta.fingerprint_discrepancies() == []
@@ -324,7 +478,8 @@ async def test_metadata_stays_bounded_under_push_delete_churn(tmp_path, http):
         assert counts["log_events"] == 0 and counts["tombstones_held"] == 0
         assert counts["log_floor"] >= written and counts["tombstones_collected"] >= 40
         text = await metrics_text(http, east)
-        assert metric_sum(text, "georeg_metadata", what="tombstones_collected") >= 40
+        assert metric_sum(text, "georeg_metadata_compaction_total",
+                          what="tombstones_collected") >= 40
         assert metric_sum(text, "georeg_metadata", what="log_events") == 0
     finally:
         await stop_cluster(cluster)

@@ -202,14 +202,19 @@ class ClusterPlan:
              with_pair_copy: bool = False) -> ClusterView:
         """What ``node`` is told of its peers. A paired-region copy knows only the
         nodes of the region it keeps; a replica node knows every other replica
-        node, and its region's copy only while the region is being restored."""
+        node, and its region's copy only while the region is being restored —
+        but always as a reader of its log (``readers``): the copy subscribes
+        to it, so its tombstones wait for the copy too."""
+        readers: tuple[str, ...] = ()
         if node.copy_of:
             others = self.nodes_in(node.copy_of)
         else:
             others = [n for n in self.nodes if n.name != node.name]
             pair = self.pair_copy(node.region)
-            if with_pair_copy and pair is not None:
-                others.append(pair)
+            if pair is not None:
+                readers = (pair.name,)
+                if with_pair_copy:
+                    others.append(pair)
         peers = tuple(
             Peer(name=other.name, region=other.region, zone=other.zone,
                  grpc=f"{self.host}:{self.link(node.name, other.name).port}",
@@ -220,7 +225,8 @@ class ClusterPlan:
                            zone_redundancy=node.zone_redundancy,
                            residency=self.spec.residency_policy(),
                            replication=settings or ReplicationSettings(),
-                           mutual_tls=node.access is not None or node.tls is not None)
+                           mutual_tls=node.access is not None or node.tls is not None,
+                           readers=readers)
 
 
 def node_name(region: str, zone: str) -> str:

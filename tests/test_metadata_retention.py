@@ -1,10 +1,11 @@
 """Bounded metadata (replicator.retention): the event log is truncated behind
-every live peer's persisted cursor, tombstones are collected once every live
-peer read past them and the grace has passed, and a replica away past the
-horizon comes back by anti-entropy without bringing deleted content back.
+every live reader's persisted cursor, tombstones are collected only once every
+reader — away or not — read past them and the grace has passed, and a replica
+away past the horizon comes back by anti-entropy without bringing deleted
+content back.
 
 The rules are checked twice: on one standalone node whose clock the test moves
-(``LogRetention`` driven directly, peers played by calls the service would
+(``LogRetention`` driven directly, readers played by calls the service would
 make), and on two in-process nodes with real subscriptions, links and
 anti-entropy, horizons of a second or two.
 """

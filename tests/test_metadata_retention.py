@@ -446,7 +446,9 @@ async def test_a_forged_cursor_report_collects_nothing_unread(tmp_path, http):
                             my_name="westeurope")
         call = forger.subscribe()
         try:
-            await call.write(forger.start_message(east.registry.identity.node_id, read))
+            # It claims to be at the head (so nothing is sent), then to have
+            # persisted far beyond it.
+            await call.write(forger.start_message(east.registry.identity.node_id, meta.last_seq))
             await call.write(pb.SubscribeMessage(cursor=pb.SubscribeCursor(persisted=1 << 60)))
             passes = retention.passes
             await eventually(lambda: retention.passes >= passes + 5, timeout=10,

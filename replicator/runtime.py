@@ -276,9 +276,11 @@ class Replication:
         return counts
 
     def _log_readers(self) -> list[str]:
-        """Every node that may read this node's log: its peers, and the nodes
-        that subscribe without being peers (the region's paired copy)."""
-        return [p.name for p in self.view.peers] + list(self.view.readers)
+        """Every node that may read this node's log, as the plan named them (the
+        peers, for a view that does not)."""
+        if self.view.readers is not None:
+            return list(self.view.readers)
+        return [p.name for p in self.view.peers]
 
     def _refresh_queue_depths(self) -> None:
         for sub in self.subscriptions:

@@ -106,11 +106,12 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # peers with its certificate from the cluster CA (its --auth-* files) and
     # takes a peer's region and zone from the peer's certificate alone.
     mutual_tls: bool = False
-    # Nodes, by name, that read this node's log without being its peers: its
-    # region's paired copy subscribes to the region's nodes, listed as their
-    # peer only during a restore. Bounded metadata counts them as readers
-    # (replicator.retention).
-    readers: tuple[str, ...] = ()
+    # Nodes, by name, that read this node's log (bounded metadata waits for
+    # them: replicator.retention). Not the same as the peers: a region's paired
+    # copy reads its region's nodes always but is their peer only during a
+    # restore, and nobody reads a copy's log outside one. None (a view from
+    # before the plan said so): the peers.
+    readers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.zone_redundancy.enabled and self.zone not in self.zone_redundancy.zones:

@@ -186,11 +186,13 @@ async def test_the_paired_copy_is_a_reader_under_its_own_name(standalone, http, 
     for node in cluster_plan.nodes:
         pair = cluster_plan.pair_copy(node.region)
         view = cluster_plan.view(node)
-        if pair is None:
-            assert view.readers == ()
-            continue
-        assert view.readers == (pair.name,)
-        assert pair.name not in {p.name for p in view.peers}, "a reader, not a peer"
+        peers = [p.name for p in view.peers]
+        assert view.readers == tuple(peers + ([pair.name] if pair else []))
+        if pair is not None:
+            assert pair.name not in peers, "a reader, not a peer"
+    assert cluster_plan.pair_copies
+    for copy in cluster_plan.pair_copies:
+        assert cluster_plan.view(copy).readers == (), "nobody reads a copy outside a restore"
 
     running, clock = standalone
     meta = running.node.meta

@@ -202,17 +202,24 @@ class ClusterPlan:
              with_pair_copy: bool = False) -> ClusterView:
         """What ``node`` is told of its peers. A paired-region copy knows only the
         nodes of the region it keeps; a replica node knows every other replica
-        node, and its region's copy only while the region is being restored —
-        but always as a reader of its log (``readers``): the copy subscribes
-        to it, so its tombstones wait for the copy too."""
-        readers: tuple[str, ...] = ()
+        node, and its region's copy only while the region is being restored.
+
+        And who reads its log (``readers``, for bounded metadata): a replica
+        node's are every other replica node and its region's copy, which
+        subscribes to it always (its tombstones wait for the copy too). A
+        copy's log is read by nobody outside a restore, so it names none: its
+        tombstones need not wait for nodes that never read them, and a node
+        restored from it also reads every other replica, which hold their
+        tombstones for it."""
         if node.copy_of:
             others = self.nodes_in(node.copy_of)
+            readers: tuple[str, ...] = ()
         else:
             others = [n for n in self.nodes if n.name != node.name]
+            readers = tuple(n.name for n in others)
             pair = self.pair_copy(node.region)
             if pair is not None:
-                readers = (pair.name,)
+                readers += (pair.name,)
                 if with_pair_copy:
                     others.append(pair)
         peers = tuple(

@@ -41,8 +41,9 @@ The rules, Cassandra's ``gc_grace`` with the readers' own cursors in place of
   reader back from past the horizon brings it every deletion it missed: no
   deleted content comes back, and nothing has to be dropped on suspicion.
   The price, honestly: an away reader holds tombstones back for as long as it
-  is away, so they pile up at the delete rate (a tombstone is ~100 bytes and
-  its candidate entry as much again). It is bounded by removing that replica
+  is away, so they pile up at the delete rate (a tombstone is ~150-170 bytes
+  of key and value and its candidate entry ~200 more, before RocksDB's own
+  overhead). It is bounded by removing that replica
   (``replication delete``), which takes it out of the view; its record goes
   at the next pass. Candidates (``tgc\\0<seq>…``, written with each
   tombstone: ``MetadataStore.commit``) are read oldest first, so a pass stops

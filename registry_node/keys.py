@@ -14,7 +14,11 @@ The key space::
     meta\\0keycheck                        → key check value   which node key encrypted this DB
     meta\\0fingerprints                    → scheme (ascii int) the fp\\0 sums below are maintained
     meta\\0unreferenced                    → scheme (ascii int) the unref\\0 set below is maintained
+    meta\\0logfloor                        → seq (ascii int)   the log is truncated up to here
+    meta\\0tombindex                       → scheme (ascii int) every tombstone has its tgc\\0 entry
+    meta\\0tombstones                      → count (ascii int) tombstones held (kept by each commit)
     log\\0<seq:u64be>                       → Event             the replication log, seq from 1
+                                                                (above meta\\0logfloor)
     blob\\0<digest>                         → BlobRecord        the node holds this blob's file
     ref\\0<target>\\0<repo>\\0<manifest>      → b""               <manifest> in <repo> needs <target>
     user\\0<digest>\\0<repo>                → b""               <repo> links blob <digest>
@@ -32,6 +36,11 @@ The key space::
     ├── m\\0<digest>                        → Tombstone         a deleted manifest
     └── b\\0<digest>                        → Tombstone         a deleted blob link
     cursor\\0<peer name>                    → Cursor            how far a peer's log is applied
+    reader\\0<node name>                   → LogReader         how far a node has read this log
+                                                                (``replicator.retention``)
+    tgc\\0<seq:u64be><tomb key>              → TombstoneCandidate  a tombstone written by the
+                                                                event at <seq>, to collect once
+                                                                every peer read past it
     fail\\0<repo>\\0<digest>                → ReplicationFailure  why content could not replicate
                                                                 (<digest> is the event's tag when
                                                                 it names no digest)
@@ -75,6 +84,9 @@ HLC = META + b"hlc"
 KEY_CHECK = META + b"keycheck"
 FINGERPRINTS = META + b"fingerprints"
 UNREFERENCED_SCHEME = META + b"unreferenced"
+LOG_FLOOR = META + b"logfloor"
+TOMB_INDEX = META + b"tombindex"
+TOMB_COUNT = META + b"tombstones"
 
 LOG = b"log\x00"
 BLOB = b"blob\x00"
@@ -86,6 +98,8 @@ REPO_DATA = b"r\x00"
 UPLOAD = b"upload\x00"
 TOMB = b"tomb\x00"
 CURSOR = b"cursor\x00"
+READER = b"reader\x00"
+TOMB_CANDIDATE = b"tgc\x00"
 FAIL = b"fail\x00"
 TRANSFER = b"xfer\x00"
 CONFIG = b"conf\x00"
@@ -214,6 +228,17 @@ def cursor(peer: str) -> bytes:
     return CURSOR + _b(peer)
 
 
+def reader(name: str) -> bytes:
+    return READER + _b(name)
+
+
+def tombstone_candidate(seq: int, tomb_key: bytes) -> bytes:
+    """The tombstone at ``tomb_key`` (a ``tag_tomb``, ``manifest_tomb`` or
+    ``blob_tomb`` key), written by the event logged at ``seq``: candidates
+    sort by the sequence, so collection reads the oldest first and stops."""
+    return TOMB_CANDIDATE + _SEQ.pack(seq) + tomb_key
+
+
 def failure(name: str, digest: str) -> bytes:
     return FAIL + _b(name) + SEP + _b(digest)
 
@@ -274,6 +299,11 @@ def reference_holder(key: bytes) -> BlobKey | RefKey | None:
     if not (key.startswith(BLOB) or key.startswith(REF)):
         return None
     return _parse(key)
+
+
+def is_tombstone(key: bytes) -> bool:
+    """Whether ``key`` is a tombstone's (``tomb\\0…``)."""
+    return key.startswith(TOMB)
 
 
 def in_repository(key: bytes, name: str) -> bool:
@@ -423,6 +453,27 @@ class CursorKey(msgspec.Struct, frozen=True):
         return cursor(self.peer)
 
 
+class ReaderKey(msgspec.Struct, frozen=True):
+    """A node (by its name: a region/zone label is ambiguous, see
+    ``replicator.retention``) reading this node's log."""
+
+    name: str
+
+    def encode(self) -> bytes:
+        return reader(self.name)
+
+
+class TombstoneCandidateKey(msgspec.Struct, frozen=True):
+    """A tombstone (``tomb``: its key) to collect once every reader of this log
+    read past the event at ``seq`` that wrote it (``replicator.retention``)."""
+
+    seq: int
+    tomb: TagTombKey | ManifestTombKey | BlobTombKey
+
+    def encode(self) -> bytes:
+        return tombstone_candidate(self.seq, self.tomb.encode())
+
+
 class FailureKey(msgspec.Struct, frozen=True):
     repository: str
     digest: str
@@ -466,7 +517,7 @@ class ConfigKey(msgspec.Struct, frozen=True):
 Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | UnreferencedKey | RepoKey
        | BlobLinkKey | ManifestKey | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
        | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey
-       | BucketFingerprintKey)
+       | BucketFingerprintKey | ReaderKey | TombstoneCandidateKey)
 
 
 def _head(family: bytes) -> bytes:
@@ -474,17 +525,18 @@ def _head(family: bytes) -> bytes:
 
 
 _LOG_HEAD = _head(LOG)
+_TOMB_CANDIDATE_HEAD = _head(TOMB_CANDIDATE)
 _META_HEAD = _head(META)
 _META_NAMES = frozenset(k.removeprefix(META).decode()
                         for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK, FINGERPRINTS,
-                                  UNREFERENCED_SCHEME))
+                                  UNREFERENCED_SCHEME, LOG_FLOOR, TOMB_INDEX, TOMB_COUNT))
 # Families whose components follow the family name directly.
 _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (UNREFERENCED, UnreferencedKey),
     (REPO, RepoKey),
     (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
     (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey),
-    (FINGERPRINT_BUCKET, BucketFingerprintKey)]}
+    (FINGERPRINT_BUCKET, BucketFingerprintKey), (READER, ReaderKey)]}
 # Families of ``<family><repo>\0<kind>\0…``, by kind.
 _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
     _head(REPO_DATA): {_LINK.decode(): BlobLinkKey, _MANIFEST.decode(): ManifestKey,
@@ -492,7 +544,8 @@ _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
     _head(TOMB): {_TAG.decode(): TagTombKey, _MANIFEST.decode(): ManifestTombKey,
                   _LINK.decode(): BlobTombKey},
 }
-_FIELDS: dict[type, tuple[str, ...]] = {kind: kind.__struct_fields__ for kind in Key.__args__}
+_FIELDS: dict[type, tuple[str, ...]] = {kind: kind.__struct_fields__ for kind in Key.__args__
+                                         if kind is not TombstoneCandidateKey}
 
 
 class MalformedKey(ValueError):
@@ -532,6 +585,13 @@ def _parse(key: bytes) -> Key:
         if len(rest) != _SEQ.size:
             raise MalformedKey(key, f"a log sequence is {_SEQ.size} bytes, not {len(rest)}")
         return LogKey(_SEQ.unpack(rest)[0])
+    if head == _TOMB_CANDIDATE_HEAD:  # binary sequence, then a whole tombstone key
+        if len(rest) <= _SEQ.size:
+            raise MalformedKey(key, "a tombstone candidate is a sequence and a tombstone key")
+        tomb = _parse(rest[_SEQ.size:])
+        if not isinstance(tomb, TombKey):
+            raise MalformedKey(key, f"a tombstone candidate names a {type(tomb).__name__}")
+        return TombstoneCandidateKey(_SEQ.unpack(rest[:_SEQ.size])[0], tomb)
     kind = _FLAT.get(head)
     kinds = _IN_REPOSITORY.get(head) if kind is None else None
     if kind is None and kinds is None and head != _META_HEAD:
@@ -569,4 +629,6 @@ def render(key: bytes) -> str:
         parsed = None
     if isinstance(parsed, LogKey):
         return f"log/{parsed.seq}"
+    if isinstance(parsed, TombstoneCandidateKey):
+        return f"tgc/{parsed.seq}/{render(parsed.tomb.encode())}"
     return key.replace(SEP, b"/").decode(errors="replace")

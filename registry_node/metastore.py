@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +48,12 @@ from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, Writ
 
 from . import fingerprints, keys, unreferenced
 from .blobstore import fsync_directory
-from .records import Event, decode, encode
+from .records import Event, TombstoneCandidate, decode, encode
 from .storage_faults import StorageFaults
 
+# Version of the tgc\0 index and tombstone count (meta\0tombindex): a database
+# without it is indexed once at open.
+TOMB_INDEX_SCHEME = b"1"
 MEMTABLE_BYTES = 2 * 1024 * 1024        # flushed to a table file beyond this
 BLOCK_CACHE_BYTES = 2 * 1024 * 1024
 
@@ -79,7 +83,8 @@ class Batch:
 
 class MetadataStore:
     def __init__(self, path: Path, *, sync: bool = True,
-                 faults: StorageFaults | None = None) -> None:
+                 faults: StorageFaults | None = None,
+                 wall_ns: Callable[[], int] = time.time_ns) -> None:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         options.set_keep_log_file_num(3)
@@ -96,7 +101,10 @@ class MetadataStore:
         self._sync_task: asyncio.Task | None = None
         self._sync_waiters: list[tuple[int, asyncio.Future]] = []
         self._directories: set[Path] = set()   # to fsync before the next WAL sync
-        self._last_seq = self._read_last_seq()
+        self._wall_ns = wall_ns                 # when a tombstone was written (its candidate)
+        floor = self._db.get(keys.LOG_FLOOR)
+        self._log_floor = int(floor) if floor else 0
+        self._last_seq = max(self._read_last_seq(), self._log_floor)
         self._listeners: list[Callable[[int], None]] = []
         self.faults = faults or StorageFaults()
         # Whether opening had to sum the registers (a database from before the
@@ -111,6 +119,12 @@ class MetadataStore:
         self.unreferenced_rebuilt = self._db.get(keys.UNREFERENCED_SCHEME) != unreferenced.SCHEME
         if self.unreferenced_rebuilt:
             self._rebuild_unreferenced()
+        # Tombstones written before they were indexed for collection (or by an
+        # older georeg) get their tgc\0 entry once, and the count is summed once.
+        self.tombstone_index_rebuilt = self._db.get(keys.TOMB_INDEX) != TOMB_INDEX_SCHEME
+        if self.tombstone_index_rebuilt:
+            self._rebuild_tombstone_index()
+        self._tombstones = int(self._db.get(keys.TOMB_COUNT) or b"0")
 
     def close(self) -> None:
         self._db.close()
@@ -174,8 +188,58 @@ class MetadataStore:
             return keys.parse(it.key(), keys.LogKey).seq
         return 0
 
+    @property
+    def log_floor(self) -> int:
+        """The log holds the events after this sequence only (0: all of them)."""
+        return self._log_floor
+
+    def truncate_log(self, through: int) -> int:
+        """Delete the events up to ``through`` (at most the last one) and raise
+        the floor to it, in one batch; returns how many events went."""
+        through = min(through, self._last_seq)
+        if through <= self._log_floor:
+            return 0
+        wb = WriteBatch(raw_mode=True)
+        wb.delete_range(keys.log(self._log_floor + 1), keys.log(through + 1))
+        wb.put(keys.LOG_FLOOR, str(through).encode())
+        self.faults.before_write()
+        self._db.write(wb, self._write_options)
+        removed, self._log_floor = through - self._log_floor, through
+        return removed
+
+    def tombstone_candidates(self) -> Iterator[tuple[keys.TombstoneCandidateKey, TombstoneCandidate]]:
+        """Every indexed tombstone, by the sequence of the event that wrote it."""
+        for key, value in self.scan(keys.TOMB_CANDIDATE):
+            yield keys.parse(key, keys.TombstoneCandidateKey), decode(value, TombstoneCandidate)
+
+    @property
+    def tombstones_held(self) -> int:
+        """How many tombstones the node holds (kept by every commit: no scan)."""
+        return self._tombstones
+
+    def _rebuild_tombstone_index(self) -> None:
+        """Give every tombstone without one a candidate entry, and count them;
+        one batch. The event that wrote such a tombstone is unknown, so it is
+        filed under the head: collected only once every reader read past
+        everything logged so far, which is later than its own event, never
+        earlier."""
+        indexed = {keys.parse(k, keys.TombstoneCandidateKey).tomb.encode()
+                   for k, _ in self.scan(keys.TOMB_CANDIDATE)}
+        wb = WriteBatch(raw_mode=True)
+        count = 0
+        written = self._wall_ns()
+        for key, value in self.scan(keys.TOMB):
+            count += 1
+            if key not in indexed:
+                wb.put(keys.tombstone_candidate(self._last_seq, key),
+                       encode(TombstoneCandidate(written, value)))
+        wb.put(keys.TOMB_COUNT, str(count).encode())
+        wb.put(keys.TOMB_INDEX, TOMB_INDEX_SCHEME)
+        self._db.write(wb, self._write_options)
+
     def read_log(self, after: int, limit: int = 1000) -> list[Event]:
-        """Events with ``seq > after``, oldest first, at most ``limit``."""
+        """Events with ``seq > after``, oldest first, at most ``limit`` (those
+        above the floor only: a caller behind it must check ``log_floor``)."""
         out: list[Event] = []
         for _, value in self.scan(keys.LOG, after=keys.log(after) if after else None):
             out.append(decode(value, Event))
@@ -290,6 +354,19 @@ class MetadataStore:
             stamped = structs.replace(event, seq=seq, origin_seq=origin_seq)
             wb.put(keys.log(seq), encode(stamped))
             committed.append(stamped)
+        tombstones = [(key, value) for key, value in batch.puts.items()
+                      if keys.is_tombstone(key) and key not in batch.deletes]
+        held = self._tombstones
+        if tombstones:
+            written = self._wall_ns()
+            for key, value in tombstones:
+                held += self._db.get(key) is None
+                wb.put(keys.tombstone_candidate(seq, key),
+                       encode(TombstoneCandidate(written, value)))
+        held -= sum(1 for key in batch.deletes
+                    if keys.is_tombstone(key) and self._db.get(key) is not None)
+        if held != self._tombstones:
+            wb.put(keys.TOMB_COUNT, str(held).encode())
         try:
             self._db.write(wb, self._write_options)
         except Exception as exc:  # rocksdict raises plain Exceptions for IO errors
@@ -297,6 +374,7 @@ class MetadataStore:
                 raise OSError(errno.ENOSPC, f"metadata write failed: {exc}") from None
             raise
         self._written += 1
+        self._tombstones = held
         if committed:
             self._last_seq = seq
             for listener in self._listeners:

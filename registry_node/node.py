@@ -53,7 +53,8 @@ class Node:
         node_key = NodeKey.load_or_create(config.key_path) if config.key_file is None \
             else NodeKey.load(config.key_file)
         faults = StorageFaults()
-        meta = MetadataStore(config.data_dir / "meta", sync=config.sync, faults=faults)
+        meta = MetadataStore(config.data_dir / "meta", sync=config.sync, faults=faults,
+                             wall_ns=wall_ns)
         try:
             identity = _check_data_dir(meta, node_key, config)
         except BaseException:

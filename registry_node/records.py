@@ -167,6 +167,24 @@ class Cursor(msgspec.Struct, frozen=True):
     seq: int
 
 
+class LogReader(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A node reading this node's log (``replicator.retention``): the cursor it
+    last reported as persisted (of this log), which incarnation of it (its
+    node id) reported it, and when it was last heard from."""
+
+    seq: int = 0
+    node_id: str = ""
+    seen_ns: int = 0
+
+
+class TombstoneCandidate(msgspec.Struct, frozen=True):
+    """A tombstone as written (its exact value, so that a newer one at the same
+    key is told apart) and when it was written here."""
+
+    written_ns: int
+    tombstone: bytes
+
+
 class ReplicationFailure(msgspec.Struct, frozen=True):
     reason: str
     at_ns: int

@@ -451,6 +451,15 @@ class Replica:
                     manifests_out.append(RegisterState(digest, digest, True, stamp_of(tomb)))
         return {"tags": tags, "manifests": manifests_out}
 
+    def holds_register(self, repo: str, kind: EventKind, key: str) -> bool:
+        """Whether this node holds anything — a value or a tombstone — of the tag
+        (``key``, for tag kinds) or manifest (``key``: its digest) register."""
+        if kind in (EventKind.TAG_SET, EventKind.TAG_DELETE):
+            return (self.meta.get(keys.tag(repo, key)) is not None
+                    or self.meta.get(keys.tag_tomb(repo, key)) is not None)
+        return (self.meta.get(keys.manifest(repo, key)) is not None
+                or self.meta.get(keys.manifest_tomb(repo, key)) is not None)
+
     def fingerprint(self, repo: str, visible: Callable[[str], bool],
                     scheme: int = fingerprints.SUMMED) -> bytes:
         """A digest of ``repository_state``: equal fingerprints, equal state.

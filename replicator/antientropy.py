@@ -19,12 +19,20 @@ ten images as at a hundred thousand. With per-repository residency rules a
 bucket's sum cannot be filtered, and every repository's fingerprint is
 compared (still a read each). A peer of an older georeg is compared in the
 scheme it knows (recomputed: O(content)).
+
+With bounded metadata (``replicator.retention``) one more rule applies: a
+deletion past the tombstone grace, for a key this node holds nothing of (no
+value, no tombstone), is not stored. Nodes collect a tombstone at different
+moments; storing it again here would only have it logged and collected again
+(see ``replicator.retention`` for why nothing is lost). ``resync`` is the
+repair of a subscriber whose cursor fell below a peer's log floor: a full
+round that waits for any round in progress and raises on failure.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -61,6 +69,9 @@ class AntiEntropy:
         self.buckets_differing = 0
         self.compared = 0
         self.fetched = 0
+        self.stale_deletions = 0  # a peer's deletions past the grace, not stored (see above)
+        # Bounded metadata (``replicator.retention``), wired by the runtime.
+        self.stale_deletion: Callable[[int], bool] = lambda hlc: False
 
     def counters(self) -> dict[str, int]:
         """What rounds have done since the node started (reported by the node
@@ -87,6 +98,16 @@ class AntiEntropy:
             except ReplicationError as exc:
                 log.info("anti_entropy_failed", peer=peer.name, error=exc.reason)
                 return 0
+
+    async def resync(self, peer: PeerClient) -> int:
+        """Repair this node from ``peer`` in full, for a cursor its log no longer
+        continues: waits for a round with it in progress rather than skipping,
+        and raises ``ReplicationError`` if it fails. Every deletion this node
+        missed is among the peer's tombstones still: the peer collects none
+        before every reader, this node included, read past it."""
+        lock = self._locks.setdefault(peer.name, asyncio.Lock())
+        async with lock:
+            return await self._sync(peer)
 
     def _visible(self, repository: str, peer_region: str):
         def visible(origin_region: str) -> bool:
@@ -167,6 +188,9 @@ class AntiEntropy:
         )
         changed = 0
         for kind, register in steps:
+            if not self._adoptable(repo, kind, register):
+                self.stale_deletions += 1
+                continue
             try:
                 if await self.transfer.apply(register_event(repo, kind, register), sources):
                     changed += 1
@@ -176,3 +200,11 @@ class AntiEntropy:
                     continue
                 raise
         return changed
+
+    def _adoptable(self, repo: str, kind: EventKind, register: RegisterState) -> bool:
+        """Whether to apply ``register`` (see the module docstring): always where
+        this node holds something of its key, for last-writer-wins to decide."""
+        deletion = kind in (EventKind.TAG_DELETE, EventKind.MANIFEST_DELETE)
+        if not (deletion and self.stale_deletion(register.stamp[0])):
+            return True
+        return self.replica.holds_register(repo, kind, register.key)

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+# Of the retention counts, those that go up and down (the rest only grow).
+_HELD = frozenset({"log_events", "log_floor", "tombstones_held"})
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60,
                120, 300)
 
@@ -46,6 +48,7 @@ class ReplicationMetrics:
                              registry=self.registry)
         self.refresh: Callable[[], None] = lambda: None
         self._anti_entropy: Callable[[], dict[str, int]] = dict
+        self._retention: Callable[[], dict[str, int]] = dict
 
     def collect(self) -> Iterator[Metric]:
         """Everything above, as one collector of the node's registry."""
@@ -62,9 +65,29 @@ class ReplicationMetrics:
             for what, count in counts.items():
                 family.add_metric([what], count)
             yield family
+        retention = self._retention()
+        if retention:
+            # Bounded metadata (replicator.retention): what is held now (gauges)
+            # and what compaction has done since the node started (counters).
+            held = GaugeMetricFamily(
+                "georeg_metadata",
+                "Bounded metadata held here: events in the log, the log floor, "
+                "tombstones held", labels=["what"])
+            done = CounterMetricFamily(
+                "georeg_metadata_compaction",
+                "Bounded metadata since start: log events truncated, tombstones "
+                "collected, compaction passes, peers' stale deletions not stored",
+                labels=["what"])
+            for what, count in retention.items():
+                (held if what in _HELD else done).add_metric([what], count)
+            yield held
+            yield done
 
     def track_anti_entropy(self, counters: Callable[[], dict[str, int]]) -> None:
         self._anti_entropy = counters
+
+    def track_retention(self, counters: Callable[[], dict[str, int]]) -> None:
+        self._retention = counters
 
     def observe_lag(self, origin_region: str, kind: str, seconds: float) -> None:
         self.lag.labels(origin_region, self.region, kind).observe(max(seconds, 0.0))

@@ -63,6 +63,22 @@ def certified_location(auth_context: dict[str, list[bytes]]) -> tuple[str, str]:
     return _location_of_pem(certificates[0])
 
 
+def certified_name(auth_context: dict[str, list[bytes]]) -> str:
+    """The node name of the peer of a call: its certificate's common name (the
+    CA writes the node's name there); "" when the call came without one."""
+    certificates = auth_context.get(_PEER_CERTIFICATE) or []
+    if len(certificates) != 1:
+        return ""
+    return _name_of_pem(certificates[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _name_of_pem(pem: bytes) -> str:
+    names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
 @dataclass(frozen=True, slots=True)
 class PeerCredentials:
     """A node's replication credentials: the cluster CA, its key and certificate (PEM)."""

@@ -131,9 +131,10 @@ SERVER_OPTIONS = [
 
 class PeerClient:
     def __init__(self, peer: Peer, me: NodeIdentity, rpc_timeout_s: float = 10.0,
-                 credentials: PeerCredentials | None = None) -> None:
+                 credentials: PeerCredentials | None = None, *, my_name: str = "") -> None:
         self.peer = peer
         self._me = node_ref(me)
+        self._my_name = my_name         # this node's name in its view (subscriptions say it)
         self._timeout = rpc_timeout_s
         self._wait_for_ready = True
         if credentials is None:
@@ -172,7 +173,8 @@ class PeerClient:
 
     def start_message(self, expected_node_id: str, cursor: int) -> pb.SubscribeMessage:
         return pb.SubscribeMessage(start=pb.SubscribeStart(
-            subscriber=self._me, expected_node_id=expected_node_id, cursor=cursor))
+            subscriber=self._me, expected_node_id=expected_node_id, cursor=cursor,
+            name=self._my_name))
 
     async def fetch_blob(self, repository: str, digest: str, offset: int,
                          wait_ms: int = 0) -> AsyncIterator[bytes]:

@@ -13,6 +13,11 @@ confirms in time (or the last one goes away meanwhile), the client gets a 503
 whose outcome is *indefinite*: the write is stored here and replicates when a
 zone returns. A client resolves it by retrying, which is idempotent for every
 registry write, or by reading it back.
+
+A zone whose cursor fell below this node's log floor is repaired by a resync
+(registers by anti-entropy, not the events' blobs) and reads on from the head:
+its acknowledgements never count for a write in the range it skipped
+(``truncated``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class ZoneQuorum:
         self.timeout_s = timeout_s
         self._connections: dict[str, int] = {}
         self._acked: dict[str, int] = {}
+        # Per peer: up to here its log was not streamed to it but repaired by a
+        # resync (registers only), so its acknowledgements do not vouch for it.
+        self._unstreamed: dict[str, int] = {}
         self._changed = asyncio.Event()
 
     # -- fed by the replication service --------------------------------------------
@@ -50,6 +58,12 @@ class ZoneQuorum:
         if peer in self.zone_peers and seq > self._acked.get(peer, 0):
             self._acked[peer] = seq
             self._changed.set()
+
+    def truncated(self, peer: str, through: int) -> None:
+        """``peer``'s cursor was below the log floor: it resyncs by anti-entropy
+        up to ``through``, which does not bring those events' blobs."""
+        if peer in self.zone_peers and through > self._unstreamed.get(peer, 0):
+            self._unstreamed[peer] = through
 
     # -- WriteQuorum -------------------------------------------------------------
 
@@ -76,7 +90,8 @@ class ZoneQuorum:
 
     def _confirmations(self, seq: int) -> int:
         return sum(1 for peer, acked in self._acked.items()
-                   if acked >= seq and peer in self._connections)
+                   if acked >= seq and peer in self._connections
+                   and seq > self._unstreamed.get(peer, 0))
 
     async def wait_durable(self, seq: int) -> None:
         loop = asyncio.get_running_loop()

@@ -41,6 +41,7 @@ from .metrics import ReplicationMetrics
 from .peer_identity import PeerCredentials
 from .peers import SERVER_OPTIONS, PeerClient
 from .quorum import ZoneQuorum
+from .retention import LogRetention
 from .service import ReplicationService
 from .staleness import PeerRescue
 from .status import ImageStatus
@@ -69,6 +70,7 @@ class Replication:
         self.service: ReplicationService | None = None
         self.transfer: Transfer | None = None
         self.anti_entropy: AntiEntropy | None = None
+        self.retention: LogRetention | None = None
         self.quorum: ZoneQuorum | None = None
         self.replica: Replica | None = None
         self._status = ImageStatus(self)
@@ -94,6 +96,12 @@ class Replication:
         self.metrics.track_log(lambda: node.meta.last_seq)
         self.metrics.refresh = self._refresh_queue_depths
         self.metrics.track_anti_entropy(self._anti_entropy_counters)
+        self.retention = LogRetention(
+            node.meta, readers=self._log_readers,
+            horizon_s=settings.peer_horizon_s, grace_s=settings.tombstone_grace_s,
+            retain_events=settings.log_retain_events, interval_s=settings.compaction_interval_s,
+            wall_ns=node.registry.wall_ns)
+        self.metrics.track_retention(self._metadata_counters)
         app[METRICS].registry.register(self.metrics)
         if view.zone_redundant:
             self.quorum = ZoneQuorum(_label(view.region, view.zone), list(view.quorum_zones),
@@ -101,7 +109,7 @@ class Replication:
                                      timeout_s=settings.quorum_timeout_s)
             node.registry.quorum = self.quorum
         self.credentials = _credentials(view, node.config)
-        self.clients = [PeerClient(peer, identity, credentials=self.credentials)
+        self.clients = [PeerClient(peer, identity, credentials=self.credentials, my_name=view.name)
                         for peer in view.peers]
         held = HeldBlobs()   # bytes that came with events: a sibling may have them before the store
         self.transfer = Transfer(replica, self.residency, self.metrics,
@@ -114,7 +122,7 @@ class Replication:
             replica, feed, self.residency, self.quorum, self.metrics, settings.chunk_size,
             one_wan_copy_per_region=settings.one_wan_copy_per_region,
             remote_zones=lambda: self.view.remote_zones, held=held,
-            certified_peers=self.credentials is not None)
+            certified_peers=self.credentials is not None, retention=self.retention)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pbg.add_ReplicationServicer_to_server(self.service, server)
         port = _listen(server, view.grpc_listen, self.credentials)
@@ -123,12 +131,14 @@ class Replication:
         await server.start()
         self.anti_entropy = AntiEntropy(self.transfer, self.residency, self.clients,
                                         settings.anti_entropy_interval_s)
+        self.anti_entropy.stale_deletion = self.retention.stale_deletion
         self.rescue = PeerRescue(self)
         node.registry.peers = self.rescue
         self.subscriptions = []
         for client in self.clients:
             self._subscribe(client)
-        tasks = [asyncio.create_task(self.anti_entropy.run(), name="anti-entropy")]
+        tasks = [asyncio.create_task(self.anti_entropy.run(), name="anti-entropy"),
+                 asyncio.create_task(self.retention.run(), name="retention")]
         if self.view_file is not None:
             tasks.append(asyncio.create_task(self._watch_view(), name="view-watch"))
         log.info("replication_started", grpc=self.grpc_address, peers=[c.name for c in self.clients],
@@ -155,7 +165,7 @@ class Replication:
         subscription = Subscription(client, self.transfer, lambda: self.clients, self.metrics,
                                     on_connect=self.anti_entropy.sync_with,
                                     acknowledge=self.view.is_zone_peer(client.peer),
-                                    origins=self.origins)
+                                    origins=self.origins, resync=self.anti_entropy.resync)
         self.subscriptions.append(subscription)
         self.origins.add(subscription)
         self._tasks[client.name] = asyncio.create_task(subscription.run(),
@@ -201,7 +211,7 @@ class Replication:
         for name, peer in wanted.items():
             if name not in current or current[name].peer != peer:
                 client = PeerClient(peer, self.replica.registry.identity,
-                                    credentials=self.credentials)
+                                    credentials=self.credentials, my_name=self.view.name)
                 self.clients.append(client)
                 self.anti_entropy.peers.append(client)
                 self._subscribe(client)
@@ -241,7 +251,7 @@ class Replication:
             "peers": [{
                 "name": s.peer.name, "region": s.peer.peer.region, "zone": s.peer.peer.zone,
                 "connected": s.connected, "behind_events": s.lag_events,
-                "last_error": s.last_error or None,
+                "last_error": s.last_error or None, "resyncs": s.resyncs,
                 "silent": self.rescue.is_silent(s.peer.name) if self.rescue else False,
             } for s in self.subscriptions],
             "rescue": {
@@ -250,6 +260,7 @@ class Replication:
                 "not_waited_for": dict(self.rescue.not_waited_for) if self.rescue else {},
             },
             "anti_entropy": self._anti_entropy_counters(),
+            "metadata": self._metadata_counters(),
             "content": self.replica.content_summary() if self.replica else {},
             "memory": _memory(node),
         })
@@ -259,6 +270,23 @@ class Replication:
             return dict.fromkeys(("rounds", "repaired", "buckets_differing", "compared",
                                   "fetched"), 0)
         return self.anti_entropy.counters()
+
+    def _metadata_counters(self) -> dict[str, int]:
+        """Bounded metadata: the log and tombstones (``retention``), and the
+        peers' deletions past the grace anti-entropy did not store."""
+        if self.retention is None:
+            return {}
+        counts = self.retention.counters()
+        if self.anti_entropy is not None:
+            counts["stale_deletions_skipped"] = self.anti_entropy.stale_deletions
+        return counts
+
+    def _log_readers(self) -> list[str]:
+        """Every node that may read this node's log, as the plan named them (the
+        peers, for a view that does not)."""
+        if self.view.readers is not None:
+            return list(self.view.readers)
+        return [p.name for p in self.view.peers]
 
     def _refresh_queue_depths(self) -> None:
         for sub in self.subscriptions:

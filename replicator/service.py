@@ -69,6 +69,7 @@ import asyncio
 import contextlib
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -81,9 +82,10 @@ from registry_node.replica import Replica
 from .convert import event_to_wire, node_ref, register_to_wire
 from .feed import LogFeed
 from .metrics import ReplicationMetrics
-from .peer_identity import certified_location
+from .peer_identity import certified_location, certified_name
 from .quorum import ZoneQuorum
 from .residency import ResidencyPolicy
+from .retention import LogRetention
 from .topology import wan_receiver
 from .transfer import HeldBlob, HeldBlobs, HeldBroken
 from .wire.v1 import replication_pb2 as pb
@@ -116,14 +118,26 @@ def _label(ref: pb.NodeRef) -> str:
     return f"{ref.region}/{ref.zone}" if ref.zone else ref.region
 
 
+@dataclass(slots=True)
+class _Stream:
+    """One subscriber's stream of the log: whose reading it reports (``reader``:
+    a node name; ``node_id``: its incarnation) and the highest sequence this
+    node has accounted for on it (``sent``), which caps what it may report."""
+
+    reader: str
+    node_id: str
+    sent: int = 0
+
+
 class ReplicationService(pbg.ReplicationServicer):
     def __init__(self, replica: Replica, feed: LogFeed, residency: ResidencyPolicy,
                  quorum: ZoneQuorum | None, metrics: ReplicationMetrics,
                  chunk_size: int = 1 << 20, *, one_wan_copy_per_region: bool = True,
                  remote_zones: Callable[[], Mapping[str, tuple[str, ...]]] = dict,
                  held: HeldBlobs | None = None,
-                 certified_peers: bool = False) -> None:
+                 certified_peers: bool = False, retention: LogRetention | None = None) -> None:
         self.replica = replica
+        self.retention = retention
         self.certified_peers = certified_peers
         self.one_wan_copy_per_region = one_wan_copy_per_region
         self.remote_zones = remote_zones       # the plan's, as the node's view holds it now
@@ -185,45 +199,71 @@ class ReplicationService(pbg.ReplicationServicer):
             or cursor > self.feed.last_seq
         if reset:
             cursor = 0
-        acks = asyncio.create_task(self._read_acks(request_iterator, label))
-        stream = (subscriber.region, subscriber.zone)
-        self._streams[stream] += 1
+        meta = self.replica.meta
+        if cursor < meta.log_floor and not start.resyncs:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                                f"events after {cursor} are truncated from this log (floor "
+                                f"{meta.log_floor}); upgrade the subscriber to resynchronise")
+        stream = _Stream(self._reader_name(start, label, context), subscriber.node_id)
+        acks = asyncio.create_task(self._read_acks(request_iterator, label, stream))
+        where = (subscriber.region, subscriber.zone)
+        self._streams[where] += 1
         at_head = False       # this call's last batch reached the head of the log
         if self.quorum is not None:
             self.quorum.connected(label)
-        log.info("subscriber_connected", subscriber=label, cursor=cursor, reset=reset)
+        if self.retention is not None:
+            self.retention.connected(stream.reader, stream.node_id)
+        log.info("subscriber_connected", subscriber=label, cursor=cursor, reset=reset,
+                 log_floor=meta.log_floor)
         try:
             if reset or cursor == self.feed.last_seq:
                 # Tell the subscriber who we are (and to reset) before any event exists.
                 yield pb.EventBatch(sender=me, last_seq=cursor, cursor_reset=reset)
             while True:
-                events = self.replica.meta.read_log(cursor, BATCH_LIMIT)
+                if cursor < meta.log_floor:
+                    # What it has not read is gone: it repairs by anti-entropy,
+                    # then reads on from here (the head as this is sent).
+                    cursor = meta.last_seq
+                    log.info("subscriber_behind_floor", subscriber=label,
+                             log_floor=meta.log_floor, head=cursor)
+                    if self.quorum is not None:
+                        # The resync brings registers, not the blobs of these
+                        # events: no acknowledgement of it counts for them.
+                        self.quorum.truncated(label, cursor)
+                    yield pb.EventBatch(sender=me, last_seq=cursor, cursor_truncated=True,
+                                        log_floor=meta.log_floor)
+                    stream.sent = cursor
+                    continue
+                events = meta.read_log(cursor, BATCH_LIMIT)
                 if not events:
                     if acks.done():
                         return
-                    at_head = self._stream_at_head(stream, at_head, True)
+                    at_head = self._stream_at_head(where, at_head, True)
                     await self.feed.wait_beyond(cursor, IDLE_WAIT_S)
                     continue
                 if not any(self._own(e) for e in events):
                     events += await self._gather_relays(events[-1].seq, BATCH_LIMIT - len(events))
                 cursor = events[-1].seq
-                at_head = self._stream_at_head(stream, at_head, len(events) < BATCH_LIMIT)
+                at_head = self._stream_at_head(where, at_head, len(events) < BATCH_LIMIT)
                 # A batch short of the limit reached the head of the log when read.
                 # Built in the yield, not bound to a name: the batch (inline blob
                 # bytes included) must not outlive its sending, or an idle
                 # stream would hold its last one until the next event.
                 yield pb.EventBatch(sender=me, last_seq=cursor, events=await self._wire_batch(
                     events, subscriber, at_head=at_head))
+                stream.sent = cursor
         finally:
             acks.cancel()
-            self._stream_at_head(stream, at_head, False)
-            self._streams[stream] -= 1
-            if self._streams[stream] <= 0:
-                del self._streams[stream]
+            self._stream_at_head(where, at_head, False)
+            self._streams[where] -= 1
+            if self._streams[where] <= 0:
+                del self._streams[where]
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await acks
             if self.quorum is not None:
                 self.quorum.disconnected(label)
+            if self.retention is not None:
+                self.retention.disconnected(stream.reader)
             log.info("subscriber_gone", subscriber=label)
 
     def _stream_at_head(self, stream: tuple[str, str], was: bool, now: bool) -> bool:
@@ -371,10 +411,27 @@ class ReplicationService(pbg.ReplicationServicer):
                 message.manifest_body = found[1]
         return message
 
-    async def _read_acks(self, request_iterator: AsyncIterator[pb.SubscribeMessage], label: str) -> None:
+    def _reader_name(self, start: pb.SubscribeStart, label: str,
+                     context: grpc.aio.ServicerContext | None) -> str:
+        """Whose record of reading this log the stream feeds (``replicator.retention``):
+        the certified node name on a mutual-TLS server, else the name the start
+        claims; a subscriber too old to send one is known by its label."""
+        if self.certified_peers and context is not None:
+            return certified_name(context.auth_context()) or label
+        return start.name or label
+
+    async def _read_acks(self, request_iterator: AsyncIterator[pb.SubscribeMessage], label: str,
+                         stream: _Stream) -> None:
         async for message in request_iterator:
-            if message.WhichOneof("message") == "ack" and self.quorum is not None:
+            kind = message.WhichOneof("message")
+            if kind == "ack" and self.quorum is not None:
                 self.quorum.acked(label, message.ack.applied)
+            elif kind == "cursor" and self.retention is not None:
+                # Never more than this stream sent: a report beyond it (a bug, a
+                # stale session's cursor, a forgery) must not let the log or a
+                # tombstone go that the subscriber has not read.
+                self.retention.reported(stream.reader, stream.node_id,
+                                        min(message.cursor.persisted, stream.sent))
 
     # -- content ---------------------------------------------------------------
 

@@ -24,6 +24,18 @@ Every batch that arrives is counted (``batches_received``): a stream that
 delivers is the cheapest sign that its peer answers, which bounded staleness
 uses to tell a silent peer from one that is back (``replicator.staleness``).
 
+Each persisted cursor, once fsynced, is reported to the peer
+(``SubscribeCursor``): the peer truncates its log and collects tombstones
+behind the lowest cursor its peers reported (``replicator.retention``), so a
+report must never run ahead of what a restart here would resume from. When
+the peer answers that the cursor is below its log floor (``cursor_truncated``:
+this node was away past its horizon, or its cursor was reset), the events
+missed are gone: the subscription repairs this node by anti-entropy from that
+peer (``resync``; every deletion it missed is still among the peer's
+tombstones) and only then moves its cursor to the head the peer named,
+acknowledging nothing for zone quorum (the resync brings no blobs); a resync
+that fails ends the session, which starts over from the same cursor.
+
 When the connection breaks, it reconnects with capped, jittered backoff and
 resumes from the persisted cursor; whatever is re-sent is a no-op. An event
 that fails permanently is recorded against its repository and digest and
@@ -62,7 +74,7 @@ from registry_node.metastore import Batch
 from registry_node.records import Cursor, Event, EventKind, decode, encode
 
 from .convert import event_from_wire
-from .errors import Outcome, ReplicationError, from_grpc, indefinite
+from .errors import Outcome, ReplicationError, from_grpc, indefinite, permanent
 from .metrics import ReplicationMetrics
 from .peers import PeerClient
 from .retry import Backoff
@@ -115,7 +127,8 @@ class Subscription:
                  metrics: ReplicationMetrics, *, on_connect: Callable[[PeerClient], Awaitable[None]] | None = None,
                  backoff: Backoff = RECONNECT_BACKOFF, acknowledge: bool = True,
                  origins: OriginStreams | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 resync: Callable[[PeerClient], Awaitable[object]] | None = None) -> None:
         self.peer = peer
         self.acknowledge = acknowledge   # the peer counts this node toward its zone quorum
         self.transfer = transfer
@@ -130,6 +143,11 @@ class Subscription:
         self.peer_last_seq = 0
         self.batches_received = 0       # grows with every batch: the stream delivers
         self.origins = origins
+        self.resync = resync             # anti-entropy from the peer, for a truncated cursor
+        self.resyncs = 0
+        self._report_due = asyncio.Event()
+        self._sender_id = ""             # the peer incarnation this session reads
+        self._writing = asyncio.Lock()   # one write at a time on the stream
         self._received = 0              # the peer's log up to here is applied or under way here
         self._waiting: list[tuple[int, asyncio.Future[None]]] = []
         self.origin_waits = 0           # applies of this stream waiting for another stream
@@ -170,6 +188,7 @@ class Subscription:
         self.meta.commit(batch)
         self._persisted = cursor
         self._persisted_at = asyncio.get_running_loop().time()
+        self._report_due.set()
 
     async def received(self, seq: int) -> None:
         """Return once this stream has delivered the peer's event ``seq`` (its
@@ -231,10 +250,18 @@ class Subscription:
         # the acknowledger advances and acknowledges each once its tasks are done.
         applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]] = asyncio.Queue(PIPELINE_DEPTH)
         acknowledger = asyncio.ensure_future(self._acknowledge(call, applying))
-        reader = asyncio.ensure_future(self._read(call, applying))
+        # The reporter writes only once the start is written (a cursor persisted
+        # by the previous session's timer may be due already), and only cursors
+        # of the peer incarnation this session reads.
+        started = asyncio.Event()
+        self._sender_id = ""
+        self._report_due.clear()
+        reader = asyncio.ensure_future(self._read(call, applying, started))
+        reporter = asyncio.ensure_future(self._report(call, started))
         try:
-            await asyncio.wait({reader, acknowledger}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (acknowledger, reader):  # whichever stopped first says why
+            await asyncio.wait({reader, acknowledger, reporter},
+                               return_when=asyncio.FIRST_COMPLETED)
+            for task in (acknowledger, reader, reporter):  # whichever stopped first says why
                 if task.done():
                     task.result()
         except grpc.aio.AioRpcError as exc:
@@ -246,7 +273,8 @@ class Subscription:
             raise indefinite(f"subscription to {self.peer.name}: the stream ended "
                              "during a batch") from None
         finally:
-            pending = [reader, acknowledger, *(t for _, tasks in _drain(applying) for t in tasks)]
+            pending = [reader, acknowledger, reporter,
+                       *(t for _, tasks in _drain(applying) for t in tasks)]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -256,12 +284,18 @@ class Subscription:
             self._persist()
 
     async def _read(self, call: grpc.aio.StreamStreamCall,
-                    applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]]) -> None:
+                    applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]],
+                    started: asyncio.Event) -> None:
         cursor = self.cursor()
-        await call.write(self.peer.start_message(cursor.node_id, cursor.seq))
+        start = self.peer.start_message(cursor.node_id, cursor.seq)
+        start.start.resyncs = self.resync is not None
+        async with self._writing:
+            await call.write(start)
+        started.set()
         first = True
         async for batch in call:
             self.batches_received += 1
+            self._sender_id = batch.sender.node_id
             if first:
                 first = False
                 self.connected = True
@@ -271,6 +305,16 @@ class Subscription:
                 if self.on_connect is not None:
                     asyncio.ensure_future(self.on_connect(self.peer))
             self.peer_last_seq = max(batch.last_seq, self.peer_last_seq)
+            if batch.cursor_truncated:
+                await applying.join()     # nothing before it is still being applied
+                await self._resync(batch)
+                self._delivered(batch.last_seq)
+                # Not through the acknowledger: the resync brought registers, not
+                # the blobs of the events it skipped, so it acknowledges nothing
+                # for zone quorum (and the peer counts no later ack for them).
+                self._advance(Cursor(batch.sender.node_id, batch.last_seq))
+                self._persist()
+                continue
             tasks: list[asyncio.Task] = []
             if any(m.kind not in _BLOB_WIRE_KINDS for m in batch.events):
                 await applying.join()  # every blob before these events is here
@@ -290,6 +334,35 @@ class Subscription:
             del batch
             await applying.put((cursor, tasks))
 
+    async def _resync(self, batch: pb.EventBatch) -> None:
+        """The peer's log no longer holds what this node has not read: repair
+        from its state instead (a ``ReplicationError`` ends the session, and the
+        cursor stays where it was)."""
+        if self.resync is None:
+            raise permanent(f"{self.peer.name} truncated its log below this node's cursor "
+                            f"{self.cursor().seq} (floor {batch.log_floor}) and nothing here "
+                            "can resynchronise")
+        log.info("resync_started", peer=self.peer.name, cursor=self.cursor().seq,
+                 log_floor=batch.log_floor, head=batch.last_seq)
+        await self.resync(self.peer)
+        self.resyncs += 1
+        log.info("resync_done", peer=self.peer.name, head=batch.last_seq)
+
+    async def _report(self, call: grpc.aio.StreamStreamCall, started: asyncio.Event) -> None:
+        """Tell the peer each cursor persisted here, once it is fsynced (and the
+        start is written: the first message of a stream must be the start)."""
+        await started.wait()
+        while True:
+            await self._report_due.wait()
+            self._report_due.clear()
+            cursor = self._persisted
+            if cursor is None or cursor.node_id != self._sender_id:
+                continue       # of another incarnation of the peer: not of this log
+            await self.meta.synced()
+            async with self._writing:
+                await call.write(pb.SubscribeMessage(
+                    cursor=pb.SubscribeCursor(persisted=cursor.seq)))
+
     async def _acknowledge(self, call: grpc.aio.StreamStreamCall,
                            applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]]) -> None:
         while True:
@@ -301,7 +374,9 @@ class Subscription:
                 self.metrics.queue_depth.labels(self.peer.name).set(self.lag_events)
                 if self.acknowledge:
                     await self.meta.synced()  # an acknowledgement promises durable here
-                    await call.write(pb.SubscribeMessage(ack=pb.SubscribeAck(applied=cursor.seq)))
+                    async with self._writing:
+                        await call.write(pb.SubscribeMessage(
+                            ack=pb.SubscribeAck(applied=cursor.seq)))
             finally:
                 applying.task_done()
 

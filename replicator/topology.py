@@ -66,6 +66,16 @@ class ReplicationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # Off: every zone of a remote region gets its own copy across the WAN.
     one_wan_copy_per_region: bool = True
     chunk_size: int = 1 << 20
+    # Bounded metadata (replicator.retention): a peer not heard from for
+    # peer_horizon_s no longer holds this node's log back (it resynchronises
+    # by anti-entropy when it returns); a tombstone goes once every reader,
+    # away or not, read past it and tombstone_grace_s passed (gc_grace);
+    # the last log_retain_events events are kept whatever the cursors say;
+    # a pass every compaction_interval_s.
+    peer_horizon_s: float = 24 * 3600.0
+    tombstone_grace_s: float = 24 * 3600.0
+    log_retain_events: int = 10_000
+    compaction_interval_s: float = 60.0
 
 
 class ZoneRedundancy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -112,6 +122,12 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # peers with its certificate from the cluster CA (its --auth-* files) and
     # takes a peer's region and zone from the peer's certificate alone.
     mutual_tls: bool = False
+    # Nodes, by name, that read this node's log (bounded metadata waits for
+    # them: replicator.retention). Not the same as the peers: a region's paired
+    # copy reads its region's nodes always but is their peer only during a
+    # restore, and nobody reads a copy's log outside one. None (a view from
+    # before the plan said so): the peers.
+    readers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.zone_redundancy.enabled and self.zone not in self.zone_redundancy.zones:

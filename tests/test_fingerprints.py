@@ -28,6 +28,7 @@ from registry_node.node import Node
 from registry_node.records import Event, EventKind
 from registry_node.reference import Digest
 from registry_node.replica import MissingContent, Replica
+from replicator.retention import LogRetention
 
 from .helpers import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, descriptor, digest_of, eventually
 from .profiles import scaled
@@ -67,6 +68,7 @@ operations = st.one_of(
     st.tuples(st.just("remote manifest delete"), repo_i, manifest_i, stamp),
     st.tuples(st.just("replay"), st.integers(0, 1000)),
     st.tuples(st.just("reopen")),
+    st.tuples(st.just("collect tombstones")),
 )
 
 
@@ -91,6 +93,8 @@ def assert_maintained(meta: MetadataStore, where: str) -> None:
     held = [r for r in REPOS if fingerprints.recompute(meta.scan, r)]
     assert meta.fingerprinted_repositories() == sorted(held), where
     assert meta.fingerprint_discrepancies() == [], where      # the buckets' sums too
+    # The tombstone count is kept by commits as well (bounded metadata reads it).
+    assert meta.tombstones_held == sum(1 for _ in meta.scan(keys.TOMB)), where
 
 
 class Subject:
@@ -162,6 +166,12 @@ class Subject:
             case ("reopen",):
                 self.close()
                 self.open()
+            case ("collect tombstones",):
+                # No peer to wait for and a clock far past every grace: all of them go.
+                await LogRetention(self.node.meta, readers=list, horizon_s=1, grace_s=0,
+                                   retain_events=0, interval_s=1,
+                                   wall_ns=lambda: (WALL_MS << 2) * 1_000_000).compact()
+                assert not self.node.meta.has_prefix(keys.TOMB)
 
 
 async def _refused_or_done(call) -> None:

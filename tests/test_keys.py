@@ -58,10 +58,16 @@ FAMILIES = {
                     keys.FingerprintKey, (buckets, repositories)),
     "bucket fingerprint": (lambda bucket: keys.bucket_fingerprint(int(bucket, 16)),
                            keys.BucketFingerprintKey, (buckets,)),
+    "reader": (keys.reader, keys.ReaderKey, (st.tuples(peers, peers).map("/".join),)),
+    "tombstone candidate": (lambda seq, tomb: keys.tombstone_candidate(seq, tomb.encode()),
+                            keys.TombstoneCandidateKey,
+                            (seqs, st.one_of(st.builds(keys.TagTombKey, repositories, tags),
+                                             st.builds(keys.ManifestTombKey, repositories, digests),
+                                             st.builds(keys.BlobTombKey, repositories, digests)))),
 }
 META = {keys.SCHEMA: "schema", keys.IDENTITY: "identity", keys.HLC: "hlc",
         keys.KEY_CHECK: "keycheck", keys.FINGERPRINTS: "fingerprints",
-        keys.UNREFERENCED_SCHEME: "unreferenced"}
+        keys.UNREFERENCED_SCHEME: "unreferenced", keys.LOG_FLOOR: "logfloor"}
 
 # The scan prefix each family is found under, from the same arguments.
 PREFIXES = {
@@ -113,6 +119,9 @@ ON_DISK = [
     (keys.bucket_fingerprint(10), b"fpb\x000a"),
     (keys.UNREFERENCED_SCHEME, b"meta\x00unreferenced"),
     (keys.unreferenced(D1), b"unref\x00" + D1.encode()),
+    (keys.reader("eastus/2"), b"reader\x00eastus/2"),
+    (keys.tombstone_candidate(1, keys.tag_tomb("lib/app", "v1.0")),
+     b"tgc\x00\x00\x00\x00\x00\x00\x00\x00\x01tomb\x00lib/app\x00t\x00v1.0"),
 ]
 
 
@@ -134,7 +143,7 @@ def test_the_tree_draws_every_family():
     head and every meta key is drawn in it."""
     heads = [keys.LOG, keys.BLOB, keys.REF, keys.BLOB_USER, keys.REPO, keys.REPO_DATA,
              keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG,
-             keys.FINGERPRINT, keys.FINGERPRINT_BUCKET, *META]
+             keys.FINGERPRINT, keys.FINGERPRINT_BUCKET, keys.READER, keys.TOMB_CANDIDATE, *META]
     drawn = keys.__doc__
     missing = [h for h in heads if h.decode().replace("\x00", "\\0") not in drawn]
     assert missing == []

@@ -25,6 +25,7 @@ import pytest
 
 from cluster.control.ca import ClusterCA, NodeCertificate
 from cluster.control.private_files import write_private
+from replicator.peer_identity import certified_name
 from replicator.wire.v1 import replication_pb2 as pb
 from replicator.wire.v1 import replication_pb2_grpc as pbg
 
@@ -131,6 +132,11 @@ async def test_an_auth_cluster_replicates_over_mutual_tls_through_its_links(auth
             return (await r.json())["complete"]
 
     await eventually(complete, timeout=30, what="v1's status complete, as East US sees it")
+    # How far Brazil South has read East US's log is kept under the node name its
+    # certificate gives (bounded metadata: replicator.retention).
+    retention = c.nodes["eastus"].replication.retention
+    await eventually(lambda: getattr(retention.reader("brazilsouth"), "seq", 0) > 0, timeout=30,
+                     what="Brazil South's reported cursor, under its certified name")
     # What carried it: the link from Brazil South to East US, whose far end
     # speaks only TLS (a plaintext client through the same link is refused),
     # and a client with a cluster certificate gets through it too (the link
@@ -140,6 +146,8 @@ async def test_an_auth_cluster_replicates_over_mutual_tls_through_its_links(auth
     await refused(link, None, grpc.StatusCode.UNAVAILABLE)
     cert = c.ca.node_certificate("probe", "westeurope")
     assert (await health(link, tls(cert))).node.region == "eastus"
+    # A stream's reader is known by the node name its certificate carries.
+    assert certified_name({"x509_pem_cert": [cert.cert_file.read_bytes()]}) == "probe"
 
 
 async def test_plaintext_to_an_auth_node_fails(auth_cluster):

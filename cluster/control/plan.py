@@ -202,14 +202,26 @@ class ClusterPlan:
              with_pair_copy: bool = False) -> ClusterView:
         """What ``node`` is told of its peers. A paired-region copy knows only the
         nodes of the region it keeps; a replica node knows every other replica
-        node, and its region's copy only while the region is being restored."""
+        node, and its region's copy only while the region is being restored.
+
+        And who reads its log (``readers``, for bounded metadata): a replica
+        node's are every other replica node and its region's copy, which
+        subscribes to it always (its tombstones wait for the copy too). A
+        copy's log is read by nobody outside a restore, so it names none: its
+        tombstones need not wait for nodes that never read them, and a node
+        restored from it also reads every other replica, which hold their
+        tombstones for it."""
         if node.copy_of:
             others = self.nodes_in(node.copy_of)
+            readers: tuple[str, ...] = ()
         else:
             others = [n for n in self.nodes if n.name != node.name]
+            readers = tuple(n.name for n in others)
             pair = self.pair_copy(node.region)
-            if with_pair_copy and pair is not None:
-                others.append(pair)
+            if pair is not None:
+                readers += (pair.name,)
+                if with_pair_copy:
+                    others.append(pair)
         peers = tuple(
             Peer(name=other.name, region=other.region, zone=other.zone,
                  grpc=f"{self.host}:{self.link(node.name, other.name).port}",
@@ -224,7 +236,8 @@ class ClusterPlan:
                            zone_redundancy=node.zone_redundancy, remote_zones=remote_zones,
                            residency=self.spec.residency_policy(),
                            replication=settings or ReplicationSettings(),
-                           mutual_tls=node.access is not None or node.tls is not None)
+                           mutual_tls=node.access is not None or node.tls is not None,
+                           readers=readers)
 
 
 def node_name(region: str, zone: str) -> str:

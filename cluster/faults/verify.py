@@ -63,6 +63,7 @@ from registry_node.records import (
     EventKind,
     TagRecord,
     Tombstone,
+    TombstoneCandidate,
     UploadRecord,
     decode,
 )
@@ -802,6 +803,10 @@ def _key_names(key: keys.Key | None, value: bytes) -> tuple[list[str], list[str]
             return [repo], _pointed(value, TagRecord)
         case keys.TagTombKey(repository=repo):
             return [repo], _pointed(value, Tombstone)
+        case keys.TombstoneCandidateKey(tomb=tomb):   # names what its tombstone names
+            with contextlib.suppress(Exception):
+                return _key_names(tomb, decode(value, TombstoneCandidate).tombstone)
+            return [tomb.repository], []
     return [], []
 
 

@@ -63,14 +63,18 @@ class Event(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ..., blob_body: _Optional[bytes] = ..., config_kind: _Optional[str] = ..., config_name: _Optional[str] = ..., config_value: _Optional[bytes] = ..., wan_receiver: _Optional[str] = ...) -> None: ...
 
 class SubscribeStart(_message.Message):
-    __slots__ = ("subscriber", "expected_node_id", "cursor")
+    __slots__ = ("subscriber", "expected_node_id", "cursor", "resyncs", "name")
     SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    RESYNCS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     subscriber: NodeRef
     expected_node_id: str
     cursor: int
-    def __init__(self, subscriber: _Optional[_Union[NodeRef, _Mapping]] = ..., expected_node_id: _Optional[str] = ..., cursor: _Optional[int] = ...) -> None: ...
+    resyncs: bool
+    name: str
+    def __init__(self, subscriber: _Optional[_Union[NodeRef, _Mapping]] = ..., expected_node_id: _Optional[str] = ..., cursor: _Optional[int] = ..., resyncs: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
 
 class SubscribeAck(_message.Message):
     __slots__ = ("applied",)
@@ -78,25 +82,37 @@ class SubscribeAck(_message.Message):
     applied: int
     def __init__(self, applied: _Optional[int] = ...) -> None: ...
 
+class SubscribeCursor(_message.Message):
+    __slots__ = ("persisted",)
+    PERSISTED_FIELD_NUMBER: _ClassVar[int]
+    persisted: int
+    def __init__(self, persisted: _Optional[int] = ...) -> None: ...
+
 class SubscribeMessage(_message.Message):
-    __slots__ = ("start", "ack")
+    __slots__ = ("start", "ack", "cursor")
     START_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
     start: SubscribeStart
     ack: SubscribeAck
-    def __init__(self, start: _Optional[_Union[SubscribeStart, _Mapping]] = ..., ack: _Optional[_Union[SubscribeAck, _Mapping]] = ...) -> None: ...
+    cursor: SubscribeCursor
+    def __init__(self, start: _Optional[_Union[SubscribeStart, _Mapping]] = ..., ack: _Optional[_Union[SubscribeAck, _Mapping]] = ..., cursor: _Optional[_Union[SubscribeCursor, _Mapping]] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("sender", "events", "last_seq", "cursor_reset")
+    __slots__ = ("sender", "events", "last_seq", "cursor_reset", "cursor_truncated", "log_floor")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     CURSOR_RESET_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    LOG_FLOOR_FIELD_NUMBER: _ClassVar[int]
     sender: NodeRef
     events: _containers.RepeatedCompositeFieldContainer[Event]
     last_seq: int
     cursor_reset: bool
-    def __init__(self, sender: _Optional[_Union[NodeRef, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., last_seq: _Optional[int] = ..., cursor_reset: _Optional[bool] = ...) -> None: ...
+    cursor_truncated: bool
+    log_floor: int
+    def __init__(self, sender: _Optional[_Union[NodeRef, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., last_seq: _Optional[int] = ..., cursor_reset: _Optional[bool] = ..., cursor_truncated: _Optional[bool] = ..., log_floor: _Optional[int] = ...) -> None: ...
 
 class FetchBlobRequest(_message.Message):
     __slots__ = ("requester", "repository", "digest", "offset", "wait_ms")

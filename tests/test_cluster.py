@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -28,6 +27,7 @@ from cluster.control.plan import plan
 from cluster.control.state import saved_spec
 from cluster.testing import RunningCluster
 
+from .command_line import georeg_command
 from .helpers import (
     Skopeo,
     cluster_http,
@@ -43,8 +43,7 @@ REPLICA_HEADER = "X-Georeg-Replica"
 
 def georeg(*args: str, data_dir, timeout: float = 120,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=timeout,
+    return georeg_command([*args, "--data-dir", str(data_dir)], timeout=timeout,
                           env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 

@@ -39,8 +39,6 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.control.supervisor import dies_with_parent
-
 ROOT = Path(__file__).resolve().parent.parent
 _MESSAGE_LIMIT = 1 << 20
 
@@ -70,11 +68,13 @@ class PreloadedCli:
         self._dir = tempfile.mkdtemp(prefix="georeg-cli-")
         self.socket_path = os.path.join(self._dir, "fork.sock")
         log = open(os.path.join(self._dir, "server.log"), "ab")
-        # stdin stays open while this process lives: the server exits at its EOF.
+        # The server exits at the end of its stdin, which this process holds
+        # open until it closes it or dies (the kernel closes it then). Not
+        # PR_SET_PDEATHSIG: that fires when the starting *thread* ends, and the
+        # first command may come from a worker thread (asyncio.to_thread).
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.command_line", self.socket_path], cwd=ROOT,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-            preexec_fn=dies_with_parent())
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
         log.close()
         line = self.process.stdout.readline()
         if line.strip() != b"ready":

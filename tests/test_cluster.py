@@ -2,7 +2,8 @@
 
 One default-topology cluster (Premium, eastus and westeurope zone redundant,
 brazilsouth, southeastasia) serves the tests that do not break it; tests that
-break a region get their own.
+break a region share another, made whole again before each of them; a test
+that adds a replica gets its own.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -28,6 +28,7 @@ from cluster.control.plan import plan
 from cluster.control.state import saved_spec
 from cluster.testing import RunningCluster
 
+from .command_line import georeg_command
 from .helpers import (
     Skopeo,
     cluster_http,
@@ -43,8 +44,7 @@ REPLICA_HEADER = "X-Georeg-Replica"
 
 def georeg(*args: str, data_dir, timeout: float = 120,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=timeout,
+    return georeg_command([*args, "--data-dir", str(data_dir)], timeout=timeout,
                           env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
@@ -340,11 +340,38 @@ async def _served_by(http: aiohttp.ClientSession, endpoint: str) -> str:
         return r.headers.get(REPLICA_HEADER, "") if r.status == 200 else f"HTTP {r.status}"
 
 
+BREAKABLE = specs.parse({"home_region": "eastus", "home_zone_redundant": True,
+                         "replicas": [{"region": "westeurope"}, {"region": "brazilsouth"}]})
+
+
+@pytest.fixture(scope="module")
+def _breakable(tmp_path_factory):
+    with RunningCluster(BREAKABLE, tmp_path_factory.mktemp("breakable")) as running:
+        yield running
+
+
 @pytest.fixture
-def breakable_cluster(tmp_path):
-    spec = specs.parse({"home_region": "eastus", "home_zone_redundant": True,
-                        "replicas": [{"region": "westeurope"}, {"region": "brazilsouth"}]})
-    with RunningCluster(spec, tmp_path / "c") as running:
+def breakable_cluster(_breakable):
+    """A cluster the test may break (crash a region, take it out of routing):
+    one per module, made whole again before each test — every node it crashed
+    restarted, every region back in routing, every node healthy, subscribed
+    to its peers and writable — which costs a fraction of a new cluster."""
+    c = _breakable
+    for name, node in c.cluster.supervisor.nodes.items():
+        if node.pid is None:
+            c.restart(name)
+    for replica in c.cluster.spec.all_replicas:
+        if not replica.global_routing:
+            c.set_routing(replica.region, True)
+    c.run(c.cluster.wait_ready)
+    return c
+
+
+@pytest.fixture
+def growing_cluster(tmp_path):
+    """The breakable cluster's topology, for a test of its own: one that adds a
+    replica, which would stay."""
+    with RunningCluster(BREAKABLE, tmp_path / "c") as running:
         yield running
 
 
@@ -423,9 +450,9 @@ async def test_home_region_down_blocks_management_not_data(breakable_cluster):
 # -- replicas created while running ----------------------------------------------------
 
 
-async def test_replication_create_syncs_existing_content_with_visible_progress(breakable_cluster):
-    async with breakable_cluster.http() as http:
-        c = breakable_cluster
+async def test_replication_create_syncs_existing_content_with_visible_progress(growing_cluster):
+    async with growing_cluster.http() as http:
+        c = growing_cluster
         images = [make_image([150_000, 2000], seed=50 + i) for i in range(4)]
         for i, image in enumerate(images):
             await push_image(http, c.endpoint("eastus"), "sync/app", image, tag=f"v{i}")

@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import random
-import sys
 
 import aiohttp
 import pytest
@@ -28,6 +27,7 @@ import pytest
 from cluster.network.links import LinkFaults
 
 from .auth_inprocess import ADMIN, start_auth_cluster
+from .command_line import georeg_command
 from .helpers import eventually, push_image
 from .replication_invariants import (
     big_image,
@@ -62,12 +62,10 @@ def states(answer: dict) -> dict[str, str]:
 
 
 async def cli(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cluster.cli", "replication", "status", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode, out.decode()
+    done = await asyncio.to_thread(georeg_command, ["replication", "status", *args], timeout=60,
+                                   env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+                                   stderr_to_stdout=True)
+    return done.returncode, done.stdout
 
 
 async def test_status_through_present_pending_stale_unreachable_and_excluded(tmp_path, http):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from cluster.control import spec as specs
@@ -12,6 +9,8 @@ from cluster.control.plan import plan
 from cluster.control.regions import REGIONS, distance_km
 from cluster.control.supervisor import Supervisor
 from cluster.network.wan import PairOverride, WanModel
+
+from .command_line import georeg_command
 
 
 def problems(raw: dict) -> list[str]:
@@ -136,16 +135,14 @@ def test_every_problem_is_reported_at_once():
 def test_georeg_up_refuses_an_invalid_spec_file_and_says_why(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('tier = "Standard"\n[[replicas]]\nregion = "japaneast"\n')
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--config", str(bad),
-                             "--data-dir", str(tmp_path / "data")],
-                            capture_output=True, text=True, timeout=60)
+    result = georeg_command(["up", "--config", str(bad), "--data-dir", str(tmp_path / "data")],
+                            timeout=60)
     assert result.returncode == 2
     assert "geo-replication needs the Premium tier" in result.stderr
     broken = tmp_path / "broken.toml"
     broken.write_text("tier = \n")
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--config", str(broken),
-                             "--data-dir", str(tmp_path / "data")],
-                            capture_output=True, text=True, timeout=60)
+    result = georeg_command(["up", "--config", str(broken), "--data-dir", str(tmp_path / "data")],
+                            timeout=60)
     assert result.returncode == 2 and "not valid TOML" in result.stderr
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from cluster.control import spec as specs
 from cluster.faults.verify import VerifyReport
 from cluster.testing import RunningCluster
 
+from .command_line import georeg_command
 from .helpers import OCI_INDEX, descriptor, eventually, make_image, push_image, urlopen
 
 SPEC = specs.ClusterSpec(
@@ -35,8 +35,7 @@ SPEC = specs.ClusterSpec(
 
 
 def georeg(*args: str, data_dir: Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=timeout,
+    return georeg_command([*args, "--data-dir", str(data_dir)], timeout=timeout,
                           env={**os.environ, "COLUMNS": "250"})
 
 

@@ -60,7 +60,7 @@ from typing import Any
 
 import msgspec
 
-from . import identities, keys
+from . import identities, keys, webhooks
 from .errors import ErrorCode, RegistryError
 from .metastore import Batch
 from .records import CONFIG_KINDS, ConfigRecord, Event, EventKind, Stamp, decode, encode, stamp_of
@@ -98,6 +98,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind(identities.SCOPE_MAP, identities.ScopeMap, check=identities.check_scope_map),
     Kind(identities.IDENTITY, identities.Identity, check=identities.check_identity),
     Kind(identities.ROLE_ASSIGNMENT, identities.Assignment, check=identities.check_assignment),
+    Kind(webhooks.WEBHOOK, webhooks.Webhook, check=webhooks.check_webhook),
 )}
 
 # Object names: ACR's resource names (tokens, scope maps, webhooks) plus the

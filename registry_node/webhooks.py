@@ -1,0 +1,129 @@
+"""Webhooks: what a webhook is (configuration kind ``webhook``), which
+actions it takes, and which repository and tag its scope selects.
+
+A webhook belongs to one replica's region (``location``, as in ACR): the nodes
+of that region fire it for what *they* receive — the push they took, and the
+copy when it lands there — so "deploy in West Europe when West Europe has the
+image" is one webhook. ``receiver_location`` is where the receiver sits in the
+modelled WAN (empty: the webhook's own region).
+
+Actions are ACR's (``push``, ``delete``, ``quarantine``, ``chart_push``,
+``chart_delete``) and georeg's own: ``replicated`` (every replica residency
+allows holds the image) and ``replication_failed`` (a replica gave up on it).
+
+Scope, as in ACR: ``repo:tag`` one tag, ``repo:*`` every tag of a repository,
+``repo`` the same as ``repo:latest``, empty for everything.
+
+Custom ``headers`` often carry a receiver's credential: they are sent with
+every delivery, shown only by ``get-config``, and never logged.
+
+No HTTP and no storage here: the configuration module stores webhooks like
+any other kind; delivery lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+import msgspec
+
+from .identities import DISABLED, ENABLED, InvalidValue
+from .reference import MAX_NAME_LENGTH, NAME_RE, TAG_RE
+
+WEBHOOK = "webhook"
+
+ACR_ACTIONS = ("push", "delete", "quarantine", "chart_push", "chart_delete")
+GEOREG_ACTIONS = ("replicated", "replication_failed")
+ACTIONS = ACR_ACTIONS + GEOREG_ACTIONS
+
+WEBHOOK_NAME = re.compile(r"[A-Za-z0-9]{5,50}")
+MAX_URI_LENGTH = 2048
+MAX_HEADERS = 16
+MAX_HEADER_VALUE = 1024
+# RFC 9110 field names: a token.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+# Headers the delivery sets itself; a webhook may not replace them.
+RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding",
+                              "connection"})
+
+
+class Webhook(msgspec.Struct, frozen=True):
+    uri: str = ""
+    actions: tuple[str, ...] = ()
+    scope: str = ""
+    headers: dict[str, str] = {}
+    status: str = ENABLED
+    location: str = ""             # the replica region that fires it
+    receiver_location: str = ""    # where the receiver sits in the WAN; "" = location
+    created: float = 0.0
+
+
+def parse_scope(scope: str) -> tuple[str, str] | None:
+    """``(repository, tag)`` for a scope (tag ``*`` for every tag), None for
+    the empty scope (everything); InvalidValue for anything else."""
+    if scope == "":
+        return None
+    repository, sep, tag = scope.partition(":")
+    if not sep:
+        tag = "latest"
+    if len(repository) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(repository):
+        raise InvalidValue(f"scope {scope[:300]!r}: the repository part is not a repository "
+                           "name (lowercase path components); a scope is 'repo:tag', "
+                           "'repo:*', 'repo' (repo:latest) or empty for every repository")
+    if tag != "*" and not TAG_RE.fullmatch(tag):
+        raise InvalidValue(f"scope {scope[:300]!r}: {tag[:130]!r} is not a tag or '*'")
+    return repository, tag
+
+
+def in_scope(scope: str, repository: str, tag: str) -> bool:
+    """Whether an event on ``repository`` (and ``tag``, "" for none) is in the
+    webhook's scope. An event without a tag (a delete by digest) matches a
+    scope naming its repository."""
+    parsed = parse_scope(scope)
+    if parsed is None:
+        return True
+    want_repository, want_tag = parsed
+    if repository != want_repository:
+        return False
+    return want_tag == "*" or not tag or tag == want_tag
+
+
+def check_webhook(name: str, webhook: Webhook) -> None:
+    """Everything a webhook must satisfy beyond its types (the control plane
+    checks in addition that ``location`` names a replica)."""
+    if not WEBHOOK_NAME.fullmatch(name):
+        raise InvalidValue(f"a webhook's name is 5 to 50 letters and digits (as in ACR), "
+                           f"not {name[:64]!r}")
+    uri = urlsplit(webhook.uri)
+    if len(webhook.uri) > MAX_URI_LENGTH or uri.scheme not in ("http", "https") or not uri.hostname:
+        raise InvalidValue(f"the service URI must be an absolute http:// or https:// URL "
+                           f"with a host, at most {MAX_URI_LENGTH} characters; got "
+                           f"{webhook.uri[:120]!r}")
+    try:
+        _ = uri.port
+    except ValueError:
+        raise InvalidValue(f"the service URI's port is not a number: {webhook.uri[:120]!r}") from None
+    if not webhook.actions:
+        raise InvalidValue(f"a webhook needs at least one action: {', '.join(ACTIONS)}")
+    unknown = [a for a in webhook.actions if a not in ACTIONS]
+    if unknown:
+        raise InvalidValue(f"unknown actions {unknown[:5]}; the actions are {', '.join(ACTIONS)}")
+    if len(set(webhook.actions)) != len(webhook.actions):
+        raise InvalidValue("each action appears once")
+    parse_scope(webhook.scope)
+    if len(webhook.headers) > MAX_HEADERS:
+        raise InvalidValue(f"a webhook has at most {MAX_HEADERS} custom headers")
+    for header, value in webhook.headers.items():
+        if not _HEADER_NAME.fullmatch(header):
+            raise InvalidValue(f"{header[:130]!r} is not an HTTP header name")
+        if header.lower() in RESERVED_HEADERS:
+            raise InvalidValue(f"the {header} header is set by the delivery itself")
+        if len(value) > MAX_HEADER_VALUE or any(c in value for c in "\r\n\0"):
+            # Never echo the value: custom headers carry credentials.
+            raise InvalidValue(f"header {header}: a value is at most {MAX_HEADER_VALUE} "
+                               "characters, without line breaks or NUL")
+    if webhook.status not in (ENABLED, DISABLED):
+        raise InvalidValue(f"status is enabled or disabled, not {webhook.status[:20]!r}")
+    if not webhook.location:
+        raise InvalidValue("a webhook belongs to a replica's region: location is required")

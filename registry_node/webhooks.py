@@ -24,6 +24,8 @@ any other kind; delivery lives elsewhere.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import msgspec
@@ -127,3 +129,26 @@ def check_webhook(name: str, webhook: Webhook) -> None:
         raise InvalidValue(f"status is enabled or disabled, not {webhook.status[:20]!r}")
     if not webhook.location:
         raise InvalidValue("a webhook belongs to a replica's region: location is required")
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """Where one image stands across the replicas residency allows it in: the
+    answer behind ``replicated`` (``complete``) and ``replication_failed``
+    (``failures`` not empty). Times are ISO 8601 UTC with milliseconds."""
+
+    complete: bool
+    arrivals: dict[str, str] = field(default_factory=dict)    # region -> when the image landed there
+    failures: dict[str, str] = field(default_factory=dict)    # region -> why it gave up
+    pending: tuple[str, ...] = ()                              # regions still without it
+
+
+class ReplicationCompletion(Protocol):
+    """What delivery asks replication (a node without replication has no such
+    thing, and fires neither ``replicated`` nor ``replication_failed``)."""
+
+    async def wait(self, repository: str, digest: str, *, deadline_s: float) -> Completion:
+        """Returns as soon as every allowed replica holds ``digest`` in
+        ``repository`` (``complete``) or one of them has given up on it
+        (``failures``), or when ``deadline_s`` has passed (neither)."""
+        ...

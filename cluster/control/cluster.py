@@ -16,7 +16,8 @@ written through one home node, which stamps and logs it; replication carries
 it to every node, and every node answers reads of it from what it holds.
 The registry's identities (admin credentials, tokens, scope maps, identities,
 role assignments) have their own commands, ``Cluster.access``
-(``cluster.control.identities``), after ``az acr``; an auth cluster's own
+(``cluster.control.identities``), after ``az acr``, and so do webhooks,
+``Cluster.webhooks`` (``cluster.control.webhooks``); an auth cluster's own
 credentials (CA, owner and internal secrets) are ``cluster.control.access``'s.
 Reachability is asked of the network itself: a request to each home node
 through its management link (``ClusterPlan.management_links``), which every
@@ -62,6 +63,7 @@ import structlog
 
 from registry_node.configuration import check_name, kind_of
 from registry_node.errors import RegistryError
+from registry_node.webhooks import WEBHOOK
 from replicator.topology import ReplicationSettings
 
 from ..faults.controller import FaultController
@@ -75,6 +77,7 @@ from .plan import ClusterPlan, plan
 from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
 from .tls import ClusterTls
+from .webhooks import RegistryWebhooks, delivering_node, masked
 
 log = structlog.get_logger("georeg.cluster")
 
@@ -155,6 +158,13 @@ class Cluster:
         self.access = RegistryAccess(registry=spec.registry, tier=lambda: self.spec.tier,
                                      data_dir=self.data_dir, home=self._control_plane,
                                      reader=self._config_reader, call=self._node_call)
+        # Webhooks: their configuration, and what their regions' nodes deliver.
+        self.webhooks = RegistryWebhooks(
+            tier=lambda: self.spec.tier, home_region=lambda: self.spec.home_region,
+            replica_regions=lambda: [r.region for r in self.spec.all_replicas],
+            home=self._control_plane, reader=self._config_reader, call=self._node_call,
+            deliverer=lambda region: delivering_node(self.plan, region, self.answers),
+            forward=self._node_request)
         # The management API's port, bound (not listening: connections are
         # refused) from the start until a ManagementServer serves it.
         self._management_socket: socket.socket | None = None
@@ -574,24 +584,16 @@ class Cluster:
 
     async def _node_call(self, name: str, method: str, path: str,
                          body: dict | None = None) -> dict:
-        """One request to a node's configuration routes, over its management
-        link; a refusal becomes a ``NodeRefusal`` with the node's reason."""
-        url = f"{self.management_link_url(name)}/georeg/v1/configuration{path}"
-        try:
-            async with self.http().request(method, url, json=body,
-                                           timeout=aiohttp.ClientTimeout(total=30)) as r:
-                answer = await r.json(content_type=None)
-                if r.status < 400:
-                    return answer
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            raise NodeRefusal(f"{name} did not answer: {exc}", 503, "NodeUnavailable") from None
-        error = (answer.get("errors") or [{}])[0] if isinstance(answer, dict) else {}
-        detail = error.get("detail")
-        reason = detail.get("reason") if isinstance(detail, dict) else detail
-        message = error.get("message", f"HTTP {r.status}") + (f": {reason}" if reason else "")
-        code = {400: "BadRequest", 404: "NotFound", 413: "BadRequest"}.get(
-            r.status, error.get("code", "Unavailable"))
-        raise NodeRefusal(message, r.status, code)
+        """One request to a node's configuration routes (``path`` below
+        ``/georeg/v1/configuration``); see ``_node_request``."""
+        return await self._node_request(name, method, f"/georeg/v1/configuration{path}", body)
+
+    async def _node_request(self, name: str, method: str, path: str,
+                            body: dict | None = None) -> dict:
+        """One request to a node's own route, over its management link
+        (``ask_node``)."""
+        return await ask_node(self.http(), name, f"{self.management_link_url(name)}{path}",
+                              method, body)
 
     @staticmethod
     def _object_path(kind: str, name: str | None = None) -> str:
@@ -620,23 +622,26 @@ class Cluster:
             raise ClusterError("no node of the cluster answers") from None
 
     async def list_configuration(self, kind: str) -> list[dict]:
-        """Live objects of one kind (``registry_node.configuration.KINDS``)."""
+        """Live objects of one kind (``registry_node.configuration.KINDS``);
+        a webhook's header values show as ``***`` (``webhooks.get_config``
+        is the one read that shows them)."""
         path = self._object_path(kind)
         answer = await self._node_call(await self._config_reader(), "GET", path)
-        return [o for o in answer["objects"] if not o["deleted"]]
+        return [_shown(o) for o in answer["objects"] if not o["deleted"]]
 
     async def get_configuration(self, kind: str, name: str) -> dict:
         path = self._object_path(kind, name)
-        return await self._node_call(await self._config_reader(), "GET", path)
+        return _shown(await self._node_call(await self._config_reader(), "GET", path))
 
     async def set_configuration(self, kind: str, name: str, value: dict) -> dict:
         """Write an object through the home region (validated there, stamped,
         replicated to every node); ``ControlPlaneUnavailable`` while it is down.
         Identities have their own commands (``access``), which generate their
-        secrets and check what they refer to; the registry object's name and
+        secrets and check what they refer to, and so do webhooks (``webhooks``),
+        which check their region and the tier's limit; the registry object's name and
         admin passwords are the control plane's and keep their values."""
         path = self._object_path(kind, name)
-        self._not_an_identity(kind)
+        self._written_by_its_commands(kind)
         if kind != "registry":
             return await self._node_call(await self._control_plane(), "PUT", path, value)
         owned = sorted({"name", "admin_passwords"} & set(value))
@@ -652,11 +657,15 @@ class Cluster:
 
     async def delete_configuration(self, kind: str, name: str) -> dict:
         path = self._object_path(kind, name)
-        self._not_an_identity(kind)
+        self._written_by_its_commands(kind)
         return await self._node_call(await self._control_plane(), "DELETE", path)
 
     @staticmethod
-    def _not_an_identity(kind: str) -> None:
+    def _written_by_its_commands(kind: str) -> None:
+        if kind == WEBHOOK:
+            raise ClusterError("webhooks are written by `georeg webhook create|update|delete` "
+                               "(or Cluster.webhooks), which check their region and the "
+                               "tier's limit")
         if kind in ACCESS_KINDS:
             command = {"role-assignment": "role assignment"}.get(kind, kind)
             raise ClusterError(f"{kind} objects are written by `georeg {command} create|update|"
@@ -829,6 +838,35 @@ def _without(current: ClusterPlan, gone: list[str], spec: specs.ClusterSpec) -> 
                    endpoints=tuple(e for e in current.endpoints
                                    if not (e.kind == "regional" and e.region not in
                                            {r.region for r in spec.all_replicas})))
+
+
+async def ask_node(http: aiohttp.ClientSession, name: str, url: str, method: str,
+                   body: dict | None = None) -> dict:
+    """One request to node ``name`` at ``url`` and its JSON answer; a refusal
+    becomes a ``NodeRefusal`` with the node's reason and status, no answer a
+    503 ``NodeUnavailable``."""
+    try:
+        async with http.request(method, url, json=body,
+                                timeout=aiohttp.ClientTimeout(total=30)) as r:
+            answer = await r.json(content_type=None)
+            if r.status < 400:
+                return answer
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        raise NodeRefusal(f"{name} did not answer: {exc}", 503, "NodeUnavailable") from None
+    error = (answer.get("errors") or [{}])[0] if isinstance(answer, dict) else {}
+    detail = error.get("detail")
+    reason = detail.get("reason") if isinstance(detail, dict) else detail
+    message = error.get("message", f"HTTP {r.status}") + (f": {reason}" if reason else "")
+    code = {400: "BadRequest", 404: "NotFound", 413: "BadRequest"}.get(
+        r.status, error.get("code", "Unavailable"))
+    raise NodeRefusal(message, r.status, code)
+
+
+def _shown(stored: dict) -> dict:
+    """A stored configuration object as a read outside ``get-config`` may show it."""
+    if stored.get("kind") == WEBHOOK and isinstance(stored.get("value"), dict):
+        return {**stored, "value": masked(stored["value"])}
+    return stored
 
 
 def _images(node: NodeRuntime) -> int:

@@ -37,6 +37,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         scope_map,
         token,
         verify,
+        webhook,
     )
 
     cluster.register(sub)
@@ -48,6 +49,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     scope_map.register(sub)
     identity.register(sub)
     identity.register_role(sub)
+    webhook.register(sub)
     replication.register(sub)
     repository.register(sub)
     fault.register(sub)

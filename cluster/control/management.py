@@ -49,10 +49,25 @@ which other processes find it.
     GET    /georeg/v1/role-assignments[?assignee=ID]
     POST   /georeg/v1/role-assignments            {"role", "assignee", "scope": "repository/NAME"}
     DELETE /georeg/v1/role-assignments/{id}
+    GET    /georeg/v1/webhooks                    webhooks (never a URI or header value)
+    POST   /georeg/v1/webhooks                    {"name", "serviceUri", "actions", "scope",
+                                                  "customHeaders", "status", "location",
+                                                  "receiverLocation"}
+    GET    /georeg/v1/webhooks/{name}
+    PATCH  /georeg/v1/webhooks/{name}             any of the fields above but "name"; the rest stay
+    DELETE /georeg/v1/webhooks/{name}
+    GET    /georeg/v1/webhooks/{name}/config      {"serviceUri", "customHeaders"} (az's get-config)
+    POST   /georeg/v1/webhooks/{name}/ping        202 {"id"}: a ping queued in the webhook's region
+    GET    /georeg/v1/webhooks/{name}/events[?limit=N]
+                                                  its deliveries, newest first, from its region
+    POST   /georeg/v1/webhooks/{name}/events/{id}/redeliver
+                                                  202 {"id"}: that event sent again
     GET    /georeg/v1/configuration/{kind}        registry configuration objects of one kind
+                                                  (a webhook's header values as "***")
     GET    /georeg/v1/configuration/{kind}/{name}
     PUT    /georeg/v1/configuration/{kind}/{name} the object's value (JSON), validated at home
-                                                  (not for identities: their routes above)
+                                                  (not for identities or webhooks: their
+                                                  routes above)
     DELETE /georeg/v1/configuration/{kind}/{name}
 
 On a cluster with auth (``cluster.control.access``) every route answers only
@@ -188,6 +203,15 @@ class ManagementServer:
         r.add_get("/georeg/v1/role-assignments", self.list_role_assignments)
         r.add_post("/georeg/v1/role-assignments", self.create_role_assignment)
         r.add_delete("/georeg/v1/role-assignments/{id}", self.delete_role_assignment)
+        r.add_get("/georeg/v1/webhooks", self.list_webhooks)
+        r.add_post("/georeg/v1/webhooks", self.create_webhook)
+        r.add_get("/georeg/v1/webhooks/{name}", self.show_webhook)
+        r.add_patch("/georeg/v1/webhooks/{name}", self.update_webhook)
+        r.add_delete("/georeg/v1/webhooks/{name}", self.delete_webhook)
+        r.add_get("/georeg/v1/webhooks/{name}/config", self.webhook_config)
+        r.add_post("/georeg/v1/webhooks/{name}/ping", self.ping_webhook)
+        r.add_get("/georeg/v1/webhooks/{name}/events", self.webhook_events)
+        r.add_post("/georeg/v1/webhooks/{name}/events/{id}/redeliver", self.redeliver_event)
         r.add_get("/georeg/v1/configuration/{kind}", self.list_configuration)
         r.add_get("/georeg/v1/configuration/{kind}/{name}", self.show_configuration)
         r.add_put("/georeg/v1/configuration/{kind}/{name}", self.set_configuration)
@@ -405,6 +429,65 @@ class ManagementServer:
     async def delete_role_assignment(self, request: web.Request) -> web.Response:
         await self.cluster.access.delete_role_assignment(request.match_info["id"])
         return web.Response(status=204)
+
+    # -- webhooks (cluster.control.webhooks) -------------------------------------------------
+
+    _WEBHOOK_FIELDS = {"serviceUri": ("uri", str), "actions": ("actions", list),
+                       "scope": ("scope", str), "customHeaders": ("headers", dict),
+                       "status": ("status", str), "location": ("location", str),
+                       "receiverLocation": ("receiver_location", str)}
+
+    def _webhook_fields(self, body: dict) -> dict:
+        return {argument: _field(body, field, kind, None)
+                for field, (argument, kind) in self._WEBHOOK_FIELDS.items()}
+
+    async def list_webhooks(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.webhooks.list())
+
+    async def show_webhook(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.webhooks.show(request.match_info["name"]))
+
+    async def create_webhook(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "name", *self._WEBHOOK_FIELDS)
+        fields = self._webhook_fields(body)
+        if fields["uri"] is None or fields["actions"] is None:
+            raise ClusterError("give 'serviceUri' and 'actions'")
+        created = await self.cluster.webhooks.create(
+            _field(body, "name", str), uri=fields["uri"], actions=fields["actions"],
+            scope=fields["scope"] or "", headers=fields["headers"],
+            status=fields["status"] or "enabled", location=fields["location"],
+            receiver_location=fields["receiver_location"] or "")
+        return web.json_response(created, status=201)
+
+    async def update_webhook(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, *self._WEBHOOK_FIELDS)
+        return web.json_response(await self.cluster.webhooks.update(
+            request.match_info["name"], **self._webhook_fields(body)))
+
+    async def delete_webhook(self, request: web.Request) -> web.Response:
+        await self.cluster.webhooks.delete(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def webhook_config(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.webhooks.get_config(
+            request.match_info["name"]))
+
+    async def ping_webhook(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.webhooks.ping(request.match_info["name"]),
+                                 status=202)
+
+    async def webhook_events(self, request: web.Request) -> web.Response:
+        limit = request.query.get("limit")
+        if limit is not None and not (limit.isascii() and limit.isdigit()):
+            raise ClusterError(f"limit is a whole number, not {limit[:20]!r}")
+        return web.json_response(await self.cluster.webhooks.events(
+            request.match_info["name"], int(limit) if limit is not None else None))
+
+    async def redeliver_event(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.webhooks.redeliver(
+            request.match_info["name"], request.match_info["id"]), status=202)
 
     # -- faults ----------------------------------------------------------------------------
 

@@ -90,3 +90,71 @@ def set_object(base_url: str, kind: str, name: str, value: dict,
 def delete_object(base_url: str, kind: str, name: str,
                   headers: dict[str, str] | None = None) -> dict:
     return request(base_url, "DELETE", _object_path(kind, name), headers=headers)
+
+
+# -- webhooks (/georeg/v1/webhooks, cluster.control.webhooks) ---------------------------------
+# A webhook comes back as {"name", "location", "receiverLocation", "actions", "scope",
+# "status", "creationDate", "provisioningState"}: never its URI or a header value, which
+# only ``webhook_config`` returns.
+
+
+def _webhook_path(name: str = "", *rest: str) -> str:
+    parts = [name, *rest] if name else []
+    return "/georeg/v1/webhooks" + "".join("/" + urllib.parse.quote(p, safe="") for p in parts)
+
+
+def list_webhooks(base_url: str, headers: dict[str, str] | None = None) -> list[dict]:
+    return request(base_url, "GET", _webhook_path(), headers=headers)
+
+
+def create_webhook(base_url: str, name: str, *, uri: str, actions: list[str], scope: str = "",
+                   custom_headers: dict[str, str] | None = None, status: str = "enabled",
+                   location: str | None = None, receiver_location: str | None = None,
+                   headers: dict[str, str] | None = None) -> dict:
+    """``headers`` are this request's (the owner credential); ``custom_headers``
+    the webhook's, sent with every delivery."""
+    body = {"name": name, "serviceUri": uri, "actions": actions, "scope": scope,
+            "status": status, "customHeaders": custom_headers or {}}
+    if location is not None:
+        body["location"] = location
+    if receiver_location is not None:
+        body["receiverLocation"] = receiver_location
+    return request(base_url, "POST", _webhook_path(), body, headers=headers)
+
+
+def show_webhook(base_url: str, name: str, headers: dict[str, str] | None = None) -> dict:
+    return request(base_url, "GET", _webhook_path(name), headers=headers)
+
+
+def update_webhook(base_url: str, name: str, changes: dict,
+                   headers: dict[str, str] | None = None) -> dict:
+    """``changes``: any of "serviceUri", "actions", "scope", "customHeaders",
+    "status", "location", "receiverLocation"; the rest stays."""
+    return request(base_url, "PATCH", _webhook_path(name), changes, headers=headers)
+
+
+def delete_webhook(base_url: str, name: str, headers: dict[str, str] | None = None) -> None:
+    request(base_url, "DELETE", _webhook_path(name), headers=headers)
+
+
+def webhook_config(base_url: str, name: str, headers: dict[str, str] | None = None) -> dict:
+    """{"serviceUri", "customHeaders"}, values included."""
+    return request(base_url, "GET", _webhook_path(name, "config"), headers=headers)
+
+
+def ping_webhook(base_url: str, name: str, headers: dict[str, str] | None = None) -> str:
+    """The id of the ping event queued in the webhook's region."""
+    return request(base_url, "POST", _webhook_path(name, "ping"), headers=headers)["id"]
+
+
+def webhook_events(base_url: str, name: str, limit: int | None = None,
+                   headers: dict[str, str] | None = None) -> list[dict]:
+    """Its deliveries, newest first (``cluster.control.webhooks.event_view``)."""
+    query = f"?limit={int(limit)}" if limit is not None else ""
+    return request(base_url, "GET", _webhook_path(name, "events") + query, headers=headers)
+
+
+def redeliver_event(base_url: str, name: str, event_id: str,
+                    headers: dict[str, str] | None = None) -> str:
+    return request(base_url, "POST", _webhook_path(name, "events", event_id, "redeliver"),
+                   headers=headers)["id"]

@@ -19,7 +19,8 @@ steer with their partitions.
 * the only copy of a layer corrupt: the regions that give up, with the reason;
 * two waits on each of two dozen images: one call per node per round, not
   one per image, nor one per waiter;
-* a peer from before ``GetImageStatuses`` is asked image by image.
+* a bad question to ``GetImageStatuses`` is INVALID_ARGUMENT; a peer from
+  before it is asked image by image.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from replicator.completion import (
     replica_regions,
     verdict,
 )
+from replicator.errors import Outcome, ReplicationError
 from replicator.peers import PeerClient
 from replicator.residency import ResidencyPolicy
 from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
@@ -250,6 +252,21 @@ async def test_many_waits_share_one_call_per_node_and_round(cluster, http, heale
         assert metric_sum(text, "georeg_replication_completion_waiting") == 0
     finally:
         await metrics.close()
+
+
+@in_module_loop
+async def test_batched_status_refuses_bad_questions_with_invalid_argument(cluster):
+    client = next(c for c in cluster.nodes["westeurope-1"].replication.clients
+                  if c.name == "eastus")
+    good = ("done/web", digest_of(b"anything"))
+    for images in ([good, ("Not A Repo", good[1])], [good, ("done/web", "sha256:short")],
+                   [good] * 1001):
+        with pytest.raises(ReplicationError) as refused:
+            await client.image_statuses(images, 5.0)
+        assert refused.value.outcome is Outcome.PERMANENT
+        assert "INVALID_ARGUMENT" in refused.value.reason, refused.value.reason
+    assert client.statuses_batched          # refused, not unknown: still asked in one call
+    assert [r.present for r in await client.image_statuses([good] * 1000, 5.0)] == [False] * 1000
 
 
 class _OldPeer(pbg.ReplicationServicer):

@@ -20,7 +20,8 @@ What counts
     sent before that time may have had the image sooner, so it is asked
     again at once, and the answer waits for it (``Standing.unsure``; the
     question's time is this node's clock, the arrival the holder's: one
-    machine's clock, or as close as the nodes' clocks are). A region has given up once so many of its nodes
+    machine's clock, or as close as the nodes' clocks are; a node that cannot
+    be asked is not waited for). A region has given up once so many of its nodes
     recorded a permanent failure for the image that the rest cannot make a
     quorum (for one node: that node's failure, with its reason). A node that
     cannot be asked is not a failure: its region is pending.

@@ -36,9 +36,15 @@ from .handoff import HandoffServer
 from .identities import ConfigurationIdentities
 from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
+from .webhooks import ReplicationCompletion
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 HANDOFF: web.AppKey[HandoffServer] = web.AppKey("handoff", HandoffServer)
+# What webhook delivery asks replication (``registry_node.webhooks``): set by the
+# replication extension while it runs (its lifetime); a node without replication
+# has none, and fires neither ``replicated`` nor ``replication_failed``.
+REPLICATION_COMPLETION: web.AppKey[ReplicationCompletion] = web.AppKey(
+    "replication_completion", ReplicationCompletion)
 log = structlog.get_logger("georeg.node")
 # The token audience of a node not given --auth-service. One value, whatever
 # identities the node enforces: a cluster passes every node the same login

@@ -44,6 +44,18 @@ class ReplicationMetrics:
             "georeg_replication_residency_refusals_total",
             "Events or content refused because residency forbids them here",
             ["origin_region"], registry=self.registry)
+        # Replication completion (replicator.completion): what it asks, of whom.
+        self.completion_requests = Counter(
+            "georeg_replication_completion_requests_total",
+            "Status questions replication completion asked a node: one call for many images "
+            "(batch), this node itself (local), or one call per image (single: a peer from "
+            "before GetImageStatuses)", ["peer", "call"], registry=self.registry)
+        self.completion_images = Counter(
+            "georeg_replication_completion_images_asked_total",
+            "Images replication completion asked a node about", ["peer"], registry=self.registry)
+        self.completion_waiting = Gauge(
+            "georeg_replication_completion_waiting",
+            "Images replication completion waits on here now", registry=self.registry)
         self.log_seq = Gauge("georeg_log_last_seq", "Last sequence in this node's event log",
                              registry=self.registry)
         self.refresh: Callable[[], None] = lambda: None
@@ -97,6 +109,9 @@ class ReplicationMetrics:
 
     def bytes_received(self, peer: str, count: int) -> None:
         self.bytes.labels(peer, "in").inc(count)
+
+    def track_completion(self, waiting: Callable[[], int]) -> None:
+        self.completion_waiting.set_function(waiting)
 
     def track_log(self, last_seq: Callable[[], int]) -> None:
         self.log_seq.set_function(last_seq)

@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import copy
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -114,6 +115,8 @@ def channel_options(peer: Peer) -> list[tuple[str, int]]:
 # A peer asked to wait for a blob answers within the wait; beyond it by this
 # much, it is taken for unreachable.
 WAIT_SLACK_S = 2.0
+# A peer from before GetImageStatuses is asked per image, this many at once.
+SINGLE_STATUS_CONCURRENCY = 8
 SERVER_OPTIONS = [
     # gRPC sets SO_REUSEPORT by default: a second server on a port another one
     # (another cluster's node, say) holds would then bind without error and
@@ -127,6 +130,11 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]
+
+
+@dataclass(slots=True)
+class _Abilities:
+    batched_status: bool = True     # GetImageStatuses, until the peer says UNIMPLEMENTED
 
 
 class PeerClient:
@@ -149,6 +157,8 @@ class PeerClient:
         # shared by ``hurried`` copies, which use the same channel.
         streams = fetch_streams(receive_window(peer.rtt_ms, peer.bandwidth_mbps))
         self._fetching = asyncio.Semaphore(streams) if streams else None
+        # What the peer's version can answer, shared with ``hurried`` copies.
+        self._abilities = _Abilities()
 
     def hurried(self) -> PeerClient:
         """This peer over the same channel, but whose calls fail at once while the
@@ -235,6 +245,44 @@ class PeerClient:
         return await self._unary(self.stub.GetImageStatus, pb.ImageStatusRequest(
             repository=repository, digest=digest, tag=tag, requester=self._me),
             f"status of {digest or tag}", timeout)
+
+    async def image_statuses(self, images: Sequence[tuple[str, str]],
+                             timeout: float) -> list[pb.ImageStatusReply]:
+        """The peer's status of each ``(repository, digest)``, in order, in one
+        call (``GetImageStatuses``; at most ``MAX_STATUS_BATCH`` images). A peer
+        from before that call answers UNIMPLEMENTED: from then on it is asked
+        one ``GetImageStatus`` per image (at most ``SINGLE_STATUS_CONCURRENCY``
+        at once), as it always could be."""
+        if self._abilities.batched_status:
+            request = pb.ImageStatusesRequest(requester=self._me, images=[
+                pb.ImageRef(repository=repository, digest=digest) for repository, digest in images])
+            try:
+                reply = await self.stub.GetImageStatuses(
+                    request, timeout=timeout, wait_for_ready=self._wait_for_ready)
+                return list(reply.images)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                    raise from_grpc(exc, f"status of {len(images)} images from {self.name}") from None
+            self._abilities.batched_status = False
+        # Within the one timeout, as the batched call would be.
+        ask = asyncio.Semaphore(SINGLE_STATUS_CONCURRENCY)
+
+        async def one(repository: str, digest: str) -> pb.ImageStatusReply:
+            async with ask:
+                return await self.image_status_ref(repository, digest, "", timeout)
+
+        try:
+            async with asyncio.timeout(timeout):
+                return list(await asyncio.gather(*(one(r, d) for r, d in images)))
+        except TimeoutError:
+            raise definite(f"status of {len(images)} images from {self.name}: no answer "
+                           f"within {timeout:g}s") from None
+
+    @property
+    def statuses_batched(self) -> bool:
+        """Whether the peer is asked many images' status in one call (it is,
+        until it answers that it cannot)."""
+        return self._abilities.batched_status
 
     async def health(self, timeout: float = 2.0) -> pb.HealthReply:
         return await self._unary(self.stub.Health, pb.HealthRequest(), "health", timeout)

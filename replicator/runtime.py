@@ -10,6 +10,10 @@ beside the OCI API:
 
     GET /georeg/v1/node                     this node, its peers and subscriptions
     GET /georeg/v1/replication/status       per-image replication status
+
+While it runs it answers webhook delivery's question (``ReplicationCompletion``:
+has every replica residency allows an image) as ``app[REPLICATION_COMPLETION]``
+(``replicator.completion``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import contextlib
 import errno
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -29,13 +33,15 @@ from aiohttp import web
 
 from registry_node import allocator
 from registry_node.api.metrics import METRICS
-from registry_node.app import NODE
+from registry_node.app import NODE, REPLICATION_COMPLETION
 from registry_node.auth.tokens import AuthConfigError
 from registry_node.config import NodeConfig
 from registry_node.durability import LocalDurability
 from registry_node.replica import Replica
 
 from .antientropy import AntiEntropy
+from .completion import ImageCompletion, NodeReport, replica_regions
+from .errors import definite
 from .feed import LogFeed
 from .metrics import ReplicationMetrics
 from .peer_identity import PeerCredentials
@@ -44,10 +50,11 @@ from .quorum import ZoneQuorum
 from .retention import LogRetention
 from .service import ReplicationService
 from .staleness import PeerRescue
-from .status import ImageStatus
+from .status import STATUS_TIMEOUT_S, ImageStatus
 from .subscription import OriginStreams, Subscription
 from .topology import ClusterView
 from .transfer import HeldBlobs, Transfer
+from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
 
 log = structlog.get_logger("georeg.replication")
@@ -76,6 +83,7 @@ class Replication:
         self._status = ImageStatus(self)
         self._tasks: dict[str, asyncio.Task] = {}
         self.rescue: PeerRescue | None = None
+        self.completion: ImageCompletion | None = None
 
     # -- Extension -----------------------------------------------------------------
 
@@ -129,6 +137,10 @@ class Replication:
         host = view.grpc_listen.rpartition(":")[0]
         self.grpc_address = f"{host}:{port}"
         await server.start()
+        self.completion = ImageCompletion(lambda: replica_regions(self.view), self.residency,
+                                          self._image_reports, wall_ns=node.registry.wall_ns)
+        self.metrics.track_completion(lambda: self.completion.waiting)
+        app[REPLICATION_COMPLETION] = self.completion
         self.anti_entropy = AntiEntropy(self.transfer, self.residency, self.clients,
                                         settings.anti_entropy_interval_s)
         self.anti_entropy.stale_deletion = self.retention.stale_deletion
@@ -146,6 +158,7 @@ class Replication:
         try:
             yield
         finally:
+            await self.completion.close()
             tasks += self._tasks.values()
             for task in tasks:
                 task.cancel()
@@ -165,11 +178,35 @@ class Replication:
         subscription = Subscription(client, self.transfer, lambda: self.clients, self.metrics,
                                     on_connect=self.anti_entropy.sync_with,
                                     acknowledge=self.view.is_zone_peer(client.peer),
-                                    origins=self.origins, resync=self.anti_entropy.resync)
+                                    origins=self.origins, resync=self.anti_entropy.resync,
+                                    manifest_held=self.completion.held, node_name=self.view.name)
         self.subscriptions.append(subscription)
         self.origins.add(subscription)
         self._tasks[client.name] = asyncio.create_task(subscription.run(),
                                                        name=f"subscription:{client.name}")
+
+    async def _image_reports(self, node: str,
+                             images: Sequence[tuple[str, str]]) -> list[NodeReport]:
+        """What ``node`` (this one, or a peer by name) says of each image, for
+        replication completion; ``ReplicationError`` when it cannot be asked."""
+        if node == self.view.name:
+            self.metrics.completion_requests.labels(node, "local").inc()
+            reply = await self.service.GetImageStatuses(pb.ImageStatusesRequest(images=[
+                pb.ImageRef(repository=r, digest=d) for r, d in images]), None)
+            replies = list(reply.images)
+        else:
+            client = next((c for c in self.clients if c.name == node), None)
+            if client is None:
+                raise definite(f"{node} is no longer a peer")
+            # Hurried: a peer that is down costs a refused connect, not the timeout.
+            replies = await client.hurried().image_statuses(images, STATUS_TIMEOUT_S)
+            if client.statuses_batched:
+                self.metrics.completion_requests.labels(node, "batch").inc()
+            else:
+                self.metrics.completion_requests.labels(node, "single").inc(len(images))
+        self.metrics.completion_images.labels(node).inc(len(images))
+        return [NodeReport(r.present, r.arrived_ns, r.origin_region, r.origin_acked_ns, r.failure)
+                for r in replies]
 
     def _sibling_connected(self, zone: str) -> bool:
         """Whether this node's stream from its region's ``zone`` is up."""

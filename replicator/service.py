@@ -76,7 +76,9 @@ import structlog
 
 from registry_node import fingerprints, keys
 from registry_node.crypto import BlobCorrupt
+from registry_node.errors import RegistryError
 from registry_node.records import CONFIG_KINDS, BlobLink, EventKind, decode
+from registry_node.reference import Digest, validate_name
 from registry_node.replica import Replica
 
 from .convert import event_to_wire, node_ref, register_to_wire
@@ -106,6 +108,9 @@ IDLE_WAIT_S = 5.0
 # The longest a FetchBlob waits for a blob that has not landed yet (wait_ms).
 MAX_FETCH_WAIT_MS = 10_000
 YIELD_EVERY = 1000        # repositories summarised between two turns of the event loop
+# GetImageStatuses: images per call at most, and looked up between two turns of the loop.
+MAX_STATUS_BATCH = 1000
+STATUS_YIELD_EVERY = 250
 # How long relayed events wait for more to go out with them (see the docstring).
 RELAY_GATHER_S = 0.2
 LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
@@ -647,6 +652,39 @@ class ReplicationService(pbg.ReplicationServicer):
             failure=state.failure, blobs_present=state.blobs_present,
             blobs_total=state.blobs_total)
 
+    async def GetImageStatuses(self, request: pb.ImageStatusesRequest,
+                               context: grpc.aio.ServicerContext | None) -> pb.ImageStatusesReply:
+        """Many images by digest in one call (``replicator.completion``): for
+        each, what ``GetImageStatus`` says of presence, arrival, origin and
+        failure, without the blob counts (a manifest is only ever stored
+        after its blobs, so it is all a waiter needs: one or two reads an image)."""
+        await self._requester(request.requester, context)   # a false claim gets nothing
+        if len(request.images) > MAX_STATUS_BATCH:
+            await _refuse(context, f"at most {MAX_STATUS_BATCH} images per call, "
+                                   f"not {len(request.images)}")
+        replies = []
+        for n, image in enumerate(request.images, 1):
+            try:
+                validate_name(image.repository)
+                Digest.parse(image.digest)
+            except RegistryError:
+                await _refuse(context, f"image {n}: {image.repository[:300]!r} "
+                                       f"{image.digest[:140]!r} is not a repository and a digest")
+            replies.append(self._presence(image.repository, image.digest))
+            if n % STATUS_YIELD_EVERY == 0:
+                await asyncio.sleep(0)      # let the node serve in between
+        return pb.ImageStatusesReply(node=node_ref(self.identity), images=replies)
+
+    def _presence(self, repository: str, digest: str) -> pb.ImageStatusReply:
+        record = self.replica.manifest_record(repository, digest)
+        if record is None:
+            failure = self.replica.failure(repository, digest)
+            return pb.ImageStatusReply(digest=digest, failure=failure.reason if failure else "")
+        return pb.ImageStatusReply(digest=digest, present=True, arrived_ns=record.created_ns,
+                                   origin_acked_ns=record.origin_acked_ns,
+                                   origin_region=record.residency_region,
+                                   media_type=record.media_type)
+
     async def Health(self, request: pb.HealthRequest,
                      context: grpc.aio.ServicerContext) -> pb.HealthReply:
         writable = True
@@ -657,3 +695,9 @@ class ReplicationService(pbg.ReplicationServicer):
         return pb.HealthReply(node=node_ref(self.identity), last_seq=self.feed.last_seq,
                               writable=writable, wall_ns=self.registry.wall_ns())
 
+
+async def _refuse(context: grpc.aio.ServicerContext | None, why: str) -> None:
+    """INVALID_ARGUMENT for a peer's call; ValueError for a call from this node."""
+    if context is None:
+        raise ValueError(why)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)

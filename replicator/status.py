@@ -10,13 +10,13 @@ the tag points at on each replica while a re-push converges.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 from aiohttp import web
 
 from registry_node.errors import ErrorCode, RegistryError
 from registry_node.reference import is_digest, validate_name, validate_tag
 
+from .completion import iso_time
 from .errors import ReplicationError
 from .wire.v1 import replication_pb2 as pb
 
@@ -24,7 +24,7 @@ STATUS_TIMEOUT_S = 2.0
 
 
 def _iso(ns: int) -> str | None:
-    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds") if ns else None
+    return iso_time(ns) if ns else None
 
 
 class ImageStatus:

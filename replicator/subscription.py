@@ -128,8 +128,16 @@ class Subscription:
                  backoff: Backoff = RECONNECT_BACKOFF, acknowledge: bool = True,
                  origins: OriginStreams | None = None,
                  rng: random.Random | None = None,
-                 resync: Callable[[PeerClient], Awaitable[object]] | None = None) -> None:
+                 resync: Callable[[PeerClient], Awaitable[object]] | None = None,
+                 manifest_held: Callable[[str, str, str], None] | None = None,
+                 node_name: str = "") -> None:
         self.peer = peer
+        # Told (node name, repository, digest) of every manifest a node is seen
+        # to hold: the peer, for each manifest_put on its stream (its log
+        # carries only what it stored), and this node (``node_name``) for each
+        # it applies — replication completion's cue to ask (``replicator.completion``).
+        self.manifest_held = manifest_held
+        self.node_name = node_name
         self.acknowledge = acknowledge   # the peer counts this node toward its zone quorum
         self.transfer = transfer
         self.replica = transfer.replica
@@ -305,6 +313,10 @@ class Subscription:
                 if self.on_connect is not None:
                     asyncio.ensure_future(self.on_connect(self.peer))
             self.peer_last_seq = max(batch.last_seq, self.peer_last_seq)
+            if self.manifest_held is not None:
+                for message in batch.events:
+                    if message.kind == _MANIFEST_PUT:
+                        self.manifest_held(self.peer.name, message.repository, message.digest)
             if batch.cursor_truncated:
                 await applying.join()     # nothing before it is still being applied
                 await self._resync(batch)
@@ -415,7 +427,10 @@ class Subscription:
             finally:
                 self.origin_waits -= 1
         try:
-            await self.transfer.apply(event, sources, body, receiver=wan_receiver)
+            applied = await self.transfer.apply(event, sources, body, receiver=wan_receiver)
+            if (applied is not None and applied.kind is EventKind.MANIFEST_PUT
+                    and self.manifest_held is not None):
+                self.manifest_held(self.node_name, applied.repository, applied.digest)
         except ReplicationError as exc:
             if exc.outcome is not Outcome.PERMANENT:
                 raise
@@ -427,6 +442,7 @@ class Subscription:
 
 
 _BLOB_WIRE_KINDS = frozenset(k.value for k in BLOB_KINDS)
+_MANIFEST_PUT = EventKind.MANIFEST_PUT.value
 
 
 def _wan_receiver(message: pb.Event) -> str | None:

@@ -66,10 +66,11 @@ from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedu
 
 # Ports handed to node *processes* that bind them later (test_replication_resume's
 # ProcessCluster: peers there name each other's ports in their views before
-# they start, and keep them across a restart). A check, then a bind later: the
-# race this leaves is narrowed, not closed, by staying below the kernel's
-# ephemeral range (32768-60999 here) and below the ranges clusters on any
-# ports draw from (20000 up). In-process nodes bind port 0 instead.
+# they start, and keep them across a restart), and to the links of an
+# in-process cluster, which bind theirs again after every cut. A check, then a
+# bind later: the race this leaves is narrowed, not closed, by staying below
+# the kernel's ephemeral range (32768-60999 here) and below the ranges
+# clusters on any ports draw from (20000 up). In-process nodes bind port 0.
 _PORTS = itertools.count(random.Random(os.getpid()).randrange(10000))
 
 
@@ -138,11 +139,16 @@ class InProcessCluster:
     async def start(self) -> InProcessCluster:
         names = [(self.node_name(r, z), r, z) for r, z in self.topology]
         # Each node's gRPC server binds port 0; the links to it are pointed at
-        # the port it got whenever it (re)starts (``restart``).
+        # the port it got whenever it (re)starts (``restart``). A link listens
+        # outside the ephemeral range (``free_port``): a cut closes its
+        # listener and a heal binds the port again, and in between any
+        # outgoing connection on the machine (gRPC reconnecting through other
+        # links, every 100-500 ms) may take an ephemeral port as its own,
+        # and the heal fails with EADDRINUSE.
         for src, _, _ in names:
             for dst, _, _ in names:
                 if src != dst:
-                    link = Link(f"{src}->{dst}", ("127.0.0.1", 0))
+                    link = Link(f"{src}->{dst}", ("127.0.0.1", 0), listen_port=free_port())
                     self.links[(src, dst)] = await link.start()
         for name, region, zone in names:
             peers = tuple(Peer(name=other, region=r, zone=z,

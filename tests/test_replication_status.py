@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 
 from cluster.network.links import LinkFaults
+from registry_node.app import REPLICATION_COMPLETION
 
 from .auth_inprocess import ADMIN, start_auth_cluster
 from .command_line import georeg_command
@@ -86,6 +87,15 @@ async def test_status_through_present_pending_stale_unreachable_and_excluded(tmp
             assert replica["arrived_at"] and replica["lag_ms"] is not None and replica["lag_ms"] >= 0
         by_digest = await status(http, n["eastus-2"], "app/web", first.digest)
         assert by_digest["complete"] and states(by_digest) == dict.fromkeys(NAMES, "present")
+        # What webhooks are told (replication completion, over the nodes' mutual
+        # TLS): each region's arrival as status gives it, a zone-redundant
+        # region's at its write quorum (the second of three zones).
+        done = await n["westeurope"].runner.app[REPLICATION_COMPLETION].wait(
+            "app/web", first.digest, deadline_s=20)
+        arrived = {r["name"]: r["arrived_at"] for r in by_digest["replicas"]}
+        assert done.complete and done.arrivals == {
+            "eastus": sorted(arrived[f"eastus-{z}"] for z in "123")[1],
+            "westeurope": arrived["westeurope"], "brazilsouth": arrived["brazilsouth"]}, done
 
         code, out = await cli("app/web:v1", "--node", n["westeurope"].url, "--authfile", str(cluster.authfile))
         assert code == 0, out

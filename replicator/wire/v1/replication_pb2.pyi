@@ -312,6 +312,30 @@ class ImageStatusReply(_message.Message):
     tag_arrived_ns: int
     def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., present: _Optional[bool] = ..., arrived_ns: _Optional[int] = ..., origin_acked_ns: _Optional[int] = ..., origin_region: _Optional[str] = ..., failure: _Optional[str] = ..., blobs_present: _Optional[int] = ..., blobs_total: _Optional[int] = ..., digest: _Optional[str] = ..., tag_hlc: _Optional[int] = ..., tag_origin_region: _Optional[str] = ..., tag_origin_zone: _Optional[str] = ..., tag_acked_ns: _Optional[int] = ..., media_type: _Optional[str] = ..., tag_arrived_ns: _Optional[int] = ...) -> None: ...
 
+class ImageRef(_message.Message):
+    __slots__ = ("repository", "digest")
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    repository: str
+    digest: str
+    def __init__(self, repository: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ImageStatusesRequest(_message.Message):
+    __slots__ = ("requester", "images")
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    requester: NodeRef
+    images: _containers.RepeatedCompositeFieldContainer[ImageRef]
+    def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ...) -> None: ...
+
+class ImageStatusesReply(_message.Message):
+    __slots__ = ("node", "images")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    node: NodeRef
+    images: _containers.RepeatedCompositeFieldContainer[ImageStatusReply]
+    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageStatusReply, _Mapping]]] = ...) -> None: ...
+
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

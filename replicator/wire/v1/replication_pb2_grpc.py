@@ -69,6 +69,11 @@ class ReplicationStub:
                 request_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusRequest.SerializeToString,
                 response_deserializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusReply.FromString,
                 _registered_method=True)
+        self.GetImageStatuses = channel.unary_unary(
+                '/georeg.replication.v1.Replication/GetImageStatuses',
+                request_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusesRequest.SerializeToString,
+                response_deserializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusesReply.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/georeg.replication.v1.Replication/Health',
                 request_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.HealthRequest.SerializeToString,
@@ -123,6 +128,12 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetImageStatuses(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -166,6 +177,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.GetImageStatus,
                     request_deserializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusRequest.FromString,
                     response_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusReply.SerializeToString,
+            ),
+            'GetImageStatuses': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImageStatuses,
+                    request_deserializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusesRequest.FromString,
+                    response_serializer=replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusesReply.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -362,6 +378,33 @@ class Replication:
             '/georeg.replication.v1.Replication/GetImageStatus',
             replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusRequest.SerializeToString,
             replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImageStatuses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/georeg.replication.v1.Replication/GetImageStatuses',
+            replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusesRequest.SerializeToString,
+            replicator_dot_wire_dot_v1_dot_replication__pb2.ImageStatusesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,7 @@ from aiohttp import web
 from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate, pull_check
-from .api.common import CONFIGURATION, REGISTRY
+from .api.common import CONFIGURATION, REGISTRY, WEBHOOKS
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_access
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
@@ -36,6 +36,9 @@ from .handoff import HandoffServer
 from .identities import ConfigurationIdentities
 from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
+from .webhook_delivery import WebhookDelivery
+from .webhook_metrics import WebhookMetrics
+from .webhook_sender import HttpSender
 from .webhooks import ReplicationCompletion
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
@@ -102,6 +105,9 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     for extension in extensions:
         extension.add_routes(app.router)
         app.cleanup_ctx.append(extension.lifetime)
+    # After the extensions: replication registers what delivery asks it, and
+    # stops only once delivery has.
+    app.cleanup_ctx.append(_webhooks)
     app.cleanup_ctx.append(_garbage_collector)
     app.cleanup_ctx.append(_memory_trim)
     return app
@@ -166,6 +172,24 @@ async def _stop_handoffs(app: web.Application) -> None:
     # aiohttp's shutdown: the site has stopped accepting; requests in flight,
     # hand-overs included, get the same grace.
     app[HANDOFF].stop_accepting(app[NODE].config.shutdown_grace_s)
+
+
+async def _webhooks(app: web.Application) -> AsyncIterator[None]:
+    """Webhook delivery (``webhook_delivery``) for as long as the storage is open."""
+    node = app[NODE]
+    sender = HttpSender()
+    delivery = WebhookDelivery(
+        node.outbox, node.configuration, node.registry, node.config.webhooks, sender,
+        WebhookMetrics(app[METRICS].registry, node.outbox.pending_by_webhook),
+        # Names the registry in the request of a copy (a client's push names
+        # the host it was sent to).
+        host=node.config.auth_service or node.config.host,
+        completion=lambda: app.get(REPLICATION_COMPLETION))
+    app[WEBHOOKS] = delivery
+    delivery.start()
+    yield
+    await delivery.stop()
+    await sender.close()
 
 
 async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:

@@ -5,9 +5,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 # How long requests in flight (downloads handed over included) may take to
 # finish once the node is told to stop.
 SHUTDOWN_GRACE_S = 5.0
+
+
+class WebhookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How this node delivers webhooks (``registry_node.webhook_delivery``).
+
+    ``deliver``: whether this node fires its region's webhooks for what the
+    region receives; in a zone-redundant region only one node does (the plan
+    decides: the node of the region's first zone), a standalone node always.
+    ``wan_latency_ms``: the modelled one-way latency from this node's region
+    to each region a receiver may sit in (``receiver_location``), applied
+    before each attempt; a region not listed is 0 away."""
+
+    deliver: bool = True
+    wan_latency_ms: dict[str, float] = msgspec.field(default_factory=dict)
+    timeout_s: float = 10.0              # one attempt, connect to the end of the response
+    retry_horizon_s: float = 24 * 3600.0 # an event is retried until this old, then given up
+    backoff_base_s: float = 0.5          # exponential, full jitter, capped
+    backoff_cap_s: float = 30.0
+    retry_after_cap_s: float = 300.0     # the most of a receiver's Retry-After honoured
+    log_size: int = 100                  # finished deliveries kept per webhook
+    completion_wait_s: float = 30.0      # one question to replication (replicated, ..._failed)
+    completion_horizon_s: float = 24 * 3600.0   # asked until this old, then dropped
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.backoff_base_s <= 0 or self.backoff_cap_s <= 0:
+            raise ValueError("webhook timeout and backoff must be positive")
+        if self.log_size < 1:
+            raise ValueError("a webhook's delivery log keeps at least one delivery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +70,7 @@ class NodeConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
+    webhooks: WebhookSettings = WebhookSettings()
 
     @property
     def auth_enabled(self) -> bool:

@@ -17,6 +17,9 @@ The key space::
     meta\\0logfloor                        → seq (ascii int)   the log is truncated up to here
     meta\\0tombindex                       → scheme (ascii int) every tombstone has its tgc\\0 entry
     meta\\0tombstones                      → count (ascii int) tombstones held (kept by each commit)
+    meta\\0webhookfeed                     → seq (ascii int)   webhooks have been made from the log
+                                                                up to here (``webhook_outbox``)
+    meta\\0webhookseq                      → number (ascii int) the last webhook entry's number
     log\\0<seq:u64be>                       → Event             the replication log, seq from 1
                                                                 (above meta\\0logfloor)
     blob\\0<digest>                         → BlobRecord        the node holds this blob's file
@@ -54,6 +57,12 @@ The key space::
     fpb\\0<bucket>                          → FingerprintSums   the same, over every <repo> of
                                                                 the bucket (two hex digits:
                                                                 ``fingerprint_bucket``)
+    whp\\0<webhook>\\0<number:016x>          → WebhookEntry      a webhook event to deliver: the
+                                                                outbox, in order per webhook
+    whl\\0<webhook>\\0<number:016x>          → WebhookEntry      a delivered, failed or given-up
+                                                                event: the webhook's delivery log
+    whq\\0<question id>                     → CompletionQuestion  an image whose ``replicated`` /
+                                                                ``replication_failed`` is awaited
 
 Each leaf of the tree has a builder (``tag(repo, tag)`` → bytes) and a frozen
 value named after it (``TagKey(repository, tag)``) that ``parse`` returns for
@@ -87,6 +96,8 @@ UNREFERENCED_SCHEME = META + b"unreferenced"
 LOG_FLOOR = META + b"logfloor"
 TOMB_INDEX = META + b"tombindex"
 TOMB_COUNT = META + b"tombstones"
+WEBHOOK_FEED = META + b"webhookfeed"
+WEBHOOK_SEQ = META + b"webhookseq"
 
 LOG = b"log\x00"
 BLOB = b"blob\x00"
@@ -105,6 +116,9 @@ TRANSFER = b"xfer\x00"
 CONFIG = b"conf\x00"
 FINGERPRINT = b"fp\x00"
 FINGERPRINT_BUCKET = b"fpb\x00"
+WEBHOOK_PENDING = b"whp\x00"
+WEBHOOK_LOG = b"whl\x00"
+COMPLETION_QUESTION = b"whq\x00"
 
 FINGERPRINT_BUCKETS = 64
 """Repositories are spread over this many buckets by a hash of their name."""
@@ -254,6 +268,28 @@ def configuration_prefix(kind: str) -> bytes:
 
 def configuration(kind: str, name: str) -> bytes:
     return configuration_prefix(kind) + _b(name)
+
+
+def webhook_pending_prefix(webhook: str) -> bytes:
+    """A webhook's outbox: its events still to deliver, oldest first."""
+    return WEBHOOK_PENDING + _b(webhook) + SEP
+
+
+def webhook_pending(webhook: str, number: int) -> bytes:
+    return webhook_pending_prefix(webhook) + _b(f"{number:016x}")
+
+
+def webhook_log_prefix(webhook: str) -> bytes:
+    """A webhook's delivery log: its events delivered, failed or given up, oldest first."""
+    return WEBHOOK_LOG + _b(webhook) + SEP
+
+
+def webhook_log(webhook: str, number: int) -> bytes:
+    return webhook_log_prefix(webhook) + _b(f"{number:016x}")
+
+
+def completion_question(question: str) -> bytes:
+    return COMPLETION_QUESTION + _b(question)
 
 
 def fingerprint_bucket(name: str) -> int:
@@ -514,10 +550,38 @@ class ConfigKey(msgspec.Struct, frozen=True):
         return configuration(self.kind, self.name)
 
 
+class WebhookPendingKey(msgspec.Struct, frozen=True):
+    """Event ``number`` in ``webhook``'s outbox (numbers grow across every webhook)."""
+
+    webhook: str
+    number: int
+
+    def encode(self) -> bytes:
+        return webhook_pending(self.webhook, self.number)
+
+
+class WebhookLogKey(msgspec.Struct, frozen=True):
+    """Event ``number`` in ``webhook``'s delivery log."""
+
+    webhook: str
+    number: int
+
+    def encode(self) -> bytes:
+        return webhook_log(self.webhook, self.number)
+
+
+class CompletionQuestionKey(msgspec.Struct, frozen=True):
+    question: str
+
+    def encode(self) -> bytes:
+        return completion_question(self.question)
+
+
 Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | UnreferencedKey | RepoKey
        | BlobLinkKey | ManifestKey | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
        | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey
-       | BucketFingerprintKey | ReaderKey | TombstoneCandidateKey)
+       | BucketFingerprintKey | ReaderKey | TombstoneCandidateKey | WebhookPendingKey
+       | WebhookLogKey | CompletionQuestionKey)
 
 
 def _head(family: bytes) -> bytes:
@@ -529,14 +593,20 @@ _TOMB_CANDIDATE_HEAD = _head(TOMB_CANDIDATE)
 _META_HEAD = _head(META)
 _META_NAMES = frozenset(k.removeprefix(META).decode()
                         for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK, FINGERPRINTS,
-                                  UNREFERENCED_SCHEME, LOG_FLOOR, TOMB_INDEX, TOMB_COUNT))
+                                  UNREFERENCED_SCHEME, LOG_FLOOR, TOMB_INDEX, TOMB_COUNT,
+                                  WEBHOOK_FEED, WEBHOOK_SEQ))
+# Families of ``<family><webhook>\0<number:016x>``.
+_WEBHOOK_ENTRIES: dict[bytes, type] = {_head(WEBHOOK_PENDING): WebhookPendingKey,
+                                       _head(WEBHOOK_LOG): WebhookLogKey}
+_HEX = frozenset(b"0123456789abcdef")
 # Families whose components follow the family name directly.
 _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (UNREFERENCED, UnreferencedKey),
     (REPO, RepoKey),
     (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
     (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey),
-    (FINGERPRINT_BUCKET, BucketFingerprintKey), (READER, ReaderKey)]}
+    (FINGERPRINT_BUCKET, BucketFingerprintKey), (READER, ReaderKey),
+    (COMPLETION_QUESTION, CompletionQuestionKey)]}
 # Families of ``<family><repo>\0<kind>\0…``, by kind.
 _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
     _head(REPO_DATA): {_LINK.decode(): BlobLinkKey, _MANIFEST.decode(): ManifestKey,
@@ -545,7 +615,8 @@ _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
                   _LINK.decode(): BlobTombKey},
 }
 _FIELDS: dict[type, tuple[str, ...]] = {kind: kind.__struct_fields__ for kind in Key.__args__
-                                         if kind is not TombstoneCandidateKey}
+                                         if kind not in (TombstoneCandidateKey, WebhookPendingKey,
+                                                         WebhookLogKey)}
 
 
 class MalformedKey(ValueError):
@@ -592,6 +663,16 @@ def _parse(key: bytes) -> Key:
         if not isinstance(tomb, TombKey):
             raise MalformedKey(key, f"a tombstone candidate names a {type(tomb).__name__}")
         return TombstoneCandidateKey(_SEQ.unpack(rest[:_SEQ.size])[0], tomb)
+    if head in _WEBHOOK_ENTRIES:
+        name, sep, number = rest.partition(SEP)
+        if not name or not sep:
+            raise MalformedKey(key, "a webhook entry is a webhook name and a number")
+        if len(number) != 16 or not set(number) <= _HEX:
+            raise MalformedKey(key, "a webhook entry's number is 16 lowercase hex digits")
+        try:
+            return _WEBHOOK_ENTRIES[head](name.decode(), int(number, 16))
+        except UnicodeDecodeError:
+            raise MalformedKey(key, "a component that is not UTF-8") from None
     kind = _FLAT.get(head)
     kinds = _IN_REPOSITORY.get(head) if kind is None else None
     if kind is None and kinds is None and head != _META_HEAD:

@@ -25,6 +25,11 @@ it writes, into the same ``WriteBatch``, so no code path that writes a tag or
 manifest can forget them and no crash can part them from what they sum. A
 database that predates them is summed once when opened.
 
+Readers of the log inside the node (webhooks: ``webhook_outbox``) hold its
+truncation back with ``hold_log``: ``truncate_log`` never deletes an event
+such a reader has not read, whatever the peers' cursors allow, so bounded
+metadata cannot take an event from under them.
+
 Memory: RocksDB's defaults are sized for a database that owns its machine —
 a 64 MiB memtable, filled by every write until it is flushed, and a 32 MiB
 block cache, filled by reads. A node's metadata is small and its files stay
@@ -106,6 +111,7 @@ class MetadataStore:
         self._log_floor = int(floor) if floor else 0
         self._last_seq = max(self._read_last_seq(), self._log_floor)
         self._listeners: list[Callable[[int], None]] = []
+        self._holds: dict[str, Callable[[], int]] = {}   # local readers: how far each has read
         self.faults = faults or StorageFaults()
         # Whether opening had to sum the registers (a database from before the
         # sums were kept, or marked with another scheme): never, for one this
@@ -146,6 +152,18 @@ class MetadataStore:
                 return
             yield key, it.value()
             it.next()
+
+    def scan_back(self, prefix: bytes, before: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Keys starting with ``prefix`` in reverse byte order, from ``before``
+        (included) down."""
+        it = self._db.iter()
+        it.seek_for_prev(before)
+        while it.valid():
+            key = it.key()
+            if not key.startswith(prefix):
+                return
+            yield key, it.value()
+            it.prev()
 
     def has_prefix(self, prefix: bytes) -> bool:
         it = self._db.iter()
@@ -193,10 +211,27 @@ class MetadataStore:
         """The log holds the events after this sequence only (0: all of them)."""
         return self._log_floor
 
+    def hold_log(self, reader: str, read: Callable[[], int]) -> None:
+        """Keep every event after ``read()`` (how far ``reader``, inside this
+        node, has read the log) from truncation, for as long as this store is open."""
+        self._holds[reader] = read
+
+    def release_log(self, reader: str) -> None:
+        self._holds.pop(reader, None)
+
+    @property
+    def log_held_at(self) -> int | None:
+        """The lowest sequence a local reader has read (None: no local reader)."""
+        return min((read() for read in self._holds.values()), default=None)
+
     def truncate_log(self, through: int) -> int:
-        """Delete the events up to ``through`` (at most the last one) and raise
-        the floor to it, in one batch; returns how many events went."""
+        """Delete the events up to ``through`` (at most the last one, and none a
+        local reader has not read: ``hold_log``) and raise the floor to it, in
+        one batch; returns how many events went."""
         through = min(through, self._last_seq)
+        held = self.log_held_at
+        if held is not None:
+            through = min(through, held)
         if through <= self._log_floor:
             return 0
         wb = WriteBatch(raw_mode=True)

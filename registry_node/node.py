@@ -25,6 +25,7 @@ from .metastore import Batch, MetadataStore
 from .records import NodeIdentity, decode, encode
 from .registry import Registry
 from .storage_faults import StorageFaults
+from .webhook_outbox import WebhookOutbox
 
 SCHEMA_VERSION = b"1"
 
@@ -42,6 +43,9 @@ class Node:
     registry: Registry
     executor: ThreadPoolExecutor
     configuration: Configuration
+    # Webhook events to deliver; on the node that delivers its region's, the
+    # feed's cursor holds the log's truncation back from the moment it opens.
+    outbox: WebhookOutbox
 
     @classmethod
     def open(cls, config: NodeConfig, *, wall_ns: Callable[[], int] = time.time_ns,
@@ -68,7 +72,9 @@ class Node:
 
         registry = Registry(meta, blobs, Sealer(node_key.derive(b"manifest")), identity,
                             run_blocking=run_blocking, wall_ns=wall_ns, monotonic=monotonic)
-        return cls(config, identity, meta, blobs, registry, executor, Configuration(registry))
+        outbox = WebhookOutbox(meta, holds_log=config.webhooks.deliver)
+        return cls(config, identity, meta, blobs, registry, executor, Configuration(registry),
+                   outbox)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

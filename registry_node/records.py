@@ -29,6 +29,18 @@ class EventKind(enum.StrEnum):
     CONFIG_DELETE = "config_delete"
 
 
+class ClientRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The client request that caused an event on the node that took it (what
+    a webhook's ``request`` reports): its id, the ``Host`` it was sent to, its
+    method and ``User-Agent``. Local to that node's log: the wire does not
+    carry it, so a copy logged elsewhere has none."""
+
+    id: str = ""
+    host: str = ""
+    method: str = ""
+    useragent: str = ""
+
+
 CONFIG_KINDS = frozenset({EventKind.CONFIG_SET, EventKind.CONFIG_DELETE})
 """Events about registry configuration rather than a repository's content:
 they carry ``config_kind``, ``config_name`` (and ``config_value``), and an
@@ -39,6 +51,9 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     kind: EventKind
     repository: str
     digest: str = ""
+    # Tag events: the tag. MANIFEST_PUT: the tag the manifest was pushed by
+    # ("" when pushed by digest), so that every replica fires one webhook push
+    # for a put by tag, at its TAG_SET (``webhook_events``).
     tag: str = ""
     media_type: str = ""
     size: int = 0
@@ -59,6 +74,14 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     config_kind: str = ""
     config_name: str = ""
     config_value: bytes = b""
+    # Local to this node's log, never on the wire (``replicator.convert`` maps
+    # fields one by one): what webhooks need that the node may no longer hold
+    # by the time they are fed. MANIFEST_PUT / MANIFEST_DELETE: the manifest's
+    # artifact type (its config's media type for an image manifest: a Helm
+    # chart's is ``application/vnd.cncf.helm.config.v1+json``), as this node
+    # knew it. Events a client caused here: that client's request.
+    artifact_type: str = ""
+    request: ClientRequest | None = None
 
 
 class NodeIdentity(msgspec.Struct, frozen=True):
@@ -189,6 +212,60 @@ class ReplicationFailure(msgspec.Struct, frozen=True):
     reason: str
     at_ns: int
     source: str = ""
+
+
+class DeliveryAttempt(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One try at delivering a webhook event: when, how long, what came back
+    (``status`` 0: no answer, ``error`` says why)."""
+
+    at_ns: int
+    duration_ms: float = 0.0
+    status: int = 0
+    error: str = ""
+
+
+class WebhookEntry(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One webhook event on this node (``webhook_outbox``): pending in the
+    outbox until delivered or given up, then kept in the webhook's delivery
+    log. ``body`` is the JSON payload, fixed when the event was made (a retry
+    or a redelivery sends the very same bytes); the URI and custom headers are
+    the webhook's at each attempt."""
+
+    id: str                            # the event's id (stable: de-duplication)
+    action: str
+    body: bytes
+    webhook_created: float             # which incarnation of the webhook it is for
+    created_ns: int                    # when it was made here
+    event_ns: int = 0                  # the event's own time (delivery latency counts from it)
+    state: str = "pending"             # pending | delivered | failed | gave_up
+    attempts: tuple[DeliveryAttempt, ...] = ()   # the last ones (``webhook_outbox.KEEP_ATTEMPTS``)
+    attempt_count: int = 0
+    uri: str = ""                      # where the last attempt went
+    header_names: tuple[str, ...] = () # custom headers it carried (values are never kept)
+    response_status: int = 0
+    response_headers: dict[str, str] = {}
+    response_body: str = ""            # the start of it
+    reason: str = ""                   # why it failed or was given up
+
+
+class CompletionQuestion(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An image that landed here, for which webhooks here wait to hear that it
+    reached every replica (``replicated``) or that one gave up on it
+    (``replication_failed``): asked of replication until it answers, across
+    restarts (``webhook_delivery``)."""
+
+    repository: str
+    digest: str
+    tag: str
+    media_type: str
+    size: int
+    stamp_hlc: int
+    origin_region: str
+    origin_zone: str
+    webhooks: dict[str, float]         # webhook name -> its ``created`` when asked
+    asked_ns: int
+    request: ClientRequest | None = None
+    chart: bool = False
 
 
 Stamp = tuple[int, str, str]

@@ -52,6 +52,7 @@ from .metastore import Batch, MetadataStore
 from .records import (
     BlobLink,
     BlobRecord,
+    ClientRequest,
     Descriptor,
     Event,
     EventKind,
@@ -526,7 +527,10 @@ class Registry:
         return self.sealer.open(stored.record.sealed_body, manifest_ad(stored.digest))
 
     async def put_manifest(self, repo: str, reference: str, body: bytes,
-                           content_type: str | None) -> PutManifestResult:
+                           content_type: str | None, *,
+                           request: ClientRequest | None = None) -> PutManifestResult:
+        """Store a manifest (by digest, or by tag: the tag then points at it).
+        ``request``: the client's, kept with the events (webhooks report it)."""
         if len(body) > self.limits.max_manifest_size:
             raise manifest_too_large(self.limits.max_manifest_size)
         tag = None
@@ -563,17 +567,26 @@ class Registry:
         hlc = self._stamp(batch)
         origin = (self.identity.region, self.identity.zone)
         acked = self._wall_ns()
-        if self.meta.get(keys.manifest(repo, digest)) is None:
-            self.stage_manifest(batch, repo, digest, body, parsed, (hlc, *origin), acked)
-            batch.event(self._event(EventKind.MANIFEST_PUT, repo, hlc, digest=digest,
-                                    media_type=parsed.media_type, size=len(body),
-                                    references=parsed.references, subject=parsed.subject or ""))
+        new_manifest = self.meta.get(keys.manifest(repo, digest)) is None
+        tag_moves = False
         if tag is not None:
             current = self.meta.get(keys.tag(repo, tag))
-            if current is None or decode(current, TagRecord).digest != digest:
-                self.stage_tag(batch, repo, tag, digest, (hlc, *origin), acked)
-                batch.event(self._event(EventKind.TAG_SET, repo, hlc, digest=digest, tag=tag,
-                                        media_type=parsed.media_type))
+            tag_moves = current is None or decode(current, TagRecord).digest != digest
+        artifact_type = parsed.artifact_type or ""
+        if new_manifest:
+            self.stage_manifest(batch, repo, digest, body, parsed, (hlc, *origin), acked)
+            # Names the tag it came with when its TAG_SET is in the same batch:
+            # webhooks fire one push for the put, at the tag set, on every replica.
+            batch.event(self._event(EventKind.MANIFEST_PUT, repo, hlc, digest=digest,
+                                    tag=tag if tag_moves and tag is not None else "",
+                                    media_type=parsed.media_type, size=len(body),
+                                    references=parsed.references, subject=parsed.subject or "",
+                                    artifact_type=artifact_type, request=request))
+        if tag is not None and tag_moves:
+            self.stage_tag(batch, repo, tag, digest, (hlc, *origin), acked)
+            batch.event(self._event(EventKind.TAG_SET, repo, hlc, digest=digest, tag=tag,
+                                    media_type=parsed.media_type, size=len(body),
+                                    artifact_type=artifact_type, request=request))
         if batch.events:
             await self._commit(batch)
         else:
@@ -652,7 +665,10 @@ class Registry:
                 removed.append(tag)
         return removed
 
-    async def delete_manifest(self, repo: str, reference: str) -> None:
+    async def delete_manifest(self, repo: str, reference: str, *,
+                              request: ClientRequest | None = None) -> None:
+        """Delete a manifest (by digest: it and the tags pointing at it) or a tag
+        (by tag). ``request``: the client's, kept with the events."""
         batch = Batch()
         origin = (self.identity.region, self.identity.zone)
         if not is_digest(reference):
@@ -665,7 +681,8 @@ class Registry:
             pointed = decode(raw, TagRecord).digest
             batch.delete(keys.tag(repo, tag))
             batch.put(keys.tag_tomb(repo, tag), self._tombstone(hlc, pointed))
-            batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed))
+            batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed,
+                                    request=request))
             self.drop_repo_if_emptied(batch, repo)
             await self._commit(batch)
             return
@@ -689,11 +706,13 @@ class Registry:
         self.stage_manifest_removal(batch, repo, digest, record)
         batch.put(keys.manifest_tomb(repo, digest), self._tombstone(hlc))
         batch.event(self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,
-                                media_type=record.media_type))
+                                media_type=record.media_type,
+                                artifact_type=record.artifact_type, request=request))
         self.drop_repo_if_emptied(batch, repo)
         await self._commit(batch)
 
-    async def delete_repository(self, repo: str) -> dict[str, list[str]]:
+    async def delete_repository(self, repo: str, *,
+                                request: ClientRequest | None = None) -> dict[str, list[str]]:
         """Delete every manifest (indexes before what they reference), tag and blob
         link of a repository, each as the replicated delete it is."""
         if not self.repository_exists(repo):
@@ -711,7 +730,7 @@ class Registry:
                 if not free:  # a reference cycle cannot exist (digests); stop rather than spin
                     break
                 for digest in free:
-                    await self.delete_manifest(repo, digest)
+                    await self.delete_manifest(repo, digest, request=request)
                     deleted.append(digest)
                 manifests_left = [d for d in manifests_left if d not in free]
             for key, _ in list(self.meta.scan(keys.blob_link_prefix(repo))):

@@ -312,7 +312,8 @@ class Replica:
             batch = Batch()  # a newer push of the same bytes renews the register
             batch.put(keys.manifest(repo, digest), encode(msgspec.structs.replace(
                 record, hlc=stamp[0], origin_region=stamp[1], origin_zone=stamp[2])))
-            return self._commit(batch, event)
+            return self._commit(batch, msgspec.structs.replace(
+                event, artifact_type=record.artifact_type))
         if not self.wants_manifest(event, needed_by_index):
             return None
         parsed = self.parse_manifest(digest, body, event.media_type)
@@ -326,7 +327,9 @@ class Replica:
         batch = Batch()
         self.registry.stage_manifest(batch, repo, digest, body, parsed, stamp,
                                      origin_acked_ns or event.acked_ns)
-        return self._commit(batch, event)
+        # What webhooks need of it once it may be gone (``Event.artifact_type``).
+        return self._commit(batch, msgspec.structs.replace(
+            event, artifact_type=parsed.artifact_type or ""))
 
     def apply_manifest_delete(self, event: Event) -> Event | None:
         repo, digest = event.repository, event.digest
@@ -340,6 +343,8 @@ class Replica:
             if stamp_of(record) >= stamp or self.meta.has_prefix(keys.ref_repo_prefix(digest, repo)):
                 return None  # renewed since, or an index here needs it: the delete loses
             self.registry.stage_manifest_removal(batch, repo, digest, record)
+            # Webhooks tell a chart's delete apart by what the manifest was.
+            event = msgspec.structs.replace(event, artifact_type=record.artifact_type)
         self.registry.stage_tags_removal(batch, repo, digest, stamp)
         batch.put(keys.manifest_tomb(repo, digest), _tombstone(stamp))
         self.registry.drop_repo_if_emptied(batch, repo)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import msgspec
 
+from registry_node.config import WebhookSettings
+
 from .residency import ResidencyPolicy
 
 
@@ -128,11 +130,26 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # restore, and nobody reads a copy's log outside one. None (a view from
     # before the plan said so): the peers.
     readers: tuple[str, ...] | None = None
+    # How this node delivers webhooks, as the plan decided: whether it is the
+    # one node of its region that fires them, and the modelled one-way latency
+    # to each region a receiver may sit in. None (a view from before the plan
+    # said so): see ``webhook_settings``.
+    webhooks: WebhookSettings | None = None
 
     def __post_init__(self) -> None:
         if self.zone_redundancy.enabled and self.zone not in self.zone_redundancy.zones:
             raise ValueError(f"zone {self.zone!r} of {self.name} is not one of its region's "
                              f"zones {list(self.zone_redundancy.zones)}")
+
+    @property
+    def webhook_settings(self) -> WebhookSettings:
+        """``webhooks``; for a view without it, the plan's rule read from the
+        zones it names: a zone-redundant region's first zone delivers, a
+        region of one node delivers, and no latency is modelled."""
+        if self.webhooks is not None:
+            return self.webhooks
+        zones = self.zone_redundancy.zones
+        return WebhookSettings(deliver=not self.zone_redundant or self.zone == min(zones))
 
     @property
     def zone_redundant(self) -> bool:

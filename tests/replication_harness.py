@@ -179,8 +179,10 @@ class InProcessCluster:
         if node.running:
             raise RuntimeError(f"{name} is running: crash or stop it first")
         node.replication = Replication(node.view)
+        # As ``georeg node --cluster`` does: the view says whether it delivers webhooks.
+        settings = {"webhooks": node.view.webhook_settings, **self.node_settings.get(name, {})}
         config = NodeConfig(data_dir=node.data_dir, port=0, region=node.region, zone=node.zone,
-                            gc_interval_s=3600, **self.node_settings.get(name, {}))
+                            gc_interval_s=3600, **settings)
         runner = web.AppRunner(init_app(config, [node.replication]), handle_signals=False,
                                shutdown_timeout=0.5)
         await runner.setup()

@@ -31,6 +31,7 @@ peers = st.from_regex(r"[a-z0-9]+(?:-[a-z0-9]+)*", fullmatch=True)
 seqs = st.integers(0, keys.LAST_SEQ)
 config_kinds = st.from_regex(r"[a-z][a-z-]{0,30}", fullmatch=True)
 config_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", fullmatch=True)
+webhooks = st.from_regex(r"[A-Za-z0-9]{5,50}", fullmatch=True)
 
 # family → (builder, parsed type, strategies of the builder's arguments)
 buckets = st.integers(0, keys.FINGERPRINT_BUCKETS - 1).map(lambda b: f"{b:02x}")
@@ -64,6 +65,10 @@ FAMILIES = {
                             (seqs, st.one_of(st.builds(keys.TagTombKey, repositories, tags),
                                              st.builds(keys.ManifestTombKey, repositories, digests),
                                              st.builds(keys.BlobTombKey, repositories, digests)))),
+    "webhook pending": (keys.webhook_pending, keys.WebhookPendingKey, (webhooks, seqs)),
+    "webhook log": (keys.webhook_log, keys.WebhookLogKey, (webhooks, seqs)),
+    "completion question": (keys.completion_question, keys.CompletionQuestionKey,
+                            (st.uuids().map(str),)),
 }
 META = {keys.SCHEMA: "schema", keys.IDENTITY: "identity", keys.HLC: "hlc",
         keys.KEY_CHECK: "keycheck", keys.FINGERPRINTS: "fingerprints",
@@ -82,6 +87,8 @@ PREFIXES = {
     "blob tomb": lambda repo, _: keys.tomb_prefix(repo),
     "configuration": lambda kind, _: keys.configuration_prefix(kind),
     "fingerprint": lambda bucket, _: keys.fingerprint_prefix(int(bucket, 16)),
+    "webhook pending": lambda webhook, _: keys.webhook_pending_prefix(webhook),
+    "webhook log": lambda webhook, _: keys.webhook_log_prefix(webhook),
 }
 
 D1 = "sha256:" + "a" * 64
@@ -122,6 +129,11 @@ ON_DISK = [
     (keys.reader("eastus/2"), b"reader\x00eastus/2"),
     (keys.tombstone_candidate(1, keys.tag_tomb("lib/app", "v1.0")),
      b"tgc\x00\x00\x00\x00\x00\x00\x00\x00\x01tomb\x00lib/app\x00t\x00v1.0"),
+    (keys.WEBHOOK_FEED, b"meta\x00webhookfeed"),
+    (keys.WEBHOOK_SEQ, b"meta\x00webhookseq"),
+    (keys.webhook_pending("deploy1", 0x1f), b"whp\x00deploy1\x00000000000000001f"),
+    (keys.webhook_log("deploy1", 2), b"whl\x00deploy1\x000000000000000002"),
+    (keys.completion_question("q1"), b"whq\x00q1"),
 ]
 
 
@@ -143,7 +155,9 @@ def test_the_tree_draws_every_family():
     head and every meta key is drawn in it."""
     heads = [keys.LOG, keys.BLOB, keys.REF, keys.BLOB_USER, keys.REPO, keys.REPO_DATA,
              keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG,
-             keys.FINGERPRINT, keys.FINGERPRINT_BUCKET, keys.READER, keys.TOMB_CANDIDATE, *META]
+             keys.FINGERPRINT, keys.FINGERPRINT_BUCKET, keys.READER, keys.TOMB_CANDIDATE,
+             keys.WEBHOOK_PENDING, keys.WEBHOOK_LOG, keys.COMPLETION_QUESTION,
+             keys.WEBHOOK_FEED, keys.WEBHOOK_SEQ, *META]
     drawn = keys.__doc__
     missing = [h for h in heads if h.decode().replace("\x00", "\\0") not in drawn]
     assert missing == []
@@ -223,6 +237,10 @@ MALFORMED = [
     b"tomb\x00lib/app\x00s\x00" + D1.encode(),  # referrers have no tombstones
     b"blob\x00sha256:\xff\xfe",                 # not UTF-8
     b"conf\x00registry",                        # a configuration object has a kind and a name
+    b"whp\x00deploy1",                          # a webhook entry has a number
+    b"whp\x00deploy1\x0012",                    # of 16 hex digits
+    b"whl\x00deploy1\x00000000000000000G",      # hex
+    b"whl\x00\x000000000000000001",             # and a webhook
 ]
 
 
@@ -235,7 +253,8 @@ def test_a_malformed_key_is_refused_saying_why(key):
 
 
 _HEADS = [b"meta", b"log", b"blob", b"ref", b"user", b"repo", b"r", b"upload", b"tomb",
-          b"cursor", b"fail", b"xfer", b"t", b"m", b"b", b"s", b"schema", b"hlc", b""]
+          b"cursor", b"fail", b"xfer", b"t", b"m", b"b", b"s", b"schema", b"hlc", b"whp",
+          b"whl", b"whq", b"0000000000000001", b""]
 near_keys = st.lists(st.one_of(st.sampled_from(_HEADS), st.binary(max_size=12)),
                      min_size=1, max_size=6).map(b"\x00".join)
 

@@ -99,6 +99,17 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     tls.add_argument("--tls-ca", type=Path, metavar="FILE",
                      help="the CA that issued --tls-cert (PEM): without --auth-ca, what the node "
                           "trusts for peers when its cluster view asks for mutual TLS")
+    hooks = p.add_argument_group(
+        "webhooks", "How the node delivers its region's webhooks (with --cluster, whether it "
+        "delivers and the WAN latency to receivers come from the file)")
+    hooks.add_argument("--webhook-timeout", type=_seconds, metavar="SECONDS",
+                       help="how long one delivery attempt may take (default 10)")
+    hooks.add_argument("--webhook-backoff-cap", type=_seconds, metavar="SECONDS",
+                       help="the longest wait between two attempts (default 30)")
+    hooks.add_argument("--webhook-retry-horizon", type=_seconds, metavar="SECONDS",
+                       help="an event is retried until this old, then given up (default 86400)")
+    hooks.add_argument("--webhook-log-size", type=int, metavar="N",
+                       help="finished deliveries kept per webhook for list-events (default 100)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                    help="log format on stderr (default: console on a terminal, else json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -114,6 +125,8 @@ def _run_node(args: argparse.Namespace) -> int:
     from registry_node import allocator
 
     allocator.tune()  # first: before any library starts a thread
+    import msgspec
+
     from registry_node import logs
     from registry_node.auth.tokens import AuthConfigError
     from registry_node.config import NodeConfig
@@ -125,6 +138,9 @@ def _run_node(args: argparse.Namespace) -> int:
     host, port = args.listen
     region, zone = args.region, args.zone
     extensions = []
+    from registry_node.config import WebhookSettings
+
+    webhooks = WebhookSettings()
     if args.cluster is not None:
         from replicator.runtime import Replication
         from replicator.topology import ClusterView
@@ -139,7 +155,17 @@ def _run_node(args: argparse.Namespace) -> int:
                   f"{view.region}/{view.zone}", file=sys.stderr)
             return 2
         region, zone = view.region, view.zone
+        webhooks = view.webhook_settings
         extensions.append(Replication(view, args.cluster))
+    tuning = {field: value for field, value in (
+        ("timeout_s", args.webhook_timeout), ("backoff_cap_s", args.webhook_backoff_cap),
+        ("retry_horizon_s", args.webhook_retry_horizon), ("log_size", args.webhook_log_size))
+        if value is not None}
+    try:
+        webhooks = msgspec.structs.replace(webhooks, **tuning)
+    except ValueError as exc:
+        print(f"georeg node: {exc}", file=sys.stderr)
+        return 2
     config = NodeConfig(data_dir=args.data_dir, host=host, port=port, region=region or "local",
                         zone=zone or "", key_file=args.key_file, gc_grace_s=args.gc_grace,
                         gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl,
@@ -148,7 +174,7 @@ def _run_node(args: argparse.Namespace) -> int:
                         auth_service=args.auth_service or "",
                         internal_credential_file=args.internal_credential_file,
                         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key or args.tls_cert,
-                        tls_ca_file=args.tls_ca)
+                        tls_ca_file=args.tls_ca, webhooks=webhooks)
     if (args.tls_key or args.tls_ca) and args.tls_cert is None:
         print("georeg node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
         return 2

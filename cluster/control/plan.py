@@ -27,9 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry_node.config import WebhookSettings
 from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
 
 from ..network.links import LinkModel, link_seed
+from .regions import REGIONS
 from .spec import ANY_PORT_BASE, ClusterSpec, ReplicaSpec, port_layout
 
 # Where a cluster keeps its access material, under its data dir (the layout
@@ -231,13 +233,22 @@ class ClusterPlan:
             for other in others)
         remote_zones = {other.region: other.zone_redundancy.zones for other in others
                         if other.zone_redundancy.enabled and other.region != node.region}
+        # Webhooks: one node per replica region fires them (its first zone; a
+        # paired copy never), after the modelled one-way latency to the receiver.
+        redundancy = node.zone_redundancy
+        wan = self.spec.wan_model()
+        webhooks = WebhookSettings(
+            deliver=not node.copy_of and (not redundancy.enabled
+                                          or node.zone == min(redundancy.zones)),
+            wan_latency_ms={region: wan.link(node.region, region).latency_ms
+                            for region in REGIONS})
         return ClusterView(name=node.name, region=node.region, zone=node.zone,
                            grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
                            zone_redundancy=node.zone_redundancy, remote_zones=remote_zones,
                            residency=self.spec.residency_policy(),
                            replication=settings or ReplicationSettings(),
                            mutual_tls=node.access is not None or node.tls is not None,
-                           readers=readers)
+                           readers=readers, webhooks=webhooks)
 
 
 def node_name(region: str, zone: str) -> str:

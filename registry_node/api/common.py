@@ -10,15 +10,20 @@ import msgspec
 from aiohttp import web
 
 from ..errors import ErrorCode, RegistryError
+from ..records import ClientRequest
 from ..reference import Digest, validate_name
+from .middlewares import REQUEST_ID
 
 if TYPE_CHECKING:
     from ..configuration import Configuration
     from ..registry import Registry
+    from ..webhook_delivery import WebhookDelivery
 
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry", object)  # type: ignore[arg-type]
 # The node's registry configuration (``registry_node.configuration``).
 CONFIGURATION: web.AppKey[Configuration] = web.AppKey("configuration", object)  # type: ignore[arg-type]
+# The node's webhook delivery (``registry_node.webhook_delivery``).
+WEBHOOKS: web.AppKey[WebhookDelivery] = web.AppKey("webhooks", object)  # type: ignore[arg-type]
 
 DIGEST_HEADER = "Docker-Content-Digest"
 UPLOAD_UUID_HEADER = "Docker-Upload-UUID"
@@ -28,6 +33,13 @@ _json = msgspec.json.Encoder(enc_hook=lambda value: str(value) if isinstance(val
 
 def registry(request: web.Request) -> Registry:
     return request.app[REGISTRY]
+
+
+def client_request(request: web.Request) -> ClientRequest:
+    """The request as a webhook reports it (``records.ClientRequest``)."""
+    return ClientRequest(id=request.get(REQUEST_ID, ""), host=request.host[:256],
+                         method=request.method,
+                         useragent=request.headers.get("User-Agent", "")[:512])
 
 
 def repo_name(request: web.Request) -> str:

@@ -10,7 +10,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..manifest import OCI_INDEX
-from .common import digest_param, json_response, next_link, page_size, registry, repo_name
+from .common import (
+    client_request,
+    digest_param,
+    json_response,
+    next_link,
+    page_size,
+    registry,
+    repo_name,
+)
 
 MAX_PAGE = 10_000
 
@@ -43,5 +51,5 @@ async def referrers(request: web.Request) -> web.Response:
 async def delete_repository(request: web.Request) -> web.Response:
     """``DELETE /acr/v1/{name}`` — ACR's repository delete: every manifest and tag."""
     repo = repo_name(request)
-    result = await registry(request).delete_repository(repo)
+    result = await registry(request).delete_repository(repo, request=client_request(request))
     return json_response(result, status=202)

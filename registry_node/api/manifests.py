@@ -6,7 +6,7 @@ from aiohttp import web
 
 from ..errors import ErrorCode, RegistryError
 from ..registry import manifest_too_large
-from .common import DIGEST_HEADER, BodyResponse, empty, registry, repo_name
+from .common import DIGEST_HEADER, BodyResponse, client_request, empty, registry, repo_name
 
 
 async def get_manifest(request: web.Request) -> web.Response:
@@ -51,7 +51,8 @@ async def put_manifest(request: web.Request) -> web.Response:
     if not body:
         raise RegistryError(ErrorCode.MANIFEST_INVALID, "the manifest body is empty")
     result = await reg.put_manifest(repo, request.match_info["reference"], body,
-                              request.headers.get("Content-Type"))
+                                    request.headers.get("Content-Type"),
+                                    request=client_request(request))
     headers = {"Location": f"/v2/{repo}/manifests/{result.digest}", DIGEST_HEADER: result.digest}
     if result.subject:
         headers["OCI-Subject"] = result.subject
@@ -60,5 +61,6 @@ async def put_manifest(request: web.Request) -> web.Response:
 
 async def delete_manifest(request: web.Request) -> web.Response:
     repo = repo_name(request)
-    await registry(request).delete_manifest(repo, request.match_info["reference"])
+    await registry(request).delete_manifest(repo, request.match_info["reference"],
+                                            request=client_request(request))
     return empty(202, {})

@@ -11,7 +11,18 @@ from typing import NamedTuple
 
 from aiohttp import web
 
-from . import admin, base, blobs, configuration, inventory, listings, manifests, metrics, uploads
+from . import (
+    admin,
+    base,
+    blobs,
+    configuration,
+    inventory,
+    listings,
+    manifests,
+    metrics,
+    uploads,
+    webhooks,
+)
 
 
 class Route(NamedTuple):
@@ -54,6 +65,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/georeg/v1/configuration/{kind}/{name}", configuration.get_object),
     Route("PUT", "/georeg/v1/configuration/{kind}/{name}", configuration.put_object),
     Route("DELETE", "/georeg/v1/configuration/{kind}/{name}", configuration.delete_object),
+    # Webhook deliveries from this node (the control plane's ping, list-events, redeliver).
+    Route("POST", "/georeg/v1/webhooks/{name}/ping", webhooks.ping),
+    Route("GET", "/georeg/v1/webhooks/{name}/events", webhooks.list_events),
+    Route("POST", "/georeg/v1/webhooks/{name}/events/{id}/redeliver", webhooks.redeliver),
     # Prometheus: the node's error answers, and what its extensions register.
     Route("GET", "/metrics", metrics.get_metrics),
 )

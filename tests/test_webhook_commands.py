@@ -262,9 +262,6 @@ async def receiver():
         await runner.cleanup()
 
 
-@pytest.mark.xfail(strict=True, reason="the node's routes for ping, events and redeliver come "
-                                       "with webhook delivery (branch whdeliver): remove this "
-                                       "mark when it is merged")
 async def test_ping_list_events_and_redeliver_in_the_webhooks_region(running, receiver):
     c = running
     uri, got = receiver

@@ -33,10 +33,12 @@ from registry_node.app import NODE
 from registry_node.auth.tokens import AuthConfigError
 from registry_node.config import NodeConfig
 from registry_node.durability import LocalDurability
+from registry_node.records import Cursor
 from registry_node.replica import Replica
 
 from .antientropy import AntiEntropy
 from .feed import LogFeed
+from .intake import Relay, RelayedCursors
 from .metrics import ReplicationMetrics
 from .peer_identity import PeerCredentials
 from .peers import SERVER_OPTIONS, PeerClient
@@ -46,7 +48,7 @@ from .service import ReplicationService
 from .staleness import PeerRescue
 from .status import ImageStatus
 from .subscription import OriginStreams, Subscription
-from .topology import ClusterView
+from .topology import ClusterView, Peer, event_receiver
 from .transfer import HeldBlobs, Transfer
 from .wire.v1 import replication_pb2_grpc as pbg
 
@@ -76,6 +78,7 @@ class Replication:
         self._status = ImageStatus(self)
         self._tasks: dict[str, asyncio.Task] = {}
         self.rescue: PeerRescue | None = None
+        self.relayed: RelayedCursors | None = None
 
     # -- Extension -----------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class Replication:
         self.credentials = _credentials(view, node.config)
         self.clients = [PeerClient(peer, identity, credentials=self.credentials, my_name=view.name)
                         for peer in view.peers]
+        self.relayed = RelayedCursors(lambda: node.meta.last_seq)
         held = HeldBlobs()   # bytes that came with events: a sibling may have them before the store
         self.transfer = Transfer(replica, self.residency, self.metrics,
                                  concurrency=settings.transfer_concurrency,
@@ -122,7 +126,9 @@ class Replication:
             replica, feed, self.residency, self.quorum, self.metrics, settings.chunk_size,
             one_wan_copy_per_region=settings.one_wan_copy_per_region,
             remote_zones=lambda: self.view.remote_zones, held=held,
-            certified_peers=self.credentials is not None, retention=self.retention)
+            certified_peers=self.credentials is not None, retention=self.retention,
+            one_wan_event_copy_per_region=settings.one_wan_event_copy_per_region,
+            region_zones=view.zone_redundancy.zones, relayed=self.relayed)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pbg.add_ReplicationServicer_to_server(self.service, server)
         port = _listen(server, view.grpc_listen, self.credentials)
@@ -162,14 +168,41 @@ class Replication:
     # -- peers -----------------------------------------------------------------------
 
     def _subscribe(self, client: PeerClient) -> None:
+        remote = client.peer.region != self.view.region
+        zone_peer = self.view.is_zone_peer(client.peer)
         subscription = Subscription(client, self.transfer, lambda: self.clients, self.metrics,
                                     on_connect=self.anti_entropy.sync_with,
-                                    acknowledge=self.view.is_zone_peer(client.peer),
-                                    origins=self.origins, resync=self.anti_entropy.resync)
+                                    acknowledge=zone_peer,
+                                    origins=self.origins, resync=self.anti_entropy.resync,
+                                    relay=self._relay_for(client.peer),
+                                    on_advance=self.relayed.advanced if remote else None,
+                                    on_relayed=self._vouched if zone_peer else None)
         self.subscriptions.append(subscription)
         self.origins.add(subscription)
         self._tasks[client.name] = asyncio.create_task(subscription.run(),
                                                        name=f"subscription:{client.name}")
+
+    def _relay_for(self, peer: Peer) -> Relay | None:
+        """The sibling zone that reads ``peer``'s log whole for this region, when
+        that is not this node (``replicator.intake``); None: this node reads it whole."""
+        view = self.view
+        if (not view.replication.one_wan_event_copy_per_region or not view.zone_redundant
+                or peer.region == view.region):
+            return None
+        zone = event_receiver(view.zone_redundancy.zones, peer.region, peer.zone,
+                              view.remote_zones.get(peer.region, ()))
+        if zone == view.zone:
+            return None
+        return Relay(zone, lambda: self._sibling_connected(zone))
+
+    def _vouched(self, relayed) -> None:
+        """A sibling's relayed cursors, its batch applied here: hand each to the
+        subscription to that peer."""
+        by_name = {s.peer.name: s for s in self.subscriptions}
+        for entry in relayed:
+            subscription = by_name.get(entry.peer)
+            if subscription is not None and subscription.relay is not None:
+                subscription.vouch(Cursor(entry.node_id, entry.seq))
 
     def _sibling_connected(self, zone: str) -> bool:
         """Whether this node's stream from its region's ``zone`` is up."""
@@ -228,6 +261,7 @@ class Replication:
             if subscription.peer is client:
                 self.origins.remove(subscription)
         self.subscriptions = [s for s in self.subscriptions if s.peer is not client]
+        self.relayed.forget(client.name)
         self.clients.remove(client)
         if client in self.anti_entropy.peers:
             self.anti_entropy.peers.remove(client)
@@ -252,6 +286,7 @@ class Replication:
                 "name": s.peer.name, "region": s.peer.peer.region, "zone": s.peer.peer.zone,
                 "connected": s.connected, "behind_events": s.lag_events,
                 "last_error": s.last_error or None, "resyncs": s.resyncs,
+                "lean": s.lean, "relay_fallbacks": s.fallbacks,
                 "silent": self.rescue.is_silent(s.peer.name) if self.rescue else False,
             } for s in self.subscriptions],
             "rescue": {

@@ -241,6 +241,11 @@ class Replication:
         for name, client in current.items():
             if name not in wanted or wanted[name] != client.peer:
                 await self._drop_peer(client)
+        # The new view before any subscription is built or re-derived from it:
+        # which zone reads a peer whole (``_relay_for``) depends on the remote
+        # regions' zones it names, and every zone of this region must name the
+        # same one as a zone started on this view does, or none reads it whole.
+        self.view = view
         for name, peer in wanted.items():
             if name not in current or current[name].peer != peer:
                 client = PeerClient(peer, self.replica.registry.identity,
@@ -248,8 +253,28 @@ class Replication:
                 self.clients.append(client)
                 self.anti_entropy.peers.append(client)
                 self._subscribe(client)
-        self.view = view
+        await self._rederive_relays()
         log.info("peers_reconciled", peers=sorted(wanted))
+
+    async def _rederive_relays(self) -> None:
+        """Give each subscription whose receiving zone the current view names
+        differently its new relay, restarting it (its session reads lean or
+        whole, with a relay watcher or without, by the relay it began with)."""
+        for subscription in list(self.subscriptions):
+            relay = self._relay_for(subscription.peer.peer)
+            if _relay_zone(relay) == _relay_zone(subscription.relay):
+                continue
+            name = subscription.peer.name
+            log.info("relay_changed", peer=name, zone=_relay_zone(relay),
+                     was=_relay_zone(subscription.relay))
+            task = self._tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            subscription.relay = relay
+            self._tasks[name] = asyncio.create_task(subscription.run(),
+                                                    name=f"subscription:{name}")
 
     async def _drop_peer(self, client: PeerClient) -> None:
         task = self._tasks.pop(client.name, None)
@@ -342,6 +367,11 @@ def _memory(node) -> dict[str, int]:
 
 def _label(region: str, zone: str) -> str:
     return f"{region}/{zone}" if zone else region
+
+
+def _relay_zone(relay: Relay | None) -> str | None:
+    """The zone a relay names; None: this node reads the peer whole."""
+    return relay.zone if relay is not None else None
 
 
 def _credentials(view: ClusterView, config: NodeConfig) -> PeerCredentials | None:

@@ -173,6 +173,7 @@ class Subscription:
         self.resyncs = 0
         self._report_due = asyncio.Event()
         self._sender_id = ""             # the peer incarnation this session reads
+        self._head_of = ""               # the peer incarnation peer_last_seq is of
         self._writing = asyncio.Lock()   # one write at a time on the stream
         self._received = 0              # the peer's log up to here is applied or under way here
         self._waiting: list[tuple[int, asyncio.Future[None]]] = []
@@ -257,14 +258,23 @@ class Subscription:
         best = self.vouched
         if best is None or best.node_id != cursor.node_id or cursor.seq > best.seq:
             self.vouched = cursor
-        if not self.lean:
+        if self.lean:
+            self._take_vouched()
+
+    def _take_vouched(self) -> None:
+        """Make what the sibling vouched for this subscription's cursor if it
+        is ahead; called while lean, and on going lean (a session starting
+        lean, a return to lean): vouches that came while this read whole or
+        was down moved nothing, and an idle sibling sends no new one, so the
+        cursor would otherwise stay behind until the stall detector fires."""
+        vouched, current = self.vouched, self.cursor()
+        if vouched is None:
             return
-        current = self.cursor()
         incarnation = self._sender_id or current.node_id
-        if cursor.node_id != incarnation:
+        if vouched.node_id != incarnation:
             return       # of another incarnation of the peer than the one this reads
-        if cursor.node_id != current.node_id or cursor.seq > current.seq:
-            self._advance(cursor)
+        if vouched.node_id != current.node_id or vouched.seq > current.seq:
+            self._advance(vouched)
 
     @property
     def lag_events(self) -> int:
@@ -362,6 +372,7 @@ class Subscription:
                     log.info("relay_resumed", peer=self.peer.name, zone=relay.zone,
                              cursor=mine.seq)
                     await self._switch(call, lean=True, cursor=mine)
+                    self._take_vouched()
                     switched, mark, since = now, -1, now
                 continue
             stalled = False
@@ -409,7 +420,15 @@ class Subscription:
                          reset=batch.cursor_reset, lean=self.lean)
                 if self.on_connect is not None:
                     asyncio.ensure_future(self.on_connect(self.peer))
-            self.peer_last_seq = max(batch.last_seq, self.peer_last_seq)
+                if self.lean:
+                    self._take_vouched()   # the incarnation read is known now
+            if batch.sender.node_id != self._head_of:
+                # Another incarnation (the peer rebuilt): its log is not the old
+                # one's, and the old head would make this stream look behind.
+                self._head_of = batch.sender.node_id
+                self.peer_last_seq = batch.last_seq
+            else:
+                self.peer_last_seq = max(batch.last_seq, self.peer_last_seq)
             if batch.cursor_truncated:
                 await applying.join()     # nothing before it is still being applied
                 await self._resync(batch)
@@ -479,7 +498,12 @@ class Subscription:
                     await self._settle(tasks)
                 if cursor is None:
                     continue          # a lean batch: nothing to advance or acknowledge
-                self._advance(cursor)
+                current = self.cursor()
+                if (self.relay is None or cursor.node_id != current.node_id
+                        or cursor.seq >= current.seq):
+                    # (A whole batch under way when this went lean may end
+                    # below what a sibling vouched for since: not backwards.)
+                    self._advance(cursor)
                 if relayed and self.on_relayed is not None:
                     self.on_relayed(relayed)   # applied through last_seq: vouched for here
                 self.metrics.queue_depth.labels(self.peer.name).set(self.lag_events)

@@ -18,18 +18,32 @@ and what converges is the event path's.
 * the receiving zone cut off from eastus (alive, so its siblings' streams
   from it stay up): they read lean until its cursor has stood still for
   ``RELAY_STALL_S`` with eastus's head ahead, report no cursor past what they
-  hold meanwhile, then read whole and get the image.
+  hold meanwhile, then read whole and get the image;
+* peers added while the nodes run (``replication create``): each running
+  zone names the same receiving zone for a new peer as a zone started on the
+  new view does, so one of them reads it whole whoever restarted;
+* a lean zone whose stream from eastus was down while the receiving zone
+  vouched for more takes that cursor when it reads lean again, without
+  waiting for a stall;
+* eastus rebuilt (a new node id, a shorter log): the lean zones follow the
+  new incarnation's head, not the old one's, so an idle lean stream does not
+  look stalled.
 """
 
 from __future__ import annotations
 
+import shutil
+
 import aiohttp
+import msgspec
 import pytest
 import pytest_asyncio
 
 from cluster.faults.verify import NodeTarget, verify
 from replicator import subscription as subscription_module
-from replicator.topology import ReplicationSettings, event_receiver
+from replicator.retry import Backoff
+from replicator.runtime import Replication
+from replicator.topology import Peer, ReplicationSettings, event_receiver
 
 from .helpers import eventually, make_image, push_image
 from .replication_harness import InProcessCluster
@@ -180,3 +194,100 @@ async def test_a_stalled_receiver_is_passed_over_and_nothing_unheld_is_reported(
     await _everywhere(cluster, http, "wanevents/stalled", {"s": image})
     await eventually(lambda: _lean(cluster), timeout=20,
                      what="the siblings to read eastus lean again")
+
+
+@in_module_loop
+async def test_a_peer_added_while_running_gets_the_receiver_a_restarted_zone_names(cluster):
+    # A zone-redundant region added by `replication create`: its peers come
+    # with the view that names its zones. Unreachable here (a closed port):
+    # only the choice of which zone reads each whole is looked at.
+    added = tuple(Peer(name=f"brazilsouth-{z}", region="brazilsouth", zone=z,
+                       grpc="127.0.0.1:9") for z in ZONES)
+    westeurope = cluster.names_in("westeurope")
+    views = {n: msgspec.structs.replace(
+        cluster.nodes[n].view, peers=cluster.nodes[n].view.peers + added,
+        remote_zones={**cluster.nodes[n].view.remote_zones, "brazilsouth": ZONES})
+        for n in westeurope}
+    try:
+        for name in westeurope:
+            await cluster.nodes[name].replication.reconcile(views[name])
+        for peer in added:
+            running = {}
+            for name in westeurope:
+                sub = next(s for s in cluster.nodes[name].replication.subscriptions
+                           if s.peer.name == peer.name)
+                running[name] = sub.relay.zone if sub.relay else cluster.nodes[name].zone
+            # What each zone would name, started on the new view.
+            started = {}
+            for name in westeurope:
+                relay = Replication(views[name])._relay_for(peer)
+                started[name] = relay.zone if relay else cluster.nodes[name].zone
+            assert running == started, (peer.name, running, started)
+            assert len(set(running.values())) == 1, (peer.name, running)
+    finally:
+        for name in westeurope:
+            await cluster.nodes[name].replication.reconcile(cluster.nodes[name].view)
+
+
+@in_module_loop
+async def test_a_lean_zone_back_on_its_stream_takes_what_was_vouched_meanwhile(cluster, http):
+    await eventually(lambda: _lean(cluster), timeout=20, what="the siblings to read eastus lean")
+    east = cluster.nodes["eastus"].replication.replica.meta
+    sibling = _siblings()[0]
+    sub = _to_eastus(cluster, sibling)
+    await eventually(lambda: sub.cursor().seq >= east.last_seq, timeout=15,
+                     what=f"{sibling}'s cursor at eastus's head")
+    fallbacks, backoff = sub.fallbacks, sub.backoff
+    # Between two sessions (in the reconnect backoff, made long here) a
+    # subscription reads neither lean nor whole: a vouch then moves nothing.
+    sub.backoff = Backoff(base_s=4.0, cap_s=4.0, multiplier=1.0)
+    cluster.links[(sibling, "eastus")].cut()
+    cluster.links[("eastus", sibling)].cut()
+    try:
+        await eventually(lambda: not sub.connected and not sub.lean, timeout=15,
+                         what="the stream to go down")
+        image = make_image([128, 64], seed=400)
+        await push_image(http, cluster.nodes["eastus"].url, "wanevents/vouched", image, tag="v")
+        # It gets the image through the receiving zone's log, which vouches.
+        await _everywhere(cluster, http, "wanevents/vouched", {"v": image}, names=[sibling])
+        await eventually(lambda: sub.vouched is not None and sub.vouched.seq >= east.last_seq,
+                         timeout=15, what="the receiving zone to vouch for the image")
+        assert not sub.lean and sub.cursor().seq < sub.vouched.seq, (sub.cursor(), sub.vouched)
+    finally:
+        sub.backoff = backoff
+        cluster.heal()
+    # Nothing more moves at eastus or the receiving zone: only the vouch held
+    # can bring the cursor to the head without reading eastus whole.
+    await eventually(lambda: sub.connected and sub.lean and sub.cursor().seq >= east.last_seq,
+                     timeout=20, what=f"{sibling} lean again, at eastus's head")
+    assert sub.fallbacks == fallbacks, (sub.fallbacks, fallbacks)
+
+
+@in_module_loop
+async def test_lean_zones_follow_a_rebuilt_peers_head(cluster, http):
+    # Last in the module: eastus loses its disk and comes back as a new node
+    # whose log is shorter than the old one's (it reads nothing from
+    # westeurope meanwhile, so it logs only its own new image).
+    await eventually(lambda: _lean(cluster), timeout=20, what="the siblings to read eastus lean")
+    old_head = cluster.nodes["eastus"].replication.replica.meta.last_seq
+    await cluster.crash("eastus")
+    shutil.rmtree(cluster.nodes["eastus"].data_dir)
+    for name in cluster.names_in("westeurope"):
+        cluster.links[("eastus", name)].cut()
+    try:
+        new = await cluster.restart("eastus")
+        await push_image(http, new.url, "wanevents/rebuilt", make_image([64], seed=500), tag="r")
+        meta = new.replication.replica.meta
+        assert 0 < meta.last_seq < old_head, (meta.last_seq, old_head)
+
+        def following(name: str) -> bool:
+            sub = _to_eastus(cluster, name)
+            return (sub.connected and sub.lean and sub.cursor().node_id == new.node.identity.node_id
+                    and sub.lag_events == 0)
+        for name in _siblings():
+            await eventually(lambda n=name: following(n), timeout=15,
+                             what=f"{name} at the new eastus's head (the old one was {old_head})")
+            assert _to_eastus(cluster, name).peer_last_seq == meta.last_seq
+    finally:
+        cluster.heal()
+        await cluster.wait_ready()

@@ -35,6 +35,18 @@ zone's, one intra-region hop behind) nor releases anything it does not hold;
 and a tombstone the peer collects once every reader read past it, the lean
 zone has, or reads from the receiving zone, whose own copy waits for it.
 
+**Where "already logged" is not strictly true: a lean zone takes the
+receiving zone's outcome.** Two kinds of event leave nothing in the
+receiving zone's log, so nothing a lean zone reads: a manifest delete that
+loses there (``Replica.apply_manifest_delete``: renewed since, or an index
+there still needs it; the renewal or the index is logged, and a lean zone
+reaching it converges to the same state), and an event that failed
+permanently there (recorded as a replication failure at the receiving zone
+and skipped, ``Subscription._apply_one``, so its cursor moves past it). A
+lean zone is vouched past both; where the failure was local to the
+receiving zone, only anti-entropy (or reading the peer whole) brings the
+content to the lean zone.
+
 **Fallback.** A lean subscription ends, and reads the peer whole, as soon as
 its stream from the receiving zone is down, or when that zone's cursor for the
 peer has not moved for ``RELAY_STALL_S`` while the peer's head is ahead of it

@@ -11,8 +11,15 @@ import uuid
 
 import pytest
 
+from cluster.control import spec as specs
+from cluster.control.access import configuration_key
+from cluster.control.plan import plan
+from cluster.control.supervisor import Supervisor
+from registry_node.config import NodeConfig
 from registry_node.configuration_key import SEALED_PREFIX, ConfigurationKey
+from registry_node.crypto import KeyFileError
 from registry_node.identities import InvalidValue
+from registry_node.node import Node
 from registry_node.webhooks import open_headers, seal_headers
 
 
@@ -53,3 +60,37 @@ def test_the_key_is_never_shown():
     assert "k" * 8 not in repr(key) and "k" * 8 not in str(key)
     with pytest.raises(ValueError, match="32 bytes"):
         ConfigurationKey(b"short")
+
+
+# -- how nodes get the cluster's key -----------------------------------------------------------
+
+
+def test_every_serving_node_is_given_the_cluster_key_file_by_its_path(tmp_path):
+    """Made once, mode 0600, reused at every start; named in each serving
+    node's plan and passed on its command line as a path (never the key); a
+    paired-region copy, which never delivers, gets none."""
+    cluster_plan = plan(specs.parse({"auth": "none", "replicas": [{"region": "westeurope"}]})
+                        .seeded(1).with_port_base(20000), tmp_path)
+    key = configuration_key(cluster_plan)
+    path = tmp_path / "auth" / "configuration.key"
+    assert path.stat().st_mode & 0o777 == 0o600 and len(path.read_bytes()) == 32
+    sealed = seal_headers(key, "deploy1", {"X-Key": "v"})
+    assert open_headers(configuration_key(cluster_plan), "deploy1", sealed) == {"X-Key": "v"}
+    supervisor = Supervisor(cluster_plan)
+    assert cluster_plan.pair_copies
+    for node in cluster_plan.all_nodes:
+        command = supervisor.node_command(node)
+        if node.copy_of:
+            assert node.configuration_key is None and "--configuration-key-file" not in command
+        else:
+            assert node.configuration_key == path
+            assert command[command.index("--configuration-key-file") + 1] == str(path)
+        assert path.read_bytes().hex() not in " ".join(command)
+
+
+def test_a_node_refuses_to_start_with_a_key_file_others_may_read(tmp_path):
+    path = tmp_path / "configuration.key"
+    path.write_bytes(os.urandom(32))
+    path.chmod(0o644)
+    with pytest.raises(KeyFileError, match="readable by other users"):
+        Node.open(NodeConfig(data_dir=tmp_path / "node", configuration_key_file=path))

@@ -82,7 +82,7 @@ class Node:
                             run_blocking=run_blocking, wall_ns=wall_ns, monotonic=monotonic)
         outbox = WebhookOutbox(meta, holds_log=config.webhooks.deliver)
         return cls(config, identity, meta, blobs, registry, executor,
-                   Configuration(registry), outbox, configuration_key)
+                   Configuration(registry, configuration_key), outbox, configuration_key)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

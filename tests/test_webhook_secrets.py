@@ -6,8 +6,11 @@ same on a running cluster, through the CLI: ``test_webhook_commands``."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -20,11 +23,53 @@ from registry_node.configuration_key import SEALED_PREFIX, ConfigurationKey
 from registry_node.crypto import KeyFileError
 from registry_node.identities import InvalidValue
 from registry_node.node import Node
-from registry_node.webhooks import open_headers, seal_headers
+from registry_node.records import Event, EventKind, encode
+from registry_node.webhooks import Webhook, open_headers, seal_headers
+
+from .helpers import eventually, make_image, push_image, start_node
+from .test_webhook_delivery import FAST, REGION, Hooks, Receiver, pinged
+
+
+def holding(root: Path, needle: bytes) -> list[str]:
+    """Every file under ``root`` whose bytes contain ``needle``."""
+    return [str(p.relative_to(root)) for p in sorted(root.rglob("*"))
+            if p.is_file() and needle in p.read_bytes()]
 
 
 def secret() -> str:
     return f"Bearer pl41n-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+async def receiver():
+    r = await Receiver().start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+@pytest.fixture
+async def node(tmp_path):
+    running = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0, region=REGION,
+                                          webhooks=FAST))
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def stored_headers(http, url: str, name: str) -> dict[str, str]:
+    async with http.get(f"{url}/georeg/v1/configuration/webhook/{name}") as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["value"]["headers"]
+
+
+async def put_webhook(http, url: str, name: str, headers: dict[str, str], uri: str):
+    value = {"uri": uri, "actions": ["push"], "location": REGION, "created": 1.0,
+             "headers": headers}
+    async with http.put(f"{url}/georeg/v1/configuration/webhook/{name}", json=value) as r:
+        return r.status, await r.text()
 
 
 # -- the key and the form of a sealed value (no node) ------------------------------------------
@@ -94,3 +139,103 @@ def test_a_node_refuses_to_start_with_a_key_file_others_may_read(tmp_path):
     path.chmod(0o644)
     with pytest.raises(KeyFileError, match="readable by other users"):
         Node.open(NodeConfig(data_dir=tmp_path / "node", configuration_key_file=path))
+
+
+# -- one node -------------------------------------------------------------------------------
+
+
+async def test_a_value_written_through_the_node_route_is_sealed_in_its_metastore(
+        node, receiver, http):
+    """A standalone node (no configuration key given) seals a plaintext value
+    with its own key, derived from its node key; its RocksDB files never hold
+    the plaintext, and delivery sends it."""
+    value = secret()
+    hooks = Hooks(http, node.url)
+    await hooks.create("deploy1", receiver.url(), headers={"Authorization": value})
+    stored = (await stored_headers(http, node.url, "deploy1"))["Authorization"]
+    assert stored.startswith(SEALED_PREFIX)
+    await pinged(hooks, receiver, "deploy1")
+    assert receiver.got[-1]["headers"]["Authorization"] == value
+    assert holding(node.config.data_dir, value.encode()) == []
+    assert value not in json.dumps(await hooks.events("deploy1"))
+
+
+async def test_a_sealed_value_copied_to_another_webhook_or_header_is_refused(
+        node, receiver, http):
+    """The node route refuses (400) a sealed value that does not open for the
+    webhook and header it is written under, without echoing it."""
+    value = secret()
+    hooks = Hooks(http, node.url)
+    await hooks.create("deploy1", receiver.url(), headers={"Authorization": value})
+    sealed = (await stored_headers(http, node.url, "deploy1"))["Authorization"]
+    for name, headers in (("deploy2", {"Authorization": sealed}),
+                          ("deploy1", {"X-Other": sealed})):
+        status, text = await put_webhook(http, node.url, name, headers, receiver.url())
+        assert status == 400, (name, text)
+        assert "does not open" in text and sealed not in text and value not in text
+    # Nothing changed: deploy2 does not exist, deploy1 still sends its own value.
+    async with http.get(f"{node.url}/georeg/v1/configuration/webhook/deploy2") as r:
+        assert r.status == 404
+    await pinged(hooks, receiver, "deploy1")
+    assert receiver.got[-1]["headers"]["Authorization"] == value
+    assert "X-Other" not in receiver.got[-1]["headers"]
+    # Its own sealed value, written again as it is, is kept.
+    status, text = await put_webhook(http, node.url, "deploy1", {"Authorization": sealed},
+                                     receiver.url())
+    assert status == 200, text
+
+
+async def test_a_node_with_another_key_sends_nothing_and_says_which_header(
+        tmp_path, receiver, http, capfd):
+    """Values sealed under one configuration key, held by a node started with
+    another (a key file replaced): the events are not sent — a request without
+    the credential, or with ciphertext in its place, is no delivery —, they
+    fail at once, and the reason names the header, never the value."""
+    value = secret()
+    first, second = tmp_path / "first.key", tmp_path / "second.key"
+    for path in (first, second):
+        path.write_bytes(os.urandom(32))
+        path.chmod(0o600)
+    config = NodeConfig(data_dir=tmp_path / "node", port=0, region=REGION, webhooks=FAST,
+                        configuration_key_file=first)
+    running = await start_node(config)
+    try:
+        hooks = Hooks(http, running.url)
+        await hooks.create("deploy1", receiver.url(), headers={"Authorization": value})
+        await pinged(hooks, receiver, "deploy1")
+        assert receiver.got[-1]["headers"]["Authorization"] == value
+    finally:
+        await running.stop()
+    running = await start_node(dataclasses.replace(config, configuration_key_file=second))
+    try:
+        hooks = Hooks(http, running.url)
+        before = receiver.hits
+        await push_image(http, running.url, "app", make_image(seed=91), tag="v1")
+
+        async def failed() -> dict | None:
+            return next((e for e in await hooks.events("deploy1")
+                         if e["action"] == "push" and e["state"] == "failed"), None)
+
+        await eventually(failed, timeout=20, what="the push failed, unsent")
+        event = await failed()
+        assert receiver.hits == before and event["attempts"] == []
+        assert "header Authorization" in event["reason"] and "does not open" in event["reason"]
+        assert value not in json.dumps(event)
+    finally:
+        await running.stop()
+    out, err = capfd.readouterr()
+    assert value not in out + err
+
+
+async def test_a_plaintext_value_from_an_older_georeg_is_still_sent(node, receiver, http):
+    """Configuration replicated from a node that did not seal: read as the
+    plaintext it is (the control plane reseals it at the next update)."""
+    value = secret()
+    hook = Webhook(uri=receiver.url(), actions=("push",), headers={"Authorization": value},
+                   location=REGION, created=1.0)
+    node.node.configuration.apply(Event(
+        kind=EventKind.CONFIG_SET, repository="", origin_region="westus", origin_zone="",
+        hlc=node.registry.hlc.now(), acked_ns=1, config_kind="webhook", config_name="deploy1",
+        config_value=encode(hook)))
+    await pinged(Hooks(http, node.url), receiver, "deploy1")
+    assert receiver.got[-1]["headers"]["Authorization"] == value

@@ -174,7 +174,7 @@ class Cluster:
             replica_regions=lambda: [r.region for r in self.spec.all_replicas],
             home=self._control_plane, reader=self._config_reader, call=self._node_call,
             deliverer=lambda region: delivering_node(self.plan, region, self.answers),
-            forward=self._node_request)
+            forward=self._node_request, key=self._configuration_key)
         # The management API's port, bound (not listening: connections are
         # refused) from the start until a ManagementServer serves it.
         self._management_socket: socket.socket | None = None
@@ -257,6 +257,12 @@ class Cluster:
         except BaseException:
             await self.stop()
             raise
+
+    def _configuration_key(self) -> ConfigurationKey:
+        if self.configuration_key is None:
+            raise ClusterError("the cluster has not started: its configuration key is made "
+                               "at its start")
+        return self.configuration_key
 
     async def _admin_user_everywhere(self, timeout: float = 30.0) -> None:
         """At an auth cluster's first start, the admin user enabled through the

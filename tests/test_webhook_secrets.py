@@ -239,3 +239,30 @@ async def test_a_plaintext_value_from_an_older_georeg_is_still_sent(node, receiv
         config_value=encode(hook)))
     await pinged(Hooks(http, node.url), receiver, "deploy1")
     assert receiver.got[-1]["headers"]["Authorization"] == value
+
+
+async def test_a_copied_value_that_arrives_by_replication_is_not_sent(node, receiver, http):
+    """Replication stores what it carries without opening it (a node relays
+    what it is given), so a value copied to another webhook can reach a node
+    that way — from a node that did not check, or an older georeg. Delivery
+    then sends nothing: the event fails at once, naming the header."""
+    value = secret()
+    hooks = Hooks(http, node.url)
+    await hooks.create("deploy1", receiver.url("one"), headers={"Authorization": value})
+    sealed = (await stored_headers(http, node.url, "deploy1"))["Authorization"]
+    copied = Webhook(uri=receiver.url("two"), actions=("push",),
+                     headers={"Authorization": sealed}, location=REGION, created=1.0)
+    node.node.configuration.apply(Event(
+        kind=EventKind.CONFIG_SET, repository="", origin_region="westus", origin_zone="",
+        hlc=node.registry.hlc.now(), acked_ns=1, config_kind="webhook", config_name="deploy2",
+        config_value=encode(copied)))
+    await push_image(http, node.url, "app", make_image(seed=92), tag="v1")
+    await pinged(hooks, receiver, "deploy1", "/one")        # deploy1 sends its own
+
+    async def failed() -> dict | None:
+        return next((e for e in await hooks.events("deploy2") if e["state"] == "failed"), None)
+
+    await eventually(failed, timeout=20, what="deploy2's push failed, unsent")
+    assert receiver.actions("/two") == [] and (await failed())["attempts"] == []
+    assert "header Authorization" in (await failed())["reason"]
+    assert receiver.payloads("push", "/one")[0]["target"]["tag"] == "v1"

@@ -52,12 +52,14 @@ def test_bench_webhooks_delivers_every_event_and_none_beats_its_floor(tmp_path):
         assert hook["count"] == IMAGES, name
         assert hook["below_floor"] == 0, (name, hook)
         assert hook["after_held"]["count"] == IMAGES, name
-    # the copy cannot beat the Atlantic (≈39 ms one way, less the origin's handling
-    # after the manifest was sent), nor "every region has it" the way there and back
-    assert latency["webhooks"]["pushwesteurope"]["floor_p50_ms"] > 20
-    assert latency["webhooks"]["replicatedeastus"]["floor_p50_ms"] > 50
+    # the same images' floors: West Europe's copy is an Atlantic crossing (39.2 ms
+    # one way, less jitter) behind East US's push, and "every region has it", fired in
+    # East US, another crossing behind West Europe's copy
+    floor = {name: hook["floor_p50_ms"] for name, hook in latency["webhooks"].items()}
+    assert floor["pushwesteurope"] - floor["pusheastus"] > 35
+    assert floor["replicatedeastus"] - floor["pushwesteurope"] > 35
     hanging = results["steps"]["hanging"]
-    assert [r["round"] for r in hanging["rounds"]] == ["A0", "B0"]
+    assert [r["round"] for r in hanging["rounds"]] == ["A0", "B0", "A1"]
     assert all(r["manifests"] == MANIFESTS and r["per_s"] > 0 for r in hanging["rounds"])
     assert hanging["hanging_requests"] >= 1           # the receiver was reached, and hung
     events = hanging["hanging_webhook_events"]

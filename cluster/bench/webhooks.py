@@ -27,14 +27,16 @@ Steps (``steps``), in this order:
     webhook pipeline's own share, the modelled hop to the receiver included).
 ``hanging``
     ``manifests`` small manifests PUT by tag at ``concurrency`` (a tiny config
-    and one shared tiny layer, pushed once beforehand), in rounds A (no
-    webhook at all) and B (one ``push`` webhook in the origin's region whose
-    receiver hangs: every attempt times out, is retried, and the events pile
-    up in the node's outbox), A B A B … ``pairs`` times after an untimed
-    warm-up; between rounds, until every node holds the round's last manifest
-    and the cluster's CPU is back near its idle level. Reported: manifests/s
-    per round, B÷A, and the A/A spread (the noise of the measurement), with
-    the requests the hanging receiver got (proof that B hung).
+    and one shared tiny layer, pushed untimed first; a repository per round),
+    in rounds A (no webhook at all) and B (one ``push`` webhook in the
+    origin's region whose receiver hangs: every attempt times out, is retried,
+    and the events pile up in the node's outbox): A B A B … A, ``pairs`` B
+    rounds, after an untimed warm-up; between rounds, until every node holds
+    the round's last manifest and the cluster's CPU is back near its idle
+    level. Reported: manifests/s and the origin's CPU per manifest per round;
+    each B against the mean of the A on either side (``bracketed``: a drift
+    over the run is not B's doing); the A rounds' spread and consecutive A÷A
+    (the noise); the requests the hanging receiver held (proof that B hung).
 ``bulk``
     ``webhooks`` webhooks (500: Premium's limit) in the origin's region, all
     taking ``push`` on every repository (their creation timed), then
@@ -507,17 +509,21 @@ class _Run:
         for d in deliveries:
             if d.webhook == name and d.repository in by_repo and d.repository not in firsts:
                 firsts[d.repository] = d
-        latency, floors, after = [], [], []
-        for repo, d in firsts.items():
+        latency, floors, after, samples = [], [], [], []
+        for repo, d in sorted(firsts.items(), key=lambda item: by_repo[item[0]].acked_ns):
             push = by_repo[repo]
             latency.append((d.arrived_ns - push.acked_ns) / 1e6)
             floors.append(self.floor_ms(push, region, action))
+            since = None
             if action == "replicated":
                 last = max((_iso_ns(t) for t in d.arrivals.values()), default=0)
-                if last:
-                    after.append((d.arrived_ns - last) / 1e6)
+                since = d.arrived_ns - last if last else None
             elif (region, repo) in held:
-                after.append((d.arrived_ns - held[(region, repo)]) / 1e6)
+                since = d.arrived_ns - held[(region, repo)]
+            if since is not None:
+                after.append(since / 1e6)
+            samples.append({"repository": repo, "latency_ms": latency[-1], "floor_ms": floors[-1],
+                            "after_held_ms": since / 1e6 if since is not None else None})
         shown = stats_ms(latency)
         floor = percentile(floors, 0.5) if floors else None
         below = sum(1 for x, f in zip(latency, floors, strict=True) if x < f)
@@ -529,7 +535,8 @@ class _Run:
                 "after_held": stats_ms(after),
                 "after_held_meaning": ("after the last region's arrival as the payload states it"
                                        if action == "replicated" else
-                                       "after the delivering node held the image")}
+                                       "after the delivering node held the image"),
+                "samples": samples}
 
     async def _setup_tiny(self, client: Client, repository: str) -> bytes:
         config = json.dumps({"architecture": "amd64", "os": "linux",
@@ -540,25 +547,23 @@ class _Run:
 
     async def hanging(self) -> dict:
         options = self.options
-        repository = "whbench/steady"
         region = self.origin.region
         rounds: list[dict] = []
         hung = self.receiver.hung
         reader = ArrivalReader(self.cluster)
         async with self.session(options.concurrency) as session:
             client = Client(self.target(), session, options.concurrency)
-            config = await self._setup_tiny(client, repository)
 
             async def push_round(label: str, count: int) -> dict:
-                acked: list[int] = []
+                # a repository of its own: no round pushes into a bigger one than another
+                repository = f"whbench/steady-{label.lower()}"
+                config = await self._setup_tiny(client, repository)
 
                 async def one(i: int) -> None:
                     body = tiny_manifest(config, f"{label}-{i}")
                     await client.push_manifest(repository, f"{label}-{i}", body)
-                    acked.append(time.time_ns())
 
                 meter = CpuMeter({self.origin.name: self.target().pid})
-                hung = self.receiver.hung
                 started = time.perf_counter()
                 await run_concurrently(range(count), options.concurrency, one)
                 seconds = time.perf_counter() - started
@@ -569,41 +574,35 @@ class _Run:
                 return {"round": label, "manifests": count, "seconds": seconds,
                         "per_s": count / seconds,
                         "origin_cpu_ms_per_manifest": cpu["cpu_s"].get(self.origin.name, 0.0)
-                        * 1000 / count,
-                        "hanging_requests": self.receiver.hung - hung}
+                        * 1000 / count}
 
             try:
                 idle = await self._idle_cores()
-                self.say(f"hanging: warm-up, then A (no webhook) / B (a hanging receiver) × "
-                         f"{options.pairs}, {options.manifests} manifests each at "
+                self.say(f"hanging: warm-up, then A (no webhook) and B (a hanging receiver), "
+                         f"A B … A with {options.pairs} B, {options.manifests} manifests each at "
                          f"c={options.concurrency}; cluster idle at {idle:.2f} cores")
                 await push_round("warmup", max(1, options.manifests // 4))
                 events = None
-                for k in range(options.pairs):
-                    for kind in ("A", "B"):
-                        name = f"hanging{k}"
-                        if kind == "B":
-                            await self.create(name, region, ["push"], hang=True)
-                            await self._known(name)
-                        await self._settle(idle)
-                        shown = await push_round(f"{kind}{k}", options.manifests)
-                        shown["kind"] = kind
-                        rounds.append(shown)
-                        self.say(f"hanging: round {kind}{k}: {shown['per_s']:.0f} manifests/s")
-                        if kind == "B":
-                            if k == options.pairs - 1:
-                                events = await self.call(
-                                    "GET", f"{WEBHOOKS_PATH}/{name}/events?limit=1000")
-                            await self.delete(name)
+                plan = [r for k in range(options.pairs) for r in (("A", k), ("B", k))]
+                plan.append(("A", options.pairs))
+                for kind, k in plan:
+                    name = f"hanging{k}"
+                    if kind == "B":
+                        await self.create(name, region, ["push"], hang=True)
+                        await self._known(name)
+                    await self._settle(idle)
+                    shown = await push_round(f"{kind}{k}", options.manifests)
+                    shown["kind"] = kind
+                    rounds.append(shown)
+                    self.say(f"hanging: round {kind}{k}: {shown['per_s']:.0f} manifests/s")
+                    if kind == "B":
+                        if k == options.pairs - 1:
+                            events = await self.call(
+                                "GET", f"{WEBHOOKS_PATH}/{name}/events?limit=1000")
+                        await self.delete(name)
             finally:
                 await reader.close()
-        a = [r["per_s"] for r in rounds if r["kind"] == "A"]
-        b = [r["per_s"] for r in rounds if r["kind"] == "B"]
-        mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
-        return {"rounds": rounds, "a_per_s": mean_a, "b_per_s": mean_b,
-                "b_over_a": mean_b / mean_a,
-                "a_spread": (max(a) - min(a)) / mean_a if len(a) > 1 else None,
-                "b_spread": (max(b) - min(b)) / mean_b if len(b) > 1 else None,
+        return {**bracketed(rounds),
                 "idle_cores": idle, "hanging_requests": self.receiver.hung - hung,
                 "hanging_webhook_events": _event_summary(events)}
 
@@ -710,6 +709,29 @@ class _Run:
                 "cpu": cpu, "node_cpu_ms_per_delivery": node_cpu_s * 1000 / count if count else None}
 
 
+def bracketed(rounds: list[dict]) -> dict:
+    """A B A B … A: each B against the mean of the A before and the A after it,
+    so a drift over the run (the machine's other work, the cluster's growing
+    content) does not count as B's doing; and the A rounds' spread, the noise
+    of the measurement. For throughput and for the origin's CPU per manifest."""
+    a = [r for r in rounds if r["kind"] == "A"]
+    b = [r for r in rounds if r["kind"] == "B"]
+
+    def ratios(key: str) -> list[float]:
+        return [r[key] / ((a[k][key] + a[k + 1][key]) / 2) for k, r in enumerate(b)]
+
+    per_s = [r["per_s"] for r in a]
+    mean_a = sum(per_s) / len(per_s)
+    throughput, cpu = ratios("per_s"), ratios("origin_cpu_ms_per_manifest")
+    return {"rounds": rounds, "a_per_s": mean_a,
+            "b_per_s": sum(r["per_s"] for r in b) / len(b),
+            "b_over_a_each": throughput, "b_over_a": sum(throughput) / len(throughput),
+            "cpu_b_over_a_each": cpu, "cpu_b_over_a": sum(cpu) / len(cpu),
+            "a_over_a_each": [later["per_s"] / earlier["per_s"]
+                              for earlier, later in zip(a, a[1:], strict=False)],
+            "a_spread": (max(per_s) - min(per_s)) / mean_a}
+
+
 def _duplicates(deliveries: list[Delivery]) -> int:
     ids = [(d.webhook, d.id) for d in deliveries]
     return len(ids) - len(set(ids))
@@ -781,9 +803,12 @@ def print_report(results: dict, console: Console) -> None:
     if HANGING in steps:
         s = steps[HANGING]
         t = Table(title=f"pushes with a hanging receiver (B) vs no webhook (A): B÷A "
-                        f"{s['b_over_a']:.3f}, A/A spread "
-                        + (f"{s['a_spread']:.1%}" if s["a_spread"] is not None else "—")
-                        + f"; other processes {s['other_processes_cores']:.2f} cores")
+                        f"{s['b_over_a']:.3f} (each B against the A on either side: "
+                        + ", ".join(f"{x:.2f}" for x in s["b_over_a_each"])
+                        + "); A÷A " + ", ".join(f"{x:.2f}" for x in s["a_over_a_each"])
+                        + f", A spread {s['a_spread']:.1%}; origin CPU per manifest B÷A "
+                        f"{s['cpu_b_over_a']:.2f}; other processes "
+                        f"{s['other_processes_cores']:.2f} cores")
         for column in ("round", "manifests/s", "origin CPU ms/manifest"):
             t.add_column(column, justify="right")
         for r in s["rounds"]:

@@ -190,6 +190,7 @@ class Receiver:
         self.url = ""
         self._arrived = asyncio.Event()
         self._release = asyncio.Event()
+        self._released: dict[str, asyncio.Event] = {}
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -229,8 +230,15 @@ class Receiver:
     async def _hang(self, request: web.Request) -> web.Response:
         await request.read()
         self.hung += 1
-        await self._release.wait()
+        released = self._released.setdefault(request.match_info["name"], asyncio.Event())
+        await asyncio.wait([asyncio.ensure_future(self._release.wait()),
+                            asyncio.ensure_future(released.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
         return web.Response(status=503)
+
+    def release(self, name: str) -> None:
+        """Answer (503) every request held for webhook ``name``, now and later."""
+        self._released.setdefault(name, asyncio.Event()).set()
 
     async def until(self, done: Callable[[], bool], timeout_s: float) -> bool:
         """Wait for deliveries until ``done()``; False if it is not by ``timeout_s``."""
@@ -600,6 +608,11 @@ class _Run:
                             events = await self.call(
                                 "GET", f"{WEBHOOKS_PATH}/{name}/events?limit=1000")
                         await self.delete(name)
+                        # Its worker, held by the request in flight, purges the deleted
+                        # webhook's events when that request ends: let it end now, so
+                        # that the purge falls before the next A round's settling, not
+                        # into its measurement (up to the node's timeout later).
+                        self.receiver.release(name)
             finally:
                 await reader.close()
         return {**bracketed(rounds),

@@ -13,7 +13,7 @@ PROTO_SRC := proto/georeg/replication/v1/replication.proto
 # (the virtual import path makes their imports `replicator.wire.v1…`).
 PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
 
-.PHONY: help install system-deps up node test soak chaos bench bench-lag bench-scale lint proto proto-check clean
+.PHONY: help install system-deps up node test soak chaos bench bench-lag bench-scale bench-webhooks lint proto proto-check clean
 
 help:
 	@echo "make up       start the default multi-region cluster (installs first)"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench    benchmark a node against the reference registry"
 	@echo "make bench-lag  replication lag per region pair against the WAN model's floor"
 	@echo "make bench-scale  many small images: push rate, listings, idle cost (SCALE_ARGS=--quick)"
+	@echo "make bench-webhooks  push → webhook delivery vs the WAN floor, 500 webhooks, a hanging receiver (WEBHOOKS_ARGS=--quick)"
 	@echo "make lint     ruff"
 	@echo "make install  virtualenv in $(VENV), editable install, system packages"
 
@@ -95,6 +96,9 @@ bench-lag: install
 
 bench-scale: install
 	$(GEOREG) bench scale $(SCALE_ARGS)
+
+bench-webhooks: install
+	$(GEOREG) bench webhooks $(WEBHOOKS_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check registry_node replicator cluster tests

@@ -336,7 +336,7 @@ class _Run:
             adjusted_from = wall_minus_raw_ns()
             before, unknown = await reader.clocks()
             with self._progress() as progress:
-                others = _OtherCpu(cluster.all_pids())
+                others = procfs.OtherCpu(cluster.all_pids())
                 cpu = _ClusterCpu(cluster)
                 links_before = self._links()
                 with self._profiles():
@@ -573,26 +573,6 @@ class _ClusterCpu:
         now = self._read()
         return {"wall_s": time.monotonic() - self._t0,
                 "cpu_s": {name: now[name] - self._cpu0[name] for name in now if name in self._cpu0}}
-
-
-class _OtherCpu:
-    """CPU used by processes other than the cluster's and this one, meanwhile."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self._t0 = time.monotonic()
-        self._others0 = self._others()
-
-    def _others(self) -> float:
-        total = procfs.machine_user_seconds() - procfs.own_user_seconds()
-        for pid in self.pids:
-            with contextlib.suppress(OSError):
-                total -= procfs.user_seconds(pid)
-        return total
-
-    def cores(self) -> float:
-        seconds = time.monotonic() - self._t0
-        return max(0.0, self._others() - self._others0) / seconds if seconds else 0.0
 
 
 def spec_summary(cluster: ClusterProcess) -> dict:

@@ -92,6 +92,28 @@ async def wait_for_quiet(pids: list[int], max_wait_s: float, threshold: float = 
             return load
 
 
+class OtherCpu:
+    """CPU used by processes other than ``pids`` and this one, from now on (user
+    time, as ``machine_user_seconds``): how much of the machine other work took
+    while a benchmark measured."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self._t0 = time.monotonic()
+        self._others0 = self._others()
+
+    def _others(self) -> float:
+        total = machine_user_seconds() - own_user_seconds()
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                total -= user_seconds(pid)
+        return total
+
+    def cores(self) -> float:
+        seconds = time.monotonic() - self._t0
+        return max(0.0, self._others() - self._others0) / seconds if seconds else 0.0
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

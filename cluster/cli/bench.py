@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_replication(benchmarks)
     _add_footprint(benchmarks)
     _add_scale(benchmarks)
+    _add_webhooks(benchmarks)
 
 
 def _add_footprint(sub: argparse._SubParsersAction) -> None:
@@ -430,6 +431,102 @@ def _run_scale_bench(args: argparse.Namespace) -> int:
         return results
     console = _console(160)
     print_table(results, console)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def _add_webhooks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "webhooks", help="push → webhook delivery against the WAN floor, 500 webhooks, a hanging receiver",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Start a cluster (the default spec, or --config) in a child process on free
+loopback ports and a webhook receiver (an aiohttp server) in this one; push
+at one node (--origin, default the home region's first) and measure:
+
+  latency   a `push` webhook per replica region and a `replicated` one in the
+            home region; --images images at --rate per second: delivery latency
+            from the client's 201 to the receiver's arrival, p50/p99 per webhook,
+            against the floor (the image's arrival floor at the webhook's region,
+            + the least one-way latency from there to the receiver's location;
+            for `replicated`, the latest region's arrival + its way to the home
+            region), ratio quoted; and the time after the region held the image
+  hanging   --manifests small manifests at c=--concurrency per round: A (no
+            webhook) and B (a push webhook whose receiver never answers),
+            A B A B … (--pairs), after a warm-up: manifests/s, B÷A, A/A spread
+  bulk      --webhooks webhooks (Premium's limit, 500) in the origin's region,
+            all matching, then --bulk-pushes pushes: deliveries/s until drained,
+            the delivering node's CPU and the receiver's (this process)
+
+Timings are reported, never enforced: the exit status is 0 whatever the numbers.""",
+        epilog="""\
+examples:
+  georeg bench webhooks --quick                  every step small, a few minutes
+  georeg bench webhooks --json webhooks.json     the issue's sizes
+  georeg bench webhooks --only latency --receiver-location eastus
+  georeg bench webhooks --only hanging --pairs 4 --manifests 2000""")
+    p.add_argument("--config", type=Path, metavar="FILE", help="cluster spec (TOML); default: built in")
+    p.add_argument("--no-wan", dest="wan", action="store_false", default=None,
+                   help="no modelled latency or bandwidth: every link is plain loopback")
+    p.add_argument("--origin", metavar="REGION|NODE",
+                   help="where images are pushed (default: the home region's first node)")
+    p.add_argument("--receiver-location", metavar="REGION",
+                   help="where every receiver sits in the modelled WAN (default: each webhook's "
+                        "own region)")
+    p.add_argument("--only", action="append", choices=("latency", "hanging", "bulk"),
+                   help="run this step only; repeatable (default: all three)")
+    size = p.add_argument_group("size")
+    size.add_argument("--images", type=_positive, help="latency: images pushed (default 20)")
+    size.add_argument("--rate", type=float, help="latency: images per second (default 0.5)")
+    size.add_argument("--layers", type=_positive, help="latency: layers per image (default 3)")
+    size.add_argument("--layer-size", type=_size, metavar="SIZE",
+                      help="latency: bytes per layer (default 1MiB)")
+    size.add_argument("--manifests", type=_positive,
+                      help="hanging: manifests per round (default 1000)")
+    size.add_argument("--pairs", type=_positive, help="hanging: A/B round pairs (default 2)")
+    size.add_argument("--concurrency", type=_positive, help="hanging: pushes in flight (default 8)")
+    size.add_argument("--webhooks", type=_positive, help="bulk: webhooks (default 500)")
+    size.add_argument("--bulk-pushes", type=_positive, metavar="N",
+                      help="bulk: pushes, each delivered to every webhook (default 20)")
+    size.add_argument("--quick", action="store_true",
+                      help="6 images at 1/s, 300 manifests per round, 100 webhooks × 5 pushes "
+                           "(explicit options above still apply)")
+    p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="wait up to this long for other processes to go quiet first (default 30)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="the longest a step waits for its deliveries (default 300)")
+    p.add_argument("--workdir", type=Path, help="keep the cluster's data and logs here")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    p.set_defaults(func=_run_webhooks_bench)
+
+
+def _run_webhooks_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench.clusterproc import ClusterStartError
+    from ..bench.webhooks import STEPS, WebhookBenchOptions, print_report, run
+    from ..bench.workload import WorkloadError
+
+    options = WebhookBenchOptions()
+    if args.quick:
+        options = options.quick()
+    given = {"config": args.config, "wan": args.wan, "origin": args.origin,
+             "receiver_location": args.receiver_location, "images": args.images,
+             "rate": args.rate, "layers": args.layers, "layer_bytes": args.layer_size,
+             "manifests": args.manifests, "pairs": args.pairs, "concurrency": args.concurrency,
+             "webhooks": args.webhooks, "bulk_pushes": args.bulk_pushes,
+             "timeout_s": args.timeout, "workdir": args.workdir}
+    options = replace(options, **{k: v for k, v in given.items() if v is not None},
+                      steps=tuple(s for s in STEPS if not args.only or s in args.only),
+                      quiet_wait_s=args.quiet_wait)
+    results = _run_bench("webhooks", run(options),
+                         (ClusterStartError, WorkloadError, TimeoutError, ValueError),
+                         "cluster stopped")
+    if isinstance(results, int):
+        return results
+    print_report(results, _console(160))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.json}", file=sys.stderr)

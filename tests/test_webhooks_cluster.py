@@ -57,7 +57,7 @@ from .helpers import (
     push_image,
     write_oci_layout,
 )
-from .test_identities import cli, held
+from .test_identities import cli, held, on_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -221,6 +221,11 @@ async def pinged(c: RunningCluster, receiver: Receiver, name: str, path: str) ->
                      timeout=WAIT, what=f"the ping of {name}")
 
 
+def metrics_of(c: RunningCluster, node: str) -> str:
+    with on_node(c, f"{c.node_url(node)}/metrics") as r:
+        return r.read().decode()
+
+
 def pushes(receiver: Receiver, path: str) -> list[str]:
     """The tags of the pushes ``path`` received, in the order received."""
     return [p["target"].get("tag", "") for p in receiver.payloads(path, "push")]
@@ -316,14 +321,24 @@ async def test_a_push_through_east_us_fires_in_each_region_as_it_lands_then_repl
     await eventually(lambda: pushes(hook, "onlyv2") and pushes(hook, "otherlatest"),
                      timeout=WAIT, what="the scoped pushes")
     for region in REGIONS:
-        await eventually(lambda r=region: pushes(hook, r) == ["v1", "v2"], timeout=WAIT,
-                         what=f"the v2 push in {region}")
+        await eventually(lambda r=region: pushes(hook, r) == ["v1", "v2"]
+                         and len(hook.payloads(r, "replicated")) == 2, timeout=WAIT,
+                         what=f"v2 pushed and replicated in {region}")
     await pinged(c, hook, "onlyv2", "onlyv2")
     await pinged(c, hook, "otherlatest", "otherlatest")
     assert pushes(hook, "onlyv2") == ["v2"]
     assert [(p["target"]["repository"], p["target"]["tag"])
             for p in hook.payloads("otherlatest", "push")] == [("accept/other", "latest")]
     assert not hook.payloads("onlyv2", "replicated")    # not among its actions
+
+    # Each region's delivering node counts its deliveries and their latency.
+    for region in REGIONS:
+        text = await asyncio.to_thread(metrics_of, c, region)
+        delivered = 'georeg_webhook_deliveries_total{attempt="1",outcome="delivered",' \
+                    f'webhook="land{region}"}} 4.0'           # v1, v2: push and replicated
+        assert delivered in text, region
+        assert f'georeg_webhook_delivery_latency_seconds_count{{webhook="land{region}"}} 4.0' \
+            in text, region
 
 
 async def test_what_is_pushed_in_brazil_south_stays_there_and_so_do_its_events(

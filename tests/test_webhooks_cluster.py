@@ -65,7 +65,11 @@ REGIONS = ("eastus", "westeurope", "brazilsouth")
 SPEC = specs.ClusterSpec(
     registry="georegwhacc", tier="Premium", home_region="eastus", paired_copies=False,
     replicas=(specs.ReplicaSpec("westeurope"), specs.ReplicaSpec("brazilsouth")),
-    webhooks=specs.WebhookSpec(timeout_s=1.0, backoff_cap_s=0.3))
+    # Attempts time out after 2 s, far above what a receiver here takes to
+    # answer (a timed-out answer would be delivered twice: at least once),
+    # and retries come at most 0.3 s apart, so a hanging or dead receiver
+    # shows its retries within a test.
+    webhooks=specs.WebhookSpec(timeout_s=2.0, backoff_cap_s=0.3))
 HOME_DOWN = "home region eastus holds the control plane"
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z")
 PAYLOAD = {"id", "timestamp", "action", "target", "request"}

@@ -13,15 +13,21 @@ own receivers, and leaves no fault behind.
 * a push through the East US endpoint: a ``push`` from East US, one from each
   other region as the copy lands (Brazil South included: East US content may
   go there), then one ``replicated`` per webhook with every region's arrival;
-  ACR's payload field by field, the custom headers, scopes;
+  ACR's payload field by field, the custom headers, scopes, ``ping``, the
+  delivering nodes' metrics;
 * a push in Brazil South stays there, and so do its events;
 * a receiver down then back: each event once, by id, in order; the
-  delivering node killed with deliveries pending: delivered after its
-  restart; a 400: failed at once, not retried, in ``list-events``; a
-  receiver that hangs: timeouts and retries, while pushes, replication and
-  the region's other webhooks go on;
+  delivering node killed (``kill -9``) with deliveries pending: delivered
+  after its restart, and what landed while it was down fires then; a 400:
+  failed at once, not retried, in ``list-events``; a receiver that hangs:
+  timeouts and retries, while pushes, replication and the region's other
+  webhooks go on;
 * the home region down: webhook changes refused with the control plane's
-  message, deliveries of the other regions go on.
+  message, deliveries of the other regions go on; ``replicated`` waits for
+  the home region's copy and fires once it is back.
+
+A zone-redundant region (its first zone delivers, whichever zone took the
+push) is in ``test_webhook_delivery``, on an in-process cluster.
 
 Nothing waits a fixed time: tests wait for what they expect, and "nothing
 more arrived" is shown by a ``ping`` delivered afterwards (delivery is in

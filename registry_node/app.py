@@ -181,6 +181,7 @@ async def _webhooks(app: web.Application) -> AsyncIterator[None]:
     delivery = WebhookDelivery(
         node.outbox, node.configuration, node.registry, node.config.webhooks, sender,
         WebhookMetrics(app[METRICS].registry, node.outbox.pending_by_webhook),
+        key=node.configuration_key,
         # Names the registry in the request of a copy (a client's push names
         # the host it was sent to).
         host=node.config.auth_service or node.config.host,

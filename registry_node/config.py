@@ -48,6 +48,10 @@ class NodeConfig:
     region: str = "local"
     zone: str = ""
     key_file: Path | None = None        # default: <data_dir>/node.key, created if absent
+    # The cluster's configuration key (a file, mode 0600), which seals webhook
+    # header values (registry_node.configuration_key); default: the node's own,
+    # derived from its node key, which no other node can open.
+    configuration_key_file: Path | None = None
     gc_grace_s: float = 3600.0          # unreferenced blobs younger than this are kept
     gc_interval_s: float = 60.0
     upload_ttl_s: float = 24 * 3600.0   # idle upload sessions older than this expire

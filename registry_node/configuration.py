@@ -32,13 +32,19 @@ the returned Structs across a generation change. A kind absent from a node
 
 Adding a kind is a row in ``KINDS``: a name (lowercase, ``-`` allowed), a
 Struct with defaults for every field (values written by an older georeg
-decode with them), for a singleton the one name it may have, and the check a
-value must pass beyond its types. Values are validated when written (unknown fields, wrong types and names refused with a
-4xx, never a 500); a node stores and relays a kind it does not know (a newer
-node's) as the bytes it received.
+decode with them), for a singleton the one name it may have, the check a
+value must pass beyond its types, and for a kind that carries secrets (a
+webhook's header values) how they are sealed before the value is stored
+(``configuration_key``: a value is never stored with a secret in
+plaintext). Values are validated when written (unknown fields, wrong types
+and names refused with a 4xx, never a 500); a node stores and relays a kind
+it does not know (a newer node's) as the bytes it received.
 
 Writes (``put``, ``delete``) are for the node-internal route the management
-API calls on a home node; they wait for zone quorum like a push.
+API calls on a home node; they wait for zone quorum like a push. ``put``
+seals a kind's secrets with this node's configuration key (the cluster's, or
+a standalone node's own) and refuses a sealed secret that does not open here;
+replication stores what it carries as it is.
 
 Invariants
     * One batch holds an object's register and its event: a crash keeps both
@@ -61,6 +67,7 @@ from typing import Any
 import msgspec
 
 from . import identities, keys, webhooks
+from .configuration_key import ConfigurationKey
 from .errors import ErrorCode, RegistryError
 from .metastore import Batch
 from .records import CONFIG_KINDS, ConfigRecord, Event, EventKind, Stamp, decode, encode, stamp_of
@@ -90,6 +97,9 @@ class Kind:
     singleton: str = ""            # the one name a singleton kind's object has
     # What a value must satisfy beyond its types; raises ``identities.InvalidValue``.
     check: Callable[[str, Any], None] | None = None
+    # The value as stored, its secrets sealed (key, name, value); raises
+    # ``identities.InvalidValue`` for a sealed secret that does not open here.
+    seal: Callable[[ConfigurationKey, str, Any], Any] | None = None
 
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
@@ -98,7 +108,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind(identities.SCOPE_MAP, identities.ScopeMap, check=identities.check_scope_map),
     Kind(identities.IDENTITY, identities.Identity, check=identities.check_identity),
     Kind(identities.ROLE_ASSIGNMENT, identities.Assignment, check=identities.check_assignment),
-    Kind(webhooks.WEBHOOK, webhooks.Webhook, check=webhooks.check_webhook),
+    Kind(webhooks.WEBHOOK, webhooks.Webhook, check=webhooks.check_webhook,
+         seal=webhooks.sealed_webhook),
 )}
 
 # Object names: ACR's resource names (tokens, scope maps, webhooks) plus the
@@ -178,8 +189,9 @@ def validate(kind: Kind, value: object, name: str = "") -> msgspec.Struct:
 class Configuration:
     """This node's registry configuration (see the module docstring)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, key: ConfigurationKey) -> None:
         self.registry = registry
+        self.key = key              # seals the secrets a value carries (``put``)
         self.meta = registry.meta
         self._generation = 0
         self._cache: dict[tuple[str, str], msgspec.Struct | None] = {}
@@ -248,6 +260,12 @@ class Configuration:
         spec = kind_of(kind)
         check_name(spec, name)
         struct = validate(spec, value, name)
+        if spec.seal is not None:
+            try:
+                struct = spec.seal(self.key, name, struct)
+            except identities.InvalidValue as exc:
+                raise RegistryError(ErrorCode.UNSUPPORTED, str(exc),
+                                    message="invalid configuration value", status=400) from None
         raw = encode(struct)
         if len(raw) > MAX_VALUE_BYTES:
             raise RegistryError(ErrorCode.SIZE_INVALID, f"a configuration value is at most "

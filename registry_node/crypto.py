@@ -111,19 +111,7 @@ class NodeKey:
 
     @classmethod
     def load(cls, path: Path) -> NodeKey:
-        try:
-            mode = path.stat().st_mode
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise KeyFileError(f"key file {path} does not exist") from None
-        except OSError as exc:
-            raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(
-                f"key file {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
-                f"run: chmod 600 {path}"
-            )
-        return cls(_parse_key(raw, path))
+        return cls(read_key_file(path))
 
     def wrap(self, data_key: bytes, associated: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
@@ -149,6 +137,24 @@ class NodeKey:
             return Sealer(self.derive(b"key-check")).open(check_value, b"") == _KEY_CHECK
         except BlobCorrupt:
             return False
+
+
+def read_key_file(path: Path) -> bytes:
+    """The 32-byte key in ``path``; ``KeyFileError`` if it is missing, malformed
+    or readable by anyone but its owner."""
+    try:
+        mode = path.stat().st_mode
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} does not exist") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"key file {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+    return _parse_key(raw, path)
 
 
 def _parse_key(raw: bytes, path: Path) -> bytes:

@@ -20,6 +20,7 @@ from . import keys
 from .blobstore import BlobStore
 from .config import NodeConfig
 from .configuration import Configuration
+from .configuration_key import ConfigurationKey
 from .crypto import NodeKey, Sealer
 from .metastore import Batch, MetadataStore
 from .records import NodeIdentity, decode, encode
@@ -46,6 +47,8 @@ class Node:
     # Webhook events to deliver; on the node that delivers its region's, the
     # feed's cursor holds the log's truncation back from the moment it opens.
     outbox: WebhookOutbox
+    # Seals and opens the secrets configuration carries (``configuration_key``).
+    configuration_key: ConfigurationKey
 
     @classmethod
     def open(cls, config: NodeConfig, *, wall_ns: Callable[[], int] = time.time_ns,
@@ -56,6 +59,11 @@ class Node:
         os.chmod(config.data_dir, 0o700)
         node_key = NodeKey.load_or_create(config.key_path) if config.key_file is None \
             else NodeKey.load(config.key_file)
+        # The cluster's, read before anything opens (a bad file stops the start),
+        # or a standalone node's own.
+        configuration_key = ConfigurationKey.of_node(node_key) \
+            if config.configuration_key_file is None \
+            else ConfigurationKey.load(config.configuration_key_file)
         faults = StorageFaults()
         meta = MetadataStore(config.data_dir / "meta", sync=config.sync, faults=faults,
                              wall_ns=wall_ns)
@@ -73,8 +81,8 @@ class Node:
         registry = Registry(meta, blobs, Sealer(node_key.derive(b"manifest")), identity,
                             run_blocking=run_blocking, wall_ns=wall_ns, monotonic=monotonic)
         outbox = WebhookOutbox(meta, holds_log=config.webhooks.deliver)
-        return cls(config, identity, meta, blobs, registry, executor, Configuration(registry),
-                   outbox)
+        return cls(config, identity, meta, blobs, registry, executor,
+                   Configuration(registry, configuration_key), outbox, configuration_key)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

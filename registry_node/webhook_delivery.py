@@ -31,7 +31,14 @@ zone takes over. A node that does not deliver still answers ``ping`` and
    (``receiver_location``; ``WebhookSettings.wan_latency_ms``).
 3. An attempt is a ``POST`` of the event's JSON with ``Content-Type:
    application/json`` and the webhook's custom headers, within
-   ``timeout_s``. A 2xx delivers it. Connection errors, timeouts, 5xx and 429
+   ``timeout_s``. The header values are stored sealed; each attempt opens
+   them with the node's configuration key just before sending, and holds
+   them only as long as the request. A value that does not open here
+   (sealed for another webhook or header, or under another key) fails the
+   event at once, unsent and without retry: a request without its credential,
+   or with ciphertext in its place, is no delivery; the reason names the
+   header, never its value, and ``redeliver`` sends it once the value is set
+   again. A 2xx delivers it. Connection errors, timeouts, 5xx and 429
    are retried with exponential backoff and jitter (a 429's or 503's
    ``Retry-After`` is honoured, up to ``retry_after_cap_s``) until the event is
    ``retry_horizon_s`` old, then given up. Any other answer (3xx, other 4xx)
@@ -79,8 +86,9 @@ import structlog
 from . import keys
 from .config import WebhookSettings
 from .configuration import Configuration
+from .configuration_key import ConfigurationKey
 from .errors import ErrorCode, RegistryError
-from .identities import ENABLED
+from .identities import ENABLED, InvalidValue
 from .records import (
     ClientRequest,
     CompletionQuestion,
@@ -103,7 +111,7 @@ from .webhook_events import (
     timestamp,
 )
 from .webhook_outbox import KEEP_ATTEMPTS, WebhookOutbox
-from .webhooks import WEBHOOK, ReplicationCompletion, Webhook
+from .webhooks import WEBHOOK, ReplicationCompletion, Webhook, open_headers
 
 log = structlog.get_logger("georeg.webhooks")
 
@@ -196,7 +204,8 @@ def retry_after_s(value: str | None, now_s: float) -> float | None:
 class WebhookDelivery:
     def __init__(self, outbox: WebhookOutbox, configuration: Configuration, registry: Registry,
                  settings: WebhookSettings, sender: Sender, metrics: DeliveryMetrics, *,
-                 host: str, completion: Callable[[], ReplicationCompletion | None] = lambda: None,
+                 key: ConfigurationKey, host: str,
+                 completion: Callable[[], ReplicationCompletion | None] = lambda: None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rnd: random.Random | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -208,6 +217,7 @@ class WebhookDelivery:
         self.settings = settings
         self.sender = sender
         self.metrics = metrics
+        self.key = key                  # opens the header values, to send them
         self.host = host
         self._completion = completion
         self._sleep = sleep
@@ -367,7 +377,12 @@ class WebhookDelivery:
             if not isinstance(hook, Webhook) or hook.created != entry.webhook_created \
                     or hook.status != ENABLED:
                 return          # the worker's loop settles it
-            entry, answer = await self._attempt(hook, entry)
+            try:
+                headers = open_headers(self.key, webhook, hook.headers)
+            except InvalidValue as exc:
+                self._finish(webhook, number, entry, FAILED, f"not sent: {exc}")
+                return
+            entry, answer = await self._attempt(hook, headers, entry)
             count = entry.attempt_count
             outcome = verdict(answer.status) if answer is not None else "retry"
             if outcome == DELIVERED:
@@ -401,9 +416,9 @@ class WebhookDelivery:
                     wait = max(wait, min(asked, self.settings.retry_after_cap_s))
             await self._sleep(min(wait, left_s))
 
-    async def _attempt(self, hook: Webhook, entry: WebhookEntry
+    async def _attempt(self, hook: Webhook, opened: dict[str, str], entry: WebhookEntry
                        ) -> tuple[WebhookEntry, Answer | None]:
-        headers = {**hook.headers, "Content-Type": "application/json"}
+        headers = {**opened, "Content-Type": "application/json"}
         at = self.registry.wall_ns()
         started = self._monotonic()
         answer: Answer | None = None

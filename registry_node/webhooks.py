@@ -15,7 +15,14 @@ Scope, as in ACR: ``repo:tag`` one tag, ``repo:*`` every tag of a repository,
 ``repo`` the same as ``repo:latest``, empty for everything.
 
 Custom ``headers`` often carry a receiver's credential: they are sent with
-every delivery, shown only by ``get-config``, and never logged.
+every delivery, shown only by ``get-config``, and never logged. Their values
+are sealed (``configuration_key``) wherever they are stored or replicated:
+the control plane seals each one under the cluster's configuration key with
+the webhook's name and the header's name as its place (``seal_headers``), a
+node seals a plaintext value written to its route and refuses a sealed one
+that does not open there (``sealed_webhook``), and delivery and
+``get-config`` open them (``open_headers``). A value stored before values
+were sealed is plaintext, and reads as such.
 
 No HTTP and no storage here: the configuration module stores webhooks like
 any other kind; delivery lives elsewhere.
@@ -30,6 +37,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from .configuration_key import ConfigurationKey, SealedValueError, check_form, is_sealed
 from .identities import DISABLED, ENABLED, InvalidValue
 from .reference import MAX_NAME_LENGTH, NAME_RE, TAG_RE
 
@@ -50,11 +58,18 @@ RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfe
                               "connection"})
 
 
+# The most bytes a header value's UTF-8 may take (MAX_HEADER_VALUE characters
+# of up to 4 bytes each): what a sealed value may hold.
+MAX_HEADER_VALUE_BYTES = 4 * MAX_HEADER_VALUE
+# The way out, said in every error about a sealed value that does not open.
+_SET_AGAIN = "set it again with `georeg webhook update --headers`"
+
+
 class Webhook(msgspec.Struct, frozen=True):
     uri: str = ""
     actions: tuple[str, ...] = ()
     scope: str = ""
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = {}   # name -> value, sealed as stored (see the module docstring)
     status: str = ENABLED
     location: str = ""             # the replica region that fires it
     receiver_location: str = ""    # where the receiver sits in the WAN; "" = location
@@ -121,14 +136,72 @@ def check_webhook(name: str, webhook: Webhook) -> None:
             raise InvalidValue(f"{header[:130]!r} is not an HTTP header name")
         if header.lower() in RESERVED_HEADERS:
             raise InvalidValue(f"the {header} header is set by the delivery itself")
-        if len(value) > MAX_HEADER_VALUE or any(c in value for c in "\r\n\0"):
-            # Never echo the value: custom headers carry credentials.
-            raise InvalidValue(f"header {header}: a value is at most {MAX_HEADER_VALUE} "
-                               "characters, without line breaks or NUL")
+        if is_sealed(value):
+            try:
+                check_form(value, MAX_HEADER_VALUE_BYTES)
+            except SealedValueError as exc:
+                raise InvalidValue(f"header {header}: its sealed value {exc}") from None
+        else:
+            _check_plaintext(header, value)
     if webhook.status not in (ENABLED, DISABLED):
         raise InvalidValue(f"status is enabled or disabled, not {webhook.status[:20]!r}")
     if not webhook.location:
         raise InvalidValue("a webhook belongs to a replica's region: location is required")
+
+
+def _check_plaintext(header: str, value: str) -> None:
+    if len(value) > MAX_HEADER_VALUE or any(c in value for c in "\r\n\0"):
+        # Never echo the value: custom headers carry credentials.
+        raise InvalidValue(f"header {header}: a value is at most {MAX_HEADER_VALUE} "
+                           "characters, without line breaks or NUL")
+
+
+def _place(name: str, header: str) -> tuple[str, str, str]:
+    """What a header value is sealed to: this webhook, this header (as written)."""
+    return ("webhook-header", name, header)
+
+
+def seal_headers(key: ConfigurationKey, name: str, headers: dict[str, str]) -> dict[str, str]:
+    """Webhook ``name``'s header values as given by its owner (plaintext, each
+    checked, whatever it looks like), sealed: what the control plane writes."""
+    sealed = {}
+    for header, value in headers.items():
+        _check_plaintext(header, value)
+        sealed[header] = key.seal(value, _place(name, header))
+    return sealed
+
+
+def open_headers(key: ConfigurationKey, name: str, headers: dict[str, str]) -> dict[str, str]:
+    """Webhook ``name``'s header values as stored, opened (a plaintext one, from
+    before values were sealed, as it is); ``InvalidValue`` naming the first
+    header whose sealed value does not open."""
+    opened = {}
+    for header, value in headers.items():
+        if not is_sealed(value):
+            opened[header] = value
+            continue
+        try:
+            opened[header] = key.open(value, _place(name, header), MAX_HEADER_VALUE_BYTES)
+        except SealedValueError as exc:
+            raise InvalidValue(f"header {header}: its sealed value {exc} (sealed for another "
+                               f"webhook or header, or with another configuration key); "
+                               f"{_SET_AGAIN}") from None
+    return opened
+
+
+def sealed_webhook(key: ConfigurationKey, name: str, webhook: Webhook) -> Webhook:
+    """``webhook`` as a node stores it when written to its route: plaintext
+    values sealed with the node's key, sealed ones kept if they open here
+    (``InvalidValue`` if one does not: it belongs to another webhook or
+    header, or to another key)."""
+    headers = {}
+    for header, value in webhook.headers.items():
+        if is_sealed(value):
+            open_headers(key, name, {header: value})
+            headers[header] = value
+        else:
+            headers[header] = key.seal(value, _place(name, header))
+    return msgspec.structs.replace(webhook, headers=headers)
 
 
 @dataclass(frozen=True, slots=True)

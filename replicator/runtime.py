@@ -37,12 +37,14 @@ from registry_node.app import NODE, REPLICATION_COMPLETION
 from registry_node.auth.tokens import AuthConfigError
 from registry_node.config import NodeConfig
 from registry_node.durability import LocalDurability
+from registry_node.records import Cursor
 from registry_node.replica import Replica
 
 from .antientropy import AntiEntropy
 from .completion import ImageCompletion, NodeReport, replica_regions
 from .errors import definite
 from .feed import LogFeed
+from .intake import Relay, RelayedCursors
 from .metrics import ReplicationMetrics
 from .peer_identity import PeerCredentials
 from .peers import SERVER_OPTIONS, PeerClient
@@ -52,7 +54,7 @@ from .service import ReplicationService
 from .staleness import PeerRescue
 from .status import STATUS_TIMEOUT_S, ImageStatus
 from .subscription import OriginStreams, Subscription
-from .topology import ClusterView
+from .topology import ClusterView, Peer, event_receiver
 from .transfer import HeldBlobs, Transfer
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
@@ -84,6 +86,7 @@ class Replication:
         self._tasks: dict[str, asyncio.Task] = {}
         self.rescue: PeerRescue | None = None
         self.completion: ImageCompletion | None = None
+        self.relayed: RelayedCursors | None = None
 
     # -- Extension -----------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class Replication:
         self.credentials = _credentials(view, node.config)
         self.clients = [PeerClient(peer, identity, credentials=self.credentials, my_name=view.name)
                         for peer in view.peers]
+        self.relayed = RelayedCursors(lambda: node.meta.last_seq)
         held = HeldBlobs()   # bytes that came with events: a sibling may have them before the store
         self.transfer = Transfer(replica, self.residency, self.metrics,
                                  concurrency=settings.transfer_concurrency,
@@ -130,7 +134,9 @@ class Replication:
             replica, feed, self.residency, self.quorum, self.metrics, settings.chunk_size,
             one_wan_copy_per_region=settings.one_wan_copy_per_region,
             remote_zones=lambda: self.view.remote_zones, held=held,
-            certified_peers=self.credentials is not None, retention=self.retention)
+            certified_peers=self.credentials is not None, retention=self.retention,
+            one_wan_event_copy_per_region=settings.one_wan_event_copy_per_region,
+            region_zones=view.zone_redundancy.zones, relayed=self.relayed)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pbg.add_ReplicationServicer_to_server(self.service, server)
         port = _listen(server, view.grpc_listen, self.credentials)
@@ -175,10 +181,15 @@ class Replication:
     # -- peers -----------------------------------------------------------------------
 
     def _subscribe(self, client: PeerClient) -> None:
+        remote = client.peer.region != self.view.region
+        zone_peer = self.view.is_zone_peer(client.peer)
         subscription = Subscription(client, self.transfer, lambda: self.clients, self.metrics,
                                     on_connect=self.anti_entropy.sync_with,
-                                    acknowledge=self.view.is_zone_peer(client.peer),
+                                    acknowledge=zone_peer,
                                     origins=self.origins, resync=self.anti_entropy.resync,
+                                    relay=self._relay_for(client.peer),
+                                    on_advance=self.relayed.advanced if remote else None,
+                                    on_relayed=self._vouched if zone_peer else None,
                                     manifest_held=self.completion.held, node_name=self.view.name)
         self.subscriptions.append(subscription)
         self.origins.add(subscription)
@@ -207,6 +218,28 @@ class Replication:
         self.metrics.completion_images.labels(node).inc(len(images))
         return [NodeReport(r.present, r.arrived_ns, r.origin_region, r.origin_acked_ns, r.failure)
                 for r in replies]
+
+    def _relay_for(self, peer: Peer) -> Relay | None:
+        """The sibling zone that reads ``peer``'s log whole for this region, when
+        that is not this node (``replicator.intake``); None: this node reads it whole."""
+        view = self.view
+        if (not view.replication.one_wan_event_copy_per_region or not view.zone_redundant
+                or peer.region == view.region):
+            return None
+        zone = event_receiver(view.zone_redundancy.zones, peer.region, peer.zone,
+                              view.remote_zones.get(peer.region, ()))
+        if zone == view.zone:
+            return None
+        return Relay(zone, lambda: self._sibling_connected(zone))
+
+    def _vouched(self, relayed) -> None:
+        """A sibling's relayed cursors, its batch applied here: hand each to the
+        subscription to that peer."""
+        by_name = {s.peer.name: s for s in self.subscriptions}
+        for entry in relayed:
+            subscription = by_name.get(entry.peer)
+            if subscription is not None and subscription.relay is not None:
+                subscription.vouch(Cursor(entry.node_id, entry.seq))
 
     def _sibling_connected(self, zone: str) -> bool:
         """Whether this node's stream from its region's ``zone`` is up."""
@@ -245,6 +278,11 @@ class Replication:
         for name, client in current.items():
             if name not in wanted or wanted[name] != client.peer:
                 await self._drop_peer(client)
+        # The new view before any subscription is built or re-derived from it:
+        # which zone reads a peer whole (``_relay_for``) depends on the remote
+        # regions' zones it names, and every zone of this region must name the
+        # same one as a zone started on this view does, or none reads it whole.
+        self.view = view
         for name, peer in wanted.items():
             if name not in current or current[name].peer != peer:
                 client = PeerClient(peer, self.replica.registry.identity,
@@ -252,8 +290,28 @@ class Replication:
                 self.clients.append(client)
                 self.anti_entropy.peers.append(client)
                 self._subscribe(client)
-        self.view = view
+        await self._rederive_relays()
         log.info("peers_reconciled", peers=sorted(wanted))
+
+    async def _rederive_relays(self) -> None:
+        """Give each subscription whose receiving zone the current view names
+        differently its new relay, restarting it (its session reads lean or
+        whole, with a relay watcher or without, by the relay it began with)."""
+        for subscription in list(self.subscriptions):
+            relay = self._relay_for(subscription.peer.peer)
+            if _relay_zone(relay) == _relay_zone(subscription.relay):
+                continue
+            name = subscription.peer.name
+            log.info("relay_changed", peer=name, zone=_relay_zone(relay),
+                     was=_relay_zone(subscription.relay))
+            task = self._tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            subscription.relay = relay
+            self._tasks[name] = asyncio.create_task(subscription.run(),
+                                                    name=f"subscription:{name}")
 
     async def _drop_peer(self, client: PeerClient) -> None:
         task = self._tasks.pop(client.name, None)
@@ -265,6 +323,7 @@ class Replication:
             if subscription.peer is client:
                 self.origins.remove(subscription)
         self.subscriptions = [s for s in self.subscriptions if s.peer is not client]
+        self.relayed.forget(client.name)
         self.clients.remove(client)
         if client in self.anti_entropy.peers:
             self.anti_entropy.peers.remove(client)
@@ -289,6 +348,7 @@ class Replication:
                 "name": s.peer.name, "region": s.peer.peer.region, "zone": s.peer.peer.zone,
                 "connected": s.connected, "behind_events": s.lag_events,
                 "last_error": s.last_error or None, "resyncs": s.resyncs,
+                "lean": s.lean, "relay_fallbacks": s.fallbacks,
                 "silent": self.rescue.is_silent(s.peer.name) if self.rescue else False,
             } for s in self.subscriptions],
             "rescue": {
@@ -344,6 +404,11 @@ def _memory(node) -> dict[str, int]:
 
 def _label(region: str, zone: str) -> str:
     return f"{region}/{zone}" if zone else region
+
+
+def _relay_zone(relay: Relay | None) -> str | None:
+    """The zone a relay names; None: this node reads the peer whole."""
+    return relay.zone if relay is not None else None
 
 
 def _credentials(view: ClusterView, config: NodeConfig) -> PeerCredentials | None:

@@ -50,6 +50,21 @@ blob then crosses the WAN once per region; the layers of an image go to
 different zones, so each WAN stream carries a third of the bytes. Zones of
 this node's own region and single-node regions get bytes as before.
 
+One WAN copy of each event per region (``one_wan_event_copy_per_region``,
+the default; ``replicator.intake``): a subscriber may ask for the log lean
+(``SubscribeStart.lean``: a zone that takes this node's events from a sibling
+zone); it then gets, of the events, only the blob events that originated
+here, each naming the zone this node gives the blob to for the region (and
+with its bytes if that is the subscriber), and every batch's ``last_seq``:
+a few hundred bytes per blob, so that every zone waits on the zone this node
+chose, not on one it guesses; manifests, tags and the rest come once. To a sibling
+zone of this node's own zone-redundant region, every batch says how far this
+node had applied each peer's log when its own log reached the batch's
+``last_seq`` (``EventBatch.relayed``), and a batch with no events goes out
+when only that moved; events from a remote node this zone reads whole for the
+region (``topology.event_receiver``) go to the siblings at once, not after
+``RELAY_GATHER_S``: they have them from nowhere else.
+
 ``FetchBlob`` may be asked to wait (``wait_ms``, capped at
 ``MAX_FETCH_WAIT_MS``) for a blob this node is about to have — a sibling zone
 receiving it across the WAN, a zone of the origin region still receiving it.
@@ -83,12 +98,13 @@ from registry_node.replica import Replica
 
 from .convert import event_to_wire, node_ref, register_to_wire
 from .feed import LogFeed
+from .intake import RelayedCursors
 from .metrics import ReplicationMetrics
 from .peer_identity import certified_location, certified_name
 from .quorum import ZoneQuorum
 from .residency import ResidencyPolicy
 from .retention import LogRetention
-from .topology import wan_receiver
+from .topology import event_receiver, wan_receiver
 from .transfer import HeldBlob, HeldBlobs, HeldBroken
 from .wire.v1 import replication_pb2 as pb
 from .wire.v1 import replication_pb2_grpc as pbg
@@ -114,6 +130,9 @@ STATUS_YIELD_EVERY = 250
 # How long relayed events wait for more to go out with them (see the docstring).
 RELAY_GATHER_S = 0.2
 LOCAL_ONLY = frozenset({EventKind.BLOB_RECLAIMED})
+# How long a change of the relayed cursors alone waits for more before going
+# out to the siblings (a batch with events carries them at once).
+RELAYED_GATHER_S = 0.02
 # Events whose blob one zone of a zone-redundant remote region receives across
 # the WAN for its siblings (``wan_receiver`` on the wire).
 WAN_RECEIVED = frozenset({EventKind.BLOB_PUT, EventKind.BLOB_MOUNT})
@@ -132,6 +151,14 @@ class _Stream:
     reader: str
     node_id: str
     sent: int = 0
+    # How it reads (SubscribeMode): lean or whole, and where a switch to whole
+    # re-reads from; ``switched`` wakes the stream's loop when idle.
+    lean: bool = False
+    rewind: int | None = None
+    switched: asyncio.Event | None = None
+    # Events up to here went out once already (lean, before a switch to whole):
+    # sent again, they go without bytes (any this subscriber gets, it got).
+    resent: int = 0
 
 
 class ReplicationService(pbg.ReplicationServicer):
@@ -140,8 +167,16 @@ class ReplicationService(pbg.ReplicationServicer):
                  chunk_size: int = 1 << 20, *, one_wan_copy_per_region: bool = True,
                  remote_zones: Callable[[], Mapping[str, tuple[str, ...]]] = dict,
                  held: HeldBlobs | None = None,
-                 certified_peers: bool = False, retention: LogRetention | None = None) -> None:
+                 certified_peers: bool = False, retention: LogRetention | None = None,
+                 one_wan_event_copy_per_region: bool = False,
+                 region_zones: tuple[str, ...] = (),
+                 relayed: RelayedCursors | None = None) -> None:
         self.replica = replica
+        # This node's zone-redundant region's zones (empty otherwise) and the
+        # cursors it tells them of (replicator.intake).
+        self.one_wan_event_copy_per_region = one_wan_event_copy_per_region
+        self.region_zones = tuple(sorted(region_zones))
+        self.relayed = relayed
         self.retention = retention
         self.certified_peers = certified_peers
         self.one_wan_copy_per_region = one_wan_copy_per_region
@@ -210,6 +245,10 @@ class ReplicationService(pbg.ReplicationServicer):
                                 f"events after {cursor} are truncated from this log (floor "
                                 f"{meta.log_floor}); upgrade the subscriber to resynchronise")
         stream = _Stream(self._reader_name(start, label, context), subscriber.node_id)
+        stream.lean = start.lean
+        stream.switched = asyncio.Event()
+        sibling = self._relays_to(subscriber)
+        told: dict[str, tuple[str, int]] = {}     # relayed cursors sent on this stream
         acks = asyncio.create_task(self._read_acks(request_iterator, label, stream))
         where = (subscriber.region, subscriber.zone)
         self._streams[where] += 1
@@ -225,6 +264,9 @@ class ReplicationService(pbg.ReplicationServicer):
                 # Tell the subscriber who we are (and to reset) before any event exists.
                 yield pb.EventBatch(sender=me, last_seq=cursor, cursor_reset=reset)
             while True:
+                if stream.rewind is not None:
+                    stream.resent = max(stream.resent, cursor)
+                    cursor, stream.rewind = min(cursor, stream.rewind), None
                 if cursor < meta.log_floor:
                     # What it has not read is gone: it repairs by anti-entropy,
                     # then reads on from here (the head as this is sent).
@@ -244,9 +286,17 @@ class ReplicationService(pbg.ReplicationServicer):
                     if acks.done():
                         return
                     at_head = self._stream_at_head(where, at_head, True)
-                    await self.feed.wait_beyond(cursor, IDLE_WAIT_S)
+                    if sibling:
+                        relayed = self._relayed(cursor, told)
+                        if relayed:
+                            yield pb.EventBatch(sender=me, last_seq=cursor, relayed=relayed)
+                            continue
+                        await self._idle(cursor, stream.switched)
+                    else:
+                        await self._idle(cursor, stream.switched, relayed=False)
                     continue
-                if not any(self._own(e) for e in events):
+                if not any(self._own(e) or (sibling and self._takes_for_region(e))
+                           for e in events):
                     events += await self._gather_relays(events[-1].seq, BATCH_LIMIT - len(events))
                 cursor = events[-1].seq
                 at_head = self._stream_at_head(where, at_head, len(events) < BATCH_LIMIT)
@@ -254,8 +304,10 @@ class ReplicationService(pbg.ReplicationServicer):
                 # Built in the yield, not bound to a name: the batch (inline blob
                 # bytes included) must not outlive its sending, or an idle
                 # stream would hold its last one until the next event.
+                lean = stream.lean
                 yield pb.EventBatch(sender=me, last_seq=cursor, events=await self._wire_batch(
-                    events, subscriber, at_head=at_head))
+                    events, subscriber, at_head=at_head, lean=lean, resent=stream.resent),
+                    relayed=self._relayed(cursor, told) if sibling else (), lean=lean)
                 stream.sent = cursor
         finally:
             acks.cancel()
@@ -282,6 +334,50 @@ class ReplicationService(pbg.ReplicationServicer):
                 del self._at_head[stream]
         return now
 
+    def _relays_to(self, subscriber: pb.NodeRef) -> bool:
+        """Whether ``subscriber`` is another zone of this node's zone-redundant
+        region, which may take remote peers' events from this log."""
+        return (self.one_wan_event_copy_per_region and self.relayed is not None
+                and subscriber.region == self.identity.region
+                and subscriber.zone != self.identity.zone and subscriber.zone in self.region_zones)
+
+    def _takes_for_region(self, event) -> bool:
+        """Whether ``event`` came from a remote node whose log this zone reads
+        whole for its region: its siblings wait for it from here."""
+        if event.origin_region == self.identity.region:
+            return False
+        remote = self.remote_zones().get(event.origin_region, ())
+        return event_receiver(self.region_zones, event.origin_region, event.origin_zone,
+                              remote) == self.identity.zone
+
+    def _relayed(self, seq: int, told: dict[str, tuple[str, int]]) -> list[pb.RelayedCursor]:
+        """The relayed cursors as of this log's ``seq`` not yet sent on the
+        stream whose record ``told`` is (and now recorded as sent)."""
+        out = []
+        for peer, cursor in self.relayed.at(seq).items():
+            if told.get(peer) != (cursor.node_id, cursor.seq):
+                told[peer] = (cursor.node_id, cursor.seq)
+                out.append(pb.RelayedCursor(peer=peer, node_id=cursor.node_id, seq=cursor.seq))
+        return out
+
+    async def _idle(self, cursor: int, switched: asyncio.Event, relayed: bool = True) -> None:
+        """Wait for an event after ``cursor``, the subscriber switching how it
+        reads, or (``relayed``) a relayed cursor that moved (then a little
+        longer, for more to move with it)."""
+        switched.clear()
+        waits = [asyncio.ensure_future(self.feed.wait_beyond(cursor, IDLE_WAIT_S)),
+                 asyncio.ensure_future(switched.wait())]
+        if relayed:
+            waits.append(self.relayed.next_change())
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if relayed and waits[2] in done and self.feed.last_seq <= cursor:
+            await asyncio.sleep(RELAYED_GATHER_S)
+
     def _own(self, event) -> bool:
         return (event.origin_region, event.origin_zone) == (self.identity.region,
                                                             self.identity.zone)
@@ -305,9 +401,12 @@ class ReplicationService(pbg.ReplicationServicer):
                 break
         return more
 
-    async def _wire_batch(self, events: list, subscriber: pb.NodeRef, at_head: bool) -> list[pb.Event]:
+    async def _wire_batch(self, events: list, subscriber: pb.NodeRef, at_head: bool,
+                          lean: bool = False, resent: int = 0) -> list[pb.Event]:
         """The events ``subscriber`` may see, as sent: small own blobs with their
-        bytes while it is at the head of the log (see the module docstring)."""
+        bytes while it is at the head of the log; to a lean subscriber only
+        the blob events this node gives it for its region (see the module
+        docstring)."""
         out = []
         budget = INLINE_BLOB_BATCH_MAX if at_head else 0
         for event in events:
@@ -324,8 +423,10 @@ class ReplicationService(pbg.ReplicationServicer):
                 if receiver is not None:
                     message.wan_receiver = receiver
                     receives = receiver == subscriber.zone
+            elif lean:
+                continue
             if (event.kind is EventKind.BLOB_PUT and 0 < event.size <= min(budget, INLINE_BLOB_MAX)
-                    and self._own(event) and receives):
+                    and self._own(event) and receives and event.seq > resent):
                 body = await self._blob_bytes(event.digest, event.size)
                 if body is not None:
                     message.blob_body = body
@@ -431,6 +532,12 @@ class ReplicationService(pbg.ReplicationServicer):
             kind = message.WhichOneof("message")
             if kind == "ack" and self.quorum is not None:
                 self.quorum.acked(label, message.ack.applied)
+            elif kind == "mode":
+                stream.lean = message.mode.lean
+                if not stream.lean:
+                    stream.rewind = message.mode.cursor
+                if stream.switched is not None:
+                    stream.switched.set()
             elif kind == "cursor" and self.retention is not None:
                 # Never more than this stream sent: a report beyond it (a bug, a
                 # stale session's cursor, a forgery) must not let the log or a

@@ -57,6 +57,18 @@ backlog, full of relays of each other's events) would otherwise each stop at
 a relay of the other's, both readers blocked, and go on only when the wait ran
 out — a second per relayed manifest, which held a returning zone's
 acknowledgements back past the zone-quorum timeout.
+
+A subscription to a remote peer whose events a sibling zone reads whole for
+the region (``relay``: ``replicator.intake``) reads the peer *lean* while that
+sibling keeps up: the peer sends only the blob events it gives this zone for
+the region, and every batch's head. Its cursor then moves only when the
+sibling vouches for it (``vouch``: the sibling's stream says how far it had
+applied the peer when its own log reached what this node has applied of it),
+never with the lean batches, so what it persists, reports and resumes from is
+what this node holds. A watcher ends a lean session when the sibling's stream
+is down or its cursor stands still while the peer's head is ahead
+(``intake.RELAY_STALL_S``): the next session reads the peer whole; and ends a
+whole session once the sibling is back and vouches for as much.
 """
 
 from __future__ import annotations
@@ -75,6 +87,7 @@ from registry_node.records import Cursor, Event, EventKind, decode, encode
 
 from .convert import event_from_wire
 from .errors import Outcome, ReplicationError, from_grpc, indefinite, permanent
+from .intake import RELAY_CHECK_S, RELAY_RETURN_S, RELAY_STALL_S, Relay
 from .metrics import ReplicationMetrics
 from .peers import PeerClient
 from .retry import Backoff
@@ -130,7 +143,10 @@ class Subscription:
                  rng: random.Random | None = None,
                  resync: Callable[[PeerClient], Awaitable[object]] | None = None,
                  manifest_held: Callable[[str, str, str], None] | None = None,
-                 node_name: str = "") -> None:
+                 node_name: str = "",
+                 relay: Relay | None = None,
+                 on_advance: Callable[[str, Cursor], None] | None = None,
+                 on_relayed: Callable[[Sequence[pb.RelayedCursor]], None] | None = None) -> None:
         self.peer = peer
         # Told (node name, repository, digest) of every manifest a node is seen
         # to hold: the peer, for each manifest_put on its stream (its log
@@ -138,6 +154,16 @@ class Subscription:
         # it applies — replication completion's cue to ask (``replicator.completion``).
         self.manifest_held = manifest_held
         self.node_name = node_name
+        # The sibling zone that reads this peer's log whole for the region, if
+        # not this node (replicator.intake); what it vouches for; whether this
+        # session reads lean; whether the sibling stalled and must catch up first.
+        self.relay = relay
+        self.vouched: Cursor | None = None
+        self.lean = False
+        self.fallbacks = 0              # lean sessions ended for a relay down or stalled
+        self._distrust = False
+        self.on_advance = on_advance     # every advance of the cursor (intake.RelayedCursors)
+        self.on_relayed = on_relayed     # a sibling's relayed cursors, once applied here
         self.acknowledge = acknowledge   # the peer counts this node toward its zone quorum
         self.transfer = transfer
         self.replica = transfer.replica
@@ -155,6 +181,7 @@ class Subscription:
         self.resyncs = 0
         self._report_due = asyncio.Event()
         self._sender_id = ""             # the peer incarnation this session reads
+        self._head_of = ""               # the peer incarnation peer_last_seq is of
         self._writing = asyncio.Lock()   # one write at a time on the stream
         self._received = 0              # the peer's log up to here is applied or under way here
         self._waiting: list[tuple[int, asyncio.Future[None]]] = []
@@ -177,6 +204,8 @@ class Subscription:
     def _advance(self, cursor: Cursor) -> None:
         """``cursor`` is applied: persist it now, or soon (see the module docstring)."""
         self._applied = cursor
+        if self.on_advance is not None:
+            self.on_advance(self.peer.name, cursor)
         loop = asyncio.get_running_loop()
         wait = self._persisted_at + CURSOR_PERSIST_S - loop.time()
         if wait <= 0:
@@ -229,6 +258,32 @@ class Subscription:
                 still.append(entry)
         self._waiting = still
 
+    def vouch(self, cursor: Cursor) -> None:
+        """A sibling zone that reads this peer's log whole had applied it up to
+        ``cursor`` before its log reached what this node has applied of it:
+        this node holds it too (``replicator.intake``). While lean it is this
+        subscription's cursor; otherwise it only tells when to go lean again."""
+        best = self.vouched
+        if best is None or best.node_id != cursor.node_id or cursor.seq > best.seq:
+            self.vouched = cursor
+        if self.lean:
+            self._take_vouched()
+
+    def _take_vouched(self) -> None:
+        """Make what the sibling vouched for this subscription's cursor if it
+        is ahead; called while lean, and on going lean (a session starting
+        lean, a return to lean): vouches that came while this read whole or
+        was down moved nothing, and an idle sibling sends no new one, so the
+        cursor would otherwise stay behind until the stall detector fires."""
+        vouched, current = self.vouched, self.cursor()
+        if vouched is None:
+            return
+        incarnation = self._sender_id or current.node_id
+        if vouched.node_id != incarnation:
+            return       # of another incarnation of the peer than the one this reads
+        if vouched.node_id != current.node_id or vouched.seq > current.seq:
+            self._advance(vouched)
+
     @property
     def lag_events(self) -> int:
         return max(0, self.peer_last_seq - self.cursor().seq)
@@ -256,7 +311,7 @@ class Subscription:
         call = self.peer.subscribe()
         # (cursor after a batch, its blob tasks) in log order: the reader adds,
         # the acknowledger advances and acknowledges each once its tasks are done.
-        applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]] = asyncio.Queue(PIPELINE_DEPTH)
+        applying: asyncio.Queue[_Applying] = asyncio.Queue(PIPELINE_DEPTH)
         acknowledger = asyncio.ensure_future(self._acknowledge(call, applying))
         # The reporter writes only once the start is written (a cursor persisted
         # by the previous session's timer may be due already), and only cursors
@@ -264,12 +319,19 @@ class Subscription:
         started = asyncio.Event()
         self._sender_id = ""
         self._report_due.clear()
+        self.lean = self._lean_wanted()
         reader = asyncio.ensure_future(self._read(call, applying, started))
         reporter = asyncio.ensure_future(self._report(call, started))
+        tasks = {reader, acknowledger, reporter}
+        watcher = None
+        if self.relay is not None:
+            watcher = asyncio.ensure_future(self._watch_relay(self.relay, call, started))
+            tasks.add(watcher)
         try:
-            await asyncio.wait({reader, acknowledger, reporter},
-                               return_when=asyncio.FIRST_COMPLETED)
-            for task in (acknowledger, reader, reporter):  # whichever stopped first says why
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in (acknowledger, reader, reporter, watcher):  # whichever stopped first says why
+                if task is None:
+                    continue
                 if task.done():
                     task.result()
         except grpc.aio.AioRpcError as exc:
@@ -281,22 +343,76 @@ class Subscription:
             raise indefinite(f"subscription to {self.peer.name}: the stream ended "
                              "during a batch") from None
         finally:
-            pending = [reader, acknowledger, reporter,
-                       *(t for _, tasks in _drain(applying) for t in tasks)]
+            pending = [reader, acknowledger, reporter, *([watcher] if watcher else []),
+                       *(t for _, tasks, _ in _drain(applying) for t in tasks)]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             call.cancel()
             self.connected = False     # first: a relay asking from now on does not wait
+            self.lean = False          # a sibling's vouching moves no cursor between sessions
             self._delivered(None)
             self._persist()
 
+    def _lean_wanted(self) -> bool:
+        return self.relay is not None and self.relay.up() and not self._distrust
+
+    async def _watch_relay(self, relay: Relay, call: grpc.aio.StreamStreamCall,
+                           started: asyncio.Event) -> None:
+        """Switch this stream to whole when it reads lean and the relay is down
+        or stalls, and back to lean when the relay is up and has caught up
+        (see the module docstring). On the same stream: a new one would take
+        this zone off the peer's list of zones at the head of its log for a
+        moment, and the peer gives a blob's bytes to one of those."""
+        await started.wait()
+        loop = asyncio.get_running_loop()
+        switched = loop.time()
+        mark, since = -1, switched
+        while True:
+            await asyncio.sleep(RELAY_CHECK_S)
+            now = loop.time()
+            mine = self.cursor()
+            if not self.lean:
+                vouched = self.vouched
+                if (relay.up() and now - switched >= RELAY_RETURN_S and vouched is not None
+                        and vouched.node_id == mine.node_id and vouched.seq >= mine.seq):
+                    self._distrust = False
+                    log.info("relay_resumed", peer=self.peer.name, zone=relay.zone,
+                             cursor=mine.seq)
+                    await self._switch(call, lean=True, cursor=mine)
+                    self._take_vouched()
+                    switched, mark, since = now, -1, now
+                continue
+            stalled = False
+            if mine.seq >= self.peer_last_seq or mine.seq > mark:
+                mark, since = mine.seq, now     # caught up, or moving: not stalled
+            elif now - since >= RELAY_STALL_S:
+                stalled = self._distrust = True
+            if relay.up() and not stalled:
+                continue
+            self.fallbacks += 1
+            log.info("relay_stalled" if stalled else "relay_down", peer=self.peer.name,
+                     zone=relay.zone, cursor=mine.seq, head=self.peer_last_seq)
+            await self._switch(call, lean=False, cursor=mine)
+            switched = now
+
+    async def _switch(self, call: grpc.aio.StreamStreamCall, *, lean: bool,
+                      cursor: Cursor) -> None:
+        """Ask the peer to send lean or whole from now on (whole: from after
+        ``cursor``). Batches already under way still say how they were read
+        (``EventBatch.lean``), so the cursor moves only with whole ones."""
+        self.lean = lean
+        async with self._writing:
+            await call.write(pb.SubscribeMessage(mode=pb.SubscribeMode(lean=lean,
+                                                                       cursor=cursor.seq)))
+
     async def _read(self, call: grpc.aio.StreamStreamCall,
-                    applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]],
+                    applying: asyncio.Queue[_Applying],
                     started: asyncio.Event) -> None:
         cursor = self.cursor()
         start = self.peer.start_message(cursor.node_id, cursor.seq)
         start.start.resyncs = self.resync is not None
+        start.start.lean = self.lean
         async with self._writing:
             await call.write(start)
         started.set()
@@ -309,10 +425,18 @@ class Subscription:
                 self.connected = True
                 self.last_error = ""
                 log.info("subscribed", peer=self.peer.name, cursor=cursor.seq,
-                         reset=batch.cursor_reset)
+                         reset=batch.cursor_reset, lean=self.lean)
                 if self.on_connect is not None:
                     asyncio.ensure_future(self.on_connect(self.peer))
-            self.peer_last_seq = max(batch.last_seq, self.peer_last_seq)
+                if self.lean:
+                    self._take_vouched()   # the incarnation read is known now
+            if batch.sender.node_id != self._head_of:
+                # Another incarnation (the peer rebuilt): its log is not the old
+                # one's, and the old head would make this stream look behind.
+                self._head_of = batch.sender.node_id
+                self.peer_last_seq = batch.last_seq
+            else:
+                self.peer_last_seq = max(batch.last_seq, self.peer_last_seq)
             if self.manifest_held is not None:
                 for message in batch.events:
                     if message.kind == _MANIFEST_PUT:
@@ -340,11 +464,13 @@ class Subscription:
             # The tasks above run their first step (which registers a transfer
             # or a store of sent bytes) before any relayed event woken here.
             self._delivered(batch.last_seq)
-            cursor = Cursor(batch.sender.node_id, batch.last_seq)
+            # Lean: the batch left events out, so it moves no cursor (``vouch`` does).
+            cursor = None if batch.lean else Cursor(batch.sender.node_id, batch.last_seq)
+            relayed = list(batch.relayed)
             # Not kept while waiting for the next batch: an idle stream would
             # otherwise hold its last batch, inline blob bytes and all.
             del batch
-            await applying.put((cursor, tasks))
+            await applying.put((cursor, tasks, relayed))
 
     async def _resync(self, batch: pb.EventBatch) -> None:
         """The peer's log no longer holds what this node has not read: repair
@@ -376,13 +502,22 @@ class Subscription:
                     cursor=pb.SubscribeCursor(persisted=cursor.seq)))
 
     async def _acknowledge(self, call: grpc.aio.StreamStreamCall,
-                           applying: asyncio.Queue[tuple[Cursor, list[asyncio.Task]]]) -> None:
+                           applying: asyncio.Queue[_Applying]) -> None:
         while True:
-            cursor, tasks = await applying.get()
+            cursor, tasks, relayed = await applying.get()
             try:
                 if tasks:
                     await self._settle(tasks)
-                self._advance(cursor)
+                if cursor is None:
+                    continue          # a lean batch: nothing to advance or acknowledge
+                current = self.cursor()
+                if (self.relay is None or cursor.node_id != current.node_id
+                        or cursor.seq >= current.seq):
+                    # (A whole batch under way when this went lean may end
+                    # below what a sibling vouched for since: not backwards.)
+                    self._advance(cursor)
+                if relayed and self.on_relayed is not None:
+                    self.on_relayed(relayed)   # applied through last_seq: vouched for here
                 self.metrics.queue_depth.labels(self.peer.name).set(self.lag_events)
                 if self.acknowledge:
                     await self.meta.synced()  # an acknowledgement promises durable here
@@ -443,6 +578,9 @@ class Subscription:
 
 _BLOB_WIRE_KINDS = frozenset(k.value for k in BLOB_KINDS)
 _MANIFEST_PUT = EventKind.MANIFEST_PUT.value
+# A batch on its way through the pipeline: the cursor after it (None: a lean
+# batch, which moves none), its blob tasks, the cursors it relays.
+_Applying = tuple[Cursor | None, list[asyncio.Task], list[pb.RelayedCursor]]
 
 
 def _wan_receiver(message: pb.Event) -> str | None:

@@ -27,6 +27,7 @@ node then gets its own copy, as before.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -67,6 +68,12 @@ class ReplicationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # as it arrives or while it is stored (replicator.transfer, .service).
     # Off: every zone of a remote region gets its own copy across the WAN.
     one_wan_copy_per_region: bool = True
+    # And each event: of a zone-redundant region, one zone reads a remote
+    # peer's log whole across the WAN (``event_receiver``); the others take
+    # those events from its log over the region's links and read the peer
+    # lean, falling back to the whole log if that zone is down or stalls
+    # (replicator.intake). Off: every zone reads every peer's log whole.
+    one_wan_event_copy_per_region: bool = True
     chunk_size: int = 1 << 20
     # Bounded metadata (replicator.retention): a peer not heard from for
     # peer_horizon_s no longer holds this node's log back (it resynchronises
@@ -208,6 +215,22 @@ def wan_receiver(zones: Sequence[str], digest: str,
     start = digest_spin(digest) % len(ordered)
     rotation = ordered[start:] + ordered[:start]
     return next((zone for zone in rotation if reachable(zone)), rotation[0])
+
+
+def event_receiver(zones: Sequence[str], peer_region: str, peer_zone: str = "",
+                   peer_region_zones: Sequence[str] = ()) -> str:
+    """The zone of a zone-redundant region (its plan's ``zones``) that reads the
+    log of the remote node ``peer_region``/``peer_zone`` whole for the region
+    (``replicator.intake``). Every node of the region names the same zone;
+    the zones of one remote zone-redundant region (``peer_region_zones``) go
+    to different zones here, so no zone reads every WAN stream alone."""
+    ordered = sorted(zones)
+    if not ordered:
+        return ""
+    spin = zlib.crc32(peer_region.encode())
+    remote = sorted(peer_region_zones)
+    spin += remote.index(peer_zone) if peer_zone in remote else zlib.crc32(peer_zone.encode())
+    return ordered[spin % len(ordered)]
 
 
 # What a view written before views carried the decision meant: its region was

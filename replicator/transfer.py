@@ -34,7 +34,8 @@ so an incomplete image is never visible here, not even for an instant.
     (a region catching up would pay ``SIBLING_WAIT_MS`` per blob). An event
     the origin named nothing on (a relay, anti-entropy) falls back to the
     same choice made here, among the siblings whose streams to this node are
-    up. The origin sends the blob with its event to the named zone alone, and
+    up (but a relay from a sibling zone goes to that sibling first: it logged
+    the event once it held the blob). The origin sends the blob with its event to the named zone alone, and
     that zone fetches it if it did not come along. Its sibling zones ask
     it for the blob, over the region's own network, with a bounded wait for
     it to land; bytes that came with an event, and those the receiving zone
@@ -444,7 +445,12 @@ class Transfer:
         spin = digest_spin(digest)
         first: list[Attempt] = []
         siblings = [p for p in sources if self.zone_peer(p.peer)]
-        if siblings and self.one_wan_copy_per_region:
+        if receiver is None and sources and self.zone_peer(sources[0].peer):
+            # A sibling zone relayed the event: it logged the blob's link only
+            # once it held the blob, so it has it (a lean zone takes a remote
+            # peer's events from a sibling: replicator.intake). No wait.
+            first.append(Attempt(sources[0]))
+        elif siblings and self.one_wan_copy_per_region:
             # The origin's choice where it made one; else over the plan's
             # zones, not the siblings at hand, so every zone names the same.
             fetcher = receiver

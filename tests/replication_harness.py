@@ -56,6 +56,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from cluster.control.private_files import write_private
 from cluster.control.spec import ZONE_WRITE_QUORUM
 from cluster.network.links import Link, LinkFaults
 from registry_node.app import NODE, init_app
@@ -166,6 +167,14 @@ class InProcessCluster:
         await asyncio.gather(*(self.restart(name) for name in self.nodes))
         return self
 
+    def configuration_key_file(self) -> Path:
+        """The cluster's configuration key, made at the first node's start."""
+        path = self.root / "configuration.key"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_private(path, os.urandom(32))
+        return path
+
     def zone_redundancy(self, region: str) -> ZoneRedundancy:
         zones = tuple(z for r, z in self.topology if r == region and z)
         if not zones:
@@ -179,8 +188,11 @@ class InProcessCluster:
         if node.running:
             raise RuntimeError(f"{name} is running: crash or stop it first")
         node.replication = Replication(node.view)
-        # As ``georeg node --cluster`` does: the view says whether it delivers webhooks.
-        settings = {"webhooks": node.view.webhook_settings, **self.node_settings.get(name, {})}
+        # As ``georeg node --cluster`` does: the view says whether it delivers
+        # webhooks; and as ``georeg up`` does, one configuration key for all.
+        settings = {"webhooks": node.view.webhook_settings,
+                    "configuration_key_file": self.configuration_key_file(),
+                    **self.node_settings.get(name, {})}
         config = NodeConfig(data_dir=node.data_dir, port=0, region=node.region, zone=node.zone,
                             gc_interval_s=3600, **settings)
         runner = web.AppRunner(init_app(config, [node.replication]), handle_signals=False,

@@ -102,6 +102,13 @@ def test_bench_lag_reports_every_pair_and_no_lag_beats_its_floor(tmp_path, wan):
     if wan:  # every layer of every image crossed to both other regions, at least once
         assert links["bytes"] >= len(ORIGINS) * 3 * 3 * 64 * 1024 * 2, links
         assert links["chunks"] > 0 and links["lateness_ms_at_most"]["p50"] is not None, links
+        # Per region pair: each origin region's images crossed to both others,
+        # at least their layers' bytes per image.
+        by_pair = links["by_region_pair"]
+        for origin in ORIGINS:
+            for destination in NODES - {origin}:
+                pair = by_pair[f"{origin} -> {destination}"]
+                assert pair["wan"] and pair["bytes_per_image"] >= 3 * 64 * 1024, (origin, pair)
 
     verification = results["verification"]
     assert verification["checks"] == 2
@@ -193,6 +200,36 @@ def test_link_delivery_counts_only_what_crossed_between_the_snapshots():
     assert summary["lateness_ms_at_most"] == {"p50": 1, "p99": 100, "p999": None}
     assert list(summary["worst_links_p99_ms_at_most"]) == ["a->b", "b->a", "c->a"]
     assert summary["worst_links_p99_ms_at_most"]["b->a"] == 100
+
+
+def test_link_delivery_groups_bytes_by_the_region_pair_content_went():
+    """A link ``x -> y`` carries x's connections to y, whose replies are most of
+    it: its bytes count for region(y) -> region(x), per image pushed in region(y)."""
+    bounds = [1, 10]
+
+    def link(source: str, target: str, moved: int) -> dict:
+        return {"name": f"{source}->{target}", "from": source, "to": target, "bytes": moved,
+                "lateness_bounds_ms": bounds, "lateness_counts": [1, 0, 0],
+                "held_by_receiver": 0}
+
+    regions = {"we-1": "westeurope", "we-2": "westeurope", "east": "eastus"}
+    before = [link("we-1", "east", 100), link("we-2", "east", 100), link("we-1", "we-2", 0),
+              link("east", "we-1", 0)]
+    after = [link("we-1", "east", 3100), link("we-2", "east", 1100), link("we-1", "we-2", 500),
+             link("east", "we-1", 40)]
+    pairs = link_delivery(before, after, regions, images={"eastus": 2, "westeurope": 4})[
+        "by_region_pair"]
+    assert pairs == {
+        "eastus -> westeurope": {"wan": True, "bytes": 4000, "bytes_per_image": 2000},
+        "westeurope -> eastus": {"wan": True, "bytes": 40, "bytes_per_image": 10},
+        "westeurope -> westeurope": {"wan": False, "bytes": 500, "bytes_per_image": 125},
+    }
+    # A region that pushed nothing has no per-image figure; a link to a node
+    # not in the map (an endpoint) is left out of the pairs.
+    after.append(link("we-1", "proxy", 9))
+    pairs = link_delivery(before, after, regions, images={"westeurope": 1})["by_region_pair"]
+    assert pairs["eastus -> westeurope"]["bytes_per_image"] is None
+    assert sum(p["bytes"] for p in pairs.values()) == 4540
 
 
 def test_a_run_where_nothing_arrived_gets_no_chart_and_no_traceback(tmp_path):

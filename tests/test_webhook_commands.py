@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import aiohttp
 import pytest
@@ -20,7 +21,7 @@ from cluster.control import spec as specs
 from cluster.testing import RunningCluster
 
 from .helpers import eventually
-from .test_identities import cli, held, ok, on_every_node, on_node
+from .test_identities import NODES, cli, held, ok, on_every_node, on_node
 
 CONF = "/georeg/v1/configuration"
 HOOKS = "/georeg/v1/webhooks"
@@ -63,9 +64,12 @@ async def test_create_show_update_get_config_and_delete_through_the_cli(running)
     config = {"serviceUri": URI, "customHeaders": {"Authorization": SECRET, "X-Env": "prod"}}
     assert ok(c, "webhook", "get-config", "-n", "deploy1") == config
 
-    # Replicated to every node as the value delivery reads (header values and all).
-    await on_every_node(c, lambda n: (held(c, n, "webhook", "deploy1") or {}).get("headers")
-                        == config["customHeaders"], "the webhook")
+    # Replicated to every node with its header values sealed (the same ciphertext
+    # everywhere; delivery opens it: test_header_values_are_sealed_on_every_node...).
+    await on_every_node(c, lambda n: held(c, n, "webhook", "deploy1") is not None, "the webhook")
+    stored = [held(c, n, "webhook", "deploy1")["headers"] for n in NODES]
+    assert stored[0] == stored[1] and set(stored[0]) == {"Authorization", "X-Env"}
+    assert all(v.startswith("sealed:v1:") for v in stored[0].values())
     # The management API's raw configuration read masks the header values.
     raw = management_client.get_object(c.management_url, "webhook", "deploy1",
                                        c.owner_headers())
@@ -329,3 +333,68 @@ async def test_the_management_client_speaks_every_webhook_route(running):
     async with aiohttp.ClientSession() as anonymous:   # the owner's API answers only the owner
         async with anonymous.get(f"{url}{HOOKS}") as r:
             assert r.status == 401
+
+
+# -- header values at rest ------------------------------------------------------------------
+
+
+def holding(root, needle: bytes) -> list[str]:
+    """Every file under ``root`` whose bytes contain ``needle``."""
+    return [str(p.relative_to(root)) for p in sorted(root.rglob("*"))
+            if p.is_file() and needle in p.read_bytes()]
+
+
+async def test_header_values_are_sealed_on_every_node_and_sent_as_given(running, receiver, http,
+                                                                         capfd):
+    """The control plane seals each header value with the cluster's
+    configuration key before the home node stores it: neither the home
+    region's RocksDB files nor the replica's copy hold the plaintext; the
+    replica's delivering node opens it to send it; get-config shows it; a
+    sealed value moved to another webhook or header through a node's route is
+    refused there; no log holds it."""
+    c = running
+    uri, got = receiver
+    value = f"Bearer pl41n-{uuid.uuid4().hex}"
+    ok(c, "webhook", "create", "-n", "sealed1", "--uri", uri, "--actions", "push",
+       "--headers", f"Authorization={value}", "X-Env=prod", "--location", "westeurope")
+    try:
+        await on_every_node(c, lambda n: held(c, n, "webhook", "sealed1") is not None,
+                            "the webhook")
+        for node in NODES:
+            assert holding(c.data_dir / "nodes" / node, value.encode()) == [], node
+        stored = {n: held(c, n, "webhook", "sealed1")["headers"] for n in NODES}
+        assert stored["eastus"] == stored["westeurope"]          # replicated as it was written
+        assert all(v.startswith("sealed:v1:") for v in stored["eastus"].values())
+        key = c.data_dir / "auth" / "configuration.key"
+        assert key.stat().st_mode & 0o777 == 0o600
+
+        assert ok(c, "webhook", "get-config", "-n", "sealed1")["customHeaders"] == \
+            {"Authorization": value, "X-Env": "prod"}
+        ok(c, "webhook", "ping", "-n", "sealed1")
+        await eventually(lambda: len(got) == 1, timeout=30, what="the ping")
+        assert got[0][0]["Authorization"] == value and got[0][0]["X-Env"] == "prod"
+
+        # The home node refuses a sealed value under another webhook or header.
+        sealed = stored["eastus"]["Authorization"]
+        home = f"{c.node_url('eastus')}{CONF}/webhook"
+        base = {"uri": uri, "actions": ["push"], "location": "westeurope", "created": 1.0}
+        for name, headers in (("copied1", {"Authorization": sealed}),
+                              ("sealed1", {"Authorization": sealed, "X-Env": sealed})):
+            async with http.put(f"{home}/{name}", json={**base, "headers": headers},
+                                headers=c.internal_headers()) as r:
+                text = await r.text()
+                assert r.status == 400 and "does not open" in text, text
+                assert sealed not in text and value not in text
+        assert held(c, "eastus", "webhook", "copied1") is None
+        assert held(c, "eastus", "webhook", "sealed1")["headers"] == stored["eastus"]
+
+        # An update that leaves the headers alone keeps what they say.
+        ok(c, "webhook", "update", "-n", "sealed1", "--scope", "app:*")
+        assert ok(c, "webhook", "get-config", "-n", "sealed1")["customHeaders"] == \
+            {"Authorization": value, "X-Env": "prod"}
+    finally:
+        ok(c, "webhook", "delete", "-n", "sealed1")
+    out, err = capfd.readouterr()
+    for log in [*(c.data_dir / "logs").glob("*.log")]:
+        assert value not in log.read_text(errors="replace"), log
+    assert value not in out and value not in err

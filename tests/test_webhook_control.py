@@ -8,6 +8,7 @@ The same commands on a running cluster, through the CLI:
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from cluster.control.errors import (
     RegionUnavailable,
 )
 from cluster.control.plan import plan
+from cluster.control.private_files import write_private
 from cluster.control.webhooks import (
     MASK,
     RegistryWebhooks,
@@ -32,6 +34,10 @@ from cluster.control.webhooks import (
     delivery_order,
     node_route,
 )
+from registry_node.config import NodeConfig
+from registry_node.configuration_key import ConfigurationKey
+from registry_node.records import Event, EventKind, encode
+from registry_node.webhooks import Webhook
 
 SPEC = specs.ClusterSpec(registry="georegwh", tier="Premium", home_region="eastus",
                          paired_copies=False,
@@ -114,6 +120,15 @@ class RegionNodes:
 
 
 @pytest.fixture
+def node_config(tmp_path) -> NodeConfig:
+    """The home node, given the cluster's configuration key as ``georeg up`` gives it."""
+    key_file = tmp_path / "configuration.key"
+    write_private(key_file, os.urandom(32))
+    return NodeConfig(data_dir=tmp_path / "node", port=0, region="eastus",
+                      configuration_key_file=key_file)
+
+
+@pytest.fixture
 async def region():
     nodes = RegionNodes()
     nodes.down("westeurope-1")
@@ -126,10 +141,11 @@ async def region():
 
 
 def commands(node, http: aiohttp.ClientSession, region: RegionNodes, data: Path,
-             tier: str = "Premium") -> RegistryWebhooks:
+             tier: str = "Premium", key: ConfigurationKey | None = None) -> RegistryWebhooks:
     """The webhook commands over a real node (the home node, and the one
     configuration is read from) and ``region``'s stand-ins for westeurope."""
     cluster_plan = plan(SPEC.seeded(), data)
+    key = key or ConfigurationKey.load(node.config.configuration_key_file)
 
     async def home() -> str:
         return "eastus"
@@ -153,7 +169,7 @@ def commands(node, http: aiohttp.ClientSession, region: RegionNodes, data: Path,
         tier=lambda: tier, home_region=lambda: "eastus",
         replica_regions=lambda: ["eastus", "westeurope"], home=home, reader=home,
         call=configuration, deliverer=lambda r: delivering_node(cluster_plan, r, answers),
-        forward=forward, now=lambda: 1_767_225_600.0)
+        forward=forward, key=lambda: key, now=lambda: 1_767_225_600.0)
 
 
 async def test_ping_events_and_redeliver_go_to_the_first_node_of_the_region_that_answers(
@@ -250,3 +266,41 @@ async def test_the_tier_limits_the_number_of_webhooks(node, http, region, tmp_pa
                                   + (f", or move to {larger}" if larger else ""))
     await hooks.delete("hook000")                                 # room again
     await hooks.create("onemore", uri="https://hooks.example/x", actions=["push"])
+
+
+async def test_a_plaintext_value_is_shown_and_sealed_at_the_next_update(node, http, region,
+                                                                     tmp_path):
+    """A webhook whose header values an older georeg stored in plaintext (here
+    replicated into the home node as such): get-config shows them, delivery
+    would send them, and the next update seals every one."""
+    hooks = commands(node, http, region, tmp_path)
+    old = Webhook(uri="https://hooks.example/x", actions=("push",),
+                  headers={"Authorization": SECRET}, location="eastus", created=1.0)
+    node.node.configuration.apply(Event(
+        kind=EventKind.CONFIG_SET, repository="", origin_region="eastus", origin_zone="",
+        hlc=node.registry.hlc.now(), acked_ns=1, config_kind="webhook", config_name="deploy1",
+        config_value=encode(old)))
+    stored = node.node.configuration.get("webhook", "deploy1")
+    assert stored.headers == {"Authorization": SECRET}
+    assert (await hooks.get_config("deploy1"))["customHeaders"] == {"Authorization": SECRET}
+    await hooks.update("deploy1", scope="app:*")
+    sealed = node.node.configuration.get("webhook", "deploy1").headers["Authorization"]
+    assert sealed.startswith("sealed:v1:") and SECRET not in sealed
+    assert (await hooks.get_config("deploy1"))["customHeaders"] == {"Authorization": SECRET}
+
+
+async def test_values_that_do_not_open_are_a_conflict_that_names_the_header(node, http, region,
+                                                                          tmp_path):
+    """The control plane holding another key than the one the values were
+    sealed with (its key file replaced): get-config and an update that keeps
+    the headers say which header and what to do, never the value."""
+    hooks = commands(node, http, region, tmp_path)
+    await hooks.create("deploy1", uri="https://hooks.example/x", actions=["push"],
+                       headers={"Authorization": SECRET})
+    hooks = commands(node, http, region, tmp_path, key=ConfigurationKey(os.urandom(32)))
+    for attempt in (hooks.get_config("deploy1"), hooks.update("deploy1", status="disabled")):
+        with pytest.raises(Conflict) as refused:
+            await attempt
+        message = str(refused.value)
+        assert "header Authorization: its sealed value does not open" in message
+        assert "georeg webhook update --headers" in message and "s3cret" not in message

@@ -48,6 +48,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,7 +352,10 @@ class _Run:
                 results.cluster_cpu = cpu.seconds()
                 links_after = self._links()
                 if links_before is not None and links_after is not None:
-                    results.link_delivery = link_delivery(links_before, links_after)
+                    results.link_delivery = link_delivery(
+                        links_before, links_after,
+                        regions={n.name: n.region for n in cluster.plan.all_nodes},
+                        images=Counter(cluster.node(p.origin).region for p in self.pushes))
                 if options.verify:
                     results.verification = await self._verify(origins, content, reader, progress)
         finally:

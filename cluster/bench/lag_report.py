@@ -121,16 +121,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def link_delivery(before: list[dict], after: list[dict]) -> dict:
+def link_delivery(before: list[dict], after: list[dict], regions: dict[str, str] | None = None,
+                  images: dict[str, int] | None = None) -> dict:
     """How late the cluster's links delivered what crossed them between two
     ``GET /georeg/v1/links`` snapshots: bytes, chunks, lateness percentiles
     (as bucket upper bounds, ms; None past the last bound) over all links and
-    for the worst three, and how often a receiver's full socket held a chunk."""
+    for the worst three, and how often a receiver's full socket held a chunk.
+
+    With ``regions`` (node name → region), also the bytes per region pair
+    (``by_region_pair``): a link ``a -> b`` carries ``a``'s connections to
+    ``b``, whose replies (events, blobs) are most of it, so its bytes count
+    for ``region(b) -> region(a)``, the way the content went; requests and
+    acknowledgements ride along. ``images`` (region → images pushed there)
+    turns them into bytes per image pushed in the pair's source region, which
+    is what one WAN copy per region shows in."""
     earlier = {link["name"]: link for link in before}
     bounds: list[float] = []
     total: list[int] = []
     per_link = []
     delivered = held = 0
+    by_pair: dict[tuple[str, str], int] = {}
     for link in after:
         was = earlier.get(link["name"], {})
         counts = [n - m for n, m in zip(link["lateness_counts"],
@@ -138,7 +148,11 @@ def link_delivery(before: list[dict], after: list[dict]) -> dict:
                                         strict=True)]
         bounds = link["lateness_bounds_ms"]
         total = [a + b for a, b in zip(total, counts, strict=True)] if total else counts
-        delivered += link["bytes"] - was.get("bytes", 0)
+        moved = link["bytes"] - was.get("bytes", 0)
+        delivered += moved
+        if regions is not None and link.get("from") in regions and link.get("to") in regions:
+            pair = (regions[link["to"]], regions[link["from"]])
+            by_pair[pair] = by_pair.get(pair, 0) + moved
         held += link["held_by_receiver"] - was.get("held_by_receiver", 0)
         if sum(counts):
             per_link.append((link["name"], counts))
@@ -152,7 +166,14 @@ def link_delivery(before: list[dict], after: list[dict]) -> dict:
         return None
 
     worst = sorted(per_link, key=lambda item: [-n for n in reversed(item[1])])[:3]
+    pairs = {}
+    for (source, destination), moved in sorted(by_pair.items()):
+        pushed = (images or {}).get(source, 0)
+        pairs[f"{source} -> {destination}"] = {
+            "wan": source != destination, "bytes": moved,
+            "bytes_per_image": round(moved / pushed) if pushed else None}
     return {
+        "by_region_pair": pairs,
         "bytes": delivered, "chunks": sum(total), "held_by_receiver": held,
         "lateness_ms_at_most": {"p50": quantile(total, 0.5), "p99": quantile(total, 0.99),
                                 "p999": quantile(total, 0.999)} if sum(total) else None,
@@ -541,6 +562,13 @@ def print_table(results: LagResults, console: Console | None = None) -> None:
                       f"median, {at_most(late['p99'])} at p99 (worst links at p99: {worst}); a "
                       f"receiver's full socket held a due chunk {links['held_by_receiver']:,} "
                       "times. Lag includes this lateness: it is the machine, not the model.")
+    pairs = {name: pair for name, pair in ((links or {}).get("by_region_pair") or {}).items()
+             if pair["wan"] and pair["bytes_per_image"]}
+    if pairs:
+        console.print("[bold]WAN bytes per image pushed in the source region[/bold] (source -> "
+                      "destination; everything on the links, both directions): " + ", ".join(
+                          f"{name} {pair['bytes_per_image'] / 1e6:.2f} MB"
+                          for name, pair in pairs.items()))
     summary = results.verification_summary()
     if summary:
         d, window = summary["get_minus_recorded_ms"], summary["observation_window_ms"]

@@ -51,6 +51,11 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-file", type=Path,
                    help="32-byte node key (raw, hex or base64, mode 0600); default: "
                         "DATA_DIR/node.key, created on first start")
+    p.add_argument("--configuration-key-file", type=Path, metavar="FILE",
+                   help="the cluster's configuration key (32 bytes: raw, hex or base64; mode "
+                        "0600), which seals webhook header values at rest and in replication "
+                        "(`georeg up` passes every node the same one). Default: a key of the "
+                        "node's own, derived from its node key, which no other node can open")
     p.add_argument("--gc-grace", type=_seconds, default=3600.0, metavar="SECONDS",
                    help="keep unreferenced blobs at least this long (default 3600)")
     p.add_argument("--gc-interval", type=_seconds, default=60.0, metavar="SECONDS",
@@ -167,7 +172,9 @@ def _run_node(args: argparse.Namespace) -> int:
         print(f"georeg node: {exc}", file=sys.stderr)
         return 2
     config = NodeConfig(data_dir=args.data_dir, host=host, port=port, region=region or "local",
-                        zone=zone or "", key_file=args.key_file, gc_grace_s=args.gc_grace,
+                        zone=zone or "", key_file=args.key_file,
+                        configuration_key_file=args.configuration_key_file,
+                        gc_grace_s=args.gc_grace,
                         gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl,
                         shutdown_grace_s=args.shutdown_grace, auth_ca_file=args.auth_ca,
                         auth_key_file=args.auth_key, auth_cert_file=args.auth_cert,

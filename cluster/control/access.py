@@ -15,6 +15,11 @@ with ``tls = true``), made at its first start and kept in its data dir::
                                      "password2": [...]}, newest last: the one home of
                                      them (``credential show|renew``, ``georeg up``'s
                                      printout, ``georeg login``); nodes hold only hashes
+        configuration.key            the configuration key (32 random bytes), on every
+                                     cluster, with auth or without: it seals webhook header
+                                     values (``registry_node.configuration_key``); the
+                                     control plane holds it, and each serving node is
+                                     given its path (``NodePlan.configuration_key``)
 
 Who may do what: a registry client needs credentials on every node and
 endpoint (ACR's token flow, ``registry_node.auth``); with the admin user's
@@ -44,8 +49,11 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry_node.configuration_key import ConfigurationKey
+from registry_node.crypto import KEY_SIZE
+
 from .ca import ClusterCA, NodeCertificate
-from .plan import AUTH_DIR, ClusterPlan, NodePlan
+from .plan import AUTH_DIR, ClusterPlan, NodePlan, configuration_key_file
 from .private_files import write_private
 
 OWNER_FILE = "owner.secret"
@@ -133,6 +141,18 @@ def provision(cluster_plan: ClusterPlan) -> ClusterSecrets | None:
     owner = _secret(directory / OWNER_FILE)
     internal = _secret(directory / INTERNAL_FILE)
     return ClusterSecrets(owner, internal, spec.login_server)
+
+
+def configuration_key(cluster_plan: ClusterPlan) -> ConfigurationKey:
+    """The cluster's configuration key, made at its first start (whether or not
+    it has auth) and reused at every later one; every serving node's plan names
+    its file. Values sealed under a key lost with its file do not open again:
+    the file belongs in a backup of the data dir."""
+    path = configuration_key_file(cluster_plan.data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        write_private(path, secrets.token_bytes(KEY_SIZE))
+    return ConfigurationKey.load(path)
 
 
 def served_names(cluster_plan: ClusterPlan) -> tuple[str, ...]:

@@ -62,6 +62,7 @@ import msgspec
 import structlog
 
 from registry_node.configuration import check_name, kind_of
+from registry_node.configuration_key import ConfigurationKey
 from registry_node.errors import RegistryError
 from registry_node.webhooks import WEBHOOK
 from replicator.topology import ReplicationSettings
@@ -70,7 +71,14 @@ from ..faults.controller import FaultController
 from ..faults.verify import NodeTarget, VerifyReport, down_reason, verify
 from ..routing.endpoints import Endpoints
 from . import spec as specs
-from .access import ClusterSecrets, endpoint_certificate, open_ca, provision, provision_node
+from .access import (
+    ClusterSecrets,
+    configuration_key,
+    endpoint_certificate,
+    open_ca,
+    provision,
+    provision_node,
+)
 from .errors import ClusterError, ControlPlaneUnavailable, NodeRefusal, NotFound, PortInUse
 from .identities import ACCESS_KINDS, RegistryAccess
 from .plan import ClusterPlan, plan
@@ -144,6 +152,8 @@ class Cluster:
         # With auth: the cluster's own credentials, made at first start
         # (cluster.control.access).
         self.secrets: ClusterSecrets | None = None
+        # Seals webhook header values (cluster.control.access; made at first start).
+        self.configuration_key: ConfigurationKey | None = None
         # With TLS: what the endpoints serve with and reach nodes with, and what
         # this process's own requests to nodes trust (cluster.control.tls).
         self.tls: ClusterTls | None = ClusterTls() if spec.tls else None
@@ -164,7 +174,7 @@ class Cluster:
             replica_regions=lambda: [r.region for r in self.spec.all_replicas],
             home=self._control_plane, reader=self._config_reader, call=self._node_call,
             deliverer=lambda region: delivering_node(self.plan, region, self.answers),
-            forward=self._node_request)
+            forward=self._node_request, key=self._configuration_key)
         # The management API's port, bound (not listening: connections are
         # refused) from the start until a ManagementServer serves it.
         self._management_socket: socket.socket | None = None
@@ -225,6 +235,8 @@ class Cluster:
             save_spec(self.data_dir, self.spec)
             self.secrets = await asyncio.get_running_loop().run_in_executor(
                 None, provision, self.plan)
+            self.configuration_key = await asyncio.get_running_loop().run_in_executor(
+                None, configuration_key, self.plan)
             if self.tls is not None:
                 served = await asyncio.get_running_loop().run_in_executor(
                     None, endpoint_certificate, self.plan)
@@ -245,6 +257,12 @@ class Cluster:
         except BaseException:
             await self.stop()
             raise
+
+    def _configuration_key(self) -> ConfigurationKey:
+        if self.configuration_key is None:
+            raise ClusterError("the cluster has not started: its configuration key is made "
+                               "at its start")
+        return self.configuration_key
 
     async def _admin_user_everywhere(self, timeout: float = 30.0) -> None:
         """At an auth cluster's first start, the admin user enabled through the

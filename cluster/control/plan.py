@@ -19,7 +19,10 @@ configuration it holds), which ``cluster.control.access``
 provisions at start and the supervisor hands to the node as paths, never as
 secrets; on a cluster with ``tls = true``, each node's plan names the
 certificate it serves HTTPS with (``NodeTls``, from the same CA), and
-every URL of a node says ``https``.
+every URL of a node says ``https``; on every cluster, each serving node's
+plan names the cluster's configuration key file (``configuration_key``,
+which seals webhook header values; a paired-region copy, which never
+delivers, gets none).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from .spec import ANY_PORT_BASE, ClusterSpec, ReplicaSpec, port_layout
 # Where a cluster keeps its access material, under its data dir (the layout
 # is ``cluster.control.access``'s; the plan only names the files).
 AUTH_DIR = "auth"
+
+
+def configuration_key_file(data_dir: Path) -> Path:
+    """The cluster's configuration key (``registry_node.configuration_key``),
+    made at first start by ``cluster.control.access`` on every cluster."""
+    return data_dir / AUTH_DIR / "configuration.key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +114,7 @@ class NodePlan:
     zone_redundancy: ZoneRedundancy = ZoneRedundancy()
     access: NodeAccess | None = None    # on an auth cluster: its credentials' files
     tls: NodeTls | None = None          # on a TLS cluster: what it serves HTTPS with
+    configuration_key: Path | None = None   # the cluster's configuration key file (serving nodes)
 
     @property
     def label(self) -> str:
@@ -282,7 +292,8 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
                 grpc_port=layout.node_grpc(i), data_dir=data_dir / "nodes" / name,
                 view_file=data_dir / "views" / f"{name}.json",
                 log_file=data_dir / "logs" / f"{name}.log", zone_redundancy=redundancy,
-                access=node_access(spec, data_dir, name), tls=node_tls(spec, data_dir, name)))
+                access=node_access(spec, data_dir, name), tls=node_tls(spec, data_dir, name),
+                configuration_key=configuration_key_file(data_dir)))
     wan = spec.wan_model()
     links: list[LinkPlan] = []
 

@@ -238,6 +238,8 @@ class Supervisor:
             t = node.tls
             access += ["--tls-cert", str(t.cert_file), "--tls-key", str(t.key_file),
                        "--tls-ca", str(t.ca_file)]
+        if node.configuration_key is not None:
+            access += ["--configuration-key-file", str(node.configuration_key)]
         return [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(node.data_dir),
                 "--listen", f"127.0.0.1:{node.http_port}", "--cluster", str(node.view_file),
                 "--log-format", "json", *access, *self.extra_node_args]

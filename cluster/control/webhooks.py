@@ -15,7 +15,13 @@ region cannot be reached every change fails with the control plane's message
 Secrets: a webhook's custom headers (and often its URI) carry the receiver's
 credential. ``list`` and ``show`` never return either, as in ACR; only
 ``get_config`` returns ``serviceUri`` and ``customHeaders``. Nothing here logs
-a value.
+a value. Header values leave this plane sealed with the cluster's
+configuration key (``registry_node.configuration_key``), bound to their
+webhook and header: the home node stores, and replication carries, only
+ciphertext. ``get_config`` opens them; ``update`` opens the values it keeps
+and seals every value again (so a plaintext value an older georeg stored is
+sealed at the next update). A value that does not open (the key file was
+replaced) is a ``Conflict`` that names the header and says to set it again.
 
 Limits per tier (ACR-SEMANTICS.md): 2 / 10 / 500 webhooks (Basic / Standard /
 Premium); one more is ``QuotaExceeded`` (409), naming the limit and the way out.
@@ -49,8 +55,17 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
+from registry_node.configuration_key import ConfigurationKey
 from registry_node.identities import InvalidValue
-from registry_node.webhooks import ACTIONS, WEBHOOK, WEBHOOK_NAME, Webhook, check_webhook
+from registry_node.webhooks import (
+    ACTIONS,
+    WEBHOOK,
+    WEBHOOK_NAME,
+    Webhook,
+    check_webhook,
+    open_headers,
+    seal_headers,
+)
 
 from .errors import ClusterError, Conflict, NodeRefusal, NotFound, QuotaExceeded, RegionUnavailable
 from .plan import ClusterPlan
@@ -151,12 +166,14 @@ class RegistryWebhooks:
     read from, ``call(node, method, path, body)`` one request to that node's
     configuration routes; ``deliverer(region)`` the node that delivers the
     region's webhooks (see the module docstring), ``forward(node, method,
-    path, body)`` one request to a node's own route."""
+    path, body)`` one request to a node's own route; ``key()`` the cluster's
+    configuration key, which seals and opens header values."""
 
     def __init__(self, *, tier: Callable[[], str], home_region: Callable[[], str],
                  replica_regions: Callable[[], Sequence[str]],
                  home: Callable[[], Awaitable[str]], reader: Callable[[], Awaitable[str]],
                  call: NodeCall, deliverer: Callable[[str], Awaitable[str]], forward: NodeCall,
+                 key: Callable[[], ConfigurationKey],
                  now: Callable[[], float] = time.time) -> None:
         self.tier = tier
         self.home_region = home_region
@@ -166,6 +183,7 @@ class RegistryWebhooks:
         self._call = call
         self._deliverer = deliverer
         self._forward = forward
+        self._key = key
         self.now = now
         self.lock = asyncio.Lock()
 
@@ -208,11 +226,15 @@ class RegistryWebhooks:
                                    f"the actions are {', '.join(ACTIONS)}")
 
     def _checked(self, name: str, value: dict) -> dict:
-        """``value`` as the home node will store it, after every check it will
-        make (so that a bad value gets this plane's message, not the node's)."""
+        """``value`` (its header values in plaintext, as the owner gives them)
+        as the home node will store it, header values sealed, after every check
+        it will make (so that a bad value gets this plane's message, not the
+        node's)."""
         self._check_actions(value.get("actions"))
         try:
             webhook = msgspec.convert(value, Webhook, strict=True)
+            webhook = msgspec.structs.replace(
+                webhook, headers=seal_headers(self._key(), name, webhook.headers))
             check_webhook(name, webhook)
         except msgspec.ValidationError as exc:
             raise ClusterError(f"invalid webhook: {exc}") from None
@@ -251,6 +273,14 @@ class RegistryWebhooks:
         answer = await self._call(node, "GET", f"/{WEBHOOK}")
         return [(o["name"], o["value"]) for o in answer["objects"]
                 if not o["deleted"] and o["value"] is not None]
+
+    def _opened(self, name: str, value: dict) -> dict[str, str]:
+        """The header values of stored webhook ``value``, in plaintext."""
+        headers = value.get("headers") or {}
+        try:
+            return open_headers(self._key(), name, dict(headers))
+        except InvalidValue as exc:
+            raise Conflict(f"webhook {name!r}: {exc}") from None
 
     @staticmethod
     def view(name: str, value: dict) -> dict:
@@ -303,6 +333,8 @@ class RegistryWebhooks:
             changes["actions"] = list(changes["actions"])
         home = await self._home()
         current = await self._stored(home, name)
+        if "headers" not in changes:        # kept, and sealed again with the rest
+            changes["headers"] = self._opened(name, current)
         value = self._checked(name, {**current, **changes})
         await self._call(home, "PUT", f"/{WEBHOOK}/{name}", value)
         return self.view(name, value)
@@ -323,7 +355,7 @@ class RegistryWebhooks:
         """``az acr webhook get-config``: the service URI and the custom headers,
         values included (the one read that shows them)."""
         value = await self._stored(await self._reader(), name)
-        return {"serviceUri": value["uri"], "customHeaders": dict(value.get("headers") or {})}
+        return {"serviceUri": value["uri"], "customHeaders": self._opened(name, value)}
 
     # -- forwarded to the region that delivers ------------------------------------------
 

@@ -77,18 +77,20 @@ class ClientRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., host: _Optional[str] = ..., method: _Optional[str] = ..., useragent: _Optional[str] = ...) -> None: ...
 
 class SubscribeStart(_message.Message):
-    __slots__ = ("subscriber", "expected_node_id", "cursor", "resyncs", "name")
+    __slots__ = ("subscriber", "expected_node_id", "cursor", "resyncs", "name", "lean")
     SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     RESYNCS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    LEAN_FIELD_NUMBER: _ClassVar[int]
     subscriber: NodeRef
     expected_node_id: str
     cursor: int
     resyncs: bool
     name: str
-    def __init__(self, subscriber: _Optional[_Union[NodeRef, _Mapping]] = ..., expected_node_id: _Optional[str] = ..., cursor: _Optional[int] = ..., resyncs: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+    lean: bool
+    def __init__(self, subscriber: _Optional[_Union[NodeRef, _Mapping]] = ..., expected_node_id: _Optional[str] = ..., cursor: _Optional[int] = ..., resyncs: _Optional[bool] = ..., name: _Optional[str] = ..., lean: _Optional[bool] = ...) -> None: ...
 
 class SubscribeAck(_message.Message):
     __slots__ = ("applied",)
@@ -102,31 +104,55 @@ class SubscribeCursor(_message.Message):
     persisted: int
     def __init__(self, persisted: _Optional[int] = ...) -> None: ...
 
+class SubscribeMode(_message.Message):
+    __slots__ = ("lean", "cursor")
+    LEAN_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    lean: bool
+    cursor: int
+    def __init__(self, lean: _Optional[bool] = ..., cursor: _Optional[int] = ...) -> None: ...
+
 class SubscribeMessage(_message.Message):
-    __slots__ = ("start", "ack", "cursor")
+    __slots__ = ("start", "ack", "cursor", "mode")
     START_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     start: SubscribeStart
     ack: SubscribeAck
     cursor: SubscribeCursor
-    def __init__(self, start: _Optional[_Union[SubscribeStart, _Mapping]] = ..., ack: _Optional[_Union[SubscribeAck, _Mapping]] = ..., cursor: _Optional[_Union[SubscribeCursor, _Mapping]] = ...) -> None: ...
+    mode: SubscribeMode
+    def __init__(self, start: _Optional[_Union[SubscribeStart, _Mapping]] = ..., ack: _Optional[_Union[SubscribeAck, _Mapping]] = ..., cursor: _Optional[_Union[SubscribeCursor, _Mapping]] = ..., mode: _Optional[_Union[SubscribeMode, _Mapping]] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("sender", "events", "last_seq", "cursor_reset", "cursor_truncated", "log_floor")
+    __slots__ = ("sender", "events", "last_seq", "cursor_reset", "cursor_truncated", "log_floor", "relayed", "lean")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     CURSOR_RESET_FIELD_NUMBER: _ClassVar[int]
     CURSOR_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     LOG_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    RELAYED_FIELD_NUMBER: _ClassVar[int]
+    LEAN_FIELD_NUMBER: _ClassVar[int]
     sender: NodeRef
     events: _containers.RepeatedCompositeFieldContainer[Event]
     last_seq: int
     cursor_reset: bool
     cursor_truncated: bool
     log_floor: int
-    def __init__(self, sender: _Optional[_Union[NodeRef, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., last_seq: _Optional[int] = ..., cursor_reset: _Optional[bool] = ..., cursor_truncated: _Optional[bool] = ..., log_floor: _Optional[int] = ...) -> None: ...
+    relayed: _containers.RepeatedCompositeFieldContainer[RelayedCursor]
+    lean: bool
+    def __init__(self, sender: _Optional[_Union[NodeRef, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., last_seq: _Optional[int] = ..., cursor_reset: _Optional[bool] = ..., cursor_truncated: _Optional[bool] = ..., log_floor: _Optional[int] = ..., relayed: _Optional[_Iterable[_Union[RelayedCursor, _Mapping]]] = ..., lean: _Optional[bool] = ...) -> None: ...
+
+class RelayedCursor(_message.Message):
+    __slots__ = ("peer", "node_id", "seq")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    node_id: str
+    seq: int
+    def __init__(self, peer: _Optional[str] = ..., node_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class FetchBlobRequest(_message.Message):
     __slots__ = ("requester", "repository", "digest", "offset", "wait_ms")

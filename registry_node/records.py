@@ -32,8 +32,10 @@ class EventKind(enum.StrEnum):
 class ClientRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     """The client request that caused an event on the node that took it (what
     a webhook's ``request`` reports): its id, the ``Host`` it was sent to, its
-    method and ``User-Agent``. Local to that node's log: the wire does not
-    carry it, so a copy logged elsewhere has none."""
+    method and ``User-Agent``. Replication carries it with the event (the node
+    that delivers a region's webhooks may be another zone of the region than
+    the one that took the push); a region the copy reaches reports the
+    registry's request instead (``webhook_events``)."""
 
     id: str = ""
     host: str = ""
@@ -79,8 +81,10 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     # by the time they are fed. MANIFEST_PUT / MANIFEST_DELETE: the manifest's
     # artifact type (its config's media type for an image manifest: a Helm
     # chart's is ``application/vnd.cncf.helm.config.v1+json``), as this node
-    # knew it. Events a client caused here: that client's request.
+    # knew it.
     artifact_type: str = ""
+    # Events a client caused at their origin: that client's request (on the
+    # wire too: see ``ClientRequest``).
     request: ClientRequest | None = None
 
 

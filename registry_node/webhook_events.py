@@ -30,9 +30,11 @@ repaired that way makes two pushes at that replica (by digest, then by tag).
 The event id is a UUID derived from the event's stamp (HLC, origin region,
 origin zone), the webhook and the action (and what it names): the same event
 has the same id at every attempt and redelivery, so a receiver de-duplicates
-on it. ``request`` is the client's request where the client's push reached this
-node (``Event.request``); a copy that arrived by replication names the
-registry's host, the method, and the user agent ``REPLICATION_AGENT``.
+on it. ``request`` is the client's request where a node of this region took
+the client's push (``Event.request``, which replication carries, so that the
+zone that delivers reports the push another zone of its region took); a copy
+from another region names the registry's host, the method, and the user agent
+``REPLICATION_AGENT``.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def occurrence(event: Event, *, lookup: Callable[[str, str], ManifestFacts | Non
     if event.kind is EventKind.TAG_SET:
         facts = lookup(event.repository, event.digest)
         if facts is None:
-            if event.request is None:
+            if _client(event, region) is None:
                 return None                 # a copy that did not land: nothing arrived
             facts = ManifestFacts(event.media_type, event.size, event.artifact_type)
         return _made(event, "push", facts, region, now_ns, host)
@@ -126,12 +128,19 @@ def _made(event: Event, kind: str, facts: ManifestFacts, region: str, now_ns: in
     # The origin's acknowledgement is when this region received the write when
     # a node of this region took it; a copy from elsewhere arrived just now.
     at = event.acked_ns if event.origin_region == region and event.acked_ns else now_ns
-    request = event.request or ClientRequest(
+    request = _client(event, region) or ClientRequest(
         id=event_id(stamp_of(event), "", "request", event.repository, event.digest, event.tag),
         host=host, method="PUT" if kind == "push" else "DELETE", useragent=REPLICATION_AGENT)
     return Occurrence(kind, facts.artifact_type == HELM_CONFIG, event.repository, event.digest,
                       event.tag if kind == "push" else "", facts.media_type, facts.size,
                       stamp_of(event), at, request)
+
+
+def _client(event: Event, region: str) -> ClientRequest | None:
+    """The client's request of an event a node of ``region`` took (whichever
+    zone it was: the event carries it to the zone that delivers); None for a
+    copy from another region, which names the registry's request."""
+    return event.request if event.origin_region == region else None
 
 
 def for_webhooks(occ: Occurrence, hooks: Iterable[tuple[str, Webhook]]) -> list[Made]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from registry_node.records import Event, EventKind, NodeIdentity
+from registry_node.records import ClientRequest, Event, EventKind, NodeIdentity
 from registry_node.replica import RegisterState
 
 from .wire.v1 import replication_pb2 as pb
@@ -20,7 +20,7 @@ def event_to_wire(event: Event) -> pb.Event:
         source_repository=event.source_repository, origin_region=event.origin_region,
         origin_zone=event.origin_zone, origin_seq=event.origin_seq, hlc=event.hlc,
         acked_ns=event.acked_ns, config_kind=event.config_kind, config_name=event.config_name,
-        config_value=event.config_value)
+        config_value=event.config_value, request=_request_to_wire(event.request))
 
 
 def event_from_wire(message: pb.Event) -> Event:
@@ -31,7 +31,22 @@ def event_from_wire(message: pb.Event) -> Event:
         source_repository=message.source_repository, origin_region=message.origin_region,
         origin_zone=message.origin_zone, origin_seq=message.origin_seq, hlc=message.hlc,
         acked_ns=message.acked_ns, seq=message.seq, config_kind=message.config_kind,
-        config_name=message.config_name, config_value=message.config_value)
+        config_name=message.config_name, config_value=message.config_value,
+        request=_request_from_wire(message))
+
+
+def _request_to_wire(request: ClientRequest | None) -> pb.ClientRequest | None:
+    if request is None:
+        return None
+    return pb.ClientRequest(id=request.id, host=request.host, method=request.method,
+                            useragent=request.useragent)
+
+
+def _request_from_wire(message: pb.Event) -> ClientRequest | None:
+    if not message.HasField("request"):
+        return None
+    r = message.request
+    return ClientRequest(id=r.id, host=r.host, method=r.method, useragent=r.useragent)
 
 
 def register_to_wire(reg: RegisterState) -> pb.Register:

@@ -253,6 +253,50 @@ def test_replication_settings_come_from_the_spec_and_reach_every_nodes_view(tmp_
     assert view.replication == settings
 
 
+def test_webhook_settings_come_from_the_spec_and_reach_every_nodes_view(tmp_path):
+    from registry_node.config import WebhookSettings
+    from replicator.topology import ClusterView
+
+    defaults = WebhookSettings()
+    assert specs.load(None).webhooks.settings() == defaults
+    toml = tmp_path / "spec.toml"
+    toml.write_text('[[replicas]]\nregion = "westeurope"\nzone_redundant = true\n\n'
+                    '[webhooks]\ntimeout_s = 2\nbackoff_cap_s = 0.5\n'
+                    'retry_horizon_s = 600\nlog_size = 20\n')
+    spec = specs.load(toml)
+    p = plan(spec.seeded(1).with_port_base(20000), tmp_path / "data")
+    wan = spec.wan_model()
+    for node in p.all_nodes:
+        settings = p.view(node).webhooks
+        assert (settings.timeout_s, settings.backoff_cap_s, settings.retry_horizon_s,
+                settings.log_size) == (2.0, 0.5, 600.0, 20), node.name
+        # What the table does not give keeps its default; what the plan decides stays its own.
+        assert (settings.backoff_base_s, settings.completion_wait_s) == \
+            (defaults.backoff_base_s, defaults.completion_wait_s)
+        assert settings.deliver == (node.name in ("eastus", "westeurope-1")), node.name
+        assert settings.wan_latency_ms["japaneast"] == \
+            wan.link(node.region, "japaneast").latency_ms
+    # As the node reads it: through its view file.
+    node = p.node("westeurope-1")
+    p.view(node).dump(tmp_path / "view.json")
+    assert ClusterView.load(tmp_path / "view.json").webhook_settings.backoff_cap_s == 0.5
+
+
+def test_webhook_settings_out_of_range_or_misspelt_are_refused():
+    found = problems({"webhooks": {"timeout_s": 0, "backoff_cap_s": -1, "retry_horizon_s": 0,
+                                   "log_size": 0}})
+    assert sorted(p.split(" ")[0] for p in found) == [
+        "webhooks.backoff_cap_s", "webhooks.log_size", "webhooks.retry_horizon_s",
+        "webhooks.timeout_s"]
+    [problem] = problems({"webhooks": {"timeout": 5}})
+    assert "unknown key webhooks.'timeout'" in problem and "timeout_s" in problem
+    [problem] = problems({"webhooks": {"log_size": "many"}})
+    assert "webhooks.log_size" in problem
+    # The plan decides which node delivers and the latency to receivers: not the spec.
+    [problem] = problems({"webhooks": {"deliver": False}})
+    assert "unknown key webhooks.'deliver'" in problem
+
+
 def test_replication_settings_out_of_range_or_misspelt_are_refused():
     found = problems({"replication": {"peer_horizon_s": 0, "quorum_timeout_s": -1,
                                       "tombstone_grace_s": -5, "log_retain_events": -1}})

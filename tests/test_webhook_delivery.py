@@ -615,8 +615,9 @@ async def test_a_node_without_replication_fires_neither(node, receiver, http):
 async def test_each_region_fires_once_for_what_it_receives(tmp_path, receiver, http):
     """A push through a zone of East US: East US's webhook fires once (from its
     first zone, which delivers for the region, though the push went to the
-    second), West Europe's when the copy lands there, each with its region's
-    timestamp; the other zone makes nothing."""
+    second), with the client's request, West Europe's when the copy lands
+    there, with the registry's, each with its region's timestamp; the other
+    zone makes nothing."""
     cluster = await start_cluster(tmp_path, [("eastus", "1"), ("eastus", "2"),
                                              ("westeurope", "")])
     try:
@@ -637,7 +638,12 @@ async def test_each_region_fires_once_for_what_it_receives(tmp_path, receiver, h
         await eventually(everywhere, timeout=20, what="the webhooks on every node")
         image = make_image(seed=70)
         pushed_at = time.time_ns()
-        await push_image(http, nodes["eastus-2"].url, "app", image, tag="v1")
+        for blob in image.blobs:
+            await push_blob(http, nodes["eastus-2"].url, "app", blob)
+        async with http.put(f"{nodes['eastus-2'].url}/v2/app/manifests/v1", data=image.manifest,
+                            headers={"Content-Type": OCI_MANIFEST, "User-Agent": "pipeline/3.0",
+                                     "X-Request-Id": "zone-push-1"}) as r:
+            assert r.status == 201
         await eventually(lambda: len(receiver.payloads("push", "/east")) == 1
                          and len(receiver.payloads("push", "/west")) == 1, timeout=30,
                          what="a push from each region")
@@ -649,6 +655,11 @@ async def test_each_region_fires_once_for_what_it_receives(tmp_path, receiver, h
             "mediaType": OCI_MANIFEST, "size": len(image.manifest), "digest": image.digest,
             "length": len(image.manifest), "repository": "app", "tag": "v1"}
         assert east["id"] != west["id"]
+        # The region took the client's push (in its second zone): its webhook
+        # reports the client's request; West Europe received a copy.
+        assert east["request"] == {"id": "zone-push-1",
+                                   "host": nodes["eastus-2"].url.removeprefix("http://"),
+                                   "method": "PUT", "useragent": "pipeline/3.0"}
         assert west["request"]["useragent"] == "georeg-replication"
         assert pushed_at <= ns_of(east["timestamp"]) <= ns_of(west["timestamp"])
         assert receiver.actions("/east") == ["push", "ping"]          # one, not one per zone

@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry_node.config import WebhookSettings
 from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
 
 from ..network.links import LinkModel, link_seed
@@ -244,10 +243,11 @@ class ClusterPlan:
         remote_zones = {other.region: other.zone_redundancy.zones for other in others
                         if other.zone_redundancy.enabled and other.region != node.region}
         # Webhooks: one node per replica region fires them (its first zone; a
-        # paired copy never), after the modelled one-way latency to the receiver.
+        # paired copy never), after the modelled one-way latency to the receiver;
+        # timeouts, retries and the delivery log as the spec's [webhooks] says.
         redundancy = node.zone_redundancy
         wan = self.spec.wan_model()
-        webhooks = WebhookSettings(
+        webhooks = self.spec.webhooks.settings(
             deliver=not node.copy_of and (not redundancy.enabled
                                           or node.zone == min(redundancy.zones)),
             wan_latency_ms={region: wan.link(node.region, region).latency_ms

@@ -51,6 +51,13 @@ Example (every key optional except where noted)::
     tombstone_grace_s = 86400       # deletes are remembered at least this long (gc_grace)
     log_retain_events = 10000       # events every log keeps, whatever its readers' cursors
 
+    [webhooks]                      # how nodes deliver webhooks; each key optional (the
+    timeout_s = 10                  # defaults shown), see registry_node.config.WebhookSettings:
+                                    # one attempt, connect to the end of the answer
+    backoff_cap_s = 30              # the longest wait between two attempts at one event
+    retry_horizon_s = 86400         # an event is retried until this old, then given up
+    log_size = 100                  # finished deliveries kept per webhook (list-events)
+
     [network]
     port_base = 5000                # 0: any free range, chosen when the cluster starts
     data_dir = ".georeg"
@@ -71,6 +78,7 @@ from pathlib import Path
 
 import msgspec
 
+from registry_node.config import WebhookSettings
 from replicator.residency import ResidencyPolicy
 from replicator.topology import ReplicationSettings
 
@@ -169,6 +177,24 @@ class ReplicationSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return ReplicationSettings(**{k: v for k, v in given.items() if v is not None})
 
 
+class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``[webhooks]`` table: the delivery settings a spec may set, each None
+    unless given, so the defaults live in one place (``WebhookSettings``). The
+    rest of a node's webhook settings (which node of a region delivers, the
+    latency to receivers) the plan decides, never the spec."""
+
+    timeout_s: float | None = None
+    backoff_cap_s: float | None = None
+    retry_horizon_s: float | None = None
+    log_size: int | None = None
+
+    def settings(self, **decided) -> WebhookSettings:
+        """The settings of a node: what this table gives, the plan's ``decided``
+        (``deliver``, ``wan_latency_ms``), the defaults for the rest."""
+        given = {name: getattr(self, name) for name in self.__struct_fields__}
+        return WebhookSettings(**{k: v for k, v in given.items() if v is not None}, **decided)
+
+
 class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     port_base: int = 5000
     management_port: int | None = None
@@ -214,6 +240,7 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     wan: WanSpec = WanSpec()
     residency: ResidencySpec = ResidencySpec()
     replication: ReplicationSpec = ReplicationSpec()
+    webhooks: WebhookSpec = WebhookSpec()
     network: NetworkSpec = NetworkSpec()
 
     # -- derived -----------------------------------------------------------------
@@ -337,7 +364,8 @@ def parse(raw: dict, source: str = "spec") -> ClusterSpec:
 _FIELDS = {"": set(ClusterSpec.__struct_fields__), "replicas": set(ReplicaSpec.__struct_fields__),
            "wan": set(WanSpec.__struct_fields__), "residency": set(ResidencySpec.__struct_fields__),
            "network": set(NetworkSpec.__struct_fields__),
-           "replication": set(ReplicationSpec.__struct_fields__)}
+           "replication": set(ReplicationSpec.__struct_fields__),
+           "webhooks": set(WebhookSpec.__struct_fields__)}
 
 
 def _check_keys(raw: dict, source: str) -> None:
@@ -355,7 +383,7 @@ def _check_keys(raw: dict, source: str) -> None:
     for i, replica in enumerate(raw.get("replicas") or []):
         if isinstance(replica, dict):
             check(replica, _FIELDS["replicas"], f"replicas[{i}].")
-    for section in ("wan", "residency", "replication", "network"):
+    for section in ("wan", "residency", "replication", "webhooks", "network"):
         if isinstance(raw.get(section), dict):
             check(raw[section], _FIELDS[section], f"{section}.")
     if problems:
@@ -438,6 +466,7 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
     if spec.wan.bandwidth_mbps < 0:
         problems.append("wan.bandwidth_mbps must not be negative (0 means unlimited)")
     problems += _replication_problems(spec.replication)
+    problems += _webhook_problems(spec.webhooks)
     problems += _port_problems(spec)
     if problems:
         raise SpecError(source, problems)
@@ -455,6 +484,18 @@ def _replication_problems(replication: ReplicationSpec) -> list[str]:
                         "goes as soon as every live peer has read past it)")
     if replication.log_retain_events is not None and replication.log_retain_events < 0:
         problems.append("replication.log_retain_events must not be negative")
+    return problems
+
+
+def _webhook_problems(webhooks: WebhookSpec) -> list[str]:
+    problems = []
+    for name in ("timeout_s", "backoff_cap_s", "retry_horizon_s"):
+        value = getattr(webhooks, name)
+        if value is not None and not value > 0:
+            problems.append(f"webhooks.{name} must be more than 0 seconds")
+    if webhooks.log_size is not None and webhooks.log_size < 1:
+        problems.append("webhooks.log_size must be at least 1 (list-events shows the last "
+                        "deliveries kept)")
     return problems
 
 

@@ -17,7 +17,7 @@ class NodeRef(_message.Message):
     def __init__(self, region: _Optional[str] = ..., zone: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns", "manifest_body", "blob_body", "config_kind", "config_name", "config_value", "wan_receiver")
+    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns", "manifest_body", "blob_body", "config_kind", "config_name", "config_value", "wan_receiver", "request")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class Event(_message.Message):
     CONFIG_NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_VALUE_FIELD_NUMBER: _ClassVar[int]
     WAN_RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: str
     repository: str
@@ -60,7 +61,20 @@ class Event(_message.Message):
     config_name: str
     config_value: bytes
     wan_receiver: str
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ..., blob_body: _Optional[bytes] = ..., config_kind: _Optional[str] = ..., config_name: _Optional[str] = ..., config_value: _Optional[bytes] = ..., wan_receiver: _Optional[str] = ...) -> None: ...
+    request: ClientRequest
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ..., blob_body: _Optional[bytes] = ..., config_kind: _Optional[str] = ..., config_name: _Optional[str] = ..., config_value: _Optional[bytes] = ..., wan_receiver: _Optional[str] = ..., request: _Optional[_Union[ClientRequest, _Mapping]] = ...) -> None: ...
+
+class ClientRequest(_message.Message):
+    __slots__ = ("id", "host", "method", "useragent")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    USERAGENT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    host: str
+    method: str
+    useragent: str
+    def __init__(self, id: _Optional[str] = ..., host: _Optional[str] = ..., method: _Optional[str] = ..., useragent: _Optional[str] = ...) -> None: ...
 
 class SubscribeStart(_message.Message):
     __slots__ = ("subscriber", "expected_node_id", "cursor", "resyncs", "name", "lean")

@@ -265,9 +265,13 @@ async def test_a_lean_zone_back_on_its_stream_takes_what_was_vouched_meanwhile(c
 
 @in_module_loop
 async def test_lean_zones_follow_a_rebuilt_peers_head(cluster, http):
-    # Last in the module: eastus loses its disk and comes back as a new node
-    # whose log is shorter than the old one's (it reads nothing from
-    # westeurope meanwhile, so it logs only its own new image).
+    # eastus loses its disk and comes back as a new node whose log is shorter
+    # than the old one's (it reads nothing from westeurope meanwhile, so it
+    # logs only its own new image). Three images first, so the old log is
+    # longer than one image's whatever ran before this test.
+    for seed in range(3):
+        await push_image(http, cluster.nodes["eastus"].url, "wanevents/before-rebuild",
+                         make_image([64], seed=400 + seed), tag=f"b{seed}")
     await eventually(lambda: _lean(cluster), timeout=20, what="the siblings to read eastus lean")
     old_head = cluster.nodes["eastus"].replication.replica.meta.last_seq
     await cluster.crash("eastus")

@@ -572,6 +572,7 @@ class _Run:
                     await client.push_manifest(repository, f"{label}-{i}", body)
 
                 meter = CpuMeter({self.origin.name: self.target().pid})
+                cluster_cpu0 = self._cluster_cpu()
                 started = time.perf_counter()
                 await run_concurrently(range(count), options.concurrency, one)
                 seconds = time.perf_counter() - started
@@ -579,10 +580,15 @@ class _Run:
                 last = tiny_manifest(config, f"{label}-{count - 1}")
                 await self._everywhere(reader, repository, f"{label}-{count - 1}",
                                        sha256_digest(last))
+                # Every cluster process, until the last manifest is everywhere:
+                # what the round cost the whole cluster (its replication included),
+                # the figure that bounds throughput on a machine the cluster fills.
+                cluster_cpu = self._cluster_cpu() - cluster_cpu0
                 return {"round": label, "manifests": count, "seconds": seconds,
                         "per_s": count / seconds,
                         "origin_cpu_ms_per_manifest": cpu["cpu_s"].get(self.origin.name, 0.0)
-                        * 1000 / count}
+                        * 1000 / count,
+                        "cluster_cpu_ms_per_manifest": cluster_cpu * 1000 / count}
 
             try:
                 idle = await self._idle_cores()
@@ -736,10 +742,13 @@ def bracketed(rounds: list[dict]) -> dict:
     per_s = [r["per_s"] for r in a]
     mean_a = sum(per_s) / len(per_s)
     throughput, cpu = ratios("per_s"), ratios("origin_cpu_ms_per_manifest")
+    cluster_cpu = ratios("cluster_cpu_ms_per_manifest")
     return {"rounds": rounds, "a_per_s": mean_a,
             "b_per_s": sum(r["per_s"] for r in b) / len(b),
             "b_over_a_each": throughput, "b_over_a": sum(throughput) / len(throughput),
             "cpu_b_over_a_each": cpu, "cpu_b_over_a": sum(cpu) / len(cpu),
+            "cluster_cpu_b_over_a_each": cluster_cpu,
+            "cluster_cpu_b_over_a": sum(cluster_cpu) / len(cluster_cpu),
             "a_over_a_each": [later["per_s"] / earlier["per_s"]
                               for earlier, later in zip(a, a[1:], strict=False)],
             "a_spread": (max(per_s) - min(per_s)) / mean_a}
@@ -819,13 +828,17 @@ def print_report(results: dict, console: Console) -> None:
                         f"{s['b_over_a']:.3f} (each B against the A on either side: "
                         + ", ".join(f"{x:.2f}" for x in s["b_over_a_each"])
                         + "); A÷A " + ", ".join(f"{x:.2f}" for x in s["a_over_a_each"])
-                        + f", A spread {s['a_spread']:.1%}; origin CPU per manifest B÷A "
-                        f"{s['cpu_b_over_a']:.2f}; other processes "
+                        + f", A spread {s['a_spread']:.1%}; CPU per manifest B÷A: origin "
+                        f"{s['cpu_b_over_a']:.2f}, whole cluster {s['cluster_cpu_b_over_a']:.2f} "
+                        "(" + ", ".join(f"{x:.2f}" for x in s["cluster_cpu_b_over_a_each"])
+                        + f"); other processes "
                         f"{s['other_processes_cores']:.2f} cores")
-        for column in ("round", "manifests/s", "origin CPU ms/manifest"):
+        for column in ("round", "manifests/s", "origin CPU ms/manifest",
+                       "cluster CPU ms/manifest"):
             t.add_column(column, justify="right")
         for r in s["rounds"]:
-            t.add_row(r["round"], f"{r['per_s']:,.0f}", f"{r['origin_cpu_ms_per_manifest']:.2f}")
+            t.add_row(r["round"], f"{r['per_s']:,.0f}", f"{r['origin_cpu_ms_per_manifest']:.2f}",
+                      f"{r['cluster_cpu_ms_per_manifest']:.2f}")
         console.print(t)
         if s["hanging_webhook_events"]:
             e = s["hanging_webhook_events"]

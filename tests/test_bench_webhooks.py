@@ -68,5 +68,7 @@ def test_bench_webhooks_delivers_every_event_and_none_beats_its_floor(tmp_path):
     bulk = results["steps"]["bulk"]
     assert bulk["expected"] == bulk["delivered"] == WEBHOOKS * PUSHES
     assert bulk["duplicates"] == 0 and bulk["per_s"] > 0
-    assert bulk["cpu"]["cpu_s"]["eastus"] > 0
+    # The delivering node was measured; at this size its CPU can be under one
+    # clock tick (10 ms), so no lower bound.
+    assert bulk["cpu"]["cpu_s"]["eastus"] >= 0
     assert _processes_mentioning(str(workdir)) == []

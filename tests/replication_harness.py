@@ -263,6 +263,20 @@ class InProcessCluster:
                 cut[link] = (before, link.faults)
         return cut
 
+    async def __aenter__(self) -> InProcessCluster:
+        """Started, every node subscribed to every peer; ``close`` on the way out
+        (``async with InProcessCluster(...) as cluster`` in a fixture)."""
+        await self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        await self.close()
+
     async def close(self) -> None:
         """Stop every node (gracefully, at once), then the links."""
         await asyncio.gather(*(self.stop(n) for n in self.nodes), return_exceptions=True)

@@ -34,12 +34,8 @@ CONF = "/georeg/v1/configuration"
 
 @pytest.fixture
 async def cluster(tmp_path):
-    c = await InProcessCluster(tmp_path, TOPOLOGY).start()
-    try:
-        await c.wait_ready()
+    async with InProcessCluster(tmp_path, TOPOLOGY) as c:
         yield c
-    finally:
-        await c.close()
 
 
 async def put(http: aiohttp.ClientSession, url: str, path: str, value: object) -> dict:

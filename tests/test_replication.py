@@ -32,12 +32,8 @@ TOPOLOGY = [("eastus", "1"), ("eastus", "2"), ("eastus", "3"), ("westeurope", ""
 
 @pytest.fixture
 async def cluster(tmp_path):
-    c = await InProcessCluster(tmp_path, TOPOLOGY).start()
-    try:
-        await c.wait_ready()
+    async with InProcessCluster(tmp_path, TOPOLOGY) as c:
         yield c
-    finally:
-        await c.close()
 
 
 async def manifest_status(session: aiohttp.ClientSession, url: str, repo: str, ref: str) -> int:

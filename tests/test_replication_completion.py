@@ -70,13 +70,9 @@ LONG = 30.0     # a deadline no passing test comes near
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster(tmp_path_factory):
-    c = await InProcessCluster(tmp_path_factory.mktemp("completion"), TOPOLOGY,
-                               settings=SETTINGS).start()
-    try:
-        await c.wait_ready()
+    async with InProcessCluster(tmp_path_factory.mktemp("completion"), TOPOLOGY,
+                                settings=SETTINGS) as c:
         yield c
-    finally:
-        await c.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -62,12 +62,8 @@ async def cluster(tmp_path, request):
     settings = SETTINGS
     if getattr(request, "param", True) is False:
         settings = msgspec.structs.replace(SETTINGS, one_wan_copy_per_region=False)
-    c = await InProcessCluster(tmp_path, TOPOLOGY, settings=settings).start()
-    try:
-        await c.wait_ready()
+    async with InProcessCluster(tmp_path, TOPOLOGY, settings=settings) as c:
         yield c
-    finally:
-        await c.close()
 
 
 async def _pullable(http, node, repo: str, tag: str, image) -> bool:
@@ -172,13 +168,9 @@ async def test_siblings_do_not_wait_on_a_zone_the_origin_passed_over(cluster, ht
 @pytest.fixture
 async def two_regions(tmp_path):
     """eastus (one node) and brazilsouth, which is confined (the default policy)."""
-    c = await InProcessCluster(tmp_path, [("eastus", ""), ("brazilsouth", "")],
-                               residency=ResidencyPolicy(), settings=SETTINGS).start()
-    try:
-        await c.wait_ready()
+    async with InProcessCluster(tmp_path, [("eastus", ""), ("brazilsouth", "")],
+                                residency=ResidencyPolicy(), settings=SETTINGS) as c:
         yield c
-    finally:
-        await c.close()
 
 
 def _client(node, requester_region: str) -> PeerClient:

@@ -58,13 +58,9 @@ SETTINGS = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster(tmp_path_factory):
-    c = await InProcessCluster(tmp_path_factory.mktemp("wancopy"), TOPOLOGY,
-                               settings=SETTINGS).start()
-    try:
-        await c.wait_ready()
+    async with InProcessCluster(tmp_path_factory.mktemp("wancopy"), TOPOLOGY,
+                                settings=SETTINGS) as c:
         yield c
-    finally:
-        await c.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -58,13 +58,9 @@ RECEIVER = f"westeurope-{event_receiver(ZONES, 'eastus')}"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster(tmp_path_factory):
-    c = await InProcessCluster(tmp_path_factory.mktemp("wanevents"), TOPOLOGY,
-                               settings=SETTINGS).start()
-    try:
-        await c.wait_ready()
+    async with InProcessCluster(tmp_path_factory.mktemp("wanevents"), TOPOLOGY,
+                                settings=SETTINGS) as c:
         yield c
-    finally:
-        await c.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -563,11 +563,7 @@ class _ClusterCpu:
         self._cpu0 = self._read()
 
     def _read(self) -> dict[str, float]:
-        out = {}
-        for name, pid in self.pids.items():
-            with contextlib.suppress(OSError):
-                out[name] = procfs.cpu_seconds(pid)
-        return out
+        return procfs.cpu_seconds_by_name(self.pids)
 
     def seconds(self) -> dict:
         now = self._read()

@@ -55,6 +55,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
 
 
+def cpu_seconds_by_name(pids: dict[str, int]) -> dict[str, float]:
+    """``cpu_seconds`` of each named process; one that has gone is left out."""
+    out = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(OSError):
+            out[name] = cpu_seconds(pid)
+    return out
+
+
 def machine_user_seconds() -> float:
     """User-space CPU time of every process on the machine so far, all cores together.
     (Kernel time is left out: much of it, writeback and loopback networking, is

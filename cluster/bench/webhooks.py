@@ -287,11 +287,7 @@ class CpuMeter:
         self._cpu0 = self._read()
 
     def _read(self) -> dict[str, float]:
-        out = {}
-        for name, pid in self.pids.items():
-            with contextlib.suppress(OSError):
-                out[name] = procfs.cpu_seconds(pid)
-        return out
+        return procfs.cpu_seconds_by_name(self.pids)
 
     def cores(self) -> dict:
         """Each process's CPU as cores over the window; ``bench`` is this process."""

@@ -62,9 +62,10 @@ _ASSIGNMENTS = uuid.UUID("5b0e0c3e-4c71-4f0e-9a55-6e6f6b7a2b10")   # uuid5 names
 NodeCall = Callable[..., Awaitable[dict]]
 
 
-def _one_at_a_time(method):
+def one_at_a_time(method):
     """A change is a read-modify-write at the home node (and a limit counted
-    there): changes made through this control plane run one after another."""
+    there): changes made through this control plane run one after another
+    (under ``self.lock``; identities and webhooks alike)."""
     async def serialized(self, *args, **kwargs):
         async with self.lock:
             return await method(self, *args, **kwargs)
@@ -192,7 +193,7 @@ class RegistryAccess:
         value = next((p["value"] for p in shown["passwords"] if p["value"]), None)
         return AdminLogin(shown["username"], value) if value else None
 
-    @_one_at_a_time
+    @one_at_a_time
     async def enable_admin_at_first_start(self) -> bool:
         """An auth cluster's first start: the admin user enabled with two
         generated passwords, through the home node, so that a first-time user
@@ -233,7 +234,7 @@ class RegistryAccess:
             value["admin_passwords"] = [self.new_admin_password(s) for s in ADMIN_SLOTS]
         return value
 
-    @_one_at_a_time
+    @one_at_a_time
     async def renew_admin_password(self, slot: str) -> dict:
         """``az acr credential renew --password-name password|password2``."""
         if slot not in ADMIN_SLOTS:
@@ -275,7 +276,7 @@ class RegistryAccess:
             raise NotFound(f"no scope map {name!r}; `georeg scope-map list` shows them")
         return self._scope_map_view(name, value)
 
-    @_one_at_a_time
+    @one_at_a_time
     async def create_scope_map(self, name: str, repositories: Sequence[Sequence[str]],
                                description: str = "") -> dict:
         self._read_only(name)
@@ -301,7 +302,7 @@ class RegistryAccess:
         if name in SYSTEM_SCOPE_MAPS:
             raise ClusterError(f"{name} is a system scope map: built in and read-only")
 
-    @_one_at_a_time
+    @one_at_a_time
     async def update_scope_map(self, name: str, *, add: Sequence[Sequence[str]] = (),
                                remove: Sequence[Sequence[str]] = (),
                                description: str | None = None) -> dict:
@@ -325,7 +326,7 @@ class RegistryAccess:
         await self._put(home, SCOPE_MAP, name, value)
         return self._scope_map_view(name, value)
 
-    @_one_at_a_time
+    @one_at_a_time
     async def delete_scope_map(self, name: str) -> None:
         self._read_only(name)
         name = self._check_name("scope map", name)
@@ -365,7 +366,7 @@ class RegistryAccess:
         return ({"name": slot, "hash": hash_secret(value), "created": now,
                  "expiry": now + expires_in if expires_in is not None else None}, value)
 
-    @_one_at_a_time
+    @one_at_a_time
     async def create_token(self, name: str, *, scope_map: str | None = None,
                            repositories: Sequence[Sequence[str]] = (), status: str = "enabled",
                            expiration_in_days: int | None = None) -> dict:
@@ -413,7 +414,7 @@ class RegistryAccess:
             raise NotFound(f"no token {name!r}; `georeg token list` shows them")
         return value
 
-    @_one_at_a_time
+    @one_at_a_time
     async def update_token(self, name: str, *, scope_map: str | None = None,
                            status: str | None = None) -> dict:
         if scope_map is None and status is None:
@@ -430,13 +431,13 @@ class RegistryAccess:
         await self._put(home, TOKEN, name, value)
         return self._token_view(name, value)
 
-    @_one_at_a_time
+    @one_at_a_time
     async def delete_token(self, name: str) -> None:
         home = await self._home()
         await self._current_token(home, name)
         await self._call(home, "DELETE", _path(TOKEN, name))
 
-    @_one_at_a_time
+    @one_at_a_time
     async def generate_token_password(self, name: str, slot: str,
                                       expiration_in_days: int | None = None) -> dict:
         """``az acr token credential generate --password1|--password2``: a new password
@@ -454,7 +455,7 @@ class RegistryAccess:
 
     # -- identities and role assignments -----------------------------------------------
 
-    @_one_at_a_time
+    @one_at_a_time
     async def create_identity(self, display_name: str) -> dict:
         """A new identity (an id and a secret, the secret shown this once)."""
         if not isinstance(display_name, str) or not display_name or len(display_name) > 128:
@@ -474,7 +475,7 @@ class RegistryAccess:
                  "creationDate": _iso(v.get("created"))}
                 for n, v in await self._list(await self._reader(), IDENTITY)]
 
-    @_one_at_a_time
+    @one_at_a_time
     async def delete_identity(self, identity_id: str) -> None:
         """Delete an identity and the roles assigned to it."""
         identity_id = self._check_name("identity", identity_id)
@@ -508,7 +509,7 @@ class RegistryAccess:
         return {"id": name, "roleDefinitionName": value["role"], "principalId": value["assignee"],
                 "scope": f"repository/{repository}" if repository else "registry"}
 
-    @_one_at_a_time
+    @one_at_a_time
     async def create_role_assignment(self, role: str, assignee: str,
                                      scope: str | None = None) -> dict:
         if role not in ROLES:
@@ -532,7 +533,7 @@ class RegistryAccess:
                 for n, v in await self._list(await self._reader(), ROLE_ASSIGNMENT)
                 if assignee is None or v["assignee"] == assignee]
 
-    @_one_at_a_time
+    @one_at_a_time
     async def delete_role_assignment(self, assignment_id: str) -> None:
         assignment_id = self._check_name("role assignment", assignment_id)
         home = await self._home()

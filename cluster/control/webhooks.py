@@ -68,6 +68,7 @@ from registry_node.webhooks import (
 )
 
 from .errors import ClusterError, Conflict, NodeRefusal, NotFound, QuotaExceeded, RegionUnavailable
+from .identities import one_at_a_time
 from .plan import ClusterPlan
 from .regions import REGIONS, unknown_region_message
 
@@ -77,16 +78,6 @@ MAX_EVENTS = 1000          # the most list-events asks a node for at once
 MASK = "***"               # what a header value shows as, outside get-config
 
 NodeCall = Callable[..., Awaitable[dict]]
-
-
-def _one_at_a_time(method):
-    """A change is a read-modify-write at the home node (and the limit counted
-    there): changes made through this control plane run one after another."""
-    async def serialized(self, *args, **kwargs):
-        async with self.lock:
-            return await method(self, *args, **kwargs)
-    serialized.__name__, serialized.__doc__ = method.__name__, method.__doc__
-    return serialized
 
 
 def _iso(seconds: float | None) -> str | None:
@@ -294,7 +285,7 @@ class RegistryWebhooks:
 
     # -- commands ----------------------------------------------------------------------
 
-    @_one_at_a_time
+    @one_at_a_time
     async def create(self, name: str, *, uri: str, actions: Sequence[str], scope: str = "",
                      headers: dict[str, str] | None = None, status: str = "enabled",
                      location: str | None = None, receiver_location: str = "") -> dict:
@@ -314,7 +305,7 @@ class RegistryWebhooks:
         await self._call(home, "PUT", f"/{WEBHOOK}/{name}", value)
         return self.view(name, value)
 
-    @_one_at_a_time
+    @one_at_a_time
     async def update(self, name: str, *, uri: str | None = None,
                      actions: Sequence[str] | None = None, scope: str | None = None,
                      headers: dict[str, str] | None = None, status: str | None = None,
@@ -339,7 +330,7 @@ class RegistryWebhooks:
         await self._call(home, "PUT", f"/{WEBHOOK}/{name}", value)
         return self.view(name, value)
 
-    @_one_at_a_time
+    @one_at_a_time
     async def delete(self, name: str) -> None:
         home = await self._home()
         await self._stored(home, name)

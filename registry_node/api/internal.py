@@ -45,6 +45,11 @@ def expected_header(credential: str) -> bytes:
     return f"Bearer {credential}".encode()
 
 
+def internal_headers(expected: bytes | None) -> dict[str, str]:
+    """The headers of the node's own requests to other nodes' internal routes."""
+    return {} if expected is None else {"Authorization": expected.decode()}
+
+
 def carries_credential(sent: str | None, expected: bytes) -> bool:
     """Whether ``sent`` (an ``Authorization`` value) is the internal credential,
     compared in constant time."""

@@ -83,7 +83,7 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     if config.internal_credential_file is not None:
         internal = expected_header(read_internal_credential(config.internal_credential_file))
     # Always there, limits or not: a throttling fault may arrive at any time.
-    throttle = Throttle(config.request_limits, monotonic)
+    throttle = Throttle(config.request_limits, monotonic, shared=bool(config.zone_siblings))
     authority = None
     if config.auth_enabled:
         authority = token_authority(config, lambda: wall_ns() / 1e9)
@@ -109,7 +109,7 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
         oauth.add_routes(app.router)
     app.cleanup_ctx.append(_storage(config, wall_ns, monotonic, authority))
     app.cleanup_ctx.append(_handoff)        # ends before the storage closes
-    if config.request_limits is not None and config.request_limits.zone_siblings:
+    if config.zone_siblings:
         app.cleanup_ctx.append(_zone_debits)
     app.on_shutdown.append(_stop_handoffs)
     for extension in extensions:
@@ -183,8 +183,7 @@ async def _zone_debits(app: web.Application) -> AsyncIterator[None]:
     """What this zone node admits, reported to its replica's other zones
     (``registry_node.throttle``, ``zone_debits``)."""
     config = app[NODE].config
-    assert config.request_limits is not None
-    reports = ZoneDebits(app[THROTTLE], config.request_limits.zone_siblings,
+    reports = ZoneDebits(app[THROTTLE], config.zone_siblings,
                          headers=internal_headers(app.get(INTERNAL_CREDENTIAL)),
                          ca_file=config.tls_ca_file or config.auth_ca_file)
     reports.start()

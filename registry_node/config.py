@@ -48,10 +48,7 @@ class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     zone-redundant one included: its zones share what they admit, below);
     None: that kind is not limited. Each identity may use
     ``per_identity_fraction`` of each rate on its own. A bucket holds
-    ``burst_s`` seconds of its rate (at least one request). ``zone_siblings``:
-    the base URLs of the other zone nodes of this replica, to which this node
-    reports what it admitted (and which report theirs), so the replica's
-    limit holds across its zones (empty: a replica of one node)."""
+    ``burst_s`` seconds of its rate (at least one request)."""
 
     reads_per_min: float | None = None
     writes_per_min: float | None = None
@@ -59,7 +56,6 @@ class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     referrers_per_min: float | None = None
     per_identity_fraction: float = 0.5
     burst_s: float = 1.0
-    zone_siblings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("reads_per_min", "writes_per_min", "deletes_per_min", "referrers_per_min"):
@@ -116,6 +112,10 @@ class NodeConfig:
     # Request throttling (``registry_node.throttle``): None, none unless a fault
     # asks for it (``PUT /georeg/v1/faults/throttle``).
     request_limits: RequestLimits | None = None
+    # The base URLs of the other zone nodes of this node's replica (from its
+    # cluster view), with which it shares what throttling admits, so the
+    # replica's limits hold across its zones (``registry_node.throttle``).
+    zone_siblings: tuple[str, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:

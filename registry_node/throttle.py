@@ -112,15 +112,20 @@ class Throttle:
     limits, no fault): callers skip ``admit`` then."""
 
     def __init__(self, limits: RequestLimits | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, *,
+                 shared: bool = False) -> None:
+        """``shared``: this node has zone siblings; what it admits is kept for
+        them (``take_debits``), and ``on_debits`` is called whenever some
+        starts waiting."""
         self._clock = monotonic
+        self._sharing = shared
+        self.on_debits: Callable[[], None] = lambda: None
         self.limits: RequestLimits | None = None
         self.fault_rates: dict[str, float] = {}
         self._replica: dict[str, TokenBucket] = {}
         self._fault: dict[str, TokenBucket] = {}
         self._identity_rates: dict[str, float] = {}
         self._identities: dict[tuple[str, str], TokenBucket] = {}
-        self._sharing = False
         self._debits: dict[tuple[str, str, str], int] = {}   # (scope, identity, kind) -> taken
         # (kind, identity, limit) -> requests refused
         self.refusals: dict[tuple[str, str, str], int] = {}
@@ -140,8 +145,6 @@ class Throttle:
         fraction = limits.per_identity_fraction if limits is not None else 1.0
         self._identity_rates = {kind: rate * fraction for kind, rate in rates.items()}
         self._identities.clear()
-        self._sharing = bool(limits is not None and limits.zone_siblings)
-        self._debits.clear()
         self._update_active()
 
     def set_fault(self, rates: Mapping[str, float]) -> None:
@@ -209,6 +212,8 @@ class Throttle:
     def _owe(self, kind: str, replica: TokenBucket | None, fault: TokenBucket | None,
              own: TokenBucket | None, identity: str | None) -> None:
         debits = self._debits
+        if not debits:
+            self.on_debits()
         if replica is not None:
             key = ("replica", "", kind)
             debits[key] = debits.get(key, 0) + 1
@@ -267,14 +272,19 @@ class Throttle:
         return out
 
     def describe(self) -> dict:
-        """Limits, fault and refusals, as the node reports them."""
+        """Limits, fault, what the replica's and the fault's buckets hold now,
+        and refusals, as the node reports them."""
         limits = self.limits
+        now = self._clock()
         return {
             "limits": None if limits is None else {
                 "per_minute": limits.per_minute(),
                 "per_identity_fraction": limits.per_identity_fraction,
-                "burst_s": limits.burst_s, "zone_siblings": len(limits.zone_siblings)},
+                "burst_s": limits.burst_s},
+            "shared_with_zones": self._sharing,
             "fault": dict(self.fault_rates),
+            "tokens": {scope: {kind: round(bucket.refill(now), 3) for kind, bucket in buckets.items()}
+                       for scope, buckets in ((REPLICA, self._replica), (FAULT, self._fault))},
             "refused": self.refused_by_kind(),
             "refused_by_identity": _by_identity(self.refusals),
         }

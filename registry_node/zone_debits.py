@@ -2,13 +2,15 @@
 replica, so the replica's request limits hold across its zones
 (``registry_node.throttle``, Zones).
 
-Every ``REPORT_INTERVAL_S``, when this node admitted anything since the last
-report, it posts the counts (``Throttle.take_debits``) to each sibling's
-``POST /georeg/v1/throttle/debits`` (with the cluster's internal
-credential), at once and each bounded by ``REPORT_TIMEOUT_S``. A report a
-sibling does not take is dropped, not retried: the sibling is down or cut
-off, and its buckets matter again only once it is back, by which time the
-debt would mostly have refilled. Idle, it sends nothing.
+Once this node admits a request, within ``REPORT_INTERVAL_S`` it posts the
+counts of everything it admitted meanwhile (``Throttle.take_debits``) to
+each sibling's ``POST /georeg/v1/throttle/debits`` (with the cluster's
+internal credential), at once and each bounded by ``REPORT_TIMEOUT_S``. A
+report a sibling does not take is dropped, not retried: the sibling is down
+or cut off, and its buckets matter again only once it is back, by which time
+the debt would mostly have refilled. While nothing is throttled (no limits,
+no fault) nothing is counted, and it sleeps: an idle node sends nothing and
+wakes for nothing.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ class ZoneDebits:
         self.sent = 0           # reports a sibling took
         self.dropped = 0        # reports a sibling did not take
         self._task: asyncio.Task | None = None
+        self._owed = asyncio.Event()
 
     def start(self) -> None:
+        self.throttle.on_debits = self._owed.set
         self._task = asyncio.create_task(self._run(), name="zone-debits")
 
     async def stop(self) -> None:
@@ -61,7 +65,9 @@ class ZoneDebits:
                 connector=aiohttp.TCPConnector(ssl=context if context is not None else True)
         ) as session:
             while True:
-                await asyncio.sleep(self.interval_s)
+                await self._owed.wait()
+                await asyncio.sleep(self.interval_s)     # what else is admitted meanwhile
+                self._owed.clear()
                 debits = self.throttle.take_debits()
                 if debits is not None:
                     await asyncio.gather(*(self._send(session, sibling, debits)

@@ -33,6 +33,7 @@ from aiohttp import web
 
 from registry_node import allocator
 from registry_node.api.metrics import METRICS
+from registry_node.api.throttling import THROTTLE
 from registry_node.app import NODE, REPLICATION_COMPLETION
 from registry_node.auth.tokens import AuthConfigError
 from registry_node.config import NodeConfig
@@ -360,6 +361,8 @@ class Replication:
             "metadata": self._metadata_counters(),
             "content": self.replica.content_summary() if self.replica else {},
             "memory": _memory(node),
+            # Request throttling here: limits, fault, refusals (``georeg status``).
+            "throttle": request.app[THROTTLE].describe(),
         })
 
     def _anti_entropy_counters(self) -> dict[str, int]:

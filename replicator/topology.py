@@ -143,8 +143,8 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # said so): see ``webhook_settings``.
     webhooks: WebhookSettings | None = None
     # The requests its replica admits (``registry_node.throttle``), as the plan
-    # decided from the spec's [limits], its zone siblings named; None: none
-    # (throttling off, faults aside).
+    # decided from the spec's [limits]; None: none (throttling off, faults
+    # aside). Its zone peers (``zone_peers``) share them.
     request_limits: RequestLimits | None = None
 
     def __post_init__(self) -> None:

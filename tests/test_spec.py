@@ -333,12 +333,13 @@ def test_throttling_is_off_unless_the_limits_table_turns_it_on(tmp_path):
         assert limits.per_minute() == {"read": 20_000, "write": 60, "delete": 4_000,
                                        "referrers": 2_000}, node.name
         assert (limits.per_identity_fraction, limits.burst_s) == (1.0, 5.0)
-        # The whole replica's limit on each zone node, shared with its siblings.
+        # The whole replica's limit on each zone node, shared with its zone peers
+        # (what `georeg node` hands the node as its zone siblings).
         siblings = {f"http://127.0.0.1:{other.http_port}" for other in p.nodes_in(node.region)
                     if other is not node}
-        assert set(limits.zone_siblings) == siblings, node.name
-    assert len(p.view(p.node("eastus-1")).request_limits.zone_siblings) == 2
-    assert p.view(p.node("westeurope")).request_limits.zone_siblings == ()
+        assert {peer.http for peer in p.view(node).zone_peers} == siblings, node.name
+    assert len(p.view(p.node("eastus-1")).zone_peers) == 2
+    assert p.view(p.node("westeurope")).zone_peers == ()
     for copy in p.pair_copies:                       # storage only: no clients, no limits
         assert p.view(copy).request_limits is None
     node = p.node("eastus-2")

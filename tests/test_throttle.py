@@ -113,8 +113,8 @@ def test_zone_siblings_share_what_they_admit_so_the_replica_keeps_its_limit():
     taken out of the others' once its report lands, so over time the replica
     admits its rate, not three times it."""
     clock = Clock()
-    limits = RequestLimits(writes_per_min=60, burst_s=1, zone_siblings=("b", "c"))
-    zones = [Throttle(limits, clock) for _ in range(3)]
+    limits = RequestLimits(writes_per_min=60, burst_s=1)
+    zones = [Throttle(limits, clock, shared=True) for _ in range(3)]
 
     def exchange() -> None:
         for sender in zones:

@@ -169,7 +169,7 @@ def _run_node(args: argparse.Namespace) -> int:
     from registry_node.config import WebhookSettings
 
     webhooks = WebhookSettings()
-    limits = None
+    limits, siblings = None, ()
     if args.cluster is not None:
         from replicator.runtime import Replication
         from replicator.topology import ClusterView
@@ -186,6 +186,8 @@ def _run_node(args: argparse.Namespace) -> int:
         region, zone = view.region, view.zone
         webhooks = view.webhook_settings
         limits = view.request_limits
+        # Throttling's zone siblings: what one zone admits counts in the others.
+        siblings = tuple(peer.http for peer in view.zone_peers if peer.http)
         extensions.append(Replication(view, args.cluster))
     tuning = {field: value for field, value in (
         ("timeout_s", args.webhook_timeout), ("backoff_cap_s", args.webhook_backoff_cap),
@@ -207,7 +209,8 @@ def _run_node(args: argparse.Namespace) -> int:
                         auth_service=args.auth_service or "",
                         internal_credential_file=args.internal_credential_file,
                         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key or args.tls_cert,
-                        tls_ca_file=args.tls_ca, webhooks=webhooks, request_limits=limits)
+                        tls_ca_file=args.tls_ca, webhooks=webhooks, request_limits=limits,
+                        zone_siblings=siblings)
     if (args.tls_key or args.tls_ca) and args.tls_cert is None:
         print("georeg node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
         return 2

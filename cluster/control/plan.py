@@ -21,9 +21,9 @@ secrets; on a cluster with ``tls = true``, each node's plan names the
 certificate it serves HTTPS with (``NodeTls``, from the same CA), and
 every URL of a node says ``https``; on a cluster whose ``[limits]`` turn
 throttling on, each serving node's view carries its replica's request
-limits (the tier's rates and the spec's overrides, for the whole replica)
-and the addresses of its zone siblings, with which it shares what it admits
-(``registry_node.throttle``); on every cluster, each serving node's
+limits (the tier's rates and the spec's overrides, for the whole replica,
+which its zone nodes share through the zone peers' addresses its view
+lists: ``registry_node.throttle``); on every cluster, each serving node's
 plan names the cluster's configuration key file (``configuration_key``,
 which seals webhook header values; a paired-region copy, which never
 delivers, gets none).
@@ -257,12 +257,9 @@ class ClusterPlan:
             wan_latency_ms={region: wan.link(node.region, region).latency_ms
                             for region in REGIONS})
         # Throttling: the replica's limits, as the spec's [limits] and tier say,
-        # on each of its zone nodes, which share what they admit with one
-        # another (registry_node.throttle); a paired copy serves no client.
-        limits = None if node.copy_of else self.spec.limits.request_limits(
-            self.spec.tier, tuple(f"{self.spec.scheme}://{self.host}:{other.http_port}"
-                                  for other in self.nodes_in(node.region)
-                                  if other.name != node.name))
+        # on each of its zone nodes, which share what they admit with the zone
+        # peers listed here (registry_node.throttle); a paired copy serves no client.
+        limits = None if node.copy_of else self.spec.limits.request_limits(self.spec.tier)
         return ClusterView(name=node.name, region=node.region, zone=node.zone,
                            grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
                            zone_redundancy=node.zone_redundancy, remote_zones=remote_zones,

@@ -252,11 +252,10 @@ class LimitsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             return self.throttling == "tier"
         return any(getattr(self, key) is not None for key in _RATE_KEYS)
 
-    def request_limits(self, tier: str, zone_siblings: tuple[str, ...] = ()
-                       ) -> RequestLimits | None:
-        """A replica node's limits (None: throttling off): the tier's rates with
-        this table's over them, for the whole replica, shared with
-        ``zone_siblings`` (``registry_node.throttle``, Zones)."""
+    def request_limits(self, tier: str) -> RequestLimits | None:
+        """A replica's limits (None: throttling off): the tier's rates with this
+        table's over them, for the whole replica (its zone nodes share them,
+        ``registry_node.throttle``)."""
         if not self.throttled:
             return None
         rates = dict(TIER_REQUEST_RATES.get(tier, TIER_REQUEST_RATES["Premium"]))
@@ -264,7 +263,7 @@ class LimitsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                       if getattr(self, key) is not None})
         given = {key: getattr(self, key) for key in ("per_identity_fraction", "burst_s")
                  if getattr(self, key) is not None}
-        return RequestLimits(**rates, **given, zone_siblings=zone_siblings)
+        return RequestLimits(**rates, **given)
 
 
 class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

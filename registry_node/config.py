@@ -48,14 +48,15 @@ class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     zone-redundant one included: its zones share what they admit, below);
     None: that kind is not limited. Each identity may use
     ``per_identity_fraction`` of each rate on its own. A bucket holds
-    ``burst_s`` seconds of its rate (at least one request)."""
+    ``burst_s`` seconds of its rate (at least one request): a minute's worth
+    unless told, so "60 a minute" admits 60 at once, then one a second."""
 
     reads_per_min: float | None = None
     writes_per_min: float | None = None
     deletes_per_min: float | None = None
     referrers_per_min: float | None = None
     per_identity_fraction: float = 0.5
-    burst_s: float = 1.0
+    burst_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("reads_per_min", "writes_per_min", "deletes_per_min", "referrers_per_min"):

@@ -6,14 +6,15 @@ Kinds (``request_kind`` in ``api.throttling`` decides a request's):
 and ``referrers`` (a referrers listing, which counts there and not as a read).
 
 Buckets, each refilled at its rate per minute and holding ``burst_s``
-seconds of it (at least one request):
+seconds of it (a minute's worth unless told; at least one request):
 
 * the replica's, one per limited kind, at the rate of ``RequestLimits``;
 * each identity's, at ``per_identity_fraction`` of it (ACR: half), created
   when the identity first asks; a request with no identity (a node without
   auth) has none;
 * a throttling fault's (``set_fault``), one per kind it names, for the
-  whole replica, on top of the others.
+  whole replica, on top of the others, holding ``FAULT_BURST_S`` of its rate
+  (at least one request): a fault is a replica at its limit already.
 
 A request is admitted when every bucket it draws on holds a whole token, and
 then takes one from each; otherwise it takes none and is refused with the
@@ -57,6 +58,7 @@ NO_IDENTITY = ""
 MAX_IDENTITY_BUCKETS = 10_000
 # The most a sibling's reports can put a bucket in debt: a minute of its rate.
 MAX_DEBT_S = 60.0
+FAULT_BURST_S = 1.0
 
 
 class TokenBucket:
@@ -140,7 +142,7 @@ class Throttle:
         now = self._clock()
         self.limits = limits
         rates = limits.per_minute() if limits is not None else {}
-        burst = limits.burst_s if limits is not None else 1.0
+        burst = limits.burst_s if limits is not None else 0.0
         self._replica = {kind: TokenBucket(rate, burst, now) for kind, rate in rates.items()}
         fraction = limits.per_identity_fraction if limits is not None else 1.0
         self._identity_rates = {kind: rate * fraction for kind, rate in rates.items()}
@@ -156,9 +158,8 @@ class Throttle:
             if not rate > 0:
                 raise ValueError(f"a {kind} rate must be more than 0 requests per minute")
         now = self._clock()
-        burst = self.limits.burst_s if self.limits is not None else 1.0
         self.fault_rates = dict(rates)
-        self._fault = {kind: TokenBucket(rate, burst, now) for kind, rate in rates.items()}
+        self._fault = {kind: TokenBucket(rate, FAULT_BURST_S, now) for kind, rate in rates.items()}
         self._update_active()
 
     def _update_active(self) -> None:

@@ -319,7 +319,7 @@ def test_throttling_is_off_unless_the_limits_table_turns_it_on(tmp_path):
     limits = tier.limits.request_limits(tier.tier)
     assert limits.per_minute() == {"read": 10_000, "write": 2_000, "delete": 1_000,
                                    "referrers": 500}
-    assert (limits.per_identity_fraction, limits.burst_s) == (0.5, 1.0)
+    assert (limits.per_identity_fraction, limits.burst_s) == (0.5, 60.0)
     premium = specs.parse({"limits": {"throttling": "tier"}}).limits.request_limits("Premium")
     assert premium.per_minute() == {"read": 20_000, "write": 4_000, "delete": 4_000,
                                     "referrers": 2_000}

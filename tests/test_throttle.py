@@ -62,7 +62,8 @@ def test_a_bucket_admits_its_burst_then_its_rate_and_retry_after_counts_down():
     assert (first.limit, first.retry_after) == (REPLICA, 1)
     clock.now += 1.0                    # one more token
     throttle.admit(WRITE, None)
-    throttle = Throttle(RequestLimits(writes_per_min=6, per_identity_fraction=1.0), clock)
+    throttle = Throttle(RequestLimits(writes_per_min=6, per_identity_fraction=1.0, burst_s=1),
+                        clock)
     throttle.admit(WRITE, "token:a")
     waits = []
     for _ in range(4):                  # refusals take nothing: the wait only shrinks
@@ -73,6 +74,18 @@ def test_a_bucket_admits_its_burst_then_its_rate_and_retry_after_counts_down():
     throttle.admit(WRITE, "token:a")    # 10 s after the first
     assert throttle.refusals == {(WRITE, "token:a", REPLICA): 4}
     assert throttle.admit(READ, "token:a") is None      # reads are not limited here
+
+
+def test_by_default_a_bucket_holds_a_minute_so_n_a_minute_admits_n_at_once():
+    clock = Clock()
+    throttle = Throttle(RequestLimits(writes_per_min=60, per_identity_fraction=1.0), clock)
+    for _ in range(60):
+        throttle.admit(WRITE, "token:a")
+    assert refused(throttle, WRITE, "token:a").retry_after == 1
+    clock.now += 600                    # idle: it refills to a minute's worth, no more
+    for _ in range(60):
+        throttle.admit(WRITE, "token:a")
+    assert refused(throttle, WRITE, "token:a").limit == REPLICA
 
 
 def test_each_identity_has_its_share_and_the_replica_its_whole():
@@ -216,10 +229,11 @@ async def test_a_pull_only_identity_empties_its_own_bucket_while_another_is_unaf
 
 
 async def test_retry_after_counts_down_across_retries(node_process, files, http):
-    # Six writes a minute, the identity's share the whole of it: one write, then
-    # a token every 10 s. A refused request takes none, so the wait only shrinks.
+    # Six writes a minute, the identity's share the whole of it, a burst of one:
+    # one write, then a token every 10 s. A refused request takes none, so the
+    # wait only shrinks.
     node = await auth_node(node_process, files, http, "--writes-per-min", "6",
-                           "--per-identity-fraction", "1")
+                           "--per-identity-fraction", "1", "--burst", "1")
     admin = basic(REGISTRY, ADMIN_PASSWORD)
     start = f"{node.url}/v2/countdown/app/blobs/uploads/"
     async with http.post(start, headers=admin) as r:
@@ -281,7 +295,7 @@ async def test_a_skopeo_push_through_a_small_write_limit_meets_429s_and_complete
     fails the copy, which ``--retry-times`` retries whole."""
     # 300 writes a minute (5 a second), one second's burst, the identity all of it.
     node = await auth_node(node_process, files, http, "--writes-per-min", "300",
-                           "--per-identity-fraction", "1")
+                           "--per-identity-fraction", "1", "--burst", "1")
     admin = basic(REGISTRY, ADMIN_PASSWORD)
     burst = []
     for _ in range(30):                 # the burst: far past 5 at once
@@ -305,3 +319,4 @@ async def test_a_skopeo_push_through_a_small_write_limit_meets_429s_and_complete
     # (skopeo compresses the layers on the way: the manifest is its own.)
     async with http.get(f"{node.url}/v2/burst/app/manifests/v1", headers=admin) as r:
         assert r.status == 200 and len((await r.json())["layers"]) == 3
+

@@ -136,8 +136,8 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     throttling.add_argument("--per-identity-fraction", type=float, metavar="F",
                             help="the share of each rate one identity may use (default 0.5)")
     throttling.add_argument("--burst", type=_seconds, metavar="SECONDS",
-                            help="a bucket holds this many seconds of its rate (default 1; at "
-                                 "least one request)")
+                            help="a bucket holds this many seconds of its rate (default 60: a "
+                                 "minute's worth; at least one request)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                    help="log format on stderr (default: console on a terminal, else json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")

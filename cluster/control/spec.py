@@ -70,8 +70,9 @@ Example (every key optional except where noted)::
                                     # referrers_per_min overrides the tier's (and turns
                                     # throttling on): a test reaches it in seconds
     per_identity_fraction = 0.5     # each identity's own share of each rate (ACR: half)
-    burst_s = 1                     # a bucket holds this many seconds of its rate (at
-                                    # least one request)
+    burst_s = 60                    # a bucket holds this many seconds of its rate (at
+                                    # least one request): "60 a minute" admits 60 at
+                                    # once, then one a second
 
     [network]
     port_base = 5000                # 0: any free range, chosen when the cluster starts

@@ -40,6 +40,7 @@ from registry_node.config import NodeConfig
 from registry_node.durability import LocalDurability
 from registry_node.records import Cursor
 from registry_node.replica import Replica
+from registry_node.throttle import Throttle
 
 from .antientropy import AntiEntropy
 from .completion import ImageCompletion, NodeReport, replica_regions
@@ -88,6 +89,7 @@ class Replication:
         self.rescue: PeerRescue | None = None
         self.completion: ImageCompletion | None = None
         self.relayed: RelayedCursors | None = None
+        self.throttle: Throttle | None = None      # the node's, while it runs
 
     # -- Extension -----------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class Replication:
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         node = app[NODE]
+        self.throttle = app[THROTTLE]
         view = self.view
         identity = node.identity
         settings = view.replication
@@ -267,6 +270,11 @@ class Replication:
             await self.reconcile(view)
 
     async def reconcile(self, view: ClusterView) -> None:
+        if view.request_limits != self.view.request_limits and self.throttle is not None:
+            # The spec's [limits] or the registry's tier changed: the plan wrote
+            # the replica's new limits (registry_node.throttle), taken at once.
+            self.throttle.configure(view.request_limits)
+            log.info("request_limits_changed", limits=str(view.request_limits))
         if view.zone_redundancy != self.view.zone_redundancy:
             # The quorum and every acknowledging subscription were built from
             # the decision this node started with; half-applying another one

@@ -17,10 +17,12 @@ import json
 import re
 
 import aiohttp
+import msgspec
 import pytest
 
 from registry_node.config import RequestLimits
 from registry_node.throttle import FAULT, IDENTITY, READ, REPLICA, WRITE, Throttle, Throttled
+from replicator.topology import ClusterView
 
 from .auth_helpers import (
     ADMIN_PASSWORD,
@@ -32,7 +34,7 @@ from .auth_helpers import (
     identities,
     seed_configuration,
 )
-from .helpers import Skopeo, eventually, make_image, push_image, write_oci_layout
+from .helpers import NodeProcess, Skopeo, eventually, make_image, push_image, write_oci_layout
 
 
 class Clock:
@@ -320,3 +322,30 @@ async def test_a_skopeo_push_through_a_small_write_limit_meets_429s_and_complete
     async with http.get(f"{node.url}/v2/burst/app/manifests/v1", headers=admin) as r:
         assert r.status == 200 and len((await r.json())["layers"]) == 3
 
+
+async def test_a_node_takes_new_limits_from_its_view_file_while_it_runs(tmp_path, http):
+    """The plan writes each node's limits into its view; when they change (the
+    spec's [limits], the registry's tier), the node takes them at once."""
+    view = ClusterView(name="westus", region="westus", grpc_listen="127.0.0.1:0",
+                       request_limits=RequestLimits(writes_per_min=6, burst_s=1,
+                                                    per_identity_fraction=1))
+    path = tmp_path / "view.json"
+    view.dump(path)
+    node = NodeProcess(tmp_path / "node", ["--cluster", str(path)]).start()
+    try:
+        start = f"{node.url}/v2/limits/app/blobs/uploads/"
+        async with http.post(start) as r:
+            assert r.status == 202
+        async with http.post(start) as r:
+            assert r.status == 429
+        msgspec.structs.replace(view, request_limits=RequestLimits(writes_per_min=600)).dump(path)
+
+        async def admitted() -> bool:
+            async with http.post(start) as r:
+                return r.status == 202
+
+        await eventually(admitted, timeout=10, what="the node to take its new limits")
+        async with http.get(f"{node.url}/georeg/v1/throttle") as r:
+            assert (await r.json())["limits"]["per_minute"]["write"] == 600
+    finally:
+        node.close()

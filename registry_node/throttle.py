@@ -29,9 +29,10 @@ replica's limit. Instead every zone node runs the replica's full buckets and
 reports what it admitted to its siblings (``take_debits``, sent by
 ``zone_debits``); a sibling's report is taken out of the same buckets here
 (``debit``), which may leave them in debt. Over any stretch the replica
-admits its rate; in a burst that reaches several zones at once it may admit
-up to, per other zone, one bucket's capacity plus what that zone admits in
-one report interval more, repaid as the reports land. A report lost to a
+admits its rate (and a bucket's worth); in a burst that reaches several
+zones at once it may admit more, per other zone what that zone admits before
+its report lands (about one report interval's worth, never more than a
+bucket holds), repaid by waits once the reports land. A report lost to a
 sibling that cannot be reached is not repaid.
 
 Refusals are counted by kind, identity and which limit refused

@@ -21,11 +21,12 @@ from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate, pull_check
 from .api.common import CONFIGURATION, REGISTRY, WEBHOOKS
-from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_access
+from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_headers
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
 from .api.redirects import BLOB_REDIRECTS, BlobRedirects
 from .api.routes import add_routes
+from .api.throttling import THROTTLE, open_access
 from .auth.gate import Gate
 from .auth.grants import BlobGrants
 from .auth.identities import IdentitySource
@@ -36,10 +37,12 @@ from .handoff import HandoffServer
 from .identities import ConfigurationIdentities
 from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
+from .throttle import Throttle
 from .webhook_delivery import WebhookDelivery
 from .webhook_metrics import WebhookMetrics
 from .webhook_sender import HttpSender
 from .webhooks import ReplicationCompletion
+from .zone_debits import ZoneDebits
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 HANDOFF: web.AppKey[HandoffServer] = web.AppKey("handoff", HandoffServer)
@@ -79,15 +82,20 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     internal = None
     if config.internal_credential_file is not None:
         internal = expected_header(read_internal_credential(config.internal_credential_file))
+    # Always there, limits or not: a throttling fault may arrive at any time.
+    throttle = Throttle(config.request_limits, monotonic, shared=bool(config.zone_siblings))
     authority = None
     if config.auth_enabled:
         authority = token_authority(config, lambda: wall_ns() / 1e9)
-        middlewares.append(authenticate(internal))      # checks the internal credential too
-    elif internal is not None:
-        middlewares.append(internal_access)
+        # Checks the internal credential and throttles too.
+        middlewares.append(authenticate(internal, throttle))
+    else:
+        middlewares.append(open_access(internal, throttle))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
     app[METRICS] = NodeMetrics()
+    app[THROTTLE] = throttle
+    app[METRICS].track_throttle(throttle, config.region)
     if internal is not None:
         app[INTERNAL_CREDENTIAL] = internal
     add_routes(app.router)
@@ -101,6 +109,8 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
         oauth.add_routes(app.router)
     app.cleanup_ctx.append(_storage(config, wall_ns, monotonic, authority))
     app.cleanup_ctx.append(_handoff)        # ends before the storage closes
+    if config.zone_siblings:
+        app.cleanup_ctx.append(_zone_debits)
     app.on_shutdown.append(_stop_handoffs)
     for extension in extensions:
         extension.add_routes(app.router)
@@ -163,9 +173,22 @@ async def _handoff(app: web.Application) -> AsyncIterator[None]:
     the server listens once the node's port is known (``server.serve``)."""
     gate = app.get(GATE)        # set by _storage, which runs first, when auth is on
     app[HANDOFF] = handoff = HandoffServer(app[REGISTRY],
-                                           pull_check(gate) if gate is not None else None)
+                                           pull_check(gate) if gate is not None else None,
+                                           app[THROTTLE])
     yield
     await handoff.close()
+
+
+async def _zone_debits(app: web.Application) -> AsyncIterator[None]:
+    """What this zone node admits, reported to its replica's other zones
+    (``registry_node.throttle``, ``zone_debits``)."""
+    config = app[NODE].config
+    reports = ZoneDebits(app[THROTTLE], config.zone_siblings,
+                         headers=internal_headers(app.get(INTERNAL_CREDENTIAL)),
+                         ca_file=config.tls_ca_file or config.auth_ca_file)
+    reports.start()
+    yield
+    await reports.stop()
 
 
 async def _stop_handoffs(app: web.Application) -> None:

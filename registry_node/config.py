@@ -40,6 +40,41 @@ class WebhookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("a webhook's delivery log keeps at least one delivery")
 
 
+class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The requests this node's replica admits (``registry_node.throttle``), as
+    the plan decided them from the spec's ``[limits]``.
+
+    Rates are per minute, by kind of request, for the whole replica (a
+    zone-redundant one included: its zones share what they admit, below);
+    None: that kind is not limited. Each identity may use
+    ``per_identity_fraction`` of each rate on its own. A bucket holds
+    ``burst_s`` seconds of its rate (at least one request): a minute's worth
+    unless told, so "60 a minute" admits 60 at once, then one a second."""
+
+    reads_per_min: float | None = None
+    writes_per_min: float | None = None
+    deletes_per_min: float | None = None
+    referrers_per_min: float | None = None
+    per_identity_fraction: float = 0.5
+    burst_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("reads_per_min", "writes_per_min", "deletes_per_min", "referrers_per_min"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be more than 0 requests per minute")
+        if not 0 < self.per_identity_fraction <= 1:
+            raise ValueError("per_identity_fraction must be more than 0 and at most 1")
+        if not self.burst_s > 0:
+            raise ValueError("burst_s must be more than 0 seconds")
+
+    def per_minute(self) -> dict[str, float]:
+        """The limited kinds (``registry_node.throttle.KINDS``) and their rates."""
+        rates = {"read": self.reads_per_min, "write": self.writes_per_min,
+                 "delete": self.deletes_per_min, "referrers": self.referrers_per_min}
+        return {kind: rate for kind, rate in rates.items() if rate is not None}
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     data_dir: Path
@@ -75,6 +110,13 @@ class NodeConfig:
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
     webhooks: WebhookSettings = WebhookSettings()
+    # Request throttling (``registry_node.throttle``): None, none unless a fault
+    # asks for it (``PUT /georeg/v1/faults/throttle``).
+    request_limits: RequestLimits | None = None
+    # The base URLs of the other zone nodes of this node's replica (from its
+    # cluster view), with which it shares what throttling admits, so the
+    # replica's limits hold across its zones (``registry_node.throttle``).
+    zone_siblings: tuple[str, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:

@@ -32,7 +32,10 @@ every hand-over on it.
 Only the happy path is served here: a well-formed name and digest, a
 request the node's access chain admits (on a node with auth on: credentials
 with ``pull`` on the repository, checked by ``admits`` before the blob is
-looked up), a blob that exists, a satisfiable or absent range, a first piece
+looked up), a blob that exists, a satisfiable or absent range, a read
+throttling lets through (``registry_node.throttle``, on the identity
+``admits`` named; asked last, so a request declined for any other reason
+takes no token here and one in the HTTP chain), a first piece
 that passes its integrity check, not marked for a redirect
 (``registry_node.api.redirects``). Everything else is ``N``, so the client gets
 exactly what the HTTP API answers — a 401 challenge or 403 included, from
@@ -71,6 +74,7 @@ from .crypto import BlobCorrupt
 from .errors import RegistryError
 from .reference import Digest, validate_name
 from .registry import Registry
+from .throttle import READ, Throttle, Throttled
 
 log = structlog.get_logger("georeg.access")
 
@@ -163,10 +167,13 @@ class HandoffServer:
     (``close``)."""
 
     def __init__(self, registry: Registry,
-                 admits: Callable[[str | None, str], bool] | None = None) -> None:
+                 admits: Callable[[str | None, str], str | None] | None = None,
+                 throttle: Throttle | None = None) -> None:
         self.registry = registry
-        # (Authorization header, repository) -> may it pull there; None: auth off.
+        # (Authorization header, repository) -> who may pull there (None: nobody
+        # this header names); None: auth off.
         self.admits = admits
+        self.throttle = throttle
         self.address = b""
         self._listener: socket.socket | None = None
         self._channels: set[_Channel] = set()
@@ -325,19 +332,26 @@ class HandoffServer:
         match = _BLOB_PATH.fullmatch(path)
         if match is None:
             raise _Declined
+        identity = None
         try:
             repo = validate_name(match[1])
             digest = Digest.parse(match[2])
-            if self.admits is not None and not self.admits(headers.get("authorization"), repo):
-                raise _Declined
+            if self.admits is not None:
+                identity = self.admits(headers.get("authorization"), repo)
+                if identity is None:
+                    raise _Declined
             blob = self.registry.open_blob(repo, digest)
         except RegistryError:
             raise _Declined from None
         try:
-            return Download(blob, digest, headers.get("range"))
-        except RegistryError:
+            download = Download(blob, digest, headers.get("range"))
+            if self.throttle is not None and self.throttle.active:
+                # Not counted: the HTTP chain refuses it again, and counts it.
+                self.throttle.admit(READ, identity, counted=False)
+        except (RegistryError, Throttled):
             blob.close()
             raise _Declined from None
+        return download
 
 
 def _parse(head: bytes) -> tuple[str, dict[str, str]]:

@@ -33,12 +33,14 @@ from aiohttp import web
 
 from registry_node import allocator
 from registry_node.api.metrics import METRICS
+from registry_node.api.throttling import THROTTLE
 from registry_node.app import NODE, REPLICATION_COMPLETION
 from registry_node.auth.tokens import AuthConfigError
 from registry_node.config import NodeConfig
 from registry_node.durability import LocalDurability
 from registry_node.records import Cursor
 from registry_node.replica import Replica
+from registry_node.throttle import Throttle
 
 from .antientropy import AntiEntropy
 from .completion import ImageCompletion, NodeReport, replica_regions
@@ -87,6 +89,7 @@ class Replication:
         self.rescue: PeerRescue | None = None
         self.completion: ImageCompletion | None = None
         self.relayed: RelayedCursors | None = None
+        self.throttle: Throttle | None = None      # the node's, while it runs
 
     # -- Extension -----------------------------------------------------------------
 
@@ -99,6 +102,7 @@ class Replication:
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         node = app[NODE]
+        self.throttle = app[THROTTLE]
         view = self.view
         identity = node.identity
         settings = view.replication
@@ -266,6 +270,11 @@ class Replication:
             await self.reconcile(view)
 
     async def reconcile(self, view: ClusterView) -> None:
+        if view.request_limits != self.view.request_limits and self.throttle is not None:
+            # The spec's [limits] or the registry's tier changed: the plan wrote
+            # the replica's new limits (registry_node.throttle), taken at once.
+            self.throttle.configure(view.request_limits)
+            log.info("request_limits_changed", limits=str(view.request_limits))
         if view.zone_redundancy != self.view.zone_redundancy:
             # The quorum and every acknowledging subscription were built from
             # the decision this node started with; half-applying another one
@@ -360,6 +369,8 @@ class Replication:
             "metadata": self._metadata_counters(),
             "content": self.replica.content_summary() if self.replica else {},
             "memory": _memory(node),
+            # Request throttling here: limits, fault, refusals (``georeg status``).
+            "throttle": request.app[THROTTLE].describe(),
         })
 
     def _anti_entropy_counters(self) -> dict[str, int]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import msgspec
 
-from registry_node.config import WebhookSettings
+from registry_node.config import RequestLimits, WebhookSettings
 
 from .residency import ResidencyPolicy
 
@@ -142,6 +142,10 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # to each region a receiver may sit in. None (a view from before the plan
     # said so): see ``webhook_settings``.
     webhooks: WebhookSettings | None = None
+    # The requests its replica admits (``registry_node.throttle``), as the plan
+    # decided from the spec's [limits]; None: none (throttling off, faults
+    # aside). Its zone peers (``zone_peers``) share them.
+    request_limits: RequestLimits | None = None
 
     def __post_init__(self) -> None:
         if self.zone_redundancy.enabled and self.zone not in self.zone_redundancy.zones:

@@ -490,6 +490,117 @@ def test_bad_fault_requests_say_what_is_wrong(cluster):
     assert result.returncode == 2 and "no fault f999" in result.stderr
 
 
+# -- throttling ----------------------------------------------------------------------------
+
+
+async def _throttle_state(http, cluster, node: str) -> dict:
+    async with http.get(f"{cluster.node_url(node)}/georeg/v1/throttle",
+                        headers=cluster.internal_headers()) as r:
+        assert r.status == 200
+        return await r.json()
+
+
+async def test_a_throttle_fault_answers_429_through_the_endpoint_shared_by_the_zones(
+        cluster, http):
+    """`georeg fault throttle`: East US's writes past 6 a minute get 429 with a
+    Retry-After, through its global endpoint too, which does not fail over (a 429
+    is an answer, not an outage); the three zones share the one limit, so what
+    one admits empties the others' buckets; reads go on; status counts the
+    refusals; healing lifts it."""
+    result = fault_cli(cluster, "throttle", "eastus", "--rate", "6/min", "--kind", "write")
+    fid = fault_id(result)
+    assert "eastus throttled: writes past 6/min get 429" in result.stdout
+    listed = json.loads(fault_cli(cluster, "list", "--json").stdout)
+    assert next(f for f in listed if f["id"] == fid)["kind"] == "throttle"
+    endpoint = cluster.endpoint("eastus")
+    failovers = cluster.status()["endpoint_traffic"]["global:eastus"]["failovers"]
+    start = f"{endpoint}/v2/throttled/app/blobs/uploads/"
+    answers = []
+    for _ in range(4):
+        async with http.post(start) as r:
+            answers.append((r.status, r.headers.get("X-Georeg-Replica", ""),
+                            r.headers.get("Retry-After")))
+            if r.status == 429:
+                assert (await r.json())["errors"][0]["detail"]["limit"] == "fault"
+    admitted = [a for a in answers if a[0] == 202]
+    refused = [a for a in answers if a[0] == 429]
+    assert len(admitted) == 1 and len(refused) == 3, answers
+    assert all(replica.startswith("eastus") and retry.isdigit() and 1 <= int(retry) <= 10
+               for _, replica, retry in refused), answers
+    assert cluster.status()["endpoint_traffic"]["global:eastus"]["failovers"] == failovers
+    # The zone that admitted the write told the others: their fault buckets are
+    # spent though nobody asked them anything, and they refuse the next write.
+    zones = ("eastus-1", "eastus-2", "eastus-3")
+
+    async def all_spent() -> bool:
+        states = [await _throttle_state(http, cluster, zone) for zone in zones]
+        return all(state["tokens"]["fault"]["write"] < 1 for state in states)
+
+    await eventually(all_spent, timeout=5, what="every zone to count the admitted write")
+    for zone in zones:
+        async with http.post(f"{cluster.node_url(zone)}/v2/throttled/other/blobs/uploads/") as r:
+            assert r.status == 429, zone
+    async with http.get(f"{endpoint}/v2/") as r:       # reads are not throttled
+        assert r.status == 200
+
+    def counted() -> bool:
+        """The status table's East US row: limits -, fault, reads, writes refused…"""
+        text = georeg(cluster, "status").stdout
+        table = text[text.index("Throttled requests"):] if "Throttled requests" in text else ""
+        rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines()]
+        row = next((cells for cells in rows if cells and cells[0] == "eastus"), None)
+        return row is not None and row[1:5] == ["-", "- / 6 / - / -", "0", "6"]
+
+    await eventually(lambda: asyncio.to_thread(counted), timeout=15,
+                     what="georeg status to show East US's refusals")
+    throttling = cluster.status()["throttling"]["eastus"]
+    assert throttling["fault"] == {"write": 6.0} and throttling["refused"]["write"] == 6
+    assert throttling["limits"] is None            # no [limits]: the fault alone
+
+    fault_cli(cluster, "heal", fid)
+    for zone in zones:
+        assert (await _throttle_state(http, cluster, zone))["fault"] == {}
+    async with http.post(start) as r:
+        assert r.status == 202
+
+
+async def test_a_throttled_blob_download_handed_over_by_the_endpoint_is_refused_once(
+        cluster, http):
+    """A blob GET through an endpoint is handed to the node (``registry_node.handoff``),
+    which serves it only if throttling admits it; one it refuses goes back to the
+    HTTP chain, which answers the 429 — counted once, not twice."""
+    image = make_image([3000], seed=21)
+    node = cluster.node_url("brazilsouth")
+    await push_image(http, node, "throttled/blob", image, tag="v1")
+    blob = f"{cluster.regional_endpoint('brazilsouth')}/v2/throttled/blob/blobs/" \
+           f"{digest_of(image.layers[0])}"
+    handed_over = cluster.status()["endpoint_traffic"]["regional:brazilsouth"]["handed_over"]
+    fid = fault_id(fault_cli(cluster, "throttle", "brazilsouth", "--rate", "6/min",
+                             "--kind", "read"))
+    statuses = []
+    for _ in range(3):
+        async with http.get(blob) as r:
+            statuses.append(r.status)
+            if r.status == 200:
+                assert await r.read() == image.layers[0]
+            else:
+                assert r.headers["Retry-After"].isdigit()
+    assert statuses == [200, 429, 429]
+    traffic = cluster.status()["endpoint_traffic"]["regional:brazilsouth"]
+    assert traffic["handed_over"] == handed_over + 1       # the admitted one, on the hand-over
+    assert (await _throttle_state(http, cluster, "brazilsouth"))["refused"]["read"] == 2
+    fault_cli(cluster, "heal", fid)
+
+
+def test_bad_throttle_faults_say_what_is_wrong(cluster):
+    result = fault_cli(cluster, "throttle", "eastus", "--rate", "fast")
+    assert result.returncode == 2 and "expected a rate such as 60/min" in result.stderr
+    result = fault_cli(cluster, "throttle", "narnia")
+    assert result.returncode == 2 and "narnia has no replica" in result.stderr
+    result = fault_cli(cluster, "throttle", "eastus", "--kind", "pull")
+    assert result.returncode == 2 and "invalid choice: 'pull'" in result.stderr
+
+
 # -- destroy and restore -------------------------------------------------------------------
 
 

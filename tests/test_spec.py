@@ -306,3 +306,56 @@ def test_replication_settings_out_of_range_or_misspelt_are_refused():
     [problem] = problems({"replication": {"tombstone_grace": 60}})
     assert "unknown key replication.'tombstone_grace'" in problem
     assert "tombstone_grace_s" in problem
+
+
+def test_throttling_is_off_unless_the_limits_table_turns_it_on(tmp_path):
+    """Off by default (``make up`` and the suite push as fast as the machine allows);
+    ``throttling = "tier"`` gives the tier's rates per replica (ACR-SEMANTICS.md),
+    a rate given overrides its kind and turns throttling on."""
+    from replicator.topology import ClusterView
+
+    assert specs.load(None).limits.request_limits("Premium") is None
+    tier = specs.parse({"tier": "Standard", "limits": {"throttling": "tier"}})
+    limits = tier.limits.request_limits(tier.tier)
+    assert limits.per_minute() == {"read": 10_000, "write": 2_000, "delete": 1_000,
+                                   "referrers": 500}
+    assert (limits.per_identity_fraction, limits.burst_s) == (0.5, 60.0)
+    premium = specs.parse({"limits": {"throttling": "tier"}}).limits.request_limits("Premium")
+    assert premium.per_minute() == {"read": 20_000, "write": 4_000, "delete": 4_000,
+                                    "referrers": 2_000}
+    toml = tmp_path / "spec.toml"
+    toml.write_text('home_zone_redundant = true\n[[replicas]]\nregion = "westeurope"\n\n'
+                    '[limits]\nwrites_per_min = 60\nper_identity_fraction = 1\nburst_s = 5\n')
+    spec = specs.load(toml)
+    p = plan(spec.seeded(1).with_port_base(20000), tmp_path / "data")
+    for node in p.nodes:
+        limits = p.view(node).request_limits
+        assert limits.per_minute() == {"read": 20_000, "write": 60, "delete": 4_000,
+                                       "referrers": 2_000}, node.name
+        assert (limits.per_identity_fraction, limits.burst_s) == (1.0, 5.0)
+        # The whole replica's limit on each zone node, shared with its zone peers
+        # (what `georeg node` hands the node as its zone siblings).
+        siblings = {f"http://127.0.0.1:{other.http_port}" for other in p.nodes_in(node.region)
+                    if other is not node}
+        assert {peer.http for peer in p.view(node).zone_peers} == siblings, node.name
+    assert len(p.view(p.node("eastus-1")).zone_peers) == 2
+    assert p.view(p.node("westeurope")).zone_peers == ()
+    for copy in p.pair_copies:                       # storage only: no clients, no limits
+        assert p.view(copy).request_limits is None
+    node = p.node("eastus-2")
+    p.view(node).dump(tmp_path / "view.json")
+    assert ClusterView.load(tmp_path / "view.json").request_limits == p.view(node).request_limits
+
+
+def test_limits_out_of_range_contradictory_or_misspelt_are_refused():
+    found = problems({"limits": {"writes_per_min": 0, "reads_per_min": -5,
+                                 "per_identity_fraction": 1.5, "burst_s": 0}})
+    assert sorted(p.split(" ")[0] for p in found) == [
+        "limits.burst_s", "limits.per_identity_fraction", "limits.reads_per_min",
+        "limits.writes_per_min"]
+    [problem] = problems({"limits": {"throttling": "off", "writes_per_min": 60}})
+    assert "throttling is 'off' but writes_per_min is given" in problem
+    [problem] = problems({"limits": {"throttling": "teir"}})
+    assert "did you mean 'tier'" in problem
+    [problem] = problems({"limits": {"write_per_min": 60}})
+    assert "unknown key limits.'write_per_min'" in problem and "writes_per_min" in problem

@@ -360,7 +360,40 @@ def run_status(args: argparse.Namespace) -> int:
     console.print(table)
     _node_table(console, status)
     _traffic_table(console, status)
+    _throttling_table(console, status)
     return 0 if all(n["healthy"] for n in status["nodes"]) else 1
+
+
+def _throttling_table(console: Console, status: dict) -> None:
+    """Requests each replica refused 429 since its nodes started, by kind and
+    identity; shown when a replica is throttled (limits or a fault) or refused any."""
+    replicas = {region: t for region, t in (status.get("throttling") or {}).items()
+                if t["limits"] or t["fault"] or any(t["refused"].values())}
+    if not replicas:
+        return
+    table = Table("replica", "limits /min (reads, writes, deletes, referrers)", "fault /min",
+                  "refused: reads", "writes", "deletes", "referrers", "by identity",
+                  title="Throttled requests (429, since each node started)",
+                  title_justify="left")
+
+    def rates(per_minute: dict | None) -> str:
+        if not per_minute:
+            return "-"
+        return " / ".join(f"{per_minute[k]:g}" if k in per_minute else "-"
+                          for k in ("read", "write", "delete", "referrers"))
+
+    for region, t in replicas.items():
+        identities = sorted(t["refused_by_identity"].items(), key=lambda item: -sum(item[1].values()))
+        who = ", ".join(f"{identity} {sum(counts.values())}" for identity, counts in identities[:3])
+        if len(identities) > 3:
+            who += f", +{len(identities) - 3} more"
+        limits = rates(t["limits"])
+        if t["limits"] and t["per_identity_fraction"] is not None:
+            limits += f" (each identity {t['per_identity_fraction']:g} of it)"
+        table.add_row(region, limits, rates(t["fault"]),
+                      *(str(t["refused"].get(k, 0)) for k in ("read", "write", "delete", "referrers")),
+                      who or "-")
+    console.print(table)
 
 
 def _traffic_table(console: Console, status: dict) -> None:

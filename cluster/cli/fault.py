@@ -8,6 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from ..faults.controller import DEFAULT_THROTTLE_RATE, REQUEST_KINDS
 from .common import CliError, add_data_dir, call, command, data_dir_of
 
 
@@ -19,7 +20,8 @@ def _duration(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "fault", help="break the cluster on purpose: outages, partitions, slow links, disks",
+        "fault", help="break the cluster on purpose: outages, partitions, slow links, disks, "
+                      "throttling",
         description="Inject faults into the running cluster and heal them. Every fault gets an "
                     "id (`georeg fault list`); `georeg fault heal ID` or `--all` heals.")
     faults = p.add_subparsers(dest="fault_command", required=True, metavar="FAULT")
@@ -80,6 +82,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     _duration(c)
     c.set_defaults(func=command(_inject_disk))
 
+    c = faults.add_parser(
+        "throttle", help="a region answers 429 past a request rate, as ACR under load",
+        description="Throttle a region's replica (all its zones together, every identity "
+                    "together, on top of any [limits] of the spec): past RATE requests a "
+                    "minute of KIND (every kind unless one is named), clients get 429 "
+                    "TOOMANYREQUESTS with a Retry-After in seconds. Endpoints never fail over on "
+                    "a 429: clients of the region keep meeting it. For tests that cannot wait "
+                    "for a real limit.")
+    c.add_argument("region")
+    c.add_argument("--rate", type=_rate, default=DEFAULT_THROTTLE_RATE, metavar="N/min",
+                   help=f"requests admitted per minute, e.g. 60/min or 2/s (default "
+                        f"{DEFAULT_THROTTLE_RATE:g}/min)")
+    c.add_argument("--kind", choices=REQUEST_KINDS,
+                   help="read (GET, HEAD, OPTIONS), write (PUT, PATCH, POST), delete, referrers "
+                        "(listings); default: every kind, each at RATE")
+    _duration(c)
+    c.set_defaults(func=command(lambda a: _inject(a, "throttle", region=a.region,
+                                               rate_per_min=a.rate, request_kind=a.kind)))
+
     c = faults.add_parser("destroy", help="wipe a region's data; it restarts empty and re-syncs",
                           description="Destroy a region: SIGKILL its nodes, delete their data dirs "
                                       "and restart them empty. They re-sync from the other "
@@ -99,6 +120,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--all", action="store_true")
     add_data_dir(c)
     c.set_defaults(func=command(run_heal))
+
+
+def _rate(value: str) -> float:
+    """``N``, ``N/min`` or ``N/s`` → requests per minute."""
+    number, _, unit = value.strip().partition("/")
+    per = {"": 1.0, "min": 1.0, "m": 1.0, "s": 60.0, "sec": 60.0}.get(unit.strip().lower())
+    try:
+        rate = float(number) * per if per is not None else -1.0
+    except ValueError:
+        rate = -1.0
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"expected a rate such as 60/min or 2/s, got {value!r}")
+    return rate
 
 
 def _inject(args: argparse.Namespace, kind: str, **target) -> int:

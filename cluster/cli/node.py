@@ -36,6 +36,16 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = -1
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of requests per minute, got {value!r}")
+    return rate
+
+
 def _add_node(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "node", help="run one standalone registry node",
@@ -115,6 +125,19 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                        help="an event is retried until this old, then given up (default 86400)")
     hooks.add_argument("--webhook-log-size", type=int, metavar="N",
                        help="finished deliveries kept per webhook for list-events (default 100)")
+    throttling = p.add_argument_group(
+        "throttling", "Request limits, as ACR's tiers have them (off unless a rate is given; "
+        "with --cluster, the file's, which these override): past a limit a request gets 429 "
+        "TOOMANYREQUESTS with Retry-After. Reads are GET/HEAD/OPTIONS, writes PUT/PATCH/POST, "
+        "deletes DELETE, referrers listings their own")
+    for kind in ("reads", "writes", "deletes", "referrers"):
+        throttling.add_argument(f"--{kind}-per-min", type=_rate, metavar="N",
+                                help=f"{kind} this node admits per minute")
+    throttling.add_argument("--per-identity-fraction", type=float, metavar="F",
+                            help="the share of each rate one identity may use (default 0.5)")
+    throttling.add_argument("--burst", type=_seconds, metavar="SECONDS",
+                            help="a bucket holds this many seconds of its rate (default 60: a "
+                                 "minute's worth; at least one request)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                    help="log format on stderr (default: console on a terminal, else json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -146,6 +169,7 @@ def _run_node(args: argparse.Namespace) -> int:
     from registry_node.config import WebhookSettings
 
     webhooks = WebhookSettings()
+    limits, siblings = None, ()
     if args.cluster is not None:
         from replicator.runtime import Replication
         from replicator.topology import ClusterView
@@ -161,6 +185,9 @@ def _run_node(args: argparse.Namespace) -> int:
             return 2
         region, zone = view.region, view.zone
         webhooks = view.webhook_settings
+        limits = view.request_limits
+        # Throttling's zone siblings: what one zone admits counts in the others.
+        siblings = tuple(peer.http for peer in view.zone_peers if peer.http)
         extensions.append(Replication(view, args.cluster))
     tuning = {field: value for field, value in (
         ("timeout_s", args.webhook_timeout), ("backoff_cap_s", args.webhook_backoff_cap),
@@ -168,6 +195,7 @@ def _run_node(args: argparse.Namespace) -> int:
         if value is not None}
     try:
         webhooks = msgspec.structs.replace(webhooks, **tuning)
+        limits = _request_limits(args, limits)
     except ValueError as exc:
         print(f"georeg node: {exc}", file=sys.stderr)
         return 2
@@ -181,7 +209,8 @@ def _run_node(args: argparse.Namespace) -> int:
                         auth_service=args.auth_service or "",
                         internal_credential_file=args.internal_credential_file,
                         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key or args.tls_cert,
-                        tls_ca_file=args.tls_ca, webhooks=webhooks)
+                        tls_ca_file=args.tls_ca, webhooks=webhooks, request_limits=limits,
+                        zone_siblings=siblings)
     if (args.tls_key or args.tls_ca) and args.tls_cert is None:
         print("georeg node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
         return 2
@@ -200,3 +229,19 @@ def _run_node(args: argparse.Namespace) -> int:
         print(f"georeg node: cannot serve on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else 2
     return 0
+
+
+def _request_limits(args: argparse.Namespace, limits):
+    """The view's request limits (None: none) with the command line's over them."""
+    import msgspec
+
+    from registry_node.config import RequestLimits
+
+    given = {field: value for field, value in (
+        ("reads_per_min", args.reads_per_min), ("writes_per_min", args.writes_per_min),
+        ("deletes_per_min", args.deletes_per_min), ("referrers_per_min", args.referrers_per_min),
+        ("per_identity_fraction", args.per_identity_fraction), ("burst_s", args.burst))
+        if value is not None}
+    if not given:
+        return limits
+    return RequestLimits(**{**(msgspec.structs.asdict(limits) if limits else {}), **given})

@@ -492,6 +492,7 @@ class Cluster:
                 },
                 "storage_bytes": sum(c["bytes"] for c in (info.get("content") or {}).values()),
                 "images": sum(c["images"] for c in (info.get("content") or {}).values()),
+                "throttle": info.get("throttle"),
             })
         return {
             "registry": self.spec.registry,
@@ -518,7 +519,35 @@ class Cluster:
             "regional_endpoints": {e.region: e.url for e in self.endpoints() if e.kind == "regional"},
             "residency": msgspec.to_builtins(self.spec.residency_policy()),
             "endpoint_traffic": self.routing.stats() if self.routing else {},
+            "throttling": self.throttling(nodes),
         }
+
+    def throttling(self, nodes: list[dict]) -> dict:
+        """Request throttling per replica: the spec's limits (None: off), the
+        throttling faults on it, and what its nodes refused since they
+        started, by kind and by identity, as the nodes last reported it."""
+        limits = self.spec.limits.request_limits(self.spec.tier)
+        out = {}
+        for replica in self.spec.all_replicas:
+            refused: dict[str, int] = {}
+            by_identity: dict[str, dict[str, int]] = {}
+            fault: dict[str, float] = {}
+            for node in nodes:
+                state = node.get("throttle") if node["region"] == replica.region else None
+                if not state:
+                    continue
+                for kind, count in state["refused"].items():
+                    refused[kind] = refused.get(kind, 0) + count
+                for identity, counts in state["refused_by_identity"].items():
+                    mine = by_identity.setdefault(identity, {})
+                    for kind, count in counts.items():
+                        mine[kind] = mine.get(kind, 0) + count
+                fault = state["fault"] or fault
+            out[replica.region] = {
+                "limits": None if limits is None else limits.per_minute(),
+                "per_identity_fraction": None if limits is None else limits.per_identity_fraction,
+                "fault": fault, "refused": refused, "refused_by_identity": by_identity}
+        return out
 
     def replica_status(self, region: str) -> dict:
         self._update_progress()

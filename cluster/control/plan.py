@@ -19,7 +19,11 @@ configuration it holds), which ``cluster.control.access``
 provisions at start and the supervisor hands to the node as paths, never as
 secrets; on a cluster with ``tls = true``, each node's plan names the
 certificate it serves HTTPS with (``NodeTls``, from the same CA), and
-every URL of a node says ``https``; on every cluster, each serving node's
+every URL of a node says ``https``; on a cluster whose ``[limits]`` turn
+throttling on, each serving node's view carries its replica's request
+limits (the tier's rates and the spec's overrides, for the whole replica,
+which its zone nodes share through the zone peers' addresses its view
+lists: ``registry_node.throttle``); on every cluster, each serving node's
 plan names the cluster's configuration key file (``configuration_key``,
 which seals webhook header values; a paired-region copy, which never
 delivers, gets none).
@@ -252,13 +256,17 @@ class ClusterPlan:
                                           or node.zone == min(redundancy.zones)),
             wan_latency_ms={region: wan.link(node.region, region).latency_ms
                             for region in REGIONS})
+        # Throttling: the replica's limits, as the spec's [limits] and tier say,
+        # on each of its zone nodes, which share what they admit with the zone
+        # peers listed here (registry_node.throttle); a paired copy serves no client.
+        limits = None if node.copy_of else self.spec.limits.request_limits(self.spec.tier)
         return ClusterView(name=node.name, region=node.region, zone=node.zone,
                            grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
                            zone_redundancy=node.zone_redundancy, remote_zones=remote_zones,
                            residency=self.spec.residency_policy(),
                            replication=settings or ReplicationSettings(),
                            mutual_tls=node.access is not None or node.tls is not None,
-                           readers=readers, webhooks=webhooks)
+                           readers=readers, webhooks=webhooks, request_limits=limits)
 
 
 def node_name(region: str, zone: str) -> str:

@@ -58,10 +58,33 @@ Example (every key optional except where noted)::
     retry_horizon_s = 86400         # an event is retried until this old, then given up
     log_size = 100                  # finished deliveries kept per webhook (list-events)
 
+    [limits]                        # what the registry's tier allows (ACR-SEMANTICS.md, Tiers)
+    throttling = "tier"             # request throttling: "off" (the default, unless a rate
+                                    # below is given) or "tier": ACR's rates for the tier,
+                                    # per replica: reads (GET, HEAD, OPTIONS), writes (PUT,
+                                    # PATCH, POST), deletes and referrers listings per
+                                    # minute, Basic and Standard 10000 / 2000 / 1000 / 500,
+                                    # Premium 20000 / 4000 / 4000 / 2000; past one, 429
+                                    # TOOMANYREQUESTS with Retry-After
+    writes_per_min = 120            # any of reads_per_min, writes_per_min, deletes_per_min,
+                                    # referrers_per_min overrides the tier's (and turns
+                                    # throttling on): a test reaches it in seconds
+    per_identity_fraction = 0.5     # each identity's own share of each rate (ACR: half)
+    burst_s = 60                    # a bucket holds this many seconds of its rate (at
+                                    # least one request): "60 a minute" admits 60 at
+                                    # once, then one a second
+
     [network]
     port_base = 5000                # 0: any free range, chosen when the cluster starts
     data_dir = ".georeg"
     client_locations = ["eastus", "westeurope", "japaneast"]   # one global endpoint each
+
+Throttling is off unless ``[limits]`` turns it on: a local cluster is no
+measure of ACR's capacity, and a user who runs ``make up`` and drives it as
+hard as the machine allows (a benchmark, a CI matrix pushing hundreds of
+images through the admin login) should see the machine's limits, not a 429
+they did not ask for; a user who wants to know how a pipeline fares against
+a tier asks for it with one line (``throttling = "tier"``).
 
 ACR's rules checked here: geo-replication and zone redundancy need Premium;
 zone redundancy needs a region with availability zones; the home region
@@ -78,7 +101,7 @@ from pathlib import Path
 
 import msgspec
 
-from registry_node.config import WebhookSettings
+from registry_node.config import RequestLimits, WebhookSettings
 from replicator.residency import ResidencyPolicy
 from replicator.topology import ReplicationSettings
 
@@ -195,6 +218,55 @@ class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return WebhookSettings(**{k: v for k, v in given.items() if v is not None}, **decided)
 
 
+# ACR's request limits per replica, per minute (ACR-SEMANTICS.md, Tiers; the
+# current documentation's figures, see docs/design.md "Request throttling").
+TIER_REQUEST_RATES = {
+    "Basic": {"reads_per_min": 10_000, "writes_per_min": 2_000, "deletes_per_min": 1_000,
+              "referrers_per_min": 500},
+    "Standard": {"reads_per_min": 10_000, "writes_per_min": 2_000, "deletes_per_min": 1_000,
+                 "referrers_per_min": 500},
+    "Premium": {"reads_per_min": 20_000, "writes_per_min": 4_000, "deletes_per_min": 4_000,
+                "referrers_per_min": 2_000},
+}
+THROTTLING_MODES = ("off", "tier")
+_RATE_KEYS = ("reads_per_min", "writes_per_min", "deletes_per_min", "referrers_per_min")
+
+
+class LimitsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``[limits]`` table: what the registry's tier allows. Request
+    throttling (``registry_node.throttle``): ``throttling`` ("off" or "tier"),
+    rates that override the tier's, each identity's share, the burst. Each
+    None unless given, so the defaults live in one place (``RequestLimits``)."""
+
+    throttling: str | None = None
+    reads_per_min: float | None = None
+    writes_per_min: float | None = None
+    deletes_per_min: float | None = None
+    referrers_per_min: float | None = None
+    per_identity_fraction: float | None = None
+    burst_s: float | None = None
+
+    @property
+    def throttled(self) -> bool:
+        """On when asked (``throttling = "tier"``) or when a rate is given."""
+        if self.throttling is not None:
+            return self.throttling == "tier"
+        return any(getattr(self, key) is not None for key in _RATE_KEYS)
+
+    def request_limits(self, tier: str) -> RequestLimits | None:
+        """A replica's limits (None: throttling off): the tier's rates with this
+        table's over them, for the whole replica (its zone nodes share them,
+        ``registry_node.throttle``)."""
+        if not self.throttled:
+            return None
+        rates = dict(TIER_REQUEST_RATES.get(tier, TIER_REQUEST_RATES["Premium"]))
+        rates.update({key: getattr(self, key) for key in _RATE_KEYS
+                      if getattr(self, key) is not None})
+        given = {key: getattr(self, key) for key in ("per_identity_fraction", "burst_s")
+                 if getattr(self, key) is not None}
+        return RequestLimits(**rates, **given)
+
+
 class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     port_base: int = 5000
     management_port: int | None = None
@@ -241,6 +313,7 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     residency: ResidencySpec = ResidencySpec()
     replication: ReplicationSpec = ReplicationSpec()
     webhooks: WebhookSpec = WebhookSpec()
+    limits: LimitsSpec = LimitsSpec()
     network: NetworkSpec = NetworkSpec()
 
     # -- derived -----------------------------------------------------------------
@@ -365,7 +438,8 @@ _FIELDS = {"": set(ClusterSpec.__struct_fields__), "replicas": set(ReplicaSpec._
            "wan": set(WanSpec.__struct_fields__), "residency": set(ResidencySpec.__struct_fields__),
            "network": set(NetworkSpec.__struct_fields__),
            "replication": set(ReplicationSpec.__struct_fields__),
-           "webhooks": set(WebhookSpec.__struct_fields__)}
+           "webhooks": set(WebhookSpec.__struct_fields__),
+           "limits": set(LimitsSpec.__struct_fields__)}
 
 
 def _check_keys(raw: dict, source: str) -> None:
@@ -383,7 +457,7 @@ def _check_keys(raw: dict, source: str) -> None:
     for i, replica in enumerate(raw.get("replicas") or []):
         if isinstance(replica, dict):
             check(replica, _FIELDS["replicas"], f"replicas[{i}].")
-    for section in ("wan", "residency", "replication", "webhooks", "network"):
+    for section in ("wan", "residency", "replication", "webhooks", "limits", "network"):
         if isinstance(raw.get(section), dict):
             check(raw[section], _FIELDS[section], f"{section}.")
     if problems:
@@ -467,6 +541,7 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
         problems.append("wan.bandwidth_mbps must not be negative (0 means unlimited)")
     problems += _replication_problems(spec.replication)
     problems += _webhook_problems(spec.webhooks)
+    problems += _limits_problems(spec.limits)
     problems += _port_problems(spec)
     if problems:
         raise SpecError(source, problems)
@@ -496,6 +571,30 @@ def _webhook_problems(webhooks: WebhookSpec) -> list[str]:
     if webhooks.log_size is not None and webhooks.log_size < 1:
         problems.append("webhooks.log_size must be at least 1 (list-events shows the last "
                         "deliveries kept)")
+    return problems
+
+
+def _limits_problems(limits: LimitsSpec) -> list[str]:
+    problems = []
+    if limits.throttling is not None and limits.throttling not in THROTTLING_MODES:
+        close = difflib.get_close_matches(limits.throttling.lower(), THROTTLING_MODES, n=1)
+        problems.append(f"limits.throttling {limits.throttling!r} is not one of 'tier' (ACR's "
+                        f"request limits for the tier) or 'off'"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    given = [key for key in _RATE_KEYS if getattr(limits, key) is not None]
+    if limits.throttling == "off" and given:
+        problems.append(f"limits.throttling is 'off' but {', '.join(given)} "
+                        f"{'is' if len(given) == 1 else 'are'} given: remove "
+                        f"{'it' if len(given) == 1 else 'them'}, or set throttling = \"tier\"")
+    for key in given:
+        if not getattr(limits, key) > 0:
+            problems.append(f"limits.{key} must be more than 0 requests per minute")
+    fraction = limits.per_identity_fraction
+    if fraction is not None and not 0 < fraction <= 1:
+        problems.append("limits.per_identity_fraction must be more than 0 and at most 1 (ACR: "
+                        "0.5, half the registry's limit for each identity)")
+    if limits.burst_s is not None and not limits.burst_s > 0:
+        problems.append("limits.burst_s must be more than 0 seconds")
     return problems
 
 

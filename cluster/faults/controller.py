@@ -8,13 +8,24 @@ Kinds (each optionally healing itself after a duration):
     link A B --latency/--jitter/--bandwidth/--reset-prob/--stall
     routing REGION off                                 out of global routing, still syncing
     disk REGION[/ZONE] --full | --slow MS              storage faults on nodes
+    throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
     destroy REGION                                     data dirs wiped, restarted empty
 
 Faults are applied only at the seams: node processes (signals), the WAN links
-(``cluster.network.links``), the routing layer, and each node's storage fault seam.
+(``cluster.network.links``), the routing layer, each node's storage fault seam,
+and each node's throttle (``registry_node.throttle``).
 Link faults compose: every link's effective fault is recomputed from all active
 faults that touch it (cut if any cuts, latencies add, the lowest bandwidth
-wins), so healing one fault never heals another.
+wins), so healing one fault never heals another. Throttling faults compose
+the same way: each node gets, by kind, the lowest rate of the active ones on
+its region (``PUT /georeg/v1/faults/throttle``, the whole map each time).
+
+A throttling fault limits the region's replica as a whole (its zones share
+it), all identities together, on top of any ``[limits]``: past ``rate``
+requests a minute of ``kind`` (every kind unless one is named: read, write,
+delete, referrers), clients get ``429 TOOMANYREQUESTS`` with ``Retry-After``,
+as from ACR under load. Like a storage fault it lives in the node's memory: a
+node restarted while it is active comes back unthrottled.
 
 ``crash`` is SIGKILL; ``stop`` is SIGTERM (graceful); ``isolate`` keeps the
 processes alive and cuts every link to and from them, and clients can no
@@ -39,8 +50,12 @@ from ..network.links import LinkFaults
 
 log = structlog.get_logger("georeg.faults")
 
-KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "destroy")
+KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "throttle",
+         "destroy")
 MODES = ("crash", "stop", "isolate")
+# What a throttling fault may limit (registry_node.throttle.KINDS), and its default rate.
+REQUEST_KINDS = ("read", "write", "delete", "referrers")
+DEFAULT_THROTTLE_RATE = 60.0
 
 
 class FaultError(ValueError):
@@ -248,6 +263,52 @@ class FaultController:
         what = "full" if full else f"slow (+{slow_ms:g} ms per write)"
         fault.description = f"disk {what} on {', '.join(nodes)}"
 
+    async def _inject_throttle(self, fault: Fault, region: str,
+                               rate_per_min: float = DEFAULT_THROTTLE_RATE,
+                               request_kind: str | None = None) -> None:
+        kind = request_kind
+        if kind is not None and kind not in REQUEST_KINDS:
+            raise FaultError(f"request_kind must be one of {', '.join(REQUEST_KINDS)}, not "
+                             f"{kind!r}")
+        if isinstance(rate_per_min, bool) or not isinstance(rate_per_min, int | float) \
+                or not rate_per_min > 0:
+            raise FaultError("the rate must be more than 0 requests per minute")
+        fault.nodes = self._nodes_in(region)
+        fault.target["rates"] = {k: float(rate_per_min) for k in ((kind,) if kind else REQUEST_KINDS)}
+        what = f"{kind}s" if kind else "every request"
+        fault.description = f"{region} throttled: {what} past {rate_per_min:g}/min get 429"
+        # Counted as active while it is applied, so the map sent includes it.
+        self.faults[fault.id] = fault
+        try:
+            await self._apply_throttles(fault.nodes)
+        except FaultError:
+            del self.faults[fault.id]
+            raise
+
+    def _throttle_rates(self, node: str) -> dict[str, float]:
+        """The lowest rate, by kind, of the active throttling faults on ``node``."""
+        rates: dict[str, float] = {}
+        for fault in self.faults.values():
+            if fault.active and fault.kind == "throttle" and node in fault.nodes:
+                for kind, rate in fault.target["rates"].items():
+                    rates[kind] = min(rate, rates.get(kind, rate))
+        return rates
+
+    async def _apply_throttles(self, nodes: list[str], *, healing: bool = False) -> None:
+        """Send each node its throttling faults' rates. Healing, a node that cannot
+        be reached is passed over: down, it comes back unthrottled."""
+        session = await self._session_get()
+        for name in nodes:
+            url = self.cluster.node_url(name) + "/georeg/v1/faults/throttle"
+            try:
+                async with session.put(url, json=self._throttle_rates(name)) as r:
+                    if r.status != 200:
+                        raise FaultError(f"{name} refused the throttling fault: HTTP {r.status}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not healing:
+                    raise FaultError(f"{name} is unreachable: {exc}") from None
+                log.warning("throttle_heal_unreachable", node=name, error=str(exc))
+
     async def _inject_destroy(self, fault: Fault, region: str) -> None:
         nodes = self._nodes_in(region)
         fault.nodes = nodes
@@ -281,6 +342,8 @@ class FaultController:
             self.cluster.routing.set_routing(target["region"], target.get("previous", True))
         elif kind == "disk":
             await self._storage(fault.nodes, {"full": False, "slow_ms": 0})
+        elif kind == "throttle":
+            await self._apply_throttles(fault.nodes, healing=True)
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()

@@ -60,7 +60,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from ..auth.gate import Gate, Refusal
+from ..auth.gate import ANONYMOUS, Gate, Refusal
 from ..auth.grants import GrantRefused, carries_grant
 from ..auth.scopes import (
     DELETE,
@@ -74,8 +74,10 @@ from ..auth.scopes import (
     repository,
 )
 from ..errors import ErrorCode, RegistryError
+from ..throttle import READ, Throttle, Throttled
 from .internal import carries_credential, internal_route, refusal
 from .redirects import BLOB_REDIRECTS, GRANTED
+from .throttling import TOKEN_SERVER, throttle_request, too_many_requests
 
 GATE: web.AppKey[Gate] = web.AppKey("gate", Gate)
 log = structlog.get_logger("georeg.auth")
@@ -158,28 +160,31 @@ def refusal_error(request: web.Request, gate: Gate, refusal: Refusal) -> Registr
 
 
 def pull_check(gate: Gate):
-    """Whether an ``Authorization`` header (None: none sent) may pull from a
-    repository, as this middleware would decide a blob GET: for the node's
-    hand-over path (``registry_node.handoff``), which serves blobs outside
-    aiohttp and declines, to this chain, whatever it may not serve."""
-    def admits(authorization: str | None, name: str) -> bool:
+    """Who an ``Authorization`` header (None: none sent) is, if it may pull from
+    a repository, as this middleware would decide a blob GET (None: it may
+    not): for the node's hand-over path (``registry_node.handoff``), which
+    serves blobs outside aiohttp, throttles them on that identity, and
+    declines, to this chain, whatever it may not serve."""
+    def admits(authorization: str | None, name: str) -> str | None:
         try:
-            gate.admit(authorization, (repository(name, PULL),))
+            admitted = gate.admit(authorization, (repository(name, PULL),))
         except Refusal:
-            return False
-        return True
+            return None
+        return admitted.principal.subject or ANONYMOUS
 
     return admits
 
 
-def authenticate(internal: bytes | None) -> Middleware:
+def authenticate(internal: bytes | None, throttle: Throttle) -> Middleware:
     """The access middleware of a node with auth on. It also does
     ``api.internal``'s work: a request carrying the internal credential
     (``internal``, the expected header) skips the gate, an internal route
     without it is refused — every internal route, when the node was given no
-    internal credential. One middleware for both, and the gate
-    looked up once, because this runs on every request and each layer of the
-    chain costs every request."""
+    internal credential; and throttling's (``api.throttling``), between the
+    gate's authentication and its authorization: a known principal past its
+    limits gets 429, whether or not it may do what it asks. One middleware
+    for all three, and the gate looked up once, because this runs on every
+    request and each layer of the chain costs every request."""
     gate: Gate | None = None        # app[GATE] exists once the node's storage is open
 
     @web.middleware
@@ -195,6 +200,8 @@ def authenticate(internal: bytes | None) -> Middleware:
             # answer no one rather than anyone.
             if internal_route(path):
                 raise refusal()
+            if throttle.active and path.startswith(TOKEN_SERVER):
+                _throttle_login(throttle)
             return await handler(request)
         if gate is None:
             gate = request.app[GATE]
@@ -203,15 +210,27 @@ def authenticate(internal: bytes | None) -> Middleware:
             _admit_grant(request, gate, needed)
             return await handler(request)
         try:
-            gate.admit(authorization, needed)
+            admitted = gate.admit(authorization, needed)
         except Refusal as refused:
+            if refused.principal is not None and throttle.active:
+                throttle_request(request, throttle, refused.principal.subject or ANONYMOUS)
             # The reason names what was wrong, never a credential.
             log.info("access_refused", method=request.method, path=path,
                      status=refused.status, reason=refused.reason)
             raise refusal_error(request, gate, refused) from None
+        if throttle.active:
+            throttle_request(request, throttle, admitted.principal.subject or ANONYMOUS)
         return await handler(request)
 
     return authenticate
+
+
+def _throttle_login(throttle: Throttle) -> None:
+    """A token server request, on the replica's read buckets (``api.throttling``)."""
+    try:
+        throttle.admit(READ, None)
+    except Throttled as refused:
+        raise too_many_requests(refused) from None
 
 
 def _admit_grant(request: web.Request, gate: Gate, needed: tuple[Scope, ...]) -> None:

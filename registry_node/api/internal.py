@@ -1,6 +1,6 @@
 """The node's internal routes, kept for the cluster around it.
 
-``/georeg/...`` (fault injection's storage seam, the inventory, registry
+``/georeg/...`` (fault injection's seams, the inventory, registry
 configuration, the node's own description) and ``/metrics`` serve the
 supervisor, the management plane, ``georeg verify`` and fault injection, never
 a registry client; endpoints do not forward them (``cluster.routing.policy``).
@@ -8,7 +8,8 @@ With an internal credential configured (``georeg node
 --internal-credential-file``; a cluster with ``auth = "token"`` gives every
 node the same one), they answer only a request that carries it, as
 ``Authorization: Bearer <credential>``; any other gets ``401 UNAUTHORIZED``
-before a handler runs.
+before a handler runs (checked by the node's one access middleware:
+``api.auth.authenticate`` with auth, ``api.throttling.open_access`` without).
 
 The one exception is ``GET /georeg/v1/replication/status``, which endpoints
 forward: a question a registry client asks about an image it can pull. It
@@ -45,6 +46,11 @@ def expected_header(credential: str) -> bytes:
     return f"Bearer {credential}".encode()
 
 
+def internal_headers(expected: bytes | None) -> dict[str, str]:
+    """The headers of the node's own requests to other nodes' internal routes."""
+    return {} if expected is None else {"Authorization": expected.decode()}
+
+
 def carries_credential(sent: str | None, expected: bytes) -> bool:
     """Whether ``sent`` (an ``Authorization`` value) is the internal credential,
     compared in constant time."""
@@ -57,13 +63,3 @@ def refusal() -> RegistryError:
         "API, georeg verify) and needs the cluster's internal credential",
         message="authentication required")
 
-
-@web.middleware
-async def internal_access(request: web.Request, handler) -> web.StreamResponse:
-    """The internal credential's middleware on a node without data-plane auth (a
-    node with auth checks it in ``api.auth.authenticate``, one middleware for both)."""
-    if carries_credential(request.headers.get("Authorization"), request.app[INTERNAL_CREDENTIAL]):
-        return await handler(request)
-    if internal_route(request.path):
-        raise refusal()
-    return await handler(request)

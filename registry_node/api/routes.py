@@ -20,6 +20,7 @@ from . import (
     listings,
     manifests,
     metrics,
+    throttling,
     uploads,
     webhooks,
 )
@@ -56,6 +57,11 @@ ROUTES: tuple[Route, ...] = (
     # Fault injection's storage seam.
     Route("GET", "/georeg/v1/faults/storage", admin.get_storage_faults),
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
+    # Request throttling: its fault, its state, zone siblings' reports (api.throttling).
+    Route("GET", "/georeg/v1/faults/throttle", throttling.get_throttle_fault),
+    Route("PUT", "/georeg/v1/faults/throttle", throttling.put_throttle_fault),
+    Route("GET", "/georeg/v1/throttle", throttling.get_throttle),
+    Route("POST", "/georeg/v1/throttle/debits", throttling.post_debits),
     # What this node stores, with stamps and origins (georeg verify).
     Route("GET", "/georeg/v1/inventory", inventory.get_inventory),
     # Registry configuration as this node holds it; writes come from the home

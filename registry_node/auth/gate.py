@@ -89,6 +89,9 @@ class Refusal(Exception):
     error: str | None = None
     reason: str = ""
     lacking: tuple[Scope, ...] = ()
+    # A 403's principal: authenticated, refused by authorization (the request
+    # chain throttles it in between, ``api.auth``).
+    principal: Principal | None = None
 
     @classmethod
     def unauthenticated(cls, needed: Sequence[Scope], reason: str,
@@ -96,10 +99,11 @@ class Refusal(Exception):
         return cls(401, tuple(needed), error, reason)
 
     @classmethod
-    def denied(cls, needed: Sequence[Scope], lacking: Sequence[Scope]) -> Refusal:
+    def denied(cls, needed: Sequence[Scope], lacking: Sequence[Scope],
+               principal: Principal | None = None) -> Refusal:
         actions = ", ".join(s.format() for s in lacking)
         return cls(403, tuple(needed), "insufficient_scope", f"not allowed: {actions}",
-                   tuple(lacking))
+                   tuple(lacking), principal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +174,7 @@ class Gate:
             if principal.kind == ANONYMOUS:
                 raise Refusal.unauthenticated(needed, "anonymous access is not enough",
                                               "insufficient_scope" if scheme == "bearer" else None)
-            raise Refusal.denied(needed, lacking)
+            raise Refusal.denied(needed, lacking, principal)
         admitted = Admitted(principal, held)
         if scheme == "bearer":
             self._remember(authorization, needed, admitted, generation, until)

@@ -1,0 +1,351 @@
+"""Request throttling (``registry_node.throttle``, ``api.throttling``): the
+buckets on an injected clock, then real ``georeg node`` processes with auth
+and real clients — a pull-only identity empties its own bucket and no one
+else's, ``Retry-After`` counts down, the token endpoint and ``/v2/`` draw on
+the replica's reads, and a skopeo push through a small write limit meets
+429s and completes.
+
+The cluster side (the ``[limits]`` table, zone siblings sharing what they
+admit, ``georeg fault throttle``, status, no failover on 429) is in
+``test_faults`` and ``test_spec``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import aiohttp
+import msgspec
+import pytest
+
+from registry_node.config import RequestLimits
+from registry_node.throttle import FAULT, IDENTITY, READ, REPLICA, WRITE, Throttle, Throttled
+from replicator.topology import ClusterView
+
+from .auth_helpers import (
+    ADMIN_PASSWORD,
+    PULL_PASSWORD,
+    REGISTRY,
+    SERVICE,
+    auth_files,
+    basic,
+    identities,
+    seed_configuration,
+)
+from .helpers import NodeProcess, Skopeo, eventually, make_image, push_image, write_oci_layout
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refused(throttle: Throttle, kind: str, identity: str | None) -> Throttled:
+    with pytest.raises(Throttled) as caught:
+        throttle.admit(kind, identity)
+    return caught.value
+
+
+# -- the buckets, on an injected clock ---------------------------------------------------
+
+
+def test_a_bucket_admits_its_burst_then_its_rate_and_retry_after_counts_down():
+    clock = Clock()
+    throttle = Throttle(RequestLimits(writes_per_min=60, per_identity_fraction=1.0, burst_s=3),
+                        clock)
+    for _ in range(3):                  # three seconds' worth at once
+        throttle.admit(WRITE, None)
+    first = refused(throttle, WRITE, None)
+    assert (first.limit, first.retry_after) == (REPLICA, 1)
+    clock.now += 1.0                    # one more token
+    throttle.admit(WRITE, None)
+    throttle = Throttle(RequestLimits(writes_per_min=6, per_identity_fraction=1.0, burst_s=1),
+                        clock)
+    throttle.admit(WRITE, "token:a")
+    waits = []
+    for _ in range(4):                  # refusals take nothing: the wait only shrinks
+        waits.append(refused(throttle, WRITE, "token:a").retry_after)
+        clock.now += 2.5
+    assert waits == [10, 8, 5, 3]
+    clock.now += 0.5
+    throttle.admit(WRITE, "token:a")    # 10 s after the first
+    assert throttle.refusals == {(WRITE, "token:a", REPLICA): 4}
+    assert throttle.admit(READ, "token:a") is None      # reads are not limited here
+
+
+def test_by_default_a_bucket_holds_a_minute_so_n_a_minute_admits_n_at_once():
+    clock = Clock()
+    throttle = Throttle(RequestLimits(writes_per_min=60, per_identity_fraction=1.0), clock)
+    for _ in range(60):
+        throttle.admit(WRITE, "token:a")
+    assert refused(throttle, WRITE, "token:a").retry_after == 1
+    clock.now += 600                    # idle: it refills to a minute's worth, no more
+    for _ in range(60):
+        throttle.admit(WRITE, "token:a")
+    assert refused(throttle, WRITE, "token:a").limit == REPLICA
+
+
+def test_each_identity_has_its_share_and_the_replica_its_whole():
+    clock = Clock()
+    throttle = Throttle(RequestLimits(reads_per_min=600, burst_s=1), clock)   # 10 a second
+    for _ in range(5):
+        throttle.admit(READ, "token:puller")
+    assert refused(throttle, READ, "token:puller").limit == IDENTITY     # half: 5
+    for _ in range(5):
+        throttle.admit(READ, "admin:georegtest")                          # its own 5
+    assert refused(throttle, READ, "token:third").limit == REPLICA      # the replica's 10 gone
+    clock.now += 0.2                # 2 more for the replica, 1 more for each identity
+    throttle.admit(READ, "token:third")
+    throttle.admit(READ, "token:puller")
+    # Both empty now: the identity's refills slower, and it is its wait that is told.
+    last = refused(throttle, READ, "token:puller")
+    assert (last.limit, round(last.wait_s, 6)) == (IDENTITY, 0.2)
+    assert throttle.refused_by_kind()[READ] == 3
+
+
+def test_a_fault_limits_on_top_of_the_limits_until_healed():
+    clock = Clock()
+    throttle = Throttle(None, clock)
+    assert not throttle.active
+    throttle.set_fault({WRITE: 60})
+    assert throttle.active
+    throttle.admit(WRITE, "token:x")
+    assert refused(throttle, WRITE, "token:x").limit == FAULT
+    throttle.admit(READ, "token:x")
+    throttle.set_fault({})
+    assert not throttle.active
+    with pytest.raises(ValueError, match="not a kind"):
+        throttle.set_fault({"pull": 5})
+
+
+def test_zone_siblings_share_what_they_admit_so_the_replica_keeps_its_limit():
+    """Three zone nodes, each with the replica's full buckets: what one admits is
+    taken out of the others' once its report lands, so over time the replica
+    admits its rate, not three times it."""
+    clock = Clock()
+    limits = RequestLimits(writes_per_min=60, burst_s=1)
+    zones = [Throttle(limits, clock, shared=True) for _ in range(3)]
+
+    def exchange() -> None:
+        for sender in zones:
+            debits = sender.take_debits()
+            if debits:
+                for other in zones:
+                    if other is not sender:
+                        other.debit(debits)
+
+    admitted = 0
+    for _ in range(40):                 # 10 s, a report every 0.25 s, a request to each zone
+        for zone in zones:
+            try:
+                zone.admit(WRITE, None)
+                admitted += 1
+            except Throttled:
+                pass
+        exchange()
+        clock.now += 0.25
+    # 10 s at one a second, plus each zone's burst of one before the first report.
+    assert 10 <= admitted <= 13
+    assert zones[0].take_debits() is None           # reported, nothing left over
+    alone = [Throttle(RequestLimits(writes_per_min=60, burst_s=1), clock) for _ in range(3)]
+    admitted_alone = 0
+    for _ in range(40):
+        for zone in alone:
+            try:
+                zone.admit(WRITE, None)
+                admitted_alone += 1
+            except Throttled:
+                pass
+        clock.now += 0.25
+    assert admitted_alone >= 30         # what sharing prevents: each zone its own limit
+
+
+def test_a_sibling_report_that_is_not_one_is_refused():
+    throttle = Throttle(RequestLimits(writes_per_min=60))
+    for bad in ({"replica": {"write": -1}}, {"replica": {"write": "3"}}, {"replica": []},
+                {"identities": {"a": {"write": 1.5}}}, {"identities": ["a"]}):
+        with pytest.raises(ValueError):
+            throttle.debit(bad)
+
+
+# -- real node processes --------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path):
+    return auth_files(tmp_path, "node")
+
+
+async def auth_node(node_process, files, http, *limits: str):
+    node = node_process("node", *files.node_args("node"), *limits)
+    await seed_configuration(http, node.url, identities(), files.internal_headers())
+    return node
+
+
+async def throttled_count(http, node, files, **labels: str) -> float:
+    async with http.get(f"{node.url}/metrics", headers=files.internal_headers()) as r:
+        text = await r.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("georeg_throttled_requests_total{") and all(
+                f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_a_pull_only_identity_empties_its_own_bucket_while_another_is_unaffected(
+        node_process, files, http):
+    # 600 reads a minute for the replica, 300 for each identity, two seconds' burst:
+    # an identity has 10 at once, the replica 20.
+    node = await auth_node(node_process, files, http, "--reads-per-min", "600", "--burst", "2")
+    admin = basic(REGISTRY, ADMIN_PASSWORD)
+    async with aiohttp.ClientSession(headers=admin) as pusher:
+        await push_image(pusher, node.url, "shared/app", make_image(seed=1), tag="v1")
+    puller = basic("puller", PULL_PASSWORD)
+    url = f"{node.url}/v2/shared/app/manifests/v1"
+    statuses = []
+    for _ in range(40):                 # far more than 10 + what refills meanwhile
+        async with http.get(url, headers=puller) as r:
+            statuses.append(r.status)
+            if r.status == 429:
+                body = await r.json()
+                retry_after = r.headers["Retry-After"]
+                break
+    assert statuses[-1] == 429 and statuses.count(200) >= 10, statuses
+    error = body["errors"][0]
+    assert error["code"] == "TOOMANYREQUESTS"
+    assert error["detail"]["limit"] == "identity" and error["detail"]["kind"] == "read"
+    assert retry_after.isdigit() and int(retry_after) >= 1
+    # The admin user's own bucket is full; the replica has what the puller left.
+    for _ in range(5):
+        async with http.get(url, headers=admin) as r:
+            assert r.status == 200
+    assert await throttled_count(http, node, files, identity="token:puller", kind="read",
+                                 limit="identity") >= 1
+    assert await throttled_count(http, node, files, identity=f"admin:{REGISTRY}") == 0
+
+
+async def test_retry_after_counts_down_across_retries(node_process, files, http):
+    # Six writes a minute, the identity's share the whole of it, a burst of one:
+    # one write, then a token every 10 s. A refused request takes none, so the
+    # wait only shrinks.
+    node = await auth_node(node_process, files, http, "--writes-per-min", "6",
+                           "--per-identity-fraction", "1", "--burst", "1")
+    admin = basic(REGISTRY, ADMIN_PASSWORD)
+    start = f"{node.url}/v2/countdown/app/blobs/uploads/"
+    async with http.post(start, headers=admin) as r:
+        assert r.status == 202
+    async with http.post(start, headers=admin) as r:
+        assert r.status == 429
+        first = int(r.headers["Retry-After"])
+    assert 9 <= first <= 10
+    seen = [first]
+
+    async def lower() -> bool:
+        async with http.post(start, headers=admin) as r:
+            assert r.status == 429
+            seen.append(int(r.headers["Retry-After"]))
+        return seen[-1] < first
+
+    await eventually(lower, timeout=5, what="Retry-After to count down")
+    assert seen[-1] == first - 1 and seen == sorted(seen, reverse=True)
+
+
+async def test_the_token_endpoint_and_v2_draw_on_the_replicas_reads_internal_routes_never(
+        node_process, files, http):
+    node = await auth_node(node_process, files, http, "--reads-per-min", "60", "--burst", "5")
+    admin = basic(REGISTRY, ADMIN_PASSWORD)
+    token_url = f"{node.url}/oauth2/token"
+    params = {"service": SERVICE, "scope": "repository:x/app:pull"}
+    statuses = []
+    for _ in range(20):                 # 5 at once, then one a second
+        async with http.get(token_url, params=params, headers=admin) as r:
+            statuses.append(r.status)
+            if r.status == 429:
+                error = (await r.json())["errors"][0]
+                break
+    assert statuses[-1] == 429 and statuses.count(200) >= 5, statuses
+    assert error["code"] == "TOOMANYREQUESTS" and error["detail"]["limit"] == "replica"
+    # /v2/ is a read of the same replica, whoever asks.
+    async with http.get(f"{node.url}/v2/", headers=admin) as r:
+        assert r.status == 429 and r.headers["Retry-After"].isdigit()
+    # No credentials: authentication refuses it before throttling counts it.
+    async with http.get(f"{node.url}/v2/") as r:
+        assert r.status == 401
+    # The cluster's own requests are never throttled.
+    for _ in range(10):
+        async with http.get(f"{node.url}/v2/", headers=files.internal_headers()) as r:
+            assert r.status == 200
+        async with http.get(f"{node.url}/georeg/v1/throttle",
+                            headers=files.internal_headers()) as r:
+            assert r.status == 200
+            state = await r.json()
+    assert state["limits"]["per_minute"] == {"read": 60.0}
+    assert state["refused"]["read"] == 2
+
+
+async def test_a_skopeo_push_through_a_small_write_limit_meets_429s_and_completes(
+        node_process, files, http, tmp_path):
+    """skopeo 1.9 (containers/image 5.23) waits out a 429's Retry-After and retries
+    requests without a body (POST, the upload's closing PUT, GET, HEAD), up to
+    five times; a 429 on one with a body (a PATCH of the layer, the manifest PUT)
+    fails the copy, which ``--retry-times`` retries whole."""
+    # 300 writes a minute (5 a second), one second's burst, the identity all of it.
+    node = await auth_node(node_process, files, http, "--writes-per-min", "300",
+                           "--per-identity-fraction", "1", "--burst", "1")
+    admin = basic(REGISTRY, ADMIN_PASSWORD)
+    burst = []
+    for _ in range(30):                 # the burst: far past 5 at once
+        async with http.post(f"{node.url}/v2/burst/app/blobs/uploads/", headers=admin) as r:
+            burst.append((r.status, r.headers.get("Retry-After")))
+    assert (429, "1") in burst and burst.count((202, None)) >= 5
+    before = await throttled_count(http, node, files, kind="write")
+
+    image = make_image([1024, 1024, 1024], seed=7)
+    write_oci_layout(tmp_path / "layout", image)
+    host = node.url.partition("://")[2]
+    skopeo = Skopeo(tmp_path / "skopeo", host)
+    skopeo.auth.write_text(json.dumps({"auths": {host: {
+        "auth": base64.b64encode(f"{REGISTRY}:{ADMIN_PASSWORD}".encode()).decode()}}}))
+    _, _, log = await skopeo.run("copy", "--debug", "--retry-times", "3", "--authfile",
+                                 str(skopeo.auth), "--dest-tls-verify=false",
+                                 f"oci:{tmp_path / 'layout'}:latest", skopeo.ref("burst/app:v1"))
+    # skopeo met 429s, and waited out their Retry-After before asking again.
+    assert await throttled_count(http, node, files, kind="write") > before
+    assert re.search(r"Too many requests to .*: sleeping for 1\.0+ seconds", log), log[-3000:]
+    # (skopeo compresses the layers on the way: the manifest is its own.)
+    async with http.get(f"{node.url}/v2/burst/app/manifests/v1", headers=admin) as r:
+        assert r.status == 200 and len((await r.json())["layers"]) == 3
+
+
+async def test_a_node_takes_new_limits_from_its_view_file_while_it_runs(tmp_path, http):
+    """The plan writes each node's limits into its view; when they change (the
+    spec's [limits], the registry's tier), the node takes them at once."""
+    view = ClusterView(name="westus", region="westus", grpc_listen="127.0.0.1:0",
+                       request_limits=RequestLimits(writes_per_min=6, burst_s=1,
+                                                    per_identity_fraction=1))
+    path = tmp_path / "view.json"
+    view.dump(path)
+    node = NodeProcess(tmp_path / "node", ["--cluster", str(path)]).start()
+    try:
+        start = f"{node.url}/v2/limits/app/blobs/uploads/"
+        async with http.post(start) as r:
+            assert r.status == 202
+        async with http.post(start) as r:
+            assert r.status == 429
+        msgspec.structs.replace(view, request_limits=RequestLimits(writes_per_min=600)).dump(path)
+
+        async def admitted() -> bool:
+            async with http.post(start) as r:
+                return r.status == 202
+
+        await eventually(admitted, timeout=10, what="the node to take its new limits")
+        async with http.get(f"{node.url}/georeg/v1/throttle") as r:
+            assert (await r.json())["limits"]["per_minute"]["write"] == 600
+    finally:
+        node.close()

@@ -58,6 +58,11 @@ Example (every key optional except where noted)::
     retry_horizon_s = 86400         # an event is retried until this old, then given up
     log_size = 100                  # finished deliveries kept per webhook (list-events)
 
+    [limits]                        # the registry's limits, overriding its tier's (each
+    storage_limit = "200MiB"        # optional): bytes of blobs and manifests a node may
+                                    # hold before clients' uploads are refused (default: the
+                                    # tier's registry maximum, 40 TiB; 100 TiB for Premium)
+
     [network]
     port_base = 5000                # 0: any free range, chosen when the cluster starts
     data_dir = ".georeg"
@@ -78,6 +83,7 @@ from pathlib import Path
 
 import msgspec
 
+from registry_node import tiers as tier_table
 from registry_node.config import WebhookSettings
 from replicator.residency import ResidencyPolicy
 from replicator.topology import ReplicationSettings
@@ -85,7 +91,7 @@ from replicator.topology import ReplicationSettings
 from ..network.wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
 from .regions import CONFINED_BY_DEFAULT, REGIONS, distance_km, unknown_region_message
 
-TIERS = ("Basic", "Standard", "Premium")
+TIERS = tier_table.TIERS
 SEEDS = 2**32                  # a drawn seed is below this: short enough to copy from a log
 BLOB_DOWNLOADS = ("relay", "redirect")
 AUTH_MODES = ("token", "none")
@@ -195,6 +201,22 @@ class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return WebhookSettings(**{k: v for k, v in given.items() if v is not None}, **decided)
 
 
+class LimitsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``[limits]`` table: limits that override the tier's, each None
+    unless given (the tier's then apply: ``registry_node.tiers``), so that a
+    test can reach one in seconds."""
+
+    # Bytes (or "200MiB", "1.5GiB", "10GB") of blobs and manifests a node may
+    # hold before clients' uploads are refused (``registry_node.usage``).
+    storage_limit: int | str | None = None
+
+    @property
+    def storage_limit_bytes(self) -> int | None:
+        if self.storage_limit is None:
+            return None
+        return tier_table.parse_size(self.storage_limit)
+
+
 class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     port_base: int = 5000
     management_port: int | None = None
@@ -241,6 +263,7 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     residency: ResidencySpec = ResidencySpec()
     replication: ReplicationSpec = ReplicationSpec()
     webhooks: WebhookSpec = WebhookSpec()
+    limits: LimitsSpec = LimitsSpec()
     network: NetworkSpec = NetworkSpec()
 
     # -- derived -----------------------------------------------------------------
@@ -365,7 +388,8 @@ _FIELDS = {"": set(ClusterSpec.__struct_fields__), "replicas": set(ReplicaSpec._
            "wan": set(WanSpec.__struct_fields__), "residency": set(ResidencySpec.__struct_fields__),
            "network": set(NetworkSpec.__struct_fields__),
            "replication": set(ReplicationSpec.__struct_fields__),
-           "webhooks": set(WebhookSpec.__struct_fields__)}
+           "webhooks": set(WebhookSpec.__struct_fields__),
+           "limits": set(LimitsSpec.__struct_fields__)}
 
 
 def _check_keys(raw: dict, source: str) -> None:
@@ -383,7 +407,7 @@ def _check_keys(raw: dict, source: str) -> None:
     for i, replica in enumerate(raw.get("replicas") or []):
         if isinstance(replica, dict):
             check(replica, _FIELDS["replicas"], f"replicas[{i}].")
-    for section in ("wan", "residency", "replication", "webhooks", "network"):
+    for section in ("wan", "residency", "replication", "webhooks", "limits", "network"):
         if isinstance(raw.get(section), dict):
             check(raw[section], _FIELDS[section], f"{section}.")
     if problems:
@@ -467,6 +491,7 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
         problems.append("wan.bandwidth_mbps must not be negative (0 means unlimited)")
     problems += _replication_problems(spec.replication)
     problems += _webhook_problems(spec.webhooks)
+    problems += _limit_problems(spec.limits)
     problems += _port_problems(spec)
     if problems:
         raise SpecError(source, problems)
@@ -497,6 +522,15 @@ def _webhook_problems(webhooks: WebhookSpec) -> list[str]:
         problems.append("webhooks.log_size must be at least 1 (list-events shows the last "
                         "deliveries kept)")
     return problems
+
+
+def _limit_problems(limits: LimitsSpec) -> list[str]:
+    try:
+        if limits.storage_limit is not None:
+            tier_table.parse_size(limits.storage_limit)
+    except ValueError as exc:
+        return [f"limits.storage_limit: {exc}"]
+    return []
 
 
 # -- ports -------------------------------------------------------------------------

@@ -186,6 +186,9 @@ class Cluster:
             home=self._control_plane, reader=self._config_reader, call=self._node_call,
             deliverer=lambda region: delivering_node(self.plan, region, self.answers),
             forward=self._node_request, key=self._configuration_key)
+        # A tier change and a new replica, one at a time (a replica needs
+        # Premium; a move down needs no replica).
+        self.tier_lock = asyncio.Lock()
         # The management API's port, bound (not listening: connections are
         # refused) from the start until a ManagementServer serves it.
         self._management_socket: socket.socket | None = None
@@ -297,15 +300,19 @@ class Cluster:
         except ControlPlaneUnavailable as exc:       # a restart with home down
             log.warning("tier_not_checked", tier=self.spec.tier, error=str(exc))
 
-    def _adopt_tier(self, tier: str) -> None:
-        """The cluster's spec (and the saved one) with the registry's live tier."""
-        spec = specs.validate(msgspec.structs.replace(self.spec, tier=tier),
-                              f"the registry's tier ({tier})")
+    def _adopt_tier(self, tier: str, spec: specs.ClusterSpec | None = None) -> None:
+        """The cluster's spec (and the saved one) with the registry's live tier
+        (``spec``: that spec, validated already)."""
+        spec = spec or self._spec_with_tier(tier)
         self.spec = spec
         self.plan = replace(self.plan, spec=spec)
         self.supervisor.plan = self.plan
         save_spec(self.data_dir, spec)
         log.info("tier", tier=tier)
+
+    def _spec_with_tier(self, tier: str) -> specs.ClusterSpec:
+        return specs.validate(msgspec.structs.replace(self.spec, tier=tier),
+                              f"the registry's tier ({tier})")
 
     async def _admin_user_everywhere(self, timeout: float = 30.0) -> None:
         """At an auth cluster's first start, the admin user enabled through the
@@ -782,29 +789,32 @@ class Cluster:
             if target is None:
                 raise ClusterError(f"sku {sku[:32]!r} is not one of {', '.join(tiers.TIERS)}")
         # Whatever is counted against the tier is created under one of these
-        # locks: the check and the change cannot interleave with one.
-        async with self.access.lock, self.webhooks.lock:
+        # locks (replicas under the first): the check and the change cannot
+        # interleave with one.
+        async with self.tier_lock, self.access.lock, self.webhooks.lock:
             home = await self._control_plane()
             current = await self._current_registry(home)
             tier = target or self.tier
             anonymous = anonymous_pull_enabled if anonymous_pull_enabled is not None \
                 else bool(current.get("anonymous_pull_enabled"))
-            if target is None or target == self.tier:
-                if anonymous_pull_enabled and not tiers.limits(tier).anonymous_pull:
-                    raise ClusterError(f"anonymous pull needs the Standard or Premium tier; this "
-                                       f"registry is {tier}")
-            else:
+            if (target is None or target == self.tier) and anonymous_pull_enabled \
+                    and not tiers.limits(tier).anonymous_pull:
+                raise ClusterError(f"anonymous pull needs the Standard or Premium tier; this "
+                                   f"registry is {tier}")
+            new_spec = None
+            if target is not None and target != self.tier:
                 state = await self._tier_state(home, target, anonymous)
                 reasons = skus.refusals(self.tier, target, state)
                 if reasons:
                     raise Conflict(skus.refusal_message(self.tier, target, reasons))
+                new_spec = self._spec_with_tier(target)    # checked before anything is written
             value = self.access.registry_value(current, admin_enabled=admin_enabled,
                                                anonymous_pull_enabled=anonymous_pull_enabled)
             if target is not None:
                 value["sku"] = target
             await self._node_call(home, "PUT", "/registry/default", value)
-            if target is not None and target != self.tier:
-                self._adopt_tier(target)
+            if new_spec is not None:
+                self._adopt_tier(target, new_spec)
         return await self.registry_properties()
 
     async def _tier_state(self, home: str, target: str, anonymous_pull: bool) -> skus.TierState:
@@ -876,6 +886,11 @@ class Cluster:
 
     async def create_replication(self, region: str, *, zone_redundant: bool = False,
                                  global_routing: bool = True) -> dict:
+        async with self.tier_lock:       # never beside a tier change that checks the replicas
+            return await self._create_replication(region, zone_redundant, global_routing)
+
+    async def _create_replication(self, region: str, zone_redundant: bool,
+                                  global_routing: bool) -> dict:
         await self._control_plane()
         new_spec = self.spec.with_replicas(
             (*self.spec.replicas, specs.ReplicaSpec(region, zone_redundant, global_routing)))

@@ -341,21 +341,22 @@ def reference_holder(key: bytes) -> BlobKey | RefKey | None:
     return _parse(key)
 
 
-def content_record(key: bytes) -> BlobKey | ManifestKey | None:
-    """The key parsed, if it holds a record that storage usage counts (a blob
-    record or a manifest record); ``None`` for every other key, cheaply,
-    since every key of every commit is asked (``usage``)."""
+BLOB_RECORD, MANIFEST_RECORD = "blob", "manifest"
+
+
+def content_record(key: bytes) -> str | None:
+    """``BLOB_RECORD`` or ``MANIFEST_RECORD`` if ``key`` holds a record that
+    storage usage counts; ``None`` for every other key. Cheap (no parse: only
+    the family and the kind are looked at), since every key of every commit
+    is asked (``usage``)."""
     if key.startswith(BLOB):
-        return _parse(key)          # type: ignore[return-value]
+        return BLOB_RECORD
     if not key.startswith(REPO_DATA):
         return None
     # r\0<repo>\0<kind>\0…: no repository name holds NUL, so the kind follows
-    # the first NUL after the family; only manifest keys are parsed.
+    # the first NUL after the family.
     kind_at = key.find(SEP, len(REPO_DATA)) + 1
-    if key[kind_at:kind_at + 2] != _MANIFEST + SEP:
-        return None
-    parsed = _parse(key)
-    return parsed if isinstance(parsed, ManifestKey) else None
+    return MANIFEST_RECORD if kind_at and key[kind_at:kind_at + 2] == _MANIFEST + SEP else None
 
 
 def is_tombstone(key: bytes) -> bool:

@@ -79,49 +79,57 @@ def decode(raw: bytes | None) -> StorageUsage:
     return ZERO if raw is None else _decoder.decode(raw)
 
 
-def _term(key: keys.BlobKey | keys.ManifestKey, raw: bytes) -> StorageUsage:
-    if isinstance(key, keys.BlobKey):
-        return StorageUsage(blob_bytes=decode_record(raw, BlobRecord).size, blobs=1)
-    return StorageUsage(manifest_bytes=decode_record(raw, ManifestRecord).size,
-                        manifests=1)
-
-
-def _minus(usage: StorageUsage) -> StorageUsage:
-    return StorageUsage(-usage.blob_bytes, -usage.blobs, -usage.manifest_bytes, -usage.manifests)
+def _size(kind: str, raw: bytes) -> int:
+    record = BlobRecord if kind == keys.BLOB_RECORD else ManifestRecord
+    return decode_record(raw, record).size
 
 
 def stage(puts: dict[bytes, bytes], deletes: Iterable[bytes], get: Get) -> StorageUsage | None:
     """How a batch of ``puts`` and ``deletes`` changes the usage, given ``get``
     reading the database as it is before the batch; None when it does not
     (the common case: a batch that writes no blob or manifest record)."""
-    delta = ZERO
+    # [bytes, records] per kind; plain ints, as this runs on every commit.
+    delta = {keys.BLOB_RECORD: [0, 0], keys.MANIFEST_RECORD: [0, 0]}
     changed = False
     for key, value in puts.items():
-        held = keys.content_record(key)
-        if held is None:
+        kind = keys.content_record(key)
+        if kind is None:
             continue
         changed = True
+        sums = delta[kind]
         old = get(key)
         if old is not None:
-            delta = delta + _minus(_term(held, old))
-        delta = delta + _term(held, value)
+            sums[0] -= _size(kind, old)
+            sums[1] -= 1
+        sums[0] += _size(kind, value)
+        sums[1] += 1
     for key in deletes:
-        held = keys.content_record(key)
-        if held is None:
+        kind = keys.content_record(key)
+        if kind is None:
             continue
         old = get(key)
         if old is not None:
             changed = True
-            delta = delta + _minus(_term(held, old))
-    return delta if changed and delta != ZERO else None
+            sums = delta[kind]
+            sums[0] -= _size(kind, old)
+            sums[1] -= 1
+    if not changed:
+        return None
+    (blob_bytes, blobs), (manifest_bytes, manifests) = (delta[keys.BLOB_RECORD],
+                                                        delta[keys.MANIFEST_RECORD])
+    found = StorageUsage(blob_bytes, blobs, manifest_bytes, manifests)
+    return found if found != ZERO else None
 
 
 def recompute(scan: Scan) -> StorageUsage:
     """The usage summed from every record held, the slow way (O(records))."""
-    total = ZERO
+    sums = {keys.BLOB_RECORD: [0, 0], keys.MANIFEST_RECORD: [0, 0]}
     for prefix in (keys.BLOB, keys.REPO_DATA):
         for key, raw in scan(prefix):
-            held = keys.content_record(key)
-            if held is not None:
-                total = total + _term(held, raw)
-    return total
+            kind = keys.content_record(key)
+            if kind is not None:
+                sums[kind][0] += _size(kind, raw)
+                sums[kind][1] += 1
+    (blob_bytes, blobs), (manifest_bytes, manifests) = (sums[keys.BLOB_RECORD],
+                                                        sums[keys.MANIFEST_RECORD])
+    return StorageUsage(blob_bytes, blobs, manifest_bytes, manifests)

@@ -90,6 +90,10 @@ class NodeConfig:
     gc_grace_s: float = 3600.0          # unreferenced blobs younger than this are kept
     gc_interval_s: float = 60.0
     upload_ttl_s: float = 24 * 3600.0   # idle upload sessions older than this expire
+    # Bytes of blobs and manifests the node may hold before clients' uploads are
+    # refused (``registry.Registry.check_storage``); None: the live tier's
+    # registry maximum (``tiers``).
+    storage_limit: int | None = None
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     sync: bool = True                   # fsync metadata and blobs before acknowledging
     io_threads: int = 4

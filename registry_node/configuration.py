@@ -17,6 +17,7 @@ The interface other code reads (an auth cache, the request chain)::
 
     config = app[CONFIGURATION]              # or Node.configuration
     config.get("registry", "default")       # -> RegistryProperties | None
+    config.tier()                           # -> the registry's tier (``tiers``)
     config.items("token")                   # -> [(name, Token), ...] live objects, by name
     config.generation                       # -> int; grows whenever what this node holds changes
 
@@ -66,7 +67,7 @@ from typing import Any
 
 import msgspec
 
-from . import identities, keys, webhooks
+from . import identities, keys, tiers, webhooks
 from .configuration_key import ConfigurationKey
 from .errors import ErrorCode, RegistryError
 from .metastore import Batch
@@ -76,18 +77,23 @@ from .registry import Registry
 
 class RegistryProperties(msgspec.Struct, frozen=True):
     """The registry's own switches (ACR's ``adminUserEnabled``,
-    ``anonymousPullEnabled``), its name (the admin user's username) and the
-    admin user's two password hashes (``identities``); singleton
-    ``registry/default``."""
+    ``anonymousPullEnabled``), its name (the admin user's username), the
+    admin user's two password hashes (``identities``) and its tier (ACR's
+    ``sku.name``: ``tiers``; "" where a georeg before tiers were configuration
+    wrote the object: the default tier); singleton ``registry/default``."""
 
     admin_enabled: bool = False
     anonymous_pull_enabled: bool = False
     name: str = ""
     admin_passwords: tuple[identities.Secret, ...] = ()
+    sku: str = ""
 
 
 def _check_registry(name: str, value: RegistryProperties) -> None:
     identities.check_admin_passwords(value.admin_passwords)
+    if value.sku and value.sku not in tiers.TIERS:
+        raise identities.InvalidValue(f"sku {value.sku[:32]!r} is not one of "
+                                      f"{', '.join(tiers.TIERS)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +222,13 @@ class Configuration:
                 found = _decode_value(KINDS[kind], record.value)
         self._cache[(kind, name)] = found
         return found
+
+    def tier(self) -> str:
+        """The registry's tier as this node holds it (the default tier until
+        one is written)."""
+        properties = self.get("registry", "default")
+        sku = properties.sku if isinstance(properties, RegistryProperties) else ""
+        return sku or tiers.DEFAULT_TIER
 
     def items(self, kind: str) -> list[tuple[str, msgspec.Struct]]:
         """Every live object of ``kind`` held here, by name."""

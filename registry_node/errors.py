@@ -66,6 +66,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+from .tiers import format_size
+
 
 class Outcome(Enum):
     """Whether a failed operation took effect."""
@@ -164,3 +166,19 @@ def disk_full() -> RegistryError:
     return RegistryError(ErrorCode.UNAVAILABLE, "the node's disk is full; writes are refused "
                          "until space is freed, reads keep working", message="disk full",
                          status=507, outcome=Outcome.DEFINITE)
+
+
+def storage_limit_reached(limit: int, source: str, used: int, adding: int) -> RegistryError:
+    """The answer to a client's upload or manifest that would take the
+    registry past its storage limit: refused before anything changed, as
+    ``403 DENIED`` — ACR documents no answer for its registry maximum, so the
+    spec's code for a refused operation, with a message that says what to do.
+    ``detail`` gives the numbers (bytes)."""
+    return RegistryError(
+        ErrorCode.DENIED,
+        {"reason": f"the registry stores {format_size(used)} and this upload would add "
+                   f"{format_size(adding)}, past {source} of {format_size(limit)}; delete images (their "
+                   f"layers are reclaimed by garbage collection) or raise the limit. Reads "
+                   f"and deletes keep working",
+         "limit_bytes": limit, "used_bytes": used, "upload_bytes": adding},
+        message=f"registry storage limit reached ({format_size(used)} of {format_size(limit)} used)")

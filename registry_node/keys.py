@@ -17,6 +17,9 @@ The key space::
     meta\\0logfloor                        → seq (ascii int)   the log is truncated up to here
     meta\\0tombindex                       → scheme (ascii int) every tombstone has its tgc\\0 entry
     meta\\0tombstones                      → count (ascii int) tombstones held (kept by each commit)
+    meta\\0usage                           → StorageUsage      bytes and records of the blobs and
+                                                                manifests held (kept by each commit:
+                                                                ``usage``)
     meta\\0webhookfeed                     → seq (ascii int)   webhooks have been made from the log
                                                                 up to here (``webhook_outbox``)
     meta\\0webhookseq                      → number (ascii int) the last webhook entry's number
@@ -96,6 +99,7 @@ UNREFERENCED_SCHEME = META + b"unreferenced"
 LOG_FLOOR = META + b"logfloor"
 TOMB_INDEX = META + b"tombindex"
 TOMB_COUNT = META + b"tombstones"
+USAGE = META + b"usage"
 WEBHOOK_FEED = META + b"webhookfeed"
 WEBHOOK_SEQ = META + b"webhookseq"
 
@@ -335,6 +339,24 @@ def reference_holder(key: bytes) -> BlobKey | RefKey | None:
     if not (key.startswith(BLOB) or key.startswith(REF)):
         return None
     return _parse(key)
+
+
+BLOB_RECORD, MANIFEST_RECORD = "blob", "manifest"
+
+
+def content_record(key: bytes) -> str | None:
+    """``BLOB_RECORD`` or ``MANIFEST_RECORD`` if ``key`` holds a record that
+    storage usage counts; ``None`` for every other key. Cheap (no parse: only
+    the family and the kind are looked at), since every key of every commit
+    is asked (``usage``)."""
+    if key.startswith(BLOB):
+        return BLOB_RECORD
+    if not key.startswith(REPO_DATA):
+        return None
+    # r\0<repo>\0<kind>\0…: no repository name holds NUL, so the kind follows
+    # the first NUL after the family.
+    kind_at = key.find(SEP, len(REPO_DATA)) + 1
+    return MANIFEST_RECORD if kind_at and key[kind_at:kind_at + 2] == _MANIFEST + SEP else None
 
 
 def is_tombstone(key: bytes) -> bool:

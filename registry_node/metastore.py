@@ -23,7 +23,8 @@ Anti-entropy fingerprints (``fingerprints``) are derived data kept here, not
 by callers: ``commit`` adds to every batch the updated sums of the registers
 it writes, into the same ``WriteBatch``, so no code path that writes a tag or
 manifest can forget them and no crash can part them from what they sum. A
-database that predates them is summed once when opened.
+database that predates them is summed once when opened. The storage held
+(``usage``: bytes and records of blobs and manifests) is kept the same way.
 
 Readers of the log inside the node (webhooks: ``webhook_outbox``) hold its
 truncation back with ``hold_log``: ``truncate_log`` never deletes an event
@@ -52,6 +53,7 @@ from msgspec import structs
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
 from . import fingerprints, keys, unreferenced
+from . import usage as storage_usage
 from .blobstore import fsync_directory
 from .records import Event, TombstoneCandidate, decode, encode
 from .storage_faults import StorageFaults
@@ -131,6 +133,13 @@ class MetadataStore:
         if self.tombstone_index_rebuilt:
             self._rebuild_tombstone_index()
         self._tombstones = int(self._db.get(keys.TOMB_COUNT) or b"0")
+        # The storage held (``usage``), summed once for a database that never
+        # kept it, then kept by every commit.
+        self.usage_rebuilt = self._db.get(keys.USAGE) is None
+        if self.usage_rebuilt:
+            self._db.put(keys.USAGE, storage_usage.encode(storage_usage.recompute(self.scan)),
+                         self._write_options)
+        self._usage = storage_usage.decode(self._db.get(keys.USAGE))
 
     def close(self) -> None:
         self._db.close()
@@ -356,6 +365,21 @@ class MetadataStore:
         wb.put(keys.UNREFERENCED_SCHEME, unreferenced.SCHEME)
         self._db.write(wb, self._write_options)
 
+    # -- storage held ------------------------------------------------------------
+
+    @property
+    def usage(self) -> storage_usage.StorageUsage:
+        """The blobs and manifests held, in bytes and records (maintained on
+        write, ``usage``: no scan)."""
+        return self._usage
+
+    def usage_discrepancies(self) -> list[str]:
+        """Where the maintained usage differs from a recomputation (O(records):
+        for checks and tests). Empty while the invariant holds."""
+        recomputed = storage_usage.recompute(self.scan)
+        return [] if recomputed == self._usage else \
+            [f"usage: stored {self._usage} != recomputed {recomputed}"]
+
     # -- writes --------------------------------------------------------------
 
     def commit(self, batch: Batch) -> list[Event]:
@@ -381,6 +405,10 @@ class MetadataStore:
                 wb.delete(key)
             else:
                 wb.put(key, value)
+        changed = storage_usage.stage(batch.puts, batch.deletes, self._db.get)
+        held_usage = self._usage if changed is None else self._usage + changed
+        if changed is not None:
+            wb.put(keys.USAGE, storage_usage.encode(held_usage))
         seq = self._last_seq
         committed: list[Event] = []
         for event in batch.events:
@@ -410,6 +438,7 @@ class MetadataStore:
             raise
         self._written += 1
         self._tombstones = held
+        self._usage = held_usage
         if committed:
             self._last_seq = seq
             for listener in self._listeners:

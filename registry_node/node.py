@@ -24,7 +24,7 @@ from .configuration_key import ConfigurationKey
 from .crypto import NodeKey, Sealer
 from .metastore import Batch, MetadataStore
 from .records import NodeIdentity, decode, encode
-from .registry import Registry
+from .registry import Limits, Registry
 from .storage_faults import StorageFaults
 from .webhook_outbox import WebhookOutbox
 
@@ -79,10 +79,13 @@ class Node:
             return asyncio.get_running_loop().run_in_executor(executor, fn)
 
         registry = Registry(meta, blobs, Sealer(node_key.derive(b"manifest")), identity,
-                            run_blocking=run_blocking, wall_ns=wall_ns, monotonic=monotonic)
+                            run_blocking=run_blocking, wall_ns=wall_ns, monotonic=monotonic,
+                            limits=Limits(max_storage=config.storage_limit))
+        configuration = Configuration(registry, configuration_key)
+        registry.tier = configuration.tier      # the storage maximum follows the live tier
         outbox = WebhookOutbox(meta, holds_log=config.webhooks.deliver)
         return cls(config, identity, meta, blobs, registry, executor,
-                   Configuration(registry, configuration_key), outbox, configuration_key)
+                   configuration, outbox, configuration_key)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

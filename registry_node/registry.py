@@ -23,6 +23,16 @@ Invariants kept here
       commit is synchronous), so they are atomic with respect to each other and
       to garbage collection.
     * Nothing of a body whose digest does not match is kept.
+    * A client's upload or manifest that would take what this node stores
+      (``MetadataStore.usage``) past the storage limit is refused with
+      ``403 DENIED`` (``storage_limit_reached``) and nothing of it is kept; the
+      limit is the spec's ``storage_limit`` or the live tier's maximum
+      (``tiers``). Uploads between their last check and their commit are
+      reserved, so concurrent uploads cannot pass it together. Replicated
+      content is never refused (a replica that refused would diverge):
+      replication can take a node past the limit, and its clients' uploads are
+      refused there until deletes and garbage collection make room. Reads,
+      deletes, tag moves and mounts add nothing and go on at the limit.
     * A manifest or layers a peer already has are fetched rather than refused
       or answered 404 (``peers``, bounded staleness), when the node has peers.
 
@@ -41,12 +51,12 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from . import keys
+from . import keys, tiers
 from . import manifest as manifests
 from .blobstore import BlobStore, UploadFile
 from .crypto import BlobCorrupt, SealedBlob, Sealer
 from .durability import LocalDurability, WriteQuorum
-from .errors import ErrorCode, RegistryError, disk_full
+from .errors import ErrorCode, RegistryError, disk_full, storage_limit_reached
 from .hlc import HybridLogicalClock
 from .metastore import Batch, MetadataStore
 from .records import (
@@ -83,6 +93,9 @@ PIPELINE_CHUNK = 1 << 20
 class Limits:
     max_blob_size: int = 200 * 1024**3          # ACR's layer limit
     max_manifest_size: int = manifests.MAX_MANIFEST_SIZE
+    # Bytes of blobs and manifests a node may hold before clients' uploads are
+    # refused; None: the registry maximum of the live tier (``tiers``).
+    max_storage: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +160,11 @@ class Registry:
         # grace. In touch order (``touch``); GC drops the touches that expire.
         self.touched: dict[str, float] = {}
         self.started = monotonic()
+        # The registry's live tier (its storage maximum); the node wires it to
+        # its configuration (``Configuration.tier``).
+        self.tier: Callable[[], str] = lambda: tiers.DEFAULT_TIER
+        # Bytes of uploads that passed the storage check and are not committed yet.
+        self._reserved = 0
 
     # -- helpers -------------------------------------------------------------
 
@@ -202,6 +220,29 @@ class Registry:
                 return
         if not any(keys.in_repository(k, name) for k in batch.puts):
             batch.delete(keys.repo(name))
+
+    # -- the storage limit ------------------------------------------------------
+
+    def storage_limit(self) -> tuple[int, str]:
+        """The bytes this node may hold before clients' uploads are refused,
+        and what sets it (for the refusal's message)."""
+        if self.limits.max_storage is not None:
+            return self.limits.max_storage, "the registry's storage_limit"
+        tier = self.tier()
+        return tiers.limits(tier).maximum_storage, f"the {tier} tier's registry maximum"
+
+    def storage_room(self) -> int:
+        """Bytes a client may still add (negative: replication took the node past it)."""
+        limit, _ = self.storage_limit()
+        return limit - self.meta.usage.bytes - self._reserved
+
+    def check_storage(self, adding: int) -> None:
+        """Refuse a client's write of ``adding`` new bytes that would pass the
+        storage limit (``storage_limit_reached``: 403 DENIED, nothing changed)."""
+        if adding > self.storage_room():
+            limit, source = self.storage_limit()
+            raise storage_limit_reached(limit, source, self.meta.usage.bytes + self._reserved,
+                                        adding)
 
     def repository_exists(self, name: str) -> bool:
         return self.meta.get(keys.repo(name)) is not None
@@ -285,6 +326,7 @@ class Registry:
 
     async def start_upload(self, repo: str) -> str:
         self.quorum.check_writable()  # refuse before the client sends a single layer byte
+        self.check_storage(1)         # likewise once the node holds all it may
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id)
         batch = Batch()
@@ -340,21 +382,30 @@ class Registry:
             if start is not None and start != offset:
                 raise _range_error(offset, f"chunk starts at {start}, the upload has {offset} bytes")
             try:
-                await self.receive(upload.file, chunks, length)
+                await self.receive(upload.file, chunks, length, counted=True)
             except RegistryError as exc:
-                if exc.status == 413:  # over the size limit: nothing of it is kept
-                    await self.run_blocking(lambda: self.blobs.discard_upload(upload.file))
-                    self._forget_upload(upload_id)
+                await self._end_if_over_a_limit(upload_id, upload, exc)
                 raise
             await self.run_blocking(upload.file.flush)
             upload.last_used = self._monotonic()
             return upload.file.size
 
+    async def _end_if_over_a_limit(self, upload_id: str, upload: _OpenUpload,
+                                   exc: RegistryError) -> None:
+        """An upload refused for a limit (the blob size limit, the storage
+        limit) ends: nothing of it is kept, and the client starts over."""
+        if exc.status == 413 or exc.code is ErrorCode.DENIED:
+            await self.run_blocking(lambda: self.blobs.discard_upload(upload.file))
+            self._forget_upload(upload_id)
+
     async def receive(self, file: UploadFile, chunks: AsyncIterator[bytes],
-                       expected: int | None) -> None:
+                       expected: int | None, *, counted: bool = False) -> None:
         """Feed a body into an upload, hashing and encrypting in a worker thread
-        while the next piece is received."""
+        while the next piece is received. ``counted``: a client's upload of a
+        blob this node may not hold yet, refused as soon as its bytes would
+        pass the storage limit (replication's transfers never are)."""
         limit = self.limits.max_blob_size
+        room = self.storage_room() if counted else None
         buffered: list[bytes] = []
         buffered_len = 0
         in_flight: Awaitable[None] | None = None
@@ -364,6 +415,9 @@ class Registry:
             if file.size + received > limit:
                 raise RegistryError(ErrorCode.SIZE_INVALID,
                                     f"blob exceeds the {limit}-byte limit", status=413)
+            if room is not None and file.size + received > room:
+                self.check_storage(file.size + received)   # unless deletes made room since
+                room = self.storage_room()
             buffered.append(chunk)
             buffered_len += len(chunk)
             if buffered_len >= PIPELINE_CHUNK:
@@ -399,7 +453,12 @@ class Registry:
                 offset = upload.file.size
                 if start is not None and start != offset:
                     raise _range_error(offset, f"chunk starts at {start}, the upload has {offset} bytes")
-                await self.receive(upload.file, chunks, length)
+                try:
+                    await self.receive(upload.file, chunks, length,
+                                       counted=self.meta.get(keys.blob(digest)) is None)
+                except RegistryError as exc:
+                    await self._end_if_over_a_limit(upload_id, upload, exc)
+                    raise
             try:
                 info = await self._commit_upload(repo, upload.file, digest)
             except RegistryError:  # wrong digest: the upload is gone, say so next time
@@ -421,7 +480,8 @@ class Registry:
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id, digest.algorithm)
         try:
-            await self.receive(file, chunks, length)
+            await self.receive(file, chunks, length,
+                               counted=self.meta.get(keys.blob(digest)) is None)
         except BaseException:
             await self.run_blocking(lambda: self.blobs.discard_upload(file))
             raise
@@ -435,21 +495,40 @@ class Registry:
                                 {"expected": str(digest), "computed": actual})
         size = file.size
         self.quorum.check_writable()
-        self.touch(digest)  # before the file lands, so GC cannot take it meanwhile
-        await self.run_blocking(lambda: self.blobs.commit_upload(file, digest))
-        if self.meta.get(keys.blob(digest)) is not None \
-                and self.meta.get(keys.blob_link(repo, digest)) is not None:
-            # Uploaded again into a repository that has it: nothing changes, so
-            # nothing is logged (every replica would apply and log it again).
-            await self.quorum.wait_durable(self.meta.last_seq)  # as a no-op manifest push
-            return BlobInfo(digest, size)
-        batch = Batch()
-        stamp = self._stamp(batch)
+        reserved, seq = 0, 0
+        events: list[Event] = []
         if self.meta.get(keys.blob(digest)) is None:
-            batch.put(keys.blob(digest), encode(BlobRecord(size, self._wall_ns())))
-        self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
-        batch.event(self._event(EventKind.BLOB_PUT, repo, stamp, digest=digest, size=size))
-        await self._commit(batch)
+            try:
+                self.check_storage(size)
+            except RegistryError:
+                await self.run_blocking(lambda: self.blobs.discard_upload(file))
+                raise
+            # Counted from here until its record is (same step as the check).
+            reserved = size
+            self._reserved += reserved
+        try:
+            self.touch(digest)  # before the file lands, so GC cannot take it meanwhile
+            await self.run_blocking(lambda: self.blobs.commit_upload(file, digest))
+            if self.meta.get(keys.blob(digest)) is not None \
+                    and self.meta.get(keys.blob_link(repo, digest)) is not None:
+                # Uploaded again into a repository that has it: nothing changes, so
+                # nothing is logged (every replica would apply and log it again).
+                seq = self.meta.last_seq
+            else:
+                batch = Batch()
+                stamp = self._stamp(batch)
+                if self.meta.get(keys.blob(digest)) is None:
+                    batch.put(keys.blob(digest), encode(BlobRecord(size, self._wall_ns())))
+                self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
+                batch.event(self._event(EventKind.BLOB_PUT, repo, stamp, digest=digest,
+                                        size=size))
+                events = self.meta.commit(batch)
+        finally:
+            self._reserved -= reserved
+        if not events:
+            await self.quorum.wait_durable(seq)  # as a no-op manifest push
+            return BlobInfo(digest, size)
+        await self.durable(events[-1].seq)
         return BlobInfo(digest, size)
 
     def _forget_upload(self, upload_id: str) -> None:
@@ -563,11 +642,13 @@ class Registry:
             raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
                                 {"missing": missing[:20], "count": len(missing)})
         self.quorum.check_writable()
+        new_manifest = self.meta.get(keys.manifest(repo, digest)) is None
+        if new_manifest:
+            self.check_storage(len(body))   # no await from here to the commit
         batch = Batch()
         hlc = self._stamp(batch)
         origin = (self.identity.region, self.identity.zone)
         acked = self._wall_ns()
-        new_manifest = self.meta.get(keys.manifest(repo, digest)) is None
         tag_moves = False
         if tag is not None:
             current = self.meta.get(keys.tag(repo, tag))

@@ -71,7 +71,7 @@ async def test_a_write_at_home_reaches_every_node_confined_regions_included(clus
     stored = await put(http, cluster.nodes["eastus-1"].url, "registry/default",
                        {"admin_enabled": True})
     assert stored["value"] == {"admin_enabled": True, "anonymous_pull_enabled": False,
-                               "name": "", "admin_passwords": []}
+                               "name": "", "admin_passwords": [], "sku": ""}
     assert stamp(stored)[1:] == ("eastus", "1")
     for node in cluster.nodes.values():
         await eventually(lambda n=node: held(http, n.url, "registry", "default"),
@@ -239,6 +239,7 @@ BAD_REQUESTS = [
     ("PUT", "/registry/default", {"admin_enabled": "yes"}, 400),    # wrong type
     ("PUT", "/registry/default", {"admin_enabled": 1}, 400),
     ("PUT", "/registry/default", {"bogus": True}, 400),             # unknown field
+    ("PUT", "/registry/default", {"sku": "Gold"}, 400),             # no such tier
     ("PUT", "/registry/default", [True], 400),                      # not an object
     ("PUT", "/registry/default", b"{not json", 400),
     ("PUT", "/registry/default", b"\xff\xfe", 400),

@@ -1130,6 +1130,31 @@ async def test_an_early_answer_drains_the_body_and_keeps_the_connection(cluster)
     assert len(proxy._clients) <= 1
 
 
+async def test_an_early_answer_to_a_request_that_closes_is_read_by_a_client_still_sending(
+        cluster):
+    """A request that says ``Connection: close`` (skopeo's streamed upload),
+    answered before its body ended (a node refusing a chunk past its storage
+    limit): the proxy reads the rest of the body before it closes, as the node
+    itself does. Closing at once resets the connection under a client still
+    sending, and its answer is lost (skopeo: "broken pipe")."""
+    await cluster.add("eastus")
+    proxy = await cluster.global_endpoint("eastus")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    body = os.urandom(8 * MIB)
+    try:
+        writer.write(b"PATCH /v2/app/blobs/uploads/nosuch HTTP/1.1\r\nHost: r\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for at in range(0, len(body), MIB):       # as a client streams it
+            writer.write(body[at:at + MIB])
+            await writer.drain()
+        head, answer = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 404") and b"BLOB_UPLOAD_UNKNOWN" in answer
+        assert b"connection: close" in head.lower()
+        assert await reader.read() == b""          # closed once the body has ended
+    finally:
+        writer.close()
+
+
 async def test_clients_hanging_up_mid_transfer_leave_the_proxy_clean(cluster, client):
     (backend,) = await cluster.add("eastus")
     proxy = await cluster.global_endpoint("eastus")

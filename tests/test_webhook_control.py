@@ -261,8 +261,9 @@ async def test_the_tier_limits_the_number_of_webhooks(node, http, region, tmp_pa
         await hooks.create(f"hook{n:03}", uri="https://hooks.example/x", actions=["push"])
     with pytest.raises(QuotaExceeded) as refused:
         await hooks.create("onemore", uri="https://hooks.example/x", actions=["push"])
-    assert str(refused.value) == (f"the {tier} tier allows {limit} webhooks and this registry "
-                                  f"has {limit}: delete one"
+    assert str(refused.value) == (f"Quota exceeded for resource type webhooks for the registry "
+                                  f"SKU {tier}: the {tier} tier allows {limit} webhooks and this "
+                                  f"registry has {limit}: delete one"
                                   + (f", or move to {larger}" if larger else ""))
     await hooks.delete("hook000")                                 # room again
     await hooks.create("onemore", uri="https://hooks.example/x", actions=["push"])

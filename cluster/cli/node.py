@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from registry_node.config import SHUTDOWN_GRACE_S
+from registry_node.tiers import parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,13 @@ def _rate(value: str) -> float:
     return rate
 
 
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_node(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "node", help="run one standalone registry node",
@@ -72,6 +80,10 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
                    help="how often garbage collection runs (default 60)")
     p.add_argument("--upload-ttl", type=_seconds, default=86400.0, metavar="SECONDS",
                    help="expire upload sessions idle this long (default 86400)")
+    p.add_argument("--storage-limit", type=_size, metavar="SIZE",
+                   help="refuse clients' uploads that would take the blobs and manifests this "
+                        "node stores past SIZE (bytes, or with a unit: 200MiB, 40TiB; default: "
+                        "the registry maximum of the registry's tier)")
     p.add_argument("--shutdown-grace", type=_seconds, default=SHUTDOWN_GRACE_S, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish "
                         f"(default {SHUTDOWN_GRACE_S:g})")
@@ -204,6 +216,7 @@ def _run_node(args: argparse.Namespace) -> int:
                         configuration_key_file=args.configuration_key_file,
                         gc_grace_s=args.gc_grace,
                         gc_interval_s=args.gc_interval, upload_ttl_s=args.upload_ttl,
+                        storage_limit=args.storage_limit,
                         shutdown_grace_s=args.shutdown_grace, auth_ca_file=args.auth_ca,
                         auth_key_file=args.auth_key, auth_cert_file=args.auth_cert,
                         auth_service=args.auth_service or "",

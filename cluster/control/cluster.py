@@ -61,16 +61,20 @@ import aiohttp
 import msgspec
 import structlog
 
+from registry_node import tiers
 from registry_node.configuration import check_name, kind_of
 from registry_node.configuration_key import ConfigurationKey
 from registry_node.errors import RegistryError
+from registry_node.identities import SCOPE_MAP, TOKEN
 from registry_node.webhooks import WEBHOOK
 from replicator.topology import ReplicationSettings
 
 from ..faults.controller import FaultController
 from ..faults.verify import NodeTarget, VerifyReport, down_reason, verify
 from ..routing.endpoints import Endpoints
+from . import sku as skus
 from . import spec as specs
+from . import usage as usages
 from .access import (
     ClusterSecrets,
     configuration_key,
@@ -79,7 +83,14 @@ from .access import (
     provision,
     provision_node,
 )
-from .errors import ClusterError, ControlPlaneUnavailable, NodeRefusal, NotFound, PortInUse
+from .errors import (
+    ClusterError,
+    Conflict,
+    ControlPlaneUnavailable,
+    NodeRefusal,
+    NotFound,
+    PortInUse,
+)
 from .identities import ACCESS_KINDS, RegistryAccess
 from .plan import ClusterPlan, plan
 from .state import save_spec, saved_spec
@@ -165,16 +176,19 @@ class Cluster:
         self.ready_after_s: float | None = None
         self._stopped = asyncio.Event()
         # Admin credentials, tokens, scope maps, identities, role assignments.
-        self.access = RegistryAccess(registry=spec.registry, tier=lambda: self.spec.tier,
+        self.access = RegistryAccess(registry=spec.registry, tier=lambda: self.tier,
                                      data_dir=self.data_dir, home=self._control_plane,
                                      reader=self._config_reader, call=self._node_call)
         # Webhooks: their configuration, and what their regions' nodes deliver.
         self.webhooks = RegistryWebhooks(
-            tier=lambda: self.spec.tier, home_region=lambda: self.spec.home_region,
+            tier=lambda: self.tier, home_region=lambda: self.spec.home_region,
             replica_regions=lambda: [r.region for r in self.spec.all_replicas],
             home=self._control_plane, reader=self._config_reader, call=self._node_call,
             deliverer=lambda region: delivering_node(self.plan, region, self.answers),
             forward=self._node_request, key=self._configuration_key)
+        # A tier change and a new replica, one at a time (a replica needs
+        # Premium; a move down needs no replica).
+        self.tier_lock = asyncio.Lock()
         # The management API's port, bound (not listening: connections are
         # refused) from the start until a ManagementServer serves it.
         self._management_socket: socket.socket | None = None
@@ -252,6 +266,7 @@ class Cluster:
             self.healthy_after_s = time.monotonic() - clock
             await self.wait_ready()
             self.ready_after_s = time.monotonic() - clock
+            await self._tier_at_start()
             if self.spec.auth_enabled:
                 await self._admin_user_everywhere()
         except BaseException:
@@ -263,6 +278,41 @@ class Cluster:
             raise ClusterError("the cluster has not started: its configuration key is made "
                                "at its start")
         return self.configuration_key
+
+    async def _tier_at_start(self) -> None:
+        """The registry's tier is registry configuration (``RegistryProperties.sku``,
+        which every node holds): at a start the home node's value wins over the
+        spec's (a tier changed with ``update_registry`` outlives the spec file);
+        a registry that never recorded one records the spec's, unless that is
+        what every node reads anyway (``tiers.DEFAULT_TIER``: no write, so a
+        default cluster starts as it did). Home unreachable: the saved spec's
+        tier holds until it returns."""
+        try:
+            async with self.access.lock:
+                home = await self._control_plane()
+                current = await self._current_registry(home)
+                stored = current.get("sku") or ""
+                if stored and stored != self.spec.tier:
+                    self._adopt_tier(stored)
+                elif not stored and self.spec.tier != tiers.DEFAULT_TIER:
+                    await self._node_call(home, "PUT", "/registry/default", {
+                        **current, "name": self.spec.registry, "sku": self.spec.tier})
+        except ControlPlaneUnavailable as exc:       # a restart with home down
+            log.warning("tier_not_checked", tier=self.spec.tier, error=str(exc))
+
+    def _adopt_tier(self, tier: str, spec: specs.ClusterSpec | None = None) -> None:
+        """The cluster's spec (and the saved one) with the registry's live tier
+        (``spec``: that spec, validated already)."""
+        spec = spec or self._spec_with_tier(tier)
+        self.spec = spec
+        self.plan = replace(self.plan, spec=spec)
+        self.supervisor.plan = self.plan
+        save_spec(self.data_dir, spec)
+        log.info("tier", tier=tier)
+
+    def _spec_with_tier(self, tier: str) -> specs.ClusterSpec:
+        return specs.validate(msgspec.structs.replace(self.spec, tier=tier),
+                              f"the registry's tier ({tier})")
 
     async def _admin_user_everywhere(self, timeout: float = 30.0) -> None:
         """At an auth cluster's first start, the admin user enabled through the
@@ -691,16 +741,18 @@ class Cluster:
         self._written_by_its_commands(kind)
         if kind != "registry":
             return await self._node_call(await self._control_plane(), "PUT", path, value)
-        owned = sorted({"name", "admin_passwords"} & set(value))
+        owned = sorted({"name", "admin_passwords", "sku"} & set(value))
         if owned:
             raise ClusterError(f"{', '.join(owned)}: set by the control plane (use `georeg "
-                               "credential renew` for the admin passwords)")
+                               "credential renew` for the admin passwords, `georeg registry "
+                               "update --sku` for the tier)")
         async with self.access.lock:
             home = await self._control_plane()
             current = await self._current_registry(home)
             return await self._node_call(home, "PUT", path, {
                 **value, "name": self.spec.registry,
-                "admin_passwords": current.get("admin_passwords", [])})
+                "admin_passwords": current.get("admin_passwords", []),
+                **({"sku": current["sku"]} if current.get("sku") else {})})
 
     async def delete_configuration(self, kind: str, name: str) -> dict:
         path = self._object_path(kind, name)
@@ -727,37 +779,147 @@ class Cluster:
                 raise
             return {}
 
+    @property
+    def tier(self) -> str:
+        """The registry's live tier: what the home region last recorded
+        (``update_registry``), kept in the spec this control plane runs."""
+        return self.spec.tier
+
     async def registry_properties(self) -> dict:
-        """The registry resource, as ``az acr show`` shows its switches."""
+        """The registry resource, as ``az acr show`` shows it."""
         try:
             stored = (await self.get_configuration("registry", "default"))["value"]
         except NodeRefusal as exc:
             if exc.status != 404:
                 raise
             stored = {}
+        home = self.replica_specs()[self.spec.home_region]
         return {"name": self.spec.registry, "location": self.spec.home_region,
-                "sku": {"name": self.spec.tier, "tier": self.spec.tier},
+                "loginServer": self.spec.login_server,
+                "sku": {"name": self.tier, "tier": self.tier},
+                "provisioningState": "Succeeded",
                 "adminUserEnabled": bool(stored.get("admin_enabled", False)),
-                "anonymousPullEnabled": bool(stored.get("anonymous_pull_enabled", False))}
+                "anonymousPullEnabled": bool(stored.get("anonymous_pull_enabled", False)),
+                "zoneRedundancy": "Enabled" if home.zone_redundant else "Disabled"}
 
     async def update_registry(self, *, admin_enabled: bool | None = None,
-                              anonymous_pull_enabled: bool | None = None) -> dict:
-        """``az acr update --admin-enabled / --anonymous-pull-enabled``: the
-        switches given change, the others keep their value; the admin user gets
-        its two passwords the first time it is enabled (``access``)."""
-        if anonymous_pull_enabled and self.spec.tier == "Basic":
-            raise ClusterError("anonymous pull needs the Standard or Premium tier; this "
-                               "registry is Basic")
-        async with self.access.lock:
+                              anonymous_pull_enabled: bool | None = None,
+                              sku: str | None = None) -> dict:
+        """``az acr update --admin-enabled / --anonymous-pull-enabled / --sku``:
+        what is given changes, the rest keeps its value; the admin user gets its
+        two passwords the first time it is enabled (``access``). A new tier is
+        written through the home region (every node holds it) and is live at
+        once: Basic → Premium allows replicas without a restart. A move the
+        registry's state forbids (``sku.refusals``) is a ``Conflict`` that names
+        every reason; nothing changes then."""
+        target = None
+        if sku is not None:
+            target = tiers.canonical(sku)
+            if target is None:
+                raise ClusterError(f"sku {sku[:32]!r} is not one of {', '.join(tiers.TIERS)}")
+        # Whatever is counted against the tier is created under one of these
+        # locks (replicas under the first): the check and the change cannot
+        # interleave with one.
+        async with self.tier_lock, self.access.lock, self.webhooks.lock:
             home = await self._control_plane()
             current = await self._current_registry(home)
+            tier = target or self.tier
+            anonymous = anonymous_pull_enabled if anonymous_pull_enabled is not None \
+                else bool(current.get("anonymous_pull_enabled"))
+            if (target is None or target == self.tier) and anonymous_pull_enabled \
+                    and not tiers.limits(tier).anonymous_pull:
+                raise ClusterError(f"anonymous pull needs the Standard or Premium tier; this "
+                                   f"registry is {tier}")
+            new_spec = None
+            if target is not None and target != self.tier:
+                state = await self._tier_state(home, target, anonymous)
+                reasons = skus.refusals(self.tier, target, state)
+                if reasons:
+                    raise Conflict(skus.refusal_message(self.tier, target, reasons))
+                new_spec = self._spec_with_tier(target)    # checked before anything is written
             value = self.access.registry_value(current, admin_enabled=admin_enabled,
                                                anonymous_pull_enabled=anonymous_pull_enabled)
+            if target is not None:
+                value["sku"] = target
             await self._node_call(home, "PUT", "/registry/default", value)
+            if new_spec is not None:
+                self._adopt_tier(target, new_spec)
         return await self.registry_properties()
+
+    async def _tier_state(self, home: str, target: str, anonymous_pull: bool) -> skus.TierState:
+        """What the registry holds that ``target`` limits, as the home node
+        holds it; its storage only where ``target`` allows less than the
+        current tier and no replica refuses the move already (counting it asks
+        every region, which need not all answer for a refusal)."""
+        async def count(kind: str) -> int:
+            answer = await self._node_call(home, "GET", self._object_path(kind))
+            return sum(1 for o in answer["objects"] if not o["deleted"])
+
+        webhooks, tokens, scope_maps = await asyncio.gather(
+            count(WEBHOOK), count(TOKEN), count(SCOPE_MAP))
+        shrinks = tiers.limits(target).maximum_storage < tiers.limits(self.tier).maximum_storage
+        storage = (await self.storage())["bytes"] if shrinks and not self.spec.replicas else 0
+        return skus.TierState(
+            geo_replicas=tuple(r.region for r in self.spec.replicas),
+            zone_redundant=tuple(r.region for r in self.spec.all_replicas if r.zone_redundant),
+            webhooks=webhooks, tokens=tokens, scope_maps=scope_maps, anonymous_pull=anonymous_pull,
+            storage_bytes=storage)
+
+    async def storage(self) -> dict:
+        """The registry's storage, counted once (``usage.registry_size``), and
+        every serving node's: ``{"bytes", "rule", "nodes": {name: usage},
+        "unavailable": {name: reason}}``."""
+        nodes = self.plan.nodes
+        answers = await asyncio.gather(
+            *(usages.node_usage(self.http(), n.name, self.management_link_url(n.name))
+              for n in nodes), return_exceptions=True)
+        held, unavailable, by_region = {}, {}, {}
+        for node, answer in zip(nodes, answers, strict=True):
+            if isinstance(answer, NodeRefusal):
+                unavailable[node.name] = str(answer)
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            held[node.name] = {"region": node.region, "zone": node.zone, **answer}
+            by_region.setdefault(node.region, usages.storage_of(answer))
+        size, rule = usages.registry_size(self.spec.home_region,
+                                          [r.region for r in self.spec.all_replicas], by_region,
+                                          self.spec.residency_policy())
+        return {"bytes": size, "rule": rule, "nodes": held, "unavailable": unavailable}
+
+    async def usage(self) -> dict:
+        """``az acr show-usage``: ACR's ``value[]`` and georeg's storage detail
+        (``cluster.control.usage``)."""
+        reader = await self._config_reader()
+
+        async def count(kind: str) -> int:
+            answer = await self._node_call(reader, "GET", self._object_path(kind))
+            return sum(1 for o in answer["objects"] if not o["deleted"])
+
+        storage, webhooks, tokens, scope_maps = await asyncio.gather(
+            self.storage(), count(WEBHOOK), count(TOKEN), count(SCOPE_MAP))
+        tier = self.tier
+        limits = tiers.limits(tier)
+        limit = self.spec.limits.storage_limit_bytes
+        return {
+            "value": usages.usage_list(tier, storage["bytes"], webhooks, scope_maps, tokens,
+                                       len(self.spec.all_replicas)),
+            "storage": {"bytes": storage["bytes"], "rule": storage["rule"],
+                        "included_bytes": limits.included_storage,
+                        "maximum_bytes": limits.maximum_storage,
+                        "limit_bytes": limit if limit is not None else limits.maximum_storage,
+                        "limit": "storage_limit" if limit is not None else "tier maximum"},
+            "replicas": storage["nodes"],
+            "unavailable": storage["unavailable"],
+        }
 
     async def create_replication(self, region: str, *, zone_redundant: bool = False,
                                  global_routing: bool = True) -> dict:
+        async with self.tier_lock:       # never beside a tier change that checks the replicas
+            return await self._create_replication(region, zone_redundant, global_routing)
+
+    async def _create_replication(self, region: str, zone_redundant: bool,
+                                  global_routing: bool) -> dict:
         await self._control_plane()
         new_spec = self.spec.with_replicas(
             (*self.spec.replicas, specs.ReplicaSpec(region, zone_redundant, global_routing)))

@@ -64,3 +64,18 @@ class QuotaExceeded(ClusterError):
 
     status = 409
     code = "QuotaExceeded"
+
+
+def quota_exceeded(resource_type: str, noun: str, tier: str, limits: dict[str, int],
+                   count: int) -> QuotaExceeded:
+    """The refusal of one more ``noun`` at the tier's limit: ACR's own message
+    (``QuotaExceeded``, "Quota exceeded for resource type webhooks for the
+    registry SKU Basic", seen for webhooks; the same shape is assumed for the
+    other counted resources), then what georeg knows: the limit, the count,
+    the way out. ``limits``: the resource's limit in every tier."""
+    limit = limits[tier] if tier in limits else max(limits.values())
+    larger = [f"{t} ({n:,})" for t, n in limits.items() if n > limit]
+    return QuotaExceeded(f"Quota exceeded for resource type {resource_type} for the registry SKU "
+                         f"{tier}: the {tier} tier allows {limit:,} {noun} and this registry has "
+                         f"{count:,}: delete one" + (f", or move to {' or '.join(larger)}"
+                                                     if larger else ""))

@@ -22,9 +22,11 @@ a node, a log, or a replicated value. ``show`` returns the candidate whose hash 
 holds, so a renewal cut short between the file and the home node never shows
 a password that does not work.
 
-Limits per tier (ACR-SEMANTICS.md): tokens and scope maps 100 / 500 / 50,000
-(Basic / Standard / Premium); one more is ``QuotaExceeded`` (409; ACR does
-not document its answer, georeg names the limit and the way out).
+Limits per tier (``registry_node.tiers``): tokens and scope maps 100 / 500 /
+50,000 (Basic / Standard / Premium); one more is ``QuotaExceeded`` (409) in
+the shape of ACR's answer for webhooks ("Quota exceeded for resource type
+tokens for the registry SKU Basic": ACR documents none for these), then the
+limit and the way out (``errors.quota_exceeded``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from registry_node import tiers
 from registry_node.auth.identities import hash_secret, new_secret, secret_matches
 from registry_node.auth.permissions import ACR_ACTIONS, ROLES, SYSTEM_SCOPE_MAPS
 from registry_node.configuration import NAME
@@ -51,10 +54,10 @@ from registry_node.identities import (
 )
 
 from .access import AdminLogin, admin_password_candidates, remember_admin_password
-from .errors import ClusterError, Conflict, NodeRefusal, NotFound, QuotaExceeded
+from .errors import ClusterError, Conflict, NodeRefusal, NotFound, quota_exceeded
 
-# Tokens, and scope maps, a registry of each tier may have.
-TIER_LIMITS = {"Basic": 100, "Standard": 500, "Premium": 50_000}
+# Tokens, and scope maps, a registry of each tier may have (the same number of each).
+TIER_LIMITS = {tier: limits.tokens for tier, limits in tiers.LIMITS.items()}
 ACCESS_KINDS = (TOKEN, SCOPE_MAP, IDENTITY, ROLE_ASSIGNMENT)
 DAY_S = 86400
 _ASSIGNMENTS = uuid.UUID("5b0e0c3e-4c71-4f0e-9a55-6e6f6b7a2b10")   # uuid5 namespace
@@ -149,13 +152,10 @@ class RegistryAccess:
 
     def _check_quota(self, kind: str, count: int) -> None:
         tier = self.tier()
-        limit = TIER_LIMITS.get(tier, TIER_LIMITS["Premium"])
-        if count >= limit:
-            noun = "tokens" if kind == TOKEN else "scope maps"
-            larger = [f"{t} ({n:,})" for t, n in TIER_LIMITS.items() if n > limit]
-            raise QuotaExceeded(f"the {tier} tier allows {limit:,} {noun} and this registry has "
-                                f"{count:,}: delete one" + (f", or move to {' or '.join(larger)}"
-                                                            if larger else ""))
+        if count >= TIER_LIMITS.get(tier, max(TIER_LIMITS.values())):
+            if kind == TOKEN:
+                raise quota_exceeded("tokens", "tokens", tier, TIER_LIMITS, count)
+            raise quota_exceeded("scopeMaps", "scope maps", tier, TIER_LIMITS, count)
 
     @staticmethod
     def _check_name(kind: str, name: object) -> str:

@@ -22,9 +22,17 @@ which other processes find it.
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
     GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
-    GET    /georeg/v1/registry                    the registry: name, sku, adminUserEnabled,
-                                                  anonymousPullEnabled
-    PATCH  /georeg/v1/registry                    {"adminUserEnabled", "anonymousPullEnabled"}
+    GET    /georeg/v1/registry                    the registry: name, location, loginServer, sku,
+                                                  adminUserEnabled, anonymousPullEnabled, …
+    PATCH  /georeg/v1/registry                    {"adminUserEnabled", "anonymousPullEnabled",
+                                                  "sku": "Basic"|"Standard"|"Premium" or
+                                                  {"name": …}}: a refused tier change is a 409
+                                                  that names every reason (``sku``)
+    GET    /georeg/v1/registry/usages             az acr show-usage: {"value": [{name,
+                                                  currentValue, limit, unit}], "storage",
+                                                  "replicas"} (``cluster.control.usage``)
+    GET    /georeg/v1/registry/health             az acr check-health: {"healthy", "checks",
+                                                  "broken"} (``cluster.control.health``)
     GET    /georeg/v1/registry/credentials        the admin user's name and passwords
                                                   (az acr credential show)
     POST   /georeg/v1/registry/credentials/renew  {"name": "password"|"password2"}
@@ -100,6 +108,7 @@ from registry_node.reference import validate_name
 from ..faults.controller import FaultError
 from .access import authorization, owner_credential_path
 from .errors import ClusterError, NotFound
+from .health import check_health
 from .regions import REGIONS, unknown_region_message
 from .repositories import Repositories
 from .state import clear_running_state, write_running_state
@@ -184,6 +193,8 @@ class ManagementServer:
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
         r.add_get("/georeg/v1/registry", self.show_registry)
         r.add_patch("/georeg/v1/registry", self.update_registry)
+        r.add_get("/georeg/v1/registry/usages", self.show_usage)
+        r.add_get("/georeg/v1/registry/health", self.check_health)
         r.add_get("/georeg/v1/registry/credentials", self.show_credentials)
         r.add_post("/georeg/v1/registry/credentials/renew", self.renew_credential)
         r.add_get("/georeg/v1/scope-maps", self.list_scope_maps)
@@ -305,17 +316,32 @@ class ManagementServer:
         body = await _json(request)
         switches = {"adminUserEnabled": "admin_enabled",
                     "anonymousPullEnabled": "anonymous_pull_enabled"}
-        unknown = sorted(set(body) - set(switches))
+        unknown = sorted(set(body) - set(switches) - {"sku"})
         if unknown or not body:
             raise ClusterError('send {"adminUserEnabled": true|false, "anonymousPullEnabled": '
-                               'true|false}' + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
-        changes = {}
+                               'true|false, "sku": "Basic"|"Standard"|"Premium"}'
+                               + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        changes: dict = {}
         for field, name in switches.items():
             if field in body:
                 if not isinstance(body[field], bool):
                     raise ClusterError(f"{field} is true or false, not {body[field]!r}")
                 changes[name] = body[field]
+        if "sku" in body:
+            sku = body["sku"]
+            if isinstance(sku, dict) and set(sku) == {"name"}:     # ARM's {"sku": {"name": …}}
+                sku = sku["name"]
+            if not isinstance(sku, str):
+                raise ClusterError(f'sku is "Basic", "Standard" or "Premium" (or {{"name": …}}), '
+                                   f"not {body['sku']!r}"[:200])
+            changes["sku"] = sku
         return web.json_response(await self.cluster.update_registry(**changes))
+
+    async def show_usage(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.usage())
+
+    async def check_health(self, request: web.Request) -> web.Response:
+        return web.json_response(await check_health(self.cluster))
 
     async def list_configuration(self, request: web.Request) -> web.Response:
         return web.json_response(await self.cluster.list_configuration(request.match_info["kind"]))

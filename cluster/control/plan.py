@@ -119,6 +119,9 @@ class NodePlan:
     access: NodeAccess | None = None    # on an auth cluster: its credentials' files
     tls: NodeTls | None = None          # on a TLS cluster: what it serves HTTPS with
     configuration_key: Path | None = None   # the cluster's configuration key file (serving nodes)
+    # The spec's [limits] storage_limit, in bytes (serving nodes; None: the
+    # node applies the live tier's registry maximum).
+    storage_limit: int | None = None
 
     @property
     def label(self) -> str:
@@ -301,7 +304,8 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
                 view_file=data_dir / "views" / f"{name}.json",
                 log_file=data_dir / "logs" / f"{name}.log", zone_redundancy=redundancy,
                 access=node_access(spec, data_dir, name), tls=node_tls(spec, data_dir, name),
-                configuration_key=configuration_key_file(data_dir)))
+                configuration_key=configuration_key_file(data_dir),
+                storage_limit=spec.limits.storage_limit_bytes))
     wan = spec.wan_model()
     links: list[LinkPlan] = []
 

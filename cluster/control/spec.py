@@ -58,21 +58,27 @@ Example (every key optional except where noted)::
     retry_horizon_s = 86400         # an event is retried until this old, then given up
     log_size = 100                  # finished deliveries kept per webhook (list-events)
 
-    [limits]                        # what the registry's tier allows (ACR-SEMANTICS.md, Tiers)
-    throttling = "tier"             # request throttling: "off" (the default, unless a rate
-                                    # below is given) or "tier": ACR's rates for the tier,
-                                    # per replica: reads (GET, HEAD, OPTIONS), writes (PUT,
-                                    # PATCH, POST), deletes and referrers listings per
-                                    # minute, Basic and Standard 10000 / 2000 / 1000 / 500,
-                                    # Premium 20000 / 4000 / 4000 / 2000; past one, 429
-                                    # TOOMANYREQUESTS with Retry-After
-    writes_per_min = 120            # any of reads_per_min, writes_per_min, deletes_per_min,
-                                    # referrers_per_min overrides the tier's (and turns
-                                    # throttling on): a test reaches it in seconds
+    [limits]                        # ACR's limits of the registry's tier (ACR-SEMANTICS.md,
+    limits = "tier"                 # Tiers): "tier" turns on the tier's request rates and
+                                    # blob bandwidth; "off" (the default): only what is
+                                    # given below. Each number overrides the tier's; 0
+                                    # turns that one off
+    writes_per_min = 120            # requests per minute per replica: reads_per_min (GET,
+                                    # HEAD, OPTIONS), writes_per_min (PUT, PATCH, POST),
+                                    # deletes_per_min, referrers_per_min; Basic and Standard
+                                    # 10000 / 2000 / 1000 / 500, Premium 20000 / 4000 / 4000
+                                    # / 2000; past one, 429 TOOMANYREQUESTS with Retry-After
     per_identity_fraction = 0.5     # each identity's own share of each rate (ACR: half)
     burst_s = 60                    # a bucket holds this many seconds of its rate (at
                                     # least one request): "60 a minute" admits 60 at
                                     # once, then one a second
+    download_mbps = 240             # blob bytes per replica, Mbit/s, shaped, never refused
+    upload_mbps = 80                # (a zone-redundant replica's split across its zones);
+                                    # Basic / Standard / Premium 30 / 60 / 100 MB/s down,
+                                    # 10 / 20 / 50 up (docs/bandwidth.md)
+    storage_limit = "200MiB"        # bytes of blobs and manifests a node may hold before
+                                    # clients' uploads are refused with 403 DENIED (default:
+                                    # the tier's registry maximum, 40 TiB; 100 TiB Premium)
 
     [network]
     port_base = 5000                # 0: any free range, chosen when the cluster starts
@@ -84,7 +90,7 @@ measure of ACR's capacity, and a user who runs ``make up`` and drives it as
 hard as the machine allows (a benchmark, a CI matrix pushing hundreds of
 images through the admin login) should see the machine's limits, not a 429
 they did not ask for; a user who wants to know how a pipeline fares against
-a tier asks for it with one line (``throttling = "tier"``).
+a tier asks for it with one line (``limits = "tier"``).
 
 ACR's rules checked here: geo-replication and zone redundancy need Premium;
 zone redundancy needs a region with availability zones; the home region
@@ -101,6 +107,7 @@ from pathlib import Path
 
 import msgspec
 
+from registry_node import tiers as tier_table
 from registry_node.config import RequestLimits, WebhookSettings
 from replicator.residency import ResidencyPolicy
 from replicator.topology import ReplicationSettings
@@ -108,7 +115,7 @@ from replicator.topology import ReplicationSettings
 from ..network.wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
 from .regions import CONFINED_BY_DEFAULT, REGIONS, distance_km, unknown_region_message
 
-TIERS = ("Basic", "Standard", "Premium")
+TIERS = tier_table.TIERS
 SEEDS = 2**32                  # a drawn seed is below this: short enough to copy from a log
 BLOB_DOWNLOADS = ("relay", "redirect")
 AUTH_MODES = ("token", "none")
@@ -218,53 +225,64 @@ class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return WebhookSettings(**{k: v for k, v in given.items() if v is not None}, **decided)
 
 
-# ACR's request limits per replica, per minute (ACR-SEMANTICS.md, Tiers; the
-# current documentation's figures, see docs/design.md "Request throttling").
-TIER_REQUEST_RATES = {
-    "Basic": {"reads_per_min": 10_000, "writes_per_min": 2_000, "deletes_per_min": 1_000,
-              "referrers_per_min": 500},
-    "Standard": {"reads_per_min": 10_000, "writes_per_min": 2_000, "deletes_per_min": 1_000,
-                 "referrers_per_min": 500},
-    "Premium": {"reads_per_min": 20_000, "writes_per_min": 4_000, "deletes_per_min": 4_000,
-                "referrers_per_min": 2_000},
-}
-THROTTLING_MODES = ("off", "tier")
+LIMIT_MODES = ("off", "tier")
 _RATE_KEYS = ("reads_per_min", "writes_per_min", "deletes_per_min", "referrers_per_min")
 
 
 class LimitsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """The ``[limits]`` table: what the registry's tier allows. Request
-    throttling (``registry_node.throttle``): ``throttling`` ("off" or "tier"),
-    rates that override the tier's, each identity's share, the burst. Each
-    None unless given, so the defaults live in one place (``RequestLimits``)."""
+    """The ``[limits]`` table: ACR's limits of the registry's tier, and numbers
+    that override them so a test reaches a limit in seconds.
 
-    throttling: str | None = None
+    ``limits = "tier"`` turns on the tier's request rates (``registry_node.throttle``)
+    and blob bandwidth (``registry_node.bandwidth``); "off", the default, turns
+    on only what is given here. A number given overrides the tier's either
+    way, and 0 turns that one off. The storage limit always holds: the tier's
+    registry maximum unless ``storage_limit`` says less (``registry_node.usage``).
+    The plan hands each node its share (``cluster.control.plan``); the tier
+    is the registry's live one, so a SKU change rewrites every node's view."""
+
+    limits: str = "off"
     reads_per_min: float | None = None
     writes_per_min: float | None = None
     deletes_per_min: float | None = None
     referrers_per_min: float | None = None
     per_identity_fraction: float | None = None
     burst_s: float | None = None
-
-    @property
-    def throttled(self) -> bool:
-        """On when asked (``throttling = "tier"``) or when a rate is given."""
-        if self.throttling is not None:
-            return self.throttling == "tier"
-        return any(getattr(self, key) is not None for key in _RATE_KEYS)
+    download_mbps: float | None = None      # blob bytes to clients, per replica
+    upload_mbps: float | None = None        # blob bytes from clients, per replica
+    # Bytes (or "200MiB", "1.5GiB", "10GB") of blobs and manifests a node may
+    # hold before clients' uploads are refused.
+    storage_limit: int | str | None = None
 
     def request_limits(self, tier: str) -> RequestLimits | None:
-        """A replica's limits (None: throttling off): the tier's rates with this
-        table's over them, for the whole replica (its zone nodes share them,
-        ``registry_node.throttle``)."""
-        if not self.throttled:
-            return None
-        rates = dict(TIER_REQUEST_RATES.get(tier, TIER_REQUEST_RATES["Premium"]))
+        """A replica's request limits (None: no kind is limited): the tier's
+        rates when ``limits = "tier"``, this table's over them, for the whole
+        replica (its zone nodes share them, ``registry_node.throttle``)."""
+        rates = {}
+        if self.limits == "tier":
+            rates = tier_table.limits(tier).requests_per_min()
         rates.update({key: getattr(self, key) for key in _RATE_KEYS
                       if getattr(self, key) is not None})
+        rates = {key: rate for key, rate in rates.items() if rate}
+        if not rates:
+            return None
         given = {key: getattr(self, key) for key in ("per_identity_fraction", "burst_s")
                  if getattr(self, key) is not None}
         return RequestLimits(**rates, **given)
+
+    def bandwidth(self, tier: str) -> tuple[float, float]:
+        """A replica's (download, upload) blob bandwidth in Mbit/s; 0: unshaped."""
+        down, up = 0.0, 0.0
+        if self.limits == "tier":
+            down, up = (8.0 * rate for rate in tier_table.limits(tier).bandwidth_mbytes_per_s)
+        return (down if self.download_mbps is None else self.download_mbps,
+                up if self.upload_mbps is None else self.upload_mbps)
+
+    @property
+    def storage_limit_bytes(self) -> int | None:
+        if self.storage_limit is None:
+            return None
+        return tier_table.parse_size(self.storage_limit)
 
 
 class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -576,25 +594,31 @@ def _webhook_problems(webhooks: WebhookSpec) -> list[str]:
 
 def _limits_problems(limits: LimitsSpec) -> list[str]:
     problems = []
-    if limits.throttling is not None and limits.throttling not in THROTTLING_MODES:
-        close = difflib.get_close_matches(limits.throttling.lower(), THROTTLING_MODES, n=1)
-        problems.append(f"limits.throttling {limits.throttling!r} is not one of 'tier' (ACR's "
-                        f"request limits for the tier) or 'off'"
+    if limits.limits not in LIMIT_MODES:
+        close = difflib.get_close_matches(limits.limits.lower(), LIMIT_MODES, n=1)
+        problems.append(f"limits.limits {limits.limits!r} is not one of 'tier' (ACR's limits of "
+                        f"the tier) or 'off' (none but the numbers given)"
                         + (f"; did you mean {close[0]!r}?" if close else ""))
-    given = [key for key in _RATE_KEYS if getattr(limits, key) is not None]
-    if limits.throttling == "off" and given:
-        problems.append(f"limits.throttling is 'off' but {', '.join(given)} "
-                        f"{'is' if len(given) == 1 else 'are'} given: remove "
-                        f"{'it' if len(given) == 1 else 'them'}, or set throttling = \"tier\"")
-    for key in given:
-        if not getattr(limits, key) > 0:
-            problems.append(f"limits.{key} must be more than 0 requests per minute")
+    for key in _RATE_KEYS:
+        value = getattr(limits, key)
+        if value is not None and not 0 <= value < float("inf"):
+            problems.append(f"limits.{key} must be a number of requests per minute, at least 0 "
+                            f"(0: not limited)")
     fraction = limits.per_identity_fraction
     if fraction is not None and not 0 < fraction <= 1:
         problems.append("limits.per_identity_fraction must be more than 0 and at most 1 (ACR: "
                         "0.5, half the registry's limit for each identity)")
-    if limits.burst_s is not None and not limits.burst_s > 0:
+    if limits.burst_s is not None and not 0 < limits.burst_s < float("inf"):
         problems.append("limits.burst_s must be more than 0 seconds")
+    for key in ("download_mbps", "upload_mbps"):
+        value = getattr(limits, key)
+        if value is not None and not 0 <= value < float("inf"):
+            problems.append(f"limits.{key} must be a number of Mbit/s, at least 0 (0: unshaped)")
+    try:
+        if limits.storage_limit is not None:
+            tier_table.parse_size(limits.storage_limit)
+    except ValueError as exc:
+        problems.append(f"limits.storage_limit: {exc}")
     return problems
 
 

@@ -240,6 +240,8 @@ class Supervisor:
                        "--tls-ca", str(t.ca_file)]
         if node.configuration_key is not None:
             access += ["--configuration-key-file", str(node.configuration_key)]
+        if node.storage_limit is not None:
+            access += ["--storage-limit", str(node.storage_limit)]
         return [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(node.data_dir),
                 "--listen", f"127.0.0.1:{node.http_port}", "--cluster", str(node.view_file),
                 "--log-format", "json", *access, *self.extra_node_args]

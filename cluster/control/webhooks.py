@@ -23,8 +23,10 @@ and seals every value again (so a plaintext value an older georeg stored is
 sealed at the next update). A value that does not open (the key file was
 replaced) is a ``Conflict`` that names the header and says to set it again.
 
-Limits per tier (ACR-SEMANTICS.md): 2 / 10 / 500 webhooks (Basic / Standard /
-Premium); one more is ``QuotaExceeded`` (409), naming the limit and the way out.
+Limits per tier (``registry_node.tiers``): 2 / 10 / 500 webhooks (Basic /
+Standard / Premium); one more is ``QuotaExceeded`` (409) with ACR's message
+("Quota exceeded for resource type webhooks for the registry SKU Basic"),
+then the limit and the way out (``errors.quota_exceeded``).
 
 Delivery, and the events it keeps, belong to the nodes of the webhook's
 region. The region's delivering node is the node of its first zone in plan
@@ -55,6 +57,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
+from registry_node import tiers
 from registry_node.configuration_key import ConfigurationKey
 from registry_node.identities import InvalidValue
 from registry_node.webhooks import (
@@ -67,13 +70,13 @@ from registry_node.webhooks import (
     seal_headers,
 )
 
-from .errors import ClusterError, Conflict, NodeRefusal, NotFound, QuotaExceeded, RegionUnavailable
+from .errors import ClusterError, Conflict, NodeRefusal, NotFound, RegionUnavailable, quota_exceeded
 from .identities import one_at_a_time
 from .plan import ClusterPlan
 from .regions import REGIONS, unknown_region_message
 
 # Webhooks a registry of each tier may have.
-TIER_LIMITS = {"Basic": 2, "Standard": 10, "Premium": 500}
+TIER_LIMITS = {tier: limits.webhooks for tier, limits in tiers.LIMITS.items()}
 MAX_EVENTS = 1000          # the most list-events asks a node for at once
 MASK = "***"               # what a header value shows as, outside get-config
 
@@ -237,12 +240,8 @@ class RegistryWebhooks:
 
     def _check_quota(self, count: int) -> None:
         tier = self.tier()
-        limit = TIER_LIMITS.get(tier, TIER_LIMITS["Premium"])
-        if count >= limit:
-            larger = [f"{t} ({n:,})" for t, n in TIER_LIMITS.items() if n > limit]
-            raise QuotaExceeded(f"the {tier} tier allows {limit:,} webhooks and this registry "
-                                f"has {count:,}: delete one" + (
-                                    f", or move to {' or '.join(larger)}" if larger else ""))
+        if count >= TIER_LIMITS.get(tier, max(TIER_LIMITS.values())):
+            raise quota_exceeded("webhooks", "webhooks", tier, TIER_LIMITS, count)
 
     # -- reading and writing objects ---------------------------------------------------
 

@@ -354,11 +354,16 @@ async def _collect(http: aiohttp.ClientSession, target: NodeTarget) -> Snapshot:
         snap.problem("storage", "", "the node has a record of this blob but no file for it",
                      digest=digest, expected="file", actual="missing")
     inv = snap.inventory["repositories"]
+    # What the node stores, counted from its records as its storage usage is
+    # (``registry_node.usage``, ``georeg registry show-usage``): each blob once,
+    # each repository's manifest record, in plaintext bytes.
     snap.counts = {
         "repositories": len(snap.inventory["catalog"]),
         "tags": sum(len(r["tags"]) for r in inv.values()),
         "manifests": sum(len(r["manifests"]) for r in inv.values()),
         "blobs": len(blobs), "blob_files": len(files),
+        "blob_bytes": sum(blobs.values()),
+        "manifest_bytes": sum(m["size"] for r in inv.values() for m in r["manifests"].values()),
     }
     return snap
 

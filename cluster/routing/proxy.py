@@ -80,8 +80,10 @@ Invariants
     * A request answered before its body ended (an early 404, the proxy's
       own 503) has the rest of its body read and dropped, for at most
       ``_LINGER_S``, then the client connection carries on (or closes, if the
-      body takes longer); that backend connection is never reused. The
-      framing of the next request is never in doubt.
+      body takes longer, or the request said ``Connection: close``); that
+      backend connection is never reused. The framing of the next request is
+      never in doubt, and a client still sending reads its answer, never a
+      reset.
     * A client sends one request at a time (no client of a registry
       pipelines); a pipelined request is parsed, held and sent after the
       previous response, to the node its own route picks.
@@ -430,6 +432,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.local = b""
         self.local_ip = ""
         self.draining: _Exchange | None = None
+        self._close_after_drain = False     # the drained request's response closes the connection
         self._linger: asyncio.TimerHandle | None = None
         self.closed = False
         self.closing = False
@@ -566,17 +569,23 @@ class _ClientConnection(asyncio.BufferedProtocol):
 
     def finished(self, exchange: _Exchange, close: bool) -> None:
         """``exchange`` (the first in the queue) has sent its whole response."""
-        if close or self.closing:
+        answered_early = not exchange.request_complete and (exchange.req_length
+                                                            or exchange.req_chunked)
+        if self.closing or self.closed or (close and not answered_early):
             self.closing = True
             if not self.closed:
                 self.transport.close()      # after what is buffered has been sent
             return
-        if not exchange.request_complete and (exchange.req_length or exchange.req_chunked):
-            # Answered before its body ended (an early 404, a 503): read the rest
-            # and drop it, for a while, rather than close on a client that is still
-            # sending — it might see a reset instead of its answer. (A request
-            # without a body is only between its head and its end, in this same
-            # parser call.)
+        if answered_early:
+            # Answered before its body ended (an early 404, a 503, a node's 403
+            # to an upload past its storage limit): read the rest and drop it, for
+            # a while, rather than close on a client that is still sending — it
+            # might see a reset instead of its answer. A connection that closes
+            # after this answer (the client sent ``Connection: close``, as skopeo
+            # does on a streamed upload) closes once the body has ended
+            # (``drained``). (A request without a body is only between its head
+            # and its end, in this same parser call.)
+            self._close_after_drain = close
             self.draining = exchange
             self._linger = asyncio.get_running_loop().call_later(_LINGER_S, self._linger_over)
             self.release(_HOLD_CONNECTING | _HOLD_BACKPRESSURE | _HOLD_AWAITING)
@@ -617,7 +626,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
             self.draining = None
             if self._linger:
                 self._linger.cancel()
-            self.finished(exchange, close=False)
+            self.finished(exchange, close=self._close_after_drain)
 
     def _linger_over(self) -> None:
         self.draining = None

@@ -64,6 +64,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/georeg/v1/throttle/debits", throttling.post_debits),
     # What this node stores, with stamps and origins (georeg verify).
     Route("GET", "/georeg/v1/inventory", inventory.get_inventory),
+    Route("GET", "/georeg/v1/usage", inventory.get_usage),
     # Registry configuration as this node holds it; writes come from the home
     # region's management API (registry_node.configuration).
     Route("GET", "/georeg/v1/configuration", configuration.list_configuration),

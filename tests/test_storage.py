@@ -1,0 +1,227 @@
+"""Storage usage and the storage limit on a live in-process node.
+
+The usage (``registry_node.usage``) is kept by every commit: after pushes,
+mounts, deletes and garbage collection it equals the records summed the slow
+way, and it survives a reopen. The limit (``Registry.check_storage``)
+refuses, with ``403 DENIED``, the upload that would take the node past it —
+monolithic, two-step, chunked, or a manifest — and keeps nothing of it, while
+reads and deletes go on; a delete and a GC pass make room again. Time is the
+test's (``ManualClock``): a GC pass reclaims exactly when the test says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from registry_node import keys
+from registry_node.config import NodeConfig
+from registry_node.gc import GarbageCollector
+from registry_node.metastore import MetadataStore
+from registry_node.usage import StorageUsage
+
+from .helpers import (
+    ManualClock,
+    assert_error,
+    digest_of,
+    make_image,
+    push_blob,
+    push_image,
+    start_node,
+)
+
+GRACE_S = 60.0
+LIMIT = 20_000
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def limited(tmp_path, clock):
+    """A node that may hold ``LIMIT`` bytes, on the test's clock."""
+    running = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0,
+                                          storage_limit=LIMIT), clock)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+async def node(node_config, clock):
+    running = await start_node(node_config, clock)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def collect(node, clock: ManualClock) -> None:
+    """One GC pass after the grace has passed for everything so far."""
+    clock.advance(GRACE_S + 1)
+    await GarbageCollector(node.registry, grace_s=GRACE_S, upload_ttl_s=3600,
+                           interval_s=3600).collect()
+
+
+def usage(node) -> StorageUsage:
+    meta = node.node.meta
+    assert meta.usage_discrepancies() == []
+    return meta.usage
+
+
+def leftovers(node) -> tuple[list[str], list[bytes]]:
+    """Upload files and upload session records the node still has."""
+    meta = node.node.meta
+    return sorted(node.node.blobs.upload_ids()), [k for k, _ in meta.scan(keys.UPLOAD)]
+
+
+# -- usage kept on write -----------------------------------------------------------------------
+
+
+async def test_usage_counts_each_blob_once_and_each_manifest_record_through_pushes_deletes_and_gc(
+        node, http, clock, tmp_path):
+    image = make_image([3000, 5000], seed=1)
+    blob_bytes = sum(len(b) for b in image.blobs)
+    assert usage(node) == StorageUsage()
+    await push_image(http, node.url, "team/a", image, tag="v1")
+    assert usage(node) == StorageUsage(blob_bytes, 3, len(image.manifest), 1)
+    # The same image in another repository: its blobs stay counted once, its
+    # manifest is a second record (each repository holds its own copy).
+    async with http.post(f"{node.url}/v2/team/b/blobs/uploads/",
+                         params={"mount": digest_of(image.layers[0]), "from": "team/a"}) as r:
+        assert r.status == 201
+    await push_image(http, node.url, "team/b", image, tag="v1")
+    assert usage(node) == StorageUsage(blob_bytes, 3, 2 * len(image.manifest), 2)
+    # A tag moved onto a stored manifest renews its record: nothing more is stored.
+    async with http.put(f"{node.url}/v2/team/b/manifests/v2", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 201
+    assert usage(node) == StorageUsage(blob_bytes, 3, 2 * len(image.manifest), 2)
+    for repo in ("team/a", "team/b"):
+        async with http.delete(f"{node.url}/v2/{repo}/manifests/{image.digest}") as r:
+            assert r.status == 202
+    assert usage(node) == StorageUsage(blob_bytes, 3, 0, 0)     # layers wait for GC
+    await collect(node, clock)
+    assert usage(node) == StorageUsage()
+
+    await push_image(http, node.url, "team/a", image, tag="v1")
+    held = usage(node)
+    await node.stop()
+    # Reopened, the value is read, not summed again; a database without it
+    # (written before it was kept) is summed once to the same value.
+    meta = MetadataStore(node.config.data_dir / "meta")
+    try:
+        assert not meta.usage_rebuilt and meta.usage == held
+        meta._db.delete(keys.USAGE)
+    finally:
+        meta.close()
+    meta = MetadataStore(node.config.data_dir / "meta")
+    try:
+        assert meta.usage_rebuilt and meta.usage == held
+    finally:
+        meta.close()
+
+
+# -- the storage limit -------------------------------------------------------------------------
+
+
+async def test_an_upload_that_would_pass_the_limit_is_refused_whole_and_nothing_of_it_is_kept(
+        limited, http, clock):
+    first = make_image([6000, 6000], seed=2)
+    await push_image(http, limited.url, "app", first, tag="v1")
+    before = usage(limited)
+    big = make_image([9000], seed=3).layers[0]        # fits alone, not beside ``first``
+    digest = digest_of(big)
+    base = f"{limited.url}/v2/app/blobs/uploads/"
+
+    # Monolithic.
+    async with http.post(base, params={"digest": digest}, data=big) as r:
+        error = await assert_error(r, 403, "DENIED")
+    assert error["message"].startswith("registry storage limit reached")
+    assert error["detail"]["limit_bytes"] == LIMIT and error["detail"]["upload_bytes"] > 0
+    assert "storage_limit" in error["detail"]["reason"]
+    # Two steps: a session, then the whole body with the digest.
+    async with http.post(base) as r:
+        assert r.status == 202
+        location = r.headers["Location"]
+    async with http.put(f"{limited.url}{location}", params={"digest": digest}, data=big) as r:
+        await assert_error(r, 403, "DENIED")
+    async with http.get(f"{limited.url}{location}") as r:     # the session ended with it
+        await assert_error(r, 404, "BLOB_UPLOAD_UNKNOWN")
+    # Chunked: the chunk that would pass the limit ends the session.
+    async with http.post(base) as r:
+        location = r.headers["Location"]
+    async with http.patch(f"{limited.url}{location}", data=big[:4000],
+                          headers={"Content-Range": "0-3999"}) as r:
+        assert r.status == 202
+    async with http.patch(f"{limited.url}{location}", data=big[4000:],
+                          headers={"Content-Range": f"4000-{len(big) - 1}"}) as r:
+        await assert_error(r, 403, "DENIED")
+    async with http.get(f"{limited.url}{location}") as r:
+        await assert_error(r, 404, "BLOB_UPLOAD_UNKNOWN")
+
+    assert usage(limited) == before
+    assert limited.node.meta.get(keys.blob(digest)) is None
+    assert not limited.node.blobs.path(digest).exists()
+    assert leftovers(limited) == ([], [])
+    # Reads, tag moves and deletes go on at the limit.
+    async with http.get(f"{limited.url}/v2/app/manifests/v1",
+                        headers={"Accept": first.media_type}) as r:
+        assert r.status == 200 and await r.read() == first.manifest
+    async with http.get(f"{limited.url}/v2/app/blobs/{digest_of(first.layers[0])}") as r:
+        assert r.status == 200 and await r.read() == first.layers[0]
+    async with http.put(f"{limited.url}/v2/app/manifests/stable", data=first.manifest,
+                        headers={"Content-Type": first.media_type}) as r:
+        assert r.status == 201
+    async with http.delete(f"{limited.url}/v2/app/manifests/{first.digest}") as r:
+        assert r.status == 202
+    # Room again once garbage collection has reclaimed the deleted image's layers.
+    async with http.post(base, params={"digest": digest}, data=big) as r:
+        await assert_error(r, 403, "DENIED")
+    await collect(limited, clock)
+    assert usage(limited) == StorageUsage()
+    await push_image(http, limited.url, "app", make_image([9000], seed=3), tag="v2")
+
+
+async def test_a_manifest_that_would_pass_the_limit_is_refused_and_a_full_node_refuses_new_sessions(
+        limited, http):
+    image = make_image([LIMIT // 2, LIMIT // 2 - 600], seed=4)
+    for blob in image.blobs:
+        await push_blob(http, limited.url, "app", blob)
+    room = LIMIT - usage(limited).bytes
+    assert 0 < room < len(image.manifest)
+    async with http.put(f"{limited.url}/v2/app/manifests/v1", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        await assert_error(r, 403, "DENIED")
+    async with http.get(f"{limited.url}/v2/app/manifests/v1") as r:
+        assert r.status == 404
+    assert usage(limited).manifests == 0
+    filler = b"x" * room
+    await push_blob(http, limited.url, "app", filler)               # exactly to the limit
+    assert usage(limited).bytes == LIMIT
+    async with http.post(f"{limited.url}/v2/app/blobs/uploads/") as r:
+        await assert_error(r, 403, "DENIED")
+    # A mount adds nothing: allowed at the limit.
+    async with http.post(f"{limited.url}/v2/other/blobs/uploads/",
+                         params={"mount": digest_of(filler), "from": "app"}) as r:
+        assert r.status == 201
+
+
+async def test_concurrent_uploads_cannot_pass_the_limit_together(limited, http):
+    """Each fits alone, not both: the one that commits second is refused, as
+    the first holds its room from its check to its record."""
+    blobs = [make_image([LIMIT * 2 // 3], seed=s).layers[0] for s in (5, 6)]
+
+    async def upload(data: bytes) -> int:
+        async with http.post(f"{limited.url}/v2/app/blobs/uploads/",
+                             params={"digest": digest_of(data)}, data=data) as r:
+            return r.status
+
+    statuses = sorted(await asyncio.gather(*(upload(b) for b in blobs)))
+    assert statuses == [201, 403]
+    assert usage(limited).bytes <= LIMIT
+    assert leftovers(limited) == ([], [])

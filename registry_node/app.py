@@ -20,7 +20,7 @@ from aiohttp import web
 from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate, pull_check
-from .api.common import CONFIGURATION, REGISTRY, WEBHOOKS
+from .api.common import BANDWIDTH, CONFIGURATION, REGISTRY, WEBHOOKS
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_access
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
@@ -30,6 +30,7 @@ from .auth.gate import Gate
 from .auth.grants import BlobGrants
 from .auth.identities import IdentitySource
 from .auth.tokens import AuthConfigError, SigningKey, TokenAuthority, Trust
+from .bandwidth import Bandwidth
 from .config import NodeConfig
 from .gc import GarbageCollector
 from .handoff import HandoffServer
@@ -88,6 +89,9 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     app = web.Application(middlewares=middlewares, client_max_size=MAX_MANIFEST_SIZE + 1)
     app.on_response_prepare.append(common_headers)
     app[METRICS] = NodeMetrics()
+    app[BANDWIDTH] = bandwidth = Bandwidth.of(config.bandwidth)
+    if config.bandwidth.shaped:
+        app[METRICS].watch_bandwidth(bandwidth)
     if internal is not None:
         app[INTERNAL_CREDENTIAL] = internal
     add_routes(app.router)
@@ -163,7 +167,8 @@ async def _handoff(app: web.Application) -> AsyncIterator[None]:
     the server listens once the node's port is known (``server.serve``)."""
     gate = app.get(GATE)        # set by _storage, which runs first, when auth is on
     app[HANDOFF] = handoff = HandoffServer(app[REGISTRY],
-                                           pull_check(gate) if gate is not None else None)
+                                           pull_check(gate) if gate is not None else None,
+                                           download=app[BANDWIDTH].download)
     yield
     await handoff.close()
 

@@ -40,6 +40,26 @@ class WebhookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("a webhook's delivery log keeps at least one delivery")
 
 
+class BandwidthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """This node's share of its replica's blob bandwidth (``registry_node.bandwidth``),
+    in megabits per second; 0: unshaped, the default. With ``--cluster`` the
+    plan decides it from the spec's ``[limits]`` (a zone-redundant replica's
+    budget split evenly across its zones)."""
+
+    download_mbps: float = 0.0          # blob bytes the node sends to clients
+    upload_mbps: float = 0.0            # blob bytes clients send the node
+
+    def __post_init__(self) -> None:
+        for rate in (self.download_mbps, self.upload_mbps):
+            if not 0 <= rate < float("inf"):
+                raise ValueError(f"a bandwidth is a number of Mbit/s, at least 0 (0: unshaped); "
+                                 f"got {rate}")
+
+    @property
+    def shaped(self) -> bool:
+        return self.download_mbps > 0 or self.upload_mbps > 0
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     data_dir: Path
@@ -75,6 +95,7 @@ class NodeConfig:
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
     webhooks: WebhookSettings = WebhookSettings()
+    bandwidth: BandwidthSettings = BandwidthSettings()
 
     @property
     def auth_enabled(self) -> bool:

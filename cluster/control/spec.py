@@ -58,6 +58,13 @@ Example (every key optional except where noted)::
     retry_horizon_s = 86400         # an event is retried until this old, then given up
     log_size = 100                  # finished deliveries kept per webhook (list-events)
 
+    [limits]                        # ACR's per-tier limits; off unless this table says so
+    limits = "tier"                 # "tier": the tier's numbers; "off" (the default): none
+    download_mbps = 240             # blob downloads per replica, Mbit/s (overrides the tier's;
+    upload_mbps = 80                # 0: unshaped), shaped, never refused; a zone-redundant
+                                    # replica's split evenly across its zones. Basic/Standard/
+                                    # Premium: 30/60/100 MB/s down, 10/20/50 up (docs/bandwidth.md)
+
     [network]
     port_base = 5000                # 0: any free range, chosen when the cluster starts
     data_dir = ".georeg"
@@ -89,6 +96,12 @@ TIERS = ("Basic", "Standard", "Premium")
 SEEDS = 2**32                  # a drawn seed is below this: short enough to copy from a log
 BLOB_DOWNLOADS = ("relay", "redirect")
 AUTH_MODES = ("token", "none")
+LIMIT_MODES = ("off", "tier")
+# ACR's blob bandwidth per replica, by tier: (download, upload) in megabytes per
+# second, from ACR's older SKU page ("Download bandwidth MBps" 30/60/100,
+# "Upload bandwidth MBps" 10/20/50); the current page states no bandwidth
+# (docs/bandwidth.md). The spec speaks Mbit/s, as the WAN model does.
+TIER_BANDWIDTH_MBYTES_PER_S = {"Basic": (30, 10), "Standard": (60, 20), "Premium": (100, 50)}
 # The login server, as ACR names a registry's (``<name>.azurecr.io``): the
 # ``service`` of every challenge and the audience of every token, the same on
 # every endpoint and node, so a token minted through one works on all.
@@ -195,6 +208,26 @@ class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return WebhookSettings(**{k: v for k, v in given.items() if v is not None}, **decided)
 
 
+class LimitsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``[limits]`` table: ACR's limits of the spec's tier, off unless
+    asked for. ``limits = "tier"`` applies the tier's numbers; each number
+    given here overrides the tier's, whether ``limits`` is on or not (so a
+    test reaches a limit in seconds), and 0 turns that one off. The plan
+    hands each node its share (``cluster.control.plan``)."""
+
+    limits: str = "off"
+    download_mbps: float | None = None      # blob bytes to clients, per replica
+    upload_mbps: float | None = None        # blob bytes from clients, per replica
+
+    def bandwidth(self, tier: str) -> tuple[float, float]:
+        """A replica's (download, upload) blob bandwidth in Mbit/s; 0: unshaped."""
+        down, up = 0.0, 0.0
+        if self.limits == "tier":
+            down, up = (8.0 * rate for rate in TIER_BANDWIDTH_MBYTES_PER_S[tier])
+        return (down if self.download_mbps is None else self.download_mbps,
+                up if self.upload_mbps is None else self.upload_mbps)
+
+
 class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     port_base: int = 5000
     management_port: int | None = None
@@ -241,6 +274,7 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     residency: ResidencySpec = ResidencySpec()
     replication: ReplicationSpec = ReplicationSpec()
     webhooks: WebhookSpec = WebhookSpec()
+    limits: LimitsSpec = LimitsSpec()
     network: NetworkSpec = NetworkSpec()
 
     # -- derived -----------------------------------------------------------------
@@ -365,7 +399,8 @@ _FIELDS = {"": set(ClusterSpec.__struct_fields__), "replicas": set(ReplicaSpec._
            "wan": set(WanSpec.__struct_fields__), "residency": set(ResidencySpec.__struct_fields__),
            "network": set(NetworkSpec.__struct_fields__),
            "replication": set(ReplicationSpec.__struct_fields__),
-           "webhooks": set(WebhookSpec.__struct_fields__)}
+           "webhooks": set(WebhookSpec.__struct_fields__),
+           "limits": set(LimitsSpec.__struct_fields__)}
 
 
 def _check_keys(raw: dict, source: str) -> None:
@@ -383,7 +418,7 @@ def _check_keys(raw: dict, source: str) -> None:
     for i, replica in enumerate(raw.get("replicas") or []):
         if isinstance(replica, dict):
             check(replica, _FIELDS["replicas"], f"replicas[{i}].")
-    for section in ("wan", "residency", "replication", "webhooks", "network"):
+    for section in ("wan", "residency", "replication", "webhooks", "limits", "network"):
         if isinstance(raw.get(section), dict):
             check(raw[section], _FIELDS[section], f"{section}.")
     if problems:
@@ -467,6 +502,7 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
         problems.append("wan.bandwidth_mbps must not be negative (0 means unlimited)")
     problems += _replication_problems(spec.replication)
     problems += _webhook_problems(spec.webhooks)
+    problems += _limits_problems(spec.limits)
     problems += _port_problems(spec)
     if problems:
         raise SpecError(source, problems)
@@ -496,6 +532,20 @@ def _webhook_problems(webhooks: WebhookSpec) -> list[str]:
     if webhooks.log_size is not None and webhooks.log_size < 1:
         problems.append("webhooks.log_size must be at least 1 (list-events shows the last "
                         "deliveries kept)")
+    return problems
+
+
+def _limits_problems(limits: LimitsSpec) -> list[str]:
+    problems = []
+    if limits.limits not in LIMIT_MODES:
+        close = difflib.get_close_matches(limits.limits.lower(), LIMIT_MODES, n=1)
+        problems.append(f"limits.limits {limits.limits!r} is not one of 'tier' (ACR's limits of "
+                        f"the tier) or 'off' (none but the numbers given)"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    for name in ("download_mbps", "upload_mbps"):
+        value = getattr(limits, name)
+        if value is not None and not 0 <= value < float("inf"):
+            problems.append(f"limits.{name} must be a number of Mbit/s, at least 0 (0: unshaped)")
     return problems
 
 

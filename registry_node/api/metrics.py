@@ -3,7 +3,15 @@
 The node counts its own error answers here, by OCI code, HTTP status and
 outcome (the wire contract in ``registry_node.errors``); an extension
 (replication: lag, transfers, queue depths, anti-entropy) registers its collector in the
-same registry for as long as it runs, so one scrape shows both. Each app has
+same registry for as long as it runs, so one scrape shows both. A node whose
+blob bandwidth is shaped (``registry_node.bandwidth``) shows its budgets:
+
+    georeg_bandwidth_limit_bytes_per_second{direction}   the rate (0: unshaped)
+    georeg_bandwidth_bytes_total{direction}              blob bytes the budget let pass
+    georeg_bandwidth_wait_seconds_total{direction}       time transfers waited for it,
+                                                         summed over transfers
+
+Each app has
 a registry of its own, so several nodes can share a process (tests, the
 Python API) without mixing their numbers.
 """
@@ -12,7 +20,9 @@ from __future__ import annotations
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..bandwidth import Bandwidth
 from ..errors import RegistryError
 
 
@@ -27,6 +37,36 @@ class NodeMetrics:
 
     def error(self, error: RegistryError) -> None:
         self.errors.labels(error.code.name, str(error.status), error.outcome.value).inc()
+
+    def watch_bandwidth(self, bandwidth: Bandwidth) -> None:
+        self.registry.register(_Budgets(bandwidth))
+
+
+class _Budgets:
+    """Read at scrape time: the budgets count for themselves, so a transfer
+    pays nothing for its metrics."""
+
+    def __init__(self, bandwidth: Bandwidth) -> None:
+        self._directions = (("download", bandwidth.download), ("upload", bandwidth.upload))
+
+    def collect(self):
+        limit = GaugeMetricFamily("georeg_bandwidth_limit_bytes_per_second",
+                                  "Blob bandwidth this node may use, by direction (0: unshaped)",
+                                  labels=["direction"])
+        passed = CounterMetricFamily("georeg_bandwidth_bytes",
+                                     "Blob bytes the node's bandwidth budget let pass",
+                                     labels=["direction"])
+        waited = CounterMetricFamily("georeg_bandwidth_wait_seconds",
+                                     "Time blob transfers waited for the bandwidth budget, "
+                                     "summed over transfers", labels=["direction"])
+        for direction, budget in self._directions:
+            limit.add_metric([direction], budget.rate if budget else 0.0)
+            passed.add_metric([direction], budget.granted if budget else 0)
+            waited.add_metric([direction], budget.waited_s if budget else 0.0)
+        yield from (limit, passed, waited)
+
+    def describe(self):
+        return []
 
 
 METRICS: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)

@@ -305,9 +305,11 @@ async def test_concurrent_pulls_share_the_budget_evenly(shaped):
         first, second = sorted(await asyncio.gather(*(pull(d) for d in digests)))
     # One budget for both: the pair takes what 2 MiB takes ...
     assert second >= at_least_s(2 * SIZE), second
-    # ... and they take turns: the first done has waited for most of the
-    # other's bytes too (served one after the other, it would be done at half).
-    assert first >= 0.75 * at_least_s(2 * SIZE), (first, second)
+    # ... and they take turns: the first done has waited for much of the
+    # other's bytes too. Served one after the other, it would be done at half
+    # of that; taking turns, at all of it less the head start the other
+    # request's arrival gave it (0.6 leaves that start up to 0.4 of the time).
+    assert first >= 0.6 * at_least_s(2 * SIZE), (first, second)
 
 
 async def test_skopeo_copies_both_ways_at_no_more_than_the_rate(shaped, tmp_path):

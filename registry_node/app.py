@@ -20,7 +20,7 @@ from aiohttp import web
 from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate, pull_check
-from .api.common import CONFIGURATION, REGISTRY, WEBHOOKS
+from .api.common import BANDWIDTH, CONFIGURATION, REGISTRY, WEBHOOKS
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_headers
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
@@ -31,6 +31,7 @@ from .auth.gate import Gate
 from .auth.grants import BlobGrants
 from .auth.identities import IdentitySource
 from .auth.tokens import AuthConfigError, SigningKey, TokenAuthority, Trust
+from .bandwidth import Bandwidth
 from .config import NodeConfig
 from .gc import GarbageCollector
 from .handoff import HandoffServer
@@ -96,6 +97,8 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     app[METRICS] = NodeMetrics()
     app[THROTTLE] = throttle
     app[METRICS].track_throttle(throttle, config.region)
+    app[BANDWIDTH] = bandwidth = Bandwidth.of(config.bandwidth)
+    app[METRICS].watch_bandwidth(bandwidth)
     if internal is not None:
         app[INTERNAL_CREDENTIAL] = internal
     add_routes(app.router)
@@ -174,7 +177,7 @@ async def _handoff(app: web.Application) -> AsyncIterator[None]:
     gate = app.get(GATE)        # set by _storage, which runs first, when auth is on
     app[HANDOFF] = handoff = HandoffServer(app[REGISTRY],
                                            pull_check(gate) if gate is not None else None,
-                                           app[THROTTLE])
+                                           app[THROTTLE], bandwidth=app[BANDWIDTH])
     yield
     await handoff.close()
 

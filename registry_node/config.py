@@ -73,6 +73,24 @@ class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         rates = {"read": self.reads_per_min, "write": self.writes_per_min,
                  "delete": self.deletes_per_min, "referrers": self.referrers_per_min}
         return {kind: rate for kind, rate in rates.items() if rate is not None}
+class BandwidthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """This node's share of its replica's blob bandwidth (``registry_node.bandwidth``),
+    in megabits per second; 0: unshaped, the default. With ``--cluster`` the
+    plan decides it from the spec's ``[limits]`` (a zone-redundant replica's
+    budget split evenly across its zones)."""
+
+    download_mbps: float = 0.0          # blob bytes the node sends to clients
+    upload_mbps: float = 0.0            # blob bytes clients send the node
+
+    def __post_init__(self) -> None:
+        for rate in (self.download_mbps, self.upload_mbps):
+            if not 0 <= rate < float("inf"):
+                raise ValueError(f"a bandwidth is a number of Mbit/s, at least 0 (0: unshaped); "
+                                 f"got {rate}")
+
+    @property
+    def shaped(self) -> bool:
+        return self.download_mbps > 0 or self.upload_mbps > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +139,7 @@ class NodeConfig:
     # cluster view), with which it shares what throttling admits, so the
     # replica's limits hold across its zones (``registry_node.throttle``).
     zone_siblings: tuple[str, ...] = ()
+    bandwidth: BandwidthSettings = BandwidthSettings()
 
     @property
     def auth_enabled(self) -> bool:

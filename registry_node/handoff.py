@@ -40,7 +40,9 @@ that passes its integrity check, not marked for a redirect
 (``registry_node.api.redirects``). Everything else is ``N``, so the client gets
 exactly what the HTTP API answers — a 401 challenge or 403 included, from
 the one place that writes them. Headers are those of the HTTP handler
-(``Download``).
+(``Download``). On a node whose downloads are shaped, the body leaves as the
+node's download budget grants it, the same budget its HTTP handler spends
+(``registry_node.bandwidth``): a hand-over is no way around the limit.
 
 The socket's address is in Linux's abstract namespace, derived from the
 node's HTTP address (``address``), so a proxy that knows where a node listens
@@ -70,6 +72,7 @@ import structlog
 from .api.blobs import Download
 from .api.middlewares import request_id
 from .auth.grants import REDIRECT_HEADER, carries_grant
+from .bandwidth import Bandwidth, following
 from .crypto import BlobCorrupt
 from .errors import RegistryError
 from .reference import Digest, validate_name
@@ -168,12 +171,15 @@ class HandoffServer:
 
     def __init__(self, registry: Registry,
                  admits: Callable[[str | None, str], str | None] | None = None,
-                 throttle: Throttle | None = None) -> None:
+                 throttle: Throttle | None = None, *,
+                 bandwidth: Bandwidth | None = None) -> None:
         self.registry = registry
         # (Authorization header, repository) -> who may pull there (None: nobody
         # this header names); None: auth off.
         self.admits = admits
         self.throttle = throttle
+        # The node's budgets, the ones its HTTP handlers spend; None: unshaped.
+        self.bandwidth = bandwidth
         self.address = b""
         self._listener: socket.socket | None = None
         self._channels: set[_Channel] = set()
@@ -304,9 +310,18 @@ class HandoffServer:
                     if not await channel.send(serial, WRITING):
                         return
                     code, status = CUT, download.status
-                    await _send(client, _response_head(download, rid, extra), first)
-                    async for piece in pieces:
-                        await _send(client, piece)
+                    head = _response_head(download, rid, extra)
+                    budget = self.bandwidth.download if self.bandwidth else None
+                    if budget is None:
+                        await _send(client, head, first)
+                        async for piece in pieces:
+                            await _send(client, piece)
+                    else:
+                        await _send(client, head)
+                        async with contextlib.aclosing(
+                                budget.shaped(following(first, pieces))) as body:
+                            async for piece in body:
+                                await _send(client, piece)
             code = DONE
         except _Declined:
             pass

@@ -32,10 +32,12 @@ import structlog
 from aiohttp import web
 
 from registry_node import allocator
+from registry_node.api.common import BANDWIDTH
 from registry_node.api.metrics import METRICS
 from registry_node.api.throttling import THROTTLE
 from registry_node.app import NODE, REPLICATION_COMPLETION
 from registry_node.auth.tokens import AuthConfigError
+from registry_node.bandwidth import Bandwidth
 from registry_node.config import NodeConfig
 from registry_node.durability import LocalDurability
 from registry_node.records import Cursor
@@ -90,6 +92,7 @@ class Replication:
         self.completion: ImageCompletion | None = None
         self.relayed: RelayedCursors | None = None
         self.throttle: Throttle | None = None      # the node's, while it runs
+        self.bandwidth: Bandwidth | None = None    # the node's, while it runs
 
     # -- Extension -----------------------------------------------------------------
 
@@ -103,6 +106,7 @@ class Replication:
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         node = app[NODE]
         self.throttle = app[THROTTLE]
+        self.bandwidth = app[BANDWIDTH]
         view = self.view
         identity = node.identity
         settings = view.replication
@@ -275,6 +279,12 @@ class Replication:
             # the replica's new limits (registry_node.throttle), taken at once.
             self.throttle.configure(view.request_limits)
             log.info("request_limits_changed", limits=str(view.request_limits))
+        if view.bandwidth != self.view.bandwidth and self.bandwidth is not None:
+            # Likewise the replica's blob bandwidth: transfers that start from
+            # now on spend the new budgets (registry_node.bandwidth).
+            self.bandwidth.configure(view.bandwidth)
+            log.info("bandwidth_changed", download_mbps=view.bandwidth.download_mbps,
+                     upload_mbps=view.bandwidth.upload_mbps)
         if view.zone_redundancy != self.view.zone_redundancy:
             # The quorum and every acknowledging subscription were built from
             # the decision this node started with; half-applying another one

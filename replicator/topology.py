@@ -33,7 +33,7 @@ from pathlib import Path
 
 import msgspec
 
-from registry_node.config import RequestLimits, WebhookSettings
+from registry_node.config import BandwidthSettings, RequestLimits, WebhookSettings
 
 from .residency import ResidencyPolicy
 
@@ -146,6 +146,10 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # decided from the spec's [limits]; None: none (throttling off, faults
     # aside). Its zone peers (``zone_peers``) share them.
     request_limits: RequestLimits | None = None
+    # This node's share of its replica's blob bandwidth, as the plan decided
+    # from the spec's [limits] (registry_node.bandwidth); unshaped by default,
+    # as in a view from before the plan said so.
+    bandwidth: BandwidthSettings = BandwidthSettings()
 
     def __post_init__(self) -> None:
         if self.zone_redundancy.enabled and self.zone not in self.zone_redundancy.zones:

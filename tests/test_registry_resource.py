@@ -33,7 +33,7 @@ from .helpers import Skopeo, digest_of, eventually, make_image, push_image, writ
 from .test_cluster import georeg
 
 BASIC = specs.ClusterSpec(registry="georegbasic", tier="Basic", home_region="eastus",
-                          paired_copies=False)
+                          paired_copies=False, limits=specs.LimitsSpec(limits="tier"))
 LIMIT = 64 * 1024
 GC_GRACE_S = 2
 PREMIUM = msgspec.structs.replace(specs.ClusterSpec(
@@ -89,6 +89,21 @@ def on_node(c: RunningCluster, node: str, path: str) -> dict | None:
         return None
 
 
+def tier_limits_on(c: RunningCluster, node: str) -> tuple[dict | None, float | None]:
+    """The request rates per minute and the download budget (bytes/s) ``node``
+    runs with, as it reports them (None: it does not answer)."""
+    throttle = on_node(c, node, "/georeg/v1/throttle")
+    request = urllib.request.Request(f"{c.node_url(node)}/metrics", headers=c.internal_headers())
+    try:
+        with management_client.open_direct(request, 10) as r:
+            metrics = r.read().decode()
+    except OSError:
+        return None, None
+    download = next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith('georeg_bandwidth_limit_bytes_per_second{direction="download"'))
+    return (throttle or {}).get("limits", {}).get("per_minute"), download
+
+
 def sku_held(c: RunningCluster, node: str) -> str | None:
     held = on_node(c, node, "/georeg/v1/configuration/registry/default")
     return (held or {}).get("value", {}).get("sku")
@@ -103,6 +118,9 @@ async def test_basic_to_premium_allows_a_replica_at_once_and_premium_refuses_to_
     assert ok(c, "registry", "show", "--json")["sku"] == {"name": "Basic", "tier": "Basic"}
     # Recorded at the first start: every node reads the registry's tier.
     assert sku_held(c, "eastus") == "Basic"
+    # [limits] limits = "tier": the node runs with Basic's request rates and bandwidth.
+    basic_rates = {"read": 10_000, "write": 2_000, "delete": 1_000, "referrers": 500}
+    assert tier_limits_on(c, "eastus") == (basic_rates, 30e6)
     code, _, err = cli(c, "replication", "create", "--location", "westeurope")
     assert code == 2 and "geo-replication needs the Premium tier" in err, err
 
@@ -110,6 +128,10 @@ async def test_basic_to_premium_allows_a_replica_at_once_and_premium_refuses_to_
     assert ok(c, "registry", "update", "--sku", "premium") and \
         ok(c, "registry", "show", "--json")["sku"]["name"] == "Premium"
     await eventually(lambda: sku_held(c, "eastus") == "Premium", what="the tier on eastus")
+    # ... and Premium's from now on, without a restart.
+    premium_rates = {"read": 20_000, "write": 4_000, "delete": 4_000, "referrers": 2_000}
+    await eventually(lambda: tier_limits_on(c, "eastus") == (premium_rates, 100e6),
+                     what="Premium's limits on eastus")
     ok(c, "replication", "create", "--location", "westeurope")     # no restart needed
     assert c.cluster.nodes()["eastus"].pid == pid
     await eventually(lambda: sku_held(c, "westeurope") == "Premium", timeout=30,
@@ -129,6 +151,8 @@ async def test_basic_to_premium_allows_a_replica_at_once_and_premium_refuses_to_
     status, answer = api(c, "PATCH", "/georeg/v1/registry", {"sku": {"name": "Basic"}})
     assert status == 200 and answer["sku"]["name"] == "Basic", answer
     assert c.cluster.spec.tier == "Basic" and saved_spec(c.data_dir).tier == "Basic"
+    await eventually(lambda: tier_limits_on(c, "eastus") == (basic_rates, 30e6),
+                     what="Basic's limits on eastus again")
     status, answer = api(c, "PATCH", "/georeg/v1/registry", {"sku": "Gold"})
     assert status == 400 and "is not one of Basic, Standard, Premium" in answer["error"]["message"]
 

@@ -310,22 +310,28 @@ def test_replication_settings_out_of_range_or_misspelt_are_refused():
 
 def test_throttling_is_off_unless_the_limits_table_turns_it_on(tmp_path):
     """Off by default (``make up`` and the suite push as fast as the machine allows);
-    ``throttling = "tier"`` gives the tier's rates per replica (ACR-SEMANTICS.md),
-    a rate given overrides its kind and turns throttling on."""
+    ``limits = "tier"`` gives the tier's rates per replica (ACR-SEMANTICS.md),
+    a rate given overrides its kind and turns throttling on, 0 turns a kind off."""
     from replicator.topology import ClusterView
 
     assert specs.load(None).limits.request_limits("Premium") is None
-    tier = specs.parse({"tier": "Standard", "limits": {"throttling": "tier"}})
+    tier = specs.parse({"tier": "Standard", "limits": {"limits": "tier"}})
     limits = tier.limits.request_limits(tier.tier)
     assert limits.per_minute() == {"read": 10_000, "write": 2_000, "delete": 1_000,
                                    "referrers": 500}
     assert (limits.per_identity_fraction, limits.burst_s) == (0.5, 60.0)
-    premium = specs.parse({"limits": {"throttling": "tier"}}).limits.request_limits("Premium")
+    premium = specs.parse({"limits": {"limits": "tier"}}).limits.request_limits("Premium")
     assert premium.per_minute() == {"read": 20_000, "write": 4_000, "delete": 4_000,
                                     "referrers": 2_000}
+    no_deletes = specs.parse({"limits": {"limits": "tier", "deletes_per_min": 0}})
+    assert "delete" not in no_deletes.limits.request_limits("Basic").per_minute()
+    only_writes = specs.parse({"limits": {"writes_per_min": 60}}).limits.request_limits("Basic")
+    assert only_writes.per_minute() == {"write": 60}
+    assert specs.parse({"limits": {"writes_per_min": 0}}).limits.request_limits("Basic") is None
     toml = tmp_path / "spec.toml"
     toml.write_text('home_zone_redundant = true\n[[replicas]]\nregion = "westeurope"\n\n'
-                    '[limits]\nwrites_per_min = 60\nper_identity_fraction = 1\nburst_s = 5\n')
+                    '[limits]\nlimits = "tier"\nwrites_per_min = 60\nper_identity_fraction = 1\n'
+                    'burst_s = 5\n')
     spec = specs.load(toml)
     p = plan(spec.seeded(1).with_port_base(20000), tmp_path / "data")
     for node in p.nodes:
@@ -348,14 +354,12 @@ def test_throttling_is_off_unless_the_limits_table_turns_it_on(tmp_path):
 
 
 def test_limits_out_of_range_contradictory_or_misspelt_are_refused():
-    found = problems({"limits": {"writes_per_min": 0, "reads_per_min": -5,
+    found = problems({"limits": {"writes_per_min": float("inf"), "reads_per_min": -5,
                                  "per_identity_fraction": 1.5, "burst_s": 0}})
     assert sorted(p.split(" ")[0] for p in found) == [
         "limits.burst_s", "limits.per_identity_fraction", "limits.reads_per_min",
         "limits.writes_per_min"]
-    [problem] = problems({"limits": {"throttling": "off", "writes_per_min": 60}})
-    assert "throttling is 'off' but writes_per_min is given" in problem
-    [problem] = problems({"limits": {"throttling": "teir"}})
+    [problem] = problems({"limits": {"limits": "teir"}})
     assert "did you mean 'tier'" in problem
     [problem] = problems({"limits": {"write_per_min": 60}})
     assert "unknown key limits.'write_per_min'" in problem and "writes_per_min" in problem

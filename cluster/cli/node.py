@@ -47,6 +47,16 @@ def _rate(value: str) -> float:
     return rate
 
 
+def _mbps(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = -1
+    if not 0 <= rate < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of Mbit/s, at least 0, got {value!r}")
+    return rate
+
+
 def _size(value: str) -> int:
     try:
         return parse_size(value)
@@ -150,6 +160,17 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     throttling.add_argument("--burst", type=_seconds, metavar="SECONDS",
                             help="a bucket holds this many seconds of its rate (default 60: a "
                                  "minute's worth; at least one request)")
+    shaping = p.add_argument_group(
+        "bandwidth", "Blob uploads and downloads shaped (delayed, never refused) to a rate shared "
+        "by every transfer in that direction, as ACR's tiers limit a replica's bandwidth; off "
+        "unless given (with --cluster, the file's share of the spec's [limits]; these override "
+        "it). Replication is never shaped here: the WAN links model its bandwidth")
+    shaping.add_argument("--download-mbps", type=_mbps, metavar="MBIT/S",
+                         help="blob bytes the node sends to clients, in megabits per second "
+                              "(0: unshaped)")
+    shaping.add_argument("--upload-mbps", type=_mbps, metavar="MBIT/S",
+                         help="blob bytes clients send the node, in megabits per second "
+                              "(0: unshaped)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                    help="log format on stderr (default: console on a terminal, else json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -178,10 +199,11 @@ def _run_node(args: argparse.Namespace) -> int:
     host, port = args.listen
     region, zone = args.region, args.zone
     extensions = []
-    from registry_node.config import WebhookSettings
+    from registry_node.config import BandwidthSettings, WebhookSettings
 
     webhooks = WebhookSettings()
     limits, siblings = None, ()
+    bandwidth = BandwidthSettings()
     if args.cluster is not None:
         from replicator.runtime import Replication
         from replicator.topology import ClusterView
@@ -200,6 +222,7 @@ def _run_node(args: argparse.Namespace) -> int:
         limits = view.request_limits
         # Throttling's zone siblings: what one zone admits counts in the others.
         siblings = tuple(peer.http for peer in view.zone_peers if peer.http)
+        bandwidth = view.bandwidth
         extensions.append(Replication(view, args.cluster))
     tuning = {field: value for field, value in (
         ("timeout_s", args.webhook_timeout), ("backoff_cap_s", args.webhook_backoff_cap),
@@ -211,6 +234,9 @@ def _run_node(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"georeg node: {exc}", file=sys.stderr)
         return 2
+    bandwidth = msgspec.structs.replace(bandwidth, **{field: value for field, value in (
+        ("download_mbps", args.download_mbps), ("upload_mbps", args.upload_mbps))
+        if value is not None})
     config = NodeConfig(data_dir=args.data_dir, host=host, port=port, region=region or "local",
                         zone=zone or "", key_file=args.key_file,
                         configuration_key_file=args.configuration_key_file,
@@ -223,7 +249,7 @@ def _run_node(args: argparse.Namespace) -> int:
                         internal_credential_file=args.internal_credential_file,
                         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key or args.tls_cert,
                         tls_ca_file=args.tls_ca, webhooks=webhooks, request_limits=limits,
-                        zone_siblings=siblings)
+                        zone_siblings=siblings, bandwidth=bandwidth)
     if (args.tls_key or args.tls_ca) and args.tls_cert is None:
         print("georeg node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
         return 2

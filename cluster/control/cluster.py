@@ -308,6 +308,9 @@ class Cluster:
         self.plan = replace(self.plan, spec=spec)
         self.supervisor.plan = self.plan
         save_spec(self.data_dir, spec)
+        # What the tier decides on each node (its request limits and blob
+        # bandwidth: ``plan.view``) follows at once: every node reloads its view.
+        self._write_views()
         log.info("tier", tier=tier)
 
     def _spec_with_tier(self, tier: str) -> specs.ClusterSpec:
@@ -576,7 +579,7 @@ class Cluster:
         """Request throttling per replica: the spec's limits (None: off), the
         throttling faults on it, and what its nodes refused since they
         started, by kind and by identity, as the nodes last reported it."""
-        limits = self.spec.limits.request_limits(self.spec.tier)
+        limits = self.spec.limits.request_limits(self.tier)
         out = {}
         for replica in self.spec.all_replicas:
             refused: dict[str, int] = {}

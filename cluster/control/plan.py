@@ -26,7 +26,9 @@ which its zone nodes share through the zone peers' addresses its view
 lists: ``registry_node.throttle``); on every cluster, each serving node's
 plan names the cluster's configuration key file (``configuration_key``,
 which seals webhook header values; a paired-region copy, which never
-delivers, gets none).
+delivers, gets none); each serving node's view carries its share of its
+replica's blob bandwidth (``node_bandwidth``: the budget divided by the
+replica's zones).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry_node.config import BandwidthSettings
 from replicator.topology import ClusterView, Peer, ReplicationSettings, ZoneRedundancy
 
 from ..network.links import LinkModel, link_seed
@@ -269,7 +272,26 @@ class ClusterPlan:
                            residency=self.spec.residency_policy(),
                            replication=settings or ReplicationSettings(),
                            mutual_tls=node.access is not None or node.tls is not None,
-                           readers=readers, webhooks=webhooks, request_limits=limits)
+                           readers=readers, webhooks=webhooks, request_limits=limits,
+                           bandwidth=node_bandwidth(self.spec, node))
+
+
+def node_bandwidth(spec: ClusterSpec, node: NodePlan) -> BandwidthSettings:
+    """``node``'s share of its replica's blob bandwidth (the spec's ``[limits]``).
+
+    A replica's budget is the replica's, not each zone's; zones are separate
+    processes (on separate machines, beyond one), so each zone node gets the
+    budget divided by the zones. The replica as a whole never exceeds it; the
+    error is that one zone cannot borrow what the others leave unused: a
+    transfer, and every transfer of repositories that routing sends to one
+    zone, gets a third of the replica's rate while the other zones are idle,
+    and a replica with a zone down has two thirds. A paired-region copy
+    serves no client and is not shaped."""
+    if node.copy_of:
+        return BandwidthSettings()
+    download, upload = spec.limits.bandwidth(spec.tier)
+    zones = node.zone_redundancy.zone_count
+    return BandwidthSettings(download_mbps=download / zones, upload_mbps=upload / zones)
 
 
 def node_name(region: str, zone: str) -> str:

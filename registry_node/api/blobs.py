@@ -4,7 +4,9 @@ A ``GET`` an endpoint marked for a redirect is answered with one where the
 node may (``api.redirects``).
 
 Reads decrypt only the segments a range needs, in a worker thread, one piece
-ahead of the socket, so a blob of any size streams in bounded memory.
+ahead of the socket, so a blob of any size streams in bounded memory. On a
+node whose downloads are shaped, the bytes leave as the node's download
+budget grants them (``registry_node.bandwidth``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
+from ..bandwidth import following
 from ..crypto import BlobCorrupt, SealedBlob
 from ..errors import ErrorCode, Outcome, RegistryError
-from .common import DIGEST_HEADER, BodyResponse, digest_param, empty, registry, repo_name
+from .common import (
+    BANDWIDTH,
+    DIGEST_HEADER,
+    BodyResponse,
+    digest_param,
+    empty,
+    registry,
+    repo_name,
+)
 from .redirects import redirect
 
 if TYPE_CHECKING:
@@ -82,17 +93,25 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.StreamResponse:
     download = Download(blob, digest, request.headers.get("Range"))
+    budget = request.app[BANDWIDTH].download
     async with contextlib.aclosing(download.pieces(registry(request).run_blocking)) as pieces:
         first = await anext(pieces)
-        if len(first) == download.length:
+        if len(first) == download.length and (budget is None or len(first) <= budget.quantum):
+            if budget is not None:
+                await budget.take(len(first))
             return BodyResponse(status=download.status, body=first, headers=download.headers)
         response = web.StreamResponse(status=download.status, headers=download.headers)
         response.content_length = download.length
         await response.prepare(request)
-        await response.write(first)
         try:
-            async for piece in pieces:
-                await response.write(piece)
+            if budget is None:
+                await response.write(first)
+                async for piece in pieces:
+                    await response.write(piece)
+            else:
+                async with contextlib.aclosing(budget.shaped(following(first, pieces))) as body:
+                    async for piece in body:
+                        await response.write(piece)
         except BlobCorrupt:
             # Headers are gone; the only honest thing left is to cut the connection
             # so the client sees a short body instead of wrong bytes.

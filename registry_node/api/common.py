@@ -9,6 +9,7 @@ from urllib.parse import quote, urlencode
 import msgspec
 from aiohttp import web
 
+from ..bandwidth import Bandwidth
 from ..errors import ErrorCode, RegistryError
 from ..records import ClientRequest
 from ..reference import Digest, validate_name
@@ -24,6 +25,8 @@ REGISTRY: web.AppKey[Registry] = web.AppKey("registry", object)  # type: ignore[
 CONFIGURATION: web.AppKey[Configuration] = web.AppKey("configuration", object)  # type: ignore[arg-type]
 # The node's webhook delivery (``registry_node.webhook_delivery``).
 WEBHOOKS: web.AppKey[WebhookDelivery] = web.AppKey("webhooks", object)  # type: ignore[arg-type]
+# The node's blob bandwidth budgets (``registry_node.bandwidth``); unshaped: both None.
+BANDWIDTH: web.AppKey[Bandwidth] = web.AppKey("bandwidth", Bandwidth)
 
 DIGEST_HEADER = "Docker-Content-Digest"
 UPLOAD_UUID_HEADER = "Docker-Upload-UUID"

@@ -7,7 +7,16 @@ identity, limit}``: ``identity`` is the principal's subject, ``anonymous``,
 or ``-`` on a node without auth; ``limit`` the one that refused: replica,
 identity or fault; a 429 is also one of the error answers); an extension
 (replication: lag, transfers, queue depths, anti-entropy) registers its collector in the
-same registry for as long as it runs, so one scrape shows both. Each app has
+same registry for as long as it runs, so one scrape shows both. Every node
+shows its blob bandwidth budgets (``registry_node.bandwidth``), which a tier
+change may turn on or off while it runs:
+
+    georeg_bandwidth_limit_bytes_per_second{direction}   the rate (0: unshaped)
+    georeg_bandwidth_bytes_total{direction}              blob bytes the budget let pass
+    georeg_bandwidth_wait_seconds_total{direction}       time transfers waited for it,
+                                                         summed over transfers
+
+Each app has
 a registry of its own, so several nodes can share a process (tests, the
 Python API) without mixing their numbers.
 """
@@ -16,8 +25,9 @@ from __future__ import annotations
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..bandwidth import Bandwidth
 from ..errors import RegistryError
 from ..throttle import Throttle
 
@@ -39,6 +49,9 @@ class NodeMetrics:
         on the request path)."""
         self.registry.register(_Throttled(throttle, replica))
 
+    def watch_bandwidth(self, bandwidth: Bandwidth) -> None:
+        self.registry.register(_Budgets(bandwidth))
+
 
 class _Throttled:
     def __init__(self, throttle: Throttle, replica: str) -> None:
@@ -54,6 +67,31 @@ class _Throttled:
         for (kind, identity, limit), count in sorted(self.throttle.refusals.items()):
             family.add_metric([self.replica, kind, identity or "-", limit], count)
         yield family
+
+
+class _Budgets:
+    """Read at scrape time: the budgets count for themselves, so a transfer
+    pays nothing for its metrics."""
+
+    def __init__(self, bandwidth: Bandwidth) -> None:
+        self.bandwidth = bandwidth      # its budgets read at each scrape: a tier change replaces them
+
+    def collect(self):
+        limit = GaugeMetricFamily("georeg_bandwidth_limit_bytes_per_second",
+                                  "Blob bandwidth this node may use, by direction (0: unshaped)",
+                                  labels=["direction"])
+        passed = CounterMetricFamily("georeg_bandwidth_bytes",
+                                     "Blob bytes the node's bandwidth budget let pass",
+                                     labels=["direction"])
+        waited = CounterMetricFamily("georeg_bandwidth_wait_seconds",
+                                     "Time blob transfers waited for the bandwidth budget, "
+                                     "summed over transfers", labels=["direction"])
+        for direction, budget in (("download", self.bandwidth.download),
+                                  ("upload", self.bandwidth.upload)):
+            limit.add_metric([direction], budget.rate if budget else 0.0)
+            passed.add_metric([direction], budget.granted if budget else 0)
+            waited.add_metric([direction], budget.waited_s if budget else 0.0)
+        yield from (limit, passed, waited)
 
     def describe(self):
         return []

@@ -4,11 +4,15 @@ Monolithic (``POST ?digest=``, or ``POST`` then ``PUT`` with the body), chunked
 (``PATCH`` with ``Content-Range``), streamed (``PATCH`` without it) and
 cross-repository mounts. The upload's state lives in storage, not in the URL,
 so an old ``Location`` keeps working and a restart does not lose the session.
+On a node whose uploads are shaped, a body is read as the node's upload budget
+grants it (``registry_node.bandwidth``): the client is held back by its
+connection's flow control, never refused.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -16,6 +20,7 @@ from ..blobstore import valid_upload_id
 from ..errors import ErrorCode, RegistryError
 from ..reference import validate_name
 from .common import (
+    BANDWIDTH,
     DIGEST_HEADER,
     UPLOAD_UUID_HEADER,
     body_chunks,
@@ -61,6 +66,12 @@ def _content_range(request: web.Request) -> tuple[int | None, int | None]:
     return start, length
 
 
+def _blob_body(request: web.Request) -> AsyncIterator[bytes]:
+    chunks = body_chunks(request)
+    budget = request.app[BANDWIDTH].upload
+    return chunks if budget is None else budget.paced(chunks)
+
+
 def _upload_id(request: web.Request) -> str:
     upload_id = request.match_info["uuid"]
     if not valid_upload_id(upload_id):
@@ -81,7 +92,7 @@ async def start_upload(request: web.Request) -> web.Response:
     elif "digest" in query:
         digest = digest_param(query.get("digest"))
         length = request.content_length
-        info = await reg.put_blob(repo, digest, body_chunks(request), length)
+        info = await reg.put_blob(repo, digest, _blob_body(request), length)
         return empty(201, _blob_headers(repo, info.digest))
     upload_id = await reg.start_upload(repo)
     return empty(202, _session_headers(repo, upload_id, 0))
@@ -100,7 +111,7 @@ async def patch_upload(request: web.Request) -> web.Response:
     start, length = _content_range(request)
     if length is None:
         length = request.content_length
-    offset = await registry(request).append_upload(repo, upload_id, body_chunks(request),
+    offset = await registry(request).append_upload(repo, upload_id, _blob_body(request),
                                                    start, length)
     return empty(202, _session_headers(repo, upload_id, offset))
 
@@ -114,7 +125,7 @@ async def finish_upload(request: web.Request) -> web.Response:
         start, length = _content_range(request)
         if length is None:
             length = request.content_length
-        chunks = body_chunks(request)
+        chunks = _blob_body(request)
     info = await registry(request).complete_upload(repo, upload_id, digest, chunks, start, length)
     return empty(201, _blob_headers(repo, info.digest))
 

@@ -21,8 +21,10 @@ GCRA). Invariants:
   asked: transfers that ask for one ``quantum`` at a time (``shaped``) take
   turns and share the rate evenly;
 * nothing is refused: a request waits for its turn;
-* a wait cancelled (a client gone) gives its reservation back unless another
-  was made behind it.
+* a wait cancelled (the node stopping, a hand-over closed) gives its
+  reservation back unless another was made behind it. A client gone
+  mid-transfer is found at the next write, which fails; its transfer then
+  asks for nothing more.
 
 Shaping off costs nothing here: a direction without a rate has no budget
 (``Bandwidth.download`` is None) and its callers keep their unshaped path.

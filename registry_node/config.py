@@ -73,6 +73,17 @@ class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         rates = {"read": self.reads_per_min, "write": self.writes_per_min,
                  "delete": self.deletes_per_min, "referrers": self.referrers_per_min}
         return {kind: rate for kind, rate in rates.items() if rate is not None}
+# The slowest bandwidth a node is shaped to: below it a transfer's smallest
+# quantum (16 KiB) would take minutes, and clients give up on a silent
+# connection long before a blob arrives.
+MIN_MBPS = 0.01
+
+
+def valid_mbps(rate: float) -> bool:
+    """A bandwidth a node can be shaped to: 0 (unshaped), or finite from ``MIN_MBPS``."""
+    return rate == 0 or MIN_MBPS <= rate < float("inf")
+
+
 class BandwidthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """This node's share of its replica's blob bandwidth (``registry_node.bandwidth``),
     in megabits per second; 0: unshaped, the default. With ``--cluster`` the
@@ -84,9 +95,9 @@ class BandwidthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 
     def __post_init__(self) -> None:
         for rate in (self.download_mbps, self.upload_mbps):
-            if not 0 <= rate < float("inf"):
-                raise ValueError(f"a bandwidth is a number of Mbit/s, at least 0 (0: unshaped); "
-                                 f"got {rate}")
+            if not valid_mbps(rate):
+                raise ValueError(f"a bandwidth is a number of Mbit/s, 0 (unshaped) or from "
+                                 f"{MIN_MBPS} on; got {rate}")
 
     @property
     def shaped(self) -> bool:

@@ -12,7 +12,7 @@ import ssl
 import sys
 from pathlib import Path
 
-from registry_node.config import SHUTDOWN_GRACE_S
+from registry_node.config import MIN_MBPS, SHUTDOWN_GRACE_S, valid_mbps
 from registry_node.tiers import parse_size
 
 
@@ -52,8 +52,9 @@ def _mbps(value: str) -> float:
         rate = float(value)
     except ValueError:
         rate = -1
-    if not 0 <= rate < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of Mbit/s, at least 0, got {value!r}")
+    if not valid_mbps(rate):
+        raise argparse.ArgumentTypeError(f"expected a number of Mbit/s, 0 (unshaped) or from "
+                                         f"{MIN_MBPS} on, got {value!r}")
     return rate
 
 

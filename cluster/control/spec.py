@@ -108,7 +108,7 @@ from pathlib import Path
 import msgspec
 
 from registry_node import tiers as tier_table
-from registry_node.config import RequestLimits, WebhookSettings
+from registry_node.config import MIN_MBPS, RequestLimits, WebhookSettings, valid_mbps
 from replicator.residency import ResidencyPolicy
 from replicator.topology import ReplicationSettings
 
@@ -612,8 +612,9 @@ def _limits_problems(limits: LimitsSpec) -> list[str]:
         problems.append("limits.burst_s must be more than 0 seconds")
     for key in ("download_mbps", "upload_mbps"):
         value = getattr(limits, key)
-        if value is not None and not 0 <= value < float("inf"):
-            problems.append(f"limits.{key} must be a number of Mbit/s, at least 0 (0: unshaped)")
+        if value is not None and not valid_mbps(value):
+            problems.append(f"limits.{key} must be a number of Mbit/s, 0 (unshaped) or from "
+                            f"{MIN_MBPS} on")
     try:
         if limits.storage_limit is not None:
             tier_table.parse_size(limits.storage_limit)

@@ -23,9 +23,11 @@ Python API) without mixing their numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..bandwidth import Bandwidth
 from ..errors import RegistryError
@@ -76,7 +78,7 @@ class _Budgets:
     def __init__(self, bandwidth: Bandwidth) -> None:
         self.bandwidth = bandwidth      # its budgets read at each scrape: a tier change replaces them
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         limit = GaugeMetricFamily("georeg_bandwidth_limit_bytes_per_second",
                                   "Blob bandwidth this node may use, by direction (0: unshaped)",
                                   labels=["direction"])

@@ -94,6 +94,10 @@ class ErrorCode(Enum):
     DENIED = (403, "requested access to the resource is denied")
     UNSUPPORTED = (405, "the operation is unsupported")
     TOOMANYREQUESTS = (429, "too many requests")
+    # ACR's answer to an operation its changeable attributes forbid (a push to a
+    # write-locked tag, a delete of a delete-locked image, …): ``locks``.
+    REGISTRY_DISALLOWED_OPERATION = (
+        405, "The operation is disallowed on this registry, repository or image.")
     # Beyond the OCI list, as CNCF distribution registers them: a byte range that
     # cannot be satisfied (blob reads, out-of-order upload chunks) and a bad `n`.
     RANGE_INVALID = (416, "invalid content range")

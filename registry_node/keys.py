@@ -41,6 +41,10 @@ The key space::
     ├── t\\0<tag>                           → Tombstone         a deleted tag
     ├── m\\0<digest>                        → Tombstone         a deleted manifest
     └── b\\0<digest>                        → Tombstone         a deleted blob link
+    attr\\0<repo>\\0                          changeable attributes (locks), registers of their own
+    ├── r                                 → Attributes        the repository's
+    ├── t\\0<tag>                           → Attributes        a tag's (kept when the tag moves)
+    └── m\\0<digest>                        → Attributes        a manifest's
     cursor\\0<peer name>                    → Cursor            how far a peer's log is applied
     reader\\0<node name>                   → LogReader         how far a node has read this log
                                                                 (``replicator.retention``)
@@ -123,6 +127,7 @@ FINGERPRINT_BUCKET = b"fpb\x00"
 WEBHOOK_PENDING = b"whp\x00"
 WEBHOOK_LOG = b"whl\x00"
 COMPLETION_QUESTION = b"whq\x00"
+ATTRIBUTES = b"attr\x00"
 
 FINGERPRINT_BUCKETS = 64
 """Repositories are spread over this many buckets by a hash of their name."""
@@ -132,6 +137,7 @@ _LINK = b"b"
 _MANIFEST = b"m"
 _TAG = b"t"
 _REFERRER = b"s"
+_REPOSITORY = b"r"          # ``attr\0<repo>\0r``: the repository's own attributes
 
 _SEQ = struct.Struct(">Q")
 LAST_SEQ = 2**64 - 1
@@ -240,6 +246,31 @@ def manifest_tomb(name: str, digest: str) -> bytes:
 
 def blob_tomb(name: str, digest: str) -> bytes:
     return tomb_prefix(name) + _LINK + SEP + _b(digest)
+
+
+def attributes_prefix(name: str) -> bytes:
+    """Every attributes register of one repository (its own, its tags', its manifests')."""
+    return ATTRIBUTES + _b(name) + SEP
+
+
+def repository_attributes(name: str) -> bytes:
+    return attributes_prefix(name) + _REPOSITORY
+
+
+def tag_attributes_prefix(name: str) -> bytes:
+    return attributes_prefix(name) + _TAG + SEP
+
+
+def tag_attributes(name: str, tag_name: str) -> bytes:
+    return tag_attributes_prefix(name) + _b(tag_name)
+
+
+def manifest_attributes_prefix(name: str) -> bytes:
+    return attributes_prefix(name) + _MANIFEST + SEP
+
+
+def manifest_attributes(name: str, digest: str) -> bytes:
+    return manifest_attributes_prefix(name) + _b(digest)
 
 
 def cursor(peer: str) -> bytes:
@@ -504,6 +535,32 @@ class BlobTombKey(TombKey, frozen=True):
         return blob_tomb(self.repository, self.digest)
 
 
+class AttributesKey(msgspec.Struct, frozen=True):
+    """The attributes register of ``repository`` or of one of its tags or
+    manifests (one of the three below)."""
+
+    repository: str
+
+
+class RepositoryAttributesKey(AttributesKey, frozen=True):
+    def encode(self) -> bytes:
+        return repository_attributes(self.repository)
+
+
+class TagAttributesKey(AttributesKey, frozen=True):
+    tag: str
+
+    def encode(self) -> bytes:
+        return tag_attributes(self.repository, self.tag)
+
+
+class ManifestAttributesKey(AttributesKey, frozen=True):
+    digest: str
+
+    def encode(self) -> bytes:
+        return manifest_attributes(self.repository, self.digest)
+
+
 class CursorKey(msgspec.Struct, frozen=True):
     peer: str
 
@@ -603,7 +660,8 @@ Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | UnreferencedKey | Rep
        | BlobLinkKey | ManifestKey | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
        | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey
        | BucketFingerprintKey | ReaderKey | TombstoneCandidateKey | WebhookPendingKey
-       | WebhookLogKey | CompletionQuestionKey)
+       | WebhookLogKey | CompletionQuestionKey | RepositoryAttributesKey | TagAttributesKey
+       | ManifestAttributesKey)
 
 
 def _head(family: bytes) -> bytes:
@@ -635,6 +693,8 @@ _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
                        _TAG.decode(): TagKey, _REFERRER.decode(): ReferrerKey},
     _head(TOMB): {_TAG.decode(): TagTombKey, _MANIFEST.decode(): ManifestTombKey,
                   _LINK.decode(): BlobTombKey},
+    _head(ATTRIBUTES): {_REPOSITORY.decode(): RepositoryAttributesKey,
+                        _TAG.decode(): TagAttributesKey, _MANIFEST.decode(): ManifestAttributesKey},
 }
 _FIELDS: dict[type, tuple[str, ...]] = {kind: kind.__struct_fields__ for kind in Key.__args__
                                          if kind not in (TombstoneCandidateKey, WebhookPendingKey,

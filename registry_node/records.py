@@ -24,6 +24,9 @@ class EventKind(enum.StrEnum):
     TAG_SET = "tag_set"
     TAG_DELETE = "tag_delete"
     BLOB_RECLAIMED = "blob_reclaimed"  # local garbage collection; never replicated
+    # A repository's, tag's or manifest's changeable attributes (``locks``):
+    # ``tag`` names a tag's, ``digest`` a manifest's, neither the repository's.
+    ATTRIBUTES_SET = "attributes_set"
     # Registry configuration (``configuration``): registry-wide, never confined.
     CONFIG_SET = "config_set"
     CONFIG_DELETE = "config_delete"
@@ -47,6 +50,20 @@ CONFIG_KINDS = frozenset({EventKind.CONFIG_SET, EventKind.CONFIG_DELETE})
 """Events about registry configuration rather than a repository's content:
 they carry ``config_kind``, ``config_name`` (and ``config_value``), and an
 empty ``repository``; residency does not apply to them."""
+
+
+class ChangeableAttributes(msgspec.Struct, frozen=True):
+    """ACR's ``changeableAttributes``: what may be done to a repository, a tag
+    or a manifest. Everything is enabled until someone says otherwise."""
+
+    delete_enabled: bool = True
+    write_enabled: bool = True
+    read_enabled: bool = True
+    list_enabled: bool = True
+
+    def to_acr(self) -> dict[str, bool]:
+        return {"deleteEnabled": self.delete_enabled, "writeEnabled": self.write_enabled,
+                "readEnabled": self.read_enabled, "listEnabled": self.list_enabled}
 
 
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -86,6 +103,10 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     # Events a client caused at their origin: that client's request (on the
     # wire too: see ``ClientRequest``).
     request: ClientRequest | None = None
+    # ATTRIBUTES_SET: the register's whole value after the change (not the
+    # fields the client named), so applying it anywhere is a plain
+    # last-writer-wins write.
+    attributes: ChangeableAttributes | None = None
 
 
 class NodeIdentity(msgspec.Struct, frozen=True):
@@ -175,6 +196,18 @@ class ConfigRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     value: bytes = b""
     deleted: bool = False
     origin_acked_ns: int = 0
+
+
+class AttributesRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A repository's, tag's or manifest's changeable attributes: a
+    last-writer-wins register of its own, apart from the tag or manifest it
+    is about, so that no write of content ever carries (and reverts) them."""
+
+    attributes: ChangeableAttributes
+    hlc: int
+    origin_region: str = ""
+    origin_zone: str = ""
+    updated_ns: int = 0                # when this value was set at its origin
 
 
 class FingerprintSums(msgspec.Struct, frozen=True):
@@ -278,7 +311,7 @@ the same winner between competing writes, ties included."""
 
 
 def stamp_of(record: TagRecord | ManifestRecord | BlobLink | Tombstone | ConfigRecord
-             | Event) -> Stamp:
+             | AttributesRecord | Event) -> Stamp:
     return (record.hlc, record.origin_region, record.origin_zone)
 
 

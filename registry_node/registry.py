@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from . import keys, tiers
+from . import keys, locks, tiers
 from . import manifest as manifests
 from .blobstore import BlobStore, UploadFile
 from .crypto import BlobCorrupt, SealedBlob, Sealer
@@ -62,6 +62,7 @@ from .metastore import Batch, MetadataStore
 from .records import (
     BlobLink,
     BlobRecord,
+    ChangeableAttributes,
     ClientRequest,
     Descriptor,
     Event,
@@ -165,6 +166,8 @@ class Registry:
         self.tier: Callable[[], str] = lambda: tiers.DEFAULT_TIER
         # Bytes of uploads that passed the storage check and are not committed yet.
         self._reserved = 0
+        # Changeable attributes (ACR's locks), checked before any change they forbid.
+        self.locks = locks.Locks(meta)
 
     # -- helpers -------------------------------------------------------------
 
@@ -294,6 +297,7 @@ class Registry:
     async def mount_blob(self, repo: str, digest: Digest, source: str) -> bool:
         """Link a blob of ``source`` into ``repo``; False when ``source`` lacks it."""
         validate_name(source)
+        self.locks.check_upload(repo)
         if not self.blob_visible(source, digest):
             return False
         raw = self.meta.get(keys.blob(digest))
@@ -327,6 +331,7 @@ class Registry:
     async def start_upload(self, repo: str) -> str:
         self.quorum.check_writable()  # refuse before the client sends a single layer byte
         self.check_storage(1)         # likewise once the node holds all it may
+        self.locks.check_upload(repo)
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id)
         batch = Batch()
@@ -477,6 +482,7 @@ class Registry:
                        length: int | None) -> BlobInfo:
         """A whole blob in one request (``POST …/uploads/?digest=``)."""
         self.quorum.check_writable()
+        self.locks.check_upload(repo)
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id, digest.algorithm)
         try:
@@ -578,16 +584,19 @@ class Registry:
         return decode(raw, TagRecord).digest if raw is not None else None
 
     async def find_manifest(self, repo: str, reference: str) -> StoredManifest:
-        """``stat_manifest``, but a manifest a peer already has is fetched rather
-        than answered with 404 (bounded staleness)."""
+        """A client's pull: ``stat_manifest``, but a manifest a peer already has
+        is fetched rather than answered with 404 (bounded staleness), and one
+        whose attributes forbid reading it is refused (``locks``)."""
         try:
-            return self.stat_manifest(repo, reference)
+            stored = self.stat_manifest(repo, reference)
         except RegistryError as exc:
             if exc.code is not ErrorCode.MANIFEST_UNKNOWN or self.peers is None:
                 raise
             if not await self.peers.fetch_manifest(repo, reference):
                 raise
-        return self.stat_manifest(repo, reference)
+            stored = self.stat_manifest(repo, reference)
+        self.locks.check_read(repo, None if is_digest(reference) else reference, stored.digest)
+        return stored
 
     def stat_manifest(self, repo: str, reference: str) -> StoredManifest:
         if not is_digest(reference):
@@ -653,6 +662,7 @@ class Registry:
         if tag is not None:
             current = self.meta.get(keys.tag(repo, tag))
             tag_moves = current is None or decode(current, TagRecord).digest != digest
+        self.locks.check_push(repo, tag, tag_moves)
         artifact_type = parsed.artifact_type or ""
         if new_manifest:
             self.stage_manifest(batch, repo, digest, body, parsed, (hlc, *origin), acked)
@@ -757,6 +767,7 @@ class Registry:
             raw = self.meta.get(keys.tag(repo, tag))
             if raw is None:
                 raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": tag})
+            self.locks.check_untag(repo, tag)
             self.quorum.check_writable()
             hlc = self._stamp(batch)
             pointed = decode(raw, TagRecord).digest
@@ -778,6 +789,7 @@ class Registry:
                 f"manifest {digest} is part of index {user} in {repo}; delete the index first",
                 message="manifest is in use",
             )
+        self.locks.check_delete_manifest(repo, digest)
         self.quorum.check_writable()
         record = decode(raw, ManifestRecord)
         hlc = self._stamp(batch)
@@ -798,6 +810,7 @@ class Registry:
         link of a repository, each as the replicated delete it is."""
         if not self.repository_exists(repo):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
+        self.locks.check_delete_repository(repo)
         self.quorum.check_writable()
         tags = [keys.parse(k, keys.TagKey).tag for k, _ in self.meta.scan(keys.tag_prefix(repo))]
         manifests_left = [keys.parse(k, keys.ManifestKey).digest
@@ -837,13 +850,57 @@ class Registry:
         if not self.repository_exists(repo):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
         after = keys.tag(repo, last) if last else None
-        return _page((keys.parse(k, keys.TagKey).tag
-                      for k, _ in self.meta.scan(keys.tag_prefix(repo), after)), n)
+        hidden = self.locks.unlisted_tags(repo)
+        return _page((tag for tag in (keys.parse(k, keys.TagKey).tag
+                                      for k, _ in self.meta.scan(keys.tag_prefix(repo), after))
+                      if tag not in hidden), n)
 
     def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        """Repositories in byte order after ``last``, but those list-disabled (``locks``)."""
         after = keys.repo(last) if last else None
-        return _page((keys.parse(k, keys.RepoKey).repository
-                      for k, _ in self.meta.scan(keys.REPO, after)), n)
+        return _page((name for name in (keys.parse(k, keys.RepoKey).repository
+                                        for k, _ in self.meta.scan(keys.REPO, after))
+                      if self.locks.listed(name)), n)
+
+    # -- changeable attributes (ACR's locks) ----------------------------------
+
+    def attributes_target_exists(self, target: locks.Target) -> None:
+        """Refuse with the 404 ACR gives when what ``target`` names is not here."""
+        if not self.repository_exists(target.repository):
+            raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": target.repository})
+        if target.kind == locks.TAG and self.meta.get(
+                keys.tag(target.repository, target.name)) is None:
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": target.name},
+                                message="tag unknown to registry")
+        if target.kind == locks.MANIFEST and self.meta.get(
+                keys.manifest(target.repository, target.name)) is None:
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": target.name})
+
+    async def update_attributes(self, target: locks.Target, update: dict[str, bool], *,
+                                request: ClientRequest | None = None) -> ChangeableAttributes:
+        """Change some of ``target``'s attributes (``update``: ACR's JSON names);
+        returns the whole new value. The register and its ``ATTRIBUTES_SET``
+        event are one commit; a change to what it already is logs nothing."""
+        self.attributes_target_exists(target)
+        self.locks.check_change(target)
+        current = self.locks.of(target)
+        wanted = locks.changed(current, update)
+        self.quorum.check_writable()
+        if wanted == current:
+            await self.durable()     # perhaps the retry of an unconfirmed change
+            return current
+        batch = Batch()
+        hlc = self._stamp(batch)
+        acked = self._wall_ns()
+        self.locks.stage(batch, target, wanted, (hlc, self.identity.region, self.identity.zone),
+                         acked)
+        batch.event(self._event(
+            EventKind.ATTRIBUTES_SET, target.repository, hlc,
+            tag=target.name if target.kind == locks.TAG else "",
+            digest=target.name if target.kind == locks.MANIFEST else "",
+            attributes=wanted, request=request))
+        await self._commit(batch)
+        return wanted
 
     def referrers(self, repo: str, subject: Digest,
                   artifact_type: str | None) -> list[Descriptor]:

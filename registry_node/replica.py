@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from . import fingerprints, keys
+from . import fingerprints, keys, locks
 from . import manifest as manifests
 from .blobstore import UploadFile
 from .configuration import Configuration
@@ -401,6 +401,29 @@ class Replica:
         batch.delete(keys.tag(repo, tag))
         batch.put(keys.tag_tomb(repo, tag), _tombstone(stamp, event.digest))
         self.registry.drop_repo_if_emptied(batch, repo)
+        return self._commit(batch, event)
+
+    # -- changeable attributes ---------------------------------------------------
+
+    def apply_attributes(self, event: Event) -> Event | None:
+        """ATTRIBUTES_SET: a register of its own, last writer wins by stamp. It
+        needs nothing else here (attributes of a tag not yet arrived wait for
+        it), and nothing else ever writes it: a push racing a lock cannot
+        revert the lock, wherever the two meet."""
+        if event.attributes is None:
+            return None
+        repo = event.repository
+        if event.tag:
+            target = locks.tag(repo, event.tag)
+        elif event.digest:
+            target = locks.manifest(repo, event.digest)
+        else:
+            target = locks.repository(repo)
+        stamp = _stamp_of_event(event)
+        if not self.registry.locks.wins(target, stamp):
+            return None
+        batch = Batch()
+        self.registry.locks.stage(batch, target, event.attributes, stamp, event.acked_ns)
         return self._commit(batch, event)
 
     # -- what replication asks of this node ------------------------------------

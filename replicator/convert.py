@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from registry_node.records import ClientRequest, Event, EventKind, NodeIdentity
+from registry_node.records import (
+    ChangeableAttributes,
+    ClientRequest,
+    Event,
+    EventKind,
+    NodeIdentity,
+)
 from registry_node.replica import RegisterState
 
 from .wire.v1 import replication_pb2 as pb
@@ -20,7 +26,8 @@ def event_to_wire(event: Event) -> pb.Event:
         source_repository=event.source_repository, origin_region=event.origin_region,
         origin_zone=event.origin_zone, origin_seq=event.origin_seq, hlc=event.hlc,
         acked_ns=event.acked_ns, config_kind=event.config_kind, config_name=event.config_name,
-        config_value=event.config_value, request=_request_to_wire(event.request))
+        config_value=event.config_value, request=_request_to_wire(event.request),
+        attributes=_attributes_to_wire(event.attributes))
 
 
 def event_from_wire(message: pb.Event) -> Event:
@@ -32,7 +39,7 @@ def event_from_wire(message: pb.Event) -> Event:
         origin_zone=message.origin_zone, origin_seq=message.origin_seq, hlc=message.hlc,
         acked_ns=message.acked_ns, seq=message.seq, config_kind=message.config_kind,
         config_name=message.config_name, config_value=message.config_value,
-        request=_request_from_wire(message))
+        request=_request_from_wire(message), attributes=_attributes_from_wire(message))
 
 
 def _request_to_wire(request: ClientRequest | None) -> pb.ClientRequest | None:
@@ -47,6 +54,22 @@ def _request_from_wire(message: pb.Event) -> ClientRequest | None:
         return None
     r = message.request
     return ClientRequest(id=r.id, host=r.host, method=r.method, useragent=r.useragent)
+
+
+def _attributes_to_wire(attributes: ChangeableAttributes | None) -> pb.ChangeableAttributes | None:
+    if attributes is None:
+        return None
+    return pb.ChangeableAttributes(
+        delete_enabled=attributes.delete_enabled, write_enabled=attributes.write_enabled,
+        read_enabled=attributes.read_enabled, list_enabled=attributes.list_enabled)
+
+
+def _attributes_from_wire(message: pb.Event) -> ChangeableAttributes | None:
+    if not message.HasField("attributes"):
+        return None
+    a = message.attributes
+    return ChangeableAttributes(delete_enabled=a.delete_enabled, write_enabled=a.write_enabled,
+                                read_enabled=a.read_enabled, list_enabled=a.list_enabled)
 
 
 def register_to_wire(reg: RegisterState) -> pb.Register:

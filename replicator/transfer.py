@@ -364,6 +364,8 @@ class Transfer:
             applied = replica.apply_manifest_delete(event)
         elif kind is EventKind.BLOB_DELETE:
             applied = replica.apply_blob_unlink(event)
+        elif kind is EventKind.ATTRIBUTES_SET:
+            applied = replica.apply_attributes(event)
         else:
             return None
         if applied is not None:

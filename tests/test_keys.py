@@ -69,6 +69,11 @@ FAMILIES = {
     "webhook log": (keys.webhook_log, keys.WebhookLogKey, (webhooks, seqs)),
     "completion question": (keys.completion_question, keys.CompletionQuestionKey,
                             (st.uuids().map(str),)),
+    "repository attributes": (keys.repository_attributes, keys.RepositoryAttributesKey,
+                              (repositories,)),
+    "tag attributes": (keys.tag_attributes, keys.TagAttributesKey, (repositories, tags)),
+    "manifest attributes": (keys.manifest_attributes, keys.ManifestAttributesKey,
+                            (repositories, digests)),
 }
 META = {keys.SCHEMA: "schema", keys.IDENTITY: "identity", keys.HLC: "hlc",
         keys.KEY_CHECK: "keycheck", keys.FINGERPRINTS: "fingerprints",
@@ -89,6 +94,9 @@ PREFIXES = {
     "fingerprint": lambda bucket, _: keys.fingerprint_prefix(int(bucket, 16)),
     "webhook pending": lambda webhook, _: keys.webhook_pending_prefix(webhook),
     "webhook log": lambda webhook, _: keys.webhook_log_prefix(webhook),
+    "repository attributes": lambda repo: keys.attributes_prefix(repo),
+    "tag attributes": lambda repo, _: keys.tag_attributes_prefix(repo),
+    "manifest attributes": lambda repo, _: keys.manifest_attributes_prefix(repo),
 }
 
 D1 = "sha256:" + "a" * 64
@@ -134,6 +142,9 @@ ON_DISK = [
     (keys.webhook_pending("deploy1", 0x1f), b"whp\x00deploy1\x00000000000000001f"),
     (keys.webhook_log("deploy1", 2), b"whl\x00deploy1\x000000000000000002"),
     (keys.completion_question("q1"), b"whq\x00q1"),
+    (keys.repository_attributes("lib/app"), b"attr\x00lib/app\x00r"),
+    (keys.tag_attributes("lib/app", "v1.0"), b"attr\x00lib/app\x00t\x00v1.0"),
+    (keys.manifest_attributes("lib/app", D1), b"attr\x00lib/app\x00m\x00" + D1.encode()),
 ]
 
 
@@ -156,7 +167,7 @@ def test_the_tree_draws_every_family():
     heads = [keys.LOG, keys.BLOB, keys.REF, keys.BLOB_USER, keys.REPO, keys.REPO_DATA,
              keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG,
              keys.FINGERPRINT, keys.FINGERPRINT_BUCKET, keys.READER, keys.TOMB_CANDIDATE,
-             keys.WEBHOOK_PENDING, keys.WEBHOOK_LOG, keys.COMPLETION_QUESTION,
+             keys.WEBHOOK_PENDING, keys.WEBHOOK_LOG, keys.COMPLETION_QUESTION, keys.ATTRIBUTES,
              keys.WEBHOOK_FEED, keys.WEBHOOK_SEQ, *META]
     drawn = keys.__doc__
     missing = [h for h in heads if h.decode().replace("\x00", "\\0") not in drawn]

@@ -19,7 +19,9 @@ client reusing its token pays for a dictionary lookup, not a check.
 What each route needs is the reference registry's rule, decided from the
 method and the route before any handler runs (so no answer depends on whether
 a repository exists): ``GET``/``HEAD`` pull; ``POST``/``PUT``/``PATCH`` pull and
-push; ``DELETE`` delete; a cross-repository mount also pull on ``from``;
+push; ``DELETE`` delete; a cross-repository mount also pull on ``from``; ACR's
+``/acr/v1/<name>…`` metadata routes ``metadata_read`` to read, ``metadata_write``
+to change attributes, ``delete`` to delete (ACR's scope-map actions);
 ``/v2/_catalog`` ``registry:catalog:*``; ``/v2/`` (and any unknown path
 below it) only a valid principal; a route of ``REPOSITORY_QUERIES`` pull on
 the repository its query names (without one, or with a name that is no
@@ -64,6 +66,8 @@ from ..auth.gate import ANONYMOUS, Gate, Refusal
 from ..auth.grants import GrantRefused, carries_grant
 from ..auth.scopes import (
     DELETE,
+    METADATA_READ,
+    METADATA_WRITE,
     PULL,
     PUSH,
     REPOSITORY,
@@ -85,6 +89,11 @@ log = structlog.get_logger("georeg.auth")
 _PULL_PUSH = frozenset({PULL, PUSH})
 _ACTIONS_BY_METHOD = {"GET": frozenset({PULL}), "HEAD": frozenset({PULL}), "POST": _PULL_PUSH,
                       "PUT": _PULL_PUSH, "PATCH": _PULL_PUSH, "DELETE": frozenset({DELETE})}
+# ACR's metadata routes (``/acr/v1/<name>…``, ``api.metadata``): reading
+# properties and listings is ``metadata/read``, changing attributes
+# ``metadata/write``, deleting ``content/delete``.
+_ACR_ACTIONS_BY_METHOD = {"GET": frozenset({METADATA_READ}), "HEAD": frozenset({METADATA_READ}),
+                          "PATCH": frozenset({METADATA_WRITE}), "DELETE": frozenset({DELETE})}
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 UNAUTHORIZED_MESSAGE = "authentication required"
 # Node routes (not OCI's) that read what one repository holds, named by their
@@ -111,7 +120,10 @@ def needed_access(request: web.Request) -> tuple[Scope, ...]:
     name = request.match_info.get("name")
     if name is not None:
         method = request.method
-        actions = _ACTIONS_BY_METHOD.get(method, _PULL_PUSH)
+        if request.path.startswith("/acr/"):
+            actions = _ACR_ACTIONS_BY_METHOD.get(method, frozenset({METADATA_WRITE}))
+        else:
+            actions = _ACTIONS_BY_METHOD.get(method, _PULL_PUSH)
         mount = method == "POST" and "mount" in request.query and request.query.get("from")
         if not mount and name.isprintable() and " " not in name:
             return (Scope(REPOSITORY, name, actions),)

@@ -19,6 +19,7 @@ from . import (
     inventory,
     listings,
     manifests,
+    metadata,
     metrics,
     throttling,
     uploads,
@@ -33,6 +34,7 @@ class Route(NamedTuple):
 
 
 _NAME = "/v2/{name:.+}"
+_ACR = "/acr/v1/{name:.+}"
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v2/", base.version_check),
@@ -52,8 +54,18 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", _NAME + "/blobs/{digest}", blobs.get_blob),
     Route("HEAD", _NAME + "/blobs/{digest}", blobs.get_blob),
     Route("DELETE", _NAME + "/blobs/{digest}", blobs.delete_blob),
-    # ACR's own API, beside the OCI one.
-    Route("DELETE", "/acr/v1/{name:.+}", listings.delete_repository),
+    # ACR's own API, beside the OCI one. The suffixed routes come first: a
+    # repository name may hold slashes, and the bare one would take them all.
+    Route("GET", _ACR + "/_tags", metadata.list_tags),
+    Route("GET", _ACR + "/_tags/{tag}", metadata.get_tag),
+    Route("PATCH", _ACR + "/_tags/{tag}", metadata.patch_tag),
+    Route("DELETE", _ACR + "/_tags/{tag}", metadata.delete_tag),
+    Route("GET", _ACR + "/_manifests", metadata.list_manifests),
+    Route("GET", _ACR + "/_manifests/{digest}", metadata.get_manifest),
+    Route("PATCH", _ACR + "/_manifests/{digest}", metadata.patch_manifest),
+    Route("GET", _ACR, metadata.get_repository),
+    Route("PATCH", _ACR, metadata.patch_repository),
+    Route("DELETE", _ACR, listings.delete_repository),
     # Fault injection's storage seam.
     Route("GET", "/georeg/v1/faults/storage", admin.get_storage_faults),
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),

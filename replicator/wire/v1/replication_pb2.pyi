@@ -17,7 +17,7 @@ class NodeRef(_message.Message):
     def __init__(self, region: _Optional[str] = ..., zone: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns", "manifest_body", "blob_body", "config_kind", "config_name", "config_value", "wan_receiver", "request")
+    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns", "manifest_body", "blob_body", "config_kind", "config_name", "config_value", "wan_receiver", "request", "attributes")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class Event(_message.Message):
     CONFIG_VALUE_FIELD_NUMBER: _ClassVar[int]
     WAN_RECEIVER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: str
     repository: str
@@ -62,7 +63,20 @@ class Event(_message.Message):
     config_value: bytes
     wan_receiver: str
     request: ClientRequest
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ..., blob_body: _Optional[bytes] = ..., config_kind: _Optional[str] = ..., config_name: _Optional[str] = ..., config_value: _Optional[bytes] = ..., wan_receiver: _Optional[str] = ..., request: _Optional[_Union[ClientRequest, _Mapping]] = ...) -> None: ...
+    attributes: ChangeableAttributes
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ..., blob_body: _Optional[bytes] = ..., config_kind: _Optional[str] = ..., config_name: _Optional[str] = ..., config_value: _Optional[bytes] = ..., wan_receiver: _Optional[str] = ..., request: _Optional[_Union[ClientRequest, _Mapping]] = ..., attributes: _Optional[_Union[ChangeableAttributes, _Mapping]] = ...) -> None: ...
+
+class ChangeableAttributes(_message.Message):
+    __slots__ = ("delete_enabled", "write_enabled", "read_enabled", "list_enabled")
+    DELETE_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    READ_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    LIST_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    delete_enabled: bool
+    write_enabled: bool
+    read_enabled: bool
+    list_enabled: bool
+    def __init__(self, delete_enabled: _Optional[bool] = ..., write_enabled: _Optional[bool] = ..., read_enabled: _Optional[bool] = ..., list_enabled: _Optional[bool] = ...) -> None: ...
 
 class ClientRequest(_message.Message):
     __slots__ = ("id", "host", "method", "useragent")

@@ -1,0 +1,185 @@
+"""ACR's metadata views of a repository (``/acr/v1/``): its properties, its
+tags and its manifests, each with times and changeable attributes, in the
+JSON shapes of ACR's data-plane API (2021-07-01).
+
+Times
+    ``createdTime`` is when the tag's value or the manifest was acknowledged
+    at its origin (the same in every region); ``lastUpdateTime`` the wall
+    time of the newest stamp among the register and its attributes (HLC
+    milliseconds: the same in every region once they agree). A repository's
+    ``createdTime`` is when this node first held it.
+
+Listings
+    ``orderby`` is ``timedesc`` or ``timeasc`` (by ``lastUpdateTime``, ties by
+    name) or absent (by name, byte order); ``n`` caps a page and ``last``
+    continues after the entry it names, in the same order. List-disabled
+    tags and manifests are left out (``locks``).
+
+No HTTP here; refusals are ``RegistryError``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from . import hlc, keys, locks
+from .errors import ErrorCode, RegistryError
+from .records import (
+    AttributesRecord,
+    BlobRecord,
+    ManifestRecord,
+    RepoRecord,
+    TagRecord,
+    decode,
+)
+from .registry import Registry
+
+ORDERS = ("timedesc", "timeasc")
+
+
+def _time(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _stamp_ns(stamp_hlc: int) -> int:
+    return hlc.unpack(stamp_hlc)[0] * 1_000_000
+
+
+def _newest(register_hlc: int, attributes: AttributesRecord | None) -> int:
+    return max(register_hlc, attributes.hlc if attributes is not None else 0)
+
+
+# An entry's HLC stamp, for ordering (a rendered time has milliseconds, and
+# two pushes in one millisecond are ordered by their stamps' counters);
+# removed before the entry is sent.
+_ORDER = "_stamp"
+
+
+def check_order(orderby: str | None) -> str | None:
+    if orderby in (None, "", *ORDERS):
+        return orderby or None
+    raise RegistryError(ErrorCode.UNSUPPORTED, f"orderby must be one of {', '.join(ORDERS)}",
+                        message="invalid orderby", status=400)
+
+
+def _tag_entry(registry: Registry, name: str, tag: str, record: TagRecord) -> dict[str, Any]:
+    attributes = registry.locks.record(locks.tag(name, tag))
+    created = record.origin_acked_ns or record.arrived_ns
+    newest = _newest(record.hlc, attributes)
+    return {"name": tag, "digest": record.digest, _ORDER: newest,
+            "createdTime": _time(created),
+            "lastUpdateTime": _time(max(_stamp_ns(newest), created)),
+            "changeableAttributes": (attributes.attributes if attributes is not None
+                                     else locks.DEFAULT).to_acr()}
+
+
+def _manifest_entry(registry: Registry, name: str, digest: str, record: ManifestRecord,
+                    tags: list[str]) -> dict[str, Any]:
+    attributes = registry.locks.record(locks.manifest(name, digest))
+    size = record.size
+    for reference in record.references:
+        raw = registry.meta.get(keys.blob(reference))
+        if raw is not None:
+            size += decode(raw, BlobRecord).size
+    created = record.origin_acked_ns or record.created_ns
+    newest = _newest(record.hlc, attributes)
+    return {"digest": digest, "imageSize": size, "mediaType": record.media_type, _ORDER: newest,
+            "createdTime": _time(created),
+            "lastUpdateTime": _time(max(_stamp_ns(newest), created)),
+            "tags": tags,
+            "changeableAttributes": (attributes.attributes if attributes is not None
+                                     else locks.DEFAULT).to_acr()}
+
+
+def _tags(registry: Registry, name: str) -> dict[str, TagRecord]:
+    return {keys.parse(k, keys.TagKey).tag: decode(v, TagRecord)
+            for k, v in registry.meta.scan(keys.tag_prefix(name))}
+
+
+def _tags_by_digest(tags: dict[str, TagRecord]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for tag, record in tags.items():
+        out.setdefault(record.digest, []).append(tag)
+    return out
+
+
+def repository_properties(registry: Registry, name: str, login_server: str) -> dict[str, Any]:
+    raw = registry.meta.get(keys.repo(name))
+    if raw is None:
+        raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": name})
+    created = decode(raw, RepoRecord).created_ns
+    tags = _tags(registry, name)
+    manifests = [decode(v, ManifestRecord) for _, v in registry.meta.scan(keys.manifest_prefix(name))]
+    attributes = registry.locks.record(locks.repository(name))
+    newest = max([r.hlc for r in tags.values()] + [r.hlc for r in manifests]
+                 + [attributes.hlc if attributes is not None else 0])
+    return {"registry": login_server, "imageName": name, "createdTime": _time(created),
+            "lastUpdateTime": _time(max(_stamp_ns(newest), created) if newest else created),
+            "manifestCount": len(manifests), "tagCount": len(tags),
+            "changeableAttributes": (attributes.attributes if attributes is not None
+                                     else locks.DEFAULT).to_acr()}
+
+
+def tag_properties(registry: Registry, name: str, tag: str, login_server: str) -> dict[str, Any]:
+    registry.attributes_target_exists(locks.tag(name, tag))
+    record = decode(registry.meta.get(keys.tag(name, tag)), TagRecord)
+    entry = _tag_entry(registry, name, tag, record)
+    del entry[_ORDER]
+    return {"registry": login_server, "imageName": name, "tag": entry}
+
+
+def manifest_properties(registry: Registry, name: str, digest: str,
+                        login_server: str) -> dict[str, Any]:
+    registry.attributes_target_exists(locks.manifest(name, digest))
+    record = decode(registry.meta.get(keys.manifest(name, digest)), ManifestRecord)
+    tags = sorted(_tags_by_digest(_tags(registry, name)).get(digest, []))
+    entry = _manifest_entry(registry, name, digest, record, tags)
+    del entry[_ORDER]
+    return {"registry": login_server, "imageName": name, "manifest": entry}
+
+
+def _page(entries: list[dict[str, Any]], key: str, orderby: str | None, n: int | None,
+          last: str | None) -> tuple[list[dict[str, Any]], bool]:
+    if orderby is not None:
+        entries.sort(key=lambda e: (e[_ORDER], e[key]), reverse=orderby == "timedesc")
+    for entry in entries:
+        del entry[_ORDER]
+    if last:
+        at = next((i for i, e in enumerate(entries) if e[key] == last), None)
+        if at is not None:
+            entries = entries[at + 1:]
+        elif orderby is None:     # a name no longer listed: continue after it in byte order
+            entries = [e for e in entries if e[key] > last]
+        else:
+            entries = []
+    if n is not None and len(entries) > n:
+        return entries[:n], True
+    return entries, False
+
+
+def list_tags(registry: Registry, name: str, login_server: str, orderby: str | None,
+              n: int | None, last: str | None) -> tuple[dict[str, Any], bool]:
+    if not registry.repository_exists(name):
+        raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": name})
+    hidden = registry.locks.unlisted_tags(name)
+    entries = [_tag_entry(registry, name, tag, record)
+               for tag, record in _tags(registry, name).items() if tag not in hidden]
+    page, more = _page(entries, "name", check_order(orderby), n, last)
+    return {"registry": login_server, "imageName": name, "tags": page}, more
+
+
+def list_manifests(registry: Registry, name: str, login_server: str, orderby: str | None,
+                   n: int | None, last: str | None) -> tuple[dict[str, Any], bool]:
+    if not registry.repository_exists(name):
+        raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": name})
+    hidden = registry.locks.unlisted_manifests(name)
+    by_digest = _tags_by_digest(_tags(registry, name))
+    entries = []
+    for key, raw in registry.meta.scan(keys.manifest_prefix(name)):
+        digest = keys.parse(key, keys.ManifestKey).digest
+        if digest not in hidden:
+            entries.append(_manifest_entry(registry, name, digest, decode(raw, ManifestRecord),
+                                           sorted(by_digest.get(digest, []))))
+    page, more = _page(entries, "digest", check_order(orderby), n, last)
+    return {"registry": login_server, "imageName": name, "manifests": page}, more

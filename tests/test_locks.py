@@ -1,0 +1,276 @@
+"""Changeable attributes (ACR's locks) on one real node: ``/acr/v1/`` routes to
+read and change them, the operations they refuse (with skopeo where a
+client's view matters), the ``_tags``/``_manifests`` listings, untag, and
+bad input. Replication of attributes is in ``test_replication_stateful``
+(the lock-vs-push race) and ``test_locks_cluster``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .helpers import (
+    OCI_MANIFEST,
+    Skopeo,
+    assert_error,
+    make_image,
+    push_image,
+    write_oci_layout,
+)
+
+DISALLOWED = "REGISTRY_DISALLOWED_OPERATION"
+ALL_ENABLED = {"deleteEnabled": True, "writeEnabled": True, "readEnabled": True,
+               "listEnabled": True}
+
+
+async def patch(http, url: str, body, status: int = 200) -> dict:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    async with http.patch(url, data=data, headers={"Content-Type": "application/json"}) as r:
+        if status != 200:
+            return await assert_error(r, status)
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def get(http, url: str) -> dict:
+    async with http.get(url) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def put_manifest(http, base: str, repo: str, ref: str, manifest: bytes):
+    return http.put(f"{base}/v2/{repo}/manifests/{ref}", data=manifest,
+                    headers={"Content-Type": OCI_MANIFEST})
+
+
+# -- reading and changing attributes ----------------------------------------------
+
+
+async def test_attributes_of_repository_tag_and_manifest_are_separate(node, http):
+    image = make_image(seed=1)
+    digest = await push_image(http, node.url, "app", image, tag="v1")
+    acr = f"{node.url}/acr/v1/app"
+    repo = await get(http, acr)
+    assert repo["imageName"] == "app" and repo["tagCount"] == 1 and repo["manifestCount"] == 1
+    assert repo["changeableAttributes"] == ALL_ENABLED
+
+    tag = await patch(http, f"{acr}/_tags/v1", {"writeEnabled": False})
+    assert tag["tag"]["name"] == "v1" and tag["tag"]["digest"] == digest
+    assert tag["tag"]["changeableAttributes"] == {**ALL_ENABLED, "writeEnabled": False}
+    manifest = await patch(http, f"{acr}/_manifests/{digest}", {"deleteEnabled": False,
+                                                                "listEnabled": False})
+    assert manifest["manifest"]["tags"] == ["v1"]
+    assert manifest["manifest"]["changeableAttributes"] == {
+        **ALL_ENABLED, "deleteEnabled": False, "listEnabled": False}
+    # Each stays as set; the repository's own are untouched.
+    assert (await get(http, acr))["changeableAttributes"] == ALL_ENABLED
+    assert (await get(http, f"{acr}/_tags/v1"))["tag"]["changeableAttributes"]["writeEnabled"] is False
+    again = await get(http, f"{acr}/_manifests/{digest}")
+    assert again["manifest"]["changeableAttributes"]["deleteEnabled"] is False
+    # A PATCH sets only what it names.
+    tag = await patch(http, f"{acr}/_tags/v1", {"readEnabled": False})
+    assert tag["tag"]["changeableAttributes"] == {**ALL_ENABLED, "writeEnabled": False,
+                                                  "readEnabled": False}
+
+
+async def test_bad_attribute_input_is_a_clear_400_and_changes_nothing(node, http):
+    await push_image(http, node.url, "app", make_image(seed=2), tag="v1")
+    url = f"{node.url}/acr/v1/app/_tags/v1"
+    for body, words in [(b"{not json", "JSON object"), ([False], "JSON object"),
+                        ({"writeEnabled": "false"}, "true or false"),
+                        ({"writeEnabled": 0}, "true or false"),
+                        ({"writeEnabled": None}, "true or false"),
+                        ({"lockEnabled": False}, "unknown attribute")]:
+        error = await patch(http, url, body, status=400)
+        assert words in json.dumps(error), (body, error)
+    assert (await get(http, url))["tag"]["changeableAttributes"] == ALL_ENABLED
+    async with http.patch(url, data=b"{" + b" " * 5000 + b"}") as r:
+        await assert_error(r, 413)
+
+
+async def test_unknown_repository_tag_or_manifest_is_a_404(node, http):
+    await push_image(http, node.url, "app", make_image(seed=3), tag="v1")
+    missing = "sha256:" + "0" * 64
+    cases = [("GET", "/acr/v1/nope", "NAME_UNKNOWN"), ("PATCH", "/acr/v1/nope", "NAME_UNKNOWN"),
+             ("GET", "/acr/v1/nope/_tags", "NAME_UNKNOWN"),
+             ("GET", "/acr/v1/nope/_manifests", "NAME_UNKNOWN"),
+             ("GET", "/acr/v1/app/_tags/v9", "MANIFEST_UNKNOWN"),
+             ("PATCH", "/acr/v1/app/_tags/v9", "MANIFEST_UNKNOWN"),
+             ("DELETE", "/acr/v1/app/_tags/v9", "MANIFEST_UNKNOWN"),
+             ("GET", f"/acr/v1/app/_manifests/{missing}", "MANIFEST_UNKNOWN"),
+             ("PATCH", f"/acr/v1/app/_manifests/{missing}", "MANIFEST_UNKNOWN")]
+    for method, path, code in cases:
+        async with http.request(method, node.url + path, json={"writeEnabled": False}) as r:
+            await assert_error(r, 404, code)
+    async with http.get(f"{node.url}/acr/v1/app/_manifests/sha256:nothex") as r:
+        await assert_error(r, 400, "DIGEST_INVALID")
+    async with http.get(f"{node.url}/acr/v1/app/_tags?orderby=sideways") as r:
+        await assert_error(r, 400)
+    async with http.get(f"{node.url}/acr/v1/app/_tags?n=-1") as r:
+        await assert_error(r, 400)
+
+
+# -- what attributes refuse -----------------------------------------------------------
+
+
+async def test_write_locks_refuse_pushes_and_deletes(node, http):
+    base, acr = node.url, f"{node.url}/acr/v1/app"
+    first, second = make_image(seed=4), make_image(seed=5)
+    digest = await push_image(http, base, "app", first, tag="v1")
+    await push_image(http, base, "app", second)
+    await patch(http, f"{acr}/_tags/v1", {"writeEnabled": False})
+    # The tag cannot move, nor go, nor take its manifest with it.
+    async with await put_manifest(http, base, "app", "v1", second.manifest) as r:
+        error = await assert_error(r, 405, DISALLOWED)
+        assert "v1" in error["detail"]["reason"]
+    async with http.delete(f"{base}/v2/app/manifests/v1") as r:
+        await assert_error(r, 405, DISALLOWED)
+    async with http.delete(f"{base}/v2/app/manifests/{digest}") as r:
+        await assert_error(r, 405, DISALLOWED)
+    # Putting what the tag already names changes nothing, and is no refusal;
+    # other tags move freely.
+    async with await put_manifest(http, base, "app", "v1", first.manifest) as r:
+        assert r.status == 201
+    async with await put_manifest(http, base, "app", "v2", second.manifest) as r:
+        assert r.status == 201
+    assert (await get(http, f"{acr}/_tags/v1"))["tag"]["digest"] == digest
+
+    # A write-locked repository takes no upload, and its tags' attributes
+    # cannot change until it is unlocked (ACR's rule).
+    await patch(http, acr, {"writeEnabled": False})
+    async with http.post(f"{base}/v2/app/blobs/uploads/") as r:
+        await assert_error(r, 405, DISALLOWED)
+    async with await put_manifest(http, base, "app", "v3", second.manifest) as r:
+        await assert_error(r, 405, DISALLOWED)
+    await patch(http, f"{acr}/_tags/v2", {"writeEnabled": False}, status=405)
+    async with http.delete(acr) as r:
+        await assert_error(r, 405, DISALLOWED)
+    await patch(http, acr, {"writeEnabled": True})
+    await patch(http, f"{acr}/_tags/v1", {"writeEnabled": True})
+    async with await put_manifest(http, base, "app", "v1", second.manifest) as r:
+        assert r.status == 201
+
+
+async def test_delete_locks_refuse_deletes_only(node, http):
+    base, acr = node.url, f"{node.url}/acr/v1/app"
+    image = make_image(seed=6)
+    digest = await push_image(http, base, "app", image, tag="v1")
+    await patch(http, f"{acr}/_manifests/{digest}", {"deleteEnabled": False})
+    async with http.delete(f"{base}/v2/app/manifests/{digest}") as r:
+        await assert_error(r, 405, DISALLOWED)
+    async with http.delete(acr) as r:                  # nothing of it goes
+        await assert_error(r, 405, DISALLOWED)
+    assert (await get(http, acr))["manifestCount"] == 1
+    # Untag is not a delete of the manifest; a re-push by tag is not refused.
+    async with http.delete(f"{acr}/_tags/v1") as r:
+        assert r.status == 202
+    async with await put_manifest(http, base, "app", "v1", image.manifest) as r:
+        assert r.status == 201
+
+
+async def test_read_and_list_locks(node, http):
+    base, acr = node.url, f"{node.url}/acr/v1/app"
+    one, two = make_image(seed=7), make_image(seed=8)
+    d1 = await push_image(http, base, "app", one, tag="v1")
+    d2 = await push_image(http, base, "app", two, tag="v2")
+    await patch(http, f"{acr}/_manifests/{d1}", {"readEnabled": False})
+    for ref in ("v1", d1):
+        for method in ("GET", "HEAD"):
+            async with http.request(method, f"{base}/v2/app/manifests/{ref}") as r:
+                await assert_error(r, 405, DISALLOWED if method == "GET" else None)
+    async with http.get(f"{base}/v2/app/manifests/v2") as r:
+        assert r.status == 200
+    await patch(http, f"{acr}/_tags/v2", {"readEnabled": False, "listEnabled": False})
+    async with http.get(f"{base}/v2/app/manifests/v2") as r:
+        await assert_error(r, 405, DISALLOWED)
+    async with http.get(f"{base}/v2/app/manifests/{d2}") as r:   # the manifest is not locked
+        assert r.status == 200
+    assert (await get(http, f"{base}/v2/app/tags/list"))["tags"] == ["v1"]
+    assert [t["name"] for t in (await get(http, f"{acr}/_tags"))["tags"]] == ["v1"]
+    assert (await get(http, f"{acr}/_tags/v2"))["tag"]["name"] == "v2"  # still there by name
+    await patch(http, f"{acr}/_manifests/{d2}", {"listEnabled": False})
+    assert [m["digest"] for m in (await get(http, f"{acr}/_manifests"))["manifests"]] == [d1]
+    await patch(http, acr, {"listEnabled": False})
+    assert "app" not in (await get(http, f"{base}/v2/_catalog"))["repositories"]
+    await patch(http, acr, {"readEnabled": False})
+    async with http.get(f"{base}/v2/app/manifests/{d2}") as r:
+        await assert_error(r, 405, DISALLOWED)
+
+
+# -- listings and untag ------------------------------------------------------------------
+
+
+async def test_listings_order_by_time_and_page(node, http):
+    base, acr = node.url, f"{node.url}/acr/v1/app"
+    digests = []
+    for i, tag in enumerate(["c", "a", "b"]):       # pushed in this order
+        digests.append(await push_image(http, base, "app", make_image(seed=10 + i), tag=tag))
+    names = lambda doc: [t["name"] for t in doc["tags"]]  # noqa: E731
+    assert names(await get(http, f"{acr}/_tags")) == ["a", "b", "c"]
+    assert names(await get(http, f"{acr}/_tags?orderby=timedesc")) == ["b", "a", "c"]
+    assert names(await get(http, f"{acr}/_tags?orderby=timeasc")) == ["c", "a", "b"]
+    async with http.get(f"{acr}/_tags?orderby=timedesc&n=2") as r:
+        assert names(await r.json()) == ["b", "a"]
+        link = r.headers["Link"]
+    assert "orderby=timedesc" in link and "last=a" in link
+    assert names(await get(http, f"{acr}/_tags?orderby=timedesc&n=2&last=a")) == ["c"]
+    manifests = (await get(http, f"{acr}/_manifests?orderby=timedesc"))["manifests"]
+    assert [m["digest"] for m in manifests] == digests[::-1]
+    entry = manifests[0]
+    assert entry["tags"] == ["b"] and entry["imageSize"] > 0
+    assert entry["createdTime"].endswith("Z") and entry["lastUpdateTime"] >= entry["createdTime"]
+
+
+async def test_untag_removes_only_the_tag(node, http):
+    base, acr = node.url, f"{node.url}/acr/v1/app"
+    image = make_image(seed=20)
+    digest = await push_image(http, base, "app", image, tag="v1")
+    async with await put_manifest(http, base, "app", "v2", image.manifest) as r:
+        assert r.status == 201
+    async with http.delete(f"{acr}/_tags/v1") as r:
+        assert r.status == 202
+    assert (await get(http, f"{base}/v2/app/tags/list"))["tags"] == ["v2"]
+    async with http.get(f"{base}/v2/app/manifests/{digest}") as r:
+        assert r.status == 200
+
+
+# -- skopeo ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def skopeo(node, tmp_path) -> Skopeo:
+    return Skopeo(tmp_path / "skopeo", node.url.removeprefix("http://"))
+
+
+async def test_skopeo_sees_each_refusal(node, http, skopeo, tmp_path):
+    """A real client meets each lock: a push to a write-locked tag, a delete of
+    a delete-locked manifest, a pull of a read-disabled manifest, a
+    list-disabled tag missing from its listing."""
+    acr = f"{node.url}/acr/v1/app"
+    first, second = make_image(seed=30), make_image(seed=31)
+    write_oci_layout(tmp_path / "first", first)
+    write_oci_layout(tmp_path / "second", second)
+    await skopeo.copy(f"oci:{tmp_path / 'first'}:latest", skopeo.ref("app:v1"))
+    await skopeo.copy(f"oci:{tmp_path / 'first'}:latest", skopeo.ref("app:hidden"))
+    digest = (await get(http, f"{acr}/_tags/v1"))["tag"]["digest"]  # as skopeo wrote it
+    await patch(http, f"{acr}/_tags/v1", {"writeEnabled": False})
+    await patch(http, f"{acr}/_manifests/{digest}", {"deleteEnabled": False,
+                                                     "readEnabled": False})
+    await patch(http, f"{acr}/_tags/hidden", {"listEnabled": False})
+
+    code, _, err = await skopeo.run("copy", "--quiet", "--authfile", str(skopeo.auth),
+                                    "--dest-tls-verify=false", f"oci:{tmp_path / 'second'}:latest",
+                                    skopeo.ref("app:v1"), check=False)
+    assert code != 0 and "disallowed" in err.lower(), err
+    code, _, err = await skopeo.run("delete", "--tls-verify=false", "--authfile", str(skopeo.auth),
+                                    skopeo.ref(f"app@{digest}"), check=False)
+    assert code != 0 and "disallowed" in err.lower(), err
+    code, _, err = await skopeo.run("inspect", "--raw", "--tls-verify=false", "--authfile",
+                                    str(skopeo.auth), skopeo.ref(f"app@{digest}"),
+                                    check=False)
+    assert code != 0 and "disallowed" in err.lower(), err
+    assert await skopeo.list_tags("app") == ["v1"]
+    # Nothing moved: v1 still names the first image.
+    assert (await get(http, f"{acr}/_tags/v1"))["tag"]["digest"] == digest

@@ -83,7 +83,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from registry_node.records import EventKind
+from registry_node import locks
+from registry_node.records import EventKind, stamp_of
 from replicator.topology import ReplicationSettings
 
 from .helpers import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, digest_of, eventually
@@ -116,6 +117,7 @@ GLOBAL_REPOS = ["global/app", "global/lib"]
 CONFINED_REPOS = ["brazil-only/app"]
 TAGS = ["latest", "v1", "v2", "stable"]
 STEP_TIMEOUT_S = 60.0
+DISALLOWED = "REGISTRY_DISALLOWED_OPERATION"
 CONVERGENCE_TIMEOUT_S = 40.0
 
 
@@ -275,6 +277,7 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.model = Model()
         self.layers: dict[bool, list[bytes]] = {False: [], True: []}
         self.down: list[str] = []           # crashed or powered off, in that order
+        self.locked: set[tuple[str, str]] = set()   # (repo, tag) a lock was asked for
         self.root = Path(tempfile.mkdtemp(prefix="georeg-stateful-"))
         self.cluster = None
         self.http: aiohttp.ClientSession | None = None
@@ -341,11 +344,18 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     def _refusal_expected(self, name: str, status: int, doc: dict, before: int,
                           repo: str) -> None:
-        """A 503 is acceptable only when the zone quorum really is out of reach;
-        one refused up front (definite) must have written nothing: no event
-        since ``before`` in ``repo`` originated here."""
-        assert status == 503, (name, status, doc)
+        """A 503 is acceptable only when the zone quorum really is out of reach,
+        a 405 only once a tag has been locked; one refused up front (definite)
+        must have written nothing: no event since ``before`` in ``repo``
+        originated here."""
         node = self.node(name)
+        if status == 405:
+            error = (doc.get("errors") or [{}])[0]
+            assert error.get("code") == DISALLOWED and self.locked, (name, status, doc)
+            logged = writes_since(node, before, set(EventKind), repo)
+            assert not logged, f"{name} refused a write for a lock, yet logged {logged}"
+            return
+        assert status == 503, (name, status, doc)
         zones_up = [z for z in ZONES if self.node(z).running]
         assert node.zone and (len(zones_up) < 2 or self.zone_links_degraded()), (
             f"{name} answered 503 while zones {zones_up} were running on healthy links: {doc}")
@@ -616,6 +626,51 @@ class ReplicationMachine(RuleBasedStateMachine):
             for plan in ([retag, delete] if order == "re-tag first" else [delete, retag]):
                 self._run_writes([plan])
 
+    def _lock(self, name: str, repo: str, tag: str) -> Plan:
+        async def lock() -> bool:
+            url = f"{self.node(name).url}/acr/v1/{repo}/_tags/{tag}"
+            # 404: the tag has not reached this replica yet (or was deleted here).
+            status, _ = await self._write(name, repo, "PATCH", url, (200, 404),
+                                          json={"writeEnabled": False})
+            return status != 503
+
+        self.locked.add((repo, tag))
+        return Plan(name, repo, frozenset({EventKind.ATTRIBUTES_SET}), lock)
+
+    @rule(data=st.data())
+    def lock_racing_push(self, data) -> None:
+        """The race of Azure/acr #592. With two regions cut apart, a tag is
+        write-locked in one while, in the other (which has not heard of the
+        lock), the same tag is pushed to another image: lock first, push
+        first, or both at once. The tag's value goes to whichever write is
+        stamped later, as any two writes of it; the lock is a register of its
+        own that no push writes, so every replica ends with the lock."""
+        tags, _ = self.model.state()
+        chosen = self._pick(data, sorted((r, t, d) for (r, t), d in tags.items()
+                                         if r in GLOBAL_REPOS), "tag")
+        repo, tag, _ = chosen or ("", "", "")
+        # A new build pushed by the same tag (what a CI pipeline racing a release lock does).
+        seed = data.draw(st.integers(0, 1 << 16), "seed")
+        target = _image(repo, [_layer(False, seed, 512)], False, seed) if chosen else None
+        lock_at = self._pick(data, self.writers(False), "lock at")
+        push_at = self._pick(data, [n for n in self.writers(False) if lock_at and
+                                    self.node(n).region != self.node(lock_at).region], "push at")
+        order = data.draw(st.sampled_from(["lock first", "push first", "at once"]), "order")
+        if chosen is None or target is None or push_at is None:
+            return
+        self._add_image(target, False)
+        regions = (self.node(lock_at).region, self.node(push_at).region)
+        self.on_loop(self.cluster.partition, *regions)
+        for region in regions:
+            self.on_loop(self.cluster.partition, region, "brazilsouth", one_way=True)
+        lock = self._lock(lock_at, repo, tag)
+        push = Plan(push_at, repo, PUSH_KINDS, lambda: self._push(push_at, target, tag))
+        if order == "at once":
+            self._run_writes([lock, push])
+        else:
+            for plan in ([lock, push] if order == "lock first" else [push, lock]):
+                self._run_writes([plan])
+
     # -- rules: faults -----------------------------------------------------------
 
     @rule(pair=st.sampled_from([(a, b) for a in REGIONS for b in REGIONS if a != b]),
@@ -697,6 +752,15 @@ class ReplicationMachine(RuleBasedStateMachine):
     def heal_and_quiesce(self) -> None:
         self.run(self._quiesce_and_check(), timeout=CONVERGENCE_TIMEOUT_S + 30)
 
+    def _expected_locks(self) -> dict[tuple[str, str], tuple[int, str, str]]:
+        """(repo, tag) → the stamp of its newest lock write (every lock write
+        here sets writeEnabled false, so the newest is a lock too)."""
+        out: dict[tuple[str, str], tuple[int, str, str]] = {}
+        for w in self.model.writes:
+            if w.kind is EventKind.ATTRIBUTES_SET:
+                out[(w.repo, w.tag)] = max(out.get((w.repo, w.tag), w.stamp), w.stamp)
+        return out
+
     def _drop_lost_writes(self) -> None:
         """With every node up, a write no log holds is gone for good: allowed
         only for one its client never saw acknowledged (a power cut took it
@@ -772,6 +836,24 @@ class ReplicationMachine(RuleBasedStateMachine):
             lines = [f"expected {r}: {expected[r]}" for r in expected]
             lines += [f"{n} {r}: {v}" for (n, r), v in sorted(last.items()) if v != expected[r]]
             raise AssertionError("no convergence to the model:\n" + "\n".join(lines)) from None
+        expected_locks = self._expected_locks()
+        seen: dict = {}
+
+        def locks_converged() -> bool:
+            seen.clear()
+            for node in self.cluster.running():
+                for (repo, tag) in expected_locks:
+                    record = node.registry.locks.record(locks.tag(repo, tag))
+                    seen[(node.name, repo, tag)] = None if record is None else (
+                        stamp_of(record), record.attributes.write_enabled)
+            return all(seen[(n, r, t)] == (expected_locks[(r, t)], False) for n, r, t in seen)
+
+        try:
+            await eventually(locks_converged, timeout=CONVERGENCE_TIMEOUT_S, interval=0.2,
+                             what="every replica to hold every lock")
+        except AssertionError:
+            raise AssertionError(f"locks not kept everywhere: expected {expected_locks}, "
+                                 f"held {seen}") from None
         await self._step_invariants(probe_manifests=True)
 
 

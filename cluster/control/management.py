@@ -16,6 +16,15 @@ which other processes find it.
     GET    /georeg/v1/repositories                the catalog of every region: {"repositories":
                                                   [{"name", "regions"}], "unavailable"}
     GET    /georeg/v1/repositories/{name}/tags    per tag, the digest each region resolves it to
+    GET|PATCH /georeg/v1/repositories/{name}/acr[?tag=T|?digest=D]
+                                                  ACR's properties and changeable attributes of the
+                                                  repository, a tag or a manifest (the node's
+                                                  /acr/v1/ answer, from the first region holding it)
+    GET    /georeg/v1/repositories/{name}/acr/_tags|_manifests[?orderby&n&last]
+                                                  ACR's listings with times and attributes
+    DELETE /georeg/v1/repositories/{name}/untag/{tag}   remove the tag only
+    DELETE /georeg/v1/repositories/{name}/images/{tag|digest}
+                                                  delete the manifest and every tag on it (ACR)
     DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository in
                                                   every region that holds it (ACR's
                                                   DELETE /acr/v1/{name} on a node of each)
@@ -99,11 +108,12 @@ import asyncio
 import hmac
 import json
 from typing import TYPE_CHECKING
+from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
 from registry_node.errors import RegistryError
-from registry_node.reference import validate_name
+from registry_node.reference import is_digest, validate_name
 
 from ..faults.controller import FaultError
 from .access import authorization, owner_credential_path
@@ -190,6 +200,14 @@ class ManagementServer:
         r.add_delete("/georeg/v1/replications/{region}", self.delete_replication)
         r.add_get("/georeg/v1/repositories", self.list_repositories)
         r.add_get("/georeg/v1/repositories/{name:.+}/tags", self.show_tags)
+        # ACR's data plane about one repository, through a node of the first
+        # region that holds it (``Repositories.on_data_plane``).
+        r.add_get("/georeg/v1/repositories/{name:.+}/acr", self.acr_metadata)
+        r.add_patch("/georeg/v1/repositories/{name:.+}/acr", self.acr_metadata)
+        r.add_get("/georeg/v1/repositories/{name:.+}/acr/_tags", self.acr_listing)
+        r.add_get("/georeg/v1/repositories/{name:.+}/acr/_manifests", self.acr_listing)
+        r.add_delete("/georeg/v1/repositories/{name:.+}/untag/{tag}", self.untag)
+        r.add_delete("/georeg/v1/repositories/{name:.+}/images/{reference}", self.delete_image)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
         r.add_get("/georeg/v1/registry", self.show_registry)
         r.add_patch("/georeg/v1/registry", self.update_registry)
@@ -563,6 +581,53 @@ class ManagementServer:
     async def delete_repository(self, request: web.Request) -> web.Response:
         name = validate_name(request.match_info["name"])
         return web.json_response(await self.repositories.delete(name))
+
+    async def acr_metadata(self, request: web.Request) -> web.Response:
+        """``GET|PATCH …/acr[?tag=T|?digest=D]``: the attributes (and
+        properties) of the repository, one tag or one manifest."""
+        name = validate_name(request.match_info["name"])
+        path = f"/acr/v1/{name}"
+        if request.query.get("tag"):
+            path += f"/_tags/{quote(request.query['tag'], safe='')}"
+        elif request.query.get("digest"):
+            path += f"/_manifests/{quote(request.query['digest'], safe=':')}"
+        body = await _json(request) if request.method == "PATCH" else None
+        status, answer = await self.repositories.on_data_plane(name, request.method, path, body)
+        return web.json_response(answer, status=status)
+
+    async def acr_listing(self, request: web.Request) -> web.Response:
+        """``GET …/acr/_tags|_manifests?orderby&n``: ACR's listings of one region."""
+        name = validate_name(request.match_info["name"])
+        which = request.path.rsplit("/", 1)[1]
+        query = urlencode({k: v for k, v in request.query.items() if k in ("orderby", "n", "last")})
+        path = f"/acr/v1/{name}/{which}" + (f"?{query}" if query else "")
+        status, answer = await self.repositories.on_data_plane(name, "GET", path)
+        return web.json_response(answer, status=status)
+
+    async def untag(self, request: web.Request) -> web.Response:
+        name = validate_name(request.match_info["name"])
+        tag = quote(request.match_info["tag"], safe="")
+        status, answer = await self.repositories.on_data_plane(
+            name, "DELETE", f"/acr/v1/{name}/_tags/{tag}")
+        return web.json_response(answer, status=status)
+
+    async def delete_image(self, request: web.Request) -> web.Response:
+        """ACR's delete of an image: by tag, the manifest it names and every
+        tag on it; by digest, the manifest and its tags."""
+        name = validate_name(request.match_info["name"])
+        reference = request.match_info["reference"]
+        digest = reference
+        if not is_digest(reference):
+            status, answer = await self.repositories.on_data_plane(
+                name, "GET", f"/acr/v1/{name}/_tags/{quote(reference, safe='')}")
+            if status != 200:
+                return web.json_response(answer, status=status)
+            digest = answer["tag"]["digest"]
+        status, answer = await self.repositories.on_data_plane(
+            name, "DELETE", f"/v2/{name}/manifests/{quote(digest, safe=':')}")
+        if status == 202:
+            answer = {"repository": name, "manifestDeleted": digest}
+        return web.json_response(answer, status=status)
 
 
 async def _json(request: web.Request) -> dict:

@@ -107,6 +107,32 @@ class Repositories:
         return {"repository": name, "manifestsDeleted": manifests, "tagsDeleted": tags,
                 "regions": deleted, "unavailable": [u.as_dict() for u in unavailable]}
 
+    async def on_data_plane(self, name: str, method: str, path: str,
+                            body: dict | None = None) -> tuple[int, dict]:
+        """One request of ACR's data plane about repository ``name`` (``path``:
+        ``/acr/v1/…`` or ``/v2/…``), to a node of the first region, in the
+        spec's order, that holds it: a region answering 404 is passed over
+        (it has not got the repository, or it is confined elsewhere). The
+        node's answer is returned as it is (status, body): an attribute change
+        made in any region replicates to every other like a push."""
+        last: tuple[int, dict] | None = None
+        unavailable: list[Unavailable] = []
+        for region in self._regions():
+            async def ask(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
+                status, answer, _ = await _request(http, method, url + path, body)
+                return status, answer
+
+            answer = await self._in_region(region, ask)
+            if isinstance(answer, Unavailable):
+                unavailable.append(answer)
+                continue
+            if answer[0] != 404:
+                return answer
+            last = answer
+        if last is None:
+            raise _absent(name, unavailable)
+        return last
+
     # -- one request per region ------------------------------------------------------
 
     def _regions(self) -> list[str]:
@@ -144,10 +170,11 @@ class Repositories:
 # -- what is asked of a node ----------------------------------------------------------
 
 
-async def _request(http: aiohttp.ClientSession, method: str, url: str) -> tuple[int, dict, dict]:
+async def _request(http: aiohttp.ClientSession, method: str, url: str,
+                   body: dict | None = None) -> tuple[int, dict, dict]:
     """(status, JSON body or {}, headers); ``_Unreachable`` if the node does not answer."""
     try:
-        async with http.request(method, url,
+        async with http.request(method, url, json=body,
                                 timeout=aiohttp.ClientTimeout(total=REGION_TIMEOUT_S)) as r:
             body = await r.json(content_type=None) if method != "HEAD" else {}
             return r.status, body or {}, dict(r.headers)

@@ -21,6 +21,7 @@ import pytest
 from cluster.control import spec as specs
 from cluster.control.plan import MANAGEMENT
 from cluster.control.supervisor import PAIR_COPY_NICE
+from cluster.faults.controller import FaultError
 from cluster.testing import RunningCluster
 
 from .command_line import georeg_command
@@ -592,6 +593,27 @@ async def test_a_throttled_blob_download_handed_over_by_the_endpoint_is_refused_
     fault_cli(cluster, "heal", fid)
 
 
+async def test_a_throttle_fault_is_on_every_node_of_its_region_or_none_and_survives_restarts(
+        cluster, http):
+    """A throttling fault one zone cannot take is taken back from the zones that
+    took it (they used to stay throttled, unlisted, beyond heal --all); and a
+    node the controller restarts while one is active gets it again (it used to
+    come back unthrottled while the fault was listed)."""
+    faults = cluster.cluster.faults
+    zones = ("eastus-1", "eastus-2", "eastus-3")
+    deletes = cluster.run(lambda: faults.inject("throttle", region="eastus", rate_per_min=0.6,
+                                                request_kind="delete"))
+    outage = cluster.run(lambda: faults.inject("zone-outage", region="eastus", zone="3"))
+    with pytest.raises(FaultError, match="eastus-3 is unreachable"):
+        cluster.run(lambda: faults.inject("throttle", region="eastus", rate_per_min=0.6,
+                                          request_kind="write"))
+    applied = [(await _throttle_state(http, cluster, zone))["fault"] for zone in zones[:2]]
+    listed = [f.id for f in faults.active() if f.kind == "throttle"]
+    cluster.run(lambda: faults.heal(outage.id))
+    restarted = (await _throttle_state(http, cluster, "eastus-3"))["fault"]
+    assert (applied, listed, restarted) == ([{"delete": 0.6}] * 2, [deletes.id], {"delete": 0.6})
+
+
 def test_bad_throttle_faults_say_what_is_wrong(cluster):
     result = fault_cli(cluster, "throttle", "eastus", "--rate", "fast")
     assert result.returncode == 2 and "expected a rate such as 60/min" in result.stderr
@@ -599,6 +621,9 @@ def test_bad_throttle_faults_say_what_is_wrong(cluster):
     assert result.returncode == 2 and "narnia has no replica" in result.stderr
     result = fault_cli(cluster, "throttle", "eastus", "--kind", "pull")
     assert result.returncode == 2 and "invalid choice: 'pull'" in result.stderr
+    for rate in ("1e-320/min", "inf", "nan/s"):
+        result = fault_cli(cluster, "throttle", "eastus", "--rate", rate)
+        assert result.returncode == 2 and "from 0.01 to 1e+09" in result.stderr, rate
 
 
 # -- destroy and restore -------------------------------------------------------------------

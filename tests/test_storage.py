@@ -12,13 +12,16 @@ test's (``ManualClock``): a GC pass reclaims exactly when the test says.
 from __future__ import annotations
 
 import asyncio
+import gc
 
+import aiohttp
 import pytest
 
 from registry_node import keys
 from registry_node.config import NodeConfig
 from registry_node.gc import GarbageCollector
 from registry_node.metastore import MetadataStore
+from registry_node.registry import Limits
 from registry_node.usage import StorageUsage
 
 from .helpers import (
@@ -225,3 +228,68 @@ async def test_concurrent_uploads_cannot_pass_the_limit_together(limited, http):
     assert statuses == [201, 403]
     assert usage(limited).bytes <= LIMIT
     assert leftovers(limited) == ([], [])
+
+
+# -- bodies longer than one pipelined write ----------------------------------------------------
+
+MiB = 1024 * 1024
+BIG = 3 * MiB          # three pipelined writes (``registry.PIPELINE_CHUNK``): some land mid-body
+
+
+@pytest.mark.parametrize("room, status", [(1, 201), (-1, 403)])
+async def test_a_body_of_several_pipelined_writes_counts_each_byte_once(tmp_path, http,
+                                                                         room, status):
+    """The storage check sees the body's real size while earlier pieces are
+    written behind it: a limit a byte above it lets it in, a byte below refuses."""
+    data = make_image([BIG], seed=7).layers[0]
+    running = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0,
+                                          storage_limit=len(data) + room))
+    try:
+        async with http.post(f"{running.url}/v2/app/blobs/uploads/",
+                             params={"digest": digest_of(data)}, data=data) as r:
+            assert r.status == status, await r.text()
+        assert usage(running).bytes == (len(data) if status == 201 else 0)
+        assert leftovers(running) == ([], [])
+    finally:
+        await running.stop()
+
+
+@pytest.mark.parametrize("refusal", ["storage limit", "blob size limit"])
+async def test_a_refused_body_ends_after_its_queued_write_and_leaves_nothing(tmp_path, refusal):
+    """A body refused mid-stream while a piece of it is still being written
+    (slowed by the storage fault) is discarded only once that write is done:
+    no write lands on a closed (or reused) descriptor, no error is left behind."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    data = make_image([BIG], seed=8).layers[0]
+    running = await start_node(NodeConfig(
+        data_dir=tmp_path / "node", port=0,
+        storage_limit=BIG // 2 if refusal == "storage limit" else None))
+    if refusal == "blob size limit":
+        running.registry.limits = Limits(max_blob_size=BIG // 2)
+    try:
+        # Its own session, closed before the node stops: the node would
+        # otherwise linger reading the refused body's unread rest (aiohttp's
+        # lingering_time) until the stop times out.
+        async with aiohttp.ClientSession() as http:
+            async with http.put(f"{running.url}/georeg/v1/faults/storage",
+                                json={"slow_ms": 300}) as r:
+                assert r.status == 200, await r.text()
+            async with http.post(f"{running.url}/v2/app/blobs/uploads/",
+                                 params={"digest": digest_of(data)}, data=data) as r:
+                if refusal == "storage limit":
+                    await assert_error(r, 403, "DENIED")
+                else:
+                    await assert_error(r, 413, "SIZE_INVALID")
+        assert leftovers(running) == ([], [])
+    finally:
+        await running.stop()       # waits for the node's IO threads
+        try:
+            for _ in range(3):     # the threads' results reach their futures
+                await asyncio.sleep(0)
+            gc.collect()           # a future's unretrieved error is reported when it goes
+        finally:
+            loop.set_exception_handler(previous)
+    assert [c.get("message") for c in unhandled] == []

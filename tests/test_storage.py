@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 
 import aiohttp
 import pytest
@@ -28,6 +29,7 @@ from .helpers import (
     ManualClock,
     assert_error,
     digest_of,
+    eventually,
     make_image,
     push_blob,
     push_image,
@@ -215,17 +217,34 @@ async def test_a_manifest_that_would_pass_the_limit_is_refused_and_a_full_node_r
 
 
 async def test_concurrent_uploads_cannot_pass_the_limit_together(limited, http):
-    """Each fits alone, not both: the one that commits second is refused, as
-    the first holds its room from its check to its record."""
+    """Each fits alone, not both: the second is refused while the first, past
+    its check, is still moving its file into place (held there by the test),
+    as the first holds its room from its check to its record."""
     blobs = [make_image([LIMIT * 2 // 3], seed=s).layers[0] for s in (5, 6)]
+    store = limited.node.blobs
+    place = store.commit_upload
+    in_commit, release = threading.Event(), threading.Event()
+
+    def held_commit(file, digest):      # runs in the node's IO thread
+        if digest == digest_of(blobs[0]):
+            in_commit.set()
+            release.wait()
+        return place(file, digest)
+
+    store.commit_upload = held_commit
 
     async def upload(data: bytes) -> int:
         async with http.post(f"{limited.url}/v2/app/blobs/uploads/",
                              params={"digest": digest_of(data)}, data=data) as r:
             return r.status
 
-    statuses = sorted(await asyncio.gather(*(upload(b) for b in blobs)))
-    assert statuses == [201, 403]
+    first = asyncio.ensure_future(upload(blobs[0]))
+    try:
+        await eventually(in_commit.is_set, what="the first upload inside its commit")
+        second = await upload(blobs[1])
+    finally:
+        release.set()
+    assert (await first, second) == (201, 403)
     assert usage(limited).bytes <= LIMIT
     assert leftovers(limited) == ([], [])
 

@@ -141,6 +141,18 @@ def test_the_spec_takes_a_storage_limit_in_bytes_or_with_a_unit():
         specs.parse({"limits": {"storage_limt": "1MiB"}})
 
 
+def test_a_storage_limit_is_read_exactly_and_a_huge_one_is_refused_with_a_message():
+    # Exact, not through a float: 2**53 + 1 bytes, and fractions of a unit.
+    assert tiers.parse_size(str(2**53 + 1)) == 2**53 + 1
+    assert tiers.parse_size("0.999999999999999999EiB") == 1024**6 - 2     # 1.15 bytes less
+    assert tiers.parse_size("0.1KiB") == 102
+    assert specs.parse({"limits": {"storage_limit": "1EiB"}}).limits.storage_limit_bytes == \
+        1024**6
+    for bad in ("9" * 400, "9" * 400 + "TiB", "2EiB", 1024**6 + 1, "1.000000000000000001EiB"):
+        with pytest.raises(specs.SpecError, match="limits.storage_limit: .*at most 1 EiB"):
+            specs.parse({"limits": {"storage_limit": bad}})
+
+
 def test_the_plan_gives_serving_nodes_the_storage_limit(tmp_path):
     spec = specs.parse({"registry": "georegplan", "home_region": "eastus",
                         "replicas": [{"region": "westeurope"}],

@@ -336,9 +336,11 @@ async def test_check_health_passes_healthy_and_names_a_crashed_region(premium):
 
 def test_a_node_answers_its_usage_only_to_the_cluster(premium):
     c = premium
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.HTTPError) as refused:
         with management_client.open_direct(
                 urllib.request.Request(f"{c.node_url('brazilsouth')}/georeg/v1/usage"), 10):
             pass
+    assert refused.value.code == 401
+    assert [e["code"] for e in json.load(refused.value)["errors"]] == ["UNAUTHORIZED"]
     held = on_node(c, "brazilsouth", "/georeg/v1/usage")
     assert held is not None and held["limit_bytes"] == LIMIT and held["tier"] == "Premium"

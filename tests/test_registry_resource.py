@@ -25,6 +25,7 @@ import pytest
 
 from cluster.control import management_client
 from cluster.control import spec as specs
+from cluster.control.errors import ClusterError
 from cluster.control.state import saved_spec
 from cluster.testing import RunningCluster
 from registry_node import tiers
@@ -107,6 +108,33 @@ def tier_limits_on(c: RunningCluster, node: str) -> tuple[dict | None, float | N
 def sku_held(c: RunningCluster, node: str) -> str | None:
     held = on_node(c, node, "/georeg/v1/configuration/registry/default")
     return (held or {}).get("value", {}).get("sku")
+
+
+# -- a tier recorded at a restart (first: no module cluster is running yet) --------------------
+
+
+def test_a_registry_that_ran_as_the_default_tier_records_a_lower_one_only_if_it_may_move_down(
+        tmp_path):
+    """A registry started with the default tier (Premium) records none; started
+    again with ``tier = "Basic"``, recording Basic is a move down, refused for
+    what Basic forbids: the start fails with the reasons, nothing is written."""
+    spec = specs.ClusterSpec(registry="georegdefault", home_region="eastus", paired_copies=False)
+    assert spec.tier == tiers.DEFAULT_TIER
+    with RunningCluster(spec, tmp_path) as c:
+        c.run(lambda: c.cluster.update_registry(anonymous_pull_enabled=True))
+        assert sku_held(c, "eastus") == ""         # the registry is written, its tier never
+    lower = RunningCluster(msgspec.structs.replace(spec, tier="Basic"), tmp_path)
+    try:
+        with pytest.raises(ClusterError) as refused:
+            lower.start()
+    finally:
+        lower.stop()
+    assert ("the registry cannot move from Premium to Basic: the Basic tier has no anonymous "
+            "pull and it is enabled") in str(refused.value)
+    # Nothing was recorded: started as it ran, it still holds no tier.
+    with RunningCluster(spec, tmp_path) as c:
+        assert sku_held(c, "eastus") == ""         # the registry is written, its tier never
+        assert c.run(c.cluster.registry_properties)["anonymousPullEnabled"] is True
 
 
 # -- the tier, live --------------------------------------------------------------------------
@@ -344,3 +372,4 @@ def test_a_node_answers_its_usage_only_to_the_cluster(premium):
     assert [e["code"] for e in json.load(refused.value)["errors"]] == ["UNAUTHORIZED"]
     held = on_node(c, "brazilsouth", "/georeg/v1/usage")
     assert held is not None and held["limit_bytes"] == LIMIT and held["tier"] == "Premium"
+

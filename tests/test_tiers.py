@@ -13,7 +13,7 @@ from cluster.control import spec as specs
 from cluster.control.errors import NodeRefusal
 from cluster.control.plan import plan
 from cluster.control.sku import TierState, refusals
-from cluster.control.usage import registry_size, usage_list
+from cluster.control.usage import registry_size, storage_report, usage_list
 from registry_node import tiers
 from registry_node.usage import StorageUsage
 from replicator.residency import RepositoryRule, ResidencyPolicy
@@ -103,6 +103,23 @@ def test_storage_of_a_confined_home_and_of_confined_regions_only():
                                   repositories=(RepositoryRule("x/*", False),))
     assert registry_size("eastus", ["eastus", "brazilsouth"],
                          {"eastus": usage(10), "brazilsouth": usage(10)}, open_policy)[0] == 10
+
+
+def test_the_storage_report_warns_when_the_registry_passes_a_limit_each_node_keeps():
+    # Two confined regions, each just under a 100-byte storage_limit: no node
+    # refuses, the registry counted once holds 190 bytes.
+    size, how = registry_size("brazilsouth", ["brazilsouth", "southeastasia"],
+                              {"brazilsouth": usage(95), "southeastasia": usage(95)}, AZURE)
+    report = storage_report(size, how, "Premium", 100)
+    assert (report["bytes"], report["limit_bytes"], report["limit"]) == \
+        (190, 100, "storage_limit")
+    assert report["warning"].startswith("the registry stores 190 bytes counted once, past its "
+                                        "limit of 100 bytes: each node refuses uploads only "
+                                        "against what it holds itself")
+    assert "warning" not in storage_report(100, how, "Premium", 100)       # at the limit
+    tier_maximum = storage_report(5, how, "Basic", None)
+    assert (tier_maximum["limit_bytes"], tier_maximum["limit"], "warning" in tier_maximum) == \
+        (40 * tiers.TiB, "tier maximum", False)
 
 
 def test_storage_cannot_be_counted_without_the_regions_it_needs():

@@ -917,16 +917,11 @@ class Cluster:
         storage, webhooks, tokens, scope_maps = await asyncio.gather(
             self.storage(), count(WEBHOOK), count(TOKEN), count(SCOPE_MAP))
         tier = self.tier
-        limits = tiers.limits(tier)
-        limit = self.spec.limits.storage_limit_bytes
         return {
             "value": usages.usage_list(tier, storage["bytes"], webhooks, scope_maps, tokens,
                                        len(self.spec.all_replicas)),
-            "storage": {"bytes": storage["bytes"], "rule": storage["rule"],
-                        "included_bytes": limits.included_storage,
-                        "maximum_bytes": limits.maximum_storage,
-                        "limit_bytes": limit if limit is not None else limits.maximum_storage,
-                        "limit": "storage_limit" if limit is not None else "tier maximum"},
+            "storage": usages.storage_report(storage["bytes"], storage["rule"], tier,
+                                             self.spec.limits.storage_limit_bytes),
             "replicas": storage["nodes"],
             "unavailable": storage["unavailable"],
         }

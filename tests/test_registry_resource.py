@@ -169,7 +169,9 @@ async def test_basic_to_premium_allows_a_replica_at_once_and_premium_refuses_to_
     assert code == 2, err
     assert ("the registry cannot move from Premium to Standard: geo-replication needs the Premium "
             "tier and this registry has replicas in westeurope: delete them first") in err
-    status, answer = api(c, "PATCH", "/georeg/v1/registry", {"sku": {"name": "Basic"}})
+    # ARM's whole sku object, as `registry show` prints it, is taken too.
+    status, answer = api(c, "PATCH", "/georeg/v1/registry",
+                         {"sku": {"name": "Basic", "tier": "Basic"}})
     assert status == 409 and answer["error"]["code"] == "Conflict", answer
     assert "has replicas in westeurope" in answer["error"]["message"]
     assert ok(c, "registry", "show", "--json")["sku"]["name"] == "Premium"     # unchanged
@@ -183,6 +185,10 @@ async def test_basic_to_premium_allows_a_replica_at_once_and_premium_refuses_to_
                      what="Basic's limits on eastus again")
     status, answer = api(c, "PATCH", "/georeg/v1/registry", {"sku": "Gold"})
     assert status == 400 and "is not one of Basic, Standard, Premium" in answer["error"]["message"]
+    status, answer = api(c, "PATCH", "/georeg/v1/registry",
+                         {"sku": {"name": "Premium", "tier": "Basic"}})
+    assert status == 400 and "sku.name 'Premium' and sku.tier 'Basic' differ" in \
+        answer["error"]["message"], answer
 
 
 def test_a_move_down_is_refused_while_the_registry_holds_more_than_the_lower_tier_allows(basic):

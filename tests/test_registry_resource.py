@@ -286,6 +286,10 @@ async def test_the_storage_limit_refuses_a_real_client_keeps_nothing_and_accepts
     write_oci_layout(layout, big)
     host = urllib.parse.urlsplit(c.endpoint("eastus")).netloc
     skopeo = Skopeo(tmp_path / "skopeo", host, cluster=c)
+    # ``held`` everywhere first: its replication would otherwise change a
+    # node's usage between the two snapshots compared below.
+    await eventually(lambda: asyncio.to_thread(lambda: c.verify(timeout=30).ok), timeout=60,
+                     what="a clean verify")
     before = ok(c, "registry", "show-usage", "--json")["replicas"]
 
     code, _, err = await skopeo.run("copy", "--quiet", "--authfile", str(skopeo.auth),

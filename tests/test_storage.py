@@ -23,7 +23,7 @@ from registry_node import keys
 from registry_node.config import NodeConfig
 from registry_node.gc import GarbageCollector
 from registry_node.metastore import MetadataStore
-from registry_node.registry import Limits
+from registry_node.registry import PIPELINE_CHUNK, Limits
 from registry_node.usage import StorageUsage
 
 from .helpers import (
@@ -328,10 +328,11 @@ async def test_a_body_ended_early_ends_after_its_queued_write_and_leaves_nothing
     assert [c.get("message") for c in unhandled] == []
 
 
-def watch_discards(store) -> list[int]:
+def watch_discards(store, writing: list[int] | None = None) -> list[int]:
     """How many writes into an upload were under way each time an upload was
-    discarded (each upload's ``write`` counted as it runs, in the IO threads)."""
-    writing, lock, seen = [0], threading.Lock(), []
+    discarded (each upload's ``write`` counted as it runs, in the IO threads,
+    into ``writing[0]``)."""
+    writing, lock, seen = writing if writing is not None else [0], threading.Lock(), []
     create, discard = store.create_upload, store.discard_upload
 
     def counted_create(*args, **kwargs):
@@ -372,3 +373,35 @@ async def send_half_and_hang_up(running, data: bytes) -> None:
     await eventually(lambda: leftovers(running)[0] != [], what="the upload's file")
     writer.close()
     await writer.wait_closed()
+
+
+async def test_a_body_cancelled_twice_ends_only_once_its_queued_write_has_run(tmp_path):
+    """A request cancelled mid-body (a node shutting down) while a piece is
+    being written: the cancellation, even repeated, ends the body only once
+    that write has run, so whatever discards the upload next finds none."""
+    running = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0))
+    try:
+        store = running.node.blobs
+        writing = [0]
+        watch_discards(store, writing)
+        store.faults.slow_ms = 300
+        file = store.create_upload("0b5e1b0e-3c2a-4e4f-9f0a-6c1f0e2d9a77")
+        never = asyncio.Event()
+
+        async def body():
+            yield b"x" * PIPELINE_CHUNK        # handed to an IO thread at once
+            yield b"y"
+            await never.wait()
+
+        receiving = asyncio.ensure_future(running.registry.receive(file, body(), None))
+        await eventually(lambda: writing[0] == 1, what="the first piece being written")
+        receiving.cancel()
+        await asyncio.sleep(0)
+        receiving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        assert writing[0] == 0 and file.size == PIPELINE_CHUNK
+        store.faults.slow_ms = 0
+        await running.registry.run_blocking(lambda: store.discard_upload(file))
+    finally:
+        await running.stop()

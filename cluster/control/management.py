@@ -26,7 +26,8 @@ which other processes find it.
                                                   adminUserEnabled, anonymousPullEnabled, …
     PATCH  /georeg/v1/registry                    {"adminUserEnabled", "anonymousPullEnabled",
                                                   "sku": "Basic"|"Standard"|"Premium" or
-                                                  {"name": …}}: a refused tier change is a 409
+                                                  {"name": …[, "tier": …]}}: a refused tier
+                                                  change is a 409
                                                   that names every reason (``sku``)
     GET    /georeg/v1/registry/usages             az acr show-usage: {"value": [{name,
                                                   currentValue, limit, unit}], "storage",
@@ -153,6 +154,23 @@ def _owner_only(cluster: Cluster):
         return response
 
     return owner_only
+
+
+def _sku_name(sku: object) -> str:
+    """The tier a PATCH names: ``"Basic"``, or ARM's sku object as ``az acr
+    show`` prints it, ``{"name": "Basic", "tier": "Basic"}`` (``tier`` may be
+    left out; given, it is the name again, as ARM has it for a registry)."""
+    if isinstance(sku, dict) and "name" in sku and set(sku) <= {"name", "tier"}:
+        name, tier = sku["name"], sku.get("tier", sku["name"])
+        if isinstance(name, str) and (not isinstance(tier, str)
+                                      or tier.strip().lower() != name.strip().lower()):
+            raise ClusterError(f"sku.name {name[:32]!r} and sku.tier {str(tier)[:32]!r} differ: "
+                               f"a registry's tier is its sku's name (give the name alone)")
+        sku = name
+    if not isinstance(sku, str):
+        raise ClusterError(f'sku is "Basic", "Standard" or "Premium" (or {{"name": …, '
+                           f'"tier": …}}), not {sku!r}'[:200])
+    return sku
 
 
 class ManagementServer:
@@ -328,13 +346,7 @@ class ManagementServer:
                     raise ClusterError(f"{field} is true or false, not {body[field]!r}")
                 changes[name] = body[field]
         if "sku" in body:
-            sku = body["sku"]
-            if isinstance(sku, dict) and set(sku) == {"name"}:     # ARM's {"sku": {"name": …}}
-                sku = sku["name"]
-            if not isinstance(sku, str):
-                raise ClusterError(f'sku is "Basic", "Standard" or "Premium" (or {{"name": …}}), '
-                                   f"not {body['sku']!r}"[:200])
-            changes["sku"] = sku
+            changes["sku"] = _sku_name(body["sku"])
         return web.json_response(await self.cluster.update_registry(**changes))
 
     async def show_usage(self, request: web.Request) -> web.Response:

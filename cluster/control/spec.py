@@ -637,6 +637,11 @@ def _limits_problems(limits: LimitsSpec) -> list[str]:
 
 # -- ports -------------------------------------------------------------------------
 
+# What the port layout has room for (``PortLayout``): ``show-usage``'s limit of
+# Geo-replications too, as ACR documents none.
+MAX_REPLICAS = 40
+MAX_NODES = 40
+
 
 @dataclass(frozen=True, slots=True)
 class PortLayout:
@@ -722,10 +727,10 @@ def _port_problems(spec: ClusterSpec) -> list[str]:
     base = spec.network.port_base
     if layout.locations > 20:
         problems.append(f"client_locations: at most 20 global endpoints, got {layout.locations}")
-    if layout.replicas > 40:
-        problems.append(f"at most 40 replicas, got {layout.replicas}")
-    if layout.nodes > 40:
-        problems.append(f"at most 40 nodes, got {layout.nodes}")
+    if layout.replicas > MAX_REPLICAS:
+        problems.append(f"at most {MAX_REPLICAS} replicas, got {layout.replicas}")
+    if layout.nodes > MAX_NODES:
+        problems.append(f"at most {MAX_NODES} nodes, got {layout.nodes}")
     if not (1 <= base or base == ANY_PORT_BASE):
         problems.append(f"network.port_base {base} must be a port number, or 0 for any free "
                         f"range")

@@ -1,0 +1,368 @@
+"""``georeg import`` (``cluster.control.imports``, after ``az acr import``)
+against a real source: Debian's ``docker-registry`` (CNCF distribution 2.8,
+which has no referrers API: its referrers come by the tag schema), populated
+with skopeo, and the cluster's own endpoint (Bearer challenges, the referrers
+API, refused credentials). Images come back with skopeo from another region
+with the source's digests. A source whose connection is cut mid-blob (a real
+socket cut, by a proxy in front of the registry) leaves no manifest and no
+tag, and the same import run again succeeds.
+
+One cluster (two regions) and one source registry serve the whole module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from cluster.bench.reference import ReferenceRegistry, find_binary
+from cluster.control import management_client
+from cluster.control import spec as specs
+from cluster.testing import RunningCluster
+from registry_node.manifest import OCI_INDEX, OCI_MANIFEST
+from registry_node.upstream import (
+    UpstreamError,
+    UpstreamFailure,
+    parse_challenge,
+    parse_source,
+    token_query,
+)
+
+from .helpers import (
+    Image,
+    Skopeo,
+    descriptor,
+    digest_of,
+    eventually,
+    make_image,
+    require_program,
+    write_oci_layout,
+)
+from .test_cluster import georeg
+
+SPEC = specs.ClusterSpec(registry="georegimport", tier="Premium", home_region="eastus",
+                         replicas=(specs.ReplicaSpec("westeurope"),))
+ARTIFACT = "application/vnd.example.sbom.v1"
+
+
+# -- the source's grammar and challenges (no I/O) ------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("localhost:5000/app:1", ("localhost:5000", "app", "1", None)),
+    ("registry.example.com/library/alpine", ("registry.example.com", "library/alpine",
+                                              "latest", None)),
+    ("127.0.0.1:5000/a/b@sha256:" + "a" * 64, ("127.0.0.1:5000", "a/b", None,
+                                               "sha256:" + "a" * 64)),
+    ("[::1]:5000/app:v2", ("[::1]:5000", "app", "v2", None)),
+])
+def test_a_source_is_a_registry_a_repository_and_a_tag_or_digest(text, expected):
+    s = parse_source(text)
+    assert (s.registry, s.repository, s.tag, s.digest) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "alpine:3", "library/alpine:3", "https://r.example.com/a:1", "r.example.com/",
+    "r.example.com/UPPER:1", "r.example.com/a:bad tag", "r.example.com/a@sha256:12",
+    "r.example.com/a:1@sha256:" + "a" * 64,
+])
+def test_a_malformed_source_is_refused_saying_the_format(text):
+    with pytest.raises(UpstreamError) as caught:
+        parse_source(text)
+    assert caught.value.kind is UpstreamFailure.INVALID_SOURCE
+    assert "REGISTRY/REPOSITORY:TAG" in str(caught.value)
+
+
+def test_a_bearer_challenge_without_a_scope_gets_the_pull_scope():
+    """ACR's import fails there (Azure/acr #449); georeg asks for pull."""
+    challenge = parse_challenge('Bearer realm="https://auth.example/token",service="reg"')
+    assert challenge.scheme == "bearer"
+    assert token_query(challenge, "lib/app") == {"scope": "repository:lib/app:pull",
+                                                 "service": "reg"}
+    given = parse_challenge('Bearer realm="https://a/t",scope="repository:x:pull,push"')
+    assert token_query(given, "x") == {"scope": "repository:x:pull,push"}
+    assert parse_challenge('Basic realm="r"').scheme == "basic"
+
+
+# -- a real source ---------------------------------------------------------------------------
+
+
+def write_index_layout(path: Path, images: list[Image], tag: str) -> bytes:
+    """An OCI layout holding a two-platform index under ``tag``; the index bytes."""
+    blobs = path / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    platforms = [{"architecture": "amd64", "os": "linux"}, {"architecture": "arm64", "os": "linux"}]
+    for image in images:
+        for data in [*image.blobs, image.manifest]:
+            (blobs / digest_of(data).split(":")[1]).write_bytes(data)
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {**descriptor(image.manifest, OCI_MANIFEST), "platform": platform}
+        for image, platform in zip(images, platforms, strict=True)]}).encode()
+    (blobs / digest_of(index).split(":")[1]).write_bytes(index)
+    (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        **descriptor(index, OCI_INDEX), "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+    return index
+
+
+async def push_to_distribution(http: aiohttp.ClientSession, url: str, repo: str,
+                               image: Image) -> None:
+    """Push by digest the way distribution 2.8 takes it (POST, then PUT the body)."""
+    for blob in image.blobs:
+        async with http.post(f"{url}/v2/{repo}/blobs/uploads/") as r:
+            assert r.status == 202, await r.text()
+            location = r.headers["Location"]
+        joiner = "&" if "?" in location else "?"
+        async with http.put(f"{location}{joiner}digest={digest_of(blob)}", data=blob) as r:
+            assert r.status == 201, await r.text()
+    async with http.put(f"{url}/v2/{repo}/manifests/{image.digest}", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 201, await r.text()
+
+
+class Source:
+    """The reference registry, populated: ``small:1.0`` (one image, with an SBOM
+    referring to it, kept by the referrers tag schema), ``multi:1.0`` (an index
+    of two platforms), ``big:1.0`` (one layer of 4 MiB, for the cut)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.registry = ReferenceRegistry(workdir / "registry").start()
+        self.host = self.registry.url.removeprefix("http://")
+        self.skopeo = Skopeo(workdir / "skopeo", self.host)
+        self.small = make_image([1500, 2500], seed=1)
+        self.platforms = [make_image([3000], seed=2), make_image([3500], seed=3)]
+        self.big = make_image([4 << 20], seed=4)
+        self.sbom = make_image([700], seed=5, artifact_type=ARTIFACT,
+                               subject=descriptor(self.small.manifest, OCI_MANIFEST))
+        asyncio.run(self._populate(workdir))
+
+    async def _populate(self, workdir: Path) -> None:
+        for name, image in (("small", self.small), ("big", self.big)):
+            write_oci_layout(workdir / name, image, "1.0")
+            await self.skopeo.copy(f"oci:{workdir / name}:1.0", self.skopeo.ref(f"{name}:1.0"),
+                                   "--preserve-digests")
+        self.index = write_index_layout(workdir / "multi", self.platforms, "1.0")
+        await self.skopeo.copy(f"oci:{workdir / 'multi'}:1.0", self.skopeo.ref("multi:1.0"),
+                               "--all", "--preserve-digests")
+        async with aiohttp.ClientSession() as http:
+            await push_to_distribution(http, self.registry.url, "small", self.sbom)
+            # distribution 2.8 has no referrers API: the referrers tag schema.
+            listing = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+                {**descriptor(self.sbom.manifest, OCI_MANIFEST), "artifactType": ARTIFACT}]})
+            tag = self.small.digest.replace(":", "-")
+            async with http.put(f"{self.registry.url}/v2/small/manifests/{tag}", data=listing,
+                                headers={"Content-Type": OCI_INDEX}) as r:
+                assert r.status == 201, await r.text()
+
+    async def raw(self, ref: str) -> bytes:
+        return await self.skopeo.inspect_raw(self.skopeo.ref(ref))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    require_program("docker-registry", "docker-registry", found=find_binary())
+    s = Source(tmp_path_factory.mktemp("source"))
+    try:
+        yield s
+    finally:
+        s.registry.stop()
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    with RunningCluster(SPEC, tmp_path_factory.mktemp("import")) as c:
+        yield c
+
+
+@pytest.fixture
+def skopeo(running, tmp_path):
+    return Skopeo(tmp_path / "skopeo", running.regional_endpoint("westeurope")
+                  .removeprefix("http://"), cluster=running)
+
+
+def do_import(running, *args: str):
+    return georeg("import", *args, data_dir=running.data_dir, timeout=300)
+
+
+def node_of(running, region: str) -> str:
+    return running.node_url(next(n["name"] for n in running.status()["nodes"]
+                                 if n["region"] == region))
+
+
+async def node_digest(running, region: str, repo: str, ref: str) -> str | None:
+    async with running.http() as http, \
+            http.head(f"{node_of(running, region)}/v2/{repo}/manifests/{ref}") as r:
+        return r.headers.get("Docker-Content-Digest") if r.status == 200 else None
+
+
+async def replicated(running, repo: str, ref: str, digest: str) -> None:
+    async def there() -> bool:
+        return await node_digest(running, "westeurope", repo, ref) == digest
+    await eventually(there, timeout=60)
+
+
+async def test_an_imported_tag_keeps_its_digest_and_replicates(running, source, skopeo):
+    result = await asyncio.to_thread(do_import, running, "--source", f"{source.host}/small:1.0",
+                                     "--image", "imported/small:1.0", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["digest"] == source.small.digest and answer["region"] == "eastus"
+    assert answer["blobsCopied"] == 3 and answer["referrers"] == 0
+    await replicated(running, "imported/small", "1.0", source.small.digest)
+    # A client in the other region pulls the source's bytes, digest for digest.
+    assert await skopeo.inspect_raw(skopeo.ref("imported/small:1.0")) == await source.raw("small:1.0")
+    await skopeo.copy(skopeo.ref("imported/small:1.0"), f"oci:{skopeo.env['HOME']}/out:x")
+    # An existing tag refuses the import (ACR's NoForce), naming it; nothing changes.
+    again = await asyncio.to_thread(do_import, running, "--source", f"{source.host}/multi:1.0",
+                                    "--image", "imported/small:1.0")
+    assert again.returncode == 2
+    assert "Tag imported/small:1.0 already exists in target registry" in again.stderr
+    assert await node_digest(running, "eastus", "imported/small", "1.0") == source.small.digest
+    # --force replaces it.
+    forced = await asyncio.to_thread(do_import, running, "--source", f"{source.host}/multi:1.0",
+                                     "--image", "imported/small:1.0", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert await node_digest(running, "eastus", "imported/small", "1.0") == digest_of(source.index)
+
+
+async def test_an_index_by_digest_comes_with_every_platform(running, source, skopeo):
+    digest = digest_of(source.index)
+    result = await asyncio.to_thread(do_import, running, "--source",
+                                     f"{source.host}/multi@{digest}", "--image", "multi:v1",
+                                     "--region", "westeurope", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["manifests"] == 3
+    assert await skopeo.inspect_raw(skopeo.ref("multi:v1")) == await source.raw(f"multi@{digest}")
+    for platform in source.platforms:
+        assert await node_digest(running, "westeurope", "multi", platform.digest) \
+            == platform.digest
+    await skopeo.copy(skopeo.ref("multi:v1"), f"oci:{skopeo.env['HOME']}/all:x", "--all")
+    # Imported in westeurope, it replicates to the home region too.
+    async def home() -> bool:
+        return await node_digest(running, "eastus", "multi", "v1") == digest
+    await eventually(home, timeout=60)
+
+
+async def test_referrers_come_by_the_tag_schema_and_by_the_referrers_api(running, source):
+    result = await asyncio.to_thread(do_import, running, "--source", f"{source.host}/small:1.0",
+                                     "--image", "signed/small:1.0", "--include-referrers",
+                                     "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["referrers"] == 1
+    async with running.http() as http:
+        async with http.get(f"{node_of(running, 'eastus')}/v2/signed/small/referrers/"
+                            f"{source.small.digest}") as r:
+            assert r.status == 200
+            listed = [m["digest"] for m in (await r.json())["manifests"]]
+    assert listed == [source.sbom.digest]
+    # The cluster as a source: Bearer challenges and the referrers API proper.
+    login = running.credentials
+    endpoint = running.regional_endpoint("eastus").removeprefix("http://")
+    again = await asyncio.to_thread(do_import, running, "--source",
+                                    f"{endpoint}/signed/small:1.0", "--image", "copy/small:1.0",
+                                    "--include-referrers", f"--username={login.username}",
+                                    f"--password={login.password}", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["referrers"] == 1
+    assert await node_digest(running, "eastus", "copy/small", source.sbom.digest) \
+        == source.sbom.digest
+
+
+async def test_bad_input_is_a_clear_4xx_and_changes_nothing(running, source):
+    endpoint = running.regional_endpoint("eastus").removeprefix("http://")
+    cases = [
+        (["--source", "small:1.0"], "REGISTRY/REPOSITORY:TAG", 400),
+        (["--source", f"{source.host}/nothing:1.0"], "not found at the source", 404),
+        (["--source", f"{source.host}/small:nope"], "not found at the source", 404),
+        (["--source", f"{endpoint}/imported/small:1.0", "--username", "admin", "--password",
+          "wrong"], "refused the credentials", 400),
+        (["--source", f"{endpoint}/imported/small:1.0"], "none given", 400),
+        (["--source", f"{source.host}/small:1.0", "--image", "bad:tag:x"], "not a valid", 400),
+    ]
+    for args, message, _ in cases:
+        result = await asyncio.to_thread(do_import, running, *args, "--image", "untouched:1")
+        assert result.returncode == 2, (args, result.stdout)
+        assert message in result.stderr, (args, result.stderr)
+    # The API answers the same refusals with their status, never a 500.
+    for args, _, status in cases[:5]:
+        body = {"source": args[1], "targetTags": ["untouched:1"]}
+        if "--username" in args:
+            body.update(username=args[3], password=args[5])
+        with pytest.raises(management_client.ManagementError) as caught:
+            management_client.request(running.management_url, "POST", "/georeg/v1/imports", body,
+                                      headers=running.owner_headers())
+        assert caught.value.status == status, (args, caught.value)
+    assert await node_digest(running, "eastus", "untouched", "1") is None
+
+
+class CuttingProxy:
+    """In front of the source: passes everything through, except that the first
+    GET of blob ``digest`` sends its headers and half its bytes, then cuts the
+    connection (a real socket reset)."""
+
+    def __init__(self, upstream: str, digest: str) -> None:
+        self.upstream, self.digest, self.cuts = upstream, digest, 0
+        self.runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        async with aiohttp.ClientSession(auto_decompress=False) as http, \
+                http.request(request.method, self.upstream + request.path_qs,
+                             headers={k: v for k, v in request.headers.items()
+                                      if k.lower() != "host"},
+                             data=await request.read(), allow_redirects=False) as r:
+            body = await r.read()
+            headers = {k: v for k, v in r.headers.items()
+                       if k.lower() not in ("transfer-encoding", "content-encoding",
+                                            "content-length", "connection")}
+            response = web.StreamResponse(status=r.status, headers=headers)
+            response.content_length = len(body)
+            await response.prepare(request)
+            if request.method == "GET" and request.path.endswith(f"/blobs/{self.digest}") \
+                    and self.cuts == 0:
+                self.cuts += 1
+                await response.write(body[: len(body) // 2])
+                request.transport.abort()
+                return response
+            if request.method != "HEAD":
+                await response.write(body)
+            await response.write_eof()
+            return response
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def test_a_source_cut_mid_blob_leaves_nothing_and_a_retry_succeeds(running, source,
+                                                                         skopeo):
+    layer = descriptor(source.big.layers[0], "")["digest"]
+    proxy = CuttingProxy(source.registry.url, layer)
+    host = await proxy.start()
+    try:
+        args = ("--source", f"{host}/big:1.0", "--image", "big:1.0")
+        failed = await asyncio.to_thread(do_import, running, *args)
+        assert failed.returncode == 2 and proxy.cuts == 1
+        assert f"blob {layer}" in failed.stderr and "connection" in failed.stderr, failed.stderr
+        # Nothing partial: no manifest, no tag, in the region imported into.
+        assert await node_digest(running, "eastus", "big", source.big.digest) is None
+        assert await node_digest(running, "eastus", "big", "1.0") is None
+        retried = await asyncio.to_thread(do_import, running, *args)
+        assert retried.returncode == 0, retried.stderr
+    finally:
+        await proxy.stop()
+    await replicated(running, "big", "1.0", source.big.digest)
+    assert await skopeo.inspect_raw(skopeo.ref("big:1.0")) == await source.raw("big:1.0")
+

@@ -50,7 +50,9 @@ from .upstream import (
 READ_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 15.0
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-_CUT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError)
+# Whatever the source's connection can fail with (aiohttp.ClientError covers a
+# reset, a payload cut short, a malformed answer, too many redirects).
+_CUT = (aiohttp.ClientError, TimeoutError, OSError)
 
 
 def upstream_session(ca_pem: str | None = None) -> aiohttp.ClientSession:
@@ -58,7 +60,11 @@ def upstream_session(ca_pem: str | None = None) -> aiohttp.ClientSession:
     (PEM text) when given, else against the system's CAs."""
     tls: ssl.SSLContext | bool = True
     if ca_pem:
-        tls = ssl.create_default_context(cadata=ca_pem)
+        try:
+            tls = ssl.create_default_context(cadata=ca_pem)
+        except (ssl.SSLError, ValueError) as exc:
+            raise UpstreamError(UpstreamFailure.INVALID_SOURCE,
+                                f"the source's CA is not a PEM certificate: {exc}") from None
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=tls, limit=0),
         timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S,
@@ -206,6 +212,10 @@ class UpstreamRegistry:
                                 f"{where}: the source answered 401 without a challenge georeg "
                                 "can answer (Bearer realm or Basic)")
         realm = challenge.params["realm"]
+        if not realm.startswith(("https://", "http://")):
+            raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                f"{where}: the source's token realm {realm[:200]!r} is not an "
+                                "http(s) URL")
         auth = {"Authorization": basic_authorization(self.credentials)} if self.credentials \
             else {}
         token_where = f"{where}: the source's token service {realm}"

@@ -23,11 +23,14 @@ from aiohttp import web
 from cluster.bench.reference import ReferenceRegistry, find_binary
 from cluster.control import management_client
 from cluster.control import spec as specs
+from cluster.control.ca import ClusterCA
+from cluster.control.tls import server_context
 from cluster.testing import RunningCluster
 from registry_node.manifest import OCI_INDEX, OCI_MANIFEST
 from registry_node.upstream import (
     UpstreamError,
     UpstreamFailure,
+    basic_authorization,
     parse_challenge,
     parse_source,
     token_query,
@@ -297,23 +300,34 @@ async def test_bad_input_is_a_clear_4xx_and_changes_nothing(running, source):
             management_client.request(running.management_url, "POST", "/georeg/v1/imports", body,
                                       headers=running.owner_headers())
         assert caught.value.status == status, (args, caught.value)
+    with pytest.raises(management_client.ManagementError) as caught:
+        management_client.request(running.management_url, "POST", "/georeg/v1/imports", {
+            "source": f"{source.host}/small:1.0", "targetTags": ["untouched:1"],
+            "sourceCaPem": "not a certificate"}, headers=running.owner_headers())
+    assert caught.value.status == 400 and "PEM" in str(caught.value)
     assert await node_digest(running, "eastus", "untouched", "1") is None
 
 
-class CuttingProxy:
-    """In front of the source: passes everything through, except that the first
-    GET of blob ``digest`` sends its headers and half its bytes, then cuts the
-    connection (a real socket reset)."""
+class SourceProxy:
+    """A real HTTP server in front of the source, passing everything through,
+    except that: with ``cut``, the first GET of that blob sends its headers and
+    half its bytes, then resets the connection; with ``basic``, a request
+    without those credentials gets ``401`` and a ``Basic`` challenge; with
+    ``tls``, it serves HTTPS with that context."""
 
-    def __init__(self, upstream: str, digest: str) -> None:
-        self.upstream, self.digest, self.cuts = upstream, digest, 0
+    def __init__(self, upstream: str, cut: str | None = None,
+                 basic: tuple[str, str] | None = None, tls=None) -> None:
+        self.upstream, self.cut, self.tls, self.cuts = upstream, cut, tls, 0
+        self.basic = basic_authorization(basic) if basic else None
         self.runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.basic and request.headers.get("Authorization") != self.basic:
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="source"'})
         async with aiohttp.ClientSession(auto_decompress=False) as http, \
                 http.request(request.method, self.upstream + request.path_qs,
                              headers={k: v for k, v in request.headers.items()
-                                      if k.lower() != "host"},
+                                      if k.lower() not in ("host", "authorization")},
                              data=await request.read(), allow_redirects=False) as r:
             body = await r.read()
             headers = {k: v for k, v in r.headers.items()
@@ -322,8 +336,8 @@ class CuttingProxy:
             response = web.StreamResponse(status=r.status, headers=headers)
             response.content_length = len(body)
             await response.prepare(request)
-            if request.method == "GET" and request.path.endswith(f"/blobs/{self.digest}") \
-                    and self.cuts == 0:
+            if request.method == "GET" and self.cut is not None \
+                    and request.path.endswith(f"/blobs/{self.cut}") and self.cuts == 0:
                 self.cuts += 1
                 await response.write(body[: len(body) // 2])
                 request.transport.abort()
@@ -338,7 +352,7 @@ class CuttingProxy:
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         return f"127.0.0.1:{self.runner.addresses[0][1]}"
 
@@ -349,7 +363,7 @@ class CuttingProxy:
 async def test_a_source_cut_mid_blob_leaves_nothing_and_a_retry_succeeds(running, source,
                                                                          skopeo):
     layer = descriptor(source.big.layers[0], "")["digest"]
-    proxy = CuttingProxy(source.registry.url, layer)
+    proxy = SourceProxy(source.registry.url, cut=layer)
     host = await proxy.start()
     try:
         args = ("--source", f"{host}/big:1.0", "--image", "big:1.0")
@@ -366,3 +380,31 @@ async def test_a_source_cut_mid_blob_leaves_nothing_and_a_retry_succeeds(running
     await replicated(running, "big", "1.0", source.big.digest)
     assert await skopeo.inspect_raw(skopeo.ref("big:1.0")) == await source.raw("big:1.0")
 
+
+
+async def test_a_basic_auth_source_over_https_with_its_ca(running, source, tmp_path):
+    """A source that answers Basic challenges, over HTTPS whose certificate
+    chains to a private CA (--source-ca-file)."""
+    ca = ClusterCA.open(tmp_path / "ca")
+    served = ca.endpoint_certificate()
+    proxy = SourceProxy(source.registry.url, basic=("puller", "s3cret"),
+                        tls=server_context(served.cert_file, served.key_file))
+    host = await proxy.start()
+    try:
+        base = ("--source", f"{host}/small:1.0", "--image", "tls/small:1.0",
+                "--source-ca-file", str(ca.cert_file))
+        refused = await asyncio.to_thread(do_import, running, *base, "--username", "puller",
+                                          "--password", "wrong")
+        assert refused.returncode == 2 and "refused the credentials given" in refused.stderr, \
+            refused.stderr
+        unverified = await asyncio.to_thread(
+            do_import, running, "--source", f"{host}/small:1.0", "--image", "tls/small:1.0",
+            "--username", "puller", "--password", "s3cret")
+        assert unverified.returncode == 2, unverified.stdout    # plain HTTP to a TLS server
+        assert "the connection to the source failed" in unverified.stderr, unverified.stderr
+        imported = await asyncio.to_thread(do_import, running, *base, "--username", "puller",
+                                           "--password", "s3cret")
+        assert imported.returncode == 0, imported.stderr
+    finally:
+        await proxy.stop()
+    assert await node_digest(running, "eastus", "tls/small", "1.0") == source.small.digest

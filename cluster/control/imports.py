@@ -196,7 +196,11 @@ class ImageImports:
         node = await self._target_node(region)
         target = _Node(self.cluster.http(), self.cluster.management_link_url(node), node)
         replaced = await self._check_tags(target, request)
-        async with upstream_session(request.ca_pem) as http:
+        try:
+            session = upstream_session(request.ca_pem)
+        except UpstreamError as exc:
+            raise SourceRefusal(exc) from None
+        async with session as http:
             source = UpstreamRegistry(http, request.source.registry,
                                       credentials=request.credentials,
                                       ca_given=request.ca_pem is not None)

@@ -194,7 +194,7 @@ def manifest_digest(body: bytes, asked: str, claimed: str | None, where: str) ->
     """The digest of manifest bytes fetched for ``asked`` (a tag or digest):
     computed with the algorithm of the digest asked for or claimed, and
     checked against both."""
-    expected = [d for d in (asked if _is_digest(asked) else None, claimed) if d]
+    expected = [d for d in (asked if is_digest(asked) else None, claimed) if d]
     algorithm = expected[0].partition(":")[0] if expected else "sha256"
     if algorithm not in ("sha256", "sha512"):
         algorithm = "sha256"
@@ -207,7 +207,7 @@ def manifest_digest(body: bytes, asked: str, claimed: str | None, where: str) ->
     return actual
 
 
-def _is_digest(text: str) -> bool:
+def is_digest(text: object) -> bool:
     try:
         Digest.parse(text)
     except RegistryError:

@@ -40,6 +40,7 @@ from .upstream import (
     UpstreamFailure,
     base_url,
     basic_authorization,
+    is_digest,
     manifest_digest,
     parse_challenge,
     referrers_tag,
@@ -169,7 +170,11 @@ class UpstreamRegistry:
         if not isinstance(manifests, list):
             raise UpstreamError(UpstreamFailure.UNAVAILABLE,
                                 f"{where}: the answer has no manifests list")
-        return [m for m in manifests if isinstance(m, dict) and isinstance(m.get("digest"), str)]
+        listed = [m for m in manifests if isinstance(m, dict)]
+        if not all(is_digest(m.get("digest")) for m in listed):
+            raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                f"{where}: the answer lists a manifest without a valid digest")
+        return listed
 
     # -- one request, with the source's challenge answered ------------------------------
 

@@ -237,13 +237,19 @@ async def test_an_index_by_digest_comes_with_every_platform(running, source, sko
     digest = digest_of(source.index)
     result = await asyncio.to_thread(do_import, running, "--source",
                                      f"{source.host}/multi@{digest}", "--image", "multi:v1",
-                                     "--region", "westeurope", "--json")
+                                     "--repository", "multi/untagged", "--region", "westeurope",
+                                     "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["manifests"] == 3
     assert await skopeo.inspect_raw(skopeo.ref("multi:v1")) == await source.raw(f"multi@{digest}")
     for platform in source.platforms:
         assert await node_digest(running, "westeurope", "multi", platform.digest) \
             == platform.digest
+    # --repository: the same manifests, no tag (the blobs linked, not sent again).
+    assert await node_digest(running, "westeurope", "multi/untagged", digest) == digest
+    async with running.http() as http, \
+            http.get(f"{node_of(running, 'westeurope')}/v2/multi/untagged/tags/list") as r:
+        assert (await r.json())["tags"] in ([], None)
     await skopeo.copy(skopeo.ref("multi:v1"), f"oci:{skopeo.env['HOME']}/all:x", "--all")
     # Imported in westeurope, it replicates to the home region too.
     async def home() -> bool:

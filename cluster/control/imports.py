@@ -210,7 +210,8 @@ class ImageImports:
             except UpstreamError as exc:
                 raise SourceRefusal(exc) from None
         top = graph.manifests[len(graph.manifests) - 1 - graph.referrers]
-        return {"source": str(request.source), "digest": top.digest, "mediaType": top.media_type,
+        return {"source": str(request.source), "digest": top.digest,
+                "mediaType": graph.parsed[top.digest].media_type,
                 "region": region, "node": node,
                 "targetTags": [f"{r}:{t}" for r, t in request.tags],
                 "untaggedTargetRepositories": list(request.untagged),

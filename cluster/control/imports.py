@@ -80,8 +80,10 @@ class ImportRequest:
     force: bool = False
     include_referrers: bool = False
     region: str | None = None
-    credentials: tuple[str, str] | None = None
-    ca_pem: str | None = None
+    # Not in the repr: a traceback or log line showing the request must not
+    # show the password (the CA is public, but long).
+    credentials: tuple[str, str] | None = field(default=None, repr=False)
+    ca_pem: str | None = field(default=None, repr=False)
 
     @property
     def repositories(self) -> list[str]:

@@ -99,6 +99,9 @@ def parse_source(text: str) -> SourceReference:
             and ("." in registry or ":" in registry or registry == "localhost")):
         raise invalid(f"{registry[:100]!r} is not a registry host (a host name with a dot or a "
                       "port, or localhost)")
+    _, colon, port = registry.rpartition(":")
+    if colon and not registry.endswith("]") and not 0 < int(port) <= 65535:   # [::1] has none
+        raise invalid(f"port {port} is not a TCP port (1 to 65535)")
     digest = tag = None
     if "@" in rest:
         rest, _, digest_text = rest.partition("@")

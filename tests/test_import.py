@@ -72,7 +72,7 @@ def test_a_source_is_a_registry_a_repository_and_a_tag_or_digest(text, expected)
 @pytest.mark.parametrize("text", [
     "", "alpine:3", "library/alpine:3", "https://r.example.com/a:1", "r.example.com/",
     "r.example.com/UPPER:1", "r.example.com/a:bad tag", "r.example.com/a@sha256:12",
-    "r.example.com/a:1@sha256:" + "a" * 64,
+    "r.example.com/a:1@sha256:" + "a" * 64, "localhost:65536/app:1", "r.example.com:0/a:1",
 ])
 def test_a_malformed_source_is_refused_saying_the_format(text):
     with pytest.raises(UpstreamError) as caught:

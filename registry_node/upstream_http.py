@@ -17,9 +17,18 @@ Invariants:
 * every failure is an ``UpstreamError`` naming the source, what was being
   fetched and what went wrong (HTTP status, refused credentials, a cut
   connection), never an aiohttp exception;
-* credentials go to the source (Basic) or its token realm (Bearer), never
-  elsewhere: a redirect to another host (a blob served from storage) loses
-  the ``Authorization`` header (aiohttp drops it when the origin changes);
+* credentials go to the source (Basic) or its token realm (Bearer), and to
+  a realm only over HTTPS (a realm on another host is normal: Docker Hub's
+  is auth.docker.io), except a realm on the source's own host when the source
+  itself is reached over plain HTTP on loopback (a local test registry); a
+  redirect to another host (a blob served from storage) loses the
+  ``Authorization`` header (aiohttp drops it when the origin changes), and a
+  redirect from HTTPS to plain HTTP is refused;
+* what the source sends is bounded: a manifest, a referrers answer and a
+  token answer are read whole up to the node's ``MAX_MANIFEST_SIZE`` (a
+  larger one is refused, never truncated), and a blob given its size is
+  refused once it exceeds it (by ``Content-Length`` before a byte is read,
+  or as its bytes arrive);
 * no proxy from the environment.
 """
 
@@ -27,12 +36,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from .manifest import MAX_MANIFEST_SIZE
 from .upstream import (
     MANIFEST_ACCEPT,
     Challenge,
@@ -41,6 +53,7 @@ from .upstream import (
     base_url,
     basic_authorization,
     is_digest,
+    is_loopback,
     manifest_digest,
     parse_challenge,
     referrers_tag,
@@ -50,7 +63,9 @@ from .upstream import (
 # A source that sends nothing for this long is treated as gone.
 READ_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 15.0
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# A bearer token goes into a header: visible ASCII only (RFC 6750's b64token
+# is narrower; anything with CR, LF or a space would break or inject headers).
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 # Whatever the source's connection can fail with (aiohttp.ClientError covers a
 # reset, a payload cut short, a malformed answer, too many redirects).
 _CUT = (aiohttp.ClientError, TimeoutError, OSError)
@@ -95,18 +110,7 @@ class UpstreamRegistry:
         where = f"manifest {self.registry}/{repository}{_at(reference)}"
         response = await self._open("GET", repository, f"/v2/{repository}/manifests/{reference}",
                                     where, {"Accept": MANIFEST_ACCEPT})
-        try:
-            if response.content_length and response.content_length > MAX_MANIFEST_BYTES:
-                raise UpstreamError(UpstreamFailure.UNAVAILABLE,
-                                    f"{where}: larger than {MAX_MANIFEST_BYTES} bytes")
-            body = await response.content.read(MAX_MANIFEST_BYTES + 1)
-        except _CUT as exc:
-            raise _cut(where, exc) from None
-        finally:
-            response.release()
-        if len(body) > MAX_MANIFEST_BYTES:
-            raise UpstreamError(UpstreamFailure.UNAVAILABLE,
-                                f"{where}: larger than {MAX_MANIFEST_BYTES} bytes")
+        body = await _read_whole(response, where)
         digest = manifest_digest(body, reference, response.headers.get("Docker-Content-Digest"),
                                  where)
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
@@ -118,13 +122,24 @@ class UpstreamRegistry:
         last chunk) if they do not hash to ``digest`` or add up to ``size``."""
         where = f"blob {digest} of {self.registry}/{repository}"
         response = await self._open("GET", repository, f"/v2/{repository}/blobs/{digest}", where)
+        if size is not None and response.content_length is not None \
+                and response.content_length > size:
+            response.close()
+            raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                f"{where}: the source offers {response.content_length} bytes "
+                                f"(Content-Length) of a blob of {size} bytes")
         algorithm = digest.partition(":")[0]
         hasher = hashlib.new(algorithm if algorithm in ("sha256", "sha512") else "sha256")
         received = 0
         try:
             async for chunk in response.content.iter_chunked(1 << 20):
-                hasher.update(chunk)
                 received += len(chunk)
+                if size is not None and received > size:
+                    response.close()        # not a byte more of it
+                    raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                        f"{where}: the source sent more than {size} bytes, "
+                                        "the blob's size")
+                hasher.update(chunk)
                 yield chunk
         except _CUT as exc:
             raise _cut(where, exc, received) from None
@@ -144,16 +159,13 @@ class UpstreamRegistry:
         response = await self._open("GET", repository, f"/v2/{repository}/referrers/{digest}",
                                     where, {"Accept": "application/vnd.oci.image.index.v1+json"},
                                     missing_ok=True)
+        found = response.status == 200
+        body = await _read_whole(response, where)
         try:
-            found = response.status == 200
-            index = await response.json(content_type=None) if found else None
-        except _CUT as exc:
-            raise _cut(where, exc) from None
+            index = json.loads(body) if found else None
         except ValueError:
             raise UpstreamError(UpstreamFailure.UNAVAILABLE,
                                 f"{where}: the answer is not a JSON index") from None
-        finally:
-            response.release()
         if not found:
             try:
                 fallback = await self.manifest(repository, referrers_tag(digest))
@@ -191,6 +203,11 @@ class UpstreamRegistry:
                 response = await self.http.request(method, self.base + path, headers=sent)
             except _CUT as exc:
                 raise _cut(where, exc) from None
+            if self.base.startswith("https:") and response.url.scheme != "https":
+                response.close()
+                raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                    f"{where}: the source redirected from HTTPS to plain HTTP "
+                                    f"({str(response.url)[:200]}); refused")
             if response.status == 401 and attempt == 0:
                 challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
                 response.release()
@@ -217,24 +234,26 @@ class UpstreamRegistry:
                                 f"{where}: the source answered 401 without a challenge georeg "
                                 "can answer (Bearer realm or Basic)")
         realm = challenge.params["realm"]
-        if not realm.startswith(("https://", "http://")):
+        refusal = self._realm_refusal(realm)
+        if refusal:
             raise UpstreamError(UpstreamFailure.UNAVAILABLE,
-                                f"{where}: the source's token realm {realm[:200]!r} is not an "
-                                "http(s) URL")
-        auth = {"Authorization": basic_authorization(self.credentials)} if self.credentials \
-            else {}
+                                f"{where}: the source's token realm {realm[:200]!r} {refusal}")
         token_where = f"{where}: the source's token service {realm}"
         try:
             async with self.http.get(realm, params=token_query(challenge, repository),
-                                     headers=auth) as r:
+                                     headers=self._basic_header()) as r:
+                if realm.startswith("https:") and r.url.scheme != "https":
+                    raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                        f"{token_where} redirected to plain HTTP; refused")
                 if r.status in (401, 403):
                     raise UpstreamError(UpstreamFailure.UNAUTHORIZED,
                                         f"{token_where} refused the credentials"
-                                        + ("" if auth else " (none given: --username, --password)"))
+                                        + ("" if self.credentials else
+                                           " (none given: --username, --password)"))
                 if r.status != 200:
                     raise UpstreamError(UpstreamFailure.UNAVAILABLE,
                                         f"{token_where} answered HTTP {r.status}")
-                answer = await r.json(content_type=None)
+                answer = json.loads(await _read_whole(r, token_where))
         except _CUT as exc:
             raise _cut(token_where, exc) from None
         except ValueError:
@@ -244,7 +263,59 @@ class UpstreamRegistry:
             else None
         if not isinstance(token, str) or not token:
             raise UpstreamError(UpstreamFailure.UNAVAILABLE, f"{token_where} gave no token")
+        if not _TOKEN_RE.fullmatch(token):
+            raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                f"{token_where} gave a token with characters a header cannot "
+                                "carry (only visible ASCII)")
         self._authorization[repository] = f"Bearer {token}"
+
+    def _basic_header(self) -> dict[str, str]:
+        # Built where it is sent, so no caller's frame holds it (a traceback
+        # that shows locals would show it).
+        return {"Authorization": basic_authorization(self.credentials)} if self.credentials \
+            else {}
+
+    def _realm_refusal(self, realm: str) -> str | None:
+        """Why credentials must not go to ``realm``; None if they may."""
+        try:
+            url = urlsplit(realm)
+            host = url.hostname
+        except ValueError:
+            return "is not a URL"
+        if url.scheme == "https" and host:
+            return None
+        if url.scheme != "http" or not host:
+            return "is not an http(s) URL"
+        source = urlsplit(self.base)
+        if source.scheme == "http" and is_loopback(self.registry) and host == source.hostname:
+            return None
+        return ("is plain HTTP: a token realm must be https (plain HTTP only on the host of a "
+                "loopback source reached over plain HTTP)")
+
+
+async def _read_whole(response: aiohttp.ClientResponse, where: str) -> bytes:
+    """The whole body (a read returns what is buffered, not what was asked),
+    refused once it passes ``MAX_MANIFEST_SIZE``; releases the response."""
+    try:
+        if response.content_length is not None and response.content_length > MAX_MANIFEST_SIZE:
+            raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                f"{where}: larger than {MAX_MANIFEST_SIZE} bytes")
+        parts: list[bytes] = []
+        received = 0
+        async for chunk in response.content.iter_any():
+            received += len(chunk)
+            if received > MAX_MANIFEST_SIZE:
+                raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                    f"{where}: larger than {MAX_MANIFEST_SIZE} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+    except _CUT as exc:
+        raise _cut(where, exc) from None
+    finally:
+        if response.content.at_eof():
+            response.release()
+        else:
+            response.close()          # the rest is not wanted: drop the connection
 
 
 def _at(reference: str) -> str:

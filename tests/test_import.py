@@ -26,7 +26,7 @@ from cluster.control import spec as specs
 from cluster.control.ca import ClusterCA
 from cluster.control.tls import server_context
 from cluster.testing import RunningCluster
-from registry_node.manifest import OCI_INDEX, OCI_MANIFEST
+from registry_node.manifest import MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST
 from registry_node.upstream import (
     UpstreamError,
     UpstreamFailure,
@@ -35,6 +35,7 @@ from registry_node.upstream import (
     parse_source,
     token_query,
 )
+from registry_node.upstream_http import UpstreamRegistry, upstream_session
 
 from .helpers import (
     Image,
@@ -414,3 +415,181 @@ async def test_a_basic_auth_source_over_https_with_its_ca(running, source, tmp_p
     finally:
         await proxy.stop()
     assert await node_digest(running, "eastus", "tls/small", "1.0") == source.small.digest
+
+
+# -- a hostile source: a real HTTP server that answers as each test tells it --------------
+
+
+class HostileSource:
+    """A real HTTP server on a real socket: ``routes`` maps a path to a handler
+    (``fallback`` takes the rest, else 404); ``seen`` records every request's
+    path and ``Authorization``; ``finished`` counts handlers that wrote
+    everything they meant to."""
+
+    def __init__(self, host: str = "127.0.0.1", tls=None) -> None:
+        self.host, self.routes, self.seen, self.finished = host, {}, [], 0
+        self.tls = tls
+        self.fallback = None
+        self.runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((request.path, request.headers.get("Authorization")))
+        handler = self.routes.get(request.path, self.fallback)
+        if handler is None:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+        return await handler(request)
+
+    async def __aenter__(self) -> HostileSource:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, self.host, 0, ssl_context=self.tls).start()
+        self.address = f"{self.host}:{self.runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+    def serve(self, body: bytes, content_type: str = OCI_MANIFEST, piece: int = 0,
+              headers: dict | None = None, length: bool = True):
+        """A handler sending ``body``; with ``piece``, in pieces of that size with
+        a pause between them (a slow network), so the client reads it in parts."""
+        async def handler(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": content_type,
+                                                   **(headers or {})})
+            if length:
+                response.content_length = len(body)
+            await response.prepare(request)
+            for start in range(0, len(body), piece or len(body) or 1):
+                await response.write(body[start:start + (piece or len(body))])
+                if piece:
+                    await asyncio.sleep(0.005)
+            await response.write_eof()
+            self.finished += 1
+            return response
+        return handler
+
+
+async def test_a_manifest_larger_than_one_network_read_arrives_whole():
+    """300 KB of annotations, sent in 16 KB pieces: the whole manifest, by tag
+    and by digest (a read of what happened to be buffered cut it short)."""
+    image = make_image([10], seed=7, annotations={"notes": "x" * 300_000})
+    async with HostileSource() as src, upstream_session() as http:
+        for ref in ("big", image.digest):
+            src.routes[f"/v2/app/manifests/{ref}"] = src.serve(image.manifest, piece=16 << 10,
+                                                               length=False)
+        source = UpstreamRegistry(http, src.address)
+        for ref in ("big", image.digest):
+            got = await source.manifest("app", ref)
+            assert got.body == image.manifest and got.digest == image.digest
+        # Over the node's limit, with no Content-Length to say so first: refused.
+        huge = b" " * (MAX_MANIFEST_SIZE + 1) + image.manifest
+        src.routes["/v2/app/manifests/huge"] = src.serve(huge, piece=1 << 20, length=False)
+        with pytest.raises(UpstreamError) as caught:
+            await source.manifest("app", "huge")
+        assert caught.value.kind is UpstreamFailure.UNAVAILABLE
+        assert f"larger than {MAX_MANIFEST_SIZE} bytes" in str(caught.value)
+
+
+async def test_a_token_realm_over_plain_http_on_another_host_gets_no_credentials():
+    """The source (plain HTTP, loopback) names a realm on another host over
+    plain HTTP: refused, and the realm never hears the password."""
+    async with HostileSource() as src, HostileSource("127.0.0.2") as realm, \
+            upstream_session() as http:
+        realm.routes["/token"] = src.serve(b'{"token": "t"}', "application/json")
+        challenge = f'Bearer realm="http://{realm.address}/token",service="s"'
+
+        async def challenged(request: web.Request) -> web.Response:
+            return web.Response(status=401, headers={"WWW-Authenticate": challenge})
+        src.routes["/v2/app/manifests/1"] = challenged
+        source = UpstreamRegistry(http, src.address, credentials=("puller", "pw"))
+        with pytest.raises(UpstreamError) as caught:
+            await source.manifest("app", "1")
+        assert caught.value.kind is UpstreamFailure.UNAVAILABLE
+        assert f"http://{realm.address}/token" in str(caught.value) and "https" in \
+            str(caught.value)
+        assert realm.seen == []
+
+
+async def test_a_redirect_from_https_to_plain_http_is_refused(tmp_path):
+    ca = ClusterCA.open(tmp_path / "ca")
+    served = ca.endpoint_certificate()
+    image = make_image([10], seed=13)
+    async with HostileSource(tls=server_context(served.cert_file, served.key_file)) as src, \
+            HostileSource() as plain, upstream_session(ca.cert_file.read_text()) as http:
+        plain.routes["/v2/app/manifests/1"] = plain.serve(image.manifest)
+
+        async def downgrade(request: web.Request) -> web.Response:
+            raise web.HTTPFound(f"http://{plain.address}/v2/app/manifests/1")
+        src.routes["/v2/app/manifests/1"] = downgrade
+        with pytest.raises(UpstreamError) as caught:
+            await UpstreamRegistry(http, src.address, ca_given=True).manifest("app", "1")
+        assert caught.value.kind is UpstreamFailure.UNAVAILABLE
+        assert "from HTTPS to plain HTTP" in str(caught.value)
+
+
+async def test_a_token_that_is_no_header_value_is_refused_naming_the_realm():
+    async with HostileSource() as src, upstream_session() as http:
+        realm_url = f"http://{src.address}/token"
+        src.routes["/token"] = src.serve(b'{"token": "abc\\r\\nX-Injected: 1"}',
+                                         "application/json")
+
+        async def challenged(request: web.Request) -> web.Response:
+            return web.Response(status=401, headers={
+                "WWW-Authenticate": f'Bearer realm="{realm_url}"'})
+        src.routes["/v2/app/manifests/1"] = challenged
+        with pytest.raises(UpstreamError) as caught:
+            await UpstreamRegistry(http, src.address).manifest("app", "1")
+        assert caught.value.kind is UpstreamFailure.UNAVAILABLE
+        assert realm_url in str(caught.value) and "token" in str(caught.value)
+
+
+async def test_oversized_referrers_and_token_answers_are_refused():
+    image = make_image([10], seed=8)
+    padding = " " * MAX_MANIFEST_SIZE
+    async with HostileSource() as src, upstream_session() as http:
+        src.routes[f"/v2/app/referrers/{image.digest}"] = src.serve(
+            ('{"schemaVersion": 2, "manifests": []' + padding + "}").encode(), OCI_INDEX,
+            piece=1 << 20, length=False)
+        with pytest.raises(UpstreamError) as caught:
+            await UpstreamRegistry(http, src.address).referrers("app", image.digest)
+        assert caught.value.kind is UpstreamFailure.UNAVAILABLE
+        assert "larger than" in str(caught.value)
+
+        src.routes["/token"] = src.serve(('{"token": "t"' + padding + "}").encode(),
+                                         "application/json", piece=1 << 20, length=False)
+
+        async def challenged(request: web.Request) -> web.Response:
+            return web.Response(status=401, headers={
+                "WWW-Authenticate": f'Bearer realm="http://{src.address}/token"'})
+        src.routes["/v2/app/manifests/1"] = challenged
+        with pytest.raises(UpstreamError) as caught:
+            await UpstreamRegistry(http, src.address).manifest("app", "1")
+        assert caught.value.kind is UpstreamFailure.UNAVAILABLE
+        assert "larger than" in str(caught.value)
+
+
+async def test_a_blob_larger_than_its_descriptor_says_is_refused_as_it_arrives():
+    blob = b"y" * 100
+    digest = digest_of(blob)
+    async with HostileSource() as src, upstream_session() as http:
+        source = UpstreamRegistry(http, src.address)
+        # Content-Length over the size: refused before a byte is taken.
+        src.routes[f"/v2/app/blobs/{digest}"] = src.serve(blob, "application/octet-stream")
+        with pytest.raises(UpstreamError) as caught:
+            async for _ in source.blob("app", digest, size=10):
+                pytest.fail("a byte of an oversized blob was passed on")
+        assert caught.value.kind is UpstreamFailure.UNAVAILABLE and "10 bytes" in \
+            str(caught.value)
+        # No Content-Length, 64 MiB streamed for a 10-byte blob: cut off early.
+        src.routes[f"/v2/app/blobs/{digest}"] = src.serve(b"z" * (64 << 20),
+                                                          "application/octet-stream",
+                                                          piece=256 << 10, length=False)
+        passed = 0
+        with pytest.raises(UpstreamError) as caught:
+            async for chunk in source.blob("app", digest, size=10):
+                passed += len(chunk)
+        assert passed <= 10 and "more than 10 bytes" in str(caught.value)
+        assert src.finished == 1      # the first answer only: the stream was abandoned
+

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -273,10 +275,13 @@ async def test_referrers_come_by_the_tag_schema_and_by_the_referrers_api(running
     # The cluster as a source: Bearer challenges and the referrers API proper.
     login = running.credentials
     endpoint = running.regional_endpoint("eastus").removeprefix("http://")
-    again = await asyncio.to_thread(do_import, running, "--source",
-                                    f"{endpoint}/signed/small:1.0", "--image", "copy/small:1.0",
-                                    "--include-referrers", f"--username={login.username}",
-                                    f"--password={login.password}", "--json")
+    # The password from stdin (--password-stdin), out of the command line.
+    again = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "cluster.cli", "import", "--source",
+                         f"{endpoint}/signed/small:1.0", "--image", "copy/small:1.0",
+                         "--include-referrers", f"--username={login.username}",
+                         "--password-stdin", "--json", "--data-dir", str(running.data_dir)],
+        input=login.password + "\n", capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["referrers"] == 1
     assert await node_digest(running, "eastus", "copy/small", source.sbom.digest) \

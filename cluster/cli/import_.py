@@ -36,7 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repository", action="append", default=[], metavar="REPO",
                    help="a target repository that gets the manifest with no tag (repeatable)")
     p.add_argument("--username", "-u", help="the source registry's user")
-    p.add_argument("--password", "-p", help="the source registry's password (or token)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--password", "-p", help="the source registry's password (or token); "
+                                                 "--password-stdin keeps it out of ps")
+    secret.add_argument("--password-stdin", action="store_true",
+                        help="read the source registry's password from stdin (one line)")
     p.add_argument("--force", action="store_true", help="replace target tags that exist")
     p.add_argument("--include-referrers", action="store_true",
                    help="also import the manifests that refer to it (signatures, SBOMs)")
@@ -57,6 +61,11 @@ def run_import(args: argparse.Namespace) -> int:
                   "includeReferrers": args.include_referrers}
     if args.region:
         body["region"] = args.region
+    if args.password_stdin:
+        # The command line is visible to every user (ps); stdin is not.
+        args.password = sys.stdin.readline().rstrip("\r\n")
+        if not args.password:
+            raise CliError("--password-stdin: stdin gave no password")
     if args.username is not None or args.password is not None:
         if args.username is None or args.password is None:
             raise CliError("give --username and --password together")

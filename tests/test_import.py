@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from cluster.bench.reference import ReferenceRegistry, find_binary
-from cluster.control import management_client
+from cluster.control import imports, management_client
 from cluster.control import spec as specs
 from cluster.control.ca import ClusterCA
 from cluster.control.tls import server_context
@@ -476,6 +476,13 @@ class HostileSource:
         return handler
 
 
+def index_of(*children: bytes) -> bytes:
+    """An OCI index listing ``children`` (indexes or image manifests)."""
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        descriptor(c, OCI_INDEX if b'"manifests"' in c else OCI_MANIFEST) for c in children]
+    }).encode()
+
+
 async def test_a_manifest_larger_than_one_network_read_arrives_whole():
     """300 KB of annotations, sent in 16 KB pieces: the whole manifest, by tag
     and by digest (a read of what happened to be buffered cut it short)."""
@@ -598,3 +605,93 @@ async def test_a_blob_larger_than_its_descriptor_says_is_refused_as_it_arrives()
         assert passed <= 10 and "more than 10 bytes" in str(caught.value)
         assert src.finished == 1      # the first answer only: the stream was abandoned
 
+
+def api_import(running, body: dict) -> management_client.ManagementError | dict:
+    try:
+        return management_client.request(running.management_url, "POST", "/georeg/v1/imports",
+                                         body, headers=running.owner_headers())
+    except management_client.ManagementError as exc:
+        return exc
+
+
+async def node_has_blob(running, region: str, repo: str, digest: str) -> bool:
+    async with running.http() as http, \
+            http.head(f"{node_of(running, region)}/v2/{repo}/blobs/{digest}") as r:
+        return r.status == 200
+
+
+def manifests_by_digest(src: HostileSource, repo: str, bodies: list[bytes],
+                        tags: dict[str, bytes] | None = None) -> None:
+    for body in bodies:
+        kind = OCI_INDEX if b'"manifests"' in body else OCI_MANIFEST
+        src.routes[f"/v2/{repo}/manifests/{digest_of(body)}"] = src.serve(body, kind)
+    for tag, body in (tags or {}).items():
+        kind = OCI_INDEX if b'"manifests"' in body else OCI_MANIFEST
+        src.routes[f"/v2/{repo}/manifests/{tag}"] = src.serve(body, kind)
+
+
+async def test_nesting_fan_out_and_bulk_past_the_limits_are_a_502(running):
+    """1,200 nested indexes (a RecursionError, a 500, before), an index of
+    2,000 children, and nine manifests of nearly 4 MiB each: each refused
+    as SourceUnavailable, saying which limit, before anything is copied."""
+    FAN_OUT = 2_000
+    leaf = make_image([10], seed=9)
+    chain = [leaf.manifest]
+    for _ in range(1_200):
+        chain.append(index_of(chain[-1]))
+    wide = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": "sha256:" + f"{i:064x}", "size": 100}
+        for i in range(FAN_OUT)]}).encode()
+    bulky = [make_image([10], seed=20 + i, annotations={"n": "x" * (MAX_MANIFEST_SIZE - 4096)})
+             for i in range(9)]
+    bulk = index_of(*(b.manifest for b in bulky))
+    async with HostileSource() as src:
+        manifests_by_digest(src, "deep", chain, {"top": chain[-1]})
+        manifests_by_digest(src, "wide", [wide], {"top": wide})
+        manifests_by_digest(src, "bulk", [bulk, *(b.manifest for b in bulky)], {"top": bulk})
+        answers, requests = {}, {}
+        for repo in ("deep", "wide", "bulk"):
+            src.seen.clear()
+            answers[repo] = await asyncio.to_thread(api_import, running, {
+                "source": f"{src.address}/{repo}:top", "targetTags": [f"limits/{repo}:1"]})
+            requests[repo] = len(src.seen)
+    wrong = [(repo, str(answers[repo])[:300])
+             for repo, limit in (("deep", "nested"), ("wide", "manifests"), ("bulk", "bytes"))
+             if not (isinstance(answers[repo], management_client.ManagementError)
+                     and answers[repo].status == 502 and limit in str(answers[repo]))]
+    assert wrong == []
+    assert requests["deep"] <= imports.MAX_INDEX_DEPTH + 2
+    assert requests["wide"] == 1 and imports.MAX_MANIFESTS < FAN_OUT
+    for repo in ("deep", "wide", "bulk"):
+        assert await node_digest(running, "eastus", f"limits/{repo}", "1") is None
+
+
+async def test_a_missing_child_or_an_existing_tag_leaves_nothing_behind(running):
+    """A platform the source lacks (404 while manifests are fetched): no blob,
+    no manifest, no tag. An existing tag without --force: no blob copied."""
+    present, absent = make_image([2000], seed=10), make_image([2000], seed=11)
+    index = index_of(present.manifest, absent.manifest)
+    other = make_image([3000], seed=12)
+    async with HostileSource() as src:
+        manifests_by_digest(src, "part", [index, present.manifest],
+                            {"1.0": index, "solo": present.manifest, "other": other.manifest})
+        for blob in [*present.blobs, *other.blobs]:
+            src.routes[f"/v2/part/blobs/{digest_of(blob)}"] = src.serve(
+                blob, "application/octet-stream")
+        missing = await asyncio.to_thread(api_import, running, {
+            "source": f"{src.address}/part:1.0", "targetTags": ["part:1.0"]})
+        assert isinstance(missing, management_client.ManagementError), missing
+        assert missing.status == 404 and absent.digest in str(missing), missing
+        for blob in present.blobs:
+            assert not await node_has_blob(running, "eastus", "part", digest_of(blob))
+        for ref in (present.digest, digest_of(index), "1.0"):
+            assert await node_digest(running, "eastus", "part", ref) is None
+        taken = await asyncio.to_thread(api_import, running, {
+            "source": f"{src.address}/part:solo", "targetTags": ["part:taken"]})
+        assert isinstance(taken, dict), taken
+        refused = await asyncio.to_thread(api_import, running, {
+            "source": f"{src.address}/part:other", "targetTags": ["part:taken"]})
+        assert isinstance(refused, management_client.ManagementError) and refused.status == 409
+    for blob in other.blobs:
+        assert not await node_has_blob(running, "eastus", "part", digest_of(blob))
+    assert await node_digest(running, "eastus", "part", "taken") == present.digest

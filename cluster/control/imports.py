@@ -22,8 +22,17 @@ Invariants:
   references (reclaimed by GC like any unreferenced blob), never a manifest
   or a tag, and the same import run again completes (blobs already there are
   not fetched again);
+* what is fetched is bounded before it is held: indexes nest at most
+  ``MAX_INDEX_DEPTH`` deep, an import holds at most ``MAX_MANIFESTS``
+  manifests and ``MAX_MANIFEST_BYTES`` of them; past a limit it is refused
+  (502, naming the limit) before anything is pushed;
+* a blob is taken from the source only up to the size its descriptor gives;
 * an existing target tag refuses the import before anything is copied,
   unless ``force`` (ACR's ``NoForce``/``Force`` modes, and its message);
+  with ``force`` and several tags, the tags are set one after another, not
+  all-or-nothing: a node that refuses the second leaves the first moved;
+* the source's credentials are never in a repr (``ImportRequest`` hides them),
+  so a traceback or a log line that shows the request does not show them;
 * every refusal is a ``ClusterError`` with the status the management API
   answers: a malformed request or source 400, a source repository, tag or
   digest the source does not have 404, credentials the source refuses 400,
@@ -34,6 +43,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -55,6 +66,17 @@ if TYPE_CHECKING:                      # a Cluster is handed in; it never import
 PARALLEL_BLOBS = 6
 # How deep referrers of referrers are followed (a signature of an SBOM of an image).
 REFERRER_DEPTH = 3
+# How deep indexes may nest. The image-spec allows an index in an index; what
+# registries serve is an index of images (2 levels), at most an index of
+# indexes of images (3). 4 leaves a level to spare, and stops a source that
+# nests without end long before the stack runs out (it did, at ~1,000: a 500).
+MAX_INDEX_DEPTH = 4
+# What one import holds in memory before pushing: the largest multi-platform
+# images list tens of manifests (a platform and an attestation each); a
+# thousand, or 32 MiB of them (8 of the node's largest), is past anything real
+# and bounds what a source listing 50,000 children can make georeg fetch.
+MAX_MANIFESTS = 1000
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024
 # A node answers a write within this (a blob upload has its own, per read).
 NODE_TIMEOUT_S = 120.0
 
@@ -181,7 +203,10 @@ class _Graph:
 
     manifests: list[FetchedManifest] = field(default_factory=list)
     parsed: dict[str, ParsedManifest] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)      # blob digest -> descriptor size
     referrers: int = 0
+    fetched: int = 0             # manifests fetched (a repeat counts again)
+    fetched_bytes: int = 0
 
     @property
     def blobs(self) -> list[str]:
@@ -243,7 +268,7 @@ class ImageImports:
     async def _fetch(self, source: UpstreamRegistry, request: ImportRequest) -> _Graph:
         graph = _Graph()
         repo = request.source.repository
-        await self._fetch_manifest(source, repo, request.source.reference, graph, set())
+        await self._fetch_manifest(source, repo, request.source.reference, graph, ())
         if request.include_referrers:
             subjects = [m.digest for m in graph.manifests]
             for _depth in range(REFERRER_DEPTH):
@@ -253,7 +278,7 @@ class ImageImports:
                         if descriptor["digest"] not in graph.parsed:
                             before = len(graph.manifests)
                             await self._fetch_manifest(source, repo, descriptor["digest"], graph,
-                                                       set())
+                                                       ())
                             graph.referrers += len(graph.manifests) - before
                             found.append(descriptor["digest"])
                 if not found:
@@ -262,8 +287,21 @@ class ImageImports:
         return graph
 
     async def _fetch_manifest(self, source: UpstreamRegistry, repo: str, reference: str,
-                              graph: _Graph, path: set[str]) -> str:
+                              graph: _Graph, path: tuple[str, ...]) -> str:
+        where = f"{source.registry}/{repo}"
+        if len(path) >= MAX_INDEX_DEPTH:
+            raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                f"manifest {path[-1]} of {where}: indexes nested deeper than "
+                                f"{MAX_INDEX_DEPTH} levels; georeg imports no deeper")
+        if graph.fetched >= MAX_MANIFESTS:
+            raise UpstreamError(UpstreamFailure.UNAVAILABLE, _too_many(where))
         fetched = await source.manifest(repo, reference)
+        graph.fetched += 1
+        graph.fetched_bytes += len(fetched.body)
+        if graph.fetched_bytes > MAX_MANIFEST_BYTES:
+            raise UpstreamError(UpstreamFailure.UNAVAILABLE,
+                                f"{where}: the image's manifests add up to more than "
+                                f"{MAX_MANIFEST_BYTES} bytes; georeg imports no more at once")
         if fetched.digest in path:
             raise UpstreamError(UpstreamFailure.UNAVAILABLE, f"manifest {fetched.digest} of "
                                 f"{source.registry}/{repo} lists itself")
@@ -275,8 +313,11 @@ class ImageImports:
             raise UpstreamError(UpstreamFailure.UNAVAILABLE,
                                 f"manifest {fetched.digest} of {source.registry}/{repo}: "
                                 f"georeg cannot store it: {exc.detail or exc.message}") from None
+        if graph.fetched + len(parsed.children) > MAX_MANIFESTS:
+            raise UpstreamError(UpstreamFailure.UNAVAILABLE, _too_many(where, fetched.digest))
         for child in parsed.children:
-            await self._fetch_manifest(source, repo, child, graph, path | {fetched.digest})
+            await self._fetch_manifest(source, repo, child, graph, (*path, fetched.digest))
+        graph.sizes.update(_blob_sizes(fetched.body, parsed))
         graph.parsed[fetched.digest] = parsed
         graph.manifests.append(fetched)
         return fetched.digest
@@ -292,8 +333,11 @@ class ImageImports:
             async with limit:
                 if await target.has_blob(first, digest):
                     return
-                copied["bytesCopied"] += await target.put_blob(
-                    first, digest, source.blob(request.source.repository, digest))
+                # aclosing: a node that refuses mid-stream must not leave the
+                # source's response open until the generator is collected.
+                async with contextlib.aclosing(source.blob(
+                        request.source.repository, digest, graph.sizes.get(digest))) as chunks:
+                    copied["bytesCopied"] += await target.put_blob(first, digest, chunks)
                 copied["blobsCopied"] += 1
 
         await _all(copy(d) for d in graph.blobs)
@@ -307,6 +351,22 @@ class ImageImports:
         for repo, tag in request.tags:          # the tags last of all
             await target.put_manifest(repo, tag, top.body, graph.parsed[top.digest].media_type)
         return copied
+
+
+def _too_many(where: str, index: str | None = None) -> str:
+    listing = f"index {index} of {where} lists" if index else f"{where}: the image has"
+    return (f"{listing} more than {MAX_MANIFESTS} manifests (with those already fetched); "
+            "georeg imports no more at once")
+
+
+def _blob_sizes(body: bytes, parsed: ParsedManifest) -> dict[str, int]:
+    """The size each of an image manifest's descriptors gives its blob
+    (``parse`` has checked them: a non-negative integer each)."""
+    if not parsed.blobs:
+        return {}
+    doc = json.loads(body)
+    return {d["digest"]: d["size"] for d in [doc["config"], *doc["layers"]]
+            if d["digest"] in parsed.blobs}
 
 
 async def _all(coroutines) -> None:

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_scale(benchmarks)
     _add_webhooks(benchmarks)
     _add_tiers(benchmarks)
+    _add_import(benchmarks)
 
 
 def _add_footprint(sub: argparse._SubParsersAction) -> None:
@@ -670,3 +671,56 @@ def _event_loop_run(coroutine):
 
         return uvloop.run(coroutine)
     return asyncio.run(coroutine)
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import", help="georeg import against skopeo copy, same images, same source",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Start the reference registry (Debian's docker-registry) as the source and a
+cluster (the default spec, or --config) in a child process, both on loopback;
+fill the source with a fresh set of images per side and round, then copy them
+into the home region with `georeg import` (the management API) and with
+`skopeo copy --preserve-digests` (its regional endpoint), rounds alternating
+which goes first. Prints each side's median MB/s of blob bytes and the ratio
+import ÷ skopeo against the goal (≥ 1.0), with the CPU other processes used
+meanwhile. Timings are reported, never enforced.""")
+    p.add_argument("--config", type=Path, metavar="FILE", help="cluster spec (default: built-in)")
+    p.add_argument("--images", type=_positive, help="images per side and round (default 4)")
+    p.add_argument("--layers", type=_positive, help="layers per image (default 2)")
+    p.add_argument("--layer-kib", type=_positive, help="KiB per layer (default 8192)")
+    p.add_argument("--repeat", type=_positive, help="rounds (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 images of one 1 MiB layer, one round (explicit options still apply)")
+    p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="wait up to this long for other processes to go quiet first (default 30)")
+    p.add_argument("--workdir", type=Path, help="keep the source's and cluster's data here")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the results")
+    p.set_defaults(func=_run_import_bench)
+
+
+def _run_import_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench.clusterproc import ClusterStartError
+    from ..bench.import_ import ImportBenchOptions, describe, run
+    from ..bench.server import ServerStartError
+    from ..control import spec as specs
+
+    options = ImportBenchOptions()
+    if args.quick:
+        options = options.quick()
+    given = {"images": args.images, "layers": args.layers, "repeat": args.repeat,
+             "layer_bytes": args.layer_kib and args.layer_kib * 1024}
+    options = replace(options, **{k: v for k, v in given.items() if v is not None})
+    try:
+        result = run(specs.load(args.config), options, args.workdir, args.quiet_wait)
+    except (ClusterStartError, ServerStartError, RuntimeError, OSError) as exc:
+        print(f"georeg bench import: {exc}", file=sys.stderr)
+        return 2
+    print(describe(result))
+    if args.json:
+        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    return 0

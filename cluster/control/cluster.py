@@ -668,6 +668,11 @@ class Cluster:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
+    async def control_plane(self) -> str:
+        """The name of a home node that answers, or ``ControlPlaneUnavailable``:
+        what a registry operation beyond configuration (an import) asks first."""
+        return await self._control_plane()
+
     async def _control_plane(self) -> str:
         """The home region holds the control plane: a configuration change goes
         ahead only if some home node answers over the network; returns the name

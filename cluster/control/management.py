@@ -19,6 +19,12 @@ which other processes find it.
     DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository in
                                                   every region that holds it (ACR's
                                                   DELETE /acr/v1/{name} on a node of each)
+    POST   /georeg/v1/imports                     az acr import: {"source", "targetTags",
+                                                  "untaggedTargetRepositories", "mode":
+                                                  "NoForce"|"Force", "includeReferrers",
+                                                  "region", "username", "password",
+                                                  "sourceCaPem"}; 200 with what was copied
+                                                  (``cluster.control.imports``)
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
     GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
@@ -110,6 +116,7 @@ from ..faults.controller import FaultError
 from .access import authorization, owner_credential_path
 from .errors import ClusterError, NotFound
 from .health import check_health
+from .imports import ImageImports, import_request
 from .regions import REGIONS, unknown_region_message
 from .repositories import Repositories
 from .state import clear_running_state, write_running_state
@@ -180,6 +187,7 @@ class ManagementServer:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.repositories = Repositories(cluster)
+        self.imports = ImageImports(cluster)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -209,6 +217,7 @@ class ManagementServer:
         r.add_get("/georeg/v1/repositories", self.list_repositories)
         r.add_get("/georeg/v1/repositories/{name:.+}/tags", self.show_tags)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
+        r.add_post("/georeg/v1/imports", self.import_image)
         r.add_get("/georeg/v1/registry", self.show_registry)
         r.add_patch("/georeg/v1/registry", self.update_registry)
         r.add_get("/georeg/v1/registry/usages", self.show_usage)
@@ -575,6 +584,9 @@ class ManagementServer:
     async def delete_repository(self, request: web.Request) -> web.Response:
         name = validate_name(request.match_info["name"])
         return web.json_response(await self.repositories.delete(name))
+
+    async def import_image(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.imports.run(import_request(await _json(request))))
 
 
 async def _json(request: web.Request) -> dict:

@@ -13,7 +13,7 @@ PROTO_SRC := proto/georeg/replication/v1/replication.proto
 # (the virtual import path makes their imports `replicator.wire.v1…`).
 PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
 
-.PHONY: help install system-deps up node test soak chaos bench bench-lag bench-scale bench-webhooks lint proto proto-check clean
+.PHONY: help install system-deps up node test soak chaos bench bench-lag bench-scale bench-webhooks bench-tiers bench-import lint proto proto-check clean
 
 help:
 	@echo "make up       start the default multi-region cluster (installs first)"
@@ -25,6 +25,8 @@ help:
 	@echo "make bench-lag  replication lag per region pair against the WAN model's floor"
 	@echo "make bench-scale  many small images: push rate, listings, idle cost (SCALE_ARGS=--quick)"
 	@echo "make bench-webhooks  push → webhook delivery vs the WAN floor, 500 webhooks, a hanging receiver (WEBHOOKS_ARGS=--quick)"
+	@echo "make bench-tiers  each tier's request and bandwidth limits driven past, and what throttling costs (TIERS_ARGS=--quick)"
+	@echo "make bench-import georeg import vs skopeo copy of the same images from the reference registry (IMPORT_ARGS=--quick)"
 	@echo "make lint     ruff"
 	@echo "make install  virtualenv in $(VENV), editable install, system packages"
 
@@ -99,6 +101,12 @@ bench-scale: install
 
 bench-webhooks: install
 	$(GEOREG) bench webhooks $(WEBHOOKS_ARGS)
+
+bench-tiers: install
+	$(GEOREG) bench tiers $(TIERS_ARGS)
+
+bench-import: install
+	$(GEOREG) bench import $(IMPORT_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check registry_node replicator cluster tests

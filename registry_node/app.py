@@ -84,7 +84,8 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     if config.internal_credential_file is not None:
         internal = expected_header(read_internal_credential(config.internal_credential_file))
     # Always there, limits or not: a throttling fault may arrive at any time.
-    throttle = Throttle(config.request_limits, monotonic, shared=bool(config.zone_siblings))
+    throttle = Throttle(config.request_limits, monotonic, shared=bool(config.zone_siblings),
+                        overrides=config.request_limit_overrides)
     authority = None
     if config.auth_enabled:
         authority = token_authority(config, lambda: wall_ns() / 1e9)

@@ -40,6 +40,62 @@ class WebhookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("a webhook's delivery log keeps at least one delivery")
 
 
+# The bounds of request throttling's numbers (``registry_node.throttle``), one
+# rule for every way in: the spec, ``georeg node``, the fault CLI and API, the
+# fault controller. A rate is finite and at least one request in 100 minutes,
+# so a wait is always a finite number of seconds (``Throttled.retry_after``);
+# an identity's share is at least a millionth; a bucket holds at most about
+# eleven days of its rate, so no bucket holds an infinite number of tokens.
+MIN_RATE_PER_MIN = 0.01
+MAX_RATE_PER_MIN = 1e9
+MIN_IDENTITY_FRACTION = 1e-6
+MAX_BURST_S = 1e6
+_RATE_UNITS = {"": 1.0, "min": 1.0, "m": 1.0, "s": 60.0, "sec": 60.0}
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def request_rate(value: object, what: str = "a rate") -> float:
+    """``value`` as requests per minute, or ``ValueError`` saying what a rate is."""
+    if not _number(value) or not MIN_RATE_PER_MIN <= value <= MAX_RATE_PER_MIN:
+        raise ValueError(f"{what} must be a number of requests per minute from "
+                         f"{MIN_RATE_PER_MIN:g} to {MAX_RATE_PER_MIN:g}, got {value!r}")
+    return float(value)
+
+
+def identity_fraction(value: object) -> float:
+    """``value`` as an identity's share of each rate, or ``ValueError``."""
+    if not _number(value) or not MIN_IDENTITY_FRACTION <= value <= 1:
+        raise ValueError(f"per_identity_fraction must be a number from {MIN_IDENTITY_FRACTION:g} "
+                         f"to 1 (ACR: 0.5, half the registry's limit for each identity), "
+                         f"got {value!r}")
+    return float(value)
+
+
+def burst_seconds(value: object) -> float:
+    """``value`` as the seconds of its rate a bucket holds, or ``ValueError``."""
+    if not _number(value) or not 0 < value <= MAX_BURST_S:
+        raise ValueError(f"burst_s must be a number of seconds, more than 0 and at most "
+                         f"{MAX_BURST_S:g}, got {value!r}")
+    return float(value)
+
+
+def parse_rate(text: str) -> float:
+    """``N``, ``N/min`` or ``N/s`` (as the command lines take a rate) → requests
+    per minute, within ``request_rate``'s bounds; ``ValueError`` otherwise."""
+    number, _, unit = text.strip().partition("/")
+    per = _RATE_UNITS.get(unit.strip().lower())
+    try:
+        rate = float(number)
+    except ValueError:
+        per = None
+    if per is None:
+        raise ValueError(f"expected a rate such as 60/min or 2/s, got {text!r}")
+    return request_rate(rate * per, f"a rate ({text})")
+
+
 class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The requests this node's replica admits (``registry_node.throttle``), as
     the plan decided them from the spec's ``[limits]``.
@@ -49,7 +105,8 @@ class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     None: that kind is not limited. Each identity may use
     ``per_identity_fraction`` of each rate on its own. A bucket holds
     ``burst_s`` seconds of its rate (at least one request): a minute's worth
-    unless told, so "60 a minute" admits 60 at once, then one a second."""
+    unless told, so "60 a minute" admits 60 at once, then one a second. Every
+    number keeps the bounds above (``request_rate`` and the rest)."""
 
     reads_per_min: float | None = None
     writes_per_min: float | None = None
@@ -59,20 +116,35 @@ class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     burst_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("reads_per_min", "writes_per_min", "deletes_per_min", "referrers_per_min"):
+        for name in RATE_FIELDS:
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be more than 0 requests per minute")
-        if not 0 < self.per_identity_fraction <= 1:
-            raise ValueError("per_identity_fraction must be more than 0 and at most 1")
-        if not self.burst_s > 0:
-            raise ValueError("burst_s must be more than 0 seconds")
+            if value is not None:
+                request_rate(value, name)
+        identity_fraction(self.per_identity_fraction)
+        burst_seconds(self.burst_s)
 
     def per_minute(self) -> dict[str, float]:
         """The limited kinds (``registry_node.throttle.KINDS``) and their rates."""
         rates = {"read": self.reads_per_min, "write": self.writes_per_min,
                  "delete": self.deletes_per_min, "referrers": self.referrers_per_min}
         return {kind: rate for kind, rate in rates.items() if rate is not None}
+
+
+RATE_FIELDS = ("reads_per_min", "writes_per_min", "deletes_per_min", "referrers_per_min")
+
+
+def with_overrides(limits: RequestLimits | None,
+                   overrides: dict[str, float]) -> RequestLimits | None:
+    """``limits`` (None: none) with a command line's ``overrides`` (field →
+    value, ``RequestLimits``' fields) over them: what a node started with
+    ``--cluster`` and ``--reads-per-min`` and the like keeps across every
+    reload of its view. ``ValueError`` for a value out of bounds."""
+    if not overrides:
+        return limits
+    base = msgspec.structs.asdict(limits) if limits is not None else {}
+    return RequestLimits(**{**base, **overrides})
+
+
 # The slowest bandwidth a node is shaped to: below it a transfer's smallest
 # quantum (16 KiB) would take minutes, and clients give up on a silent
 # connection long before a blob arrives.
@@ -146,6 +218,9 @@ class NodeConfig:
     # Request throttling (``registry_node.throttle``): None, none unless a fault
     # asks for it (``PUT /georeg/v1/faults/throttle``).
     request_limits: RequestLimits | None = None
+    # The command line's request limits (``RequestLimits``' fields), kept over
+    # whatever limits the cluster view says, at start and at every reload.
+    request_limit_overrides: dict[str, float] = field(default_factory=dict)
     # The base URLs of the other zone nodes of this node's replica (from its
     # cluster view), with which it shares what throttling admits, so the
     # replica's limits hold across its zones (``registry_node.throttle``).

@@ -58,6 +58,7 @@ import array
 import asyncio
 import contextlib
 import email.utils
+import functools
 import os
 import re
 import socket
@@ -297,17 +298,19 @@ class HandoffServer:
             client.setblocking(False)
             path, headers = _parse(head)
             rid = request_id(headers.get("x-request-id"))
-            download = self._find(path, headers)
+            download, refund = self._find(path, headers)
             with contextlib.closing(download.blob):
                 async with contextlib.aclosing(
                         download.pieces(self.registry.run_blocking)) as pieces:
                     try:
                         first = await anext(pieces)
                     except RegistryError:        # its first piece failed the integrity check
+                        refund()
                         return
                     # Not a byte before the proxy can know it: if the channel is
                     # gone, the proxy relays the request elsewhere.
                     if not await channel.send(serial, WRITING):
+                        refund()
                         return
                     code, status = CUT, download.status
                     head = _response_head(download, rid, extra)
@@ -341,9 +344,11 @@ class HandoffServer:
                          ms=round((time.perf_counter() - started) * 1000, 2), remote=remote,
                          handed_over=True)
 
-    def _find(self, path: str, headers: dict[str, str]) -> Download:
-        """The download ``path`` asks for, or ``_Declined`` for anything the HTTP
-        handler would answer with an error."""
+    def _find(self, path: str, headers: dict[str, str]) -> tuple[Download, Callable[[], None]]:
+        """The download ``path`` asks for, and what gives back the read token it
+        took (a hand-over declined after this costs nothing: the HTTP chain
+        takes its own); or ``_Declined`` for anything the HTTP handler would
+        answer with an error."""
         match = _BLOB_PATH.fullmatch(path)
         if match is None:
             raise _Declined
@@ -358,15 +363,21 @@ class HandoffServer:
             blob = self.registry.open_blob(repo, digest)
         except RegistryError:
             raise _Declined from None
+        refund: Callable[[], None] = _nothing
         try:
             download = Download(blob, digest, headers.get("range"))
             if self.throttle is not None and self.throttle.active:
                 # Not counted: the HTTP chain refuses it again, and counts it.
                 self.throttle.admit(READ, identity, counted=False)
+                refund = functools.partial(self.throttle.refund, READ, identity)
         except (RegistryError, Throttled):
             blob.close()
             raise _Declined from None
-        return download
+        return download, refund
+
+
+def _nothing() -> None:
+    pass
 
 
 def _parse(head: bytes) -> tuple[str, dict[str, str]]:

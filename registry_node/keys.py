@@ -14,6 +14,9 @@ The key space::
     meta\\0keycheck                        → key check value   which node key encrypted this DB
     meta\\0fingerprints                    → scheme (ascii int) the fp\\0 sums below are maintained
     meta\\0unreferenced                    → scheme (ascii int) the unref\\0 set below is maintained
+    meta\\0contentcounts                   → scheme (ascii int) meta\\0content and cnt\\0 are maintained
+    meta\\0content                         → ContentCounts     images and blob bytes held, by
+                                                                residency region (``content_counts``)
     meta\\0logfloor                        → seq (ascii int)   the log is truncated up to here
     meta\\0tombindex                       → scheme (ascii int) every tombstone has its tgc\\0 entry
     meta\\0tombstones                      → count (ascii int) tombstones held (kept by each commit)
@@ -30,6 +33,9 @@ The key space::
     user\\0<digest>\\0<repo>                → b""               <repo> links blob <digest>
     unref\\0<digest>                        → b""               blob\\0<digest> is held and no ref\\0<digest>\\0…
                                                                 is: a GC candidate (see ``unreferenced``)
+    cnt\\0<digest>                          → ReferringCounts   how many manifests of each residency
+                                                                region reference <digest>
+                                                                (``content_counts``)
     repo\\0<repo>                           → RepoRecord        the catalog
     r\\0<repo>\\0
     ├── b\\0<digest>                        → BlobLink          blob is visible in <repo>
@@ -100,6 +106,8 @@ HLC = META + b"hlc"
 KEY_CHECK = META + b"keycheck"
 FINGERPRINTS = META + b"fingerprints"
 UNREFERENCED_SCHEME = META + b"unreferenced"
+CONTENT_COUNTS_SCHEME = META + b"contentcounts"
+CONTENT_COUNTS = META + b"content"
 LOG_FLOOR = META + b"logfloor"
 TOMB_INDEX = META + b"tombindex"
 TOMB_COUNT = META + b"tombstones"
@@ -112,6 +120,7 @@ BLOB = b"blob\x00"
 REF = b"ref\x00"
 BLOB_USER = b"user\x00"
 UNREFERENCED = b"unref\x00"
+REFERRING_COUNTS = b"cnt\x00"
 REPO = b"repo\x00"
 REPO_DATA = b"r\x00"
 UPLOAD = b"upload\x00"
@@ -185,6 +194,11 @@ def blob_users_prefix(digest: str) -> bytes:
 def unreferenced(digest: str) -> bytes:
     """Marks blob ``digest`` as held with no manifest referencing it."""
     return UNREFERENCED + _b(digest)
+
+
+def referring_counts(digest: str) -> bytes:
+    """How many manifests of each residency region reference ``digest``."""
+    return REFERRING_COUNTS + _b(digest)
 
 
 def repo(name: str) -> bytes:
@@ -390,6 +404,17 @@ def content_record(key: bytes) -> str | None:
     return MANIFEST_RECORD if kind_at and key[kind_at:kind_at + 2] == _MANIFEST + SEP else None
 
 
+def counted_content(key: bytes) -> ManifestKey | BlobKey | None:
+    """The key parsed, if its write may change what a node reports it holds
+    (a manifest, or a blob record); ``None`` for every other key, cheaply,
+    since every key of every commit is asked (``content_counts``): only the
+    keys ``content_record`` picks out are parsed."""
+    if content_record(key) is None:
+        return None
+    parsed = _parse(key)
+    return parsed if isinstance(parsed, (ManifestKey, BlobKey)) else None
+
+
 def is_tombstone(key: bytes) -> bool:
     """Whether ``key`` is a tombstone's (``tomb\\0…``)."""
     return key.startswith(TOMB)
@@ -427,6 +452,13 @@ class BlobKey(msgspec.Struct, frozen=True):
 
     def encode(self) -> bytes:
         return blob(self.digest)
+
+
+class ReferringCountsKey(msgspec.Struct, frozen=True):
+    digest: str
+
+    def encode(self) -> bytes:
+        return referring_counts(self.digest)
 
 
 class RefKey(msgspec.Struct, frozen=True):
@@ -656,7 +688,8 @@ class CompletionQuestionKey(msgspec.Struct, frozen=True):
         return completion_question(self.question)
 
 
-Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | UnreferencedKey | RepoKey
+Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | UnreferencedKey | ReferringCountsKey
+       | RepoKey
        | BlobLinkKey | ManifestKey | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
        | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey
        | BucketFingerprintKey | ReaderKey | TombstoneCandidateKey | WebhookPendingKey
@@ -673,7 +706,8 @@ _TOMB_CANDIDATE_HEAD = _head(TOMB_CANDIDATE)
 _META_HEAD = _head(META)
 _META_NAMES = frozenset(k.removeprefix(META).decode()
                         for k in (SCHEMA, IDENTITY, HLC, KEY_CHECK, FINGERPRINTS,
-                                  UNREFERENCED_SCHEME, LOG_FLOOR, TOMB_INDEX, TOMB_COUNT,
+                                  UNREFERENCED_SCHEME, CONTENT_COUNTS_SCHEME, CONTENT_COUNTS,
+                                  LOG_FLOOR, TOMB_INDEX, TOMB_COUNT,
                                   WEBHOOK_FEED, WEBHOOK_SEQ))
 # Families of ``<family><webhook>\0<number:016x>``.
 _WEBHOOK_ENTRIES: dict[bytes, type] = {_head(WEBHOOK_PENDING): WebhookPendingKey,
@@ -682,6 +716,7 @@ _HEX = frozenset(b"0123456789abcdef")
 # Families whose components follow the family name directly.
 _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (UNREFERENCED, UnreferencedKey),
+    (REFERRING_COUNTS, ReferringCountsKey),
     (REPO, RepoKey),
     (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
     (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey),

@@ -3,9 +3,10 @@
 JSON lines when stdout is not a terminal (so logs can be shipped and queried),
 coloured key=value lines when it is. Secrets never reach a log line: values of
 keys that name credentials are replaced before rendering, request logging
-records paths, never headers, and aiohttp's report of a request its parser
-refused (a header line over 8190 bytes, say a 64 KiB ``Authorization``) keeps
-the refusal and drops the bytes it quotes.
+records paths, never headers, tracebacks show code but never the values of
+a frame's variables (one may hold a password), and aiohttp's report of a
+request its parser refused (a header line over 8190 bytes, say a 64 KiB
+``Authorization``) keeps the refusal and drops the bytes it quotes.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class ParserRefusals(logging.Filter):
 
 
 _PARSER_REFUSALS = ParserRefusals()
+# Rich's tracebacks without the frames' locals (structlog's default shows them;
+# a caller's frame may hold a source's password or an Authorization header).
+_TRACEBACKS = structlog.dev.RichTracebackFormatter(show_locals=False)
 
 
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -62,7 +66,8 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty(),
+                                                 exception_formatter=_TRACEBACKS)
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[*shared, renderer],

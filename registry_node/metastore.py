@@ -52,10 +52,10 @@ from pathlib import Path
 from msgspec import structs
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
-from . import fingerprints, keys, unreferenced
+from . import content_counts, fingerprints, keys, unreferenced
 from . import usage as storage_usage
 from .blobstore import fsync_directory
-from .records import Event, TombstoneCandidate, decode, encode
+from .records import Event, ReferringCounts, TombstoneCandidate, decode, encode
 from .storage_faults import StorageFaults
 
 # Version of the tgc\0 index and tombstone count (meta\0tombindex): a database
@@ -127,6 +127,11 @@ class MetadataStore:
         self.unreferenced_rebuilt = self._db.get(keys.UNREFERENCED_SCHEME) != unreferenced.SCHEME
         if self.unreferenced_rebuilt:
             self._rebuild_unreferenced()
+        # The same for what the node reports it holds (``content_counts.SCHEME``).
+        self.content_counts_rebuilt = (self._db.get(keys.CONTENT_COUNTS_SCHEME)
+                                       != content_counts.SCHEME)
+        if self.content_counts_rebuilt:
+            self._rebuild_content_counts()
         # Tombstones written before they were indexed for collection (or by an
         # older georeg) get their tgc\0 entry once, and the count is summed once.
         self.tombstone_index_rebuilt = self._db.get(keys.TOMB_INDEX) != TOMB_INDEX_SCHEME
@@ -380,6 +385,38 @@ class MetadataStore:
         return [] if recomputed == self._usage else \
             [f"usage: stored {self._usage} != recomputed {recomputed}"]
 
+    # -- what the node holds ---------------------------------------------------
+
+    def content_summary(self) -> content_counts.Summary:
+        """Images and distinct blob bytes held, by residency region (maintained
+        on write: one read, whatever is stored)."""
+        return content_counts.summary(self._db.get(keys.CONTENT_COUNTS))
+
+    def content_discrepancies(self) -> list[str]:
+        """Where the maintained counts differ from a recomputation (O(every
+        manifest): for checks and tests). Empty while the invariant holds."""
+        (totals, referring), (kept, kept_referring) = (
+            content_counts.recompute(self.scan, self._db.get),
+            content_counts.stored(self.scan, self._db.get))
+        out = [] if kept == totals else [f"totals: stored {kept} != recomputed {totals}"]
+        return out + [f"digest {d}: stored {kept_referring.get(d)} referring manifests by "
+                      f"region != recomputed {referring.get(d)}"
+                      for d in sorted(referring.keys() | kept_referring.keys())
+                      if kept_referring.get(d) != referring.get(d)]
+
+    def _rebuild_content_counts(self) -> None:
+        """Count what the node holds (a database written before the counts were
+        kept, or under another scheme); one batch, like any commit."""
+        wb = WriteBatch(raw_mode=True)
+        for key, _ in self.scan(keys.REFERRING_COUNTS):
+            wb.delete(key)
+        totals, referring = content_counts.recompute(self.scan, self._db.get)
+        for digest, regions in referring.items():
+            wb.put(keys.referring_counts(digest), encode(ReferringCounts(regions)))
+        wb.put(keys.CONTENT_COUNTS, encode(totals))
+        wb.put(keys.CONTENT_COUNTS_SCHEME, content_counts.SCHEME)
+        self._db.write(wb, self._write_options)
+
     # -- writes --------------------------------------------------------------
 
     def commit(self, batch: Batch) -> list[Event]:
@@ -409,6 +446,11 @@ class MetadataStore:
         held_usage = self._usage if changed is None else self._usage + changed
         if changed is not None:
             wb.put(keys.USAGE, storage_usage.encode(held_usage))
+        for key, value in content_counts.stage(batch.puts, batch.deletes, self._db.get).items():
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
         seq = self._last_seq
         committed: list[Event] = []
         for event in batch.events:

@@ -219,6 +219,22 @@ class FingerprintSums(msgspec.Struct, frozen=True):
     sums: dict[str, bytes]
 
 
+class ContentCounts(msgspec.Struct, frozen=True):
+    """What a node holds (``content_counts``), by the region that decides its
+    residency: manifests, and the plaintext bytes of the distinct blobs they
+    reference that are held. A region with neither is left out."""
+
+    images: dict[str, int]
+    bytes: dict[str, int]
+
+
+class ReferringCounts(msgspec.Struct, frozen=True):
+    """How many manifests of each residency region reference one digest
+    (``content_counts``). A region with none is left out."""
+
+    regions: dict[str, int]
+
+
 class Cursor(msgspec.Struct, frozen=True):
     """How far this node has applied a peer's log, and which incarnation of
     that peer (its node id) the sequence belongs to."""

@@ -90,6 +90,26 @@ RunBlocking = Callable[[Callable[..., T]], Awaitable[T]]
 PIPELINE_CHUNK = 1 << 20
 
 
+async def _settled(write: Awaitable[None]) -> None:
+    """Wait until a queued write has run, even through cancellations (each
+    shielded from it; the last is raised again once it has run). Its own
+    error is taken here (a body that fails is failing already for a reason
+    its caller gives), so none is left unretrieved."""
+    cancelled = False
+    future = asyncio.ensure_future(write)
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled = cancelled or not future.cancelled()
+        except Exception:       # retrieved below; the caller raises its own error
+            pass
+    if not future.cancelled():
+        future.exception()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_blob_size: int = 200 * 1024**3          # ACR's layer limit
@@ -408,37 +428,54 @@ class Registry:
         """Feed a body into an upload, hashing and encrypting in a worker thread
         while the next piece is received. ``counted``: a client's upload of a
         blob this node may not hold yet, refused as soon as its bytes would
-        pass the storage limit (replication's transfers never are)."""
+        pass the storage limit (replication's transfers never are).
+
+        The limits are checked against the upload's size before this body
+        plus the body's bytes so far: ``file.size`` grows behind the loop as
+        the worker writes, so reading it inside would count a byte twice.
+        Whatever ends the body (a limit, a short body, the client gone, a
+        cancellation) ends it only once no write is queued: the caller
+        discards the upload next, and a write still queued would land on a
+        closed descriptor, or on whatever file reused its number."""
         limit = self.limits.max_blob_size
         room = self.storage_room() if counted else None
+        base = file.size
         buffered: list[bytes] = []
         buffered_len = 0
         in_flight: Awaitable[None] | None = None
         received = 0
-        async for chunk in chunks:
-            received += len(chunk)
-            if file.size + received > limit:
-                raise RegistryError(ErrorCode.SIZE_INVALID,
-                                    f"blob exceeds the {limit}-byte limit", status=413)
-            if room is not None and file.size + received > room:
-                self.check_storage(file.size + received)   # unless deletes made room since
-                room = self.storage_room()
-            buffered.append(chunk)
-            buffered_len += len(chunk)
-            if buffered_len >= PIPELINE_CHUNK:
+        try:
+            async for chunk in chunks:
+                received += len(chunk)
+                if base + received > limit:
+                    raise RegistryError(ErrorCode.SIZE_INVALID,
+                                        f"blob exceeds the {limit}-byte limit", status=413)
+                if room is not None and base + received > room:
+                    self.check_storage(base + received)   # unless deletes made room since
+                    room = self.storage_room()
+                buffered.append(chunk)
+                buffered_len += len(chunk)
+                if buffered_len >= PIPELINE_CHUNK:
+                    data = b"".join(buffered)
+                    buffered, buffered_len = [], 0
+                    if in_flight is not None:
+                        await asyncio.shield(in_flight)
+                    in_flight = self.run_blocking(lambda d=data: file.write(d))
+            if buffered:
                 data = b"".join(buffered)
-                buffered, buffered_len = [], 0
                 if in_flight is not None:
-                    await in_flight
-                in_flight = self.run_blocking(lambda d=data: file.write(d))
-        if in_flight is not None:
-            await in_flight
-        if buffered:
-            data = b"".join(buffered)
-            if len(data) < 64 * 1024:
-                file.write(data)
-            else:
-                await self.run_blocking(lambda: file.write(data))
+                    await asyncio.shield(in_flight)
+                in_flight = None
+                if len(data) < 64 * 1024:
+                    file.write(data)
+                else:
+                    in_flight = self.run_blocking(lambda: file.write(data))
+            if in_flight is not None:
+                await asyncio.shield(in_flight)
+        except BaseException:
+            if in_flight is not None:
+                await _settled(in_flight)
+            raise
         if expected is not None and received != expected:
             raise RegistryError(ErrorCode.SIZE_INVALID,
                                 f"body has {received} bytes, Content-Length said {expected}")

@@ -125,8 +125,6 @@ class Replica:
         self.configuration = configuration
         self.meta = registry.meta
         self.blobs = registry.blobs
-        self._summary: tuple[int, dict[str, dict[str, int]]] | None = None
-        self._summary_at = 0.0
 
     # -- commit ----------------------------------------------------------------
 
@@ -509,33 +507,12 @@ class Replica:
             h.update(f"m|{reg.key}|{int(reg.deleted)}|{reg.stamp if reg.deleted else ''}\n".encode())
         return h.digest()
 
-    def content_summary(self, max_age_s: float = 2.0) -> dict[str, dict[str, int]]:
+    def content_summary(self) -> dict[str, dict[str, int]]:
         """Images and distinct blob bytes held here, by the region they were first
         pushed in (what a new replica's sync progress is measured against).
-        Recomputed when the log has moved and the last count is older than
-        ``max_age_s``: health checks ask often, and must stay cheap under load."""
-        seq = self.meta.last_seq
-        now = self.registry.monotonic()
-        if self._summary is not None and (self._summary[0] == seq
-                                          or now - self._summary_at < max_age_s):
-            return self._summary[1]
-        self._summary_at = now
-        images: dict[str, int] = {}
-        blobs: dict[str, dict[str, int]] = {}
-        for repo in [keys.parse(k, keys.RepoKey).repository for k, _ in self.meta.scan(keys.REPO)]:
-            for _, raw in self.meta.scan(keys.manifest_prefix(repo)):
-                record = decode(raw, ManifestRecord)
-                region = record.residency_region
-                images[region] = images.get(region, 0) + 1
-                sizes = blobs.setdefault(region, {})
-                for digest in record.references:
-                    blob = self.meta.get(keys.blob(digest))
-                    if blob is not None:
-                        sizes[digest] = decode(blob, BlobRecord).size
-        summary = {region: {"images": images[region],
-                            "bytes": sum(blobs.get(region, {}).values())} for region in images}
-        self._summary = (seq, summary)
-        return summary
+        Maintained on write (``content_counts``): health checks ask every
+        second, and an answer costs one read at any size."""
+        return self.meta.content_summary()
 
     def stored_bytes(self) -> int:
         """Plaintext bytes of every blob this node holds."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 BASIC, STANDARD, PREMIUM = "Basic", "Standard", "Premium"
 TIERS = (BASIC, STANDARD, PREMIUM)
@@ -93,23 +94,31 @@ def canonical(name: str) -> str | None:
 
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-          "kib": 1024, "mib": 1024**2, "gib": GiB, "tib": TiB}
+          "kib": 1024, "mib": 1024**2, "gib": GiB, "tib": TiB, "eib": 1024**6}
+# Far above any tier's maximum, yet bounded: a number past it is a typo.
+MAX_SIZE = 1024**6
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 
 
 def parse_size(text: str | int) -> int:
     """Bytes from ``200MiB``, ``1.5 GiB``, ``10GB`` (powers of 1000) or a plain
-    number; ``ValueError`` saying what is accepted."""
+    number, read exactly (a fraction of a byte is dropped) and at most
+    ``MAX_SIZE``; ``ValueError`` saying what is accepted."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise ValueError(f"a size is not negative, got {text}")
-        return text
-    match = _SIZE.fullmatch(str(text))
-    unit = match[2].lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"{str(text)[:40]!r} is not a size: write bytes, or a number with "
-                         f"one of B, KiB, MiB, GiB, TiB (1024s) or KB, MB, GB, TB (1000s)")
-    return int(float(match[1]) * _UNITS[unit])
+        size = Fraction(text)
+    else:
+        match = _SIZE.fullmatch(str(text))
+        unit = match[2].lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"{str(text)[:40]!r} is not a size: write bytes, or a number with "
+                             f"one of B, KiB, MiB, GiB, TiB, EiB (1024s) or KB, MB, GB, TB "
+                             f"(1000s)")
+        size = Fraction(match[1]) * _UNITS[unit]     # exact: no float, so no overflow
+    if size > MAX_SIZE:
+        raise ValueError(f"{str(text)[:40]!r} is too large: a size is at most 1 EiB")
+    return int(size)
 
 
 def format_size(n: int) -> str:

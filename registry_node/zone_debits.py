@@ -34,6 +34,11 @@ PATH = "/georeg/v1/throttle/debits"
 
 
 class ZoneDebits:
+    """The reporting task of one zone node: woken by ``Throttle.on_debits`` when
+    the node admits something, it sends what was admitted meanwhile to every
+    sibling (base URLs in ``siblings``) and counts the reports taken (``sent``)
+    and not (``dropped``)."""
+
     def __init__(self, throttle: Throttle, siblings: Sequence[str], *,
                  headers: dict[str, str], ca_file: Path | None = None,
                  interval_s: float = REPORT_INTERVAL_S) -> None:

@@ -21,6 +21,7 @@ import pytest
 from cluster.control import spec as specs
 from cluster.control.plan import MANAGEMENT
 from cluster.control.supervisor import PAIR_COPY_NICE
+from cluster.faults.controller import FaultError
 from cluster.testing import RunningCluster
 
 from .command_line import georeg_command
@@ -502,14 +503,15 @@ async def _throttle_state(http, cluster, node: str) -> dict:
 
 async def test_a_throttle_fault_answers_429_through_the_endpoint_shared_by_the_zones(
         cluster, http):
-    """`georeg fault throttle`: East US's writes past 6 a minute get 429 with a
+    """`georeg fault throttle`: East US's writes past 0.6 a minute get 429 with a
     Retry-After, through its global endpoint too, which does not fail over (a 429
     is an answer, not an outage); the three zones share the one limit, so what
     one admits empties the others' buckets; reads go on; status counts the
     refusals; healing lifts it."""
-    result = fault_cli(cluster, "throttle", "eastus", "--rate", "6/min", "--kind", "write")
+    # One write, then one per 100 s: no refill reaches the test, however loaded.
+    result = fault_cli(cluster, "throttle", "eastus", "--rate", "0.6/min", "--kind", "write")
     fid = fault_id(result)
-    assert "eastus throttled: writes past 6/min get 429" in result.stdout
+    assert "eastus throttled: writes past 0.6/min get 429" in result.stdout
     listed = json.loads(fault_cli(cluster, "list", "--json").stdout)
     assert next(f for f in listed if f["id"] == fid)["kind"] == "throttle"
     endpoint = cluster.endpoint("eastus")
@@ -525,7 +527,7 @@ async def test_a_throttle_fault_answers_429_through_the_endpoint_shared_by_the_z
     admitted = [a for a in answers if a[0] == 202]
     refused = [a for a in answers if a[0] == 429]
     assert len(admitted) == 1 and len(refused) == 3, answers
-    assert all(replica.startswith("eastus") and retry.isdigit() and 1 <= int(retry) <= 10
+    assert all(replica.startswith("eastus") and retry.isdigit() and 1 <= int(retry) <= 100
                for _, replica, retry in refused), answers
     assert cluster.status()["endpoint_traffic"]["global:eastus"]["failovers"] == failovers
     # The zone that admitted the write told the others: their fault buckets are
@@ -549,12 +551,12 @@ async def test_a_throttle_fault_answers_429_through_the_endpoint_shared_by_the_z
         table = text[text.index("Throttled requests"):] if "Throttled requests" in text else ""
         rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines()]
         row = next((cells for cells in rows if cells and cells[0] == "eastus"), None)
-        return row is not None and row[1:5] == ["-", "- / 6 / - / -", "0", "6"]
+        return row is not None and row[1:5] == ["-", "- / 0.6 / - / -", "0", "6"]
 
     await eventually(lambda: asyncio.to_thread(counted), timeout=15,
                      what="georeg status to show East US's refusals")
     throttling = cluster.status()["throttling"]["eastus"]
-    assert throttling["fault"] == {"write": 6.0} and throttling["refused"]["write"] == 6
+    assert throttling["fault"] == {"write": 0.6} and throttling["refused"]["write"] == 6
     assert throttling["limits"] is None            # no [limits]: the fault alone
 
     fault_cli(cluster, "heal", fid)
@@ -575,7 +577,7 @@ async def test_a_throttled_blob_download_handed_over_by_the_endpoint_is_refused_
     blob = f"{cluster.regional_endpoint('brazilsouth')}/v2/throttled/blob/blobs/" \
            f"{digest_of(image.layers[0])}"
     handed_over = cluster.status()["endpoint_traffic"]["regional:brazilsouth"]["handed_over"]
-    fid = fault_id(fault_cli(cluster, "throttle", "brazilsouth", "--rate", "6/min",
+    fid = fault_id(fault_cli(cluster, "throttle", "brazilsouth", "--rate", "0.6/min",
                              "--kind", "read"))
     statuses = []
     for _ in range(3):
@@ -592,6 +594,27 @@ async def test_a_throttled_blob_download_handed_over_by_the_endpoint_is_refused_
     fault_cli(cluster, "heal", fid)
 
 
+async def test_a_throttle_fault_is_on_every_node_of_its_region_or_none_and_survives_restarts(
+        cluster, http):
+    """A throttling fault one zone cannot take is taken back from the zones that
+    took it (they used to stay throttled, unlisted, beyond heal --all); and a
+    node the controller restarts while one is active gets it again (it used to
+    come back unthrottled while the fault was listed)."""
+    faults = cluster.cluster.faults
+    zones = ("eastus-1", "eastus-2", "eastus-3")
+    deletes = cluster.run(lambda: faults.inject("throttle", region="eastus", rate_per_min=0.6,
+                                                request_kind="delete"))
+    outage = cluster.run(lambda: faults.inject("zone-outage", region="eastus", zone="3"))
+    with pytest.raises(FaultError, match="eastus-3 is unreachable"):
+        cluster.run(lambda: faults.inject("throttle", region="eastus", rate_per_min=0.6,
+                                          request_kind="write"))
+    applied = [(await _throttle_state(http, cluster, zone))["fault"] for zone in zones[:2]]
+    listed = [f.id for f in faults.active() if f.kind == "throttle"]
+    cluster.run(lambda: faults.heal(outage.id))
+    restarted = (await _throttle_state(http, cluster, "eastus-3"))["fault"]
+    assert (applied, listed, restarted) == ([{"delete": 0.6}] * 2, [deletes.id], {"delete": 0.6})
+
+
 def test_bad_throttle_faults_say_what_is_wrong(cluster):
     result = fault_cli(cluster, "throttle", "eastus", "--rate", "fast")
     assert result.returncode == 2 and "expected a rate such as 60/min" in result.stderr
@@ -599,6 +622,9 @@ def test_bad_throttle_faults_say_what_is_wrong(cluster):
     assert result.returncode == 2 and "narnia has no replica" in result.stderr
     result = fault_cli(cluster, "throttle", "eastus", "--kind", "pull")
     assert result.returncode == 2 and "invalid choice: 'pull'" in result.stderr
+    for rate in ("1e-320/min", "inf", "nan/s"):
+        result = fault_cli(cluster, "throttle", "eastus", "--rate", rate)
+        assert result.returncode == 2 and "from 0.01 to 1e+09" in result.stderr, rate
 
 
 # -- destroy and restore -------------------------------------------------------------------

@@ -42,6 +42,7 @@ FAMILIES = {
     "ref": (keys.ref, keys.RefKey, (digests, repositories, digests)),
     "user": (keys.blob_user, keys.BlobUserKey, (digests, repositories)),
     "unreferenced": (keys.unreferenced, keys.UnreferencedKey, (digests,)),
+    "referring counts": (keys.referring_counts, keys.ReferringCountsKey, (digests,)),
     "repo": (keys.repo, keys.RepoKey, (repositories,)),
     "blob link": (keys.blob_link, keys.BlobLinkKey, (repositories, digests)),
     "manifest": (keys.manifest, keys.ManifestKey, (repositories, digests)),
@@ -77,7 +78,8 @@ FAMILIES = {
 }
 META = {keys.SCHEMA: "schema", keys.IDENTITY: "identity", keys.HLC: "hlc",
         keys.KEY_CHECK: "keycheck", keys.FINGERPRINTS: "fingerprints",
-        keys.UNREFERENCED_SCHEME: "unreferenced", keys.LOG_FLOOR: "logfloor"}
+        keys.UNREFERENCED_SCHEME: "unreferenced", keys.CONTENT_COUNTS_SCHEME: "contentcounts",
+        keys.CONTENT_COUNTS: "content", keys.LOG_FLOOR: "logfloor"}
 
 # The scan prefix each family is found under, from the same arguments.
 PREFIXES = {
@@ -134,6 +136,9 @@ ON_DISK = [
     (keys.bucket_fingerprint(10), b"fpb\x000a"),
     (keys.UNREFERENCED_SCHEME, b"meta\x00unreferenced"),
     (keys.unreferenced(D1), b"unref\x00" + D1.encode()),
+    (keys.CONTENT_COUNTS_SCHEME, b"meta\x00contentcounts"),
+    (keys.CONTENT_COUNTS, b"meta\x00content"),
+    (keys.referring_counts(D1), b"cnt\x00" + D1.encode()),
     (keys.reader("eastus/2"), b"reader\x00eastus/2"),
     (keys.tombstone_candidate(1, keys.tag_tomb("lib/app", "v1.0")),
      b"tgc\x00\x00\x00\x00\x00\x00\x00\x00\x01tomb\x00lib/app\x00t\x00v1.0"),
@@ -168,6 +173,7 @@ def test_the_tree_draws_every_family():
              keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG,
              keys.FINGERPRINT, keys.FINGERPRINT_BUCKET, keys.READER, keys.TOMB_CANDIDATE,
              keys.WEBHOOK_PENDING, keys.WEBHOOK_LOG, keys.COMPLETION_QUESTION, keys.ATTRIBUTES,
+             keys.REFERRING_COUNTS,
              keys.WEBHOOK_FEED, keys.WEBHOOK_SEQ, *META]
     drawn = keys.__doc__
     missing = [h for h in heads if h.decode().replace("\x00", "\\0") not in drawn]

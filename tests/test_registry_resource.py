@@ -25,6 +25,7 @@ import pytest
 
 from cluster.control import management_client
 from cluster.control import spec as specs
+from cluster.control.errors import ClusterError
 from cluster.control.state import saved_spec
 from cluster.testing import RunningCluster
 from registry_node import tiers
@@ -109,6 +110,33 @@ def sku_held(c: RunningCluster, node: str) -> str | None:
     return (held or {}).get("value", {}).get("sku")
 
 
+# -- a tier recorded at a restart (first: no module cluster is running yet) --------------------
+
+
+def test_a_registry_that_ran_as_the_default_tier_records_a_lower_one_only_if_it_may_move_down(
+        tmp_path):
+    """A registry started with the default tier (Premium) records none; started
+    again with ``tier = "Basic"``, recording Basic is a move down, refused for
+    what Basic forbids: the start fails with the reasons, nothing is written."""
+    spec = specs.ClusterSpec(registry="georegdefault", home_region="eastus", paired_copies=False)
+    assert spec.tier == tiers.DEFAULT_TIER
+    with RunningCluster(spec, tmp_path) as c:
+        c.run(lambda: c.cluster.update_registry(anonymous_pull_enabled=True))
+        assert sku_held(c, "eastus") == ""         # the registry is written, its tier never
+    lower = RunningCluster(msgspec.structs.replace(spec, tier="Basic"), tmp_path)
+    try:
+        with pytest.raises(ClusterError) as refused:
+            lower.start()
+    finally:
+        lower.stop()
+    assert ("the registry cannot move from Premium to Basic: the Basic tier has no anonymous "
+            "pull and it is enabled") in str(refused.value)
+    # Nothing was recorded: started as it ran, it still holds no tier.
+    with RunningCluster(spec, tmp_path) as c:
+        assert sku_held(c, "eastus") == ""         # the registry is written, its tier never
+        assert c.run(c.cluster.registry_properties)["anonymousPullEnabled"] is True
+
+
 # -- the tier, live --------------------------------------------------------------------------
 
 
@@ -141,7 +169,9 @@ async def test_basic_to_premium_allows_a_replica_at_once_and_premium_refuses_to_
     assert code == 2, err
     assert ("the registry cannot move from Premium to Standard: geo-replication needs the Premium "
             "tier and this registry has replicas in westeurope: delete them first") in err
-    status, answer = api(c, "PATCH", "/georeg/v1/registry", {"sku": {"name": "Basic"}})
+    # ARM's whole sku object, as `registry show` prints it, is taken too.
+    status, answer = api(c, "PATCH", "/georeg/v1/registry",
+                         {"sku": {"name": "Basic", "tier": "Basic"}})
     assert status == 409 and answer["error"]["code"] == "Conflict", answer
     assert "has replicas in westeurope" in answer["error"]["message"]
     assert ok(c, "registry", "show", "--json")["sku"]["name"] == "Premium"     # unchanged
@@ -155,6 +185,10 @@ async def test_basic_to_premium_allows_a_replica_at_once_and_premium_refuses_to_
                      what="Basic's limits on eastus again")
     status, answer = api(c, "PATCH", "/georeg/v1/registry", {"sku": "Gold"})
     assert status == 400 and "is not one of Basic, Standard, Premium" in answer["error"]["message"]
+    status, answer = api(c, "PATCH", "/georeg/v1/registry",
+                         {"sku": {"name": "Premium", "tier": "Basic"}})
+    assert status == 400 and "sku.name 'Premium' and sku.tier 'Basic' differ" in \
+        answer["error"]["message"], answer
 
 
 def test_a_move_down_is_refused_while_the_registry_holds_more_than_the_lower_tier_allows(basic):
@@ -252,6 +286,10 @@ async def test_the_storage_limit_refuses_a_real_client_keeps_nothing_and_accepts
     write_oci_layout(layout, big)
     host = urllib.parse.urlsplit(c.endpoint("eastus")).netloc
     skopeo = Skopeo(tmp_path / "skopeo", host, cluster=c)
+    # ``held`` everywhere first: its replication would otherwise change a
+    # node's usage between the two snapshots compared below.
+    await eventually(lambda: asyncio.to_thread(lambda: c.verify(timeout=30).ok), timeout=60,
+                     what="a clean verify")
     before = ok(c, "registry", "show-usage", "--json")["replicas"]
 
     code, _, err = await skopeo.run("copy", "--quiet", "--authfile", str(skopeo.auth),
@@ -336,9 +374,12 @@ async def test_check_health_passes_healthy_and_names_a_crashed_region(premium):
 
 def test_a_node_answers_its_usage_only_to_the_cluster(premium):
     c = premium
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.HTTPError) as refused:
         with management_client.open_direct(
                 urllib.request.Request(f"{c.node_url('brazilsouth')}/georeg/v1/usage"), 10):
             pass
+    assert refused.value.code == 401
+    assert [e["code"] for e in json.load(refused.value)["errors"]] == ["UNAUTHORIZED"]
     held = on_node(c, "brazilsouth", "/georeg/v1/usage")
     assert held is not None and held["limit_bytes"] == LIMIT and held["tier"] == "Premium"
+

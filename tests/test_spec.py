@@ -361,5 +361,12 @@ def test_limits_out_of_range_contradictory_or_misspelt_are_refused():
         "limits.writes_per_min"]
     [problem] = problems({"limits": {"limits": "teir"}})
     assert "did you mean 'tier'" in problem
+    # Tiny rates and shares would make waits overflow; NaN is no number; 0 is "off".
+    found = problems({"limits": {"writes_per_min": 1e-320, "reads_per_min": float("nan"),
+                                 "per_identity_fraction": 1e-320, "burst_s": float("nan"),
+                                 "deletes_per_min": 0}})
+    assert sorted(p.split(" ")[0] for p in found) == [
+        "limits.burst_s", "limits.per_identity_fraction", "limits.reads_per_min",
+        "limits.writes_per_min"], found
     [problem] = problems({"limits": {"write_per_min": 60}})
     assert "unknown key limits.'write_per_min'" in problem and "writes_per_min" in problem

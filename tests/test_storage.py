@@ -12,19 +12,25 @@ test's (``ManualClock``): a GC pass reclaims exactly when the test says.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import threading
 
+import aiohttp
 import pytest
 
 from registry_node import keys
 from registry_node.config import NodeConfig
 from registry_node.gc import GarbageCollector
 from registry_node.metastore import MetadataStore
+from registry_node.registry import PIPELINE_CHUNK, Limits
 from registry_node.usage import StorageUsage
 
 from .helpers import (
     ManualClock,
     assert_error,
     digest_of,
+    eventually,
     make_image,
     push_blob,
     push_image,
@@ -212,16 +218,190 @@ async def test_a_manifest_that_would_pass_the_limit_is_refused_and_a_full_node_r
 
 
 async def test_concurrent_uploads_cannot_pass_the_limit_together(limited, http):
-    """Each fits alone, not both: the one that commits second is refused, as
-    the first holds its room from its check to its record."""
+    """Each fits alone, not both: the second is refused while the first, past
+    its check, is still moving its file into place (held there by the test),
+    as the first holds its room from its check to its record."""
     blobs = [make_image([LIMIT * 2 // 3], seed=s).layers[0] for s in (5, 6)]
+    store = limited.node.blobs
+    place = store.commit_upload
+    in_commit, release = threading.Event(), threading.Event()
+
+    def held_commit(file, digest):      # runs in the node's IO thread
+        if digest == digest_of(blobs[0]):
+            in_commit.set()
+            release.wait()
+        return place(file, digest)
+
+    store.commit_upload = held_commit
 
     async def upload(data: bytes) -> int:
         async with http.post(f"{limited.url}/v2/app/blobs/uploads/",
                              params={"digest": digest_of(data)}, data=data) as r:
             return r.status
 
-    statuses = sorted(await asyncio.gather(*(upload(b) for b in blobs)))
-    assert statuses == [201, 403]
+    first = asyncio.ensure_future(upload(blobs[0]))
+    try:
+        await eventually(in_commit.is_set, what="the first upload inside its commit")
+        second = await upload(blobs[1])
+    finally:
+        release.set()
+    assert (await first, second) == (201, 403)
     assert usage(limited).bytes <= LIMIT
     assert leftovers(limited) == ([], [])
+
+
+# -- bodies longer than one pipelined write ----------------------------------------------------
+
+MiB = 1024 * 1024
+BIG = 3 * MiB          # three pipelined writes (``registry.PIPELINE_CHUNK``): some land mid-body
+
+
+@pytest.mark.parametrize("room, status", [(1, 201), (-1, 403)])
+async def test_a_body_of_several_pipelined_writes_counts_each_byte_once(tmp_path, http,
+                                                                         room, status):
+    """The storage check sees the body's real size while earlier pieces are
+    written behind it: a limit a byte above it lets it in, a byte below refuses."""
+    data = make_image([BIG], seed=7).layers[0]
+    running = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0,
+                                          storage_limit=len(data) + room))
+    try:
+        async with http.post(f"{running.url}/v2/app/blobs/uploads/",
+                             params={"digest": digest_of(data)}, data=data) as r:
+            assert r.status == status, await r.text()
+        assert usage(running).bytes == (len(data) if status == 201 else 0)
+        assert leftovers(running) == ([], [])
+    finally:
+        await running.stop()
+
+
+@pytest.mark.parametrize("ending", ["storage limit", "blob size limit", "client gone"])
+async def test_a_body_ended_early_ends_after_its_queued_write_and_leaves_nothing(tmp_path, ending):
+    """A body that ends mid-stream (refused for a limit, or its client gone)
+    while a piece of it is still being written (slowed by the storage fault)
+    is discarded only once that write is done: no write lands on a closed (or
+    reused) descriptor, no error is left behind, no upload file is kept."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    data = make_image([BIG], seed=8).layers[0]
+    running = await start_node(NodeConfig(
+        data_dir=tmp_path / "node", port=0,
+        storage_limit=BIG // 2 if ending == "storage limit" else None))
+    if ending == "blob size limit":
+        running.registry.limits = Limits(max_blob_size=BIG // 2)
+    writing_at_discard = watch_discards(running.node.blobs)
+    server_log = logging.getLogger("aiohttp.server")
+    server_level = server_log.level
+    try:
+        # Its own session, closed before the node stops: the node would
+        # otherwise linger reading the refused body's unread rest (aiohttp's
+        # lingering_time) until the stop times out.
+        async with aiohttp.ClientSession() as http:
+            async with http.put(f"{running.url}/georeg/v1/faults/storage",
+                                json={"slow_ms": 300}) as r:
+                assert r.status == 200, await r.text()
+            if ending == "client gone":
+                # aiohttp logs the lost connection with a traceback, which the
+                # console renders for seconds on a busy machine: not logged here.
+                server_log.setLevel(logging.CRITICAL)
+                await send_half_and_hang_up(running, data)
+            else:
+                async with http.post(f"{running.url}/v2/app/blobs/uploads/",
+                                     params={"digest": digest_of(data)}, data=data) as r:
+                    if ending == "storage limit":
+                        await assert_error(r, 403, "DENIED")
+                    else:
+                        await assert_error(r, 413, "SIZE_INVALID")
+        await eventually(lambda: writing_at_discard, what="the upload discarded")
+        assert leftovers(running) == ([], [])
+    finally:
+        server_log.setLevel(server_level)
+        await running.stop()       # waits for the node's IO threads
+        try:
+            for _ in range(3):     # the threads' results reach their futures
+                await asyncio.sleep(0)
+            gc.collect()           # a future's unretrieved error is reported when it goes
+        finally:
+            loop.set_exception_handler(previous)
+    assert writing_at_discard == [0]            # no write of it was under way
+    assert [c.get("message") for c in unhandled] == []
+
+
+def watch_discards(store, writing: list[int] | None = None) -> list[int]:
+    """How many writes into an upload were under way each time an upload was
+    discarded (each upload's ``write`` counted as it runs, in the IO threads,
+    into ``writing[0]``)."""
+    writing, lock, seen = writing if writing is not None else [0], threading.Lock(), []
+    create, discard = store.create_upload, store.discard_upload
+
+    def counted_create(*args, **kwargs):
+        file = create(*args, **kwargs)
+        write = file.write
+
+        def counted_write(data):
+            with lock:
+                writing[0] += 1
+            try:
+                return write(data)
+            finally:
+                with lock:
+                    writing[0] -= 1
+
+        file.write = counted_write
+        return file
+
+    def watched_discard(file):
+        with lock:
+            seen.append(writing[0])
+        return discard(file)
+
+    store.create_upload, store.discard_upload = counted_create, watched_discard
+    return seen
+
+
+async def send_half_and_hang_up(running, data: bytes) -> None:
+    """A monolithic upload whose client closes its connection halfway through
+    the body, once the node has begun to store it."""
+    host, port = running.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /v2/app/blobs/uploads/?digest={digest_of(data)} HTTP/1.1\r\n"
+                 f"Host: {host}\r\nContent-Length: {len(data)}\r\n"
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode())
+    writer.write(data[:len(data) // 2])
+    await writer.drain()
+    await eventually(lambda: leftovers(running)[0] != [], what="the upload's file")
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_body_cancelled_twice_ends_only_once_its_queued_write_has_run(tmp_path):
+    """A request cancelled mid-body (a node shutting down) while a piece is
+    being written: the cancellation, even repeated, ends the body only once
+    that write has run, so whatever discards the upload next finds none."""
+    running = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0))
+    try:
+        store = running.node.blobs
+        writing = [0]
+        watch_discards(store, writing)
+        store.faults.slow_ms = 300
+        file = store.create_upload("0b5e1b0e-3c2a-4e4f-9f0a-6c1f0e2d9a77")
+        never = asyncio.Event()
+
+        async def body():
+            yield b"x" * PIPELINE_CHUNK        # handed to an IO thread at once
+            yield b"y"
+            await never.wait()
+
+        receiving = asyncio.ensure_future(running.registry.receive(file, body(), None))
+        await eventually(lambda: writing[0] == 1, what="the first piece being written")
+        receiving.cancel()
+        await asyncio.sleep(0)
+        receiving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        assert writing[0] == 0 and file.size == PIPELINE_CHUNK
+        store.faults.slow_ms = 0
+        await running.registry.run_blocking(lambda: store.discard_upload(file))
+    finally:
+        await running.stop()

@@ -13,7 +13,7 @@ from cluster.control import spec as specs
 from cluster.control.errors import NodeRefusal
 from cluster.control.plan import plan
 from cluster.control.sku import TierState, refusals
-from cluster.control.usage import registry_size, usage_list
+from cluster.control.usage import registry_size, storage_report, usage_list
 from registry_node import tiers
 from registry_node.usage import StorageUsage
 from replicator.residency import RepositoryRule, ResidencyPolicy
@@ -105,6 +105,23 @@ def test_storage_of_a_confined_home_and_of_confined_regions_only():
                          {"eastus": usage(10), "brazilsouth": usage(10)}, open_policy)[0] == 10
 
 
+def test_the_storage_report_warns_when_the_registry_passes_a_limit_each_node_keeps():
+    # Two confined regions, each just under a 100-byte storage_limit: no node
+    # refuses, the registry counted once holds 190 bytes.
+    size, how = registry_size("brazilsouth", ["brazilsouth", "southeastasia"],
+                              {"brazilsouth": usage(95), "southeastasia": usage(95)}, AZURE)
+    report = storage_report(size, how, "Premium", 100)
+    assert (report["bytes"], report["limit_bytes"], report["limit"]) == \
+        (190, 100, "storage_limit")
+    assert report["warning"].startswith("the registry stores 190 bytes counted once, past its "
+                                        "limit of 100 bytes: each node refuses uploads only "
+                                        "against what it holds itself")
+    assert "warning" not in storage_report(100, how, "Premium", 100)       # at the limit
+    tier_maximum = storage_report(5, how, "Basic", None)
+    assert (tier_maximum["limit_bytes"], tier_maximum["limit"], "warning" in tier_maximum) == \
+        (40 * tiers.TiB, "tier maximum", False)
+
+
 def test_storage_cannot_be_counted_without_the_regions_it_needs():
     regions = ["eastus", "brazilsouth"]
     with pytest.raises(NodeRefusal, match="no node of brazilsouth .confined. answered") as refused:
@@ -139,6 +156,18 @@ def test_the_spec_takes_a_storage_limit_in_bytes_or_with_a_unit():
             specs.parse({"limits": {"storage_limit": bad}})
     with pytest.raises(specs.SpecError, match="did you mean 'storage_limit'"):
         specs.parse({"limits": {"storage_limt": "1MiB"}})
+
+
+def test_a_storage_limit_is_read_exactly_and_a_huge_one_is_refused_with_a_message():
+    # Exact, not through a float: 2**53 + 1 bytes, and fractions of a unit.
+    assert tiers.parse_size(str(2**53 + 1)) == 2**53 + 1
+    assert tiers.parse_size("0.999999999999999999EiB") == 1024**6 - 2     # 1.15 bytes less
+    assert tiers.parse_size("0.1KiB") == 102
+    assert specs.parse({"limits": {"storage_limit": "1EiB"}}).limits.storage_limit_bytes == \
+        1024**6
+    for bad in ("9" * 400, "9" * 400 + "TiB", "2EiB", 1024**6 + 1, "1.000000000000000001EiB"):
+        with pytest.raises(specs.SpecError, match="limits.storage_limit: .*at most 1 EiB"):
+            specs.parse({"limits": {"storage_limit": bad}})
 
 
 def test_the_plan_gives_serving_nodes_the_storage_limit(tmp_path):

@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_footprint(benchmarks)
     _add_scale(benchmarks)
     _add_webhooks(benchmarks)
+    _add_tiers(benchmarks)
+    _add_import(benchmarks)
 
 
 def _add_footprint(sub: argparse._SubParsersAction) -> None:
@@ -533,6 +535,104 @@ def _run_webhooks_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tiers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tiers", help="each tier's request and bandwidth limits driven past; what throttling costs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+For each tier, a one-region cluster (auth on, no WAN model) with the tier's
+limits on ([limits] limits = "tier", burst --burst seconds instead of a
+minute), its node driven directly:
+
+  reads     GET manifest by tag, open loop at --over × the limit: one identity
+            against its share (half), then --identities identities together
+            against the replica's rate; admitted/min over --window seconds
+            after the first 429 (+ --settle), against the limit, ±5 %
+  writes    the same with POST upload starts
+  bandwidth one blob of the download budget × --transfer seconds, streamed up
+            (against the upload budget) and down (against the download one)
+  overhead  HEAD and GET manifest at c=--concurrency on three clusters, off,
+            on (every rate at a billion a minute: the buckets on every request,
+            never empty) and off2 (A/A), and the reference registry, in
+            --rounds rotated rounds: on÷off, off2÷off, reference÷off (target:
+            on÷off ≥ 0.95); also the client's unshaped speed on off
+
+Offered, admitted and refused (429, by the limit its body names) are all
+reported; 429s are never counted as achieved. Figures are reported, never
+enforced: the exit status is 0 whatever the numbers.""",
+        epilog="""\
+examples:
+  georeg bench tiers                               every tier, every step (~10 minutes)
+  georeg bench tiers --quick                       smoke: rates × 0.25, 2 s windows
+  georeg bench tiers --tiers Premium --only reads --burst 60
+  georeg bench tiers --only overhead --rounds 11 --json overhead.json""")
+    p.add_argument("--tiers", metavar="LIST",
+                   help="comma-separated, of Basic, Standard, Premium (default: all three)")
+    p.add_argument("--only", action="append", choices=("reads", "writes", "bandwidth", "overhead"),
+                   help="run this step only; repeatable (default: all four)")
+    size = p.add_argument_group("size")
+    size.add_argument("--scale", type=float, help="every rate and bandwidth × this (default 1)")
+    size.add_argument("--burst", type=float, metavar="SECONDS",
+                      help="a bucket holds this many seconds of its rate (default 2; the "
+                           "tier's own is 60: the steady state is the same, the drain longer)")
+    size.add_argument("--over", type=float, help="offered ÷ limit (default 1.5)")
+    size.add_argument("--identities", type=_positive,
+                      help="identities sharing the load in the replica steps (default 4)")
+    size.add_argument("--window", type=float, metavar="SECONDS",
+                      help="steady-state window of each rate step (default 20)")
+    size.add_argument("--settle", type=float, metavar="SECONDS",
+                      help="after the first 429, before the window (default 1)")
+    size.add_argument("--transfer", type=float, metavar="SECONDS",
+                      help="the blob is the download budget × this (default 5)")
+    size.add_argument("--rounds", type=_positive, help="overhead rounds (default 7)")
+    size.add_argument("--ops", type=_positive,
+                      help="overhead: requests per operation per target per round (default 4000)")
+    size.add_argument("--concurrency", type=_positive, help="overhead: in flight (default 8)")
+    size.add_argument("--quick", action="store_true",
+                      help="smoke: rates and bandwidth × 0.25, burst 0.5 s, 2 s windows, 1 s "
+                           "transfers, 2 overhead rounds of 300 (explicit options still apply)")
+    p.add_argument("--reference-binary", metavar="PATH",
+                   help="the reference registry (default /usr/bin/docker-registry)")
+    p.add_argument("--workdir", type=Path, help="keep the clusters' data and logs here")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    p.set_defaults(func=_run_tiers_bench)
+
+
+def _run_tiers_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench.clusterproc import ClusterStartError
+    from ..bench.server import ServerStartError
+    from ..bench.tiers import STEPS, TiersBenchOptions, print_report, run
+    from ..bench.workload import WorkloadError
+
+    options = TiersBenchOptions()
+    if args.quick:
+        options = options.quick()
+    tiers = None
+    if args.tiers:
+        from registry_node.tiers import canonical
+
+        tiers = tuple(canonical(t) or t for t in args.tiers.split(",") if t.strip())
+    given = {"tiers": tiers, "scale": args.scale, "burst_s": args.burst, "over": args.over,
+             "identities": args.identities, "window_s": args.window, "settle_s": args.settle,
+             "transfer_s": args.transfer, "rounds": args.rounds, "ops": args.ops,
+             "concurrency": args.concurrency, "reference_binary": args.reference_binary,
+             "workdir": args.workdir}
+    options = replace(options, **{k: v for k, v in given.items() if v is not None},
+                      steps=tuple(s for s in STEPS if not args.only or s in args.only))
+    results = _run_bench("tiers", run(options),
+                         (ClusterStartError, ServerStartError, WorkloadError, TimeoutError,
+                          ValueError), "clusters stopped")
+    if isinstance(results, int):
+        return results
+    print_report(results, _console(170))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    return 0
+
+
 def _run_bench(command: str, coroutine, errors: tuple[type[BaseException], ...],
                stopped: str):
     """The benchmark's results, or the exit status once it has said why there
@@ -571,3 +671,56 @@ def _event_loop_run(coroutine):
 
         return uvloop.run(coroutine)
     return asyncio.run(coroutine)
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import", help="georeg import against skopeo copy, same images, same source",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Start the reference registry (Debian's docker-registry) as the source and a
+cluster (the default spec, or --config) in a child process, both on loopback;
+fill the source with a fresh set of images per side and round, then copy them
+into the home region with `georeg import` (the management API) and with
+`skopeo copy --preserve-digests` (its regional endpoint), rounds alternating
+which goes first. Prints each side's median MB/s of blob bytes and the ratio
+import ÷ skopeo against the goal (≥ 1.0), with the CPU other processes used
+meanwhile. Timings are reported, never enforced.""")
+    p.add_argument("--config", type=Path, metavar="FILE", help="cluster spec (default: built-in)")
+    p.add_argument("--images", type=_positive, help="images per side and round (default 4)")
+    p.add_argument("--layers", type=_positive, help="layers per image (default 2)")
+    p.add_argument("--layer-kib", type=_positive, help="KiB per layer (default 8192)")
+    p.add_argument("--repeat", type=_positive, help="rounds (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 images of one 1 MiB layer, one round (explicit options still apply)")
+    p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="wait up to this long for other processes to go quiet first (default 30)")
+    p.add_argument("--workdir", type=Path, help="keep the source's and cluster's data here")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the results")
+    p.set_defaults(func=_run_import_bench)
+
+
+def _run_import_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench.clusterproc import ClusterStartError
+    from ..bench.import_ import ImportBenchOptions, describe, run
+    from ..bench.server import ServerStartError
+    from ..control import spec as specs
+
+    options = ImportBenchOptions()
+    if args.quick:
+        options = options.quick()
+    given = {"images": args.images, "layers": args.layers, "repeat": args.repeat,
+             "layer_bytes": args.layer_kib and args.layer_kib * 1024}
+    options = replace(options, **{k: v for k, v in given.items() if v is not None})
+    try:
+        result = run(specs.load(args.config), options, args.workdir, args.quiet_wait)
+    except (ClusterStartError, ServerStartError, RuntimeError, OSError) as exc:
+        print(f"georeg bench import: {exc}", file=sys.stderr)
+        return 2
+    print(describe(result))
+    if args.json:
+        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    return 0

@@ -379,7 +379,7 @@ def _throttling_table(console: Console, status: dict) -> None:
     def rates(per_minute: dict | None) -> str:
         if not per_minute:
             return "-"
-        return " / ".join(f"{per_minute[k]:g}" if k in per_minute else "-"
+        return " / ".join(_number(per_minute[k]) if k in per_minute else "-"
                           for k in ("read", "write", "delete", "referrers"))
 
     for region, t in replicas.items():
@@ -389,11 +389,19 @@ def _throttling_table(console: Console, status: dict) -> None:
             who += f", +{len(identities) - 3} more"
         limits = rates(t["limits"])
         if t["limits"] and t["per_identity_fraction"] is not None:
-            limits += f" (each identity {t['per_identity_fraction']:g} of it)"
+            limits += f" (each identity {_number(t['per_identity_fraction'])} of it)"
         table.add_row(region, limits, rates(t["fault"]),
                       *(str(t["refused"].get(k, 0)) for k in ("read", "write", "delete", "referrers")),
                       who or "-")
     console.print(table)
+
+
+def _number(value: object) -> str:
+    """A number a node reported, or "?" for what is none (a node's JSON has
+    null where a number was not finite): status shows what it can."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:g}"
+    return "?"
 
 
 def _traffic_table(console: Console, status: dict) -> None:

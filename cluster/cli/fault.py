@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..faults.controller import DEFAULT_THROTTLE_RATE, REQUEST_KINDS
 from .common import CliError, add_data_dir, call, command, data_dir_of
+from .node import request_rate
 
 
 def _duration(p: argparse.ArgumentParser) -> None:
@@ -91,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "a 429: clients of the region keep meeting it. For tests that cannot wait "
                     "for a real limit.")
     c.add_argument("region")
-    c.add_argument("--rate", type=_rate, default=DEFAULT_THROTTLE_RATE, metavar="N/min",
+    c.add_argument("--rate", type=request_rate, default=DEFAULT_THROTTLE_RATE, metavar="N/min",
                    help=f"requests admitted per minute, e.g. 60/min or 2/s (default "
                         f"{DEFAULT_THROTTLE_RATE:g}/min)")
     c.add_argument("--kind", choices=REQUEST_KINDS,
@@ -120,19 +121,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--all", action="store_true")
     add_data_dir(c)
     c.set_defaults(func=command(run_heal))
-
-
-def _rate(value: str) -> float:
-    """``N``, ``N/min`` or ``N/s`` → requests per minute."""
-    number, _, unit = value.strip().partition("/")
-    per = {"": 1.0, "min": 1.0, "m": 1.0, "s": 60.0, "sec": 60.0}.get(unit.strip().lower())
-    try:
-        rate = float(number) * per if per is not None else -1.0
-    except ValueError:
-        rate = -1.0
-    if not rate > 0:
-        raise argparse.ArgumentTypeError(f"expected a rate such as 60/min or 2/s, got {value!r}")
-    return rate
 
 
 def _inject(args: argparse.Namespace, kind: str, **target) -> int:

@@ -30,6 +30,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         credential,
         fault,
         identity,
+        import_,
         login,
         registry,
         replication,
@@ -52,6 +53,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     webhook.register(sub)
     replication.register(sub)
     repository.register(sub)
+    import_.register(sub)
     fault.register(sub)
     verify.register(sub)
     chaos.register(sub)

@@ -12,7 +12,15 @@ import ssl
 import sys
 from pathlib import Path
 
-from registry_node.config import MIN_MBPS, SHUTDOWN_GRACE_S, valid_mbps
+from registry_node.config import (
+    MIN_MBPS,
+    SHUTDOWN_GRACE_S,
+    burst_seconds,
+    identity_fraction,
+    parse_rate,
+    valid_mbps,
+    with_overrides,
+)
 from registry_node.tiers import parse_size
 
 
@@ -37,14 +45,28 @@ def _seconds(value: str) -> float:
     return seconds
 
 
-def _rate(value: str) -> float:
+def request_rate(value: str) -> float:
+    """A command line's rate of requests: ``N`` (per minute), ``N/min`` or
+    ``N/s``, within throttling's bounds (``registry_node.config.request_rate``);
+    ``georeg node``'s limits and ``georeg fault throttle --rate`` alike."""
     try:
-        rate = float(value)
-    except ValueError:
-        rate = -1
-    if not rate > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of requests per minute, got {value!r}")
-    return rate
+        return parse_rate(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fraction(value: str) -> float:
+    try:
+        return identity_fraction(float(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _burst(value: str) -> float:
+    try:
+        return burst_seconds(float(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _mbps(value: str) -> float:
@@ -154,11 +176,11 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         "TOOMANYREQUESTS with Retry-After. Reads are GET/HEAD/OPTIONS, writes PUT/PATCH/POST, "
         "deletes DELETE, referrers listings their own")
     for kind in ("reads", "writes", "deletes", "referrers"):
-        throttling.add_argument(f"--{kind}-per-min", type=_rate, metavar="N",
-                                help=f"{kind} this node admits per minute")
-    throttling.add_argument("--per-identity-fraction", type=float, metavar="F",
+        throttling.add_argument(f"--{kind}-per-min", type=request_rate, metavar="N",
+                                help=f"{kind} this node admits per minute (N, N/min or N/s)")
+    throttling.add_argument("--per-identity-fraction", type=_fraction, metavar="F",
                             help="the share of each rate one identity may use (default 0.5)")
-    throttling.add_argument("--burst", type=_seconds, metavar="SECONDS",
+    throttling.add_argument("--burst", type=_burst, metavar="SECONDS",
                             help="a bucket holds this many seconds of its rate (default 60: a "
                                  "minute's worth; at least one request)")
     shaping = p.add_argument_group(
@@ -231,7 +253,8 @@ def _run_node(args: argparse.Namespace) -> int:
         if value is not None}
     try:
         webhooks = msgspec.structs.replace(webhooks, **tuning)
-        limits = _request_limits(args, limits)
+        overrides = _limit_overrides(args)
+        limits = with_overrides(limits, overrides)
     except ValueError as exc:
         print(f"georeg node: {exc}", file=sys.stderr)
         return 2
@@ -250,6 +273,7 @@ def _run_node(args: argparse.Namespace) -> int:
                         internal_credential_file=args.internal_credential_file,
                         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key or args.tls_cert,
                         tls_ca_file=args.tls_ca, webhooks=webhooks, request_limits=limits,
+                        request_limit_overrides=overrides,
                         zone_siblings=siblings, bandwidth=bandwidth)
     if (args.tls_key or args.tls_ca) and args.tls_cert is None:
         print("georeg node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
@@ -271,17 +295,11 @@ def _run_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request_limits(args: argparse.Namespace, limits):
-    """The view's request limits (None: none) with the command line's over them."""
-    import msgspec
-
-    from registry_node.config import RequestLimits
-
-    given = {field: value for field, value in (
-        ("reads_per_min", args.reads_per_min), ("writes_per_min", args.writes_per_min),
-        ("deletes_per_min", args.deletes_per_min), ("referrers_per_min", args.referrers_per_min),
-        ("per_identity_fraction", args.per_identity_fraction), ("burst_s", args.burst))
-        if value is not None}
-    if not given:
-        return limits
-    return RequestLimits(**{**(msgspec.structs.asdict(limits) if limits else {}), **given})
+def _limit_overrides(args: argparse.Namespace) -> dict[str, float]:
+    """The command line's request limits, as ``RequestLimits``' fields; kept
+    over the view's at start and at every reload of it (``Throttle.overrides``)."""
+    given = {"reads_per_min": args.reads_per_min, "writes_per_min": args.writes_per_min,
+             "deletes_per_min": args.deletes_per_min,
+             "referrers_per_min": args.referrers_per_min,
+             "per_identity_fraction": args.per_identity_fraction, "burst_s": args.burst}
+    return {field: value for field, value in given.items() if value is not None}

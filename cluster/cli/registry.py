@@ -145,6 +145,8 @@ def run_registry_show_usage(args: argparse.Namespace) -> int:
     console.print(f"storage counted once: {format_size(storage['bytes'])} ({storage['rule']}); "
                   f"uploads refused past {format_size(storage['limit_bytes'])} "
                   f"({storage['limit']})")
+    if "warning" in storage:
+        console.print(f"[bold yellow]warning:[/] {storage['warning']}")
     nodes = Table("node", "region", "zone", "bytes", "blobs", "manifests")
     for name, held in usage["replicas"].items():
         nodes.add_row(name, held["region"], held["zone"] or "-", format_size(held["bytes"]),

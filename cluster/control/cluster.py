@@ -285,16 +285,30 @@ class Cluster:
         spec's (a tier changed with ``update_registry`` outlives the spec file);
         a registry that never recorded one records the spec's, unless that is
         what every node reads anyway (``tiers.DEFAULT_TIER``: no write, so a
-        default cluster starts as it did). Home unreachable: the saved spec's
-        tier holds until it returns."""
+        default cluster starts as it did). Such a registry has run as the
+        default tier, so recording a lower one is a move down, checked as
+        ``update_registry`` checks it (``sku.refusals``): refused, the start
+        fails with the reasons and nothing is written. Home unreachable: the
+        saved spec's tier holds until it returns."""
         try:
-            async with self.access.lock:
+            async with self.tier_lock, self.access.lock, self.webhooks.lock:
                 home = await self._control_plane()
                 current = await self._current_registry(home)
                 stored = current.get("sku") or ""
                 if stored and stored != self.spec.tier:
                     self._adopt_tier(stored)
                 elif not stored and self.spec.tier != tiers.DEFAULT_TIER:
+                    state = await self._tier_state(
+                        home, tiers.DEFAULT_TIER, self.spec.tier,
+                        bool(current.get("anonymous_pull_enabled")))
+                    reasons = skus.refusals(tiers.DEFAULT_TIER, self.spec.tier, state)
+                    if reasons:
+                        raise Conflict(
+                            skus.refusal_message(tiers.DEFAULT_TIER, self.spec.tier, reasons)
+                            + f" (the spec says tier = {self.spec.tier!r}; this registry "
+                            f"recorded no tier, so it has run as {tiers.DEFAULT_TIER}: start "
+                            f"it with that tier, then change it with `georeg registry update "
+                            f"--sku`)")
                     await self._node_call(home, "PUT", "/registry/default", {
                         **current, "name": self.spec.registry, "sku": self.spec.tier})
         except ControlPlaneUnavailable as exc:       # a restart with home down
@@ -654,6 +668,11 @@ class Cluster:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
+    async def control_plane(self) -> str:
+        """The name of a home node that answers, or ``ControlPlaneUnavailable``:
+        what a registry operation beyond configuration (an import) asks first."""
+        return await self._control_plane()
+
     async def _control_plane(self) -> str:
         """The home region holds the control plane: a configuration change goes
         ahead only if some home node answers over the network; returns the name
@@ -835,7 +854,7 @@ class Cluster:
                                    f"registry is {tier}")
             new_spec = None
             if target is not None and target != self.tier:
-                state = await self._tier_state(home, target, anonymous)
+                state = await self._tier_state(home, self.tier, target, anonymous)
                 reasons = skus.refusals(self.tier, target, state)
                 if reasons:
                     raise Conflict(skus.refusal_message(self.tier, target, reasons))
@@ -849,18 +868,19 @@ class Cluster:
                 self._adopt_tier(target, new_spec)
         return await self.registry_properties()
 
-    async def _tier_state(self, home: str, target: str, anonymous_pull: bool) -> skus.TierState:
+    async def _tier_state(self, home: str, current: str, target: str,
+                          anonymous_pull: bool) -> skus.TierState:
         """What the registry holds that ``target`` limits, as the home node
         holds it; its storage only where ``target`` allows less than the
-        current tier and no replica refuses the move already (counting it asks
-        every region, which need not all answer for a refusal)."""
+        ``current`` tier and no replica refuses the move already (counting it
+        asks every region, which need not all answer for a refusal)."""
         async def count(kind: str) -> int:
             answer = await self._node_call(home, "GET", self._object_path(kind))
             return sum(1 for o in answer["objects"] if not o["deleted"])
 
         webhooks, tokens, scope_maps = await asyncio.gather(
             count(WEBHOOK), count(TOKEN), count(SCOPE_MAP))
-        shrinks = tiers.limits(target).maximum_storage < tiers.limits(self.tier).maximum_storage
+        shrinks = tiers.limits(target).maximum_storage < tiers.limits(current).maximum_storage
         storage = (await self.storage())["bytes"] if shrinks and not self.spec.replicas else 0
         return skus.TierState(
             geo_replicas=tuple(r.region for r in self.spec.replicas),
@@ -902,16 +922,11 @@ class Cluster:
         storage, webhooks, tokens, scope_maps = await asyncio.gather(
             self.storage(), count(WEBHOOK), count(TOKEN), count(SCOPE_MAP))
         tier = self.tier
-        limits = tiers.limits(tier)
-        limit = self.spec.limits.storage_limit_bytes
         return {
             "value": usages.usage_list(tier, storage["bytes"], webhooks, scope_maps, tokens,
                                        len(self.spec.all_replicas)),
-            "storage": {"bytes": storage["bytes"], "rule": storage["rule"],
-                        "included_bytes": limits.included_storage,
-                        "maximum_bytes": limits.maximum_storage,
-                        "limit_bytes": limit if limit is not None else limits.maximum_storage,
-                        "limit": "storage_limit" if limit is not None else "tier maximum"},
+            "storage": usages.storage_report(storage["bytes"], storage["rule"], tier,
+                                             self.spec.limits.storage_limit_bytes),
             "replicas": storage["nodes"],
             "unavailable": storage["unavailable"],
         }

@@ -56,8 +56,10 @@ from registry_node.identities import (
 from .access import AdminLogin, admin_password_candidates, remember_admin_password
 from .errors import ClusterError, Conflict, NodeRefusal, NotFound, quota_exceeded
 
-# Tokens, and scope maps, a registry of each tier may have (the same number of each).
-TIER_LIMITS = {tier: limits.tokens for tier, limits in tiers.LIMITS.items()}
+# Tokens, and scope maps, a registry of each tier may have (each read from its
+# own column of the tier table, though ACR's numbers are the same today).
+TIER_LIMITS = {TOKEN: {tier: limits.tokens for tier, limits in tiers.LIMITS.items()},
+               SCOPE_MAP: {tier: limits.scope_maps for tier, limits in tiers.LIMITS.items()}}
 ACCESS_KINDS = (TOKEN, SCOPE_MAP, IDENTITY, ROLE_ASSIGNMENT)
 DAY_S = 86400
 _ASSIGNMENTS = uuid.UUID("5b0e0c3e-4c71-4f0e-9a55-6e6f6b7a2b10")   # uuid5 namespace
@@ -152,10 +154,11 @@ class RegistryAccess:
 
     def _check_quota(self, kind: str, count: int) -> None:
         tier = self.tier()
-        if count >= TIER_LIMITS.get(tier, max(TIER_LIMITS.values())):
+        allowed = TIER_LIMITS[kind]
+        if count >= allowed.get(tier, max(allowed.values())):
             if kind == TOKEN:
-                raise quota_exceeded("tokens", "tokens", tier, TIER_LIMITS, count)
-            raise quota_exceeded("scopeMaps", "scope maps", tier, TIER_LIMITS, count)
+                raise quota_exceeded("tokens", "tokens", tier, allowed, count)
+            raise quota_exceeded("scopeMaps", "scope maps", tier, allowed, count)
 
     @staticmethod
     def _check_name(kind: str, name: object) -> str:

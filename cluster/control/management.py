@@ -28,6 +28,12 @@ which other processes find it.
     DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository in
                                                   every region that holds it (ACR's
                                                   DELETE /acr/v1/{name} on a node of each)
+    POST   /georeg/v1/imports                     az acr import: {"source", "targetTags",
+                                                  "untaggedTargetRepositories", "mode":
+                                                  "NoForce"|"Force", "includeReferrers",
+                                                  "region", "username", "password",
+                                                  "sourceCaPem"}; 200 with what was copied
+                                                  (``cluster.control.imports``)
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
     GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
@@ -35,7 +41,8 @@ which other processes find it.
                                                   adminUserEnabled, anonymousPullEnabled, …
     PATCH  /georeg/v1/registry                    {"adminUserEnabled", "anonymousPullEnabled",
                                                   "sku": "Basic"|"Standard"|"Premium" or
-                                                  {"name": …}}: a refused tier change is a 409
+                                                  {"name": …[, "tier": …]}}: a refused tier
+                                                  change is a 409
                                                   that names every reason (``sku``)
     GET    /georeg/v1/registry/usages             az acr show-usage: {"value": [{name,
                                                   currentValue, limit, unit}], "storage",
@@ -119,6 +126,7 @@ from ..faults.controller import FaultError
 from .access import authorization, owner_credential_path
 from .errors import ClusterError, NotFound
 from .health import check_health
+from .imports import ImageImports, import_request
 from .regions import REGIONS, unknown_region_message
 from .repositories import Repositories
 from .state import clear_running_state, write_running_state
@@ -165,6 +173,23 @@ def _owner_only(cluster: Cluster):
     return owner_only
 
 
+def _sku_name(sku: object) -> str:
+    """The tier a PATCH names: ``"Basic"``, or ARM's sku object as ``az acr
+    show`` prints it, ``{"name": "Basic", "tier": "Basic"}`` (``tier`` may be
+    left out; given, it is the name again, as ARM has it for a registry)."""
+    if isinstance(sku, dict) and "name" in sku and set(sku) <= {"name", "tier"}:
+        name, tier = sku["name"], sku.get("tier", sku["name"])
+        if isinstance(name, str) and (not isinstance(tier, str)
+                                      or tier.strip().lower() != name.strip().lower()):
+            raise ClusterError(f"sku.name {name[:32]!r} and sku.tier {str(tier)[:32]!r} differ: "
+                               f"a registry's tier is its sku's name (give the name alone)")
+        sku = name
+    if not isinstance(sku, str):
+        raise ClusterError(f'sku is "Basic", "Standard" or "Premium" (or {{"name": …, '
+                           f'"tier": …}}), not {sku!r}'[:200])
+    return sku
+
+
 class ManagementServer:
     """``async with ManagementServer(cluster):`` serves the API (and keeps the
     state file) for as long as the block runs."""
@@ -172,6 +197,7 @@ class ManagementServer:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.repositories = Repositories(cluster)
+        self.imports = ImageImports(cluster)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -209,6 +235,7 @@ class ManagementServer:
         r.add_delete("/georeg/v1/repositories/{name:.+}/untag/{tag}", self.untag)
         r.add_delete("/georeg/v1/repositories/{name:.+}/images/{reference}", self.delete_image)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
+        r.add_post("/georeg/v1/imports", self.import_image)
         r.add_get("/georeg/v1/registry", self.show_registry)
         r.add_patch("/georeg/v1/registry", self.update_registry)
         r.add_get("/georeg/v1/registry/usages", self.show_usage)
@@ -346,13 +373,7 @@ class ManagementServer:
                     raise ClusterError(f"{field} is true or false, not {body[field]!r}")
                 changes[name] = body[field]
         if "sku" in body:
-            sku = body["sku"]
-            if isinstance(sku, dict) and set(sku) == {"name"}:     # ARM's {"sku": {"name": …}}
-                sku = sku["name"]
-            if not isinstance(sku, str):
-                raise ClusterError(f'sku is "Basic", "Standard" or "Premium" (or {{"name": …}}), '
-                                   f"not {body['sku']!r}"[:200])
-            changes["sku"] = sku
+            changes["sku"] = _sku_name(body["sku"])
         return web.json_response(await self.cluster.update_registry(**changes))
 
     async def show_usage(self, request: web.Request) -> web.Response:
@@ -628,6 +649,9 @@ class ManagementServer:
         if status == 202:
             answer = {"repository": name, "manifestDeleted": digest}
         return web.json_response(answer, status=status)
+
+    async def import_image(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.imports.run(import_request(await _json(request))))
 
 
 async def _json(request: web.Request) -> dict:

@@ -108,7 +108,16 @@ from pathlib import Path
 import msgspec
 
 from registry_node import tiers as tier_table
-from registry_node.config import MIN_MBPS, RequestLimits, WebhookSettings, valid_mbps
+from registry_node.config import (
+    MIN_MBPS,
+    RATE_FIELDS,
+    RequestLimits,
+    WebhookSettings,
+    burst_seconds,
+    identity_fraction,
+    request_rate,
+    valid_mbps,
+)
 from replicator.residency import ResidencyPolicy
 from replicator.topology import ReplicationSettings
 
@@ -226,7 +235,6 @@ class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 LIMIT_MODES = ("off", "tier")
-_RATE_KEYS = ("reads_per_min", "writes_per_min", "deletes_per_min", "referrers_per_min")
 
 
 class LimitsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -261,7 +269,7 @@ class LimitsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         rates = {}
         if self.limits == "tier":
             rates = tier_table.limits(tier).requests_per_min()
-        rates.update({key: getattr(self, key) for key in _RATE_KEYS
+        rates.update({key: getattr(self, key) for key in RATE_FIELDS
                       if getattr(self, key) is not None})
         rates = {key: rate for key, rate in rates.items() if rate}
         if not rates:
@@ -599,17 +607,21 @@ def _limits_problems(limits: LimitsSpec) -> list[str]:
         problems.append(f"limits.limits {limits.limits!r} is not one of 'tier' (ACR's limits of "
                         f"the tier) or 'off' (none but the numbers given)"
                         + (f"; did you mean {close[0]!r}?" if close else ""))
-    for key in _RATE_KEYS:
+    # The node's own bounds (registry_node.config), so the spec refuses what a
+    # node would; 0 is the spec's own "not limited".
+    for key in RATE_FIELDS:
         value = getattr(limits, key)
-        if value is not None and not 0 <= value < float("inf"):
-            problems.append(f"limits.{key} must be a number of requests per minute, at least 0 "
-                            f"(0: not limited)")
-    fraction = limits.per_identity_fraction
-    if fraction is not None and not 0 < fraction <= 1:
-        problems.append("limits.per_identity_fraction must be more than 0 and at most 1 (ACR: "
-                        "0.5, half the registry's limit for each identity)")
-    if limits.burst_s is not None and not 0 < limits.burst_s < float("inf"):
-        problems.append("limits.burst_s must be more than 0 seconds")
+        if value is not None and value != 0:
+            try:
+                request_rate(value, f"limits.{key}")
+            except ValueError as exc:
+                problems.append(f"{exc} (0: not limited)")
+    for key, check in (("per_identity_fraction", identity_fraction), ("burst_s", burst_seconds)):
+        try:
+            if getattr(limits, key) is not None:
+                check(getattr(limits, key))
+        except ValueError as exc:
+            problems.append(f"limits.{exc}")
     for key in ("download_mbps", "upload_mbps"):
         value = getattr(limits, key)
         if value is not None and not valid_mbps(value):
@@ -624,6 +636,11 @@ def _limits_problems(limits: LimitsSpec) -> list[str]:
 
 
 # -- ports -------------------------------------------------------------------------
+
+# What the port layout has room for (``PortLayout``): ``show-usage``'s limit of
+# Geo-replications too, as ACR documents none.
+MAX_REPLICAS = 40
+MAX_NODES = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -710,10 +727,10 @@ def _port_problems(spec: ClusterSpec) -> list[str]:
     base = spec.network.port_base
     if layout.locations > 20:
         problems.append(f"client_locations: at most 20 global endpoints, got {layout.locations}")
-    if layout.replicas > 40:
-        problems.append(f"at most 40 replicas, got {layout.replicas}")
-    if layout.nodes > 40:
-        problems.append(f"at most 40 nodes, got {layout.nodes}")
+    if layout.replicas > MAX_REPLICAS:
+        problems.append(f"at most {MAX_REPLICAS} replicas, got {layout.replicas}")
+    if layout.nodes > MAX_NODES:
+        problems.append(f"at most {MAX_NODES} nodes, got {layout.nodes}")
     if not (1 <= base or base == ANY_PORT_BASE):
         problems.append(f"network.port_base {base} must be a port number, or 0 for any free "
                         f"range")

@@ -34,9 +34,18 @@ The report
     Premium, ``Geo-replications`` (the home replica included; the limit is
     what georeg plans, 40, since ACR documents none). IP rules and private
     endpoints are left out: georeg has neither yet. Beside it, georeg's own:
-    ``storage`` (the registry's size, the rule that made it, the maximum
-    and the limit uploads are refused at) and ``replicas`` (every node's
-    usage, the numbers ``georeg verify`` counts from the node's records).
+    ``storage`` (``storage_report``: the registry's size, the rule that made
+    it, the maximum and the limit uploads are refused at, and a ``warning``
+    when the size is past that limit) and ``replicas`` (every node's usage,
+    the numbers ``georeg verify`` counts from the node's records).
+
+The limit is a node's, the size the registry's
+    Each node refuses clients' uploads against what *it* holds. Content
+    confined to a region counts only on that region's nodes, and
+    replication is never refused, so a registry's size counted once can
+    pass the limit while every node stays under it (two confined regions
+    each filling to just below it). ``storage_report`` says so rather than
+    let the number pass silently; it refuses nothing.
 """
 
 from __future__ import annotations
@@ -50,8 +59,8 @@ from registry_node.usage import StorageUsage
 from replicator.residency import ResidencyPolicy
 
 from .errors import NodeRefusal
+from .spec import MAX_REPLICAS
 
-MAX_REPLICAS = 40          # the plan's (cluster.control.spec.PortLayout)
 TIMEOUT_S = 10.0
 
 
@@ -99,6 +108,23 @@ def registry_size(home: str, regions: Iterable[str], by_region: Mapping[str, Sto
     how = (f"{reference}'s usage" if reference is not None else "nothing shared") + \
         (f" plus what {', '.join(confined)} (confined) {verb} beyond it" if confined else "")
     return total, f"{how}: {', '.join(parts)} bytes"
+
+
+def storage_report(size: int, rule: str, tier: str, storage_limit: int | None) -> dict:
+    """georeg's ``storage`` beside ACR's list (see the module docstring):
+    ``storage_limit`` is the spec's, None for the tier's maximum."""
+    limits = tiers.limits(tier)
+    limit = storage_limit if storage_limit is not None else limits.maximum_storage
+    report = {"bytes": size, "rule": rule, "included_bytes": limits.included_storage,
+              "maximum_bytes": limits.maximum_storage, "limit_bytes": limit,
+              "limit": "storage_limit" if storage_limit is not None else "tier maximum"}
+    if size > limit:
+        report["warning"] = (
+            f"the registry stores {tiers.format_size(size)} counted once, past its limit of "
+            f"{tiers.format_size(limit)}: each node refuses uploads only against what it "
+            f"holds itself, and content confined to a region (or brought by replication, "
+            f"which is never refused) counts on that region's nodes alone")
+    return report
 
 
 def usage_list(tier: str, size: int, webhooks: int, scope_maps: int, tokens: int,

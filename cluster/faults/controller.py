@@ -24,8 +24,11 @@ A throttling fault limits the region's replica as a whole (its zones share
 it), all identities together, on top of any ``[limits]``: past ``rate``
 requests a minute of ``kind`` (every kind unless one is named: read, write,
 delete, referrers), clients get ``429 TOOMANYREQUESTS`` with ``Retry-After``,
-as from ACR under load. Like a storage fault it lives in the node's memory: a
-node restarted while it is active comes back unthrottled.
+as from ACR under load. Like a storage fault it lives in the node's memory,
+so the controller sends it again to a node it (re)starts (healing an
+outage, destroying a region) while the fault is active. A throttling fault
+is applied on every node of the region or on none: if one node cannot take
+it, the nodes that took it are told their rates without it again.
 
 ``crash`` is SIGKILL; ``stop`` is SIGTERM (graceful); ``isolate`` keeps the
 processes alive and cuts every link to and from them, and clients can no
@@ -44,6 +47,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
+
+from registry_node.config import request_rate
 
 from ..control.regions import REGIONS, unknown_region_message
 from ..network.links import LinkFaults
@@ -270,11 +275,12 @@ class FaultController:
         if kind is not None and kind not in REQUEST_KINDS:
             raise FaultError(f"request_kind must be one of {', '.join(REQUEST_KINDS)}, not "
                              f"{kind!r}")
-        if isinstance(rate_per_min, bool) or not isinstance(rate_per_min, int | float) \
-                or not rate_per_min > 0:
-            raise FaultError("the rate must be more than 0 requests per minute")
+        try:
+            rate_per_min = request_rate(rate_per_min, "the rate")
+        except ValueError as exc:
+            raise FaultError(str(exc)) from None
         fault.nodes = self._nodes_in(region)
-        fault.target["rates"] = {k: float(rate_per_min) for k in ((kind,) if kind else REQUEST_KINDS)}
+        fault.target["rates"] = {k: rate_per_min for k in ((kind,) if kind else REQUEST_KINDS)}
         what = f"{kind}s" if kind else "every request"
         fault.description = f"{region} throttled: {what} past {rate_per_min:g}/min get 429"
         # Counted as active while it is applied, so the map sent includes it.
@@ -282,7 +288,9 @@ class FaultController:
         try:
             await self._apply_throttles(fault.nodes)
         except FaultError:
+            # None or all: the nodes that took it get their rates without it.
             del self.faults[fault.id]
+            await self._apply_throttles(fault.nodes, healing=True)
             raise
 
     def _throttle_rates(self, node: str) -> dict[str, float]:
@@ -295,8 +303,9 @@ class FaultController:
         return rates
 
     async def _apply_throttles(self, nodes: list[str], *, healing: bool = False) -> None:
-        """Send each node its throttling faults' rates. Healing, a node that cannot
-        be reached is passed over: down, it comes back unthrottled."""
+        """Send each node its throttling faults' rates. Healing (or undoing), a
+        node that cannot take them is passed over: down, it comes back
+        unthrottled, and a node that refused them kept what it had."""
         session = await self._session_get()
         for name in nodes:
             url = self.cluster.node_url(name) + "/georeg/v1/faults/throttle"
@@ -304,10 +313,19 @@ class FaultController:
                 async with session.put(url, json=self._throttle_rates(name)) as r:
                     if r.status != 200:
                         raise FaultError(f"{name} refused the throttling fault: HTTP {r.status}")
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
                 if not healing:
+                    if isinstance(exc, FaultError):
+                        raise
                     raise FaultError(f"{name} is unreachable: {exc}") from None
-                log.warning("throttle_heal_unreachable", node=name, error=str(exc))
+                log.warning("throttle_heal_failed", node=name, error=str(exc))
+
+    async def _restarted(self, nodes: list[str]) -> None:
+        """Nodes just (re)started: those an active throttling fault covers get
+        its rates again (a fault lives in the node's memory)."""
+        throttled = [n for n in nodes if self._throttle_rates(n)]
+        if throttled:
+            await self._apply_throttles(throttled, healing=True)
 
     async def _inject_destroy(self, fault: Fault, region: str) -> None:
         nodes = self._nodes_in(region)
@@ -317,6 +335,7 @@ class FaultController:
         for name in nodes:
             shutil.rmtree(self.cluster.plan.node(name).data_dir, ignore_errors=True)
         await asyncio.gather(*(supervisor.start_node(n) for n in nodes))
+        await self._restarted(nodes)
         fault.description = f"{region} destroyed: data wiped, restarted empty ({', '.join(nodes)})"
         fault.healed_at = time.time()  # nothing to heal: it re-syncs by itself
 
@@ -336,8 +355,9 @@ class FaultController:
         if kind in ("region-outage", "zone-outage") and target.get("mode", "crash") != "isolate":
             still_down = {n for f in self.faults.values() if f.active and f is not fault
                           and f.kind in ("region-outage", "zone-outage") for n in f.nodes}
-            await asyncio.gather(*(self.cluster.supervisor.start_node(n)
-                                   for n in fault.nodes if n not in still_down))
+            started = [n for n in fault.nodes if n not in still_down]
+            await asyncio.gather(*(self.cluster.supervisor.start_node(n) for n in started))
+            await self._restarted(started)
         elif kind == "routing" and self.cluster.routing is not None:
             self.cluster.routing.set_routing(target["region"], target.get("previous", True))
         elif kind == "disk":

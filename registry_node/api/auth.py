@@ -62,7 +62,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from ..auth.gate import ANONYMOUS, Gate, Refusal
+from ..auth.gate import Gate, Refusal
 from ..auth.grants import GrantRefused, carries_grant
 from ..auth.scopes import (
     DELETE,
@@ -81,7 +81,7 @@ from ..errors import ErrorCode, RegistryError
 from ..throttle import READ, Throttle, Throttled
 from .internal import carries_credential, internal_route, refusal
 from .redirects import BLOB_REDIRECTS, GRANTED
-from .throttling import TOKEN_SERVER, throttle_request, too_many_requests
+from .throttling import TOKEN_SERVER, UNAUTHENTICATED, throttle_request, too_many_requests
 
 GATE: web.AppKey[Gate] = web.AppKey("gate", Gate)
 log = structlog.get_logger("georeg.auth")
@@ -182,7 +182,7 @@ def pull_check(gate: Gate):
             admitted = gate.admit(authorization, (repository(name, PULL),))
         except Refusal:
             return None
-        return admitted.principal.subject or ANONYMOUS
+        return admitted.principal.subject or UNAUTHENTICATED
 
     return admits
 
@@ -225,22 +225,23 @@ def authenticate(internal: bytes | None, throttle: Throttle) -> Middleware:
             admitted = gate.admit(authorization, needed)
         except Refusal as refused:
             if refused.principal is not None and throttle.active:
-                throttle_request(request, throttle, refused.principal.subject or ANONYMOUS)
+                throttle_request(request, throttle, refused.principal.subject or UNAUTHENTICATED)
             # The reason names what was wrong, never a credential.
             log.info("access_refused", method=request.method, path=path,
                      status=refused.status, reason=refused.reason)
             raise refusal_error(request, gate, refused) from None
         if throttle.active:
-            throttle_request(request, throttle, admitted.principal.subject or ANONYMOUS)
+            throttle_request(request, throttle, admitted.principal.subject or UNAUTHENTICATED)
         return await handler(request)
 
     return authenticate
 
 
 def _throttle_login(throttle: Throttle) -> None:
-    """A token server request, on the replica's read buckets (``api.throttling``)."""
+    """A token server request: a read by ``UNAUTHENTICATED`` (``api.throttling``),
+    whoever it claims to be."""
     try:
-        throttle.admit(READ, None)
+        throttle.admit(READ, UNAUTHENTICATED)
     except Throttled as refused:
         raise too_many_requests(refused) from None
 

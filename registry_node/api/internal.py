@@ -63,3 +63,20 @@ def refusal() -> RegistryError:
         "API, georeg verify) and needs the cluster's internal credential",
         message="authentication required")
 
+
+
+def cluster_request(authorization: str | None, path: str, expected: bytes | None) -> bool:
+    """The rule of a node without auth, given the internal credential it expects
+    (``expected``; None: none, and then every route is open): True for a request
+    that carries it (the cluster itself: it skips everything after), False for
+    any other request to a registry route; any other to an internal route is
+    refused (``refusal``). A node with auth applies the same rule in
+    ``api.auth.authenticate``, where internal routes answer no one when it has
+    no credential."""
+    if expected is None:
+        return False
+    if carries_credential(authorization, expected):
+        return True
+    if internal_route(path):
+        raise refusal()
+    return False

@@ -14,11 +14,15 @@ What is throttled, by kind:
   client-facing node route ``/georeg/v1/replication/status``: by method —
   ``GET``/``HEAD``/``OPTIONS`` read, ``PUT``/``PATCH``/``POST`` write,
   ``DELETE`` delete — except a referrers listing, which is ``referrers``;
-* the token server (``/oauth2/token``, ``/oauth2/exchange``): a read on the
-  replica's buckets, before the login is checked, whatever the method (a
-  login changes nothing in the registry; before the check no identity is
-  known, and trusting the username sent would let anyone empty someone
-  else's bucket).
+* the token server (``/oauth2/token``, ``/oauth2/exchange``): a read,
+  whatever the method (a login changes nothing in the registry), charged
+  before the login is checked to ``UNAUTHENTICATED``, the pseudo-identity
+  of every request whose identity is not known — anonymous pulls are it
+  too. Before the check no identity is known, and trusting the username
+  sent would let anyone empty someone else's bucket; charging the replica
+  alone would let an unauthenticated flood empty everyone's. As one
+  identity it has one identity's share (``per_identity_fraction``) of the
+  replica's reads, and the rest stays with those who logged in.
 
 Never throttled: a request carrying the cluster's internal credential (the
 cluster itself: management, verify, replication's HTTP calls), the node's
@@ -45,13 +49,15 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ..auth.gate import ANONYMOUS
 from ..errors import ErrorCode, RegistryError
-from ..throttle import DELETE, READ, REFERRERS, WRITE, Throttle, Throttled
+from ..throttle import DELETE, READ, REFERRERS, WRITE, DebitReport, Throttle, Throttled
 from .common import json_response
-from .internal import carries_credential, internal_route, refusal
+from .internal import cluster_request, internal_route
 
 THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle", Throttle)
 
@@ -59,6 +65,9 @@ _KIND_BY_METHOD = {"GET": READ, "HEAD": READ, "OPTIONS": READ, "PUT": WRITE, "PA
                    "POST": WRITE, "DELETE": DELETE}
 _REFERRERS = "/v2/{name}/referrers/{digest}"
 TOKEN_SERVER = "/oauth2/"
+# The identity of requests whose identity is not known: the token server's
+# before it checks the login, and anonymous pulls (``auth.gate.ANONYMOUS``).
+UNAUTHENTICATED = ANONYMOUS
 
 
 def request_kind(request: web.Request) -> str:
@@ -97,17 +106,16 @@ def throttled_route(path: str) -> bool:
 
 def open_access(internal: bytes | None, throttle: Throttle) -> Middleware:
     """The access middleware of a node without auth: ``api.internal``'s rule
-    (an internal route answers only the internal credential, when the node
-    has one) and throttling, in one layer, as ``api.auth.authenticate`` does
-    both on a node with auth."""
+    (``cluster_request``: an internal route answers only the internal
+    credential, when the node has one) and throttling, in one layer, as
+    ``api.auth.authenticate`` does both on a node with auth. (Here, not in
+    ``api.internal``: throttling's request chain depends on ``api.internal``,
+    not the other way.)"""
 
     @web.middleware
     async def open_access(request: web.Request, handler) -> web.StreamResponse:
-        if internal is not None:
-            if carries_credential(request.headers.get("Authorization"), internal):
-                return await handler(request)
-            if internal_route(request.path):
-                raise refusal()
+        if cluster_request(request.headers.get("Authorization"), request.path, internal):
+            return await handler(request)
         if throttle.active and throttled_route(request.path):
             throttle_request(request, throttle, None)
         return await handler(request)
@@ -137,12 +145,8 @@ async def put_throttle_fault(request: web.Request) -> web.Response:
     body = await _json_object(request, '{"read"|"write"|"delete"|"referrers": per minute, …}')
     throttle = request.app[THROTTLE]
     try:
-        rates = {kind: float(rate) for kind, rate in body.items()
-                 if not isinstance(rate, bool)}
-        if len(rates) != len(body):
-            raise ValueError("rates are numbers of requests per minute")
-        throttle.set_fault(rates)
-    except (TypeError, ValueError) as exc:
+        throttle.set_fault(body)        # checks each kind and rate before any is set
+    except ValueError as exc:
         raise RegistryError(ErrorCode.UNSUPPORTED, str(exc), message="bad fault",
                             status=400) from None
     return json_response(throttle.fault_rates)
@@ -153,11 +157,13 @@ async def get_throttle(request: web.Request) -> web.Response:
 
 
 async def post_debits(request: web.Request) -> web.Response:
-    body = await _json_object(request, '{"replica": {kind: n}, "fault": {…}, '
-                                       '"identities": {identity: {kind: n}}}')
+    """A sibling's report, checked whole (``DebitReport``) before any of it is taken."""
     try:
-        request.app[THROTTLE].debit(body)
-    except ValueError as exc:
-        raise RegistryError(ErrorCode.UNSUPPORTED, str(exc), message="bad debits",
-                            status=400) from None
+        report = msgspec.json.decode(await request.read() or b"{}", type=DebitReport)
+    except msgspec.DecodeError as exc:
+        raise RegistryError(ErrorCode.UNSUPPORTED,
+                            f'send {{"replica": {{kind: n}}, "fault": {{…}}, '
+                            f'"identities": {{identity: {{kind: n}}}}}}: {exc}',
+                            message="bad debits", status=400) from None
+    request.app[THROTTLE].debit(report)
     return web.Response(status=204)

@@ -613,8 +613,8 @@ class ManagementServer:
         elif request.query.get("digest"):
             path += f"/_manifests/{quote(request.query['digest'], safe=':')}"
         body = await _json(request) if request.method == "PATCH" else None
-        status, answer = await self.repositories.on_data_plane(name, request.method, path, body)
-        return web.json_response(answer, status=status)
+        return _node_answer(*await self.repositories.on_data_plane(name, request.method, path,
+                                                                   body))
 
     async def acr_listing(self, request: web.Request) -> web.Response:
         """``GET …/acr/_tags|_manifests?orderby&n``: ACR's listings of one region."""
@@ -622,15 +622,13 @@ class ManagementServer:
         which = request.path.rsplit("/", 1)[1]
         query = urlencode({k: v for k, v in request.query.items() if k in ("orderby", "n", "last")})
         path = f"/acr/v1/{name}/{which}" + (f"?{query}" if query else "")
-        status, answer = await self.repositories.on_data_plane(name, "GET", path)
-        return web.json_response(answer, status=status)
+        return _node_answer(*await self.repositories.on_data_plane(name, "GET", path))
 
     async def untag(self, request: web.Request) -> web.Response:
         name = validate_name(request.match_info["name"])
         tag = quote(request.match_info["tag"], safe="")
-        status, answer = await self.repositories.on_data_plane(
-            name, "DELETE", f"/acr/v1/{name}/_tags/{tag}")
-        return web.json_response(answer, status=status)
+        return _node_answer(*await self.repositories.on_data_plane(
+            name, "DELETE", f"/acr/v1/{name}/_tags/{tag}"))
 
     async def delete_image(self, request: web.Request) -> web.Response:
         """ACR's delete of an image: by tag, the manifest it names and every
@@ -642,16 +640,35 @@ class ManagementServer:
             status, answer = await self.repositories.on_data_plane(
                 name, "GET", f"/acr/v1/{name}/_tags/{quote(reference, safe='')}")
             if status != 200:
-                return web.json_response(answer, status=status)
+                return _node_answer(status, answer)
             digest = answer["tag"]["digest"]
         status, answer = await self.repositories.on_data_plane(
             name, "DELETE", f"/v2/{name}/manifests/{quote(digest, safe=':')}")
         if status == 202:
             answer = {"repository": name, "manifestDeleted": digest}
-        return web.json_response(answer, status=status)
+        return _node_answer(status, answer)
 
     async def import_image(self, request: web.Request) -> web.Response:
         return web.json_response(await self.imports.run(import_request(await _json(request))))
+
+
+def _node_answer(status: int, answer: dict) -> web.Response:
+    """A node's answer to a request passed on to it, as it is; a refusal in
+    this API's error shape (``{"error": {"code", "message"}}``), with the
+    node's code, message and reason, so that whoever asked can say what was
+    wrong (a 404 or 405 of the registry's own shape would reach the CLI as a
+    bare status)."""
+    if status < 400:
+        return web.json_response(answer, status=status)
+    errors = answer.get("errors") if isinstance(answer, dict) else None
+    if not errors or not isinstance(errors[0], dict):
+        return _error(status, "NodeError", f"the registry node answered HTTP {status}")
+    error = errors[0]
+    detail = error.get("detail")
+    if isinstance(detail, dict):
+        detail = detail.get("reason") or ", ".join(f"{k} {v}" for k, v in detail.items())
+    message = f"{error.get('code')}: {error.get('message')}" + (f" ({detail})" if detail else "")
+    return _error(status, str(error.get("code") or "NodeError"), message)
 
 
 async def _json(request: web.Request) -> dict:

@@ -34,6 +34,7 @@ T = TypeVar("T")
 
 # A node answers within this or counts as unreachable for this request.
 REGION_TIMEOUT_S = 30.0
+TAGS_PAGE = 1000          # tags per page of a node's _tags listing (its maximum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,21 +191,23 @@ async def _catalog(http: aiohttp.ClientSession, url: str) -> list[str]:
 
 
 async def _tags(http: aiohttp.ClientSession, url: str, name: str) -> dict[str, str] | None:
-    """Tag → digest as this node resolves them; None if it has no such repository."""
-    status, body, _ = await _request(http, "GET", f"{url}/v2/{name}/tags/list")
-    if status == 404:
-        return None
-    if status != 200:
-        raise _Refused(f"HTTP {status}: {_error_text(body)}")
-
-    async def digest(tag: str) -> str | None:
-        status, _, headers = await _request(http, "HEAD", f"{url}/v2/{name}/manifests/{tag}")
-        return headers.get("Docker-Content-Digest") if status == 200 else None
-
-    tags = body["tags"] or []
-    digests = await asyncio.gather(*(digest(tag) for tag in tags))
-    # A tag deleted between the listing and its HEAD is gone: leave it out.
-    return {tag: d for tag, d in zip(tags, digests, strict=True) if d is not None}
+    """Tag → digest as this node stores them; None if it has no such repository.
+    Read from ACR's ``_tags`` listing (metadata, paged), not by resolving each
+    tag: a tag locked against reads refuses a pull, yet is a tag of the
+    repository all the same (one locked against listing is left out here as
+    from ``tags/list``)."""
+    tags: dict[str, str] = {}
+    page = f"/acr/v1/{name}/_tags?n={TAGS_PAGE}"
+    while page:
+        status, body, headers = await _request(http, "GET", url + page)
+        if status == 404:
+            return None
+        if status != 200:
+            raise _Refused(f"HTTP {status}: {_error_text(body)}")
+        tags.update((t["name"], t["digest"]) for t in body.get("tags") or [])
+        link = headers.get("Link", "")
+        page = link.split(";", 1)[0].strip().strip("<>") if 'rel="next"' in link else ""
+    return tags
 
 
 async def _delete(http: aiohttp.ClientSession, url: str, name: str) -> dict | None:

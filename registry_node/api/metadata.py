@@ -81,7 +81,10 @@ async def delete_tag(request: web.Request) -> web.Response:
     """Untag: the tag goes, its manifest stays (``georeg repository untag``)."""
     repo = repo_name(request)
     tag = validate_tag(request.match_info["tag"])
-    await registry(request).delete_manifest(repo, tag, request=client_request(request))
+    reg = registry(request)
+    if not reg.repository_exists(repo):     # say so, rather than that the tag is unknown
+        raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
+    await reg.delete_manifest(repo, tag, request=client_request(request))
     return json_response({}, status=202)
 
 

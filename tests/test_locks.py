@@ -9,8 +9,21 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 import pytest
 
+from registry_node.auth.identities import Password, TokenRecord, hash_secret
+
+from .auth_helpers import (
+    ADMIN_PASSWORD,
+    PUSH_PASSWORD,
+    REGISTRY,
+    auth_files,
+    basic,
+    bearer,
+    identities,
+    start_auth_node,
+)
 from .helpers import (
     OCI_MANIFEST,
     Skopeo,
@@ -19,6 +32,7 @@ from .helpers import (
     push_image,
     write_oci_layout,
 )
+from .test_auth_api import token_for
 
 DISALLOWED = "REGISTRY_DISALLOWED_OPERATION"
 ALL_ENABLED = {"deleteEnabled": True, "writeEnabled": True, "readEnabled": True,
@@ -274,3 +288,58 @@ async def test_skopeo_sees_each_refusal(node, http, skopeo, tmp_path):
     assert await skopeo.list_tags("app") == ["v1"]
     # Nothing moved: v1 still names the first image.
     assert (await get(http, f"{acr}/_tags/v1"))["tag"]["digest"] == digest
+
+
+# -- who may change attributes ---------------------------------------------------------
+
+
+async def test_changing_attributes_needs_metadata_write_and_reading_them_metadata_read(
+        tmp_path, http):
+    """ACR's scope-map actions on a node with auth on: a token that may read and
+    write content (``_repositories_push``) may neither read nor change
+    attributes; ``_repositories_pull_metadata_read`` reads them and changes
+    none; ``_repositories_push_metadata_write`` changes them. With Basic
+    credentials and with bearer tokens from the node's token server alike; a
+    refusal changes nothing."""
+    source = identities()
+    for name, scope_map, password in (
+            ("reader", "_repositories_pull_metadata_read", "reader-pw-1a2b3c"),
+            ("locker", "_repositories_push_metadata_write", "locker-pw-4d5e6f")):
+        source.put_token(TokenRecord(name, scope_map,
+                                     passwords=(Password("password1", hash_secret(password)),)))
+    files = auth_files(tmp_path, "node-a")
+    node = await start_auth_node(files.config("node-a", tmp_path / "data"), source)
+    try:
+        async with aiohttp.ClientSession(headers=basic(REGISTRY, ADMIN_PASSWORD)) as admin:
+            await push_image(admin, node.url, "team/app", make_image(seed=30), tag="v1")
+        tag = f"{node.url}/acr/v1/team/app/_tags/v1"
+        lock = json.dumps({"writeEnabled": False})
+
+        async def attempt(method: str, headers: dict) -> int:
+            async with http.request(method, tag, headers={**headers, "Content-Type":
+                                                          "application/json"},
+                                    data=lock if method == "PATCH" else None) as r:
+                if r.status == 403:
+                    await assert_error(r, 403, "DENIED")
+                return r.status
+
+        pusher = basic("pusher", PUSH_PASSWORD)
+        reader = basic("reader", "reader-pw-1a2b3c")
+        locker = basic("locker", "locker-pw-4d5e6f")
+        assert await attempt("PATCH", pusher) == 403
+        assert await attempt("GET", pusher) == 403
+        assert await attempt("PATCH", reader) == 403
+        assert await attempt("GET", reader) == 200
+        async with http.get(tag, headers=reader) as r:
+            assert (await r.json())["tag"]["changeableAttributes"] == ALL_ENABLED
+        # Tokens: what the token server grants is what the scope map holds.
+        wanted = "repository:team/app:pull,push,metadata_read,metadata_write"
+        pusher_token = await token_for(http, node, "pusher", PUSH_PASSWORD, wanted)
+        assert await attempt("PATCH", bearer(pusher_token)) == 403
+        locker_token = await token_for(http, node, "locker", "locker-pw-4d5e6f", wanted)
+        assert await attempt("PATCH", bearer(locker_token)) == 200
+        async with http.get(tag, headers=reader) as r:
+            assert (await r.json())["tag"]["changeableAttributes"]["writeEnabled"] is False
+        assert await attempt("PATCH", locker) == 200
+    finally:
+        await node.stop()

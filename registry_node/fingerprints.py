@@ -10,7 +10,10 @@ it, read as a 256-bit integer:
 * a tag: its name, digest and stamp, live or deleted (a tombstone);
 * a manifest: its digest only while present (its stamp is renewed by tag sets
   that residency may keep from some replicas), its digest and stamp once
-  deleted.
+  deleted;
+* a set of changeable attributes (``locks``: the repository's, a tag's or a
+  manifest's): what it is about, its four values and its stamp. The region
+  is its origin region, as for the ``attributes_set`` event that carries it.
 
 A fingerprint is the sum of the terms modulo 2**256 (a hash-sum, as Dynamo's
 and Cassandra's range digests are order-free): any order of the same writes
@@ -50,7 +53,15 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 
 from . import keys
-from .records import FingerprintSums, ManifestRecord, TagRecord, Tombstone, decode, encode
+from .records import (
+    AttributesRecord,
+    FingerprintSums,
+    ManifestRecord,
+    TagRecord,
+    Tombstone,
+    decode,
+    encode,
+)
 
 # Two versions, changed together when a term changes (``term``): ``SCHEME``,
 # the stored one (a database marked with another is summed again on open), and
@@ -65,18 +76,20 @@ from .records import FingerprintSums, ManifestRecord, TagRecord, Tombstone, deco
 # therefore delete ``meta\0fingerprints`` (with the node stopped); the upgrade
 # then sums everything again. ``MetadataStore.fingerprint_discrepancies``
 # finds a database where that was forgotten.
-SCHEME = b"2"          # meta\0fingerprints: bump when a term or the layout changes
+SCHEME = b"3"          # meta\0fingerprints: bump when a term or the layout changes
 # How fingerprints travel (proto: SummaryRequest/Summary.fingerprint_scheme).
-RECOMPUTED = 0         # SHA-256 over the registers in key order (georeg before the sums)
-SUMMED = 1             # ``visible_fingerprint`` of the maintained sums; see above
+RECOMPUTED = 0         # SHA-256 over tags and manifests in key order (georeg before the sums)
+SUMMED_WITHOUT_ATTRIBUTES = 1   # the sums before attributes were registers: a georeg
+                                # that asks in it, or answers in it, is compared in RECOMPUTED
+SUMMED = 2             # ``visible_fingerprint`` of the maintained sums; see above
 MODULUS = 1 << 256
 EMPTY = bytes(32)
 
 Get = Callable[[bytes], bytes | None]
 
 
-def term(register: keys.TagKey | keys.ManifestKey | keys.TagTombKey | keys.ManifestTombKey,
-         value: bytes) -> tuple[str, int]:
+def term(register: keys.TagKey | keys.ManifestKey | keys.TagTombKey | keys.ManifestTombKey
+         | keys.AttributesKey, value: bytes) -> tuple[str, int]:
     """(region deciding residency, the register's term) for one stored register."""
     match register:
         case keys.TagKey(tag=tag):
@@ -94,7 +107,25 @@ def term(register: keys.TagKey | keys.ManifestKey | keys.TagTombKey | keys.Manif
             tomb = decode(value, Tombstone)
             region, text = tomb.origin_region, (
                 f"m|{digest}|1|{tomb.hlc}|{tomb.origin_region}|{tomb.origin_zone}")
+        case keys.AttributesKey():
+            record = decode(value, AttributesRecord)
+            a = record.attributes
+            region, text = record.origin_region, (
+                f"a|{attributes_target(register)}|{int(a.delete_enabled)}{int(a.write_enabled)}"
+                f"{int(a.read_enabled)}{int(a.list_enabled)}|{record.hlc}|{record.origin_region}"
+                f"|{record.origin_zone}")
     return region, int.from_bytes(hashlib.sha256(text.encode()).digest(), "big")
+
+
+def attributes_target(register: keys.AttributesKey) -> str:
+    """What an attributes register is about, unambiguously: ``r``, ``t|<tag>``
+    or ``m|<digest>``."""
+    match register:
+        case keys.TagAttributesKey(tag=tag):
+            return f"t|{tag}"
+        case keys.ManifestAttributesKey(digest=digest):
+            return f"m|{digest}"
+    return "r"
 
 
 def sums_of(raw: bytes | None) -> dict[str, int]:
@@ -158,7 +189,8 @@ def _add(out: dict[bytes, bytes | None], key: bytes, delta: dict[str, int], get:
 def registers(scan: Callable[[bytes], Iterator[tuple[bytes, bytes]]],
               repo: str) -> Iterator[tuple[bytes, bytes]]:
     """Every register of ``repo`` that a fingerprint sums, as stored."""
-    for prefix in (keys.tag_prefix(repo), keys.manifest_prefix(repo), keys.tomb_prefix(repo)):
+    for prefix in (keys.tag_prefix(repo), keys.manifest_prefix(repo), keys.tomb_prefix(repo),
+                   keys.attributes_prefix(repo)):
         for key, value in scan(prefix):
             if keys.register(key) is not None:
                 yield key, value
@@ -178,6 +210,7 @@ def recompute_all(scan: Callable[[bytes], Iterator[tuple[bytes, bytes]]]
     """Every repository's sums and every bucket's, the slow way (O(everything))."""
     names = {keys.parse(k, keys.RepoKey).repository for k, _ in scan(keys.REPO)}
     names.update(keys.parse(k, keys.TombKey).repository for k, _ in scan(keys.TOMB))
+    names.update(keys.parse(k, keys.AttributesKey).repository for k, _ in scan(keys.ATTRIBUTES))
     repos: dict[str, dict[str, int]] = {}
     buckets: dict[int, dict[str, int]] = {}
     for name in sorted(names):

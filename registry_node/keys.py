@@ -364,14 +364,16 @@ def bucket_fingerprint(bucket: int) -> bytes:
     return FINGERPRINT_BUCKET + _b(f"{bucket:02x}")
 
 
-def register(key: bytes) -> TagKey | ManifestKey | TagTombKey | ManifestTombKey | None:
+def register(key: bytes) -> (TagKey | ManifestKey | TagTombKey | ManifestTombKey | AttributesKey
+                             | None):
     """The register ``key`` holds, if it is one that anti-entropy compares (a
-    tag or manifest, live or deleted); ``None`` for every other key, cheaply,
-    since every key of every commit is asked (``fingerprints``)."""
-    if not (key.startswith(REPO_DATA) or key.startswith(TOMB)):
+    tag or manifest, live or deleted, or a set of changeable attributes);
+    ``None`` for every other key, cheaply, since every key of every commit is
+    asked (``fingerprints``)."""
+    if not (key.startswith(REPO_DATA) or key.startswith(TOMB) or key.startswith(ATTRIBUTES)):
         return None
     parsed = _parse(key)
-    if isinstance(parsed, (TagKey, ManifestKey, TagTombKey, ManifestTombKey)):
+    if isinstance(parsed, (TagKey, ManifestKey, TagTombKey, ManifestTombKey, AttributesKey)):
         return parsed
     return None
 

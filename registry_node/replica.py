@@ -50,6 +50,7 @@ from .configuration import Configuration
 from .errors import RegistryError
 from .metastore import Batch
 from .records import (
+    AttributesRecord,
     BlobLink,
     BlobRecord,
     Event,
@@ -451,7 +452,8 @@ class Replica:
     def repository_state(self, repo: str, visible: Callable[[str], bool]) -> dict[str, list[RegisterState]]:
         """Tags and manifests (live and deleted) of ``repo`` whose origin region
         passes ``visible``. Blob links are left out: a blob that matters is
-        carried by the manifests that need it."""
+        carried by the manifests that need it. Attributes registers are
+        ``attributes_state``'s."""
         tags: list[RegisterState] = []
         for key, raw in self.meta.scan(keys.tag_prefix(repo)):
             rec = decode(raw, TagRecord)
@@ -476,6 +478,27 @@ class Replica:
                 case keys.ManifestTombKey(digest=digest):
                     manifests_out.append(RegisterState(digest, digest, True, stamp_of(tomb)))
         return {"tags": tags, "manifests": manifests_out}
+
+    def attributes_state(self, repo: str, visible: Callable[[str], bool]) -> list[Event]:
+        """Every attributes register of ``repo`` (the repository's, its tags',
+        its manifests') whose origin region passes ``visible``, each as the
+        ``ATTRIBUTES_SET`` event applying it amounts to: anti-entropy repairs
+        them as the log would have (last writer wins by stamp), so a node that
+        missed the event (a log truncated behind it, a node rebuilt from its
+        peers) still ends up with every lock."""
+        out = []
+        for key, raw in self.meta.scan(keys.attributes_prefix(repo)):
+            record = decode(raw, AttributesRecord)
+            if not visible(record.origin_region):
+                continue
+            target = keys.parse(key, keys.AttributesKey)
+            out.append(Event(
+                kind=EventKind.ATTRIBUTES_SET, repository=repo,
+                tag=target.tag if isinstance(target, keys.TagAttributesKey) else "",
+                digest=target.digest if isinstance(target, keys.ManifestAttributesKey) else "",
+                origin_region=record.origin_region, origin_zone=record.origin_zone,
+                hlc=record.hlc, acked_ns=record.updated_ns, attributes=record.attributes))
+        return out
 
     def holds_register(self, repo: str, kind: EventKind, key: str) -> bool:
         """Whether this node holds anything — a value or a tombstone — of the tag

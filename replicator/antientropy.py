@@ -4,9 +4,9 @@ since become possible).
 
 Periodically, and whenever a subscription (re)connects, a node asks each peer
 for per-repository fingerprints over the state both may hold (residency), and
-for every repository that differs, the peer's full register state; each
-register is then applied through ``Transfer`` exactly as if it had arrived as
-an event. Registry configuration is compared the same way, by one fingerprint
+for every repository that differs, the peer's full register state (tags, manifests, and the changeable attributes of the
+repository, its tags and manifests); each register is then applied through
+``Transfer`` exactly as if it had arrived as an event. Registry configuration is compared the same way, by one fingerprint
 over all of it (registry-wide: no residency), and fetched whole where it
 differs. Pull-only: every node repairs itself from its peers, so with all
 nodes doing it the cluster converges whenever the replica graph is connected.
@@ -144,6 +144,11 @@ class AntiEntropy:
 
     async def _sync(self, peer: PeerClient) -> int:
         summary, entries = await self._repository_summaries(peer)
+        if summary.fingerprint_scheme == fingerprints.SUMMED_WITHOUT_ATTRIBUTES:
+            # A georeg from before attributes were summed answered in its own
+            # sums, which this node does not keep: ask it in the scheme both know.
+            summary = await peer.summarize(scheme=fingerprints.RECOMPUTED)
+            entries = list(summary.repositories)
         scheme = summary.fingerprint_scheme   # an older peer leaves it unset: RECOMPUTED
         if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
             raise permanent(f"{peer.name} fingerprints in unknown scheme {scheme}")
@@ -160,6 +165,7 @@ class AntiEntropy:
             state = await peer.repository_state(repo)
             changed += await self._merge(repo, [register_from_wire(r) for r in state.manifests],
                                          [register_from_wire(r) for r in state.tags], peer)
+            changed += await self._merge_attributes(repo, state.attributes, peer)
         if summary.configuration_fingerprint != self.replica.configuration.fingerprint():
             changed += await self._merge_configuration(peer)
         if changed:
@@ -199,6 +205,21 @@ class AntiEntropy:
                     self.replica.record_failure(repo, register.digest, exc.reason, peer.name)
                     continue
                 raise
+        return changed
+
+    async def _merge_attributes(self, repo: str, registers: Sequence[pb.Event],
+                                peer: PeerClient) -> int:
+        """Attributes registers (locks), each applied as the ``attributes_set``
+        event it amounts to: newer wins by stamp, as on the log, so a lock
+        this node missed is adopted and one it holds newer is kept. Events of
+        another repository (a confused peer) are not applied."""
+        changed = 0
+        for message in registers:
+            event = event_from_wire(message)
+            if event.kind is not EventKind.ATTRIBUTES_SET or event.repository != repo:
+                continue
+            if await self.transfer.apply(event, [peer]):
+                changed += 1
         return changed
 
     def _adoptable(self, repo: str, kind: EventKind, register: RegisterState) -> bool:

@@ -227,9 +227,10 @@ class PeerClient:
             requester=self._me, repository=repository, digest=digest), f"manifest {digest}")
 
     async def summarize(self, *, buckets_only: bool = False,
-                        buckets: Sequence[int] = ()) -> pb.Summary:
+                        buckets: Sequence[int] = (),
+                        scheme: int = fingerprints.SUMMED) -> pb.Summary:
         return await self._unary(self.stub.Summarize, pb.SummaryRequest(
-            requester=self._me, fingerprint_scheme=fingerprints.SUMMED,
+            requester=self._me, fingerprint_scheme=scheme,
             buckets_only=buckets_only, buckets=buckets), "summary")
 
     async def repository_state(self, repository: str) -> pb.RepositoryState:

@@ -694,7 +694,11 @@ class ReplicationService(pbg.ReplicationServicer):
         # In the scheme the requester compares in; one it does not know of
         # (a newer node) gets ours, and the reply says which it got.
         scheme = request.fingerprint_scheme
-        if scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
+        if scheme == fingerprints.SUMMED_WITHOUT_ATTRIBUTES:
+            # An older georeg: its sums have no attributes in them, and these
+            # have; it compares in RECOMPUTED as well, over tags and manifests.
+            scheme = fingerprints.RECOMPUTED
+        elif scheme not in (fingerprints.RECOMPUTED, fingerprints.SUMMED):
             scheme = fingerprints.SUMMED
         configuration = self.replica.configuration.fingerprint()
         by_bucket = scheme == fingerprints.SUMMED and not self.residency.repositories
@@ -730,12 +734,14 @@ class ReplicationService(pbg.ReplicationServicer):
     async def GetRepositoryState(self, request: pb.RepositoryStateRequest,
                                  context: grpc.aio.ServicerContext) -> pb.RepositoryState:
         requester = await self._requester(request.requester, context)
-        state = self.replica.repository_state(
-            request.repository, self._visible_to_both(request.repository, requester))
+        visible = self._visible_to_both(request.repository, requester)
+        state = self.replica.repository_state(request.repository, visible)
         return pb.RepositoryState(
             repository=request.repository,
             tags=[register_to_wire(r) for r in state["tags"]],
-            manifests=[register_to_wire(r) for r in state["manifests"]])
+            manifests=[register_to_wire(r) for r in state["manifests"]],
+            attributes=[event_to_wire(e) for e in
+                        self.replica.attributes_state(request.repository, visible)])
 
     # -- status ----------------------------------------------------------------
 

@@ -20,12 +20,12 @@ import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry_node import fingerprints, hlc, keys
+from registry_node import fingerprints, hlc, keys, locks
 from registry_node.config import NodeConfig
-from registry_node.errors import RegistryError
+from registry_node.errors import ErrorCode, RegistryError
 from registry_node.metastore import Batch, MetadataStore
 from registry_node.node import Node
-from registry_node.records import Event, EventKind
+from registry_node.records import ChangeableAttributes, Event, EventKind
 from registry_node.reference import Digest
 from registry_node.replica import MissingContent, Replica
 from replicator.retention import LogRetention
@@ -66,6 +66,9 @@ operations = st.one_of(
     st.tuples(st.just("remote tag"), repo_i, tag_i, manifest_i, stamp),
     st.tuples(st.just("remote tag delete"), repo_i, tag_i, manifest_i, stamp),
     st.tuples(st.just("remote manifest delete"), repo_i, manifest_i, stamp),
+    st.tuples(st.just("lock"), repo_i, st.integers(0, 2), st.integers(0, 2), st.booleans()),
+    st.tuples(st.just("remote lock"), repo_i, st.integers(0, 2), st.integers(0, 2),
+              st.booleans(), stamp),
     st.tuples(st.just("replay"), st.integers(0, 1000)),
     st.tuples(st.just("reopen")),
     st.tuples(st.just("collect tombstones")),
@@ -133,6 +136,8 @@ class Subject:
                     replica.apply_tag_delete(event)
                 case "manifest delete":
                     replica.apply_manifest_delete(event)
+                case "attributes":
+                    replica.apply_attributes(event)
         except MissingContent:
             return   # a tag whose manifest is not here: refused, nothing written
         self.applied.append((kind, event))
@@ -141,8 +146,25 @@ class Subject:
         registry = self.node.registry
         match op:
             case ("push", r, m, t):
-                await registry.put_manifest(REPOS[r], DIGESTS[m] if t is None else TAGS[t],
-                                            MANIFESTS[m], OCI_MANIFEST)
+                try:
+                    await registry.put_manifest(REPOS[r], DIGESTS[m] if t is None else TAGS[t],
+                                                MANIFESTS[m], OCI_MANIFEST)
+                except RegistryError as exc:      # a lock refuses it, and nothing is written
+                    assert exc.code is ErrorCode.REGISTRY_DISALLOWED_OPERATION, exc
+            case ("lock", r, what, i, value):
+                # A repository's, a tag's or a manifest's attributes (registers of their own).
+                await _refused_or_done(registry.update_attributes(
+                    _target(REPOS[r], what, i), {"writeEnabled": value}))
+            case ("remote lock", r, what, i, value, at):
+                target = _target(REPOS[r], what, i)
+                logical, region, zone = at
+                self.apply("attributes", Event(
+                    kind=EventKind.ATTRIBUTES_SET, repository=REPOS[r],
+                    tag=target.name if target.kind == locks.TAG else "",
+                    digest=target.name if target.kind == locks.MANIFEST else "",
+                    origin_region=region, origin_zone=zone, hlc=hlc.pack(WALL_MS, logical),
+                    acked_ns=1, attributes=ChangeableAttributes(delete_enabled=value,
+                                                                list_enabled=not value)))
             case ("delete tag", r, t):
                 await _refused_or_done(registry.delete_manifest(REPOS[r], TAGS[t]))
             case ("delete manifest", r, m):
@@ -172,6 +194,12 @@ class Subject:
                                    retain_events=0, interval_s=1,
                                    wall_ns=lambda: (WALL_MS << 2) * 1_000_000).compact()
                 assert not self.node.meta.has_prefix(keys.TOMB)
+
+
+def _target(repo: str, what: int, i: int) -> locks.Target:
+    if what == 0:
+        return locks.repository(repo)
+    return locks.tag(repo, TAGS[i]) if what == 1 else locks.manifest(repo, DIGESTS[i])
 
 
 async def _refused_or_done(call) -> None:

@@ -19,7 +19,7 @@ import pytest
 from cluster.control import spec as specs
 from cluster.control.plan import plan
 from cluster.faults.verify import NodeTarget, verify
-from registry_node import keys
+from registry_node import keys, locks
 from registry_node.config import NodeConfig
 from registry_node.metastore import Batch, MetadataStore
 from registry_node.records import Cursor, Event, EventKind, NodeIdentity, Tombstone, decode, encode
@@ -365,6 +365,59 @@ async def test_a_replica_away_past_the_horizon_resyncs_by_anti_entropy(tmp_path,
                          timeout=10, what="the next image by the log")
         assert sub.resyncs == 1
         await _verify_clean(cluster)
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_a_lock_set_while_a_replica_was_away_past_the_horizon_comes_back_by_resync(
+        tmp_path, http, monkeypatch):
+    """Attributes travel by the log, and by anti-entropy where the log cannot
+    reach: westeurope is away while East US write-locks a tag, delete-locks
+    its manifest and list-locks the repository, and East US truncates its log
+    behind it. Its resync must bring every lock (a lock silently lost is the
+    Azure/acr #592 bug), and a push to the locked tag there is then refused."""
+    async def no_round(self, peer) -> int:
+        return 0
+    monkeypatch.setattr(AntiEntropy, "sync_with", no_round)
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")],
+                                  settings=_settings(peer_horizon_s=1.0))
+    try:
+        east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        rng = random.Random(7)
+        digest = await push_image(http, east.url, "app", layered_image(rng, False), tag="v1")
+        await eventually(lambda: west.replication.replica.resolve_tag("app", "v1"),
+                         timeout=10, what="the image in westeurope")
+        await cluster.stop("westeurope")
+        for path, body in (("/acr/v1/app/_tags/v1", {"writeEnabled": False}),
+                           (f"/acr/v1/app/_manifests/{digest}", {"deleteEnabled": False}),
+                           ("/acr/v1/app", {"listEnabled": False})):
+            async with http.patch(east.url + path, json=body) as r:
+                assert r.status == 200, await r.text()
+        meta = east.registry.meta
+        await eventually(lambda: meta.log_floor == meta.last_seq, timeout=15,
+                         what="eastus to stop keeping its log for westeurope")
+
+        await cluster.restart("westeurope")
+        west = cluster.nodes["westeurope"]
+        sub = next(s for s in west.replication.subscriptions if s.peer.name == "eastus")
+        await eventually(lambda: sub.resyncs >= 1 and sub.cursor().seq >= meta.last_seq,
+                         timeout=20, what="westeurope to resync from eastus")
+        held = west.registry.locks
+        assert held.of(locks.tag("app", "v1")).write_enabled is False
+        assert held.of(locks.manifest("app", digest)).delete_enabled is False
+        assert held.of(locks.repository("app")).list_enabled is False
+        for what in (locks.tag("app", "v1"), locks.manifest("app", digest),
+                     locks.repository("app")):
+            assert held.record(what) == east.registry.locks.record(what), what
+        image = layered_image(rng, False)
+        await push_image(http, west.url, "app", image)
+        async with http.put(f"{west.url}/v2/app/manifests/v1", data=image.manifest,
+                            headers={"Content-Type": image.media_type}) as r:
+            assert r.status == 405, await r.text()
+        assert west.registry.meta.fingerprint_discrepancies() == []
+        for node in (east, west):
+            for peer in node.replication.clients:
+                assert await AntiEntropy.resync(node.replication.anti_entropy, peer) == 0
     finally:
         await stop_cluster(cluster)
 

@@ -640,6 +640,46 @@ async def test_fingerprints_are_compared_in_the_scheme_of_the_reply_that_carried
         await stop_cluster(cluster)
 
 
+async def test_a_peer_summing_without_attributes_is_compared_in_the_scheme_both_know(
+        tmp_path, http, monkeypatch):
+    """A georeg from before attributes were summed answers a question in the
+    current scheme with its own sums (scheme 1, which this node does not keep)
+    and asks in scheme 1 itself: both sides fall back to RECOMPUTED, over tags
+    and manifests, instead of failing every round (``unknown scheme``)."""
+    real = ReplicationService.Summarize
+    asked: list[int] = []
+
+    async def older(self, request, context):
+        asked.append(request.fingerprint_scheme)
+        if request.fingerprint_scheme == fingerprints.RECOMPUTED:
+            return await real(self, request, context)
+        # What an older node answers to a scheme it does not know: its own.
+        return pb.Summary(fingerprint_scheme=fingerprints.SUMMED_WITHOUT_ATTRIBUTES,
+                          repositories=[pb.RepositorySummary(repository="many/r3",
+                                                             fingerprint=bytes(32))])
+    monkeypatch.setattr(ReplicationService, "Summarize", older)
+    cluster, rounds, source, written = await west_behind_eastus(tmp_path, http, random.Random(28))
+    try:
+        assert await rounds.sync_with(source) >= 3
+        assert asked[-1] == fingerprints.RECOMPUTED
+        assert rounds.fetched == len(written), "only what changed is fetched"
+        assert_repaired(cluster)
+        # And asked by an older node in its scheme, this one answers in RECOMPUTED
+        # (the service itself: the one serving here is the stand-in above).
+        west = cluster.nodes["westeurope"]
+        reply = await real(cluster.nodes["eastus"].replication.service, pb.SummaryRequest(
+            requester=node_ref(west.registry.identity),
+            fingerprint_scheme=fingerprints.SUMMED_WITHOUT_ATTRIBUTES), None)
+        assert reply.fingerprint_scheme == fingerprints.RECOMPUTED
+        mine = {r: west.replication.replica.fingerprint(r, lambda region: True,
+                                                        fingerprints.RECOMPUTED)
+                for r in ("many/r3", "many/r7", "many/new")}
+        assert {e.repository: e.fingerprint for e in reply.repositories
+                if e.repository in mine} == mine
+    finally:
+        await stop_cluster(cluster)
+
+
 async def test_summarizing_many_repositories_lets_the_node_serve_in_between(tmp_path, http):
     """A summary of every repository (a new replica, or per-repository
     residency rules) reads one fingerprint per repository, a hundred thousand

@@ -309,16 +309,18 @@ class Register(_message.Message):
     def __init__(self, key: _Optional[str] = ..., digest: _Optional[str] = ..., deleted: _Optional[bool] = ..., hlc: _Optional[int] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., origin_acked_ns: _Optional[int] = ...) -> None: ...
 
 class RepositoryState(_message.Message):
-    __slots__ = ("repository", "tags", "manifests", "blobs")
+    __slots__ = ("repository", "tags", "manifests", "blobs", "attributes")
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     MANIFESTS_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     repository: str
     tags: _containers.RepeatedCompositeFieldContainer[Register]
     manifests: _containers.RepeatedCompositeFieldContainer[Register]
     blobs: _containers.RepeatedCompositeFieldContainer[Register]
-    def __init__(self, repository: _Optional[str] = ..., tags: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., manifests: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., blobs: _Optional[_Iterable[_Union[Register, _Mapping]]] = ...) -> None: ...
+    attributes: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, repository: _Optional[str] = ..., tags: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., manifests: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., blobs: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., attributes: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class ImageStatusRequest(_message.Message):
     __slots__ = ("repository", "digest", "tag", "requester")

@@ -17,7 +17,10 @@ opened read-only from outside, so both views have one shape::
                                         "references", "subject", "stamp"}},
          "deleted_manifests": {digest: {"stamp"}},
          "blob_links":        {digest: {"stamp"}},
-         "deleted_blob_links": {digest: {"stamp"}}}},
+         "deleted_blob_links": {digest: {"stamp"}},
+         "attributes":        {"repository" | "tag:<tag>" | "manifest:<digest>":
+                               {"attributes": {deleteEnabled, writeEnabled, readEnabled,
+                                               listEnabled}, "stamp"}}}},
      "blobs": {digest: size},                        # blob records (metadata)
      "blob_files": [digest, …]}                      # blob files on disk
 
@@ -31,6 +34,7 @@ from typing import TypeVar
 
 from . import keys
 from .records import (
+    AttributesRecord,
     BlobLink,
     BlobRecord,
     ManifestRecord,
@@ -51,7 +55,8 @@ def _repository(out: dict, name: str) -> dict:
     repo = out.get(name)
     if repo is None:
         repo = out[name] = {"tags": {}, "deleted_tags": {}, "manifests": {},
-                            "deleted_manifests": {}, "blob_links": {}, "deleted_blob_links": {}}
+                            "deleted_manifests": {}, "blob_links": {}, "deleted_blob_links": {},
+                            "attributes": {}}
     return repo
 
 
@@ -65,6 +70,17 @@ def _keys(scan: Scan, prefix: bytes, kind: type[_K]) -> Iterator[tuple[_K, bytes
             yield keys.parse(key, kind), raw
         except keys.MalformedKey:
             continue
+
+
+def attributes_name(key: keys.AttributesKey) -> str:
+    """How the inventory names an attributes register: ``repository``,
+    ``tag:<tag>`` or ``manifest:<digest>``."""
+    match key:
+        case keys.TagAttributesKey(tag=tag):
+            return f"tag:{tag}"
+        case keys.ManifestAttributesKey(digest=digest):
+            return f"manifest:{digest}"
+    return "repository"
 
 
 def build(scan: Scan, blob_files: Iterable[str], last_seq: int = 0) -> dict:
@@ -99,6 +115,10 @@ def build(scan: Scan, blob_files: Iterable[str], last_seq: int = 0) -> dict:
                 deleted["deleted_manifests"][digest] = entry
             case keys.BlobTombKey(digest=digest):
                 deleted["deleted_blob_links"][digest] = entry
+    for key, raw in _keys(scan, keys.ATTRIBUTES, keys.AttributesKey):
+        record = decode(raw, AttributesRecord)
+        _repository(repositories, key.repository)["attributes"][attributes_name(key)] = {
+            "attributes": record.attributes.to_acr(), "stamp": list(stamp_of(record))}
     identity = None
     for _, raw in scan(keys.IDENTITY):
         found = decode(raw, NodeIdentity)

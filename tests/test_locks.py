@@ -12,7 +12,11 @@ import json
 import aiohttp
 import pytest
 
+from cluster.faults.verify import NodeTarget, verify
+from registry_node import locks
 from registry_node.auth.identities import Password, TokenRecord, hash_secret
+from registry_node.metastore import Batch
+from registry_node.records import ChangeableAttributes
 
 from .auth_helpers import (
     ADMIN_PASSWORD,
@@ -28,10 +32,12 @@ from .helpers import (
     OCI_MANIFEST,
     Skopeo,
     assert_error,
+    eventually,
     make_image,
     push_image,
     write_oci_layout,
 )
+from .replication_invariants import start_cluster, stop_cluster
 from .test_auth_api import token_for
 
 DISALLOWED = "REGISTRY_DISALLOWED_OPERATION"
@@ -343,3 +349,57 @@ async def test_changing_attributes_needs_metadata_write_and_reading_them_metadat
         assert await attempt("PATCH", locker) == 200
     finally:
         await node.stop()
+
+
+# -- georeg verify ------------------------------------------------------------------------
+
+
+async def test_verify_compares_attributes_and_serves_them_as_locks_have_them(tmp_path, http):
+    """Two replicas holding the same locks verify clean, a list-disabled
+    repository missing from the catalog and a read-disabled manifest refused
+    included (that is how they are served). A lock reverted on one replica
+    (an older value) and a lock lost on it (no register) are each an
+    ``attributes`` divergence naming the node and the newest value."""
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")])
+    try:
+        east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        digest = await push_image(http, east.url, "app", make_image(seed=40), tag="v1")
+        acr = f"{east.url}/acr/v1/app"
+        await patch(http, f"{acr}/_tags/v1", {"writeEnabled": False})
+        await patch(http, f"{acr}/_manifests/{digest}", {"readEnabled": False})
+        await patch(http, acr, {"listEnabled": False})
+        targets = (locks.tag("app", "v1"), locks.manifest("app", digest), locks.repository("app"))
+        def held(node, target):
+            record = node.registry.locks.record(target)
+            return record and (record.attributes, record.hlc, record.origin_region)
+        await eventually(lambda: all(held(west, t) == held(east, t) for t in targets),
+                         what="the locks in westeurope")
+
+        async def report():
+            nodes = [NodeTarget(n.name, n.region, n.url, n.zone, n.data_dir)
+                     for n in cluster.running()]
+            done = await verify(nodes, policy=cluster.residency, timeout=30)
+            assert done.error is None
+            return done
+
+        clean = await report()
+        assert clean.divergences == [], clean.as_dict()
+
+        # West Europe's tag lock reverted to an older value, its manifest's lost.
+        batch = Batch()
+        tag_lock = east.registry.locks.record(locks.tag("app", "v1"))
+        west.registry.locks.stage(batch, locks.tag("app", "v1"), ChangeableAttributes(),
+                                  (tag_lock.hlc - 1, "westeurope", ""), 0)
+        batch.delete(locks.manifest("app", digest).key())
+        west.registry.meta.commit(batch)
+        found = {(d.kind, d.node, d.tag, d.digest): d for d in (await report()).divergences}
+        assert set(found) == {("attributes", "westeurope", "v1", None),
+                              ("attributes", "westeurope", None, digest)}, \
+            [d.as_dict() for d in found.values()]
+        reverted = found[("attributes", "westeurope", "v1", None)]
+        assert reverted.expected["writeEnabled"] is False and reverted.actual["writeEnabled"]
+        assert reverted.source == "eastus"
+        lost = found[("attributes", "westeurope", None, digest)]
+        assert lost.expected["readEnabled"] is False and lost.actual is None
+    finally:
+        await stop_cluster(cluster)

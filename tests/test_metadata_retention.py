@@ -418,6 +418,7 @@ async def test_a_lock_set_while_a_replica_was_away_past_the_horizon_comes_back_b
         for node in (east, west):
             for peer in node.replication.clients:
                 assert await AntiEntropy.resync(node.replication.anti_entropy, peer) == 0
+        await _verify_clean(cluster)
     finally:
         await stop_cluster(cluster)
 

@@ -7,13 +7,19 @@ data dir, and names every divergence it finds:
   are tombstones). For every node, the write it should hold is the newest
   write, on any checked node, whose origin region residency lets into the
   node's region; what it holds must be that write (a tag's digest, a
-  manifest's presence). A manifest that a present index of the node needs is
+  manifest's presence). Changeable attributes (locks) are registers too: every
+  node holds, for the repository and each tag and manifest, the newest set
+  residency lets reach it (a node without one where another has one
+  diverges). A manifest that a present index of the node needs is
   kept whatever its deletes say, as replication keeps it. Unreferenced blob
   links are not compared: each node's garbage collector reclaims them on its
   own schedule. Blobs are compared through the manifests that need them.
 * **Served and stored agree** — the catalog, each tags list, each tag's
   resolution and each referrers listing served by the OCI API match what the
-  node stores (its inventory, ``GET /georeg/v1/inventory``).
+  node stores (its inventory, ``GET /georeg/v1/inventory``), as its locks
+  have them served: a list-disabled repository or tag is left out of its
+  listing, and a read-disabled one answers ``405`` (its bytes are then
+  checked no further).
 * **Completeness** — every manifest a node stores is served byte-exact, and
   every blob it names answers ``HEAD`` with 200 and the descriptor's size,
   every child manifest is stored and answers 200; every tag points at a
@@ -74,6 +80,7 @@ MANIFEST_ACCEPT = ", ".join((
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json"))
 REQUESTS_PER_NODE = 16
+DISALLOWED = 405       # what a node answers a read of content its locks forbid
 DISK_OPEN_ATTEMPTS = 5
 
 
@@ -98,8 +105,8 @@ class NodeTarget:
 class Divergence:
     """One thing that is not as it should be, on one node.
 
-    kind: ``tag`` | ``manifest`` (a register differs from the write it should
-    hold) | ``served`` (the API disagrees with storage) | ``incomplete`` (a
+    kind: ``tag`` | ``manifest`` | ``attributes`` (a register differs from
+    the write it should hold) | ``served`` (the API disagrees with storage) | ``incomplete`` (a
     served manifest lacks something it names) | ``storage`` (a blob record
     without its file) | ``residency`` (data outside the regions it may be in).
     """
@@ -341,8 +348,9 @@ async def _collect(http: aiohttp.ClientSession, target: NodeTarget) -> Snapshot:
         raise _Unreachable(f"GET /georeg/v1/inventory answered {status}")
     snap = Snapshot(target, json.loads(body))
     catalog = await node.listing("/v2/_catalog", "repositories") or []
-    if sorted(catalog) != sorted(snap.inventory["catalog"]):
-        served, stored = set(catalog), set(snap.inventory["catalog"])
+    listed = [r for r in snap.inventory["catalog"] if _enabled(snap, r, "repository", "list")]
+    if sorted(catalog) != sorted(listed):
+        served, stored = set(catalog), set(listed)
         for repo in sorted(served ^ stored):
             snap.problem("served", repo, "the catalog " + ("lists a repository the node does not "
                          "store" if repo in served else "omits a repository the node stores"),
@@ -370,7 +378,8 @@ async def _collect(http: aiohttp.ClientSession, target: NodeTarget) -> Snapshot:
 
 async def _check_repository(node: _Node, snap: Snapshot, repo: str) -> None:
     stored = snap.repo(repo)
-    stored_tags = stored.get("tags", {})
+    stored_tags = {t: v for t, v in stored.get("tags", {}).items()
+                   if _enabled(snap, repo, f"tag:{t}", "list")}
     served_tags = await node.listing(f"/v2/{repo}/tags/list", "tags") or []
     manifests = stored.get("manifests", {})
     for tag in sorted(set(served_tags) | set(stored_tags)):
@@ -388,6 +397,12 @@ async def _check_repository(node: _Node, snap: Snapshot, repo: str) -> None:
         # fetch them from a peer.
         status, _, headers = await node.get(f"/v2/{repo}/manifests/{tag}", head=True,
                                             headers={"Accept": MANIFEST_ACCEPT})
+        if not _readable(snap, repo, f"tag:{tag}") or (
+                expected and not _readable(snap, repo, f"manifest:{expected}")):
+            if status != DISALLOWED:
+                snap.problem("served", repo, f"a read-disabled tag answers HEAD with {status}",
+                             tag=tag, expected=DISALLOWED, actual=status)
+            continue
         actual = headers.get("Docker-Content-Digest") if status == 200 else None
         if actual != expected:
             snap.problem("served", repo, f"the tag resolves (HEAD: {status}) to something "
@@ -411,6 +426,11 @@ async def _check_manifest(node: _Node, snap: Snapshot, repo: str, digest: str,
     record = stored[digest]
     status, body, headers = await node.get(f"/v2/{repo}/manifests/{digest}",
                                            headers={"Accept": MANIFEST_ACCEPT})
+    if not _readable(snap, repo, f"manifest:{digest}"):
+        if status != DISALLOWED:
+            snap.problem("served", repo, f"a read-disabled manifest answers GET with {status}",
+                         digest=digest, expected=DISALLOWED, actual=status)
+        return
     if status != 200:
         snap.problem("incomplete", repo, f"a stored manifest is not served (GET: {status})",
                      digest=digest, expected=200, actual=status)
@@ -459,12 +479,27 @@ async def _check_child(node: _Node, snap: Snapshot, repo: str, manifest: str, ch
     status, _, headers = await node.get(f"/v2/{repo}/manifests/{child}", head=True,
                                         headers={"Accept": MANIFEST_ACCEPT})
     length = int(headers.get("Content-Length", -1)) if status == 200 else None
+    if status == DISALLOWED and not _readable(snap, repo, f"manifest:{child}"):
+        return      # read-disabled: stored (checked by the caller), and not served
     if status != 200:
         snap.problem("incomplete", repo, f"index {manifest} is served but its child {child} "
                      f"answers HEAD with {status}", digest=manifest, expected=200, actual=status)
     elif size is not None and length != size:
         snap.problem("incomplete", repo, f"child {child} of index {manifest} has the wrong size",
                      digest=manifest, expected=size, actual=length)
+
+
+def _enabled(snap: Snapshot, repo: str, name: str, what: str) -> bool:
+    """Whether the attributes register ``name`` of ``repo`` (``repository``,
+    ``tag:<tag>``, ``manifest:<digest>``) leaves ``what`` enabled on the node."""
+    entry = snap.repo(repo).get("attributes", {}).get(name)
+    return entry is None or entry["attributes"][f"{what}Enabled"]
+
+
+def _readable(snap: Snapshot, repo: str, name: str) -> bool:
+    """Whether the node serves the tag or manifest ``name`` (its repository's
+    read lock and its own)."""
+    return _enabled(snap, repo, "repository", "read") and _enabled(snap, repo, name, "read")
 
 
 def _descriptor_sizes(doc: dict) -> dict[str, int]:
@@ -535,6 +570,38 @@ def compare_registers(snapshots: list[Snapshot], policy: ResidencyPolicy) -> lis
                     "manifest", s.name, s.region, repo, _manifest_detail(winner, held),
                     digest=digest, expected="present" if winner.value else "absent",
                     actual="present" if held else "absent", source=winner.node.name))
+        out += _compare_attributes(snapshots, policy, repo)
+    return out
+
+
+def _compare_attributes(snapshots: list[Snapshot], policy: ResidencyPolicy,
+                        repo: str) -> list[Divergence]:
+    """Every node holds, for each attributes register of ``repo``, the newest
+    set residency lets reach it; holding none where one is due diverges (a
+    lock lost), and so does holding an older one (a lock reverted)."""
+    out = []
+    names = sorted({n for s in snapshots for n in s.repo(repo).get("attributes", {})})
+    for name in names:
+        writes = {}
+        for s in snapshots:
+            entry = s.repo(repo).get("attributes", {}).get(name)
+            if entry is not None:
+                stamp = _stamp(entry)
+                writes[s.name] = _Write(s, stamp, json.dumps(entry["attributes"], sort_keys=True),
+                                        stamp[1])
+        kind, _, which = name.partition(":")
+        for s in snapshots:
+            held, winner = _expectation(s, repo, writes, policy)
+            if winner is None or winner.value == held:
+                continue
+            out.append(Divergence(
+                "attributes", s.name, s.region, repo,
+                f"the newest attributes of the {kind} this node may hold ({_when(winner)}, on "
+                f"{winner.node.name}) are not what it holds",
+                tag=which if kind == "tag" else None,
+                digest=which if kind == "manifest" else None,
+                expected=json.loads(winner.value), actual=json.loads(held) if held else None,
+                source=winner.node.name))
     return out
 
 
@@ -808,6 +875,10 @@ def _key_names(key: keys.Key | None, value: bytes) -> tuple[list[str], list[str]
             return [repo], _pointed(value, TagRecord)
         case keys.TagTombKey(repository=repo):
             return [repo], _pointed(value, Tombstone)
+        case keys.ManifestAttributesKey(repository=repo, digest=digest):
+            return [repo], [digest]
+        case keys.AttributesKey(repository=repo):
+            return [repo], []
         case keys.TombstoneCandidateKey(tomb=tomb):   # names what its tombstone names
             with contextlib.suppress(Exception):
                 return _key_names(tomb, decode(value, TombstoneCandidate).tombstone)

@@ -240,6 +240,13 @@ def _failed(mapping: Mapping, what: str, reason: str) -> RegistryError:
 
 def _refusal(exc: UpstreamError, mapping: Mapping, reference: str,
              blob: bool = False) -> RegistryError:
+    if exc.kind is UpstreamFailure.UNAUTHORIZED:
+        # upstream_http's advice is an import's (--username): a rule's is its credential set.
+        return _failed(mapping, reference,
+                       f"authentication required with source registry for cache rule "
+                       f"'{mapping.rule}' ({str(exc).split('; give')[0]}); give the rule a "
+                       "credential set the source accepts (`georeg credential-set create`, "
+                       "then `georeg cache create --cred-set`)")
     if exc.kind is UpstreamFailure.NOT_FOUND:
         if blob:
             return RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": reference, "reason": str(exc)})

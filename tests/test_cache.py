@@ -16,10 +16,12 @@ import json
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from cluster.bench.reference import find_binary
+from cluster.control import management_client
 from cluster.control import spec as specs
 from cluster.testing import RunningCluster
 from registry_node.cache_rules import CacheRule, overlaps, parse_source_repo, rule_for
@@ -28,7 +30,7 @@ from registry_node.manifest import OCI_INDEX
 
 from .helpers import Skopeo, descriptor, digest_of, eventually, require_program
 from .test_cluster import georeg
-from .test_import import Source, SourceProxy
+from .test_import import Source, SourceProxy, push_to_distribution
 
 SPEC = specs.ClusterSpec(registry="georegcache", tier="Premium", home_region="eastus",
                          replicas=(specs.ReplicaSpec("westeurope"),))
@@ -181,6 +183,15 @@ async def test_a_tag_pulled_through_is_stored_replicated_and_served_while_upstre
     assert await held(running, "westeurope", "cached/small", sbom) is None
 
 
+async def tag_upstream(source, repo: str, image) -> None:
+    """``image`` pushed upstream as ``repo:1.0``."""
+    async with aiohttp.ClientSession() as http:
+        await push_to_distribution(http, source.registry.url, repo, image)
+        async with http.put(f"{source.registry.url}/v2/{repo}/manifests/1.0",
+                            data=image.manifest, headers={"Content-Type": image.media_type}) as r:
+            assert r.status == 201, await r.text()
+
+
 async def test_a_wildcard_rule_brings_an_index_with_every_platform(running, source, skopeo,
                                                                    tmp_path):
     await create_rule(running, "hub-all", f"{source.host}/*", "hub/*")
@@ -193,6 +204,12 @@ async def test_a_wildcard_rule_brings_an_index_with_every_platform(running, sour
     assert await held(running, "westeurope", "hub/multi", "1.0") == index
     assert await skopeo.inspect_raw(skopeo.ref("hub/small:1.0")) == await source.raw("small:1.0")
     await replicated(running, "hub/multi", index, index)
+    # No automatic refresh (ACR's rule): a tag upstream moves after it was
+    # cached is served as cached.
+    await tag_upstream(source, "moving", source.small)
+    assert await held(running, "westeurope", "hub/moving", "1.0") == source.small.digest
+    await tag_upstream(source, "moving", source.platforms[0])
+    assert await held(running, "westeurope", "hub/moving", "1.0") == source.small.digest
     # A wildcard rule that overlaps it is refused, naming it; nothing changes.
     before = await asyncio.to_thread(cli, running, "cache", "list", "--json")
     refused = await asyncio.to_thread(cli, running, "cache", "create", "--name", "hub-lib",
@@ -245,6 +262,17 @@ async def test_a_credential_set_pulls_and_the_client_needs_pull_on_the_target(
         shown = await asyncio.to_thread(cli, running, "credential-set", "show", "--name",
                                         "upstream-creds")
         assert json.loads(shown.stdout)["username"] == "puller" and "s3cret" not in shown.stdout
+        raw = await asyncio.to_thread(
+            management_client.request, running.management_url, "GET",
+            "/georeg/v1/configuration/credential-set/upstream-creds",
+            headers=running.owner_headers())
+        assert raw["value"]["password"] == "***"
+        # What a node stores and replicates is sealed.
+        async with running.http(headers=running.internal_headers()) as http, http.get(
+                f"{node_of(running, 'westeurope')}/georeg/v1/configuration/credential-set/"
+                "upstream-creds") as r:
+            stored = (await r.json())["value"]["password"]
+        assert stored.startswith("sealed:v1:") and "s3cret" not in stored
         await create_rule(running, "private", f"{host}/small", "private/small",
                           "--cred-set", "upstream-creds")
         await create_rule(running, "private-anon", f"{host}/multi", "private/multi")
@@ -260,7 +288,8 @@ async def test_a_credential_set_pulls_and_the_client_needs_pull_on_the_target(
         # A rule without one: the upstream refuses, and the client hears why.
         status, _, body = await get_manifest(running, "westeurope", "private/multi", "1.0")
         assert status == 424 and "cache rule 'private-anon'" in body.decode()
-        assert "credentials" in body.decode()
+        assert "authentication required with source registry" in body.decode()
+        assert "--username" not in body.decode()
         # A credential set a rule uses cannot be deleted.
         refused = await asyncio.to_thread(cli, running, "credential-set", "delete", "--name",
                                           "upstream-creds")

@@ -52,7 +52,15 @@ import aiohttp
 import structlog
 
 from . import manifest as manifests
-from .cache_rules import CACHE_RULE, CREDENTIAL_SET, CredentialSet, Mapping, open_password, rule_for
+from .cache_rules import (
+    CACHE_RULE,
+    CREDENTIAL_SET,
+    CacheRule,
+    CredentialSet,
+    Mapping,
+    open_password,
+    rule_for,
+)
 from .configuration import Configuration
 from .configuration_key import ConfigurationKey
 from .errors import ErrorCode, RegistryError
@@ -94,10 +102,18 @@ class PullThrough:
         self.registry = registry
         self.key = key
         self._http = http
-        self._inflight: dict[tuple[str, str], asyncio.Lock] = {}
+        # (repository, reference) -> [its lock, how many pulls hold or wait for it]
+        self._inflight: dict[tuple[str, str], list] = {}
+        # The rules as of a configuration generation: every 404 of a manifest
+        # asks, and most repositories are covered by none.
+        self._rules: tuple[int, list[tuple[str, CacheRule]]] = (-1, [])
 
     def mapping(self, repository: str) -> Mapping | None:
-        return rule_for(self.configuration.items(CACHE_RULE), repository)
+        generation = self.configuration.generation
+        if self._rules[0] != generation:
+            self._rules = (generation, [(n, r) for n, r in self.configuration.items(CACHE_RULE)
+                                        if isinstance(r, CacheRule)])
+        return rule_for(self._rules[1], repository) if self._rules[1] else None
 
     async def fetch_manifest(self, repository: str, reference: str) -> bool:
         if not (is_digest(reference) or TAG_RE.fullmatch(reference)):
@@ -142,12 +158,14 @@ class PullThrough:
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, repository: str, reference: str):
         key = (repository, reference)
-        lock = self._inflight.setdefault(key, asyncio.Lock())
+        entry = self._inflight.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
         try:
-            async with lock:
+            async with entry[0]:
                 yield
         finally:
-            if not lock.locked() and self._inflight.get(key) is lock:
+            entry[1] -= 1
+            if entry[1] == 0:
                 del self._inflight[key]
 
     def _source(self, mapping: Mapping) -> UpstreamRegistry:

@@ -84,10 +84,12 @@ class CountingProxy(SourceProxy):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.requests = 0
+        self.paths: list[str] = []
         self.refusing = False
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        self.paths.append(request.path)
         if self.refusing:
             return web.Response(status=503, text="down for the test")
         return await super().handle(request)
@@ -294,6 +296,20 @@ async def test_a_credential_set_pulls_and_the_client_needs_pull_on_the_target(
         refused = await asyncio.to_thread(cli, running, "credential-set", "delete", "--name",
                                           "upstream-creds")
         assert refused.returncode == 2 and "used by cache rule private" in refused.stderr
+    finally:
+        await proxy.stop()
+
+
+async def test_concurrent_pulls_of_one_missing_tag_share_one_fetch(running, source):
+    proxy = CountingProxy(source.registry.url)
+    host = await proxy.start()
+    try:
+        await create_rule(running, "together", f"{host}/small", "together/small")
+        answers = await asyncio.gather(*(get_manifest(running, "westeurope", "together/small",
+                                                      "1.0") for _ in range(4)))
+        assert {(status, headers["Docker-Content-Digest"]) for status, headers, _ in answers} \
+            == {(200, source.small.digest)}
+        assert proxy.paths.count("/v2/small/manifests/1.0") == 1, proxy.paths
     finally:
         await proxy.stop()
 

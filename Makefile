@@ -13,7 +13,7 @@ PROTO_SRC := proto/georeg/replication/v1/replication.proto
 # (the virtual import path makes their imports `replicator.wire.v1…`).
 PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
 
-.PHONY: help install system-deps up node test soak chaos bench bench-lag bench-scale bench-webhooks bench-tiers bench-import lint proto proto-check clean
+.PHONY: help install system-deps up node test soak chaos bench bench-lag bench-scale bench-webhooks bench-tiers bench-import bench-cache lint proto proto-check clean
 
 help:
 	@echo "make up       start the default multi-region cluster (installs first)"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-webhooks  push → webhook delivery vs the WAN floor, 500 webhooks, a hanging receiver (WEBHOOKS_ARGS=--quick)"
 	@echo "make bench-tiers  each tier's request and bandwidth limits driven past, and what throttling costs (TIERS_ARGS=--quick)"
 	@echo "make bench-import georeg import vs skopeo copy of the same images from the reference registry (IMPORT_ARGS=--quick)"
+	@echo "make bench-cache  pulls through the pull-through cache vs direct and local pulls (CACHE_ARGS=--quick)"
 	@echo "make lint     ruff"
 	@echo "make install  virtualenv in $(VENV), editable install, system packages"
 
@@ -107,6 +108,9 @@ bench-tiers: install
 
 bench-import: install
 	$(GEOREG) bench import $(IMPORT_ARGS)
+
+bench-cache: install
+	$(GEOREG) bench cache $(CACHE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check registry_node replicator cluster tests

@@ -20,7 +20,7 @@ from aiohttp import web
 from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate, pull_check
-from .api.common import BANDWIDTH, CONFIGURATION, REGISTRY, WEBHOOKS
+from .api.common import BANDWIDTH, CONFIGURATION, PULL_THROUGH, REGISTRY, WEBHOOKS
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_headers
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
@@ -38,7 +38,9 @@ from .handoff import HandoffServer
 from .identities import ConfigurationIdentities
 from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
+from .pull_through import PullThrough
 from .throttle import Throttle
+from .upstream_http import upstream_session
 from .webhook_delivery import WebhookDelivery
 from .webhook_metrics import WebhookMetrics
 from .webhook_sender import HttpSender
@@ -113,6 +115,7 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
         oauth.add_routes(app.router)
     app.cleanup_ctx.append(_storage(config, wall_ns, monotonic, authority))
     app.cleanup_ctx.append(_handoff)        # ends before the storage closes
+    app.cleanup_ctx.append(_pull_through)
     if config.zone_siblings:
         app.cleanup_ctx.append(_zone_debits)
     app.on_shutdown.append(_stop_handoffs)
@@ -181,6 +184,24 @@ async def _handoff(app: web.Application) -> AsyncIterator[None]:
                                            app[THROTTLE], bandwidth=app[BANDWIDTH])
     yield
     await handoff.close()
+
+
+async def _pull_through(app: web.Application) -> AsyncIterator[None]:
+    """The pull-through cache (``pull_through``); its session to upstreams is
+    opened at the first fetch (a node with no cache rule never opens one)."""
+    sessions: list = []
+
+    def http():
+        if not sessions:
+            sessions.append(upstream_session())
+        return sessions[0]
+
+    node = app[NODE]
+    app[PULL_THROUGH] = PullThrough(node.configuration, node.registry, node.configuration_key,
+                                    http)
+    yield
+    for session in sessions:
+        await session.close()
 
 
 async def _zone_debits(app: web.Application) -> AsyncIterator[None]:

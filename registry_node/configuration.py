@@ -1,6 +1,7 @@
 """Registry configuration: the settings around the data (the registry's own
 properties, and its identities: tokens, scope maps, identities, role
-assignments — ``identities``; webhooks, locks … as they come), held by every
+assignments — ``identities``; webhooks; cache rules and credential sets —
+``cache_rules``; locks … as they come), held by every
 node, written only through the home region.
 
 An object is addressed by ``(kind, name)``; its value is a msgspec Struct of
@@ -67,7 +68,7 @@ from typing import Any
 
 import msgspec
 
-from . import identities, keys, tiers, webhooks
+from . import cache_rules, identities, keys, tiers, webhooks
 from .configuration_key import ConfigurationKey
 from .errors import ErrorCode, RegistryError
 from .metastore import Batch
@@ -116,6 +117,9 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind(identities.ROLE_ASSIGNMENT, identities.Assignment, check=identities.check_assignment),
     Kind(webhooks.WEBHOOK, webhooks.Webhook, check=webhooks.check_webhook,
          seal=webhooks.sealed_webhook),
+    Kind(cache_rules.CACHE_RULE, cache_rules.CacheRule, check=cache_rules.check_cache_rule),
+    Kind(cache_rules.CREDENTIAL_SET, cache_rules.CredentialSet,
+         check=cache_rules.check_credential_set, seal=cache_rules.sealed_credential_set),
 )}
 
 # Object names: ACR's resource names (tokens, scope maps, webhooks) plus the

@@ -115,7 +115,7 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-async def _push(http: aiohttp.ClientSession, url: str, repo: str, rng: random.Random,
+async def push_image(http: aiohttp.ClientSession, url: str, repo: str, rng: random.Random,
                 layers: int, layer_bytes: int) -> SourceImage:
     blobs = [rng.randbytes(layer_bytes) for _ in range(layers)]
     config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
@@ -148,7 +148,7 @@ async def fill_source(url: str, options: ImportBenchOptions, seed: int = 19
         for round_ in range(options.repeat):
             for side in SIDES:
                 sets[side, round_] = [
-                    await _push(http, url, f"bench/{side}{round_}/img{i}", rng, options.layers,
+                    await push_image(http, url, f"bench/{side}{round_}/img{i}", rng, options.layers,
                                 options.layer_bytes) for i in range(options.images)]
     return sets
 
@@ -156,7 +156,7 @@ async def fill_source(url: str, options: ImportBenchOptions, seed: int = 19
 # -- the two sides ----------------------------------------------------------------------------
 
 
-def _skopeo_env(root: Path, endpoint: str, headers: dict[str, str]) -> tuple[dict, list[str]]:
+def skopeo_env(root: Path, endpoint: str, headers: dict[str, str]) -> tuple[dict, list[str]]:
     (root / "tmp").mkdir(parents=True, exist_ok=True)
     auths = {}
     if headers.get("Authorization", "").startswith("Basic "):
@@ -175,7 +175,7 @@ def _skopeo_env(root: Path, endpoint: str, headers: dict[str, str]) -> tuple[dic
 
 def run_skopeo(images: list[SourceImage], source: str, endpoint: str, root: Path,
                headers: dict[str, str]) -> float:
-    env, flags = _skopeo_env(root, endpoint, headers)
+    env, flags = skopeo_env(root, endpoint, headers)
     start = time.perf_counter()
     for image in images:
         subprocess.run(["skopeo", *flags, f"docker://{source}/{image.repository}:1.0",

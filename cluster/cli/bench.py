@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_webhooks(benchmarks)
     _add_tiers(benchmarks)
     _add_import(benchmarks)
+    _add_cache(benchmarks)
 
 
 def _add_footprint(sub: argparse._SubParsersAction) -> None:
@@ -718,6 +720,61 @@ def _run_import_bench(args: argparse.Namespace) -> int:
         result = run(specs.load(args.config), options, args.workdir, args.quiet_wait)
     except (ClusterStartError, ServerStartError, RuntimeError, OSError) as exc:
         print(f"georeg bench import: {exc}", file=sys.stderr)
+        return 2
+    print(describe(result))
+    if args.json:
+        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache", help="pulls through the pull-through cache against direct and local pulls",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Start the reference registry (Debian's docker-registry) as the upstream and a
+cluster (the default spec, or --config) in a child process, both on loopback,
+with one cache rule (UPSTREAM/* => cached/*); then, per round, pull with skopeo
+into a local dir: fresh images straight from the upstream (direct), fresh
+images through the cache (first: fetched from upstream in the request), those
+again (second: now local), and images pushed into the cluster beforehand
+(local). Prints each side's median MB/s, first ÷ direct of the times (goal
+≤ 1.2) and second ÷ local of the throughputs (goal ≥ 0.95), with the CPU other
+processes used meanwhile. Timings are reported, never enforced.""")
+    p.add_argument("--config", type=Path, metavar="FILE", help="cluster spec (default: built-in)")
+    p.add_argument("--images", type=_positive, help="images per side and round (default 4)")
+    p.add_argument("--layers", type=_positive, help="layers per image (default 2)")
+    p.add_argument("--layer-kib", type=_positive, help="KiB per layer (default 8192)")
+    p.add_argument("--repeat", type=_positive, help="rounds (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 images of one 1 MiB layer, one round (explicit options still apply)")
+    p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="wait up to this long for other processes to go quiet first (default 30)")
+    p.add_argument("--workdir", type=Path, help="keep the upstream's and cluster's data here")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the results")
+    p.set_defaults(func=_run_cache_bench)
+
+
+def _run_cache_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench.cache import CacheBenchOptions, describe, run
+    from ..bench.clusterproc import ClusterStartError
+    from ..bench.server import ServerStartError
+    from ..control import spec as specs
+
+    options = CacheBenchOptions()
+    if args.quick:
+        options = options.quick()
+    given = {"images": args.images, "layers": args.layers, "repeat": args.repeat,
+             "layer_bytes": args.layer_kib and args.layer_kib * 1024}
+    options = replace(options, **{k: v for k, v in given.items() if v is not None})
+    try:
+        result = run(specs.load(args.config), options, args.workdir, args.quiet_wait)
+    except (ClusterStartError, ServerStartError, RuntimeError, OSError,
+            subprocess.CalledProcessError) as exc:
+        print(f"georeg bench cache: {exc}", file=sys.stderr)
         return 2
     print(describe(result))
     if args.json:

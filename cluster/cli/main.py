@@ -25,6 +25,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     from . import (
         bench,
         ca,
+        cache,
         chaos,
         cluster,
         credential,
@@ -54,6 +55,8 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     replication.register(sub)
     repository.register(sub)
     import_.register(sub)
+    cache.register(sub)
+    cache.register_credential_set(sub)
     fault.register(sub)
     verify.register(sub)
     chaos.register(sub)

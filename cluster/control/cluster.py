@@ -62,6 +62,7 @@ import msgspec
 import structlog
 
 from registry_node import tiers
+from registry_node.cache_rules import CACHE_RULE, CREDENTIAL_SET
 from registry_node.configuration import check_name, kind_of
 from registry_node.configuration_key import ConfigurationKey
 from registry_node.errors import RegistryError
@@ -83,6 +84,7 @@ from .access import (
     provision,
     provision_node,
 )
+from .cache import RegistryCache
 from .errors import (
     ClusterError,
     Conflict,
@@ -186,6 +188,9 @@ class Cluster:
             home=self._control_plane, reader=self._config_reader, call=self._node_call,
             deliverer=lambda region: delivering_node(self.plan, region, self.answers),
             forward=self._node_request, key=self._configuration_key)
+        # Cache rules and credential sets (the pull-through cache's configuration).
+        self.cache = RegistryCache(home=self._control_plane, reader=self._config_reader,
+                                   call=self._node_call, key=self._configuration_key)
         # A tier change and a new replica, one at a time (a replica needs
         # Premium; a move down needs no replica).
         self.tier_lock = asyncio.Lock()
@@ -783,6 +788,10 @@ class Cluster:
 
     @staticmethod
     def _written_by_its_commands(kind: str) -> None:
+        if kind in (CACHE_RULE, CREDENTIAL_SET):
+            raise ClusterError(f"{kind} objects are written by `georeg cache|credential-set "
+                               "create|delete` (or Cluster.cache), which check overlaps, the "
+                               "limit of rules and seal passwords")
         if kind == WEBHOOK:
             raise ClusterError("webhooks are written by `georeg webhook create|update|delete` "
                                "(or Cluster.webhooks), which check their region and the "
@@ -1093,6 +1102,8 @@ def _shown(stored: dict) -> dict:
     """A stored configuration object as a read outside ``get-config`` may show it."""
     if stored.get("kind") == WEBHOOK and isinstance(stored.get("value"), dict):
         return {**stored, "value": masked(stored["value"])}
+    if stored.get("kind") == CREDENTIAL_SET and isinstance(stored.get("value"), dict):
+        return {**stored, "value": {**stored["value"], "password": "***"}}
     return stored
 
 

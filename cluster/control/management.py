@@ -73,6 +73,16 @@ which other processes find it.
     GET    /georeg/v1/role-assignments[?assignee=ID]
     POST   /georeg/v1/role-assignments            {"role", "assignee", "scope": "repository/NAME"}
     DELETE /georeg/v1/role-assignments/{id}
+    GET    /georeg/v1/cache-rules                 cache rules (az acr cache list)
+    POST   /georeg/v1/cache-rules                 {"name", "sourceRepository", "targetRepository",
+                                                  "credentialSetName"?} (az acr cache create)
+    GET    /georeg/v1/cache-rules/{name}
+    DELETE /georeg/v1/cache-rules/{name}
+    GET    /georeg/v1/credential-sets             credential sets (never a password)
+    POST   /georeg/v1/credential-sets             {"name", "loginServer", "username", "password"}
+    GET    /georeg/v1/credential-sets/{name}
+    PATCH  /georeg/v1/credential-sets/{name}      {"username"?, "password"}
+    DELETE /georeg/v1/credential-sets/{name}      refused while a cache rule uses it
     GET    /georeg/v1/webhooks                    webhooks (never a URI or header value)
     POST   /georeg/v1/webhooks                    {"name", "serviceUri", "actions", "scope",
                                                   "customHeaders", "status", "location",
@@ -259,6 +269,15 @@ class ManagementServer:
         r.add_get("/georeg/v1/role-assignments", self.list_role_assignments)
         r.add_post("/georeg/v1/role-assignments", self.create_role_assignment)
         r.add_delete("/georeg/v1/role-assignments/{id}", self.delete_role_assignment)
+        r.add_get("/georeg/v1/cache-rules", self.list_cache_rules)
+        r.add_post("/georeg/v1/cache-rules", self.create_cache_rule)
+        r.add_get("/georeg/v1/cache-rules/{name}", self.show_cache_rule)
+        r.add_delete("/georeg/v1/cache-rules/{name}", self.delete_cache_rule)
+        r.add_get("/georeg/v1/credential-sets", self.list_credential_sets)
+        r.add_post("/georeg/v1/credential-sets", self.create_credential_set)
+        r.add_get("/georeg/v1/credential-sets/{name}", self.show_credential_set)
+        r.add_patch("/georeg/v1/credential-sets/{name}", self.update_credential_set)
+        r.add_delete("/georeg/v1/credential-sets/{name}", self.delete_credential_set)
         r.add_get("/georeg/v1/webhooks", self.list_webhooks)
         r.add_post("/georeg/v1/webhooks", self.create_webhook)
         r.add_get("/georeg/v1/webhooks/{name}", self.show_webhook)
@@ -553,6 +572,52 @@ class ManagementServer:
     async def redeliver_event(self, request: web.Request) -> web.Response:
         return web.json_response(await self.cluster.webhooks.redeliver(
             request.match_info["name"], request.match_info["id"]), status=202)
+
+    # -- the pull-through cache (cluster.control.cache) -------------------------------------
+
+    async def list_cache_rules(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.cache.list_rules())
+
+    async def show_cache_rule(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.cache.show_rule(request.match_info["name"]))
+
+    async def create_cache_rule(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "name", "sourceRepository", "targetRepository", "credentialSetName")
+        return web.json_response(await self.cluster.cache.create_rule(
+            _field(body, "name", str), source_repo=_field(body, "sourceRepository", str),
+            target_repo=_field(body, "targetRepository", str),
+            credential_set=_field(body, "credentialSetName", str, None)), status=201)
+
+    async def delete_cache_rule(self, request: web.Request) -> web.Response:
+        await self.cluster.cache.delete_rule(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def list_credential_sets(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.cache.list_credential_sets())
+
+    async def show_credential_set(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.cache.show_credential_set(
+            request.match_info["name"]))
+
+    async def create_credential_set(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "name", "loginServer", "username", "password")
+        return web.json_response(await self.cluster.cache.create_credential_set(
+            _field(body, "name", str), login_server=_field(body, "loginServer", str),
+            username=_field(body, "username", str), password=_field(body, "password", str)),
+            status=201)
+
+    async def update_credential_set(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only(body, "username", "password")
+        return web.json_response(await self.cluster.cache.update_credential_set(
+            request.match_info["name"], username=_field(body, "username", str, None),
+            password=_field(body, "password", str, None)))
+
+    async def delete_credential_set(self, request: web.Request) -> web.Response:
+        await self.cluster.cache.delete_credential_set(request.match_info["name"])
+        return web.Response(status=204)
 
     # -- faults ----------------------------------------------------------------------------
 

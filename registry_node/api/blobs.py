@@ -26,6 +26,7 @@ from ..errors import ErrorCode, Outcome, RegistryError
 from .common import (
     BANDWIDTH,
     DIGEST_HEADER,
+    PULL_THROUGH,
     BodyResponse,
     digest_param,
     empty,
@@ -74,6 +75,11 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     repo = repo_name(request)
     digest = digest_param(request.match_info["digest"])
     reg = registry(request)
+    cache = request.app.get(PULL_THROUGH)
+    if cache is not None and not (reg.blob_visible(repo, digest) and reg.blobs.exists(digest)):
+        # A repository a cache rule covers fetches a missing blob from upstream
+        # (False: no rule covers it, and the 404 below stands).
+        await cache.fetch_blob(repo, str(digest))
     if request.method == "HEAD":
         info = reg.stat_blob(repo, digest)
         if not reg.blobs.exists(digest):  # HEAD must not promise what GET cannot serve

@@ -17,6 +17,7 @@ from .middlewares import REQUEST_ID
 
 if TYPE_CHECKING:
     from ..configuration import Configuration
+    from ..pull_through import PullThrough
     from ..registry import Registry
     from ..webhook_delivery import WebhookDelivery
 
@@ -25,6 +26,8 @@ REGISTRY: web.AppKey[Registry] = web.AppKey("registry", object)  # type: ignore[
 CONFIGURATION: web.AppKey[Configuration] = web.AppKey("configuration", object)  # type: ignore[arg-type]
 # The node's webhook delivery (``registry_node.webhook_delivery``).
 WEBHOOKS: web.AppKey[WebhookDelivery] = web.AppKey("webhooks", object)  # type: ignore[arg-type]
+# The node's pull-through cache (``registry_node.pull_through``).
+PULL_THROUGH: web.AppKey[PullThrough] = web.AppKey("pull_through", object)  # type: ignore[arg-type]
 # The node's blob bandwidth budgets (``registry_node.bandwidth``); unshaped: both None.
 BANDWIDTH: web.AppKey[Bandwidth] = web.AppKey("bandwidth", Bandwidth)
 

@@ -5,16 +5,38 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import ErrorCode, RegistryError
+from ..pull_through import ORIGIN_HEADER
 from ..registry import manifest_too_large
-from .common import DIGEST_HEADER, BodyResponse, client_request, empty, registry, repo_name
+from .common import (
+    DIGEST_HEADER,
+    PULL_THROUGH,
+    BodyResponse,
+    client_request,
+    empty,
+    registry,
+    repo_name,
+)
 
 
 async def get_manifest(request: web.Request) -> web.Response:
     repo = repo_name(request)
     reg = registry(request)
-    stored = await reg.find_manifest(repo, request.match_info["reference"])
+    reference = request.match_info["reference"]
+    origin = {}
+    try:
+        stored = await reg.find_manifest(repo, reference)
+    except RegistryError as exc:
+        # Not here, nor at a peer: a repository a cache rule covers fetches it
+        # from upstream and serves it in this same request.
+        cache = request.app.get(PULL_THROUGH)
+        if exc.code is not ErrorCode.MANIFEST_UNKNOWN or cache is None \
+                or not await cache.fetch_manifest(repo, reference):
+            raise
+        stored = reg.stat_manifest(repo, reference)
+        origin = {ORIGIN_HEADER: "upstream"}
     etag = f'"{stored.digest}"'
-    headers = {DIGEST_HEADER: stored.digest, "Content-Type": stored.media_type, "ETag": etag}
+    headers = {DIGEST_HEADER: stored.digest, "Content-Type": stored.media_type, "ETag": etag,
+               **origin}
     if _none_match(request.headers.get("If-None-Match"), etag):
         return empty(304, headers)
     if request.method == "HEAD":

@@ -6,10 +6,12 @@ would be, and then served from here — in the same request.
 
     cache = PullThrough(configuration, registry, key, http)
     if await cache.fetch_manifest("hub/library/alpine", "3.20"): ...   # now held here
-    if await cache.fetch_blob("hub/library/alpine", digest): ...
+    if await cache.fetch_blob("hub/library/alpine", digest): ...   # repair only
 
 Both return False when no rule covers the repository (the caller answers its
-404 as without a cache), and raise ``RegistryError`` when a rule covers it but
+404 as without a cache); ``fetch_blob`` also when no manifest held in the
+repository references the digest (a manifest's pull stores its blobs, so a
+blob is fetched alone only to repair one that is missing). Both raise ``RegistryError`` when a rule covers it but
 the upstream cannot give it.
 
 Invariants:
@@ -140,8 +142,8 @@ class PullThrough:
 
     async def fetch_blob(self, repository: str, digest: str) -> bool:
         mapping = self.mapping(repository)
-        if mapping is None:
-            return False
+        if mapping is None or not self.registry.referenced(repository, digest):
+            return False            # only a blob a held manifest needs is repaired
         async with self._one_at_a_time(repository, digest):
             if self.registry.blob_visible(repository, digest) \
                     and self.registry.blobs.exists(digest):

@@ -278,6 +278,11 @@ class Registry:
         return (self.meta.get(keys.blob_link(repo, digest)) is not None
                 or self.meta.has_prefix(keys.ref_repo_prefix(digest, repo)))
 
+    def referenced(self, repo: str, digest: str) -> bool:
+        """A manifest held in ``repo`` references ``digest`` (whether or not the
+        blob itself is here)."""
+        return self.meta.has_prefix(keys.ref_repo_prefix(digest, repo))
+
     def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
         if self.blob_visible(repo, digest):
             raw = self.meta.get(keys.blob(digest))

@@ -28,7 +28,15 @@ from registry_node.cache_rules import CacheRule, overlaps, parse_source_repo, ru
 from registry_node.identities import InvalidValue
 from registry_node.manifest import OCI_INDEX
 
-from .helpers import Skopeo, descriptor, digest_of, eventually, require_program
+from .helpers import (
+    Skopeo,
+    descriptor,
+    digest_of,
+    eventually,
+    make_image,
+    require_program,
+    write_oci_layout,
+)
 from .test_cluster import georeg
 from .test_import import Source, SourceProxy, push_to_distribution
 
@@ -302,6 +310,35 @@ async def test_a_credential_set_pulls_and_the_client_needs_pull_on_the_target(
         refused = await asyncio.to_thread(cli, running, "credential-set", "delete", "--name",
                                           "upstream-creds")
         assert refused.returncode == 2 and "used by cache rule private" in refused.stderr
+    finally:
+        await proxy.stop()
+
+
+async def test_a_push_into_a_covered_repository_never_asks_the_upstream(running, source, skopeo,
+                                                                         tmp_path):
+    proxy = CountingProxy(source.registry.url)
+    host = await proxy.start()
+    try:
+        await create_rule(running, "pushy", f"{host}/small", "pushy/small")
+        # skopeo HEADs every layer before it uploads it: with the upstream
+        # failing, the push still goes through, and the upstream is not asked.
+        proxy.refusing = True
+        image = make_image([1200, 1700], seed=21)
+        write_oci_layout(tmp_path / "mine", image, "mine")
+        await skopeo.copy(f"oci:{tmp_path / 'mine'}:mine", skopeo.ref("pushy/small:mine"),
+                          "--preserve-digests")
+        assert await held(running, "westeurope", "pushy/small", "mine") == image.digest
+        assert proxy.requests == 0, proxy.paths
+        # A blob that no manifest of the repository references is not fetched,
+        # by HEAD or GET, even though the upstream has it and is up.
+        proxy.refusing = False
+        layer = descriptor(source.small.layers[0], "")["digest"]
+        async with running.http() as http:
+            for method in ("HEAD", "GET"):
+                async with http.request(method, f"{node_of(running, 'westeurope')}/v2/pushy/"
+                                                f"small/blobs/{layer}") as r:
+                    assert r.status == 404, (method, await r.read())
+        assert proxy.requests == 0, proxy.paths
     finally:
         await proxy.stop()
 

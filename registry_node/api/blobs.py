@@ -76,9 +76,13 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = digest_param(request.match_info["digest"])
     reg = registry(request)
     cache = request.app.get(PULL_THROUGH)
-    if cache is not None and not (reg.blob_visible(repo, digest) and reg.blobs.exists(digest)):
-        # A repository a cache rule covers fetches a missing blob from upstream
-        # (False: no rule covers it, and the 404 below stands).
+    if cache is not None and request.method == "GET" \
+            and not (reg.blob_visible(repo, digest) and reg.blobs.exists(digest)):
+        # Repair only: a pull through the cache stores every blob of a manifest
+        # with it, so this fetches just a blob that a manifest held here needs
+        # and lacks (False: none does, or no rule covers the repository, and the
+        # 404 below stands). Never on HEAD: clients HEAD every layer before they
+        # push it, and a push must neither wait for nor depend on the upstream.
         await cache.fetch_blob(repo, str(digest))
     if request.method == "HEAD":
         info = reg.stat_blob(repo, digest)

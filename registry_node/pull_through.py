@@ -80,6 +80,21 @@ MAX_INDEX_DEPTH = 4
 MAX_MANIFESTS = 1000
 MAX_MANIFEST_BYTES = 32 * 1024 * 1024
 PARALLEL_BLOBS = 6
+# At most this many pulls fetch from upstreams at once on a node (each with up
+# to PARALLEL_BLOBS blob transfers), so clients asking for many missing tags
+# cannot make the node open unbounded upstream connections. A pull past it
+# waits up to FETCH_SLOT_WAIT_S for a slot (a burst, such as a fleet pulling a
+# new image, is absorbed rather than refused: few clients retry a 429 on a
+# manifest), then is refused 429 TOOMANYREQUESTS with Retry-After.
+PARALLEL_FETCHES = 8
+FETCH_SLOT_WAIT_S = 10.0
+FETCH_RETRY_AFTER_S = 5
+# An upstream's 404 is remembered this long per (rule, source, reference), so
+# repeated pulls of a missing tag do not each ask the upstream; a tag pushed
+# upstream meanwhile shows after at most this long. At most NOT_FOUND_ENTRIES
+# are kept (the oldest forgotten first): memory stays bounded.
+NOT_FOUND_TTL_S = 30.0
+NOT_FOUND_ENTRIES = 10_000
 # What a response served from upstream says (ACR sends X-Azure-Origin: upstream).
 ORIGIN_HEADER = "X-Georeg-Origin"
 FAILED_DEPENDENCY = 424
@@ -109,6 +124,9 @@ class PullThrough:
         # The rules as of a configuration generation: every 404 of a manifest
         # asks, and most repositories are covered by none.
         self._rules: tuple[int, list[tuple[str, CacheRule]]] = (-1, [])
+        self._fetching = asyncio.Semaphore(PARALLEL_FETCHES)
+        # (rule, upstream repository, reference) -> when its 404 stops being believed
+        self._not_found: dict[tuple[str, str, str], float] = {}
 
     def mapping(self, repository: str) -> Mapping | None:
         generation = self.configuration.generation
@@ -129,13 +147,16 @@ class PullThrough:
                 return True                 # the pull that went first brought it
             except RegistryError:
                 pass
-            source = self._source(mapping)
-            try:
-                graph = _Graph()
-                await self._fetch(source, mapping, reference, graph, ())
-                await self._store(source, mapping, repository, reference, graph)
-            except UpstreamError as exc:
-                raise _refusal(exc, mapping, reference) from None
+            self._check_not_found(mapping, reference)
+            async with self._slot(mapping):
+                source = self._source(mapping)
+                try:
+                    graph = _Graph()
+                    await self._fetch(source, mapping, reference, graph, ())
+                    await self._store(source, mapping, repository, reference, graph)
+                except UpstreamError as exc:
+                    self._remember_not_found(exc, mapping, reference)
+                    raise _refusal(exc, mapping, reference) from None
         log.info("cache_fetched", repository=repository, reference=reference, rule=mapping.rule,
                  manifests=len(graph.manifests))
         return True
@@ -148,14 +169,57 @@ class PullThrough:
             if self.registry.blob_visible(repository, digest) \
                     and self.registry.blobs.exists(digest):
                 return True
-            source = self._source(mapping)
-            try:
-                await self._store_blob(source, mapping, repository, digest, None)
-            except UpstreamError as exc:
-                raise _refusal(exc, mapping, digest, blob=True) from None
+            self._check_not_found(mapping, digest, blob=True)
+            async with self._slot(mapping):
+                source = self._source(mapping)
+                try:
+                    await self._store_blob(source, mapping, repository, digest, None)
+                except UpstreamError as exc:
+                    self._remember_not_found(exc, mapping, digest)
+                    raise _refusal(exc, mapping, digest, blob=True) from None
         return True
 
     # -- internals --------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, mapping: Mapping):
+        try:
+            async with asyncio.timeout(FETCH_SLOT_WAIT_S):
+                await self._fetching.acquire()
+        except TimeoutError:
+            raise RegistryError(
+                ErrorCode.TOOMANYREQUESTS,
+                {"reason": f"{PARALLEL_FETCHES} pulls are fetching from upstream on this node",
+                 "cache_rule": mapping.rule},
+                headers={"Retry-After": str(FETCH_RETRY_AFTER_S)}) from None
+        try:
+            yield
+        finally:
+            self._fetching.release()
+
+    def _check_not_found(self, mapping: Mapping, reference: str, blob: bool = False) -> None:
+        key = (mapping.rule, f"{mapping.host}/{mapping.repository}", reference)
+        until = self._not_found.get(key)
+        if until is None:
+            return
+        if self.registry.monotonic() >= until:
+            del self._not_found[key]
+            return
+        raise _refusal(UpstreamError(UpstreamFailure.NOT_FOUND,
+                                     f"{key[1]} had no {reference} when last asked (an "
+                                     f"upstream's 404 is believed for {NOT_FOUND_TTL_S:.0f} s)"),
+                       mapping, reference, blob=blob)
+
+    def _remember_not_found(self, exc: UpstreamError, mapping: Mapping, reference: str) -> None:
+        if exc.kind is not UpstreamFailure.NOT_FOUND:
+            return
+        now = self.registry.monotonic()
+        if len(self._not_found) >= NOT_FOUND_ENTRIES:
+            self._not_found = {k: t for k, t in self._not_found.items() if t > now}
+            while len(self._not_found) >= NOT_FOUND_ENTRIES:
+                del self._not_found[next(iter(self._not_found))]
+        self._not_found[(mapping.rule, f"{mapping.host}/{mapping.repository}", reference)] = \
+            now + NOT_FOUND_TTL_S
 
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, repository: str, reference: str):

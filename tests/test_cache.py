@@ -357,6 +357,24 @@ async def test_concurrent_pulls_of_one_missing_tag_share_one_fetch(running, sour
         await proxy.stop()
 
 
+async def test_a_missing_upstream_tag_is_asked_for_once_within_the_negative_cache_time(
+        running, source):
+    proxy = CountingProxy(source.registry.url)
+    host = await proxy.start()
+    try:
+        await create_rule(running, "absent", f"{host}/small", "absent/small")
+        # pull_through.NOT_FOUND_TTL_S is 30 s: these three pulls are well within it.
+        for _ in range(3):
+            status, _, body = await get_manifest(running, "westeurope", "absent/small", "nope")
+            assert status == 404 and b"MANIFEST_UNKNOWN" in body, body
+        assert proxy.paths.count("/v2/small/manifests/nope") == 1, proxy.paths
+        # Per reference: another missing tag is still asked for.
+        status, _, _ = await get_manifest(running, "westeurope", "absent/small", "other")
+        assert status == 404 and proxy.paths.count("/v2/small/manifests/other") == 1
+    finally:
+        await proxy.stop()
+
+
 async def test_bad_input_is_a_clear_error_and_changes_nothing(running):
     before = json.loads((await asyncio.to_thread(cli, running, "cache", "list", "--json")).stdout)
     for args, expected in [

@@ -34,7 +34,11 @@ Invariants:
   the request chain before this runs; the password is opened only here, just
   before use, and never logged;
 * one fetch per (repository, reference) at a time on a node: concurrent pulls
-  of the same missing tag wait for the first one's fetch;
+  of the same missing tag wait for the first one's fetch and get its outcome,
+  its error included (they do not each fetch again); blob copies share one
+  transfer per (repository, digest) the same way;
+* bounded upstream work: at most ``PARALLEL_FETCHES`` fetches at once per
+  node, and an upstream's 404 believed for ``NOT_FOUND_TTL_S``;
 * refusals, as ACR's: the upstream lacks it → ``MANIFEST_UNKNOWN`` /
   ``BLOB_UNKNOWN`` (404); the upstream is unreachable, failed, refused the
   credentials or sent bad content → ``424 Failed Dependency`` with a message
@@ -47,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -119,8 +123,8 @@ class PullThrough:
         self.registry = registry
         self.key = key
         self._http = http
-        # (repository, reference) -> [its lock, how many pulls hold or wait for it]
-        self._inflight: dict[tuple[str, str], list] = {}
+        # (repository, reference or digest) -> the one fetch of it under way here
+        self._inflight: dict[tuple[str, str], asyncio.Future[bool]] = {}
         # The rules as of a configuration generation: every 404 of a manifest
         # asks, and most repositories are covered by none.
         self._rules: tuple[int, list[tuple[str, CacheRule]]] = (-1, [])
@@ -141,22 +145,25 @@ class PullThrough:
         mapping = self.mapping(repository)
         if mapping is None:
             return False
-        async with self._one_at_a_time(repository, reference):
+        return await self._shared((repository, reference),
+                                  lambda: self._pull_manifest(mapping, repository, reference))
+
+    async def _pull_manifest(self, mapping: Mapping, repository: str, reference: str) -> bool:
+        try:
+            self.registry.stat_manifest(repository, reference)
+            return True                 # a fetch that ended just before this one brought it
+        except RegistryError:
+            pass
+        self._check_not_found(mapping, reference)
+        async with self._slot(mapping):
+            source = self._source(mapping)
             try:
-                self.registry.stat_manifest(repository, reference)
-                return True                 # the pull that went first brought it
-            except RegistryError:
-                pass
-            self._check_not_found(mapping, reference)
-            async with self._slot(mapping):
-                source = self._source(mapping)
-                try:
-                    graph = _Graph()
-                    await self._fetch(source, mapping, reference, graph, ())
-                    await self._store(source, mapping, repository, reference, graph)
-                except UpstreamError as exc:
-                    self._remember_not_found(exc, mapping, reference)
-                    raise _refusal(exc, mapping, reference) from None
+                graph = _Graph()
+                await self._fetch(source, mapping, reference, graph, ())
+                await self._store(source, mapping, repository, reference, graph)
+            except UpstreamError as exc:
+                self._remember_not_found(exc, mapping, reference)
+                raise _refusal(exc, mapping, reference) from None
         log.info("cache_fetched", repository=repository, reference=reference, rule=mapping.rule,
                  manifests=len(graph.manifests))
         return True
@@ -165,18 +172,20 @@ class PullThrough:
         mapping = self.mapping(repository)
         if mapping is None or not self.registry.referenced(repository, digest):
             return False            # only a blob a held manifest needs is repaired
-        async with self._one_at_a_time(repository, digest):
-            if self.registry.blob_visible(repository, digest) \
-                    and self.registry.blobs.exists(digest):
-                return True
-            self._check_not_found(mapping, digest, blob=True)
-            async with self._slot(mapping):
-                source = self._source(mapping)
-                try:
-                    await self._store_blob(source, mapping, repository, digest, None)
-                except UpstreamError as exc:
-                    self._remember_not_found(exc, mapping, digest)
-                    raise _refusal(exc, mapping, digest, blob=True) from None
+        return await self._shared((repository, digest),
+                                  lambda: self._pull_blob(mapping, repository, digest))
+
+    async def _pull_blob(self, mapping: Mapping, repository: str, digest: str) -> bool:
+        if self._holds_blob(repository, digest):
+            return True
+        self._check_not_found(mapping, digest, blob=True)
+        async with self._slot(mapping):
+            source = self._source(mapping)
+            try:
+                await self._store_blob(source, mapping, repository, digest, None)
+            except UpstreamError as exc:
+                self._remember_not_found(exc, mapping, digest)
+                raise _refusal(exc, mapping, digest, blob=True) from None
         return True
 
     # -- internals --------------------------------------------------------------------
@@ -221,18 +230,27 @@ class PullThrough:
         self._not_found[(mapping.rule, f"{mapping.host}/{mapping.repository}", reference)] = \
             now + NOT_FOUND_TTL_S
 
-    @contextlib.asynccontextmanager
-    async def _one_at_a_time(self, repository: str, reference: str):
-        key = (repository, reference)
-        entry = self._inflight.setdefault(key, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._inflight[key]
+    async def _shared(self, key: tuple[str, str], work: Callable[[], Awaitable[bool]]) -> bool:
+        """One fetch per key at a time on this node: the first caller starts
+        ``work``; every caller, the first included, gets its result or its
+        exception (a failed fetch is not repeated by each pull that waited for
+        it). A caller that goes away (its client hung up) leaves the fetch
+        running for the others."""
+        fetch = self._inflight.get(key)
+        if fetch is None:
+            async def run() -> bool:
+                try:
+                    return await work()
+                finally:
+                    self._inflight.pop(key, None)   # a pull from now on starts afresh
+            fetch = asyncio.ensure_future(run())
+            self._inflight[key] = fetch
+            # Seen, so that a failure no caller is left to take is not reported as lost.
+            fetch.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.shield(fetch)
+
+    def _holds_blob(self, repository: str, digest: str) -> bool:
+        return self.registry.blob_visible(repository, digest) and self.registry.blobs.exists(digest)
 
     def _source(self, mapping: Mapping) -> UpstreamRegistry:
         credentials = None

@@ -357,6 +357,55 @@ async def test_concurrent_pulls_of_one_missing_tag_share_one_fetch(running, sour
         await proxy.stop()
 
 
+class HeldProxy(CountingProxy):
+    """A ``CountingProxy`` that holds every request until ``release`` is set,
+    then refuses it (503)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.refusing = True
+        self.release = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        self.paths.append(request.path)
+        await self.release.wait()
+        return web.Response(status=503, text="down for the test")
+
+
+async def test_concurrent_pulls_share_one_failed_fetch_and_its_error(running, source):
+    proxy = HeldProxy(source.registry.url)
+    host = await proxy.start()
+    sent = 0
+
+    async def headers_sent(*_) -> None:
+        nonlocal sent
+        sent += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(headers_sent)
+    try:
+        await create_rule(running, "refused", f"{host}/small", "refused/small")
+        url = f"{node_of(running, 'westeurope')}/v2/refused/small/manifests/1.0"
+
+        async def pull(http) -> tuple[int, bytes]:
+            async with http.get(url) as r:
+                return r.status, await r.read()
+
+        async with running.http(trace_configs=[trace]) as http:
+            pulls = [asyncio.ensure_future(pull(http)) for _ in range(4)]
+            # Every pull has reached the node and the first fetch is held upstream.
+            await eventually(lambda: sent == 4 and proxy.requests >= 1, timeout=30)
+            proxy.release.set()
+            answers = await asyncio.gather(*pulls)
+        for status, body in answers:
+            assert status == 424 and b"HTTP 503" in body, body
+        assert proxy.paths.count("/v2/small/manifests/1.0") == 1, proxy.paths
+    finally:
+        proxy.release.set()
+        await proxy.stop()
+
+
 async def test_a_missing_upstream_tag_is_asked_for_once_within_the_negative_cache_time(
         running, source):
     proxy = CountingProxy(source.registry.url)

@@ -259,6 +259,14 @@ class PullThrough:
             if not isinstance(stored, CredentialSet):
                 raise _failed(mapping, mapping.repository,
                               f"its credential set {mapping.credential_set!r} does not exist")
+            if stored.login_server.lower() != mapping.host.lower():
+                # The control plane checks this when the rule is made; a node
+                # checks again before it opens the password, so that a set
+                # changed since (or written by a racing writer) never sends one
+                # host's credentials to another.
+                raise _failed(mapping, mapping.repository,
+                              f"its credential set {mapping.credential_set!r} is for "
+                              f"{stored.login_server}, not the rule's source host {mapping.host}")
             try:
                 password = open_password(self.key, mapping.credential_set, stored.password)
             except InvalidValue as exc:

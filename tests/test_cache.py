@@ -343,6 +343,35 @@ async def test_a_push_into_a_covered_repository_never_asks_the_upstream(running,
         await proxy.stop()
 
 
+async def test_a_credential_set_for_another_host_is_never_sent_upstream(running, source):
+    proxy = CountingProxy(source.registry.url, basic=("puller", "other-pw"))
+    host = await proxy.start()
+    try:
+        made = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "cluster.cli", "credential-set", "create",
+                             "--name", "moved-creds", "--login-server", host,
+                             "--username", "puller", "--password-stdin",
+                             "--data-dir", str(running.data_dir)],
+            input="other-pw\n", capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        await create_rule(running, "moved", f"{host}/small", "moved/small",
+                          "--cred-set", "moved-creds")
+        # The set now says it is for another host (written to the node as the
+        # cluster writes configuration: what a race of two writers can leave).
+        url = f"{node_of(running, 'westeurope')}/georeg/v1/configuration/credential-set/moved-creds"
+        async with running.http(headers=running.internal_headers()) as http:
+            async with http.get(url) as r:
+                value = (await r.json())["value"]
+            async with http.put(url, json={**value, "login_server": "elsewhere.example.com"}) as r:
+                assert r.status == 200, await r.text()
+        status, _, body = await get_manifest(running, "westeurope", "moved/small", "1.0")
+        assert status == 424, body
+        assert "'moved-creds' is for elsewhere.example.com" in body.decode(), body
+        assert proxy.requests == 0, proxy.paths
+    finally:
+        await proxy.stop()
+
+
 async def test_concurrent_pulls_of_one_missing_tag_share_one_fetch(running, source):
     proxy = CountingProxy(source.registry.url)
     host = await proxy.start()

@@ -172,20 +172,23 @@ class PullThrough:
         mapping = self.mapping(repository)
         if mapping is None or not self.registry.referenced(repository, digest):
             return False            # only a blob a held manifest needs is repaired
-        return await self._shared((repository, digest),
-                                  lambda: self._pull_blob(mapping, repository, digest))
+        try:
+            # Shared with a manifest's pull copying the same blob: either's transfer serves both.
+            return await self._shared((repository, digest),
+                                      lambda: self._pull_blob(mapping, repository, digest))
+        except UpstreamError as exc:
+            raise _refusal(exc, mapping, digest, blob=True) from None
 
     async def _pull_blob(self, mapping: Mapping, repository: str, digest: str) -> bool:
         if self._holds_blob(repository, digest):
             return True
         self._check_not_found(mapping, digest, blob=True)
         async with self._slot(mapping):
-            source = self._source(mapping)
             try:
-                await self._store_blob(source, mapping, repository, digest, None)
+                await self._store_blob(self._source(mapping), mapping, repository, digest, None)
             except UpstreamError as exc:
                 self._remember_not_found(exc, mapping, digest)
-                raise _refusal(exc, mapping, digest, blob=True) from None
+                raise
         return True
 
     # -- internals --------------------------------------------------------------------
@@ -310,18 +313,22 @@ class PullThrough:
                      reference: str, graph: _Graph) -> None:
         limit = asyncio.Semaphore(PARALLEL_BLOBS)
 
-        async def copy(digest: str) -> None:
+        async def copy(digest: str) -> bool:
+            if self._holds_blob(repository, digest):
+                return True
+            await self._store_blob(source, mapping, repository, digest, graph.sizes.get(digest))
+            return True
+
+        async def shared_copy(digest: str) -> None:
             async with limit:
-                if self.registry.blob_visible(repository, digest) \
-                        and self.registry.blobs.exists(digest):
-                    return
-                await self._store_blob(source, mapping, repository, digest,
-                                       graph.sizes.get(digest))
+                # One transfer per (repository, digest): pulls of two tags of one
+                # image, or a blob's repair, share the layers they have in common.
+                await self._shared((repository, digest), lambda: copy(digest))
 
         try:
             async with asyncio.TaskGroup() as group:
                 for digest in graph.blobs:
-                    group.create_task(copy(digest))
+                    group.create_task(shared_copy(digest))
         except BaseExceptionGroup as failures:
             raise failures.exceptions[0] from None
         top = graph.manifests[-1]

@@ -435,6 +435,48 @@ async def test_concurrent_pulls_share_one_failed_fetch_and_its_error(running, so
         await proxy.stop()
 
 
+class BlobGate(CountingProxy):
+    """A ``CountingProxy`` that holds every blob request until it has sent
+    ``manifests`` manifests: pulls of two tags of one image are then both
+    at their blobs while the first one's are still in flight."""
+
+    def __init__(self, *args, manifests: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.manifests = manifests
+        self.blobs_go = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if "/blobs/" in request.path:
+            await self.blobs_go.wait()
+            return await super().handle(request)
+        response = await super().handle(request)
+        if "/manifests/" in request.path:
+            self.manifests -= 1
+            if self.manifests <= 0:
+                self.blobs_go.set()
+        return response
+
+
+async def test_two_tags_of_one_image_pulled_at_once_fetch_each_blob_once(running, source):
+    async with aiohttp.ClientSession() as http, http.put(
+            f"{source.registry.url}/v2/small/manifests/twin", data=source.small.manifest,
+            headers={"Content-Type": source.small.media_type}) as r:
+        assert r.status == 201, await r.text()
+    proxy = BlobGate(source.registry.url, manifests=2)
+    host = await proxy.start()
+    try:
+        await create_rule(running, "twins", f"{host}/small", "twins/small")
+        answers = await asyncio.gather(*(get_manifest(running, "westeurope", "twins/small", tag)
+                                         for tag in ("1.0", "twin")))
+        assert {(status, headers["Docker-Content-Digest"]) for status, headers, _ in answers} \
+            == {(200, source.small.digest)}
+        blobs = [p for p in proxy.paths if "/blobs/" in p]
+        assert len(blobs) == 3 and len(set(blobs)) == 3, proxy.paths   # config and 2 layers
+    finally:
+        proxy.blobs_go.set()
+        await proxy.stop()
+
+
 async def test_a_missing_upstream_tag_is_asked_for_once_within_the_negative_cache_time(
         running, source):
     proxy = CountingProxy(source.registry.url)

@@ -12,6 +12,7 @@ One cluster (two regions) and one upstream serve the whole module.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -370,6 +371,39 @@ async def test_a_credential_set_for_another_host_is_never_sent_upstream(running,
         assert proxy.requests == 0, proxy.paths
     finally:
         await proxy.stop()
+
+
+async def test_a_valid_client_without_pull_on_the_target_is_refused_before_upstream(
+        running, source):
+    proxy = CountingProxy(source.registry.url)
+    host = await proxy.start()
+    try:
+        made = await asyncio.to_thread(cli, running, "token", "create", "--name", "elsewhere",
+                                       "--repository", "elsewhere/thing", "content/read")
+        assert made.returncode == 0, made.stderr
+        password = next(p["value"] for p in json.loads(made.stdout)["credentials"]["passwords"]
+                        if p["name"] == "password1")
+        login = {"Authorization": "Basic " + base64.b64encode(
+            f"elsewhere:{password}".encode()).decode()}
+        await create_rule(running, "guarded", f"{host}/small", "guarded/small")
+        node = node_of(running, "westeurope")
+
+        async def status_of(path: str) -> int:
+            async with running.http(headers=login) as http, http.get(f"{node}{path}") as r:
+                return r.status
+        # The token is valid where its scope map grants pull (a 404: nothing there) ...
+        await eventually(lambda: _is(status_of("/v2/elsewhere/thing/manifests/x"), 404),
+                         timeout=30, what="the token on the node")
+        # ... and refused on the cache's target, before the upstream is asked.
+        assert await status_of("/v2/guarded/small/manifests/1.0") == 403
+        assert await status_of(f"/v2/guarded/small/manifests/{source.small.digest}") == 403
+        assert proxy.requests == 0, proxy.paths
+    finally:
+        await proxy.stop()
+
+
+async def _is(status, expected: int) -> bool:
+    return await status == expected
 
 
 async def test_concurrent_pulls_of_one_missing_tag_share_one_fetch(running, source):

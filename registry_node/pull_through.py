@@ -53,8 +53,8 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import aiohttp
 import structlog
 
 from . import manifest as manifests
@@ -75,6 +75,9 @@ from .reference import TAG_RE, Digest, is_digest
 from .registry import Registry
 from .upstream import UpstreamError, UpstreamFailure
 from .upstream_http import FetchedManifest, UpstreamRegistry
+
+if TYPE_CHECKING:
+    import aiohttp  # the session comes from the node (injected): only its type is named here
 
 log = structlog.get_logger("georeg.cache")
 

@@ -314,6 +314,11 @@ class PullThrough:
 
     async def _store(self, source: UpstreamRegistry, mapping: Mapping, repository: str,
                      reference: str, graph: _Graph) -> None:
+        # The storage limit, checked before any blob is fetched: an image that
+        # cannot fit is refused (403 DENIED) without downloading or storing a
+        # part of it. Each blob is checked again as it lands (others write too).
+        self.registry.check_storage(sum(graph.sizes.get(d, 0) for d in graph.blobs
+                                        if not self.registry.blobs.exists(d)))
         limit = asyncio.Semaphore(PARALLEL_BLOBS)
 
         async def copy(digest: str) -> bool:

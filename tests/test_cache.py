@@ -26,16 +26,19 @@ from cluster.control import management_client
 from cluster.control import spec as specs
 from cluster.testing import RunningCluster
 from registry_node.cache_rules import CacheRule, overlaps, parse_source_repo, rule_for
+from registry_node.config import NodeConfig
 from registry_node.identities import InvalidValue
 from registry_node.manifest import OCI_INDEX
 
 from .helpers import (
     Skopeo,
+    assert_error,
     descriptor,
     digest_of,
     eventually,
     make_image,
     require_program,
+    start_node,
     write_oci_layout,
 )
 from .test_cluster import georeg
@@ -404,6 +407,36 @@ async def test_a_valid_client_without_pull_on_the_target_is_refused_before_upstr
 
 async def _is(status, expected: int) -> bool:
     return await status == expected
+
+
+async def test_a_pull_through_past_the_storage_limit_is_refused_and_stores_nothing(
+        source, tmp_path):
+    """A node that may hold 20,000 bytes (an in-process node: the module's
+    cluster has no limit to reach) pulls ``big:1.0`` (a 4 MiB layer)."""
+    node = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0,
+                                       storage_limit=20_000))
+    proxy = CountingProxy(source.registry.url)
+    host = await proxy.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.put(f"{node.url}/georeg/v1/configuration/cache-rule/limited",
+                                json={"source_repo": f"{host}/big",
+                                      "target_repo": "limited/big"}) as r:
+                assert r.status == 200, await r.text()
+            for ref in ("1.0", "1.0"):          # refused alike the second time
+                async with http.get(f"{node.url}/v2/limited/big/manifests/{ref}") as r:
+                    error = await assert_error(r, 403, "DENIED")
+                assert error["message"].startswith("registry storage limit reached"), error
+            async with http.get(f"{node.url}/v2/limited/big/tags/list") as r:
+                assert r.status == 404 or (await r.json())["tags"] in ([], None)
+        # Nothing stored, and no blob even asked for: the sizes the manifest
+        # gives are checked against the limit first.
+        assert node.node.meta.usage.bytes == 0
+        assert proxy.paths.count("/v2/big/manifests/1.0") == 2, proxy.paths
+        assert not [p for p in proxy.paths if "/blobs/" in p], proxy.paths
+    finally:
+        await proxy.stop()
+        await node.stop()
 
 
 async def test_concurrent_pulls_of_one_missing_tag_share_one_fetch(running, source):

@@ -25,6 +25,7 @@ from cluster.bench.reference import find_binary
 from cluster.control import management_client
 from cluster.control import spec as specs
 from cluster.testing import RunningCluster
+from registry_node import pull_through
 from registry_node.cache_rules import CacheRule, overlaps, parse_source_repo, rule_for
 from registry_node.config import NodeConfig
 from registry_node.identities import InvalidValue
@@ -542,6 +543,40 @@ async def test_two_tags_of_one_image_pulled_at_once_fetch_each_blob_once(running
     finally:
         proxy.blobs_go.set()
         await proxy.stop()
+
+
+async def test_pulls_past_the_node_cap_on_upstream_fetches_are_refused_429(
+        source, tmp_path, monkeypatch):
+    """An in-process node whose cap is one fetch, waited for 0.2 s (the
+    shipped 8 and 10 s, scaled down): one pull held upstream, another of a
+    different tag waits, then is refused with Retry-After, never asking."""
+    monkeypatch.setattr(pull_through, "PARALLEL_FETCHES", 1)
+    monkeypatch.setattr(pull_through, "FETCH_SLOT_WAIT_S", 0.2)
+    node = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0))
+    proxy = HeldProxy(source.registry.url)
+    host = await proxy.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.put(f"{node.url}/georeg/v1/configuration/cache-rule/capped",
+                                json={"source_repo": f"{host}/*", "target_repo": "capped/*"}) as r:
+                assert r.status == 200, await r.text()
+
+            async def pull(ref: str) -> tuple[int, dict, bytes]:
+                async with http.get(f"{node.url}/v2/capped/small/manifests/{ref}") as r:
+                    return r.status, dict(r.headers), await r.read()
+            first = asyncio.ensure_future(pull("1.0"))
+            await eventually(lambda: proxy.requests == 1, what="the first fetch upstream")
+            status, headers, body = await pull("twin")
+            assert status == 429 and b"TOOMANYREQUESTS" in body, body
+            assert headers["Retry-After"] == str(pull_through.FETCH_RETRY_AFTER_S)
+            assert proxy.paths == ["/v2/small/manifests/1.0"]
+            proxy.release.set()
+            status, _, body = await first
+            assert status == 424, body
+    finally:
+        proxy.release.set()
+        await proxy.stop()
+        await node.stop()
 
 
 async def test_a_missing_upstream_tag_is_asked_for_once_within_the_negative_cache_time(

@@ -119,6 +119,12 @@ class _Graph:
         return list(dict.fromkeys(b for m in self.manifests for b in self.parsed[m.digest].blobs))
 
 
+@dataclass
+class _Fetch:
+    task: asyncio.Future[bool]
+    waiters: int = 0
+
+
 class PullThrough:
     def __init__(self, configuration: Configuration, registry: Registry, key: ConfigurationKey,
                  http: Callable[[], aiohttp.ClientSession]) -> None:
@@ -127,7 +133,7 @@ class PullThrough:
         self.key = key
         self._http = http
         # (repository, reference or digest) -> the one fetch of it under way here
-        self._inflight: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        self._inflight: dict[tuple[str, str], _Fetch] = {}
         # The rules as of a configuration generation: every 404 of a manifest
         # asks, and most repositories are covered by none.
         self._rules: tuple[int, list[tuple[str, CacheRule]]] = (-1, [])
@@ -240,20 +246,30 @@ class PullThrough:
         """One fetch per key at a time on this node: the first caller starts
         ``work``; every caller, the first included, gets its result or its
         exception (a failed fetch is not repeated by each pull that waited for
-        it). A caller that goes away (its client hung up) leaves the fetch
-        running for the others."""
-        fetch = self._inflight.get(key)
-        if fetch is None:
+        it). A caller that goes away (its client hung up, or the pull it is
+        part of failed) leaves the fetch running for the others; when the last
+        one goes, the fetch is cancelled, as a lone pull's would be."""
+        entry = self._inflight.get(key)
+        if entry is None:
             async def run() -> bool:
                 try:
                     return await work()
                 finally:
-                    self._inflight.pop(key, None)   # a pull from now on starts afresh
-            fetch = asyncio.ensure_future(run())
-            self._inflight[key] = fetch
+                    if self._inflight.get(key) is entry:
+                        del self._inflight[key]     # a pull from now on starts afresh
+            entry = _Fetch(asyncio.ensure_future(run()))
+            self._inflight[key] = entry
             # Seen, so that a failure no caller is left to take is not reported as lost.
-            fetch.add_done_callback(lambda done: done.cancelled() or done.exception())
-        return await asyncio.shield(fetch)
+            entry.task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        entry.waiters += 1
+        try:
+            return await asyncio.shield(entry.task)
+        finally:
+            entry.waiters -= 1
+            if entry.waiters == 0 and not entry.task.done():
+                entry.task.cancel()
+                if self._inflight.get(key) is entry:
+                    del self._inflight[key]         # the next pull starts its own
 
     def _holds_blob(self, repository: str, digest: str) -> bool:
         return self.registry.blob_visible(repository, digest) and self.registry.blobs.exists(digest)

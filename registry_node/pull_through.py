@@ -11,8 +11,8 @@ would be, and then served from here — in the same request.
 Both return False when no rule covers the repository (the caller answers its
 404 as without a cache); ``fetch_blob`` also when no manifest held in the
 repository references the digest (a manifest's pull stores its blobs, so a
-blob is fetched alone only to repair one that is missing). Both raise ``RegistryError`` when a rule covers it but
-the upstream cannot give it.
+blob is fetched alone only to repair one that is missing). Both raise
+``RegistryError`` when a rule covers it but the upstream cannot give it.
 
 Invariants:
 
@@ -132,8 +132,9 @@ class PullThrough:
         self.registry = registry
         self.key = key
         self._http = http
-        # (repository, reference or digest) -> the one fetch of it under way here
-        self._inflight: dict[tuple[str, str], _Fetch] = {}
+        # ("manifest" | "blob", repository, reference or digest) -> the one
+        # fetch of it under way here
+        self._inflight: dict[tuple[str, str, str], _Fetch] = {}
         # The rules as of a configuration generation: every 404 of a manifest
         # asks, and most repositories are covered by none.
         self._rules: tuple[int, list[tuple[str, CacheRule]]] = (-1, [])
@@ -154,7 +155,7 @@ class PullThrough:
         mapping = self.mapping(repository)
         if mapping is None:
             return False
-        return await self._shared((repository, reference),
+        return await self._shared(("manifest", repository, reference),
                                   lambda: self._pull_manifest(mapping, repository, reference))
 
     async def _pull_manifest(self, mapping: Mapping, repository: str, reference: str) -> bool:
@@ -183,7 +184,7 @@ class PullThrough:
             return False            # only a blob a held manifest needs is repaired
         try:
             # Shared with a manifest's pull copying the same blob: either's transfer serves both.
-            return await self._shared((repository, digest),
+            return await self._shared(("blob", repository, digest),
                                       lambda: self._pull_blob(mapping, repository, digest))
         except UpstreamError as exc:
             raise _refusal(exc, mapping, digest, blob=True) from None
@@ -242,7 +243,7 @@ class PullThrough:
         self._not_found[(mapping.rule, f"{mapping.host}/{mapping.repository}", reference)] = \
             now + NOT_FOUND_TTL_S
 
-    async def _shared(self, key: tuple[str, str], work: Callable[[], Awaitable[bool]]) -> bool:
+    async def _shared(self, key: tuple[str, str, str], work: Callable[[], Awaitable[bool]]) -> bool:
         """One fetch per key at a time on this node: the first caller starts
         ``work``; every caller, the first included, gets its result or its
         exception (a failed fetch is not repeated by each pull that waited for
@@ -347,7 +348,7 @@ class PullThrough:
             async with limit:
                 # One transfer per (repository, digest): pulls of two tags of one
                 # image, or a blob's repair, share the layers they have in common.
-                await self._shared((repository, digest), lambda: copy(digest))
+                await self._shared(("blob", repository, digest), lambda: copy(digest))
 
         try:
             async with asyncio.TaskGroup() as group:

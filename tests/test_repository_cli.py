@@ -208,3 +208,18 @@ def test_bad_input_is_exit_status_2_with_a_clear_message_and_changes_nothing(c):
     for args, says in BAD:
         refused(c, *args, says=says)
     assert state(c, REPO) == before
+
+
+@pytest.mark.parametrize("action", ["images", "untag"])
+def test_a_repository_named_like_an_action_is_deleted_whole_and_nothing_else(c, action):
+    """``images`` and ``untag`` are legal path components of a repository
+    name; deleting ``cli/x/images/y`` must not be read as deleting image
+    ``cli/x:y`` (nor untagging it)."""
+    parent, child = f"cli/{action}x", f"cli/{action}x/{action}/y"
+    kept = push(c, parent, 30, "y")
+    push(c, child, 31, "v1", "v2")
+    ok(c, "untag", "--image", f"{child}:v2")
+    ok(c, "delete", "--name", child, "--yes")
+    assert {m["digest"]: m["tags"] for m in ok(c, "show-manifests", "--name", parent)} == {
+        kept: ["y"]}, "the parent repository is untouched"
+    assert child not in ok(c, "list").split()

@@ -197,6 +197,11 @@ class Locks:
         if tag_name is not None and tag_moves and not self.of(tag(name, tag_name)).write_enabled:
             raise disallowed(f"tag {name}:{tag_name} is write-disabled")
 
+    def check_delete_blob(self, name: str) -> None:
+        """A blob delete (``DELETE /v2/<name>/blobs/<digest>``): a delete in
+        the repository, refused as every other one is."""
+        self._check_deletable(repository(name))
+
     def check_untag(self, name: str, tag_name: str) -> None:
         self._check_deletable(repository(name))
         self._check_deletable(tag(name, tag_name))

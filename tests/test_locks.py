@@ -34,6 +34,7 @@ from .helpers import (
     assert_error,
     eventually,
     make_image,
+    push_blob,
     push_image,
     write_oci_layout,
 )
@@ -188,6 +189,22 @@ async def test_delete_locks_refuse_deletes_only(node, http):
         assert r.status == 202
     async with await put_manifest(http, base, "app", "v1", image.manifest) as r:
         assert r.status == 201
+
+
+async def test_a_locked_repository_refuses_a_blob_delete(node, http):
+    base, acr = node.url, f"{node.url}/acr/v1/app"
+    await push_image(http, base, "app", make_image(seed=60), tag="v1")
+    blob = await push_blob(http, base, "app", b"a blob no manifest uses")
+    for lock in ({"writeEnabled": False}, {"deleteEnabled": False}):
+        await patch(http, acr, lock)
+        async with http.delete(f"{base}/v2/app/blobs/{blob}") as r:
+            error = await assert_error(r, 405, DISALLOWED)
+            assert "repository app" in error["detail"]["reason"]
+        async with http.head(f"{base}/v2/app/blobs/{blob}") as r:
+            assert r.status == 200, "the refused delete changed nothing"
+        await patch(http, acr, ALL_ENABLED)
+    async with http.delete(f"{base}/v2/app/blobs/{blob}") as r:
+        assert r.status == 202
 
 
 async def test_read_and_list_locks(node, http):

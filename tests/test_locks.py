@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import grpc
 import pytest
 
 from cluster.faults.verify import NodeTarget, verify
@@ -17,6 +18,8 @@ from registry_node import locks
 from registry_node.auth.identities import Password, TokenRecord, hash_secret
 from registry_node.metastore import Batch
 from registry_node.records import ChangeableAttributes
+from replicator.wire.v1 import replication_pb2 as pb
+from replicator.wire.v1 import replication_pb2_grpc as pbg
 
 from .auth_helpers import (
     ADMIN_PASSWORD,
@@ -418,5 +421,39 @@ async def test_verify_compares_attributes_and_serves_them_as_locks_have_them(tmp
         assert reverted.source == "eastus"
         lost = found[("attributes", "westeurope", None, digest)]
         assert lost.expected["readEnabled"] is False and lost.actual is None
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_a_subscriber_that_does_not_say_it_understands_attributes_is_not_sent_them(
+        tmp_path, http):
+    """A georeg from before changeable attributes fails on an ``attributes_set``
+    event (an unknown kind), at the same cursor each time it resubscribes: the
+    sender leaves them out for a subscriber whose start does not set
+    ``SubscribeStart.attributes``, and sends them to one that does."""
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")])
+    try:
+        east = cluster.nodes["eastus"]
+        await push_image(http, east.url, "app", make_image(seed=50), tag="v1")
+        await patch(http, f"{east.url}/acr/v1/app/_tags/v1", {"writeEnabled": False})
+        head = east.registry.meta.last_seq
+
+        async def kinds(**start) -> list[str]:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{east.grpc_port}") as ch:
+                call = pbg.ReplicationStub(ch).Subscribe(iter([pb.SubscribeMessage(
+                    start=pb.SubscribeStart(
+                        subscriber=pb.NodeRef(region="westeurope", node_id="probe"),
+                        cursor=0, name="probe", **start))]))
+                seen = []
+                async for batch in call:
+                    seen += [e.kind for e in batch.events]
+                    if batch.last_seq >= head:
+                        break
+                call.cancel()
+                return seen
+
+        old = await kinds()
+        assert "manifest_put" in old and "attributes_set" not in old, old
+        assert "attributes_set" in await kinds(attributes=True)
     finally:
         await stop_cluster(cluster)

@@ -263,6 +263,41 @@ async def test_listings_order_by_time_and_page(node, http):
     assert entry["createdTime"].endswith("Z") and entry["lastUpdateTime"] >= entry["createdTime"]
 
 
+async def test_a_time_ordered_listing_goes_on_after_its_last_entry_is_gone(node, http):
+    """Paging by ``Link`` while the entry a page ended with is untagged (or its
+    manifest deleted): the next page goes on from where it was."""
+    base, acr = node.url, f"{node.url}/acr/v1/app"
+    pushed = {}
+    for i, tag in enumerate(["a", "b", "c", "d"]):
+        pushed[tag] = await push_image(http, base, "app", make_image(seed=70 + i), tag=tag)
+    # The first run re-pushes "a" last: the second sees it as the newest.
+    for order, expected in (("timeasc", ["a", "b", "c", "d"]), ("timedesc", ["a", "d", "c", "b"])):
+        seen, url, gone = [], f"{acr}/_tags?orderby={order}&n=1", []
+        while url:
+            async with http.get(url) as r:
+                assert r.status == 200, await r.text()
+                seen += [t["name"] for t in (await r.json())["tags"]]
+                link = r.headers.get("Link")
+            url = f"{base}{link[1:link.index('>')]}" if link else None
+            if not gone:                  # the entry the first page ended with goes
+                gone.append(seen[0])
+                async with http.delete(f"{acr}/_tags/{seen[0]}") as r:
+                    assert r.status == 202
+        assert seen == expected, (order, seen)
+        await push_image(http, base, "app", make_image(seed=70 + "abcd".index(gone[0])),
+                         tag=gone[0])     # back, now the newest
+    manifests = f"{acr}/_manifests?orderby=timeasc&n=1"
+    async with http.get(manifests) as r:
+        first = (await r.json())["manifests"][0]["digest"]
+        link = r.headers["Link"]
+    async with http.delete(f"{base}/v2/app/manifests/{first}") as r:
+        assert r.status == 202
+    rest = await get(http, f"{base}{link[1:link.index('>')]}")
+    assert len(rest["manifests"]) == 1 and rest["manifests"][0]["digest"] != first
+    async with http.get(f"{acr}/_tags?orderby=timeasc&last=a&stamp=x") as r:
+        await assert_error(r, 400)
+
+
 async def test_untag_removes_only_the_tag(node, http):
     base, acr = node.url, f"{node.url}/acr/v1/app"
     image = make_image(seed=20)

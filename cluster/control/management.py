@@ -20,7 +20,7 @@ which other processes find it.
                                                   ACR's properties and changeable attributes of the
                                                   repository, a tag or a manifest (the node's
                                                   /acr/v1/ answer, from the first region holding it)
-    GET    /georeg/v1/repositories/{name}/acr/_tags|_manifests[?orderby&n&last]
+    GET    /georeg/v1/repositories/{name}/acr/_tags|_manifests[?orderby&n&last&stamp]
                                                   ACR's listings with times and attributes
     DELETE /georeg/v1/repositories/{name}/_untag/{tag}  remove the tag only
     DELETE /georeg/v1/repositories/{name}/_images/{tag|digest}
@@ -689,7 +689,7 @@ class ManagementServer:
         """``GET …/acr/_tags|_manifests?orderby&n``: ACR's listings of one region."""
         name = validate_name(request.match_info["name"])
         which = request.path.rsplit("/", 1)[1]
-        query = urlencode({k: v for k, v in request.query.items() if k in ("orderby", "n", "last")})
+        query = urlencode({k: v for k, v in request.query.items() if k in ("orderby", "n", "last", "stamp")})
         path = f"/acr/v1/{name}/{which}" + (f"?{query}" if query else "")
         return _node_answer(*await self.repositories.on_data_plane(name, "GET", path))
 

@@ -24,7 +24,8 @@ Rules (ACR's, where ACR states one; ``docs/locks.md`` says where each comes from
   manifest delete (by digest, or ACR's delete by tag) also deletes the tags
   on it, so any of them being locked refuses it too.
 * **read** disabled refuses pulling the manifest (by tag or digest): on a
-  repository, every manifest and blob of it.
+  repository, every manifest of it. Blob reads are not gated, on a manifest
+  or on a repository: whoever knows a blob's digest still gets its bytes.
 * **list** disabled leaves the tag out of ``tags/list`` and ``_tags``, the
   manifest out of ``_manifests`` and the repository out of ``_catalog``;
   each stays readable by name.

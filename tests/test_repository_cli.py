@@ -15,8 +15,11 @@ import asyncio
 import json
 
 import pytest
+from aiohttp import ClientSession, web
 
 from cluster.control import spec as specs
+from cluster.control.errors import ClusterError
+from cluster.control.repositories import _request
 from cluster.testing import RunningCluster
 
 from .helpers import make_image, push_image
@@ -223,3 +226,27 @@ def test_a_repository_named_like_an_action_is_deleted_whole_and_nothing_else(c, 
     assert {m["digest"]: m["tags"] for m in ok(c, "show-manifests", "--name", parent)} == {
         kept: ["y"]}, "the parent repository is untouched"
     assert child not in ok(c, "list").split()
+
+
+async def test_a_node_answer_that_is_not_json_is_a_502_not_bad_input(tmp_path):
+    """What the management API passes on to a node and gets back as something
+    other than JSON (a proxy's error page, a node broken mid-answer) is the
+    node's failure (502), not the asker's bad input (400)."""
+    async def html(_request):
+        return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/acr/v1/app", html)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with ClientSession() as http:
+            with pytest.raises(ClusterError) as caught:
+                await _request(http, "GET", f"http://127.0.0.1:{port}/acr/v1/app")
+        assert caught.value.status == 502 and "not JSON" in str(caught.value)
+        assert not isinstance(caught.value, ValueError)
+    finally:
+        await runner.cleanup()

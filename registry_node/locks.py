@@ -52,6 +52,7 @@ from .metastore import Batch, MetadataStore
 from .records import (
     AttributesRecord,
     ChangeableAttributes,
+    EventKind,
     Stamp,
     TagRecord,
     decode,
@@ -251,6 +252,30 @@ class Locks:
     def check_read_repository(self, name: str) -> None:
         if not self.of(repository(name)).read_enabled:
             raise disallowed(f"repository {name} is read-disabled")
+
+    def overridden_by(self, kind: EventKind, name: str, tag_name: str,
+                      digest: str) -> str | None:
+        """Why a write of ``kind`` would be refused here, were it made here now
+        (None: it would not be). A replicated write is applied all the same (a
+        lock protects from when it reaches a region: ``docs/locks.md``); the
+        replicator asks this before applying one, to say that it landed on a
+        lock."""
+        try:
+            if kind is EventKind.TAG_SET:
+                raw = self.meta.get(keys.tag(name, tag_name))
+                self.check_push(name, tag_name, raw is None
+                                or decode(raw, TagRecord).digest != digest)
+            elif kind is EventKind.TAG_DELETE:
+                if self.meta.get(keys.tag(name, tag_name)) is not None:
+                    self.check_untag(name, tag_name)
+            elif kind is EventKind.MANIFEST_DELETE:
+                if self.meta.get(keys.manifest(name, digest)) is not None:
+                    self.check_delete_manifest(name, digest)
+            elif kind is EventKind.BLOB_DELETE:
+                self.check_delete_blob(name)
+        except RegistryError as exc:
+            return str((exc.detail or {}).get("reason", exc.message))
+        return None
 
     def unlisted_tags(self, name: str) -> set[str]:
         return {t for t, a in self.of_tags(name).items() if not a.list_enabled}

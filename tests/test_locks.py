@@ -492,3 +492,38 @@ async def test_a_subscriber_that_does_not_say_it_understands_attributes_is_not_s
         assert "attributes_set" in await kinds(attributes=True)
     finally:
         await stop_cluster(cluster)
+
+
+async def test_a_replicated_write_landing_on_a_lock_is_counted_and_the_lock_stays(
+        tmp_path, http):
+    """A lock protects from when it reaches a region (docs/locks.md): a push
+    made, during a partition, in the region the lock had not reached, and
+    stamped later, moves the tag everywhere once healed. The node that held
+    the lock says so (``georeg_lock_overridden_total``), and keeps the lock."""
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")])
+    try:
+        east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        first = await push_image(http, east.url, "app", make_image(seed=80), tag="v1")
+
+        async def west_has(digest: str) -> bool:
+            async with http.get(f"{west.url}/acr/v1/app/_tags/v1") as r:
+                return r.status == 200 and (await r.json())["tag"]["digest"] == digest
+        await eventually(lambda: west_has(first), what="v1 in westeurope")
+        cluster.partition("eastus", "westeurope")
+        await patch(http, f"{west.url}/acr/v1/app/_tags/v1", {"writeEnabled": False})
+        second = await push_image(http, east.url, "app", make_image(seed=81), tag="v1")
+        cluster.heal()
+        await eventually(lambda: west_has(second), what="the later push in westeurope")
+
+        async def overridden() -> float:
+            async with http.get(f"{west.url}/metrics") as r:
+                text = await r.text()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("georeg_lock_overridden_total{"))
+        await eventually(lambda: overridden(), what="the override counted")
+        assert await overridden() == 1
+        for node in (east, west):
+            await eventually(lambda node=node: node.registry.locks.of(
+                locks.tag("app", "v1")).write_enabled is False, what=f"the lock on {node.name}")
+    finally:
+        await stop_cluster(cluster)

@@ -24,7 +24,8 @@ Rules (ACR's, where ACR states one; ``docs/locks.md`` says where each comes from
   manifest delete (by digest, or ACR's delete by tag) also deletes the tags
   on it, so any of them being locked refuses it too.
 * **read** disabled refuses pulling the manifest (by tag or digest): on a
-  repository, every manifest and blob of it.
+  repository, every manifest of it. Blob reads are not gated, on a manifest
+  or on a repository: whoever knows a blob's digest still gets its bytes.
 * **list** disabled leaves the tag out of ``tags/list`` and ``_tags``, the
   manifest out of ``_manifests`` and the repository out of ``_catalog``;
   each stays readable by name.
@@ -51,6 +52,7 @@ from .metastore import Batch, MetadataStore
 from .records import (
     AttributesRecord,
     ChangeableAttributes,
+    EventKind,
     Stamp,
     TagRecord,
     decode,
@@ -197,6 +199,11 @@ class Locks:
         if tag_name is not None and tag_moves and not self.of(tag(name, tag_name)).write_enabled:
             raise disallowed(f"tag {name}:{tag_name} is write-disabled")
 
+    def check_delete_blob(self, name: str) -> None:
+        """A blob delete (``DELETE /v2/<name>/blobs/<digest>``): a delete in
+        the repository, refused as every other one is."""
+        self._check_deletable(repository(name))
+
     def check_untag(self, name: str, tag_name: str) -> None:
         self._check_deletable(repository(name))
         self._check_deletable(tag(name, tag_name))
@@ -245,6 +252,30 @@ class Locks:
     def check_read_repository(self, name: str) -> None:
         if not self.of(repository(name)).read_enabled:
             raise disallowed(f"repository {name} is read-disabled")
+
+    def overridden_by(self, kind: EventKind, name: str, tag_name: str,
+                      digest: str) -> str | None:
+        """Why a write of ``kind`` would be refused here, were it made here now
+        (None: it would not be). A replicated write is applied all the same (a
+        lock protects from when it reaches a region: ``docs/locks.md``); the
+        replicator asks this before applying one, to say that it landed on a
+        lock."""
+        try:
+            if kind is EventKind.TAG_SET:
+                raw = self.meta.get(keys.tag(name, tag_name))
+                self.check_push(name, tag_name, raw is None
+                                or decode(raw, TagRecord).digest != digest)
+            elif kind is EventKind.TAG_DELETE:
+                if self.meta.get(keys.tag(name, tag_name)) is not None:
+                    self.check_untag(name, tag_name)
+            elif kind is EventKind.MANIFEST_DELETE:
+                if self.meta.get(keys.manifest(name, digest)) is not None:
+                    self.check_delete_manifest(name, digest)
+            elif kind is EventKind.BLOB_DELETE:
+                self.check_delete_blob(name)
+        except RegistryError as exc:
+            return str((exc.detail or {}).get("reason", exc.message))
+        return None
 
     def unlisted_tags(self, name: str) -> set[str]:
         return {t for t, a in self.of_tags(name).items() if not a.list_enabled}

@@ -12,7 +12,10 @@ Times
 Listings
     ``orderby`` is ``timedesc`` or ``timeasc`` (by ``lastUpdateTime``, ties by
     name) or absent (by name, byte order); ``n`` caps a page and ``last``
-    continues after the entry it names, in the same order. List-disabled
+    continues after the entry it names, in the same order. Ordered by time,
+    a page's ``Link`` also carries ``stamp``, the HLC stamp of that entry:
+    a ``last`` no longer listed (untagged, deleted, hidden, moved) continues
+    after where it was, not at the end. List-disabled
     tags and manifests are left out (``locks``).
 
 No HTTP here; refusals are ``RegistryError``.
@@ -140,37 +143,48 @@ def manifest_properties(registry: Registry, name: str, digest: str,
 
 
 def _page(entries: list[dict[str, Any]], key: str, orderby: str | None, n: int | None,
-          last: str | None) -> tuple[list[dict[str, Any]], bool]:
+          last: str | None, stamp: int | None) -> tuple[list[dict[str, Any]], bool, int | None]:
+    """One page, whether more follow, and the stamp of its last entry (with
+    ``orderby``: a continuation names it beside ``last``, so that it goes on
+    from where that entry was even once it is no longer listed)."""
     if orderby is not None:
         entries.sort(key=lambda e: (e[_ORDER], e[key]), reverse=orderby == "timedesc")
-    for entry in entries:
-        del entry[_ORDER]
     if last:
         at = next((i for i, e in enumerate(entries) if e[key] == last), None)
         if at is not None:
             entries = entries[at + 1:]
         elif orderby is None:     # a name no longer listed: continue after it in byte order
             entries = [e for e in entries if e[key] > last]
-        else:
+        elif stamp is not None:   # no longer listed (or moved): after where it was
+            after = (stamp, last)
+            entries = [e for e in entries if ((e[_ORDER], e[key]) < after if orderby == "timedesc"
+                                               else (e[_ORDER], e[key]) > after)]
+        else:                     # where it was is unknown
             entries = []
-    if n is not None and len(entries) > n:
-        return entries[:n], True
-    return entries, False
+    more = n is not None and len(entries) > n
+    if more:
+        entries = entries[:n]
+    end = entries[-1][_ORDER] if entries and orderby is not None else None
+    for entry in entries:
+        del entry[_ORDER]
+    return entries, more, end
 
 
 def list_tags(registry: Registry, name: str, login_server: str, orderby: str | None,
-              n: int | None, last: str | None) -> tuple[dict[str, Any], bool]:
+              n: int | None, last: str | None,
+              stamp: int | None = None) -> tuple[dict[str, Any], bool, int | None]:
     if not registry.repository_exists(name):
         raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": name})
     hidden = registry.locks.unlisted_tags(name)
     entries = [_tag_entry(registry, name, tag, record)
                for tag, record in _tags(registry, name).items() if tag not in hidden]
-    page, more = _page(entries, "name", check_order(orderby), n, last)
-    return {"registry": login_server, "imageName": name, "tags": page}, more
+    page, more, end = _page(entries, "name", check_order(orderby), n, last, stamp)
+    return {"registry": login_server, "imageName": name, "tags": page}, more, end
 
 
 def list_manifests(registry: Registry, name: str, login_server: str, orderby: str | None,
-                   n: int | None, last: str | None) -> tuple[dict[str, Any], bool]:
+                   n: int | None, last: str | None,
+                   stamp: int | None = None) -> tuple[dict[str, Any], bool, int | None]:
     if not registry.repository_exists(name):
         raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": name})
     hidden = registry.locks.unlisted_manifests(name)
@@ -181,5 +195,5 @@ def list_manifests(registry: Registry, name: str, login_server: str, orderby: st
         if digest not in hidden:
             entries.append(_manifest_entry(registry, name, digest, decode(raw, ManifestRecord),
                                            sorted(by_digest.get(digest, []))))
-    page, more = _page(entries, "digest", check_order(orderby), n, last)
-    return {"registry": login_server, "imageName": name, "manifests": page}, more
+    page, more, end = _page(entries, "digest", check_order(orderby), n, last, stamp)
+    return {"registry": login_server, "imageName": name, "manifests": page}, more, end

@@ -309,6 +309,7 @@ class Registry:
                 f"blob {digest} is used by manifest {user} in {repo}; delete that manifest first",
                 message="blob is in use",
             )
+        self.locks.check_delete_blob(repo)
         self.quorum.check_writable()
         batch = Batch()
         stamp = self._stamp(batch)

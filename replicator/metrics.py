@@ -40,6 +40,11 @@ class ReplicationMetrics:
         self.queue_depth = Gauge(
             "georeg_replication_queue_depth",
             "Events in a peer's log not yet applied here", ["peer"], registry=self.registry)
+        self.locks_overridden = Counter(
+            "georeg_lock_overridden_total",
+            "Replicated writes applied here to a tag, manifest or repository this node "
+            "held locked against them (made where the lock had not arrived; docs/locks.md)",
+            ["origin_region", "kind"], registry=self.registry)
         self.residency_refusals = Counter(
             "georeg_replication_residency_refusals_total",
             "Events or content refused because residency forbids them here",

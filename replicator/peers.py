@@ -184,7 +184,7 @@ class PeerClient:
     def start_message(self, expected_node_id: str, cursor: int) -> pb.SubscribeMessage:
         return pb.SubscribeMessage(start=pb.SubscribeStart(
             subscriber=self._me, expected_node_id=expected_node_id, cursor=cursor,
-            name=self._my_name))
+            name=self._my_name, attributes=True))
 
     async def fetch_blob(self, repository: str, digest: str, offset: int,
                          wait_ms: int = 0) -> AsyncIterator[bytes]:

@@ -159,6 +159,9 @@ class _Stream:
     # Events up to here went out once already (lean, before a switch to whole):
     # sent again, they go without bytes (any this subscriber gets, it got).
     resent: int = 0
+    # The subscriber understands ATTRIBUTES_SET (``SubscribeStart.attributes``);
+    # an older one is not sent them (it would fail on the kind, for good).
+    attributes: bool = True
 
 
 class ReplicationService(pbg.ReplicationServicer):
@@ -246,6 +249,7 @@ class ReplicationService(pbg.ReplicationServicer):
                                 f"{meta.log_floor}); upgrade the subscriber to resynchronise")
         stream = _Stream(self._reader_name(start, label, context), subscriber.node_id)
         stream.lean = start.lean
+        stream.attributes = start.attributes
         stream.switched = asyncio.Event()
         sibling = self._relays_to(subscriber)
         told: dict[str, tuple[str, int]] = {}     # relayed cursors sent on this stream
@@ -306,7 +310,8 @@ class ReplicationService(pbg.ReplicationServicer):
                 # stream would hold its last one until the next event.
                 lean = stream.lean
                 yield pb.EventBatch(sender=me, last_seq=cursor, events=await self._wire_batch(
-                    events, subscriber, at_head=at_head, lean=lean, resent=stream.resent),
+                    events, subscriber, at_head=at_head, lean=lean, resent=stream.resent,
+                    attributes=stream.attributes),
                     relayed=self._relayed(cursor, told) if sibling else (), lean=lean)
                 stream.sent = cursor
         finally:
@@ -402,15 +407,19 @@ class ReplicationService(pbg.ReplicationServicer):
         return more
 
     async def _wire_batch(self, events: list, subscriber: pb.NodeRef, at_head: bool,
-                          lean: bool = False, resent: int = 0) -> list[pb.Event]:
+                          lean: bool = False, resent: int = 0,
+                          attributes: bool = True) -> list[pb.Event]:
         """The events ``subscriber`` may see, as sent: small own blobs with their
         bytes while it is at the head of the log; to a lean subscriber only
         the blob events this node gives it for its region (see the module
-        docstring)."""
+        docstring); ATTRIBUTES_SET only to a subscriber that says it
+        understands it (``attributes``)."""
         out = []
         budget = INLINE_BLOB_BATCH_MAX if at_head else 0
         for event in events:
             if event.kind in LOCAL_ONLY:
+                continue
+            if event.kind is EventKind.ATTRIBUTES_SET and not attributes:
                 continue
             # Configuration is registry-wide: every node gets it, confined regions included.
             if event.kind not in CONFIG_KINDS and not self._allowed(

@@ -80,6 +80,9 @@ from .topology import Peer, digest_spin, wan_receiver
 from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
+# Replicated writes a lock here would have refused had they been made here.
+LOCKABLE = frozenset({EventKind.TAG_SET, EventKind.TAG_DELETE, EventKind.MANIFEST_DELETE,
+                      EventKind.BLOB_DELETE})
 
 TRANSFER_BACKOFF = Backoff(base_s=0.05, cap_s=2.0)
 # How long a source may wait for a blob it is about to have (ms): a sibling
@@ -333,6 +336,9 @@ class Transfer:
             return None
         replica = self.replica
         kind = event.kind
+        # What a lock held here would have refused, had the write been made here.
+        overrides = replica.registry.locks.overridden_by(
+            kind, event.repository, event.tag, event.digest) if kind in LOCKABLE else None
         if kind in (EventKind.BLOB_PUT, EventKind.BLOB_MOUNT):
             await self.ensure_blob(event.repository, event.digest, sources, event.origin_region,
                                    sent=body if kind is EventKind.BLOB_PUT else None,
@@ -370,6 +376,11 @@ class Transfer:
             return None
         if applied is not None:
             self.metrics.applied.labels(event.origin_region, kind.value).inc()
+            if overrides is not None:
+                self.metrics.locks_overridden.labels(event.origin_region, kind.value).inc()
+                log.warning("lock_overridden", kind=kind.value, origin=event.origin_region,
+                            repository=event.repository, tag=event.tag or None,
+                            digest=event.digest, lock=overrides)
             if kind in CONTENT_KINDS and event.acked_ns:
                 self.metrics.observe_lag(event.origin_region, kind.value,
                                          (time.time_ns() - event.acked_ns) / 1e9)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import grpc
 import pytest
 
 from cluster.faults.verify import NodeTarget, verify
@@ -17,6 +18,8 @@ from registry_node import locks
 from registry_node.auth.identities import Password, TokenRecord, hash_secret
 from registry_node.metastore import Batch
 from registry_node.records import ChangeableAttributes
+from replicator.wire.v1 import replication_pb2 as pb
+from replicator.wire.v1 import replication_pb2_grpc as pbg
 
 from .auth_helpers import (
     ADMIN_PASSWORD,
@@ -34,6 +37,7 @@ from .helpers import (
     assert_error,
     eventually,
     make_image,
+    push_blob,
     push_image,
     write_oci_layout,
 )
@@ -190,6 +194,22 @@ async def test_delete_locks_refuse_deletes_only(node, http):
         assert r.status == 201
 
 
+async def test_a_locked_repository_refuses_a_blob_delete(node, http):
+    base, acr = node.url, f"{node.url}/acr/v1/app"
+    await push_image(http, base, "app", make_image(seed=60), tag="v1")
+    blob = await push_blob(http, base, "app", b"a blob no manifest uses")
+    for lock in ({"writeEnabled": False}, {"deleteEnabled": False}):
+        await patch(http, acr, lock)
+        async with http.delete(f"{base}/v2/app/blobs/{blob}") as r:
+            error = await assert_error(r, 405, DISALLOWED)
+            assert "repository app" in error["detail"]["reason"]
+        async with http.head(f"{base}/v2/app/blobs/{blob}") as r:
+            assert r.status == 200, "the refused delete changed nothing"
+        await patch(http, acr, ALL_ENABLED)
+    async with http.delete(f"{base}/v2/app/blobs/{blob}") as r:
+        assert r.status == 202
+
+
 async def test_read_and_list_locks(node, http):
     base, acr = node.url, f"{node.url}/acr/v1/app"
     one, two = make_image(seed=7), make_image(seed=8)
@@ -241,6 +261,41 @@ async def test_listings_order_by_time_and_page(node, http):
     entry = manifests[0]
     assert entry["tags"] == ["b"] and entry["imageSize"] > 0
     assert entry["createdTime"].endswith("Z") and entry["lastUpdateTime"] >= entry["createdTime"]
+
+
+async def test_a_time_ordered_listing_goes_on_after_its_last_entry_is_gone(node, http):
+    """Paging by ``Link`` while the entry a page ended with is untagged (or its
+    manifest deleted): the next page goes on from where it was."""
+    base, acr = node.url, f"{node.url}/acr/v1/app"
+    pushed = {}
+    for i, tag in enumerate(["a", "b", "c", "d"]):
+        pushed[tag] = await push_image(http, base, "app", make_image(seed=70 + i), tag=tag)
+    # The first run re-pushes "a" last: the second sees it as the newest.
+    for order, expected in (("timeasc", ["a", "b", "c", "d"]), ("timedesc", ["a", "d", "c", "b"])):
+        seen, url, gone = [], f"{acr}/_tags?orderby={order}&n=1", []
+        while url:
+            async with http.get(url) as r:
+                assert r.status == 200, await r.text()
+                seen += [t["name"] for t in (await r.json())["tags"]]
+                link = r.headers.get("Link")
+            url = f"{base}{link[1:link.index('>')]}" if link else None
+            if not gone:                  # the entry the first page ended with goes
+                gone.append(seen[0])
+                async with http.delete(f"{acr}/_tags/{seen[0]}") as r:
+                    assert r.status == 202
+        assert seen == expected, (order, seen)
+        await push_image(http, base, "app", make_image(seed=70 + "abcd".index(gone[0])),
+                         tag=gone[0])     # back, now the newest
+    manifests = f"{acr}/_manifests?orderby=timeasc&n=1"
+    async with http.get(manifests) as r:
+        first = (await r.json())["manifests"][0]["digest"]
+        link = r.headers["Link"]
+    async with http.delete(f"{base}/v2/app/manifests/{first}") as r:
+        assert r.status == 202
+    rest = await get(http, f"{base}{link[1:link.index('>')]}")
+    assert len(rest["manifests"]) == 1 and rest["manifests"][0]["digest"] != first
+    async with http.get(f"{acr}/_tags?orderby=timeasc&last=a&stamp=x") as r:
+        await assert_error(r, 400)
 
 
 async def test_untag_removes_only_the_tag(node, http):
@@ -401,5 +456,74 @@ async def test_verify_compares_attributes_and_serves_them_as_locks_have_them(tmp
         assert reverted.source == "eastus"
         lost = found[("attributes", "westeurope", None, digest)]
         assert lost.expected["readEnabled"] is False and lost.actual is None
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_a_subscriber_that_does_not_say_it_understands_attributes_is_not_sent_them(
+        tmp_path, http):
+    """A georeg from before changeable attributes fails on an ``attributes_set``
+    event (an unknown kind), at the same cursor each time it resubscribes: the
+    sender leaves them out for a subscriber whose start does not set
+    ``SubscribeStart.attributes``, and sends them to one that does."""
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")])
+    try:
+        east = cluster.nodes["eastus"]
+        await push_image(http, east.url, "app", make_image(seed=50), tag="v1")
+        await patch(http, f"{east.url}/acr/v1/app/_tags/v1", {"writeEnabled": False})
+        head = east.registry.meta.last_seq
+
+        async def kinds(**start) -> list[str]:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{east.grpc_port}") as ch:
+                call = pbg.ReplicationStub(ch).Subscribe(iter([pb.SubscribeMessage(
+                    start=pb.SubscribeStart(
+                        subscriber=pb.NodeRef(region="westeurope", node_id="probe"),
+                        cursor=0, name="probe", **start))]))
+                seen = []
+                async for batch in call:
+                    seen += [e.kind for e in batch.events]
+                    if batch.last_seq >= head:
+                        break
+                call.cancel()
+                return seen
+
+        old = await kinds()
+        assert "manifest_put" in old and "attributes_set" not in old, old
+        assert "attributes_set" in await kinds(attributes=True)
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_a_replicated_write_landing_on_a_lock_is_counted_and_the_lock_stays(
+        tmp_path, http):
+    """A lock protects from when it reaches a region (docs/locks.md): a push
+    made, during a partition, in the region the lock had not reached, and
+    stamped later, moves the tag everywhere once healed. The node that held
+    the lock says so (``georeg_lock_overridden_total``), and keeps the lock."""
+    cluster = await start_cluster(tmp_path, [("eastus", ""), ("westeurope", "")])
+    try:
+        east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+        first = await push_image(http, east.url, "app", make_image(seed=80), tag="v1")
+
+        async def west_has(digest: str) -> bool:
+            async with http.get(f"{west.url}/acr/v1/app/_tags/v1") as r:
+                return r.status == 200 and (await r.json())["tag"]["digest"] == digest
+        await eventually(lambda: west_has(first), what="v1 in westeurope")
+        cluster.partition("eastus", "westeurope")
+        await patch(http, f"{west.url}/acr/v1/app/_tags/v1", {"writeEnabled": False})
+        second = await push_image(http, east.url, "app", make_image(seed=81), tag="v1")
+        cluster.heal()
+        await eventually(lambda: west_has(second), what="the later push in westeurope")
+
+        async def overridden() -> float:
+            async with http.get(f"{west.url}/metrics") as r:
+                text = await r.text()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("georeg_lock_overridden_total{"))
+        await eventually(lambda: overridden(), what="the override counted")
+        assert await overridden() == 1
+        for node in (east, west):
+            await eventually(lambda node=node: node.registry.locks.of(
+                locks.tag("app", "v1")).write_enabled is False, what=f"the lock on {node.name}")
     finally:
         await stop_cluster(cluster)

@@ -72,7 +72,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -271,13 +271,17 @@ def _index(repo: str, children: list[Image]) -> Image:
 
 class ReplicationMachine(RuleBasedStateMachine):
     loop: LoopThread  # set by the test function
+    # lock_racing_push over a whole run: applied (True) or met no tag (False).
+    locks_tried: dict[bool, int] = {True: 0, False: 0}
 
     def __init__(self) -> None:
         super().__init__()
         self.model = Model()
         self.layers: dict[bool, list[bytes]] = {False: [], True: []}
         self.down: list[str] = []           # crashed or powered off, in that order
-        self.locked: set[tuple[str, str]] = set()   # (repo, tag) a lock was asked for
+        # (repo, tag) a lock was applied to: its origin logged the lock (a PATCH
+        # that met no tag there, 404, locked nothing and is not counted).
+        self.locked: set[tuple[str, str]] = set()
         self.root = Path(tempfile.mkdtemp(prefix="georeg-stateful-"))
         self.cluster = None
         self.http: aiohttp.ClientSession | None = None
@@ -343,15 +347,23 @@ class ReplicationMachine(RuleBasedStateMachine):
             return r.status, doc
 
     def _refusal_expected(self, name: str, status: int, doc: dict, before: int,
-                          repo: str) -> None:
+                          repo: str, tags: frozenset[str] | None = frozenset()) -> None:
         """A 503 is acceptable only when the zone quorum really is out of reach,
-        a 405 only once a tag has been locked; one refused up front (definite)
-        must have written nothing: no event since ``before`` in ``repo``
-        originated here."""
+        a 405 only for a tag of ``repo`` that a lock was applied to, and one of
+        ``tags`` (the tags this write would move or remove; None: any, for a
+        manifest delete, which removes the tags naming it wherever it is done);
+        one refused up front (definite) must have written nothing: no event
+        since ``before`` in ``repo`` originated here."""
         node = self.node(name)
         if status == 405:
             error = (doc.get("errors") or [{}])[0]
-            assert error.get("code") == DISALLOWED and self.locked, (name, status, doc)
+            reason = str((error.get("detail") or {}).get("reason", ""))
+            assert error.get("code") == DISALLOWED and reason.startswith("tag "), (name, doc)
+            locked_repo, _, locked_tag = reason.split(" ", 2)[1].rpartition(":")
+            assert (locked_repo, locked_tag) in self.locked and locked_repo == repo and (
+                tags is None or locked_tag in tags), (
+                f"{name} refused a write to {repo} (tags {tags}) for a lock no rule applied "
+                f"there: {reason}; locks applied: {sorted(self.locked)}")
             logged = writes_since(node, before, set(EventKind), repo)
             assert not logged, f"{name} refused a write for a lock, yet logged {logged}"
             return
@@ -367,12 +379,14 @@ class ReplicationMachine(RuleBasedStateMachine):
             assert message == "write not confirmed by a second zone", doc
 
     async def _write(self, name: str, repo: str, method: str, url: str,
-                     ok: tuple[int, ...], **kwargs) -> tuple[int, dict]:
-        """One write request; anything but ``ok`` must be a justified 503."""
+                     ok: tuple[int, ...], tags: frozenset[str] | None = frozenset(),
+                     **kwargs) -> tuple[int, dict]:
+        """One write request; anything but ``ok`` must be a justified 503, or
+        a 405 for a lock on one of ``tags`` (``_refusal_expected``)."""
         before = self.node(name).registry.meta.last_seq
         status, doc = await self._request(method, url, **kwargs)
         if status not in ok:
-            self._refusal_expected(name, status, doc, before, repo)
+            self._refusal_expected(name, status, doc, before, repo, tags)
         return status, doc
 
     async def _push(self, name: str, image: Image, tag: str | None) -> bool:
@@ -406,7 +420,8 @@ class ReplicationMachine(RuleBasedStateMachine):
                 # A blob seen by HEAD was only visible through a manifest that a
                 # replicated delete has just removed: upload again, as clients do.
                 continue
-            self._refusal_expected(name, status, doc, before, image.repo)
+            self._refusal_expected(name, status, doc, before, image.repo,
+                                   frozenset({tag}) if tag else frozenset())
             return False
         raise AssertionError(f"{name}: {image.repo}@{image.digest} kept lacking blobs")
 
@@ -533,7 +548,8 @@ class ReplicationMachine(RuleBasedStateMachine):
         async def untag() -> bool:
             url = f"{self.node(name).url}/v2/{repo}/manifests/{tag}"
             # 404: not there (yet, or any more)
-            status, _ = await self._write(name, repo, "DELETE", url, (202, 404))
+            status, _ = await self._write(name, repo, "DELETE", url, (202, 404),
+                                          tags=frozenset({tag}))
             return status != 503
 
         return Plan(name, repo, frozenset({EventKind.TAG_DELETE}), untag)
@@ -552,7 +568,8 @@ class ReplicationMachine(RuleBasedStateMachine):
         async def delete() -> bool:
             url = f"{self.node(name).url}/v2/{repo}/manifests/{digest}"
             # 404: not there yet; 403: an index being deleted elsewhere still holds it here.
-            status, _ = await self._write(name, repo, "DELETE", url, (202, 404, 403))
+            status, _ = await self._write(name, repo, "DELETE", url, (202, 404, 403),
+                                          tags=None)
             return status != 503
 
         # Only the manifest delete is the client's write: the tags it removes
@@ -626,15 +643,27 @@ class ReplicationMachine(RuleBasedStateMachine):
             for plan in ([retag, delete] if order == "re-tag first" else [delete, retag]):
                 self._run_writes([plan])
 
-    def _lock(self, name: str, repo: str, tag: str) -> Plan:
+    def _lock(self, name: str, repo: str, tag: str, outcome: list[bool]) -> Plan:
+        """The plan of a write lock on ``repo:tag`` at ``name``; whether its
+        origin applied it is appended to ``outcome`` (read on the rule's thread:
+        Hypothesis's ``note``/``event`` do not work on the cluster's loop)."""
         async def lock() -> bool:
-            url = f"{self.node(name).url}/acr/v1/{repo}/_tags/{tag}"
-            # 404: the tag has not reached this replica yet (or was deleted here).
-            status, _ = await self._write(name, repo, "PATCH", url, (200, 404),
-                                          json={"writeEnabled": False})
+            node = self.node(name)
+            url = f"{node.url}/acr/v1/{repo}/_tags/{tag}"
+            before = node.registry.meta.last_seq
+            try:
+                # 404: the tag has not reached this replica yet (or was deleted here).
+                status, _ = await self._write(name, repo, "PATCH", url, (200, 404),
+                                              json={"writeEnabled": False})
+            finally:
+                # Applied is what its log says (an indefinite 503 may have applied it).
+                applied = any(w.tag == tag for w in writes_since(
+                    node, before, {EventKind.ATTRIBUTES_SET}, repo))
+                if applied:
+                    self.locked.add((repo, tag))
+                outcome.append(applied)
             return status != 503
 
-        self.locked.add((repo, tag))
         return Plan(name, repo, frozenset({EventKind.ATTRIBUTES_SET}), lock)
 
     @rule(data=st.data())
@@ -663,13 +692,20 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.on_loop(self.cluster.partition, *regions)
         for region in regions:
             self.on_loop(self.cluster.partition, region, "brazilsouth", one_way=True)
-        lock = self._lock(lock_at, repo, tag)
+        outcome: list[bool] = []
+        lock = self._lock(lock_at, repo, tag, outcome)
         push = Plan(push_at, repo, PUSH_KINDS, lambda: self._push(push_at, target, tag))
         if order == "at once":
             self._run_writes([lock, push])
         else:
             for plan in ([lock, push] if order == "lock first" else [push, lock]):
                 self._run_writes([plan])
+        applied = bool(outcome and outcome[0])
+        note(f"lock of {repo}:{tag} at {lock_at}: {'applied' if applied else 'not applied'}; "
+             f"locks applied so far: {len(self.locked)}")
+        # Over the whole run (printed at its end): a run whose every lock met
+        # no tag tested no refusal, and says so.
+        ReplicationMachine.locks_tried[applied] += 1
 
     # -- rules: faults -----------------------------------------------------------
 
@@ -863,12 +899,15 @@ def test_replication_state_machine() -> None:
     profile) runs ten times as many, twice as long."""
     loop = LoopThread()
     ReplicationMachine.loop = loop
+    ReplicationMachine.locks_tried = {True: 0, False: 0}
     try:
         run_state_machine_as_test(ReplicationMachine, settings=settings(
             max_examples=scaled(16), stateful_step_count=scaled_steps(25), deadline=None,
             print_blob=True, suppress_health_check=list(HealthCheck)))
     finally:
         loop.close()
+        tried = ReplicationMachine.locks_tried
+        print(f"lock_racing_push: {tried[True]} locks applied, {tried[False]} met no tag")
 
 
 def test_model_replays_in_stamp_order() -> None:

@@ -15,8 +15,11 @@ import asyncio
 import json
 
 import pytest
+from aiohttp import ClientSession, web
 
 from cluster.control import spec as specs
+from cluster.control.errors import ClusterError
+from cluster.control.repositories import _request
 from cluster.testing import RunningCluster
 
 from .helpers import make_image, push_image
@@ -208,3 +211,42 @@ def test_bad_input_is_exit_status_2_with_a_clear_message_and_changes_nothing(c):
     for args, says in BAD:
         refused(c, *args, says=says)
     assert state(c, REPO) == before
+
+
+@pytest.mark.parametrize("action", ["images", "untag"])
+def test_a_repository_named_like_an_action_is_deleted_whole_and_nothing_else(c, action):
+    """``images`` and ``untag`` are legal path components of a repository
+    name; deleting ``cli/x/images/y`` must not be read as deleting image
+    ``cli/x:y`` (nor untagging it)."""
+    parent, child = f"cli/{action}x", f"cli/{action}x/{action}/y"
+    kept = push(c, parent, 30, "y")
+    push(c, child, 31, "v1", "v2")
+    ok(c, "untag", "--image", f"{child}:v2")
+    ok(c, "delete", "--name", child, "--yes")
+    assert {m["digest"]: m["tags"] for m in ok(c, "show-manifests", "--name", parent)} == {
+        kept: ["y"]}, "the parent repository is untouched"
+    assert child not in ok(c, "list").split()
+
+
+async def test_a_node_answer_that_is_not_json_is_a_502_not_bad_input(tmp_path):
+    """What the management API passes on to a node and gets back as something
+    other than JSON (a proxy's error page, a node broken mid-answer) is the
+    node's failure (502), not the asker's bad input (400)."""
+    async def html(_request):
+        return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/acr/v1/app", html)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with ClientSession() as http:
+            with pytest.raises(ClusterError) as caught:
+                await _request(http, "GET", f"http://127.0.0.1:{port}/acr/v1/app")
+        assert caught.value.status == 502 and "not JSON" in str(caught.value)
+        assert not isinstance(caught.value, ValueError)
+    finally:
+        await runner.cleanup()

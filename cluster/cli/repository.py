@@ -204,7 +204,7 @@ def run_repository_untag(args: argparse.Namespace) -> int:
     repository, kind, tag = _image(args.image)
     if kind != "tag":
         raise CliError("untag removes a tag: give --image REPOSITORY:TAG")
-    _checked(call(data_dir_of(args), "DELETE", f"/georeg/v1/repositories/{repository}/untag/{tag}"))
+    _checked(call(data_dir_of(args), "DELETE", f"/georeg/v1/repositories/{repository}/_untag/{tag}"))
     print(f"untagged {repository}:{tag}")
     return 0
 
@@ -279,7 +279,7 @@ def _delete_image(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             return 1
     result = _checked(call(data_dir_of(args), "DELETE",
-                           f"/georeg/v1/repositories/{repository}/images/{reference}"))
+                           f"/georeg/v1/repositories/{repository}/_images/{reference}"))
     print(f"deleted {repository}@{result['manifestDeleted']} and every tag on it")
     return 0
 

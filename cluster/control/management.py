@@ -20,11 +20,13 @@ which other processes find it.
                                                   ACR's properties and changeable attributes of the
                                                   repository, a tag or a manifest (the node's
                                                   /acr/v1/ answer, from the first region holding it)
-    GET    /georeg/v1/repositories/{name}/acr/_tags|_manifests[?orderby&n&last]
+    GET    /georeg/v1/repositories/{name}/acr/_tags|_manifests[?orderby&n&last&stamp]
                                                   ACR's listings with times and attributes
-    DELETE /georeg/v1/repositories/{name}/untag/{tag}   remove the tag only
-    DELETE /georeg/v1/repositories/{name}/images/{tag|digest}
-                                                  delete the manifest and every tag on it (ACR)
+    DELETE /georeg/v1/repositories/{name}/_untag/{tag}  remove the tag only
+    DELETE /georeg/v1/repositories/{name}/_images/{tag|digest}
+                                                  delete the manifest and every tag on it (ACR);
+                                                  ``_`` because no component of a repository
+                                                  name starts with one (``images`` may be one)
     DELETE /georeg/v1/repositories/{name}         delete every manifest and tag of a repository in
                                                   every region that holds it (ACR's
                                                   DELETE /acr/v1/{name} on a node of each)
@@ -242,8 +244,10 @@ class ManagementServer:
         r.add_patch("/georeg/v1/repositories/{name:.+}/acr", self.acr_metadata)
         r.add_get("/georeg/v1/repositories/{name:.+}/acr/_tags", self.acr_listing)
         r.add_get("/georeg/v1/repositories/{name:.+}/acr/_manifests", self.acr_listing)
-        r.add_delete("/georeg/v1/repositories/{name:.+}/untag/{tag}", self.untag)
-        r.add_delete("/georeg/v1/repositories/{name:.+}/images/{reference}", self.delete_image)
+        # The actions start with ``_``, which no component of a repository
+        # name can: ``…/team/images/base`` is the repository team/images/base.
+        r.add_delete("/georeg/v1/repositories/{name:.+}/_untag/{tag}", self.untag)
+        r.add_delete("/georeg/v1/repositories/{name:.+}/_images/{reference}", self.delete_image)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
         r.add_post("/georeg/v1/imports", self.import_image)
         r.add_get("/georeg/v1/registry", self.show_registry)
@@ -685,7 +689,7 @@ class ManagementServer:
         """``GET …/acr/_tags|_manifests?orderby&n``: ACR's listings of one region."""
         name = validate_name(request.match_info["name"])
         which = request.path.rsplit("/", 1)[1]
-        query = urlencode({k: v for k, v in request.query.items() if k in ("orderby", "n", "last")})
+        query = urlencode({k: v for k, v in request.query.items() if k in ("orderby", "n", "last", "stamp")})
         path = f"/acr/v1/{name}/{which}" + (f"?{query}" if query else "")
         return _node_answer(*await self.repositories.on_data_plane(name, "GET", path))
 

@@ -22,10 +22,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from .errors import ClusterError, NotFound, RegionUnavailable
+from .errors import ClusterError, NodeRefusal, NotFound, RegionUnavailable
 
 if TYPE_CHECKING:                      # a Cluster is handed in; it never imports this module
     from .cluster import Cluster
@@ -173,11 +174,18 @@ class Repositories:
 
 async def _request(http: aiohttp.ClientSession, method: str, url: str,
                    body: dict | None = None) -> tuple[int, dict, dict]:
-    """(status, JSON body or {}, headers); ``_Unreachable`` if the node does not answer."""
+    """(status, JSON body or {}, headers); ``_Unreachable`` if the node does not
+    answer; a ``NodeRefusal`` (502) if its answer is not JSON: the node's
+    failure, not bad input of whoever asked (a ValueError would be a 400)."""
     try:
         async with http.request(method, url, json=body,
                                 timeout=aiohttp.ClientTimeout(total=REGION_TIMEOUT_S)) as r:
-            body = await r.json(content_type=None) if method != "HEAD" else {}
+            try:
+                body = await r.json(content_type=None) if method != "HEAD" else {}
+            except ValueError:        # JSONDecodeError, UnicodeDecodeError
+                raise NodeRefusal(f"the node answered {method} {urlsplit(url).path} with HTTP "
+                                  f"{r.status} and a body that is not JSON", 502,
+                                  "NodeError") from None
             return r.status, body or {}, dict(r.headers)
     except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
         raise _Unreachable(str(exc) or type(exc).__name__) from None

@@ -105,17 +105,28 @@ async def patch_manifest(request: web.Request) -> web.Response:
     return json_response(metadata.manifest_properties(reg, repo, digest, _login_server(request)))
 
 
+def _stamp(request: web.Request) -> int | None:
+    """``stamp``: where a time-ordered listing's ``last`` was (``metadata``)."""
+    raw = request.query.get("stamp")
+    if not raw:
+        return None
+    if not raw.isdigit() or len(raw) > 20:
+        raise RegistryError(ErrorCode.UNSUPPORTED, "stamp must be the one a Link gave",
+                            message="invalid stamp", status=400)
+    return int(raw)
+
+
 def _listing(request: web.Request, view, key: str, field: str) -> web.Response:
     repo = repo_name(request)
     n = page_size(request, MAX_PAGE)
     orderby = request.query.get("orderby")
-    body, more = view(registry(request), repo, _login_server(request), orderby, n,
-                      request.query.get("last") or None)
+    body, more, end = view(registry(request), repo, _login_server(request), orderby, n,
+                           request.query.get("last") or None, _stamp(request))
     headers = None
     if more and body[key]:
         link = next_link(request.path, n, body[key][-1][field])
         if orderby:
-            link = link.replace(">;", f"&orderby={orderby}>;", 1)
+            link = link.replace(">;", f"&orderby={orderby}&stamp={end}>;", 1)
         headers = {"Link": link}
     return json_response(body, headers=headers)
 

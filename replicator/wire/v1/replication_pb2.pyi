@@ -91,20 +91,22 @@ class ClientRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., host: _Optional[str] = ..., method: _Optional[str] = ..., useragent: _Optional[str] = ...) -> None: ...
 
 class SubscribeStart(_message.Message):
-    __slots__ = ("subscriber", "expected_node_id", "cursor", "resyncs", "name", "lean")
+    __slots__ = ("subscriber", "expected_node_id", "cursor", "resyncs", "name", "lean", "attributes")
     SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     RESYNCS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LEAN_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     subscriber: NodeRef
     expected_node_id: str
     cursor: int
     resyncs: bool
     name: str
     lean: bool
-    def __init__(self, subscriber: _Optional[_Union[NodeRef, _Mapping]] = ..., expected_node_id: _Optional[str] = ..., cursor: _Optional[int] = ..., resyncs: _Optional[bool] = ..., name: _Optional[str] = ..., lean: _Optional[bool] = ...) -> None: ...
+    attributes: bool
+    def __init__(self, subscriber: _Optional[_Union[NodeRef, _Mapping]] = ..., expected_node_id: _Optional[str] = ..., cursor: _Optional[int] = ..., resyncs: _Optional[bool] = ..., name: _Optional[str] = ..., lean: _Optional[bool] = ..., attributes: _Optional[bool] = ...) -> None: ...
 
 class SubscribeAck(_message.Message):
     __slots__ = ("applied",)

@@ -28,25 +28,23 @@ never enforced.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import random
 import shutil
-import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
-
 from ..control import spec as specs
-from ..testing import on_any_ports
-from . import procfs
-from .clusterproc import ClusterProcess
-from .import_ import SourceImage, push_image, skopeo_env
-from .reference import ReferenceRegistry
+from .source_images import (
+    ImageSetOptions,
+    SideTime,
+    describe_others,
+    describe_sides,
+    median_mb_per_s,
+    skopeo_env,
+    source_and_cluster,
+)
 
 FIRST_GOAL = 1.2        # first pull through the cache ÷ direct pull, of the times: at most
 SECOND_GOAL = 0.95      # second pull ÷ local pull, of the throughputs: at least
@@ -55,26 +53,11 @@ PREFIX = "cached"
 
 
 @dataclass(frozen=True)
-class CacheBenchOptions:
-    images: int = 4
-    layers: int = 2
-    layer_bytes: int = 8 << 20
-    repeat: int = 3
-
-    def quick(self) -> CacheBenchOptions:
-        return CacheBenchOptions(images=2, layers=1, layer_bytes=1 << 20, repeat=1)
+class CacheBenchOptions(ImageSetOptions):
+    pass
 
 
-@dataclass
-class PullTime:
-    side: str
-    round: int
-    seconds: float
-    blob_bytes: int
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.blob_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+PullTime = SideTime
 
 
 @dataclass
@@ -86,8 +69,7 @@ class CacheBenchResult:
 
     def median(self, side: str) -> float:
         """The median MB/s of one side (0 without a figure)."""
-        values = [p.mb_per_s for p in self.pulls if p.side == side]
-        return statistics.median(values) if values else 0.0
+        return median_mb_per_s(self.pulls, side)
 
     @property
     def first_ratio(self) -> float | None:
@@ -119,21 +101,6 @@ class CacheBenchResult:
                 "load_average": list(self.load_average)}
 
 
-async def fill_source(url: str, options: CacheBenchOptions, seed: int = 19
-                      ) -> dict[tuple[str, int], list[SourceImage]]:
-    """A fresh set per round for direct, first (pulled again by second) and local."""
-    rng = random.Random(seed)
-    sets: dict[tuple[str, int], list[SourceImage]] = {}
-    async with aiohttp.ClientSession() as http:
-        for round_ in range(options.repeat):
-            for side in ("direct", "first", "local"):
-                sets[side, round_] = [
-                    await push_image(http, url, f"bench/{side}{round_}/img{i}", rng,
-                                     options.layers, options.layer_bytes)
-                    for i in range(options.images)]
-    return sets
-
-
 def pull(images: list[str], env: dict, flags: list[str], into: Path) -> float:
     """``skopeo copy`` of each ``docker://`` reference into ``into``, one after
     another; the seconds taken."""
@@ -147,23 +114,14 @@ def pull(images: list[str], env: dict, flags: list[str], into: Path) -> float:
 
 def run(spec: specs.ClusterSpec, options: CacheBenchOptions, workdir: Path | None = None,
         quiet_wait_s: float = 30.0) -> CacheBenchResult:
-    if shutil.which("skopeo") is None:
-        raise RuntimeError("skopeo is not installed (Debian package skopeo)")
-    keep = workdir is not None
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="georeg-bench-cache-"))
-    reference = ReferenceRegistry(workdir / "source").start()
-    cluster: ClusterProcess | None = None
-    try:
-        sets = asyncio.run(fill_source(reference.url, options))
-        cluster = ClusterProcess.start(on_any_ports(spec), workdir / "cluster")
-        regional = next(e for e in cluster.plan.endpoints
-                        if e.kind == "regional" and e.region == cluster.spec.home_region)
-        endpoint = f"{cluster.plan.host}:{regional.port}"
-        source = reference.url.removeprefix("http://")
+    # A fresh set per round for direct, first (pulled again by second) and local.
+    with source_and_cluster(spec, options, ("direct", "first", "local"), workdir,
+                            "georeg-bench-cache-") as bench:
+        cluster, sets, source, endpoint = bench.cluster, bench.sets, bench.source, bench.endpoint
         cluster.call("POST", "/georeg/v1/cache-rules", {
             "name": "bench", "sourceRepository": f"{source}/*",
             "targetRepository": f"{PREFIX}/*"})
-        env, flags = skopeo_env(workdir / "skopeo", endpoint, cluster.registry_headers())
+        env, flags = skopeo_env(bench.workdir / "skopeo", endpoint, cluster.registry_headers())
         # The local side's images are pushed into the cluster first (untimed).
         for round_ in range(options.repeat):
             for image in sets["local", round_]:
@@ -172,9 +130,8 @@ def run(spec: specs.ClusterSpec, options: CacheBenchOptions, workdir: Path | Non
                                 f"docker://{endpoint}/{image.repository}:1.0"],
                                env=env, check=True, capture_output=True, timeout=600)
         result = CacheBenchResult(options)
-        asyncio.run(procfs.wait_for_quiet(cluster.all_pids() + [reference.pid], quiet_wait_s))
-        others = procfs.OtherCpu(cluster.all_pids() + [reference.pid])
-        into = workdir / "pulled"
+        others = bench.quiet_others(quiet_wait_s)
+        into = bench.workdir / "pulled"
         for round_ in range(options.repeat):
             refs = {
                 "direct": [f"docker://{source}/{i.repository}:1.0"
@@ -195,21 +152,10 @@ def run(spec: specs.ClusterSpec, options: CacheBenchOptions, workdir: Path | Non
         result.other_cores = others.cores()
         result.load_average = os.getloadavg()
         return result
-    finally:
-        if cluster is not None:
-            cluster.stop()
-        reference.stop()
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def describe(result: CacheBenchResult) -> str:
-    o = result.options
-    lines = [f"pulls through the cache: {o.images} images × {o.layers} layers × "
-             f"{o.layer_bytes / 1e6:.1f} MB, {o.repeat} rounds (medians)"]
-    for side in SIDES:
-        runs = ", ".join(f"{p.mb_per_s:.1f}" for p in result.pulls if p.side == side)
-        lines.append(f"  {side:<7} {result.median(side):8.1f} MB/s   (runs: {runs})")
+    lines = describe_sides("pulls through the cache", result.options, result.pulls, SIDES)
     met = result.goals_met
     if result.first_ratio is not None:
         lines.append(f"  first pull ÷ direct pull, time: {result.first_ratio:.2f}× (goal ≤ "
@@ -217,6 +163,5 @@ def describe(result: CacheBenchResult) -> str:
     if result.second_ratio is not None:
         lines.append(f"  second pull ÷ local pull, MB/s: {result.second_ratio:.2f}× (goal ≥ "
                      f"{SECOND_GOAL:.2f}×: {'met' if met['second'] else 'NOT met'})")
-    lines.append(f"  other processes used {result.other_cores:.2f} cores meanwhile; load average "
-                 + " ".join(f"{x:.2f}" for x in result.load_average))
+    lines.append(describe_others(result.other_cores, result.load_average))
     return "\n".join(lines)

@@ -688,44 +688,17 @@ into the home region with `georeg import` (the management API) and with
 which goes first. Prints each side's median MB/s of blob bytes and the ratio
 import ÷ skopeo against the goal (≥ 1.0), with the CPU other processes used
 meanwhile. Timings are reported, never enforced.""")
-    p.add_argument("--config", type=Path, metavar="FILE", help="cluster spec (default: built-in)")
-    p.add_argument("--images", type=_positive, help="images per side and round (default 4)")
-    p.add_argument("--layers", type=_positive, help="layers per image (default 2)")
-    p.add_argument("--layer-kib", type=_positive, help="KiB per layer (default 8192)")
-    p.add_argument("--repeat", type=_positive, help="rounds (default 3)")
-    p.add_argument("--quick", action="store_true",
-                   help="2 images of one 1 MiB layer, one round (explicit options still apply)")
-    p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
-                   help="wait up to this long for other processes to go quiet first (default 30)")
-    p.add_argument("--workdir", type=Path, help="keep the source's and cluster's data here")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write the results")
+    _add_image_set_options(p, workdir_help="keep the source's and cluster's data here")
     p.set_defaults(func=_run_import_bench)
 
 
 def _run_import_bench(args: argparse.Namespace) -> int:
-    import json
-
     from ..bench.clusterproc import ClusterStartError
     from ..bench.import_ import ImportBenchOptions, describe, run
     from ..bench.server import ServerStartError
-    from ..control import spec as specs
 
-    options = ImportBenchOptions()
-    if args.quick:
-        options = options.quick()
-    given = {"images": args.images, "layers": args.layers, "repeat": args.repeat,
-             "layer_bytes": args.layer_kib and args.layer_kib * 1024}
-    options = replace(options, **{k: v for k, v in given.items() if v is not None})
-    try:
-        result = run(specs.load(args.config), options, args.workdir, args.quiet_wait)
-    except (ClusterStartError, ServerStartError, RuntimeError, OSError) as exc:
-        print(f"georeg bench import: {exc}", file=sys.stderr)
-        return 2
-    print(describe(result))
-    if args.json:
-        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        print(f"results written to {args.json}", file=sys.stderr)
-    return 0
+    return _run_image_set_bench("import", args, ImportBenchOptions(), run, describe,
+                                (ClusterStartError, ServerStartError, RuntimeError, OSError))
 
 
 def _add_cache(sub: argparse._SubParsersAction) -> None:
@@ -742,6 +715,24 @@ again (second: now local), and images pushed into the cluster beforehand
 (local). Prints each side's median MB/s, first ÷ direct of the times (goal
 ≤ 1.2) and second ÷ local of the throughputs (goal ≥ 0.95), with the CPU other
 processes used meanwhile. Timings are reported, never enforced.""")
+    _add_image_set_options(p, workdir_help="keep the upstream's and cluster's data here")
+    p.set_defaults(func=_run_cache_bench)
+
+
+def _run_cache_bench(args: argparse.Namespace) -> int:
+    from ..bench.cache import CacheBenchOptions, describe, run
+    from ..bench.clusterproc import ClusterStartError
+    from ..bench.server import ServerStartError
+
+    return _run_image_set_bench("cache", args, CacheBenchOptions(), run, describe,
+                                (ClusterStartError, ServerStartError, RuntimeError, OSError,
+                                 subprocess.CalledProcessError))
+
+
+def _add_image_set_options(p: argparse.ArgumentParser, workdir_help: str) -> None:
+    """The options ``bench import`` and ``bench cache`` share: the cluster spec,
+    the image set's sizes (``source_images.ImageSetOptions``), the quiet wait,
+    where to keep the data and where to write the results."""
     p.add_argument("--config", type=Path, metavar="FILE", help="cluster spec (default: built-in)")
     p.add_argument("--images", type=_positive, help="images per side and round (default 4)")
     p.add_argument("--layers", type=_positive, help="layers per image (default 2)")
@@ -751,20 +742,20 @@ processes used meanwhile. Timings are reported, never enforced.""")
                    help="2 images of one 1 MiB layer, one round (explicit options still apply)")
     p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
                    help="wait up to this long for other processes to go quiet first (default 30)")
-    p.add_argument("--workdir", type=Path, help="keep the upstream's and cluster's data here")
+    p.add_argument("--workdir", type=Path, help=workdir_help)
     p.add_argument("--json", type=Path, metavar="FILE", help="write the results")
-    p.set_defaults(func=_run_cache_bench)
 
 
-def _run_cache_bench(args: argparse.Namespace) -> int:
+def _run_image_set_bench(command: str, args: argparse.Namespace, options, run, describe,
+                         errors: tuple[type[BaseException], ...]) -> int:
+    """Run ``bench import`` or ``bench cache``: ``options`` (that bench's
+    defaults) with --quick and the explicit sizes applied, then ``run``; print
+    ``describe`` of the result and write its JSON if asked. 2, having said why,
+    on ``errors``."""
     import json
 
-    from ..bench.cache import CacheBenchOptions, describe, run
-    from ..bench.clusterproc import ClusterStartError
-    from ..bench.server import ServerStartError
     from ..control import spec as specs
 
-    options = CacheBenchOptions()
     if args.quick:
         options = options.quick()
     given = {"images": args.images, "layers": args.layers, "repeat": args.repeat,
@@ -772,9 +763,8 @@ def _run_cache_bench(args: argparse.Namespace) -> int:
     options = replace(options, **{k: v for k, v in given.items() if v is not None})
     try:
         result = run(specs.load(args.config), options, args.workdir, args.quiet_wait)
-    except (ClusterStartError, ServerStartError, RuntimeError, OSError,
-            subprocess.CalledProcessError) as exc:
-        print(f"georeg bench cache: {exc}", file=sys.stderr)
+    except errors as exc:
+        print(f"georeg bench {command}: {exc}", file=sys.stderr)
         return 2
     print(describe(result))
     if args.json:

@@ -7,7 +7,7 @@ from registry_node import logs
 from registry_node.config import NodeConfig
 
 from . import profiles
-from .helpers import NodeProcess, start_node
+from .helpers import ManualClock, NodeProcess, started_node
 
 # Nodes in this process log warnings and errors only; child processes log to files.
 logs.configure("console", "warning")
@@ -37,11 +37,14 @@ def node_config(tmp_path) -> NodeConfig:
 @pytest.fixture
 async def node(node_config):
     """A real node serving on a loopback port, in this process."""
-    running = await start_node(node_config)
-    try:
+    async with started_node(node_config) as running:
         yield running
-    finally:
-        await running.stop()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """The test's clock, for nodes that read it (``started_node(config, clock)``)."""
+    return ManualClock()
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ import sys
 import tarfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,18 @@ async def start_node(config: NodeConfig, clock: ManualClock | None = None) -> Ru
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return RunningNode(f"http://127.0.0.1:{port}", config, runner)
+
+
+@asynccontextmanager
+async def started_node(config: NodeConfig, clock: ManualClock | None = None
+                       ) -> AsyncIterator[RunningNode]:
+    """``start_node``, stopped on leaving the block however it is left (what a
+    node fixture yields)."""
+    running = await start_node(config, clock)
+    try:
+        yield running
+    finally:
+        await running.stop()
 
 
 # -- child-process node ------------------------------------------------------

@@ -18,15 +18,11 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
-
 from registry_node import keys
 from registry_node.metastore import MetadataStore
 from registry_node.records import BlobRecord, ManifestRecord, decode
 
-from .profiles import scaled
-from .test_gc_candidates import GRACE_S, ReadCount, Subject, _fill, operations
+from .test_gc_candidates import GRACE_S, ReadCount, Subject, _fill, driven_by_operations
 
 
 def walked(meta: MetadataStore) -> dict[str, dict[str, int]]:
@@ -53,19 +49,13 @@ def assert_counted(subject: Subject, where: str) -> None:
     assert meta.content_discrepancies() == [], where
 
 
-@settings(max_examples=scaled(40), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(ops=st.lists(operations, min_size=4, max_size=30))
-# A layer shared by two manifests of a repository, by two repositories, by an
-# index's children; a region's last image deleted; an image from another region
-# over the same blobs; reopening.
-@example(ops=[("push image", 0, 0, 0), ("push image", 0, 1, 1), ("delete manifest", 0, 0),
-              ("gc", GRACE_S + 1)])
-@example(ops=[("push image", 0, 2, 0), ("push image", 1, 2, 0), ("delete repository", 0),
-              ("gc", GRACE_S + 1), ("reopen",), ("delete manifest", 1, 2)])
-@example(ops=[("push image", 2, 4, 0), ("remote manifest", 1, 0, 1), ("delete manifest", 2, 0),
-              ("delete manifest", 2, 4), ("remote manifest delete", 1, 0, 2), ("reopen",),
-              ("delete manifest", 2, 1), ("gc", GRACE_S + 1)])
+# A layer shared by two manifests of a repository, by two repositories
+# (SHARED_LAYER_RUNS), by an index's children; a region's last image deleted;
+# an image from another region over the same blobs; reopening.
+@driven_by_operations(
+    [("push image", 2, 4, 0), ("remote manifest", 1, 0, 1), ("delete manifest", 2, 0),
+     ("delete manifest", 2, 4), ("remote manifest delete", 1, 0, 2), ("reopen",),
+     ("delete manifest", 2, 1), ("gc", GRACE_S + 1)])
 def test_the_counts_equal_a_walk_of_everything_after_any_writes(ops):
     with tempfile.TemporaryDirectory(prefix="georeg-counts-") as tmp:
         subject = Subject(Path(tmp) / "node")

@@ -34,6 +34,7 @@ from .helpers import (
     push_blob,
     push_image,
     start_node,
+    started_node,
 )
 
 GRACE_S = 60.0
@@ -41,18 +42,10 @@ UPLOAD_TTL_S = 600.0
 
 
 @pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
 async def node(node_config, clock):
     """A real node in this process, on the test's clock."""
-    running = await start_node(node_config, clock)
-    try:
+    async with started_node(node_config, clock) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 def collector(node, grace_s: float = GRACE_S, upload_ttl_s: float = UPLOAD_TTL_S) -> GarbageCollector:

@@ -30,7 +30,7 @@ from replicator.retention import LogRetention
 from replicator.topology import Peer, ReplicationSettings
 from replicator.wire.v1 import replication_pb2 as pb
 
-from .helpers import ManualClock, eventually, push_image, start_node
+from .helpers import ManualClock, eventually, push_image, started_node
 from .replication_invariants import (
     layered_image,
     metric_sum,
@@ -76,12 +76,9 @@ def test_a_truncated_log_keeps_its_sequence_across_a_reopen(tmp_path):
 @pytest.fixture
 async def standalone(tmp_path, http):
     clock = ManualClock()
-    running = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0, sync=False,
-                                          gc_interval_s=3600), clock)
-    try:
+    async with started_node(NodeConfig(data_dir=tmp_path / "node", port=0, sync=False,
+                                       gc_interval_s=3600), clock) as running:
         yield running, clock
-    finally:
-        await running.stop()
 
 
 def _retention(running, clock: ManualClock, readers: list[str]) -> LogRetention:

@@ -35,6 +35,7 @@ from .helpers import (
     push_blob,
     push_image,
     start_node,
+    started_node,
 )
 
 GRACE_S = 60.0
@@ -42,28 +43,17 @@ LIMIT = 20_000
 
 
 @pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
 async def limited(tmp_path, clock):
     """A node that may hold ``LIMIT`` bytes, on the test's clock."""
-    running = await start_node(NodeConfig(data_dir=tmp_path / "node", port=0,
-                                          storage_limit=LIMIT), clock)
-    try:
+    async with started_node(NodeConfig(data_dir=tmp_path / "node", port=0,
+                                       storage_limit=LIMIT), clock) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 @pytest.fixture
 async def node(node_config, clock):
-    running = await start_node(node_config, clock)
-    try:
+    async with started_node(node_config, clock) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 async def collect(node, clock: ManualClock) -> None:

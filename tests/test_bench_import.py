@@ -35,3 +35,16 @@ def test_no_skopeo_figure_means_no_ratio():
     r.rounds.append(RoundTime("import", 0, 1.0, 1_000_000))
     assert r.ratio is None and r.goal_met is None
     assert RoundTime("skopeo", 0, 0.0, 10).mb_per_s == 0.0
+
+
+@pytest.mark.parametrize("bench", ["import", "cache"])
+def test_a_spec_that_is_not_one_is_said_so_with_exit_2(bench, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", bench, "--config",
+                           str(tmp_path / "missing.toml")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"georeg bench {bench}: " in done.stderr and "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr

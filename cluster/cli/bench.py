@@ -763,7 +763,7 @@ def _run_image_set_bench(command: str, args: argparse.Namespace, options, run, d
     options = replace(options, **{k: v for k, v in given.items() if v is not None})
     try:
         result = run(specs.load(args.config), options, args.workdir, args.quiet_wait)
-    except errors as exc:
+    except (specs.SpecError, *errors) as exc:
         print(f"georeg bench {command}: {exc}", file=sys.stderr)
         return 2
     print(describe(result))

@@ -162,6 +162,7 @@ def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable
         node = Node.open(config, wall_ns=wall_ns, monotonic=monotonic)
         app[NODE] = node
         app[REGISTRY] = node.registry
+        app[METRICS].watch_repairs(node.registry.repair)
         app[CONFIGURATION] = node.configuration
         if authority is not None and GATE not in app:
             # The identities this node enforces are the registry configuration it

@@ -70,7 +70,7 @@ from urllib.parse import parse_qs, unquote
 
 import structlog
 
-from .api.blobs import Download
+from .api.blobs import CorruptBeforeSending, Download
 from .api.middlewares import request_id
 from .auth.grants import REDIRECT_HEADER, carries_grant
 from .bandwidth import Bandwidth, following
@@ -304,7 +304,7 @@ class HandoffServer:
                         download.pieces(self.registry.run_blocking)) as pieces:
                     try:
                         first = await anext(pieces)
-                    except RegistryError:        # its first piece failed the integrity check
+                    except CorruptBeforeSending:   # the HTTP chain repairs it, then answers
                         refund()
                         return
                     # Not a byte before the proxy can know it: if the channel is
@@ -361,7 +361,8 @@ class HandoffServer:
                 if identity is None:
                     raise _Declined
             blob = self.registry.open_blob(repo, digest)
-        except RegistryError:
+        except (RegistryError, BlobCorrupt, OSError):
+            # A rotten copy or a disk error: the HTTP chain repairs or answers it.
             raise _Declined from None
         refund: Callable[[], None] = _nothing
         try:

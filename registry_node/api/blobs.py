@@ -3,6 +3,11 @@
 A ``GET`` an endpoint marked for a redirect is answered with one where the
 node may (``api.redirects``).
 
+A copy that fails its integrity check is never served: found before a byte
+is sent, it is repaired from a replica and the request answered from the
+repaired copy; found mid-stream, the connection is cut and the repair runs
+for the client's retry (``registry_node.blob_repair``).
+
 Reads decrypt only the segments a range needs, in a worker thread, one piece
 ahead of the socket, so a blob of any size streams in bounded memory. On a
 node whose downloads are shaped, the bytes leave as the node's download
@@ -21,8 +26,9 @@ import structlog
 from aiohttp import web
 
 from ..bandwidth import following
+from ..blob_repair import being_repaired
 from ..crypto import BlobCorrupt, SealedBlob
-from ..errors import ErrorCode, Outcome, RegistryError
+from ..errors import ErrorCode, RegistryError
 from .common import (
     BANDWIDTH,
     DIGEST_HEADER,
@@ -94,11 +100,18 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     redirected = redirect(request, repo, digest)
     if redirected is not None:
         return redirected
-    blob = reg.open_blob(repo, digest)
-    try:
-        return await _send(request, blob, digest)
-    finally:
-        blob.close()
+    for attempt in range(2):    # a copy found rotten before a byte was sent: the repaired one
+        blob = await reg.read_blob(repo, digest)
+        try:
+            return await _send(request, blob, digest)
+        except CorruptBeforeSending as exc:
+            blob.close()
+            if attempt:
+                raise being_repaired(str(digest), exc.reason) from None
+            await reg.repair.mend(str(digest), exc.reason)
+        finally:
+            blob.close()
+    raise AssertionError("unreachable")
 
 
 async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.StreamResponse:
@@ -122,7 +135,9 @@ async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.Stre
                 async with contextlib.aclosing(budget.shaped(following(first, pieces))) as body:
                     async for piece in body:
                         await response.write(piece)
-        except BlobCorrupt:
+        except BlobCorrupt as exc:
+            # Repaired for the client's retry (``blob_repair``), whatever happens here.
+            registry(request).repair.found(digest, str(exc))
             # Headers are gone; the only honest thing left is to cut the connection
             # so the client sees a short body instead of wrong bytes.
             # Closing the transport is what cuts it: an exception alone would reach
@@ -133,6 +148,15 @@ async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.Stre
             raise
     await response.write_eof()
     return response
+
+
+class CorruptBeforeSending(Exception):
+    """The first piece of a download failed its integrity check: nothing was
+    sent, so the request can still be answered from a repaired copy."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Download:
@@ -159,8 +183,9 @@ class Download:
         """The body in pieces of at most ``STREAM_PIECE``; the next is being
         decrypted (on ``run``'s threads) while the caller sends this one.
 
-        A first piece that fails its integrity check raises ``RegistryError``
-        (nothing is sent yet: the client gets a 500); a later one raises
+        A first piece that fails its integrity check raises
+        ``CorruptBeforeSending`` (nothing is sent yet: the caller repairs the
+        blob and answers from the repaired copy); a later one raises
         ``BlobCorrupt``, and the caller must cut the connection. Close the
         iterator (``contextlib.aclosing``) so a read still in flight ends
         before the blob's file is closed."""
@@ -171,7 +196,8 @@ class Download:
             try:
                 piece = await asyncio.shield(reading)
             except BlobCorrupt as exc:
-                raise _corrupt(self.digest, exc) from None
+                log.error("blob_corrupt", digest=self.digest, error=str(exc))
+                raise CorruptBeforeSending(str(exc)) from None
             while True:
                 reading = None
                 if pos < self.end:
@@ -193,12 +219,6 @@ class Download:
                 await asyncio.wait([reading])
                 if not reading.cancelled():
                     reading.exception()          # seen, whatever it was
-
-
-def _corrupt(digest: str, exc: BlobCorrupt) -> RegistryError:
-    log.error("blob_corrupt", digest=digest, error=str(exc))
-    return RegistryError(ErrorCode.UNKNOWN, "stored blob failed its integrity check; it is not served",
-                         message="blob corrupt", status=500, outcome=Outcome.DEFINITE)  # a read
 
 
 async def delete_blob(request: web.Request) -> web.Response:

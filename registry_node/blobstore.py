@@ -145,9 +145,11 @@ class BlobStore:
 
     # -- bit rot and quarantine ---------------------------------------------------
 
-    def rot(self, count: int, seed: int | None) -> list[dict]:
-        """Flip a byte in ``count`` blob files (``storage_faults.rot_blobs``)."""
-        return rot_blobs([(d, self.path(d)) for d in self.digests()], count, seed, HEADER_SIZE)
+    def rot(self, count: int, seed: int | None, among: list[str] | None = None) -> list[dict]:
+        """Flip a byte in ``count`` blob files (``storage_faults.rot_blobs``),
+        chosen among the digests ``among`` (default: every blob stored)."""
+        present = [d for d in self.digests() if among is None or d in among]
+        return rot_blobs([(d, self.path(d)) for d in present], count, seed, HEADER_SIZE)
 
     def quarantine(self, digest: str, now_ns: int) -> Path | None:
         """Move the blob's file aside if it still fails authentication; the

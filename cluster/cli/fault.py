@@ -110,6 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--blobs", type=int, default=1, metavar="N",
                    help="how many blob files to rot (default 1)")
     c.add_argument("--seed", type=int, help="seed of which files and bytes rot")
+    c.add_argument("--digest", action="append", metavar="DIGEST",
+                   help="rot only among these blobs (repeatable), e.g. one layer of an image")
     add_data_dir(c)
     c.set_defaults(func=command(_inject_bitrot))
 
@@ -175,7 +177,7 @@ def _inject_disk(args: argparse.Namespace) -> int:
 def _inject_bitrot(args: argparse.Namespace) -> int:
     region, _, zone = args.where.partition("/")
     return _inject(args, "bitrot", region=region, zone=zone or None, blobs=args.blobs,
-                   seed=args.seed)
+                   seed=args.seed, digests=args.digest)
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ Kinds (each optionally healing itself after a duration):
     routing REGION off                                 out of global routing, still syncing
     disk REGION[/ZONE] --full | --slow MS | --eio read|write [--prob P]
                                                        storage faults on nodes
-    bitrot REGION[/ZONE] [--blobs N] [--seed S]        bytes flipped in stored blob files
+    bitrot REGION[/ZONE] [--blobs N] [--seed S] [--digest D]
+                                                       bytes flipped in stored blob files
     throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
     destroy REGION                                     data dirs wiped, restarted empty
 
@@ -314,7 +315,8 @@ class FaultController:
             raise
 
     async def _inject_bitrot(self, fault: Fault, region: str, zone: str | None = None,
-                             blobs: int = 1, seed: int | None = None) -> None:
+                             blobs: int = 1, seed: int | None = None,
+                             digests: list[str] | None = None) -> None:
         if blobs < 1:
             raise FaultError("bit rot needs at least one blob (--blobs N)")
         if zone:
@@ -329,9 +331,11 @@ class FaultController:
         session = await self._session_get()
         url = self.cluster.node_url(node) + "/georeg/v1/faults/bitrot"
         try:
-            async with session.post(url, json={"blobs": blobs, "seed": seed}) as r:
+            async with session.post(url, json={"blobs": blobs, "seed": seed,
+                                               **({"digests": digests} if digests else {})}) as r:
                 if r.status != 200:
-                    raise FaultError(f"{node} refused the bit rot: HTTP {r.status}")
+                    raise FaultError(f"{node} refused the bit rot: HTTP {r.status} "
+                                     f"{(await r.text())[:300]}")
                 rotted = (await r.json())["rotted"]
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise FaultError(f"{node} is unreachable: {exc}") from None

@@ -5,8 +5,9 @@ and what the node did about rot.
                                       "eio_write": 0, "seed": null}
     PUT  /georeg/v1/faults/storage   the same shape; what is absent is unchanged
                                      (a seed given restarts the random source)
-    POST /georeg/v1/faults/bitrot    {"blobs": N, "seed": S}: flip a byte in N
-                                     stored blob files → {"rotted": [{"digest", "offset"}]}
+    POST /georeg/v1/faults/bitrot    {"blobs": N, "seed": S, "digests": [...]}: flip
+                                     a byte in N stored blob files (among those
+                                     digests, if given) → {"rotted": [{"digest", "offset"}]}
     GET  /georeg/v1/blobs/repairs    what was quarantined, repaired, left
                                      unrepairable (``blob_repair.BlobRepair.report``)
     POST /georeg/v1/blobs/scrub      {"budget_bytes", "rate_bytes_s"}: read and
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from ..crypto import HEADER_SIZE
 from ..errors import ErrorCode, RegistryError
+from ..reference import is_digest
 from .common import json_response, registry
 
 SCRUB_BUDGET = 1 << 30                 # bytes one scrub call reads, unless told
@@ -81,11 +83,16 @@ async def put_storage_faults(request: web.Request) -> web.Response:
 
 
 async def post_bitrot(request: web.Request) -> web.Response:
-    body = await _body(request, '{"blobs": N, "seed": int}')
+    body = await _body(request, '{"blobs": N, "seed": int, "digests": [digest, …]}')
     count = int(_number(body, "blobs", 1, 10_000)) if "blobs" in body else 1
     seed = _seed(body)
+    among = body.get("digests")
+    if among is not None:
+        if not isinstance(among, list) or not all(isinstance(d, str) and is_digest(d)
+                                                  for d in among):
+            raise _bad("digests must be a list of digests (sha256:…)")
     reg = registry(request)
-    rotted = await reg.run_blocking(lambda: reg.blobs.rot(count, seed))
+    rotted = await reg.run_blocking(lambda: reg.blobs.rot(count, seed, among))
     return json_response({"rotted": rotted, "header_bytes": HEADER_SIZE})
 
 

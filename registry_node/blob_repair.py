@@ -5,7 +5,7 @@ flipped bit, a torn sector, ``georeg fault bitrot``) is never served.
 Whoever finds it — a client's GET, a peer fetching it from here, a scrub —
 hands it to ``BlobRepair.found``, which
 
-1. on a node with peers, moves the file aside, into ``quarantine/`` (``BlobStore.quarantine``: only
+1. moves the file aside, into ``quarantine/`` (``BlobStore.quarantine``: only
    while it still fails authentication, so a copy repaired meanwhile stays),
    where an operator can inspect it; the quarantine is bounded;
 2. fetches the blob again through ``BlobSources`` — replication's transfer,
@@ -13,32 +13,43 @@ hands it to ``BlobRepair.found``, which
    content that may travel, only this region's other zones for content
    confined here, never anyone else; the bytes are checked against the
    digest before they are stored, and the blob's record is left as it is;
-3. records what happened: repaired (from which peer), or unrepairable and why.
+3. records what happened: repaired (from which peer), unrepairable and why,
+   or failed (no allowed peer answered in time): a failed repair is tried
+   again in the background (``retry_due``), with capped backoff on the
+   node's injected clock, and a scrub tries again every quarantined blob
+   whose file is not back (one quarantined before a restart, too).
 
-A standalone node has no one to fetch from: the rotten file stays in place
-(its intact ranges still read), and a read of a rotten range answers
-``500 blob corrupt``.
+A standalone node has no one to fetch from: its rotten file is quarantined
+all the same (so HEAD and GET agree that the blob is not here, and pushing
+it again restores it), and the blob is unrepairable.
 
 What a client sees
     A GET that finds the rot before it sent a byte (in the header, or in the
     first MiB: ``api.blobs``) waits for the repair, at most
     ``REQUEST_WAIT_S``, and is answered from the repaired copy. Past the
     wait, ``503 blob being repaired`` with ``Retry-After``; for a blob no
-    allowed peer holds, ``500 blob corrupt`` saying why — and every later
-    GET tries again (a sibling zone may be back), answering at once when
-    there is still no allowed peer. Rot found mid-stream, after the headers,
-    cuts the connection as before; the repair runs anyway, so the client's
-    retry gets the repaired copy.
+    allowed peer holds, ``404 BLOB_UNKNOWN`` (as HEAD answers: the blob is
+    not here) with ``detail.repair: "unrepairable"`` and why — and every
+    later GET tries again (a sibling zone may be back), answering at once
+    when there is still no allowed peer. Rot found mid-stream, after the
+    headers, cuts the connection as before (on the HTTP chain and on a
+    hand-over alike: ``api.blobs.Download`` reports it); the repair runs
+    anyway, so the client's retry gets the repaired copy.
 
 Invariants
-    * One repair per digest at a time (single flight).
+    * One repair per digest at a time (single flight); every repair still
+      running is cancelled when the node stops (``close``).
     * A repair changes no record and logs no event: the blob is the same
       blob, its bytes are only fetched again.
     * What happened is kept for the last ``HISTORY`` digests, in memory;
       the quarantine directory is the durable trace (a quarantined digest
       whose file is back was repaired, one whose file is missing was not).
     * A scrub reads at most ``budget_bytes`` per call, at most
-      ``rate_bytes_s`` a second, resuming after the last digest it read.
+      ``rate_bytes_s`` a second (on the injected clock), resuming after the
+      last digest it read; it waits for the repairs it started at most
+      ``SCRUB_WAIT_S``, less than a caller's read timeout (``georeg verify``).
+    * A blob is counted unrepairable once, when it enters that state, not at
+      every GET that tries again.
 
 Counted at ``GET /metrics`` (``api.metrics``):
 ``georeg_blob_quarantined_total``, ``georeg_blob_repairs_total``,
@@ -64,6 +75,10 @@ log = structlog.get_logger("georeg.repair")
 
 REQUEST_WAIT_S = 10.0       # a client's GET waits this long for its blob's repair
 REPAIR_TIMEOUT_S = 60.0     # one repair's fetch, whoever waits for it
+SCRUB_WAIT_S = 20.0         # a scrub waits this long for the repairs it started
+RETRY_BASE_S = 5.0          # a failed repair is tried again after this, doubling…
+RETRY_CAP_S = 120.0         # …up to this
+RETRY_TICK_S = 1.0          # how often the background looks for retries due
 HISTORY = 256
 
 
@@ -89,6 +104,8 @@ class Repair:
     detail: str = ""                # why unrepairable, or why the attempt failed
     quarantined_to: str = ""
     done_ns: int = 0
+    attempt: int = 1                # the how-manieth attempt in a row to repair it
+    retry_at: float = 0.0           # failed: when to try again (the injected monotonic clock)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in ("", 0)}
@@ -97,29 +114,33 @@ class Repair:
 def being_repaired(digest: str, detail: str = "") -> RegistryError:
     return RegistryError(
         ErrorCode.UNAVAILABLE,
-        {"digest": digest, "reason": "this replica's copy failed its integrity check; it was "
+        {"digest": str(digest), "reason": "this replica's copy failed its integrity check; it was "
                                      "quarantined and is being fetched again from a replica. "
                                      "Retry" + (f" ({detail})" if detail else "")},
         message="blob being repaired", headers={"Retry-After": "2"}, outcome=Outcome.DEFINITE)
 
 
 def blob_unrepairable(digest: str, detail: str) -> RegistryError:
+    """Not here (as HEAD says: its file is in quarantine), and not coming back
+    on its own: a 4xx, so that clients do not retry a state that will not change."""
     return RegistryError(
-        ErrorCode.UNKNOWN,
-        {"digest": digest, "repair": "unrepairable",
+        ErrorCode.BLOB_UNKNOWN,
+        {"digest": str(digest), "repair": "unrepairable",
          "reason": f"this replica's copy failed its integrity check and was quarantined; "
                    f"{detail}. Push the blob again to this region to restore it"},
-        message="blob corrupt", status=500, outcome=Outcome.DEFINITE)
+        outcome=Outcome.DEFINITE)
 
 
 class BlobRepair:
     def __init__(self, blobs: BlobStore, run_blocking: Callable[[Callable[[], T]], Awaitable[T]],
                  *, recorded: Callable[[str], bool], wall_ns: Callable[[], int] = time.time_ns,
+                 monotonic: Callable[[], float] = time.monotonic,
                  timeout_s: float = REPAIR_TIMEOUT_S) -> None:
         self._blobs = blobs
         self._run = run_blocking
-        self._recorded = recorded       # whether the node has a record of a digest
+        self._recorded = recorded       # whether the node has a record of a digest (blocking)
         self._wall_ns = wall_ns
+        self._monotonic = monotonic
         self.timeout_s = timeout_s
         # Set by replication while it runs; None: no peers (a standalone node).
         self.sources: BlobSources | None = None
@@ -128,6 +149,9 @@ class BlobRepair:
         self.quarantined_total = 0
         self.repaired_total = 0
         self.unrepairable_total = 0
+        # Digests counted unrepairable and not repaired since (at most one per
+        # stored blob): counted once, not at every GET that tries again.
+        self._unrepairable: set[str] = set()
         self._scrub_after = ""
 
     # -- finding and mending -----------------------------------------------------------
@@ -165,17 +189,17 @@ class BlobRepair:
         return self._blobs.is_quarantined(digest)      # found before a restart
 
     async def _repair(self, digest: str, reason: str) -> Repair:
+        previous = self.history.get(digest)
         repair = Repair(digest, self._wall_ns(), reason)
+        if previous is not None and previous.state == "failed":
+            repair.attempt = previous.attempt + 1
         self.history[digest] = repair
         self.history.move_to_end(digest)
         while len(self.history) > HISTORY:
             self.history.popitem(last=False)
-        if self.sources is None:
-            # Moving it aside would mend nothing, and its intact ranges still read.
-            return self._done(repair, "unrepairable", "this node has no peers to fetch it "
-                              "from (the file stays in place)")
         try:
-            moved = await self._run(lambda: self._blobs.quarantine(digest, self._wall_ns()))
+            moved = await self._run(lambda: self._blobs.quarantine(
+                digest, self._wall_ns(), keep=self._keep_quarantined))
         except OSError as exc:
             return self._done(repair, "failed", f"could not quarantine the file: {exc}")
         if moved is not None:
@@ -184,6 +208,8 @@ class BlobRepair:
             log.error("blob_quarantined", digest=digest, reason=reason, to=str(moved))
         elif self._blobs.exists(digest):
             return self._done(repair, "repaired", "the file in place is intact")
+        if self.sources is None:
+            return self._done(repair, "unrepairable", "this node has no peers to fetch it from")
         try:
             repair.source = await asyncio.wait_for(self.sources.refetch(digest), self.timeout_s)
         except Unrepairable as exc:
@@ -196,54 +222,110 @@ class BlobRepair:
 
     def _done(self, repair: Repair, state: str, detail: str) -> Repair:
         repair.state, repair.detail, repair.done_ns = state, detail, self._wall_ns()
-        if state == "repaired" and repair.source:
-            self.repaired_total += 1
-        elif state == "unrepairable":
+        if state == "repaired":
+            self._unrepairable.discard(repair.digest)
+            if repair.source:
+                self.repaired_total += 1
+        elif state == "unrepairable" and repair.digest not in self._unrepairable:
+            self._unrepairable.add(repair.digest)
             self.unrepairable_total += 1
+        elif state == "failed":
+            repair.retry_at = self._monotonic() + min(
+                RETRY_CAP_S, RETRY_BASE_S * 2 ** min(repair.attempt - 1, 16))
         (log.info if state == "repaired" else log.error)(
             "blob_repair", digest=repair.digest, state=state, source=repair.source or None,
-            detail=detail or None)
+            detail=detail or None, attempt=repair.attempt)
         return repair
+
+    def _keep_quarantined(self, digest: str) -> bool:
+        """Whether a quarantined file is the only trace of a blob not repaired:
+        its file is not back and its record is still here (blocking)."""
+        return not self._blobs.exists(digest) and self._recorded(digest)
+
+    # -- trying again ------------------------------------------------------------------
+
+    def retry_due(self) -> list[str]:
+        """Start again every failed repair whose backoff (on the injected
+        clock) has passed; the digests started."""
+        now = self._monotonic()
+        due = [r.digest for r in self.history.values()
+               if r.state == "failed" and r.retry_at <= now and r.digest not in self._running]
+        for digest in due:
+            self.found(digest, self.history[digest].reason)
+        return due
+
+    async def retry_forever(self, tick_s: float = RETRY_TICK_S) -> None:
+        """``retry_due`` every ``tick_s`` until cancelled (the node's lifetime)."""
+        while True:
+            await asyncio.sleep(tick_s)
+            self.retry_due()
+
+    async def close(self) -> None:
+        """Cancel the repairs still running (the node is stopping) and wait for them."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- scrubbing ---------------------------------------------------------------------
 
-    async def scrub(self, budget_bytes: int, rate_bytes_s: float) -> dict:
+    async def scrub(self, budget_bytes: int, rate_bytes_s: float,
+                    wait_s: float = SCRUB_WAIT_S) -> dict:
         """Read and authenticate stored blobs (those with a record), after the
         last one the previous scrub read, until ``budget_bytes`` are read;
-        repair what fails, waiting for each repair. ``complete``: the pass
-        reached the last blob (the next starts from the first)."""
-        digests = sorted(d for d in await self._run(lambda: list(self._blobs.digests()))
-                         if self._recorded(d))
+        start the repair of what fails, and again of every quarantined blob
+        whose file is not back; wait for those repairs at most ``wait_s``.
+        A blob the disk cannot read (EIO) is passed over and counted
+        (``unreadable``). ``complete``: the pass reached the last blob (the
+        next starts from the first)."""
+        digests = await self._run(lambda: sorted(d for d in self._blobs.digests()
+                                                 if self._recorded(d)))
         start = next((i for i, d in enumerate(digests) if d > self._scrub_after), len(digests))
-        began = time.monotonic()
-        read = checked = 0
-        rotten: list[dict] = []
+        began = self._monotonic()
+        read = checked = unreadable = 0
+        repairs: dict[str, asyncio.Task[Repair]] = {}
         complete = True
         for digest in digests[start:]:
             if read >= budget_bytes:
                 complete = False
                 break
+            self._scrub_after = digest
             try:
                 size, why = await self._run(lambda d=digest: self._check(d))
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                unreadable += 1
+                log.warning("scrub_unreadable", digest=digest, error=str(exc))
+                continue
             read += size
             checked += 1
-            self._scrub_after = digest
             if why is not None:
-                repair = await asyncio.shield(self.found(digest, why))
-                rotten.append(repair.as_dict())
+                repairs[digest] = self.found(digest, why)
             if rate_bytes_s > 0:    # paced: no faster than the rate, on average
-                ahead = read / rate_bytes_s - (time.monotonic() - began)
+                ahead = read / rate_bytes_s - (self._monotonic() - began)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
         if complete:
             self._scrub_after = ""
-        return {"checked": checked, "bytes": read, "complete": complete, "rotten": rotten}
+        for digest in await self._run(self._not_back):
+            repairs.setdefault(digest, self.found(digest, "its file was quarantined"))
+        if repairs:
+            await asyncio.wait([asyncio.shield(t) for t in repairs.values()], timeout=wait_s)
+        rotten = [t.result().as_dict() if t.done() and not t.cancelled() and t.exception() is None
+                  else {"digest": d, "state": "repairing"} for d, t in repairs.items()]
+        return {"checked": checked, "bytes": read, "unreadable": unreadable,
+                "complete": complete, "rotten": rotten}
 
     def _check(self, digest: str) -> tuple[int, str | None]:
         size = self._blobs.path(digest).stat().st_size
         return size, self._blobs.verify(digest)
+
+    def _not_back(self) -> list[str]:
+        """Quarantined digests whose file is not back, that the node still
+        records and that no repair is at (blocking)."""
+        return sorted({d for d, _, _, _ in self._blobs.quarantined()
+                       if d not in self._running and self._keep_quarantined(d)})
 
     # -- reporting ---------------------------------------------------------------------
 

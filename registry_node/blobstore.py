@@ -7,9 +7,11 @@ Layout under the data dir::
     uploads/<uuid>                      uploads in progress, same format, unsealed
     quarantine/<algorithm>/<hex>.<ns>   blob files that failed authentication, moved
                                         aside at <ns> (``blob_repair``), kept for an
-                                        operator to inspect; the newest
-                                        QUARANTINE_MAX_FILES / _BYTES of them
-                                        (always the newest one)
+                                        operator to inspect: the newest
+                                        QUARANTINE_MAX_FILES / _BYTES of them, the
+                                        newest one always (however large), and every
+                                        one that is the only trace of a blob not
+                                        repaired (its record here, its file not back)
 
 Invariants
     * A file appears under ``blobs/`` only by ``rename`` of a complete, sealed
@@ -30,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .crypto import HEADER_SIZE, BlobCorrupt, NodeKey, SealedBlob, SegmentWriter, read_unsealed
@@ -102,6 +104,9 @@ class UploadFile:
 
 
 class BlobStore:
+    quarantine_max_files = QUARANTINE_MAX_FILES
+    quarantine_max_bytes = QUARANTINE_MAX_BYTES
+
     def __init__(self, root: Path, node_key: NodeKey, faults: StorageFaults | None = None) -> None:
         self.root = root
         self._node_key = node_key
@@ -151,10 +156,13 @@ class BlobStore:
         present = [d for d in self.digests() if among is None or d in among]
         return rot_blobs([(d, self.path(d)) for d in present], count, seed, HEADER_SIZE)
 
-    def quarantine(self, digest: str, now_ns: int) -> Path | None:
+    def quarantine(self, digest: str, now_ns: int,
+                   keep: Callable[[str], bool] = lambda digest: False) -> Path | None:
         """Move the blob's file aside if it still fails authentication; the
         path it went to, or None (no file, or an intact one: someone repaired
-        it meanwhile). The oldest quarantined files go past the bounds."""
+        it meanwhile). Past the bounds, older quarantined files go, oldest
+        first, except those of digests ``keep`` holds on to (the only trace of
+        a blob not repaired)."""
         try:
             if self.verify(digest) is None:
                 return None
@@ -166,7 +174,7 @@ class BlobStore:
         os.rename(self.path(digest), target)
         fsync_directory(target.parent)
         fsync_directory(self.path(digest).parent)
-        self._prune_quarantine()
+        self._prune_quarantine(keep)
         return target
 
     def is_quarantined(self, digest: str) -> bool:
@@ -188,12 +196,14 @@ class BlobStore:
                     continue
         return sorted(found, key=lambda q: q[3])
 
-    def _prune_quarantine(self) -> None:
+    def _prune_quarantine(self, keep: Callable[[str], bool]) -> None:
         held = self.quarantined()
         count, total = len(held), sum(q[2] for q in held)
-        for _, path, size, _ in held:       # oldest first; the newest always stays
-            if count <= 1 or (count <= QUARANTINE_MAX_FILES and total <= QUARANTINE_MAX_BYTES):
+        for digest, path, size, _ in held[:-1]:     # oldest first; the newest always stays
+            if count <= self.quarantine_max_files and total <= self.quarantine_max_bytes:
                 break
+            if keep(digest):
+                continue
             path.unlink(missing_ok=True)
             count, total = count - 1, total - size
 

@@ -48,12 +48,15 @@ endpoints', which answer their own errors in the same shape)::
   503  ``blob being repaired``              definite: the replica's copy failed its
                                             integrity check and is being fetched again
                                             (``blob_repair``); ``Retry-After`` says when
-  500  ``blob corrupt``                     definite: a read of a copy that failed its
-                                            integrity check and that no replica
-                                            residency allows could replace
   500  ``unknown error`` (a bug, an I/O     definite for ``GET``/``HEAD`` (reads change
        error such as a failed WAL sync)     nothing), indefinite for every write
   ===  ===================================  =========================================
+
+  A blob whose copy here failed its integrity check and that no replica
+  residency allows could replace is not served: ``404 BLOB_UNKNOWN``, as its
+  ``HEAD`` answers, with ``detail.repair: "unrepairable"`` and the reason
+  (``blob_repair``) — a 4xx, since retrying cannot change it; pushing the
+  blob again does.
 
   Any of them is indefinite for an operation of several commits that had
   made some before it failed (``DELETE /acr/v1/<name>``: one delete per

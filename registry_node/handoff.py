@@ -329,8 +329,8 @@ class HandoffServer:
         except _Declined:
             pass
         except (OSError, BlobCorrupt, asyncio.CancelledError) as exc:
-            # After ``W``: the client went away, a later piece failed its check,
-            # or the node is stopping. The proxy closes the client's connection.
+            # After ``W``: the client went away, a later piece failed its check
+            # (``Download`` has handed it to the repair), or the node is stopping. The proxy closes the client's connection.
             log.info("handoff_cut", rid=rid, path=path, error=str(exc) or type(exc).__name__)
         except Exception:
             log.exception("handoff_fault", rid=rid, path=path)
@@ -366,7 +366,8 @@ class HandoffServer:
             raise _Declined from None
         refund: Callable[[], None] = _nothing
         try:
-            download = Download(blob, digest, headers.get("range"))
+            download = Download(blob, digest, headers.get("range"),
+                                rotten=self.registry.repair.found)
             if self.throttle is not None and self.throttle.active:
                 # Not counted: the HTTP chain refuses it again, and counts it.
                 self.throttle.admit(READ, identity, counted=False)

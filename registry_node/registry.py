@@ -81,6 +81,7 @@ from .records import (
 )
 from .reference import Digest, is_digest, validate_name, validate_tag
 from .staleness import PeerContent
+from .storage_faults import is_io_error
 
 T = TypeVar("T")
 RunBlocking = Callable[[Callable[..., T]], Awaitable[T]]
@@ -189,7 +190,7 @@ class Registry:
         # Changeable attributes (ACR's locks), checked before any change they forbid.
         self.locks = locks.Locks(meta)
         # Bit rot: quarantined and fetched again (replication sets its sources).
-        self.repair = BlobRepair(blobs, run_blocking, wall_ns=wall_ns,
+        self.repair = BlobRepair(blobs, run_blocking, wall_ns=wall_ns, monotonic=monotonic,
                                  recorded=lambda digest: meta.get(keys.blob(digest)) is not None)
 
     # -- helpers -------------------------------------------------------------
@@ -449,10 +450,12 @@ class Registry:
     async def _end_if_refused(self, upload_id: str, upload: _OpenUpload,
                               exc: RegistryError | OSError) -> None:
         """An upload refused for a limit (the blob size limit, the storage
-        limit) or failed by the disk ends: nothing of it is kept, and the
-        client starts over — so a disk's error answer is definite (the
-        session holds nothing it did not acknowledge, because it holds nothing)."""
-        if isinstance(exc, OSError) or exc.status == 413 or exc.code is ErrorCode.DENIED:
+        limit) or failed by the disk with EIO ends: nothing of it is kept, and
+        the client starts over — so an EIO answer is definite (the session
+        holds nothing it did not acknowledge, because it holds nothing). A
+        full disk does not end it: the client resumes once space is freed."""
+        if is_io_error(exc) or (isinstance(exc, RegistryError)
+                                and (exc.status == 413 or exc.code is ErrorCode.DENIED)):
             await self._drop_upload(upload_id, upload.file)
 
     async def _drop_upload(self, upload_id: str, file: UploadFile) -> None:
@@ -548,11 +551,13 @@ class Registry:
             except RegistryError:  # wrong digest: the upload is gone, say so next time
                 self._forget_upload(upload_id)
                 raise
-            except OSError:
-                # The disk failed the seal, the rename or the record: the session
-                # ends (its file may be in place already, without a record: garbage
-                # collection sweeps it, a push of the blob again adopts it).
-                await self._drop_upload(upload_id, upload.file)
+            except OSError as exc:
+                # The disk failed the seal, the rename or the record with EIO: the
+                # session ends (its file may be in place already, without a record:
+                # garbage collection sweeps it, a push of the blob again adopts it).
+                # A full disk leaves it, to be completed once space is freed.
+                if is_io_error(exc):
+                    await self._drop_upload(upload_id, upload.file)
                 raise
             try:
                 self._forget_upload(upload_id)

@@ -6,9 +6,9 @@ through ``Transfer`` — the one transfer algorithm, which checks the bytes
 against the digest before storing them — from a peer that residency allows,
 and from no one else:
 
-* a peer is asked for the blob as content of one repository that holds it
-  here, and only if residency lets that content (from any region whose
-  pushes put it there, ``Replica.content_regions``) into the peer's region:
+* a peer is asked for the blob once, as content of the first repository
+  that holds it here whose content residency lets into the peer's region
+  (from any region whose pushes put it there, ``Replica.content_regions``):
   a peer elsewhere cannot hold it, and would refuse to hand it out anyway
   (``ReplicationService.FetchBlob``). So content confined to this region is
   asked only of this region's other zones, never of another region;
@@ -51,27 +51,29 @@ class PeerRefetch:
         repositories = replica.blob_repositories(digest)
         if not repositories:
             raise Unrepairable("no repository here holds it, so no peer would hand it out")
+        origins = {repository: replica.content_regions(repository, digest)
+                   for repository in repositories}
         asked = 0
         transient: list[str] = []
         refused: list[str] = []
-        for repository in repositories:
-            origins = replica.content_regions(repository, digest)
-            allowed = [c for c in self._ordered()
-                       if any(residency.allows(o, repository, c.peer.region) for o in origins)]
-            for client in allowed:
-                asked += 1
-                try:
-                    await runtime.transfer.ensure_blob(repository, digest, [client.hurried()])
-                except ReplicationError as exc:
-                    (refused if exc.outcome is Outcome.PERMANENT else transient).append(
-                        f"{client.name}: {exc.reason}")
-                    continue
-                if replica.blob_in_place(digest):
-                    return client.name
+        for client in self._ordered():
+            repository = next((r for r in repositories if any(
+                residency.allows(o, r, client.peer.region) for o in origins[r])), None)
+            if repository is None:
+                continue
+            asked += 1
+            try:
+                await runtime.transfer.ensure_blob(repository, digest, [client.hurried()])
+            except ReplicationError as exc:
+                (refused if exc.outcome is Outcome.PERMANENT else transient).append(
+                    f"{client.name}: {exc.reason}")
+                continue
+            if replica.blob_in_place(digest):
+                return client.name
         if transient:
             raise ReplicationError(Outcome.DEFINITE, "; ".join(transient + refused))
         if not asked:
-            confined = sorted({o for r in repositories for o in replica.content_regions(r, digest)
+            confined = sorted({o for r in repositories for o in origins[r]
                                if residency.confined(o, r)})
             if confined:
                 raise Unrepairable(f"its content is confined to {', '.join(confined)} by "

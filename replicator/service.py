@@ -505,15 +505,24 @@ class ReplicationService(pbg.ReplicationServicer):
             self._recent_bytes -= len(held)
 
     async def _read_blob(self, digest: str, size: int) -> bytes | None:
+        """None if the blob is gone, rotten (handed to ``blob_repair``, which
+        mends it here) or the disk failed the read (EIO): never an exception,
+        which would end the stream it is read for."""
         try:
             blob = self.replica.blobs.open(digest)
-        except (FileNotFoundError, BlobCorrupt):
+        except BlobCorrupt as exc:
+            self.registry.repair.found(digest, str(exc))
+            return None
+        except OSError:             # FileNotFoundError, or the disk's EIO
             return None
         try:
             if blob.size != size:
                 return None
             return await self.registry.run_blocking(lambda: blob.read(0, size))
-        except (BlobCorrupt, OSError):
+        except BlobCorrupt as exc:
+            self.registry.repair.found(digest, str(exc))
+            return None
+        except OSError:
             return None
         finally:
             blob.close()

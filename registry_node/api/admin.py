@@ -7,7 +7,9 @@ and what the node did about rot.
                                      (a seed given restarts the random source)
     POST /georeg/v1/faults/bitrot    {"blobs": N, "seed": S, "digests": [...]}: flip
                                      a byte in N stored blob files (among those
-                                     digests, if given) → {"rotted": [{"digest", "offset"}]}
+                                     digests, if given) → {"rotted": [{"digest", "offset"}],
+                                     "missing": []}; if a digest named is not stored,
+                                     nothing rots and "missing" names it
     GET  /georeg/v1/blobs/repairs    what was quarantined, repaired, left
                                      unrepairable (``blob_repair.BlobRepair.report``)
     POST /georeg/v1/blobs/scrub      {"budget_bytes", "rate_bytes_s"}: read and
@@ -24,7 +26,7 @@ from aiohttp import web
 
 from ..crypto import HEADER_SIZE
 from ..errors import ErrorCode, RegistryError
-from ..reference import is_digest
+from ..reference import Digest
 from .common import json_response, registry
 
 SCRUB_BUDGET = 1 << 30                 # bytes one scrub call reads, unless told
@@ -88,12 +90,15 @@ async def post_bitrot(request: web.Request) -> web.Response:
     seed = _seed(body)
     among = body.get("digests")
     if among is not None:
-        if not isinstance(among, list) or not all(isinstance(d, str) and is_digest(d)
-                                                  for d in among):
+        if not isinstance(among, list):
             raise _bad("digests must be a list of digests (sha256:…)")
+        among = [Digest.parse(d) for d in among]     # 400 DIGEST_INVALID saying which
     reg = registry(request)
+    missing = [d for d in among or () if not reg.blobs.exists(d)]
+    if missing:             # nothing rots: the caller named a blob that is not here
+        return json_response({"rotted": [], "missing": missing, "header_bytes": HEADER_SIZE})
     rotted = await reg.run_blocking(lambda: reg.blobs.rot(count, seed, among))
-    return json_response({"rotted": rotted, "header_bytes": HEADER_SIZE})
+    return json_response({"rotted": rotted, "missing": [], "header_bytes": HEADER_SIZE})
 
 
 async def get_repairs(request: web.Request) -> web.Response:

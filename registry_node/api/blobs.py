@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -105,7 +105,6 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         try:
             return await _send(request, blob, digest)
         except CorruptBeforeSending as exc:
-            blob.close()
             if attempt:
                 raise being_repaired(str(digest), exc.reason) from None
             await reg.repair.mend(str(digest), exc.reason)
@@ -115,7 +114,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 
 async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.StreamResponse:
-    download = Download(blob, digest, request.headers.get("Range"))
+    download = Download(blob, digest, request.headers.get("Range"),
+                        rotten=registry(request).repair.found)
     budget = request.app[BANDWIDTH].download
     async with contextlib.aclosing(download.pieces(registry(request).run_blocking)) as pieces:
         first = await anext(pieces)
@@ -135,9 +135,7 @@ async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.Stre
                 async with contextlib.aclosing(budget.shaped(following(first, pieces))) as body:
                     async for piece in body:
                         await response.write(piece)
-        except BlobCorrupt as exc:
-            # Repaired for the client's retry (``blob_repair``), whatever happens here.
-            registry(request).repair.found(digest, str(exc))
+        except BlobCorrupt:
             # Headers are gone; the only honest thing left is to cut the connection
             # so the client sees a short body instead of wrong bytes.
             # Closing the transport is what cuts it: an exception alone would reach
@@ -162,12 +160,17 @@ class CorruptBeforeSending(Exception):
 class Download:
     """What a GET of a blob sends: status, headers, and the bytes (all, or the
     range asked for), read one piece ahead of the socket. The HTTP handler and
-    the routing proxy's hand-over (``registry_node.handoff``) both send these."""
+    the routing proxy's hand-over (``registry_node.handoff``) both send these.
+    ``rotten(digest, reason)`` hears of rot met mid-stream, once the caller can
+    no longer answer anything but a cut connection (``BlobRepair.found``: the
+    client's retry gets the repaired copy)."""
 
-    def __init__(self, blob: SealedBlob, digest: str, range_header: str | None) -> None:
+    def __init__(self, blob: SealedBlob, digest: str, range_header: str | None,
+                 rotten: Callable[[str, str], object]) -> None:
         wanted = parse_range(range_header, blob.size)
         self.blob = blob
         self.digest = digest
+        self.rotten = rotten
         self.start, self.end = wanted or (0, blob.size)
         self.status = 200 if wanted is None else 206
         self.headers = {DIGEST_HEADER: digest, "Accept-Ranges": "bytes",
@@ -186,7 +189,8 @@ class Download:
         A first piece that fails its integrity check raises
         ``CorruptBeforeSending`` (nothing is sent yet: the caller repairs the
         blob and answers from the repaired copy); a later one raises
-        ``BlobCorrupt``, and the caller must cut the connection. Close the
+        ``BlobCorrupt``, after telling ``rotten``, and the caller must cut the
+        connection. Close the
         iterator (``contextlib.aclosing``) so a read still in flight ends
         before the blob's file is closed."""
         pos = min(self.end, self.start + STREAM_PIECE)
@@ -211,6 +215,7 @@ class Download:
                     piece = await asyncio.shield(reading)
                 except BlobCorrupt as exc:
                     log.error("blob_corrupt", digest=self.digest, error=str(exc))
+                    self.rotten(self.digest, str(exc))
                     raise
         finally:
             # A read on a worker thread outlives a cancelled await (the shields

@@ -92,7 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="blob reads, or all writes, fail with EIO")
     c.add_argument("--prob", type=float, default=1.0, metavar="P",
                    help="with --eio: the probability that an operation fails (default 1)")
-    c.add_argument("--seed", type=int, help="with --eio: seed of the failures' random draw")
+    c.add_argument("--seed", type=int, help="with --eio: seed of the failures' random draw "
+                                            "(default: one picked and shown, to replay the run)")
     _duration(c)
     c.set_defaults(func=command(_inject_disk))
 
@@ -109,9 +110,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one node: a region, or a zone of a zone-redundant one (eastus/2)")
     c.add_argument("--blobs", type=int, default=1, metavar="N",
                    help="how many blob files to rot (default 1)")
-    c.add_argument("--seed", type=int, help="seed of which files and bytes rot")
+    c.add_argument("--seed", type=int, help="seed of which files and bytes rot (default: one "
+                                            "picked and shown, to replay the run)")
     c.add_argument("--digest", action="append", metavar="DIGEST",
-                   help="rot only among these blobs (repeatable), e.g. one layer of an image")
+                   help="rot only among these blobs (repeatable), e.g. one layer of an image; "
+                        "refused if the node does not store one of them")
     add_data_dir(c)
     c.set_defaults(func=command(_inject_bitrot))
 

@@ -52,8 +52,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -259,22 +261,31 @@ class FaultController:
         self.cluster.routing.set_routing(region, enabled)
         fault.description = f"global routing {'on' if enabled else 'off'} for {region} (it keeps syncing)"
 
-    async def _storage(self, nodes: list[str], *, healing: bool = False) -> None:
-        """Send each node what its active disk faults add up to. Healing, a node
-        that cannot take it is passed over (down, it comes back without faults)."""
+    async def _put_node_state(self, nodes: list[str], path: str,
+                              state_of: Callable[[str], dict], what: str, *,
+                              healing: bool = False) -> None:
+        """PUT to each node, at ``path``, what its active faults of one kind add
+        up to (``state_of(node)``). Healing (or undoing), a node that cannot
+        take it is passed over: down, it comes back without faults, and a node
+        that refused kept what it had."""
         session = await self._session_get()
         for name in nodes:
-            url = self.cluster.node_url(name) + "/georeg/v1/faults/storage"
+            url = self.cluster.node_url(name) + path
             try:
-                async with session.put(url, json=self._storage_state(name)) as r:
+                async with session.put(url, json=state_of(name)) as r:
                     if r.status != 200:
-                        raise FaultError(f"{name} refused the storage fault: HTTP {r.status}")
+                        raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
             except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
                 if not healing:
                     if isinstance(exc, FaultError):
                         raise
                     raise FaultError(f"{name} is unreachable: {exc}") from None
-                log.warning("storage_heal_failed", node=name, error=str(exc))
+                log.warning("fault_heal_failed", node=name, fault=what, error=str(exc))
+
+    async def _storage(self, nodes: list[str], *, healing: bool = False) -> None:
+        """Send each node what its active disk faults add up to."""
+        await self._put_node_state(nodes, "/georeg/v1/faults/storage", self._storage_state,
+                                   "storage fault", healing=healing)
 
     def _storage_state(self, node: str) -> dict:
         """What the active disk faults on ``node`` add up to (see the module docstring)."""
@@ -302,8 +313,11 @@ class FaultController:
             raise FaultError("the probability of an I/O error must be above 0 and at most 1")
         nodes = [self._node(region, str(zone))] if zone else self._nodes_in(region)
         fault.nodes = nodes
+        if eio:
+            seed = fault.target["seed"] = _replayable(seed)
         what = "full" if full else f"slow (+{slow_ms:g} ms per write)" if slow_ms else \
-            f"failing {eio}s with EIO" + (f" ({probability:.0%})" if probability < 1 else "")
+            f"failing {eio}s with EIO" + (f" ({probability:.0%})" if probability < 1 else "") \
+            + f" (seed {seed})"
         fault.description = f"disk {what} on {', '.join(nodes)}"
         # Counted as active while it is applied, so the state sent includes it.
         self.faults[fault.id] = fault
@@ -328,6 +342,7 @@ class FaultController:
                                  f"{region}/1 (bit rot strikes one disk)")
             node = nodes[0]
         fault.nodes = [node]
+        seed = fault.target["seed"] = _replayable(seed)
         session = await self._session_get()
         url = self.cluster.node_url(node) + "/georeg/v1/faults/bitrot"
         try:
@@ -336,12 +351,17 @@ class FaultController:
                 if r.status != 200:
                     raise FaultError(f"{node} refused the bit rot: HTTP {r.status} "
                                      f"{(await r.text())[:300]}")
-                rotted = (await r.json())["rotted"]
+                answer = await r.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise FaultError(f"{node} is unreachable: {exc}") from None
+        rotted = answer["rotted"]
+        if answer.get("missing"):
+            raise FaultError(f"{node} stores no blob {', '.join(answer['missing'])}: "
+                             f"nothing rotted")
         fault.target["rotted"] = rotted
         digests = ", ".join(r["digest"][:19] + "…" for r in rotted) or "none: no blob stored"
-        fault.description = f"bit rot on {node}: {len(rotted)} blob file(s) flipped ({digests})"
+        fault.description = (f"bit rot on {node}: {len(rotted)} blob file(s) flipped "
+                             f"({digests}; seed {seed})")
         fault.healed_at = time.time()  # nothing to heal: the node repairs what it finds
 
     async def _inject_throttle(self, fault: Fault, region: str,
@@ -379,22 +399,9 @@ class FaultController:
         return rates
 
     async def _apply_throttles(self, nodes: list[str], *, healing: bool = False) -> None:
-        """Send each node its throttling faults' rates. Healing (or undoing), a
-        node that cannot take them is passed over: down, it comes back
-        unthrottled, and a node that refused them kept what it had."""
-        session = await self._session_get()
-        for name in nodes:
-            url = self.cluster.node_url(name) + "/georeg/v1/faults/throttle"
-            try:
-                async with session.put(url, json=self._throttle_rates(name)) as r:
-                    if r.status != 200:
-                        raise FaultError(f"{name} refused the throttling fault: HTTP {r.status}")
-            except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
-                if not healing:
-                    if isinstance(exc, FaultError):
-                        raise
-                    raise FaultError(f"{name} is unreachable: {exc}") from None
-                log.warning("throttle_heal_failed", node=name, error=str(exc))
+        """Send each node its throttling faults' rates (``_put_node_state``)."""
+        await self._put_node_state(nodes, "/georeg/v1/faults/throttle", self._throttle_rates,
+                                   "throttling fault", healing=healing)
 
     async def _restarted(self, nodes: list[str]) -> None:
         """Nodes just (re)started: those an active throttling or disk fault
@@ -455,6 +462,12 @@ class FaultController:
 
     def active(self) -> list[Fault]:
         return [f for f in self.faults.values() if f.active]
+
+
+def _replayable(seed: int | None) -> int:
+    """The seed a random fault runs with: the one given, or one picked now
+    (and then shown in the fault's description), so every run can be replayed."""
+    return seed if seed is not None else random.randrange(1 << 31)
 
 
 def _combine(a: LinkFaults, b: LinkFaults) -> LinkFaults:

@@ -69,6 +69,10 @@ ROUTES: tuple[Route, ...] = (
     # Fault injection's storage seam.
     Route("GET", "/georeg/v1/faults/storage", admin.get_storage_faults),
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
+    Route("POST", "/georeg/v1/faults/bitrot", admin.post_bitrot),
+    # Bit rot found and repaired (registry_node.blob_repair): the record, a scrub.
+    Route("GET", "/georeg/v1/blobs/repairs", admin.get_repairs),
+    Route("POST", "/georeg/v1/blobs/scrub", admin.post_scrub),
     # Request throttling: its fault, its state, zone siblings' reports (api.throttling).
     Route("GET", "/georeg/v1/faults/throttle", throttling.get_throttle_fault),
     Route("PUT", "/georeg/v1/faults/throttle", throttling.put_throttle_fault),

@@ -680,6 +680,17 @@ async def test_a_source_failing_reads_holds_back_its_blobs_not_its_stream(cluste
     await eventually(small_arrived, timeout=30, what="the blob in brazilsouth once the disk reads")
 
 
+async def test_a_replica_failing_writes_catches_up_once_healed(cluster, http):
+    fid = fault_id(fault_cli(cluster, "disk", "brazilsouth", "--eio", "write"))
+    image = make_image([1700], seed=42)
+    await push_image(http, cluster.node_url("eastus-1"), "eio/apply", image, tag="v1")
+    brazil = cluster.node_url("brazilsouth")
+    assert not await pullable(http, brazil, "eio/apply", "v1", image)
+    fault_cli(cluster, "heal", fid)
+    await eventually(lambda: pullable(http, brazil, "eio/apply", "v1", image), timeout=30,
+                     what="brazilsouth applying the events once its disk writes")
+
+
 async def test_faults_heal_themselves_after_their_duration(cluster, http):
     result = fault_cli(cluster, "partition", "westeurope", "brazilsouth", "--duration", "1")
     fid = fault_id(result)

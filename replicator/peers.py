@@ -61,7 +61,7 @@ from .errors import definite, from_grpc, permanent
 from .peer_identity import PeerCredentials
 from .topology import Peer
 from .wire.v1 import replication_pb2 as pb
-from .wire.v1 import replication_pb2_grpc as pbg
+from .wire.integrity import sealed_stub
 
 RECEIVE_WINDOW = 4 << 20           # the least window, any link
 MAX_RECEIVE_WINDOW = 24 << 20      # the most, any link (24 MiB per 186 ms: 1.1 Gbit/s)
@@ -152,7 +152,7 @@ class PeerClient:
             # addresses node certificates name), so the address is the name checked.
             self.channel = grpc.aio.secure_channel(peer.grpc, credentials.channel(),
                                                    options=channel_options(peer))
-        self.stub = pbg.ReplicationStub(self.channel)
+        self.stub = sealed_stub(self.channel)  # checked end to end (wire.integrity)
         # Blob fetches running on the channel, at most (``fetch_streams``);
         # shared by ``hurried`` copies, which use the same channel.
         streams = fetch_streams(receive_window(peer.rtt_ms, peer.bandwidth_mbps))

@@ -61,7 +61,7 @@ from .subscription import OriginStreams, Subscription
 from .topology import ClusterView, Peer, event_receiver
 from .transfer import HeldBlobs, Transfer
 from .wire.v1 import replication_pb2 as pb
-from .wire.v1 import replication_pb2_grpc as pbg
+from .wire.integrity import add_sealed_servicer
 
 log = structlog.get_logger("georeg.replication")
 
@@ -146,7 +146,7 @@ class Replication:
             one_wan_event_copy_per_region=settings.one_wan_event_copy_per_region,
             region_zones=view.zone_redundancy.zones, relayed=self.relayed)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        pbg.add_ReplicationServicer_to_server(self.service, server)
+        add_sealed_servicer(self.service, server)   # sealed (wire.integrity)
         port = _listen(server, view.grpc_listen, self.credentials)
         host = view.grpc_listen.rpartition(":")[0]
         self.grpc_address = f"{host}:{port}"

@@ -69,7 +69,7 @@ import structlog
 
 from registry_node.blobstore import UploadFile
 from registry_node.records import CONFIG_KINDS, Event, EventKind
-from registry_node.replica import ContentRejected, MissingContent, Replica
+from registry_node.replica import ContentRejected, DigestMismatch, MissingContent, Replica
 
 from .errors import ReplicationError, definite, permanent
 from .metrics import ReplicationMetrics
@@ -528,6 +528,8 @@ class Transfer:
         try:
             await self.replica.store_sent_blob(digest, body)
         except ContentRejected as exc:
+            if isinstance(exc, DigestMismatch):
+                self.metrics.digest_mismatches.labels(sender, "blob").inc()
             log.warning("sent_blob_rejected", digest=digest, sender=sender, error=str(exc))
             return False
         except OSError as exc:
@@ -560,6 +562,9 @@ class Transfer:
             await replica.commit_blob(file, digest)
         except ContentRejected as exc:
             self._inbound.pop(digest, None)
+            if isinstance(exc, DigestMismatch):
+                self.metrics.digest_mismatches.labels(peer.name, "blob").inc()
+                log.warning("blob_digest_mismatch", peer=peer.name, digest=digest)
             raise definite(f"{digest} from {peer.name}: {exc}") from None
         except ReplicationError:
             raise
@@ -634,6 +639,14 @@ class Transfer:
                 acked_ns=reply.origin_acked_ns)
             try:
                 parsed = replica.parse_manifest(digest, reply.body, reply.media_type)
+            except DigestMismatch as exc:
+                # Damaged on the way (a sealed reply's CRC passed, so at the
+                # source or before it was sealed): another peer, or the next
+                # round, may have good bytes.
+                self.metrics.digest_mismatches.labels(peer.name, "manifest").inc()
+                log.warning("manifest_digest_mismatch", peer=peer.name, digest=digest)
+                last = definite(f"{digest} from {peer.name}: {exc}")
+                continue
             except ContentRejected as exc:
                 raise permanent(str(exc)) from None
             await asyncio.gather(*(self.ensure_blob(repository, d, sources) for d in parsed.blobs))

@@ -6,6 +6,7 @@ Kinds (each optionally healing itself after a duration):
     zone-outage REGION ZONE --mode crash|stop|isolate  one zone node
     partition A B [--one-way]                          links between two regions cut
     link A B --latency/--jitter/--bandwidth/--reset-prob/--stall
+             --loss/--corrupt/--duplicate/--reorder [--seed]  lossy, per TCP segment
     routing REGION off                                 out of global routing, still syncing
     disk REGION[/ZONE] --full | --slow MS              storage faults on nodes
     throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
@@ -222,21 +223,32 @@ class FaultController:
 
     async def _inject_link(self, fault: Fault, a: str, b: str, latency_ms: float = 0.0,
                            jitter_ms: float = 0.0, bandwidth_mbps: float = 0.0,
-                           reset_probability: float = 0.0, stall: bool = False) -> None:
-        if not 0 <= reset_probability <= 1:
-            raise FaultError("reset probability must be between 0 and 1")
+                           reset_probability: float = 0.0, stall: bool = False,
+                           loss: float = 0.0, corrupt: float = 0.0, duplicate: float = 0.0,
+                           reorder: bool = False, seed: int | None = None) -> None:
+        lossy = {"reset probability": reset_probability, "loss": loss, "corrupt": corrupt,
+                 "duplicate": duplicate}
+        for name, p in lossy.items():
+            if not isinstance(p, int | float) or not 0 <= p <= 1:
+                raise FaultError(f"{name} must be a probability between 0 and 1, not {p!r}")
         if min(latency_ms, jitter_ms, bandwidth_mbps) < 0:
             raise FaultError("latency, jitter and bandwidth must not be negative")
-        if not (latency_ms or jitter_ms or bandwidth_mbps or reset_probability or stall):
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise FaultError(f"seed must be a non-negative integer, not {seed!r}")
+        if not (latency_ms or jitter_ms or bandwidth_mbps or reset_probability or stall
+                or loss or corrupt or duplicate or reorder):
             raise FaultError("say how to degrade the link: --latency, --jitter, --bandwidth, "
-                             "--reset-prob or --stall")
+                             "--reset-prob, --stall, --loss, --corrupt, --duplicate or --reorder")
         fault.links = self._links_between(self._nodes_in(a), self._nodes_in(b))
         fault.link_faults = LinkFaults(stall=stall, reset_probability=reset_probability,
                                        extra_latency_ms=latency_ms, extra_jitter_ms=jitter_ms,
-                                       bandwidth_mbps=bandwidth_mbps)
+                                       bandwidth_mbps=bandwidth_mbps, loss=loss, corrupt=corrupt,
+                                       duplicate=duplicate, reorder=reorder, seed=seed)
         parts = [f"+{latency_ms:g} ms" if latency_ms else "", f"±{jitter_ms:g} ms" if jitter_ms else "",
                  f"{bandwidth_mbps:g} Mbps" if bandwidth_mbps else "",
-                 f"resets {reset_probability:.0%}" if reset_probability else "", "stalled" if stall else ""]
+                 f"resets {reset_probability:.0%}" if reset_probability else "", "stalled" if stall else "",
+                 *_lossy_parts(loss, corrupt, duplicate, reorder),
+                 f"seed {seed}" if seed is not None else ""]
         fault.description = f"link {a} ↔ {b} degraded: {', '.join(p for p in parts if p)}"
 
     async def _inject_routing(self, fault: Fault, region: str, enabled: bool = False) -> None:
@@ -387,5 +399,20 @@ def _combine(a: LinkFaults, b: LinkFaults) -> LinkFaults:
         extra_latency_ms=a.extra_latency_ms + b.extra_latency_ms,
         extra_jitter_ms=a.extra_jitter_ms + b.extra_jitter_ms,
         bandwidth_mbps=min(bandwidths) if bandwidths else 0.0,
+        # Independent losses compose as 1 - (1-a)(1-b); the first seed given wins.
+        loss=1 - (1 - a.loss) * (1 - b.loss),
+        corrupt=1 - (1 - a.corrupt) * (1 - b.corrupt),
+        duplicate=1 - (1 - a.duplicate) * (1 - b.duplicate),
+        reorder=a.reorder or b.reorder,
+        seed=a.seed if a.seed is not None else b.seed,
     )
+
+
+def _lossy_parts(loss: float, corrupt: float, duplicate: float, reorder: bool) -> list[str]:
+    """How a lossy link fault reads in ``georeg fault list`` (the model is
+    ``cluster.network.links``): what each does to the TCP streams it carries."""
+    return [f"loss {loss:.2%} of segments (retransmitted)" if loss else "",
+            f"corrupt {corrupt:.2%} of segments (bytes flipped)" if corrupt else "",
+            f"duplicate {duplicate:.2%} of segments (wire time only)" if duplicate else "",
+            "reorder (repaired by TCP: no effect on streams)" if reorder else ""]
 

@@ -13,13 +13,39 @@ target. Each direction of each connection is shaped separately:
   direction is cut, new ones refused — the listening socket closes),
   ``stall`` (open connections stay open and new ones are accepted, but
   nothing is delivered until it heals), resets with a probability per chunk,
-  and added latency or a lower bandwidth on top of the model. Faults change
-  at run time; healing restores the model.
+  added latency or a lower bandwidth on top of the model, and a lossy or
+  corrupting path (``SegmentFates``: per TCP segment, see below). Faults
+  change at run time; healing restores the model.
+
+A link carries TCP streams, so packet-level faults are modelled as what
+they do to a stream's consumer (``SegmentFates``; docs/faults.md, "Lossy
+links"): each chunk read counts as ``ceil(len / MSS)`` segments, and
+
+* a **lost** segment is retransmitted: its chunk (and, in order, everything
+  after it) arrives later by one RTT of the link when three or more
+  segments follow it in the chunk (fast retransmit), else by a
+  retransmission timeout, ``max(MIN_RTO, RTT)``; several losses in one chunk
+  are recovered together (SACK), so the chunk pays the longest. Loss also
+  caps the rate at Reno's steady state (Mathis et al.):
+  ``MSS × 1.22 / (RTT × √loss)``: what halving windows costs a bulk transfer;
+* a **duplicated** segment costs its wire time again (the receiver's TCP
+  drops the copy: its consumer never sees it);
+* **reordering** is repaired by the receiver's TCP: no effect at this layer,
+  and none is modelled (accepted so a fault written for netem reads the same);
+* a **corrupted** segment is one whose damage TCP's 16-bit checksum missed
+  (what netem's ``corrupt`` produces is caught by it and is a loss): one
+  byte of it is XORed with a non-zero mask, and the consumer reads it.
+  Content is checked end to end (blobs and manifests by digest, replication
+  messages by ``replicator.wire.integrity``), so a flipped byte fails a
+  transfer, which is retried, and is never stored.
 
 Randomness (jitter, resets) comes from an injected ``random.Random``. In a
 cluster, each link's is seeded with ``link_seed(cluster seed, source, target)``:
 the same seed gives every link the same sequence of draws, whatever order the
-links were created in and whatever traffic the other links carry.
+links were created in and whatever traffic the other links carry. A lossy
+fault with a seed of its own draws its segments' fates from
+``link_seed(fault seed, link name, "segments")`` instead: the same seed and
+fault give the same decision for the n-th segment of a link's traffic.
 
 The bytes move at the ``asyncio.Protocol`` level: each chunk read is stamped
 with its delivery time and queued, and one loop timer per direction writes
@@ -37,6 +63,7 @@ import asyncio
 import bisect
 import contextlib
 import hashlib
+import math
 import random
 import socket
 from collections import deque
@@ -66,6 +93,13 @@ _WRITE_HIGH_WATER = 256 * 1024
 LATENESS_BOUNDS_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500,
                       1000, 2000)
 _LATENESS_BOUNDS_S = tuple(b / 1000 for b in LATENESS_BOUNDS_MS)
+# A TCP segment's payload on a 1500-byte MTU path (what a lossy link counts in).
+MSS = 1448
+# Linux's minimum retransmission timeout: a lost segment with too few behind
+# it to draw three duplicate ACKs waits at least this long.
+MIN_RTO_S = 0.2
+# Reno's steady-state constant: rate ≤ MSS × C / (RTT × √loss) (Mathis et al. 1997).
+_MATHIS_C = 1.22
 # Loop timers may round to the millisecond: aim this much after a chunk is due,
 # so that none is ever delivered before its time.
 _TIMER_MARGIN_S = 0.0005
@@ -91,10 +125,82 @@ class LinkFaults:
     extra_latency_ms: float = 0.0
     extra_jitter_ms: float = 0.0
     bandwidth_mbps: float = 0.0      # a cap on top of the model; 0 = none
+    # A lossy or corrupting path, per TCP segment (``SegmentFates``).
+    loss: float = 0.0
+    corrupt: float = 0.0
+    duplicate: float = 0.0
+    reorder: bool = False            # accepted; nothing to model above TCP
+    seed: int | None = None          # the segments' fates (None: the link's own draws)
 
     @property
     def any(self) -> bool:
         return self != LinkFaults()
+
+    @property
+    def lossy(self) -> bool:
+        return bool(self.loss or self.corrupt or self.duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFate:
+    """What a lossy path does to one chunk: ``delay_s`` of retransmissions,
+    ``wire_bytes`` it occupies (duplicates included), ``flips``: (offset,
+    XOR mask) of each byte corrupted, and how many segments were lost,
+    corrupted, duplicated."""
+
+    delay_s: float = 0.0
+    wire_bytes: int = 0
+    flips: tuple[tuple[int, int], ...] = ()
+    lost: int = 0
+    duplicated: int = 0
+
+    def apply(self, data: bytes) -> bytes:
+        if not self.flips:
+            return data
+        out = bytearray(data)
+        for offset, mask in self.flips:
+            out[offset] ^= mask
+        return bytes(out)
+
+
+class SegmentFates:
+    """Draws the fate of each TCP segment a lossy link carries: IO-free, and
+    a function of its ``rng`` and the chunk sizes alone, so a seed replays it
+    (the module docstring has the model)."""
+
+    __slots__ = ("rng",)
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def chunk(self, size: int, faults: LinkFaults, rtt_s: float) -> ChunkFate:
+        segments = -(-size // MSS)
+        lost = self._hits(faults.loss, segments)
+        corrupted = self._hits(faults.corrupt, segments)
+        duplicated = self._hits(faults.duplicate, segments)
+        delay = 0.0
+        for i in lost:
+            fast = segments - 1 - i >= 3        # enough behind it for 3 duplicate ACKs
+            delay = max(delay, rtt_s if fast else max(MIN_RTO_S, rtt_s))
+        flips = tuple((i * MSS + self.rng.randrange(min(MSS, size - i * MSS)),
+                       self.rng.randrange(1, 256)) for i in corrupted)
+        return ChunkFate(delay, size + len(duplicated) * MSS, flips, len(lost), len(duplicated))
+
+    def _hits(self, p: float, n: int) -> list[int]:
+        """Which of ``n`` segments an event of probability ``p`` hits: one draw
+        per hit (geometric gaps), not one per segment."""
+        if p <= 0:
+            return []
+        if p >= 1:
+            return list(range(n))
+        hits = []
+        log_miss = math.log1p(-p)
+        i = -1
+        while True:                             # bounded: i grows by ≥ 1 each turn
+            i += 1 + int(math.log(1.0 - self.rng.random()) / log_miss)
+            if i >= n:
+                return hits
+            hits.append(i)
 
 
 class DeliveryStats:
@@ -306,12 +412,17 @@ class _Connection:
             link.resets += 1
             self.abort()
             return
+        wire_bytes, retransmit_s = len(data), 0.0
+        if faults.lossy:
+            fate = link.segment_fate(len(data))
+            data = fate.apply(data)
+            wire_bytes, retransmit_s = fate.wire_bytes, fate.delay_s
         rate = link._rate_bytes_per_s()
         if rate:  # serialise onto the wire at the link's rate
-            sent = flow.wire_free_at = max(now, flow.wire_free_at) + len(data) / rate
+            sent = flow.wire_free_at = max(now, flow.wire_free_at) + wire_bytes / rate
         else:
             sent = now
-        flow.add(max(sent + link._delay_s(), flow.last_delivery), data)
+        flow.add(max(sent + link._delay_s() + retransmit_s, flow.last_delivery), data)
 
     def lost(self, side: _Side, exc: Exception | None) -> None:
         if self.finished:
@@ -378,6 +489,9 @@ class Link:
         self.rng = rng or random.Random()
         self.bytes_forwarded = 0
         self.resets = 0                 # connections the reset fault broke
+        # Segments a lossy fault lost (retransmitted), corrupted, duplicated.
+        self.segments = {"lost": 0, "corrupted": 0, "duplicated": 0}
+        self._fates = SegmentFates(self.rng)
         self.delivery = DeliveryStats()
         self._server: asyncio.Server | None = None
         self._live: set[_Connection] = set()
@@ -396,7 +510,8 @@ class Link:
         lateness against the model."""
         queued = sum(c.forward.buffered + c.backward.buffered for c in self._live)
         return {"name": self.name, "bytes": self.bytes_forwarded, "queued_bytes": queued,
-                "resets": self.resets, **self.delivery.as_dict()}
+                "resets": self.resets, **{f"{k}_segments": n for k, n in self.segments.items()},
+                **self.delivery.as_dict()}
 
     async def start(self) -> Link:
         await self._listen(self._bind())
@@ -472,6 +587,10 @@ class Link:
         # process, which only a keepalive or a deadline notices.
         cut_now = (faults.cut_forward and not self.faults.cut_forward) or \
                   (faults.cut_backward and not self.faults.cut_backward)
+        if faults.seed != self.faults.seed or not self.faults.lossy:
+            # A seeded fault replays from its first segment; else the link's draws.
+            self._fates = SegmentFates(self.rng if faults.seed is None else random.Random(
+                link_seed(faults.seed, self.name, "segments")))
         self.faults = faults
         self.buffer_limit = self._buffer_limit()
         if cut_now:
@@ -494,6 +613,19 @@ class Link:
         self._live.clear()
 
     # -- shaping -------------------------------------------------------------------
+
+    def rtt_s(self) -> float:
+        """The round trip of a connection through this link: both directions
+        are shaped by it."""
+        return 2 * (self.model.latency_ms + self.faults.extra_latency_ms) / 1000.0
+
+    def segment_fate(self, size: int) -> ChunkFate:
+        fate = self._fates.chunk(size, self.faults, self.rtt_s())
+        if fate.lost or fate.flips or fate.duplicated:
+            self.segments["lost"] += fate.lost
+            self.segments["corrupted"] += len(fate.flips)
+            self.segments["duplicated"] += fate.duplicated
+        return fate
 
     def _delay_s(self) -> float:
         latency = self.model.latency_ms + self.faults.extra_latency_ms
@@ -518,8 +650,12 @@ class Link:
                    max(MAX_BUFFERED, int(BUFFER_DELAYS * rate * delay_ms / 1000)))
 
     def _rate_bytes_per_s(self) -> float:
-        rates = [r for r in (self.model.bandwidth_mbps, self.faults.bandwidth_mbps) if r > 0]
-        return min(rates) * 1e6 / 8 if rates else 0.0
+        rates = [r * 1e6 / 8 for r in (self.model.bandwidth_mbps, self.faults.bandwidth_mbps)
+                 if r > 0]
+        rtt = self.rtt_s()
+        if self.faults.loss and rtt:    # what a loss rate leaves of a TCP flow (Reno)
+            rates.append(MSS * _MATHIS_C / (rtt * math.sqrt(self.faults.loss)))
+        return min(rates) if rates else 0.0
 
 
 def _no_delay(transport: asyncio.BaseTransport) -> None:

@@ -60,8 +60,8 @@ from .convert import node_ref
 from .errors import definite, from_grpc, permanent
 from .peer_identity import PeerCredentials
 from .topology import Peer
-from .wire.v1 import replication_pb2 as pb
 from .wire.integrity import sealed_stub
+from .wire.v1 import replication_pb2 as pb
 
 RECEIVE_WINDOW = 4 << 20           # the least window, any link
 MAX_RECEIVE_WINDOW = 24 << 20      # the most, any link (24 MiB per 186 ms: 1.1 Gbit/s)

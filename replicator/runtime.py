@@ -60,8 +60,8 @@ from .status import STATUS_TIMEOUT_S, ImageStatus
 from .subscription import OriginStreams, Subscription
 from .topology import ClusterView, Peer, event_receiver
 from .transfer import HeldBlobs, Transfer
-from .wire.v1 import replication_pb2 as pb
 from .wire.integrity import add_sealed_servicer
+from .wire.v1 import replication_pb2 as pb
 
 log = structlog.get_logger("georeg.replication")
 

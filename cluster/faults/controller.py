@@ -11,9 +11,12 @@ Kinds (each optionally healing itself after a duration):
     disk REGION[/ZONE] --full | --slow MS              storage faults on nodes
     throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
     destroy REGION                                     data dirs wiped, restarted empty
+    http ENDPOINT --status S|--reset|--truncate-body [--prob P] [--method M]
+         [--path-regex RE] [--seed N]                  what clients meet at an endpoint
 
 Faults are applied only at the seams: node processes (signals), the WAN links
-(``cluster.network.links``), the routing layer, each node's storage fault seam,
+(``cluster.network.links``), the routing layer (routing flags, and HTTP
+faults at the endpoints: ``cluster.routing.http_faults``), each node's storage fault seam,
 and each node's throttle (``registry_node.throttle``).
 Link faults compose: every link's effective fault is recomputed from all active
 faults that touch it (cut if any cuts, latencies add, the lowest bandwidth
@@ -53,15 +56,20 @@ from registry_node.config import request_rate
 
 from ..control.regions import REGIONS, unknown_region_message
 from ..network.links import LinkFaults
+from ..routing.http_faults import ACTIONS as HTTP_ACTIONS
+from ..routing.http_faults import HttpFaultRule
 
 log = structlog.get_logger("georeg.faults")
 
 KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "throttle",
-         "destroy")
+         "destroy", "http")
 MODES = ("crash", "stop", "isolate")
 # What a throttling fault may limit (registry_node.throttle.KINDS), and its default rate.
 REQUEST_KINDS = ("read", "write", "delete", "referrers")
 DEFAULT_THROTTLE_RATE = 60.0
+# Kinds whose random draws take a seed (a scenario gives each step one of its own).
+SEEDED_KINDS = ("link", "http")
+_HTTP_RULE_FIELDS = ("action", "status", "probability", "method", "path_regex", "seed")
 
 
 class FaultError(ValueError):
@@ -351,6 +359,71 @@ class FaultController:
         fault.description = f"{region} destroyed: data wiped, restarted empty ({', '.join(nodes)})"
         fault.healed_at = time.time()  # nothing to heal: it re-syncs by itself
 
+    def _endpoints(self, endpoint: str) -> list[tuple[str, str]]:
+        """The proxies ``endpoint`` names: ``global`` (every client location's),
+        ``global:REGION`` (one), ``REGION`` or ``regional:REGION`` (a regional one)."""
+        routing = self.cluster.routing
+        if routing is None:
+            raise FaultError("this cluster runs without routing endpoints")
+        kind, _, region = endpoint.rpartition(":")
+        if endpoint == "global":
+            keys = [k for k in routing.proxies if k[0] == "global"]
+        else:
+            keys = [(kind or "regional", region)] if (kind or "regional", region) in routing.proxies \
+                else []
+        if not keys:
+            names = ", ".join(sorted({"global"} | {f"{k}:{r}" for k, r in routing.proxies}))
+            raise FaultError(f"no endpoint {endpoint!r}; one of {names} (a bare region is its "
+                             "regional endpoint)")
+        return keys
+
+    async def _inject_http(self, fault: Fault, endpoint: str, action: str = "status",
+                           status: int = 503, probability: float = 1.0, method: str | None = None,
+                           path_regex: str | None = None, seed: int | None = None) -> None:
+        if action not in HTTP_ACTIONS:
+            raise FaultError(f"action must be one of {', '.join(HTTP_ACTIONS)}, not {action!r}")
+        keys = self._endpoints(str(endpoint))
+        rule = dict(action=action, status=status, probability=probability,
+                    method=method.upper() if method else None, path_regex=path_regex,
+                    seed=self.cluster.spec.seed if seed is None else seed)
+        try:
+            HttpFaultRule(fault.id, **rule)
+        except (ValueError, TypeError) as exc:
+            raise FaultError(str(exc)) from None
+        fault.target.update(rule, endpoints=[f"{k}:{r}" for k, r in keys])
+        what = {"status": f"HTTP {status}", "reset": "connection reset",
+                "truncate": "response bodies cut halfway"}[action]
+        scope = " ".join(x for x in (method and method.upper(), path_regex and f"~{path_regex}")
+                         if x) or "every request"
+        fault.description = (f"{endpoint} endpoint: {what} for {scope}"
+                             + (f", {probability:.0%} of them" if probability < 1 else ""))
+        self.faults[fault.id] = fault       # active while applied, as throttling
+        self._apply_http(keys)
+
+    def _apply_http(self, keys: list[tuple[str, str]] | None = None) -> None:
+        """Give each endpoint the rules of the active HTTP faults on it, in the
+        order they were injected."""
+        routing = self.cluster.routing
+        if routing is None:
+            return
+        for key in keys if keys is not None else list(routing.proxies):
+            proxy = routing.proxies.get(key)
+            if proxy is None:
+                continue
+            name = f"{key[0]}:{key[1]}"
+            proxy.http_faults.set_rules([
+                HttpFaultRule(f.id, **{k: f.target[k] for k in _HTTP_RULE_FIELDS})
+                for f in self.faults.values()
+                if f.active and f.kind == "http" and name in f.target["endpoints"]])
+
+    def http_injected(self) -> dict[str, int]:
+        """Requests each HTTP fault acted on, over every endpoint."""
+        counts: dict[str, int] = {}
+        for proxy in (self.cluster.routing.proxies.values() if self.cluster.routing else ()):
+            for fid, n in proxy.http_faults.injected.items():
+                counts[fid] = counts.get(fid, 0) + n
+        return counts
+
     # -- healing -------------------------------------------------------------------------
 
     async def heal(self, fault_id: str) -> Fault:
@@ -376,6 +449,8 @@ class FaultController:
             await self._storage(fault.nodes, {"full": False, "slow_ms": 0})
         elif kind == "throttle":
             await self._apply_throttles(fault.nodes, healing=True)
+        elif kind == "http":
+            self._apply_http()
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()

@@ -95,8 +95,12 @@ class HttpFaults:
     def set_rules(self, rules: list[HttpFaultRule]) -> None:
         """Replace the rules; a rule kept keeps its draws where they were."""
         kept = {rule: rng for rule, rng in self.rules}
-        self.rules = [(rule, kept.get(rule) or random.Random(
-            link_seed(rule.seed, rule.fault_id, self.endpoint))) for rule in rules]
+        self.rules = [(rule, kept.get(rule) or random.Random(self.seed_of(rule.seed)))
+                      for rule in rules]
+
+    def seed_of(self, seed: int) -> int:
+        """This endpoint's draws for a rule seeded ``seed``."""
+        return link_seed(seed, self.endpoint, "http")
 
     def decide(self, method: str, path: str) -> HttpFaultDecision | None:
         for rule, rng in self.rules:

@@ -229,7 +229,8 @@ class RoutingProxy:
         self.host = "127.0.0.1"
         self.port = 0
         self._pool = _BackendPool(self, max_idle_per_backend)
-        self.http_faults = HttpFaults(policy.name)     # injected by the fault controller
+        # Injected by the fault controller; named as `georeg fault http` names endpoints.
+        self.http_faults = HttpFaults(policy.name.replace("@", ":"))
         self._connecting: set[asyncio.Task] = set()
         self._clients: set[_ClientConnection] = set()
         self._server: asyncio.Server | None = None

@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .wire import integrity
-
 # Of the retention counts, those that go up and down (the rest only grow).
 _HELD = frozenset({"log_events", "log_floor", "tombstones_held"})
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60,
@@ -44,6 +42,11 @@ class ReplicationMetrics:
             "Blobs and manifests from a peer whose bytes did not hash to their digest "
             "(damaged on the way): never stored, asked for again", ["peer", "what"],
             registry=self.registry)
+        self.integrity_refused = Counter(
+            "georeg_replication_integrity_refused_total",
+            "Replication messages (requests served here, replies read here) refused because "
+            "their CRC-32 seal did not match: damaged on the way (replicator.wire.integrity); "
+            "the call or stream is retried", ["message"], registry=self.registry)
         self.queue_depth = Gauge(
             "georeg_replication_queue_depth",
             "Events in a peer's log not yet applied here", ["peer"], registry=self.registry)
@@ -78,12 +81,6 @@ class ReplicationMetrics:
         """Everything above, as one collector of the node's registry."""
         self.refresh()
         yield from self.registry.collect()
-        refused = CounterMetricFamily(
-            "georeg_replication_integrity_refused",
-            "Replication messages refused here because their CRC-32 seal did not match "
-            "(damaged on the way; replicator.wire.integrity): the stream or call is retried")
-        refused.add_metric([], integrity.REFUSED[0])
-        yield refused
         counts = self._anti_entropy()
         if counts:
             # Kept by anti-entropy itself (plain counts); read at each scrape.

@@ -618,13 +618,16 @@ class Transfer:
                                  body: bytes | None = None) -> Event | None:
         replica = self.replica
         last: ReplicationError | None = None
-        for peer in sources:
-            if body is not None and event is not None:  # it came with the event
-                reply = pb.ManifestReply(digest=digest, media_type=event.media_type, body=body,
+        mismatched: list[str] = []
+        # The bytes that came with the event first (from the sender, sources[0]),
+        # then each peer asked in turn, the sender too: one bad copy is not all.
+        inline = [(sources[0], body)] if body is not None and event is not None and sources else []
+        for peer, sent in [*inline, *((p, None) for p in sources)]:
+            if sent is not None:
+                reply = pb.ManifestReply(digest=digest, media_type=event.media_type, body=sent,
                                          hlc=event.hlc, origin_region=event.origin_region,
                                          origin_zone=event.origin_zone,
                                          origin_acked_ns=event.acked_ns)
-                body = None  # if it is unusable, fetch from the peers
             else:
                 try:
                     reply = await retry(lambda p=peer: p.fetch_manifest(repository, digest),
@@ -639,13 +642,12 @@ class Transfer:
                 acked_ns=reply.origin_acked_ns)
             try:
                 parsed = replica.parse_manifest(digest, reply.body, reply.media_type)
-            except DigestMismatch as exc:
-                # Damaged on the way (a sealed reply's CRC passed, so at the
-                # source or before it was sealed): another peer, or the next
-                # round, may have good bytes.
+            except DigestMismatch:
+                # A sealed or TLS reply's bytes arrived as sent: the copy is bad
+                # at its source. Another peer may hold good bytes.
                 self.metrics.digest_mismatches.labels(peer.name, "manifest").inc()
                 log.warning("manifest_digest_mismatch", peer=peer.name, digest=digest)
-                last = definite(f"{digest} from {peer.name}: {exc}")
+                mismatched.append(peer.name)
                 continue
             except ContentRejected as exc:
                 raise permanent(str(exc)) from None
@@ -660,6 +662,13 @@ class Transfer:
                     origin_acked_ns=reply.origin_acked_ns)
             except MissingContent as exc:  # something vanished meanwhile: try again later
                 raise definite(f"{digest} still lacks {exc.blobs + exc.manifests}") from None
+        if mismatched:
+            # Every copy that came is bad at its source: asking the same peers
+            # again from the same cursor would block every event behind this
+            # one. Permanent (recorded and skipped): anti-entropy asks again,
+            # every peer, at its own pace.
+            raise permanent(f"manifest {digest}: the bytes of {', '.join(dict.fromkeys(mismatched))} "
+                            f"do not hash to it" + (f"; {last.reason}" if last else ""))
         raise last or permanent(f"no peer to fetch manifest {digest} from")
 
 

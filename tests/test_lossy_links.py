@@ -7,15 +7,30 @@ HTTP faults at endpoints) is in tests/test_faults.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections import Counter
 
+import grpc
 import pytest
 
 from cluster.network.links import MIN_RTO_S, MSS, Link, LinkFaults, LinkModel, SegmentFates
 from cluster.routing.http_faults import HttpFaultRule, HttpFaults
+from registry_node.errors import Outcome
+from registry_node.records import Event, EventKind, NodeIdentity
+from registry_node.replica import Replica
+from replicator.errors import ReplicationError
+from replicator.metrics import ReplicationMetrics
+from replicator.peers import PeerClient
+from replicator.residency import ResidencyPolicy
+from replicator.topology import Peer
+from replicator.transfer import Transfer
 from replicator.wire import integrity
 from replicator.wire.v1 import replication_pb2 as pb
+from replicator.wire.v1 import replication_pb2_grpc as pbg
+
+from .helpers import Image, digest_of, make_image
 
 SIZES = [65536, 1448, 300, 262144, 9000] * 20
 
@@ -114,19 +129,38 @@ async def test_a_corrupting_link_flips_one_byte_per_corrupted_segment_and_loss_d
         server.close()
 
 
-def test_a_sealed_message_is_refused_if_damaged_and_a_plain_one_is_read_as_it_is():
-    event = pb.EventBatch(events=[pb.Event(seq=1, kind="tag_set", repository="app", tag="v1")])
+def test_a_sealed_message_opens_only_whole_and_undamaged_and_a_plain_one_as_it_is():
+    event = pb.EventBatch(last_seq=5, events=[
+        pb.Event(seq=1, kind="tag_set", repository="app", tag="v1")])
     sealed = integrity.seal(event)
-    assert pb.EventBatch.FromString(sealed).events == event.events   # kept as an unknown field
-    assert integrity.opener(pb.EventBatch)(sealed) == event
-    refused = integrity.REFUSED[0]
-    for at in range(len(sealed) - 9):                           # any byte of the message
+    assert sealed.startswith(integrity.SEAL_TAG)            # the seal comes first
+    older = pb.EventBatch.FromString(sealed)                # an older parser skips it:
+    older.DiscardUnknownFields()                            # an unknown field, and
+    assert older == event                                   # the message as sent
+    refused: list[str] = []
+    open_ = integrity.opener(pb.EventBatch, refused.append)
+    assert open_(sealed) == event
+
+    def flipped(at: int) -> bytes:
         damaged = bytearray(sealed)
         damaged[at] ^= 0x01
-        with pytest.raises(integrity.IntegrityError):
-            integrity.opener(pb.EventBatch)(bytes(damaged))
-    assert integrity.REFUSED[0] == refused + len(sealed) - 9
-    assert integrity.opener(pb.EventBatch)(event.SerializeToString()) == event
+        return bytes(damaged)
+
+    damaged = [flipped(at) for at in range(len(sealed))]    # the seal's tag, its CRC, the body
+    # A flip in gRPC's length prefix: the message cut short, or run on into the next.
+    damaged += [sealed[:-1], sealed[:-11], sealed[:integrity.SEAL_LEN - 1],
+                sealed + pb.EventBatch(last_seq=99).SerializeToString()]
+    for data in damaged:
+        assert open_(data) is integrity.DAMAGED, data
+    assert refused == ["EventBatch"] * len(damaged)
+    # From a node that does not seal: parsed as it is, even ending in a seal's bytes.
+    chunk = pb.BlobChunk(offset=3, data=b"user bytes" + integrity.SEAL_TAG + b"\0\0\0\0")
+    assert integrity.opener(pb.BlobChunk, refused.append)(chunk.SerializeToString()) == chunk
+    assert open_(event.SerializeToString()) == event
+    assert len(refused) == len(damaged)
+    # A server refuses a damaged request by raising: gRPC fails the call.
+    with pytest.raises(integrity.IntegrityError):
+        integrity._strict(open_)(damaged[0])
 
 
 def test_http_fault_rules_match_method_and_path_and_replay_their_seed():
@@ -148,3 +182,114 @@ def test_http_fault_rules_match_method_and_path_and_replay_their_seed():
         HttpFaultRule("f2", "status", 1.0, 404)
     with pytest.raises(ValueError, match="regex"):
         HttpFaultRule("f2", "reset", 1.0, path_regex="(")
+
+
+class _Content(pbg.ReplicationServicer):
+    """A peer serving one manifest and one blob: what a corrupting link damages."""
+
+    MANIFEST = random.Random(5).randbytes(6000)
+    BLOB = random.Random(6).randbytes(96 * 1024)
+
+    async def FetchManifest(self, request, context):
+        return pb.ManifestReply(digest=request.digest, media_type="x", body=self.MANIFEST)
+
+    async def FetchBlob(self, request, context):
+        for at in range(request.offset, len(self.BLOB), 16384):
+            yield pb.BlobChunk(offset=at, data=self.BLOB[at:at + 16384])
+
+
+async def test_a_damaged_reply_over_plain_grpc_is_refused_as_indefinite_and_never_handed_over():
+    """Real gRPC, sealed, through a corrupting link: every reply that reaches
+    the caller is intact, and every damaged one fails its call as indefinite
+    (grpc.aio hands a failed deserializer's caller ``None``: not a reply)."""
+    server = grpc.aio.server()
+    integrity.add_servicer(_Content(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    link = await Link("a->b", ("127.0.0.1", port), LinkModel()).start()
+    refused: list[str] = []
+    client = PeerClient(Peer(name="b", region="westeurope", grpc=f"127.0.0.1:{link.listen_port}"),
+                        NodeIdentity(region="eastus", zone="", node_id="test"),
+                        rpc_timeout_s=5, integrity_refused=refused.append)
+    outcomes: Counter[str] = Counter()
+    try:
+        link.set_faults(LinkFaults(corrupt=0.02, seed=12))
+        for _ in range(20):             # bounded; the link's draws decide which fail
+            try:
+                reply = await client.fetch_manifest("r", "sha256:" + "ab" * 32)
+                assert reply.body == _Content.MANIFEST
+                blob = b"".join([c async for c in client.fetch_blob("r", "sha256:" + "cd" * 32, 0)])
+                assert blob == _Content.BLOB
+                outcomes["intact"] += 1
+            except ReplicationError as exc:
+                outcomes[exc.outcome.value] += 1
+        assert refused and set(refused) <= {"ManifestReply", "BlobChunk"}, refused
+        assert outcomes["intact"] > 0 and outcomes["indefinite"] >= len(refused), outcomes
+        assert link.segments["corrupted"] > 0
+    finally:
+        await client.close()
+        await link.stop()
+        await server.stop(None)
+
+
+class _Holder(pbg.ReplicationServicer):
+    """A peer holding an image, its manifest's bytes as given (bad ones to test
+    a copy that does not hash to its digest); counts the manifests asked of it."""
+
+    def __init__(self, image: Image, manifest: bytes) -> None:
+        self.image, self.manifest, self.asked = image, manifest, 0
+
+    async def FetchManifest(self, request, context):
+        self.asked += 1
+        return pb.ManifestReply(digest=request.digest, media_type=self.image.media_type,
+                                body=self.manifest, hlc=7, origin_region="eastus")
+
+    async def FetchBlob(self, request, context):
+        blob = next(b for b in self.image.blobs if digest_of(b) == request.digest)
+        yield pb.BlobChunk(offset=request.offset, data=blob[request.offset:])
+
+
+@contextlib.asynccontextmanager
+async def _peers(*holders: _Holder):
+    servers, clients = [], []
+    try:
+        for i, holder in enumerate(holders):
+            server = grpc.aio.server()
+            integrity.add_servicer(holder, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            servers.append(server)
+            clients.append(PeerClient(Peer(name=f"p{i}", region="eastus", grpc=f"127.0.0.1:{port}"),
+                                      NodeIdentity(region="westeurope", zone="", node_id="t")))
+        yield clients
+    finally:
+        for client in clients:
+            await client.close()
+        for server in servers:
+            await server.stop(None)
+
+
+async def test_a_manifest_that_does_not_hash_is_asked_of_every_peer_then_is_permanent(node):
+    """Bytes that came with an event and do not hash: the sender is asked
+    again (its stored copy may be good); when every copy there is is bad,
+    the failure is permanent (recorded; anti-entropy retries), not retried
+    from the same cursor forever ahead of every later event."""
+    image = make_image([300, 400], seed=3)
+    bad = image.manifest[:-1] + b" "
+    transfer = Transfer(Replica(node.registry, node.node.configuration), ResidencyPolicy(),
+                        ReplicationMetrics("westeurope"), attempts=1)
+    event = Event(kind=EventKind.MANIFEST_PUT, repository="app", digest=image.digest,
+                  media_type=image.media_type, size=len(image.manifest), hlc=7,
+                  origin_region="eastus")
+    sender = _Holder(image, image.manifest)
+    async with _peers(sender) as sources:
+        applied = await transfer.apply(event, sources, bad)
+    assert applied is not None and applied.digest == image.digest and sender.asked == 1
+    holders = [_Holder(image, bad), _Holder(image, bad)]
+    async with _peers(*holders) as sources:
+        with pytest.raises(ReplicationError) as failed:
+            await transfer.ensure_manifest("other", image.digest, sources)
+    assert failed.value.outcome is Outcome.PERMANENT and "p0, p1" in failed.value.reason
+    assert [h.asked for h in holders] == [1, 1]
+    # p0: the first test's sender's inline bytes, and this one's copy.
+    assert transfer.metrics.digest_mismatches.labels("p0", "manifest")._value.get() == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from collections import Counter
@@ -35,35 +36,53 @@ from .helpers import Image, digest_of, make_image
 SIZES = [65536, 1448, 300, 262144, 9000] * 20
 
 
-def _fates(seed: int, faults: LinkFaults) -> list:
+def _fates(seed: int, faults: LinkFaults, sizes: list[int] = SIZES) -> list:
     fates = SegmentFates(random.Random(seed))
-    return [fates.chunk(size, faults, 0.08) for size in SIZES]
+    return [fates.chunk(size, faults, 0.08) for size in sizes]
 
 
-def test_the_same_seed_gives_the_same_fate_to_every_segment():
+def _stream_fate(fates: list, sizes: list[int]) -> tuple:
+    """What a stream met, whatever its chunks: flipped bytes by stream
+    offset, and segments lost and duplicated."""
+    offsets = itertools.accumulate([0, *sizes])
+    flips = [(start + at, mask) for fate, start in zip(fates, offsets, strict=False)
+             for at, mask in fate.flips]
+    return flips, sum(f.lost for f in fates), sum(f.duplicated for f in fates)
+
+
+def test_the_same_seed_gives_the_same_fate_to_every_segment_however_the_stream_is_read():
     faults = LinkFaults(loss=0.02, corrupt=0.01, duplicate=0.01)
     first, again, other = _fates(7, faults), _fates(7, faults), _fates(8, faults)
     assert first == again
     assert first != other
-    segments = sum(-(-s // MSS) for s in SIZES)
+    # The same bytes read in other chunks (halves, and 1000-byte pieces).
+    halves = [part for size in SIZES for part in (size // 2, size - size // 2)]
+    pieces = [1000] * (sum(SIZES) // 1000) + [sum(SIZES) % 1000]
+    for sizes in (halves, pieces):
+        assert _stream_fate(_fates(7, faults, sizes), sizes) == _stream_fate(first, SIZES)
+    segments = sum(SIZES) // MSS
     lost = sum(f.lost for f in first)
     flipped = sum(len(f.flips) for f in first)
-    # About the asked rates (2% and 1% of ~2,200 segments), not exactly.
+    # About the asked rates (2% and 1% of ~2,300 segments), not exactly.
     assert 0.01 * segments < lost < 0.03 * segments
     assert 0.004 * segments < flipped < 0.02 * segments
     for fate, size in zip(first, SIZES, strict=True):
         assert all(0 <= at < size and 0 < mask < 256 for at, mask in fate.flips)
         assert fate.wire_bytes == size + fate.duplicated * MSS
-        assert fate.delay_s in (0.0, 0.08, MIN_RTO_S)   # one RTT, or the minimum RTO
+        assert fate.delay_s in (0.0, 0.08, 0.08 + MIN_RTO_S)    # one RTT, or an RTO
 
 
 def test_a_lost_segment_costs_one_rtt_with_three_behind_it_else_a_timeout():
-    everything = LinkFaults(loss=1.0)
     fates = SegmentFates(random.Random(1))
-    assert fates.chunk(MSS * 10, everything, 0.08).delay_s == MIN_RTO_S   # the tail too
-    assert fates.chunk(100, everything, 0.5).delay_s == 0.5              # RTO ≥ RTT
-    lone = LinkFaults(loss=0.0)
-    assert fates.chunk(MSS * 10, lone, 0.08).delay_s == 0.0
+    rare = LinkFaults(loss=1e-12)           # no hit but the one placed below
+    fates._next["loss"] = 2                 # the 3rd of 10 segments: 7 behind it
+    fate = fates.chunk(MSS * 10, rare, 0.08)
+    assert (fate.lost, fate.delay_s, fate.tail) == (1, 0.08, 0)
+    fates._next["loss"] = 18                # the 9th of the next 10: one behind it
+    fate = fates.chunk(MSS * 10, rare, 0.08)
+    assert (fate.lost, fate.delay_s, fate.tail) == (1, 0.08 + MIN_RTO_S, 2)
+    fate = fates.chunk(MSS * 10, LinkFaults(loss=1.0), 0.5)   # the last one too
+    assert (fate.lost, fate.delay_s, fate.tail) == (10, 0.5 + MIN_RTO_S, 3)
 
 
 def test_loss_caps_a_links_rate_as_it_caps_a_tcp_flow():
@@ -111,7 +130,7 @@ async def test_a_corrupting_link_flips_one_byte_per_corrupted_segment_and_loss_d
     finally:
         await link.stop()
         server.close()
-    # A lone segment lost waits the minimum retransmission timeout.
+    # A lone segment lost waits a retransmission timeout: RTT + the minimum RTO.
     server, port, got = await _sink()
     link = await Link("a->b", ("127.0.0.1", port), LinkModel(latency_ms=5)).start()
     try:
@@ -121,7 +140,33 @@ async def test_a_corrupting_link_flips_one_byte_per_corrupted_segment_and_loss_d
         writer.write(b"x")
         writer.write_eof()
         assert await asyncio.wait_for(got, 10) == b"x"
-        assert time.monotonic() - started >= 0.005 + MIN_RTO_S - 0.002
+        assert time.monotonic() - started >= 0.005 + 0.01 + MIN_RTO_S - 0.002
+        assert link.segments["lost"] == 1
+        writer.close()
+    finally:
+        await link.stop()
+        server.close()
+
+
+async def test_a_lost_tail_is_retransmitted_after_one_rtt_if_enough_segments_follow_it():
+    server, port, got = await _sink()
+    link = await Link("a->b", ("127.0.0.1", port), LinkModel(latency_ms=5)).start()
+    try:
+        link.set_faults(LinkFaults(loss=1.0))
+        reader, writer = await asyncio.open_connection("127.0.0.1", link.listen_port)
+        started = time.monotonic()
+        writer.write(b"x")                      # lost, nothing behind it yet
+        for _ in range(1000):                   # bounded: until the link has read it
+            if link.segments["lost"]:
+                break
+            await asyncio.sleep(0.001)
+        link.set_faults(LinkFaults(loss=1e-12))  # what follows arrives
+        rest = bytes(4 * MSS)
+        writer.write(rest)
+        writer.write_eof()
+        assert await asyncio.wait_for(got, 10) == b"x" + rest
+        # Their duplicate ACKs: one RTT (~15 ms), not a timeout (≥ 200 ms).
+        assert time.monotonic() - started < 0.005 + 0.01 + MIN_RTO_S / 2
         assert link.segments["lost"] == 1
         writer.close()
     finally:

@@ -104,7 +104,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -656,6 +658,17 @@ class _ClientConnection(asyncio.BufferedProtocol):
         else:
             self.transport.close()
 
+    def reset(self) -> None:
+        """Reset the connection (an injected fault: Toxiproxy's ``reset_peer``):
+        with SO_LINGER 0 the kernel answers the close with an RST, so the
+        client reads ECONNRESET, not an orderly end."""
+        if self.transport is not None and not self.closed:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.shut()
+
     def _refuse(self, status: int, code: str, message: str) -> None:
         """A request the proxy cannot parse or forward: answer if nothing of a
         response is on the wire yet, and close."""
@@ -822,7 +835,7 @@ class _Exchange:
             self.truncating = True
             return False
         if decision.action == "reset":
-            self.client.shut()      # aborts this exchange; a client sees ECONNRESET
+            self.client.reset()     # aborts this exchange; a client sees ECONNRESET
             return True
         self._injected_status(decision)
         return True
@@ -1294,17 +1307,22 @@ class _Exchange:
             conn.exchange = None
             conn.abort()
         log.info("http_fault_truncated", endpoint=self.proxy.name, method=self.method.decode())
-        self._cut()
+        self._cut(flush=True)
 
-    def _cut(self) -> None:
+    def _cut(self, *, flush: bool = False) -> None:
         """The response was cut short (→ CUT): the client sees its connection
-        close, and retries."""
+        close, and retries. ``flush``: what is already written (an injected
+        truncation's head and half body) goes out first, then a FIN."""
         self._to(_CUT)
         self._cancel_splices()
         client = self.client
         client.closing = True
         if not client.closed:
-            client.transport.abort()     # connection_lost then aborts what is queued
+            # connection_lost then aborts what is queued.
+            if flush:
+                client.transport.close()
+            else:
+                client.transport.abort()
 
     def _not_forwarded(self) -> None:
         """A path endpoints do not carry (``policy.request_route``): a node's

@@ -226,6 +226,9 @@ def test_http_fault_rules_match_method_and_path_and_replay_their_seed():
     assert (code, headers) == ("UNAVAILABLE", {"Retry-After": "1"})
     with pytest.raises(ValueError, match="status must be one of"):
         HttpFaultRule("f2", "status", 1.0, 404)
+    for method in ("GTE", 3):
+        with pytest.raises(ValueError, match="method must be one of GET, HEAD"):
+            HttpFaultRule("f2", "reset", 1.0, method=method)
     with pytest.raises(ValueError, match="regex"):
         HttpFaultRule("f2", "reset", 1.0, path_regex="(")
 

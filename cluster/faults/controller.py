@@ -384,7 +384,8 @@ class FaultController:
             raise FaultError(f"action must be one of {', '.join(HTTP_ACTIONS)}, not {action!r}")
         keys = self._endpoints(str(endpoint))
         rule = dict(action=action, status=status, probability=probability,
-                    method=method.upper() if method else None, path_regex=path_regex,
+                    method=method.upper() if isinstance(method, str) else method,
+                    path_regex=path_regex,
                     seed=self.cluster.spec.seed if seed is None else seed)
         try:
             HttpFaultRule(fault.id, **rule)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from ..network.links import link_seed
 
 ACTIONS = ("status", "reset", "truncate")
+METHODS = ("GET", "HEAD", "PUT", "PATCH", "POST", "DELETE")   # what a registry client sends
 STATUSES = (429, 500, 502, 503, 504)
 # Seconds a 429 or 503 asks the client to wait (short: tests retry through it).
 RETRY_AFTER_S = 1
@@ -55,6 +56,8 @@ class HttpFaultRule:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {self.action!r}")
         if not 0 < self.probability <= 1:
             raise ValueError(f"probability must be in (0, 1], not {self.probability!r}")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.action == "status" and self.status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(map(str, STATUSES))}, "
                              f"not {self.status!r}")

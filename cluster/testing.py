@@ -227,6 +227,22 @@ class RunningCluster:
     def restart(self, node: str) -> None:
         self.run(lambda: self.cluster.supervisor.start_node(node))
 
+    def inject_fault(self, kind: str, duration_s: float | None = None, **target) -> dict:
+        """Inject a fault, as ``georeg fault KIND`` does (``cluster.faults.controller``
+        has the kinds and their arguments): e.g. ``inject_fault("http",
+        endpoint="global", status=503, probability=0.5, method="PUT")`` or
+        ``inject_fault("link", a="eastus", b="westeurope", corrupt=0.01, seed=7)``.
+        Returns the fault as ``georeg fault list --json`` shows it."""
+        fault = self.run(lambda: self.cluster.faults.inject(kind, duration_s=duration_s, **target))
+        return fault.as_dict()
+
+    def heal_fault(self, fault_id: str | None = None) -> None:
+        """Heal one fault by id, or (no id) every fault."""
+        if fault_id is None:
+            self.run(self.cluster.faults.heal_all)
+        else:
+            self.run(lambda: self.cluster.faults.heal(fault_id))
+
     def set_routing(self, region: str, enabled: bool) -> None:
         self.run(lambda: self.cluster.update_replication(region, global_routing=enabled))
 

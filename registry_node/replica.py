@@ -81,6 +81,12 @@ class ContentRejected(Exception):
     """Content that can never be stored (digest mismatch, invalid manifest)."""
 
 
+class DigestMismatch(ContentRejected):
+    """Bytes that do not hash to the digest they came for: damaged on the way
+    (or at the source). Those bytes can never be stored; another copy of the
+    same content may well be, so a transfer asks again."""
+
+
 @dataclass(frozen=True, slots=True)
 class RegisterState:
     """One register as anti-entropy exchanges it (see ``Replica.repository_state``)."""
@@ -246,7 +252,7 @@ class Replica:
                 registry.touched.pop(digest, None)
             if batch:
                 self.meta.commit(batch)
-            raise ContentRejected(f"transferred bytes hash to {actual}, not {digest}")
+            raise DigestMismatch(f"transferred bytes hash to {actual}, not {digest}")
         if self.meta.get(keys.blob(digest)) is None:
             batch.put(keys.blob(digest), encode(BlobRecord(size, registry.wall_ns())))
         if batch:
@@ -318,7 +324,7 @@ class Replica:
     def parse_manifest(self, digest: str, body: bytes, media_type: str) -> manifests.ParsedManifest:
         algorithm = Digest(digest).algorithm
         if f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}" != digest:
-            raise ContentRejected(f"manifest bytes do not hash to {digest}")
+            raise DigestMismatch(f"manifest bytes do not hash to {digest}")
         try:
             return manifests.parse(body, media_type)
         except RegistryError as exc:

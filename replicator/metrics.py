@@ -37,6 +37,16 @@ class ReplicationMetrics:
         self.failures = Counter(
             "georeg_replication_transfer_failures_total", "Failed replication attempts",
             ["peer", "outcome"], registry=self.registry)
+        self.digest_mismatches = Counter(
+            "georeg_replication_digest_mismatches_total",
+            "Blobs and manifests from a peer whose bytes did not hash to their digest "
+            "(damaged on the way): never stored, asked for again", ["peer", "what"],
+            registry=self.registry)
+        self.integrity_refused = Counter(
+            "georeg_replication_integrity_refused_total",
+            "Replication messages (requests served here, replies read here) refused because "
+            "their CRC-32 seal did not match: damaged on the way (replicator.wire.integrity); "
+            "the call or stream is retried", ["message"], registry=self.registry)
         self.queue_depth = Gauge(
             "georeg_replication_queue_depth",
             "Events in a peer's log not yet applied here", ["peer"], registry=self.registry)

@@ -61,8 +61,8 @@ from .status import STATUS_TIMEOUT_S, ImageStatus
 from .subscription import OriginStreams, Subscription
 from .topology import ClusterView, Peer, event_receiver
 from .transfer import HeldBlobs, Transfer
+from .wire.integrity import add_servicer
 from .wire.v1 import replication_pb2 as pb
-from .wire.v1 import replication_pb2_grpc as pbg
 
 log = structlog.get_logger("georeg.replication")
 
@@ -109,7 +109,6 @@ class Replication:
         self.throttle = app[THROTTLE]
         self.bandwidth = app[BANDWIDTH]
         view = self.view
-        identity = node.identity
         settings = view.replication
         self.replica = replica = Replica(node.registry, node.configuration)
         feed = LogFeed(node.meta)
@@ -129,8 +128,7 @@ class Replication:
                                      timeout_s=settings.quorum_timeout_s)
             node.registry.quorum = self.quorum
         self.credentials = _credentials(view, node.config)
-        self.clients = [PeerClient(peer, identity, credentials=self.credentials, my_name=view.name)
-                        for peer in view.peers]
+        self.clients = [self._client(peer, view) for peer in view.peers]
         self.relayed = RelayedCursors(lambda: node.meta.last_seq)
         held = HeldBlobs()   # bytes that came with events: a sibling may have them before the store
         self.transfer = Transfer(replica, self.residency, self.metrics,
@@ -147,7 +145,9 @@ class Replication:
             one_wan_event_copy_per_region=settings.one_wan_event_copy_per_region,
             region_zones=view.zone_redundancy.zones, relayed=self.relayed)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        pbg.add_ReplicationServicer_to_server(self.service, server)
+        # Sealed over plain gRPC (wire.integrity); TLS authenticates every byte itself.
+        add_servicer(self.service, server, sealed=self.credentials is None,
+                     refused=self._integrity_refused)
         port = _listen(server, view.grpc_listen, self.credentials)
         host = view.grpc_listen.rpartition(":")[0]
         self.grpc_address = f"{host}:{port}"
@@ -190,6 +190,13 @@ class Replication:
             app[METRICS].registry.unregister(self.metrics)
 
     # -- peers -----------------------------------------------------------------------
+
+    def _client(self, peer: Peer, view: ClusterView) -> PeerClient:
+        return PeerClient(peer, self.replica.registry.identity, credentials=self.credentials,
+                          my_name=view.name, integrity_refused=self._integrity_refused)
+
+    def _integrity_refused(self, message: str) -> None:
+        self.metrics.integrity_refused.labels(message).inc()
 
     def _subscribe(self, client: PeerClient) -> None:
         remote = client.peer.region != self.view.region
@@ -307,8 +314,7 @@ class Replication:
         self.view = view
         for name, peer in wanted.items():
             if name not in current or current[name].peer != peer:
-                client = PeerClient(peer, self.replica.registry.identity,
-                                    credentials=self.credentials, my_name=self.view.name)
+                client = self._client(peer, self.view)
                 self.clients.append(client)
                 self.anti_entropy.peers.append(client)
                 self._subscribe(client)

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..faults.controller import DEFAULT_THROTTLE_RATE, REQUEST_KINDS
+from ..routing.http_faults import STATUSES as HTTP_STATUSES
 from .common import CliError, add_data_dir, call, command, data_dir_of
 from .node import request_rate
 
@@ -21,8 +22,8 @@ def _duration(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "fault", help="break the cluster on purpose: outages, partitions, slow links, disks, "
-                      "bit rot, throttling",
+        "fault", help="break the cluster on purpose: outages, partitions, slow or lossy links, "
+                      "disks, bit rot, throttling, HTTP errors at endpoints",
         description="Inject faults into the running cluster and heal them. Every fault gets an "
                     "id (`georeg fault list`); `georeg fault heal ID` or `--all` heals.")
     faults = p.add_subparsers(dest="fault_command", required=True, metavar="FAULT")
@@ -63,10 +64,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--reset-prob", type=float, default=0.0, metavar="P",
                    help="probability that a chunk of traffic resets its connection")
     c.add_argument("--stall", action="store_true", help="accept connections, deliver nothing")
+    lossy = c.add_argument_group(
+        "a lossy path", "per TCP segment (1448 bytes), as TCP streams feel it (docs/faults.md)")
+    lossy.add_argument("--loss", type=float, default=0.0, metavar="P",
+                       help="segments lost: each costs a retransmission (one RTT, or a 200 ms "
+                            "timeout at a burst's tail) and loss caps the rate as TCP does")
+    lossy.add_argument("--corrupt", type=float, default=0.0, metavar="P",
+                       help="segments whose damage TCP's checksum missed: a byte flipped in the "
+                            "stream (replication refuses it and asks again; never stored)")
+    lossy.add_argument("--duplicate", type=float, default=0.0, metavar="P",
+                       help="segments sent twice: wire time only (TCP drops the copy)")
+    lossy.add_argument("--reorder", action="store_true",
+                       help="accepted for netem parity; TCP reorders for its reader: no effect")
+    lossy.add_argument("--seed", type=int, metavar="N",
+                       help="draw the segments' fates from this seed (default: the cluster's)")
     _duration(c)
     c.set_defaults(func=command(lambda a: _inject(
         a, "link", a=a.a, b=a.b, latency_ms=a.latency, jitter_ms=a.jitter,
-        bandwidth_mbps=a.bandwidth, reset_probability=a.reset_prob, stall=a.stall)))
+        bandwidth_mbps=a.bandwidth, reset_probability=a.reset_prob, stall=a.stall,
+        **_lossy(a))))
 
     c = faults.add_parser("routing", help="take a replica out of global routing (it keeps syncing)")
     c.add_argument("region")
@@ -146,6 +162,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_dir(c)
     c.set_defaults(func=command(lambda a: _inject(a, "destroy", region=a.region)))
 
+    c = faults.add_parser(
+        "http", help="an endpoint answers errors, resets or cuts responses short (test retries)",
+        description="Make a routing endpoint misbehave for the requests that match (--method, "
+                    "--path-regex), each with probability --prob: answer --status itself (an OCI "
+                    "error body; 429 and 503 with Retry-After) without any node seeing the "
+                    "request, --reset the client's connection before the request goes anywhere, "
+                    "or --truncate-body: relay the response and cut the connection halfway "
+                    "through its body. ENDPOINT: `global` (every client location's global "
+                    "endpoint), `global:REGION` (one of them), or REGION (its regional endpoint).")
+    c.add_argument("endpoint", metavar="ENDPOINT")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--status", type=int, choices=HTTP_STATUSES, metavar="STATUS",
+                      help=f"answer this status: one of {', '.join(map(str, HTTP_STATUSES))}")
+    what.add_argument("--reset", action="store_true", help="reset the client's connection")
+    what.add_argument("--truncate-body", action="store_true",
+                      help="cut the response's connection halfway through its body")
+    c.add_argument("--prob", type=float, default=1.0, metavar="P",
+                   help="probability that a matching request is hit (default 1)")
+    c.add_argument("--method", help="only this method (GET, HEAD, PUT, PATCH, POST, DELETE)")
+    c.add_argument("--path-regex", metavar="RE", help="only paths this regex matches (searched; "
+                                                      "the query string is not part of the path)")
+    c.add_argument("--seed", type=int, metavar="N",
+                   help="draw which requests are hit from this seed (default: the cluster's)")
+    _duration(c)
+    c.set_defaults(func=command(_inject_http))
+
     c = faults.add_parser("list", help="faults injected, active first")
     c.add_argument("--json", action="store_true")
     add_data_dir(c)
@@ -166,6 +208,25 @@ def _inject(args: argparse.Namespace, kind: str, **target) -> int:
     heals = f" (heals in {fault['duration_s']:g} s)" if fault.get("duration_s") else ""
     print(f"{fault['id']}: {fault['description']}{heals}")
     return 0
+
+
+def _lossy(args: argparse.Namespace) -> dict:
+    """The lossy-path options given (so a plain link fault sends none of them)."""
+    given = {"loss": args.loss, "corrupt": args.corrupt, "duplicate": args.duplicate,
+             "reorder": args.reorder}
+    seed = {"seed": args.seed} if args.seed is not None else {}
+    return {**{k: v for k, v in given.items() if v}, **seed}
+
+
+def _inject_http(args: argparse.Namespace) -> int:
+    action = "reset" if args.reset else "truncate" if args.truncate_body else "status"
+    target = {"endpoint": args.endpoint, "action": action, "probability": args.prob}
+    if args.status:
+        target["status"] = args.status
+    for name in ("method", "path_regex", "seed"):
+        if getattr(args, name) is not None:
+            target[name] = getattr(args, name)
+    return _inject(args, "http", **target)
 
 
 def _inject_disk(args: argparse.Namespace) -> int:

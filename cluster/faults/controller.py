@@ -6,6 +6,7 @@ Kinds (each optionally healing itself after a duration):
     zone-outage REGION ZONE --mode crash|stop|isolate  one zone node
     partition A B [--one-way]                          links between two regions cut
     link A B --latency/--jitter/--bandwidth/--reset-prob/--stall
+             --loss/--corrupt/--duplicate/--reorder [--seed]  lossy, per TCP segment
     routing REGION off                                 out of global routing, still syncing
     disk REGION[/ZONE] --full | --slow MS | --eio read|write [--prob P]
                                                        storage faults on nodes
@@ -13,6 +14,8 @@ Kinds (each optionally healing itself after a duration):
                                                        bytes flipped in stored blob files
     throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
     destroy REGION                                     data dirs wiped, restarted empty
+    http ENDPOINT --status S|--reset|--truncate-body [--prob P] [--method M]
+         [--path-regex RE] [--seed N]                  what clients meet at an endpoint
 
 Disk faults compose per node like throttling faults: each node gets what
 all active disk faults on it add up to (full if any is; the largest delay;
@@ -23,7 +26,8 @@ repair from a replica residency allows: ``registry_node.blob_repair``) is
 the node's; ``georeg verify`` reports it.
 
 Faults are applied only at the seams: node processes (signals), the WAN links
-(``cluster.network.links``), the routing layer, each node's storage fault seam,
+(``cluster.network.links``), the routing layer (routing flags, and HTTP
+faults at the endpoints: ``cluster.routing.http_faults``), each node's storage fault seam,
 and each node's throttle (``registry_node.throttle``).
 Link faults compose: every link's effective fault is recomputed from all active
 faults that touch it (cut if any cuts, latencies add, the lowest bandwidth
@@ -65,16 +69,21 @@ from registry_node.config import request_rate
 
 from ..control.regions import REGIONS, unknown_region_message
 from ..network.links import LinkFaults
+from ..routing.http_faults import ACTIONS as HTTP_ACTIONS
+from ..routing.http_faults import HttpFaultRule
 
 log = structlog.get_logger("georeg.faults")
 
 KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "throttle",
-         "destroy", "bitrot")
+         "destroy", "bitrot", "http")
 EIO_OPERATIONS = ("read", "write")
 MODES = ("crash", "stop", "isolate")
 # What a throttling fault may limit (registry_node.throttle.KINDS), and its default rate.
 REQUEST_KINDS = ("read", "write", "delete", "referrers")
 DEFAULT_THROTTLE_RATE = 60.0
+# Kinds whose random draws take a seed (a scenario gives each step one of its own).
+SEEDED_KINDS = ("link", "http")
+_HTTP_RULE_FIELDS = ("action", "status", "probability", "method", "path_regex", "seed")
 
 
 class FaultError(ValueError):
@@ -236,21 +245,32 @@ class FaultController:
 
     async def _inject_link(self, fault: Fault, a: str, b: str, latency_ms: float = 0.0,
                            jitter_ms: float = 0.0, bandwidth_mbps: float = 0.0,
-                           reset_probability: float = 0.0, stall: bool = False) -> None:
-        if not 0 <= reset_probability <= 1:
-            raise FaultError("reset probability must be between 0 and 1")
+                           reset_probability: float = 0.0, stall: bool = False,
+                           loss: float = 0.0, corrupt: float = 0.0, duplicate: float = 0.0,
+                           reorder: bool = False, seed: int | None = None) -> None:
+        lossy = {"reset probability": reset_probability, "loss": loss, "corrupt": corrupt,
+                 "duplicate": duplicate}
+        for name, p in lossy.items():
+            if not isinstance(p, int | float) or not 0 <= p <= 1:
+                raise FaultError(f"{name} must be a probability between 0 and 1, not {p!r}")
         if min(latency_ms, jitter_ms, bandwidth_mbps) < 0:
             raise FaultError("latency, jitter and bandwidth must not be negative")
-        if not (latency_ms or jitter_ms or bandwidth_mbps or reset_probability or stall):
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise FaultError(f"seed must be a non-negative integer, not {seed!r}")
+        if not (latency_ms or jitter_ms or bandwidth_mbps or reset_probability or stall
+                or loss or corrupt or duplicate or reorder):
             raise FaultError("say how to degrade the link: --latency, --jitter, --bandwidth, "
-                             "--reset-prob or --stall")
+                             "--reset-prob, --stall, --loss, --corrupt, --duplicate or --reorder")
         fault.links = self._links_between(self._nodes_in(a), self._nodes_in(b))
         fault.link_faults = LinkFaults(stall=stall, reset_probability=reset_probability,
                                        extra_latency_ms=latency_ms, extra_jitter_ms=jitter_ms,
-                                       bandwidth_mbps=bandwidth_mbps)
+                                       bandwidth_mbps=bandwidth_mbps, loss=loss, corrupt=corrupt,
+                                       duplicate=duplicate, reorder=reorder, seed=seed)
         parts = [f"+{latency_ms:g} ms" if latency_ms else "", f"±{jitter_ms:g} ms" if jitter_ms else "",
                  f"{bandwidth_mbps:g} Mbps" if bandwidth_mbps else "",
-                 f"resets {reset_probability:.0%}" if reset_probability else "", "stalled" if stall else ""]
+                 f"resets {reset_probability:.0%}" if reset_probability else "", "stalled" if stall else "",
+                 *_lossy_parts(loss, corrupt, duplicate, reorder),
+                 f"seed {seed}" if seed is not None else ""]
         fault.description = f"link {a} ↔ {b} degraded: {', '.join(p for p in parts if p)}"
 
     async def _inject_routing(self, fault: Fault, region: str, enabled: bool = False) -> None:
@@ -426,6 +446,72 @@ class FaultController:
         fault.description = f"{region} destroyed: data wiped, restarted empty ({', '.join(nodes)})"
         fault.healed_at = time.time()  # nothing to heal: it re-syncs by itself
 
+    def _endpoints(self, endpoint: str) -> list[tuple[str, str]]:
+        """The proxies ``endpoint`` names: ``global`` (every client location's),
+        ``global:REGION`` (one), ``REGION`` or ``regional:REGION`` (a regional one)."""
+        routing = self.cluster.routing
+        if routing is None:
+            raise FaultError("this cluster runs without routing endpoints")
+        kind, _, region = endpoint.rpartition(":")
+        if endpoint == "global":
+            keys = [k for k in routing.proxies if k[0] == "global"]
+        else:
+            keys = [(kind or "regional", region)] if (kind or "regional", region) in routing.proxies \
+                else []
+        if not keys:
+            names = ", ".join(sorted({"global"} | {f"{k}:{r}" for k, r in routing.proxies}))
+            raise FaultError(f"no endpoint {endpoint!r}; one of {names} (a bare region is its "
+                             "regional endpoint)")
+        return keys
+
+    async def _inject_http(self, fault: Fault, endpoint: str, action: str = "status",
+                           status: int = 503, probability: float = 1.0, method: str | None = None,
+                           path_regex: str | None = None, seed: int | None = None) -> None:
+        if action not in HTTP_ACTIONS:
+            raise FaultError(f"action must be one of {', '.join(HTTP_ACTIONS)}, not {action!r}")
+        keys = self._endpoints(str(endpoint))
+        rule = dict(action=action, status=status, probability=probability,
+                    method=method.upper() if isinstance(method, str) else method,
+                    path_regex=path_regex,
+                    seed=self.cluster.spec.seed if seed is None else seed)
+        try:
+            HttpFaultRule(fault.id, **rule)
+        except (ValueError, TypeError) as exc:
+            raise FaultError(str(exc)) from None
+        fault.target.update(rule, endpoints=[f"{k}:{r}" for k, r in keys])
+        what = {"status": f"HTTP {status}", "reset": "connection reset",
+                "truncate": "response bodies cut halfway"}[action]
+        scope = " ".join(x for x in (method and method.upper(), path_regex and f"~{path_regex}")
+                         if x) or "every request"
+        fault.description = (f"{endpoint} endpoint: {what} for {scope}"
+                             + (f", {probability:.0%} of them" if probability < 1 else ""))
+        self.faults[fault.id] = fault       # active while applied, as throttling
+        self._apply_http(keys)
+
+    def _apply_http(self, keys: list[tuple[str, str]] | None = None) -> None:
+        """Give each endpoint the rules of the active HTTP faults on it, in the
+        order they were injected."""
+        routing = self.cluster.routing
+        if routing is None:
+            return
+        for key in keys if keys is not None else list(routing.proxies):
+            proxy = routing.proxies.get(key)
+            if proxy is None:
+                continue
+            name = f"{key[0]}:{key[1]}"
+            proxy.http_faults.set_rules([
+                HttpFaultRule(f.id, **{k: f.target[k] for k in _HTTP_RULE_FIELDS})
+                for f in self.faults.values()
+                if f.active and f.kind == "http" and name in f.target["endpoints"]])
+
+    def http_injected(self) -> dict[str, int]:
+        """Requests each HTTP fault acted on, over every endpoint."""
+        counts: dict[str, int] = {}
+        for proxy in (self.cluster.routing.proxies.values() if self.cluster.routing else ()):
+            for fid, n in proxy.http_faults.injected.items():
+                counts[fid] = counts.get(fid, 0) + n
+        return counts
+
     # -- healing -------------------------------------------------------------------------
 
     async def heal(self, fault_id: str) -> Fault:
@@ -451,6 +537,8 @@ class FaultController:
             await self._storage(fault.nodes, healing=True)
         elif kind == "throttle":
             await self._apply_throttles(fault.nodes, healing=True)
+        elif kind == "http":
+            self._apply_http()
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()
@@ -480,5 +568,20 @@ def _combine(a: LinkFaults, b: LinkFaults) -> LinkFaults:
         extra_latency_ms=a.extra_latency_ms + b.extra_latency_ms,
         extra_jitter_ms=a.extra_jitter_ms + b.extra_jitter_ms,
         bandwidth_mbps=min(bandwidths) if bandwidths else 0.0,
+        # Independent losses compose as 1 - (1-a)(1-b); the first seed given wins.
+        loss=1 - (1 - a.loss) * (1 - b.loss),
+        corrupt=1 - (1 - a.corrupt) * (1 - b.corrupt),
+        duplicate=1 - (1 - a.duplicate) * (1 - b.duplicate),
+        reorder=a.reorder or b.reorder,
+        seed=a.seed if a.seed is not None else b.seed,
     )
+
+
+def _lossy_parts(loss: float, corrupt: float, duplicate: float, reorder: bool) -> list[str]:
+    """How a lossy link fault reads in ``georeg fault list`` (the model is
+    ``cluster.network.links``): what each does to the TCP streams it carries."""
+    return [f"loss {loss:.2%} of segments (retransmitted)" if loss else "",
+            f"corrupt {corrupt:.2%} of segments (bytes flipped)" if corrupt else "",
+            f"duplicate {duplicate:.2%} of segments (wire time only)" if duplicate else "",
+            "reorder (repaired by TCP: no effect on streams)" if reorder else ""]
 

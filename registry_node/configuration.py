@@ -303,7 +303,7 @@ class Configuration:
     async def _write(self, event_kind: EventKind, kind: str, name: str, raw: bytes,
                      struct: msgspec.Struct | None) -> StoredObject:
         registry = self.registry
-        registry.quorum.check_writable()
+        registry.check_writable()
         identity = registry.identity
         batch = Batch()
         # The same clock and the same persisted high-water mark as every other write.

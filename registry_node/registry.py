@@ -54,6 +54,7 @@ import msgspec
 from . import keys, locks, tiers
 from . import manifest as manifests
 from .blobstore import BlobStore, UploadFile
+from .clock import ClockGuard, WallClock
 from .crypto import BlobCorrupt, SealedBlob, Sealer
 from .durability import LocalDurability, WriteQuorum
 from .errors import ErrorCode, RegistryError, disk_full, storage_limit_reached
@@ -162,6 +163,7 @@ class Registry:
         limits: Limits = Limits(),
         quorum: WriteQuorum | None = None,
         peers: PeerContent | None = None,
+        clock: ClockGuard | None = None,
     ) -> None:
         self.meta = meta
         self.blobs = blobs
@@ -171,10 +173,15 @@ class Registry:
         self.peers: PeerContent | None = peers
         self.sealer = manifest_sealer
         self.run_blocking = run_blocking
-        self._wall_ns = wall_ns
         self._monotonic = monotonic
+        # The node's wall clock and whether it may stamp writes (``clock``); the
+        # HLC's physical part is that clock's, skew and all.
+        self.clock = clock or ClockGuard(WallClock(wall_ns), monotonic)
+        self._wall_ns = self.clock.clock.now_ns
         stored = meta.get(keys.HLC)
-        self.hlc = hlc or HybridLogicalClock(last=int(stored) if stored else 0)
+        self.hlc = hlc or HybridLogicalClock(
+            self.clock.clock.now_ms, last=int(stored) if stored else 0,
+            max_ahead_ms=int(self.clock.max_offset_s * 1000))
         self._uploads: dict[str, _OpenUpload] = {}
         # Last time each blob was named by a client (HEAD, mount, commit,
         # manifest push): garbage collection spares blobs touched within its
@@ -199,6 +206,12 @@ class Registry:
 
     def wall_ns(self) -> int:
         return self._wall_ns()
+
+    def check_writable(self) -> None:
+        """Refuse a client's write before any side effect (definite 503): no
+        write quorum, or a clock this node must not stamp with (``clock``)."""
+        self.quorum.check_writable()
+        self.clock.check_writable(self.hlc.last)
 
     def monotonic(self) -> float:
         return self._monotonic()
@@ -310,7 +323,7 @@ class Registry:
                 message="blob is in use",
             )
         self.locks.check_delete_blob(repo)
-        self.quorum.check_writable()
+        self.check_writable()
         batch = Batch()
         stamp = self._stamp(batch)
         batch.delete(keys.blob_link(repo, digest))
@@ -331,10 +344,10 @@ class Registry:
             return False
         self.touch(digest)
         if self.meta.get(keys.blob_link(repo, digest)) is not None:
-            self.quorum.check_writable()
+            self.check_writable()
             await self.durable()  # as a no-op manifest push
             return True
-        self.quorum.check_writable()
+        self.check_writable()
         batch = Batch()
         stamp = self._stamp(batch)
         self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
@@ -355,7 +368,7 @@ class Registry:
     # -- uploads -------------------------------------------------------------
 
     async def start_upload(self, repo: str) -> str:
-        self.quorum.check_writable()  # refuse before the client sends a single layer byte
+        self.check_writable()  # refuse before the client sends a single layer byte
         self.check_storage(1)         # likewise once the node holds all it may
         self.locks.check_upload(repo)
         upload_id = str(uuidlib.uuid4())
@@ -406,7 +419,7 @@ class Registry:
     ) -> int:
         """Append a chunk; ``start`` (from Content-Range) must equal the current
         offset. Returns the new offset."""
-        self.quorum.check_writable()
+        self.check_writable()
         upload = await self._open_upload(repo, upload_id)
         async with upload.lock:
             offset = upload.file.size
@@ -524,7 +537,7 @@ class Registry:
     async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterator[bytes],
                        length: int | None) -> BlobInfo:
         """A whole blob in one request (``POST …/uploads/?digest=``)."""
-        self.quorum.check_writable()
+        self.check_writable()
         self.locks.check_upload(repo)
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id, digest.algorithm)
@@ -543,7 +556,7 @@ class Registry:
             raise RegistryError(ErrorCode.DIGEST_INVALID,
                                 {"expected": str(digest), "computed": actual})
         size = file.size
-        self.quorum.check_writable()
+        self.check_writable()
         reserved, seq = 0, 0
         events: list[Event] = []
         if self.meta.get(keys.blob(digest)) is None:
@@ -693,7 +706,7 @@ class Registry:
         if missing:
             raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
                                 {"missing": missing[:20], "count": len(missing)})
-        self.quorum.check_writable()
+        self.check_writable()
         new_manifest = self.meta.get(keys.manifest(repo, digest)) is None
         if new_manifest:
             self.check_storage(len(body))   # no await from here to the commit
@@ -811,7 +824,7 @@ class Registry:
             if raw is None:
                 raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": tag})
             self.locks.check_untag(repo, tag)
-            self.quorum.check_writable()
+            self.check_writable()
             hlc = self._stamp(batch)
             pointed = decode(raw, TagRecord).digest
             batch.delete(keys.tag(repo, tag))
@@ -833,7 +846,7 @@ class Registry:
                 message="manifest is in use",
             )
         self.locks.check_delete_manifest(repo, digest)
-        self.quorum.check_writable()
+        self.check_writable()
         record = decode(raw, ManifestRecord)
         hlc = self._stamp(batch)
         # The tags go with it, here and (by the same rule) wherever the delete
@@ -854,7 +867,7 @@ class Registry:
         if not self.repository_exists(repo):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
         self.locks.check_delete_repository(repo)
-        self.quorum.check_writable()
+        self.check_writable()
         tags = [keys.parse(k, keys.TagKey).tag for k, _ in self.meta.scan(keys.tag_prefix(repo))]
         manifests_left = [keys.parse(k, keys.ManifestKey).digest
                           for k, _ in self.meta.scan(keys.manifest_prefix(repo))]
@@ -928,7 +941,7 @@ class Registry:
         self.locks.check_change(target)
         current = self.locks.of(target)
         wanted = locks.changed(current, update)
-        self.quorum.check_writable()
+        self.check_writable()
         if wanted == current:
             await self.durable()     # perhaps the retry of an unconfirmed change
             return current

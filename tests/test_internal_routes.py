@@ -28,6 +28,8 @@ from .helpers import make_image, push_image
 INTERNAL = [
     ("GET", "/georeg/v1/faults/storage"),
     ("PUT", "/georeg/v1/faults/storage"),
+    ("GET", "/georeg/v1/faults/clock"),
+    ("PUT", "/georeg/v1/faults/clock"),
     ("GET", "/georeg/v1/inventory"),
     ("GET", "/georeg/v1/node"),
     ("GET", "/georeg/v1/configuration"),

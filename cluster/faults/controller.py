@@ -10,6 +10,7 @@ Kinds (each optionally healing itself after a duration):
     disk REGION[/ZONE] --full | --slow MS              storage faults on nodes
     throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
     destroy REGION                                     data dirs wiped, restarted empty
+    clock NODE|REGION[/ZONE] --offset S | --drift R    the node's wall clock runs off
 
 Faults are applied only at the seams: node processes (signals), the WAN links
 (``cluster.network.links``), the routing layer, each node's storage fault seam,
@@ -30,6 +31,14 @@ outage, destroying a region) while the fault is active. A throttling fault
 is applied on every node of the region or on none: if one node cannot take
 it, the nodes that took it are told their rates without it again.
 
+A clock fault skews one node's wall clock — every stamp it makes, its HLC's
+physical part included — by an offset and/or a drift rate counted from the
+fault's start (``PUT /georeg/v1/faults/clock``; ``registry_node.clock``). One
+clock fault per node at a time. Like a storage fault it lives in the node's
+memory and is sent again, with the same start, to a node the controller
+(re)starts, so the clock picks up where it was. Healing sets the clock right;
+what the node does about the stamps it made meanwhile is the node's.
+
 ``crash`` is SIGKILL; ``stop`` is SIGTERM (graceful); ``isolate`` keeps the
 processes alive and cuts every link to and from them, and clients can no
 longer reach them either (they leave routing and their regional endpoint
@@ -41,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -56,7 +66,7 @@ from ..network.links import LinkFaults
 log = structlog.get_logger("georeg.faults")
 
 KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "throttle",
-         "destroy")
+         "destroy", "clock")
 MODES = ("crash", "stop", "isolate")
 # What a throttling fault may limit (registry_node.throttle.KINDS), and its default rate.
 REQUEST_KINDS = ("read", "write", "delete", "referrers")
@@ -306,26 +316,84 @@ class FaultController:
         """Send each node its throttling faults' rates. Healing (or undoing), a
         node that cannot take them is passed over: down, it comes back
         unthrottled, and a node that refused them kept what it had."""
-        session = await self._session_get()
         for name in nodes:
-            url = self.cluster.node_url(name) + "/georeg/v1/faults/throttle"
-            try:
-                async with session.put(url, json=self._throttle_rates(name)) as r:
-                    if r.status != 200:
-                        raise FaultError(f"{name} refused the throttling fault: HTTP {r.status}")
-            except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
-                if not healing:
-                    if isinstance(exc, FaultError):
-                        raise
-                    raise FaultError(f"{name} is unreachable: {exc}") from None
-                log.warning("throttle_heal_failed", node=name, error=str(exc))
+            await self._put_node(name, "throttle", self._throttle_rates(name), "throttling fault",
+                                 healing=healing)
+
+    async def _put_node(self, name: str, seam: str, body: dict, what: str, *,
+                        healing: bool = False) -> None:
+        """Set a fault held in a node's memory (``PUT /georeg/v1/faults/<seam>``).
+        Healing (or undoing), a node that cannot take it is passed over: down,
+        it comes back without it, and a node that refused it kept what it had."""
+        session = await self._session_get()
+        url = self.cluster.node_url(name) + f"/georeg/v1/faults/{seam}"
+        try:
+            async with session.put(url, json=body) as r:
+                if r.status != 200:
+                    raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
+        except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
+            if not healing:
+                if isinstance(exc, FaultError):
+                    raise
+                raise FaultError(f"{name} is unreachable: {exc}") from None
+            log.warning(f"{seam}_heal_failed", node=name, error=str(exc))
 
     async def _restarted(self, nodes: list[str]) -> None:
         """Nodes just (re)started: those an active throttling fault covers get
-        its rates again (a fault lives in the node's memory)."""
+        its rates again, and a skewed clock its skew (a fault lives in the
+        node's memory)."""
         throttled = [n for n in nodes if self._throttle_rates(n)]
         if throttled:
             await self._apply_throttles(throttled, healing=True)
+        for fault in self.faults.values():
+            if fault.active and fault.kind == "clock" and fault.nodes[0] in nodes:
+                await self._put_node(fault.nodes[0], "clock", self._clock_skew(fault),
+                                     "clock fault", healing=True)
+
+    # -- clocks ------------------------------------------------------------------------
+
+    def _one_node(self, where: str, zone: str | None = None) -> str:
+        """A node by name, a region's only node, or a zone of a region."""
+        if zone:
+            return self._node(where, str(zone))
+        if any(n.name == where for n in self.cluster.plan.nodes):
+            return where
+        nodes = self._nodes_in(where)
+        if len(nodes) > 1:
+            raise FaultError(f"{where} is zone redundant: name one node ({', '.join(nodes)}) "
+                             f"or a zone, e.g. {where}/1")
+        return nodes[0]
+
+    async def _inject_clock(self, fault: Fault, node: str, zone: str | None = None,
+                            offset_s: float = 0.0, drift: float = 1.0) -> None:
+        try:
+            offset_s, drift = float(offset_s), float(drift)
+        except (TypeError, ValueError):
+            raise FaultError("offset_s and drift must be numbers") from None
+        if not (math.isfinite(offset_s) and math.isfinite(drift)):
+            raise FaultError("offset_s and drift must be finite")
+        if not offset_s and drift == 1.0:
+            raise FaultError("say how the clock is off: --offset S (e.g. +300s, -2s) and/or "
+                             "--drift RATE (e.g. 1.5: 1.5 s pass per second)")
+        if drift <= 0:
+            raise FaultError("a drift rate must be positive (1 keeps time; 0.5 runs at half "
+                             "speed)")
+        name = self._one_node(node, zone)
+        for other in self.faults.values():
+            if other.active and other.kind == "clock" and other is not fault and name in other.nodes:
+                raise FaultError(f"{name}'s clock is already skewed by {other.id}; heal it first")
+        fault.nodes = [name]
+        fault.target.update(offset_s=offset_s, drift=drift,
+                            since_ns=int(fault.started_at * 1e9))
+        await self._put_node(name, "clock", self._clock_skew(fault), "clock fault")
+        parts = [f"{offset_s:+g}s" if offset_s else "", f"drifting ×{drift:g}" if drift != 1.0 else ""]
+        fault.description = f"clock of {name} off: {', '.join(p for p in parts if p)}"
+
+    @staticmethod
+    def _clock_skew(fault: Fault) -> dict:
+        t = fault.target
+        return {"offset_s": t.get("offset_s", 0.0), "drift": t.get("drift", 1.0),
+                "since_ns": t["since_ns"]}
 
     async def _inject_destroy(self, fault: Fault, region: str) -> None:
         nodes = self._nodes_in(region)
@@ -364,6 +432,8 @@ class FaultController:
             await self._storage(fault.nodes, {"full": False, "slow_ms": 0})
         elif kind == "throttle":
             await self._apply_throttles(fault.nodes, healing=True)
+        elif kind == "clock":
+            await self._put_node(fault.nodes[0], "clock", {}, "clock fault", healing=True)
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()

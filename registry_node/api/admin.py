@@ -1,12 +1,16 @@
-"""Node administration beside the OCI API: the storage fault seam.
+"""Node administration beside the OCI API: the storage and clock fault seams.
 
     GET /georeg/v1/faults/storage        {"full": false, "slow_ms": 0}
     PUT /georeg/v1/faults/storage        the same shape; what is absent is unchanged
+    GET /georeg/v1/faults/clock          the node's clock: skew, peers' offsets, verdict
+    PUT /georeg/v1/faults/clock          {"offset_s": 300, "drift": 1, "since_ns": N}: the
+                                         whole skew ({} resets it; ``registry_node.clock``)
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from aiohttp import web
 
@@ -36,3 +40,28 @@ async def put_storage_faults(request: web.Request) -> web.Response:
             raise RegistryError(ErrorCode.UNSUPPORTED, "slow_ms must be a number",
                                 message="bad fault", status=400) from None
     return json_response(faults.as_dict())
+
+
+async def get_clock(request: web.Request) -> web.Response:
+    node = registry(request)
+    return json_response(node.clock.describe(node.hlc.last))
+
+
+async def put_clock_fault(request: web.Request) -> web.Response:
+    try:
+        body = json.loads(await request.read() or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError
+        offset_s = float(body.get("offset_s", 0.0))
+        drift = float(body.get("drift", 1.0))
+        since = body.get("since_ns")
+        since_ns = None if since is None else int(since)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise RegistryError(ErrorCode.UNSUPPORTED, 'send {"offset_s": number, "drift": number, '
+                            '"since_ns": integer}', message="bad fault", status=400) from None
+    if not math.isfinite(offset_s) or not math.isfinite(drift) or drift <= 0:
+        raise RegistryError(ErrorCode.UNSUPPORTED, "offset_s must be a number and drift a "
+                            "positive number (1 keeps time)", message="bad fault", status=400)
+    node = registry(request)
+    node.clock.clock.skew(offset_s, drift, since_ns)
+    return json_response(node.clock.describe(node.hlc.last))

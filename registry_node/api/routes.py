@@ -69,6 +69,9 @@ ROUTES: tuple[Route, ...] = (
     # Fault injection's storage seam.
     Route("GET", "/georeg/v1/faults/storage", admin.get_storage_faults),
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
+    # Fault injection's clock seam, and the node's clock against its peers'.
+    Route("GET", "/georeg/v1/faults/clock", admin.get_clock),
+    Route("PUT", "/georeg/v1/faults/clock", admin.put_clock_fault),
     # Request throttling: its fault, its state, zone siblings' reports (api.throttling).
     Route("GET", "/georeg/v1/faults/throttle", throttling.get_throttle_fault),
     Route("PUT", "/georeg/v1/faults/throttle", throttling.put_throttle_fault),

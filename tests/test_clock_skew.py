@@ -1,0 +1,255 @@
+"""Clock skew: a node's wall clock off, and what the cluster does about it.
+
+The rule (``registry_node.clock``, docs/faults.md "Clock skew"): a node whose
+clock is more than the tolerated offset (500 ms) off a majority of the
+cluster's refuses writes (definite 503) until it is right again; a peer's
+change stamped more than that ahead is applied but moves the HLC only up to
+the bound, and is counted. Both sides of the bound are tested here on
+in-process nodes (their clocks skewed through the node's own fault seam), the
+logic itself with injected clocks; test_faults injects the fault into node
+processes through the CLI.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from registry_node import hlc
+from registry_node.clock import ClockGuard, WallClock
+from registry_node.errors import Outcome
+from replicator.topology import ReplicationSettings
+
+from .helpers import eventually, make_image, push_image
+from .replication_harness import InProcessCluster
+from .replication_invariants import metric_sum, metrics_text
+
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+TOPOLOGY = [("eastus", ""), ("westeurope", ""), ("westus", "")]
+SETTINGS = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0,
+                               clock_probe_interval_s=0.1)
+S = 1_000_000_000
+
+
+class Ticks:
+    """A base clock and a monotonic clock moved only by the test."""
+
+    def __init__(self) -> None:
+        self.ns = 1_700_000_000 * S
+        self.mono = 100.0
+
+    def wall(self) -> int:
+        return self.ns
+
+    def monotonic(self) -> float:
+        return self.mono
+
+
+# -- the logic, on injected clocks -----------------------------------------------------
+
+
+def test_a_skewed_clock_reads_the_same_when_its_skew_is_sent_again():
+    ticks = Ticks()
+    clock = WallClock(ticks.wall)
+    start = ticks.ns
+    clock.skew(offset_s=300, drift=1.5, since_ns=start)
+    ticks.ns += 10 * S
+    assert clock.now_ns() == start + 10 * S + 300 * S + 5 * S
+    clock.skew(offset_s=300, drift=1.5, since_ns=start)     # a restarted node, told again
+    assert clock.now_ns() == start + 315 * S
+    clock.reset()
+    assert clock.now_ns() == ticks.ns and not clock.skewed
+
+
+def test_the_hlc_takes_a_stamp_from_far_ahead_only_up_to_the_bound():
+    wall = 1_000_000
+    clock = hlc.HybridLogicalClock(lambda: wall, max_ahead_ms=500)
+    assert clock.observe(hlc.pack(wall + 400, 3)) is False
+    assert clock.last == hlc.pack(wall + 400, 3)            # within the bound: taken whole
+    assert clock.observe(hlc.pack(wall + 60_000, 0)) is True
+    assert hlc.unpack(clock.last)[0] == wall + 500          # beyond it: up to the bound
+    assert clock.now() > clock.last - 1 and hlc.unpack(clock.now())[0] == wall + 501
+
+
+def test_a_node_refuses_writes_only_when_off_a_majority_of_the_cluster():
+    ticks = Ticks()
+    guard = ClockGuard(WallClock(ticks.wall), ticks.monotonic)
+    last = hlc.pack(ticks.ns // 1_000_000, 0)
+    # Two peers, one off: one of three nodes disagrees; no verdict against this one.
+    guard.record("a", -0.8, 0.01)
+    guard.record("b", 0.1, 0.01)
+    assert guard.off_peers() == ["a"] and guard.refusal(last) is None
+    # A slow probe cannot make a clock look off: 0.8 s known to within 0.4 s.
+    guard.record("b", -0.8, 0.4)
+    assert guard.refusal(last) is None
+    guard.record("b", -0.8, 0.01)
+    refusal = guard.refusal(last)
+    assert refusal is not None and refusal.status == 503
+    assert refusal.outcome is Outcome.DEFINITE
+    assert "0.8s ahead of its peers' (a, b)" in refusal.detail["reason"]
+    # Old measurements stop counting (a peer gone quiet is no evidence).
+    ticks.mono += 10
+    assert guard.refusal(last) is None
+    # One peer only (two nodes): who is wrong cannot be told; the peer is flagged only.
+    guard = ClockGuard(WallClock(ticks.wall), ticks.monotonic)
+    guard.record("a", 5.0, 0.01)
+    assert guard.off_peers() == ["a"] and guard.refusal(last) is None
+
+
+def test_a_node_that_stamped_ahead_waits_for_its_clock_to_catch_up():
+    ticks = Ticks()
+    guard = ClockGuard(WallClock(ticks.wall), ticks.monotonic)
+    now_ms = ticks.ns // 1_000_000
+    assert guard.refusal(hlc.pack(now_ms + 400, 0)) is None
+    refusal = guard.refusal(hlc.pack(now_ms + 3000, 0))
+    assert refusal is not None and refusal.headers["Retry-After"] == "3"
+    assert "resume once it has caught up" in refusal.detail["reason"]
+    ticks.ns += 2600 * 1_000_000
+    assert guard.refusal(hlc.pack(now_ms + 3000, 0)) is None
+
+
+# -- three in-process nodes --------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(tmp_path_factory):
+    async with InProcessCluster(tmp_path_factory.mktemp("clock"), TOPOLOGY,
+                                settings=SETTINGS) as c:
+        yield c
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def http():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def skew(cluster, http):
+    """Set a node's clock skew through its fault seam; every clock right afterwards."""
+    async def put(name: str, **body) -> dict:
+        url = f"{cluster.nodes[name].url}/georeg/v1/faults/clock"
+        async with http.put(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    yield put
+    for name in cluster.nodes:
+        await put(name)
+
+
+def guard(cluster, name: str) -> ClockGuard:
+    return cluster.nodes[name].registry.clock
+
+
+async def measured(cluster, name: str, peer: str, near: float) -> bool:
+    offset = guard(cluster, name).fresh().get(peer)
+    return offset is not None and abs(offset.offset_s - near) < 0.1
+
+
+async def tags_everywhere(cluster, http, repo: str) -> dict[str, dict[str, str]]:
+    return {n.name: await cluster.tags(http, n, repo) for n in cluster.running()}
+
+
+async def push_status(http, url: str, repo: str, image, tag: str) -> tuple[int, dict]:
+    """Push the layers (which a skewed node refuses too, at the first one)."""
+    try:
+        await push_image(http, url, repo, image, tag=tag)
+        return 201, {}
+    except AssertionError:
+        async with http.post(f"{url}/v2/{repo}/blobs/uploads/") as r:
+            return r.status, await r.json()
+
+
+@in_module_loop
+async def test_a_skew_within_the_bound_changes_timestamps_only_and_tags_converge(
+        cluster, http, skew):
+    """westeurope 300 ms ahead: measured so, writes accepted on both sides, and
+    the two writes of one tag converge to one value everywhere: the larger
+    stamp, which a skewed clock can give to the earlier write when they are
+    closer than the skew (last-writer-wins is only as good as the clocks)."""
+    await skew("westeurope", offset_s=0.3)
+    await eventually(lambda: measured(cluster, "eastus", "westeurope", 0.3), timeout=10,
+                     what="eastus to measure westeurope 0.3 s ahead")
+    west, east = cluster.nodes["westeurope"], cluster.nodes["eastus"]
+    first, second = make_image([200], seed=1), make_image([201], seed=2)
+    await push_image(http, west.url, "skew/app", first, tag="latest")
+    await push_image(http, east.url, "skew/app", second, tag="latest")
+    stamps = {first.digest: west.registry.hlc.last, second.digest: east.registry.hlc.last}
+    winner = max(stamps, key=stamps.get)
+    last: dict = {}
+
+    async def converged() -> bool:
+        last.update(await tags_everywhere(cluster, http, "skew/app"))
+        return all(tags == {"latest": winner} for tags in last.values())
+
+    await eventually(converged, timeout=15, what=f"latest = {winner} everywhere: {last}")
+    assert not any(guard(cluster, n).describe(cluster.nodes[n].registry.hlc.last)["skewed"]
+                   for n in cluster.nodes)
+
+
+@in_module_loop
+async def test_a_clock_beyond_the_bound_stops_its_writes_and_is_flagged_until_healed(
+        cluster, http, skew):
+    """eastus 2 s behind: it refuses writes (definite 503), its peers flag it,
+    westeurope's writes reach it flagged (its HLC not dragged past the bound);
+    healed, it writes again and the tag converges on its later write."""
+    east, west = cluster.nodes["eastus"], cluster.nodes["westeurope"]
+    await skew("eastus", offset_s=-2)
+    # At once its HLC is ahead of its clock (it refuses for that); its probes
+    # then find it off both peers.
+    await eventually(lambda: guard(cluster, "eastus").clock_off(), timeout=10,
+                     what="eastus to find its clock off its peers'")
+    status, body = await push_status(http, east.url, "fence/app", make_image([300], seed=3), "v")
+    error = body["errors"][0]
+    assert (status, error["message"], error["detail"]["outcome"]) == \
+        (503, "clock skewed: writes refused", Outcome.DEFINITE.value)
+    assert "s behind its peers' (westeurope, westus)" in error["detail"]["reason"]
+    for peer in ("westeurope", "westus"):         # flagged by both, skewed neither
+        assert guard(cluster, peer).off_peers() == ["eastus"]
+        assert guard(cluster, peer).refusal(cluster.nodes[peer].registry.hlc.last) is None
+    before = metric_sum(await metrics_text(http, east), "georeg_clock_offset_exceeded_total",
+                        peer="westeurope", seen_in="event")
+    image = make_image([301], seed=4)
+    await push_image(http, west.url, "fence/app", image, tag="v")
+    west_stamp = west.registry.hlc.last
+    await eventually(lambda: cluster.tags(http, east, "fence/app"), timeout=10,
+                     what="westeurope's tag on eastus")
+    after = metric_sum(await metrics_text(http, east), "georeg_clock_offset_exceeded_total",
+                       peer="westeurope", seen_in="event")
+    assert after > before
+    # Applied, but its stamp (2 s ahead of eastus's clock) not taken into eastus's HLC.
+    assert await cluster.tags(http, east, "fence/app") == {"v": image.digest}
+    assert east.registry.hlc.last < west_stamp
+    probe_flags = metric_sum(await metrics_text(http, west),
+                             "georeg_clock_offset_exceeded_total", peer="eastus", seen_in="probe")
+    assert probe_flags >= 1
+
+    await skew("eastus")                          # healed
+    await eventually(lambda: guard(cluster, "eastus").refusal(east.registry.hlc.last) is None,
+                     timeout=10, what="eastus to find its clock right again")
+    later = make_image([302], seed=5)
+    await push_image(http, east.url, "fence/app", later, tag="v")
+
+    async def converged() -> bool:
+        return all(tags == {"v": later.digest}
+                   for tags in (await tags_everywhere(cluster, http, "fence/app")).values())
+
+    await eventually(converged, timeout=15, what="v = eastus's later write everywhere")
+
+
+@in_module_loop
+async def test_a_clock_far_ahead_refuses_writes_until_healed(cluster, http, skew):
+    west = cluster.nodes["westeurope"]
+    state = await skew("westeurope", offset_s=300)
+    assert state["fault"]["offset_s"] == 300
+    await eventually(lambda: guard(cluster, "westeurope").clock_off(), timeout=10,
+                     what="westeurope to find its clock off")
+    status, body = await push_status(http, west.url, "ahead/app", make_image([400], seed=6), "v")
+    assert status == 503 and "300s ahead of its peers'" in body["errors"][0]["detail"]["reason"]
+    await skew("westeurope")
+    await eventually(lambda: guard(cluster, "westeurope").refusal(west.registry.hlc.last)
+                     is None, timeout=10, what="westeurope's writes back")
+    await push_image(http, west.url, "ahead/app", make_image([401], seed=7), tag="v")

@@ -146,7 +146,7 @@ class ClockGuard:
             fresh = self.fresh()
             off = self.off_peers()
             median = sorted(fresh[n].offset_s for n in off)[len(off) // 2]
-            reason = (f"this node's clock is {abs(median):.3g}s "
+            reason = (f"this node's clock is {abs(median):.1f}s "
                       f"{'behind' if median > 0 else 'ahead of'} its peers' ({', '.join(off)}), "
                       f"more than the {self.max_offset_s:g}s the cluster tolerates; writes are "
                       "refused until it is corrected, reads keep working. Retry, or write "
@@ -154,9 +154,9 @@ class ClockGuard:
             return _refused(reason, {"clock_offset_s": -median, "peers_off": off})
         ahead = self.hlc_ahead_s(last_stamp)
         if ahead > self.max_offset_s:
-            reason = (f"this node stamped writes while its clock ran {ahead:.3g}s ahead; its "
+            reason = (f"this node stamped writes while its clock ran {ahead:.1f}s ahead; its "
                       f"clock is back, and writes resume once it has caught up with those "
-                      f"stamps (in {ahead - self.max_offset_s:.3g}s)")
+                      f"stamps (in {ahead - self.max_offset_s:.1f}s)")
             return _refused(reason, {"hlc_ahead_s": ahead},
                             retry_after=ahead - self.max_offset_s)
         return None

@@ -491,6 +491,67 @@ def test_bad_fault_requests_say_what_is_wrong(cluster):
     assert result.returncode == 2 and "no fault f999" in result.stderr
 
 
+# -- clocks --------------------------------------------------------------------------------
+
+
+async def _clock(http, cluster, node: str) -> dict:
+    async with http.get(f"{cluster.node_url(node)}/georeg/v1/faults/clock",
+                        headers=cluster.internal_headers()) as r:
+        assert r.status == 200
+        return await r.json()
+
+
+async def test_a_clock_fault_fences_its_node_survives_a_restart_and_heals(cluster, http):
+    """westeurope 5 s ahead (past the 500 ms tolerated): once its probes find
+    it off every peer it refuses writes with a definite 503, its peers flag it
+    and the replica's status says so; a restart by the controller keeps the
+    skew; healed, it writes again and the tag converges (verify clean after)."""
+    west = cluster.node_url("westeurope")
+    fid = fault_id(fault_cli(cluster, "clock", "westeurope", "--offset", "+5s"))
+
+    async def fenced() -> bool:
+        return (await _clock(http, cluster, "westeurope"))["skewed"]
+
+    await eventually(fenced, timeout=15, what="westeurope to find its clock off")
+    blob = b"c" * 3000
+    async with http.post(f"{west}/v2/clock/app/blobs/uploads/",
+                         params={"digest": digest_of(blob)}, data=blob) as r:
+        error = (await r.json())["errors"][0]
+        assert (r.status, error["detail"]["outcome"]) == (503, "definite")
+        assert "5.0s ahead of its peers'" in error["detail"]["reason"]
+    flagged: dict = {}
+
+    async def flagged_by_brazilsouth() -> bool:
+        flagged.update((await _clock(http, cluster, "brazilsouth"))["peers"]["westeurope"])
+        return flagged["exceeds"]
+
+    await eventually(flagged_by_brazilsouth, timeout=10, what="brazilsouth to flag westeurope")
+    assert 4.5 < flagged["offset_s"] < 5.5
+
+    def status_says_so() -> bool:
+        return "clock skewed on westeurope" in \
+            cluster.cluster.replica_status("westeurope")["status"]["message"]
+
+    await eventually(status_says_so, timeout=10, what="the replica status to say so")
+    faults = cluster.cluster.faults
+    assert faults.faults[fid].description == "clock of westeurope off: +5s"
+    # A node the controller restarts gets its skew back, from the fault's start.
+    outage = cluster.run(lambda: faults.inject("region-outage", region="westeurope"))
+    cluster.run(lambda: faults.heal(outage.id))
+    assert (await _clock(http, cluster, "westeurope"))["fault"]["offset_s"] == 5
+    cluster.run(lambda: faults.heal(fid))
+    await eventually(lambda: _not(fenced), timeout=15, what="westeurope's writes back")
+    image = make_image([3001], seed=31)
+    await push_image(http, west, "clock/app", image, tag="v1")
+    for node in ("eastus-1", "brazilsouth"):
+        await eventually(lambda n=node: pullable(http, cluster.node_url(n), "clock/app", "v1",
+                                                 image), timeout=15, what=f"v1 on {node}")
+
+
+async def _not(predicate) -> bool:
+    return not await predicate()
+
+
 # -- throttling ----------------------------------------------------------------------------
 
 

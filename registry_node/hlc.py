@@ -7,7 +7,10 @@ the low 16, so it is one ``int`` that compares correctly and fits a protobuf
 get larger stamps — except a stamp further ahead of this node's wall clock than
 ``max_ahead_ms`` (a peer whose clock ran ahead: ``registry_node.clock``), which is
 taken in only up to that far ahead, so one bad clock cannot drag every node's
-stamps into the future. The wall clock is injected, so tests drive it.
+stamps into the future. So that a write which replaces such a value still wins
+over it (a write that had seen another always wins), a local write is stamped
+with ``after``: above the stamps of the registers it replaces, whatever the
+clock says. The wall clock is injected, so tests drive it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ class HybridLogicalClock:
         else:  # 65536 stamps in one millisecond: borrow the next millisecond.
             stamp = pack(last_wall + 1, 0)
         self._last = stamp
+        return stamp
+
+    def after(self, *replaced: int) -> int:
+        """``now()``, or more: a stamp above each of ``replaced`` too (the
+        stamps of the registers a local write replaces). A stamp so far ahead
+        is taken into the clock as ``observe`` takes a peer's."""
+        stamp = self.now()
+        floor = max(replaced, default=0)
+        if floor >= stamp:
+            stamp = floor + 1
+            self.observe(stamp)
         return stamp
 
     def observe(self, remote: int) -> bool:

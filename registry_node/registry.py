@@ -221,10 +221,35 @@ class Registry:
                      origin_zone=self.identity.zone, hlc=stamp, acked_ns=self._wall_ns(),
                      **fields)
 
-    def _stamp(self, batch: Batch) -> int:
-        stamp = self.hlc.now()
-        batch.put(keys.HLC, str(stamp).encode())
+    def stamp_over(self, batch: Batch, *replaced: int) -> int:
+        """The stamp of a local write, which every register write takes: the
+        HLC's next, and above ``replaced``, the stamps of the registers it
+        replaces (``held``), however far ahead a peer's clock put them. A
+        write made after seeing a value wins over it on every replica."""
+        stamp = self.hlc.after(*replaced)
+        batch.put(keys.HLC, str(self.hlc.last).encode())
         return stamp
+
+    def held(self, *registers: tuple[bytes, type]) -> int:
+        """The HLC of what the register holds: its value or its tombstone
+        (``(key, record type)`` each; 0 when it holds nothing)."""
+        stamps = [0]
+        for key, kind in registers:
+            raw = self.meta.get(key)
+            if raw is not None:
+                stamps.append(decode(raw, kind).hlc)
+        return max(stamps)
+
+    def tag_held(self, repo: str, tag: str) -> int:
+        return self.held((keys.tag(repo, tag), TagRecord), (keys.tag_tomb(repo, tag), Tombstone))
+
+    def manifest_held(self, repo: str, digest: str) -> int:
+        return self.held((keys.manifest(repo, digest), ManifestRecord),
+                         (keys.manifest_tomb(repo, digest), Tombstone))
+
+    def link_held(self, repo: str, digest: str) -> int:
+        return self.held((keys.blob_link(repo, digest), BlobLink),
+                         (keys.blob_tomb(repo, digest), Tombstone))
 
     def _tombstone(self, stamp: int, digest: str = "") -> bytes:
         return encode(Tombstone(stamp, self.identity.region, self.identity.zone, digest))
@@ -325,7 +350,7 @@ class Registry:
         self.locks.check_delete_blob(repo)
         self.check_writable()
         batch = Batch()
-        stamp = self._stamp(batch)
+        stamp = self.stamp_over(batch, self.link_held(repo, digest))
         batch.delete(keys.blob_link(repo, digest))
         batch.delete(keys.blob_user(digest, repo))
         batch.put(keys.blob_tomb(repo, digest), self._tombstone(stamp))
@@ -349,7 +374,7 @@ class Registry:
             return True
         self.check_writable()
         batch = Batch()
-        stamp = self._stamp(batch)
+        stamp = self.stamp_over(batch, self.link_held(repo, digest))
         self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
         batch.event(self._event(EventKind.BLOB_MOUNT, repo, stamp, digest=digest,
                                 size=decode(raw, BlobRecord).size, source_repository=source))
@@ -578,7 +603,7 @@ class Registry:
                 seq = self.meta.last_seq
             else:
                 batch = Batch()
-                stamp = self._stamp(batch)
+                stamp = self.stamp_over(batch, self.link_held(repo, digest))
                 if self.meta.get(keys.blob(digest)) is None:
                     batch.put(keys.blob(digest), encode(BlobRecord(size, self._wall_ns())))
                 self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
@@ -711,7 +736,10 @@ class Registry:
         if new_manifest:
             self.check_storage(len(body))   # no await from here to the commit
         batch = Batch()
-        hlc = self._stamp(batch)
+        # Above the manifest's register (a new value, or renewed by the tag
+        # set) and the tag's.
+        hlc = self.stamp_over(batch, self.manifest_held(repo, digest),
+                              self.tag_held(repo, tag) if tag is not None else 0)
         origin = (self.identity.region, self.identity.zone)
         acked = self._wall_ns()
         tag_moves = False
@@ -825,8 +853,9 @@ class Registry:
                 raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": tag})
             self.locks.check_untag(repo, tag)
             self.check_writable()
-            hlc = self._stamp(batch)
-            pointed = decode(raw, TagRecord).digest
+            value = decode(raw, TagRecord)
+            hlc = self.stamp_over(batch, value.hlc)
+            pointed = value.digest
             batch.delete(keys.tag(repo, tag))
             batch.put(keys.tag_tomb(repo, tag), self._tombstone(hlc, pointed))
             batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed,
@@ -848,7 +877,9 @@ class Registry:
         self.locks.check_delete_manifest(repo, digest)
         self.check_writable()
         record = decode(raw, ManifestRecord)
-        hlc = self._stamp(batch)
+        # Above the tags pointing at it too: each tag set renewed the
+        # manifest's register (``stage_tag``).
+        hlc = self.stamp_over(batch, record.hlc)
         # The tags go with it, here and (by the same rule) wherever the delete
         # arrives; no tag_delete events, which would end newer values elsewhere.
         self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
@@ -946,7 +977,8 @@ class Registry:
             await self.durable()     # perhaps the retry of an unconfirmed change
             return current
         batch = Batch()
-        hlc = self._stamp(batch)
+        record = self.locks.record(target)
+        hlc = self.stamp_over(batch, record.hlc if record is not None else 0)
         acked = self._wall_ns()
         self.locks.stage(batch, target, wanted, (hlc, self.identity.region, self.identity.zone),
                          acked)

@@ -13,12 +13,14 @@ processes through the CLI.
 from __future__ import annotations
 
 import aiohttp
+import msgspec
 import pytest
 import pytest_asyncio
 
-from registry_node import hlc
+from registry_node import hlc, keys, locks
 from registry_node.clock import ClockGuard, WallClock
 from registry_node.errors import Outcome
+from registry_node.records import ManifestRecord, TagRecord, Tombstone, decode
 from replicator.topology import ReplicationSettings
 
 from .helpers import eventually, make_image, push_image
@@ -126,15 +128,31 @@ async def http():
         yield session
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def skew(cluster, http):
-    """Set a node's clock skew through its fault seam; every clock right afterwards."""
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def unprobed(tmp_path_factory):
+    """Three nodes that do not probe clocks (one round at start): a skewed one
+    is never fenced, so its far-ahead stamps reach its peers, as they do in a
+    two-region cluster or before the probes catch a clock gone off."""
+    settings = msgspec.structs.replace(SETTINGS, clock_probe_interval_s=3600)
+    async with InProcessCluster(tmp_path_factory.mktemp("unprobed"), TOPOLOGY,
+                                settings=settings) as c:
+        yield c
+
+
+def skewer(cluster, http):
+    """Set a node's clock skew through its fault seam."""
     async def put(name: str, **body) -> dict:
         url = f"{cluster.nodes[name].url}/georeg/v1/faults/clock"
         async with http.put(url, json=body) as r:
             assert r.status == 200, await r.text()
             return await r.json()
+    return put
 
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def skew(cluster, http):
+    """Set a node's clock skew; every clock right afterwards."""
+    put = skewer(cluster, http)
     yield put
     for name in cluster.nodes:
         await put(name)
@@ -149,8 +167,28 @@ async def measured(cluster, name: str, peer: str, near: float) -> bool:
     return offset is not None and abs(offset.offset_s - near) < 0.1
 
 
+def held(node, key: bytes, kind: type = TagRecord) -> int:
+    """The HLC of the record (value or tombstone) ``node`` holds at ``key``."""
+    return decode(node.registry.meta.get(key), kind).hlc
+
+
+def tag_stamp(node, repo: str, tag: str) -> int:
+    """The HLC of the tag value ``node`` holds."""
+    return held(node, keys.tag(repo, tag))
+
+
 async def tags_everywhere(cluster, http, repo: str) -> dict[str, dict[str, str]]:
     return {n.name: await cluster.tags(http, n, repo) for n in cluster.running()}
+
+
+async def cluster_tags_are(cluster, http, repo: str, expected: dict[str, str],
+                           last: dict | None = None) -> bool:
+    """Every running node serves ``expected`` as ``repo``'s tags (what they
+    serve goes to ``last``)."""
+    seen = await tags_everywhere(cluster, http, repo)
+    if last is not None:
+        last.update(seen)
+    return all(tags == expected for tags in seen.values())
 
 
 async def push_status(http, url: str, repo: str, image, tag: str) -> tuple[int, dict]:
@@ -253,3 +291,69 @@ async def test_a_clock_far_ahead_refuses_writes_until_healed(cluster, http, skew
     await eventually(lambda: guard(cluster, "westeurope").refusal(west.registry.hlc.last)
                      is None, timeout=10, what="westeurope's writes back")
     await push_image(http, west.url, "ahead/app", make_image([401], seed=7), tag="v")
+
+
+@in_module_loop
+async def test_a_write_made_after_seeing_a_far_ahead_one_wins_everywhere(unprobed, http):
+    """westeurope 10 s ahead sets v=a; eastus applies it (its HLC takes a's
+    stamp in only up to the bound), then sets v=b. b was written after a was
+    seen, so b wins on every node: eastus stamps it above a, however far ahead
+    a's stamp. (Stamped by eastus's clock alone, b lost on westeurope and
+    westus, and anti-entropy later overwrote it on eastus too.)"""
+    skew, east, west = skewer(unprobed, http), unprobed.nodes["eastus"], unprobed.nodes["westeurope"]
+    await skew("westeurope", offset_s=10)
+    try:
+        a, b = make_image([500], seed=8), make_image([501], seed=9)
+        await push_image(http, west.url, "causal/app", a, tag="v")
+        await eventually(lambda: cluster_tags_are(unprobed, http, "causal/app", {"v": a.digest}),
+                         timeout=10, what="v = a everywhere")
+        seen = tag_stamp(east, "causal/app", "v")
+        assert hlc.unpack(seen)[0] - east.registry.clock.clock.now_ms() > 9000
+        await push_image(http, east.url, "causal/app", b, tag="v")
+        assert tag_stamp(east, "causal/app", "v") > seen
+        last: dict = {}
+        await eventually(lambda: cluster_tags_are(unprobed, http, "causal/app", {"v": b.digest},
+                                                  last),
+                         timeout=10, what=lambda: f"v = b ({b.digest}) everywhere: {last}")
+    finally:
+        await skew("westeurope")
+
+
+@in_module_loop
+async def test_every_register_write_is_stamped_above_the_value_it_replaces(unprobed, http):
+    """The same for every kind of register a local write replaces: a tag's
+    value (untag), a manifest's (delete), attributes, a configuration object.
+    westeurope, 10 s ahead, writes each; eastus then replaces each."""
+    skew, east, west = skewer(unprobed, http), unprobed.nodes["eastus"], unprobed.nodes["westeurope"]
+    repo, image = "every/app", make_image([510], seed=10)
+    await skew("westeurope", offset_s=10)
+    try:
+        await push_image(http, west.url, repo, image, tag="w")
+        await west.registry.update_attributes(locks.repository(repo), {"listEnabled": False})
+        await west.node.configuration.put("registry", "default", {"name": "far"})
+        east_config = east.node.configuration
+
+        def arrived() -> bool:
+            return (east_config.get("registry", "default") is not None
+                    and not east.registry.locks.of(locks.repository(repo)).list_enabled
+                    and east.registry.meta.get(keys.tag(repo, "w")) is not None)
+
+        await eventually(arrived, timeout=10, what="westeurope's writes on eastus")
+        replaced = {"tag": tag_stamp(east, repo, "w"),
+                    "manifest": held(east, keys.manifest(repo, image.digest), ManifestRecord),
+                    "attributes": east.registry.locks.record(locks.repository(repo)).hlc,
+                    "config": east_config.register("registry", "default").stamp[0]}
+        await east.registry.update_attributes(locks.repository(repo), {"listEnabled": True})
+        stored = await east_config.put("registry", "default", {"name": "near"})
+        await east.registry.delete_manifest(repo, "w")
+        untagged = held(east, keys.tag_tomb(repo, "w"), Tombstone)
+        await east.registry.delete_manifest(repo, image.digest)
+        written = {"tag": untagged,
+                   "manifest": held(east, keys.manifest_tomb(repo, image.digest), Tombstone),
+                   "attributes": east.registry.locks.record(locks.repository(repo)).hlc,
+                   "config": stored.stamp[0]}
+        assert {k: written[k] > replaced[k] for k in replaced} == dict.fromkeys(replaced, True)
+        await eventually(lambda: west.node.configuration.get("registry", "default").name == "near",
+                         timeout=10, what="eastus's later configuration on westeurope")
+    finally:
+        await skew("westeurope")

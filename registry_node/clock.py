@@ -36,6 +36,7 @@ it (``georeg_clock_offset_exceeded_total``). See docs/faults.md.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,24 @@ MAX_OFFSET_S = 0.5
 # A measurement older than this many probe intervals no longer counts.
 FRESH_PROBES = 3
 _NS = 1_000_000_000
+# The widest skew a fault may set: a year off either way, a clock between a
+# hundredth and a hundred times real speed. Far past anything the fault is
+# for, and far inside what the stamps hold (nanoseconds in an int64 end in
+# 2262: an offset of centuries made every write of the node fail, and its
+# peers' subscriptions to it with them).
+MAX_SKEW_OFFSET_S = 365 * 86400
+MIN_DRIFT, MAX_DRIFT = 0.01, 100.0
+
+
+def skew_problem(offset_s: float, drift: float) -> str | None:
+    """What is wrong with a skew a fault asks for, or None. The node's fault
+    seam and ``georeg fault clock`` both check it."""
+    if not math.isfinite(offset_s) or abs(offset_s) > MAX_SKEW_OFFSET_S:
+        return f"the offset must be within a year ({MAX_SKEW_OFFSET_S:g} s) either way"
+    if not math.isfinite(drift) or not MIN_DRIFT <= drift <= MAX_DRIFT:
+        return (f"the drift rate must be between {MIN_DRIFT:g} and {MAX_DRIFT:g} "
+                "(1 keeps time, 1.5 gains half a second every second)")
+    return None
 
 
 class WallClock:
@@ -72,12 +91,18 @@ class WallClock:
 
     def skew(self, offset_s: float = 0.0, drift: float = 1.0, since_ns: int | None = None) -> None:
         """Run ``offset_s`` off the base clock, gaining ``drift - 1`` seconds
-        per second since ``since_ns`` (the base clock's reading; default now)."""
-        if drift <= 0:
-            raise ValueError("drift must be positive (1 is a clock that keeps time)")
+        per second since ``since_ns`` (the base clock's reading; default now,
+        at most a year ago). ``ValueError`` for a skew past ``skew_problem``'s bounds."""
+        base = self._base()
+        problem = skew_problem(offset_s, drift)
+        if problem is None and since_ns is not None \
+                and not 0 <= base - since_ns <= MAX_SKEW_OFFSET_S * _NS:
+            problem = "since_ns must be the base clock's reading within the last year"
+        if problem is not None:
+            raise ValueError(problem)
         self.offset_ns = int(offset_s * _NS)
         self.drift = float(drift)
-        self.since_ns = self._base() if since_ns is None else int(since_ns)
+        self.since_ns = base if since_ns is None else int(since_ns)
 
     def reset(self) -> None:
         self.skew()

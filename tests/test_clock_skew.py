@@ -279,6 +279,20 @@ async def test_a_clock_beyond_the_bound_stops_its_writes_and_is_flagged_until_he
 
 
 @in_module_loop
+async def test_a_skew_past_the_bounds_is_refused_and_changes_nothing(cluster, http):
+    """A century off overflowed the node's nanosecond times: every write it
+    made failed, and every peer's subscription to it, for good."""
+    url = f"{cluster.nodes['westus'].url}/georeg/v1/faults/clock"
+    for body in ({"offset_s": 1e10}, {"offset_s": -400 * 86400}, {"drift": 1000},
+                 {"drift": 0.001}, {"offset_s": 1, "since_ns": 1}):
+        async with http.put(url, json=body) as r:
+            assert r.status == 400, (body, await r.text())
+            reason = (await r.json())["errors"][0]["detail"]
+            assert "year" in reason or "between 0.01 and 100" in reason, reason
+    assert not guard(cluster, "westus").clock.skewed
+
+
+@in_module_loop
 async def test_a_clock_far_ahead_refuses_writes_until_healed(cluster, http, skew):
     west = cluster.nodes["westeurope"]
     state = await skew("westeurope", offset_s=300)

@@ -489,6 +489,10 @@ def test_bad_fault_requests_say_what_is_wrong(cluster):
     assert result.returncode == 2 and "not zone redundant" in result.stderr
     result = fault_cli(cluster, "heal", "f999")
     assert result.returncode == 2 and "no fault f999" in result.stderr
+    result = fault_cli(cluster, "clock", "westeurope", "--offset", "+1e10s")
+    assert result.returncode == 2 and "within a year" in result.stderr
+    result = fault_cli(cluster, "clock", "westeurope", "--drift", "0")
+    assert result.returncode == 2 and "between 0.01 and 100" in result.stderr
 
 
 # -- clocks --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-from registry_node.clock import MAX_OFFSET_S
+from registry_node.clock import MAX_OFFSET_S, skew_problem
 
 from ..faults.controller import DEFAULT_THROTTLE_RATE, REQUEST_KINDS
 from .common import CliError, add_data_dir, call, command, data_dir_of
@@ -127,9 +127,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("node", metavar="NODE|REGION[/ZONE]",
                    help="a node by name (georeg status), a region's only node, or a zone")
     c.add_argument("--offset", type=clock_offset, default=0.0, metavar="±S",
-                   help="how far off: seconds (+300s, 1.5) or milliseconds (800ms); a clock behind: --offset=-2s")
-    c.add_argument("--drift", type=float, default=1.0, metavar="RATE",
-                   help="seconds the clock counts per real second (default 1)")
+                   help="how far off: seconds (+300s, 1.5) or milliseconds (800ms), at most a "
+                        "year; a clock behind: --offset=-2s")
+    c.add_argument("--drift", type=drift_rate, default=1.0, metavar="RATE",
+                   help="seconds the clock counts per real second (default 1; 0.01 to 100)")
     _duration(c)
     c.set_defaults(func=command(_inject_clock))
 
@@ -175,7 +176,24 @@ def clock_offset(text: str) -> float:
         seconds = math.nan
     if not math.isfinite(seconds):
         raise argparse.ArgumentTypeError(f"{text!r} is no offset: say e.g. +300s, -2s or 800ms")
-    return seconds
+    return _within_bounds(seconds, 1.0, seconds)
+
+
+def drift_rate(text: str) -> float:
+    """``1.5``: seconds the clock counts per real second."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no rate: say e.g. 1.5") from None
+    return _within_bounds(0.0, rate, rate)
+
+
+def _within_bounds(offset_s: float, drift: float, value: float) -> float:
+    """``value``, when the skew it is part of is one a node takes (``skew_problem``)."""
+    problem = skew_problem(offset_s, drift)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def _inject_clock(args: argparse.Namespace) -> int:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
+from registry_node.clock import skew_problem
 from registry_node.config import request_rate
 
 from ..control.regions import REGIONS, unknown_region_message
@@ -370,14 +370,12 @@ class FaultController:
             offset_s, drift = float(offset_s), float(drift)
         except (TypeError, ValueError):
             raise FaultError("offset_s and drift must be numbers") from None
-        if not (math.isfinite(offset_s) and math.isfinite(drift)):
-            raise FaultError("offset_s and drift must be finite")
+        problem = skew_problem(offset_s, drift)
+        if problem is not None:
+            raise FaultError(problem)
         if not offset_s and drift == 1.0:
             raise FaultError("say how the clock is off: --offset S (e.g. +300s, -2s) and/or "
                              "--drift RATE (e.g. 1.5: 1.5 s pass per second)")
-        if drift <= 0:
-            raise FaultError("a drift rate must be positive (1 keeps time; 0.5 runs at half "
-                             "speed)")
         name = self._one_node(node, zone)
         for other in self.faults.values():
             if other.active and other.kind == "clock" and other is not fault and name in other.nodes:

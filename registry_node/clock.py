@@ -48,8 +48,12 @@ from .errors import ErrorCode, Outcome, RegistryError
 # writes (and the most ahead of its wall clock a peer's stamp moves its HLC).
 # Why 500 ms: docs/faults.md, "Clock skew".
 MAX_OFFSET_S = 0.5
-# A measurement older than this many probe intervals no longer counts.
+# A measurement older than this many probe intervals — or probe timeouts,
+# when the interval is shorter: a round waits for its slowest peer — no longer
+# counts.
 FRESH_PROBES = 3
+# How long a probe waits for a peer's answer (``replicator.clock_probe``).
+PROBE_TIMEOUT_S = 2.0
 _NS = 1_000_000_000
 # The widest skew a fault may set: a year off either way, a clock between a
 # hundredth and a hundred times real speed. Far past anything the fault is
@@ -149,7 +153,7 @@ class ClockGuard:
         self.peers.pop(peer, None)
 
     def fresh(self) -> dict[str, PeerOffset]:
-        horizon = self.monotonic() - FRESH_PROBES * self.probe_interval_s
+        horizon = self.monotonic() - FRESH_PROBES * max(self.probe_interval_s, PROBE_TIMEOUT_S)
         return {name: p for name, p in self.peers.items() if p.measured_at >= horizon}
 
     def off_peers(self) -> list[str]:

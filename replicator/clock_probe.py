@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from registry_node.clock import ClockGuard
+from registry_node.clock import PROBE_TIMEOUT_S, ClockGuard
 from registry_node.hlc import HybridLogicalClock
 
 from .errors import ReplicationError
@@ -31,8 +31,6 @@ from .metrics import ReplicationMetrics
 from .peers import PeerClient
 
 log = structlog.get_logger("georeg.clock")
-
-PROBE_TIMEOUT_S = 2.0
 
 
 class ClockProbe:

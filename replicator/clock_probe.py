@@ -51,7 +51,10 @@ class ClockProbe:
 
     async def run(self) -> None:
         while True:         # for the node's lifetime; cancelled when replication stops
-            await self.round()
+            try:
+                await self.round()
+            except Exception:  # a failed round must not stop the next: the fence rests on them
+                log.exception("clock_probe_failed")
             await asyncio.sleep(self.interval_s)
 
     async def round(self) -> None:

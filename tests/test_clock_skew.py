@@ -12,6 +12,9 @@ processes through the CLI.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import aiohttp
 import msgspec
 import pytest
@@ -21,6 +24,8 @@ from registry_node import hlc, keys, locks
 from registry_node.clock import ClockGuard, WallClock
 from registry_node.errors import Outcome
 from registry_node.records import ManifestRecord, TagRecord, Tombstone, decode
+from replicator.clock_probe import ClockProbe
+from replicator.metrics import ReplicationMetrics
 from replicator.topology import ReplicationSettings
 
 from .helpers import eventually, make_image, push_image
@@ -123,6 +128,31 @@ def test_a_node_that_stamped_ahead_waits_for_its_clock_to_catch_up():
     assert "resume once it has caught up" in refusal.detail["reason"]
     ticks.ns += 2600 * 1_000_000
     assert guard.refusal(hlc.pack(now_ms + 3000, 0)) is None
+
+
+async def test_a_failed_probe_round_does_not_stop_the_next():
+    """Any error in a round (not only a peer's ReplicationError) is logged and
+    the probes go on: they are what fences a node whose clock goes off."""
+    rounds = []
+
+    def clients():
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise RuntimeError("a bug in one round")
+        return []
+
+    guard = ClockGuard(WallClock())
+    probe = ClockProbe(guard, hlc.HybridLogicalClock(guard.clock.now_ms), clients,
+                       ReplicationMetrics("eastus"), interval_s=0.01)
+    task = asyncio.create_task(probe.run())
+    try:
+        await eventually(lambda: len(rounds) >= 2 or task.done(), timeout=5,
+                         what="a second probe round")
+        assert not task.done(), task.exception()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # -- three in-process nodes --------------------------------------------------------------

@@ -186,8 +186,9 @@ class ClockGuard:
             reason = (f"this node stamped writes while its clock ran {ahead:.1f}s ahead; its "
                       f"clock is back, and writes resume once it has caught up with those "
                       f"stamps (in {ahead - self.max_offset_s:.1f}s)")
-            return _refused(reason, {"hlc_ahead_s": ahead},
-                            retry_after=ahead - self.max_offset_s)
+            resume_s = ahead - self.max_offset_s
+            return _refused(reason, {"hlc_ahead_s": ahead, "writes_resume_in_s": round(resume_s, 1)},
+                            retry_after=resume_s)
         return None
 
     def check_writable(self, last_stamp: int) -> None:
@@ -202,6 +203,9 @@ class ClockGuard:
             "max_offset_s": self.max_offset_s,
             "skewed": refusal is not None,
             "reason": refusal.detail["reason"] if refusal is not None else None,
+            # Known only when it waits for its clock to pass its own stamps.
+            "writes_resume_in_s": refusal.detail.get("writes_resume_in_s")
+            if refusal is not None else None,
             "fault": self.clock.as_dict() if self.clock.skewed else None,
             "peers": {name: {"offset_s": round(p.offset_s, 4),
                              "uncertainty_s": round(p.uncertainty_s, 4),

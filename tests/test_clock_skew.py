@@ -414,5 +414,10 @@ async def test_every_register_write_is_stamped_above_the_value_it_replaces(unpro
         assert {k: written[k] > replaced[k] for k in replaced} == dict.fromkeys(replaced, True)
         await eventually(lambda: west.node.configuration.get("registry", "default").name == "near",
                          timeout=10, what="eastus's later configuration on westeurope")
+        # Healed, westeurope waits for its clock to pass the stamps it made
+        # while 10 s ahead, and says for how long.
+        healed = await skew("westeurope")
+        assert healed["skewed"] and 8 < healed["writes_resume_in_s"] <= 9.5, healed
+        assert "writes resume once it has caught up" in healed["reason"]
     finally:
         await skew("westeurope")

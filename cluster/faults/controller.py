@@ -321,22 +321,25 @@ class FaultController:
                                  healing=healing)
 
     async def _put_node(self, name: str, seam: str, body: dict, what: str, *,
-                        healing: bool = False) -> None:
-        """Set a fault held in a node's memory (``PUT /georeg/v1/faults/<seam>``).
-        Healing (or undoing), a node that cannot take it is passed over: down,
-        it comes back without it, and a node that refused it kept what it had."""
+                        healing: bool = False) -> dict | None:
+        """Set a fault held in a node's memory (``PUT /georeg/v1/faults/<seam>``);
+        returns what the node answers. Healing (or undoing), a node that cannot
+        take it is passed over (None): down, it comes back without it, and a
+        node that refused it kept what it had."""
         session = await self._session_get()
         url = self.cluster.node_url(name) + f"/georeg/v1/faults/{seam}"
         try:
             async with session.put(url, json=body) as r:
                 if r.status != 200:
                     raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
+                return await r.json()
         except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
             if not healing:
                 if isinstance(exc, FaultError):
                     raise
                 raise FaultError(f"{name} is unreachable: {exc}") from None
             log.warning(f"{seam}_heal_failed", node=name, error=str(exc))
+            return None
 
     async def _restarted(self, nodes: list[str]) -> None:
         """Nodes just (re)started: those an active throttling fault covers get
@@ -431,7 +434,11 @@ class FaultController:
         elif kind == "throttle":
             await self._apply_throttles(fault.nodes, healing=True)
         elif kind == "clock":
-            await self._put_node(fault.nodes[0], "clock", {}, "clock fault", healing=True)
+            clock = await self._put_node(fault.nodes[0], "clock", {}, "clock fault", healing=True)
+            resume_s = (clock or {}).get("writes_resume_in_s")
+            if resume_s:    # it stamped writes while ahead: the node's own figure
+                fault.description += (f"; writes resume there in {resume_s:.0f}s, once its "
+                                      "clock has passed the stamps it made while ahead")
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()

@@ -75,7 +75,9 @@ class HybridLogicalClock:
         bound. True when the stamp was that far ahead."""
         beyond = False
         if self.max_ahead_ms is not None:
-            ceiling = pack(self._wall_ms() + self.max_ahead_ms, _LOGICAL_MASK)
+            # The bound's last millisecond is left to this node's own next
+            # stamp, which then is not past the bound (``clock.ClockGuard``).
+            ceiling = pack(self._wall_ms() + self.max_ahead_ms - 1, _LOGICAL_MASK)
             beyond = remote > ceiling
             remote = min(remote, ceiling)
         if remote > self._last:

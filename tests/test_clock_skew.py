@@ -76,8 +76,14 @@ def test_the_hlc_takes_a_stamp_from_far_ahead_only_up_to_the_bound():
     assert clock.observe(hlc.pack(wall + 400, 3)) is False
     assert clock.last == hlc.pack(wall + 400, 3)            # within the bound: taken whole
     assert clock.observe(hlc.pack(wall + 60_000, 0)) is True
-    assert hlc.unpack(clock.last)[0] == wall + 500          # beyond it: up to the bound
-    assert clock.now() > clock.last - 1 and hlc.unpack(clock.now())[0] == wall + 501
+    taken = clock.last
+    assert hlc.unpack(taken)[0] == wall + 499               # beyond it: up to the bound
+    # The next local stamp is then at the bound, not past it: a healthy node
+    # that took in a far-ahead stamp is not refused for its own HLC.
+    stamp = clock.now()
+    assert stamp > taken and hlc.unpack(stamp)[0] == wall + 500
+    guard = ClockGuard(WallClock(lambda: wall * 1_000_000))
+    assert guard.refusal(stamp) is None
 
 
 def test_a_node_refuses_writes_only_when_off_a_majority_of_the_cluster():
@@ -103,6 +109,12 @@ def test_a_node_refuses_writes_only_when_off_a_majority_of_the_cluster():
     guard = ClockGuard(WallClock(ticks.wall), ticks.monotonic)
     guard.record("a", 5.0, 0.01)
     assert guard.off_peers() == ["a"] and guard.refusal(last) is None
+    # Three clocks at 0, +1 s and -1 s: each is off both others, so each
+    # refuses, this right one too (a majority decides: docs/faults.md).
+    guard = ClockGuard(WallClock(ticks.wall), ticks.monotonic)
+    guard.record("ahead", 1.0, 0.01)
+    guard.record("behind", -1.0, 0.01)
+    assert guard.refusal(last) is not None
 
 
 def test_a_measurement_counts_while_a_probe_round_may_still_be_waiting():

@@ -246,9 +246,8 @@ class RunningCluster:
         ``region/zone``) for the block, as ``georeg fault clock``: its wall
         clock runs ``offset_s`` off and/or ``drift`` times as fast; healed on
         leaving. Yields the fault (``cluster.faults.controller.Fault``)."""
-        where, _, zone = node.partition("/")
         fault = self.run(lambda: self.cluster.faults.inject(
-            "clock", node=where, zone=zone or None, offset_s=offset_s, drift=drift))
+            "clock", node=node, offset_s=offset_s, drift=drift))
         try:
             yield fault
         finally:

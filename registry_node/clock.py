@@ -75,6 +75,13 @@ def skew_problem(offset_s: float, drift: float) -> str | None:
     return None
 
 
+def offset_bracket(sent_ns: int, peer_wall_ns: int, received_ns: int) -> tuple[int, int]:
+    """Where a peer's clock lies against this one (peer − this, ns), from its
+    reading ``peer_wall_ns`` taken between this clock's ``sent_ns`` and
+    ``received_ns``: between the two ends returned (NTP's bracketing)."""
+    return peer_wall_ns - received_ns, peer_wall_ns - sent_ns
+
+
 class WallClock:
     """The node's wall clock: ``base`` plus the injected skew."""
 
@@ -174,13 +181,15 @@ class ClockGuard:
         if self.clock_off():
             fresh = self.fresh()
             off = self.off_peers()
-            median = sorted(fresh[n].offset_s for n in off)[len(off) // 2]
+            middle = sorted((fresh[n] for n in off), key=lambda p: p.offset_s)[len(off) // 2]
+            median = middle.offset_s
             reason = (f"this node's clock is {abs(median):.1f}s "
                       f"{'behind' if median > 0 else 'ahead of'} its peers' ({', '.join(off)}), "
                       f"more than the {self.max_offset_s:g}s the cluster tolerates; writes are "
                       "refused until it is corrected, reads keep working. Retry, or write "
                       "through another region")
-            return _refused(reason, {"clock_offset_s": -median, "peers_off": off})
+            return _refused(reason, {"clock_offset_s": -median,
+                                     "uncertainty_s": middle.uncertainty_s, "peers_off": off})
         ahead = self.hlc_ahead_s(last_stamp)
         if ahead > self.max_offset_s:
             reason = (f"this node stamped writes while its clock ran {ahead:.1f}s ahead; its "

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from registry_node.clock import PROBE_TIMEOUT_S, ClockGuard
+from registry_node.clock import PROBE_TIMEOUT_S, ClockGuard, offset_bracket
 from registry_node.hlc import HybridLogicalClock
 
 from .errors import ReplicationError
@@ -78,8 +78,9 @@ class ClockProbe:
         after = clock.now_ns()
         if not reply.wall_ns:
             return          # a peer from before clock probes
-        offset_s = (reply.wall_ns - (before + after) / 2) / 1e9
-        measured = self.guard.record(client.name, offset_s, (after - before) / 2e9)
+        lo, hi = offset_bracket(before, reply.wall_ns, after)
+        offset_s = (lo + hi) / 2e9
+        measured = self.guard.record(client.name, offset_s, (hi - lo) / 2e9)
         self.metrics.clock_offset.labels(client.name).set(offset_s)
         if measured.exceeds(self.guard.max_offset_s):
             self.metrics.clock_offset_exceeded.labels(client.name, "probe").inc()

@@ -197,9 +197,7 @@ def _within_bounds(offset_s: float, drift: float, value: float) -> float:
 
 
 def _inject_clock(args: argparse.Namespace) -> int:
-    where, _, zone = args.node.partition("/")
-    return _inject(args, "clock", node=where, zone=zone or None, offset_s=args.offset,
-                   drift=args.drift)
+    return _inject(args, "clock", node=args.node, offset_s=args.offset, drift=args.drift)
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -356,7 +356,10 @@ class FaultController:
     # -- clocks ------------------------------------------------------------------------
 
     def _one_node(self, where: str, zone: str | None = None) -> str:
-        """A node by name, a region's only node, or a zone of a region."""
+        """A node by name, a region's only node, or a zone of a region
+        (``zone``, or ``where`` as ``REGION/ZONE``)."""
+        if not zone:
+            where, _, zone = where.partition("/")
         if zone:
             return self._node(where, str(zone))
         if any(n.name == where for n in self.cluster.plan.nodes):

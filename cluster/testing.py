@@ -25,7 +25,8 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -254,3 +255,27 @@ class RunningCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
             time.sleep(0.05)
+
+    @contextmanager
+    def clock_skewed(self, node: str, offset_s: float = 0.0, drift: float = 1.0) -> Iterator:
+        """A clock fault on ``node`` (a node's name, a region's only node, or
+        ``region/zone``) for the block, as ``georeg fault clock``: its wall
+        clock runs ``offset_s`` off and/or ``drift`` times as fast; healed on
+        leaving. Yields the fault (``cluster.faults.controller.Fault``)."""
+        fault = self.run(lambda: self.cluster.faults.inject(
+            "clock", node=node, offset_s=offset_s, drift=drift))
+        try:
+            yield fault
+        finally:
+            self.run(lambda: self.cluster.faults.heal(fault.id))
+
+    def node_clock(self, node: str) -> dict:
+        """What ``node`` says of its clock (``registry_node.clock``): its skew,
+        its peers' measured offsets, and whether it refuses writes for it."""
+        async def get() -> dict:
+            url = self.cluster.node_url(node) + "/georeg/v1/faults/clock"
+            async with self.cluster.http().get(url) as r:
+                r.raise_for_status()
+                return await r.json()
+
+        return self.run(get)

@@ -303,12 +303,13 @@ class Configuration:
     async def _write(self, event_kind: EventKind, kind: str, name: str, raw: bytes,
                      struct: msgspec.Struct | None) -> StoredObject:
         registry = self.registry
-        registry.quorum.check_writable()
+        registry.check_writable()
         identity = registry.identity
         batch = Batch()
-        # The same clock and the same persisted high-water mark as every other write.
-        stamp = registry.hlc.now()
-        batch.put(keys.HLC, str(stamp).encode())
+        # The same clock and the same persisted high-water mark as every other
+        # write, and above the object it replaces.
+        current = self._record(kind, name)
+        stamp = registry.stamp_over(batch, current.hlc if current is not None else 0)
         acked = registry.wall_ns()
         deleted = event_kind is EventKind.CONFIG_DELETE
         batch.put(keys.configuration(kind, name), encode(ConfigRecord(

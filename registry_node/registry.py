@@ -55,6 +55,7 @@ from . import keys, locks, tiers
 from . import manifest as manifests
 from .blob_repair import BlobRepair, being_repaired
 from .blobstore import BlobStore, UploadFile
+from .clock import ClockGuard, WallClock
 from .crypto import BlobCorrupt, SealedBlob, Sealer
 from .durability import LocalDurability, WriteQuorum
 from .errors import ErrorCode, RegistryError, storage_failure, storage_limit_reached
@@ -163,6 +164,7 @@ class Registry:
         limits: Limits = Limits(),
         quorum: WriteQuorum | None = None,
         peers: PeerContent | None = None,
+        clock: ClockGuard | None = None,
     ) -> None:
         self.meta = meta
         self.blobs = blobs
@@ -172,10 +174,15 @@ class Registry:
         self.peers: PeerContent | None = peers
         self.sealer = manifest_sealer
         self.run_blocking = run_blocking
-        self._wall_ns = wall_ns
         self._monotonic = monotonic
+        # The node's wall clock and whether it may stamp writes (``clock``); the
+        # HLC's physical part is that clock's, skew and all.
+        self.clock = clock or ClockGuard(WallClock(wall_ns), monotonic)
+        self._wall_ns = self.clock.clock.now_ns
         stored = meta.get(keys.HLC)
-        self.hlc = hlc or HybridLogicalClock(last=int(stored) if stored else 0)
+        self.hlc = hlc or HybridLogicalClock(
+            self.clock.clock.now_ms, last=int(stored) if stored else 0,
+            max_ahead_ms=int(self.clock.max_offset_s * 1000))
         self._uploads: dict[str, _OpenUpload] = {}
         # Last time each blob was named by a client (HEAD, mount, commit,
         # manifest push): garbage collection spares blobs touched within its
@@ -204,6 +211,12 @@ class Registry:
     def wall_ns(self) -> int:
         return self._wall_ns()
 
+    def check_writable(self) -> None:
+        """Refuse a client's write before any side effect (definite 503): no
+        write quorum, or a clock this node must not stamp with (``clock``)."""
+        self.quorum.check_writable()
+        self.clock.check_writable(self.hlc.last)
+
     def monotonic(self) -> float:
         return self._monotonic()
 
@@ -212,10 +225,35 @@ class Registry:
                      origin_zone=self.identity.zone, hlc=stamp, acked_ns=self._wall_ns(),
                      **fields)
 
-    def _stamp(self, batch: Batch) -> int:
-        stamp = self.hlc.now()
-        batch.put(keys.HLC, str(stamp).encode())
+    def stamp_over(self, batch: Batch, *replaced: int) -> int:
+        """The stamp of a local write, which every register write takes: the
+        HLC's next, and above ``replaced``, the stamps of the registers it
+        replaces (``held``), however far ahead a peer's clock put them. A
+        write made after seeing a value wins over it on every replica."""
+        stamp = self.hlc.after(*replaced)
+        batch.put(keys.HLC, str(self.hlc.last).encode())
         return stamp
+
+    def held(self, *registers: tuple[bytes, type]) -> int:
+        """The HLC of what the register holds: its value or its tombstone
+        (``(key, record type)`` each; 0 when it holds nothing)."""
+        stamps = [0]
+        for key, kind in registers:
+            raw = self.meta.get(key)
+            if raw is not None:
+                stamps.append(decode(raw, kind).hlc)
+        return max(stamps)
+
+    def tag_held(self, repo: str, tag: str) -> int:
+        return self.held((keys.tag(repo, tag), TagRecord), (keys.tag_tomb(repo, tag), Tombstone))
+
+    def manifest_held(self, repo: str, digest: str) -> int:
+        return self.held((keys.manifest(repo, digest), ManifestRecord),
+                         (keys.manifest_tomb(repo, digest), Tombstone))
+
+    def link_held(self, repo: str, digest: str) -> int:
+        return self.held((keys.blob_link(repo, digest), BlobLink),
+                         (keys.blob_tomb(repo, digest), Tombstone))
 
     def _tombstone(self, stamp: int, digest: str = "") -> bytes:
         return encode(Tombstone(stamp, self.identity.region, self.identity.zone, digest))
@@ -332,9 +370,9 @@ class Registry:
                 message="blob is in use",
             )
         self.locks.check_delete_blob(repo)
-        self.quorum.check_writable()
+        self.check_writable()
         batch = Batch()
-        stamp = self._stamp(batch)
+        stamp = self.stamp_over(batch, self.link_held(repo, digest))
         batch.delete(keys.blob_link(repo, digest))
         batch.delete(keys.blob_user(digest, repo))
         batch.put(keys.blob_tomb(repo, digest), self._tombstone(stamp))
@@ -353,12 +391,12 @@ class Registry:
             return False
         self.touch(digest)
         if self.meta.get(keys.blob_link(repo, digest)) is not None:
-            self.quorum.check_writable()
+            self.check_writable()
             await self.durable()  # as a no-op manifest push
             return True
-        self.quorum.check_writable()
+        self.check_writable()
         batch = Batch()
-        stamp = self._stamp(batch)
+        stamp = self.stamp_over(batch, self.link_held(repo, digest))
         self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
         batch.event(self._event(EventKind.BLOB_MOUNT, repo, stamp, digest=digest,
                                 size=decode(raw, BlobRecord).size, source_repository=source))
@@ -377,7 +415,7 @@ class Registry:
     # -- uploads -------------------------------------------------------------
 
     async def start_upload(self, repo: str) -> str:
-        self.quorum.check_writable()  # refuse before the client sends a single layer byte
+        self.check_writable()  # refuse before the client sends a single layer byte
         self.check_storage(1)         # likewise once the node holds all it may
         self.locks.check_upload(repo)
         upload_id = str(uuidlib.uuid4())
@@ -432,7 +470,7 @@ class Registry:
     ) -> int:
         """Append a chunk; ``start`` (from Content-Range) must equal the current
         offset. Returns the new offset."""
-        self.quorum.check_writable()
+        self.check_writable()
         upload = await self._open_upload(repo, upload_id)
         async with upload.lock:
             offset = upload.file.size
@@ -571,7 +609,7 @@ class Registry:
     async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterator[bytes],
                        length: int | None) -> BlobInfo:
         """A whole blob in one request (``POST …/uploads/?digest=``)."""
-        self.quorum.check_writable()
+        self.check_writable()
         self.locks.check_upload(repo)
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id, digest.algorithm)
@@ -592,7 +630,7 @@ class Registry:
             raise RegistryError(ErrorCode.DIGEST_INVALID,
                                 {"expected": str(digest), "computed": actual})
         size = file.size
-        self.quorum.check_writable()
+        self.check_writable()
         reserved, seq = 0, 0
         events: list[Event] = []
         if self.meta.get(keys.blob(digest)) is None:
@@ -614,7 +652,7 @@ class Registry:
                 seq = self.meta.last_seq
             else:
                 batch = Batch()
-                stamp = self._stamp(batch)
+                stamp = self.stamp_over(batch, self.link_held(repo, digest))
                 if self.meta.get(keys.blob(digest)) is None:
                     batch.put(keys.blob(digest), encode(BlobRecord(size, self._wall_ns())))
                 self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
@@ -742,12 +780,15 @@ class Registry:
         if missing:
             raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
                                 {"missing": missing[:20], "count": len(missing)})
-        self.quorum.check_writable()
+        self.check_writable()
         new_manifest = self.meta.get(keys.manifest(repo, digest)) is None
         if new_manifest:
             self.check_storage(len(body))   # no await from here to the commit
         batch = Batch()
-        hlc = self._stamp(batch)
+        # Above the manifest's register (a new value, or renewed by the tag
+        # set) and the tag's.
+        hlc = self.stamp_over(batch, self.manifest_held(repo, digest),
+                              self.tag_held(repo, tag) if tag is not None else 0)
         origin = (self.identity.region, self.identity.zone)
         acked = self._wall_ns()
         tag_moves = False
@@ -860,9 +901,10 @@ class Registry:
             if raw is None:
                 raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": tag})
             self.locks.check_untag(repo, tag)
-            self.quorum.check_writable()
-            hlc = self._stamp(batch)
-            pointed = decode(raw, TagRecord).digest
+            self.check_writable()
+            value = decode(raw, TagRecord)
+            hlc = self.stamp_over(batch, value.hlc)
+            pointed = value.digest
             batch.delete(keys.tag(repo, tag))
             batch.put(keys.tag_tomb(repo, tag), self._tombstone(hlc, pointed))
             batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed,
@@ -882,9 +924,11 @@ class Registry:
                 message="manifest is in use",
             )
         self.locks.check_delete_manifest(repo, digest)
-        self.quorum.check_writable()
+        self.check_writable()
         record = decode(raw, ManifestRecord)
-        hlc = self._stamp(batch)
+        # Above the tags pointing at it too: each tag set renewed the
+        # manifest's register (``stage_tag``).
+        hlc = self.stamp_over(batch, record.hlc)
         # The tags go with it, here and (by the same rule) wherever the delete
         # arrives; no tag_delete events, which would end newer values elsewhere.
         self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
@@ -903,7 +947,7 @@ class Registry:
         if not self.repository_exists(repo):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
         self.locks.check_delete_repository(repo)
-        self.quorum.check_writable()
+        self.check_writable()
         tags = [keys.parse(k, keys.TagKey).tag for k, _ in self.meta.scan(keys.tag_prefix(repo))]
         manifests_left = [keys.parse(k, keys.ManifestKey).digest
                           for k, _ in self.meta.scan(keys.manifest_prefix(repo))]
@@ -978,12 +1022,13 @@ class Registry:
         self.locks.check_change(target)
         current = self.locks.of(target)
         wanted = locks.changed(current, update)
-        self.quorum.check_writable()
+        self.check_writable()
         if wanted == current:
             await self.durable()     # perhaps the retry of an unconfirmed change
             return current
         batch = Batch()
-        hlc = self._stamp(batch)
+        record = self.locks.record(target)
+        hlc = self.stamp_over(batch, record.hlc if record is not None else 0)
         acked = self._wall_ns()
         self.locks.stage(batch, target, wanted, (hlc, self.identity.region, self.identity.zone),
                          acked)

@@ -71,6 +71,21 @@ class ReplicationMetrics:
         self.completion_waiting = Gauge(
             "georeg_replication_completion_waiting",
             "Images replication completion waits on here now", registry=self.registry)
+        # Clocks (registry_node.clock, replicator.clock_probe).
+        self.clock_offset = Gauge(
+            "georeg_clock_offset_seconds",
+            "A peer's clock minus this node's, as last probed (half the probe's round trip "
+            "uncertain)", ["peer"], registry=self.registry)
+        self.clock_offset_exceeded = Counter(
+            "georeg_clock_offset_exceeded_total",
+            "Peers found more than the tolerated clock offset off this node: by a probe of "
+            "their clock (seen_in=probe), or by an event they stamped that far ahead of this "
+            "node's clock (seen_in=event; applied, but the HLC not moved past the bound)",
+            ["peer", "seen_in"], registry=self.registry)
+        self.clock_skewed = Gauge(
+            "georeg_clock_skewed",
+            "1 while this node refuses writes because of its clock (off its peers', or its "
+            "HLC ahead of it)", registry=self.registry)
         self.log_seq = Gauge("georeg_log_last_seq", "Last sequence in this node's event log",
                              registry=self.registry)
         self.refresh: Callable[[], None] = lambda: None

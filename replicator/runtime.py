@@ -45,6 +45,7 @@ from registry_node.replica import Replica
 from registry_node.throttle import Throttle
 
 from .antientropy import AntiEntropy
+from .clock_probe import ClockProbe
 from .completion import ImageCompletion, NodeReport, replica_regions
 from .errors import definite
 from .feed import LogFeed
@@ -94,6 +95,7 @@ class Replication:
         self.relayed: RelayedCursors | None = None
         self.throttle: Throttle | None = None      # the node's, while it runs
         self.bandwidth: Bandwidth | None = None    # the node's, while it runs
+        self.clock_probe: ClockProbe | None = None
 
     # -- Extension -----------------------------------------------------------------
 
@@ -165,8 +167,11 @@ class Replication:
         self.subscriptions = []
         for client in self.clients:
             self._subscribe(client)
+        self.clock_probe = ClockProbe(node.registry.clock, node.registry.hlc, lambda: self.clients,
+                                      self.metrics, settings.clock_probe_interval_s)
         tasks = [asyncio.create_task(self.anti_entropy.run(), name="anti-entropy"),
-                 asyncio.create_task(self.retention.run(), name="retention")]
+                 asyncio.create_task(self.retention.run(), name="retention"),
+                 asyncio.create_task(self.clock_probe.run(), name="clock-probe")]
         if self.view_file is not None:
             tasks.append(asyncio.create_task(self._watch_view(), name="view-watch"))
         log.info("replication_started", grpc=self.grpc_address, peers=[c.name for c in self.clients],
@@ -342,6 +347,8 @@ class Replication:
                                                     name=f"subscription:{name}")
 
     async def _drop_peer(self, client: PeerClient) -> None:
+        if self.replica is not None:
+            self.replica.registry.clock.forget(client.name)
         task = self._tasks.pop(client.name, None)
         if task is not None:
             task.cancel()
@@ -369,6 +376,9 @@ class Replication:
             "grpc": self.grpc_address,
             "last_seq": node.meta.last_seq,
             "writable": self.quorum.writable if self.quorum else True,
+            # This node's clock against its peers' (registry_node.clock): skewed
+            # means it refuses writes.
+            "clock": node.registry.clock.describe(node.registry.hlc.last),
             "zone_redundant": self.view.zone_redundant,
             "zones": self.view.zone_redundancy.zone_count,
             "write_quorum": self.view.zone_redundancy.write_quorum,
@@ -378,6 +388,7 @@ class Replication:
                 "last_error": s.last_error or None, "resyncs": s.resyncs,
                 "lean": s.lean, "relay_fallbacks": s.fallbacks,
                 "silent": self.rescue.is_silent(s.peer.name) if self.rescue else False,
+                "clock_skewed": s.peer.name in node.registry.clock.off_peers(),
             } for s in self.subscriptions],
             "rescue": {
                 "rescued": self.rescue.rescued if self.rescue else 0,

@@ -59,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -381,10 +380,25 @@ class Transfer:
                 log.warning("lock_overridden", kind=kind.value, origin=event.origin_region,
                             repository=event.repository, tag=event.tag or None,
                             digest=event.digest, lock=overrides)
+            self._check_stamp(event)
             if kind in CONTENT_KINDS and event.acked_ns:
+                # Between two clocks: off by their offset (docs/faults.md, "Clock skew").
                 self.metrics.observe_lag(event.origin_region, kind.value,
-                                         (time.time_ns() - event.acked_ns) / 1e9)
+                                         (replica.registry.wall_ns() - event.acked_ns) / 1e9)
         return applied
+
+    def _check_stamp(self, event: Event) -> None:
+        """Flag a change its origin stamped further ahead of this node's clock
+        than the cluster tolerates (applied all the same: it was acknowledged,
+        and every replica compares the same stamps; the HLC took it in only up
+        to the bound: ``registry_node.clock``)."""
+        registry = self.replica.registry
+        ahead_s = registry.clock.hlc_ahead_s(event.hlc)
+        if ahead_s > registry.clock.max_offset_s:
+            self.metrics.clock_offset_exceeded.labels(event.origin_region, "event").inc()
+            log.warning("clock_offset_exceeded", origin=event.origin_region,
+                        origin_zone=event.origin_zone, kind=event.kind.value,
+                        repository=event.repository or None, ahead_s=round(ahead_s, 3))
 
     def _apply_configuration(self, event: Event) -> Event | None:
         try:
@@ -396,6 +410,7 @@ class Transfer:
             return None
         if applied is not None:
             self.metrics.applied.labels(event.origin_region, event.kind.value).inc()
+            self._check_stamp(event)
         return applied
 
     # -- blobs -------------------------------------------------------------------

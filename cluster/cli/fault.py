@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from rich.console import Console
 from rich.table import Table
+
+from registry_node.clock import MAX_OFFSET_S, skew_problem
 
 from ..faults.controller import DEFAULT_THROTTLE_RATE, REQUEST_KINDS
 from ..routing.http_faults import STATUSES as HTTP_STATUSES
@@ -23,7 +26,7 @@ def _duration(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fault", help="break the cluster on purpose: outages, partitions, slow or lossy links, "
-                      "disks, bit rot, throttling, HTTP errors at endpoints",
+                      "disks, bit rot, throttling, HTTP errors at endpoints, clocks",
         description="Inject faults into the running cluster and heal them. Every fault gets an "
                     "id (`georeg fault list`); `georeg fault heal ID` or `--all` heals.")
     faults = p.add_subparsers(dest="fault_command", required=True, metavar="FAULT")
@@ -188,6 +191,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     _duration(c)
     c.set_defaults(func=command(_inject_http))
 
+    c = faults.add_parser(
+        "clock", help="a node's wall clock runs off: an offset, a drift, or both",
+        description="Skew one node's wall clock — and so its HLC stamps, created and updated "
+                    "times, lag figures — by --offset (e.g. +300s, -2s, 800ms) and/or --drift "
+                    "RATE (1.5: the clock gains half a second every second, from now). Within "
+                    f"the tolerated {MAX_OFFSET_S * 1000:g} ms nothing changes but the "
+                    "timestamps; beyond it the node, once its clock probes show it off a "
+                    "majority of its peers, refuses writes (503, reads go on) and its peers "
+                    "flag it (`georeg status`, georeg_clock_offset_exceeded_total). Healing "
+                    "sets the clock right. See docs/faults.md, \"Clock skew\".")
+    c.add_argument("node", metavar="NODE|REGION[/ZONE]",
+                   help="a node by name (georeg status), a region's only node, or a zone")
+    c.add_argument("--offset", type=clock_offset, default=0.0, metavar="±S",
+                   help="how far off: seconds (+300s, 1.5) or milliseconds (800ms), at most a "
+                        "year; a clock behind: --offset=-2s")
+    c.add_argument("--drift", type=drift_rate, default=1.0, metavar="RATE",
+                   help="seconds the clock counts per real second (default 1; 0.01 to 100)")
+    _duration(c)
+    c.set_defaults(func=command(_inject_clock))
+
     c = faults.add_parser("list", help="faults injected, active first")
     c.add_argument("--json", action="store_true")
     add_data_dir(c)
@@ -242,6 +265,44 @@ def _inject_bitrot(args: argparse.Namespace) -> int:
     region, _, zone = args.where.partition("/")
     return _inject(args, "bitrot", region=region, zone=zone or None, blobs=args.blobs,
                    seed=args.seed, digests=args.digest)
+
+
+def clock_offset(text: str) -> float:
+    """``+300s``, ``-2s``, ``800ms``, ``1.5`` (seconds) as seconds."""
+    value = text.strip().lower()
+    scale = 1.0
+    if value.endswith("ms"):
+        value, scale = value[:-2], 0.001
+    elif value.endswith("s"):
+        value = value[:-1]
+    try:
+        seconds = float(value) * scale
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"{text!r} is no offset: say e.g. +300s, -2s or 800ms")
+    return _within_bounds(seconds, 1.0, seconds)
+
+
+def drift_rate(text: str) -> float:
+    """``1.5``: seconds the clock counts per real second."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no rate: say e.g. 1.5") from None
+    return _within_bounds(0.0, rate, rate)
+
+
+def _within_bounds(offset_s: float, drift: float, value: float) -> float:
+    """``value``, when the skew it is part of is one a node takes (``skew_problem``)."""
+    problem = skew_problem(offset_s, drift)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def _inject_clock(args: argparse.Namespace) -> int:
+    return _inject(args, "clock", node=args.node, offset_s=args.offset, drift=args.drift)
 
 
 def run_list(args: argparse.Namespace) -> int:

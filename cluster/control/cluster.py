@@ -1149,6 +1149,15 @@ def _display(progress: ReplicaProgress, nodes: list[NodeRuntime]) -> tuple[str, 
         return "Unavailable", (f"replica is unavailable: {_zones([n.plan.zone for n in down])} "
                                f"of {len(nodes)} are down ({_states(down)})")
     message = _progress_message(progress)
+    clocks = {n.name: n.info.get("clock") or {} for n in nodes if n.healthy}
+    skewed = [name for name, clock in clocks.items() if clock.get("skewed")]
+    if skewed:
+        # The node's own verdict (registry_node.clock), not re-derived here.
+        resume = [f"{name} in {clocks[name]['writes_resume_in_s']:.0f}s" for name in skewed
+                  if clocks[name].get("writes_resume_in_s")]
+        message = (f"clock skewed on {', '.join(skewed)}: writes refused there"
+                   f"{' (they resume ' + ', '.join(resume) + ')' if resume else ''}, reads go "
+                   f"on (`georeg fault list`, docs/faults.md); {message}")
     if down:
         zones = _zones([n.plan.zone for n in down])   # only a zone-redundant replica has some up
         # The nodes say whether they can reach a write quorum; not re-derived here.

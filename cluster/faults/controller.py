@@ -16,6 +16,7 @@ Kinds (each optionally healing itself after a duration):
     destroy REGION                                     data dirs wiped, restarted empty
     http ENDPOINT --status S|--reset|--truncate-body [--prob P] [--method M]
          [--path-regex RE] [--seed N]                  what clients meet at an endpoint
+    clock NODE|REGION[/ZONE] --offset S | --drift R    the node's wall clock runs off
 
 Disk faults compose per node like throttling faults: each node gets what
 all active disk faults on it add up to (full if any is; the largest delay;
@@ -45,6 +46,14 @@ outage, destroying a region) while the fault is active. A throttling fault
 is applied on every node of the region or on none: if one node cannot take
 it, the nodes that took it are told their rates without it again.
 
+A clock fault skews one node's wall clock — every stamp it makes, its HLC's
+physical part included — by an offset and/or a drift rate counted from the
+fault's start (``PUT /georeg/v1/faults/clock``; ``registry_node.clock``). One
+clock fault per node at a time. Like a storage fault it lives in the node's
+memory and is sent again, with the same start, to a node the controller
+(re)starts, so the clock picks up where it was. Healing sets the clock right;
+what the node does about the stamps it made meanwhile is the node's.
+
 ``crash`` is SIGKILL; ``stop`` is SIGTERM (graceful); ``isolate`` keeps the
 processes alive and cuts every link to and from them, and clients can no
 longer reach them either (they leave routing and their regional endpoint
@@ -65,6 +74,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
+from registry_node.clock import skew_problem
 from registry_node.config import request_rate
 
 from ..control.regions import REGIONS, unknown_region_message
@@ -75,7 +85,7 @@ from ..routing.http_faults import HttpFaultRule
 log = structlog.get_logger("georeg.faults")
 
 KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "throttle",
-         "destroy", "bitrot", "http")
+         "destroy", "bitrot", "http", "clock")
 EIO_OPERATIONS = ("read", "write")
 MODES = ("crash", "stop", "isolate")
 # What a throttling fault may limit (registry_node.throttle.KINDS), and its default rate.
@@ -281,30 +291,38 @@ class FaultController:
         self.cluster.routing.set_routing(region, enabled)
         fault.description = f"global routing {'on' if enabled else 'off'} for {region} (it keeps syncing)"
 
-    async def _put_node_state(self, nodes: list[str], path: str,
+    async def _put_node(self, name: str, seam: str, body: dict, what: str, *,
+                        healing: bool = False) -> dict | None:
+        """Set a fault held in a node's memory (``PUT /georeg/v1/faults/<seam>``);
+        returns what the node answers. Healing (or undoing), a node that cannot
+        take it is passed over (None): down, it comes back without it, and a
+        node that refused it kept what it had."""
+        session = await self._session_get()
+        url = self.cluster.node_url(name) + f"/georeg/v1/faults/{seam}"
+        try:
+            async with session.put(url, json=body) as r:
+                if r.status != 200:
+                    raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
+                return await r.json()
+        except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
+            if not healing:
+                if isinstance(exc, FaultError):
+                    raise
+                raise FaultError(f"{name} is unreachable: {exc}") from None
+            log.warning("fault_heal_failed", node=name, fault=what, error=str(exc))
+            return None
+
+    async def _put_node_state(self, nodes: list[str], seam: str,
                               state_of: Callable[[str], dict], what: str, *,
                               healing: bool = False) -> None:
-        """PUT to each node, at ``path``, what its active faults of one kind add
-        up to (``state_of(node)``). Healing (or undoing), a node that cannot
-        take it is passed over: down, it comes back without faults, and a node
-        that refused kept what it had."""
-        session = await self._session_get()
+        """PUT to each node what its active faults of one kind add up to
+        (``state_of(node)``), through ``_put_node``."""
         for name in nodes:
-            url = self.cluster.node_url(name) + path
-            try:
-                async with session.put(url, json=state_of(name)) as r:
-                    if r.status != 200:
-                        raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
-            except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
-                if not healing:
-                    if isinstance(exc, FaultError):
-                        raise
-                    raise FaultError(f"{name} is unreachable: {exc}") from None
-                log.warning("fault_heal_failed", node=name, fault=what, error=str(exc))
+            await self._put_node(name, seam, state_of(name), what, healing=healing)
 
     async def _storage(self, nodes: list[str], *, healing: bool = False) -> None:
         """Send each node what its active disk faults add up to."""
-        await self._put_node_state(nodes, "/georeg/v1/faults/storage", self._storage_state,
+        await self._put_node_state(nodes, "storage", self._storage_state,
                                    "storage fault", healing=healing)
 
     def _storage_state(self, node: str) -> dict:
@@ -420,12 +438,12 @@ class FaultController:
 
     async def _apply_throttles(self, nodes: list[str], *, healing: bool = False) -> None:
         """Send each node its throttling faults' rates (``_put_node_state``)."""
-        await self._put_node_state(nodes, "/georeg/v1/faults/throttle", self._throttle_rates,
+        await self._put_node_state(nodes, "throttle", self._throttle_rates,
                                    "throttling fault", healing=healing)
 
     async def _restarted(self, nodes: list[str]) -> None:
         """Nodes just (re)started: those an active throttling or disk fault
-        covers get it again (a fault lives in the node's memory)."""
+        covers get it again, and a skewed clock its skew (a fault lives in the node's memory)."""
         throttled = [n for n in nodes if self._throttle_rates(n)]
         if throttled:
             await self._apply_throttles(throttled, healing=True)
@@ -433,6 +451,56 @@ class FaultController:
                                           for f in self.faults.values())]
         if broken:
             await self._storage(broken, healing=True)
+        for fault in self.faults.values():
+            if fault.active and fault.kind == "clock" and fault.nodes[0] in nodes:
+                await self._put_node(fault.nodes[0], "clock", self._clock_skew(fault),
+                                     "clock fault", healing=True)
+
+    # -- clocks ------------------------------------------------------------------------
+
+    def _one_node(self, where: str, zone: str | None = None) -> str:
+        """A node by name, a region's only node, or a zone of a region
+        (``zone``, or ``where`` as ``REGION/ZONE``)."""
+        if not zone:
+            where, _, zone = where.partition("/")
+        if zone:
+            return self._node(where, str(zone))
+        if any(n.name == where for n in self.cluster.plan.nodes):
+            return where
+        nodes = self._nodes_in(where)
+        if len(nodes) > 1:
+            raise FaultError(f"{where} is zone redundant: name one node ({', '.join(nodes)}) "
+                             f"or a zone, e.g. {where}/1")
+        return nodes[0]
+
+    async def _inject_clock(self, fault: Fault, node: str, zone: str | None = None,
+                            offset_s: float = 0.0, drift: float = 1.0) -> None:
+        try:
+            offset_s, drift = float(offset_s), float(drift)
+        except (TypeError, ValueError):
+            raise FaultError("offset_s and drift must be numbers") from None
+        problem = skew_problem(offset_s, drift)
+        if problem is not None:
+            raise FaultError(problem)
+        if not offset_s and drift == 1.0:
+            raise FaultError("say how the clock is off: --offset S (e.g. +300s, -2s) and/or "
+                             "--drift RATE (e.g. 1.5: 1.5 s pass per second)")
+        name = self._one_node(node, zone)
+        for other in self.faults.values():
+            if other.active and other.kind == "clock" and other is not fault and name in other.nodes:
+                raise FaultError(f"{name}'s clock is already skewed by {other.id}; heal it first")
+        fault.nodes = [name]
+        fault.target.update(offset_s=offset_s, drift=drift,
+                            since_ns=int(fault.started_at * 1e9))
+        await self._put_node(name, "clock", self._clock_skew(fault), "clock fault")
+        parts = [f"{offset_s:+g}s" if offset_s else "", f"drifting ×{drift:g}" if drift != 1.0 else ""]
+        fault.description = f"clock of {name} off: {', '.join(p for p in parts if p)}"
+
+    @staticmethod
+    def _clock_skew(fault: Fault) -> dict:
+        t = fault.target
+        return {"offset_s": t.get("offset_s", 0.0), "drift": t.get("drift", 1.0),
+                "since_ns": t["since_ns"]}
 
     async def _inject_destroy(self, fault: Fault, region: str) -> None:
         nodes = self._nodes_in(region)
@@ -539,6 +607,12 @@ class FaultController:
             await self._apply_throttles(fault.nodes, healing=True)
         elif kind == "http":
             self._apply_http()
+        elif kind == "clock":
+            clock = await self._put_node(fault.nodes[0], "clock", {}, "clock fault", healing=True)
+            resume_s = (clock or {}).get("writes_resume_in_s")
+            if resume_s:    # it stamped writes while ahead: the node's own figure
+                fault.description += (f"; writes resume there in {resume_s:.0f}s, once its "
+                                      "clock has passed the stamps it made while ahead")
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()

@@ -73,6 +73,9 @@ ROUTES: tuple[Route, ...] = (
     # Bit rot found and repaired (registry_node.blob_repair): the record, a scrub.
     Route("GET", "/georeg/v1/blobs/repairs", admin.get_repairs),
     Route("POST", "/georeg/v1/blobs/scrub", admin.post_scrub),
+    # Fault injection's clock seam, and the node's clock against its peers'.
+    Route("GET", "/georeg/v1/faults/clock", admin.get_clock),
+    Route("PUT", "/georeg/v1/faults/clock", admin.put_clock_fault),
     # Request throttling: its fault, its state, zone siblings' reports (api.throttling).
     Route("GET", "/georeg/v1/faults/throttle", throttling.get_throttle_fault),
     Route("PUT", "/georeg/v1/faults/throttle", throttling.put_throttle_fault),

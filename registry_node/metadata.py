@@ -197,3 +197,31 @@ def list_manifests(registry: Registry, name: str, login_server: str, orderby: st
                                            sorted(by_digest.get(digest, []))))
     page, more, end = _page(entries, "digest", check_order(orderby), n, last, stamp)
     return {"registry": login_server, "imageName": name, "manifests": page}, more, end
+
+
+def deleted(registry: Registry, repo: str, login_server: str) -> dict[str, Any]:
+    """ACR's ``list-deleted`` and ``list-deleted-tags`` of one repository (its
+    recycle bin, ``recycle_bin``), oldest delete first: each manifest with the
+    tags it had, each untagged tag with what it named, and when each was
+    deleted (at the delete's origin) and goes. 404 ``NAME_UNKNOWN`` for a
+    repository this node holds neither content nor a bin of."""
+    bin_ = registry.bin
+    if not registry.repository_exists(repo) and not bin_.holds(repo):
+        raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
+
+    def times(deleted_ns: int) -> dict[str, str]:
+        return {"deletedTime": _time(deleted_ns), "purgeTime": _time(bin_.purge_ns(deleted_ns))}
+
+    manifests = [{"digest": digest, "tags": list(entry.tags),
+                  "mediaType": entry.record.media_type, "imageSize": entry.record.size,
+                  **times(entry.deleted_ns), _ORDER: entry.deleted_ns}
+                 for digest, entry in bin_.manifests(repo)]
+    tags = [{"name": tag, "digest": entry.digest, **times(entry.deleted_ns),
+             _ORDER: entry.deleted_ns}
+            for tag, entry in bin_.tags(repo)]
+    for listing in (manifests, tags):
+        listing.sort(key=lambda e: e[_ORDER])
+        for entry in listing:
+            del entry[_ORDER]
+    return {"registry": login_server, "imageName": repo, "region": registry.identity.region,
+            "manifests": manifests, "tags": tags}

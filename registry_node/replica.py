@@ -94,6 +94,10 @@ class RegisterState:
     references: tuple[str, ...] = ()
     origin_acked_ns: int = 0
     content_region: str = ""      # manifests: region of the first push (residency)
+    # Deleted registers: the delete was a soft one, with these tags (a
+    # manifest's); ``origin_acked_ns`` is then the delete's (``recycle_bin``).
+    recycled: bool = False
+    recycled_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +350,7 @@ class Replica:
             event = msgspec.structs.replace(event, artifact_type=record.artifact_type)
         self.registry.stage_tags_removal(batch, repo, digest, stamp)
         batch.put(keys.manifest_tomb(repo, digest), _tombstone(stamp))
+        self.registry.stage_recycled_manifest(batch, event, record)
         self.registry.drop_repo_if_emptied(batch, repo)
         return self._commit(batch, event)
 
@@ -399,6 +404,7 @@ class Replica:
         batch = Batch()
         batch.delete(keys.tag(repo, tag))
         batch.put(keys.tag_tomb(repo, tag), _tombstone(stamp, event.digest))
+        self.registry.stage_recycled_tag(batch, event)
         self.registry.drop_repo_if_emptied(batch, repo)
         return self._commit(batch, event)
 
@@ -474,9 +480,20 @@ class Replica:
                 continue
             match keys.parse(key):
                 case keys.TagTombKey(tag=tag):
-                    tags.append(RegisterState(tag, tomb.digest, True, stamp_of(tomb)))
+                    kept = self.registry.bin.tag(repo, tag)
+                    recycled = kept is not None and stamp_of(kept) == stamp_of(tomb)
+                    tags.append(RegisterState(
+                        tag, tomb.digest, True, stamp_of(tomb), recycled=recycled,
+                        origin_acked_ns=kept.deleted_ns if recycled and kept else 0))
                 case keys.ManifestTombKey(digest=digest):
-                    manifests_out.append(RegisterState(digest, digest, True, stamp_of(tomb)))
+                    entry = self.registry.bin.manifest(repo, digest)
+                    if entry is not None and stamp_of(entry) == stamp_of(tomb):
+                        manifests_out.append(RegisterState(
+                            digest, digest, True, stamp_of(tomb), recycled=True,
+                            recycled_tags=entry.tags, origin_acked_ns=entry.deleted_ns))
+                    else:
+                        manifests_out.append(RegisterState(digest, digest, True,
+                                                           stamp_of(tomb)))
         return {"tags": tags, "manifests": manifests_out}
 
     def attributes_state(self, repo: str, visible: Callable[[str], bool]) -> list[Event]:
@@ -568,4 +585,5 @@ def register_event(repo: str, kind: EventKind, reg: RegisterState) -> Event:
     return Event(kind=kind, repository=repo, digest=reg.digest, tag=reg.key if kind in (
         EventKind.TAG_SET, EventKind.TAG_DELETE) else "", media_type=reg.media_type,
         size=reg.size, references=reg.references, origin_region=region, origin_zone=zone,
-        hlc=hlc, acked_ns=reg.origin_acked_ns)
+        hlc=hlc, acked_ns=reg.origin_acked_ns, recycled=reg.recycled,
+        recycled_tags=reg.recycled_tags)

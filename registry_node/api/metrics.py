@@ -16,6 +16,11 @@ change may turn on or off while it runs:
     georeg_bandwidth_wait_seconds_total{direction}       time transfers waited for it,
                                                          summed over transfers
 
+and its recycle bins (soft delete, ``registry_node.recycle_bin``):
+
+    georeg_recycle_bin_purged_total{kind}                manifests / tags purged past their days
+    georeg_recycle_bin_restored_total                    restores this node took from clients
+
 Each app has
 a registry of its own, so several nodes can share a process (tests, the
 Python API) without mixing their numbers.
@@ -31,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ..bandwidth import Bandwidth
 from ..errors import RegistryError
+from ..recycle_bin import RecycleBin
 from ..throttle import Throttle
 
 
@@ -53,6 +59,9 @@ class NodeMetrics:
 
     def watch_bandwidth(self, bandwidth: Bandwidth) -> None:
         self.registry.register(_Budgets(bandwidth))
+
+    def watch_recycle_bin(self, bin_: RecycleBin) -> None:
+        self.registry.register(_Recycled(bin_))
 
 
 class _Throttled:
@@ -94,6 +103,29 @@ class _Budgets:
             passed.add_metric([direction], budget.granted if budget else 0)
             waited.add_metric([direction], budget.waited_s if budget else 0.0)
         yield from (limit, passed, waited)
+
+    def describe(self):
+        return []
+
+
+class _Recycled:
+    """Soft delete's counts, read at scrape time (``recycle_bin``)."""
+
+    def __init__(self, bin_: RecycleBin) -> None:
+        self.bin = bin_
+
+    def collect(self) -> Iterator[Metric]:
+        purged = CounterMetricFamily("georeg_recycle_bin_purged",
+                                     "Soft-deleted manifests and tags purged from this node's "
+                                     "recycle bins once past the policy's days, by kind",
+                                     labels=["kind"])
+        for kind, count in sorted(self.bin.purged_total.items()):
+            purged.add_metric([kind], count)
+        restored = CounterMetricFamily("georeg_recycle_bin_restored",
+                                       "Restores from the recycle bin taken by this node (a "
+                                       "replicated restore arrives as a push, not counted here)")
+        restored.add_metric([], self.bin.restored_total)
+        yield from (purged, restored)
 
     def describe(self):
         return []

@@ -11,6 +11,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from cluster.control import soft_delete
+from cluster.control.errors import ClusterError
 from cluster.faults.verify import NodeTarget, verify
 from registry_node import keys
 from registry_node.config import NodeConfig
@@ -233,3 +235,13 @@ def _has(node, digest: str) -> bool:
 
 def _binned(node, digest: str) -> bool:
     return node.registry.bin.manifest("app", digest) is not None
+
+
+@pytest.mark.parametrize("body", [{}, {"retentionDays": 0}, {"retentionDays": 91},
+                                  {"retentionDays": "x"}, {"retentionDays": True},
+                                  {"status": "on"}, {"days": 7}])
+def test_the_management_api_refuses_a_bad_policy(body):
+    with pytest.raises(ClusterError):
+        soft_delete.parse(body)
+    assert soft_delete.parse({"status": "Enabled", "retentionDays": 1}) == {"enabled": True,
+                                                                           "days": 1}

@@ -188,6 +188,13 @@ class Tombstone(msgspec.Struct, frozen=True, omit_defaults=True):
     origin_region: str = ""
     origin_zone: str = ""
     digest: str = ""                   # tags: what the tag pointed at
+    # Manifests: the delete was a soft one (``Event.recycled``), with the tags
+    # and the origin's acknowledgement it carried. Kept here, not only in the
+    # bin entry, which a node that never held the body cannot make: what
+    # anti-entropy says of the delete must not depend on that (``recycle_bin``).
+    recycled: bool = False
+    recycled_tags: tuple[str, ...] = ()
+    deleted_ns: int = 0
 
 
 class RecycledManifest(msgspec.Struct, frozen=True, omit_defaults=True):

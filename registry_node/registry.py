@@ -848,24 +848,29 @@ class Registry:
         # arrives; no tag_delete events, which would end newer values elsewhere.
         tags = self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
         self.stage_manifest_removal(batch, repo, digest, record)
-        batch.put(keys.manifest_tomb(repo, digest), self._tombstone(hlc))
         recycled = self.bin.policy().enabled
         event = self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,
                             media_type=record.media_type, artifact_type=record.artifact_type,
                             request=request, recycled=recycled,
                             recycled_tags=tuple(sorted(tags)) if recycled else ())
-        self.stage_recycled_manifest(batch, event, record)
+        self.stage_manifest_tombstone(batch, event, record)
         batch.event(event)
         self.drop_repo_if_emptied(batch, repo)
         await self._commit(batch)
 
-    def stage_recycled_manifest(self, batch: Batch, delete: Event,
-                                record: ManifestRecord | None) -> None:
-        """What a winning MANIFEST_DELETE leaves in the recycle bin: the manifest
-        (``record``, as it was here, or as an older delete's entry kept it)
-        when the delete was a soft one, nothing otherwise (an older entry of it
-        ends either way). A region that never held the manifest keeps nothing."""
+    def stage_manifest_tombstone(self, batch: Batch, delete: Event,
+                                 record: ManifestRecord | None) -> None:
+        """What a winning MANIFEST_DELETE leaves: its tombstone, saying whether
+        the delete was a soft one (so anti-entropy says so from every node, the
+        ones without a bin entry of it included), and in the recycle bin the
+        manifest (``record``, as it was here, or as an older delete's entry
+        kept it) when it was, nothing otherwise (an older entry of it ends
+        either way). A region that never held the manifest keeps no entry."""
         repo, digest = delete.repository, delete.digest
+        hlc, region, zone = stamp_of(delete)
+        batch.put(keys.manifest_tomb(repo, digest), encode(Tombstone(
+            hlc, region, zone, recycled=delete.recycled, recycled_tags=delete.recycled_tags,
+            deleted_ns=delete.acked_ns if delete.recycled else 0)))
         if record is None:
             older = self.bin.manifest(repo, digest, batch)
             record = older.record if older is not None else None

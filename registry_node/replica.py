@@ -349,8 +349,7 @@ class Replica:
             # Webhooks tell a chart's delete apart by what the manifest was.
             event = msgspec.structs.replace(event, artifact_type=record.artifact_type)
         self.registry.stage_tags_removal(batch, repo, digest, stamp)
-        batch.put(keys.manifest_tomb(repo, digest), _tombstone(stamp))
-        self.registry.stage_recycled_manifest(batch, event, record)
+        self.registry.stage_manifest_tombstone(batch, event, record)
         self.registry.drop_repo_if_emptied(batch, repo)
         return self._commit(batch, event)
 
@@ -486,14 +485,12 @@ class Replica:
                         tag, tomb.digest, True, stamp_of(tomb), recycled=recycled,
                         origin_acked_ns=kept.deleted_ns if recycled and kept else 0))
                 case keys.ManifestTombKey(digest=digest):
-                    entry = self.registry.bin.manifest(repo, digest)
-                    if entry is not None and stamp_of(entry) == stamp_of(tomb):
-                        manifests_out.append(RegisterState(
-                            digest, digest, True, stamp_of(tomb), recycled=True,
-                            recycled_tags=entry.tags, origin_acked_ns=entry.deleted_ns))
-                    else:
-                        manifests_out.append(RegisterState(digest, digest, True,
-                                                           stamp_of(tomb)))
+                    # From the tombstone, not the bin: a node that never held
+                    # the body keeps no entry, yet its register must not turn
+                    # a soft delete into a hard one where it repairs others.
+                    manifests_out.append(RegisterState(
+                        digest, digest, True, stamp_of(tomb), recycled=tomb.recycled,
+                        recycled_tags=tomb.recycled_tags, origin_acked_ns=tomb.deleted_ns))
         return {"tags": tags, "manifests": manifests_out}
 
     def attributes_state(self, repo: str, visible: Callable[[str], bool]) -> list[Event]:

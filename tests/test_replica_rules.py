@@ -31,3 +31,20 @@ async def test_a_manifest_whose_blobs_arrived_without_links_is_stored(node, http
 
         async with http.get(f"{node.url}/v2/target/app/blobs/{digest_of(blob)}") as r:
             assert r.status == 200 and await r.read() == blob
+
+
+async def test_a_soft_delete_applied_without_the_body_still_says_soft_to_anti_entropy(node):
+    """A node that never held a manifest keeps no bin entry of its soft delete
+    (no body), but its register must still say the delete was soft: read from
+    the bin instead, anti-entropy from this node turned the delete into a hard
+    one on nodes that did hold the body, ending their entries (the stateful
+    test's delete_racing_restore found it)."""
+    replica = Replica(node.registry, node.node.configuration)
+    digest = "sha256:" + "1" * 64
+    delete = remote(EventKind.MANIFEST_DELETE, "app", digest=digest, recycled=True,
+                    recycled_tags=("v1",))
+    assert replica.apply_manifest_delete(delete) is not None
+    assert node.registry.bin.manifest("app", digest) is None
+    [register] = replica.repository_state("app", lambda _region: True)["manifests"]
+    assert register.deleted and register.recycled and register.recycled_tags == ("v1",)
+    assert register.origin_acked_ns == 1

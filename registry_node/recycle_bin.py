@@ -151,7 +151,8 @@ class RecycleBin:
                                                                    region, zone)))
 
     def stage_tag_end(self, batch: Batch, repo: str, tag: str) -> None:
-        if self.meta.get(keys.recycled_tag(repo, tag)) is not None:
+        """The tag leaves the bin (set again, restored, ended by a newer write)."""
+        if self._get(batch, keys.recycled_tag(repo, tag)) is not None:
             batch.delete(keys.recycled_tag(repo, tag))
 
     # -- purge -------------------------------------------------------------------
@@ -185,8 +186,3 @@ class RecycleBin:
         self.purged_total["manifest"] += purged_manifests
         self.purged_total["tag"] += purged_tags
         return PurgeReport(looked, purged_manifests, purged_tags)
-
-    def entries(self) -> int:
-        """Entries held in every bin (a metric; a scan, for scrapes only)."""
-        return sum(1 for _ in self.meta.scan(keys.RECYCLE_BIN))
-

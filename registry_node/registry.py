@@ -798,11 +798,30 @@ class Registry:
             record = decode(value, TagRecord)
             if record.digest == digest and stamp_of(record) < stamp:
                 tag = keys.parse(key, keys.TagKey).tag
-                batch.delete(key)
-                batch.put(keys.tag_tomb(repo, tag), encode(Tombstone(
-                    record.hlc, record.origin_region, record.origin_zone, digest)))
+                self.stage_tag_tombstone(batch, repo, tag, stamp_of(record), digest)
                 removed.append(tag)
         return removed
+
+    def stage_tag_tombstone(self, batch: Batch, repo: str, tag: str, stamp: Stamp,
+                            digest: str) -> None:
+        """End a tag's value: its tombstone (stamped ``stamp``, naming what the
+        tag pointed at) and any recycle bin entry of it. Whatever ends the tag
+        register ends an older untag's entry, as a restore or a re-tag does in
+        the region it is taken, so every region holds the same bin; only the
+        soft delete an entry records makes it again (``stage_tag_delete``)."""
+        hlc, region, zone = stamp
+        batch.delete(keys.tag(repo, tag))
+        batch.put(keys.tag_tomb(repo, tag), encode(Tombstone(hlc, region, zone, digest)))
+        self.bin.stage_tag_end(batch, repo, tag)
+
+    def stage_tag_delete(self, batch: Batch, delete: Event) -> None:
+        """What a winning TAG_DELETE leaves: the tag's tombstone and, when the
+        delete was a soft one, its recycle bin entry."""
+        self.stage_tag_tombstone(batch, delete.repository, delete.tag, stamp_of(delete),
+                                 delete.digest)
+        if delete.recycled:
+            self.bin.stage_tag(batch, delete.repository, delete.tag, delete.digest,
+                               stamp_of(delete), delete.acked_ns)
 
     async def delete_manifest(self, repo: str, reference: str, *,
                               request: ClientRequest | None = None) -> None:
@@ -819,12 +838,9 @@ class Registry:
             self.quorum.check_writable()
             hlc = self._stamp(batch)
             pointed = decode(raw, TagRecord).digest
-            recycled = self.bin.policy().enabled
-            batch.delete(keys.tag(repo, tag))
-            batch.put(keys.tag_tomb(repo, tag), self._tombstone(hlc, pointed))
             event = self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed,
-                                request=request, recycled=recycled)
-            self.stage_recycled_tag(batch, event)
+                                request=request, recycled=self.bin.policy().enabled)
+            self.stage_tag_delete(batch, event)
             batch.event(event)
             self.drop_repo_if_emptied(batch, repo)
             await self._commit(batch)
@@ -878,13 +894,6 @@ class Registry:
         if delete.recycled and record is not None:
             self.bin.stage_manifest(batch, repo, digest, record, delete.recycled_tags,
                                     stamp_of(delete), delete.acked_ns)
-
-    def stage_recycled_tag(self, batch: Batch, delete: Event) -> None:
-        """What a winning TAG_DELETE leaves in the recycle bin (as above)."""
-        self.bin.stage_tag_end(batch, delete.repository, delete.tag)
-        if delete.recycled:
-            self.bin.stage_tag(batch, delete.repository, delete.tag, delete.digest,
-                               stamp_of(delete), delete.acked_ns)
 
     async def restore(self, repo: str, reference: str, *, force: bool = False,
                       request: ClientRequest | None = None) -> dict[str, Any]:
@@ -965,7 +974,6 @@ class Registry:
             batch.event(self._event(EventKind.TAG_SET, repo, hlc, digest=digest, tag=tag,
                                     media_type=record.media_type, size=record.size,
                                     artifact_type=record.artifact_type, request=request))
-            self.bin.stage_tag_end(batch, repo, tag)
         await self._commit(batch)
         self.bin.restored_total += 1
         return {"repository": repo, "digest": digest, "manifestRestored": entry is not None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from registry_node.records import Event, EventKind
 from registry_node.replica import Replica
 
-from .helpers import make_image, push_blob
+from .helpers import make_image, push_blob, push_image
 
 
 def remote(kind: EventKind, repo: str, **fields) -> Event:
@@ -48,3 +48,24 @@ async def test_a_soft_delete_applied_without_the_body_still_says_soft_to_anti_en
     [register] = replica.repository_state("app", lambda _region: True)["manifests"]
     assert register.deleted and register.recycled and register.recycled_tags == ("v1",)
     assert register.origin_acked_ns == 1
+
+
+async def test_a_tag_set_a_newer_delete_ended_also_ends_the_tags_bin_entry(node, http):
+    """Soft-untag T (t1), delete its manifest M (t3), then a tag-only restore
+    of T from another region arrives, stamped between (t2): the delete already
+    ended that value, so it lands as a tombstone — and it must end T's bin
+    entry of t1 as the restore did where it was taken, or the two bins differ
+    for good (registers equal, anti-entropy has nothing to repair)."""
+    async with http.put(f"{node.url}/georeg/v1/configuration/registry/default",
+                        json={"soft_delete": {"enabled": True}}) as r:
+        assert r.status == 200, await r.text()
+    digest = await push_image(http, node.url, "app", make_image(seed=71), tag="t")
+    for reference in ("t", digest):
+        async with http.delete(f"{node.url}/v2/app/manifests/{reference}") as r:
+            assert r.status == 202, await r.text()
+    untagged = node.registry.bin.tag("app", "t")
+    deleted = node.registry.bin.manifest("app", digest)
+    assert untagged is not None and deleted is not None and untagged.hlc + 1 < deleted.hlc
+    restore = remote(EventKind.TAG_SET, "app", tag="t", digest=digest, hlc=untagged.hlc + 1)
+    assert Replica(node.registry, node.node.configuration).apply_tag(restore) is not None
+    assert node.registry.bin.tag("app", "t") is None

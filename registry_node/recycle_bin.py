@@ -44,7 +44,15 @@ import msgspec
 
 from . import keys
 from .metastore import Batch, MetadataStore
-from .records import ManifestRecord, RecycledManifest, RecycledTag, Stamp, decode, encode
+from .records import (
+    ManifestRecord,
+    RecycledManifest,
+    RecycledTag,
+    Stamp,
+    decode,
+    encode,
+    stamp_of,
+)
 
 MIN_DAYS, MAX_DAYS, DEFAULT_DAYS = 1, 90, 7
 DAY_NS = 86_400 * 10**9
@@ -119,9 +127,11 @@ class RecycleBin:
         return deleted_ns + self.policy().days * DAY_NS
 
     def find_by_tag(self, repo: str, tag: str) -> tuple[str, RecycledManifest] | None:
-        """The most recently deleted manifest of the bin that had ``tag``."""
+        """The most recently deleted manifest of the bin that had ``tag``: the
+        latest delete by stamp, as last-writer-wins orders writes (origin wall
+        clocks may disagree across regions)."""
         found = [(d, e) for d, e in self.manifests(repo) if tag in e.tags]
-        return max(found, key=lambda item: item[1].deleted_ns) if found else None
+        return max(found, key=lambda item: stamp_of(item[1])) if found else None
 
     # -- staging -----------------------------------------------------------------
 

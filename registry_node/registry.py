@@ -140,6 +140,19 @@ class PutManifestResult:
     subject: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _RestorePlan:
+    """What a restore writes (``Registry._restore_plan``)."""
+
+    digest: str
+    entry: RecycledManifest | None          # None: the manifest is live, tags only
+    body: bytes | None
+    parsed: manifests.ParsedManifest | None
+    to_set: tuple[str, ...]
+    moved: dict[str, str]                   # tag -> what it named before (force)
+    missing: tuple[str, ...]                # blobs not held here
+
+
 @dataclass
 class _OpenUpload:
     repository: str
@@ -903,11 +916,59 @@ class Registry:
         was untagged later. A restore is a write, replicated as the push and
         tag sets it amounts to (stamped now, so it wins over the delete it
         undoes everywhere, and loses to a later one). Refused, nothing changed:
-        where a lock forbids the push it amounts to; a tag that since names
-        another manifest (409, naming it) unless ``force`` moves it back; a
-        child manifest of an index that is not in the repository (409: restore
-        it first); blobs no peer has either."""
+        a repository this node holds nothing of (404 NAME_UNKNOWN); where a
+        lock forbids the push it amounts to; a tag that since names another
+        manifest (409, naming it) unless ``force`` moves it back; a child
+        manifest of an index that is not in the repository (409: restore it
+        first); blobs no peer has either."""
         validate_name(repo)
+        plan = self._restore_plan(repo, reference, force)
+        if plan.missing and self.peers is not None:
+            await self.peers.fetch_blobs(repo, list(plan.missing))
+            # The await let other writes in (a push of a tag, a lock, another
+            # restore or purge): every check is made again on what is here now.
+            plan = self._restore_plan(repo, reference, force)
+        # From here to the commit, no await: the checks hold when it is written.
+        if plan.missing:
+            raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                                {"missing": list(plan.missing[:20]), "count": len(plan.missing)},
+                                message="blobs of the manifest are held nowhere", status=409)
+        self.quorum.check_writable()
+        if plan.body is not None:
+            self.check_storage(len(plan.body))
+        digest, entry, to_set = plan.digest, plan.entry, plan.to_set
+        batch = Batch()
+        hlc = self._stamp(batch)
+        stamp = (hlc, self.identity.region, self.identity.zone)
+        acked = self._wall_ns()
+        if entry is not None:
+            body, parsed = plan.body, plan.parsed
+            assert body is not None and parsed is not None
+            self.stage_manifest(batch, repo, digest, body, parsed, stamp, acked)
+            batch.event(self._event(EventKind.MANIFEST_PUT, repo, hlc, digest=digest,
+                                    tag=to_set[0] if to_set else "",
+                                    media_type=parsed.media_type, size=len(body),
+                                    references=parsed.references, subject=parsed.subject or "",
+                                    artifact_type=parsed.artifact_type or "", request=request))
+        record = entry.record if entry is not None else decode(
+            self.meta.get(keys.manifest(repo, digest)), ManifestRecord)
+        for tag in to_set:
+            self.stage_tag(batch, repo, tag, digest, stamp, acked)
+            batch.event(self._event(EventKind.TAG_SET, repo, hlc, digest=digest, tag=tag,
+                                    media_type=record.media_type, size=record.size,
+                                    artifact_type=record.artifact_type, request=request))
+        await self._commit(batch)
+        self.bin.restored_total += 1
+        return {"repository": repo, "digest": digest, "manifestRestored": entry is not None,
+                "tagsRestored": list(to_set),
+                "tagsMoved": {t: plan.moved[t] for t in to_set if t in plan.moved}}
+
+    def _restore_plan(self, repo: str, reference: str, force: bool) -> _RestorePlan:
+        """What restoring ``reference`` writes, checked against what is here
+        now: every refusal but blobs missing here (a peer may have them) is
+        raised. Synchronous, so its checks hold until the caller's next await."""
+        if not self.repository_exists(repo) and not self.bin.holds(repo):
+            raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
         digest, entry, tags = self._restorable(repo, reference)
         moved: dict[str, str] = {}
         to_set: list[str] = []
@@ -928,23 +989,11 @@ class Registry:
                         f"name{'' if len(moved) > 1 else 's'} another manifest since the delete; "
                         f"nothing was restored (restore with force to move "
                         f"{'them' if len(moved) > 1 else 'it'} back)", status=409)
-        body = parsed = None
+        body, parsed, missing = None, None, ()
         if entry is not None:
             self.locks.check_upload(repo)
             body = self.sealer.open(entry.record.sealed_body, manifest_ad(digest))
             parsed = manifests.parse(body, entry.record.media_type)
-            missing = [d for d in parsed.blobs if self.meta.get(keys.blob(d)) is None]
-            if missing and self.peers is not None:
-                await self.peers.fetch_blobs(repo, missing)
-        for tag in to_set:
-            self.locks.check_push(repo, tag, True)
-        # From here to the commit, no await: the checks hold when it is written.
-        if parsed is not None:
-            missing = [d for d in parsed.blobs if self.meta.get(keys.blob(d)) is None]
-            if missing:
-                raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                                    {"missing": missing[:20], "count": len(missing)},
-                                    message="blobs of the manifest are held nowhere", status=409)
             children = [d for d in parsed.children
                         if self.meta.get(keys.manifest(repo, d)) is None]
             if children:
@@ -952,32 +1001,10 @@ class Registry:
                     ErrorCode.MANIFEST_BLOB_UNKNOWN, {"missing": children[:20]},
                     message="manifests of the index are not in the repository; restore them "
                             "first", status=409)
-        self.quorum.check_writable()
-        if body is not None:
-            self.check_storage(len(body))
-        batch = Batch()
-        hlc = self._stamp(batch)
-        stamp = (hlc, self.identity.region, self.identity.zone)
-        acked = self._wall_ns()
-        if entry is not None:
-            assert body is not None and parsed is not None
-            self.stage_manifest(batch, repo, digest, body, parsed, stamp, acked)
-            batch.event(self._event(EventKind.MANIFEST_PUT, repo, hlc, digest=digest,
-                                    tag=to_set[0] if to_set else "",
-                                    media_type=parsed.media_type, size=len(body),
-                                    references=parsed.references, subject=parsed.subject or "",
-                                    artifact_type=parsed.artifact_type or "", request=request))
-        record = entry.record if entry is not None else decode(
-            self.meta.get(keys.manifest(repo, digest)), ManifestRecord)
+            missing = tuple(d for d in parsed.blobs if self.meta.get(keys.blob(d)) is None)
         for tag in to_set:
-            self.stage_tag(batch, repo, tag, digest, stamp, acked)
-            batch.event(self._event(EventKind.TAG_SET, repo, hlc, digest=digest, tag=tag,
-                                    media_type=record.media_type, size=record.size,
-                                    artifact_type=record.artifact_type, request=request))
-        await self._commit(batch)
-        self.bin.restored_total += 1
-        return {"repository": repo, "digest": digest, "manifestRestored": entry is not None,
-                "tagsRestored": to_set, "tagsMoved": {t: moved[t] for t in to_set if t in moved}}
+            self.locks.check_push(repo, tag, True)
+        return _RestorePlan(digest, entry, body, parsed, tuple(to_set), moved, missing)
 
     def _restorable(self, repo: str, reference: str
                     ) -> tuple[str, RecycledManifest | None, tuple[str, ...]]:
@@ -996,7 +1023,9 @@ class Registry:
         tag = validate_tag(reference)
         found = self.bin.find_by_tag(repo, tag)
         untagged = self.bin.tag(repo, tag)
-        if untagged is not None and (found is None or untagged.deleted_ns > found[1].deleted_ns):
+        # Which delete came last: by stamp, as last-writer-wins orders them
+        # (not by origin wall clocks, which may disagree across regions).
+        if untagged is not None and (found is None or stamp_of(untagged) > stamp_of(found[1])):
             if self.meta.get(keys.manifest(repo, untagged.digest)) is not None:
                 return untagged.digest, None, (tag,)
             if (kept := self.bin.manifest(repo, untagged.digest)) is not None:

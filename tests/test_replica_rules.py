@@ -69,3 +69,18 @@ async def test_a_tag_set_a_newer_delete_ended_also_ends_the_tags_bin_entry(node,
     restore = remote(EventKind.TAG_SET, "app", tag="t", digest=digest, hlc=untagged.hlc + 1)
     assert Replica(node.registry, node.node.configuration).apply_tag(restore) is not None
     assert node.registry.bin.tag("app", "t") is None
+
+
+async def test_the_bin_picks_the_latest_delete_of_a_tag_by_stamp_not_wall_clock(node, http):
+    """Two regions' soft deletes of two manifests that both had tag v1: the
+    later by stamp (last-writer-wins' order) is what a restore of v1 brings
+    back, even where the other's origin wall clock read later."""
+    replica = Replica(node.registry, node.node.configuration)
+    later = await push_image(http, node.url, "app", make_image(seed=72))
+    earlier = await push_image(http, node.url, "app", make_image(seed=73))
+    for digest, hlc, acked_ns in ((later, 1 << 61, 5), (earlier, 1 << 60, 9)):
+        delete = Event(kind=EventKind.MANIFEST_DELETE, repository="app", digest=digest,
+                       origin_region="westeurope", hlc=hlc, acked_ns=acked_ns, recycled=True,
+                       recycled_tags=("v1",))
+        assert replica.apply_manifest_delete(delete) is not None
+    assert node.registry.bin.find_by_tag("app", "v1")[0] == later

@@ -8,6 +8,8 @@ of ``test_replication_stateful``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import aiohttp
 import pytest
 
@@ -17,20 +19,26 @@ from cluster.faults.verify import NodeTarget, Snapshot, compare_registers, verif
 from registry_node import inventory, keys
 from registry_node.config import NodeConfig
 from registry_node.gc import GarbageCollector
+from registry_node.metastore import Batch
 from replicator.residency import ResidencyPolicy
 
 from .auth_helpers import (
     ADMIN_PASSWORD,
     PUSH_PASSWORD,
     REGISTRY,
+    Password,
+    ScopeMapRecord,
+    TokenRecord,
     auth_files,
     basic,
+    hash_secret,
     identities,
     start_auth_node,
 )
 from .helpers import (
     Skopeo,
     assert_error,
+    digest_of,
     eventually,
     make_image,
     push_image,
@@ -58,12 +66,12 @@ async def deleted(http, url: str, repo: str = "app", headers=None) -> dict:
 
 
 async def restore(http, url: str, reference: str, status: int = 200, repo: str = "app",
-                  force: bool = False, headers=None) -> dict:
+                  force: bool = False, headers=None, code: str | None = None) -> dict:
     query = "?force=true" if force else ""
     async with http.post(f"{url}/acr/v1/{repo}/_deleted/{reference}{query}",
                          headers=headers) as r:
         if status != 200:
-            return await assert_error(r, status)
+            return await assert_error(r, status, code)
         assert r.status == 200, await r.text()
         return await r.json()
 
@@ -109,8 +117,9 @@ async def test_delete_goes_to_the_bin_and_restore_brings_it_back_for_skopeo(node
     code, _, _ = await skopeo.run("inspect", "--raw", "--tls-verify=false",
                                   skopeo.ref("app:v1"), check=False)
     assert code != 0
-    await restore(http, node.url, "sha256:" + "0" * 64, 404)
-    await restore(http, node.url, "nope", 404)
+    await restore(http, node.url, "sha256:" + "0" * 64, 404, code="MANIFEST_UNKNOWN")
+    await restore(http, node.url, "nope", 404, code="MANIFEST_UNKNOWN")
+    await restore(http, node.url, "v1", 404, repo="nosuch", code="NAME_UNKNOWN")
 
     # v2 now names another image: the restore refuses, naming it, and changes nothing.
     other = make_image(seed=41)
@@ -147,6 +156,52 @@ async def test_a_restore_is_refused_where_a_write_lock_holds(node, http):
     assert (await deleted(http, node.url))["manifests"]
 
 
+class PeerPushingMeanwhile:
+    """A peer (``staleness.PeerContent``) whose blob fetch gives the restore's
+    await to another client: a push of another image by the restore's tag (or,
+    with ``lock``, a write lock on the repository), then the blobs arrive."""
+
+    def __init__(self, node, http, missing: dict[bytes, bytes], lock: bool) -> None:
+        self.node, self.http, self.missing, self.lock = node, http, missing, lock
+
+    async def fetch_blobs(self, repository: str, digests: list[str]) -> set[str]:
+        if self.lock:
+            async with self.http.patch(f"{self.node.url}/acr/v1/{repository}",
+                                       json={"writeEnabled": False}) as r:
+                assert r.status == 200, await r.text()
+        else:
+            await push_image(self.http, self.node.url, repository, make_image(seed=48), tag="v1")
+        batch = Batch()
+        for key, value in self.missing.items():
+            batch.put(key, value)
+        self.node.registry.meta.commit(batch)
+        return set(digests)
+
+    async def fetch_manifest(self, repository: str, reference: str) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("lock", [False, True], ids=["tag pushed", "write lock"])
+async def test_what_happens_while_a_restore_fetches_blobs_is_checked(node, http, lock):
+    """A restore whose blobs must come from a peer awaits them: a push of its
+    tag elsewhere, or a write lock (on a manifest without tags: no tag set
+    to check it), taken meanwhile refuses it (409, 405) as it would have
+    before the await; nothing is restored."""
+    await set_policy(http, node.url, enabled=True)
+    image = make_image(seed=47)
+    digest = await push_image(http, node.url, "app", image, tag=None if lock else "v1")
+    await delete(http, node.url, digest)
+    layer = keys.blob(digest_of(image.layers[0]))
+    missing = {layer: node.registry.meta.get(layer)}
+    batch = Batch()
+    batch.delete(layer)
+    node.registry.meta.commit(batch)
+    node.registry.peers = PeerPushingMeanwhile(node, http, missing, lock)
+    await restore(http, node.url, digest, 405 if lock else 409)
+    assert node.registry.bin.manifest("app", digest) is not None
+    assert await tag_digest(http, node.url, "v1") != digest
+
+
 async def test_purge_after_the_days_then_gc_reclaims_and_not_before(tmp_path, http, clock):
     config = NodeConfig(data_dir=tmp_path / "node", port=0)
     async with started_node(config, clock) as node:
@@ -172,31 +227,37 @@ async def test_purge_after_the_days_then_gc_reclaims_and_not_before(tmp_path, ht
 
 
 async def test_listing_needs_delete_and_restoring_push_and_delete(tmp_path, http):
-    """``_repositories_push`` (pull, push) may neither list nor restore; the admin
-    (every action) may. A refused restore changes nothing."""
+    """A token with every action but delete (``_repositories_push_metadata_write``:
+    content read and write, metadata read and write) may neither list nor
+    restore; a delete-only token may list but not restore; the admin (every
+    action) may both. A refused restore changes nothing."""
     source = identities()
+    source.put_scope_map(ScopeMapRecord("app-delete", ("repositories/app/content/delete",)))
+    for name, scope_map in (("writer", "_repositories_push_metadata_write"),
+                            ("deleter", "app-delete")):
+        source.put_token(TokenRecord(name, scope_map, passwords=(
+            Password("password1", hash_secret(PUSH_PASSWORD)),)))
     files = auth_files(tmp_path, "node-a")
-    node = await start_auth_node(files.config("node-a", tmp_path / "data"), source)
+    config = replace(files.config("node-a", tmp_path / "data"),
+                     internal_credential_file=files.internal_file)
+    node = await start_auth_node(config, source)
     try:
         admin = basic(REGISTRY, ADMIN_PASSWORD)
-        pusher = basic("pusher", PUSH_PASSWORD)
+        writer, deleter = basic("writer", PUSH_PASSWORD), basic("deleter", PUSH_PASSWORD)
         async with aiohttp.ClientSession(headers=admin) as session:
             digest = await push_image(session, node.url, "app", make_image(seed=44), tag="v1")
-        node.node.registry.bin.policy = lambda: _on()
+        await set_policy(http, node.url, headers=files.internal_headers(), enabled=True)
         async with http.delete(f"{node.url}/v2/app/manifests/{digest}", headers=admin) as r:
             assert r.status == 202
-        async with http.get(f"{node.url}/acr/v1/app/_deleted", headers=pusher) as r:
+        async with http.get(f"{node.url}/acr/v1/app/_deleted", headers=writer) as r:
             await assert_error(r, 403, "DENIED")
-        await restore(http, node.url, digest, 403, headers=pusher)
+        await restore(http, node.url, digest, 403, headers=writer, code="DENIED")
+        assert (await deleted(http, node.url, headers=deleter))["manifests"]
+        await restore(http, node.url, digest, 403, headers=deleter, code="DENIED")
         assert (await deleted(http, node.url, headers=admin))["manifests"]
         await restore(http, node.url, digest, headers=admin)
     finally:
         await node.stop()
-
-
-def _on():
-    from registry_node.recycle_bin import SoftDeletePolicy
-    return SoftDeletePolicy(enabled=True)
 
 
 async def test_a_restore_in_one_region_restores_in_every_region(tmp_path, http):

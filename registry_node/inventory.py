@@ -21,7 +21,7 @@ opened read-only from outside, so both views have one shape::
          "attributes":        {"repository" | "tag:<tag>" | "manifest:<digest>":
                                {"attributes": {deleteEnabled, writeEnabled, readEnabled,
                                                listEnabled}, "stamp"}},
-         "recycled_manifests": {digest: {"tags", "deleted_ns", "stamp"}},  # recycle bin
+         "recycled_manifests": {digest: {"tags", "size", "deleted_ns", "stamp"}},  # bin
          "recycled_tags":      {tag: {"digest", "deleted_ns", "stamp"}}}},
      "blobs": {digest: size},                        # blob records (metadata)
      "blob_files": [digest, …]}                      # blob files on disk
@@ -132,7 +132,8 @@ def build(scan: Scan, blob_files: Iterable[str], last_seq: int = 0) -> dict:
             case keys.RecycledManifestKey(digest=digest):
                 kept = decode(raw, RecycledManifest)
                 binned["recycled_manifests"][digest] = {
-                    "tags": list(kept.tags), "deleted_ns": kept.deleted_ns,
+                    "tags": list(kept.tags), "size": kept.record.size,
+                    "deleted_ns": kept.deleted_ns,
                     "stamp": list(stamp_of(kept))}
             case keys.RecycledTagKey(tag=tag_name):
                 untagged = decode(raw, RecycledTag)

@@ -427,30 +427,35 @@ def reference_holder(key: bytes) -> BlobKey | RefKey | RecycledRefKey | None:
     return _parse(key)
 
 
-BLOB_RECORD, MANIFEST_RECORD = "blob", "manifest"
+BLOB_RECORD, MANIFEST_RECORD, RECYCLED_MANIFEST_RECORD = "blob", "manifest", "recycled"
 
 
 def content_record(key: bytes) -> str | None:
-    """``BLOB_RECORD`` or ``MANIFEST_RECORD`` if ``key`` holds a record that
-    storage usage counts; ``None`` for every other key. Cheap (no parse: only
-    the family and the kind are looked at), since every key of every commit
-    is asked (``usage``)."""
+    """``BLOB_RECORD``, ``MANIFEST_RECORD`` or ``RECYCLED_MANIFEST_RECORD`` (a
+    manifest in the recycle bin) if ``key`` holds a record that storage usage
+    counts; ``None`` for every other key. Cheap (no parse: only the family
+    and the kind are looked at), since every key of every commit is asked
+    (``usage``)."""
     if key.startswith(BLOB):
         return BLOB_RECORD
-    if not key.startswith(REPO_DATA):
-        return None
-    # r\0<repo>\0<kind>\0…: no repository name holds NUL, so the kind follows
-    # the first NUL after the family.
-    kind_at = key.find(SEP, len(REPO_DATA)) + 1
-    return MANIFEST_RECORD if kind_at and key[kind_at:kind_at + 2] == _MANIFEST + SEP else None
+    for family, kind in ((REPO_DATA, MANIFEST_RECORD), (RECYCLE_BIN, RECYCLED_MANIFEST_RECORD)):
+        if key.startswith(family):
+            # <family><repo>\0<kind>\0…: no repository name holds NUL, so the
+            # kind follows the first NUL after the family.
+            kind_at = key.find(SEP, len(family)) + 1
+            return kind if kind_at and key[kind_at:kind_at + 2] == _MANIFEST + SEP else None
+    return None
 
 
 def counted_content(key: bytes) -> ManifestKey | BlobKey | None:
     """The key parsed, if its write may change what a node reports it holds
     (a manifest, or a blob record); ``None`` for every other key, cheaply,
     since every key of every commit is asked (``content_counts``): only the
-    keys ``content_record`` picks out are parsed."""
-    if content_record(key) is None:
+    keys ``content_record`` picks out are parsed. A manifest in the recycle
+    bin is not: the counts say how far replication has brought what is served
+    (sync progress), and a binned manifest is not served; storage usage
+    counts it."""
+    if content_record(key) in (None, RECYCLED_MANIFEST_RECORD):
         return None
     parsed = _parse(key)
     return parsed if isinstance(parsed, (ManifestKey, BlobKey)) else None

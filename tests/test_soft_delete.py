@@ -213,6 +213,13 @@ async def test_purge_after_the_days_then_gc_reclaims_and_not_before(tmp_path, ht
                   for k, _ in node.registry.meta.scan(keys.BLOB)]
         assert len(layers) == len(image.blobs)
         await delete(http, node.url, digest)
+        # ACR counts soft-deleted artifacts toward storage: the manifest's
+        # bytes move from the live records to the bin's, kept on write.
+        meta = node.registry.meta
+        assert meta.usage.bytes == sum(map(len, image.blobs)) + len(image.manifest)
+        assert (meta.usage.manifests, meta.usage.recycled) == (0, 1)
+        assert meta.usage.recycled_bytes == len(image.manifest)
+        assert meta.usage_discrepancies() == []
         clock.advance(DAY_S - 60)
         report = await gc.collect()
         assert report.purged == 0 and report.blobs_reclaimed == 0
@@ -223,6 +230,7 @@ async def test_purge_after_the_days_then_gc_reclaims_and_not_before(tmp_path, ht
         assert report.purged == 1
         assert not node.registry.bin.holds("app")
         assert all(node.registry.meta.get(keys.blob(d)) is None for d in layers), report
+        assert meta.usage.bytes == 0 and meta.usage_discrepancies() == []
         await restore(http, node.url, digest, 404)
 
 

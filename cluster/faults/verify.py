@@ -377,6 +377,8 @@ async def _collect(http: aiohttp.ClientSession, target: NodeTarget) -> Snapshot:
         "blobs": len(blobs), "blob_files": len(files),
         "blob_bytes": sum(blobs.values()),
         "manifest_bytes": sum(m["size"] for r in inv.values() for m in r["manifests"].values()),
+        "recycled_bytes": sum(m["size"] for r in inv.values()
+                              for m in r.get("recycled_manifests", {}).values()),
     }
     return snap
 

@@ -143,12 +143,12 @@ from registry_node.errors import RegistryError
 from registry_node.reference import is_digest, validate_name
 
 from ..faults.controller import FaultError
+from . import soft_delete
 from .access import authorization, owner_credential_path
 from .errors import ClusterError, NotFound
 from .health import check_health
 from .imports import ImageImports, import_request
 from .regions import REGIONS, unknown_region_message
-from . import soft_delete
 from .repositories import Repositories
 from .state import clear_running_state, write_running_state
 

@@ -52,19 +52,16 @@ def parse(body: dict) -> dict:
 
 
 async def show(cluster: Cluster) -> dict:
-    home = await cluster._control_plane()
-    return _shown(await cluster._current_registry(home))
+    return _shown(await cluster.registry_object())
 
 
 async def update(cluster: Cluster, body: dict) -> dict:
-    """Change what ``body`` names; the rest keeps its value. Under the locks of
-    every other change of the registry object, so neither overwrites the other."""
+    """Change what ``body`` names; the rest keeps its value (the registry
+    object's one read-modify-write, ``Cluster.update_registry_object``)."""
     changes = parse(body)
-    async with cluster.tier_lock, cluster.access.lock, cluster.webhooks.lock:
-        home = await cluster._control_plane()
-        current = await cluster._current_registry(home)
-        policy = {"enabled": False, "days": DEFAULT_DAYS, **(current.get("soft_delete") or {}),
-                  **changes}
-        await cluster._node_call(home, "PUT", "/registry/default",
-                                 {**current, "soft_delete": policy})
-        return _shown({"soft_delete": policy})
+
+    async def policy(_home: str, current: dict) -> dict:
+        return {"soft_delete": {"enabled": False, "days": DEFAULT_DAYS,
+                                **(current.get("soft_delete") or {}), **changes}}
+
+    return _shown(await cluster.update_registry_object(policy))

@@ -255,8 +255,9 @@ async def test_a_node_answer_that_is_not_json_is_a_502_not_bad_input(tmp_path):
 def test_soft_delete_update_delete_list_deleted_restore_then_skopeo_pulls(c, tmp_path):
     """``georeg registry soft-delete update`` (bad days refused, exit 2, the
     policy unchanged), ``repository delete --image`` into the bin,
-    ``list-deleted`` showing it with both its tags, ``restore`` by one tag
-    bringing both back, and skopeo pulling the image again. The policy is off
+    ``list-deleted`` showing it with both its tags, ``restore`` refused (exit
+    2) while one of them names another image, then forced, bringing both back,
+    and skopeo pulling the image again. The policy is off
     again at the end (the cluster is the module's)."""
     repo = "cli/softdelete"
     digest = push(c, repo, 40, "v1", "v2")
@@ -284,9 +285,13 @@ def test_soft_delete_update_delete_list_deleted_restore_then_skopeo_pulls(c, tmp
             (digest, ["v1", "v2"])], binned
         assert binned["manifests"][0]["purgeTime"] > binned["manifests"][0]["deletedTime"]
         refused(c, "restore", "--image", f"{repo}:nosuchtag", says="not in the recycle bin")
+        # v2 names another image since: refused (a 409, exit 2) unless forced.
+        other = push(c, repo, 41, "v2")
+        refused(c, "restore", "--image", f"{repo}:v1", says="names another manifest")
 
-        out = ok(c, "restore", "--image", f"{repo}:v1")
-        assert out.strip() == f"restored {repo}@{digest}; tags restored: v1, v2", out
+        out = ok(c, "restore", "--image", f"{repo}:v1", "--force")
+        assert out.splitlines() == [f"restored {repo}@{digest}; tags restored: v1, v2",
+                                    f"moved v2 back from {other}"], out
         assert ok(c, "list-deleted", "--name", repo, "--json")["manifests"] == []
         skopeo = Skopeo(tmp_path / "skopeo", c.endpoint("eastus").removeprefix("http://"),
                         cluster=c)

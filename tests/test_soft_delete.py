@@ -156,6 +156,27 @@ async def test_a_restore_is_refused_where_a_write_lock_holds(node, http):
     assert (await deleted(http, node.url))["manifests"]
 
 
+async def test_the_bin_listing_pages_oldest_delete_first(node, http):
+    """``n`` caps a page of manifests and tags together, in the order of the
+    deletes' stamps; the ``Link`` goes on after the last (by name and stamp)."""
+    await set_policy(http, node.url, enabled=True)
+    first = await push_image(http, node.url, "app", make_image(seed=50), tag="v1")
+    second = await push_image(http, node.url, "app", make_image(seed=51), tag="v2")
+    await delete(http, node.url, first)
+    await delete(http, node.url, "v2")
+    await delete(http, node.url, second)
+    async with http.get(f"{node.url}/acr/v1/app/_deleted?n=2") as r:
+        assert r.status == 200, await r.text()
+        page, link = await r.json(), r.headers["Link"]
+    assert [m["digest"] for m in page["manifests"]] == [first]
+    assert [t["name"] for t in page["tags"]] == ["v2"]
+    assert "last=v2" in link and "stamp=" in link, link
+    async with http.get(node.url + link[1:link.index(">")]) as r:
+        assert r.status == 200 and "Link" not in r.headers
+        rest = await r.json()
+    assert ([m["digest"] for m in rest["manifests"]], rest["tags"]) == ([second], [])
+
+
 class PeerPushingMeanwhile:
     """A peer (``staleness.PeerContent``) whose blob fetch gives the restore's
     await to another client: a push of another image by the restore's tag (or,

@@ -109,9 +109,16 @@ async def patch_manifest(request: web.Request) -> web.Response:
 
 
 async def list_deleted(request: web.Request) -> web.Response:
-    """ACR's list-deleted and list-deleted-tags: the repository's recycle bin here."""
-    repo = repo_name(request)
-    return json_response(metadata.deleted(registry(request), repo, _login_server(request)))
+    """ACR's list-deleted and list-deleted-tags: the repository's recycle bin
+    here, paged (``n``, ``last``, ``stamp``) as the other listings are."""
+    n = page_size(request, MAX_PAGE)
+    body, more, end, last = metadata.deleted(registry(request), repo_name(request),
+                                             _login_server(request), n,
+                                             request.query.get("last") or None, _stamp(request))
+    headers = None
+    if more and last is not None:
+        headers = {"Link": next_link(request.path, n, last).replace(">;", f"&stamp={end}>;", 1)}
+    return json_response(body, headers=headers)
 
 
 async def restore(request: web.Request) -> web.Response:

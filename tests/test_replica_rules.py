@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
+from registry_node import inventory
+from registry_node.config import NodeConfig
 from registry_node.records import Event, EventKind
 from registry_node.replica import Replica
 
-from .helpers import make_image, push_blob, push_image
+from .helpers import make_image, push_blob, push_image, started_node
 
 
 def remote(kind: EventKind, repo: str, **fields) -> Event:
@@ -84,3 +88,53 @@ async def test_the_bin_picks_the_latest_delete_of_a_tag_by_stamp_not_wall_clock(
                        recycled_tags=("v1",))
         assert replica.apply_manifest_delete(delete) is not None
     assert node.registry.bin.find_by_tag("app", "v1")[0] == later
+
+
+@pytest.mark.parametrize("delete_later", [True, False], ids=["delete later", "restore later"])
+async def test_a_delete_racing_a_restore_ends_the_same_in_either_order(tmp_path, http,
+                                                                        delete_later):
+    """A restore in one region (its push and tag set, t2, undoing a soft
+    delete at t1) and a soft delete of the same manifest in another (t3),
+    applied in both orders on two nodes: the same registers and the same bins,
+    the later write's — deleted with that delete's entry, or live with no
+    entry (the stateful test's delete_racing_restore, without the cluster)."""
+    image = make_image(seed=74)
+    t0, t1, t2, t3 = ((1 << 40) + 10 * k for k in ((0, 1, 2, 3) if delete_later else (0, 1, 3, 2)))
+
+    def put(hlc: int) -> Event:
+        return remote(EventKind.MANIFEST_PUT, "app", digest=image.digest, hlc=hlc,
+                      media_type=image.media_type, size=len(image.manifest))
+
+    def tag_set(hlc: int) -> Event:
+        return remote(EventKind.TAG_SET, "app", tag="v1", digest=image.digest, hlc=hlc)
+
+    def soft_delete(hlc: int, region: str) -> Event:
+        return Event(kind=EventKind.MANIFEST_DELETE, repository="app", digest=image.digest,
+                     origin_region=region, hlc=hlc, acked_ns=hlc, recycled=True,
+                     recycled_tags=("v1",))
+
+    held = []
+    for order in ("restore first", "delete first"):
+        async with started_node(NodeConfig(data_dir=tmp_path / order, port=0)) as node:
+            for blob in image.blobs:
+                await push_blob(http, node.url, "app", blob)
+            replica = Replica(node.registry, node.node.configuration)
+            replica.apply_manifest(put(t0), image.manifest)
+            replica.apply_tag(tag_set(t0))
+            replica.apply_manifest_delete(soft_delete(t1, "westeurope"))
+            restore = [lambda r=replica: r.apply_manifest(put(t2), image.manifest),
+                       lambda r=replica: r.apply_tag(tag_set(t2))]
+            rival = [lambda r=replica: r.apply_manifest_delete(soft_delete(t3, "brazilsouth"))]
+            for apply in (restore + rival if order == "restore first" else rival + restore):
+                apply()
+            stored = inventory.build(node.registry.meta.scan, [])["repositories"]["app"]
+            held.append({part: stored[part] for part in (
+                "tags", "deleted_tags", "manifests", "deleted_manifests", "recycled_manifests",
+                "recycled_tags")})
+    assert held[0] == held[1]
+    if delete_later:
+        assert held[0]["recycled_manifests"][image.digest]["stamp"] == [t3, "brazilsouth", ""]
+        assert held[0]["tags"] == {} and held[0]["recycled_tags"] == {}
+    else:
+        assert held[0]["tags"]["v1"]["digest"] == image.digest
+        assert held[0]["recycled_manifests"] == {} == held[0]["recycled_tags"]

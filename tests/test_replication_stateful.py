@@ -122,7 +122,12 @@ STEP_TIMEOUT_S = 60.0
 DISALLOWED = "REGISTRY_DISALLOWED_OPERATION"
 CONVERGENCE_TIMEOUT_S = 40.0
 SOFT_DELETE_POLICY = "/georeg/v1/configuration/registry/default"
-RACES_PER_EXAMPLE = 2
+# One delete_racing_restore per example: in the ci profile 3 races a run (about
+# 4 s of race and verify) against 10 (9 s) at two per example, and neither
+# draw meets the anti-entropy bug the rule once found (a soft delete repaired
+# as hard from a node without the body) with its fix taken out; in-process tests
+# pin that bug (test_replica_rules), and ``make soak`` draws ten times as many.
+RACES_PER_EXAMPLE = 1
 
 
 class LoopThread:

@@ -89,6 +89,7 @@ class Node:
                             limits=Limits(max_storage=config.storage_limit))
         configuration = Configuration(registry, configuration_key)
         registry.tier = configuration.tier      # the storage maximum follows the live tier
+        registry.bin.policy = configuration.soft_delete
         outbox = WebhookOutbox(meta, holds_log=config.webhooks.deliver)
         return cls(config, identity, meta, blobs, registry, executor,
                    configuration, outbox, configuration_key)

@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from . import keys, locks, tiers
+from . import keys, locks, recycle_bin, tiers
 from . import manifest as manifests
 from .blob_repair import BlobRepair, being_repaired
 from .blobstore import BlobStore, UploadFile
@@ -71,6 +71,7 @@ from .records import (
     EventKind,
     ManifestRecord,
     NodeIdentity,
+    RecycledManifest,
     RepoRecord,
     Stamp,
     TagRecord,
@@ -141,6 +142,19 @@ class PutManifestResult:
     subject: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _RestorePlan:
+    """What a restore writes (``Registry._restore_plan``)."""
+
+    digest: str
+    entry: RecycledManifest | None          # None: the manifest is live, tags only
+    body: bytes | None
+    parsed: manifests.ParsedManifest | None
+    to_set: tuple[str, ...]
+    moved: dict[str, str]                   # tag -> what it named before (force)
+    missing: tuple[str, ...]                # blobs not held here
+
+
 @dataclass
 class _OpenUpload:
     repository: str
@@ -199,6 +213,8 @@ class Registry:
         # Bit rot: quarantined and fetched again (replication sets its sources).
         self.repair = BlobRepair(blobs, run_blocking, wall_ns=wall_ns, monotonic=monotonic,
                                  recorded=lambda digest: meta.get(keys.blob(digest)) is not None)
+        # Soft delete: what deletes keep, and for how long (``recycle_bin``).
+        self.bin = recycle_bin.RecycleBin(meta, wall_ns)
 
     # -- helpers -------------------------------------------------------------
 
@@ -841,6 +857,7 @@ class Registry:
         )
         batch.put(keys.manifest(repo, digest), encode(record))
         batch.delete(keys.manifest_tomb(repo, digest))
+        self.bin.stage_manifest_end(batch, repo, digest)     # back: no longer deleted
         for target in parsed.references:
             batch.put(keys.ref(target, repo, digest), b"")
         if parsed.subject:
@@ -865,6 +882,7 @@ class Registry:
         batch.put(keys.tag(repo, tag), encode(TagRecord(digest, hlc, origin_region, origin_zone,
                                                         origin_acked_ns, self._wall_ns())))
         batch.delete(keys.tag_tomb(repo, tag))
+        self.bin.stage_tag_end(batch, repo, tag)
         raw = batch.puts.get(keys.manifest(repo, digest)) or self.meta.get(keys.manifest(repo, digest))
         if raw is not None:
             record = decode(raw, ManifestRecord)
@@ -883,11 +901,30 @@ class Registry:
             record = decode(value, TagRecord)
             if record.digest == digest and stamp_of(record) < stamp:
                 tag = keys.parse(key, keys.TagKey).tag
-                batch.delete(key)
-                batch.put(keys.tag_tomb(repo, tag), encode(Tombstone(
-                    record.hlc, record.origin_region, record.origin_zone, digest)))
+                self.stage_tag_tombstone(batch, repo, tag, stamp_of(record), digest)
                 removed.append(tag)
         return removed
+
+    def stage_tag_tombstone(self, batch: Batch, repo: str, tag: str, stamp: Stamp,
+                            digest: str) -> None:
+        """End a tag's value: its tombstone (stamped ``stamp``, naming what the
+        tag pointed at) and any recycle bin entry of it. Whatever ends the tag
+        register ends an older untag's entry, as a restore or a re-tag does in
+        the region it is taken, so every region holds the same bin; only the
+        soft delete an entry records makes it again (``stage_tag_delete``)."""
+        hlc, region, zone = stamp
+        batch.delete(keys.tag(repo, tag))
+        batch.put(keys.tag_tomb(repo, tag), encode(Tombstone(hlc, region, zone, digest)))
+        self.bin.stage_tag_end(batch, repo, tag)
+
+    def stage_tag_delete(self, batch: Batch, delete: Event) -> None:
+        """What a winning TAG_DELETE leaves: the tag's tombstone and, when the
+        delete was a soft one, its recycle bin entry."""
+        self.stage_tag_tombstone(batch, delete.repository, delete.tag, stamp_of(delete),
+                                 delete.digest)
+        if delete.recycled:
+            self.bin.stage_tag(batch, delete.repository, delete.tag, delete.digest,
+                               stamp_of(delete), delete.acked_ns)
 
     async def delete_manifest(self, repo: str, reference: str, *,
                               request: ClientRequest | None = None) -> None:
@@ -905,10 +942,10 @@ class Registry:
             value = decode(raw, TagRecord)
             hlc = self.stamp_over(batch, value.hlc)
             pointed = value.digest
-            batch.delete(keys.tag(repo, tag))
-            batch.put(keys.tag_tomb(repo, tag), self._tombstone(hlc, pointed))
-            batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed,
-                                    request=request))
+            event = self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed,
+                                request=request, recycled=self.bin.policy().enabled)
+            self.stage_tag_delete(batch, event)
+            batch.event(event)
             self.drop_repo_if_emptied(batch, repo)
             await self._commit(batch)
             return
@@ -931,14 +968,171 @@ class Registry:
         hlc = self.stamp_over(batch, record.hlc)
         # The tags go with it, here and (by the same rule) wherever the delete
         # arrives; no tag_delete events, which would end newer values elsewhere.
-        self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
+        tags = self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
         self.stage_manifest_removal(batch, repo, digest, record)
-        batch.put(keys.manifest_tomb(repo, digest), self._tombstone(hlc))
-        batch.event(self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,
-                                media_type=record.media_type,
-                                artifact_type=record.artifact_type, request=request))
+        recycled = self.bin.policy().enabled
+        event = self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,
+                            media_type=record.media_type, artifact_type=record.artifact_type,
+                            request=request, recycled=recycled,
+                            recycled_tags=tuple(sorted(tags)) if recycled else ())
+        self.stage_manifest_tombstone(batch, event, record)
+        batch.event(event)
         self.drop_repo_if_emptied(batch, repo)
         await self._commit(batch)
+
+    def stage_manifest_tombstone(self, batch: Batch, delete: Event,
+                                 record: ManifestRecord | None) -> None:
+        """What a winning MANIFEST_DELETE leaves: its tombstone, saying whether
+        the delete was a soft one (so anti-entropy says so from every node, the
+        ones without a bin entry of it included), and in the recycle bin the
+        manifest (``record``, as it was here, or as an older delete's entry
+        kept it) when it was, nothing otherwise (an older entry of it ends
+        either way). A region that never held the manifest keeps no entry."""
+        repo, digest = delete.repository, delete.digest
+        hlc, region, zone = stamp_of(delete)
+        batch.put(keys.manifest_tomb(repo, digest), encode(Tombstone(
+            hlc, region, zone, recycled=delete.recycled, recycled_tags=delete.recycled_tags,
+            deleted_ns=delete.acked_ns if delete.recycled else 0)))
+        if record is None:
+            older = self.bin.manifest(repo, digest, batch)
+            record = older.record if older is not None else None
+        self.bin.stage_manifest_end(batch, repo, digest)
+        if delete.recycled and record is not None:
+            self.bin.stage_manifest(batch, repo, digest, record, delete.recycled_tags,
+                                    stamp_of(delete), delete.acked_ns)
+
+    async def restore(self, repo: str, reference: str, *, force: bool = False,
+                      request: ClientRequest | None = None) -> dict[str, Any]:
+        """Bring back what the recycle bin holds (``recycle_bin``): by digest, a
+        manifest with the tags it had; by tag, the manifest most recently
+        deleted with that tag (with all its tags), or that tag alone when it
+        was untagged later. A restore is a write, replicated as the push and
+        tag sets it amounts to (stamped now, so it wins over the delete it
+        undoes everywhere, and loses to a later one). Refused, nothing changed:
+        a repository this node holds nothing of (404 NAME_UNKNOWN); where a
+        lock forbids the push it amounts to; a tag that since names another
+        manifest (409, naming it) unless ``force`` moves it back; a child
+        manifest of an index that is not in the repository (409: restore it
+        first); blobs no peer has either."""
+        validate_name(repo)
+        plan = self._restore_plan(repo, reference, force)
+        if plan.missing and self.peers is not None:
+            await self.peers.fetch_blobs(repo, list(plan.missing))
+            # The await let other writes in (a push of a tag, a lock, another
+            # restore or purge): every check is made again on what is here now.
+            plan = self._restore_plan(repo, reference, force)
+        # From here to the commit, no await: the checks hold when it is written.
+        if plan.missing:
+            raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                                {"missing": list(plan.missing[:20]), "count": len(plan.missing)},
+                                message="blobs of the manifest are held nowhere", status=409)
+        self.check_writable()
+        if plan.body is not None:
+            self.check_storage(len(plan.body))
+        digest, entry, to_set = plan.digest, plan.entry, plan.to_set
+        batch = Batch()
+        # Above the manifest's register (its tombstone, when it comes back) and
+        # every tag's it sets, as any write is (``stamp_over``).
+        hlc = self.stamp_over(batch, self.manifest_held(repo, digest),
+                              *(self.tag_held(repo, tag) for tag in to_set))
+        stamp = (hlc, self.identity.region, self.identity.zone)
+        acked = self._wall_ns()
+        if entry is not None:
+            body, parsed = plan.body, plan.parsed
+            assert body is not None and parsed is not None
+            self.stage_manifest(batch, repo, digest, body, parsed, stamp, acked)
+            batch.event(self._event(EventKind.MANIFEST_PUT, repo, hlc, digest=digest,
+                                    tag=to_set[0] if to_set else "",
+                                    media_type=parsed.media_type, size=len(body),
+                                    references=parsed.references, subject=parsed.subject or "",
+                                    artifact_type=parsed.artifact_type or "", request=request))
+        record = entry.record if entry is not None else decode(
+            self.meta.get(keys.manifest(repo, digest)), ManifestRecord)
+        for tag in to_set:
+            self.stage_tag(batch, repo, tag, digest, stamp, acked)
+            batch.event(self._event(EventKind.TAG_SET, repo, hlc, digest=digest, tag=tag,
+                                    media_type=record.media_type, size=record.size,
+                                    artifact_type=record.artifact_type, request=request))
+        await self._commit(batch)
+        self.bin.restored_total += 1
+        return {"repository": repo, "digest": digest, "manifestRestored": entry is not None,
+                "tagsRestored": list(to_set),
+                "tagsMoved": {t: plan.moved[t] for t in to_set if t in plan.moved}}
+
+    def _restore_plan(self, repo: str, reference: str, force: bool) -> _RestorePlan:
+        """What restoring ``reference`` writes, checked against what is here
+        now: every refusal but blobs missing here (a peer may have them) is
+        raised. Synchronous, so its checks hold until the caller's next await."""
+        if not self.repository_exists(repo) and not self.bin.holds(repo):
+            raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
+        digest, entry, tags = self._restorable(repo, reference)
+        moved: dict[str, str] = {}
+        to_set: list[str] = []
+        for tag in tags:
+            raw = self.meta.get(keys.tag(repo, tag))
+            current = decode(raw, TagRecord).digest if raw is not None else None
+            if current == digest:
+                continue
+            if current is not None:
+                moved[tag] = current
+                if not force:
+                    continue
+            to_set.append(tag)
+        if moved and not force:
+            raise RegistryError(
+                ErrorCode.DENIED, {"digest": digest, "tagsNowElsewhere": moved},
+                message=f"tag{'s' if len(moved) > 1 else ''} {', '.join(sorted(moved))} "
+                        f"name{'' if len(moved) > 1 else 's'} another manifest since the delete; "
+                        f"nothing was restored (restore with force to move "
+                        f"{'them' if len(moved) > 1 else 'it'} back)", status=409)
+        body, parsed, missing = None, None, ()
+        if entry is not None:
+            self.locks.check_upload(repo)
+            body = self.sealer.open(entry.record.sealed_body, manifest_ad(digest))
+            parsed = manifests.parse(body, entry.record.media_type)
+            children = [d for d in parsed.children
+                        if self.meta.get(keys.manifest(repo, d)) is None]
+            if children:
+                raise RegistryError(
+                    ErrorCode.MANIFEST_BLOB_UNKNOWN, {"missing": children[:20]},
+                    message="manifests of the index are not in the repository; restore them "
+                            "first", status=409)
+            missing = tuple(d for d in parsed.blobs if self.meta.get(keys.blob(d)) is None)
+        for tag in to_set:
+            self.locks.check_push(repo, tag, True)
+        return _RestorePlan(digest, entry, body, parsed, tuple(to_set), moved, missing)
+
+    def _restorable(self, repo: str, reference: str
+                    ) -> tuple[str, RecycledManifest | None, tuple[str, ...]]:
+        """What restoring ``reference`` brings back: the digest, the manifest's
+        bin entry (None: it is live, only a tag comes back) and the tags."""
+        def absent(what: dict[str, str]) -> RegistryError:
+            return RegistryError(ErrorCode.MANIFEST_UNKNOWN, what,
+                                 message="not in the recycle bin")
+
+        if is_digest(reference):
+            digest = str(Digest.parse(reference))
+            entry = self.bin.manifest(repo, digest)
+            if entry is None:
+                raise absent({"digest": digest})
+            return digest, entry, entry.tags
+        tag = validate_tag(reference)
+        found = self.bin.find_by_tag(repo, tag)
+        untagged = self.bin.tag(repo, tag)
+        # Which delete came last: by stamp, as last-writer-wins orders them
+        # (not by origin wall clocks, which may disagree across regions).
+        if untagged is not None and (found is None or stamp_of(untagged) > stamp_of(found[1])):
+            if self.meta.get(keys.manifest(repo, untagged.digest)) is not None:
+                return untagged.digest, None, (tag,)
+            if (kept := self.bin.manifest(repo, untagged.digest)) is not None:
+                return untagged.digest, kept, tuple(dict.fromkeys((tag, *kept.tags)))
+            if found is None:
+                raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": tag,
+                                                                 "digest": untagged.digest},
+                                    message="the manifest the tag named is gone")
+        if found is None:
+            raise absent({"tag": tag})
+        return found[0], found[1], found[1].tags
 
     async def delete_repository(self, repo: str, *,
                                 request: ClientRequest | None = None) -> dict[str, list[str]]:

@@ -56,6 +56,8 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", _NAME + "/blobs/{digest}", blobs.delete_blob),
     # ACR's own API, beside the OCI one. The suffixed routes come first: a
     # repository name may hold slashes, and the bare one would take them all.
+    Route("GET", _ACR + "/_deleted", metadata.list_deleted),
+    Route("POST", _ACR + "/_deleted/{reference}", metadata.restore),
     Route("GET", _ACR + "/_tags", metadata.list_tags),
     Route("GET", _ACR + "/_tags/{tag}", metadata.get_tag),
     Route("PATCH", _ACR + "/_tags/{tag}", metadata.patch_tag),

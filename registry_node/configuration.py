@@ -87,9 +87,9 @@ class RegistryProperties(msgspec.Struct, frozen=True):
     admin_enabled: bool = False
     anonymous_pull_enabled: bool = False
     name: str = ""
-    soft_delete: recycle_bin.SoftDeletePolicy = recycle_bin.SoftDeletePolicy()
     admin_passwords: tuple[identities.Secret, ...] = ()
     sku: str = ""
+    soft_delete: recycle_bin.SoftDeletePolicy = recycle_bin.SoftDeletePolicy()
 
 
 def _check_registry(name: str, value: RegistryProperties) -> None:

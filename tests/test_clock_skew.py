@@ -302,8 +302,10 @@ async def test_a_clock_beyond_the_bound_stops_its_writes_and_is_flagged_until_he
     assert (status, error["message"], error["detail"]["outcome"]) == \
         (503, "clock skewed: writes refused", Outcome.DEFINITE.value)
     assert "s behind its peers' (westeurope, westus)" in error["detail"]["reason"]
-    for peer in ("westeurope", "westus"):         # flagged by both, skewed neither
-        assert guard(cluster, peer).off_peers() == ["eastus"]
+    for peer in ("westeurope", "westus"):         # flagged by both (by their own probes,
+        await eventually(                         # on their own schedule), skewed neither
+            lambda p=peer: guard(cluster, p).off_peers() == ["eastus"], timeout=10,
+            what=lambda p=peer: f"{p} to flag eastus (flags {guard(cluster, p).off_peers()})")
         assert guard(cluster, peer).refusal(cluster.nodes[peer].registry.hlc.last) is None
     before = metric_sum(await metrics_text(http, east), "georeg_clock_offset_exceeded_total",
                         peer="westeurope", seen_in="event")

@@ -81,6 +81,15 @@ def urlopen(url: str | urllib.request.Request, timeout: float = 30.0):
     return _DIRECT.open(url, timeout=timeout)
 
 
+def flip(path: Path, offset: int) -> None:
+    """Flip one bit of a stored file at ``offset`` (bit rot, tampering)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 

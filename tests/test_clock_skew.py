@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import aiohttp
 import msgspec
 import pytest
 import pytest_asyncio
@@ -29,7 +28,7 @@ from replicator.metrics import ReplicationMetrics
 from replicator.topology import ReplicationSettings
 
 from .helpers import eventually, make_image, push_image
-from .replication_harness import InProcessCluster
+from .replication_harness import InProcessCluster, module_cluster
 from .replication_invariants import metric_sum, metrics_text
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -170,17 +169,7 @@ async def test_a_failed_probe_round_does_not_stop_the_next():
 # -- three in-process nodes --------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def cluster(tmp_path_factory):
-    async with InProcessCluster(tmp_path_factory.mktemp("clock"), TOPOLOGY,
-                                settings=SETTINGS) as c:
-        yield c
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http():
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
+cluster, http = module_cluster("clock", TOPOLOGY, SETTINGS)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

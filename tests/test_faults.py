@@ -32,6 +32,7 @@ from .helpers import (
     Skopeo,
     digest_of,
     eventually,
+    flip,
     make_image,
     push_blob,
     push_image,
@@ -618,14 +619,6 @@ async def test_bit_rot_in_a_confined_region_with_no_other_copy_is_refused_and_re
         assert r.status == 200 and await r.read() == blob
 
 
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
-
-
 async def test_bit_rot_met_mid_stream_through_an_endpoint_is_repaired_for_the_retry(
         cluster, http):
     """Through an endpoint the node writes a download itself (the hand-over):
@@ -644,7 +637,7 @@ async def test_bit_rot_met_mid_stream_through_an_endpoint_is_repaired_for_the_re
     for name in zones:          # whichever zone the endpoint picks, its copy is rotten
         blob_file = cluster.cluster.plan.node(name).data_dir / "blobs" / "sha256" / \
             digest[7:9] / digest[7:]
-        _flip(blob_file, HEADER_SIZE + 20 * (SEGMENT_SIZE + SEGMENT_OVERHEAD) + 500)
+        flip(blob_file, HEADER_SIZE + 20 * (SEGMENT_SIZE + SEGMENT_OVERHEAD) + 500)
     url = f"{cluster.endpoint('eastus')}/v2/rot/large/blobs/{digest}"
 
     async def pulled() -> bool:

@@ -12,6 +12,7 @@ import itertools
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -105,6 +106,19 @@ async def _sink() -> tuple[asyncio.Server, int, asyncio.Future]:
     return server, server.sockets[0].getsockname()[1], got
 
 
+@contextlib.asynccontextmanager
+async def _link_to_sink(faults: LinkFaults) -> AsyncIterator[tuple[Link, asyncio.Future]]:
+    """A 5 ms link with ``faults`` into a server that gathers what arrives."""
+    server, port, got = await _sink()
+    link = await Link("a->b", ("127.0.0.1", port), LinkModel(latency_ms=5)).start()
+    try:
+        link.set_faults(faults)
+        yield link, got
+    finally:
+        await link.stop()
+        server.close()
+
+
 async def _through(link: Link, payload: bytes) -> tuple[bytes, float]:
     reader, writer = await asyncio.open_connection("127.0.0.1", link.listen_port)
     started = time.monotonic()
@@ -117,10 +131,7 @@ async def _through(link: Link, payload: bytes) -> tuple[bytes, float]:
 
 
 async def test_a_corrupting_link_flips_one_byte_per_corrupted_segment_and_loss_delays():
-    server, port, got = await _sink()
-    link = await Link("a->b", ("127.0.0.1", port), LinkModel(latency_ms=5)).start()
-    try:
-        link.set_faults(LinkFaults(corrupt=0.05, seed=3))
+    async with _link_to_sink(LinkFaults(corrupt=0.05, seed=3)) as (link, got):
         payload = random.Random(0).randbytes(1 << 20)
         await _through(link, payload)
         received = await asyncio.wait_for(got, 10)
@@ -128,14 +139,8 @@ async def test_a_corrupting_link_flips_one_byte_per_corrupted_segment_and_loss_d
         differing = sum(a != b for a, b in zip(received, payload, strict=True))
         assert differing == link.segments["corrupted"] > 0
         assert link.stats()["corrupted_segments"] == differing
-    finally:
-        await link.stop()
-        server.close()
     # A lone segment lost waits a retransmission timeout: RTT + the minimum RTO.
-    server, port, got = await _sink()
-    link = await Link("a->b", ("127.0.0.1", port), LinkModel(latency_ms=5)).start()
-    try:
-        link.set_faults(LinkFaults(loss=1.0))
+    async with _link_to_sink(LinkFaults(loss=1.0)) as (link, got):
         reader, writer = await asyncio.open_connection("127.0.0.1", link.listen_port)
         started = time.monotonic()
         writer.write(b"x")
@@ -144,16 +149,10 @@ async def test_a_corrupting_link_flips_one_byte_per_corrupted_segment_and_loss_d
         assert time.monotonic() - started >= 0.005 + 0.01 + MIN_RTO_S - 0.002
         assert link.segments["lost"] == 1
         writer.close()
-    finally:
-        await link.stop()
-        server.close()
 
 
 async def test_a_lost_tail_is_retransmitted_after_one_rtt_if_enough_segments_follow_it():
-    server, port, got = await _sink()
-    link = await Link("a->b", ("127.0.0.1", port), LinkModel(latency_ms=5)).start()
-    try:
-        link.set_faults(LinkFaults(loss=1.0))
+    async with _link_to_sink(LinkFaults(loss=1.0)) as (link, got):
         reader, writer = await asyncio.open_connection("127.0.0.1", link.listen_port)
         started = time.monotonic()
         writer.write(b"x")                      # lost, nothing behind it yet
@@ -170,9 +169,6 @@ async def test_a_lost_tail_is_retransmitted_after_one_rtt_if_enough_segments_fol
         assert time.monotonic() - started < 0.005 + 0.01 + MIN_RTO_S / 2
         assert link.segments["lost"] == 1
         writer.close()
-    finally:
-        await link.stop()
-        server.close()
 
 
 def test_a_sealed_message_opens_only_whole_and_undamaged_and_a_plain_one_as_it_is():

@@ -170,15 +170,24 @@ def fingerprint_problems(node) -> list[str]:
 
 async def residency_problems(http: aiohttp.ClientSession, node, confined_repos: Iterable[str],
                              confined_digests: Iterable[str], *,
-                             probe_manifests: bool = True) -> list[str]:
+                             probe_manifests: bool = True, through_api: bool = True) -> list[str]:
     """Nothing of ``confined_repos``/``confined_digests`` on ``node``, which is
     outside the confined region: checked through the API and in storage.
 
     A GET or HEAD of a manifest a node lacks makes it ask its peers first
     (bounded staleness) — which is worth checking too (a peer must refuse) but
-    takes seconds while links are cut; ``probe_manifests=False`` skips it."""
-    meta = node.registry.meta
+    takes seconds while links are cut; ``probe_manifests=False`` skips it.
+    ``through_api=False`` checks storage only (keys, records, files, the log)."""
     confined_repos, confined_digests = set(confined_repos), set(confined_digests)
+    problems = []
+    if through_api:
+        problems += await _residency_api_problems(http, node, confined_repos, confined_digests,
+                                                  probe_manifests)
+    return problems + _residency_storage_problems(node, confined_repos, confined_digests)
+
+
+async def _residency_api_problems(http: aiohttp.ClientSession, node, confined_repos: set[str],
+                                  confined_digests: set[str], probe_manifests: bool) -> list[str]:
     problems = []
     async with http.get(f"{node.url}/v2/_catalog") as r:
         leaked = confined_repos & set((await r.json())["repositories"])
@@ -193,6 +202,14 @@ async def residency_problems(http: aiohttp.ClientSession, node, confined_repos: 
                 async with http.head(f"{node.url}/v2/{repo}/{kind}/{digest}") as r:
                     if r.status != 404:
                         problems.append(f"{node.name}: HEAD {repo}/{kind}/{digest} → {r.status}")
+    return problems
+
+
+def _residency_storage_problems(node, confined_repos: set[str],
+                                confined_digests: set[str]) -> list[str]:
+    meta = node.registry.meta
+    problems = []
+    for repo in sorted(confined_repos):
         for prefix in (keys.repo_prefix(repo), keys.tomb_prefix(repo), keys.repo(repo)):
             if meta.has_prefix(prefix):
                 problems.append(f"{node.name}: metadata under {prefix!r}")

@@ -1000,21 +1000,30 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_node_consistent_and_resident(self) -> None:
-        self.run(self._step_invariants())
+        """After every step, from storage: each node's manifests have their
+        blobs and children, its sums are exact, and nothing confined is outside
+        its region. What the nodes *serve* is walked at each quiescence
+        (``_quiesce_and_check``): walking every manifest and blob of every node
+        through HTTP after every step was 40-60 % of this test's time, and storage
+        holds the same invariant atomically."""
+        self.run(self._step_invariants(through_api=False))
 
-    async def _step_invariants(self, probe_manifests: bool = False) -> None:
+    async def _step_invariants(self, through_api: bool) -> None:
         running = self.cluster.running()
         problems: list[str] = []
         for node in running:
             problems += storage_problems(node)
-        results = await asyncio.gather(*(served_manifest_problems(self.http, n) for n in running))
-        for found in results:
-            problems += found
+        if through_api:
+            results = await asyncio.gather(*(served_manifest_problems(self.http, n)
+                                             for n in running))
+            for found in results:
+                problems += found
         confined = sorted(self.model.confined_digests)
         for node in running:
             if node.region != "brazilsouth":
                 problems += await residency_problems(self.http, node, CONFINED_REPOS, confined,
-                                                     probe_manifests=probe_manifests)
+                                                     probe_manifests=through_api,
+                                                     through_api=through_api)
         assert not problems, "\n".join(problems)
 
     async def _quiesce_and_check(self) -> None:
@@ -1078,7 +1087,7 @@ class ReplicationMachine(RuleBasedStateMachine):
         except AssertionError:
             raise AssertionError(f"locks not kept everywhere: expected {expected_locks}, "
                                  f"held {seen}") from None
-        await self._step_invariants(probe_manifests=True)
+        await self._step_invariants(through_api=True)
         if self.raced:
             self._bins_agree()
             if self.verified < len(self.raced):      # once after each race

@@ -50,6 +50,7 @@ Example (every key optional except where noted)::
     peer_horizon_s = 86400          # a peer silent this long no longer holds logs back
     tombstone_grace_s = 86400       # deletes are remembered at least this long (gc_grace)
     log_retain_events = 10000       # events every log keeps, whatever its readers' cursors
+    clock_probe_interval_s = 10     # how often each node measures its peers' clocks
 
     [webhooks]                      # how nodes deliver webhooks; each key optional (the
     timeout_s = 10                  # defaults shown), see registry_node.config.WebhookSettings:
@@ -210,6 +211,7 @@ class ReplicationSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     peer_horizon_s: float | None = None
     tombstone_grace_s: float | None = None
     log_retain_events: int | None = None
+    clock_probe_interval_s: float | None = None
 
     def settings(self) -> ReplicationSettings:
         given = {name: getattr(self, name) for name in self.__struct_fields__}
@@ -576,7 +578,8 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
 
 def _replication_problems(replication: ReplicationSpec) -> list[str]:
     problems = []
-    for name in ("anti_entropy_interval_s", "quorum_timeout_s", "peer_horizon_s"):
+    for name in ("anti_entropy_interval_s", "quorum_timeout_s", "peer_horizon_s",
+                 "clock_probe_interval_s"):
         value = getattr(replication, name)
         if value is not None and not value > 0:
             problems.append(f"replication.{name} must be more than 0 seconds")

@@ -1,0 +1,246 @@
+"""Quick builds (``georeg build``, ``cluster.control.builds``) with real buildah
+on a real cluster with auth: the base image is a static busybox root
+filesystem the test pushes into georeg itself (nothing comes from the
+internet), so a ``RUN`` step runs. The built image is pulled back with skopeo
+and its layer read; the caller's push right is checked before a run exists;
+a failing step, bad contexts, and a cancel each end as the API says.
+
+One single-region cluster serves the module; each build takes 2–4 s.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster.control import spec as specs
+from cluster.testing import RunningCluster
+
+from .helpers import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    Image,
+    Skopeo,
+    digest_of,
+    push_image,
+    require_program,
+)
+from .test_cluster import georeg
+
+SPEC = specs.ClusterSpec(registry="georegbuild", home_region="eastus", replicas=())
+FINAL = ("Succeeded", "Failed", "Canceled", "TimedOut")
+
+
+def busybox_image() -> Image:
+    """A one-layer image: a static busybox as /bin/busybox, /bin/sh linking to it."""
+    busybox = Path(require_program("busybox", "busybox-static"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("bin", "tmp"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        tar.add(busybox, arcname="bin/busybox")
+        for applet in ("sh", "echo", "sleep", "false"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+    layer = buf.getvalue()
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "config": {"Env": ["PATH=/bin"]},
+                         "rootfs": {"type": "layers", "diff_ids": [digest_of(layer)]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
+        "layers": [{"mediaType": OCI_LAYER, "digest": digest_of(layer), "size": len(layer)}],
+    }).encode()
+    return Image(config, [layer], manifest)
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    require_program("buildah", "buildah")
+    with RunningCluster(SPEC, tmp_path_factory.mktemp("builds")) as c:
+        async def push_base():
+            async with c.http() as http:
+                return await push_image(http, c.regional_endpoint("eastus"), "base",
+                                        busybox_image(), "latest")
+        c.base_digest = c.run(push_base)
+        yield c
+
+
+def context_archive(files: dict[str, str | bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            data = data.encode() if isinstance(data, str) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def login_header(username: str, password: str) -> dict[str, str]:
+    value = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"X-Registry-Authorization": f"Basic {value}"}
+
+
+def api(running, method: str, path: str, data: bytes | None = None,
+        headers: dict[str, str] | None = None) -> tuple[int, object]:
+    request = urllib.request.Request(running.management_url + path, data=data, method=method,
+                                     headers={**running.owner_headers(), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            status, body = r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode()
+
+
+def start_build(running, files: dict, image: str = "app:v1", login=None):
+    login = login or running.credentials
+    return api(running, "POST", f"/georeg/v1/builds?image={image}", context_archive(files),
+               login_header(login.username, login.password))
+
+
+def finished(running, run_id: str, timeout: float = 60) -> dict:
+    """The run's record once it has ended."""
+    answer: dict = {}
+
+    def ended() -> bool:
+        answer.update(api(running, "GET", f"/georeg/v1/runs/{run_id}")[1])
+        return answer["status"] in FINAL
+    running.wait_for(ended, timeout, what=f"run {run_id} to end")
+    return answer
+
+
+def test_a_quick_build_runs_its_steps_on_a_base_from_this_registry_and_pushes(
+        running, tmp_path):
+    context = tmp_path / "src"
+    context.mkdir()
+    (context / "Containerfile").write_text(
+        "FROM {{.Run.Registry}}/base\nCOPY message /message\n"
+        "RUN echo built-by-{{.Run.ID}} > /greeting\n")
+    (context / "message").write_text("copied\n")
+    done = georeg("build", "-t", "app:{{.Run.ID}}", str(context),
+                  data_dir=running.data_dir, timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+    run_id = done.stderr.split("run ID: ")[1].split()[0]
+    assert "STEP" in done.stdout and f"run {run_id} succeeded" in done.stdout
+
+    run = api(running, "GET", f"/georeg/v1/runs/{run_id}")[1]
+    assert run["status"] == "Succeeded" and run["runType"] == "QuickRun"
+    assert [(b["repository"], b["tag"], b["digest"]) for b in run["baseImages"]] == \
+        [("base", "latest", running.base_digest)]
+    [output] = run["outputImages"]
+    assert (output["repository"], output["tag"]) == ("app", run_id)
+
+    skopeo = Skopeo(tmp_path / "skopeo", running.regional_endpoint("eastus")
+                    .removeprefix("http://"), cluster=running)
+    layout = tmp_path / "pulled"
+    running.run(lambda: skopeo.copy(skopeo.ref(f"app:{run_id}"), f"oci:{layout}:app"))
+    raw = running.run(lambda: skopeo.inspect_raw(skopeo.ref(f"app:{run_id}")))
+    assert digest_of(raw) == output["digest"]
+    pulled = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs/sha256" / pulled.split(":")[1]).read_bytes())
+    files = {}
+    for layer in manifest["layers"]:
+        blob = (layout / "blobs/sha256" / layer["digest"].split(":")[1]).read_bytes()
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
+            files.update({m.name.lstrip("./"): tar.extractfile(m).read()
+                          for m in tar if m.isfile()})
+    assert files["greeting"] == f"built-by-{run_id}\n".encode()
+    assert files["message"] == b"copied\n"
+    assert "bin/busybox" in files                # the base's layer came along
+
+    logs = georeg("task", "logs", run_id, "--no-follow", data_dir=running.data_dir)
+    assert logs.returncode == 0 and f"is {running.base_digest}" in logs.stdout
+    assert running.credentials.password not in logs.stdout
+    scratch = running.data_dir / "tasks" / "scratch"
+    assert not (scratch / run_id).exists()
+    record = running.data_dir / "tasks" / "runs" / f"{run_id}.json"
+    assert record.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_caller_without_push_is_refused_before_any_run(running):
+    token = running.run(lambda: running.cluster.access.create_token(
+        "reader", repositories=[["app", "content/read"], ["base", "content/read"]]))
+    password = token["credentials"]["passwords"][0]["value"]
+    runs_before = api(running, "GET", "/georeg/v1/runs")[1]
+    status, answer = api(running, "POST", "/georeg/v1/builds?image=app:denied",
+                         context_archive({"Containerfile": "FROM {{.Run.Registry}}/base\n"}),
+                         login_header("reader", password))
+    assert status == 403 and answer["error"]["code"] == "DENIED", answer
+    assert "requested access to the resource is denied" in answer["error"]["message"]
+    status, answer = api(running, "POST", "/georeg/v1/builds?image=app:denied",
+                         context_archive({"Containerfile": "FROM {{.Run.Registry}}/base\n"}),
+                         login_header("reader", "wrong"))
+    assert status == 401, answer
+    assert api(running, "GET", "/georeg/v1/runs")[1] == runs_before
+
+
+def test_a_failing_step_fails_the_run_with_its_log(running):
+    status, run = start_build(running, {"Containerfile": "FROM {{.Run.Registry}}/base\n"
+                                                         "RUN echo about-to-fail && false\n"})
+    assert status == 202, run
+    run = finished(running, run["runId"])
+    assert run["status"] == "Failed" and "the build failed" in run["error"]
+    log = api(running, "GET", f"/georeg/v1/runs/{run['runId']}/log")[1]
+    assert "about-to-fail" in log and "exited with status" in log
+
+    status, run = start_build(running, {"Containerfile": "FROM {{.Run.Registry}}/nothere:1\n"})
+    run = finished(running, run["runId"])
+    assert run["status"] == "Failed" and "is not in this registry" in run["error"]
+
+
+@pytest.mark.parametrize("files, status, words", [
+    ({"src/main.c": "int main;"}, 400, "no Containerfile or Dockerfile"),
+    ({"Containerfile": "FROM docker.io/library/alpine\n"}, 400, "must be in this registry"),
+    ({"../escape": "x", "Containerfile": "FROM scratch\n"}, 400, "refused"),
+    ({"/etc/escape": "x", "Containerfile": "FROM scratch\n"}, 400, "refused"),
+])
+def test_a_bad_context_is_refused_with_a_4xx(running, files, status, words):
+    got, answer = start_build(running, files)
+    assert got == status and words in answer["error"]["message"], answer
+    assert not (running.data_dir.parent / "escape").exists()
+
+
+def test_a_context_that_is_not_a_tar_or_too_large_is_refused(running):
+    login = running.credentials
+    got, answer = api(running, "POST", "/georeg/v1/builds?image=app:x", b"not a tar" * 10,
+                      login_header(login.username, login.password))
+    assert got == 400 and "not a readable tar" in answer["error"]["message"], answer
+    builds = running.management.builds
+    limit, builds.max_context_bytes = builds.max_context_bytes, 1000
+    try:
+        got, answer = start_build(running, {"Containerfile": "FROM scratch\n",
+                                            "big": os.urandom(5000)})
+    finally:
+        builds.max_context_bytes = limit
+    assert got == 413 and answer["error"]["code"] == "ContextTooLarge", answer
+    assert not list((running.data_dir / "tasks" / "scratch").iterdir())
+
+
+def test_a_run_can_be_canceled(running):
+    status, run = start_build(running, {"Containerfile": "FROM {{.Run.Registry}}/base\n"
+                                                         "RUN echo sleeping && sleep 600\n"})
+    assert status == 202, run
+    run_id = run["runId"]
+    log = lambda: api(running, "GET", f"/georeg/v1/runs/{run_id}/log")[1]  # noqa: E731
+    running.wait_for(lambda: "sleeping" in log(), 60, what="the RUN step to start")
+    status, canceled = api(running, "POST", f"/georeg/v1/runs/{run_id}/cancel")
+    assert status == 200 and canceled["status"] == "Canceled", canceled
+    assert not (running.data_dir / "tasks" / "scratch" / run_id).exists()
+    status, again = api(running, "POST", f"/georeg/v1/runs/{run_id}/cancel")
+    assert status == 400 and "Canceled" in again["error"]["message"]

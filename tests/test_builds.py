@@ -164,9 +164,9 @@ def test_a_quick_build_runs_its_steps_on_a_base_from_this_registry_and_pushes(
     assert files["message"] == b"copied\n"
     assert "bin/busybox" in files                # the base's layer came along
 
-    logs = georeg("task", "logs", run_id, "--no-follow", data_dir=running.data_dir)
-    assert logs.returncode == 0 and f"is {running.base_digest}" in logs.stdout
-    assert running.credentials.password not in logs.stdout
+    log = api(running, "GET", f"/georeg/v1/runs/{run_id}/log")[1]
+    assert f"is {running.base_digest}" in log and "STEP" in log
+    assert running.credentials.password not in log
     scratch = running.data_dir / "tasks" / "scratch"
     assert not (scratch / run_id).exists()
     record = running.data_dir / "tasks" / "runs" / f"{run_id}.json"
@@ -244,3 +244,34 @@ def test_a_run_can_be_canceled(running):
     assert not (running.data_dir / "tasks" / "scratch" / run_id).exists()
     status, again = api(running, "POST", f"/georeg/v1/runs/{run_id}/cancel")
     assert status == 400 and "Canceled" in again["error"]["message"]
+
+
+def test_a_task_is_kept_as_configuration_and_runs_with_run_variables(running, tmp_path):
+    context = tmp_path / "task-src"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM {{.Run.Registry}}/base\n"
+                                        "RUN echo {{.Run.ID}} {{.Run.Date}} > /stamp\n")
+    body = {"name": "hello", "image": "hello:{{.Run.ID}}", "contextPath": str(context)}
+    status, task = api(running, "POST", "/georeg/v1/tasks", json.dumps(body).encode())
+    assert status == 201 and task["image"] == "hello:{{.Run.ID}}", task
+    status, again = api(running, "POST", "/georeg/v1/tasks", json.dumps(body).encode())
+    assert status == 409, again
+    status, bad = api(running, "POST", "/georeg/v1/tasks",
+                      json.dumps({**body, "name": "rel", "contextPath": "src"}).encode())
+    assert status == 400 and "directory" in bad["error"]["message"], bad
+    assert [t["name"] for t in api(running, "GET", "/georeg/v1/tasks")[1]] == ["hello"]
+
+    login = running.credentials
+    status, run = api(running, "POST", "/georeg/v1/tasks/hello/runs", b"",
+                      login_header(login.username, login.password))
+    assert status == 202 and run["task"] == "hello" and run["runType"] == "TaskRun", run
+    run = finished(running, run["runId"])
+    assert run["status"] == "Succeeded", run
+    assert run["outputImages"][0]["tag"] == run["runId"]
+    log = api(running, "GET", f"/georeg/v1/runs/{run['runId']}/log")[1]
+    assert f"echo {run['runId']} 2" in log           # {{.Run.Date}}: 2026…
+    assert [r["runId"] for r in api(running, "GET", "/georeg/v1/runs?task=hello")[1]] == \
+        [run["runId"]]
+
+    assert api(running, "DELETE", "/georeg/v1/tasks/hello")[0] == 204
+    assert api(running, "GET", "/georeg/v1/tasks/hello")[0] == 404

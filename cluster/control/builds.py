@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import signal
+import tarfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -108,6 +109,7 @@ class BuildRequest:
     region: str | None = None
     timeout_s: int = DEFAULT_TIMEOUT_S
     task: str | None = None
+    trigger: str = "Manual"
     # Not in the repr: a traceback or a log line that shows the request must
     # not show the password.
     credentials: tuple[str, str] | None = field(default=None, repr=False)
@@ -226,9 +228,10 @@ class BuildRuns:
 
     # -- a run ----------------------------------------------------------------------------
 
-    async def start(self, request: BuildRequest, upload) -> dict:
-        """Check and authorise ``request`` with the context ``upload`` (an async
-        iterator of byte chunks), then queue its run; the run's record."""
+    async def start(self, request: BuildRequest, source) -> dict:
+        """Check and authorise ``request`` with its context ``source`` (an async
+        iterator of the uploaded archive's chunks, or a task's directory), then
+        queue its run; the run's record."""
         self._recover()
         region = request.region or self.cluster.spec.home_region
         if region not in {r.region for r in self.cluster.spec.all_replicas}:
@@ -242,7 +245,7 @@ class BuildRuns:
         scratch = self._dir("scratch") / run_id
         scratch.mkdir(mode=0o700)
         try:
-            context = await self._receive(upload, scratch)
+            context = await self._receive(source, scratch)
             file = containerfile_in(context, request.file)
             lines = variables.substitute(file.read_text(errors="replace")).splitlines()
             bases = base_images(lines, registry)
@@ -254,7 +257,7 @@ class BuildRuns:
             raise
         record = {"runId": run_id, "number": number, "status": "Queued", "region": region,
                   "runType": "QuickRun" if request.task is None else "TaskRun",
-                  "task": request.task, "trigger": "Manual",
+                  "task": request.task, "trigger": request.trigger,
                   "createTime": now.isoformat(), "startTime": None, "finishTime": None,
                   "image": f"{registry}/{repository}:{tag}",
                   "outputImages": [], "baseImages": [], "error": None,
@@ -266,22 +269,30 @@ class BuildRuns:
         live.task = asyncio.create_task(self._run(work), name=f"build {run_id}")
         return record
 
-    async def _receive(self, upload, scratch: Path) -> Path:
+    async def _receive(self, source, scratch: Path) -> Path:
+        """The context unpacked under ``scratch``: a task's directory goes through
+        the same archive, limit and checks as an upload."""
         archive = scratch / "context.tar"
-        received = 0
-        with open(archive, "wb") as f:  # noqa: ASYNC230 - local writes of 64 KiB chunks
-            async for chunk in upload:
-                received += len(chunk)
-                if received > self.max_context_bytes:
-                    raise ContextTooLarge(
-                        f"the build context is over {self.max_context_bytes:,} bytes; leave "
-                        f"what the build does not need out of the context directory")
-                f.write(chunk)
+        loop = asyncio.get_running_loop()
+        if isinstance(source, Path):
+            received = await loop.run_in_executor(None, _archive, source, archive)
+        else:
+            received = 0
+            with open(archive, "wb") as f:  # noqa: ASYNC230 - local writes of 64 KiB chunks
+                async for chunk in source:
+                    received += len(chunk)
+                    if received > self.max_context_bytes:
+                        break
+                    f.write(chunk)
+        if received > self.max_context_bytes:
+            raise ContextTooLarge(
+                f"the build context is over {self.max_context_bytes:,} bytes; leave "
+                f"what the build does not need out of the context directory")
         if received == 0:
             raise ContextRefused("the request carried no build context (a tar archive)")
         context = scratch / "context"
         context.mkdir()
-        await asyncio.get_running_loop().run_in_executor(None, unpack_context, archive, context)
+        await loop.run_in_executor(None, unpack_context, archive, context)
         archive.unlink()
         return context
 
@@ -533,6 +544,16 @@ class _Work:
     registry: str
     build_args: tuple[tuple[str, str], ...]
     grant: _Grant = field(repr=False)
+
+
+def _archive(directory: Path, archive: Path) -> int:
+    """``directory`` as a tar archive at ``archive``; its size."""
+    if not directory.is_dir():
+        raise ContextRefused(f"the task's context {directory} is not a directory on the "
+                             f"cluster's machine")
+    with tarfile.open(archive, "w") as tar:
+        tar.add(directory, arcname=".")
+    return archive.stat().st_size
 
 
 def _kill(process: asyncio.subprocess.Process) -> None:

@@ -45,6 +45,14 @@ which other processes find it.
                                                   gzip or not); the caller's registry login in
                                                   ``X-Registry-Authorization: Basic …``; 202 with
                                                   the queued run (``cluster.control.builds``)
+    GET    /georeg/v1/tasks                       tasks (az acr task list; ``cluster.control.tasks``)
+    POST   /georeg/v1/tasks                       {"name", "image", "contextPath", "file", "region",
+                                                  "buildArgs", "timeout", "status",
+                                                  "baseImageTriggerEnabled"}
+    GET    /georeg/v1/tasks/{name}
+    DELETE /georeg/v1/tasks/{name}
+    POST   /georeg/v1/tasks/{name}/runs           az acr task run: 202 with the queued run (the
+                                                  caller's login as for a build)
     GET    /georeg/v1/runs[?task=NAME]            runs, newest first (az acr task list-runs)
     GET    /georeg/v1/runs/{id}                   one run: status, images, base images, times
     GET    /georeg/v1/runs/{id}/log[?follow=true] its log (text), followed until the run ends
@@ -163,6 +171,7 @@ from .imports import ImageImports, import_request
 from .regions import REGIONS, unknown_region_message
 from .repositories import Repositories
 from .state import clear_running_state, write_running_state
+from .tasks import RegistryTasks
 
 if TYPE_CHECKING:                      # the API serves a Cluster; the Cluster never sees the API
     from .cluster import Cluster
@@ -232,6 +241,7 @@ class ManagementServer:
         self.repositories = Repositories(cluster)
         self.imports = ImageImports(cluster)
         self.builds = BuildRuns(cluster)
+        self.tasks = RegistryTasks(cluster, self.builds)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -275,6 +285,11 @@ class ManagementServer:
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
         r.add_post("/georeg/v1/imports", self.import_image)
         r.add_post("/georeg/v1/builds", self.start_build)
+        r.add_get("/georeg/v1/tasks", self.list_tasks)
+        r.add_post("/georeg/v1/tasks", self.create_task)
+        r.add_get("/georeg/v1/tasks/{name}", self.show_task)
+        r.add_delete("/georeg/v1/tasks/{name}", self.delete_task)
+        r.add_post("/georeg/v1/tasks/{name}/runs", self.run_task)
         r.add_get("/georeg/v1/runs", self.list_runs)
         r.add_get("/georeg/v1/runs/{id}", self.show_run)
         r.add_get("/georeg/v1/runs/{id}/log", self.run_log)
@@ -778,6 +793,26 @@ class ManagementServer:
         build = build_request(request.query, registry_login(request))
         run = await self.builds.start(build, request.content.iter_chunked(1 << 16))
         return web.json_response(run, status=202)
+
+    async def list_tasks(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.tasks.list())
+
+    async def show_task(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.tasks.show(request.match_info["name"]))
+
+    async def create_task(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        name = _field(body, "name", str)
+        del body["name"]
+        return web.json_response(await self.tasks.create(name, body), status=201)
+
+    async def delete_task(self, request: web.Request) -> web.Response:
+        await self.tasks.delete(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def run_task(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.tasks.run(request.match_info["name"],
+                                                      registry_login(request)), status=202)
 
     async def list_runs(self, request: web.Request) -> web.Response:
         return web.json_response(self.builds.list(request.query.get("task")))

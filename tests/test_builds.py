@@ -275,3 +275,20 @@ def test_a_task_is_kept_as_configuration_and_runs_with_run_variables(running, tm
 
     assert api(running, "DELETE", "/georeg/v1/tasks/hello")[0] == 204
     assert api(running, "GET", "/georeg/v1/tasks/hello")[0] == 404
+
+
+def test_a_run_the_supervisor_stopped_in_is_failed_not_left_running(tmp_path):
+    from types import SimpleNamespace
+
+    from cluster.control.builds import BuildRuns
+    runs = tmp_path / "tasks" / "runs"
+    runs.mkdir(parents=True)
+    (tmp_path / "tasks" / "scratch" / "ca7").mkdir(parents=True)
+    (runs / "ca7.json").write_text(json.dumps({"runId": "ca7", "number": 7,
+                                               "status": "Running", "error": None}))
+    builds = BuildRuns(SimpleNamespace(data_dir=tmp_path))
+    [run] = builds.list()
+    assert run["status"] == "Failed" and "stopped while this run was running" in run["error"]
+    assert "stopped" in builds.log_path("ca7").read_text()
+    assert not (tmp_path / "tasks" / "scratch").exists()
+    assert (runs / "ca7.json").stat().st_mode & 0o777 == 0o600

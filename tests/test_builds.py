@@ -17,6 +17,7 @@ import os
 import tarfile
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -191,16 +192,19 @@ def test_a_caller_without_push_is_refused_before_any_run(running):
 
 
 def test_a_failing_step_fails_the_run_with_its_log(running):
-    status, run = start_build(running, {"Containerfile": "FROM {{.Run.Registry}}/base\n"
-                                                         "RUN echo about-to-fail && false\n"})
-    assert status == 202, run
-    run = finished(running, run["runId"])
+    # Both uploaded at once: each gets its own run id, and they queue for the one agent.
+    with ThreadPoolExecutor(2) as pool:
+        failing, missing = pool.map(lambda files: start_build(running, files), [
+            {"Containerfile": "FROM {{.Run.Registry}}/base\nRUN echo about-to-fail && false\n"},
+            {"Containerfile": "FROM {{.Run.Registry}}/nothere:1\n"}])
+    assert failing[0] == missing[0] == 202, (failing, missing)
+    assert failing[1]["runId"] != missing[1]["runId"]
+    run = finished(running, failing[1]["runId"])
     assert run["status"] == "Failed" and "the build failed" in run["error"]
     log = api(running, "GET", f"/georeg/v1/runs/{run['runId']}/log")[1]
     assert "about-to-fail" in log and "exited with status" in log
 
-    status, run = start_build(running, {"Containerfile": "FROM {{.Run.Registry}}/nothere:1\n"})
-    run = finished(running, run["runId"])
+    run = finished(running, missing[1]["runId"])
     assert run["status"] == "Failed" and "is not in this registry" in run["error"]
 
 

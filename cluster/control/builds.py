@@ -172,6 +172,7 @@ class BuildRuns:
         self._live: dict[str, _Live] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._recovered = False
+        self._last_number: int | None = None
 
     # -- the files ------------------------------------------------------------------------
 
@@ -221,10 +222,12 @@ class BuildRuns:
         shutil.rmtree(self.root / "scratch", ignore_errors=True)
 
     def _next_id(self) -> tuple[str, int]:
-        numbers = [int(p.stem[2:]) for p in self._dir("runs").glob("ca*.json")
-                   if p.stem[2:].isdigit()]
-        number = max(numbers, default=0) + 1
-        return f"ca{number}", number
+        """A new run id, taken at once (two uploads arriving together never share one)."""
+        if self._last_number is None:
+            self._last_number = max((int(p.stem[2:]) for p in self._dir("runs").glob("ca*.json")
+                                     if p.stem[2:].isdigit()), default=0)
+        self._last_number += 1
+        return f"ca{self._last_number}", self._last_number
 
     # -- a run ----------------------------------------------------------------------------
 

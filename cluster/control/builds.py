@@ -36,11 +36,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
 import signal
-import tarfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,6 +52,8 @@ import aiohttp
 
 from .containerfile import (
     ContextRefused,
+    ContextTooLarge,
+    archive_directory,
     RunVariables,
     base_images,
     containerfile_in,
@@ -94,11 +96,6 @@ class Denied(ClusterError):
 class Unauthorized(ClusterError):
     status = 401
     code = "UNAUTHORIZED"
-
-
-class ContextTooLarge(ClusterError):
-    status = 413
-    code = "ContextTooLarge"
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +275,9 @@ class BuildRuns:
         archive = scratch / "context.tar"
         loop = asyncio.get_running_loop()
         if isinstance(source, Path):
-            received = await loop.run_in_executor(None, _archive, source, archive)
+            received = await loop.run_in_executor(
+                None, functools.partial(archive_directory, source, archive,
+                                        max_bytes=self.max_context_bytes))
         else:
             received = 0
             with open(archive, "wb") as f:  # noqa: ASYNC230 - local writes of 64 KiB chunks
@@ -547,16 +546,6 @@ class _Work:
     registry: str
     build_args: tuple[tuple[str, str], ...]
     grant: _Grant = field(repr=False)
-
-
-def _archive(directory: Path, archive: Path) -> int:
-    """``directory`` as a tar archive at ``archive``; its size."""
-    if not directory.is_dir():
-        raise ContextRefused(f"the task's context {directory} is not a directory on the "
-                             f"cluster's machine")
-    with tarfile.open(archive, "w") as tar:
-        tar.add(directory, arcname=".")
-    return archive.stat().st_size
 
 
 def _kill(process: asyncio.subprocess.Process) -> None:

@@ -1,17 +1,28 @@
-"""What a build is given, checked before anything runs (no I/O but the
-context's own files): the build context a client uploads (a tar archive,
-gzip or not), the run variables substituted into its Containerfile, and the
-base images its ``FROM`` lines name.
+"""What a build is given, checked before anything runs: the build context (a
+tar archive a client uploads, gzip/bzip2/xz or not, or a task's directory
+archived here), the run variables substituted into its Containerfile, and the
+base images its ``FROM`` lines name. This module owns what a context may be.
 
 Invariants:
 
-* a context never writes outside the directory it is unpacked into: absolute
-  names (refused here), ``..`` components, links that point outside and device files are
-  refused (Python's ``data`` extraction filter), before any file is written;
-* what a context unpacks to is bounded (``MAX_MEMBERS`` entries,
-  ``MAX_UNPACKED_BYTES`` of file data), so a small compressed archive cannot
-  fill the disk;
-* every refusal is a ``ClusterError`` (400) whose message says what was wrong;
+* a context never writes outside the directory it is unpacked into. Every
+  member is checked here, never by Python's ``tarfile`` filters (their checks
+  rely on ``os.path.realpath``, which a long chain of links defeats, and
+  Debian's Python 3.11.2 has none): absolute names, ``..`` components, names
+  over ``MAX_NAME_BYTES``, symlinks whose target is absolute or leaves the
+  context, hardlinks to anything but an earlier regular file, devices, fifos
+  and sparse files are refused. Extraction is member by member, creating each
+  directory itself and refusing any parent that is not a real directory (a
+  link is never followed), files opened ``O_NOFOLLOW | O_EXCL``;
+* unpacking is bounded as it reads: the decompressed stream is counted
+  (``MAX_STREAM_BYTES``), a header payload (a long name, a pax record) is
+  at most ``MAX_HEADER_BYTES`` before it is read, and entries and file data
+  are at most ``MAX_MEMBERS`` and ``MAX_UNPACKED_BYTES``: a small bomb is a 413,
+  never memory or disk filled;
+* a task's directory is archived with the same bounds, stopping as soon as
+  one is passed; a file that cannot be read is a 400 naming it;
+* every refusal is a ``ClusterError`` (400, 413 for a size) whose message says
+  what was wrong; on a refusal the caller removes what was written;
 * run variables are ACR's: ``{{.Run.ID}}``, ``{{.Run.Registry}}``,
   ``{{.Run.Date}}``, and ``$Registry`` / ``${Registry}`` for the registry,
   substituted in the Containerfile and the image name alike.
@@ -19,7 +30,12 @@ Invariants:
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
+import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -34,43 +50,257 @@ from .errors import ClusterError
 # not documented; its docs suggest a .dockerignore well before this).
 MAX_MEMBERS = 20_000
 MAX_UNPACKED_BYTES = 1024 * 1024 * 1024
+# A long-name or pax header's payload; real ones are a few hundred bytes.
+MAX_HEADER_BYTES = 64 * 1024
+# A member's name or link target (PATH_MAX is 4096; a source tree's are far shorter).
+MAX_NAME_BYTES = 1024
 DEFAULT_FILES = ("Containerfile", "Dockerfile")
+_CHUNK = 1 << 16
+_HEADER_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                 tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+def max_stream_bytes(max_members: int, max_bytes: int) -> int:
+    """What a context's tar stream may decompress to: its file data, plus headers
+    and padding for every entry, plus header payloads."""
+    return max_bytes + max_members * (3 * 512 + 512) + 16 * MAX_HEADER_BYTES
 
 
 class ContextRefused(ClusterError):
-    """The uploaded context cannot be built from; the message says why."""
+    """The context cannot be built from; the message says why."""
 
     code = "InvalidContext"
 
 
-def unpack_context(archive: Path, into: Path) -> None:
-    """``archive`` (a tar, gzip or not) unpacked into ``into``, or refused whole."""
+class ContextTooLarge(ClusterError):
+    status = 413
+    code = "ContextTooLarge"
+
+
+def _too_large(max_members: int, max_bytes: int) -> ContextTooLarge:
+    return ContextTooLarge(
+        f"the context holds more than {max_members:,} entries or {max_bytes // 2**20:,} MiB "
+        f"of files: leave build outputs and dependencies out of it (a .dockerignore is "
+        f"not read)")
+
+
+class _Counted:
+    """A decompressed stream that refuses to give more than ``limit`` bytes."""
+
+    def __init__(self, raw, limit: int, too_large: ContextTooLarge) -> None:
+        self.raw, self.limit, self.read_bytes, self.too_large = raw, limit, 0, too_large
+
+    def read(self, size: int = -1) -> bytes:
+        size = _CHUNK if size is None or size < 0 else size
+        data = self.raw.read(min(size, self.limit + 1 - self.read_bytes))
+        self.read_bytes += len(data)
+        if self.read_bytes > self.limit:
+            raise self.too_large
+        return data
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """A member whose header payload (long name, pax record) is refused over
+    ``MAX_HEADER_BYTES`` *before* tarfile reads it into memory."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
+            raise ContextRefused(f"the context archive is refused: a header record of "
+                                 f"{self.size:,} bytes (at most {MAX_HEADER_BYTES:,})")
+        return super()._proc_member(tarfile_)
+
+
+def _decompressed(f):
+    """``f`` (an open archive) decompressed, by its first bytes."""
+    magic = f.read(6)
+    f.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(f)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(f)
+    return f
+
+
+def _member_path(name: str) -> PurePosixPath:
+    """A member's name as a relative path inside the context, or refused."""
+    if len(name.encode(errors="surrogateescape")) > MAX_NAME_BYTES or "\0" in name:
+        raise ContextRefused(f"the context archive is refused: a name longer than "
+                             f"{MAX_NAME_BYTES} bytes ({name[:60]!r}…)")
+    path = PurePosixPath(name)
+    if path.is_absolute():
+        raise ContextRefused(f"the context archive is refused: {name[:100]!r} is an "
+                             f"absolute name")
+    if ".." in path.parts:
+        raise ContextRefused(f"the context archive is refused: {name[:100]!r} has a "
+                             f"'..' component")
+    return PurePosixPath(*[p for p in path.parts if p != "."])
+
+
+def _symlink_target(link: PurePosixPath, target: str) -> None:
+    """Refuse a symlink whose target, taken lexically from the link's directory,
+    is absolute or leaves the context."""
+    if not target or len(target.encode(errors="surrogateescape")) > MAX_NAME_BYTES \
+            or "\0" in target:
+        raise ContextRefused(f"the context archive is refused: {str(link)[:100]!r} links "
+                             f"to an empty or over-long target")
+    if target.startswith("/"):
+        raise ContextRefused(f"the context archive is refused: {str(link)[:100]!r} is an "
+                             f"absolute symlink (to {target[:100]!r}); absolute symlinks "
+                             f"are refused: remove it or make it relative")
+    depth = len(link.parts) - 1
+    for part in PurePosixPath(target).parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            raise ContextRefused(f"the context archive is refused: {str(link)[:100]!r} "
+                                 f"links to {target[:100]!r}, outside the context")
+
+
+def _parent(into: Path, relative: PurePosixPath) -> Path:
+    """The directory ``relative`` goes in, made as needed; every component a real
+    directory under ``into`` (a symlink is never followed)."""
+    at = into
+    for part in relative.parts[:-1]:
+        at = at / part
+        try:
+            mode = os.lstat(at).st_mode
+        except FileNotFoundError:
+            os.mkdir(at, 0o755)
+            continue
+        if not stat.S_ISDIR(mode):
+            raise ContextRefused(f"the context archive is refused: {str(relative)[:100]!r} "
+                                 f"lies under {part!r}, which is not a directory")
+    return at
+
+
+def _clear(path: Path, relative: PurePosixPath) -> None:
+    """A later member of the same name replaces an earlier file or link (as tar
+    does); it never replaces a directory."""
     try:
-        with tarfile.open(archive, mode="r:*") as tar:
-            members, total = [], 0
-            for member in tar:
-                members.append(member)
-                total += member.size if member.isfile() else 0
-                if len(members) > MAX_MEMBERS or total > MAX_UNPACKED_BYTES:
-                    raise ContextRefused(
-                        f"the context unpacks to more than {MAX_MEMBERS:,} entries or "
-                        f"{MAX_UNPACKED_BYTES // 2**20:,} MiB: leave build outputs and "
-                        f"dependencies out of it (a .dockerignore is not read)")
-            for member in members:
-                if member.name.startswith("/"):
-                    # The data filter would strip the slash; a context made by a
-                    # client never holds one, so it is refused as the mistake it is.
-                    raise ContextRefused(f"the context archive is refused: {member.name[:100]!r} "
-                                         f"is an absolute name")
-                # The filter that extraction applies, run on every member first,
-                # so a bad one refuses the context before anything is written.
-                tarfile.data_filter(member, str(into))
-            tar.extractall(into, members=members, filter="data")
-    except tarfile.FilterError as exc:
-        raise ContextRefused(f"the context archive is refused: {exc}") from None
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ContextRefused(f"the context is not a readable tar archive (gzip or not): "
-                             f"{exc}") from None
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        raise ContextRefused(f"the context archive is refused: {str(relative)[:100]!r} is "
+                             f"both a directory and a file")
+    os.unlink(path)
+
+
+def unpack_context(archive: Path, into: Path, *, max_members: int = MAX_MEMBERS,
+                   max_bytes: int = MAX_UNPACKED_BYTES) -> None:
+    """``archive`` (a tar, compressed or not) unpacked into ``into`` (an empty
+    directory), or refused; on a refusal ``into`` may hold part of it (the
+    caller removes it)."""
+    too_large = _too_large(max_members, max_bytes)
+    root = into.resolve()
+    files: set[PurePosixPath] = set()
+    members, total = 0, 0
+    try:
+        with open(archive, "rb") as raw, _decompressed(raw) as plain:
+            stream = _Counted(plain, max_stream_bytes(max_members, max_bytes), too_large)
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedInfo) as tar:
+                for member in tar:
+                    members += 1
+                    total += member.size if member.isreg() else 0
+                    if members > max_members or total > max_bytes:
+                        raise too_large
+                    _unpack_member(tar, member, root, files)
+    except tarfile.TarError as exc:
+        raise ContextRefused(f"the context is not a readable tar archive (gzip, bzip2, xz "
+                             f"or none): {exc}") from None
+    except (EOFError, OSError, lzma.LZMAError) as exc:
+        raise ContextRefused(f"the context is not a readable tar archive (gzip, bzip2, xz "
+                             f"or none): {exc}") from None
+
+
+def _unpack_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path,
+                   files: set[PurePosixPath]) -> None:
+    relative = _member_path(member.name)
+    if not relative.parts:
+        return                                       # "." itself
+    parent = _parent(root, relative)
+    if not parent.resolve().is_relative_to(root):    # belt and braces: _parent follows no link
+        raise ContextRefused(f"the context archive is refused: {member.name[:100]!r} "
+                             f"resolves outside the context")
+    path = parent / relative.name
+    if member.isdir():
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            os.mkdir(path, 0o755)
+            return
+        if not stat.S_ISDIR(mode):
+            raise ContextRefused(f"the context archive is refused: {member.name[:100]!r} is "
+                                 f"both a directory and a file")
+        return
+    if member.issparse() or not (member.isreg() or member.issym() or member.islnk()):
+        raise ContextRefused(f"the context archive is refused: {member.name[:100]!r} is a "
+                             f"device, fifo or other special file")
+    _clear(path, relative)
+    if member.issym():
+        _symlink_target(relative, member.linkname)
+        os.symlink(member.linkname, path)
+    elif member.islnk():
+        target = _member_path(member.linkname)
+        if target not in files:
+            raise ContextRefused(f"the context archive is refused: {member.name[:100]!r} is "
+                                 f"a hard link to {member.linkname[:100]!r}, not an earlier "
+                                 f"file of the context")
+        os.link(root / target, path, follow_symlinks=False)
+        files.add(relative)
+    else:
+        source = tar.extractfile(member)
+        assert source is not None
+        mode = (member.mode & 0o755) | 0o600
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as f:
+            while chunk := source.read(_CHUNK):
+                f.write(chunk)
+        files.add(relative)
+
+
+def archive_directory(directory: Path, archive: Path, *, max_members: int = MAX_MEMBERS,
+                      max_bytes: int = MAX_UNPACKED_BYTES) -> int:
+    """``directory`` (a task's context) as a tar archive at ``archive``, its size;
+    stopped as soon as it holds more than ``max_members`` entries or ``max_bytes``
+    of files (413), refused (400, naming the path) if anything in it cannot be read
+    or is not a file, directory or symlink."""
+    if not directory.is_dir():
+        raise ContextRefused(f"the task's context {directory} is not a directory on the "
+                             f"cluster's machine")
+    too_large = _too_large(max_members, max_bytes)
+    members, total = 0, 0
+    pending = [(directory, PurePosixPath("."))]
+    path = directory
+    try:
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+            while pending:                       # bounded: each entry is counted below
+                path, name = pending.pop()
+                info = tar.gettarinfo(path, arcname=str(name))
+                members += 1
+                if members > max_members:
+                    raise too_large
+                if info.isdir():
+                    tar.addfile(info)
+                    with os.scandir(path) as entries:
+                        children = sorted(entries, key=lambda e: e.name, reverse=True)
+                    pending.extend((Path(e.path), name / e.name) for e in children)
+                elif info.issym():
+                    tar.addfile(info)
+                elif info.isreg():
+                    total += info.size
+                    if total > max_bytes:
+                        raise too_large
+                    with open(path, "rb") as f:
+                        tar.addfile(info, f)
+                else:
+                    raise ContextRefused(f"the task's context holds {path}, which is not a "
+                                         f"file, directory or symlink")
+    except OSError as exc:
+        raise ContextRefused(f"the task's context cannot be read: {exc.filename or path}: "
+                             f"{exc.strerror or exc}") from None
+    return archive.stat().st_size
 
 
 def containerfile_in(context: Path, name: str | None) -> Path:

@@ -1,0 +1,147 @@
+"""What a build context may be (``cluster.control.containerfile``), as pure
+unit tests on temp dirs: hostile archives are refused and write nothing
+outside the directory they are unpacked into, unpacking is bounded as it
+reads, and a task's directory is archived with the same bounds. Each test
+runs in milliseconds, without a cluster.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from cluster.control.containerfile import (
+    ContextRefused,
+    ContextTooLarge,
+    archive_directory,
+    unpack_context,
+)
+
+
+def _tar(members, fmt=tarfile.PAX_FORMAT, compress=True) -> bytes:
+    """``members``: (TarInfo, data or None) pairs."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return gzip.compress(buf.getvalue(), 1) if compress else buf.getvalue()
+
+
+def _info(name, kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+@pytest.fixture
+def unpack(tmp_path):
+    """Unpack bytes into tmp/a/context; assert nothing appeared beside it."""
+    into = tmp_path / "a" / "context"
+    into.mkdir(parents=True)
+
+    def run(data: bytes, **limits):
+        archive = tmp_path / "context.tar"
+        archive.write_bytes(data)
+        try:
+            unpack_context(archive, into, **limits)
+        finally:
+            archive.unlink()
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+            assert [p.name for p in (tmp_path / "a").iterdir()] == ["context"]
+        return into
+    return run
+
+
+def test_a_plain_context_with_dirs_and_links_inside_unpacks(unpack):
+    into = unpack(_tar([(_info("src", tarfile.DIRTYPE), None),
+                        (_info("src/main.c"), b"int main;"),
+                        (_info("./Containerfile"), b"FROM scratch\n"),
+                        (_info("src/up", tarfile.SYMTYPE, "../Containerfile"), None),
+                        (_info("hard", tarfile.LNKTYPE, "src/main.c"), None)]))
+    assert (into / "src/main.c").read_bytes() == b"int main;"
+    assert os.readlink(into / "src/up") == "../Containerfile"
+    assert (into / "hard").read_bytes() == b"int main;"
+
+
+def test_the_long_symlink_chain_that_defeats_the_data_filter_is_refused(unpack):
+    # CVE-2025-4517's shape: realpath gives up past PATH_MAX, the kernel follows.
+    comp, steps, members, path = "d" * 247, "abcdefghijklmnop", [], ""
+    for s in steps:
+        members.append((_info(os.path.join(path, comp), tarfile.DIRTYPE), None))
+        members.append((_info(os.path.join(path, s), tarfile.SYMTYPE, comp), None))
+        path = os.path.join(path, comp)
+    linkpath = os.path.join(*steps, "l" * 254)
+    members.append((_info(linkpath, tarfile.SYMTYPE, os.path.join(*[".."] * len(steps))), None))
+    members.append((_info("escape", tarfile.SYMTYPE, linkpath + "/.."), None))
+    members.append((_info("escape/PWNED"), b"written outside\n"))
+    with pytest.raises(ContextRefused):
+        unpack(_tar(members))
+
+
+@pytest.mark.parametrize("member, words", [
+    ((_info("/etc/escape"), b"x"), "absolute name"),
+    ((_info("../escape"), b"x"), "'..'"),
+    ((_info("abs", tarfile.SYMTYPE, "/etc"), None), "absolute symlink"),
+    ((_info("sub/up", tarfile.SYMTYPE, "../../escape"), None), "outside the context"),
+    ((_info("passwd", tarfile.LNKTYPE, "/etc/passwd"), None), "absolute name"),
+    ((_info("passwd", tarfile.LNKTYPE, "nothere"), None), "not an earlier file"),
+    ((_info("tty", tarfile.CHRTYPE), None), "device, fifo"),
+    ((_info("pipe", tarfile.FIFOTYPE), None), "device, fifo"),
+])
+def test_a_member_that_could_reach_outside_is_refused(unpack, member, words):
+    with pytest.raises(ContextRefused, match=words):
+        unpack(_tar([(_info("Containerfile"), b"FROM scratch\n"), member]))
+
+
+def test_a_file_through_an_earlier_symlink_is_refused(unpack, tmp_path):
+    with pytest.raises(ContextRefused, match="not a directory"):
+        unpack(_tar([(_info("link", tarfile.SYMTYPE, "."), None),
+                     (_info("link/file"), b"x")]))
+
+
+def test_a_long_name_header_is_refused_before_it_is_read(unpack):
+    # GNU long names are read whole into memory by tarfile: capped before that.
+    with pytest.raises(ContextRefused, match="header record"):
+        unpack(_tar([(_info("n" * 100_000), b"x")], fmt=tarfile.GNU_FORMAT))
+
+
+def test_a_gzip_bomb_and_too_many_entries_are_a_413(unpack):
+    zeros = _tar([(_info("zeros"), bytes(2 * 2**20))])
+    assert len(zeros) < 10_000
+    with pytest.raises(ContextTooLarge):
+        unpack(zeros, max_bytes=2**20)
+    many = _tar([(_info(f"f{i}"), b"") for i in range(6)])
+    with pytest.raises(ContextTooLarge):
+        unpack(many, max_members=5)
+
+
+def test_a_task_directory_is_archived_bounded_and_odd_files_are_a_400(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "Containerfile").write_text("FROM scratch\n")
+    (src / "sub" / "a").write_bytes(b"a" * 100)
+    (src / "link").symlink_to("sub/a")
+    archive = tmp_path / "ctx.tar"
+    archive_directory(src, archive)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == [".", "Containerfile", "link", "sub", "sub/a"]
+    with pytest.raises(ContextTooLarge):
+        archive_directory(src, archive, max_bytes=50)
+    with pytest.raises(ContextTooLarge):
+        archive_directory(src, archive, max_members=3)
+    os.mkfifo(src / "pipe")
+    with pytest.raises(ContextRefused, match=f"{src}/pipe"):
+        archive_directory(src, archive)
+
+
+def test_an_unreadable_task_directory_is_a_400_naming_the_path(tmp_path):
+    # sysfs files claim 4096 bytes and hold fewer: reading one fails mid-archive.
+    with pytest.raises(ContextRefused, match="cannot be read: /sys/kernel/mm"):
+        archive_directory(Path("/sys/kernel/mm"), tmp_path / "ctx.tar")

@@ -8,8 +8,8 @@ No I/O here.
 Invariants: a task's context is an absolute path (the cluster runs on one
 machine, and the supervisor reads it when a run starts); its image is
 ``REPOSITORY[:TAG]`` (run variables such as ``{{.Run.ID}}`` allowed in the
-tag); its timeout is at most ACR's 8 hours (and, unlike ACR's 5 minutes, as short
-as a second).
+tag); its timeout is at most ``MAX_TIMEOUT_S`` (and, unlike ACR's 5 minutes, as
+short as a second).
 """
 
 from __future__ import annotations
@@ -18,13 +18,19 @@ import re
 
 import msgspec
 
+from .auth.tokens import REFRESH_LIFETIME_S
 from .identities import InvalidValue
 
 TASK = "task"
 # ACR: "Task name must be between 5 and 50 characters" of letters, digits, hyphens
 # and underscores; georeg accepts from 1, as its other names do.
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}")
-MAX_TIMEOUT_S = 8 * 3600
+DEFAULT_TIMEOUT_S = 3600             # ACR's default run timeout
+# ACR allows 8 hours. georeg's build agent works with the caller's refresh
+# token, which lasts REFRESH_LIFETIME_S (ACR's three hours) from the login and
+# is not renewed, so a run's timeout stays inside it, with room for a push.
+LOGIN_MARGIN_S = 300
+MAX_TIMEOUT_S = REFRESH_LIFETIME_S - LOGIN_MARGIN_S
 STATUSES = ("Enabled", "Disabled")
 
 
@@ -34,7 +40,7 @@ class Task(msgspec.Struct, frozen=True):
     file: str = ""                     # relative to the context; "" for Containerfile|Dockerfile
     region: str = ""                   # "" for the home region
     build_args: list[list[str]] = []   # [[KEY, VALUE], ...]
-    timeout: int = 3600
+    timeout: int = DEFAULT_TIMEOUT_S
     status: str = "Enabled"
     base_image_trigger_enabled: bool = True
     created: float = 0.0

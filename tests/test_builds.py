@@ -296,3 +296,28 @@ def test_a_run_the_supervisor_stopped_in_is_failed_not_left_running(tmp_path):
     assert "stopped" in builds.log_path("ca7").read_text()
     assert not (tmp_path / "tasks" / "scratch").exists()
     assert (runs / "ca7.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_run_whose_login_expired_in_the_queue_fails_saying_so(tmp_path, clock):
+    import asyncio
+    from types import SimpleNamespace
+
+    from multidict import MultiDict
+
+    from cluster.control.builds import MAX_TIMEOUT_S, BuildRuns, _Grant, _Live, _Work, build_request
+    from cluster.control.errors import ClusterError
+
+    with pytest.raises(ClusterError, match="3-hour login"):
+        build_request(MultiDict(image="a:b", timeout=str(MAX_TIMEOUT_S + 1)), None)
+    builds = BuildRuns(SimpleNamespace(data_dir=tmp_path), clock=clock.monotonic)
+    grant = _Grant("refresh", expires_at=clock.monotonic() + MAX_TIMEOUT_S)
+    clock.advance(MAX_TIMEOUT_S)                    # waited that long behind other runs
+    record = {"runId": "ca1", "number": 1, "status": "Queued", "region": "eastus",
+              "timeoutSeconds": 60, "error": None}
+    scratch = tmp_path / "tasks" / "scratch" / "ca1"
+    scratch.mkdir(parents=True)
+    builds._live["ca1"] = _Live()
+    asyncio.run(builds._run(_Work(record, scratch, scratch, [], [], "http://x", "x", (), grant)))
+    run = builds.show("ca1")
+    assert run["status"] == "Failed" and "login" in run["error"] and "queued" in run["error"]
+    assert not scratch.exists()

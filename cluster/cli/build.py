@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+from registry_node.tasks import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
+
 from ..control.state import saved_spec
 from .common import CliError, add_data_dir, admin_login, call, call_streaming, command, data_dir_of
 
@@ -50,11 +52,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="the Containerfile, relative to the context (default: Containerfile, "
                         "else Dockerfile)")
     p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a build argument (repeatable)")
+                   help="a build argument (repeatable; not for secrets: local users "
+                        "can read it on buildah's command line)")
     p.add_argument("--region", help="the region whose build agent builds and pushes "
                                     "(default: the home region)")
-    p.add_argument("--timeout", type=int, default=3600, metavar="SECONDS",
-                   help="the run's timeout (default 3600)")
+    p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"the run's timeout (default {DEFAULT_TIMEOUT_S}, at most "
+                        f"{MAX_TIMEOUT_S}: the 3-hour login the agent works with, less "
+                        f"time for the push)")
     p.add_argument("--username", "-u", help="the registry login the build pushes as (default: "
                                             "the admin user); its password on stdin")
     p.add_argument("--password-stdin", action="store_true",

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+from registry_node.tasks import DEFAULT_TIMEOUT_S
+
 from .build import follow, registry_login_header
 from .common import CliError, add_data_dir, call, call_streaming, command, data_dir_of
 
@@ -35,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                         "context (default: Containerfile)")
     p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--region", help="the region whose build agent runs it (default: home)")
-    p.add_argument("--timeout", type=int, default=3600, metavar="SECONDS")
+    p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S, metavar="SECONDS")
     p.add_argument("--base-image-trigger-enabled", choices=("true", "false"), default="true",
                    help="rebuild when a base image's tag moves (default true)")
     add_data_dir(p)

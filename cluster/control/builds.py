@@ -17,9 +17,13 @@ Who may build: the caller's registry identity (the admin user, a token, an
 identity) is logged in at the build region's endpoint, asking for push on
 the target repository and pull on every base image; a grant without push is
 refused (403 ``DENIED``) before any run exists. The agent then works with a
-refresh token for that identity (ACR's three hours, never the password),
-kept only in the run's 0600 auth file and in memory: buildah exchanges it
-for access tokens itself. Base images (``FROM``) come from this registry
+refresh token for that identity (ACR's three hours from the login, never
+the password), kept only in the run's 0600 auth file and in memory: buildah
+exchanges it for access tokens itself, and the agent exchanges it for a
+fresh access token just before each base image is resolved. The refresh token
+is not renewed, so it bounds a run: a timeout is at most ``MAX_TIMEOUT_S``
+(the token's life less ``LOGIN_MARGIN_S``), and a run that waited in the
+queue gets what is left of the login; one that outlives it fails saying so. Base images (``FROM``) come from this registry
 only, through the same endpoint; each is resolved to its digest first, the
 digest written into the Containerfile the agent builds and kept in the run
 record (``baseImages``), so that a later base-image trigger knows what a run
@@ -50,6 +54,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from registry_node.auth.tokens import REFRESH_LIFETIME_S
+from registry_node.tasks import DEFAULT_TIMEOUT_S, LOGIN_MARGIN_S, MAX_TIMEOUT_S
+
 from .containerfile import (
     ContextRefused,
     ContextTooLarge,
@@ -73,8 +80,6 @@ TASKS_DIR = "tasks"
 # The user name ACR's refresh tokens are presented with.
 TOKEN_USER = "00000000-0000-0000-0000-000000000000"
 BUILDS_PER_REGION = 1
-DEFAULT_TIMEOUT_S = 3600
-MAX_TIMEOUT_S = 8 * 3600               # ACR's maximum run timeout
 DEFAULT_MAX_CONTEXT_BYTES = 256 * 1024 * 1024
 FINAL = ("Succeeded", "Failed", "Canceled", "TimedOut")
 # A node answers a login or a manifest lookup within this.
@@ -134,7 +139,9 @@ def build_request(query, credentials: tuple[str, str] | None) -> BuildRequest:
         raise ClusterError(unknown_region_message(region))
     timeout = query.get("timeout", str(DEFAULT_TIMEOUT_S))
     if not (timeout.isascii() and timeout.isdigit()) or not 1 <= int(timeout) <= MAX_TIMEOUT_S:
-        raise ClusterError(f"timeout is a whole number of seconds, 1 to {MAX_TIMEOUT_S}")
+        raise ClusterError(f"timeout is a whole number of seconds, 1 to {MAX_TIMEOUT_S} (the "
+                           f"caller's 3-hour login, which the agent builds and pushes with, "
+                           f"less {LOGIN_MARGIN_S} s)")
     return BuildRequest(image, query.get("file") or None, tuple(args), region, int(timeout),
                         credentials=credentials)
 
@@ -144,7 +151,8 @@ class _Grant:
     """What the caller's login at the build region gave the agent."""
 
     refresh_token: str | None = field(repr=False)
-    access_token: str | None = field(repr=False)
+    # When the refresh token stops working (BuildRuns.clock); None without auth.
+    expires_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -161,10 +169,11 @@ class BuildRuns:
     """The runs of a cluster: started, kept, read, canceled."""
 
     def __init__(self, cluster: Cluster, *, max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
-                 buildah: str = "buildah") -> None:
+                 buildah: str = "buildah", clock=time.monotonic) -> None:
         self.cluster = cluster
         self.max_context_bytes = max_context_bytes
         self.buildah = buildah
+        self.clock = clock
         self.root = cluster.data_dir / TASKS_DIR
         self._live: dict[str, _Live] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -309,7 +318,8 @@ class BuildRuns:
         """The caller's grant at the build region: push on ``repository`` (else
         ``Denied``), and a refresh token for the agent."""
         if not self.cluster.spec.auth_enabled:
-            return _Grant(None, None)
+            return _Grant(None)
+        obtained = self.clock()
         if credentials is None:
             raise Unauthorized("this registry requires a login: send the caller's registry "
                                "credentials (georeg build --username, or the admin user's)")
@@ -341,7 +351,7 @@ class BuildRuns:
                          f"not push to repository {repository} of registry "
                          f"{self.cluster.spec.registry}; grant it push (a scope map with "
                          f"content/write, or the AcrPush role)")
-        return _Grant(answer["refresh_token"], answer["access_token"])
+        return _Grant(answer["refresh_token"], obtained + REFRESH_LIFETIME_S - LOGIN_MARGIN_S)
 
     async def cancel(self, run_id: str) -> dict:
         record = self.show(run_id)
@@ -411,7 +421,17 @@ class BuildRuns:
             async with slot:
                 record.update(status="Running", startTime=datetime.now(UTC).isoformat())
                 self._save(record)
-                await asyncio.wait_for(self._build(work), record["timeoutSeconds"])
+                login_left = _login_left(work.grant, self.clock())
+                if login_left is not None and login_left <= 0:
+                    raise _LoginExpired("queued")
+                timeout = record["timeoutSeconds"] if login_left is None else \
+                    min(record["timeoutSeconds"], login_left)
+                try:
+                    await asyncio.wait_for(self._build(work), timeout)
+                except TimeoutError:
+                    if timeout < record["timeoutSeconds"]:
+                        raise _LoginExpired("running") from None
+                    raise
             self._log(run_id, f"georeg: run {run_id} succeeded after "
                               f"{time.monotonic() - started:.1f}s\n".encode())
             self._finish(record, "Succeeded")
@@ -420,6 +440,10 @@ class BuildRuns:
                                              f"{record['timeoutSeconds']}s")
         except asyncio.CancelledError:
             self._finish(record, "Canceled", "canceled")
+        except _LoginExpired as exc:
+            self._finish(record, "Failed", f"the caller's login (a refresh token, "
+                                           f"{REFRESH_LIFETIME_S // 3600} hours) expired while "
+                                           f"the run was {exc}; run it again")
         except _RunFailed as exc:
             self._finish(record, "Failed", str(exc))
         except Exception as exc:        # the run fails with a reason; the API stays up
@@ -510,10 +534,33 @@ class BuildRuns:
             raise _RunFailed(f"{failed} (buildah exited with status {code}); the log above "
                              f"says why")
 
+    async def _access(self, work: _Work, repository: str) -> str | None:
+        """A fresh access token to pull ``repository``, from the run's refresh token
+        (just before it is used: one from the login may have expired in the queue)."""
+        if work.grant.refresh_token is None:
+            return None
+        form = {"grant_type": "refresh_token", "refresh_token": work.grant.refresh_token,
+                "scope": f"repository:{repository}:pull"}
+        try:
+            async with self._http() as http, http.post(f"{work.endpoint}/oauth2/token",
+                                                       data=form) as r:
+                answer = await r.json(content_type=None) if r.status == 200 else None
+                status = r.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise _RunFailed(f"the region's endpoint cannot be reached to renew the caller's "
+                             f"access ({type(exc).__name__})") from None
+        if status == 401:
+            raise _LoginExpired("queued")
+        if not isinstance(answer, dict) or not answer.get("access_token"):
+            raise _RunFailed(f"the region's endpoint answered HTTP {status} when the caller's "
+                             f"access was renewed")
+        return str(answer["access_token"])
+
     async def _resolve(self, work: _Work, repository: str, reference: str) -> str:
         headers = {"Accept": _ACCEPT}
-        if work.grant.access_token:
-            headers["Authorization"] = f"Bearer {work.grant.access_token}"
+        token = await self._access(work, repository)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         url = f"{work.endpoint}/v2/{repository}/manifests/{reference}"
         try:
             async with self._http() as http, http.head(url, headers=headers) as r:
@@ -533,6 +580,15 @@ class BuildRuns:
 
 class _RunFailed(Exception):
     """The run failed for a reason its record states."""
+
+
+class _LoginExpired(Exception):
+    """The caller's refresh token ran out; the message says while the run was doing what."""
+
+
+def _login_left(grant: _Grant, now: float) -> float | None:
+    """Seconds the run's login still works for (None: no login, no bound)."""
+    return None if grant.expires_at is None else grant.expires_at - now
 
 
 @dataclass(slots=True)

@@ -145,3 +145,23 @@ def test_an_unreadable_task_directory_is_a_400_naming_the_path(tmp_path):
     # sysfs files claim 4096 bytes and hold fewer: reading one fails mid-archive.
     with pytest.raises(ContextRefused, match="cannot be read: /sys/kernel/mm"):
         archive_directory(Path("/sys/kernel/mm"), tmp_path / "ctx.tar")
+
+
+def test_a_task_context_lies_under_a_configured_root_and_never_in_the_data_dir(tmp_path):
+    from cluster.control.containerfile import task_context
+
+    root, data = tmp_path / "sources", tmp_path / "sources" / "data"
+    (root / "app").mkdir(parents=True)
+    (data / "keys").mkdir(parents=True)
+    (root / "sneaky").symlink_to(data / "keys")
+    roots = (str(root),)
+    assert task_context(str(root / "app"), roots, data) == root / "app"
+    for inside in (data, data / "keys", root, root / "sneaky"):   # is, in, holds, links to
+        with pytest.raises(ContextRefused, match="data dir"):
+            task_context(str(inside), roots, data)
+    with pytest.raises(ContextRefused, match="must lie under one of"):
+        task_context("/etc", roots, data)
+    with pytest.raises(ContextRefused, match=r"\[tasks\] context_roots \(none is set\)"):
+        task_context(str(root / "app"), (), data)
+    with pytest.raises(ContextRefused, match="absolute"):
+        task_context("app", roots, data)

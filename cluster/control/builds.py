@@ -60,15 +60,16 @@ from registry_node.tasks import DEFAULT_TIMEOUT_S, LOGIN_MARGIN_S, MAX_TIMEOUT_S
 from .containerfile import (
     ContextRefused,
     ContextTooLarge,
-    archive_directory,
     RunVariables,
+    archive_directory,
     base_images,
     containerfile_in,
     image_reference,
     pinned,
+    task_context,
     unpack_context,
 )
-from .errors import ClusterError, NotFound, RegionUnavailable
+from .errors import ClusterError, Conflict, NotFound, RegionUnavailable
 from .private_files import write_private
 from .regions import REGIONS, unknown_region_message
 from .tls import client_context
@@ -284,6 +285,9 @@ class BuildRuns:
         archive = scratch / "context.tar"
         loop = asyncio.get_running_loop()
         if isinstance(source, Path):
+            # Checked again at each run: the spec's roots may have changed, a link moved.
+            source = task_context(str(source), self.cluster.spec.tasks.context_roots,
+                                  self.cluster.data_dir)
             received = await loop.run_in_executor(
                 None, functools.partial(archive_directory, source, archive,
                                         max_bytes=self.max_context_bytes))
@@ -357,7 +361,7 @@ class BuildRuns:
         record = self.show(run_id)
         live = self._live.get(run_id)
         if record["status"] in FINAL or live is None:
-            raise ClusterError(f"run {run_id} is {record['status']}: only a queued or running "
+            raise Conflict(f"run {run_id} is {record['status']}: only a queued or running "
                                f"run can be canceled")
         live.canceled = True
         if live.task is not None:
@@ -516,10 +520,12 @@ class BuildRuns:
     async def _command(self, run_id: str, env: dict[str, str], argv: list[str],
                        failed: str) -> None:
         """One buildah command, its output into the run's log; its own process
-        group, so a cancel or a timeout kills whatever it started."""
+        group and, when the supervisor is root, its own PID namespace
+        (``_contained``), so a cancel or a timeout kills whatever it started,
+        a RUN step's ``setsid`` child included."""
         live = self._live[run_id]
         live.process = process = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *_contained(argv), env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         try:
             assert process.stdout is not None
@@ -602,6 +608,17 @@ class _Work:
     registry: str
     build_args: tuple[tuple[str, str], ...]
     grant: _Grant = field(repr=False)
+
+
+def _contained(argv: list[str]) -> list[str]:
+    """``argv`` run as PID 1 of a PID namespace of its own: when it exits or is
+    killed, the kernel kills every process left in it (``--kill-child`` kills it
+    when ``unshare`` is killed). A non-root supervisor cannot make one without a
+    user namespace, which would change buildah's rootless setup; there only the
+    process group is killed (docs/tasks.md)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return argv
+    return ["unshare", "--pid", "--fork", "--kill-child", *argv]
 
 
 def _kill(process: asyncio.subprocess.Process) -> None:

@@ -260,6 +260,29 @@ def _unpack_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path,
         files.add(relative)
 
 
+def task_context(path: str, roots: tuple[str, ...], data_dir: Path) -> Path:
+    """A task's context directory, allowed: after resolving links, it lies under
+    one of ``roots`` (the spec's ``[tasks] context_roots``) and neither is, holds
+    nor lies inside the cluster's ``data_dir`` (its keys and credentials)."""
+    if not path.startswith("/") or "\0" in path:
+        raise ContextRefused("a task's context is an absolute directory path (--context)")
+    real = Path(os.path.realpath(path))
+    data = Path(os.path.realpath(data_dir))
+    if real.is_relative_to(data) or data.is_relative_to(real):
+        raise ContextRefused(f"--context {path[:200]!r}: a task's context may not be, hold or "
+                             f"lie inside the cluster's data dir")
+    allowed = [Path(os.path.realpath(r)) for r in roots]
+    if not any(real.is_relative_to(root) for root in allowed):
+        where = (f"one of {', '.join(map(str, allowed))}" if allowed else
+                 "a directory named in the spec's [tasks] context_roots (none is set)")
+        raise ContextRefused(f"--context {path[:200]!r}: a task's context must lie under "
+                             f"{where}")
+    if not real.is_dir():
+        raise ContextRefused(f"--context {path[:200]!r} is not a directory on the cluster's "
+                             f"machine")
+    return real
+
+
 def archive_directory(directory: Path, archive: Path, *, max_members: int = MAX_MEMBERS,
                       max_bytes: int = MAX_UNPACKED_BYTES) -> int:
     """``directory`` (a task's context) as a tar archive at ``archive``, its size;

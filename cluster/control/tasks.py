@@ -2,8 +2,10 @@
 (kind ``task``, ``registry_node.tasks``), written through the home region,
 and run by the build agents (``cluster.control.builds``) on demand.
 
-A task names its context as a directory on the cluster's machine; each run
-archives it afresh, so a run builds what the directory holds then, through
+A task names its context as a directory on the cluster's machine, under one
+of the spec's ``[tasks] context_roots`` and never in the data dir
+(``containerfile.task_context``, checked at create and again at each run);
+each run archives it afresh, so a run builds what the directory holds then, through
 the same limits and checks as an uploaded context. A run on demand is
 authorised with the caller's registry login, as a quick build is.
 
@@ -18,10 +20,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from registry_node.tasks import TASK
+import msgspec
+
+from registry_node.tasks import TASK, Task
 
 from .builds import BuildRequest, BuildRuns
-from .containerfile import RunVariables, image_reference
+from .containerfile import RunVariables, image_reference, task_context
 from .errors import ClusterError, Conflict, NodeRefusal, NotFound
 
 if TYPE_CHECKING:                      # a Cluster is handed in; it never imports this module
@@ -69,14 +73,17 @@ class RegistryTasks:
             raise ClusterError(f"unknown fields {', '.join(unknown)[:200]}; send "
                                f"{', '.join(_FIELDS)}")
         value = {key: body[field] for field, key in _FIELDS.items() if body.get(field) is not None}
+        try:                                    # typed first: {"region": [...]} is a 400
+            msgspec.convert(value, Task, strict=True)
+        except msgspec.ValidationError as exc:
+            raise ClusterError(f"the task is refused: {exc}") from None
         region = value.get("region") or self.cluster.spec.home_region
         if region not in {r.region for r in self.cluster.spec.all_replicas}:
             raise ClusterError(f"{region} has no replica; a task runs in a replica's region")
         image_reference(RunVariables("ca1", "registry", "date").substitute(
             str(value.get("image", ""))))
-        if not Path(str(value.get("context", ""))).is_dir():  # noqa: ASYNC240 - one stat
-            raise ClusterError(f"--context {str(value.get('context'))[:200]!r} is not a "
-                               f"directory on the cluster's machine")
+        task_context(str(value.get("context", "")), self.cluster.spec.tasks.context_roots,
+                     self.cluster.data_dir)
         if await self._get(name) is not None:
             raise Conflict(f"task {name!r} exists already; delete it first")
         value["created"] = time.time()

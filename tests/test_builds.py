@@ -42,7 +42,7 @@ from .helpers import (
 from .test_cluster import georeg
 
 SPEC = specs.ClusterSpec(registry="georegbuild", home_region="eastus", replicas=())
-FINAL = ("Succeeded", "Failed", "Canceled", "TimedOut")
+FINAL = ("Succeeded", "Failed", "Canceled", "Timeout")
 
 
 def busybox_image() -> Image:
@@ -331,9 +331,12 @@ def test_a_run_the_supervisor_stopped_in_is_failed_not_left_running(tmp_path):
     runs = tmp_path / "tasks" / "runs"
     runs.mkdir(parents=True)
     (tmp_path / "tasks" / "scratch" / "ca7").mkdir(parents=True)
+    (tmp_path / "tasks" / "scratch" / "ca7" / "auth.json").write_text("{}")
     (runs / "ca7.json").write_text(json.dumps({"runId": "ca7", "number": 7,
                                                "status": "Running", "error": None}))
     builds = BuildRuns(SimpleNamespace(data_dir=tmp_path))
+    builds.recover()                            # as the management API starts
+    assert not (tmp_path / "tasks" / "scratch").exists()
     [run] = builds.list()
     assert run["status"] == "Failed" and "stopped while this run was running" in run["error"]
     assert "stopped" in builds.log_path("ca7").read_text()
@@ -364,3 +367,34 @@ def test_a_run_whose_login_expired_in_the_queue_fails_saying_so(tmp_path, clock)
     run = builds.show("ca1")
     assert run["status"] == "Failed" and "login" in run["error"] and "queued" in run["error"]
     assert not scratch.exists()
+
+
+def test_a_run_the_supervisor_stops_is_failed_not_canceled(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.control.builds import BuildRuns, _Grant, _Live, _Work
+    from cluster.control.containerfile import BaseImage
+
+    async def scenario():
+        # An endpoint that accepts and never answers: the run waits resolving its base.
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        builds = BuildRuns(SimpleNamespace(data_dir=tmp_path, scheme="http", ca_file=None))
+        scratch = tmp_path / "tasks" / "scratch" / "ca1"
+        scratch.mkdir(parents=True)
+        record = {"runId": "ca1", "number": 1, "status": "Queued", "region": "eastus",
+                  "timeoutSeconds": 60, "error": None, "image": "x/a:b", "baseImages": []}
+        builds._live["ca1"] = live = _Live()
+        builds._save(record)
+        work = _Work(record, scratch, scratch, ["FROM x/base"], [BaseImage(0, "x/base", "base",
+                     "latest")], f"http://127.0.0.1:{port}", "x", (), _Grant(None))
+        live.task = asyncio.create_task(builds._run(work))
+        while builds.show("ca1")["status"] != "Running":     # bounded by the test timeout
+            await asyncio.sleep(0.01)
+        await builds.stop()
+        server.close()
+        return builds.show("ca1")
+
+    run = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert run["status"] == "Failed" and "the cluster stopped while this run was" in run["error"]

@@ -10,7 +10,7 @@ replication carries it on like any push. Each build is a *run*, kept as data::
                                     buildah storage; removed when the run ends
 
 A run is ``Queued`` → ``Running`` → ``Succeeded`` | ``Failed`` | ``Canceled`` |
-``TimedOut``; a run the supervisor was stopped in the middle of is recorded
+``Timeout``; a run the supervisor was stopped in the middle of is recorded
 ``Failed`` when the cluster starts again (nothing goes on building unseen).
 
 Who may build: the caller's registry identity (the admin user, a token, an
@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
+import structlog
 
 from registry_node.auth.tokens import REFRESH_LIFETIME_S
 from registry_node.tasks import DEFAULT_TIMEOUT_S, LOGIN_MARGIN_S, MAX_TIMEOUT_S
@@ -77,12 +78,14 @@ from .tls import client_context
 if TYPE_CHECKING:                      # a Cluster is handed in; it never imports this module
     from .cluster import Cluster
 
+log = structlog.get_logger("georeg.builds")
+
 TASKS_DIR = "tasks"
 # The user name ACR's refresh tokens are presented with.
 TOKEN_USER = "00000000-0000-0000-0000-000000000000"
 BUILDS_PER_REGION = 1
 DEFAULT_MAX_CONTEXT_BYTES = 256 * 1024 * 1024
-FINAL = ("Succeeded", "Failed", "Canceled", "TimedOut")
+FINAL = ("Succeeded", "Failed", "Canceled", "Timeout")
 # A node answers a login or a manifest lookup within this.
 NODE_TIMEOUT_S = 30.0
 _ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
@@ -216,6 +219,11 @@ class BuildRuns:
         runs = [r for r in runs if task is None or r.get("task") == task]
         return sorted(runs, key=lambda r: r["number"], reverse=True)
 
+    def recover(self) -> None:
+        """At the management API's start: runs a crash left are Failed and their
+        scratch (auth files with a live refresh token) removed at once."""
+        self._recover()
+
     def _recover(self) -> None:
         """Runs a stopped supervisor left Queued or Running are Failed: nothing builds them now."""
         if self._recovered:
@@ -224,9 +232,11 @@ class BuildRuns:
         for path in self._dir("runs").glob("*.json"):
             record = json.loads(path.read_text())
             if record["status"] not in FINAL and record["runId"] not in self._live:
-                self._finish(record, "Failed", "the cluster stopped while this run was "
-                                               f"{record['status'].lower()}; run it again")
-        shutil.rmtree(self.root / "scratch", ignore_errors=True)
+                self._finish(record, "Failed", _stopped_in(record))
+        scratch = self.root / "scratch"
+        for left in sorted(scratch.iterdir()) if scratch.is_dir() else ():
+            _remove_scratch(left)        # auth files first: a crash left live refresh tokens
+        _remove_scratch(scratch)
 
     def _next_id(self) -> tuple[str, int]:
         """A new run id, taken at once (two uploads arriving together never share one)."""
@@ -263,7 +273,7 @@ class BuildRuns:
             grant = await self._login(endpoint, request.credentials, repository,
                                       sorted({b.repository for b in bases}))
         except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
+            _remove_scratch(scratch)
             raise
         record = {"runId": run_id, "number": number, "status": "Queued", "region": region,
                   "runType": "QuickRun" if request.task is None else "TaskRun",
@@ -440,10 +450,14 @@ class BuildRuns:
                               f"{time.monotonic() - started:.1f}s\n".encode())
             self._finish(record, "Succeeded")
         except TimeoutError:
-            self._finish(record, "TimedOut", f"the run took more than its timeout of "
+            self._finish(record, "Timeout", f"the run took more than its timeout of "
                                              f"{record['timeoutSeconds']}s")
         except asyncio.CancelledError:
-            self._finish(record, "Canceled", "canceled")
+            live = self._live.get(run_id)
+            if live is not None and live.canceled:
+                self._finish(record, "Canceled", "canceled")
+            else:                       # the supervisor is stopping: nobody canceled it
+                self._finish(record, "Failed", _stopped_in(record))
         except _LoginExpired as exc:
             self._finish(record, "Failed", f"the caller's login (a refresh token, "
                                            f"{REFRESH_LIFETIME_S // 3600} hours) expired while "
@@ -457,7 +471,7 @@ class BuildRuns:
             if live is not None and live.process is not None and live.process.returncode is None:
                 _kill(live.process)
                 await live.process.wait()
-            shutil.rmtree(work.scratch, ignore_errors=True)
+            _remove_scratch(work.scratch)
             if live is not None:
                 live.changed.set()
 
@@ -584,6 +598,10 @@ class BuildRuns:
         return digest
 
 
+def _stopped_in(record: dict) -> str:
+    return f"the cluster stopped while this run was {record['status'].lower()}; run it again"
+
+
 class _RunFailed(Exception):
     """The run failed for a reason its record states."""
 
@@ -608,6 +626,20 @@ class _Work:
     registry: str
     build_args: tuple[tuple[str, str], ...]
     grant: _Grant = field(repr=False)
+
+
+def _remove_scratch(scratch: Path) -> None:
+    """A run's scratch dir removed, its auth file (the caller's refresh token)
+    first and on its own; what cannot be removed is logged, never silent."""
+    try:
+        (scratch / "auth.json").unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("build_auth_file_left", path=str(scratch / "auth.json"), error=str(exc))
+    shutil.rmtree(scratch, ignore_errors=True)
+    if scratch.exists():
+        log.warning("build_scratch_left", path=str(scratch),
+                    hint="a rootless buildah's storage belongs to subuids; remove it with "
+                         "`buildah unshare rm -rf`")
 
 
 def _contained(argv: list[str]) -> list[str]:

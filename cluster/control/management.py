@@ -257,6 +257,7 @@ class ManagementServer:
         await self.stop()
 
     async def start(self) -> None:
+        self.builds.recover()
         middlewares = [_errors]
         if self.cluster.secrets is not None:
             middlewares.insert(0, _owner_only(self.cluster))

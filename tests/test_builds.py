@@ -378,7 +378,8 @@ def test_a_run_the_supervisor_stops_is_failed_not_canceled(tmp_path):
 
     async def scenario():
         # An endpoint that accepts and never answers: the run waits resolving its base.
-        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        asked = asyncio.Event()
+        server = await asyncio.start_server(lambda r, w: asked.set(), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         builds = BuildRuns(SimpleNamespace(data_dir=tmp_path, scheme="http", ca_file=None))
         scratch = tmp_path / "tasks" / "scratch" / "ca1"
@@ -390,8 +391,8 @@ def test_a_run_the_supervisor_stops_is_failed_not_canceled(tmp_path):
         work = _Work(record, scratch, scratch, ["FROM x/base"], [BaseImage(0, "x/base", "base",
                      "latest")], f"http://127.0.0.1:{port}", "x", (), _Grant(None))
         live.task = asyncio.create_task(builds._run(work))
-        while builds.show("ca1")["status"] != "Running":     # bounded by the test timeout
-            await asyncio.sleep(0.01)
+        await asked.wait()                     # bounded by the wait_for below
+        assert builds.show("ca1")["status"] == "Running"
         await builds.stop()
         server.close()
         return builds.show("ca1")

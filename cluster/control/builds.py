@@ -11,7 +11,9 @@ replication carries it on like any push. Each build is a *run*, kept as data::
 
 A run is ``Queued`` → ``Running`` → ``Succeeded`` | ``Failed`` | ``Canceled`` |
 ``Timeout``; a run the supervisor was stopped in the middle of is recorded
-``Failed`` when the cluster starts again (nothing goes on building unseen).
+``Failed`` (at a clean stop, else when the management API starts again,
+which also removes the scratch dirs a crash left): nothing goes on building
+unseen.
 
 Who may build: the caller's registry identity (the admin user, a token, an
 identity) is logged in at the build region's endpoint, asking for push on
@@ -31,7 +33,8 @@ was built on.
 
 Bounds: one build at a time per region (``BUILDS_PER_REGION``), the rest
 queued in order; a run timeout (``DEFAULT_TIMEOUT_S``, ACR's default of an
-hour), after which buildah's process group is killed; a context size limit
+hour), after which buildah is killed with everything it started
+(``_contained``); a context size limit
 (``max_context_bytes``) checked as the upload arrives.
 """
 

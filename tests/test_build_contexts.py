@@ -165,3 +165,15 @@ def test_a_task_context_lies_under_a_configured_root_and_never_in_the_data_dir(t
         task_context(str(root / "app"), (), data)
     with pytest.raises(ContextRefused, match="absolute"):
         task_context("app", roots, data)
+
+
+def test_the_runtime_base_is_found_through_the_final_stages_chain():
+    from cluster.control.containerfile import base_images
+
+    lines = ["FROM r:1/tools:1 AS tools", "FROM r:1/sdk:2 AS builder", "RUN make",
+             "FROM builder AS tested", "FROM tools", "FROM tested", "COPY --from=tools /t /t"]
+    bases = base_images(lines, "r:1")
+    # The final stage is FROM tested, which is FROM builder, which is FROM sdk:2.
+    assert [(b.repository, b.reference, b.runtime) for b in bases] == \
+        [("tools", "1", False), ("sdk", "2", True)]
+    assert [b.runtime for b in base_images(["FROM r:1/a", "FROM scratch"], "r:1")] == [False]

@@ -150,8 +150,8 @@ def test_a_quick_build_runs_its_steps_on_a_base_from_this_registry_and_pushes(
 
     run = api(running, "GET", f"/georeg/v1/runs/{run_id}")[1]
     assert run["status"] == "Succeeded" and run["runType"] == "QuickRun"
-    assert [(b["repository"], b["tag"], b["digest"]) for b in run["baseImages"]] == \
-        [("base", "latest", running.base_digest)]
+    assert [(b["repository"], b["tag"], b["digest"], b["runtime"]) for b in run["baseImages"]] \
+        == [("base", "latest", running.base_digest, True)]
     [output] = run["outputImages"]
     assert (output["repository"], output["tag"]) == ("app", run_id)
 

@@ -488,7 +488,8 @@ class BuildRuns:
             record["baseImages"].append({"registry": work.registry,
                                          "repository": base.repository,
                                          "tag": None if base.reference.startswith("sha256:")
-                                         else base.reference, "digest": digest})
+                                         else base.reference, "digest": digest,
+                                         "runtime": base.runtime})
             self._log(run_id, f"georeg: FROM {work.registry}/{base.text} is {digest}\n".encode())
         self._save(record)
         file = work.scratch / "Containerfile"

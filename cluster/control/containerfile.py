@@ -37,7 +37,7 @@ import os
 import re
 import stat
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from registry_node.errors import RegistryError
@@ -376,6 +376,9 @@ class BaseImage:
     image: str              # as the line names it
     repository: str
     reference: str          # a tag or a digest
+    # The final stage's base, directly or through the stages it is built FROM
+    # (ACR's *runtime* image, the one a base-image trigger follows).
+    runtime: bool = False
 
     @property
     def text(self) -> str:
@@ -387,10 +390,11 @@ _FROM = re.compile(r"^\s*FROM\s+(?P<rest>.+)$", re.IGNORECASE)
 
 
 def base_images(lines: list[str], registry: str) -> list[BaseImage]:
-    """The base images ``FROM`` lines name (``scratch`` and earlier stages aside).
-    Each must be in this registry (``registry``, HOST:PORT): nothing is pulled
-    from anywhere else."""
-    stages: set[str] = set()
+    """The base images ``FROM`` lines name (``scratch`` and earlier stages aside),
+    the runtime one marked. Each must be in this registry (``registry``,
+    HOST:PORT): nothing is pulled from anywhere else."""
+    stages: dict[str, int] = {}         # a stage's name: its index
+    based_on: list[str | int | None] = []   # per stage: a stage name, an index into found, scratch
     found = []
     for number, line in enumerate(lines):
         match = _FROM.match(line)
@@ -400,9 +404,13 @@ def base_images(lines: list[str], registry: str) -> list[BaseImage]:
         if not words:
             raise ContextRefused(f"line {number + 1}: FROM names no image")
         image = words[0]
-        if len(words) >= 3 and words[1].lower() == "as":
-            stages.add(words[2].lower())
         if image == "scratch" or image.lower() in stages:
+            based_on.append(None if image == "scratch" else image.lower())
+        else:
+            based_on.append(len(found))
+        if len(words) >= 3 and words[1].lower() == "as":
+            stages[words[2].lower()] = len(based_on) - 1
+        if not isinstance(based_on[-1], int):
             continue
         host, _, path = image.partition("/")
         if host != registry or not path:
@@ -416,6 +424,13 @@ def base_images(lines: list[str], registry: str) -> list[BaseImage]:
         else:
             repository, reference = path, "latest"
         found.append(BaseImage(number, image, repository, reference))
+    step = based_on[-1] if based_on else None
+    for _ in range(len(based_on)):      # a stage only names earlier ones: bounded
+        if not isinstance(step, str):
+            break
+        step = based_on[stages[step]]
+    if isinstance(step, int):
+        found[step] = replace(found[step], runtime=True)
     return found
 
 

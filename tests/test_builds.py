@@ -399,3 +399,21 @@ def test_a_run_the_supervisor_stops_is_failed_not_canceled(tmp_path):
 
     run = asyncio.run(asyncio.wait_for(scenario(), 20))
     assert run["status"] == "Failed" and "the cluster stopped while this run was" in run["error"]
+
+
+def test_runs_per_region_and_a_runs_log_are_bounded(running, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cluster.control import builds as builds_module
+    from cluster.control.builds import BuildRuns, _Live
+
+    monkeypatch.setattr(builds_module, "RUNS_PER_REGION", 0)
+    status, answer = start_build(running, {"Containerfile": "FROM scratch\n"})
+    assert status == 429 and "already holds 0 runs" in answer["error"]["message"], answer
+    monkeypatch.setattr(builds_module, "MAX_LOG_BYTES", 10)
+    builds = BuildRuns(SimpleNamespace(data_dir=tmp_path))
+    builds._live["ca1"] = _Live()
+    for _ in range(3):
+        builds._log("ca1", b"12345678")
+    text = builds.log_path("ca1").read_text()
+    assert text.startswith("1234567812\n") and text.count("the log is cut at") == 1

@@ -87,6 +87,12 @@ TASKS_DIR = "tasks"
 # The user name ACR's refresh tokens are presented with.
 TOKEN_USER = "00000000-0000-0000-0000-000000000000"
 BUILDS_PER_REGION = 1
+# Runs a region holds at once, arriving, queued and running: each keeps an
+# unpacked context (up to 1 GiB) in scratch while it waits.
+RUNS_PER_REGION = 10
+# A run's log past this is cut, with one line saying so (the run goes on).
+MAX_LOG_BYTES = 64 * 1024 * 1024
+_LOG_CHUNK = 1 << 20
 DEFAULT_MAX_CONTEXT_BYTES = 256 * 1024 * 1024
 FINAL = ("Succeeded", "Failed", "Canceled", "Timeout")
 # A node answers a login or a manifest lookup within this.
@@ -103,6 +109,11 @@ class Denied(ClusterError):
 
     status = 403
     code = "DENIED"
+
+
+class TooManyRuns(ClusterError):
+    status = 429
+    code = "TooManyRequests"
 
 
 class Unauthorized(ClusterError):
@@ -170,6 +181,7 @@ class _Live:
     process: asyncio.subprocess.Process | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     canceled: bool = False
+    logged: int = 0                     # bytes written to its log
 
 
 class BuildRuns:
@@ -184,6 +196,7 @@ class BuildRuns:
         self.root = cluster.data_dir / TASKS_DIR
         self._live: dict[str, _Live] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._held: dict[str, int] = {}   # per region: runs arriving, queued or running
         self._recovered = False
         self._last_number: int | None = None
 
@@ -260,6 +273,20 @@ class BuildRuns:
         if region not in {r.region for r in self.cluster.spec.all_replicas}:
             raise ClusterError(f"{region} has no replica; build in one of "
                                f"{', '.join(r.region for r in self.cluster.spec.all_replicas)}")
+        if self._held.get(region, 0) >= RUNS_PER_REGION:
+            raise TooManyRuns(f"{region} already holds {RUNS_PER_REGION} runs (arriving, queued "
+                              f"or running); wait for one to end, or build in another region")
+        self._held[region] = self._held.get(region, 0) + 1
+        try:
+            return await self._start(request, source, region)
+        except BaseException:
+            self._release(region)
+            raise
+
+    def _release(self, region: str) -> None:
+        self._held[region] = max(0, self._held.get(region, 0) - 1)
+
+    async def _start(self, request: BuildRequest, source, region: str) -> dict:
         endpoint = self.cluster.regional_endpoint(region)
         registry = urlsplit(endpoint).netloc
         run_id, number = self._next_id()
@@ -402,9 +429,8 @@ class BuildRuns:
                 live.changed.clear()
             with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:  # noqa: ASYNC230 - a local log
                 f.seek(offset)
-                chunk = f.read()
-                offset += len(chunk)
-                if chunk:
+                while chunk := f.read(_LOG_CHUNK):      # bounded: the log is capped
+                    offset += len(chunk)
                     yield chunk
             record = self.show(run_id)
             if record["status"] in FINAL or live is None:
@@ -423,6 +449,15 @@ class BuildRuns:
         self._save(record)
 
     def _log(self, run_id: str, data: bytes) -> None:
+        live = self._live.get(run_id)
+        if live is not None:
+            if live.logged >= MAX_LOG_BYTES:
+                return
+            live.logged += len(data)
+            if live.logged >= MAX_LOG_BYTES:
+                data = data[:max(0, len(data) - (live.logged - MAX_LOG_BYTES))] + (
+                    f"\ngeoreg: the log is cut at {MAX_LOG_BYTES // 2**20} MiB; the run goes "
+                    f"on\n").encode()
         fd = os.open(self.log_path(run_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as f:
             f.write(data)
@@ -471,6 +506,7 @@ class BuildRuns:
             self._finish(record, "Failed", f"the build agent failed: {type(exc).__name__}: {exc}")
         finally:
             live = self._live.pop(run_id, None)
+            self._release(record["region"])
             if live is not None and live.process is not None and live.process.returncode is None:
                 _kill(live.process)
                 await live.process.wait()

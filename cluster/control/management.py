@@ -830,8 +830,10 @@ class ManagementServer:
             async for chunk in self.builds.follow(run_id):
                 await response.write(chunk)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                await response.write(self.builds.log_path(run_id).read_bytes())
+            with contextlib.suppress(FileNotFoundError), \
+                    open(self.builds.log_path(run_id), "rb") as f:  # noqa: ASYNC230 - a local log
+                while chunk := f.read(1 << 20):      # bounded: a run's log is capped
+                    await response.write(chunk)
         await response.write_eof()
         return response
 

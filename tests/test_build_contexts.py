@@ -177,3 +177,22 @@ def test_the_runtime_base_is_found_through_the_final_stages_chain():
     assert [(b.repository, b.reference, b.runtime) for b in bases] == \
         [("tools", "1", False), ("sdk", "2", True)]
     assert [b.runtime for b in base_images(["FROM r:1/a", "FROM scratch"], "r:1")] == [False]
+
+
+def test_from_lines_take_args_the_login_server_continuations_and_digests():
+    from cluster.control.containerfile import base_images
+
+    digest = "sha256:" + "a" * 64
+    lines = ["ARG REGISTRY_NAME", "ARG TAG=1", "FROM ${REGISTRY_NAME}/baseimages/node:$TAG",
+             "FROM \\", "  r:1/base:2@" + digest + " AS b",
+             "FROM reg.azurecr.io/app AS c"]
+    bases = base_images(lines, "r:1", aliases=("reg.azurecr.io",),
+                        build_args=(("REGISTRY_NAME", "r:1"), ("OTHER", "x")))
+    assert [(b.repository, b.reference) for b in bases] == \
+        [("baseimages/node", "1"), ("base", digest), ("app", "latest")]
+    assert lines[2] == "FROM r:1/baseimages/node:1" and lines[4] == ""
+    assert lines[5].startswith("FROM r:1/app")              # buildah pulls from the endpoint
+    with pytest.raises(ContextRefused, match="no ARG before the first FROM"):
+        base_images(["FROM $NOPE/x"], "r:1")
+    with pytest.raises(ContextRefused, match="must be in this registry"):
+        base_images(["ARG R=docker.io", "FROM $R/library/alpine"], "r:1")

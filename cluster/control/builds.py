@@ -298,7 +298,8 @@ class BuildRuns:
             context = await self._receive(source, scratch)
             file = containerfile_in(context, request.file)
             lines = variables.substitute(file.read_text(errors="replace")).splitlines()
-            bases = base_images(lines, registry)
+            bases = base_images(lines, registry, aliases=(self.cluster.spec.login_server,),
+                                build_args=request.build_args)
             repository, tag = image_reference(variables.substitute(request.image))
             grant = await self._login(endpoint, request.credentials, repository,
                                       sorted({b.repository for b in bases}))

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from registry_node.errors import RegistryError
-from registry_node.reference import TAG_RE, validate_name
+from registry_node.reference import TAG_RE, is_digest, validate_name
 
 from .errors import ClusterError
 
@@ -387,23 +387,84 @@ class BaseImage:
 
 
 _FROM = re.compile(r"^\s*FROM\s+(?P<rest>.+)$", re.IGNORECASE)
+_ARG = re.compile(r"^\s*ARG\s+(?P<rest>.+)$", re.IGNORECASE)
+_VARIABLE = re.compile(r"\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)")
 
 
-def base_images(lines: list[str], registry: str) -> list[BaseImage]:
+def _from_line(lines: list[str], number: int) -> str:
+    """The FROM at ``number`` with its continuation lines joined onto it; the
+    lines it took are left empty, so later line numbers hold."""
+    text = lines[number]
+    end = number
+    while text.rstrip().endswith("\\") and end + 1 < len(lines):    # bounded by the file
+        end += 1
+        text = text.rstrip()[:-1] + " " + lines[end].strip()
+        lines[end] = ""
+    return text
+
+
+def _image_parts(image: str, number: int) -> tuple[str, str]:
+    """``REPOSITORY[:TAG][@DIGEST]`` (after the host): (repository, tag or digest)."""
+    name, at, digest = image.partition("@")
+    if ":" in name.rsplit("/", 1)[-1]:
+        repository, _, tag = name.rpartition(":")
+    else:
+        repository, tag = name, "latest"
+    try:
+        validate_name(repository)
+    except RegistryError:
+        raise ContextRefused(f"line {number + 1}: FROM …/{image[:100]}: {repository[:100]!r} "
+                             f"is not a repository name") from None
+    if at and not is_digest(digest):
+        raise ContextRefused(f"line {number + 1}: FROM …/{image[:100]}: {digest[:80]!r} is not "
+                             f"a digest")
+    if not TAG_RE.fullmatch(tag):
+        raise ContextRefused(f"line {number + 1}: FROM …/{image[:100]}: {tag[:80]!r} is not a tag")
+    return repository, digest if at else tag
+
+
+def base_images(lines: list[str], registry: str, *, aliases: tuple[str, ...] = (),
+                build_args: tuple[tuple[str, str], ...] = ()) -> list[BaseImage]:
     """The base images ``FROM`` lines name (``scratch`` and earlier stages aside),
     the runtime one marked. Each must be in this registry (``registry``,
-    HOST:PORT): nothing is pulled from anywhere else."""
+    HOST:PORT, or one of its ``aliases``, such as the login server): nothing is
+    pulled from anywhere else.
+
+    ``lines`` is rewritten in place so that buildah reads what was checked: a
+    ``FROM`` continued over lines is joined, the ``ARG``s declared before the
+    first ``FROM`` (their defaults, or ``build_args`` for them) are substituted
+    in it, and an alias becomes ``registry``."""
+    args: dict[str, str] = {}
     stages: dict[str, int] = {}         # a stage's name: its index
     based_on: list[str | int | None] = []   # per stage: a stage name, an index into found, scratch
     found = []
-    for number, line in enumerate(lines):
-        match = _FROM.match(line)
-        if match is None:
+    for number in range(len(lines)):
+        if not based_on and (declared := _ARG.match(lines[number])):
+            for item in declared["rest"].split():
+                name, sep, default = item.partition("=")
+                args[name] = default.strip("\"'") if sep else args.get(name, "")
+            args.update((k, v) for k, v in build_args if k in args)
             continue
-        words = [w for w in match["rest"].split() if not w.startswith("--")]
+        if _FROM.match(lines[number]) is None:
+            continue
+
+        def value(m: re.Match, number=number) -> str:
+            name = m["braced"] or m["bare"]
+            if name not in args:
+                raise ContextRefused(f"line {number + 1}: FROM uses ${name}, which no ARG "
+                                     f"before the first FROM declares")
+            return args[name]
+        text = _VARIABLE.sub(value, _from_line(lines, number))
+        words = [w for w in _FROM.match(text)["rest"].split() if not w.startswith("--")]
         if not words:
             raise ContextRefused(f"line {number + 1}: FROM names no image")
         image = words[0]
+        host, _, path = image.partition("/")
+        if host in aliases and path:
+            text = text.replace(image, f"{registry}/{path}", 1)
+            image = f"{registry}/{path}"
+            host = registry
+        lines[number] = text
         if image == "scratch" or image.lower() in stages:
             based_on.append(None if image == "scratch" else image.lower())
         else:
@@ -412,17 +473,11 @@ def base_images(lines: list[str], registry: str) -> list[BaseImage]:
             stages[words[2].lower()] = len(based_on) - 1
         if not isinstance(based_on[-1], int):
             continue
-        host, _, path = image.partition("/")
         if host != registry or not path:
             raise ContextRefused(
                 f"line {number + 1}: FROM {image}: a base image must be in this registry; "
                 f"write FROM {{{{.Run.Registry}}}}/REPOSITORY:TAG (it becomes {registry}/…)")
-        if "@" in path:
-            repository, _, reference = path.partition("@")
-        elif ":" in path.rsplit("/", 1)[-1]:
-            repository, _, reference = path.rpartition(":")
-        else:
-            repository, reference = path, "latest"
+        repository, reference = _image_parts(path, number)
         found.append(BaseImage(number, image, repository, reference))
     step = based_on[-1] if based_on else None
     for _ in range(len(based_on)):      # a stage only names earlier ones: bounded

@@ -197,6 +197,15 @@ def test_a_caller_without_push_is_refused_before_any_run(running):
                          context_archive({"Containerfile": "FROM {{.Run.Registry}}/base\n"}),
                          login_header("reader", "wrong"))
     assert status == 401, answer
+    # Push on the target but no pull on the base: refused up front too.
+    token = running.run(lambda: running.cluster.access.create_token(
+        "pusher", repositories=[["app", "content/write"], ["app", "content/read"]]))
+    password = token["credentials"]["passwords"][0]["value"]
+    status, answer = api(running, "POST", "/georeg/v1/builds?image=app:denied",
+                         context_archive({"Containerfile": "FROM {{.Run.Registry}}/base\n"}),
+                         login_header("pusher", password))
+    assert status == 403 and "may not pull the base image repository base" in \
+        answer["error"]["message"], answer
     assert api(running, "GET", "/georeg/v1/runs")[1] == runs_before
 
 

@@ -377,13 +377,13 @@ class BuildRuns:
                                                        data=form) as r:
                 answer = await r.json(content_type=None) if r.status == 200 else None
                 status = r.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise RegionUnavailable(f"the build region's endpoint {endpoint} cannot be "
                                     f"reached ({type(exc).__name__}); build in another region "
                                     f"with --region") from None
         if status == 401:
             raise Unauthorized("the registry refused the caller's username or password")
-        if answer is None or not answer.get("refresh_token"):
+        if not isinstance(answer, dict) or not answer.get("refresh_token"):
             raise RegionUnavailable(f"the build region's endpoint answered HTTP {status} "
                                     f"to a login")
         granted = {}
@@ -396,6 +396,12 @@ class BuildRuns:
                          f"not push to repository {repository} of registry "
                          f"{self.cluster.spec.registry}; grant it push (a scope map with "
                          f"content/write, or the AcrPush role)")
+        unreadable = [b for b in bases if "pull" not in granted.get(b, set())]
+        if unreadable:
+            raise Denied(f"requested access to the resource is denied: {credentials[0]} may "
+                         f"not pull the base image repository {unreadable[0]} of registry "
+                         f"{self.cluster.spec.registry}; grant it pull (content/read, or "
+                         f"the AcrPull role)")
         return _Grant(answer["refresh_token"], obtained + REFRESH_LIFETIME_S - LOGIN_MARGIN_S)
 
     async def cancel(self, run_id: str) -> dict:

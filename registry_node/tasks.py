@@ -46,6 +46,15 @@ class Task(msgspec.Struct, frozen=True):
     created: float = 0.0
 
 
+def build_arg(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (``--build-arg``, ``?buildArg=``), checked as every caller checks it."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise InvalidValue(f"--build-arg {text[:60]!r} is KEY=VALUE, KEY a letter or _ then "
+                           f"letters, digits and _")
+    return key, value
+
+
 def check_task(name: str, task: Task) -> None:
     if not TASK_NAME.fullmatch(name):
         raise InvalidValue(f"a task's name is 1 to 50 letters, digits, hyphens and underscores, "
@@ -61,5 +70,5 @@ def check_task(name: str, task: Task) -> None:
     if task.status not in STATUSES:
         raise InvalidValue(f"a task's status is Enabled or Disabled, not {task.status[:20]!r}")
     for pair in task.build_args:
-        if len(pair) != 2 or not pair[0].isidentifier():
+        if len(pair) != 2 or not str(pair[0]).isidentifier():
             raise InvalidValue("a task's build arguments are [KEY, VALUE] pairs")

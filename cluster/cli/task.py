@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from registry_node.tasks import DEFAULT_TIMEOUT_S
+from registry_node.identities import InvalidValue
+from registry_node.tasks import DEFAULT_TIMEOUT_S, build_arg
 
 from .build import follow, registry_login_header
 from .common import CliError, add_data_dir, call, call_streaming, command, data_dir_of
@@ -93,10 +94,10 @@ def _task_path(name: str, rest: str = "") -> str:
 def create(args: argparse.Namespace) -> int:
     args_pairs = []
     for text in args.build_arg:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise CliError(f"--build-arg {text!r} is KEY=VALUE")
-        args_pairs.append([key, value])
+        try:
+            args_pairs.append(list(build_arg(text)))
+        except InvalidValue as exc:
+            raise CliError(str(exc)) from None
     body = {"name": args.name, "image": args.image, "contextPath": str(args.context.resolve()),
             "buildArgs": args_pairs, "timeout": args.timeout,
             "baseImageTriggerEnabled": args.base_image_trigger_enabled == "true"}

@@ -59,7 +59,8 @@ import aiohttp
 import structlog
 
 from registry_node.auth.tokens import REFRESH_LIFETIME_S
-from registry_node.tasks import DEFAULT_TIMEOUT_S, LOGIN_MARGIN_S, MAX_TIMEOUT_S
+from registry_node.identities import InvalidValue
+from registry_node.tasks import DEFAULT_TIMEOUT_S, LOGIN_MARGIN_S, MAX_TIMEOUT_S, build_arg
 
 from .containerfile import (
     ContextRefused,
@@ -148,10 +149,10 @@ def build_request(query, credentials: tuple[str, str] | None) -> BuildRequest:
         raise ClusterError("give the image to build as ?image=REPO:TAG (georeg build -t)")
     args = []
     for text in query.getall("buildArg", []):
-        key, sep, value = text.partition("=")
-        if not sep or not key.isidentifier():
-            raise ClusterError(f"--build-arg {text[:60]!r} is KEY=VALUE")
-        args.append((key, value))
+        try:
+            args.append(build_arg(text))
+        except InvalidValue as exc:
+            raise ClusterError(str(exc)) from None
     region = query.get("region") or None
     if region is not None and region not in REGIONS:
         raise ClusterError(unknown_region_message(region))
@@ -269,10 +270,7 @@ class BuildRuns:
         iterator of the uploaded archive's chunks, or a task's directory), then
         queue its run; the run's record."""
         self._recover()
-        region = request.region or self.cluster.spec.home_region
-        if region not in {r.region for r in self.cluster.spec.all_replicas}:
-            raise ClusterError(f"{region} has no replica; build in one of "
-                               f"{', '.join(r.region for r in self.cluster.spec.all_replicas)}")
+        region = self.build_region(request.region)
         if self._held.get(region, 0) >= RUNS_PER_REGION:
             raise TooManyRuns(f"{region} already holds {RUNS_PER_REGION} runs (arriving, queued "
                               f"or running); wait for one to end, or build in another region")
@@ -282,6 +280,14 @@ class BuildRuns:
         except BaseException:
             self._release(region)
             raise
+
+    def build_region(self, region: str | None) -> str:
+        """The region a build or a task runs in (default: home), which must have a replica."""
+        region = region or self.cluster.spec.home_region
+        replicas = [r.region for r in self.cluster.spec.all_replicas]
+        if region not in replicas:
+            raise ClusterError(f"{region} has no replica; build in one of {', '.join(replicas)}")
+        return region
 
     def _release(self, region: str) -> None:
         self._held[region] = max(0, self._held.get(region, 0) - 1)

@@ -77,9 +77,7 @@ class RegistryTasks:
             msgspec.convert(value, Task, strict=True)
         except msgspec.ValidationError as exc:
             raise ClusterError(f"the task is refused: {exc}") from None
-        region = value.get("region") or self.cluster.spec.home_region
-        if region not in {r.region for r in self.cluster.spec.all_replicas}:
-            raise ClusterError(f"{region} has no replica; a task runs in a replica's region")
+        self.builds.build_region(value.get("region"))
         image_reference(RunVariables("ca1", "registry", "date").substitute(
             str(value.get("image", ""))))
         task_context(str(value.get("context", "")), self.cluster.spec.tasks.context_roots,

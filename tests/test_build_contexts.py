@@ -196,3 +196,12 @@ def test_from_lines_take_args_the_login_server_continuations_and_digests():
         base_images(["FROM $NOPE/x"], "r:1")
     with pytest.raises(ContextRefused, match="must be in this registry"):
         base_images(["ARG R=docker.io", "FROM $R/library/alpine"], "r:1")
+
+
+def test_registry_is_substituted_in_from_lines_and_images_but_not_in_run_steps():
+    from cluster.control.containerfile import RunVariables
+
+    variables = RunVariables("ca3", "h:1", "20261207-221500z")
+    assert variables.containerfile("FROM $Registry/b\nRUN echo $Registry {{.Run.ID}}\n") == \
+        ["FROM h:1/b", "RUN echo $Registry ca3"]
+    assert variables.substitute("${Registry}/a:{{.Run.Date}}") == "h:1/a:20261207-221500z"

@@ -303,7 +303,7 @@ class BuildRuns:
         try:
             context = await self._receive(source, scratch)
             file = containerfile_in(context, request.file)
-            lines = variables.substitute(file.read_text(errors="replace")).splitlines()
+            lines = variables.containerfile(file.read_text(errors="replace"))
             bases = base_images(lines, registry, aliases=(self.cluster.spec.login_server,),
                                 build_args=request.build_args)
             repository, tag = image_reference(variables.substitute(request.image))

@@ -24,8 +24,9 @@ Invariants:
 * every refusal is a ``ClusterError`` (400, 413 for a size) whose message says
   what was wrong; on a refusal the caller removes what was written;
 * run variables are ACR's: ``{{.Run.ID}}``, ``{{.Run.Registry}}``,
-  ``{{.Run.Date}}``, and ``$Registry`` / ``${Registry}`` for the registry,
-  substituted in the Containerfile and the image name alike.
+  ``{{.Run.Date}}`` (in the Containerfile and the image name), and
+  ``$Registry`` / ``${Registry}`` for the registry (in the image name and
+  ``FROM`` lines only: elsewhere in a Containerfile it is a shell variable).
 """
 
 from __future__ import annotations
@@ -347,11 +348,23 @@ class RunVariables:
     registry: str           # HOST:PORT of the build region's endpoint
     date: str               # UTC, as ACR's {{.Run.Date}}: 20261207-212233z
 
-    def substitute(self, text: str) -> str:
-        text = (text.replace("{{.Run.ID}}", self.run_id)
+    def _templates(self, text: str) -> str:
+        return (text.replace("{{.Run.ID}}", self.run_id)
                 .replace("{{.Run.Registry}}", self.registry)
                 .replace("{{.Run.Date}}", self.date))
+
+    def _registry_alias(self, text: str) -> str:
         return re.sub(r"\$\{Registry\}|\$Registry\b", self.registry, text)
+
+    def substitute(self, text: str) -> str:
+        """An image name (``-t``, a task's ``--image``): every run variable."""
+        return self._registry_alias(self._templates(text))
+
+    def containerfile(self, text: str) -> list[str]:
+        """A Containerfile's lines: ``{{.Run.*}}`` everywhere, ``$Registry`` only
+        in ``FROM`` lines (in a ``RUN`` it is the shell's variable)."""
+        return [self._registry_alias(line) if _FROM.match(line) else line
+                for line in self._templates(text).splitlines()]
 
 
 def image_reference(text: str) -> tuple[str, str]:

@@ -68,7 +68,7 @@ from typing import Any
 
 import msgspec
 
-from . import cache_rules, identities, keys, recycle_bin, tiers, webhooks
+from . import cache_rules, identities, keys, recycle_bin, tasks, tiers, webhooks
 from .configuration_key import ConfigurationKey
 from .errors import ErrorCode, RegistryError
 from .metastore import Batch
@@ -124,6 +124,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind(cache_rules.CACHE_RULE, cache_rules.CacheRule, check=cache_rules.check_cache_rule),
     Kind(cache_rules.CREDENTIAL_SET, cache_rules.CredentialSet,
          check=cache_rules.check_credential_set, seal=cache_rules.sealed_credential_set),
+    Kind(tasks.TASK, tasks.Task, check=tasks.check_task),
 )}
 
 # Object names: ACR's resource names (tokens, scope maps, webhooks) plus the

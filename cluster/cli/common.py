@@ -8,13 +8,14 @@ module, so every command module can import it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from ..control.access import AdminLogin, CredentialMissing, authorization, read_owner_credential
-from ..control.management_client import ManagementError, request
+from ..control.management_client import ManagementError, request, stream
 from ..control.plan import ca_file
 from ..control.state import running_state
 from ..control.tls import client_context
@@ -58,6 +59,21 @@ def call(data_dir: Path, method: str, path: str, body: dict | None = None,
          timeout: float = 120) -> object:
     """One request to the management API of the cluster running from ``data_dir``,
     with the owner credential kept there (a cluster without auth has none)."""
+    with _reaching(data_dir) as (url, headers, tls):
+        return request(url, method, path, body, timeout, headers=headers, tls=tls)
+
+
+def call_streaming(data_dir: Path, method: str, path: str, data=None,
+                   headers: dict[str, str] | None = None, timeout: float = 120):
+    """As ``call``, with a body of bytes or a file and the answer's bytes as
+    they come (``management_client.stream``)."""
+    with _reaching(data_dir) as (url, owner, tls):
+        yield from stream(url, method, path, data, timeout, {**owner, **(headers or {})}, tls)
+
+
+@contextlib.contextmanager
+def _reaching(data_dir: Path):
+    """(URL, owner headers, TLS context) of the running cluster; its refusals as ``CliError``."""
     url = management_url(data_dir)
     headers, missing = {}, None
     try:
@@ -65,8 +81,7 @@ def call(data_dir: Path, method: str, path: str, body: dict | None = None,
     except CredentialMissing as exc:
         missing = exc
     try:
-        return request(url, method, path, body, timeout, headers=headers,
-                       tls=cluster_tls(data_dir) if url.startswith("https:") else None)
+        yield url, headers, cluster_tls(data_dir) if url.startswith("https:") else None
     except ManagementError as exc:
         if exc.status == 401 and missing is not None:
             raise CliError(f"{exc}\n{missing}") from None

@@ -24,6 +24,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         return parser
     from . import (
         bench,
+        build,
         ca,
         cache,
         chaos,
@@ -37,6 +38,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         replication,
         repository,
         scope_map,
+        task,
         token,
         verify,
         webhook,
@@ -55,6 +57,8 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     replication.register(sub)
     repository.register(sub)
     import_.register(sub)
+    build.register(sub)
+    task.register(sub)
     cache.register(sub)
     cache.register_credential_set(sub)
     fault.register(sub)

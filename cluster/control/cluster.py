@@ -67,6 +67,7 @@ from registry_node.configuration import check_name, kind_of
 from registry_node.configuration_key import ConfigurationKey
 from registry_node.errors import RegistryError
 from registry_node.identities import SCOPE_MAP, TOKEN
+from registry_node.tasks import TASK
 from registry_node.webhooks import WEBHOOK
 from replicator.topology import ReplicationSettings
 
@@ -85,6 +86,7 @@ from .access import (
     provision_node,
 )
 from .cache import RegistryCache
+from .containerfile import task_context
 from .errors import (
     ClusterError,
     Conflict,
@@ -771,6 +773,11 @@ class Cluster:
         admin passwords are the control plane's and keep their values."""
         path = self._object_path(kind, name)
         self._written_by_its_commands(kind)
+        if kind == TASK:
+            # A task's context is read by the supervisor: the same check as
+            # `georeg task create`, whoever writes it (it is made again at each run).
+            task_context(str(value.get("context", "")) if isinstance(value, dict) else "",
+                         self.spec.tasks.context_roots, self.data_dir)
         if kind != "registry":
             return await self._node_call(await self._control_plane(), "PUT", path, value)
         owned = sorted({"name", "admin_passwords", "sku"} & set(value))

@@ -40,6 +40,23 @@ which other processes find it.
                                                   "region", "username", "password",
                                                   "sourceCaPem"}; 200 with what was copied
                                                   (``cluster.control.imports``)
+    POST   /georeg/v1/builds?image=REPO:TAG[&file&buildArg=K=V…&region&timeout]
+                                                  az acr build: the body is the context (a tar,
+                                                  gzip or not); the caller's registry login in
+                                                  ``X-Registry-Authorization: Basic …``; 202 with
+                                                  the queued run (``cluster.control.builds``)
+    GET    /georeg/v1/tasks                       tasks (az acr task list; ``cluster.control.tasks``)
+    POST   /georeg/v1/tasks                       {"name", "image", "contextPath", "file", "region",
+                                                  "buildArgs", "timeout", "status",
+                                                  "baseImageTriggerEnabled"}
+    GET    /georeg/v1/tasks/{name}
+    DELETE /georeg/v1/tasks/{name}
+    POST   /georeg/v1/tasks/{name}/runs           az acr task run: 202 with the queued run (the
+                                                  caller's login as for a build)
+    GET    /georeg/v1/runs[?task=NAME]            runs, newest first (az acr task list-runs)
+    GET    /georeg/v1/runs/{id}                   one run: status, images, base images, times
+    GET    /georeg/v1/runs/{id}/log[?follow=true] its log (text), followed until the run ends
+    POST   /georeg/v1/runs/{id}/cancel            az acr task cancel-run
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
     GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
@@ -132,6 +149,8 @@ named in the answer's ``unavailable``, never left out in silence.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hmac
 import json
 from typing import TYPE_CHECKING
@@ -145,12 +164,14 @@ from registry_node.reference import is_digest, validate_name
 from ..faults.controller import FaultError
 from . import soft_delete
 from .access import authorization, owner_credential_path
+from .builds import BuildRuns, build_request
 from .errors import ClusterError, NotFound
 from .health import check_health
 from .imports import ImageImports, import_request
 from .regions import REGIONS, unknown_region_message
 from .repositories import Repositories
 from .state import clear_running_state, write_running_state
+from .tasks import RegistryTasks
 
 if TYPE_CHECKING:                      # the API serves a Cluster; the Cluster never sees the API
     from .cluster import Cluster
@@ -219,6 +240,8 @@ class ManagementServer:
         self.cluster = cluster
         self.repositories = Repositories(cluster)
         self.imports = ImageImports(cluster)
+        self.builds = BuildRuns(cluster)
+        self.tasks = RegistryTasks(cluster, self.builds)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -234,6 +257,7 @@ class ManagementServer:
         await self.stop()
 
     async def start(self) -> None:
+        self.builds.recover()
         middlewares = [_errors]
         if self.cluster.secrets is not None:
             middlewares.insert(0, _owner_only(self.cluster))
@@ -261,6 +285,16 @@ class ManagementServer:
         r.add_delete("/georeg/v1/repositories/{name:.+}/_images/{reference}", self.delete_image)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
         r.add_post("/georeg/v1/imports", self.import_image)
+        r.add_post("/georeg/v1/builds", self.start_build)
+        r.add_get("/georeg/v1/tasks", self.list_tasks)
+        r.add_post("/georeg/v1/tasks", self.create_task)
+        r.add_get("/georeg/v1/tasks/{name}", self.show_task)
+        r.add_delete("/georeg/v1/tasks/{name}", self.delete_task)
+        r.add_post("/georeg/v1/tasks/{name}/runs", self.run_task)
+        r.add_get("/georeg/v1/runs", self.list_runs)
+        r.add_get("/georeg/v1/runs/{id}", self.show_run)
+        r.add_get("/georeg/v1/runs/{id}/log", self.run_log)
+        r.add_post("/georeg/v1/runs/{id}/cancel", self.cancel_run)
         r.add_get("/georeg/v1/registry", self.show_registry)
         r.add_patch("/georeg/v1/registry", self.update_registry)
         r.add_get("/georeg/v1/registry/soft-delete", self.show_soft_delete)
@@ -332,6 +366,7 @@ class ManagementServer:
 
     async def stop(self) -> None:
         clear_running_state(self.cluster.data_dir)
+        await self.builds.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -752,6 +787,77 @@ class ManagementServer:
 
     async def import_image(self, request: web.Request) -> web.Response:
         return web.json_response(await self.imports.run(import_request(await _json(request))))
+
+    # -- builds and runs (cluster.control.builds) ------------------------------------------
+
+    async def start_build(self, request: web.Request) -> web.Response:
+        build = build_request(request.query, registry_login(request))
+        run = await self.builds.start(build, request.content.iter_chunked(1 << 16))
+        return web.json_response(run, status=202)
+
+    async def list_tasks(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.tasks.list())
+
+    async def show_task(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.tasks.show(request.match_info["name"]))
+
+    async def create_task(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        name = _field(body, "name", str)
+        del body["name"]
+        return web.json_response(await self.tasks.create(name, body), status=201)
+
+    async def delete_task(self, request: web.Request) -> web.Response:
+        await self.tasks.delete(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def run_task(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.tasks.run(request.match_info["name"],
+                                                      registry_login(request)), status=202)
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        return web.json_response(self.builds.list(request.query.get("task")))
+
+    async def show_run(self, request: web.Request) -> web.Response:
+        return web.json_response(self.builds.show(request.match_info["id"]))
+
+    async def run_log(self, request: web.Request) -> web.StreamResponse:
+        run_id = request.match_info["id"]
+        self.builds.show(run_id)                 # a 404 before the answer starts
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        if request.query.get("follow") == "true":
+            async for chunk in self.builds.follow(run_id):
+                await response.write(chunk)
+        else:
+            with contextlib.suppress(FileNotFoundError), \
+                    open(self.builds.log_path(run_id), "rb") as f:  # noqa: ASYNC230 - a local log
+                while chunk := f.read(1 << 20):      # bounded: a run's log is capped
+                    await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def cancel_run(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.builds.cancel(request.match_info["id"]))
+
+
+REGISTRY_LOGIN_HEADER = "X-Registry-Authorization"
+
+
+def registry_login(request: web.Request) -> tuple[str, str] | None:
+    """The caller's registry login (``Basic``) a build is authorised with: a
+    header of its own, since ``Authorization`` carries the owner credential."""
+    header = request.headers.get(REGISTRY_LOGIN_HEADER)
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    try:
+        username, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        sep = ""
+    if scheme.lower() != "basic" or not sep:
+        raise ClusterError(f"{REGISTRY_LOGIN_HEADER} is `Basic base64(username:password)`")
+    return username, password
 
 
 def _node_answer(status: int, answer: dict) -> web.Response:

@@ -9,6 +9,7 @@ not: by default it sends even loopback requests to the proxy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import urllib.error
@@ -43,14 +44,30 @@ def request(base_url: str, method: str, path: str, body: dict | None = None,
             tls: ssl.SSLContext | None = None) -> object:
     """One call; ``headers`` carry the owner credential of a cluster with auth,
     ``tls`` verifies the API's certificate on a cluster with TLS (its CA)."""
-    url = base_url.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    with _open(base_url, method, path, data, timeout,
+               {"Content-Type": "application/json", **(headers or {})}, tls) as r:
+        raw = r.read()
+        return json.loads(raw) if raw else None
+
+
+def stream(base_url: str, method: str, path: str, data=None, timeout: float = 120,
+           headers: dict[str, str] | None = None, tls: ssl.SSLContext | None = None):
+    """One call whose answer is read as it comes (a run's log): its chunks of
+    bytes; ``data`` a body of bytes or an open file (a build context)."""
+    with _open(base_url, method, path, data, timeout, headers or {}, tls) as r:
+        while chunk := r.read1(65536):
+            yield chunk
+
+
+@contextlib.contextmanager
+def _open(base_url: str, method: str, path: str, data, timeout: float,
+          headers: dict[str, str], tls: ssl.SSLContext | None):
+    url = base_url.rstrip("/") + path
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with open_direct(req, timeout=timeout, tls=tls) as r:
-            raw = r.read()
-            return json.loads(raw) if raw else None
+            yield r
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]

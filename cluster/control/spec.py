@@ -236,6 +236,15 @@ class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return WebhookSettings(**{k: v for k, v in given.items() if v is not None}, **decided)
 
 
+class TasksSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``[tasks]`` table. ``context_roots``: the absolute directories a task's
+    context may lie under (``georeg task create --context``); none by default,
+    so a task cannot be made until the owner names where its sources live. The
+    cluster's data dir is refused whatever this says (``containerfile.task_context``)."""
+
+    context_roots: tuple[str, ...] = ()
+
+
 LIMIT_MODES = ("off", "tier")
 
 
@@ -343,6 +352,7 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     webhooks: WebhookSpec = WebhookSpec()
     limits: LimitsSpec = LimitsSpec()
     network: NetworkSpec = NetworkSpec()
+    tasks: TasksSpec = TasksSpec()
 
     # -- derived -----------------------------------------------------------------
 
@@ -467,7 +477,8 @@ _FIELDS = {"": set(ClusterSpec.__struct_fields__), "replicas": set(ReplicaSpec._
            "network": set(NetworkSpec.__struct_fields__),
            "replication": set(ReplicationSpec.__struct_fields__),
            "webhooks": set(WebhookSpec.__struct_fields__),
-           "limits": set(LimitsSpec.__struct_fields__)}
+           "limits": set(LimitsSpec.__struct_fields__),
+           "tasks": set(TasksSpec.__struct_fields__)}
 
 
 def _check_keys(raw: dict, source: str) -> None:
@@ -485,7 +496,7 @@ def _check_keys(raw: dict, source: str) -> None:
     for i, replica in enumerate(raw.get("replicas") or []):
         if isinstance(replica, dict):
             check(replica, _FIELDS["replicas"], f"replicas[{i}].")
-    for section in ("wan", "residency", "replication", "webhooks", "limits", "network"):
+    for section in ("wan", "residency", "replication", "webhooks", "limits", "network", "tasks"):
         if isinstance(raw.get(section), dict):
             check(raw[section], _FIELDS[section], f"{section}.")
     if problems:
@@ -526,6 +537,9 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
     for name in spec.network.client_locations:  # (the default is the replica regions)
         if name not in REGIONS:
             problems.append("client_locations: " + unknown_region_message(name))
+    for root in spec.tasks.context_roots:
+        if not root.startswith("/"):
+            problems.append(f"tasks.context_roots: {root[:100]!r} is not an absolute path")
     for name in spec.residency.confined_regions:
         if name not in REGIONS:
             problems.append("residency.confined_regions: " + unknown_region_message(name))

@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GEOREG := $(VENV)/bin/georeg
 # python3-venv: Debian's python3 cannot make a virtualenv without it.
-SYSTEM_PACKAGES := python3-venv skopeo docker-registry
+# docker-compose: `docker-compose config` checks `georeg deploy compose` output (no daemon needed).
+SYSTEM_PACKAGES := python3-venv skopeo docker-registry docker-compose
 DATA_DIR ?= .georeg
 
 PROTO_SRC := proto/georeg/replication/v1/replication.proto

@@ -1,0 +1,173 @@
+"""The WAN model and the shipped fault scenarios as Chaos Mesh resources.
+
+``wan``: one NetworkChaos per ordered pair of regions (``netem``: the WAN
+model's one-way latency and jitter, and its bandwidth as a rate), on the
+source region's pods towards the destination's, so each direction carries its
+own modelled delay, as georeg's links do on one machine. Zones of one region
+are not delayed (the cluster network stands for the region's).
+
+``workflow``: a scenario (``cluster.faults.chaos``) as a Chaos Mesh Workflow:
+its schedule resolved with its seed, each step a serial branch (a Suspend
+until the step's time, then the fault for its duration) under one Parallel
+entry. Faults map to what Chaos Mesh has: a crash or stop to PodChaos
+``pod-failure`` (or ``pod-kill`` with no duration), isolation and partitions
+to NetworkChaos ``partition``, a slowed link to NetworkChaos ``delay`` and
+``bandwidth``, disk faults to IOChaos on the data volume. Kinds that live in
+georeg's own seams (routing flags, throttling, HTTP faults at endpoints,
+clock, bit rot, destroy) have no equivalent and are refused by name.
+The resources' fields are Chaos Mesh's v1alpha1 CRDs'.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..faults.chaos import Scenario, schedule
+from .model import DATA_PATH, LABEL, DeployError, Deployment
+
+API = "chaos-mesh.org/v1alpha1"
+EIO, ENOSPC = 5, 28
+RENDERED_KINDS = ("region-outage", "zone-outage", "partition", "link", "disk")
+
+
+def duration(seconds: float) -> str:
+    return f"{max(seconds, 0.001):.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def millis(ms: float) -> str:
+    return f"{ms:.3f}".rstrip("0").rstrip(".") + "ms"
+
+
+def _selector(d: Deployment, **labels: str) -> dict:
+    return {"namespaces": [d.namespace],
+            "labelSelectors": {f"{LABEL}/{k}": v for k, v in labels.items()}}
+
+
+def _others(d: Deployment, region: str) -> dict:
+    return {"namespaces": [d.namespace], "expressionSelectors": [
+        {"key": f"{LABEL}/region", "operator": "NotIn", "values": [region]},
+        {"key": f"{LABEL}/role", "operator": "In", "values": ["node", "copy"]}]}
+
+
+def wan(d: Deployment) -> list[dict]:
+    model = d.spec.wan_model()
+    if not model.enabled:
+        return []
+    out = []
+    for a in d.regions:
+        for b in d.regions:
+            if a == b:
+                continue
+            link = model.link(a, b)
+            spec: dict = {"action": "netem", "mode": "all", "direction": "to",
+                          "selector": _selector(d, region=a),
+                          "target": {"mode": "all", "selector": _selector(d, region=b)},
+                          "delay": {"latency": millis(link.latency_ms),
+                                    "jitter": millis(link.jitter_ms)}}
+            if link.bandwidth_mbps:
+                spec["rate"] = {"rate": f"{link.bandwidth_mbps:g}mbps"}
+            out.append({"apiVersion": API, "kind": "NetworkChaos",
+                        "metadata": {"name": f"wan-{a}-to-{b}", "namespace": d.namespace,
+                                     "labels": {f"{LABEL}/wan": "true"}},
+                        "spec": spec})
+    return out
+
+
+def _pods(d: Deployment, region: str, zone: str | None) -> dict:
+    if not zone:
+        return _selector(d, replica=region, role="node")
+    for n in d.nodes:
+        if n.plan.region == region and n.plan.zone == str(zone) and not n.plan.copy_of:
+            return {"namespaces": [d.namespace], "pods": {d.namespace: [n.pod]}}
+    raise DeployError(f"no node in {region} zone {zone}")
+
+
+def _templates(d: Deployment, name: str, kind: str, args: dict, seconds: float | None) -> list[dict]:
+    """The Chaos Mesh templates of one fault (several when Chaos Mesh needs one
+    resource per effect)."""
+    deadline = {"deadline": duration(seconds)} if seconds else {}
+    if kind in ("region-outage", "zone-outage"):
+        pods = _pods(d, args["region"], args.get("zone") if kind == "zone-outage" else None)
+        if args.get("mode", "crash") == "isolate":
+            return [{"name": name, "templateType": "NetworkChaos", **deadline, "networkChaos": {
+                "action": "partition", "mode": "all", "direction": "both", "selector": pods,
+                "target": {"mode": "all", "selector": _others(d, args["region"])}}}]
+        action = "pod-failure" if seconds else "pod-kill"
+        chaos = {"action": action, "mode": "all", "selector": pods}
+        if seconds:
+            chaos["duration"] = duration(seconds)
+        return [{"name": name, "templateType": "PodChaos", **deadline, "podChaos": chaos}]
+    if kind == "partition":
+        return [{"name": name, "templateType": "NetworkChaos", **deadline, "networkChaos": {
+            "action": "partition", "mode": "all",
+            "direction": "to" if args.get("one_way") else "both",
+            "selector": _selector(d, region=args["a"]),
+            "target": {"mode": "all", "selector": _selector(d, region=args["b"])}}}]
+    if kind == "link":
+        base = {"mode": "all", "direction": "both", "selector": _selector(d, region=args["a"]),
+                "target": {"mode": "all", "selector": _selector(d, region=args["b"])}}
+        out = []
+        if args.get("latency_ms") or args.get("jitter_ms"):
+            out.append({"name": f"{name}-delay", "templateType": "NetworkChaos", **deadline,
+                        "networkChaos": {**base, "action": "delay", "delay": {
+                            "latency": millis(args.get("latency_ms", 0)),
+                            "jitter": millis(args.get("jitter_ms", 0))}}})
+        if args.get("bandwidth_mbps"):
+            out.append({"name": f"{name}-bandwidth", "templateType": "NetworkChaos", **deadline,
+                        "networkChaos": {**base, "action": "bandwidth", "bandwidth": {
+                            "rate": f"{args['bandwidth_mbps']:g}mbps", "limit": 20971520,
+                            "buffer": 10000}}})
+        unsupported = set(args) - {"a", "b", "latency_ms", "jitter_ms", "bandwidth_mbps",
+                                   "duration_s", "seed"}
+        if unsupported or not out:
+            raise DeployError(f"{name}: link fault arguments {sorted(unsupported) or '(none)'} "
+                              f"have no rendering here (latency_ms, jitter_ms, bandwidth_mbps do)")
+        return out
+    if kind == "disk":
+        io = {"mode": "all", "selector": _pods(d, args["region"], args.get("zone")),
+              "volumePath": DATA_PATH, "path": f"{DATA_PATH}/**/*"}
+        if seconds:
+            io["duration"] = duration(seconds)
+        if args.get("slow_ms"):
+            io |= {"action": "latency", "delay": millis(args["slow_ms"])}
+        elif args.get("full"):
+            io |= {"action": "fault", "errno": ENOSPC, "methods": ["WRITE"], "percent": 100}
+        elif args.get("eio"):
+            io |= {"action": "fault", "errno": EIO, "methods": [args["eio"].upper()],
+                   "percent": round(100 * float(args.get("probability", 1.0)))}
+        else:
+            raise DeployError(f"{name}: a disk fault says full, slow_ms or eio")
+        return [{"name": name, "templateType": "IOChaos", **deadline, "ioChaos": io}]
+    raise DeployError(f"fault kind {kind!r} has no Chaos Mesh equivalent (it is injected at "
+                      f"georeg's own seams on one machine); kinds rendered: "
+                      f"{', '.join(RENDERED_KINDS)}")
+
+
+def workflow(d: Deployment, scenario: Scenario) -> dict:
+    """``scenario`` as one Chaos Mesh Workflow, its schedule drawn with its seed
+    as ``georeg chaos run`` draws it."""
+    steps = schedule(scenario, random.Random(scenario.seed))
+    templates: list[dict] = []
+    branches = []
+    for i, step in enumerate(steps):
+        if step.action == "heal":
+            raise DeployError(f"step {i} heals {step.heal!r} at a time: a Chaos Mesh fault ends "
+                              f"with its own duration; give the fault a duration_s instead")
+        seconds = step.arguments.get("duration_s")
+        faults = _templates(d, f"step-{i}-{step.kind}", step.kind, step.arguments, seconds)
+        wait = {"name": f"step-{i}-wait", "templateType": "Suspend",
+                "deadline": duration(step.at_s)}
+        branch = {"name": f"step-{i}", "templateType": "Serial",
+                  "children": [wait["name"]] + ([faults[0]["name"]] if len(faults) == 1
+                                                 else [f"step-{i}-faults"])}
+        templates += [wait, *faults]
+        if len(faults) > 1:
+            templates.append({"name": f"step-{i}-faults", "templateType": "Parallel",
+                              "children": [f["name"] for f in faults]})
+        templates.append(branch)
+        branches.append(branch["name"])
+    entry = {"name": "scenario", "templateType": "Parallel", "children": branches}
+    return {"apiVersion": API, "kind": "Workflow",
+            "metadata": {"name": scenario.name, "namespace": d.namespace,
+                         "annotations": {f"{LABEL}/description": scenario.description}},
+            "spec": {"entry": entry["name"], "templates": [entry, *templates]}}

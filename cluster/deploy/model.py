@@ -1,0 +1,252 @@
+"""What every deployment target renders from: the one-machine cluster's plan,
+re-addressed for hosts of their own.
+
+A ``Deployment`` is built from the spec and its plan (``cluster.control.plan``):
+the same nodes, regions, zones, paired-region copies, views and WAN model as
+``georeg up`` runs. Only addresses change: every node listens on the same
+ports (``HTTP_PORT``, ``GRPC_PORT``) on its own host, and reaches each peer
+at that peer's own DNS name (``Deployment.host``), where the one-machine
+cluster puts a georeg WAN link on loopback. Nothing here decides a node,
+a zone or a latency the plan has not decided.
+
+Access material (the cluster CA, each node's key and certificate, the
+internal and owner credentials, the configuration key) is never part of the
+output's source: ``materials`` makes it under a directory of the user's
+(``--secrets-dir``; made at first render, reused after, every key 0600), with
+certificates naming the hosts the deployment gives each node.
+
+Invariants: a node's pod/service name is its plan name (``eastus-1``,
+``pair-eastus``), so views, certificates and Chaos Mesh selectors agree;
+a zone-redundant region's nodes are one workload whose ordinal i is zone
+``ZONES[i]``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from importlib import metadata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from replicator.topology import ClusterView
+
+from ..bench import footprint
+from ..control import spec as specs
+from ..control.ca import ClusterCA
+from ..control.plan import ClusterPlan, NodePlan, plan
+from ..control.private_files import write_private
+from ..control.regions import REGIONS
+from ..control.spec import ClusterSpec
+
+HTTP_PORT = 5000
+GRPC_PORT = 6000
+DATA_PATH = "/var/lib/georeg"          # the node's data dir: its volume
+VIEW_PATH = "/etc/georeg/views"        # one view file per node, named after it
+AUTH_PATH = "/etc/georeg/auth"         # CA, internal credential, configuration key
+NODE_KEYS_PATH = "/etc/georeg/node"    # each node's key and certificate, named after it
+LABEL = "georeg.io"
+DEFAULT_NAMESPACE = "georeg"
+DEFAULT_VOLUME_GIB = 10                # when the spec sets no storage_limit
+DEFAULT_IMAGE = f"georeg:{metadata.version('georeg')}"   # what `make image` tags
+
+# Requests from the measured footprint (cluster.bench.footprint): memory the
+# worst resident set seen, rounded up to 16 MiB; CPU a node's share of the
+# idle cluster, at least 50 millicores (startup imports take ~0.7 CPU-s).
+MEMORY_REQUEST_MIB = 16 * math.ceil(footprint.MEASURED_NODE_RSS_MIB / 16)
+MEMORY_LIMIT_MIB = 4 * MEMORY_REQUEST_MIB   # blob transfers buffer in memory for a while
+CPU_REQUEST_M = max(50, math.ceil(1000 * footprint.MEASURED_CLUSTER_IDLE_CPU
+                                  / footprint.MEASURED_CLUSTER_PROCESSES))
+
+
+class DeployError(ValueError):
+    """A spec or scenario that cannot be rendered, saying why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    plan: NodePlan
+    workload: str          # the StatefulSet / group: the replica region, or the copy's name
+    ordinal: int           # its index in the workload (zone i-1)
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def pod(self) -> str:
+        return f"{self.workload}-{self.ordinal}"
+
+    @property
+    def role(self) -> str:
+        return "copy" if self.plan.copy_of else "node"
+
+    @property
+    def replica(self) -> str:
+        """The replica region whose content it holds (a copy's: the region it keeps)."""
+        return self.plan.copy_of or self.plan.region
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    spec: ClusterSpec
+    plan: ClusterPlan
+    namespace: str
+    image: str
+    host: Callable[[str], str]       # node name -> the DNS name peers reach it at
+
+    @property
+    def nodes(self) -> list[Node]:
+        ordinals: dict[str, int] = {}
+        out = []
+        for node in self.plan.all_nodes:
+            workload = node.name if node.copy_of else node.region
+            out.append(Node(node, workload, ordinals.setdefault(workload, 0)))
+            ordinals[workload] += 1
+        return out
+
+    def workloads(self) -> dict[str, list[Node]]:
+        groups: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            groups.setdefault(node.workload, []).append(node)
+        return groups
+
+    @property
+    def regions(self) -> list[str]:
+        """Every region a node runs in (replicas and paired copies), in plan order."""
+        return list(dict.fromkeys(n.plan.region for n in self.nodes))
+
+    def view(self, node: Node) -> ClusterView:
+        """The plan's view of ``node``, with each peer at its own host."""
+        view = self.plan.view(node.plan, self.spec.replication.settings())
+        scheme = self.spec.scheme
+        peers = tuple(msgspec.structs.replace(
+            p, grpc=f"{self.host(p.name)}:{GRPC_PORT}",
+            http=f"{scheme}://{self.host(p.name)}:{HTTP_PORT}") for p in view.peers)
+        return msgspec.structs.replace(view, peers=peers, grpc_listen=f"0.0.0.0:{GRPC_PORT}")
+
+    def view_json(self, node: Node) -> str:
+        return msgspec.json.format(msgspec.json.encode(self.view(node))).decode()
+
+    def routed_region(self, location: str) -> str:
+        """The replica a global endpoint for ``location`` routes to while all are
+        healthy: the nearest with global routing, by the WAN model."""
+        wan = self.spec.wan_model()
+        routed = [r.region for r in self.spec.all_replicas if r.global_routing] or \
+            [r.region for r in self.spec.all_replicas]
+        return min(routed, key=lambda region: wan.one_way_ms(location, region))
+
+    @property
+    def volume_gib(self) -> int:
+        limit = self.spec.limits.storage_limit_bytes
+        if limit is None:
+            return DEFAULT_VOLUME_GIB
+        return max(1, math.ceil(2 * limit / 2**30))   # twice the limit: uploads in flight, RocksDB
+
+    def node_args(self, node_file: str) -> list[str]:
+        """``georeg node``'s arguments in every deployment; ``node_file`` names the
+        node's own files (its view, key and certificate) by the node's name, as
+        the target spells it (``$(POD_NAME)``-style or literal)."""
+        args = ["node", "--data-dir", DATA_PATH, "--listen", f"0.0.0.0:{HTTP_PORT}",
+                "--cluster", f"{VIEW_PATH}/{node_file}.json", "--log-format", "json",
+                "--configuration-key-file", f"{AUTH_PATH}/configuration.key"]
+        if self.spec.auth_enabled:
+            args += ["--auth-ca", f"{AUTH_PATH}/ca.pem",
+                     "--auth-key", f"{NODE_KEYS_PATH}/{node_file}.key",
+                     "--auth-cert", f"{NODE_KEYS_PATH}/{node_file}.pem",
+                     "--auth-service", self.spec.login_server,
+                     "--internal-credential-file", f"{AUTH_PATH}/internal.secret"]
+        if self.spec.tls:
+            args += ["--tls-cert", f"{NODE_KEYS_PATH}/{node_file}.pem",
+                     "--tls-key", f"{NODE_KEYS_PATH}/{node_file}.key",
+                     "--tls-ca", f"{AUTH_PATH}/ca.pem"]
+        if self.spec.limits.storage_limit_bytes is not None:
+            args += ["--storage-limit", str(self.spec.limits.storage_limit_bytes)]
+        return args
+
+    def health_command(self) -> list[str]:
+        """A command run inside a node's container that succeeds when the node
+        answers its health route (with the internal credential on an auth
+        cluster, trusting only the cluster CA on a TLS one)."""
+        from registry_node.api.middlewares import HEALTH_PATH
+
+        url = f"{self.spec.scheme}://127.0.0.1:{HTTP_PORT}{HEALTH_PATH}"
+        code = ["import ssl, sys, urllib.request as u",
+                "h = {'Authorization': 'Bearer ' + open('%s/internal.secret').read().strip()}"
+                % AUTH_PATH if self.spec.auth_enabled else "h = {}",
+                "c = ssl.create_default_context(cafile='%s/ca.pem')" % AUTH_PATH
+                if self.spec.tls else "c = None",
+                f"r = u.urlopen(u.Request('{url}', headers=h), timeout=2, context=c)",
+                "sys.exit(r.status != 200)"]
+        return ["python3", "-c", "; ".join(code)]
+
+
+def deployment(spec: ClusterSpec, *, namespace: str, image: str,
+               host: Callable[[str], str]) -> Deployment:
+    if spec.seed is None:
+        spec = spec.seeded(0)       # links' draws: no link is rendered, any seed will do
+    if spec.network.port_base == specs.ANY_PORT_BASE:
+        spec = spec.with_port_base(5000)
+    return Deployment(spec, plan(spec, Path(DATA_PATH)), namespace, image, host)
+
+
+# -- access material -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Materials:
+    ca_pem: bytes
+    node_keys: dict[str, tuple[bytes, bytes]]    # node -> (key PEM, certificate PEM)
+    internal: bytes
+    owner: bytes
+    configuration_key: bytes
+
+
+def _secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
+    if not path.exists():
+        write_private(path, make())
+    return path.read_bytes()
+
+
+def materials(d: Deployment, directory: Path, hosts: Callable[[Node], tuple[str, ...]]) -> Materials:
+    """The deployment's access material under ``directory``: made there at the
+    first render (keys 0600, the directory 0700), reused at every later one, so
+    a re-render does not rotate what a running deployment uses."""
+    from registry_node.crypto import KEY_SIZE
+
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keys: dict[str, tuple[bytes, bytes]] = {}
+    ca_pem = b""
+    if d.spec.needs_ca:
+        ca = ClusterCA.open(directory / "ca", d.spec.registry)
+        for node in d.nodes:
+            issued = ca.node_certificate(node.name, node.plan.region, node.plan.zone, hosts(node))
+            keys[node.name] = (issued.key_file.read_bytes(), issued.cert_file.read_bytes())
+        ca_pem = ca.cert_file.read_bytes()
+
+    def token() -> bytes:
+        return (secrets.token_urlsafe(32) + "\n").encode()
+
+    return Materials(ca_pem, keys, _secret_file(directory / "internal.secret", token),
+                     _secret_file(directory / "owner.secret", token),
+                     _secret_file(directory / "configuration.key",
+                                  lambda: secrets.token_bytes(KEY_SIZE)))
+
+
+def confined_regions(d: Deployment) -> list[str]:
+    """Regions of this deployment whose content residency keeps in the region."""
+    policy = d.spec.residency_policy()
+    return [r.region for r in d.spec.all_replicas if policy.confined(r.region, "")]
+
+
+def releases_repositories(d: Deployment) -> bool:
+    """Whether a repository rule lets some content out of a confined region
+    (which a network rule, blind to repositories, cannot tell apart)."""
+    return any(not rule.confined for rule in d.spec.residency.repositories)
+
+
+def region_display(region: str) -> str:
+    return REGIONS[region].display

@@ -37,7 +37,6 @@ from .lag import prepare
 from .procfs import MIB, cpu_seconds, rss_bytes
 from .workload import Client, RandomBytes, open_session, run_concurrently
 
-
 # The figures last measured with this command (docs/benchmarks.md, "Startup,
 # idle cost and memory"), which deployments size their requests from
 # (``cluster.deploy``): a node's resident set after a workload, the worst

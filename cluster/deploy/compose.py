@@ -15,6 +15,7 @@ Views and access material are files beside the compose file
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..control.private_files import write_private
@@ -50,6 +51,9 @@ def document(d: Deployment) -> dict:
             volumes.append(f"./{SECRETS_DIR}/nodes/{node.name}:{NODE_KEYS_PATH}:ro")
         services[node.name] = {
             "image": d.image, "command": d.node_args(node.name),
+            # The key files are the renderer's, 0600 (the node refuses them more
+            # open): the node runs as their owner.
+            "user": f"{os.getuid()}:{os.getgid()}",
             "hostname": node.name, "volumes": volumes,
             "networks": [f"region-{node.plan.region}", "wan"],
             "healthcheck": {"test": ["CMD", *d.health_command()], "interval": "5s",

@@ -45,6 +45,7 @@ REGION_KEY = "topology.kubernetes.io/region"
 HEADLESS = "nodes"              # the StatefulSets' governing service
 VIEWS = "cluster-views"
 AUTH_SECRET = "georeg-auth"
+SECRET_MOUNT = "/run/georeg-secrets"   # where the init container reads Secrets from
 
 
 def host(namespace: str):
@@ -86,14 +87,34 @@ def _pod_spec(d: Deployment, first: Node, zone_spread: bool) -> dict:
                          {"name": "views", "mountPath": VIEW_PATH, "readOnly": True},
                          {"name": "auth", "mountPath": AUTH_PATH, "readOnly": True}],
     }
+    # Keys must be 0600 and the node's own (it refuses anything more open), which a
+    # Secret volume's files never are (root's, group-readable at best): an init
+    # container copies them, as the node's user, into memory-backed volumes.
+    secret_mounts = [{"name": "auth-secret", "mountPath": f"{SECRET_MOUNT}/auth",
+                      "readOnly": True}]
     volumes = [{"name": "views", "configMap": {"name": VIEWS}},
-               {"name": "auth", "secret": {"secretName": AUTH_SECRET, "defaultMode": 0o400}}]
+               {"name": "auth-secret", "secret": {"secretName": AUTH_SECRET,
+                                                  "defaultMode": 0o440}},
+               {"name": "auth", "emptyDir": {"medium": "Memory"}}]
+    targets = [AUTH_PATH]
     if d.spec.needs_ca:
         container["volumeMounts"].append({"name": "node-keys", "mountPath": NODE_KEYS_PATH,
                                           "readOnly": True})
-        volumes.append({"name": "node-keys", "secret": {"secretName": f"keys-{first.workload}",
-                                                        "defaultMode": 0o400}})
-    spec: dict = {"containers": [container], "volumes": volumes,
+        secret_mounts.append({"name": "node-keys-secret", "mountPath": f"{SECRET_MOUNT}/node",
+                              "readOnly": True})
+        volumes += [{"name": "node-keys-secret", "secret": {
+            "secretName": f"keys-{first.workload}", "defaultMode": 0o440}},
+            {"name": "node-keys", "emptyDir": {"medium": "Memory"}}]
+        targets.append(NODE_KEYS_PATH)
+    copies = " && ".join(f"cp -L {SECRET_MOUNT}/{src}/* {dst}/ && chmod 600 {dst}/*"
+                         for src, dst in zip(("auth", "node"), targets, strict=False))
+    init = {"name": "keys", "image": d.image, "command": ["sh", "-c", copies],
+            "volumeMounts": secret_mounts + [
+                {"name": "auth", "mountPath": AUTH_PATH},
+                *([{"name": "node-keys", "mountPath": NODE_KEYS_PATH}]
+                  if d.spec.needs_ca else [])],
+            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}
+    spec: dict = {"initContainers": [init], "containers": [container], "volumes": volumes,
                   "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
                                       "fsGroup": 10001},
                   # The region's nodes prefer hosts labelled with it (a multi-region

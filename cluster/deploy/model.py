@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import math
 import secrets
-from importlib import metadata
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import msgspec
@@ -175,9 +175,9 @@ class Deployment:
 
         url = f"{self.spec.scheme}://127.0.0.1:{HTTP_PORT}{HEALTH_PATH}"
         code = ["import ssl, sys, urllib.request as u",
-                "h = {'Authorization': 'Bearer ' + open('%s/internal.secret').read().strip()}"
-                % AUTH_PATH if self.spec.auth_enabled else "h = {}",
-                "c = ssl.create_default_context(cafile='%s/ca.pem')" % AUTH_PATH
+                f"h = {{'Authorization': 'Bearer ' + open('{AUTH_PATH}/internal.secret')"
+                f".read().strip()}}" if self.spec.auth_enabled else "h = {}",
+                f"c = ssl.create_default_context(cafile='{AUTH_PATH}/ca.pem')"
                 if self.spec.tls else "c = None",
                 f"r = u.urlopen(u.Request('{url}', headers=h), timeout=2, context=c)",
                 "sys.exit(r.status != 200)"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ..control import spec as specs
@@ -11,6 +12,8 @@ from ..deploy.chaosmesh import workflow
 from ..deploy.model import DEFAULT_IMAGE, DEFAULT_NAMESPACE, DeployError, deployment, materials
 from ..faults.chaos import ScenarioError, load
 from .common import CliError, command
+
+NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _spec(args: argparse.Namespace) -> specs.ClusterSpec:
+    if not NAMESPACE.fullmatch(args.namespace):
+        raise CliError(f"--namespace {args.namespace!r} is not a Kubernetes namespace name: "
+                       f"at most 63 lowercase letters, digits and '-', starting and ending "
+                       f"with a letter or digit")
     try:
         return specs.load(args.config)
     except specs.SpecError as exc:

@@ -79,7 +79,8 @@ def _pods(d: Deployment, region: str, zone: str | None) -> dict:
     for n in d.nodes:
         if n.plan.region == region and n.plan.zone == str(zone) and not n.plan.copy_of:
             return {"namespaces": [d.namespace], "pods": {d.namespace: [n.pod]}}
-    raise DeployError(f"no node in {region} zone {zone}")
+    raise DeployError(f"{region} has no zone {zone} in this spec (zones exist only where a "
+                      f"replica is zone redundant)")
 
 
 def _templates(d: Deployment, name: str, kind: str, args: dict, seconds: float | None) -> list[dict]:

@@ -62,6 +62,18 @@ def test_every_node_has_a_volume(rendered):
         assert {"name": "data", "mountPath": DATA_PATH} in mounts
 
 
+def test_probes_ask_the_health_route_and_requests_come_from_the_footprint(rendered):
+    from cluster.bench import footprint
+    from registry_node.api.middlewares import HEALTH_PATH
+
+    for s in of_kind(rendered, "StatefulSet"):
+        node = s["spec"]["template"]["spec"]["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert HEALTH_PATH in node[probe]["exec"]["command"][-1], probe
+        memory = int(node["resources"]["requests"]["memory"].removesuffix("Mi"))
+        assert footprint.MEASURED_NODE_RSS_MIB <= memory < footprint.MEASURED_NODE_RSS_MIB + 16
+
+
 def test_zone_replicas_land_in_distinct_zones(rendered):
     zone_redundant = [r.region for r in specs.load(None).all_replicas if r.zone_redundant]
     sets = {s["metadata"]["name"]: s for s in of_kind(rendered, "StatefulSet")}

@@ -77,8 +77,9 @@ def _pod_spec(d: Deployment, first: Node, zone_spread: bool) -> dict:
         "ports": [{"name": "http", "containerPort": HTTP_PORT},
                   {"name": "grpc", "containerPort": GRPC_PORT}],
         "readinessProbe": {**probe_exec, "periodSeconds": 5, "timeoutSeconds": 3},
-        # Alive while the listener accepts; readiness says whether it answers.
-        "livenessProbe": {"tcpSocket": {"port": HTTP_PORT}, "periodSeconds": 10,
+        # Restarted only after two minutes without an answer (a long compaction
+        # or a stalled disk is not a reason to lose a zone).
+        "livenessProbe": {**probe_exec, "periodSeconds": 20, "timeoutSeconds": 3,
                           "failureThreshold": 6},
         "startupProbe": {**probe_exec, "periodSeconds": 2, "failureThreshold": 60},
         "resources": {"requests": {"cpu": f"{CPU_REQUEST_M}m", "memory": f"{MEMORY_REQUEST_MIB}Mi"},
@@ -131,7 +132,7 @@ def _pod_spec(d: Deployment, first: Node, zone_spread: bool) -> dict:
 
 def statefulset(d: Deployment, nodes: list[Node]) -> dict:
     first = nodes[0]
-    labels = {k: v for k, v in node_labels(first).items()}
+    labels = node_labels(first)
     return {
         "apiVersion": "apps/v1", "kind": "StatefulSet",
         "metadata": _meta(d, first.workload, **labels),

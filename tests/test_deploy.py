@@ -10,6 +10,7 @@ import json
 import re
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -18,7 +19,15 @@ import pytest
 from cluster.cli.main import main
 from cluster.control import spec as specs
 from cluster.deploy import chaosmesh, kubernetes
-from cluster.deploy.model import DATA_PATH, GRPC_PORT, HTTP_PORT, DeployError, deployment
+from cluster.deploy.model import (
+    DATA_PATH,
+    GRPC_PORT,
+    HTTP_PORT,
+    IMAGE_ENTRYPOINT,
+    IMAGE_UID,
+    DeployError,
+    deployment,
+)
 from cluster.faults.chaos import SCENARIOS, Scenario, load
 
 KUBERNETES_RELEASE = "1.37"        # the newest release kubernetes-validate 1.37 bundles
@@ -133,22 +142,31 @@ def allowed(policies: list[dict], source: dict, target: dict, port: int) -> bool
                                 for p in ingress))
 
 
-def test_brazil_south_policy_denies_content_egress_to_other_regions(rendered):
+def _pod_labels(d, node) -> dict:
+    return {"app.kubernetes.io/name": "georeg", **kubernetes.node_labels(node),
+            "statefulset.kubernetes.io/pod-name": node.pod}
+
+
+def test_brazil_south_policy_keeps_http_closed_and_the_views_readers_open(rendered):
     policies = of_kind(rendered, "NetworkPolicy")
-    pods = {s["metadata"]["name"]: s["spec"]["template"]["metadata"]["labels"]
-            for s in of_kind(rendered, "StatefulSet")}
+    d = deployment(specs.load(None), namespace="georeg", image="x", host=str)
+    pods = {n.name: _pod_labels(d, n) for n in d.nodes}
     brazil = pods["brazilsouth"]
     assert any(_selects(p["spec"]["podSelector"], brazil) for p in policies)
     client = {"app": "ci-runner"}
-    for other in ("eastus", "westeurope", "southeastasia", "pair-eastus"):
-        for port in (HTTP_PORT, GRPC_PORT):   # content leaves only in answers: to callers
-            assert not allowed(policies, pods[other], brazil, port), (other, port)
+    for other in ("eastus-1", "westeurope-2", "southeastasia", "pair-eastus"):
+        # no other region's node reaches its HTTP port, nor it theirs
+        assert not allowed(policies, pods[other], brazil, HTTP_PORT), other
         assert not allowed(policies, brazil, pods[other], HTTP_PORT), other
-        # it pulls what unconfined regions hold; Southeast Asia, confined too, admits no one
-        assert allowed(policies, brazil, pods[other], GRPC_PORT) == (other != "southeastasia")
     assert allowed(policies, client, brazil, HTTP_PORT)
     assert not allowed(policies, client, brazil, GRPC_PORT)
-    assert allowed(policies, pods["eastus"], pods["westeurope"], GRPC_PORT)  # unconfined: open
+    # Every subscription the views make is admitted: a node reads each of its
+    # peers (the nodes keep confined content in; retention and replication
+    # status need every reader connected).
+    for node in d.nodes:
+        for peer in d.view(node).peers:
+            assert allowed(policies, pods[node.name], pods[peer.name], GRPC_PORT), \
+                (node.name, peer.name)
 
 
 # -- Chaos Mesh ---------------------------------------------------------------------
@@ -242,14 +260,121 @@ def test_scenario_faults_become_their_chaos_mesh_kinds(rendered):
          "probability": 0.5, "duration_s": 10},)))
     check_chaos(disk)
     io = next(t["ioChaos"] for t in disk["spec"]["templates"] if "ioChaos" in t)
-    assert (io["errno"], io["percent"], io["methods"]) == (chaosmesh.EIO, 50, ["WRITE"])
+    assert (io["errno"], io["percent"], io["methods"]) == (chaosmesh.EIO, 50, ["write"])
     assert io["selector"]["pods"] == {"georeg": ["westeurope-1"]}      # zone 2: ordinal 1
+
+
+def embedded(workflow: dict) -> list[dict]:
+    return [t[key] for t in workflow["spec"]["templates"]
+            for key in ("podChaos", "networkChaos", "ioChaos") if key in t]
+
+
+def test_no_chaos_in_a_workflow_carries_a_duration(rendered):
+    # Chaos Mesh's workflow webhook refuses one: the template's deadline bounds it
+    d = deployment(specs.load(None), namespace="georeg", image="x", host=str)
+    disk = chaosmesh.workflow(d, Scenario(name="disk", steps=(
+        {"at_s": 1, "fault": "disk", "region": "eastus", "full": True, "duration_s": 5},)))
+    flows = [*rendered["workflows"], disk]
+    assert len([c for w in flows for c in embedded(w)]) >= 6
+    for w in flows:
+        for chaos in embedded(w):
+            assert "duration" not in chaos, w["metadata"]["name"]
+
+
+def test_rates_are_the_models_megabits_in_kilobits(rendered):
+    model = specs.load(None).wan_model()
+    chaos = next(o for o in rendered["wan"] if o["metadata"]["name"] == "wan-eastus-to-westeurope")
+    # Chaos Mesh: "bps means bytes per second"; kbit is 1000 bits
+    assert chaos["spec"]["rate"]["rate"] == f"{round(model.link('eastus', 'westeurope').bandwidth_mbps * 1000)}kbit"
+    assert chaosmesh.rate(2.5) == "2500kbit"
+    assert chaosmesh.rate(1e6) == "1000000000kbit"
+
+
+def _chaos_selects(selector: dict, labels: dict) -> bool:
+    return _selects({"matchLabels": selector.get("labelSelectors", {}),
+                     "matchExpressions": selector.get("expressionSelectors", [])}, labels)
+
+
+def test_an_isolated_zone_is_cut_from_its_sibling_zones_and_other_regions(rendered):
+    d = deployment(specs.load(None), namespace="georeg", image="x", host=str)
+    pods = {n.name: _pod_labels(d, n) for n in d.nodes}
+    flow = next(w for w in rendered["workflows"] if w["metadata"]["name"] == "zone-outage")
+    cut = next(c for c in embedded(flow) if c.get("action") == "partition")
+    isolated = cut["selector"]["pods"]["georeg"]
+    assert len(isolated) == 1 and cut["direction"] == "both"
+    for name, labels in pods.items():
+        expected = labels["statefulset.kubernetes.io/pod-name"] not in isolated
+        assert _chaos_selects(cut["target"]["selector"], labels) == expected, name
+    assert _chaos_selects(cut["target"]["selector"], {"app": "ci-runner"})    # clients too
+
+
+def test_a_slowed_link_adds_to_the_wan_in_one_chaos_per_direction(rendered):
+    model = specs.load(None).wan_model()
+    flow = next(w for w in rendered["workflows"]
+                if w["metadata"]["name"] == "slow-transoceanic-link")
+    chaos = embedded(flow)
+    assert len(chaos) == 2 and {c["action"] for c in chaos} == {"netem"}
+    for c in chaos:
+        a = c["selector"]["labelSelectors"]["georeg.io/region"]
+        b = c["target"]["selector"]["labelSelectors"]["georeg.io/region"]
+        link = model.link(a, b)
+        assert float(c["delay"]["latency"].removesuffix("ms")) == pytest.approx(
+            link.latency_ms + 150, abs=0.001)
+        assert c["rate"]["rate"] == chaosmesh.rate(min(20, link.bandwidth_mbps or 20))
+
+
+def test_bad_scenarios_are_refused_with_a_reason():
+    d = deployment(specs.load(None), namespace="georeg", image="x", host=str)
+    bad = {"name": ("My_Scenario", {"fault": "region-outage", "region": "eastus"}, "object name"),
+           "region": ("s", {"fault": "region-outage", "region": "japaneast"}, "japaneast"),
+           "percent": ("s", {"fault": "disk", "region": "eastus", "eio": "read",
+                             "probability": 0.001, "duration_s": 1}, "whole percents")}
+    for name, step, message in bad.values():
+        with pytest.raises(DeployError, match=message):
+            chaosmesh.workflow(d, Scenario(name=name, steps=({"at_s": 1, **step},)))
 
 
 def test_a_fault_chaos_mesh_cannot_express_is_refused_by_name():
     d = deployment(specs.load(None), namespace="georeg", image="x", host=str)
     with pytest.raises(DeployError, match="'routing' has no Chaos Mesh equivalent"):
         chaosmesh.workflow(d, load(SCENARIOS / "routing-maintenance.toml"))
+
+
+# -- the image's contract and the keys ------------------------------------------------
+
+
+def test_pods_run_the_images_entrypoint_and_install_keys_without_a_shell(rendered, tmp_path):
+    for s in of_kind(rendered, "StatefulSet"):
+        pod = s["spec"]["template"]["spec"]
+        node, = pod["containers"]
+        assert "command" not in node and node["args"][0] != IMAGE_ENTRYPOINT[-1]   # image: `georeg node`
+        assert pod["securityContext"]["runAsUser"] == IMAGE_UID
+        # a restart must not rewrite the node key's mode on its volume
+        assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+        init, = pod["initContainers"]
+        assert init["command"][:2] == ["python3", "-c"]
+    # the init program, run here on a Secret volume's layout (..data symlinks)
+    secret, node_keys, auth, keys = (tmp_path / n for n in ("secret", "nodes", "auth", "keys"))
+    for folder in (secret / "..data", node_keys, auth, keys):
+        folder.mkdir(parents=True)
+    (secret / "..data" / "configuration.key").write_bytes(b"k" * 32)
+    (secret / "configuration.key").symlink_to("..data/configuration.key")
+    for name in ("eastus-0.key", "eastus-1.key"):
+        (node_keys / name).write_text(name)
+    subprocess.run([sys.executable, "-c", kubernetes.INSTALL_KEYS, str(secret), str(auth),
+                    str(node_keys / "eastus-1.key"), str(keys)], check=True, timeout=30)
+    assert sorted(p.name for p in auth.iterdir()) == ["configuration.key"]
+    assert [p.name for p in keys.iterdir()] == ["eastus-1.key"]     # its own key only
+    for path in (auth / "configuration.key", keys / "eastus-1.key"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and not path.is_symlink()
+
+
+def test_bad_output_and_secrets_paths_are_errors_not_tracebacks(rendered, tmp_path, capsys):
+    secrets = ["--secrets-dir", str(rendered["root"] / "secrets")]
+    assert main(["deploy", "kubernetes", "-o", "/proc/georeg-nope", *secrets]) == 2
+    assert "cannot use /proc/georeg-nope" in capsys.readouterr().err
+    assert main(["deploy", "compose", "-o", str(tmp_path), *secrets]) == 2   # a directory
+    assert f"cannot use {tmp_path}" in capsys.readouterr().err
 
 
 # -- compose and access material ------------------------------------------------------

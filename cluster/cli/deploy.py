@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..control import spec as specs
 from ..deploy import compose, kubernetes
 from ..deploy.chaosmesh import workflow
-from ..deploy.model import DEFAULT_IMAGE, DEFAULT_NAMESPACE, DeployError, deployment, materials
+from ..deploy.model import (
+    DEFAULT_IMAGE,
+    DEFAULT_NAMESPACE,
+    DeployError,
+    Materials,
+    deployment,
+    materials,
+)
 from ..faults.chaos import ScenarioError, load
 from .common import CliError, command
 
@@ -74,13 +83,32 @@ def _secrets_dir(args: argparse.Namespace, spec: specs.ClusterSpec) -> Path:
     return args.secrets_dir or Path(spec.network.data_dir) / "deploy"
 
 
+@contextmanager
+def _files(what: str, path: Path) -> Iterator[None]:
+    """OS and key-material errors while reading or writing ``path`` as a CLI
+    error saying which path, never a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or path
+        raise CliError(f"cannot use {where} ({what}): {exc.strerror or exc}") from None
+    except ValueError as exc:       # e.g. a CA in --secrets-dir for another registry
+        raise CliError(f"{what} {path}: {exc}") from None
+
+
+def _materials(args: argparse.Namespace, spec: specs.ClusterSpec, d, hosts) -> Materials:
+    directory = _secrets_dir(args, spec)
+    with _files("--secrets-dir", directory):
+        return materials(d, directory, hosts)
+
+
 def run_kubernetes(args: argparse.Namespace) -> int:
     spec = _spec(args)
     d = deployment(spec, namespace=args.namespace, image=args.image,
                    host=kubernetes.host(args.namespace))
-    m = materials(d, _secrets_dir(args, spec),
-                  lambda n: kubernetes.service_names(args.namespace, n.name))
-    written = kubernetes.write(d, m, args.output)
+    m = _materials(args, spec, d, lambda n: kubernetes.service_names(args.namespace, n.name))
+    with _files("-o", args.output):
+        written = kubernetes.write(d, m, args.output)
     print(f"wrote {len(written)} files to {args.output} (kubectl apply -f {args.output}; "
           f"then, with Chaos Mesh, -f {args.output / 'chaos-mesh'})")
     return 0
@@ -99,9 +127,10 @@ def run_chaos(args: argparse.Namespace) -> int:
         rendered = workflow(d, scenario)
     except DeployError as exc:
         raise CliError(f"scenario {scenario.name}: {exc}") from None
-    args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / f"workflow-{scenario.name}.json"
-    path.write_text(kubernetes.dump(rendered))
+    with _files("-o", args.output):
+        args.output.mkdir(parents=True, exist_ok=True)
+        path.write_text(kubernetes.dump(rendered))
     print(f"wrote {path}")
     return 0
 
@@ -109,8 +138,9 @@ def run_chaos(args: argparse.Namespace) -> int:
 def run_compose(args: argparse.Namespace) -> int:
     spec = _spec(args)
     d = deployment(spec, namespace=args.namespace, image=args.image, host=compose.host)
-    m = materials(d, _secrets_dir(args, spec), lambda n: (n.name,))
-    written = compose.write(d, m, args.output)
+    m = _materials(args, spec, d, lambda n: (n.name,))
+    with _files("-o", args.output):
+        written = compose.write(d, m, args.output)
     print(f"wrote {args.output} and {len(written) - 1} views beside it "
           f"(docker compose -f {args.output} up)")
     return 0

@@ -11,22 +11,28 @@ its schedule resolved with its seed, each step a serial branch (a Suspend
 until the step's time, then the fault for its duration) under one Parallel
 entry. Faults map to what Chaos Mesh has: a crash or stop to PodChaos
 ``pod-failure`` (or ``pod-kill`` with no duration), isolation and partitions
-to NetworkChaos ``partition``, a slowed link to NetworkChaos ``delay`` and
-``bandwidth``, disk faults to IOChaos on the data volume. Kinds that live in
+to NetworkChaos ``partition`` (an isolated region or zone is cut from every
+other pod of the namespace), a slowed link to one NetworkChaos ``netem`` per
+direction carrying the WAN's delay plus the fault's and the lower bandwidth
+(Chaos Mesh cannot stack two chaos on one packet), disk faults to IOChaos on the data volume. Kinds that live in
 georeg's own seams (routing flags, throttling, HTTP faults at endpoints,
 clock, bit rot, destroy) have no equivalent and are refused by name.
-The resources' fields are Chaos Mesh's v1alpha1 CRDs'.
+The resources' fields are Chaos Mesh's v1alpha1 CRDs', and follow its
+webhooks: no ``duration`` inside a Workflow template (its deadline bounds
+it), lower-case IOChaos methods, integer rates (``rate``).
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 from ..faults.chaos import Scenario, schedule
 from .model import DATA_PATH, LABEL, DeployError, Deployment
 
 API = "chaos-mesh.org/v1alpha1"
 EIO, ENOSPC = 5, 28
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 RENDERED_KINDS = ("region-outage", "zone-outage", "partition", "link", "disk")
 
 
@@ -38,15 +44,31 @@ def millis(ms: float) -> str:
     return f"{ms:.3f}".rstrip("0").rstrip(".") + "ms"
 
 
+def rate(mbps: float) -> str:
+    """A georeg bandwidth (megabits per second) as a Chaos Mesh rate. Chaos Mesh
+    reads ``bps``/``kbps``/``mbps`` as *bytes* per second (1024-based) and
+    ``bit``/``kbit``/``mbit`` as bits (1000-based), and takes integers only, so
+    the rate is written in whole kilobits: exact for every rate georeg models to
+    the kilobit, fractional megabits included."""
+    return f"{max(1, round(mbps * 1000))}kbit"
+
+
 def _selector(d: Deployment, **labels: str) -> dict:
     return {"namespaces": [d.namespace],
             "labelSelectors": {f"{LABEL}/{k}": v for k, v in labels.items()}}
 
 
-def _others(d: Deployment, region: str) -> dict:
-    return {"namespaces": [d.namespace], "expressionSelectors": [
-        {"key": f"{LABEL}/region", "operator": "NotIn", "values": [region]},
-        {"key": f"{LABEL}/role", "operator": "In", "values": ["node", "copy"]}]}
+def _all_but(d: Deployment, pods: dict) -> dict:
+    """Every pod of the namespace except those ``pods`` (a ``_pods`` selector)
+    selects: what an isolated region or zone is cut from (its own region's
+    other zones, other regions, and clients in the namespace), as one-machine
+    isolation cuts every link to and from it."""
+    if "pods" in pods:
+        key, values = "statefulset.kubernetes.io/pod-name", pods["pods"][d.namespace]
+    else:
+        key, values = f"{LABEL}/replica", [pods["labelSelectors"][f"{LABEL}/replica"]]
+    return {"namespaces": [d.namespace],
+            "expressionSelectors": [{"key": key, "operator": "NotIn", "values": values}]}
 
 
 def wan(d: Deployment) -> list[dict]:
@@ -65,7 +87,7 @@ def wan(d: Deployment) -> list[dict]:
                           "delay": {"latency": millis(link.latency_ms),
                                     "jitter": millis(link.jitter_ms)}}
             if link.bandwidth_mbps:
-                spec["rate"] = {"rate": f"{link.bandwidth_mbps:g}mbps"}
+                spec["rate"] = {"rate": rate(link.bandwidth_mbps)}
             out.append({"apiVersion": API, "kind": "NetworkChaos",
                         "metadata": {"name": f"wan-{a}-to-{b}", "namespace": d.namespace,
                                      "labels": {f"{LABEL}/wan": "true"}},
@@ -74,6 +96,7 @@ def wan(d: Deployment) -> list[dict]:
 
 
 def _pods(d: Deployment, region: str, zone: str | None) -> dict:
+    _known(d, region)
     if not zone:
         return _selector(d, replica=region, role="node")
     for n in d.nodes:
@@ -81,6 +104,32 @@ def _pods(d: Deployment, region: str, zone: str | None) -> dict:
             return {"namespaces": [d.namespace], "pods": {d.namespace: [n.pod]}}
     raise DeployError(f"{region} has no zone {zone} in this spec (zones exist only where a "
                       f"replica is zone redundant)")
+
+
+def _link_netem(d: Deployment, a: str, b: str, args: dict) -> dict:
+    """A slowed link from ``a`` to ``b`` composed with the WAN model as georeg
+    composes link faults: latencies and jitters add, the lowest bandwidth wins.
+    (Chaos Mesh gives each NetworkChaos its own tc band, and a packet takes one
+    band, so a fault chaos cannot add to the WAN chaos: it carries the sum.)"""
+    link = d.spec.wan_model().link(a, b) if d.spec.wan_model().enabled else None
+    latency = (link.latency_ms if link else 0.0) + args.get("latency_ms", 0.0)
+    jitter = (link.jitter_ms if link else 0.0) + args.get("jitter_ms", 0.0)
+    rates = [r for r in (link.bandwidth_mbps if link else 0.0, args.get("bandwidth_mbps", 0.0))
+             if r]
+    spec: dict = {"action": "netem", "mode": "all", "direction": "to",
+                  "selector": _selector(d, region=a),
+                  "target": {"mode": "all", "selector": _selector(d, region=b)},
+                  "delay": {"latency": millis(latency), "jitter": millis(jitter)}}
+    if rates:
+        spec["rate"] = {"rate": rate(min(rates))}
+    return spec
+
+
+def _known(d: Deployment, *regions: str) -> None:
+    for region in regions:
+        if region not in d.regions:
+            raise DeployError(f"region {region!r} has no node in this spec (regions: "
+                              f"{', '.join(d.regions)})")
 
 
 def _templates(d: Deployment, name: str, kind: str, args: dict, seconds: float | None) -> list[dict]:
@@ -92,49 +141,41 @@ def _templates(d: Deployment, name: str, kind: str, args: dict, seconds: float |
         if args.get("mode", "crash") == "isolate":
             return [{"name": name, "templateType": "NetworkChaos", **deadline, "networkChaos": {
                 "action": "partition", "mode": "all", "direction": "both", "selector": pods,
-                "target": {"mode": "all", "selector": _others(d, args["region"])}}}]
-        action = "pod-failure" if seconds else "pod-kill"
-        chaos = {"action": action, "mode": "all", "selector": pods}
-        if seconds:
-            chaos["duration"] = duration(seconds)
+                "target": {"mode": "all", "selector": _all_but(d, pods)}}}]
+        # No ``duration`` in a chaos a Workflow embeds (its webhook refuses one):
+        # the template's deadline bounds it.
+        chaos = {"action": "pod-failure" if seconds else "pod-kill", "mode": "all",
+                 "selector": pods}
         return [{"name": name, "templateType": "PodChaos", **deadline, "podChaos": chaos}]
     if kind == "partition":
+        _known(d, args["a"], args["b"])
         return [{"name": name, "templateType": "NetworkChaos", **deadline, "networkChaos": {
             "action": "partition", "mode": "all",
             "direction": "to" if args.get("one_way") else "both",
             "selector": _selector(d, region=args["a"]),
             "target": {"mode": "all", "selector": _selector(d, region=args["b"])}}}]
     if kind == "link":
-        base = {"mode": "all", "direction": "both", "selector": _selector(d, region=args["a"]),
-                "target": {"mode": "all", "selector": _selector(d, region=args["b"])}}
-        out = []
-        if args.get("latency_ms") or args.get("jitter_ms"):
-            out.append({"name": f"{name}-delay", "templateType": "NetworkChaos", **deadline,
-                        "networkChaos": {**base, "action": "delay", "delay": {
-                            "latency": millis(args.get("latency_ms", 0)),
-                            "jitter": millis(args.get("jitter_ms", 0))}}})
-        if args.get("bandwidth_mbps"):
-            out.append({"name": f"{name}-bandwidth", "templateType": "NetworkChaos", **deadline,
-                        "networkChaos": {**base, "action": "bandwidth", "bandwidth": {
-                            "rate": f"{args['bandwidth_mbps']:g}mbps", "limit": 20971520,
-                            "buffer": 10000}}})
         unsupported = set(args) - {"a", "b", "latency_ms", "jitter_ms", "bandwidth_mbps",
                                    "duration_s", "seed"}
-        if unsupported or not out:
+        if unsupported or not {"latency_ms", "jitter_ms", "bandwidth_mbps"} & set(args):
             raise DeployError(f"{name}: link fault arguments {sorted(unsupported) or '(none)'} "
                               f"have no rendering here (latency_ms, jitter_ms, bandwidth_mbps do)")
-        return out
+        _known(d, args["a"], args["b"])
+        return [{"name": f"{name}-{a}-to-{b}", "templateType": "NetworkChaos", **deadline,
+                 "networkChaos": _link_netem(d, a, b, args)}
+                for a, b in ((args["a"], args["b"]), (args["b"], args["a"]))]
     if kind == "disk":
         io = {"mode": "all", "selector": _pods(d, args["region"], args.get("zone")),
               "volumePath": DATA_PATH, "path": f"{DATA_PATH}/**/*"}
-        if seconds:
-            io["duration"] = duration(seconds)
         if args.get("slow_ms"):
             io |= {"action": "latency", "delay": millis(args["slow_ms"])}
         elif args.get("full"):
-            io |= {"action": "fault", "errno": ENOSPC, "methods": ["WRITE"], "percent": 100}
+            io |= {"action": "fault", "errno": ENOSPC, "methods": ["write"], "percent": 100}
         elif args.get("eio"):
-            io |= {"action": "fault", "errno": EIO, "methods": [args["eio"].upper()],
+            if float(args.get("probability", 1.0)) < 0.01:
+                raise DeployError(f"{name}: Chaos Mesh injects in whole percents; a "
+                                  f"probability below 0.01 would inject nothing")
+            io |= {"action": "fault", "errno": EIO, "methods": [args["eio"].lower()],
                    "percent": round(100 * float(args.get("probability", 1.0)))}
         else:
             raise DeployError(f"{name}: a disk fault says full, slow_ms or eio")
@@ -147,6 +188,10 @@ def _templates(d: Deployment, name: str, kind: str, args: dict, seconds: float |
 def workflow(d: Deployment, scenario: Scenario) -> dict:
     """``scenario`` as one Chaos Mesh Workflow, its schedule drawn with its seed
     as ``georeg chaos run`` draws it."""
+    if not DNS_LABEL.fullmatch(scenario.name):
+        raise DeployError(f"the name {scenario.name!r} is no Kubernetes object name: at most "
+                          f"63 lowercase letters, digits and '-', starting and ending with a "
+                          f"letter or digit")
     steps = schedule(scenario, random.Random(scenario.seed))
     templates: list[dict] = []
     branches = []

@@ -83,11 +83,7 @@ def write(d: Deployment, m: Materials, out: Path) -> list[Path]:
         written.append(path)
     auth = base / SECRETS_DIR / "auth"
     auth.mkdir(parents=True, exist_ok=True, mode=0o700)
-    files = {"internal.secret": m.internal, "owner.secret": m.owner,
-             "configuration.key": m.configuration_key}
-    if m.ca_pem:
-        files["ca.pem"] = m.ca_pem
-    for name, data in files.items():
+    for name, data in m.auth_files().items():
         write_private(auth / name, data)
     for name, (key, cert) in m.node_keys.items():
         folder = base / SECRETS_DIR / "nodes" / name

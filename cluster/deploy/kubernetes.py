@@ -28,6 +28,7 @@ from .model import (
     DATA_PATH,
     GRPC_PORT,
     HTTP_PORT,
+    IMAGE_UID,
     LABEL,
     MEMORY_LIMIT_MIB,
     MEMORY_REQUEST_MIB,
@@ -37,7 +38,6 @@ from .model import (
     Materials,
     Node,
     confined_regions,
-    releases_repositories,
 )
 
 ZONE_KEY = "topology.kubernetes.io/zone"
@@ -46,6 +46,22 @@ HEADLESS = "nodes"              # the StatefulSets' governing service
 VIEWS = "cluster-views"
 AUTH_SECRET = "georeg-auth"
 SECRET_MOUNT = "/run/georeg-secrets"   # where the init container reads Secrets from
+
+# The init container's program (the image has Python, no shell): each argument
+# pair SRC DST copies SRC (a file, or a Secret volume's files) into directory
+# DST, mode 0600, owned by the user it runs as (the node's).
+INSTALL_KEYS = "\n".join([
+    "import os, shutil, sys",
+    "a = sys.argv[1:]",
+    "for src, dst in zip(a[::2], a[1::2]):",
+    "    names = sorted(f for f in os.listdir(src) if not f.startswith('.'))"
+    " if os.path.isdir(src) else [None]",
+    "    for f in names:",
+    "        s = os.path.join(src, f) if f else src",
+    "        t = os.path.join(dst, os.path.basename(s))",
+    "        shutil.copyfile(s, t)",
+    "        os.chmod(t, 0o600)",
+])
 
 
 def host(namespace: str):
@@ -88,16 +104,17 @@ def _pod_spec(d: Deployment, first: Node, zone_spread: bool) -> dict:
                          {"name": "views", "mountPath": VIEW_PATH, "readOnly": True},
                          {"name": "auth", "mountPath": AUTH_PATH, "readOnly": True}],
     }
-    # Keys must be 0600 and the node's own (it refuses anything more open), which a
-    # Secret volume's files never are (root's, group-readable at best): an init
-    # container copies them, as the node's user, into memory-backed volumes.
+    # The configuration key must be 0600 and the node's own (the node refuses it
+    # more open), which a Secret volume's files never are (root's, group-readable
+    # under fsGroup): an init container copies them, as the node's user, into
+    # memory-backed volumes; a pod gets its own node key only.
     secret_mounts = [{"name": "auth-secret", "mountPath": f"{SECRET_MOUNT}/auth",
                       "readOnly": True}]
     volumes = [{"name": "views", "configMap": {"name": VIEWS}},
                {"name": "auth-secret", "secret": {"secretName": AUTH_SECRET,
                                                   "defaultMode": 0o440}},
                {"name": "auth", "emptyDir": {"medium": "Memory"}}]
-    targets = [AUTH_PATH]
+    copies = [f"{SECRET_MOUNT}/auth", AUTH_PATH]
     if d.spec.needs_ca:
         container["volumeMounts"].append({"name": "node-keys", "mountPath": NODE_KEYS_PATH,
                                           "readOnly": True})
@@ -106,18 +123,23 @@ def _pod_spec(d: Deployment, first: Node, zone_spread: bool) -> dict:
         volumes += [{"name": "node-keys-secret", "secret": {
             "secretName": f"keys-{first.workload}", "defaultMode": 0o440}},
             {"name": "node-keys", "emptyDir": {"medium": "Memory"}}]
-        targets.append(NODE_KEYS_PATH)
-    copies = " && ".join(f"cp -L {SECRET_MOUNT}/{src}/* {dst}/ && chmod 600 {dst}/*"
-                         for src, dst in zip(("auth", "node"), targets, strict=False))
-    init = {"name": "keys", "image": d.image, "command": ["sh", "-c", copies],
+        copies += [f"{SECRET_MOUNT}/node/$(POD_NAME).key", NODE_KEYS_PATH,
+                   f"{SECRET_MOUNT}/node/$(POD_NAME).pem", NODE_KEYS_PATH]
+    init = {"name": "keys", "image": d.image,
+            "command": ["python3", "-c", INSTALL_KEYS, *copies],
+            "env": container["env"],
             "volumeMounts": secret_mounts + [
                 {"name": "auth", "mountPath": AUTH_PATH},
                 *([{"name": "node-keys", "mountPath": NODE_KEYS_PATH}]
                   if d.spec.needs_ca else [])],
             "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}
     spec: dict = {"initContainers": [init], "containers": [container], "volumes": volumes,
-                  "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
-                                      "fsGroup": 10001},
+                  # fsGroup makes a new volume writable by the node's user; only when
+                  # the volume's root does not match yet, so a restart never rewrites
+                  # the modes of the node's key on it (it refuses a group bit).
+                  "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID,
+                                      "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID,
+                                      "fsGroupChangePolicy": "OnRootMismatch"},
                   # The region's nodes prefer hosts labelled with it (a multi-region
                   # cluster); kind and single-region clusters run them anywhere.
                   "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
@@ -195,12 +217,9 @@ def _b64(data: bytes) -> str:
 
 
 def secrets(d: Deployment, m: Materials) -> list[dict]:
-    auth = {"internal.secret": m.internal, "owner.secret": m.owner,
-            "configuration.key": m.configuration_key}
-    if m.ca_pem:
-        auth["ca.pem"] = m.ca_pem
     out = [{"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": _meta(d, AUTH_SECRET), "data": {k: _b64(v) for k, v in auth.items()}}]
+            "metadata": _meta(d, AUTH_SECRET),
+            "data": {k: _b64(v) for k, v in m.auth_files().items()}}]
     if d.spec.needs_ca:
         for workload, nodes in d.workloads().items():
             data = {}
@@ -226,15 +245,15 @@ def disruption_budgets(d: Deployment) -> list[dict]:
 
 
 def network_policies(d: Deployment) -> list[dict]:
-    """Residency at the network level, per confined region: content leaves a
-    node only in answers (replication pulls: a peer calls its gRPC port; clients
-    and routing call its HTTP port), so the region's nodes admit connections
-    from its own nodes and from clients that are no georeg node, never from
-    another region's nodes; they may call other regions' nodes only on gRPC
-    (to pull what those hold), plus DNS. Where a repository rule releases
-    content from a confined region, gRPC from other regions' nodes is admitted
-    too (a network rule cannot tell repositories apart; the nodes' residency
-    check still does)."""
+    """Residency at the network level, per confined region, as defence in depth
+    behind the nodes' own per-RPC residency checks (a confined digest is refused
+    and filtered from event streams). The region's nodes admit their own nodes,
+    clients that are no georeg node on HTTP, and other regions' nodes on gRPC
+    only: the views make every node a reader of its peers (tombstones are
+    collected once every reader has read past them; replication status asks
+    every allowed region), and the nodes answer those readers without
+    confined content. No other region's node reaches their HTTP port. They may
+    call other regions' nodes only on gRPC (to pull what those hold), plus DNS."""
     out = []
     georeg_pods = {"matchExpressions": [{"key": f"{LABEL}/role", "operator": "In",
                                          "values": ["node", "copy"]}]}
@@ -242,14 +261,12 @@ def network_policies(d: Deployment) -> list[dict]:
         own = {"podSelector": {"matchLabels": {f"{LABEL}/replica": region}}}
         clients = {"namespaceSelector": {}, "podSelector": {"matchExpressions": [
             {"key": f"{LABEL}/role", "operator": "NotIn", "values": ["node", "copy"]}]}}
+        grpc = [{"protocol": "TCP", "port": GRPC_PORT}]
         ingress = [{"from": [own]},
-                   {"from": [clients], "ports": [{"protocol": "TCP", "port": HTTP_PORT}]}]
-        if releases_repositories(d):
-            ingress.append({"from": [{"podSelector": georeg_pods}],
-                            "ports": [{"protocol": "TCP", "port": GRPC_PORT}]})
+                   {"from": [clients], "ports": [{"protocol": "TCP", "port": HTTP_PORT}]},
+                   {"from": [{"podSelector": georeg_pods}], "ports": grpc}]
         egress = [{"to": [own]},
-                  {"to": [{"podSelector": georeg_pods}],
-                   "ports": [{"protocol": "TCP", "port": GRPC_PORT}]},
+                  {"to": [{"podSelector": georeg_pods}], "ports": grpc},
                   {"to": [{"namespaceSelector": {}}],
                    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]
         out.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",

@@ -44,7 +44,12 @@ from ..control.spec import ClusterSpec
 
 HTTP_PORT = 5000
 GRPC_PORT = 6000
-DATA_PATH = "/var/lib/georeg"          # the node's data dir: its volume
+# The image's contract (branch ``image``, docs/image.md): entrypoint
+# ``/usr/local/bin/georeg node``, so a container gives only the node's
+# arguments (``node_args``); user and group 10001; its volume ``/data``; no shell.
+IMAGE_ENTRYPOINT = ("/usr/local/bin/georeg", "node")
+IMAGE_UID = 10001
+DATA_PATH = "/data"                    # the node's data dir: its volume (the image's)
 VIEW_PATH = "/etc/georeg/views"        # one view file per node, named after it
 AUTH_PATH = "/etc/georeg/auth"         # CA, internal credential, configuration key
 NODE_KEYS_PATH = "/etc/georeg/node"    # each node's key and certificate, named after it
@@ -147,10 +152,12 @@ class Deployment:
         return max(1, math.ceil(2 * limit / 2**30))   # twice the limit: uploads in flight, RocksDB
 
     def node_args(self, node_file: str) -> list[str]:
-        """``georeg node``'s arguments in every deployment; ``node_file`` names the
-        node's own files (its view, key and certificate) by the node's name, as
-        the target spells it (``$(POD_NAME)``-style or literal)."""
-        args = ["node", "--data-dir", DATA_PATH, "--listen", f"0.0.0.0:{HTTP_PORT}",
+        """``georeg node``'s arguments in every deployment (after the image's
+        entrypoint, ``IMAGE_ENTRYPOINT``, which names the ``node`` command);
+        ``node_file`` names the node's own files (its view, key and certificate)
+        by the node's name, as the target spells it (``$(POD_NAME)``-style or
+        literal)."""
+        args = ["--data-dir", DATA_PATH, "--listen", f"0.0.0.0:{HTTP_PORT}",
                 "--cluster", f"{VIEW_PATH}/{node_file}.json", "--log-format", "json",
                 "--configuration-key-file", f"{AUTH_PATH}/configuration.key"]
         if self.spec.auth_enabled:
@@ -201,8 +208,15 @@ class Materials:
     ca_pem: bytes
     node_keys: dict[str, tuple[bytes, bytes]]    # node -> (key PEM, certificate PEM)
     internal: bytes
-    owner: bytes
+    owner: bytes                                 # the owner's: never mounted into a node
     configuration_key: bytes
+
+    def auth_files(self) -> dict[str, bytes]:
+        """What every node reads from ``AUTH_PATH``."""
+        files = {"internal.secret": self.internal, "configuration.key": self.configuration_key}
+        if self.ca_pem:
+            files["ca.pem"] = self.ca_pem
+        return files
 
 
 def _secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
@@ -240,12 +254,6 @@ def confined_regions(d: Deployment) -> list[str]:
     """Regions of this deployment whose content residency keeps in the region."""
     policy = d.spec.residency_policy()
     return [r.region for r in d.spec.all_replicas if policy.confined(r.region, "")]
-
-
-def releases_repositories(d: Deployment) -> bool:
-    """Whether a repository rule lets some content out of a confined region
-    (which a network rule, blind to repositories, cannot tell apart)."""
-    return any(not rule.confined for rule in d.spec.residency.repositories)
 
 
 def region_display(region: str) -> str:

@@ -261,7 +261,7 @@ def test_scenario_faults_become_their_chaos_mesh_kinds(rendered):
     check_chaos(disk)
     io = next(t["ioChaos"] for t in disk["spec"]["templates"] if "ioChaos" in t)
     assert (io["errno"], io["percent"], io["methods"]) == (chaosmesh.EIO, 50, ["write"])
-    assert io["selector"]["pods"] == {"georeg": ["westeurope-1"]}      # zone 2: ordinal 1
+    assert io["selector"]["pods"] == {"georeg": ["westeurope-2"]}      # zone 2: the node's name
 
 
 def embedded(workflow: dict) -> list[dict]:
@@ -402,3 +402,50 @@ def test_access_material_is_private_and_stable(rendered, tmp_path):
                  str(root / "secrets")]) == 0
     after = json.loads(next(tmp_path.glob("*-secret-georeg-auth.json")).read_text())
     assert after["data"] == before["data"]        # a re-render does not rotate them
+
+
+@pytest.fixture(scope="module")
+def open_tls(tmp_path_factory) -> dict:
+    """A TLS cluster without auth, as the README's first try renders it."""
+    root = tmp_path_factory.mktemp("open-tls")
+    (root / "spec.toml").write_text('auth = "none"\ntls = true\n')
+    assert main(["deploy", "kubernetes", "--config", str(root / "spec.toml"), "-o",
+                 str(root / "k8s"), "--secrets-dir", str(root / "secrets")]) == 0
+    return {"root": root, "objects": [json.loads(p.read_text())
+                                      for p in sorted((root / "k8s").glob("*.json"))]}
+
+
+def test_node_arguments_are_the_plans_and_close_internal_routes_without_auth(open_tls):
+    sets = {s["metadata"]["name"]: s["spec"]["template"]["spec"]
+            for s in of_kind(open_tls, "StatefulSet")}
+    for name, pod in sets.items():
+        node, = pod["containers"]
+        assert "--auth-ca" not in node["args"]
+        # Services forward every path: the internal routes want the credential
+        assert "--internal-credential-file" in node["args"], name
+        assert "Authorization" in node["readinessProbe"]["exec"]["command"][-1]
+        # the plan gives a paired copy no configuration key, a serving node one
+        assert ("--configuration-key-file" in node["args"]) == (not name.startswith("pair-")), name
+    kubernetes_validate.validate(next(iter(of_kind(open_tls, "StatefulSet"))),
+                                 KUBERNETES_RELEASE, strict=True)
+
+
+def test_node_certificates_name_the_endpoint_services_that_reach_them(open_tls):
+    from cryptography import x509
+
+    def names(node: str) -> set[str]:
+        pem = (open_tls["root"] / "secrets" / "ca" / "nodes" / node / "node.pem").read_bytes()
+        san = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        return set(san.get_values_for_type(x509.DNSName))
+
+    d = deployment(specs.load(open_tls["root"] / "spec.toml"), namespace="georeg",
+                   image="x", host=str)
+    routed = {loc: d.routed_region(loc) for loc in d.spec.client_locations}
+    first = d.nodes[0].name
+    east = names(first)
+    assert {f"{first}.georeg.svc.cluster.local", "regional-eastus.georeg.svc.cluster.local",
+            d.spec.login_server} <= east
+    assert {f"global-{loc}.georeg.svc" for loc, r in routed.items() if r == "eastus"} <= east
+    assert "eastus" in routed.values()
+    assert "regional-eastus.georeg.svc" not in names("pair-eastus")   # a copy serves no one

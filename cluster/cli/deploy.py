@@ -106,7 +106,7 @@ def run_kubernetes(args: argparse.Namespace) -> int:
     spec = _spec(args)
     d = deployment(spec, namespace=args.namespace, image=args.image,
                    host=kubernetes.host(args.namespace))
-    m = _materials(args, spec, d, lambda n: kubernetes.service_names(args.namespace, n.name))
+    m = _materials(args, spec, d, lambda n: kubernetes.certificate_names(d, n))
     with _files("-o", args.output):
         written = kubernetes.write(d, m, args.output)
     print(f"wrote {len(written)} files to {args.output} (kubectl apply -f {args.output}; "

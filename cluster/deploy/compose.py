@@ -50,7 +50,7 @@ def document(d: Deployment) -> dict:
         if d.spec.needs_ca:
             volumes.append(f"./{SECRETS_DIR}/nodes/{node.name}:{NODE_KEYS_PATH}:ro")
         services[node.name] = {
-            "image": d.image, "command": d.node_args(node.name),
+            "image": d.image, "command": d.node_args(node, node.name),
             # The key files are the renderer's, 0600 (the node refuses them more
             # open): the node runs as their owner.
             "user": f"{os.getuid()}:{os.getgid()}",
@@ -64,6 +64,8 @@ def document(d: Deployment) -> dict:
         }
     for endpoint in d.plan.endpoints:
         region = endpoint.region if endpoint.kind == "regional" else d.routed_region(endpoint.region)
+        if region is None:      # no replica has global routing
+            continue
         target = services[first_of[region]]
         target.setdefault("ports", []).append(f"{endpoint.port}:{HTTP_PORT}")
     return {"services": services,

@@ -74,6 +74,20 @@ def service_names(namespace: str, name: str) -> tuple[str, ...]:
             f"{name}.{namespace}.svc.cluster.local")
 
 
+def certificate_names(d: Deployment, node: Node) -> tuple[str, ...]:
+    """What node ``node``'s certificate names: its own Service, and on a serving
+    node (no paired copy) every endpoint Service that sends clients to it (its
+    region's regional endpoint, the global endpoints routed to its region) and
+    the login server, as one-machine endpoints' names are served."""
+    names = [node.name]
+    if node.role == "node":
+        names.append(f"regional-{node.replica}")
+        names += [f"global-{location}" for location in d.spec.client_locations
+                  if d.routed_region(location) == node.replica]
+    return (*(n for name in names for n in service_names(d.namespace, name)),
+            d.spec.login_server)
+
+
 def _meta(d: Deployment, name: str, **labels: str) -> dict:
     return {"name": name, "namespace": d.namespace,
             "labels": {"app.kubernetes.io/name": "georeg", **labels}}
@@ -88,7 +102,7 @@ def _pod_spec(d: Deployment, first: Node, zone_spread: bool) -> dict:
     probe_exec = {"exec": {"command": d.health_command()}}
     container = {
         "name": "node", "image": d.image,
-        "args": d.node_args("$(POD_NAME)"),
+        "args": d.node_args(first, "$(POD_NAME)"),
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [{"name": "http", "containerPort": HTTP_PORT},
                   {"name": "grpc", "containerPort": GRPC_PORT}],
@@ -160,6 +174,7 @@ def statefulset(d: Deployment, nodes: list[Node]) -> dict:
         "metadata": _meta(d, first.workload, **labels),
         "spec": {
             "serviceName": HEADLESS, "replicas": len(nodes),
+            "ordinals": {"start": first.ordinal},     # pod eastus-1 is node eastus-1
             # Zones start together: a zone quorum needs two of them up.
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": {f"{LABEL}/workload": first.workload}},
@@ -200,10 +215,11 @@ def services(d: Deployment) -> list[dict]:
                             {f"{LABEL}/role": "node", f"{LABEL}/replica": replica.region},
                             kind="regional", affinity=True))
     for location in d.spec.client_locations:
-        out.append(_service(d, f"global-{location}",
-                            {f"{LABEL}/role": "node",
-                             f"{LABEL}/replica": d.routed_region(location)},
-                            kind="global", affinity=True))
+        routed = d.routed_region(location)
+        if routed:          # none: no replica has global routing, nothing to select
+            out.append(_service(d, f"global-{location}",
+                                {f"{LABEL}/role": "node", f"{LABEL}/replica": routed},
+                                kind="global", affinity=True))
     return out
 
 

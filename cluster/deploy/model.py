@@ -15,10 +15,13 @@ output's source: ``materials`` makes it under a directory of the user's
 (``--secrets-dir``; made at first render, reused after, every key 0600), with
 certificates naming the hosts the deployment gives each node.
 
-Invariants: a node's pod/service name is its plan name (``eastus-1``,
-``pair-eastus``), so views, certificates and Chaos Mesh selectors agree;
-a zone-redundant region's nodes are one workload whose ordinal i is zone
-``ZONES[i]``.
+Invariants: a node's Service name is its plan name (``eastus-1``,
+``pair-eastus``), so views, certificates and Chaos Mesh selectors agree; a
+zone-redundant region's nodes are one workload whose pod ordinals are their
+zones (from 1), so pod ``eastus-1`` is node ``eastus-1``; a workload of one
+node (a region without zones, a paired copy) has pod ``<name>-0``. Which
+Kubernetes zone holds georeg's zone 1 is the scheduler's choice (the
+anti-affinity only keeps the zones apart).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -37,10 +40,11 @@ from replicator.topology import ClusterView
 from ..bench import footprint
 from ..control import spec as specs
 from ..control.ca import ClusterCA
-from ..control.plan import ClusterPlan, NodePlan, plan
+from ..control.plan import ClusterPlan, NodePlan, node_arguments, plan
 from ..control.private_files import write_private
 from ..control.regions import REGIONS
 from ..control.spec import ClusterSpec
+from ..routing.policy import distance
 
 HTTP_PORT = 5000
 GRPC_PORT = 6000
@@ -53,6 +57,7 @@ DATA_PATH = "/data"                    # the node's data dir: its volume (the im
 VIEW_PATH = "/etc/georeg/views"        # one view file per node, named after it
 AUTH_PATH = "/etc/georeg/auth"         # CA, internal credential, configuration key
 NODE_KEYS_PATH = "/etc/georeg/node"    # each node's key and certificate, named after it
+INTERNAL_SECRET = "internal.secret"    # under AUTH_PATH
 LABEL = "georeg.io"
 DEFAULT_NAMESPACE = "georeg"
 DEFAULT_VOLUME_GIB = 10                # when the spec sets no storage_limit
@@ -75,7 +80,7 @@ class DeployError(ValueError):
 class Node:
     plan: NodePlan
     workload: str          # the StatefulSet / group: the replica region, or the copy's name
-    ordinal: int           # its index in the workload (zone i-1)
+    ordinal: int           # its pod's ordinal: its zone (ordinals start at 1), or 0 alone
 
     @property
     def name(self) -> str:
@@ -109,7 +114,8 @@ class Deployment:
         out = []
         for node in self.plan.all_nodes:
             workload = node.name if node.copy_of else node.region
-            out.append(Node(node, workload, ordinals.setdefault(workload, 0)))
+            # zone-redundant workloads count from 1, so a pod is named as its node
+            out.append(Node(node, workload, ordinals.setdefault(workload, 1 if node.zone else 0)))
             ordinals[workload] += 1
         return out
 
@@ -136,13 +142,15 @@ class Deployment:
     def view_json(self, node: Node) -> str:
         return msgspec.json.format(msgspec.json.encode(self.view(node))).decode()
 
-    def routed_region(self, location: str) -> str:
+    def routed_region(self, location: str) -> str | None:
         """The replica a global endpoint for ``location`` routes to while all are
-        healthy: the nearest with global routing, by the WAN model."""
-        wan = self.spec.wan_model()
-        routed = [r.region for r in self.spec.all_replicas if r.global_routing] or \
-            [r.region for r in self.spec.all_replicas]
-        return min(routed, key=lambda region: wan.one_way_ms(location, region))
+        healthy, ranked as global routing ranks (``cluster.routing.policy.distance``
+        over the WAN model); None when no replica has global routing (the
+        endpoint routes nowhere, as on one machine)."""
+        nearest = distance(location, self.spec.wan_model().one_way_ms)
+        routed = sorted((r.region for r in self.spec.all_replicas if r.global_routing),
+                        key=nearest)
+        return routed[0] if routed else None
 
     @property
     def volume_gib(self) -> int:
@@ -151,39 +159,39 @@ class Deployment:
             return DEFAULT_VOLUME_GIB
         return max(1, math.ceil(2 * limit / 2**30))   # twice the limit: uploads in flight, RocksDB
 
-    def node_args(self, node_file: str) -> list[str]:
-        """``georeg node``'s arguments in every deployment (after the image's
-        entrypoint, ``IMAGE_ENTRYPOINT``, which names the ``node`` command);
-        ``node_file`` names the node's own files (its view, key and certificate)
-        by the node's name, as the target spells it (``$(POD_NAME)``-style or
-        literal)."""
-        args = ["--data-dir", DATA_PATH, "--listen", f"0.0.0.0:{HTTP_PORT}",
-                "--cluster", f"{VIEW_PATH}/{node_file}.json", "--log-format", "json",
-                "--configuration-key-file", f"{AUTH_PATH}/configuration.key"]
-        if self.spec.auth_enabled:
-            args += ["--auth-ca", f"{AUTH_PATH}/ca.pem",
-                     "--auth-key", f"{NODE_KEYS_PATH}/{node_file}.key",
-                     "--auth-cert", f"{NODE_KEYS_PATH}/{node_file}.pem",
-                     "--auth-service", self.spec.login_server,
-                     "--internal-credential-file", f"{AUTH_PATH}/internal.secret"]
-        if self.spec.tls:
-            args += ["--tls-cert", f"{NODE_KEYS_PATH}/{node_file}.pem",
-                     "--tls-key", f"{NODE_KEYS_PATH}/{node_file}.key",
-                     "--tls-ca", f"{AUTH_PATH}/ca.pem"]
-        if self.spec.limits.storage_limit_bytes is not None:
-            args += ["--storage-limit", str(self.spec.limits.storage_limit_bytes)]
+    def node_args(self, node: Node, node_file: str) -> list[str]:
+        """``georeg node``'s arguments for ``node`` (after the image's entrypoint,
+        ``IMAGE_ENTRYPOINT``, which names the ``node`` command): the plan's
+        command line (``cluster.control.plan.node_arguments``) with its files at
+        this deployment's mounts, named by ``node_file`` as the target spells the
+        node's name (``$(POD_NAME)`` or literal). The internal credential is
+        given on every cluster, auth or not: Services forward every path, so
+        the internal routes must be closed to callers without it."""
+        files = {"data_dir": Path(DATA_PATH), "view_file": Path(VIEW_PATH) / f"{node_file}.json"}
+        key, cert = (Path(NODE_KEYS_PATH) / f"{node_file}.{x}" for x in ("key", "pem"))
+        ca, internal = Path(AUTH_PATH) / "ca.pem", Path(AUTH_PATH) / INTERNAL_SECRET
+        p = node.plan
+        if p.access is not None:
+            files["access"] = replace(p.access, ca_file=ca, key_file=key, cert_file=cert,
+                                      internal_credential_file=internal)
+        if p.tls is not None:
+            files["tls"] = replace(p.tls, ca_file=ca, key_file=key, cert_file=cert)
+        if p.configuration_key is not None:
+            files["configuration_key"] = Path(AUTH_PATH) / "configuration.key"
+        args = node_arguments(replace(p, **files), f"0.0.0.0:{HTTP_PORT}")
+        if p.access is None:
+            args += ["--internal-credential-file", str(internal)]
         return args
 
     def health_command(self) -> list[str]:
         """A command run inside a node's container that succeeds when the node
-        answers its health route (with the internal credential on an auth
-        cluster, trusting only the cluster CA on a TLS one)."""
+        answers its health route (with the internal credential, trusting only the cluster CA on a TLS one)."""
         from registry_node.api.middlewares import HEALTH_PATH
 
         url = f"{self.spec.scheme}://127.0.0.1:{HTTP_PORT}{HEALTH_PATH}"
         code = ["import ssl, sys, urllib.request as u",
-                f"h = {{'Authorization': 'Bearer ' + open('{AUTH_PATH}/internal.secret')"
-                f".read().strip()}}" if self.spec.auth_enabled else "h = {}",
+                f"h = {{'Authorization': 'Bearer ' + open('{AUTH_PATH}/{INTERNAL_SECRET}')"
+                f".read().strip()}}",
                 f"c = ssl.create_default_context(cafile='{AUTH_PATH}/ca.pem')"
                 if self.spec.tls else "c = None",
                 f"r = u.urlopen(u.Request('{url}', headers=h), timeout=2, context=c)",
@@ -213,7 +221,7 @@ class Materials:
 
     def auth_files(self) -> dict[str, bytes]:
         """What every node reads from ``AUTH_PATH``."""
-        files = {"internal.secret": self.internal, "configuration.key": self.configuration_key}
+        files = {INTERNAL_SECRET: self.internal, "configuration.key": self.configuration_key}
         if self.ca_pem:
             files["ca.pem"] = self.ca_pem
         return files

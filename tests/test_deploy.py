@@ -14,17 +14,20 @@ import sys
 from pathlib import Path
 
 import kubernetes_validate
+import msgspec
 import pytest
 
 from cluster.cli.main import main
 from cluster.control import spec as specs
 from cluster.deploy import chaosmesh, kubernetes
+from cluster.deploy import compose as compose_format
 from cluster.deploy.model import (
     DATA_PATH,
     GRPC_PORT,
     HTTP_PORT,
     IMAGE_ENTRYPOINT,
     IMAGE_UID,
+    INSTALL_KEYS,
     DeployError,
     deployment,
 )
@@ -361,7 +364,7 @@ def test_pods_run_the_images_entrypoint_and_install_keys_without_a_shell(rendere
     (secret / "configuration.key").symlink_to("..data/configuration.key")
     for name in ("eastus-0.key", "eastus-1.key"):
         (node_keys / name).write_text(name)
-    subprocess.run([sys.executable, "-c", kubernetes.INSTALL_KEYS, str(secret), str(auth),
+    subprocess.run([sys.executable, "-c", INSTALL_KEYS, str(secret), str(auth),
                     str(node_keys / "eastus-1.key"), str(keys)], check=True, timeout=30)
     assert sorted(p.name for p in auth.iterdir()) == ["configuration.key"]
     assert [p.name for p in keys.iterdir()] == ["eastus-1.key"]     # its own key only
@@ -386,10 +389,20 @@ def test_compose_file_passes_docker_compose_config(rendered):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     services = json.loads(compose.read_text())["services"]
+    install = services.pop(compose_format.INSTALL_SERVICE)
     assert len(services) == 10
+    # the installer (root) fills volumes the nodes mount as the image's user
+    installed = dict(zip(install["command"][1::2], install["command"][::2], strict=True))
+    mounted = dict(reversed(v.split(":")[:2]) for v in install["volumes"])
     for name, service in services.items():
         assert f"{name}-data:{DATA_PATH}" in service["volumes"]
         assert service["healthcheck"]["test"][0] == "CMD"
+        assert service["user"] == f"{IMAGE_UID}:{IMAGE_UID}" and install["user"] == "0:0"
+        assert service["depends_on"] == {compose_format.INSTALL_SERVICE: {
+            "condition": "service_completed_successfully"}}
+        for volume in (v.split(":") for v in service["volumes"] if not v.startswith(".")):
+            target = next(t for t, source in mounted.items() if source == volume[0])
+            assert target in installed, volume       # made, and given to the node's user
 
 
 def test_access_material_is_private_and_stable(rendered, tmp_path):
@@ -449,3 +462,10 @@ def test_node_certificates_name_the_endpoint_services_that_reach_them(open_tls):
     assert {f"global-{loc}.georeg.svc" for loc, r in routed.items() if r == "eastus"} <= east
     assert "eastus" in routed.values()
     assert "regional-eastus.georeg.svc" not in names("pair-eastus")   # a copy serves no one
+
+
+def test_the_walkthroughs_spec_is_the_default_but_for_auth():
+    # deploy/README.md renders it: the cluster the rest of the README describes
+    first_try = specs.load(Path(__file__).parent.parent / "deploy" / "first-try.toml")
+    assert first_try.auth == "none"
+    assert msgspec.structs.replace(first_try, auth="token") == specs.load(None)

@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "mode 0600), the WAN model as Chaos Mesh NetworkChaos in "
                                         "DIR/chaos-mesh and a kind cluster in DIR/kind.")
     common(c)
-    c.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+    c.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
+                   help="where to write (it gets Secrets: keep it out of version control, "
+                        "e.g. under .georeg/, which git ignores)")
     c.set_defaults(func=command(run_kubernetes))
     c = commands.add_parser("chaos", help="a shipped scenario as a Chaos Mesh Workflow",
                             description="Render a scenario (a shipped name or a TOML file) as a "
@@ -64,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description="Write a compose file; the nodes' views and access "
                                         "material go beside it (georeg-views/, georeg-secrets/).")
     common(c)
-    c.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    c.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                   help="the compose file (georeg-secrets/ goes beside it: keep it out of "
+                        "version control, e.g. under .georeg/, which git ignores)")
     c.set_defaults(func=command(run_compose))
 
 

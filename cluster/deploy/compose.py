@@ -9,13 +9,16 @@ regional endpoint and each client location's global endpoint is published as
 a host port of the node it routes to (``regional``/``global`` below).
 
 Views and access material are files beside the compose file
-(``georeg-views/``, and ``georeg-secrets/`` with keys 0600), mounted read-only.
+(``georeg-views/``, and ``georeg-secrets/`` with keys 0600). A one-shot
+``georeg-keys`` service (root) copies the access material into volumes owned
+by the image's user (each node gets the shared files and its own key only)
+and gives each data volume's root to that user; the nodes, as that user,
+start after it succeeds.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..control.private_files import write_private
@@ -23,6 +26,8 @@ from .model import (
     AUTH_PATH,
     DATA_PATH,
     HTTP_PORT,
+    IMAGE_UID,
+    INSTALL_KEYS,
     NODE_KEYS_PATH,
     VIEW_PATH,
     Deployment,
@@ -31,6 +36,8 @@ from .model import (
 
 VIEWS_DIR = "georeg-views"
 SECRETS_DIR = "georeg-secrets"
+INSTALL_SERVICE = "georeg-keys"       # the one-shot key installer
+AUTH_VOLUME = "georeg-auth"           # the shared auth files, as the nodes' user's
 
 
 def host(name: str) -> str:
@@ -40,20 +47,33 @@ def host(name: str) -> str:
 def document(d: Deployment) -> dict:
     """The compose document. Published ports: the plan's (``network.port_base``),
     so a client uses the addresses it would on one machine."""
-    services = {}
+    # A one-shot service, as root, copies the keys into volumes of the node's
+    # user (each copy 0600: the node refuses more open; the renderer's files
+    # could only be read as their owner) and gives each data volume's root to
+    # that user; the nodes start once it has succeeded, as that user.
+    keys_src = "/run/georeg-secrets"
+    install = [f"{keys_src}/auth", f"/keys/{AUTH_VOLUME}"]
+    keys_volumes = [f"./{SECRETS_DIR}:{keys_src}:ro", f"{AUTH_VOLUME}:/keys/{AUTH_VOLUME}"]
+    services: dict = {INSTALL_SERVICE: {
+        "image": d.image, "entrypoint": ["python3", "-c", INSTALL_KEYS], "command": install,
+        "user": "0:0", "environment": {"GEOREG_KEYS_OWNER": f"{IMAGE_UID}:{IMAGE_UID}"},
+        "volumes": keys_volumes, "network_mode": "none", "restart": "no"}}
     first_of = {}
     for node in d.nodes:
         first_of.setdefault(node.replica, node.name)
         volumes = [f"{node.name}-data:{DATA_PATH}",
                    f"./{VIEWS_DIR}/{node.name}.json:{VIEW_PATH}/{node.name}.json:ro",
-                   f"./{SECRETS_DIR}/auth:{AUTH_PATH}:ro"]
+                   f"{AUTH_VOLUME}:{AUTH_PATH}:ro"]
+        install += ["", f"/keys/{node.name}-data"]
+        keys_volumes.append(f"{node.name}-data:/keys/{node.name}-data")
         if d.spec.needs_ca:
-            volumes.append(f"./{SECRETS_DIR}/nodes/{node.name}:{NODE_KEYS_PATH}:ro")
+            volumes.append(f"{node.name}-keys:{NODE_KEYS_PATH}:ro")
+            install += [f"{keys_src}/nodes/{node.name}", f"/keys/{node.name}-keys"]
+            keys_volumes.append(f"{node.name}-keys:/keys/{node.name}-keys")
         services[node.name] = {
             "image": d.image, "command": d.node_args(node, node.name),
-            # The key files are the renderer's, 0600 (the node refuses them more
-            # open): the node runs as their owner.
-            "user": f"{os.getuid()}:{os.getgid()}",
+            "user": f"{IMAGE_UID}:{IMAGE_UID}",
+            "depends_on": {INSTALL_SERVICE: {"condition": "service_completed_successfully"}},
             "hostname": node.name, "volumes": volumes,
             "networks": [f"region-{node.plan.region}", "wan"],
             "healthcheck": {"test": ["CMD", *d.health_command()], "interval": "5s",
@@ -68,9 +88,11 @@ def document(d: Deployment) -> dict:
             continue
         target = services[first_of[region]]
         target.setdefault("ports", []).append(f"{endpoint.port}:{HTTP_PORT}")
+    names = [f"{n.name}-{kind}" for n in d.nodes
+             for kind in ("data", *(("keys",) if d.spec.needs_ca else ()))]
     return {"services": services,
             "networks": {**{f"region-{r}": {} for r in d.regions}, "wan": {}},
-            "volumes": {f"{n.name}-data": {} for n in d.nodes}}
+            "volumes": {name: {} for name in (*names, AUTH_VOLUME)}}
 
 
 def write(d: Deployment, m: Materials, out: Path) -> list[Path]:

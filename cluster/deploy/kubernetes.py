@@ -29,6 +29,7 @@ from .model import (
     GRPC_PORT,
     HTTP_PORT,
     IMAGE_UID,
+    INSTALL_KEYS,
     LABEL,
     MEMORY_LIMIT_MIB,
     MEMORY_REQUEST_MIB,
@@ -47,21 +48,6 @@ VIEWS = "cluster-views"
 AUTH_SECRET = "georeg-auth"
 SECRET_MOUNT = "/run/georeg-secrets"   # where the init container reads Secrets from
 
-# The init container's program (the image has Python, no shell): each argument
-# pair SRC DST copies SRC (a file, or a Secret volume's files) into directory
-# DST, mode 0600, owned by the user it runs as (the node's).
-INSTALL_KEYS = "\n".join([
-    "import os, shutil, sys",
-    "a = sys.argv[1:]",
-    "for src, dst in zip(a[::2], a[1::2]):",
-    "    names = sorted(f for f in os.listdir(src) if not f.startswith('.'))"
-    " if os.path.isdir(src) else [None]",
-    "    for f in names:",
-    "        s = os.path.join(src, f) if f else src",
-    "        t = os.path.join(dst, os.path.basename(s))",
-    "        shutil.copyfile(s, t)",
-    "        os.chmod(t, 0o600)",
-])
 
 
 def host(namespace: str):

@@ -57,6 +57,29 @@ DATA_PATH = "/data"                    # the node's data dir: its volume (the im
 VIEW_PATH = "/etc/georeg/views"        # one view file per node, named after it
 AUTH_PATH = "/etc/georeg/auth"         # CA, internal credential, configuration key
 NODE_KEYS_PATH = "/etc/georeg/node"    # each node's key and certificate, named after it
+# The key installer an init container runs (the image has Python, no shell):
+# each argument pair SRC DST copies SRC (a file, or a Secret volume's or a
+# directory's files; none when SRC is empty) into directory DST, made if need
+# be, each copy mode 0600. Run as the node's user (Kubernetes) the copies are
+# its; run as root (compose), GEOREG_KEYS_OWNER=uid:gid gives DST and the
+# copies to the node's user.
+INSTALL_KEYS = "\n".join([
+    "import os, shutil, sys",
+    "owner = os.environ.get('GEOREG_KEYS_OWNER')",
+    "own = (lambda p: os.chown(p, *map(int, owner.split(':')))) if owner else (lambda p: None)",
+    "a = sys.argv[1:]",
+    "for src, dst in zip(a[::2], a[1::2]):",
+    "    os.makedirs(dst, exist_ok=True)",
+    "    own(dst)",
+    "    names = [] if not src else sorted(f for f in os.listdir(src) if not f.startswith('.'))"
+    " if os.path.isdir(src) else [None]",
+    "    for f in names:",
+    "        s = os.path.join(src, f) if f else src",
+    "        t = os.path.join(dst, os.path.basename(s))",
+    "        shutil.copyfile(s, t)",
+    "        os.chmod(t, 0o600)",
+    "        own(t)",
+])
 INTERNAL_SECRET = "internal.secret"    # under AUTH_PATH
 LABEL = "georeg.io"
 DEFAULT_NAMESPACE = "georeg"

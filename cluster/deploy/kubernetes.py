@@ -97,7 +97,8 @@ def _pod_spec(d: Deployment, first: Node, zone_spread: bool) -> dict:
         # or a stalled disk is not a reason to lose a zone).
         "livenessProbe": {**probe_exec, "periodSeconds": 20, "timeoutSeconds": 3,
                           "failureThreshold": 6},
-        "startupProbe": {**probe_exec, "periodSeconds": 2, "failureThreshold": 60},
+        "startupProbe": {**probe_exec, "periodSeconds": 2, "timeoutSeconds": 3,
+                         "failureThreshold": 60},
         "resources": {"requests": {"cpu": f"{CPU_REQUEST_M}m", "memory": f"{MEMORY_REQUEST_MIB}Mi"},
                       "limits": {"memory": f"{MEMORY_LIMIT_MIB}Mi"}},
         "volumeMounts": [{"name": "data", "mountPath": DATA_PATH},
@@ -310,8 +311,10 @@ def write(d: Deployment, m: Materials, out: Path) -> list[Path]:
     Chaos Mesh under ``out/chaos-mesh``, kind's cluster under ``out/kind``."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, obj in enumerate(manifests(d, m)):
-        path = out / f"{i:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.json"
+    objects = manifests(d, m)
+    width = max(2, len(str(len(objects) - 1)))      # name order is apply order
+    for i, obj in enumerate(objects):
+        path = out / f"{i:0{width}d}-{obj['kind'].lower()}-{obj['metadata']['name']}.json"
         if obj["kind"] == "Secret":
             write_private(path, _dump(obj))
         else:

@@ -27,7 +27,6 @@ anti-affinity only keeps the zones apart).
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -39,9 +38,9 @@ from replicator.topology import ClusterView
 
 from ..bench import footprint
 from ..control import spec as specs
+from ..control.access import kept_key, kept_secret
 from ..control.ca import ClusterCA
 from ..control.plan import ClusterPlan, NodePlan, node_arguments, plan
-from ..control.private_files import write_private
 from ..control.regions import REGIONS
 from ..control.spec import ClusterSpec
 from ..routing.policy import distance
@@ -250,18 +249,10 @@ class Materials:
         return files
 
 
-def _secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
-    if not path.exists():
-        write_private(path, make())
-    return path.read_bytes()
-
-
 def materials(d: Deployment, directory: Path, hosts: Callable[[Node], tuple[str, ...]]) -> Materials:
     """The deployment's access material under ``directory``: made there at the
     first render (keys 0600, the directory 0700), reused at every later one, so
     a re-render does not rotate what a running deployment uses."""
-    from registry_node.crypto import KEY_SIZE
-
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys: dict[str, tuple[bytes, bytes]] = {}
     ca_pem = b""
@@ -272,13 +263,11 @@ def materials(d: Deployment, directory: Path, hosts: Callable[[Node], tuple[str,
             keys[node.name] = (issued.key_file.read_bytes(), issued.cert_file.read_bytes())
         ca_pem = ca.cert_file.read_bytes()
 
-    def token() -> bytes:
-        return (secrets.token_urlsafe(32) + "\n").encode()
+    def token(name: str) -> bytes:
+        return (kept_secret(directory / name) + "\n").encode()
 
-    return Materials(ca_pem, keys, _secret_file(directory / "internal.secret", token),
-                     _secret_file(directory / "owner.secret", token),
-                     _secret_file(directory / "configuration.key",
-                                  lambda: secrets.token_bytes(KEY_SIZE)))
+    return Materials(ca_pem, keys, token(INTERNAL_SECRET), token("owner.secret"),
+                     kept_key(directory / "configuration.key"))
 
 
 def confined_regions(d: Deployment) -> list[str]:

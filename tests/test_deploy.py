@@ -33,7 +33,9 @@ from cluster.deploy.model import (
 )
 from cluster.faults.chaos import SCENARIOS, Scenario, load
 
-KUBERNETES_RELEASE = "1.37"        # the newest release kubernetes-validate 1.37 bundles
+# the newest release the installed kubernetes-validate bundles (>= 1.37, pyproject;
+# the manifests need >= 1.31 for StatefulSet ordinals)
+KUBERNETES_RELEASE = kubernetes_validate.latest_version()
 CHAOS_SCHEMA = json.loads((Path(__file__).parent / "data" / "chaos_mesh_schema.json").read_text())
 RENDERED = ("zone-outage", "europe-americas-partition", "slow-transoceanic-link",
             "home-region-crash")

@@ -413,6 +413,8 @@ def test_access_material_is_private_and_stable(rendered, tmp_path):
                  *(root / "compose" / "georeg-secrets").rglob("*.secret")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     before = json.loads(next((root / "k8s").glob("*-secret-georeg-auth.json")).read_text())
+    assert "owner.secret" not in before["data"]            # no node reads the owner's
+    assert not list((root / "compose" / "georeg-secrets").rglob("owner.secret"))
     assert main(["deploy", "kubernetes", "-o", str(tmp_path), "--secrets-dir",
                  str(root / "secrets")]) == 0
     after = json.loads(next(tmp_path.glob("*-secret-georeg-auth.json")).read_text())

@@ -7,7 +7,8 @@ GEOREG := $(VENV)/bin/georeg
 # python3-venv: Debian's python3 cannot make a virtualenv without it. buildah: the
 # build agent of `georeg build` (daemonless, chroot isolation); busybox-static: the
 # base image its tests push into georeg (nothing is pulled from the internet).
-SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static
+# docker-compose: `docker-compose config` checks `georeg deploy compose` output (no daemon needed).
+SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static docker-compose
 DATA_DIR ?= .georeg
 
 PROTO_SRC := proto/georeg/replication/v1/replication.proto

@@ -37,6 +37,15 @@ from .lag import prepare
 from .procfs import MIB, cpu_seconds, rss_bytes
 from .workload import Client, RandomBytes, open_session, run_concurrently
 
+# The figures last measured with this command (docs/benchmarks.md, "Startup,
+# idle cost and memory"), which deployments size their requests from
+# (``cluster.deploy``): a node's resident set after a workload, the worst
+# seen; and the whole default cluster's idle CPU (8 nodes, 2 paired copies,
+# the supervisor), as a fraction of one core. Measure again when they move.
+MEASURED_NODE_RSS_MIB = 82.4
+MEASURED_CLUSTER_IDLE_CPU = 0.032
+MEASURED_CLUSTER_PROCESSES = 11
+
 
 async def _start(spec: specs.ClusterSpec, data_dir: Path) -> tuple[Cluster, float, float]:
     """A started cluster, with the seconds it took to every node healthy and to

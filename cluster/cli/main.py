@@ -30,6 +30,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         chaos,
         cluster,
         credential,
+        deploy,
         fault,
         identity,
         import_,
@@ -66,6 +67,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     chaos.register(sub)
     cluster.register_region(sub)
     bench.register(sub)
+    deploy.register(sub)
     return parser
 
 

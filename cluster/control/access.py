@@ -113,8 +113,8 @@ class ClusterSecrets:
         return authorization(self.internal)
 
 
-def _secret(path: Path) -> str:
-    """The secret kept at ``path``, made now if there is none."""
+def kept_secret(path: Path) -> str:
+    """The secret kept at ``path`` (mode 0600), made now if there is none."""
     if path.exists():
         value = path.read_text().strip()
         if value:
@@ -138,8 +138,8 @@ def provision(cluster_plan: ClusterPlan) -> ClusterSecrets | None:
         provision_node(ca, cluster_plan, node)
     if not spec.auth_enabled:
         return None
-    owner = _secret(directory / OWNER_FILE)
-    internal = _secret(directory / INTERNAL_FILE)
+    owner = kept_secret(directory / OWNER_FILE)
+    internal = kept_secret(directory / INTERNAL_FILE)
     return ClusterSecrets(owner, internal, spec.login_server)
 
 
@@ -150,9 +150,15 @@ def configuration_key(cluster_plan: ClusterPlan) -> ConfigurationKey:
     the file belongs in a backup of the data dir."""
     path = configuration_key_file(cluster_plan.data_dir)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    kept_key(path)
+    return ConfigurationKey.load(path)
+
+
+def kept_key(path: Path) -> bytes:
+    """The raw key kept at ``path`` (mode 0600), made now if there is none."""
     if not path.exists():
         write_private(path, secrets.token_bytes(KEY_SIZE))
-    return ConfigurationKey.load(path)
+    return path.read_bytes()
 
 
 def served_names(cluster_plan: ClusterPlan) -> tuple[str, ...]:

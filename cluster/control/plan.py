@@ -131,6 +131,28 @@ class NodePlan:
         return f"{self.region}/{self.zone}" if self.zone else self.region
 
 
+def node_arguments(node: NodePlan, listen: str) -> list[str]:
+    """``georeg node``'s arguments for ``node`` listening on ``listen``: the one
+    mapping of a plan to a node's command line, wherever the plan's files are
+    (the supervisor's data dir, or a deployment's mounts)."""
+    args = ["--data-dir", str(node.data_dir), "--listen", listen,
+            "--cluster", str(node.view_file), "--log-format", "json"]
+    if node.access is not None:
+        a = node.access
+        args += ["--auth-ca", str(a.ca_file), "--auth-key", str(a.key_file),
+                 "--auth-cert", str(a.cert_file), "--auth-service", a.service,
+                 "--internal-credential-file", str(a.internal_credential_file)]
+    if node.tls is not None:
+        t = node.tls
+        args += ["--tls-cert", str(t.cert_file), "--tls-key", str(t.key_file),
+                 "--tls-ca", str(t.ca_file)]
+    if node.configuration_key is not None:
+        args += ["--configuration-key-file", str(node.configuration_key)]
+    if node.storage_limit is not None:
+        args += ["--storage-limit", str(node.storage_limit)]
+    return args
+
+
 @dataclass(frozen=True, slots=True)
 class LinkPlan:
     source: str          # node name

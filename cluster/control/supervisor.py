@@ -46,7 +46,7 @@ from replicator.topology import ReplicationSettings
 
 from ..network.links import Link
 from .errors import PortInUse
-from .plan import ClusterPlan, NodePlan
+from .plan import ClusterPlan, NodePlan, node_arguments
 from .tls import client_context
 
 log = structlog.get_logger("georeg.supervisor")
@@ -228,23 +228,8 @@ class Supervisor:
     # -- nodes -----------------------------------------------------------------------
 
     def node_command(self, node: NodePlan) -> list[str]:
-        access = []
-        if node.access is not None:
-            a = node.access
-            access = ["--auth-ca", str(a.ca_file), "--auth-key", str(a.key_file),
-                      "--auth-cert", str(a.cert_file), "--auth-service", a.service,
-                      "--internal-credential-file", str(a.internal_credential_file)]
-        if node.tls is not None:
-            t = node.tls
-            access += ["--tls-cert", str(t.cert_file), "--tls-key", str(t.key_file),
-                       "--tls-ca", str(t.ca_file)]
-        if node.configuration_key is not None:
-            access += ["--configuration-key-file", str(node.configuration_key)]
-        if node.storage_limit is not None:
-            access += ["--storage-limit", str(node.storage_limit)]
-        return [sys.executable, "-m", "cluster.cli", "node", "--data-dir", str(node.data_dir),
-                "--listen", f"127.0.0.1:{node.http_port}", "--cluster", str(node.view_file),
-                "--log-format", "json", *access, *self.extra_node_args]
+        return [sys.executable, "-m", "cluster.cli", "node",
+                *node_arguments(node, f"127.0.0.1:{node.http_port}"), *self.extra_node_args]
 
     async def start_node(self, name: str) -> NodeRuntime:
         node = self.nodes[name]

@@ -489,6 +489,13 @@ class _Placement:
         return out
 
 
+def distance(client_region: str, latency_ms: LatencyMs) -> Callable[[str], tuple[float, str]]:
+    """The order global routing ranks replica regions in for ``client_region``:
+    nearest first, ties by region name (also what a deployment renders its
+    global endpoints from)."""
+    return lambda region: (latency_ms(client_region, region), region)
+
+
 class GlobalPolicy:
     """The global endpoint as seen from one client location: the nearest
     healthy, routable replica first, then the next nearest, and so on.
@@ -518,8 +525,8 @@ class GlobalPolicy:
         key = self._ranked_key
         if key is None or key[0] != self.replicas.version or now >= key[1]:
             routable = [g for g in self.replicas if g.routing_enabled]
-            self._ranked = sorted(
-                routable, key=lambda g: (self.latency_ms(self.client_region, g.region), g.region))
+            nearest = distance(self.client_region, self.latency_ms)
+            self._ranked = sorted(routable, key=lambda g: nearest(g.region))
             self._ranked_key = (self.replicas.version, now + self.rank_ttl_s)
         return self._ranked
 

@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 GEOREG := $(VENV)/bin/georeg
-# python3-venv: Debian's python3 cannot make a virtualenv without it.
-SYSTEM_PACKAGES := python3-venv skopeo docker-registry
+# python3-venv: Debian's python3 cannot make a virtualenv without it. chromium:
+# the browser the dashboard's tests drive through Playwright (its own browser
+# download is never used: PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD below).
+SYSTEM_PACKAGES := python3-venv skopeo docker-registry chromium
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 DATA_DIR ?= .georeg
 
 PROTO_SRC := proto/georeg/replication/v1/replication.proto

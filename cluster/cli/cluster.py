@@ -41,6 +41,7 @@ from .common import (
     data_dir_of,
     event_loop,
 )
+from .dashboard import dashboard_url
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -259,6 +260,8 @@ def print_endpoints(status: dict, admin: AdminLogin | None = None) -> None:
         table.add_row("regional", f"{region} only", url)
     if status.get("management"):
         table.add_row("management", "georeg CLI / REST", status["management"])
+        table.add_row("dashboard", "a browser (`georeg dashboard --open`)",
+                      dashboard_url(status["management"]))
     console.print(table)
     if status.get("blob_downloads") == "redirect":
         console.print("Blob downloads through an endpoint are redirected (307) to the node it "

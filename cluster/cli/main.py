@@ -29,6 +29,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         chaos,
         cluster,
         credential,
+        dashboard,
         fault,
         identity,
         import_,
@@ -59,6 +60,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     cache.register_credential_set(sub)
     fault.register(sub)
     verify.register(sub)
+    dashboard.register(sub)
     chaos.register(sub)
     cluster.register_region(sub)
     bench.register(sub)

@@ -43,6 +43,10 @@ which other processes find it.
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
     GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
+    POST   /georeg/v1/dashboard/login-tokens      a one-time token that signs a browser in to the
+                                                  dashboard (``georeg dashboard``)
+    GET    /dashboard/                            the live web dashboard, its assets and its own
+                                                  API under /dashboard/api/ (``dashboard``)
     GET    /georeg/v1/registry                    the registry: name, location, loginServer, sku,
                                                   adminUserEnabled, anonymousPullEnabled, …
     PATCH  /georeg/v1/registry                    {"adminUserEnabled", "anonymousPullEnabled",
@@ -119,6 +123,9 @@ the cluster owner: a request without ``Authorization: Bearer <owner
 credential>`` gets ``401 Unauthorized``, whose message says where the
 credential is kept; the CLI sends it from the data dir. Reading status is
 refused too: it names data dirs and processes, and ``verify`` costs work.
+The dashboard's page and sign-in are the exception; its API answers the
+owner credential or a dashboard session (``dashboard``: a viewer's session
+reads, only an owner's changes), and no other route accepts a session.
 
 Errors are JSON ``{"error": {"code", "message"}}`` with a fitting status; a
 management write while the home region cannot be reached is a 503 that says so
@@ -132,7 +139,6 @@ named in the answer's ``unavailable``, never left out in silence.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
@@ -144,7 +150,8 @@ from registry_node.reference import is_digest, validate_name
 
 from ..faults.controller import FaultError
 from . import soft_delete
-from .access import authorization, owner_credential_path
+from .access import owner_credential_path
+from .dashboard import ROLE, Dashboard
 from .errors import ClusterError, NotFound
 from .health import check_health
 from .imports import ImageImports, import_request
@@ -172,26 +179,31 @@ async def _errors(request: web.Request, handler):
         return _error(exc.status, exc.code.name, exc.message + (f": {exc.detail}" if exc.detail else ""))
 
 
-def _owner_only(cluster: Cluster):
-    """A middleware admitting only requests that carry the cluster owner's credential."""
-    assert cluster.secrets is not None
-    expected = authorization(cluster.secrets.owner)["Authorization"].encode()
+def _access(cluster: Cluster, dashboard: Dashboard):
+    """A middleware admitting the cluster owner's credential everywhere, a
+    dashboard session on the dashboard's API, and anyone on the dashboard's
+    page and sign-in (``Dashboard.role_of``); the role is ``request[ROLE]``."""
     where = owner_credential_path(cluster.data_dir)
 
     @web.middleware
-    async def owner_only(request: web.Request, handler):
-        sent = request.headers.get("Authorization", "")
-        if hmac.compare_digest(sent.encode(errors="replace"), expected):
+    async def access(request: web.Request, handler):
+        role = dashboard.role_of(request)
+        if role is not None:
+            request[ROLE] = role
+            return await handler(request)
+        if dashboard.is_public(request):
             return await handler(request)
         response = _error(401, "Unauthorized",
                           f"this cluster's management API answers only its owner: send the owner "
                           f"credential as `Authorization: Bearer <credential>`. It is kept in "
                           f"{where} (mode 0600), made when the cluster first started; georeg "
-                          f"commands run by that user with --data-dir {cluster.data_dir} send it")
+                          f"commands run by that user with --data-dir {cluster.data_dir} send it"
+                          + ("; the dashboard's API takes a session from its sign-in too"
+                             if request.path.startswith("/dashboard/") else ""))
         response.headers["WWW-Authenticate"] = 'Bearer realm="georeg management"'
         return response
 
-    return owner_only
+    return access
 
 
 def _sku_name(sku: object) -> str:
@@ -220,6 +232,8 @@ class ManagementServer:
         self.repositories = Repositories(cluster)
         self.imports = ImageImports(cluster)
         self._runner: web.AppRunner | None = None
+        self.dashboard = Dashboard(cluster, faults={
+            "inject": self.inject_fault, "heal": self.heal_fault, "heal_all": self.heal_all})
 
     @property
     def url(self) -> str:
@@ -234,11 +248,9 @@ class ManagementServer:
         await self.stop()
 
     async def start(self) -> None:
-        middlewares = [_errors]
-        if self.cluster.secrets is not None:
-            middlewares.insert(0, _owner_only(self.cluster))
-        app = web.Application(middlewares=middlewares)
+        app = web.Application(middlewares=[_access(self.cluster, self.dashboard), _errors])
         r = app.router
+        self.dashboard.add_routes(r)
         r.add_get("/georeg/v1/cluster", self.cluster_status)
         r.add_get("/georeg/v1/replications", self.list_replications)
         r.add_post("/georeg/v1/replications", self.create_replication)
@@ -332,6 +344,7 @@ class ManagementServer:
 
     async def stop(self) -> None:
         clear_running_state(self.cluster.data_dir)
+        await self.dashboard.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -1,0 +1,231 @@
+"""The web dashboard (``cluster.control.dashboard``) of a real cluster (node
+processes, links, endpoints and the management server; auth on, two regions): who may
+see and who may change, asked of the server directly; then the page itself in
+Debian's chromium driven by Playwright (the system browser through
+``executable_path``; Playwright never downloads one): every region on the map,
+a region outage injected from the page turning its node red within 2 s and
+the heal turning it back, a viewer without fault controls, and screenshots at
+1280×800 and at a phone's width (no horizontal overflow) kept under the test's
+tmp dir (``dashboard-screenshots/``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from cluster.control import spec as specs
+from cluster.control.dashboard import histogram_quantile, parse_lag
+from cluster.testing import RunningCluster
+
+from .helpers import eventually
+from .test_cluster import georeg
+
+SPEC = {"home_region": "westeurope", "paired_copies": False, "auth": "token",
+        "replicas": [{"region": "eastus"}]}
+REGIONS = ("westeurope", "eastus")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+class Dashboard:
+    """The cluster (in this process, real node processes) and its dashboard's addresses."""
+
+    def __init__(self, running: RunningCluster) -> None:
+        self.running = running
+        self.data = running.data_dir
+        self.management = running.management.url
+        self.dashboard = f"{self.management}/dashboard/"
+        self.owner = running.cluster.secrets.owner
+        self.password = running.credentials.password
+
+
+@pytest.fixture(scope="module")
+def dashboard_cluster(tmp_path_factory):
+    with RunningCluster(specs.parse(SPEC), tmp_path_factory.mktemp("dashboard")) as running:
+        cluster = Dashboard(running)
+        printed = georeg("dashboard", data_dir=cluster.data)
+        assert printed.stdout.strip() == cluster.dashboard, printed.stderr
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def viewer(dashboard_cluster):
+    """An identity with the Reader role on the registry: its id and secret."""
+    access = dashboard_cluster.running.cluster.access
+    identity = dashboard_cluster.running.run(lambda: access.create_identity("watcher"))
+    dashboard_cluster.running.run(lambda: access.create_role_assignment("Reader", identity["id"]))
+    return identity["id"], identity["secret"]
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _session(http: aiohttp.ClientSession, base: str, body: dict) -> tuple[int, dict]:
+    async with http.post(f"{base}api/session", json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_the_server_refuses_what_a_caller_may_not_do(dashboard_cluster, viewer, http):
+    base, owner = dashboard_cluster.dashboard, dashboard_cluster.owner
+    # The page and its assets: anyone, and no secret in them.
+    for path in ("", "static/dashboard.js", "static/dashboard.css", "static/world.json"):
+        async with http.get(base + path) as r:
+            assert r.status == 200, path
+            text = await r.text()
+        assert owner not in text and dashboard_cluster.password not in text
+    async with http.get(base + "static/..%2f..%2fauth%2fowner.secret") as r:
+        assert r.status == 404
+    # Nothing else without a credential: no state, no stream, no fault.
+    for method, path in (("GET", "api/state"), ("GET", "api/events"), ("POST", "api/faults"),
+                         ("DELETE", "api/faults")):
+        async with http.request(method, base + path, json={"kind": "routing",
+                                                           "region": "eastus"}) as r:
+            assert r.status == 401, (method, path)
+    assert (await _session(http, base, {"credential": "not-it"}))[0] == 401
+    # The owner sees every region in one snapshot.
+    async with http.get(base + "api/state", headers=_bearer(owner)) as r:
+        assert r.status == 200
+        state = await r.json()
+    assert {g["name"] for g in state["regions"]} == set(REGIONS)
+    assert state["links"] and {link["state"] for link in state["links"]} == {"ok"}
+
+    # A viewer (an identity with Reader) watches, and the server refuses its changes.
+    identity, secret = viewer
+    assert (await _session(http, base, {"identity": identity, "secret": "wrong"}))[0] == 401
+
+    async def signed_in() -> bool:      # the role assignment replicates to the node asked
+        return (await _session(http, base, {"identity": identity, "secret": secret}))[0] == 200
+    await eventually(signed_in, timeout=10, what="the viewer signing in")
+    status, session = await _session(http, base, {"identity": identity, "secret": secret})
+    assert session["role"] == "viewer"
+    as_viewer = _bearer(session["session"])
+    async with http.get(base + "api/state", headers=as_viewer) as r:
+        assert r.status == 200
+    for method, path in (("POST", "api/faults"), ("DELETE", "api/faults"),
+                         ("DELETE", "api/faults/f1")):
+        async with http.request(method, base + path, headers=as_viewer,
+                                json={"kind": "routing", "region": "eastus"}) as r:
+            assert r.status == 403, (method, path)
+            assert (await r.json())["error"]["code"] == "Forbidden"
+    async with http.get(f"{dashboard_cluster.management}/georeg/v1/faults") as r:
+        assert r.status == 401
+    assert not (await (await http.get(f"{dashboard_cluster.management}/georeg/v1/faults",
+                                      headers=_bearer(owner))).json())   # nothing injected
+    # A dashboard session is not a management credential.
+    async with http.get(f"{dashboard_cluster.management}/georeg/v1/cluster",
+                        headers=as_viewer) as r:
+        assert r.status == 401
+    async with http.post(f"{dashboard_cluster.management}/georeg/v1/dashboard/login-tokens",
+                         headers=as_viewer) as r:
+        assert r.status == 401
+
+    # A one-time login token (what `georeg dashboard --open` mints) works once.
+    async with http.post(f"{dashboard_cluster.management}/georeg/v1/dashboard/login-tokens",
+                         headers=_bearer(owner)) as r:
+        assert r.status == 201
+        token = (await r.json())["loginToken"]
+    status, session = await _session(http, base, {"loginToken": token})
+    assert status == 200 and session["role"] == "owner"
+    assert (await _session(http, base, {"loginToken": token}))[0] == 401
+    # The owner's stream: its first frame is a snapshot.
+    async with http.get(base + "api/events", headers=_bearer(session["session"])) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        frame = await r.content.readuntil(b"\n\n")
+    assert frame.startswith(b"data: ")
+    assert {g["name"] for g in json.loads(frame[6:])["regions"]} == set(REGIONS)
+    # Signing out ends the session.
+    async with http.delete(base + "api/session", headers=_bearer(session["session"])) as r:
+        assert r.status == 204
+    async with http.get(base + "api/state", headers=_bearer(session["session"])) as r:
+        assert r.status == 401
+
+
+def test_lag_quantiles_from_prometheus_buckets():
+    text = "\n".join([
+        'georeg_replication_lag_seconds_bucket{origin_region="a",destination_region="b",'
+        f'kind="manifest",le="{le}"}} {count}'
+        for le, count in (("0.1", 0), ("0.2", 50), ("0.5", 99), ("1.0", 100), ("+Inf", 100))])
+    buckets = sorted(parse_lag(text)[("a", "b")].items())
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.2)
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.5)
+    assert histogram_quantile(0.5, [(float("inf"), 0.0)]) is None
+
+
+# -- the page in a real browser ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dashboard-screenshots")
+
+
+async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cannot(
+        dashboard_cluster, viewer, screenshots):
+    from playwright.async_api import async_playwright, expect
+
+    opened = georeg("dashboard", "--open", data_dir=dashboard_cluster.data,
+                    env={"BROWSER": "true"})             # print the URL; open no browser here
+    assert opened.returncode == 0, opened.stderr
+    url = opened.stdout.strip().splitlines()[0]
+    assert "#login=" in url
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                          args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            started = time.monotonic()
+            await page.goto(url)
+            for region in REGIONS:
+                await expect(page.locator(f'[data-region="{region}"]')).to_be_visible()
+            await expect(page.locator("#live")).to_have_text("live")
+            loaded_s = time.monotonic() - started
+            assert "#login" not in page.url          # the token left the address bar
+            await page.screenshot(path=screenshots / "dashboard-1280x800.png")
+
+            node = page.locator('[data-region="eastus"] .node')
+            await expect(node).to_have_attribute("data-health", "ok")
+            await page.select_option("#fault-kind", "region-outage")
+            await page.select_option("#fault-region", "eastus")
+            await page.select_option("#fault-mode", "crash")
+            clicked = time.monotonic()
+            await page.click("#inject-button")
+            await expect(node).to_have_attribute("data-health", "down", timeout=2000)
+            red_after_s = time.monotonic() - clicked
+            assert await node.evaluate("n => getComputedStyle(n).fill") == "rgb(214, 45, 45)"
+            await expect(page.locator("[data-fault]")).to_contain_text("eastus down")
+            await page.screenshot(path=screenshots / "dashboard-region-outage.png")
+            await page.click("[data-heal]")
+            await expect(node).to_have_attribute("data-health", "ok", timeout=30000)
+            await expect(page.locator("[data-fault]")).to_have_count(0)
+
+            # A viewer at a phone's width: the map, no fault controls, nothing wider than the screen.
+            identity, secret = viewer
+            phone = await browser.new_page(viewport={"width": 390, "height": 844})
+            await phone.goto(dashboard_cluster.dashboard)
+            await phone.fill("#identity", identity)
+            await phone.fill("#secret", secret)
+            await phone.click("#sign-in-form button[type=submit]")
+            for region in REGIONS:
+                await expect(phone.locator(f'[data-region="{region}"]')).to_be_visible()
+            await expect(phone.locator("#role")).to_have_text("signed in: viewer")
+            await expect(phone.locator("#inject")).to_be_hidden()
+            await expect(phone.locator("#inject-button")).to_be_hidden()
+            await expect(phone.locator("#read-only")).to_be_visible()
+            assert await phone.evaluate(
+                "document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+            box = await phone.locator("#map").bounding_box()
+            assert box is not None and 300 <= box["width"] <= 390
+            await phone.screenshot(path=screenshots / "dashboard-390-viewer.png", full_page=True)
+        finally:
+            await browser.close()
+    for name in ("dashboard-1280x800.png", "dashboard-region-outage.png",
+                 "dashboard-390-viewer.png"):
+        assert (screenshots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (screenshots / name).stat().st_size > 20_000, name   # a drawn page, not a blank one
+    print(f"dashboard loaded in {loaded_s:.2f}s; outage red after {red_after_s:.2f}s; "
+          f"screenshots in {screenshots}")

@@ -11,6 +11,7 @@ tmp dir (``dashboard-screenshots/``)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from cluster.control import spec as specs
 from cluster.control.dashboard import histogram_quantile, parse_lag
 from cluster.testing import RunningCluster
 
-from .helpers import eventually
+from .helpers import eventually, make_image, push_image
 from .test_cluster import georeg
 
 SPEC = {"home_region": "westeurope", "paired_copies": False, "auth": "token",
@@ -203,6 +204,23 @@ async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cann
             await expect(node).to_have_attribute("data-health", "ok", timeout=30000)
             await expect(page.locator("[data-fault]")).to_have_count(0)
 
+            # A push shows up in the image search with every replica's arrival, and the
+            # lag heatmap fills with numbers.
+            node_url = dashboard_cluster.running.cluster.node_url("westeurope")
+            async with dashboard_cluster.running.http() as registry:
+                for seed in range(3):
+                    await push_image(registry, node_url, "demo/app", make_image([512], seed=seed),
+                                     tag=f"v{seed}")
+            await page.fill("#image-ref", "demo/app:v2")
+            await page.click("#image-form button")
+            for region in REGIONS:
+                await expect(page.locator(f'#image tr[data-replica="{region}"]')).to_have_attribute(
+                    "data-state", "present", timeout=15000)
+            await expect(page.locator("#image-summary")).to_contain_text("on every replica")
+            await expect(page.locator('[data-lag="westeurope-eastus"]')).to_have_text(
+                re.compile(r"^[0-9.]+ / [0-9.]+$"), timeout=15000)
+            await page.screenshot(path=screenshots / "dashboard-after-pushes.png")
+
             # A viewer at a phone's width: the map, no fault controls, nothing wider than the screen.
             identity, secret = viewer
             phone = await browser.new_page(viewport={"width": 390, "height": 844})
@@ -224,7 +242,7 @@ async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cann
         finally:
             await browser.close()
     for name in ("dashboard-1280x800.png", "dashboard-region-outage.png",
-                 "dashboard-390-viewer.png"):
+                 "dashboard-after-pushes.png", "dashboard-390-viewer.png"):
         assert (screenshots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (screenshots / name).stat().st_size > 20_000, name   # a drawn page, not a blank one
     print(f"dashboard loaded in {loaded_s:.2f}s; outage red after {red_after_s:.2f}s; "

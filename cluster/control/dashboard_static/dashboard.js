@@ -129,8 +129,24 @@ function layout(regions) {
   return at;
 }
 
+// The view: the regions' extent with a margin, never narrower than twice its
+// height (a phone shows the regions, not the whole world at a quarter size).
+function fitView(at) {
+  const pts = Object.values(at);
+  if (!pts.length) return;
+  const pad = 28;
+  let x0 = Math.min(...pts.map((p) => p[0])) - pad, x1 = Math.max(...pts.map((p) => p[0])) + pad;
+  let y0 = Math.min(...pts.map((p) => p[1])) - pad, y1 = Math.max(...pts.map((p) => p[1])) + pad;
+  if (x1 - x0 < 2 * (y1 - y0)) { const grow = (2 * (y1 - y0) - (x1 - x0)) / 2; x0 -= grow; x1 += grow; }
+  else { const grow = ((x1 - x0) / 2 - (y1 - y0)) / 2; y0 -= grow; y1 += grow; }
+  x0 = Math.max(x0, -180); x1 = Math.min(x1, 180); y0 = Math.max(y0, -80); y1 = Math.min(y1, 60);
+  const box = [x0, y0, x1 - x0, y1 - y0].map((v) => v.toFixed(1)).join(" ");
+  if ($("map").getAttribute("viewBox") !== box) $("map").setAttribute("viewBox", box);
+}
+
 function renderMap(state) {
   const at = layout(state.regions);
+  fitView(at);
   const links = $("links"); links.replaceChildren();
   for (const l of state.links) {
     if (!at[l.a] || !at[l.b]) continue;

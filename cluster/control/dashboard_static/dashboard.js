@@ -134,9 +134,10 @@ function layout(regions) {
 function fitView(at) {
   const pts = Object.values(at);
   if (!pts.length) return;
-  const pad = 28;
+  const pad = 30, minWidth = 150;
   let x0 = Math.min(...pts.map((p) => p[0])) - pad, x1 = Math.max(...pts.map((p) => p[0])) + pad;
   let y0 = Math.min(...pts.map((p) => p[1])) - pad, y1 = Math.max(...pts.map((p) => p[1])) + pad;
+  if (x1 - x0 < minWidth) { const grow = (minWidth - (x1 - x0)) / 2; x0 -= grow; x1 += grow; }
   if (x1 - x0 < 2 * (y1 - y0)) { const grow = (2 * (y1 - y0) - (x1 - x0)) / 2; x0 -= grow; x1 += grow; }
   else { const grow = ((x1 - x0) / 2 - (y1 - y0)) / 2; y0 -= grow; y1 += grow; }
   x0 = Math.max(x0, -180); x1 = Math.min(x1, 180); y0 = Math.max(y0, -80); y1 = Math.min(y1, 60);

@@ -20,7 +20,16 @@ import aiohttp
 import pytest
 
 from cluster.control import spec as specs
-from cluster.control.dashboard import histogram_quantile, parse_lag
+from cluster.control.dashboard import (
+    LOGIN_TOKEN_TTL_S,
+    MAX_SESSIONS,
+    OWNER,
+    SESSION_TTL_S,
+    VIEWER,
+    Sessions,
+    histogram_quantile,
+    parse_lag,
+)
 from cluster.testing import RunningCluster
 
 from .helpers import eventually, make_image, push_image
@@ -146,6 +155,24 @@ async def test_the_server_refuses_what_a_caller_may_not_do(dashboard_cluster, vi
         assert r.status == 401
 
 
+def test_sessions_and_login_tokens_expire_and_a_login_token_works_once(clock):
+    sessions = Sessions(now=clock.monotonic)
+    opened = sessions.open(VIEWER)
+    bearer = f"Bearer {opened['session']}"
+    assert sessions.role_of(bearer) == VIEWER and sessions.role_of("Bearer other") is None
+    token = sessions.mint_login_token()
+    clock.advance(LOGIN_TOKEN_TTL_S + 1)
+    assert not sessions.redeem(token)                     # too late
+    token = sessions.mint_login_token()
+    assert sessions.redeem(token) and not sessions.redeem(token)
+    clock.advance(SESSION_TTL_S)
+    assert sessions.role_of(bearer) is None               # expired
+    first = sessions.open(OWNER)["session"]
+    for _ in range(MAX_SESSIONS):
+        sessions.open(VIEWER)
+    assert sessions.role_of(f"Bearer {first}") is None    # the oldest forgotten first
+
+
 def test_lag_quantiles_from_prometheus_buckets():
     text = "\n".join([
         'georeg_replication_lag_seconds_bucket{origin_region="a",destination_region="b",'
@@ -187,6 +214,17 @@ async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cann
             loaded_s = time.monotonic() - started
             assert "#login" not in page.url          # the token left the address bar
             await page.screenshot(path=screenshots / "dashboard-1280x800.png")
+
+            # A partition from the page: the WAN link turns red; healed, green again.
+            link = page.locator('[data-link="eastus-westeurope"]')
+            await expect(link).to_have_attribute("data-state", "ok")
+            await page.select_option("#fault-kind", "partition")
+            await page.select_option("#fault-region", "eastus")
+            await page.select_option("#fault-other", "westeurope")
+            await page.click("#inject-button")
+            await expect(link).to_have_attribute("data-state", "cut", timeout=2000)
+            await page.click("#heal-all")
+            await expect(link).to_have_attribute("data-state", "ok", timeout=2000)
 
             node = page.locator('[data-region="eastus"] .node')
             await expect(node).to_have_attribute("data-health", "ok")

@@ -243,8 +243,12 @@ class Dashboard:
         self._lag_task: asyncio.Task | None = None
         self._snapshot: tuple[float, bytes] | None = None
         self._closing = asyncio.Event()   # set: every stream ends (the server is stopping)
-        self._owner = (f"Bearer {cluster.secrets.owner}".encode()
-                       if cluster.secrets is not None else None)
+
+    @property
+    def _owner(self) -> bytes | None:
+        """The owner's ``Authorization`` header (None: a cluster without auth)."""
+        secrets = self.cluster.secrets
+        return f"Bearer {secrets.owner}".encode() if secrets is not None else None
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get(PREFIX, self.redirect)

@@ -1079,3 +1079,34 @@ async def test_reset_and_truncated_bodies_fail_a_pull_clearly_and_it_works_once_
     fault_cli(cluster, "heal", "--all")
     rc, log = await pull("healed")
     assert rc == 0, log[-2000:]
+
+
+async def test_the_dashboard_snapshot_shows_zones_copies_and_a_degraded_link(cluster):
+    """The dashboard's snapshot (``cluster.control.dashboard``) places every zone
+    node and paired copy, and a link fault shows on the WAN link it degrades."""
+    api = f"{cluster.management_url}/dashboard/api/"
+    async with aiohttp.ClientSession(headers=cluster.owner_headers()) as owner:
+        fault_id(fault_cli(cluster, "link", "eastus", "westeurope", "--latency", "300"))
+
+        async def state() -> dict:
+            async with owner.get(api + "state") as r:
+                assert r.status == 200
+                return await r.json()
+
+        def link(snapshot: dict, a: str, b: str) -> dict:
+            return next(x for x in snapshot["links"] if {x["a"], x["b"]} == {a, b})
+
+        snapshot: dict = {}
+
+        async def degraded() -> bool:          # the snapshot is at most a second old
+            snapshot.update(await state())
+            return link(snapshot, "eastus", "westeurope")["state"] == "degraded"
+        await eventually(degraded, timeout=5, what="the link fault on the dashboard")
+    regions = {g["name"]: g for g in snapshot["regions"]}
+    assert set(regions) == {"eastus", "westeurope", "brazilsouth"}
+    assert regions["eastus"]["home"] and len({n["zone"] for n in regions["eastus"]["nodes"]}) == 3
+    assert link(snapshot, "eastus", "westeurope")["latency_ms"] >= 300
+    assert link(snapshot, "eastus", "brazilsouth")["state"] == "ok"
+    kept = {c["keeps"] for c in snapshot["paired_copies"]}
+    assert "eastus" in kept and "brazilsouth" not in kept     # brazilsouth is confined
+    assert [f["kind"] for f in snapshot["faults"]] == ["link"]

@@ -34,7 +34,8 @@ process's memory (lost at restart: sign in again) and in the page's
 make a signed-in browser act (no CSRF) and it is never in a log. A login token
 works once, within ``LOGIN_TOKEN_TTL_S``. Sessions are bounded in number
 (``MAX_SESSIONS``, the oldest forgotten first). The stream computes a snapshot
-at most once a second whatever the number of pages; node metrics (the lag
+at most once a second whatever the number of pages (and at once after a
+fault injected or healed from the page); node metrics (the lag
 heatmap) are scraped at most every ``LAG_EVERY_S``.
 """
 
@@ -242,7 +243,8 @@ class Dashboard:
         self._lag_at = -math.inf
         self._lag_task: asyncio.Task | None = None
         self._snapshot: tuple[float, bytes] | None = None
-        self._closing = asyncio.Event()   # set: every stream ends (the server is stopping)
+        self._closing = False             # every stream ends (the server is stopping)
+        self._wake = asyncio.Event()      # set and cleared: every stream looks again now
 
     @property
     def _owner(self) -> bytes | None:
@@ -260,13 +262,14 @@ class Dashboard:
         router.add_get(f"{API}state", self.state)
         router.add_get(f"{API}events", self.events)
         router.add_get(f"{API}images", self.image)
-        router.add_post(f"{API}faults", self._owner_only(self._faults["inject"]))
-        router.add_delete(f"{API}faults", self._owner_only(self._faults["heal_all"]))
-        router.add_delete(f"{API}faults/{{id}}", self._owner_only(self._faults["heal"]))
+        router.add_post(f"{API}faults", self._change(self._faults["inject"]))
+        router.add_delete(f"{API}faults", self._change(self._faults["heal_all"]))
+        router.add_delete(f"{API}faults/{{id}}", self._change(self._faults["heal"]))
         router.add_post("/georeg/v1/dashboard/login-tokens", self.mint_login_token)
 
     async def close(self) -> None:
-        self._closing.set()
+        self._closing = True
+        self._poke()
         if self._lag_task is not None:
             self._lag_task.cancel()
 
@@ -291,15 +294,25 @@ class Dashboard:
             return self.sessions.role_of(sent)
         return None
 
-    @staticmethod
-    def _owner_only(handler):
+    def _poke(self) -> None:
+        """Every stream sends a fresh snapshot now (after a change made here)."""
+        self._snapshot = None
+        self._wake.set()
+        self._wake.clear()
+
+    def _change(self, handler):
+        """``handler`` for the owner only (403 for a viewer); the pages see its
+        effect at once rather than at the next tick."""
         async def owner_only(request: web.Request) -> web.Response:
             if request.get(ROLE) != OWNER:
                 raise Forbidden("this session may watch the cluster but not change it: "
                                 "faults are injected and healed by the cluster owner "
                                 "(sign in with the owner credential, or `georeg dashboard "
                                 "--open` as the user who started the cluster)")
-            return await handler(request)
+            try:
+                return await handler(request)
+            finally:
+                self._poke()
         return owner_only
 
     # -- the page ------------------------------------------------------------------------
@@ -443,7 +456,7 @@ class Dashboard:
         await response.prepare(request)
         sent, last_write = b"", time.monotonic()
         started = last_write
-        while time.monotonic() - started < STREAM_MAX_S and not self._closing.is_set():
+        while time.monotonic() - started < STREAM_MAX_S and not self._closing:
             body = self._encoded()
             try:
                 if body != sent:
@@ -455,7 +468,7 @@ class Dashboard:
             except ConnectionResetError:      # the page went away
                 break
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), UPDATE_EVERY_S)
+                await asyncio.wait_for(self._wake.wait(), UPDATE_EVERY_S)
         return response
 
     async def _scrape_lag(self) -> None:

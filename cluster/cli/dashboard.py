@@ -4,6 +4,8 @@ its URL, and with ``--open`` one that signs the browser in as the owner."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import webbrowser
 
 from ..control.dashboard import LOGIN_TOKEN_TTL_S, PREFIX
@@ -42,5 +44,11 @@ def run_dashboard(args: argparse.Namespace) -> int:
         # In the fragment: a browser never sends it to a server, so it lands in no log.
         url = f"{url}#login={token}"
     print(url, flush=True)
-    webbrowser.open(url)
+    # Only where a browser can show it: without a display, webbrowser would pick a
+    # text browser and take over this terminal.
+    if any(os.environ.get(v) for v in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")) \
+            or sys.platform == "darwin":
+        webbrowser.open(url)
+    else:
+        print("no display here: open the URL above in a browser", file=sys.stderr)
     return 0

@@ -10,6 +10,8 @@ tmp dir (``dashboard-screenshots/``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -23,13 +25,18 @@ from cluster.control import spec as specs
 from cluster.control.dashboard import (
     LOGIN_TOKEN_TTL_S,
     MAX_SESSIONS,
+    MAX_STREAMS,
+    MAX_STREAMS_EACH,
     OWNER,
     SESSION_TTL_S,
     VIEWER,
+    LagWindow,
     Sessions,
     histogram_quantile,
+    may_watch,
     parse_lag,
 )
+from cluster.control.errors import TooManyRequests
 from cluster.testing import RunningCluster
 
 from .helpers import eventually, make_image, push_image
@@ -88,7 +95,7 @@ async def test_the_server_refuses_what_a_caller_may_not_do(dashboard_cluster, vi
             assert r.status == 200, path
             text = await r.text()
         assert owner not in text and dashboard_cluster.password not in text
-    async with http.get(base + "static/..%2f..%2fauth%2fowner.secret") as r:
+    async with http.get(base + "static/..%2fdashboard.py") as r:   # a file one level up
         assert r.status == 404
     # Nothing else without a credential: no state, no stream, no fault.
     for method, path in (("GET", "api/state"), ("GET", "api/events"), ("POST", "api/faults"),
@@ -107,6 +114,11 @@ async def test_the_server_refuses_what_a_caller_may_not_do(dashboard_cluster, vi
     # A viewer (an identity with Reader) watches, and the server refuses its changes.
     identity, secret = viewer
     assert (await _session(http, base, {"identity": identity, "secret": "wrong"}))[0] == 401
+    # A role on the whole registry that cannot pull (AcrImageSigner) does not watch: the
+    # image search would show it every repository.
+    access, running = dashboard_cluster.running.cluster.access, dashboard_cluster.running
+    signer = running.run(lambda: access.create_identity("signer"))
+    running.run(lambda: access.create_role_assignment("AcrImageSigner", signer["id"]))
 
     async def signed_in() -> bool:      # the role assignment replicates to the node asked
         return (await _session(http, base, {"identity": identity, "secret": secret}))[0] == 200
@@ -114,6 +126,10 @@ async def test_the_server_refuses_what_a_caller_may_not_do(dashboard_cluster, vi
     status, session = await _session(http, base, {"identity": identity, "secret": secret})
     assert session["role"] == "viewer"
     as_viewer = _bearer(session["session"])
+    assert any(a["roleDefinitionName"] == "AcrImageSigner" for a in running.run(
+        lambda: access.list_role_assignments(signer["id"])))       # where sign-in reads it
+    assert (await _session(http, base, {"identity": signer["id"],
+                                        "secret": signer["secret"]}))[0] == 401
     async with http.get(base + "api/state", headers=as_viewer) as r:
         assert r.status == 200
     for method, path in (("POST", "api/faults"), ("DELETE", "api/faults"),
@@ -142,17 +158,68 @@ async def test_the_server_refuses_what_a_caller_may_not_do(dashboard_cluster, vi
     status, session = await _session(http, base, {"loginToken": token})
     assert status == 200 and session["role"] == "owner"
     assert (await _session(http, base, {"loginToken": token}))[0] == 401
-    # The owner's stream: its first frame is a snapshot.
-    async with http.get(base + "api/events", headers=_bearer(session["session"])) as r:
-        assert r.headers["Content-Type"].startswith("text/event-stream")
-        frame = await r.content.readuntil(b"\n\n")
-    assert frame.startswith(b"data: ")
-    assert {g["name"] for g in json.loads(frame[6:])["regions"]} == set(REGIONS)
-    # Signing out ends the session.
-    async with http.delete(base + "api/session", headers=_bearer(session["session"])) as r:
-        assert r.status == 204
-    async with http.get(base + "api/state", headers=_bearer(session["session"])) as r:
+    # The owner's streams: the first frame is a snapshot; a fifth stream of one sign-in is
+    # refused; signing out ends the session and every stream it holds.
+    as_owner = _bearer(session["session"])
+    streams = [await http.get(base + "api/events", headers=as_owner)
+               for _ in range(MAX_STREAMS_EACH)]
+    try:
+        assert streams[0].headers["Content-Type"].startswith("text/event-stream")
+        frame = await streams[0].content.readuntil(b"\n\n")
+        assert frame.startswith(b"data: ")
+        assert {g["name"] for g in json.loads(frame[6:])["regions"]} == set(REGIONS)
+        async with http.get(base + "api/events", headers=as_owner) as r:
+            assert r.status == 429, r.status
+        async with http.delete(base + "api/session", headers=as_owner) as r:
+            assert r.status == 204
+        for stream in streams:      # the rest of each stream, then its end: within seconds
+            await asyncio.wait_for(stream.read(), 5)
+    finally:
+        for stream in streams:
+            stream.close()
+    async with http.get(base + "api/state", headers=as_owner) as r:
         assert r.status == 401
+
+    # A viewer's stream ends when its identity loses the role that let it watch.
+    dashboard_cluster.running.management.dashboard.verify_every_s = 0.0
+    async with http.get(base + "api/events", headers=as_viewer) as r:
+        assert (await r.content.readuntil(b"\n\n")).startswith(b"data: ")
+        assignment = access.assignment_id("Reader", identity)
+        running.run(lambda: access.delete_role_assignment(assignment))
+        await asyncio.wait_for(r.read(), 10)
+    async with http.get(base + "api/state", headers=as_viewer) as r:
+        assert r.status == 401
+    running.run(lambda: access.create_role_assignment("Reader", identity))   # the browser test's
+
+
+def test_only_a_role_that_pulls_the_whole_registry_watches():
+    for role in ("Owner", "Contributor", "Reader", "AcrPush", "AcrPull"):
+        assert may_watch([role]), role
+    assert not may_watch(["AcrImageSigner"]) and not may_watch(["AcrDelete"])
+    assert not may_watch([]) and may_watch(["AcrDelete", "AcrPull"])
+
+
+def test_viewers_cannot_crowd_out_the_owner_and_streams_are_bounded(clock):
+    sessions = Sessions(now=clock.monotonic)
+    owner = f"Bearer {sessions.open(OWNER)['session']}"
+    for _ in range(MAX_SESSIONS[VIEWER]):
+        sessions.open(VIEWER, "someone")
+    with pytest.raises(TooManyRequests):
+        sessions.open(VIEWER, "someone")
+    assert sessions.role_of(owner) == OWNER                # still signed in
+    clock.advance(SESSION_TTL_S + 1)                       # expired viewers make room
+    sessions.open(VIEWER, "someone")
+    with contextlib.ExitStack() as held:
+        for _ in range(MAX_STREAMS_EACH):
+            held.enter_context(sessions.stream("a"))
+        with pytest.raises(TooManyRequests):
+            held.enter_context(sessions.stream("a"))
+        for n in range(MAX_STREAMS - MAX_STREAMS_EACH):
+            held.enter_context(sessions.stream(f"b{n}"))
+        with pytest.raises(TooManyRequests):
+            held.enter_context(sessions.stream("c"))
+    with sessions.stream("a"):                             # released on exit
+        pass
 
 
 def test_sessions_and_login_tokens_expire_and_a_login_token_works_once(clock):
@@ -168,9 +235,9 @@ def test_sessions_and_login_tokens_expire_and_a_login_token_works_once(clock):
     clock.advance(SESSION_TTL_S)
     assert sessions.role_of(bearer) is None               # expired
     first = sessions.open(OWNER)["session"]
-    for _ in range(MAX_SESSIONS):
-        sessions.open(VIEWER)
-    assert sessions.role_of(f"Bearer {first}") is None    # the oldest forgotten first
+    for _ in range(MAX_SESSIONS[OWNER]):
+        sessions.open(OWNER)
+    assert sessions.role_of(f"Bearer {first}") is None    # the owner's oldest forgotten first
 
 
 def test_lag_quantiles_from_prometheus_buckets():
@@ -181,7 +248,36 @@ def test_lag_quantiles_from_prometheus_buckets():
     buckets = sorted(parse_lag(text)[("a", "b")].items())
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.2)
     assert histogram_quantile(0.99, buckets) == pytest.approx(0.5)
+    assert histogram_quantile(0.75, buckets) == pytest.approx(0.2 + 0.3 * 25 / 49)  # inside
+    assert histogram_quantile(0.9, [(0.1, 1.0), (float("inf"), 3.0)]) == pytest.approx(0.1)
     assert histogram_quantile(0.5, [(float("inf"), 0.0)]) is None
+
+
+def _lag(**counts: float) -> dict:
+    """One node's buckets for origin a → destination b: {le: cumulative count}."""
+    les = {"l0_1": 0.1, "l0_5": 0.5, "l1": 1.0, "l5": 5.0, "inf": float("inf")}
+    return {("a", "b"): {les[k]: v for k, v in counts.items()}}
+
+
+def test_the_lag_window_per_node_with_one_dropping_out_and_restarting():
+    window = LagWindow(window_s=60)
+    fast = {"l0_1": 100, "l0_5": 100, "l1": 100, "l5": 100, "inf": 100}
+    first = window.add(0, {"z1": _lag(**fast), "z2": _lag(**fast)})["a"]["b"]
+    assert first["count"] == 200 and first["over"] == "start"   # totals since start, said so
+    # z1 is down (not scraped); z2 sees 150 changes of 1-5 s: the window holds those.
+    slow = {"l0_1": 100, "l0_5": 100, "l1": 100, "l5": 250, "inf": 250}
+    window.add(5, {"z2": _lag(**fast)})
+    second = window.add(10, {"z2": _lag(**slow)})["a"]["b"]
+    assert second["count"] == 350          # the first scrape (200) is still in the window
+    # z1 restarted: its counters began again (20 changes of 0.5-1 s since).
+    restarted = {"l0_1": 0, "l0_5": 0, "l1": 20, "l5": 20, "inf": 20}
+    third = window.add(15, {"z1": _lag(**restarted), "z2": _lag(**slow)})["a"]["b"]
+    assert third["count"] == 370
+    # A minute on, only what came in the last minute: no start totals, no negative counts.
+    window.add(61, {"z1": _lag(**restarted), "z2": _lag(**slow)})
+    later = window.add(62, {"z1": _lag(**restarted), "z2": _lag(**slow)})["a"]["b"]
+    assert later["over"] == "window" and later["count"] == 170
+    assert later["p50_ms"] == pytest.approx((1 + 4 * (85 - 20) / 150) * 1000, abs=0.1)
 
 
 # -- the page in a real browser ---------------------------------------------------------

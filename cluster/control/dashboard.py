@@ -51,13 +51,16 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
-from .errors import ClusterError
+from registry_node.auth.permissions import reads_whole_registry
+
+from .errors import ClusterError, Forbidden, TooManyRequests, Unauthorized
 from .regions import REGIONS
 
 if TYPE_CHECKING:
@@ -70,7 +73,10 @@ OWNER, VIEWER = "owner", "viewer"
 ROLE = web.RequestKey("role", str)    # who asks: set by management's access middleware
 SESSION_TTL_S = 12 * 3600
 LOGIN_TOKEN_TTL_S = 120
-MAX_SESSIONS = 256
+MAX_SESSIONS = {OWNER: 64, VIEWER: 256}     # each role its own bound
+MAX_STREAMS_EACH = 4           # open event streams of one signed-in browser
+MAX_STREAMS = 64               # ... and in all
+VERIFY_EVERY_S = 5.0           # a viewer's roles are read again this often while it watches
 UPDATE_EVERY_S = 1.0            # the stream's ceiling: one snapshot a second
 KEEPALIVE_S = 15.0
 STREAM_MAX_S = 3600.0           # a stream ends after this; the page reconnects
@@ -83,45 +89,85 @@ _LAG_LINE = re.compile(r'^georeg_replication_lag_seconds_bucket\{([^}]*)\}\s+(\S
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
-class Forbidden(ClusterError):
-    status = 403
-    code = "Forbidden"
+@dataclass(slots=True)
+class Session:
+    role: str
+    expires: float
+    identity: str | None = None     # a viewer's identity, whose roles are read again
+    verified: float = 0.0           # when they were last read
+    streams: int = 0                # its open event streams
 
 
 class Sessions:
-    """Signed-in browsers (token → role, expiry) and unused one-time login tokens."""
+    """Signed-in browsers (token → ``Session``), unused one-time login tokens, and
+    the open event streams. Each role has its own bound (``MAX_SESSIONS``): the
+    owner's sessions make room by forgetting the owner's oldest, a viewer's
+    sign-in is refused (429) when the viewers' table is full, so no number of
+    viewer sign-ins signs the owner out."""
 
     def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
         self.now = now
-        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._login_tokens: dict[str, float] = {}
+        self._streams: dict[str, int] = {}       # who (a session, or the owner credential)
 
-    def open(self, role: str) -> dict:
+    def open(self, role: str, identity: str | None = None) -> dict:
+        now = self.now()
+        for token in [t for t, s in self._sessions.items() if s.expires < now]:
+            del self._sessions[token]
+        held = [t for t, s in self._sessions.items() if s.role == role]
+        if len(held) >= MAX_SESSIONS[role]:
+            if role != OWNER:
+                raise TooManyRequests(
+                    f"{len(held)} viewer sessions are open, the most this dashboard keeps: "
+                    f"sign out elsewhere or wait until one expires (after {SESSION_TTL_S // 3600} h)")
+            del self._sessions[held[0]]                # the owner's own oldest session
         token = secrets.token_urlsafe(32)
-        self._sessions[token] = (role, self.now() + SESSION_TTL_S)
-        while len(self._sessions) > MAX_SESSIONS:
-            self._sessions.popitem(last=False)
+        self._sessions[token] = Session(role, now + SESSION_TTL_S, identity, now)
         return {"session": token, "role": role, "expiresInS": SESSION_TTL_S}
 
-    def role_of(self, authorization: str) -> str | None:
-        """The role of the session an ``Authorization: Bearer`` header presents, if live."""
+    def get(self, authorization: str) -> Session | None:
+        """The live session an ``Authorization: Bearer`` header presents, if any."""
         token = authorization.removeprefix("Bearer ").strip()
         held = self._sessions.get(token) if token else None
         if held is None:
             return None
-        if held[1] < self.now():
+        if held.expires < self.now():
             del self._sessions[token]
             return None
-        return held[0]
+        return held
+
+    def role_of(self, authorization: str) -> str | None:
+        held = self.get(authorization)
+        return None if held is None else held.role
 
     def close(self, authorization: str) -> None:
         self._sessions.pop(authorization.removeprefix("Bearer ").strip(), None)
 
+    @contextlib.contextmanager
+    def stream(self, who: str):
+        """One more open event stream for ``who``: 429 beyond ``MAX_STREAMS_EACH``
+        for one signed-in browser or ``MAX_STREAMS`` in all."""
+        if sum(self._streams.values()) >= MAX_STREAMS:
+            raise TooManyRequests(f"{MAX_STREAMS} dashboard streams are open, the most this "
+                                  "server keeps; close a page or try again later")
+        if self._streams.get(who, 0) >= MAX_STREAMS_EACH:
+            raise TooManyRequests(f"this sign-in has {MAX_STREAMS_EACH} dashboard pages "
+                                  "streaming already; close one")
+        self._streams[who] = self._streams.get(who, 0) + 1
+        try:
+            yield
+        finally:
+            self._streams[who] -= 1
+            if not self._streams[who]:
+                del self._streams[who]
+
     def mint_login_token(self) -> str:
         now = self.now()
         self._login_tokens = {t: at for t, at in self._login_tokens.items() if at > now}
-        if len(self._login_tokens) >= MAX_SESSIONS:
-            raise ClusterError("too many unused login tokens; use one or wait two minutes")
+        if len(self._login_tokens) >= MAX_SESSIONS[OWNER]:
+            raise TooManyRequests(f"too many unused login tokens; use one or wait "
+                                  f"{LOGIN_TOKEN_TTL_S} s")
         token = secrets.token_urlsafe(32)
         self._login_tokens[token] = now + LOGIN_TOKEN_TTL_S
         return token
@@ -130,6 +176,12 @@ class Sessions:
         """True once for a live login token; never again."""
         expires = self._login_tokens.pop(token, None)
         return expires is not None and expires > self.now()
+
+
+def may_watch(roles: list[str]) -> bool:
+    """An identity holding one of ``roles`` on the whole registry may watch the
+    dashboard: a role that pulls every repository (the image search shows them all)."""
+    return any(reads_whole_registry(role) for role in roles)
 
 
 # -- the snapshot ------------------------------------------------------------------------
@@ -199,34 +251,59 @@ def parse_lag(text: str) -> dict[tuple[str, str], dict[float, float]]:
     return out
 
 
+Buckets = dict[tuple[str, str], dict[float, float]]   # (origin, destination) → {le: count}
+
+
 class LagWindow:
-    """Lag percentiles over a sliding window: cumulative buckets as scraped,
-    minus the oldest scrape still inside the window."""
+    """Lag percentiles over a sliding window, from each node's cumulative
+    buckets as scraped. Per node, what a scrape adds is its buckets minus the
+    ones last seen from that node, or all of them when any bucket went down
+    (the node restarted and its counters began again, as Prometheus's
+    ``increase`` reads a reset); a node missing from a scrape adds nothing.
+    The window sums the additions of the scrapes inside it. A node's first
+    scrape adds its totals since it started: while that scrape is in the
+    window the cell says so (``over: "start"``)."""
 
     def __init__(self, window_s: float = LAG_WINDOW_S) -> None:
         self.window_s = window_s
-        self._scrapes: list[tuple[float, dict]] = []
+        self._last: dict[str, Buckets] = {}                     # node → as last scraped
+        self._added: list[tuple[float, Buckets, set]] = []      # (at, added, keys from start)
 
-    def add(self, at: float, totals: dict[tuple[str, str], dict[float, float]]) -> dict:
-        self._scrapes.append((at, totals))
-        while len(self._scrapes) > 2 and self._scrapes[1][0] <= at - self.window_s:
-            self._scrapes.pop(0)
-        base = self._scrapes[0][1] if len(self._scrapes) > 1 else {}
+    def add(self, at: float, nodes: dict[str, Buckets]) -> dict:
+        added: Buckets = {}
+        from_start: set[tuple[str, str]] = set()
+        for node, now in nodes.items():
+            seen = self._last.get(node)
+            for key, buckets in now.items():
+                before = (seen or {}).get(key, {})
+                reset = any(count < before.get(le, 0.0) for le, count in buckets.items())
+                if seen is None:
+                    from_start.add(key)
+                mine = added.setdefault(key, {})
+                for le, count in buckets.items():
+                    mine[le] = mine.get(le, 0.0) + count - (0.0 if reset else before.get(le, 0.0))
+            self._last[node] = now
+        self._added.append((at, added, from_start))
+        while len(self._added) > 1 and self._added[0][0] <= at - self.window_s:
+            self._added.pop(0)
+        window: Buckets = {}
+        since_start: set[tuple[str, str]] = set()
+        for _, step, started in self._added:
+            since_start |= started
+            for key, buckets in step.items():
+                mine = window.setdefault(key, {})
+                for le, count in buckets.items():
+                    mine[le] = mine.get(le, 0.0) + count
         heat: dict[str, dict[str, dict]] = {}
-        for (origin, destination), buckets in totals.items():
-            before = base.get((origin, destination), {})
-            window = sorted((le, count - before.get(le, 0.0)) for le, count in buckets.items())
-            observed = window[-1][1] if window else 0
-            if observed <= 0:     # nothing in the window: the totals since start, marked so
-                window, observed = sorted(buckets.items()), max(buckets.values(), default=0)
-                since = "start"
-            else:
-                since = "window"
-            p50, p99 = histogram_quantile(0.5, window), histogram_quantile(0.99, window)
+        for (origin, destination), buckets in window.items():
+            cumulative = sorted(buckets.items())
+            p50 = histogram_quantile(0.5, cumulative)
+            p99 = histogram_quantile(0.99, cumulative)
             heat.setdefault(origin, {})[destination] = {
                 "p50_ms": None if p50 is None else round(p50 * 1000, 1),
                 "p99_ms": None if p99 is None else round(p99 * 1000, 1),
-                "count": int(observed), "over": since}
+                "count": int(cumulative[-1][1]) if cumulative else 0,
+                "over": "start" if (origin, destination) in since_start else "window"}
         return heat
 
 
@@ -237,6 +314,7 @@ class Dashboard:
                                                                        Awaitable[web.Response]]]):
         self.cluster = cluster
         self.sessions = Sessions()
+        self.verify_every_s = VERIFY_EVERY_S
         self._faults = faults           # the management API's own fault handlers
         self._lag = LagWindow()
         self._lag_heat: dict = {}
@@ -293,6 +371,35 @@ class Dashboard:
         if request.path.startswith(API):
             return self.sessions.role_of(sent)
         return None
+
+    async def still_allowed(self, request: web.Request) -> bool:
+        """Whether what let ``request`` in still holds: the owner credential, or a
+        session not signed out nor expired (a dictionary look-up) whose viewer
+        still exists and holds a role that may watch (read again from the nodes
+        every ``verify_every_s``; kept while they cannot be asked). A session
+        that no longer holds is closed."""
+        if self.role_of(request) is None:
+            return False
+        authorization = request.headers.get("Authorization", "")
+        session = self.sessions.get(authorization)
+        now = self.sessions.now()
+        if (session is None or session.identity is None
+                or now - session.verified < self.verify_every_s):
+            return True
+        try:
+            roles = await self.cluster.access.registry_roles_now(session.identity)
+        except ClusterError:             # the nodes cannot say now: ask again next time
+            return True
+        if not may_watch(roles):
+            self.sessions.close(authorization)
+            return False
+        session.verified = now
+        return True
+
+    async def _require_allowed(self, request: web.Request) -> None:
+        if not await self.still_allowed(request):
+            raise Unauthorized("this dashboard session has ended (signed out, expired, or its "
+                               "identity no longer holds a role that may watch): sign in again")
 
     def _poke(self) -> None:
         """Every stream sends a fresh snapshot now (after a change made here)."""
@@ -351,30 +458,29 @@ class Dashboard:
             raise ClusterError("the request body must be JSON") from None
         if not isinstance(body, dict):
             raise ClusterError("the request body must be a JSON object")
-        role = await self._signs_in(body)
+        role, identity = await self._signs_in(body)
         if role is None:
-            response = web.json_response({"error": {
-                "code": "Unauthorized",
-                "message": "not signed in: the owner credential (kept in "
-                           "<data dir>/auth/owner.secret), an identity's id and secret with a "
-                           "role on the registry, or a fresh token from `georeg dashboard` "
-                           "(each works once, for two minutes)"}}, status=401)
-            return response
-        return web.json_response(self.sessions.open(role))
+            raise Unauthorized(
+                "not signed in: the owner credential (kept in <data dir>/auth/owner.secret), "
+                "an identity's id and secret with a role that pulls the whole registry "
+                "(Owner, Contributor, Reader, AcrPush or AcrPull), or a fresh token from "
+                f"`georeg dashboard` (each works once, for {LOGIN_TOKEN_TTL_S} s)")
+        return web.json_response(self.sessions.open(role, identity))
 
-    async def _signs_in(self, body: dict) -> str | None:
+    async def _signs_in(self, body: dict) -> tuple[str | None, str | None]:
+        """The role (None: refused) and, for a viewer, its identity."""
         if self._owner is None:
-            return OWNER
+            return OWNER, None
         credential, token = body.get("credential"), body.get("loginToken")
         identity, secret = body.get("identity"), body.get("secret")
         if isinstance(credential, str) and credential:
             sent = f"Bearer {credential.strip()}".encode(errors="replace")
-            return OWNER if hmac.compare_digest(sent, self._owner) else None
+            return (OWNER if hmac.compare_digest(sent, self._owner) else None), None
         if isinstance(token, str) and token:
-            return OWNER if self.sessions.redeem(token) else None
+            return (OWNER if self.sessions.redeem(token) else None), None
         if isinstance(identity, str) and isinstance(secret, str) and identity and secret:
             roles = await self.cluster.access.registry_roles(identity, secret)
-            return VIEWER if roles else None
+            return (VIEWER, identity) if may_watch(roles) else (None, None)
         raise ClusterError('give {"credential"}, {"identity", "secret"} or {"loginToken"}')
 
     async def whoami(self, request: web.Request) -> web.Response:
@@ -383,6 +489,7 @@ class Dashboard:
 
     async def sign_out(self, request: web.Request) -> web.Response:
         self.sessions.close(request.headers.get("Authorization", ""))
+        self._poke()                   # its streams end now, not at the next tick
         return web.Response(status=204)
 
     async def mint_login_token(self, request: web.Request) -> web.Response:
@@ -444,12 +551,21 @@ class Dashboard:
         return self._snapshot[1]
 
     async def state(self, request: web.Request) -> web.Response:
+        await self._require_allowed(request)
         return web.Response(body=self._encoded(), content_type="application/json")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The snapshots as ``text/event-stream``: one ``data:`` frame when the
         snapshot changed, at most one a second; a comment line every
-        ``KEEPALIVE_S`` so proxies keep the stream; it ends after ``STREAM_MAX_S``."""
+        ``KEEPALIVE_S`` so proxies keep the stream; it ends after ``STREAM_MAX_S``, or
+        as soon as what let it open no longer holds (``still_allowed``, asked before
+        every frame). Bounded per signed-in browser and in all (``Sessions.stream``)."""
+        await self._require_allowed(request)
+        who = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        with self.sessions.stream(who):
+            return await self._stream(request)
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
@@ -457,6 +573,8 @@ class Dashboard:
         sent, last_write = b"", time.monotonic()
         started = last_write
         while time.monotonic() - started < STREAM_MAX_S and not self._closing:
+            if not await self.still_allowed(request):
+                break
             body = self._encoded()
             try:
                 if body != sent:
@@ -474,7 +592,6 @@ class Dashboard:
     async def _scrape_lag(self) -> None:
         """Every serving node's lag histogram (``/metrics``), summed per region
         pair, into the sliding window the heatmap shows."""
-        totals: dict[tuple[str, str], dict[float, float]] = {}
         nodes = [n for n in self.cluster.supervisor.nodes.values()
                  if not n.plan.copy_of and n.healthy]
 
@@ -486,18 +603,18 @@ class Dashboard:
                     return await r.text() if r.status == 200 else ""
             except (TimeoutError, aiohttp.ClientError):
                 return ""
-        for text in await asyncio.gather(*(one(n) for n in nodes)):
-            for key, buckets in parse_lag(text).items():
-                mine = totals.setdefault(key, {})
-                for le, count in buckets.items():
-                    mine[le] = mine.get(le, 0.0) + count
-        self._lag_heat = self._lag.add(time.monotonic(), totals)
+        texts = await asyncio.gather(*(one(n) for n in nodes))
+        self._lag_heat = self._lag.add(time.monotonic(), {
+            node.name: parse_lag(text) for node, text in zip(nodes, texts, strict=True) if text})
 
     # -- an image's journey ----------------------------------------------------------------
 
     async def image(self, request: web.Request) -> web.Response:
         """The per-image status (``replicator.status``) from a serving node of the home
-        region, or of any region when the home one is down."""
+        region, or of any region when the home one is down. The management server asks
+        with the cluster's internal credential: a viewer gets an answer only while it
+        holds a role that pulls every repository (``still_allowed``)."""
+        await self._require_allowed(request)
         repository = request.query.get("repository", "")
         reference = request.query.get("reference", "")
         if not repository or not reference:

@@ -501,6 +501,19 @@ class RegistryAccess:
         if stored is None or not any(secret_matches(secret, s.get("hash", ""))
                                      for s in stored.get("secrets", [])):
             return []
+        return await self._registry_roles(reader, identity_id)
+
+    async def registry_roles_now(self, identity_id: str) -> list[str]:
+        """The roles an identity that signed in still holds on the whole registry
+        (none once it is deleted): the dashboard asks again while its viewer watches."""
+        if not NAME.fullmatch(identity_id):
+            return []
+        reader = await self._reader()
+        if await self._get(reader, IDENTITY, identity_id) is None:
+            return []
+        return await self._registry_roles(reader, identity_id)
+
+    async def _registry_roles(self, reader: str, identity_id: str) -> list[str]:
         return sorted({v["role"] for _, v in await self._list(reader, ROLE_ASSIGNMENT)
                        if v.get("assignee") == identity_id and not v.get("repository")})
 

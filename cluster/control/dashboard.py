@@ -60,8 +60,10 @@ from aiohttp import web
 
 from registry_node.auth.permissions import reads_whole_registry
 
+from .access import authorization
 from .errors import ClusterError, Forbidden, TooManyRequests, Unauthorized
 from .regions import REGIONS
+from .request_body import json_object
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -71,6 +73,7 @@ PREFIX = "/dashboard"
 API = f"{PREFIX}/api/"
 OWNER, VIEWER = "owner", "viewer"
 ROLE = web.RequestKey("role", str)    # who asks: set by management's access middleware
+BY_SESSION = web.RequestKey("by_session", bool)   # ... through a dashboard session
 SESSION_TTL_S = 12 * 3600
 LOGIN_TOKEN_TTL_S = 120
 MAX_SESSIONS = {OWNER: 64, VIEWER: 256}     # each role its own bound
@@ -328,7 +331,8 @@ class Dashboard:
     def _owner(self) -> bytes | None:
         """The owner's ``Authorization`` header (None: a cluster without auth)."""
         secrets = self.cluster.secrets
-        return f"Bearer {secrets.owner}".encode() if secrets is not None else None
+        return (authorization(secrets.owner)["Authorization"].encode()
+                if secrets is not None else None)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get(PREFIX, self.redirect)
@@ -360,17 +364,16 @@ class Dashboard:
         return (path in (PREFIX, f"{PREFIX}/") or path.startswith(f"{PREFIX}/static/")
                 or (path == f"{API}session" and request.method == "POST"))
 
-    def role_of(self, request: web.Request) -> str | None:
-        """OWNER for the owner credential (anywhere), a session's role on the
-        dashboard's own API, None otherwise. Everyone is OWNER without auth."""
-        if self._owner is None:
-            return OWNER
-        sent = request.headers.get("Authorization", "")
-        if hmac.compare_digest(sent.encode(errors="replace"), self._owner):
-            return OWNER
-        if request.path.startswith(API):
-            return self.sessions.role_of(sent)
-        return None
+    def session_role(self, request: web.Request) -> str | None:
+        """The role of a live session ``request`` presents on the dashboard's own API
+        (None elsewhere: no other route takes a session). Management's access
+        middleware asks this once the owner credential was not sent."""
+        if not request.path.startswith(API):
+            return None
+        role = self.sessions.role_of(request.headers.get("Authorization", ""))
+        if role is not None:
+            request[BY_SESSION] = True
+        return role
 
     async def still_allowed(self, request: web.Request) -> bool:
         """Whether what let ``request`` in still holds: the owner credential, or a
@@ -378,12 +381,12 @@ class Dashboard:
         still exists and holds a role that may watch (read again from the nodes
         every ``verify_every_s``; kept while they cannot be asked). A session
         that no longer holds is closed."""
-        if self.role_of(request) is None:
-            return False
-        authorization = request.headers.get("Authorization", "")
-        session = self.sessions.get(authorization)
+        header = request.headers.get("Authorization", "")
+        session = self.sessions.get(header)
+        if session is None:                # the owner credential holds; a session ended
+            return request.get(ROLE) == OWNER and not request.get(BY_SESSION, False)
         now = self.sessions.now()
-        if (session is None or session.identity is None
+        if (session.identity is None
                 or now - session.verified < self.verify_every_s):
             return True
         try:
@@ -391,7 +394,7 @@ class Dashboard:
         except ClusterError:             # the nodes cannot say now: ask again next time
             return True
         if not may_watch(roles):
-            self.sessions.close(authorization)
+            self.sessions.close(header)
             return False
         session.verified = now
         return True
@@ -452,12 +455,7 @@ class Dashboard:
     # -- sessions --------------------------------------------------------------------------
 
     async def sign_in(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ClusterError("the request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise ClusterError("the request body must be a JSON object")
+        body = await json_object(request)
         role, identity = await self._signs_in(body)
         if role is None:
             raise Unauthorized(

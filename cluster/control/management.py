@@ -139,7 +139,7 @@ named in the answer's ``unavailable``, never left out in silence.
 from __future__ import annotations
 
 import asyncio
-import json
+import hmac
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
@@ -150,13 +150,15 @@ from registry_node.reference import is_digest, validate_name
 
 from ..faults.controller import FaultError
 from . import soft_delete
-from .access import owner_credential_path
-from .dashboard import ROLE, Dashboard
+from .access import authorization, owner_credential_path
+from .dashboard import OWNER, ROLE, Dashboard
 from .errors import ClusterError, NotFound
 from .health import check_health
 from .imports import ImageImports, import_request
 from .regions import REGIONS, unknown_region_message
 from .repositories import Repositories
+from .request_body import field as _field
+from .request_body import json_object as _json
 from .state import clear_running_state, write_running_state
 
 if TYPE_CHECKING:                      # the API serves a Cluster; the Cluster never sees the API
@@ -180,14 +182,21 @@ async def _errors(request: web.Request, handler):
 
 
 def _access(cluster: Cluster, dashboard: Dashboard):
-    """A middleware admitting the cluster owner's credential everywhere, a
-    dashboard session on the dashboard's API, and anyone on the dashboard's
-    page and sign-in (``Dashboard.role_of``); the role is ``request[ROLE]``."""
+    """A middleware admitting the cluster owner's credential everywhere (everyone
+    without auth), a dashboard session on the dashboard's own API
+    (``Dashboard.session_role``), and anyone on the dashboard's page and sign-in;
+    the role is ``request[ROLE]``."""
     where = owner_credential_path(cluster.data_dir)
+    expected = (authorization(cluster.secrets.owner)["Authorization"].encode()
+                if cluster.secrets is not None else None)
 
     @web.middleware
     async def access(request: web.Request, handler):
-        role = dashboard.role_of(request)
+        sent = request.headers.get("Authorization", "")
+        if expected is None or hmac.compare_digest(sent.encode(errors="replace"), expected):
+            request[ROLE] = OWNER
+            return await handler(request)
+        role = dashboard.session_role(request)
         if role is not None:
             request[ROLE] = role
             return await handler(request)
@@ -784,32 +793,6 @@ def _node_answer(status: int, answer: dict) -> web.Response:
         detail = detail.get("reason") or ", ".join(f"{k} {v}" for k, v in detail.items())
     message = f"{error.get('code')}: {error.get('message')}" + (f" ({detail})" if detail else "")
     return _error(status, str(error.get("code") or "NodeError"), message)
-
-
-async def _json(request: web.Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ClusterError("the request body must be JSON") from None
-    if not isinstance(body, dict):
-        raise ClusterError("the request body must be a JSON object")
-    return body
-
-
-_REQUIRED = object()
-
-
-def _field(body: dict, name: str, kind: type, default: object = _REQUIRED):
-    """``body[name]`` if it is a ``kind`` (never a bool passing as an int), else
-    ``default``; a 400 saying what is wrong otherwise."""
-    if name not in body or body[name] is None:
-        if default is _REQUIRED:
-            raise ClusterError(f"give {name!r}")
-        return default
-    value = body[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ClusterError(f"{name!r} is a {kind.__name__}, not {value!r}"[:200])
-    return value
 
 
 def _only(body: dict, *names: str) -> None:

@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 GEOREG := $(VENV)/bin/georeg
 # python3-venv: Debian's python3 cannot make a virtualenv without it. chromium:
 # the browser the dashboard's tests drive through Playwright (its own browser
-# download is never used: PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD below).
+# download is never used; pip never fetches a browser, and
+# PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD below only guards a manual `playwright install`).
 SYSTEM_PACKAGES := python3-venv skopeo docker-registry chromium
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 DATA_DIR ?= .georeg

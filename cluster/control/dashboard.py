@@ -22,18 +22,26 @@ traffic and an image's journey. Everything it loads comes from this package
 Who may do what: the cluster owner (the owner credential, or a one-time token
 minted with it) sees everything and injects and heals faults, through the
 same fault controller and handlers as ``georeg fault``. An identity
-(``georeg identity``) with a role on the whole registry signs in with its id
-and secret as a *viewer*: it sees the dashboard, and every fault route
+(``georeg identity``) with a role that pulls the whole registry
+(``may_watch``: the image search asks nodes with the cluster's internal
+credential, so it must show nothing the viewer could not pull) signs in with
+its id and secret as a *viewer*: it sees the dashboard, and every fault route
 answers it 403. A cluster without auth has no sign-in, as its management API
-has none. The management API itself never accepts a dashboard session.
+has none. The management API itself never accepts a dashboard session; its
+owner check stays in ``management``, which asks this module only whether a
+request is a live session on the dashboard's API (``session_role``).
 
 Invariants: a session is a random 256-bit bearer token held only in this
 process's memory (lost at restart: sign in again) and in the page's
 ``sessionStorage``; every dashboard API call carries it in the
 ``Authorization`` header, never in a cookie or a URL, so another site cannot
 make a signed-in browser act (no CSRF) and it is never in a log. A login token
-works once, within ``LOGIN_TOKEN_TTL_S``. Sessions are bounded in number
-(``MAX_SESSIONS``, the oldest forgotten first). The stream computes a snapshot
+works once, within ``LOGIN_TOKEN_TTL_S``. Sessions are bounded per role
+(``MAX_SESSIONS``: the owner's oldest forgotten, a viewer refused with 429, so
+viewers never sign the owner out); event streams per session and in all
+(``MAX_STREAMS_EACH``, ``MAX_STREAMS``). A stream ends with its session: it
+asks ``still_allowed`` before every frame (sign-out, expiry, and a viewer's
+roles read again every ``VERIFY_EVERY_S``). The stream computes a snapshot
 at most once a second whatever the number of pages (and at once after a
 fault injected or healed from the page); node metrics (the lag
 heatmap) are scraped at most every ``LAG_EVERY_S``.

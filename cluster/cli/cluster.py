@@ -27,6 +27,7 @@ from registry_node import logs
 from ..control import spec as specs
 from ..control.access import AdminLogin
 from ..control.cluster import Cluster
+from ..control.dashboard import dashboard_url
 from ..control.errors import ClusterError
 from ..control.management import ManagementServer
 from ..control.state import running_state, saved_spec
@@ -41,7 +42,6 @@ from .common import (
     data_dir_of,
     event_loop,
 )
-from .dashboard import dashboard_url
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 import webbrowser
 
-from ..control.dashboard import LOGIN_TOKEN_TTL_S, PREFIX
+from ..control.dashboard import LOGIN_TOKEN_TTL_S, dashboard_url
 from ..control.state import saved_spec
 from .common import add_data_dir, call, command, data_dir_of, management_url
 
@@ -26,10 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--open", action="store_true",
                    help="mint a one-time login token, print the URL that uses it and open it")
     p.set_defaults(func=command(run_dashboard))
-
-
-def dashboard_url(management: str) -> str:
-    return f"{management}{PREFIX}/"
 
 
 def run_dashboard(args: argparse.Namespace) -> int:

@@ -195,6 +195,11 @@ def may_watch(roles: list[str]) -> bool:
     return any(reads_whole_registry(role) for role in roles)
 
 
+def dashboard_url(management: str) -> str:
+    """The page's address on a management server at ``management``."""
+    return f"{management}{PREFIX}/"
+
+
 # -- the snapshot ------------------------------------------------------------------------
 
 
@@ -343,6 +348,8 @@ class Dashboard:
                 if secrets is not None else None)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
+        """The routes, on a (re)starting management server: streams may run again."""
+        self._closing = False
         router.add_get(PREFIX, self.redirect)
         router.add_get(f"{PREFIX}/", self.page)
         router.add_get(f"{PREFIX}/static/{{file}}", self.static)
@@ -362,6 +369,9 @@ class Dashboard:
         self._poke()
         if self._lag_task is not None:
             self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
+            self._lag_task = None
 
     # -- who is asking (management's access middleware calls these) ---------------------
 
@@ -457,8 +467,8 @@ class Dashboard:
                                 "Cache-Control": "no-cache",
                                 "X-Content-Type-Options": "nosniff",
                                 "Content-Security-Policy":
-                                    "default-src 'self'; img-src 'self' data:; "
-                                    "frame-ancestors 'none'"})
+                                    "default-src 'self'; base-uri 'none'; "
+                                    "form-action 'none'; frame-ancestors 'none'"})
 
     # -- sessions --------------------------------------------------------------------------
 

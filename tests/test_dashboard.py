@@ -5,14 +5,16 @@ Debian's chromium driven by Playwright (the system browser through
 ``executable_path``; Playwright never downloads one): every region on the map,
 a region outage injected from the page turning its node red within 2 s and
 the heal turning it back, a viewer without fault controls, and screenshots at
-1280×800 and at a phone's width (no horizontal overflow) kept under the test's
-tmp dir (``dashboard-screenshots/``)."""
+1280×800 and at a phone's width (no horizontal overflow) kept in
+``build/test-artifacts/dashboard/`` (or ``$GEOREG_TEST_ARTIFACTS/dashboard/``);
+``docs/dashboard-outage.png`` is one of them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import time
@@ -281,8 +283,15 @@ def test_the_lag_window_per_node_with_one_dropping_out_and_restarting():
 
 
 @pytest.fixture(scope="module")
-def screenshots(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("dashboard-screenshots")
+def screenshots() -> Path:
+    """A known place for the screenshots (the last run's; $GEOREG_TEST_ARTIFACTS or
+    build/test-artifacts in the worktree)."""
+    root = os.environ.get("GEOREG_TEST_ARTIFACTS") or Path(__file__).parents[1] / "build" / \
+        "test-artifacts"
+    where = Path(root) / "dashboard"
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    return where
 
 
 async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cannot(

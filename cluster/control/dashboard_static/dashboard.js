@@ -28,7 +28,9 @@ async function api(method, path, body) {
   try { data = await r.json(); } catch (e) { data = null; }
   return { status: r.status, data };
 }
-const errorText = (r) => (r.data && r.data.error && r.data.error.message) || `HTTP ${r.status}`;
+const errorText = (r) => (r.data && r.data.error && r.data.error.message)
+  || (r.data && Array.isArray(r.data.errors) && r.data.errors[0] && r.data.errors[0].message)   // a node's OCI error
+  || `HTTP ${r.status}`;
 
 // -- signing in --------------------------------------------------------------------
 
@@ -339,7 +341,9 @@ async function showImage() {
               el("td", {}, rep.lag_ms === undefined || rep.lag_ms === null ? "" : String(rep.lag_ms)));
     body.appendChild(tr);
   }
-  if (!img.complete && ++S.imagePolls < 60) S.imageTimer = setTimeout(showImage, 2000);   // until complete, bounded
+  // Until complete, bounded; a reference nothing was pushed to stops after a few looks.
+  const polls = img.digest ? 60 : 3;
+  if (!img.complete && ++S.imagePolls < polls) S.imageTimer = setTimeout(showImage, 2000);
 }
 
 // -- wiring ------------------------------------------------------------------------------

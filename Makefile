@@ -8,7 +8,11 @@ GEOREG := $(VENV)/bin/georeg
 # build agent of `georeg build` (daemonless, chroot isolation); busybox-static: the
 # base image its tests push into georeg (nothing is pulled from the internet).
 # docker-compose: `docker-compose config` checks `georeg deploy compose` output (no daemon needed).
-SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static docker-compose
+# chromium: the browser the dashboard's tests drive through Playwright (its own browser
+# download is never used; pip never fetches a browser, and
+# PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD below only guards a manual `playwright install`).
+SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static docker-compose chromium
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 DATA_DIR ?= .georeg
 
 PROTO_SRC := proto/georeg/replication/v1/replication.proto

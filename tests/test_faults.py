@@ -366,7 +366,10 @@ async def test_one_way_partition(cluster, http):
                                                                     "v1", i), timeout=30)
 
 
-async def test_link_degradation_is_visible_in_lag(cluster, http):
+async def test_link_degradation_is_visible_in_lag_and_on_the_dashboard(cluster, http):
+    """A slower WAN link shows in the per-image lag, and in the dashboard's
+    snapshot (``cluster.control.dashboard``) on the link it degrades, beside
+    every zone node and paired copy in its place."""
     extra = 300.0
     fid = fault_id(fault_cli(cluster, "link", "eastus", "westeurope", "--latency", str(extra)))
     image = make_image([1400], seed=5)
@@ -374,7 +377,23 @@ async def test_link_degradation_is_visible_in_lag(cluster, http):
     status = await _status_when_complete(http, cluster, "slow/app", "v1")
     lag = {r["name"]: r["lag_ms"] for r in status["replicas"]}
     assert lag["westeurope"] >= extra, lag
+    async with http.get(f"{cluster.management_url}/dashboard/api/state",
+                        headers=cluster.owner_headers()) as r:   # at most a second old
+        assert r.status == 200
+        snapshot = await r.json()
     fault_cli(cluster, "heal", fid)
+
+    def link(a: str, b: str) -> dict:
+        return next(x for x in snapshot["links"] if {x["a"], x["b"]} == {a, b})
+    assert link("eastus", "westeurope")["state"] == "degraded"
+    assert link("eastus", "westeurope")["latency_ms"] >= extra
+    assert link("eastus", "brazilsouth")["state"] == "ok"
+    regions = {g["name"]: g for g in snapshot["regions"]}
+    assert set(regions) == {"eastus", "westeurope", "brazilsouth"}
+    assert regions["eastus"]["home"] and len({n["zone"] for n in regions["eastus"]["nodes"]}) == 3
+    kept = {c["keeps"] for c in snapshot["paired_copies"]}
+    assert "eastus" in kept and "brazilsouth" not in kept     # brazilsouth is confined
+    assert [f["kind"] for f in snapshot["faults"]] == ["link"]
 
 
 async def _status_when_complete(http, cluster, repo, ref) -> dict:

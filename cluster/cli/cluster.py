@@ -27,6 +27,7 @@ from registry_node import logs
 from ..control import spec as specs
 from ..control.access import AdminLogin
 from ..control.cluster import Cluster
+from ..control.dashboard import dashboard_url
 from ..control.errors import ClusterError
 from ..control.management import ManagementServer
 from ..control.state import running_state, saved_spec
@@ -259,6 +260,8 @@ def print_endpoints(status: dict, admin: AdminLogin | None = None) -> None:
         table.add_row("regional", f"{region} only", url)
     if status.get("management"):
         table.add_row("management", "georeg CLI / REST", status["management"])
+        table.add_row("dashboard", "a browser (`georeg dashboard --open`)",
+                      dashboard_url(status["management"]))
     console.print(table)
     if status.get("blob_downloads") == "redirect":
         console.print("Blob downloads through an endpoint are redirected (307) to the node it "

@@ -30,6 +30,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         chaos,
         cluster,
         credential,
+        dashboard,
         deploy,
         fault,
         identity,
@@ -64,6 +65,7 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     cache.register_credential_set(sub)
     fault.register(sub)
     verify.register(sub)
+    dashboard.register(sub)
     chaos.register(sub)
     cluster.register_region(sub)
     bench.register(sub)

@@ -47,6 +47,27 @@ class PortInUse(ClusterError):
     code = "PortInUse"
 
 
+class Unauthorized(ClusterError):
+    """No credential, or not one this cluster knows."""
+
+    status = 401
+    code = "Unauthorized"
+
+
+class Forbidden(ClusterError):
+    """A known caller asking for something its role does not allow."""
+
+    status = 403
+    code = "Forbidden"
+
+
+class TooManyRequests(ClusterError):
+    """A bound reached (sessions, streams, tokens): try again later."""
+
+    status = 429
+    code = "TooManyRequests"
+
+
 class NotFound(ClusterError):
     status = 404
     code = "NotFound"

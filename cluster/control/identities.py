@@ -490,6 +490,33 @@ class RegistryAccess:
                 await self._call(home, "DELETE", _path(ROLE_ASSIGNMENT, name))
         await self._call(home, "DELETE", _path(IDENTITY, identity_id))
 
+    async def registry_roles(self, identity_id: str, secret: str) -> list[str]:
+        """The roles ``identity_id`` holds on the whole registry, if ``secret`` is
+        one of its secrets (else none): who may watch the dashboard
+        (``cluster.control.dashboard``). Read from any node, as nodes check it."""
+        if not NAME.fullmatch(identity_id):
+            return []
+        reader = await self._reader()
+        stored = await self._get(reader, IDENTITY, identity_id)
+        if stored is None or not any(secret_matches(secret, s.get("hash", ""))
+                                     for s in stored.get("secrets", [])):
+            return []
+        return await self._registry_roles(reader, identity_id)
+
+    async def registry_roles_now(self, identity_id: str) -> list[str]:
+        """The roles an identity that signed in still holds on the whole registry
+        (none once it is deleted): the dashboard asks again while its viewer watches."""
+        if not NAME.fullmatch(identity_id):
+            return []
+        reader = await self._reader()
+        if await self._get(reader, IDENTITY, identity_id) is None:
+            return []
+        return await self._registry_roles(reader, identity_id)
+
+    async def _registry_roles(self, reader: str, identity_id: str) -> list[str]:
+        return sorted({v["role"] for _, v in await self._list(reader, ROLE_ASSIGNMENT)
+                       if v.get("assignee") == identity_id and not v.get("repository")})
+
     @staticmethod
     def _repository_of(scope: str | None) -> str | None:
         if scope in (None, ""):

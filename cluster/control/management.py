@@ -60,6 +60,10 @@ which other processes find it.
     POST   /georeg/v1/regions/{region}/restore    rebuild a region from its paired copy
     GET    /georeg/v1/verify[?timeout=S]          convergence check (cluster.faults.verify), as JSON
     POST   /georeg/v1/shutdown                    stop the cluster
+    POST   /georeg/v1/dashboard/login-tokens      a one-time token that signs a browser in to the
+                                                  dashboard (``georeg dashboard``)
+    GET    /dashboard/                            the live web dashboard, its assets and its own
+                                                  API under /dashboard/api/ (``dashboard``)
     GET    /georeg/v1/registry                    the registry: name, location, loginServer, sku,
                                                   adminUserEnabled, anonymousPullEnabled, …
     PATCH  /georeg/v1/registry                    {"adminUserEnabled", "anonymousPullEnabled",
@@ -136,6 +140,9 @@ the cluster owner: a request without ``Authorization: Bearer <owner
 credential>`` gets ``401 Unauthorized``, whose message says where the
 credential is kept; the CLI sends it from the data dir. Reading status is
 refused too: it names data dirs and processes, and ``verify`` costs work.
+The dashboard's page and sign-in are the exception; its API answers the
+owner credential or a dashboard session (``dashboard``: a viewer's session
+reads, only an owner's changes), and no other route accepts a session.
 
 Errors are JSON ``{"error": {"code", "message"}}`` with a fitting status; a
 management write while the home region cannot be reached is a 503 that says so
@@ -152,7 +159,6 @@ import asyncio
 import base64
 import contextlib
 import hmac
-import json
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
@@ -165,11 +171,14 @@ from ..faults.controller import FaultError
 from . import soft_delete
 from .access import authorization, owner_credential_path
 from .builds import BuildRuns, build_request
+from .dashboard import OWNER, ROLE, Dashboard
 from .errors import ClusterError, NotFound
 from .health import check_health
 from .imports import ImageImports, import_request
 from .regions import REGIONS, unknown_region_message
 from .repositories import Repositories
+from .request_body import field as _field
+from .request_body import json_object as _json
 from .state import clear_running_state, write_running_state
 from .tasks import RegistryTasks
 
@@ -193,26 +202,38 @@ async def _errors(request: web.Request, handler):
         return _error(exc.status, exc.code.name, exc.message + (f": {exc.detail}" if exc.detail else ""))
 
 
-def _owner_only(cluster: Cluster):
-    """A middleware admitting only requests that carry the cluster owner's credential."""
-    assert cluster.secrets is not None
-    expected = authorization(cluster.secrets.owner)["Authorization"].encode()
+def _access(cluster: Cluster, dashboard: Dashboard):
+    """A middleware admitting the cluster owner's credential everywhere (everyone
+    without auth), a dashboard session on the dashboard's own API
+    (``Dashboard.session_role``), and anyone on the dashboard's page and sign-in;
+    the role is ``request[ROLE]``."""
     where = owner_credential_path(cluster.data_dir)
+    expected = (authorization(cluster.secrets.owner)["Authorization"].encode()
+                if cluster.secrets is not None else None)
 
     @web.middleware
-    async def owner_only(request: web.Request, handler):
+    async def access(request: web.Request, handler):
         sent = request.headers.get("Authorization", "")
-        if hmac.compare_digest(sent.encode(errors="replace"), expected):
+        if expected is None or hmac.compare_digest(sent.encode(errors="replace"), expected):
+            request[ROLE] = OWNER
+            return await handler(request)
+        role = dashboard.session_role(request)
+        if role is not None:
+            request[ROLE] = role
+            return await handler(request)
+        if dashboard.is_public(request):
             return await handler(request)
         response = _error(401, "Unauthorized",
                           f"this cluster's management API answers only its owner: send the owner "
                           f"credential as `Authorization: Bearer <credential>`. It is kept in "
                           f"{where} (mode 0600), made when the cluster first started; georeg "
-                          f"commands run by that user with --data-dir {cluster.data_dir} send it")
+                          f"commands run by that user with --data-dir {cluster.data_dir} send it"
+                          + ("; the dashboard's API takes a session from its sign-in too"
+                             if request.path.startswith("/dashboard/") else ""))
         response.headers["WWW-Authenticate"] = 'Bearer realm="georeg management"'
         return response
 
-    return owner_only
+    return access
 
 
 def _sku_name(sku: object) -> str:
@@ -243,6 +264,8 @@ class ManagementServer:
         self.builds = BuildRuns(cluster)
         self.tasks = RegistryTasks(cluster, self.builds)
         self._runner: web.AppRunner | None = None
+        self.dashboard = Dashboard(cluster, faults={
+            "inject": self.inject_fault, "heal": self.heal_fault, "heal_all": self.heal_all})
 
     @property
     def url(self) -> str:
@@ -258,11 +281,9 @@ class ManagementServer:
 
     async def start(self) -> None:
         self.builds.recover()
-        middlewares = [_errors]
-        if self.cluster.secrets is not None:
-            middlewares.insert(0, _owner_only(self.cluster))
-        app = web.Application(middlewares=middlewares)
+        app = web.Application(middlewares=[_access(self.cluster, self.dashboard), _errors])
         r = app.router
+        self.dashboard.add_routes(r)
         r.add_get("/georeg/v1/cluster", self.cluster_status)
         r.add_get("/georeg/v1/replications", self.list_replications)
         r.add_post("/georeg/v1/replications", self.create_replication)
@@ -367,6 +388,7 @@ class ManagementServer:
     async def stop(self) -> None:
         clear_running_state(self.cluster.data_dir)
         await self.builds.stop()
+        await self.dashboard.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -877,32 +899,6 @@ def _node_answer(status: int, answer: dict) -> web.Response:
         detail = detail.get("reason") or ", ".join(f"{k} {v}" for k, v in detail.items())
     message = f"{error.get('code')}: {error.get('message')}" + (f" ({detail})" if detail else "")
     return _error(status, str(error.get("code") or "NodeError"), message)
-
-
-async def _json(request: web.Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ClusterError("the request body must be JSON") from None
-    if not isinstance(body, dict):
-        raise ClusterError("the request body must be a JSON object")
-    return body
-
-
-_REQUIRED = object()
-
-
-def _field(body: dict, name: str, kind: type, default: object = _REQUIRED):
-    """``body[name]`` if it is a ``kind`` (never a bool passing as an int), else
-    ``default``; a 400 saying what is wrong otherwise."""
-    if name not in body or body[name] is None:
-        if default is _REQUIRED:
-            raise ClusterError(f"give {name!r}")
-        return default
-    value = body[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ClusterError(f"{name!r} is a {kind.__name__}, not {value!r}"[:200])
-    return value
 
 
 def _only(body: dict, *names: str) -> None:

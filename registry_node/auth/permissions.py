@@ -85,6 +85,14 @@ ROLES: dict[str, Role] = {
 }
 
 
+def reads_whole_registry(role: str) -> bool:
+    """``role`` may pull every repository and list them: what the cluster's
+    dashboard (``cluster.control.dashboard``) asks of a viewer, since it shows
+    every repository's replicas. AcrDelete and AcrImageSigner may not."""
+    known = ROLES.get(role)
+    return known is not None and PULL in known.actions and known.catalog
+
+
 class Holdings(Protocol):
     """Anything that says which actions are held on a resource."""
 

@@ -1,0 +1,391 @@
+"""The web dashboard (``cluster.control.dashboard``) of a real cluster (node
+processes, links, endpoints and the management server; auth on, two regions): who may
+see and who may change, asked of the server directly; then the page itself in
+Debian's chromium driven by Playwright (the system browser through
+``executable_path``; Playwright never downloads one): every region on the map,
+a region outage injected from the page turning its node red within 2 s and
+the heal turning it back, a viewer without fault controls, and screenshots at
+1280×800 and at a phone's width (no horizontal overflow) kept in
+``build/test-artifacts/dashboard/`` (or ``$GEOREG_TEST_ARTIFACTS/dashboard/``);
+``docs/dashboard-outage.png`` is one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from cluster.control import spec as specs
+from cluster.control.dashboard import (
+    LOGIN_TOKEN_TTL_S,
+    MAX_SESSIONS,
+    MAX_STREAMS,
+    MAX_STREAMS_EACH,
+    OWNER,
+    SESSION_TTL_S,
+    VIEWER,
+    LagWindow,
+    Sessions,
+    histogram_quantile,
+    may_watch,
+    parse_lag,
+)
+from cluster.control.errors import TooManyRequests
+from cluster.testing import RunningCluster
+
+from .helpers import eventually, make_image, push_image
+from .test_cluster import georeg
+
+SPEC = {"home_region": "westeurope", "paired_copies": False, "auth": "token",
+        "replicas": [{"region": "eastus"}]}
+REGIONS = ("westeurope", "eastus")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+class Dashboard:
+    """The cluster (in this process, real node processes) and its dashboard's addresses."""
+
+    def __init__(self, running: RunningCluster) -> None:
+        self.running = running
+        self.data = running.data_dir
+        self.management = running.management.url
+        self.dashboard = f"{self.management}/dashboard/"
+        self.owner = running.cluster.secrets.owner
+        self.password = running.credentials.password
+
+
+@pytest.fixture(scope="module")
+def dashboard_cluster(tmp_path_factory):
+    with RunningCluster(specs.parse(SPEC), tmp_path_factory.mktemp("dashboard")) as running:
+        yield Dashboard(running)
+
+
+@pytest.fixture(scope="module")
+def viewer(dashboard_cluster):
+    """An identity with the Reader role on the registry: its id and secret."""
+    access = dashboard_cluster.running.cluster.access
+    identity = dashboard_cluster.running.run(lambda: access.create_identity("watcher"))
+    dashboard_cluster.running.run(lambda: access.create_role_assignment("Reader", identity["id"]))
+    return identity["id"], identity["secret"]
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _session(http: aiohttp.ClientSession, base: str, body: dict) -> tuple[int, dict]:
+    async with http.post(f"{base}api/session", json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_the_server_refuses_what_a_caller_may_not_do(dashboard_cluster, viewer, http):
+    base, owner = dashboard_cluster.dashboard, dashboard_cluster.owner
+    # The page and its assets: anyone, and no secret in them.
+    for path in ("", "static/dashboard.js", "static/dashboard.css", "static/world.json"):
+        async with http.get(base + path) as r:
+            assert r.status == 200, path
+            text = await r.text()
+        assert owner not in text and dashboard_cluster.password not in text
+    async with http.get(base + "static/..%2fdashboard.py") as r:   # a file one level up
+        assert r.status == 404
+    # Nothing else without a credential: no state, no stream, no fault.
+    for method, path in (("GET", "api/state"), ("GET", "api/events"), ("POST", "api/faults"),
+                         ("DELETE", "api/faults")):
+        async with http.request(method, base + path, json={"kind": "routing",
+                                                           "region": "eastus"}) as r:
+            assert r.status == 401, (method, path)
+    assert (await _session(http, base, {"credential": "not-it"}))[0] == 401
+    # The owner sees every region in one snapshot.
+    async with http.get(base + "api/state", headers=_bearer(owner)) as r:
+        assert r.status == 200
+        state = await r.json()
+    assert {g["name"] for g in state["regions"]} == set(REGIONS)
+    assert state["links"] and {link["state"] for link in state["links"]} == {"ok"}
+
+    # A viewer (an identity with Reader) watches, and the server refuses its changes.
+    identity, secret = viewer
+    assert (await _session(http, base, {"identity": identity, "secret": "wrong"}))[0] == 401
+    # A role on the whole registry that cannot pull (AcrImageSigner) does not watch: the
+    # image search would show it every repository.
+    access, running = dashboard_cluster.running.cluster.access, dashboard_cluster.running
+    signer = running.run(lambda: access.create_identity("signer"))
+    running.run(lambda: access.create_role_assignment("AcrImageSigner", signer["id"]))
+
+    async def signed_in() -> bool:      # the role assignment replicates to the node asked
+        return (await _session(http, base, {"identity": identity, "secret": secret}))[0] == 200
+    await eventually(signed_in, timeout=10, what="the viewer signing in")
+    status, session = await _session(http, base, {"identity": identity, "secret": secret})
+    assert session["role"] == "viewer"
+    as_viewer = _bearer(session["session"])
+    assert any(a["roleDefinitionName"] == "AcrImageSigner" for a in running.run(
+        lambda: access.list_role_assignments(signer["id"])))       # where sign-in reads it
+    assert (await _session(http, base, {"identity": signer["id"],
+                                        "secret": signer["secret"]}))[0] == 401
+    async with http.get(base + "api/state", headers=as_viewer) as r:
+        assert r.status == 200
+    for method, path in (("POST", "api/faults"), ("DELETE", "api/faults"),
+                         ("DELETE", "api/faults/f1")):
+        async with http.request(method, base + path, headers=as_viewer,
+                                json={"kind": "routing", "region": "eastus"}) as r:
+            assert r.status == 403, (method, path)
+            assert (await r.json())["error"]["code"] == "Forbidden"
+    async with http.get(f"{dashboard_cluster.management}/georeg/v1/faults") as r:
+        assert r.status == 401
+    assert not (await (await http.get(f"{dashboard_cluster.management}/georeg/v1/faults",
+                                      headers=_bearer(owner))).json())   # nothing injected
+    # A dashboard session is not a management credential.
+    async with http.get(f"{dashboard_cluster.management}/georeg/v1/cluster",
+                        headers=as_viewer) as r:
+        assert r.status == 401
+    async with http.post(f"{dashboard_cluster.management}/georeg/v1/dashboard/login-tokens",
+                         headers=as_viewer) as r:
+        assert r.status == 401
+
+    # A one-time login token (what `georeg dashboard --open` mints) works once.
+    async with http.post(f"{dashboard_cluster.management}/georeg/v1/dashboard/login-tokens",
+                         headers=_bearer(owner)) as r:
+        assert r.status == 201
+        token = (await r.json())["loginToken"]
+    status, session = await _session(http, base, {"loginToken": token})
+    assert status == 200 and session["role"] == "owner"
+    assert (await _session(http, base, {"loginToken": token}))[0] == 401
+    # The owner's streams: the first frame is a snapshot; a fifth stream of one sign-in is
+    # refused; signing out ends the session and every stream it holds.
+    as_owner = _bearer(session["session"])
+    streams = [await http.get(base + "api/events", headers=as_owner)
+               for _ in range(MAX_STREAMS_EACH)]
+    try:
+        assert streams[0].headers["Content-Type"].startswith("text/event-stream")
+        frame = await streams[0].content.readuntil(b"\n\n")
+        assert frame.startswith(b"data: ")
+        assert {g["name"] for g in json.loads(frame[6:])["regions"]} == set(REGIONS)
+        async with http.get(base + "api/events", headers=as_owner) as r:
+            assert r.status == 429, r.status
+        async with http.delete(base + "api/session", headers=as_owner) as r:
+            assert r.status == 204
+        for stream in streams:      # the rest of each stream, then its end: within seconds
+            await asyncio.wait_for(stream.read(), 5)
+    finally:
+        for stream in streams:
+            stream.close()
+    async with http.get(base + "api/state", headers=as_owner) as r:
+        assert r.status == 401
+
+    # A viewer's stream ends when its identity loses the role that let it watch.
+    dashboard_cluster.running.management.dashboard.verify_every_s = 0.0
+    async with http.get(base + "api/events", headers=as_viewer) as r:
+        assert (await r.content.readuntil(b"\n\n")).startswith(b"data: ")
+        assignment = access.assignment_id("Reader", identity)
+        running.run(lambda: access.delete_role_assignment(assignment))
+        await asyncio.wait_for(r.read(), 10)
+    async with http.get(base + "api/state", headers=as_viewer) as r:
+        assert r.status == 401
+    running.run(lambda: access.create_role_assignment("Reader", identity))   # the browser test's
+
+
+def test_only_a_role_that_pulls_the_whole_registry_watches():
+    for role in ("Owner", "Contributor", "Reader", "AcrPush", "AcrPull"):
+        assert may_watch([role]), role
+    assert not may_watch(["AcrImageSigner"]) and not may_watch(["AcrDelete"])
+    assert not may_watch([]) and may_watch(["AcrDelete", "AcrPull"])
+
+
+def test_viewers_cannot_crowd_out_the_owner_and_streams_are_bounded(clock):
+    sessions = Sessions(now=clock.monotonic)
+    owner = f"Bearer {sessions.open(OWNER)['session']}"
+    for _ in range(MAX_SESSIONS[VIEWER]):
+        sessions.open(VIEWER, "someone")
+    with pytest.raises(TooManyRequests):
+        sessions.open(VIEWER, "someone")
+    assert sessions.role_of(owner) == OWNER                # still signed in
+    clock.advance(SESSION_TTL_S + 1)                       # expired viewers make room
+    sessions.open(VIEWER, "someone")
+    with contextlib.ExitStack() as held:
+        for _ in range(MAX_STREAMS_EACH):
+            held.enter_context(sessions.stream("a"))
+        with pytest.raises(TooManyRequests):
+            held.enter_context(sessions.stream("a"))
+        for n in range(MAX_STREAMS - MAX_STREAMS_EACH):
+            held.enter_context(sessions.stream(f"b{n}"))
+        with pytest.raises(TooManyRequests):
+            held.enter_context(sessions.stream("c"))
+    with sessions.stream("a"):                             # released on exit
+        pass
+
+
+def test_sessions_and_login_tokens_expire_and_a_login_token_works_once(clock):
+    sessions = Sessions(now=clock.monotonic)
+    opened = sessions.open(VIEWER)
+    bearer = f"Bearer {opened['session']}"
+    assert sessions.role_of(bearer) == VIEWER and sessions.role_of("Bearer other") is None
+    token = sessions.mint_login_token()
+    clock.advance(LOGIN_TOKEN_TTL_S + 1)
+    assert not sessions.redeem(token)                     # too late
+    token = sessions.mint_login_token()
+    assert sessions.redeem(token) and not sessions.redeem(token)
+    clock.advance(SESSION_TTL_S)
+    assert sessions.role_of(bearer) is None               # expired
+    first = sessions.open(OWNER)["session"]
+    for _ in range(MAX_SESSIONS[OWNER]):
+        sessions.open(OWNER)
+    assert sessions.role_of(f"Bearer {first}") is None    # the owner's oldest forgotten first
+
+
+def test_lag_quantiles_from_prometheus_buckets():
+    text = "\n".join([
+        'georeg_replication_lag_seconds_bucket{origin_region="a",destination_region="b",'
+        f'kind="manifest",le="{le}"}} {count}'
+        for le, count in (("0.1", 0), ("0.2", 50), ("0.5", 99), ("1.0", 100), ("+Inf", 100))])
+    buckets = sorted(parse_lag(text)[("a", "b")].items())
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.2)
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.5)
+    assert histogram_quantile(0.75, buckets) == pytest.approx(0.2 + 0.3 * 25 / 49)  # inside
+    assert histogram_quantile(0.9, [(0.1, 1.0), (float("inf"), 3.0)]) == pytest.approx(0.1)
+    assert histogram_quantile(0.5, [(float("inf"), 0.0)]) is None
+
+
+def _lag(**counts: float) -> dict:
+    """One node's buckets for origin a → destination b: {le: cumulative count}."""
+    les = {"l0_1": 0.1, "l0_5": 0.5, "l1": 1.0, "l5": 5.0, "inf": float("inf")}
+    return {("a", "b"): {les[k]: v for k, v in counts.items()}}
+
+
+def test_the_lag_window_per_node_with_one_dropping_out_and_restarting():
+    window = LagWindow(window_s=60)
+    fast = {"l0_1": 100, "l0_5": 100, "l1": 100, "l5": 100, "inf": 100}
+    first = window.add(0, {"z1": _lag(**fast), "z2": _lag(**fast)})["a"]["b"]
+    assert first["count"] == 200 and first["over"] == "start"   # totals since start, said so
+    # z1 is down (not scraped); z2 sees 150 changes of 1-5 s: the window holds those.
+    slow = {"l0_1": 100, "l0_5": 100, "l1": 100, "l5": 250, "inf": 250}
+    window.add(5, {"z2": _lag(**fast)})
+    second = window.add(10, {"z2": _lag(**slow)})["a"]["b"]
+    assert second["count"] == 350          # the first scrape (200) is still in the window
+    # z1 restarted: its counters began again (20 changes of 0.5-1 s since).
+    restarted = {"l0_1": 0, "l0_5": 0, "l1": 20, "l5": 20, "inf": 20}
+    third = window.add(15, {"z1": _lag(**restarted), "z2": _lag(**slow)})["a"]["b"]
+    assert third["count"] == 370
+    # A minute on, only what came in the last minute: no start totals, no negative counts.
+    window.add(61, {"z1": _lag(**restarted), "z2": _lag(**slow)})
+    later = window.add(62, {"z1": _lag(**restarted), "z2": _lag(**slow)})["a"]["b"]
+    assert later["over"] == "window" and later["count"] == 170
+    assert later["p50_ms"] == pytest.approx((1 + 4 * (85 - 20) / 150) * 1000, abs=0.1)
+
+
+# -- the page in a real browser ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def screenshots() -> Path:
+    """A known place for the screenshots (the last run's; $GEOREG_TEST_ARTIFACTS or
+    build/test-artifacts in the worktree)."""
+    root = os.environ.get("GEOREG_TEST_ARTIFACTS") or Path(__file__).parents[1] / "build" / \
+        "test-artifacts"
+    where = Path(root) / "dashboard"
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    return where
+
+
+async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cannot(
+        dashboard_cluster, viewer, screenshots):
+    from playwright.async_api import async_playwright, expect
+
+    opened = georeg("dashboard", "--open", data_dir=dashboard_cluster.data,
+                    env={"BROWSER": "true"})             # print the URL; open no browser here
+    assert opened.returncode == 0, opened.stderr
+    url = opened.stdout.strip().splitlines()[0]
+    assert url.startswith(f"{dashboard_cluster.dashboard}#login="), url
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                          args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            started = time.monotonic()
+            await page.goto(url)
+            for region in REGIONS:
+                await expect(page.locator(f'[data-region="{region}"]')).to_be_visible()
+            await expect(page.locator("#live")).to_have_text("live")
+            loaded_s = time.monotonic() - started
+            assert "#login" not in page.url          # the token left the address bar
+            await page.screenshot(path=screenshots / "dashboard-1280x800.png")
+            # Three pushes show up in the image search with every replica's arrival; the
+            # lag scrape runs while the partition below is injected and healed.
+            node_url = dashboard_cluster.running.cluster.node_url("westeurope")
+            async with dashboard_cluster.running.http() as registry:
+                for seed in range(3):
+                    await push_image(registry, node_url, "demo/app", make_image([512], seed=seed),
+                                     tag=f"v{seed}")
+            await page.fill("#image-ref", "demo/app:v2")
+            await page.click("#image-form button")
+            for region in REGIONS:
+                await expect(page.locator(f'#image tr[data-replica="{region}"]')).to_have_attribute(
+                    "data-state", "present", timeout=15000)
+            await expect(page.locator("#image-summary")).to_contain_text("on every replica")
+
+            # A partition from the page: the WAN link turns red; healed, green again.
+            link = page.locator('[data-link="eastus-westeurope"]')
+            await expect(link).to_have_attribute("data-state", "ok")
+            await page.select_option("#fault-kind", "partition")
+            await page.select_option("#fault-region", "eastus")
+            await page.select_option("#fault-other", "westeurope")
+            await page.click("#inject-button")
+            await expect(link).to_have_attribute("data-state", "cut", timeout=2000)
+            await page.click("#heal-all")
+            await expect(link).to_have_attribute("data-state", "ok", timeout=2000)
+            # The lag heatmap has filled with numbers meanwhile (scraped while the partition
+            # came and went; read before eastus's crash, which restarts its counters).
+            await expect(page.locator('[data-lag="westeurope-eastus"]')).to_have_text(
+                re.compile(r"^[0-9.]+ / [0-9.]+$"), timeout=15000)
+            await page.screenshot(path=screenshots / "dashboard-after-pushes.png")
+
+            node = page.locator('[data-region="eastus"] .node')
+            await expect(node).to_have_attribute("data-health", "ok")
+            await page.select_option("#fault-kind", "region-outage")
+            await page.select_option("#fault-region", "eastus")
+            await page.select_option("#fault-mode", "crash")
+            clicked = time.monotonic()
+            await page.click("#inject-button")
+            await expect(node).to_have_attribute("data-health", "down", timeout=2000)
+            red_after_s = time.monotonic() - clicked
+            assert await node.evaluate("n => getComputedStyle(n).fill") == "rgb(214, 45, 45)"
+            await expect(page.locator("[data-fault]")).to_contain_text("eastus down")
+            await page.screenshot(path=screenshots / "dashboard-region-outage.png")
+            await page.click("[data-heal]")
+            await expect(node).to_have_attribute("data-health", "ok", timeout=30000)
+            await expect(page.locator("[data-fault]")).to_have_count(0)
+
+
+            # A viewer at a phone's width: the map, no fault controls, nothing wider than the screen.
+            identity, secret = viewer
+            phone = await browser.new_page(viewport={"width": 390, "height": 844})
+            await phone.goto(dashboard_cluster.dashboard)
+            await phone.fill("#identity", identity)
+            await phone.fill("#secret", secret)
+            await phone.click("#sign-in-form button[type=submit]")
+            for region in REGIONS:
+                await expect(phone.locator(f'[data-region="{region}"]')).to_be_visible()
+            await expect(phone.locator("#role")).to_have_text("signed in: viewer")
+            await expect(phone.locator("#inject")).to_be_hidden()
+            await expect(phone.locator("#inject-button")).to_be_hidden()
+            await expect(phone.locator("#read-only")).to_be_visible()
+            assert await phone.evaluate(
+                "document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+            box = await phone.locator("#map").bounding_box()
+            assert box is not None and 300 <= box["width"] <= 390
+            await phone.screenshot(path=screenshots / "dashboard-390-viewer.png", full_page=True)
+        finally:
+            await browser.close()
+    for name in ("dashboard-1280x800.png", "dashboard-region-outage.png",
+                 "dashboard-after-pushes.png", "dashboard-390-viewer.png"):
+        assert (screenshots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (screenshots / name).stat().st_size > 20_000, name   # a drawn page, not a blank one
+    print(f"dashboard loaded in {loaded_s:.2f}s; outage red after {red_after_s:.2f}s; "
+          f"screenshots in {screenshots}")

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import grpc
 
 from registry_node import fingerprints
+from registry_node.broken_build import unchecked_replication
 from registry_node.records import NodeIdentity
 
 from .convert import node_ref
@@ -155,7 +156,8 @@ class PeerClient:
                                                    options=channel_options(peer))
         # Over plain gRPC every message is sealed and checked (wire.integrity);
         # over TLS the record layer already authenticates every byte.
-        self.stub = sealed_stub(self.channel, sealed=credentials is None,
+        self.stub = sealed_stub(self.channel,
+                                sealed=credentials is None and not unchecked_replication(),
                                 **({"refused": integrity_refused} if integrity_refused else {}))
         # Blob fetches running on the channel, at most (``fetch_streams``);
         # shared by ``hurried`` copies, which use the same channel.

@@ -38,6 +38,7 @@ from registry_node.api.throttling import THROTTLE
 from registry_node.app import NODE, REPLICATION_COMPLETION
 from registry_node.auth.tokens import AuthConfigError
 from registry_node.bandwidth import Bandwidth
+from registry_node.broken_build import unchecked_replication
 from registry_node.config import NodeConfig
 from registry_node.durability import LocalDurability
 from registry_node.records import Cursor
@@ -148,7 +149,8 @@ class Replication:
             region_zones=view.zone_redundancy.zones, relayed=self.relayed)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         # Sealed over plain gRPC (wire.integrity); TLS authenticates every byte itself.
-        add_servicer(self.service, server, sealed=self.credentials is None,
+        add_servicer(self.service, server,
+                     sealed=self.credentials is None and not unchecked_replication(),
                      refused=self._integrity_refused)
         port = _listen(server, view.grpc_listen, self.credentials)
         host = view.grpc_listen.rpartition(":")[0]

@@ -108,6 +108,8 @@ class ScenarioError(ValueError):
 class Workload(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     push_rate: float = 1.0
     pull_rate: float = 2.0
+    retag_rate: float = 0.0     # an acknowledged image tagged again (t0..t2 of its repository)
+    delete_rate: float = 0.0    # an acknowledged, never retagged image deleted by digest
     clients: tuple[str, ...] = ()
     layers: int = 2
     layer_size: int | tuple[int, int] = 65536
@@ -119,6 +121,9 @@ class Assertions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_convergence_s: float = 120.0
     verify: bool = True
     min_acknowledged: int = 1
+    # The random nemesis's invariants (``INVARIANTS``) checked too, beyond the
+    # scenario's own: pulled from every region, deletes, residency, disk.
+    invariants: bool = False
 
 
 class Scenario(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -192,6 +197,19 @@ class Push:
     client: str
     answered_at: float                # seconds since the run started (201, or the failure)
     region: str = ""                  # where it was pushed (the replica that acknowledged it)
+    manifest: bytes = field(default=b"", repr=False)
+    layer_sample: bytes = field(default=b"", repr=False)   # 64 bytes of a layer, looked for on disk
+    retagged: bool = False            # a retag of it was attempted: never deleted then
+    deleting: bool = False            # a delete of it may have happened: not expected anywhere
+
+
+@dataclass
+class Retag:
+    repository: str
+    tag: str
+    digest: str
+    client: str
+    answered_at: float
 
 
 @dataclass(frozen=True)
@@ -210,6 +228,9 @@ class Observations:
     pulls_attempted: int = 0
     acknowledged: list[Push] = field(default_factory=list)
     indefinite: list[Push] = field(default_factory=list)   # may have happened; never acknowledged
+    retags: list[Retag] = field(default_factory=list)      # acknowledged
+    deleted: list[Push] = field(default_factory=list)      # acknowledged deletes (202)
+    deletes_attempted: int = 0
     # t, client, op, code (split by outcome where the answer had one, see ``error_label``)
     errors: list[tuple[float, str, str, str]] = field(default_factory=list)
     # (t, message) of every error that said why, up to _MAX_EXAMPLES per client and code
@@ -218,6 +239,10 @@ class Observations:
 
     def now(self) -> float:
         return time.monotonic() - self.started
+
+    def live(self) -> list[Push]:
+        """Acknowledged pushes no delete may have removed: expected everywhere."""
+        return [p for p in self.acknowledged if not p.deleting]
 
     def error(self, client: str, op: str, code: str, detail: str = "",
               outcome: Outcome | None = None) -> None:
@@ -283,6 +308,12 @@ RESIDENCY_MISS = "MANIFEST_UNKNOWN (confined by residency)"
 INDEFINITE_LABEL = error_label("", Outcome.INDEFINITE)    # how an indefinite error's label ends
 _MAX_EXAMPLES = 10_000
 CONVERGE_CONCURRENCY = 32       # image statuses asked at once while waiting for convergence
+MAX_DISK_SAMPLES = 48           # layers looked for in the clear on disk (a seeded sample)
+MAX_SHOWN = 10                  # what broke an invariant, shown per invariant
+# The invariants a run with ``Assertions.invariants`` checks, beyond lost,
+# converged and verify_clean (``ChaosRun._invariants``).
+INVARIANTS = ("acknowledged_pullable", "tags_agree", "deletes_applied",
+              "confined_stays_in_region", "no_plaintext_on_disk")
 
 
 def _windows(times: list[float], gap: float = 2.0) -> list[tuple[float, float]]:
@@ -326,23 +357,26 @@ class ChaosWorkload:
 
     async def run(self, session: aiohttp.ClientSession, until: float) -> None:
         tasks: set[asyncio.Task] = set()
-        next_push = next_pull = 0.0
+        w = self.workload
+        # (rate, operation, whether it needs an image to act on); a rate of 0: never.
+        operations = [(w.push_rate, self._push, False), (w.pull_rate, self._pull, True),
+                      (w.retag_rate, self._retag, True), (w.delete_rate, self._delete, True)]
+        due = [0.0] * len(operations)
         loop_start = self.obs.now()
         while self.obs.now() < until:
             now = self.obs.now() - loop_start
-            if self.workload.push_rate and now >= next_push:
-                next_push += self.rng.expovariate(self.workload.push_rate)
-                if len(tasks) < MAX_WORKERS:
-                    tasks.add(asyncio.create_task(self._push(session)))
-            if self.workload.pull_rate and now >= next_pull and self.obs.acknowledged:
-                next_pull += self.rng.expovariate(self.workload.pull_rate)
-                if len(tasks) < MAX_WORKERS:
-                    tasks.add(asyncio.create_task(self._pull(session)))
-            elif self.workload.pull_rate and not self.obs.acknowledged:
-                next_pull = now
+            for i, (rate, operation, needs_image) in enumerate(operations):
+                if not rate:
+                    continue
+                if needs_image and not self.obs.live():
+                    due[i] = now
+                elif now >= due[i]:
+                    due[i] += self.rng.expovariate(rate)
+                    if len(tasks) < MAX_WORKERS:
+                        tasks.add(asyncio.create_task(operation(session)))
             done = {t for t in tasks if t.done()}
             tasks -= done
-            await asyncio.sleep(min(0.01, max(0.0, min(next_push, next_pull) - now)) or 0.001)
+            await asyncio.sleep(min(0.01, max(0.0, min(due) - now)) or 0.001)
         if tasks:
             await asyncio.wait(tasks, timeout=30)
 
@@ -379,7 +413,7 @@ class ChaosWorkload:
                                         data=blob, headers=self.credentials) as r:
                     await self._check(r, client, "push", 201)
             push = Push(repo, tag, "sha256:" + hashlib.sha256(image.manifest).hexdigest(), client,
-                        0.0)
+                        0.0, manifest=image.manifest, layer_sample=image.blobs[-1][:64])
             async with session.put(f"{base}/v2/{repo}/manifests/{tag}", data=image.manifest,
                                    headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
                                             **self.credentials}) as r:
@@ -404,7 +438,7 @@ class ChaosWorkload:
 
     async def _pull(self, session: aiohttp.ClientSession) -> None:
         client = self.rng.choice(self.clients)
-        push = self.rng.choice(self.obs.acknowledged)
+        push = self.rng.choice(self.obs.live())
         self.obs.pulls_attempted += 1
         try:
             async with session.get(f"{self.endpoints[client]}/v2/{push.repository}/manifests/{push.tag}",
@@ -415,6 +449,50 @@ class ChaosWorkload:
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             self.obs.error(client, "pull", f"connection:{type(exc).__name__}",
                            outcome=connection_outcome(exc, write=False))
+
+    async def _retag(self, session: aiohttp.ClientSession) -> None:
+        """Tag an acknowledged image again, as a client moving ``t0``..``t2`` does."""
+        client = self.rng.choice(self.clients)
+        push = self.rng.choice(self.obs.live())
+        tag = f"t{self.rng.randrange(3)}"
+        push.retagged = True
+        try:
+            async with session.put(
+                    f"{self.endpoints[client]}/v2/{push.repository}/manifests/{tag}",
+                    data=push.manifest,
+                    headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
+                             **self.credentials}) as r:
+                await self._check(r, client, "retag", 201, push)
+                self.obs.retags.append(Retag(push.repository, tag, push.digest, client,
+                                             self.obs.now()))
+        except _Refused:
+            pass
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            self.obs.error(client, "retag", f"connection:{type(exc).__name__}",
+                           outcome=connection_outcome(exc, write=True))
+
+    async def _delete(self, session: aiohttp.ClientSession) -> None:
+        """Delete an acknowledged image never retagged (so no later tag write
+        brings it back), by digest."""
+        candidates = [p for p in self.obs.live() if not p.retagged]
+        if not candidates:
+            return
+        client = self.rng.choice(self.clients)
+        push = self.rng.choice(candidates)
+        push.deleting = True                 # from now on it may be gone
+        self.obs.deletes_attempted += 1
+        try:
+            async with session.delete(
+                    f"{self.endpoints[client]}/v2/{push.repository}/manifests/{push.digest}",
+                    headers=self.credentials) as r:
+                await self._check(r, client, "delete", 202, push)
+                self.obs.deleted.append(push)
+        except _Refused as refused:
+            push.deleting = refused.outcome is not Outcome.DEFINITE    # it did not happen
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            outcome = connection_outcome(exc, write=True)
+            push.deleting = outcome is not Outcome.DEFINITE
+            self.obs.error(client, "delete", f"connection:{type(exc).__name__}", outcome=outcome)
 
     async def _check(self, r: aiohttp.ClientResponse, client: str, op: str, want: int,
                      pulled: Push | None = None) -> None:
@@ -441,6 +519,26 @@ class ChaosWorkload:
         # A 4xx is counted by its code alone: the code says what was refused.
         self.obs.error(client, op, code, detail, outcome if r.status >= 500 else None)
         raise _Refused(outcome)
+
+
+def _blob_digests(manifest: bytes) -> list[str]:
+    doc = json.loads(manifest)
+    return [doc["config"]["digest"], *(layer["digest"] for layer in doc["layers"])]
+
+
+def plaintext_hits(root: Path, needles: list[bytes]) -> list[tuple[str, bytes]]:
+    """Every (file under ``root``, needle) where the file holds the needle in
+    the clear: what encryption at rest must keep at zero."""
+    hits = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:            # removed meanwhile (an upload, a compaction)
+            continue
+        for needle in needles:
+            if needle in data:
+                hits.append((str(path.relative_to(root)), needle[:40]))
+    return hits
 
 
 def _reason(detail: object) -> str:
@@ -471,7 +569,7 @@ def run_seed(scenario: Scenario, override: int | None = None) -> int:
 class ChaosRun:
     def __init__(self, scenario: Scenario, management: str, *, seed: int | None = None,
                  scale: float = 1.0, owner: str | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, steps: list[Step] | None = None) -> None:
         self.scenario = scenario
         self.tls = tls          # trusts the cluster CA: a TLS cluster's endpoints are HTTPS
         self.management = management.rstrip("/")
@@ -482,7 +580,8 @@ class ChaosRun:
         self.cluster_seed: int | None = None
         self.scale = scale
         self.rng = random.Random(self.seed)
-        self.steps = schedule(scenario, self.rng, scale)
+        # A schedule given (the random nemesis's) is taken as it is, unscaled.
+        self.steps = schedule(scenario, self.rng, scale) if steps is None else list(steps)
         self.obs = Observations()
         self.applied: list[dict] = []
 
@@ -495,10 +594,17 @@ class ChaosRun:
                 raise ScenarioError(f"{method} {path}: {message}")
             return data
 
+    def _session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),
+                                     connector=aiohttp.TCPConnector(ssl=self.tls or True))
+
+    async def status(self) -> dict:
+        """The cluster's status, as the management API gives it."""
+        async with self._session() as session:
+            return await self._api(session, "GET", "/georeg/v1/cluster")
+
     async def run(self, progress=None) -> dict:
-        timeout = aiohttp.ClientTimeout(total=60)
-        async with aiohttp.ClientSession(
-                timeout=timeout, connector=aiohttp.TCPConnector(ssl=self.tls or True)) as session:
+        async with self._session() as session:
             status = await self._api(session, "GET", "/georeg/v1/cluster")
             self.cluster_seed = status.get("seed")
             endpoints = status["global_endpoints"]
@@ -525,7 +631,9 @@ class ChaosRun:
             landed = await self._landed(session)
             verify = await self._verify(session) if self.scenario.assertions.verify else None
             max_lag = await self._max_lag(session, status)
-        return self._report(last_heal, converged_after, lost, verify, max_lag, landed)
+            invariants = await self._invariants(session, verify) \
+                if self.scenario.assertions.invariants else None
+        return self._report(last_heal, converged_after, lost, verify, max_lag, landed, invariants)
 
     async def _admin_credentials(self, session) -> dict[str, str]:
         """The admin user's Basic credentials, as the management API shows them."""
@@ -568,7 +676,7 @@ class ChaosRun:
         started = time.monotonic()
         status = await self._api(session, "GET", "/georeg/v1/cluster")
         node = next((n["http"] for n in status["nodes"] if n["healthy"]), None)
-        pending = {(p.repository, p.tag) for p in self.obs.acknowledged}
+        pending = {(p.repository, p.tag) for p in self.obs.live()}
         # Each status asks every replica, across the modelled WAN (a few hundred
         # ms): asked one image at a time, a pass over ~100 images took longer
         # than the convergence it was measuring.
@@ -609,7 +717,7 @@ class ChaosRun:
 
     async def _lost(self, session) -> list[dict]:
         """Acknowledged pushes no replica serves (after convergence)."""
-        pushes = self.obs.acknowledged
+        pushes = self.obs.live()
         return [{"repository": push.repository, "tag": push.tag, "digest": push.digest,
                  "client": push.client, "acked_at_s": round(push.answered_at, 2)}
                 for push, served in zip(pushes, await self._served(session, pushes), strict=True)
@@ -625,6 +733,65 @@ class ChaosRun:
             return await self._api(session, "GET", "/georeg/v1/verify")
         except ScenarioError as exc:
             return {"clean": False, "error": str(exc)}
+
+    async def _invariants(self, session, verify: dict | None) -> dict[str, list]:
+        """What breaks each of ``INVARIANTS`` (an empty list: it holds), once the
+        cluster has converged. Tags agreeing and residency come from ``georeg
+        verify``'s divergences; the rest is read from every node."""
+        status = await self._api(session, "GET", "/georeg/v1/cluster")
+        nodes = [n for n in status["nodes"] if n["healthy"]]
+        down = [f"{n['name']} not healthy ({n.get('health')}): not checked"
+                for n in status["nodes"] if not n["healthy"]]
+        divergences = (verify or {}).get("divergences") or []
+        slots = asyncio.Semaphore(CONVERGE_CONCURRENCY)
+
+        async def get(url: str, method: str = "GET") -> tuple[int, bytes, str]:
+            async with slots, session.request(method, url, headers=self.credentials) as r:
+                body = await r.read()
+                return r.status, body, r.headers.get("Docker-Content-Digest", "")
+
+        async def pullable(push: Push, node: dict) -> str | None:
+            base = f"{node['http']}/v2/{push.repository}"
+            status_, _, digest = await get(f"{base}/manifests/{push.tag}")
+            if status_ != 200 or digest != push.digest:
+                return f"{push.repository}:{push.tag} on {node['name']}: HTTP {status_}, {digest}"
+            for blob in _blob_digests(push.manifest):
+                status_, body, _ = await get(f"{base}/blobs/{blob}")
+                actual = "sha256:" + hashlib.sha256(body).hexdigest()
+                if status_ != 200 or actual != blob:
+                    return (f"{push.repository}@{blob[:19]}… on {node['name']}: HTTP {status_}, "
+                            f"its bytes hash to {actual[:19]}…")
+            return None
+
+        async def gone(push: Push, node: dict) -> str | None:
+            status_, _, _ = await get(f"{node['http']}/v2/{push.repository}/manifests/"
+                                      f"{push.digest}", "HEAD")
+            return None if status_ == 404 else \
+                f"{push.repository}@{push.digest[:19]}… deleted, still on {node['name']} " \
+                f"(HTTP {status_})"
+
+        def allowed(push: Push) -> list[dict]:
+            return [n for n in nodes
+                    if self.residency.allows(push.region, push.repository, n["region"])]
+
+        checked = await asyncio.gather(
+            *(pullable(p, n) for p in self.obs.live() for n in allowed(p)),
+            *(gone(p, n) for p in self.obs.deleted for n in allowed(p)))
+        live = sum(len(allowed(p)) for p in self.obs.live())
+        roots = [Path(n["data_dir"]) for n in [*status["nodes"], *status.get("paired_copies", ())]
+                 if n.get("data_dir")]
+        samples = [p.layer_sample for p in self.obs.acknowledged if len(p.layer_sample) == 64]
+        samples = random.Random(self.seed).sample(samples, min(len(samples), MAX_DISK_SAMPLES))
+        hits = await asyncio.to_thread(lambda: [hit for root in roots
+                                                for hit in plaintext_hits(root, samples)])
+        return {
+            "acknowledged_pullable": down + [c for c in checked[:live] if c],
+            "tags_agree": [d["detail"] for d in divergences if d.get("kind") == "tag"],
+            "deletes_applied": [c for c in checked[live:] if c],
+            "confined_stays_in_region": [d["detail"] for d in divergences
+                                         if d.get("kind") == "residency"],
+            "no_plaintext_on_disk": [f"{path}: {needle.hex()[:16]}…" for path, needle in hits],
+        }
 
     async def _max_lag(self, session, status: dict, sample: int = 60) -> float | None:
         """The worst lag (ms) any replica recorded for the acknowledged images
@@ -647,7 +814,8 @@ class ChaosRun:
         return worst
 
     def _report(self, last_heal: float, converged_after: float | None, lost: list[dict],
-                verify: dict | None, max_lag: float | None, landed: list[bool]) -> dict:
+                verify: dict | None, max_lag: float | None, landed: list[bool],
+                invariants: dict[str, list] | None = None) -> dict:
         obs = self.obs
         errors: dict[str, dict[str, int]] = {}
         windows: dict[str, dict[str, list]] = {}
@@ -668,6 +836,8 @@ class ChaosRun:
         }
         if a.verify:
             checks["verify_clean"] = bool(verify and verify.get("ok"))
+        for name, broken in (invariants or {}).items():
+            checks[name] = not broken
         return {
             "scenario": self.scenario.name,
             "description": self.scenario.description,
@@ -702,6 +872,10 @@ class ChaosRun:
             "convergence_s": converged_after,
             "max_lag_ms": max_lag,
             "verify": verify,
+            "retags": len(obs.retags),
+            "deletes": {"attempted": obs.deletes_attempted, "acknowledged": len(obs.deleted)},
+            # What broke each invariant checked (the first few of each).
+            "broken": {name: what[:MAX_SHOWN] for name, what in (invariants or {}).items() if what},
             "checks": checks,
             "passed": all(checks.values()),
         }
@@ -751,6 +925,12 @@ def summary(report: dict) -> str:
         lines.append(f"  georeg verify: {'clean' if verdict.get('ok') else 'DIVERGENT'}"
                      + (f" ({len(verdict.get('divergences') or [])} divergences)"
                         if not verdict.get("ok") else ""))
+    if report.get("deletes"):
+        d = report["deletes"]
+        lines.append(f"  retags acknowledged: {report['retags']}; deletes: {d['attempted']} "
+                     f"attempted, {d['acknowledged']} acknowledged")
+    for name, what in report.get("broken", {}).items():
+        lines.append(f"  invariant broken: {name}: " + "; ".join(what[:3]))
     failed = [k for k, ok in report["checks"].items() if not ok]
     if failed:
         lines.append(f"  failed checks: {', '.join(failed)}")

@@ -205,6 +205,9 @@ def test_random_nemesis_over_every_fault_kind_keeps_every_invariant(cluster):
     retags, deletes from every client location) under a seeded nemesis drawing
     from every kind, then every invariant checked (`make chaos` runs it longer,
     with fresh seeds)."""
+    # The schedule `--schedule-only` prints from the spec is the one run here.
+    assert nemesis.Topology.from_spec(cluster.cluster.spec) == \
+        nemesis.Topology.from_status(cluster.status())
     scenario = nemesis.scenario(RANDOM_SEED, 8.0)
     report = asyncio.run(random_run(scenario, tuple(nemesis.NEMESIS), 5.0,
                                     cluster.management_url, cluster.cluster.secrets.owner))

@@ -201,6 +201,8 @@ class Push:
     layer_sample: bytes = field(default=b"", repr=False)   # 64 bytes of a layer, looked for on disk
     retagged: bool = False            # a retag of it was attempted: never deleted then
     deleting: bool = False            # a delete of it may have happened: not expected anywhere
+    deleted: str = ""                 # an acknowledged delete: when, by whom, through which replica
+    deleted_in: str = ""              # the region whose replica acknowledged the delete
 
 
 @dataclass
@@ -452,8 +454,8 @@ class ChaosWorkload:
 
     async def _retag(self, session: aiohttp.ClientSession) -> None:
         """Tag an acknowledged image again, as a client moving ``t0``..``t2`` does."""
-        client = self.rng.choice(self.clients)
         push = self.rng.choice(self.obs.live())
+        client = self._client_seeing(push)
         tag = f"t{self.rng.randrange(3)}"
         push.retagged = True
         try:
@@ -471,14 +473,21 @@ class ChaosWorkload:
             self.obs.error(client, "retag", f"connection:{type(exc).__name__}",
                            outcome=connection_outcome(exc, write=True))
 
+    def _client_seeing(self, push: Push) -> str:
+        """A client location that can see ``push`` (residency lets it there):
+        only such a client writes about an image it has pulled."""
+        seeing = [c for c in self.clients
+                  if self.residency.allows(push.region, push.repository, c)]
+        return self.rng.choice(seeing or self.clients)
+
     async def _delete(self, session: aiohttp.ClientSession) -> None:
         """Delete an acknowledged image never retagged (so no later tag write
         brings it back), by digest."""
         candidates = [p for p in self.obs.live() if not p.retagged]
         if not candidates:
             return
-        client = self.rng.choice(self.clients)
         push = self.rng.choice(candidates)
+        client = self._client_seeing(push)
         push.deleting = True                 # from now on it may be gone
         self.obs.deletes_attempted += 1
         try:
@@ -486,6 +495,9 @@ class ChaosWorkload:
                     f"{self.endpoints[client]}/v2/{push.repository}/manifests/{push.digest}",
                     headers=self.credentials) as r:
                 await self._check(r, client, "delete", 202, push)
+                replica = r.headers.get("X-Georeg-Replica", "")
+                push.deleted = f"t+{self.obs.now():.2f}s by a client in {client} via {replica}"
+                push.deleted_in = region_of(replica) if replica else ""
                 self.obs.deleted.append(push)
         except _Refused as refused:
             push.deleting = refused.outcome is not Outcome.DEFINITE    # it did not happen
@@ -519,6 +531,15 @@ class ChaosWorkload:
         # A 4xx is counted by its code alone: the code says what was refused.
         self.obs.error(client, op, code, detail, outcome if r.status >= 500 else None)
         raise _Refused(outcome)
+
+
+def _copies_behind(status: dict) -> list[str]:
+    """Paired-region copies holding fewer images than the region they keep."""
+    held: dict[str, int] = {}
+    for node in status["nodes"]:
+        held[node["region"]] = max(held.get(node["region"], 0), node.get("images") or 0)
+    return [copy["name"] for copy in status.get("paired_copies") or ()
+            if (copy.get("images") or 0) < held.get(copy["keeps"], 0)]
 
 
 def _blob_digests(manifest: bytes) -> list[str]:
@@ -584,6 +605,7 @@ class ChaosRun:
         self.steps = schedule(scenario, self.rng, scale) if steps is None else list(steps)
         self.obs = Observations()
         self.applied: list[dict] = []
+        self.residency = ResidencyPolicy()    # the cluster's, once known
 
     async def _api(self, session, method: str, path: str, body: dict | None = None):
         async with session.request(method, self.management + path, json=body,
@@ -610,6 +632,7 @@ class ChaosRun:
             endpoints = status["global_endpoints"]
             residency = msgspec.convert(status["residency"], ResidencyPolicy) \
                 if "residency" in status else None
+            self.residency = residency or ResidencyPolicy()
             if status.get("admin_username"):       # a cluster with auth
                 self.credentials = await self._admin_credentials(session)
             workload = ChaosWorkload(self.scenario, endpoints, self.rng, self.obs, residency,
@@ -670,13 +693,16 @@ class ChaosRun:
             self.applied.append(entry)
 
     async def _converge(self, session, limit_s: float | None = None) -> float | None:
-        """Seconds from the last heal until every acknowledged image is everywhere
-        residency allows (None if that did not happen within the limit)."""
+        """Seconds from the last heal until every acknowledged image (and every
+        retagged tag) is everywhere residency allows, agreeing, and every
+        paired-region copy holds as many images as its region (None if that did
+        not happen within the limit): verify, a snapshot, needs the cluster quiet."""
         limit = limit_s or max(self.scenario.assertions.max_convergence_s * 2, 30)
         started = time.monotonic()
         status = await self._api(session, "GET", "/georeg/v1/cluster")
         node = next((n["http"] for n in status["nodes"] if n["healthy"]), None)
-        pending = {(p.repository, p.tag) for p in self.obs.live()}
+        pending = {(p.repository, p.tag) for p in self.obs.live()} | \
+            {(r.repository, r.tag) for r in self.obs.retags}
         # Each status asks every replica, across the modelled WAN (a few hundred
         # ms): asked one image at a time, a pass over ~100 images took longer
         # than the convergence it was measuring.
@@ -694,7 +720,8 @@ class ChaosRun:
                                    strict=True):
                 if done:
                     pending.discard(image)
-            if not pending:
+            if not pending and not _copies_behind(
+                    await self._api(session, "GET", "/georeg/v1/cluster")):
                 return round(time.monotonic() - started, 2)
             await asyncio.sleep(0.25)
         return None
@@ -767,7 +794,8 @@ class ChaosRun:
             status_, _, _ = await get(f"{node['http']}/v2/{push.repository}/manifests/"
                                       f"{push.digest}", "HEAD")
             return None if status_ == 404 else \
-                f"{push.repository}@{push.digest[:19]}… deleted, still on {node['name']} " \
+                f"{push.repository}@{push.digest[:19]}… (pushed in {push.region} at " \
+                f"t+{push.answered_at:.2f}s, deleted {push.deleted}) still on {node['name']} " \
                 f"(HTTP {status_})"
 
         def allowed(push: Push) -> list[dict]:
@@ -776,7 +804,9 @@ class ChaosRun:
 
         checked = await asyncio.gather(
             *(pullable(p, n) for p in self.obs.live() for n in allowed(p)),
-            *(gone(p, n) for p in self.obs.deleted for n in allowed(p)))
+            *(gone(p, n) for p in self.obs.deleted for n in allowed(p)
+              # A delete is a write of the region that took it: it goes where that allows.
+              if self.residency.allows(p.deleted_in or p.region, p.repository, n["region"])))
         live = sum(len(allowed(p)) for p in self.obs.live())
         roots = [Path(n["data_dir"]) for n in [*status["nodes"], *status.get("paired_copies", ())]
                  if n.get("data_dir")]

@@ -12,13 +12,15 @@ import inspect
 import msgspec
 import pytest
 
-from cluster.cli.chaos import random_run, random_summary
+from cluster.cli.chaos import random_run, random_summary, scenario_cluster
 from cluster.control import spec as specs
 from cluster.faults import nemesis
 from cluster.faults.chaos import INVARIANTS, Workload
 from cluster.faults.controller import FaultController
 from cluster.testing import RunningCluster
 from registry_node.broken_build import VARIABLE
+
+from .command_line import georeg_command
 
 TOPOLOGY = nemesis.Topology.from_spec(specs.load(None))
 
@@ -67,6 +69,19 @@ def test_every_kind_draws_faults_the_controller_takes_and_that_heal_before_the_e
             seen.add(step.kind)
     assert seen == {"region-outage", "zone-outage", "partition", "link", "disk", "bitrot",
                     "clock", "http", "routing", "throttle"}
+
+
+def test_the_command_prints_the_schedule_it_would_run_and_refuses_unknown_kinds():
+    args = ["chaos", "random", "--schedule-only", "--seed", "4", "--duration", "60"]
+    first, again = georeg_command(args), georeg_command(args)
+    assert first.returncode == 0, first.stderr
+    spec = scenario_cluster(nemesis.scenario(4, 60), 4)
+    expected = nemesis.plan(4, 60, tuple(nemesis.NEMESIS), nemesis.DEFAULT_INTENSITY,
+                            nemesis.Topology.from_spec(spec))
+    assert first.stdout.splitlines() == described(expected) == again.stdout.splitlines()
+    assert "seed 4 (replay: --seed 4)" in first.stderr
+    bad = georeg_command([*args, "--kinds", "partition,pause-the-world"])
+    assert bad.returncode == 2 and "unknown nemesis kind(s) pause-the-world" in bad.stderr
 
 
 def test_shrinking_finds_the_shortest_history_that_still_breaks():

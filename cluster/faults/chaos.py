@@ -61,6 +61,19 @@ for once the cluster has converged and reported as landed or never appeared;
 neither is a loss, since neither was acknowledged. Outcomes are read from the
 error body (``detail.outcome``, the contract in ``registry_node.errors``).
 
+With ``retag_rate`` and ``delete_rate`` the workload also tags acknowledged
+images again (``t0``..``t2`` of their repository) and deletes images never
+retagged, by digest, each from a client location residency lets see the
+image. A run with ``[assertions] invariants = true`` (every ``georeg chaos
+random`` run, ``cluster.faults.nemesis``) checks, once converged, the
+invariants of ``INVARIANTS`` too: every acknowledged push not deleted is
+pullable, manifest and blobs byte-exact by digest, from every node of every
+region residency allows; retagged tags agree and confined content stays
+home (``georeg verify``'s tag and residency divergences, not a second
+checker); every acknowledged delete is gone from every node residency lets
+the deleting region's write reach; no pushed layer is found in the clear
+under any node's data dir. The report's ``broken`` says what broke each.
+
 Client-visible errors are counted by code and client location, with their
 time windows and the first message of each window; a 5xx (or a connection
 error) is split by outcome, ``UNAVAILABLE (definite)`` apart from
@@ -212,6 +225,7 @@ class Retag:
     digest: str
     client: str
     answered_at: float
+    region: str = ""                  # where it was written (the replica that acknowledged it)
 
 
 @dataclass(frozen=True)
@@ -453,10 +467,14 @@ class ChaosWorkload:
                            outcome=connection_outcome(exc, write=False))
 
     async def _retag(self, session: aiohttp.ClientSession) -> None:
-        """Tag an acknowledged image again, as a client moving ``t0``..``t2`` does."""
+        """Tag an acknowledged image again, as a client moving ``t0``..``t2`` does.
+        A client in a region that keeps its writes moves tags of its own
+        (``t0-brazilsouth``): its writes never reach the others, so a tag
+        shared with them would differ by design, not converge."""
         push = self.rng.choice(self.obs.live())
         client = self._client_seeing(push)
-        tag = f"t{self.rng.randrange(3)}"
+        tag = f"t{self.rng.randrange(3)}" + \
+            (f"-{client}" if self.residency.confined(client, push.repository) else "")
         push.retagged = True
         try:
             async with session.put(
@@ -465,8 +483,9 @@ class ChaosWorkload:
                     headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
                              **self.credentials}) as r:
                 await self._check(r, client, "retag", 201, push)
-                self.obs.retags.append(Retag(push.repository, tag, push.digest, client,
-                                             self.obs.now()))
+                self.obs.retags.append(Retag(
+                    push.repository, tag, push.digest, client, self.obs.now(),
+                    region_of(r.headers.get("X-Georeg-Replica", "")) or client))
         except _Refused:
             pass
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
@@ -475,9 +494,12 @@ class ChaosWorkload:
 
     def _client_seeing(self, push: Push) -> str:
         """A client location that can see ``push`` (residency lets it there):
-        only such a client writes about an image it has pulled."""
+        only such a client writes about an image it has pulled; one in a region
+        that keeps its writes, only about images pushed there (what it writes
+        stays there)."""
         seeing = [c for c in self.clients
-                  if self.residency.allows(push.region, push.repository, c)]
+                  if self.residency.allows(push.region, push.repository, c)
+                  and (c == push.region or not self.residency.confined(c, push.repository))]
         return self.rng.choice(seeing or self.clients)
 
     async def _delete(self, session: aiohttp.ClientSession) -> None:
@@ -606,6 +628,7 @@ class ChaosRun:
         self.obs = Observations()
         self.applied: list[dict] = []
         self.residency = ResidencyPolicy()    # the cluster's, once known
+        self.unconverged: list[str] = []      # what had not converged when the wait ended
 
     async def _api(self, session, method: str, path: str, body: dict | None = None):
         async with session.request(method, self.management + path, json=body,
@@ -701,15 +724,18 @@ class ChaosRun:
         started = time.monotonic()
         status = await self._api(session, "GET", "/georeg/v1/cluster")
         node = next((n["http"] for n in status["nodes"] if n["healthy"]), None)
-        pending = {(p.repository, p.tag) for p in self.obs.live()} | \
-            {(r.repository, r.tag) for r in self.obs.retags}
+        in_region = {n["region"]: n["http"] for n in status["nodes"] if n["healthy"]}
+        # A retagged tag is asked of its writer's region (one that keeps its
+        # writes holds tags no other has).
+        pending = {(p.repository, p.tag, node) for p in self.obs.live()} | \
+            {(r.repository, r.tag, in_region.get(r.region, node)) for r in self.obs.retags}
         # Each status asks every replica, across the modelled WAN (a few hundred
         # ms): asked one image at a time, a pass over ~100 images took longer
         # than the convergence it was measuring.
         slots = asyncio.Semaphore(CONVERGE_CONCURRENCY)
 
-        async def complete(repo: str, tag: str) -> bool:
-            async with slots, session.get(f"{node}/georeg/v1/replication/status",
+        async def complete(repo: str, tag: str, asked: str) -> bool:
+            async with slots, session.get(f"{asked}/georeg/v1/replication/status",
                                           params={"repository": repo, "reference": tag},
                                           headers=self.credentials) as r:
                 return r.status == 200 and (await r.json())["complete"]
@@ -720,10 +746,14 @@ class ChaosRun:
                                    strict=True):
                 if done:
                     pending.discard(image)
-            if not pending and not _copies_behind(
-                    await self._api(session, "GET", "/georeg/v1/cluster")):
+            behind = [] if pending else \
+                _copies_behind(await self._api(session, "GET", "/georeg/v1/cluster"))
+            if not pending and not behind:
                 return round(time.monotonic() - started, 2)
             await asyncio.sleep(0.25)
+        # What never got there, for the report.
+        self.unconverged = [f"{repo}:{tag}" for repo, tag, _ in sorted(pending)[:MAX_SHOWN]] \
+            + [f"paired copy {name} behind its region" for name in behind]
         return None
 
     async def _served(self, session, pushes: list[Push]) -> list[bool]:
@@ -900,6 +930,7 @@ class ChaosRun:
                                   for client in sorted({p.client for p in obs.acknowledged})},
             "last_heal_at_s": round(last_heal, 2),
             "convergence_s": converged_after,
+            "unconverged": self.unconverged,
             "max_lag_ms": max_lag,
             "verify": verify,
             "retags": len(obs.retags),
@@ -947,7 +978,8 @@ def summary(report: dict) -> str:
     healed = (f"the last heal (t+{report['last_heal_at_s']:g}s: workload over, "
               "every fault healed)")
     lines.append(f"  converged {conv:g}s after {healed}" if conv is not None
-                 else f"  did NOT converge after {healed}")
+                 else f"  did NOT converge after {healed}: "
+                      + ", ".join(report.get("unconverged") or ["?"]))
     if report["max_lag_ms"] is not None:
         lines.append(f"  worst replication lag of an acknowledged image: {report['max_lag_ms']:.0f} ms")
     if report["verify"] is not None:

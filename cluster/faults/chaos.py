@@ -392,7 +392,9 @@ class ChaosWorkload:
                         tasks.add(asyncio.create_task(operation(session)))
             done = {t for t in tasks if t.done()}
             tasks -= done
-            await asyncio.sleep(min(0.01, max(0.0, min(due) - now)) or 0.001)
+            next_due = min((d for d, (rate, *_) in zip(due, operations, strict=True) if rate),
+                           default=now + 0.01)
+            await asyncio.sleep(min(0.01, max(0.0, next_due - now)) or 0.001)
         if tasks:
             await asyncio.wait(tasks, timeout=30)
 

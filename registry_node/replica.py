@@ -46,7 +46,6 @@ import msgspec
 from . import fingerprints, keys, locks
 from . import manifest as manifests
 from .blobstore import UploadFile
-from .broken_build import unchecked_replication
 from .configuration import Configuration
 from .errors import RegistryError
 from .metastore import Batch
@@ -130,8 +129,11 @@ def _tombstone(stamp: Stamp, digest: str = "") -> bytes:
 class Replica:
     """The merge side of one node's registry."""
 
-    def __init__(self, registry: Registry, configuration: Configuration) -> None:
+    def __init__(self, registry: Registry, configuration: Configuration, *,
+                 unchecked: bool = False) -> None:
         self.registry = registry
+        # TEST ONLY (registry_node.broken_build): replicated blobs stored unchecked.
+        self.unchecked = unchecked
         # Registry configuration travels with content: the node's one store
         # (``Node.configuration``), whose generation its readers watch.
         self.configuration = configuration
@@ -238,7 +240,7 @@ class Replica:
 
         def check_and_place() -> str:     # one trip to a worker thread, not two
             actual = file.digest(Digest(digest).algorithm)
-            if unchecked_replication():     # TEST ONLY: a deliberately broken build
+            if self.unchecked:     # TEST ONLY: a deliberately broken build
                 actual = digest
             if actual != digest:
                 self.blobs.discard_upload(file)

@@ -54,7 +54,6 @@ from dataclasses import dataclass
 import grpc
 
 from registry_node import fingerprints
-from registry_node.broken_build import unchecked_replication
 from registry_node.records import NodeIdentity
 
 from .convert import node_ref
@@ -141,7 +140,7 @@ class _Abilities:
 class PeerClient:
     def __init__(self, peer: Peer, me: NodeIdentity, rpc_timeout_s: float = 10.0,
                  credentials: PeerCredentials | None = None, *, my_name: str = "",
-                 integrity_refused: Refused | None = None) -> None:
+                 integrity_refused: Refused | None = None, unchecked: bool = False) -> None:
         self.peer = peer
         self._me = node_ref(me)
         self._my_name = my_name         # this node's name in its view (subscriptions say it)
@@ -157,7 +156,7 @@ class PeerClient:
         # Over plain gRPC every message is sealed and checked (wire.integrity);
         # over TLS the record layer already authenticates every byte.
         self.stub = sealed_stub(self.channel,
-                                sealed=credentials is None and not unchecked_replication(),
+                                sealed=credentials is None and not unchecked,   # TEST ONLY: broken_build
                                 **({"refused": integrity_refused} if integrity_refused else {}))
         # Blob fetches running on the channel, at most (``fetch_streams``);
         # shared by ``hurried`` copies, which use the same channel.

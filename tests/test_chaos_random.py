@@ -18,7 +18,10 @@ from cluster.faults import nemesis
 from cluster.faults.chaos import INVARIANTS, Workload
 from cluster.faults.controller import FaultController
 from cluster.testing import RunningCluster
+from cluster.control.supervisor import node_environment
+from registry_node import broken_build
 from registry_node.broken_build import VARIABLE
+from registry_node.replica import DigestMismatch, Replica
 
 from .command_line import georeg_command
 
@@ -108,15 +111,37 @@ BROKEN_SPEC = specs.ClusterSpec(
     replicas=(specs.ReplicaSpec("westeurope"),))
 
 
+async def test_the_broken_build_switch_is_read_once_at_start_and_never_inherited(node):
+    """The test-only switch (registry_node.broken_build) is data from the
+    node's start on: only a replica built with it stores bytes that do not
+    hash to their digest, the node says so, and a supervisor never passes the
+    variable from its own environment to nodes, only when a harness asks."""
+    body, digest = b"damaged on the way", "sha256:" + "7" * 64
+    with pytest.raises(DigestMismatch):
+        await Replica(node.registry, node.node.configuration).store_sent_blob(digest, body)
+    assert not node.registry.blobs.path(digest).exists()
+    await Replica(node.registry, node.node.configuration, unchecked=True).store_sent_blob(
+        digest, body)
+    assert node.registry.blobs.path(digest).exists()
+    assert broken_build.from_environment({VARIABLE: "1"}) and not broken_build.from_environment({})
+    inherited = {VARIABLE: "1", "GEOREG_TEST_CLI": "fresh", "HOME": "/h"}
+    assert node_environment(inherited, {}) == {"HOME": "/h", "PYTHONUNBUFFERED": "1"}
+    assert node_environment(inherited, {VARIABLE: "1"})[VARIABLE] == "1"
+
+
+@pytest.mark.soak
 def test_a_broken_build_is_caught_by_a_short_run_over_a_corrupting_link(tmp_path, monkeypatch):
     """With the test-only switch (registry_node.broken_build) nodes store
     replicated blobs unchecked: a corrupting link gets damaged blobs stored,
-    and the run says which invariant broke and the seed to replay it."""
-    monkeypatch.setenv(VARIABLE, "1")
+    and the run says which invariant broke and the seed to replay it. The
+    switch is given to the nodes by the harness; the test's own environment
+    is never forwarded (soak: ~20 s)."""
+    monkeypatch.setenv(VARIABLE, "1")       # not forwarded: node_env is what turns it on
     scenario = nemesis.scenario(5, 6.0)
     scenario = msgspec.structs.replace(scenario, workload=Workload(
         push_rate=4.0, pull_rate=1.0, layers=2, layer_size=(32768, 65536), repositories=2))
-    with RunningCluster(BROKEN_SPEC, tmp_path) as running:
+    with RunningCluster(BROKEN_SPEC, tmp_path, node_env={VARIABLE: "1"}) as running:
+        assert all(n.info.get("unchecked_replication") for n in running.cluster.nodes().values())
         report = running.run(lambda: random_run(scenario, ("link-corrupt",), 20.0,
                                                 running.management_url, None), timeout=120)
     text = random_summary(report)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 
 import msgspec
 import pytest
 
 from cluster.cli.chaos import random_run, random_summary, scenario_cluster
 from cluster.control import spec as specs
+from cluster.control.supervisor import node_environment
 from cluster.faults import nemesis
-from cluster.faults.chaos import INVARIANTS, Workload
+from cluster.faults.chaos import INVARIANTS, ChaosRun, ChaosWorkload, Observations, Workload
 from cluster.faults.controller import FaultController
 from cluster.testing import RunningCluster
-from cluster.control.supervisor import node_environment
 from registry_node import broken_build
 from registry_node.broken_build import VARIABLE
 from registry_node.replica import DigestMismatch, Replica
@@ -75,16 +76,22 @@ def test_every_kind_draws_faults_the_controller_takes_and_that_heal_before_the_e
 
 
 def test_the_command_prints_the_schedule_it_would_run_and_refuses_unknown_kinds():
-    args = ["chaos", "random", "--schedule-only", "--seed", "4", "--duration", "60"]
-    first, again = georeg_command(args), georeg_command(args)
+    """One CLI call (``plan``'s purity is tested in-process above): the
+    schedule printed is the planned one, as many steps as ``--only`` names,
+    and the replay line carries every input the schedule depends on."""
+    kinds = ",".join(reversed(nemesis.NEMESIS))      # any order: one schedule
+    args = ["chaos", "random", "--schedule-only", "--seed", "4", "--duration", "60",
+            "--kinds", kinds, "--intensity", "2", "--only", "3,1"]
+    first = georeg_command(args)
     assert first.returncode == 0, first.stderr
     spec = scenario_cluster(nemesis.scenario(4, 60), 4)
-    expected = nemesis.plan(4, 60, tuple(nemesis.NEMESIS), nemesis.DEFAULT_INTENSITY,
-                            nemesis.Topology.from_spec(spec))
-    assert first.stdout.splitlines() == described(expected) == again.stdout.splitlines()
-    assert "seed 4 (replay: --seed 4)" in first.stderr
-    bad = georeg_command([*args, "--kinds", "partition,pause-the-world"])
-    assert bad.returncode == 2 and "unknown nemesis kind(s) pause-the-world" in bad.stderr
+    expected = nemesis.plan(4, 60, tuple(nemesis.NEMESIS), 2.0, nemesis.Topology.from_spec(spec))
+    assert first.stdout.splitlines() == described([expected[0], expected[2]])
+    assert (f"replay: georeg chaos random --seed 4 --duration 60 "
+            f"--kinds {','.join(nemesis.NEMESIS)} --intensity 2 --only 3,1") in first.stderr
+    assert nemesis.kinds_from(kinds) == tuple(nemesis.NEMESIS)
+    with pytest.raises(nemesis.NemesisError, match=r"unknown nemesis kind\(s\) pause-the-world"):
+        nemesis.kinds_from("partition,pause-the-world")
 
 
 def test_shrinking_finds_the_shortest_history_that_still_breaks():
@@ -104,6 +111,28 @@ def test_shrinking_finds_the_shortest_history_that_still_breaks():
     # Bounded: never asks more than it may, and returns only what broke.
     shortest, runs = asyncio.run(nemesis.shrink(list(range(40)), needs_3_and_7, max_runs=4))
     assert runs <= 4 and 3 in shortest and 7 in shortest
+
+
+def test_a_replay_pushes_content_of_its_own_and_judges_its_own_repositories():
+    """Shrinking replays (named apart) never push the first run's bytes, which
+    a damaged copy left by that run would shadow, and judge verify's
+    divergences in their own repositories only."""
+    first = nemesis.scenario(5, 6.0)
+    replay = msgspec.structs.replace(first, name=f"{first.name}-shrink1")
+
+    def blobs(scenario):
+        workload = ChaosWorkload(scenario, {"eastus": "http://unused"},
+                                 random.Random(scenario.seed), Observations())
+        return set(workload.image().blobs)
+
+    assert not blobs(first) & blobs(replay) and blobs(first) == blobs(first)
+    verify = {"ok": False, "error": None, "divergences": [
+        {"kind": "residency", "repository": "", "detail": "left by the first run"},
+        {"kind": "tag", "repository": "chaos/random-5/r0", "detail": "the first run's"},
+        {"kind": "tag", "repository": "chaos/random-5-shrink1/r1", "detail": "the replay's"}]}
+    scoped = ChaosRun(replay, "http://unused", steps=[], scope="chaos/random-5-shrink1/")
+    assert [d["detail"] for d in scoped._divergences(verify)] == ["the replay's"]
+    assert len(ChaosRun(first, "http://unused", steps=[])._divergences(verify)) == 3
 
 
 BROKEN_SPEC = specs.ClusterSpec(

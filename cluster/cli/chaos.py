@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--shrink-runs", type=int, default=8, metavar="N",
                    help="replays at most spent shrinking a failing run's fault history (8; 0: "
                         "do not shrink)")
+    c.add_argument("--only", metavar="N,N…",
+                   help="run only these steps of the schedule (1-based, as numbered in a "
+                        "shrunk history's replay line)")
     c.add_argument("--schedule-only", action="store_true",
                    help="print the fault schedule and exit (no run; the topology is the "
                         "running cluster's, else the default spec's)")
@@ -187,21 +190,27 @@ def run_random(args: argparse.Namespace) -> int:
         kinds = nemesis.kinds_from(args.kinds)
     except nemesis.NemesisError as exc:
         raise CliError(str(exc)) from None
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    print(f"random nemesis, seed {seed} (replay: --seed {seed})", file=sys.stderr)
+    try:
+        only = tuple(int(n) for n in args.only.split(",")) if args.only else None
+    except ValueError:
+        raise CliError(f"--only takes step numbers such as 1,3, not {args.only!r}") from None
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(nemesis.SEED_LIMIT)
+    replay = replay_command(seed, args.duration, kinds, args.intensity, args.auth, only)
+    print(f"random nemesis, seed {seed} (replay: {replay})", file=sys.stderr)
     scenario = nemesis.scenario(seed, args.duration)
     state = running_state(args.data_dir) if args.data_dir else None
     if args.schedule_only:
         spec = (saved_spec(args.data_dir) if args.data_dir else None) \
             or scenario_cluster(scenario, seed, args.auth)
         topology = nemesis.Topology.from_spec(spec)
-        for step in nemesis.plan(seed, args.duration, kinds, args.intensity, topology):
+        for step in chosen(nemesis.plan(seed, args.duration, kinds, args.intensity, topology),
+                           only):
             print(step.describe())
         return 0
 
     async def against(management, owner, tls) -> dict:
         return await random_run(scenario, kinds, args.intensity, management, owner, tls,
-                                shrink_runs=args.shrink_runs)
+                                shrink_runs=args.shrink_runs, only=only, auth=args.auth)
 
     try:
         report = asyncio.run(_run_scenario(scenario, args, state, against))
@@ -213,19 +222,50 @@ def run_random(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def replay_command(seed: int, duration: float, kinds, intensity: float,
+                   auth: str | None = None, only=None) -> str:
+    """The command that runs the same schedule again (every input it depends on)."""
+    return " ".join(["georeg chaos random", f"--seed {seed}", f"--duration {duration:g}",
+                     f"--kinds {','.join(kinds)}", f"--intensity {intensity:g}",
+                     *([f"--auth {auth}"] if auth else []),
+                     *([f"--only {','.join(map(str, only))}"] if only else [])])
+
+
+def chosen(steps: list, only) -> list:
+    """The steps ``--only`` names (1-based), or all of them."""
+    if only is None:
+        return steps
+    bad = [n for n in only if not 1 <= n <= len(steps)]
+    if bad:
+        raise CliError(f"--only {bad}: the schedule has steps 1 to {len(steps)}")
+    return [steps[n - 1] for n in sorted(set(only))]
+
+
+def broken_invariants(report: dict) -> list[str]:
+    return sorted(report["broken"]) or [k for k, ok in report["checks"].items() if not ok]
+
+
 async def random_run(scenario, kinds, intensity: float, management: str, owner: str | None,
-                     tls=None, *, shrink_runs: int = 0) -> dict:
+                     tls=None, *, shrink_runs: int = 0, only=None, auth: str | None = None) -> dict:
     """One random-nemesis run against a cluster (its topology read from the
     management API); if an invariant breaks, its fault history shrunk by up to
     ``shrink_runs`` replays on the same cluster (each in repositories of its own)."""
     status = await ChaosRun(scenario, management, owner=owner, tls=tls).status()
     topology = nemesis.Topology.from_status(status)
-    steps = nemesis.plan(scenario.seed, scenario.duration_s, kinds, intensity, topology)
+    planned = nemesis.plan(scenario.seed, scenario.duration_s, kinds, intensity, topology)
+    steps = chosen(planned, only)
     report = await ChaosRun(scenario, management, owner=owner, tls=tls, steps=steps).run()
+
+    def replay(history) -> str:
+        numbers = [planned.index(s) + 1 for s in history]
+        return replay_command(scenario.seed, scenario.duration_s, kinds, intensity, auth,
+                              numbers if numbers != list(range(1, len(planned) + 1)) else None)
+
+    report["replay"] = replay(steps)
     report["nemesis"] = {"kinds": list(kinds), "intensity": intensity,
                          "topology": [f"{r}{'/' + ','.join(z) if z != ('',) else ''}"
                                       for r, z in topology.regions]}
-    broken = sorted(report["broken"]) or [k for k, ok in report["checks"].items() if not ok]
+    broken = broken_invariants(report)
     if not broken or not shrink_runs:
         return report
     replays = 0
@@ -234,12 +274,18 @@ async def random_run(scenario, kinds, intensity: float, management: str, owner: 
         nonlocal replays
         replays += 1
         again = msgspec.structs.replace(scenario, name=f"{scenario.name}-shrink{replays}")
-        replay = await ChaosRun(again, management, owner=owner, tls=tls, steps=history).run()
+        # Its own content (salted with its name) and its own repositories
+        # judged: what the first run left, broken or not, is not the replay's.
+        replay = await ChaosRun(again, management, owner=owner, tls=tls, steps=history,
+                                scope=f"chaos/{again.name}/").run()
         return broken[0] in replay["broken"] or not replay["checks"].get(broken[0], True)
 
     shortest, runs = await nemesis.shrink(steps, still_breaks, shrink_runs)
-    report["shrunk"] = {"invariant": broken[0], "replays": runs,
-                        "history": [s.describe() for s in shortest]}
+    # The predicate depends on timing: the shrunk history is confirmed once more.
+    confirmed = runs == 0 or await still_breaks(shortest)
+    report["shrunk"] = {"invariant": broken[0], "replays": runs + 1, "confirmed": confirmed,
+                        "history": [s.describe() for s in shortest],
+                        "replay": replay(shortest) if shortest else None}
     return report
 
 
@@ -250,11 +296,14 @@ def random_summary(report: dict) -> str:
         lines.append(f"  nemesis: kinds {', '.join(n['kinds'])}; intensity {n['intensity']:g}; "
                      f"topology {' '.join(n['topology'])}")
     if not report["passed"]:
-        broken = sorted(report["broken"]) or [k for k, ok in report["checks"].items() if not ok]
-        lines.append(f"  BROKEN: {', '.join(broken)}; replay with --seed {report['seed']}")
+        lines.append(f"  BROKEN: {', '.join(broken_invariants(report))}; replay with "
+                     f"{report.get('replay') or '--seed ' + str(report['seed'])}")
     shrunk = report.get("shrunk")
     if shrunk:
         lines.append(f"  shortest fault history still breaking {shrunk['invariant']} "
-                     f"({shrunk['replays']} replays): "
+                     f"({shrunk['replays']} replays, "
+                     f"{'confirmed' if shrunk['confirmed'] else 'NOT confirmed by a last replay'}): "
                      + ("; ".join(shrunk["history"]) or "none: it breaks without faults"))
+        if shrunk["replay"]:
+            lines.append(f"  replay it with {shrunk['replay']}")
     return "\n".join(lines)

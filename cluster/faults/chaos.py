@@ -245,6 +245,7 @@ class Observations:
     acknowledged: list[Push] = field(default_factory=list)
     indefinite: list[Push] = field(default_factory=list)   # may have happened; never acknowledged
     retags: list[Retag] = field(default_factory=list)      # acknowledged
+    retags_unsure: list[Retag] = field(default_factory=list)   # may have happened (indefinite)
     deleted: list[Push] = field(default_factory=list)      # acknowledged deletes (202)
     deletes_attempted: int = 0
     # t, client, op, code (split by outcome where the answer had one, see ``error_label``)
@@ -363,13 +364,17 @@ class ChaosWorkload:
                                 f"the cluster has {sorted(endpoints)}")
         self.endpoints = endpoints
         self.rng = rng
+        # Bytes come from the run's name as well as its seed: a replay (a
+        # shrink, named apart) never pushes the first run's blobs, which a
+        # damaged copy left by that run would shadow.
+        self._content = random.Random(f"{scenario.seed}/{scenario.name}")
         self.obs = obs
         self._counter = 0
 
     def _layer(self) -> bytes:
         size = self.workload.layer_size
         n = self.rng.randint(*size) if isinstance(size, (list, tuple)) else size
-        return self.rng.randbytes(n)
+        return self._content.randbytes(n)
 
     async def run(self, session: aiohttp.ClientSession, until: float) -> None:
         tasks: set[asyncio.Task] = set()
@@ -407,7 +412,8 @@ class ChaosWorkload:
         """The next image to push, drawn with the seed."""
         repo = f"chaos/{self.scenario.name}/r{self.rng.randrange(self.workload.repositories)}"
         layers = [self._layer() for _ in range(self.workload.layers)]
-        config = json.dumps({"architecture": "amd64", "os": "linux", "n": self._counter}).encode()
+        config = json.dumps({"architecture": "amd64", "os": "linux", "n": self._counter,
+                             "run": self.scenario.name}).encode()
         manifest = json.dumps({
             "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
@@ -488,11 +494,16 @@ class ChaosWorkload:
                 self.obs.retags.append(Retag(
                     push.repository, tag, push.digest, client, self.obs.now(),
                     region_of(r.headers.get("X-Georeg-Replica", "")) or client))
-        except _Refused:
-            pass
+        except _Refused as exc:
+            outcome = exc.outcome
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            self.obs.error(client, "retag", f"connection:{type(exc).__name__}",
-                           outcome=connection_outcome(exc, write=True))
+            outcome = connection_outcome(exc, write=True)
+            self.obs.error(client, "retag", f"connection:{type(exc).__name__}", outcome=outcome)
+        else:
+            return
+        if outcome is Outcome.INDEFINITE:    # may land, and still be replicating at the end
+            self.obs.retags_unsure.append(
+                Retag(push.repository, tag, push.digest, client, self.obs.now(), client))
 
     def _client_seeing(self, push: Push) -> str:
         """A client location that can see ``push`` (residency lets it there):
@@ -614,7 +625,8 @@ def run_seed(scenario: Scenario, override: int | None = None) -> int:
 class ChaosRun:
     def __init__(self, scenario: Scenario, management: str, *, seed: int | None = None,
                  scale: float = 1.0, owner: str | None = None,
-                 tls: ssl.SSLContext | None = None, steps: list[Step] | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, steps: list[Step] | None = None,
+                 scope: str | None = None) -> None:
         self.scenario = scenario
         self.tls = tls          # trusts the cluster CA: a TLS cluster's endpoints are HTTPS
         self.management = management.rstrip("/")
@@ -631,6 +643,11 @@ class ChaosRun:
         self.applied: list[dict] = []
         self.residency = ResidencyPolicy()    # the cluster's, once known
         self.unconverged: list[str] = []      # what had not converged when the wait ended
+        self._slots = asyncio.Semaphore(CONVERGE_CONCURRENCY)   # requests to nodes at once
+        # A replay (shrinking) judges verify's divergences in its own
+        # repositories only (this prefix): the cluster still holds what the
+        # first run left, broken or not.
+        self.scope = scope
 
     async def _api(self, session, method: str, path: str, body: dict | None = None):
         async with session.request(method, self.management + path, json=body,
@@ -750,13 +767,56 @@ class ChaosRun:
                     pending.discard(image)
             behind = [] if pending else \
                 _copies_behind(await self._api(session, "GET", "/georeg/v1/cluster"))
-            if not pending and not behind:
+            settling = [] if pending or behind else await self._settling(session)
+            if not pending and not behind and not settling:
                 return round(time.monotonic() - started, 2)
             await asyncio.sleep(0.25)
         # What never got there, for the report.
         self.unconverged = [f"{repo}:{tag}" for repo, tag, _ in sorted(pending)[:MAX_SHOWN]] \
-            + [f"paired copy {name} behind its region" for name in behind]
+            + [f"paired copy {name} behind its region" for name in behind] + settling[:MAX_SHOWN]
         return None
+
+    async def _head(self, session, url: str) -> tuple[int, str]:
+        async with self._slots, session.head(url, headers=self.credentials) as r:
+            return r.status, r.headers.get("Docker-Content-Digest", "")
+
+    async def _gone(self, session, push: Push, node: dict) -> str | None:
+        """None if ``node`` no longer has the deleted ``push``, else what it has."""
+        status_, _ = await self._head(session, f"{node['http']}/v2/{push.repository}/manifests/"
+                                               f"{push.digest}")
+        return None if status_ == 404 else \
+            f"{push.repository}@{push.digest[:19]}… (pushed in {push.region} at " \
+            f"t+{push.answered_at:.2f}s, deleted {push.deleted}) still on {node['name']} " \
+            f"(HTTP {status_})"
+
+    async def _settling(self, session) -> list[str]:
+        """Writes still on their way that verify, a snapshot, would see: an
+        acknowledged delete not yet applied on one node of each region it
+        reaches, and a retagged tag (acknowledged, or of unknown outcome)
+        that the regions it reaches do not resolve alike."""
+        status = await self._api(session, "GET", "/georeg/v1/cluster")
+        one = {}
+        for n in status["nodes"]:
+            if n["healthy"]:
+                one.setdefault(n["region"], n)
+
+        def reached(origin: str, repository: str) -> list[dict]:
+            return [n for region, n in one.items()
+                    if self.residency.allows(origin, repository, region)]
+
+        deletes = await asyncio.gather(*(self._gone(session, p, n) for p in self.obs.deleted
+                                         for n in reached(p.deleted_in or p.region, p.repository)))
+        tags = sorted({(r.repository, r.tag, r.region) for r in
+                       [*self.obs.retags, *self.obs.retags_unsure]})
+
+        async def disagreeing(repo: str, tag: str, region: str) -> str | None:
+            nodes = reached(region, repo)
+            seen = await asyncio.gather(*(self._head(session, f"{n['http']}/v2/{repo}/manifests/"
+                                                              f"{tag}") for n in nodes))
+            return None if len(set(seen)) <= 1 else f"tag {repo}:{tag} differs across regions"
+
+        return [d for d in deletes if d] + \
+            [d for d in await asyncio.gather(*(disagreeing(*t) for t in tags)) if d]
 
     async def _served(self, session, pushes: list[Push]) -> list[bool]:
         """Whether any replica serves each push's tag with its digest."""
@@ -801,11 +861,10 @@ class ChaosRun:
         nodes = [n for n in status["nodes"] if n["healthy"]]
         down = [f"{n['name']} not healthy ({n.get('health')}): not checked"
                 for n in status["nodes"] if not n["healthy"]]
-        divergences = (verify or {}).get("divergences") or []
-        slots = asyncio.Semaphore(CONVERGE_CONCURRENCY)
+        divergences = self._divergences(verify)
 
         async def get(url: str, method: str = "GET") -> tuple[int, bytes, str]:
-            async with slots, session.request(method, url, headers=self.credentials) as r:
+            async with self._slots, session.request(method, url, headers=self.credentials) as r:
                 body = await r.read()
                 return r.status, body, r.headers.get("Docker-Content-Digest", "")
 
@@ -822,21 +881,13 @@ class ChaosRun:
                             f"its bytes hash to {actual[:19]}…")
             return None
 
-        async def gone(push: Push, node: dict) -> str | None:
-            status_, _, _ = await get(f"{node['http']}/v2/{push.repository}/manifests/"
-                                      f"{push.digest}", "HEAD")
-            return None if status_ == 404 else \
-                f"{push.repository}@{push.digest[:19]}… (pushed in {push.region} at " \
-                f"t+{push.answered_at:.2f}s, deleted {push.deleted}) still on {node['name']} " \
-                f"(HTTP {status_})"
-
         def allowed(push: Push) -> list[dict]:
             return [n for n in nodes
                     if self.residency.allows(push.region, push.repository, n["region"])]
 
         checked = await asyncio.gather(
             *(pullable(p, n) for p in self.obs.live() for n in allowed(p)),
-            *(gone(p, n) for p in self.obs.deleted for n in allowed(p)
+            *(self._gone(session, p, n) for p in self.obs.deleted for n in allowed(p)
               # A delete is a write of the region that took it: it goes where that allows.
               if self.residency.allows(p.deleted_in or p.region, p.repository, n["region"])))
         live = sum(len(allowed(p)) for p in self.obs.live())
@@ -854,6 +905,12 @@ class ChaosRun:
                                          if d.get("kind") == "residency"],
             "no_plaintext_on_disk": [f"{path}: {needle.hex()[:16]}…" for path, needle in hits],
         }
+
+    def _divergences(self, verify: dict | None) -> list[dict]:
+        """verify's divergences: all of them, or a replay's own (``scope``)."""
+        found = (verify or {}).get("divergences") or []
+        return found if self.scope is None else \
+            [d for d in found if (d.get("repository") or "").startswith(self.scope)]
 
     async def _max_lag(self, session, status: dict, sample: int = 60) -> float | None:
         """The worst lag (ms) any replica recorded for the acknowledged images
@@ -897,7 +954,8 @@ class ChaosRun:
             "acknowledged_enough": len(obs.acknowledged) >= a.min_acknowledged,
         }
         if a.verify:
-            checks["verify_clean"] = bool(verify and verify.get("ok"))
+            checks["verify_clean"] = bool(verify and verify.get("ok")) if self.scope is None \
+                else bool(verify) and not verify.get("error") and not self._divergences(verify)
         for name, broken in (invariants or {}).items():
             checks[name] = not broken
         return {

@@ -205,7 +205,7 @@ def kinds_from(text: str | None) -> tuple[str, ...]:
     if unknown or not kinds:
         raise NemesisError(f"unknown nemesis kind(s) {', '.join(unknown) or '(none)'}; "
                            f"kinds: {', '.join(NEMESIS)}")
-    return kinds
+    return tuple(k for k in NEMESIS if k in kinds)    # one order, whatever order was asked
 
 
 def plan(seed: int, duration_s: float, kinds: Sequence[str], intensity: float,

@@ -481,6 +481,8 @@ class ChaosWorkload:
         shared with them would differ by design, not converge."""
         push = self.rng.choice(self.obs.live())
         client = self._client_seeing(push)
+        if client is None:
+            return
         tag = f"t{self.rng.randrange(3)}" + \
             (f"-{client}" if self.residency.confined(client, push.repository) else "")
         push.retagged = True
@@ -505,15 +507,19 @@ class ChaosWorkload:
             self.obs.retags_unsure.append(
                 Retag(push.repository, tag, push.digest, client, self.obs.now(), client))
 
-    def _client_seeing(self, push: Push) -> str:
-        """A client location that can see ``push`` (residency lets it there):
-        only such a client writes about an image it has pulled; one in a region
-        that keeps its writes, only about images pushed there (what it writes
-        stays there)."""
+    def _client_seeing(self, push: Push) -> str | None:
+        """A client location that can see ``push`` (residency lets it there),
+        None if none can: only such a client writes about an image it has
+        pulled. One in a region that keeps its writes writes only about
+        images pushed there: what it writes stays there, so a tag it moved on
+        an image from elsewhere would differ across regions by design (a
+        modelling choice for ``tags_agree``; not a workaround: a manifest PUT
+        outside a confined image's region is refused and leaves nothing,
+        tests/test_replication.py)."""
         seeing = [c for c in self.clients
                   if self.residency.allows(push.region, push.repository, c)
                   and (c == push.region or not self.residency.confined(c, push.repository))]
-        return self.rng.choice(seeing or self.clients)
+        return self.rng.choice(seeing) if seeing else None
 
     async def _delete(self, session: aiohttp.ClientSession) -> None:
         """Delete an acknowledged image never retagged (so no later tag write
@@ -523,6 +529,8 @@ class ChaosWorkload:
             return
         push = self.rng.choice(candidates)
         client = self._client_seeing(push)
+        if client is None:
+            return
         push.deleting = True                 # from now on it may be gone
         self.obs.deletes_attempted += 1
         try:

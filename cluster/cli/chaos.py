@@ -273,6 +273,8 @@ async def random_run(scenario, kinds, intensity: float, management: str, owner: 
     async def still_breaks(history) -> bool:
         nonlocal replays
         replays += 1
+        print(f"shrinking: replay {replays} of at most {shrink_runs + 1}, "
+              f"{len(history)} fault(s)", file=sys.stderr, flush=True)
         again = msgspec.structs.replace(scenario, name=f"{scenario.name}-shrink{replays}")
         # Its own content (salted with its name) and its own repositories
         # judged: what the first run left, broken or not, is not the replay's.

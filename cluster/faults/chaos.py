@@ -324,6 +324,7 @@ def region_of(replica: str) -> str:
 RESIDENCY_MISS = "MANIFEST_UNKNOWN (confined by residency)"
 INDEFINITE_LABEL = error_label("", Outcome.INDEFINITE)    # how an indefinite error's label ends
 _MAX_EXAMPLES = 10_000
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"   # what the workload pushes
 CONVERGE_CONCURRENCY = 32       # image statuses asked at once while waiting for convergence
 MAX_DISK_SAMPLES = 48           # layers looked for in the clear on disk (a seeded sample)
 MAX_SHOWN = 10                  # what broke an invariant, shown per invariant
@@ -415,7 +416,7 @@ class ChaosWorkload:
         config = json.dumps({"architecture": "amd64", "os": "linux", "n": self._counter,
                              "run": self.scenario.name}).encode()
         manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                        "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
                        "size": len(config)},
@@ -439,7 +440,7 @@ class ChaosWorkload:
             push = Push(repo, tag, "sha256:" + hashlib.sha256(image.manifest).hexdigest(), client,
                         0.0, manifest=image.manifest, layer_sample=image.blobs[-1][:64])
             async with session.put(f"{base}/v2/{repo}/manifests/{tag}", data=image.manifest,
-                                   headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
+                                   headers={"Content-Type": MANIFEST_TYPE,
                                             **self.credentials}) as r:
                 await self._check(r, client, "push", 201)
                 push.digest = r.headers["Docker-Content-Digest"]
@@ -490,7 +491,7 @@ class ChaosWorkload:
             async with session.put(
                     f"{self.endpoints[client]}/v2/{push.repository}/manifests/{tag}",
                     data=push.manifest,
-                    headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
+                    headers={"Content-Type": MANIFEST_TYPE,
                              **self.credentials}) as r:
                 await self._check(r, client, "retag", 201, push)
                 self.obs.retags.append(Retag(
@@ -615,6 +616,12 @@ def _reason(detail: object) -> str:
     return "" if detail is None else str(detail)
 
 
+def residency_of(status: dict) -> ResidencyPolicy:
+    """The cluster's residency policy, from ``GET /georeg/v1/cluster``."""
+    return msgspec.convert(status["residency"], ResidencyPolicy) \
+        if status.get("residency") else ResidencyPolicy()
+
+
 class _Refused(Exception):
     def __init__(self, outcome: Outcome | None) -> None:
         super().__init__(outcome)
@@ -680,9 +687,8 @@ class ChaosRun:
             status = await self._api(session, "GET", "/georeg/v1/cluster")
             self.cluster_seed = status.get("seed")
             endpoints = status["global_endpoints"]
-            residency = msgspec.convert(status["residency"], ResidencyPolicy) \
-                if "residency" in status else None
-            self.residency = residency or ResidencyPolicy()
+            residency = residency_of(status)
+            self.residency = residency
             if status.get("admin_username"):       # a cluster with auth
                 self.credentials = await self._admin_credentials(session)
             workload = ChaosWorkload(self.scenario, endpoints, self.rng, self.obs, residency,

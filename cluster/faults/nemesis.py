@@ -34,11 +34,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import msgspec
-
-from replicator.residency import ResidencyPolicy
-
-from .chaos import Assertions, Scenario, Step, Workload
+from .chaos import Assertions, Scenario, Step, Workload, residency_of
 from .controller import MODES
 
 CLOCK_OFFSET_S = 0.4          # within the 500 ms tolerated offset (docs/faults.md)
@@ -61,8 +57,7 @@ class Topology:
         zones: dict[str, list[str]] = {}
         for node in status["nodes"]:
             zones.setdefault(node["region"], []).append(node.get("zone") or "")
-        policy = msgspec.convert(status["residency"], ResidencyPolicy) \
-            if status.get("residency") else ResidencyPolicy()
+        policy = residency_of(status)
         return cls(tuple((r, tuple(sorted(z))) for r, z in sorted(zones.items())),
                    tuple(sorted(status["global_endpoints"])),
                    tuple(sorted(policy.confined_regions)))
@@ -71,7 +66,7 @@ class Topology:
     def from_spec(cls, spec) -> Topology:  # spec: cluster.control.spec.ClusterSpec
         """What a cluster started from ``spec`` will have (no cluster needed)."""
         replicas = spec.all_replicas
-        return cls(tuple(sorted((r.region, tuple(r.zones)) for r in replicas)),
+        return cls(tuple(sorted((r.region, tuple(sorted(r.zones))) for r in replicas)),
                    tuple(sorted(r.region for r in replicas if r.global_routing)),
                    tuple(sorted(spec.residency_policy().confined_regions)))
 

@@ -78,8 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run only these steps of the schedule (1-based, as numbered in a "
                         "shrunk history's replay line)")
     c.add_argument("--schedule-only", action="store_true",
-                   help="print the fault schedule and exit (no run; the topology is the "
-                        "running cluster's, else the default spec's)")
+                   help="print the fault schedule and exit (no run; the topology is that of "
+                        "the spec saved in --data-dir, else the default spec's)")
     c.add_argument("--data-dir", type=Path, help="a running cluster's data dir (default: start one)")
     c.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     c.add_argument("--auth", choices=specs.AUTH_MODES,

@@ -27,7 +27,7 @@ help:
 	@echo "make node     start one standalone node on port 5000"
 	@echo "make test     run the test suite (installs first)"
 	@echo "make soak     run the long soak tests and the Hypothesis tests in the soak profile"
-	@echo "make chaos    run the shipped chaos scenarios at full length"
+	@echo "make chaos    run the shipped chaos scenarios at full length, then random nemeses"
 	@echo "make bench    benchmark a node against the reference registry"
 	@echo "make bench-lag  replication lag per region pair against the WAN model's floor"
 	@echo "make bench-scale  many small images: push rate, listings, idle cost (SCALE_ARGS=--quick)"
@@ -94,9 +94,12 @@ proto-check: $(INSTALLED)
 soak: install
 	$(PY) -m pytest --hypothesis-profile=soak --timeout=7200 -m 'soak or hypothesis'
 
-# The shipped chaos scenarios at full length (make test runs them scaled down).
+# The shipped chaos scenarios at full length (make test runs them scaled down),
+# then two random-nemesis runs of 120 s with fresh seeds, each printed first
+# (`georeg chaos random --seed N` replays one; a failing run is shrunk).
 chaos: install
 	GEOREG_CHAOS_SCALE=1 $(PY) -m pytest -s tests/test_chaos.py
+	@for run in 1 2; do $(GEOREG) chaos random --duration 120 || exit 1; done
 
 bench: install
 	$(GEOREG) bench node

@@ -199,6 +199,8 @@ class NodeConfig:
     sync: bool = True                   # fsync metadata and blobs before acknowledging
     io_threads: int = 4
     extra: dict[str, str] = field(default_factory=dict)
+    # TEST ONLY (registry_node.broken_build): replicated bytes taken unchecked.
+    unchecked_replication: bool = False
     # Authentication of the data plane: off unless the CA file is given, and then
     # the node's signing key and certificate (issued by that CA) are needed too.
     auth_ca_file: Path | None = None

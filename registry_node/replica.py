@@ -129,8 +129,11 @@ def _tombstone(stamp: Stamp, digest: str = "") -> bytes:
 class Replica:
     """The merge side of one node's registry."""
 
-    def __init__(self, registry: Registry, configuration: Configuration) -> None:
+    def __init__(self, registry: Registry, configuration: Configuration, *,
+                 unchecked: bool = False) -> None:
         self.registry = registry
+        # TEST ONLY (registry_node.broken_build): replicated blobs stored unchecked.
+        self.unchecked = unchecked
         # Registry configuration travels with content: the node's one store
         # (``Node.configuration``), whose generation its readers watch.
         self.configuration = configuration
@@ -237,6 +240,8 @@ class Replica:
 
         def check_and_place() -> str:     # one trip to a worker thread, not two
             actual = file.digest(Digest(digest).algorithm)
+            if self.unchecked:     # TEST ONLY: a deliberately broken build
+                actual = digest
             if actual != digest:
                 self.blobs.discard_upload(file)
             else:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import structlog
 from aiohttp import web
 
+from . import broken_build
 from .app import HANDOFF, Extension, init_app
 from .config import NodeConfig
 
@@ -48,6 +49,10 @@ async def serve(config: NodeConfig, *, extensions: Sequence[Extension] = (),
         where = config.region + (f"/{config.zone}" if config.zone else "")
         log.info("listening", url=url, region=config.region, zone=config.zone,
                  data_dir=str(config.data_dir))
+        if config.unchecked_replication:
+            log.warning(broken_build.LOG_EVENT, variable=broken_build.VARIABLE,
+                        message="TEST ONLY: this node stores replicated bytes unchecked; "
+                                "never run it outside tests")
         extra = "".join(f", {ext.describe()}" for ext in extensions if hasattr(ext, "describe"))
         (announce or _print)(f"georeg node {where} listening on {url} (data dir {config.data_dir}{extra})")
         stop = stop or asyncio.Event()

@@ -140,7 +140,7 @@ class _Abilities:
 class PeerClient:
     def __init__(self, peer: Peer, me: NodeIdentity, rpc_timeout_s: float = 10.0,
                  credentials: PeerCredentials | None = None, *, my_name: str = "",
-                 integrity_refused: Refused | None = None) -> None:
+                 integrity_refused: Refused | None = None, unchecked: bool = False) -> None:
         self.peer = peer
         self._me = node_ref(me)
         self._my_name = my_name         # this node's name in its view (subscriptions say it)
@@ -155,7 +155,8 @@ class PeerClient:
                                                    options=channel_options(peer))
         # Over plain gRPC every message is sealed and checked (wire.integrity);
         # over TLS the record layer already authenticates every byte.
-        self.stub = sealed_stub(self.channel, sealed=credentials is None,
+        self.stub = sealed_stub(self.channel,
+                                sealed=credentials is None and not unchecked,   # TEST ONLY: broken_build
                                 **({"refused": integrity_refused} if integrity_refused else {}))
         # Blob fetches running on the channel, at most (``fetch_streams``);
         # shared by ``hurried`` copies, which use the same channel.

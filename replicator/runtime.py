@@ -112,7 +112,8 @@ class Replication:
         self.bandwidth = app[BANDWIDTH]
         view = self.view
         settings = view.replication
-        self.replica = replica = Replica(node.registry, node.configuration)
+        self.replica = replica = Replica(node.registry, node.configuration,
+                                         unchecked=node.config.unchecked_replication)
         feed = LogFeed(node.meta)
         self.metrics.track_log(lambda: node.meta.last_seq)
         self.metrics.refresh = self._refresh_queue_depths
@@ -148,7 +149,8 @@ class Replication:
             region_zones=view.zone_redundancy.zones, relayed=self.relayed)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         # Sealed over plain gRPC (wire.integrity); TLS authenticates every byte itself.
-        add_servicer(self.service, server, sealed=self.credentials is None,
+        add_servicer(self.service, server,
+                     sealed=self.credentials is None and not self.replica.unchecked,
                      refused=self._integrity_refused)
         port = _listen(server, view.grpc_listen, self.credentials)
         host = view.grpc_listen.rpartition(":")[0]
@@ -198,7 +200,8 @@ class Replication:
 
     def _client(self, peer: Peer, view: ClusterView) -> PeerClient:
         return PeerClient(peer, self.replica.registry.identity, credentials=self.credentials,
-                          my_name=view.name, integrity_refused=self._integrity_refused)
+                          my_name=view.name, integrity_refused=self._integrity_refused,
+                          unchecked=self.replica.unchecked)
 
     def _integrity_refused(self, message: str) -> None:
         self.metrics.integrity_refused.labels(message).inc()
@@ -376,6 +379,8 @@ class Replication:
             "grpc": self.grpc_address,
             "last_seq": node.meta.last_seq,
             "writable": self.quorum.writable if self.quorum else True,
+            # TEST ONLY (registry_node.broken_build): said only when on.
+            **({"unchecked_replication": True} if self.replica.unchecked else {}),
             # This node's clock against its peers' (registry_node.clock): skewed
             # means it refuses writes.
             "clock": node.registry.clock.describe(node.registry.hlc.last),

@@ -254,7 +254,12 @@ class PeerRescue:
 
     async def fetch_blobs(self, repository: str, digests: list[str]) -> set[str]:
         transfer = self.runtime.transfer
-        sources = self._sources()
+        # Only peers whose region's content of the repository may come here: a
+        # confined region's content is never asked for from another region
+        # (what a peer holds came from its region, or may go anywhere).
+        here = self.runtime.replica.registry.identity.region
+        sources = [c for c in self._sources()
+                   if self.runtime.residency.allows(c.peer.region, repository, here)]
         if transfer is None or not sources:
             return set()
 

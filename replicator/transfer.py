@@ -577,17 +577,28 @@ class Transfer:
                     held.fail()     # not what the event said: let them get it stored, or elsewhere
             await replica.commit_blob(file, digest)
         except ContentRejected as exc:
-            self._inbound.pop(digest, None)
+            self._inbound.pop(digest, None)      # commit_blob discarded the transfer
             if isinstance(exc, DigestMismatch):
                 self.metrics.digest_mismatches.labels(peer.name, "blob").inc()
                 log.warning("blob_digest_mismatch", peer=peer.name, digest=digest)
             raise definite(f"{digest} from {peer.name}: {exc}") from None
         except ReplicationError:
+            if file.size == 0:
+                # Nothing arrived to resume from (a refusal: not there, or
+                # confined to its region; or a cut before the first byte):
+                # keep no transfer naming the digest, whose key no later
+                # transfer might ever remove.
+                await self._discard_inbound(digest)
             raise
         except OSError as exc:
-            self._inbound.pop(digest, None)
+            await self._discard_inbound(digest)
             raise definite(f"storing {digest}: {exc}") from None
         self._inbound.pop(digest, None)
+
+    async def _discard_inbound(self, digest: str) -> None:
+        """Forget an inbound transfer: its handle, its file and its key."""
+        self._inbound.pop(digest, None)
+        await self.replica.registry.run_blocking(lambda: self.replica.discard_inbound(digest))
 
     async def _counted(self, peer: PeerClient, chunks: AsyncIterator[bytes],
                        held: HeldBlob | None = None, offset: int = 0) -> AsyncIterator[bytes]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
+from cluster.faults.chaos import plaintext_hits
 from registry_node.crypto import HEADER_SIZE, SEGMENT_OVERHEAD, SEGMENT_SIZE
 
 from .helpers import (
@@ -49,16 +50,6 @@ def sampled_needles(data: bytes, count: int, rng: random.Random) -> list[bytes]:
     step = max(1, (len(data) - 64) // count)
     return [data[i:i + 64] for i in range(0, len(data) - 64, step)][:count] + \
         [data[o:o + 64] for o in (rng.randrange(len(data) - 64) for _ in range(4))]
-
-
-def plaintext_hits(root: Path, needles: list[bytes]) -> list[tuple[str, bytes]]:
-    hits = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        for needle in needles:
-            if needle in data:
-                hits.append((str(path.relative_to(root)), needle[:40]))
-    return hits
 
 
 async def chunked_upload(http: aiohttp.ClientSession, base: str, repo: str, data: bytes,

@@ -473,6 +473,17 @@ async def test_routing_off_keeps_syncing(cluster, http):
                                       image), timeout=20, what="eastus still syncing")
     fault_cli(cluster, "heal", fid)
     assert (await served_by(http, east)).startswith("eastus")   # and back at once
+    # Two routing faults on one region, the first healed first: routing stays
+    # off while the second holds, and is back once both are healed (the second
+    # once restored what the first had turned off, for good).
+    faults, region = cluster.cluster.faults, "westeurope"
+    flags = cluster.cluster.routing.routing_flags
+    first = cluster.run(lambda: faults.inject("routing", region=region))
+    second = cluster.run(lambda: faults.inject("routing", region=region))
+    cluster.run(lambda: faults.heal(first.id))
+    assert flags()[region] is False
+    cluster.run(lambda: faults.heal(second.id))
+    assert flags()[region] is True
 
 
 # -- storage ---------------------------------------------------------------------------

@@ -77,6 +77,16 @@ async def test_confined_region_content_stays_home(cluster, http):
             continue
         assert await manifest_status(http, node.url, "br/app", "v1") == 404
         assert not node.registry.meta.has_prefix(keys.repo_prefix("br/app"))
+    # The same manifest PUT outside Brazil South (a client failed over there)
+    # misses its blobs and is refused; no peer is asked for confined content,
+    # and no inbound transfer (its key, file or handle) is left naming it.
+    eastus = cluster.nodes["eastus-1"]
+    async with http.put(f"{eastus.url}/v2/br/app/manifests/v1", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 400 and (await r.json())["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+    for blob in image.blobs:
+        assert eastus.registry.meta.get(keys.transfer(digest_of(blob))) is None
+    assert not eastus.replication.transfer._inbound
 
 
 async def test_zone_quorum_through_one_and_two_zone_outages(cluster, http):

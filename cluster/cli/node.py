@@ -12,6 +12,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from registry_node import broken_build
 from registry_node.config import (
     MIN_MBPS,
     SHUTDOWN_GRACE_S,
@@ -274,7 +275,8 @@ def _run_node(args: argparse.Namespace) -> int:
                         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key or args.tls_cert,
                         tls_ca_file=args.tls_ca, webhooks=webhooks, request_limits=limits,
                         request_limit_overrides=overrides,
-                        zone_siblings=siblings, bandwidth=bandwidth)
+                        zone_siblings=siblings, bandwidth=bandwidth,
+                        unchecked_replication=broken_build.from_environment())
     if (args.tls_key or args.tls_ca) and args.tls_cert is None:
         print("georeg node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ import shutil
 import socket
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -153,7 +153,8 @@ class Cluster:
     def __init__(self, spec: specs.ClusterSpec, data_dir: Path, *,
                  settings: ReplicationSettings | None = None,
                  routing: bool = True,
-                 node_args: tuple[str, ...] = ()) -> None:
+                 node_args: tuple[str, ...] = (),
+                 node_env: Mapping[str, str] | None = None) -> None:
         # The seed is decided here once, if the spec left it open, and travels
         # in the spec from now on: into the plan, the saved spec (a resumed
         # cluster replays it) and the status.
@@ -162,7 +163,10 @@ class Cluster:
         # The spec's [replication] table, unless the caller gives settings outright.
         self.settings = settings or spec.replication.settings()
         self.plan: ClusterPlan = plan(spec, self.data_dir)
-        self.supervisor = Supervisor(self.plan, settings=self.settings, extra_node_args=node_args)
+        # ``node_env``: for test harnesses only, never from a spec or the CLI
+        # (cluster.control.supervisor.node_environment).
+        self.supervisor = Supervisor(self.plan, settings=self.settings, extra_node_args=node_args,
+                                     node_env=node_env)
         self.routing_enabled = routing
         self.routing: Endpoints | None = None      # when routing is on
         self.progress: dict[str, ReplicaProgress] = {}

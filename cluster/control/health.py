@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from registry_node import broken_build
+
 from .access import AdminLogin
 from .errors import ClusterError
 
@@ -105,9 +107,14 @@ async def _control_plane(cluster: Cluster) -> Check:
 
 async def _node(cluster: Cluster, name: str, region: str, zone: str) -> Check:
     target = f"node {name}" + (f" (zone {zone})" if zone else "")
-    if await cluster.answers(name):
-        return Check("Replica node answers", target, region, OK)
     runtime = cluster.nodes().get(name)
+    if await cluster.answers(name):
+        if runtime is not None and runtime.info.get("unchecked_replication"):
+            # TEST ONLY (registry_node.broken_build): never healthy.
+            return Check("Replica node answers", target, region, ERROR, broken_build.LOG_EVENT,
+                         f"{name} runs a test-only broken build: it stores replicated bytes "
+                         f"unchecked")
+        return Check("Replica node answers", target, region, OK)
     state = f"{runtime.state}{': ' + runtime.reason if runtime.reason else ''}" \
         if runtime is not None else "unknown"
     return Check("Replica node answers", target, region, ERROR, "REPLICA_UNAVAILABLE",

@@ -34,13 +34,14 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import structlog
 
+from registry_node import broken_build
 from registry_node.server import EXIT_ADDRESS_IN_USE
 from replicator.topology import ReplicationSettings
 
@@ -61,6 +62,15 @@ _PR_SET_PDEATHSIG = 1
 # A node process sets its own allocator (registry_node.allocator); a
 # MALLOC_* variable in the environment would override it.
 NODE_ENV = {"PYTHONUNBUFFERED": "1"}
+
+
+def node_environment(inherited: Mapping[str, str], asked: Mapping[str, str]) -> dict[str, str]:
+    """A node's environment: this process's without its test-only variables
+    (``GEOREG_TEST_*``: a user who once exported one must not get broken
+    nodes, registry_node.broken_build), then ``NODE_ENV``, then what the
+    caller (a test harness, never a spec or the CLI) asked for."""
+    kept = {k: v for k, v in inherited.items() if not k.startswith(broken_build.TEST_PREFIX)}
+    return {**kept, **NODE_ENV, **asked}
 PAIR_COPY_NICE = 10
 
 
@@ -146,8 +156,10 @@ class NodeRuntime:
 class Supervisor:
     def __init__(self, plan: ClusterPlan, *, settings: ReplicationSettings | None = None,
                  extra_node_args: tuple[str, ...] = (),
-                 internal_headers: dict[str, str] | None = None) -> None:
+                 internal_headers: dict[str, str] | None = None,
+                 node_env: Mapping[str, str] | None = None) -> None:
         self.plan = plan
+        self.node_env = dict(node_env or {})     # test harnesses only (node_environment)
         self.settings = settings or ReplicationSettings()
         self.extra_node_args = extra_node_args
         self.internal_headers = internal_headers or {}
@@ -238,7 +250,7 @@ class Supervisor:
         node.intended_down = False
         self._set_state(node, "starting")
         node.plan.log_file.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **NODE_ENV}
+        env = node_environment(os.environ, self.node_env)
         with open(node.plan.log_file, "ab") as log_file:  # noqa: ASYNC230 - a local append, microseconds
             node.process = await asyncio.create_subprocess_exec(
                 *self.node_command(node.plan), stdout=asyncio.subprocess.PIPE, stderr=log_file,

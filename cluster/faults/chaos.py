@@ -61,6 +61,19 @@ for once the cluster has converged and reported as landed or never appeared;
 neither is a loss, since neither was acknowledged. Outcomes are read from the
 error body (``detail.outcome``, the contract in ``registry_node.errors``).
 
+With ``retag_rate`` and ``delete_rate`` the workload also tags acknowledged
+images again (``t0``..``t2`` of their repository) and deletes images never
+retagged, by digest, each from a client location residency lets see the
+image. A run with ``[assertions] invariants = true`` (every ``georeg chaos
+random`` run, ``cluster.faults.nemesis``) checks, once converged, the
+invariants of ``INVARIANTS`` too: every acknowledged push not deleted is
+pullable, manifest and blobs byte-exact by digest, from every node of every
+region residency allows; retagged tags agree and confined content stays
+home (``georeg verify``'s tag and residency divergences, not a second
+checker); every acknowledged delete is gone from every node residency lets
+the deleting region's write reach; no pushed layer is found in the clear
+under any node's data dir. The report's ``broken`` says what broke each.
+
 Client-visible errors are counted by code and client location, with their
 time windows and the first message of each window; a 5xx (or a connection
 error) is split by outcome, ``UNAVAILABLE (definite)`` apart from
@@ -108,6 +121,8 @@ class ScenarioError(ValueError):
 class Workload(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     push_rate: float = 1.0
     pull_rate: float = 2.0
+    retag_rate: float = 0.0     # an acknowledged image tagged again (t0..t2 of its repository)
+    delete_rate: float = 0.0    # an acknowledged, never retagged image deleted by digest
     clients: tuple[str, ...] = ()
     layers: int = 2
     layer_size: int | tuple[int, int] = 65536
@@ -119,6 +134,9 @@ class Assertions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_convergence_s: float = 120.0
     verify: bool = True
     min_acknowledged: int = 1
+    # The random nemesis's invariants (``INVARIANTS``) checked too, beyond the
+    # scenario's own: pulled from every region, deletes, residency, disk.
+    invariants: bool = False
 
 
 class Scenario(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -192,6 +210,22 @@ class Push:
     client: str
     answered_at: float                # seconds since the run started (201, or the failure)
     region: str = ""                  # where it was pushed (the replica that acknowledged it)
+    manifest: bytes = field(default=b"", repr=False)
+    layer_sample: bytes = field(default=b"", repr=False)   # 64 bytes of a layer, looked for on disk
+    retagged: bool = False            # a retag of it was attempted: never deleted then
+    deleting: bool = False            # a delete of it may have happened: not expected anywhere
+    deleted: str = ""                 # an acknowledged delete: when, by whom, through which replica
+    deleted_in: str = ""              # the region whose replica acknowledged the delete
+
+
+@dataclass
+class Retag:
+    repository: str
+    tag: str
+    digest: str
+    client: str
+    answered_at: float
+    region: str = ""                  # where it was written (the replica that acknowledged it)
 
 
 @dataclass(frozen=True)
@@ -210,6 +244,10 @@ class Observations:
     pulls_attempted: int = 0
     acknowledged: list[Push] = field(default_factory=list)
     indefinite: list[Push] = field(default_factory=list)   # may have happened; never acknowledged
+    retags: list[Retag] = field(default_factory=list)      # acknowledged
+    retags_unsure: list[Retag] = field(default_factory=list)   # may have happened (indefinite)
+    deleted: list[Push] = field(default_factory=list)      # acknowledged deletes (202)
+    deletes_attempted: int = 0
     # t, client, op, code (split by outcome where the answer had one, see ``error_label``)
     errors: list[tuple[float, str, str, str]] = field(default_factory=list)
     # (t, message) of every error that said why, up to _MAX_EXAMPLES per client and code
@@ -218,6 +256,10 @@ class Observations:
 
     def now(self) -> float:
         return time.monotonic() - self.started
+
+    def live(self) -> list[Push]:
+        """Acknowledged pushes no delete may have removed: expected everywhere."""
+        return [p for p in self.acknowledged if not p.deleting]
 
     def error(self, client: str, op: str, code: str, detail: str = "",
               outcome: Outcome | None = None) -> None:
@@ -282,7 +324,14 @@ def region_of(replica: str) -> str:
 RESIDENCY_MISS = "MANIFEST_UNKNOWN (confined by residency)"
 INDEFINITE_LABEL = error_label("", Outcome.INDEFINITE)    # how an indefinite error's label ends
 _MAX_EXAMPLES = 10_000
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"   # what the workload pushes
 CONVERGE_CONCURRENCY = 32       # image statuses asked at once while waiting for convergence
+MAX_DISK_SAMPLES = 48           # layers looked for in the clear on disk (a seeded sample)
+MAX_SHOWN = 10                  # what broke an invariant, shown per invariant
+# The invariants a run with ``Assertions.invariants`` checks, beyond lost,
+# converged and verify_clean (``ChaosRun._invariants``).
+INVARIANTS = ("acknowledged_pullable", "tags_agree", "deletes_applied",
+              "confined_stays_in_region", "no_plaintext_on_disk")
 
 
 def _windows(times: list[float], gap: float = 2.0) -> list[tuple[float, float]]:
@@ -316,33 +365,42 @@ class ChaosWorkload:
                                 f"the cluster has {sorted(endpoints)}")
         self.endpoints = endpoints
         self.rng = rng
+        # Bytes come from the run's name as well as its seed: a replay (a
+        # shrink, named apart) never pushes the first run's blobs, which a
+        # damaged copy left by that run would shadow.
+        self._content = random.Random(f"{scenario.seed}/{scenario.name}")
         self.obs = obs
         self._counter = 0
 
     def _layer(self) -> bytes:
         size = self.workload.layer_size
         n = self.rng.randint(*size) if isinstance(size, (list, tuple)) else size
-        return self.rng.randbytes(n)
+        return self._content.randbytes(n)
 
     async def run(self, session: aiohttp.ClientSession, until: float) -> None:
         tasks: set[asyncio.Task] = set()
-        next_push = next_pull = 0.0
+        w = self.workload
+        # (rate, operation, whether it needs an image to act on); a rate of 0: never.
+        operations = [(w.push_rate, self._push, False), (w.pull_rate, self._pull, True),
+                      (w.retag_rate, self._retag, True), (w.delete_rate, self._delete, True)]
+        due = [0.0] * len(operations)
         loop_start = self.obs.now()
         while self.obs.now() < until:
             now = self.obs.now() - loop_start
-            if self.workload.push_rate and now >= next_push:
-                next_push += self.rng.expovariate(self.workload.push_rate)
-                if len(tasks) < MAX_WORKERS:
-                    tasks.add(asyncio.create_task(self._push(session)))
-            if self.workload.pull_rate and now >= next_pull and self.obs.acknowledged:
-                next_pull += self.rng.expovariate(self.workload.pull_rate)
-                if len(tasks) < MAX_WORKERS:
-                    tasks.add(asyncio.create_task(self._pull(session)))
-            elif self.workload.pull_rate and not self.obs.acknowledged:
-                next_pull = now
+            for i, (rate, operation, needs_image) in enumerate(operations):
+                if not rate:
+                    continue
+                if needs_image and not self.obs.live():
+                    due[i] = now
+                elif now >= due[i]:
+                    due[i] += self.rng.expovariate(rate)
+                    if len(tasks) < MAX_WORKERS:
+                        tasks.add(asyncio.create_task(operation(session)))
             done = {t for t in tasks if t.done()}
             tasks -= done
-            await asyncio.sleep(min(0.01, max(0.0, min(next_push, next_pull) - now)) or 0.001)
+            next_due = min((d for d, (rate, *_) in zip(due, operations, strict=True) if rate),
+                           default=now + 0.01)
+            await asyncio.sleep(min(0.01, max(0.0, next_due - now)) or 0.001)
         if tasks:
             await asyncio.wait(tasks, timeout=30)
 
@@ -355,9 +413,10 @@ class ChaosWorkload:
         """The next image to push, drawn with the seed."""
         repo = f"chaos/{self.scenario.name}/r{self.rng.randrange(self.workload.repositories)}"
         layers = [self._layer() for _ in range(self.workload.layers)]
-        config = json.dumps({"architecture": "amd64", "os": "linux", "n": self._counter}).encode()
+        config = json.dumps({"architecture": "amd64", "os": "linux", "n": self._counter,
+                             "run": self.scenario.name}).encode()
         manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                        "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
                        "size": len(config)},
@@ -379,9 +438,9 @@ class ChaosWorkload:
                                         data=blob, headers=self.credentials) as r:
                     await self._check(r, client, "push", 201)
             push = Push(repo, tag, "sha256:" + hashlib.sha256(image.manifest).hexdigest(), client,
-                        0.0)
+                        0.0, manifest=image.manifest, layer_sample=image.blobs[-1][:64])
             async with session.put(f"{base}/v2/{repo}/manifests/{tag}", data=image.manifest,
-                                   headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
+                                   headers={"Content-Type": MANIFEST_TYPE,
                                             **self.credentials}) as r:
                 await self._check(r, client, "push", 201)
                 push.digest = r.headers["Docker-Content-Digest"]
@@ -404,7 +463,7 @@ class ChaosWorkload:
 
     async def _pull(self, session: aiohttp.ClientSession) -> None:
         client = self.rng.choice(self.clients)
-        push = self.rng.choice(self.obs.acknowledged)
+        push = self.rng.choice(self.obs.live())
         self.obs.pulls_attempted += 1
         try:
             async with session.get(f"{self.endpoints[client]}/v2/{push.repository}/manifests/{push.tag}",
@@ -415,6 +474,81 @@ class ChaosWorkload:
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             self.obs.error(client, "pull", f"connection:{type(exc).__name__}",
                            outcome=connection_outcome(exc, write=False))
+
+    async def _retag(self, session: aiohttp.ClientSession) -> None:
+        """Tag an acknowledged image again, as a client moving ``t0``..``t2`` does.
+        A client in a region that keeps its writes moves tags of its own
+        (``t0-brazilsouth``): its writes never reach the others, so a tag
+        shared with them would differ by design, not converge."""
+        push = self.rng.choice(self.obs.live())
+        client = self._client_seeing(push)
+        if client is None:
+            return
+        tag = f"t{self.rng.randrange(3)}" + \
+            (f"-{client}" if self.residency.confined(client, push.repository) else "")
+        push.retagged = True
+        try:
+            async with session.put(
+                    f"{self.endpoints[client]}/v2/{push.repository}/manifests/{tag}",
+                    data=push.manifest,
+                    headers={"Content-Type": MANIFEST_TYPE,
+                             **self.credentials}) as r:
+                await self._check(r, client, "retag", 201, push)
+                self.obs.retags.append(Retag(
+                    push.repository, tag, push.digest, client, self.obs.now(),
+                    region_of(r.headers.get("X-Georeg-Replica", "")) or client))
+        except _Refused as exc:
+            outcome = exc.outcome
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            outcome = connection_outcome(exc, write=True)
+            self.obs.error(client, "retag", f"connection:{type(exc).__name__}", outcome=outcome)
+        else:
+            return
+        if outcome is Outcome.INDEFINITE:    # may land, and still be replicating at the end
+            self.obs.retags_unsure.append(
+                Retag(push.repository, tag, push.digest, client, self.obs.now(), client))
+
+    def _client_seeing(self, push: Push) -> str | None:
+        """A client location that can see ``push`` (residency lets it there),
+        None if none can: only such a client writes about an image it has
+        pulled. One in a region that keeps its writes writes only about
+        images pushed there: what it writes stays there, so a tag it moved on
+        an image from elsewhere would differ across regions by design (a
+        modelling choice for ``tags_agree``; not a workaround: a manifest PUT
+        outside a confined image's region is refused and leaves nothing,
+        tests/test_replication.py)."""
+        seeing = [c for c in self.clients
+                  if self.residency.allows(push.region, push.repository, c)
+                  and (c == push.region or not self.residency.confined(c, push.repository))]
+        return self.rng.choice(seeing) if seeing else None
+
+    async def _delete(self, session: aiohttp.ClientSession) -> None:
+        """Delete an acknowledged image never retagged (so no later tag write
+        brings it back), by digest."""
+        candidates = [p for p in self.obs.live() if not p.retagged]
+        if not candidates:
+            return
+        push = self.rng.choice(candidates)
+        client = self._client_seeing(push)
+        if client is None:
+            return
+        push.deleting = True                 # from now on it may be gone
+        self.obs.deletes_attempted += 1
+        try:
+            async with session.delete(
+                    f"{self.endpoints[client]}/v2/{push.repository}/manifests/{push.digest}",
+                    headers=self.credentials) as r:
+                await self._check(r, client, "delete", 202, push)
+                replica = r.headers.get("X-Georeg-Replica", "")
+                push.deleted = f"t+{self.obs.now():.2f}s by a client in {client} via {replica}"
+                push.deleted_in = region_of(replica) if replica else ""
+                self.obs.deleted.append(push)
+        except _Refused as refused:
+            push.deleting = refused.outcome is not Outcome.DEFINITE    # it did not happen
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            outcome = connection_outcome(exc, write=True)
+            push.deleting = outcome is not Outcome.DEFINITE
+            self.obs.error(client, "delete", f"connection:{type(exc).__name__}", outcome=outcome)
 
     async def _check(self, r: aiohttp.ClientResponse, client: str, op: str, want: int,
                      pulled: Push | None = None) -> None:
@@ -443,6 +577,35 @@ class ChaosWorkload:
         raise _Refused(outcome)
 
 
+def _copies_behind(status: dict) -> list[str]:
+    """Paired-region copies holding fewer images than the region they keep."""
+    held: dict[str, int] = {}
+    for node in status["nodes"]:
+        held[node["region"]] = max(held.get(node["region"], 0), node.get("images") or 0)
+    return [copy["name"] for copy in status.get("paired_copies") or ()
+            if (copy.get("images") or 0) < held.get(copy["keeps"], 0)]
+
+
+def _blob_digests(manifest: bytes) -> list[str]:
+    doc = json.loads(manifest)
+    return [doc["config"]["digest"], *(layer["digest"] for layer in doc["layers"])]
+
+
+def plaintext_hits(root: Path, needles: list[bytes]) -> list[tuple[str, bytes]]:
+    """Every (file under ``root``, needle) where the file holds the needle in
+    the clear: what encryption at rest must keep at zero."""
+    hits = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:            # removed meanwhile (an upload, a compaction)
+            continue
+        for needle in needles:
+            if needle in data:
+                hits.append((str(path.relative_to(root)), needle[:40]))
+    return hits
+
+
 def _reason(detail: object) -> str:
     """What an error's detail says to a person: its reason, else the rest of it."""
     if isinstance(detail, dict):
@@ -451,6 +614,12 @@ def _reason(detail: object) -> str:
         rest = {k: v for k, v in detail.items() if k != "outcome"}
         return json.dumps(rest) if rest else ""
     return "" if detail is None else str(detail)
+
+
+def residency_of(status: dict) -> ResidencyPolicy:
+    """The cluster's residency policy, from ``GET /georeg/v1/cluster``."""
+    return msgspec.convert(status["residency"], ResidencyPolicy) \
+        if status.get("residency") else ResidencyPolicy()
 
 
 class _Refused(Exception):
@@ -471,7 +640,8 @@ def run_seed(scenario: Scenario, override: int | None = None) -> int:
 class ChaosRun:
     def __init__(self, scenario: Scenario, management: str, *, seed: int | None = None,
                  scale: float = 1.0, owner: str | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, steps: list[Step] | None = None,
+                 scope: str | None = None) -> None:
         self.scenario = scenario
         self.tls = tls          # trusts the cluster CA: a TLS cluster's endpoints are HTTPS
         self.management = management.rstrip("/")
@@ -482,9 +652,17 @@ class ChaosRun:
         self.cluster_seed: int | None = None
         self.scale = scale
         self.rng = random.Random(self.seed)
-        self.steps = schedule(scenario, self.rng, scale)
+        # A schedule given (the random nemesis's) is taken as it is, unscaled.
+        self.steps = schedule(scenario, self.rng, scale) if steps is None else list(steps)
         self.obs = Observations()
         self.applied: list[dict] = []
+        self.residency = ResidencyPolicy()    # the cluster's, once known
+        self.unconverged: list[str] = []      # what had not converged when the wait ended
+        self._slots = asyncio.Semaphore(CONVERGE_CONCURRENCY)   # requests to nodes at once
+        # A replay (shrinking) judges verify's divergences in its own
+        # repositories only (this prefix): the cluster still holds what the
+        # first run left, broken or not.
+        self.scope = scope
 
     async def _api(self, session, method: str, path: str, body: dict | None = None):
         async with session.request(method, self.management + path, json=body,
@@ -495,15 +673,22 @@ class ChaosRun:
                 raise ScenarioError(f"{method} {path}: {message}")
             return data
 
+    def _session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),
+                                     connector=aiohttp.TCPConnector(ssl=self.tls or True))
+
+    async def status(self) -> dict:
+        """The cluster's status, as the management API gives it."""
+        async with self._session() as session:
+            return await self._api(session, "GET", "/georeg/v1/cluster")
+
     async def run(self, progress=None) -> dict:
-        timeout = aiohttp.ClientTimeout(total=60)
-        async with aiohttp.ClientSession(
-                timeout=timeout, connector=aiohttp.TCPConnector(ssl=self.tls or True)) as session:
+        async with self._session() as session:
             status = await self._api(session, "GET", "/georeg/v1/cluster")
             self.cluster_seed = status.get("seed")
             endpoints = status["global_endpoints"]
-            residency = msgspec.convert(status["residency"], ResidencyPolicy) \
-                if "residency" in status else None
+            residency = residency_of(status)
+            self.residency = residency
             if status.get("admin_username"):       # a cluster with auth
                 self.credentials = await self._admin_credentials(session)
             workload = ChaosWorkload(self.scenario, endpoints, self.rng, self.obs, residency,
@@ -525,7 +710,9 @@ class ChaosRun:
             landed = await self._landed(session)
             verify = await self._verify(session) if self.scenario.assertions.verify else None
             max_lag = await self._max_lag(session, status)
-        return self._report(last_heal, converged_after, lost, verify, max_lag, landed)
+            invariants = await self._invariants(session, verify) \
+                if self.scenario.assertions.invariants else None
+        return self._report(last_heal, converged_after, lost, verify, max_lag, landed, invariants)
 
     async def _admin_credentials(self, session) -> dict[str, str]:
         """The admin user's Basic credentials, as the management API shows them."""
@@ -562,20 +749,26 @@ class ChaosRun:
             self.applied.append(entry)
 
     async def _converge(self, session, limit_s: float | None = None) -> float | None:
-        """Seconds from the last heal until every acknowledged image is everywhere
-        residency allows (None if that did not happen within the limit)."""
+        """Seconds from the last heal until every acknowledged image (and every
+        retagged tag) is everywhere residency allows, agreeing, and every
+        paired-region copy holds as many images as its region (None if that did
+        not happen within the limit): verify, a snapshot, needs the cluster quiet."""
         limit = limit_s or max(self.scenario.assertions.max_convergence_s * 2, 30)
         started = time.monotonic()
         status = await self._api(session, "GET", "/georeg/v1/cluster")
         node = next((n["http"] for n in status["nodes"] if n["healthy"]), None)
-        pending = {(p.repository, p.tag) for p in self.obs.acknowledged}
+        in_region = {n["region"]: n["http"] for n in status["nodes"] if n["healthy"]}
+        # A retagged tag is asked of its writer's region (one that keeps its
+        # writes holds tags no other has).
+        pending = {(p.repository, p.tag, node) for p in self.obs.live()} | \
+            {(r.repository, r.tag, in_region.get(r.region, node)) for r in self.obs.retags}
         # Each status asks every replica, across the modelled WAN (a few hundred
         # ms): asked one image at a time, a pass over ~100 images took longer
         # than the convergence it was measuring.
         slots = asyncio.Semaphore(CONVERGE_CONCURRENCY)
 
-        async def complete(repo: str, tag: str) -> bool:
-            async with slots, session.get(f"{node}/georeg/v1/replication/status",
+        async def complete(repo: str, tag: str, asked: str) -> bool:
+            async with slots, session.get(f"{asked}/georeg/v1/replication/status",
                                           params={"repository": repo, "reference": tag},
                                           headers=self.credentials) as r:
                 return r.status == 200 and (await r.json())["complete"]
@@ -586,10 +779,58 @@ class ChaosRun:
                                    strict=True):
                 if done:
                     pending.discard(image)
-            if not pending:
+            behind = [] if pending else \
+                _copies_behind(await self._api(session, "GET", "/georeg/v1/cluster"))
+            settling = [] if pending or behind else await self._settling(session)
+            if not pending and not behind and not settling:
                 return round(time.monotonic() - started, 2)
             await asyncio.sleep(0.25)
+        # What never got there, for the report.
+        self.unconverged = [f"{repo}:{tag}" for repo, tag, _ in sorted(pending)[:MAX_SHOWN]] \
+            + [f"paired copy {name} behind its region" for name in behind] + settling[:MAX_SHOWN]
         return None
+
+    async def _head(self, session, url: str) -> tuple[int, str]:
+        async with self._slots, session.head(url, headers=self.credentials) as r:
+            return r.status, r.headers.get("Docker-Content-Digest", "")
+
+    async def _gone(self, session, push: Push, node: dict) -> str | None:
+        """None if ``node`` no longer has the deleted ``push``, else what it has."""
+        status_, _ = await self._head(session, f"{node['http']}/v2/{push.repository}/manifests/"
+                                               f"{push.digest}")
+        return None if status_ == 404 else \
+            f"{push.repository}@{push.digest[:19]}… (pushed in {push.region} at " \
+            f"t+{push.answered_at:.2f}s, deleted {push.deleted}) still on {node['name']} " \
+            f"(HTTP {status_})"
+
+    async def _settling(self, session) -> list[str]:
+        """Writes still on their way that verify, a snapshot, would see: an
+        acknowledged delete not yet applied on one node of each region it
+        reaches, and a retagged tag (acknowledged, or of unknown outcome)
+        that the regions it reaches do not resolve alike."""
+        status = await self._api(session, "GET", "/georeg/v1/cluster")
+        one = {}
+        for n in status["nodes"]:
+            if n["healthy"]:
+                one.setdefault(n["region"], n)
+
+        def reached(origin: str, repository: str) -> list[dict]:
+            return [n for region, n in one.items()
+                    if self.residency.allows(origin, repository, region)]
+
+        deletes = await asyncio.gather(*(self._gone(session, p, n) for p in self.obs.deleted
+                                         for n in reached(p.deleted_in or p.region, p.repository)))
+        tags = sorted({(r.repository, r.tag, r.region) for r in
+                       [*self.obs.retags, *self.obs.retags_unsure]})
+
+        async def disagreeing(repo: str, tag: str, region: str) -> str | None:
+            nodes = reached(region, repo)
+            seen = await asyncio.gather(*(self._head(session, f"{n['http']}/v2/{repo}/manifests/"
+                                                              f"{tag}") for n in nodes))
+            return None if len(set(seen)) <= 1 else f"tag {repo}:{tag} differs across regions"
+
+        return [d for d in deletes if d] + \
+            [d for d in await asyncio.gather(*(disagreeing(*t) for t in tags)) if d]
 
     async def _served(self, session, pushes: list[Push]) -> list[bool]:
         """Whether any replica serves each push's tag with its digest."""
@@ -609,7 +850,7 @@ class ChaosRun:
 
     async def _lost(self, session) -> list[dict]:
         """Acknowledged pushes no replica serves (after convergence)."""
-        pushes = self.obs.acknowledged
+        pushes = self.obs.live()
         return [{"repository": push.repository, "tag": push.tag, "digest": push.digest,
                  "client": push.client, "acked_at_s": round(push.answered_at, 2)}
                 for push, served in zip(pushes, await self._served(session, pushes), strict=True)
@@ -625,6 +866,65 @@ class ChaosRun:
             return await self._api(session, "GET", "/georeg/v1/verify")
         except ScenarioError as exc:
             return {"clean": False, "error": str(exc)}
+
+    async def _invariants(self, session, verify: dict | None) -> dict[str, list]:
+        """What breaks each of ``INVARIANTS`` (an empty list: it holds), once the
+        cluster has converged. Tags agreeing and residency come from ``georeg
+        verify``'s divergences; the rest is read from every node."""
+        status = await self._api(session, "GET", "/georeg/v1/cluster")
+        nodes = [n for n in status["nodes"] if n["healthy"]]
+        down = [f"{n['name']} not healthy ({n.get('health')}): not checked"
+                for n in status["nodes"] if not n["healthy"]]
+        divergences = self._divergences(verify)
+
+        async def get(url: str, method: str = "GET") -> tuple[int, bytes, str]:
+            async with self._slots, session.request(method, url, headers=self.credentials) as r:
+                body = await r.read()
+                return r.status, body, r.headers.get("Docker-Content-Digest", "")
+
+        async def pullable(push: Push, node: dict) -> str | None:
+            base = f"{node['http']}/v2/{push.repository}"
+            status_, _, digest = await get(f"{base}/manifests/{push.tag}")
+            if status_ != 200 or digest != push.digest:
+                return f"{push.repository}:{push.tag} on {node['name']}: HTTP {status_}, {digest}"
+            for blob in _blob_digests(push.manifest):
+                status_, body, _ = await get(f"{base}/blobs/{blob}")
+                actual = "sha256:" + hashlib.sha256(body).hexdigest()
+                if status_ != 200 or actual != blob:
+                    return (f"{push.repository}@{blob[:19]}… on {node['name']}: HTTP {status_}, "
+                            f"its bytes hash to {actual[:19]}…")
+            return None
+
+        def allowed(push: Push) -> list[dict]:
+            return [n for n in nodes
+                    if self.residency.allows(push.region, push.repository, n["region"])]
+
+        checked = await asyncio.gather(
+            *(pullable(p, n) for p in self.obs.live() for n in allowed(p)),
+            *(self._gone(session, p, n) for p in self.obs.deleted for n in allowed(p)
+              # A delete is a write of the region that took it: it goes where that allows.
+              if self.residency.allows(p.deleted_in or p.region, p.repository, n["region"])))
+        live = sum(len(allowed(p)) for p in self.obs.live())
+        roots = [Path(n["data_dir"]) for n in [*status["nodes"], *status.get("paired_copies", ())]
+                 if n.get("data_dir")]
+        samples = [p.layer_sample for p in self.obs.acknowledged if len(p.layer_sample) == 64]
+        samples = random.Random(self.seed).sample(samples, min(len(samples), MAX_DISK_SAMPLES))
+        hits = await asyncio.to_thread(lambda: [hit for root in roots
+                                                for hit in plaintext_hits(root, samples)])
+        return {
+            "acknowledged_pullable": down + [c for c in checked[:live] if c],
+            "tags_agree": [d["detail"] for d in divergences if d.get("kind") == "tag"],
+            "deletes_applied": [c for c in checked[live:] if c],
+            "confined_stays_in_region": [d["detail"] for d in divergences
+                                         if d.get("kind") == "residency"],
+            "no_plaintext_on_disk": [f"{path}: {needle.hex()[:16]}…" for path, needle in hits],
+        }
+
+    def _divergences(self, verify: dict | None) -> list[dict]:
+        """verify's divergences: all of them, or a replay's own (``scope``)."""
+        found = (verify or {}).get("divergences") or []
+        return found if self.scope is None else \
+            [d for d in found if (d.get("repository") or "").startswith(self.scope)]
 
     async def _max_lag(self, session, status: dict, sample: int = 60) -> float | None:
         """The worst lag (ms) any replica recorded for the acknowledged images
@@ -647,7 +947,8 @@ class ChaosRun:
         return worst
 
     def _report(self, last_heal: float, converged_after: float | None, lost: list[dict],
-                verify: dict | None, max_lag: float | None, landed: list[bool]) -> dict:
+                verify: dict | None, max_lag: float | None, landed: list[bool],
+                invariants: dict[str, list] | None = None) -> dict:
         obs = self.obs
         errors: dict[str, dict[str, int]] = {}
         windows: dict[str, dict[str, list]] = {}
@@ -667,7 +968,10 @@ class ChaosRun:
             "acknowledged_enough": len(obs.acknowledged) >= a.min_acknowledged,
         }
         if a.verify:
-            checks["verify_clean"] = bool(verify and verify.get("ok"))
+            checks["verify_clean"] = bool(verify and verify.get("ok")) if self.scope is None \
+                else bool(verify) and not verify.get("error") and not self._divergences(verify)
+        for name, broken in (invariants or {}).items():
+            checks[name] = not broken
         return {
             "scenario": self.scenario.name,
             "description": self.scenario.description,
@@ -700,8 +1004,13 @@ class ChaosRun:
                                   for client in sorted({p.client for p in obs.acknowledged})},
             "last_heal_at_s": round(last_heal, 2),
             "convergence_s": converged_after,
+            "unconverged": self.unconverged,
             "max_lag_ms": max_lag,
             "verify": verify,
+            "retags": len(obs.retags),
+            "deletes": {"attempted": obs.deletes_attempted, "acknowledged": len(obs.deleted)},
+            # What broke each invariant checked (the first few of each).
+            "broken": {name: what[:MAX_SHOWN] for name, what in (invariants or {}).items() if what},
             "checks": checks,
             "passed": all(checks.values()),
         }
@@ -743,7 +1052,8 @@ def summary(report: dict) -> str:
     healed = (f"the last heal (t+{report['last_heal_at_s']:g}s: workload over, "
               "every fault healed)")
     lines.append(f"  converged {conv:g}s after {healed}" if conv is not None
-                 else f"  did NOT converge after {healed}")
+                 else f"  did NOT converge after {healed}: "
+                      + ", ".join(report.get("unconverged") or ["?"]))
     if report["max_lag_ms"] is not None:
         lines.append(f"  worst replication lag of an acknowledged image: {report['max_lag_ms']:.0f} ms")
     if report["verify"] is not None:
@@ -751,6 +1061,12 @@ def summary(report: dict) -> str:
         lines.append(f"  georeg verify: {'clean' if verdict.get('ok') else 'DIVERGENT'}"
                      + (f" ({len(verdict.get('divergences') or [])} divergences)"
                         if not verdict.get("ok") else ""))
+    if report.get("deletes"):
+        d = report["deletes"]
+        lines.append(f"  retags acknowledged: {report['retags']}; deletes: {d['attempted']} "
+                     f"attempted, {d['acknowledged']} acknowledged")
+    for name, what in report.get("broken", {}).items():
+        lines.append(f"  invariant broken: {name}: " + "; ".join(what[:3]))
     failed = [k for k, ok in report["checks"].items() if not ok]
     if failed:
         lines.append(f"  failed checks: {', '.join(failed)}")

@@ -180,6 +180,11 @@ class FaultController:
         return {n for f in self.faults.values()
                 if f.active and f.target.get("mode") == "isolate" for n in f.nodes}
 
+    def _routing_faults(self, region: str, *, but: Fault) -> list[Fault]:
+        """Active routing faults on ``region`` other than ``but``, oldest first."""
+        return [f for f in self.faults.values() if f.active and f is not but
+                and f.kind == "routing" and f.target.get("region") == region]
+
     def _sync_routing(self) -> None:
         routing = self.cluster.routing
         if routing is not None:
@@ -287,7 +292,11 @@ class FaultController:
         self._nodes_in(region)
         if self.cluster.routing is None:
             raise FaultError("this cluster runs without routing endpoints")
-        fault.target["previous"] = self.cluster.routing.routing_flags().get(region, True)
+        # The flag before the first of overlapping routing faults on the region
+        # is what the last of them to heal restores (heal).
+        earlier = self._routing_faults(region, but=fault)
+        fault.target["previous"] = earlier[0].target["previous"] if earlier else \
+            self.cluster.routing.routing_flags().get(region, True)
         self.cluster.routing.set_routing(region, enabled)
         fault.description = f"global routing {'on' if enabled else 'off'} for {region} (it keeps syncing)"
 
@@ -600,7 +609,12 @@ class FaultController:
             await asyncio.gather(*(self.cluster.supervisor.start_node(n) for n in started))
             await self._restarted(started)
         elif kind == "routing" and self.cluster.routing is not None:
-            self.cluster.routing.set_routing(target["region"], target.get("previous", True))
+            # Overlapping faults on the region: the latest still active holds;
+            # the last to heal restores the flag from before the first.
+            others = self._routing_faults(target["region"], but=fault)
+            self.cluster.routing.set_routing(
+                target["region"], others[-1].target.get("enabled", False) if others
+                else target.get("previous", True))
         elif kind == "disk":
             await self._storage(fault.nodes, healing=True)
         elif kind == "throttle":

@@ -22,6 +22,15 @@ Installed with georeg (entry point ``pytest11``), it provides:
             georeg_cluster.set_routing("eastus", False)
             ...pull through the same endpoint with the same auth file...
 
+        def test_clients_survive_a_paused_region(georeg_cluster):
+            fault = georeg_cluster.inject("pause", region="westeurope")   # SIGSTOP
+            ...pull through the westeurope endpoint: it moves to the next replica...
+            georeg_cluster.heal(fault.id)                                  # SIGCONT
+
+    ``inject(kind, **arguments)`` takes every kind of ``georeg fault`` with
+    the arguments of ``cluster.faults.controller`` (``flap="2/3"`` makes any
+    of them come and go); ``heal(id)`` or ``heal()`` (all) ends them.
+
         async def test_raw_http(georeg_cluster):
             async with georeg_cluster.http() as http:   # sends the admin login
                 async with http.get(georeg_cluster.endpoint("eastus") + "/v2/") as r:

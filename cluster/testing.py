@@ -38,6 +38,7 @@ from .control.cluster import Cluster
 from .control.management import ManagementServer
 from .control.private_files import write_private
 from .control.tls import client_context
+from .faults.controller import Fault
 from .faults.verify import VerifyReport
 
 T = TypeVar("T")
@@ -226,6 +227,17 @@ class RunningCluster:
 
     def restart(self, node: str) -> None:
         self.run(lambda: self.cluster.supervisor.start_node(node))
+
+    def inject(self, kind: str, **arguments) -> Fault:
+        """Inject a fault (``cluster.faults.controller``), as ``georeg fault``
+        does: ``inject("pause", region="eastus")``, ``inject("link", a="eastus",
+        b="westeurope", stall=True, flap="2/3")``. Returns it (``.id`` to heal)."""
+        return self.run(lambda: self.cluster.faults.inject(kind, **arguments))
+
+    def heal(self, fault_id: str | None = None) -> None:
+        """Heal one fault by id, or every active one."""
+        faults = self.cluster.faults
+        self.run(faults.heal_all if fault_id is None else lambda: faults.heal(fault_id))
 
     def set_routing(self, region: str, enabled: bool) -> None:
         self.run(lambda: self.cluster.update_replication(region, global_routing=enabled))

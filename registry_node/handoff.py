@@ -74,6 +74,7 @@ from .api.blobs import Download
 from .api.middlewares import request_id
 from .auth.grants import REDIRECT_HEADER, carries_grant
 from .bandwidth import Bandwidth, following
+from .body_stall import BodyStall
 from .crypto import BlobCorrupt
 from .errors import RegistryError
 from .reference import Digest, validate_name
@@ -173,7 +174,7 @@ class HandoffServer:
     def __init__(self, registry: Registry,
                  admits: Callable[[str | None, str], str | None] | None = None,
                  throttle: Throttle | None = None, *,
-                 bandwidth: Bandwidth | None = None) -> None:
+                 bandwidth: Bandwidth | None = None, stall: BodyStall | None = None) -> None:
         self.registry = registry
         # (Authorization header, repository) -> who may pull there (None: nobody
         # this header names); None: auth off.
@@ -181,6 +182,7 @@ class HandoffServer:
         self.throttle = throttle
         # The node's budgets, the ones its HTTP handlers spend; None: unshaped.
         self.bandwidth = bandwidth
+        self.stall = stall if stall is not None else BodyStall()   # a grey failure's seam
         self.address = b""
         self._listener: socket.socket | None = None
         self._channels: set[_Channel] = set()
@@ -314,6 +316,10 @@ class HandoffServer:
                         return
                     code, status = CUT, download.status
                     head = _response_head(download, rid, extra)
+                    if self.stall.stalled:      # the head goes; the body waits (body_stall)
+                        await _send(client, head)
+                        head = b""
+                        await self.stall.held()
                     budget = self.bandwidth.download if self.bandwidth else None
                     if budget is None:
                         await _send(client, head, first)

@@ -38,7 +38,10 @@ NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
 # stalled-link tests, test_replication_resume's transfers resumed over a cut
 # or slow link, the state machine's degraded links). `make chaos` runs every
 # scenario at full length.
-SOAK_ONLY = {"europe-americas-partition", "slow-transoceanic-link", "throttled-home-region"}
+SOAK_ONLY = {"europe-americas-partition", "slow-transoceanic-link", "throttled-home-region",
+             "grey-failures"}
+# grey-failures too: test_grey_faults checks a pause's failover, catch-up and
+# peers, and a flap's seeded schedule and its real phases, against real processes.
 # throttled-home-region, too: test_faults' throttle tests check the fault through the
 # CLI and the endpoints (429 with Retry-After, no failover, zones sharing the limit),
 # test_throttle the node's buckets with real clients.

@@ -17,6 +17,13 @@ read there (``ps``) — and the health checks carry the internal credential.
 On a TLS cluster each node is also given its certificate (``NodeTls``) and
 the health checks speak HTTPS, trusting the cluster CA only.
 
+Pausing (``pause_node``, the grey failure of ``georeg fault pause``): SIGSTOP
+to the node's process group; its sockets stay open and nothing answers, so
+health checks notice it only by their timeouts. ``resume_node`` sends
+SIGCONT. A paused node is never left behind: stopping it (a fault, a
+restart, the cluster stopping) sends SIGCONT after its signal, so a SIGTERM
+is acted on and the process exits as any other.
+
 Ports come from the plan. One found in use — by a link here, or by a node
 process, which exits with ``EXIT_ADDRESS_IN_USE`` — raises ``PortInUse``.
 """
@@ -124,6 +131,7 @@ class NodeRuntime:
     failures: int = 0
     started_at: float = 0.0
     intended_down: bool = False     # stopped on purpose (fault or command): not a failure
+    paused: bool = False            # SIGSTOPped (a pause fault) until resumed or stopped
 
     @property
     def name(self) -> str:
@@ -307,6 +315,8 @@ class Supervisor:
                         "stopped" if graceful else "killed (SIGKILL)")
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+        if node.paused:                 # a stopped process acts on SIGTERM only once continued
+            self._continue(node)
         try:
             await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S if graceful else 5)
         except TimeoutError:
@@ -318,6 +328,33 @@ class Supervisor:
             watcher.cancel()
         self._set_state(node, "stopped" if graceful else "crashed",
                         "stopped" if graceful else "killed (SIGKILL)")
+
+    def pause_node(self, name: str) -> bool:
+        """SIGSTOP the node's process group: it keeps its sockets and answers
+        nothing (health checks see timeouts). False if it is not running."""
+        node = self.nodes[name]
+        if node.pid is None:
+            return False
+        try:
+            os.killpg(node.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return False
+        node.paused = True
+        log.info("node_paused", node=name, pid=node.pid)
+        return True
+
+    def resume_node(self, name: str) -> None:
+        """SIGCONT a paused node (nothing if it is not paused)."""
+        node = self.nodes[name]
+        if node.paused:
+            self._continue(node)
+            log.info("node_resumed", node=name)
+
+    def _continue(self, node: NodeRuntime) -> None:
+        node.paused = False
+        if node.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.process.pid, signal.SIGCONT)
 
     async def restart_node(self, name: str) -> NodeRuntime:
         await self.stop_node(name, graceful=True)

@@ -22,6 +22,8 @@ A scenario is a TOML file::
     region = "eastus"                    # or a list: one drawn with the seed
     mode = "crash"
     duration_s = 20                      # heals by itself after this long
+    # flap = "3/5"                       # comes and goes (cluster.faults.flap); its
+    # flap_jitter = 0.2                  # flap_seed is drawn with the scenario's seed
 
     [[steps]]
     at_s = 45
@@ -92,6 +94,7 @@ from replicator.residency import ResidencyPolicy
 
 from ..control.access import AdminLogin
 from .controller import KINDS
+from .flap import Flap, FlapError
 
 SCENARIOS = Path(__file__).parent / "scenarios"    # the scenarios that ship with georeg
 MAX_WORKERS = 16
@@ -176,6 +179,15 @@ def schedule(scenario: Scenario, rng: random.Random, scale: float = 1.0) -> list
             raise ScenarioError(f"steps[{i}]: fault must be one of {', '.join(KINDS)}, not {kind!r}")
         if "duration_s" in resolved:
             resolved["duration_s"] = float(resolved["duration_s"]) * scale
+        if "flap" in resolved:
+            # Scaled like every time; seeded from the scenario unless the step says.
+            try:
+                flap = Flap.parse(resolved["flap"], resolved.get("flap_jitter", 0.0))
+            except FlapError as exc:
+                raise ScenarioError(f"steps[{i}]: {exc}") from None
+            flap = flap.scaled(scale)
+            resolved["flap"] = f"{flap.on_s:g}/{flap.off_s:g}"
+            resolved.setdefault("flap_seed", rng.randrange(2**32))
         steps.append(Step(at_s * scale, "fault", kind, resolved))
     return sorted(steps, key=lambda s: s.at_s)
 

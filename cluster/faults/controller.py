@@ -10,6 +10,25 @@ Kinds (each optionally healing itself after a duration):
     disk REGION[/ZONE] --full | --slow MS              storage faults on nodes
     throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
     destroy REGION                                     data dirs wiped, restarted empty
+    pause REGION|REGION/ZONE|NODE [--stall-bodies]     SIGSTOP: open sockets, no answers
+                                                       (or: only blob bodies stall)
+
+Any fault but ``destroy`` may flap (``flap="ON_S/OFF_S"``, optional
+``flap_jitter`` and ``flap_seed``; ``cluster.faults.flap``): applied at once, lifted after ON_S,
+applied again after OFF_S, and so on until healed, which leaves it lifted.
+A fault in its *off* phase is still listed (and active) but counts for
+nothing: every composition below looks at faults *in effect* only. The flap
+seed defaults to one drawn from the cluster's seed and the fault's number, so
+a cluster started from the same seed flaps the same way.
+
+A pause is a grey failure: the node's processes are stopped (SIGSTOP), their
+sockets stay open and nothing answers. Routing notices only by its health
+checks' timeouts (``cluster.control.supervisor``: two consecutive checks
+without an answer) and moves clients then; healing sends SIGCONT and the node
+catches up by itself. With ``stall_bodies`` nothing is stopped: the node
+answers everything but holds blob bodies after their headers
+(``registry_node.body_stall``), which no health check sees. See
+docs/faults.md for the measured bounds.
 
 Faults are applied only at the seams: node processes (signals), the WAN links
 (``cluster.network.links``), the routing layer, each node's storage fault seam,
@@ -41,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -52,11 +72,13 @@ from registry_node.config import request_rate
 
 from ..control.regions import REGIONS, unknown_region_message
 from ..network.links import LinkFaults
+from .flap import ON, Flap, FlapError
 
 log = structlog.get_logger("georeg.faults")
 
 KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "throttle",
-         "destroy")
+         "destroy", "pause")
+OUTAGES = ("region-outage", "zone-outage")
 MODES = ("crash", "stop", "isolate")
 # What a throttling fault may limit (registry_node.throttle.KINDS), and its default rate.
 REQUEST_KINDS = ("read", "write", "delete", "referrers")
@@ -79,18 +101,32 @@ class Fault:
     nodes: list[str] = field(default_factory=list)          # nodes it acts on
     links: list[tuple[str, str]] = field(default_factory=list)
     link_faults: LinkFaults | None = None
+    arguments: dict = field(default_factory=dict)          # as injected, to apply it again
+    flap: Flap | None = None
+    phase: str = ON                                        # off: lifted for now (flapping)
+    phase_ends_at: float | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def active(self) -> bool:
         return self.healed_at is None
 
+    @property
+    def in_effect(self) -> bool:
+        """Active and not in a flap's off phase: what the cluster feels now."""
+        return self.healed_at is None and self.phase == ON
+
     def as_dict(self) -> dict:
         return {
             "id": self.id, "kind": self.kind, "target": self.target,
-            "description": self.description, "active": self.active,
+            "description": self.description + (f"; {self.flap.describe()}" if self.flap else ""),
+            "active": self.active,
             "started_at": self.started_at, "duration_s": self.duration_s,
             "heals_at": self.started_at + self.duration_s if self.duration_s else None,
             "healed_at": self.healed_at, "nodes": self.nodes,
+            "flap": None if self.flap is None else {
+                **self.flap.as_dict(), "phase": self.phase if self.active else None,
+                "phase_ends_at": self.phase_ends_at if self.active else None},
         }
 
 
@@ -100,6 +136,8 @@ class FaultController:
         self.faults: dict[str, Fault] = {}
         self._ids = itertools.count(1)
         self._timers: dict[str, asyncio.Task] = {}
+        self._flappers: dict[str, asyncio.Task] = {}
+        self._stalled: set[str] = set()     # nodes told to stall blob bodies
         self._session: aiohttp.ClientSession | None = None
 
     # -- helpers -----------------------------------------------------------------------
@@ -139,13 +177,13 @@ class FaultController:
                 continue
             combined = LinkFaults()
             for fault in self.faults.values():
-                if fault.active and key in fault.links and fault.link_faults is not None:
+                if fault.in_effect and key in fault.links and fault.link_faults is not None:
                     combined = _combine(combined, fault.link_faults)
             link.set_faults(combined)
 
     def _isolated_nodes(self) -> set[str]:
         return {n for f in self.faults.values()
-                if f.active and f.target.get("mode") == "isolate" for n in f.nodes}
+                if f.in_effect and f.target.get("mode") == "isolate" for n in f.nodes}
 
     def _sync_routing(self) -> None:
         routing = self.cluster.routing
@@ -161,28 +199,80 @@ class FaultController:
         return self._session
 
     async def close(self) -> None:
-        for task in self._timers.values():
+        for task in (*self._timers.values(), *self._flappers.values()):
             task.cancel()
         if self._session is not None:
             await self._session.close()
 
     # -- injecting ---------------------------------------------------------------------
 
-    async def inject(self, kind: str, *, duration_s: float | None = None, **target) -> Fault:
+    async def inject(self, kind: str, *, duration_s: float | None = None,
+                     flap: str | None = None, flap_jitter: float = 0.0,
+                     flap_seed: int | None = None,
+                     **target) -> Fault:
         if kind not in KINDS:
             raise FaultError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
         if duration_s is not None and duration_s <= 0:
             raise FaultError("a duration must be positive (seconds)")
-        fault = Fault(f"f{next(self._ids)}", kind, target, "", time.time(), duration_s)
-        await getattr(self, "_inject_" + kind.replace("-", "_"))(fault, **target)
+        number = next(self._ids)
+        fault = Fault(f"f{number}", kind, target, "", time.time(), duration_s,
+                      arguments=dict(target))
+        if flap is not None:
+            if kind == "destroy":
+                raise FaultError("destroy cannot flap: it has nothing to heal")
+            try:
+                fault.flap = Flap.parse(flap, flap_jitter, self._flap_seed(number)
+                                        if flap_seed is None else flap_seed)
+            except (FlapError, TypeError) as exc:
+                raise FaultError(str(exc)) from None
+        elif flap_jitter or flap_seed is not None:
+            raise FaultError("flap_jitter and flap_seed shape a flap: give flap (ON_S/OFF_S) too")
+        await self._apply(fault)
         self.faults[fault.id] = fault
+        self._settle(fault)
+        if duration_s:
+            self._timers[fault.id] = asyncio.create_task(self._heal_later(fault.id, duration_s))
+        if fault.flap is not None:
+            self._flappers[fault.id] = asyncio.create_task(self._flap(fault),
+                                                           name=f"flap:{fault.id}")
+        log.info("fault_injected", id=fault.id, kind=kind, description=fault.description)
+        return fault
+
+    async def _apply(self, fault: Fault) -> None:
+        """Put ``fault`` in effect (at injection, and at each flap's on phase)."""
+        await getattr(self, "_inject_" + fault.kind.replace("-", "_"))(fault, **fault.arguments)
+
+    def _settle(self, fault: Fault) -> None:
+        """The links and routing, recomputed after ``fault`` changed phase."""
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()
-        if duration_s:
-            self._timers[fault.id] = asyncio.create_task(self._heal_later(fault.id, duration_s))
-        log.info("fault_injected", id=fault.id, kind=kind, description=fault.description)
-        return fault
+
+    def _flap_seed(self, number: int) -> int:
+        """A flap's seed when none is given: from the cluster's seed and the
+        fault's number, so a cluster started from one seed flaps alike."""
+        return random.Random(f"{self.cluster.spec.seed}/f{number}").randrange(2**32)
+
+    async def _flap(self, fault: Fault) -> None:
+        """Walk ``fault.flap``'s schedule until the fault heals (which cancels
+        this between phases, never within a change: see ``heal``)."""
+        assert fault.flap is not None
+        for phase, seconds in fault.flap.periods():
+            if phase != fault.phase:
+                async with fault.lock:
+                    fault.phase = phase
+                    try:
+                        if phase == ON:
+                            await self._apply(fault)
+                        else:
+                            await self._lift(fault)
+                    except (FaultError, OSError) as exc:
+                        log.warning("flap_change_failed", id=fault.id, phase=phase,
+                                    error=str(exc))
+                    self._settle(fault)
+                log.info("fault_flapped", id=fault.id, phase=phase)
+            fault.phase_ends_at = time.time() + seconds
+            await asyncio.sleep(seconds)
 
     async def _heal_later(self, fault_id: str, after: float) -> None:
         await asyncio.sleep(after)
@@ -248,13 +338,17 @@ class FaultController:
         fault.description = f"global routing {'on' if enabled else 'off'} for {region} (it keeps syncing)"
 
     async def _storage(self, nodes: list[str], body: dict) -> None:
+        await self._node_fault(nodes, "storage", body)
+
+    async def _node_fault(self, nodes: list[str], seam: str, body: dict) -> None:
+        """Set a fault held in each node's memory (``PUT /georeg/v1/faults/<seam>``)."""
         session = await self._session_get()
         for name in nodes:
-            url = self.cluster.node_url(name) + "/georeg/v1/faults/storage"
+            url = self.cluster.node_url(name) + f"/georeg/v1/faults/{seam}"
             try:
                 async with session.put(url, json=body) as r:
                     if r.status != 200:
-                        raise FaultError(f"{name} refused the storage fault: HTTP {r.status}")
+                        raise FaultError(f"{name} refused the {seam} fault: HTTP {r.status}")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise FaultError(f"{name} is unreachable: {exc}") from None
 
@@ -297,7 +391,7 @@ class FaultController:
         """The lowest rate, by kind, of the active throttling faults on ``node``."""
         rates: dict[str, float] = {}
         for fault in self.faults.values():
-            if fault.active and fault.kind == "throttle" and node in fault.nodes:
+            if fault.in_effect and fault.kind == "throttle" and node in fault.nodes:
                 for kind, rate in fault.target["rates"].items():
                     rates[kind] = min(rate, rates.get(kind, rate))
         return rates
@@ -322,10 +416,71 @@ class FaultController:
 
     async def _restarted(self, nodes: list[str]) -> None:
         """Nodes just (re)started: those an active throttling fault covers get
-        its rates again (a fault lives in the node's memory)."""
+        its rates again (a fault lives in the node's memory), and a pause still
+        in effect stops them again."""
         throttled = [n for n in nodes if self._throttle_rates(n)]
         if throttled:
             await self._apply_throttles(throttled, healing=True)
+        self._stalled.difference_update(nodes)      # a new process holds no fault
+        paused = [n for n in nodes if any(self._pauses(n))]
+        if paused:
+            await self._apply_pauses(paused, healing=True)
+
+    # -- grey failures ---------------------------------------------------------------------
+
+    def _targets(self, where: str, zone: str | None = None) -> list[str]:
+        """REGION (every node of it), REGION with ZONE, or one NODE by name."""
+        if zone:
+            return [self._node(where, str(zone))]
+        if any(n.name == where for n in self.cluster.plan.nodes):
+            return [where]
+        return self._nodes_in(where)
+
+    async def _inject_pause(self, fault: Fault, region: str, zone: str | None = None,
+                            stall_bodies: bool = False) -> None:
+        fault.nodes = self._targets(region, zone)
+        fault.target["mode"] = "stall-bodies" if stall_bodies else "stop"
+        injecting = fault.id not in self.faults
+        # Counted in effect while applied, as a throttle; none or all of its nodes.
+        self.faults[fault.id] = fault
+        try:
+            await self._apply_pauses(fault.nodes)
+        except FaultError:
+            if injecting:
+                del self.faults[fault.id]
+                await self._apply_pauses(fault.nodes, healing=True)
+            raise
+        nodes = ", ".join(fault.nodes)
+        fault.description = (f"blob bodies stall on {nodes} (health checks, manifests and "
+                             "HEAD answer)" if stall_bodies else
+                             f"paused (SIGSTOP: sockets open, nothing answers): {nodes}")
+
+    def _pauses(self, node: str) -> tuple[bool, bool]:
+        """Whether pause faults in effect stop ``node``, and stall its bodies."""
+        modes = {f.target["mode"] for f in self.faults.values()
+                 if f.in_effect and f.kind == "pause" and node in f.nodes}
+        return "stop" in modes, "stall-bodies" in modes
+
+    async def _apply_pauses(self, nodes: list[str], *, healing: bool = False) -> None:
+        """Stop or continue each node, and stall or release its blob bodies, as
+        the pause faults in effect say (the one being injected is counted in
+        effect: it is registered before this runs)."""
+        supervisor = self.cluster.supervisor
+        for name in nodes:
+            stop, stall = self._pauses(name)
+            if stall != (name in self._stalled):
+                supervisor.resume_node(name)        # a stopped node answers no request
+                try:
+                    await self._node_fault([name], "stall", {"bodies": stall})
+                except FaultError as exc:
+                    if not healing:
+                        raise
+                    log.warning("pause_heal_failed", node=name, error=str(exc))
+                (self._stalled.add if stall else self._stalled.discard)(name)
+            if not stop:
+                supervisor.resume_node(name)
+            elif not supervisor.pause_node(name) and not healing:
+                raise FaultError(f"{name} is not running: there is nothing to pause")
 
     async def _inject_destroy(self, fault: Fault, region: str) -> None:
         nodes = self._nodes_in(region)
@@ -350,11 +505,27 @@ class FaultController:
         timer = self._timers.pop(fault_id, None)
         if timer is not None and timer is not asyncio.current_task():
             timer.cancel()
-        fault.healed_at = time.time()
+        flapper = self._flappers.pop(fault_id, None)
+        async with fault.lock:          # not in the middle of a flap's change
+            if flapper is not None:
+                flapper.cancel()
+            if not fault.active:        # healed meanwhile
+                return fault
+            fault.healed_at = time.time()
+            fault.phase_ends_at = None
+            if fault.phase == ON:
+                await self._lift(fault)
+            self._settle(fault)
+        log.info("fault_healed", id=fault.id, kind=fault.kind)
+        return fault
+
+    async def _lift(self, fault: Fault) -> None:
+        """Undo what ``fault`` does (healed, or a flap's off phase); faults
+        still in effect keep theirs."""
         kind, target = fault.kind, fault.target
-        if kind in ("region-outage", "zone-outage") and target.get("mode", "crash") != "isolate":
-            still_down = {n for f in self.faults.values() if f.active and f is not fault
-                          and f.kind in ("region-outage", "zone-outage") for n in f.nodes}
+        if kind in OUTAGES and target.get("mode", "crash") != "isolate":
+            still_down = {n for f in self.faults.values() if f.in_effect and f is not fault
+                          and f.kind in OUTAGES for n in f.nodes}
             started = [n for n in fault.nodes if n not in still_down]
             await asyncio.gather(*(self.cluster.supervisor.start_node(n) for n in started))
             await self._restarted(started)
@@ -364,11 +535,8 @@ class FaultController:
             await self._storage(fault.nodes, {"full": False, "slow_ms": 0})
         elif kind == "throttle":
             await self._apply_throttles(fault.nodes, healing=True)
-        if fault.links:
-            self._apply_links(fault.links)
-        self._sync_routing()
-        log.info("fault_healed", id=fault.id, kind=kind)
-        return fault
+        elif kind == "pause":
+            await self._apply_pauses(fault.nodes, healing=True)
 
     async def heal_all(self) -> list[Fault]:
         return [await self.heal(f.id) for f in list(self.faults.values()) if f.active]

@@ -33,6 +33,7 @@ from .common import (
     registry,
     repo_name,
 )
+from .grey import BODY_STALL
 from .redirects import redirect
 
 if TYPE_CHECKING:
@@ -106,13 +107,16 @@ async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.Stre
     budget = request.app[BANDWIDTH].download
     async with contextlib.aclosing(download.pieces(registry(request).run_blocking)) as pieces:
         first = await anext(pieces)
-        if len(first) == download.length and (budget is None or len(first) <= budget.quantum):
+        stall = request.app[BODY_STALL]
+        if len(first) == download.length and not stall.stalled \
+                and (budget is None or len(first) <= budget.quantum):
             if budget is not None:
                 await budget.take(len(first))
             return BodyResponse(status=download.status, body=first, headers=download.headers)
         response = web.StreamResponse(status=download.status, headers=download.headers)
         response.content_length = download.length
         await response.prepare(request)
+        await stall.held()              # a grey-failure fault holds the body (body_stall)
         try:
             if budget is None:
                 await response.write(first)

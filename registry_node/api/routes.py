@@ -16,6 +16,7 @@ from . import (
     base,
     blobs,
     configuration,
+    grey,
     inventory,
     listings,
     manifests,
@@ -69,6 +70,9 @@ ROUTES: tuple[Route, ...] = (
     # Fault injection's storage seam.
     Route("GET", "/georeg/v1/faults/storage", admin.get_storage_faults),
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
+    # Grey failures: blob bodies that stall (api.grey).
+    Route("GET", "/georeg/v1/faults/stall", grey.get_stall),
+    Route("PUT", "/georeg/v1/faults/stall", grey.put_stall),
     # Request throttling: its fault, its state, zone siblings' reports (api.throttling).
     Route("GET", "/georeg/v1/faults/throttle", throttling.get_throttle_fault),
     Route("PUT", "/georeg/v1/faults/throttle", throttling.put_throttle_fault),

@@ -51,11 +51,16 @@ class Flap:
         try:
             if not sep:
                 raise ValueError
-            return cls(float(on), float(off), float(jitter), int(seed))
-        except ValueError as exc:
-            if isinstance(exc, FlapError):
-                raise
+            periods = float(on), float(off)
+        except ValueError:
             raise FlapError(f"flap is ON_S/OFF_S in seconds, e.g. 2/3, not {text!r}") from None
+        try:
+            jitter = float(jitter)
+        except (TypeError, ValueError):
+            raise FlapError(f"flap jitter is a fraction, e.g. 0.2, not {jitter!r}") from None
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise FlapError(f"a flap seed is a whole number, not {seed!r}")
+        return cls(*periods, jitter, seed)
 
     def scaled(self, factor: float) -> Flap:
         return Flap(self.on_s * factor, self.off_s * factor, self.jitter, self.seed)

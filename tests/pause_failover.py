@@ -1,0 +1,85 @@
+"""How long a paused node (``georeg fault pause``: SIGSTOP, sockets open,
+nothing answers) keeps its global endpoint's clients before they move.
+
+    .venv/bin/python -m tests.pause_failover [--runs 10]
+
+Not a test (pytest does not collect it): a measurement, printed as a table.
+The cluster of tests/test_grey_faults.py (eastus home, westeurope, westus,
+each with its paired copy; auth on) runs as real node processes. Each run
+pauses eastus and a client of eastus's global endpoint asks ``GET /v2/``
+every 50 ms, giving up on each request after 250 ms (as a client with a
+short timeout would), until another node answers; the time from the pause
+to that answer is the run's failover time. Then eastus is resumed and the
+next run starts once routing sends eastus's clients home again, after a
+random part of the health checks' period (a failure does not wait for it). Reported:
+median and max over the runs, and the CPU load of the machine meanwhile
+(the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from cluster.control import spec as specs
+from cluster.control.supervisor import HEALTH_INTERVAL_S
+from cluster.testing import RunningCluster
+
+from .test_grey_faults import SPEC, answered_by
+
+
+async def one_run(running: RunningCluster, http: aiohttp.ClientSession,
+                  rng: random.Random) -> float:
+    east = running.endpoint("eastus")
+    deadline = time.monotonic() + 30
+    while await answered_by(http, east, 2.0) != "eastus":     # home again
+        if time.monotonic() > deadline:
+            raise RuntimeError("eastus did not come back")
+        await asyncio.sleep(0.05)
+    # At a random point of the health checks' period, as a real failure comes.
+    await asyncio.sleep(rng.uniform(0, HEALTH_INTERVAL_S))
+    fault = await asyncio.to_thread(running.inject, "pause", region="eastus")
+    paused_at = time.monotonic()
+    try:
+        while (await answered_by(http, east, 0.25)) in (None, "eastus"):
+            if time.monotonic() - paused_at > 30:
+                raise RuntimeError("clients never moved")
+            await asyncio.sleep(0.05)
+        return time.monotonic() - paused_at
+    finally:
+        await asyncio.to_thread(running.heal, fault.id)
+
+
+async def measure(running: RunningCluster, runs: int) -> list[float]:
+    async with running.http() as http:
+        rng = random.Random(runs)
+        return [await one_run(running, http, rng) for _ in range(runs)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, \
+            RunningCluster(specs.parse(SPEC), Path(tmp)) as running:
+        load_before = os.getloadavg()[0]
+        times = asyncio.run(measure(running, args.runs))
+        load_after = os.getloadavg()[0]
+    print(f"pause eastus → its global endpoint's clients served elsewhere ({args.runs} runs)")
+    print(f"  median {statistics.median(times):.2f} s   max {max(times):.2f} s   "
+          f"min {min(times):.2f} s")
+    print(f"  every run: {', '.join(f'{t:.2f}' for t in times)}")
+    print(f"  load average (1 min) {load_before:.2f} before, {load_after:.2f} after, "
+          f"{os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

@@ -378,13 +378,15 @@ class FaultController:
         what = f"{kind}s" if kind else "every request"
         fault.description = f"{region} throttled: {what} past {rate_per_min:g}/min get 429"
         # Counted as active while it is applied, so the map sent includes it.
+        injecting = fault.id not in self.faults     # not a flap applying it again
         self.faults[fault.id] = fault
         try:
             await self._apply_throttles(fault.nodes)
         except FaultError:
             # None or all: the nodes that took it get their rates without it.
-            del self.faults[fault.id]
-            await self._apply_throttles(fault.nodes, healing=True)
+            if injecting:
+                del self.faults[fault.id]
+                await self._apply_throttles(fault.nodes, healing=True)
             raise
 
     def _throttle_rates(self, node: str) -> dict[str, float]:

@@ -208,6 +208,8 @@ async def test_a_flapping_pause_comes_and_goes_and_heal_leaves_it_healed(cluster
         cluster.inject("routing", region="westus", flap_jitter=0.2)
     with pytest.raises(FaultError, match="destroy cannot flap"):
         cluster.inject("destroy", region="westus", flap="1/1")
+    with pytest.raises(FaultError, match="westus is not zone redundant: name the region alone"):
+        cluster.inject("pause", region="westus", zone="2")
 
 
 async def test_heal_all_and_a_graceful_stop_leave_no_stopped_process(cluster, http):

@@ -157,7 +157,8 @@ class FaultController:
         if not zones:
             raise FaultError(f"{region} has no replica")
         if zones == [""]:
-            raise FaultError(f"{region} is not zone redundant; use region-outage")
+            raise FaultError(f"{region} is not zone redundant: name the region alone "
+                             "(region-outage, or REGION without a zone)")
         raise FaultError(f"{region} has zones {', '.join(zones)}, not {zone!r}")
 
     def _links_between(self, a: list[str], b: list[str], both: bool = True) -> list[tuple[str, str]]:

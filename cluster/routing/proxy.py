@@ -36,7 +36,9 @@ Invariants
       or timed-out connect (the node is marked down at once), or when a
       connection closes before answering (a pooled connection gets one retry
       on a fresh connection to the same node first; a fresh one marks the
-      node down). A request whose body was partly sent gets a ``502`` and its
+      node down), or when health checks take its node out of routing while a
+      ``GET`` or ``HEAD`` waits on it (a node that stopped answering:
+      ``node_lost``). A request whose body was partly sent gets a ``502`` and its
       connection is closed; one whose response was partly sent has its client
       connection closed (the client retries). ``429`` and every other status
       pass through untouched: only transport failures fail over.
@@ -287,6 +289,14 @@ class RoutingProxy:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+    def node_lost(self, name: str) -> int:
+        """Health checks took node ``name`` out of routing: every read sent to
+        it and still without a response byte goes to the next candidate now,
+        as if its connection had closed (``_Exchange.node_lost``). How many
+        moved."""
+        return sum(client.queue[0].node_lost(name) for client in list(self._clients)
+                   if client.queue)
 
     async def _sweep(self, period: float) -> None:
         while True:
@@ -1220,6 +1230,27 @@ class _Exchange:
                       f"replica node {node.name} closed the connection before answering; "
                       "the request may or may not have taken effect",
                       {"node": node.name, "region": node.region}, self._sent_outcome())
+
+    def node_lost(self, name: str) -> bool:
+        """Node ``name`` was found down while this exchange waits on it. A
+        ``GET`` or ``HEAD`` with no response byte back yet changed nothing
+        there: it goes to the next candidate (SENT → CONNECTING / SENT, or a
+        503 with none left), its connection to the lost node dropped. Anything
+        else waits on: a write may have taken effect, a response under way
+        cannot be started again, and a hand-over's socket is the node's."""
+        conn = self.backend
+        if (conn is None or conn.node.name != name or self.phase is not _SENT
+                or self.method not in _READS or self.body_sent):
+            return False
+        log.warning("request_moved", endpoint=self.proxy.name, node=name,
+                    reason="health checks lost the node before it answered")
+        self.backend = None
+        conn.exchange = None
+        conn.abort()
+        self.stream = _DETACHED
+        self.client.hold(_HOLD_CONNECTING)
+        self._failover()
+        return True
 
     def _broken(self, why: str) -> None:
         """The backend spoke something we cannot forward."""

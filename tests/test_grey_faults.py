@@ -155,6 +155,36 @@ async def test_a_paused_home_region_loses_its_clients_within_the_bound_and_catch
     await asyncio.to_thread(verified_clean, cluster, 60)
 
 
+# gRPC keepalive (replicator.peers): a ping every 30 s, 5 s to answer.
+KEEPALIVE_S = 35
+
+
+@pytest.mark.soak
+async def test_a_pause_past_grpc_keepalive_blocks_no_peer_and_the_node_catches_up(cluster, http):
+    """(~90 s, so soak.) Paused for longer than gRPC keepalive would give a
+    silent peer, the others go on replicating to each other the whole time,
+    image after image; resumed, it catches up with all of them."""
+    fault = cluster.inject("pause", region="westeurope")
+    paused_at = time.monotonic()
+    east, west = cluster.regional_endpoint("eastus"), cluster.node_url("westus")
+    tags = []
+    while time.monotonic() - paused_at < KEEPALIVE_S + 5:       # bounded: the pause's length
+        tag = f"v{len(tags)}"
+        await push_image(http, east, "grey/long", make_image([50_000], seed=30 + len(tags)),
+                         tag=tag)
+        await eventually(lambda t=tag: pullable(http, west, "grey/long", t), timeout=10,
+                         what=f"{tag} at westus while westeurope is paused")
+        tags.append(tag)
+    cluster.heal(fault.id)
+
+    async def caught_up() -> bool:
+        return all([await pullable(http, cluster.node_url("westeurope"), "grey/long", t)
+                    for t in tags])
+
+    await eventually(caught_up, timeout=30, what="westeurope to catch up once resumed")
+    await asyncio.to_thread(verified_clean, cluster, 60)
+
+
 async def _read_body(http, url: str) -> bytes:
     async with http.get(url) as r:
         assert r.status == 200

@@ -217,9 +217,9 @@ class RunningCluster:
     async def _status(self) -> dict:
         return {**self.cluster.status(), "management": self.management_url}
 
-    def verify(self, timeout: float = 60.0) -> VerifyReport:
+    def verify(self, timeout: float = 60.0, scrub: bool = False) -> VerifyReport:
         """``georeg verify`` on this cluster (``cluster.faults.verify``)."""
-        return self.run(lambda: self.cluster.verify(timeout), timeout + 30)
+        return self.run(lambda: self.cluster.verify(timeout, scrub=scrub), timeout + 30)
 
     def crash(self, node: str) -> None:
         """SIGKILL one node."""

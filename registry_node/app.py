@@ -130,6 +130,8 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     app.cleanup_ctx.append(_webhooks)
     app.cleanup_ctx.append(_garbage_collector)
     app.cleanup_ctx.append(_memory_trim)
+    # After the extensions: repairs fetch through replication, so they end first.
+    app.cleanup_ctx.append(_blob_repair)
     return app
 
 
@@ -165,6 +167,7 @@ def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable
         node = Node.open(config, wall_ns=wall_ns, monotonic=monotonic)
         app[NODE] = node
         app[REGISTRY] = node.registry
+        app[METRICS].watch_repairs(node.registry.repair)
         app[CONFIGURATION] = node.configuration
         if authority is not None and GATE not in app:
             # The identities this node enforces are the registry configuration it
@@ -255,6 +258,18 @@ async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _blob_repair(app: web.Application) -> AsyncIterator[None]:
+    """Failed repairs of rotten blobs tried again (``blob_repair``); every
+    repair still running is cancelled, and awaited, when the node stops."""
+    repair = app[NODE].registry.repair
+    task = asyncio.create_task(repair.retry_forever(), name="blob-repair-retries")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await repair.close()
 
 
 MEMORY_TRIM_INTERVAL_S = 15.0

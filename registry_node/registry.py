@@ -53,10 +53,11 @@ import msgspec
 
 from . import keys, locks, tiers
 from . import manifest as manifests
+from .blob_repair import BlobRepair, being_repaired
 from .blobstore import BlobStore, UploadFile
 from .crypto import BlobCorrupt, SealedBlob, Sealer
 from .durability import LocalDurability, WriteQuorum
-from .errors import ErrorCode, RegistryError, disk_full, storage_limit_reached
+from .errors import ErrorCode, RegistryError, storage_failure, storage_limit_reached
 from .hlc import HybridLogicalClock
 from .metastore import Batch, MetadataStore
 from .records import (
@@ -80,7 +81,7 @@ from .records import (
 )
 from .reference import Digest, is_digest, validate_name, validate_tag
 from .staleness import PeerContent
-from .storage_faults import is_disk_full
+from .storage_faults import is_io_error
 
 T = TypeVar("T")
 RunBlocking = Callable[[Callable[..., T]], Awaitable[T]]
@@ -188,6 +189,9 @@ class Registry:
         self._reserved = 0
         # Changeable attributes (ACR's locks), checked before any change they forbid.
         self.locks = locks.Locks(meta)
+        # Bit rot: quarantined and fetched again (replication sets its sources).
+        self.repair = BlobRepair(blobs, run_blocking, wall_ns=wall_ns, monotonic=monotonic,
+                                 recorded=lambda digest: meta.get(keys.blob(digest)) is not None)
 
     # -- helpers -------------------------------------------------------------
 
@@ -299,6 +303,24 @@ class Registry:
         except FileNotFoundError:
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)}) from None
 
+    async def read_blob(self, repo: str, digest: Digest) -> SealedBlob:
+        """Open a blob for a client's GET. A copy that fails authentication is
+        never served: it is repaired first (``blob_repair``), or the
+        ``RegistryError`` says why not."""
+        self.stat_blob(repo, digest)
+        try:
+            return self.blobs.open(digest)
+        except FileNotFoundError:
+            if not self.repair.missing_after_rot(digest):
+                raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)}) from None
+            await self.repair.mend(digest, "its file was quarantined")
+        except BlobCorrupt as exc:
+            await self.repair.mend(digest, str(exc))
+        try:
+            return self.blobs.open(digest)
+        except (FileNotFoundError, BlobCorrupt) as exc:
+            raise being_repaired(digest, str(exc)) from None
+
     async def delete_blob(self, repo: str, digest: Digest) -> None:
         if not self.blob_visible(repo, digest):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)})
@@ -362,7 +384,11 @@ class Registry:
         file = self.blobs.create_upload(upload_id)
         batch = Batch()
         batch.put(keys.upload(upload_id), encode(UploadRecord(repo, self._wall_ns())))
-        self.meta.commit(batch)
+        try:
+            self.meta.commit(batch)
+        except OSError:             # no session without its record: nothing is left
+            self.blobs.discard_upload(file)
+            raise
         self._uploads[upload_id] = _OpenUpload(repo, file, last_used=self._monotonic())
         return upload_id
 
@@ -414,20 +440,33 @@ class Registry:
                 raise _range_error(offset, f"chunk starts at {start}, the upload has {offset} bytes")
             try:
                 await self.receive(upload.file, chunks, length, counted=True)
-            except RegistryError as exc:
-                await self._end_if_over_a_limit(upload_id, upload, exc)
+            except (RegistryError, OSError) as exc:
+                await self._end_if_refused(upload_id, upload, exc)
                 raise
             await self.run_blocking(upload.file.flush)
             upload.last_used = self._monotonic()
             return upload.file.size
 
-    async def _end_if_over_a_limit(self, upload_id: str, upload: _OpenUpload,
-                                   exc: RegistryError) -> None:
+    async def _end_if_refused(self, upload_id: str, upload: _OpenUpload,
+                              exc: RegistryError | OSError) -> None:
         """An upload refused for a limit (the blob size limit, the storage
-        limit) ends: nothing of it is kept, and the client starts over."""
-        if exc.status == 413 or exc.code is ErrorCode.DENIED:
-            await self.run_blocking(lambda: self.blobs.discard_upload(upload.file))
+        limit) or failed by the disk with EIO ends: nothing of it is kept, and
+        the client starts over — so an EIO answer is definite (the session
+        holds nothing it did not acknowledge, because it holds nothing). A
+        full disk does not end it: the client resumes once space is freed."""
+        if is_io_error(exc) or (isinstance(exc, RegistryError)
+                                and (exc.status == 413 or exc.code is ErrorCode.DENIED)):
+            await self._drop_upload(upload_id, upload.file)
+
+    async def _drop_upload(self, upload_id: str, file: UploadFile) -> None:
+        """End a session: its file goes, then its record. A disk that fails the
+        record's removal leaves a record without a file, which answers
+        ``BLOB_UPLOAD_UNKNOWN`` and is swept when it expires."""
+        await self.run_blocking(lambda: self.blobs.discard_upload(file))
+        try:
             self._forget_upload(upload_id)
+        except OSError:
+            pass
 
     async def receive(self, file: UploadFile, chunks: AsyncIterator[bytes],
                        expected: int | None, *, counted: bool = False) -> None:
@@ -504,13 +543,21 @@ class Registry:
                 try:
                     await self.receive(upload.file, chunks, length,
                                        counted=self.meta.get(keys.blob(digest)) is None)
-                except RegistryError as exc:
-                    await self._end_if_over_a_limit(upload_id, upload, exc)
+                except (RegistryError, OSError) as exc:
+                    await self._end_if_refused(upload_id, upload, exc)
                     raise
             try:
                 info = await self._commit_upload(repo, upload.file, digest)
             except RegistryError:  # wrong digest: the upload is gone, say so next time
                 self._forget_upload(upload_id)
+                raise
+            except OSError as exc:
+                # The disk failed the seal, the rename or the record with EIO: the
+                # session ends (its file may be in place already, without a record:
+                # garbage collection sweeps it, a push of the blob again adopts it).
+                # A full disk leaves it, to be completed once space is freed.
+                if is_io_error(exc):
+                    await self._drop_upload(upload_id, upload.file)
                 raise
             try:
                 self._forget_upload(upload_id)
@@ -531,10 +578,12 @@ class Registry:
         try:
             await self.receive(file, chunks, length,
                                counted=self.meta.get(keys.blob(digest)) is None)
+            return await self._commit_upload(repo, file, digest)
         except BaseException:
+            # Nothing of a failed request is kept (its file may be in place
+            # already if the disk failed the record: see ``complete_upload``).
             await self.run_blocking(lambda: self.blobs.discard_upload(file))
             raise
-        return await self._commit_upload(repo, file, digest)
 
     async def _commit_upload(self, repo: str, file: UploadFile, digest: Digest) -> BlobInfo:
         actual = await self.run_blocking(lambda: file.digest(digest.algorithm))
@@ -881,8 +930,9 @@ class Registry:
             if deleted or unlinked:
                 if isinstance(exc, RegistryError) and exc.status >= 500:
                     raise exc.indefinite(done) from exc
-                if is_disk_full(exc):
-                    raise disk_full().indefinite(done) from exc
+                refusal = storage_failure(exc, read=False)
+                if refusal is not None:
+                    raise refusal.indefinite(done) from exc
             raise
         return {"manifestsDeleted": deleted, "tagsDeleted": tags}
 

@@ -143,6 +143,32 @@ class Replica:
     def has_blob(self, digest: str) -> bool:
         return self.meta.get(keys.blob(digest)) is not None
 
+    def blob_in_place(self, digest: str) -> bool:
+        """The blob's record and its file are here (a file quarantined for bit
+        rot, ``blob_repair``, is not: its bytes must be fetched again)."""
+        return self.has_blob(digest) and self.blobs.exists(digest)
+
+    def blob_repositories(self, digest: str) -> list[str]:
+        """Repositories that hold ``digest``: linked there, or needed by one of
+        their manifests."""
+        repos = {keys.parse(k, keys.BlobUserKey).repository
+                 for k, _ in self.meta.scan(keys.blob_users_prefix(digest))}
+        repos |= {keys.parse(k, keys.RefKey).repository
+                  for k, _ in self.meta.scan(keys.ref_prefix(digest))}
+        return sorted(repos)
+
+    def content_regions(self, repository: str, digest: str) -> set[str]:
+        """Regions whose pushes put ``digest`` in ``repository`` (for residency)."""
+        regions: set[str] = set()
+        raw = self.meta.get(keys.blob_link(repository, digest))
+        if raw is not None:
+            regions.add(decode(raw, BlobLink).origin_region)
+        for key, _ in self.meta.scan(keys.ref_repo_prefix(digest, repository)):
+            record = self.manifest_record(repository, keys.parse(key, keys.RefKey).manifest)
+            if record is not None:
+                regions.add(record.residency_region)
+        return regions
+
     def inbound_blob(self, digest: str) -> UploadFile:
         """The file an incoming blob is written to; resumes a transfer that was
         cut (or a node that was killed) where it stopped. Blocking."""

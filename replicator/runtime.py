@@ -53,6 +53,7 @@ from .metrics import ReplicationMetrics
 from .peer_identity import PeerCredentials
 from .peers import SERVER_OPTIONS, PeerClient
 from .quorum import ZoneQuorum
+from .repair import PeerRefetch
 from .retention import LogRetention
 from .service import ReplicationService
 from .staleness import PeerRescue
@@ -160,6 +161,7 @@ class Replication:
         self.anti_entropy.stale_deletion = self.retention.stale_deletion
         self.rescue = PeerRescue(self)
         node.registry.peers = self.rescue
+        node.registry.repair.sources = PeerRefetch(self)   # bit rot fetched again
         self.subscriptions = []
         for client in self.clients:
             self._subscribe(client)
@@ -184,6 +186,7 @@ class Replication:
                 await client.close()
             node.registry.quorum = LocalDurability()
             node.registry.peers = None
+            node.registry.repair.sources = None
             app[METRICS].registry.unregister(self.metrics)
 
     # -- peers -----------------------------------------------------------------------

@@ -407,8 +407,9 @@ class Transfer:
         ``origin_region``, where the blob was pushed, when known, lets the
         sources follow the WAN (``blob_attempts``); ``sent``, the bytes that
         came with the event, if any, are stored if they hash to ``digest``
-        (otherwise the sources are asked)."""
-        if self.replica.has_blob(digest):
+        (otherwise the sources are asked). A blob whose file was quarantined
+        for bit rot is fetched again (``registry_node.blob_repair``)."""
+        if self.replica.blob_in_place(digest):
             return
         storing = self._sent.get(digest)
         if storing is None and sent is not None:
@@ -541,7 +542,7 @@ class Transfer:
     async def _fetch_blob(self, peer: PeerClient, repository: str, digest: str,
                           wait_ms: int = 0, held: HeldBlob | None = None) -> None:
         replica = self.replica
-        if replica.has_blob(digest):
+        if replica.blob_in_place(digest):
             return
         run = replica.registry.run_blocking
         file = self._inbound.get(digest)

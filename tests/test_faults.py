@@ -23,9 +23,18 @@ from cluster.control.plan import MANAGEMENT
 from cluster.control.supervisor import PAIR_COPY_NICE
 from cluster.faults.controller import FaultError
 from cluster.testing import RunningCluster
+from registry_node.crypto import HEADER_SIZE, SEGMENT_OVERHEAD, SEGMENT_SIZE
 
 from .command_line import georeg_command
-from .helpers import digest_of, eventually, make_image, push_image, verified_clean
+from .helpers import (
+    Skopeo,
+    digest_of,
+    eventually,
+    make_image,
+    push_blob,
+    push_image,
+    verified_clean,
+)
 
 SPEC = {"home_region": "eastus", "home_zone_redundant": True,
         "replicas": [{"region": "westeurope"}, {"region": "brazilsouth"}]}
@@ -468,6 +477,218 @@ async def test_slow_disk_slows_writes(cluster, http):
         assert r.status == 201
     assert time.monotonic() - started >= 0.3
     fault_cli(cluster, "heal", fid)
+
+
+async def _oci_error(r: aiohttp.ClientResponse) -> dict:
+    assert r.headers["Content-Type"].startswith("application/json")
+    return (await r.json())["errors"][0]
+
+
+async def _metric(http, cluster, node: str, name: str) -> float:
+    """The sum of a metric's samples on a node."""
+    async with http.get(f"{cluster.node_url(node)}/metrics",
+                        headers=cluster.internal_headers()) as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+async def test_disk_read_errors_answer_a_retryable_503_and_heal(cluster, http):
+    node = cluster.node_url("westeurope")
+    blob = os.urandom(3000)
+    digest = await push_blob(http, node, "eio/read", blob)
+    injected = fault_cli(cluster, "disk", "westeurope", "--eio", "read")
+    fid = fault_id(injected)
+    assert "(seed " in injected.stdout, injected.stdout     # picked, shown: replayable
+    async with http.get(f"{node}/v2/eio/read/blobs/{digest}") as r:
+        assert r.status == 503 and r.headers["Retry-After"]
+        error = await _oci_error(r)
+    assert (error["code"], error["message"], error["detail"]["outcome"]) == (
+        "UNAVAILABLE", "disk I/O error", "definite")
+    fault_cli(cluster, "heal", fid)
+    async with http.get(f"{node}/v2/eio/read/blobs/{digest}") as r:
+        assert r.status == 200 and await r.read() == blob
+
+
+async def test_disk_write_errors_end_uploads_cleanly_and_a_retry_after_healing_works(
+        cluster, http):
+    node = cluster.node_url("westeurope")
+    first, rest = os.urandom(70_000), os.urandom(70_000)
+    data, digest = first + rest, digest_of(first + rest)
+    async with http.post(f"{node}/v2/eio/write/blobs/uploads/") as r:
+        assert r.status == 202
+        session = node + r.headers["Location"] if r.headers["Location"].startswith("/") \
+            else r.headers["Location"]
+    chunk = {"Content-Type": "application/octet-stream"}
+    async with http.patch(session, data=first,
+                          headers={**chunk, "Content-Range": f"0-{len(first) - 1}"}) as r:
+        assert r.status == 202
+    fid = fault_id(fault_cli(cluster, "disk", "westeurope", "--eio", "write"))
+    async with http.patch(session, data=rest, headers={
+            **chunk, "Content-Range": f"{len(first)}-{len(data) - 1}"}) as r:
+        assert r.status == 503
+        error = await _oci_error(r)
+    assert (error["message"], error["detail"]["outcome"]) == ("disk I/O error", "definite")
+    # The session ended with nothing of it kept: no file, no session, no blob.
+    upload_id = session.split("?")[0].rsplit("/", 1)[1]
+    uploads = cluster.cluster.plan.node("westeurope").data_dir / "uploads"
+    assert not (uploads / upload_id).exists()
+    async with http.get(session) as r:
+        assert r.status == 404 and (await _oci_error(r))["code"] == "BLOB_UPLOAD_UNKNOWN"
+    async with http.post(f"{node}/v2/eio/write/blobs/uploads/", params={"digest": digest},
+                         data=data, headers=chunk) as r:
+        assert r.status == 503
+    async with http.head(f"{node}/v2/eio/write/blobs/{digest}") as r:
+        assert r.status == 404
+    image = make_image([100], seed=43)        # a manifest's commit fails the same way
+    async with http.put(f"{node}/v2/eio/write/manifests/v1", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status in (503, 400), await r.text()
+        if r.status == 503:
+            assert (await _oci_error(r))["message"] == "disk I/O error"
+    fault_cli(cluster, "heal", fid)
+    await push_blob(http, node, "eio/write", data)
+    async with http.get(f"{node}/v2/eio/write/blobs/{digest}") as r:
+        assert r.status == 200 and await r.read() == data
+
+
+async def test_bit_rot_is_repaired_from_a_replica_and_pulls_get_the_right_bytes(
+        cluster, http, tmp_path):
+    image = make_image([40_000, 90_000], seed=31)
+    await push_image(http, cluster.node_url("eastus-1"), "rot/app", image, tag="v1")
+    spare = await push_blob(http, cluster.node_url("eastus-1"), "rot/app", os.urandom(5000))
+    zone2 = cluster.node_url("eastus-2")
+
+    async def in_zone2(digest: str) -> bool:
+        async with http.head(f"{zone2}/v2/rot/app/blobs/{digest}") as r:
+            return r.status == 200
+    await eventually(lambda: pullable(http, zone2, "rot/app", "v1", image), timeout=30,
+                     what="the image in eastus zone 2")
+    await eventually(lambda: in_zone2(spare), timeout=30, what="the spare blob in zone 2")
+    blobs = {digest_of(b): b for b in [image.config, *image.layers]}
+    rot = fault_cli(cluster, "bitrot", "eastus/2", "--blobs", "3", "--seed", "5",
+                    *(a for d in blobs for a in ("--digest", d)))
+    assert fault_id(rot) and "3 blob file(s) flipped" in rot.stdout
+    absent = fault_cli(cluster, "bitrot", "eastus/2", "--digest", "sha256:" + "0" * 64)
+    assert absent.returncode != 0 and "stores no blob" in absent.stderr, absent
+
+    # A real client pulls from the rotten zone itself, and gets the right bytes.
+    skopeo = Skopeo(tmp_path / "skopeo", zone2.removeprefix("http://"), cluster)
+    await skopeo.copy(skopeo.ref("rot/app:v1"), f"oci:{tmp_path / 'pulled'}:v1",
+                      "--preserve-digests")
+    for digest, data in blobs.items():
+        assert (tmp_path / "pulled" / "blobs" / "sha256" / digest.split(":")[1]).read_bytes() \
+            == data
+    report = cluster.verify()
+    assert report.ok, report.as_dict()
+    repaired = {r["digest"]: r["source"] for r in report.repairs["eastus-2"]["repaired"]}
+    assert set(blobs) <= set(repaired) and all(repaired[d] for d in blobs)
+    assert await _metric(http, cluster, "eastus-2", "georeg_blob_repairs_total") >= 3
+
+    # A scrub finds rot no client has met yet, and repairs it.
+    fault_id(fault_cli(cluster, "bitrot", "eastus/2", "--digest", spare))
+    report = cluster.verify(scrub=True)
+    assert report.ok, report.as_dict()
+    assert spare in {r["digest"] for r in report.repairs["eastus-2"]["repaired"]}
+    assert report.repairs["eastus-2"]["scrub"]["checked"] >= 1
+
+
+async def test_bit_rot_in_a_confined_region_with_no_other_copy_is_refused_and_reported(
+        cluster, http):
+    node = cluster.node_url("brazilsouth")
+    blob = os.urandom(20_000)
+    digest = await push_blob(http, node, "rot/confined", blob)
+    fault_id(fault_cli(cluster, "bitrot", "brazilsouth", "--digest", digest))
+    async with http.get(f"{node}/v2/rot/confined/blobs/{digest}") as r:
+        assert r.status == 404              # as HEAD answers; no retry would change it
+        error = await _oci_error(r)
+    assert (error["code"], error["detail"]["repair"]) == ("BLOB_UNKNOWN", "unrepairable")
+    assert "confined to brazilsouth" in error["detail"]["reason"]
+    assert await _metric(http, cluster, "brazilsouth", "georeg_blob_unrepairable_total") >= 1
+    report = cluster.verify()
+    [rot] = [d for d in report.divergences if d.kind == "rot"]
+    assert (rot.node, rot.digest) == ("brazilsouth", digest)
+    assert digest in {r["digest"] for r in report.repairs["brazilsouth"]["unrepairable"]}
+    # The operator's remedy: push it again.
+    await push_blob(http, node, "rot/confined", blob)
+    async with http.get(f"{node}/v2/rot/confined/blobs/{digest}") as r:
+        assert r.status == 200 and await r.read() == blob
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+async def test_bit_rot_met_mid_stream_through_an_endpoint_is_repaired_for_the_retry(
+        cluster, http):
+    """Through an endpoint the node writes a download itself (the hand-over):
+    rot past the first MiB cuts it, and the client's retry gets a repaired copy."""
+    data = os.urandom(2_500_000)
+    digest = await push_blob(http, cluster.node_url("eastus-1"), "rot/large", data)
+    zones = ["eastus-1", "eastus-2", "eastus-3"]
+
+    async def everywhere() -> bool:
+        for name in [*zones, "westeurope"]:
+            async with http.head(f"{cluster.node_url(name)}/v2/rot/large/blobs/{digest}") as r:
+                if r.status != 200:
+                    return False
+        return True
+    await eventually(everywhere, timeout=30, what="the blob in every eastus zone and westeurope")
+    for name in zones:          # whichever zone the endpoint picks, its copy is rotten
+        blob_file = cluster.cluster.plan.node(name).data_dir / "blobs" / "sha256" / \
+            digest[7:9] / digest[7:]
+        _flip(blob_file, HEADER_SIZE + 20 * (SEGMENT_SIZE + SEGMENT_OVERHEAD) + 500)
+    url = f"{cluster.endpoint('eastus')}/v2/rot/large/blobs/{digest}"
+
+    async def pulled() -> bool:
+        try:
+            async with http.get(url) as r:
+                return r.status == 200 and await r.read() == data
+        except aiohttp.ClientError:          # cut mid-stream
+            return False
+    assert not await pulled()
+    await eventually(pulled, timeout=30, what="a retry getting the repaired copy")
+
+
+async def test_a_source_failing_reads_holds_back_its_blobs_not_its_stream(cluster, http):
+    """A small blob is sent inline with its event; a source whose disk fails
+    the read sends the event without it (the subscriber fetches it later,
+    FetchBlob answering UNAVAILABLE until then) and goes on streaming."""
+    # brazilsouth, one node: its own stream from westeurope brings it the events.
+    west, east = cluster.node_url("westeurope"), cluster.node_url("brazilsouth")
+    image = make_image([1500], seed=41)
+    await push_image(http, west, "eio/source", image, tag="v1")
+    await eventually(lambda: pullable(http, east, "eio/source", "v1", image), timeout=30,
+                     what="the image in brazilsouth")
+    fid = fault_id(fault_cli(cluster, "disk", "westeurope", "--eio", "read"))
+    small = await push_blob(http, west, "eio/source", os.urandom(2000))
+    async with http.put(f"{west}/v2/eio/source/manifests/v2", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 201, await r.text()
+    await eventually(lambda: pullable(http, east, "eio/source", "v2", image), timeout=30,
+                     what="the tag after the unreadable blob in brazilsouth")
+
+    async def small_arrived() -> bool:
+        async with http.head(f"{east}/v2/eio/source/blobs/{small}") as r:
+            return r.status == 200
+    assert not await small_arrived()
+    fault_cli(cluster, "heal", fid)
+    await eventually(small_arrived, timeout=30, what="the blob in brazilsouth once the disk reads")
+
+
+async def test_a_replica_failing_writes_catches_up_once_healed(cluster, http):
+    fid = fault_id(fault_cli(cluster, "disk", "brazilsouth", "--eio", "write"))
+    image = make_image([1700], seed=42)
+    await push_image(http, cluster.node_url("eastus-1"), "eio/apply", image, tag="v1")
+    brazil = cluster.node_url("brazilsouth")
+    assert not await pullable(http, brazil, "eio/apply", "v1", image)
+    fault_cli(cluster, "heal", fid)
+    await eventually(lambda: pullable(http, brazil, "eio/apply", "v1", image), timeout=30,
+                     what="brazilsouth applying the events once its disk writes")
 
 
 async def test_faults_heal_themselves_after_their_duration(cluster, http):

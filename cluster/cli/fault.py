@@ -32,7 +32,7 @@ def _duration(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fault", help="break the cluster on purpose: outages, partitions, slow links, disks, "
-                      "throttling, pauses; any of them flapping",
+                      "bit rot, throttling, pauses; most of them flapping",
         description="Inject faults into the running cluster and heal them. Every fault gets an "
                     "id (`georeg fault list`); `georeg fault heal ID` or `--all` heals.")
     faults = p.add_subparsers(dest="fault_command", required=True, metavar="FAULT")
@@ -85,13 +85,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=command(lambda a: _inject(a, "routing", region=a.region,
                                                enabled=a.state == "on")))
 
-    c = faults.add_parser("disk", help="a full or slow disk on a region's (or one zone's) nodes")
+    c = faults.add_parser(
+        "disk", help="a full, slow or failing disk on a region's (or one zone's) nodes",
+        description="Break the disk of a region's nodes (or one zone's node). --full: writes "
+                    "fail with 507, reads go on. --slow MS: every write and sync takes MS "
+                    "longer. --eio read: blob file reads fail with EIO (clients get a "
+                    "retryable 503 disk I/O error); --eio write: every write — blob, upload, "
+                    "metadata — fails with EIO before it begins (503; an upload in progress "
+                    "ends, nothing half-written is kept), each with probability --prob, "
+                    "drawn from --seed.")
     c.add_argument("where", metavar="REGION[/ZONE]")
     what = c.add_mutually_exclusive_group(required=True)
     what.add_argument("--full", action="store_true", help="writes fail with 507; reads go on")
     what.add_argument("--slow", type=float, metavar="MS", help="add MS to every write and sync")
+    what.add_argument("--eio", choices=("read", "write"),
+                      help="blob reads, or all writes, fail with EIO")
+    c.add_argument("--prob", type=float, default=1.0, metavar="P",
+                   help="with --eio: the probability that an operation fails (default 1)")
+    c.add_argument("--seed", type=int, help="with --eio: seed of the failures' random draw "
+                                            "(default: one picked and shown, to replay the run)")
     _duration(c)
     c.set_defaults(func=command(_inject_disk))
+
+    c = faults.add_parser(
+        "bitrot", help="flip bytes in stored blob files; the node must notice and repair",
+        description="Flip one byte in each of N blob files stored on one node (chosen, like "
+                    "the byte, with --seed). The node never serves the rotten bytes (they "
+                    "fail authentication): the first read that meets one moves the file into "
+                    "quarantine and fetches the blob again from a replica residency allows "
+                    "(content confined to the region: only its other zones). `georeg verify` "
+                    "reports what was repaired and what could not be; `georeg verify --scrub` "
+                    "finds rot before a client does. Nothing to heal afterwards.")
+    c.add_argument("where", metavar="REGION[/ZONE]",
+                   help="one node: a region, or a zone of a zone-redundant one (eastus/2)")
+    c.add_argument("--blobs", type=int, default=1, metavar="N",
+                   help="how many blob files to rot (default 1)")
+    c.add_argument("--seed", type=int, help="seed of which files and bytes rot (default: one "
+                                            "picked and shown, to replay the run)")
+    c.add_argument("--digest", action="append", metavar="DIGEST",
+                   help="rot only among these blobs (repeatable), e.g. one layer of an image; "
+                        "refused if the node does not store one of them")
+    add_data_dir(c)
+    c.set_defaults(func=command(_inject_bitrot))
 
     c = faults.add_parser(
         "throttle", help="a region answers 429 past a request rate, as ACR under load",
@@ -166,8 +201,17 @@ def _inject(args: argparse.Namespace, kind: str, **target) -> int:
 
 def _inject_disk(args: argparse.Namespace) -> int:
     region, _, zone = args.where.partition("/")
+    if not args.eio and (args.prob != 1.0 or args.seed is not None):
+        raise CliError("--prob and --seed go with --eio")
     return _inject(args, "disk", region=region, zone=zone or None, full=args.full,
-                   slow_ms=args.slow or 0.0)
+                   slow_ms=args.slow or 0.0, eio=args.eio, probability=args.prob,
+                   seed=args.seed)
+
+
+def _inject_bitrot(args: argparse.Namespace) -> int:
+    region, _, zone = args.where.partition("/")
+    return _inject(args, "bitrot", region=region, zone=zone or None, blobs=args.blobs,
+                   seed=args.seed, digests=args.digest)
 
 
 def _inject_pause(args: argparse.Namespace) -> int:

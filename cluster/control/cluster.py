@@ -654,11 +654,12 @@ class Cluster:
                            "" if n.healthy else down_reason(n.state, n.reason), n.plan.copy_of)
                 for n in self.supervisor.nodes.values()]
 
-    async def verify(self, timeout: float = 60.0, disk: bool = True) -> VerifyReport:
+    async def verify(self, timeout: float = 60.0, disk: bool = True,
+                     scrub: bool = False) -> VerifyReport:
         """``georeg verify`` on this cluster (see ``cluster.faults.verify``)."""
         return await verify(self.verify_targets(), policy=self.spec.residency_policy(),
                             timeout=timeout, disk=disk, headers=self.internal_headers(),
-                            tls=self.tls.client if self.tls is not None else None)
+                            tls=self.tls.client if self.tls is not None else None, scrub=scrub)
 
     # -- management -------------------------------------------------------------------
 

@@ -7,7 +7,10 @@ Kinds (each optionally healing itself after a duration):
     partition A B [--one-way]                          links between two regions cut
     link A B --latency/--jitter/--bandwidth/--reset-prob/--stall
     routing REGION off                                 out of global routing, still syncing
-    disk REGION[/ZONE] --full | --slow MS              storage faults on nodes
+    disk REGION[/ZONE] --full | --slow MS | --eio read|write [--prob P]
+                                                       storage faults on nodes
+    bitrot REGION[/ZONE] [--blobs N] [--seed S] [--digest D]
+                                                       bytes flipped in stored blob files
     throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
     destroy REGION                                     data dirs wiped, restarted empty
     pause REGION|REGION/ZONE|NODE [--stall-bodies]     SIGSTOP: open sockets, no answers
@@ -29,6 +32,14 @@ catches up by itself. With ``stall_bodies`` nothing is stopped: the node
 answers everything but holds blob bodies after their headers
 (``registry_node.body_stall``), which no health check sees. See
 docs/faults.md for the measured bounds.
+
+Disk faults compose per node like throttling faults: each node gets what
+all active disk faults on it add up to (full if any is; the largest delay;
+EIO probabilities combined as independent failures; the newest seed), sent
+again to a node the controller (re)starts. Bit rot is an act, not a standing
+fault: it is healed at once, and what the node does about it (quarantine,
+repair from a replica residency allows: ``registry_node.blob_repair``) is
+the node's; ``georeg verify`` reports it.
 
 Faults are applied only at the seams: node processes (signals), the WAN links
 (``cluster.network.links``), the routing layer, each node's storage fault seam,
@@ -63,6 +74,7 @@ import itertools
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -77,8 +89,11 @@ from .flap import ON, Flap, FlapError
 log = structlog.get_logger("georeg.faults")
 
 KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "throttle",
-         "destroy", "pause")
+         "destroy", "bitrot", "pause")
 OUTAGES = ("region-outage", "zone-outage")
+ACTS = ("destroy", "bitrot")        # done at once, nothing left to heal: they cannot flap
+_HEALTHY_DISK = {"full": False, "slow_ms": 0.0, "eio_read": 0.0, "eio_write": 0.0}
+EIO_OPERATIONS = ("read", "write")
 MODES = ("crash", "stop", "isolate")
 # What a throttling fault may limit (registry_node.throttle.KINDS), and its default rate.
 REQUEST_KINDS = ("read", "write", "delete", "referrers")
@@ -219,8 +234,8 @@ class FaultController:
         fault = Fault(f"f{number}", kind, target, "", time.time(), duration_s,
                       arguments=dict(target))
         if flap is not None:
-            if kind == "destroy":
-                raise FaultError("destroy cannot flap: it has nothing to heal")
+            if kind in ACTS:
+                raise FaultError(f"{kind} cannot flap: it has nothing to heal")
             try:
                 fault.flap = Flap.parse(flap, flap_jitter, self._flap_seed(number)
                                         if flap_seed is None else flap_seed)
@@ -338,30 +353,110 @@ class FaultController:
         self.cluster.routing.set_routing(region, enabled)
         fault.description = f"global routing {'on' if enabled else 'off'} for {region} (it keeps syncing)"
 
-    async def _storage(self, nodes: list[str], body: dict) -> None:
-        await self._node_fault(nodes, "storage", body)
-
-    async def _node_fault(self, nodes: list[str], seam: str, body: dict) -> None:
-        """Set a fault held in each node's memory (``PUT /georeg/v1/faults/<seam>``)."""
+    async def _put_node_state(self, nodes: list[str], path: str,
+                              state_of: Callable[[str], dict], what: str, *,
+                              healing: bool = False) -> None:
+        """PUT to each node, at ``path``, what its active faults of one kind add
+        up to (``state_of(node)``). Healing (or undoing), a node that cannot
+        take it is passed over: down, it comes back without faults, and a node
+        that refused kept what it had."""
         session = await self._session_get()
         for name in nodes:
-            url = self.cluster.node_url(name) + f"/georeg/v1/faults/{seam}"
+            url = self.cluster.node_url(name) + path
             try:
-                async with session.put(url, json=body) as r:
+                async with session.put(url, json=state_of(name)) as r:
                     if r.status != 200:
-                        raise FaultError(f"{name} refused the {seam} fault: HTTP {r.status}")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise FaultError(f"{name} is unreachable: {exc}") from None
+                        raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
+            except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
+                if not healing:
+                    if isinstance(exc, FaultError):
+                        raise
+                    raise FaultError(f"{name} is unreachable: {exc}") from None
+                log.warning("fault_heal_failed", node=name, fault=what, error=str(exc))
+
+    async def _storage(self, nodes: list[str], *, healing: bool = False) -> None:
+        """Send each node what its active disk faults add up to."""
+        await self._put_node_state(nodes, "/georeg/v1/faults/storage", self._storage_state,
+                                   "storage fault", healing=healing)
+
+    def _storage_state(self, node: str) -> dict:
+        """What the disk faults in effect on ``node`` add up to (see the module docstring)."""
+        state = dict(_HEALTHY_DISK)
+        for fault in self.faults.values():
+            if fault.in_effect and fault.kind == "disk" and node in fault.nodes:
+                t = fault.target
+                state["full"] = state["full"] or bool(t.get("full"))
+                state["slow_ms"] = max(state["slow_ms"], float(t.get("slow_ms") or 0.0))
+                if t.get("eio"):
+                    key = "eio_" + t["eio"]
+                    state[key] = 1 - (1 - state[key]) * (1 - t.get("probability", 1.0))
+                if t.get("seed") is not None:
+                    state["seed"] = t["seed"]
+        return state
 
     async def _inject_disk(self, fault: Fault, region: str, zone: str | None = None,
-                           full: bool = False, slow_ms: float = 0.0) -> None:
-        if not full and not slow_ms:
-            raise FaultError("say what is wrong with the disk: --full or --slow MS")
+                           full: bool = False, slow_ms: float = 0.0, eio: str | None = None,
+                           probability: float = 1.0, seed: int | None = None) -> None:
+        if not full and not slow_ms and not eio:
+            raise FaultError("say what is wrong with the disk: --full, --slow MS or --eio read|write")
+        if eio is not None and eio not in EIO_OPERATIONS:
+            raise FaultError(f"eio must be one of {', '.join(EIO_OPERATIONS)}, not {eio!r}")
+        if not 0 < probability <= 1:
+            raise FaultError("the probability of an I/O error must be above 0 and at most 1")
         nodes = [self._node(region, str(zone))] if zone else self._nodes_in(region)
         fault.nodes = nodes
-        await self._storage(nodes, {"full": full, "slow_ms": slow_ms})
-        what = "full" if full else f"slow (+{slow_ms:g} ms per write)"
+        if eio:     # a flap applies it again with the seed drawn the first time
+            seed = fault.target["seed"] = _replayable(fault.target.get("seed", seed))
+        what = "full" if full else f"slow (+{slow_ms:g} ms per write)" if slow_ms else \
+            f"failing {eio}s with EIO" + (f" ({probability:.0%})" if probability < 1 else "") \
+            + f" (seed {seed})"
         fault.description = f"disk {what} on {', '.join(nodes)}"
+        # Counted as active while it is applied, so the state sent includes it.
+        injecting = fault.id not in self.faults     # not a flap applying it again
+        self.faults[fault.id] = fault
+        try:
+            await self._storage(nodes)
+        except FaultError:
+            if injecting:
+                del self.faults[fault.id]
+                await self._storage(nodes, healing=True)
+            raise
+
+    async def _inject_bitrot(self, fault: Fault, region: str, zone: str | None = None,
+                             blobs: int = 1, seed: int | None = None,
+                             digests: list[str] | None = None) -> None:
+        if blobs < 1:
+            raise FaultError("bit rot needs at least one blob (--blobs N)")
+        if zone:
+            node = self._node(region, str(zone))
+        else:
+            nodes = self._nodes_in(region)
+            if len(nodes) > 1:
+                raise FaultError(f"{region} is zone redundant: name one zone's node, e.g. "
+                                 f"{region}/1 (bit rot strikes one disk)")
+            node = nodes[0]
+        fault.nodes = [node]
+        seed = fault.target["seed"] = _replayable(seed)
+        session = await self._session_get()
+        url = self.cluster.node_url(node) + "/georeg/v1/faults/bitrot"
+        try:
+            async with session.post(url, json={"blobs": blobs, "seed": seed,
+                                               **({"digests": digests} if digests else {})}) as r:
+                if r.status != 200:
+                    raise FaultError(f"{node} refused the bit rot: HTTP {r.status} "
+                                     f"{(await r.text())[:300]}")
+                answer = await r.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise FaultError(f"{node} is unreachable: {exc}") from None
+        rotted = answer["rotted"]
+        if answer.get("missing"):
+            raise FaultError(f"{node} stores no blob {', '.join(answer['missing'])}: "
+                             f"nothing rotted")
+        fault.target["rotted"] = rotted
+        digests = ", ".join(r["digest"][:19] + "…" for r in rotted) or "none: no blob stored"
+        fault.description = (f"bit rot on {node}: {len(rotted)} blob file(s) flipped "
+                             f"({digests}; seed {seed})")
+        fault.healed_at = time.time()  # nothing to heal: the node repairs what it finds
 
     async def _inject_throttle(self, fault: Fault, region: str,
                                rate_per_min: float = DEFAULT_THROTTLE_RATE,
@@ -400,30 +495,20 @@ class FaultController:
         return rates
 
     async def _apply_throttles(self, nodes: list[str], *, healing: bool = False) -> None:
-        """Send each node its throttling faults' rates. Healing (or undoing), a
-        node that cannot take them is passed over: down, it comes back
-        unthrottled, and a node that refused them kept what it had."""
-        session = await self._session_get()
-        for name in nodes:
-            url = self.cluster.node_url(name) + "/georeg/v1/faults/throttle"
-            try:
-                async with session.put(url, json=self._throttle_rates(name)) as r:
-                    if r.status != 200:
-                        raise FaultError(f"{name} refused the throttling fault: HTTP {r.status}")
-            except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
-                if not healing:
-                    if isinstance(exc, FaultError):
-                        raise
-                    raise FaultError(f"{name} is unreachable: {exc}") from None
-                log.warning("throttle_heal_failed", node=name, error=str(exc))
+        """Send each node its throttling faults' rates (``_put_node_state``)."""
+        await self._put_node_state(nodes, "/georeg/v1/faults/throttle", self._throttle_rates,
+                                   "throttling fault", healing=healing)
 
     async def _restarted(self, nodes: list[str]) -> None:
-        """Nodes just (re)started: those an active throttling fault covers get
-        its rates again (a fault lives in the node's memory), and a pause still
-        in effect stops them again."""
+        """Nodes just (re)started: those a throttling or disk fault in effect
+        covers get it again (a fault lives in the node's memory), and a pause
+        still in effect stops them again."""
         throttled = [n for n in nodes if self._throttle_rates(n)]
         if throttled:
             await self._apply_throttles(throttled, healing=True)
+        broken = [n for n in nodes if self._storage_state(n) != _HEALTHY_DISK]
+        if broken:
+            await self._storage(broken, healing=True)
         self._stalled.difference_update(nodes)      # a new process holds no fault
         paused = [n for n in nodes if any(self._pauses(n))]
         if paused:
@@ -473,12 +558,9 @@ class FaultController:
             stop, stall = self._pauses(name)
             if stall != (name in self._stalled):
                 supervisor.resume_node(name)        # a stopped node answers no request
-                try:
-                    await self._node_fault([name], "stall", {"bodies": stall})
-                except FaultError as exc:
-                    if not healing:
-                        raise
-                    log.warning("pause_heal_failed", node=name, error=str(exc))
+                await self._put_node_state([name], "/georeg/v1/faults/stall",
+                                           lambda n: {"bodies": self._pauses(n)[1]}, "body stall",
+                                           healing=healing)
                 (self._stalled.add if stall else self._stalled.discard)(name)
             if not stop:
                 supervisor.resume_node(name)
@@ -535,7 +617,7 @@ class FaultController:
         elif kind == "routing" and self.cluster.routing is not None:
             self.cluster.routing.set_routing(target["region"], target.get("previous", True))
         elif kind == "disk":
-            await self._storage(fault.nodes, {"full": False, "slow_ms": 0})
+            await self._storage(fault.nodes, healing=True)
         elif kind == "throttle":
             await self._apply_throttles(fault.nodes, healing=True)
         elif kind == "pause":
@@ -546,6 +628,12 @@ class FaultController:
 
     def active(self) -> list[Fault]:
         return [f for f in self.faults.values() if f.active]
+
+
+def _replayable(seed: int | None) -> int:
+    """The seed a random fault runs with: the one given, or one picked now
+    (and then shown in the fault's description), so every run can be replayed."""
+    return seed if seed is not None else random.randrange(1 << 31)
 
 
 def _combine(a: LinkFaults, b: LinkFaults) -> LinkFaults:

@@ -8,7 +8,9 @@ or ``-`` on a node without auth; ``limit`` the one that refused: replica,
 identity or fault; a 429 is also one of the error answers); an extension
 (replication: lag, transfers, queue depths, anti-entropy) registers its collector in the
 same registry for as long as it runs, so one scrape shows both. Every node
-shows its blob bandwidth budgets (``registry_node.bandwidth``), which a tier
+counts the bit rot it found (``georeg_blob_quarantined_total``,
+``georeg_blob_repairs_total``, ``georeg_blob_unrepairable_total``:
+``registry_node.blob_repair``) and shows its blob bandwidth budgets (``registry_node.bandwidth``), which a tier
 change may turn on or off while it runs:
 
     georeg_bandwidth_limit_bytes_per_second{direction}   the rate (0: unshaped)
@@ -30,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..bandwidth import Bandwidth
+from ..blob_repair import BlobRepair
 from ..errors import RegistryError
 from ..throttle import Throttle
 
@@ -53,6 +56,33 @@ class NodeMetrics:
 
     def watch_bandwidth(self, bandwidth: Bandwidth) -> None:
         self.registry.register(_Budgets(bandwidth))
+
+    def watch_repairs(self, repair: BlobRepair) -> None:
+        self.registry.register(_Repairs(repair))
+
+
+class _Repairs:
+    """Bit rot found and what came of it (``registry_node.blob_repair``), read
+    at scrape time."""
+
+    def __init__(self, repair: BlobRepair) -> None:
+        self.repair = repair
+
+    def collect(self) -> Iterator[Metric]:
+        for name, text, value in (
+                ("georeg_blob_quarantined", "Blob files that failed authentication and were "
+                 "moved into quarantine", self.repair.quarantined_total),
+                ("georeg_blob_repairs", "Rotten blobs fetched again from a replica residency "
+                 "allows", self.repair.repaired_total),
+                ("georeg_blob_unrepairable", "Repairs that found no replica residency allows "
+                 "holding the blob (a confined region with no other zone, a standalone node)",
+                 self.repair.unrepairable_total)):
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
+
+    def describe(self):
+        return []
 
 
 class _Throttled:

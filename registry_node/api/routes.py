@@ -73,6 +73,10 @@ ROUTES: tuple[Route, ...] = (
     # Grey failures: blob bodies that stall (api.grey).
     Route("GET", "/georeg/v1/faults/stall", grey.get_stall),
     Route("PUT", "/georeg/v1/faults/stall", grey.put_stall),
+    Route("POST", "/georeg/v1/faults/bitrot", admin.post_bitrot),
+    # Bit rot found and repaired (registry_node.blob_repair): the record, a scrub.
+    Route("GET", "/georeg/v1/blobs/repairs", admin.get_repairs),
+    Route("POST", "/georeg/v1/blobs/scrub", admin.post_scrub),
     # Request throttling: its fault, its state, zone siblings' reports (api.throttling).
     Route("GET", "/georeg/v1/faults/throttle", throttling.get_throttle_fault),
     Route("PUT", "/georeg/v1/faults/throttle", throttling.put_throttle_fault),

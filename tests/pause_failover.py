@@ -4,8 +4,8 @@ nothing answers) keeps its global endpoint's clients before they move.
     .venv/bin/python -m tests.pause_failover [--runs 10]
 
 Not a test (pytest does not collect it): a measurement, printed as a table.
-The cluster of tests/test_grey_faults.py (eastus home, westeurope, westus,
-each with its paired copy; auth on) runs as real node processes. Each run
+A cluster of eastus (home), westeurope and westus,
+each with its paired copy (auth on), runs as real node processes. Each run
 pauses eastus, and the time from the pause to an answer from another node
 through eastus's global endpoint is the run's failover time, for two
 clients: one that asks ``GET /v2/`` every 50 ms and gives up on each request
@@ -34,7 +34,17 @@ from cluster.control import spec as specs
 from cluster.control.supervisor import HEALTH_INTERVAL_S
 from cluster.testing import RunningCluster
 
-from .test_grey_faults import SPEC, answered_by
+SPEC = {"home_region": "eastus", "replicas": [{"region": "westeurope"}, {"region": "westus"}]}
+
+
+async def answered_by(http: aiohttp.ClientSession, url: str, timeout: float) -> str | None:
+    """Which node answers ``GET /v2/`` through ``url`` now; None if nothing
+    answers within ``timeout`` (a client giving up on a silent node)."""
+    try:
+        async with http.get(f"{url}/v2/", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            return r.headers.get("X-Georeg-Replica") if r.status == 200 else None
+    except (TimeoutError, aiohttp.ClientError):
+        return None
 
 
 async def one_run(running: RunningCluster, http: aiohttp.ClientSession,

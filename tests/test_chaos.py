@@ -40,8 +40,8 @@ NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
 # scenario at full length.
 SOAK_ONLY = {"europe-americas-partition", "slow-transoceanic-link", "throttled-home-region",
              "grey-failures"}
-# grey-failures too: test_grey_faults checks a pause's failover, catch-up and
-# peers, and a flap's seeded schedule and its real phases, against real processes.
+# grey-failures too: test_faults checks a pause's failover, catch-up and peers,
+# and a flap's real phases against real processes; test_grey_faults its seeded schedule.
 # throttled-home-region, too: test_faults' throttle tests check the fault through the
 # CLI and the endpoints (429 with Retry-After, no failover, zones sharing the limit),
 # test_throttle the node's buckets with real clients.

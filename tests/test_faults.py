@@ -9,6 +9,7 @@ clean before the next one runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -20,7 +21,12 @@ import pytest
 
 from cluster.control import spec as specs
 from cluster.control.plan import MANAGEMENT
-from cluster.control.supervisor import PAIR_COPY_NICE
+from cluster.control.supervisor import (
+    HEALTH_FAILURES,
+    HEALTH_INTERVAL_S,
+    HEALTH_TIMEOUT_S,
+    PAIR_COPY_NICE,
+)
 from cluster.faults.controller import FaultError
 from cluster.testing import RunningCluster
 from registry_node.crypto import HEADER_SIZE, SEGMENT_OVERHEAD, SEGMENT_SIZE
@@ -115,14 +121,36 @@ async def test_region_outage_crash_from_the_cli_fails_over_and_heals(cluster, ht
                                       image), timeout=30, what="westeurope catching up")
 
 
+def _stopped_processes(cluster) -> list[str]:
+    """Node processes the kernel holds stopped (state T in /proc/PID/stat)."""
+    stopped = []
+    for name, node in cluster.cluster.supervisor.nodes.items():
+        if node.pid is not None:
+            stat = Path(f"/proc/{node.pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                stopped.append(name)
+    return sorted(stopped)
+
+
 async def test_region_outage_stop_is_graceful(cluster, http):
-    fault = cluster.run(lambda: cluster.cluster.faults.inject("region-outage", region="brazilsouth",
-                                                              mode="stop"))
+    """SIGTERM and a clean exit, for a paused node too (SIGCONT follows the
+    SIGTERM, as on `georeg down`); a pause still in effect when the outage
+    heals stops the restarted node again."""
+    cluster.inject("pause", region="brazilsouth")
+    await eventually(lambda: _stopped_processes(cluster) == ["brazilsouth"], timeout=2,
+                     what="the kernel to stop brazilsouth")
+    started = time.monotonic()
+    fault = cluster.inject("region-outage", region="brazilsouth", mode="stop")
     node = cluster.cluster.supervisor.nodes["brazilsouth"]
     assert node.process.returncode == 0    # SIGTERM: a clean exit, not a kill
+    assert time.monotonic() - started < 5 and not node.paused
     async with http.get(f"{cluster.regional_endpoint('brazilsouth')}/v2/") as r:
         assert r.status == 503
-    cluster.run(lambda: cluster.cluster.faults.heal(fault.id))
+    cluster.heal(fault.id)
+    await eventually(lambda: _stopped_processes(cluster) == ["brazilsouth"], timeout=2,
+                     what="the pause to stop the restarted node again")
+    assert "healed 1 fault(s)" in fault_cli(cluster, "heal", "--all").stdout
+    assert not _stopped_processes(cluster) and not node.paused
 
 
 async def test_region_isolation_keeps_processes_but_cuts_everything(cluster, http):
@@ -710,6 +738,13 @@ def test_bad_fault_requests_say_what_is_wrong(cluster):
     assert result.returncode == 2 and "not zone redundant" in result.stderr
     result = fault_cli(cluster, "heal", "f999")
     assert result.returncode == 2 and "no fault f999" in result.stderr
+    with pytest.raises(FaultError, match="flap"):
+        cluster.inject("routing", region="westeurope", flap_jitter=0.2)
+    for act in ("destroy", "bitrot"):
+        with pytest.raises(FaultError, match=f"{act} cannot flap"):
+            cluster.inject(act, region="brazilsouth", flap="1/1")
+    with pytest.raises(FaultError, match="brazilsouth is not zone redundant: name the region"):
+        cluster.inject("pause", region="brazilsouth", zone="2")
 
 
 # -- throttling ----------------------------------------------------------------------------
@@ -892,3 +927,120 @@ async def test_confined_region_restore_says_what_is_lost(cluster, http):
     assert restore.returncode == 1
     assert "no paired-region copy" in restore.stdout and "is lost" in restore.stdout
     assert not await pullable(http, cluster.node_url("brazilsouth"), "br/lost", "v1", image)
+
+
+# -- grey failures (docs/faults.md) --------------------------------------------------------
+
+# What docs/faults.md promises for a paused node: health checks find it after
+# HEALTH_FAILURES checks without an answer, each costing its timeout and the
+# interval before it. (A check round lasts as long as its slowest check, so
+# on a loaded machine the wall clock can run past this: the tests below hold
+# the move to the health checks' verdict, and the wall clock only loosely.)
+FAILOVER_BOUND_S = HEALTH_FAILURES * (HEALTH_TIMEOUT_S + HEALTH_INTERVAL_S)
+
+
+async def _read_when_answered(http, url: str, timeout: float) -> tuple[str | None, float]:
+    """Which replica answers ``GET /v2/`` through ``url``, and when (None: nothing
+    answered within ``timeout``, as a client giving up)."""
+    try:
+        async with http.get(f"{url}/v2/", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            return (r.headers.get("X-Georeg-Replica") if r.status == 200 else None,
+                    time.monotonic())
+    except (TimeoutError, aiohttp.ClientError):
+        return None, time.monotonic()
+
+
+async def test_a_paused_zone_redundant_home_region_hands_its_waiting_reads_on(cluster, http):
+    """SIGSTOP every zone of the home region: reads waiting on it through its
+    global endpoint go to another region once health checks find each zone
+    silent (the sockets stay open: timeouts, not a refused connect), none of
+    them to a zone sibling already found down; the other regions go on
+    replicating to each other; resumed, eastus catches up."""
+    supervisor = cluster.cluster.supervisor
+    zones = [f"eastus-{z}" for z in "123"]
+    lost_at: dict[str, float] = {}
+
+    def note(node) -> None:         # on the cluster's loop
+        if node.name in zones and node.state == "unhealthy":
+            lost_at.setdefault(node.name, time.monotonic())
+
+    east = cluster.endpoint("eastus")
+    assert (await _read_when_answered(http, east, 5))[0].startswith("eastus")
+    unsubscribe = supervisor.on_health_change(note)
+    try:
+        fault = cluster.inject("pause", region="eastus")
+        paused_at = time.monotonic()
+        reads = await asyncio.gather(*(_read_when_answered(http, east, FAILOVER_BOUND_S + 3)
+                                       for _ in range(12)))
+    finally:
+        unsubscribe()
+    assert _stopped_processes(cluster) == zones
+    assert sorted(lost_at) == zones
+    for served, answered_at in reads:
+        assert served is not None and not served.startswith("eastus"), reads
+        assert answered_at - paused_at > HEALTH_TIMEOUT_S        # by timeouts
+        assert answered_at - max(lost_at.values()) < 0.5          # when health checks said so
+    image = make_image([4000], seed=20)
+    await push_image(http, cluster.regional_endpoint("westeurope"), "grey/paused", image,
+                     tag="v1")
+    await eventually(lambda: pullable(http, cluster.node_url("brazilsouth"), "grey/paused", "v1",
+                                      image), timeout=20,
+                     what="westeurope → brazilsouth while eastus is paused")
+    cluster.heal(fault.id)
+    assert not any(supervisor.nodes[z].paused for z in zones)
+    await eventually(lambda: pullable(http, cluster.node_url("eastus-1"), "grey/paused", "v1",
+                                      image), timeout=30, what="eastus to catch up once resumed")
+
+
+async def test_stalled_bodies_pass_health_checks_and_hold_downloads_until_healed(cluster, http):
+    image = make_image([3000], seed=21)
+    south = cluster.regional_endpoint("brazilsouth")
+    await push_image(http, south, "grey/stall", image, tag="v1")
+    layer = image.layers[0]
+    blob = f"/v2/grey/stall/blobs/{digest_of(layer)}"
+    fid = fault_id(fault_cli(cluster, "pause", "brazilsouth", "--stall-bodies"))
+    node = cluster.cluster.supervisor.nodes["brazilsouth"]
+    checks = node.last_ok
+    # Everything but a blob body answers: /v2/, manifests, HEAD, health checks.
+    assert await served_by(http, south) == "brazilsouth"
+    assert await pullable(http, south, "grey/stall", "v1", image)
+    async with http.head(south + blob) as r:
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(layer)
+    await eventually(lambda: node.last_ok > checks, timeout=5,
+                     what="a health check to pass while bodies stall")
+    assert node.healthy
+    # A download through the endpoint (handed over to the node) and one from
+    # the node itself both get their headers, then nothing.
+    async with contextlib.AsyncExitStack() as opened:
+        responses = [await opened.enter_async_context(http.get(base + blob))
+                     for base in (south, cluster.node_url("brazilsouth"))]
+        assert [(r.status, r.content_length) for r in responses] == [(200, len(layer))] * 2
+        bodies = [asyncio.ensure_future(r.read()) for r in responses]
+        done, _ = await asyncio.wait(bodies, timeout=0.5)
+        assert not done, "a blob body was sent while stalled"
+        cluster.heal(fid)
+        assert [await b for b in bodies] == [layer, layer]      # held, then whole
+
+
+async def test_a_flapping_pause_comes_and_goes_and_heal_leaves_it_healed(cluster, http):
+    fault = cluster.inject("pause", region="westeurope", flap="0.6/0.6", flap_seed=3)
+    node = cluster.cluster.supervisor.nodes["westeurope"]
+    seen: list[bool] = []
+    deadline = time.monotonic() + 6
+    while len(seen) < 4 and time.monotonic() < deadline:    # on, off, on, off at least
+        if not seen or seen[-1] != node.paused:
+            seen.append(node.paused)
+        await asyncio.sleep(0.02)
+    assert seen[:4] == [True, False, True, False], seen
+    listed = fault_cli(cluster, "list").stdout
+    assert "flapping" in listed and "0.6 s on / 0.6 s off" in listed
+    cluster.heal(fault.id)
+    assert not node.paused and not fault.active
+
+    async def flapper_left() -> bool:
+        return any(t.get_name() == f"flap:{fault.id}" for t in asyncio.all_tasks())
+
+    await eventually(lambda: not cluster.run(flapper_left), timeout=2,
+                     what="the flap's task to end")
+    assert not node.paused and not _stopped_processes(cluster)
+

@@ -166,8 +166,11 @@ class Supervisor:
         self._session: aiohttp.ClientSession | None = None
         self._listeners: list[Callable[[NodeRuntime], None]] = []
 
-    def on_health_change(self, listener: Callable[[NodeRuntime], None]) -> None:
+    def on_health_change(self, listener: Callable[[NodeRuntime], None]) -> Callable[[], None]:
+        """Call ``listener`` on every change of a node's state; returns what
+        unsubscribes it."""
         self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     def _set_state(self, node: NodeRuntime, state: str, reason: str = "") -> None:
         if node.state != state:

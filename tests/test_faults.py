@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -1044,3 +1045,26 @@ async def test_a_flapping_pause_comes_and_goes_and_heal_leaves_it_healed(cluster
                      what="the flap's task to end")
     assert not node.paused and not _stopped_processes(cluster)
 
+
+async def _flapper_running(fault_id: str) -> bool:
+    """On the cluster's loop: whether the flap of ``fault_id`` still runs."""
+    return any(t.get_name() == f"flap:{fault_id}" for t in asyncio.all_tasks())
+
+
+async def test_a_flap_that_cannot_lift_its_fault_keeps_it_in_effect(cluster, http):
+    """A flapping crash whose restart fails (its port taken meanwhile): the
+    flap goes on, the fault stays in effect, and healing it starts the node."""
+    node = cluster.cluster.supervisor.nodes["brazilsouth"]
+    fault = cluster.inject("region-outage", region="brazilsouth", flap="0.5/60")
+    assert node.pid is None
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", cluster.cluster.plan.node("brazilsouth").http_port))
+        squatter.listen()
+        await eventually(lambda: fault.phase_ends_at > time.time() + 30
+                         or not cluster.run(lambda: _flapper_running(fault.id)),
+                         timeout=20, what="the flap's off phase to begin")
+        assert cluster.run(lambda: _flapper_running(fault.id)), "the flap died"
+        assert fault.phase == "on" and node.pid is None
+    cluster.heal(fault.id)
+    assert node.pid is not None and not fault.active

@@ -276,17 +276,23 @@ class FaultController:
         for phase, seconds in fault.flap.periods():
             if phase != fault.phase:
                 async with fault.lock:
+                    # The phase first: every composition counts faults in effect.
                     fault.phase = phase
                     try:
                         if phase == ON:
                             await self._apply(fault)
                         else:
                             await self._lift(fault)
-                    except (FaultError, OSError) as exc:
+                    except Exception as exc:    # noqa: BLE001 - a flap outlives any one change
+                        # A lift that failed left the fault in effect (a node
+                        # that did not restart is still down): say so, so that
+                        # healing lifts it. An apply that failed may have half
+                        # applied it: on, healing undoes what there is.
+                        fault.phase = ON
                         log.warning("flap_change_failed", id=fault.id, phase=phase,
-                                    error=str(exc))
+                                    error=str(exc) or type(exc).__name__)
                     self._settle(fault)
-                log.info("fault_flapped", id=fault.id, phase=phase)
+                log.info("fault_flapped", id=fault.id, phase=fault.phase)
             fault.phase_ends_at = time.time() + seconds
             await asyncio.sleep(seconds)
 

@@ -1068,3 +1068,36 @@ async def test_a_flap_that_cannot_lift_its_fault_keeps_it_in_effect(cluster, htt
         assert fault.phase == "on" and node.pid is None
     cluster.heal(fault.id)
     assert node.pid is not None and not fault.active
+
+
+async def test_a_flapping_fault_never_lifts_a_steady_one(cluster, http):
+    """A flapping routing-off or slow-disk fault under a steady routing-off or
+    full-disk fault of the same target: through the flap's phases (off ones
+    included) the steady fault stays in effect; healed, the operator's
+    routing and a healthy disk come back."""
+    routing = cluster.cluster.routing
+    flapping = [cluster.inject("routing", region="westeurope", flap="0.2/0.2"),
+                cluster.inject("disk", region="brazilsouth", slow_ms=1, flap="0.2/0.2")]
+    steady = [cluster.inject("routing", region="westeurope"),
+              cluster.inject("disk", region="brazilsouth", full=True)]
+
+    async def disk() -> dict:
+        async with http.get(f"{cluster.node_url('brazilsouth')}/georeg/v1/faults/storage",
+                            headers=cluster.internal_headers()) as r:
+            return await r.json()
+
+    phases = set()
+    deadline = time.monotonic() + 3
+    while len(phases) < 4 and time.monotonic() < deadline:     # each flap on and off
+        phases |= {(f.kind, f.phase) for f in flapping}
+        assert routing.routing_flags()["westeurope"] is False, phases
+        assert (await disk())["full"] is True, phases
+        await asyncio.sleep(0.02)
+    assert len(phases) == 4, phases
+    for fault in flapping:
+        cluster.heal(fault.id)
+    assert routing.routing_flags()["westeurope"] is False and (await disk())["full"] is True
+    for fault in steady:
+        cluster.heal(fault.id)
+    assert routing.routing_flags()["westeurope"] is True
+    assert (await disk())["full"] is False and (await disk())["slow_ms"] == 0

@@ -33,8 +33,13 @@ answers everything but holds blob bodies after their headers
 (``registry_node.body_stall``), which no health check sees. See
 docs/faults.md for the measured bounds.
 
+Routing faults compose per region: routing is off if any routing fault in
+effect says off, on if one says on, else the operator's flag
+(``georeg replication update``), recomputed at every change, so a flap's off
+phase never turns routing back on under a steady routing-off fault.
+
 Disk faults compose per node like throttling faults: each node gets what
-all active disk faults on it add up to (full if any is; the largest delay;
+all disk faults in effect on it add up to (full if any is; the largest delay;
 EIO probabilities combined as independent failures; the newest seed), sent
 again to a node the controller (re)starts. Bit rot is an act, not a standing
 fault: it is healed at once, and what the node does about it (quarantine,
@@ -74,7 +79,7 @@ import itertools
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -202,9 +207,16 @@ class FaultController:
                 if f.in_effect and f.target.get("mode") == "isolate" for n in f.nodes}
 
     def _sync_routing(self) -> None:
+        """Routing as the faults in effect say: isolated nodes unreachable, and
+        each region a routing fault has touched routed per ``_routing_flag``."""
         routing = self.cluster.routing
-        if routing is not None:
-            routing.set_unreachable(self._isolated_nodes())
+        if routing is None:
+            return
+        routing.set_unreachable(self._isolated_nodes())
+        flags = routing.routing_flags()
+        for region in {f.target["region"] for f in self.faults.values() if f.kind == "routing"}:
+            if flags.get(region) != (flag := self._routing_flag(region)):
+                routing.set_routing(region, flag)
 
     async def _session_get(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -355,9 +367,36 @@ class FaultController:
         self._nodes_in(region)
         if self.cluster.routing is None:
             raise FaultError("this cluster runs without routing endpoints")
-        fault.target["previous"] = self.cluster.routing.routing_flags().get(region, True)
-        self.cluster.routing.set_routing(region, enabled)
+        fault.target["enabled"] = bool(enabled)     # put in effect by _settle (_sync_routing)
         fault.description = f"global routing {'on' if enabled else 'off'} for {region} (it keeps syncing)"
+
+    def _routing_flag(self, region: str) -> bool:
+        """Global routing for ``region`` as the faults in effect leave it: off
+        if any routing fault in effect says off, else on if one says on, else
+        the operator's flag (``georeg replication update``)."""
+        says = {f.target["enabled"] for f in self.faults.values()
+                if f.in_effect and f.kind == "routing" and f.target["region"] == region}
+        if says:
+            return all(says)
+        replica = self.cluster.replica_specs().get(region)
+        return replica.global_routing if replica is not None else True
+
+    async def _counted_in_effect(self, fault: Fault, apply: Callable[[], Awaitable[None]],
+                                 undo: Callable[[], Awaitable[None]]) -> None:
+        """Apply a fault whose nodes are sent what the faults in effect add up
+        to: it is registered first, so what ``apply`` sends includes it. None
+        or all: if ``apply`` fails at injection, the fault is dropped and
+        ``undo`` sends the nodes their state without it (a flap applying it
+        again keeps it listed)."""
+        injecting = fault.id not in self.faults
+        self.faults[fault.id] = fault
+        try:
+            await apply()
+        except FaultError:
+            if injecting:
+                del self.faults[fault.id]
+                await undo()
+            raise
 
     async def _put_node_state(self, nodes: list[str], path: str,
                               state_of: Callable[[str], dict], what: str, *,
@@ -409,24 +448,15 @@ class FaultController:
             raise FaultError(f"eio must be one of {', '.join(EIO_OPERATIONS)}, not {eio!r}")
         if not 0 < probability <= 1:
             raise FaultError("the probability of an I/O error must be above 0 and at most 1")
-        nodes = [self._node(region, str(zone))] if zone else self._nodes_in(region)
-        fault.nodes = nodes
+        nodes = fault.nodes = self._targets(region, zone)
         if eio:     # a flap applies it again with the seed drawn the first time
             seed = fault.target["seed"] = _replayable(fault.target.get("seed", seed))
         what = "full" if full else f"slow (+{slow_ms:g} ms per write)" if slow_ms else \
             f"failing {eio}s with EIO" + (f" ({probability:.0%})" if probability < 1 else "") \
             + f" (seed {seed})"
         fault.description = f"disk {what} on {', '.join(nodes)}"
-        # Counted as active while it is applied, so the state sent includes it.
-        injecting = fault.id not in self.faults     # not a flap applying it again
-        self.faults[fault.id] = fault
-        try:
-            await self._storage(nodes)
-        except FaultError:
-            if injecting:
-                del self.faults[fault.id]
-                await self._storage(nodes, healing=True)
-            raise
+        await self._counted_in_effect(fault, lambda: self._storage(nodes),
+                                      lambda: self._storage(nodes, healing=True))
 
     async def _inject_bitrot(self, fault: Fault, region: str, zone: str | None = None,
                              blobs: int = 1, seed: int | None = None,
@@ -479,17 +509,8 @@ class FaultController:
         fault.target["rates"] = {k: rate_per_min for k in ((kind,) if kind else REQUEST_KINDS)}
         what = f"{kind}s" if kind else "every request"
         fault.description = f"{region} throttled: {what} past {rate_per_min:g}/min get 429"
-        # Counted as active while it is applied, so the map sent includes it.
-        injecting = fault.id not in self.faults     # not a flap applying it again
-        self.faults[fault.id] = fault
-        try:
-            await self._apply_throttles(fault.nodes)
-        except FaultError:
-            # None or all: the nodes that took it get their rates without it.
-            if injecting:
-                del self.faults[fault.id]
-                await self._apply_throttles(fault.nodes, healing=True)
-            raise
+        await self._counted_in_effect(fault, lambda: self._apply_throttles(fault.nodes),
+                                      lambda: self._apply_throttles(fault.nodes, healing=True))
 
     def _throttle_rates(self, node: str) -> dict[str, float]:
         """The lowest rate, by kind, of the active throttling faults on ``node``."""
@@ -534,16 +555,8 @@ class FaultController:
                             stall_bodies: bool = False) -> None:
         fault.nodes = self._targets(region, zone)
         fault.target["mode"] = "stall-bodies" if stall_bodies else "stop"
-        injecting = fault.id not in self.faults
-        # Counted in effect while applied, as a throttle; none or all of its nodes.
-        self.faults[fault.id] = fault
-        try:
-            await self._apply_pauses(fault.nodes)
-        except FaultError:
-            if injecting:
-                del self.faults[fault.id]
-                await self._apply_pauses(fault.nodes, healing=True)
-            raise
+        await self._counted_in_effect(fault, lambda: self._apply_pauses(fault.nodes),
+                                      lambda: self._apply_pauses(fault.nodes, healing=True))
         nodes = ", ".join(fault.nodes)
         fault.description = (f"blob bodies stall on {nodes} (health checks, manifests and "
                              "HEAD answer)" if stall_bodies else
@@ -620,8 +633,6 @@ class FaultController:
             started = [n for n in fault.nodes if n not in still_down]
             await asyncio.gather(*(self.cluster.supervisor.start_node(n) for n in started))
             await self._restarted(started)
-        elif kind == "routing" and self.cluster.routing is not None:
-            self.cluster.routing.set_routing(target["region"], target.get("previous", True))
         elif kind == "disk":
             await self._storage(fault.nodes, healing=True)
         elif kind == "throttle":

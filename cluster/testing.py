@@ -226,7 +226,13 @@ class RunningCluster:
         self.run(lambda: self.cluster.supervisor.stop_node(node, graceful=False))
 
     def restart(self, node: str) -> None:
-        self.run(lambda: self.cluster.supervisor.start_node(node))
+        """Start a node that is down. Faults in effect on it (a pause, stalled
+        bodies, a throttle, a disk fault) apply to the new process again, as
+        when the fault controller restarts a node."""
+        async def start() -> None:
+            await self.cluster.supervisor.start_node(node)
+            await self.cluster.faults.restarted([node])
+        self.run(start)
 
     def inject(self, kind: str, **arguments) -> Fault:
         """Inject a fault (``cluster.faults.controller``), as ``georeg fault``

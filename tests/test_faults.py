@@ -140,11 +140,26 @@ async def test_region_outage_stop_is_graceful(cluster, http):
     cluster.inject("pause", region="brazilsouth")
     await eventually(lambda: _stopped_processes(cluster) == ["brazilsouth"], timeout=2,
                      what="the kernel to stop brazilsouth")
+    supervisor = cluster.cluster.supervisor
+    node = supervisor.nodes["brazilsouth"]
+
+    async def stop_and_pause_meanwhile():
+        """A pause asked for while the stop is under way (a flap's on phase)
+        is refused: the stop finishes."""
+        stop = asyncio.create_task(cluster.cluster.faults.inject(
+            "region-outage", region="brazilsouth", mode="stop"))
+        for _ in range(1000):           # a few steps of the loop
+            if node.state == "stopping":
+                break
+            await asyncio.sleep(0)
+        assert node.state == "stopping"
+        paused = supervisor.pause_node("brazilsouth")
+        return await stop, paused
+
     started = time.monotonic()
-    fault = cluster.inject("region-outage", region="brazilsouth", mode="stop")
-    node = cluster.cluster.supervisor.nodes["brazilsouth"]
+    fault, paused = cluster.run(stop_and_pause_meanwhile)
     assert node.process.returncode == 0    # SIGTERM: a clean exit, not a kill
-    assert time.monotonic() - started < 5 and not node.paused
+    assert time.monotonic() - started < 5 and not paused and not node.paused
     async with http.get(f"{cluster.regional_endpoint('brazilsouth')}/v2/") as r:
         assert r.status == 503
     cluster.heal(fault.id)

@@ -27,7 +27,7 @@ def test_a_flap_schedule_is_a_pure_function_of_its_seed():
         base = 2 if phase == ON else 3
         assert 0.75 * base <= seconds <= 1.25 * base
     assert Flap.parse("0.5/1.5").timeline(4) == [(0, ON), (0.5, OFF), (2.0, ON), (2.5, OFF)]
-    for bad in ("2", "a/b", "0/1", "1/-1"):
+    for bad in ("2", "a/b", "0/1", "1/-1", "nan/1", "1/inf"):
         with pytest.raises(FlapError):
             Flap.parse(bad)
     with pytest.raises(FlapError, match="jitter"):

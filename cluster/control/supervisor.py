@@ -262,6 +262,7 @@ class Supervisor:
         if node.pid is not None:
             return node
         node.intended_down = False
+        node.paused = False             # a new process: never stopped by us yet
         self._set_state(node, "starting")
         node.plan.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **NODE_ENV}
@@ -329,14 +330,17 @@ class Supervisor:
         watcher = self._watchers.pop(name, None)
         if watcher is not None:
             watcher.cancel()
+        node.paused = False             # its process is gone
         self._set_state(node, "stopped" if graceful else "crashed",
                         "stopped" if graceful else "killed (SIGKILL)")
 
     def pause_node(self, name: str) -> bool:
         """SIGSTOP the node's process group: it keeps its sockets and answers
-        nothing (health checks see timeouts). False if it is not running."""
+        nothing (health checks see timeouts). False if it is not running, or
+        is being stopped (a stop under way must finish: SIGSTOP now would hold
+        it mid-shutdown until the stop's timeout kills it)."""
         node = self.nodes[name]
-        if node.pid is None:
+        if node.pid is None or node.intended_down or node.state == "stopping":
             return False
         try:
             os.killpg(node.pid, signal.SIGSTOP)
@@ -365,6 +369,13 @@ class Supervisor:
 
     # -- health ----------------------------------------------------------------------
 
+    # A check round lasts as long as its slowest check: while a node is
+    # paused, HEALTH_TIMEOUT_S, so the rounds of every node stretch from
+    # ~HEALTH_INTERVAL_S to ~HEALTH_INTERVAL_S + HEALTH_TIMEOUT_S, and a second
+    # node failing then is found up to ~HEALTH_TIMEOUT_S later than the bound
+    # in docs/faults.md (its own clients move when it is found: the bound for
+    # a first failure is unchanged). One round for all keeps the checks to
+    # one task; docs/faults.md says the same.
     async def _watch_health(self) -> None:
         while True:
             live = [n for n in self.nodes.values() if n.pid is not None]

@@ -227,8 +227,10 @@ class FaultController:
         return self._session
 
     async def close(self) -> None:
-        for task in (*self._timers.values(), *self._flappers.values()):
+        tasks = (*self._timers.values(), *self._flappers.values())
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)    # no change left half done
         if self._session is not None:
             await self._session.close()
 
@@ -526,7 +528,7 @@ class FaultController:
         await self._put_node_state(nodes, "/georeg/v1/faults/throttle", self._throttle_rates,
                                    "throttling fault", healing=healing)
 
-    async def _restarted(self, nodes: list[str]) -> None:
+    async def restarted(self, nodes: list[str]) -> None:
         """Nodes just (re)started: those a throttling or disk fault in effect
         covers get it again (a fault lives in the node's memory), and a pause
         still in effect stops them again."""
@@ -594,7 +596,7 @@ class FaultController:
         for name in nodes:
             shutil.rmtree(self.cluster.plan.node(name).data_dir, ignore_errors=True)
         await asyncio.gather(*(supervisor.start_node(n) for n in nodes))
-        await self._restarted(nodes)
+        await self.restarted(nodes)
         fault.description = f"{region} destroyed: data wiped, restarted empty ({', '.join(nodes)})"
         fault.healed_at = time.time()  # nothing to heal: it re-syncs by itself
 
@@ -632,7 +634,7 @@ class FaultController:
                           and f.kind in OUTAGES for n in f.nodes}
             started = [n for n in fault.nodes if n not in still_down]
             await asyncio.gather(*(self.cluster.supervisor.start_node(n) for n in started))
-            await self._restarted(started)
+            await self.restarted(started)
         elif kind == "disk":
             await self._storage(fault.nodes, healing=True)
         elif kind == "throttle":

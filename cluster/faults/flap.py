@@ -17,6 +17,7 @@ draws come from ``random.Random(seed)`` alone.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ class Flap:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.on_s) and math.isfinite(self.off_s)):
+            raise FlapError(f"flap periods are numbers of seconds, not "
+                            f"{self.on_s:g}/{self.off_s:g}")
         if min(self.on_s, self.off_s) < MIN_PERIOD_S:
             raise FlapError(f"flap periods must be at least {MIN_PERIOD_S:g} s each, not "
                             f"{self.on_s:g}/{self.off_s:g}")

@@ -4,11 +4,15 @@ failures leave as ``ReplicationError`` (definite, indefinite or permanent).
 Channels are plaintext, or mutual TLS on an auth cluster (the node's
 certificate presented, the peer's checked against the cluster CA:
 ``replicator.peer_identity``). Channels reconnect on their own. A peer that dies or a link that is cut closes
-its connections, which the channel sees at once; keepalive pings (every 30 s)
-are for the silent cases (a stalled link, a frozen process), kept rare so an
-idle cluster stays idle: every ping crosses a WAN link in the cluster process,
-and at 10 s they were a fifth of an idle default cluster's CPU (5.9 → 4.8 %
-of one core).
+its connections, which the channel sees at once. A silent peer (a stalled
+link, a frozen process) is not dropped by keepalive as configured here: the
+grpcio installed closes a connection whose ping goes unanswered after
+``grpc.http2.ping_timeout_ms``, which is not set, not after
+``grpc.keepalive_timeout_ms`` (a paused peer stayed connected for 70 s:
+docs/faults.md); its streams wait and carry on when it answers again. The
+pings (every 30 s) are kept rare so an idle cluster stays idle: every ping
+crosses a WAN link in the cluster process, and at 10 s they were a fifth of
+an idle default cluster's CPU (5.9 → 4.8 % of one core).
 
 What a peer sends this node (its event stream, blob bytes) may run a fixed
 window ahead of what this node has read, per stream (``receive_window``).

@@ -6,7 +6,7 @@ A scenario is a TOML file::
     name = "home-region-crash"
     description = "East US (home) crashes under a steady push load"
     seed = 7
-    duration_s = 60                      # how long the workload runs
+    duration_s = 60                      # how long the workload runs (at least: see below)
 
     [workload]
     push_rate = 2.0                      # pushes per second, all clients together
@@ -44,6 +44,11 @@ credentials, which it asks the management API for (``GET
 ``curl -u`` does; so do its own reads of nodes (per-image status, whether an
 acknowledged tag is served). A run on a cluster whose admin user is disabled
 stops before it starts, saying so.
+
+The workload runs for ``duration_s``, and on past it while a fault the
+schedule gave a ``duration_s`` has not healed or a node it took down is not
+healthy again, then 2 s more, so the report shows clients coming back (at
+most ``max_convergence_s`` more): ``scale`` shortens waits, not restarts.
 
 The seed drives every random choice (schedule ranges, workload), so the same
 seed gives the same fault schedule and the same pushes; a cluster the run
@@ -294,6 +299,8 @@ RESIDENCY_MISS = "MANIFEST_UNKNOWN (confined by residency)"
 INDEFINITE_LABEL = error_label("", Outcome.INDEFINITE)    # how an indefinite error's label ends
 _MAX_EXAMPLES = 10_000
 CONVERGE_CONCURRENCY = 32       # image statuses asked at once while waiting for convergence
+RECOVERY_POLL_S = 0.25          # how often a run past its duration asks whether faults recovered
+RECOVERY_TAIL_S = 2.0           # workload kept on once they have (clients seen coming back)
 
 
 def _windows(times: list[float], gap: float = 2.0) -> list[tuple[float, float]]:
@@ -329,6 +336,7 @@ class ChaosWorkload:
         self.rng = rng
         self.obs = obs
         self._counter = 0
+        self.until = 0.0        # seconds into the run; the run may move it on while it runs
 
     def _layer(self) -> bytes:
         size = self.workload.layer_size
@@ -336,10 +344,13 @@ class ChaosWorkload:
         return self.rng.randbytes(n)
 
     async def run(self, session: aiohttp.ClientSession, until: float) -> None:
+        """Push and pull until ``until`` s into the run (or ``self.until``, if
+        moved on meanwhile), then wait for what is under way."""
+        self.until = until
         tasks: set[asyncio.Task] = set()
         next_push = next_pull = 0.0
         loop_start = self.obs.now()
-        while self.obs.now() < until:
+        while self.obs.now() < self.until:
             now = self.obs.now() - loop_start
             if self.workload.push_rate and now >= next_push:
                 next_push += self.rng.expovariate(self.workload.push_rate)
@@ -523,12 +534,14 @@ class ChaosRun:
             self.obs.started = time.monotonic()
             runner = asyncio.create_task(workload.run(session, duration))
             faults = asyncio.create_task(self._faults(session))
+            outlast = asyncio.create_task(self._outlast_recovery(session, workload, faults))
             while not runner.done():
                 if progress:
                     progress(min(self.obs.now(), duration), duration)
                 await asyncio.sleep(0.25)
             await runner
             await faults
+            await outlast
             await self._api(session, "DELETE", "/georeg/v1/faults")
             last_heal = self.obs.now()
             converged_after = await self._converge(session)
@@ -569,6 +582,46 @@ class ChaosRun:
             except ScenarioError as exc:
                 entry["error"] = str(exc)
             self.applied.append(entry)
+
+    async def _outlast_recovery(self, session, workload: ChaosWorkload,
+                                faults: asyncio.Task) -> None:
+        """Keep the workload on past the scenario's duration while a fault the
+        schedule set to heal by itself has not healed, or a node it took down
+        is not back in routing, and then ``RECOVERY_TAIL_S`` more: clients are
+        seen coming back. A restart takes as long at any scale, so a scaled
+        run (or one on a loaded machine) would otherwise end before it is
+        done. Bounded by ``max_convergence_s``; faults the run heals at its
+        end (no duration) are not waited for."""
+        await faults
+        margin = RECOVERY_POLL_S * 4        # polled well before the workload would stop
+        await asyncio.sleep(max(0.0, workload.until - margin - self.obs.now()))
+        limit = self.obs.now() + self.scenario.assertions.max_convergence_s
+        extended = False
+        while self.obs.now() < min(limit, workload.until):
+            try:
+                recovered = await self._recovered(session)
+            except (ScenarioError, aiohttp.ClientError, TimeoutError):
+                recovered = False           # asked again on the next poll
+            if recovered:
+                if extended:
+                    workload.until = max(workload.until, self.obs.now() + RECOVERY_TAIL_S)
+                return
+            if workload.until - self.obs.now() < margin:
+                workload.until = self.obs.now() + margin * 2
+                extended = True
+            await asyncio.sleep(RECOVERY_POLL_S)
+
+    async def _recovered(self, session) -> bool:
+        """Whether every fault the schedule injected with a duration has healed
+        and every node it took down is healthy again."""
+        ours = {e["fault"] for e in self.applied if "fault" in e}
+        faults = [f for f in await self._api(session, "GET", "/georeg/v1/faults")
+                  if f["id"] in ours and f.get("duration_s")]
+        if any(f["active"] for f in faults):
+            return False
+        taken = {n for f in faults for n in f.get("nodes") or ()}
+        status = await self._api(session, "GET", "/georeg/v1/cluster")
+        return all(n["healthy"] for n in status["nodes"] if n["name"] in taken)
 
     async def _converge(self, session, limit_s: float | None = None) -> float | None:
         """Seconds from the last heal until every acknowledged image is everywhere

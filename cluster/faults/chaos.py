@@ -47,8 +47,9 @@ stops before it starts, saying so.
 
 The workload runs for ``duration_s``, and on past it while a fault the
 schedule gave a ``duration_s`` has not healed or a node it took down is not
-healthy again, then 2 s more, so the report shows clients coming back (at
-most ``max_convergence_s`` more): ``scale`` shortens waits, not restarts.
+healthy again, then for as long as the schedule left after that heal (at
+least 2 s), so the report shows clients coming back (at most
+``max_convergence_s`` more): ``scale`` shortens waits, not restarts.
 
 The seed drives every random choice (schedule ranges, workload), so the same
 seed gives the same fault schedule and the same pushes; a cluster the run
@@ -337,6 +338,7 @@ class ChaosWorkload:
         self.obs = obs
         self._counter = 0
         self.until = 0.0        # seconds into the run; the run may move it on while it runs
+        self.until_planned = 0.0    # the scenario's duration
 
     def _layer(self) -> bytes:
         size = self.workload.layer_size
@@ -346,7 +348,7 @@ class ChaosWorkload:
     async def run(self, session: aiohttp.ClientSession, until: float) -> None:
         """Push and pull until ``until`` s into the run (or ``self.until``, if
         moved on meanwhile), then wait for what is under way."""
-        self.until = until
+        self.until = self.until_planned = until
         tasks: set[asyncio.Task] = set()
         next_push = next_pull = 0.0
         loop_start = self.obs.now()
@@ -587,8 +589,9 @@ class ChaosRun:
                                 faults: asyncio.Task) -> None:
         """Keep the workload on past the scenario's duration while a fault the
         schedule set to heal by itself has not healed, or a node it took down
-        is not back in routing, and then ``RECOVERY_TAIL_S`` more: clients are
-        seen coming back. A restart takes as long at any scale, so a scaled
+        is not back in routing, and then as long as the schedule left after
+        its last such heal (at least ``RECOVERY_TAIL_S``): clients are seen
+        coming back, and served, as the scenario meant them to be. A restart takes as long at any scale, so a scaled
         run (or one on a loaded machine) would otherwise end before it is
         done. Bounded by ``max_convergence_s``; faults the run heals at its
         end (no duration) are not waited for."""
@@ -604,7 +607,10 @@ class ChaosRun:
                 recovered = False           # asked again on the next poll
             if recovered:
                 if extended:
-                    workload.until = max(workload.until, self.obs.now() + RECOVERY_TAIL_S)
+                    heals = [s.at_s + s.arguments["duration_s"] for s in self.steps
+                             if s.action == "fault" and s.arguments.get("duration_s")]
+                    after = max(RECOVERY_TAIL_S, workload.until_planned - max(heals, default=0.0))
+                    workload.until = max(workload.until, self.obs.now() + after)
                 return
             if workload.until - self.obs.now() < margin:
                 workload.until = self.obs.now() + margin * 2

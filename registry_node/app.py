@@ -169,6 +169,7 @@ def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable
         app[REGISTRY] = node.registry
         app[METRICS].watch_repairs(node.registry.repair)
         app[CONFIGURATION] = node.configuration
+        app[METRICS].watch_recycle_bin(node.registry.bin)
         if authority is not None and GATE not in app:
             # The identities this node enforces are the registry configuration it
             # holds: replication brings every change, and enforcement goes on

@@ -652,6 +652,11 @@ class ReplicationService(pbg.ReplicationServicer):
         try:
             blob = self.replica.blobs.open(digest)
         except FileNotFoundError:
+            if self.registry.repair.missing_after_rot(digest):
+                # Quarantined after failing authentication, not mended yet: the
+                # same answer the rotten file gave the first asker.
+                await context.abort(grpc.StatusCode.DATA_LOSS,
+                                    f"{digest} failed authentication here and is quarantined")
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} has no file here")
         except BlobCorrupt as exc:
             self.registry.repair.found(digest, str(exc))     # mended here for the next ask

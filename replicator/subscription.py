@@ -427,6 +427,9 @@ class Subscription:
         started.set()
         first = True
         async for batch in call:
+            # A batch refused by its seal ends the session (the call is cancelled):
+            # it restarts from the cursor, as after a broken stream.
+            batch = self.peer.intact(batch, "an event batch")
             self.batches_received += 1
             self._sender_id = batch.sender.node_id
             if first:

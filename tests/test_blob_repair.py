@@ -12,7 +12,6 @@ import asyncio
 import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -22,17 +21,9 @@ from registry_node.crypto import HEADER_SIZE, SEGMENT_OVERHEAD, SEGMENT_SIZE, Bl
 from replicator.errors import Outcome, ReplicationError
 from replicator.repair import PeerRefetch
 
-from .helpers import digest_of, eventually, push_blob, started_node
+from .helpers import digest_of, eventually, flip, push_blob, started_node
 
 STRIDE = SEGMENT_SIZE + SEGMENT_OVERHEAD
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 class Peer:

@@ -41,12 +41,13 @@ NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
 # or slow link, the state machine's degraded links). `make chaos` runs every
 # scenario at full length.
 SOAK_ONLY = {"europe-americas-partition", "slow-transoceanic-link", "throttled-home-region",
-             "grey-failures"}
+             "grey-failures", "clock-skew"}
 # grey-failures too: test_faults checks a pause's failover, catch-up and peers,
 # and a flap's real phases against real processes; test_grey_faults its seeded schedule.
 # throttled-home-region, too: test_faults' throttle tests check the fault through the
 # CLI and the endpoints (429 with Retry-After, no failover, zones sharing the limit),
-# test_throttle the node's buckets with real clients.
+# test_throttle the node's buckets with real clients. clock-skew, too: test_clock_skew and
+# test_faults check both sides of the tolerated offset, the fence, its heal and convergence.
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,8 @@ async def test_a_write_at_home_reaches_every_node_confined_regions_included(clus
     stored = await put(http, cluster.nodes["eastus-1"].url, "registry/default",
                        {"admin_enabled": True})
     assert stored["value"] == {"admin_enabled": True, "anonymous_pull_enabled": False,
-                               "name": "", "admin_passwords": [], "sku": ""}
+                               "name": "", "admin_passwords": [], "sku": "",
+                               "soft_delete": {"enabled": False, "days": 7}}
     assert stamp(stored)[1:] == ("eastus", "1")
     for node in cluster.nodes.values():
         await eventually(lambda n=node: held(http, n.url, "registry", "default"),

@@ -24,6 +24,7 @@ from .helpers import (
     OCI_MANIFEST,
     descriptor,
     digest_of,
+    flip,
     make_image,
     push_blob,
     push_image,
@@ -107,14 +108,6 @@ def assert_not_served(status: int, body: bytes | None, ctype: str, original: byt
 def append(path: Path, data: bytes) -> None:
     with open(path, "ab") as f:
         f.write(data)
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 # -- plaintext never reaches the disk ------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import time
@@ -29,6 +30,7 @@ from cluster.control.supervisor import (
     PAIR_COPY_NICE,
 )
 from cluster.faults.controller import FaultError
+from cluster.routing.http_faults import HttpFaults
 from cluster.testing import RunningCluster
 from registry_node.crypto import HEADER_SIZE, SEGMENT_OVERHEAD, SEGMENT_SIZE
 
@@ -37,10 +39,12 @@ from .helpers import (
     Skopeo,
     digest_of,
     eventually,
+    flip,
     make_image,
     push_blob,
     push_image,
     verified_clean,
+    write_oci_layout,
 )
 
 SPEC = {"home_region": "eastus", "home_zone_redundant": True,
@@ -659,14 +663,6 @@ async def test_bit_rot_in_a_confined_region_with_no_other_copy_is_refused_and_re
         assert r.status == 200 and await r.read() == blob
 
 
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
-
-
 async def test_bit_rot_met_mid_stream_through_an_endpoint_is_repaired_for_the_retry(
         cluster, http):
     """Through an endpoint the node writes a download itself (the hand-over):
@@ -685,7 +681,7 @@ async def test_bit_rot_met_mid_stream_through_an_endpoint_is_repaired_for_the_re
     for name in zones:          # whichever zone the endpoint picks, its copy is rotten
         blob_file = cluster.cluster.plan.node(name).data_dir / "blobs" / "sha256" / \
             digest[7:9] / digest[7:]
-        _flip(blob_file, HEADER_SIZE + 20 * (SEGMENT_SIZE + SEGMENT_OVERHEAD) + 500)
+        flip(blob_file, HEADER_SIZE + 20 * (SEGMENT_SIZE + SEGMENT_OVERHEAD) + 500)
     url = f"{cluster.endpoint('eastus')}/v2/rot/large/blobs/{digest}"
 
     async def pulled() -> bool:
@@ -761,6 +757,65 @@ def test_bad_fault_requests_say_what_is_wrong(cluster):
             cluster.inject(act, region="brazilsouth", flap="1/1")
     with pytest.raises(FaultError, match="brazilsouth is not zone redundant: name the region"):
         cluster.inject("pause", region="brazilsouth", zone="2")
+    result = fault_cli(cluster, "clock", "westeurope", "--offset", "+1e10s")
+    assert result.returncode == 2 and "within a year" in result.stderr
+    result = fault_cli(cluster, "clock", "westeurope", "--drift", "0")
+    assert result.returncode == 2 and "between 0.01 and 100" in result.stderr
+
+
+# -- clocks --------------------------------------------------------------------------------
+
+
+async def test_a_clock_fault_fences_its_node_survives_a_restart_and_heals(cluster, http):
+    """westeurope 5 s ahead (past the 500 ms tolerated): once its probes find
+    it off every peer it refuses writes with a definite 503, its peers flag it
+    and the replica's status says so; a restart by the controller keeps the
+    skew; healed, it writes again and the tag converges (verify clean after)."""
+    west = cluster.node_url("westeurope")
+    fid = fault_id(fault_cli(cluster, "clock", "westeurope", "--offset", "+5s"))
+
+    def fenced() -> bool:
+        return cluster.node_clock("westeurope")["skewed"]
+
+    await eventually(fenced, timeout=15, what="westeurope to find its clock off")
+    blob = b"c" * 3000
+    async with http.post(f"{west}/v2/clock/app/blobs/uploads/",
+                         params={"digest": digest_of(blob)}, data=blob) as r:
+        error = (await r.json())["errors"][0]
+        assert (r.status, error["detail"]["outcome"]) == (503, "definite")
+        detail = error["detail"]
+        assert "ahead of its peers'" in detail["reason"]
+        assert abs(detail["clock_offset_s"] - 5) <= detail["uncertainty_s"] + 0.001, detail
+    flagged: dict = {}
+
+    async def flagged_by_brazilsouth() -> bool:
+        flagged.update(cluster.node_clock("brazilsouth")["peers"]["westeurope"])
+        return flagged["exceeds"]
+
+    await eventually(flagged_by_brazilsouth, timeout=10, what="brazilsouth to flag westeurope")
+    assert 4.5 < flagged["offset_s"] < 5.5
+
+    def status_says_so() -> bool:
+        return "clock skewed on westeurope" in \
+            cluster.cluster.replica_status("westeurope")["status"]["message"]
+
+    await eventually(status_says_so, timeout=10, what="the replica status to say so")
+    faults = cluster.cluster.faults
+    assert faults.faults[fid].description == "clock of westeurope off: +5s"
+    # A node the controller restarts gets its skew back, from the fault's start.
+    outage = cluster.run(lambda: faults.inject("region-outage", region="westeurope"))
+    cluster.run(lambda: faults.heal(outage.id))
+    assert cluster.node_clock("westeurope")["fault"]["offset_s"] == 5
+    cluster.run(lambda: faults.heal(fid))
+    await eventually(lambda: not fenced(), timeout=15, what="westeurope's writes back")
+    # A GET first: it takes the session's connection to the process before the
+    # restart (dead; a GET is retried on a fresh one, the push's POST is not).
+    await served_by(http, west)
+    image = make_image([3001], seed=31)
+    await push_image(http, west, "clock/app", image, tag="v1")
+    for node in ("eastus-1", "brazilsouth"):
+        await eventually(lambda n=node: pullable(http, cluster.node_url(n), "clock/app", "v1",
+                                                 image), timeout=15, what=f"v1 on {node}")
 
 
 # -- throttling ----------------------------------------------------------------------------
@@ -1116,3 +1171,161 @@ async def test_a_flapping_fault_never_lifts_a_steady_one(cluster, http):
         cluster.heal(fault.id)
     assert routing.routing_flags()["westeurope"] is True
     assert (await disk())["full"] is False and (await disk())["slow_ms"] == 0
+
+
+async def test_lossy_link_http_and_clock_faults_flap_too(cluster, http):
+    """A lossy link, an HTTP fault at an endpoint and a clock fault (within the
+    tolerated offset) each flap: seen in effect, then lifted, at their seams;
+    healed, none is left."""
+    flap = {"flap": "0.3/0.3"}
+    faults = [cluster.inject("link", a="eastus", b="westeurope", loss=0.01, seed=1, **flap),
+              cluster.inject("http", endpoint="global:eastus", status=503, method="PUT", **flap),
+              cluster.inject("clock", node="brazilsouth", offset_s=0.2, **flap)]
+    link = cluster.cluster.supervisor.links[faults[0].links[0]]
+    proxy = cluster.cluster.routing.proxies[("global", "eastus")]
+
+    def seams() -> tuple[bool, bool, bool]:
+        return (link.faults.loss > 0, bool(proxy.http_faults.rules),
+                cluster.node_clock("brazilsouth")["fault"] is not None)
+
+    seen: set[tuple[int, bool]] = set()
+    deadline = time.monotonic() + 5
+    while len(seen) < 6 and time.monotonic() < deadline:      # each of the three on and off
+        seen |= set(enumerate(seams()))
+        await asyncio.sleep(0.02)
+    assert len(seen) == 6, seen
+    for fault in faults:
+        cluster.heal(fault.id)
+    assert seams() == (False, False, False)
+
+
+# -- lossy links and HTTP faults (docs/faults.md) --------------------------------------
+
+
+async def _broken_streams(http, cluster, region: str) -> float:
+    """Replication attempts ``region``'s node(s) saw fail indefinitely (a broken
+    stream or call, retried): what a flipped byte does over mutual TLS, whose
+    record check fails (this cluster replicates over it; without TLS the seal
+    refuses it: tests/test_lossy_links.py)."""
+    total = 0.0
+    for name in cluster.cluster.supervisor.nodes:
+        if not name.startswith(region):
+            continue
+        async with http.get(f"{cluster.node_url(name)}/metrics",
+                            headers=cluster.internal_headers()) as r:
+            text = await r.text()
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("georeg_replication_transfer_failures_total{")
+                     and 'outcome="indefinite"' in line)
+    return total
+
+
+async def test_a_corrupting_link_is_caught_and_retried_and_nothing_damaged_is_kept(cluster, http):
+    """Flipped bytes on the WAN between eastus and westeurope: TLS refuses
+    them, the transfers are retried, westeurope ends with the blob byte for
+    byte, and verify is clean (the autouse fixture)."""
+    before = await _broken_streams(http, cluster, "westeurope")
+    fid = fault_id(fault_cli(cluster, "link", "eastus", "westeurope", "--corrupt", "0.02",
+                             "--seed", "11"))
+    image = make_image([300_000], seed=21)
+    await push_image(http, cluster.regional_endpoint("eastus"), "corrupt/app", image, tag="v1")
+    west = cluster.node_url("westeurope")
+    await eventually(lambda: pullable(http, west, "corrupt/app", "v1", image), timeout=60,
+                     what="westeurope over a corrupting link")
+    for blob in image.blobs:
+        async with http.get(f"{west}/v2/corrupt/app/blobs/{digest_of(blob)}") as r:
+            assert r.status == 200 and await r.read() == blob
+    crossing = [link for link in await links(http, cluster)
+                if {link["from_region"], link["to_region"]} == {"eastus", "westeurope"}]
+    assert sum(link["corrupted_segments"] for link in crossing) > 0, crossing
+    assert await _broken_streams(http, cluster, "westeurope") > before
+    fault_cli(cluster, "heal", fid)
+    # Healed: nothing more is corrupted.
+    corrupted = sum(link["corrupted_segments"] for link in await links(http, cluster))
+    image = make_image([30_000], seed=22)
+    await push_image(http, cluster.regional_endpoint("eastus"), "corrupt/app", image, tag="v2")
+    await eventually(lambda: pullable(http, west, "corrupt/app", "v2", image), timeout=30,
+                     what="westeurope once healed")
+    assert sum(link["corrupted_segments"] for link in await links(http, cluster)) == corrupted
+
+
+async def test_an_http_fault_hits_its_method_and_path_only_and_a_retrying_client_gets_through(
+        cluster, http, tmp_path):
+    image = make_image([4096, 8192], seed=31)
+    write_oci_layout(tmp_path / "layout", image)
+    endpoint = cluster.endpoint("eastus")
+    skopeo = Skopeo(tmp_path / "skopeo", endpoint.partition("://")[2], cluster)
+    source = f"oci:{tmp_path / 'layout'}:latest"
+    fid = fault_id(fault_cli(cluster, "http", "global:eastus", "--status", "503", "--method",
+                             "PUT", "--path-regex", "/manifests/"))
+    listed = json.loads(fault_cli(cluster, "list", "--json").stdout)
+    assert any(f["id"] == fid and f["active"] and f["kind"] == "http" for f in listed)
+    async with http.put(f"{endpoint}/v2/httpfault/app/manifests/v1", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 503 and r.headers["X-Georeg-Fault"] == fid
+        assert r.headers["Retry-After"] == "1"
+        error = (await r.json())["errors"][0]
+        assert error["code"] == "UNAVAILABLE" and error["detail"]["fault"] == fid
+    async with http.get(f"{endpoint}/v2/") as r:          # not a PUT: untouched
+        assert r.status == 200 and "X-Georeg-Fault" not in r.headers
+    auth = ("--authfile", str(skopeo.auth))
+    rc, _, log = await skopeo.run("copy", *auth, "--dest-tls-verify=false", source,
+                                  skopeo.ref("httpfault/app:v1"), check=False)
+    assert rc != 0 and "503" in log, log[-2000:]
+    fault_cli(cluster, "heal", fid)
+    # Half the manifest PUTs fail, from a seed whose first draw fails one: a
+    # client that retries the push gets through. (skopeo 1.9's --retry-times
+    # does not retry a 503 on a manifest PUT: the retrying is the test's.)
+    seed = next(s for s in range(100) if random.Random(
+        HttpFaults("global:eastus").seed_of(s)).random() < 0.5)
+    fid = cluster.inject_fault("http", endpoint="global:eastus", status=503, probability=0.5,
+                               method="PUT", path_regex="/manifests/", seed=seed)["id"]
+    outcomes = []
+    for _ in range(10):                     # P(ten 503s in a row) = 1/1024, and seeded
+        rc, _, log = await skopeo.run("copy", *auth, "--dest-tls-verify=false", source,
+                                      skopeo.ref("httpfault/app:v1"), check=False)
+        outcomes.append(rc)
+        if rc == 0:
+            break
+    assert outcomes[0] != 0 and outcomes[-1] == 0, (outcomes, log[-1000:])
+    assert cluster.cluster.faults.http_injected()[fid] == len(outcomes) - 1
+    cluster.heal_fault(fid)
+
+
+async def test_reset_and_truncated_bodies_fail_a_pull_clearly_and_it_works_once_healed(
+        cluster, http, tmp_path):
+    image = make_image([120_000], seed=41)
+    await push_image(http, cluster.regional_endpoint("eastus"), "cut/app", image, tag="v1")
+    endpoint = cluster.endpoint("eastus")
+    skopeo = Skopeo(tmp_path / "skopeo", endpoint.partition("://")[2], cluster)
+
+    async def pull(name: str) -> tuple[int, str]:
+        rc, _, log = await skopeo.run("copy", "--authfile", str(skopeo.auth),
+                                      "--src-tls-verify=false", skopeo.ref("cut/app:v1"),
+                                      f"oci:{tmp_path / name}:v1", check=False)
+        blobs = tmp_path / name / "blobs" / "sha256"
+        for path in blobs.iterdir() if blobs.exists() else ():   # nothing kept is damaged
+            assert digest_of(path.read_bytes()) == f"sha256:{path.name}"
+        return rc, log
+
+    fid = fault_id(fault_cli(cluster, "http", "global:eastus", "--truncate-body", "--method",
+                             "GET", "--path-regex", "/blobs/"))
+    async with http.get(f"{endpoint}/v2/cut/app/blobs/{digest_of(image.blobs[1])}") as r:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()                                  # half the body, then the end
+    rc, log = await pull("truncated")
+    assert rc != 0 and ("EOF" in log or "reset" in log or "digest" in log), log[-2000:]
+    fault_cli(cluster, "heal", fid)
+    fid = fault_id(fault_cli(cluster, "http", "global:eastus", "--reset", "--path-regex",
+                             "/manifests/"))
+    host, _, port = endpoint.partition("://")[2].partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v2/cut/app/manifests/v1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(ConnectionResetError):      # a reset, not an orderly end
+        await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    rc, log = await pull("reset")
+    assert rc != 0 and ("reset" in log or "EOF" in log), log[-2000:]
+    fault_cli(cluster, "heal", "--all")
+    rc, log = await pull("healed")
+    assert rc == 0, log[-2000:]

@@ -31,6 +31,8 @@ INTERNAL = [
     ("POST", "/georeg/v1/faults/bitrot"),
     ("GET", "/georeg/v1/blobs/repairs"),
     ("POST", "/georeg/v1/blobs/scrub"),
+    ("GET", "/georeg/v1/faults/clock"),
+    ("PUT", "/georeg/v1/faults/clock"),
     ("GET", "/georeg/v1/inventory"),
     ("GET", "/georeg/v1/node"),
     ("GET", "/georeg/v1/configuration"),

@@ -6,6 +6,7 @@ Kinds (each optionally healing itself after a duration):
     zone-outage REGION ZONE --mode crash|stop|isolate  one zone node
     partition A B [--one-way]                          links between two regions cut
     link A B --latency/--jitter/--bandwidth/--reset-prob/--stall
+             --loss/--corrupt/--duplicate/--reorder [--seed]  lossy, per TCP segment
     routing REGION off                                 out of global routing, still syncing
     disk REGION[/ZONE] --full | --slow MS | --eio read|write [--prob P]
                                                        storage faults on nodes
@@ -13,10 +14,14 @@ Kinds (each optionally healing itself after a duration):
                                                        bytes flipped in stored blob files
     throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
     destroy REGION                                     data dirs wiped, restarted empty
+    http ENDPOINT --status S|--reset|--truncate-body [--prob P] [--method M]
+         [--path-regex RE] [--seed N]                  what clients meet at an endpoint
+    clock NODE|REGION[/ZONE] --offset S | --drift R    the node's wall clock runs off
     pause REGION|REGION/ZONE|NODE [--stall-bodies]     SIGSTOP: open sockets, no answers
                                                        (or: only blob bodies stall)
 
-Any fault but ``destroy`` may flap (``flap="ON_S/OFF_S"``, optional
+Any fault but an act (``destroy``, ``bitrot``: done at once, nothing to
+lift) may flap (``flap="ON_S/OFF_S"``, optional
 ``flap_jitter`` and ``flap_seed``; ``cluster.faults.flap``): applied at once, lifted after ON_S,
 applied again after OFF_S, and so on until healed, which leaves it lifted.
 A fault in its *off* phase is still listed (and active) but counts for
@@ -47,7 +52,8 @@ repair from a replica residency allows: ``registry_node.blob_repair``) is
 the node's; ``georeg verify`` reports it.
 
 Faults are applied only at the seams: node processes (signals), the WAN links
-(``cluster.network.links``), the routing layer, each node's storage fault seam,
+(``cluster.network.links``), the routing layer (routing flags, and HTTP
+faults at the endpoints: ``cluster.routing.http_faults``), each node's storage fault seam,
 and each node's throttle (``registry_node.throttle``).
 Link faults compose: every link's effective fault is recomputed from all active
 faults that touch it (cut if any cuts, latencies add, the lowest bandwidth
@@ -64,6 +70,14 @@ so the controller sends it again to a node it (re)starts (healing an
 outage, destroying a region) while the fault is active. A throttling fault
 is applied on every node of the region or on none: if one node cannot take
 it, the nodes that took it are told their rates without it again.
+
+A clock fault skews one node's wall clock — every stamp it makes, its HLC's
+physical part included — by an offset and/or a drift rate counted from the
+fault's start (``PUT /georeg/v1/faults/clock``; ``registry_node.clock``). One
+clock fault per node at a time. Like a storage fault it lives in the node's
+memory and is sent again, with the same start, to a node the controller
+(re)starts, so the clock picks up where it was. Healing sets the clock right;
+what the node does about the stamps it made meanwhile is the node's.
 
 ``crash`` is SIGKILL; ``stop`` is SIGTERM (graceful); ``isolate`` keeps the
 processes alive and cuts every link to and from them, and clients can no
@@ -85,16 +99,19 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
+from registry_node.clock import skew_problem
 from registry_node.config import request_rate
 
 from ..control.regions import REGIONS, unknown_region_message
 from ..network.links import LinkFaults
+from ..routing.http_faults import ACTIONS as HTTP_ACTIONS
+from ..routing.http_faults import HttpFaultRule
 from .flap import ON, Flap, FlapError
 
 log = structlog.get_logger("georeg.faults")
 
 KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "throttle",
-         "destroy", "bitrot", "pause")
+         "destroy", "bitrot", "http", "clock", "pause")
 OUTAGES = ("region-outage", "zone-outage")
 ACTS = ("destroy", "bitrot")        # done at once, nothing left to heal: they cannot flap
 _HEALTHY_DISK = {"full": False, "slow_ms": 0.0, "eio_read": 0.0, "eio_write": 0.0}
@@ -103,6 +120,9 @@ MODES = ("crash", "stop", "isolate")
 # What a throttling fault may limit (registry_node.throttle.KINDS), and its default rate.
 REQUEST_KINDS = ("read", "write", "delete", "referrers")
 DEFAULT_THROTTLE_RATE = 60.0
+# Kinds whose random draws take a seed (a scenario gives each step one of its own).
+SEEDED_KINDS = ("link", "http")
+_HTTP_RULE_FIELDS = ("action", "status", "probability", "method", "path_regex", "seed")
 
 
 class FaultError(ValueError):
@@ -180,6 +200,26 @@ class FaultController:
             raise FaultError(f"{region} is not zone redundant: name the region alone "
                              "(region-outage, or REGION without a zone)")
         raise FaultError(f"{region} has zones {', '.join(zones)}, not {zone!r}")
+
+    def _targets(self, where: str, zone: str | None = None) -> list[str]:
+        """REGION (every node of it), REGION with ZONE (``zone``, or ``where``
+        as ``REGION/ZONE``), or one NODE by name."""
+        if not zone:
+            where, _, zone = where.partition("/")
+        if zone:
+            return [self._node(where, str(zone))]
+        if any(n.name == where for n in self.cluster.plan.nodes):
+            return [where]
+        return self._nodes_in(where)
+
+    def _one_node(self, where: str, zone: str | None = None) -> str:
+        """As ``_targets``, for a fault that strikes one node: a zone-redundant
+        region must be narrowed to one."""
+        nodes = self._targets(where, zone)
+        if len(nodes) > 1:
+            raise FaultError(f"{where} is zone redundant: name one node ({', '.join(nodes)}) "
+                             f"or a zone, e.g. {where}/1")
+        return nodes[0]
 
     def _links_between(self, a: list[str], b: list[str], both: bool = True) -> list[tuple[str, str]]:
         links = [(s, t) for s in a for t in b if (s, t) in self.cluster.supervisor.links]
@@ -348,21 +388,32 @@ class FaultController:
 
     async def _inject_link(self, fault: Fault, a: str, b: str, latency_ms: float = 0.0,
                            jitter_ms: float = 0.0, bandwidth_mbps: float = 0.0,
-                           reset_probability: float = 0.0, stall: bool = False) -> None:
-        if not 0 <= reset_probability <= 1:
-            raise FaultError("reset probability must be between 0 and 1")
+                           reset_probability: float = 0.0, stall: bool = False,
+                           loss: float = 0.0, corrupt: float = 0.0, duplicate: float = 0.0,
+                           reorder: bool = False, seed: int | None = None) -> None:
+        lossy = {"reset probability": reset_probability, "loss": loss, "corrupt": corrupt,
+                 "duplicate": duplicate}
+        for name, p in lossy.items():
+            if not isinstance(p, int | float) or not 0 <= p <= 1:
+                raise FaultError(f"{name} must be a probability between 0 and 1, not {p!r}")
         if min(latency_ms, jitter_ms, bandwidth_mbps) < 0:
             raise FaultError("latency, jitter and bandwidth must not be negative")
-        if not (latency_ms or jitter_ms or bandwidth_mbps or reset_probability or stall):
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise FaultError(f"seed must be a non-negative integer, not {seed!r}")
+        if not (latency_ms or jitter_ms or bandwidth_mbps or reset_probability or stall
+                or loss or corrupt or duplicate or reorder):
             raise FaultError("say how to degrade the link: --latency, --jitter, --bandwidth, "
-                             "--reset-prob or --stall")
+                             "--reset-prob, --stall, --loss, --corrupt, --duplicate or --reorder")
         fault.links = self._links_between(self._nodes_in(a), self._nodes_in(b))
         fault.link_faults = LinkFaults(stall=stall, reset_probability=reset_probability,
                                        extra_latency_ms=latency_ms, extra_jitter_ms=jitter_ms,
-                                       bandwidth_mbps=bandwidth_mbps)
+                                       bandwidth_mbps=bandwidth_mbps, loss=loss, corrupt=corrupt,
+                                       duplicate=duplicate, reorder=reorder, seed=seed)
         parts = [f"+{latency_ms:g} ms" if latency_ms else "", f"±{jitter_ms:g} ms" if jitter_ms else "",
                  f"{bandwidth_mbps:g} Mbps" if bandwidth_mbps else "",
-                 f"resets {reset_probability:.0%}" if reset_probability else "", "stalled" if stall else ""]
+                 f"resets {reset_probability:.0%}" if reset_probability else "", "stalled" if stall else "",
+                 *_lossy_parts(loss, corrupt, duplicate, reorder),
+                 f"seed {seed}" if seed is not None else ""]
         fault.description = f"link {a} ↔ {b} degraded: {', '.join(p for p in parts if p)}"
 
     async def _inject_routing(self, fault: Fault, region: str, enabled: bool = False) -> None:
@@ -400,30 +451,38 @@ class FaultController:
                 await undo()
             raise
 
-    async def _put_node_state(self, nodes: list[str], path: str,
+    async def _put_node(self, name: str, seam: str, body: dict, what: str, *,
+                        healing: bool = False) -> dict | None:
+        """Set a fault held in a node's memory (``PUT /georeg/v1/faults/<seam>``);
+        returns what the node answers. Healing (or undoing), a node that cannot
+        take it is passed over (None): down, it comes back without it, and a
+        node that refused it kept what it had."""
+        session = await self._session_get()
+        url = self.cluster.node_url(name) + f"/georeg/v1/faults/{seam}"
+        try:
+            async with session.put(url, json=body) as r:
+                if r.status != 200:
+                    raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
+                return await r.json()
+        except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
+            if not healing:
+                if isinstance(exc, FaultError):
+                    raise
+                raise FaultError(f"{name} is unreachable: {exc}") from None
+            log.warning("fault_heal_failed", node=name, fault=what, error=str(exc))
+            return None
+
+    async def _put_node_state(self, nodes: list[str], seam: str,
                               state_of: Callable[[str], dict], what: str, *,
                               healing: bool = False) -> None:
-        """PUT to each node, at ``path``, what its active faults of one kind add
-        up to (``state_of(node)``). Healing (or undoing), a node that cannot
-        take it is passed over: down, it comes back without faults, and a node
-        that refused kept what it had."""
-        session = await self._session_get()
+        """PUT to each node what its active faults of one kind add up to
+        (``state_of(node)``), through ``_put_node``."""
         for name in nodes:
-            url = self.cluster.node_url(name) + path
-            try:
-                async with session.put(url, json=state_of(name)) as r:
-                    if r.status != 200:
-                        raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
-            except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
-                if not healing:
-                    if isinstance(exc, FaultError):
-                        raise
-                    raise FaultError(f"{name} is unreachable: {exc}") from None
-                log.warning("fault_heal_failed", node=name, fault=what, error=str(exc))
+            await self._put_node(name, seam, state_of(name), what, healing=healing)
 
     async def _storage(self, nodes: list[str], *, healing: bool = False) -> None:
         """Send each node what its active disk faults add up to."""
-        await self._put_node_state(nodes, "/georeg/v1/faults/storage", self._storage_state,
+        await self._put_node_state(nodes, "storage", self._storage_state,
                                    "storage fault", healing=healing)
 
     def _storage_state(self, node: str) -> dict:
@@ -525,33 +584,30 @@ class FaultController:
 
     async def _apply_throttles(self, nodes: list[str], *, healing: bool = False) -> None:
         """Send each node its throttling faults' rates (``_put_node_state``)."""
-        await self._put_node_state(nodes, "/georeg/v1/faults/throttle", self._throttle_rates,
+        await self._put_node_state(nodes, "throttle", self._throttle_rates,
                                    "throttling fault", healing=healing)
 
     async def restarted(self, nodes: list[str]) -> None:
-        """Nodes just (re)started: those a throttling or disk fault in effect
-        covers get it again (a fault lives in the node's memory), and a pause
-        still in effect stops them again."""
+        """Nodes just (re)started: those a throttling, disk or clock fault in
+        effect covers get it again (a fault lives in the node's memory; a
+        clock keeps its fault's start), and a pause still in effect stops or
+        stalls them again, last, as a stopped node takes no request."""
         throttled = [n for n in nodes if self._throttle_rates(n)]
         if throttled:
             await self._apply_throttles(throttled, healing=True)
         broken = [n for n in nodes if self._storage_state(n) != _HEALTHY_DISK]
         if broken:
             await self._storage(broken, healing=True)
+        for fault in self.faults.values():
+            if fault.in_effect and fault.kind == "clock" and fault.nodes[0] in nodes:
+                await self._put_node(fault.nodes[0], "clock", self._clock_skew(fault),
+                                     "clock fault", healing=True)
         self._stalled.difference_update(nodes)      # a new process holds no fault
         paused = [n for n in nodes if any(self._pauses(n))]
         if paused:
             await self._apply_pauses(paused, healing=True)
 
     # -- grey failures ---------------------------------------------------------------------
-
-    def _targets(self, where: str, zone: str | None = None) -> list[str]:
-        """REGION (every node of it), REGION with ZONE, or one NODE by name."""
-        if zone:
-            return [self._node(where, str(zone))]
-        if any(n.name == where for n in self.cluster.plan.nodes):
-            return [where]
-        return self._nodes_in(where)
 
     async def _inject_pause(self, fault: Fault, region: str, zone: str | None = None,
                             stall_bodies: bool = False) -> None:
@@ -579,14 +635,44 @@ class FaultController:
             stop, stall = self._pauses(name)
             if stall != (name in self._stalled):
                 supervisor.resume_node(name)        # a stopped node answers no request
-                await self._put_node_state([name], "/georeg/v1/faults/stall",
-                                           lambda n: {"bodies": self._pauses(n)[1]}, "body stall",
-                                           healing=healing)
+                await self._put_node(name, "stall", {"bodies": stall}, "body stall",
+                                     healing=healing)
                 (self._stalled.add if stall else self._stalled.discard)(name)
             if not stop:
                 supervisor.resume_node(name)
             elif not supervisor.pause_node(name) and not healing:
                 raise FaultError(f"{name} is not running: there is nothing to pause")
+
+    # -- clocks ------------------------------------------------------------------------
+
+    async def _inject_clock(self, fault: Fault, node: str, zone: str | None = None,
+                            offset_s: float = 0.0, drift: float = 1.0) -> None:
+        try:
+            offset_s, drift = float(offset_s), float(drift)
+        except (TypeError, ValueError):
+            raise FaultError("offset_s and drift must be numbers") from None
+        problem = skew_problem(offset_s, drift)
+        if problem is not None:
+            raise FaultError(problem)
+        if not offset_s and drift == 1.0:
+            raise FaultError("say how the clock is off: --offset S (e.g. +300s, -2s) and/or "
+                             "--drift RATE (e.g. 1.5: 1.5 s pass per second)")
+        name = self._one_node(node, zone)
+        for other in self.faults.values():
+            if other.active and other.kind == "clock" and other is not fault and name in other.nodes:
+                raise FaultError(f"{name}'s clock is already skewed by {other.id}; heal it first")
+        fault.nodes = [name]
+        fault.target.update(offset_s=offset_s, drift=drift,
+                            since_ns=int(fault.started_at * 1e9))
+        await self._put_node(name, "clock", self._clock_skew(fault), "clock fault")
+        parts = [f"{offset_s:+g}s" if offset_s else "", f"drifting ×{drift:g}" if drift != 1.0 else ""]
+        fault.description = f"clock of {name} off: {', '.join(p for p in parts if p)}"
+
+    @staticmethod
+    def _clock_skew(fault: Fault) -> dict:
+        t = fault.target
+        return {"offset_s": t.get("offset_s", 0.0), "drift": t.get("drift", 1.0),
+                "since_ns": t["since_ns"]}
 
     async def _inject_destroy(self, fault: Fault, region: str) -> None:
         nodes = self._nodes_in(region)
@@ -599,6 +685,72 @@ class FaultController:
         await self.restarted(nodes)
         fault.description = f"{region} destroyed: data wiped, restarted empty ({', '.join(nodes)})"
         fault.healed_at = time.time()  # nothing to heal: it re-syncs by itself
+
+    def _endpoints(self, endpoint: str) -> list[tuple[str, str]]:
+        """The proxies ``endpoint`` names: ``global`` (every client location's),
+        ``global:REGION`` (one), ``REGION`` or ``regional:REGION`` (a regional one)."""
+        routing = self.cluster.routing
+        if routing is None:
+            raise FaultError("this cluster runs without routing endpoints")
+        kind, _, region = endpoint.rpartition(":")
+        if endpoint == "global":
+            keys = [k for k in routing.proxies if k[0] == "global"]
+        else:
+            keys = [(kind or "regional", region)] if (kind or "regional", region) in routing.proxies \
+                else []
+        if not keys:
+            names = ", ".join(sorted({"global"} | {f"{k}:{r}" for k, r in routing.proxies}))
+            raise FaultError(f"no endpoint {endpoint!r}; one of {names} (a bare region is its "
+                             "regional endpoint)")
+        return keys
+
+    async def _inject_http(self, fault: Fault, endpoint: str, action: str = "status",
+                           status: int = 503, probability: float = 1.0, method: str | None = None,
+                           path_regex: str | None = None, seed: int | None = None) -> None:
+        if action not in HTTP_ACTIONS:
+            raise FaultError(f"action must be one of {', '.join(HTTP_ACTIONS)}, not {action!r}")
+        keys = self._endpoints(str(endpoint))
+        rule = dict(action=action, status=status, probability=probability,
+                    method=method.upper() if isinstance(method, str) else method,
+                    path_regex=path_regex,
+                    seed=self.cluster.spec.seed if seed is None else seed)
+        try:
+            HttpFaultRule(fault.id, **rule)
+        except (ValueError, TypeError) as exc:
+            raise FaultError(str(exc)) from None
+        fault.target.update(rule, endpoints=[f"{k}:{r}" for k, r in keys])
+        what = {"status": f"HTTP {status}", "reset": "connection reset",
+                "truncate": "response bodies cut halfway"}[action]
+        scope = " ".join(x for x in (method and method.upper(), path_regex and f"~{path_regex}")
+                         if x) or "every request"
+        fault.description = (f"{endpoint} endpoint: {what} for {scope}"
+                             + (f", {probability:.0%} of them" if probability < 1 else ""))
+        self.faults[fault.id] = fault       # in effect while applied, as throttling
+        self._apply_http(keys)
+
+    def _apply_http(self, keys: list[tuple[str, str]] | None = None) -> None:
+        """Give each endpoint the rules of the HTTP faults in effect on it, in the
+        order they were injected."""
+        routing = self.cluster.routing
+        if routing is None:
+            return
+        for key in keys if keys is not None else list(routing.proxies):
+            proxy = routing.proxies.get(key)
+            if proxy is None:
+                continue
+            name = f"{key[0]}:{key[1]}"
+            proxy.http_faults.set_rules([
+                HttpFaultRule(f.id, **{k: f.target[k] for k in _HTTP_RULE_FIELDS})
+                for f in self.faults.values()
+                if f.in_effect and f.kind == "http" and name in f.target["endpoints"]])
+
+    def http_injected(self) -> dict[str, int]:
+        """Requests each HTTP fault acted on, over every endpoint."""
+        counts: dict[str, int] = {}
+        for proxy in (self.cluster.routing.proxies.values() if self.cluster.routing else ()):
+            for fid, n in proxy.http_faults.injected.items():
+                counts[fid] = counts.get(fid, 0) + n
+        return counts
 
     # -- healing -------------------------------------------------------------------------
 
@@ -641,6 +793,14 @@ class FaultController:
             await self._apply_throttles(fault.nodes, healing=True)
         elif kind == "pause":
             await self._apply_pauses(fault.nodes, healing=True)
+        elif kind == "http":
+            self._apply_http()
+        elif kind == "clock":
+            clock = await self._put_node(fault.nodes[0], "clock", {}, "clock fault", healing=True)
+            resume_s = (clock or {}).get("writes_resume_in_s")
+            if resume_s and not fault.active:   # healed; the node's own figure (stamps made ahead)
+                fault.description += (f"; writes resume there in {resume_s:.0f}s, once its "
+                                      "clock has passed the stamps it made while ahead")
 
     async def heal_all(self) -> list[Fault]:
         return [await self.heal(f.id) for f in list(self.faults.values()) if f.active]
@@ -665,5 +825,20 @@ def _combine(a: LinkFaults, b: LinkFaults) -> LinkFaults:
         extra_latency_ms=a.extra_latency_ms + b.extra_latency_ms,
         extra_jitter_ms=a.extra_jitter_ms + b.extra_jitter_ms,
         bandwidth_mbps=min(bandwidths) if bandwidths else 0.0,
+        # Independent losses compose as 1 - (1-a)(1-b); the first seed given wins.
+        loss=1 - (1 - a.loss) * (1 - b.loss),
+        corrupt=1 - (1 - a.corrupt) * (1 - b.corrupt),
+        duplicate=1 - (1 - a.duplicate) * (1 - b.duplicate),
+        reorder=a.reorder or b.reorder,
+        seed=a.seed if a.seed is not None else b.seed,
     )
+
+
+def _lossy_parts(loss: float, corrupt: float, duplicate: float, reorder: bool) -> list[str]:
+    """How a lossy link fault reads in ``georeg fault list`` (the model is
+    ``cluster.network.links``): what each does to the TCP streams it carries."""
+    return [f"loss {loss:.2%} of segments (retransmitted)" if loss else "",
+            f"corrupt {corrupt:.2%} of segments (bytes flipped)" if corrupt else "",
+            f"duplicate {duplicate:.2%} of segments (wire time only)" if duplicate else "",
+            "reorder (repaired by TCP: no effect on streams)" if reorder else ""]
 

@@ -10,8 +10,12 @@ data dir, and names every divergence it finds:
   manifest's presence). Changeable attributes (locks) are registers too: every
   node holds, for the repository and each tag and manifest, the newest set
   residency lets reach it (a node without one where another has one
-  diverges). A manifest that a present index of the node needs is
-  kept whatever its deletes say, as replication keeps it. Unreferenced blob
+  diverges). Recycle bins too (soft delete): an entry is the state of its
+  register, so it must match the node's tombstone and the entry of every
+  other node holding the same delete, and nodes holding the same manifest
+  delete agree on whether it was soft. A manifest that a present index of
+  the node needs is kept whatever its deletes say, as replication keeps it.
+  Unreferenced blob
   links are not compared: each node's garbage collector reclaims them on its
   own schedule. Blobs are compared through the manifests that need them.
 * **Served and stored agree** — the catalog, each tags list, each tag's
@@ -114,7 +118,8 @@ class Divergence:
     """One thing that is not as it should be, on one node.
 
     kind: ``tag`` | ``manifest`` | ``attributes`` (a register differs from
-    the write it should hold) | ``served`` (the API disagrees with storage) | ``incomplete`` (a
+    the write it should hold) | ``recycle bin`` (an entry that is not its
+    register's soft delete, or differs from another node's of the same one) | ``served`` (the API disagrees with storage) | ``incomplete`` (a
     served manifest lacks something it names) | ``storage`` (a blob record
     without its file) | ``rot`` (a blob file that failed authentication, quarantined,
     and no allowed replica could replace) | ``residency`` (data outside the
@@ -407,6 +412,8 @@ async def _collect(http: aiohttp.ClientSession, target: NodeTarget,
         "blobs": len(blobs), "blob_files": len(files),
         "blob_bytes": sum(blobs.values()),
         "manifest_bytes": sum(m["size"] for r in inv.values() for m in r["manifests"].values()),
+        "recycled_bytes": sum(m["size"] for r in inv.values()
+                              for m in r.get("recycled_manifests", {}).values()),
     }
     return snap
 
@@ -630,7 +637,77 @@ def compare_registers(snapshots: list[Snapshot], policy: ResidencyPolicy) -> lis
                     digest=digest, expected="present" if winner.value else "absent",
                     actual="present" if held else "absent", source=winner.node.name))
         out += _compare_attributes(snapshots, policy, repo)
+        out += compare_bins(snapshots, policy, repo)
     return out
+
+
+_BIN_PARTS = (("recycled_manifests", "deleted_manifests", "manifest"),
+              ("recycled_tags", "deleted_tags", "tag"))
+
+
+def compare_bins(snapshots: list[Snapshot], policy: ResidencyPolicy,
+                 repo: str) -> list[Divergence]:
+    """The recycle bins of ``repo`` (``registry_node.recycle_bin``). An entry
+    is the state of its register: a node holds one only while the register's
+    write there is the soft delete the entry records (same stamp), and every
+    node that holds that write holds the same entry — a tag's always, a
+    manifest's where the node has one (a node that never held the body keeps
+    none, a documented gap; the registers' comparison above already makes
+    every node hold the same delete, and its tombstone says whether it was
+    soft: nodes holding the same one must agree on that)."""
+    out: list[Divergence] = []
+    tombs = sorted({d for s in snapshots for d in s.repo(repo).get("deleted_manifests", {})})
+    for digest in tombs:
+        held = {s.name: s.repo(repo).get("deleted_manifests", {}).get(digest) for s in snapshots}
+        for s in snapshots:
+            mine = held[s.name]
+            if mine is None:
+                continue
+            for other, theirs in held.items():
+                if theirs is not None and _stamp(theirs) == _stamp(mine) and \
+                        _softness(theirs) != _softness(mine):
+                    out.append(_bin_divergence(
+                        s, repo, "manifest", digest, f"holds the same delete as {other}, "
+                        "which says otherwise whether it was soft", _softness(theirs),
+                        _softness(mine), other))
+                    break
+    for bin_part, tomb_part, what in _BIN_PARTS:
+        names = sorted({n for s in snapshots for n in s.repo(repo).get(bin_part, {})})
+        for name in names:
+            entries = {s.name: s.repo(repo).get(bin_part, {}).get(name) for s in snapshots}
+            for s in snapshots:
+                entry = entries[s.name]
+                tomb = s.repo(repo).get(tomb_part, {}).get(name)
+                if entry is not None and (tomb is None or _stamp(tomb) != _stamp(entry)):
+                    out.append(_bin_divergence(
+                        s, repo, what, name, "holds a recycle bin entry of a delete that is "
+                        "not the register's write here", entry, tomb, None))
+                    continue
+                if tomb is None:
+                    continue
+                due = [(n, e) for n, e in entries.items() if e is not None and n != s.name
+                       and _stamp(e) == _stamp(tomb)
+                       and policy.allows(_stamp(e)[1], repo, s.region)]
+                if not due or (entry is None and what == "manifest"):
+                    continue
+                source, expected = due[0]
+                if entry != expected:
+                    out.append(_bin_divergence(
+                        s, repo, what, name, f"holds the same delete as {source} but not the "
+                        "same recycle bin entry", expected, entry, source))
+    return out
+
+
+def _softness(tomb: dict) -> dict:
+    return {"recycled": tomb.get("recycled", False), "tags": tomb.get("recycled_tags", [])}
+
+
+def _bin_divergence(s: Snapshot, repo: str, what: str, name: str, detail: str,
+                    expected: object, actual: object, source: str | None) -> Divergence:
+    return Divergence("recycle bin", s.name, s.region, repo, f"the {what} {detail}",
+                      tag=name if what == "tag" else None,
+                      digest=name if what == "manifest" else None,
+                      expected=expected, actual=actual, source=source)
 
 
 def _compare_attributes(snapshots: list[Snapshot], policy: ResidencyPolicy,

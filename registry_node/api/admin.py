@@ -1,5 +1,5 @@
-"""Node administration beside the OCI API: the storage fault seam, bit rot,
-and what the node did about rot.
+"""Node administration beside the OCI API: the storage and clock fault seams,
+bit rot, and what the node did about rot.
 
     GET  /georeg/v1/faults/storage   {"full": false, "slow_ms": 0, "eio_read": 0,
                                       "eio_write": 0, "seed": null}
@@ -15,6 +15,9 @@ and what the node did about rot.
     POST /georeg/v1/blobs/scrub      {"budget_bytes", "rate_bytes_s"}: read and
                                      authenticate stored blobs, repairing what
                                      fails (``BlobRepair.scrub``)
+    GET  /georeg/v1/faults/clock     the node's clock: skew, peers' offsets, verdict
+    PUT  /georeg/v1/faults/clock     {"offset_s": 300, "drift": 1, "since_ns": N}: the
+                                     whole skew ({} resets it; ``registry_node.clock``)
 """
 
 from __future__ import annotations
@@ -111,3 +114,29 @@ async def post_scrub(request: web.Request) -> web.Response:
     budget = int(_number(body, "budget_bytes", 1)) if "budget_bytes" in body else SCRUB_BUDGET
     rate = _number(body, "rate_bytes_s", 0) if "rate_bytes_s" in body else SCRUB_RATE
     return json_response(await registry(request).repair.scrub(budget, rate))
+
+
+async def get_clock(request: web.Request) -> web.Response:
+    node = registry(request)
+    return json_response(node.clock.describe(node.hlc.last))
+
+
+async def put_clock_fault(request: web.Request) -> web.Response:
+    try:
+        body = json.loads(await request.read() or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError
+        offset_s = float(body.get("offset_s", 0.0))
+        drift = float(body.get("drift", 1.0))
+        since = body.get("since_ns")
+        since_ns = None if since is None else int(since)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise RegistryError(ErrorCode.UNSUPPORTED, 'send {"offset_s": number, "drift": number, '
+                            '"since_ns": integer}', message="bad fault", status=400) from None
+    node = registry(request)
+    try:
+        node.clock.clock.skew(offset_s, drift, since_ns)
+    except ValueError as exc:
+        raise RegistryError(ErrorCode.UNSUPPORTED, str(exc), message="bad fault",
+                            status=400) from None
+    return json_response(node.clock.describe(node.hlc.last))

@@ -18,6 +18,11 @@ change may turn on or off while it runs:
     georeg_bandwidth_wait_seconds_total{direction}       time transfers waited for it,
                                                          summed over transfers
 
+and its recycle bins (soft delete, ``registry_node.recycle_bin``):
+
+    georeg_recycle_bin_purged_total{kind}                manifests / tags purged past their days
+    georeg_recycle_bin_restored_total                    restores this node took from clients
+
 Each app has
 a registry of its own, so several nodes can share a process (tests, the
 Python API) without mixing their numbers.
@@ -34,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ..bandwidth import Bandwidth
 from ..blob_repair import BlobRepair
 from ..errors import RegistryError
+from ..recycle_bin import RecycleBin
 from ..throttle import Throttle
 
 
@@ -60,6 +66,8 @@ class NodeMetrics:
     def watch_repairs(self, repair: BlobRepair) -> None:
         self.registry.register(_Repairs(repair))
 
+    def watch_recycle_bin(self, bin_: RecycleBin) -> None:
+        self.registry.register(_Recycled(bin_))
 
 class _Repairs:
     """Bit rot found and what came of it (``registry_node.blob_repair``), read
@@ -84,7 +92,6 @@ class _Repairs:
     def describe(self):
         return []
 
-
 class _Throttled:
     def __init__(self, throttle: Throttle, replica: str) -> None:
         self.throttle = throttle
@@ -99,7 +106,6 @@ class _Throttled:
         for (kind, identity, limit), count in sorted(self.throttle.refusals.items()):
             family.add_metric([self.replica, kind, identity or "-", limit], count)
         yield family
-
 
 class _Budgets:
     """Read at scrape time: the budgets count for themselves, so a transfer
@@ -128,9 +134,29 @@ class _Budgets:
     def describe(self):
         return []
 
+class _Recycled:
+    """Soft delete's counts, read at scrape time (``recycle_bin``)."""
+
+    def __init__(self, bin_: RecycleBin) -> None:
+        self.bin = bin_
+
+    def collect(self) -> Iterator[Metric]:
+        purged = CounterMetricFamily("georeg_recycle_bin_purged",
+                                     "Soft-deleted manifests and tags purged from this node's "
+                                     "recycle bins once past the policy's days, by kind",
+                                     labels=["kind"])
+        for kind, count in sorted(self.bin.purged_total.items()):
+            purged.add_metric([kind], count)
+        restored = CounterMetricFamily("georeg_recycle_bin_restored",
+                                       "Restores from the recycle bin taken by this node (a "
+                                       "replicated restore arrives as a push, not counted here)")
+        restored.add_metric([], self.bin.restored_total)
+        yield from (purged, restored)
+
+    def describe(self):
+        return []
 
 METRICS: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)
-
 
 async def get_metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)

@@ -36,7 +36,9 @@ looked up), a blob that exists, a satisfiable or absent range, a read
 throttling lets through (``registry_node.throttle``, on the identity
 ``admits`` named; asked last, so a request declined for any other reason
 takes no token here and one in the HTTP chain), a first piece
-that passes its integrity check, not marked for a redirect
+that passes its integrity check (while bodies stall, ``registry_node.body_stall``,
+nothing is read before the head goes: a rotten first piece then cuts the
+connection, as a later one does), not marked for a redirect
 (``registry_node.api.redirects``). Everything else is ``N``, so the client gets
 exactly what the HTTP API answers — a 401 challenge or 403 included, from
 the one place that writes them. Headers are those of the HTTP handler
@@ -301,14 +303,17 @@ class HandoffServer:
             path, headers = _parse(head)
             rid = request_id(headers.get("x-request-id"))
             download, refund = self._find(path, headers)
+            stalled = self.stall.stalled
             with contextlib.closing(download.blob):
-                async with contextlib.aclosing(
-                        download.pieces(self.registry.run_blocking)) as pieces:
-                    try:
-                        first = await anext(pieces)
-                    except CorruptBeforeSending:   # the HTTP chain repairs it, then answers
-                        refund()
-                        return
+                async with contextlib.aclosing(download.pieces(
+                        self.registry.run_blocking, head_sent=stalled)) as pieces:
+                    first = b""
+                    if not stalled:
+                        try:
+                            first = await anext(pieces)
+                        except CorruptBeforeSending:   # the HTTP chain repairs it, then answers
+                            refund()
+                            return
                     # Not a byte before the proxy can know it: if the channel is
                     # gone, the proxy relays the request elsewhere.
                     if not await channel.send(serial, WRITING):
@@ -316,10 +321,13 @@ class HandoffServer:
                         return
                     code, status = CUT, download.status
                     head = _response_head(download, rid, extra)
-                    if self.stall.stalled:      # the head goes; the body waits (body_stall)
+                    if stalled:     # the head goes; the body waits, unread (body_stall)
                         await _send(client, head)
                         head = b""
-                        await self.stall.held()
+                        if not await self.stall.held(lambda: _hung_up(client)):
+                            raise ConnectionResetError("the client hung up while its "
+                                                       "download stalled")
+                        first = await anext(pieces)
                     budget = self.bandwidth.download if self.bandwidth else None
                     if budget is None:
                         await _send(client, head, first)
@@ -441,6 +449,17 @@ async def _send(client: socket.socket, *buffers: bytes) -> None:
             continue
         await loop.sock_sendall(client, memoryview(buffer)[sent:])
         sent = 0
+
+
+def _hung_up(client: socket.socket) -> bool:
+    """Whether the client has closed its end (or reset it): a peek at what
+    it sent, never taking a byte the proxy reads after the hand-over."""
+    try:
+        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def peer_uid(sock: socket.socket) -> int:

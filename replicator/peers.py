@@ -5,11 +5,15 @@ Channels are plaintext, or mutual TLS on an auth cluster (the node's
 certificate presented, the peer's checked against the cluster CA:
 ``replicator.peer_identity``). Channels reconnect on their own. A peer that dies or a link that is cut closes
 its connections, which the channel sees at once. A silent peer (a stalled
-link, a frozen process) is not dropped by keepalive as configured here: the
-grpcio installed closes a connection whose ping goes unanswered after
-``grpc.http2.ping_timeout_ms``, which is not set, not after
-``grpc.keepalive_timeout_ms`` (a paused peer stayed connected for 70 s:
-docs/faults.md); its streams wait and carry on when it answers again. The
+link, a frozen process) is dropped by keepalive: a ping goes out after
+``grpc.keepalive_time_ms`` (30 s) and the connection closes when its ack has
+not come ``grpc.http2.ping_timeout_ms`` (20 s) later, so the peer shows
+disconnected within about 50 s and its streams reconnect and resume when it
+answers again. (The grpcio installed closes on ``grpc.http2.ping_timeout_ms``;
+``grpc.keepalive_timeout_ms`` alone closed nothing in 70 s: docs/faults.md.)
+Not shorter: an ack queues behind the data already sent ahead of it, up to a
+window (``MAX_RECEIVE_WINDOW``, 24 MiB: about 10 s at 20 Mbit/s), and a slow
+link must not read as a silent one. The
 pings (every 30 s) are kept rare so an idle cluster stays idle: every ping
 crosses a WAN link in the cluster process, and at 10 s they were a fifth of
 an idle default cluster's CPU (5.9 → 4.8 % of one core).
@@ -74,9 +78,15 @@ MAX_RECEIVE_WINDOW = 24 << 20      # the most, any link (24 MiB per 186 ms: 1.1 
 # largest windows, the subscription's and one fetch's.
 CHANNEL_WINDOW_BUDGET = 2 * MAX_RECEIVE_WINDOW
 WINDOW_BDP_MULTIPLE = 2
-_CHANNEL_OPTIONS = [
+# Keepalive (the module docstring): a ping after 30 s of quiet, the connection
+# closed when its ack has not come 20 s later. Channels and servers alike.
+_KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 30000),
-    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.http2.ping_timeout_ms", 20000),
+]
+_CHANNEL_OPTIONS = [
+    *_KEEPALIVE_OPTIONS,
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 << 20),
@@ -126,8 +136,7 @@ SERVER_OPTIONS = [
     # (another cluster's node, say) holds would then bind without error and
     # share its connections with it. Without it, the bind fails as it should.
     ("grpc.so_reuseport", 0),
-    ("grpc.keepalive_time_ms", 30000),
-    ("grpc.keepalive_timeout_ms", 5000),
+    *_KEEPALIVE_OPTIONS,
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.http2.max_ping_strikes", 0),

@@ -1116,6 +1116,50 @@ async def test_a_flapping_pause_comes_and_goes_and_heal_leaves_it_healed(cluster
     assert not node.paused and not _stopped_processes(cluster)
 
 
+# A silent peer's connection closes this long after its last byte at most: a
+# keepalive ping after 30 s of quiet, unacked 20 s later (replicator.peers).
+SILENT_PEER_DROPPED_S = 30 + 20
+
+
+@pytest.mark.soak
+async def test_a_paused_peer_shows_disconnected_and_resumes_once_continued(cluster, http):
+    """(~60 s, so soak.) Paused past gRPC keepalive, westeurope shows as
+    disconnected at its peers (``peers[].connected``) within the keepalive
+    bound plus a health round, instead of connected for as long as the pause
+    lasts; continued, their streams reconnect and it catches up."""
+    supervisor = cluster.cluster.supervisor
+    watchers = ["brazilsouth", "eastus-1"]
+
+    def connected_to_west(name: str) -> bool | None:
+        return next((p["connected"] for p in supervisor.nodes[name].info.get("peers", [])
+                     if p["name"] == "westeurope"), None)
+
+    assert all(connected_to_west(n) for n in watchers)
+    fault = cluster.inject("pause", region="westeurope")
+    paused_at = time.monotonic()
+    dropped: dict[str, float] = {}
+    try:
+        def all_dropped() -> bool:
+            for name in watchers:
+                if connected_to_west(name) is False:
+                    dropped.setdefault(name, time.monotonic() - paused_at)
+            return len(dropped) == len(watchers)
+
+        await eventually(all_dropped, timeout=SILENT_PEER_DROPPED_S + 15,
+                         what="westeurope's peers finding it silent")
+        image = make_image([5000], seed=23)
+        await push_image(http, cluster.regional_endpoint("eastus"), "grey/silent", image,
+                         tag="v1")       # not brazilsouth: its content stays there
+    finally:
+        cluster.heal(fault.id)
+    print(f"disconnected after {dropped} s (bound {SILENT_PEER_DROPPED_S} s + a health round)")
+    assert max(dropped.values()) < SILENT_PEER_DROPPED_S + 3, dropped
+    await eventually(lambda: all(connected_to_west(n) for n in watchers), timeout=20,
+                     what="the peers reconnected once westeurope continues")
+    await eventually(lambda: pullable(http, cluster.node_url("westeurope"), "grey/silent", "v1",
+                                      image), timeout=30, what="westeurope caught up")
+
+
 async def _flapper_running(fault_id: str) -> bool:
     """On the cluster's loop: whether the flap of ``fault_id`` still runs."""
     return any(t.get_name() == f"flap:{fault_id}" for t in asyncio.all_tasks())

@@ -228,8 +228,8 @@ class RunningCluster:
 
     def restart(self, node: str) -> None:
         """Start a node that is down. Faults in effect on it (a pause, stalled
-        bodies, a throttle, a disk fault) apply to the new process again, as
-        when the fault controller restarts a node."""
+        bodies, a throttle, a disk fault, a clock skew from its fault's start)
+        apply to the new process again, as when the fault controller restarts a node."""
         async def start() -> None:
             await self.cluster.supervisor.start_node(node)
             await self.cluster.faults.restarted([node])

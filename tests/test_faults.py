@@ -1116,6 +1116,30 @@ async def test_a_flapping_pause_comes_and_goes_and_heal_leaves_it_healed(cluster
     assert not node.paused and not _stopped_processes(cluster)
 
 
+async def test_faults_aimed_at_a_paused_node_wait_for_it_to_continue(cluster, http):
+    """A clock or throttling fault on a node a pause stopped returns at once
+    (it used to wait out 10 s per node, fail, and leave its request queued in
+    the stopped process, acted on after it continued: a skew no fault listed),
+    is listed and says it waits; healed meanwhile, it is not applied; the
+    continued node has what is in effect then, and heal --all lifts it."""
+    pause = cluster.inject("pause", region="brazilsouth")
+    started = time.monotonic()
+    clock = cluster.inject("clock", node="brazilsouth", offset_s=-30)
+    throttle = cluster.inject("throttle", region="brazilsouth", rate_per_min=0.6)
+    took = time.monotonic() - started
+    listed = {f["id"]: f for f in json.loads(fault_cli(cluster, "list", "--json").stdout)}
+    cluster.heal(throttle.id)
+    cluster.heal(pause.id)
+    assert took < 2, took
+    assert "takes effect on brazilsouth when it continues" in listed[clock.id]["description"]
+    assert throttle.id in listed
+    assert cluster.node_clock("brazilsouth")["fault"]["offset_s"] == -30
+    assert (await _throttle_state(http, cluster, "brazilsouth"))["fault"] == {}
+    assert "when it continues" not in fault_cli(cluster, "list").stdout
+    fault_cli(cluster, "heal", "--all")
+    assert cluster.node_clock("brazilsouth")["fault"] is None
+
+
 # A silent peer's connection closes this long after its last byte at most: a
 # keepalive ping after 30 s of quiet, unacked 20 s later (replicator.peers).
 SILENT_PEER_DROPPED_S = 30 + 20

@@ -36,7 +36,10 @@ without an answer) and moves clients then; healing sends SIGCONT and the node
 catches up by itself. With ``stall_bodies`` nothing is stopped: the node
 answers everything but holds blob bodies after their headers
 (``registry_node.body_stall``), which no health check sees. See
-docs/faults.md for the measured bounds.
+docs/faults.md for the measured bounds. A stopped node is sent nothing
+(``_put_node``): a throttling, disk or clock fault injected, healed or
+flapped meanwhile is recorded and sent when it continues (``_continue``),
+and bit rot is refused.
 
 Routing faults compose per region: routing is off if any routing fault in
 effect says off, on if one says on, else the operator's flag
@@ -123,6 +126,15 @@ DEFAULT_THROTTLE_RATE = 60.0
 # Kinds whose random draws take a seed (a scenario gives each step one of its own).
 SEEDED_KINDS = ("link", "http")
 _HTTP_RULE_FIELDS = ("action", "status", "probability", "method", "path_regex", "seed")
+# The seams of a node's memory the controller sets (``PUT /georeg/v1/faults/<seam>``),
+# what each fault is called in messages, and the state of a node no fault touches.
+# Sent again to a node (re)started or continued in this order.
+NODE_SEAMS = ("throttle", "storage", "clock")
+_SEAM_FAULTS = {"throttle": "throttling fault", "storage": "storage fault",
+                "clock": "clock fault", "stall": "body stall"}
+_HEALTHY = {"throttle": {}, "storage": _HEALTHY_DISK, "clock": {}}
+_SEAM_KINDS = ("throttle", "disk", "clock")     # the faults set at those seams
+NODE_TIMEOUT_S = 10.0       # a node that has not answered a fault's PUT by then is unreachable
 
 
 class FaultError(ValueError):
@@ -145,6 +157,7 @@ class Fault:
     flap: Flap | None = None
     phase: str = ON                                        # off: lifted for now (flapping)
     phase_ends_at: float | None = None
+    waiting: list[str] = field(default_factory=list)       # paused nodes not yet sent it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
@@ -159,7 +172,9 @@ class Fault:
     def as_dict(self) -> dict:
         return {
             "id": self.id, "kind": self.kind, "target": self.target,
-            "description": self.description + (f"; {self.flap.describe()}" if self.flap else ""),
+            "description": self.description + (f"; {self.flap.describe()}" if self.flap else "")
+            + (f"; takes effect on {', '.join(self.waiting)} when it continues (paused)"
+               if self.waiting and self.in_effect else ""),
             "active": self.active,
             "started_at": self.started_at, "duration_s": self.duration_s,
             "heals_at": self.started_at + self.duration_s if self.duration_s else None,
@@ -178,6 +193,7 @@ class FaultController:
         self._timers: dict[str, asyncio.Task] = {}
         self._flappers: dict[str, asyncio.Task] = {}
         self._stalled: set[str] = set()     # nodes told to stall blob bodies
+        self._deferred: dict[str, set[str]] = {}  # paused node -> seams not sent it meanwhile
         self._session: aiohttp.ClientSession | None = None
 
     # -- helpers -----------------------------------------------------------------------
@@ -212,13 +228,13 @@ class FaultController:
             return [where]
         return self._nodes_in(where)
 
-    def _one_node(self, where: str, zone: str | None = None) -> str:
+    def _one_node(self, where: str, zone: str | None = None, why: str = "") -> str:
         """As ``_targets``, for a fault that strikes one node: a zone-redundant
-        region must be narrowed to one."""
+        region must be narrowed to one (``why``: said after the message)."""
         nodes = self._targets(where, zone)
         if len(nodes) > 1:
             raise FaultError(f"{where} is zone redundant: name one node ({', '.join(nodes)}) "
-                             f"or a zone, e.g. {where}/1")
+                             f"or a zone, e.g. {where}/1" + (f" ({why})" if why else ""))
         return nodes[0]
 
     def _links_between(self, a: list[str], b: list[str], both: bool = True) -> list[tuple[str, str]]:
@@ -262,7 +278,7 @@ class FaultController:
         if self._session is None:
             tls = self.cluster.tls
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=10), headers=self.cluster.internal_headers(),
+                timeout=aiohttp.ClientTimeout(total=NODE_TIMEOUT_S), headers=self.cluster.internal_headers(),
                 connector=aiohttp.TCPConnector(ssl=tls.client if tls is not None else True))
         return self._session
 
@@ -311,6 +327,8 @@ class FaultController:
     async def _apply(self, fault: Fault) -> None:
         """Put ``fault`` in effect (at injection, and at each flap's on phase)."""
         await getattr(self, "_inject_" + fault.kind.replace("-", "_"))(fault, **fault.arguments)
+        if fault.kind in _SEAM_KINDS:       # sent when they continue (``_put_node``)
+            fault.waiting = [n for n in fault.nodes if self._paused(n)]
 
     def _settle(self, fault: Fault) -> None:
         """The links and routing, recomputed after ``fault`` changed phase."""
@@ -451,12 +469,26 @@ class FaultController:
                 await undo()
             raise
 
-    async def _put_node(self, name: str, seam: str, body: dict, what: str, *,
+    def _paused(self, name: str) -> bool:
+        """Whether a pause fault has ``name``'s process stopped (SIGSTOP)."""
+        node = self.cluster.supervisor.nodes.get(name)
+        return node is not None and node.paused
+
+    async def _put_node(self, name: str, seam: str, body: dict, *,
                         healing: bool = False) -> dict | None:
         """Set a fault held in a node's memory (``PUT /georeg/v1/faults/<seam>``);
         returns what the node answers. Healing (or undoing), a node that cannot
         take it is passed over (None): down, it comes back without it, and a
-        node that refused it kept what it had."""
+        node that refused it kept what it had.
+
+        A node a pause stopped is sent nothing (None): the request would wait
+        in its socket past any timeout and be acted on when it continues, late
+        and in any order with the ones after it. The seam is noted instead, and
+        ``_continue`` sends the node that seam's state as it is then."""
+        if self._paused(name):
+            self._deferred.setdefault(name, set()).add(seam)
+            return None
+        what = _SEAM_FAULTS[seam]
         session = await self._session_get()
         url = self.cluster.node_url(name) + f"/georeg/v1/faults/{seam}"
         try:
@@ -465,25 +497,42 @@ class FaultController:
                     raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
                 return await r.json()
         except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
+            error = str(exc) or f"no answer in {NODE_TIMEOUT_S:g} s"
             if not healing:
                 if isinstance(exc, FaultError):
                     raise
-                raise FaultError(f"{name} is unreachable: {exc}") from None
-            log.warning("fault_heal_failed", node=name, fault=what, error=str(exc))
+                raise FaultError(f"{name} is unreachable: {error}") from None
+            log.warning("fault_heal_failed", node=name, fault=what, error=error)
             return None
 
-    async def _put_node_state(self, nodes: list[str], seam: str,
-                              state_of: Callable[[str], dict], what: str, *,
+    def _node_state(self, seam: str, node: str) -> dict:
+        """What the faults in effect on ``node`` add up to at one of ``NODE_SEAMS``."""
+        if seam == "throttle":
+            return self._throttle_rates(node)
+        if seam == "storage":
+            return self._storage_state(node)
+        return next((self._clock_skew(f) for f in self.faults.values()
+                     if f.in_effect and f.kind == "clock" and node in f.nodes), {})
+
+    async def _put_node_state(self, nodes: list[str], seam: str, *,
                               healing: bool = False) -> None:
-        """PUT to each node what its active faults of one kind add up to
-        (``state_of(node)``), through ``_put_node``."""
+        """PUT to each node what its faults in effect at ``seam`` add up to,
+        through ``_put_node``."""
         for name in nodes:
-            await self._put_node(name, seam, state_of(name), what, healing=healing)
+            await self._put_node(name, seam, self._node_state(seam, name), healing=healing)
+
+    async def _resend(self, seams: dict[str, set[str]]) -> None:
+        """Send each node its state at the seams named for it, as the faults in
+        effect say now (a node that cannot take it is passed over, as when healing)."""
+        for seam in NODE_SEAMS:
+            await self._put_node_state([n for n, named in seams.items() if seam in named],
+                                       seam, healing=True)
+        for fault in self.faults.values():      # what they wait for is theirs now
+            fault.waiting = [n for n in fault.waiting if n not in seams]
 
     async def _storage(self, nodes: list[str], *, healing: bool = False) -> None:
         """Send each node what its active disk faults add up to."""
-        await self._put_node_state(nodes, "storage", self._storage_state,
-                                   "storage fault", healing=healing)
+        await self._put_node_state(nodes, "storage", healing=healing)
 
     def _storage_state(self, node: str) -> dict:
         """What the disk faults in effect on ``node`` add up to (see the module docstring)."""
@@ -524,14 +573,10 @@ class FaultController:
                              digests: list[str] | None = None) -> None:
         if blobs < 1:
             raise FaultError("bit rot needs at least one blob (--blobs N)")
-        if zone:
-            node = self._node(region, str(zone))
-        else:
-            nodes = self._nodes_in(region)
-            if len(nodes) > 1:
-                raise FaultError(f"{region} is zone redundant: name one zone's node, e.g. "
-                                 f"{region}/1 (bit rot strikes one disk)")
-            node = nodes[0]
+        node = self._one_node(region, zone, "bit rot strikes one disk")
+        if self._paused(node):      # an act, done now or not at all (see ``_put_node``)
+            raise FaultError(f"{node} is paused: bit rot strikes a running node; heal the "
+                             "pause first")
         fault.nodes = [node]
         seed = fault.target["seed"] = _replayable(seed)
         session = await self._session_get()
@@ -584,25 +629,18 @@ class FaultController:
 
     async def _apply_throttles(self, nodes: list[str], *, healing: bool = False) -> None:
         """Send each node its throttling faults' rates (``_put_node_state``)."""
-        await self._put_node_state(nodes, "throttle", self._throttle_rates,
-                                   "throttling fault", healing=healing)
+        await self._put_node_state(nodes, "throttle", healing=healing)
 
     async def restarted(self, nodes: list[str]) -> None:
         """Nodes just (re)started: those a throttling, disk or clock fault in
         effect covers get it again (a fault lives in the node's memory; a
         clock keeps its fault's start), and a pause still in effect stops or
         stalls them again, last, as a stopped node takes no request."""
-        throttled = [n for n in nodes if self._throttle_rates(n)]
-        if throttled:
-            await self._apply_throttles(throttled, healing=True)
-        broken = [n for n in nodes if self._storage_state(n) != _HEALTHY_DISK]
-        if broken:
-            await self._storage(broken, healing=True)
-        for fault in self.faults.values():
-            if fault.in_effect and fault.kind == "clock" and fault.nodes[0] in nodes:
-                await self._put_node(fault.nodes[0], "clock", self._clock_skew(fault),
-                                     "clock fault", healing=True)
         self._stalled.difference_update(nodes)      # a new process holds no fault
+        for name in nodes:
+            self._deferred.pop(name, None)
+        await self._resend({n: {seam for seam in NODE_SEAMS
+                                if self._node_state(seam, n) != _HEALTHY[seam]} for n in nodes})
         paused = [n for n in nodes if any(self._pauses(n))]
         if paused:
             await self._apply_pauses(paused, healing=True)
@@ -634,14 +672,22 @@ class FaultController:
         for name in nodes:
             stop, stall = self._pauses(name)
             if stall != (name in self._stalled):
-                supervisor.resume_node(name)        # a stopped node answers no request
-                await self._put_node(name, "stall", {"bodies": stall}, "body stall",
-                                     healing=healing)
+                await self._continue(name)          # a stopped node answers no request
+                await self._put_node(name, "stall", {"bodies": stall}, healing=healing)
                 (self._stalled.add if stall else self._stalled.discard)(name)
             if not stop:
-                supervisor.resume_node(name)
+                await self._continue(name)
             elif not supervisor.pause_node(name) and not healing:
                 raise FaultError(f"{name} is not running: there is nothing to pause")
+
+    async def _continue(self, name: str) -> None:
+        """SIGCONT ``name`` if a pause stopped it, and send it, at once, the
+        state of each seam a fault injected, healed or flapped while it was
+        stopped left unsent (``_put_node``): it acts on that before anything else."""
+        if not self._paused(name):
+            return
+        self.cluster.supervisor.resume_node(name)
+        await self._resend({name: self._deferred.pop(name, set())})
 
     # -- clocks ------------------------------------------------------------------------
 
@@ -664,7 +710,7 @@ class FaultController:
         fault.nodes = [name]
         fault.target.update(offset_s=offset_s, drift=drift,
                             since_ns=int(fault.started_at * 1e9))
-        await self._put_node(name, "clock", self._clock_skew(fault), "clock fault")
+        await self._put_node(name, "clock", self._clock_skew(fault))
         parts = [f"{offset_s:+g}s" if offset_s else "", f"drifting ×{drift:g}" if drift != 1.0 else ""]
         fault.description = f"clock of {name} off: {', '.join(p for p in parts if p)}"
 
@@ -771,7 +817,9 @@ class FaultController:
                 return fault
             fault.healed_at = time.time()
             fault.phase_ends_at = None
-            if fault.phase == ON:
+            # A clock healed in a flap's off phase is lifted again (the same
+            # request), for the node's word on when its writes resume.
+            if fault.phase == ON or fault.kind == "clock":
                 await self._lift(fault)
             self._settle(fault)
         log.info("fault_healed", id=fault.id, kind=fault.kind)
@@ -796,7 +844,7 @@ class FaultController:
         elif kind == "http":
             self._apply_http()
         elif kind == "clock":
-            clock = await self._put_node(fault.nodes[0], "clock", {}, "clock fault", healing=True)
+            clock = await self._put_node(fault.nodes[0], "clock", {}, healing=True)
             resume_s = (clock or {}).get("writes_resume_in_s")
             if resume_s and not fault.active:   # healed; the node's own figure (stamps made ahead)
                 fault.description += (f"; writes resume there in {resume_s:.0f}s, once its "

@@ -227,8 +227,9 @@ async def _zone_debits(app: web.Application) -> AsyncIterator[None]:
 async def _stop_handoffs(app: web.Application) -> None:
     # aiohttp's shutdown: the site has stopped accepting; requests in flight,
     # hand-overs included, get the same grace. Downloads a grey-failure fault
-    # holds are let go (body_stall): they finish within it, not at its end.
-    app[BODY_STALL].set(False)
+    # holds are let go, and no new stall is taken (body_stall): they finish
+    # within it, not at its end.
+    app[BODY_STALL].close()
     app[HANDOFF].stop_accepting(app[NODE].config.shutdown_grace_s)
 
 

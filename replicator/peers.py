@@ -7,13 +7,20 @@ certificate presented, the peer's checked against the cluster CA:
 its connections, which the channel sees at once. A silent peer (a stalled
 link, a frozen process) is dropped by keepalive: a ping goes out after
 ``grpc.keepalive_time_ms`` (30 s) and the connection closes when its ack has
-not come ``grpc.http2.ping_timeout_ms`` (20 s) later, so the peer shows
-disconnected within about 50 s and its streams reconnect and resume when it
+not come ``grpc.http2.ping_timeout_ms`` (60 s) later, so the peer shows
+disconnected within about 90 s and its streams reconnect and resume when it
 answers again. (The grpcio installed closes on ``grpc.http2.ping_timeout_ms``;
 ``grpc.keepalive_timeout_ms`` alone closed nothing in 70 s: docs/faults.md.)
-Not shorter: an ack queues behind the data already sent ahead of it, up to a
-window (``MAX_RECEIVE_WINDOW``, 24 MiB: about 10 s at 20 Mbit/s), and a slow
-link must not read as a silent one. The
+Not shorter, because a slow link must not read as a silent one: a ping, and
+its ack, queue behind the bytes the connection already carries the same
+way. The channel bounds those bytes (``CHANNEL_WINDOW_BUDGET``, 48 MiB: 20 s
+at 20 Mbit/s, 80 s at 5); what actually sits ahead is the link's queue and
+the socket buffers on either side. Measured (docs/faults.md): a 20 MiB blob
+over a link capped at 2 Mbit/s had its connection closed for a ping timeout
+three times in 96 s at 20 s, and never at 60 s (85 s, the link's pace); at 5
+Mbit/s, 40 MiB crossed in 68 s without a drop at 20 s. Below about 2 Mbit/s a
+busy connection may still be taken for silent: it reconnects and the fetch
+resumes from its offset. The
 pings (every 30 s) are kept rare so an idle cluster stays idle: every ping
 crosses a WAN link in the cluster process, and at 10 s they were a fifth of
 an idle default cluster's CPU (5.9 → 4.8 % of one core).
@@ -79,11 +86,11 @@ MAX_RECEIVE_WINDOW = 24 << 20      # the most, any link (24 MiB per 186 ms: 1.1 
 CHANNEL_WINDOW_BUDGET = 2 * MAX_RECEIVE_WINDOW
 WINDOW_BDP_MULTIPLE = 2
 # Keepalive (the module docstring): a ping after 30 s of quiet, the connection
-# closed when its ack has not come 20 s later. Channels and servers alike.
+# closed when its ack has not come 60 s later. Channels and servers alike.
 _KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 30000),
-    ("grpc.keepalive_timeout_ms", 20000),
-    ("grpc.http2.ping_timeout_ms", 20000),
+    ("grpc.keepalive_timeout_ms", 60000),
+    ("grpc.http2.ping_timeout_ms", 60000),
 ]
 _CHANNEL_OPTIONS = [
     *_KEEPALIVE_OPTIONS,
@@ -138,6 +145,9 @@ SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     *_KEEPALIVE_OPTIONS,
     ("grpc.keepalive_permit_without_calls", 1),
+    # No bandwidth probes (pings) from servers either: they would be held to
+    # the same ping timeout, and a server receives only small requests.
+    ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", 64 << 20),

@@ -20,7 +20,7 @@ Why a 404 stays fast: a round does not wait for a silent peer
     pushes them (``skopeo copy`` and every push of a new tag ask first), so
     what a round costs is what those 404s cost. A peer that stopped answering
     with its connection open — a stalled link, a frozen process — answers
-    nothing until keepalive closes its connection, up to about 50 s later
+    nothing until keepalive closes its connection, up to about 90 s later
     (``replicator.peers``), and a reconnect over a stalled link hangs the
     same way; a hurried call fails at once only on a channel that
     knows it cannot connect. Every round waited the
@@ -43,7 +43,7 @@ What was weighed and left out
       window a rescue exists for (a pull right after a push elsewhere, the
       event in flight) every stream looks caught up. A stalled stream looks
       connected and caught up too until keepalive closes it (up to about
-      50 s: ``replicator.peers``): the stream carries no heartbeat, and an
+      90 s: ``replicator.peers``): the stream carries no heartbeat, and an
       idle one is silent anyway.
     * A negative cache of (repository, reference): repeated 404s without a
       round trip, but a wrong 404 for its whole lifetime for content pushed

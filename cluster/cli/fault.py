@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("b")
     c.add_argument("--latency", type=float, default=0.0, metavar="MS", help="extra one-way latency")
     c.add_argument("--jitter", type=float, default=0.0, metavar="MS")
-    c.add_argument("--bandwidth", type=float, default=0.0, metavar="MBPS", help="bandwidth cap")
+    c.add_argument("--bandwidth", type=float, default=0.0, metavar="MBPS", help="bandwidth cap; below about 2 a busy peer connection "
+                   "may be taken for silent and reconnect (docs/faults.md)")
     c.add_argument("--reset-prob", type=float, default=0.0, metavar="P",
                    help="probability that a chunk of traffic resets its connection")
     c.add_argument("--stall", action="store_true", help="accept connections, deliver nothing")

@@ -63,6 +63,7 @@ import email.utils
 import functools
 import os
 import re
+import select
 import socket
 import struct
 import time
@@ -452,14 +453,18 @@ async def _send(client: socket.socket, *buffers: bytes) -> None:
 
 
 def _hung_up(client: socket.socket) -> bool:
-    """Whether the client has closed its end (or reset it): a peek at what
-    it sent, never taking a byte the proxy reads after the hand-over."""
-    try:
-        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
+    """Whether the client has closed its end (or reset it), taking no byte the
+    proxy reads after the hand-over. Asked of poll (``POLLRDHUP``: the peer's
+    FIN) rather than by peeking, which sees the end only once every byte
+    before it is read: a client that sent a pipelined request and hung up
+    would look present until the stall heals."""
+    poller = select.poll()
+    poller.register(client, _HUNG_UP_EVENTS)
+    return bool(poller.poll(0))
+
+
+# poll's events for a peer gone: its FIN, a hang-up, an error (a reset).
+_HUNG_UP_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 def peer_uid(sock: socket.socket) -> int:

@@ -536,3 +536,15 @@ def test_on_uvloop(scenario, nodes):
     import uvloop
 
     uvloop.run(scenario(nodes))
+
+
+def test_a_client_that_hangs_up_after_unread_bytes_is_seen_gone():
+    """A held hand-over looks for its client's end by poll, not by peeking: a
+    peek sees no end behind a pipelined request nobody has read yet."""
+    held, client = socket.socketpair()
+    with held, client:
+        assert not node_side._hung_up(held)
+        client.sendall(b"GET /v2/ HTTP/1.1\r\n\r\n")        # pipelined, unread
+        assert not node_side._hung_up(held)
+        client.close()
+        assert node_side._hung_up(held)

@@ -22,11 +22,20 @@ Installed with georeg (entry point ``pytest11``), it provides:
             georeg_cluster.set_routing("eastus", False)
             ...pull through the same endpoint with the same auth file...
 
+        def test_clients_survive_a_paused_region(georeg_cluster):
+            fault = georeg_cluster.inject("pause", region="westeurope")   # SIGSTOP
+            ...pull through the westeurope endpoint: it moves to the next replica...
+            georeg_cluster.heal(fault.id)                                  # SIGCONT
+
         def test_a_clock_running_ahead(georeg_cluster):
             with georeg_cluster.clock_skewed("westeurope", offset_s=300):
                 georeg_cluster.wait_for(
                     lambda: georeg_cluster.node_clock("westeurope")["skewed"])
                 ...writes through westeurope get 503 (reads go on); docs/faults.md...
+
+    ``inject(kind, **arguments)`` takes every kind of ``georeg fault`` with
+    the arguments of ``cluster.faults.controller`` (``flap="2/3"`` makes any
+    of them come and go); ``heal(id)`` or ``heal()`` (all) ends them.
 
         async def test_raw_http(georeg_cluster):
             async with georeg_cluster.http() as http:   # sends the admin login

@@ -39,6 +39,7 @@ from .control.cluster import Cluster
 from .control.management import ManagementServer
 from .control.private_files import write_private
 from .control.tls import client_context
+from .faults.controller import Fault
 from .faults.verify import VerifyReport
 
 T = TypeVar("T")
@@ -226,7 +227,24 @@ class RunningCluster:
         self.run(lambda: self.cluster.supervisor.stop_node(node, graceful=False))
 
     def restart(self, node: str) -> None:
-        self.run(lambda: self.cluster.supervisor.start_node(node))
+        """Start a node that is down. Faults in effect on it (a pause, stalled
+        bodies, a throttle, a disk fault, a clock skew from its fault's start)
+        apply to the new process again, as when the fault controller restarts a node."""
+        async def start() -> None:
+            await self.cluster.supervisor.start_node(node)
+            await self.cluster.faults.restarted([node])
+        self.run(start)
+
+    def inject(self, kind: str, **arguments) -> Fault:
+        """Inject a fault (``cluster.faults.controller``), as ``georeg fault``
+        does: ``inject("pause", region="eastus")``, ``inject("link", a="eastus",
+        b="westeurope", stall=True, flap="2/3")``. Returns it (``.id`` to heal)."""
+        return self.run(lambda: self.cluster.faults.inject(kind, **arguments))
+
+    def heal(self, fault_id: str | None = None) -> None:
+        """Heal one fault by id, or every active one."""
+        faults = self.cluster.faults
+        self.run(faults.heal_all if fault_id is None else lambda: faults.heal(fault_id))
 
     def inject_fault(self, kind: str, duration_s: float | None = None, **target) -> dict:
         """Inject a fault, as ``georeg fault KIND`` does (``cluster.faults.controller``

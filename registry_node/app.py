@@ -21,6 +21,7 @@ from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate, pull_check
 from .api.common import BANDWIDTH, CONFIGURATION, PULL_THROUGH, REGISTRY, WEBHOOKS
+from .api.grey import BODY_STALL
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_headers
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
@@ -32,6 +33,7 @@ from .auth.grants import BlobGrants
 from .auth.identities import IdentitySource
 from .auth.tokens import AuthConfigError, SigningKey, TokenAuthority, Trust
 from .bandwidth import Bandwidth
+from .body_stall import BodyStall
 from .config import NodeConfig
 from .gc import GarbageCollector
 from .handoff import HandoffServer
@@ -101,6 +103,7 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     app[THROTTLE] = throttle
     app[METRICS].track_throttle(throttle, config.region)
     app[BANDWIDTH] = bandwidth = Bandwidth.of(config.bandwidth)
+    app[BODY_STALL] = BodyStall()      # a grey-failure fault may arrive at any time
     app[METRICS].watch_bandwidth(bandwidth)
     if internal is not None:
         app[INTERNAL_CREDENTIAL] = internal
@@ -185,7 +188,8 @@ async def _handoff(app: web.Application) -> AsyncIterator[None]:
     gate = app.get(GATE)        # set by _storage, which runs first, when auth is on
     app[HANDOFF] = handoff = HandoffServer(app[REGISTRY],
                                            pull_check(gate) if gate is not None else None,
-                                           app[THROTTLE], bandwidth=app[BANDWIDTH])
+                                           app[THROTTLE], bandwidth=app[BANDWIDTH],
+                                           stall=app[BODY_STALL])
     yield
     await handoff.close()
 
@@ -222,7 +226,10 @@ async def _zone_debits(app: web.Application) -> AsyncIterator[None]:
 
 async def _stop_handoffs(app: web.Application) -> None:
     # aiohttp's shutdown: the site has stopped accepting; requests in flight,
-    # hand-overs included, get the same grace.
+    # hand-overs included, get the same grace. Downloads a grey-failure fault
+    # holds are let go, and no new stall is taken (body_stall): they finish
+    # within it, not at its end.
+    app[BODY_STALL].close()
     app[HANDOFF].stop_accepting(app[NODE].config.shutdown_grace_s)
 
 

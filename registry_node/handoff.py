@@ -36,7 +36,9 @@ looked up), a blob that exists, a satisfiable or absent range, a read
 throttling lets through (``registry_node.throttle``, on the identity
 ``admits`` named; asked last, so a request declined for any other reason
 takes no token here and one in the HTTP chain), a first piece
-that passes its integrity check, not marked for a redirect
+that passes its integrity check (while bodies stall, ``registry_node.body_stall``,
+nothing is read before the head goes: a rotten first piece then cuts the
+connection, as a later one does), not marked for a redirect
 (``registry_node.api.redirects``). Everything else is ``N``, so the client gets
 exactly what the HTTP API answers — a 401 challenge or 403 included, from
 the one place that writes them. Headers are those of the HTTP handler
@@ -61,6 +63,7 @@ import email.utils
 import functools
 import os
 import re
+import select
 import socket
 import struct
 import time
@@ -74,6 +77,7 @@ from .api.blobs import CorruptBeforeSending, Download
 from .api.middlewares import request_id
 from .auth.grants import REDIRECT_HEADER, carries_grant
 from .bandwidth import Bandwidth, following
+from .body_stall import BodyStall
 from .crypto import BlobCorrupt
 from .errors import RegistryError
 from .reference import Digest, validate_name
@@ -173,7 +177,7 @@ class HandoffServer:
     def __init__(self, registry: Registry,
                  admits: Callable[[str | None, str], str | None] | None = None,
                  throttle: Throttle | None = None, *,
-                 bandwidth: Bandwidth | None = None) -> None:
+                 bandwidth: Bandwidth | None = None, stall: BodyStall | None = None) -> None:
         self.registry = registry
         # (Authorization header, repository) -> who may pull there (None: nobody
         # this header names); None: auth off.
@@ -181,6 +185,7 @@ class HandoffServer:
         self.throttle = throttle
         # The node's budgets, the ones its HTTP handlers spend; None: unshaped.
         self.bandwidth = bandwidth
+        self.stall = stall if stall is not None else BodyStall()   # a grey failure's seam
         self.address = b""
         self._listener: socket.socket | None = None
         self._channels: set[_Channel] = set()
@@ -299,14 +304,17 @@ class HandoffServer:
             path, headers = _parse(head)
             rid = request_id(headers.get("x-request-id"))
             download, refund = self._find(path, headers)
+            stalled = self.stall.stalled
             with contextlib.closing(download.blob):
-                async with contextlib.aclosing(
-                        download.pieces(self.registry.run_blocking)) as pieces:
-                    try:
-                        first = await anext(pieces)
-                    except CorruptBeforeSending:   # the HTTP chain repairs it, then answers
-                        refund()
-                        return
+                async with contextlib.aclosing(download.pieces(
+                        self.registry.run_blocking, head_sent=stalled)) as pieces:
+                    first = b""
+                    if not stalled:
+                        try:
+                            first = await anext(pieces)
+                        except CorruptBeforeSending:   # the HTTP chain repairs it, then answers
+                            refund()
+                            return
                     # Not a byte before the proxy can know it: if the channel is
                     # gone, the proxy relays the request elsewhere.
                     if not await channel.send(serial, WRITING):
@@ -314,6 +322,13 @@ class HandoffServer:
                         return
                     code, status = CUT, download.status
                     head = _response_head(download, rid, extra)
+                    if stalled:     # the head goes; the body waits, unread (body_stall)
+                        await _send(client, head)
+                        head = b""
+                        if not await self.stall.held(lambda: _hung_up(client)):
+                            raise ConnectionResetError("the client hung up while its "
+                                                       "download stalled")
+                        first = await anext(pieces)
                     budget = self.bandwidth.download if self.bandwidth else None
                     if budget is None:
                         await _send(client, head, first)
@@ -435,6 +450,21 @@ async def _send(client: socket.socket, *buffers: bytes) -> None:
             continue
         await loop.sock_sendall(client, memoryview(buffer)[sent:])
         sent = 0
+
+
+def _hung_up(client: socket.socket) -> bool:
+    """Whether the client has closed its end (or reset it), taking no byte the
+    proxy reads after the hand-over. Asked of poll (``POLLRDHUP``: the peer's
+    FIN) rather than by peeking, which sees the end only once every byte
+    before it is read: a client that sent a pipelined request and hung up
+    would look present until the stall heals."""
+    poller = select.poll()
+    poller.register(client, _HUNG_UP_EVENTS)
+    return bool(poller.poll(0))
+
+
+# poll's events for a peer gone: its FIN, a hang-up, an error (a reset).
+_HUNG_UP_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 def peer_uid(sock: socket.socket) -> int:

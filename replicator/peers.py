@@ -4,11 +4,26 @@ failures leave as ``ReplicationError`` (definite, indefinite or permanent).
 Channels are plaintext, or mutual TLS on an auth cluster (the node's
 certificate presented, the peer's checked against the cluster CA:
 ``replicator.peer_identity``). Channels reconnect on their own. A peer that dies or a link that is cut closes
-its connections, which the channel sees at once; keepalive pings (every 30 s)
-are for the silent cases (a stalled link, a frozen process), kept rare so an
-idle cluster stays idle: every ping crosses a WAN link in the cluster process,
-and at 10 s they were a fifth of an idle default cluster's CPU (5.9 → 4.8 %
-of one core).
+its connections, which the channel sees at once. A silent peer (a stalled
+link, a frozen process) is dropped by keepalive: a ping goes out after
+``grpc.keepalive_time_ms`` (30 s) and the connection closes when its ack has
+not come ``grpc.http2.ping_timeout_ms`` (60 s) later, so the peer shows
+disconnected within about 90 s and its streams reconnect and resume when it
+answers again. (The grpcio installed closes on ``grpc.http2.ping_timeout_ms``;
+``grpc.keepalive_timeout_ms`` alone closed nothing in 70 s: docs/faults.md.)
+Not shorter, because a slow link must not read as a silent one: a ping, and
+its ack, queue behind the bytes the connection already carries the same
+way. The channel bounds those bytes (``CHANNEL_WINDOW_BUDGET``, 48 MiB: 20 s
+at 20 Mbit/s, 80 s at 5); what actually sits ahead is the link's queue and
+the socket buffers on either side. Measured (docs/faults.md): a 20 MiB blob
+over a link capped at 2 Mbit/s had its connection closed for a ping timeout
+three times in 96 s at 20 s, and never at 60 s (85 s, the link's pace); at 5
+Mbit/s, 40 MiB crossed in 68 s without a drop at 20 s. Below about 2 Mbit/s a
+busy connection may still be taken for silent: it reconnects and the fetch
+resumes from its offset. The
+pings (every 30 s) are kept rare so an idle cluster stays idle: every ping
+crosses a WAN link in the cluster process, and at 10 s they were a fifth of
+an idle default cluster's CPU (5.9 → 4.8 % of one core).
 
 What a peer sends this node (its event stream, blob bytes) may run a fixed
 window ahead of what this node has read, per stream (``receive_window``).
@@ -70,9 +85,15 @@ MAX_RECEIVE_WINDOW = 24 << 20      # the most, any link (24 MiB per 186 ms: 1.1 
 # largest windows, the subscription's and one fetch's.
 CHANNEL_WINDOW_BUDGET = 2 * MAX_RECEIVE_WINDOW
 WINDOW_BDP_MULTIPLE = 2
-_CHANNEL_OPTIONS = [
+# Keepalive (the module docstring): a ping after 30 s of quiet, the connection
+# closed when its ack has not come 60 s later. Channels and servers alike.
+_KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 30000),
-    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 60000),
+    ("grpc.http2.ping_timeout_ms", 60000),
+]
+_CHANNEL_OPTIONS = [
+    *_KEEPALIVE_OPTIONS,
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 << 20),
@@ -122,9 +143,11 @@ SERVER_OPTIONS = [
     # (another cluster's node, say) holds would then bind without error and
     # share its connections with it. Without it, the bind fails as it should.
     ("grpc.so_reuseport", 0),
-    ("grpc.keepalive_time_ms", 30000),
-    ("grpc.keepalive_timeout_ms", 5000),
+    *_KEEPALIVE_OPTIONS,
     ("grpc.keepalive_permit_without_calls", 1),
+    # No bandwidth probes (pings) from servers either: they would be held to
+    # the same ping timeout, and a server receives only small requests.
+    ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", 64 << 20),

@@ -20,10 +20,10 @@ Why a 404 stays fast: a round does not wait for a silent peer
     pushes them (``skopeo copy`` and every push of a new tag ask first), so
     what a round costs is what those 404s cost. A peer that stopped answering
     with its connection open — a stalled link, a frozen process — answers
-    nothing until gRPC's keepalive gives up on the connection (30 s and 5 s,
-    kept rare for an idle cluster's sake, ``replicator.peers``), and then its
-    reconnects hang the same way for a while; a hurried call fails at once
-    only on a channel that knows it cannot connect. Every round waited the
+    nothing until keepalive closes its connection, up to about 90 s later
+    (``replicator.peers``), and a reconnect over a stalled link hangs the
+    same way; a hurried call fails at once only on a channel that
+    knows it cannot connect. Every round waited the
     full lookup timeout for it: behind a stalled link, 404s took 2 s each for
     the first 90 s of the stall.
 
@@ -42,8 +42,9 @@ What was weighed and left out
       goes, in the very batch that carries the missing event, so during the
       window a rescue exists for (a pull right after a push elsewhere, the
       event in flight) every stream looks caught up. A stalled stream looks
-      connected and caught up too, until keepalive: the stream carries no
-      heartbeat, and an idle one is silent anyway.
+      connected and caught up too until keepalive closes it (up to about
+      90 s: ``replicator.peers``): the stream carries no heartbeat, and an
+      idle one is silent anyway.
     * A negative cache of (repository, reference): repeated 404s without a
       round trip, but a wrong 404 for its whole lifetime for content pushed
       elsewhere whose event has not arrived — a tag probed here, pushed

@@ -22,11 +22,13 @@ from cluster.faults.chaos import (
     INVARIANTS,
     RESIDENCY_MISS,
     SCENARIOS,
+    Assertions,
     ChaosRun,
     ChaosWorkload,
     Observations,
     Push,
     Scenario,
+    Workload,
     _windows,
     load,
     summary,
@@ -49,7 +51,9 @@ NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
 # or slow link, the state machine's degraded links). `make chaos` runs every
 # scenario at full length.
 SOAK_ONLY = {"europe-americas-partition", "slow-transoceanic-link", "throttled-home-region",
-             "clock-skew"}
+             "grey-failures", "clock-skew"}
+# grey-failures too: test_faults checks a pause's failover, catch-up and peers,
+# and a flap's real phases against real processes; test_grey_faults its seeded schedule.
 # throttled-home-region, too: test_faults' throttle tests check the fault through the
 # CLI and the endpoints (429 with Retry-After, no failover, zones sharing the limit),
 # test_throttle the node's buckets with real clients. clock-skew, too: test_clock_skew and
@@ -275,3 +279,23 @@ def test_every_invariant_of_the_random_nemesis_can_fail(cluster):
     assert broken["tags_agree"] == ["doctored tag"]
     assert broken["confined_stays_in_region"] == ["doctored residency"]
     assert any("doctored" in c for c in broken["settling"]), broken["settling"]
+
+
+@pytest.mark.soak       # ~27 s: a restart, then convergence over the modelled WAN
+def test_a_run_outlasts_the_restart_of_what_its_faults_took_down(cluster):
+    """The workload ends 1.5 s after Brazil South's crash heals, sooner than a
+    node restarts: the run keeps it on until the node is healthy again, so its
+    clients are seen coming back (before: the run stopped watching first, and
+    a loaded machine made test_scenario[home-region-crash] flaky)."""
+    scenario = Scenario(
+        name="outlast", duration_s=2.0,
+        workload=Workload(push_rate=4.0, pull_rate=0.0, clients=("brazilsouth",),
+                          layers=1, layer_size=1024, repositories=1),
+        steps=({"at_s": 0.3, "fault": "region-outage", "region": "brazilsouth",
+                "mode": "crash", "duration_s": 0.2},),
+        assertions=Assertions(max_convergence_s=30, verify=False))
+    chaos = ChaosRun(scenario, cluster.management_url, owner=cluster.cluster.secrets.owner)
+    report = asyncio.run(chaos.run())
+    moves = [m["to"] for m in report["failovers"]["brazilsouth"]]
+    assert moves and moves[0] != "brazilsouth" and moves[-1] == "brazilsouth", moves
+    assert report["pushes"]["lost"] == 0 and report["passed"], report["checks"]

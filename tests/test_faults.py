@@ -9,9 +9,11 @@ clean before the next one runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +23,12 @@ import pytest
 
 from cluster.control import spec as specs
 from cluster.control.plan import MANAGEMENT
-from cluster.control.supervisor import PAIR_COPY_NICE
+from cluster.control.supervisor import (
+    HEALTH_FAILURES,
+    HEALTH_INTERVAL_S,
+    HEALTH_TIMEOUT_S,
+    PAIR_COPY_NICE,
+)
 from cluster.faults.controller import FaultError
 from cluster.routing.http_faults import HttpFaults
 from cluster.testing import RunningCluster
@@ -122,14 +129,51 @@ async def test_region_outage_crash_from_the_cli_fails_over_and_heals(cluster, ht
                                       image), timeout=30, what="westeurope catching up")
 
 
+def _stopped_processes(cluster) -> list[str]:
+    """Node processes the kernel holds stopped (state T in /proc/PID/stat)."""
+    stopped = []
+    for name, node in cluster.cluster.supervisor.nodes.items():
+        if node.pid is not None:
+            stat = Path(f"/proc/{node.pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                stopped.append(name)
+    return sorted(stopped)
+
+
 async def test_region_outage_stop_is_graceful(cluster, http):
-    fault = cluster.run(lambda: cluster.cluster.faults.inject("region-outage", region="brazilsouth",
-                                                              mode="stop"))
-    node = cluster.cluster.supervisor.nodes["brazilsouth"]
+    """SIGTERM and a clean exit, for a paused node too (SIGCONT follows the
+    SIGTERM, as on `georeg down`); a pause still in effect when the outage
+    heals stops the restarted node again."""
+    cluster.inject("pause", region="brazilsouth")
+    await eventually(lambda: _stopped_processes(cluster) == ["brazilsouth"], timeout=2,
+                     what="the kernel to stop brazilsouth")
+    supervisor = cluster.cluster.supervisor
+    node = supervisor.nodes["brazilsouth"]
+
+    async def stop_and_pause_meanwhile():
+        """A pause asked for while the stop is under way (a flap's on phase)
+        is refused: the stop finishes."""
+        stop = asyncio.create_task(cluster.cluster.faults.inject(
+            "region-outage", region="brazilsouth", mode="stop"))
+        for _ in range(1000):           # a few steps of the loop
+            if node.state == "stopping":
+                break
+            await asyncio.sleep(0)
+        assert node.state == "stopping"
+        paused = supervisor.pause_node("brazilsouth")
+        return await stop, paused
+
+    started = time.monotonic()
+    fault, paused = cluster.run(stop_and_pause_meanwhile)
     assert node.process.returncode == 0    # SIGTERM: a clean exit, not a kill
+    assert time.monotonic() - started < 5 and not paused and not node.paused
     async with http.get(f"{cluster.regional_endpoint('brazilsouth')}/v2/") as r:
         assert r.status == 503
-    cluster.run(lambda: cluster.cluster.faults.heal(fault.id))
+    cluster.heal(fault.id)
+    await eventually(lambda: _stopped_processes(cluster) == ["brazilsouth"], timeout=2,
+                     what="the pause to stop the restarted node again")
+    assert "healed 1 fault(s)" in fault_cli(cluster, "heal", "--all").stdout
+    assert not _stopped_processes(cluster) and not node.paused
 
 
 async def test_region_isolation_keeps_processes_but_cuts_everything(cluster, http):
@@ -739,6 +783,13 @@ def test_bad_fault_requests_say_what_is_wrong(cluster):
     assert result.returncode == 2 and "not zone redundant" in result.stderr
     result = fault_cli(cluster, "heal", "f999")
     assert result.returncode == 2 and "no fault f999" in result.stderr
+    with pytest.raises(FaultError, match="flap"):
+        cluster.inject("routing", region="westeurope", flap_jitter=0.2)
+    for act in ("destroy", "bitrot"):
+        with pytest.raises(FaultError, match=f"{act} cannot flap"):
+            cluster.inject(act, region="brazilsouth", flap="1/1")
+    with pytest.raises(FaultError, match="brazilsouth is not zone redundant: name the region"):
+        cluster.inject("pause", region="brazilsouth", zone="2")
     result = fault_cli(cluster, "clock", "westeurope", "--offset", "+1e10s")
     assert result.returncode == 2 and "within a year" in result.stderr
     result = fault_cli(cluster, "clock", "westeurope", "--drift", "0")
@@ -980,6 +1031,273 @@ async def test_confined_region_restore_says_what_is_lost(cluster, http):
     assert restore.returncode == 1
     assert "no paired-region copy" in restore.stdout and "is lost" in restore.stdout
     assert not await pullable(http, cluster.node_url("brazilsouth"), "br/lost", "v1", image)
+
+
+# -- grey failures (docs/faults.md) --------------------------------------------------------
+
+# What docs/faults.md promises for a paused node: health checks find it after
+# HEALTH_FAILURES checks without an answer, each costing its timeout and the
+# interval before it. (A check round lasts as long as its slowest check, so
+# on a loaded machine the wall clock can run past this: the tests below hold
+# the move to the health checks' verdict, and the wall clock only loosely.)
+FAILOVER_BOUND_S = HEALTH_FAILURES * (HEALTH_TIMEOUT_S + HEALTH_INTERVAL_S)
+
+
+async def _read_when_answered(http, url: str, timeout: float) -> tuple[str | None, float]:
+    """Which replica answers ``GET /v2/`` through ``url``, and when (None: nothing
+    answered within ``timeout``, as a client giving up)."""
+    try:
+        async with http.get(f"{url}/v2/", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            return (r.headers.get("X-Georeg-Replica") if r.status == 200 else None,
+                    time.monotonic())
+    except (TimeoutError, aiohttp.ClientError):
+        return None, time.monotonic()
+
+
+async def test_a_paused_zone_redundant_home_region_hands_its_waiting_reads_on(cluster, http):
+    """SIGSTOP every zone of the home region: reads waiting on it through its
+    global endpoint go to another region once health checks find each zone
+    silent (the sockets stay open: timeouts, not a refused connect), none of
+    them to a zone sibling already found down; the other regions go on
+    replicating to each other; resumed, eastus catches up."""
+    supervisor = cluster.cluster.supervisor
+    zones = [f"eastus-{z}" for z in "123"]
+    lost_at: dict[str, float] = {}
+
+    def note(node) -> None:         # on the cluster's loop
+        if node.name in zones and node.state == "unhealthy":
+            lost_at.setdefault(node.name, time.monotonic())
+
+    east = cluster.endpoint("eastus")
+    assert (await _read_when_answered(http, east, 5))[0].startswith("eastus")
+    unsubscribe = supervisor.on_health_change(note)
+    try:
+        fault = cluster.inject("pause", region="eastus")
+        paused_at = time.monotonic()
+        reads = await asyncio.gather(*(_read_when_answered(http, east, FAILOVER_BOUND_S + 3)
+                                       for _ in range(12)))
+    finally:
+        unsubscribe()
+    assert _stopped_processes(cluster) == zones
+    assert sorted(lost_at) == zones
+    for served, answered_at in reads:
+        assert served is not None and not served.startswith("eastus"), reads
+        assert answered_at - paused_at > HEALTH_TIMEOUT_S        # by timeouts
+        assert answered_at - max(lost_at.values()) < 0.5          # when health checks said so
+    image = make_image([4000], seed=20)
+    await push_image(http, cluster.regional_endpoint("westeurope"), "grey/paused", image,
+                     tag="v1")
+    await eventually(lambda: pullable(http, cluster.node_url("brazilsouth"), "grey/paused", "v1",
+                                      image), timeout=20,
+                     what="westeurope → brazilsouth while eastus is paused")
+    cluster.heal(fault.id)
+    assert not any(supervisor.nodes[z].paused for z in zones)
+    await eventually(lambda: pullable(http, cluster.node_url("eastus-1"), "grey/paused", "v1",
+                                      image), timeout=30, what="eastus to catch up once resumed")
+
+
+async def test_stalled_bodies_pass_health_checks_and_hold_downloads_until_healed(cluster, http):
+    image = make_image([3000], seed=21)
+    south = cluster.regional_endpoint("brazilsouth")
+    await push_image(http, south, "grey/stall", image, tag="v1")
+    layer = image.layers[0]
+    blob = f"/v2/grey/stall/blobs/{digest_of(layer)}"
+    fid = fault_id(fault_cli(cluster, "pause", "brazilsouth", "--stall-bodies"))
+    node = cluster.cluster.supervisor.nodes["brazilsouth"]
+    checks = node.last_ok
+    # Everything but a blob body answers: /v2/, manifests, HEAD, health checks.
+    assert await served_by(http, south) == "brazilsouth"
+    assert await pullable(http, south, "grey/stall", "v1", image)
+    async with http.head(south + blob) as r:
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(layer)
+    await eventually(lambda: node.last_ok > checks, timeout=5,
+                     what="a health check to pass while bodies stall")
+    assert node.healthy
+    # A download through the endpoint (handed over to the node) and one from
+    # the node itself both get their headers, then nothing.
+    async with contextlib.AsyncExitStack() as opened:
+        responses = [await opened.enter_async_context(http.get(base + blob))
+                     for base in (south, cluster.node_url("brazilsouth"))]
+        assert [(r.status, r.content_length) for r in responses] == [(200, len(layer))] * 2
+        bodies = [asyncio.ensure_future(r.read()) for r in responses]
+        done, _ = await asyncio.wait(bodies, timeout=0.5)
+        assert not done, "a blob body was sent while stalled"
+        cluster.heal(fid)
+        assert [await b for b in bodies] == [layer, layer]      # held, then whole
+
+
+async def test_a_flapping_pause_comes_and_goes_and_heal_leaves_it_healed(cluster, http):
+    fault = cluster.inject("pause", region="westeurope", flap="0.6/0.6", flap_seed=3)
+    node = cluster.cluster.supervisor.nodes["westeurope"]
+    seen: list[bool] = []
+    deadline = time.monotonic() + 6
+    while len(seen) < 4 and time.monotonic() < deadline:    # on, off, on, off at least
+        if not seen or seen[-1] != node.paused:
+            seen.append(node.paused)
+        await asyncio.sleep(0.02)
+    assert seen[:4] == [True, False, True, False], seen
+    listed = fault_cli(cluster, "list").stdout
+    assert "flapping" in listed and "0.6 s on / 0.6 s off" in listed
+    cluster.heal(fault.id)
+    assert not node.paused and not fault.active
+
+    async def flapper_left() -> bool:
+        return any(t.get_name() == f"flap:{fault.id}" for t in asyncio.all_tasks())
+
+    await eventually(lambda: not cluster.run(flapper_left), timeout=2,
+                     what="the flap's task to end")
+    assert not node.paused and not _stopped_processes(cluster)
+
+
+async def test_faults_aimed_at_a_paused_node_wait_for_it_to_continue(cluster, http):
+    """A clock or throttling fault on a node a pause stopped returns at once
+    (it used to wait out 10 s per node, fail, and leave its request queued in
+    the stopped process, acted on after it continued: a skew no fault listed),
+    is listed and says it waits; healed meanwhile, it is not applied; the
+    continued node has what is in effect then, and heal --all lifts it."""
+    pause = cluster.inject("pause", region="brazilsouth")
+    started = time.monotonic()
+    clock = cluster.inject("clock", node="brazilsouth", offset_s=-30)
+    throttle = cluster.inject("throttle", region="brazilsouth", rate_per_min=0.6)
+    took = time.monotonic() - started
+    listed = {f["id"]: f for f in json.loads(fault_cli(cluster, "list", "--json").stdout)}
+    cluster.heal(throttle.id)
+    cluster.heal(pause.id)
+    assert took < 2, took
+    assert "takes effect on brazilsouth when it continues" in listed[clock.id]["description"]
+    assert throttle.id in listed
+    assert cluster.node_clock("brazilsouth")["fault"]["offset_s"] == -30
+    assert (await _throttle_state(http, cluster, "brazilsouth"))["fault"] == {}
+    assert "when it continues" not in fault_cli(cluster, "list").stdout
+    fault_cli(cluster, "heal", "--all")
+    assert cluster.node_clock("brazilsouth")["fault"] is None
+
+
+# A silent peer's connection closes this long after its last byte at most: a
+# keepalive ping after 30 s of quiet, unacked 60 s later (replicator.peers).
+SILENT_PEER_DROPPED_S = 30 + 60
+
+
+@pytest.mark.soak
+async def test_a_paused_peer_shows_disconnected_and_resumes_once_continued(cluster, http):
+    """(~100 s, so soak.) Paused past gRPC keepalive, westeurope shows as
+    disconnected at its peers (``peers[].connected``) within the keepalive
+    bound plus a health round, instead of connected for as long as the pause
+    lasts; continued, their streams reconnect and it catches up."""
+    supervisor = cluster.cluster.supervisor
+    watchers = ["brazilsouth", "eastus-1"]
+
+    def connected_to_west(name: str) -> bool | None:
+        return next((p["connected"] for p in supervisor.nodes[name].info.get("peers", [])
+                     if p["name"] == "westeurope"), None)
+
+    assert all(connected_to_west(n) for n in watchers)
+    fault = cluster.inject("pause", region="westeurope")
+    paused_at = time.monotonic()
+    dropped: dict[str, float] = {}
+    try:
+        def all_dropped() -> bool:
+            for name in watchers:
+                if connected_to_west(name) is False:
+                    dropped.setdefault(name, time.monotonic() - paused_at)
+            return len(dropped) == len(watchers)
+
+        await eventually(all_dropped, timeout=SILENT_PEER_DROPPED_S + 15,
+                         what="westeurope's peers finding it silent")
+        image = make_image([5000], seed=23)
+        await push_image(http, cluster.regional_endpoint("eastus"), "grey/silent", image,
+                         tag="v1")       # not brazilsouth: its content stays there
+    finally:
+        cluster.heal(fault.id)
+    print(f"disconnected after {dropped} s (bound {SILENT_PEER_DROPPED_S} s + a health round)")
+    assert max(dropped.values()) < SILENT_PEER_DROPPED_S + 3, dropped
+    await eventually(lambda: all(connected_to_west(n) for n in watchers), timeout=20,
+                     what="the peers reconnected once westeurope continues")
+    await eventually(lambda: pullable(http, cluster.node_url("westeurope"), "grey/silent", "v1",
+                                      image), timeout=30, what="westeurope caught up")
+
+
+async def _flapper_running(fault_id: str) -> bool:
+    """On the cluster's loop: whether the flap of ``fault_id`` still runs."""
+    return any(t.get_name() == f"flap:{fault_id}" for t in asyncio.all_tasks())
+
+
+async def test_a_flap_that_cannot_lift_its_fault_keeps_it_in_effect(cluster, http):
+    """A flapping crash whose restart fails (its port taken meanwhile): the
+    flap goes on, the fault stays in effect, and healing it starts the node."""
+    node = cluster.cluster.supervisor.nodes["brazilsouth"]
+    fault = cluster.inject("region-outage", region="brazilsouth", flap="0.5/60")
+    assert node.pid is None
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", cluster.cluster.plan.node("brazilsouth").http_port))
+        squatter.listen()
+        await eventually(lambda: fault.phase_ends_at > time.time() + 30
+                         or not cluster.run(lambda: _flapper_running(fault.id)),
+                         timeout=20, what="the flap's off phase to begin")
+        assert cluster.run(lambda: _flapper_running(fault.id)), "the flap died"
+        assert fault.phase == "on" and node.pid is None
+    cluster.heal(fault.id)
+    assert node.pid is not None and not fault.active
+
+
+async def test_a_flapping_fault_never_lifts_a_steady_one(cluster, http):
+    """A flapping routing-off or slow-disk fault under a steady routing-off or
+    full-disk fault of the same target: through the flap's phases (off ones
+    included) the steady fault stays in effect; healed, the operator's
+    routing and a healthy disk come back."""
+    routing = cluster.cluster.routing
+    flapping = [cluster.inject("routing", region="westeurope", flap="0.2/0.2"),
+                cluster.inject("disk", region="brazilsouth", slow_ms=1, flap="0.2/0.2")]
+    steady = [cluster.inject("routing", region="westeurope"),
+              cluster.inject("disk", region="brazilsouth", full=True)]
+
+    async def disk() -> dict:
+        async with http.get(f"{cluster.node_url('brazilsouth')}/georeg/v1/faults/storage",
+                            headers=cluster.internal_headers()) as r:
+            return await r.json()
+
+    phases = set()
+    deadline = time.monotonic() + 3
+    while len(phases) < 4 and time.monotonic() < deadline:     # each flap on and off
+        phases |= {(f.kind, f.phase) for f in flapping}
+        assert routing.routing_flags()["westeurope"] is False, phases
+        assert (await disk())["full"] is True, phases
+        await asyncio.sleep(0.02)
+    assert len(phases) == 4, phases
+    for fault in flapping:
+        cluster.heal(fault.id)
+    assert routing.routing_flags()["westeurope"] is False and (await disk())["full"] is True
+    for fault in steady:
+        cluster.heal(fault.id)
+    assert routing.routing_flags()["westeurope"] is True
+    assert (await disk())["full"] is False and (await disk())["slow_ms"] == 0
+
+
+async def test_lossy_link_http_and_clock_faults_flap_too(cluster, http):
+    """A lossy link, an HTTP fault at an endpoint and a clock fault (within the
+    tolerated offset) each flap: seen in effect, then lifted, at their seams;
+    healed, none is left."""
+    flap = {"flap": "0.3/0.3"}
+    faults = [cluster.inject("link", a="eastus", b="westeurope", loss=0.01, seed=1, **flap),
+              cluster.inject("http", endpoint="global:eastus", status=503, method="PUT", **flap),
+              cluster.inject("clock", node="brazilsouth", offset_s=0.2, **flap)]
+    link = cluster.cluster.supervisor.links[faults[0].links[0]]
+    proxy = cluster.cluster.routing.proxies[("global", "eastus")]
+
+    def seams() -> tuple[bool, bool, bool]:
+        return (link.faults.loss > 0, bool(proxy.http_faults.rules),
+                cluster.node_clock("brazilsouth")["fault"] is not None)
+
+    seen: set[tuple[int, bool]] = set()
+    deadline = time.monotonic() + 5
+    while len(seen) < 6 and time.monotonic() < deadline:      # each of the three on and off
+        seen |= set(enumerate(seams()))
+        await asyncio.sleep(0.02)
+    assert len(seen) == 6, seen
+    for fault in faults:
+        cluster.heal(fault.id)
+    assert seams() == (False, False, False)
 
 
 # -- lossy links and HTTP faults (docs/faults.md) --------------------------------------

@@ -309,6 +309,72 @@ async def test_a_node_stopping_under_a_stalled_download_cuts_it_and_exits(nodes)
         await proxy.stop()
 
 
+def _open_on(pid: int, name: str) -> int:
+    """How many of process ``pid``'s descriptors are open on a file named ``name``."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):      # closed meanwhile
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").endswith("/" + name)
+    return count
+
+
+def _ask_blob(port: int, digest: str) -> socket.socket:
+    """A raw client's GET of ``digest``: its socket once the head has come, with
+    no body byte after it."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(10)
+    sock.sendall(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:          # bounded by the timeout
+        chunk = sock.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n"), head
+    return sock
+
+
+async def test_stalled_downloads_let_go_when_clients_hang_up_and_finish_when_the_node_stops(
+        nodes):
+    """Bodies stalled (``georeg fault pause --stall-bodies``): a download asked of
+    the node and one an endpoint hands over each send their head, then hold the
+    blob's file; their clients hanging up frees it, stall or not (a client that
+    gives up and retries piles nothing up). One still held when the node is
+    told to stop gets its whole body, and the node exits at once instead of
+    waiting out its grace."""
+    node = nodes("eastus")
+    data = os.urandom(2 * MIB)
+    proxy = await proxy_over((node, "eastus"))
+    loop = asyncio.get_running_loop()
+    try:
+        async with aiohttp.ClientSession() as session:
+            digest = await push_blob(session, node.url, "app", data)
+            async with session.put(f"{node.url}/georeg/v1/faults/stall",
+                                   json={"bodies": True}) as r:
+                assert r.status == 200
+        name, pid = digest.partition(":")[2], node.proc.pid
+        ports = (int(node.url.rsplit(":", 1)[1]), proxy.port)
+        clients = [await loop.run_in_executor(None, _ask_blob, port, digest) for port in ports]
+        assert proxy.handed_over == 1 and _open_on(pid, name) == 2
+        for sock in clients:
+            sock.close()
+        await eventually(lambda: _open_on(pid, name) == 0, timeout=5,
+                         what="the node letting go of downloads whose clients hung up")
+
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await eventually(lambda: _open_on(pid, name) == 1, timeout=5,
+                             what="the download held")
+            node.proc.send_signal(signal.SIGTERM)
+            told = time.monotonic()
+            [(status, _, body)] = await loop.run_in_executor(None, read_responses, sock, 1)
+            assert status == 200 and body == data
+            await loop.run_in_executor(None, node.proc.wait, 20)
+            assert node.proc.returncode == 0
+            assert time.monotonic() - told < SHUTDOWN_GRACE_S - 1, "it waited out its grace"
+    finally:
+        await proxy.stop()
+
+
 @pytest.mark.parametrize("head", [
     b"GET /v2/app/blobs/sha256:%s HTTP/1.0\r\n\r\n",
     b"HEAD /v2/app/blobs/sha256:%s HTTP/1.1\r\n\r\n",
@@ -470,3 +536,15 @@ def test_on_uvloop(scenario, nodes):
     import uvloop
 
     uvloop.run(scenario(nodes))
+
+
+def test_a_client_that_hangs_up_after_unread_bytes_is_seen_gone():
+    """A held hand-over looks for its client's end by poll, not by peeking: a
+    peek sees no end behind a pipelined request nobody has read yet."""
+    held, client = socket.socketpair()
+    with held, client:
+        assert not node_side._hung_up(held)
+        client.sendall(b"GET /v2/ HTTP/1.1\r\n\r\n")        # pipelined, unread
+        assert not node_side._hung_up(held)
+        client.close()
+        assert node_side._hung_up(held)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 from rich.console import Console
 from rich.table import Table
@@ -18,17 +19,29 @@ from .node import request_rate
 
 
 def _duration(p: argparse.ArgumentParser) -> None:
+    """How long a fault lasts, and whether it flaps (every kind that heals)."""
     p.add_argument("--duration", type=float, metavar="SECONDS",
                    help="heal by itself after this many seconds (default: until `georeg fault heal`)")
+    p.add_argument("--flap", metavar="ON_S/OFF_S",
+                   help="come and go: in effect ON_S seconds, lifted OFF_S seconds, again and "
+                        "again until healed (healing leaves it lifted), e.g. --flap 2/3")
+    p.add_argument("--flap-jitter", type=float, default=0.0, metavar="FRACTION",
+                   help="with --flap: each period drawn within ±FRACTION of its length, e.g. 0.2")
+    p.add_argument("--flap-seed", type=int, metavar="N",
+                   help="with --flap: the seed of the jitter draws (default: from the cluster's "
+                        "seed and the fault's number); the same seed gives the same schedule")
     add_data_dir(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fault", help="break the cluster on purpose: outages, partitions, slow or lossy links, "
-                      "disks, bit rot, throttling, HTTP errors at endpoints, clocks",
+                      "disks, bit rot, throttling, HTTP errors at endpoints, clocks, pauses; "
+                      "most of them flapping",
         description="Inject faults into the running cluster and heal them. Every fault gets an "
-                    "id (`georeg fault list`); `georeg fault heal ID` or `--all` heals.")
+                    "id (`georeg fault list`); `georeg fault heal ID` or `--all` heals. Every "
+                    "kind but bitrot and destroy takes --flap ON_S/OFF_S (those two are acts, "
+                    "done at once: nothing to lift, so nothing to flap).")
     faults = p.add_subparsers(dest="fault_command", required=True, metavar="FAULT")
 
     c = faults.add_parser("region-outage", help="a whole region goes down",
@@ -63,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("b")
     c.add_argument("--latency", type=float, default=0.0, metavar="MS", help="extra one-way latency")
     c.add_argument("--jitter", type=float, default=0.0, metavar="MS")
-    c.add_argument("--bandwidth", type=float, default=0.0, metavar="MBPS", help="bandwidth cap")
+    c.add_argument("--bandwidth", type=float, default=0.0, metavar="MBPS", help="bandwidth cap; below about 2 a busy peer connection "
+                   "may be taken for silent and reconnect (docs/faults.md)")
     c.add_argument("--reset-prob", type=float, default=0.0, metavar="P",
                    help="probability that a chunk of traffic resets its connection")
     c.add_argument("--stall", action="store_true", help="accept connections, deliver nothing")
@@ -211,6 +225,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     _duration(c)
     c.set_defaults(func=command(_inject_clock))
 
+    c = faults.add_parser(
+        "pause", help="a grey failure: a node stops answering without dying (SIGSTOP)",
+        description="Pause a region's nodes, one zone's node or one node by name: SIGSTOP, so "
+                    "its sockets stay open and nothing answers (not a refused connection). "
+                    "Global endpoints notice by their health checks' timeouts and move clients "
+                    "to the next replica (docs/faults.md gives the measured bound); peers go on "
+                    "replicating between themselves; healing sends SIGCONT and the node catches "
+                    "up. With --stall-bodies nothing is stopped: the node answers health checks, "
+                    "manifests and HEAD, but holds every blob download after its headers.")
+    c.add_argument("where", metavar="REGION|REGION/ZONE|NODE")
+    c.add_argument("--stall-bodies", action="store_true",
+                   help="only blob bodies stall (headers sent, then nothing until healed)")
+    _duration(c)
+    c.set_defaults(func=command(_inject_pause))
+
     c = faults.add_parser("list", help="faults injected, active first")
     c.add_argument("--json", action="store_true")
     add_data_dir(c)
@@ -227,6 +256,12 @@ def _inject(args: argparse.Namespace, kind: str, **target) -> int:
     body = {"kind": kind, **target}
     if getattr(args, "duration", None):
         body["duration_s"] = args.duration
+    if getattr(args, "flap", None):
+        body.update(flap=args.flap, flap_jitter=args.flap_jitter)
+        if args.flap_seed is not None:
+            body["flap_seed"] = args.flap_seed
+    elif getattr(args, "flap_jitter", 0) or getattr(args, "flap_seed", None) is not None:
+        raise CliError("--flap-jitter and --flap-seed shape a flap: give --flap ON_S/OFF_S too")
     fault = call(data_dir_of(args), "POST", "/georeg/v1/faults", body)
     heals = f" (heals in {fault['duration_s']:g} s)" if fault.get("duration_s") else ""
     print(f"{fault['id']}: {fault['description']}{heals}")
@@ -305,6 +340,22 @@ def _inject_clock(args: argparse.Namespace) -> int:
     return _inject(args, "clock", node=args.node, offset_s=args.offset, drift=args.drift)
 
 
+def _inject_pause(args: argparse.Namespace) -> int:
+    where, _, zone = args.where.partition("/")
+    return _inject(args, "pause", region=where, zone=zone or None, stall_bodies=args.stall_bodies)
+
+
+def _state(fault: dict) -> str:
+    if not fault["active"]:
+        return "healed"
+    flap = fault.get("flap")
+    if not flap:
+        return "[red]active[/]"
+    left = max(0.0, (flap["phase_ends_at"] or time.time()) - time.time())
+    colour = "red" if flap["phase"] == "on" else "yellow"
+    return f"[{colour}]flapping: {flap['phase']}[/] ({left:.1f} s left)"
+
+
 def run_list(args: argparse.Namespace) -> int:
     faults = call(data_dir_of(args), "GET", "/georeg/v1/faults")
     if args.json:
@@ -312,8 +363,7 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     table = Table("id", "kind", "state", "description")
     for f in sorted(faults, key=lambda f: (not f["active"], f["started_at"])):
-        table.add_row(f["id"], f["kind"], "[red]active[/]" if f["active"] else "healed",
-                      f["description"])
+        table.add_row(f["id"], f["kind"], _state(f), f["description"])
     Console().print(table)
     return 0
 

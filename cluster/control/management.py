@@ -11,7 +11,8 @@ which other processes find it.
     PATCH  /georeg/v1/replications/{region}       {"regionEndpointEnabled": false}
     DELETE /georeg/v1/replications/{region}
     GET    /georeg/v1/faults                      faults injected (cluster.faults.controller)
-    POST   /georeg/v1/faults                      {"kind", "duration_s", …target}
+    POST   /georeg/v1/faults                      {"kind", "duration_s", "flap", "flap_jitter",
+                                                   "flap_seed", …target}
     DELETE /georeg/v1/faults[/{id}]               heal one, or all
     GET    /georeg/v1/repositories                the catalog of every region: {"repositories":
                                                   [{"name", "regions"}], "unavailable"}

@@ -6,7 +6,7 @@ A scenario is a TOML file::
     name = "home-region-crash"
     description = "East US (home) crashes under a steady push load"
     seed = 7
-    duration_s = 60                      # how long the workload runs
+    duration_s = 60                      # how long the workload runs (at least: see below)
 
     [workload]
     push_rate = 2.0                      # pushes per second, all clients together
@@ -22,6 +22,8 @@ A scenario is a TOML file::
     region = "eastus"                    # or a list: one drawn with the seed
     mode = "crash"
     duration_s = 20                      # heals by itself after this long
+    # flap = "3/5"                       # comes and goes (cluster.faults.flap); its
+    # flap_jitter = 0.2                  # flap_seed is drawn with the scenario's seed
 
     [[steps]]
     at_s = 45
@@ -42,6 +44,12 @@ credentials, which it asks the management API for (``GET
 ``curl -u`` does; so do its own reads of nodes (per-image status, whether an
 acknowledged tag is served). A run on a cluster whose admin user is disabled
 stops before it starts, saying so.
+
+The workload runs for ``duration_s``, and on past it while a fault the
+schedule gave a ``duration_s`` has not healed or a node it took down is not
+healthy again, then for as long as the schedule left after that heal (at
+least 2 s), so the report shows clients coming back (at most
+``max_convergence_s`` more): ``scale`` shortens waits, not restarts.
 
 The seed drives every random choice (schedule ranges, workload), so the same
 seed gives the same fault schedule and the same pushes; a cluster the run
@@ -106,6 +114,7 @@ from replicator.residency import ResidencyPolicy
 from ..control.access import AdminLogin
 from ..network.links import link_seed
 from .controller import KINDS, SEEDED_KINDS
+from .flap import Flap, FlapError
 
 SCENARIOS = Path(__file__).parent / "scenarios"    # the scenarios that ship with georeg
 MAX_WORKERS = 16
@@ -195,6 +204,15 @@ def schedule(scenario: Scenario, rng: random.Random, scale: float = 1.0) -> list
             raise ScenarioError(f"steps[{i}]: fault must be one of {', '.join(KINDS)}, not {kind!r}")
         if "duration_s" in resolved:
             resolved["duration_s"] = float(resolved["duration_s"]) * scale
+        if "flap" in resolved:
+            # Scaled like every time; seeded from the scenario unless the step says.
+            try:
+                flap = Flap.parse(resolved["flap"], resolved.get("flap_jitter", 0.0))
+            except FlapError as exc:
+                raise ScenarioError(f"steps[{i}]: {exc}") from None
+            flap = flap.scaled(scale)
+            resolved["flap"] = f"{flap.on_s:g}/{flap.off_s:g}"
+            resolved.setdefault("flap_seed", rng.randrange(2**32))
         steps.append(Step(at_s * scale, "fault", kind, resolved))
     return sorted(steps, key=lambda s: s.at_s)
 
@@ -332,6 +350,8 @@ MAX_SHOWN = 10                  # what broke an invariant, shown per invariant
 # converged and verify_clean (``ChaosRun._invariants``).
 INVARIANTS = ("acknowledged_pullable", "tags_agree", "deletes_applied",
               "confined_stays_in_region", "no_plaintext_on_disk")
+RECOVERY_POLL_S = 0.25          # how often a run past its duration asks whether faults recovered
+RECOVERY_TAIL_S = 2.0           # workload kept on once they have (clients seen coming back)
 
 
 def _windows(times: list[float], gap: float = 2.0) -> list[tuple[float, float]]:
@@ -371,6 +391,8 @@ class ChaosWorkload:
         self._content = random.Random(f"{scenario.seed}/{scenario.name}")
         self.obs = obs
         self._counter = 0
+        self.until = 0.0        # seconds into the run; the run may move it on while it runs
+        self.until_planned = 0.0    # the scenario's duration
 
     def _layer(self) -> bytes:
         size = self.workload.layer_size
@@ -378,6 +400,9 @@ class ChaosWorkload:
         return self._content.randbytes(n)
 
     async def run(self, session: aiohttp.ClientSession, until: float) -> None:
+        """Push and pull until ``until`` s into the run (or ``self.until``, if
+        moved on meanwhile), then wait for what is under way."""
+        self.until = self.until_planned = until
         tasks: set[asyncio.Task] = set()
         w = self.workload
         # (rate, operation, whether it needs an image to act on); a rate of 0: never.
@@ -385,7 +410,7 @@ class ChaosWorkload:
                       (w.retag_rate, self._retag, True), (w.delete_rate, self._delete, True)]
         due = [0.0] * len(operations)
         loop_start = self.obs.now()
-        while self.obs.now() < until:
+        while self.obs.now() < self.until:
             now = self.obs.now() - loop_start
             for i, (rate, operation, needs_image) in enumerate(operations):
                 if not rate:
@@ -697,12 +722,14 @@ class ChaosRun:
             self.obs.started = time.monotonic()
             runner = asyncio.create_task(workload.run(session, duration))
             faults = asyncio.create_task(self._faults(session))
+            outlast = asyncio.create_task(self._outlast_recovery(session, workload, faults))
             while not runner.done():
                 if progress:
                     progress(min(self.obs.now(), duration), duration)
                 await asyncio.sleep(0.25)
             await runner
             await faults
+            await outlast
             await self._api(session, "DELETE", "/georeg/v1/faults")
             last_heal = self.obs.now()
             converged_after = await self._converge(session)
@@ -747,6 +774,50 @@ class ChaosRun:
             except ScenarioError as exc:
                 entry["error"] = str(exc)
             self.applied.append(entry)
+
+    async def _outlast_recovery(self, session, workload: ChaosWorkload,
+                                faults: asyncio.Task) -> None:
+        """Keep the workload on past the scenario's duration while a fault the
+        schedule set to heal by itself has not healed, or a node it took down
+        is not back in routing, and then as long as the schedule left after
+        its last such heal (at least ``RECOVERY_TAIL_S``): clients are seen
+        coming back, and served, as the scenario meant them to be. A restart takes as long at any scale, so a scaled
+        run (or one on a loaded machine) would otherwise end before it is
+        done. Bounded by ``max_convergence_s``; faults the run heals at its
+        end (no duration) are not waited for."""
+        await faults
+        margin = RECOVERY_POLL_S * 4        # polled well before the workload would stop
+        await asyncio.sleep(max(0.0, workload.until - margin - self.obs.now()))
+        limit = self.obs.now() + self.scenario.assertions.max_convergence_s
+        extended = False
+        while self.obs.now() < min(limit, workload.until):
+            try:
+                recovered = await self._recovered(session)
+            except (ScenarioError, aiohttp.ClientError, TimeoutError):
+                recovered = False           # asked again on the next poll
+            if recovered:
+                if extended:
+                    heals = [s.at_s + s.arguments["duration_s"] for s in self.steps
+                             if s.action == "fault" and s.arguments.get("duration_s")]
+                    after = max(RECOVERY_TAIL_S, workload.until_planned - max(heals, default=0.0))
+                    workload.until = max(workload.until, self.obs.now() + after)
+                return
+            if workload.until - self.obs.now() < margin:
+                workload.until = self.obs.now() + margin * 2
+                extended = True
+            await asyncio.sleep(RECOVERY_POLL_S)
+
+    async def _recovered(self, session) -> bool:
+        """Whether every fault the schedule injected with a duration has healed
+        and every node it took down is healthy again."""
+        ours = {e["fault"] for e in self.applied if "fault" in e}
+        faults = [f for f in await self._api(session, "GET", "/georeg/v1/faults")
+                  if f["id"] in ours and f.get("duration_s")]
+        if any(f["active"] for f in faults):
+            return False
+        taken = {n for f in faults for n in f.get("nodes") or ()}
+        status = await self._api(session, "GET", "/georeg/v1/cluster")
+        return all(n["healthy"] for n in status["nodes"] if n["name"] in taken)
 
     async def _converge(self, session, limit_s: float | None = None) -> float | None:
         """Seconds from the last heal until every acknowledged image (and every

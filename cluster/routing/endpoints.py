@@ -96,8 +96,13 @@ class Endpoints:
             self.health.report(node.name, False, "isolated (fault injection)")
         elif node.healthy:
             self.health.report(node.name, True)
+            return
         else:
             self.health.report(node.name, False, f"{node.state}: {node.reason}".rstrip(": "))
+        # Reads still waiting on it for an answer (a node that stopped
+        # answering) go to the next replica now, not when their clients give up.
+        for proxy in self.proxies.values():
+            proxy.node_lost(node.name)
 
     def set_unreachable(self, names: set[str]) -> None:
         """Nodes clients cannot reach (an isolated region or zone)."""

@@ -28,7 +28,9 @@ Moves, and what makes each::
                  → RELAYING      the final head, written to the client
                  → CONNECTING    connection lost before any response byte with
                    / SENT        none of the body sent: again (a pooled one: the
-                                 same node, fresh; else the next candidate)
+                                 same node, fresh; else the next candidate); or,
+                                 for a GET or HEAD, its node found down by health
+                                 checks: the next candidate
                  → ANSWERED      502 (lost with part of the body sent, garbage), 503
     INTERIM      → SENT          the 1xx ends
                  → ANSWERED      it was a 101: 502

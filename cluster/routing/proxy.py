@@ -36,7 +36,9 @@ Invariants
       or timed-out connect (the node is marked down at once), or when a
       connection closes before answering (a pooled connection gets one retry
       on a fresh connection to the same node first; a fresh one marks the
-      node down). A request whose body was partly sent gets a ``502`` and its
+      node down), or when health checks take its node out of routing while a
+      ``GET`` or ``HEAD`` waits on it (a node that stopped answering:
+      ``node_lost``). A request whose body was partly sent gets a ``502`` and its
       connection is closed; one whose response was partly sent has its client
       connection closed (the client retries). ``429`` and every other status
       pass through untouched: only transport failures fail over.
@@ -299,6 +301,14 @@ class RoutingProxy:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+    def node_lost(self, name: str) -> int:
+        """Health checks took node ``name`` out of routing: every read sent to
+        it and still without a response byte goes to the next candidate now,
+        as if its connection had closed (``_Exchange.node_lost``). How many
+        moved."""
+        return sum(client.queue[0].node_lost(name) for client in list(self._clients)
+                   if client.queue)
 
     async def _sweep(self, period: float) -> None:
         while True:
@@ -702,7 +712,7 @@ class _Exchange:
         # what the client asked for, as it asked it (for a redirect, a 404)
         "url",
         # where it goes
-        "candidates", "fresh_only", "backend", "reused", "connecting", "failed_over",
+        "candidates", "fresh_only", "backend", "reused", "connecting", "connecting_to", "failed_over",
         # the response
         "stream", "reason", "resp_headers", "resp_chunked", "resp_length", "resp_until_eof",
         "resp_keep_alive", "close_client",
@@ -735,6 +745,7 @@ class _Exchange:
         self.backend: _BackendConnection | None = None   # set in SENT, INTERIM, RELAYING only
         self.reused = False
         self.connecting: asyncio.Task | None = None     # set in CONNECTING only
+        self.connecting_to: str | None = None           # its node's name
         self.pending: list[bytes] = []
         self.body_sent = False
         self.request_complete = False
@@ -847,33 +858,42 @@ class _Exchange:
 
     def _next(self) -> None:
         """Send the request to the next candidate (→ CONNECTING, or SENT on a
-        pooled connection), or answer 503 when none is left (→ ANSWERED)."""
-        if self.fresh_only is not None:
+        pooled connection), or answer 503 when none is left (→ ANSWERED).
+        The candidates were ranked when the request came: one found down
+        since (a zone sibling of a node lost under it) is passed over."""
+        healthy = self.proxy.health.healthy
+        if self.fresh_only is not None and healthy(self.fresh_only.name):
             node, self.fresh_only = self.fresh_only, None
-        elif self.candidates:
+        else:
+            self.fresh_only = None
+            while self.candidates and not healthy(self.candidates[0].name):
+                self.candidates.pop(0)
+            if not self.candidates:
+                self._unavailable()
+                return
             node = self.candidates.pop(0)
             conn = self.proxy._pool.take(node)
             if conn is not None:
                 self._attach(conn, reused=True)
                 return
-        else:
-            self._unavailable()
-            return
         self._to(_CONNECTING)
         task = asyncio.get_running_loop().create_task(self._connect(node))
-        self.connecting = task
+        self.connecting, self.connecting_to = task, node.name
         self.proxy._connecting.add(task)
         task.add_done_callback(self.proxy._connecting.discard)
 
     async def _connect(self, node: NodeEndpoint) -> None:
         proxy = self.proxy
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         try:
             async with asyncio.timeout(proxy.connect_timeout_s):
                 _, conn = await loop.create_connection(
                     lambda: _BackendConnection(node, proxy), node.host, node.port,
                     **_tls_to(node, proxy.backend_tls))
         except (OSError, TimeoutError) as exc:       # ssl.SSLError is an OSError
+            if self.connecting is not task:         # moved on meanwhile (node_lost)
+                return
             self.connecting = None
             reason = (f"connect to {node.host}:{node.port} timed out"
                       if isinstance(exc, TimeoutError) else
@@ -881,6 +901,9 @@ class _Exchange:
             proxy.health.mark_down(node.name, reason)
             log.warning("node_marked_down", endpoint=proxy.name, node=node.name, reason=reason)
             self._failover()
+            return
+        if self.connecting is not task:     # moved on: its node was found down meanwhile
+            conn.close()
             return
         self.connecting = None
         if self.phase is not _CONNECTING:      # aborted meanwhile
@@ -1265,22 +1288,69 @@ class _Exchange:
             # Nothing of this request can have been acted upon beyond its head:
             # send it on. A pooled connection may just have been closed by the
             # node while idle; try the same node once more, on a fresh connection.
-            self.stream = _DETACHED
-            self.client.hold(_HOLD_CONNECTING)
             if self.reused:
-                self.fresh_only = node
-                self._next()
+                self._resend(same_node=node)
             else:
                 reason = "connection closed before a response"
                 self.proxy.health.mark_down(node.name, reason)
                 log.warning("node_marked_down", endpoint=self.proxy.name, node=node.name,
                             reason=reason)
-                self._failover()
+                self._resend()
             return
         self._respond(502, "UNAVAILABLE",
                       f"replica node {node.name} closed the connection before answering; "
                       "the request may or may not have taken effect",
                       {"node": node.name, "region": node.region}, self._sent_outcome())
+
+    def node_lost(self, name: str) -> bool:
+        """Node ``name`` was found down while this exchange waits on it. A
+        ``GET`` or ``HEAD`` with no response byte back yet changed nothing
+        there: it goes to the next candidate (SENT → CONNECTING / SENT, or a
+        503 with none left), its connection to the lost node dropped. Anything
+        else waits on: a write may have taken effect, a response under way
+        cannot be started again, and a hand-over's socket is the node's. A
+        request still connecting to it connects elsewhere, whatever its method.
+
+        The request left behind may still be served: a paused node, once
+        continued, can read it from its socket before it sees the reset, and
+        answers into nothing. A throttle then counts it twice when the next
+        candidate is a zone sibling sharing the region's limit (once there,
+        once by the resumed node)."""
+        if self.phase is _CONNECTING:
+            # Nothing sent yet, whatever the method: connect elsewhere (a
+            # paused node's kernel would accept the connection, and then
+            # nothing would answer on it).
+            if self.connecting is None or self.connecting_to != name:
+                return False
+            self.connecting = None      # its task closes what it connects (not cancelled:
+            # a connection made just now would be lost unclosed)
+            log.warning("request_moved", endpoint=self.proxy.name, node=name,
+                        reason="health checks lost the node while connecting to it")
+            self._failover()
+            return True
+        conn = self.backend
+        if (conn is None or conn.node.name != name or self.phase is not _SENT
+                or self.method not in _READS or self.body_sent):
+            return False
+        log.warning("request_moved", endpoint=self.proxy.name, node=name,
+                    reason="health checks lost the node before it answered")
+        self.backend = None
+        conn.exchange = None
+        conn.abort()
+        self._resend()
+        return True
+
+    def _resend(self, same_node: NodeEndpoint | None = None) -> None:
+        """Send the request again, nothing of it having been acted upon: on a
+        fresh connection to ``same_node`` (its pooled one was closed while
+        idle), or to the next candidate (→ CONNECTING / SENT, or a 503)."""
+        self.stream = _DETACHED
+        self.client.hold(_HOLD_CONNECTING)
+        if same_node is not None:
+            self.fresh_only = same_node
+            self._next()
+        else:
+            self._failover()
 
     def _broken(self, why: str) -> None:
         """The backend spoke something we cannot forward."""

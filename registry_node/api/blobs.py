@@ -39,6 +39,7 @@ from .common import (
     registry,
     repo_name,
 )
+from .grey import BODY_STALL
 from .redirects import redirect
 
 if TYPE_CHECKING:
@@ -117,24 +118,32 @@ async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.Stre
     download = Download(blob, digest, request.headers.get("Range"),
                         rotten=registry(request).repair.found)
     budget = request.app[BANDWIDTH].download
-    async with contextlib.aclosing(download.pieces(registry(request).run_blocking)) as pieces:
-        first = await anext(pieces)
-        if len(first) == download.length and (budget is None or len(first) <= budget.quantum):
-            if budget is not None:
-                await budget.take(len(first))
-            return BodyResponse(status=download.status, body=first, headers=download.headers)
-        response = web.StreamResponse(status=download.status, headers=download.headers)
-        response.content_length = download.length
-        await response.prepare(request)
+    # A grey-failure fault holds the body (body_stall): the head goes, then
+    # nothing is read until it lifts, and a client that hangs up meanwhile
+    # ends the download. A rotten first piece met after the head is cut short.
+    stalled = request.app[BODY_STALL].stalled
+    run = registry(request).run_blocking
+    async with contextlib.aclosing(download.pieces(run, head_sent=stalled)) as pieces:
+        body: AsyncIterator[bytes | memoryview] = pieces
+        if stalled:
+            response = await _head(request, download)
+            if not await request.app[BODY_STALL].held(lambda: _hung_up(request)):
+                raise ConnectionResetError("the client hung up while its download stalled")
+        else:
+            first = await anext(pieces)
+            if len(first) == download.length \
+                    and (budget is None or len(first) <= budget.quantum):
+                if budget is not None:
+                    await budget.take(len(first))
+                return BodyResponse(status=download.status, body=first, headers=download.headers)
+            response = await _head(request, download)
+            body = following(first, pieces)
         try:
-            if budget is None:
-                await response.write(first)
-                async for piece in pieces:
+            if budget is not None:
+                body = budget.shaped(body)
+            async with contextlib.aclosing(body):
+                async for piece in body:
                     await response.write(piece)
-            else:
-                async with contextlib.aclosing(budget.shaped(following(first, pieces))) as body:
-                    async for piece in body:
-                        await response.write(piece)
         except BlobCorrupt:
             # Headers are gone; the only honest thing left is to cut the connection
             # so the client sees a short body instead of wrong bytes.
@@ -146,6 +155,20 @@ async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.Stre
             raise
     await response.write_eof()
     return response
+
+
+async def _head(request: web.Request, download: Download) -> web.StreamResponse:
+    """Send a download's status line and headers; the body follows."""
+    response = web.StreamResponse(status=download.status, headers=download.headers)
+    response.content_length = download.length
+    await response.prepare(request)
+    return response
+
+
+def _hung_up(request: web.Request) -> bool:
+    """Whether the client's connection is gone (aiohttp drops the transport
+    when the client closes its end)."""
+    return request.transport is None or request.transport.is_closing()
 
 
 class CorruptBeforeSending(Exception):
@@ -182,15 +205,16 @@ class Download:
     def length(self) -> int:
         return self.end - self.start
 
-    async def pieces(self, run: RunBlocking) -> AsyncIterator[bytes]:
+    async def pieces(self, run: RunBlocking, *, head_sent: bool = False) -> AsyncIterator[bytes]:
         """The body in pieces of at most ``STREAM_PIECE``; the next is being
         decrypted (on ``run``'s threads) while the caller sends this one.
+        Nothing is read before the first ``anext``.
 
         A first piece that fails its integrity check raises
         ``CorruptBeforeSending`` (nothing is sent yet: the caller repairs the
-        blob and answers from the repaired copy); a later one raises
-        ``BlobCorrupt``, after telling ``rotten``, and the caller must cut the
-        connection. Close the
+        blob and answers from the repaired copy) unless ``head_sent``; a later
+        one (or a first one after the head) raises ``BlobCorrupt``, after
+        telling ``rotten``, and the caller must cut the connection. Close the
         iterator (``contextlib.aclosing``) so a read still in flight ends
         before the blob's file is closed."""
         pos = min(self.end, self.start + STREAM_PIECE)
@@ -201,6 +225,9 @@ class Download:
                 piece = await asyncio.shield(reading)
             except BlobCorrupt as exc:
                 log.error("blob_corrupt", digest=self.digest, error=str(exc))
+                if head_sent:
+                    self.rotten(self.digest, str(exc))
+                    raise
                 raise CorruptBeforeSending(str(exc)) from None
             while True:
                 reading = None

@@ -16,6 +16,7 @@ from . import (
     base,
     blobs,
     configuration,
+    grey,
     inventory,
     listings,
     manifests,
@@ -71,6 +72,9 @@ ROUTES: tuple[Route, ...] = (
     # Fault injection's storage seam.
     Route("GET", "/georeg/v1/faults/storage", admin.get_storage_faults),
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
+    # Grey failures: blob bodies that stall (api.grey).
+    Route("GET", "/georeg/v1/faults/stall", grey.get_stall),
+    Route("PUT", "/georeg/v1/faults/stall", grey.put_stall),
     Route("POST", "/georeg/v1/faults/bitrot", admin.post_bitrot),
     # Bit rot found and repaired (registry_node.blob_repair): the record, a scrub.
     Route("GET", "/georeg/v1/blobs/repairs", admin.get_repairs),

@@ -154,6 +154,11 @@ def _http(rng, topo):
             "probability": round(rng.uniform(0.1, 0.5), 2), "seed": _seed(rng)}
 
 
+def _pause(rng, topo):
+    # A node stopped with its sockets open, or one that answers but stalls blob bodies.
+    return {"fault": "pause", "region": topo.node(rng), "stall_bodies": rng.random() < 0.3}
+
+
 def _routing(rng, topo):
     return {"fault": "routing", "region": rng.choice(topo.clients), "enabled": False}
 
@@ -181,6 +186,7 @@ NEMESIS: dict[str, Callable[[random.Random, Topology], dict | None]] = {
     "bitrot": _bitrot,
     "clock": _clock,
     "http": _http,
+    "pause": _pause,
     "routing": _routing,
     "throttle": _throttle,
 }

@@ -20,7 +20,7 @@ from aiohttp import web
 from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate, pull_check
-from .api.common import BANDWIDTH, CONFIGURATION, PULL_THROUGH, REGISTRY, WEBHOOKS
+from .api.common import BANDWIDTH, CONFIGURATION, PULL_THROUGH, REGISTRY, RETENTION, WEBHOOKS
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_headers
 from .api.metrics import METRICS, NodeMetrics
 from .api.middlewares import access, common_headers
@@ -40,6 +40,7 @@ from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
 from .pull_through import PullThrough
 from .throttle import Throttle
+from .untagged import UntaggedRetention
 from .upstream_http import upstream_session
 from .webhook_delivery import WebhookDelivery
 from .webhook_metrics import WebhookMetrics
@@ -163,6 +164,8 @@ def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable
         app[NODE] = node
         app[REGISTRY] = node.registry
         app[CONFIGURATION] = node.configuration
+        app[RETENTION] = retention = UntaggedRetention(node.registry, node.configuration.retention)
+        app[METRICS].watch_retention(retention)
         if authority is not None and GATE not in app:
             # The identities this node enforces are the registry configuration it
             # holds: replication brings every change, and enforcement goes on

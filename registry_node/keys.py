@@ -57,6 +57,10 @@ The key space::
     tgc\\0<seq:u64be><tomb key>              → TombstoneCandidate  a tombstone written by the
                                                                 event at <seq>, to collect once
                                                                 every peer read past it
+    untag\\0<repo>\\0<digest>               → since (ascii int ns)  a manifest that may be untagged:
+                                                                a tag or an index left it, or it
+                                                                came without one, at <since> on
+                                                                this node's clock (``untagged``)
     fail\\0<repo>\\0<digest>                → ReplicationFailure  why content could not replicate
                                                                 (<digest> is the event's tag when
                                                                 it names no digest)
@@ -129,6 +133,7 @@ CURSOR = b"cursor\x00"
 READER = b"reader\x00"
 TOMB_CANDIDATE = b"tgc\x00"
 FAIL = b"fail\x00"
+UNTAGGED = b"untag\x00"
 TRANSFER = b"xfer\x00"
 CONFIG = b"conf\x00"
 FINGERPRINT = b"fp\x00"
@@ -304,6 +309,10 @@ def tombstone_candidate(seq: int, tomb_key: bytes) -> bytes:
 
 def failure(name: str, digest: str) -> bytes:
     return FAIL + _b(name) + SEP + _b(digest)
+
+
+def untagged(name: str, digest: str) -> bytes:
+    return UNTAGGED + _b(name) + SEP + _b(digest)
 
 
 def transfer(digest: str) -> bytes:
@@ -631,6 +640,16 @@ class FailureKey(msgspec.Struct, frozen=True):
         return failure(self.repository, self.digest)
 
 
+class UntaggedKey(msgspec.Struct, frozen=True):
+    """Manifest ``digest`` of ``repository`` may be untagged (a retention candidate)."""
+
+    repository: str
+    digest: str
+
+    def encode(self) -> bytes:
+        return untagged(self.repository, self.digest)
+
+
 class TransferKey(msgspec.Struct, frozen=True):
     digest: str
 
@@ -693,7 +712,7 @@ class CompletionQuestionKey(msgspec.Struct, frozen=True):
 Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | UnreferencedKey | ReferringCountsKey
        | RepoKey
        | BlobLinkKey | ManifestKey | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
-       | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey
+       | CursorKey | FailureKey | UntaggedKey | TransferKey | ConfigKey | FingerprintKey
        | BucketFingerprintKey | ReaderKey | TombstoneCandidateKey | WebhookPendingKey
        | WebhookLogKey | CompletionQuestionKey | RepositoryAttributesKey | TagAttributesKey
        | ManifestAttributesKey)
@@ -720,7 +739,8 @@ _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (UNREFERENCED, UnreferencedKey),
     (REFERRING_COUNTS, ReferringCountsKey),
     (REPO, RepoKey),
-    (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
+    (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (UNTAGGED, UntaggedKey),
+    (TRANSFER, TransferKey),
     (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey),
     (FINGERPRINT_BUCKET, BucketFingerprintKey), (READER, ReaderKey),
     (COMPLETION_QUESTION, CompletionQuestionKey)]}

@@ -753,6 +753,12 @@ class Registry:
         batch.delete(keys.manifest_tomb(repo, digest))
         for target in parsed.references:
             batch.put(keys.ref(target, repo, digest), b"")
+        # Untagged until a tag in this batch or a later one says otherwise;
+        # what an index holds, or a referrer of a present subject, is not.
+        if not (parsed.subject and self._held(batch, keys.manifest(repo, parsed.subject))):
+            self.stage_untagged(batch, repo, digest)
+        for child in parsed.children:
+            batch.delete(keys.untagged(repo, child))
         if parsed.subject:
             key = keys.referrer(repo, parsed.subject, digest)
             descriptor = _descriptor(digest, record, parsed.annotations)
@@ -761,10 +767,17 @@ class Registry:
     def stage_manifest_removal(self, batch: Batch, repo: str, digest: str,
                                record: ManifestRecord) -> None:
         batch.delete(keys.manifest(repo, digest))
+        batch.delete(keys.untagged(repo, digest))
         for target in record.references:
             batch.delete(keys.ref(target, repo, digest))
+            # A child manifest this index held may be untagged from now on.
+            if self._held(batch, keys.manifest(repo, target)):
+                self.stage_untagged(batch, repo, target)
         if record.subject:
             batch.delete(keys.referrer(repo, record.subject, digest))
+        # So may the referrers of what goes: their subject no longer holds them.
+        for key, _ in self.meta.scan(keys.referrer_prefix(repo, digest)):
+            self.stage_untagged(batch, repo, keys.parse(key, keys.ReferrerKey).referrer)
 
     def stage_tag(self, batch: Batch, repo: str, tag: str, digest: str, stamp: Stamp,
                   origin_acked_ns: int) -> None:
@@ -772,15 +785,40 @@ class Registry:
         register, so a concurrent, older delete of that manifest loses to it
         everywhere, in whatever order the two arrive."""
         hlc, origin_region, origin_zone = stamp
+        current = batch.puts.get(keys.tag(repo, tag)) or self.meta.get(keys.tag(repo, tag))
+        if current is not None and (left := decode(current, TagRecord).digest) != digest:
+            self.stage_untagged(batch, repo, left)
         batch.put(keys.tag(repo, tag), encode(TagRecord(digest, hlc, origin_region, origin_zone,
                                                         origin_acked_ns, self._wall_ns())))
         batch.delete(keys.tag_tomb(repo, tag))
+        batch.delete(keys.untagged(repo, digest))
         raw = batch.puts.get(keys.manifest(repo, digest)) or self.meta.get(keys.manifest(repo, digest))
         if raw is not None:
             record = decode(raw, ManifestRecord)
             if stamp_of(record) < stamp:
                 batch.put(keys.manifest(repo, digest), encode(msgspec.structs.replace(
                     record, hlc=hlc, origin_region=origin_region, origin_zone=origin_zone)))
+
+    def stage_tag_removal(self, batch: Batch, repo: str, tag: str, tombstone: bytes) -> None:
+        """End a tag (local or replicated untag): its tombstone replaces it, and
+        the manifest it named may be untagged from now on."""
+        raw = self.meta.get(keys.tag(repo, tag))
+        if raw is not None:
+            self.stage_untagged(batch, repo, decode(raw, TagRecord).digest)
+        batch.delete(keys.tag(repo, tag))
+        batch.put(keys.tag_tomb(repo, tag), tombstone)
+
+    def stage_untagged(self, batch: Batch, repo: str, digest: str) -> None:
+        """Note, at this node's time, that ``digest`` may have just become
+        untagged: a tag or the index holding it left it, or it came with
+        neither (``untagged``: the retention sweep checks before it acts, so a
+        note on a manifest still tagged only costs that check). Every change
+        overwrites it, so it holds the last time something left the manifest."""
+        batch.put(keys.untagged(repo, digest), str(self._wall_ns()).encode())
+
+    def _held(self, batch: Batch, key: bytes) -> bool:
+        """Whether ``key`` is stored once ``batch`` commits."""
+        return key not in batch.deletes and (key in batch.puts or self.meta.get(key) is not None)
 
     def stage_tags_removal(self, batch: Batch, repo: str, digest: str, stamp: Stamp) -> list[str]:
         """Remove every tag pointing at ``digest`` that is older than ``stamp``
@@ -814,8 +852,7 @@ class Registry:
             self.quorum.check_writable()
             hlc = self._stamp(batch)
             pointed = decode(raw, TagRecord).digest
-            batch.delete(keys.tag(repo, tag))
-            batch.put(keys.tag_tomb(repo, tag), self._tombstone(hlc, pointed))
+            self.stage_tag_removal(batch, repo, tag, self._tombstone(hlc, pointed))
             batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed,
                                     request=request))
             self.drop_repo_if_emptied(batch, repo)

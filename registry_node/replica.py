@@ -376,8 +376,7 @@ class Replica:
                 raise MissingContent([], [digest])
             # The delete already ended this value: a tombstone with its own
             # stamp, as the cascade of that delete leaves on every replica.
-            batch.delete(keys.tag(repo, tag))
-            batch.put(keys.tag_tomb(repo, tag), _tombstone(stamp, digest))
+            self.registry.stage_tag_removal(batch, repo, tag, _tombstone(stamp, digest))
             self.registry.drop_repo_if_emptied(batch, repo)
             return self._commit(batch, event)
         self.registry.stage_tag(batch, repo, tag, digest, stamp, origin_acked_ns or event.acked_ns)
@@ -397,8 +396,7 @@ class Replica:
             if tomb is not None and stamp_of(decode(tomb, Tombstone)) >= stamp:
                 return None
         batch = Batch()
-        batch.delete(keys.tag(repo, tag))
-        batch.put(keys.tag_tomb(repo, tag), _tombstone(stamp, event.digest))
+        self.registry.stage_tag_removal(batch, repo, tag, _tombstone(stamp, event.digest))
         self.registry.drop_repo_if_emptied(batch, repo)
         return self._commit(batch, event)
 

@@ -94,6 +94,7 @@ from .errors import (
     PortInUse,
 )
 from .identities import ACCESS_KINDS, RegistryAccess
+from .lifecycle import RegistryLifecycle
 from .plan import ClusterPlan, plan
 from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
@@ -191,6 +192,16 @@ class Cluster:
         # Cache rules and credential sets (the pull-through cache's configuration).
         self.cache = RegistryCache(home=self._control_plane, reader=self._config_reader,
                                    call=self._node_call, key=self._configuration_key)
+        # The retention policy for untagged manifests, and its sweeps (``run``,
+        # from the start to the stop).
+        self.lifecycle = RegistryLifecycle(
+            home=self._control_plane, reader=self._config_reader, current=self._current_registry,
+            write=lambda home, value: self._node_call(home, "PUT", "/registry/default", value),
+            lock=self.access.lock, plan=lambda: self.plan,
+            regions=lambda: [r.region for r in self.spec.all_replicas],
+            home_region=lambda: self.spec.home_region, tier=lambda: self.tier,
+            answers=self.answers, request=self._node_request)
+        self._lifecycle_task: asyncio.Task | None = None
         # A tier change and a new replica, one at a time (a replica needs
         # Premium; a move down needs no replica).
         self.tier_lock = asyncio.Lock()
@@ -274,6 +285,7 @@ class Cluster:
             await self._tier_at_start()
             if self.spec.auth_enabled:
                 await self._admin_user_everywhere()
+            self._lifecycle_task = asyncio.create_task(self.lifecycle.run(), name="retention")
         except BaseException:
             await self.stop()
             raise
@@ -380,6 +392,11 @@ class Cluster:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        if self._lifecycle_task is not None:
+            self._lifecycle_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lifecycle_task
+            self._lifecycle_task = None
         if self._management_socket is not None:
             self._management_socket.close()
             self._management_socket = None

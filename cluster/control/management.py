@@ -46,6 +46,9 @@ which other processes find it.
                                                   {"name": …[, "tier": …]}}: a refused tier
                                                   change is a 409
                                                   that names every reason (``sku``)
+    GET    /georeg/v1/registry/retention          az acr config retention show: {"type", "days",
+                                                  "status", "enabledSince"} (``lifecycle``)
+    PATCH  /georeg/v1/registry/retention          {"days": 0..365, "status": "enabled"|"disabled"}
     GET    /georeg/v1/registry/usages             az acr show-usage: {"value": [{name,
                                                   currentValue, limit, unit}], "storage",
                                                   "replicas"} (``cluster.control.usage``)
@@ -252,6 +255,8 @@ class ManagementServer:
         r.add_post("/georeg/v1/imports", self.import_image)
         r.add_get("/georeg/v1/registry", self.show_registry)
         r.add_patch("/georeg/v1/registry", self.update_registry)
+        r.add_get("/georeg/v1/registry/retention", self.show_retention)
+        r.add_patch("/georeg/v1/registry/retention", self.update_retention)
         r.add_get("/georeg/v1/registry/usages", self.show_usage)
         r.add_get("/georeg/v1/registry/health", self.check_health)
         r.add_get("/georeg/v1/registry/credentials", self.show_credentials)
@@ -398,6 +403,18 @@ class ManagementServer:
         if "sku" in body:
             changes["sku"] = _sku_name(body["sku"])
         return web.json_response(await self.cluster.update_registry(**changes))
+
+    async def show_retention(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.lifecycle.retention())
+
+    async def update_retention(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        unknown = sorted(set(body) - {"days", "status"})
+        if unknown:
+            raise ClusterError(f'send {{"days": 0..365, "status": "enabled"|"disabled"}}; '
+                               f'unknown: {", ".join(unknown)}'[:200])
+        return web.json_response(await self.cluster.lifecycle.update_retention(
+            days=body.get("days"), status=body.get("status")))
 
     async def show_usage(self, request: web.Request) -> web.Response:
         return web.json_response(await self.cluster.usage())

@@ -862,7 +862,8 @@ def _key_names(key: keys.Key | None, value: bytes) -> tuple[list[str], list[str]
         case keys.UploadKey():
             with contextlib.suppress(Exception):
                 return [decode(value, UploadRecord).repository], []
-        case keys.FailureKey(repository=repo, digest=digest):
+        case keys.FailureKey(repository=repo, digest=digest) \
+                | keys.UntaggedKey(repository=repo, digest=digest):
             return [repo], [digest]
         case keys.ManifestKey(repository=repo, digest=digest) \
                 | keys.BlobLinkKey(repository=repo, digest=digest) \

@@ -15,6 +15,8 @@ change may turn on or off while it runs:
     georeg_bandwidth_bytes_total{direction}              blob bytes the budget let pass
     georeg_bandwidth_wait_seconds_total{direction}       time transfers waited for it,
                                                          summed over transfers
+    georeg_retention_manifests_deleted_total             untagged manifests its retention
+                                                         sweeps deleted (``untagged``)
 
 Each app has
 a registry of its own, so several nodes can share a process (tests, the
@@ -32,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ..bandwidth import Bandwidth
 from ..errors import RegistryError
 from ..throttle import Throttle
+from ..untagged import UntaggedRetention
 
 
 class NodeMetrics:
@@ -53,6 +56,22 @@ class NodeMetrics:
 
     def watch_bandwidth(self, bandwidth: Bandwidth) -> None:
         self.registry.register(_Budgets(bandwidth))
+
+    def watch_retention(self, retention: UntaggedRetention) -> None:
+        """``georeg_retention_manifests_deleted_total``: untagged manifests this
+        node's retention sweeps deleted (``registry_node.untagged``)."""
+        self.registry.register(_RetentionDeletes(retention))
+
+
+class _RetentionDeletes:
+    def __init__(self, retention: UntaggedRetention) -> None:
+        self.retention = retention
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "georeg_retention_manifests_deleted",
+            "Untagged manifests deleted by this node's retention sweeps",
+            value=self.retention.deleted_total)
 
 
 class _Throttled:

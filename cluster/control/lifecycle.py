@@ -1,0 +1,163 @@
+"""The registry's retention policy for untagged manifests, as ``az acr config
+retention show|update`` manage it, and the sweeps that apply it.
+``Cluster.lifecycle`` is one of these; the management API and ``georeg
+registry retention`` are layers over it.
+
+The policy is registry configuration (``RegistryProperties.retention_*``):
+an update is checked here (days 0 to 365: ``registry_node.untagged``), then
+written through a node of the home region, which checks it again, stamps it
+and logs it; replication takes it to every node. While the home region cannot
+be reached an update fails with the control plane's message; ``show`` answers
+from any node. Enabling a disabled policy records when
+(``retention_enabled_ns``, this process's clock, which is the nodes' wall
+clock on one machine): the policy applies to manifests untagged from then on,
+as ACR's does.
+
+Sweeps. Every ``interval_s`` the control process asks one answering node of
+each region (the first zone first: ``delivery_order``) to sweep the manifests
+first pushed in that region, and the home region's node also those first
+pushed in regions that are no longer replicas. So each manifest has one
+deciding region, whatever residency keeps from other regions, and a region
+that cannot be reached just waits for its next sweep (its manifests with
+it). The node decides and deletes (``registry_node.untagged``); its deletes
+replicate like a client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from registry_node import tiers
+from registry_node.untagged import DEFAULT_DAYS, check_days
+
+from .errors import ClusterError, NodeRefusal
+from .regions import REGIONS
+from .webhooks import delivery_order
+
+log = structlog.get_logger("georeg.lifecycle")
+
+NodeCall = Callable[..., Awaitable[dict]]
+SWEEP_INTERVAL_S = 60.0
+STATUSES = ("enabled", "disabled")
+
+
+def _iso(ns: int) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9)) if ns else None
+
+
+def retention_view(stored: dict) -> dict:
+    """ACR's ``retentionPolicy`` of a stored registry object (``{}``: never written)."""
+    enabled = bool(stored.get("retention_enabled", False))
+    return {"type": "UntaggedManifests", "days": stored.get("retention_days", DEFAULT_DAYS),
+            "status": "enabled" if enabled else "disabled",
+            "enabledSince": _iso(stored.get("retention_enabled_ns", 0)) if enabled else None}
+
+
+def check_update(days: object, status: object) -> None:
+    """What ``update_retention`` is given, or ``ClusterError`` saying what is wrong."""
+    if days is None and status is None:
+        raise ClusterError('send {"days": 0..365, "status": "enabled"|"disabled"}')
+    if days is not None:
+        try:
+            check_days(days)
+        except ValueError as exc:
+            raise ClusterError(str(exc)) from None
+    if status is not None and status not in STATUSES:
+        raise ClusterError(f"status is enabled or disabled, not {str(status)[:32]!r}")
+
+
+class RegistryLifecycle:
+    """``home`` returns the home node to write through (or raises
+    ``ControlPlaneUnavailable``); ``reader`` a node to read from; ``current``
+    the stored registry object on a node; ``write`` stores a new one (under
+    the lock of whoever else writes it: ``lock``); ``plan``/``regions`` the
+    cluster's plan and replica regions, ``home_region`` its home region;
+    ``tier`` the live tier; ``answers`` whether a node answers; ``request`` a
+    node's own route."""
+
+    def __init__(self, *, home: Callable[[], Awaitable[str]],
+                 reader: Callable[[], Awaitable[str]],
+                 current: Callable[[str], Awaitable[dict]],
+                 write: Callable[[str, dict], Awaitable[dict]],
+                 lock: asyncio.Lock,
+                 plan: Callable[[], object], regions: Callable[[], list[str]],
+                 home_region: Callable[[], str], tier: Callable[[], str],
+                 answers: Callable[[str], Awaitable[bool]], request: NodeCall) -> None:
+        self._home, self._reader, self._current, self._write = home, reader, current, write
+        self.lock = lock
+        self._plan, self._regions, self._home_region = plan, regions, home_region
+        self._tier = tier
+        self._answers, self._request = answers, request
+        self.last_sweep: dict[str, dict] = {}     # region → its last sweep's report (or error)
+
+    # -- the policy ------------------------------------------------------------------
+
+    async def retention(self) -> dict:
+        """``az acr config retention show``."""
+        return retention_view(await self._current(await self._reader()))
+
+    async def update_retention(self, *, days: int | None = None,
+                               status: str | None = None) -> dict:
+        """``az acr config retention update --days --status``: what is given
+        changes, the rest keeps its value; nothing changes on a refusal."""
+        check_update(days, status)
+        if status == "enabled" and self._tier() != tiers.PREMIUM:
+            raise ClusterError(f"a retention policy needs the Premium tier, as in ACR; this "
+                               f"registry is {self._tier()} (georeg registry update --sku Premium)")
+        async with self.lock:
+            home = await self._home()
+            value = dict(await self._current(home))
+            if days is not None:
+                value["retention_days"] = days
+            if status is not None:
+                enabled = status == "enabled"
+                if enabled and not value.get("retention_enabled"):
+                    value["retention_enabled_ns"] = time.time_ns()
+                value["retention_enabled"] = enabled
+            await self._write(home, value)
+        return retention_view(value)
+
+    # -- sweeps ------------------------------------------------------------------------
+
+    def origins(self) -> dict[str, list[str]]:
+        """Region → the regions whose first pushes its node decides for."""
+        regions = self._regions()
+        home = self._home_region()
+        gone = sorted(r for r in REGIONS if r not in regions)
+        return {region: [region] + (gone if region == home else []) for region in regions}
+
+    async def sweep_once(self, **options: object) -> dict[str, dict]:
+        """One sweep in every region that answers; region → its report, or
+        ``{"error": why}``. ``options``: the node route's ``limit`` and
+        ``settleSeconds``."""
+        async def one(region: str, origins: list[str]) -> tuple[str, dict]:
+            for name in delivery_order(self._plan(), region):
+                if await self._answers(name):
+                    try:
+                        report = await self._request(name, "POST", "/georeg/v1/retention/sweep",
+                                                     {"origins": origins, **options})
+                    except (NodeRefusal, OSError) as exc:
+                        return region, {"error": str(exc)[:300]}
+                    return region, {"node": name, **report}
+            return region, {"error": f"no node of {region} answers: its sweep waits"}
+
+        results = dict(await asyncio.gather(*(one(r, o) for r, o in self.origins().items())))
+        self.last_sweep = results
+        return results
+
+    async def run(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
+        """Sweep every ``interval_s`` until cancelled; a failed sweep waits for the next."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                results = await self.sweep_once()
+            except Exception:        # noqa: BLE001 - a failed sweep must not end the next
+                log.exception("retention_sweep_failed")
+                continue
+            deleted = sum(len(r.get("deleted", [])) for r in results.values())
+            if deleted:
+                log.info("retention_swept", deleted=deleted)

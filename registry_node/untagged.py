@@ -1,0 +1,197 @@
+"""Retention of untagged manifests (ACR's retention policy,
+``az acr config retention``): a manifest untagged after the policy was
+enabled is deleted once it has stayed untagged for the policy's days.
+
+Where "untagged since" comes from. Every node keeps a note per manifest that
+may be untagged (``keys.untagged``: ``untag\\0<repo>\\0<digest>`` → the time
+on this node's clock), written in the same batch as the change that may have
+made it so (``Registry.stage_untagged``): a tag moving off it or ending
+(locally or replicated), the index that held it going, the subject of a
+referrer going, or the manifest arriving with no tag. A tag set on it deletes
+the note. Every such change overwrites the note, so it holds the last time
+something left the manifest. A note is a hint, never a decision: the sweep
+checks the manifest itself before acting, and drops a note whose manifest is
+tagged, held by an index, or a referrer of a present subject (the change that
+ends that holding writes a new note). A note costs one small key per
+manifest at most, removed with the manifest.
+
+Who decides. The sweep runs on one node of each region, asked by the control
+process (``cluster.control.lifecycle``), and decides only for the manifests
+first pushed in that region (``ManifestRecord.residency_region``; ``origins``
+below): each manifest has exactly one deciding region, which holds it
+whatever residency keeps back (content confined to Brazil South never
+reaches the home region, so the home region could not decide for it). The
+decision travels as an ordinary manifest delete (``Registry.delete_manifest``:
+its tombstone, its event, replication), so every region deletes the same
+manifests, and a region's outage pauses retention for what was pushed there.
+
+What is kept. A manifest is deleted only when all of these hold, checked in
+the event-loop step that starts its delete:
+
+* the policy is enabled and its note is from after the policy was enabled
+  (``RetentionPolicy.enabled_ns``; older notes are dropped: ACR applies the
+  policy only to manifests untagged after it was enabled);
+* the note is older than ``days`` and than ``settle_s`` (a push's manifest and
+  tag travel as two events: the tag on its way gets time to arrive, whatever
+  ``days`` says — ``days = 0`` deletes at the first sweep after that);
+* no tag names it, no index of its repository holds it, and it is not a
+  referrer whose subject is present (a signature or SBOM goes with its image,
+  not on its own);
+* neither it nor its repository is delete- or write-locked, nor a tag on it
+  (``Locks.check_delete_manifest``; ACR: "the retention policy doesn't apply").
+  A locked manifest keeps its note and is looked at again on later sweeps.
+
+A sweep looks at most ``limit`` notes, resuming where the last one stopped
+and wrapping around, so it is bounded and every note is reached in turn.
+No HTTP here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from . import keys
+from .errors import RegistryError
+from .metastore import Batch
+from .records import ClientRequest, ManifestRecord, TagRecord, decode
+from .registry import Registry
+
+log = structlog.get_logger("georeg.untagged")
+
+MIN_DAYS, MAX_DAYS, DEFAULT_DAYS = 0, 365, 7      # ACR's range and default
+DAY_NS = 86_400 * 10**9
+SWEEP_LIMIT = 500          # notes looked at per sweep
+SETTLE_S = 60.0            # the least time a manifest stays untagged before it goes
+# What webhooks and logs see as the request behind retention's deletes.
+REQUEST = ClientRequest(method="DELETE", useragent="georeg-retention")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    enabled: bool = False
+    days: int = DEFAULT_DAYS
+    enabled_ns: int = 0          # when it was (last) enabled
+
+
+def check_days(days: object) -> int:
+    """``days`` if it is a whole number in ACR's range, else ``ValueError`` saying so."""
+    if isinstance(days, bool) or not isinstance(days, int) or not MIN_DAYS <= days <= MAX_DAYS:
+        raise ValueError(f"retention days is a whole number from {MIN_DAYS} to {MAX_DAYS}, "
+                         f"not {days!r}"[:120])
+    return days
+
+
+@dataclass
+class SweepReport:
+    enabled: bool
+    examined: int = 0
+    deleted: list[tuple[str, str]] = field(default_factory=list)    # (repository, digest)
+    locked: list[tuple[str, str]] = field(default_factory=list)
+    not_due: int = 0
+    dropped: int = 0             # notes of manifests tagged, held, gone or untagged before
+    failed: int = 0              # deletes refused for another reason (quorum); tried again later
+
+    def as_dict(self) -> dict:
+        return {"enabled": self.enabled, "examined": self.examined,
+                "deleted": [{"repository": r, "digest": d} for r, d in self.deleted],
+                "locked": [{"repository": r, "digest": d} for r, d in self.locked],
+                "notDue": self.not_due, "dropped": self.dropped, "failed": self.failed}
+
+
+class UntaggedRetention:
+    """The sweep of one node (see the module docstring). ``policy`` reads the
+    registry's policy as this node holds it."""
+
+    def __init__(self, registry: Registry, policy: Callable[[], RetentionPolicy]) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.deleted_total = 0          # manifests this node's sweeps deleted (metrics)
+        self._resume: bytes | None = None
+        self._lock = asyncio.Lock()     # one sweep at a time
+
+    async def sweep(self, origins: Iterable[str], *, limit: int = SWEEP_LIMIT,
+                    settle_s: float = SETTLE_S) -> SweepReport:
+        """Delete what is due among the next ``limit`` notes whose manifest was
+        first pushed in one of ``origins``."""
+        async with self._lock:
+            return await self._sweep(frozenset(origins), limit, settle_s)
+
+    async def _sweep(self, origins: frozenset[str], limit: int, settle_s: float) -> SweepReport:
+        policy = self.policy()
+        report = SweepReport(policy.enabled)
+        if not policy.enabled:
+            return report
+        registry, meta = self.registry, self.registry.meta
+        due_before = registry.wall_ns() - max(policy.days * DAY_NS, int(settle_s * 1e9))
+        notes = []
+        for key, raw in meta.scan(keys.UNTAGGED, self._resume):
+            if len(notes) == limit:
+                break
+            notes.append((key, raw))
+        # A short page is the end of the notes: the next sweep starts over.
+        self._resume = notes[-1][0] if len(notes) == limit else None
+        tagged: dict[str, set[str]] = {}       # per repository, built once a sweep
+        drops: dict[bytes, bytes] = {}
+        for key, raw in notes:
+            report.examined += 1
+            if meta.get(key) != raw:
+                continue                      # changed since it was read: next sweep
+            note = keys.parse(key, keys.UntaggedKey)
+            repo, digest = note.repository, note.digest
+            verdict = self._verdict(repo, digest, int(raw), policy, origins, due_before, tagged)
+            if verdict == "drop":
+                drops[key] = raw
+                report.dropped += 1
+            elif verdict == "not due":
+                report.not_due += 1
+            elif verdict == "locked":
+                report.locked.append((repo, digest))
+            elif verdict == "delete":
+                # No await between the checks above and the delete's own
+                # checks and staging: nothing can change the manifest between.
+                try:
+                    await registry.delete_manifest(repo, digest, request=REQUEST)
+                except RegistryError as exc:
+                    report.failed += 1
+                    log.warning("retention_delete_failed", repository=repo, digest=digest,
+                                error=str(exc.detail or exc.message)[:200])
+                    continue
+                report.deleted.append((repo, digest))
+                self.deleted_total += 1
+        # Drop only notes still as read: one written since is a newer change.
+        batch = Batch()
+        for key, raw in drops.items():
+            if meta.get(key) == raw:
+                batch.delete(key)
+        if batch:
+            meta.commit(batch)
+        if report.deleted:
+            log.info("retention", deleted=len(report.deleted), locked=len(report.locked),
+                     examined=report.examined)
+        return report
+
+    def _verdict(self, repo: str, digest: str, since: int, policy: RetentionPolicy,
+                 origins: frozenset[str], due_before: int, tagged: dict[str, set[str]]) -> str:
+        meta = self.registry.meta
+        raw = meta.get(keys.manifest(repo, digest))
+        if raw is None or since < policy.enabled_ns:
+            return "drop"
+        record = decode(raw, ManifestRecord)
+        if record.residency_region not in origins:
+            return "another region's"
+        if repo not in tagged:
+            tagged[repo] = {decode(v, TagRecord).digest for _, v in meta.scan(keys.tag_prefix(repo))}
+        if digest in tagged[repo] or meta.has_prefix(keys.ref_repo_prefix(digest, repo)) \
+                or (record.subject and meta.get(keys.manifest(repo, record.subject)) is not None):
+            return "drop"
+        if since > due_before:
+            return "not due"
+        try:
+            self.registry.locks.check_delete_manifest(repo, digest)
+        except RegistryError:
+            return "locked"
+        return "delete"

@@ -1,0 +1,143 @@
+"""Retention of untagged manifests (``registry_node.untagged``) on one
+in-process node with the test's clock: what is kept, what goes and when; the
+policy's checks; the sweep route and its metric. Across regions:
+``test_retention_regions``; the CLI and management API:
+``test_lifecycle_commands``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from registry_node.config import NodeConfig
+from registry_node.untagged import DAY_NS
+
+from .helpers import ManualClock, descriptor, digest_of, make_image, push_image, started_node
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+async def set_policy(http, node, clock: ManualClock, *, days: int, enabled: bool = True,
+                     enabled_ns: int | None = None) -> None:
+    value = {"retention_enabled": enabled, "retention_days": days,
+             "retention_enabled_ns": clock.wall_ns() if enabled_ns is None else enabled_ns}
+    async with http.put(f"{node.url}/georeg/v1/configuration/registry/default",
+                        json=value) as r:
+        assert r.status == 200, await r.text()
+
+
+async def sweep(http, node, settle: float = 0) -> dict:
+    async with http.post(f"{node.url}/georeg/v1/retention/sweep",
+                         json={"origins": [node.registry.identity.region],
+                               "settleSeconds": settle}) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def exists(http, node, repo: str, digest: str) -> bool:
+    async with http.head(f"{node.url}/v2/{repo}/manifests/{digest}") as r:
+        return r.status == 200
+
+
+async def untag(http, node, repo: str, tag: str) -> None:
+    async with http.delete(f"{node.url}/v2/{repo}/manifests/{tag}") as r:
+        assert r.status == 202, await r.text()
+
+
+@pytest.fixture
+async def clocked(tmp_path, clock):
+    async with started_node(NodeConfig(data_dir=tmp_path / "node", port=0), clock) as running:
+        yield running
+
+
+async def test_a_manifest_untagged_after_enabling_goes_once_its_days_pass(clocked, clock, http):
+    node = clocked
+    before = await push_image(http, node.url, "app", make_image(seed=1), tag="old")
+    await untag(http, node, "app", "old")                 # untagged before the policy
+    clock.advance(1)
+    await set_policy(http, node, clock, days=2)
+    clock.advance(1)
+    moved = await push_image(http, node.url, "app", make_image(seed=2), tag="v1")
+    await push_image(http, node.url, "app", make_image(seed=3), tag="v1")   # v1 moves off
+    kept_tagged = await push_image(http, node.url, "app", make_image(seed=4), tag="stable")
+    clock.advance(2 * 86_400 - 10)
+    report = await sweep(http, node)
+    assert report["deleted"] == [] and report["notDue"] == 1
+    assert await exists(http, node, "app", moved)
+    clock.advance(20)
+    report = await sweep(http, node)
+    assert report["deleted"] == [{"repository": "app", "digest": moved}]
+    assert not await exists(http, node, "app", moved)
+    assert await exists(http, node, "app", before)         # untagged before: never its
+    assert await exists(http, node, "app", kept_tagged)
+    async with http.get(f"{node.url}/metrics") as r:
+        assert "georeg_retention_manifests_deleted_total 1.0" in await r.text()
+    # What was looked at and kept is not looked at again: the notes are gone.
+    clock.advance(86_400)
+    again = await sweep(http, node)
+    assert again["examined"] == 0 and again["deleted"] == []
+
+
+async def test_locked_held_and_referring_manifests_are_kept(clocked, clock, http):
+    node = clocked
+    await set_policy(http, node, clock, days=0)
+    locked = await push_image(http, node.url, "app", make_image(seed=10))
+    async with http.patch(f"{node.url}/acr/v1/app/_manifests/{locked}",
+                          json={"deleteEnabled": False}) as r:
+        assert r.status == 200, await r.text()
+    child = make_image(seed=11)
+    child_digest = await push_image(http, node.url, "app", child)
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                        "manifests": [descriptor(child.manifest, child.media_type)]}).encode()
+    async with http.put(f"{node.url}/v2/app/manifests/multi", data=index,
+                        headers={"Content-Type": OCI_INDEX}) as r:
+        assert r.status == 201
+    subject = make_image(seed=12)
+    subject_digest = await push_image(http, node.url, "app", subject, tag="signed")
+    signature = make_image([16], seed=13, subject=descriptor(subject.manifest, subject.media_type),
+                           artifact_type="application/vnd.example.signature")
+    signature_digest = await push_image(http, node.url, "app", signature)
+    clock.advance(1)
+    report = await sweep(http, node)
+    assert report["deleted"] == []
+    assert report["locked"] == [{"repository": "app", "digest": locked}]
+    for digest in (locked, child_digest, signature_digest):
+        assert await exists(http, node, "app", digest)
+    # Unlocked, it goes at the next sweep; the index untagged goes, and its
+    # child at the sweep after; the subject deleted, its referrer goes too.
+    async with http.patch(f"{node.url}/acr/v1/app/_manifests/{locked}",
+                          json={"deleteEnabled": True}) as r:
+        assert r.status == 200
+    await untag(http, node, "app", "multi")
+    await untag(http, node, "app", "signed")
+    async with http.delete(f"{node.url}/v2/app/manifests/{subject_digest}") as r:
+        assert r.status == 202
+    clock.advance(1)
+    first = {d["digest"] for d in (await sweep(http, node))["deleted"]}
+    assert first == {locked, digest_of(index), signature_digest}
+    clock.advance(1)
+    assert {d["digest"] for d in (await sweep(http, node))["deleted"]} == {child_digest}
+    for digest in (locked, child_digest, signature_digest):
+        assert not await exists(http, node, "app", digest)
+
+
+async def test_days_out_of_range_are_refused_and_nothing_changes(clocked, clock, http):
+    node = clocked
+    await set_policy(http, node, clock, days=7)
+    for days in (-1, 366, "x", 1.5, True):
+        async with http.put(f"{node.url}/georeg/v1/configuration/registry/default",
+                            json={"retention_enabled": True, "retention_days": days}) as r:
+            assert r.status == 400, (days, await r.text())
+            assert "retention" in (await r.text()) or "int" in (await r.text())
+    assert node.node.configuration.retention().days == 7
+
+
+async def test_a_disabled_policy_deletes_nothing(clocked, clock, http):
+    node = clocked
+    digest = await push_image(http, node.url, "app", make_image(seed=20))
+    await set_policy(http, node, clock, days=0, enabled=False)
+    clock.advance(400 * DAY_NS / 1e9)
+    assert (await sweep(http, node)) == {"enabled": False, "examined": 0, "deleted": [],
+                                         "locked": [], "notDue": 0, "dropped": 0, "failed": 0}
+    assert await exists(http, node, "app", digest)

@@ -10,7 +10,6 @@ scheduler's decisions without a cluster in ``test_purge`` and
 
 from __future__ import annotations
 
-import asyncio
 import json
 import urllib.error
 import urllib.request
@@ -24,9 +23,11 @@ from cluster.testing import RunningCluster
 from .helpers import make_image, push_image, verified_clean
 from .test_cluster import georeg
 
-SPEC = specs.ClusterSpec(registry="georeglife", tier="Premium", home_region="eastus",
-                         paired_copies=False,
-                         replicas=(specs.ReplicaSpec("westeurope"), specs.ReplicaSpec("brazilsouth")))
+SPEC = specs.ClusterSpec(
+    registry="georeglife", tier="Premium", home_region="eastus", paired_copies=False,
+    replicas=(specs.ReplicaSpec("westeurope"), specs.ReplicaSpec("brazilsouth")),
+    schedules=(specs.ScheduleSpec("hourly-purge", "0 * * * *",
+                                  "purge --filter 'sched/app:.*' --ago 0d --untagged"),))
 REGIONS = ("eastus", "westeurope", "brazilsouth")
 
 
@@ -123,6 +124,67 @@ async def _metrics(c: RunningCluster, node: str) -> str:
             return await r.text()
 
 
+def tags_everywhere(c: RunningCluster, repo: str) -> dict[str, set[str]]:
+    async def tags(region: str) -> set[str]:
+        async with c.http() as http:
+            async with http.get(f"{c.node_url(region)}/v2/{repo}/tags/list",
+                                headers=c.internal_headers()) as r:
+                return set((await r.json())["tags"] or []) if r.status == 200 else set()
+    return {region: c.run(lambda r=region: tags(r)) for region in REGIONS}
+
+
+def test_purge_deletes_what_it_says_through_the_data_plane_and_it_replicates(c):
+    async def push() -> dict[str, str]:
+        async with c.http() as http:
+            base = c.regional_endpoint("eastus")
+            return {tag: await push_image(http, base, "purge/app", make_image(seed=300 + i),
+                                          tag=tag)
+                    for i, tag in enumerate(["old1", "old2", "keep"])}
+
+    pushed = c.run(push)
+    c.wait_for(lambda: tags_everywhere(c, "purge/app")["westeurope"] == {"old1", "old2", "keep"},
+               what="the tags in westeurope")
+    for args, why in [(("--filter", "purge/app:(", "--ago", "0d"), "does not compile"),
+                      (("--filter", "purge/app:old.*", "--ago", "1y"), "is a duration"),
+                      (("--filter", "purge/nope:.*", "--ago", "0d"), "no repository matches")]:
+        code, _, err = cli(c, "purge", *args)
+        assert code == 2 and why in err, (args, err)
+    code, out, err = cli(c, "purge", "--filter", "purge/app:old.*", "--ago", "0d", "--untagged",
+                         "--dry-run")
+    assert code == 0, err
+    assert "would delete tag purge/app:old1" in out and "nothing deleted" in out
+    assert tags_everywhere(c, "purge/app")["eastus"] == {"old1", "old2", "keep"}
+    code, out, err = cli(c, "purge", "--filter", "purge/app:old.*", "--ago", "0d", "--untagged",
+                         "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert sorted(report["tagsDeleted"]) == ["purge/app:old1", "purge/app:old2"]
+    assert sorted(report["manifestsDeleted"]) == sorted(
+        f"purge/app@{pushed[t]}" for t in ("old1", "old2"))
+    c.wait_for(lambda: all(t == {"keep"} for t in tags_everywhere(c, "purge/app").values()),
+               what="the purge replicated to every region")
+
+
+def test_a_scheduled_purge_runs_in_the_control_process_and_its_run_is_listed(c):
+    async def push() -> None:
+        async with c.http() as http:
+            await push_image(http, c.regional_endpoint("eastus"), "sched/app",
+                             make_image(seed=400), tag="v1")
+
+    c.run(push)
+    listed = json.loads(cli(c, "schedule", "list", "--json")[1])
+    assert [(s["name"], s["lastRun"]) for s in listed] == [("hourly-purge", None)]
+    assert listed[0]["nextRun"].endswith(":00:00Z")
+    code, out, err = cli(c, "schedule", "run", "hourly-purge")
+    assert code == 0, (out, err)
+    listed = json.loads(cli(c, "schedule", "list", "--json")[1])
+    last = listed[0]["lastRun"]
+    assert last["result"] == "Succeeded" and last["detail"]["tagsDeleted"] == ["sched/app:v1"]
+    code, out, _ = cli(c, "schedule", "list")
+    assert code == 0 and "hourly-purge" in out and "Succeeded" in out
+    assert cli(c, "schedule", "run", "nope")[0] == 2
+
+
 def test_retention_waits_while_a_region_cannot_be_asked(c):
     """A region's sweep that cannot reach any of its nodes says so and deletes nothing."""
     c.crash("westeurope")
@@ -131,4 +193,3 @@ def test_retention_waits_while_a_region_cannot_be_asked(c):
         assert "error" in reports["westeurope"] and "eastus" in reports
     finally:
         c.restart("westeurope")
-        c.run(lambda: asyncio.sleep(0))

@@ -33,9 +33,11 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         identity,
         import_,
         login,
+        purge,
         registry,
         replication,
         repository,
+        schedule,
         scope_map,
         token,
         verify,
@@ -55,6 +57,8 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     replication.register(sub)
     repository.register(sub)
     import_.register(sub)
+    purge.register(sub)
+    schedule.register(sub)
     cache.register(sub)
     cache.register_credential_set(sub)
     fault.register(sub)

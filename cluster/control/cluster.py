@@ -94,8 +94,9 @@ from .errors import (
     PortInUse,
 )
 from .identities import ACCESS_KINDS, RegistryAccess
-from .lifecycle import RegistryLifecycle
+from .lifecycle import RegistryLifecycle, purge_as_client
 from .plan import ClusterPlan, plan
+from .schedules import Scheduler
 from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
 from .tls import ClusterTls
@@ -201,7 +202,10 @@ class Cluster:
             regions=lambda: [r.region for r in self.spec.all_replicas],
             home_region=lambda: self.spec.home_region, tier=lambda: self.tier,
             answers=self.answers, request=self._node_request)
-        self._lifecycle_task: asyncio.Task | None = None
+        # The spec's [[schedules]] (cluster.control.schedules), run from the start to the stop.
+        self.schedules = Scheduler(spec.schedules, lambda request: purge_as_client(self, request),
+                                   state_file=self.data_dir / "schedules.json")
+        self._lifecycle_tasks: list[asyncio.Task] = []
         # A tier change and a new replica, one at a time (a replica needs
         # Premium; a move down needs no replica).
         self.tier_lock = asyncio.Lock()
@@ -285,7 +289,9 @@ class Cluster:
             await self._tier_at_start()
             if self.spec.auth_enabled:
                 await self._admin_user_everywhere()
-            self._lifecycle_task = asyncio.create_task(self.lifecycle.run(), name="retention")
+            self._lifecycle_tasks = [
+                asyncio.create_task(self.lifecycle.run(), name="retention"),
+                asyncio.create_task(self.schedules.forever(), name="schedules")]
         except BaseException:
             await self.stop()
             raise
@@ -392,11 +398,11 @@ class Cluster:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        if self._lifecycle_task is not None:
-            self._lifecycle_task.cancel()
+        for task in self._lifecycle_tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._lifecycle_task
-            self._lifecycle_task = None
+                await task
+        self._lifecycle_tasks = []
         if self._management_socket is not None:
             self._management_socket.close()
             self._management_socket = None

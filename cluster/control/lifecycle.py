@@ -21,6 +21,13 @@ deciding region, whatever residency keeps from other regions, and a region
 that cannot be reached just waits for its next sweep (its manifests with
 it). The node decides and deletes (``registry_node.untagged``); its deletes
 replicate like a client's.
+
+Scheduled purges (``schedules``) run here too: ``purge_as_client`` is
+``georeg purge`` from the control process, a client of the home region's
+data plane (its regional endpoint, or a home node when the cluster routes
+nothing) with the admin user's login on a cluster with auth — so a
+scheduled purge fails, and says so in its run, while the admin user is
+disabled.
 """
 
 from __future__ import annotations
@@ -28,14 +35,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
 
+import aiohttp
 import structlog
 
 from registry_node import tiers
 from registry_node.untagged import DEFAULT_DAYS, check_days
 
 from .errors import ClusterError, NodeRefusal
+from .purge import PurgeError, PurgeRequest, run_purge
 from .regions import REGIONS
+from .tls import client_context
 from .webhooks import delivery_order
 
 log = structlog.get_logger("georeg.lifecycle")
@@ -161,3 +173,39 @@ class RegistryLifecycle:
             deleted = sum(len(r.get("deleted", [])) for r in results.values())
             if deleted:
                 log.info("retention_swept", deleted=deleted)
+
+
+class ClusterAsClient(Protocol):
+    """What of a ``Cluster`` a purge from the control process uses (a Cluster
+    is one; not imported here, since it imports this module)."""
+
+    spec: Any
+    routing: Any
+    access: Any
+    ca_file: Path | None
+
+    def regional_endpoint(self, region: str) -> str: ...
+
+    def node_url(self, name: str) -> str: ...
+
+    async def control_plane(self) -> str: ...
+
+
+async def purge_as_client(cluster: ClusterAsClient, request: PurgeRequest) -> dict:
+    """A purge from the control process (a scheduled one): see the module docstring."""
+    home = cluster.spec.home_region
+    base = cluster.regional_endpoint(home) if cluster.routing is not None \
+        else cluster.node_url(await cluster.control_plane())
+    headers = {}
+    if cluster.spec.auth_enabled:
+        login = await cluster.access.admin_login()
+        if login is None:
+            raise PurgeError("the admin user is disabled: a scheduled purge logs in as it "
+                             "(georeg registry update --admin-enabled true)")
+        headers = login.headers()
+    tls = client_context(cluster.ca_file) if base.startswith("https:") else None
+
+    def session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls) if tls else None)
+
+    return (await run_purge(base, headers, request, time.time(), session)).as_dict()

@@ -49,6 +49,10 @@ which other processes find it.
     GET    /georeg/v1/registry/retention          az acr config retention show: {"type", "days",
                                                   "status", "enabledSince"} (``lifecycle``)
     PATCH  /georeg/v1/registry/retention          {"days": 0..365, "status": "enabled"|"disabled"}
+    GET    /georeg/v1/schedules                   the spec's [[schedules]], each with its last run
+                                                  and next time (``schedules``)
+    POST   /georeg/v1/schedules/{name}/run        run one now: its run ({"started", "ended",
+                                                  "result", "detail"})
     GET    /georeg/v1/registry/usages             az acr show-usage: {"value": [{name,
                                                   currentValue, limit, unit}], "storage",
                                                   "replicas"} (``cluster.control.usage``)
@@ -257,6 +261,8 @@ class ManagementServer:
         r.add_patch("/georeg/v1/registry", self.update_registry)
         r.add_get("/georeg/v1/registry/retention", self.show_retention)
         r.add_patch("/georeg/v1/registry/retention", self.update_retention)
+        r.add_get("/georeg/v1/schedules", self.list_schedules)
+        r.add_post("/georeg/v1/schedules/{name}/run", self.run_schedule)
         r.add_get("/georeg/v1/registry/usages", self.show_usage)
         r.add_get("/georeg/v1/registry/health", self.check_health)
         r.add_get("/georeg/v1/registry/credentials", self.show_credentials)
@@ -415,6 +421,16 @@ class ManagementServer:
                                f'unknown: {", ".join(unknown)}'[:200])
         return web.json_response(await self.cluster.lifecycle.update_retention(
             days=body.get("days"), status=body.get("status")))
+
+    async def list_schedules(self, request: web.Request) -> web.Response:
+        return web.json_response(self.cluster.schedules.listing())
+
+    async def run_schedule(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.cluster.schedules.schedules:
+            raise NotFound(f"no schedule {name[:64]!r}; the spec's schedules are "
+                           f"{', '.join(self.cluster.schedules.schedules) or 'none'}")
+        return web.json_response((await self.cluster.schedules.run_now(name)).as_dict())
 
     async def show_usage(self, request: web.Request) -> web.Response:
         return web.json_response(await self.cluster.usage())

@@ -1,0 +1,144 @@
+"""``georeg purge``'s rules (``cluster.control.purge``) against one in-process
+node, as a client of its data plane: filters, --ago, --keep, --untagged
+(indexes before their children, referrers with their subjects), locks
+skipped and named, --dry-run deleting nothing, and bad input refused before
+anything is deleted. Ages come from the purge's ``now``, moved forward
+instead of waited for. The CLI on a running cluster: ``test_lifecycle_commands``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import aiohttp
+import pytest
+
+from cluster.control.purge import (
+    PurgeError,
+    PurgeRequest,
+    RegistryClient,
+    parse_ago,
+    parse_command,
+    parse_filter,
+    purge,
+)
+
+from .helpers import descriptor, digest_of, make_image, push_image
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DAY = 86_400.0
+
+
+@pytest.mark.parametrize("text,seconds", [("2d3h6m", 2 * DAY + 3 * 3600 + 360), ("7d", 7 * DAY),
+                                          ("0d", 0.0), ("90m", 5400.0), ("1h30m", 5400.0),
+                                          ("1.5h", 5400.0), ("10s", 10.0)])
+def test_ago_is_acr_s_duration(text, seconds):
+    assert parse_ago(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "d", "7", "-1d", "1x", "3h2d", "1 d", "1d2", "P1D"])
+def test_a_bad_ago_says_what_a_duration_is(text):
+    with pytest.raises(ValueError, match="duration such as 2d3h6m"):
+        parse_ago(text)
+
+
+@pytest.mark.parametrize("text,why", [("app", "REPO_REGEX:TAG_REGEX"), (":v1", "both parts"),
+                                      ("app:", "both parts"), ("app:(", "does not compile"),
+                                      ("[:.*", "does not compile")])
+def test_a_bad_filter_says_what_is_wrong(text, why):
+    with pytest.raises(ValueError, match=why.replace("(", r"\(")):
+        parse_filter(text)
+
+
+def test_a_command_is_purge_with_its_options():
+    request = parse_command("purge --filter 'hello-world:.*' --ago 7d --untagged --keep 2")
+    assert request.ago_s == 7 * DAY and request.untagged and request.keep == 2
+    assert [f.text for f in request.filters] == ["hello-world:.*"]
+    for bad, why in [("import --source x", "the command is 'purge"), ("", "not 'nothing'"),
+                     ("purge --ago 1d", "--filter"), ("purge --filter a:b --ago 1d --bogus", "bogus"),
+                     ("purge --filter 'a:b --ago 1d", "cannot split"),
+                     ("purge --filter a:b --ago 1d --keep -1", "--keep")]:
+        with pytest.raises(ValueError, match=why):
+            parse_command(bad)
+
+
+def request(*filters: str, ago: str = "1d", **options) -> PurgeRequest:
+    return PurgeRequest(tuple(parse_filter(f) for f in filters), parse_ago(ago), **options)
+
+
+async def tags_of(http, node, repo: str) -> set[str]:
+    async with http.get(f"{node.url}/v2/{repo}/tags/list") as r:
+        return set((await r.json())["tags"] or []) if r.status == 200 else set()
+
+
+async def held(http, node, repo: str, digest: str) -> bool:
+    async with http.head(f"{node.url}/v2/{repo}/manifests/{digest}") as r:
+        return r.status == 200
+
+
+@pytest.fixture
+async def client(node):
+    async with aiohttp.ClientSession() as session:
+        yield RegistryClient(session, node.url)
+
+
+async def test_tags_older_than_ago_go_but_the_newest_kept_and_the_locked(node, http, client):
+    digests = {}
+    for i, tag in enumerate(["v1", "v2", "v3", "latest"]):
+        digests[tag] = await push_image(http, node.url, "web", make_image(seed=i), tag=tag)
+        if tag == "v1":       # (a lock is an update: locked later, v1 would be the newest)
+            async with http.patch(f"{node.url}/acr/v1/web/_tags/v1",
+                                  json={"writeEnabled": False}) as r:
+                assert r.status == 200
+    await push_image(http, node.url, "other", make_image(seed=9), tag="v1")
+    later = time.time() + 2 * DAY
+    # Nothing is older than 3 days: nothing goes.
+    report = await purge(client, request("web:v.*", ago="3d"), later)
+    assert report.tags == [] and report.skipped == []
+    # Dry run: says what would go, deletes nothing.
+    report = await purge(client, request("web:v.*", keep=1, dry_run=True), later)
+    assert sorted(report.tags) == [("web", "v2")]
+    assert report.skipped == [("web", "v1", "locked: the tag is write- or delete-disabled")]
+    assert await tags_of(http, node, "web") == {"v1", "v2", "v3", "latest"}
+    # For real: v3 (the newest match) kept, v1 locked, latest not matched.
+    report = await purge(client, request("web:v.*", keep=1), later)
+    assert report.tags == [("web", "v2")] and len(report.skipped) == 1
+    assert await tags_of(http, node, "web") == {"v1", "v3", "latest"}
+    assert await held(http, node, "web", digests["v2"])      # untagged, not deleted
+    assert await tags_of(http, node, "other") == {"v1"}       # not matched
+
+
+async def test_untagged_goes_index_first_and_referrers_stay_with_their_image(node, http, client):
+    child = make_image(seed=20)
+    child_digest = await push_image(http, node.url, "multi", child)
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                        "manifests": [descriptor(child.manifest, child.media_type)]}).encode()
+    async with http.put(f"{node.url}/v2/multi/manifests/old", data=index,
+                        headers={"Content-Type": OCI_INDEX}) as r:
+        assert r.status == 201
+    image = make_image(seed=21)
+    image_digest = await push_image(http, node.url, "multi", image, tag="stable")
+    signature = make_image([8], seed=22, subject=descriptor(image.manifest, image.media_type),
+                           artifact_type="application/vnd.example.signature")
+    signature_digest = await push_image(http, node.url, "multi", signature)
+    loose = await push_image(http, node.url, "multi", make_image(seed=23))
+    report = await purge(client, request("multi:old", untagged=True), time.time() + DAY + 60)
+    assert report.tags == [("multi", "old")]
+    assert sorted(report.manifests) == sorted([("multi", digest_of(index)),
+                                               ("multi", child_digest), ("multi", loose)])
+    assert ("multi", signature_digest, "a referrer of an image that stays") in report.skipped
+    for gone in (digest_of(index), child_digest, loose):
+        assert not await held(http, node, "multi", gone)
+    assert await held(http, node, "multi", signature_digest)
+    assert await held(http, node, "multi", image_digest)
+
+
+async def test_an_unknown_repository_is_refused_before_anything_is_deleted(node, http, client):
+    await push_image(http, node.url, "kept", make_image(seed=30), tag="v1")
+    with pytest.raises(PurgeError, match="no repository matches 'nope'"):
+        await purge(client, request("kept:.*", "nope:.*"), time.time() + 10 * DAY)
+    assert await tags_of(http, node, "kept") == {"v1"}
+    # A repository regex matches whole names: "kep" is not "kept".
+    with pytest.raises(PurgeError, match="no repository matches 'kep'"):
+        await purge(client, request("kep:.*"), time.time() + 10 * DAY)

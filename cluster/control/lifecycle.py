@@ -162,11 +162,18 @@ class RegistryLifecycle:
         return results
 
     async def run(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
-        """Sweep every ``interval_s`` until cancelled; a failed sweep waits for the next."""
+        """Sweep every ``interval_s`` until cancelled, while the policy is
+        enabled (a disabled one costs one read a period); a failed sweep waits
+        for the next."""
         while True:
             await asyncio.sleep(interval_s)
             try:
+                if (await self.retention())["status"] != "enabled":
+                    continue
                 results = await self.sweep_once()
+            except ClusterError as exc:      # no node answers: the next period may
+                log.warning("retention_sweep_skipped", reason=str(exc)[:200])
+                continue
             except Exception:        # noqa: BLE001 - a failed sweep must not end the next
                 log.exception("retention_sweep_failed")
                 continue

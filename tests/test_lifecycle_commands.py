@@ -76,6 +76,16 @@ def test_retention_deletes_the_same_manifests_in_every_region(c):
     assert "enabled" in out
     policy = json.loads(cli(c, "registry", "retention", "show", "--json")[1])
     assert policy["days"] == 0 and policy["status"] == "enabled" and policy["enabledSince"]
+    # The policy is the control plane's: a move below Premium is refused while it is on, the
+    # generic configuration route neither sets it nor, writing the registry object, drops it.
+    status, answer = api(c, "PATCH", "/georeg/v1/registry", {"sku": "Standard"})
+    assert status == 409 and "retention policy" in answer["error"]["message"]
+    status, answer = api(c, "PUT", "/georeg/v1/configuration/registry/default",
+                         {"retention_days": 1})
+    assert status == 400 and "georeg registry retention update" in answer["error"]["message"]
+    assert api(c, "PUT", "/georeg/v1/configuration/registry/default",
+               {"admin_enabled": True})[0] == 200
+    assert api(c, "GET", "/georeg/v1/registry/retention")[1] == policy
 
     async def push_and_move() -> dict[str, tuple[str, str]]:
         """In each region, push ``life:v1`` twice: (untagged, still tagged)."""
@@ -91,9 +101,24 @@ def test_retention_deletes_the_same_manifests_in_every_region(c):
         return out
 
     pushed = c.run(push_and_move)
+
+    async def push_cross(region: str, seed: int) -> str:
+        async with c.http() as http:
+            return await push_image(http, c.regional_endpoint(region), "life",
+                                    make_image(seed=seed), tag="cross")
+
+    # A tag moved off a manifest by a push in another region: the note that it is
+    # untagged is written on its own region's node when that move replicates there.
+    crossed = c.run(lambda: push_cross("eastus", 300))
+    c.wait_for(lambda: tags_everywhere(c, "life")["westeurope"] >= {"cross"},
+               what="life:cross in westeurope")
+    moved = c.run(lambda: push_cross("westeurope", 301))
+    c.wait_for(lambda: c.run(lambda: tag_digest(c, "eastus", "life", "cross")) == moved,
+               what="the move of life:cross in eastus")
     reports = c.run(lambda: c.cluster.lifecycle.sweep_once(settleSeconds=0))
     for region in REGIONS:
-        assert {d["digest"] for d in reports[region]["deleted"]} == {pushed[region][0]}, reports
+        expected = {pushed[region][0]} | ({crossed} if region == "eastus" else set())
+        assert {d["digest"] for d in reports[region]["deleted"]} == expected, reports
 
     async def held(region: str, digest: str) -> bool:
         async with c.http() as http:
@@ -122,6 +147,13 @@ async def _metrics(c: RunningCluster, node: str) -> str:
     async with c.http() as http:
         async with http.get(f"{c.node_url(node)}/metrics", headers=c.internal_headers()) as r:
             return await r.text()
+
+
+async def tag_digest(c: RunningCluster, node: str, repo: str, tag: str) -> str | None:
+    async with c.http() as http:
+        async with http.head(f"{c.node_url(node)}/v2/{repo}/manifests/{tag}",
+                             headers=c.internal_headers()) as r:
+            return r.headers.get("Docker-Content-Digest") if r.status == 200 else None
 
 
 def tags_everywhere(c: RunningCluster, repo: str) -> dict[str, set[str]]:

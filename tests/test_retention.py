@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from registry_node.api.common import RETENTION
 from registry_node.config import NodeConfig
 from registry_node.untagged import DAY_NS
 
@@ -141,3 +142,24 @@ async def test_a_disabled_policy_deletes_nothing(clocked, clock, http):
     assert (await sweep(http, node)) == {"enabled": False, "examined": 0, "deleted": [],
                                          "locked": [], "notDue": 0, "dropped": 0, "failed": 0}
     assert await exists(http, node, "app", digest)
+
+
+async def test_a_sweep_is_bounded_and_the_next_goes_on_where_it_stopped(clocked, clock, http):
+    """Locked notes first in key order do not stall the sweeps behind them."""
+    node = clocked
+    await set_policy(http, node, clock, days=0)
+    for i in range(2):
+        locked = await push_image(http, node.url, "a-locked", make_image([8], seed=30 + i))
+        async with http.patch(f"{node.url}/acr/v1/a-locked/_manifests/{locked}",
+                              json={"deleteEnabled": False}) as r:
+            assert r.status == 200
+    digests = {await push_image(http, node.url, "many", make_image([8], seed=40 + i))
+               for i in range(3)}
+    clock.advance(1)
+    deleted: set[str] = set()
+    for _ in range(3):
+        report = await node.runner.app[RETENTION].sweep([node.registry.identity.region],
+                                                        limit=2, settle_s=0)
+        assert report.examined <= 2
+        deleted |= {d for _, d in report.deleted}
+    assert deleted == digests

@@ -94,7 +94,7 @@ from .errors import (
     PortInUse,
 )
 from .identities import ACCESS_KINDS, RegistryAccess
-from .lifecycle import RegistryLifecycle, purge_as_client
+from .lifecycle import RETENTION_FIELDS, RegistryLifecycle, purge_as_client
 from .plan import ClusterPlan, plan
 from .schedules import Scheduler
 from .state import save_spec, saved_spec
@@ -791,18 +791,20 @@ class Cluster:
         self._written_by_its_commands(kind)
         if kind != "registry":
             return await self._node_call(await self._control_plane(), "PUT", path, value)
-        owned = sorted({"name", "admin_passwords", "sku"} & set(value))
+        owned = sorted({"name", "admin_passwords", "sku", *RETENTION_FIELDS} & set(value))
         if owned:
             raise ClusterError(f"{', '.join(owned)}: set by the control plane (use `georeg "
                                "credential renew` for the admin passwords, `georeg registry "
-                               "update --sku` for the tier)")
+                               "update --sku` for the tier, `georeg registry retention update` "
+                               "for the retention policy)")
         async with self.access.lock:
             home = await self._control_plane()
             current = await self._current_registry(home)
             return await self._node_call(home, "PUT", path, {
                 **value, "name": self.spec.registry,
                 "admin_passwords": current.get("admin_passwords", []),
-                **({"sku": current["sku"]} if current.get("sku") else {})})
+                **({"sku": current["sku"]} if current.get("sku") else {}),
+                **{f: current[f] for f in RETENTION_FIELDS if f in current}})
 
     async def delete_configuration(self, kind: str, name: str) -> dict:
         path = self._object_path(kind, name)
@@ -910,15 +912,15 @@ class Cluster:
             answer = await self._node_call(home, "GET", self._object_path(kind))
             return sum(1 for o in answer["objects"] if not o["deleted"])
 
-        webhooks, tokens, scope_maps = await asyncio.gather(
-            count(WEBHOOK), count(TOKEN), count(SCOPE_MAP))
+        webhooks, tokens, scope_maps, stored = await asyncio.gather(
+            count(WEBHOOK), count(TOKEN), count(SCOPE_MAP), self._current_registry(home))
         shrinks = tiers.limits(target).maximum_storage < tiers.limits(current).maximum_storage
         storage = (await self.storage())["bytes"] if shrinks and not self.spec.replicas else 0
         return skus.TierState(
             geo_replicas=tuple(r.region for r in self.spec.replicas),
             zone_redundant=tuple(r.region for r in self.spec.all_replicas if r.zone_redundant),
             webhooks=webhooks, tokens=tokens, scope_maps=scope_maps, anonymous_pull=anonymous_pull,
-            storage_bytes=storage)
+            storage_bytes=storage, retention_enabled=bool(stored.get("retention_enabled")))
 
     async def storage(self) -> dict:
         """The registry's storage, counted once (``usage.registry_size``), and

@@ -55,6 +55,8 @@ log = structlog.get_logger("georeg.lifecycle")
 NodeCall = Callable[..., Awaitable[dict]]
 SWEEP_INTERVAL_S = 60.0
 STATUSES = ("enabled", "disabled")
+# The registry object's fields this module owns (``Cluster.set_configuration`` keeps them).
+RETENTION_FIELDS = ("retention_enabled", "retention_days", "retention_enabled_ns")
 
 
 def _iso(ns: int) -> str | None:

@@ -30,10 +30,10 @@ from .common import CliError, add_data_dir, admin_login, call, cluster_tls, comm
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "purge", help="delete old tags and untagged manifests by filter (acr purge)",
-        description="As acr purge: delete the tags of the repositories and tags a --filter "
-                    "matches (REPO_REGEX:TAG_REGEX, each matching a whole name) last updated "
-                    "longer than --ago ago (2d3h6m, 7d, 90m, 0d), keeping the --keep most "
-                    "recent of each repository; with --untagged, then the manifests with no "
+        description="As acr purge: delete the tags a --filter matches (REPO_REGEX:TAG_REGEX, "
+                    "each regex matching a whole name) that were last updated longer than --ago "
+                    "ago (2d3h6m, 7d, 90m, 0d), keeping the --keep most recent of each "
+                    "repository; with --untagged, then the manifests with no "
                     "tag older than --ago, except what an index that stays holds and referrers "
                     "of images that stay. Locked tags and manifests are skipped and named. "
                     "--dry-run says what would go. A client of the data plane: its deletes "

@@ -381,8 +381,8 @@ def summary(report: PurgeReport) -> Iterable[str]:
         yield f"{verb} manifest {repo}@{digest}"
     for repo, ref, why in report.skipped:
         yield f"skipped {repo}{'@' if ref.startswith('sha256:') else ':'}{ref}: {why}"
-    yield (f"{len(report.tags)} tags and {len(report.manifests)} manifests {verb}"
-           f"{'' if not report.dry_run else ' (dry run: nothing deleted)'}, "
+    done = "would be deleted (dry run: nothing deleted)" if report.dry_run else "deleted"
+    yield (f"{len(report.tags)} tags and {len(report.manifests)} manifests {done}, "
            f"{len(report.skipped)} skipped")
 
 

@@ -57,10 +57,10 @@ The key space::
     tgc\\0<seq:u64be><tomb key>              → TombstoneCandidate  a tombstone written by the
                                                                 event at <seq>, to collect once
                                                                 every peer read past it
-    untag\\0<repo>\\0<digest>               → since (ascii int ns)  a manifest that may be untagged:
-                                                                a tag or an index left it, or it
-                                                                came without one, at <since> on
-                                                                this node's clock (``untagged``)
+    untag\\0<repo>\\0<digest>               → UntaggedNote      a manifest that may be untagged:
+                                                                a tag or an index left it (when,
+                                                                here, and that change's stamp;
+                                                                ``untagged``)
     fail\\0<repo>\\0<digest>                → ReplicationFailure  why content could not replicate
                                                                 (<digest> is the event's tag when
                                                                 it names no digest)

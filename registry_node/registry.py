@@ -73,6 +73,7 @@ from .records import (
     Stamp,
     TagRecord,
     Tombstone,
+    UntaggedNote,
     UploadRecord,
     decode,
     encode,
@@ -753,10 +754,8 @@ class Registry:
         batch.delete(keys.manifest_tomb(repo, digest))
         for target in parsed.references:
             batch.put(keys.ref(target, repo, digest), b"")
-        # Untagged until a tag in this batch or a later one says otherwise;
-        # what an index holds, or a referrer of a present subject, is not.
-        if not (parsed.subject and self._held(batch, keys.manifest(repo, parsed.subject))):
-            self.stage_untagged(batch, repo, digest)
+        # Retention's clock starts at an untag, never at a push (a multi-arch
+        # build pushes its platforms by digest, then the index).
         for child in parsed.children:
             batch.delete(keys.untagged(repo, child))
         if parsed.subject:
@@ -765,19 +764,20 @@ class Registry:
             batch.put(key, self.sealer.seal(encode(descriptor), _referrer_ad(key)))
 
     def stage_manifest_removal(self, batch: Batch, repo: str, digest: str,
-                               record: ManifestRecord) -> None:
+                               record: ManifestRecord, hlc: int) -> None:
+        """Remove a manifest (``hlc``: its delete's stamp)."""
         batch.delete(keys.manifest(repo, digest))
         batch.delete(keys.untagged(repo, digest))
         for target in record.references:
             batch.delete(keys.ref(target, repo, digest))
             # A child manifest this index held may be untagged from now on.
             if self._held(batch, keys.manifest(repo, target)):
-                self.stage_untagged(batch, repo, target)
+                self.stage_untagged(batch, repo, target, hlc)
         if record.subject:
             batch.delete(keys.referrer(repo, record.subject, digest))
         # So may the referrers of what goes: their subject no longer holds them.
         for key, _ in self.meta.scan(keys.referrer_prefix(repo, digest)):
-            self.stage_untagged(batch, repo, keys.parse(key, keys.ReferrerKey).referrer)
+            self.stage_untagged(batch, repo, keys.parse(key, keys.ReferrerKey).referrer, hlc)
 
     def stage_tag(self, batch: Batch, repo: str, tag: str, digest: str, stamp: Stamp,
                   origin_acked_ns: int) -> None:
@@ -787,7 +787,7 @@ class Registry:
         hlc, origin_region, origin_zone = stamp
         current = batch.puts.get(keys.tag(repo, tag)) or self.meta.get(keys.tag(repo, tag))
         if current is not None and (left := decode(current, TagRecord).digest) != digest:
-            self.stage_untagged(batch, repo, left)
+            self.stage_untagged(batch, repo, left, hlc)
         batch.put(keys.tag(repo, tag), encode(TagRecord(digest, hlc, origin_region, origin_zone,
                                                         origin_acked_ns, self._wall_ns())))
         batch.delete(keys.tag_tomb(repo, tag))
@@ -804,17 +804,20 @@ class Registry:
         the manifest it named may be untagged from now on."""
         raw = self.meta.get(keys.tag(repo, tag))
         if raw is not None:
-            self.stage_untagged(batch, repo, decode(raw, TagRecord).digest)
+            self.stage_untagged(batch, repo, decode(raw, TagRecord).digest,
+                                decode(tombstone, Tombstone).hlc)
         batch.delete(keys.tag(repo, tag))
         batch.put(keys.tag_tomb(repo, tag), tombstone)
 
-    def stage_untagged(self, batch: Batch, repo: str, digest: str) -> None:
-        """Note, at this node's time, that ``digest`` may have just become
-        untagged: a tag or the index holding it left it, or it came with
-        neither (``untagged``: the retention sweep checks before it acts, so a
+    def stage_untagged(self, batch: Batch, repo: str, digest: str, hlc: int) -> None:
+        """Note that ``digest`` may have just become untagged: a tag or what
+        held it (an index, a referrer's subject) left it by the change stamped
+        ``hlc`` (``untagged``: the retention sweep checks before it acts, so a
         note on a manifest still tagged only costs that check). Every change
-        overwrites it, so it holds the last time something left the manifest."""
-        batch.put(keys.untagged(repo, digest), str(self._wall_ns()).encode())
+        overwrites it, so it holds the stamp of the last change that left the
+        manifest: retention's delete carries that stamp, so any tag or push
+        stamped after it wins everywhere."""
+        batch.put(keys.untagged(repo, digest), encode(UntaggedNote(self._wall_ns(), hlc)))
 
     def _held(self, batch: Batch, key: bytes) -> bool:
         """Whether ``key`` is stored once ``batch`` commits."""
@@ -838,9 +841,13 @@ class Registry:
         return removed
 
     async def delete_manifest(self, repo: str, reference: str, *,
-                              request: ClientRequest | None = None) -> None:
+                              request: ClientRequest | None = None,
+                              stamp: int | None = None) -> None:
         """Delete a manifest (by digest: it and the tags pointing at it) or a tag
-        (by tag). ``request``: the client's, kept with the events."""
+        (by tag). ``request``: the client's, kept with the events. ``stamp``: a
+        delete by digest decided on a change made earlier (retention: the untag)
+        carries that change's stamp, so what was written after it wins; the
+        caller has checked that nothing here is newer."""
         batch = Batch()
         origin = (self.identity.region, self.identity.zone)
         if not is_digest(reference):
@@ -872,11 +879,11 @@ class Registry:
         self.locks.check_delete_manifest(repo, digest)
         self.quorum.check_writable()
         record = decode(raw, ManifestRecord)
-        hlc = self._stamp(batch)
+        hlc = self._stamp(batch) if stamp is None else stamp
         # The tags go with it, here and (by the same rule) wherever the delete
         # arrives; no tag_delete events, which would end newer values elsewhere.
         self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
-        self.stage_manifest_removal(batch, repo, digest, record)
+        self.stage_manifest_removal(batch, repo, digest, record, hlc)
         batch.put(keys.manifest_tomb(repo, digest), self._tombstone(hlc))
         batch.event(self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,
                                 media_type=record.media_type,

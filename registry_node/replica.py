@@ -50,6 +50,7 @@ from .configuration import Configuration
 from .errors import RegistryError
 from .metastore import Batch
 from .records import (
+    RETENTION_REQUEST,
     AttributesRecord,
     BlobLink,
     BlobRecord,
@@ -341,7 +342,12 @@ class Replica:
         if record is not None:
             if stamp_of(record) >= stamp or self.meta.has_prefix(keys.ref_repo_prefix(digest, repo)):
                 return None  # renewed since, or an index here needs it: the delete loses
-            self.registry.stage_manifest_removal(batch, repo, digest, record)
+            if event.request == RETENTION_REQUEST and self.registry.locks.overridden_by(
+                    EventKind.MANIFEST_DELETE, repo, "", digest):
+                # Retention never deletes what a lock protects; its deciding
+                # region may not hold a lock set here (a confined region's).
+                return None
+            self.registry.stage_manifest_removal(batch, repo, digest, record, stamp[0])
             # Webhooks tell a chart's delete apart by what the manifest was.
             event = msgspec.structs.replace(event, artifact_type=record.artifact_type)
         self.registry.stage_tags_removal(batch, repo, digest, stamp)

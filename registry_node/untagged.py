@@ -3,11 +3,13 @@
 enabled is deleted once it has stayed untagged for the policy's days.
 
 Where "untagged since" comes from. Every node keeps a note per manifest that
-may be untagged (``keys.untagged``: ``untag\\0<repo>\\0<digest>`` → the time
-on this node's clock), written in the same batch as the change that may have
+may be untagged (``keys.untagged``: ``untag\\0<repo>\\0<digest>`` →
+``UntaggedNote``: the time on this node's clock, and the HLC stamp of the
+change), written in the same batch as the change that may have
 made it so (``Registry.stage_untagged``): a tag moving off it or ending
 (locally or replicated), the index that held it going, the subject of a
-referrer going, or the manifest arriving with no tag. A tag set on it deletes
+referrer going; never a push (ACR starts the clock at an untag; a multi-arch
+build pushes its platforms by digest before the index). A tag set on it deletes
 the note. Every such change overwrites the note, so it holds the last time
 something left the manifest. A note is a hint, never a decision: the sweep
 checks the manifest itself before acting, and drops a note whose manifest is
@@ -21,9 +23,13 @@ first pushed in that region (``ManifestRecord.residency_region``; ``origins``
 below): each manifest has exactly one deciding region, which holds it
 whatever residency keeps back (content confined to Brazil South never
 reaches the home region, so the home region could not decide for it). The
-decision travels as an ordinary manifest delete (``Registry.delete_manifest``:
-its tombstone, its event, replication), so every region deletes the same
-manifests, and a region's outage pauses retention for what was pushed there.
+decision travels as a manifest delete (``Registry.delete_manifest``: its
+tombstone, its event, replication) stamped with the note's stamp, the
+untag's, not the sweep's: a tag or a push stamped after the untag wins
+against it everywhere by the rules of any delete, even one the deciding
+region never sees (a confined region's); a replica refuses it where it holds
+a lock (``Replica.apply_manifest_delete``). A manifest whose register is newer
+than the note (the same bytes pushed again) gets a new note instead.
 
 What is kept. A manifest is deleted only when all of these hold, checked in
 the event-loop step that starts its delete:
@@ -57,7 +63,8 @@ import structlog
 from . import keys
 from .errors import RegistryError
 from .metastore import Batch
-from .records import ClientRequest, ManifestRecord, TagRecord, decode
+from .records import (RETENTION_REQUEST, ManifestRecord, TagRecord, UntaggedNote, decode, encode,
+                      stamp_of)
 from .registry import Registry
 
 log = structlog.get_logger("georeg.untagged")
@@ -66,8 +73,6 @@ MIN_DAYS, MAX_DAYS, DEFAULT_DAYS = 0, 365, 7      # ACR's range and default
 DAY_NS = 86_400 * 10**9
 SWEEP_LIMIT = 500          # notes looked at per sweep
 SETTLE_S = 60.0            # the least time a manifest stays untagged before it goes
-# What webhooks and logs see as the request behind retention's deletes.
-REQUEST = ClientRequest(method="DELETE", useragent="georeg-retention")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +141,19 @@ class UntaggedRetention:
         self._resume = notes[-1][0] if len(notes) == limit else None
         tagged: dict[str, set[str]] = {}       # per repository, built once a sweep
         drops: dict[bytes, bytes] = {}
+        renotes: dict[bytes, tuple[bytes, bytes]] = {}    # key → (as read, rebased)
         for key, raw in notes:
             report.examined += 1
             if meta.get(key) != raw:
                 continue                      # changed since it was read: next sweep
             note = keys.parse(key, keys.UntaggedKey)
             repo, digest = note.repository, note.digest
-            verdict = self._verdict(repo, digest, int(raw), policy, origins, due_before, tagged)
-            if verdict == "drop":
+            since = decode(raw, UntaggedNote)
+            verdict = self._verdict(repo, digest, since, policy, origins, due_before, tagged)
+            if isinstance(verdict, UntaggedNote):
+                renotes[key] = (raw, encode(verdict))
+                report.not_due += 1
+            elif verdict == "drop":
                 drops[key] = raw
                 report.dropped += 1
             elif verdict == "not due":
@@ -154,7 +164,7 @@ class UntaggedRetention:
                 # No await between the checks above and the delete's own
                 # checks and staging: nothing can change the manifest between.
                 try:
-                    await registry.delete_manifest(repo, digest, request=REQUEST)
+                    await registry.delete_manifest(repo, digest, request=RETENTION_REQUEST, stamp=since.hlc)
                 except RegistryError as exc:
                     report.failed += 1
                     log.warning("retention_delete_failed", repository=repo, digest=digest,
@@ -167,6 +177,9 @@ class UntaggedRetention:
         for key, raw in drops.items():
             if meta.get(key) == raw:
                 batch.delete(key)
+        for key, (raw, rebased) in renotes.items():
+            if meta.get(key) == raw:
+                batch.put(key, rebased)
         if batch:
             meta.commit(batch)
         if report.deleted:
@@ -174,11 +187,17 @@ class UntaggedRetention:
                      examined=report.examined)
         return report
 
-    def _verdict(self, repo: str, digest: str, since: int, policy: RetentionPolicy,
-                 origins: frozenset[str], due_before: int, tagged: dict[str, set[str]]) -> str:
+    def _verdict(self, repo: str, digest: str, since: UntaggedNote, policy: RetentionPolicy,
+                 origins: frozenset[str], due_before: int,
+                 tagged: dict[str, set[str]]) -> str | UntaggedNote:
+        """What to do with the note ``since``: "drop", "not due", "locked",
+        "delete", "another region's", or a note to write instead (the
+        manifest's register was renewed after the note, by a push of the same
+        bytes: a delete with the note's stamp would lose to it elsewhere, so
+        the clock restarts now, stamped after that)."""
         meta = self.registry.meta
         raw = meta.get(keys.manifest(repo, digest))
-        if raw is None or since < policy.enabled_ns:
+        if raw is None or since.since_ns < policy.enabled_ns:
             return "drop"
         record = decode(raw, ManifestRecord)
         if record.residency_region not in origins:
@@ -188,7 +207,10 @@ class UntaggedRetention:
         if digest in tagged[repo] or meta.has_prefix(keys.ref_repo_prefix(digest, repo)) \
                 or (record.subject and meta.get(keys.manifest(repo, record.subject)) is not None):
             return "drop"
-        if since > due_before:
+        identity = self.registry.identity
+        if stamp_of(record) >= (since.hlc, identity.region, identity.zone):
+            return UntaggedNote(self.registry.wall_ns(), record.hlc + 1)
+        if since.since_ns > due_before:
             return "not due"
         try:
             self.registry.locks.check_delete_manifest(repo, digest)

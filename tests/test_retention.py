@@ -1,8 +1,8 @@
 """Retention of untagged manifests (``registry_node.untagged``) on one
 in-process node with the test's clock: what is kept, what goes and when; the
-policy's checks; the sweep route and its metric. Across regions:
-``test_retention_regions``; the CLI and management API:
-``test_lifecycle_commands``."""
+policy's checks; the sweep route and its metric; a retention delete meeting a
+tag made in another region (two in-process nodes, events carried by hand).
+The CLI and management API: ``test_lifecycle_commands``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import pytest
 
 from registry_node.api.common import RETENTION
 from registry_node.config import NodeConfig
+from registry_node.records import EventKind
+from registry_node.replica import MissingContent, Replica
 from registry_node.untagged import DAY_NS
 
-from .helpers import ManualClock, descriptor, digest_of, make_image, push_image, started_node
+from .helpers import (ManualClock, descriptor, digest_of, make_image, push_blob, push_image,
+                      started_node)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
@@ -44,6 +47,13 @@ async def exists(http, node, repo: str, digest: str) -> bool:
 async def untag(http, node, repo: str, tag: str) -> None:
     async with http.delete(f"{node.url}/v2/{repo}/manifests/{tag}") as r:
         assert r.status == 202, await r.text()
+
+
+async def push_untagged(http, node, repo: str, image) -> str:
+    """Pushed and untagged: retention's clock starts at an untag, not at a push."""
+    digest = await push_image(http, node.url, repo, image, tag="gone")
+    await untag(http, node, repo, "gone")
+    return digest
 
 
 @pytest.fixture
@@ -83,7 +93,7 @@ async def test_a_manifest_untagged_after_enabling_goes_once_its_days_pass(clocke
 async def test_locked_held_and_referring_manifests_are_kept(clocked, clock, http):
     node = clocked
     await set_policy(http, node, clock, days=0)
-    locked = await push_image(http, node.url, "app", make_image(seed=10))
+    locked = await push_untagged(http, node, "app", make_image(seed=10))
     async with http.patch(f"{node.url}/acr/v1/app/_manifests/{locked}",
                           json={"deleteEnabled": False}) as r:
         assert r.status == 200, await r.text()
@@ -103,6 +113,7 @@ async def test_locked_held_and_referring_manifests_are_kept(clocked, clock, http
     report = await sweep(http, node)
     assert report["deleted"] == []
     assert report["locked"] == [{"repository": "app", "digest": locked}]
+    assert report["examined"] == 1        # a push by digest (the child, the signature) starts nothing
     for digest in (locked, child_digest, signature_digest):
         assert await exists(http, node, "app", digest)
     # Unlocked, it goes at the next sweep; the index untagged goes, and its
@@ -149,11 +160,11 @@ async def test_a_sweep_is_bounded_and_the_next_goes_on_where_it_stopped(clocked,
     node = clocked
     await set_policy(http, node, clock, days=0)
     for i in range(2):
-        locked = await push_image(http, node.url, "a-locked", make_image([8], seed=30 + i))
+        locked = await push_untagged(http, node, "a-locked", make_image([8], seed=30 + i))
         async with http.patch(f"{node.url}/acr/v1/a-locked/_manifests/{locked}",
                               json={"deleteEnabled": False}) as r:
             assert r.status == 200
-    digests = {await push_image(http, node.url, "many", make_image([8], seed=40 + i))
+    digests = {await push_untagged(http, node, "many", make_image([8], seed=40 + i))
                for i in range(3)}
     clock.advance(1)
     deleted: set[str] = set()
@@ -163,3 +174,49 @@ async def test_a_sweep_is_bounded_and_the_next_goes_on_where_it_stopped(clocked,
         assert report.examined <= 2
         deleted |= {d for _, d in report.deleted}
     assert deleted == digests
+
+
+async def test_a_tag_made_elsewhere_after_the_untag_beats_retentions_delete(clocked, clock, http,
+                                                                             tmp_path):
+    """Retention's delete carries the untag's stamp: a tag set in another
+    region after the untag, that the deciding region has not seen (lag, or a
+    confined region whose tags never leave it), keeps the manifest and the tag
+    there, and wins where it arrives later (its manifest is fetched again)."""
+    decider = clocked
+    image, locked_image = make_image(seed=50), make_image(seed=51)
+    await set_policy(http, decider, clock, days=1)
+    digest = await push_untagged(http, decider, "app", image)
+    locked = await push_untagged(http, decider, "app", locked_image)
+    config = NodeConfig(data_dir=tmp_path / "other", port=0, region="brazilsouth")
+    async with started_node(config, clock) as other:
+        bodies = {digest: image.manifest, locked: locked_image.manifest}
+        for blob in [*image.blobs, *locked_image.blobs]:
+            await push_blob(http, other.url, "app", blob)
+        replica = Replica(other.registry, other.node.configuration)
+        for event in decider.registry.meta.read_log(0):
+            if event.kind is EventKind.MANIFEST_PUT:
+                replica.apply_manifest(event, bodies[event.digest])
+            elif event.kind is EventKind.TAG_SET:
+                replica.apply_tag(event)
+            elif event.kind is EventKind.TAG_DELETE:
+                replica.apply_tag_delete(event)
+        clock.advance(86_400 + 60)
+        # Neither seen by the decider: a tag, and a lock.
+        kept = await push_image(http, other.url, "app", image, tag="kept")
+        async with http.patch(f"{other.url}/acr/v1/app/_manifests/{locked}",
+                              json={"deleteEnabled": False}) as r:
+            assert r.status == 200, await r.text()
+        clock.advance(1)
+        seen = decider.registry.meta.last_seq
+        report = await sweep(http, decider)
+        assert {d["digest"] for d in report["deleted"]} == {digest, locked}
+        for delete in decider.registry.meta.read_log(seen):
+            replica.apply_manifest_delete(delete)
+        assert kept == digest and await exists(http, other, "app", digest)
+        assert await exists(http, other, "app", locked)
+        async with http.head(f"{other.url}/v2/app/manifests/kept") as r:
+            assert r.status == 200
+        (tag_set,) = [e for e in other.registry.meta.read_log(0)
+                      if e.kind is EventKind.TAG_SET and e.tag == "kept"]
+        with pytest.raises(MissingContent):     # the decider fetches the manifest again
+            Replica(decider.registry, decider.node.configuration).apply_tag(tag_set)

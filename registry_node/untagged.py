@@ -63,8 +63,15 @@ import structlog
 from . import keys
 from .errors import RegistryError
 from .metastore import Batch
-from .records import (RETENTION_REQUEST, ManifestRecord, TagRecord, UntaggedNote, decode, encode,
-                      stamp_of)
+from .records import (
+    RETENTION_REQUEST,
+    ManifestRecord,
+    TagRecord,
+    UntaggedNote,
+    decode,
+    encode,
+    stamp_of,
+)
 from .registry import Registry
 
 log = structlog.get_logger("georeg.untagged")

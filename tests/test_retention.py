@@ -16,8 +16,15 @@ from registry_node.records import EventKind
 from registry_node.replica import MissingContent, Replica
 from registry_node.untagged import DAY_NS
 
-from .helpers import (ManualClock, descriptor, digest_of, make_image, push_blob, push_image,
-                      started_node)
+from .helpers import (
+    ManualClock,
+    descriptor,
+    digest_of,
+    make_image,
+    push_blob,
+    push_image,
+    started_node,
+)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 

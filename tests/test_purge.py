@@ -23,8 +23,9 @@ from cluster.control.purge import (
     parse_filter,
     purge,
 )
+from registry_node.config import NodeConfig
 
-from .helpers import descriptor, digest_of, make_image, push_image
+from .helpers import descriptor, digest_of, make_image, push_image, started_node
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DAY = 86_400.0
@@ -142,3 +143,67 @@ async def test_an_unknown_repository_is_refused_before_anything_is_deleted(node,
     # A repository regex matches whole names: "kep" is not "kept".
     with pytest.raises(PurgeError, match="no repository matches 'kep'"):
         await purge(client, request("kep:.*"), time.time() + 10 * DAY)
+
+
+async def test_keep_counts_only_the_tags_that_would_go(tmp_path, clock, http):
+    """ACR's --keep: of the matching tags older than --ago and not locked, the
+    N newest stay; a fresh tag and a locked one use no keep slot."""
+    async with started_node(NodeConfig(data_dir=tmp_path / "n", port=0), clock) as node, \
+            aiohttp.ClientSession() as session:
+        for i, tag in enumerate(["a", "b", "locked"]):
+            await push_image(http, node.url, "web", make_image(seed=60 + i), tag=tag)
+            clock.advance(1)
+        async with http.patch(f"{node.url}/acr/v1/web/_tags/locked",
+                              json={"deleteEnabled": False}) as r:
+            assert r.status == 200
+        clock.advance(DAY)
+        await push_image(http, node.url, "web", make_image(seed=63), tag="fresh")
+        report = await purge(RegistryClient(session, node.url), request("web:.*", ago="12h", keep=1),
+                             clock.wall_ns() / 1e9)
+        assert report.tags == [("web", "a")]
+        assert [ref for _, ref, _ in report.skipped] == ["locked"]
+        assert await tags_of(http, node, "web") == {"b", "locked", "fresh"}
+
+
+async def test_what_the_listing_hides_is_looked_up_and_a_refusal_skips_only_it(node, http, client):
+    """An unlisted index still holds its child (the node refuses the delete:
+    skipped, in use, and the purge goes on); an unlisted subject still keeps
+    its signature."""
+    child = make_image(seed=70)
+    child_digest = await push_image(http, node.url, "hid", child)
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                        "manifests": [descriptor(child.manifest, child.media_type)]}).encode()
+    async with http.put(f"{node.url}/v2/hid/manifests/{digest_of(index)}", data=index,
+                        headers={"Content-Type": OCI_INDEX}) as r:
+        assert r.status == 201
+    subject = make_image(seed=71)
+    subject_digest = await push_image(http, node.url, "hid", subject, tag="unmatched")
+    signature = make_image([8], seed=72, subject=descriptor(subject.manifest, subject.media_type),
+                           artifact_type="application/vnd.example.signature")
+    signature_digest = await push_image(http, node.url, "hid", signature)
+    for hidden in (digest_of(index), subject_digest):
+        async with http.patch(f"{node.url}/acr/v1/hid/_manifests/{hidden}",
+                              json={"listEnabled": False}) as r:
+            assert r.status == 200
+    loose = await push_image(http, node.url, "hid", make_image(seed=73))
+    report = await purge(client, request("hid:none", untagged=True), time.time() + DAY + 60)
+    assert report.manifests == [("hid", loose)] and report.failed == []
+    reasons = {ref: why for _, ref, why in report.skipped}
+    assert reasons[child_digest].startswith("in use")
+    assert reasons[signature_digest] == "a referrer of an image that stays"
+    assert await held(http, node, "hid", signature_digest)
+
+
+async def test_a_refused_delete_is_recorded_and_the_purge_goes_on(node, http, client):
+    for tag in ("v1", "v2"):
+        await push_image(http, node.url, "full", make_image(seed=80 if tag == "v1" else 81), tag=tag)
+    async with http.put(f"{node.url}/georeg/v1/faults/storage", json={"full": True}) as r:
+        assert r.status == 200, await r.text()
+    try:
+        report = await purge(client, request("full:.*"), time.time() + 2 * DAY)
+    finally:
+        async with http.put(f"{node.url}/georeg/v1/faults/storage", json={"full": False}) as r:
+            assert r.status == 200
+    assert report.tags == []
+    assert sorted(ref for _, ref, _ in report.failed) == ["v1", "v2"]
+    assert report.as_dict()["failed"][0]["reason"].startswith("5")

@@ -8,9 +8,11 @@ confined to a region is seen only through that region: purge it with
 ``--region`` there.
 
 Exit status: 0 when done (what was deleted, or would be with --dry-run, and
-what was skipped as locked, one line each), 2 for bad input — a regex that
-does not compile, a filter without ``:``, an ``--ago`` that is no duration, a
-filter that matches no repository — with nothing deleted, or a refusal.
+what was skipped as locked or in use, one line each); 1 when some deletes
+failed (each named with the registry's answer; the others were made and are
+listed); 2 for bad input — a regex that does not compile, a filter without
+``:``, an ``--ago`` that is no duration, a filter that matches no repository —
+with nothing deleted.
 """
 
 from __future__ import annotations
@@ -83,4 +85,4 @@ def run_purge(args: argparse.Namespace) -> int:
     else:
         for line in purges.summary(report):
             print(line)
-    return 0
+    return 1 if report.failed else 0

@@ -22,8 +22,9 @@ The rules, ACR's where ACR states one:
   regex matches no repository is an error, before anything is deleted.
 * ``--ago`` is ACR's duration: whole days then Go's units, ``2d3h6m``,
   ``7d``, ``30m``, ``0d``; a tag goes when its ``lastUpdateTime`` is older.
-* ``--keep N``: the N most recently updated matching tags of each repository
-  stay, whatever their age.
+* ``--keep N``: of the tags that would go (matching, older than ``--ago``,
+  not locked), the N most recently updated of each repository stay (ACR's
+  rule: fresh and locked tags use no keep slot).
 * ``--untagged``: also every manifest of the matched repositories that has no
   tag once the tag deletes are done, and is older than ``--ago``, except one
   an index (that stays) holds — its index goes first when the index goes too —
@@ -36,12 +37,16 @@ The rules, ACR's where ACR states one:
 Bad input (a regex that does not compile, a filter without ``:``, an
 ``--ago`` that is no duration) is a ``ValueError`` saying what is wrong;
 an unknown repository a ``PurgeError``: the CLI makes each exit status 2.
+A delete the registry refuses for another reason (401, 403, 503 without
+quorum, a connection lost) is recorded in the report's ``failed`` and the
+purge goes on: the report says what was deleted all the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import shlex
 from collections.abc import Awaitable, Callable, Iterable
@@ -219,6 +224,12 @@ class RegistryClient:
     async def manifest(self, repo: str, digest: str) -> dict:
         return (await self._get(f"/v2/{repo}/manifests/{digest}", accept=ACCEPT))[0]
 
+    async def has_manifest(self, repo: str, digest: str) -> bool:
+        """Whether ``digest`` is in ``repo``, listed or not (a HEAD)."""
+        async with self.session.head(f"{self.base}/v2/{repo}/manifests/{digest}",
+                                     headers={**self.headers, "Accept": ACCEPT}) as r:
+            return r.status != 404      # a refusal (a read lock) is no proof it is gone
+
     async def delete(self, path: str) -> tuple[int, str]:
         async with self.session.delete(f"{self.base}{path}", headers=self.headers) as r:
             return r.status, await r.text()
@@ -233,19 +244,26 @@ class RegistryClient:
 # -- the purge -------------------------------------------------------------------------
 
 
+def _image(repo: str, ref: str) -> str:
+    return f"{repo}{'@' if ref.startswith('sha256:') else ':'}{ref}"
+
+
 @dataclass
 class PurgeReport:
     dry_run: bool
     tags: list[tuple[str, str]] = field(default_factory=list)         # (repo, tag) deleted
     manifests: list[tuple[str, str]] = field(default_factory=list)    # (repo, digest) deleted
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (repo, ref, why)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)   # (repo, ref, why)
 
     def as_dict(self) -> dict:
         return {"dryRun": self.dry_run,
-                "tagsDeleted": [f"{r}:{t}" for r, t in self.tags],
-                "manifestsDeleted": [f"{r}@{d}" for r, d in self.manifests],
-                "skipped": [{"image": f"{r}{'@' if ref.startswith('sha256:') else ':'}{ref}",
-                             "reason": why} for r, ref, why in self.skipped]}
+                "tagsDeleted": [_image(r, t) for r, t in self.tags],
+                "manifestsDeleted": [_image(r, d) for r, d in self.manifests],
+                "skipped": [{"image": _image(r, ref), "reason": why}
+                            for r, ref, why in self.skipped],
+                "failed": [{"image": _image(r, ref), "reason": why}
+                           for r, ref, why in self.failed]}
 
 
 def _time(text: str) -> float:
@@ -260,8 +278,45 @@ def _lock_reason(what: str) -> str:
     return f"locked: the {what} is write- or delete-disabled"
 
 
+def _in_use(text: str) -> str | None:
+    """A node's 403 that a manifest is part of an index (what the listing
+    could not show: an unlisted index), as the reason to skip it."""
+    try:
+        errors = json.loads(text).get("errors") or []
+    except (ValueError, AttributeError):
+        return None
+    for error in errors:
+        if isinstance(error, dict) and error.get("message") == "manifest is in use":
+            return f"in use: {str(error.get('detail') or 'part of an index')[:200]}"
+    return None
+
+
+async def _attempt(report: PurgeReport, limit: asyncio.Semaphore, repo: str, ref: str,
+                   delete: Callable[[], Awaitable[tuple[int, str]]], locked_what: str) -> bool:
+    """One delete: True when done (or already gone); a lock or an index
+    refusing it is a skip, anything else a failure recorded with its reason.
+    Never raises for one item: the others go on and the report keeps them."""
+    try:
+        async with limit:
+            status, text = await delete()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        report.failed.append((repo, ref, f"{type(exc).__name__}: {exc}"[:300]))
+        return False
+    if status in (200, 202, 404):
+        return True
+    if status == 405:
+        report.skipped.append((repo, ref, _lock_reason(locked_what)))
+    elif status == 403 and (why := _in_use(text)):
+        report.skipped.append((repo, ref, why))
+    else:
+        report.failed.append((repo, ref, f"{status} {text[:300]}"))
+    return False
+
+
 async def purge(client: RegistryClient, request: PurgeRequest, now: float) -> PurgeReport:
-    """Run ``request`` against ``client``'s registry at time ``now`` (seconds)."""
+    """Run ``request`` against ``client``'s registry at time ``now`` (seconds).
+    A delete the registry refuses (other than a lock) is in ``failed``; the
+    others still run."""
     catalog = await client.repositories()
     matched: dict[str, list[Filter]] = {}
     for f in request.filters:
@@ -276,38 +331,42 @@ async def purge(client: RegistryClient, request: PurgeRequest, now: float) -> Pu
     limit = asyncio.Semaphore(request.concurrency)
     cutoff = now - request.ago_s
     for repo in sorted(matched):
-        await _purge_repository(client, repo, matched[repo], request, cutoff, limit, report)
+        try:
+            await _purge_repository(client, repo, matched[repo], request, cutoff, limit, report)
+        except (PurgeError, aiohttp.ClientError, TimeoutError) as exc:
+            # A listing that failed: this repository stops, the others go on.
+            report.failed.append((repo, "*", str(exc)[:300] or type(exc).__name__))
     return report
 
 
 async def _purge_repository(client: RegistryClient, repo: str, filters: list[Filter],
                             request: PurgeRequest, cutoff: float, limit: asyncio.Semaphore,
                             report: PurgeReport) -> None:
+    """ACR's rule (acr-cli's getTagsToDelete): of the matching tags older than
+    the cutoff and not locked, all but the ``keep`` most recently updated go."""
     repo_locked = _locked((await client.repository(repo)).get("changeableAttributes", {}))
-    tags = [t for t in await client.tags(repo)
-            if any(f.tag.fullmatch(t["name"]) for f in filters)]
-    tags.sort(key=lambda t: (_time(t["lastUpdateTime"]), t["name"]), reverse=True)
-    doomed = [t for t in tags[request.keep:] if _time(t["lastUpdateTime"]) < cutoff]
+    old = [t for t in await client.tags(repo)
+           if any(f.tag.fullmatch(t["name"]) for f in filters)
+           and _time(t["lastUpdateTime"]) < cutoff]
+    old.sort(key=lambda t: (_time(t["lastUpdateTime"]), t["name"]), reverse=True)
+    eligible = []
+    for entry in old:
+        if repo_locked or _locked(entry.get("changeableAttributes", {})):
+            report.skipped.append((repo, entry["name"], _lock_reason(
+                "repository" if repo_locked else "tag")))
+        else:
+            eligible.append(entry["name"])
     gone: set[str] = set()
 
-    async def untag(entry: dict) -> None:
-        tag = entry["name"]
-        if repo_locked or _locked(entry.get("changeableAttributes", {})):
-            report.skipped.append((repo, tag, _lock_reason("repository" if repo_locked
-                                                           else "tag")))
-            return
-        if not request.dry_run:
-            async with limit:
-                status, text = await client.untag(repo, tag)
-            if status == 405:
-                report.skipped.append((repo, tag, _lock_reason("tag")))
-                return
-            if status not in (200, 202, 404):
-                raise PurgeError(f"untag {repo}:{tag}: {status} {text[:300]}")
-        gone.add(tag)
-        report.tags.append((repo, tag))
+    async def untag(tag: str) -> None:
+        if request.dry_run or await _attempt(report, limit, repo, tag,
+                                             lambda: client.untag(repo, tag), "tag"):
+            gone.add(tag)
+            report.tags.append((repo, tag))
 
-    await asyncio.gather(*(untag(t) for t in doomed))
+    async with asyncio.TaskGroup() as group:
+        for tag in eligible[request.keep:]:
+            group.create_task(untag(tag))
     if request.untagged:
         await _purge_untagged(client, repo, request, cutoff, limit, report, gone, repo_locked)
 
@@ -317,7 +376,9 @@ async def _purge_untagged(client: RegistryClient, repo: str, request: PurgeReque
                           gone: set[str], repo_locked: bool) -> None:
     """The manifests with no tag left (in a dry run: none but the tags it
     would delete), older than the cutoff, neither held by an index that stays
-    nor referrers of a subject that stays; an index before its children."""
+    nor referrers of a subject that stays; an index before its children. The
+    listing hides unlisted manifests: a subject is looked up by itself, and an
+    unlisted index holding a child makes the node refuse it (skipped, in use)."""
     listed = {m["digest"]: m for m in await client.manifests(repo)}
     untagged = {d for d, m in listed.items()
                 if not set(m.get("tags") or ()) - gone and _time(m["lastUpdateTime"]) < cutoff}
@@ -330,10 +391,12 @@ async def _purge_untagged(client: RegistryClient, repo: str, request: PurgeReque
             children[digest] = [c["digest"] for c in body.get("manifests") or []]
             if isinstance(body.get("subject"), dict):
                 subject[digest] = body["subject"].get("digest", "")
+    present = {d: d in listed or await client.has_manifest(repo, d)
+               for d in set(subject.values()) if d}
     doomed = set(untagged)
     for _ in range(len(listed) + 1):     # until nothing more is held back (bounded)
         held = {c for d, cs in children.items() if d not in doomed for c in cs}
-        keep = {d for d in doomed if d in held or subject.get(d, "") in listed
+        keep = {d for d in doomed if d in held or present.get(subject.get(d, ""), False)
                 and subject[d] not in doomed}
         if not keep:
             break
@@ -350,18 +413,15 @@ async def _purge_untagged(client: RegistryClient, repo: str, request: PurgeReque
             report.skipped.append((repo, digest, _lock_reason("repository" if repo_locked
                                                               else "manifest")))
             return
-        if not request.dry_run:
-            async with limit:
-                status, text = await client.delete_manifest(repo, digest)
-            if status == 405:
-                report.skipped.append((repo, digest, _lock_reason("manifest or a tag on it")))
-                return
-            if status not in (200, 202, 404):
-                raise PurgeError(f"delete {repo}@{digest}: {status} {text[:300]}")
-        report.manifests.append((repo, digest))
+        if request.dry_run or await _attempt(report, limit, repo, digest,
+                                             lambda: client.delete_manifest(repo, digest),
+                                             "manifest or a tag on it"):
+            report.manifests.append((repo, digest))
 
     for wave in waves:
-        await asyncio.gather(*(delete(d) for d in sorted(wave)))
+        async with asyncio.TaskGroup() as group:
+            for digest in sorted(wave):
+                group.create_task(delete(digest))
 
 
 async def run_purge(base: str, headers: dict[str, str], request: PurgeRequest, now: float,
@@ -380,10 +440,13 @@ def summary(report: PurgeReport) -> Iterable[str]:
     for repo, digest in report.manifests:
         yield f"{verb} manifest {repo}@{digest}"
     for repo, ref, why in report.skipped:
-        yield f"skipped {repo}{'@' if ref.startswith('sha256:') else ':'}{ref}: {why}"
+        yield f"skipped {_image(repo, ref)}: {why}"
+    for repo, ref, why in report.failed:
+        yield f"failed {_image(repo, ref)}: {why}"
     done = "would be deleted (dry run: nothing deleted)" if report.dry_run else "deleted"
     yield (f"{len(report.tags)} tags and {len(report.manifests)} manifests {done}, "
-           f"{len(report.skipped)} skipped")
+           f"{len(report.skipped)} skipped" + (f", {len(report.failed)} failed"
+                                              if report.failed else ""))
 
 
 Runner = Callable[[PurgeRequest], Awaitable[PurgeReport]]

@@ -151,7 +151,8 @@ class Scheduler:
         started = self._now()
         try:
             detail = await self._run(parse_command(schedule.command))
-            result = "Succeeded"
+            # Some deletes refused: the run failed, and its report says what it did.
+            result = "Failed" if detail.get("failed") else "Succeeded"
         except Exception as exc:     # noqa: BLE001 - a failed run is recorded, not raised
             detail, result = {"error": str(exc)[:500]}, "Failed"
             log.warning("schedule_failed", schedule=name, error=str(exc)[:200])

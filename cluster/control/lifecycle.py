@@ -47,6 +47,7 @@ from registry_node.untagged import DEFAULT_DAYS, check_days
 from .errors import ClusterError, NodeRefusal
 from .purge import PurgeError, PurgeRequest, run_purge
 from .regions import REGIONS
+from .schedules import iso
 from .tls import client_context
 from .webhooks import delivery_order
 
@@ -59,16 +60,12 @@ STATUSES = ("enabled", "disabled")
 RETENTION_FIELDS = ("retention_enabled", "retention_days", "retention_enabled_ns")
 
 
-def _iso(ns: int) -> str | None:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9)) if ns else None
-
-
 def retention_view(stored: dict) -> dict:
     """ACR's ``retentionPolicy`` of a stored registry object (``{}``: never written)."""
     enabled = bool(stored.get("retention_enabled", False))
     return {"type": "UntaggedManifests", "days": stored.get("retention_days", DEFAULT_DAYS),
             "status": "enabled" if enabled else "disabled",
-            "enabledSince": _iso(stored.get("retention_enabled_ns", 0)) if enabled else None}
+            "enabledSince": iso(stored.get("retention_enabled_ns", 0) / 1e9) if enabled else None}
 
 
 def check_update(days: object, status: object) -> None:

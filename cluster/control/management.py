@@ -430,7 +430,7 @@ class ManagementServer:
         if name not in self.cluster.schedules.schedules:
             raise NotFound(f"no schedule {name[:64]!r}; the spec's schedules are "
                            f"{', '.join(self.cluster.schedules.schedules) or 'none'}")
-        return web.json_response((await self.cluster.schedules.run_now(name)).as_dict())
+        return web.json_response((await self.cluster.schedules.run_now(name, manual=True)).as_dict())
 
     async def show_usage(self, request: web.Request) -> web.Response:
         return web.json_response(await self.cluster.usage())

@@ -9,11 +9,13 @@ instead of waited for. The CLI on a running cluster: ``test_lifecycle_commands``
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import aiohttp
 import pytest
 
+from cluster.control import purge as purges
 from cluster.control.purge import (
     PurgeError,
     PurgeRequest,
@@ -53,8 +55,10 @@ def test_a_bad_filter_says_what_is_wrong(text, why):
 
 
 def test_a_command_is_purge_with_its_options():
-    request = parse_command("purge --filter 'hello-world:.*' --ago 7d --untagged --keep 2")
+    request = parse_command("purge --filter 'hello-world:.*' --ago 7d --untagged --keep 2 "
+                            "--region brazilsouth")
     assert request.ago_s == 7 * DAY and request.untagged and request.keep == 2
+    assert request.region == "brazilsouth"       # a confined region's content, purged there
     assert [f.text for f in request.filters] == ["hello-world:.*"]
     for bad, why in [("import --source x", "the command is 'purge"), ("", "not 'nothing'"),
                      ("purge --ago 1d", "--filter"), ("purge --filter a:b --ago 1d --bogus", "bogus"),
@@ -207,3 +211,12 @@ async def test_a_refused_delete_is_recorded_and_the_purge_goes_on(node, http, cl
     assert report.tags == []
     assert sorted(ref for _, ref, _ in report.failed) == ["v1", "v2"]
     assert report.as_dict()["failed"][0]["reason"].startswith("5")
+
+
+async def test_a_regex_that_backtracks_without_end_fails_the_purge_not_the_loop(monkeypatch):
+    """(The thread goes on for about a second after: it cannot be stopped.)"""
+    monkeypatch.setattr(purges, "MATCH_TIMEOUT_S", 0.05)
+    started = time.monotonic()
+    with pytest.raises(PurgeError, match="took longer than 0.05 s"):
+        await purges._matching(["a" * 23 + "-"], [re.compile("(a+)+")], "repositories")
+    assert time.monotonic() - started < 0.5      # on the loop, the match would take ~1 s

@@ -41,8 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "--dry-run says what would go. A client of the data plane: its deletes "
                     "replicate to every region. docs/lifecycle.md has the rules.")
     purges.add_arguments(p)
-    p.add_argument("--region", help="the replica whose regional endpoint is used (default: "
-                                    "the home region)")
     p.add_argument("--username", "-u", help="a registry user (default: the admin user)")
     p.add_argument("--password", "-p", help="its password or token")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -57,7 +55,7 @@ def run_purge(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     data_dir = data_dir_of(args)
     status = call(data_dir, "GET", "/georeg/v1/cluster")
-    region = args.region or status["home_region"]
+    region = request.region or status["home_region"]
     base = status["regional_endpoints"].get(region)
     if base is None:
         raise CliError(f"{region} has no regional endpoint here; the replicas are "
@@ -70,12 +68,8 @@ def run_purge(args: argparse.Namespace) -> int:
         login = None
     headers = login.headers() if login is not None else {}
     tls = cluster_tls(data_dir) if base.startswith("https:") else None
-
-    def session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls) if tls else None)
-
     try:
-        report = asyncio.run(purges.run_purge(base, headers, request, time.time(), session))
+        report = asyncio.run(purges.run_purge(base, headers, request, time.time(), tls))
     except purges.PurgeError as exc:
         raise CliError(str(exc)) from None
     except aiohttp.ClientError as exc:

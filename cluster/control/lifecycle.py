@@ -38,7 +38,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
 import structlog
 
 from registry_node import tiers
@@ -97,12 +96,14 @@ class RegistryLifecycle:
                  lock: asyncio.Lock,
                  plan: Callable[[], object], regions: Callable[[], list[str]],
                  home_region: Callable[[], str], tier: Callable[[], str],
-                 answers: Callable[[str], Awaitable[bool]], request: NodeCall) -> None:
+                 answers: Callable[[str], Awaitable[bool]], request: NodeCall,
+                 wall_ns: Callable[[], int] = time.time_ns) -> None:
         self._home, self._reader, self._current, self._write = home, reader, current, write
         self.lock = lock
         self._plan, self._regions, self._home_region = plan, regions, home_region
         self._tier = tier
         self._answers, self._request = answers, request
+        self._wall_ns = wall_ns          # when a policy is enabled (the nodes' clock in tests)
         self.last_sweep: dict[str, dict] = {}     # region → its last sweep's report (or error)
 
     # -- the policy ------------------------------------------------------------------
@@ -116,10 +117,12 @@ class RegistryLifecycle:
         """``az acr config retention update --days --status``: what is given
         changes, the rest keeps its value; nothing changes on a refusal."""
         check_update(days, status)
-        if status == "enabled" and self._tier() != tiers.PREMIUM:
-            raise ClusterError(f"a retention policy needs the Premium tier, as in ACR; this "
-                               f"registry is {self._tier()} (georeg registry update --sku Premium)")
         async with self.lock:
+            # Under the lock a move of the tier also takes: none can come between.
+            if status == "enabled" and self._tier() != tiers.PREMIUM:
+                raise ClusterError(f"a retention policy needs the Premium tier, as in ACR; this "
+                                   f"registry is {self._tier()} (georeg registry update --sku "
+                                   f"Premium)")
             home = await self._home()
             value = dict(await self._current(home))
             if days is not None:
@@ -127,7 +130,7 @@ class RegistryLifecycle:
             if status is not None:
                 enabled = status == "enabled"
                 if enabled and not value.get("retention_enabled"):
-                    value["retention_enabled_ns"] = time.time_ns()
+                    value["retention_enabled_ns"] = self._wall_ns()
                 value["retention_enabled"] = enabled
             await self._write(home, value)
         return retention_view(value)
@@ -186,6 +189,7 @@ class ClusterAsClient(Protocol):
     is one; not imported here, since it imports this module)."""
 
     spec: Any
+    plan: Any
     routing: Any
     access: Any
     ca_file: Path | None
@@ -198,10 +202,19 @@ class ClusterAsClient(Protocol):
 
 
 async def purge_as_client(cluster: ClusterAsClient, request: PurgeRequest) -> dict:
-    """A purge from the control process (a scheduled one): see the module docstring."""
-    home = cluster.spec.home_region
-    base = cluster.regional_endpoint(home) if cluster.routing is not None \
-        else cluster.node_url(await cluster.control_plane())
+    """A purge from the control process (a scheduled one): see the module
+    docstring. Through ``request.region``'s endpoint (default the home
+    region's), or without routing one of its nodes."""
+    region = request.region or cluster.spec.home_region
+    if cluster.routing is not None:
+        base = cluster.regional_endpoint(region)
+    elif region == cluster.spec.home_region:
+        base = cluster.node_url(await cluster.control_plane())
+    else:
+        names = delivery_order(cluster.plan, region)
+        if not names:
+            raise PurgeError(f"{region} has no replica")
+        base = cluster.node_url(names[0])
     headers = {}
     if cluster.spec.auth_enabled:
         login = await cluster.access.admin_login()
@@ -210,8 +223,4 @@ async def purge_as_client(cluster: ClusterAsClient, request: PurgeRequest) -> di
                              "(georeg registry update --admin-enabled true)")
         headers = login.headers()
     tls = client_context(cluster.ca_file) if base.startswith("https:") else None
-
-    def session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls) if tls else None)
-
-    return (await run_purge(base, headers, request, time.time(), session)).as_dict()
+    return (await run_purge(base, headers, request, time.time(), tls)).as_dict()

@@ -49,6 +49,7 @@ import asyncio
 import json
 import re
 import shlex
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -63,6 +64,7 @@ ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
 PAGE = 100
 MAX_PAGES = 10_000             # a listing longer than a million entries is not believed
 DEFAULT_CONCURRENCY = 5       # ACR's
+MATCH_TIMEOUT_S = 5.0         # a filter's regex over one listing (acr-cli times out each match)
 _AGO = re.compile(r"(?:(\d+)d)?((?:\d+(?:\.\d+)?(?:h|m|s|ms|us|µs|ns))*)")
 _AGO_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -115,6 +117,7 @@ class PurgeRequest:
     keep: int = 0
     dry_run: bool = False
     concurrency: int = DEFAULT_CONCURRENCY
+    region: str | None = None        # whose regional endpoint (None: the home region's)
 
 
 def _non_negative(value: str) -> int:
@@ -150,12 +153,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="say what would be deleted, delete nothing")
     parser.add_argument("--concurrency", type=_concurrency, default=DEFAULT_CONCURRENCY,
                         metavar="N", help="deletes in flight at once (1 to 64, default 5)")
+    parser.add_argument("--region", help="the replica whose regional endpoint is used "
+                                         "(default: the home region); content confined to a "
+                                         "region is purged only there")
 
 
 def request_of(args: argparse.Namespace) -> PurgeRequest:
     """The request the parsed options make; ``ValueError`` for a bad filter or --ago."""
     return PurgeRequest(tuple(parse_filter(f) for f in args.filters), parse_ago(args.ago),
-                        args.untagged, args.keep, args.dry_run, args.concurrency)
+                        args.untagged, args.keep, args.dry_run, args.concurrency, args.region)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -313,6 +319,21 @@ async def _attempt(report: PurgeReport, limit: asyncio.Semaphore, repo: str, ref
     return False
 
 
+async def _matching(names: list[str], patterns: list[re.Pattern], what: str) -> list[str]:
+    """The names some pattern matches whole, matched in a thread with a time
+    limit: a regex that backtracks without end (``(a+)+$``) must not freeze
+    the event loop (the control process serves the management API on it).
+    The thread cannot be stopped; the purge fails and says why."""
+    def match() -> list[str]:
+        return [n for n in names if any(p.fullmatch(n) for p in patterns)]
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(match), MATCH_TIMEOUT_S)
+    except TimeoutError:
+        raise PurgeError(f"matching {what} against {', '.join(repr(p.pattern) for p in patterns)}"
+                         f" took longer than {MATCH_TIMEOUT_S:g} s; simplify the regex "
+                         f"(nested repeats such as (a+)+ backtrack without end)"[:400]) from None
+
+
 async def purge(client: RegistryClient, request: PurgeRequest, now: float) -> PurgeReport:
     """Run ``request`` against ``client``'s registry at time ``now`` (seconds).
     A delete the registry refuses (other than a lock) is in ``failed``; the
@@ -320,7 +341,7 @@ async def purge(client: RegistryClient, request: PurgeRequest, now: float) -> Pu
     catalog = await client.repositories()
     matched: dict[str, list[Filter]] = {}
     for f in request.filters:
-        names = [name for name in catalog if f.repository.fullmatch(name)]
+        names = await _matching(catalog, [f.repository], "repositories")
         if not names:
             raise PurgeError(f"--filter {f.text!r}: no repository matches "
                              f"{f.repository.pattern!r} (this registry has "
@@ -345,9 +366,10 @@ async def _purge_repository(client: RegistryClient, repo: str, filters: list[Fil
     """ACR's rule (acr-cli's getTagsToDelete): of the matching tags older than
     the cutoff and not locked, all but the ``keep`` most recently updated go."""
     repo_locked = _locked((await client.repository(repo)).get("changeableAttributes", {}))
-    old = [t for t in await client.tags(repo)
-           if any(f.tag.fullmatch(t["name"]) for f in filters)
-           and _time(t["lastUpdateTime"]) < cutoff]
+    listed = await client.tags(repo)
+    matching = set(await _matching([t["name"] for t in listed], [f.tag for f in filters],
+                                   f"the tags of {repo}"))
+    old = [t for t in listed if t["name"] in matching and _time(t["lastUpdateTime"]) < cutoff]
     old.sort(key=lambda t: (_time(t["lastUpdateTime"]), t["name"]), reverse=True)
     eligible = []
     for entry in old:
@@ -425,10 +447,11 @@ async def _purge_untagged(client: RegistryClient, repo: str, request: PurgeReque
 
 
 async def run_purge(base: str, headers: dict[str, str], request: PurgeRequest, now: float,
-                    session_factory: Callable[[], aiohttp.ClientSession] = aiohttp.ClientSession
-                    ) -> PurgeReport:
-    """``purge`` over a session of its own to ``base``."""
-    async with session_factory() as session:
+                    tls: ssl.SSLContext | None = None) -> PurgeReport:
+    """``purge`` over a session of its own to ``base`` (``tls``: the context an
+    ``https`` endpoint needs; the CLI's and the control process's purges)."""
+    connector = aiohttp.TCPConnector(ssl=tls) if tls is not None else None
+    async with aiohttp.ClientSession(connector=connector) as session:
         return await purge(RegistryClient(session, base, headers), request, now)
 
 

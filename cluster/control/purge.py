@@ -16,9 +16,12 @@ whatever this client decided. Deletes run ``--concurrency`` at a time.
 
 The rules, ACR's where ACR states one:
 
-* ``--filter REPO_REGEX:TAG_REGEX`` (repeatable; at the first ``:``, which no
-  repository name holds): both regexes match a whole name, as if between
-  ``^`` and ``$`` (so ``app`` is not ``myapp``). A filter whose repository
+* ``--filter REPO_REGEX:TAG_REGEX`` (repeatable; at the first ``:`` outside
+  a group or a bracket, since no repository name holds one): both regexes
+  match a whole name, as if between ``^`` and ``$`` (so ``app`` is not
+  ``myapp``). They are ``regex`` patterns (re's syntax, plus POSIX classes
+  such as ``[[:alpha:]]`` that acr-cli's Go regexes have), each match with a
+  time limit. A filter whose repository
   regex matches no repository is an error, before anything is deleted.
 * ``--ago`` is ACR's duration: whole days then Go's units, ``2d3h6m``,
   ``7d``, ``30m``, ``0d``; a tag goes when its ``lastUpdateTime`` is older.
@@ -56,6 +59,7 @@ from datetime import datetime
 from urllib.parse import quote
 
 import aiohttp
+import regex
 
 INDEX_TYPES = frozenset({"application/vnd.oci.image.index.v1+json",
                          "application/vnd.docker.distribution.manifest.list.v2+json"})
@@ -64,7 +68,7 @@ ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
 PAGE = 100
 MAX_PAGES = 10_000             # a listing longer than a million entries is not believed
 DEFAULT_CONCURRENCY = 5       # ACR's
-MATCH_TIMEOUT_S = 5.0         # a filter's regex over one listing (acr-cli times out each match)
+MATCH_TIMEOUT_S = 5.0         # one regex on one name (acr-cli times out each match)
 _AGO = re.compile(r"(?:(\d+)d)?((?:\d+(?:\.\d+)?(?:h|m|s|ms|us|µs|ns))*)")
 _AGO_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -78,20 +82,52 @@ class PurgeError(Exception):
 @dataclass(frozen=True)
 class Filter:
     text: str
-    repository: re.Pattern
-    tag: re.Pattern
+    repository: regex.Pattern
+    tag: regex.Pattern
+
+
+def _split_filter(text: str) -> tuple[str, str] | None:
+    """``REPO_REGEX:TAG_REGEX`` at the first ``:`` outside a group and a
+    bracket (no repository name holds one; ``(?:…)`` and ``[[:alpha:]]`` in
+    either part keep theirs). None when there is no ``:``."""
+    depth, in_class, i = 0, False, 0
+    while i < len(text):                       # bounded: i only grows
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            if text.startswith("[:", i) and (end := text.find(":]", i + 2)) > 0:
+                i = end + 2
+                continue
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            i += 1 + text.startswith("^", i + 1)
+            i += text.startswith("]", i)       # a ']' first in a class is literal
+            continue
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == ":" and depth == 0:
+            return text[:i], text[i + 1:]
+        i += 1
+    # Unbalanced: the first ':', so that the regex's own error is what is shown.
+    repo, sep, tag = text.partition(":")
+    return (repo, tag) if sep else None
 
 
 def parse_filter(text: str) -> Filter:
-    repo, sep, tag = text.partition(":")
-    if not sep or not repo or not tag:
+    parts = _split_filter(text)
+    if parts is None or not all(parts):
         raise ValueError(f"--filter {text!r} is REPO_REGEX:TAG_REGEX, both parts given "
                          f"(e.g. 'hello-world:.*')")
     patterns = []
-    for part, what in ((repo, "repository"), (tag, "tag")):
+    for part, what in zip(parts, ("repository", "tag"), strict=True):
         try:
-            patterns.append(re.compile(part))
-        except re.error as exc:
+            patterns.append(regex.compile(part))
+        except regex.error as exc:
             raise ValueError(f"--filter {text!r}: the {what} regex {part!r} does not compile: "
                              f"{exc}") from None
     return Filter(text, *patterns)
@@ -319,19 +355,20 @@ async def _attempt(report: PurgeReport, limit: asyncio.Semaphore, repo: str, ref
     return False
 
 
-async def _matching(names: list[str], patterns: list[re.Pattern], what: str) -> list[str]:
-    """The names some pattern matches whole, matched in a thread with a time
-    limit: a regex that backtracks without end (``(a+)+$``) must not freeze
-    the event loop (the control process serves the management API on it).
-    The thread cannot be stopped; the purge fails and says why."""
+async def _matching(names: list[str], patterns: list[regex.Pattern], what: str) -> list[str]:
+    """The names some pattern matches whole, in a thread that lets go of the
+    GIL, each match with a time limit (as acr-cli's): a regex that backtracks
+    without end (``(a|aa)+``) fails the purge, saying why, and never freezes
+    the event loop (the control process serves the management API on it)."""
     def match() -> list[str]:
-        return [n for n in names if any(p.fullmatch(n) for p in patterns)]
+        return [n for n in names if any(p.fullmatch(n, timeout=MATCH_TIMEOUT_S, concurrent=True)
+                                        for p in patterns)]
     try:
-        return await asyncio.wait_for(asyncio.to_thread(match), MATCH_TIMEOUT_S)
+        return await asyncio.to_thread(match)
     except TimeoutError:
         raise PurgeError(f"matching {what} against {', '.join(repr(p.pattern) for p in patterns)}"
                          f" took longer than {MATCH_TIMEOUT_S:g} s; simplify the regex "
-                         f"(nested repeats such as (a+)+ backtrack without end)"[:400]) from None
+                         f"(nested repeats such as (a|aa)+ backtrack without end)"[:400]) from None
 
 
 async def purge(client: RegistryClient, request: PurgeRequest, now: float) -> PurgeReport:

@@ -80,6 +80,7 @@ MIN_DAYS, MAX_DAYS, DEFAULT_DAYS = 0, 365, 7      # ACR's range and default
 DAY_NS = 86_400 * 10**9
 SWEEP_LIMIT = 500          # notes looked at per sweep
 SETTLE_S = 60.0            # the least time a manifest stays untagged before it goes
+SWEEP_BUDGET_S = 20.0      # a sweep's time (the control process waits 30 s for its answer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +107,14 @@ class SweepReport:
     not_due: int = 0
     dropped: int = 0             # notes of manifests tagged, held, gone or untagged before
     failed: int = 0              # deletes refused for another reason (quorum); tried again later
+    partial: bool = False        # stopped at its time budget; the next sweep goes on
 
     def as_dict(self) -> dict:
         return {"enabled": self.enabled, "examined": self.examined,
                 "deleted": [{"repository": r, "digest": d} for r, d in self.deleted],
                 "locked": [{"repository": r, "digest": d} for r, d in self.locked],
-                "notDue": self.not_due, "dropped": self.dropped, "failed": self.failed}
+                "notDue": self.not_due, "dropped": self.dropped, "failed": self.failed,
+                "partial": self.partial}
 
 
 class UntaggedRetention:
@@ -126,13 +129,15 @@ class UntaggedRetention:
         self._lock = asyncio.Lock()     # one sweep at a time
 
     async def sweep(self, origins: Iterable[str], *, limit: int = SWEEP_LIMIT,
-                    settle_s: float = SETTLE_S) -> SweepReport:
+                    settle_s: float = SETTLE_S, budget_s: float = SWEEP_BUDGET_S) -> SweepReport:
         """Delete what is due among the next ``limit`` notes whose manifest was
-        first pushed in one of ``origins``."""
+        first pushed in one of ``origins``, for at most ``budget_s`` (then the
+        report is ``partial`` and the next sweep resumes where it stopped)."""
         async with self._lock:
-            return await self._sweep(frozenset(origins), limit, settle_s)
+            return await self._sweep(frozenset(origins), limit, settle_s, budget_s)
 
-    async def _sweep(self, origins: frozenset[str], limit: int, settle_s: float) -> SweepReport:
+    async def _sweep(self, origins: frozenset[str], limit: int, settle_s: float,
+                     budget_s: float) -> SweepReport:
         policy = self.policy()
         report = SweepReport(policy.enabled)
         if not policy.enabled:
@@ -149,7 +154,14 @@ class UntaggedRetention:
         tagged: dict[str, set[str]] = {}       # per repository, built once a sweep
         drops: dict[bytes, bytes] = {}
         renotes: dict[bytes, tuple[bytes, bytes]] = {}    # key → (as read, rebased)
-        for key, raw in notes:
+        deadline = registry.monotonic() + budget_s
+        for i, (key, raw) in enumerate(notes):
+            if i and registry.monotonic() > deadline:
+                # Out of time (its caller waits 30 s): the next sweep goes on
+                # here. One note at least per sweep, so sweeps always advance.
+                report.partial = True
+                self._resume = notes[i - 1][0]
+                break
             report.examined += 1
             if meta.get(key) != raw:
                 continue                      # changed since it was read: next sweep

@@ -141,6 +141,8 @@ def test_retention_deletes_the_same_manifests_in_every_region(c):
     verified_clean(c)
     metrics = c.run(lambda: _metrics(c, "brazilsouth"))
     assert "georeg_retention_manifests_deleted_total 1.0" in metrics
+    # Off again: the control process's own sweep (every 60 s) must not act on later tests.
+    assert cli(c, "registry", "retention", "update", "--status", "disabled")[0] == 0
 
 
 async def _metrics(c: RunningCluster, node: str) -> str:

@@ -158,7 +158,8 @@ async def test_a_disabled_policy_deletes_nothing(clocked, clock, http):
     await set_policy(http, node, clock, days=0, enabled=False)
     clock.advance(400 * DAY_NS / 1e9)
     assert (await sweep(http, node)) == {"enabled": False, "examined": 0, "deleted": [],
-                                         "locked": [], "notDue": 0, "dropped": 0, "failed": 0}
+                                         "locked": [], "notDue": 0, "dropped": 0, "failed": 0,
+                                         "partial": False}
     assert await exists(http, node, "app", digest)
 
 
@@ -181,6 +182,15 @@ async def test_a_sweep_is_bounded_and_the_next_goes_on_where_it_stopped(clocked,
         assert report.examined <= 2
         deleted |= {d for _, d in report.deleted}
     assert deleted == digests
+    # Out of time after its first note, a sweep says so; the next goes on after it.
+    more = {await push_untagged(http, node, "more", make_image([8], seed=50 + i))
+            for i in range(2)}
+    clock.advance(1)
+    sweeper = node.runner.app[RETENTION]
+    first = await sweeper.sweep([node.registry.identity.region], settle_s=0, budget_s=-1)
+    assert first.partial and first.examined == 1
+    second = await sweeper.sweep([node.registry.identity.region], settle_s=0)
+    assert {d for _, d in first.deleted + second.deleted} == more and not second.partial
 
 
 async def test_a_tag_made_elsewhere_after_the_untag_beats_retentions_delete(clocked, clock, http,
@@ -227,3 +237,12 @@ async def test_a_tag_made_elsewhere_after_the_untag_beats_retentions_delete(cloc
                       if e.kind is EventKind.TAG_SET and e.tag == "kept"]
         with pytest.raises(MissingContent):     # the decider fetches the manifest again
             Replica(decider.registry, decider.node.configuration).apply_tag(tag_set)
+
+
+async def test_a_bad_sweep_request_is_a_400_saying_what_to_send(clocked, http):
+    for body in (b"[", b"[]", b'{"origins": "x"}', b'{"origins": [1]}',
+                 b'{"origins": [], "limit": 0}', b'{"origins": [], "limit": true}',
+                 b'{"origins": [], "settleSeconds": -1}', b'{"origins": [], "other": 1}'):
+        async with http.post(f"{clocked.url}/georeg/v1/retention/sweep", data=body) as r:
+            assert r.status == 400, (body, await r.text())
+            assert "invalid sweep request" in await r.text()

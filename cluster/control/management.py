@@ -395,11 +395,9 @@ class ManagementServer:
         body = await _json(request)
         switches = {"adminUserEnabled": "admin_enabled",
                     "anonymousPullEnabled": "anonymous_pull_enabled"}
-        unknown = sorted(set(body) - set(switches) - {"sku"})
-        if unknown or not body:
-            raise ClusterError('send {"adminUserEnabled": true|false, "anonymousPullEnabled": '
-                               'true|false, "sku": "Basic"|"Standard"|"Premium"}'
-                               + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        _only_fields(body, {*switches, "sku"},
+                     '{"adminUserEnabled": true|false, "anonymousPullEnabled": true|false, '
+                     '"sku": "Basic"|"Standard"|"Premium"}', empty_ok=False)
         changes: dict = {}
         for field, name in switches.items():
             if field in body:
@@ -415,10 +413,7 @@ class ManagementServer:
 
     async def update_retention(self, request: web.Request) -> web.Response:
         body = await _json(request)
-        unknown = sorted(set(body) - {"days", "status"})
-        if unknown:
-            raise ClusterError(f'send {{"days": 0..365, "status": "enabled"|"disabled"}}; '
-                               f'unknown: {", ".join(unknown)}'[:200])
+        _only_fields(body, {"days", "status"}, '{"days": 0..365, "status": "enabled"|"disabled"}')
         return web.json_response(await self.cluster.lifecycle.update_retention(
             days=body.get("days"), status=body.get("status")))
 
@@ -771,6 +766,15 @@ def _node_answer(status: int, answer: dict) -> web.Response:
         detail = detail.get("reason") or ", ".join(f"{k} {v}" for k, v in detail.items())
     message = f"{error.get('code')}: {error.get('message')}" + (f" ({detail})" if detail else "")
     return _error(status, str(error.get("code") or "NodeError"), message)
+
+
+def _only_fields(body: dict, allowed: set[str], usage: str, *, empty_ok: bool = True) -> None:
+    """A 400 saying what to send when ``body`` has a field not ``allowed`` (or
+    none, unless ``empty_ok``)."""
+    unknown = sorted(set(body) - allowed)
+    if unknown or not (body or empty_ok):
+        raise ClusterError((f"send {usage}" + (f"; unknown: {', '.join(unknown)}"
+                                               if unknown else ""))[:300])
 
 
 async def _json(request: web.Request) -> dict:

@@ -10,11 +10,13 @@ import json
 
 import pytest
 
+from cluster.faults.verify import NodeTarget, Snapshot, compare_registers
 from registry_node.api.common import RETENTION
 from registry_node.config import NodeConfig
 from registry_node.records import EventKind
 from registry_node.replica import MissingContent, Replica
 from registry_node.untagged import DAY_NS
+from replicator.residency import ResidencyPolicy
 
 from .helpers import (
     ManualClock,
@@ -233,6 +235,13 @@ async def test_a_tag_made_elsewhere_after_the_untag_beats_retentions_delete(cloc
         assert await exists(http, other, "app", locked)
         async with http.head(f"{other.url}/v2/app/manifests/kept") as r:
             assert r.status == 200
+        # georeg verify agrees: each region holds what it should.
+        snapshots = []
+        for running, region in ((decider, "local"), (other, "brazilsouth")):
+            async with http.get(f"{running.url}/georeg/v1/inventory") as r:
+                snapshots.append(Snapshot(NodeTarget(region, region, running.url),
+                                          await r.json()))
+        assert compare_registers(snapshots, ResidencyPolicy()) == []
         (tag_set,) = [e for e in other.registry.meta.read_log(0)
                       if e.kind is EventKind.TAG_SET and e.tag == "kept"]
         with pytest.raises(MissingContent):     # the decider fetches the manifest again

@@ -556,7 +556,12 @@ def compare_registers(snapshots: list[Snapshot], policy: ResidencyPolicy) -> lis
                 live = s.repo(repo).get("manifests", {}).get(digest)
                 dead = s.repo(repo).get("deleted_manifests", {}).get(digest)
                 if live is not None:
-                    writes[s.name] = _Write(s, _stamp(live), digest, live["pushed_region"])
+                    # Judged by where it was pushed and, when a tag there renewed it,
+                    # where it was renewed: a confined region's tag keeps it there
+                    # against an older delete (retention's), and never leaves.
+                    stamp = _stamp(live)
+                    region = stamp[1] if policy.confined(stamp[1], repo) else live["pushed_region"]
+                    writes[s.name] = _Write(s, stamp, digest, region)
                 elif dead is not None:
                     stamp = _stamp(dead)
                     writes[s.name] = _Write(s, stamp, None, stamp[1])
@@ -564,8 +569,11 @@ def compare_registers(snapshots: list[Snapshot], policy: ResidencyPolicy) -> lis
                 held, winner = _expectation(s, repo, writes, policy)
                 if winner is None or winner.value == held:
                     continue
-                if held is not None and _needed_by_index(s, repo, digest):
-                    continue  # an index here needs it: replication keeps it, rightly
+                if held is not None and (_needed_by_index(s, repo, digest)
+                                         or _delete_locked(s, repo, digest)):
+                    # An index here needs it, or a lock here kept it from retention's
+                    # delete (``Replica.apply_manifest_delete``): kept, rightly.
+                    continue
                 out.append(Divergence(
                     "manifest", s.name, s.region, repo, _manifest_detail(winner, held),
                     digest=digest, expected="present" if winner.value else "absent",
@@ -618,6 +626,13 @@ def _expectation(s: Snapshot, repo: str, writes: dict[str, _Write],
 
 def _needed_by_index(s: Snapshot, repo: str, digest: str) -> bool:
     return any(digest in m["references"] for m in s.repo(repo).get("manifests", {}).values())
+
+
+def _delete_locked(s: Snapshot, repo: str, digest: str) -> bool:
+    attributes = s.repo(repo).get("attributes", {})
+    return any(attributes.get(name, {}).get("attributes", {}).get(flag) is False
+               for name in ("repository", f"manifest:{digest}")
+               for flag in ("deleteEnabled", "writeEnabled"))
 
 
 def _stamp(entry: dict) -> Stamp:

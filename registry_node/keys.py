@@ -57,8 +57,9 @@ The key space::
     tgc\\0<seq:u64be><tomb key>              → TombstoneCandidate  a tombstone written by the
                                                                 event at <seq>, to collect once
                                                                 every peer read past it
-    untag\\0<repo>\\0<digest>               → UntaggedNote      a manifest that may be untagged:
-                                                                a tag or an index left it (when,
+    untag\\0<region>\\0<repo>\\0<digest>     → UntaggedNote      a manifest first pushed in
+                                                                <region> that may be untagged: a
+                                                                tag or an index left it (when,
                                                                 here, and that change's stamp;
                                                                 ``untagged``)
     fail\\0<repo>\\0<digest>                → ReplicationFailure  why content could not replicate
@@ -311,8 +312,13 @@ def failure(name: str, digest: str) -> bytes:
     return FAIL + _b(name) + SEP + _b(digest)
 
 
-def untagged(name: str, digest: str) -> bytes:
-    return UNTAGGED + _b(name) + SEP + _b(digest)
+def untagged(region: str, name: str, digest: str) -> bytes:
+    return untagged_prefix(region) + _b(name) + SEP + _b(digest)
+
+
+def untagged_prefix(region: str) -> bytes:
+    """The notes of the manifests first pushed in ``region`` (the ones its sweep decides)."""
+    return UNTAGGED + _b(region) + SEP
 
 
 def transfer(digest: str) -> bytes:
@@ -641,13 +647,15 @@ class FailureKey(msgspec.Struct, frozen=True):
 
 
 class UntaggedKey(msgspec.Struct, frozen=True):
-    """Manifest ``digest`` of ``repository`` may be untagged (a retention candidate)."""
+    """Manifest ``digest`` of ``repository``, first pushed in ``region``, may be
+    untagged (a retention candidate)."""
 
+    region: str
     repository: str
     digest: str
 
     def encode(self) -> bytes:
-        return untagged(self.repository, self.digest)
+        return untagged(self.region, self.repository, self.digest)
 
 
 class TransferKey(msgspec.Struct, frozen=True):

@@ -757,7 +757,7 @@ class Registry:
         # Retention's clock starts at an untag, never at a push (a multi-arch
         # build pushes its platforms by digest, then the index).
         for child in parsed.children:
-            batch.delete(keys.untagged(repo, child))
+            self.stage_untagged(batch, repo, child, None)
         if parsed.subject:
             key = keys.referrer(repo, parsed.subject, digest)
             descriptor = _descriptor(digest, record, parsed.annotations)
@@ -767,7 +767,7 @@ class Registry:
                                record: ManifestRecord, hlc: int) -> None:
         """Remove a manifest (``hlc``: its delete's stamp)."""
         batch.delete(keys.manifest(repo, digest))
-        batch.delete(keys.untagged(repo, digest))
+        batch.delete(keys.untagged(record.residency_region, repo, digest))
         for target in record.references:
             batch.delete(keys.ref(target, repo, digest))
             # A child manifest this index held may be untagged from now on.
@@ -791,7 +791,7 @@ class Registry:
         batch.put(keys.tag(repo, tag), encode(TagRecord(digest, hlc, origin_region, origin_zone,
                                                         origin_acked_ns, self._wall_ns())))
         batch.delete(keys.tag_tomb(repo, tag))
-        batch.delete(keys.untagged(repo, digest))
+        self.stage_untagged(batch, repo, digest, None)
         raw = batch.puts.get(keys.manifest(repo, digest)) or self.meta.get(keys.manifest(repo, digest))
         if raw is not None:
             record = decode(raw, ManifestRecord)
@@ -809,15 +809,24 @@ class Registry:
         batch.delete(keys.tag(repo, tag))
         batch.put(keys.tag_tomb(repo, tag), tombstone)
 
-    def stage_untagged(self, batch: Batch, repo: str, digest: str, hlc: int) -> None:
+    def stage_untagged(self, batch: Batch, repo: str, digest: str, hlc: int | None) -> None:
         """Note that ``digest`` may have just become untagged: a tag or what
         held it (an index, a referrer's subject) left it by the change stamped
         ``hlc`` (``untagged``: the retention sweep checks before it acts, so a
         note on a manifest still tagged only costs that check). Every change
         overwrites it, so it holds the stamp of the last change that left the
         manifest: retention's delete carries that stamp, so any tag or push
-        stamped after it wins everywhere."""
-        batch.put(keys.untagged(repo, digest), encode(UntaggedNote(self._wall_ns(), hlc)))
+        stamped after it wins everywhere. ``hlc`` None: it is tagged or held
+        again, the note goes. Keyed by the region the manifest was first
+        pushed in, whose sweep alone reads it."""
+        if not self._held(batch, keys.manifest(repo, digest)):
+            return
+        raw = batch.puts.get(keys.manifest(repo, digest)) or self.meta.get(keys.manifest(repo, digest))
+        key = keys.untagged(decode(raw, ManifestRecord).residency_region, repo, digest)
+        if hlc is None:
+            batch.delete(key)
+        else:
+            batch.put(key, encode(UntaggedNote(self._wall_ns(), hlc)))
 
     def _held(self, batch: Batch, key: bytes) -> bool:
         """Whether ``key`` is stored once ``batch`` commits."""

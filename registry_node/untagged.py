@@ -3,7 +3,7 @@
 enabled is deleted once it has stayed untagged for the policy's days.
 
 Where "untagged since" comes from. Every node keeps a note per manifest that
-may be untagged (``keys.untagged``: ``untag\\0<repo>\\0<digest>`` →
+may be untagged (``keys.untagged``: ``untag\\0<region>\\0<repo>\\0<digest>`` →
 ``UntaggedNote``: the time on this node's clock, and the HLC stamp of the
 change), written in the same batch as the change that may have
 made it so (``Registry.stage_untagged``): a tag moving off it or ending
@@ -55,7 +55,7 @@ No HTTP here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import structlog
@@ -145,7 +145,7 @@ class UntaggedRetention:
         registry, meta = self.registry, self.registry.meta
         due_before = registry.wall_ns() - max(policy.days * DAY_NS, int(settle_s * 1e9))
         notes = []
-        for key, raw in meta.scan(keys.UNTAGGED, self._resume):
+        for key, raw in self._notes(origins, self._resume):
             if len(notes) == limit:
                 break
             notes.append((key, raw))
@@ -168,7 +168,7 @@ class UntaggedRetention:
             note = keys.parse(key, keys.UntaggedKey)
             repo, digest = note.repository, note.digest
             since = decode(raw, UntaggedNote)
-            verdict = self._verdict(repo, digest, since, policy, origins, due_before, tagged)
+            verdict = self._verdict(repo, digest, since, policy, due_before, tagged)
             if isinstance(verdict, UntaggedNote):
                 renotes[key] = (raw, encode(verdict))
                 report.not_due += 1
@@ -206,11 +206,22 @@ class UntaggedRetention:
                      examined=report.examined)
         return report
 
+    def _notes(self, origins: frozenset[str], after: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        """The notes of ``origins``' manifests in key order, after ``after``:
+        only those (each region's sweep reads its own), so other regions'
+        notes never use up a sweep's ``limit``."""
+        for origin in sorted(origins):
+            prefix = keys.untagged_prefix(origin)
+            if after is None or after.startswith(prefix):
+                yield from self.registry.meta.scan(prefix, after)
+                after = None
+            elif prefix > after:
+                yield from self.registry.meta.scan(prefix)
+
     def _verdict(self, repo: str, digest: str, since: UntaggedNote, policy: RetentionPolicy,
-                 origins: frozenset[str], due_before: int,
-                 tagged: dict[str, set[str]]) -> str | UntaggedNote:
+                 due_before: int, tagged: dict[str, set[str]]) -> str | UntaggedNote:
         """What to do with the note ``since``: "drop", "not due", "locked",
-        "delete", "another region's", or a note to write instead (the
+        "delete", or a note to write instead (the
         manifest's register was renewed after the note, by a push of the same
         bytes: a delete with the note's stamp would lose to it elsewhere, so
         the clock restarts now, stamped after that)."""
@@ -219,8 +230,6 @@ class UntaggedRetention:
         if raw is None or since.since_ns < policy.enabled_ns:
             return "drop"
         record = decode(raw, ManifestRecord)
-        if record.residency_region not in origins:
-            return "another region's"
         if repo not in tagged:
             tagged[repo] = {decode(v, TagRecord).digest for _, v in meta.scan(keys.tag_prefix(repo))}
         if digest in tagged[repo] or meta.has_prefix(keys.ref_repo_prefix(digest, repo)) \

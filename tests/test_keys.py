@@ -54,7 +54,7 @@ FAMILIES = {
     "blob tomb": (keys.blob_tomb, keys.BlobTombKey, (repositories, digests)),
     "cursor": (keys.cursor, keys.CursorKey, (peers,)),
     "failure": (keys.failure, keys.FailureKey, (repositories, st.one_of(digests, tags))),
-    "untagged": (keys.untagged, keys.UntaggedKey, (repositories, digests)),
+    "untagged": (keys.untagged, keys.UntaggedKey, (peers, repositories, digests)),
     "transfer": (keys.transfer, keys.TransferKey, (digests,)),
     "configuration": (keys.configuration, keys.ConfigKey, (config_kinds, config_names)),
     "fingerprint": (lambda bucket, repo: keys.fingerprint_in(int(bucket, 16), repo),
@@ -130,7 +130,7 @@ ON_DISK = [
     (keys.cursor("eastus-2"), b"cursor\x00eastus-2"),
     (keys.failure("lib/app", D1), b"fail\x00lib/app\x00" + D1.encode()),
     (keys.transfer(D1), b"xfer\x00" + D1.encode()),
-    (keys.untagged("lib/app", D1), b"untag\x00lib/app\x00" + D1.encode()),
+    (keys.untagged("eastus", "lib/app", D1), b"untag\x00eastus\x00lib/app\x00" + D1.encode()),
     (keys.configuration("registry", "default"), b"conf\x00registry\x00default"),
     (keys.FINGERPRINTS, b"meta\x00fingerprints"),
     (keys.fingerprint("lib/app"), b"fp\x00" + f"{keys.fingerprint_bucket('lib/app'):02x}".encode()

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from cluster.faults.verify import NodeTarget, Snapshot, compare_registers
+from registry_node import keys
 from registry_node.api.common import RETENTION
 from registry_node.config import NodeConfig
 from registry_node.records import EventKind
@@ -219,6 +220,10 @@ async def test_a_tag_made_elsewhere_after_the_untag_beats_retentions_delete(cloc
                 replica.apply_tag(event)
             elif event.kind is EventKind.TAG_DELETE:
                 replica.apply_tag_delete(event)
+        # brazilsouth holds notes of what was first pushed elsewhere; its sweep never reads them.
+        await set_policy(http, other, clock, days=1, enabled_ns=0)
+        assert other.registry.meta.has_prefix(keys.untagged_prefix("local"))
+        assert (await sweep(http, other))["examined"] == 0
         clock.advance(86_400 + 60)
         # Neither seen by the decider: a tag, and a lock.
         kept = await push_image(http, other.url, "app", image, tag="kept")

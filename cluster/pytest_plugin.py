@@ -22,6 +22,12 @@ Installed with georeg (entry point ``pytest11``), it provides:
             georeg_cluster.set_routing("eastus", False)
             ...pull through the same endpoint with the same auth file...
 
+        def test_a_clock_running_ahead(georeg_cluster):
+            with georeg_cluster.clock_skewed("westeurope", offset_s=300):
+                georeg_cluster.wait_for(
+                    lambda: georeg_cluster.node_clock("westeurope")["skewed"])
+                ...writes through westeurope get 503 (reads go on); docs/faults.md...
+
         async def test_raw_http(georeg_cluster):
             async with georeg_cluster.http() as http:   # sends the admin login
                 async with http.get(georeg_cluster.endpoint("eastus") + "/v2/") as r:

@@ -25,7 +25,8 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -216,9 +217,9 @@ class RunningCluster:
     async def _status(self) -> dict:
         return {**self.cluster.status(), "management": self.management_url}
 
-    def verify(self, timeout: float = 60.0) -> VerifyReport:
+    def verify(self, timeout: float = 60.0, scrub: bool = False) -> VerifyReport:
         """``georeg verify`` on this cluster (``cluster.faults.verify``)."""
-        return self.run(lambda: self.cluster.verify(timeout), timeout + 30)
+        return self.run(lambda: self.cluster.verify(timeout, scrub=scrub), timeout + 30)
 
     def crash(self, node: str) -> None:
         """SIGKILL one node."""
@@ -226,6 +227,22 @@ class RunningCluster:
 
     def restart(self, node: str) -> None:
         self.run(lambda: self.cluster.supervisor.start_node(node))
+
+    def inject_fault(self, kind: str, duration_s: float | None = None, **target) -> dict:
+        """Inject a fault, as ``georeg fault KIND`` does (``cluster.faults.controller``
+        has the kinds and their arguments): e.g. ``inject_fault("http",
+        endpoint="global", status=503, probability=0.5, method="PUT")`` or
+        ``inject_fault("link", a="eastus", b="westeurope", corrupt=0.01, seed=7)``.
+        Returns the fault as ``georeg fault list --json`` shows it."""
+        fault = self.run(lambda: self.cluster.faults.inject(kind, duration_s=duration_s, **target))
+        return fault.as_dict()
+
+    def heal_fault(self, fault_id: str | None = None) -> None:
+        """Heal one fault by id, or (no id) every fault."""
+        if fault_id is None:
+            self.run(self.cluster.faults.heal_all)
+        else:
+            self.run(lambda: self.cluster.faults.heal(fault_id))
 
     def set_routing(self, region: str, enabled: bool) -> None:
         self.run(lambda: self.cluster.update_replication(region, global_routing=enabled))
@@ -238,3 +255,27 @@ class RunningCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
             time.sleep(0.05)
+
+    @contextmanager
+    def clock_skewed(self, node: str, offset_s: float = 0.0, drift: float = 1.0) -> Iterator:
+        """A clock fault on ``node`` (a node's name, a region's only node, or
+        ``region/zone``) for the block, as ``georeg fault clock``: its wall
+        clock runs ``offset_s`` off and/or ``drift`` times as fast; healed on
+        leaving. Yields the fault (``cluster.faults.controller.Fault``)."""
+        fault = self.run(lambda: self.cluster.faults.inject(
+            "clock", node=node, offset_s=offset_s, drift=drift))
+        try:
+            yield fault
+        finally:
+            self.run(lambda: self.cluster.faults.heal(fault.id))
+
+    def node_clock(self, node: str) -> dict:
+        """What ``node`` says of its clock (``registry_node.clock``): its skew,
+        its peers' measured offsets, and whether it refuses writes for it."""
+        async def get() -> dict:
+            url = self.cluster.node_url(node) + "/georeg/v1/faults/clock"
+            async with self.cluster.http().get(url) as r:
+                r.raise_for_status()
+                return await r.json()
+
+        return self.run(get)

@@ -128,6 +128,8 @@ def init_app(config: NodeConfig, extensions: Sequence[Extension] = (), *,
     app.cleanup_ctx.append(_webhooks)
     app.cleanup_ctx.append(_garbage_collector)
     app.cleanup_ctx.append(_memory_trim)
+    # After the extensions: repairs fetch through replication, so they end first.
+    app.cleanup_ctx.append(_blob_repair)
     return app
 
 
@@ -163,9 +165,11 @@ def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable
         node = Node.open(config, wall_ns=wall_ns, monotonic=monotonic)
         app[NODE] = node
         app[REGISTRY] = node.registry
+        app[METRICS].watch_repairs(node.registry.repair)
         app[CONFIGURATION] = node.configuration
         app[RETENTION] = retention = UntaggedRetention(node.registry, node.configuration.retention)
         app[METRICS].watch_retention(retention)
+        app[METRICS].watch_recycle_bin(node.registry.bin)
         if authority is not None and GATE not in app:
             # The identities this node enforces are the registry configuration it
             # holds: replication brings every change, and enforcement goes on
@@ -254,6 +258,18 @@ async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _blob_repair(app: web.Application) -> AsyncIterator[None]:
+    """Failed repairs of rotten blobs tried again (``blob_repair``); every
+    repair still running is cancelled, and awaited, when the node stops."""
+    repair = app[NODE].registry.repair
+    task = asyncio.create_task(repair.retry_forever(), name="blob-repair-retries")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await repair.close()
 
 
 MEMORY_TRIM_INTERVAL_S = 15.0

@@ -5,6 +5,13 @@ Layout under the data dir::
 
     blobs/<algorithm>/<hex[:2]>/<hex>   sealed blob files (see ``crypto``)
     uploads/<uuid>                      uploads in progress, same format, unsealed
+    quarantine/<algorithm>/<hex>.<ns>   blob files that failed authentication, moved
+                                        aside at <ns> (``blob_repair``), kept for an
+                                        operator to inspect: the newest
+                                        QUARANTINE_MAX_FILES / _BYTES of them, the
+                                        newest one always (however large), and every
+                                        one that is the only trace of a blob not
+                                        repaired (its record here, its file not back)
 
 Invariants
     * A file appears under ``blobs/`` only by ``rename`` of a complete, sealed
@@ -14,6 +21,8 @@ Invariants
       that holds the blob's record.
     * Paths are built only from validated digests (lowercase hex) and upload
       ids (UUIDs), never from anything else a client sent.
+    * A file leaves ``blobs/`` for ``quarantine/`` only by ``rename``, and only
+      while it fails authentication (``verify``): a good copy is never moved.
     * Everything here blocks (file IO, AES, SHA): the registry calls it from a
       worker thread; the event loop never waits on a disk.
 """
@@ -23,13 +32,16 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .crypto import NodeKey, SealedBlob, SegmentWriter, read_unsealed
-from .storage_faults import StorageFaults
+from .crypto import HEADER_SIZE, BlobCorrupt, NodeKey, SealedBlob, SegmentWriter, read_unsealed
+from .storage_faults import StorageFaults, rot_blobs
 
 _UUID_LEN = 36
+QUARANTINE_MAX_FILES = 64
+QUARANTINE_MAX_BYTES = 1 << 30
+VERIFY_PIECE = 1 << 20
 
 
 def valid_upload_id(upload_id: str) -> bool:
@@ -92,12 +104,16 @@ class UploadFile:
 
 
 class BlobStore:
+    quarantine_max_files = QUARANTINE_MAX_FILES
+    quarantine_max_bytes = QUARANTINE_MAX_BYTES
+
     def __init__(self, root: Path, node_key: NodeKey, faults: StorageFaults | None = None) -> None:
         self.root = root
         self._node_key = node_key
         self.faults = faults or StorageFaults()
         self._blobs = root / "blobs"
         self._uploads = root / "uploads"
+        self._quarantine = root / "quarantine"
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._uploads.mkdir(parents=True, exist_ok=True)
 
@@ -116,8 +132,80 @@ class BlobStore:
         return self.path(digest).exists()
 
     def open(self, digest: str) -> SealedBlob:
-        """Open a blob for reading; ``FileNotFoundError`` or ``BlobCorrupt``."""
+        """Open a blob for reading; ``FileNotFoundError``, ``BlobCorrupt``, or
+        an ``OSError`` of the disk (EIO, perhaps injected: ``StorageFaults``)."""
+        self.faults.before_read()
         return SealedBlob.open(self.path(digest), self._node_key, digest)
+
+    def verify(self, digest: str) -> str | None:
+        """Read and authenticate the whole file: None if intact, else why not
+        (``FileNotFoundError`` if there is none)."""
+        try:
+            with self.open(digest) as blob:
+                for start in range(0, blob.size, VERIFY_PIECE):
+                    blob.read(start, min(blob.size, start + VERIFY_PIECE))
+        except BlobCorrupt as exc:
+            return str(exc)
+        return None
+
+    # -- bit rot and quarantine ---------------------------------------------------
+
+    def rot(self, count: int, seed: int | None, among: list[str] | None = None) -> list[dict]:
+        """Flip a byte in ``count`` blob files (``storage_faults.rot_blobs``),
+        chosen among the digests ``among`` (default: every blob stored)."""
+        present = [d for d in self.digests() if among is None or d in among]
+        return rot_blobs([(d, self.path(d)) for d in present], count, seed, HEADER_SIZE)
+
+    def quarantine(self, digest: str, now_ns: int,
+                   keep: Callable[[str], bool] = lambda digest: False) -> Path | None:
+        """Move the blob's file aside if it still fails authentication; the
+        path it went to, or None (no file, or an intact one: someone repaired
+        it meanwhile). Past the bounds, older quarantined files go, oldest
+        first, except those of digests ``keep`` holds on to (the only trace of
+        a blob not repaired)."""
+        try:
+            if self.verify(digest) is None:
+                return None
+        except FileNotFoundError:
+            return None
+        algorithm, _, hexpart = digest.partition(":")
+        target = self._quarantine / algorithm / f"{hexpart}.{now_ns}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.path(digest), target)
+        fsync_directory(target.parent)
+        fsync_directory(self.path(digest).parent)
+        self._prune_quarantine(keep)
+        return target
+
+    def is_quarantined(self, digest: str) -> bool:
+        algorithm, _, hexpart = digest.partition(":")
+        return any((self._quarantine / algorithm).glob(f"{hexpart}.*"))
+
+    def quarantined(self) -> list[tuple[str, Path, int, int]]:
+        """Every quarantined file, oldest first: (digest, path, bytes, moved at ns)."""
+        found = []
+        if not self._quarantine.is_dir():
+            return found
+        for alg_dir in self._quarantine.iterdir():
+            for entry in alg_dir.iterdir():
+                hexpart, _, moved = entry.name.partition(".")
+                try:
+                    found.append((f"{alg_dir.name}:{hexpart}", entry, entry.stat().st_size,
+                                  int(moved)))
+                except (FileNotFoundError, ValueError):
+                    continue
+        return sorted(found, key=lambda q: q[3])
+
+    def _prune_quarantine(self, keep: Callable[[str], bool]) -> None:
+        held = self.quarantined()
+        count, total = len(held), sum(q[2] for q in held)
+        for digest, path, size, _ in held[:-1]:     # oldest first; the newest always stays
+            if count <= self.quarantine_max_files and total <= self.quarantine_max_bytes:
+                break
+            if keep(digest):
+                continue
+            path.unlink(missing_ok=True)
+            count, total = count - 1, total - size
 
     def delete(self, digest: str) -> None:
         try:

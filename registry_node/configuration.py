@@ -68,7 +68,7 @@ from typing import Any
 
 import msgspec
 
-from . import cache_rules, identities, keys, tiers, untagged, webhooks
+from . import cache_rules, identities, keys, recycle_bin, tiers, untagged, webhooks
 from .configuration_key import ConfigurationKey
 from .errors import ErrorCode, RegistryError
 from .metastore import Batch
@@ -81,8 +81,9 @@ class RegistryProperties(msgspec.Struct, frozen=True):
     ``anonymousPullEnabled``), its name (the admin user's username), the
     admin user's two password hashes (``identities``), its tier (ACR's
     ``sku.name``: ``tiers``; "" where a georeg before tiers were configuration
-    wrote the object: the default tier) and its retention policy for untagged
-    manifests (``untagged``); singleton ``registry/default``."""
+    wrote the object: the default tier), its retention policy for untagged
+    manifests (``untagged``) and its soft delete policy (``recycle_bin``);
+    singleton ``registry/default``."""
 
     admin_enabled: bool = False
     anonymous_pull_enabled: bool = False
@@ -94,10 +95,13 @@ class RegistryProperties(msgspec.Struct, frozen=True):
     retention_enabled: bool = False
     retention_days: int = untagged.DEFAULT_DAYS
     retention_enabled_ns: int = 0
+    soft_delete: recycle_bin.SoftDeletePolicy = recycle_bin.SoftDeletePolicy()
 
 
 def _check_registry(name: str, value: RegistryProperties) -> None:
     identities.check_admin_passwords(value.admin_passwords)
+    if (problem := recycle_bin.policy_problem(value.soft_delete)) is not None:
+        raise identities.InvalidValue(problem)
     if value.sku and value.sku not in tiers.TIERS:
         raise identities.InvalidValue(f"sku {value.sku[:32]!r} is not one of "
                                       f"{', '.join(tiers.TIERS)}")
@@ -253,6 +257,12 @@ class Configuration:
         return untagged.RetentionPolicy(properties.retention_enabled, properties.retention_days,
                                         properties.retention_enabled_ns)
 
+    def soft_delete(self) -> recycle_bin.SoftDeletePolicy:
+        """The soft delete policy as this node holds it (off until one is written)."""
+        properties = self.get("registry", "default")
+        return properties.soft_delete if isinstance(properties, RegistryProperties) \
+            else recycle_bin.SoftDeletePolicy()
+
     def items(self, kind: str) -> list[tuple[str, msgspec.Struct]]:
         """Every live object of ``kind`` held here, by name."""
         if kind not in KINDS:
@@ -322,12 +332,13 @@ class Configuration:
     async def _write(self, event_kind: EventKind, kind: str, name: str, raw: bytes,
                      struct: msgspec.Struct | None) -> StoredObject:
         registry = self.registry
-        registry.quorum.check_writable()
+        registry.check_writable()
         identity = registry.identity
         batch = Batch()
-        # The same clock and the same persisted high-water mark as every other write.
-        stamp = registry.hlc.now()
-        batch.put(keys.HLC, str(stamp).encode())
+        # The same clock and the same persisted high-water mark as every other
+        # write, and above the object it replaces.
+        current = self._record(kind, name)
+        stamp = registry.stamp_over(batch, current.hlc if current is not None else 0)
         acked = registry.wall_ns()
         deleted = event_kind is EventKind.CONFIG_DELETE
         batch.put(keys.configuration(kind, name), encode(ConfigRecord(

@@ -42,10 +42,21 @@ endpoints', which answer their own errors in the same shape)::
        zone``                               confirmed it in time
   507  ``disk full``                        definite: refused before any change
                                             (``storage_faults``)
-  500  ``blob corrupt``                     definite: a read
+  503  ``disk I/O error``                   definite for a read, and for a write the
+                                            disk failed before it began (an injected
+                                            EIO); indefinite for a real EIO on a write
+  503  ``blob being repaired``              definite: the replica's copy failed its
+                                            integrity check and is being fetched again
+                                            (``blob_repair``); ``Retry-After`` says when
   500  ``unknown error`` (a bug, an I/O     definite for ``GET``/``HEAD`` (reads change
        error such as a failed WAL sync)     nothing), indefinite for every write
   ===  ===================================  =========================================
+
+  A blob whose copy here failed its integrity check and that no replica
+  residency allows could replace is not served: ``404 BLOB_UNKNOWN``, as its
+  ``HEAD`` answers, with ``detail.repair: "unrepairable"`` and the reason
+  (``blob_repair``) — a 4xx, since retrying cannot change it; pushing the
+  blob again does.
 
   Any of them is indefinite for an operation of several commits that had
   made some before it failed (``DELETE /acr/v1/<name>``: one delete per
@@ -66,6 +77,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+from .storage_faults import InjectedIOError, is_disk_full, is_io_error
 from .tiers import format_size
 
 
@@ -170,6 +182,26 @@ def disk_full() -> RegistryError:
     return RegistryError(ErrorCode.UNAVAILABLE, "the node's disk is full; writes are refused "
                          "until space is freed, reads keep working", message="disk full",
                          status=507, outcome=Outcome.DEFINITE)
+
+
+def disk_io_error(outcome: Outcome) -> RegistryError:
+    """The answer to a request the disk failed with EIO (real or injected)."""
+    return RegistryError(ErrorCode.UNAVAILABLE, "the node's disk failed an I/O operation; "
+                         "retry (another replica, through an endpoint, may answer)",
+                         message="disk I/O error", headers={"Retry-After": "1"},
+                         outcome=outcome)
+
+
+def storage_failure(exc: BaseException, *, read: bool) -> RegistryError | None:
+    """The answer to a request the disk failed (``exc``), or None if ``exc`` is
+    not a disk's failure: a full disk refused before any change; an EIO
+    changed nothing on a read, nor when it struck before its write began."""
+    if is_disk_full(exc):
+        return disk_full()
+    if is_io_error(exc):
+        definite = read or isinstance(exc, InjectedIOError)
+        return disk_io_error(Outcome.DEFINITE if definite else Outcome.INDEFINITE)
+    return None
 
 
 def storage_limit_reached(limit: int, source: str, used: int, adding: int) -> RegistryError:

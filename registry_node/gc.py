@@ -21,7 +21,9 @@ What a pass costs follows what may be garbage, not what is stored:
   digests whose touch expires, each checked once; files left by an earlier
   process are found by one walk of the blob files, once per process, after
   the grace;
-* uploads: the open sessions and upload files (``Registry.expire_uploads``).
+* uploads: the open sessions and upload files (``Registry.expire_uploads``);
+* the recycle bin: one bounded purge sweep (``recycle_bin``) opens each pass,
+  so soft-deleted content past its days is reclaimed in the same pass.
 
 Touches older than the grace are dropped as they expire (``Registry.touched``
 is kept in touch order), so that map too holds only recent activity. One
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from . import keys
+from . import keys, unreferenced
 from .metastore import Batch
 from .records import BlobRecord, Event, EventKind, decode
 from .registry import Registry
@@ -49,6 +51,7 @@ class CollectionReport:
     bytes_reclaimed: int
     uploads_expired: int
     candidates: int = 0          # unreferenced blobs looked at
+    purged: int = 0              # recycle bin entries purged (``recycle_bin``)
 
 
 class GarbageCollector:
@@ -72,15 +75,18 @@ class GarbageCollector:
             except Exception:  # a failed pass must not stop the next one
                 log.exception("gc_failed")
                 continue
-            if report.blobs_reclaimed or report.uploads_expired:
+            if report.blobs_reclaimed or report.uploads_expired or report.purged:
                 log.info("gc", blobs=report.blobs_reclaimed, bytes=report.bytes_reclaimed,
-                         uploads=report.uploads_expired)
+                         uploads=report.uploads_expired, purged=report.purged)
 
     async def collect(self) -> CollectionReport:
         registry = self.registry
         now = registry.monotonic()
         now_ns = registry.wall_ns()
         reclaimed = reclaimed_bytes = 0
+        # Soft-deleted entries past their days go first: what only they kept
+        # becomes a candidate of this very pass.
+        purge = registry.bin.purge()
         candidates: list[str] = []
         if now - registry.started >= self.grace_s:
             candidates = list(registry.meta.unreferenced_blobs())
@@ -92,7 +98,8 @@ class GarbageCollector:
                 await asyncio.sleep(0)  # stay responsive with many candidates
             reclaimed += await self._sweep_orphan_files()
         expired = await registry.expire_uploads(self.upload_ttl_s)
-        return CollectionReport(reclaimed, reclaimed_bytes, expired, len(candidates))
+        return CollectionReport(reclaimed, reclaimed_bytes, expired, len(candidates),
+                                purge.purged_manifests + purge.purged_tags)
 
     async def _sweep_orphan_files(self) -> int:
         """Blob files with no metadata: a crash (or a failed metadata write)
@@ -166,7 +173,7 @@ class GarbageCollector:
         record = decode(raw, BlobRecord)
         if (now_ns - record.created_ns) / 1e9 < self.grace_s:
             return None
-        if meta.has_prefix(keys.ref_prefix(digest)):
+        if unreferenced.referenced(digest, meta.has_prefix):     # live or in a recycle bin
             return None
         batch = Batch()
         for key, _ in meta.scan(keys.blob_users_prefix(digest)):

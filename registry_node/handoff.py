@@ -70,7 +70,7 @@ from urllib.parse import parse_qs, unquote
 
 import structlog
 
-from .api.blobs import Download
+from .api.blobs import CorruptBeforeSending, Download
 from .api.middlewares import request_id
 from .auth.grants import REDIRECT_HEADER, carries_grant
 from .bandwidth import Bandwidth, following
@@ -304,7 +304,7 @@ class HandoffServer:
                         download.pieces(self.registry.run_blocking)) as pieces:
                     try:
                         first = await anext(pieces)
-                    except RegistryError:        # its first piece failed the integrity check
+                    except CorruptBeforeSending:   # the HTTP chain repairs it, then answers
                         refund()
                         return
                     # Not a byte before the proxy can know it: if the channel is
@@ -329,8 +329,8 @@ class HandoffServer:
         except _Declined:
             pass
         except (OSError, BlobCorrupt, asyncio.CancelledError) as exc:
-            # After ``W``: the client went away, a later piece failed its check,
-            # or the node is stopping. The proxy closes the client's connection.
+            # After ``W``: the client went away, a later piece failed its check
+            # (``Download`` has handed it to the repair), or the node is stopping. The proxy closes the client's connection.
             log.info("handoff_cut", rid=rid, path=path, error=str(exc) or type(exc).__name__)
         except Exception:
             log.exception("handoff_fault", rid=rid, path=path)
@@ -361,11 +361,13 @@ class HandoffServer:
                 if identity is None:
                     raise _Declined
             blob = self.registry.open_blob(repo, digest)
-        except RegistryError:
+        except (RegistryError, BlobCorrupt, OSError):
+            # A rotten copy or a disk error: the HTTP chain repairs or answers it.
             raise _Declined from None
         refund: Callable[[], None] = _nothing
         try:
-            download = Download(blob, digest, headers.get("range"))
+            download = Download(blob, digest, headers.get("range"),
+                                rotten=self.registry.repair.found)
             if self.throttle is not None and self.throttle.active:
                 # Not counted: the HTTP chain refuses it again, and counts it.
                 self.throttle.admit(READ, identity, counted=False)

@@ -4,7 +4,13 @@ A timestamp packs wall milliseconds in the high 48 bits and a logical counter in
 the low 16, so it is one ``int`` that compares correctly and fits a protobuf
 ``uint64``. The clock never goes backwards, even when the wall clock does, and
 ``observe`` folds in timestamps seen from peers so causally later writes always
-get larger stamps. The wall clock is injected, so tests drive it.
+get larger stamps — except a stamp further ahead of this node's wall clock than
+``max_ahead_ms`` (a peer whose clock ran ahead: ``registry_node.clock``), which is
+taken in only up to that far ahead, so one bad clock cannot drag every node's
+stamps into the future. So that a write which replaces such a value still wins
+over it (a write that had seen another always wins), a local write is stamped
+with ``after``: above the stamps of the registers it replaces, whatever the
+clock says. The wall clock is injected, so tests drive it.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ def wall_ms_now() -> int:
 
 
 class HybridLogicalClock:
-    def __init__(self, wall_ms: Callable[[], int] = wall_ms_now, last: int = 0) -> None:
+    def __init__(self, wall_ms: Callable[[], int] = wall_ms_now, last: int = 0,
+                 max_ahead_ms: int | None = None) -> None:
         self._wall_ms = wall_ms
         self._last = last
+        self.max_ahead_ms = max_ahead_ms
 
     @property
     def last(self) -> int:
@@ -50,7 +58,28 @@ class HybridLogicalClock:
         self._last = stamp
         return stamp
 
-    def observe(self, remote: int) -> None:
-        """Fold in a stamp from a peer so that later local stamps exceed it."""
+    def after(self, *replaced: int) -> int:
+        """``now()``, or more: a stamp above each of ``replaced`` too (the
+        stamps of the registers a local write replaces). A stamp so far ahead
+        is taken into the clock as ``observe`` takes a peer's."""
+        stamp = self.now()
+        floor = max(replaced, default=0)
+        if floor >= stamp:
+            stamp = floor + 1
+            self.observe(stamp)
+        return stamp
+
+    def observe(self, remote: int) -> bool:
+        """Fold in a stamp from a peer so that later local stamps exceed it; one
+        more than ``max_ahead_ms`` ahead of the wall clock only up to that
+        bound. True when the stamp was that far ahead."""
+        beyond = False
+        if self.max_ahead_ms is not None:
+            # The bound's last millisecond is left to this node's own next
+            # stamp, which then is not past the bound (``clock.ClockGuard``).
+            ceiling = pack(self._wall_ms() + self.max_ahead_ms - 1, _LOGICAL_MASK)
+            beyond = remote > ceiling
+            remote = min(remote, ceiling)
         if remote > self._last:
             self._last = remote
+        return beyond

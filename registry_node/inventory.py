@@ -15,16 +15,19 @@ opened read-only from outside, so both views have one shape::
          "deleted_tags":      {tag: {"digest", "stamp"}},
          "manifests":         {digest: {"media_type", "size", "pushed_region",
                                         "references", "subject", "stamp"}},
-         "deleted_manifests": {digest: {"stamp"}},
+         "deleted_manifests": {digest: {"stamp", "recycled", "recycled_tags"}},
          "blob_links":        {digest: {"stamp"}},
          "deleted_blob_links": {digest: {"stamp"}},
          "attributes":        {"repository" | "tag:<tag>" | "manifest:<digest>":
                                {"attributes": {deleteEnabled, writeEnabled, readEnabled,
-                                               listEnabled}, "stamp"}}}},
+                                               listEnabled}, "stamp"}},
+         "recycled_manifests": {digest: {"tags", "size", "deleted_ns", "stamp"}},  # bin
+         "recycled_tags":      {tag: {"digest", "deleted_ns", "stamp"}}}},
      "blobs": {digest: size},                        # blob records (metadata)
      "blob_files": [digest, …]}                      # blob files on disk
 
 A stamp is ``[hlc, origin region, origin zone]``, as ``records.Stamp`` orders them.
+A recycle bin entry's stamp is the soft delete's it records (``recycle_bin``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from .records import (
     BlobRecord,
     ManifestRecord,
     NodeIdentity,
+    RecycledManifest,
+    RecycledTag,
     TagRecord,
     Tombstone,
     decode,
@@ -56,7 +61,7 @@ def _repository(out: dict, name: str) -> dict:
     if repo is None:
         repo = out[name] = {"tags": {}, "deleted_tags": {}, "manifests": {},
                             "deleted_manifests": {}, "blob_links": {}, "deleted_blob_links": {},
-                            "attributes": {}}
+                            "attributes": {}, "recycled_manifests": {}, "recycled_tags": {}}
     return repo
 
 
@@ -112,6 +117,8 @@ def build(scan: Scan, blob_files: Iterable[str], last_seq: int = 0) -> dict:
                 entry["digest"] = tomb.digest
                 deleted["deleted_tags"][tag_name] = entry
             case keys.ManifestTombKey(digest=digest):
+                entry["recycled"] = tomb.recycled
+                entry["recycled_tags"] = list(tomb.recycled_tags)
                 deleted["deleted_manifests"][digest] = entry
             case keys.BlobTombKey(digest=digest):
                 deleted["deleted_blob_links"][digest] = entry
@@ -119,6 +126,20 @@ def build(scan: Scan, blob_files: Iterable[str], last_seq: int = 0) -> dict:
         record = decode(raw, AttributesRecord)
         _repository(repositories, key.repository)["attributes"][attributes_name(key)] = {
             "attributes": record.attributes.to_acr(), "stamp": list(stamp_of(record))}
+    for key, raw in _keys(scan, keys.RECYCLE_BIN, keys.RecycledKey):
+        binned = _repository(repositories, key.repository)
+        match key:
+            case keys.RecycledManifestKey(digest=digest):
+                kept = decode(raw, RecycledManifest)
+                binned["recycled_manifests"][digest] = {
+                    "tags": list(kept.tags), "size": kept.record.size,
+                    "deleted_ns": kept.deleted_ns,
+                    "stamp": list(stamp_of(kept))}
+            case keys.RecycledTagKey(tag=tag_name):
+                untagged = decode(raw, RecycledTag)
+                binned["recycled_tags"][tag_name] = {
+                    "digest": untagged.digest, "deleted_ns": untagged.deleted_ns,
+                    "stamp": list(stamp_of(untagged))}
     identity = None
     for _, raw in scan(keys.IDENTITY):
         found = decode(raw, NodeIdentity)

@@ -30,6 +30,9 @@ The key space::
                                                                 (above meta\\0logfloor)
     blob\\0<digest>                         → BlobRecord        the node holds this blob's file
     ref\\0<target>\\0<repo>\\0<manifest>      → b""               <manifest> in <repo> needs <target>
+    binref\\0<target>\\0<repo>\\0<manifest>   → b""               <manifest>, in <repo>'s recycle bin,
+                                                                needs <target>: kept from GC as a
+                                                                reference is (``recycle_bin``)
     user\\0<digest>\\0<repo>                → b""               <repo> links blob <digest>
     unref\\0<digest>                        → b""               blob\\0<digest> is held and no ref\\0<digest>\\0…
                                                                 is: a GC candidate (see ``unreferenced``)
@@ -47,6 +50,9 @@ The key space::
     ├── t\\0<tag>                           → Tombstone         a deleted tag
     ├── m\\0<digest>                        → Tombstone         a deleted manifest
     └── b\\0<digest>                        → Tombstone         a deleted blob link
+    bin\\0<repo>\\0                           the recycle bin (soft delete, ``recycle_bin``)
+    ├── m\\0<digest>                        → RecycledManifest  a soft-deleted manifest, its tags
+    └── t\\0<tag>                           → RecycledTag       a soft-deleted (untagged) tag
     attr\\0<repo>\\0                          changeable attributes (locks), registers of their own
     ├── r                                 → Attributes        the repository's
     ├── t\\0<tag>                           → Attributes        a tag's (kept when the tag moves)
@@ -143,6 +149,8 @@ WEBHOOK_PENDING = b"whp\x00"
 WEBHOOK_LOG = b"whl\x00"
 COMPLETION_QUESTION = b"whq\x00"
 ATTRIBUTES = b"attr\x00"
+RECYCLE_BIN = b"bin\x00"
+RECYCLED_REF = b"binref\x00"
 
 FINGERPRINT_BUCKETS = 64
 """Repositories are spread over this many buckets by a hash of their name."""
@@ -293,6 +301,36 @@ def manifest_attributes(name: str, digest: str) -> bytes:
     return manifest_attributes_prefix(name) + _b(digest)
 
 
+def recycle_bin_prefix(name: str) -> bytes:
+    """Everything in one repository's recycle bin (manifests, then tags)."""
+    return RECYCLE_BIN + _b(name) + SEP
+
+
+def recycled_manifest_prefix(name: str) -> bytes:
+    return recycle_bin_prefix(name) + _MANIFEST + SEP
+
+
+def recycled_manifest(name: str, digest: str) -> bytes:
+    return recycled_manifest_prefix(name) + _b(digest)
+
+
+def recycled_tag_prefix(name: str) -> bytes:
+    return recycle_bin_prefix(name) + _TAG + SEP
+
+
+def recycled_tag(name: str, tag_name: str) -> bytes:
+    return recycled_tag_prefix(name) + _b(tag_name)
+
+
+def recycled_ref_prefix(target: str) -> bytes:
+    """Every recycled manifest, in any repository, that references ``target``."""
+    return RECYCLED_REF + _b(target) + SEP
+
+
+def recycled_ref(target: str, repo: str, manifest: str) -> bytes:
+    return recycled_ref_prefix(target) + _b(repo) + SEP + _b(manifest)
+
+
 def cursor(peer: str) -> bytes:
     return CURSOR + _b(peer)
 
@@ -393,40 +431,46 @@ def register(key: bytes) -> (TagKey | ManifestKey | TagTombKey | ManifestTombKey
     return None
 
 
-def reference_holder(key: bytes) -> BlobKey | RefKey | None:
+def reference_holder(key: bytes) -> BlobKey | RefKey | RecycledRefKey | None:
     """The key parsed, if it is one whose write may change a blob's GC
-    candidacy (a blob record, or a manifest's reference to its target);
+    candidacy (a blob record, or a manifest's reference to its target, live
+    or in a recycle bin);
     ``None`` for every other key, cheaply, since every key of every commit is
     asked (``unreferenced``)."""
-    if not (key.startswith(BLOB) or key.startswith(REF)):
+    if not (key.startswith(BLOB) or key.startswith(REF) or key.startswith(RECYCLED_REF)):
         return None
     return _parse(key)
 
 
-BLOB_RECORD, MANIFEST_RECORD = "blob", "manifest"
+BLOB_RECORD, MANIFEST_RECORD, RECYCLED_MANIFEST_RECORD = "blob", "manifest", "recycled"
 
 
 def content_record(key: bytes) -> str | None:
-    """``BLOB_RECORD`` or ``MANIFEST_RECORD`` if ``key`` holds a record that
-    storage usage counts; ``None`` for every other key. Cheap (no parse: only
-    the family and the kind are looked at), since every key of every commit
-    is asked (``usage``)."""
+    """``BLOB_RECORD``, ``MANIFEST_RECORD`` or ``RECYCLED_MANIFEST_RECORD`` (a
+    manifest in the recycle bin) if ``key`` holds a record that storage usage
+    counts; ``None`` for every other key. Cheap (no parse: only the family
+    and the kind are looked at), since every key of every commit is asked
+    (``usage``)."""
     if key.startswith(BLOB):
         return BLOB_RECORD
-    if not key.startswith(REPO_DATA):
-        return None
-    # r\0<repo>\0<kind>\0…: no repository name holds NUL, so the kind follows
-    # the first NUL after the family.
-    kind_at = key.find(SEP, len(REPO_DATA)) + 1
-    return MANIFEST_RECORD if kind_at and key[kind_at:kind_at + 2] == _MANIFEST + SEP else None
+    for family, kind in ((REPO_DATA, MANIFEST_RECORD), (RECYCLE_BIN, RECYCLED_MANIFEST_RECORD)):
+        if key.startswith(family):
+            # <family><repo>\0<kind>\0…: no repository name holds NUL, so the
+            # kind follows the first NUL after the family.
+            kind_at = key.find(SEP, len(family)) + 1
+            return kind if kind_at and key[kind_at:kind_at + 2] == _MANIFEST + SEP else None
+    return None
 
 
 def counted_content(key: bytes) -> ManifestKey | BlobKey | None:
     """The key parsed, if its write may change what a node reports it holds
     (a manifest, or a blob record); ``None`` for every other key, cheaply,
     since every key of every commit is asked (``content_counts``): only the
-    keys ``content_record`` picks out are parsed."""
-    if content_record(key) is None:
+    keys ``content_record`` picks out are parsed. A manifest in the recycle
+    bin is not: the counts say how far replication has brought what is served
+    (sync progress), and a binned manifest is not served; storage usage
+    counts it."""
+    if content_record(key) in (None, RECYCLED_MANIFEST_RECORD):
         return None
     parsed = _parse(key)
     return parsed if isinstance(parsed, (ManifestKey, BlobKey)) else None
@@ -487,6 +531,17 @@ class RefKey(msgspec.Struct, frozen=True):
 
     def encode(self) -> bytes:
         return ref(self.target, self.repository, self.manifest)
+
+
+class RecycledRefKey(msgspec.Struct, frozen=True):
+    """Manifest ``manifest``, in the recycle bin of ``repository``, needs ``target``."""
+
+    target: str
+    repository: str
+    manifest: str
+
+    def encode(self) -> bytes:
+        return recycled_ref(self.target, self.repository, self.manifest)
 
 
 class BlobUserKey(msgspec.Struct, frozen=True):
@@ -610,6 +665,26 @@ class ManifestAttributesKey(AttributesKey, frozen=True):
         return manifest_attributes(self.repository, self.digest)
 
 
+class RecycledKey(msgspec.Struct, frozen=True):
+    """An entry of ``repository``'s recycle bin (one of the two below)."""
+
+    repository: str
+
+
+class RecycledManifestKey(RecycledKey, frozen=True):
+    digest: str
+
+    def encode(self) -> bytes:
+        return recycled_manifest(self.repository, self.digest)
+
+
+class RecycledTagKey(RecycledKey, frozen=True):
+    tag: str
+
+    def encode(self) -> bytes:
+        return recycled_tag(self.repository, self.tag)
+
+
 class CursorKey(msgspec.Struct, frozen=True):
     peer: str
 
@@ -723,7 +798,7 @@ Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | UnreferencedKey | Ref
        | CursorKey | FailureKey | UntaggedKey | TransferKey | ConfigKey | FingerprintKey
        | BucketFingerprintKey | ReaderKey | TombstoneCandidateKey | WebhookPendingKey
        | WebhookLogKey | CompletionQuestionKey | RepositoryAttributesKey | TagAttributesKey
-       | ManifestAttributesKey)
+       | ManifestAttributesKey | RecycledRefKey | RecycledManifestKey | RecycledTagKey)
 
 
 def _head(family: bytes) -> bytes:
@@ -751,7 +826,7 @@ _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (TRANSFER, TransferKey),
     (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey),
     (FINGERPRINT_BUCKET, BucketFingerprintKey), (READER, ReaderKey),
-    (COMPLETION_QUESTION, CompletionQuestionKey)]}
+    (COMPLETION_QUESTION, CompletionQuestionKey), (RECYCLED_REF, RecycledRefKey)]}
 # Families of ``<family><repo>\0<kind>\0…``, by kind.
 _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
     _head(REPO_DATA): {_LINK.decode(): BlobLinkKey, _MANIFEST.decode(): ManifestKey,
@@ -760,6 +835,7 @@ _IN_REPOSITORY: dict[bytes, dict[str, type]] = {
                   _LINK.decode(): BlobTombKey},
     _head(ATTRIBUTES): {_REPOSITORY.decode(): RepositoryAttributesKey,
                         _TAG.decode(): TagAttributesKey, _MANIFEST.decode(): ManifestAttributesKey},
+    _head(RECYCLE_BIN): {_MANIFEST.decode(): RecycledManifestKey, _TAG.decode(): RecycledTagKey},
 }
 _FIELDS: dict[type, tuple[str, ...]] = {kind: kind.__struct_fields__ for kind in Key.__args__
                                          if kind not in (TombstoneCandidateKey, WebhookPendingKey,

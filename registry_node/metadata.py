@@ -197,3 +197,45 @@ def list_manifests(registry: Registry, name: str, login_server: str, orderby: st
                                            sorted(by_digest.get(digest, []))))
     page, more, end = _page(entries, "digest", check_order(orderby), n, last, stamp)
     return {"registry": login_server, "imageName": name, "manifests": page}, more, end
+
+
+# A recycle bin entry's name in its listing's one order: a manifest's digest
+# or a tag's name (they cannot collide: a tag has no ``:``); removed before
+# the entry is sent.
+_BINNED = "_binned"
+
+
+def deleted(registry: Registry, repo: str, login_server: str, n: int | None = None,
+            last: str | None = None, stamp: int | None = None
+            ) -> tuple[dict[str, Any], bool, int | None, str | None]:
+    """ACR's ``list-deleted`` and ``list-deleted-tags`` of one repository (its
+    recycle bin, ``recycle_bin``), oldest delete first (by the deletes'
+    stamps, as last-writer-wins orders them): each manifest with the tags it
+    had, each untagged tag with what it named, and when each was deleted (at
+    the delete's origin) and goes. Paged as the other listings are (``n``,
+    ``last``, ``stamp``), over manifests and tags together in that order:
+    ``last`` names a digest or a tag. Returns the page, whether more follow,
+    and the stamp and name of its last entry (for the next page's link).
+    404 ``NAME_UNKNOWN`` for a repository this node holds neither content nor
+    a bin of."""
+    bin_ = registry.bin
+    if not registry.repository_exists(repo) and not bin_.holds(repo):
+        raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
+
+    def times(deleted_ns: int) -> dict[str, str]:
+        return {"deletedTime": _time(deleted_ns), "purgeTime": _time(bin_.purge_ns(deleted_ns))}
+
+    entries = [{"digest": digest, "tags": list(entry.tags),
+                "mediaType": entry.record.media_type, "imageSize": entry.record.size,
+                **times(entry.deleted_ns), _ORDER: entry.hlc, _BINNED: digest}
+               for digest, entry in bin_.manifests(repo)]
+    entries += [{"name": tag, "digest": entry.digest, **times(entry.deleted_ns),
+                 _ORDER: entry.hlc, _BINNED: tag}
+                for tag, entry in bin_.tags(repo)]
+    page, more, end = _page(entries, _BINNED, "timeasc", n, last, stamp)
+    last_name = page[-1][_BINNED] if page else None
+    for entry in page:
+        del entry[_BINNED]
+    return ({"registry": login_server, "imageName": repo, "region": registry.identity.region,
+             "manifests": [e for e in page if "tags" in e],
+             "tags": [e for e in page if "tags" not in e]}, more, end, last_name)

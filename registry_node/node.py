@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import keys
 from .blobstore import BlobStore
+from .clock import ClockGuard, WallClock
 from .config import NodeConfig
 from .configuration import Configuration
 from .configuration_key import ConfigurationKey
@@ -54,7 +55,9 @@ class Node:
     def open(cls, config: NodeConfig, *, wall_ns: Callable[[], int] = time.time_ns,
              monotonic: Callable[[], float] = time.monotonic) -> Node:
         """Open the node's storage; ``wall_ns`` and ``monotonic`` are the clocks
-        its registry reads (record stamps; ages against GC grace and upload TTL)."""
+        its registry reads (record stamps; ages against GC grace and upload TTL).
+        The wall clock is read through the node's skewable ``WallClock``
+        (``registry.clock.clock``), so a clock fault reaches every stamp."""
         config.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(config.data_dir, 0o700)
         node_key = NodeKey.load_or_create(config.key_path) if config.key_file is None \
@@ -65,6 +68,8 @@ class Node:
             if config.configuration_key_file is None \
             else ConfigurationKey.load(config.configuration_key_file)
         faults = StorageFaults()
+        clock = ClockGuard(WallClock(wall_ns), monotonic)
+        wall_ns = clock.clock.now_ns
         meta = MetadataStore(config.data_dir / "meta", sync=config.sync, faults=faults,
                              wall_ns=wall_ns)
         try:
@@ -80,9 +85,11 @@ class Node:
 
         registry = Registry(meta, blobs, Sealer(node_key.derive(b"manifest")), identity,
                             run_blocking=run_blocking, wall_ns=wall_ns, monotonic=monotonic,
+                            clock=clock,
                             limits=Limits(max_storage=config.storage_limit))
         configuration = Configuration(registry, configuration_key)
         registry.tier = configuration.tier      # the storage maximum follows the live tier
+        registry.bin.policy = configuration.soft_delete
         outbox = WebhookOutbox(meta, holds_log=config.webhooks.deliver)
         return cls(config, identity, meta, blobs, registry, executor,
                    configuration, outbox, configuration_key)

@@ -112,6 +112,12 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     # fields the client named), so applying it anywhere is a plain
     # last-writer-wins write.
     attributes: ChangeableAttributes | None = None
+    # MANIFEST_DELETE / TAG_DELETE: the origin's soft-delete policy was on, so
+    # every region that applies the delete keeps what it ends in its recycle
+    # bin (``recycle_bin``); decided once, at the origin. MANIFEST_DELETE: the
+    # tags the manifest had there, which a restore brings back.
+    recycled: bool = False
+    recycled_tags: tuple[str, ...] = ()
 
 
 class NodeIdentity(msgspec.Struct, frozen=True):
@@ -187,6 +193,37 @@ class Tombstone(msgspec.Struct, frozen=True, omit_defaults=True):
     origin_region: str = ""
     origin_zone: str = ""
     digest: str = ""                   # tags: what the tag pointed at
+    # Manifests: the delete was a soft one (``Event.recycled``), with the tags
+    # and the origin's acknowledgement it carried. Kept here, not only in the
+    # bin entry, which a node that never held the body cannot make: what
+    # anti-entropy says of the delete must not depend on that (``recycle_bin``).
+    recycled: bool = False
+    recycled_tags: tuple[str, ...] = ()
+    deleted_ns: int = 0
+
+
+class RecycledManifest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A soft-deleted manifest in its repository's recycle bin (``recycle_bin``):
+    the record as it was (sealed body included), the tags it had at the
+    delete's origin, and the delete: its stamp and the origin's
+    acknowledgement, from which its purge time is counted."""
+
+    record: ManifestRecord
+    tags: tuple[str, ...]
+    deleted_ns: int
+    hlc: int
+    origin_region: str = ""
+    origin_zone: str = ""
+
+
+class RecycledTag(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A soft-deleted (untagged) tag: what it pointed at, and the delete."""
+
+    digest: str
+    deleted_ns: int
+    hlc: int
+    origin_region: str = ""
+    origin_zone: str = ""
 
 
 class ConfigRecord(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -51,12 +51,14 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from . import keys, locks, tiers
+from . import keys, locks, recycle_bin, tiers
 from . import manifest as manifests
+from .blob_repair import BlobRepair, being_repaired
 from .blobstore import BlobStore, UploadFile
+from .clock import ClockGuard, WallClock
 from .crypto import BlobCorrupt, SealedBlob, Sealer
 from .durability import LocalDurability, WriteQuorum
-from .errors import ErrorCode, RegistryError, disk_full, storage_limit_reached
+from .errors import ErrorCode, RegistryError, storage_failure, storage_limit_reached
 from .hlc import HybridLogicalClock
 from .metastore import Batch, MetadataStore
 from .records import (
@@ -69,6 +71,7 @@ from .records import (
     EventKind,
     ManifestRecord,
     NodeIdentity,
+    RecycledManifest,
     RepoRecord,
     Stamp,
     TagRecord,
@@ -81,7 +84,7 @@ from .records import (
 )
 from .reference import Digest, is_digest, validate_name, validate_tag
 from .staleness import PeerContent
-from .storage_faults import is_disk_full
+from .storage_faults import is_io_error
 
 T = TypeVar("T")
 RunBlocking = Callable[[Callable[..., T]], Awaitable[T]]
@@ -140,6 +143,19 @@ class PutManifestResult:
     subject: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _RestorePlan:
+    """What a restore writes (``Registry._restore_plan``)."""
+
+    digest: str
+    entry: RecycledManifest | None          # None: the manifest is live, tags only
+    body: bytes | None
+    parsed: manifests.ParsedManifest | None
+    to_set: tuple[str, ...]
+    moved: dict[str, str]                   # tag -> what it named before (force)
+    missing: tuple[str, ...]                # blobs not held here
+
+
 @dataclass
 class _OpenUpload:
     repository: str
@@ -163,6 +179,7 @@ class Registry:
         limits: Limits = Limits(),
         quorum: WriteQuorum | None = None,
         peers: PeerContent | None = None,
+        clock: ClockGuard | None = None,
     ) -> None:
         self.meta = meta
         self.blobs = blobs
@@ -172,10 +189,15 @@ class Registry:
         self.peers: PeerContent | None = peers
         self.sealer = manifest_sealer
         self.run_blocking = run_blocking
-        self._wall_ns = wall_ns
         self._monotonic = monotonic
+        # The node's wall clock and whether it may stamp writes (``clock``); the
+        # HLC's physical part is that clock's, skew and all.
+        self.clock = clock or ClockGuard(WallClock(wall_ns), monotonic)
+        self._wall_ns = self.clock.clock.now_ns
         stored = meta.get(keys.HLC)
-        self.hlc = hlc or HybridLogicalClock(last=int(stored) if stored else 0)
+        self.hlc = hlc or HybridLogicalClock(
+            self.clock.clock.now_ms, last=int(stored) if stored else 0,
+            max_ahead_ms=int(self.clock.max_offset_s * 1000))
         self._uploads: dict[str, _OpenUpload] = {}
         # Last time each blob was named by a client (HEAD, mount, commit,
         # manifest push): garbage collection spares blobs touched within its
@@ -189,6 +211,11 @@ class Registry:
         self._reserved = 0
         # Changeable attributes (ACR's locks), checked before any change they forbid.
         self.locks = locks.Locks(meta)
+        # Bit rot: quarantined and fetched again (replication sets its sources).
+        self.repair = BlobRepair(blobs, run_blocking, wall_ns=wall_ns, monotonic=monotonic,
+                                 recorded=lambda digest: meta.get(keys.blob(digest)) is not None)
+        # Soft delete: what deletes keep, and for how long (``recycle_bin``).
+        self.bin = recycle_bin.RecycleBin(meta, wall_ns)
 
     # -- helpers -------------------------------------------------------------
 
@@ -201,6 +228,12 @@ class Registry:
     def wall_ns(self) -> int:
         return self._wall_ns()
 
+    def check_writable(self) -> None:
+        """Refuse a client's write before any side effect (definite 503): no
+        write quorum, or a clock this node must not stamp with (``clock``)."""
+        self.quorum.check_writable()
+        self.clock.check_writable(self.hlc.last)
+
     def monotonic(self) -> float:
         return self._monotonic()
 
@@ -209,10 +242,35 @@ class Registry:
                      origin_zone=self.identity.zone, hlc=stamp, acked_ns=self._wall_ns(),
                      **fields)
 
-    def _stamp(self, batch: Batch) -> int:
-        stamp = self.hlc.now()
-        batch.put(keys.HLC, str(stamp).encode())
+    def stamp_over(self, batch: Batch, *replaced: int) -> int:
+        """The stamp of a local write, which every register write takes: the
+        HLC's next, and above ``replaced``, the stamps of the registers it
+        replaces (``held``), however far ahead a peer's clock put them. A
+        write made after seeing a value wins over it on every replica."""
+        stamp = self.hlc.after(*replaced)
+        batch.put(keys.HLC, str(self.hlc.last).encode())
         return stamp
+
+    def held(self, *registers: tuple[bytes, type]) -> int:
+        """The HLC of what the register holds: its value or its tombstone
+        (``(key, record type)`` each; 0 when it holds nothing)."""
+        stamps = [0]
+        for key, kind in registers:
+            raw = self.meta.get(key)
+            if raw is not None:
+                stamps.append(decode(raw, kind).hlc)
+        return max(stamps)
+
+    def tag_held(self, repo: str, tag: str) -> int:
+        return self.held((keys.tag(repo, tag), TagRecord), (keys.tag_tomb(repo, tag), Tombstone))
+
+    def manifest_held(self, repo: str, digest: str) -> int:
+        return self.held((keys.manifest(repo, digest), ManifestRecord),
+                         (keys.manifest_tomb(repo, digest), Tombstone))
+
+    def link_held(self, repo: str, digest: str) -> int:
+        return self.held((keys.blob_link(repo, digest), BlobLink),
+                         (keys.blob_tomb(repo, digest), Tombstone))
 
     def _tombstone(self, stamp: int, digest: str = "") -> bytes:
         return encode(Tombstone(stamp, self.identity.region, self.identity.zone, digest))
@@ -300,6 +358,24 @@ class Registry:
         except FileNotFoundError:
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)}) from None
 
+    async def read_blob(self, repo: str, digest: Digest) -> SealedBlob:
+        """Open a blob for a client's GET. A copy that fails authentication is
+        never served: it is repaired first (``blob_repair``), or the
+        ``RegistryError`` says why not."""
+        self.stat_blob(repo, digest)
+        try:
+            return self.blobs.open(digest)
+        except FileNotFoundError:
+            if not self.repair.missing_after_rot(digest):
+                raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)}) from None
+            await self.repair.mend(digest, "its file was quarantined")
+        except BlobCorrupt as exc:
+            await self.repair.mend(digest, str(exc))
+        try:
+            return self.blobs.open(digest)
+        except (FileNotFoundError, BlobCorrupt) as exc:
+            raise being_repaired(digest, str(exc)) from None
+
     async def delete_blob(self, repo: str, digest: Digest) -> None:
         if not self.blob_visible(repo, digest):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": str(digest)})
@@ -311,9 +387,9 @@ class Registry:
                 message="blob is in use",
             )
         self.locks.check_delete_blob(repo)
-        self.quorum.check_writable()
+        self.check_writable()
         batch = Batch()
-        stamp = self._stamp(batch)
+        stamp = self.stamp_over(batch, self.link_held(repo, digest))
         batch.delete(keys.blob_link(repo, digest))
         batch.delete(keys.blob_user(digest, repo))
         batch.put(keys.blob_tomb(repo, digest), self._tombstone(stamp))
@@ -332,12 +408,12 @@ class Registry:
             return False
         self.touch(digest)
         if self.meta.get(keys.blob_link(repo, digest)) is not None:
-            self.quorum.check_writable()
+            self.check_writable()
             await self.durable()  # as a no-op manifest push
             return True
-        self.quorum.check_writable()
+        self.check_writable()
         batch = Batch()
-        stamp = self._stamp(batch)
+        stamp = self.stamp_over(batch, self.link_held(repo, digest))
         self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
         batch.event(self._event(EventKind.BLOB_MOUNT, repo, stamp, digest=digest,
                                 size=decode(raw, BlobRecord).size, source_repository=source))
@@ -356,14 +432,18 @@ class Registry:
     # -- uploads -------------------------------------------------------------
 
     async def start_upload(self, repo: str) -> str:
-        self.quorum.check_writable()  # refuse before the client sends a single layer byte
+        self.check_writable()  # refuse before the client sends a single layer byte
         self.check_storage(1)         # likewise once the node holds all it may
         self.locks.check_upload(repo)
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id)
         batch = Batch()
         batch.put(keys.upload(upload_id), encode(UploadRecord(repo, self._wall_ns())))
-        self.meta.commit(batch)
+        try:
+            self.meta.commit(batch)
+        except OSError:             # no session without its record: nothing is left
+            self.blobs.discard_upload(file)
+            raise
         self._uploads[upload_id] = _OpenUpload(repo, file, last_used=self._monotonic())
         return upload_id
 
@@ -407,7 +487,7 @@ class Registry:
     ) -> int:
         """Append a chunk; ``start`` (from Content-Range) must equal the current
         offset. Returns the new offset."""
-        self.quorum.check_writable()
+        self.check_writable()
         upload = await self._open_upload(repo, upload_id)
         async with upload.lock:
             offset = upload.file.size
@@ -415,20 +495,33 @@ class Registry:
                 raise _range_error(offset, f"chunk starts at {start}, the upload has {offset} bytes")
             try:
                 await self.receive(upload.file, chunks, length, counted=True)
-            except RegistryError as exc:
-                await self._end_if_over_a_limit(upload_id, upload, exc)
+            except (RegistryError, OSError) as exc:
+                await self._end_if_refused(upload_id, upload, exc)
                 raise
             await self.run_blocking(upload.file.flush)
             upload.last_used = self._monotonic()
             return upload.file.size
 
-    async def _end_if_over_a_limit(self, upload_id: str, upload: _OpenUpload,
-                                   exc: RegistryError) -> None:
+    async def _end_if_refused(self, upload_id: str, upload: _OpenUpload,
+                              exc: RegistryError | OSError) -> None:
         """An upload refused for a limit (the blob size limit, the storage
-        limit) ends: nothing of it is kept, and the client starts over."""
-        if exc.status == 413 or exc.code is ErrorCode.DENIED:
-            await self.run_blocking(lambda: self.blobs.discard_upload(upload.file))
+        limit) or failed by the disk with EIO ends: nothing of it is kept, and
+        the client starts over — so an EIO answer is definite (the session
+        holds nothing it did not acknowledge, because it holds nothing). A
+        full disk does not end it: the client resumes once space is freed."""
+        if is_io_error(exc) or (isinstance(exc, RegistryError)
+                                and (exc.status == 413 or exc.code is ErrorCode.DENIED)):
+            await self._drop_upload(upload_id, upload.file)
+
+    async def _drop_upload(self, upload_id: str, file: UploadFile) -> None:
+        """End a session: its file goes, then its record. A disk that fails the
+        record's removal leaves a record without a file, which answers
+        ``BLOB_UPLOAD_UNKNOWN`` and is swept when it expires."""
+        await self.run_blocking(lambda: self.blobs.discard_upload(file))
+        try:
             self._forget_upload(upload_id)
+        except OSError:
+            pass
 
     async def receive(self, file: UploadFile, chunks: AsyncIterator[bytes],
                        expected: int | None, *, counted: bool = False) -> None:
@@ -505,13 +598,21 @@ class Registry:
                 try:
                     await self.receive(upload.file, chunks, length,
                                        counted=self.meta.get(keys.blob(digest)) is None)
-                except RegistryError as exc:
-                    await self._end_if_over_a_limit(upload_id, upload, exc)
+                except (RegistryError, OSError) as exc:
+                    await self._end_if_refused(upload_id, upload, exc)
                     raise
             try:
                 info = await self._commit_upload(repo, upload.file, digest)
             except RegistryError:  # wrong digest: the upload is gone, say so next time
                 self._forget_upload(upload_id)
+                raise
+            except OSError as exc:
+                # The disk failed the seal, the rename or the record with EIO: the
+                # session ends (its file may be in place already, without a record:
+                # garbage collection sweeps it, a push of the blob again adopts it).
+                # A full disk leaves it, to be completed once space is freed.
+                if is_io_error(exc):
+                    await self._drop_upload(upload_id, upload.file)
                 raise
             try:
                 self._forget_upload(upload_id)
@@ -525,17 +626,19 @@ class Registry:
     async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterator[bytes],
                        length: int | None) -> BlobInfo:
         """A whole blob in one request (``POST …/uploads/?digest=``)."""
-        self.quorum.check_writable()
+        self.check_writable()
         self.locks.check_upload(repo)
         upload_id = str(uuidlib.uuid4())
         file = self.blobs.create_upload(upload_id, digest.algorithm)
         try:
             await self.receive(file, chunks, length,
                                counted=self.meta.get(keys.blob(digest)) is None)
+            return await self._commit_upload(repo, file, digest)
         except BaseException:
+            # Nothing of a failed request is kept (its file may be in place
+            # already if the disk failed the record: see ``complete_upload``).
             await self.run_blocking(lambda: self.blobs.discard_upload(file))
             raise
-        return await self._commit_upload(repo, file, digest)
 
     async def _commit_upload(self, repo: str, file: UploadFile, digest: Digest) -> BlobInfo:
         actual = await self.run_blocking(lambda: file.digest(digest.algorithm))
@@ -544,7 +647,7 @@ class Registry:
             raise RegistryError(ErrorCode.DIGEST_INVALID,
                                 {"expected": str(digest), "computed": actual})
         size = file.size
-        self.quorum.check_writable()
+        self.check_writable()
         reserved, seq = 0, 0
         events: list[Event] = []
         if self.meta.get(keys.blob(digest)) is None:
@@ -566,7 +669,7 @@ class Registry:
                 seq = self.meta.last_seq
             else:
                 batch = Batch()
-                stamp = self._stamp(batch)
+                stamp = self.stamp_over(batch, self.link_held(repo, digest))
                 if self.meta.get(keys.blob(digest)) is None:
                     batch.put(keys.blob(digest), encode(BlobRecord(size, self._wall_ns())))
                 self.link(batch, repo, digest, stamp, self.identity.region, self.identity.zone)
@@ -694,12 +797,15 @@ class Registry:
         if missing:
             raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
                                 {"missing": missing[:20], "count": len(missing)})
-        self.quorum.check_writable()
+        self.check_writable()
         new_manifest = self.meta.get(keys.manifest(repo, digest)) is None
         if new_manifest:
             self.check_storage(len(body))   # no await from here to the commit
         batch = Batch()
-        hlc = self._stamp(batch)
+        # Above the manifest's register (a new value, or renewed by the tag
+        # set) and the tag's.
+        hlc = self.stamp_over(batch, self.manifest_held(repo, digest),
+                              self.tag_held(repo, tag) if tag is not None else 0)
         origin = (self.identity.region, self.identity.zone)
         acked = self._wall_ns()
         tag_moves = False
@@ -752,6 +858,7 @@ class Registry:
         )
         batch.put(keys.manifest(repo, digest), encode(record))
         batch.delete(keys.manifest_tomb(repo, digest))
+        self.bin.stage_manifest_end(batch, repo, digest)     # back: no longer deleted
         for target in parsed.references:
             batch.put(keys.ref(target, repo, digest), b"")
         # Retention's clock starts at an untag, never at a push (a multi-arch
@@ -792,22 +899,13 @@ class Registry:
                                                         origin_acked_ns, self._wall_ns())))
         batch.delete(keys.tag_tomb(repo, tag))
         self.stage_untagged(batch, repo, digest, None)
+        self.bin.stage_tag_end(batch, repo, tag)
         raw = batch.puts.get(keys.manifest(repo, digest)) or self.meta.get(keys.manifest(repo, digest))
         if raw is not None:
             record = decode(raw, ManifestRecord)
             if stamp_of(record) < stamp:
                 batch.put(keys.manifest(repo, digest), encode(msgspec.structs.replace(
                     record, hlc=hlc, origin_region=origin_region, origin_zone=origin_zone)))
-
-    def stage_tag_removal(self, batch: Batch, repo: str, tag: str, tombstone: bytes) -> None:
-        """End a tag (local or replicated untag): its tombstone replaces it, and
-        the manifest it named may be untagged from now on."""
-        raw = self.meta.get(keys.tag(repo, tag))
-        if raw is not None:
-            self.stage_untagged(batch, repo, decode(raw, TagRecord).digest,
-                                decode(tombstone, Tombstone).hlc)
-        batch.delete(keys.tag(repo, tag))
-        batch.put(keys.tag_tomb(repo, tag), tombstone)
 
     def stage_untagged(self, batch: Batch, repo: str, digest: str, hlc: int | None) -> None:
         """Note that ``digest`` may have just become untagged: a tag or what
@@ -843,11 +941,34 @@ class Registry:
             record = decode(value, TagRecord)
             if record.digest == digest and stamp_of(record) < stamp:
                 tag = keys.parse(key, keys.TagKey).tag
-                batch.delete(key)
-                batch.put(keys.tag_tomb(repo, tag), encode(Tombstone(
-                    record.hlc, record.origin_region, record.origin_zone, digest)))
+                self.stage_tag_tombstone(batch, repo, tag, stamp_of(record), digest)
                 removed.append(tag)
         return removed
+
+    def stage_tag_tombstone(self, batch: Batch, repo: str, tag: str, stamp: Stamp,
+                            digest: str) -> None:
+        """End a tag's value: its tombstone (stamped ``stamp``, naming what the
+        tag pointed at) and any recycle bin entry of it. Whatever ends the tag
+        register ends an older untag's entry, as a restore or a re-tag does in
+        the region it is taken, so every region holds the same bin; only the
+        soft delete an entry records makes it again (``stage_tag_delete``). The
+        manifest the tag named may be untagged from now on (``stage_untagged``)."""
+        hlc, region, zone = stamp
+        current = batch.puts.get(keys.tag(repo, tag)) or self.meta.get(keys.tag(repo, tag))
+        if current is not None:
+            self.stage_untagged(batch, repo, decode(current, TagRecord).digest, hlc)
+        batch.delete(keys.tag(repo, tag))
+        batch.put(keys.tag_tomb(repo, tag), encode(Tombstone(hlc, region, zone, digest)))
+        self.bin.stage_tag_end(batch, repo, tag)
+
+    def stage_tag_delete(self, batch: Batch, delete: Event) -> None:
+        """What a winning TAG_DELETE leaves: the tag's tombstone and, when the
+        delete was a soft one, its recycle bin entry."""
+        self.stage_tag_tombstone(batch, delete.repository, delete.tag, stamp_of(delete),
+                                 delete.digest)
+        if delete.recycled:
+            self.bin.stage_tag(batch, delete.repository, delete.tag, delete.digest,
+                               stamp_of(delete), delete.acked_ns)
 
     async def delete_manifest(self, repo: str, reference: str, *,
                               request: ClientRequest | None = None,
@@ -865,12 +986,14 @@ class Registry:
             if raw is None:
                 raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": tag})
             self.locks.check_untag(repo, tag)
-            self.quorum.check_writable()
-            hlc = self._stamp(batch)
-            pointed = decode(raw, TagRecord).digest
-            self.stage_tag_removal(batch, repo, tag, self._tombstone(hlc, pointed))
-            batch.event(self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed,
-                                    request=request))
+            self.check_writable()
+            value = decode(raw, TagRecord)
+            hlc = self.stamp_over(batch, value.hlc)
+            pointed = value.digest
+            event = self._event(EventKind.TAG_DELETE, repo, hlc, tag=tag, digest=pointed,
+                                request=request, recycled=self.bin.policy().enabled)
+            self.stage_tag_delete(batch, event)
+            batch.event(event)
             self.drop_repo_if_emptied(batch, repo)
             await self._commit(batch)
             return
@@ -886,19 +1009,188 @@ class Registry:
                 message="manifest is in use",
             )
         self.locks.check_delete_manifest(repo, digest)
-        self.quorum.check_writable()
+        self.check_writable()
         record = decode(raw, ManifestRecord)
-        hlc = self._stamp(batch) if stamp is None else stamp
+        if stamp is None:
+            # Above the tags pointing at it too: each tag set renewed the
+            # manifest's register (``stage_tag``).
+            hlc = self.stamp_over(batch, record.hlc)
+        elif stamp_of(record) >= (stamp, *origin):
+            # Renewed after the change the delete was decided on: it would
+            # lose to that renewal everywhere, so it is not made.
+            raise RegistryError(ErrorCode.DENIED, message="manifest changed since the "
+                                "change this delete was decided on", status=409)
+        else:
+            # Not lifted above anything (``stamp_over``): what was written
+            # after the change it was decided on must win, here and everywhere.
+            hlc = stamp
         # The tags go with it, here and (by the same rule) wherever the delete
         # arrives; no tag_delete events, which would end newer values elsewhere.
-        self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
+        tags = self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
         self.stage_manifest_removal(batch, repo, digest, record, hlc)
-        batch.put(keys.manifest_tomb(repo, digest), self._tombstone(hlc))
-        batch.event(self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,
-                                media_type=record.media_type,
-                                artifact_type=record.artifact_type, request=request))
+        recycled = self.bin.policy().enabled
+        event = self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,
+                            media_type=record.media_type, artifact_type=record.artifact_type,
+                            request=request, recycled=recycled,
+                            recycled_tags=tuple(sorted(tags)) if recycled else ())
+        self.stage_manifest_tombstone(batch, event, record)
+        batch.event(event)
         self.drop_repo_if_emptied(batch, repo)
         await self._commit(batch)
+
+    def stage_manifest_tombstone(self, batch: Batch, delete: Event,
+                                 record: ManifestRecord | None) -> None:
+        """What a winning MANIFEST_DELETE leaves: its tombstone, saying whether
+        the delete was a soft one (so anti-entropy says so from every node, the
+        ones without a bin entry of it included), and in the recycle bin the
+        manifest (``record``, as it was here, or as an older delete's entry
+        kept it) when it was, nothing otherwise (an older entry of it ends
+        either way). A region that never held the manifest keeps no entry."""
+        repo, digest = delete.repository, delete.digest
+        hlc, region, zone = stamp_of(delete)
+        batch.put(keys.manifest_tomb(repo, digest), encode(Tombstone(
+            hlc, region, zone, recycled=delete.recycled, recycled_tags=delete.recycled_tags,
+            deleted_ns=delete.acked_ns if delete.recycled else 0)))
+        if record is None:
+            older = self.bin.manifest(repo, digest, batch)
+            record = older.record if older is not None else None
+        self.bin.stage_manifest_end(batch, repo, digest)
+        if delete.recycled and record is not None:
+            self.bin.stage_manifest(batch, repo, digest, record, delete.recycled_tags,
+                                    stamp_of(delete), delete.acked_ns)
+
+    async def restore(self, repo: str, reference: str, *, force: bool = False,
+                      request: ClientRequest | None = None) -> dict[str, Any]:
+        """Bring back what the recycle bin holds (``recycle_bin``): by digest, a
+        manifest with the tags it had; by tag, the manifest most recently
+        deleted with that tag (with all its tags), or that tag alone when it
+        was untagged later. A restore is a write, replicated as the push and
+        tag sets it amounts to (stamped now, so it wins over the delete it
+        undoes everywhere, and loses to a later one). Refused, nothing changed:
+        a repository this node holds nothing of (404 NAME_UNKNOWN); where a
+        lock forbids the push it amounts to; a tag that since names another
+        manifest (409, naming it) unless ``force`` moves it back; a child
+        manifest of an index that is not in the repository (409: restore it
+        first); blobs no peer has either."""
+        validate_name(repo)
+        plan = self._restore_plan(repo, reference, force)
+        if plan.missing and self.peers is not None:
+            await self.peers.fetch_blobs(repo, list(plan.missing))
+            # The await let other writes in (a push of a tag, a lock, another
+            # restore or purge): every check is made again on what is here now.
+            plan = self._restore_plan(repo, reference, force)
+        # From here to the commit, no await: the checks hold when it is written.
+        if plan.missing:
+            raise RegistryError(ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                                {"missing": list(plan.missing[:20]), "count": len(plan.missing)},
+                                message="blobs of the manifest are held nowhere", status=409)
+        self.check_writable()
+        if plan.body is not None:
+            self.check_storage(len(plan.body))
+        digest, entry, to_set = plan.digest, plan.entry, plan.to_set
+        batch = Batch()
+        # Above the manifest's register (its tombstone, when it comes back) and
+        # every tag's it sets, as any write is (``stamp_over``).
+        hlc = self.stamp_over(batch, self.manifest_held(repo, digest),
+                              *(self.tag_held(repo, tag) for tag in to_set))
+        stamp = (hlc, self.identity.region, self.identity.zone)
+        acked = self._wall_ns()
+        if entry is not None:
+            body, parsed = plan.body, plan.parsed
+            assert body is not None and parsed is not None
+            self.stage_manifest(batch, repo, digest, body, parsed, stamp, acked)
+            batch.event(self._event(EventKind.MANIFEST_PUT, repo, hlc, digest=digest,
+                                    tag=to_set[0] if to_set else "",
+                                    media_type=parsed.media_type, size=len(body),
+                                    references=parsed.references, subject=parsed.subject or "",
+                                    artifact_type=parsed.artifact_type or "", request=request))
+        record = entry.record if entry is not None else decode(
+            self.meta.get(keys.manifest(repo, digest)), ManifestRecord)
+        for tag in to_set:
+            self.stage_tag(batch, repo, tag, digest, stamp, acked)
+            batch.event(self._event(EventKind.TAG_SET, repo, hlc, digest=digest, tag=tag,
+                                    media_type=record.media_type, size=record.size,
+                                    artifact_type=record.artifact_type, request=request))
+        await self._commit(batch)
+        self.bin.restored_total += 1
+        return {"repository": repo, "digest": digest, "manifestRestored": entry is not None,
+                "tagsRestored": list(to_set),
+                "tagsMoved": {t: plan.moved[t] for t in to_set if t in plan.moved}}
+
+    def _restore_plan(self, repo: str, reference: str, force: bool) -> _RestorePlan:
+        """What restoring ``reference`` writes, checked against what is here
+        now: every refusal but blobs missing here (a peer may have them) is
+        raised. Synchronous, so its checks hold until the caller's next await."""
+        if not self.repository_exists(repo) and not self.bin.holds(repo):
+            raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
+        digest, entry, tags = self._restorable(repo, reference)
+        moved: dict[str, str] = {}
+        to_set: list[str] = []
+        for tag in tags:
+            raw = self.meta.get(keys.tag(repo, tag))
+            current = decode(raw, TagRecord).digest if raw is not None else None
+            if current == digest:
+                continue
+            if current is not None:
+                moved[tag] = current
+                if not force:
+                    continue
+            to_set.append(tag)
+        if moved and not force:
+            raise RegistryError(
+                ErrorCode.DENIED, {"digest": digest, "tagsNowElsewhere": moved},
+                message=f"tag{'s' if len(moved) > 1 else ''} {', '.join(sorted(moved))} "
+                        f"name{'' if len(moved) > 1 else 's'} another manifest since the delete; "
+                        f"nothing was restored (restore with force to move "
+                        f"{'them' if len(moved) > 1 else 'it'} back)", status=409)
+        body, parsed, missing = None, None, ()
+        if entry is not None:
+            self.locks.check_upload(repo)
+            body = self.sealer.open(entry.record.sealed_body, manifest_ad(digest))
+            parsed = manifests.parse(body, entry.record.media_type)
+            children = [d for d in parsed.children
+                        if self.meta.get(keys.manifest(repo, d)) is None]
+            if children:
+                raise RegistryError(
+                    ErrorCode.MANIFEST_BLOB_UNKNOWN, {"missing": children[:20]},
+                    message="manifests of the index are not in the repository; restore them "
+                            "first", status=409)
+            missing = tuple(d for d in parsed.blobs if self.meta.get(keys.blob(d)) is None)
+        for tag in to_set:
+            self.locks.check_push(repo, tag, True)
+        return _RestorePlan(digest, entry, body, parsed, tuple(to_set), moved, missing)
+
+    def _restorable(self, repo: str, reference: str
+                    ) -> tuple[str, RecycledManifest | None, tuple[str, ...]]:
+        """What restoring ``reference`` brings back: the digest, the manifest's
+        bin entry (None: it is live, only a tag comes back) and the tags."""
+        def absent(what: dict[str, str]) -> RegistryError:
+            return RegistryError(ErrorCode.MANIFEST_UNKNOWN, what,
+                                 message="not in the recycle bin")
+
+        if is_digest(reference):
+            digest = str(Digest.parse(reference))
+            entry = self.bin.manifest(repo, digest)
+            if entry is None:
+                raise absent({"digest": digest})
+            return digest, entry, entry.tags
+        tag = validate_tag(reference)
+        found = self.bin.find_by_tag(repo, tag)
+        untagged = self.bin.tag(repo, tag)
+        # Which delete came last: by stamp, as last-writer-wins orders them
+        # (not by origin wall clocks, which may disagree across regions).
+        if untagged is not None and (found is None or stamp_of(untagged) > stamp_of(found[1])):
+            if self.meta.get(keys.manifest(repo, untagged.digest)) is not None:
+                return untagged.digest, None, (tag,)
+            if (kept := self.bin.manifest(repo, untagged.digest)) is not None:
+                return untagged.digest, kept, tuple(dict.fromkeys((tag, *kept.tags)))
+            if found is None:
+                raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": tag,
+                                                                 "digest": untagged.digest},
+                                    message="the manifest the tag named is gone")
+        if found is None:
+            raise absent({"tag": tag})
+        return found[0], found[1], found[1].tags
 
     async def delete_repository(self, repo: str, *,
                                 request: ClientRequest | None = None) -> dict[str, list[str]]:
@@ -907,7 +1199,7 @@ class Registry:
         if not self.repository_exists(repo):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
         self.locks.check_delete_repository(repo)
-        self.quorum.check_writable()
+        self.check_writable()
         tags = [keys.parse(k, keys.TagKey).tag for k, _ in self.meta.scan(keys.tag_prefix(repo))]
         manifests_left = [keys.parse(k, keys.ManifestKey).digest
                           for k, _ in self.meta.scan(keys.manifest_prefix(repo))]
@@ -934,8 +1226,9 @@ class Registry:
             if deleted or unlinked:
                 if isinstance(exc, RegistryError) and exc.status >= 500:
                     raise exc.indefinite(done) from exc
-                if is_disk_full(exc):
-                    raise disk_full().indefinite(done) from exc
+                refusal = storage_failure(exc, read=False)
+                if refusal is not None:
+                    raise refusal.indefinite(done) from exc
             raise
         return {"manifestsDeleted": deleted, "tagsDeleted": tags}
 
@@ -981,12 +1274,13 @@ class Registry:
         self.locks.check_change(target)
         current = self.locks.of(target)
         wanted = locks.changed(current, update)
-        self.quorum.check_writable()
+        self.check_writable()
         if wanted == current:
             await self.durable()     # perhaps the retry of an unconfirmed change
             return current
         batch = Batch()
-        hlc = self._stamp(batch)
+        record = self.locks.record(target)
+        hlc = self.stamp_over(batch, record.hlc if record is not None else 0)
         acked = self._wall_ns()
         self.locks.stage(batch, target, wanted, (hlc, self.identity.region, self.identity.zone),
                          acked)

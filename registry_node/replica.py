@@ -82,6 +82,12 @@ class ContentRejected(Exception):
     """Content that can never be stored (digest mismatch, invalid manifest)."""
 
 
+class DigestMismatch(ContentRejected):
+    """Bytes that do not hash to the digest they came for: damaged on the way
+    (or at the source). Those bytes can never be stored; another copy of the
+    same content may well be, so a transfer asks again."""
+
+
 @dataclass(frozen=True, slots=True)
 class RegisterState:
     """One register as anti-entropy exchanges it (see ``Replica.repository_state``)."""
@@ -95,6 +101,10 @@ class RegisterState:
     references: tuple[str, ...] = ()
     origin_acked_ns: int = 0
     content_region: str = ""      # manifests: region of the first push (residency)
+    # Deleted registers: the delete was a soft one, with these tags (a
+    # manifest's); ``origin_acked_ns`` is then the delete's (``recycle_bin``).
+    recycled: bool = False
+    recycled_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,32 @@ class Replica:
 
     def has_blob(self, digest: str) -> bool:
         return self.meta.get(keys.blob(digest)) is not None
+
+    def blob_in_place(self, digest: str) -> bool:
+        """The blob's record and its file are here (a file quarantined for bit
+        rot, ``blob_repair``, is not: its bytes must be fetched again)."""
+        return self.has_blob(digest) and self.blobs.exists(digest)
+
+    def blob_repositories(self, digest: str) -> list[str]:
+        """Repositories that hold ``digest``: linked there, or needed by one of
+        their manifests."""
+        repos = {keys.parse(k, keys.BlobUserKey).repository
+                 for k, _ in self.meta.scan(keys.blob_users_prefix(digest))}
+        repos |= {keys.parse(k, keys.RefKey).repository
+                  for k, _ in self.meta.scan(keys.ref_prefix(digest))}
+        return sorted(repos)
+
+    def content_regions(self, repository: str, digest: str) -> set[str]:
+        """Regions whose pushes put ``digest`` in ``repository`` (for residency)."""
+        regions: set[str] = set()
+        raw = self.meta.get(keys.blob_link(repository, digest))
+        if raw is not None:
+            regions.add(decode(raw, BlobLink).origin_region)
+        for key, _ in self.meta.scan(keys.ref_repo_prefix(digest, repository)):
+            record = self.manifest_record(repository, keys.parse(key, keys.RefKey).manifest)
+            if record is not None:
+                regions.add(record.residency_region)
+        return regions
 
     def inbound_blob(self, digest: str) -> UploadFile:
         """The file an incoming blob is written to; resumes a transfer that was
@@ -221,7 +257,7 @@ class Replica:
                 registry.touched.pop(digest, None)
             if batch:
                 self.meta.commit(batch)
-            raise ContentRejected(f"transferred bytes hash to {actual}, not {digest}")
+            raise DigestMismatch(f"transferred bytes hash to {actual}, not {digest}")
         if self.meta.get(keys.blob(digest)) is None:
             batch.put(keys.blob(digest), encode(BlobRecord(size, registry.wall_ns())))
         if batch:
@@ -293,7 +329,7 @@ class Replica:
     def parse_manifest(self, digest: str, body: bytes, media_type: str) -> manifests.ParsedManifest:
         algorithm = Digest(digest).algorithm
         if f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}" != digest:
-            raise ContentRejected(f"manifest bytes do not hash to {digest}")
+            raise DigestMismatch(f"manifest bytes do not hash to {digest}")
         try:
             return manifests.parse(body, media_type)
         except RegistryError as exc:
@@ -351,7 +387,7 @@ class Replica:
             # Webhooks tell a chart's delete apart by what the manifest was.
             event = msgspec.structs.replace(event, artifact_type=record.artifact_type)
         self.registry.stage_tags_removal(batch, repo, digest, stamp)
-        batch.put(keys.manifest_tomb(repo, digest), _tombstone(stamp))
+        self.registry.stage_manifest_tombstone(batch, event, record)
         self.registry.drop_repo_if_emptied(batch, repo)
         return self._commit(batch, event)
 
@@ -382,7 +418,7 @@ class Replica:
                 raise MissingContent([], [digest])
             # The delete already ended this value: a tombstone with its own
             # stamp, as the cascade of that delete leaves on every replica.
-            self.registry.stage_tag_removal(batch, repo, tag, _tombstone(stamp, digest))
+            self.registry.stage_tag_tombstone(batch, repo, tag, stamp, digest)
             self.registry.drop_repo_if_emptied(batch, repo)
             return self._commit(batch, event)
         self.registry.stage_tag(batch, repo, tag, digest, stamp, origin_acked_ns or event.acked_ns)
@@ -402,7 +438,7 @@ class Replica:
             if tomb is not None and stamp_of(decode(tomb, Tombstone)) >= stamp:
                 return None
         batch = Batch()
-        self.registry.stage_tag_removal(batch, repo, tag, _tombstone(stamp, event.digest))
+        self.registry.stage_tag_delete(batch, event)
         self.registry.drop_repo_if_emptied(batch, repo)
         return self._commit(batch, event)
 
@@ -478,9 +514,18 @@ class Replica:
                 continue
             match keys.parse(key):
                 case keys.TagTombKey(tag=tag):
-                    tags.append(RegisterState(tag, tomb.digest, True, stamp_of(tomb)))
+                    kept = self.registry.bin.tag(repo, tag)
+                    recycled = kept is not None and stamp_of(kept) == stamp_of(tomb)
+                    tags.append(RegisterState(
+                        tag, tomb.digest, True, stamp_of(tomb), recycled=recycled,
+                        origin_acked_ns=kept.deleted_ns if recycled and kept else 0))
                 case keys.ManifestTombKey(digest=digest):
-                    manifests_out.append(RegisterState(digest, digest, True, stamp_of(tomb)))
+                    # From the tombstone, not the bin: a node that never held
+                    # the body keeps no entry, yet its register must not turn
+                    # a soft delete into a hard one where it repairs others.
+                    manifests_out.append(RegisterState(
+                        digest, digest, True, stamp_of(tomb), recycled=tomb.recycled,
+                        recycled_tags=tomb.recycled_tags, origin_acked_ns=tomb.deleted_ns))
         return {"tags": tags, "manifests": manifests_out}
 
     def attributes_state(self, repo: str, visible: Callable[[str], bool]) -> list[Event]:
@@ -572,4 +617,5 @@ def register_event(repo: str, kind: EventKind, reg: RegisterState) -> Event:
     return Event(kind=kind, repository=repo, digest=reg.digest, tag=reg.key if kind in (
         EventKind.TAG_SET, EventKind.TAG_DELETE) else "", media_type=reg.media_type,
         size=reg.size, references=reg.references, origin_region=region, origin_zone=zone,
-        hlc=hlc, acked_ns=reg.origin_acked_ns)
+        hlc=hlc, acked_ns=reg.origin_acked_ns, recycled=reg.recycled,
+        recycled_tags=reg.recycled_tags)

@@ -3,7 +3,8 @@ maintained on write.
 
 Owns: the set ``unref\\0<digest>`` (``keys.unreferenced``) of the blobs this
 node holds (``blob\\0<digest>``) that no manifest of any repository references
-(no ``ref\\0<digest>\\0…``), kept beside the keys it is derived from, so a GC
+(no ``ref\\0<digest>\\0…``, and no ``binref\\0<digest>\\0…``: a manifest
+in a recycle bin keeps what it needs, ``recycle_bin``), kept beside the keys it is derived from, so a GC
 pass reads its candidates instead of every blob: its cost follows what became
 garbage (or is about to be referenced), not what is stored.
 
@@ -61,14 +62,15 @@ def stage(puts: dict[bytes, bytes], deletes: Iterable[bytes], get: Get,
     referenced: set[str] = set()     # a reference to it is written by this batch
     for key in puts:
         match keys.reference_holder(key):
-            case keys.RefKey(target=target):
+            case keys.RefKey(target=target) | keys.RecycledRefKey(target=target):
                 touched.add(target)
                 referenced.add(target)
             case keys.BlobKey(digest=digest):
                 touched.add(digest)
     for key in deletes:
         match keys.reference_holder(key):
-            case keys.RefKey(target=digest) | keys.BlobKey(digest=digest):
+            case keys.RefKey(target=digest) | keys.RecycledRefKey(target=digest) \
+                    | keys.BlobKey(digest=digest):
                 touched.add(digest)
     out: dict[bytes, bytes | None] = {}
     for digest in touched:
@@ -88,13 +90,25 @@ def _held(digest: str, puts: dict[bytes, bytes], deletes: Iterable[bytes], get: 
 
 def _referenced_elsewhere(digest: str, deletes: Iterable[bytes], scan: Scan) -> bool:
     """Whether a reference to ``digest`` that the batch does not delete is stored."""
-    return any(key not in deletes for key, _ in scan(keys.ref_prefix(digest)))
+    return any(key not in deletes for prefix in reference_prefixes(digest)
+               for key, _ in scan(prefix))
+
+
+def reference_prefixes(digest: str) -> tuple[bytes, bytes]:
+    """Where the references that keep ``digest`` from garbage collection are:
+    live manifests', and recycled manifests' (``recycle_bin``)."""
+    return keys.ref_prefix(digest), keys.recycled_ref_prefix(digest)
+
+
+def referenced(digest: str, has_prefix: Callable[[bytes], bool]) -> bool:
+    """Whether a live or recycled manifest references ``digest``."""
+    return any(has_prefix(prefix) for prefix in reference_prefixes(digest))
 
 
 def recompute(scan: Scan, has_prefix: Callable[[bytes], bool]) -> set[str]:
     """Every blob held and referenced by no manifest, the slow way (O(blobs))."""
     held = (keys.parse(key, keys.BlobKey).digest for key, _ in scan(keys.BLOB))
-    return {digest for digest in held if not has_prefix(keys.ref_prefix(digest))}
+    return {digest for digest in held if not referenced(digest, has_prefix)}
 
 
 def stored(scan: Scan) -> set[str]:

@@ -1,7 +1,9 @@
 """Storage a node holds, as ACR counts a registry's: every unique blob once
 (``blob\\0<digest>``, whatever number of repositories link it) plus every
 manifest record (``r\\0<repo>\\0m\\0<digest>``: each repository keeps its own
-sealed copy), in plaintext bytes — maintained on write.
+sealed copy) and every manifest in a recycle bin (``bin\\0<repo>\\0m\\0<digest>``,
+its record's size: ACR counts soft-deleted artifacts toward storage), in
+plaintext bytes — maintained on write.
 
 Owns: the one value ``meta\\0usage`` (``keys.USAGE``), a ``StorageUsage``
 kept beside the records it sums, so reading it costs one lookup whatever is
@@ -37,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 import msgspec
 
 from . import keys
-from .records import BlobRecord, ManifestRecord
+from .records import BlobRecord, ManifestRecord, RecycledManifest
 from .records import decode as decode_record
 
 Get = Callable[[bytes], bytes | None]
@@ -51,19 +53,24 @@ class StorageUsage(msgspec.Struct, frozen=True):
     blobs: int = 0
     manifest_bytes: int = 0
     manifests: int = 0
+    recycled_bytes: int = 0       # manifests in recycle bins (soft delete)
+    recycled: int = 0
 
     @property
     def bytes(self) -> int:
-        return self.blob_bytes + self.manifest_bytes
+        return self.blob_bytes + self.manifest_bytes + self.recycled_bytes
 
     def __add__(self, other: StorageUsage) -> StorageUsage:
         return StorageUsage(self.blob_bytes + other.blob_bytes, self.blobs + other.blobs,
                             self.manifest_bytes + other.manifest_bytes,
-                            self.manifests + other.manifests)
+                            self.manifests + other.manifests,
+                            self.recycled_bytes + other.recycled_bytes,
+                            self.recycled + other.recycled)
 
     def as_dict(self) -> dict[str, int]:
         return {"bytes": self.bytes, "blob_bytes": self.blob_bytes, "blobs": self.blobs,
-                "manifest_bytes": self.manifest_bytes, "manifests": self.manifests}
+                "manifest_bytes": self.manifest_bytes, "manifests": self.manifests,
+                "recycled_bytes": self.recycled_bytes, "recycled": self.recycled}
 
 
 ZERO = StorageUsage()
@@ -80,8 +87,16 @@ def decode(raw: bytes | None) -> StorageUsage:
 
 
 def _size(kind: str, raw: bytes) -> int:
+    if kind == keys.RECYCLED_MANIFEST_RECORD:
+        return decode_record(raw, RecycledManifest).record.size
     record = BlobRecord if kind == keys.BLOB_RECORD else ManifestRecord
     return decode_record(raw, record).size
+
+
+def _usage(sums: dict[str, list[int]]) -> StorageUsage:
+    (blob_bytes, blobs), (manifest_bytes, manifests), (recycled_bytes, recycled) = (
+        sums[keys.BLOB_RECORD], sums[keys.MANIFEST_RECORD], sums[keys.RECYCLED_MANIFEST_RECORD])
+    return StorageUsage(blob_bytes, blobs, manifest_bytes, manifests, recycled_bytes, recycled)
 
 
 def stage(puts: dict[bytes, bytes], deletes: Iterable[bytes], get: Get) -> StorageUsage | None:
@@ -89,7 +104,8 @@ def stage(puts: dict[bytes, bytes], deletes: Iterable[bytes], get: Get) -> Stora
     reading the database as it is before the batch; None when it does not
     (the common case: a batch that writes no blob or manifest record)."""
     # [bytes, records] per kind; plain ints, as this runs on every commit.
-    delta = {keys.BLOB_RECORD: [0, 0], keys.MANIFEST_RECORD: [0, 0]}
+    delta = {keys.BLOB_RECORD: [0, 0], keys.MANIFEST_RECORD: [0, 0],
+             keys.RECYCLED_MANIFEST_RECORD: [0, 0]}
     changed = False
     for key, value in puts.items():
         kind = keys.content_record(key)
@@ -115,21 +131,18 @@ def stage(puts: dict[bytes, bytes], deletes: Iterable[bytes], get: Get) -> Stora
             sums[1] -= 1
     if not changed:
         return None
-    (blob_bytes, blobs), (manifest_bytes, manifests) = (delta[keys.BLOB_RECORD],
-                                                        delta[keys.MANIFEST_RECORD])
-    found = StorageUsage(blob_bytes, blobs, manifest_bytes, manifests)
+    found = _usage(delta)
     return found if found != ZERO else None
 
 
 def recompute(scan: Scan) -> StorageUsage:
     """The usage summed from every record held, the slow way (O(records))."""
-    sums = {keys.BLOB_RECORD: [0, 0], keys.MANIFEST_RECORD: [0, 0]}
-    for prefix in (keys.BLOB, keys.REPO_DATA):
+    sums = {keys.BLOB_RECORD: [0, 0], keys.MANIFEST_RECORD: [0, 0],
+            keys.RECYCLED_MANIFEST_RECORD: [0, 0]}
+    for prefix in (keys.BLOB, keys.REPO_DATA, keys.RECYCLE_BIN):
         for key, raw in scan(prefix):
             kind = keys.content_record(key)
             if kind is not None:
                 sums[kind][0] += _size(kind, raw)
                 sums[kind][1] += 1
-    (blob_bytes, blobs), (manifest_bytes, manifests) = (sums[keys.BLOB_RECORD],
-                                                        sums[keys.MANIFEST_RECORD])
-    return StorageUsage(blob_bytes, blobs, manifest_bytes, manifests)
+    return _usage(sums)

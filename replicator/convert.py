@@ -27,7 +27,8 @@ def event_to_wire(event: Event) -> pb.Event:
         origin_zone=event.origin_zone, origin_seq=event.origin_seq, hlc=event.hlc,
         acked_ns=event.acked_ns, config_kind=event.config_kind, config_name=event.config_name,
         config_value=event.config_value, request=_request_to_wire(event.request),
-        attributes=_attributes_to_wire(event.attributes))
+        attributes=_attributes_to_wire(event.attributes), recycled=event.recycled,
+        recycled_tags=list(event.recycled_tags))
 
 
 def event_from_wire(message: pb.Event) -> Event:
@@ -39,7 +40,8 @@ def event_from_wire(message: pb.Event) -> Event:
         origin_zone=message.origin_zone, origin_seq=message.origin_seq, hlc=message.hlc,
         acked_ns=message.acked_ns, seq=message.seq, config_kind=message.config_kind,
         config_name=message.config_name, config_value=message.config_value,
-        request=_request_from_wire(message), attributes=_attributes_from_wire(message))
+        request=_request_from_wire(message), attributes=_attributes_from_wire(message),
+        recycled=message.recycled, recycled_tags=tuple(message.recycled_tags))
 
 
 def _request_to_wire(request: ClientRequest | None) -> pb.ClientRequest | None:
@@ -77,7 +79,8 @@ def register_to_wire(reg: RegisterState) -> pb.Register:
     return pb.Register(key=reg.key, digest=reg.digest, deleted=reg.deleted, hlc=hlc,
                        origin_region=region, origin_zone=zone, media_type=reg.media_type,
                        size=reg.size, references=list(reg.references),
-                       origin_acked_ns=reg.origin_acked_ns)
+                       origin_acked_ns=reg.origin_acked_ns, recycled=reg.recycled,
+                       recycled_tags=list(reg.recycled_tags))
 
 
 def register_from_wire(message: pb.Register) -> RegisterState:
@@ -85,4 +88,5 @@ def register_from_wire(message: pb.Register) -> RegisterState:
         key=message.key, digest=message.digest, deleted=message.deleted,
         stamp=(message.hlc, message.origin_region, message.origin_zone),
         media_type=message.media_type, size=message.size, references=tuple(message.references),
-        origin_acked_ns=message.origin_acked_ns)
+        origin_acked_ns=message.origin_acked_ns, recycled=message.recycled,
+        recycled_tags=tuple(message.recycled_tags))

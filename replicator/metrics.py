@@ -37,6 +37,16 @@ class ReplicationMetrics:
         self.failures = Counter(
             "georeg_replication_transfer_failures_total", "Failed replication attempts",
             ["peer", "outcome"], registry=self.registry)
+        self.digest_mismatches = Counter(
+            "georeg_replication_digest_mismatches_total",
+            "Blobs and manifests from a peer whose bytes did not hash to their digest "
+            "(damaged on the way): never stored, asked for again", ["peer", "what"],
+            registry=self.registry)
+        self.integrity_refused = Counter(
+            "georeg_replication_integrity_refused_total",
+            "Replication messages (requests served here, replies read here) refused because "
+            "their CRC-32 seal did not match: damaged on the way (replicator.wire.integrity); "
+            "the call or stream is retried", ["message"], registry=self.registry)
         self.queue_depth = Gauge(
             "georeg_replication_queue_depth",
             "Events in a peer's log not yet applied here", ["peer"], registry=self.registry)
@@ -61,6 +71,21 @@ class ReplicationMetrics:
         self.completion_waiting = Gauge(
             "georeg_replication_completion_waiting",
             "Images replication completion waits on here now", registry=self.registry)
+        # Clocks (registry_node.clock, replicator.clock_probe).
+        self.clock_offset = Gauge(
+            "georeg_clock_offset_seconds",
+            "A peer's clock minus this node's, as last probed (half the probe's round trip "
+            "uncertain)", ["peer"], registry=self.registry)
+        self.clock_offset_exceeded = Counter(
+            "georeg_clock_offset_exceeded_total",
+            "Peers found more than the tolerated clock offset off this node: by a probe of "
+            "their clock (seen_in=probe), or by an event they stamped that far ahead of this "
+            "node's clock (seen_in=event; applied, but the HLC not moved past the bound)",
+            ["peer", "seen_in"], registry=self.registry)
+        self.clock_skewed = Gauge(
+            "georeg_clock_skewed",
+            "1 while this node refuses writes because of its clock (off its peers', or its "
+            "HLC ahead of it)", registry=self.registry)
         self.log_seq = Gauge("georeg_log_last_seq", "Last sequence in this node's event log",
                              registry=self.registry)
         self.refresh: Callable[[], None] = lambda: None

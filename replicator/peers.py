@@ -57,11 +57,11 @@ from registry_node import fingerprints
 from registry_node.records import NodeIdentity
 
 from .convert import node_ref
-from .errors import definite, from_grpc, permanent
+from .errors import definite, from_grpc, indefinite, permanent
 from .peer_identity import PeerCredentials
 from .topology import Peer
+from .wire.integrity import DAMAGED, Refused, sealed_stub
 from .wire.v1 import replication_pb2 as pb
-from .wire.v1 import replication_pb2_grpc as pbg
 
 RECEIVE_WINDOW = 4 << 20           # the least window, any link
 MAX_RECEIVE_WINDOW = 24 << 20      # the most, any link (24 MiB per 186 ms: 1.1 Gbit/s)
@@ -139,7 +139,8 @@ class _Abilities:
 
 class PeerClient:
     def __init__(self, peer: Peer, me: NodeIdentity, rpc_timeout_s: float = 10.0,
-                 credentials: PeerCredentials | None = None, *, my_name: str = "") -> None:
+                 credentials: PeerCredentials | None = None, *, my_name: str = "",
+                 integrity_refused: Refused | None = None) -> None:
         self.peer = peer
         self._me = node_ref(me)
         self._my_name = my_name         # this node's name in its view (subscriptions say it)
@@ -152,7 +153,10 @@ class PeerClient:
             # addresses node certificates name), so the address is the name checked.
             self.channel = grpc.aio.secure_channel(peer.grpc, credentials.channel(),
                                                    options=channel_options(peer))
-        self.stub = pbg.ReplicationStub(self.channel)
+        # Over plain gRPC every message is sealed and checked (wire.integrity);
+        # over TLS the record layer already authenticates every byte.
+        self.stub = sealed_stub(self.channel, sealed=credentials is None,
+                                **({"refused": integrity_refused} if integrity_refused else {}))
         # Blob fetches running on the channel, at most (``fetch_streams``);
         # shared by ``hurried`` copies, which use the same channel.
         streams = fetch_streams(receive_window(peer.rtt_ms, peer.bandwidth_mbps))
@@ -213,6 +217,7 @@ class PeerClient:
                         first_within = None
                     if chunk is grpc.aio.EOF:
                         return
+                    chunk = self.intact(chunk, f"a chunk of {digest}")
                     if chunk.offset != expected:
                         raise permanent(f"{self.name} sent offset {chunk.offset}, expected {expected}")
                     expected += len(chunk.data)
@@ -260,7 +265,7 @@ class PeerClient:
             try:
                 reply = await self.stub.GetImageStatuses(
                     request, timeout=timeout, wait_for_ready=self._wait_for_ready)
-                return list(reply.images)
+                return list(self.intact(reply, f"status of {len(images)} images").images)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
                     raise from_grpc(exc, f"status of {len(images)} images from {self.name}") from None
@@ -292,7 +297,17 @@ class PeerClient:
         try:
             # wait_for_ready: a channel still connecting (a node just restarted)
             # waits up to the timeout rather than failing at once (unless hurried).
-            return await method(request, timeout=timeout or self._timeout,
-                                wait_for_ready=self._wait_for_ready)
+            reply = await method(request, timeout=timeout or self._timeout,
+                                 wait_for_ready=self._wait_for_ready)
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc, f"{what} from {self.name}") from None
+        return self.intact(reply, what)
+
+    def intact(self, message, what: str):
+        """``message`` as read from this peer, unless it did not open: refused
+        by its seal (``wire.integrity.DAMAGED``) or unparseable (grpc.aio hands
+        over ``None`` when a deserializer fails). Then the call failed as a
+        broken stream does: indefinite, retried; the caller cancels a stream."""
+        if message is None or message is DAMAGED:
+            raise indefinite(f"{what} from {self.name}: damaged in transit (refused)")
+        return message

@@ -45,6 +45,7 @@ from registry_node.replica import Replica
 from registry_node.throttle import Throttle
 
 from .antientropy import AntiEntropy
+from .clock_probe import ClockProbe
 from .completion import ImageCompletion, NodeReport, replica_regions
 from .errors import definite
 from .feed import LogFeed
@@ -53,6 +54,7 @@ from .metrics import ReplicationMetrics
 from .peer_identity import PeerCredentials
 from .peers import SERVER_OPTIONS, PeerClient
 from .quorum import ZoneQuorum
+from .repair import PeerRefetch
 from .retention import LogRetention
 from .service import ReplicationService
 from .staleness import PeerRescue
@@ -60,8 +62,8 @@ from .status import STATUS_TIMEOUT_S, ImageStatus
 from .subscription import OriginStreams, Subscription
 from .topology import ClusterView, Peer, event_receiver
 from .transfer import HeldBlobs, Transfer
+from .wire.integrity import add_servicer
 from .wire.v1 import replication_pb2 as pb
-from .wire.v1 import replication_pb2_grpc as pbg
 
 log = structlog.get_logger("georeg.replication")
 
@@ -93,6 +95,7 @@ class Replication:
         self.relayed: RelayedCursors | None = None
         self.throttle: Throttle | None = None      # the node's, while it runs
         self.bandwidth: Bandwidth | None = None    # the node's, while it runs
+        self.clock_probe: ClockProbe | None = None
 
     # -- Extension -----------------------------------------------------------------
 
@@ -108,7 +111,6 @@ class Replication:
         self.throttle = app[THROTTLE]
         self.bandwidth = app[BANDWIDTH]
         view = self.view
-        identity = node.identity
         settings = view.replication
         self.replica = replica = Replica(node.registry, node.configuration)
         feed = LogFeed(node.meta)
@@ -128,8 +130,7 @@ class Replication:
                                      timeout_s=settings.quorum_timeout_s)
             node.registry.quorum = self.quorum
         self.credentials = _credentials(view, node.config)
-        self.clients = [PeerClient(peer, identity, credentials=self.credentials, my_name=view.name)
-                        for peer in view.peers]
+        self.clients = [self._client(peer, view) for peer in view.peers]
         self.relayed = RelayedCursors(lambda: node.meta.last_seq)
         held = HeldBlobs()   # bytes that came with events: a sibling may have them before the store
         self.transfer = Transfer(replica, self.residency, self.metrics,
@@ -146,7 +147,9 @@ class Replication:
             one_wan_event_copy_per_region=settings.one_wan_event_copy_per_region,
             region_zones=view.zone_redundancy.zones, relayed=self.relayed)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        pbg.add_ReplicationServicer_to_server(self.service, server)
+        # Sealed over plain gRPC (wire.integrity); TLS authenticates every byte itself.
+        add_servicer(self.service, server, sealed=self.credentials is None,
+                     refused=self._integrity_refused)
         port = _listen(server, view.grpc_listen, self.credentials)
         host = view.grpc_listen.rpartition(":")[0]
         self.grpc_address = f"{host}:{port}"
@@ -160,11 +163,15 @@ class Replication:
         self.anti_entropy.stale_deletion = self.retention.stale_deletion
         self.rescue = PeerRescue(self)
         node.registry.peers = self.rescue
+        node.registry.repair.sources = PeerRefetch(self)   # bit rot fetched again
         self.subscriptions = []
         for client in self.clients:
             self._subscribe(client)
+        self.clock_probe = ClockProbe(node.registry.clock, node.registry.hlc, lambda: self.clients,
+                                      self.metrics, settings.clock_probe_interval_s)
         tasks = [asyncio.create_task(self.anti_entropy.run(), name="anti-entropy"),
-                 asyncio.create_task(self.retention.run(), name="retention")]
+                 asyncio.create_task(self.retention.run(), name="retention"),
+                 asyncio.create_task(self.clock_probe.run(), name="clock-probe")]
         if self.view_file is not None:
             tasks.append(asyncio.create_task(self._watch_view(), name="view-watch"))
         log.info("replication_started", grpc=self.grpc_address, peers=[c.name for c in self.clients],
@@ -184,9 +191,17 @@ class Replication:
                 await client.close()
             node.registry.quorum = LocalDurability()
             node.registry.peers = None
+            node.registry.repair.sources = None
             app[METRICS].registry.unregister(self.metrics)
 
     # -- peers -----------------------------------------------------------------------
+
+    def _client(self, peer: Peer, view: ClusterView) -> PeerClient:
+        return PeerClient(peer, self.replica.registry.identity, credentials=self.credentials,
+                          my_name=view.name, integrity_refused=self._integrity_refused)
+
+    def _integrity_refused(self, message: str) -> None:
+        self.metrics.integrity_refused.labels(message).inc()
 
     def _subscribe(self, client: PeerClient) -> None:
         remote = client.peer.region != self.view.region
@@ -304,8 +319,7 @@ class Replication:
         self.view = view
         for name, peer in wanted.items():
             if name not in current or current[name].peer != peer:
-                client = PeerClient(peer, self.replica.registry.identity,
-                                    credentials=self.credentials, my_name=self.view.name)
+                client = self._client(peer, self.view)
                 self.clients.append(client)
                 self.anti_entropy.peers.append(client)
                 self._subscribe(client)
@@ -333,6 +347,8 @@ class Replication:
                                                     name=f"subscription:{name}")
 
     async def _drop_peer(self, client: PeerClient) -> None:
+        if self.replica is not None:
+            self.replica.registry.clock.forget(client.name)
         task = self._tasks.pop(client.name, None)
         if task is not None:
             task.cancel()
@@ -360,6 +376,9 @@ class Replication:
             "grpc": self.grpc_address,
             "last_seq": node.meta.last_seq,
             "writable": self.quorum.writable if self.quorum else True,
+            # This node's clock against its peers' (registry_node.clock): skewed
+            # means it refuses writes.
+            "clock": node.registry.clock.describe(node.registry.hlc.last),
             "zone_redundant": self.view.zone_redundant,
             "zones": self.view.zone_redundancy.zone_count,
             "write_quorum": self.view.zone_redundancy.write_quorum,
@@ -369,6 +388,7 @@ class Replication:
                 "last_error": s.last_error or None, "resyncs": s.resyncs,
                 "lean": s.lean, "relay_fallbacks": s.fallbacks,
                 "silent": self.rescue.is_silent(s.peer.name) if self.rescue else False,
+                "clock_skewed": s.peer.name in node.registry.clock.off_peers(),
             } for s in self.subscriptions],
             "rescue": {
                 "rescued": self.rescue.rescued if self.rescue else 0,

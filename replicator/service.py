@@ -92,7 +92,7 @@ import structlog
 from registry_node import fingerprints, keys
 from registry_node.crypto import BlobCorrupt
 from registry_node.errors import RegistryError
-from registry_node.records import CONFIG_KINDS, BlobLink, EventKind, decode
+from registry_node.records import CONFIG_KINDS, EventKind
 from registry_node.reference import Digest, validate_name
 from registry_node.replica import Replica
 
@@ -505,15 +505,24 @@ class ReplicationService(pbg.ReplicationServicer):
             self._recent_bytes -= len(held)
 
     async def _read_blob(self, digest: str, size: int) -> bytes | None:
+        """None if the blob is gone, rotten (handed to ``blob_repair``, which
+        mends it here) or the disk failed the read (EIO): never an exception,
+        which would end the stream it is read for."""
         try:
             blob = self.replica.blobs.open(digest)
-        except (FileNotFoundError, BlobCorrupt):
+        except BlobCorrupt as exc:
+            self.registry.repair.found(digest, str(exc))
+            return None
+        except OSError:             # FileNotFoundError, or the disk's EIO
             return None
         try:
             if blob.size != size:
                 return None
             return await self.registry.run_blocking(lambda: blob.read(0, size))
-        except (BlobCorrupt, OSError):
+        except BlobCorrupt as exc:
+            self.registry.repair.found(digest, str(exc))
+            return None
+        except OSError:
             return None
         finally:
             blob.close()
@@ -558,15 +567,7 @@ class ReplicationService(pbg.ReplicationServicer):
 
     def _content_regions(self, repository: str, digest: str) -> set[str]:
         """Regions whose pushes put ``digest`` in ``repository`` (for residency)."""
-        regions: set[str] = set()
-        raw = self.replica.meta.get(keys.blob_link(repository, digest))
-        if raw is not None:
-            regions.add(decode(raw, BlobLink).origin_region)
-        for key, _ in self.replica.meta.scan(keys.ref_repo_prefix(digest, repository)):
-            record = self.replica.manifest_record(repository, keys.parse(key, keys.RefKey).manifest)
-            if record is not None:
-                regions.add(record.residency_region)
-        return regions
+        return self.replica.content_regions(repository, digest)
 
     def _held_for(self, repo: str, digest: str) -> HeldBlob | None:
         held = self.held.get(digest) if self.held is not None else None
@@ -651,9 +652,17 @@ class ReplicationService(pbg.ReplicationServicer):
         try:
             blob = self.replica.blobs.open(digest)
         except FileNotFoundError:
+            if self.registry.repair.missing_after_rot(digest):
+                # Quarantined after failing authentication, not mended yet: the
+                # same answer the rotten file gave the first asker.
+                await context.abort(grpc.StatusCode.DATA_LOSS,
+                                    f"{digest} failed authentication here and is quarantined")
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} has no file here")
         except BlobCorrupt as exc:
+            self.registry.repair.found(digest, str(exc))     # mended here for the next ask
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        except OSError as exc:      # the disk (EIO): another source, or later
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"reading {digest}: {exc}")
         try:
             offset = min(request.offset, blob.size)
             first = True
@@ -667,6 +676,7 @@ class ReplicationService(pbg.ReplicationServicer):
                 first = False
                 offset = stop
         except BlobCorrupt as exc:
+            self.registry.repair.found(digest, str(exc))
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         finally:
             blob.close()

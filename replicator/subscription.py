@@ -297,11 +297,20 @@ class Subscription:
                 await self._session()
                 attempt = 0
             except ReplicationError as exc:
-                self.last_error = exc.reason
-                self.metrics.failures.labels(self.peer.name, exc.outcome.value).inc()
-                log.info("subscription_broken", peer=self.peer.name, error=exc.reason)
+                self._broken(exc)
+            except OSError as exc:
+                # This node's own disk refused a write (an applied batch, the
+                # cursor persisted as the session ends): the loop must outlive
+                # it, and resumes from the cursor last persisted once it writes.
+                self._broken(indefinite(f"subscription to {self.peer.name}: storing here: "
+                                        f"{exc.strerror or exc}"))
             await asyncio.sleep(self.backoff.delay(attempt, self.rng))
             attempt += 1
+
+    def _broken(self, exc: ReplicationError) -> None:
+        self.last_error = exc.reason
+        self.metrics.failures.labels(self.peer.name, exc.outcome.value).inc()
+        log.info("subscription_broken", peer=self.peer.name, error=exc.reason)
 
     def _sources(self) -> list[PeerClient]:
         return [self.peer, *(p for p in self.others() if p is not self.peer)]
@@ -418,6 +427,9 @@ class Subscription:
         started.set()
         first = True
         async for batch in call:
+            # A batch refused by its seal ends the session (the call is cancelled):
+            # it restarts from the cursor, as after a broken stream.
+            batch = self.peer.intact(batch, "an event batch")
             self.batches_received += 1
             self._sender_id = batch.sender.node_id
             if first:

@@ -85,6 +85,9 @@ class ReplicationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     tombstone_grace_s: float = 24 * 3600.0
     log_retain_events: int = 10_000
     compaction_interval_s: float = 60.0
+    # How often each peer's clock is probed (replicator.clock_probe): how soon a
+    # node whose clock went off stops stamping writes (registry_node.clock).
+    clock_probe_interval_s: float = 2.0
 
 
 class ZoneRedundancy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

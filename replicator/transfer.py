@@ -59,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -69,7 +68,7 @@ import structlog
 
 from registry_node.blobstore import UploadFile
 from registry_node.records import CONFIG_KINDS, Event, EventKind
-from registry_node.replica import ContentRejected, MissingContent, Replica
+from registry_node.replica import ContentRejected, DigestMismatch, MissingContent, Replica
 
 from .errors import ReplicationError, definite, permanent
 from .metrics import ReplicationMetrics
@@ -381,10 +380,25 @@ class Transfer:
                 log.warning("lock_overridden", kind=kind.value, origin=event.origin_region,
                             repository=event.repository, tag=event.tag or None,
                             digest=event.digest, lock=overrides)
+            self._check_stamp(event)
             if kind in CONTENT_KINDS and event.acked_ns:
+                # Between two clocks: off by their offset (docs/faults.md, "Clock skew").
                 self.metrics.observe_lag(event.origin_region, kind.value,
-                                         (time.time_ns() - event.acked_ns) / 1e9)
+                                         (replica.registry.wall_ns() - event.acked_ns) / 1e9)
         return applied
+
+    def _check_stamp(self, event: Event) -> None:
+        """Flag a change its origin stamped further ahead of this node's clock
+        than the cluster tolerates (applied all the same: it was acknowledged,
+        and every replica compares the same stamps; the HLC took it in only up
+        to the bound: ``registry_node.clock``)."""
+        registry = self.replica.registry
+        ahead_s = registry.clock.hlc_ahead_s(event.hlc)
+        if ahead_s > registry.clock.max_offset_s:
+            self.metrics.clock_offset_exceeded.labels(event.origin_region, "event").inc()
+            log.warning("clock_offset_exceeded", origin=event.origin_region,
+                        origin_zone=event.origin_zone, kind=event.kind.value,
+                        repository=event.repository or None, ahead_s=round(ahead_s, 3))
 
     def _apply_configuration(self, event: Event) -> Event | None:
         try:
@@ -396,6 +410,7 @@ class Transfer:
             return None
         if applied is not None:
             self.metrics.applied.labels(event.origin_region, event.kind.value).inc()
+            self._check_stamp(event)
         return applied
 
     # -- blobs -------------------------------------------------------------------
@@ -407,8 +422,9 @@ class Transfer:
         ``origin_region``, where the blob was pushed, when known, lets the
         sources follow the WAN (``blob_attempts``); ``sent``, the bytes that
         came with the event, if any, are stored if they hash to ``digest``
-        (otherwise the sources are asked)."""
-        if self.replica.has_blob(digest):
+        (otherwise the sources are asked). A blob whose file was quarantined
+        for bit rot is fetched again (``registry_node.blob_repair``)."""
+        if self.replica.blob_in_place(digest):
             return
         storing = self._sent.get(digest)
         if storing is None and sent is not None:
@@ -528,6 +544,8 @@ class Transfer:
         try:
             await self.replica.store_sent_blob(digest, body)
         except ContentRejected as exc:
+            if isinstance(exc, DigestMismatch):
+                self.metrics.digest_mismatches.labels(sender, "blob").inc()
             log.warning("sent_blob_rejected", digest=digest, sender=sender, error=str(exc))
             return False
         except OSError as exc:
@@ -541,7 +559,7 @@ class Transfer:
     async def _fetch_blob(self, peer: PeerClient, repository: str, digest: str,
                           wait_ms: int = 0, held: HeldBlob | None = None) -> None:
         replica = self.replica
-        if replica.has_blob(digest):
+        if replica.blob_in_place(digest):
             return
         run = replica.registry.run_blocking
         file = self._inbound.get(digest)
@@ -560,6 +578,9 @@ class Transfer:
             await replica.commit_blob(file, digest)
         except ContentRejected as exc:
             self._inbound.pop(digest, None)
+            if isinstance(exc, DigestMismatch):
+                self.metrics.digest_mismatches.labels(peer.name, "blob").inc()
+                log.warning("blob_digest_mismatch", peer=peer.name, digest=digest)
             raise definite(f"{digest} from {peer.name}: {exc}") from None
         except ReplicationError:
             raise
@@ -613,13 +634,16 @@ class Transfer:
                                  body: bytes | None = None) -> Event | None:
         replica = self.replica
         last: ReplicationError | None = None
-        for peer in sources:
-            if body is not None and event is not None:  # it came with the event
-                reply = pb.ManifestReply(digest=digest, media_type=event.media_type, body=body,
+        mismatched: list[str] = []
+        # The bytes that came with the event first (from the sender, sources[0]),
+        # then each peer asked in turn, the sender too: one bad copy is not all.
+        inline = [(sources[0], body)] if body is not None and event is not None and sources else []
+        for peer, sent in [*inline, *((p, None) for p in sources)]:
+            if sent is not None:
+                reply = pb.ManifestReply(digest=digest, media_type=event.media_type, body=sent,
                                          hlc=event.hlc, origin_region=event.origin_region,
                                          origin_zone=event.origin_zone,
                                          origin_acked_ns=event.acked_ns)
-                body = None  # if it is unusable, fetch from the peers
             else:
                 try:
                     reply = await retry(lambda p=peer: p.fetch_manifest(repository, digest),
@@ -634,6 +658,13 @@ class Transfer:
                 acked_ns=reply.origin_acked_ns)
             try:
                 parsed = replica.parse_manifest(digest, reply.body, reply.media_type)
+            except DigestMismatch:
+                # A sealed or TLS reply's bytes arrived as sent: the copy is bad
+                # at its source. Another peer may hold good bytes.
+                self.metrics.digest_mismatches.labels(peer.name, "manifest").inc()
+                log.warning("manifest_digest_mismatch", peer=peer.name, digest=digest)
+                mismatched.append(peer.name)
+                continue
             except ContentRejected as exc:
                 raise permanent(str(exc)) from None
             await asyncio.gather(*(self.ensure_blob(repository, d, sources) for d in parsed.blobs))
@@ -647,6 +678,13 @@ class Transfer:
                     origin_acked_ns=reply.origin_acked_ns)
             except MissingContent as exc:  # something vanished meanwhile: try again later
                 raise definite(f"{digest} still lacks {exc.blobs + exc.manifests}") from None
+        if mismatched:
+            # Every copy that came is bad at its source: asking the same peers
+            # again from the same cursor would block every event behind this
+            # one. Permanent (recorded and skipped): anti-entropy asks again,
+            # every peer, at its own pace.
+            raise permanent(f"manifest {digest}: the bytes of {', '.join(dict.fromkeys(mismatched))} "
+                            f"do not hash to it" + (f"; {last.reason}" if last else ""))
         raise last or permanent(f"no peer to fetch manifest {digest} from")
 
 

@@ -41,8 +41,9 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0,
-                     interval: float = 0.02, what: str = "condition") -> None:
-    """Wait until ``predicate()`` is true; fail with ``what`` after ``timeout`` seconds."""
+                     interval: float = 0.02, what: str | Callable[[], str] = "condition") -> None:
+    """Wait until ``predicate()`` is true; fail with ``what`` after ``timeout``
+    seconds (a callable: called then, so it can tell what was last seen)."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -51,7 +52,8 @@ async def eventually(predicate: Callable[[], Awaitable[bool] | bool], timeout: f
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for "
+                                 f"{what() if callable(what) else what}")
         await asyncio.sleep(interval)
 
 
@@ -77,6 +79,15 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def urlopen(url: str | urllib.request.Request, timeout: float = 30.0):
     """``urllib.request.urlopen``, never through a proxy."""
     return _DIRECT.open(url, timeout=timeout)
+
+
+def flip(path: Path, offset: int) -> None:
+    """Flip one bit of a stored file at ``offset`` (bit rot, tampering)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:

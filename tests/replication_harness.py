@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import pytest_asyncio
 from aiohttp import web
 
 from cluster.control.private_files import write_private
@@ -419,3 +420,21 @@ def _copy_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(entry.path, target)
         except FileNotFoundError:
             continue
+
+
+def module_cluster(name: str, topology, settings: ReplicationSettings):
+    """A test module's ``cluster`` (in-process, started once for the module)
+    and ``http`` (a client session that leaves bodies as sent) fixtures:
+    ``cluster, http = module_cluster("name", TOPOLOGY, SETTINGS)``."""
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def cluster(tmp_path_factory):
+        async with InProcessCluster(tmp_path_factory.mktemp(name), topology,
+                                    settings=settings) as c:
+            yield c
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def http():
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            yield session
+
+    return cluster, http

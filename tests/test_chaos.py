@@ -38,10 +38,12 @@ NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
 # stalled-link tests, test_replication_resume's transfers resumed over a cut
 # or slow link, the state machine's degraded links). `make chaos` runs every
 # scenario at full length.
-SOAK_ONLY = {"europe-americas-partition", "slow-transoceanic-link", "throttled-home-region"}
+SOAK_ONLY = {"europe-americas-partition", "slow-transoceanic-link", "throttled-home-region",
+             "clock-skew"}
 # throttled-home-region, too: test_faults' throttle tests check the fault through the
 # CLI and the endpoints (429 with Retry-After, no failover, zones sharing the limit),
-# test_throttle the node's buckets with real clients.
+# test_throttle the node's buckets with real clients. clock-skew, too: test_clock_skew and
+# test_faults check both sides of the tolerated offset, the fence, its heal and convergence.
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from .helpers import (
     OCI_MANIFEST,
     descriptor,
     digest_of,
+    flip,
     make_image,
     push_blob,
     push_image,
@@ -91,12 +92,14 @@ async def get_blob(http: aiohttp.ClientSession, base: str, repo: str, digest: st
 
 
 def assert_not_served(status: int, body: bytes | None, ctype: str, original: bytes) -> None:
-    """A tampered blob answers an OCI error, or a cut body; never wrong or full bytes."""
-    if status >= 500:
-        assert ctype.startswith("application/json")
+    """A tampered blob answers an OCI error, or a cut body; never wrong or full bytes.
+    The error: the blob is not here (its file is quarantined: a standalone node
+    has no replica to fetch it again from, ``blob_repair``)."""
+    if status >= 400:
+        assert status == 404 and ctype.startswith("application/json")
         errors = json.loads(body)["errors"]
-        assert errors and errors[0]["code"] == "UNKNOWN", errors
-        assert errors[0]["detail"]["outcome"] == "definite", errors   # a read changes nothing
+        assert errors and errors[0]["code"] == "BLOB_UNKNOWN", errors
+        assert errors[0]["detail"]["repair"] == "unrepairable", errors
         return
     assert status in (200, 206), status
     assert body is None or len(body) < len(original), "a tampered blob was served in full"
@@ -105,14 +108,6 @@ def assert_not_served(status: int, body: bytes | None, ctype: str, original: byt
 def append(path: Path, data: bytes) -> None:
     with open(path, "ab") as f:
         f.write(data)
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 # -- plaintext never reaches the disk ------------------------------------------
@@ -199,11 +194,11 @@ async def test_tampered_blob_files_are_never_served(node, http):
         status, body, _ = await get_blob(http, node.url, repo, digest_of(data))
         assert (status, body) == (200, data)
 
-    # A flipped byte in one segment of a small blob: 500 with an OCI error body.
+    # A flipped byte in one segment of a small blob: 404 with an OCI error body.
     data = victims["segment"]
     flip(store.path(digest_of(data)), HEADER_SIZE + STRIDE + 100)
     status, body, ctype = await get_blob(http, node.url, repo, digest_of(data))
-    assert status == 500
+    assert status == 404
     assert_not_served(status, body, ctype, data)
 
     # Header: the blob id (bound to the wrapped key as associated data), and the
@@ -211,13 +206,13 @@ async def test_tampered_blob_files_are_never_served(node, http):
     data = victims["header-id"]
     flip(store.path(digest_of(data)), 4 + 1 + 1 + 2 + 4 + 8 + 5)
     status, body, ctype = await get_blob(http, node.url, repo, digest_of(data))
-    assert status == 500
+    assert status == 404
     assert_not_served(status, body, ctype, data)
     data = victims["header-key"]
     flip(store.path(digest_of(data)), 4 + 1 + 1 + 2 + 4 + 8 + 16 + 2 + 136 + 20)
     status, body, ctype = await get_blob(http, node.url, repo, digest_of(data),
                                          {"Range": "bytes=0-99"})
-    assert status == 500
+    assert status == 404
     assert_not_served(status, body, ctype, data)
 
     # Truncated by a few bytes, or extended by a few.
@@ -225,12 +220,12 @@ async def test_tampered_blob_files_are_never_served(node, http):
     path = store.path(digest_of(data))
     os.truncate(path, path.stat().st_size - 5)
     status, body, ctype = await get_blob(http, node.url, repo, digest_of(data))
-    assert status == 500
+    assert status == 404
     assert_not_served(status, body, ctype, data)
     data = victims["extended"]
     append(store.path(digest_of(data)), b"\0" * 3)
     status, body, ctype = await get_blob(http, node.url, repo, digest_of(data))
-    assert status == 500
+    assert status == 404
     assert_not_served(status, body, ctype, data)
 
     # Two blobs' files swapped: each name now holds the other's (authentic) bytes.
@@ -241,28 +236,29 @@ async def test_tampered_blob_files_are_never_served(node, http):
     os.rename(tmp, pb)
     for data in (swap_a, swap_b):
         status, body, ctype = await get_blob(http, node.url, repo, digest_of(data))
-        assert status == 500
+        assert status == 404
         assert_not_served(status, body, ctype, data)
 
-    # A large blob tampered past its first MiB: the headers are already sent when
-    # the bad segment is reached, so the connection is cut short.
+    # A large blob tampered past its first MiB. Segments are authenticated one
+    # by one: until a read meets the bad one, ranges of untouched segments read…
     digest = digest_of(big)
     bad_segment = 20                              # bytes 1_310_720 .. 1_376_255
     flip(store.path(digest), HEADER_SIZE + bad_segment * STRIDE + 500)
-    status, body, ctype = await get_blob(http, node.url, repo, digest)
-    assert_not_served(status, body, ctype, big)
-    assert body is None or body == big[:len(body)], "bytes before the cut must be genuine"
-    # Segments are authenticated one by one: a range of untouched segments still reads…
     status, body, _ = await get_blob(http, node.url, repo, digest, {"Range": "bytes=0-99999"})
     assert (status, body) == (206, big[:100_000])
     tail = len(big) - 50_000
     status, body, _ = await get_blob(http, node.url, repo, digest, {"Range": f"bytes={tail}-"})
     assert (status, body) == (206, big[tail:])
-    # …and one that touches the bad segment does not.
+    # …a whole read has sent its headers when it reaches it, so the connection
+    # is cut short (and the file quarantined)…
+    status, body, ctype = await get_blob(http, node.url, repo, digest)
+    assert_not_served(status, body, ctype, big)
+    assert body is None or body == big[:len(body)], "bytes before the cut must be genuine"
+    # …after which the blob is not here at all.
     start = bad_segment * SEGMENT_SIZE + 10
     status, body, ctype = await get_blob(http, node.url, repo, digest,
                                          {"Range": f"bytes={start}-{start + 999}"})
-    assert status == 500
+    assert status == 404
     assert_not_served(status, body, ctype, big[start:start + 1000])
 
 

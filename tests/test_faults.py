@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -22,10 +23,22 @@ from cluster.control import spec as specs
 from cluster.control.plan import MANAGEMENT
 from cluster.control.supervisor import PAIR_COPY_NICE
 from cluster.faults.controller import FaultError
+from cluster.routing.http_faults import HttpFaults
 from cluster.testing import RunningCluster
+from registry_node.crypto import HEADER_SIZE, SEGMENT_OVERHEAD, SEGMENT_SIZE
 
 from .command_line import georeg_command
-from .helpers import digest_of, eventually, make_image, push_image, verified_clean
+from .helpers import (
+    Skopeo,
+    digest_of,
+    eventually,
+    flip,
+    make_image,
+    push_blob,
+    push_image,
+    verified_clean,
+    write_oci_layout,
+)
 
 SPEC = {"home_region": "eastus", "home_zone_redundant": True,
         "replicas": [{"region": "westeurope"}, {"region": "brazilsouth"}]}
@@ -470,6 +483,210 @@ async def test_slow_disk_slows_writes(cluster, http):
     fault_cli(cluster, "heal", fid)
 
 
+async def _oci_error(r: aiohttp.ClientResponse) -> dict:
+    assert r.headers["Content-Type"].startswith("application/json")
+    return (await r.json())["errors"][0]
+
+
+async def _metric(http, cluster, node: str, name: str) -> float:
+    """The sum of a metric's samples on a node."""
+    async with http.get(f"{cluster.node_url(node)}/metrics",
+                        headers=cluster.internal_headers()) as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+async def test_disk_read_errors_answer_a_retryable_503_and_heal(cluster, http):
+    node = cluster.node_url("westeurope")
+    blob = os.urandom(3000)
+    digest = await push_blob(http, node, "eio/read", blob)
+    injected = fault_cli(cluster, "disk", "westeurope", "--eio", "read")
+    fid = fault_id(injected)
+    assert "(seed " in injected.stdout, injected.stdout     # picked, shown: replayable
+    async with http.get(f"{node}/v2/eio/read/blobs/{digest}") as r:
+        assert r.status == 503 and r.headers["Retry-After"]
+        error = await _oci_error(r)
+    assert (error["code"], error["message"], error["detail"]["outcome"]) == (
+        "UNAVAILABLE", "disk I/O error", "definite")
+    fault_cli(cluster, "heal", fid)
+    async with http.get(f"{node}/v2/eio/read/blobs/{digest}") as r:
+        assert r.status == 200 and await r.read() == blob
+
+
+async def test_disk_write_errors_end_uploads_cleanly_and_a_retry_after_healing_works(
+        cluster, http):
+    node = cluster.node_url("westeurope")
+    first, rest = os.urandom(70_000), os.urandom(70_000)
+    data, digest = first + rest, digest_of(first + rest)
+    async with http.post(f"{node}/v2/eio/write/blobs/uploads/") as r:
+        assert r.status == 202
+        session = node + r.headers["Location"] if r.headers["Location"].startswith("/") \
+            else r.headers["Location"]
+    chunk = {"Content-Type": "application/octet-stream"}
+    async with http.patch(session, data=first,
+                          headers={**chunk, "Content-Range": f"0-{len(first) - 1}"}) as r:
+        assert r.status == 202
+    fid = fault_id(fault_cli(cluster, "disk", "westeurope", "--eio", "write"))
+    async with http.patch(session, data=rest, headers={
+            **chunk, "Content-Range": f"{len(first)}-{len(data) - 1}"}) as r:
+        assert r.status == 503
+        error = await _oci_error(r)
+    assert (error["message"], error["detail"]["outcome"]) == ("disk I/O error", "definite")
+    # The session ended with nothing of it kept: no file, no session, no blob.
+    upload_id = session.split("?")[0].rsplit("/", 1)[1]
+    uploads = cluster.cluster.plan.node("westeurope").data_dir / "uploads"
+    assert not (uploads / upload_id).exists()
+    async with http.get(session) as r:
+        assert r.status == 404 and (await _oci_error(r))["code"] == "BLOB_UPLOAD_UNKNOWN"
+    async with http.post(f"{node}/v2/eio/write/blobs/uploads/", params={"digest": digest},
+                         data=data, headers=chunk) as r:
+        assert r.status == 503
+    async with http.head(f"{node}/v2/eio/write/blobs/{digest}") as r:
+        assert r.status == 404
+    image = make_image([100], seed=43)        # a manifest's commit fails the same way
+    async with http.put(f"{node}/v2/eio/write/manifests/v1", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status in (503, 400), await r.text()
+        if r.status == 503:
+            assert (await _oci_error(r))["message"] == "disk I/O error"
+    fault_cli(cluster, "heal", fid)
+    await push_blob(http, node, "eio/write", data)
+    async with http.get(f"{node}/v2/eio/write/blobs/{digest}") as r:
+        assert r.status == 200 and await r.read() == data
+
+
+async def test_bit_rot_is_repaired_from_a_replica_and_pulls_get_the_right_bytes(
+        cluster, http, tmp_path):
+    image = make_image([40_000, 90_000], seed=31)
+    await push_image(http, cluster.node_url("eastus-1"), "rot/app", image, tag="v1")
+    spare = await push_blob(http, cluster.node_url("eastus-1"), "rot/app", os.urandom(5000))
+    zone2 = cluster.node_url("eastus-2")
+
+    async def in_zone2(digest: str) -> bool:
+        async with http.head(f"{zone2}/v2/rot/app/blobs/{digest}") as r:
+            return r.status == 200
+    await eventually(lambda: pullable(http, zone2, "rot/app", "v1", image), timeout=30,
+                     what="the image in eastus zone 2")
+    await eventually(lambda: in_zone2(spare), timeout=30, what="the spare blob in zone 2")
+    blobs = {digest_of(b): b for b in [image.config, *image.layers]}
+    rot = fault_cli(cluster, "bitrot", "eastus/2", "--blobs", "3", "--seed", "5",
+                    *(a for d in blobs for a in ("--digest", d)))
+    assert fault_id(rot) and "3 blob file(s) flipped" in rot.stdout
+    absent = fault_cli(cluster, "bitrot", "eastus/2", "--digest", "sha256:" + "0" * 64)
+    assert absent.returncode != 0 and "stores no blob" in absent.stderr, absent
+
+    # A real client pulls from the rotten zone itself, and gets the right bytes.
+    skopeo = Skopeo(tmp_path / "skopeo", zone2.removeprefix("http://"), cluster)
+    await skopeo.copy(skopeo.ref("rot/app:v1"), f"oci:{tmp_path / 'pulled'}:v1",
+                      "--preserve-digests")
+    for digest, data in blobs.items():
+        assert (tmp_path / "pulled" / "blobs" / "sha256" / digest.split(":")[1]).read_bytes() \
+            == data
+    report = cluster.verify()
+    assert report.ok, report.as_dict()
+    repaired = {r["digest"]: r["source"] for r in report.repairs["eastus-2"]["repaired"]}
+    assert set(blobs) <= set(repaired) and all(repaired[d] for d in blobs)
+    assert await _metric(http, cluster, "eastus-2", "georeg_blob_repairs_total") >= 3
+
+    # A scrub finds rot no client has met yet, and repairs it.
+    fault_id(fault_cli(cluster, "bitrot", "eastus/2", "--digest", spare))
+    report = cluster.verify(scrub=True)
+    assert report.ok, report.as_dict()
+    assert spare in {r["digest"] for r in report.repairs["eastus-2"]["repaired"]}
+    assert report.repairs["eastus-2"]["scrub"]["checked"] >= 1
+
+
+async def test_bit_rot_in_a_confined_region_with_no_other_copy_is_refused_and_reported(
+        cluster, http):
+    node = cluster.node_url("brazilsouth")
+    blob = os.urandom(20_000)
+    digest = await push_blob(http, node, "rot/confined", blob)
+    fault_id(fault_cli(cluster, "bitrot", "brazilsouth", "--digest", digest))
+    async with http.get(f"{node}/v2/rot/confined/blobs/{digest}") as r:
+        assert r.status == 404              # as HEAD answers; no retry would change it
+        error = await _oci_error(r)
+    assert (error["code"], error["detail"]["repair"]) == ("BLOB_UNKNOWN", "unrepairable")
+    assert "confined to brazilsouth" in error["detail"]["reason"]
+    assert await _metric(http, cluster, "brazilsouth", "georeg_blob_unrepairable_total") >= 1
+    report = cluster.verify()
+    [rot] = [d for d in report.divergences if d.kind == "rot"]
+    assert (rot.node, rot.digest) == ("brazilsouth", digest)
+    assert digest in {r["digest"] for r in report.repairs["brazilsouth"]["unrepairable"]}
+    # The operator's remedy: push it again.
+    await push_blob(http, node, "rot/confined", blob)
+    async with http.get(f"{node}/v2/rot/confined/blobs/{digest}") as r:
+        assert r.status == 200 and await r.read() == blob
+
+
+async def test_bit_rot_met_mid_stream_through_an_endpoint_is_repaired_for_the_retry(
+        cluster, http):
+    """Through an endpoint the node writes a download itself (the hand-over):
+    rot past the first MiB cuts it, and the client's retry gets a repaired copy."""
+    data = os.urandom(2_500_000)
+    digest = await push_blob(http, cluster.node_url("eastus-1"), "rot/large", data)
+    zones = ["eastus-1", "eastus-2", "eastus-3"]
+
+    async def everywhere() -> bool:
+        for name in [*zones, "westeurope"]:
+            async with http.head(f"{cluster.node_url(name)}/v2/rot/large/blobs/{digest}") as r:
+                if r.status != 200:
+                    return False
+        return True
+    await eventually(everywhere, timeout=30, what="the blob in every eastus zone and westeurope")
+    for name in zones:          # whichever zone the endpoint picks, its copy is rotten
+        blob_file = cluster.cluster.plan.node(name).data_dir / "blobs" / "sha256" / \
+            digest[7:9] / digest[7:]
+        flip(blob_file, HEADER_SIZE + 20 * (SEGMENT_SIZE + SEGMENT_OVERHEAD) + 500)
+    url = f"{cluster.endpoint('eastus')}/v2/rot/large/blobs/{digest}"
+
+    async def pulled() -> bool:
+        try:
+            async with http.get(url) as r:
+                return r.status == 200 and await r.read() == data
+        except aiohttp.ClientError:          # cut mid-stream
+            return False
+    assert not await pulled()
+    await eventually(pulled, timeout=30, what="a retry getting the repaired copy")
+
+
+async def test_a_source_failing_reads_holds_back_its_blobs_not_its_stream(cluster, http):
+    """A small blob is sent inline with its event; a source whose disk fails
+    the read sends the event without it (the subscriber fetches it later,
+    FetchBlob answering UNAVAILABLE until then) and goes on streaming."""
+    # brazilsouth, one node: its own stream from westeurope brings it the events.
+    west, east = cluster.node_url("westeurope"), cluster.node_url("brazilsouth")
+    image = make_image([1500], seed=41)
+    await push_image(http, west, "eio/source", image, tag="v1")
+    await eventually(lambda: pullable(http, east, "eio/source", "v1", image), timeout=30,
+                     what="the image in brazilsouth")
+    fid = fault_id(fault_cli(cluster, "disk", "westeurope", "--eio", "read"))
+    small = await push_blob(http, west, "eio/source", os.urandom(2000))
+    async with http.put(f"{west}/v2/eio/source/manifests/v2", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 201, await r.text()
+    await eventually(lambda: pullable(http, east, "eio/source", "v2", image), timeout=30,
+                     what="the tag after the unreadable blob in brazilsouth")
+
+    async def small_arrived() -> bool:
+        async with http.head(f"{east}/v2/eio/source/blobs/{small}") as r:
+            return r.status == 200
+    assert not await small_arrived()
+    fault_cli(cluster, "heal", fid)
+    await eventually(small_arrived, timeout=30, what="the blob in brazilsouth once the disk reads")
+
+
+async def test_a_replica_failing_writes_catches_up_once_healed(cluster, http):
+    fid = fault_id(fault_cli(cluster, "disk", "brazilsouth", "--eio", "write"))
+    image = make_image([1700], seed=42)
+    await push_image(http, cluster.node_url("eastus-1"), "eio/apply", image, tag="v1")
+    brazil = cluster.node_url("brazilsouth")
+    assert not await pullable(http, brazil, "eio/apply", "v1", image)
+    fault_cli(cluster, "heal", fid)
+    await eventually(lambda: pullable(http, brazil, "eio/apply", "v1", image), timeout=30,
+                     what="brazilsouth applying the events once its disk writes")
+
+
 async def test_faults_heal_themselves_after_their_duration(cluster, http):
     result = fault_cli(cluster, "partition", "westeurope", "brazilsouth", "--duration", "1")
     fid = fault_id(result)
@@ -489,6 +706,65 @@ def test_bad_fault_requests_say_what_is_wrong(cluster):
     assert result.returncode == 2 and "not zone redundant" in result.stderr
     result = fault_cli(cluster, "heal", "f999")
     assert result.returncode == 2 and "no fault f999" in result.stderr
+    result = fault_cli(cluster, "clock", "westeurope", "--offset", "+1e10s")
+    assert result.returncode == 2 and "within a year" in result.stderr
+    result = fault_cli(cluster, "clock", "westeurope", "--drift", "0")
+    assert result.returncode == 2 and "between 0.01 and 100" in result.stderr
+
+
+# -- clocks --------------------------------------------------------------------------------
+
+
+async def test_a_clock_fault_fences_its_node_survives_a_restart_and_heals(cluster, http):
+    """westeurope 5 s ahead (past the 500 ms tolerated): once its probes find
+    it off every peer it refuses writes with a definite 503, its peers flag it
+    and the replica's status says so; a restart by the controller keeps the
+    skew; healed, it writes again and the tag converges (verify clean after)."""
+    west = cluster.node_url("westeurope")
+    fid = fault_id(fault_cli(cluster, "clock", "westeurope", "--offset", "+5s"))
+
+    def fenced() -> bool:
+        return cluster.node_clock("westeurope")["skewed"]
+
+    await eventually(fenced, timeout=15, what="westeurope to find its clock off")
+    blob = b"c" * 3000
+    async with http.post(f"{west}/v2/clock/app/blobs/uploads/",
+                         params={"digest": digest_of(blob)}, data=blob) as r:
+        error = (await r.json())["errors"][0]
+        assert (r.status, error["detail"]["outcome"]) == (503, "definite")
+        detail = error["detail"]
+        assert "ahead of its peers'" in detail["reason"]
+        assert abs(detail["clock_offset_s"] - 5) <= detail["uncertainty_s"] + 0.001, detail
+    flagged: dict = {}
+
+    async def flagged_by_brazilsouth() -> bool:
+        flagged.update(cluster.node_clock("brazilsouth")["peers"]["westeurope"])
+        return flagged["exceeds"]
+
+    await eventually(flagged_by_brazilsouth, timeout=10, what="brazilsouth to flag westeurope")
+    assert 4.5 < flagged["offset_s"] < 5.5
+
+    def status_says_so() -> bool:
+        return "clock skewed on westeurope" in \
+            cluster.cluster.replica_status("westeurope")["status"]["message"]
+
+    await eventually(status_says_so, timeout=10, what="the replica status to say so")
+    faults = cluster.cluster.faults
+    assert faults.faults[fid].description == "clock of westeurope off: +5s"
+    # A node the controller restarts gets its skew back, from the fault's start.
+    outage = cluster.run(lambda: faults.inject("region-outage", region="westeurope"))
+    cluster.run(lambda: faults.heal(outage.id))
+    assert cluster.node_clock("westeurope")["fault"]["offset_s"] == 5
+    cluster.run(lambda: faults.heal(fid))
+    await eventually(lambda: not fenced(), timeout=15, what="westeurope's writes back")
+    # A GET first: it takes the session's connection to the process before the
+    # restart (dead; a GET is retried on a fresh one, the push's POST is not).
+    await served_by(http, west)
+    image = make_image([3001], seed=31)
+    await push_image(http, west, "clock/app", image, tag="v1")
+    for node in ("eastus-1", "brazilsouth"):
+        await eventually(lambda n=node: pullable(http, cluster.node_url(n), "clock/app", "v1",
+                                                 image), timeout=15, what=f"v1 on {node}")
 
 
 # -- throttling ----------------------------------------------------------------------------
@@ -671,3 +947,135 @@ async def test_confined_region_restore_says_what_is_lost(cluster, http):
     assert restore.returncode == 1
     assert "no paired-region copy" in restore.stdout and "is lost" in restore.stdout
     assert not await pullable(http, cluster.node_url("brazilsouth"), "br/lost", "v1", image)
+
+
+# -- lossy links and HTTP faults (docs/faults.md) --------------------------------------
+
+
+async def _broken_streams(http, cluster, region: str) -> float:
+    """Replication attempts ``region``'s node(s) saw fail indefinitely (a broken
+    stream or call, retried): what a flipped byte does over mutual TLS, whose
+    record check fails (this cluster replicates over it; without TLS the seal
+    refuses it: tests/test_lossy_links.py)."""
+    total = 0.0
+    for name in cluster.cluster.supervisor.nodes:
+        if not name.startswith(region):
+            continue
+        async with http.get(f"{cluster.node_url(name)}/metrics",
+                            headers=cluster.internal_headers()) as r:
+            text = await r.text()
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("georeg_replication_transfer_failures_total{")
+                     and 'outcome="indefinite"' in line)
+    return total
+
+
+async def test_a_corrupting_link_is_caught_and_retried_and_nothing_damaged_is_kept(cluster, http):
+    """Flipped bytes on the WAN between eastus and westeurope: TLS refuses
+    them, the transfers are retried, westeurope ends with the blob byte for
+    byte, and verify is clean (the autouse fixture)."""
+    before = await _broken_streams(http, cluster, "westeurope")
+    fid = fault_id(fault_cli(cluster, "link", "eastus", "westeurope", "--corrupt", "0.02",
+                             "--seed", "11"))
+    image = make_image([300_000], seed=21)
+    await push_image(http, cluster.regional_endpoint("eastus"), "corrupt/app", image, tag="v1")
+    west = cluster.node_url("westeurope")
+    await eventually(lambda: pullable(http, west, "corrupt/app", "v1", image), timeout=60,
+                     what="westeurope over a corrupting link")
+    for blob in image.blobs:
+        async with http.get(f"{west}/v2/corrupt/app/blobs/{digest_of(blob)}") as r:
+            assert r.status == 200 and await r.read() == blob
+    crossing = [link for link in await links(http, cluster)
+                if {link["from_region"], link["to_region"]} == {"eastus", "westeurope"}]
+    assert sum(link["corrupted_segments"] for link in crossing) > 0, crossing
+    assert await _broken_streams(http, cluster, "westeurope") > before
+    fault_cli(cluster, "heal", fid)
+    # Healed: nothing more is corrupted.
+    corrupted = sum(link["corrupted_segments"] for link in await links(http, cluster))
+    image = make_image([30_000], seed=22)
+    await push_image(http, cluster.regional_endpoint("eastus"), "corrupt/app", image, tag="v2")
+    await eventually(lambda: pullable(http, west, "corrupt/app", "v2", image), timeout=30,
+                     what="westeurope once healed")
+    assert sum(link["corrupted_segments"] for link in await links(http, cluster)) == corrupted
+
+
+async def test_an_http_fault_hits_its_method_and_path_only_and_a_retrying_client_gets_through(
+        cluster, http, tmp_path):
+    image = make_image([4096, 8192], seed=31)
+    write_oci_layout(tmp_path / "layout", image)
+    endpoint = cluster.endpoint("eastus")
+    skopeo = Skopeo(tmp_path / "skopeo", endpoint.partition("://")[2], cluster)
+    source = f"oci:{tmp_path / 'layout'}:latest"
+    fid = fault_id(fault_cli(cluster, "http", "global:eastus", "--status", "503", "--method",
+                             "PUT", "--path-regex", "/manifests/"))
+    listed = json.loads(fault_cli(cluster, "list", "--json").stdout)
+    assert any(f["id"] == fid and f["active"] and f["kind"] == "http" for f in listed)
+    async with http.put(f"{endpoint}/v2/httpfault/app/manifests/v1", data=image.manifest,
+                        headers={"Content-Type": image.media_type}) as r:
+        assert r.status == 503 and r.headers["X-Georeg-Fault"] == fid
+        assert r.headers["Retry-After"] == "1"
+        error = (await r.json())["errors"][0]
+        assert error["code"] == "UNAVAILABLE" and error["detail"]["fault"] == fid
+    async with http.get(f"{endpoint}/v2/") as r:          # not a PUT: untouched
+        assert r.status == 200 and "X-Georeg-Fault" not in r.headers
+    auth = ("--authfile", str(skopeo.auth))
+    rc, _, log = await skopeo.run("copy", *auth, "--dest-tls-verify=false", source,
+                                  skopeo.ref("httpfault/app:v1"), check=False)
+    assert rc != 0 and "503" in log, log[-2000:]
+    fault_cli(cluster, "heal", fid)
+    # Half the manifest PUTs fail, from a seed whose first draw fails one: a
+    # client that retries the push gets through. (skopeo 1.9's --retry-times
+    # does not retry a 503 on a manifest PUT: the retrying is the test's.)
+    seed = next(s for s in range(100) if random.Random(
+        HttpFaults("global:eastus").seed_of(s)).random() < 0.5)
+    fid = cluster.inject_fault("http", endpoint="global:eastus", status=503, probability=0.5,
+                               method="PUT", path_regex="/manifests/", seed=seed)["id"]
+    outcomes = []
+    for _ in range(10):                     # P(ten 503s in a row) = 1/1024, and seeded
+        rc, _, log = await skopeo.run("copy", *auth, "--dest-tls-verify=false", source,
+                                      skopeo.ref("httpfault/app:v1"), check=False)
+        outcomes.append(rc)
+        if rc == 0:
+            break
+    assert outcomes[0] != 0 and outcomes[-1] == 0, (outcomes, log[-1000:])
+    assert cluster.cluster.faults.http_injected()[fid] == len(outcomes) - 1
+    cluster.heal_fault(fid)
+
+
+async def test_reset_and_truncated_bodies_fail_a_pull_clearly_and_it_works_once_healed(
+        cluster, http, tmp_path):
+    image = make_image([120_000], seed=41)
+    await push_image(http, cluster.regional_endpoint("eastus"), "cut/app", image, tag="v1")
+    endpoint = cluster.endpoint("eastus")
+    skopeo = Skopeo(tmp_path / "skopeo", endpoint.partition("://")[2], cluster)
+
+    async def pull(name: str) -> tuple[int, str]:
+        rc, _, log = await skopeo.run("copy", "--authfile", str(skopeo.auth),
+                                      "--src-tls-verify=false", skopeo.ref("cut/app:v1"),
+                                      f"oci:{tmp_path / name}:v1", check=False)
+        blobs = tmp_path / name / "blobs" / "sha256"
+        for path in blobs.iterdir() if blobs.exists() else ():   # nothing kept is damaged
+            assert digest_of(path.read_bytes()) == f"sha256:{path.name}"
+        return rc, log
+
+    fid = fault_id(fault_cli(cluster, "http", "global:eastus", "--truncate-body", "--method",
+                             "GET", "--path-regex", "/blobs/"))
+    async with http.get(f"{endpoint}/v2/cut/app/blobs/{digest_of(image.blobs[1])}") as r:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()                                  # half the body, then the end
+    rc, log = await pull("truncated")
+    assert rc != 0 and ("EOF" in log or "reset" in log or "digest" in log), log[-2000:]
+    fault_cli(cluster, "heal", fid)
+    fid = fault_id(fault_cli(cluster, "http", "global:eastus", "--reset", "--path-regex",
+                             "/manifests/"))
+    host, _, port = endpoint.partition("://")[2].partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v2/cut/app/manifests/v1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(ConnectionResetError):      # a reset, not an orderly end
+        await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    rc, log = await pull("reset")
+    assert rc != 0 and ("reset" in log or "EOF" in log), log[-2000:]
+    fault_cli(cluster, "heal", "--all")
+    rc, log = await pull("healed")
+    assert rc == 0, log[-2000:]

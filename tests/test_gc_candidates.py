@@ -31,7 +31,7 @@ from registry_node.errors import RegistryError
 from registry_node.gc import GarbageCollector
 from registry_node.metastore import Batch, MetadataStore
 from registry_node.node import Node
-from registry_node.records import Event, EventKind, ManifestRecord, decode
+from registry_node.records import Event, EventKind, ManifestRecord, RecycledManifest, decode
 from registry_node.reference import Digest
 from registry_node.replica import MissingContent, Replica
 
@@ -48,6 +48,7 @@ from .helpers import (
 from .profiles import scaled
 
 GRACE_S = 60.0
+DAY_S = 86_400.0          # soft delete's shortest days: a purge is a gc this far on
 REPOS = ("team/app", "web", "lib/base")
 TAGS = ("latest", "v1")
 BLOBS = [b'{"architecture":"amd64","os":"linux"}', b'{"architecture":"arm64","os":"linux"}',
@@ -90,8 +91,12 @@ operations = st.one_of(
     st.tuples(st.just("remote manifest"), repo_i, manifest_i, st.integers(1, 50)),
     st.tuples(st.just("remote manifest delete"), repo_i, manifest_i, st.integers(1, 50)),
     st.tuples(st.just("head"), repo_i, blob_i),
-    st.tuples(st.just("gc"), st.sampled_from([0.0, GRACE_S / 2, GRACE_S + 1])),
+    st.tuples(st.just("gc"), st.sampled_from([0.0, GRACE_S / 2, GRACE_S + 1, DAY_S + 1])),
     st.tuples(st.just("reopen")),
+    # Soft delete: deletes keep manifests (and their blobs) in the bin until a
+    # restore, or a gc past the days purges them.
+    st.tuples(st.just("soft delete"), st.booleans()),
+    st.tuples(st.just("restore"), repo_i, manifest_i),
 )
 # What both properties driven by ``operations`` (the candidates here, the content
 # counts in test_content_counts) must hold for whatever Hypothesis draws: a layer
@@ -101,6 +106,12 @@ SHARED_LAYER_RUNS = (
      ("gc", GRACE_S + 1)],
     [("push image", 0, 2, 0), ("push image", 1, 2, 0), ("delete repository", 0),
      ("gc", GRACE_S + 1), ("reopen",), ("delete manifest", 1, 2)],
+    # A manifest in the recycle bin keeps its blobs through GC; restored, it
+    # holds them again; deleted again and purged, they go.
+    [("soft delete", True), ("push image", 0, 0, 0), ("push image", 1, 0, None),
+     ("delete manifest", 0, 0), ("delete manifest", 1, 0), ("gc", GRACE_S + 1),
+     ("reopen",), ("restore", 0, 0), ("delete manifest", 0, 0), ("soft delete", False),
+     ("gc", DAY_S + 1)],
 )
 
 
@@ -122,7 +133,8 @@ async def _chunks(data: bytes):
 
 
 def assert_maintained(meta: MetadataStore, where: str) -> None:
-    """The stored set equals a recomputation, and no manifest lacks a blob it names."""
+    """The stored set equals a recomputation, and no manifest (live or in the
+    recycle bin) lacks a blob it names."""
     stored = unreferenced.stored(meta.scan)
     recomputed = unreferenced.recompute(meta.scan, meta.has_prefix)
     assert stored == recomputed, f"{where}: stored {sorted(stored)} != recomputed {sorted(recomputed)}"
@@ -133,6 +145,12 @@ def assert_maintained(meta: MetadataStore, where: str) -> None:
                 assert (meta.get(keys.blob(target)) is not None
                         or meta.get(keys.manifest(parsed.repository, target)) is not None), \
                     f"{where}: {parsed.repository}@{parsed.digest} lost {target}"
+    # A manifest in the recycle bin keeps its blobs (not its child manifests).
+    for key, raw in meta.scan(keys.RECYCLE_BIN):
+        if isinstance(kept := keys.parse(key), keys.RecycledManifestKey):
+            assert all(meta.get(keys.blob(d)) is not None
+                       for d in decode(raw, RecycledManifest).record.references
+                       if d not in DIGESTS), f"{where}: {kept} in the bin lost a blob"
 
 
 class Subject:
@@ -201,6 +219,11 @@ class Subject:
             case ("gc", advance):
                 self.clock.advance(advance)
                 await self.gc.collect()
+            case ("soft delete", enabled):
+                await self.node.configuration.put("registry", "default", {
+                    "soft_delete": {"enabled": enabled, "days": 1}})
+            case ("restore", r, m):
+                await _refused_or_done(registry.restore(REPOS[r], DIGESTS[m]))
             case ("reopen",):
                 self.close()
                 self.open()
@@ -242,7 +265,7 @@ def test_the_maintained_candidates_equal_a_recomputation_after_any_writes(ops):
                 meta = subject.node.meta
                 assert list(meta.unreferenced_blobs()) == []
                 held = {keys.parse(k, keys.BlobKey).digest for k, _ in meta.scan(keys.BLOB)}
-                assert all(meta.has_prefix(keys.ref_prefix(d)) for d in held)
+                assert all(unreferenced.referenced(d, meta.has_prefix) for d in held)
                 assert_maintained(meta, "after the final pass")
             finally:
                 subject.close()

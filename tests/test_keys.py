@@ -76,6 +76,11 @@ FAMILIES = {
     "tag attributes": (keys.tag_attributes, keys.TagAttributesKey, (repositories, tags)),
     "manifest attributes": (keys.manifest_attributes, keys.ManifestAttributesKey,
                             (repositories, digests)),
+    "recycled manifest": (keys.recycled_manifest, keys.RecycledManifestKey,
+                          (repositories, digests)),
+    "recycled tag": (keys.recycled_tag, keys.RecycledTagKey, (repositories, tags)),
+    "recycled reference": (keys.recycled_ref, keys.RecycledRefKey,
+                           (digests, repositories, digests)),
 }
 META = {keys.SCHEMA: "schema", keys.IDENTITY: "identity", keys.HLC: "hlc",
         keys.KEY_CHECK: "keycheck", keys.FINGERPRINTS: "fingerprints",
@@ -152,6 +157,10 @@ ON_DISK = [
     (keys.repository_attributes("lib/app"), b"attr\x00lib/app\x00r"),
     (keys.tag_attributes("lib/app", "v1.0"), b"attr\x00lib/app\x00t\x00v1.0"),
     (keys.manifest_attributes("lib/app", D1), b"attr\x00lib/app\x00m\x00" + D1.encode()),
+    (keys.recycled_manifest("lib/app", D1), b"bin\x00lib/app\x00m\x00" + D1.encode()),
+    (keys.recycled_tag("lib/app", "v1.0"), b"bin\x00lib/app\x00t\x00v1.0"),
+    (keys.recycled_ref(D1, "lib/app", D1),
+     b"binref\x00" + D1.encode() + b"\x00lib/app\x00" + D1.encode()),
 ]
 
 
@@ -175,7 +184,7 @@ def test_the_tree_draws_every_family():
              keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.UNTAGGED, keys.TRANSFER, keys.CONFIG,
              keys.FINGERPRINT, keys.FINGERPRINT_BUCKET, keys.READER, keys.TOMB_CANDIDATE,
              keys.WEBHOOK_PENDING, keys.WEBHOOK_LOG, keys.COMPLETION_QUESTION, keys.ATTRIBUTES,
-             keys.REFERRING_COUNTS,
+             keys.REFERRING_COUNTS, keys.RECYCLE_BIN, keys.RECYCLED_REF,
              keys.WEBHOOK_FEED, keys.WEBHOOK_SEQ, *META]
     drawn = keys.__doc__
     missing = [h for h in heads if h.decode().replace("\x00", "\\0") not in drawn]

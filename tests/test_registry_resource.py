@@ -245,7 +245,8 @@ def counts_match(usage: dict, report) -> None:
         counted = report.counts[node]
         assert (held["blobs"], held["manifests"], held["bytes"]) == (
             counted["blobs"], counted["manifests"],
-            counted["blob_bytes"] + counted["manifest_bytes"]), (node, held, counted)
+            counted["blob_bytes"] + counted["manifest_bytes"] + counted["recycled_bytes"]), (
+            node, held, counted)
 
 
 async def test_show_usage_counts_the_registry_once_and_each_node_as_verify_does(premium):

@@ -55,7 +55,7 @@ from replicator.wire.v1 import replication_pb2 as pb
 from replicator.wire.v1 import replication_pb2_grpc as pbg
 
 from .helpers import digest_of, eventually, push_image
-from .replication_harness import InProcessCluster
+from .replication_harness import InProcessCluster, module_cluster
 from .replication_invariants import layered_image, metric_sum, metrics_text
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -68,17 +68,7 @@ SETTINGS = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.
 LONG = 30.0     # a deadline no passing test comes near
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def cluster(tmp_path_factory):
-    async with InProcessCluster(tmp_path_factory.mktemp("completion"), TOPOLOGY,
-                                settings=SETTINGS) as c:
-        yield c
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http():
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
+cluster, http = module_cluster("completion", TOPOLOGY, SETTINGS)
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -66,6 +66,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from registry_node import locks
+from cluster.faults.verify import NodeTarget, verify
+from registry_node import keys, locks
 from registry_node.records import EventKind, stamp_of
 from replicator.topology import ReplicationSettings
 
@@ -119,6 +121,13 @@ TAGS = ["latest", "v1", "v2", "stable"]
 STEP_TIMEOUT_S = 60.0
 DISALLOWED = "REGISTRY_DISALLOWED_OPERATION"
 CONVERGENCE_TIMEOUT_S = 40.0
+SOFT_DELETE_POLICY = "/georeg/v1/configuration/registry/default"
+# One delete_racing_restore per example: in the ci profile 3 races a run (about
+# 4 s of race and verify) against 10 (9 s) at two per example, and neither
+# draw meets the anti-entropy bug the rule once found (a soft delete repaired
+# as hard from a node without the body) with its fix taken out; in-process tests
+# pin that bug (test_replica_rules), and ``make soak`` draws ten times as many.
+RACES_PER_EXAMPLE = 1
 
 
 class LoopThread:
@@ -217,6 +226,16 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Raced:
+    """A manifest a restore race wrote (``_restore_race``), and the nodes that
+    held it when the race began: each keeps it in its bin if a soft delete wins."""
+
+    repo: str
+    digest: str
+    holders: set[str]
+
+
+@dataclass(frozen=True)
 class Plan:
     """A client write about to happen on ``node``, and what it logs there;
     ``run`` answers whether every request of it was acknowledged (2xx)."""
@@ -273,6 +292,11 @@ class ReplicationMachine(RuleBasedStateMachine):
     loop: LoopThread  # set by the test function
     # lock_racing_push over a whole run: applied (True) or met no tag (False).
     locks_tried: dict[bool, int] = {True: 0, False: 0}
+    # delete_racing_restore over a whole run: the restore restored (True), or
+    # found nothing to restore (False).
+    restores_tried: dict[bool, int] = {True: 0, False: 0}
+    # Seconds the restore races and the verify after them took over the run.
+    restore_cost: dict[str, float] = {"race": 0.0, "verify": 0.0}
 
     def __init__(self) -> None:
         super().__init__()
@@ -282,6 +306,9 @@ class ReplicationMachine(RuleBasedStateMachine):
         # (repo, tag) a lock was applied to: its origin logged the lock (a PATCH
         # that met no tag there, 404, locked nothing and is not counted).
         self.locked: set[tuple[str, str]] = set()
+        self.soft_delete = False            # the policy is on (``_soft_delete_on``)
+        self.raced: list[Raced] = []        # manifests restore races wrote (``_bins_agree``)
+        self.verified = 0                   # of them, how many a ``georeg verify`` followed
         self.root = Path(tempfile.mkdtemp(prefix="georeg-stateful-"))
         self.cluster = None
         self.http: aiohttp.ClientSession | None = None
@@ -707,6 +734,165 @@ class ReplicationMachine(RuleBasedStateMachine):
         # no tag tested no refusal, and says so.
         ReplicationMachine.locks_tried[applied] += 1
 
+    # -- rules: soft delete --------------------------------------------------------
+
+    async def _soft_delete_on(self) -> None:
+        """The soft delete policy on, written at one node and held by every running
+        node (so whichever takes a delete from here on keeps it in its bin). Once
+        per example: the deletes before it stay hard ones."""
+        if self.soft_delete:
+            return
+        node = min(self.cluster.running(), key=lambda n: bool(n.zone))   # no quorum to wait for
+        status, doc = await self._request("PUT", f"{node.url}{SOFT_DELETE_POLICY}",
+                                          json={"soft_delete": {"enabled": True, "days": 7}})
+        if status == 503:           # East US without its quorum: no policy yet
+            return
+        assert status == 200, (node.name, status, doc)
+        await eventually(lambda: all(n.node.configuration.soft_delete().enabled
+                                     for n in self.cluster.running()),
+                         timeout=20, what="the soft delete policy on every node")
+        self.soft_delete = True
+
+    def _restore(self, name: str, repo: str, reference: str, outcome: list[bool]) -> Plan:
+        """The plan of a restore of ``repo@reference`` from the bin at ``name``:
+        what it logs is the push and tag sets it amounts to. Whether it restored
+        (200) is appended to ``outcome``; 404: the delete it would undo never
+        happened there (a 503 refused it up front)."""
+        async def restore() -> bool:
+            url = f"{self.node(name).url}/acr/v1/{repo}/_deleted/{reference}"
+            status, _ = await self._write(name, repo, "POST", url, (200, 404), tags=None)
+            outcome.append(status == 200)
+            return status != 503
+
+        return Plan(name, repo, PUSH_KINDS, restore)
+
+    def _restore_race(self, data, rival: str) -> None:
+        """A fresh image ``M`` is pushed with a tag and reaches every running node
+        (every link healed first); then the two writable regions are cut apart
+        and, in one, ``M`` is soft-deleted and restored again while the other,
+        which has heard of neither, ``rival``s: deletes ``M`` ("delete"), or
+        pushes another image by the same tag ("re-push") — before the restore,
+        after it, or at once. At the next quiesce (every fault healed) every
+        region must hold one answer: the model's (``M`` live with its tags, or
+        not), and the bins to match (``_bins_agree``: ``M`` in the bin of every
+        node that held it, kept by the winning delete, when that is the last
+        write of its register; in no bin otherwise); ``georeg verify`` clean."""
+        repo = data.draw(st.sampled_from(GLOBAL_REPOS), "repo")
+        tag = self._pick(data, [t for t in TAGS if (repo, t) not in self.locked], "tag")
+        seed = data.draw(st.integers(0, 1 << 16), "seed")
+        restore_at = self._pick(data, self.writers(False), "restore at")
+        rival_at = self._pick(data, [n for n in self.writers(False) if restore_at and
+                                     self.node(n).region != self.node(restore_at).region],
+                              "rival at")
+        order = data.draw(st.sampled_from(["rival first", "restore first", "at once"]), "order")
+        if tag is None or rival_at is None:
+            return
+        image = _image(repo, [_layer(False, seed, 512)], False, seed)
+        other = _image(repo, [_layer(False, seed + 1, 512)], False, seed + 1)
+        self.heal()                    # every link: the image must reach every node
+        self.run(self._soft_delete_on())
+        if not self.soft_delete:
+            return
+        self._add_image(image, False)
+        self._run_writes([Plan(restore_at, repo, PUSH_KINDS,
+                               lambda: self._push(restore_at, image, tag))])
+
+        def holds(node) -> bool:
+            return node.registry.meta.get(keys.manifest(repo, image.digest)) is not None
+
+        with contextlib.suppress(AssertionError):   # a 503 may have left it nowhere
+            self.run(eventually(lambda: all(holds(n) for n in self.cluster.running()),
+                                timeout=10, what="the image on every node"))
+        holders = {n.name for n in self.cluster.running() if holds(n)}
+        if restore_at not in holders:
+            return
+        regions = (self.node(restore_at).region, self.node(rival_at).region)
+        self.on_loop(self.cluster.partition, *regions)
+        for region in regions:
+            self.on_loop(self.cluster.partition, region, "brazilsouth", one_way=True)
+        self._run_writes([self._delete(restore_at, repo, image.digest)])
+        outcome: list[bool] = []
+        restore = self._restore(restore_at, repo, image.digest, outcome)
+        if rival == "delete":
+            against = self._delete(rival_at, repo, image.digest)
+        else:
+            self._add_image(other, False)
+            against = Plan(rival_at, repo, PUSH_KINDS, lambda: self._push(rival_at, other, tag))
+        if order == "at once":
+            self._run_writes([restore, against])
+        else:
+            for plan in ([against, restore] if order == "rival first" else [restore, against]):
+                self._run_writes([plan])
+        applied = bool(outcome and outcome[0])
+        note(f"restore of {repo}@{image.digest} at {restore_at} against a {rival} at "
+             f"{rival_at}: {'applied' if applied else 'not applied'}")
+        ReplicationMachine.restores_tried[applied] += 1
+        # Checked at the next quiesce (``_bins_agree``), when every region has
+        # heard of both: a quiesce here would cost seconds per race.
+        self.raced.append(Raced(repo, image.digest, holders))
+
+    def _bins_agree(self) -> None:
+        """After quiesce, for each manifest a restore race wrote: it is in the
+        bin of every node that held it (and has not crashed since), with the
+        stamp and tags of one delete, exactly when the model's last write of its
+        register is a delete and that delete was a soft one; in no bin
+        otherwise. Synchronous: one event-loop step, when called on the loop."""
+        problems = []
+        for raced in self.raced:
+            repo, digest = raced.repo, raced.digest
+            writes = sorted((w for w in self.model.writes if w.repo == repo
+                             and w.digest == digest and w.kind in (
+                                 EventKind.MANIFEST_PUT, EventKind.TAG_SET,
+                                 EventKind.MANIFEST_DELETE)),
+                            key=lambda w: (w.stamp, w.kind.value, w.tag))
+            last = writes[-1] if writes else None
+            soft = last is not None and last.kind is EventKind.MANIFEST_DELETE and any(
+                e.recycled for n in self.cluster.running()
+                for e in n.registry.meta.read_log(0, 1 << 30)
+                if e.kind is EventKind.MANIFEST_DELETE and stamp_of(e) == last.stamp)
+            bins = {}
+            for node in self.cluster.running():
+                entry = node.registry.bin.manifest(repo, digest)
+                bins[node.name] = None if entry is None else (stamp_of(entry), entry.tags)
+            expected = {n for n in bins if n in raced.holders} if soft else set()
+            kept = {n for n, e in bins.items() if e is not None}
+            if not (expected <= kept <= set(bins) if soft else not kept) or any(
+                    bins[n][0] != last.stamp for n in kept) or len({bins[n] for n in kept}) > 1:
+                problems.append(f"{repo}@{digest}: last write {last} (soft: {soft}); bins "
+                                f"{bins}, nodes that held it {sorted(raced.holders)}")
+                for n in self.cluster.running():  # what each node applied of it
+                    problems.append(f"  {n.name} log: " + "; ".join(
+                        f"#{e.seq} {e.kind.value} {stamp_of(e)} rec={e.recycled} {e.tag}"
+                        for e in n.registry.meta.read_log(0, 1 << 30) if e.digest == digest))
+        assert not problems, "recycle bins disagree with the model:\n" + "\n".join(problems)
+
+    async def _verify_clean(self) -> None:
+        """``georeg verify`` over every running node finds nothing."""
+        started = time.monotonic()
+        report = await verify([NodeTarget(n.name, n.region, n.url, n.zone, n.data_dir)
+                               for n in self.cluster.running()],
+                              policy=self.cluster.residency, timeout=30)
+        ReplicationMachine.restore_cost["verify"] += time.monotonic() - started
+        assert report.error is None and not report.divergences, report.as_dict()
+
+    @precondition(lambda self: len(self.raced) < RACES_PER_EXAMPLE)
+    @rule(data=st.data(), rival=st.sampled_from(["delete", "delete", "re-push"]))
+    def delete_racing_restore(self, data, rival: str) -> None:
+        """Issue 19's race: a soft delete in one region, a restore of the same
+        manifest in another that has not heard of it — or a restore racing a
+        push of another image by its tag (see ``_restore_race``). Both write the
+        same register (the restore as the push it amounts to), so the later
+        stamp wins everywhere: live with its tags, or deleted and in every bin.
+        At most ``RACES_PER_EXAMPLE`` times per example: a race costs a heal and
+        a wait for the image to reach every node, and Hypothesis's swarm
+        (which enables a random subset of rules per example) would otherwise
+        draw it tens of times in some runs."""
+        started = time.monotonic()
+        try:
+            self._restore_race(data, rival)
+        finally:
+            ReplicationMachine.restore_cost["race"] += time.monotonic() - started
+
     # -- rules: faults -----------------------------------------------------------
 
     @rule(pair=st.sampled_from([(a, b) for a in REGIONS for b in REGIONS if a != b]),
@@ -738,6 +924,8 @@ class ReplicationMachine(RuleBasedStateMachine):
         else:
             self.run(self.cluster.crash(name))
         self.down.append(name)
+        for raced in self.raced:      # what it held may be lost (a power cut)
+            raced.holders.discard(name)
         if name in ZONES:
             self.run(self._zones_settled())
 
@@ -891,6 +1079,11 @@ class ReplicationMachine(RuleBasedStateMachine):
             raise AssertionError(f"locks not kept everywhere: expected {expected_locks}, "
                                  f"held {seen}") from None
         await self._step_invariants(probe_manifests=True)
+        if self.raced:
+            self._bins_agree()
+            if self.verified < len(self.raced):      # once after each race
+                await self._verify_clean()
+            self.verified = len(self.raced)
 
 
 @pytest.mark.hypothesis
@@ -900,6 +1093,8 @@ def test_replication_state_machine() -> None:
     loop = LoopThread()
     ReplicationMachine.loop = loop
     ReplicationMachine.locks_tried = {True: 0, False: 0}
+    ReplicationMachine.restores_tried = {True: 0, False: 0}
+    ReplicationMachine.restore_cost = {"race": 0.0, "verify": 0.0}
     try:
         run_state_machine_as_test(ReplicationMachine, settings=settings(
             max_examples=scaled(16), stateful_step_count=scaled_steps(25), deadline=None,
@@ -908,6 +1103,10 @@ def test_replication_state_machine() -> None:
         loop.close()
         tried = ReplicationMachine.locks_tried
         print(f"lock_racing_push: {tried[True]} locks applied, {tried[False]} met no tag")
+        tried = ReplicationMachine.restores_tried
+        print(f"delete_racing_restore: {tried[True]} restores applied, "
+              f"{tried[False]} found nothing to restore; "
+              + ", ".join(f"{s:.1f}s {k}" for k, s in ReplicationMachine.restore_cost.items()))
 
 
 def test_model_replays_in_stamp_order() -> None:

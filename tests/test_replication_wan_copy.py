@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import pytest
-import pytest_asyncio
 
 from registry_node.records import NodeIdentity
 from replicator.errors import Outcome, ReplicationError
@@ -43,7 +41,7 @@ from replicator.topology import Peer, ReplicationSettings, wan_receiver
 from replicator.transfer import HeldBlob, HeldBlobs, HeldBroken
 
 from .helpers import digest_of, eventually, make_image, push_image
-from .replication_harness import InProcessCluster
+from .replication_harness import InProcessCluster, module_cluster
 
 # The cluster is the module's: its tests run in the module's event loop.
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -56,17 +54,7 @@ ZONES = ("1", "2", "3")
 SETTINGS = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.0)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def cluster(tmp_path_factory):
-    async with InProcessCluster(tmp_path_factory.mktemp("wancopy"), TOPOLOGY,
-                                settings=SETTINGS) as c:
-        yield c
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http():
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
+cluster, http = module_cluster("wancopy", TOPOLOGY, SETTINGS)
 
 
 async def _pullable(http, node, repo: str, tag: str, image) -> bool:

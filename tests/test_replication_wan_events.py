@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import shutil
 
-import aiohttp
 import msgspec
 import pytest
-import pytest_asyncio
 
 from cluster.faults.verify import NodeTarget, verify
 from replicator import subscription as subscription_module
@@ -46,7 +44,7 @@ from replicator.runtime import Replication
 from replicator.topology import Peer, ReplicationSettings, event_receiver
 
 from .helpers import eventually, make_image, push_image
-from .replication_harness import InProcessCluster
+from .replication_harness import InProcessCluster, module_cluster
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -56,17 +54,7 @@ SETTINGS = ReplicationSettings(anti_entropy_interval_s=3600, quorum_timeout_s=5.
 RECEIVER = f"westeurope-{event_receiver(ZONES, 'eastus')}"
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def cluster(tmp_path_factory):
-    async with InProcessCluster(tmp_path_factory.mktemp("wanevents"), TOPOLOGY,
-                                settings=SETTINGS) as c:
-        yield c
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http():
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
+cluster, http = module_cluster("wanevents", TOPOLOGY, SETTINGS)
 
 
 def _siblings() -> list[str]:

@@ -22,7 +22,7 @@ from cluster.control.errors import ClusterError
 from cluster.control.repositories import _request
 from cluster.testing import RunningCluster
 
-from .helpers import make_image, push_image
+from .helpers import Skopeo, make_image, push_image
 from .test_cluster import georeg
 
 REPO = "cli/locks"
@@ -250,3 +250,56 @@ async def test_a_node_answer_that_is_not_json_is_a_502_not_bad_input(tmp_path):
         assert not isinstance(caught.value, ValueError)
     finally:
         await runner.cleanup()
+
+
+def test_soft_delete_update_delete_list_deleted_restore_then_skopeo_pulls(c, tmp_path):
+    """``georeg registry soft-delete update`` (bad days refused, exit 2, the
+    policy unchanged), ``repository delete --image`` into the bin,
+    ``list-deleted`` showing it with both its tags, ``restore`` refused (exit
+    2) while one of them names another image, then forced, bringing both back,
+    and skopeo pulling the image again. The policy is off
+    again at the end (the cluster is the module's)."""
+    repo = "cli/softdelete"
+    digest = push(c, repo, 40, "v1", "v2")
+    policy = georeg("registry", "soft-delete", "show", data_dir=c.data_dir)
+    assert policy.returncode == 0, policy.stderr
+    before = json.loads(policy.stdout)
+    assert before["status"] == "disabled", before
+    for days, says in (("0", "days are 1 to 90, not 0"), ("91", "days are 1 to 90, not 91"),
+                       ("x", "'x' is not a whole number of days")):
+        done = georeg("registry", "soft-delete", "update", "--status", "enabled",
+                      "--days", days, data_dir=c.data_dir)
+        assert done.returncode == 2 and says in done.stderr, (days, done.stderr)
+    after = georeg("registry", "soft-delete", "show", data_dir=c.data_dir)
+    assert json.loads(after.stdout) == before, "a refused update changed the policy"
+
+    done = georeg("registry", "soft-delete", "update", "--status", "enabled", "--days", "3",
+                  data_dir=c.data_dir)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"status": "enabled", "retentionDays": 3}
+    try:
+        ok(c, "delete", "--image", f"{repo}:v1", "--yes")
+        assert ok(c, "show-manifests", "--name", repo) == []
+        binned = ok(c, "list-deleted", "--name", repo, "--json")
+        assert [(m["digest"], m["tags"]) for m in binned["manifests"]] == [
+            (digest, ["v1", "v2"])], binned
+        assert binned["manifests"][0]["purgeTime"] > binned["manifests"][0]["deletedTime"]
+        refused(c, "restore", "--image", f"{repo}:nosuchtag", says="not in the recycle bin")
+        # v2 names another image since: refused (a 409, exit 2) unless forced.
+        other = push(c, repo, 41, "v2")
+        refused(c, "restore", "--image", f"{repo}:v1", says="names another manifest")
+
+        out = ok(c, "restore", "--image", f"{repo}:v1", "--force")
+        assert out.splitlines() == [f"restored {repo}@{digest}; tags restored: v1, v2",
+                                    f"moved v2 back from {other}"], out
+        assert ok(c, "list-deleted", "--name", repo, "--json")["manifests"] == []
+        skopeo = Skopeo(tmp_path / "skopeo", c.endpoint("eastus").removeprefix("http://"),
+                        cluster=c)
+        asyncio.run(skopeo.copy(skopeo.ref(f"{repo}:v2"), f"oci:{tmp_path / 'pulled'}:v2",
+                                "--preserve-digests"))
+        index = json.loads((tmp_path / "pulled" / "index.json").read_text())
+        assert [m["digest"] for m in index["manifests"]] == [digest]
+    finally:
+        done = georeg("registry", "soft-delete", "update", "--status", "disabled",
+                      data_dir=c.data_dir)
+        assert done.returncode == 0, done.stderr

@@ -586,7 +586,7 @@ async def test_a_declined_hand_over_gives_its_read_token_back(node_process, http
 
         before = await read_tokens()
         async with http.get(f"{proxy.url}/v2/handed/app/blobs/{digest}") as r:
-            assert r.status == 500          # the HTTP chain's answer to a corrupt blob
+            assert r.status == 404          # the HTTP chain's answer to a corrupt blob
         spent = before - await read_tokens()
         assert 0.5 < spent < 1.5, spent     # one token (refill adds 0.01 a second)
         assert proxy.handed_over == 0

@@ -31,6 +31,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from registry_node.clock import offset_bracket
+
 from .floor import NS_PER_MS
 
 PROBES = 7
@@ -77,7 +79,8 @@ async def bracket(node: str, node_wall_ns: Callable[[], Awaitable[int]],
         received = time.time_ns()
         if not wall:
             return None
-        lo, hi = max(lo, wall - received), min(hi, wall - sent)
+        low, high = offset_bracket(sent, wall, received)
+        lo, hi = max(lo, low), min(hi, high)
     return ClockBracket(node, lo, hi, probes)
 
 

@@ -43,20 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_dir(c)
     c.set_defaults(func=command(run_create))
 
-    c = commands.add_parser("list", help="list cache rules")
-    c.add_argument("--json", action="store_true", help="print JSON")
-    add_data_dir(c)
-    c.set_defaults(func=command(run_list))
-
-    c = commands.add_parser("show", help="show one cache rule (JSON)")
-    _add_name(c, "cache rule")
-    add_data_dir(c)
-    c.set_defaults(func=command(run_show))
-
-    c = commands.add_parser("delete", help="delete a cache rule (what it cached stays)")
-    _add_name(c, "cache rule")
-    add_data_dir(c)
-    c.set_defaults(func=command(run_delete))
+    _add_list_show_delete(commands, "cache-rules", "cache rule", _RULE_COLUMNS,
+                          delete_help="delete a cache rule (what it cached stays)")
 
 
 def register_credential_set(sub: argparse._SubParsersAction) -> None:
@@ -83,20 +71,39 @@ def register_credential_set(sub: argparse._SubParsersAction) -> None:
     add_data_dir(c)
     c.set_defaults(func=command(run_update_credential_set))
 
-    c = commands.add_parser("list", help="list credential sets (never a password)")
+    _add_list_show_delete(commands, "credential-sets", "credential set", _SET_COLUMNS,
+                          list_help="list credential sets (never a password)",
+                          show_help="show one credential set (JSON, no password)",
+                          delete_help="delete a credential set no cache rule uses")
+
+
+# What the tables of ``list`` show: (heading, field of the API's answer).
+_RULE_COLUMNS = (("name", "name"), ("source", "sourceRepository"),
+                 ("target", "targetRepository"), ("credential set", "credentialSetName"),
+                 ("created", "creationDate"))
+_SET_COLUMNS = (("name", "name"), ("login server", "loginServer"),
+                ("username", "username"), ("created", "creationDate"))
+
+
+def _add_list_show_delete(commands: argparse._SubParsersAction, base: str, what: str,
+                          columns: tuple[tuple[str, str], ...], *, delete_help: str,
+                          list_help: str = "", show_help: str = "") -> None:
+    """``list``, ``show`` and ``delete`` of the objects at ``/georeg/v1/<base>``:
+    the same three commands for cache rules and credential sets."""
+    c = commands.add_parser("list", help=list_help or f"list {what}s")
     c.add_argument("--json", action="store_true", help="print JSON")
     add_data_dir(c)
-    c.set_defaults(func=command(run_list_credential_sets))
+    c.set_defaults(func=command(lambda args: _run_list(args, base, columns)))
 
-    c = commands.add_parser("show", help="show one credential set (JSON, no password)")
-    _add_name(c, "credential set")
+    c = commands.add_parser("show", help=show_help or f"show one {what} (JSON)")
+    _add_name(c, what)
     add_data_dir(c)
-    c.set_defaults(func=command(run_show_credential_set))
+    c.set_defaults(func=command(lambda args: _run_show(args, base)))
 
-    c = commands.add_parser("delete", help="delete a credential set no cache rule uses")
-    _add_name(c, "credential set")
+    c = commands.add_parser("delete", help=delete_help)
+    _add_name(c, what)
     add_data_dir(c)
-    c.set_defaults(func=command(run_delete_credential_set))
+    c.set_defaults(func=command(lambda args: _run_delete(args, base)))
 
 
 def _add_name(p: argparse.ArgumentParser, what: str) -> None:
@@ -141,29 +148,6 @@ def run_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_list(args: argparse.Namespace) -> int:
-    rules = call(data_dir_of(args), "GET", _path("cache-rules"))
-    if args.json:
-        _print(rules)
-        return 0
-    table = Table("name", "source", "target", "credential set", "created")
-    for r in rules:
-        table.add_row(r["name"], r["sourceRepository"], r["targetRepository"],
-                      r["credentialSetName"] or "", r["creationDate"] or "")
-    Console().print(table)
-    return 0
-
-
-def run_show(args: argparse.Namespace) -> int:
-    _print(call(data_dir_of(args), "GET", _path("cache-rules", args.name)))
-    return 0
-
-
-def run_delete(args: argparse.Namespace) -> int:
-    call(data_dir_of(args), "DELETE", _path("cache-rules", args.name))
-    return 0
-
-
 def run_create_credential_set(args: argparse.Namespace) -> int:
     body = {"name": args.name, "loginServer": args.login_server, "username": args.username,
             "password": _password(args, required=True)}
@@ -178,23 +162,23 @@ def run_update_credential_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_list_credential_sets(args: argparse.Namespace) -> int:
-    sets = call(data_dir_of(args), "GET", _path("credential-sets"))
+def _run_list(args: argparse.Namespace, base: str, columns: tuple[tuple[str, str], ...]) -> int:
+    objects = call(data_dir_of(args), "GET", _path(base))
     if args.json:
-        _print(sets)
+        _print(objects)
         return 0
-    table = Table("name", "login server", "username", "created")
-    for s in sets:
-        table.add_row(s["name"], s["loginServer"], s["username"], s["creationDate"] or "")
+    table = Table(*(heading for heading, _ in columns))
+    for o in objects:
+        table.add_row(*(o[field] or "" for _, field in columns))
     Console().print(table)
     return 0
 
 
-def run_show_credential_set(args: argparse.Namespace) -> int:
-    _print(call(data_dir_of(args), "GET", _path("credential-sets", args.name)))
+def _run_show(args: argparse.Namespace, base: str) -> int:
+    _print(call(data_dir_of(args), "GET", _path(base, args.name)))
     return 0
 
 
-def run_delete_credential_set(args: argparse.Namespace) -> int:
-    call(data_dir_of(args), "DELETE", _path("credential-sets", args.name))
+def _run_delete(args: argparse.Namespace, base: str) -> int:
+    call(data_dir_of(args), "DELETE", _path(base, args.name))
     return 0

@@ -20,6 +20,7 @@ from rich.table import Table
 from registry_node.tiers import TIERS, format_size
 from registry_node.untagged import MAX_DAYS, MIN_DAYS, check_days
 
+from . import soft_delete
 from .common import add_data_dir, call, command, data_dir_of
 
 _BOOL = ("true", "false")
@@ -90,6 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="print the raw JSON answer")
     add_data_dir(c)
     c.set_defaults(func=command(run_registry_check_health))
+
+    soft_delete.register(commands)
 
 
 def _register_retention(commands: argparse._SubParsersAction) -> None:

@@ -1,4 +1,4 @@
-"""``georeg repository list|show|show-tags|show-manifests|update|untag|delete``:
+"""``georeg repository list|show|show-tags|show-manifests|update|untag|delete|list-deleted|restore``:
 the registry's repositories, after ``az acr repository``, through the
 management API, which asks every region (``cluster.control.repositories``):
 content pushed in a confined region never leaves it, so no single replica
@@ -103,6 +103,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     add_data_dir(c)
     c.set_defaults(func=command(run_repository_delete))
+    c = commands.add_parser(
+        "list-deleted", help="soft-deleted manifests and tags (the recycle bin)",
+        description="What soft delete keeps of a repository (az acr manifest list-deleted and "
+                    "list-deleted-tags): each deleted manifest with the tags it had, each "
+                    "untagged tag with the digest it named, when it was deleted and when it will "
+                    "be purged. From the first region that holds a bin of it; every region "
+                    "holds the same one (a confined repository's only in its region).")
+    c.add_argument("--name", "-n", required=True, metavar="REPOSITORY")
+    c.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    add_data_dir(c)
+    c.set_defaults(func=command(run_repository_list_deleted))
+    c = commands.add_parser(
+        "restore", help="bring a soft-deleted manifest or tag back",
+        description="Restore from the recycle bin (az acr manifest restore): R@digest brings back "
+                    "the manifest and every tag it had; R:T the manifest most recently deleted "
+                    "with tag T, with all its tags (or T alone if it was untagged). A tag that "
+                    "names another manifest since the delete is never moved silently: the "
+                    "restore is refused (exit status 2, nothing changed) unless --force, which "
+                    "moves it back. The restore replicates to every region.")
+    c.add_argument("--name", "-n", metavar="REPOSITORY", help="the repository (or give --image)")
+    c.add_argument("--image", required=True, metavar="REPOSITORY:TAG|REPOSITORY@DIGEST")
+    c.add_argument("--force", action="store_true",
+                   help="move back tags that name another manifest since the delete")
+    add_data_dir(c)
+    c.set_defaults(func=command(run_repository_restore))
 
 
 _ORDERS = ("time_desc", "time_asc")
@@ -281,6 +306,37 @@ def _delete_image(args: argparse.Namespace) -> int:
     result = _checked(call(data_dir_of(args), "DELETE",
                            f"/georeg/v1/repositories/{repository}/_images/{reference}"))
     print(f"deleted {repository}@{result['manifestDeleted']} and every tag on it")
+    return 0
+
+
+def run_repository_list_deleted(args: argparse.Namespace) -> int:
+    answer = _checked(call(data_dir_of(args), "GET",
+                           f"/georeg/v1/repositories/{args.name}/_deleted"))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    table = Table("kind", "digest", "tags", "deleted", "purged after")
+    for m in answer["manifests"]:
+        table.add_row("manifest", m["digest"], ", ".join(m["tags"]), m["deletedTime"],
+                      m["purgeTime"])
+    for t in answer["tags"]:
+        table.add_row("tag", t["digest"], t["name"], t["deletedTime"], t["purgeTime"])
+    Console().print(table)
+    return 0
+
+
+def run_repository_restore(args: argparse.Namespace) -> int:
+    repository, _, reference = _image(args.image)
+    if args.name and args.name != repository:
+        raise CliError(f"--name {args.name} and --image {args.image} name different repositories")
+    path = f"/georeg/v1/repositories/{repository}/_restore/{reference}"
+    result = _checked(call(data_dir_of(args), "POST", path + ("?force=true" if args.force else "")))
+    what = f"{repository}@{result['digest']}" if result["manifestRestored"] else "tags of " \
+        f"{repository}@{result['digest']}"
+    tags = ", ".join(result["tagsRestored"]) or "none"
+    print(f"restored {what}; tags restored: {tags}")
+    for tag, before in result["tagsMoved"].items():
+        print(f"moved {tag} back from {before}")
     return 0
 
 

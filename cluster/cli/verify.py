@@ -29,12 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "against what it stores, that every served manifest is complete (its blobs "
                     "and child manifests answer 200 with the right size), and residency on "
                     "disk (no blob file, metadata key or log event of content confined to "
-                    "another region). Names every divergence. Exit 0: clean; 1: divergent; "
+                    "another region), and bit rot each node found: repaired from a replica, or "
+                    "quarantined and unrepairable. Names every divergence. Exit 0: clean; 1: divergent; "
                     "2: cannot check (fewer than two nodes up, cluster not running, timeout).")
     add_data_dir(p)
     p.add_argument("--json", action="store_true", help="the full report, machine-readable")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="give up (exit 2) after this many seconds (default 60)")
+    p.add_argument("--scrub", action="store_true",
+                   help="first have every node read and authenticate its stored blobs "
+                        "(at most 1 GiB each, at 64 MiB/s), repairing any that rotted")
     p.set_defaults(func=command(run_verify))
 
 
@@ -52,7 +56,7 @@ def run_verify(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
     report = asyncio.run(verify(targets_from_status(status), policy=spec.residency_policy(),
                                 timeout=args.timeout, headers=headers,
-                                tls=cluster_tls(data_dir)))
+                                tls=cluster_tls(data_dir), scrub=args.scrub))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -77,6 +81,15 @@ def _print(report) -> None:
             table.add_row(node, str(c["repositories"]), str(c["tags"]), str(c["manifests"]),
                           str(c["blobs"]))
         console.print(table)
+    if report.repairs:
+        table = Table("node", "repaired", "unrepairable", "quarantined", "scrubbed",
+                      title="Bit rot", title_justify="left")
+        for node, r in report.repairs.items():
+            scrub = r.get("scrub")
+            table.add_row(node, _digests(r["repaired"]), _digests(r["unrepairable"]),
+                          str(r["quarantined"]),
+                          f"{scrub['checked']} blob(s)" if scrub else "—")
+        console.print(table)
     if report.divergences:
         console.print(f"[bold]{len(report.divergences)} divergence(s)[/]")
     for d in report.divergences:
@@ -90,6 +103,11 @@ def _print(report) -> None:
             console.print(f"    at {escape(d.location)}", soft_wrap=True)
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
+
+
+def _digests(entries: list[dict]) -> str:
+    return "\n".join(escape(e["digest"][:19] + "…" + (f" from {e['source']}" if e.get("source")
+                                                      else "")) for e in entries) or "—"
 
 
 def _show(value: object) -> str:

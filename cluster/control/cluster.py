@@ -53,7 +53,7 @@ import shutil
 import socket
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -103,6 +103,10 @@ from .tls import ClusterTls
 from .webhooks import RegistryWebhooks, delivering_node, masked
 
 log = structlog.get_logger("georeg.cluster")
+
+RegistryChanges = Callable[[str, dict], Awaitable[dict | None]]
+"""``changes(home, current)`` of ``Cluster.update_registry_object``: the fields
+of the registry object to set, or None to write nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +200,8 @@ class Cluster:
         # The retention policy for untagged manifests, and its sweeps (``run``,
         # from the start to the stop).
         self.lifecycle = RegistryLifecycle(
-            home=self._control_plane, reader=self._config_reader, current=self._current_registry,
-            write=lambda home, value: self._node_call(home, "PUT", "/registry/default", value),
-            lock=self.access.lock, plan=lambda: self.plan,
+            update=self.update_registry_object, reader=self._config_reader,
+            current=self._current_registry, plan=lambda: self.plan,
             regions=lambda: [r.region for r in self.spec.all_replicas],
             home_region=lambda: self.spec.home_region, tier=lambda: self.tier,
             answers=self.answers, request=self._node_request)
@@ -313,27 +316,27 @@ class Cluster:
         ``update_registry`` checks it (``sku.refusals``): refused, the start
         fails with the reasons and nothing is written. Home unreachable: the
         saved spec's tier holds until it returns."""
+        async def recorded_tier(home: str, current: dict) -> dict | None:
+            stored = current.get("sku") or ""
+            if stored and stored != self.spec.tier:
+                self._adopt_tier(stored)
+            elif not stored and self.spec.tier != tiers.DEFAULT_TIER:
+                state = await self._tier_state(
+                    home, tiers.DEFAULT_TIER, self.spec.tier,
+                    bool(current.get("anonymous_pull_enabled")))
+                reasons = skus.refusals(tiers.DEFAULT_TIER, self.spec.tier, state)
+                if reasons:
+                    raise Conflict(
+                        skus.refusal_message(tiers.DEFAULT_TIER, self.spec.tier, reasons)
+                        + f" (the spec says tier = {self.spec.tier!r}; this registry "
+                        f"recorded no tier, so it has run as {tiers.DEFAULT_TIER}: start "
+                        f"it with that tier, then change it with `georeg registry update "
+                        f"--sku`)")
+                return {"name": self.spec.registry, "sku": self.spec.tier}
+            return None
+
         try:
-            async with self.tier_lock, self.access.lock, self.webhooks.lock:
-                home = await self._control_plane()
-                current = await self._current_registry(home)
-                stored = current.get("sku") or ""
-                if stored and stored != self.spec.tier:
-                    self._adopt_tier(stored)
-                elif not stored and self.spec.tier != tiers.DEFAULT_TIER:
-                    state = await self._tier_state(
-                        home, tiers.DEFAULT_TIER, self.spec.tier,
-                        bool(current.get("anonymous_pull_enabled")))
-                    reasons = skus.refusals(tiers.DEFAULT_TIER, self.spec.tier, state)
-                    if reasons:
-                        raise Conflict(
-                            skus.refusal_message(tiers.DEFAULT_TIER, self.spec.tier, reasons)
-                            + f" (the spec says tier = {self.spec.tier!r}; this registry "
-                            f"recorded no tier, so it has run as {tiers.DEFAULT_TIER}: start "
-                            f"it with that tier, then change it with `georeg registry update "
-                            f"--sku`)")
-                    await self._node_call(home, "PUT", "/registry/default", {
-                        **current, "name": self.spec.registry, "sku": self.spec.tier})
+            await self.update_registry_object(recorded_tier)
         except ControlPlaneUnavailable as exc:       # a restart with home down
             log.warning("tier_not_checked", tier=self.spec.tier, error=str(exc))
 
@@ -677,11 +680,12 @@ class Cluster:
                            "" if n.healthy else down_reason(n.state, n.reason), n.plan.copy_of)
                 for n in self.supervisor.nodes.values()]
 
-    async def verify(self, timeout: float = 60.0, disk: bool = True) -> VerifyReport:
+    async def verify(self, timeout: float = 60.0, disk: bool = True,
+                     scrub: bool = False) -> VerifyReport:
         """``georeg verify`` on this cluster (see ``cluster.faults.verify``)."""
         return await verify(self.verify_targets(), policy=self.spec.residency_policy(),
                             timeout=timeout, disk=disk, headers=self.internal_headers(),
-                            tls=self.tls.client if self.tls is not None else None)
+                            tls=self.tls.client if self.tls is not None else None, scrub=scrub)
 
     # -- management -------------------------------------------------------------------
 
@@ -835,6 +839,37 @@ class Cluster:
                 raise
             return {}
 
+    async def registry_object(self) -> dict:
+        """The registry object (``registry/default``: its switches, tier and
+        policies, ``RegistryProperties``) as the home region holds it; ``{}``
+        if it was never written."""
+        return await self._current_registry(await self._control_plane())
+
+    async def update_registry_object(self, changes: RegistryChanges,
+                                     then: Callable[[dict], None] | None = None) -> dict:
+        """Change fields of the registry object through the home region (every
+        node holds it) — the one read-modify-write of it, so that no two
+        changes (the tier, the admin user, a policy) overwrite each other: the
+        tier's, access's and webhooks' locks are held throughout (whatever is
+        counted against the tier is created under one of them).
+
+        ``changes(home, current)`` returns the fields to set (the rest keep
+        their values), or None to write nothing; it may await checks and raise
+        to refuse, and then nothing is written. ``then(written)`` runs after
+        the write, still under the locks. Returns the object as written (or
+        as it was, if nothing was)."""
+        async with self.tier_lock, self.access.lock, self.webhooks.lock:
+            home = await self._control_plane()
+            current = await self._current_registry(home)
+            changed = await changes(home, current)
+            if changed is None:
+                return current
+            value = {**current, **changed}
+            await self._node_call(home, "PUT", "/registry/default", value)
+            if then is not None:
+                then(value)
+            return value
+
     @property
     def tier(self) -> str:
         """The registry's live tier: what the home region last recorded
@@ -873,12 +908,13 @@ class Cluster:
             target = tiers.canonical(sku)
             if target is None:
                 raise ClusterError(f"sku {sku[:32]!r} is not one of {', '.join(tiers.TIERS)}")
-        # Whatever is counted against the tier is created under one of these
-        # locks (replicas under the first): the check and the change cannot
-        # interleave with one.
-        async with self.tier_lock, self.access.lock, self.webhooks.lock:
-            home = await self._control_plane()
-            current = await self._current_registry(home)
+        # Whatever is counted against the tier is created under one of the
+        # locks ``update_registry_object`` holds (replicas under the tier's):
+        # the check and the change cannot interleave with one.
+        new_spec = None
+
+        async def switched(home: str, current: dict) -> dict:
+            nonlocal new_spec
             tier = target or self.tier
             anonymous = anonymous_pull_enabled if anonymous_pull_enabled is not None \
                 else bool(current.get("anonymous_pull_enabled"))
@@ -886,7 +922,6 @@ class Cluster:
                     and not tiers.limits(tier).anonymous_pull:
                 raise ClusterError(f"anonymous pull needs the Standard or Premium tier; this "
                                    f"registry is {tier}")
-            new_spec = None
             if target is not None and target != self.tier:
                 state = await self._tier_state(home, self.tier, target, anonymous)
                 reasons = skus.refusals(self.tier, target, state)
@@ -897,9 +932,13 @@ class Cluster:
                                                anonymous_pull_enabled=anonymous_pull_enabled)
             if target is not None:
                 value["sku"] = target
-            await self._node_call(home, "PUT", "/registry/default", value)
+            return value
+
+        def adopted(_written: dict) -> None:
             if new_spec is not None:
-                self._adopt_tier(target, new_spec)
+                self._adopt_tier(new_spec.tier, new_spec)
+
+        await self.update_registry_object(switched, adopted)
         return await self.registry_properties()
 
     async def _tier_state(self, home: str, current: str, target: str,
@@ -1173,6 +1212,15 @@ def _display(progress: ReplicaProgress, nodes: list[NodeRuntime]) -> tuple[str, 
         return "Unavailable", (f"replica is unavailable: {_zones([n.plan.zone for n in down])} "
                                f"of {len(nodes)} are down ({_states(down)})")
     message = _progress_message(progress)
+    clocks = {n.name: n.info.get("clock") or {} for n in nodes if n.healthy}
+    skewed = [name for name, clock in clocks.items() if clock.get("skewed")]
+    if skewed:
+        # The node's own verdict (registry_node.clock), not re-derived here.
+        resume = [f"{name} in {clocks[name]['writes_resume_in_s']:.0f}s" for name in skewed
+                  if clocks[name].get("writes_resume_in_s")]
+        message = (f"clock skewed on {', '.join(skewed)}: writes refused there"
+                   f"{' (they resume ' + ', '.join(resume) + ')' if resume else ''}, reads go "
+                   f"on (`georeg fault list`, docs/faults.md); {message}")
     if down:
         zones = _zones([n.plan.zone for n in down])   # only a zone-redundant replica has some up
         # The nodes say whether they can reach a write quorum; not re-derived here.

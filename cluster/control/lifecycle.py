@@ -4,9 +4,11 @@ retention show|update`` manage it, and the sweeps that apply it.
 registry retention`` are layers over it.
 
 The policy is registry configuration (``RegistryProperties.retention_*``):
-an update is checked here (days 0 to 365: ``registry_node.untagged``), then
-written through a node of the home region, which checks it again, stamps it
-and logs it; replication takes it to every node. While the home region cannot
+an update is checked here (days 0 to 365: ``registry_node.untagged``; the
+Premium tier, inside the registry object's one read-modify-write,
+``Cluster.update_registry_object``, so a move of the tier cannot come
+between), then written through a node of the home region, which checks it
+again, stamps it and logs it; replication takes it to every node. While the home region cannot
 be reached an update fails with the control plane's message; ``show`` answers
 from any node. Enabling a disabled policy records when
 (``retention_enabled_ns``, this process's clock, which is the nodes' wall
@@ -36,7 +38,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -49,6 +51,9 @@ from .regions import REGIONS
 from .schedules import iso
 from .tls import client_context
 from .webhooks import delivery_order
+
+if TYPE_CHECKING:                      # a Cluster hands its method in; it imports this module
+    from .cluster import RegistryChanges
 
 log = structlog.get_logger("georeg.lifecycle")
 
@@ -81,29 +86,26 @@ def check_update(days: object, status: object) -> None:
 
 
 class RegistryLifecycle:
-    """``home`` returns the home node to write through (or raises
-    ``ControlPlaneUnavailable``); ``reader`` a node to read from; ``current``
-    the stored registry object on a node; ``write`` stores a new one (under
-    the lock of whoever else writes it: ``lock``); ``plan``/``regions`` the
-    cluster's plan and replica regions, ``home_region`` its home region;
-    ``tier`` the live tier; ``answers`` whether a node answers; ``request`` a
-    node's own route."""
+    """``update`` is the registry object's one read-modify-write
+    (``Cluster.update_registry_object``: under the locks a move of the tier
+    takes too); ``reader`` a node to read from; ``current`` the stored
+    registry object on a node; ``plan``/``regions`` the cluster's plan and
+    replica regions, ``home_region`` its home region; ``tier`` the live tier;
+    ``answers`` whether a node answers; ``request`` a node's own route;
+    ``wall_ns`` the clock that dates an enabling (the nodes' wall clock)."""
 
-    def __init__(self, *, home: Callable[[], Awaitable[str]],
+    def __init__(self, *, update: Callable[[RegistryChanges], Awaitable[dict]],
                  reader: Callable[[], Awaitable[str]],
                  current: Callable[[str], Awaitable[dict]],
-                 write: Callable[[str, dict], Awaitable[dict]],
-                 lock: asyncio.Lock,
                  plan: Callable[[], object], regions: Callable[[], list[str]],
                  home_region: Callable[[], str], tier: Callable[[], str],
                  answers: Callable[[str], Awaitable[bool]], request: NodeCall,
                  wall_ns: Callable[[], int] = time.time_ns) -> None:
-        self._home, self._reader, self._current, self._write = home, reader, current, write
-        self.lock = lock
+        self._update, self._reader, self._current = update, reader, current
         self._plan, self._regions, self._home_region = plan, regions, home_region
         self._tier = tier
         self._answers, self._request = answers, request
-        self._wall_ns = wall_ns          # when a policy is enabled (the nodes' clock in tests)
+        self._wall_ns = wall_ns
         self.last_sweep: dict[str, dict] = {}     # region → its last sweep's report (or error)
 
     # -- the policy ------------------------------------------------------------------
@@ -117,23 +119,25 @@ class RegistryLifecycle:
         """``az acr config retention update --days --status``: what is given
         changes, the rest keeps its value; nothing changes on a refusal."""
         check_update(days, status)
-        async with self.lock:
-            # Under the lock a move of the tier also takes: none can come between.
+
+        async def changes(_home: str, current: dict) -> dict:
+            # Checked inside the read-modify-write a move of the tier makes
+            # too (under the same locks): none can come between.
             if status == "enabled" and self._tier() != tiers.PREMIUM:
                 raise ClusterError(f"a retention policy needs the Premium tier, as in ACR; this "
                                    f"registry is {self._tier()} (georeg registry update --sku "
                                    f"Premium)")
-            home = await self._home()
-            value = dict(await self._current(home))
+            value: dict = {}
             if days is not None:
                 value["retention_days"] = days
             if status is not None:
                 enabled = status == "enabled"
-                if enabled and not value.get("retention_enabled"):
+                if enabled and not current.get("retention_enabled"):
                     value["retention_enabled_ns"] = self._wall_ns()
                 value["retention_enabled"] = enabled
-            await self._write(home, value)
-        return retention_view(value)
+            return value
+
+        return retention_view(await self._update(changes))
 
     # -- sweeps ------------------------------------------------------------------------
 

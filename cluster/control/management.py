@@ -23,6 +23,10 @@ which other processes find it.
     GET    /georeg/v1/repositories/{name}/acr/_tags|_manifests[?orderby&n&last&stamp]
                                                   ACR's listings with times and attributes
     DELETE /georeg/v1/repositories/{name}/_untag/{tag}  remove the tag only
+    GET    /georeg/v1/repositories/{name}/_deleted  soft delete's recycle bin (az acr manifest
+                                                  list-deleted, list-deleted-tags)
+    POST   /georeg/v1/repositories/{name}/_restore/{tag|digest}[?force=true]
+                                                  az acr manifest restore (registry_node.recycle_bin)
     DELETE /georeg/v1/repositories/{name}/_images/{tag|digest}
                                                   delete the manifest and every tag on it (ACR);
                                                   ``_`` because no component of a repository
@@ -53,6 +57,10 @@ which other processes find it.
                                                   and next time (``schedules``)
     POST   /georeg/v1/schedules/{name}/run        run one now: its run ({"started", "ended",
                                                   "result", "detail"})
+    GET    /georeg/v1/registry/soft-delete        az acr config soft-delete show: {"status":
+                                                  "enabled"|"disabled", "retentionDays"}
+    PATCH  /georeg/v1/registry/soft-delete        {"status", "retentionDays": 1..90}, written at
+                                                  home (``cluster.control.soft_delete``)
     GET    /georeg/v1/registry/usages             az acr show-usage: {"value": [{name,
                                                   currentValue, limit, unit}], "storage",
                                                   "replicas"} (``cluster.control.usage``)
@@ -142,6 +150,7 @@ from registry_node.errors import RegistryError
 from registry_node.reference import is_digest, validate_name
 
 from ..faults.controller import FaultError
+from . import soft_delete
 from .access import authorization, owner_credential_path
 from .errors import ClusterError, NotFound
 from .health import check_health
@@ -254,6 +263,8 @@ class ManagementServer:
         # The actions start with ``_``, which no component of a repository
         # name can: ``…/team/images/base`` is the repository team/images/base.
         r.add_delete("/georeg/v1/repositories/{name:.+}/_untag/{tag}", self.untag)
+        r.add_get("/georeg/v1/repositories/{name:.+}/_deleted", self.list_deleted)
+        r.add_post("/georeg/v1/repositories/{name:.+}/_restore/{reference}", self.restore)
         r.add_delete("/georeg/v1/repositories/{name:.+}/_images/{reference}", self.delete_image)
         r.add_delete("/georeg/v1/repositories/{name:.+}", self.delete_repository)
         r.add_post("/georeg/v1/imports", self.import_image)
@@ -263,6 +274,8 @@ class ManagementServer:
         r.add_patch("/georeg/v1/registry/retention", self.update_retention)
         r.add_get("/georeg/v1/schedules", self.list_schedules)
         r.add_post("/georeg/v1/schedules/{name}/run", self.run_schedule)
+        r.add_get("/georeg/v1/registry/soft-delete", self.show_soft_delete)
+        r.add_patch("/georeg/v1/registry/soft-delete", self.update_soft_delete)
         r.add_get("/georeg/v1/registry/usages", self.show_usage)
         r.add_get("/georeg/v1/registry/health", self.check_health)
         r.add_get("/georeg/v1/registry/credentials", self.show_credentials)
@@ -744,6 +757,26 @@ class ManagementServer:
         if status == 202:
             answer = {"repository": name, "manifestDeleted": digest}
         return _node_answer(status, answer)
+
+    async def list_deleted(self, request: web.Request) -> web.Response:
+        """Soft delete's recycle bin of a repository, from the first region holding one."""
+        name = validate_name(request.match_info["name"])
+        return _node_answer(*await self.repositories.on_data_plane(
+            name, "GET", f"/acr/v1/{name}/_deleted"))
+
+    async def restore(self, request: web.Request) -> web.Response:
+        """Restore from the first region whose bin holds the reference; it replicates."""
+        name = validate_name(request.match_info["name"])
+        reference = quote(request.match_info["reference"], safe=":")
+        force = request.query.get("force", "false")
+        return _node_answer(*await self.repositories.on_data_plane(
+            name, "POST", f"/acr/v1/{name}/_deleted/{reference}?force={quote(force)}"))
+
+    async def show_soft_delete(self, request: web.Request) -> web.Response:
+        return web.json_response(await soft_delete.show(self.cluster))
+
+    async def update_soft_delete(self, request: web.Request) -> web.Response:
+        return web.json_response(await soft_delete.update(self.cluster, await _json(request)))
 
     async def import_image(self, request: web.Request) -> web.Response:
         return web.json_response(await self.imports.run(import_request(await _json(request))))

@@ -79,7 +79,8 @@ async def node_usage(http: aiohttp.ClientSession, name: str, url: str) -> dict:
 
 def storage_of(answer: Mapping) -> StorageUsage:
     return StorageUsage(answer["blob_bytes"], answer["blobs"], answer["manifest_bytes"],
-                        answer["manifests"])
+                        answer["manifests"], answer.get("recycled_bytes", 0),  # older nodes:
+                        answer.get("recycled", 0))                             # no bins
 
 
 def registry_size(home: str, regions: Iterable[str], by_region: Mapping[str, StorageUsage],

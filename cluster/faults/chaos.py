@@ -91,7 +91,8 @@ from registry_node.errors import Outcome
 from replicator.residency import ResidencyPolicy
 
 from ..control.access import AdminLogin
-from .controller import KINDS
+from ..network.links import link_seed
+from .controller import KINDS, SEEDED_KINDS
 
 SCENARIOS = Path(__file__).parent / "scenarios"    # the scenarios that ship with georeg
 MAX_WORKERS = 16
@@ -540,7 +541,7 @@ class ChaosRun:
         return login.headers()
 
     async def _faults(self, session) -> None:
-        for step in self.steps:
+        for index, step in enumerate(self.steps):
             delay = step.at_s - self.obs.now()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -551,6 +552,8 @@ class ChaosRun:
                     await self._api(session, "DELETE", path)
                 else:
                     body = {"kind": step.kind, **step.arguments}
+                    if step.kind in SEEDED_KINDS:   # their draws replay with the run's seed
+                        body.setdefault("seed", link_seed(self.seed, step.kind, str(index)))
                     fault = await self._api(session, "POST", "/georeg/v1/faults", body)
                     entry["fault"] = fault["id"]
                     entry["description"] = fault["description"]

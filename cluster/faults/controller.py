@@ -6,13 +6,29 @@ Kinds (each optionally healing itself after a duration):
     zone-outage REGION ZONE --mode crash|stop|isolate  one zone node
     partition A B [--one-way]                          links between two regions cut
     link A B --latency/--jitter/--bandwidth/--reset-prob/--stall
+             --loss/--corrupt/--duplicate/--reorder [--seed]  lossy, per TCP segment
     routing REGION off                                 out of global routing, still syncing
-    disk REGION[/ZONE] --full | --slow MS              storage faults on nodes
+    disk REGION[/ZONE] --full | --slow MS | --eio read|write [--prob P]
+                                                       storage faults on nodes
+    bitrot REGION[/ZONE] [--blobs N] [--seed S] [--digest D]
+                                                       bytes flipped in stored blob files
     throttle REGION [--rate N/min] [--kind K]          429s past N requests a minute
     destroy REGION                                     data dirs wiped, restarted empty
+    http ENDPOINT --status S|--reset|--truncate-body [--prob P] [--method M]
+         [--path-regex RE] [--seed N]                  what clients meet at an endpoint
+    clock NODE|REGION[/ZONE] --offset S | --drift R    the node's wall clock runs off
+
+Disk faults compose per node like throttling faults: each node gets what
+all active disk faults on it add up to (full if any is; the largest delay;
+EIO probabilities combined as independent failures; the newest seed), sent
+again to a node the controller (re)starts. Bit rot is an act, not a standing
+fault: it is healed at once, and what the node does about it (quarantine,
+repair from a replica residency allows: ``registry_node.blob_repair``) is
+the node's; ``georeg verify`` reports it.
 
 Faults are applied only at the seams: node processes (signals), the WAN links
-(``cluster.network.links``), the routing layer, each node's storage fault seam,
+(``cluster.network.links``), the routing layer (routing flags, and HTTP
+faults at the endpoints: ``cluster.routing.http_faults``), each node's storage fault seam,
 and each node's throttle (``registry_node.throttle``).
 Link faults compose: every link's effective fault is recomputed from all active
 faults that touch it (cut if any cuts, latencies add, the lowest bandwidth
@@ -30,6 +46,14 @@ outage, destroying a region) while the fault is active. A throttling fault
 is applied on every node of the region or on none: if one node cannot take
 it, the nodes that took it are told their rates without it again.
 
+A clock fault skews one node's wall clock — every stamp it makes, its HLC's
+physical part included — by an offset and/or a drift rate counted from the
+fault's start (``PUT /georeg/v1/faults/clock``; ``registry_node.clock``). One
+clock fault per node at a time. Like a storage fault it lives in the node's
+memory and is sent again, with the same start, to a node the controller
+(re)starts, so the clock picks up where it was. Healing sets the clock right;
+what the node does about the stamps it made meanwhile is the node's.
+
 ``crash`` is SIGKILL; ``stop`` is SIGTERM (graceful); ``isolate`` keeps the
 processes alive and cuts every link to and from them, and clients can no
 longer reach them either (they leave routing and their regional endpoint
@@ -41,26 +65,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
 
+from registry_node.clock import skew_problem
 from registry_node.config import request_rate
 
 from ..control.regions import REGIONS, unknown_region_message
 from ..network.links import LinkFaults
+from ..routing.http_faults import ACTIONS as HTTP_ACTIONS
+from ..routing.http_faults import HttpFaultRule
 
 log = structlog.get_logger("georeg.faults")
 
 KINDS = ("region-outage", "zone-outage", "partition", "link", "routing", "disk", "throttle",
-         "destroy")
+         "destroy", "bitrot", "http", "clock")
+EIO_OPERATIONS = ("read", "write")
 MODES = ("crash", "stop", "isolate")
 # What a throttling fault may limit (registry_node.throttle.KINDS), and its default rate.
 REQUEST_KINDS = ("read", "write", "delete", "referrers")
 DEFAULT_THROTTLE_RATE = 60.0
+# Kinds whose random draws take a seed (a scenario gives each step one of its own).
+SEEDED_KINDS = ("link", "http")
+_HTTP_RULE_FIELDS = ("action", "status", "probability", "method", "path_regex", "seed")
 
 
 class FaultError(ValueError):
@@ -222,21 +255,32 @@ class FaultController:
 
     async def _inject_link(self, fault: Fault, a: str, b: str, latency_ms: float = 0.0,
                            jitter_ms: float = 0.0, bandwidth_mbps: float = 0.0,
-                           reset_probability: float = 0.0, stall: bool = False) -> None:
-        if not 0 <= reset_probability <= 1:
-            raise FaultError("reset probability must be between 0 and 1")
+                           reset_probability: float = 0.0, stall: bool = False,
+                           loss: float = 0.0, corrupt: float = 0.0, duplicate: float = 0.0,
+                           reorder: bool = False, seed: int | None = None) -> None:
+        lossy = {"reset probability": reset_probability, "loss": loss, "corrupt": corrupt,
+                 "duplicate": duplicate}
+        for name, p in lossy.items():
+            if not isinstance(p, int | float) or not 0 <= p <= 1:
+                raise FaultError(f"{name} must be a probability between 0 and 1, not {p!r}")
         if min(latency_ms, jitter_ms, bandwidth_mbps) < 0:
             raise FaultError("latency, jitter and bandwidth must not be negative")
-        if not (latency_ms or jitter_ms or bandwidth_mbps or reset_probability or stall):
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise FaultError(f"seed must be a non-negative integer, not {seed!r}")
+        if not (latency_ms or jitter_ms or bandwidth_mbps or reset_probability or stall
+                or loss or corrupt or duplicate or reorder):
             raise FaultError("say how to degrade the link: --latency, --jitter, --bandwidth, "
-                             "--reset-prob or --stall")
+                             "--reset-prob, --stall, --loss, --corrupt, --duplicate or --reorder")
         fault.links = self._links_between(self._nodes_in(a), self._nodes_in(b))
         fault.link_faults = LinkFaults(stall=stall, reset_probability=reset_probability,
                                        extra_latency_ms=latency_ms, extra_jitter_ms=jitter_ms,
-                                       bandwidth_mbps=bandwidth_mbps)
+                                       bandwidth_mbps=bandwidth_mbps, loss=loss, corrupt=corrupt,
+                                       duplicate=duplicate, reorder=reorder, seed=seed)
         parts = [f"+{latency_ms:g} ms" if latency_ms else "", f"±{jitter_ms:g} ms" if jitter_ms else "",
                  f"{bandwidth_mbps:g} Mbps" if bandwidth_mbps else "",
-                 f"resets {reset_probability:.0%}" if reset_probability else "", "stalled" if stall else ""]
+                 f"resets {reset_probability:.0%}" if reset_probability else "", "stalled" if stall else "",
+                 *_lossy_parts(loss, corrupt, duplicate, reorder),
+                 f"seed {seed}" if seed is not None else ""]
         fault.description = f"link {a} ↔ {b} degraded: {', '.join(p for p in parts if p)}"
 
     async def _inject_routing(self, fault: Fault, region: str, enabled: bool = False) -> None:
@@ -247,26 +291,116 @@ class FaultController:
         self.cluster.routing.set_routing(region, enabled)
         fault.description = f"global routing {'on' if enabled else 'off'} for {region} (it keeps syncing)"
 
-    async def _storage(self, nodes: list[str], body: dict) -> None:
+    async def _put_node(self, name: str, seam: str, body: dict, what: str, *,
+                        healing: bool = False) -> dict | None:
+        """Set a fault held in a node's memory (``PUT /georeg/v1/faults/<seam>``);
+        returns what the node answers. Healing (or undoing), a node that cannot
+        take it is passed over (None): down, it comes back without it, and a
+        node that refused it kept what it had."""
         session = await self._session_get()
-        for name in nodes:
-            url = self.cluster.node_url(name) + "/georeg/v1/faults/storage"
-            try:
-                async with session.put(url, json=body) as r:
-                    if r.status != 200:
-                        raise FaultError(f"{name} refused the storage fault: HTTP {r.status}")
-            except (aiohttp.ClientError, TimeoutError) as exc:
+        url = self.cluster.node_url(name) + f"/georeg/v1/faults/{seam}"
+        try:
+            async with session.put(url, json=body) as r:
+                if r.status != 200:
+                    raise FaultError(f"{name} refused the {what}: HTTP {r.status}")
+                return await r.json()
+        except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
+            if not healing:
+                if isinstance(exc, FaultError):
+                    raise
                 raise FaultError(f"{name} is unreachable: {exc}") from None
+            log.warning("fault_heal_failed", node=name, fault=what, error=str(exc))
+            return None
+
+    async def _put_node_state(self, nodes: list[str], seam: str,
+                              state_of: Callable[[str], dict], what: str, *,
+                              healing: bool = False) -> None:
+        """PUT to each node what its active faults of one kind add up to
+        (``state_of(node)``), through ``_put_node``."""
+        for name in nodes:
+            await self._put_node(name, seam, state_of(name), what, healing=healing)
+
+    async def _storage(self, nodes: list[str], *, healing: bool = False) -> None:
+        """Send each node what its active disk faults add up to."""
+        await self._put_node_state(nodes, "storage", self._storage_state,
+                                   "storage fault", healing=healing)
+
+    def _storage_state(self, node: str) -> dict:
+        """What the active disk faults on ``node`` add up to (see the module docstring)."""
+        state = {"full": False, "slow_ms": 0.0, "eio_read": 0.0, "eio_write": 0.0}
+        for fault in self.faults.values():
+            if fault.active and fault.kind == "disk" and node in fault.nodes:
+                t = fault.target
+                state["full"] = state["full"] or bool(t.get("full"))
+                state["slow_ms"] = max(state["slow_ms"], float(t.get("slow_ms") or 0.0))
+                if t.get("eio"):
+                    key = "eio_" + t["eio"]
+                    state[key] = 1 - (1 - state[key]) * (1 - t.get("probability", 1.0))
+                if t.get("seed") is not None:
+                    state["seed"] = t["seed"]
+        return state
 
     async def _inject_disk(self, fault: Fault, region: str, zone: str | None = None,
-                           full: bool = False, slow_ms: float = 0.0) -> None:
-        if not full and not slow_ms:
-            raise FaultError("say what is wrong with the disk: --full or --slow MS")
+                           full: bool = False, slow_ms: float = 0.0, eio: str | None = None,
+                           probability: float = 1.0, seed: int | None = None) -> None:
+        if not full and not slow_ms and not eio:
+            raise FaultError("say what is wrong with the disk: --full, --slow MS or --eio read|write")
+        if eio is not None and eio not in EIO_OPERATIONS:
+            raise FaultError(f"eio must be one of {', '.join(EIO_OPERATIONS)}, not {eio!r}")
+        if not 0 < probability <= 1:
+            raise FaultError("the probability of an I/O error must be above 0 and at most 1")
         nodes = [self._node(region, str(zone))] if zone else self._nodes_in(region)
         fault.nodes = nodes
-        await self._storage(nodes, {"full": full, "slow_ms": slow_ms})
-        what = "full" if full else f"slow (+{slow_ms:g} ms per write)"
+        if eio:
+            seed = fault.target["seed"] = _replayable(seed)
+        what = "full" if full else f"slow (+{slow_ms:g} ms per write)" if slow_ms else \
+            f"failing {eio}s with EIO" + (f" ({probability:.0%})" if probability < 1 else "") \
+            + f" (seed {seed})"
         fault.description = f"disk {what} on {', '.join(nodes)}"
+        # Counted as active while it is applied, so the state sent includes it.
+        self.faults[fault.id] = fault
+        try:
+            await self._storage(nodes)
+        except FaultError:
+            del self.faults[fault.id]
+            await self._storage(nodes, healing=True)
+            raise
+
+    async def _inject_bitrot(self, fault: Fault, region: str, zone: str | None = None,
+                             blobs: int = 1, seed: int | None = None,
+                             digests: list[str] | None = None) -> None:
+        if blobs < 1:
+            raise FaultError("bit rot needs at least one blob (--blobs N)")
+        if zone:
+            node = self._node(region, str(zone))
+        else:
+            nodes = self._nodes_in(region)
+            if len(nodes) > 1:
+                raise FaultError(f"{region} is zone redundant: name one zone's node, e.g. "
+                                 f"{region}/1 (bit rot strikes one disk)")
+            node = nodes[0]
+        fault.nodes = [node]
+        seed = fault.target["seed"] = _replayable(seed)
+        session = await self._session_get()
+        url = self.cluster.node_url(node) + "/georeg/v1/faults/bitrot"
+        try:
+            async with session.post(url, json={"blobs": blobs, "seed": seed,
+                                               **({"digests": digests} if digests else {})}) as r:
+                if r.status != 200:
+                    raise FaultError(f"{node} refused the bit rot: HTTP {r.status} "
+                                     f"{(await r.text())[:300]}")
+                answer = await r.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise FaultError(f"{node} is unreachable: {exc}") from None
+        rotted = answer["rotted"]
+        if answer.get("missing"):
+            raise FaultError(f"{node} stores no blob {', '.join(answer['missing'])}: "
+                             f"nothing rotted")
+        fault.target["rotted"] = rotted
+        digests = ", ".join(r["digest"][:19] + "…" for r in rotted) or "none: no blob stored"
+        fault.description = (f"bit rot on {node}: {len(rotted)} blob file(s) flipped "
+                             f"({digests}; seed {seed})")
+        fault.healed_at = time.time()  # nothing to heal: the node repairs what it finds
 
     async def _inject_throttle(self, fault: Fault, region: str,
                                rate_per_min: float = DEFAULT_THROTTLE_RATE,
@@ -303,29 +437,70 @@ class FaultController:
         return rates
 
     async def _apply_throttles(self, nodes: list[str], *, healing: bool = False) -> None:
-        """Send each node its throttling faults' rates. Healing (or undoing), a
-        node that cannot take them is passed over: down, it comes back
-        unthrottled, and a node that refused them kept what it had."""
-        session = await self._session_get()
-        for name in nodes:
-            url = self.cluster.node_url(name) + "/georeg/v1/faults/throttle"
-            try:
-                async with session.put(url, json=self._throttle_rates(name)) as r:
-                    if r.status != 200:
-                        raise FaultError(f"{name} refused the throttling fault: HTTP {r.status}")
-            except (aiohttp.ClientError, TimeoutError, FaultError) as exc:
-                if not healing:
-                    if isinstance(exc, FaultError):
-                        raise
-                    raise FaultError(f"{name} is unreachable: {exc}") from None
-                log.warning("throttle_heal_failed", node=name, error=str(exc))
+        """Send each node its throttling faults' rates (``_put_node_state``)."""
+        await self._put_node_state(nodes, "throttle", self._throttle_rates,
+                                   "throttling fault", healing=healing)
 
     async def _restarted(self, nodes: list[str]) -> None:
-        """Nodes just (re)started: those an active throttling fault covers get
-        its rates again (a fault lives in the node's memory)."""
+        """Nodes just (re)started: those an active throttling or disk fault
+        covers get it again, and a skewed clock its skew (a fault lives in the node's memory)."""
         throttled = [n for n in nodes if self._throttle_rates(n)]
         if throttled:
             await self._apply_throttles(throttled, healing=True)
+        broken = [n for n in nodes if any(f.active and f.kind == "disk" and n in f.nodes
+                                          for f in self.faults.values())]
+        if broken:
+            await self._storage(broken, healing=True)
+        for fault in self.faults.values():
+            if fault.active and fault.kind == "clock" and fault.nodes[0] in nodes:
+                await self._put_node(fault.nodes[0], "clock", self._clock_skew(fault),
+                                     "clock fault", healing=True)
+
+    # -- clocks ------------------------------------------------------------------------
+
+    def _one_node(self, where: str, zone: str | None = None) -> str:
+        """A node by name, a region's only node, or a zone of a region
+        (``zone``, or ``where`` as ``REGION/ZONE``)."""
+        if not zone:
+            where, _, zone = where.partition("/")
+        if zone:
+            return self._node(where, str(zone))
+        if any(n.name == where for n in self.cluster.plan.nodes):
+            return where
+        nodes = self._nodes_in(where)
+        if len(nodes) > 1:
+            raise FaultError(f"{where} is zone redundant: name one node ({', '.join(nodes)}) "
+                             f"or a zone, e.g. {where}/1")
+        return nodes[0]
+
+    async def _inject_clock(self, fault: Fault, node: str, zone: str | None = None,
+                            offset_s: float = 0.0, drift: float = 1.0) -> None:
+        try:
+            offset_s, drift = float(offset_s), float(drift)
+        except (TypeError, ValueError):
+            raise FaultError("offset_s and drift must be numbers") from None
+        problem = skew_problem(offset_s, drift)
+        if problem is not None:
+            raise FaultError(problem)
+        if not offset_s and drift == 1.0:
+            raise FaultError("say how the clock is off: --offset S (e.g. +300s, -2s) and/or "
+                             "--drift RATE (e.g. 1.5: 1.5 s pass per second)")
+        name = self._one_node(node, zone)
+        for other in self.faults.values():
+            if other.active and other.kind == "clock" and other is not fault and name in other.nodes:
+                raise FaultError(f"{name}'s clock is already skewed by {other.id}; heal it first")
+        fault.nodes = [name]
+        fault.target.update(offset_s=offset_s, drift=drift,
+                            since_ns=int(fault.started_at * 1e9))
+        await self._put_node(name, "clock", self._clock_skew(fault), "clock fault")
+        parts = [f"{offset_s:+g}s" if offset_s else "", f"drifting ×{drift:g}" if drift != 1.0 else ""]
+        fault.description = f"clock of {name} off: {', '.join(p for p in parts if p)}"
+
+    @staticmethod
+    def _clock_skew(fault: Fault) -> dict:
+        t = fault.target
+        return {"offset_s": t.get("offset_s", 0.0), "drift": t.get("drift", 1.0),
+                "since_ns": t["since_ns"]}
 
     async def _inject_destroy(self, fault: Fault, region: str) -> None:
         nodes = self._nodes_in(region)
@@ -338,6 +513,72 @@ class FaultController:
         await self._restarted(nodes)
         fault.description = f"{region} destroyed: data wiped, restarted empty ({', '.join(nodes)})"
         fault.healed_at = time.time()  # nothing to heal: it re-syncs by itself
+
+    def _endpoints(self, endpoint: str) -> list[tuple[str, str]]:
+        """The proxies ``endpoint`` names: ``global`` (every client location's),
+        ``global:REGION`` (one), ``REGION`` or ``regional:REGION`` (a regional one)."""
+        routing = self.cluster.routing
+        if routing is None:
+            raise FaultError("this cluster runs without routing endpoints")
+        kind, _, region = endpoint.rpartition(":")
+        if endpoint == "global":
+            keys = [k for k in routing.proxies if k[0] == "global"]
+        else:
+            keys = [(kind or "regional", region)] if (kind or "regional", region) in routing.proxies \
+                else []
+        if not keys:
+            names = ", ".join(sorted({"global"} | {f"{k}:{r}" for k, r in routing.proxies}))
+            raise FaultError(f"no endpoint {endpoint!r}; one of {names} (a bare region is its "
+                             "regional endpoint)")
+        return keys
+
+    async def _inject_http(self, fault: Fault, endpoint: str, action: str = "status",
+                           status: int = 503, probability: float = 1.0, method: str | None = None,
+                           path_regex: str | None = None, seed: int | None = None) -> None:
+        if action not in HTTP_ACTIONS:
+            raise FaultError(f"action must be one of {', '.join(HTTP_ACTIONS)}, not {action!r}")
+        keys = self._endpoints(str(endpoint))
+        rule = dict(action=action, status=status, probability=probability,
+                    method=method.upper() if isinstance(method, str) else method,
+                    path_regex=path_regex,
+                    seed=self.cluster.spec.seed if seed is None else seed)
+        try:
+            HttpFaultRule(fault.id, **rule)
+        except (ValueError, TypeError) as exc:
+            raise FaultError(str(exc)) from None
+        fault.target.update(rule, endpoints=[f"{k}:{r}" for k, r in keys])
+        what = {"status": f"HTTP {status}", "reset": "connection reset",
+                "truncate": "response bodies cut halfway"}[action]
+        scope = " ".join(x for x in (method and method.upper(), path_regex and f"~{path_regex}")
+                         if x) or "every request"
+        fault.description = (f"{endpoint} endpoint: {what} for {scope}"
+                             + (f", {probability:.0%} of them" if probability < 1 else ""))
+        self.faults[fault.id] = fault       # active while applied, as throttling
+        self._apply_http(keys)
+
+    def _apply_http(self, keys: list[tuple[str, str]] | None = None) -> None:
+        """Give each endpoint the rules of the active HTTP faults on it, in the
+        order they were injected."""
+        routing = self.cluster.routing
+        if routing is None:
+            return
+        for key in keys if keys is not None else list(routing.proxies):
+            proxy = routing.proxies.get(key)
+            if proxy is None:
+                continue
+            name = f"{key[0]}:{key[1]}"
+            proxy.http_faults.set_rules([
+                HttpFaultRule(f.id, **{k: f.target[k] for k in _HTTP_RULE_FIELDS})
+                for f in self.faults.values()
+                if f.active and f.kind == "http" and name in f.target["endpoints"]])
+
+    def http_injected(self) -> dict[str, int]:
+        """Requests each HTTP fault acted on, over every endpoint."""
+        counts: dict[str, int] = {}
+        for proxy in (self.cluster.routing.proxies.values() if self.cluster.routing else ()):
+            for fid, n in proxy.http_faults.injected.items():
+                counts[fid] = counts.get(fid, 0) + n
+        return counts
 
     # -- healing -------------------------------------------------------------------------
 
@@ -361,9 +602,17 @@ class FaultController:
         elif kind == "routing" and self.cluster.routing is not None:
             self.cluster.routing.set_routing(target["region"], target.get("previous", True))
         elif kind == "disk":
-            await self._storage(fault.nodes, {"full": False, "slow_ms": 0})
+            await self._storage(fault.nodes, healing=True)
         elif kind == "throttle":
             await self._apply_throttles(fault.nodes, healing=True)
+        elif kind == "http":
+            self._apply_http()
+        elif kind == "clock":
+            clock = await self._put_node(fault.nodes[0], "clock", {}, "clock fault", healing=True)
+            resume_s = (clock or {}).get("writes_resume_in_s")
+            if resume_s:    # it stamped writes while ahead: the node's own figure
+                fault.description += (f"; writes resume there in {resume_s:.0f}s, once its "
+                                      "clock has passed the stamps it made while ahead")
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()
@@ -377,6 +626,12 @@ class FaultController:
         return [f for f in self.faults.values() if f.active]
 
 
+def _replayable(seed: int | None) -> int:
+    """The seed a random fault runs with: the one given, or one picked now
+    (and then shown in the fault's description), so every run can be replayed."""
+    return seed if seed is not None else random.randrange(1 << 31)
+
+
 def _combine(a: LinkFaults, b: LinkFaults) -> LinkFaults:
     bandwidths = [x for x in (a.bandwidth_mbps, b.bandwidth_mbps) if x > 0]
     return LinkFaults(
@@ -387,5 +642,20 @@ def _combine(a: LinkFaults, b: LinkFaults) -> LinkFaults:
         extra_latency_ms=a.extra_latency_ms + b.extra_latency_ms,
         extra_jitter_ms=a.extra_jitter_ms + b.extra_jitter_ms,
         bandwidth_mbps=min(bandwidths) if bandwidths else 0.0,
+        # Independent losses compose as 1 - (1-a)(1-b); the first seed given wins.
+        loss=1 - (1 - a.loss) * (1 - b.loss),
+        corrupt=1 - (1 - a.corrupt) * (1 - b.corrupt),
+        duplicate=1 - (1 - a.duplicate) * (1 - b.duplicate),
+        reorder=a.reorder or b.reorder,
+        seed=a.seed if a.seed is not None else b.seed,
     )
+
+
+def _lossy_parts(loss: float, corrupt: float, duplicate: float, reorder: bool) -> list[str]:
+    """How a lossy link fault reads in ``georeg fault list`` (the model is
+    ``cluster.network.links``): what each does to the TCP streams it carries."""
+    return [f"loss {loss:.2%} of segments (retransmitted)" if loss else "",
+            f"corrupt {corrupt:.2%} of segments (bytes flipped)" if corrupt else "",
+            f"duplicate {duplicate:.2%} of segments (wire time only)" if duplicate else "",
+            "reorder (repaired by TCP: no effect on streams)" if reorder else ""]
 

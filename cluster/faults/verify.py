@@ -10,8 +10,12 @@ data dir, and names every divergence it finds:
   manifest's presence). Changeable attributes (locks) are registers too: every
   node holds, for the repository and each tag and manifest, the newest set
   residency lets reach it (a node without one where another has one
-  diverges). A manifest that a present index of the node needs is
-  kept whatever its deletes say, as replication keeps it. Unreferenced blob
+  diverges). Recycle bins too (soft delete): an entry is the state of its
+  register, so it must match the node's tombstone and the entry of every
+  other node holding the same delete, and nodes holding the same manifest
+  delete agree on whether it was soft. A manifest that a present index of
+  the node needs is kept whatever its deletes say, as replication keeps it.
+  Unreferenced blob
   links are not compared: each node's garbage collector reclaims them on its
   own schedule. Blobs are compared through the manifests that need them.
 * **Served and stored agree** — the catalog, each tags list, each tag's
@@ -28,6 +32,14 @@ data dir, and names every divergence it finds:
   its region; and on disk (blob files named by digest, and every key and log
   event of the metadata database, opened read-only beside the running node),
   no digest or repository that only content confined elsewhere explains.
+
+* **Bit rot** — what each node found rotten and did about it
+  (``GET /georeg/v1/blobs/repairs``, ``registry_node.blob_repair``): repaired
+  blobs are reported, not divergent; a blob whose rotten file was quarantined
+  and that no replica residency allows could replace is a ``rot``
+  divergence, with the node's reason. With ``scrub``, each node first reads
+  and authenticates its blobs (bounded, ``POST /georeg/v1/blobs/scrub``),
+  repairing what fails, so rot no client has met yet is found too.
 
 Nodes that are down, or stop answering during the check, are reported as
 not checked, never as divergent; fewer than two checked replica nodes make the
@@ -106,9 +118,12 @@ class Divergence:
     """One thing that is not as it should be, on one node.
 
     kind: ``tag`` | ``manifest`` | ``attributes`` (a register differs from
-    the write it should hold) | ``served`` (the API disagrees with storage) | ``incomplete`` (a
+    the write it should hold) | ``recycle bin`` (an entry that is not its
+    register's soft delete, or differs from another node's of the same one) | ``served`` (the API disagrees with storage) | ``incomplete`` (a
     served manifest lacks something it names) | ``storage`` (a blob record
-    without its file) | ``residency`` (data outside the regions it may be in).
+    without its file) | ``rot`` (a blob file that failed authentication, quarantined,
+    and no allowed replica could replace) | ``residency`` (data outside the
+    regions it may be in).
     """
 
     kind: str
@@ -135,6 +150,8 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     error: str | None = None         # why the check is inconclusive
     counts: dict[str, dict[str, int]] = field(default_factory=dict)   # per checked node
+    # Per checked node: bit rot repaired, unrepairable, quarantined (and the scrub's pass).
+    repairs: dict[str, dict] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
     @property
@@ -156,7 +173,8 @@ class VerifyReport:
             "status": self.status, "ok": self.ok, "error": self.error,
             "checked": self.checked, "not_checked": self.not_checked,
             "divergences": [d.as_dict() for d in self.divergences],
-            "notes": self.notes, "counts": self.counts, "elapsed_s": round(self.elapsed_s, 3),
+            "notes": self.notes, "counts": self.counts, "repairs": self.repairs,
+            "elapsed_s": round(self.elapsed_s, 3),
         }
 
 
@@ -181,7 +199,7 @@ def down_reason(state: str, reason: str | None) -> str:
 async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None = None,
                  timeout: float = 60.0, disk: bool = True,
                  headers: dict[str, str] | None = None,
-                 tls: ssl.SSLContext | None = None) -> VerifyReport:
+                 tls: ssl.SSLContext | None = None, scrub: bool = False) -> VerifyReport:
     """Check every live replica against the others (see the module docstring).
 
     ``nodes``: what to check (``Cluster.verify_targets`` for a cluster in this
@@ -189,7 +207,8 @@ async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None 
     ``policy``: the cluster's residency policy (default: Azure's). ``disk``:
     also walk the data dirs the targets name. ``headers``: what every request to a
     node carries (the internal credential of a cluster with auth); ``tls``: what
-    verifies nodes' certificates on a TLS cluster (the CA's context). Never raises for what it finds;
+    verifies nodes' certificates on a TLS cluster (the CA's context); ``scrub``:
+    have every node read and authenticate its blobs first. Never raises for what it finds;
     an inconclusive check is a report whose ``error`` says why."""
     started = time.monotonic()
     targets = list(nodes)
@@ -197,7 +216,7 @@ async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None 
     report = VerifyReport()
     try:
         async with asyncio.timeout(timeout):
-            await _verify(targets, policy, disk, report, headers or {}, tls)
+            await _verify(targets, policy, disk, report, headers or {}, tls, scrub)
     except TimeoutError:
         report.error = f"the check did not finish within {timeout:g}s (raise --timeout)"
     report.elapsed_s = time.monotonic() - started
@@ -206,7 +225,7 @@ async def verify(nodes: Iterable[NodeTarget], *, policy: ResidencyPolicy | None 
 
 async def _verify(targets: list[NodeTarget], policy: ResidencyPolicy, disk: bool,
                   report: VerifyReport, headers: dict[str, str],
-                  tls: ssl.SSLContext | None = None) -> None:
+                  tls: ssl.SSLContext | None = None, scrub: bool = False) -> None:
     live = [t for t in targets if t.healthy]
     for t in targets:
         if not t.healthy:
@@ -215,7 +234,8 @@ async def _verify(targets: list[NodeTarget], policy: ResidencyPolicy, disk: bool
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
     async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False, headers=headers,
                                      connector=aiohttp.TCPConnector(ssl=tls or True)) as http:
-        results = await asyncio.gather(*(_collect(http, t) for t in live), return_exceptions=True)
+        results = await asyncio.gather(*(_collect(http, t, scrub) for t in live),
+                                       return_exceptions=True)
     snapshots: list[Snapshot] = []
     for target, result in zip(live, results, strict=True):
         if isinstance(result, Snapshot):
@@ -235,6 +255,8 @@ async def _verify(targets: list[NodeTarget], policy: ResidencyPolicy, disk: bool
     for s in snapshots:
         report.divergences += s.problems
         report.counts[s.target.name] = s.counts
+        if s.repairs:
+            report.repairs[s.target.name] = s.repairs
     report.divergences += compare_registers(replicas, policy)
     report.divergences += register_residency(snapshots, policy)
     if disk:
@@ -295,6 +317,7 @@ class Snapshot:
     inventory: dict
     problems: list[Divergence] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    repairs: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -326,6 +349,15 @@ class _Node:
             async with method(self.url + path, headers=headers, allow_redirects=False) as r:
                 return r.status, await r.read(), dict(r.headers)
 
+    async def post(self, path: str) -> dict | None:
+        """POST ``{}`` to ``path``; its JSON answer, or None if it has no such route."""
+        async with self.gate, self.http.post(self.url + path, json={}) as r:
+            if r.status == 404:
+                return None
+            if r.status != 200:
+                raise _Unreachable(f"POST {path} answered {r.status}")
+            return await r.json()
+
     async def listing(self, path: str, field_name: str) -> list[str] | None:
         """A paginated OCI listing (``Link: rel="next"``); None on 404."""
         items: list[str] = []
@@ -341,8 +373,10 @@ class _Node:
         return items
 
 
-async def _collect(http: aiohttp.ClientSession, target: NodeTarget) -> Snapshot:
+async def _collect(http: aiohttp.ClientSession, target: NodeTarget,
+                   scrub: bool = False) -> Snapshot:
     node = _Node(http, target.url)
+    scrubbed = await node.post("/georeg/v1/blobs/scrub") if scrub else None
     status, body, _ = await node.get("/georeg/v1/inventory")
     if status != 200:
         raise _Unreachable(f"GET /georeg/v1/inventory answered {status}")
@@ -358,9 +392,15 @@ async def _collect(http: aiohttp.ClientSession, target: NodeTarget) -> Snapshot:
     repos = sorted(set(catalog) | set(snap.inventory["repositories"]))
     await asyncio.gather(*(_check_repository(node, snap, repo) for repo in repos))
     blobs, files = snap.inventory["blobs"], set(snap.inventory["blob_files"])
+    rotten = await _collect_repairs(node, snap, scrubbed, files)
     for digest in sorted(set(blobs) - files):
-        snap.problem("storage", "", "the node has a record of this blob but no file for it",
-                     digest=digest, expected="file", actual="missing")
+        if digest in rotten:
+            snap.problem("rot", "", f"the blob's file failed authentication and was "
+                         f"quarantined; not repaired: {rotten[digest]}",
+                         digest=digest, expected="file", actual="quarantined")
+        else:
+            snap.problem("storage", "", "the node has a record of this blob but no file for it",
+                         digest=digest, expected="file", actual="missing")
     inv = snap.inventory["repositories"]
     # What the node stores, counted from its records as its storage usage is
     # (``registry_node.usage``, ``georeg registry show-usage``): each blob once,
@@ -372,8 +412,34 @@ async def _collect(http: aiohttp.ClientSession, target: NodeTarget) -> Snapshot:
         "blobs": len(blobs), "blob_files": len(files),
         "blob_bytes": sum(blobs.values()),
         "manifest_bytes": sum(m["size"] for r in inv.values() for m in r["manifests"].values()),
+        "recycled_bytes": sum(m["size"] for r in inv.values()
+                              for m in r.get("recycled_manifests", {}).values()),
     }
     return snap
+
+
+async def _collect_repairs(node: _Node, snap: Snapshot, scrubbed: dict | None,
+                           files: set[str]) -> dict[str, str]:
+    """What the node found rotten and did about it, into ``snap.repairs``;
+    returns the digests whose file is still missing after it, with why."""
+    status, body, _ = await node.get("/georeg/v1/blobs/repairs")
+    if status != 200:
+        return {}
+    found = json.loads(body)
+    open_ = {r["digest"]: r.get("detail") or r["state"]
+             for r in found["unrepairable"] + found["failed"] + found["repairing"]}
+    for q in found["quarantine"]:
+        if not q["blob_file_back"]:
+            open_.setdefault(q["digest"], "quarantined before the node's last start")
+    open_ = {d: why for d, why in open_.items() if d not in files}
+    if found["repaired"] or open_ or found["quarantine"] or scrubbed:
+        snap.repairs = {"repaired": [{k: r[k] for k in ("digest", "source") if k in r}
+                                     for r in found["repaired"]],
+                        "unrepairable": [{"digest": d, "reason": why} for d, why in open_.items()],
+                        "quarantined": len(found["quarantine"]), "totals": found["totals"]}
+        if scrubbed:
+            snap.repairs["scrub"] = {k: scrubbed[k] for k in ("checked", "bytes", "complete")}
+    return open_
 
 
 async def _check_repository(node: _Node, snap: Snapshot, repo: str) -> None:
@@ -579,7 +645,77 @@ def compare_registers(snapshots: list[Snapshot], policy: ResidencyPolicy) -> lis
                     digest=digest, expected="present" if winner.value else "absent",
                     actual="present" if held else "absent", source=winner.node.name))
         out += _compare_attributes(snapshots, policy, repo)
+        out += compare_bins(snapshots, policy, repo)
     return out
+
+
+_BIN_PARTS = (("recycled_manifests", "deleted_manifests", "manifest"),
+              ("recycled_tags", "deleted_tags", "tag"))
+
+
+def compare_bins(snapshots: list[Snapshot], policy: ResidencyPolicy,
+                 repo: str) -> list[Divergence]:
+    """The recycle bins of ``repo`` (``registry_node.recycle_bin``). An entry
+    is the state of its register: a node holds one only while the register's
+    write there is the soft delete the entry records (same stamp), and every
+    node that holds that write holds the same entry — a tag's always, a
+    manifest's where the node has one (a node that never held the body keeps
+    none, a documented gap; the registers' comparison above already makes
+    every node hold the same delete, and its tombstone says whether it was
+    soft: nodes holding the same one must agree on that)."""
+    out: list[Divergence] = []
+    tombs = sorted({d for s in snapshots for d in s.repo(repo).get("deleted_manifests", {})})
+    for digest in tombs:
+        held = {s.name: s.repo(repo).get("deleted_manifests", {}).get(digest) for s in snapshots}
+        for s in snapshots:
+            mine = held[s.name]
+            if mine is None:
+                continue
+            for other, theirs in held.items():
+                if theirs is not None and _stamp(theirs) == _stamp(mine) and \
+                        _softness(theirs) != _softness(mine):
+                    out.append(_bin_divergence(
+                        s, repo, "manifest", digest, f"holds the same delete as {other}, "
+                        "which says otherwise whether it was soft", _softness(theirs),
+                        _softness(mine), other))
+                    break
+    for bin_part, tomb_part, what in _BIN_PARTS:
+        names = sorted({n for s in snapshots for n in s.repo(repo).get(bin_part, {})})
+        for name in names:
+            entries = {s.name: s.repo(repo).get(bin_part, {}).get(name) for s in snapshots}
+            for s in snapshots:
+                entry = entries[s.name]
+                tomb = s.repo(repo).get(tomb_part, {}).get(name)
+                if entry is not None and (tomb is None or _stamp(tomb) != _stamp(entry)):
+                    out.append(_bin_divergence(
+                        s, repo, what, name, "holds a recycle bin entry of a delete that is "
+                        "not the register's write here", entry, tomb, None))
+                    continue
+                if tomb is None:
+                    continue
+                due = [(n, e) for n, e in entries.items() if e is not None and n != s.name
+                       and _stamp(e) == _stamp(tomb)
+                       and policy.allows(_stamp(e)[1], repo, s.region)]
+                if not due or (entry is None and what == "manifest"):
+                    continue
+                source, expected = due[0]
+                if entry != expected:
+                    out.append(_bin_divergence(
+                        s, repo, what, name, f"holds the same delete as {source} but not the "
+                        "same recycle bin entry", expected, entry, source))
+    return out
+
+
+def _softness(tomb: dict) -> dict:
+    return {"recycled": tomb.get("recycled", False), "tags": tomb.get("recycled_tags", [])}
+
+
+def _bin_divergence(s: Snapshot, repo: str, what: str, name: str, detail: str,
+                    expected: object, actual: object, source: str | None) -> Divergence:
+    return Divergence("recycle bin", s.name, s.region, repo, f"the {what} {detail}",
+                      tag=name if what == "tag" else None,
+                      digest=name if what == "manifest" else None,
+                      expected=expected, actual=actual, source=source)
 
 
 def _compare_attributes(snapshots: list[Snapshot], policy: ResidencyPolicy,

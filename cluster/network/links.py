@@ -13,13 +13,44 @@ target. Each direction of each connection is shaped separately:
   direction is cut, new ones refused — the listening socket closes),
   ``stall`` (open connections stay open and new ones are accepted, but
   nothing is delivered until it heals), resets with a probability per chunk,
-  and added latency or a lower bandwidth on top of the model. Faults change
-  at run time; healing restores the model.
+  added latency or a lower bandwidth on top of the model, and a lossy or
+  corrupting path (``SegmentFates``: per TCP segment, see below). Faults
+  change at run time; healing restores the model.
+
+A link carries TCP streams, so packet-level faults are modelled as what
+they do to a stream's consumer (``SegmentFates``; docs/faults.md, "Lossy
+links"): segment *n* of a direction of a connection is its bytes from
+``n × MSS``, whatever chunks they are read in, and
+
+* a **lost** segment is retransmitted: the chunk holding its start (and, in
+  order, everything after it) arrives later by one RTT of the link when
+  three or more segments follow it (fast retransmit: in its chunk, or in
+  chunks sent before the timeout), else by a retransmission timeout,
+  ``RTT + MIN_RTO`` (Linux's ``SRTT + max(4 RTTVAR, 200 ms)`` on a path
+  without variance); several losses in one chunk are recovered together
+  (SACK), so the chunk pays the longest. Loss also caps the rate at Reno's
+  steady state (Mathis et al.): ``MSS × 1.22 / (RTT × √loss)``: what halving
+  windows costs a bulk transfer;
+* a **duplicated** segment costs its wire time again (the receiver's TCP
+  drops the copy: its consumer never sees it);
+* **reordering** is repaired by the receiver's TCP: no effect at this layer,
+  and none is modelled (accepted so a fault written for netem reads the same);
+* a **corrupted** segment is one whose damage TCP's 16-bit checksum missed
+  (what netem's ``corrupt`` produces is caught by it and is a loss): one
+  byte of it is XORed with a non-zero mask, and the consumer reads it.
+  Content is checked end to end (blobs and manifests by digest, replication
+  messages by ``replicator.wire.integrity``), so a flipped byte fails a
+  transfer, which is retried, and is never stored.
 
 Randomness (jitter, resets) comes from an injected ``random.Random``. In a
 cluster, each link's is seeded with ``link_seed(cluster seed, source, target)``:
 the same seed gives every link the same sequence of draws, whatever order the
-links were created in and whatever traffic the other links carry.
+links were created in and whatever traffic the other links carry. A lossy
+fault with a seed of its own draws each direction of each connection's
+segment fates from ``link_seed(fault seed, link name, "segments N
+DIRECTION")`` (N numbers the link's connections): the same seed and fault
+give the same decision for the n-th segment of a connection's traffic,
+however its bytes were read.
 
 The bytes move at the ``asyncio.Protocol`` level: each chunk read is stamped
 with its delivery time and queued, and one loop timer per direction writes
@@ -37,6 +68,8 @@ import asyncio
 import bisect
 import contextlib
 import hashlib
+import itertools
+import math
 import random
 import socket
 from collections import deque
@@ -66,6 +99,13 @@ _WRITE_HIGH_WATER = 256 * 1024
 LATENESS_BOUNDS_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500,
                       1000, 2000)
 _LATENESS_BOUNDS_S = tuple(b / 1000 for b in LATENESS_BOUNDS_MS)
+# A TCP segment's payload on a 1500-byte MTU path (what a lossy link counts in).
+MSS = 1448
+# Linux's minimum retransmission timeout, over the smoothed RTT: a lost segment
+# with too few behind it to draw three duplicate ACKs waits RTT + this.
+MIN_RTO_S = 0.2
+# Reno's steady-state constant: rate ≤ MSS × C / (RTT × √loss) (Mathis et al. 1997).
+_MATHIS_C = 1.22
 # Loop timers may round to the millisecond: aim this much after a chunk is due,
 # so that none is ever delivered before its time.
 _TIMER_MARGIN_S = 0.0005
@@ -91,10 +131,111 @@ class LinkFaults:
     extra_latency_ms: float = 0.0
     extra_jitter_ms: float = 0.0
     bandwidth_mbps: float = 0.0      # a cap on top of the model; 0 = none
+    # A lossy or corrupting path, per TCP segment (``SegmentFates``).
+    loss: float = 0.0
+    corrupt: float = 0.0
+    duplicate: float = 0.0
+    reorder: bool = False            # accepted; nothing to model above TCP
+    seed: int | None = None          # the segments' fates (None: the link's own draws)
 
     @property
     def any(self) -> bool:
         return self != LinkFaults()
+
+    @property
+    def lossy(self) -> bool:
+        return bool(self.loss or self.corrupt or self.duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFate:
+    """What a lossy path does to one chunk: ``delay_s`` of retransmissions
+    (the worst of its losses), ``tail``: if a loss has too few segments
+    behind it for a fast retransmit, how many more must follow (the flow
+    shortens ``delay_s`` to a fast retransmit if they do before it is due),
+    ``wire_bytes`` it occupies (duplicates included), ``flips``: (offset,
+    XOR mask) of each byte corrupted, and how many segments were lost,
+    corrupted (``len(flips)``) and duplicated."""
+
+    delay_s: float = 0.0
+    tail: int = 0
+    segments: int = 0
+    wire_bytes: int = 0
+    flips: tuple[tuple[int, int], ...] = ()
+    lost: int = 0
+    duplicated: int = 0
+
+    def apply(self, data: bytes) -> bytes:
+        if not self.flips:
+            return data
+        out = bytearray(data)
+        for offset, mask in self.flips:
+            out[offset] ^= mask
+        return bytes(out)
+
+
+# Duplicate ACKs that trigger a fast retransmit (RFC 5681).
+_DUPACKS = 3
+
+
+class SegmentFates:
+    """Draws the fate of each TCP segment of one direction of one connection:
+    IO-free, and a function of its ``rng`` and the stream's bytes alone, not
+    of how they were read: segment *n* is the stream's bytes from ``n × MSS``
+    (counted from where this started), and it belongs to the chunk holding
+    its first byte. Hits are drawn as geometric gaps (one draw per hit, not
+    per segment) and carried across chunks, as is a flipped byte that lands
+    past the end of the chunk holding its segment's start. Each kind draws
+    from its own generator (seeded from ``rng``), and the flips from one
+    more, so no sequence depends on where chunks end."""
+
+    __slots__ = ("_rngs", "offset", "_next", "_flips")
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rngs = {kind: random.Random(rng.getrandbits(64))
+                      for kind in ("loss", "duplicate", "corrupt", "flip")}
+        self.offset = 0                        # stream bytes seen
+        self._next: dict[str, int] = {}        # per kind, the next segment it hits
+        self._flips: list[tuple[int, int]] = []   # (stream offset, mask) still ahead
+
+    def chunk(self, size: int, faults: LinkFaults, rtt_s: float) -> ChunkFate:
+        start, end = self.offset, self.offset + size
+        self.offset = end
+        first, last = -(-start // MSS), -(-end // MSS)      # segments starting in the chunk
+        lost = self._hits("loss", faults.loss, first, last)
+        duplicated = self._hits("duplicate", faults.duplicate, first, last)
+        flip = self._rngs["flip"]
+        for n in self._hits("corrupt", faults.corrupt, first, last):
+            self._flips.append((n * MSS + flip.randrange(MSS), flip.randrange(1, 256)))
+        flips = tuple((at - start, mask) for at, mask in self._flips if at < end)
+        self._flips = [(at, mask) for at, mask in self._flips if at >= end]
+        delay, tail = 0.0, 0
+        if lost:
+            behind = last - 1 - lost[-1]        # segments behind the last loss, in this chunk
+            # A fast retransmit costs a round trip; a timeout, Linux's RTO:
+            # SRTT + max(4 RTTVAR, 200 ms), the path's variance taken as nil.
+            delay = rtt_s if behind >= _DUPACKS else rtt_s + MIN_RTO_S
+            tail = max(0, _DUPACKS - behind)
+        return ChunkFate(delay, tail, last - first, size + len(duplicated) * MSS, flips,
+                         len(lost), len(duplicated))
+
+    def _hits(self, kind: str, p: float, first: int, last: int) -> list[int]:
+        """The segments in ``[first, last)`` an event of probability ``p`` hits."""
+        if p <= 0 or first >= last:
+            return []
+        if p >= 1:
+            return list(range(first, last))
+        log_miss, rng = math.log1p(-p), self._rngs[kind]
+        hit = self._next.get(kind)
+        if hit is None:
+            hit = first + int(math.log(1.0 - rng.random()) / log_miss)
+        hits = []
+        while hit < last:                       # bounded: hit grows by ≥ 1 each turn
+            if hit >= first:
+                hits.append(hit)
+            hit += 1 + int(math.log(1.0 - rng.random()) / log_miss)
+        self._next[kind] = hit
+        return hits
 
 
 class DeliveryStats:
@@ -164,7 +305,8 @@ class _Flow:
     ``queue`` until due, then go to ``sink``; ``b""`` is the end of stream."""
 
     __slots__ = ("conn", "source", "sink", "queue", "buffered", "last_delivery",
-                 "wire_free_at", "timer", "reading_paused", "ended", "delivered")
+                 "wire_free_at", "timer", "reading_paused", "ended", "delivered",
+                 "popped", "fates", "fates_epoch", "tails")
 
     def __init__(self, conn: _Connection, source: _Side, sink: _Side) -> None:
         self.conn = conn
@@ -178,6 +320,13 @@ class _Flow:
         self.reading_paused = False
         self.ended = False          # the source's end is queued
         self.delivered = False      # ... and has reached the sink
+        self.popped = 0             # entries that left the queue (numbers its entries)
+        # A lossy link's draws for this direction (``Link.segment_fate``), and
+        # the losses waiting out a timeout unless enough segments follow them:
+        # [number of the chunk's entry, segments still needed], oldest first.
+        self.fates: SegmentFates | None = None
+        self.fates_epoch = -1
+        self.tails: list[list[int]] = []
 
     def add(self, deliver_at: float, data: bytes) -> None:
         self.last_delivery = deliver_at
@@ -190,6 +339,39 @@ class _Flow:
         else:
             self.ended = True
         self.schedule()
+
+    def recover(self, fast_at: float, segments: int) -> None:
+        """``segments`` more were sent behind the losses waiting out a
+        timeout: each that now has enough behind it is retransmitted on their
+        duplicate ACKs, and its chunk (and, in order, what is queued behind it
+        for its sake) is due at ``fast_at`` instead."""
+        waiting = []
+        moved = False
+        for tail in self.tails:                 # bounded: one per queued chunk
+            i = tail[0] - self.popped
+            if i < 0:
+                continue                        # delivered meanwhile
+            tail[1] -= segments
+            if tail[1] > 0:
+                waiting.append(tail)
+                continue
+            queue = self.queue
+            held_until = queue[i][0]
+            if fast_at >= held_until:
+                continue
+            for j in range(i, len(queue)):      # bounded by the queue
+                at, data = queue[j]
+                if at > held_until:
+                    break                       # late for its own reasons
+                queue[j] = (max(fast_at, queue[j - 1][0]) if j > i else fast_at, data)
+            moved = True
+        self.tails = waiting
+        if moved:
+            self.last_delivery = self.queue[-1][0]
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.schedule()
 
     def schedule(self) -> None:
         if self.timer is not None or not self.queue:
@@ -217,6 +399,7 @@ class _Flow:
         record = link.delivery.record
         while queue and queue[0][0] <= now:
             at, data = queue.popleft()
+            self.popped += 1
             if not data:
                 ended = True
                 break
@@ -244,6 +427,7 @@ class _Flow:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.popped += len(self.queue)
         self.queue.clear()
 
 
@@ -257,6 +441,7 @@ class _Connection:
         self.target = _Side(self)
         self.forward = _Flow(self, self.client, self.target)
         self.backward = _Flow(self, self.target, self.client)
+        self.ordinal = next(link.connections)   # names its lossy draws (``segment_fate``)
         self.connecting: asyncio.Task | None = None
         self.finished = False
 
@@ -306,12 +491,22 @@ class _Connection:
             link.resets += 1
             self.abort()
             return
+        fate = link.segment_fate(flow, len(data)) if faults.lossy else None
+        wire_bytes, retransmit_s = len(data), 0.0
+        if fate is not None:
+            data = fate.apply(data)
+            wire_bytes, retransmit_s = fate.wire_bytes, fate.delay_s
         rate = link._rate_bytes_per_s()
         if rate:  # serialise onto the wire at the link's rate
-            sent = flow.wire_free_at = max(now, flow.wire_free_at) + len(data) / rate
+            sent = flow.wire_free_at = max(now, flow.wire_free_at) + wire_bytes / rate
         else:
             sent = now
-        flow.add(max(sent + link._delay_s(), flow.last_delivery), data)
+        delay = link._delay_s()
+        if flow.tails and fate is not None:
+            flow.recover(sent + delay + link.rtt_s(), fate.segments)
+        flow.add(max(sent + delay + retransmit_s, flow.last_delivery), data)
+        if fate is not None and fate.tail:
+            flow.tails.append([flow.popped + len(flow.queue) - 1, fate.tail])
 
     def lost(self, side: _Side, exc: Exception | None) -> None:
         if self.finished:
@@ -378,6 +573,10 @@ class Link:
         self.rng = rng or random.Random()
         self.bytes_forwarded = 0
         self.resets = 0                 # connections the reset fault broke
+        # Segments a lossy fault lost (retransmitted), corrupted, duplicated.
+        self.segments = {"lost": 0, "corrupted": 0, "duplicated": 0}
+        self.connections = itertools.count()    # numbers the connections it carries
+        self._fates_epoch = 0                   # a lossy fault's draws start over when it changes
         self.delivery = DeliveryStats()
         self._server: asyncio.Server | None = None
         self._live: set[_Connection] = set()
@@ -396,7 +595,8 @@ class Link:
         lateness against the model."""
         queued = sum(c.forward.buffered + c.backward.buffered for c in self._live)
         return {"name": self.name, "bytes": self.bytes_forwarded, "queued_bytes": queued,
-                "resets": self.resets, **self.delivery.as_dict()}
+                "resets": self.resets, **{f"{k}_segments": n for k, n in self.segments.items()},
+                **self.delivery.as_dict()}
 
     async def start(self) -> Link:
         await self._listen(self._bind())
@@ -472,6 +672,8 @@ class Link:
         # process, which only a keepalive or a deadline notices.
         cut_now = (faults.cut_forward and not self.faults.cut_forward) or \
                   (faults.cut_backward and not self.faults.cut_backward)
+        if _lossy_of(faults) != _lossy_of(self.faults):
+            self._fates_epoch += 1              # each flow draws anew from its next segment
         self.faults = faults
         self.buffer_limit = self._buffer_limit()
         if cut_now:
@@ -494,6 +696,29 @@ class Link:
         self._live.clear()
 
     # -- shaping -------------------------------------------------------------------
+
+    def rtt_s(self) -> float:
+        """The round trip of a connection through this link: both directions
+        are shaped by it."""
+        return 2 * (self.model.latency_ms + self.faults.extra_latency_ms) / 1000.0
+
+    def segment_fate(self, flow: _Flow, size: int) -> ChunkFate:
+        """The fate of ``flow``'s next ``size`` bytes. Each direction of each
+        connection draws from its own ``random.Random``: with a seeded fault,
+        seeded from (seed, link, connection number, direction), so what the
+        n-th segment of a connection meets does not depend on the traffic of
+        any other, nor on how its bytes were read."""
+        if flow.fates is None or flow.fates_epoch != self._fates_epoch:
+            direction = "forward" if flow is flow.conn.forward else "backward"
+            seed = self.rng.getrandbits(64) if self.faults.seed is None else link_seed(
+                self.faults.seed, self.name, f"segments {flow.conn.ordinal} {direction}")
+            flow.fates, flow.fates_epoch = SegmentFates(random.Random(seed)), self._fates_epoch
+        fate = flow.fates.chunk(size, self.faults, self.rtt_s())
+        if fate.lost or fate.flips or fate.duplicated:
+            self.segments["lost"] += fate.lost
+            self.segments["corrupted"] += len(fate.flips)
+            self.segments["duplicated"] += fate.duplicated
+        return fate
 
     def _delay_s(self) -> float:
         latency = self.model.latency_ms + self.faults.extra_latency_ms
@@ -518,8 +743,16 @@ class Link:
                    max(MAX_BUFFERED, int(BUFFER_DELAYS * rate * delay_ms / 1000)))
 
     def _rate_bytes_per_s(self) -> float:
-        rates = [r for r in (self.model.bandwidth_mbps, self.faults.bandwidth_mbps) if r > 0]
-        return min(rates) * 1e6 / 8 if rates else 0.0
+        rates = [r * 1e6 / 8 for r in (self.model.bandwidth_mbps, self.faults.bandwidth_mbps)
+                 if r > 0]
+        rtt = self.rtt_s()
+        if self.faults.loss and rtt:    # what a loss rate leaves of a TCP flow (Reno)
+            rates.append(MSS * _MATHIS_C / (rtt * math.sqrt(self.faults.loss)))
+        return min(rates) if rates else 0.0
+
+
+def _lossy_of(faults: LinkFaults) -> tuple:
+    return faults.loss, faults.corrupt, faults.duplicate, faults.seed
 
 
 def _no_delay(transport: asyncio.BaseTransport) -> None:

@@ -44,6 +44,11 @@ Invariants
       registry's API. Any other path (a node's internal routes however the
       target spells them) gets the proxy's own ``404``, in its turn on a
       pipelined connection, and no node is contacted for it.
+    * HTTP faults (``cluster.routing.http_faults``) act before routing: an
+      injected status is the proxy's own answer (definite: no node saw the
+      request), a reset aborts the client's connection; a truncated response
+      is relayed (never handed over, spliced or redirected, so the proxy sees
+      its body) and the client's connection is aborted halfway through it.
     * Every proxied response carries ``X-Georeg-Replica: <node name>``; a
       response that is the proxy's own (``503`` no replica, ``502``, ``404``)
       does not, except a redirect, which names the node it sends the client to.
@@ -99,7 +104,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -112,6 +119,7 @@ from registry_node.errors import Outcome
 
 from . import splice as kernel
 from .handoff import Channel, Handoffs
+from .http_faults import HttpFaultDecision, HttpFaults
 from .lifecycle import TRANSITIONS, IllegalTransition, Phase
 from .policy import (
     EndpointPolicy,
@@ -133,6 +141,8 @@ from .stream import HeadTooLarge, MessageStream
 log = structlog.get_logger("georeg.routing")
 
 REPLICA_HEADER = b"X-Georeg-Replica"
+# Names the fault (georeg fault http) that answered a request instead of the registry.
+FAULT_HEADER = "X-Georeg-Fault"
 REDIRECT_REQUEST_HEADER = REDIRECT_HEADER.encode()
 # Methods that ask for no change: a node that failed under one changed nothing.
 _READS = frozenset({b"GET", b"HEAD"})
@@ -221,6 +231,8 @@ class RoutingProxy:
         self.host = "127.0.0.1"
         self.port = 0
         self._pool = _BackendPool(self, max_idle_per_backend)
+        # Injected by the fault controller; named as `georeg fault http` names endpoints.
+        self.http_faults = HttpFaults(policy.name.replace("@", ":"))
         self._connecting: set[asyncio.Task] = set()
         self._clients: set[_ClientConnection] = set()
         self._server: asyncio.Server | None = None
@@ -646,6 +658,17 @@ class _ClientConnection(asyncio.BufferedProtocol):
         else:
             self.transport.close()
 
+    def reset(self) -> None:
+        """Reset the connection (an injected fault: Toxiproxy's ``reset_peer``):
+        with SO_LINGER 0 the kernel answers the close with an RST, so the
+        client reads ECONNRESET, not an orderly end."""
+        if self.transport is not None and not self.closed:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.shut()
+
     def _refuse(self, status: int, code: str, message: str) -> None:
         """A request the proxy cannot parse or forward: answer if nothing of a
         response is on the wire yet, and close."""
@@ -689,6 +712,8 @@ class _Exchange:
         "handoff", "handoff_serial",
         # a blob GET the node is asked to answer with a redirect (node_redirects)
         "redirecting",
+        # an injected truncation (cluster.routing.http_faults): body bytes still let through
+        "truncating", "truncate_left",
     )
 
     def __init__(self, client: _ClientConnection, method: bytes, url: bytes,
@@ -727,6 +752,8 @@ class _Exchange:
         self.handoff: Channel | None = None             # set in HANDED_OVER, NODE_WRITING only
         self.handoff_serial = 0
         self.redirecting = False
+        self.truncating = False
+        self.truncate_left: int | None = None
 
     def _to(self, phase: Phase) -> None:
         """The one place an exchange changes phase. A move ``TRANSITIONS`` does
@@ -779,11 +806,13 @@ class _Exchange:
             self._not_forwarded()
             return
         proxy = self.proxy
+        if proxy.http_faults.rules and self._injected_fault():
+            return
         upload_id = self.route.upload_id
         pinned = proxy.affinity.node_for(upload_id) if upload_id else None
         self.candidates = proxy.policy.candidates(self.route, pinned)
         self.client.hold(_HOLD_CONNECTING)
-        if self.route.blob and self.method == b"GET" and self.candidates:
+        if self.route.blob and self.method == b"GET" and self.candidates and not self.truncating:
             if proxy.redirect_blobs and self.url.startswith(b"/"):   # origin form: a Location
                 if not proxy.node_redirects:
                     self._redirect(self.candidates[0])
@@ -792,6 +821,29 @@ class _Exchange:
             elif proxy.handoffs is not None and self._hand_over():
                 return
         self._next()
+
+    def _injected_fault(self) -> bool:
+        """Act on an HTTP fault matching this request, if one draws it; True
+        if the exchange is over (answered, or its connection reset)."""
+        path = self.url.split(b"?", 1)[0].decode("latin-1")
+        decision = self.proxy.http_faults.decide(self.method.decode("latin-1"), path)
+        if decision is None:
+            return False
+        log.info("http_fault_injected", endpoint=self.proxy.name, fault=decision.fault_id,
+                 action=decision.action, method=self.method.decode("latin-1"), path=path)
+        if decision.action == "truncate":
+            self.truncating = True
+            return False
+        if decision.action == "reset":
+            self.client.reset()     # aborts this exchange; a client sees ECONNRESET
+            return True
+        self._injected_status(decision)
+        return True
+
+    def _injected_status(self, decision: HttpFaultDecision) -> None:
+        code, message, headers = decision.error()
+        self._respond(decision.status, code, message, {"fault": decision.fault_id},
+                      Outcome.DEFINITE, {FAULT_HEADER: decision.fault_id, **headers})
 
     def _next(self) -> None:
         """Send the request to the next candidate (→ CONNECTING, or SENT on a
@@ -996,7 +1048,7 @@ class _Exchange:
         node's socket to the client's, once everything before it has left."""
         client = self.client
         conn = self.backend
-        if (conn is None or client.closed or client.write_paused or conn.fd < 0
+        if (conn is None or self.truncating or client.closed or client.write_paused or conn.fd < 0
                 or client.fd < 0 or client.transport.get_write_buffer_size()):
             return False
         splice = kernel.Splice.open(self.proxy.pipes, conn.fd, client.fd, left,
@@ -1100,6 +1152,10 @@ class _Exchange:
         self.resp_keep_alive = parser.should_keep_alive()
         self._to(_RELAYING)
         self.client.write(self._client_head(status))
+        if self.truncating and self.method != b"HEAD" and status not in (204, 304) \
+                and self.resp_length != 0:
+            # Half a counted body; of one framed otherwise, none.
+            self.truncate_left = (self.resp_length or 0) // 2
         self.stream.headers_done(self.resp_length)
         if self.method == b"HEAD":
             self._finish()
@@ -1107,6 +1163,11 @@ class _Exchange:
     def on_body(self, data: bytes) -> None:
         if self.phase is not _RELAYING or self.client.closed:
             return
+        if self.truncate_left is not None and len(data) >= self.truncate_left:
+            self._truncate(data[:self.truncate_left])
+            return
+        if self.truncate_left is not None:
+            self.truncate_left -= len(data)
         if self.resp_chunked:
             self.client.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
@@ -1236,15 +1297,32 @@ class _Exchange:
             self._respond(502, "UNAVAILABLE", why, {"node": conn.node.name if conn else None},
                           self._sent_outcome())
 
-    def _cut(self) -> None:
+    def _truncate(self, last: bytes) -> None:
+        """An injected truncation: the last bytes let through, then the client's
+        connection is cut (and the node's, mid-response, is not reused)."""
+        if last and not self.resp_chunked:
+            self.client.transport.write(last)
+        conn, self.backend = self.backend, None
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+        log.info("http_fault_truncated", endpoint=self.proxy.name, method=self.method.decode())
+        self._cut(flush=True)
+
+    def _cut(self, *, flush: bool = False) -> None:
         """The response was cut short (→ CUT): the client sees its connection
-        close, and retries."""
+        close, and retries. ``flush``: what is already written (an injected
+        truncation's head and half body) goes out first, then a FIN."""
         self._to(_CUT)
         self._cancel_splices()
         client = self.client
         client.closing = True
         if not client.closed:
-            client.transport.abort()     # connection_lost then aborts what is queued
+            # connection_lost then aborts what is queued.
+            if flush:
+                client.transport.close()
+            else:
+                client.transport.abort()
 
     def _not_forwarded(self) -> None:
         """A path endpoints do not carry (``policy.request_route``): a node's
@@ -1266,11 +1344,12 @@ class _Exchange:
         return Outcome.DEFINITE if self.method in _READS else Outcome.INDEFINITE
 
     def _respond(self, status: int, code: str, message: str, detail: dict,
-                 outcome: Outcome) -> None:
+                 outcome: Outcome, headers: dict[str, str] | None = None) -> None:
         """Answer with an OCI error from the proxy itself (no node will)."""
         detail = {"outcome": outcome.value, **detail}
         self._answer(lambda close: _local_response(status, code, message, detail, close,
-                                                   head_only=self.method == b"HEAD"))
+                                                   head_only=self.method == b"HEAD",
+                                                   headers=headers))
 
     def _ask_redirect(self) -> None:
         """Ask the node to answer this blob GET with its own redirect: the
@@ -1340,16 +1419,20 @@ def _socket_fd(transport: asyncio.BaseTransport) -> int:
     return sock.fileno()
 
 
-_REASONS = {400: b"Bad Request", 404: b"Not Found", 431: b"Request Header Fields Too Large",
-            501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable"}
+_REASONS = {400: b"Bad Request", 404: b"Not Found", 429: b"Too Many Requests",
+            431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+            501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+            504: b"Gateway Timeout"}
 
 
 def _local_response(status: int, code: str, message: str, detail: dict, close: bool,
-                    head_only: bool = False) -> bytes:
+                    head_only: bool = False, headers: dict[str, str] | None = None) -> bytes:
     body = json.dumps({"errors": [{"code": code, "message": message, "detail": detail}]}).encode()
     head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Docker-Distribution-API-Version: registry/2.0\r\n"
             % (status, _REASONS.get(status, b"Error"), len(body)))
+    for name, value in (headers or {}).items():
+        head += f"{name}: {value}\r\n".encode("latin-1")
     if close:
         head += b"Connection: close\r\n"
     return head + b"\r\n" + (b"" if head_only else body)

@@ -94,6 +94,12 @@ _ACTIONS_BY_METHOD = {"GET": frozenset({PULL}), "HEAD": frozenset({PULL}), "POST
 # ``metadata/write``, deleting ``content/delete``.
 _ACR_ACTIONS_BY_METHOD = {"GET": frozenset({METADATA_READ}), "HEAD": frozenset({METADATA_READ}),
                           "PATCH": frozenset({METADATA_WRITE}), "DELETE": frozenset({DELETE})}
+# The recycle bin (soft delete, ``api.metadata``), by route: ACR keeps it behind
+# permissions of its own (``deleted/read``, ``deleted/restore/action``) that its
+# pull and push roles lack. Listing it needs ``delete`` (who may delete may see
+# what was deleted); a restore is a push that undoes a delete: both.
+_RECYCLE_BIN_ACTIONS = {"/acr/v1/{name}/_deleted": frozenset({DELETE}),
+                        "/acr/v1/{name}/_deleted/{reference}": frozenset({PUSH, DELETE})}
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 UNAUTHORIZED_MESSAGE = "authentication required"
 # Node routes (not OCI's) that read what one repository holds, named by their
@@ -121,7 +127,9 @@ def needed_access(request: web.Request) -> tuple[Scope, ...]:
     if name is not None:
         method = request.method
         if request.path.startswith("/acr/"):
-            actions = _ACR_ACTIONS_BY_METHOD.get(method, frozenset({METADATA_WRITE}))
+            resource = request.match_info.route.resource
+            actions = _RECYCLE_BIN_ACTIONS.get(resource.canonical if resource else "") \
+                or _ACR_ACTIONS_BY_METHOD.get(method, frozenset({METADATA_WRITE}))
         else:
             actions = _ACTIONS_BY_METHOD.get(method, _PULL_PUSH)
         mount = method == "POST" and "mount" in request.query and request.query.get("from")

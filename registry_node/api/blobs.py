@@ -3,6 +3,11 @@
 A ``GET`` an endpoint marked for a redirect is answered with one where the
 node may (``api.redirects``).
 
+A copy that fails its integrity check is never served: found before a byte
+is sent, it is repaired from a replica and the request answered from the
+repaired copy; found mid-stream, the connection is cut and the repair runs
+for the client's retry (``registry_node.blob_repair``).
+
 Reads decrypt only the segments a range needs, in a worker thread, one piece
 ahead of the socket, so a blob of any size streams in bounded memory. On a
 node whose downloads are shaped, the bytes leave as the node's download
@@ -14,15 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
 from ..bandwidth import following
+from ..blob_repair import being_repaired
 from ..crypto import BlobCorrupt, SealedBlob
-from ..errors import ErrorCode, Outcome, RegistryError
+from ..errors import ErrorCode, RegistryError
 from .common import (
     BANDWIDTH,
     DIGEST_HEADER,
@@ -94,15 +100,22 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     redirected = redirect(request, repo, digest)
     if redirected is not None:
         return redirected
-    blob = reg.open_blob(repo, digest)
-    try:
-        return await _send(request, blob, digest)
-    finally:
-        blob.close()
+    for attempt in range(2):    # a copy found rotten before a byte was sent: the repaired one
+        blob = await reg.read_blob(repo, digest)
+        try:
+            return await _send(request, blob, digest)
+        except CorruptBeforeSending as exc:
+            if attempt:
+                raise being_repaired(str(digest), exc.reason) from None
+            await reg.repair.mend(str(digest), exc.reason)
+        finally:
+            blob.close()
+    raise AssertionError("unreachable")
 
 
 async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.StreamResponse:
-    download = Download(blob, digest, request.headers.get("Range"))
+    download = Download(blob, digest, request.headers.get("Range"),
+                        rotten=registry(request).repair.found)
     budget = request.app[BANDWIDTH].download
     async with contextlib.aclosing(download.pieces(registry(request).run_blocking)) as pieces:
         first = await anext(pieces)
@@ -135,15 +148,29 @@ async def _send(request: web.Request, blob: SealedBlob, digest: str) -> web.Stre
     return response
 
 
+class CorruptBeforeSending(Exception):
+    """The first piece of a download failed its integrity check: nothing was
+    sent, so the request can still be answered from a repaired copy."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Download:
     """What a GET of a blob sends: status, headers, and the bytes (all, or the
     range asked for), read one piece ahead of the socket. The HTTP handler and
-    the routing proxy's hand-over (``registry_node.handoff``) both send these."""
+    the routing proxy's hand-over (``registry_node.handoff``) both send these.
+    ``rotten(digest, reason)`` hears of rot met mid-stream, once the caller can
+    no longer answer anything but a cut connection (``BlobRepair.found``: the
+    client's retry gets the repaired copy)."""
 
-    def __init__(self, blob: SealedBlob, digest: str, range_header: str | None) -> None:
+    def __init__(self, blob: SealedBlob, digest: str, range_header: str | None,
+                 rotten: Callable[[str, str], object]) -> None:
         wanted = parse_range(range_header, blob.size)
         self.blob = blob
         self.digest = digest
+        self.rotten = rotten
         self.start, self.end = wanted or (0, blob.size)
         self.status = 200 if wanted is None else 206
         self.headers = {DIGEST_HEADER: digest, "Accept-Ranges": "bytes",
@@ -159,9 +186,11 @@ class Download:
         """The body in pieces of at most ``STREAM_PIECE``; the next is being
         decrypted (on ``run``'s threads) while the caller sends this one.
 
-        A first piece that fails its integrity check raises ``RegistryError``
-        (nothing is sent yet: the client gets a 500); a later one raises
-        ``BlobCorrupt``, and the caller must cut the connection. Close the
+        A first piece that fails its integrity check raises
+        ``CorruptBeforeSending`` (nothing is sent yet: the caller repairs the
+        blob and answers from the repaired copy); a later one raises
+        ``BlobCorrupt``, after telling ``rotten``, and the caller must cut the
+        connection. Close the
         iterator (``contextlib.aclosing``) so a read still in flight ends
         before the blob's file is closed."""
         pos = min(self.end, self.start + STREAM_PIECE)
@@ -171,7 +200,8 @@ class Download:
             try:
                 piece = await asyncio.shield(reading)
             except BlobCorrupt as exc:
-                raise _corrupt(self.digest, exc) from None
+                log.error("blob_corrupt", digest=self.digest, error=str(exc))
+                raise CorruptBeforeSending(str(exc)) from None
             while True:
                 reading = None
                 if pos < self.end:
@@ -185,6 +215,7 @@ class Download:
                     piece = await asyncio.shield(reading)
                 except BlobCorrupt as exc:
                     log.error("blob_corrupt", digest=self.digest, error=str(exc))
+                    self.rotten(self.digest, str(exc))
                     raise
         finally:
             # A read on a worker thread outlives a cancelled await (the shields
@@ -193,12 +224,6 @@ class Download:
                 await asyncio.wait([reading])
                 if not reading.cancelled():
                     reading.exception()          # seen, whatever it was
-
-
-def _corrupt(digest: str, exc: BlobCorrupt) -> RegistryError:
-    log.error("blob_corrupt", digest=digest, error=str(exc))
-    return RegistryError(ErrorCode.UNKNOWN, "stored blob failed its integrity check; it is not served",
-                         message="blob corrupt", status=500, outcome=Outcome.DEFINITE)  # a read
 
 
 async def delete_blob(request: web.Request) -> web.Response:

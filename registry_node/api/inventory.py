@@ -4,7 +4,8 @@
     GET /georeg/v1/inventory        everything stored, with stamps and origins
                                     (shape: ``registry_node.inventory``)
     GET /georeg/v1/usage            {"bytes", "blob_bytes", "blobs", "manifest_bytes",
-                                     "manifests", "limit_bytes", "limit", "tier"}
+                                     "manifests", "recycled_bytes", "recycled",
+                                     "limit_bytes", "limit", "tier"}
 
 The inventory is built in a worker thread: it walks the whole metadata
 database and the blob directory, which the event loop must never wait on.

@@ -1,11 +1,14 @@
 """ACR's ``/acr/v1/`` metadata routes: a repository's, tag's or manifest's
 properties and changeable attributes (``GET``, ``PATCH``), the ``_tags`` and
-``_manifests`` listings, and untag (``DELETE …/_tags/{tag}``). The views are
+``_manifests`` listings, untag (``DELETE …/_tags/{tag}``), and the recycle
+bin of soft delete (``GET …/_deleted``, ``POST …/_deleted/{tag|digest}
+[?force=true]`` to restore: ``registry_node.recycle_bin``). The views are
 ``registry_node.metadata``'s, the rules ``registry_node.locks``'.
 
 Access (``api.auth``): ``GET`` needs ``metadata_read``, ``PATCH``
 ``metadata_write``, ``DELETE`` ``delete`` on the repository — ACR's scope-map
-actions ``metadata/read``, ``metadata/write``, ``content/delete``.
+actions ``metadata/read``, ``metadata/write``, ``content/delete``. The recycle
+bin: listing needs ``delete``, restoring ``push`` and ``delete``.
 """
 
 from __future__ import annotations
@@ -103,6 +106,33 @@ async def patch_manifest(request: web.Request) -> web.Response:
     await reg.update_attributes(locks.manifest(repo, digest), update,
                                 request=client_request(request))
     return json_response(metadata.manifest_properties(reg, repo, digest, _login_server(request)))
+
+
+async def list_deleted(request: web.Request) -> web.Response:
+    """ACR's list-deleted and list-deleted-tags: the repository's recycle bin
+    here, paged (``n``, ``last``, ``stamp``) as the other listings are."""
+    n = page_size(request, MAX_PAGE)
+    body, more, end, last = metadata.deleted(registry(request), repo_name(request),
+                                             _login_server(request), n,
+                                             request.query.get("last") or None, _stamp(request))
+    headers = None
+    if more and last is not None:
+        headers = {"Link": next_link(request.path, n, last).replace(">;", f"&stamp={end}>;", 1)}
+    return json_response(body, headers=headers)
+
+
+async def restore(request: web.Request) -> web.Response:
+    """ACR's manifest restore: ``reference`` a digest or a tag it had;
+    ``force=true`` moves back a tag that names another manifest since."""
+    repo = repo_name(request)
+    force = request.query.get("force", "false")
+    if force not in ("true", "false"):
+        raise RegistryError(ErrorCode.UNSUPPORTED, "force is true or false",
+                            message="invalid force", status=400)
+    result = await registry(request).restore(repo, request.match_info["reference"],
+                                             force=force == "true",
+                                             request=client_request(request))
+    return json_response(result)
 
 
 def _stamp(request: web.Request) -> int | None:

@@ -8,7 +8,9 @@ or ``-`` on a node without auth; ``limit`` the one that refused: replica,
 identity or fault; a 429 is also one of the error answers); an extension
 (replication: lag, transfers, queue depths, anti-entropy) registers its collector in the
 same registry for as long as it runs, so one scrape shows both. Every node
-shows its blob bandwidth budgets (``registry_node.bandwidth``), which a tier
+counts the bit rot it found (``georeg_blob_quarantined_total``,
+``georeg_blob_repairs_total``, ``georeg_blob_unrepairable_total``:
+``registry_node.blob_repair``) and shows its blob bandwidth budgets (``registry_node.bandwidth``), which a tier
 change may turn on or off while it runs:
 
     georeg_bandwidth_limit_bytes_per_second{direction}   the rate (0: unshaped)
@@ -17,6 +19,11 @@ change may turn on or off while it runs:
                                                          summed over transfers
     georeg_retention_manifests_deleted_total             untagged manifests its retention
                                                          sweeps deleted (``untagged``)
+
+and its recycle bins (soft delete, ``registry_node.recycle_bin``):
+
+    georeg_recycle_bin_purged_total{kind}                manifests / tags purged past their days
+    georeg_recycle_bin_restored_total                    restores this node took from clients
 
 Each app has
 a registry of its own, so several nodes can share a process (tests, the
@@ -32,7 +39,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..bandwidth import Bandwidth
+from ..blob_repair import BlobRepair
 from ..errors import RegistryError
+from ..recycle_bin import RecycleBin
 from ..throttle import Throttle
 from ..untagged import UntaggedRetention
 
@@ -62,6 +71,12 @@ class NodeMetrics:
         node's retention sweeps deleted (``registry_node.untagged``)."""
         self.registry.register(_RetentionDeletes(retention))
 
+    def watch_repairs(self, repair: BlobRepair) -> None:
+        self.registry.register(_Repairs(repair))
+
+    def watch_recycle_bin(self, bin_: RecycleBin) -> None:
+        self.registry.register(_Recycled(bin_))
+
 
 class _RetentionDeletes:
     def __init__(self, retention: UntaggedRetention) -> None:
@@ -72,6 +87,30 @@ class _RetentionDeletes:
             "georeg_retention_manifests_deleted",
             "Untagged manifests deleted by this node's retention sweeps",
             value=self.retention.deleted_total)
+
+
+class _Repairs:
+    """Bit rot found and what came of it (``registry_node.blob_repair``), read
+    at scrape time."""
+
+    def __init__(self, repair: BlobRepair) -> None:
+        self.repair = repair
+
+    def collect(self) -> Iterator[Metric]:
+        for name, text, value in (
+                ("georeg_blob_quarantined", "Blob files that failed authentication and were "
+                 "moved into quarantine", self.repair.quarantined_total),
+                ("georeg_blob_repairs", "Rotten blobs fetched again from a replica residency "
+                 "allows", self.repair.repaired_total),
+                ("georeg_blob_unrepairable", "Repairs that found no replica residency allows "
+                 "holding the blob (a confined region with no other zone, a standalone node)",
+                 self.repair.unrepairable_total)):
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
+
+    def describe(self):
+        return []
 
 
 class _Throttled:
@@ -88,7 +127,6 @@ class _Throttled:
         for (kind, identity, limit), count in sorted(self.throttle.refusals.items()):
             family.add_metric([self.replica, kind, identity or "-", limit], count)
         yield family
-
 
 class _Budgets:
     """Read at scrape time: the budgets count for themselves, so a transfer
@@ -117,9 +155,29 @@ class _Budgets:
     def describe(self):
         return []
 
+class _Recycled:
+    """Soft delete's counts, read at scrape time (``recycle_bin``)."""
+
+    def __init__(self, bin_: RecycleBin) -> None:
+        self.bin = bin_
+
+    def collect(self) -> Iterator[Metric]:
+        purged = CounterMetricFamily("georeg_recycle_bin_purged",
+                                     "Soft-deleted manifests and tags purged from this node's "
+                                     "recycle bins once past the policy's days, by kind",
+                                     labels=["kind"])
+        for kind, count in sorted(self.bin.purged_total.items()):
+            purged.add_metric([kind], count)
+        restored = CounterMetricFamily("georeg_recycle_bin_restored",
+                                       "Restores from the recycle bin taken by this node (a "
+                                       "replicated restore arrives as a push, not counted here)")
+        restored.add_metric([], self.bin.restored_total)
+        yield from (purged, restored)
+
+    def describe(self):
+        return []
 
 METRICS: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)
-
 
 async def get_metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)

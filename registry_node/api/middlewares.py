@@ -15,8 +15,7 @@ import time
 import structlog
 from aiohttp import web
 
-from ..errors import ErrorCode, Outcome, RegistryError, disk_full
-from ..storage_faults import is_disk_full
+from ..errors import ErrorCode, Outcome, RegistryError, storage_failure
 from .metrics import METRICS
 
 log = structlog.get_logger("georeg.access")
@@ -76,11 +75,14 @@ async def access(request: web.Request, handler) -> web.StreamResponse:
         log.info("client_gone", rid=rid, error=str(exc) or type(exc).__name__)
         raise
     except Exception as exc:
-        if is_disk_full(exc):
-            # Refused before anything changed: what is stored stays intact.
-            log.warning("disk_full", rid=rid, method=request.method, path=request.path)
-            status = 507
-            return error_response(disk_full(), request)
+        refusal = storage_failure(exc, read=request.method in _READS)
+        if refusal is not None:
+            # A full disk refuses before anything changed: what is stored stays
+            # intact. An EIO says whether it took effect (``errors``).
+            log.warning("storage_failure", rid=rid, method=request.method, path=request.path,
+                        error=str(exc))
+            status = refusal.status
+            return error_response(refusal, request)
         log.exception("unhandled", rid=rid, method=request.method, path=request.path)
         status = 500
         # A bug or an I/O error (a failed WAL sync) may strike after a commit:

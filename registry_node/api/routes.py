@@ -57,6 +57,8 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", _NAME + "/blobs/{digest}", blobs.delete_blob),
     # ACR's own API, beside the OCI one. The suffixed routes come first: a
     # repository name may hold slashes, and the bare one would take them all.
+    Route("GET", _ACR + "/_deleted", metadata.list_deleted),
+    Route("POST", _ACR + "/_deleted/{reference}", metadata.restore),
     Route("GET", _ACR + "/_tags", metadata.list_tags),
     Route("GET", _ACR + "/_tags/{tag}", metadata.get_tag),
     Route("PATCH", _ACR + "/_tags/{tag}", metadata.patch_tag),
@@ -70,6 +72,13 @@ ROUTES: tuple[Route, ...] = (
     # Fault injection's storage seam.
     Route("GET", "/georeg/v1/faults/storage", admin.get_storage_faults),
     Route("PUT", "/georeg/v1/faults/storage", admin.put_storage_faults),
+    Route("POST", "/georeg/v1/faults/bitrot", admin.post_bitrot),
+    # Bit rot found and repaired (registry_node.blob_repair): the record, a scrub.
+    Route("GET", "/georeg/v1/blobs/repairs", admin.get_repairs),
+    Route("POST", "/georeg/v1/blobs/scrub", admin.post_scrub),
+    # Fault injection's clock seam, and the node's clock against its peers'.
+    Route("GET", "/georeg/v1/faults/clock", admin.get_clock),
+    Route("PUT", "/georeg/v1/faults/clock", admin.put_clock_fault),
     # Request throttling: its fault, its state, zone siblings' reports (api.throttling).
     Route("GET", "/georeg/v1/faults/throttle", throttling.get_throttle_fault),
     Route("PUT", "/georeg/v1/faults/throttle", throttling.put_throttle_fault),

@@ -17,7 +17,7 @@ class NodeRef(_message.Message):
     def __init__(self, region: _Optional[str] = ..., zone: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns", "manifest_body", "blob_body", "config_kind", "config_name", "config_value", "wan_receiver", "request", "attributes")
+    __slots__ = ("seq", "kind", "repository", "digest", "tag", "media_type", "size", "references", "subject", "source_repository", "origin_region", "origin_zone", "origin_seq", "hlc", "acked_ns", "manifest_body", "blob_body", "config_kind", "config_name", "config_value", "wan_receiver", "request", "attributes", "recycled", "recycled_tags")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class Event(_message.Message):
     WAN_RECEIVER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    RECYCLED_FIELD_NUMBER: _ClassVar[int]
+    RECYCLED_TAGS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: str
     repository: str
@@ -64,7 +66,9 @@ class Event(_message.Message):
     wan_receiver: str
     request: ClientRequest
     attributes: ChangeableAttributes
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ..., blob_body: _Optional[bytes] = ..., config_kind: _Optional[str] = ..., config_name: _Optional[str] = ..., config_value: _Optional[bytes] = ..., wan_receiver: _Optional[str] = ..., request: _Optional[_Union[ClientRequest, _Mapping]] = ..., attributes: _Optional[_Union[ChangeableAttributes, _Mapping]] = ...) -> None: ...
+    recycled: bool
+    recycled_tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., repository: _Optional[str] = ..., digest: _Optional[str] = ..., tag: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., source_repository: _Optional[str] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., origin_seq: _Optional[int] = ..., hlc: _Optional[int] = ..., acked_ns: _Optional[int] = ..., manifest_body: _Optional[bytes] = ..., blob_body: _Optional[bytes] = ..., config_kind: _Optional[str] = ..., config_name: _Optional[str] = ..., config_value: _Optional[bytes] = ..., wan_receiver: _Optional[str] = ..., request: _Optional[_Union[ClientRequest, _Mapping]] = ..., attributes: _Optional[_Union[ChangeableAttributes, _Mapping]] = ..., recycled: _Optional[bool] = ..., recycled_tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ChangeableAttributes(_message.Message):
     __slots__ = ("delete_enabled", "write_enabled", "read_enabled", "list_enabled")
@@ -287,7 +291,7 @@ class RepositoryStateRequest(_message.Message):
     def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ..., repository: _Optional[str] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("key", "digest", "deleted", "hlc", "origin_region", "origin_zone", "media_type", "size", "references", "origin_acked_ns")
+    __slots__ = ("key", "digest", "deleted", "hlc", "origin_region", "origin_zone", "media_type", "size", "references", "origin_acked_ns", "recycled", "recycled_tags")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +302,8 @@ class Register(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     REFERENCES_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_ACKED_NS_FIELD_NUMBER: _ClassVar[int]
+    RECYCLED_FIELD_NUMBER: _ClassVar[int]
+    RECYCLED_TAGS_FIELD_NUMBER: _ClassVar[int]
     key: str
     digest: str
     deleted: bool
@@ -308,7 +314,9 @@ class Register(_message.Message):
     size: int
     references: _containers.RepeatedScalarFieldContainer[str]
     origin_acked_ns: int
-    def __init__(self, key: _Optional[str] = ..., digest: _Optional[str] = ..., deleted: _Optional[bool] = ..., hlc: _Optional[int] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., origin_acked_ns: _Optional[int] = ...) -> None: ...
+    recycled: bool
+    recycled_tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., digest: _Optional[str] = ..., deleted: _Optional[bool] = ..., hlc: _Optional[int] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., origin_acked_ns: _Optional[int] = ..., recycled: _Optional[bool] = ..., recycled_tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RepositoryState(_message.Message):
     __slots__ = ("repository", "tags", "manifests", "blobs", "attributes")

@@ -14,7 +14,7 @@ from cluster.faults.verify import NodeTarget, Snapshot, compare_registers
 from registry_node import keys
 from registry_node.api.common import RETENTION
 from registry_node.config import NodeConfig
-from registry_node.records import EventKind
+from registry_node.records import EventKind, Tombstone, decode
 from registry_node.replica import MissingContent, Replica
 from registry_node.untagged import DAY_NS
 from replicator.residency import ResidencyPolicy
@@ -33,9 +33,10 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 async def set_policy(http, node, clock: ManualClock, *, days: int, enabled: bool = True,
-                     enabled_ns: int | None = None) -> None:
+                     enabled_ns: int | None = None, soft_delete: bool = False) -> None:
     value = {"retention_enabled": enabled, "retention_days": days,
-             "retention_enabled_ns": clock.wall_ns() if enabled_ns is None else enabled_ns}
+             "retention_enabled_ns": clock.wall_ns() if enabled_ns is None else enabled_ns,
+             "soft_delete": {"enabled": soft_delete, "days": 7}}
     async with http.put(f"{node.url}/georeg/v1/configuration/registry/default",
                         json=value) as r:
         assert r.status == 200, await r.text()
@@ -251,6 +252,49 @@ async def test_a_tag_made_elsewhere_after_the_untag_beats_retentions_delete(cloc
                       if e.kind is EventKind.TAG_SET and e.tag == "kept"]
         with pytest.raises(MissingContent):     # the decider fetches the manifest again
             Replica(decider.registry, decider.node.configuration).apply_tag(tag_set)
+
+
+async def test_with_soft_delete_on_a_retention_delete_goes_to_the_recycle_bin(clocked, clock,
+                                                                             http):
+    """The policies meet as every delete meets soft delete (docs/lifecycle.md):
+    retention's delete is soft, restorable, its days counted from the delete;
+    its tombstone keeps the untag's stamp, not one lifted over the manifest."""
+    node = clocked
+    await set_policy(http, node, clock, days=0, soft_delete=True)
+    digest = await push_untagged(http, node, "app", make_image(seed=60))
+    (untag_event,) = [e for e in node.registry.meta.read_log(0)
+                      if e.kind is EventKind.TAG_DELETE]
+    clock.advance(1)
+    report = await sweep(http, node)
+    assert [d["digest"] for d in report["deleted"]] == [digest]
+    tomb = decode(node.registry.meta.get(keys.manifest_tomb("app", digest)), Tombstone)
+    assert tomb.recycled and tomb.hlc == untag_event.hlc
+    entry = node.registry.bin.manifest("app", digest)
+    assert entry is not None and entry.deleted_ns == clock.wall_ns()
+    async with http.post(f"{node.url}/acr/v1/app/_deleted/{digest}") as r:
+        assert r.status == 200, await r.text()
+    assert await exists(http, node, "app", digest)
+
+
+async def test_a_clock_fenced_node_refuses_retentions_delete_and_the_next_sweep_makes_it(
+        clocked, clock, http):
+    """A node whose clock is off from most of its peers stamps nothing
+    (``clock``): the sweep counts the delete as failed, keeps the note, and
+    a sweep once the fence lifts deletes."""
+    node = clocked
+    await set_policy(http, node, clock, days=0)
+    digest = await push_untagged(http, node, "app", make_image(seed=61))
+    clock.advance(1)
+    guard = node.registry.clock
+    for peer in ("a", "b"):
+        guard.record(peer, offset_s=-3_600, uncertainty_s=0)
+    report = await sweep(http, node)
+    assert report["failed"] == 1 and report["deleted"] == []
+    assert await exists(http, node, "app", digest)
+    for peer in ("a", "b"):
+        guard.forget(peer)
+    report = await sweep(http, node)
+    assert [d["digest"] for d in report["deleted"]] == [digest]
 
 
 async def test_a_bad_sweep_request_is_a_400_saying_what_to_send(clocked, http):

@@ -6,10 +6,13 @@ The CLI and management API: ``test_lifecycle_commands``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from cluster.control.lifecycle import RegistryLifecycle
+from cluster.control.schedules import iso
 from cluster.faults.verify import NodeTarget, Snapshot, compare_registers
 from registry_node import keys
 from registry_node.api.common import RETENTION
@@ -295,6 +298,46 @@ async def test_a_clock_fenced_node_refuses_retentions_delete_and_the_next_sweep_
         guard.forget(peer)
     report = await sweep(http, node)
     assert [d["digest"] for d in report["deleted"]] == [digest]
+
+
+async def test_enabling_through_update_retention_dates_the_policy_by_the_injected_clock(
+        clocked, clock, http):
+    """The control plane's enabling (``RegistryLifecycle.update_retention``)
+    on the test's clock, a day ahead of the machine's: a manifest untagged
+    before it is kept, one untagged after goes (with the machine's clock the
+    first would count as untagged after enabling, and go)."""
+    node = clocked
+    region = node.registry.identity.region
+    url = f"{node.url}/georeg/v1/configuration/registry/default"
+
+    async def current(_node: str) -> dict:
+        async with http.get(url) as r:
+            return (await r.json())["value"] if r.status == 200 else {}
+
+    async def update(changes) -> dict:      # Cluster.update_registry_object, on one node
+        value = await current("home")
+        value = {**value, **await changes("home", value)}
+        async with http.put(url, json=value) as r:
+            assert r.status == 200, await r.text()
+        return value
+
+    async def unused(*_args, **_kwargs):
+        raise AssertionError("an update asks no node for a sweep")
+
+    lifecycle = RegistryLifecycle(
+        update=update, reader=lambda: asyncio.sleep(0, "home"), current=current,
+        plan=lambda: None, regions=lambda: [region], home_region=lambda: region,
+        tier=lambda: "Premium", answers=unused, request=unused, wall_ns=clock.wall_ns)
+    clock.advance(86_400)
+    before = await push_untagged(http, node, "app", make_image(seed=62))
+    clock.advance(1)
+    view = await lifecycle.update_retention(days=0, status="enabled")
+    assert view["enabledSince"] == iso(clock.wall_ns() / 1e9)
+    after = await push_untagged(http, node, "app", make_image(seed=63))
+    clock.advance(1)
+    report = await sweep(http, node)
+    assert [d["digest"] for d in report["deleted"]] == [after] and report["dropped"] == 1
+    assert await exists(http, node, "app", before)
 
 
 async def test_a_bad_sweep_request_is_a_400_saying_what_to_send(clocked, http):

@@ -227,3 +227,4 @@ def test_retention_waits_while_a_region_cannot_be_asked(c):
         assert "error" in reports["westeurope"] and "eastus" in reports
     finally:
         c.restart("westeurope")
+

@@ -249,6 +249,32 @@ def counts_match(usage: dict, report) -> None:
             node, held, counted)
 
 
+def test_a_move_to_standard_and_enabling_retention_at_once_leave_one_of_them(basic):
+    """``--sku Standard`` and ``retention update --status enabled`` started
+    together on a Premium registry without replicas (the move first, in one
+    event loop): each checks the other's field inside the registry object's
+    one read-modify-write, so one is refused and the registry never ends
+    Standard with retention on (retention review finding 5)."""
+    c, cluster = basic, basic.cluster
+    c.run(lambda: cluster.update_registry(sku="Premium"))
+
+    async def both():
+        return await asyncio.gather(cluster.update_registry(sku="Standard"),
+                                    cluster.lifecycle.update_retention(status="enabled"),
+                                    return_exceptions=True)
+
+    moved, enabled = c.run(both)
+    try:
+        stored = c.run(cluster.registry_object)
+        assert (stored["sku"], stored.get("retention_enabled", False)) in (
+            ("Standard", False), ("Premium", True)), (moved, enabled, stored)
+        assert stored["sku"] == cluster.tier
+        assert isinstance(moved, Exception) != isinstance(enabled, Exception), (moved, enabled)
+    finally:
+        c.run(lambda: cluster.lifecycle.update_retention(status="disabled"))
+        c.run(lambda: cluster.update_registry(sku="Basic"))
+
+
 async def test_show_usage_counts_the_registry_once_and_each_node_as_verify_does(premium):
     c = premium
     shared, confined = make_image([9000, 7000], seed=11), make_image([5000], seed=12)

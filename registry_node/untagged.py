@@ -210,12 +210,13 @@ class UntaggedRetention:
         """The notes of ``origins``' manifests in key order, after ``after``:
         only those (each region's sweep reads its own), so other regions'
         notes never use up a sweep's ``limit``."""
+        resume = keys.parse(after, keys.UntaggedKey).region if after is not None else None
         for origin in sorted(origins):
             prefix = keys.untagged_prefix(origin)
-            if after is None or after.startswith(prefix):
-                yield from self.registry.meta.scan(prefix, after)
-                after = None
-            elif prefix > after:
+            if resume is None or resume == origin:
+                yield from self.registry.meta.scan(prefix, after if resume is not None else None)
+                resume = None
+            elif origin > resume:
                 yield from self.registry.meta.scan(prefix)
 
     def _verdict(self, repo: str, digest: str, since: UntaggedNote, policy: RetentionPolicy,

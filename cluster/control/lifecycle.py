@@ -38,7 +38,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -51,9 +51,6 @@ from .regions import REGIONS
 from .schedules import iso
 from .tls import client_context
 from .webhooks import delivery_order
-
-if TYPE_CHECKING:                      # a Cluster hands its method in; it imports this module
-    from .cluster import RegistryChanges
 
 log = structlog.get_logger("georeg.lifecycle")
 
@@ -94,7 +91,7 @@ class RegistryLifecycle:
     ``answers`` whether a node answers; ``request`` a node's own route;
     ``wall_ns`` the clock that dates an enabling (the nodes' wall clock)."""
 
-    def __init__(self, *, update: Callable[[RegistryChanges], Awaitable[dict]],
+    def __init__(self, *, update: Callable[..., Awaitable[dict]],
                  reader: Callable[[], Awaitable[str]],
                  current: Callable[[str], Awaitable[dict]],
                  plan: Callable[[], object], regions: Callable[[], list[str]],

@@ -23,7 +23,7 @@ import urllib.request
 import msgspec
 import pytest
 
-from cluster.control import management_client
+from cluster.control import management_client, soft_delete
 from cluster.control import spec as specs
 from cluster.control.errors import ClusterError
 from cluster.control.state import saved_spec
@@ -273,6 +273,23 @@ def test_a_move_to_standard_and_enabling_retention_at_once_leave_one_of_them(bas
     finally:
         c.run(lambda: cluster.lifecycle.update_retention(status="disabled"))
         c.run(lambda: cluster.update_registry(sku="Basic"))
+
+
+def test_a_generic_write_of_the_registry_object_keeps_every_policy_its_commands_set(basic):
+    """``Cluster.set_configuration("registry", …)`` (``georeg config set``)
+    keeps what the registry's own commands wrote — soft delete included,
+    which it used to drop to its default (off) — and refuses to set it."""
+    c, cluster = basic, basic.cluster
+    c.run(lambda: soft_delete.update(cluster, {"status": "enabled", "retentionDays": 3}))
+    try:
+        c.run(lambda: cluster.set_configuration("registry", "default", {"admin_enabled": False}))
+        stored = c.run(cluster.registry_object)
+        assert stored["soft_delete"] == {"enabled": True, "days": 3}
+        with pytest.raises(ClusterError, match="soft_delete: set by the control plane"):
+            c.run(lambda: cluster.set_configuration("registry", "default",
+                                                    {"soft_delete": {"enabled": False}}))
+    finally:
+        c.run(lambda: soft_delete.update(cluster, {"status": "disabled"}))
 
 
 async def test_show_usage_counts_the_registry_once_and_each_node_as_verify_does(premium):

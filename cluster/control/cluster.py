@@ -108,6 +108,11 @@ RegistryChanges = Callable[[str, dict], Awaitable[dict | None]]
 """``changes(home, current)`` of ``Cluster.update_registry_object``: the fields
 of the registry object to set, or None to write nothing."""
 
+# Fields of the registry object its own commands write (credential renew, --sku,
+# retention update, soft-delete update): a generic write of the object
+# (``Cluster.set_configuration``) refuses them and keeps their values.
+KEPT_REGISTRY_FIELDS = ("admin_passwords", "sku", *RETENTION_FIELDS, "soft_delete")
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -790,25 +795,25 @@ class Cluster:
         Identities have their own commands (``access``), which generate their
         secrets and check what they refer to, and so do webhooks (``webhooks``),
         which check their region and the tier's limit; the registry object's name and
-        admin passwords are the control plane's and keep their values."""
+        the fields its own commands write (``KEPT_REGISTRY_FIELDS``) are the control
+        plane's and keep their values."""
         path = self._object_path(kind, name)
         self._written_by_its_commands(kind)
         if kind != "registry":
             return await self._node_call(await self._control_plane(), "PUT", path, value)
-        owned = sorted({"name", "admin_passwords", "sku", *RETENTION_FIELDS} & set(value))
+        owned = sorted({"name", *KEPT_REGISTRY_FIELDS} & set(value))
         if owned:
             raise ClusterError(f"{', '.join(owned)}: set by the control plane (use `georeg "
                                "credential renew` for the admin passwords, `georeg registry "
                                "update --sku` for the tier, `georeg registry retention update` "
-                               "for the retention policy)")
+                               "for the retention policy, `georeg registry soft-delete update` "
+                               "for soft delete)")
         async with self.access.lock:
             home = await self._control_plane()
             current = await self._current_registry(home)
             return await self._node_call(home, "PUT", path, {
                 **value, "name": self.spec.registry,
-                "admin_passwords": current.get("admin_passwords", []),
-                **({"sku": current["sku"]} if current.get("sku") else {}),
-                **{f: current[f] for f in RETENTION_FIELDS if f in current}})
+                **{f: current[f] for f in KEPT_REGISTRY_FIELDS if f in current}})
 
     async def delete_configuration(self, kind: str, name: str) -> dict:
         path = self._object_path(kind, name)

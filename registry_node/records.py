@@ -200,6 +200,9 @@ class Tombstone(msgspec.Struct, frozen=True, omit_defaults=True):
     recycled: bool = False
     recycled_tags: tuple[str, ...] = ()
     deleted_ns: int = 0
+    # Manifests: the delete was retention's (``untagged``), which a replica
+    # holding a lock on the manifest refuses: anti-entropy says so too.
+    retention: bool = False
 
 
 class RecycledManifest(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -62,6 +62,7 @@ from .errors import ErrorCode, RegistryError, storage_failure, storage_limit_rea
 from .hlc import HybridLogicalClock
 from .metastore import Batch, MetadataStore
 from .records import (
+    RETENTION_REQUEST,
     BlobLink,
     BlobRecord,
     ChangeableAttributes,
@@ -1050,7 +1051,8 @@ class Registry:
         hlc, region, zone = stamp_of(delete)
         batch.put(keys.manifest_tomb(repo, digest), encode(Tombstone(
             hlc, region, zone, recycled=delete.recycled, recycled_tags=delete.recycled_tags,
-            deleted_ns=delete.acked_ns if delete.recycled else 0)))
+            deleted_ns=delete.acked_ns if delete.recycled else 0,
+            retention=delete.request == RETENTION_REQUEST)))
         if record is None:
             older = self.bin.manifest(repo, digest, batch)
             record = older.record if older is not None else None

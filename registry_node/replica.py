@@ -105,6 +105,8 @@ class RegisterState:
     # manifest's); ``origin_acked_ns`` is then the delete's (``recycle_bin``).
     recycled: bool = False
     recycled_tags: tuple[str, ...] = ()
+    # Deleted manifests: the delete was retention's (``Tombstone.retention``).
+    retention: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,7 +527,8 @@ class Replica:
                     # a soft delete into a hard one where it repairs others.
                     manifests_out.append(RegisterState(
                         digest, digest, True, stamp_of(tomb), recycled=tomb.recycled,
-                        recycled_tags=tomb.recycled_tags, origin_acked_ns=tomb.deleted_ns))
+                        recycled_tags=tomb.recycled_tags, origin_acked_ns=tomb.deleted_ns,
+                        retention=tomb.retention))
         return {"tags": tags, "manifests": manifests_out}
 
     def attributes_state(self, repo: str, visible: Callable[[str], bool]) -> list[Event]:
@@ -612,10 +615,12 @@ class Replica:
 
 
 def register_event(repo: str, kind: EventKind, reg: RegisterState) -> Event:
-    """The event that applying a register received through anti-entropy amounts to."""
+    """The event that applying a register received through anti-entropy amounts
+    to (a retention delete's as retention's request, which a lock refuses)."""
     hlc, region, zone = reg.stamp
     return Event(kind=kind, repository=repo, digest=reg.digest, tag=reg.key if kind in (
         EventKind.TAG_SET, EventKind.TAG_DELETE) else "", media_type=reg.media_type,
         size=reg.size, references=reg.references, origin_region=region, origin_zone=zone,
         hlc=hlc, acked_ns=reg.origin_acked_ns, recycled=reg.recycled,
-        recycled_tags=reg.recycled_tags)
+        recycled_tags=reg.recycled_tags,
+        request=RETENTION_REQUEST if reg.retention else None)

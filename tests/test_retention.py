@@ -18,8 +18,9 @@ from registry_node import keys
 from registry_node.api.common import RETENTION
 from registry_node.config import NodeConfig
 from registry_node.records import EventKind, Tombstone, decode
-from registry_node.replica import MissingContent, Replica
+from registry_node.replica import MissingContent, Replica, register_event
 from registry_node.untagged import DAY_NS
+from replicator.convert import register_from_wire, register_to_wire
 from replicator.residency import ResidencyPolicy
 
 from .helpers import (
@@ -241,6 +242,17 @@ async def test_a_tag_made_elsewhere_after_the_untag_beats_retentions_delete(cloc
         for delete in decider.registry.meta.read_log(seen):
             replica.apply_manifest_delete(delete)
         assert kept == digest and await exists(http, other, "app", digest)
+        assert await exists(http, other, "app", locked)
+        # Anti-entropy brings the same deletes as registers (a node that missed
+        # the log): over the wire they still say they are retention's, so the
+        # lock keeps its manifest as it did against the event.
+        state = Replica(decider.registry, decider.node.configuration).repository_state(
+            "app", lambda _region: True)
+        for register in state["manifests"]:
+            if register.deleted:
+                received = register_from_wire(register_to_wire(register))
+                replica.apply_manifest_delete(
+                    register_event("app", EventKind.MANIFEST_DELETE, received))
         assert await exists(http, other, "app", locked)
         async with http.head(f"{other.url}/v2/app/manifests/kept") as r:
             assert r.status == 200

@@ -380,10 +380,7 @@ class Replica:
         if record is not None:
             if stamp_of(record) >= stamp or self.meta.has_prefix(keys.ref_repo_prefix(digest, repo)):
                 return None  # renewed since, or an index here needs it: the delete loses
-            if event.request == RETENTION_REQUEST and self.registry.locks.overridden_by(
-                    EventKind.MANIFEST_DELETE, repo, "", digest):
-                # Retention never deletes what a lock protects; its deciding
-                # region may not hold a lock set here (a confined region's).
+            if event.request == RETENTION_REQUEST and self._kept_from_retention(repo, digest):
                 return None
             self.registry.stage_manifest_removal(batch, repo, digest, record, stamp[0])
             # Webhooks tell a chart's delete apart by what the manifest was.
@@ -392,6 +389,18 @@ class Replica:
         self.registry.stage_manifest_tombstone(batch, event, record)
         self.registry.drop_repo_if_emptied(batch, repo)
         return self._commit(batch, event)
+
+    def _kept_from_retention(self, repo: str, digest: str) -> bool:
+        """Retention never deletes what a lock protects or a tag names (ACR). Its
+        deciding region saw the manifest untagged and unlocked, but may never
+        see a lock or tag set here (a confined region's stay in it), whatever
+        their stamps: one older than the untag would lose by stamp alone. A
+        tag here whose untag has not arrived yet keeps it too, until
+        anti-entropy brings the delete again once it has."""
+        if self.registry.locks.overridden_by(EventKind.MANIFEST_DELETE, repo, "", digest):
+            return True
+        return any(decode(raw, TagRecord).digest == digest
+                   for _, raw in self.meta.scan(keys.tag_prefix(repo)))
 
     # -- tags ------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ tombstone, its event, replication) stamped with the note's stamp, the
 untag's, not the sweep's: a tag or a push stamped after the untag wins
 against it everywhere by the rules of any delete, even one the deciding
 region never sees (a confined region's); a replica refuses it where it holds
-a lock (``Replica.apply_manifest_delete``). A manifest whose register is newer
+a lock or a tag on the manifest, of any stamp (``Replica._kept_from_retention``). A manifest whose register is newer
 than the note (the same bytes pushed again) gets a new note instead.
 
 What is kept. A manifest is deleted only when all of these hold, checked in

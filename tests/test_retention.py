@@ -269,6 +269,44 @@ async def test_a_tag_made_elsewhere_after_the_untag_beats_retentions_delete(cloc
             Replica(decider.registry, decider.node.configuration).apply_tag(tag_set)
 
 
+async def test_a_confined_regions_tag_older_than_the_untag_keeps_the_manifest_there(
+        clocked, clock, http, tmp_path):
+    """A tag set in a confined region (its tags never leave it) *before* the
+    deciding region's untag: the decider saw the manifest untagged, but the
+    confined region holds it tagged, and a retention delete never deletes a
+    tagged manifest (ACR) — it is refused there, as on a lock, whatever the
+    stamps say (the tag is older than the untag, so by stamp alone it would go)."""
+    decider = clocked
+    image = make_image(seed=52)
+    await set_policy(http, decider, clock, days=0)
+    digest = await push_image(http, decider.url, "app", image, tag="v1")
+    config = NodeConfig(data_dir=tmp_path / "confined", port=0, region="brazilsouth")
+    async with started_node(config, clock) as confined:
+        for blob in image.blobs:
+            await push_blob(http, confined.url, "app", blob)
+        replica = Replica(confined.registry, confined.node.configuration)
+        seen = decider.registry.meta.last_seq
+        for event in decider.registry.meta.read_log(0):
+            if event.kind is EventKind.MANIFEST_PUT:
+                replica.apply_manifest(event, image.manifest)
+            elif event.kind is EventKind.TAG_SET:
+                replica.apply_tag(event)
+        clock.advance(1)
+        assert await push_image(http, confined.url, "app", image, tag="prod") == digest
+        clock.advance(1)
+        await untag(http, decider, "app", "v1")
+        clock.advance(61)
+        assert [d["digest"] for d in (await sweep(http, decider))["deleted"]] == [digest]
+        for event in decider.registry.meta.read_log(seen):
+            if event.kind is EventKind.TAG_DELETE:
+                replica.apply_tag_delete(event)
+            elif event.kind is EventKind.MANIFEST_DELETE:
+                assert replica.apply_manifest_delete(event) is None
+        assert await exists(http, confined, "app", digest)
+        async with http.head(f"{confined.url}/v2/app/manifests/prod") as r:
+            assert r.status == 200
+
+
 async def test_with_soft_delete_on_a_retention_delete_goes_to_the_recycle_bin(clocked, clock,
                                                                              http):
     """The policies meet as every delete meets soft delete (docs/lifecycle.md):

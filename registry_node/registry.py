@@ -977,8 +977,8 @@ class Registry:
         """Delete a manifest (by digest: it and the tags pointing at it) or a tag
         (by tag). ``request``: the client's, kept with the events. ``stamp``: a
         delete by digest decided on a change made earlier (retention: the untag)
-        carries that change's stamp, so what was written after it wins; the
-        caller has checked that nothing here is newer."""
+        carries that change's stamp, so what was written after it wins; refused
+        (409) when the manifest's register here is already at or above it."""
         batch = Batch()
         origin = (self.identity.region, self.identity.zone)
         if not is_digest(reference):

@@ -20,7 +20,7 @@ from aiohttp import web
 from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate, pull_check
-from .api.common import BANDWIDTH, CONFIGURATION, PULL_THROUGH, REGISTRY, WEBHOOKS
+from .api.common import BANDWIDTH, CONFIGURATION, PULL_THROUGH, REGISTRY, RETENTION, WEBHOOKS
 from .api.grey import BODY_STALL
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_headers
 from .api.metrics import METRICS, NodeMetrics
@@ -42,6 +42,7 @@ from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
 from .pull_through import PullThrough
 from .throttle import Throttle
+from .untagged import UntaggedRetention
 from .upstream_http import upstream_session
 from .webhook_delivery import WebhookDelivery
 from .webhook_metrics import WebhookMetrics
@@ -169,6 +170,8 @@ def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable
         app[REGISTRY] = node.registry
         app[METRICS].watch_repairs(node.registry.repair)
         app[CONFIGURATION] = node.configuration
+        app[RETENTION] = retention = UntaggedRetention(node.registry, node.configuration.retention)
+        app[METRICS].watch_retention(retention)
         app[METRICS].watch_recycle_bin(node.registry.bin)
         if authority is not None and GATE not in app:
             # The identities this node enforces are the registry configuration it

@@ -68,7 +68,7 @@ from typing import Any
 
 import msgspec
 
-from . import cache_rules, identities, keys, recycle_bin, tasks, tiers, webhooks
+from . import cache_rules, identities, keys, recycle_bin, tasks, tiers, untagged, webhooks
 from .configuration_key import ConfigurationKey
 from .errors import ErrorCode, RegistryError
 from .metastore import Batch
@@ -79,16 +79,22 @@ from .registry import Registry
 class RegistryProperties(msgspec.Struct, frozen=True):
     """The registry's own switches (ACR's ``adminUserEnabled``,
     ``anonymousPullEnabled``), its name (the admin user's username), the
-    admin user's two password hashes (``identities``) and its tier (ACR's
+    admin user's two password hashes (``identities``), its tier (ACR's
     ``sku.name``: ``tiers``; "" where a georeg before tiers were configuration
-    wrote the object: the default tier); its soft delete policy
-    (``recycle_bin``); singleton ``registry/default``."""
+    wrote the object: the default tier), its retention policy for untagged
+    manifests (``untagged``) and its soft delete policy (``recycle_bin``);
+    singleton ``registry/default``."""
 
     admin_enabled: bool = False
     anonymous_pull_enabled: bool = False
     name: str = ""
     admin_passwords: tuple[identities.Secret, ...] = ()
     sku: str = ""
+    # Retention of untagged manifests (ACR's policies.retentionPolicy; ``untagged``);
+    # ``retention_enabled_ns``: when it was last enabled (the control plane's clock).
+    retention_enabled: bool = False
+    retention_days: int = untagged.DEFAULT_DAYS
+    retention_enabled_ns: int = 0
     soft_delete: recycle_bin.SoftDeletePolicy = recycle_bin.SoftDeletePolicy()
 
 
@@ -99,6 +105,10 @@ def _check_registry(name: str, value: RegistryProperties) -> None:
     if value.sku and value.sku not in tiers.TIERS:
         raise identities.InvalidValue(f"sku {value.sku[:32]!r} is not one of "
                                       f"{', '.join(tiers.TIERS)}")
+    try:
+        untagged.check_days(value.retention_days)
+    except ValueError as exc:
+        raise identities.InvalidValue(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +248,15 @@ class Configuration:
         properties = self.get("registry", "default")
         sku = properties.sku if isinstance(properties, RegistryProperties) else ""
         return sku or tiers.DEFAULT_TIER
+
+    def retention(self) -> untagged.RetentionPolicy:
+        """The registry's retention policy for untagged manifests as this node
+        holds it (disabled until one is written)."""
+        properties = self.get("registry", "default")
+        if not isinstance(properties, RegistryProperties):
+            return untagged.RetentionPolicy()
+        return untagged.RetentionPolicy(properties.retention_enabled, properties.retention_days,
+                                        properties.retention_enabled_ns)
 
     def soft_delete(self) -> recycle_bin.SoftDeletePolicy:
         """The soft delete policy as this node holds it (off until one is written)."""

@@ -63,6 +63,11 @@ The key space::
     tgc\\0<seq:u64be><tomb key>              → TombstoneCandidate  a tombstone written by the
                                                                 event at <seq>, to collect once
                                                                 every peer read past it
+    untag\\0<region>\\0<repo>\\0<digest>     → UntaggedNote      a manifest first pushed in
+                                                                <region> that may be untagged: a
+                                                                tag or an index left it (when,
+                                                                here, and that change's stamp;
+                                                                ``untagged``)
     fail\\0<repo>\\0<digest>                → ReplicationFailure  why content could not replicate
                                                                 (<digest> is the event's tag when
                                                                 it names no digest)
@@ -135,6 +140,7 @@ CURSOR = b"cursor\x00"
 READER = b"reader\x00"
 TOMB_CANDIDATE = b"tgc\x00"
 FAIL = b"fail\x00"
+UNTAGGED = b"untag\x00"
 TRANSFER = b"xfer\x00"
 CONFIG = b"conf\x00"
 FINGERPRINT = b"fp\x00"
@@ -342,6 +348,15 @@ def tombstone_candidate(seq: int, tomb_key: bytes) -> bytes:
 
 def failure(name: str, digest: str) -> bytes:
     return FAIL + _b(name) + SEP + _b(digest)
+
+
+def untagged(region: str, name: str, digest: str) -> bytes:
+    return untagged_prefix(region) + _b(name) + SEP + _b(digest)
+
+
+def untagged_prefix(region: str) -> bytes:
+    """The notes of the manifests first pushed in ``region`` (the ones its sweep decides)."""
+    return UNTAGGED + _b(region) + SEP
 
 
 def transfer(digest: str) -> bytes:
@@ -706,6 +721,18 @@ class FailureKey(msgspec.Struct, frozen=True):
         return failure(self.repository, self.digest)
 
 
+class UntaggedKey(msgspec.Struct, frozen=True):
+    """Manifest ``digest`` of ``repository``, first pushed in ``region``, may be
+    untagged (a retention candidate)."""
+
+    region: str
+    repository: str
+    digest: str
+
+    def encode(self) -> bytes:
+        return untagged(self.region, self.repository, self.digest)
+
+
 class TransferKey(msgspec.Struct, frozen=True):
     digest: str
 
@@ -768,7 +795,7 @@ class CompletionQuestionKey(msgspec.Struct, frozen=True):
 Key = (MetaKey | LogKey | BlobKey | RefKey | BlobUserKey | UnreferencedKey | ReferringCountsKey
        | RepoKey
        | BlobLinkKey | ManifestKey | TagKey | ReferrerKey | UploadKey | TagTombKey | ManifestTombKey | BlobTombKey
-       | CursorKey | FailureKey | TransferKey | ConfigKey | FingerprintKey
+       | CursorKey | FailureKey | UntaggedKey | TransferKey | ConfigKey | FingerprintKey
        | BucketFingerprintKey | ReaderKey | TombstoneCandidateKey | WebhookPendingKey
        | WebhookLogKey | CompletionQuestionKey | RepositoryAttributesKey | TagAttributesKey
        | ManifestAttributesKey | RecycledRefKey | RecycledManifestKey | RecycledTagKey)
@@ -795,7 +822,8 @@ _FLAT: dict[bytes, type] = {_head(family): kind for family, kind in [
     (BLOB, BlobKey), (REF, RefKey), (BLOB_USER, BlobUserKey), (UNREFERENCED, UnreferencedKey),
     (REFERRING_COUNTS, ReferringCountsKey),
     (REPO, RepoKey),
-    (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (TRANSFER, TransferKey),
+    (UPLOAD, UploadKey), (CURSOR, CursorKey), (FAIL, FailureKey), (UNTAGGED, UntaggedKey),
+    (TRANSFER, TransferKey),
     (CONFIG, ConfigKey), (FINGERPRINT, FingerprintKey),
     (FINGERPRINT_BUCKET, BucketFingerprintKey), (READER, ReaderKey),
     (COMPLETION_QUESTION, CompletionQuestionKey), (RECYCLED_REF, RecycledRefKey)]}

@@ -66,6 +66,11 @@ class ChangeableAttributes(msgspec.Struct, frozen=True):
                 "readEnabled": self.read_enabled, "listEnabled": self.list_enabled}
 
 
+# The request behind retention's deletes (``untagged``), as webhooks and logs
+# see it and as a replica tells them apart from a client's.
+RETENTION_REQUEST = ClientRequest(method="DELETE", useragent="georeg-retention")
+
+
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     kind: EventKind
     repository: str
@@ -195,6 +200,9 @@ class Tombstone(msgspec.Struct, frozen=True, omit_defaults=True):
     recycled: bool = False
     recycled_tags: tuple[str, ...] = ()
     deleted_ns: int = 0
+    # Manifests: the delete was retention's (``untagged``), which a replica
+    # holding a lock on the manifest refuses: anti-entropy says so too.
+    retention: bool = False
 
 
 class RecycledManifest(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -296,6 +304,15 @@ class TombstoneCandidate(msgspec.Struct, frozen=True):
 
     written_ns: int
     tombstone: bytes
+
+
+class UntaggedNote(msgspec.Struct, frozen=True):
+    """A manifest that may be untagged (``untagged``): when this node noted it
+    (its wall clock: the note's age) and the stamp of the change that left the
+    manifest (what retention's delete carries, so anything stamped after wins)."""
+
+    since_ns: int
+    hlc: int
 
 
 class ReplicationFailure(msgspec.Struct, frozen=True):

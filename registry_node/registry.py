@@ -62,6 +62,7 @@ from .errors import ErrorCode, RegistryError, storage_failure, storage_limit_rea
 from .hlc import HybridLogicalClock
 from .metastore import Batch, MetadataStore
 from .records import (
+    RETENTION_REQUEST,
     BlobLink,
     BlobRecord,
     ChangeableAttributes,
@@ -76,6 +77,7 @@ from .records import (
     Stamp,
     TagRecord,
     Tombstone,
+    UntaggedNote,
     UploadRecord,
     decode,
     encode,
@@ -860,18 +862,30 @@ class Registry:
         self.bin.stage_manifest_end(batch, repo, digest)     # back: no longer deleted
         for target in parsed.references:
             batch.put(keys.ref(target, repo, digest), b"")
+        # Retention's clock starts at an untag, never at a push (a multi-arch
+        # build pushes its platforms by digest, then the index).
+        for child in parsed.children:
+            self.stage_untagged(batch, repo, child, None)
         if parsed.subject:
             key = keys.referrer(repo, parsed.subject, digest)
             descriptor = _descriptor(digest, record, parsed.annotations)
             batch.put(key, self.sealer.seal(encode(descriptor), _referrer_ad(key)))
 
     def stage_manifest_removal(self, batch: Batch, repo: str, digest: str,
-                               record: ManifestRecord) -> None:
+                               record: ManifestRecord, hlc: int) -> None:
+        """Remove a manifest (``hlc``: its delete's stamp)."""
         batch.delete(keys.manifest(repo, digest))
+        batch.delete(keys.untagged(record.residency_region, repo, digest))
         for target in record.references:
             batch.delete(keys.ref(target, repo, digest))
+            # A child manifest this index held may be untagged from now on.
+            if self._held(batch, keys.manifest(repo, target)):
+                self.stage_untagged(batch, repo, target, hlc)
         if record.subject:
             batch.delete(keys.referrer(repo, record.subject, digest))
+        # So may the referrers of what goes: their subject no longer holds them.
+        for key, _ in self.meta.scan(keys.referrer_prefix(repo, digest)):
+            self.stage_untagged(batch, repo, keys.parse(key, keys.ReferrerKey).referrer, hlc)
 
     def stage_tag(self, batch: Batch, repo: str, tag: str, digest: str, stamp: Stamp,
                   origin_acked_ns: int) -> None:
@@ -879,9 +893,13 @@ class Registry:
         register, so a concurrent, older delete of that manifest loses to it
         everywhere, in whatever order the two arrive."""
         hlc, origin_region, origin_zone = stamp
+        current = batch.puts.get(keys.tag(repo, tag)) or self.meta.get(keys.tag(repo, tag))
+        if current is not None and (left := decode(current, TagRecord).digest) != digest:
+            self.stage_untagged(batch, repo, left, hlc)
         batch.put(keys.tag(repo, tag), encode(TagRecord(digest, hlc, origin_region, origin_zone,
                                                         origin_acked_ns, self._wall_ns())))
         batch.delete(keys.tag_tomb(repo, tag))
+        self.stage_untagged(batch, repo, digest, None)
         self.bin.stage_tag_end(batch, repo, tag)
         raw = batch.puts.get(keys.manifest(repo, digest)) or self.meta.get(keys.manifest(repo, digest))
         if raw is not None:
@@ -889,6 +907,29 @@ class Registry:
             if stamp_of(record) < stamp:
                 batch.put(keys.manifest(repo, digest), encode(msgspec.structs.replace(
                     record, hlc=hlc, origin_region=origin_region, origin_zone=origin_zone)))
+
+    def stage_untagged(self, batch: Batch, repo: str, digest: str, hlc: int | None) -> None:
+        """Note that ``digest`` may have just become untagged: a tag or what
+        held it (an index, a referrer's subject) left it by the change stamped
+        ``hlc`` (``untagged``: the retention sweep checks before it acts, so a
+        note on a manifest still tagged only costs that check). Every change
+        overwrites it, so it holds the stamp of the last change that left the
+        manifest: retention's delete carries that stamp, so any tag or push
+        stamped after it wins everywhere. ``hlc`` None: it is tagged or held
+        again, the note goes. Keyed by the region the manifest was first
+        pushed in, whose sweep alone reads it."""
+        if not self._held(batch, keys.manifest(repo, digest)):
+            return
+        raw = batch.puts.get(keys.manifest(repo, digest)) or self.meta.get(keys.manifest(repo, digest))
+        key = keys.untagged(decode(raw, ManifestRecord).residency_region, repo, digest)
+        if hlc is None:
+            batch.delete(key)
+        else:
+            batch.put(key, encode(UntaggedNote(self._wall_ns(), hlc)))
+
+    def _held(self, batch: Batch, key: bytes) -> bool:
+        """Whether ``key`` is stored once ``batch`` commits."""
+        return key not in batch.deletes and (key in batch.puts or self.meta.get(key) is not None)
 
     def stage_tags_removal(self, batch: Batch, repo: str, digest: str, stamp: Stamp) -> list[str]:
         """Remove every tag pointing at ``digest`` that is older than ``stamp``
@@ -911,8 +952,12 @@ class Registry:
         tag pointed at) and any recycle bin entry of it. Whatever ends the tag
         register ends an older untag's entry, as a restore or a re-tag does in
         the region it is taken, so every region holds the same bin; only the
-        soft delete an entry records makes it again (``stage_tag_delete``)."""
+        soft delete an entry records makes it again (``stage_tag_delete``). The
+        manifest the tag named may be untagged from now on (``stage_untagged``)."""
         hlc, region, zone = stamp
+        current = batch.puts.get(keys.tag(repo, tag)) or self.meta.get(keys.tag(repo, tag))
+        if current is not None:
+            self.stage_untagged(batch, repo, decode(current, TagRecord).digest, hlc)
         batch.delete(keys.tag(repo, tag))
         batch.put(keys.tag_tomb(repo, tag), encode(Tombstone(hlc, region, zone, digest)))
         self.bin.stage_tag_end(batch, repo, tag)
@@ -927,9 +972,13 @@ class Registry:
                                stamp_of(delete), delete.acked_ns)
 
     async def delete_manifest(self, repo: str, reference: str, *,
-                              request: ClientRequest | None = None) -> None:
+                              request: ClientRequest | None = None,
+                              stamp: int | None = None) -> None:
         """Delete a manifest (by digest: it and the tags pointing at it) or a tag
-        (by tag). ``request``: the client's, kept with the events."""
+        (by tag). ``request``: the client's, kept with the events. ``stamp``: a
+        delete by digest decided on a change made earlier (retention: the untag)
+        carries that change's stamp, so what was written after it wins; refused
+        (409) when the manifest's register here is already at or above it."""
         batch = Batch()
         origin = (self.identity.region, self.identity.zone)
         if not is_digest(reference):
@@ -963,13 +1012,23 @@ class Registry:
         self.locks.check_delete_manifest(repo, digest)
         self.check_writable()
         record = decode(raw, ManifestRecord)
-        # Above the tags pointing at it too: each tag set renewed the
-        # manifest's register (``stage_tag``).
-        hlc = self.stamp_over(batch, record.hlc)
+        if stamp is None:
+            # Above the tags pointing at it too: each tag set renewed the
+            # manifest's register (``stage_tag``).
+            hlc = self.stamp_over(batch, record.hlc)
+        elif stamp_of(record) >= (stamp, *origin):
+            # Renewed after the change the delete was decided on: it would
+            # lose to that renewal everywhere, so it is not made.
+            raise RegistryError(ErrorCode.DENIED, message="manifest changed since the "
+                                "change this delete was decided on", status=409)
+        else:
+            # Not lifted above anything (``stamp_over``): what was written
+            # after the change it was decided on must win, here and everywhere.
+            hlc = stamp
         # The tags go with it, here and (by the same rule) wherever the delete
         # arrives; no tag_delete events, which would end newer values elsewhere.
         tags = self.stage_tags_removal(batch, repo, digest, (hlc, *origin))
-        self.stage_manifest_removal(batch, repo, digest, record)
+        self.stage_manifest_removal(batch, repo, digest, record, hlc)
         recycled = self.bin.policy().enabled
         event = self._event(EventKind.MANIFEST_DELETE, repo, hlc, digest=digest,
                             media_type=record.media_type, artifact_type=record.artifact_type,
@@ -992,7 +1051,8 @@ class Registry:
         hlc, region, zone = stamp_of(delete)
         batch.put(keys.manifest_tomb(repo, digest), encode(Tombstone(
             hlc, region, zone, recycled=delete.recycled, recycled_tags=delete.recycled_tags,
-            deleted_ns=delete.acked_ns if delete.recycled else 0)))
+            deleted_ns=delete.acked_ns if delete.recycled else 0,
+            retention=delete.request == RETENTION_REQUEST)))
         if record is None:
             older = self.bin.manifest(repo, digest, batch)
             record = older.record if older is not None else None

@@ -50,6 +50,7 @@ from .configuration import Configuration
 from .errors import RegistryError
 from .metastore import Batch
 from .records import (
+    RETENTION_REQUEST,
     AttributesRecord,
     BlobLink,
     BlobRecord,
@@ -104,6 +105,8 @@ class RegisterState:
     # manifest's); ``origin_acked_ns`` is then the delete's (``recycle_bin``).
     recycled: bool = False
     recycled_tags: tuple[str, ...] = ()
+    # Deleted manifests: the delete was retention's (``Tombstone.retention``).
+    retention: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,13 +385,27 @@ class Replica:
         if record is not None:
             if stamp_of(record) >= stamp or self.meta.has_prefix(keys.ref_repo_prefix(digest, repo)):
                 return None  # renewed since, or an index here needs it: the delete loses
-            self.registry.stage_manifest_removal(batch, repo, digest, record)
+            if event.request == RETENTION_REQUEST and self._kept_from_retention(repo, digest):
+                return None
+            self.registry.stage_manifest_removal(batch, repo, digest, record, stamp[0])
             # Webhooks tell a chart's delete apart by what the manifest was.
             event = msgspec.structs.replace(event, artifact_type=record.artifact_type)
         self.registry.stage_tags_removal(batch, repo, digest, stamp)
         self.registry.stage_manifest_tombstone(batch, event, record)
         self.registry.drop_repo_if_emptied(batch, repo)
         return self._commit(batch, event)
+
+    def _kept_from_retention(self, repo: str, digest: str) -> bool:
+        """Retention never deletes what a lock protects or a tag names (ACR). Its
+        deciding region saw the manifest untagged and unlocked, but may never
+        see a lock or tag set here (a confined region's stay in it), whatever
+        their stamps: one older than the untag would lose by stamp alone. A
+        tag here whose untag has not arrived yet keeps it too, until
+        anti-entropy brings the delete again once it has."""
+        if self.registry.locks.overridden_by(EventKind.MANIFEST_DELETE, repo, "", digest):
+            return True
+        return any(decode(raw, TagRecord).digest == digest
+                   for _, raw in self.meta.scan(keys.tag_prefix(repo)))
 
     # -- tags ------------------------------------------------------------------
 
@@ -524,7 +541,8 @@ class Replica:
                     # a soft delete into a hard one where it repairs others.
                     manifests_out.append(RegisterState(
                         digest, digest, True, stamp_of(tomb), recycled=tomb.recycled,
-                        recycled_tags=tomb.recycled_tags, origin_acked_ns=tomb.deleted_ns))
+                        recycled_tags=tomb.recycled_tags, origin_acked_ns=tomb.deleted_ns,
+                        retention=tomb.retention))
         return {"tags": tags, "manifests": manifests_out}
 
     def attributes_state(self, repo: str, visible: Callable[[str], bool]) -> list[Event]:
@@ -611,10 +629,12 @@ class Replica:
 
 
 def register_event(repo: str, kind: EventKind, reg: RegisterState) -> Event:
-    """The event that applying a register received through anti-entropy amounts to."""
+    """The event that applying a register received through anti-entropy amounts
+    to (a retention delete's as retention's request, which a lock refuses)."""
     hlc, region, zone = reg.stamp
     return Event(kind=kind, repository=repo, digest=reg.digest, tag=reg.key if kind in (
         EventKind.TAG_SET, EventKind.TAG_DELETE) else "", media_type=reg.media_type,
         size=reg.size, references=reg.references, origin_region=region, origin_zone=zone,
         hlc=hlc, acked_ns=reg.origin_acked_ns, recycled=reg.recycled,
-        recycled_tags=reg.recycled_tags)
+        recycled_tags=reg.recycled_tags,
+        request=RETENTION_REQUEST if reg.retention else None)

@@ -80,7 +80,7 @@ def register_to_wire(reg: RegisterState) -> pb.Register:
                        origin_region=region, origin_zone=zone, media_type=reg.media_type,
                        size=reg.size, references=list(reg.references),
                        origin_acked_ns=reg.origin_acked_ns, recycled=reg.recycled,
-                       recycled_tags=list(reg.recycled_tags))
+                       recycled_tags=list(reg.recycled_tags), retention=reg.retention)
 
 
 def register_from_wire(message: pb.Register) -> RegisterState:
@@ -89,4 +89,4 @@ def register_from_wire(message: pb.Register) -> RegisterState:
         stamp=(message.hlc, message.origin_region, message.origin_zone),
         media_type=message.media_type, size=message.size, references=tuple(message.references),
         origin_acked_ns=message.origin_acked_ns, recycled=message.recycled,
-        recycled_tags=tuple(message.recycled_tags))
+        recycled_tags=tuple(message.recycled_tags), retention=message.retention)

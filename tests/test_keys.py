@@ -54,6 +54,7 @@ FAMILIES = {
     "blob tomb": (keys.blob_tomb, keys.BlobTombKey, (repositories, digests)),
     "cursor": (keys.cursor, keys.CursorKey, (peers,)),
     "failure": (keys.failure, keys.FailureKey, (repositories, st.one_of(digests, tags))),
+    "untagged": (keys.untagged, keys.UntaggedKey, (peers, repositories, digests)),
     "transfer": (keys.transfer, keys.TransferKey, (digests,)),
     "configuration": (keys.configuration, keys.ConfigKey, (config_kinds, config_names)),
     "fingerprint": (lambda bucket, repo: keys.fingerprint_in(int(bucket, 16), repo),
@@ -134,6 +135,7 @@ ON_DISK = [
     (keys.cursor("eastus-2"), b"cursor\x00eastus-2"),
     (keys.failure("lib/app", D1), b"fail\x00lib/app\x00" + D1.encode()),
     (keys.transfer(D1), b"xfer\x00" + D1.encode()),
+    (keys.untagged("eastus", "lib/app", D1), b"untag\x00eastus\x00lib/app\x00" + D1.encode()),
     (keys.configuration("registry", "default"), b"conf\x00registry\x00default"),
     (keys.FINGERPRINTS, b"meta\x00fingerprints"),
     (keys.fingerprint("lib/app"), b"fp\x00" + f"{keys.fingerprint_bucket('lib/app'):02x}".encode()
@@ -179,7 +181,7 @@ def test_the_tree_draws_every_family():
     """The docstring's tree stays the description of the key space: every family
     head and every meta key is drawn in it."""
     heads = [keys.LOG, keys.BLOB, keys.REF, keys.BLOB_USER, keys.REPO, keys.REPO_DATA,
-             keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.TRANSFER, keys.CONFIG,
+             keys.UPLOAD, keys.TOMB, keys.CURSOR, keys.FAIL, keys.UNTAGGED, keys.TRANSFER, keys.CONFIG,
              keys.FINGERPRINT, keys.FINGERPRINT_BUCKET, keys.READER, keys.TOMB_CANDIDATE,
              keys.WEBHOOK_PENDING, keys.WEBHOOK_LOG, keys.COMPLETION_QUESTION, keys.ATTRIBUTES,
              keys.REFERRING_COUNTS, keys.RECYCLE_BIN, keys.RECYCLED_REF,

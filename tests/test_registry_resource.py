@@ -23,7 +23,7 @@ import urllib.request
 import msgspec
 import pytest
 
-from cluster.control import management_client
+from cluster.control import management_client, soft_delete
 from cluster.control import spec as specs
 from cluster.control.errors import ClusterError
 from cluster.control.state import saved_spec
@@ -247,6 +247,49 @@ def counts_match(usage: dict, report) -> None:
             counted["blobs"], counted["manifests"],
             counted["blob_bytes"] + counted["manifest_bytes"] + counted["recycled_bytes"]), (
             node, held, counted)
+
+
+def test_a_move_to_standard_and_enabling_retention_at_once_leave_one_of_them(basic):
+    """``--sku Standard`` and ``retention update --status enabled`` started
+    together on a Premium registry without replicas (the move first, in one
+    event loop): each checks the other's field inside the registry object's
+    one read-modify-write, so one is refused and the registry never ends
+    Standard with retention on (retention review finding 5)."""
+    c, cluster = basic, basic.cluster
+    c.run(lambda: cluster.update_registry(sku="Premium"))
+
+    async def both():
+        return await asyncio.gather(cluster.update_registry(sku="Standard"),
+                                    cluster.lifecycle.update_retention(status="enabled"),
+                                    return_exceptions=True)
+
+    moved, enabled = c.run(both)
+    try:
+        stored = c.run(cluster.registry_object)
+        assert (stored["sku"], stored.get("retention_enabled", False)) in (
+            ("Standard", False), ("Premium", True)), (moved, enabled, stored)
+        assert stored["sku"] == cluster.tier
+        assert isinstance(moved, Exception) != isinstance(enabled, Exception), (moved, enabled)
+    finally:
+        c.run(lambda: cluster.lifecycle.update_retention(status="disabled"))
+        c.run(lambda: cluster.update_registry(sku="Basic"))
+
+
+def test_a_generic_write_of_the_registry_object_keeps_every_policy_its_commands_set(basic):
+    """``Cluster.set_configuration("registry", …)`` (``georeg config set``)
+    keeps what the registry's own commands wrote — soft delete included,
+    which it used to drop to its default (off) — and refuses to set it."""
+    c, cluster = basic, basic.cluster
+    c.run(lambda: soft_delete.update(cluster, {"status": "enabled", "retentionDays": 3}))
+    try:
+        c.run(lambda: cluster.set_configuration("registry", "default", {"admin_enabled": False}))
+        stored = c.run(cluster.registry_object)
+        assert stored["soft_delete"] == {"enabled": True, "days": 3}
+        with pytest.raises(ClusterError, match="soft_delete: set by the control plane"):
+            c.run(lambda: cluster.set_configuration("registry", "default",
+                                                    {"soft_delete": {"enabled": False}}))
+    finally:
+        c.run(lambda: soft_delete.update(cluster, {"status": "disabled"}))
 
 
 async def test_show_usage_counts_the_registry_once_and_each_node_as_verify_does(premium):

@@ -23,7 +23,7 @@ from replicator.residency import RepositoryRule, ResidencyPolicy
                                              ("Standard", "Premium")])
 def test_a_move_up_is_never_refused(current, target):
     full = TierState(webhooks=2, tokens=100, scope_maps=100, anonymous_pull=current != "Basic",
-                     storage_bytes=40 * tiers.TiB)
+                     storage_bytes=40 * tiers.TiB, retention_enabled=True)
     assert refusals(current, target, full) == []
 
 
@@ -58,6 +58,9 @@ def test_basic_has_no_anonymous_pull_and_no_room_past_40_tib():
         "(`georeg registry update --anonymous-pull-enabled false`)"]
     assert refusals("Premium", "Standard", TierState(anonymous_pull=True)) == []
     assert refusals("Premium", "Standard", TierState(storage_bytes=40 * tiers.TiB)) == []
+    assert refusals("Premium", "Standard", TierState(retention_enabled=True)) == [
+        "the retention policy for untagged manifests needs the Premium tier and it is enabled: "
+        "disable it first (`georeg registry retention update --status disabled`)"]
     assert refusals("Premium", "Standard", TierState(storage_bytes=40 * tiers.TiB + 1)) == [
         "the registry stores 40.0 TiB, more than the Standard tier's maximum of 40.0 TiB: "
         "delete images first"]

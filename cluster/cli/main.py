@@ -36,9 +36,11 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
         identity,
         import_,
         login,
+        purge,
         registry,
         replication,
         repository,
+        schedule,
         scope_map,
         task,
         token,
@@ -61,6 +63,8 @@ def build_parser(only_node: bool = False) -> argparse.ArgumentParser:
     import_.register(sub)
     build.register(sub)
     task.register(sub)
+    purge.register(sub)
+    schedule.register(sub)
     cache.register(sub)
     cache.register_credential_set(sub)
     fault.register(sub)

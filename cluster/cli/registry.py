@@ -1,6 +1,8 @@
 """``georeg registry …``: the registry resource itself, after ``az acr show``,
 ``az acr update`` (its admin user and anonymous pull switches, and its tier,
-``--sku``), ``az acr show-usage`` and ``az acr check-health``. The switches
+``--sku``), ``az acr config retention`` (``retention show|update``: the
+policy for untagged manifests), ``az acr show-usage`` and ``az acr
+check-health``. The switches
 and the tier are registry configuration (``registry_node.configuration``):
 written through the home region's management API and replicated to every
 node, which enforces what it holds. ``show-usage`` and ``check-health`` ask
@@ -16,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from registry_node.tiers import TIERS, format_size
+from registry_node.untagged import MAX_DAYS, MIN_DAYS, check_days
 
 from . import soft_delete
 from .common import add_data_dir, call, command, data_dir_of
@@ -61,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_dir(c)
     c.set_defaults(func=command(run_registry_update), parser=c)
 
+    _register_retention(commands)
+
     c = commands.add_parser(
         "show-usage", help="storage and counted resources against the tier's limits",
         description="As az acr show-usage: the registry's storage (Size: counted once for the "
@@ -88,6 +93,70 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=command(run_registry_check_health))
 
     soft_delete.register(commands)
+
+
+def _register_retention(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "retention", help="the retention policy for untagged manifests (az acr config retention)",
+        description="ACR's retention policy for untagged manifests (Premium): once enabled, a "
+                    "manifest untagged from then on is deleted when it has been untagged for "
+                    "--days (0 to 365, default 7), unless it or its repository is delete- or "
+                    "write-locked, an index holds it, or it is a referrer of a present image. "
+                    "Each region decides for the manifests first pushed there, and its deletes "
+                    "replicate like any other: every region deletes the same manifests. "
+                    "docs/lifecycle.md has the rules.")
+    retention = p.add_subparsers(dest="retention_command", required=True, metavar="COMMAND")
+    c = retention.add_parser("show", help="the policy: days, status, enabled since",
+                             description="Show the retention policy: its type "
+                                         "(UntaggedManifests), days, status and, when enabled, "
+                                         "since when.")
+    c.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    add_data_dir(c)
+    c.set_defaults(func=command(run_retention_show))
+    c = retention.add_parser(
+        "update", help="set the days or enable/disable the policy",
+        description="Change the policy; what is not given keeps its value. Written in the home "
+                    "region (exit status 2 while it cannot be reached) and replicated to every "
+                    "node. Enabling applies to manifests untagged from then on: those untagged "
+                    "before are kept, as in ACR.")
+    c.add_argument("--days", type=_days, help="days an untagged manifest is kept (0 to 365)")
+    c.add_argument("--status", choices=("enabled", "disabled"), help="enable or disable it")
+    c.add_argument("--type", choices=("UntaggedManifests",), default="UntaggedManifests",
+                   help="what the policy is about (ACR knows only UntaggedManifests)")
+    add_data_dir(c)
+    c.set_defaults(func=command(run_retention_update), parser=c)
+
+
+def _days(value: str) -> int:
+    try:
+        return check_days(int(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of days from {MIN_DAYS} to "
+                                         f"{MAX_DAYS}, not {value!r}") from None
+
+
+def _show_retention(policy: dict) -> None:
+    table = Table("type", "days", "status", "enabled since")
+    table.add_row(policy["type"], str(policy["days"]), policy["status"],
+                  policy["enabledSince"] or "-")
+    Console().print(table)
+
+
+def run_retention_show(args: argparse.Namespace) -> int:
+    policy = call(data_dir_of(args), "GET", "/georeg/v1/registry/retention")
+    if args.json:
+        print(json.dumps(policy, indent=2))
+    else:
+        _show_retention(policy)
+    return 0
+
+
+def run_retention_update(args: argparse.Namespace) -> int:
+    body = {k: v for k, v in (("days", args.days), ("status", args.status)) if v is not None}
+    if not body:
+        args.parser.error("give --days and/or --status")
+    _show_retention(call(data_dir_of(args), "PATCH", "/georeg/v1/registry/retention", body))
+    return 0
 
 
 def _tier(value: str) -> str:

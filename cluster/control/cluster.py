@@ -96,7 +96,9 @@ from .errors import (
     PortInUse,
 )
 from .identities import ACCESS_KINDS, RegistryAccess
+from .lifecycle import RETENTION_FIELDS, RegistryLifecycle, purge_as_client
 from .plan import ClusterPlan, plan
+from .schedules import Scheduler
 from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
 from .tls import ClusterTls
@@ -107,6 +109,11 @@ log = structlog.get_logger("georeg.cluster")
 RegistryChanges = Callable[[str, dict], Awaitable[dict | None]]
 """``changes(home, current)`` of ``Cluster.update_registry_object``: the fields
 of the registry object to set, or None to write nothing."""
+
+# Fields of the registry object its own commands write (credential renew, --sku,
+# retention update, soft-delete update): a generic write of the object
+# (``Cluster.set_configuration``) refuses them and keeps their values.
+KEPT_REGISTRY_FIELDS = ("admin_passwords", "sku", *RETENTION_FIELDS, "soft_delete")
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +208,18 @@ class Cluster:
         # Cache rules and credential sets (the pull-through cache's configuration).
         self.cache = RegistryCache(home=self._control_plane, reader=self._config_reader,
                                    call=self._node_call, key=self._configuration_key)
+        # The retention policy for untagged manifests, and its sweeps (``run``,
+        # from the start to the stop).
+        self.lifecycle = RegistryLifecycle(
+            update=self.update_registry_object, reader=self._config_reader,
+            current=self._current_registry, plan=lambda: self.plan,
+            regions=lambda: [r.region for r in self.spec.all_replicas],
+            home_region=lambda: self.spec.home_region, tier=lambda: self.tier,
+            answers=self.answers, request=self._node_request)
+        # The spec's [[schedules]] (cluster.control.schedules), run from the start to the stop.
+        self.schedules = Scheduler(spec.schedules, lambda request: purge_as_client(self, request),
+                                   state_file=self.data_dir / "schedules.json")
+        self._lifecycle_tasks: list[asyncio.Task] = []
         # A tier change and a new replica, one at a time (a replica needs
         # Premium; a move down needs no replica).
         self.tier_lock = asyncio.Lock()
@@ -284,6 +303,9 @@ class Cluster:
             await self._tier_at_start()
             if self.spec.auth_enabled:
                 await self._admin_user_everywhere()
+            self._lifecycle_tasks = [
+                asyncio.create_task(self.lifecycle.run(), name="retention"),
+                asyncio.create_task(self.schedules.forever(), name="schedules")]
         except BaseException:
             await self.stop()
             raise
@@ -390,6 +412,11 @@ class Cluster:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        for task in self._lifecycle_tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._lifecycle_tasks = []
         if self._management_socket is not None:
             self._management_socket.close()
             self._management_socket = None
@@ -774,7 +801,8 @@ class Cluster:
         Identities have their own commands (``access``), which generate their
         secrets and check what they refer to, and so do webhooks (``webhooks``),
         which check their region and the tier's limit; the registry object's name and
-        admin passwords are the control plane's and keep their values."""
+        the fields its own commands write (``KEPT_REGISTRY_FIELDS``) are the control
+        plane's and keep their values."""
         path = self._object_path(kind, name)
         self._written_by_its_commands(kind)
         if kind == TASK:
@@ -784,18 +812,19 @@ class Cluster:
                          self.spec.tasks.context_roots, self.data_dir)
         if kind != "registry":
             return await self._node_call(await self._control_plane(), "PUT", path, value)
-        owned = sorted({"name", "admin_passwords", "sku"} & set(value))
+        owned = sorted({"name", *KEPT_REGISTRY_FIELDS} & set(value))
         if owned:
             raise ClusterError(f"{', '.join(owned)}: set by the control plane (use `georeg "
                                "credential renew` for the admin passwords, `georeg registry "
-                               "update --sku` for the tier)")
+                               "update --sku` for the tier, `georeg registry retention update` "
+                               "for the retention policy, `georeg registry soft-delete update` "
+                               "for soft delete)")
         async with self.access.lock:
             home = await self._control_plane()
             current = await self._current_registry(home)
             return await self._node_call(home, "PUT", path, {
                 **value, "name": self.spec.registry,
-                "admin_passwords": current.get("admin_passwords", []),
-                **({"sku": current["sku"]} if current.get("sku") else {})})
+                **{f: current[f] for f in KEPT_REGISTRY_FIELDS if f in current}})
 
     async def delete_configuration(self, kind: str, name: str) -> dict:
         path = self._object_path(kind, name)
@@ -938,15 +967,15 @@ class Cluster:
             answer = await self._node_call(home, "GET", self._object_path(kind))
             return sum(1 for o in answer["objects"] if not o["deleted"])
 
-        webhooks, tokens, scope_maps = await asyncio.gather(
-            count(WEBHOOK), count(TOKEN), count(SCOPE_MAP))
+        webhooks, tokens, scope_maps, stored = await asyncio.gather(
+            count(WEBHOOK), count(TOKEN), count(SCOPE_MAP), self._current_registry(home))
         shrinks = tiers.limits(target).maximum_storage < tiers.limits(current).maximum_storage
         storage = (await self.storage())["bytes"] if shrinks and not self.spec.replicas else 0
         return skus.TierState(
             geo_replicas=tuple(r.region for r in self.spec.replicas),
             zone_redundant=tuple(r.region for r in self.spec.all_replicas if r.zone_redundant),
             webhooks=webhooks, tokens=tokens, scope_maps=scope_maps, anonymous_pull=anonymous_pull,
-            storage_bytes=storage)
+            storage_bytes=storage, retention_enabled=bool(stored.get("retention_enabled")))
 
     async def storage(self) -> dict:
         """The registry's storage, counted once (``usage.registry_size``), and

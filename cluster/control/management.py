@@ -72,6 +72,13 @@ which other processes find it.
                                                   {"name": …[, "tier": …]}}: a refused tier
                                                   change is a 409
                                                   that names every reason (``sku``)
+    GET    /georeg/v1/registry/retention          az acr config retention show: {"type", "days",
+                                                  "status", "enabledSince"} (``lifecycle``)
+    PATCH  /georeg/v1/registry/retention          {"days": 0..365, "status": "enabled"|"disabled"}
+    GET    /georeg/v1/schedules                   the spec's [[schedules]], each with its last run
+                                                  and next time (``schedules``)
+    POST   /georeg/v1/schedules/{name}/run        run one now: its run ({"started", "ended",
+                                                  "result", "detail"})
     GET    /georeg/v1/registry/soft-delete        az acr config soft-delete show: {"status":
                                                   "enabled"|"disabled", "retentionDays"}
     PATCH  /georeg/v1/registry/soft-delete        {"status", "retentionDays": 1..90}, written at
@@ -319,6 +326,10 @@ class ManagementServer:
         r.add_post("/georeg/v1/runs/{id}/cancel", self.cancel_run)
         r.add_get("/georeg/v1/registry", self.show_registry)
         r.add_patch("/georeg/v1/registry", self.update_registry)
+        r.add_get("/georeg/v1/registry/retention", self.show_retention)
+        r.add_patch("/georeg/v1/registry/retention", self.update_retention)
+        r.add_get("/georeg/v1/schedules", self.list_schedules)
+        r.add_post("/georeg/v1/schedules/{name}/run", self.run_schedule)
         r.add_get("/georeg/v1/registry/soft-delete", self.show_soft_delete)
         r.add_patch("/georeg/v1/registry/soft-delete", self.update_soft_delete)
         r.add_get("/georeg/v1/registry/usages", self.show_usage)
@@ -455,11 +466,9 @@ class ManagementServer:
         body = await _json(request)
         switches = {"adminUserEnabled": "admin_enabled",
                     "anonymousPullEnabled": "anonymous_pull_enabled"}
-        unknown = sorted(set(body) - set(switches) - {"sku"})
-        if unknown or not body:
-            raise ClusterError('send {"adminUserEnabled": true|false, "anonymousPullEnabled": '
-                               'true|false, "sku": "Basic"|"Standard"|"Premium"}'
-                               + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        _only_fields(body, {*switches, "sku"},
+                     '{"adminUserEnabled": true|false, "anonymousPullEnabled": true|false, '
+                     '"sku": "Basic"|"Standard"|"Premium"}', empty_ok=False)
         changes: dict = {}
         for field, name in switches.items():
             if field in body:
@@ -469,6 +478,25 @@ class ManagementServer:
         if "sku" in body:
             changes["sku"] = _sku_name(body["sku"])
         return web.json_response(await self.cluster.update_registry(**changes))
+
+    async def show_retention(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cluster.lifecycle.retention())
+
+    async def update_retention(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        _only_fields(body, {"days", "status"}, '{"days": 0..365, "status": "enabled"|"disabled"}')
+        return web.json_response(await self.cluster.lifecycle.update_retention(
+            days=body.get("days"), status=body.get("status")))
+
+    async def list_schedules(self, request: web.Request) -> web.Response:
+        return web.json_response(self.cluster.schedules.listing())
+
+    async def run_schedule(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.cluster.schedules.schedules:
+            raise NotFound(f"no schedule {name[:64]!r}; the spec's schedules are "
+                           f"{', '.join(self.cluster.schedules.schedules) or 'none'}")
+        return web.json_response((await self.cluster.schedules.run_now(name, manual=True)).as_dict())
 
     async def show_usage(self, request: web.Request) -> web.Response:
         return web.json_response(await self.cluster.usage())
@@ -900,6 +928,15 @@ def _node_answer(status: int, answer: dict) -> web.Response:
         detail = detail.get("reason") or ", ".join(f"{k} {v}" for k, v in detail.items())
     message = f"{error.get('code')}: {error.get('message')}" + (f" ({detail})" if detail else "")
     return _error(status, str(error.get("code") or "NodeError"), message)
+
+
+def _only_fields(body: dict, allowed: set[str], usage: str, *, empty_ok: bool = True) -> None:
+    """A 400 saying what to send when ``body`` has a field not ``allowed`` (or
+    none, unless ``empty_ok``)."""
+    unknown = sorted(set(body) - allowed)
+    if unknown or not (body or empty_ok):
+        raise ClusterError((f"send {usage}" + (f"; unknown: {', '.join(unknown)}"
+                                               if unknown else ""))[:300])
 
 
 def _only(body: dict, *names: str) -> None:

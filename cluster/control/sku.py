@@ -44,6 +44,7 @@ class TierState:
     scope_maps: int = 0
     anonymous_pull: bool = False
     storage_bytes: int = 0                    # the registry's size (``usage.registry_size``)
+    retention_enabled: bool = False           # the retention policy (Premium only, as in ACR)
 
 
 def refusals(current: str, target: str, state: TierState) -> list[str]:
@@ -69,6 +70,10 @@ def refusals(current: str, target: str, state: TierState) -> list[str]:
     if state.anonymous_pull and not limits.anonymous_pull:
         out.append(f"the {target} tier has no anonymous pull and it is enabled: disable it first "
                    f"(`georeg registry update --anonymous-pull-enabled false`)")
+    if state.retention_enabled and current == tiers.PREMIUM != target:
+        out.append("the retention policy for untagged manifests needs the Premium tier and it "
+                   "is enabled: disable it first (`georeg registry retention update --status "
+                   "disabled`)")
     if state.storage_bytes > limits.maximum_storage:
         out.append(f"the registry stores {tiers.format_size(state.storage_bytes)}, more than the "
                    f"{target} tier's maximum of {tiers.format_size(limits.maximum_storage)}: "

@@ -81,6 +81,12 @@ Example (every key optional except where noted)::
                                     # clients' uploads are refused with 403 DENIED (default:
                                     # the tier's registry maximum, 40 TiB; 100 TiB Premium)
 
+    [[schedules]]                   # jobs the control process runs on its clock (UTC), as
+    name = "nightly-purge"          # ACR runs acr purge as a task with a timer trigger:
+    cron = "0 1 * * *"              # five fields (minute hour day month weekday);
+    command = "purge --filter 'hello-world:.*' --ago 7d --untagged"   # `georeg purge`'s
+                                    # options (cluster.control.schedules)
+
     [network]
     port_base = 5000                # 0: any free range, chosen when the cluster starts
     data_dir = ".georeg"
@@ -124,6 +130,7 @@ from replicator.topology import ReplicationSettings
 
 from ..network.wan import DEFAULT_BANDWIDTH_MBPS, PairOverride, WanModel
 from .regions import CONFINED_BY_DEFAULT, REGIONS, distance_km, unknown_region_message
+from .schedules import schedule_problems
 
 TIERS = tier_table.TIERS
 SEEDS = 2**32                  # a drawn seed is below this: short enough to copy from a log
@@ -304,6 +311,14 @@ class LimitsSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return tier_table.parse_size(self.storage_limit)
 
 
+class ScheduleSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A job the control process runs (``cluster.control.schedules``)."""
+
+    name: str
+    cron: str
+    command: str
+
+
 class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     port_base: int = 5000
     management_port: int | None = None
@@ -351,6 +366,7 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     replication: ReplicationSpec = ReplicationSpec()
     webhooks: WebhookSpec = WebhookSpec()
     limits: LimitsSpec = LimitsSpec()
+    schedules: tuple[ScheduleSpec, ...] = ()
     network: NetworkSpec = NetworkSpec()
     tasks: TasksSpec = TasksSpec()
 
@@ -478,7 +494,8 @@ _FIELDS = {"": set(ClusterSpec.__struct_fields__), "replicas": set(ReplicaSpec._
            "replication": set(ReplicationSpec.__struct_fields__),
            "webhooks": set(WebhookSpec.__struct_fields__),
            "limits": set(LimitsSpec.__struct_fields__),
-           "tasks": set(TasksSpec.__struct_fields__)}
+           "tasks": set(TasksSpec.__struct_fields__),
+           "schedules": set(ScheduleSpec.__struct_fields__)}
 
 
 def _check_keys(raw: dict, source: str) -> None:
@@ -493,9 +510,10 @@ def _check_keys(raw: dict, source: str) -> None:
                 problems.append(f"unknown key {where}{key!r}{hint}")
 
     check(raw, _FIELDS[""], "")
-    for i, replica in enumerate(raw.get("replicas") or []):
-        if isinstance(replica, dict):
-            check(replica, _FIELDS["replicas"], f"replicas[{i}].")
+    for array in ("replicas", "schedules"):
+        for i, table in enumerate(raw.get(array) or []):
+            if isinstance(table, dict):
+                check(table, _FIELDS[array], f"{array}[{i}].")
     for section in ("wan", "residency", "replication", "webhooks", "limits", "network", "tasks"):
         if isinstance(raw.get(section), dict):
             check(raw[section], _FIELDS[section], f"{section}.")
@@ -584,6 +602,7 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
     problems += _replication_problems(spec.replication)
     problems += _webhook_problems(spec.webhooks)
     problems += _limits_problems(spec.limits)
+    problems += schedule_problems(spec.schedules)
     problems += _port_problems(spec)
     if problems:
         raise SpecError(source, problems)

@@ -622,7 +622,12 @@ def compare_registers(snapshots: list[Snapshot], policy: ResidencyPolicy) -> lis
                 live = s.repo(repo).get("manifests", {}).get(digest)
                 dead = s.repo(repo).get("deleted_manifests", {}).get(digest)
                 if live is not None:
-                    writes[s.name] = _Write(s, _stamp(live), digest, live["pushed_region"])
+                    # Judged by where it was pushed and, when a tag there renewed it,
+                    # where it was renewed: a confined region's tag keeps it there
+                    # against an older delete (retention's), and never leaves.
+                    stamp = _stamp(live)
+                    region = stamp[1] if policy.confined(stamp[1], repo) else live["pushed_region"]
+                    writes[s.name] = _Write(s, stamp, digest, region)
                 elif dead is not None:
                     stamp = _stamp(dead)
                     writes[s.name] = _Write(s, stamp, None, stamp[1])
@@ -630,8 +635,11 @@ def compare_registers(snapshots: list[Snapshot], policy: ResidencyPolicy) -> lis
                 held, winner = _expectation(s, repo, writes, policy)
                 if winner is None or winner.value == held:
                     continue
-                if held is not None and _needed_by_index(s, repo, digest):
-                    continue  # an index here needs it: replication keeps it, rightly
+                if held is not None and (_needed_by_index(s, repo, digest)
+                                         or _delete_locked(s, repo, digest)):
+                    # An index here needs it, or a lock here kept it from retention's
+                    # delete (``Replica.apply_manifest_delete``): kept, rightly.
+                    continue
                 out.append(Divergence(
                     "manifest", s.name, s.region, repo, _manifest_detail(winner, held),
                     digest=digest, expected="present" if winner.value else "absent",
@@ -754,6 +762,13 @@ def _expectation(s: Snapshot, repo: str, writes: dict[str, _Write],
 
 def _needed_by_index(s: Snapshot, repo: str, digest: str) -> bool:
     return any(digest in m["references"] for m in s.repo(repo).get("manifests", {}).values())
+
+
+def _delete_locked(s: Snapshot, repo: str, digest: str) -> bool:
+    attributes = s.repo(repo).get("attributes", {})
+    return any(attributes.get(name, {}).get("attributes", {}).get(flag) is False
+               for name in ("repository", f"manifest:{digest}")
+               for flag in ("deleteEnabled", "writeEnabled"))
 
 
 def _stamp(entry: dict) -> Stamp:
@@ -998,7 +1013,8 @@ def _key_names(key: keys.Key | None, value: bytes) -> tuple[list[str], list[str]
         case keys.UploadKey():
             with contextlib.suppress(Exception):
                 return [decode(value, UploadRecord).repository], []
-        case keys.FailureKey(repository=repo, digest=digest):
+        case keys.FailureKey(repository=repo, digest=digest) \
+                | keys.UntaggedKey(repository=repo, digest=digest):
             return [repo], [digest]
         case keys.ManifestKey(repository=repo, digest=digest) \
                 | keys.BlobLinkKey(repository=repo, digest=digest) \

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..configuration import Configuration
     from ..pull_through import PullThrough
     from ..registry import Registry
+    from ..untagged import UntaggedRetention
     from ..webhook_delivery import WebhookDelivery
 
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry", object)  # type: ignore[arg-type]
@@ -28,6 +29,8 @@ CONFIGURATION: web.AppKey[Configuration] = web.AppKey("configuration", object)  
 WEBHOOKS: web.AppKey[WebhookDelivery] = web.AppKey("webhooks", object)  # type: ignore[arg-type]
 # The node's pull-through cache (``registry_node.pull_through``).
 PULL_THROUGH: web.AppKey[PullThrough] = web.AppKey("pull_through", object)  # type: ignore[arg-type]
+# The node's sweep of untagged manifests (``registry_node.untagged``).
+RETENTION: web.AppKey[UntaggedRetention] = web.AppKey("retention", object)  # type: ignore[arg-type]
 # The node's blob bandwidth budgets (``registry_node.bandwidth``); unshaped: both None.
 BANDWIDTH: web.AppKey[Bandwidth] = web.AppKey("bandwidth", Bandwidth)
 

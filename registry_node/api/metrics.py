@@ -17,6 +17,8 @@ change may turn on or off while it runs:
     georeg_bandwidth_bytes_total{direction}              blob bytes the budget let pass
     georeg_bandwidth_wait_seconds_total{direction}       time transfers waited for it,
                                                          summed over transfers
+    georeg_retention_manifests_deleted_total             untagged manifests its retention
+                                                         sweeps deleted (``untagged``)
 
 and its recycle bins (soft delete, ``registry_node.recycle_bin``):
 
@@ -41,6 +43,7 @@ from ..blob_repair import BlobRepair
 from ..errors import RegistryError
 from ..recycle_bin import RecycleBin
 from ..throttle import Throttle
+from ..untagged import UntaggedRetention
 
 
 class NodeMetrics:
@@ -63,11 +66,28 @@ class NodeMetrics:
     def watch_bandwidth(self, bandwidth: Bandwidth) -> None:
         self.registry.register(_Budgets(bandwidth))
 
+    def watch_retention(self, retention: UntaggedRetention) -> None:
+        """``georeg_retention_manifests_deleted_total``: untagged manifests this
+        node's retention sweeps deleted (``registry_node.untagged``)."""
+        self.registry.register(_RetentionDeletes(retention))
+
     def watch_repairs(self, repair: BlobRepair) -> None:
         self.registry.register(_Repairs(repair))
 
     def watch_recycle_bin(self, bin_: RecycleBin) -> None:
         self.registry.register(_Recycled(bin_))
+
+
+class _RetentionDeletes:
+    def __init__(self, retention: UntaggedRetention) -> None:
+        self.retention = retention
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "georeg_retention_manifests_deleted",
+            "Untagged manifests deleted by this node's retention sweeps",
+            value=self.retention.deleted_total)
+
 
 class _Repairs:
     """Bit rot found and what came of it (``registry_node.blob_repair``), read
@@ -91,6 +111,7 @@ class _Repairs:
 
     def describe(self):
         return []
+
 
 class _Throttled:
     def __init__(self, throttle: Throttle, replica: str) -> None:

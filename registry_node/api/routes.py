@@ -22,6 +22,7 @@ from . import (
     manifests,
     metadata,
     metrics,
+    retention,
     throttling,
     uploads,
     webhooks,
@@ -97,6 +98,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/georeg/v1/configuration/{kind}/{name}", configuration.get_object),
     Route("PUT", "/georeg/v1/configuration/{kind}/{name}", configuration.put_object),
     Route("DELETE", "/georeg/v1/configuration/{kind}/{name}", configuration.delete_object),
+    # One sweep of untagged manifests, asked by the control process (registry_node.untagged).
+    Route("POST", "/georeg/v1/retention/sweep", retention.sweep),
     # Webhook deliveries from this node (the control plane's ping, list-events, redeliver).
     Route("POST", "/georeg/v1/webhooks/{name}/ping", webhooks.ping),
     Route("GET", "/georeg/v1/webhooks/{name}/events", webhooks.list_events),

@@ -291,7 +291,7 @@ class RepositoryStateRequest(_message.Message):
     def __init__(self, requester: _Optional[_Union[NodeRef, _Mapping]] = ..., repository: _Optional[str] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("key", "digest", "deleted", "hlc", "origin_region", "origin_zone", "media_type", "size", "references", "origin_acked_ns", "recycled", "recycled_tags")
+    __slots__ = ("key", "digest", "deleted", "hlc", "origin_region", "origin_zone", "media_type", "size", "references", "origin_acked_ns", "recycled", "recycled_tags", "retention")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +304,7 @@ class Register(_message.Message):
     ORIGIN_ACKED_NS_FIELD_NUMBER: _ClassVar[int]
     RECYCLED_FIELD_NUMBER: _ClassVar[int]
     RECYCLED_TAGS_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
     key: str
     digest: str
     deleted: bool
@@ -316,7 +317,8 @@ class Register(_message.Message):
     origin_acked_ns: int
     recycled: bool
     recycled_tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key: _Optional[str] = ..., digest: _Optional[str] = ..., deleted: _Optional[bool] = ..., hlc: _Optional[int] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., origin_acked_ns: _Optional[int] = ..., recycled: _Optional[bool] = ..., recycled_tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    retention: bool
+    def __init__(self, key: _Optional[str] = ..., digest: _Optional[str] = ..., deleted: _Optional[bool] = ..., hlc: _Optional[int] = ..., origin_region: _Optional[str] = ..., origin_zone: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., origin_acked_ns: _Optional[int] = ..., recycled: _Optional[bool] = ..., recycled_tags: _Optional[_Iterable[str]] = ..., retention: _Optional[bool] = ...) -> None: ...
 
 class RepositoryState(_message.Message):
     __slots__ = ("repository", "tags", "manifests", "blobs", "attributes")

@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GEOREG := $(VENV)/bin/georeg
 # python3-venv: Debian's python3 cannot make a virtualenv without it.
-SYSTEM_PACKAGES := python3-venv skopeo docker-registry
+# mmdebstrap: the image's Debian root filesystem, without a daemon (make image).
+SYSTEM_PACKAGES := python3-venv skopeo docker-registry mmdebstrap
 DATA_DIR ?= .georeg
 
 PROTO_SRC := proto/georeg/replication/v1/replication.proto
@@ -13,12 +14,13 @@ PROTO_SRC := proto/georeg/replication/v1/replication.proto
 # (the virtual import path makes their imports `replicator.wire.v1…`).
 PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
 
-.PHONY: help install system-deps up node test soak chaos bench bench-lag bench-scale bench-webhooks bench-tiers bench-import bench-cache lint proto proto-check clean
+.PHONY: help install system-deps up node image test soak chaos bench bench-lag bench-scale bench-webhooks bench-tiers bench-import bench-cache lint proto proto-check clean
 
 help:
 	@echo "make up       start the default multi-region cluster (installs first)"
 	@echo "make node     start one standalone node on port 5000"
 	@echo "make test     run the test suite (installs first)"
+	@echo "make image    georeg's OCI image as a layout in build/image (PUSH=host/repo:tag pushes it, PUSH_FLAGS=… for skopeo)"
 	@echo "make soak     run the long soak tests and the Hypothesis tests in the soak profile"
 	@echo "make chaos    run the shipped chaos scenarios at full length"
 	@echo "make bench    benchmark a node against the reference registry"
@@ -64,6 +66,11 @@ up: install
 # One standalone node on port 5000.
 node: install
 	$(GEOREG) node --data-dir $(DATA_DIR)/node --listen 127.0.0.1:5000
+
+# georeg's OCI image, built without a daemon (docs/image.md); PUSH=host/repo:tag
+# copies it there with skopeo (PUSH_FLAGS='--dest-tls-verify=false' for a plain-HTTP node).
+image: install
+	$(PY) -m cluster.image --out build/image $(if $(PUSH),--push '$(PUSH)') $(if $(PUSH_FLAGS),--push-flags '$(PUSH_FLAGS)')
 
 test: install proto-check
 	$(PY) -m pytest

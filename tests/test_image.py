@@ -38,20 +38,27 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def built():
-    """The image's layout, in a temporary directory removed after."""
+    """The image's layout, and georeg's stage, in a temporary directory removed after."""
     require_program("mmdebstrap", "mmdebstrap")
     require_program("unshare", "util-linux")
     with tempfile.TemporaryDirectory(prefix="georeg-image-") as tmp:
-        out = Path(tmp, "layout")
-        digest, _ = image_cli.build(PROJECT, out, rootfs.default_cache(), TAG)
-        yield {"tmp": Path(tmp), "out": out, "digest": digest}
+        app, out = Path(tmp, "app"), Path(tmp, "layout")
+        rootfs.app(PROJECT, app)
+        digest, _ = image_cli.assemble(PROJECT, app, out, rootfs.default_cache(), TAG)
+        yield {"tmp": Path(tmp), "app": app, "out": out, "digest": digest}
 
 
-def test_a_second_build_gives_the_same_digest_and_the_config_a_registry_node_needs(built):
-    # georeg's layer is made anew (a new wheel, new files, new mtimes); the
-    # cached stages' layers are reused as packed.
+def test_packing_again_from_fresh_files_gives_the_same_digest_and_a_registry_node_config(built):
+    # georeg's stage copied anew, every file newer than the epoch and made in
+    # another order, as a fresh checkout's would be; the cached stages' layers
+    # are reused as packed (their packing is the same code, tested below).
+    app = built["tmp"] / "app-again"
+    shutil.copytree(built["app"], app)
+    now = time.time()
+    for path in [app, *app.rglob("*")]:
+        os.utime(path, (now, now), follow_symlinks=False)
     again = built["tmp"] / "layout-again"
-    digest, _ = image_cli.build(PROJECT, again, rootfs.default_cache(), TAG)
+    digest, _ = image_cli.assemble(PROJECT, app, again, rootfs.default_cache(), TAG)
     assert digest == built["digest"]
     shutil.rmtree(again)
     _, manifest = layout.manifest_of(built["out"], TAG)

@@ -82,18 +82,24 @@ def layers(project: Path, cache: Path, app: Path, blobs: Path, epoch: int,
     return [*cached, layout.pack_layer(app, blobs, epoch, f"georeg {revision(project)}", owners)]
 
 
-def build(project: Path, out: Path, cache: Path, tag: str,
-          refresh: bool = False) -> tuple[str, list[layout.Layer]]:
-    """The image of the checkout at ``project`` as layout ``out``; its manifest
-    digest and layers."""
+def assemble(project: Path, app: Path, out: Path, cache: Path, tag: str,
+             refresh: bool = False) -> tuple[str, list[layout.Layer]]:
+    """The image of the checkout at ``project``, georeg's stage already made in
+    ``app`` (``rootfs.app``), as layout ``out``; its manifest digest and layers."""
     if out.exists():
         shutil.rmtree(out)
     epoch = source_date_epoch(project)
+    image_layers = layers(project, cache, app, out / "blobs" / "sha256", epoch, refresh)
+    return layout.write_layout(out, image_layers, image_spec(project), epoch, tag), image_layers
+
+
+def build(project: Path, out: Path, cache: Path, tag: str,
+          refresh: bool = False) -> tuple[str, list[layout.Layer]]:
+    """``assemble`` with georeg's stage made from the checkout, in a temporary directory."""
     with tempfile.TemporaryDirectory() as tmp:
         app = Path(tmp, "app")
         rootfs.app(project, app)
-        image_layers = layers(project, cache, app, out / "blobs" / "sha256", epoch, refresh)
-    return layout.write_layout(out, image_layers, image_spec(project), epoch, tag), image_layers
+        return assemble(project, app, out, cache, tag, refresh)
 
 
 def push(out: Path, tag: str, dest: str, flags: list[str]) -> None:

@@ -70,7 +70,7 @@ node: install
 # georeg's OCI image, built without a daemon (docs/image.md); PUSH=host/repo:tag
 # copies it there with skopeo (PUSH_FLAGS='--dest-tls-verify=false' for a plain-HTTP node).
 image: install
-	$(PY) -m cluster.image --out build/image $(if $(PUSH),--push '$(PUSH)') $(if $(PUSH_FLAGS),--push-flags '$(PUSH_FLAGS)')
+	$(PY) -m cluster.image --out build/image $(if $(PUSH),--push '$(PUSH)') $(if $(PUSH_FLAGS),--push-flags='$(PUSH_FLAGS)')
 
 test: install proto-check
 	$(PY) -m pytest

@@ -135,8 +135,12 @@ def cached_layer(root: Path, store: Path, epoch: int, created_by: str,
                  owners: dict[str, Owner] | None = None) -> Layer:
     """``pack_layer`` for a stage that does not change once built: packed once
     into the blob store ``store``, recorded beside the stage as
-    ``<root>.layer-<epoch>.json`` (removed whenever the stage is rebuilt)."""
-    record = root.parent / f"{root.name}.layer-{epoch}.json"
+    ``<root>.layer-<key>.json`` (removed whenever the stage is rebuilt), the key
+    a hash of the epoch, the owners and this module's code, which packed it."""
+    packing = json.dumps([epoch, sorted((k, asdict(v)) for k, v in (owners or {}).items()),
+                          hashlib.sha256(Path(__file__).read_bytes()).hexdigest()])
+    key = hashlib.sha256(packing.encode()).hexdigest()[:16]
+    record = root.parent / f"{root.name}.layer-{key}.json"
     if record.exists():
         layer = Layer(**json.loads(record.read_text()))
         if (store / layer.digest.removeprefix("sha256:")).exists():

@@ -83,6 +83,8 @@ def _cached(cache: Path, stage: str, key: str, refresh: bool, build) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=cache))
     try:
         build(work / "root")
+        if done.exists() and not refresh:
+            return done  # another build made it meanwhile: the same inputs, keep theirs
         for record in cache.glob(f"{done.name}.layer-*"):  # layers packed from the old one
             record.unlink()
         if done.exists():

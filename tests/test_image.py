@@ -99,6 +99,29 @@ def test_a_layer_is_sorted_clamped_and_owned_by_root_whatever_order_and_times_it
     assert layout.pack_layer(second, tmp_path / "blobs", epoch, "test").digest != layers[0].digest
 
 
+def _tree_under_umask(root: Path, umask: int) -> Path:
+    old = os.umask(umask)
+    try:
+        _tree(root, ["a/b", "a/c/d", "e"], 1_700_000_000)
+        (root / "tool").write_text("#!/bin/sh\n")
+        (root / "tool").chmod(0o777 & ~umask)
+        (root / "tmp").mkdir()
+        (root / "tmp").chmod(0o1777)
+    finally:
+        os.umask(old)
+    return root
+
+
+def test_a_layer_has_the_same_modes_and_digest_whatever_umask_built_its_files(tmp_path):
+    packed = [layout.pack_layer(_tree_under_umask(tmp_path / f"u{umask:o}", umask),
+                                tmp_path / "blobs", 1_700_000_000, "test")
+              for umask in (0o022, 0o077, 0o002)]
+    assert packed[0] == packed[1] == packed[2]
+    with tarfile.open(tmp_path / "blobs" / packed[0].digest.removeprefix("sha256:")) as tar:
+        modes = {info.name: info.mode for info in tar}
+    assert (modes["a"], modes["a/b"], modes["tool"], modes["tmp"]) == (0o755, 0o644, 0o755, 0o1777)
+
+
 def _namespaced_node(root: Path, log) -> subprocess.Popen:
     """``georeg node`` from ``root`` as pid 1 of new net, pid and mount
     namespaces (loopback up, a private /proc), as the image's user, in a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -20,22 +21,34 @@ PORT = 5000
 TITLE = "georeg"
 
 
+class BuildError(Exception):
+    """A build that cannot go on, with the message for its user."""
+
+
+# Debian's names for the machines whose Debian stage and wheels the image can hold;
+# mmdebstrap builds the host's architecture, and the wheel tags are x86_64's.
+ARCHITECTURES = {"x86_64": "amd64"}
+
+
+def architecture() -> str:
+    machine = platform.machine()
+    if machine not in ARCHITECTURES:
+        raise BuildError(f"make image builds on x86_64 (amd64) only, not on {machine}: "
+                         "the wheel tags and the config's architecture are amd64's")
+    return ARCHITECTURES[machine]
+
+
 def source_date_epoch(project: Path) -> int:
     """``SOURCE_DATE_EPOCH`` when set, else the checkout's last commit time."""
     if os.environ.get("SOURCE_DATE_EPOCH"):
         return int(os.environ["SOURCE_DATE_EPOCH"])
-    out = subprocess.run(["git", "-C", str(project), "log", "-1", "--format=%ct"],
-                         check=True, capture_output=True, text=True).stdout
-    return int(out.strip())
+    return int(rootfs.git(project, "log", "-1", "--format=%ct"))
 
 
 def revision(project: Path) -> str:
     """The commit built, marked ``-dirty`` when the checkout differs from it."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(project), *args], check=True,
-                              capture_output=True, text=True).stdout.strip()
-    head = git("rev-parse", "HEAD")
-    return f"{head}-dirty" if git("status", "--porcelain") else head
+    head = rootfs.git(project, "rev-parse", "HEAD")
+    return f"{head}-dirty" if rootfs.git(project, "status", "--porcelain") else head
 
 
 def image_spec(project: Path) -> layout.ImageSpec:
@@ -49,6 +62,7 @@ def image_spec(project: Path) -> layout.ImageSpec:
         exposed_ports=[f"{PORT}/tcp"],
         volumes=[f"/{rootfs.DATA}"],
         working_dir=f"/{rootfs.DATA}",
+        architecture=architecture(),
         annotations={
             "org.opencontainers.image.title": TITLE,
             "org.opencontainers.image.description": meta["description"],
@@ -70,12 +84,12 @@ def layers(project: Path, cache: Path, app: Path, blobs: Path, epoch: int,
     (packed once, see ``layout.cached_layer``) and georeg's, packed now."""
     owners = {rootfs.DATA: rootfs.USER}
     store = cache / "blobs"
+    deps, got = rootfs.deps(cache, project, refresh)
     cached = [
         layout.cached_layer(rootfs.base(cache, refresh), store, STAGE_EPOCH,
                             f"mmdebstrap --variant=extract {rootfs.SUITE}: "
                             f"{' '.join(rootfs.PACKAGES)}", owners),
-        layout.cached_layer(rootfs.deps(cache, project, refresh), store, STAGE_EPOCH,
-                            "pip: " + " ".join(rootfs.requirements(project)), owners),
+        layout.cached_layer(deps, store, STAGE_EPOCH, got, owners),
     ]
     for layer in cached:
         layout.link_blob(store, blobs, layer.digest)
@@ -86,11 +100,36 @@ def assemble(project: Path, app: Path, out: Path, cache: Path, tag: str,
              refresh: bool = False) -> tuple[str, list[layout.Layer]]:
     """The image of the checkout at ``project``, georeg's stage already made in
     ``app`` (``rootfs.app``), as layout ``out``; its manifest digest and layers."""
-    if out.exists():
-        shutil.rmtree(out)
-    epoch = source_date_epoch(project)
-    image_layers = layers(project, cache, app, out / "blobs" / "sha256", epoch, refresh)
-    return layout.write_layout(out, image_layers, image_spec(project), epoch, tag), image_layers
+    _check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        epoch = source_date_epoch(project)
+        image_layers = layers(project, cache, app, partial / "blobs" / "sha256", epoch, refresh)
+        digest = layout.write_layout(partial, image_layers, image_spec(project), epoch, tag)
+        (partial / MARKER).write_text("an OCI image layout written by `make image`; "
+                                      "the next build replaces this directory\n")
+        partial.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return digest, image_layers
+
+
+# Marks a layout this module wrote: the only non-empty directory ``--out`` replaces.
+MARKER = ".georeg-image"
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an ``out`` that exists and is neither empty nor a layout made here."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BuildError(f"--out {out} is not a directory: refusing to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise BuildError(f"--out {out} is not empty and is not an image layout that make image "
+                         f"wrote (it has no {MARKER}): refusing to delete it; "
+                         "choose an empty or new directory")
 
 
 def build(project: Path, out: Path, cache: Path, tag: str,
@@ -111,6 +150,18 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+# The programs a build runs, with the Debian package of each.
+PROGRAMS = {"git": "git", "mmdebstrap": "mmdebstrap"}
+PUSH_PROGRAMS = {"skopeo": "skopeo"}
+
+
+def _check_programs(programs: dict[str, str]) -> None:
+    for name, package in programs.items():
+        if not shutil.which(name):
+            raise BuildError(f"{name} is not installed (Debian package {package}; "
+                             "`make install` installs it)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.image", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("build/image"),
@@ -125,6 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push-flags", default="",
                         help="extra skopeo copy flags, e.g. '--dest-tls-verify=false'")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except BuildError as e:
+        print(f"make image: {e}", file=sys.stderr)
+    except subprocess.CalledProcessError as e:
+        cmd = e.cmd if isinstance(e.cmd, list) else shlex.split(str(e.cmd))
+        step = " ".join(str(part) for part in cmd[:4] if part != "--quiet")
+        detail = (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes)
+                  else e.stderr or "").strip()[-2000:]
+        print(f"make image: {step} failed (exit {e.returncode})" + (f":\n{detail}" if detail
+                                                                     else ""), file=sys.stderr)
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_programs({**PROGRAMS, **(PUSH_PROGRAMS if args.push else {})})
+    architecture()
     project = Path(__file__).resolve().parents[2]
     started = time.monotonic()
     digest, image_layers = build(project, args.out, args.cache, args.tag, args.refresh)

@@ -26,6 +26,9 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.tags import parse_tag
+
 from .layout import Owner
 
 SUITE = "bookworm"
@@ -40,7 +43,8 @@ MIRRORS = [
 PACKAGES = ["python3", "libstdc++6"]
 PYTHON = "3.11"  # bookworm's python3, the ABI the wheels are chosen for
 # Wheels that run on bookworm's glibc (2.36); pip takes the tags literally.
-PLATFORMS = ["manylinux2014_x86_64", "linux_x86_64"] + [
+# No linux_x86_64: PyPI refuses it, so it would only match a wheel built on some host.
+PLATFORMS = ["manylinux2014_x86_64"] + [
     f"manylinux_2_{minor}_x86_64" for minor in range(17, 37)]
 # Runtime requirements left out of the image: matplotlib (with numpy, pillow and
 # fonttools, about 100 MB) only draws `georeg bench lag`'s chart.
@@ -132,8 +136,12 @@ def base(cache: Path, refresh: bool = False) -> Path:
 def requirements(project: Path) -> list[str]:
     """georeg's runtime requirements from ``pyproject.toml``, less ``LEFT_OUT``."""
     declared = tomllib.loads((project / "pyproject.toml").read_text())["project"]["dependencies"]
-    return [req for req in declared
-            if re.match(r"[A-Za-z0-9._-]+", req).group(0).lower() not in LEFT_OUT]
+    return [req for req in declared if _name(Requirement(req).name) not in LEFT_OUT]
+
+
+def _name(name: str) -> str:
+    """A distribution's name as PEP 503 normalises it."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def pinned_versions() -> list[str]:
@@ -141,7 +149,7 @@ def pinned_versions() -> list[str]:
     (georeg's own aside): the image gets the versions the tests ran against."""
     pins = {}
     for dist in importlib.metadata.distributions():
-        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        name = _name(dist.metadata["Name"])
         if name != "georeg":
             pins[name] = f"{name}=={dist.version}"
     return sorted(pins.values())
@@ -152,9 +160,103 @@ def _pip(*args: str) -> None:
                     *args], check=True, stdin=subprocess.DEVNULL)
 
 
-def deps(cache: Path, project: Path, refresh: bool = False) -> Path:
-    """The runtime requirements' wheels for bookworm's CPython, unpacked."""
-    reqs, pins = requirements(project), pinned_versions()
+# manylinux_2_N runs on glibc 2.N and later: bookworm's is 2.36.
+GLIBC = (2, 36)
+_LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+# What pip writes at install time, not what the wheel holds.
+_INSTALL_RECORDS = {"INSTALLER", "REQUESTED", "direct_url.json", "RECORD"}
+
+
+def _fits_image(tag: str) -> bool:
+    """Whether a wheel tag (``cp311-cp311-manylinux_2_17_x86_64``) runs on bookworm's
+    CPython 3.11 on x86_64."""
+    for one in parse_tag(tag):
+        if one.interpreter not in {"py3", f"cp{PYTHON.replace('.', '')}"} and not (
+                one.abi == "abi3" and one.interpreter.startswith("cp3")):
+            return False
+        if one.platform == "any":
+            continue
+        glibc = re.fullmatch(r"manylinux_(\d+)_(\d+)_x86_64", one.platform)
+        legacy = re.fullmatch(r"(manylinux\d+)_x86_64", one.platform)
+        needs = ((int(glibc[1]), int(glibc[2])) if glibc
+                 else _LEGACY_MANYLINUX.get(legacy[1]) if legacy else None)
+        if needs is None or needs > GLIBC:
+            return False
+    return True
+
+
+def _closure(reqs: list[str]) -> list[importlib.metadata.Distribution]:
+    """The installed distributions ``reqs`` need, transitively (markers evaluated
+    here, extras followed), by name; ``LookupError`` when one is not installed."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = [(Requirement(req), "") for req in reqs]
+    for _ in range(10_000):  # bounded: a dependency graph, each name visited once
+        if not todo:
+            return [found[name] for name in sorted(found)]
+        req, extra = todo.pop()
+        if req.marker and not req.marker.evaluate({"extra": extra}):
+            continue
+        name = _name(req.name)
+        try:
+            dist = found.get(name) or importlib.metadata.distribution(req.name)
+        except importlib.metadata.PackageNotFoundError as e:
+            raise LookupError(f"{req.name} is not installed") from e
+        new = name not in found
+        found[name] = dist
+        for wanted in ([""] if new else []) + sorted(req.extras):
+            todo.extend((Requirement(r), wanted) for r in dist.requires or [])
+    raise LookupError("requirements closure did not converge")
+
+
+def venv_wheels(project: Path) -> list[importlib.metadata.Distribution] | None:
+    """The running environment's installed distributions that the image needs,
+    when they can be copied into it as they are: this Python is CPython
+    ``PYTHON`` and every wheel's tags run on bookworm (``_fits_image``); else None."""
+    if (sys.implementation.name, f"{sys.version_info[0]}.{sys.version_info[1]}") != (
+            "cpython", PYTHON):
+        return None
+    try:
+        dists = _closure(requirements(project))
+    except LookupError:
+        return None
+    for dist in dists:
+        wheel = dist.read_text("WHEEL") or ""
+        tags = [line.split(":", 1)[1].strip() for line in wheel.splitlines()
+                if line.startswith("Tag:")]
+        if not tags or not all(_fits_image(tag) for tag in tags) or not dist.files:
+            return None
+    return dists
+
+
+def _installed_files(dist: importlib.metadata.Distribution) -> list[str]:
+    """What ``dist``'s RECORD lists that a wheel holds: no byte code, scripts
+    (``../../bin``) or pip's own install records."""
+    return sorted(str(f) for f in dist.files
+                  if not str(f).startswith("..") and "__pycache__" not in f.parts
+                  and not (f.parts[0].endswith(".dist-info") and f.name in _INSTALL_RECORDS))
+
+
+def deps(cache: Path, project: Path, refresh: bool = False) -> tuple[Path, str]:
+    """The runtime requirements for bookworm's CPython, unpacked, and how they
+    were got: copied from this environment (``venv_wheels``), else fetched by pip."""
+    reqs = requirements(project)
+    dists = venv_wheels(project)
+    if dists is not None:
+        contents = [(dist.metadata["Name"], dist.version, dist.read_text("RECORD"))
+                    for dist in dists]
+
+        def copy(root: Path) -> None:
+            for dist in dists:
+                for rel in _installed_files(dist):
+                    target = root / DEPS / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(dist.locate_file(rel), target)
+
+        names = " ".join(f"{name}=={version}" for name, version, _ in contents)
+        return _cached(cache, "deps", _key("venv", reqs, contents), refresh, copy), \
+            f"wheels installed in the build environment: {names}"
+
+    pins = pinned_versions()
     platform = [f"--platform={tag}" for tag in PLATFORMS] + [
         f"--python-version={PYTHON}", "--implementation=cp", f"--abi=cp{PYTHON.replace('.', '')}",
         "--only-binary=:all:"]
@@ -168,16 +270,21 @@ def deps(cache: Path, project: Path, refresh: bool = False) -> Path:
         shutil.rmtree(root / DEPS / "bin", ignore_errors=True)  # scripts with this host's paths
         _strip(root)
 
-    return _cached(cache, "deps", _key(reqs, pins, platform), refresh, build)
+    return _cached(cache, "deps", _key(reqs, pins, platform), refresh, build), \
+        "pip: " + " ".join(reqs)
+
+
+def git(project: Path, *args: str) -> str:
+    """``git -C project args…``'s output, stripped."""
+    return subprocess.run(["git", "-C", str(project), *args], check=True, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL).stdout.strip()
 
 
 def _source_files(project: Path) -> list[str]:
     """The checkout's files as git sees them (tracked, and new ones not ignored):
     never a stale ``build/`` or ``.venv`` leaking into the wheel."""
-    out = subprocess.run(["git", "-C", str(project), "ls-files", "-z", "--cached", "--others",
-                          "--exclude-standard"], check=True, capture_output=True).stdout
-    return sorted(name for name in out.decode().split("\0")
-                  if name and (project / name).is_file())
+    out = git(project, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    return sorted(name for name in out.split("\0") if name and (project / name).is_file())
 
 
 def app(project: Path, root: Path) -> None:

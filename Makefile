@@ -14,13 +14,14 @@ PROTO_SRC := proto/georeg/replication/v1/replication.proto
 # (the virtual import path makes their imports `replicator.wire.v1…`).
 PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
 
-.PHONY: help install system-deps up node image test soak chaos bench bench-lag bench-scale bench-webhooks bench-tiers bench-import bench-cache lint proto proto-check clean
+.PHONY: help install system-deps up node image image-test test soak chaos bench bench-lag bench-scale bench-webhooks bench-tiers bench-import bench-cache lint proto proto-check clean
 
 help:
 	@echo "make up       start the default multi-region cluster (installs first)"
 	@echo "make node     start one standalone node on port 5000"
 	@echo "make test     run the test suite (installs first)"
 	@echo "make image    georeg's OCI image as a layout in build/image (PUSH=host/repo:tag pushes it, PUSH_FLAGS=… for skopeo)"
+	@echo "make image-test  make image, then push, pull and run it (tests/test_image.py, marker image)"
 	@echo "make soak     run the long soak tests and the Hypothesis tests in the soak profile"
 	@echo "make chaos    run the shipped chaos scenarios at full length"
 	@echo "make bench    benchmark a node against the reference registry"
@@ -71,6 +72,11 @@ node: install
 # copies it there with skopeo (PUSH_FLAGS='--dest-tls-verify=false' for a plain-HTTP node).
 image: install
 	$(PY) -m cluster.image --out build/image $(if $(PUSH),--push '$(PUSH)') $(if $(PUSH_FLAGS),--push-flags='$(PUSH_FLAGS)')
+
+# The image's own test, out of `make test` (a cold cache runs mmdebstrap): the
+# cached stages are made by `make image` first, then the test builds again and runs it.
+image-test: image
+	$(PY) -m pytest -m image tests/test_image.py
 
 test: install proto-check
 	$(PY) -m pytest

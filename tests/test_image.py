@@ -1,11 +1,16 @@
-"""georeg's OCI image (``make image``, ``cluster/image``): pushed to a real node
-with skopeo and pulled back unchanged, then run from the pulled root filesystem
-as pid 1 of its own network, pid and mount namespaces, answering ``/v2/`` as
-the image's unprivileged user; and packed twice from the same stages (one of
-them freshly touched, as a new checkout would be) to the same digest.
+"""georeg's OCI image (``make image``, ``cluster/image``).
 
-The Debian and wheel stages come from the build cache (``rootfs.py``): the
-first run on a machine pays for mmdebstrap and pip, later ones only pack.
+In ``make test``: a layer packs to the same bytes whatever the order, times and
+umask its files were made with (the invariant of ``layout.py``).
+
+Under the ``image`` marker (``make image-test``, not ``make test``: a cold
+cache costs mmdebstrap, and even a warm build takes about 30 s): the build
+``make image`` runs (``python -m cluster.image``, with its cache) pushes the
+image to a real node with skopeo; it pulls back unchanged; it runs from the
+pulled root filesystem as its config says (entrypoint, command, user,
+environment, working directory), in its own network, pid and mount namespaces,
+answering ``/v2/`` as the image's unprivileged user; and a second build from a
+fresh copy of the checkout gives the same digest.
 """
 
 from __future__ import annotations
@@ -13,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,44 +34,6 @@ from .helpers import Skopeo, eventually, require_program
 
 PROJECT = Path(__file__).resolve().parents[1]
 TAG = "test"
-
-# A cold cache builds the Debian stage (mmdebstrap) and fetches the wheels.
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def built():
-    """The image's layout, and georeg's stage, in a temporary directory removed after."""
-    require_program("mmdebstrap", "mmdebstrap")
-    require_program("unshare", "util-linux")
-    with tempfile.TemporaryDirectory(prefix="georeg-image-") as tmp:
-        app, out = Path(tmp, "app"), Path(tmp, "layout")
-        rootfs.app(PROJECT, app)
-        digest, _ = image_cli.assemble(PROJECT, app, out, rootfs.default_cache(), TAG)
-        yield {"tmp": Path(tmp), "app": app, "out": out, "digest": digest}
-
-
-def test_packing_again_from_fresh_files_gives_the_same_digest_and_a_registry_node_config(built):
-    # georeg's stage copied anew, every file newer than the epoch and made in
-    # another order, as a fresh checkout's would be; the cached stages' layers
-    # are reused as packed (their packing is the same code, tested below).
-    app = built["tmp"] / "app-again"
-    shutil.copytree(built["app"], app)
-    now = time.time()
-    for path in [app, *app.rglob("*")]:
-        os.utime(path, (now, now), follow_symlinks=False)
-    again = built["tmp"] / "layout-again"
-    digest, _ = image_cli.assemble(PROJECT, app, again, rootfs.default_cache(), TAG)
-    assert digest == built["digest"]
-    shutil.rmtree(again)
-    _, manifest = layout.manifest_of(built["out"], TAG)
-    config = json.loads((built["out"] / "blobs" / "sha256" /
-                         manifest["config"]["digest"].removeprefix("sha256:")).read_bytes())
-    assert config["config"]["Entrypoint"] == ["/usr/local/bin/georeg", "node"]
-    assert config["config"]["User"] == "10001:10001"
-    assert config["config"]["ExposedPorts"] == {"5000/tcp": {}}
-    assert manifest["annotations"]["org.opencontainers.image.title"] == "georeg"
-    assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"]) == 3
 
 
 def _tree(root: Path, names: list[str], mtime: float) -> Path:
@@ -122,19 +87,48 @@ def test_a_layer_has_the_same_modes_and_digest_whatever_umask_built_its_files(tm
     assert (modes["a"], modes["a/b"], modes["tool"], modes["tmp"]) == (0o755, 0o644, 0o755, 0o1777)
 
 
-def _namespaced_node(root: Path, log) -> subprocess.Popen:
-    """``georeg node`` from ``root`` as pid 1 of new net, pid and mount
-    namespaces (loopback up, a private /proc), as the image's user, in a
-    session of its own: killing its process group ends it and its namespaces
-    (``--kill-child`` cannot: the switch of user clears the parent-death signal)."""
-    user = f"{rootfs.USER.uid}:{rootfs.USER.gid}"
+# Runs in the host's Python between the namespaces' set-up and the image: what a
+# runtime does with the config (root, working directory, user, environment), then
+# the entrypoint and command in place of itself.
+LAUNCH = """
+import json, os, sys
+root, user, workdir, env, argv = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5:]
+uid, gid = (int(part) for part in user.split(":"))
+os.chroot(root)
+os.chdir(workdir or "/")
+os.setgroups([])
+os.setgid(gid)
+os.setuid(uid)
+os.execve(argv[0], argv, dict(item.split("=", 1) for item in env))
+"""
+# The devices a runtime gives a container, bound from the host's.
+DEVICES = ["null", "zero", "random", "urandom"]
+
+
+def _run_image(root: Path, config: dict, log) -> subprocess.Popen:
+    """The image unpacked in ``root`` run as its ``config`` says, in new net, pid
+    and mount namespaces (loopback up, a private /proc, a minimal /dev). ``sh``
+    stays pid 1 as root (it runs the node, not ``exec``s it): ``--kill-child``
+    kills it when ``unshare`` dies, ``setpriv --pdeathsig`` kills ``unshare``
+    when this test's process dies, and pid 1's death ends the namespace, so no
+    node outlives a killed test run."""
+    argv = [*config["Entrypoint"], *config["Cmd"]]
+    launch = [sys.executable, "-c", LAUNCH, str(root), config["User"],
+              config.get("WorkingDir", ""), json.dumps(config["Env"]), *argv]
+    devices = " && ".join(f"touch {root}/dev/{dev} && mount --bind /dev/{dev} {root}/dev/{dev}"
+                          for dev in DEVICES)
     script = (f"ip link set lo up && mount -t proc proc {root}/proc && "
-              f"exec chroot --userspec={user} {root} /usr/local/bin/georeg node "
-              "--data-dir /data --listen 127.0.0.1:5000")
+              f"mount -t tmpfs -o mode=755,size=64k dev {root}/dev && {devices} && "
+              f"{' '.join(map(_quote, launch))}; echo \"node exited: $?\"")
     return subprocess.Popen(
-        ["unshare", "--net", "--pid", "--mount", "--fork", "sh", "-c", script],
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/data"},
+        ["setpriv", "--pdeathsig", "KILL", "unshare", "--net", "--pid", "--mount", "--fork",
+         "--kill-child", "sh", "-c", script],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _quote(arg: str) -> str:
+    return "'" + arg.replace("'", "'\\''") + "'"
 
 
 PROBE = """
@@ -153,22 +147,39 @@ def _probe(pid: int) -> str:
                           capture_output=True, text=True, timeout=30).stdout.strip()
 
 
-async def test_image_pushed_to_a_node_pulls_back_unchanged_and_runs_georeg_node(
-        built, node, tmp_path):
+def _blob(out: Path, digest: str) -> bytes:
+    return (out / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
+
+
+@pytest.mark.image
+@pytest.mark.interop
+@pytest.mark.timeout(900)  # a cold cache runs mmdebstrap
+async def test_make_image_pushes_an_image_that_pulls_back_unchanged_runs_as_configured_and_rebuilds_the_same(
+        node, tmp_path):
+    require_program("mmdebstrap", "mmdebstrap")
+    require_program("unshare", "util-linux")
     skopeo = Skopeo(tmp_path / "skopeo", node.url.removeprefix("http://"))
     ref = skopeo.ref("georeg/image:test")
-    await skopeo.copy(f"oci:{built['out']}:{TAG}", ref, "--preserve-digests")
-    pulled = built["tmp"] / "pulled"
-    await skopeo.copy(ref, f"oci:{pulled}:{TAG}", "--preserve-digests")
-    digest, manifest = layout.manifest_of(pulled, TAG)
-    assert digest == built["digest"]
-    assert manifest == layout.manifest_of(built["out"], TAG)[1]
+    out = tmp_path / "layout"
+    # What `make image PUSH=… PUSH_FLAGS=…` runs (in a thread: the node serves on this loop).
+    assert await asyncio.to_thread(image_cli.main, [
+        "--out", str(out), "--tag", TAG, "--push", ref,
+        "--push-flags=--dest-tls-verify=false"]) == 0
+    digest, manifest = layout.manifest_of(out, TAG)
 
-    root = built["tmp"] / "rootfs"
+    pulled = tmp_path / "pulled"
+    await skopeo.copy(ref, f"oci:{pulled}:{TAG}", "--preserve-digests")
+    assert layout.manifest_of(pulled, TAG) == (digest, manifest)
+    config = json.loads(_blob(pulled, manifest["config"]["digest"]))
+    assert config["architecture"] == "amd64"
+    assert manifest["annotations"]["org.opencontainers.image.title"] == "georeg"
+    assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"]) == 3
+
+    root = tmp_path / "rootfs"
     layout.unpack(pulled, TAG, root)
-    log_path = built["tmp"] / "node.log"
+    log_path = tmp_path / "node.log"
     with log_path.open("wb") as log:
-        proc = _namespaced_node(root, log)
+        proc = _run_image(root, config["config"], log)
     seen = []
     try:
         async def answers() -> bool:
@@ -186,3 +197,8 @@ async def test_image_pushed_to_a_node_pulls_back_unchanged_and_runs_georeg_node(
         proc.wait(timeout=30)
     # The namespaces died with the node: nothing of them is mounted on the host.
     assert str(root) not in await asyncio.to_thread(Path("/proc/self/mounts").read_text)
+
+    # Again from a fresh copy of the checkout: georeg's wheel built anew, the same image.
+    again, _ = await asyncio.to_thread(image_cli.build, PROJECT, tmp_path / "again",
+                                       rootfs.default_cache(), TAG)
+    assert again == digest

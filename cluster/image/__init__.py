@@ -6,11 +6,13 @@ Three stages, each a directory shaped like a root filesystem, each one layer:
   against, unpacked by mmdebstrap (no dpkg, shell or apt in the image), minus
   docs, man pages, locales, apt lists and byte code; ``/etc/passwd`` with the
   unprivileged ``georeg`` user and its ``/data`` volume;
-* ``deps``: georeg's runtime requirements as PyPI wheels for CPython 3.11 on
-  manylinux, at the versions of the environment that builds (the versions the
-  tests ran against), under ``/opt/georeg/deps``;
+* ``deps``: georeg's runtime requirements as wheels for CPython 3.11 on
+  manylinux, the ones installed in the environment that builds (the versions
+  the tests ran against), copied from it, or fetched by pip when that
+  environment is not CPython 3.11 with bookworm-compatible wheels, under
+  ``/opt/georeg/deps``, with byte code;
 * ``app``: georeg itself, a wheel built from the checkout, under
-  ``/opt/georeg/app``, and the ``/usr/local/bin/georeg`` launcher.
+  ``/opt/georeg/app``, with byte code, and the ``/usr/local/bin/georeg`` launcher.
 
 ``base`` and ``deps`` are cached under a directory named after a hash of what
 makes them (``rootfs.py``); ``app`` is rebuilt every time. ``layout.py`` packs

@@ -2,11 +2,15 @@
 and ``app`` (georeg), see the package docstring.
 
 ``base`` and ``deps`` are cached under ``cache/<stage>-<key>``, the key a hash of
-everything that makes the stage here: mmdebstrap's arguments, or the
-requirements, the pinned versions and the wheel platform. What the key cannot
-see is the Debian archive moving on (a point release, a security update): a
-cached ``base`` keeps the packages of the day it was built until ``--refresh``
-rebuilds it (``deps`` cannot drift: every version is pinned). A stage is built
+everything that makes the stage here: mmdebstrap's arguments; for ``deps``
+either the RECORDs of the build environment's installed wheels (copied when it
+is the image's CPython and their tags run on bookworm, ``venv_wheels``), or the
+requirements, the pinned versions and the wheel platform given to pip; and the
+Python that compiles the byte code. What the key cannot see is the Debian
+archive moving on (a point release, a security update): a cached ``base`` keeps
+the packages of the day it was built until ``--refresh`` rebuilds it; nor, on
+the pip path, the host's pip configuration (an index or ``find-links`` that
+offers another file for a pinned version). A stage is built
 in a temporary directory and renamed into place whole, so an interrupted build
 leaves no half stage that a later one would trust.
 """
@@ -59,7 +63,7 @@ LAUNCHER = "usr/local/bin/georeg"
 MOUNT_POINTS = ["proc", "sys", "run"]
 
 # What a container of a registry never reads: docs, manuals, translations,
-# package lists and byte code (Python compiles in memory; the image is read-only).
+# package lists and Debian's byte code (``compile_bytecode`` compiles the wheels and georeg).
 STRIP = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
          "usr/share/lintian", "usr/share/bug", "usr/share/doc-base", "usr/share/applications",
          "usr/share/pixmaps", "usr/share/polkit-1", "var/lib/apt/lists", "var/cache",
@@ -155,6 +159,32 @@ def pinned_versions() -> list[str]:
     return sorted(pins.values())
 
 
+def _same_python() -> bool:
+    """Whether this is CPython ``PYTHON``, the image's: its wheels and byte code fit it."""
+    return (sys.implementation.name, f"{sys.version_info[0]}.{sys.version_info[1]}") == (
+        "cpython", PYTHON)
+
+
+# How ``compile_bytecode`` compiles (part of the ``deps`` key).
+PYC = "compileall unchecked-hash, PYTHONHASHSEED=0"
+
+
+def compile_bytecode(root: Path, rel: str) -> None:
+    """Byte code for the modules under ``root/rel``, named as at ``/rel`` in the
+    image, when this Python is the image's (``_same_python``): unchecked-hash pycs
+    (PEP 552) hold no mtime and are never checked against their source, and the
+    read-only image's user imports without compiling every module at each start.
+    A fresh interpreter with a fixed hash seed compiles them: marshal's output
+    follows set order (string hashes) and objects' reference counts, i.e. what
+    the compiling process imported before."""
+    if _same_python():
+        subprocess.run([sys.executable, "-s", "-m", "compileall", "-q", "-j", "1",
+                        "--invalidation-mode", "unchecked-hash", "-d", f"/{rel}", str(root / rel)],
+                       check=True, stdin=subprocess.DEVNULL,
+                       env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                            "PYTHONHASHSEED": "0"})
+
+
 def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet",
                     *args], check=True, stdin=subprocess.DEVNULL)
@@ -212,8 +242,7 @@ def venv_wheels(project: Path) -> list[importlib.metadata.Distribution] | None:
     """The running environment's installed distributions that the image needs,
     when they can be copied into it as they are: this Python is CPython
     ``PYTHON`` and every wheel's tags run on bookworm (``_fits_image``); else None."""
-    if (sys.implementation.name, f"{sys.version_info[0]}.{sys.version_info[1]}") != (
-            "cpython", PYTHON):
+    if not _same_python():
         return None
     try:
         dists = _closure(requirements(project))
@@ -251,10 +280,12 @@ def deps(cache: Path, project: Path, refresh: bool = False) -> tuple[Path, str]:
                     target = root / DEPS / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(dist.locate_file(rel), target)
+            compile_bytecode(root, DEPS)
 
         names = " ".join(f"{name}=={version}" for name, version, _ in contents)
-        return _cached(cache, "deps", _key("venv", reqs, contents), refresh, copy), \
-            f"wheels installed in the build environment: {names}"
+        key = _key("venv", reqs, contents, PYC, sys.version)
+        return (_cached(cache, "deps", key, refresh, copy),
+                f"wheels installed in the build environment: {names}")
 
     pins = pinned_versions()
     platform = [f"--platform={tag}" for tag in PLATFORMS] + [
@@ -269,9 +300,10 @@ def deps(cache: Path, project: Path, refresh: bool = False) -> tuple[Path, str]:
                  "--constraint", str(constraints), *reqs)
         shutil.rmtree(root / DEPS / "bin", ignore_errors=True)  # scripts with this host's paths
         _strip(root)
+        compile_bytecode(root, DEPS)
 
-    return _cached(cache, "deps", _key(reqs, pins, platform), refresh, build), \
-        "pip: " + " ".join(reqs)
+    key = _key(reqs, pins, platform, PYC, sys.version)
+    return _cached(cache, "deps", key, refresh, build), "pip: " + " ".join(reqs)
 
 
 def git(project: Path, *args: str) -> str:
@@ -301,6 +333,7 @@ def app(project: Path, root: Path) -> None:
         # direct_url.json naming this temporary directory.
         with zipfile.ZipFile(wheel) as archive:
             archive.extractall(root / APP)
+    compile_bytecode(root, APP)
     launcher = root / LAUNCHER
     launcher.parent.mkdir(parents=True)
     launcher.write_text(

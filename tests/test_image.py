@@ -87,6 +87,18 @@ def test_a_layer_has_the_same_modes_and_digest_whatever_umask_built_its_files(tm
     assert (modes["a"], modes["a/b"], modes["tool"], modes["tmp"]) == (0o755, 0o644, 0o755, 0o1777)
 
 
+
+def test_make_image_refuses_an_out_dir_it_did_not_write_and_names_a_missing_program(
+        tmp_path, monkeypatch, capsys):
+    (tmp_path / "keep.txt").write_text("not an image")
+    assert image_cli.main(["--out", str(tmp_path), "--cache", str(tmp_path / "cache")]) == 1
+    assert (tmp_path / "keep.txt").read_text() == "not an image"
+    assert "refusing to delete it" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert image_cli.main(["--out", str(tmp_path / "new"), "--push", "h/r:t"]) == 1
+    assert "git is not installed (Debian package git;" in capsys.readouterr().err
+
+
 # Runs in the host's Python between the namespaces' set-up and the image: what a
 # runtime does with the config (root, working directory, user, environment), then
 # the entrypoint and command in place of itself.

@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     _check_programs({**PROGRAMS, **(PUSH_PROGRAMS if args.push else {})})
     architecture()
+    _check_replaceable(args.out)  # before the build's minutes, and again when it ends
     project = Path(__file__).resolve().parents[2]
     started = time.monotonic()
     digest, image_layers = build(project, args.out, args.cache, args.tag, args.refresh)

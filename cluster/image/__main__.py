@@ -118,18 +118,23 @@ def assemble(project: Path, app: Path, out: Path, cache: Path, tag: str,
     return digest, image_layers
 
 
-# Marks a layout this module wrote: the only non-empty directory ``--out`` replaces.
+# Marks a layout this module wrote. Besides one, ``--out`` replaces only an empty
+# directory or a bare OCI layout (one written before the marker was).
 MARKER = ".georeg-image"
+LAYOUT_ONLY = {"oci-layout", "index.json", "blobs"}
 
 
 def _check_replaceable(out: Path) -> None:
     """Refuse an ``out`` that exists and is neither empty nor a layout made here."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise BuildError(f"--out {out} is not a directory: refusing to replace it")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise BuildError(f"--out {out} is not empty and is not an image layout that make image "
-                         f"wrote (it has no {MARKER}): refusing to delete it; "
-                         "choose an empty or new directory")
+    if not out.is_dir() or (out / MARKER).is_file():
+        return
+    names = {path.name for path in out.iterdir()}
+    if names and not ("oci-layout" in names and names <= LAYOUT_ONLY):
+        raise BuildError(f"--out {out} is neither empty nor an OCI image layout (it holds "
+                         f"more than {', '.join(sorted(LAYOUT_ONLY))}, and no {MARKER}): "
+                         "refusing to delete it; choose an empty or new directory")
 
 
 def build(project: Path, out: Path, cache: Path, tag: str,

@@ -8,10 +8,11 @@ GEOREG := $(VENV)/bin/georeg
 # build agent of `georeg build` (daemonless, chroot isolation); busybox-static: the
 # base image its tests push into georeg (nothing is pulled from the internet).
 # docker-compose: `docker-compose config` checks `georeg deploy compose` output (no daemon needed).
+# mmdebstrap: the image's Debian root filesystem, without a daemon (make image).
 # chromium: the browser the dashboard's tests drive through Playwright (its own browser
 # download is never used; pip never fetches a browser, and
 # PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD below only guards a manual `playwright install`).
-SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static docker-compose chromium
+SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static docker-compose mmdebstrap chromium
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 DATA_DIR ?= .georeg
 
@@ -20,12 +21,14 @@ PROTO_SRC := proto/georeg/replication/v1/replication.proto
 # (the virtual import path makes their imports `replicator.wire.v1…`).
 PROTOC = $(PY) -m grpc_tools.protoc -Ireplicator/wire=proto/georeg/replication
 
-.PHONY: help install system-deps up node test soak chaos bench bench-lag bench-scale bench-webhooks bench-tiers bench-import bench-cache lint proto proto-check clean
+.PHONY: help install system-deps up node image image-test test soak chaos bench bench-lag bench-scale bench-webhooks bench-tiers bench-import bench-cache lint proto proto-check clean
 
 help:
 	@echo "make up       start the default multi-region cluster (installs first)"
 	@echo "make node     start one standalone node on port 5000"
 	@echo "make test     run the test suite (installs first)"
+	@echo "make image    georeg's OCI image as a layout in build/image (PUSH=host/repo:tag pushes it, PUSH_FLAGS=… for skopeo)"
+	@echo "make image-test  make image, then push, pull and run it (tests/test_image.py, marker image)"
 	@echo "make soak     run the long soak tests and the Hypothesis tests in the soak profile"
 	@echo "make chaos    run the shipped chaos scenarios at full length, then random nemeses"
 	@echo "make bench    benchmark a node against the reference registry"
@@ -71,6 +74,16 @@ up: install
 # One standalone node on port 5000.
 node: install
 	$(GEOREG) node --data-dir $(DATA_DIR)/node --listen 127.0.0.1:5000
+
+# georeg's OCI image, built without a daemon (docs/image.md); PUSH=host/repo:tag
+# copies it there with skopeo (PUSH_FLAGS='--dest-tls-verify=false' for a plain-HTTP node).
+image: install
+	$(PY) -m cluster.image --out build/image $(if $(PUSH),--push '$(PUSH)') $(if $(PUSH_FLAGS),--push-flags='$(PUSH_FLAGS)')
+
+# The image's own test, out of `make test` (a cold cache runs mmdebstrap): the
+# cached stages are made by `make image` first, then the test builds again and runs it.
+image-test: image
+	$(PY) -m pytest -m image tests/test_image.py
 
 # The 40 slowest tests are listed at the end: the suite's budget is 15 minutes, and
 # a CI log that names where they go is what keeps it there.

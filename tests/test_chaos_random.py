@@ -72,7 +72,7 @@ def test_every_kind_draws_faults_the_controller_takes_and_that_heal_before_the_e
                 assert arguments["region"] not in TOPOLOGY.confined or "zone" in arguments
             seen.add(step.kind)
     assert seen == {"region-outage", "zone-outage", "partition", "link", "disk", "bitrot",
-                    "clock", "http", "routing", "throttle"}
+                    "clock", "http", "pause", "routing", "throttle"}
 
 
 def test_the_command_prints_the_schedule_it_would_run_and_refuses_unknown_kinds():

@@ -25,6 +25,8 @@ import base64
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,7 @@ from typing import TypeVar
 import aiohttp
 import msgspec
 
+from .control import management_client
 from .control import spec as specs
 from .control.access import AdminLogin, authorization
 from .control.cluster import Cluster
@@ -215,6 +218,20 @@ class RunningCluster:
     def status(self) -> dict:
         return self.run(self._status)
 
+    def management_api(self, method: str, path: str,
+                       body: dict | None = None) -> tuple[int, dict]:
+        """One request to the management API as its owner: (status, JSON
+        answer), refusals included."""
+        request = urllib.request.Request(
+            f"{self.management_url}{path}", method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={**self.owner_headers(), "Content-Type": "application/json"})
+        try:
+            with management_client.open_direct(request, 60) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
     async def _status(self) -> dict:
         return {**self.cluster.status(), "management": self.management_url}
 
@@ -247,20 +264,15 @@ class RunningCluster:
         self.run(faults.heal_all if fault_id is None else lambda: faults.heal(fault_id))
 
     def inject_fault(self, kind: str, duration_s: float | None = None, **target) -> dict:
-        """Inject a fault, as ``georeg fault KIND`` does (``cluster.faults.controller``
-        has the kinds and their arguments): e.g. ``inject_fault("http",
-        endpoint="global", status=503, probability=0.5, method="PUT")`` or
-        ``inject_fault("link", a="eastus", b="westeurope", corrupt=0.01, seed=7)``.
-        Returns the fault as ``georeg fault list --json`` shows it."""
-        fault = self.run(lambda: self.cluster.faults.inject(kind, duration_s=duration_s, **target))
-        return fault.as_dict()
+        """``inject``, the fault returned as ``georeg fault list --json`` shows it:
+        e.g. ``inject_fault("http", endpoint="global", status=503, probability=0.5,
+        method="PUT")`` or ``inject_fault("link", a="eastus", b="westeurope",
+        corrupt=0.01, seed=7)``."""
+        return self.inject(kind, duration_s=duration_s, **target).as_dict()
 
     def heal_fault(self, fault_id: str | None = None) -> None:
-        """Heal one fault by id, or (no id) every fault."""
-        if fault_id is None:
-            self.run(self.cluster.faults.heal_all)
-        else:
-            self.run(lambda: self.cluster.faults.heal(fault_id))
+        """``heal``: one fault by id, or (no id) every fault."""
+        self.heal(fault_id)
 
     def set_routing(self, region: str, enabled: bool) -> None:
         self.run(lambda: self.cluster.update_replication(region, global_routing=enabled))

@@ -11,12 +11,9 @@ scheduler's decisions without a cluster in ``test_purge`` and
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 
-from cluster.control import management_client
 from cluster.control import spec as specs
 from cluster.testing import RunningCluster
 
@@ -43,15 +40,7 @@ def cli(c: RunningCluster, *args: str):
 
 
 def api(c: RunningCluster, method: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(
-        f"{c.management_url}{path}", method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={**c.owner_headers(), "Content-Type": "application/json"})
-    try:
-        with management_client.open_direct(request, 60) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+    return c.management_api(method, path, body)
 
 
 def test_retention_days_out_of_range_are_refused_and_nothing_changes(c):

@@ -68,16 +68,7 @@ def ok(c: RunningCluster, *args: str):
 
 
 def api(c: RunningCluster, method: str, path: str, body: dict | None = None):
-    """One management API request: (status, JSON answer), refusals included."""
-    request = urllib.request.Request(
-        f"{c.management_url}{path}", method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={**c.owner_headers(), "Content-Type": "application/json"})
-    try:
-        with management_client.open_direct(request, 60) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+    return c.management_api(method, path, body)
 
 
 def on_node(c: RunningCluster, node: str, path: str) -> dict | None:

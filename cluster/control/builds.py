@@ -74,7 +74,7 @@ from .containerfile import (
     task_context,
     unpack_context,
 )
-from .errors import ClusterError, Conflict, NotFound, RegionUnavailable
+from .errors import ClusterError, Conflict, NotFound, RegionUnavailable, TooManyRequests
 from .private_files import write_private
 from .regions import REGIONS, unknown_region_message
 from .tls import client_context
@@ -112,12 +112,10 @@ class Denied(ClusterError):
     code = "DENIED"
 
 
-class TooManyRuns(ClusterError):
-    status = 429
-    code = "TooManyRequests"
-
-
 class Unauthorized(ClusterError):
+    """The registry refused the caller's login: its own code, as a registry's 401
+    says it (the management API's own 401 is ``errors.Unauthorized``)."""
+
     status = 401
     code = "UNAUTHORIZED"
 
@@ -272,7 +270,7 @@ class BuildRuns:
         self._recover()
         region = self.build_region(request.region)
         if self._held.get(region, 0) >= RUNS_PER_REGION:
-            raise TooManyRuns(f"{region} already holds {RUNS_PER_REGION} runs (arriving, queued "
+            raise TooManyRequests(f"{region} already holds {RUNS_PER_REGION} runs (arriving, queued "
                               f"or running); wait for one to end, or build in another region")
         self._held[region] = self._held.get(region, 0) + 1
         try:

@@ -289,6 +289,30 @@ async def push_image(session: aiohttp.ClientSession, base: str, repo: str, image
         return r.headers["Docker-Content-Digest"]
 
 
+async def push_index_and_signed_image(session: aiohttp.ClientSession, base: str, repo: str, *,
+                                      seed: int, index_tag: str | None, subject_tag: str,
+                                      signature_layers: tuple[int, ...] = (8,)) -> dict[str, str]:
+    """What retention and purge must keep apart, pushed to ``repo``: an image by
+    digest under an index (tagged ``index_tag``, or by digest), and an image
+    tagged ``subject_tag`` with a signature naming it as subject (images from
+    ``seed``, ``seed + 1``, ``seed + 2``). Their digests by role: ``child``,
+    ``index``, ``subject``, ``signature``."""
+    child = make_image(seed=seed)
+    child_digest = await push_image(session, base, repo, child)
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                        "manifests": [descriptor(child.manifest, child.media_type)]}).encode()
+    async with session.put(f"{base}/v2/{repo}/manifests/{index_tag or digest_of(index)}",
+                           data=index, headers={"Content-Type": OCI_INDEX}) as r:
+        assert r.status == 201
+    subject = make_image(seed=seed + 1)
+    subject_digest = await push_image(session, base, repo, subject, tag=subject_tag)
+    signature = make_image(list(signature_layers), seed=seed + 2,
+                           subject=descriptor(subject.manifest, subject.media_type),
+                           artifact_type="application/vnd.example.signature")
+    return {"child": child_digest, "index": digest_of(index), "subject": subject_digest,
+            "signature": await push_image(session, base, repo, signature)}
+
+
 async def cluster_http(cluster, **options) -> aiohttp.ClientSession:
     """A session that sends the admin login of a started ``Cluster`` (what
     ``georeg up`` prints; nothing on an open cluster) and trusts its CA on a TLS

@@ -9,7 +9,6 @@ instead of waited for. The CLI on a running cluster: ``test_lifecycle_commands``
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
@@ -28,9 +27,8 @@ from cluster.control.purge import (
 )
 from registry_node.config import NodeConfig
 
-from .helpers import descriptor, digest_of, make_image, push_image, started_node
+from .helpers import make_image, push_image, push_index_and_signed_image, started_node
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DAY = 86_400.0
 
 
@@ -116,25 +114,16 @@ async def test_tags_older_than_ago_go_but_the_newest_kept_and_the_locked(node, h
 
 
 async def test_untagged_goes_index_first_and_referrers_stay_with_their_image(node, http, client):
-    child = make_image(seed=20)
-    child_digest = await push_image(http, node.url, "multi", child)
-    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                        "manifests": [descriptor(child.manifest, child.media_type)]}).encode()
-    async with http.put(f"{node.url}/v2/multi/manifests/old", data=index,
-                        headers={"Content-Type": OCI_INDEX}) as r:
-        assert r.status == 201
-    image = make_image(seed=21)
-    image_digest = await push_image(http, node.url, "multi", image, tag="stable")
-    signature = make_image([8], seed=22, subject=descriptor(image.manifest, image.media_type),
-                           artifact_type="application/vnd.example.signature")
-    signature_digest = await push_image(http, node.url, "multi", signature)
+    pushed = await push_index_and_signed_image(http, node.url, "multi", seed=20, index_tag="old",
+                                               subject_tag="stable")
+    child_digest, image_digest, signature_digest = pushed["child"], pushed["subject"], pushed["signature"]
     loose = await push_image(http, node.url, "multi", make_image(seed=23))
     report = await purge(client, request("multi:old", untagged=True), time.time() + DAY + 60)
     assert report.tags == [("multi", "old")]
-    assert sorted(report.manifests) == sorted([("multi", digest_of(index)),
+    assert sorted(report.manifests) == sorted([("multi", pushed["index"]),
                                                ("multi", child_digest), ("multi", loose)])
     assert ("multi", signature_digest, "a referrer of an image that stays") in report.skipped
-    for gone in (digest_of(index), child_digest, loose):
+    for gone in (pushed["index"], child_digest, loose):
         assert not await held(http, node, "multi", gone)
     assert await held(http, node, "multi", signature_digest)
     assert await held(http, node, "multi", image_digest)
@@ -174,19 +163,10 @@ async def test_what_the_listing_hides_is_looked_up_and_a_refusal_skips_only_it(n
     """An unlisted index still holds its child (the node refuses the delete:
     skipped, in use, and the purge goes on); an unlisted subject still keeps
     its signature."""
-    child = make_image(seed=70)
-    child_digest = await push_image(http, node.url, "hid", child)
-    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                        "manifests": [descriptor(child.manifest, child.media_type)]}).encode()
-    async with http.put(f"{node.url}/v2/hid/manifests/{digest_of(index)}", data=index,
-                        headers={"Content-Type": OCI_INDEX}) as r:
-        assert r.status == 201
-    subject = make_image(seed=71)
-    subject_digest = await push_image(http, node.url, "hid", subject, tag="unmatched")
-    signature = make_image([8], seed=72, subject=descriptor(subject.manifest, subject.media_type),
-                           artifact_type="application/vnd.example.signature")
-    signature_digest = await push_image(http, node.url, "hid", signature)
-    for hidden in (digest_of(index), subject_digest):
+    pushed = await push_index_and_signed_image(http, node.url, "hid", seed=70, index_tag=None,
+                                               subject_tag="unmatched")
+    child_digest, subject_digest, signature_digest = pushed["child"], pushed["subject"], pushed["signature"]
+    for hidden in (pushed["index"], subject_digest):
         async with http.patch(f"{node.url}/acr/v1/hid/_manifests/{hidden}",
                               json={"listEnabled": False}) as r:
             assert r.status == 200

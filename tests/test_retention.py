@@ -7,7 +7,6 @@ The CLI and management API: ``test_lifecycle_commands``."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -25,15 +24,12 @@ from replicator.residency import ResidencyPolicy
 
 from .helpers import (
     ManualClock,
-    descriptor,
-    digest_of,
     make_image,
     push_blob,
     push_image,
+    push_index_and_signed_image,
     started_node,
 )
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 async def set_policy(http, node, clock: ManualClock, *, days: int, enabled: bool = True,
@@ -112,18 +108,10 @@ async def test_locked_held_and_referring_manifests_are_kept(clocked, clock, http
     async with http.patch(f"{node.url}/acr/v1/app/_manifests/{locked}",
                           json={"deleteEnabled": False}) as r:
         assert r.status == 200, await r.text()
-    child = make_image(seed=11)
-    child_digest = await push_image(http, node.url, "app", child)
-    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                        "manifests": [descriptor(child.manifest, child.media_type)]}).encode()
-    async with http.put(f"{node.url}/v2/app/manifests/multi", data=index,
-                        headers={"Content-Type": OCI_INDEX}) as r:
-        assert r.status == 201
-    subject = make_image(seed=12)
-    subject_digest = await push_image(http, node.url, "app", subject, tag="signed")
-    signature = make_image([16], seed=13, subject=descriptor(subject.manifest, subject.media_type),
-                           artifact_type="application/vnd.example.signature")
-    signature_digest = await push_image(http, node.url, "app", signature)
+    pushed = await push_index_and_signed_image(http, node.url, "app", seed=11, index_tag="multi",
+                                               subject_tag="signed", signature_layers=(16,))
+    child_digest, subject_digest = pushed["child"], pushed["subject"]
+    signature_digest = pushed["signature"]
     clock.advance(1)
     report = await sweep(http, node)
     assert report["deleted"] == []
@@ -142,7 +130,7 @@ async def test_locked_held_and_referring_manifests_are_kept(clocked, clock, http
         assert r.status == 202
     clock.advance(1)
     first = {d["digest"] for d in (await sweep(http, node))["deleted"]}
-    assert first == {locked, digest_of(index), signature_digest}
+    assert first == {locked, pushed["index"], signature_digest}
     clock.advance(1)
     assert {d["digest"] for d in (await sweep(http, node))["deleted"]} == {child_digest}
     for digest in (locked, child_digest, signature_digest):

@@ -973,12 +973,13 @@ class Registry:
 
     async def delete_manifest(self, repo: str, reference: str, *,
                               request: ClientRequest | None = None,
-                              stamp: int | None = None) -> None:
+                              stamp: int | None = None) -> list[str]:
         """Delete a manifest (by digest: it and the tags pointing at it) or a tag
-        (by tag). ``request``: the client's, kept with the events. ``stamp``: a
-        delete by digest decided on a change made earlier (retention: the untag)
-        carries that change's stamp, so what was written after it wins; refused
-        (409) when the manifest's register here is already at or above it."""
+        (by tag); returns the tags it removed. ``request``: the client's, kept
+        with the events. ``stamp``: a delete by digest decided on a change made
+        earlier (retention: the untag) carries that change's stamp, so what was
+        written after it wins; refused (409) when the manifest's register here
+        is already at or above it."""
         batch = Batch()
         origin = (self.identity.region, self.identity.zone)
         if not is_digest(reference):
@@ -997,7 +998,7 @@ class Registry:
             batch.event(event)
             self.drop_repo_if_emptied(batch, repo)
             await self._commit(batch)
-            return
+            return [tag]
         digest = Digest.parse(reference)
         raw = self.meta.get(keys.manifest(repo, digest))
         if raw is None:
@@ -1038,6 +1039,7 @@ class Registry:
         batch.event(event)
         self.drop_repo_if_emptied(batch, repo)
         await self._commit(batch)
+        return tags
 
     def stage_manifest_tombstone(self, batch: Batch, delete: Event,
                                  record: ManifestRecord | None) -> None:
@@ -1197,15 +1199,22 @@ class Registry:
     async def delete_repository(self, repo: str, *,
                                 request: ClientRequest | None = None) -> dict[str, list[str]]:
         """Delete every manifest (indexes before what they reference), tag and blob
-        link of a repository, each as the replicated delete it is."""
+        link of a repository, each as the replicated delete it is; returns what
+        these deletes removed. One commit per delete, so other regions' deletes
+        of the same repository land in between (``georeg repository delete``
+        asks every region at once, and a region holds what replication brought
+        it beside what it keeps to itself): what one of them took first is
+        gone already, not an error, and not this delete's to report. The rest
+        is deleted all the same — never a 404 midway, which would say the
+        repository is not here while this region's own content stayed."""
         if not self.repository_exists(repo):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
         self.locks.check_delete_repository(repo)
         self.check_writable()
-        tags = [keys.parse(k, keys.TagKey).tag for k, _ in self.meta.scan(keys.tag_prefix(repo))]
         manifests_left = [keys.parse(k, keys.ManifestKey).digest
                           for k, _ in self.meta.scan(keys.manifest_prefix(repo))]
         deleted: list[str] = []
+        tags: list[str] = []
         unlinked: list[str] = []
         try:
             while manifests_left:
@@ -1214,13 +1223,19 @@ class Registry:
                 if not free:  # a reference cycle cannot exist (digests); stop rather than spin
                     break
                 for digest in free:
-                    await self.delete_manifest(repo, digest, request=request)
-                    deleted.append(digest)
+                    done, removed = await _unless_gone(
+                        self.delete_manifest(repo, digest, request=request),
+                        ErrorCode.MANIFEST_UNKNOWN)
+                    if done:
+                        deleted.append(digest)
+                        tags.extend(removed)
                 manifests_left = [d for d in manifests_left if d not in free]
             for key, _ in list(self.meta.scan(keys.blob_link_prefix(repo))):
                 digest = keys.parse(key, keys.BlobLinkKey).digest
-                await self.delete_blob(repo, Digest(digest))
-                unlinked.append(digest)
+                done, _ = await _unless_gone(self.delete_blob(repo, Digest(digest)),
+                                             ErrorCode.BLOB_UNKNOWN)
+                if done:
+                    unlinked.append(digest)
         except (RegistryError, OSError) as exc:
             # One commit per delete: a failure after the first leaves the
             # repository partly deleted, whatever the failure would say alone.
@@ -1232,7 +1247,7 @@ class Registry:
                 if refusal is not None:
                     raise refusal.indefinite(done) from exc
             raise
-        return {"manifestsDeleted": deleted, "tagsDeleted": tags}
+        return {"manifestsDeleted": deleted, "tagsDeleted": sorted(set(tags))}
 
     # -- listings ------------------------------------------------------------
 
@@ -1302,6 +1317,18 @@ class Registry:
             if artifact_type is None or descriptor.artifactType == artifact_type:
                 out.append(descriptor)
         return out
+
+
+async def _unless_gone(delete: Awaitable[T], gone: ErrorCode) -> tuple[bool, T | None]:
+    """One step of a repository's delete: (True, what it returned), or (False,
+    None) if it found what it was to delete gone already (its 404 ``gone``),
+    deleted meanwhile by a replicated delete."""
+    try:
+        return True, await delete
+    except RegistryError as exc:
+        if exc.code is not gone:
+            raise
+        return False, None
 
 
 def _page(items, n: int | None) -> tuple[list[str], bool]:

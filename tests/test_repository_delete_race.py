@@ -12,7 +12,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
+from cluster.control import repositories
 from registry_node import keys
 from registry_node.config import NodeConfig
 from registry_node.records import Event, EventKind
@@ -121,3 +123,25 @@ async def test_a_repository_delete_racing_replicated_deletes_deletes_what_this_r
     async with http.get(f"{brazil.url}/v2/{repo}/tags/list") as r:
         assert r.status == 404
 
+
+async def test_only_name_unknown_passes_a_region_over_as_not_holding_the_repository(http):
+    """``georeg repository delete`` reads a region's 404 ``NAME_UNKNOWN`` as
+    "not here" (never had it, or replication took it first); any other 404
+    (a node that found something gone midway, as before the fix above) is
+    that region's failure, named as such, not a region silently left out."""
+    async def answer(request: web.Request) -> web.Response:
+        code = "NAME_UNKNOWN" if request.match_info["name"] == "absent" else "BLOB_UNKNOWN"
+        return web.json_response({"errors": [{"code": code, "message": "unknown"}]}, status=404)
+
+    app = web.Application()
+    app.router.add_delete("/acr/v1/{name}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        assert await repositories._delete(http, url, "absent") is None
+        with pytest.raises(repositories._Refused, match="HTTP 404"):
+            await repositories._delete(http, url, "midway")
+    finally:
+        await runner.cleanup()

@@ -13,7 +13,9 @@ Invariants:
   listed in the answer's ``unavailable``, with the reason;
 * a repository is deleted in every region that holds it, each with the node's
   own replicated delete (ACR's ``DELETE /acr/v1/{name}``), so what a region
-  keeps to itself goes as well as what replication spread.
+  keeps to itself goes as well as what replication spread; a region whose
+  copy replication removed first answers ``NAME_UNKNOWN`` and is not an
+  error, any other failure of a region's delete is reported as such.
 """
 
 from __future__ import annotations
@@ -219,13 +221,21 @@ async def _tags(http: aiohttp.ClientSession, url: str, name: str) -> dict[str, s
 
 
 async def _delete(http: aiohttp.ClientSession, url: str, name: str) -> dict | None:
-    """What the node deleted; None if it has no such repository."""
+    """What the node deleted; None if it has no such repository (``NAME_UNKNOWN``:
+    never had it, or replication took it all before the delete arrived). Any
+    other 404 says something went missing midway, while the node may still
+    hold the rest: the region is refused then, never passed over as not
+    holding the repository."""
     status, body, _ = await _request(http, "DELETE", f"{url}/acr/v1/{name}")
-    if status == 404:
+    if status == 404 and _error_code(body) == "NAME_UNKNOWN":
         return None
     if status != 202:
         raise _Refused(f"HTTP {status}: {_error_text(body)}")
     return body
+
+
+def _error_code(body: dict) -> str:
+    return (body.get("errors") or [{}])[0].get("code", "")
 
 
 def _error_text(body: dict) -> str:

@@ -316,11 +316,15 @@ async def test_repository_commands_cover_every_region_confined_ones_too(default_
         gone = georeg("repository", "show-tags", "--name", "residency/sea", data_dir=data_dir)
         assert gone.returncode == 2 and "does not exist" in gone.stderr
         # Both images of the shared repository go: eastus's wherever it replicated,
-        # Brazil South's where it lives.
+        # Brazil South's where it lives. Every region is asked at once, so East
+        # US's replicated deletes land in Brazil South between its own deletes'
+        # commits, in any order (test_repository_delete_race orders them all):
+        # Brazil South reports its own image whatever it found gone meanwhile.
         deleted = georeg("repository", "delete", "--name", "residency/shared", "--yes",
                          data_dir=data_dir)
         assert deleted.returncode == 0, deleted.stderr
         assert "deleted 2 manifests and 1 tag from residency/shared" in deleted.stdout
+        assert "brazilsouth" in deleted.stdout.split(" in ", 1)[1]
         for region in ("eastus", "westeurope", "brazilsouth", "southeastasia"):
             await eventually(lambda r=region: _repository_gone(http, c.regional_endpoint(r),
                                                                "residency/shared"),

@@ -53,8 +53,8 @@ async def http():
 async def _hold_east_and_its_own(node, http, repo: str, east: Image, own: Image) -> list[Event]:
     """``repo`` as Brazil South holds it in test_cluster's residency test:
     East US's image ``east`` (tagged v1 there) by replication, then v1
-    re-tagged here to ``own``, which stays here. Returns East US's repository delete, as
-    its events reach Brazil South."""
+    re-tagged here to ``own``, which stays here. Returns East US's repository
+    delete, as its events reach Brazil South."""
     replica = Replica(node.registry, node.node.configuration)
     base = node.registry.hlc.last
     for i, blob in enumerate(east.blobs):
@@ -95,8 +95,10 @@ async def test_a_repository_delete_racing_replicated_deletes_deletes_what_this_r
 
     def east_arrives() -> None:
         for event in east_deletes:
-            replica.apply_manifest_delete(event) if event.kind is EventKind.MANIFEST_DELETE \
-                else replica.apply_blob_unlink(event)
+            if event.kind is EventKind.MANIFEST_DELETE:
+                replica.apply_manifest_delete(event)
+            else:
+                replica.apply_blob_unlink(event)
 
     durable, commits = brazil.registry.durable, 0
 

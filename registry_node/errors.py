@@ -15,7 +15,9 @@ endpoints', which answer their own errors in the same shape)::
   ``UNAVAILABLE`` and ``UNKNOWN`` for the server's own trouble. ``message``
   and ``detail.reason`` are for people; nothing should parse them.
 * A **4xx** refuses the request as sent: nothing changed (definite). Its
-  ``detail`` is whatever its code carries (``{"digest": …}``, a text, or none).
+  ``detail`` is whatever its code carries (``{"digest": …}``, a text, or none)
+  — but for an operation of several commits cut short (below), whose 4xx is
+  indefinite and has an object ``detail`` as a 5xx does.
 * Every **5xx** has an object ``detail`` with ``"outcome"`` (an ``Outcome``
   value), ``"reason"`` when there is more to say than the message, and fields
   particular to the cause:
@@ -60,11 +62,14 @@ endpoints', which answer their own errors in the same shape)::
 
   Any of them is indefinite for an operation of several commits that had
   made some before it failed (``DELETE /acr/v1/<name>``: one delete per
-  manifest and blob); ``detail.done`` says what was done.
+  manifest and blob); ``detail.done`` says what was done. So is a 4xx that
+  refused such an operation midway (a lock or an index that replication
+  brought in between: ``405 REGISTRY_DISALLOWED_OPERATION``, ``403 DENIED``),
+  with ``"outcome": "indefinite"`` and ``done`` in its ``detail`` too.
 
 * The same outcome labels the node's metric of error answers,
   ``georeg_http_errors_total{code, status, outcome}`` (``api.metrics``); a 4xx
-  counts as ``definite``.
+  counts as ``definite``, but for one cut short midway (``indefinite``).
 
 ``Outcome`` is the project's one failure taxonomy (after Maelstrom):
 replication between nodes uses it too, with a third value, ``permanent``,
@@ -169,7 +174,7 @@ class RegistryError(Exception):
 
     def body(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"code": self.code.name, "message": self.message}
-        if self.status >= 500:
+        if self.status >= 500 or self.outcome is Outcome.INDEFINITE:
             entry["detail"] = {"outcome": self.outcome.value, **self._fields()}
         elif self.detail is not None:
             entry["detail"] = self.detail

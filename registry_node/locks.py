@@ -222,7 +222,10 @@ class Locks:
 
     def check_delete_repository(self, name: str) -> None:
         """A repository delete: refused whole, before any of its deletes, when
-        anything in it may not be deleted (never half a repository)."""
+        anything in it may not be deleted at its start. A lock that lands
+        midway (replicated, or set here between two of its commits) stops it
+        there, and its answer is indefinite and says what was done
+        (``Registry.delete_repository``)."""
         self._check_deletable(repository(name))
         for tag_name, attributes in self.of_tags(name).items():
             if not (attributes.delete_enabled and attributes.write_enabled) \

@@ -47,7 +47,8 @@ import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from enum import Enum
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -1200,22 +1201,23 @@ class Registry:
                                 request: ClientRequest | None = None) -> dict[str, list[str]]:
         """Delete every manifest (indexes before what they reference), tag and blob
         link of a repository, each as the replicated delete it is; returns what
-        these deletes removed. One commit per delete, so other regions' deletes
-        of the same repository land in between (``georeg repository delete``
+        these deletes removed. One commit per delete, so other regions' changes
+        to the same repository land in between (``georeg repository delete``
         asks every region at once, and a region holds what replication brought
-        it beside what it keeps to itself): what one of them took first is
-        gone already, not an error, and not this delete's to report. The rest
-        is deleted all the same — never a 404 midway, which would say the
-        repository is not here while this region's own content stayed."""
+        it beside what it keeps to itself). What another delete took first is
+        gone already: skipped, not an error, and not this delete's to report.
+        Anything else that refuses a step midway — a lock or an index that
+        landed in between, a full disk, no write quorum — stops the delete
+        there, and since part of the repository may be gone its answer is
+        indefinite and says what was done (``RegistryError.indefinite``)."""
         if not self.repository_exists(repo):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": repo})
         self.locks.check_delete_repository(repo)
         self.check_writable()
         manifests_left = [keys.parse(k, keys.ManifestKey).digest
                           for k, _ in self.meta.scan(keys.manifest_prefix(repo))]
-        deleted: list[str] = []
-        tags: list[str] = []
-        unlinked: list[str] = []
+        done: dict[str, list[str]] = {"manifestsDeleted": [], "tagsDeleted": [],
+                                      "blobsDeleted": []}
         try:
             while manifests_left:
                 free = [d for d in manifests_left
@@ -1223,31 +1225,29 @@ class Registry:
                 if not free:  # a reference cycle cannot exist (digests); stop rather than spin
                     break
                 for digest in free:
-                    done, removed = await _unless_gone(
-                        self.delete_manifest(repo, digest, request=request),
-                        ErrorCode.MANIFEST_UNKNOWN)
-                    if done:
-                        deleted.append(digest)
-                        tags.extend(removed)
+                    removed = await _unless_gone(self.delete_manifest(repo, digest,
+                                                                      request=request),
+                                                 ErrorCode.MANIFEST_UNKNOWN)
+                    if removed is not GONE:
+                        done["manifestsDeleted"].append(digest)
+                        done["tagsDeleted"] = sorted({*done["tagsDeleted"], *removed})
                 manifests_left = [d for d in manifests_left if d not in free]
             for key, _ in list(self.meta.scan(keys.blob_link_prefix(repo))):
                 digest = keys.parse(key, keys.BlobLinkKey).digest
-                done, _ = await _unless_gone(self.delete_blob(repo, Digest(digest)),
-                                             ErrorCode.BLOB_UNKNOWN)
-                if done:
-                    unlinked.append(digest)
+                if await _unless_gone(self.delete_blob(repo, Digest(digest)),
+                                      ErrorCode.BLOB_UNKNOWN) is not GONE:
+                    done["blobsDeleted"].append(digest)
         except (RegistryError, OSError) as exc:
-            # One commit per delete: a failure after the first leaves the
-            # repository partly deleted, whatever the failure would say alone.
-            done = {"manifestsDeleted": deleted, "blobsDeleted": unlinked}
-            if deleted or unlinked:
-                if isinstance(exc, RegistryError) and exc.status >= 500:
-                    raise exc.indefinite(done) from exc
-                refusal = storage_failure(exc, read=False)
+            # One commit per delete: a refusal after the first leaves the
+            # repository partly deleted, whatever the refusal would say alone
+            # (a 405 or 403 alone says nothing changed).
+            if any(done.values()):
+                refusal = exc if isinstance(exc, RegistryError) else \
+                    storage_failure(exc, read=False)
                 if refusal is not None:
                     raise refusal.indefinite(done) from exc
             raise
-        return {"manifestsDeleted": deleted, "tagsDeleted": sorted(set(tags))}
+        return done
 
     # -- listings ------------------------------------------------------------
 
@@ -1319,16 +1319,23 @@ class Registry:
         return out
 
 
-async def _unless_gone(delete: Awaitable[T], gone: ErrorCode) -> tuple[bool, T | None]:
-    """One step of a repository's delete: (True, what it returned), or (False,
-    None) if it found what it was to delete gone already (its 404 ``gone``),
-    deleted meanwhile by a replicated delete."""
+class _Gone(Enum):
+    GONE = "gone"     # what ``_unless_gone`` returns for a step whose target was gone already
+
+
+GONE = _Gone.GONE
+
+
+async def _unless_gone(delete: Awaitable[T], gone: ErrorCode) -> T | Literal[_Gone.GONE]:
+    """One step of a repository's delete: what it returned, or ``GONE`` if it
+    found what it was to delete gone already (its 404 ``gone``): deleted
+    meanwhile, by a replicated delete or another client's."""
     try:
-        return True, await delete
+        return await delete
     except RegistryError as exc:
         if exc.code is not gone:
             raise
-        return False, None
+        return GONE
 
 
 def _page(items, n: int | None) -> tuple[list[str], bool]:

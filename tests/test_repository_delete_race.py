@@ -9,18 +9,19 @@ of the replicated part interleave, one commit at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from cluster.control import repositories
 from registry_node import keys
 from registry_node.config import NodeConfig
-from registry_node.records import Event, EventKind
+from registry_node.records import ChangeableAttributes, Event, EventKind
 from registry_node.replica import Replica
 
-from .helpers import Image, digest_of, make_image, push_image, started_node
+from .helpers import Image, assert_error, digest_of, make_image, push_image, started_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -73,6 +74,23 @@ async def _hold_east_and_its_own(node, http, repo: str, east: Image, own: Image)
               for i, blob in enumerate(east.blobs))]
 
 
+def arriving_during_commit(monkeypatch, registry, k: int, arrives: Callable[[], None]) -> None:
+    """``arrives()`` during the ``k``-th commit of what ``registry`` does next
+    (none if ``k`` is 0): wraps the injected durability, whose await after each
+    commit is where the replicator, on the same event loop, applies what
+    arrived meanwhile."""
+    wait_durable, commits = registry.quorum.wait_durable, 0
+
+    async def arriving(seq: int) -> None:
+        nonlocal commits
+        commits += 1
+        if commits == k:
+            arrives()
+        await wait_durable(seq)
+
+    monkeypatch.setattr(registry.quorum, "wait_durable", arriving)
+
+
 @pytest.mark.parametrize("east_first", [True, False],
                          ids=["east's image sorts first", "brazil's image sorts first"])
 @pytest.mark.parametrize("arrival", range(COMMITS + 1),
@@ -100,50 +118,61 @@ async def test_a_repository_delete_racing_replicated_deletes_deletes_what_this_r
             else:
                 replica.apply_blob_unlink(event)
 
-    durable, commits = brazil.registry.durable, 0
-
-    async def arriving_during_commits(seq=None):
-        # The await of each of the delete's commits is where the replicator,
-        # on the same event loop, applies what arrived meanwhile.
-        nonlocal commits
-        commits += 1
-        if commits == arrival:
-            east_arrives()
-        await durable(seq)
-
     if arrival == 0:
         east_arrives()
-    monkeypatch.setattr(brazil.registry, "durable", arriving_during_commits)
+    arriving_during_commit(monkeypatch, brazil.registry, arrival, east_arrives)
     async with http.delete(f"{brazil.url}/acr/v1/{repo}") as r:
         assert r.status == 202, await r.text()
         body = await r.json()
     monkeypatch.undo()
-    assert own.digest in body["manifestsDeleted"]
-    assert set(body["manifestsDeleted"]) <= {east.digest, own.digest}
+    # East US's manifest is Brazil South's to report only if its own delete
+    # took it: East's deletes landed after the commit that deleted it (the
+    # first when East's image sorts first, else the second).
+    took_east = arrival >= (1 if east_first else 2)
+    assert sorted(body["manifestsDeleted"]) == sorted(
+        {own.digest} | ({east.digest} if took_east else set()))
     assert body["tagsDeleted"] == ["v1"]
     assert not brazil.registry.meta.has_prefix(keys.repo_prefix(repo))
     async with http.get(f"{brazil.url}/v2/{repo}/tags/list") as r:
         assert r.status == 404
 
 
-async def test_only_name_unknown_passes_a_region_over_as_not_holding_the_repository(http):
-    """``georeg repository delete`` reads a region's 404 ``NAME_UNKNOWN`` as
-    "not here" (never had it, or replication took it first); any other 404
-    (a node that found something gone midway, as before the fix above) is
-    that region's failure, named as such, not a region silently left out."""
-    async def answer(request: web.Request) -> web.Response:
-        code = "NAME_UNKNOWN" if request.match_info["name"] == "absent" else "BLOB_UNKNOWN"
-        return web.json_response({"errors": [{"code": code, "message": "unknown"}]}, status=404)
+async def test_a_lock_landing_midway_stops_the_delete_and_the_answer_says_what_was_done(
+        brazil, http, monkeypatch):
+    """A lock East US set on the second of two manifests reaches Brazil South
+    during its repository delete's first commit: the delete stops there (the
+    lock is honoured), and since one manifest is gone already its 405 is
+    indefinite and says what was done — never a plain refusal that reads as
+    "nothing changed" while half the repository is deleted."""
+    repo = "residency/locked-midway"
+    first, second = IMAGES
+    for image in IMAGES:
+        await push_image(http, brazil.url, repo, image)
+    replica = Replica(brazil.registry, brazil.node.configuration)
+    lock = from_east(EventKind.ATTRIBUTES_SET, repo, brazil.registry.hlc.last + 100,
+                     digest=second.digest, attributes=ChangeableAttributes(delete_enabled=False))
+    arriving_during_commit(monkeypatch, brazil.registry, 1,
+                           lambda: replica.apply_attributes(lock))
+    async with http.delete(f"{brazil.url}/acr/v1/{repo}") as r:
+        error = await assert_error(r, 405, "REGISTRY_DISALLOWED_OPERATION")
+    monkeypatch.undo()
+    assert error["detail"]["outcome"] == "indefinite"
+    assert error["detail"]["done"]["manifestsDeleted"] == [first.digest]
+    async with http.get(f"{brazil.url}/v2/{repo}/manifests/{second.digest}") as r:
+        assert r.status == 200
+    async with http.get(f"{brazil.url}/v2/{repo}/manifests/{first.digest}") as r:
+        assert r.status == 404
 
-    app = web.Application()
-    app.router.add_delete("/acr/v1/{name}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        assert await repositories._delete(http, url, "absent") is None
-        with pytest.raises(repositories._Refused, match="HTTP 404"):
-            await repositories._delete(http, url, "midway")
-    finally:
-        await runner.cleanup()
+
+async def test_only_name_unknown_passes_a_region_over_as_not_holding_the_repository(brazil, http):
+    """``georeg repository delete`` reads a region's 404 ``NAME_UNKNOWN`` as
+    "not here" (never had it, or replication took it first), as a real node
+    answers it; any other 404 (a node of an older version that found something
+    gone midway, as before the fix above) is that region's refusal, named as
+    such, not a region silently left out."""
+    assert await repositories._delete(http, brazil.url, "never/here") is None
+    midway = {"errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown to registry"}]}
+    with pytest.raises(repositories._Refused, match="HTTP 404: blob unknown"):
+        repositories._region_answer(404, midway)
+    deleted = {"manifestsDeleted": [], "tagsDeleted": []}
+    assert repositories._region_answer(202, deleted) == deleted

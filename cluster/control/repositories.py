@@ -221,12 +221,17 @@ async def _tags(http: aiohttp.ClientSession, url: str, name: str) -> dict[str, s
 
 
 async def _delete(http: aiohttp.ClientSession, url: str, name: str) -> dict | None:
-    """What the node deleted; None if it has no such repository (``NAME_UNKNOWN``:
-    never had it, or replication took it all before the delete arrived). Any
-    other 404 says something went missing midway, while the node may still
-    hold the rest: the region is refused then, never passed over as not
-    holding the repository."""
+    """What the node deleted; None if it has no such repository."""
     status, body, _ = await _request(http, "DELETE", f"{url}/acr/v1/{name}")
+    return _region_answer(status, body)
+
+
+def _region_answer(status: int, body: dict) -> dict | None:
+    """A node's answer to a repository delete: what it deleted; None if it has
+    no such repository (``NAME_UNKNOWN``: never had it, or replication took it
+    all before the delete arrived). Any other 404 (an older node that found
+    something gone midway) or refusal leaves the region refused, part of it
+    perhaps deleted, never passed over as not holding the repository."""
     if status == 404 and _error_code(body) == "NAME_UNKNOWN":
         return None
     if status != 202:

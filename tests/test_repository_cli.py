@@ -17,6 +17,7 @@ import json
 import pytest
 from aiohttp import ClientSession, web
 
+from cluster.cli import repository as repository_cli
 from cluster.control import spec as specs
 from cluster.control.errors import ClusterError
 from cluster.control.repositories import _request
@@ -303,3 +304,21 @@ def test_soft_delete_update_delete_list_deleted_restore_then_skopeo_pulls(c, tmp
         done = georeg("registry", "soft-delete", "update", "--status", "disabled",
                       data_dir=c.data_dir)
         assert done.returncode == 0, done.stderr
+
+
+def test_a_region_that_refused_the_delete_midway_is_told_apart_from_one_not_asked():
+    """A region that answered the delete with a refusal (a lock or an index
+    that landed midway: part of it may be gone) is not one that "could not be
+    asked", whose copy is untouched: stderr says to run the delete again."""
+    answer = {"unavailable": [
+        {"region": "brazilsouth", "reason": "brazilsouth-1: HTTP 405: tag v2 is delete-disabled",
+         "refused": True},
+        {"region": "westeurope", "reason": "every node is down (westeurope-1 down)",
+         "refused": False}]}
+    assert repository_cli.region_notes(answer, "what it holds of app is not deleted",
+                                       refused="part of app may be deleted there; "
+                                               "run the delete again") == [
+        "brazilsouth refused: brazilsouth-1: HTTP 405: tag v2 is delete-disabled; "
+        "part of app may be deleted there; run the delete again",
+        "westeurope could not be asked: every node is down (westeurope-1 down); "
+        "what it holds of app is not deleted"]

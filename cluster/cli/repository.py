@@ -6,9 +6,9 @@ holds the whole registry. ``show``, ``update``, ``untag``, ``delete --image``
 and the detailed listings go to a node of the first region that holds the
 repository (ACR's ``/acr/v1/`` there); what they change replicates.
 
-Exit status: 0 when every region answered, 1 when one could not be asked (the
-answer may lack what only it holds; stderr names it and says why), 2 on an
-error.
+Exit status: 0 when every region answered, 1 when one could not be asked or
+refused (the answer may lack what only it holds; stderr names it and says
+why), 2 on an error.
 """
 
 from __future__ import annotations
@@ -234,11 +234,20 @@ def run_repository_untag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unasked(answer: dict, consequence: str) -> int:
-    """Name on stderr each region that could not be asked; the exit status."""
-    for region in answer["unavailable"]:
-        print(f"georeg: {region['region']} could not be asked: {region['reason']}; {consequence}",
-              file=sys.stderr)
+def region_notes(answer: dict, consequence: str, *, refused: str | None = None) -> list[str]:
+    """A line for each region the answer lacks: one that could not be asked
+    (``consequence``: what that leaves out), or one that was asked and
+    refused (``refused``: what that leaves, ``consequence`` if not given)."""
+    return [f"{u['region']} refused: {u['reason']}; {refused or consequence}" if u.get("refused")
+            else f"{u['region']} could not be asked: {u['reason']}; {consequence}"
+            for u in answer["unavailable"]]
+
+
+def _unasked(answer: dict, consequence: str, *, refused: str | None = None) -> int:
+    """Name on stderr each region that could not be asked or refused; the
+    exit status."""
+    for note in region_notes(answer, consequence, refused=refused):
+        print(f"georeg: {note}", file=sys.stderr)
     return 1 if answer["unavailable"] else 0
 
 
@@ -291,7 +300,8 @@ def run_repository_delete(args: argparse.Namespace) -> int:
     manifests, tags = len(result["manifestsDeleted"]), len(result["tagsDeleted"])
     print(f"deleted {_count(manifests, 'manifest')} and {_count(tags, 'tag')} from {args.name} "
           f"in {', '.join(result['regions'])}")
-    return _unasked(result, f"what it holds of {args.name} is not deleted")
+    return _unasked(result, f"what it holds of {args.name} is not deleted",
+                    refused=f"part of {args.name} may be deleted there; run the delete again")
 
 
 def _delete_image(args: argparse.Namespace) -> int:

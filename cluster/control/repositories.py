@@ -9,8 +9,9 @@ Invariants:
   (the zones of a region hold the same content), over the node's management
   link, so a region cut off from the network is as unreachable here as it is
   for clients;
-* a region none of whose nodes answers is never silently left out: it is
-  listed in the answer's ``unavailable``, with the reason;
+* a region none of whose nodes answers, or whose node refuses, is never
+  silently left out: it is listed in the answer's ``unavailable``, with the
+  reason (``refused`` when a node answered with an error);
 * a repository is deleted in every region that holds it, each with the node's
   own replicated delete (ACR's ``DELETE /acr/v1/{name}``), so what a region
   keeps to itself goes as well as what replication spread; a region whose
@@ -42,13 +43,16 @@ TAGS_PAGE = 1000          # tags per page of a node's _tags listing (its maximum
 
 @dataclass(frozen=True, slots=True)
 class Unavailable:
-    """A region that could not be asked, and why."""
+    """A region that could not be asked, or (``refused``) that was asked and
+    answered with an error — a delete refused midway may have deleted part of
+    what the region holds — and why."""
 
     region: str
     reason: str
+    refused: bool = False
 
     def as_dict(self) -> dict:
-        return {"region": self.region, "reason": self.reason}
+        return {"region": self.region, "reason": self.reason, "refused": self.refused}
 
 
 class _Unreachable(Exception):
@@ -167,7 +171,7 @@ class Repositories:
             except _Unreachable as exc:
                 failures.append(f"{node.name}: {exc}")
             except _Refused as exc:
-                return Unavailable(region, f"{node.name} refused: {exc}")
+                return Unavailable(region, f"{node.name}: {exc}", refused=True)
         return Unavailable(region, "cannot be reached over the network (" + "; ".join(failures) + ")")
 
 
@@ -250,7 +254,8 @@ def _error_text(body: dict) -> str:
 
 
 def _reasons(unavailable: list[Unavailable]) -> str:
-    return "; ".join(f"{u.region}: {u.reason}" for u in unavailable)
+    return "; ".join(f"{u.region}: {'refused: ' if u.refused else ''}{u.reason}"
+                     for u in unavailable)
 
 
 def _absent(name: str, unavailable: list[Unavailable]) -> ClusterError:

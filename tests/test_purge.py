@@ -222,3 +222,31 @@ def test_a_filter_splits_at_the_first_colon_outside_groups_and_brackets(text, re
     assert (f.repository.pattern, f.tag.pattern) == (repo, tag)
     if "alpha" in text:
         assert f.repository.fullmatch("web") and f.tag.fullmatch("42")
+
+
+async def test_what_another_client_deleted_first_is_skipped_as_already_gone(node, http):
+    """A tag or manifest another client (another purge, a replicated delete)
+    deleted between the purge's listing and its delete answers 404: the
+    purge goes on and records it as skipped, already gone — never as deleted
+    by this purge."""
+    loose = await push_image(http, node.url, "raced", make_image(seed=90))
+    tagged = await push_image(http, node.url, "raced", make_image(seed=91), tag="v1")
+
+    class RacedClient(RegistryClient):
+        """The node's real client, with another client's delete of the same
+        target landing just before each of the purge's own."""
+
+        async def untag(self, repo: str, tag: str) -> tuple[int, str]:
+            await super().untag(repo, tag)
+            return await super().untag(repo, tag)
+
+        async def delete_manifest(self, repo: str, digest: str) -> tuple[int, str]:
+            await super().delete_manifest(repo, digest)
+            return await super().delete_manifest(repo, digest)
+
+    async with aiohttp.ClientSession() as session:
+        report = await purge(RacedClient(session, node.url), request("raced:.*", untagged=True),
+                             time.time() + 2 * DAY)
+    assert report.tags == [] and report.manifests == [] and report.failed == []
+    assert sorted(report.skipped) == sorted(("raced", ref, "already gone")
+                                            for ref in ("v1", loose, tagged))

@@ -36,6 +36,9 @@ The rules, ACR's where ACR states one:
   manifest or the repository) is skipped and reported, never unlocked: ACR's
   purge does not delete what is write-disabled (georeg has no
   ``--include-locked``).
+* What another purge, client or replicated delete took between the listing
+  and the delete (a 404) is skipped as "already gone": the report lists as
+  deleted only what this purge deleted.
 
 Bad input (a regex that does not compile, a filter without ``:``, an
 ``--ago`` that is no duration) is a ``ValueError`` saying what is wrong;
@@ -335,7 +338,8 @@ def _in_use(text: str) -> str | None:
 
 async def _attempt(report: PurgeReport, limit: asyncio.Semaphore, repo: str, ref: str,
                    delete: Callable[[], Awaitable[tuple[int, str]]], locked_what: str) -> bool:
-    """One delete: True when done (or already gone); a lock or an index
+    """One delete: True when this delete did it. Already gone (404: another
+    purge, a client or a replicated delete took it first), a lock or an index
     refusing it is a skip, anything else a failure recorded with its reason.
     Never raises for one item: the others go on and the report keeps them."""
     try:
@@ -344,9 +348,11 @@ async def _attempt(report: PurgeReport, limit: asyncio.Semaphore, repo: str, ref
     except (aiohttp.ClientError, TimeoutError) as exc:
         report.failed.append((repo, ref, f"{type(exc).__name__}: {exc}"[:300]))
         return False
-    if status in (200, 202, 404):
+    if status in (200, 202):
         return True
-    if status == 405:
+    if status == 404:
+        report.skipped.append((repo, ref, "already gone"))
+    elif status == 405:
         report.skipped.append((repo, ref, _lock_reason(locked_what)))
     elif status == 403 and (why := _in_use(text)):
         report.skipped.append((repo, ref, why))

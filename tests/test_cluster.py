@@ -319,7 +319,7 @@ async def test_repository_commands_cover_every_region_confined_ones_too(default_
         # Brazil South's where it lives. Every region is asked at once, so East
         # US's replicated deletes land in Brazil South between its own deletes'
         # commits, in any order (test_repository_delete_race orders them all):
-        # Brazil South reports its own image whatever it found gone meanwhile.
+        # Brazil South answers (202), whatever it found gone meanwhile.
         deleted = georeg("repository", "delete", "--name", "residency/shared", "--yes",
                          data_dir=data_dir)
         assert deleted.returncode == 0, deleted.stderr

@@ -87,8 +87,12 @@ image-test: image
 
 # The 40 slowest tests are listed at the end: the suite's budget is 15 minutes, and
 # a CI log that names where they go is what keeps it there.
+# Two workers, a test file each at a time (module-scoped clusters stay whole):
+# most of the suite waits on real processes, sockets and replication, so the
+# second core is idle in a serial run. TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
 test: install proto-check
-	$(PY) -m pytest --durations=40
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40
 
 # Regenerate the gRPC code from proto/ (never edit replicator/wire/v1/*_pb2*.py by hand).
 proto: $(INSTALLED)

@@ -195,6 +195,10 @@ class FaultController:
         self._stalled: set[str] = set()     # nodes told to stall blob bodies
         self._deferred: dict[str, set[str]] = {}  # paused node -> seams not sent it meanwhile
         self._session: aiohttp.ClientSession | None = None
+        # Called after every change a fault makes (injected, healed, a flap's
+        # phase), from wherever it came (the CLI, a page, a scenario, a timer):
+        # what shows faults (the dashboard) looks again at once. Never raise.
+        self.watchers: list[Callable[[], None]] = []
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -331,10 +335,13 @@ class FaultController:
             fault.waiting = [n for n in fault.nodes if self._paused(n)]
 
     def _settle(self, fault: Fault) -> None:
-        """The links and routing, recomputed after ``fault`` changed phase."""
+        """The links and routing, recomputed after ``fault`` changed phase; the
+        watchers told."""
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()
+        for watcher in self.watchers:
+            watcher()
 
     def _flap_seed(self, number: int) -> int:
         """A flap's seed when none is given: from the cluster's seed and the

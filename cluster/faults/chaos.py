@@ -113,6 +113,7 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
+import structlog
 
 from registry_node.errors import Outcome
 from replicator.residency import ResidencyPolicy
@@ -123,9 +124,12 @@ from .controller import KINDS, SEEDED_KINDS
 from .flap import Flap, FlapError
 from .timeline import (
     MAX_CODES,
+    MAX_ERROR,
     MAX_FAILOVERS,
+    MAX_NAME,
     MAX_STEPS,
     Failover,
+    Pushes,
     Timeline,
     TimelineStep,
     bucket_width,
@@ -368,6 +372,7 @@ INVARIANTS = ("acknowledged_pullable", "tags_agree", "deletes_applied",
               "confined_stays_in_region", "no_plaintext_on_disk")
 RECOVERY_POLL_S = 0.25          # how often a run past its duration asks whether faults recovered
 RECOVERY_TAIL_S = 2.0           # workload kept on once they have (clients seen coming back)
+log = structlog.get_logger("georeg.chaos")
 REPORT_EVERY_S = 1.0            # how often a run tells the management server its timeline
 TIMELINE_PATH = "/georeg/v1/dashboard/chaos-run"   # ... where (the dashboard draws it)
 
@@ -744,11 +749,14 @@ class ChaosRun:
             reporter = asyncio.create_task(self._report_timeline(session))
             try:
                 report = await self._run(session, status, workload, duration, progress)
+                self.passed = report["passed"]
             finally:
+                # Done, passed or not; a run that raised (or was interrupted) says it
+                # is done too, with passed unknown, rather than be shown running.
                 reporter.cancel()
                 await asyncio.gather(reporter, return_exceptions=True)
-            self.phase, self.passed = "done", report["passed"]
-            await self._send_timeline(session)
+                self.phase = "done"
+                await self._send_timeline(session)
         return report
 
     async def _run(self, session, status: dict, workload: ChaosWorkload, duration: float,
@@ -786,18 +794,21 @@ class ChaosRun:
         for t, _client, _op, code in obs.errors:
             codes.setdefault(code, []).append(t)
         shown = sorted(codes, key=lambda c: -len(codes[c]))[:MAX_CODES]
-        steps = [TimelineStep(round(step.at_s, 2), step.describe()) for step in self.steps]
+        steps = [TimelineStep(round(step.at_s, 2), step.describe()[:MAX_NAME])
+                 for step in self.steps]
         for step, applied in zip(steps, self.applied, strict=False):   # applied in order
             step.applied_at_s = applied["at_s"]
             step.fault, step.error = applied.get("fault"), applied.get("error")
+            if step.error is not None:
+                step.error = step.error[:MAX_ERROR]
         failovers = [Failover(round(t, 2), client, region)
                      for client, history in obs.served_by.items() for t, region in history[1:]]
         return Timeline(
-            scenario=self.scenario.name, seed=self.seed, started_at=self.started_at,
+            scenario=self.scenario.name[:MAX_NAME], seed=self.seed, started_at=self.started_at,
             duration_s=self.scenario.duration_s * self.scale, at_s=round(at, 2),
             phase=self.phase, steps=steps[:MAX_STEPS], bucket_s=width,
-            pushes={"attempted": obs.pushes_attempted, "acknowledged": len(obs.acknowledged),
-                    "refused": obs.pushes_refused, "indefinite": len(obs.indefinite)},
+            pushes=Pushes(attempted=obs.pushes_attempted, acknowledged=len(obs.acknowledged),
+                          refused=obs.pushes_refused, indefinite=len(obs.indefinite)),
             acknowledged=per_bucket([p.answered_at for p in obs.acknowledged], width, at),
             errors={code: per_bucket(codes[code], width, at) for code in shown},
             failovers=sorted(failovers, key=lambda f: f.at_s)[-MAX_FAILOVERS:],
@@ -805,7 +816,8 @@ class ChaosRun:
 
     async def _send_timeline(self, session) -> bool:
         """Tell the management server the timeline (its dashboard draws it). Never
-        fails the run: False when the server has no such route (an older one)."""
+        fails the run (reporting is best effort): False when the server has no such
+        route (an older one)."""
         try:
             async with session.put(self.management + TIMELINE_PATH,
                                    data=msgspec.json.encode(self.timeline()),
@@ -814,6 +826,9 @@ class ChaosRun:
                 return r.status not in (404, 405)
         except (aiohttp.ClientError, TimeoutError):
             return True                         # the server is busy or away: next time
+        except Exception as exc:    # noqa: BLE001 - a report's bug never fails the run
+            log.warning("chaos_timeline_not_sent", error=str(exc) or type(exc).__name__)
+            return True
 
     async def _report_timeline(self, session) -> None:
         """Every ``REPORT_EVERY_S`` until the run cancels it (its end), unless the

@@ -11,62 +11,83 @@ Invariants: every time is seconds since the run started (``started_at``, wall
 clock, sets them against the faults' times); the per-bucket series have one
 entry per ``bucket_s`` from the start, at most ``MAX_BUCKETS`` (a longer run
 gets wider buckets), so a report stays small whatever the run's length.
+What arrives is decoded by ``decode_timeline`` only: strict JSON (no ``NaN`` or
+``Infinity``, which would make the dashboard's snapshot not JSON), every time
+and count in bounds, every string short.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 MAX_BUCKETS = 300
 MAX_STEPS = 200
 MAX_CODES = 16
 MAX_FAILOVERS = 200
 PHASES = ("running", "converging", "checking", "done")
+MAX_NAME = 200                  # a scenario's, a step's, a client's, a region's
+MAX_ERROR = 500                 # why a step could not be applied
+
+Seconds = Annotated[float, Meta(ge=0, le=10**8)]         # into the run (years: no run lasts)
+Count = Annotated[int, Meta(ge=0)]
+Name = Annotated[str, Meta(max_length=MAX_NAME)]
 
 
 class TimelineStep(msgspec.Struct, forbid_unknown_fields=True):
-    at_s: float                           # when the schedule puts it
-    step: str                             # ``Step.describe()``
-    applied_at_s: float | None = None     # when it was applied (None: not yet)
-    fault: str | None = None              # the fault it injected (its id)
-    error: str | None = None              # why it could not be applied
+    at_s: Seconds                         # when the schedule puts it
+    step: Name                            # ``Step.describe()``
+    applied_at_s: Seconds | None = None   # when it was applied (None: not yet)
+    fault: Name | None = None             # the fault it injected (its id)
+    error: Annotated[str, Meta(max_length=MAX_ERROR)] | None = None   # why it was not applied
 
 
 class Failover(msgspec.Struct, forbid_unknown_fields=True):
-    at_s: float
-    client: str                           # a client location
-    to: str                               # the region now serving it
+    at_s: Seconds
+    client: Name                          # a client location
+    to: Name                              # the region now serving it
+
+
+class Pushes(msgspec.Struct, forbid_unknown_fields=True):
+    attempted: Count = 0
+    acknowledged: Count = 0
+    refused: Count = 0
+    indefinite: Count = 0
 
 
 class Timeline(msgspec.Struct, forbid_unknown_fields=True):
-    scenario: str
+    scenario: Name
     seed: int
-    started_at: float                     # wall clock (``time.time()``) at the run's start
-    duration_s: float                     # the workload's planned length
-    at_s: float                           # how far the run is
+    started_at: Annotated[float, Meta(ge=0, le=10**11)]   # wall clock at the run's start
+    duration_s: Seconds                   # the workload's planned length
+    at_s: Seconds                         # how far the run is
     phase: str                            # one of PHASES
     steps: list[TimelineStep]
-    bucket_s: float
-    pushes: dict[str, int]                # attempted, acknowledged, refused, indefinite
-    acknowledged: list[int]               # pushes acknowledged per bucket
-    errors: dict[str, list[int]]          # client-visible errors per bucket, by code
+    bucket_s: Annotated[float, Meta(gt=0, le=10**8)]
+    pushes: Pushes
+    acknowledged: list[Count]             # pushes acknowledged per bucket
+    errors: dict[Name, list[Count]]       # client-visible errors per bucket, by code
     failovers: list[Failover]
     passed: bool | None = None            # once done: whether every check passed
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise ValueError(f"phase is one of {', '.join(PHASES)}, not {self.phase!r}"[:120])
-        if not (0 < self.bucket_s and math.isfinite(self.bucket_s) and math.isfinite(self.at_s)
-                and math.isfinite(self.started_at)):
-            raise ValueError("bucket_s is positive; at_s and started_at are finite")
         series = [self.acknowledged, *self.errors.values()]
         if (len(self.steps) > MAX_STEPS or len(self.errors) > MAX_CODES
                 or len(self.failovers) > MAX_FAILOVERS
                 or any(len(s) > MAX_BUCKETS for s in series)):
             raise ValueError(f"a timeline has at most {MAX_STEPS} steps, {MAX_CODES} error "
                              f"codes, {MAX_FAILOVERS} failovers and {MAX_BUCKETS} buckets")
+
+
+def decode_timeline(body: bytes) -> Timeline:
+    """A run's report as it arrives (JSON): a ``msgspec.DecodeError`` (its
+    ``ValidationError`` included) says what is wrong."""
+    return msgspec.json.decode(body, type=Timeline)
 
 
 def bucket_width(at_s: float) -> float:
@@ -83,3 +104,4 @@ def per_bucket(times: list[float], width: float, at_s: float) -> list[int]:
         if 0 <= index < len(counts):
             counts[index] += 1
     return counts
+

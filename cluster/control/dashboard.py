@@ -49,8 +49,9 @@ fault controller says a fault changed (``FaultController.watchers``: injected
 or healed from anywhere, a flap's phase); node metrics (the lag heatmap) are
 scraped at most every ``LAG_EVERY_S``. A snapshot carries nothing that moves
 on an idle cluster (link rates, not byte counts: ``LinkRates``), so an idle
-page is sent keepalives, not frames. Sign-ins being checked are bounded
-(``MAX_SIGN_INS_AT_ONCE``): an identity's asks a node.
+page is sent keepalives, not frames. Identities' sign-ins being checked are
+bounded (``MAX_SIGN_INS_AT_ONCE``: each asks a node); the owner's are not
+counted, so nobody can hold the owner off.
 """
 
 from __future__ import annotations
@@ -71,18 +72,21 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import msgspec
+import structlog
 from aiohttp import web
 
 from registry_node.auth.permissions import reads_whole_registry
 
-from ..faults.timeline import Timeline
+from ..faults.timeline import decode_timeline
 from .access import authorization
 from .errors import ClusterError, Forbidden, TooManyRequests, Unauthorized
 from .regions import REGIONS
-from .request_body import json_object
+from .request_body import bounded_body, json_object
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+
+log = structlog.get_logger("georeg.dashboard")
 
 STATIC_DIR = Path(__file__).with_name("dashboard_static")
 PREFIX = "/dashboard"
@@ -95,11 +99,13 @@ LOGIN_TOKEN_TTL_S = 120
 MAX_SESSIONS = {OWNER: 64, VIEWER: 256}     # each role its own bound
 MAX_STREAMS_EACH = 4           # open event streams of one signed-in browser
 MAX_STREAMS = 64               # ... and in all
-MAX_SIGN_INS_AT_ONCE = 4       # sign-ins checked at once (an identity's asks a node)
+MAX_SIGN_INS_AT_ONCE = 4       # identities' sign-ins checked at once (each asks a node)
 CHAOS_SHOWN_S = 600.0           # a scenario's timeline stays this long after its last report
 MAX_CHAOS_BYTES = 256 * 1024    # the most a scenario's report may weigh
+SILENT_AFTER_S = 5.0            # a run reports every second: silent this long, it is said
 VERIFY_EVERY_S = 5.0           # a viewer's roles are read again this often while it watches
-UPDATE_EVERY_S = 1.0            # the stream's ceiling: one snapshot a second
+UPDATE_EVERY_S = 1.0            # the stream's tick: a snapshot a second at most, unless...
+POKE_FLOOR_S = 0.25             # ... a fault changed: one at once, then at most one each 0.25 s
 KEEPALIVE_S = 15.0
 STREAM_MAX_S = 3600.0           # a stream ends after this; the page reconnects
 LAG_EVERY_S = 5.0
@@ -406,11 +412,13 @@ class Dashboard:
         self._lag = LagWindow()
         self._rates = LinkRates()
         self._chaos: tuple[float, dict] | None = None   # (when reported, the run's timeline)
-        self._signing_in = 0             # sign-ins being checked now (each may ask a node)
+        self._signing_in = 0             # identities' sign-ins being checked now (``_roles_of``)
         self._lag_heat: dict = {}
         self._lag_at = -math.inf
         self._lag_task: asyncio.Task | None = None
         self._snapshot: tuple[float, bytes] | None = None
+        self._stale = False               # a fault changed since the snapshot (``_poke``)
+        self._poke_later: asyncio.TimerHandle | None = None
         self._closing = False             # every stream ends (the server is stopping)
         self._wake = asyncio.Event()      # set and cleared: every stream looks again now
 
@@ -444,7 +452,9 @@ class Dashboard:
 
     async def close(self) -> None:
         self._closing = True
-        self._poke()
+        if self._poke_later is not None:
+            self._poke_later.cancel()
+        self._wake_streams()
         with contextlib.suppress(ValueError):
             self.cluster.faults.watchers.remove(self._poke)
         if self._lag_task is not None:
@@ -503,8 +513,23 @@ class Dashboard:
                                "identity no longer holds a role that may watch): sign in again")
 
     def _poke(self) -> None:
-        """Every stream sends a fresh snapshot now (after a change made here)."""
-        self._snapshot = None
+        """A fault changed: every stream sends a fresh snapshot now, or, when the
+        last one is younger than ``POKE_FLOOR_S``, once it is that old (a flap at
+        its quickest changes ten times a second; the pages need not)."""
+        self._stale = True
+        age = time.monotonic() - self._snapshot[0] if self._snapshot else math.inf
+        if age >= POKE_FLOOR_S:
+            self._wake_streams()
+        elif self._poke_later is None:
+            self._poke_later = asyncio.get_running_loop().call_later(
+                POKE_FLOOR_S - age, self._poke_due)
+
+    def _poke_due(self) -> None:
+        self._poke_later = None
+        self._wake_streams()
+
+    def _wake_streams(self) -> None:
+        """Every stream looks again now (a fresh snapshot if due, its session)."""
         self._wake.set()
         self._wake.clear()
 
@@ -551,15 +576,7 @@ class Dashboard:
     # -- sessions --------------------------------------------------------------------------
 
     async def sign_in(self, request: web.Request) -> web.Response:
-        body = await json_object(request)
-        if self._signing_in >= MAX_SIGN_INS_AT_ONCE:      # each may ask a node: bounded
-            raise TooManyRequests(f"{MAX_SIGN_INS_AT_ONCE} sign-ins are being checked now; "
-                                  "try again in a moment")
-        self._signing_in += 1
-        try:
-            role, identity = await self._signs_in(body)
-        finally:
-            self._signing_in -= 1
+        role, identity = await self._signs_in(await json_object(request))
         if role is None:
             raise Unauthorized(
                 "not signed in: the owner credential (kept in <data dir>/auth/owner.secret), "
@@ -580,9 +597,23 @@ class Dashboard:
         if isinstance(token, str) and token:
             return (OWNER if self.sessions.redeem(token) else None), None
         if isinstance(identity, str) and isinstance(secret, str) and identity and secret:
-            roles = await self.cluster.access.registry_roles(identity, secret)
+            roles = await self._roles_of(identity, secret)
             return (VIEWER, identity) if may_watch(roles) else (None, None)
         raise ClusterError('give {"credential"}, {"identity", "secret"} or {"loginToken"}')
+
+    async def _roles_of(self, identity: str, secret: str) -> list[str]:
+        """An identity's roles on the registry, asked of a node: at most
+        ``MAX_SIGN_INS_AT_ONCE`` asks at once (anyone may send identities, and an
+        ask may wait seconds while a region is down). The owner credential and a
+        login token ask nothing, so they are never held back by this bound."""
+        if self._signing_in >= MAX_SIGN_INS_AT_ONCE:
+            raise TooManyRequests(f"{MAX_SIGN_INS_AT_ONCE} identities' sign-ins are being "
+                                  "checked now; try again in a moment")
+        self._signing_in += 1
+        try:
+            return await self.cluster.access.registry_roles(identity, secret)
+        finally:
+            self._signing_in -= 1
 
     async def whoami(self, request: web.Request) -> web.Response:
         """The role of whoever asks (the page's first call: 401 shows the sign-in form)."""
@@ -590,7 +621,7 @@ class Dashboard:
 
     async def sign_out(self, request: web.Request) -> web.Response:
         self.sessions.close(request.headers.get("Authorization", ""))
-        self._poke()                   # its streams end now, not at the next tick
+        self._wake_streams()           # its streams end now, not at the next tick
         return web.Response(status=204)
 
     async def mint_login_token(self, request: web.Request) -> web.Response:
@@ -607,11 +638,10 @@ class Dashboard:
         it injects. The latest report is shown for ``CHAOS_SHOWN_S``."""
         if request.get(ROLE) != OWNER:
             raise Forbidden("only the owner credential reports a scenario's run")
-        if (request.content_length or 0) > MAX_CHAOS_BYTES:
-            raise ClusterError(f"a timeline weighs at most {MAX_CHAOS_BYTES // 1024} KiB")
+        body = await bounded_body(request, MAX_CHAOS_BYTES, "a timeline")
         try:
-            run = msgspec.convert(await json_object(request), Timeline)
-        except msgspec.ValidationError as exc:
+            run = decode_timeline(body)
+        except msgspec.DecodeError as exc:
             raise ClusterError(f"not a scenario's timeline: {exc}"[:300]) from None
         self._chaos = (time.monotonic(), msgspec.to_builtins(run))
         return web.Response(status=204)
@@ -619,10 +649,11 @@ class Dashboard:
     def _chaos_now(self) -> dict | None:
         """The scenario last reported, if recent, with the faults its steps injected:
         when each came and went (seconds into the run, from the fault controller: a
-        fault that healed itself after its duration too) and whether it is in effect."""
+        fault that healed itself after its duration too) and whether it is in effect;
+        ``silent_s``: how long a run not done has said nothing (None: it reports)."""
         if self._chaos is None or time.monotonic() - self._chaos[0] > CHAOS_SHOWN_S:
             return None
-        run = self._chaos[1]
+        reported, run = self._chaos
         faults = self.cluster.faults.faults
         shown = []
         for step in run["steps"]:
@@ -634,7 +665,13 @@ class Dashboard:
                           "to_s": None if fault.healed_at is None
                           else round(fault.healed_at - run["started_at"], 2),
                           "in_effect": fault.in_effect})
-        return {**run, "faults": shown}
+        # A run that died (killed, or failing before it could say it was done) stops
+        # reporting: how long ago it last did, in SILENT_AFTER_S steps so that the
+        # snapshot of a quiet page changes that seldom.
+        quiet = time.monotonic() - reported
+        silent = (int(quiet // SILENT_AFTER_S * SILENT_AFTER_S)
+                  if run["phase"] != "done" and quiet >= SILENT_AFTER_S else None)
+        return {**run, "faults": shown, "silent_s": silent}
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -683,10 +720,20 @@ class Dashboard:
                 "endpoints": status["endpoint_traffic"], "lag": self._lag_heat}
 
     def _encoded(self) -> bytes:
-        """The current snapshot as JSON, computed at most once a second for all viewers."""
+        """The current snapshot as JSON, shared by all viewers: computed once a
+        second at most (``update_every_s``), or ``POKE_FLOOR_S`` after the last one
+        when a fault changed. Strict JSON: a NaN or an infinity is never sent (the
+        page could not parse it); the last good snapshot stays instead."""
         now = time.monotonic()
-        if self._snapshot is None or now - self._snapshot[0] >= self.update_every_s:
-            self._snapshot = (now, json.dumps(self.snapshot()).encode())
+        age = now - self._snapshot[0] if self._snapshot else math.inf
+        if age >= self.update_every_s or (self._stale and age >= POKE_FLOOR_S):
+            self._stale = False
+            try:
+                encoded = json.dumps(self.snapshot(), allow_nan=False).encode()
+            except ValueError as exc:
+                log.warning("dashboard_snapshot_not_json", error=str(exc))
+                encoded = self._snapshot[1] if self._snapshot else b"{}"
+            self._snapshot = (now, encoded)
             if now - self._lag_at >= LAG_EVERY_S and (self._lag_task is None
                                                       or self._lag_task.done()):
                 self._lag_at = now

@@ -86,7 +86,7 @@ async function stream() {
     if (r.status === 401) { showSignIn(); return; }
     if (!r.ok || !r.body) throw new Error(`HTTP ${r.status}`);
     $("live").textContent = "live"; $("live").className = "live on";
-    S.retry = 1000;
+    let drawn = false;               // the backoff starts over only once a frame was drawn
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -98,7 +98,13 @@ async function stream() {
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
         const frame = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
         const data = frame.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-        if (data) render(JSON.parse(data));
+        if (!data) continue;
+        try {                        // one bad frame is skipped; the stream goes on
+          render(JSON.parse(data));
+          if (!drawn) { drawn = true; S.retry = 1000; }
+        } catch (e) {
+          console.error("dashboard: a frame could not be drawn", e);
+        }
       }
     }
   } catch (e) {
@@ -419,13 +425,17 @@ function renderChaos(run) {
     line.appendChild(el("svg:title", {}, `t+${f.at_s.toFixed(1)} s: clients in ${f.client} now served by ${f.to}`));
     svg.appendChild(line);
   }
-  if (run.phase !== "done") svg.appendChild(el("svg:line", { x1: x(run.at_s), x2: x(run.at_s), y1: 0, y2: H - 12, class: "now" }));
+  const silent = run.phase !== "done" && run.silent_s !== null && run.silent_s !== undefined;
+  if (run.phase !== "done" && !silent) svg.appendChild(el("svg:line", { x1: x(run.at_s), x2: x(run.at_s), y1: 0, y2: H - 12, class: "now" }));
   for (const t of [0, span / 2, span]) {
     svg.appendChild(el("svg:text", { x: x(t), y: H - 2, class: "tick", "text-anchor": "middle" }, `${t.toFixed(0)} s`));
   }
-  const outcome = run.phase === "done" ? (run.passed ? "passed" : "FAILED") : run.phase;
+  const outcome = run.phase !== "done"
+    ? (silent ? `${run.phase}, but no word from the run for ${run.silent_s} s or more (stopped?)` : run.phase)
+    : run.passed === null ? "ended before its checks (it failed or was stopped)"
+    : run.passed ? "passed" : "FAILED";
   $("chaos-title").textContent = `${run.scenario} (seed ${run.seed}): ${outcome}, t+${run.at_s.toFixed(0)} s of ${run.duration_s.toFixed(0)} s`;
-  $("chaos-panel").dataset.phase = run.phase;
+  $("chaos-panel").dataset.phase = silent ? "silent" : run.phase;
   const codes = Object.entries(run.errors).map(([c, s]) => `${c} ${s.reduce((a, b) => a + b, 0)}`).join(", ") || "none";
   $("chaos-summary").textContent = `pushes: ${run.pushes.acknowledged} acknowledged, ${run.pushes.refused} refused, ` +
     `${run.pushes.indefinite} indefinite of ${run.pushes.attempted} · errors: ${codes} · ` +
@@ -464,8 +474,12 @@ async function showImage() {
 function render(state) {
   S.state = state;
   $("registry").textContent = `${state.registry} (${state.tier}, home ${state.home_region})`;
-  renderMap(state); renderReplicas(state); renderNodes(state); renderLinks(state); renderFaults(state);
-  renderChaos(state.chaos); renderLag(state); renderEndpoints(state);
+  // Each panel on its own: one that cannot draw this frame leaves the others drawn.
+  const panels = [renderMap, renderReplicas, renderNodes, renderLinks, renderFaults,
+                  (s) => renderChaos(s.chaos), renderLag, renderEndpoints];
+  for (const draw of panels) {
+    try { draw(state); } catch (e) { console.error("dashboard: a panel could not be drawn", e); }
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {

@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import msgspec
@@ -28,6 +29,7 @@ from cluster.control import spec as specs
 from cluster.control.dashboard import (
     LOGIN_TOKEN_TTL_S,
     MAX_SESSIONS,
+    MAX_SIGN_INS_AT_ONCE,
     MAX_STREAMS,
     MAX_STREAMS_EACH,
     OWNER,
@@ -38,12 +40,14 @@ from cluster.control.dashboard import (
     LinkRates,
     Sessions,
     histogram_quantile,
+    link_states,
     may_watch,
     parse_lag,
 )
 from cluster.control.errors import TooManyRequests
 from cluster.faults.chaos import Assertions, ChaosRun, Scenario, Workload
-from cluster.faults.timeline import MAX_BUCKETS, Timeline
+from cluster.faults.timeline import MAX_BUCKETS, decode_timeline
+from cluster.network.links import Link
 from cluster.testing import RunningCluster
 
 from .helpers import eventually, make_image, push_image
@@ -52,6 +56,11 @@ from .test_cluster import georeg
 SPEC = {"home_region": "westeurope", "paired_copies": False, "auth": "token",
         "replicas": [{"region": "eastus"}]}
 REGIONS = ("westeurope", "eastus")
+TIMELINE = {"scenario": "s", "seed": 1, "started_at": 1.0, "duration_s": 2.0, "at_s": 1.0,
+            "phase": "running", "steps": [{"at_s": 0.5, "step": "t+0.5s routing(region=eastus)"}],
+            "bucket_s": 1.0, "pushes": {"attempted": 1, "acknowledged": 1, "refused": 0,
+                                        "indefinite": 0},
+            "acknowledged": [1, 0], "errors": {}, "failovers": []}
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -159,6 +168,17 @@ async def test_the_server_refuses_what_a_caller_may_not_do(dashboard_cluster, vi
         assert r.status == 401
     async with http.put(chaos_run, headers=_bearer(owner), json={"scenario": "x"}) as r:
         assert r.status == 400 and "timeline" in (await r.json())["error"]["message"]
+    # Not JSON (Python writes Infinity), and too large though sent without a length.
+    async with http.put(chaos_run, headers={**_bearer(owner), "Content-Type": "application/json"},
+                        data=json.dumps(TIMELINE | {"duration_s": float("inf")})) as r:
+        assert r.status == 400, r.status
+    heavy = json.dumps(TIMELINE | {"steps": [{"at_s": 1.0, "step": "x" * 1500}] * 200}).encode()
+
+    async def chunked():
+        for at in range(0, len(heavy), 64 * 1024):
+            yield heavy[at:at + 64 * 1024]
+    async with http.put(chaos_run, headers=_bearer(owner), data=chunked()) as r:
+        assert r.status == 413, r.status
 
     # A one-time login token (what `georeg dashboard --open` mints) works once.
     async with http.post(f"{dashboard_cluster.management}/georeg/v1/dashboard/login-tokens",
@@ -225,6 +245,101 @@ async def test_a_fault_made_elsewhere_wakes_the_streams_at_once(dashboard_cluste
             assert not (await frame(stream))["faults"]
     finally:
         dashboard.update_every_s = UPDATE_EVERY_S
+
+
+async def test_the_sign_in_bound_never_holds_back_the_owner(dashboard_cluster, viewer, http):
+    """With every slot for checking an identity taken (anyone may send identities), the
+    owner credential and a login token still sign in: they ask no node."""
+    dashboard = dashboard_cluster.running.management.dashboard
+    base, owner = dashboard_cluster.dashboard, dashboard_cluster.owner
+    async with http.post(f"{dashboard_cluster.management}/georeg/v1/dashboard/login-tokens",
+                         headers=_bearer(owner)) as r:
+        token = (await r.json())["loginToken"]
+    dashboard._signing_in = MAX_SIGN_INS_AT_ONCE
+    try:
+        assert (await _session(http, base, {"identity": viewer[0], "secret": viewer[1]}))[0] == 429
+        for body in ({"credential": owner}, {"loginToken": token}):
+            status, session = await _session(http, base, body)
+            assert status == 200 and session["role"] == "owner", (sorted(body), status)
+            async with http.delete(base + "api/session", headers=_bearer(session["session"])):
+                pass
+    finally:
+        dashboard._signing_in = 0
+
+
+def test_a_raising_watcher_never_breaks_fault_injection(dashboard_cluster):
+    """A watcher with a bug is skipped (and logged): the fault is injected, the
+    watchers after it are told, and a fault with a duration still heals itself."""
+    running = dashboard_cluster.running
+    faults = running.cluster.faults
+    told: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("a watcher's bug")
+
+    def after() -> None:
+        told.append(1)
+    faults.watchers[:0] = [broken]
+    faults.watchers.append(after)
+    try:
+        fault = running.run(lambda: faults.inject("routing", region="eastus", duration_s=0.3))
+        assert told
+        running.run(lambda: eventually(lambda: not fault.active, timeout=10,
+                                       what="the fault healing itself"))
+    finally:
+        faults.watchers.remove(broken)
+        faults.watchers.remove(after)
+        running.run(faults.heal_all)
+
+
+def test_pokes_bring_a_snapshot_at_once_but_not_more_than_the_floor_allows(dashboard_cluster):
+    """A burst of fault changes (a flap at its quickest) makes one snapshot at once and
+    the next when the floor has passed, not one each."""
+    dashboard = dashboard_cluster.running.management.dashboard
+    made = 0
+    real = dashboard.snapshot
+
+    def counted() -> dict:
+        nonlocal made
+        made += 1
+        return real()
+
+    async def burst() -> tuple[int, int]:
+        dashboard.snapshot = counted
+        try:
+            for _ in range(20):
+                dashboard._poke()
+                dashboard._encoded()
+            in_burst = made
+            await asyncio.wait_for(dashboard._wake.wait(), 2)    # the deferred wake
+            dashboard._encoded()
+            return in_burst, made
+        finally:
+            del dashboard.snapshot
+    in_burst, after = dashboard_cluster.running.run(burst)
+    assert in_burst <= 1 and after >= in_burst + 1, (in_burst, after)
+
+
+def test_a_run_that_stopped_reporting_is_shown_silent(dashboard_cluster):
+    """A run killed mid-way: how long it has said nothing, in 5 s steps; none while it
+    reports, nor once it is done."""
+    dashboard = dashboard_cluster.running.management.dashboard
+    try:
+        for ago, phase, silent in ((12, "running", 10), (0, "running", None), (12, "done", None)):
+            run = decode_timeline(json.dumps(TIMELINE | {"phase": phase}).encode())
+            dashboard._chaos = (time.monotonic() - ago, msgspec.to_builtins(run))   # as kept
+            assert dashboard._chaos_now()["silent_s"] == silent, (ago, phase)
+    finally:
+        dashboard._chaos = None
+
+
+async def test_a_report_that_cannot_be_made_never_fails_the_run():
+    scenario = Scenario(name="s", duration_s=1.0, steps=(), workload=Workload(),
+                        assertions=Assertions())
+    run = ChaosRun(scenario, "http://127.0.0.1:9")
+    run.phase = "sleeping"                     # a bug: not a phase, so not a timeline
+    async with aiohttp.ClientSession() as session:
+        assert await run._send_timeline(session)
 
 
 def test_only_a_role_that_pulls_the_whole_registry_watches():
@@ -342,16 +457,33 @@ def test_link_rates_each_way_steady_when_idle_and_reset_by_a_gap():
     assert again[0]["bytes_per_s"] == [None, 600.0]
 
 
+def test_link_states_put_each_links_bytes_on_the_right_way():
+    """Two node links, one each way: a link's bytes out go from its source's region,
+    its bytes back to it."""
+    west_east = Link("westeurope-1->eastus-1", ("127.0.0.1", 1))
+    east_west = Link("eastus-1->westeurope-1", ("127.0.0.1", 1))
+    west_east.bytes_forwarded, west_east.bytes_back = 1000, 300
+    east_west.bytes_forwarded, east_west.bytes_back = 50, 20
+    cluster = SimpleNamespace(supervisor=SimpleNamespace(
+        nodes={name: SimpleNamespace(plan=SimpleNamespace(region=name.split("-")[0]))
+               for name in ("westeurope-1", "eastus-1")},
+        links={("westeurope-1", "eastus-1"): west_east, ("eastus-1", "westeurope-1"): east_west}))
+    [link] = link_states(cluster)
+    assert (link["a"], link["b"]) == ("eastus", "westeurope")
+    assert link["bytes"] == [30 + 300, 700 + 20]         # [eastus → westeurope, back]
+
+
 def test_a_timeline_is_checked_before_it_is_shown():
-    good = {"scenario": "s", "seed": 1, "started_at": 1.0, "duration_s": 2.0, "at_s": 1.0,
-            "phase": "running", "steps": [{"at_s": 0.5, "step": "t+0.5s routing(region=eastus)"}],
-            "bucket_s": 1.0, "pushes": {"acknowledged": 1}, "acknowledged": [1, 0],
-            "errors": {}, "failovers": []}
-    assert msgspec.convert(good, Timeline).steps[0].applied_at_s is None
+    """Decoded as the route does: strict JSON (no NaN or Infinity), and in bounds."""
+    assert decode_timeline(json.dumps(TIMELINE).encode()).steps[0].applied_at_s is None
+    step = TIMELINE["steps"][0]
     for bad in ({"phase": "sleeping"}, {"bucket_s": 0.0}, {"acknowledged": [0] * (MAX_BUCKETS + 1)},
-                {"steps": [{"at_s": "soon", "step": "x"}]}, {"extra": 1}):
-        with pytest.raises(msgspec.ValidationError):
-            msgspec.convert(good | bad, Timeline)
+                {"steps": [{"at_s": "soon", "step": "x"}]}, {"extra": 1},
+                {"duration_s": float("inf")}, {"steps": [step | {"at_s": float("nan")}]},
+                {"acknowledged": [-1]}, {"pushes": {"attempted": 1, "more": 2}},
+                {"steps": [step | {"step": "x" * 1000}]}, {"errors": {"E": [1, -2]}}):
+        with pytest.raises(msgspec.DecodeError):
+            decode_timeline(json.dumps(TIMELINE | bad).encode())
 
 
 # -- the page in a real browser ---------------------------------------------------------
@@ -381,6 +513,7 @@ async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cann
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                           args=["--no-sandbox", "--disable-gpu"])
+        chaos: asyncio.Task | None = None
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 800})
             started = time.monotonic()
@@ -453,7 +586,8 @@ async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cann
             await page.click("#inject-button")
             await expect(node).to_have_attribute("data-health", "down", timeout=2000)
             red_after_s = time.monotonic() - clicked
-            assert await node.evaluate("n => getComputedStyle(n).fill") == "rgb(214, 45, 45)"
+            await expect(node).to_have_css("fill", "rgb(214, 45, 45)")
+            await expect(eastus).to_have_attribute("data-complete", "unknown")   # none up
             await expect(page.locator("[data-fault]")).to_contain_text("eastus down")
             await page.screenshot(path=screenshots / "dashboard-region-outage.png")
             await page.click("[data-heal]")
@@ -504,6 +638,9 @@ async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cann
             assert await page.locator("#chaos-timeline rect.acked").count() >= 1
             await page.screenshot(path=screenshots / "dashboard-chaos.png", full_page=True)
         finally:
+            if chaos is not None and not chaos.done():   # failed before the run ended
+                chaos.cancel()
+                await asyncio.gather(chaos, return_exceptions=True)
             await browser.close()
     for name in ("dashboard-1280x800.png", "dashboard-region-outage.png",
                  "dashboard-after-pushes.png", "dashboard-390-viewer.png", "dashboard-chaos.png"):

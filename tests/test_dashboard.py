@@ -625,6 +625,19 @@ async def test_the_page_in_chromium_injects_an_outage_heals_it_and_a_viewer_cann
             assert box is not None and 300 <= box["width"] <= 390
             await phone.screenshot(path=screenshots / "dashboard-390-viewer.png", full_page=True)
 
+            # A frame the page cannot parse is skipped, not the stream: the next one is drawn
+            # (the phone's page again, its stream served by the test: one bad frame, one good).
+            async with aiohttp.ClientSession() as http:
+                async with http.get(dashboard_cluster.dashboard + "api/state",
+                                    headers=_bearer(dashboard_cluster.owner)) as r:
+                    state = await r.read()
+            await phone.route("**/api/events", lambda route: route.fulfill(
+                status=200, content_type="text/event-stream",
+                body=b"data: {not json\n\ndata: " + state + b"\n\n"))
+            await phone.reload()                 # the session is kept (sessionStorage)
+            await expect(phone.locator("#registry")).to_contain_text(json.loads(state)["registry"])
+            await phone.close()
+
             step = page.locator('#chaos-timeline [data-step="0"]')
             await expect(step).to_have_attribute("data-state", "applied", timeout=10000)
             fault = page.locator("#chaos-timeline [data-chaos-fault]")

@@ -109,6 +109,28 @@ async def test_bytes_cross_in_order_at_the_link_rate(shaped) -> None:
     # crossing's worth of time passes.
     assert seconds >= len(payload) / 10e6 * 0.98, f"{len(payload)} bytes in {seconds:.3f} s"
     assert link.bytes_forwarded == 2 * len(payload)
+    assert link.bytes_back == len(payload)          # the echo's half
+
+
+async def test_bytes_back_counts_what_the_target_sends_only() -> None:
+    """A target that answers 5,000 bytes to a 10-byte request: the back count is
+    the answer's, whichever way round the flows were made."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(10)
+        writer.write(b"a" * 5000)
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    link = await Link("a->b", ("127.0.0.1", server.sockets[0].getsockname()[1])).start()
+    try:
+        received, _ = await _echoed(link.listen_port, b"q" * 10)
+        assert len(received) == 5000
+        await eventually(lambda: link.bytes_forwarded == 5010, timeout=5, what="both counted")
+        assert link.bytes_back == 5000
+    finally:
+        await link.stop()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_stall_holds_bytes_until_it_heals(shaped) -> None:

@@ -18,6 +18,8 @@ traffic and an image's journey. Everything it loads comes from this package
     DELETE /dashboard/api/faults[/{id}]    heal one, or all; owner only
     POST   /georeg/v1/dashboard/login-tokens   (management API, owner credential) a one-time
                                            token that signs a browser in: ``georeg dashboard``
+    PUT    /georeg/v1/dashboard/chaos-run  (management API, owner credential) a running chaos
+                                           scenario's timeline (``cluster.faults.timeline``)
 
 Who may do what: the cluster owner (the owner credential, or a one-time token
 minted with it) sees everything and injects and heals faults, through the
@@ -42,9 +44,14 @@ viewers never sign the owner out); event streams per session and in all
 (``MAX_STREAMS_EACH``, ``MAX_STREAMS``). A stream ends with its session: it
 asks ``still_allowed`` before every frame (sign-out, expiry, and a viewer's
 roles read again every ``VERIFY_EVERY_S``). The stream computes a snapshot
-at most once a second whatever the number of pages (and at once after a
-fault injected or healed from the page); node metrics (the lag
-heatmap) are scraped at most every ``LAG_EVERY_S``.
+at most once a second whatever the number of pages, and at once when the
+fault controller says a fault changed (``FaultController.watchers``: injected
+or healed from anywhere, a flap's phase); node metrics (the lag heatmap) are
+scraped at most every ``LAG_EVERY_S``. A snapshot carries nothing that moves
+on an idle cluster (link rates, not byte counts: ``LinkRates``), so an idle
+page is sent keepalives, not frames. Identities' sign-ins being checked are
+bounded (``MAX_SIGN_INS_AT_ONCE``: each asks a node); the owner's are not
+counted, so nobody can hold the owner off.
 """
 
 from __future__ import annotations
@@ -64,17 +71,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
+import msgspec
+import structlog
 from aiohttp import web
 
 from registry_node.auth.permissions import reads_whole_registry
 
+from ..faults.timeline import decode_timeline
 from .access import authorization
 from .errors import ClusterError, Forbidden, TooManyRequests, Unauthorized
 from .regions import REGIONS
-from .request_body import json_object
+from .request_body import bounded_body, json_object
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+
+log = structlog.get_logger("georeg.dashboard")
 
 STATIC_DIR = Path(__file__).with_name("dashboard_static")
 PREFIX = "/dashboard"
@@ -87,12 +99,20 @@ LOGIN_TOKEN_TTL_S = 120
 MAX_SESSIONS = {OWNER: 64, VIEWER: 256}     # each role its own bound
 MAX_STREAMS_EACH = 4           # open event streams of one signed-in browser
 MAX_STREAMS = 64               # ... and in all
+MAX_SIGN_INS_AT_ONCE = 4       # identities' sign-ins checked at once (each asks a node)
+CHAOS_SHOWN_S = 600.0           # a scenario's timeline stays this long after its last report
+MAX_CHAOS_BYTES = 256 * 1024    # the most a scenario's report may weigh
+SILENT_AFTER_S = 5.0            # a run reports every second: silent this long, it is said
 VERIFY_EVERY_S = 5.0           # a viewer's roles are read again this often while it watches
-UPDATE_EVERY_S = 1.0            # the stream's ceiling: one snapshot a second
+UPDATE_EVERY_S = 1.0            # the stream's tick: a snapshot a second at most, unless...
+POKE_FLOOR_S = 0.25             # ... a fault changed: one at once, then at most one each 0.25 s
 KEEPALIVE_S = 15.0
 STREAM_MAX_S = 3600.0           # a stream ends after this; the page reconnects
 LAG_EVERY_S = 5.0
 LAG_WINDOW_S = 60.0             # p50/p99 over roughly the last minute
+LAG_KIND = "manifest_put"        # the heatmap's lag: an image's manifest arriving (its blobs first)
+HELD_KIB = 64                   # a link's queue shown from this size up
+RATE_WINDOW_S = 3.0             # a link's bytes/s: the increase over about this long
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html",
                  ".json": "application/json"}
 _STATIC_NAME = re.compile(r"[a-z][a-z0-9_-]*\.(js|css|json)")
@@ -204,10 +224,13 @@ def dashboard_url(management: str) -> str:
 
 
 def link_states(cluster: Cluster) -> list[dict]:
-    """The WAN links between each two regions, both directions and every node
-    pair together: ``cut`` if any is cut, ``degraded`` if any carries another
-    fault, else ``ok``; the modelled one-way latency with what faults add, and
-    the narrowest bandwidth (0: unlimited); bytes carried and held."""
+    """The WAN links between each two regions ``a`` < ``b``, both directions and
+    every node pair together: ``cut`` if any is cut, ``degraded`` if any carries
+    another fault, else ``ok``; the modelled one-way latency with what faults
+    add, and the narrowest bandwidth (0: unlimited); bytes carried each way
+    (``bytes``: [a → b, b → a], since the links started) and the KiB read and not
+    delivered yet, when that is at least ``HELD_KIB`` (a stall, a slow link: the
+    odd heartbeat in flight is not news, and would change every snapshot)."""
     region_of = {name: node.plan.region for name, node in cluster.supervisor.nodes.items()}
     pairs: dict[tuple[str, str], dict] = {}
     for (source, target), link in cluster.supervisor.links.items():
@@ -220,17 +243,67 @@ def link_states(cluster: Cluster) -> list[dict]:
         widths = [w for w in (link.model.bandwidth_mbps, f.bandwidth_mbps) if w]
         entry = pairs.setdefault(key, {"a": key[0], "b": key[1], "state": "ok",
                                        "latency_ms": 0.0, "bandwidth_mbps": 0.0,
-                                       "bytes": 0, "queued_bytes": 0})
+                                       "bytes": [0, 0], "queued_kib": 0})
         order = ("ok", "degraded", "cut")
         entry["state"] = max(entry["state"], state, key=order.index)
         entry["latency_ms"] = max(entry["latency_ms"], link.model.latency_ms + f.extra_latency_ms)
         if widths:
             narrowest = min(widths)
             entry["bandwidth_mbps"] = min(entry["bandwidth_mbps"] or narrowest, narrowest)
-        entry["bytes"] += link.bytes_forwarded
-        stats = link.stats()
-        entry["queued_bytes"] += stats["queued_bytes"]
+        outward = link.bytes_forwarded - link.bytes_back      # from source to target
+        first = 0 if a == key[0] else 1                       # entry["bytes"][first]: a → b
+        entry["bytes"][first] += outward
+        entry["bytes"][1 - first] += link.bytes_back
+        entry["queued_kib"] += link.stats()["queued_bytes"] // 1024
+    for entry in pairs.values():
+        if entry["queued_kib"] < HELD_KIB:
+            entry["queued_kib"] = 0
     return list(pairs.values())
+
+
+class LinkRates:
+    """Bytes per second each way on each link, from the cumulative counts of
+    ``link_states`` as sampled (one sample per snapshot): the increase over the
+    samples of the last ``window_s``. A shown rate changes only when the
+    measured one moves by more than ``STEADY`` of it or ``STEADY_BPS``,
+    whichever is more, so the small periodic exchanges of an idle cluster
+    (heartbeats, anti-entropy rounds) read the same number frame after frame
+    and an idle snapshot stands still (the stream then sends nothing); a
+    transfer shows within a second or two. None: not two samples
+    yet, or the counts went down (the link was made again)."""
+
+    STEADY = 0.2
+    STEADY_BPS = 1000.0
+
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._samples: list[tuple[float, dict[tuple[str, str], list[int]]]] = []
+        self._shown: dict[tuple[str, str, int], float] = {}
+
+    def add(self, at: float, links: list[dict]) -> None:
+        """Set each link's ``bytes_per_s`` ([a → b, b → a]) from this sample."""
+        now = {(link["a"], link["b"]): list(link["bytes"]) for link in links}
+        self._samples.append((at, now))
+        while len(self._samples) > 1 and self._samples[1][0] <= at - self.window_s:
+            self._samples.pop(0)
+        if self._samples[0][0] < at - 2 * self.window_s:     # a gap: the old one tells nothing
+            self._samples = self._samples[-1:]
+        then, before = self._samples[0]
+        for link in links:
+            key = (link["a"], link["b"])
+            rates: list[float | None] = [None, None]
+            for way in (0, 1):
+                was = before.get(key)
+                if at - then < 0.5 or was is None or now[key][way] < was[way]:
+                    self._shown.pop((*key, way), None)
+                    continue
+                rate = (now[key][way] - was[way]) / (at - then)
+                shown = self._shown.get((*key, way))
+                if shown is None or abs(rate - shown) > max(self.STEADY * shown, self.STEADY_BPS):
+                    shown = self._shown[(*key, way)] = float(f"{rate:.2g}")
+                rates[way] = shown
+            link["bytes_per_s"] = rates
+            del link["bytes"]          # counts since start would change every frame
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
@@ -251,15 +324,18 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
     return lower
 
 
-def parse_lag(text: str) -> dict[tuple[str, str], dict[float, float]]:
-    """``georeg_replication_lag_seconds`` buckets of one node's ``/metrics``,
-    summed over kinds: (origin, destination) → {le: cumulative count}."""
+def parse_lag(text: str, kind: str = LAG_KIND) -> dict[tuple[str, str], dict[float, float]]:
+    """``georeg_replication_lag_seconds`` buckets of one node's ``/metrics`` for
+    changes of ``kind`` (one count per image, not one per blob, manifest and
+    tag): (origin, destination) → {le: cumulative count}."""
     out: dict[tuple[str, str], dict[float, float]] = {}
     for line in text.splitlines():
         match = _LAG_LINE.match(line)
         if not match:
             continue
         labels = dict(_LABEL.findall(match[1]))
+        if labels.get("kind") != kind:
+            continue
         key = (labels.get("origin_region", ""), labels.get("destination_region", ""))
         le = float(labels.get("le", "inf").replace("+Inf", "inf"))
         buckets = out.setdefault(key, {})
@@ -331,12 +407,18 @@ class Dashboard:
         self.cluster = cluster
         self.sessions = Sessions()
         self.verify_every_s = VERIFY_EVERY_S
+        self.update_every_s = UPDATE_EVERY_S
         self._faults = faults           # the management API's own fault handlers
         self._lag = LagWindow()
+        self._rates = LinkRates()
+        self._chaos: tuple[float, dict] | None = None   # (when reported, the run's timeline)
+        self._signing_in = 0             # identities' sign-ins being checked now (``_roles_of``)
         self._lag_heat: dict = {}
         self._lag_at = -math.inf
         self._lag_task: asyncio.Task | None = None
         self._snapshot: tuple[float, bytes] | None = None
+        self._stale = False               # a fault changed since the snapshot (``_poke``)
+        self._poke_later: asyncio.TimerHandle | None = None
         self._closing = False             # every stream ends (the server is stopping)
         self._wake = asyncio.Event()      # set and cleared: every stream looks again now
 
@@ -348,8 +430,11 @@ class Dashboard:
                 if secrets is not None else None)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
-        """The routes, on a (re)starting management server: streams may run again."""
+        """The routes, on a (re)starting management server: streams may run again,
+        and a fault changed from anywhere (the CLI, a scenario, a timer) wakes them."""
         self._closing = False
+        if self._poke not in self.cluster.faults.watchers:
+            self.cluster.faults.watchers.append(self._poke)
         router.add_get(PREFIX, self.redirect)
         router.add_get(f"{PREFIX}/", self.page)
         router.add_get(f"{PREFIX}/static/{{file}}", self.static)
@@ -363,10 +448,15 @@ class Dashboard:
         router.add_delete(f"{API}faults", self._change(self._faults["heal_all"]))
         router.add_delete(f"{API}faults/{{id}}", self._change(self._faults["heal"]))
         router.add_post("/georeg/v1/dashboard/login-tokens", self.mint_login_token)
+        router.add_put("/georeg/v1/dashboard/chaos-run", self.chaos_run)
 
     async def close(self) -> None:
         self._closing = True
-        self._poke()
+        if self._poke_later is not None:
+            self._poke_later.cancel()
+        self._wake_streams()
+        with contextlib.suppress(ValueError):
+            self.cluster.faults.watchers.remove(self._poke)
         if self._lag_task is not None:
             self._lag_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -423,24 +513,37 @@ class Dashboard:
                                "identity no longer holds a role that may watch): sign in again")
 
     def _poke(self) -> None:
-        """Every stream sends a fresh snapshot now (after a change made here)."""
-        self._snapshot = None
+        """A fault changed: every stream sends a fresh snapshot now, or, when the
+        last one is younger than ``POKE_FLOOR_S``, once it is that old (a flap at
+        its quickest changes ten times a second; the pages need not)."""
+        self._stale = True
+        age = time.monotonic() - self._snapshot[0] if self._snapshot else math.inf
+        if age >= POKE_FLOOR_S:
+            self._wake_streams()
+        elif self._poke_later is None:
+            self._poke_later = asyncio.get_running_loop().call_later(
+                POKE_FLOOR_S - age, self._poke_due)
+
+    def _poke_due(self) -> None:
+        self._poke_later = None
+        self._wake_streams()
+
+    def _wake_streams(self) -> None:
+        """Every stream looks again now (a fresh snapshot if due, its session)."""
         self._wake.set()
         self._wake.clear()
 
-    def _change(self, handler):
-        """``handler`` for the owner only (403 for a viewer); the pages see its
-        effect at once rather than at the next tick."""
+    @staticmethod
+    def _change(handler):
+        """``handler`` for the owner only (403 for a viewer). The pages see its
+        effect at once: the fault controller tells its watchers (``_poke``)."""
         async def owner_only(request: web.Request) -> web.Response:
             if request.get(ROLE) != OWNER:
                 raise Forbidden("this session may watch the cluster but not change it: "
                                 "faults are injected and healed by the cluster owner "
                                 "(sign in with the owner credential, or `georeg dashboard "
                                 "--open` as the user who started the cluster)")
-            try:
-                return await handler(request)
-            finally:
-                self._poke()
+            return await handler(request)
         return owner_only
 
     # -- the page ------------------------------------------------------------------------
@@ -473,8 +576,7 @@ class Dashboard:
     # -- sessions --------------------------------------------------------------------------
 
     async def sign_in(self, request: web.Request) -> web.Response:
-        body = await json_object(request)
-        role, identity = await self._signs_in(body)
+        role, identity = await self._signs_in(await json_object(request))
         if role is None:
             raise Unauthorized(
                 "not signed in: the owner credential (kept in <data dir>/auth/owner.secret), "
@@ -495,9 +597,23 @@ class Dashboard:
         if isinstance(token, str) and token:
             return (OWNER if self.sessions.redeem(token) else None), None
         if isinstance(identity, str) and isinstance(secret, str) and identity and secret:
-            roles = await self.cluster.access.registry_roles(identity, secret)
+            roles = await self._roles_of(identity, secret)
             return (VIEWER, identity) if may_watch(roles) else (None, None)
         raise ClusterError('give {"credential"}, {"identity", "secret"} or {"loginToken"}')
+
+    async def _roles_of(self, identity: str, secret: str) -> list[str]:
+        """An identity's roles on the registry, asked of a node: at most
+        ``MAX_SIGN_INS_AT_ONCE`` asks at once (anyone may send identities, and an
+        ask may wait seconds while a region is down). The owner credential and a
+        login token ask nothing, so they are never held back by this bound."""
+        if self._signing_in >= MAX_SIGN_INS_AT_ONCE:
+            raise TooManyRequests(f"{MAX_SIGN_INS_AT_ONCE} identities' sign-ins are being "
+                                  "checked now; try again in a moment")
+        self._signing_in += 1
+        try:
+            return await self.cluster.access.registry_roles(identity, secret)
+        finally:
+            self._signing_in -= 1
 
     async def whoami(self, request: web.Request) -> web.Response:
         """The role of whoever asks (the page's first call: 401 shows the sign-in form)."""
@@ -505,7 +621,7 @@ class Dashboard:
 
     async def sign_out(self, request: web.Request) -> web.Response:
         self.sessions.close(request.headers.get("Authorization", ""))
-        self._poke()                   # its streams end now, not at the next tick
+        self._wake_streams()           # its streams end now, not at the next tick
         return web.Response(status=204)
 
     async def mint_login_token(self, request: web.Request) -> web.Response:
@@ -513,6 +629,49 @@ class Dashboard:
             raise Forbidden("only the owner credential mints a login token")
         return web.json_response({"loginToken": self.sessions.mint_login_token(),
                                   "expiresInS": LOGIN_TOKEN_TTL_S}, status=201)
+
+    # -- a running scenario ----------------------------------------------------------------
+
+    async def chaos_run(self, request: web.Request) -> web.Response:
+        """A chaos scenario's timeline as its run reports it (``cluster.faults.timeline``:
+        about once a second while it runs, once when done); the owner's, as every fault
+        it injects. The latest report is shown for ``CHAOS_SHOWN_S``."""
+        if request.get(ROLE) != OWNER:
+            raise Forbidden("only the owner credential reports a scenario's run")
+        body = await bounded_body(request, MAX_CHAOS_BYTES, "a timeline")
+        try:
+            run = decode_timeline(body)
+        except msgspec.DecodeError as exc:
+            raise ClusterError(f"not a scenario's timeline: {exc}"[:300]) from None
+        self._chaos = (time.monotonic(), msgspec.to_builtins(run))
+        return web.Response(status=204)
+
+    def _chaos_now(self) -> dict | None:
+        """The scenario last reported, if recent, with the faults its steps injected:
+        when each came and went (seconds into the run, from the fault controller: a
+        fault that healed itself after its duration too) and whether it is in effect;
+        ``silent_s``: how long a run not done has said nothing (None: it reports)."""
+        if self._chaos is None or time.monotonic() - self._chaos[0] > CHAOS_SHOWN_S:
+            return None
+        reported, run = self._chaos
+        faults = self.cluster.faults.faults
+        shown = []
+        for step in run["steps"]:
+            fault = faults.get(step["fault"] or "")
+            if fault is None:
+                continue
+            shown.append({"id": fault.id, "description": fault.description,
+                          "from_s": round(fault.started_at - run["started_at"], 2),
+                          "to_s": None if fault.healed_at is None
+                          else round(fault.healed_at - run["started_at"], 2),
+                          "in_effect": fault.in_effect})
+        # A run that died (killed, or failing before it could say it was done) stops
+        # reporting: how long ago it last did, in SILENT_AFTER_S steps so that the
+        # snapshot of a quiet page changes that seldom.
+        quiet = time.monotonic() - reported
+        silent = (int(quiet // SILENT_AFTER_S * SILENT_AFTER_S)
+                  if run["phase"] != "done" and quiet >= SILENT_AFTER_S else None)
+        return {**run, "faults": shown, "silent_s": silent}
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -535,7 +694,10 @@ class Dashboard:
             regions.append({
                 "name": name, "display": where.display, "lat": where.latitude,
                 "lon": where.longitude, "pair": where.pair, "home": replica.get("home", False),
-                "status": replica.get("status"), "routing": any(n["routing"] for n in nodes),
+                "status": replica.get("status"),
+                # What a replica none of whose nodes is up holds is not known (not 0).
+                "sync": replica.get("sync") if any(n["healthy"] for n in nodes) else None,
+                "routing": any(n["routing"] for n in nodes),
                 "nodes": nodes, "copies": copies,
                 "refused": status["throttling"].get(name, {}).get("refused", {})})
         for copy in status["paired_copies"]:     # where a paired copy lives, for the map
@@ -547,19 +709,31 @@ class Dashboard:
                                    else max(0.0, round(f.started_at + f.duration_s - now, 1))),
                    "nodes": f.nodes}
                   for f in cluster.faults.faults.values() if f.active]
+        links = link_states(cluster)
+        self._rates.add(time.monotonic(), links)
         return {"registry": status["registry"], "tier": status["tier"],
                 "home_region": status["home_region"],
-                "regions": regions, "links": link_states(cluster), "faults": faults,
+                "regions": regions, "links": links, "faults": faults, "chaos": self._chaos_now(),
                 "paired_copies": [{k: c.get(k) for k in ("name", "keeps", "region", "healthy",
                                                          "lat", "lon")}
                                   for c in status["paired_copies"]],
                 "endpoints": status["endpoint_traffic"], "lag": self._lag_heat}
 
     def _encoded(self) -> bytes:
-        """The current snapshot as JSON, computed at most once a second for all viewers."""
+        """The current snapshot as JSON, shared by all viewers: computed once a
+        second at most (``update_every_s``), or ``POKE_FLOOR_S`` after the last one
+        when a fault changed. Strict JSON: a NaN or an infinity is never sent (the
+        page could not parse it); the last good snapshot stays instead."""
         now = time.monotonic()
-        if self._snapshot is None or now - self._snapshot[0] >= UPDATE_EVERY_S:
-            self._snapshot = (now, json.dumps(self.snapshot()).encode())
+        age = now - self._snapshot[0] if self._snapshot else math.inf
+        if age >= self.update_every_s or (self._stale and age >= POKE_FLOOR_S):
+            self._stale = False
+            try:
+                encoded = json.dumps(self.snapshot(), allow_nan=False).encode()
+            except ValueError as exc:
+                log.warning("dashboard_snapshot_not_json", error=str(exc))
+                encoded = self._snapshot[1] if self._snapshot else b"{}"
+            self._snapshot = (now, encoded)
             if now - self._lag_at >= LAG_EVERY_S and (self._lag_task is None
                                                       or self._lag_task.done()):
                 self._lag_at = now
@@ -602,7 +776,7 @@ class Dashboard:
             except ConnectionResetError:      # the page went away
                 break
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), UPDATE_EVERY_S)
+                await asyncio.wait_for(self._wake.wait(), self.update_every_s)
         return response
 
     async def _scrape_lag(self) -> None:

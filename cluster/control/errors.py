@@ -68,6 +68,13 @@ class TooManyRequests(ClusterError):
     code = "TooManyRequests"
 
 
+class TooLarge(ClusterError):
+    """A request body past its bound (sent with a length or without: chunked)."""
+
+    status = 413
+    code = "PayloadTooLarge"
+
+
 class NotFound(ClusterError):
     status = 404
     code = "NotFound"

@@ -82,6 +82,12 @@ checker); every acknowledged delete is gone from every node residency lets
 the deleting region's write reach; no pushed layer is found in the clear
 under any node's data dir. The report's ``broken`` says what broke each.
 
+While it runs, and once when done, a run tells the management server its
+timeline (``cluster.faults.timeline``: steps applied, pushes and errors per
+second, failovers) about every ``REPORT_EVERY_S``, for the dashboard to
+draw; a server without that route, or a busy one, never holds up or fails
+the run.
+
 Client-visible errors are counted by code and client location, with their
 time windows and the first message of each window; a 5xx (or a connection
 error) is split by outcome, ``UNAVAILABLE (definite)`` apart from
@@ -107,6 +113,7 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
+import structlog
 
 from registry_node.errors import Outcome
 from replicator.residency import ResidencyPolicy
@@ -115,6 +122,19 @@ from ..control.access import AdminLogin
 from ..network.links import link_seed
 from .controller import KINDS, SEEDED_KINDS
 from .flap import Flap, FlapError
+from .timeline import (
+    MAX_CODES,
+    MAX_ERROR,
+    MAX_FAILOVERS,
+    MAX_NAME,
+    MAX_STEPS,
+    Failover,
+    Pushes,
+    Timeline,
+    TimelineStep,
+    bucket_width,
+    per_bucket,
+)
 
 SCENARIOS = Path(__file__).parent / "scenarios"    # the scenarios that ship with georeg
 MAX_WORKERS = 16
@@ -352,6 +372,9 @@ INVARIANTS = ("acknowledged_pullable", "tags_agree", "deletes_applied",
               "confined_stays_in_region", "no_plaintext_on_disk")
 RECOVERY_POLL_S = 0.25          # how often a run past its duration asks whether faults recovered
 RECOVERY_TAIL_S = 2.0           # workload kept on once they have (clients seen coming back)
+log = structlog.get_logger("georeg.chaos")
+REPORT_EVERY_S = 1.0            # how often a run tells the management server its timeline
+TIMELINE_PATH = "/georeg/v1/dashboard/chaos-run"   # ... where (the dashboard draws it)
 
 
 def _windows(times: list[float], gap: float = 2.0) -> list[tuple[float, float]]:
@@ -688,6 +711,9 @@ class ChaosRun:
         # repositories only (this prefix): the cluster still holds what the
         # first run left, broken or not.
         self.scope = scope
+        self.phase = "running"                # the timeline's (``cluster.faults.timeline``)
+        self.passed: bool | None = None
+        self.started_at = time.time()
 
     async def _api(self, session, method: str, path: str, body: dict | None = None):
         async with session.request(method, self.management + path, json=body,
@@ -719,27 +745,98 @@ class ChaosRun:
             workload = ChaosWorkload(self.scenario, endpoints, self.rng, self.obs, residency,
                                      self.credentials)
             duration = self.scenario.duration_s * self.scale
-            self.obs.started = time.monotonic()
-            runner = asyncio.create_task(workload.run(session, duration))
-            faults = asyncio.create_task(self._faults(session))
-            outlast = asyncio.create_task(self._outlast_recovery(session, workload, faults))
-            while not runner.done():
-                if progress:
-                    progress(min(self.obs.now(), duration), duration)
-                await asyncio.sleep(0.25)
-            await runner
-            await faults
-            await outlast
-            await self._api(session, "DELETE", "/georeg/v1/faults")
-            last_heal = self.obs.now()
-            converged_after = await self._converge(session)
-            lost = await self._lost(session)
-            landed = await self._landed(session)
-            verify = await self._verify(session) if self.scenario.assertions.verify else None
-            max_lag = await self._max_lag(session, status)
-            invariants = await self._invariants(session, verify) \
-                if self.scenario.assertions.invariants else None
+            self.obs.started, self.started_at = time.monotonic(), time.time()
+            reporter = asyncio.create_task(self._report_timeline(session))
+            try:
+                report = await self._run(session, status, workload, duration, progress)
+                self.passed = report["passed"]
+            finally:
+                # Done, passed or not; a run that raised (or was interrupted) says it
+                # is done too, with passed unknown, rather than be shown running.
+                reporter.cancel()
+                await asyncio.gather(reporter, return_exceptions=True)
+                self.phase = "done"
+                await self._send_timeline(session)
+        return report
+
+    async def _run(self, session, status: dict, workload: ChaosWorkload, duration: float,
+                   progress) -> dict:
+        """The workload and the schedule, then convergence and the checks: the report."""
+        runner = asyncio.create_task(workload.run(session, duration))
+        faults = asyncio.create_task(self._faults(session))
+        outlast = asyncio.create_task(self._outlast_recovery(session, workload, faults))
+        while not runner.done():
+            if progress:
+                progress(min(self.obs.now(), duration), duration)
+            await asyncio.sleep(0.25)
+        await runner
+        await faults
+        await outlast
+        await self._api(session, "DELETE", "/georeg/v1/faults")
+        last_heal = self.obs.now()
+        self.phase = "converging"
+        converged_after = await self._converge(session)
+        self.phase = "checking"
+        lost = await self._lost(session)
+        landed = await self._landed(session)
+        verify = await self._verify(session) if self.scenario.assertions.verify else None
+        max_lag = await self._max_lag(session, status)
+        invariants = await self._invariants(session, verify) \
+            if self.scenario.assertions.invariants else None
         return self._report(last_heal, converged_after, lost, verify, max_lag, landed, invariants)
+
+    def timeline(self) -> Timeline:
+        """What the run has done so far (``cluster.faults.timeline``)."""
+        obs = self.obs
+        at = obs.now()
+        width = bucket_width(at)
+        codes: dict[str, list[float]] = {}
+        for t, _client, _op, code in obs.errors:
+            codes.setdefault(code, []).append(t)
+        shown = sorted(codes, key=lambda c: -len(codes[c]))[:MAX_CODES]
+        steps = [TimelineStep(round(step.at_s, 2), step.describe()[:MAX_NAME])
+                 for step in self.steps]
+        for step, applied in zip(steps, self.applied, strict=False):   # applied in order
+            step.applied_at_s = applied["at_s"]
+            step.fault, step.error = applied.get("fault"), applied.get("error")
+            if step.error is not None:
+                step.error = step.error[:MAX_ERROR]
+        failovers = [Failover(round(t, 2), client, region)
+                     for client, history in obs.served_by.items() for t, region in history[1:]]
+        return Timeline(
+            scenario=self.scenario.name[:MAX_NAME], seed=self.seed, started_at=self.started_at,
+            duration_s=self.scenario.duration_s * self.scale, at_s=round(at, 2),
+            phase=self.phase, steps=steps[:MAX_STEPS], bucket_s=width,
+            pushes=Pushes(attempted=obs.pushes_attempted, acknowledged=len(obs.acknowledged),
+                          refused=obs.pushes_refused, indefinite=len(obs.indefinite)),
+            acknowledged=per_bucket([p.answered_at for p in obs.acknowledged], width, at),
+            errors={code: per_bucket(codes[code], width, at) for code in shown},
+            failovers=sorted(failovers, key=lambda f: f.at_s)[-MAX_FAILOVERS:],
+            passed=self.passed)
+
+    async def _send_timeline(self, session) -> bool:
+        """Tell the management server the timeline (its dashboard draws it). Never
+        fails the run (reporting is best effort): False when the server has no such
+        route (an older one)."""
+        try:
+            async with session.put(self.management + TIMELINE_PATH,
+                                   data=msgspec.json.encode(self.timeline()),
+                                   headers={**self._owner, "Content-Type": "application/json"},
+                                   timeout=aiohttp.ClientTimeout(total=REPORT_EVERY_S * 2)) as r:
+                return r.status not in (404, 405)
+        except (aiohttp.ClientError, TimeoutError):
+            return True                         # the server is busy or away: next time
+        except Exception as exc:    # noqa: BLE001 - a report's bug never fails the run
+            log.warning("chaos_timeline_not_sent", error=str(exc) or type(exc).__name__)
+            return True
+
+    async def _report_timeline(self, session) -> None:
+        """Every ``REPORT_EVERY_S`` until the run cancels it (its end), unless the
+        server has no route for it."""
+        while True:
+            if not await self._send_timeline(session):
+                return
+            await asyncio.sleep(REPORT_EVERY_S)
 
     async def _admin_credentials(self, session) -> dict[str, str]:
         """The admin user's Basic credentials, as the management API shows them."""

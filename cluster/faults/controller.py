@@ -195,6 +195,12 @@ class FaultController:
         self._stalled: set[str] = set()     # nodes told to stall blob bodies
         self._deferred: dict[str, set[str]] = {}  # paused node -> seams not sent it meanwhile
         self._session: aiohttp.ClientSession | None = None
+        # Called after every change a fault makes (injected, healed, a flap's
+        # phase), from wherever it came (the CLI, a page, a scenario, a timer):
+        # what shows faults (the dashboard) looks again at once. Called on the
+        # controller's loop, in the change: each must be quick; one that raises
+        # is logged and skipped (``_settle``), never failing the change.
+        self.watchers: list[Callable[[], None]] = []
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -331,10 +337,17 @@ class FaultController:
             fault.waiting = [n for n in fault.nodes if self._paused(n)]
 
     def _settle(self, fault: Fault) -> None:
-        """The links and routing, recomputed after ``fault`` changed phase."""
+        """The links and routing, recomputed after ``fault`` changed phase; the
+        watchers told."""
         if fault.links:
             self._apply_links(fault.links)
         self._sync_routing()
+        for watcher in list(self.watchers):
+            try:
+                watcher()
+            except Exception as exc:    # noqa: BLE001 - what shows a fault never breaks one
+                log.warning("fault_watcher_failed", id=fault.id, watcher=repr(watcher),
+                            error=str(exc) or type(exc).__name__)
 
     def _flap_seed(self, number: int) -> int:
         """A flap's seed when none is given: from the cluster's seed and the

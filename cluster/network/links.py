@@ -306,10 +306,11 @@ class _Flow:
 
     __slots__ = ("conn", "source", "sink", "queue", "buffered", "last_delivery",
                  "wire_free_at", "timer", "reading_paused", "ended", "delivered",
-                 "popped", "fates", "fates_epoch", "tails")
+                 "popped", "fates", "fates_epoch", "tails", "back")
 
     def __init__(self, conn: _Connection, source: _Side, sink: _Side) -> None:
         self.conn = conn
+        self.back = source is conn.target     # the target's answers, to the caller
         self.source = source
         self.sink = sink
         self.queue: deque[tuple[float, bytes]] = deque()
@@ -410,6 +411,8 @@ class _Flow:
             self.sink.transport.writelines(out)
             self.buffered -= size
             link.bytes_forwarded += size
+            if self.back:
+                link.bytes_back += size
             if (self.reading_paused and self.buffered <= link.buffer_limit
                     and not self.source.closed):
                 self.reading_paused = False
@@ -571,7 +574,8 @@ class Link:
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.rng = rng or random.Random()
-        self.bytes_forwarded = 0
+        self.bytes_forwarded = 0        # both directions
+        self.bytes_back = 0             # ... of which from the target to the caller
         self.resets = 0                 # connections the reset fault broke
         # Segments a lossy fault lost (retransmitted), corrupted, duplicated.
         self.segments = {"lost": 0, "corrupted": 0, "duplicated": 0}
@@ -590,11 +594,13 @@ class Link:
         return f"{self.listen_host}:{self.listen_port}"
 
     def stats(self) -> dict:
-        """Bytes delivered; bytes read and not delivered yet (``queued_bytes``:
+        """Bytes delivered (``bytes_back``: of them, the target's to the caller);
+        bytes read and not delivered yet (``queued_bytes``:
         in transit, or held by a stall); connections broken by the reset fault;
         lateness against the model."""
         queued = sum(c.forward.buffered + c.backward.buffered for c in self._live)
-        return {"name": self.name, "bytes": self.bytes_forwarded, "queued_bytes": queued,
+        return {"name": self.name, "bytes": self.bytes_forwarded,
+                "bytes_back": self.bytes_back, "queued_bytes": queued,
                 "resets": self.resets, **{f"{k}_segments": n for k, n in self.segments.items()},
                 **self.delivery.as_dict()}
 

@@ -17,6 +17,12 @@ function el(tag, attrs = {}, text) {
   return e;
 }
 const xy = (lon, lat) => [lon, -lat];
+function sizeText(bytes) {               // bytes, as people read them
+  if (bytes < 1000) return `${Math.round(bytes)} B`;
+  if (bytes < 1e6) return `${(bytes / 1e3).toFixed(1)} kB`;
+  return `${(bytes / 1e6).toFixed(1)} MB`;
+}
+const rateText = (bps) => (bps === null || bps === undefined ? "–" : `${sizeText(bps)}/s`);
 
 async function api(method, path, body) {
   const headers = {};
@@ -80,7 +86,7 @@ async function stream() {
     if (r.status === 401) { showSignIn(); return; }
     if (!r.ok || !r.body) throw new Error(`HTTP ${r.status}`);
     $("live").textContent = "live"; $("live").className = "live on";
-    S.retry = 1000;
+    let drawn = false;               // the backoff starts over only once a frame was drawn
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -92,7 +98,13 @@ async function stream() {
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
         const frame = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
         const data = frame.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-        if (data) render(JSON.parse(data));
+        if (!data) continue;
+        try {                        // one bad frame is skipped; the stream goes on
+          render(JSON.parse(data));
+          if (!drawn) { drawn = true; S.retry = 1000; }
+        } catch (e) {
+          console.error("dashboard: a frame could not be drawn", e);
+        }
       }
     }
   } catch (e) {
@@ -157,12 +169,15 @@ function renderMap(state) {
     const line = el("svg:line", { x1, y1, x2, y2, class: `link ${l.state}`, "data-link": `${l.a}-${l.b}`,
                                   "data-state": l.state });
     const bw = l.bandwidth_mbps ? `${l.bandwidth_mbps} Mbit/s` : "unlimited";
-    line.appendChild(el("svg:title", {}, `${l.a} ↔ ${l.b}: ${l.state}, ${l.latency_ms.toFixed(0)} ms one way, ${bw}, ` +
-                                         `${(l.bytes / 1048576).toFixed(1)} MiB carried, ${l.queued_bytes} B queued`));
+    const [ab, ba] = l.bytes_per_s || [null, null];
+    line.appendChild(el("svg:title", {}, `${l.a} ↔ ${l.b}: ${l.state}, ${l.latency_ms.toFixed(0)} ms one way, ${bw}; ` +
+                                         `${l.a} → ${l.b} ${rateText(ab)}, ${l.b} → ${l.a} ${rateText(ba)}, ` +
+                                         `${l.queued_kib} KiB queued`));
     links.appendChild(line);
+    const both = ab === null || ba === null ? null : ab + ba;
     const label = el("svg:text", { x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 1, class: "link-label",
-                                   "text-anchor": "middle" },
-                     l.state === "cut" ? "cut" : `${l.latency_ms.toFixed(0)} ms`);
+                                   "text-anchor": "middle", "data-link-label": `${l.a}-${l.b}` },
+                     l.state === "cut" ? "cut" : `${l.latency_ms.toFixed(0)} ms · ${rateText(both)}`);
     links.appendChild(label);
   }
   const copies = $("copies"); copies.replaceChildren();
@@ -197,7 +212,47 @@ function renderMap(state) {
       group.appendChild(dot);
     });
     group.appendChild(el("svg:text", { x, y: y + 8, class: "region-label", "text-anchor": "middle" }, g.name));
+    const [done, total] = g.sync ? g.sync.images : [0, 0];
+    if (done < total) {
+      group.appendChild(el("svg:text", { x, y: y + 12, class: "sync-label", "text-anchor": "middle" },
+                           `syncing ${done}/${total}`));
+    }
     regions.appendChild(group);
+  }
+}
+
+function renderReplicas(state) {
+  const body = $("replicas").tBodies[0]; body.replaceChildren();
+  for (const g of state.regions) {
+    const shown = g.status ? g.status.displayStatus : "";
+    const tr = el("tr", { "data-sync": g.name });
+    tr.title = g.status ? g.status.message : "";
+    tr.append(el("td", {}, g.name), el("td", { class: shown === "Ready" ? "" : "bad" }, shown));
+    if (!g.sync) {                        // none of its nodes is up: what it holds is not known
+      tr.dataset.complete = "unknown";
+      tr.append(el("td", {}, "–"), el("td"), el("td", {}, "–"));
+    } else {
+      const [done, total] = g.sync.images, [bytesDone, bytesTotal] = g.sync.bytes;
+      tr.dataset.complete = done >= total ? "yes" : "no";
+      const bar = el("td");
+      bar.appendChild(el("progress", { max: String(Math.max(total, 1)), value: String(total ? done : 1) }));
+      tr.append(el("td", {}, `${done}/${total}`), bar, el("td", {}, sizeText(Math.max(bytesTotal - bytesDone, 0))));
+    }
+    body.appendChild(tr);
+  }
+}
+
+function renderLinks(state) {
+  const body = $("link-table").tBodies[0]; body.replaceChildren();
+  for (const l of state.links) {
+    const [ab, ba] = l.bytes_per_s || [null, null];
+    const tr = el("tr", { "data-link-row": `${l.a}-${l.b}` });
+    tr.append(el("td", {}, `${l.a} ↔ ${l.b}`), el("td", { class: l.state === "ok" ? "" : "bad" }, l.state),
+              el("td", {}, `${l.latency_ms.toFixed(0)} ms`),
+              el("td", { "data-rate": `${l.a}-${l.b}`, title: `${l.a} → ${l.b}` }, rateText(ab)),
+              el("td", { "data-rate": `${l.b}-${l.a}`, title: `${l.b} → ${l.a}` }, rateText(ba)),
+              el("td", {}, l.queued_kib ? `${l.queued_kib} KiB` : "–"));
+    body.appendChild(tr);
   }
 }
 
@@ -292,7 +347,8 @@ function renderLag(state) {
       if (o === d) td.textContent = "·";
       else if (cell && cell.count) {
         td.textContent = `${cell.p50_ms} / ${cell.p99_ms}`;
-        td.title = `${cell.count} changes ${cell.over === "window" ? "in the last minute" : "since start"}`;
+        td.title = `${cell.count} images arrived ${cell.over === "window" ? "in the last minute" : "since start"}` +
+                   " (counted by each zone node of a zone-redundant region)";
         td.style.background = heatColour(cell.p99_ms);
       } else td.textContent = "–";
       tr.appendChild(td);
@@ -317,6 +373,73 @@ function renderEndpoints(state) {
     tr.append(el("td", {}, g.name), el("td", { class: total ? "bad" : "" }, String(total)));
     refused.appendChild(tr);
   }
+}
+
+// -- a chaos scenario's timeline -----------------------------------------------------------
+
+// One strip: pushes acknowledged (green) and errors (red) per bucket above, a
+// bar per fault its steps injected (from injected to healed, or to now while it
+// is in effect), a tick per step (filled once applied), a dashed line per
+// failover and a line at now.
+function renderChaos(run) {
+  const panel = $("chaos-panel");
+  panel.hidden = !run;
+  if (!run) return;
+  const span = Math.max(run.duration_s, run.at_s, 1);
+  const W = 600, pad = 8, top = 34, row = 11;
+  const x = (t) => pad + (Math.min(Math.max(t, 0), span) / span) * (W - 2 * pad);
+  const H = top + 14 + row * run.faults.length + 14;
+  const svg = $("chaos-timeline");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.replaceChildren();
+  const errors = run.acknowledged.map((_, i) => Object.values(run.errors).reduce((a, s) => a + (s[i] || 0), 0));
+  const peak = Math.max(1, ...run.acknowledged, ...errors);
+  const w = Math.max(((W - 2 * pad) * run.bucket_s) / span - 0.5, 0.5);
+  run.acknowledged.forEach((n, i) => {
+    const h = (n / peak) * (top - 4);
+    if (n) svg.appendChild(el("svg:rect", { x: x(i * run.bucket_s), y: top - h, width: w, height: h, class: "acked" }));
+    const e = (errors[i] / peak) * (top - 4);
+    if (errors[i]) svg.appendChild(el("svg:rect", { x: x(i * run.bucket_s), y: top - h - e, width: w, height: e, class: "errs" }));
+  });
+  svg.appendChild(el("svg:line", { x1: pad, x2: W - pad, y1: top, y2: top, class: "axis" }));
+  run.steps.forEach((s, i) => {
+    const state = s.error ? "error" : s.applied_at_s === null ? "pending" : "applied";
+    const t = s.applied_at_s === null ? s.at_s : s.applied_at_s;
+    const tick = el("svg:path", { d: `M${x(t)},${top + 1}l-3,6h6z`, class: `step ${state}`, "data-step": String(i),
+                                  "data-state": state });
+    tick.appendChild(el("svg:title", {}, `${s.step}${s.fault ? " → " + s.fault : ""}${s.error ? ": " + s.error : ""}`));
+    svg.appendChild(tick);
+  });
+  run.faults.forEach((f, i) => {
+    const y = top + 12 + i * row, to = f.to_s === null ? run.at_s : f.to_s;
+    const bar = el("svg:rect", { x: x(f.from_s), y, width: Math.max(x(to) - x(f.from_s), 1), height: row - 3,
+                                 class: `fault ${f.in_effect ? "in-effect" : f.to_s === null ? "off" : "healed"}`,
+                                 "data-chaos-fault": f.id, "data-state": f.to_s === null ? "active" : "healed" });
+    bar.appendChild(el("svg:title", {}, `${f.id} ${f.description}: t+${f.from_s.toFixed(1)} s → ` +
+                                        (f.to_s === null ? "now" : `t+${f.to_s.toFixed(1)} s`)));
+    svg.appendChild(bar);
+    svg.appendChild(el("svg:text", { x: x(f.from_s) + 2, y: y + row - 5, class: "fault-label" }, `${f.id} ${f.description}`));
+  });
+  for (const f of run.failovers) {
+    const line = el("svg:line", { x1: x(f.at_s), x2: x(f.at_s), y1: 2, y2: H - 12, class: "failover" });
+    line.appendChild(el("svg:title", {}, `t+${f.at_s.toFixed(1)} s: clients in ${f.client} now served by ${f.to}`));
+    svg.appendChild(line);
+  }
+  const silent = run.phase !== "done" && run.silent_s !== null && run.silent_s !== undefined;
+  if (run.phase !== "done" && !silent) svg.appendChild(el("svg:line", { x1: x(run.at_s), x2: x(run.at_s), y1: 0, y2: H - 12, class: "now" }));
+  for (const t of [0, span / 2, span]) {
+    svg.appendChild(el("svg:text", { x: x(t), y: H - 2, class: "tick", "text-anchor": "middle" }, `${t.toFixed(0)} s`));
+  }
+  const outcome = run.phase !== "done"
+    ? (silent ? `${run.phase}, but no word from the run for ${run.silent_s} s or more (stopped?)` : run.phase)
+    : run.passed === null ? "ended before its checks (it failed or was stopped)"
+    : run.passed ? "passed" : "FAILED";
+  $("chaos-title").textContent = `${run.scenario} (seed ${run.seed}): ${outcome}, t+${run.at_s.toFixed(0)} s of ${run.duration_s.toFixed(0)} s`;
+  $("chaos-panel").dataset.phase = silent ? "silent" : run.phase;
+  const codes = Object.entries(run.errors).map(([c, s]) => `${c} ${s.reduce((a, b) => a + b, 0)}`).join(", ") || "none";
+  $("chaos-summary").textContent = `pushes: ${run.pushes.acknowledged} acknowledged, ${run.pushes.refused} refused, ` +
+    `${run.pushes.indefinite} indefinite of ${run.pushes.attempted} · errors: ${codes} · ` +
+    `failovers: ${run.failovers.length}`;
 }
 
 // -- an image's journey ----------------------------------------------------------------
@@ -351,7 +474,12 @@ async function showImage() {
 function render(state) {
   S.state = state;
   $("registry").textContent = `${state.registry} (${state.tier}, home ${state.home_region})`;
-  renderMap(state); renderNodes(state); renderFaults(state); renderLag(state); renderEndpoints(state);
+  // Each panel on its own: one that cannot draw this frame leaves the others drawn.
+  const panels = [renderMap, renderReplicas, renderNodes, renderLinks, renderFaults,
+                  (s) => renderChaos(s.chaos), renderLag, renderEndpoints];
+  for (const draw of panels) {
+    try { draw(state); } catch (e) { console.error("dashboard: a panel could not be drawn", e); }
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {

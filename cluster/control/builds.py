@@ -75,6 +75,7 @@ from .containerfile import (
     unpack_context,
 )
 from .errors import ClusterError, Conflict, NotFound, RegionUnavailable, TooManyRequests
+from .git_sources import GitSource, archive_commit, branch_head
 from .private_files import write_private
 from .regions import REGIONS, unknown_region_message
 from .tls import client_context
@@ -96,6 +97,8 @@ MAX_LOG_BYTES = 64 * 1024 * 1024
 _LOG_CHUNK = 1 << 20
 DEFAULT_MAX_CONTEXT_BYTES = 256 * 1024 * 1024
 FINAL = ("Succeeded", "Failed", "Canceled", "Timeout")
+# A run's ``trigger``, as ``az acr task list-runs`` shows it.
+MANUAL, IMAGE_UPDATE, COMMIT = "Manual", "Image Update", "Commit"
 # A node answers a login or a manifest lookup within this.
 NODE_TIMEOUT_S = 30.0
 _ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
@@ -128,7 +131,10 @@ class BuildRequest:
     region: str | None = None
     timeout_s: int = DEFAULT_TIMEOUT_S
     task: str | None = None
-    trigger: str = "Manual"
+    trigger: str = MANUAL
+    # What triggered it, as ACR's run names it: {"imageUpdateTrigger": {...}} or
+    # {"sourceTrigger": {...}} (``cluster.control.triggers``); kept in the record.
+    trigger_detail: dict | None = None
     # Not in the repr: a traceback or a log line that shows the request must
     # not show the password.
     credentials: tuple[str, str] | None = field(default=None, repr=False)
@@ -181,6 +187,7 @@ class _Live:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     canceled: bool = False
     logged: int = 0                     # bytes written to its log
+    task_name: str | None = None        # the task it is a run of (None: a quick build)
 
 
 class BuildRuns:
@@ -198,6 +205,9 @@ class BuildRuns:
         self._held: dict[str, int] = {}   # per region: runs arriving, queued or running
         self._recovered = False
         self._last_number: int | None = None
+        # Called with a run's record when it ends (the base-image triggers
+        # dispatch what waited for it).
+        self.finished_listeners: list = []
 
     # -- the files ------------------------------------------------------------------------
 
@@ -233,6 +243,10 @@ class BuildRuns:
         runs = [json.loads(p.read_text()) for p in self._dir("runs").glob("*.json")]
         runs = [r for r in runs if task is None or r.get("task") == task]
         return sorted(runs, key=lambda r: r["number"], reverse=True)
+
+    def active_tasks(self) -> set[str]:
+        """The tasks with a run queued or running in this process."""
+        return {live.task_name for live in self._live.values() if live.task_name}
 
     def recover(self) -> None:
         """At the management API's start: runs a crash left are Failed and their
@@ -299,7 +313,7 @@ class BuildRuns:
         scratch = self._dir("scratch") / run_id
         scratch.mkdir(mode=0o700)
         try:
-            context = await self._receive(source, scratch)
+            context, source_facts = await self._receive(source, scratch)
             file = containerfile_in(context, request.file)
             lines = variables.containerfile(file.read_text(errors="replace"))
             bases = base_images(lines, registry, aliases=(self.cluster.spec.login_server,),
@@ -310,26 +324,33 @@ class BuildRuns:
         except BaseException:
             _remove_scratch(scratch)
             raise
-        record = {"runId": run_id, "number": number, "status": "Queued", "region": region,
-                  "runType": "QuickRun" if request.task is None else "TaskRun",
-                  "task": request.task, "trigger": request.trigger,
-                  "createTime": now.isoformat(), "startTime": None, "finishTime": None,
-                  "image": f"{registry}/{repository}:{tag}",
-                  "outputImages": [], "baseImages": [], "error": None,
-                  "timeoutSeconds": request.timeout_s}
-        self._live[run_id] = live = _Live()
+        record = _new_record(request, run_id, number, region, now,
+                             f"{registry}/{repository}:{tag}")
+        record["source"] = source_facts
+        self._live[run_id] = live = _Live(task_name=request.task)
         self._save(record)
         work = _Work(record, scratch, context, lines, bases, endpoint, registry,
                      request.build_args, grant)
         live.task = asyncio.create_task(self._run(work), name=f"build {run_id}")
         return record
 
-    async def _receive(self, source, scratch: Path) -> Path:
-        """The context unpacked under ``scratch``: a task's directory goes through
-        the same archive, limit and checks as an upload."""
+    async def _receive(self, source, scratch: Path) -> tuple[Path, dict | None]:
+        """The context unpacked under ``scratch``, and (a git context) the branch
+        and commit it is: a task's directory or commit goes through the same
+        archive, limit and checks as an upload."""
         archive = scratch / "context.tar"
         loop = asyncio.get_running_loop()
-        if isinstance(source, Path):
+        facts = None
+        if isinstance(source, GitSource):
+            task_context(str(source.path), self.cluster.spec.tasks.context_roots,
+                         self.cluster.data_dir)
+            commit = await loop.run_in_executor(None, branch_head, source)
+            received = await loop.run_in_executor(
+                None, functools.partial(archive_commit, source, commit, archive,
+                                        max_bytes=self.max_context_bytes))
+            facts = {"repositoryUrl": str(source.path), "branchName": source.branch,
+                     "commitId": commit}
+        elif isinstance(source, Path):
             # Checked again at each run: the spec's roots may have changed, a link moved.
             source = task_context(str(source), self.cluster.spec.tasks.context_roots,
                                   self.cluster.data_dir)
@@ -354,7 +375,17 @@ class BuildRuns:
         context.mkdir()
         await loop.run_in_executor(None, unpack_context, archive, context)
         archive.unlink()
-        return context
+        return context, facts
+
+    def refused(self, request: BuildRequest, error: str) -> dict:
+        """A run that could not start, recorded ``Failed`` with why (a triggered
+        run, which no caller is waiting to hear refused)."""
+        self._recover()
+        run_id, number = self._next_id()
+        record = _new_record(request, run_id, number, request.region or
+                             self.cluster.spec.home_region, datetime.now(UTC), request.image)
+        self._finish(record, "Failed", error)
+        return record
 
     def _http(self) -> aiohttp.ClientSession:
         """A session of the caller's, not the cluster's: it carries no internal credential."""
@@ -518,6 +549,8 @@ class BuildRuns:
         finally:
             live = self._live.pop(run_id, None)
             self._release(record["region"])
+            for listener in self.finished_listeners:
+                listener(record)
             if live is not None and live.process is not None and live.process.returncode is None:
                 _kill(live.process)
                 await live.process.wait()
@@ -647,6 +680,16 @@ class BuildRuns:
             raise _RunFailed(f"base image {repository}:{reference}: the registry answered "
                              f"HTTP {status}")
         return digest
+
+
+def _new_record(request: BuildRequest, run_id: str, number: int, region: str, now: datetime,
+                image: str) -> dict:
+    return {"runId": run_id, "number": number, "status": "Queued", "region": region,
+            "runType": "QuickRun" if request.task is None else "TaskRun",
+            "task": request.task, "trigger": request.trigger, **(request.trigger_detail or {}),
+            "createTime": now.isoformat(), "startTime": None, "finishTime": None,
+            "image": image, "outputImages": [], "baseImages": [], "error": None,
+            "timeoutSeconds": request.timeout_s}
 
 
 def _stopped_in(record: dict) -> str:

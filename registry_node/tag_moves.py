@@ -1,0 +1,90 @@
+"""Tag moves: where this node's tags were pointed, read from its event log,
+for the control process's base-image triggers (``cluster.control.triggers``).
+
+One hook for every way a tag moves. A tag is moved only by a commit that
+logs a ``TAG_SET`` in the same batch: a client's push
+(``Registry.put_manifest``), a copy replication applies
+(``Replica.apply_tag``), a restore from the recycle bin. So the log, read
+after a cursor, holds every move this node took, local or arriving, in the
+order it took them, and nothing lives only in memory: a reader that went
+away resumes from its cursor. A reader whose cursor is below the log's floor
+(truncated since) is told so (``TagMoves.floor``) and must work out what it
+missed some other way.
+
+Waiting is event-driven: a reader asking after the head waits for the next
+commit (``MetadataStore.on_commit``), bounded by its own timeout, never a
+poll of the registry.
+
+No aiohttp here (``api.tag_moves`` is the route).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import asdict, dataclass
+
+from .metastore import MetadataStore
+from .records import EventKind
+
+# Log events read per answer (moves are a subset of them).
+READ_LIMIT = 1000
+MAX_WAIT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class TagMove:
+    seq: int
+    repository: str
+    tag: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class TagMoves:
+    moves: list[TagMove]
+    next: int               # the cursor to ask after next time
+    floor: int              # the log holds events after this only
+
+    def as_dict(self) -> dict:
+        return {"moves": [asdict(m) for m in self.moves], "next": self.next, "floor": self.floor}
+
+
+class TagMoveLog:
+    """The tag moves of one node's log, and a wait for the next commit."""
+
+    def __init__(self, meta: MetadataStore) -> None:
+        self.meta = meta
+        self._grew = asyncio.Event()
+        meta.on_commit(self._committed)
+
+    def _committed(self, _seq: int) -> None:
+        # A fresh event per generation: every reader waiting on the old one wakes.
+        grew, self._grew = self._grew, asyncio.Event()
+        grew.set()
+
+    def read(self, after: int | None, limit: int = READ_LIMIT) -> TagMoves:
+        """The moves logged after ``after`` (None: none, the cursor at the head)."""
+        if after is None:
+            return TagMoves([], self.meta.last_seq, self.meta.log_floor)
+        events = self.meta.read_log(max(after, self.meta.log_floor), limit)
+        moves = [TagMove(e.seq, e.repository, e.tag, e.digest) for e in events
+                 if e.kind is EventKind.TAG_SET]
+        return TagMoves(moves, events[-1].seq if events else max(after, self.meta.log_floor),
+                        self.meta.log_floor)
+
+    async def wait(self, after: int | None, timeout_s: float) -> TagMoves:
+        """As ``read``, but while no tag moved after ``after``, wait up to
+        ``timeout_s`` for commits that move one (the cursor advances past those
+        that do not)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(timeout_s, 0.0), MAX_WAIT_S)
+        while True:                     # bounded by the deadline
+            grew = self._grew
+            found = self.read(after)
+            left = deadline - loop.time()
+            if found.moves or after is None or left <= 0 or found.next < self.meta.last_seq:
+                return found            # (more to read than one answer holds: answer now)
+            after = found.next
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(grew.wait(), left)

@@ -1,0 +1,263 @@
+"""Task triggers' logic, in process (``cluster.control.triggers``,
+``registry_node.tag_moves``): no buildah, no cluster.
+
+* A node's tag moves: a client's push and a replicated tag set both come out
+  of the node's log, and a reader waiting at the head wakes on the commit.
+* Base-image triggers against a small simulated region (tags, tasks, runs
+  that resolve their base when they start and push their image when they
+  end): a three-level chain rebuilds each level exactly once, in order;
+  moves that arrive while a task's run waits are coalesced; a move of the
+  same digest, a move in another region, a task's own output, a disabled
+  trigger start nothing; a restart (a fresh trigger object, pending lost)
+  re-derives what was pending.
+* Commit triggers with a real git repository: the first look is a
+  baseline, a new commit builds once, a restart does not build it again.
+
+The chain with real buildah on a real cluster is ``test_task_trigger_builds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+from cluster.control.triggers import (
+    BaseImageTriggers,
+    CommitTriggers,
+    Dependency,
+    TagMove,
+    dependency_of,
+    dependents,
+)
+from registry_node.records import Event, EventKind
+from registry_node.replica import Replica
+
+from .helpers import make_image, push_image
+
+# -- a node's tag moves --------------------------------------------------------------------
+
+
+async def test_a_push_and_a_replicated_tag_set_both_are_tag_moves(node, http):
+    image = make_image([64])
+    async with http.get(f"{node.url}/georeg/v1/tag-moves") as r:
+        head = (await r.json())["next"]
+    # A reader at the head waits for the next commit, and the push wakes it.
+    waiting = asyncio.ensure_future(http.get(f"{node.url}/georeg/v1/tag-moves?after={head}"
+                                             f"&wait=20"))
+    digest = await push_image(http, node.url, "base", image, "1")
+    async with await asyncio.wait_for(waiting, 20) as r:
+        first = await r.json()
+    assert [(m["repository"], m["tag"], m["digest"]) for m in first["moves"]] == \
+        [("base", "1", digest)]
+    # A tag set arriving by replication goes through the same log.
+    Replica(node.registry, node.node.configuration).apply_tag(Event(
+        EventKind.TAG_SET, "base", digest=digest, tag="2", origin_region="westus",
+        origin_zone="", origin_seq=1, hlc=2**62))
+    async with http.get(f"{node.url}/georeg/v1/tag-moves?after={first['next']}") as r:
+        second = await r.json()
+    assert [(m["repository"], m["tag"]) for m in second["moves"]] == [("base", "2")]
+    async with http.get(f"{node.url}/georeg/v1/tag-moves?after=x") as r:
+        assert r.status == 400
+
+
+# -- base-image triggers, against a simulated region ------------------------------------------
+
+
+class Region:
+    """Tags, tasks and runs of one simulated region. A run resolves its base
+    when it starts and pushes its image when it ends, which is a tag move fed
+    to the triggers, as a node's log feeds them."""
+
+    def __init__(self, tasks: dict[str, tuple[str, str]]) -> None:
+        self.tags: dict[tuple[str, str, str], str] = {}     # (region, repo, tag) -> digest
+        self.tasks = {name: {"name": name, "region": "eastus", "status": "Enabled",
+                             "baseImageTriggerEnabled": True, "image": image, "base": base}
+                      for name, (base, image) in tasks.items()}
+        self.runs: list[dict] = []                          # newest first
+        self.pushed = 0
+        self.triggers = self.make_triggers()
+
+    def make_triggers(self) -> BaseImageTriggers:
+        async def tasks():
+            return list(self.tasks.values())
+
+        async def resolve(region, repository, tag):
+            return self.tags.get((region, repository, tag))
+
+        async def start(task, move):
+            self.runs.insert(0, {"runId": f"ca{len(self.runs) + 1}", "task": task["name"],
+                                 "region": "eastus", "status": "Queued", "trigger": move,
+                                 "baseImages": [], "outputImages": []})
+        return BaseImageTriggers(tasks=tasks, runs=lambda: list(self.runs), busy=self.busy,
+                                 start=start, resolve=resolve)
+
+    def busy(self) -> set[str]:
+        return {r["task"] for r in self.runs if r["status"] in ("Queued", "Running")}
+
+    async def push(self, repository: str, tag: str, region: str = "eastus") -> str:
+        self.pushed += 1
+        digest = f"sha256:{self.pushed:064x}"
+        self.tags[(region, repository, tag)] = digest
+        await self.triggers.moved([TagMove(region, repository, tag, digest)])
+        return digest
+
+    def begin(self, run: dict) -> None:
+        """The run starts: its base resolved now."""
+        repository, tag = self.tasks[run["task"]]["base"].split(":")
+        run.update(status="Running", baseImages=[{
+            "repository": repository, "tag": tag, "runtime": True,
+            "digest": self.tags[("eastus", repository, tag)]}])
+
+    async def end(self, run: dict) -> None:
+        """The run pushes its image and ends."""
+        repository, tag = self.tasks[run["task"]]["image"].split(":")
+        run["outputImages"] = [{"repository": repository, "tag": tag}]
+        await self.push(repository, tag)
+        run["status"] = "Succeeded"
+        self.triggers.run_finished(run)
+        await self.triggers.settle()
+
+    async def build(self, run: dict) -> None:
+        self.begin(run)
+        await self.end(run)
+
+    async def build_all(self) -> list[str]:
+        """Run whatever is queued until nothing is; the tasks built, in order."""
+        built = []
+        for _ in range(20):                                 # bounded: a chain is short
+            queued = [r for r in reversed(self.runs) if r["status"] == "Queued"]
+            if not queued:
+                return built
+            built.append(queued[0]["task"])
+            await self.build(queued[0])
+        raise AssertionError(f"still building after 20 runs: {built}")
+
+    def manual(self, task: str) -> dict:
+        run = {"runId": f"ca{len(self.runs) + 1}", "task": task, "region": "eastus",
+               "status": "Queued", "trigger": "Manual", "baseImages": [], "outputImages": []}
+        self.runs.insert(0, run)
+        return run
+
+
+CHAIN = {"runtime": ("base:1", "runtime:1"), "app": ("runtime:1", "app:1"),
+         "other": ("unrelated:1", "other:1")}
+
+
+async def chain_built_once() -> Region:
+    region = Region(CHAIN)
+    for repo in ("base", "unrelated"):
+        await region.push(repo, "1")
+    for task in ("runtime", "app", "other"):       # run once first: dependencies are known
+        await region.build(region.manual(task))
+    assert await region.build_all() == []         # app ran after runtime:1 moved
+    return region
+
+
+async def test_a_base_push_rebuilds_each_level_of_a_chain_once_in_order():
+    region = await chain_built_once()
+    before = len(region.runs)
+    await region.push("base", "1")
+    assert await region.build_all() == ["runtime", "app"]
+    triggered = region.runs[:len(region.runs) - before]
+    assert [r["task"] for r in triggered] == ["app", "runtime"]
+    assert triggered[1]["trigger"] == TagMove("eastus", "base", "1", region.tags[
+        ("eastus", "base", "1")])
+    assert await region.build_all() == []           # nothing more, ever
+
+
+async def test_moves_while_a_run_waits_are_coalesced_and_a_resolved_one_is_not_rebuilt():
+    region = await chain_built_once()
+    run = region.manual("runtime")                  # queued, not started: resolves later
+    await region.push("base", "1")
+    await region.push("base", "1")                  # two moves, one pending trigger
+    assert len(region.triggers.pending) == 1 and region.busy() == {"runtime"}
+    await region.build(run)                          # it built on the newest base
+    assert region.busy() == {"app"}                  # only its dependent, not runtime again
+    assert await region.build_all() == ["app"]
+
+    # A move while a run is running, after it resolved the base: once more, after it.
+    run = region.manual("runtime")
+    region.begin(run)
+    await region.push("base", "1")
+    await region.end(run)
+    assert await region.build_all() == ["app", "runtime", "app"]
+
+
+async def test_what_starts_nothing():
+    region = await chain_built_once()
+    same = region.tags[("eastus", "base", "1")]
+    await region.triggers.moved([TagMove("eastus", "base", "1", same)])    # arrived again
+    await region.push("base", "1", region="westus")                        # another region
+    region.tasks["other"]["baseImageTriggerEnabled"] = False
+    await region.push("unrelated", "1")
+    assert not region.triggers.pending and await region.build_all() == []
+    # A task built on its own output: its push is no trigger for itself.
+    dependency = Dependency("loop", "eastus", "x", "1", "sha256:a", frozenset({("x", "1")}))
+    assert dependents(TagMove("eastus", "x", "1", "sha256:b"), [dependency]) == []
+    # Pinned by digest: nothing to follow.
+    pinned = {"task": "t", "region": "eastus", "outputImages": [],
+              "baseImages": [{"repository": "b", "tag": None, "digest": "sha256:a",
+                              "runtime": True}]}
+    assert dependency_of({"name": "t", "region": "eastus"}, [pinned]) is None
+
+
+async def test_a_restart_rederives_what_was_pending():
+    region = await chain_built_once()
+    region.manual("runtime")                        # busy: the base move waits for it
+    await region.push("base", "1")
+    assert "runtime" in region.triggers.pending
+    region.runs[0]["status"] = "Failed"             # the crash: runs in flight failed
+    region.triggers = region.make_triggers()        # a new process: nothing pending
+    await region.triggers.rederive()
+    assert await region.build_all() == ["runtime", "app"]
+    region.triggers = region.make_triggers()
+    await region.triggers.rederive()                 # and again: all built, nothing
+    assert await region.build_all() == []
+
+
+# -- commit triggers, with a real git repository -----------------------------------------------
+
+
+def git(repo: Path, *argv: str) -> str:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+           "PATH": "/usr/bin:/bin", "HOME": str(repo)}
+    return subprocess.run(["git", "-C", str(repo), *argv], check=True, env=env,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def commit(repo: Path, text: str) -> str:
+    (repo / "Containerfile").write_text(text)
+    git(repo, "add", "Containerfile")
+    git(repo, "commit", "-q", "-m", text)
+    return git(repo, "rev-parse", "HEAD")
+
+
+async def test_a_new_commit_on_the_branch_builds_once_and_a_restart_does_not_again(tmp_path):
+    repo = tmp_path / "src"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    commit(repo, "FROM scratch\n")
+    task = {"name": "web", "status": "Enabled", "commitTriggerEnabled": True,
+            "branch": "main", "contextPath": str(repo)}
+    started: list[str] = []
+
+    def triggers() -> CommitTriggers:
+        async def tasks():
+            return [task]
+
+        async def start(_task, sha):
+            started.append(sha)
+        return CommitTriggers(tmp_path / "commits.json", tasks=tasks, runs=lambda: [],
+                              busy=set, start=start)
+
+    assert await triggers().poll() == []             # the baseline
+    git(repo, "checkout", "-q", "-b", "other")
+    commit(repo, "FROM scratch\nLABEL other=1\n")    # another branch: nothing
+    git(repo, "checkout", "-q", "main")
+    assert await triggers().poll() == []
+    sha = commit(repo, "FROM scratch\nLABEL v=2\n")
+    assert await triggers().poll() == ["web"] and started == [sha]
+    assert await triggers().poll() == [] and started == [sha]   # a new process: seen
+

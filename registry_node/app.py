@@ -244,6 +244,8 @@ async def _stop_handoffs(app: web.Application) -> None:
     # within it, not at its end.
     app[BODY_STALL].close()
     app[HANDOFF].stop_accepting(app[NODE].config.shutdown_grace_s)
+    if TAG_MOVES in app:
+        app[TAG_MOVES].close()      # a long-poll for tag moves answers now, not at its end
 
 
 async def _webhooks(app: web.Application) -> AsyncIterator[None]:

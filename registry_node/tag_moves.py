@@ -56,7 +56,13 @@ class TagMoveLog:
     def __init__(self, meta: MetadataStore) -> None:
         self.meta = meta
         self._grew = asyncio.Event()
+        self._closed = False
         meta.on_commit(self._committed)
+
+    def close(self) -> None:
+        """The node is shutting down: every waiting reader answers now."""
+        self._closed = True
+        self._committed(0)
 
     def _committed(self, _seq: int) -> None:
         # A fresh event per generation: every reader waiting on the old one wakes.
@@ -83,7 +89,8 @@ class TagMoveLog:
             grew = self._grew
             found = self.read(after)
             left = deadline - loop.time()
-            if found.moves or after is None or left <= 0 or found.next < self.meta.last_seq:
+            if (found.moves or after is None or left <= 0 or self._closed
+                    or found.next < self.meta.last_seq):
                 return found            # (more to read than one answer holds: answer now)
             after = found.next
             with contextlib.suppress(TimeoutError):

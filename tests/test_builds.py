@@ -71,6 +71,19 @@ def busybox_image() -> Image:
     return Image(config, [layer], manifest)
 
 
+def patched(image: Image, patch: str) -> Image:
+    """``image`` with another config (an Env naming the patch): a new digest, the same
+    layer. Its history names the layer: buildah, building on an image built on
+    this one, counts the layers against the history (busybox_image has none)."""
+    config = json.loads(image.config)
+    config["config"]["Env"].append(f"PATCH={patch}")
+    config["history"] = [{"created_by": f"busybox, patch {patch}"}]
+    raw = json.dumps(config).encode()
+    manifest = json.loads(image.manifest)
+    manifest["config"].update(digest=digest_of(raw), size=len(raw))
+    return Image(raw, image.layers, json.dumps(manifest).encode())
+
+
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
     require_program("buildah", "buildah")
@@ -426,3 +439,42 @@ def test_runs_per_region_and_a_runs_log_are_bounded(running, tmp_path, monkeypat
         builds._log("ca1", b"12345678")
     text = builds.log_path("ca1").read_text()
     assert text.startswith("1234567812\n") and text.count("the log is cut at") == 1
+
+
+def test_a_base_image_push_rebuilds_the_task_built_on_it(running):
+    """One base-image trigger with buildah (the chain is test_task_trigger_builds',
+    soak). The task's first run resolves its base and stops at buildah's parse
+    of the Containerfile, which is enough: a dependency is known once a run has
+    resolved it (ACR: run it once first), and it saves a build."""
+    async def push(image):
+        async with running.http() as http:
+            return await push_image(http, running.regional_endpoint("eastus"), "trigbase",
+                                    image, "1")
+    old = running.run(lambda: push(patched(busybox_image(), "0")))
+    context = running.sources / "rebuilt"
+    context.mkdir()
+    (context / "Containerfile").write_text("FROM {{.Run.Registry}}/trigbase:1\nNOT-AN-INSTRUCTION\n")
+    body = {"name": "rebuilt", "image": "rebuilt:1", "contextPath": str(context)}
+    assert api(running, "POST", "/georeg/v1/tasks", json.dumps(body).encode())[0] == 201
+    login = running.credentials
+    run = api(running, "POST", "/georeg/v1/tasks/rebuilt/runs", b"",
+              login_header(login.username, login.password))[1]
+    first = finished(running, run["runId"])
+    assert first["status"] == "Failed" and first["baseImages"][0]["digest"] == old, first
+    (context / "Containerfile").write_text("FROM {{.Run.Registry}}/trigbase:1\n"
+                                           "RUN echo rebuilt > /rebuilt\n")
+    status, task = api(running, "PATCH", "/georeg/v1/tasks/rebuilt",
+                       json.dumps({"timeout": 600}).encode())
+    assert status == 200 and task["timeout"] == 600 and task["baseImageTriggerEnabled"], task
+
+    new = running.run(lambda: push(patched(busybox_image(), "1")))
+    running.wait_for(lambda: len(api(running, "GET", "/georeg/v1/runs?task=rebuilt")[1]) == 2,
+                     30, what="a run triggered by the base image's push")
+    run = finished(running, api(running, "GET", "/georeg/v1/runs?task=rebuilt")[1][0]["runId"])
+    assert run["status"] == "Succeeded" and run["trigger"] == "Image Update", run
+    assert run["timeoutSeconds"] == 600
+    assert [(i["repository"], i["digest"]) for i in run["imageUpdateTrigger"]["images"]] == \
+        [("trigbase", new)]
+    assert [b["digest"] for b in run["baseImages"]] == [new]
+    listed = georeg("task", "list-runs", "--name", "rebuilt", data_dir=running.data_dir)
+    assert "Image Update  eastus" in listed.stdout and f"trigbase:1@{new[:19]}" in listed.stdout

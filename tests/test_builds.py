@@ -88,7 +88,8 @@ def patched(image: Image, patch: str) -> Image:
 def running(tmp_path_factory):
     require_program("buildah", "buildah")
     sources = tmp_path_factory.mktemp("sources")
-    spec = msgspec.structs.replace(SPEC, tasks=specs.TasksSpec(context_roots=(str(sources),)))
+    spec = msgspec.structs.replace(SPEC, tasks=specs.TasksSpec(context_roots=(str(sources),),
+                                                               commit_poll_seconds=0.2))
     with RunningCluster(spec, tmp_path_factory.mktemp("builds")) as c:
         c.sources = sources
         async def push_base():
@@ -478,3 +479,35 @@ def test_a_base_image_push_rebuilds_the_task_built_on_it(running):
     assert [b["digest"] for b in run["baseImages"]] == [new]
     listed = georeg("task", "list-runs", "--name", "rebuilt", data_dir=running.data_dir)
     assert "Image Update  eastus" in listed.stdout and f"trigbase:1@{new[:19]}" in listed.stdout
+
+
+def test_a_commit_on_a_git_tasks_branch_runs_it_on_the_committed_tree(running):
+    """No buildah: the committed Containerfile names a base that is not here,
+    so the run ends when it resolves it, after the commit was archived."""
+    from .test_task_triggers import commit, git
+
+    repo = running.sources / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    commit(repo, "FROM {{.Run.Registry}}/first:1\n")
+    body = {"name": "fromgit", "image": "fromgit:1", "contextPath": str(repo),
+            "branch": "main", "commitTriggerEnabled": True}
+    status, task = api(running, "POST", "/georeg/v1/tasks", json.dumps(body).encode())
+    assert status == 201 and task["branch"] == "main", task
+    status, answer = api(running, "PATCH", "/georeg/v1/tasks/fromgit",
+                         json.dumps({"branch": "nosuch"}).encode())
+    assert status == 400 and "branch 'nosuch'" in answer["error"]["message"], answer
+    seen = running.data_dir / "tasks" / "commits.json"
+    running.wait_for(lambda: seen.exists() and "fromgit" in seen.read_text(), 10,
+                     what="the branch's first look")
+    sha = commit(repo, "FROM {{.Run.Registry}}/committed:1\n")
+    (repo / "Containerfile").write_text("FROM {{.Run.Registry}}/uncommitted:1\n")
+
+    def triggered() -> list[dict]:
+        return api(running, "GET", "/georeg/v1/runs?task=fromgit")[1]
+    running.wait_for(lambda: len(triggered()) == 1, 10, what="a run for the commit")
+    run = finished(running, triggered()[0]["runId"])
+    assert run["trigger"] == "Commit" and run["sourceTrigger"]["commitId"] == sha, run
+    assert run["source"] == {"repositoryUrl": str(repo), "branchName": "main", "commitId": sha}
+    assert "committed:1 is not in" in run["error"], run
+    assert len(triggered()) == 1                  # once: the tip is seen

@@ -35,7 +35,7 @@ successful resolution still differs and it is queued again.
 
 **Commits.** A task with a git context (``branch``) and the commit trigger
 enabled is rebuilt when its branch's tip is a commit no run of it built yet.
-The tips are read every ``COMMIT_POLL_S`` (a poll of a local ref: one
+The tips are read every ``[tasks] commit_poll_seconds`` (10 s by default; one
 ``git rev-parse``; a hook would have to be installed in the user's
 repository). The first look at a new task records its tip as seen without
 building (ACR builds on the *next* commit); seen tips are kept in
@@ -76,7 +76,6 @@ log = structlog.get_logger("georeg.triggers")
 
 LONG_POLL_S = 25.0
 RETRY_S = (0.5, 10.0)             # a region's node did not answer: backoff, first and most
-COMMIT_POLL_S = 10.0
 
 
 # -- the logic (no I/O) ------------------------------------------------------------------
@@ -266,12 +265,10 @@ class TaskTriggers:
     """The triggers of one cluster's tasks: a watcher of tag moves per
     region, the commit poll, and the runs they start."""
 
-    def __init__(self, cluster: Cluster, tasks: RegistryTasks, builds: BuildRuns, *,
-                 commit_poll_s: float = COMMIT_POLL_S) -> None:
+    def __init__(self, cluster: Cluster, tasks: RegistryTasks, builds: BuildRuns) -> None:
         self.cluster = cluster
         self.tasks = tasks
         self.builds = builds
-        self.commit_poll_s = commit_poll_s
         self.base = BaseImageTriggers(tasks=self._tasks, runs=builds.list,
                                       busy=builds.active_tasks, start=self._start_image_update,
                                       resolve=self._resolve)
@@ -279,19 +276,28 @@ class TaskTriggers:
         self.commits = CommitTriggers(cluster.data_dir / "tasks" / "commits.json",
                                       tasks=self._tasks, runs=builds.list,
                                       busy=builds.active_tasks, start=self._start_commit)
-        self._watchers: list[asyncio.Task] = []
+        self._watchers: dict[str, asyncio.Task] = {}     # region -> its watcher
+        self._poll: asyncio.Task | None = None
 
     def start(self) -> None:
-        regions = sorted({r.region for r in self.cluster.spec.all_replicas})
-        for region in regions:
-            self._watchers.append(asyncio.create_task(self._watch(region),
-                                                      name=f"base-trigger {region}"))
-        self._watchers.append(asyncio.create_task(self._poll_commits(), name="commit-trigger"))
+        self._watch_regions()
+        self._poll = asyncio.create_task(self._poll_commits(), name="commit-trigger")
+
+    def _watch_regions(self) -> None:
+        """One watcher per replica region: started for a new replica, ended for
+        one deleted (checked at every commit poll)."""
+        regions = {r.region for r in self.cluster.spec.all_replicas}
+        for region in sorted(regions - set(self._watchers)):
+            self._watchers[region] = asyncio.create_task(self._watch(region),
+                                                         name=f"base-trigger {region}")
+        for region in set(self._watchers) - regions:
+            self._watchers.pop(region).cancel()
 
     async def stop(self) -> None:
-        for task in self._watchers:
+        tasks = [*self._watchers.values(), *([self._poll] if self._poll else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._watchers.clear()
         await self.base.stop()
 
@@ -383,20 +389,25 @@ class TaskTriggers:
                     raise NodeRefusal(f"{name} answered HTTP {r.status}", r.status,
                                       "Unavailable")
                 answer = await r.json()
-            cursor[:] = [int(answer["next"])]
             if after is None or after < int(answer["floor"]):
                 await self.base.rederive(region)
             else:
                 await self.base.moved([TagMove(region, m["repository"], m["tag"], m["digest"])
                                        for m in answer["moves"]])
+            # Only once they were handled: moves that failed (no node could list
+            # the tasks) are read again, or the next node re-derives them.
+            cursor[:] = [int(answer["next"])]
 
     async def _poll_commits(self) -> None:
         while True:                         # ends when the management API stops (cancel)
+            self._watch_regions()
             try:
                 await self.commits.poll()
             except ClusterError as exc:
                 log.warning("commit_trigger_failed", error=str(exc))
-            await asyncio.sleep(self.commit_poll_s)
+            except Exception:           # a disk error writing the seen tips: try again next time
+                log.exception("commit_trigger_failed")
+            await asyncio.sleep(self.cluster.spec.tasks.commit_poll_seconds)
 
 
 _ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",

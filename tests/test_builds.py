@@ -464,9 +464,11 @@ def test_a_base_image_push_rebuilds_the_task_built_on_it(running):
     assert first["status"] == "Failed" and first["baseImages"][0]["digest"] == old, first
     (context / "Containerfile").write_text("FROM {{.Run.Registry}}/trigbase:1\n"
                                            "RUN echo rebuilt > /rebuilt\n")
-    status, task = api(running, "PATCH", "/georeg/v1/tasks/rebuilt",
-                       json.dumps({"timeout": 600}).encode())
-    assert status == 200 and task["timeout"] == 600 and task["baseImageTriggerEnabled"], task
+    done = georeg("task", "update", "--name", "rebuilt", "--timeout", "600",
+                  data_dir=running.data_dir)
+    task = json.loads(done.stdout)
+    assert task["timeout"] == 600 and task["baseImageTriggerEnabled"], done.stderr
+    assert task["image"] == "rebuilt:1"                  # what was not given stays
 
     new = running.run(lambda: push(patched(busybox_image(), "1")))
     running.wait_for(lambda: len(api(running, "GET", "/georeg/v1/runs?task=rebuilt")[1]) == 2,

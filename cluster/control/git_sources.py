@@ -4,14 +4,15 @@ untracked files), for ``cluster.control.builds`` to unpack through the same
 checks and limits as any context, and watched by the commit trigger
 (``cluster.control.triggers.CommitTriggers``).
 
-Git runs with a fixed, minimal environment and never reads the user's or
-the system's configuration (``GIT_CONFIG_NOSYSTEM``, ``HOME`` unset), so a
-repository's own ``.git/config`` cannot make it run a program of its
-choosing through an archive filter: ``git archive`` is given
-``-c tar.umask=0022`` and no attributes are honoured (``--worktree-attributes``
-is not passed). Branch names are checked (``git check-ref-format``'s rules,
-here as a pattern) before they reach git's command line.
-"""
+Git runs with a fixed, minimal environment and reads neither the system's
+nor a user's configuration (``GIT_CONFIG_NOSYSTEM``, ``GIT_CONFIG_GLOBAL``),
+only the repository's own; ``git archive`` writes a plain tar (no
+compression command). The repository is trusted as its Containerfile is:
+its own configuration and attributes could name a filter program that
+``git archive`` runs, just as a ``RUN`` step runs one (docs/tasks.md: build
+only from people you would let run commands on the cluster's machine).
+Branch names are checked (``registry_node.tasks.BRANCH``) before they reach
+git's command line, and commit ids are hex."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ exist is a 404 naming the command that lists them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,7 +70,7 @@ class RegistryTasks:
         return [task_view(o["name"], o["value"])
                 for o in await self.cluster.list_configuration(TASK)]
 
-    def _checked(self, body: dict, current: dict | None = None) -> dict:
+    async def _checked(self, body: dict, current: dict | None = None) -> dict:
         """The task's stored value: ``body``'s fields (API names) over ``current``,
         checked here as the home node will check them, and more (its region has
         a replica, its image parses, its context is allowed; a git context is a
@@ -93,12 +94,13 @@ class RegistryTasks:
         if value.get("commit_trigger_enabled") and not value.get("branch"):
             raise ClusterError("a commit trigger needs a git context: give the branch "
                                "(--branch) of the repository at --context")
-        if value.get("branch"):
-            branch_head(GitSource(context, value["branch"]))
+        if value.get("branch"):                 # git runs out of the event loop
+            await asyncio.get_running_loop().run_in_executor(
+                None, branch_head, GitSource(context, value["branch"]))
         return value
 
     async def create(self, name: str, body: dict) -> dict:
-        value = self._checked(body)
+        value = await self._checked(body)
         if await self._get(name) is not None:
             raise Conflict(f"task {name!r} exists already; delete it first")
         value["created"] = time.time()
@@ -110,7 +112,7 @@ class RegistryTasks:
         current = await self._get(name)
         if current is None:
             raise NotFound(f"no task {name!r}; `georeg task list` shows them")
-        await self.cluster.set_configuration(TASK, name, self._checked(body, current))
+        await self.cluster.set_configuration(TASK, name, await self._checked(body, current))
         return await self.show(name)
 
     async def delete(self, name: str) -> None:

@@ -1,7 +1,9 @@
 """``georeg task`` (after ``az acr task``): tasks — named builds of a context
-directory on the cluster's machine (``cluster.control.tasks``) — and the runs
-of tasks and quick builds (``cluster.control.builds``): their list, one run,
-its log, canceling one.
+directory or a git branch on the cluster's machine (``cluster.control.tasks``),
+created and changed here, run by hand or by their base-image and commit
+triggers (``cluster.control.triggers``) — and the runs of tasks and quick
+builds (``cluster.control.builds``): their list with what triggered each, one
+run, its log, canceling one.
 
 Exit status: 0; 1 when a run that ``task run`` waited for did not succeed;
 2 when the cluster refuses (no such task or run; a run that has ended cannot

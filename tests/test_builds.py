@@ -7,9 +7,11 @@ bad contexts, a task's context outside the allowed roots, and a queue of
 runs whose base is missing each end as the API says. Hostile archives are
 ``test_build_contexts``' (pure, no cluster).
 
-One single-region cluster serves the module, and one test runs buildah (the
-CLI's ``georeg build``); a failing ``RUN`` step and a cancel are ``soak``
-(each runs buildah again).
+One single-region cluster serves the module, and two tests run buildah (the
+CLI's ``georeg build``, and one base-image trigger: a task rebuilt when its
+base is pushed again); a git task's commit trigger runs without it (its base
+is missing). A failing ``RUN`` step and a cancel are ``soak`` (each runs
+buildah again); so is the three-level trigger chain (``test_task_trigger_builds``).
 """
 
 from __future__ import annotations

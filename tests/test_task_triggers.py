@@ -9,7 +9,8 @@
   moves that arrive while a task's run waits are coalesced; a move of the
   same digest, a move in another region, a task's own output, a disabled
   trigger start nothing; a restart (a fresh trigger object, pending lost)
-  re-derives what was pending.
+  re-derives what was pending, a run the crash cut after it resolved its
+  base included; a trigger a full region refused waits for a run to end.
 * Commit triggers with a real git repository: the first look is a
   baseline, a new commit builds once, a restart does not build it again.
 
@@ -22,6 +23,7 @@ import asyncio
 import subprocess
 from pathlib import Path
 
+from cluster.control.errors import TooManyRequests
 from cluster.control.triggers import (
     BaseImageTriggers,
     CommitTriggers,
@@ -214,6 +216,34 @@ async def test_a_restart_rederives_what_was_pending():
     region.triggers = region.make_triggers()
     await region.triggers.rederive()                 # and again: all built, nothing
     assert await region.build_all() == []
+    # A crash while buildah builds: the run had resolved the new base already.
+    await region.push("base", "1")
+    region.begin(region.runs[0])
+    region.runs[0]["status"] = "Failed"
+    region.triggers = region.make_triggers()
+    await region.triggers.rederive()
+    assert await region.build_all() == ["runtime", "app"]
+
+
+async def test_a_full_region_defers_a_trigger_and_a_run_ending_starts_it():
+    """One base, more dependents than the region holds runs: the refused one
+    waits and starts when any run of the region ends."""
+    tasks = {f"app{i}": ("base:1", f"app{i}:1") for i in range(3)}
+    region = Region(tasks)
+    await region.push("base", "1")
+    for name in tasks:
+        await region.build(region.manual(name))
+    queue = region.triggers._start
+
+    async def start(task, move):                 # as builds.start past RUNS_PER_REGION
+        if len(region.busy()) >= 2:
+            raise TooManyRequests("eastus already holds 2 runs")
+        await queue(task, move)
+    region.triggers._start = start
+    await region.push("base", "1")
+    assert region.busy() == {"app0", "app1"} and "app2" in region.triggers.pending
+    assert sorted(await region.build_all()) == ["app0", "app1", "app2"]
+    assert not region.triggers.pending
 
 
 # -- commit triggers, with a real git repository -----------------------------------------------

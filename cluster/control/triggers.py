@@ -2,10 +2,11 @@
 built on moves (*base-image update*), and when its git branch gets a new
 commit (*commit*). Manual runs are ``cluster.control.tasks``'.
 
-**Base-image updates.** A task's dependency is what its latest run resolved:
-the *runtime* base of its Containerfile (the final stage's, ``baseImages``
-with ``runtime``), by tag, with the digest the tag had then, in the task's
-region. A dependency is known only once the task has run (ACR's rule). The
+**Base-image updates.** A task's dependency is the *runtime* base of its
+Containerfile (the final stage's, ``baseImages`` with ``runtime``), by tag,
+in the task's region: the tag its latest run resolved (known only once the
+task has run, ACR's rule), at the digest its latest *Succeeded* run built
+on (``dependency_of``; none yet: any move differs). The
 moves come from the nodes, one long-poll per region of a task
 (``registry_node.tag_moves``: every tag a node moved, by a client's push or a
 replication arriving, from its log, in order; the request waits for the next
@@ -16,7 +17,9 @@ enabled whose dependency is ``repo:tag`` with another digest than ``D``
 before the run starts replaces the first (coalesced), and a task with a run
 queued or running waits for it to end. When it may start, the dependency is
 compared again (the run that just ended may have built on ``D`` already):
-only if it still differs is a run started. So a base move rebuilds each task
+only if it still differs is a run started. A run the region refuses for now
+(full: ``RUNS_PER_REGION``; unreachable) leaves the trigger pending: any
+run's end, and every commit poll, dispatches again. So a base move rebuilds each task
 built on it once; a chain (base → runtime → app) follows by itself, since the
 runtime's rebuilt tag is itself a move in the region; a move that arrives
 again (the same digest, by another path) starts nothing.
@@ -64,7 +67,7 @@ import aiohttp
 import structlog
 
 from .builds import COMMIT, IMAGE_UPDATE, BuildRuns
-from .errors import ClusterError, NodeRefusal
+from .errors import ClusterError, NodeRefusal, RegionUnavailable, TooManyRequests
 from .git_sources import GitSource, branch_head
 from .private_files import write_private
 from .tasks import RegistryTasks, run_request, task_source
@@ -76,6 +79,9 @@ log = structlog.get_logger("georeg.triggers")
 
 LONG_POLL_S = 25.0
 RETRY_S = (0.5, 10.0)             # a region's node did not answer: backoff, first and most
+# Refusals of a triggered run that pass (a region full of runs, its endpoint
+# unreachable): the trigger waits and is dispatched again, never recorded Failed.
+RETRYABLE = (TooManyRequests, RegionUnavailable)
 
 
 # -- the logic (no I/O) ------------------------------------------------------------------
@@ -98,7 +104,7 @@ class Dependency:
     region: str
     repository: str
     tag: str
-    digest: str
+    digest: str | None              # None: no run built on it successfully yet
     outputs: frozenset[tuple[str, str]] = frozenset()
 
 
@@ -112,21 +118,37 @@ def dependents(move: TagMove, dependencies: Iterable[Dependency]) -> list[str]:
 
 
 def dependency_of(task: dict, runs: list[dict]) -> Dependency | None:
-    """``task``'s dependency (``task_view``'s shape): its newest run that
-    resolved a runtime base by tag (``runs`` newest first), if any."""
+    """``task``'s dependency (``task_view``'s shape; ``runs`` newest first): the
+    runtime base (repository, tag) of its newest run that resolved one, whatever
+    became of that run (a dependency is known once the task has run), and the
+    digest and outputs of its newest *Succeeded* run on that tag: what its
+    image really is built on. With no such run the digest is None, which any
+    move differs from: a run that failed, timed out or was cut short by a crash
+    after it resolved its base leaves the trigger armed."""
     region = task["region"]
+    known = None
     for run in runs:
         if run.get("task") != task["name"]:
             continue
-        base = next((b for b in run.get("baseImages") or () if b.get("runtime")), None)
+        base = _runtime_base(run)
         if base is None:
             continue
-        if not base.get("tag") or run["region"] != region:
-            return None             # pinned by digest (nothing moves), or built elsewhere
-        outputs = frozenset((o["repository"], o["tag"]) for o in run.get("outputImages") or ())
-        return Dependency(task["name"], region, base["repository"], base["tag"],
-                          base["digest"], outputs)
-    return None
+        if known is None:
+            if not base.get("tag") or run["region"] != region:
+                return None         # pinned by digest (nothing moves), or built elsewhere
+            known = (base["repository"], base["tag"])
+        if run.get("status") == "Succeeded" and run["region"] == region and \
+                (base["repository"], base.get("tag")) == known:
+            outputs = frozenset((o["repository"], o["tag"])
+                                for o in run.get("outputImages") or ())
+            return Dependency(task["name"], region, *known, base["digest"], outputs)
+    if known is None:
+        return None
+    return Dependency(task["name"], region, *known, None)
+
+
+def _runtime_base(run: dict) -> dict | None:
+    return next((b for b in run.get("baseImages") or () if b.get("runtime")), None)
 
 
 class Pending:
@@ -144,6 +166,10 @@ class Pending:
         for task, _ in ready:
             del self._moves[task]
         return ready
+
+    def restore(self, task: str, move: TagMove) -> None:
+        """A taken trigger put back, unless a newer move is pending already."""
+        self._moves.setdefault(task, move)
 
     def __contains__(self, task: str) -> bool:
         return task in self._moves
@@ -184,6 +210,7 @@ class BaseImageTriggers:
         self.pending = Pending()
         self._lock = asyncio.Lock()
         self._later: set[asyncio.Task] = set()
+        self._stopping = False
 
     async def _dependencies(self, region: str | None = None) -> list[tuple[dict, Dependency]]:
         runs = self._runs()
@@ -236,11 +263,19 @@ class BaseImageTriggers:
             for name, move in ready:
                 if name not in found or not dependents(move, [found[name][1]]):
                     continue               # built on it already, disabled, or deleted
-                await self._start(found[name][0], move)
+                try:
+                    await self._start(found[name][0], move)
+                except RETRYABLE as exc:
+                    # The region is full or unreachable now: the trigger waits
+                    # again (unless a newer move replaced it meanwhile) for a
+                    # run's end or the next poll to dispatch it.
+                    self.pending.restore(name, move)
+                    log.info("base_trigger_deferred", task=name, error=str(exc))
 
     def run_finished(self, record: dict) -> None:
-        """``BuildRuns``' listener: a task's run ended, so its trigger may start."""
-        if record.get("task") in self.pending:
+        """``BuildRuns``' listener: a run ended, which frees its task and a slot
+        of its region, so any pending trigger may start now."""
+        if self.pending and not self._stopping:
             task = asyncio.get_running_loop().create_task(self.dispatch())
             self._later.add(task)
             task.add_done_callback(self._later.discard)
@@ -253,6 +288,7 @@ class BaseImageTriggers:
             await asyncio.gather(*self._later)
 
     async def stop(self) -> None:
+        self._stopping = True              # runs canceled by the stop start nothing
         for task in list(self._later):
             task.cancel()
         await asyncio.gather(*self._later, return_exceptions=True)
@@ -322,6 +358,8 @@ class TaskTriggers:
         try:
             request = run_request(task, await self._credentials(), trigger, detail)
             record = await self.builds.start(request, task_source(task))
+        except RETRYABLE:
+            raise                           # the caller tries again later
         except ClusterError as exc:
             record = self.builds.refused(request, str(exc))
         log.info("task_triggered", task=task["name"], trigger=trigger, run=record["runId"],
@@ -402,6 +440,8 @@ class TaskTriggers:
         while True:                         # ends when the management API stops (cancel)
             self._watch_regions()
             try:
+                if self.base.pending:       # deferred by a full or unreachable region
+                    await self.base.dispatch()
                 await self.commits.poll()
             except ClusterError as exc:
                 log.warning("commit_trigger_failed", error=str(exc))
@@ -457,7 +497,11 @@ class CommitTriggers:
             if name not in seen:
                 seen[name] = tip                # the baseline: ACR builds on the next commit
             elif seen[name] != tip and name not in busy and (name, tip) not in built:
-                await self._start(task, tip)
+                try:
+                    await self._start(task, tip)
+                except RETRYABLE as exc:    # not seen yet: the next poll tries again
+                    log.info("commit_trigger_deferred", task=name, error=str(exc))
+                    continue
                 seen[name] = tip
                 started.append(name)
             elif (name, tip) in built:

@@ -36,6 +36,13 @@ STATUSES = ("Enabled", "Disabled")
 BRANCH = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])")
 
 
+def valid_branch(branch: str) -> bool:
+    """``branch`` may name a git branch here (and a file under refs/heads/): ``BRANCH``,
+    and, as git requires, no component starting with '.' nor ending with '.lock'."""
+    return bool(BRANCH.fullmatch(branch)) and not branch.endswith(".lock") \
+        and not branch.startswith(".") and "/." not in branch
+
+
 class Task(msgspec.Struct, frozen=True):
     image: str = ""
     context: str = ""                  # an absolute directory path on the cluster's machine
@@ -75,7 +82,7 @@ def check_task(name: str, task: Task) -> None:
         raise InvalidValue(f"a task's timeout is 1 to {MAX_TIMEOUT_S} seconds")
     if task.status not in STATUSES:
         raise InvalidValue(f"a task's status is Enabled or Disabled, not {task.status[:20]!r}")
-    if task.branch and (not BRANCH.fullmatch(task.branch) or task.branch.endswith(".lock")):
+    if task.branch and not valid_branch(task.branch):
         raise InvalidValue(f"--branch {task.branch[:80]!r} is not a branch name (letters, "
                            f"digits, '.', '_', '-' and '/')")
     if task.commit_trigger_enabled and not task.branch:

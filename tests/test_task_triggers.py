@@ -13,6 +13,9 @@
   base included; a trigger a full region refused waits for a run to end.
 * Commit triggers with a real git repository: the first look is a
   baseline, a new commit builds once, a restart does not build it again.
+* A git context: archiving a commit runs none of the repository's programs
+  (a filter, an fsmonitor), and a git directory that is not the context's
+  own (a ``.git`` file or link, alternates, a linked object) is refused.
 
 The chain with real buildah on a real cluster is ``test_task_trigger_builds``.
 """
@@ -21,9 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import tarfile
 from pathlib import Path
 
+import pytest
+
+from cluster.control.containerfile import ContextRefused
 from cluster.control.errors import TooManyRequests
+from cluster.control.git_sources import GitSource, archive_commit, branch_head
 from cluster.control.triggers import (
     BaseImageTriggers,
     CommitTriggers,
@@ -291,3 +299,55 @@ async def test_a_new_commit_on_the_branch_builds_once_and_a_restart_does_not_aga
     assert await triggers().poll() == ["web"] and started == [sha]
     assert await triggers().poll() == [] and started == [sha]   # a new process: seen
 
+
+
+# -- a git context: what git may read and run ------------------------------------------------
+
+
+def test_git_runs_nothing_of_the_repository_and_reads_no_other_repository(tmp_path):
+    """The repository's config names a filter its attributes apply, and an
+    fsmonitor: archiving its commit runs neither (each would write a marker).
+    A context whose git directory is elsewhere (a ``.git`` file or link,
+    alternates, a linked object) is refused, so nothing outside it is read."""
+    repo = tmp_path / "src"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    marker = tmp_path / "ran"
+    (repo / ".gitattributes").write_text("*.txt filter=pwn\n")
+    (repo / "a.txt").write_text("data\n")
+    git(repo, "add", ".gitattributes", "a.txt")
+    sha = commit(repo, "FROM scratch\n")
+    with open(repo / ".git" / "config", "a") as config:
+        config.write(f'[filter "pwn"]\n\tsmudge = "touch {marker}; cat"\n'
+                     f'[core]\n\tfsmonitor = "touch {marker}"\n')
+    source = GitSource(repo, "main")
+    assert branch_head(source) == sha
+    archive = tmp_path / "scratch" / "context.tar"
+    archive.parent.mkdir()
+    archive_commit(source, sha, archive, max_bytes=1 << 20)
+    with tarfile.open(archive) as tar:
+        assert tar.extractfile("a.txt").read() == b"data\n"
+    assert not marker.exists()
+
+    def refused(context: Path) -> str:
+        with pytest.raises(ContextRefused) as caught:
+            archive_commit(GitSource(context, "main"), sha, tmp_path / "scratch" / "x.tar",
+                           max_bytes=1 << 20)
+        return str(caught.value)
+    pointer = tmp_path / "pointer"
+    pointer.mkdir()
+    (pointer / ".git").write_text(f"gitdir: {repo / '.git'}\n")
+    assert ".git file" in refused(pointer)
+    link = tmp_path / "link"
+    link.mkdir()
+    (link / ".git").symlink_to(repo / ".git")
+    assert "not a directory" in refused(link)
+    borrower = tmp_path / "borrower"
+    git(tmp_path, "clone", "-q", "--shared", str(repo), str(borrower))
+    assert "alternates" in refused(borrower)
+    (borrower / ".git" / "objects" / "info" / "alternates").unlink()
+    loose = next(p for p in (repo / ".git" / "objects").rglob("*") if p.is_file())
+    target = borrower / ".git" / "objects" / loose.relative_to(repo / ".git" / "objects")
+    target.parent.mkdir(exist_ok=True)
+    target.symlink_to(loose)
+    assert "is a link" in refused(borrower)

@@ -342,9 +342,11 @@ class BuildRuns:
         loop = asyncio.get_running_loop()
         facts = None
         if isinstance(source, GitSource):
-            task_context(str(source.path), self.cluster.spec.tasks.context_roots,
-                         self.cluster.data_dir)
-            commit = await loop.run_in_executor(None, branch_head, source)
+            # git reads the realpath checked, not the path again (a link moved between).
+            source = GitSource(task_context(str(source.path),
+                                            self.cluster.spec.tasks.context_roots,
+                                            self.cluster.data_dir), source.branch, source.commit)
+            commit = source.commit or await loop.run_in_executor(None, branch_head, source)
             received = await loop.run_in_executor(
                 None, functools.partial(archive_commit, source, commit, archive,
                                         max_bytes=self.max_context_bytes))

@@ -137,7 +137,8 @@ def run_request(task: dict, credentials: tuple[str, str] | None, trigger: str = 
                         trigger=trigger, trigger_detail=detail, credentials=credentials)
 
 
-def task_source(task: dict) -> Path | GitSource:
-    """What a run of ``task`` builds: its directory, or its branch's tip."""
+def task_source(task: dict, commit: str | None = None) -> Path | GitSource:
+    """What a run of ``task`` builds: its directory, or its branch's ``commit``
+    (None: the tip when the run starts)."""
     path = Path(task["contextPath"])
-    return GitSource(path, task["branch"]) if task.get("branch") else path
+    return GitSource(path, task["branch"], commit) if task.get("branch") else path

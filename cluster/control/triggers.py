@@ -353,11 +353,12 @@ class TaskTriggers:
                                "disabled; run `georeg registry update --admin-enabled true`")
         return admin.username, admin.password
 
-    async def _triggered(self, task: dict, trigger: str, detail: dict) -> None:
+    async def _triggered(self, task: dict, trigger: str, detail: dict,
+                         commit: str | None = None) -> None:
         request = run_request(task, None, trigger, detail)
         try:
             request = run_request(task, await self._credentials(), trigger, detail)
-            record = await self.builds.start(request, task_source(task))
+            record = await self.builds.start(request, task_source(task, commit))
         except RETRYABLE:
             raise                           # the caller tries again later
         except ClusterError as exc:
@@ -372,7 +373,7 @@ class TaskTriggers:
     async def _start_commit(self, task: dict, commit: str) -> None:
         await self._triggered(task, COMMIT, {"sourceTrigger": {
             "eventType": "commit", "commitId": commit, "branchName": task["branch"],
-            "repositoryUrl": task["contextPath"]}})
+            "repositoryUrl": task["contextPath"]}}, commit)
 
     # -- the nodes ----------------------------------------------------------------------
 

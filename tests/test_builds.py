@@ -449,8 +449,13 @@ def test_a_base_image_push_rebuilds_the_task_built_on_it(running):
     soak). The task's first run resolves its base and stops at buildah's parse
     of the Containerfile, which is enough: a dependency is known once a run has
     resolved it (ACR: run it once first), and it saves a build."""
-    async def push(image):
-        async with running.http() as http:
+    token = running.run(lambda: running.cluster.access.create_token(
+        "trigpusher", repositories=[["trigbase", "content/read", "content/write"]]))
+    pusher = base64.b64encode(
+        f"trigpusher:{token['credentials']['passwords'][0]['value']}".encode()).decode()
+
+    async def push(image):                 # not as admin: the admin user is disabled below
+        async with running.http(headers={"Authorization": f"Basic {pusher}"}) as http:
             return await push_image(http, running.regional_endpoint("eastus"), "trigbase",
                                     image, "1")
     old = running.run(lambda: push(patched(busybox_image(), "0")))
@@ -472,11 +477,29 @@ def test_a_base_image_push_rebuilds_the_task_built_on_it(running):
     assert task["timeout"] == 600 and task["baseImageTriggerEnabled"], done.stderr
     assert task["image"] == "rebuilt:1"                  # what was not given stays
 
-    new = running.run(lambda: push(patched(busybox_image(), "1")))
-    running.wait_for(lambda: len(api(running, "GET", "/georeg/v1/runs?task=rebuilt")[1]) == 2,
-                     30, what="a run triggered by the base image's push")
-    run = finished(running, api(running, "GET", "/georeg/v1/runs?task=rebuilt")[1][0]["runId"])
+    # The manual run's grant gave the task its identity; the triggered run acts
+    # as it, so disabling the admin user does not stop the trigger.
+    kept = running.data_dir / "auth" / "task-identities.json"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert api(running, "PATCH", "/georeg/v1/registry",
+               b'{"adminUserEnabled": false}')[0] == 200
+    try:
+        new = running.run(lambda: push(patched(busybox_image(), "1")))
+        running.wait_for(lambda: len(api(running, "GET", "/georeg/v1/runs?task=rebuilt")[1])
+                         == 2, 30, what="a run triggered by the base image's push")
+        run = finished(running, api(running, "GET",
+                                    "/georeg/v1/runs?task=rebuilt")[1][0]["runId"])
+    finally:
+        assert api(running, "PATCH", "/georeg/v1/registry",
+                   b'{"adminUserEnabled": true}')[0] == 200
     assert run["status"] == "Succeeded" and run["trigger"] == "Image Update", run
+    assert run["identity"] == "task-rebuilt" and first["identity"] == login.username
+    status, scope_map = api(running, "GET", "/georeg/v1/scope-maps/task-rebuilt")
+    assert sorted(scope_map["actions"]) == ["repositories/rebuilt/content/read",
+                                            "repositories/rebuilt/content/write",
+                                            "repositories/trigbase/content/read"], scope_map
+    password = json.loads(kept.read_text())["rebuilt"]
+    assert password not in api(running, "GET", f"/georeg/v1/runs/{run['runId']}/log")[1]
     assert run["timeoutSeconds"] == 600
     assert [(i["repository"], i["digest"]) for i in run["imageUpdateTrigger"]["images"]] == \
         [("trigbase", new)]

@@ -208,6 +208,8 @@ class BuildRuns:
         # Called with a run's record when it ends (the base-image triggers
         # dispatch what waited for it).
         self.finished_listeners: list = []
+        # ``TaskIdentities.give``: a manual task run's grant becomes its task's identity.
+        self.give_task_identity = None
 
     # -- the files ------------------------------------------------------------------------
 
@@ -321,6 +323,7 @@ class BuildRuns:
             repository, tag = image_reference(variables.substitute(request.image))
             grant = await self._login(endpoint, request.credentials, repository,
                                       sorted({b.repository for b in bases}))
+            note = await self._give_identity(request, grant, repository, bases)
         except BaseException:
             _remove_scratch(scratch)
             raise
@@ -329,10 +332,28 @@ class BuildRuns:
         record["source"] = source_facts
         self._live[run_id] = live = _Live(task_name=request.task)
         self._save(record)
+        if note:
+            self._log(run_id, f"georeg: {note}\n".encode())
         work = _Work(record, scratch, context, lines, bases, endpoint, registry,
                      request.build_args, grant)
         live.task = asyncio.create_task(self._run(work), name=f"build {run_id}")
         return record
+
+    async def _give_identity(self, request: BuildRequest, grant: _Grant, repository: str,
+                             bases: list) -> str | None:
+        """A manual run of a task whose caller was granted push on its image and
+        pull on its bases: the task's identity may now do that (``task_identities``),
+        for its triggered runs. What went wrong is the run's to say (None: given)."""
+        if request.task is None or request.trigger != MANUAL or grant.refresh_token is None \
+                or self.give_task_identity is None:
+            return None
+        try:
+            await self.give_task_identity(request.task, repository,
+                                          sorted({b.repository for b in bases}))
+        except ClusterError as exc:
+            log.warning("task_identity_not_given", task=request.task, error=str(exc))
+            return f"the task's identity (for its triggered runs) was not given: {exc}"
+        return None
 
     async def _receive(self, source, scratch: Path) -> tuple[Path, dict | None]:
         """The context unpacked under ``scratch``, and (a git context) the branch
@@ -690,7 +711,8 @@ def _new_record(request: BuildRequest, run_id: str, number: int, region: str, no
             "runType": "QuickRun" if request.task is None else "TaskRun",
             "task": request.task, "trigger": request.trigger, **(request.trigger_detail or {}),
             "createTime": now.isoformat(), "startTime": None, "finishTime": None,
-            "image": image, "outputImages": [], "baseImages": [], "error": None,
+            "image": image, "identity": request.credentials[0] if request.credentials else None,
+            "outputImages": [], "baseImages": [], "error": None,
             "timeoutSeconds": request.timeout_s}
 
 

@@ -29,6 +29,7 @@ from .builds import MANUAL, BuildRequest, BuildRuns
 from .containerfile import RunVariables, image_reference, task_context
 from .errors import ClusterError, Conflict, NodeRefusal, NotFound
 from .git_sources import GitSource, branch_head
+from .task_identities import TaskIdentities
 
 if TYPE_CHECKING:                      # a Cluster is handed in; it never imports this module
     from .cluster import Cluster
@@ -50,6 +51,8 @@ class RegistryTasks:
     def __init__(self, cluster: Cluster, builds: BuildRuns) -> None:
         self.cluster = cluster
         self.builds = builds
+        self.identities = TaskIdentities(cluster.access, cluster.data_dir)
+        builds.give_task_identity = self.identities.give
 
     async def _get(self, name: str) -> dict | None:
         try:
@@ -117,6 +120,7 @@ class RegistryTasks:
 
     async def delete(self, name: str) -> None:
         await self.show(name)
+        await self.identities.forget(name)      # first: a failure leaves the task whole
         await self.cluster.delete_configuration(TASK, name)
 
     async def run(self, name: str, credentials: tuple[str, str] | None,

@@ -45,10 +45,10 @@ building (ACR builds on the *next* commit); seen tips are kept in
 ``<data dir>/tasks/commits.json``, and a run's record names its commit, so
 a restart neither misses a commit nor builds one twice.
 
-**Identity.** No caller is present for a triggered run: on a cluster with
-auth it runs as the registry's admin user (ACR's tasks push to their own
-registry with the registry's own credentials); while the admin user is
-disabled, a triggered run is recorded ``Failed`` saying so.
+**Identity.** No caller is present for a triggered run: it acts as the
+task's own identity (``task_identities``: push on its image, pull on the
+bases a manual run of it was granted), never as the admin user; a task with
+none yet has its triggered runs recorded ``Failed`` saying how to give it one.
 """
 
 from __future__ import annotations
@@ -344,20 +344,23 @@ class TaskTriggers:
 
     # -- runs ---------------------------------------------------------------------------
 
-    async def _credentials(self) -> tuple[str, str] | None:
+    async def _credentials(self, task: dict) -> tuple[str, str] | None:
+        """The task's own identity (``task_identities``), never the admin user's."""
         if not self.cluster.spec.auth_enabled:
             return None
-        admin = await self.cluster.access.admin_login()
-        if admin is None:
-            raise ClusterError("a triggered run builds as the registry's admin user, which is "
-                               "disabled; run `georeg registry update --admin-enabled true`")
-        return admin.username, admin.password
+        login = self.tasks.identities.login(task["name"])
+        if login is None:
+            raise ClusterError(f"task {task['name']!r} has no identity yet: run it once by hand "
+                               f"(`georeg task run --name {task['name']}`) with a login that may "
+                               f"push its image and pull its base images; its triggered runs "
+                               f"then act as that task's identity")
+        return login
 
     async def _triggered(self, task: dict, trigger: str, detail: dict,
                          commit: str | None = None) -> None:
         request = run_request(task, None, trigger, detail)
         try:
-            request = run_request(task, await self._credentials(), trigger, detail)
+            request = run_request(task, await self._credentials(task), trigger, detail)
             record = await self.builds.start(request, task_source(task, commit))
         except RETRYABLE:
             raise                           # the caller tries again later

@@ -8,8 +8,14 @@ logs a ``TAG_SET`` in the same batch: a client's push
 after a cursor, holds every move this node took, local or arriving, in the
 order it took them, and nothing lives only in memory: a reader that went
 away resumes from its cursor. A reader whose cursor is below the log's floor
-(truncated since) is told so (``TagMoves.floor``) and must work out what it
-missed some other way.
+(truncated since) is told so (``TagMoves.floor``), and one whose cursor is
+past the log's head (a log that restarted lower: the node's data wiped, a
+replica re-created under its name) is told so at once (``TagMoves.reset``,
+its ``next`` the head); either must work out what it missed some other way.
+
+Moves are served at commit, before the batch's fsync and its zone quorum:
+a trigger may fire for a push that is then answered 503. That is harmless
+(the run it starts resolves the tag again).
 
 Waiting is event-driven: a reader asking after the head waits for the next
 commit (``MetadataStore.on_commit``), bounded by its own timeout, never a
@@ -45,9 +51,11 @@ class TagMoves:
     moves: list[TagMove]
     next: int               # the cursor to ask after next time
     floor: int              # the log holds events after this only
+    reset: bool = False     # the cursor was past the head: this log is not the one it read
 
     def as_dict(self) -> dict:
-        return {"moves": [asdict(m) for m in self.moves], "next": self.next, "floor": self.floor}
+        return {"moves": [asdict(m) for m in self.moves], "next": self.next, "floor": self.floor,
+                "reset": self.reset}
 
 
 class TagMoveLog:
@@ -71,8 +79,9 @@ class TagMoveLog:
 
     def read(self, after: int | None, limit: int = READ_LIMIT) -> TagMoves:
         """The moves logged after ``after`` (None: none, the cursor at the head)."""
-        if after is None:
-            return TagMoves([], self.meta.last_seq, self.meta.log_floor)
+        if after is None or after > self.meta.last_seq:
+            return TagMoves([], self.meta.last_seq, self.meta.log_floor,
+                            reset=after is not None)
         events = self.meta.read_log(max(after, self.meta.log_floor), limit)
         moves = [TagMove(e.seq, e.repository, e.tag, e.digest) for e in events
                  if e.kind is EventKind.TAG_SET]
@@ -89,7 +98,7 @@ class TagMoveLog:
             grew = self._grew
             found = self.read(after)
             left = deadline - loop.time()
-            if (found.moves or after is None or left <= 0 or self._closed
+            if (found.moves or after is None or found.reset or left <= 0 or self._closed
                     or found.next < self.meta.last_seq):
                 return found            # (more to read than one answer holds: answer now)
             after = found.next

@@ -67,8 +67,14 @@ async def test_a_push_and_a_replicated_tag_set_both_are_tag_moves(node, http):
     async with http.get(f"{node.url}/georeg/v1/tag-moves?after={first['next']}") as r:
         second = await r.json()
     assert [(m["repository"], m["tag"]) for m in second["moves"]] == [("base", "2")]
-    async with http.get(f"{node.url}/georeg/v1/tag-moves?after=x") as r:
-        assert r.status == 400
+    for bad in ("x", "%D9%A3", "%EF%BC%91"):           # Unicode digits too
+        async with http.get(f"{node.url}/georeg/v1/tag-moves?after={bad}") as r:
+            assert r.status == 400, bad
+    # A cursor past the head (a log that restarted lower) is told so at once.
+    async with http.get(f"{node.url}/georeg/v1/tag-moves?after={second['next'] + 1000}"
+                        f"&wait=20") as r:
+        answer = await r.json()
+    assert answer["reset"] and answer["next"] == second["next"], answer
 
 
 # -- base-image triggers, against a simulated region ------------------------------------------

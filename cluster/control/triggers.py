@@ -320,9 +320,15 @@ class TaskTriggers:
         self._poll = asyncio.create_task(self._poll_commits(), name="commit-trigger")
 
     def _watch_regions(self) -> None:
-        """One watcher per replica region: started for a new replica, ended for
-        one deleted (checked at every commit poll)."""
+        """One watcher per replica region: started for a new replica (or again,
+        for one whose watcher ended), ended for one deleted (checked at every
+        commit poll)."""
         regions = {r.region for r in self.cluster.spec.all_replicas}
+        for region in [r for r, t in self._watchers.items() if t.done()]:
+            task = self._watchers.pop(region)   # ended anyway: logged, then started again
+            if not task.cancelled() and task.exception() is not None:
+                log.error("base_trigger_watcher_ended", region=region,
+                          error=repr(task.exception()))
         for region in sorted(regions - set(self._watchers)):
             self._watchers[region] = asyncio.create_task(self._watch(region),
                                                          name=f"base-trigger {region}")
@@ -412,6 +418,8 @@ class TaskTriggers:
                 except (ClusterError, aiohttp.ClientError, TimeoutError, OSError,
                         ValueError, KeyError) as exc:
                     log.debug("base_trigger_node_unavailable", node=name, error=str(exc))
+                except Exception:       # an answer of an unexpected shape, a bug: back off
+                    log.exception("base_trigger_watch_failed", node=name)
                 if cursor:                  # it answered for a while: try again at once
                     delay = RETRY_S[0]
             await asyncio.sleep(delay * (0.5 + rng.random()))
@@ -420,7 +428,8 @@ class TaskTriggers:
     async def _follow(self, region: str, name: str, cursor: list[int]) -> None:
         """Follow node ``name``'s tag moves until it stops answering (it raises).
         Its first answer is its head: what moved before it is re-derived, as it
-        is when the node's log was truncated past the cursor."""
+        is when the node's log was truncated past the cursor, or restarted
+        below it (``reset``)."""
         url = f"{self.cluster.management_link_url(name)}/georeg/v1/tag-moves"
         while True:                         # ends when the node stops answering (raises)
             after = cursor[-1] if cursor else None
@@ -431,7 +440,7 @@ class TaskTriggers:
                     raise NodeRefusal(f"{name} answered HTTP {r.status}", r.status,
                                       "Unavailable")
                 answer = await r.json()
-            if after is None or after < int(answer["floor"]):
+            if after is None or after < int(answer["floor"]) or answer.get("reset"):
                 await self.base.rederive(region)
             else:
                 await self.base.moved([TagMove(region, m["repository"], m["tag"], m["digest"])

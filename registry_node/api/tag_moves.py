@@ -2,10 +2,11 @@
 process's base-image triggers: a node-internal route, never forwarded.
 
     GET /georeg/v1/tag-moves[?after=SEQ&wait=SECONDS]
-        {"moves": [{"seq", "repository", "tag", "digest"}], "next": SEQ, "floor": SEQ}
+        {"moves": [{"seq", "repository", "tag", "digest"}], "next": SEQ, "floor": SEQ,
+         "reset": BOOL}
 
 Without ``after`` the answer is the head (no moves, ``next`` the last
-sequence); with it, the moves after it, waiting up to ``wait`` seconds
+sequence), and so is an ``after`` past the head, with ``"reset": true``; with it, the moves after it, waiting up to ``wait`` seconds
 (at most 30) for the next commit when there are none yet.
 """
 
@@ -26,7 +27,7 @@ def _number(request: web.Request, name: str, most: float) -> float | None:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value <= most or (name == "after" and not text.isdigit()):
+    if not 0 <= value <= most or (name == "after" and not (text.isascii() and text.isdigit())):
         raise RegistryError(ErrorCode.UNSUPPORTED, f"{name} is a number from 0 to {most:g}",
                             message="invalid tag-moves request", status=400)
     return value

@@ -26,8 +26,11 @@ import asyncio
 import subprocess
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from cluster.control.containerfile import ContextRefused
 from cluster.control.errors import TooManyRequests
@@ -37,6 +40,7 @@ from cluster.control.triggers import (
     CommitTriggers,
     Dependency,
     TagMove,
+    TaskTriggers,
     dependency_of,
     dependents,
 )
@@ -357,3 +361,44 @@ def test_git_runs_nothing_of_the_repository_and_reads_no_other_repository(tmp_pa
     target.parent.mkdir(exist_ok=True)
     target.symlink_to(loose)
     assert "is a link" in refused(borrower)
+
+
+async def test_a_watcher_outlives_an_answer_it_cannot_read(tmp_path):
+    """A node answering a malformed page (``moves: [1]``) does not end the
+    region's watcher: it backs off and asks again."""
+    asked: list[str] = []
+
+    async def tag_moves(request: web.Request) -> web.Response:
+        asked.append(request.query_string)
+        page = {"moves": [1] if "after" in request.query else [], "next": 1, "floor": 0}
+        return web.json_response(page)
+    app = web.Application()
+    app.router.add_get("/georeg/v1/tag-moves", tag_moves)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    async with aiohttp.ClientSession() as http:
+        cluster = SimpleNamespace(
+            data_dir=tmp_path, plan=SimpleNamespace(nodes=[SimpleNamespace(
+                name="n1", region="eastus", copy_of=None)]),
+            management_link_url=lambda name: url, http=lambda: http)
+        builds = SimpleNamespace(list=list, active_tasks=set, finished_listeners=[])
+        triggers = TaskTriggers(cluster, SimpleNamespace(), builds)
+        triggers.base.rederive = triggers.base.moved = _nothing
+        watcher = asyncio.create_task(triggers._watch("eastus"))
+        try:
+            for _ in range(100):                    # bounded: 10 s
+                if sum("after" in q for q in asked) >= 2 or watcher.done():
+                    break
+                await asyncio.sleep(0.1)
+            assert not watcher.done() and sum("after" in q for q in asked) >= 2, asked
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await runner.cleanup()
+
+
+async def _nothing(*_args) -> None:
+    await asyncio.sleep(0)

@@ -32,6 +32,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from cluster.control.builds import BuildRequest, BuildRuns
 from cluster.control.containerfile import ContextRefused
 from cluster.control.errors import TooManyRequests
 from cluster.control.git_sources import GitSource, archive_commit, branch_head
@@ -402,3 +403,26 @@ async def test_a_watcher_outlives_an_answer_it_cannot_read(tmp_path):
 
 async def _nothing(*_args) -> None:
     await asyncio.sleep(0)
+
+
+async def test_a_task_is_busy_from_the_moment_its_run_is_accepted(tmp_path):
+    """While a run's context is still arriving (a git archive, an upload) its task
+    counts as busy, so no trigger starts it a second time; a refusal frees it."""
+    cluster = SimpleNamespace(
+        data_dir=tmp_path, spec=SimpleNamespace(
+            home_region="eastus", all_replicas=[SimpleNamespace(region="eastus")]),
+        regional_endpoint=lambda region: "http://127.0.0.1:9")
+    builds = BuildRuns(cluster)
+    arrived = asyncio.Event()
+
+    async def context():
+        await arrived.wait()
+        return
+        yield b""                                   # an empty upload: refused
+    start = asyncio.create_task(builds.start(BuildRequest("web:1", task="web"), context()))
+    await asyncio.sleep(0)
+    assert builds.active_tasks() == {"web"}
+    arrived.set()
+    with pytest.raises(ContextRefused):
+        await start
+    assert builds.active_tasks() == set()

@@ -203,6 +203,7 @@ class BuildRuns:
         self._live: dict[str, _Live] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._held: dict[str, int] = {}   # per region: runs arriving, queued or running
+        self._arriving: dict[str, int] = {}   # per task: starts not yet queued or refused
         self._recovered = False
         self._last_number: int | None = None
         # Called with a run's record when it ends (the base-image triggers
@@ -247,8 +248,11 @@ class BuildRuns:
         return sorted(runs, key=lambda r: r["number"], reverse=True)
 
     def active_tasks(self) -> set[str]:
-        """The tasks with a run queued or running in this process."""
-        return {live.task_name for live in self._live.values() if live.task_name}
+        """The tasks with a run arriving (its context read, its login asked for),
+        queued or running in this process: busy from the moment a start is
+        accepted, so two triggers never start one task twice."""
+        return {live.task_name for live in self._live.values() if live.task_name} \
+            | set(self._arriving)
 
     def recover(self) -> None:
         """At the management API's start: runs a crash left are Failed and their
@@ -289,11 +293,18 @@ class BuildRuns:
             raise TooManyRequests(f"{region} already holds {RUNS_PER_REGION} runs (arriving, queued "
                               f"or running); wait for one to end, or build in another region")
         self._held[region] = self._held.get(region, 0) + 1
+        if request.task:
+            self._arriving[request.task] = self._arriving.get(request.task, 0) + 1
         try:
             return await self._start(request, source, region)
         except BaseException:
             self._release(region)
             raise
+        finally:                           # queued now (``_live``), or refused
+            if request.task:
+                self._arriving[request.task] -= 1
+                if not self._arriving[request.task]:
+                    del self._arriving[request.task]
 
     def build_region(self, region: str | None) -> str:
         """The region a build or a task runs in (default: home), which must have a replica."""

@@ -204,6 +204,7 @@ class BuildRuns:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._held: dict[str, int] = {}   # per region: runs arriving, queued or running
         self._arriving: dict[str, int] = {}   # per task: starts not yet queued or refused
+        self._records: dict[str, dict] | None = None   # ``_index``
         self._recovered = False
         self._last_number: int | None = None
         # Called with a run's record when it ends (the base-image triggers
@@ -229,7 +230,10 @@ class BuildRuns:
         return self._dir("logs") / f"{run_id}.log"
 
     def _save(self, record: dict) -> None:
-        write_private(self._record_path(record["runId"]), json.dumps(record, indent=1).encode())
+        data = json.dumps(record, indent=1).encode()
+        write_private(self._record_path(record["runId"]), data)
+        if self._records is not None:
+            self._records[record["runId"]] = json.loads(data)    # a snapshot, not the live dict
         live = self._live.get(record["runId"])
         if live is not None:
             live.changed.set()
@@ -241,10 +245,20 @@ class BuildRuns:
         except FileNotFoundError:
             raise NotFound(f"no run {run_id!r}; `georeg task list-runs` shows them") from None
 
+    def _index(self) -> dict[str, dict]:
+        """Every run's record by id, read from disk once, then kept by ``_save``
+        (the triggers read all runs at every tag move and commit poll)."""
+        if self._records is None:
+            self._records = {}
+            for path in self._dir("runs").glob("*.json"):
+                record = json.loads(path.read_text())
+                self._records[record["runId"]] = record
+        return self._records
+
     def list(self, task: str | None = None) -> list[dict]:
+        """The runs (of ``task``), newest first: copies of the records in memory."""
         self._recover()
-        runs = [json.loads(p.read_text()) for p in self._dir("runs").glob("*.json")]
-        runs = [r for r in runs if task is None or r.get("task") == task]
+        runs = [dict(r) for r in self._index().values() if task is None or r.get("task") == task]
         return sorted(runs, key=lambda r: r["number"], reverse=True)
 
     def active_tasks(self) -> set[str]:
@@ -264,10 +278,9 @@ class BuildRuns:
         if self._recovered:
             return
         self._recovered = True
-        for path in self._dir("runs").glob("*.json"):
-            record = json.loads(path.read_text())
+        for record in list(self._index().values()):
             if record["status"] not in FINAL and record["runId"] not in self._live:
-                self._finish(record, "Failed", _stopped_in(record))
+                self._finish(dict(record), "Failed", _stopped_in(record))
         scratch = self.root / "scratch"
         for left in sorted(scratch.iterdir()) if scratch.is_dir() else ():
             _remove_scratch(left)        # auth files first: a crash left live refresh tokens

@@ -495,6 +495,9 @@ class CommitTriggers:
         seen = self._seen()
         tasks = [t for t in await self._tasks() if t.get("commitTriggerEnabled")
                  and t.get("branch") and t["status"] == "Enabled"]
+        if not tasks and not seen:
+            return []                           # no commit trigger: no runs read, nothing written
+        before = dict(seen)
         built = {(r.get("task"), (r.get("source") or {}).get("commitId")) for r in self._runs()}
         busy = self._busy()
         loop = asyncio.get_running_loop()
@@ -520,7 +523,8 @@ class CommitTriggers:
             elif (name, tip) in built:
                 seen[name] = tip
         current = {t["name"] for t in tasks}
-        write_private(self.seen_file, json.dumps(
-            {k: v for k, v in seen.items() if k in current}).encode())
+        seen = {k: v for k, v in seen.items() if k in current}
+        if seen != before:                      # the tips seen changed: kept for a restart
+            write_private(self.seen_file, json.dumps(seen).encode())
         return started
 

@@ -309,6 +309,9 @@ async def test_a_new_commit_on_the_branch_builds_once_and_a_restart_does_not_aga
     sha = commit(repo, "FROM scratch\nLABEL v=2\n")
     assert await triggers().poll() == ["web"] and started == [sha]
     assert await triggers().poll() == [] and started == [sha]   # a new process: seen
+    # Moved to another branch: its tip is a new baseline, not a commit to build.
+    task["branch"] = "other"
+    assert await triggers().poll() == [] and started == [sha]
 
 
 

@@ -40,8 +40,9 @@ successful resolution still differs and it is queued again.
 enabled is rebuilt when its branch's tip is a commit no run of it built yet.
 The tips are read every ``[tasks] commit_poll_seconds`` (10 s by default; one
 ``git rev-parse``; a hook would have to be installed in the user's
-repository). The first look at a new task records its tip as seen without
-building (ACR builds on the *next* commit); seen tips are kept in
+repository). The first look at a new task (or at a task's new branch or
+context) records its tip as seen without building (ACR builds on the
+*next* commit); seen tips are kept in
 ``<data dir>/tasks/commits.json``, and a run's record names its commit, so
 a restart neither misses a commit nor builds one twice.
 
@@ -503,28 +504,36 @@ class CommitTriggers:
         loop = asyncio.get_running_loop()
         started = []
         for task in tasks:
-            name = task["name"]
+            name, key = task["name"], _watched(task)
             try:
                 tip = await loop.run_in_executor(
                     None, self._head, GitSource(Path(task["contextPath"]), task["branch"]))
             except ClusterError as exc:
                 log.warning("commit_trigger_unreadable", task=name, error=str(exc))
                 continue
-            if name not in seen:
-                seen[name] = tip                # the baseline: ACR builds on the next commit
-            elif seen[name] != tip and name not in busy and (name, tip) not in built:
+            if key not in seen:
+                seen[key] = tip                 # the baseline: ACR builds on the next commit
+            elif seen[key] != tip and name not in busy and (name, tip) not in built:
                 try:
                     await self._start(task, tip)
                 except RETRYABLE as exc:    # not seen yet: the next poll tries again
                     log.info("commit_trigger_deferred", task=name, error=str(exc))
                     continue
-                seen[name] = tip
+                seen[key] = tip
                 started.append(name)
             elif (name, tip) in built:
-                seen[name] = tip
-        current = {t["name"] for t in tasks}
+                seen[key] = tip
+        current = {_watched(t) for t in tasks}
         seen = {k: v for k, v in seen.items() if k in current}
         if seen != before:                      # the tips seen changed: kept for a restart
             write_private(self.seen_file, json.dumps(seen).encode())
         return started
 
+
+
+def _watched(task: dict) -> str:
+    """What a seen tip belongs to: the task (as created: one deleted and made
+    again starts anew), its repository and its branch. A task updated to another
+    branch or context takes a new baseline, as a new task does."""
+    return json.dumps([task["name"], task.get("creationDate"), task["contextPath"],
+                       task["branch"]])

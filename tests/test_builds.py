@@ -527,14 +527,25 @@ def test_a_commit_on_a_git_tasks_branch_runs_it_on_the_committed_tree(running):
     seen = running.data_dir / "tasks" / "commits.json"
     running.wait_for(lambda: seen.exists() and "fromgit" in seen.read_text(), 10,
                      what="the branch's first look")
-    sha = commit(repo, "FROM {{.Run.Registry}}/committed:1\n")
+    # Run by hand once: the caller's grant gives the task its identity.
+    login = running.credentials
+    run = api(running, "POST", "/georeg/v1/tasks/fromgit/runs", b"",
+              login_header(login.username, login.password))[1]
+    assert "first:1 is not in" in finished(running, run["runId"])["error"]
+    sha = commit(repo, "FROM {{.Run.Registry}}/first:committed\n")
     (repo / "Containerfile").write_text("FROM {{.Run.Registry}}/uncommitted:1\n")
 
     def triggered() -> list[dict]:
-        return api(running, "GET", "/georeg/v1/runs?task=fromgit")[1]
+        return api(running, "GET", "/georeg/v1/runs?task=fromgit")[1][:-1]   # not the manual run
     running.wait_for(lambda: len(triggered()) == 1, 10, what="a run for the commit")
     run = finished(running, triggered()[0]["runId"])
     assert run["trigger"] == "Commit" and run["sourceTrigger"]["commitId"] == sha, run
     assert run["source"] == {"repositoryUrl": str(repo), "branchName": "main", "commitId": sha}
-    assert "committed:1 is not in" in run["error"], run
+    assert "first:committed is not in" in run["error"], run
     assert len(triggered()) == 1                  # once: the tip is seen
+    # A commit naming a repository the task was not given: its identity may not
+    # read it (a committer gets no more than the task's last manual run showed).
+    commit(repo, "FROM {{.Run.Registry}}/trigbase:1\n")
+    running.wait_for(lambda: len(triggered()) == 2, 10, what="a run for the second commit")
+    run = finished(running, triggered()[0]["runId"])
+    assert "task-fromgit may not pull the base image repository trigbase" in run["error"], run

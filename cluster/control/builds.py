@@ -101,7 +101,7 @@ FINAL = ("Succeeded", "Failed", "Canceled", "Timeout")
 MANUAL, IMAGE_UPDATE, COMMIT = "Manual", "Image Update", "Commit"
 # A node answers a login or a manifest lookup within this.
 NODE_TIMEOUT_S = 30.0
-_ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
+MANIFEST_ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
                      "application/vnd.oci.image.index.v1+json",
                      "application/vnd.docker.distribution.manifest.v2+json",
                      "application/vnd.docker.distribution.manifest.list.v2+json"])
@@ -708,7 +708,7 @@ class BuildRuns:
         return str(answer["access_token"])
 
     async def _resolve(self, work: _Work, repository: str, reference: str) -> str:
-        headers = {"Accept": _ACCEPT}
+        headers = {"Accept": MANIFEST_ACCEPT}
         token = await self._access(work, repository)
         if token:
             headers["Authorization"] = f"Bearer {token}"

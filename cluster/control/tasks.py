@@ -94,9 +94,6 @@ class RegistryTasks:
             str(value.get("image", ""))))
         context = task_context(str(value.get("context", "")),
                                self.cluster.spec.tasks.context_roots, self.cluster.data_dir)
-        if value.get("commit_trigger_enabled") and not value.get("branch"):
-            raise ClusterError("a commit trigger needs a git context: give the branch "
-                               "(--branch) of the repository at --context")
         if value.get("branch"):                 # git runs out of the event loop
             await asyncio.get_running_loop().run_in_executor(
                 None, branch_head, GitSource(context, value["branch"]))

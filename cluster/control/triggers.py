@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import structlog
 
-from .builds import COMMIT, IMAGE_UPDATE, BuildRuns
+from .builds import COMMIT, IMAGE_UPDATE, MANIFEST_ACCEPT, BuildRuns
 from .errors import ClusterError, NodeRefusal, RegionUnavailable, TooManyRequests
 from .git_sources import GitSource, branch_head
 from .private_files import write_private
@@ -397,7 +397,7 @@ class TaskTriggers:
             try:
                 async with self.cluster.http().head(
                         f"{self.cluster.management_link_url(name)}{path}",
-                        headers={"Accept": _ACCEPT},
+                        headers={"Accept": MANIFEST_ACCEPT},
                         timeout=aiohttp.ClientTimeout(total=30)) as r:
                     if r.status == 404:
                         return None
@@ -462,12 +462,6 @@ class TaskTriggers:
             except Exception:           # a disk error writing the seen tips: try again next time
                 log.exception("commit_trigger_failed")
             await asyncio.sleep(self.cluster.spec.tasks.commit_poll_seconds)
-
-
-_ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
-                     "application/vnd.oci.image.index.v1+json",
-                     "application/vnd.docker.distribution.manifest.v2+json",
-                     "application/vnd.docker.distribution.manifest.list.v2+json"])
 
 
 # -- commits -------------------------------------------------------------------------------

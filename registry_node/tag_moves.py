@@ -7,7 +7,10 @@ logs a ``TAG_SET`` in the same batch: a client's push
 (``Replica.apply_tag``), a restore from the recycle bin. So the log, read
 after a cursor, holds every move this node took, local or arriving, in the
 order it took them, and nothing lives only in memory: a reader that went
-away resumes from its cursor. A reader whose cursor is below the log's floor
+away resumes from its cursor. A move is served only while the tag still
+points where it moved it (``_holds``): one superseded since is followed by
+the later one in the log, and a replicated tag set a newer delete made a
+tombstone points nowhere. A reader whose cursor is below the log's floor
 (truncated since) is told so (``TagMoves.floor``), and one whose cursor is
 past the log's head (a log that restarted lower: the node's data wiped, a
 replica re-created under its name) is told so at once (``TagMoves.reset``,
@@ -30,8 +33,9 @@ import asyncio
 import contextlib
 from dataclasses import asdict, dataclass
 
+from . import keys
 from .metastore import MetadataStore
-from .records import EventKind
+from .records import EventKind, TagRecord, decode
 
 # Log events read per answer (moves are a subset of them).
 READ_LIMIT = 1000
@@ -84,9 +88,17 @@ class TagMoveLog:
                             reset=after is not None)
         events = self.meta.read_log(max(after, self.meta.log_floor), limit)
         moves = [TagMove(e.seq, e.repository, e.tag, e.digest) for e in events
-                 if e.kind is EventKind.TAG_SET]
+                 if e.kind is EventKind.TAG_SET and self._holds(e.repository, e.tag, e.digest)]
         return TagMoves(moves, events[-1].seq if events else max(after, self.meta.log_floor),
                         self.meta.log_floor)
+
+    def _holds(self, repository: str, tag: str, digest: str) -> bool:
+        """The tag points at ``digest`` now. A replicated tag set that a newer
+        manifest delete turned into a tombstone is logged as a ``TAG_SET`` too,
+        and a move superseded since is followed by the later one: neither is a
+        move a trigger could build on."""
+        raw = self.meta.get(keys.tag(repository, tag))
+        return raw is not None and decode(raw, TagRecord).digest == digest
 
     async def wait(self, after: int | None, timeout_s: float) -> TagMoves:
         """As ``read``, but while no tag moved after ``after``, wait up to

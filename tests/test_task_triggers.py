@@ -72,14 +72,27 @@ async def test_a_push_and_a_replicated_tag_set_both_are_tag_moves(node, http):
     async with http.get(f"{node.url}/georeg/v1/tag-moves?after={first['next']}") as r:
         second = await r.json()
     assert [(m["repository"], m["tag"]) for m in second["moves"]] == [("base", "2")]
+    # A move superseded since (or a replicated tag set a newer delete made a
+    # tombstone) is not served: only where the tag points now.
+    await push_image(http, node.url, "base", make_image([65]), "2")
+    async with http.get(f"{node.url}/georeg/v1/tag-moves?after={first['next']}") as r:
+        assert [(m["tag"], m["digest"]) for m in (await r.json())["moves"]] == \
+            [("2", (await node_tag(http, node, "base", "2")))]
     for bad in ("x", "%D9%A3", "%EF%BC%91"):           # Unicode digits too
         async with http.get(f"{node.url}/georeg/v1/tag-moves?after={bad}") as r:
             assert r.status == 400, bad
     # A cursor past the head (a log that restarted lower) is told so at once.
-    async with http.get(f"{node.url}/georeg/v1/tag-moves?after={second['next'] + 1000}"
-                        f"&wait=20") as r:
+    async with http.get(f"{node.url}/georeg/v1/tag-moves") as r:
+        head = (await r.json())["next"]
+    async with http.get(f"{node.url}/georeg/v1/tag-moves?after={head + 1000}&wait=20") as r:
         answer = await r.json()
-    assert answer["reset"] and answer["next"] == second["next"], answer
+    assert answer["reset"] and answer["next"] == head, answer
+
+
+async def node_tag(http, node, repository: str, tag: str) -> str:
+    async with http.head(f"{node.url}/v2/{repository}/manifests/{tag}", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
+        return r.headers["Docker-Content-Digest"]
 
 
 # -- base-image triggers, against a simulated region ------------------------------------------

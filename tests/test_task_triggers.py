@@ -32,6 +32,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from cluster.control import triggers as triggers_module
 from cluster.control.builds import BuildRequest, BuildRuns
 from cluster.control.containerfile import ContextRefused
 from cluster.control.errors import TooManyRequests
@@ -380,9 +381,10 @@ def test_git_runs_nothing_of_the_repository_and_reads_no_other_repository(tmp_pa
     assert "is a link" in refused(borrower)
 
 
-async def test_a_watcher_outlives_an_answer_it_cannot_read(tmp_path):
+async def test_a_watcher_outlives_an_answer_it_cannot_read(tmp_path, monkeypatch):
     """A node answering a malformed page (``moves: [1]``) does not end the
-    region's watcher: it backs off and asks again."""
+    region's watcher: it backs off (shortened here) and asks again."""
+    monkeypatch.setattr(triggers_module, "RETRY_S", (0.05, 0.1))
     asked: list[str] = []
 
     async def tag_moves(request: web.Request) -> web.Response:

@@ -372,6 +372,11 @@ class TaskTriggers:
         except RETRYABLE:
             raise                           # the caller tries again later
         except ClusterError as exc:
+            last = next(iter(self.builds.list(task["name"])), None)
+            if last is not None and last["status"] == "Failed" and last["error"] == str(exc) \
+                    and last.get("startTime") is None:
+                log.info("task_trigger_refused_again", task=task["name"], run=last["runId"])
+                return                      # one record says it; not one per move
             record = self.builds.refused(request, str(exc))
         log.info("task_triggered", task=task["name"], trigger=trigger, run=record["runId"],
                  status=record["status"])

@@ -20,7 +20,15 @@ from aiohttp import web
 from . import allocator
 from .api import oauth
 from .api.auth import GATE, authenticate, pull_check
-from .api.common import BANDWIDTH, CONFIGURATION, PULL_THROUGH, REGISTRY, RETENTION, WEBHOOKS
+from .api.common import (
+    BANDWIDTH,
+    CONFIGURATION,
+    PULL_THROUGH,
+    REGISTRY,
+    RETENTION,
+    TAG_MOVES,
+    WEBHOOKS,
+)
 from .api.grey import BODY_STALL
 from .api.internal import INTERNAL_CREDENTIAL, expected_header, internal_headers
 from .api.metrics import METRICS, NodeMetrics
@@ -41,6 +49,7 @@ from .identities import ConfigurationIdentities
 from .manifest import MAX_MANIFEST_SIZE
 from .node import Node
 from .pull_through import PullThrough
+from .tag_moves import TagMoveLog
 from .throttle import Throttle
 from .untagged import UntaggedRetention
 from .upstream_http import upstream_session
@@ -170,6 +179,7 @@ def _storage(config: NodeConfig, wall_ns: Callable[[], int], monotonic: Callable
         app[REGISTRY] = node.registry
         app[METRICS].watch_repairs(node.registry.repair)
         app[CONFIGURATION] = node.configuration
+        app[TAG_MOVES] = TagMoveLog(node.registry.meta)
         app[RETENTION] = retention = UntaggedRetention(node.registry, node.configuration.retention)
         app[METRICS].watch_retention(retention)
         app[METRICS].watch_recycle_bin(node.registry.bin)
@@ -234,6 +244,8 @@ async def _stop_handoffs(app: web.Application) -> None:
     # within it, not at its end.
     app[BODY_STALL].close()
     app[HANDOFF].stop_accepting(app[NODE].config.shutdown_grace_s)
+    if TAG_MOVES in app:
+        app[TAG_MOVES].close()      # a long-poll for tag moves answers now, not at its end
 
 
 async def _webhooks(app: web.Application) -> AsyncIterator[None]:

@@ -32,6 +32,15 @@ DEFAULT_TIMEOUT_S = 3600             # ACR's default run timeout
 LOGIN_MARGIN_S = 300
 MAX_TIMEOUT_S = REFRESH_LIFETIME_S - LOGIN_MARGIN_S
 STATUSES = ("Enabled", "Disabled")
+# A branch name: git's rules, narrowed (no leading '-', no '..', '//', no trailing '.' or '/').
+BRANCH = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])")
+
+
+def valid_branch(branch: str) -> bool:
+    """``branch`` may name a git branch here (and a file under refs/heads/): ``BRANCH``,
+    and, as git requires, no component starting with '.' nor ending with '.lock'."""
+    return bool(BRANCH.fullmatch(branch)) and not branch.endswith(".lock") \
+        and not branch.startswith(".") and "/." not in branch
 
 
 class Task(msgspec.Struct, frozen=True):
@@ -43,6 +52,10 @@ class Task(msgspec.Struct, frozen=True):
     timeout: int = DEFAULT_TIMEOUT_S
     status: str = "Enabled"
     base_image_trigger_enabled: bool = True
+    # A git context: the branch of the repository at ``context`` that runs build
+    # (its tip's tree, not the working copy); "" for a plain directory.
+    branch: str = ""
+    commit_trigger_enabled: bool = False
     created: float = 0.0
 
 
@@ -69,6 +82,12 @@ def check_task(name: str, task: Task) -> None:
         raise InvalidValue(f"a task's timeout is 1 to {MAX_TIMEOUT_S} seconds")
     if task.status not in STATUSES:
         raise InvalidValue(f"a task's status is Enabled or Disabled, not {task.status[:20]!r}")
+    if task.branch and not valid_branch(task.branch):
+        raise InvalidValue(f"--branch {task.branch[:80]!r} is not a branch name (letters, "
+                           f"digits, '.', '_', '-' and '/')")
+    if task.commit_trigger_enabled and not task.branch:
+        raise InvalidValue("a commit trigger needs a git context: give the branch (--branch) "
+                           "of the repository at --context")
     for pair in task.build_args:
         if len(pair) != 2 or not str(pair[0]).isidentifier():
             raise InvalidValue("a task's build arguments are [KEY, VALUE] pairs")

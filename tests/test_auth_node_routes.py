@@ -187,7 +187,8 @@ async def test_status_with_a_bad_name_asks_for_credentials_first_then_refuses_th
     ("GET", "/georeg/v1/configuration"), ("GET", "/georeg/v1/configuration/registry"),
     ("GET", "/georeg/v1/configuration/registry/default"),
     ("DELETE", "/georeg/v1/configuration/token/puller"),
-    ("GET", "/georeg/v1/no-such-route")])
+    ("GET", "/georeg/v1/no-such-route"), ("GET", "/georeg/v1/tag-moves"),
+    ("GET", "/georeg/v1/tag-moves?after=0&wait=5")])
 async def test_every_other_node_route_refuses_a_registry_client(http, nodes, method, path):
     """Even with admin credentials: these serve the cluster itself."""
     url = nodes.nodes["eastus"].url + path

@@ -7,9 +7,11 @@ bad contexts, a task's context outside the allowed roots, and a queue of
 runs whose base is missing each end as the API says. Hostile archives are
 ``test_build_contexts``' (pure, no cluster).
 
-One single-region cluster serves the module, and one test runs buildah (the
-CLI's ``georeg build``); a failing ``RUN`` step and a cancel are ``soak``
-(each runs buildah again).
+One single-region cluster serves the module, and two tests run buildah (the
+CLI's ``georeg build``, and one base-image trigger: a task rebuilt when its
+base is pushed again); a git task's commit trigger runs without it (its base
+is missing). A failing ``RUN`` step and a cancel are ``soak`` (each runs
+buildah again); so is the three-level trigger chain (``test_task_trigger_builds``).
 """
 
 from __future__ import annotations
@@ -71,11 +73,25 @@ def busybox_image() -> Image:
     return Image(config, [layer], manifest)
 
 
+def patched(image: Image, patch: str) -> Image:
+    """``image`` with another config (an Env naming the patch): a new digest, the same
+    layer. Its history names the layer: buildah, building on an image built on
+    this one, counts the layers against the history (busybox_image has none)."""
+    config = json.loads(image.config)
+    config["config"]["Env"].append(f"PATCH={patch}")
+    config["history"] = [{"created_by": f"busybox, patch {patch}"}]
+    raw = json.dumps(config).encode()
+    manifest = json.loads(image.manifest)
+    manifest["config"].update(digest=digest_of(raw), size=len(raw))
+    return Image(raw, image.layers, json.dumps(manifest).encode())
+
+
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
     require_program("buildah", "buildah")
     sources = tmp_path_factory.mktemp("sources")
-    spec = msgspec.structs.replace(SPEC, tasks=specs.TasksSpec(context_roots=(str(sources),)))
+    spec = msgspec.structs.replace(SPEC, tasks=specs.TasksSpec(context_roots=(str(sources),),
+                                                               commit_poll_seconds=0.2))
     with RunningCluster(spec, tmp_path_factory.mktemp("builds")) as c:
         c.sources = sources
         async def push_base():
@@ -426,3 +442,110 @@ def test_runs_per_region_and_a_runs_log_are_bounded(running, tmp_path, monkeypat
         builds._log("ca1", b"12345678")
     text = builds.log_path("ca1").read_text()
     assert text.startswith("1234567812\n") and text.count("the log is cut at") == 1
+
+
+def test_a_base_image_push_rebuilds_the_task_built_on_it(running):
+    """One base-image trigger with buildah (the chain is test_task_trigger_builds',
+    soak). The task's first run resolves its base and stops at buildah's parse
+    of the Containerfile, which is enough: a dependency is known once a run has
+    resolved it (ACR: run it once first), and it saves a build."""
+    token = running.run(lambda: running.cluster.access.create_token(
+        "trigpusher", repositories=[["trigbase", "content/read", "content/write"]]))
+    pusher = base64.b64encode(
+        f"trigpusher:{token['credentials']['passwords'][0]['value']}".encode()).decode()
+
+    async def push(image):                 # not as admin: the admin user is disabled below
+        async with running.http(headers={"Authorization": f"Basic {pusher}"}) as http:
+            return await push_image(http, running.regional_endpoint("eastus"), "trigbase",
+                                    image, "1")
+    old = running.run(lambda: push(patched(busybox_image(), "0")))
+    context = running.sources / "rebuilt"
+    context.mkdir()
+    (context / "Containerfile").write_text("FROM {{.Run.Registry}}/trigbase:1\nNOT-AN-INSTRUCTION\n")
+    body = {"name": "rebuilt", "image": "rebuilt:1", "contextPath": str(context)}
+    assert api(running, "POST", "/georeg/v1/tasks", json.dumps(body).encode())[0] == 201
+    login = running.credentials
+    run = api(running, "POST", "/georeg/v1/tasks/rebuilt/runs", b"",
+              login_header(login.username, login.password))[1]
+    first = finished(running, run["runId"])
+    assert first["status"] == "Failed" and first["baseImages"][0]["digest"] == old, first
+    (context / "Containerfile").write_text("FROM {{.Run.Registry}}/trigbase:1\n"
+                                           "RUN echo rebuilt > /rebuilt\n")
+    done = georeg("task", "update", "--name", "rebuilt", "--timeout", "600",
+                  data_dir=running.data_dir)
+    task = json.loads(done.stdout)
+    assert task["timeout"] == 600 and task["baseImageTriggerEnabled"], done.stderr
+    assert task["image"] == "rebuilt:1"                  # what was not given stays
+
+    # The manual run's grant gave the task its identity; the triggered run acts
+    # as it, so disabling the admin user does not stop the trigger.
+    kept = running.data_dir / "auth" / "task-identities.json"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert api(running, "PATCH", "/georeg/v1/registry",
+               b'{"adminUserEnabled": false}')[0] == 200
+    try:
+        new = running.run(lambda: push(patched(busybox_image(), "1")))
+        running.wait_for(lambda: len(api(running, "GET", "/georeg/v1/runs?task=rebuilt")[1])
+                         == 2, 30, what="a run triggered by the base image's push")
+        run = finished(running, api(running, "GET",
+                                    "/georeg/v1/runs?task=rebuilt")[1][0]["runId"])
+    finally:
+        assert api(running, "PATCH", "/georeg/v1/registry",
+                   b'{"adminUserEnabled": true}')[0] == 200
+    assert run["status"] == "Succeeded" and run["trigger"] == "Image Update", run
+    assert run["identity"] == "task-rebuilt" and first["identity"] == login.username
+    status, scope_map = api(running, "GET", "/georeg/v1/scope-maps/task-rebuilt")
+    assert sorted(scope_map["actions"]) == ["repositories/rebuilt/content/read",
+                                            "repositories/rebuilt/content/write",
+                                            "repositories/trigbase/content/read"], scope_map
+    password = json.loads(kept.read_text())["rebuilt"]
+    assert password not in api(running, "GET", f"/georeg/v1/runs/{run['runId']}/log")[1]
+    assert run["timeoutSeconds"] == 600
+    assert [(i["repository"], i["digest"]) for i in run["imageUpdateTrigger"]["images"]] == \
+        [("trigbase", new)]
+    assert [b["digest"] for b in run["baseImages"]] == [new]
+    listed = georeg("task", "list-runs", "--name", "rebuilt", data_dir=running.data_dir)
+    assert "Image Update  eastus" in listed.stdout and f"trigbase:1@{new[:19]}" in listed.stdout
+
+
+def test_a_commit_on_a_git_tasks_branch_runs_it_on_the_committed_tree(running):
+    """No buildah: the committed Containerfile names a base that is not here,
+    so the run ends when it resolves it, after the commit was archived."""
+    from .test_task_triggers import commit, git
+
+    repo = running.sources / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    commit(repo, "FROM {{.Run.Registry}}/first:1\n")
+    body = {"name": "fromgit", "image": "fromgit:1", "contextPath": str(repo),
+            "branch": "main", "commitTriggerEnabled": True}
+    status, task = api(running, "POST", "/georeg/v1/tasks", json.dumps(body).encode())
+    assert status == 201 and task["branch"] == "main", task
+    status, answer = api(running, "PATCH", "/georeg/v1/tasks/fromgit",
+                         json.dumps({"branch": "nosuch"}).encode())
+    assert status == 400 and "branch 'nosuch'" in answer["error"]["message"], answer
+    seen = running.data_dir / "tasks" / "commits.json"
+    running.wait_for(lambda: seen.exists() and "fromgit" in seen.read_text(), 10,
+                     what="the branch's first look")
+    # Run by hand once: the caller's grant gives the task its identity.
+    login = running.credentials
+    run = api(running, "POST", "/georeg/v1/tasks/fromgit/runs", b"",
+              login_header(login.username, login.password))[1]
+    assert "first:1 is not in" in finished(running, run["runId"])["error"]
+    sha = commit(repo, "FROM {{.Run.Registry}}/first:committed\n")
+    (repo / "Containerfile").write_text("FROM {{.Run.Registry}}/uncommitted:1\n")
+
+    def triggered() -> list[dict]:
+        return api(running, "GET", "/georeg/v1/runs?task=fromgit")[1][:-1]   # not the manual run
+    running.wait_for(lambda: len(triggered()) == 1, 10, what="a run for the commit")
+    run = finished(running, triggered()[0]["runId"])
+    assert run["trigger"] == "Commit" and run["sourceTrigger"]["commitId"] == sha, run
+    assert run["source"] == {"repositoryUrl": str(repo), "branchName": "main", "commitId": sha}
+    assert "first:committed is not in" in run["error"], run
+    assert len(triggered()) == 1                  # once: the tip is seen
+    # A commit naming a repository the task was not given: its identity may not
+    # read it (a committer gets no more than the task's last manual run showed).
+    commit(repo, "FROM {{.Run.Registry}}/trigbase:1\n")
+    running.wait_for(lambda: len(triggered()) == 2, 10, what="a run for the second commit")
+    run = finished(running, triggered()[0]["runId"])
+    assert "task-fromgit may not pull the base image repository trigbase" in run["error"], run

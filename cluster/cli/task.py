@@ -1,7 +1,9 @@
 """``georeg task`` (after ``az acr task``): tasks — named builds of a context
-directory on the cluster's machine (``cluster.control.tasks``) — and the runs
-of tasks and quick builds (``cluster.control.builds``): their list, one run,
-its log, canceling one.
+directory or a git branch on the cluster's machine (``cluster.control.tasks``),
+created and changed here, run by hand or by their base-image and commit
+triggers (``cluster.control.triggers``) — and the runs of tasks and quick
+builds (``cluster.control.builds``): their list with what triggered each, one
+run, its log, canceling one.
 
 Exit status: 0; 1 when a run that ``task run`` waited for did not succeed;
 2 when the cluster refuses (no such task or run; a run that has ended cannot
@@ -28,21 +30,39 @@ def register(sub: argparse._SubParsersAction) -> None:
                           description="Runs of quick builds (georeg build) and tasks.")
     verbs = task.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = verbs.add_parser("create", help="create a task: a build of a context directory")
-    p.add_argument("--name", "-n", required=True)
-    p.add_argument("--image", "-t", required=True, metavar="REPO:TAG",
-                   help="the image it builds; run variables allowed ({{.Run.ID}})")
-    p.add_argument("--context", "-c", required=True, type=Path, metavar="DIR",
-                   help="the build context: a directory on the cluster's machine")
-    p.add_argument("--file", "-f", metavar="PATH", help="the Containerfile, relative to the "
-                                                        "context (default: Containerfile)")
-    p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--region", help="the region whose build agent runs it (default: home)")
-    p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S, metavar="SECONDS")
-    p.add_argument("--base-image-trigger-enabled", choices=("true", "false"), default="true",
-                   help="rebuild when a base image's tag moves (default true)")
-    add_data_dir(p)
-    p.set_defaults(func=command(create))
+    for verb, helps, func in (("create", "create a task: a build of a context directory "
+                                         "or a git branch", create),
+                              ("update", "change a task: the options given change, the "
+                                         "others stay", update)):
+        creating = verb == "create"
+        p = verbs.add_parser(verb, help=helps)
+        p.add_argument("--name", "-n", required=True)
+        p.add_argument("--image", "-t", required=creating, metavar="REPO:TAG",
+                       help="the image it builds; run variables allowed ({{.Run.ID}})")
+        p.add_argument("--context", "-c", required=creating, type=Path, metavar="DIR",
+                       help="the build context: a directory on the cluster's machine, or a "
+                            "git repository there (with --branch)")
+        p.add_argument("--branch", metavar="BRANCH",
+                       help="build the tip of this branch of the git repository at --context "
+                            "(its committed tree, not the working copy)")
+        p.add_argument("--file", "-f", metavar="PATH", help="the Containerfile, relative to "
+                                                            "the context (default: Containerfile)")
+        p.add_argument("--build-arg", action="append", default=None, metavar="KEY=VALUE",
+                       help="repeat for each; on update, the given ones replace them all")
+        p.add_argument("--region", help="the region whose build agent runs it (default: home)")
+        p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S if creating else None,
+                       metavar="SECONDS")
+        p.add_argument("--base-image-trigger-enabled", choices=("true", "false"),
+                       default="true" if creating else None,
+                       help="rebuild when the tag of its runtime base image moves in its "
+                            "region (default true)")
+        p.add_argument("--commit-trigger-enabled", choices=("true", "false"),
+                       help="rebuild when --branch gets a new commit (default false)")
+        if not creating:
+            p.add_argument("--status", choices=("Enabled", "Disabled"),
+                           help="a disabled task neither runs nor is triggered")
+        add_data_dir(p)
+        p.set_defaults(func=command(func))
 
     for verb, helps, func in (("show", "one task", show), ("delete", "delete a task", delete)):
         p = verbs.add_parser(verb, help=helps)
@@ -91,21 +111,41 @@ def _task_path(name: str, rest: str = "") -> str:
     return f"/georeg/v1/tasks/{quote(name, safe='')}{rest}"
 
 
+def _task_body(args: argparse.Namespace) -> dict:
+    """The API's fields for the options given (an option left out is left out)."""
+    body: dict = {}
+    if args.build_arg is not None:
+        body["buildArgs"] = []
+        for text in args.build_arg:
+            try:
+                body["buildArgs"].append(list(build_arg(text)))
+            except InvalidValue as exc:
+                raise CliError(str(exc)) from None
+    if args.context is not None:
+        body["contextPath"] = str(args.context.resolve())
+    for option, field in (("image", "image"), ("file", "file"), ("region", "region"),
+                          ("timeout", "timeout"), ("branch", "branch"),
+                          ("status", "status")):
+        if getattr(args, option, None) is not None:
+            body[field] = getattr(args, option)
+    for option, field in (("base_image_trigger_enabled", "baseImageTriggerEnabled"),
+                          ("commit_trigger_enabled", "commitTriggerEnabled")):
+        if getattr(args, option) is not None:
+            body[field] = getattr(args, option) == "true"
+    return body
+
+
 def create(args: argparse.Namespace) -> int:
-    args_pairs = []
-    for text in args.build_arg:
-        try:
-            args_pairs.append(list(build_arg(text)))
-        except InvalidValue as exc:
-            raise CliError(str(exc)) from None
-    body = {"name": args.name, "image": args.image, "contextPath": str(args.context.resolve()),
-            "buildArgs": args_pairs, "timeout": args.timeout,
-            "baseImageTriggerEnabled": args.base_image_trigger_enabled == "true"}
-    if args.file:
-        body["file"] = args.file
-    if args.region:
-        body["region"] = args.region
+    body = {"name": args.name, **_task_body(args)}
     print(json.dumps(call(data_dir_of(args), "POST", "/georeg/v1/tasks", body), indent=2))
+    return 0
+
+
+def update(args: argparse.Namespace) -> int:
+    body = _task_body(args)
+    if not body:
+        raise CliError("give at least one option to change (georeg task update --help)")
+    print(json.dumps(call(data_dir_of(args), "PATCH", _task_path(args.name), body), indent=2))
     return 0
 
 
@@ -155,12 +195,22 @@ def list_runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(runs, indent=2))
         return 0
-    print(f"{'RUN ID':<8} {'TASK':<16} {'STATUS':<10} {'TRIGGER':<10} {'REGION':<14} "
-          f"{'STARTED':<26} IMAGE")
+    print(f"{'RUN ID':<8} {'TASK':<16} {'STATUS':<10} {'TRIGGER':<13} {'REGION':<14} "
+          f"{'STARTED':<26} {'IMAGE':<40} CAUSE")
     for r in runs:
-        print(f"{r['runId']:<8} {r['task'] or '':<16} {r['status']:<10} {r['trigger']:<10} "
-              f"{r['region']:<14} {r['startTime'] or '':<26} {r['image']}")
+        print(f"{r['runId']:<8} {r['task'] or '':<16} {r['status']:<10} {r['trigger']:<13} "
+              f"{r['region']:<14} {r['startTime'] or '':<26} {r['image']:<40} {cause(r)}")
     return 0
+
+
+def cause(run: dict) -> str:
+    """What triggered a run, in a few words: the base image and digest it was
+    rebuilt for, or the commit."""
+    images = (run.get("imageUpdateTrigger") or {}).get("images")
+    if images:
+        return f"{images[0]['repository']}:{images[0]['tag']}@{images[0]['digest'][:19]}"
+    commit = (run.get("sourceTrigger") or {}).get("commitId")
+    return f"{run['sourceTrigger'].get('branchName')}@{commit[:12]}" if commit else ""
 
 
 def show_run(args: argparse.Namespace) -> int:

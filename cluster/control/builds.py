@@ -75,6 +75,7 @@ from .containerfile import (
     unpack_context,
 )
 from .errors import ClusterError, Conflict, NotFound, RegionUnavailable, TooManyRequests
+from .git_sources import GitSource, archive_commit, branch_head
 from .private_files import write_private
 from .regions import REGIONS, unknown_region_message
 from .tls import client_context
@@ -96,9 +97,11 @@ MAX_LOG_BYTES = 64 * 1024 * 1024
 _LOG_CHUNK = 1 << 20
 DEFAULT_MAX_CONTEXT_BYTES = 256 * 1024 * 1024
 FINAL = ("Succeeded", "Failed", "Canceled", "Timeout")
+# A run's ``trigger``, as ``az acr task list-runs`` shows it.
+MANUAL, IMAGE_UPDATE, COMMIT = "Manual", "Image Update", "Commit"
 # A node answers a login or a manifest lookup within this.
 NODE_TIMEOUT_S = 30.0
-_ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
+MANIFEST_ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
                      "application/vnd.oci.image.index.v1+json",
                      "application/vnd.docker.distribution.manifest.v2+json",
                      "application/vnd.docker.distribution.manifest.list.v2+json"])
@@ -128,7 +131,10 @@ class BuildRequest:
     region: str | None = None
     timeout_s: int = DEFAULT_TIMEOUT_S
     task: str | None = None
-    trigger: str = "Manual"
+    trigger: str = MANUAL
+    # What triggered it, as ACR's run names it: {"imageUpdateTrigger": {...}} or
+    # {"sourceTrigger": {...}} (``cluster.control.triggers``); kept in the record.
+    trigger_detail: dict | None = None
     # Not in the repr: a traceback or a log line that shows the request must
     # not show the password.
     credentials: tuple[str, str] | None = field(default=None, repr=False)
@@ -181,6 +187,7 @@ class _Live:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     canceled: bool = False
     logged: int = 0                     # bytes written to its log
+    task_name: str | None = None        # the task it is a run of (None: a quick build)
 
 
 class BuildRuns:
@@ -196,8 +203,15 @@ class BuildRuns:
         self._live: dict[str, _Live] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._held: dict[str, int] = {}   # per region: runs arriving, queued or running
+        self._arriving: dict[str, int] = {}   # per task: starts not yet queued or refused
+        self._records: dict[str, dict] | None = None   # ``_index``
         self._recovered = False
         self._last_number: int | None = None
+        # Called with a run's record when it ends (the base-image triggers
+        # dispatch what waited for it).
+        self.finished_listeners: list = []
+        # ``TaskIdentities.give``: a manual task run's grant becomes its task's identity.
+        self.give_task_identity = None
 
     # -- the files ------------------------------------------------------------------------
 
@@ -216,7 +230,10 @@ class BuildRuns:
         return self._dir("logs") / f"{run_id}.log"
 
     def _save(self, record: dict) -> None:
-        write_private(self._record_path(record["runId"]), json.dumps(record, indent=1).encode())
+        data = json.dumps(record, indent=1).encode()
+        write_private(self._record_path(record["runId"]), data)
+        if self._records is not None:
+            self._records[record["runId"]] = json.loads(data)    # a snapshot, not the live dict
         live = self._live.get(record["runId"])
         if live is not None:
             live.changed.set()
@@ -228,11 +245,28 @@ class BuildRuns:
         except FileNotFoundError:
             raise NotFound(f"no run {run_id!r}; `georeg task list-runs` shows them") from None
 
+    def _index(self) -> dict[str, dict]:
+        """Every run's record by id, read from disk once, then kept by ``_save``
+        (the triggers read all runs at every tag move and commit poll)."""
+        if self._records is None:
+            self._records = {}
+            for path in self._dir("runs").glob("*.json"):
+                record = json.loads(path.read_text())
+                self._records[record["runId"]] = record
+        return self._records
+
     def list(self, task: str | None = None) -> list[dict]:
+        """The runs (of ``task``), newest first: copies of the records in memory."""
         self._recover()
-        runs = [json.loads(p.read_text()) for p in self._dir("runs").glob("*.json")]
-        runs = [r for r in runs if task is None or r.get("task") == task]
+        runs = [dict(r) for r in self._index().values() if task is None or r.get("task") == task]
         return sorted(runs, key=lambda r: r["number"], reverse=True)
+
+    def active_tasks(self) -> set[str]:
+        """The tasks with a run arriving (its context read, its login asked for),
+        queued or running in this process: busy from the moment a start is
+        accepted, so two triggers never start one task twice."""
+        return {live.task_name for live in self._live.values() if live.task_name} \
+            | set(self._arriving)
 
     def recover(self) -> None:
         """At the management API's start: runs a crash left are Failed and their
@@ -244,10 +278,9 @@ class BuildRuns:
         if self._recovered:
             return
         self._recovered = True
-        for path in self._dir("runs").glob("*.json"):
-            record = json.loads(path.read_text())
+        for record in list(self._index().values()):
             if record["status"] not in FINAL and record["runId"] not in self._live:
-                self._finish(record, "Failed", _stopped_in(record))
+                self._finish(dict(record), "Failed", _stopped_in(record))
         scratch = self.root / "scratch"
         for left in sorted(scratch.iterdir()) if scratch.is_dir() else ():
             _remove_scratch(left)        # auth files first: a crash left live refresh tokens
@@ -273,11 +306,18 @@ class BuildRuns:
             raise TooManyRequests(f"{region} already holds {RUNS_PER_REGION} runs (arriving, queued "
                               f"or running); wait for one to end, or build in another region")
         self._held[region] = self._held.get(region, 0) + 1
+        if request.task:
+            self._arriving[request.task] = self._arriving.get(request.task, 0) + 1
         try:
             return await self._start(request, source, region)
         except BaseException:
             self._release(region)
             raise
+        finally:                           # queued now (``_live``), or refused
+            if request.task:
+                self._arriving[request.task] -= 1
+                if not self._arriving[request.task]:
+                    del self._arriving[request.task]
 
     def build_region(self, region: str | None) -> str:
         """The region a build or a task runs in (default: home), which must have a replica."""
@@ -299,7 +339,7 @@ class BuildRuns:
         scratch = self._dir("scratch") / run_id
         scratch.mkdir(mode=0o700)
         try:
-            context = await self._receive(source, scratch)
+            context, source_facts = await self._receive(source, scratch)
             file = containerfile_in(context, request.file)
             lines = variables.containerfile(file.read_text(errors="replace"))
             bases = base_images(lines, registry, aliases=(self.cluster.spec.login_server,),
@@ -307,29 +347,57 @@ class BuildRuns:
             repository, tag = image_reference(variables.substitute(request.image))
             grant = await self._login(endpoint, request.credentials, repository,
                                       sorted({b.repository for b in bases}))
+            note = await self._give_identity(request, grant, repository, bases)
         except BaseException:
             _remove_scratch(scratch)
             raise
-        record = {"runId": run_id, "number": number, "status": "Queued", "region": region,
-                  "runType": "QuickRun" if request.task is None else "TaskRun",
-                  "task": request.task, "trigger": request.trigger,
-                  "createTime": now.isoformat(), "startTime": None, "finishTime": None,
-                  "image": f"{registry}/{repository}:{tag}",
-                  "outputImages": [], "baseImages": [], "error": None,
-                  "timeoutSeconds": request.timeout_s}
-        self._live[run_id] = live = _Live()
+        record = _new_record(request, run_id, number, region, now,
+                             f"{registry}/{repository}:{tag}")
+        record["source"] = source_facts
+        self._live[run_id] = live = _Live(task_name=request.task)
         self._save(record)
+        if note:
+            self._log(run_id, f"georeg: {note}\n".encode())
         work = _Work(record, scratch, context, lines, bases, endpoint, registry,
                      request.build_args, grant)
         live.task = asyncio.create_task(self._run(work), name=f"build {run_id}")
         return record
 
-    async def _receive(self, source, scratch: Path) -> Path:
-        """The context unpacked under ``scratch``: a task's directory goes through
-        the same archive, limit and checks as an upload."""
+    async def _give_identity(self, request: BuildRequest, grant: _Grant, repository: str,
+                             bases: list) -> str | None:
+        """A manual run of a task whose caller was granted push on its image and
+        pull on its bases: the task's identity may now do that (``task_identities``),
+        for its triggered runs. What went wrong is the run's to say (None: given)."""
+        if request.task is None or request.trigger != MANUAL or grant.refresh_token is None \
+                or self.give_task_identity is None:
+            return None
+        try:
+            await self.give_task_identity(request.task, repository,
+                                          sorted({b.repository for b in bases}))
+        except ClusterError as exc:
+            log.warning("task_identity_not_given", task=request.task, error=str(exc))
+            return f"the task's identity (for its triggered runs) was not given: {exc}"
+        return None
+
+    async def _receive(self, source, scratch: Path) -> tuple[Path, dict | None]:
+        """The context unpacked under ``scratch``, and (a git context) the branch
+        and commit it is: a task's directory or commit goes through the same
+        archive, limit and checks as an upload."""
         archive = scratch / "context.tar"
         loop = asyncio.get_running_loop()
-        if isinstance(source, Path):
+        facts = None
+        if isinstance(source, GitSource):
+            # git reads the realpath checked, not the path again (a link moved between).
+            source = GitSource(task_context(str(source.path),
+                                            self.cluster.spec.tasks.context_roots,
+                                            self.cluster.data_dir), source.branch, source.commit)
+            commit = source.commit or await loop.run_in_executor(None, branch_head, source)
+            received = await loop.run_in_executor(
+                None, functools.partial(archive_commit, source, commit, archive,
+                                        max_bytes=self.max_context_bytes))
+            facts = {"repositoryUrl": str(source.path), "branchName": source.branch,
+                     "commitId": commit}
+        elif isinstance(source, Path):
             # Checked again at each run: the spec's roots may have changed, a link moved.
             source = task_context(str(source), self.cluster.spec.tasks.context_roots,
                                   self.cluster.data_dir)
@@ -354,7 +422,17 @@ class BuildRuns:
         context.mkdir()
         await loop.run_in_executor(None, unpack_context, archive, context)
         archive.unlink()
-        return context
+        return context, facts
+
+    def refused(self, request: BuildRequest, error: str) -> dict:
+        """A run that could not start, recorded ``Failed`` with why (a triggered
+        run, which no caller is waiting to hear refused)."""
+        self._recover()
+        run_id, number = self._next_id()
+        record = _new_record(request, run_id, number, request.region or
+                             self.cluster.spec.home_region, datetime.now(UTC), request.image)
+        self._finish(record, "Failed", error)
+        return record
 
     def _http(self) -> aiohttp.ClientSession:
         """A session of the caller's, not the cluster's: it carries no internal credential."""
@@ -518,6 +596,8 @@ class BuildRuns:
         finally:
             live = self._live.pop(run_id, None)
             self._release(record["region"])
+            for listener in self.finished_listeners:
+                listener(record)
             if live is not None and live.process is not None and live.process.returncode is None:
                 _kill(live.process)
                 await live.process.wait()
@@ -628,7 +708,7 @@ class BuildRuns:
         return str(answer["access_token"])
 
     async def _resolve(self, work: _Work, repository: str, reference: str) -> str:
-        headers = {"Accept": _ACCEPT}
+        headers = {"Accept": MANIFEST_ACCEPT}
         token = await self._access(work, repository)
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -647,6 +727,17 @@ class BuildRuns:
             raise _RunFailed(f"base image {repository}:{reference}: the registry answered "
                              f"HTTP {status}")
         return digest
+
+
+def _new_record(request: BuildRequest, run_id: str, number: int, region: str, now: datetime,
+                image: str) -> dict:
+    return {"runId": run_id, "number": number, "status": "Queued", "region": region,
+            "runType": "QuickRun" if request.task is None else "TaskRun",
+            "task": request.task, "trigger": request.trigger, **(request.trigger_detail or {}),
+            "createTime": now.isoformat(), "startTime": None, "finishTime": None,
+            "image": image, "identity": request.credentials[0] if request.credentials else None,
+            "outputImages": [], "baseImages": [], "error": None,
+            "timeoutSeconds": request.timeout_s}
 
 
 def _stopped_in(record: dict) -> str:

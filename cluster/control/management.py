@@ -49,8 +49,11 @@ which other processes find it.
     GET    /georeg/v1/tasks                       tasks (az acr task list; ``cluster.control.tasks``)
     POST   /georeg/v1/tasks                       {"name", "image", "contextPath", "file", "region",
                                                   "buildArgs", "timeout", "status",
-                                                  "baseImageTriggerEnabled"}
+                                                  "baseImageTriggerEnabled", "branch",
+                                                  "commitTriggerEnabled"}; triggered runs:
+                                                  ``cluster.control.triggers``
     GET    /georeg/v1/tasks/{name}
+    PATCH  /georeg/v1/tasks/{name}                az acr task update: the fields given change
     DELETE /georeg/v1/tasks/{name}
     POST   /georeg/v1/tasks/{name}/runs           az acr task run: 202 with the queued run (the
                                                   caller's login as for a build)
@@ -189,6 +192,7 @@ from .request_body import field as _field
 from .request_body import json_object as _json
 from .state import clear_running_state, write_running_state
 from .tasks import RegistryTasks
+from .triggers import TaskTriggers
 
 if TYPE_CHECKING:                      # the API serves a Cluster; the Cluster never sees the API
     from .cluster import Cluster
@@ -271,6 +275,7 @@ class ManagementServer:
         self.imports = ImageImports(cluster)
         self.builds = BuildRuns(cluster)
         self.tasks = RegistryTasks(cluster, self.builds)
+        self.triggers = TaskTriggers(cluster, self.tasks, self.builds)
         self._runner: web.AppRunner | None = None
         self.dashboard = Dashboard(cluster, faults={
             "inject": self.inject_fault, "heal": self.heal_fault, "heal_all": self.heal_all})
@@ -318,6 +323,7 @@ class ManagementServer:
         r.add_get("/georeg/v1/tasks", self.list_tasks)
         r.add_post("/georeg/v1/tasks", self.create_task)
         r.add_get("/georeg/v1/tasks/{name}", self.show_task)
+        r.add_patch("/georeg/v1/tasks/{name}", self.update_task)
         r.add_delete("/georeg/v1/tasks/{name}", self.delete_task)
         r.add_post("/georeg/v1/tasks/{name}/runs", self.run_task)
         r.add_get("/georeg/v1/runs", self.list_runs)
@@ -395,10 +401,12 @@ class ManagementServer:
             host, port = self.cluster.management_address
             site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=tls)
         await site.start()
+        self.triggers.start()
         write_running_state(self.cluster.data_dir, self.url, self.cluster.started_at)
 
     async def stop(self) -> None:
         clear_running_state(self.cluster.data_dir)
+        await self.triggers.stop()
         await self.builds.stop()
         await self.dashboard.close()
         if self._runner is not None:
@@ -857,6 +865,10 @@ class ManagementServer:
         name = _field(body, "name", str)
         del body["name"]
         return web.json_response(await self.tasks.create(name, body), status=201)
+
+    async def update_task(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.tasks.update(request.match_info["name"],
+                                                         await _json(request)))
 
     async def delete_task(self, request: web.Request) -> web.Response:
         await self.tasks.delete(request.match_info["name"])

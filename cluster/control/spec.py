@@ -247,9 +247,12 @@ class TasksSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The ``[tasks]`` table. ``context_roots``: the absolute directories a task's
     context may lie under (``georeg task create --context``); none by default,
     so a task cannot be made until the owner names where its sources live. The
-    cluster's data dir is refused whatever this says (``containerfile.task_context``)."""
+    cluster's data dir is refused whatever this says (``containerfile.task_context``).
+    ``commit_poll_seconds``: how often the commit trigger reads the branch tips
+    of tasks with a git context (``cluster.control.triggers``), 0.1 to 3600."""
 
     context_roots: tuple[str, ...] = ()
+    commit_poll_seconds: float = 10.0
 
 
 LIMIT_MODES = ("off", "tier")
@@ -558,6 +561,9 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
     for root in spec.tasks.context_roots:
         if not root.startswith("/"):
             problems.append(f"tasks.context_roots: {root[:100]!r} is not an absolute path")
+    if not 0.1 <= spec.tasks.commit_poll_seconds <= 3600:
+        problems.append("tasks.commit_poll_seconds is 0.1 to 3600 (seconds between two looks "
+                        "at a git task's branch)")
     for name in spec.residency.confined_regions:
         if name not in REGIONS:
             problems.append("residency.confined_regions: " + unknown_region_message(name))

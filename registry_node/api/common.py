@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..configuration import Configuration
     from ..pull_through import PullThrough
     from ..registry import Registry
+    from ..tag_moves import TagMoveLog
     from ..untagged import UntaggedRetention
     from ..webhook_delivery import WebhookDelivery
 
@@ -31,6 +32,8 @@ WEBHOOKS: web.AppKey[WebhookDelivery] = web.AppKey("webhooks", object)  # type: 
 PULL_THROUGH: web.AppKey[PullThrough] = web.AppKey("pull_through", object)  # type: ignore[arg-type]
 # The node's sweep of untagged manifests (``registry_node.untagged``).
 RETENTION: web.AppKey[UntaggedRetention] = web.AppKey("retention", object)  # type: ignore[arg-type]
+# The tag moves of the node's log (``registry_node.tag_moves``).
+TAG_MOVES: web.AppKey[TagMoveLog] = web.AppKey("tag_moves", object)  # type: ignore[arg-type]
 # The node's blob bandwidth budgets (``registry_node.bandwidth``); unshaped: both None.
 BANDWIDTH: web.AppKey[Bandwidth] = web.AppKey("bandwidth", Bandwidth)
 

@@ -23,6 +23,7 @@ from . import (
     metadata,
     metrics,
     retention,
+    tag_moves,
     throttling,
     uploads,
     webhooks,
@@ -100,6 +101,8 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/georeg/v1/configuration/{kind}/{name}", configuration.delete_object),
     # One sweep of untagged manifests, asked by the control process (registry_node.untagged).
     Route("POST", "/georeg/v1/retention/sweep", retention.sweep),
+    # Where tags moved, from the node's log (the control process's base-image triggers).
+    Route("GET", "/georeg/v1/tag-moves", tag_moves.get_tag_moves),
     # Webhook deliveries from this node (the control plane's ping, list-events, redeliver).
     Route("POST", "/georeg/v1/webhooks/{name}/ping", webhooks.ping),
     Route("GET", "/georeg/v1/webhooks/{name}/events", webhooks.list_events),

@@ -12,11 +12,16 @@ cannot be made.
 from __future__ import annotations
 
 import asyncio
-import time
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from cluster.control import spec as specs
+from cluster.control.plan import plan
 from cluster.network import namespaces
 from cluster.network.namespaces import HostNetwork
 from cluster.testing import RunningCluster
@@ -29,12 +34,85 @@ from tests.helpers import (
     write_oci_layout,
 )
 
-pytestmark = pytest.mark.interop
-
 HOME, ZONED, CONFINED = "eastus", "westeurope", "brazilsouth"
 REGIONS = (HOME, ZONED, CONFINED)
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
+
+
+CONTROL = "10.9.0.1"
+# Run on a host: where a connection off the bridge gets, and whether it sees the paths given.
+PROBE = """
+import json, os, socket, sys
+try:
+    socket.create_connection(("192.0.2.1", 80), timeout=2).close()
+    route = 0
+except OSError as exc:
+    route = exc.errno
+print(json.dumps({"route": route, "seen": [os.path.exists(p) for p in sys.argv[1:]]}))
+"""
+
+
+def _placed(hosts: dict[str, str], **fields) -> specs.ClusterSpec:
+    return specs.ClusterSpec(
+        home_region=HOME, replicas=(specs.ReplicaSpec(ZONED, zone_redundant=True),
+                                    specs.ReplicaSpec(CONFINED)),
+        network=specs.NetworkSpec(**{"host": CONTROL, "hosts": hosts, **fields})).seeded(7)
+
+
+def test_a_spec_places_regions_and_zone_nodes_on_hosts_and_the_rest_stays_on_loopback():
+    spec = specs.validate(_placed({ZONED: "10.9.0.2", f"{ZONED}-2": "10.9.0.3",
+                                   CONFINED: "10.9.0.4"}), "test")
+    p = plan(spec, Path("/srv/cluster"))
+    where = {n.name: (n.host, n.data_dir) for n in p.all_nodes}
+    assert where[f"{ZONED}-1"] == ("10.9.0.2", Path(f"/data/nodes/{ZONED}-1"))
+    assert where[f"{ZONED}-2"] == ("10.9.0.3", Path(f"/data/nodes/{ZONED}-2"))
+    assert where[CONFINED] == ("10.9.0.4", Path(f"/data/nodes/{CONFINED}"))
+    # Not placed: the home region, and the paired copies (their regions are not placed).
+    assert where[HOME] == ("127.0.0.1", Path(f"/srv/cluster/nodes/{HOME}"))
+    assert {where[c.name][0] for c in p.pair_copies} == {"127.0.0.1"}
+
+    # A placed node listens on its host and dials its peers through links on the
+    # control process's address; an unplaced one, through links on loopback.
+    confined = p.node(CONFINED)
+    view = p.view(confined)
+    assert view.grpc_listen == f"10.9.0.4:{confined.grpc_port}"
+    assert {peer.grpc.rpartition(":")[0] for peer in view.peers} == {CONTROL}
+    assert {peer.grpc.rpartition(":")[0] for peer in p.view(p.node(HOME)).peers} == {"127.0.0.1"}
+    link = p.link(HOME, CONFINED)
+    assert (link.listen_host, link.target_host, link.target_port) == \
+        ("127.0.0.1", "10.9.0.4", confined.grpc_port)
+    assert p.management_link(CONFINED).target_host == "10.9.0.4"
+    assert f"10.9.0.4:{confined.http_port}" in p.client_addresses()
+
+    # Its files are paths on its host; the control process keeps their originals.
+    assert confined.view_file == Path(f"/data/views/{CONFINED}.json")
+    assert confined.given_files and all(f.is_relative_to("/data") for f in confined.given_files)
+    assert p.control_copy(confined, confined.access.key_file) == \
+        Path(f"/srv/cluster/auth/ca/nodes/{CONFINED}/node.key")
+    assert p.control_copy(p.node(HOME), p.node(HOME).access.key_file) == \
+        p.node(HOME).access.key_file
+
+
+def test_without_hosts_every_node_is_on_loopback_in_the_cluster_data_dir():
+    p = plan(specs.ClusterSpec(replicas=(specs.ReplicaSpec(ZONED, zone_redundant=True),))
+             .seeded(7), Path("/srv/cluster"))
+    assert {(n.host, n.host_root) for n in p.all_nodes} == {("127.0.0.1", None)}
+    assert {(link.listen_host, link.target_host) for link in p.links} == {("127.0.0.1",) * 2}
+    assert all(n.data_dir.is_relative_to("/srv/cluster") for n in p.all_nodes)
+
+
+def test_a_spec_refuses_hosts_nobody_can_reach_and_names_it_cannot_place():
+    with pytest.raises(specs.SpecError) as caught:
+        specs.validate(_placed({"westeurope-7": "10.9.0.2", "mars": "10.9.0.3",
+                                CONFINED: "127.0.0.2"}, host="0.0.0.0",
+                               host_data_dir="data"), "test")
+    text = str(caught.value)
+    assert "'westeurope-7' names neither a region" in text
+    assert "'mars' names neither a region" in text
+    assert "network.hosts.brazilsouth: '127.0.0.2' is not an address other hosts reach" in text
+    assert "network.host '0.0.0.0': with [network.hosts], the control process" in text
+    assert "network.host_data_dir 'data' is not an absolute path" in text
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +160,21 @@ async def _holds(session, base: str, repo: str, ref: str) -> bool:
         return r.status == 200
 
 
+@pytest.mark.interop
 async def test_pushes_replicate_across_hosts_and_confined_and_quorum_writes_stay_where_they_must(
         running, hosts, tmp_path):
     _, by_region = hosts
-    started = time.monotonic()
     # Every node listens on its own host's address, not on loopback.
     nodes = running.cluster.plan.nodes
     assert {n.host for n in nodes} == {h.address for h in by_region.values()}
+    # A host has no route off the bridge, and sees neither the control
+    # process's data dir nor another host's data.
+    probe = await asyncio.to_thread(
+        subprocess.run, by_region[HOME].command([sys.executable, "-c", PROBE,
+                                                 str(running.data_dir), str(by_region[ZONED].data)]),
+        capture_output=True, text=True, timeout=30)
+    assert json.loads(probe.stdout) == {"route": errno.ENETUNREACH, "seen": [False, False]}, \
+        probe.stderr
 
     # skopeo through the home region's global endpoint: on every host.
     skopeo = Skopeo(tmp_path / "skopeo", running.endpoint(HOME).removeprefix("http://"),
@@ -125,12 +211,11 @@ async def test_pushes_replicate_across_hosts_and_confined_and_quorum_writes_stay
     for blob in map(digest_of, confined.blobs):
         assert _on_disk(by_region[CONFINED], blob)
         assert not _on_disk(by_region[HOME], blob) and not _on_disk(by_region[ZONED], blob)
-    print(f"pushes across hosts: {time.monotonic() - started:.1f}s")
 
 
+@pytest.mark.interop
 async def test_a_host_cut_off_or_losing_power_fails_over_and_verify_is_clean(running, hosts):
     _, by_region = hosts
-    started = time.monotonic()
     image = make_image(seed=31)
     async with running.http() as http:
         await push_image(http, running.regional_endpoint(ZONED), "failover", image, "v1")
@@ -145,7 +230,6 @@ async def test_a_host_cut_off_or_losing_power_fails_over_and_verify_is_clean(run
                 return r.headers.get("X-Georeg-Replica", "") if r.status == 200 else ""
 
         # The home host's network cut (its veth down): its clients go elsewhere.
-        print(f"  pushed {time.monotonic() - started:.1f}s")
         by_region[HOME].isolate()
         try:
             await eventually(lambda: _served_elsewhere(served_by, HOME), timeout=20,
@@ -154,17 +238,13 @@ async def test_a_host_cut_off_or_losing_power_fails_over_and_verify_is_clean(run
             by_region[HOME].heal()
         # Brazil South's host loses power (every process on it killed): its
         # clients go elsewhere, and its node comes back when restarted.
-        print(f"  isolated+failover {time.monotonic() - started:.1f}s")
         assert by_region[CONFINED].kill()
         await eventually(lambda: _served_elsewhere(served_by, CONFINED), timeout=20,
                          what="brazilsouth's clients served by another host")
-    print(f"  killed+failover {time.monotonic() - started:.1f}s")
     await asyncio.to_thread(running.restart, CONFINED)
     await asyncio.to_thread(running.run, lambda: running.cluster.wait_ready(timeout=30))
-    print(f"  restarted {time.monotonic() - started:.1f}s")
     report = await asyncio.to_thread(running.verify, 30)
     assert report.ok, report.as_dict()
-    print(f"failover across hosts: {time.monotonic() - started:.1f}s")
 
 
 async def _served_elsewhere(served_by, location: str) -> bool:

@@ -237,8 +237,10 @@ class Supervisor:
             return LOCAL
         host = self.hosts.get(node.host)
         if host is None:
-            raise NodeStartError(f"node {node.name} is placed on {node.host} (network.hosts), "
-                                 f"but the cluster was given no host for that address")
+            raise NodeStartError(
+                f"node {node.name} is placed on {node.host} ([network.hosts]), but the cluster "
+                f"was given no way to run it there: start a multi-host cluster from Python with "
+                f"Cluster.start(spec, hosts={{address: host}}) (docs/multihost.md)")
         return host
 
     def put_files(self, node: NodePlan) -> None:

@@ -22,8 +22,9 @@ import pytest
 
 from cluster.control import spec as specs
 from cluster.control.plan import plan
+from cluster.image import layout
 from cluster.network import namespaces
-from cluster.network.namespaces import HostNetwork
+from cluster.network.namespaces import BoundRoot, HostNetwork, ImageRoot
 from cluster.testing import RunningCluster
 from tests.helpers import (
     Skopeo,
@@ -36,6 +37,7 @@ from tests.helpers import (
 
 HOME, ZONED, CONFINED = "eastus", "westeurope", "brazilsouth"
 REGIONS = (HOME, ZONED, CONFINED)
+PROJECT = Path(__file__).resolve().parents[1]
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
 
@@ -115,14 +117,27 @@ def test_a_spec_refuses_hosts_nobody_can_reach_and_names_it_cannot_place():
     assert "network.host_data_dir 'data' is not an absolute path" in text
 
 
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
+def _image_root(directory: Path) -> ImageRoot:
+    """georeg's image as ``make image`` left it in build/image, unpacked once."""
+    out = PROJECT / "build" / "image"
+    if not (out / "index.json").exists():
+        pytest.fail(f"{out} holds no image: `make image-test` builds it first")
+    layout.unpack(out, "latest", directory)
+    return ImageRoot(directory)
+
+
+# Hosts' root file systems: this machine's Python and georeg bound read-only
+# (make test), or georeg's image (make image-test: it needs `make image`).
+@pytest.fixture(scope="module", params=["bound", pytest.param("image", marks=pytest.mark.image)])
+def hosts(request, tmp_path_factory):
     why = namespaces.available()
     if why:
         pytest.skip(f"multi-host mode needs network namespaces, which cannot be made here: {why}")
+    root_fs = (_image_root(tmp_path_factory.mktemp("image-root")) if request.param == "image"
+               else BoundRoot())
     network = HostNetwork(tmp_path_factory.mktemp("hosts"))
     try:
-        yield network, {region: network.add_host(region) for region in REGIONS}
+        yield network, {region: network.add_host(region, root_fs) for region in REGIONS}
     finally:
         network.close()
 

@@ -13,11 +13,14 @@ namespaces the host's nodes enter (``nsenter`` + ``chroot``):
   bridge, ``grv<pid>x<k>``), the host's address, no default route: a node
   reaches the bridge's subnet and nothing else, and this namespace does not
   forward, so no packet leaves the machine;
-- mount: a tmpfs root with this machine's ``/usr`` and ``/etc``, and the
-  Python and georeg that run the control process, bound read-only at their
-  own paths; a private ``/proc``, ``/tmp`` and minimal ``/dev``; and the
-  host's own data directory, writable, at ``/data`` (``data_mount``), which no
-  other host sees.
+- mount: a root file system, read-only, of one of two kinds: ``BoundRoot``
+  (the default: a tmpfs with this machine's ``/usr`` and ``/etc`` and the
+  Python and georeg that run the control process bound at their own paths;
+  built in a third of a second, nothing downloaded) or ``ImageRoot`` (georeg's
+  OCI image unpacked, ``make image``: its Python, wheels and launcher, nodes
+  running as the image's user); in both, a private ``/proc``, ``/tmp`` and
+  minimal ``/dev``, and the host's own data directory, writable, at ``/data``
+  (``data_mount``), which no other host sees.
 
 The holder dies with the thread that made it (``setpriv --pdeathsig``), and
 its mounts with its mount namespace once it and the host's nodes are gone;
@@ -46,6 +49,7 @@ import sys
 from pathlib import Path
 
 from ..control.hosts import write_replacing
+from ..image import rootfs as image_rootfs
 
 SUBNETS = "10.213"            # /16 whose /24s the bridges take
 PREFIX_LEN = 24
@@ -55,6 +59,10 @@ READY = "georeg-host-ready"
 DEVICES = ("null", "zero", "random", "urandom")
 MAX_HOSTS = 250
 COMMAND_TIMEOUT_S = 10.0
+# In georeg's image: its launcher, its Python and its user.
+IMAGE_LAUNCHER = f"/{image_rootfs.LAUNCHER}"
+IMAGE_PYTHON = f"/usr/bin/python{image_rootfs.PYTHON}"
+IMAGE_USER = (image_rootfs.USER.uid, image_rootfs.USER.gid)
 
 
 def available() -> str:
@@ -137,13 +145,15 @@ class HostNetwork:
     def host_address(self, k: int) -> str:
         return f"{SUBNETS}.{self.subnet}.{k}"
 
-    def add_host(self, name: str) -> NamespaceHost:
-        """A new host on the bridge, with the next address."""
+    def add_host(self, name: str, root_fs: BoundRoot | ImageRoot | None = None) -> NamespaceHost:
+        """A new host on the bridge, with the next address (root file system:
+        ``BoundRoot`` unless given)."""
         if len(self.hosts) >= MAX_HOSTS:
             raise RuntimeError(f"at most {MAX_HOSTS} hosts on one bridge")
         k = len(self.hosts) + 2
         host = NamespaceHost(name, self.host_address(k), self.workdir / "hosts" / name,
-                             veth=f"{VETH_PREFIX}{os.getpid()}x{k}", bridge=self.bridge)
+                             veth=f"{VETH_PREFIX}{os.getpid()}x{k}", bridge=self.bridge,
+                             root_fs=root_fs)
         self.hosts.append(host)
         host.start()
         return host
@@ -162,13 +172,66 @@ class HostNetwork:
         self.close()
 
 
+class BoundRoot:
+    """A root of this machine's ``/usr`` and ``/etc`` and the Python and georeg
+    that run here (outside ``/usr``: the venv, the interpreter it was made
+    from, the checkout), bound read-only at their own paths on a small tmpfs."""
+
+    user: tuple[int, int] | None = None     # nodes run as root, as this process
+
+    def mounts(self, root: str) -> list[str]:
+        lines = [f"mount -t tmpfs -o mode=755,size=16m georeg-host {root}", f"cd {root}",
+                 "mkdir -p usr etc proc dev tmp data"]
+        for entry in sorted(Path("/").iterdir()):     # merged /usr: bin -> usr/bin, …
+            if entry.is_symlink():
+                lines.append(f"ln -s {shlex.quote(os.readlink(entry))} {entry.name}")
+        for source in ("/usr", "/etc", *self._python_paths()):
+            target = f"{root}{shlex.quote(source)}"
+            lines += [f"mkdir -p {target}", f"mount --bind -o ro {shlex.quote(source)} {target}"]
+        return lines
+
+    def command(self, argv: list[str]) -> list[str]:
+        return argv
+
+    @staticmethod
+    def _python_paths() -> list[str]:
+        """The interpreter, environment and georeg that run here, outside /usr."""
+        project = Path(__file__).resolve().parents[2]
+        paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), project}
+        paths = {p for p in paths if not p.is_relative_to("/usr")}
+        # Nested ones come with their parent's bind.
+        return sorted(str(p) for p in paths
+                      if not any(p != q and p.is_relative_to(q) for q in paths))
+
+
+class ImageRoot:
+    """georeg's OCI image unpacked at ``directory`` (``cluster.image.layout.unpack``),
+    bound read-only; commands for this process's Python run the image's
+    (``georeg`` for ``python -m cluster.cli``), as the image's user."""
+
+    def __init__(self, directory: Path, user: tuple[int, int] = IMAGE_USER) -> None:
+        self.directory = directory
+        self.user = user
+
+    def mounts(self, root: str) -> list[str]:
+        return [f"mount --bind -o ro {shlex.quote(str(self.directory))} {root}"]
+
+    def command(self, argv: list[str]) -> list[str]:
+        if argv[:3] == [sys.executable, "-m", "cluster.cli"]:
+            return [IMAGE_LAUNCHER, *argv[3:]]
+        if argv[:1] == [sys.executable]:
+            return [IMAGE_PYTHON, *argv[1:]]
+        return argv
+
+
 class NamespaceHost:
     """One host: its namespaces, address, root file system and data (a ``NodeHost``)."""
 
     data_mount = Path("/data")
 
     def __init__(self, name: str, address: str, directory: Path, *, veth: str,
-                 bridge: str) -> None:
+                 bridge: str, root_fs: BoundRoot | ImageRoot | None = None) -> None:
+        self.root_fs = root_fs or BoundRoot()
         self.name = name
         self.address = address
         self.directory = directory
@@ -182,11 +245,22 @@ class NamespaceHost:
 
     def command(self, argv: list[str]) -> list[str]:
         assert self.holder is not None, f"host {self.name} is not started"
+        user = self.root_fs.user
+        userspec = [f"--userspec={user[0]}:{user[1]}"] if user else []
         return ["nsenter", f"--target={self.holder.pid}", "--net", "--mount", "--",
-                "chroot", str(self.root), *argv]
+                "chroot", *userspec, str(self.root), *self.root_fs.command(argv)]
 
     def put(self, path: Path, data: bytes) -> None:
-        write_replacing(self.local(path), data)
+        local = self.local(path)
+        write_replacing(local, data)
+        self._own(local)
+
+    def _own(self, path: Path) -> None:
+        """``path`` and the directories up to ``/data`` owned by the nodes' user."""
+        user = self.root_fs.user
+        while user is not None and path.is_relative_to(self.data):
+            os.chown(path, *user)
+            path = path.parent
 
     def remove(self, path: Path) -> None:
         shutil.rmtree(self.local(path), ignore_errors=True)
@@ -205,6 +279,7 @@ class NamespaceHost:
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.data.mkdir(parents=True, exist_ok=True)
+        self._own(self.data)
         self.holder = subprocess.Popen(
             ["setpriv", "--pdeathsig", "KILL", "unshare", "--net", "--mount",
              "sh", "-c", self._script()],
@@ -230,16 +305,8 @@ class NamespaceHost:
     def _script(self) -> str:
         """The holder's: loopback up, the root file system mounted, then wait."""
         root = shlex.quote(str(self.root))
-        lines = ["set -e", "ip link set lo up",
-                 f"mount -t tmpfs -o mode=755,size=16m georeg-host {root}", f"cd {root}",
-                 "mkdir -p usr etc proc dev tmp data"]
-        for entry in sorted(Path("/").iterdir()):     # merged /usr: bin -> usr/bin, …
-            if entry.is_symlink():
-                lines.append(f"ln -s {shlex.quote(os.readlink(entry))} {entry.name}")
-        for source in ("/usr", "/etc", *self._python_paths()):
-            target = f"{root}{shlex.quote(source)}"
-            lines += [f"mkdir -p {target}", f"mount --bind -o ro {shlex.quote(source)} {target}"]
-        lines += [f"mount -t proc proc {root}/proc",
+        lines = ["set -e", "ip link set lo up", *self.root_fs.mounts(root),
+                 f"mount -t proc proc {root}/proc",
                   f"mount -t tmpfs -o mode=1777,size=64m tmp {root}/tmp",
                   f"mount -t tmpfs -o mode=755,size=64k dev {root}/dev"]
         for device in DEVICES:
@@ -247,16 +314,6 @@ class NamespaceHost:
         lines += [f"mount --bind {shlex.quote(str(self.data))} {root}{self.data_mount}",
                   f"echo {READY}", "exec sleep infinity"]
         return "\n".join(lines)
-
-    @staticmethod
-    def _python_paths() -> list[str]:
-        """The interpreter, environment and georeg that run here, outside /usr."""
-        project = Path(__file__).resolve().parents[2]
-        paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), project}
-        paths = {p for p in paths if not p.is_relative_to("/usr")}
-        # Nested ones come with their parent's bind.
-        return sorted(str(p) for p in paths
-                      if not any(p != q and p.is_relative_to(q) for q in paths))
 
     def processes(self) -> list[int]:
         """Every process in this host's network namespace but the holder."""

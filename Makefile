@@ -81,9 +81,10 @@ image: install
 	$(PY) -m cluster.image --out build/image $(if $(PUSH),--push '$(PUSH)') $(if $(PUSH_FLAGS),--push-flags='$(PUSH_FLAGS)')
 
 # The image's own test, out of `make test` (a cold cache runs mmdebstrap): the
-# cached stages are made by `make image` first, then the test builds again and runs it.
+# cached stages are made by `make image` first, then the test builds again and runs it;
+# then the multi-host test on hosts whose root file system is the image (docs/multihost.md).
 image-test: image
-	$(PY) -m pytest -m image tests/test_image.py
+	$(PY) -m pytest -m image tests/test_image.py tests/test_multihost.py
 
 # The 40 slowest tests are listed at the end: the suite's budget is 15 minutes, and
 # a CI log that names where they go is what keeps it there.

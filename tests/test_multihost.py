@@ -123,6 +123,7 @@ def _image_root(directory: Path) -> ImageRoot:
     if not (out / "index.json").exists():
         pytest.fail(f"{out} holds no image: `make image-test` builds it first")
     layout.unpack(out, "latest", directory)
+    directory.chmod(0o755)          # its "/" (pytest made it 0700): the image's user walks it
     return ImageRoot(directory)
 
 

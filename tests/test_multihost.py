@@ -107,12 +107,13 @@ def test_without_hosts_every_node_is_on_loopback_in_the_cluster_data_dir():
 def test_a_spec_refuses_hosts_nobody_can_reach_and_names_it_cannot_place():
     with pytest.raises(specs.SpecError) as caught:
         specs.validate(_placed({"westeurope-7": "10.9.0.2", "mars": "10.9.0.3",
-                                CONFINED: "127.0.0.2"}, host="0.0.0.0",
+                                CONFINED: "127.0.0.2", ZONED: "fd00::2"}, host="0.0.0.0",
                                host_data_dir="data"), "test")
     text = str(caught.value)
     assert "'westeurope-7' names neither a region" in text
     assert "'mars' names neither a region" in text
     assert "network.hosts.brazilsouth: '127.0.0.2' is not an address other hosts reach" in text
+    assert "network.hosts.westeurope: 'fd00::2': IPv6 addresses are not supported" in text
     assert "network.host '0.0.0.0': with [network.hosts], the control process" in text
     assert "network.host_data_dir 'data' is not an absolute path" in text
 

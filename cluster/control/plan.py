@@ -30,16 +30,18 @@ delivers, gets none); each serving node's view carries its share of its
 replica's blob bandwidth (``node_bandwidth``: the budget divided by the
 replica's zones).
 
-Hosts (docs/multihost.md): a node is on the control process's host
-(``ClusterPlan.host``, the spec's ``network.host``) unless the spec's
-``[network.hosts]`` places its region, or the node itself, on a host of its
-own, by address. A node so placed listens on that address, and every file
+Hosts (docs/multihost.md): a node runs on the control process's host,
+listening on loopback, unless the spec's ``[network.hosts]`` places its
+region, or the node itself, on a host of its own, by address (``placement``).
+A node so placed listens on that address, and every file
 its command line names (data dir, view, access and TLS files, configuration
 key) is a path on that host, under ``network.host_data_dir`` (``host_root``):
 the control process puts them there through the host (``cluster.control.hosts``)
 and never reads them back. Links, endpoints and the management API stay on
-the control process's host, and reach each node at its own address; a node
-reaches its peers through its links there, so every byte between two hosts
+the control process's host (``ClusterPlan.host``, the spec's ``network.host``),
+and reach each node at its own address; a node reaches its peers through its
+links (``LinkPlan.listen_host``: loopback for a node on the control process's
+host, ``network.host`` for a placed one), so every byte between two hosts
 crosses a link. A paired-region copy runs on its pair region's host when
 that region is placed, on the control process's host otherwise.
 """

@@ -641,6 +641,9 @@ def _host_problems(spec: ClusterSpec) -> list[str]:
         if _loopback_or_wildcard(address):
             problems.append(f"network.hosts.{key}: {address!r} is not an address other hosts "
                             f"reach; give the host's own address (e.g. 10.88.0.3)")
+        elif ":" in address:
+            problems.append(f"network.hosts.{key}: {address!r}: IPv6 addresses are not "
+                            f"supported here yet; give the host's IPv4 address or name")
     if _loopback_or_wildcard(network.host):
         problems.append(f"network.host {network.host!r}: with [network.hosts], the control "
                         f"process (links, endpoints, management API) must listen on an address "

@@ -221,7 +221,6 @@ class Supervisor:
                                               headers=self.internal_headers,
                                               connector=aiohttp.TCPConnector(ssl=tls or True))
         for node in plan.all_nodes:
-            self.put_files(node)
             self.put_view(node, plan.view(node, self.settings))
         await asyncio.get_running_loop().run_in_executor(None, ensure_bytecode)
         try:
@@ -245,7 +244,8 @@ class Supervisor:
 
     def put_files(self, node: NodePlan) -> None:
         """The files the cluster made for ``node`` (access, TLS, configuration
-        key) put on its own host (a node on this one reads them in place)."""
+        key) put on its own host (a node on this one reads them in place).
+        A few small files, put before every start of the node."""
         if node.host_root is None:
             return
         host = self.host(node)
@@ -305,6 +305,9 @@ class Supervisor:
         node.paused = False             # a new process: never stopped by us yet
         self._set_state(node, "starting")
         node.plan.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # At every start (a new replica's node, a host that lost them); through
+        # the host, which may be another machine: off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self.put_files, node.plan)
         env = node_environment(os.environ, self.node_env)
         with open(node.plan.log_file, "ab") as log_file:  # noqa: ASYNC230 - a local append, microseconds
             node.process = await asyncio.create_subprocess_exec(

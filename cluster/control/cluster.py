@@ -97,7 +97,7 @@ from .errors import (
 from .hosts import NodeHost
 from .identities import ACCESS_KINDS, RegistryAccess
 from .lifecycle import RETENTION_FIELDS, RegistryLifecycle, purge_as_client
-from .plan import ClusterPlan, NodePlan, plan
+from .plan import ClusterPlan, plan
 from .schedules import Scheduler
 from .state import save_spec, saved_spec
 from .supervisor import NodeRuntime, Supervisor
@@ -593,7 +593,7 @@ class Cluster:
             nodes.append({
                 "name": node.name, "region": node.plan.region, "zone": node.plan.zone,
                 "http": node.url, "data_dir": str(node.plan.data_dir), "pid": node.pid,
-                "host": _placed_on(node.plan),
+                "host": node.plan.own_host,
                 "health": node.state,
                 "healthy": node.healthy, "reason": node.reason or None,
                 "routing": routing.get(node.plan.region, replicas[node.plan.region].global_routing),
@@ -624,7 +624,7 @@ class Cluster:
             "nodes": nodes,
             "paired_copies": [{
                 "name": n.name, "keeps": n.plan.copy_of, "region": n.plan.region,
-                "data_dir": str(n.plan.data_dir), "host": _placed_on(n.plan),
+                "data_dir": str(n.plan.data_dir), "host": n.plan.own_host,
                 "health": n.state, "healthy": n.healthy, "http": n.url,
                 "images": sum(c["images"] for c in (n.info.get("content") or {}).values()),
             } for n in self.supervisor.nodes.values() if n.plan.copy_of],
@@ -694,7 +694,7 @@ class Cluster:
         # A node on a host of its own is checked over the network only: its data
         # dir is on that host, which this process never reads.
         return [NodeTarget(n.name, n.plan.region, n.url, n.plan.zone,
-                           None if _placed_on(n.plan) else n.plan.data_dir, n.healthy,
+                           None if n.plan.own_host else n.plan.data_dir, n.healthy,
                            "" if n.healthy else down_reason(n.state, n.reason), n.plan.copy_of)
                 for n in self.supervisor.nodes.values()]
 
@@ -1148,12 +1148,6 @@ class Cluster:
         save_spec(self.data_dir, new_spec)
         if self.routing is not None:
             await self.routing.refresh()
-
-
-def _placed_on(node: NodePlan) -> str | None:
-    """The address of the host of its own ``node`` runs on (None: this process's
-    host, where its data dir is readable)."""
-    return node.host if node.host_root is not None else None
 
 
 def _without(current: ClusterPlan, gone: list[str], spec: specs.ClusterSpec) -> ClusterPlan:

@@ -154,6 +154,12 @@ class NodePlan:
         return f"{self.region}/{self.zone}" if self.zone else self.region
 
     @property
+    def own_host(self) -> str | None:
+        """The address of the host of its own it runs on (None: the control
+        process's host, where its files are readable)."""
+        return self.host if self.host_root is not None else None
+
+    @property
     def given_files(self) -> tuple[Path, ...]:
         """The files its command line names that the cluster makes (access, TLS,
         configuration key), as paths where the node runs."""

@@ -96,6 +96,18 @@ def test_a_spec_places_regions_and_zone_nodes_on_hosts_and_the_rest_stays_on_loo
         p.node(HOME).access.key_file
 
 
+def test_placement_is_decided_by_the_spec_even_when_both_data_dirs_are_the_same_path():
+    # The control process run from georeg's image: its data dir is /data, as
+    # network.host_data_dir's default is.
+    p = plan(specs.validate(_placed({CONFINED: "10.9.0.4"}), "test"), Path("/data"))
+    confined, home = p.node(CONFINED), p.node(HOME)
+    assert (confined.host, confined.host_root, confined.own_host) == \
+        ("10.9.0.4", Path("/data"), "10.9.0.4")
+    assert (home.host, home.host_root, home.own_host) == ("127.0.0.1", None, None)
+    assert p.link(HOME, CONFINED).listen_host == "127.0.0.1"
+    assert p.link(CONFINED, HOME).listen_host == CONTROL
+
+
 def test_without_hosts_every_node_is_on_loopback_in_the_cluster_data_dir():
     p = plan(specs.ClusterSpec(replicas=(specs.ReplicaSpec(ZONED, zone_redundant=True),))
              .seeded(7), Path("/srv/cluster"))
@@ -107,11 +119,15 @@ def test_without_hosts_every_node_is_on_loopback_in_the_cluster_data_dir():
 def test_a_spec_refuses_hosts_nobody_can_reach_and_names_it_cannot_place():
     with pytest.raises(specs.SpecError) as caught:
         specs.validate(_placed({"westeurope-7": "10.9.0.2", "mars": "10.9.0.3",
+                                "brazilsouth-1": "10.9.0.5", "japaneast": "10.9.0.6",
                                 CONFINED: "127.0.0.2", ZONED: "fd00::2"}, host="0.0.0.0",
-                               host_data_dir="data"), "test")
+                               host_data_dir="data").with_auth("none"), "test")
     text = str(caught.value)
-    assert "'westeurope-7' names neither a region" in text
-    assert "'mars' names neither a region" in text
+    # A key that places nothing (a zone of a region without zones, a region
+    # that is no replica) is refused, not ignored.
+    for key in ("westeurope-7", "mars", "brazilsouth-1", "japaneast"):
+        assert f"network.hosts: '{key}' places no node of this cluster" in text
+    assert "auth 'none' with [network.hosts]" in text
     assert "network.hosts.brazilsouth: '127.0.0.2' is not an address other hosts reach" in text
     assert "network.hosts.westeurope: 'fd00::2': IPv6 addresses are not supported" in text
     assert "network.host '0.0.0.0': with [network.hosts], the control process" in text

@@ -385,17 +385,19 @@ def zone_redundancy(replica: ReplicaSpec) -> ZoneRedundancy:
     return ZoneRedundancy(enabled=True, zones=replica.zones, write_quorum=replica.write_quorum)
 
 
-def placement(spec: ClusterSpec, name: str, region: str, data_dir: Path) -> tuple[str, Path]:
+def placement(spec: ClusterSpec, name: str, region: str) -> tuple[str, Path | None]:
     """Where node ``name`` of ``region`` runs: the address it listens on, and
-    the directory its files are under there. On the control process's host:
-    loopback (only its links, the endpoints and the supervisor reach it, and
-    all of them are there, whatever address ``network.host`` opens to
-    clients) and the cluster's data dir. On a host of its own: that host's
-    address and ``network.host_data_dir``."""
+    the directory its files are under on a host of its own (``host_root``).
+    On the control process's host: loopback (only its links, the endpoints
+    and the supervisor reach it, and all of them are there, whatever address
+    ``network.host`` opens to clients) and None (its files are in the
+    cluster's data dir). On a host of its own: that host's address and
+    ``network.host_data_dir``, whatever the control data dir is (both can
+    be ``/data``: the decision is this one, never re-inferred from paths)."""
     hosts = spec.network.hosts
     address = hosts.get(name) or hosts.get(region)
     if address is None:
-        return LOOPBACK, data_dir
+        return LOOPBACK, None
     return address, Path(spec.network.host_data_dir)
 
 
@@ -414,7 +416,8 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
         for zone in replica.zones:
             i = len(nodes)
             name = node_name(replica.region, zone)
-            address, root = placement(spec, name, replica.region, data_dir)
+            address, host_root = placement(spec, name, replica.region)
+            root = host_root or data_dir
             nodes.append(NodePlan(
                 name=name, region=replica.region, zone=zone, http_port=layout.node_http(i),
                 grpc_port=layout.node_grpc(i), data_dir=root / "nodes" / name,
@@ -423,7 +426,7 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
                 access=node_access(spec, root, name), tls=node_tls(spec, root, name),
                 configuration_key=configuration_key_file(root),
                 storage_limit=spec.limits.storage_limit_bytes,
-                host=address, host_root=None if root == data_dir else root))
+                host=address, host_root=host_root))
     wan = spec.wan_model()
     links: list[LinkPlan] = []
 
@@ -442,14 +445,14 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
     pairs: list[NodePlan] = []
     for k, (region, pair_region) in enumerate(spec.paired_regions().items()):
         name = f"pair-{region}"
-        address, root = placement(spec, name, pair_region, data_dir)
+        address, host_root = placement(spec, name, pair_region)
+        root = host_root or data_dir
         pairs.append(NodePlan(
             name=name, region=pair_region, zone="", http_port=layout.pair_http(k),
             grpc_port=layout.pair_grpc(k), data_dir=root / "pairs" / region,
             view_file=root / "views" / f"{name}.json", log_file=data_dir / "logs" / f"{name}.log",
             copy_of=region, access=node_access(spec, root, name),
-            tls=node_tls(spec, root, name), host=address,
-            host_root=None if root == data_dir else root))
+            tls=node_tls(spec, root, name), host=address, host_root=host_root))
         for member in (n for n in nodes if n.region == region):
             for source, target in ((pairs[-1], member), (member, pairs[-1])):
                 links.append(link(source, target,

@@ -626,24 +626,37 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
 
 
 def _host_problems(spec: ClusterSpec) -> list[str]:
-    """``[network.hosts]``: each key a region (the nodes of its replica, when
-    it has one) or a zone node, each address one a node can listen on and be reached at, and a
-    control address the hosts can reach (loopback is each host's own)."""
+    """``[network.hosts]``: each key a node this spec runs (a replica's region,
+    a zone node of a zone-redundant replica, or a pair region holding a
+    paired copy: a key placing nothing would silently leave a region on
+    loopback), each address one a node can listen on and be reached at, a
+    control address the hosts can reach (loopback is each host's own), and
+    auth on (without it, replication and the nodes' internal routes would be
+    open and in plaintext on the hosts' network)."""
     network = spec.network
     if not network.hosts:
         return []
+    placeable = {r.region for r in spec.all_replicas} | set(spec.paired_regions().values())
+    placeable |= {f"{r.region}-{zone}" for r in spec.all_replicas if r.zone_redundant
+                  for zone in r.zones}
     problems = []
     for key, address in network.hosts.items():
-        region, _, zone = key.rpartition("-") if key not in REGIONS else (key, "", "")
-        if region not in REGIONS or (zone and (zone not in ZONES or not REGIONS[region].zones)):
-            problems.append(f"network.hosts: {key!r} names neither a region (a replica's "
-                            f"nodes: e.g. 'brazilsouth') nor a zone node (e.g. 'eastus-2')")
+        if key not in placeable:
+            problems.append(f"network.hosts: {key!r} places no node of this cluster (a "
+                            f"replica's region, a zone node of a zone-redundant replica or a "
+                            f"pair region holding a paired copy: "
+                            f"{', '.join(sorted(placeable))})")
         if _loopback_or_wildcard(address):
             problems.append(f"network.hosts.{key}: {address!r} is not an address other hosts "
                             f"reach; give the host's own address (e.g. 10.88.0.3)")
         elif ":" in address:
             problems.append(f"network.hosts.{key}: {address!r}: IPv6 addresses are not "
                             f"supported here yet; give the host's IPv4 address or name")
+    if not spec.auth_enabled:
+        problems.append(f"auth {spec.auth!r} with [network.hosts]: nodes on hosts of their own "
+                        f"need auth = \"token\" (replication between hosts in mutual TLS, the "
+                        f"nodes' internal routes behind the internal credential); without it "
+                        f"both are open and in plaintext on the hosts' network")
     if _loopback_or_wildcard(network.host):
         problems.append(f"network.host {network.host!r}: with [network.hosts], the control "
                         f"process (links, endpoints, management API) must listen on an address "

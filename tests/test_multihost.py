@@ -13,29 +13,36 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from cluster.control import spec as specs
-from cluster.control.plan import plan
+from cluster.control.plan import MANAGEMENT, plan
+from cluster.control.supervisor import NodeStartError, Supervisor
 from cluster.image import layout
 from cluster.network import namespaces
-from cluster.network.namespaces import BoundRoot, HostNetwork, ImageRoot
+from cluster.network.namespaces import BoundRoot, HostNetwork, ImageRoot, NamespaceHost
 from cluster.testing import RunningCluster
 from tests.helpers import (
     Skopeo,
     digest_of,
     eventually,
     make_image,
+    push_blob,
     push_image,
     write_oci_layout,
 )
 
 HOME, ZONED, CONFINED = "eastus", "westeurope", "brazilsouth"
+QUORUM_TIMEOUT_S = 2.0
 REGIONS = (HOME, ZONED, CONFINED)
 PROJECT = Path(__file__).resolve().parents[1]
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
@@ -43,15 +50,29 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
 
 
 CONTROL = "10.9.0.1"
-# Run on a host: where a connection off the bridge gets, and whether it sees the paths given.
+# Run on a host: its user, where a connection off the bridge gets, whether it
+# sees the paths given, and what dialling each address given gets (0: connected).
 PROBE = """
 import json, os, socket, sys
-try:
-    socket.create_connection(("192.0.2.1", 80), timeout=2).close()
-    route = 0
-except OSError as exc:
-    route = exc.errno
-print(json.dumps({"route": route, "seen": [os.path.exists(p) for p in sys.argv[1:]]}))
+def dial(host, port):
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return 0
+    except OSError as exc:
+        return exc.errno or -1
+paths, targets = json.loads(sys.argv[1])
+print(json.dumps({"uid": os.geteuid(), "route": dial("192.0.2.1", 80),
+                  "seen": [os.path.exists(p) for p in paths],
+                  "dialled": [dial(host, port) for host, port in targets]}))
+"""
+# Run here: starts a command with the supervisor's guard (killed when this
+# process dies), prints its pid and waits.
+ORPHANED = """
+import ctypes, json, signal, subprocess, sys
+guard = lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+child = subprocess.Popen(json.loads(sys.argv[1]), preexec_fn=guard)
+print(child.pid, flush=True)
+child.wait()
 """
 
 
@@ -134,6 +155,19 @@ def test_a_spec_refuses_hosts_nobody_can_reach_and_names_it_cannot_place():
     assert "network.host_data_dir 'data' is not an absolute path" in text
 
 
+def test_a_host_that_would_see_the_control_data_dir_is_refused():
+    # Only georeg's packages of the checkout are bound, not the checkout,
+    # where `make up` keeps its data dir (.georeg: the CA key, every key).
+    root = BoundRoot()
+    assert root.exposes(PROJECT / "cluster" / "x") and not root.exposes(PROJECT / ".georeg")
+    host = NamespaceHost("h", "10.9.0.4", Path("/nonexistent"), veth="v", bridge="b",
+                         control=CONTROL, user=(1, 1))
+    p = plan(specs.validate(_placed({CONFINED: "10.9.0.4"}), "test"),
+             PROJECT / "cluster" / "inside")
+    with pytest.raises(NodeStartError, match="sees this cluster's data dir"):
+        Supervisor(p, hosts={"10.9.0.4": host}).host(p.node(CONFINED))
+
+
 def _image_root(directory: Path) -> ImageRoot:
     """georeg's image as ``make image`` left it in build/image, unpacked once."""
     out = PROJECT / "build" / "image"
@@ -166,11 +200,14 @@ def running(hosts, tmp_path_factory):
     spec = specs.ClusterSpec(
         registry="georegmulti", home_region=HOME, paired_copies=False,
         replicas=(specs.ReplicaSpec(ZONED, zone_redundant=True), specs.ReplicaSpec(CONFINED)),
+        replication=specs.ReplicationSpec(quorum_timeout_s=QUORUM_TIMEOUT_S),
         network=specs.NetworkSpec(host=network.address,
                                   hosts={region: h.address for region, h in by_region.items()}))
     spec = specs.validate(spec, "the multi-host test's spec")
     data_dir = tmp_path_factory.mktemp("control")
     with RunningCluster(spec, data_dir, hosts={h.address: h for h in by_region.values()}) as c:
+        # From now on hosts dial nothing on the control address but their links.
+        network.confine(c.cluster.plan.host_ports())
         yield c
     # Nothing of a node was written on the control process's side but its log.
     assert not (data_dir / "nodes").exists() or not any((data_dir / "nodes").iterdir())
@@ -196,18 +233,29 @@ async def _holds(session, base: str, repo: str, ref: str) -> bool:
 @pytest.mark.interop
 async def test_pushes_replicate_across_hosts_and_confined_and_quorum_writes_stay_where_they_must(
         running, hosts, tmp_path):
-    _, by_region = hosts
+    network, by_region = hosts
     # Every node listens on its own host's address, not on loopback.
     nodes = running.cluster.plan.nodes
     assert {n.host for n in nodes} == {h.address for h in by_region.values()}
-    # A host has no route off the bridge, and sees neither the control
-    # process's data dir nor another host's data.
-    probe = await asyncio.to_thread(
-        subprocess.run, by_region[HOME].command([sys.executable, "-c", PROBE,
-                                                 str(running.data_dir), str(by_region[ZONED].data)]),
-        capture_output=True, text=True, timeout=30)
-    assert json.loads(probe.stdout) == {"route": errno.ENETUNREACH, "seen": [False, False]}, \
-        probe.stderr
+    # A host runs as a user of its own, has no route off the bridge, sees
+    # neither the control process's data dir nor another host's data (by
+    # their paths, or through /proc/<pid>/root of the control process and of
+    # another host's node), and dials neither another host's node directly nor
+    # a service of this machine listening on every address: only links.
+    zoned = by_region[ZONED]
+    zoned_node = running.cluster.supervisor.nodes[f"{ZONED}-1"]
+    paths = [str(running.data_dir), str(zoned.data),
+             f"/proc/{os.getpid()}/root{running.data_dir}", f"/proc/{zoned_node.pid}/root/data"]
+    with socket.create_server(("0.0.0.0", 0)) as service:
+        targets = [(zoned.address, zoned_node.plan.http_port),
+                   (network.address, service.getsockname()[1])]
+        probe = await asyncio.to_thread(
+            subprocess.run, by_region[HOME].command([sys.executable, "-c", PROBE,
+                                                     json.dumps([paths, targets])]),
+            capture_output=True, text=True, timeout=30)
+    assert json.loads(probe.stdout) == {
+        "uid": by_region[HOME].user[0], "route": errno.ENETUNREACH, "seen": [False] * 4,
+        "dialled": [errno.ECONNREFUSED] * 2}, probe.stderr
 
     # skopeo through the home region's global endpoint: on every host.
     skopeo = Skopeo(tmp_path / "skopeo", running.endpoint(HOME).removeprefix("http://"),
@@ -223,14 +271,30 @@ async def test_pushes_replicate_across_hosts_and_confined_and_quorum_writes_stay
         blobs = await _blob_digests(http, running.node_url(HOME), "app", "v1")
         for region in REGIONS:
             assert all(_on_disk(by_region[region], blob) for blob in blobs), region
+        # A blob through the global endpoint from a node on another host: the
+        # hand-over of the client's socket cannot reach it, the endpoint relays.
+        async with http.get(f"{running.endpoint(HOME)}/v2/app/blobs/{blobs[-1]}") as r:
+            body = await r.read()
+            assert r.status == 200, body[:200]
+        assert f"sha256:{hashlib.sha256(body).hexdigest()}" == blobs[-1]
 
-        # Zone quorum: a write acknowledged in the zoned region is on two of its
-        # three zones (each on the zoned host's data) when the client hears so.
-        zoned = make_image(seed=22)
-        await push_image(http, running.regional_endpoint(ZONED), "zoned", zoned, "v1")
-        held = [await _holds(http, running.node_url(n.name), "zoned", "v1")
-                for n in nodes if n.region == ZONED]
-        assert sum(held) >= 2, held
+        # Zone quorum: with two of the zoned region's three zones paused, a
+        # write to the third is not acknowledged (503 once the quorum timeout
+        # has passed); with one back, it is.
+        quorum = make_image(seed=22)
+        writer = running.node_url(f"{ZONED}-1")
+        for blob in quorum.blobs:
+            await push_blob(http, writer, "zoned", blob)
+        paused = [running.inject("pause", region=f"{ZONED}-{zone}") for zone in (2, 3)]
+        try:
+            async with http.put(f"{writer}/v2/zoned/manifests/v1", data=quorum.manifest,
+                                headers={"Content-Type": quorum.media_type},
+                                timeout=aiohttp.ClientTimeout(total=5 * QUORUM_TIMEOUT_S)) as r:
+                assert r.status == 503, await r.text()
+        finally:
+            running.heal(paused[0].id)
+        await push_image(http, writer, "zoned", quorum, "v1")
+        running.heal(paused[1].id)
 
         # Residency: Brazil South's push stays on its host, while content
         # pushed after it reaches every host.
@@ -244,6 +308,54 @@ async def test_pushes_replicate_across_hosts_and_confined_and_quorum_writes_stay
     for blob in map(digest_of, confined.blobs):
         assert _on_disk(by_region[CONFINED], blob)
         assert not _on_disk(by_region[HOME], blob) and not _on_disk(by_region[ZONED], blob)
+    # What went between two hosts crossed the links between them (no host
+    # dials another: above), in both directions of every pair of hosts.
+    carried: dict[tuple[str, str], int] = {}
+    for (source, target), link in running.cluster.supervisor.links.items():
+        if source == MANAGEMENT:
+            continue
+        pair = (running.cluster.plan.node(source).region, running.cluster.plan.node(target).region)
+        carried[pair] = carried.get(pair, 0) + link.stats()["bytes"]
+    assert all(carried.get((a, b), 0) > 0 for a in REGIONS for b in REGIONS if a != b), carried
+
+
+async def test_a_node_on_a_host_dies_with_the_process_that_started_it(hosts):
+    # The supervisor's guard (SIGKILL when its parent dies) outlives the change
+    # to the host's user, which clears it in the kernel.
+    _, by_region = hosts
+    host = by_region[CONFINED]
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANED,
+                               json.dumps(host.command(["sleep", "60"]))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(await asyncio.to_thread(parent.stdout.readline))
+        await eventually(lambda: _runs_as(child, host.user[0], "sleep"), timeout=10,
+                         what="the command running as the host's user")
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    try:
+        await eventually(lambda: _gone(child), timeout=10, what="the orphaned command killed")
+    finally:
+        if not await _gone(child):
+            os.kill(child, 9)
+
+
+async def _runs_as(pid: int, uid: int, program: str) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return fields["Name"].strip() == program and int(fields["Uid"].split()[1]) == uid
+
+
+async def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 @pytest.mark.interop

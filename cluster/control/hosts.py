@@ -47,6 +47,12 @@ class NodeHost(Protocol):
         """The tree at ``path`` on this host gone (nothing if it is not there)."""
         ...
 
+    def sees(self, path: Path) -> bool:
+        """Whether a process on this host can read this machine's ``path``
+        (the supervisor refuses a host that sees the cluster's data dir: the
+        CA key, every node's key and the credentials are there)."""
+        ...
+
 
 class LocalHost:
     """This machine: commands run as they are, files are written here."""
@@ -59,6 +65,9 @@ class LocalHost:
 
     def remove(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+    def sees(self, path: Path) -> bool:
+        return True
 
 
 LOCAL = LocalHost()

@@ -265,6 +265,11 @@ class ClusterPlan:
         return [f"{name}:{port}" for host, port in listeners
                 for name in ([host] + (["localhost"] if host == "127.0.0.1" else []))]
 
+    def host_ports(self) -> list[int]:
+        """The ports nodes on hosts of their own dial on the control process's
+        address: their links (nothing else there is theirs to reach)."""
+        return sorted(link.port for link in self.links if link.listen_host != LOOPBACK)
+
     def control_copy(self, node: NodePlan, path: Path) -> Path:
         """Where the control process keeps the file ``node``'s plan names at
         ``path`` (the path itself for a node on the control process's host)."""

@@ -240,6 +240,11 @@ class Supervisor:
                 f"node {node.name} is placed on {node.host} ([network.hosts]), but the cluster "
                 f"was given no way to run it there: start a multi-host cluster from Python with "
                 f"Cluster.start(spec, hosts={{address: host}}) (docs/multihost.md)")
+        if host.sees(self.plan.data_dir):
+            raise NodeStartError(
+                f"node {node.name}'s host {node.host} sees this cluster's data dir "
+                f"{self.plan.data_dir} (the CA key, every node's key, the credentials): keep "
+                f"the data dir out of what the host is given of this machine")
         return host
 
     def put_files(self, node: NodePlan) -> None:

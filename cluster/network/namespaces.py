@@ -40,6 +40,9 @@ Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and util-linux and iproute2;
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import importlib.util
+import ipaddress
 import os
 import shlex
 import shutil
@@ -58,11 +61,21 @@ VETH_PREFIX = "grv"
 READY = "georeg-host-ready"
 DEVICES = ("null", "zero", "random", "urandom")
 MAX_HOSTS = 250
+# Held while a run sweeps, picks its /24 and puts it on its bridge: two runs
+# at once never take the same one.
+LOCK_FILE = Path("/run/georeg-hostnet.lock")
+# Nodes on host k of subnet n run as uid and gid HOST_UIDS + 256 n + k, a user
+# no other host (of this run or another) and no process of this machine has:
+# /proc/<pid>/root of a process of another user (the control process, another
+# host's holder or nodes) is closed to them, as another machine's files would be.
+HOST_UIDS = 1_500_000_000
+# The packages georeg's nodes import (bound from this checkout, nothing else of it).
+PACKAGES = ("cluster", "registry_node", "replicator")
+SETPRIV = "/usr/bin/setpriv"
 COMMAND_TIMEOUT_S = 10.0
-# In georeg's image: its launcher, its Python and its user.
+# In georeg's image: its launcher and its Python.
 IMAGE_LAUNCHER = f"/{image_rootfs.LAUNCHER}"
 IMAGE_PYTHON = f"/usr/bin/python{image_rootfs.PYTHON}"
-IMAGE_USER = (image_rootfs.USER.uid, image_rootfs.USER.gid)
 
 
 def available() -> str:
@@ -71,7 +84,7 @@ def available() -> str:
         return "needs root (network namespaces, a bridge, mounts)"
     for program, package in (("ip", "iproute2"), ("unshare", "util-linux"),
                              ("nsenter", "util-linux"), ("setpriv", "util-linux"),
-                             ("chroot", "coreutils")):
+                             ("chroot", "coreutils"), ("iptables", "iptables")):
         if shutil.which(program) is None:
             return f"{program} is missing (Debian package {package})"
     try:
@@ -111,12 +124,40 @@ def sweep() -> list[str]:
 
 
 def _subnets_in_use() -> set[int]:
-    used = set()
+    """The /24s of ``SUBNETS`` that an address or a route of this machine
+    covers (a route to all of 10.213.0.0/16, e.g. a VPN's, covers them all)."""
+    ours = ipaddress.ip_network(f"{SUBNETS}.0.0/16")
+    networks = []
     for line in _run(["ip", "-4", "-o", "addr", "show"]).splitlines():
-        for word in line.split():
-            if word.startswith(SUBNETS + "."):
-                used.add(int(word.split(".")[2]))
+        words = line.split()
+        if "inet" in words:
+            networks.append(ipaddress.ip_interface(words[words.index("inet") + 1]).network)
+    for line in _run(["ip", "-4", "route", "show", "table", "all"]).splitlines():
+        with contextlib.suppress(ValueError, IndexError):
+            first = line.split()[0]
+            if first not in ("default", "local", "broadcast", "unreachable", "prohibit",
+                             "blackhole", "multicast"):
+                networks.append(ipaddress.ip_network(first, strict=False))
+    used = set()
+    for network in networks:
+        if network.overlaps(ours):
+            used |= {n for n in range(1, 255)
+                     if network.overlaps(ipaddress.ip_network(f"{SUBNETS}.{n}.0/24"))}
     return used
+
+
+CHAIN = "GEOREG-CONTROL"      # a host's: what it may dial on the control address
+
+
+def _runs(ports: list[int]) -> list[tuple[int, int]]:
+    """Sorted ports as (first, last) of each run of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for port in ports:
+        if runs and port == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], port)
+        else:
+            runs.append((port, port))
+    return runs
 
 
 class HostNetwork:
@@ -126,21 +167,25 @@ class HostNetwork:
         self.workdir = workdir
         self.hosts: list[NamespaceHost] = []
         self.bridge = f"{BRIDGE_PREFIX}{os.getpid()}"
-        sweep()
-        used = _subnets_in_use()
-        free = [n for n in range(1, 255) if n not in used]
-        if not free:
-            raise RuntimeError(f"no free /24 in {SUBNETS}.0.0/16 for a host network")
-        # A run's own subnet, from its pid where free: two runs at once differ.
-        self.subnet = next((n for n in free if n >= os.getpid() % 254 + 1), free[0])
-        self.address = self.host_address(1)
-        _run(["ip", "link", "add", self.bridge, "type", "bridge"])
-        try:
-            _run(["ip", "addr", "add", f"{self.address}/{PREFIX_LEN}", "dev", self.bridge])
-            _run(["ip", "link", "set", self.bridge, "up"])
-        except BaseException:
-            self.close()
-            raise
+        self.ports: list[int] | None = None        # confine's: None, every port
+        with open(LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)        # released when closed
+            sweep()
+            used = _subnets_in_use()
+            free = [n for n in range(1, 255) if n not in used]
+            if not free:
+                raise RuntimeError(f"no free /24 in {SUBNETS}.0.0/16 for a host network (every "
+                                   f"one has an address or a route on this machine)")
+            # A run's own subnet, from its pid where free.
+            self.subnet = next((n for n in free if n >= os.getpid() % 254 + 1), free[0])
+            self.address = self.host_address(1)
+            _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+            try:
+                _run(["ip", "addr", "add", f"{self.address}/{PREFIX_LEN}", "dev", self.bridge])
+                _run(["ip", "link", "set", self.bridge, "up"])
+            except BaseException:
+                self.close()
+                raise
 
     def host_address(self, k: int) -> str:
         return f"{SUBNETS}.{self.subnet}.{k}"
@@ -151,12 +196,25 @@ class HostNetwork:
         if len(self.hosts) >= MAX_HOSTS:
             raise RuntimeError(f"at most {MAX_HOSTS} hosts on one bridge")
         k = len(self.hosts) + 2
+        uid = HOST_UIDS + 256 * self.subnet + k
         host = NamespaceHost(name, self.host_address(k), self.workdir / "hosts" / name,
                              veth=f"{VETH_PREFIX}{os.getpid()}x{k}", bridge=self.bridge,
-                             root_fs=root_fs)
+                             control=self.address, user=(uid, uid), root_fs=root_fs)
         self.hosts.append(host)
         host.start()
+        if self.ports is not None:
+            host.confine(self.ports)
         return host
+
+    def confine(self, ports: list[int]) -> None:
+        """From now on, a host opens connections to the control address on
+        ``ports`` only (a cluster's links, ``ClusterPlan.host_ports``): not to
+        the endpoints, the management API or any other service of this
+        machine that listens on every address. Connections open already
+        (and answers to the control process's) go on."""
+        self.ports = sorted(set(ports))
+        for host in self.hosts:
+            host.confine(self.ports)
 
     def close(self) -> None:
         """Every host's processes killed, their veths and the bridge deleted."""
@@ -175,9 +233,13 @@ class HostNetwork:
 class BoundRoot:
     """A root of this machine's ``/usr`` and ``/etc`` and the Python and georeg
     that run here (outside ``/usr``: the venv, the interpreter it was made
-    from, the checkout), bound read-only at their own paths on a small tmpfs."""
+    from, georeg's package directories, nothing else of the checkout), bound
+    read-only at their own paths on a small tmpfs."""
 
-    user: tuple[int, int] | None = None     # nodes run as root, as this process
+    def exposes(self, path: Path) -> bool:
+        """Whether a process on the host sees this machine's ``path``."""
+        path = path.resolve()
+        return any(path.is_relative_to(source) for source in ("/usr", "/etc", *self._python_paths()))
 
     def mounts(self, root: str) -> list[str]:
         lines = [f"mount -t tmpfs -o mode=755,size=16m georeg-host {root}", f"cd {root}",
@@ -195,9 +257,11 @@ class BoundRoot:
 
     @staticmethod
     def _python_paths() -> list[str]:
-        """The interpreter, environment and georeg that run here, outside /usr."""
-        project = Path(__file__).resolve().parents[2]
-        paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), project}
+        """The interpreter, environment and georeg's packages that run here,
+        outside /usr: never the whole checkout, where a cluster's data dir
+        (keys, credentials) may be (``make up``: ``.georeg``)."""
+        packages = {Path(importlib.util.find_spec(name).origin).parent for name in PACKAGES}
+        paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), *packages}
         paths = {p for p in paths if not p.is_relative_to("/usr")}
         # Nested ones come with their parent's bind.
         return sorted(str(p) for p in paths
@@ -207,11 +271,13 @@ class BoundRoot:
 class ImageRoot:
     """georeg's OCI image unpacked at ``directory`` (``cluster.image.layout.unpack``),
     bound read-only; commands for this process's Python run the image's
-    (``georeg`` for ``python -m cluster.cli``), as the image's user."""
+    (``georeg`` for ``python -m cluster.cli``)."""
 
-    def __init__(self, directory: Path, user: tuple[int, int] = IMAGE_USER) -> None:
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.user = user
+
+    def exposes(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.directory.resolve())
 
     def mounts(self, root: str) -> list[str]:
         return [f"mount --bind -o ro {shlex.quote(str(self.directory))} {root}"]
@@ -230,8 +296,10 @@ class NamespaceHost:
     data_mount = Path("/data")
 
     def __init__(self, name: str, address: str, directory: Path, *, veth: str,
-                 bridge: str, root_fs: BoundRoot | ImageRoot | None = None) -> None:
+                 bridge: str, control: str, user: tuple[int, int],
+                 root_fs: BoundRoot | ImageRoot | None = None) -> None:
         self.root_fs = root_fs or BoundRoot()
+        self.user = user                        # what its nodes run as (HOST_UIDS)
         self.name = name
         self.address = address
         self.directory = directory
@@ -239,16 +307,24 @@ class NamespaceHost:
         self.data = directory / "data"          # what it sees at /data
         self.veth = veth
         self.bridge = bridge
+        self.control = control                  # the one address it talks to
         self.holder: subprocess.Popen | None = None
 
     # -- NodeHost ----------------------------------------------------------------------
 
     def command(self, argv: list[str]) -> list[str]:
         assert self.holder is not None, f"host {self.name} is not started"
-        user = self.root_fs.user
-        userspec = [f"--userspec={user[0]}:{user[1]}"] if user else []
+        # The user changed by setpriv, which then asks again to be killed when
+        # its parent dies: the kernel clears that request on a change of
+        # user, so the supervisor's (set before nsenter) would be lost.
         return ["nsenter", f"--target={self.holder.pid}", "--net", "--mount", "--",
-                "chroot", *userspec, str(self.root), *self.root_fs.command(argv)]
+                "chroot", str(self.root), SETPRIV, f"--reuid={self.user[0]}",
+                f"--regid={self.user[1]}", "--clear-groups", "--pdeathsig", "KILL", "--",
+                *self.root_fs.command(argv)]
+
+    def sees(self, path: Path) -> bool:
+        """Whether a process on this host can read this machine's ``path``."""
+        return self.root_fs.exposes(path)
 
     def put(self, path: Path, data: bytes) -> None:
         local = self.local(path)
@@ -257,9 +333,8 @@ class NamespaceHost:
 
     def _own(self, path: Path) -> None:
         """``path`` and the directories up to ``/data`` owned by the nodes' user."""
-        user = self.root_fs.user
-        while user is not None and path.is_relative_to(self.data):
-            os.chown(path, *user)
+        while path.is_relative_to(self.data):
+            os.chown(path, *self.user)
             path = path.parent
 
     def remove(self, path: Path) -> None:
@@ -295,12 +370,42 @@ class NamespaceHost:
             _run(["ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
                   "netns", str(self.holder.pid)])
             _run(["ip", "link", "set", self.veth, "master", self.bridge, "up"])
-            inside = ["nsenter", f"--target={self.holder.pid}", "--net", "ip"]
-            _run([*inside, "addr", "add", f"{self.address}/{PREFIX_LEN}", "dev", "eth0"])
-            _run([*inside, "link", "set", "eth0", "up"])
+            self._inside("ip", "addr", "add", f"{self.address}/{PREFIX_LEN}", "dev", "eth0")
+            self._inside("ip", "link", "set", "eth0", "up")
+            for rule in self._rules():
+                self._inside("iptables", "-w", *rule)
         except BaseException:
             self.close()
             raise
+
+    def _rules(self) -> list[list[str]]:
+        """Its eth0 carries packets to and from the control address only:
+        another host is never dialled directly, so every byte between two
+        hosts crosses a link. What it may dial there is the ``CONTROL``
+        chain's (every port until ``confine``)."""
+        eth0_in, eth0_out = ["-i", "eth0"], ["-o", "eth0"]
+        return [["-A", "INPUT", *eth0_in, "-s", self.control, "-j", "ACCEPT"],
+                ["-A", "INPUT", *eth0_in, "-j", "DROP"],
+                ["-N", CHAIN],
+                ["-A", CHAIN, "-j", "ACCEPT"],
+                ["-A", "OUTPUT", *eth0_out, "-d", self.control, "-m", "conntrack",
+                 "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                ["-A", "OUTPUT", *eth0_out, "-d", self.control, "-j", CHAIN],
+                ["-A", "OUTPUT", *eth0_out, "-j", "REJECT"]]
+
+    def confine(self, ports: list[int]) -> None:
+        """New connections to the control address on ``ports`` only
+        (``HostNetwork.confine``)."""
+        self._inside("iptables", "-w", "-F", CHAIN)
+        for low, high in _runs(ports):
+            self._inside("iptables", "-w", "-A", CHAIN, "-p", "tcp", "--dport", f"{low}:{high}",
+                         "-j", "ACCEPT")
+        self._inside("iptables", "-w", "-A", CHAIN, "-j", "REJECT")
+
+    def _inside(self, *argv: str) -> str:
+        """``argv`` run in this host's network namespace (as root: its set-up)."""
+        assert self.holder is not None, f"host {self.name} is not started"
+        return _run(["nsenter", f"--target={self.holder.pid}", "--net", *argv])
 
     def _script(self) -> str:
         """The holder's: loopback up, the root file system mounted, then wait."""

@@ -10,11 +10,12 @@ GEOREG := $(VENV)/bin/georeg
 # docker-compose: `docker-compose config` checks `georeg deploy compose` output (no daemon needed).
 # mmdebstrap: the image's Debian root filesystem, without a daemon (make image).
 # iproute2: `ip`, the bridge, veths and addresses of the multi-host test's namespace hosts
-# (docs/multihost.md; unshare, nsenter and setpriv are util-linux, always installed).
+# (docs/multihost.md; unshare, nsenter and setpriv are util-linux, always installed);
+# iptables: the rules in each namespace host by which it talks to the control address only.
 # chromium: the browser the dashboard's tests drive through Playwright (its own browser
 # download is never used; pip never fetches a browser, and
 # PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD below only guards a manual `playwright install`).
-SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static docker-compose mmdebstrap iproute2 chromium
+SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static docker-compose mmdebstrap iproute2 iptables chromium
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 DATA_DIR ?= .georeg
 

@@ -325,11 +325,12 @@ async def test_a_node_on_a_host_dies_with_the_process_that_started_it(hosts):
     _, by_region = hosts
     host = by_region[CONFINED]
     parent = subprocess.Popen([sys.executable, "-c", ORPHANED,
-                               json.dumps(host.command(["sleep", "60"]))],
+                               json.dumps(host.command([sys.executable, "-c",
+                                                        "import time; time.sleep(60)"]))],
                               stdout=subprocess.PIPE, text=True)
     try:
         child = int(await asyncio.to_thread(parent.stdout.readline))
-        await eventually(lambda: _runs_as(child, host.user[0], "sleep"), timeout=10,
+        await eventually(lambda: _runs_as(child, host.user[0]), timeout=10,
                          what="the command running as the host's user")
     finally:
         parent.kill()
@@ -342,13 +343,14 @@ async def test_a_node_on_a_host_dies_with_the_process_that_started_it(hosts):
             os.kill(child, 9)
 
 
-async def _runs_as(pid: int, uid: int, program: str) -> bool:
+async def _runs_as(pid: int, uid: int) -> bool:
+    """Whether ``pid`` runs as ``uid`` (past the change of user)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return fields["Name"].strip() == program and int(fields["Uid"].split()[1]) == uid
+    return int(fields["Uid"].split()[1]) == uid
 
 
 async def _gone(pid: int) -> bool:

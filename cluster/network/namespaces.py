@@ -1,39 +1,52 @@
 """Hosts on one machine: a network namespace per host, each with its own
-address on a bridge, its own root file system and its own data
+address on a bridge, its own root file system, its own user and its own data
 (docs/multihost.md). What the multi-host test runs a cluster on, and what a
 user can run one on to see a cluster spread over hosts without machines.
 
 ``HostNetwork`` owns a bridge (``grb<pid>``) in this process's network
 namespace, with the first address of a /24 of ``10.213.0.0/16`` (the control
-process's address: links, endpoints and the management API listen there). Each
-``NamespaceHost`` is a holder process (``unshare --net --mount``) whose
-namespaces the host's nodes enter (``nsenter`` + ``chroot``):
+process's address: links, endpoints and the management API listen there),
+chosen under a lock (``LOCK_FILE``) among those no address or route of this
+machine covers. Each ``NamespaceHost`` is a holder process (``unshare --net
+--mount``) whose namespaces the host's nodes enter (``nsenter`` + ``chroot`` + ``AS_USER``):
 
 - network: loopback and one end of a veth pair (the other end on the
-  bridge, ``grv<pid>x<k>``), the host's address, no default route: a node
-  reaches the bridge's subnet and nothing else, and this namespace does not
-  forward, so no packet leaves the machine;
+  bridge, ``grv<pid>x<k>``), the host's address, no default route (no
+  packet leaves the bridge, whatever this machine forwards), and iptables
+  rules in the host's namespace by which eth0 carries packets to and from
+  the control address only: hosts never talk to each other, so every byte
+  between two hosts crosses a link; ``HostNetwork.confine`` narrows what a
+  host may dial there to the cluster's links (not the endpoints, the
+  management API or another service of this machine on every address);
 - mount: a root file system, read-only, of one of two kinds: ``BoundRoot``
   (the default: a tmpfs with this machine's ``/usr`` and ``/etc`` and the
-  Python and georeg that run the control process bound at their own paths;
-  built in a third of a second, nothing downloaded) or ``ImageRoot`` (georeg's
-  OCI image unpacked, ``make image``: its Python, wheels and launcher, nodes
-  running as the image's user); in both, a private ``/proc``, ``/tmp`` and
-  minimal ``/dev``, and the host's own data directory, writable, at ``/data``
-  (``data_mount``), which no other host sees.
+  Python and georeg packages that run the control process bound at their
+  own paths, never the whole checkout; built in a third of a second,
+  nothing downloaded) or ``ImageRoot`` (georeg's OCI image unpacked, ``make
+  image``: its Python, wheels and launcher); in both, ``/proc``, ``/tmp``
+  and a minimal ``/dev``, and the host's own data directory, writable, at
+  ``/data`` (``data_mount``);
+- user: nodes run as a uid and gid of the host's own (``HOST_UIDS``), which
+  owns what is put on the host. ``/proc`` shows every process of this
+  machine (there is no PID namespace: a node must be the supervisor's child
+  for its signals), but ``/proc/<pid>/root`` of a process of another user
+  (the control process, another host's holder or nodes) is closed to it, so
+  no other host's ``/data`` nor the control data dir is reachable.
 
-The holder dies with the thread that made it (``setpriv --pdeathsig``), and
-its mounts with its mount namespace once it and the host's nodes are gone;
-``close`` kills every process left in the host's network namespace, and
-``HostNetwork.close`` deletes the veths and the bridge. A bridge left by a
-process that died without closing (SIGKILL) is deleted by the next
-``HostNetwork`` (``sweep``): its name says whose it was.
+The holder dies with the thread that made it (``setpriv --pdeathsig``: make
+hosts from a thread that outlives them), a node with the thread that started
+it (the supervisor's guard, asked again by ``AS_USER`` after the user
+change, which clears it), and the mounts with the mount namespace once the holder
+and the host's nodes are gone; ``close`` kills every process left in the
+host's network namespace, and ``HostNetwork.close`` deletes the veths and
+the bridge. A bridge left by a process that died without closing (SIGKILL)
+is deleted by the next ``HostNetwork`` (``sweep``): its name says whose it was.
 
 Faults on a host: ``isolate`` (its veth down: nothing in or out, as a
 machine whose network is cut) and ``heal``; ``kill`` (every process in the
 host's namespaces, as a machine that loses power).
 
-Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and util-linux and iproute2;
+Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN), util-linux, iproute2 and iptables;
 ``available`` says why not where they are missing.
 """
 
@@ -52,6 +65,7 @@ import sys
 from pathlib import Path
 
 from ..control.hosts import write_replacing
+from ..control.supervisor import NODE_PACKAGES
 from ..image import rootfs as image_rootfs
 
 SUBNETS = "10.213"            # /16 whose /24s the bridges take
@@ -69,9 +83,25 @@ LOCK_FILE = Path("/run/georeg-hostnet.lock")
 # /proc/<pid>/root of a process of another user (the control process, another
 # host's holder or nodes) is closed to them, as another machine's files would be.
 HOST_UIDS = 1_500_000_000
-# The packages georeg's nodes import (bound from this checkout, nothing else of it).
-PACKAGES = ("cluster", "registry_node", "replicator")
-SETPRIV = "/usr/bin/setpriv"
+# Run by the root file system's Python, as root, before a command on a host:
+# takes the host's user (argv 1, 2) and asks again for the signal on the
+# parent's death that was asked for before (the kernel clears it on a change
+# of user: the supervisor's guard would be lost), then runs the command (argv
+# 3…). Python, which both roots have (georeg's image has no setpriv).
+AS_USER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+asked, parent = ctypes.c_int(0), os.getppid()
+libc.prctl(2, ctypes.byref(asked))          # PR_GET_PDEATHSIG
+os.setgroups([])
+os.setgid(int(sys.argv[2]))
+os.setuid(int(sys.argv[1]))
+if asked.value:
+    libc.prctl(1, asked.value)              # PR_SET_PDEATHSIG
+    if os.getppid() != parent:              # it died meanwhile
+        sys.exit(128 + asked.value)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
 COMMAND_TIMEOUT_S = 10.0
 # In georeg's image: its launcher and its Python.
 IMAGE_LAUNCHER = f"/{image_rootfs.LAUNCHER}"
@@ -236,6 +266,8 @@ class BoundRoot:
     from, georeg's package directories, nothing else of the checkout), bound
     read-only at their own paths on a small tmpfs."""
 
+    python = sys.executable
+
     def exposes(self, path: Path) -> bool:
         """Whether a process on the host sees this machine's ``path``."""
         path = path.resolve()
@@ -260,7 +292,7 @@ class BoundRoot:
         """The interpreter, environment and georeg's packages that run here,
         outside /usr: never the whole checkout, where a cluster's data dir
         (keys, credentials) may be (``make up``: ``.georeg``)."""
-        packages = {Path(importlib.util.find_spec(name).origin).parent for name in PACKAGES}
+        packages = {Path(importlib.util.find_spec(name).origin).parent for name in NODE_PACKAGES}
         paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), *packages}
         paths = {p for p in paths if not p.is_relative_to("/usr")}
         # Nested ones come with their parent's bind.
@@ -272,6 +304,8 @@ class ImageRoot:
     """georeg's OCI image unpacked at ``directory`` (``cluster.image.layout.unpack``),
     bound read-only; commands for this process's Python run the image's
     (``georeg`` for ``python -m cluster.cli``)."""
+
+    python = IMAGE_PYTHON
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -314,13 +348,9 @@ class NamespaceHost:
 
     def command(self, argv: list[str]) -> list[str]:
         assert self.holder is not None, f"host {self.name} is not started"
-        # The user changed by setpriv, which then asks again to be killed when
-        # its parent dies: the kernel clears that request on a change of
-        # user, so the supervisor's (set before nsenter) would be lost.
         return ["nsenter", f"--target={self.holder.pid}", "--net", "--mount", "--",
-                "chroot", str(self.root), SETPRIV, f"--reuid={self.user[0]}",
-                f"--regid={self.user[1]}", "--clear-groups", "--pdeathsig", "KILL", "--",
-                *self.root_fs.command(argv)]
+                "chroot", str(self.root), self.root_fs.python, "-I", "-S", "-c", AS_USER,
+                *map(str, self.user), *self.root_fs.command(argv)]
 
     def sees(self, path: Path) -> bool:
         """Whether a process on this host can read this machine's ``path``."""

@@ -324,26 +324,25 @@ async def test_a_node_on_a_host_dies_with_the_process_that_started_it(hosts):
     # to the host's user, which clears it in the kernel.
     _, by_region = hosts
     host = by_region[CONFINED]
-    parent = subprocess.Popen([sys.executable, "-c", ORPHANED,
-                               json.dumps(host.command([sys.executable, "-c",
-                                                        "import time; time.sleep(60)"]))],
-                              stdout=subprocess.PIPE, text=True)
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ORPHANED,
+        json.dumps(host.command([sys.executable, "-c", "import time; time.sleep(60)"])),
+        stdout=subprocess.PIPE)
     try:
-        child = int(await asyncio.to_thread(parent.stdout.readline))
+        child = int(await parent.stdout.readline())
         await eventually(lambda: _runs_as(child, host.user[0]), timeout=10,
                          what="the command running as the host's user")
     finally:
         parent.kill()
-        parent.wait()
-        parent.stdout.close()
+        await parent.wait()
     try:
         await eventually(lambda: _gone(child), timeout=10, what="the orphaned command killed")
     finally:
-        if not await _gone(child):
+        if not _gone(child):
             os.kill(child, 9)
 
 
-async def _runs_as(pid: int, uid: int) -> bool:
+def _runs_as(pid: int, uid: int) -> bool:
     """Whether ``pid`` runs as ``uid`` (past the change of user)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -353,7 +352,7 @@ async def _runs_as(pid: int, uid: int) -> bool:
     return int(fields["Uid"].split()[1]) == uid
 
 
-async def _gone(pid: int) -> bool:
+def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
     except (FileNotFoundError, ProcessLookupError):

@@ -19,12 +19,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from cluster.control import spec as specs
+from cluster.control.hosts import STALE_TMP_S, write_replacing
 from cluster.control.plan import MANAGEMENT, plan
 from cluster.control.supervisor import NodeStartError, Supervisor
 from cluster.image import layout
@@ -166,6 +168,18 @@ def test_a_host_that_would_see_the_control_data_dir_is_refused():
              PROJECT / "cluster" / "inside")
     with pytest.raises(NodeStartError, match="sees this cluster's data dir"):
         Supervisor(p, hosts={"10.9.0.4": host}).host(p.node(CONFINED))
+
+
+def test_a_put_removes_what_a_killed_put_left_and_nothing_in_flight(tmp_path):
+    target = tmp_path / "node.key"
+    left, in_flight = tmp_path / ".node.key.ab12.tmp", tmp_path / ".node.key.cd34.tmp"
+    left.write_bytes(b"half a key")
+    in_flight.write_bytes(b"being written")
+    old = time.time() - 2 * STALE_TMP_S
+    os.utime(left, (old, old))
+    write_replacing(target, b"key")
+    assert target.read_bytes() == b"key"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [in_flight.name, target.name]
 
 
 def _image_root(directory: Path) -> ImageRoot:

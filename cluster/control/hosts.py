@@ -22,9 +22,12 @@ through a remote shell they reach the shell.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -72,10 +75,20 @@ class LocalHost:
 
 LOCAL = LocalHost()
 
+# A temporary file of ``write_replacing`` this old is one a killed writer left
+# (a live one is renamed within milliseconds): the next write removes it.
+STALE_TMP_S = 60.0
+
 
 def write_replacing(path: Path, data: bytes) -> None:
     """``data`` at ``path`` (0600, parents made), through a temporary file renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # What a writer killed mid-write left (a key, maybe): never another
+    # writer's file in flight, which is younger.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_TMP_S:
+                stale.unlink()
     # A name of its own (mkstemp, 0600): nodes sharing a host start at once,
     # and each start puts the files they share.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

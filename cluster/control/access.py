@@ -49,6 +49,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry_node.config import listens_everywhere
 from registry_node.configuration_key import ConfigurationKey
 from registry_node.crypto import KEY_SIZE
 
@@ -166,7 +167,7 @@ def served_names(cluster_plan: ClusterPlan) -> tuple[str, ...]:
     localhost: the cluster's host (unless it listens everywhere) and the
     registry's login server."""
     return tuple(h for h in (cluster_plan.host, cluster_plan.spec.login_server)
-                 if h not in ("0.0.0.0", "::"))
+                 if not listens_everywhere(h))
 
 
 def provision_node(ca: ClusterCA, cluster_plan: ClusterPlan, node: NodePlan) -> None:

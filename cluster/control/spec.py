@@ -129,6 +129,7 @@ from registry_node.config import (
     WebhookSettings,
     burst_seconds,
     identity_fraction,
+    listens_everywhere,
     request_rate,
     valid_mbps,
 )
@@ -667,10 +668,12 @@ def _host_problems(spec: ClusterSpec) -> list[str]:
 
 
 def _loopback_or_wildcard(address: str) -> bool:
+    if listens_everywhere(address) or address == "localhost":
+        return True
     try:
         ip = ipaddress.ip_address(address.strip("[]"))
     except ValueError:
-        return address in ("", "localhost")
+        return False
     return ip.is_loopback or ip.is_unspecified
 
 

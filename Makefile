@@ -9,10 +9,13 @@ GEOREG := $(VENV)/bin/georeg
 # base image its tests push into georeg (nothing is pulled from the internet).
 # docker-compose: `docker-compose config` checks `georeg deploy compose` output (no daemon needed).
 # mmdebstrap: the image's Debian root filesystem, without a daemon (make image).
+# iproute2: `ip`, the bridge, veths and addresses of the multi-host test's namespace hosts
+# (docs/multihost.md; unshare, nsenter and setpriv are util-linux, always installed);
+# iptables: the rules in each namespace host by which it talks to the control address only.
 # chromium: the browser the dashboard's tests drive through Playwright (its own browser
 # download is never used; pip never fetches a browser, and
 # PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD below only guards a manual `playwright install`).
-SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static docker-compose mmdebstrap chromium
+SYSTEM_PACKAGES := python3-venv skopeo docker-registry buildah busybox-static docker-compose mmdebstrap iproute2 iptables chromium
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 DATA_DIR ?= .georeg
 
@@ -81,9 +84,10 @@ image: install
 	$(PY) -m cluster.image --out build/image $(if $(PUSH),--push '$(PUSH)') $(if $(PUSH_FLAGS),--push-flags='$(PUSH_FLAGS)')
 
 # The image's own test, out of `make test` (a cold cache runs mmdebstrap): the
-# cached stages are made by `make image` first, then the test builds again and runs it.
+# cached stages are made by `make image` first, then the test builds again and runs it;
+# then the multi-host test on hosts whose root file system is the image (docs/multihost.md).
 image-test: image
-	$(PY) -m pytest -m image tests/test_image.py
+	$(PY) -m pytest -m image tests/test_image.py tests/test_multihost.py
 
 # The 40 slowest tests are listed at the end: the suite's budget is 15 minutes, and
 # a CI log that names where they go is what keeps it there.

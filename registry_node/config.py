@@ -12,6 +12,12 @@ import msgspec
 SHUTDOWN_GRACE_S = 5.0
 
 
+def listens_everywhere(host: str) -> bool:
+    """Whether a listen address means every address of the machine (no one
+    dials it: a client reaches such a listener at one of its addresses)."""
+    return host.strip("[]") in ("", "0.0.0.0", "::")
+
+
 class WebhookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How this node delivers webhooks (``registry_node.webhook_delivery``).
 

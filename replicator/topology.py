@@ -206,8 +206,12 @@ class ClusterView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             view = msgspec.structs.replace(view, zone_redundancy=_read_from_peers(view))
         return view
 
+    def encode(self) -> bytes:
+        """The view as its file holds it (``load`` reads it back)."""
+        return msgspec.json.format(msgspec.json.encode(self))
+
     def dump(self, path: Path) -> None:
-        path.write_bytes(msgspec.json.format(msgspec.json.encode(self)))
+        path.write_bytes(self.encode())
 
 
 def digest_spin(digest: str) -> int:

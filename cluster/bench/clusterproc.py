@@ -157,7 +157,8 @@ class ClusterProcess:
         return self.plan.node(name)
 
     def http(self, name: str) -> str:
-        return f"{self.plan.scheme}://{self.plan.host}:{self.node(name).http_port}"
+        node = self.node(name)          # at its own host (loopback unless placed)
+        return f"{self.plan.scheme}://{node.host}:{node.http_port}"
 
     @property
     def tls(self) -> ssl.SSLContext | None:
@@ -165,7 +166,8 @@ class ClusterProcess:
         return client_context(self.plan.ca_file) if self.spec.tls else None
 
     def grpc(self, name: str) -> str:
-        return f"{self.plan.host}:{self.node(name).grpc_port}"
+        node = self.node(name)
+        return f"{node.host}:{node.grpc_port}"
 
     @property
     def supervisor_pid(self) -> int | None:

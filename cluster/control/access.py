@@ -49,6 +49,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry_node.config import listens_everywhere
 from registry_node.configuration_key import ConfigurationKey
 from registry_node.crypto import KEY_SIZE
 
@@ -166,16 +167,23 @@ def served_names(cluster_plan: ClusterPlan) -> tuple[str, ...]:
     localhost: the cluster's host (unless it listens everywhere) and the
     registry's login server."""
     return tuple(h for h in (cluster_plan.host, cluster_plan.spec.login_server)
-                 if h not in ("0.0.0.0", "::"))
+                 if not listens_everywhere(h))
 
 
 def provision_node(ca: ClusterCA, cluster_plan: ClusterPlan, node: NodePlan) -> None:
-    """``node``'s key and certificate (its region and zone in the subject), where
-    its plan says the node will look for them."""
-    wanted = [(f.key_file, f.cert_file, f.ca_file) for f in (node.access, node.tls)
-              if f is not None]
+    """``node``'s key and certificate (its region and zone in the subject, and
+    the address of its host among its names when it has one of its own), where
+    its plan says the control process keeps them (``ClusterPlan.control_copy``:
+    the node's own path on the control process's host; the supervisor puts a
+    copy on a node's own host)."""
+    copy = cluster_plan.control_copy
+    wanted = [(copy(node, f.key_file), copy(node, f.cert_file), copy(node, f.ca_file))
+              for f in (node.access, node.tls) if f is not None]
     assert wanted, f"{node.name} has neither access nor TLS in its plan"
-    issued = ca.node_certificate(node.name, node.region, node.zone, served_names(cluster_plan))
+    names = served_names(cluster_plan)
+    if node.host_root is not None:
+        names += (node.host,)
+    issued = ca.node_certificate(node.name, node.region, node.zone, names)
     for files in wanted:
         if (issued.key_file, issued.cert_file, issued.ca_file) != files:
             raise RuntimeError(f"the CA put {node.name}'s certificate at {issued.cert_file}, "

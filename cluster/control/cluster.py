@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import errno
 import random
-import shutil
 import socket
 import time
 import urllib.parse
@@ -95,6 +94,7 @@ from .errors import (
     NotFound,
     PortInUse,
 )
+from .hosts import NodeHost
 from .identities import ACCESS_KINDS, RegistryAccess
 from .lifecycle import RETENTION_FIELDS, RegistryLifecycle, purge_as_client
 from .plan import ClusterPlan, plan
@@ -161,7 +161,8 @@ class Cluster:
                  settings: ReplicationSettings | None = None,
                  routing: bool = True,
                  node_args: tuple[str, ...] = (),
-                 node_env: Mapping[str, str] | None = None) -> None:
+                 node_env: Mapping[str, str] | None = None,
+                 hosts: Mapping[str, NodeHost] | None = None) -> None:
         # The seed is decided here once, if the spec left it open, and travels
         # in the spec from now on: into the plan, the saved spec (a resumed
         # cluster replays it) and the status.
@@ -171,9 +172,10 @@ class Cluster:
         self.settings = settings or spec.replication.settings()
         self.plan: ClusterPlan = plan(spec, self.data_dir)
         # ``node_env``: for test harnesses only, never from a spec or the CLI
-        # (cluster.control.supervisor.node_environment).
+        # (cluster.control.supervisor.node_environment). ``hosts``: by address,
+        # where the nodes the spec's [network.hosts] places run (cluster.control.hosts).
         self.supervisor = Supervisor(self.plan, settings=self.settings, extra_node_args=node_args,
-                                     node_env=node_env)
+                                     node_env=node_env, hosts=hosts)
         self.routing_enabled = routing
         self.routing: Endpoints | None = None      # when routing is on
         self.progress: dict[str, ReplicaProgress] = {}
@@ -488,13 +490,14 @@ class Cluster:
         return self.plan.ca_file if self.spec.needs_ca else None
 
     def node_url(self, name: str) -> str:
-        return f"{self.scheme}://{self.host}:{self.plan.node(name).http_port}"
+        node = self.plan.node(name)
+        return f"{self.scheme}://{node.host}:{node.http_port}"
 
     def management_link_url(self, name: str) -> str:
         """A serving node's HTTP API as the management API reaches it: through the
         node's management link, so not while the node is cut off from the network
         (TLS passes through the link; the node's certificate names the host)."""
-        return f"{self.scheme}://{self.host}:{self.plan.management_link(name).port}"
+        return f"{self.scheme}://{self.plan.management_link(name).address}"
 
     def internal_headers(self) -> dict[str, str]:
         """What the cluster's own requests to its nodes carry: the internal
@@ -590,6 +593,7 @@ class Cluster:
             nodes.append({
                 "name": node.name, "region": node.plan.region, "zone": node.plan.zone,
                 "http": node.url, "data_dir": str(node.plan.data_dir), "pid": node.pid,
+                "host": node.plan.own_host,
                 "health": node.state,
                 "healthy": node.healthy, "reason": node.reason or None,
                 "routing": routing.get(node.plan.region, replicas[node.plan.region].global_routing),
@@ -620,7 +624,7 @@ class Cluster:
             "nodes": nodes,
             "paired_copies": [{
                 "name": n.name, "keeps": n.plan.copy_of, "region": n.plan.region,
-                "data_dir": str(n.plan.data_dir),
+                "data_dir": str(n.plan.data_dir), "host": n.plan.own_host,
                 "health": n.state, "healthy": n.healthy, "http": n.url,
                 "images": sum(c["images"] for c in (n.info.get("content") or {}).values()),
             } for n in self.supervisor.nodes.values() if n.plan.copy_of],
@@ -687,7 +691,10 @@ class Cluster:
 
     def verify_targets(self) -> list[NodeTarget]:
         """Every node (paired-region copies included) as ``georeg verify`` checks it."""
-        return [NodeTarget(n.name, n.plan.region, n.url, n.plan.zone, n.plan.data_dir, n.healthy,
+        # A node on a host of its own is checked over the network only: its data
+        # dir is on that host, which this process never reads.
+        return [NodeTarget(n.name, n.plan.region, n.url, n.plan.zone,
+                           None if n.plan.own_host else n.plan.data_dir, n.healthy,
                            "" if n.healthy else down_reason(n.state, n.reason), n.plan.copy_of)
                 for n in self.supervisor.nodes.values()]
 
@@ -1073,7 +1080,7 @@ class Cluster:
         for node in self.plan.all_nodes:
             view = self.plan.view(node, self.settings,
                                   with_pair_copy=node.region in self.restoring and not node.copy_of)
-            view.dump(node.view_file)
+            self.supervisor.put_view(node, view)
 
     async def restore_region(self, region: str, timeout: float = 300.0) -> dict:
         """Rebuild a region from its paired-region copy (and every other replica):
@@ -1132,7 +1139,7 @@ class Cluster:
         for key in [k for k in self.supervisor.links if k[0] in gone or k[1] in gone]:
             await self.supervisor.links.pop(key).stop()
         for name in gone:  # a deleted replica's data goes with it, as in ACR
-            shutil.rmtree(self.plan.node(name).data_dir, ignore_errors=True)
+            self.supervisor.remove_data(name)
         self.plan = _without(self.plan, gone, new_spec)
         self.spec = new_spec
         self.supervisor.plan = self.plan

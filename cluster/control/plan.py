@@ -29,6 +29,21 @@ which seals webhook header values; a paired-region copy, which never
 delivers, gets none); each serving node's view carries its share of its
 replica's blob bandwidth (``node_bandwidth``: the budget divided by the
 replica's zones).
+
+Hosts (docs/multihost.md): a node runs on the control process's host,
+listening on loopback, unless the spec's ``[network.hosts]`` places its
+region, or the node itself, on a host of its own, by address (``placement``).
+A node so placed listens on that address, and every file
+its command line names (data dir, view, access and TLS files, configuration
+key) is a path on that host, under ``network.host_data_dir`` (``host_root``):
+the control process puts them there through the host (``cluster.control.hosts``)
+and never reads them back. Links, endpoints and the management API stay on
+the control process's host (``ClusterPlan.host``, the spec's ``network.host``),
+and reach each node at its own address; a node reaches its peers through its
+links (``LinkPlan.listen_host``: loopback for a node on the control process's
+host, ``network.host`` for a placed one), so every byte between two hosts
+crosses a link. A paired-region copy runs on its pair region's host when
+that region is placed, on the control process's host otherwise.
 """
 
 from __future__ import annotations
@@ -102,6 +117,9 @@ def node_tls(spec: ClusterSpec, data_dir: Path, name: str) -> NodeTls | None:
                    cert_file=ca / "nodes" / name / "node.pem")
 
 
+# Where a node on the control process's host listens.
+LOOPBACK = "127.0.0.1"
+
 # The source of a management link: the management API, which is no node.
 MANAGEMENT = "management"
 
@@ -125,10 +143,33 @@ class NodePlan:
     # The spec's [limits] storage_limit, in bytes (serving nodes; None: the
     # node applies the live tier's registry maximum).
     storage_limit: int | None = None
+    # Where the node listens and is reached; its files are on that host, under
+    # ``host_root``, when it is placed on a host of its own (None: on the
+    # control process's host, in the cluster's data dir).
+    host: str = LOOPBACK
+    host_root: Path | None = None
 
     @property
     def label(self) -> str:
         return f"{self.region}/{self.zone}" if self.zone else self.region
+
+    @property
+    def own_host(self) -> str | None:
+        """The address of the host of its own it runs on (None: the control
+        process's host, where its files are readable)."""
+        return self.host if self.host_root is not None else None
+
+    @property
+    def given_files(self) -> tuple[Path, ...]:
+        """The files its command line names that the cluster makes (access, TLS,
+        configuration key), as paths where the node runs."""
+        files = [f for given in (self.access, self.tls) if given is not None
+                 for f in (given.ca_file, given.key_file, given.cert_file)]
+        if self.access is not None:
+            files.append(self.access.internal_credential_file)
+        if self.configuration_key is not None:
+            files.append(self.configuration_key)
+        return tuple(dict.fromkeys(files))
 
 
 def node_arguments(node: NodePlan, listen: str) -> list[str]:
@@ -161,10 +202,19 @@ class LinkPlan:
     target_port: int
     model: LinkModel
     seed: int            # of this link's random draws (jitter, resets)
+    target_host: str = LOOPBACK      # the target node's host
+    # Where the link listens: loopback for a source on the control process's
+    # host, the plan's host (which every host reaches) for one on a host of its own.
+    listen_host: str = LOOPBACK
 
     @property
     def name(self) -> str:
         return f"{self.source}->{self.target}"
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` its source dials."""
+        return f"{self.listen_host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +260,22 @@ class ClusterPlan:
     def client_addresses(self) -> list[str]:
         """``HOST:PORT`` of every endpoint and every node serving clients
         (``localhost`` beside ``127.0.0.1``): where a client may log in."""
-        ports = [e.port for e in self.endpoints] + [n.http_port for n in self.nodes]
-        hosts = [self.host] + (["localhost"] if self.host == "127.0.0.1" else [])
-        return [f"{host}:{port}" for port in ports for host in hosts]
+        listeners = [(self.host, e.port) for e in self.endpoints]
+        listeners += [(n.host, n.http_port) for n in self.nodes]
+        return [f"{name}:{port}" for host, port in listeners
+                for name in ([host] + (["localhost"] if host == "127.0.0.1" else []))]
+
+    def host_ports(self) -> list[int]:
+        """The ports nodes on hosts of their own dial on the control process's
+        address: their links (nothing else there is theirs to reach)."""
+        return sorted(link.port for link in self.links if link.listen_host != LOOPBACK)
+
+    def control_copy(self, node: NodePlan, path: Path) -> Path:
+        """Where the control process keeps the file ``node``'s plan names at
+        ``path`` (the path itself for a node on the control process's host)."""
+        if node.host_root is None:
+            return path
+        return self.data_dir / path.relative_to(node.host_root)
 
     def node(self, name: str) -> NodePlan:
         for node in self.all_nodes:
@@ -267,10 +330,10 @@ class ClusterPlan:
                     others.append(pair)
         peers = tuple(
             Peer(name=other.name, region=other.region, zone=other.zone,
-                 grpc=f"{self.host}:{self.link(node.name, other.name).port}",
+                 grpc=f"{self.link(node.name, other.name).address}",
                  rtt_ms=2 * self.link(node.name, other.name).model.latency_ms,
                  bandwidth_mbps=self.link(node.name, other.name).model.bandwidth_mbps,
-                 http=f"{self.spec.scheme}://{self.host}:{other.http_port}")
+                 http=f"{self.spec.scheme}://{other.host}:{other.http_port}")
             for other in others)
         remote_zones = {other.region: other.zone_redundancy.zones for other in others
                         if other.zone_redundancy.enabled and other.region != node.region}
@@ -289,7 +352,7 @@ class ClusterPlan:
         # peers listed here (registry_node.throttle); a paired copy serves no client.
         limits = None if node.copy_of else self.spec.limits.request_limits(self.spec.tier)
         return ClusterView(name=node.name, region=node.region, zone=node.zone,
-                           grpc_listen=f"{self.host}:{node.grpc_port}", peers=peers,
+                           grpc_listen=f"{node.host}:{node.grpc_port}", peers=peers,
                            zone_redundancy=node.zone_redundancy, remote_zones=remote_zones,
                            residency=self.spec.residency_policy(),
                            replication=settings or ReplicationSettings(),
@@ -327,6 +390,22 @@ def zone_redundancy(replica: ReplicaSpec) -> ZoneRedundancy:
     return ZoneRedundancy(enabled=True, zones=replica.zones, write_quorum=replica.write_quorum)
 
 
+def placement(spec: ClusterSpec, name: str, region: str) -> tuple[str, Path | None]:
+    """Where node ``name`` of ``region`` runs: the address it listens on, and
+    the directory its files are under on a host of its own (``host_root``).
+    On the control process's host: loopback (only its links, the endpoints
+    and the supervisor reach it, and all of them are there, whatever address
+    ``network.host`` opens to clients) and None (its files are in the
+    cluster's data dir). On a host of its own: that host's address and
+    ``network.host_data_dir``, whatever the control data dir is (both can
+    be ``/data``: the decision is this one, never re-inferred from paths)."""
+    hosts = spec.network.hosts
+    address = hosts.get(name) or hosts.get(region)
+    if address is None:
+        return LOOPBACK, None
+    return address, Path(spec.network.host_data_dir)
+
+
 def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
     if spec.seed is None:
         raise ValueError("plan a seeded spec (ClusterSpec.seeded): the links' draws derive "
@@ -342,21 +421,25 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
         for zone in replica.zones:
             i = len(nodes)
             name = node_name(replica.region, zone)
+            address, host_root = placement(spec, name, replica.region)
+            root = host_root or data_dir
             nodes.append(NodePlan(
                 name=name, region=replica.region, zone=zone, http_port=layout.node_http(i),
-                grpc_port=layout.node_grpc(i), data_dir=data_dir / "nodes" / name,
-                view_file=data_dir / "views" / f"{name}.json",
+                grpc_port=layout.node_grpc(i), data_dir=root / "nodes" / name,
+                view_file=root / "views" / f"{name}.json",
                 log_file=data_dir / "logs" / f"{name}.log", zone_redundancy=redundancy,
-                access=node_access(spec, data_dir, name), tls=node_tls(spec, data_dir, name),
-                configuration_key=configuration_key_file(data_dir),
-                storage_limit=spec.limits.storage_limit_bytes))
+                access=node_access(spec, root, name), tls=node_tls(spec, root, name),
+                configuration_key=configuration_key_file(root),
+                storage_limit=spec.limits.storage_limit_bytes,
+                host=address, host_root=host_root))
     wan = spec.wan_model()
     links: list[LinkPlan] = []
 
     def link(source: NodePlan, target: NodePlan, port: int) -> LinkPlan:
         return LinkPlan(source.name, target.name, port, target.grpc_port,
                         wan.link(source.region, target.region),
-                        link_seed(spec.seed, source.name, target.name))
+                        link_seed(spec.seed, source.name, target.name), target.host,
+                        LOOPBACK if source.host_root is None else host)
 
     # Ordered so that adding a replica only appends links: every port already in
     # use keeps its meaning while the cluster runs.
@@ -367,19 +450,22 @@ def plan(spec: ClusterSpec, data_dir: Path) -> ClusterPlan:
     pairs: list[NodePlan] = []
     for k, (region, pair_region) in enumerate(spec.paired_regions().items()):
         name = f"pair-{region}"
+        address, host_root = placement(spec, name, pair_region)
+        root = host_root or data_dir
         pairs.append(NodePlan(
             name=name, region=pair_region, zone="", http_port=layout.pair_http(k),
-            grpc_port=layout.pair_grpc(k), data_dir=data_dir / "pairs" / region,
-            view_file=data_dir / "views" / f"{name}.json", log_file=data_dir / "logs" / f"{name}.log",
-            copy_of=region, access=node_access(spec, data_dir, name),
-            tls=node_tls(spec, data_dir, name)))
+            grpc_port=layout.pair_grpc(k), data_dir=root / "pairs" / region,
+            view_file=root / "views" / f"{name}.json", log_file=data_dir / "logs" / f"{name}.log",
+            copy_of=region, access=node_access(spec, root, name),
+            tls=node_tls(spec, root, name), host=address, host_root=host_root))
         for member in (n for n in nodes if n.region == region):
             for source, target in ((pairs[-1], member), (member, pairs[-1])):
                 links.append(link(source, target,
                                   layout.pair_link(len(links) - layout.link_count)))
     # Nothing models where the management API sits, so its links add no latency.
     management = tuple(LinkPlan(MANAGEMENT, node.name, layout.management_link(i), node.http_port,
-                                LinkModel(), link_seed(spec.seed, MANAGEMENT, node.name))
+                                LinkModel(), link_seed(spec.seed, MANAGEMENT, node.name),
+                                node.host)
                        for i, node in enumerate(nodes))
     endpoints = [EndpointPlan("global", loc, layout.global_endpoint(i))
                  for i, loc in enumerate(spec.client_locations)]

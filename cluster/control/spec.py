@@ -91,6 +91,12 @@ Example (every key optional except where noted)::
     port_base = 5000                # 0: any free range, chosen when the cluster starts
     data_dir = ".georeg"
     client_locations = ["eastus", "westeurope", "japaneast"]   # one global endpoint each
+    host = "127.0.0.1"              # where the control process listens (links, endpoints,
+                                    # management API); every node's host must reach it
+
+    [network.hosts]                 # multi-host (docs/multihost.md): a region's nodes, or
+    brazilsouth = "10.88.0.3"       # one node ("eastus-2"), on a host of their own, by
+                                    # address; its files under network.host_data_dir there
 
 Throttling is off unless ``[limits]`` turns it on: a local cluster is no
 measure of ACR's capacity, and a user who runs ``make up`` and drives it as
@@ -107,6 +113,7 @@ cannot also be listed as a replica; a region is replicated at most once.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import random
 import tomllib
 from dataclasses import dataclass
@@ -122,6 +129,7 @@ from registry_node.config import (
     WebhookSettings,
     burst_seconds,
     identity_fraction,
+    listens_everywhere,
     request_rate,
     valid_mbps,
 )
@@ -327,7 +335,15 @@ class NetworkSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     management_port: int | None = None
     data_dir: str = ".georeg"
     client_locations: tuple[str, ...] = ()
+    # Where the control process listens: the links, the endpoints and the
+    # management API (every node's host must reach it).
     host: str = "127.0.0.1"
+    # Multi-host (docs/multihost.md): a region (all its nodes) or one node (by
+    # name, "eastus-2") placed on a host of its own, by address. A node placed
+    # so listens on that address and keeps its files under ``host_data_dir``
+    # on that host, which it shares with nobody but the nodes placed there.
+    hosts: dict[str, str] = {}
+    host_data_dir: str = "/data"
 
 
 class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -610,9 +626,61 @@ def validate(spec: ClusterSpec, source: str) -> ClusterSpec:
     problems += _limits_problems(spec.limits)
     problems += schedule_problems(spec.schedules)
     problems += _port_problems(spec)
+    problems += _host_problems(spec)
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+def _host_problems(spec: ClusterSpec) -> list[str]:
+    """``[network.hosts]``: each key a node this spec runs (a replica's region,
+    a zone node of a zone-redundant replica, or a pair region holding a
+    paired copy: a key placing nothing would silently leave a region on
+    loopback), each address one a node can listen on and be reached at, a
+    control address the hosts can reach (loopback is each host's own), and
+    auth on (without it, replication and the nodes' internal routes would be
+    open and in plaintext on the hosts' network)."""
+    network = spec.network
+    if not network.hosts:
+        return []
+    placeable = {r.region for r in spec.all_replicas} | set(spec.paired_regions().values())
+    placeable |= {f"{r.region}-{zone}" for r in spec.all_replicas if r.zone_redundant
+                  for zone in r.zones}
+    problems = []
+    for key, address in network.hosts.items():
+        if key not in placeable:
+            problems.append(f"network.hosts: {key!r} places no node of this cluster (a "
+                            f"replica's region, a zone node of a zone-redundant replica or a "
+                            f"pair region holding a paired copy: "
+                            f"{', '.join(sorted(placeable))})")
+        if _loopback_or_wildcard(address):
+            problems.append(f"network.hosts.{key}: {address!r} is not an address other hosts "
+                            f"reach; give the host's own address (e.g. 10.88.0.3)")
+        elif ":" in address:
+            problems.append(f"network.hosts.{key}: {address!r}: IPv6 addresses are not "
+                            f"supported here yet; give the host's IPv4 address or name")
+    if not spec.auth_enabled:
+        problems.append(f"auth {spec.auth!r} with [network.hosts]: nodes on hosts of their own "
+                        f"need auth = \"token\" (replication between hosts in mutual TLS, the "
+                        f"nodes' internal routes behind the internal credential); without it "
+                        f"both are open and in plaintext on the hosts' network")
+    if _loopback_or_wildcard(network.host):
+        problems.append(f"network.host {network.host!r}: with [network.hosts], the control "
+                        f"process (links, endpoints, management API) must listen on an address "
+                        f"every host reaches, e.g. its address on the hosts' network")
+    if not network.host_data_dir.startswith("/"):
+        problems.append(f"network.host_data_dir {network.host_data_dir!r} is not an absolute path")
+    return problems
+
+
+def _loopback_or_wildcard(address: str) -> bool:
+    if listens_everywhere(address) or address == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
 
 
 def _replication_problems(replication: ReplicationSpec) -> list[str]:

@@ -24,6 +24,13 @@ SIGCONT. A paused node is never left behind: stopping it (a fault, a
 restart, the cluster stopping) sends SIGCONT after its signal, so a SIGTERM
 is acted on and the process exits as any other.
 
+Hosts (docs/multihost.md): every node starts through its host
+(``cluster.control.hosts``: this machine unless the plan places the node on
+a host of its own, which the cluster is given by address); the files its
+command line names are put there through the host before it starts (its
+view whenever the view changes, ``put_view``), never read back from it.
+Health checks, links and endpoints reach a node at its own address.
+
 Ports come from the plan. One found in use — by a link here, or by a node
 process, which exits with ``EXIT_ADDRESS_IN_USE`` — raises ``PortInUse``.
 """
@@ -50,10 +57,11 @@ import structlog
 
 from registry_node import broken_build
 from registry_node.server import EXIT_ADDRESS_IN_USE
-from replicator.topology import ReplicationSettings
+from replicator.topology import ClusterView, ReplicationSettings
 
 from ..network.links import Link
 from .errors import PortInUse
+from .hosts import LOCAL, NodeHost
 from .plan import ClusterPlan, NodePlan, node_arguments
 from .tls import client_context
 
@@ -150,7 +158,7 @@ class NodeRuntime:
     @property
     def url(self) -> str:
         scheme = "https" if self.plan.tls is not None else "http"
-        return f"{scheme}://127.0.0.1:{self.plan.http_port}"
+        return f"{scheme}://{self.plan.host}:{self.plan.http_port}"
 
     @property
     def healthy(self) -> bool:
@@ -165,8 +173,10 @@ class Supervisor:
     def __init__(self, plan: ClusterPlan, *, settings: ReplicationSettings | None = None,
                  extra_node_args: tuple[str, ...] = (),
                  internal_headers: dict[str, str] | None = None,
-                 node_env: Mapping[str, str] | None = None) -> None:
+                 node_env: Mapping[str, str] | None = None,
+                 hosts: Mapping[str, NodeHost] | None = None) -> None:
         self.plan = plan
+        self.hosts = dict(hosts or {})           # by address: where placed nodes run
         self.node_env = dict(node_env or {})     # test harnesses only (node_environment)
         self.settings = settings or ReplicationSettings()
         self.extra_node_args = extra_node_args
@@ -211,7 +221,7 @@ class Supervisor:
                                               headers=self.internal_headers,
                                               connector=aiohttp.TCPConnector(ssl=tls or True))
         for node in plan.all_nodes:
-            plan.view(node, self.settings).dump(node.view_file)
+            self.put_view(node, plan.view(node, self.settings))
         await asyncio.get_running_loop().run_in_executor(None, ensure_bytecode)
         try:
             await asyncio.gather(*(self.start_node(n) for n in self.nodes))
@@ -220,8 +230,45 @@ class Supervisor:
             raise
         self._health_task = asyncio.create_task(self._watch_health(), name="health")
 
+    def host(self, node: NodePlan) -> NodeHost:
+        """Where ``node`` runs: this machine, or the host given for its address."""
+        if node.host_root is None:
+            return LOCAL
+        host = self.hosts.get(node.host)
+        if host is None:
+            raise NodeStartError(
+                f"node {node.name} is placed on {node.host} ([network.hosts]), but the cluster "
+                f"was given no way to run it there: start a multi-host cluster from Python with "
+                f"Cluster.start(spec, hosts={{address: host}}) (docs/multihost.md)")
+        if host.sees(self.plan.data_dir):
+            raise NodeStartError(
+                f"node {node.name}'s host {node.host} sees this cluster's data dir "
+                f"{self.plan.data_dir} (the CA key, every node's key, the credentials): keep "
+                f"the data dir out of what the host is given of this machine")
+        return host
+
+    def put_files(self, node: NodePlan) -> None:
+        """The files the cluster made for ``node`` (access, TLS, configuration
+        key) put on its own host (a node on this one reads them in place).
+        A few small files, put before every start of the node."""
+        if node.host_root is None:
+            return
+        host = self.host(node)
+        for path in node.given_files:
+            host.put(path, self.plan.control_copy(node, path).read_bytes())
+
+    def put_view(self, node: NodePlan, view: ClusterView) -> None:
+        """``node``'s view where it reads it (it reloads it when it changes)."""
+        self.host(node).put(node.view_file, view.encode())
+
+    def remove_data(self, name: str) -> None:
+        """Node ``name``'s data dir gone, on its host."""
+        node = self.plan.node(name)
+        self.host(node).remove(node.data_dir)
+
     async def add_link(self, link_plan) -> Link:
-        link = Link(link_plan.name, ("127.0.0.1", link_plan.target_port), link_plan.model,
+        link = Link(link_plan.name, (link_plan.target_host, link_plan.target_port),
+                    link_plan.model, listen_host=link_plan.listen_host,
                     listen_port=link_plan.port, rng=random.Random(link_plan.seed))
         try:
             await link.start()
@@ -251,8 +298,9 @@ class Supervisor:
     # -- nodes -----------------------------------------------------------------------
 
     def node_command(self, node: NodePlan) -> list[str]:
-        return [sys.executable, "-m", "cluster.cli", "node",
-                *node_arguments(node, f"127.0.0.1:{node.http_port}"), *self.extra_node_args]
+        return self.host(node).command(
+            [sys.executable, "-m", "cluster.cli", "node",
+             *node_arguments(node, f"{node.host}:{node.http_port}"), *self.extra_node_args])
 
     async def start_node(self, name: str) -> NodeRuntime:
         node = self.nodes[name]
@@ -262,6 +310,9 @@ class Supervisor:
         node.paused = False             # a new process: never stopped by us yet
         self._set_state(node, "starting")
         node.plan.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # At every start (a new replica's node, a host that lost them); through
+        # the host, which may be another machine: off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self.put_files, node.plan)
         env = node_environment(os.environ, self.node_env)
         with open(node.plan.log_file, "ab") as log_file:  # noqa: ASYNC230 - a local append, microseconds
             node.process = await asyncio.create_subprocess_exec(

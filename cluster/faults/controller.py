@@ -94,7 +94,6 @@ import asyncio
 import contextlib
 import itertools
 import random
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -739,7 +738,7 @@ class FaultController:
         supervisor = self.cluster.supervisor
         await asyncio.gather(*(supervisor.stop_node(n, graceful=False) for n in nodes))
         for name in nodes:
-            shutil.rmtree(self.cluster.plan.node(name).data_dir, ignore_errors=True)
+            supervisor.remove_data(name)
         await asyncio.gather(*(supervisor.start_node(n) for n in nodes))
         await self.restarted(nodes)
         fault.description = f"{region} destroyed: data wiped, restarted empty ({', '.join(nodes)})"

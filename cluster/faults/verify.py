@@ -182,11 +182,13 @@ class VerifyReport:
 
 
 def targets_from_status(status: dict) -> list[NodeTarget]:
-    """Targets from the management API's ``GET /georeg/v1/cluster``."""
+    """Targets from the management API's ``GET /georeg/v1/cluster`` (a node on a
+    host of its own, ``host``, has its data dir there: none to read here)."""
     nodes = [{**n, "copy_of": ""} for n in status["nodes"]]
     nodes += [{**n, "copy_of": n["keeps"]} for n in status.get("paired_copies") or ()]
     return [NodeTarget(n["name"], n["region"], n["http"], n.get("zone") or "",
-                       Path(n["data_dir"]) if n.get("data_dir") else None, bool(n["healthy"]),
+                       Path(n["data_dir"]) if n.get("data_dir") and not n.get("host") else None,
+                       bool(n["healthy"]),
                        "" if n["healthy"] else down_reason(n.get("health", ""), n.get("reason")),
                        n["copy_of"])
             for n in nodes]
@@ -278,7 +280,8 @@ async def _check_disks(targets: list[NodeTarget], snapshots: list[Snapshot],
     checked = {s.name: s for s in snapshots}
     for s in snapshots:
         if s.target.data_dir is None:
-            report.notes.append(f"{s.name}: no data dir given; residency on disk not checked")
+            report.notes.append(f"{s.name}: no data dir to read here (none given, or on "
+                                f"another host); residency on disk not checked")
     readable = [t for t in targets if t.data_dir is not None
                 and (t.name in checked or (t.data_dir / "meta").is_dir())]
     found = await asyncio.gather(*(asyncio.to_thread(read_disk, t.data_dir) for t in readable),

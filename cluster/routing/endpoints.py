@@ -37,7 +37,7 @@ class Endpoints:
 
     def _group(self, region: str) -> ReplicaGroup:
         plan = self.cluster.plan
-        nodes = tuple(NodeEndpoint(n.name, n.region, n.zone, plan.host, n.http_port)
+        nodes = tuple(NodeEndpoint(n.name, n.region, n.zone, n.host, n.http_port)
                       for n in plan.nodes_in(region))
         flag = self.cluster.replica_specs()[region].global_routing
         return ReplicaGroup(region, nodes, flag)

@@ -117,6 +117,7 @@ import httptools
 import structlog
 
 from registry_node.auth.grants import REDIRECT_HEADER
+from registry_node.config import listens_everywhere
 from registry_node.errors import Outcome
 
 from . import splice as kernel
@@ -162,7 +163,6 @@ _HEAD_READ = 16 * 1024
 _BODY_READ = 256 * 1024
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 _LINGER_S = 5.0                       # how long an answered request's body is read and dropped
 # Bodies with at least this much left go socket to socket inside the kernel (``cluster.routing.splice``).
 SPLICE_MIN = 64 * 1024
@@ -1436,7 +1436,7 @@ class _Exchange:
         proxy.redirects += 1
         proxy.requests_by_backend[node.name] += 1
         host = node.host
-        if host in _WILDCARD_HOSTS:            # a node listening everywhere: where the client
+        if listens_everywhere(host):            # a node listening everywhere: where the client
             host = self.client.local_ip or "127.0.0.1"   # reached us reaches the node too
         if ":" in host:
             host = f"[{host}]"
@@ -1477,7 +1477,7 @@ def _tls_to(node: NodeEndpoint, context: ssl.SSLContext | None) -> dict:
     listening everywhere is reached, and named, as 127.0.0.1)."""
     if context is None:
         return {}
-    host = "127.0.0.1" if node.host in _WILDCARD_HOSTS else node.host
+    host = "127.0.0.1" if listens_everywhere(node.host) else node.host
     return {"ssl": context, "server_hostname": host}
 
 

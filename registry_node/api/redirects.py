@@ -28,13 +28,13 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from ..auth.grants import REDIRECT_HEADER, BlobGrants
+from ..config import listens_everywhere
 from ..errors import RegistryError
 from ..reference import Digest
 from .common import empty, registry
 
 # Set by the access chain on a request a blob grant admitted.
 GRANTED: web.RequestKey[bool] = web.RequestKey("granted", bool)
-_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 
 class BlobRedirects:
@@ -48,7 +48,7 @@ class BlobRedirects:
 
     def origin(self, request: web.Request) -> str:
         host = self.host
-        if host in _WILDCARD_HOSTS:
+        if listens_everywhere(host):
             # The endpoint appends its mark after the client's headers: the last
             # one is the endpoint's, whatever a client sent of its own.
             marks = request.headers.getall(REDIRECT_HEADER, [])

@@ -44,9 +44,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .manifest import MAX_MANIFEST_SIZE
+from .manifest import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE
 from .upstream import (
-    MANIFEST_ACCEPT,
     Challenge,
     UpstreamError,
     UpstreamFailure,

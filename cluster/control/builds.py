@@ -60,6 +60,7 @@ import structlog
 
 from registry_node.auth.tokens import REFRESH_LIFETIME_S
 from registry_node.identities import InvalidValue
+from registry_node.manifest import MANIFEST_ACCEPT
 from registry_node.tasks import DEFAULT_TIMEOUT_S, LOGIN_MARGIN_S, MAX_TIMEOUT_S, build_arg
 
 from .containerfile import (
@@ -101,10 +102,6 @@ FINAL = ("Succeeded", "Failed", "Canceled", "Timeout")
 MANUAL, IMAGE_UPDATE, COMMIT = "Manual", "Image Update", "Commit"
 # A node answers a login or a manifest lookup within this.
 NODE_TIMEOUT_S = 30.0
-MANIFEST_ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
-                     "application/vnd.oci.image.index.v1+json",
-                     "application/vnd.docker.distribution.manifest.v2+json",
-                     "application/vnd.docker.distribution.manifest.list.v2+json"])
 
 
 class Denied(ClusterError):

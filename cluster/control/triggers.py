@@ -67,7 +67,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 import structlog
 
-from .builds import COMMIT, IMAGE_UPDATE, MANIFEST_ACCEPT, BuildRuns
+from registry_node.manifest import MANIFEST_ACCEPT
+
+from .builds import COMMIT, IMAGE_UPDATE, BuildRuns
 from .errors import ClusterError, NodeRefusal, RegionUnavailable, TooManyRequests
 from .git_sources import GitSource, branch_head
 from .private_files import write_private

@@ -74,6 +74,7 @@ import aiohttp
 from registry_node import hlc, keys
 from registry_node import inventory as inventories
 from registry_node.errors import RegistryError
+from registry_node.manifest import MANIFEST_ACCEPT
 from registry_node.manifest import parse as parse_manifest
 from registry_node.records import (
     CONFIG_KINDS,
@@ -87,10 +88,6 @@ from registry_node.records import (
 )
 from replicator.residency import ResidencyPolicy
 
-MANIFEST_ACCEPT = ", ".join((
-    "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json"))
 REQUESTS_PER_NODE = 16
 DISALLOWED = 405       # what a node answers a read of content its locks forbid
 DISK_OPEN_ATTEMPTS = 5

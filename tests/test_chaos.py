@@ -36,6 +36,10 @@ from cluster.faults.chaos import (
 from cluster.testing import RunningCluster
 from registry_node.errors import Outcome
 
+from . import readme_examples
+from .command_line import georeg_command
+from .helpers import make_image, push_image, verified_clean
+
 SCALE = float(os.environ.get("GEOREG_CHAOS_SCALE", "0.3"))
 # The random nemesis's in `make test`: 6 s at intensity 5 draws a pause (of
 # Southeast Asia), a lossy link, a throttle and a full disk, and no outage that
@@ -299,3 +303,34 @@ def test_a_run_outlasts_the_restart_of_what_its_faults_took_down(cluster):
     moves = [m["to"] for m in report["failovers"]["brazilsouth"]]
     assert moves and moves[0] != "brazilsouth" and moves[-1] == "brazilsouth", moves
     assert report["pushes"]["lost"] == 0 and report["passed"], report["checks"]
+
+
+def test_the_readme_grey_failures_run_as_written(cluster, tmp_path):
+    """The README's "Grey failures" examples, run as printed (no option added)
+    against the cluster `make up` starts, this module's (the default topology,
+    auth on), which the CLI finds as ./.georeg: each command succeeds and
+    prints every line the README shows of its output. Then the cluster heals
+    and converges, verify clean."""
+    (tmp_path / ".georeg").symlink_to(cluster.data_dir)
+
+    async def push() -> None:        # a blob on every node for the bit rot to strike
+        async with cluster.http() as session:
+            await push_image(session, cluster.endpoint("eastus"), "readme/grey",
+                             make_image([4096], seed=7), tag="v1")
+
+    asyncio.run(push())
+    verified_clean(cluster, 30, "the pushed image everywhere")
+    examples = readme_examples.examples(readme_examples.section("Grey failures"))
+    assert len(examples) >= 10, examples
+    for example in examples:
+        assert example.argv[0] == "georeg", example.command
+        result = georeg_command(example.argv[1:], cwd=tmp_path,
+                                env={**os.environ, "COLUMNS": "200"})
+        output = result.stdout + result.stderr
+        print(f"$ {example.command}\n{output}")
+        assert result.returncode == 0, (example.command, output)
+        lacking = readme_examples.missing(example.shown, output)
+        assert not lacking, (example.command, lacking, output)
+    assert not [f for f in cluster.management_api("GET", "/georeg/v1/faults")[1] if f["active"]]
+    cluster.run(cluster.cluster.wait_ready)
+    verified_clean(cluster, 30, "the cluster to converge after healing")

@@ -175,6 +175,38 @@ def test_summary_speaks_of_indefinite_outcomes_only_when_there_were_some():
     assert "0 acknowledged then lost, 1 refused (did not happen); pulls" in text
 
 
+def test_the_readme_grey_failures_run_as_written(cluster, tmp_path):
+    """The README's "Grey failures" examples, run as printed (no option added)
+    against the cluster `make up` starts, this module's (the default topology,
+    auth on), which the CLI finds as ./.georeg: each command succeeds and
+    prints every line the README shows of its output. Then the cluster heals
+    and converges, verify clean. It comes before the scenarios: on the
+    module's fresh cluster its scrub reads a few blobs, not theirs."""
+    (tmp_path / ".georeg").symlink_to(cluster.data_dir)
+
+    async def push() -> None:        # a blob on every node for the bit rot to strike
+        async with cluster.http() as session:
+            await push_image(session, cluster.endpoint("eastus"), "readme/grey",
+                             make_image([4096], seed=7), tag="v1")
+
+    asyncio.run(push())
+    verified_clean(cluster, 30, "the pushed image everywhere")
+    examples = readme_examples.examples(readme_examples.section("Grey failures"))
+    assert len(examples) >= 10, examples
+    for example in examples:
+        assert example.argv[0] == "georeg", example.command
+        result = georeg_command(example.argv[1:], cwd=tmp_path,
+                                env={**os.environ, "COLUMNS": "200"})
+        output = result.stdout + result.stderr
+        print(f"$ {example.command}\n{output}")
+        assert result.returncode == 0, (example.command, output)
+        lacking = readme_examples.missing(example.shown, output)
+        assert not lacking, (example.command, lacking, output)
+    assert not [f for f in cluster.management_api("GET", "/georeg/v1/faults")[1] if f["active"]]
+    cluster.run(cluster.cluster.wait_ready)
+    verified_clean(cluster, 30, "the cluster to converge after healing")
+
+
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=pytest.mark.soak) if name in SOAK_ONLY and SCALE < 1 else name
     for name in NAMES])
@@ -304,33 +336,3 @@ def test_a_run_outlasts_the_restart_of_what_its_faults_took_down(cluster):
     assert moves and moves[0] != "brazilsouth" and moves[-1] == "brazilsouth", moves
     assert report["pushes"]["lost"] == 0 and report["passed"], report["checks"]
 
-
-def test_the_readme_grey_failures_run_as_written(cluster, tmp_path):
-    """The README's "Grey failures" examples, run as printed (no option added)
-    against the cluster `make up` starts, this module's (the default topology,
-    auth on), which the CLI finds as ./.georeg: each command succeeds and
-    prints every line the README shows of its output. Then the cluster heals
-    and converges, verify clean."""
-    (tmp_path / ".georeg").symlink_to(cluster.data_dir)
-
-    async def push() -> None:        # a blob on every node for the bit rot to strike
-        async with cluster.http() as session:
-            await push_image(session, cluster.endpoint("eastus"), "readme/grey",
-                             make_image([4096], seed=7), tag="v1")
-
-    asyncio.run(push())
-    verified_clean(cluster, 30, "the pushed image everywhere")
-    examples = readme_examples.examples(readme_examples.section("Grey failures"))
-    assert len(examples) >= 10, examples
-    for example in examples:
-        assert example.argv[0] == "georeg", example.command
-        result = georeg_command(example.argv[1:], cwd=tmp_path,
-                                env={**os.environ, "COLUMNS": "200"})
-        output = result.stdout + result.stderr
-        print(f"$ {example.command}\n{output}")
-        assert result.returncode == 0, (example.command, output)
-        lacking = readme_examples.missing(example.shown, output)
-        assert not lacking, (example.command, lacking, output)
-    assert not [f for f in cluster.management_api("GET", "/georeg/v1/faults")[1] if f["active"]]
-    cluster.run(cluster.cluster.wait_ready)
-    verified_clean(cluster, 30, "the cluster to converge after healing")

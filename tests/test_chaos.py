@@ -17,6 +17,7 @@ import pytest
 
 from cluster.cli.chaos import random_run, random_summary, scenario_cluster
 from cluster.control import spec as specs
+from cluster.faults import chaos as chaos_module
 from cluster.faults import nemesis
 from cluster.faults.chaos import (
     INVARIANTS,
@@ -28,6 +29,7 @@ from cluster.faults.chaos import (
     Observations,
     Push,
     Scenario,
+    Step,
     Workload,
     _windows,
     load,
@@ -173,6 +175,60 @@ def test_summary_speaks_of_indefinite_outcomes_only_when_there_were_some():
     text = summary(report)
     assert "may have landed" not in text and "indefinite (" not in text
     assert "0 acknowledged then lost, 1 refused (did not happen); pulls" in text
+
+
+class _SlowPoll(ChaosRun):
+    """A run whose recovery poll takes ``poll_s`` and then finds every fault recovered."""
+
+    poll_s = 0.0
+    polls = 0
+    answered_at: float | None = None
+
+    async def _recovered(self, session) -> bool:
+        self.polls += 1
+        await asyncio.sleep(self.poll_s)
+        self.answered_at = self.obs.now()
+        return True
+
+
+def _held_workload(steps: list[Step], duration_s: float, poll_s: float) -> tuple[_SlowPoll, float]:
+    """The run's poll and when the workload's loop ended (s into the run): a
+    workload of no operations only watches its deadline and the hold."""
+    scenario = Scenario(name="held", duration_s=duration_s,
+                        workload=Workload(push_rate=0.0, pull_rate=0.0))
+    chaos = _SlowPoll(scenario, "http://unused", seed=1, steps=steps)
+    chaos.poll_s = poll_s
+    workload = ChaosWorkload(scenario, {"eastus": "http://unused"}, chaos.rng, chaos.obs)
+
+    async def work() -> float:
+        await workload.run(None, duration_s)
+        return chaos.obs.now()
+
+    async def both() -> float:
+        faults = asyncio.create_task(asyncio.sleep(0))      # the schedule, already applied
+        ended, _ = await asyncio.gather(work(), chaos._outlast_recovery(None, workload, faults))
+        return ended
+
+    return chaos, asyncio.run(both())
+
+
+def test_the_workload_is_held_until_a_slow_recovery_poll_answers(monkeypatch):
+    """A recovery poll slower than the time left (a loaded machine) does not
+    end the workload before recovery is seen: it goes on until the poll
+    answers, then the tail. A recovery seen before the planned end costs
+    nothing past it (polling starts at the last heal), and a schedule with no
+    fault that heals by itself is neither polled nor held. No cluster, ~2 s."""
+    tail = 0.5
+    monkeypatch.setattr(chaos_module, "RECOVERY_TAIL_S", tail)
+    monkeypatch.setattr(chaos_module, "RECOVERY_POLL_S", 0.05)
+    pause = Step(at_s=0.0, action="fault", kind="pause", arguments={"duration_s": 0.1})
+    slow, ended = _held_workload([pause], duration_s=0.3, poll_s=0.6)
+    assert slow.polls == 1 and ended >= slow.answered_at + tail, (ended, slow.answered_at)
+    early, ended = _held_workload([pause], duration_s=0.8, poll_s=0.0)
+    assert early.polls == 1 and early.answered_at < 0.3 and 0.8 <= ended < 0.8 + 0.2, ended
+    heal_only = [Step(at_s=0.0, action="heal", heal="all")]
+    unheld, ended = _held_workload(heal_only, duration_s=0.3, poll_s=0.6)
+    assert unheld.polls == 0 and ended < 0.3 + 0.2, ended
 
 
 def test_the_readme_grey_failures_run_as_written(cluster, tmp_path):

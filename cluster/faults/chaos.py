@@ -794,11 +794,18 @@ class ChaosRun:
         this decides: however late a poll comes back on a loaded machine, the
         workload never ends before recovery has been seen (extending a
         deadline a poll at a time did, whenever a poll took longer than the
-        time left)."""
+        time left). Polling starts at the schedule's last such heal, so a
+        recovery seen before the planned end costs at most the tail past it;
+        a schedule with no fault that heals by itself is not held at all."""
+        heals = [s.at_s + s.arguments["duration_s"] for s in self.steps
+                 if s.action == "fault" and s.arguments.get("duration_s")]
+        if not heals:
+            return
+        last_heal = max(heals)
         workload.held = True
         try:
             await faults
-            await asyncio.sleep(max(0.0, workload.until - RECOVERY_POLL_S * 4 - self.obs.now()))
+            await asyncio.sleep(max(0.0, last_heal - self.obs.now()))
             limit = self.obs.now() + self.scenario.assertions.max_convergence_s
             while self.obs.now() < limit:
                 try:
@@ -807,12 +814,11 @@ class ChaosRun:
                     recovered = False           # asked again on the next poll
                 if recovered:
                     # Past the planned end: as long as the schedule left after
-                    # its last heal; before it, at least the tail all the same.
-                    heals = [s.at_s + s.arguments["duration_s"] for s in self.steps
-                             if s.action == "fault" and s.arguments.get("duration_s")]
-                    after = RECOVERY_TAIL_S if self.obs.now() < workload.until else \
-                        max(RECOVERY_TAIL_S, workload.until_planned - max(heals, default=0.0))
-                    workload.until = max(workload.until, self.obs.now() + after)
+                    # its last heal; before it, up to the tail past the heal.
+                    seen = self.obs.now()
+                    after = RECOVERY_TAIL_S if seen < workload.until else \
+                        max(RECOVERY_TAIL_S, workload.until_planned - last_heal)
+                    workload.until = max(workload.until, seen + after)
                     return
                 await asyncio.sleep(RECOVERY_POLL_S)
         finally:

@@ -12,8 +12,10 @@ import dataclasses
 import os
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
 
 from cluster.cli.chaos import random_run, random_summary, scenario_cluster
 from cluster.control import spec as specs
@@ -229,6 +231,36 @@ def test_the_workload_is_held_until_a_slow_recovery_poll_answers(monkeypatch):
     heal_only = [Step(at_s=0.0, action="heal", heal="all")]
     unheld, ended = _held_workload(heal_only, duration_s=0.3, poll_s=0.6)
     assert unheld.polls == 0 and ended < 0.3 + 0.2, ended
+
+
+async def test_a_verify_that_never_answers_is_a_failed_verify_not_a_crash():
+    """verify past the session's timeout (a loaded cluster) is reported as a
+    failed verify: the run still reports, rather than raising TimeoutError."""
+    answer = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        await answer.wait()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/georeg/v1/verify", stuck)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    chaos = ChaosRun(Scenario(name="stuck-verify"), f"http://127.0.0.1:{port}", seed=1)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as session:
+            verify = await chaos._verify(session)
+    finally:
+        answer.set()
+        await runner.cleanup()
+    assert verify["error"].startswith("GET /georeg/v1/verify: "), verify
+    report = chaos._report(last_heal=1.0, converged_after=0.5, lost=[], verify=verify,
+                           max_lag=None, landed=[])
+    assert not report["checks"]["verify_clean"] and not report["passed"]
+    assert "georeg verify: FAILED (GET /georeg/v1/verify: " in summary(report)
 
 
 def test_the_readme_grey_failures_run_as_written(cluster, tmp_path):

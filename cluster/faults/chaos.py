@@ -950,10 +950,15 @@ class ChaosRun:
         return await self._served(session, self.obs.indefinite)
 
     async def _verify(self, session) -> dict | None:
+        """``georeg verify``'s verdict; one that fails or never answers (the
+        session's timeout) is a failed verify in the report, not a crash."""
         try:
             return await self._api(session, "GET", "/georeg/v1/verify")
         except ScenarioError as exc:
             return {"clean": False, "error": str(exc)}
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return {"clean": False,
+                    "error": f"GET /georeg/v1/verify: {str(exc) or type(exc).__name__}"}
 
     async def _invariants(self, session, verify: dict | None) -> dict[str, list]:
         """What breaks each of ``INVARIANTS`` (an empty list: it holds), once the
@@ -1146,9 +1151,12 @@ def summary(report: dict) -> str:
         lines.append(f"  worst replication lag of an acknowledged image: {report['max_lag_ms']:.0f} ms")
     if report["verify"] is not None:
         verdict = report["verify"]
-        lines.append(f"  georeg verify: {'clean' if verdict.get('ok') else 'DIVERGENT'}"
-                     + (f" ({len(verdict.get('divergences') or [])} divergences)"
-                        if not verdict.get("ok") else ""))
+        if verdict.get("error"):
+            lines.append(f"  georeg verify: FAILED ({verdict['error']})")
+        else:
+            lines.append(f"  georeg verify: {'clean' if verdict.get('ok') else 'DIVERGENT'}"
+                         + (f" ({len(verdict.get('divergences') or [])} divergences)"
+                            if not verdict.get("ok") else ""))
     if report.get("deletes"):
         d = report["deletes"]
         lines.append(f"  retags acknowledged: {report['retags']}; deletes: {d['attempted']} "

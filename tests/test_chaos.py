@@ -281,17 +281,26 @@ def test_the_readme_grey_failures_run_as_written(cluster, tmp_path):
     verified_clean(cluster, 30, "the pushed image everywhere")
     examples = readme_examples.examples(readme_examples.section("Grey failures"))
     assert len(examples) >= 10, examples
-    for example in examples:
-        assert example.argv[0] == "georeg", example.command
-        result = georeg_command(example.argv[1:], cwd=tmp_path,
-                                env={**os.environ, "COLUMNS": "200"})
-        output = result.stdout + result.stderr
-        print(f"$ {example.command}\n{output}")
-        assert result.returncode == 0, (example.command, output)
-        lacking = readme_examples.missing(example.shown, output)
-        assert not lacking, (example.command, lacking, output)
-    assert not [f for f in cluster.management_api("GET", "/georeg/v1/faults")[1] if f["active"]]
-    cluster.run(cluster.cluster.wait_ready)
+    try:
+        for example in examples:
+            assert example.argv[0] == "georeg", example.command
+            result = georeg_command(example.argv[1:], cwd=tmp_path,
+                                    env={**os.environ, "COLUMNS": "200"})
+            output = result.stdout + result.stderr
+            print(f"$ {example.command}\n{output}")
+            assert result.returncode == 0, (example.command, output)
+            lacking = readme_examples.missing(example.shown, output)
+            assert not lacking, (example.command, lacking, output)
+        # The README's `heal --all` healed everything, before the cleanup below does.
+        assert not [f for f in cluster.management_api("GET", "/georeg/v1/faults")[1]
+                    if f["active"]]
+    finally:
+        # Whatever failed, the module's scenarios get a healthy cluster: no fault
+        # left (a pause would heal itself mid-scenario), and no rotten blob,
+        # which healing cannot undo but a scrub repairs.
+        cluster.management_api("DELETE", "/georeg/v1/faults")
+        cluster.run(cluster.cluster.wait_ready)
+        print(georeg_command(["verify", "--scrub"], cwd=tmp_path).stdout)
     verified_clean(cluster, 30, "the cluster to converge after healing")
 
 

@@ -12,11 +12,14 @@ import dataclasses
 import os
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
 
 from cluster.cli.chaos import random_run, random_summary, scenario_cluster
 from cluster.control import spec as specs
+from cluster.faults import chaos as chaos_module
 from cluster.faults import nemesis
 from cluster.faults.chaos import (
     INVARIANTS,
@@ -28,6 +31,7 @@ from cluster.faults.chaos import (
     Observations,
     Push,
     Scenario,
+    Step,
     Workload,
     _windows,
     load,
@@ -35,6 +39,10 @@ from cluster.faults.chaos import (
 )
 from cluster.testing import RunningCluster
 from registry_node.errors import Outcome
+
+from . import readme_examples
+from .command_line import georeg_command
+from .helpers import make_image, push_image, verified_clean
 
 SCALE = float(os.environ.get("GEOREG_CHAOS_SCALE", "0.3"))
 # The random nemesis's in `make test`: 6 s at intensity 5 draws a pause (of
@@ -171,6 +179,131 @@ def test_summary_speaks_of_indefinite_outcomes_only_when_there_were_some():
     assert "0 acknowledged then lost, 1 refused (did not happen); pulls" in text
 
 
+class _SlowPoll(ChaosRun):
+    """A run whose recovery poll takes ``poll_s`` and then finds every fault recovered."""
+
+    poll_s = 0.0
+    polls = 0
+    answered_at: float | None = None
+
+    async def _recovered(self, session) -> bool:
+        self.polls += 1
+        await asyncio.sleep(self.poll_s)
+        self.answered_at = self.obs.now()
+        return True
+
+
+def _held_workload(steps: list[Step], duration_s: float, poll_s: float) -> tuple[_SlowPoll, float]:
+    """The run's poll and when the workload's loop ended (s into the run): a
+    workload of no operations only watches its deadline and the hold."""
+    scenario = Scenario(name="held", duration_s=duration_s,
+                        workload=Workload(push_rate=0.0, pull_rate=0.0))
+    chaos = _SlowPoll(scenario, "http://unused", seed=1, steps=steps)
+    chaos.poll_s = poll_s
+    workload = ChaosWorkload(scenario, {"eastus": "http://unused"}, chaos.rng, chaos.obs)
+
+    async def work() -> float:
+        await workload.run(None, duration_s)
+        return chaos.obs.now()
+
+    async def both() -> float:
+        faults = asyncio.create_task(asyncio.sleep(0))      # the schedule, already applied
+        ended, _ = await asyncio.gather(work(), chaos._outlast_recovery(None, workload, faults))
+        return ended
+
+    return chaos, asyncio.run(both())
+
+
+def test_the_workload_is_held_until_a_slow_recovery_poll_answers(monkeypatch):
+    """A recovery poll slower than the time left (a loaded machine) does not
+    end the workload before recovery is seen: it goes on until the poll
+    answers, then the tail. A recovery seen before the planned end costs
+    nothing past it (polling starts at the last heal), and a schedule with no
+    fault that heals by itself is neither polled nor held. No cluster, ~2 s."""
+    tail = 0.5
+    monkeypatch.setattr(chaos_module, "RECOVERY_TAIL_S", tail)
+    monkeypatch.setattr(chaos_module, "RECOVERY_POLL_S", 0.05)
+    pause = Step(at_s=0.0, action="fault", kind="pause", arguments={"duration_s": 0.1})
+    slow, ended = _held_workload([pause], duration_s=0.3, poll_s=0.6)
+    assert slow.polls == 1 and ended >= slow.answered_at + tail, (ended, slow.answered_at)
+    early, ended = _held_workload([pause], duration_s=0.8, poll_s=0.0)
+    assert early.polls == 1 and early.answered_at < 0.3 and 0.8 <= ended < 0.8 + 0.2, ended
+    heal_only = [Step(at_s=0.0, action="heal", heal="all")]
+    unheld, ended = _held_workload(heal_only, duration_s=0.3, poll_s=0.6)
+    assert unheld.polls == 0 and ended < 0.3 + 0.2, ended
+
+
+async def test_a_verify_that_never_answers_is_a_failed_verify_not_a_crash():
+    """verify past the session's timeout (a loaded cluster) is reported as a
+    failed verify: the run still reports, rather than raising TimeoutError."""
+    answer = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        await answer.wait()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/georeg/v1/verify", stuck)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    chaos = ChaosRun(Scenario(name="stuck-verify"), f"http://127.0.0.1:{port}", seed=1)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as session:
+            verify = await chaos._verify(session)
+    finally:
+        answer.set()
+        await runner.cleanup()
+    assert verify["error"].startswith("GET /georeg/v1/verify: "), verify
+    report = chaos._report(last_heal=1.0, converged_after=0.5, lost=[], verify=verify,
+                           max_lag=None, landed=[])
+    assert not report["checks"]["verify_clean"] and not report["passed"]
+    assert "georeg verify: FAILED (GET /georeg/v1/verify: " in summary(report)
+
+
+def test_the_readme_grey_failures_run_as_written(cluster, tmp_path):
+    """The README's "Grey failures" examples, run as printed (no option added)
+    against the cluster `make up` starts, this module's (the default topology,
+    auth on), which the CLI finds as ./.georeg: each command succeeds and
+    prints every line the README shows of its output. Then the cluster heals
+    and converges, verify clean. It comes before the scenarios: on the
+    module's fresh cluster its scrub reads a few blobs, not theirs."""
+    (tmp_path / ".georeg").symlink_to(cluster.data_dir)
+
+    async def push() -> None:        # a blob on every node for the bit rot to strike
+        async with cluster.http() as session:
+            await push_image(session, cluster.endpoint("eastus"), "readme/grey",
+                             make_image([4096], seed=7), tag="v1")
+
+    asyncio.run(push())
+    verified_clean(cluster, 30, "the pushed image everywhere")
+    examples = readme_examples.examples(readme_examples.section("Grey failures"))
+    assert len(examples) >= 10, examples
+    try:
+        for example in examples:
+            assert example.argv[0] == "georeg", example.command
+            result = georeg_command(example.argv[1:], cwd=tmp_path,
+                                    env={**os.environ, "COLUMNS": "200"})
+            output = result.stdout + result.stderr
+            print(f"$ {example.command}\n{output}")
+            assert result.returncode == 0, (example.command, output)
+            lacking = readme_examples.missing(example.shown, output)
+            assert not lacking, (example.command, lacking, output)
+        # The README's `heal --all` healed everything, before the cleanup below does.
+        assert not [f for f in cluster.management_api("GET", "/georeg/v1/faults")[1]
+                    if f["active"]]
+    finally:
+        # Whatever failed, the module's scenarios get a healthy cluster: no fault
+        # left (a pause would heal itself mid-scenario), and no rotten blob,
+        # which healing cannot undo but a scrub repairs.
+        cluster.management_api("DELETE", "/georeg/v1/faults")
+        cluster.run(cluster.cluster.wait_ready)
+        print(georeg_command(["verify", "--scrub"], cwd=tmp_path).stdout)
+    verified_clean(cluster, 30, "the cluster to converge after healing")
+
+
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=pytest.mark.soak) if name in SOAK_ONLY and SCALE < 1 else name
     for name in NAMES])
@@ -299,3 +432,4 @@ def test_a_run_outlasts_the_restart_of_what_its_faults_took_down(cluster):
     moves = [m["to"] for m in report["failovers"]["brazilsouth"]]
     assert moves and moves[0] != "brazilsouth" and moves[-1] == "brazilsouth", moves
     assert report["pushes"]["lost"] == 0 and report["passed"], report["checks"]
+

@@ -416,6 +416,9 @@ class ChaosWorkload:
         self._counter = 0
         self.until = 0.0        # seconds into the run; the run may move it on while it runs
         self.until_planned = 0.0    # the scenario's duration
+        # While set, the workload goes on past ``until``: the run is still finding
+        # out whether its faults have recovered (``ChaosRun._outlast_recovery``).
+        self.held = False
 
     def _layer(self) -> bytes:
         size = self.workload.layer_size
@@ -424,7 +427,8 @@ class ChaosWorkload:
 
     async def run(self, session: aiohttp.ClientSession, until: float) -> None:
         """Push and pull until ``until`` s into the run (or ``self.until``, if
-        moved on meanwhile), then wait for what is under way."""
+        moved on meanwhile, and for as long as ``held``), then wait for what
+        is under way."""
         self.until = self.until_planned = until
         tasks: set[asyncio.Task] = set()
         w = self.workload
@@ -433,7 +437,7 @@ class ChaosWorkload:
                       (w.retag_rate, self._retag, True), (w.delete_rate, self._delete, True)]
         due = [0.0] * len(operations)
         loop_start = self.obs.now()
-        while self.obs.now() < self.until:
+        while self.obs.now() < self.until or self.held:
             now = self.obs.now() - loop_start
             for i, (rate, operation, needs_image) in enumerate(operations):
                 if not rate:
@@ -881,28 +885,41 @@ class ChaosRun:
         coming back, and served, as the scenario meant them to be. A restart takes as long at any scale, so a scaled
         run (or one on a loaded machine) would otherwise end before it is
         done. Bounded by ``max_convergence_s``; faults the run heals at its
-        end (no duration) are not waited for."""
-        await faults
-        margin = RECOVERY_POLL_S * 4        # polled well before the workload would stop
-        await asyncio.sleep(max(0.0, workload.until - margin - self.obs.now()))
-        limit = self.obs.now() + self.scenario.assertions.max_convergence_s
-        extended = False
-        while self.obs.now() < min(limit, workload.until):
-            try:
-                recovered = await self._recovered(session)
-            except (ScenarioError, aiohttp.ClientError, TimeoutError):
-                recovered = False           # asked again on the next poll
-            if recovered:
-                if extended:
-                    heals = [s.at_s + s.arguments["duration_s"] for s in self.steps
-                             if s.action == "fault" and s.arguments.get("duration_s")]
-                    after = max(RECOVERY_TAIL_S, workload.until_planned - max(heals, default=0.0))
-                    workload.until = max(workload.until, self.obs.now() + after)
-                return
-            if workload.until - self.obs.now() < margin:
-                workload.until = self.obs.now() + margin * 2
-                extended = True
-            await asyncio.sleep(RECOVERY_POLL_S)
+        end (no duration) are not waited for.
+
+        The workload is held (``ChaosWorkload.held``) from the start until
+        this decides: however late a poll comes back on a loaded machine, the
+        workload never ends before recovery has been seen (extending a
+        deadline a poll at a time did, whenever a poll took longer than the
+        time left). Polling starts at the schedule's last such heal, so a
+        recovery seen before the planned end costs at most the tail past it;
+        a schedule with no fault that heals by itself is not held at all."""
+        heals = [s.at_s + s.arguments["duration_s"] for s in self.steps
+                 if s.action == "fault" and s.arguments.get("duration_s")]
+        if not heals:
+            return
+        last_heal = max(heals)
+        workload.held = True
+        try:
+            await faults
+            await asyncio.sleep(max(0.0, last_heal - self.obs.now()))
+            limit = self.obs.now() + self.scenario.assertions.max_convergence_s
+            while self.obs.now() < limit:
+                try:
+                    recovered = await self._recovered(session)
+                except (ScenarioError, aiohttp.ClientError, TimeoutError):
+                    recovered = False           # asked again on the next poll
+                if recovered:
+                    # Past the planned end: as long as the schedule left after
+                    # its last heal; before it, up to the tail past the heal.
+                    seen = self.obs.now()
+                    after = RECOVERY_TAIL_S if seen < workload.until else \
+                        max(RECOVERY_TAIL_S, workload.until_planned - last_heal)
+                    workload.until = max(workload.until, seen + after)
+                    return
+                await asyncio.sleep(RECOVERY_POLL_S)
+        finally:
+            workload.held = False
 
     async def _recovered(self, session) -> bool:
         """Whether every fault the schedule injected with a duration has healed
@@ -1030,10 +1047,15 @@ class ChaosRun:
         return await self._served(session, self.obs.indefinite)
 
     async def _verify(self, session) -> dict | None:
+        """``georeg verify``'s verdict; one that fails or never answers (the
+        session's timeout) is a failed verify in the report, not a crash."""
         try:
             return await self._api(session, "GET", "/georeg/v1/verify")
         except ScenarioError as exc:
             return {"clean": False, "error": str(exc)}
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return {"clean": False,
+                    "error": f"GET /georeg/v1/verify: {str(exc) or type(exc).__name__}"}
 
     async def _invariants(self, session, verify: dict | None) -> dict[str, list]:
         """What breaks each of ``INVARIANTS`` (an empty list: it holds), once the
@@ -1226,9 +1248,12 @@ def summary(report: dict) -> str:
         lines.append(f"  worst replication lag of an acknowledged image: {report['max_lag_ms']:.0f} ms")
     if report["verify"] is not None:
         verdict = report["verify"]
-        lines.append(f"  georeg verify: {'clean' if verdict.get('ok') else 'DIVERGENT'}"
-                     + (f" ({len(verdict.get('divergences') or [])} divergences)"
-                        if not verdict.get("ok") else ""))
+        if verdict.get("error"):
+            lines.append(f"  georeg verify: FAILED ({verdict['error']})")
+        else:
+            lines.append(f"  georeg verify: {'clean' if verdict.get('ok') else 'DIVERGENT'}"
+                         + (f" ({len(verdict.get('divergences') or [])} divergences)"
+                            if not verdict.get("ok") else ""))
     if report.get("deletes"):
         d = report["deletes"]
         lines.append(f"  retags acknowledged: {report['retags']}; deletes: {d['attempted']} "

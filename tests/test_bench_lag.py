@@ -76,15 +76,19 @@ def test_bench_lag_reports_every_pair_and_no_lag_beats_its_floor(tmp_path, wan):
         assert pair["samples"] == 3 and pair["missing"] == 0, key
         assert pair["throughput_mb_s"] > 0, (key, pair)
         assert pair["min_ms"] <= pair["p50_ms"] <= pair["p95_ms"] <= pair["p99_ms"] <= pair["max_ms"]
-        # Lag counts from the client's receipt of the 201. On loopback a replica
-        # may hold the image before that (the blobs travel with their events,
-        # and the origin still fsyncs and answers): below zero by at most that
-        # commit-to-answer time, which 250 ms bounds loosely.
-        assert pair["min_ms"] > (0 if wan else -250), (key, pair)
+        # Lag counts from the client's receipt of the 201. A replica may hold
+        # the image before that (the blobs travel with their events, and the
+        # origin still fsyncs and answers): below zero by at most that
+        # commit-to-answer time, which 250 ms bounds loosely. Over a WAN too: on
+        # a busy machine the 201 can reach the client later than an ocean's
+        # one-way latency after the origin committed (seen: 48 ms).
+        assert pair["min_ms"] > -250, (key, pair)
         assert len(pair["lags_ms"]) == len(pair["floors_ms"]) == 3
-        if wan:  # every one of these pairs crosses an ocean: the floor is tens of ms
-            assert pair["floor_ms"] > 10, (key, pair)
-            assert pair["p50_ratio"] > 0
+        if wan:  # every one of these pairs crosses an ocean: counted from the
+            # origin's own acknowledgement, the lag is tens of ms
+            assert pair["p50_ms"] - pair["node_ack_offset_ms"] > 10, (key, pair)
+            if pair["floor_ms"] > 0:  # a ratio to a floor at or below zero means nothing
+                assert pair["p50_ratio"] > 0, (key, pair)
         else:    # the manifest was held before it was acknowledged, and nothing more
             assert -250 < pair["floor_ms"] <= 0, (key, pair)
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

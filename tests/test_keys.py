@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from registry_node import keys
 from registry_node.reference import MAX_NAME_LENGTH, validate_name, validate_tag
 
+from .profiles import scaled
+
 # The distribution-spec grammar, written out here rather than taken from ``reference``.
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 repositories = st.lists(st.from_regex(_COMPONENT, fullmatch=True), min_size=1, max_size=4) \
@@ -191,6 +193,7 @@ def test_the_tree_draws_every_family():
     assert missing == []
 
 
+@settings(max_examples=scaled(30))
 @given(repositories, tags)
 def test_the_strategies_draw_what_the_grammar_allows(name, tag):
     assert validate_name(name) == name and validate_tag(tag) == tag
@@ -204,7 +207,10 @@ def test_the_names_drawn_include_names_with_slashes():
     assert found.count("/") >= 2
 
 
+# Twenty keys of each family in ``ci`` (a family's strategies draw names from
+# the grammar, ~40 ms a key): every family runs, and ``soak`` draws ten times as many.
 @pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=scaled(20))
 @given(data=st.data())
 def test_a_built_key_parses_back_to_its_fields(family, data):
     builder, kind, strategies = FAMILIES[family]
@@ -228,6 +234,7 @@ def test_meta_keys_parse_to_their_name(key, name):
     assert keys.MetaKey(name).encode() == key
 
 
+@settings(max_examples=scaled(40))
 @given(a=repositories, b=repositories, tag=tags, digest=digests)
 @example(a="app", b="app/web", tag="v1", digest=D1)
 @example(a="app/web", b="app", tag="v1", digest=D1)

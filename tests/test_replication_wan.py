@@ -313,6 +313,7 @@ def test_an_images_layers_cross_from_different_origin_zones():
     assert sorted(picked) == ["eastus-1", "eastus-2", "eastus-3"]
 
 
+@pytest.mark.serial  # the 0.2 s gather window against a push's arrival
 async def test_relayed_events_of_an_image_travel_together(cluster, http):
     """westeurope-1 relays an eastus push as its blobs land there, one event at a
     time; a subscriber gets those events in about one batch, not one each."""
@@ -337,6 +338,7 @@ async def test_relayed_events_of_an_image_travel_together(cluster, http):
         await client.close()
 
 
+@pytest.mark.serial  # the origin's stream, slowed, against the 1 s wait for it
 @pytest.mark.parametrize("cluster", [False], indirect=True, ids=["one_per_zone"])
 async def test_a_relay_that_overtakes_the_origin_waits_for_its_bytes(cluster, http):
     """eastus-1's stream to westeurope-1 carries the blobs and is made slow;

@@ -98,7 +98,8 @@ image-test: image
 # alone.
 TEST_WORKERS ?= 2
 test: install proto-check
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 -m 'not soak and not image and not serial'
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40 \
+	  -m 'not soak and not image and not serial'
 	$(PY) -m pytest --durations=5 -m 'serial and not soak and not image'
 
 # Regenerate the gRPC code from proto/ (never edit replicator/wire/v1/*_pb2*.py by hand).

@@ -29,6 +29,21 @@ def pytest_report_header(config):
     return profiles.header()
 
 
+# `make test` hands whole files to two workers in collection order
+# (`--dist loadfile --no-loadscope-reorder`): a long file handed out last keeps
+# one worker busy while the other has nothing left. These go first, longest
+# first (from the CI log's slowest tests); the rest keep their order.
+LONGEST_FIRST = ("test_chaos.py", "test_cluster.py", "test_faults.py",
+                 "test_replication_stateful.py", "test_bench_scale.py", "test_properties.py",
+                 "test_dashboard.py", "test_multihost.py", "test_architecture.py",
+                 "test_identities.py", "test_bench_lag.py", "test_webhook_control.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
 @pytest.fixture
 def node_config(tmp_path) -> NodeConfig:
     return NodeConfig(data_dir=tmp_path / "node", port=0)

@@ -170,6 +170,21 @@ def test_a_host_that_would_see_the_control_data_dir_is_refused():
         Supervisor(p, hosts={"10.9.0.4": host}).host(p.node(CONFINED))
 
 
+def test_a_bound_root_shows_a_venv_under_tmp_over_the_hosts_own_tmp(tmp_path):
+    # A CI clone (its venv) may be under /tmp, where each host mounts a tmpfs.
+    class UnderTmp(BoundRoot):
+        @staticmethod
+        def _python_paths() -> list[str]:
+            return [str(tmp_path / "venv")]
+
+    host = NamespaceHost("h", "10.9.0.4", tmp_path / "h", veth="v", bridge="b",
+                         control=CONTROL, user=(1, 1), root_fs=UnderTmp())
+    targets = [line.split()[-1] for line in host._script().splitlines()
+               if line.startswith("mount ")]
+    venv, tmp = f"{host.root}{tmp_path / 'venv'}", f"{host.root}/tmp"
+    assert targets.index(venv) > targets.index(tmp), targets
+
+
 def test_a_put_removes_what_a_killed_put_left_and_nothing_in_flight(tmp_path):
     target = tmp_path / "node.key"
     left, in_flight = tmp_path / ".node.key.ab12.tmp", tmp_path / ".node.key.cd34.tmp"

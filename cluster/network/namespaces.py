@@ -279,6 +279,13 @@ class BoundRoot:
         for entry in sorted(Path("/").iterdir()):     # merged /usr: bin -> usr/bin, …
             if entry.is_symlink():
                 lines.append(f"ln -s {shlex.quote(os.readlink(entry))} {entry.name}")
+        return lines
+
+    def binds(self, root: str) -> list[str]:
+        """This machine's paths bound on the root: made once the host's own
+        ``/proc``, ``/tmp``, ``/dev`` and ``/data`` are mounted, which would
+        hide those under them."""
+        lines = []
         for source in ("/usr", "/etc", *self._python_paths()):
             target = f"{root}{shlex.quote(source)}"
             lines += [f"mkdir -p {target}", f"mount --bind -o ro {shlex.quote(source)} {target}"]
@@ -315,6 +322,9 @@ class ImageRoot:
 
     def mounts(self, root: str) -> list[str]:
         return [f"mount --bind -o ro {shlex.quote(str(self.directory))} {root}"]
+
+    def binds(self, root: str) -> list[str]:
+        return []
 
     def command(self, argv: list[str]) -> list[str]:
         if argv[:3] == [sys.executable, "-m", "cluster.cli"]:
@@ -438,16 +448,20 @@ class NamespaceHost:
         return _run(["nsenter", f"--target={self.holder.pid}", "--net", *argv])
 
     def _script(self) -> str:
-        """The holder's: loopback up, the root file system mounted, then wait."""
+        """The holder's: loopback up, the root file system mounted, then wait.
+
+        The root's binds of this machine's paths come last: one under a
+        directory the host has of its own (a checkout and its venv under
+        ``/tmp``, as a CI clone may be) would otherwise be hidden by it."""
         root = shlex.quote(str(self.root))
         lines = ["set -e", "ip link set lo up", *self.root_fs.mounts(root),
                  f"mount -t proc proc {root}/proc",
-                  f"mount -t tmpfs -o mode=1777,size=64m tmp {root}/tmp",
-                  f"mount -t tmpfs -o mode=755,size=64k dev {root}/dev"]
+                 f"mount -t tmpfs -o mode=1777,size=64m tmp {root}/tmp",
+                 f"mount -t tmpfs -o mode=755,size=64k dev {root}/dev"]
         for device in DEVICES:
             lines += [f"touch {root}/dev/{device}", f"mount --bind /dev/{device} {root}/dev/{device}"]
         lines += [f"mount --bind {shlex.quote(str(self.data))} {root}{self.data_mount}",
-                  f"echo {READY}", "exec sleep infinity"]
+                  *self.root_fs.binds(root), f"echo {READY}", "exec sleep infinity"]
         return "\n".join(lines)
 
     def processes(self) -> list[int]:

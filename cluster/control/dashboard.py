@@ -419,8 +419,9 @@ class Dashboard:
         self._snapshot: tuple[float, bytes] | None = None
         self._stale = False               # a fault changed since the snapshot (``_poke``)
         self._poke_later: asyncio.TimerHandle | None = None
+        self._poke_owed = False           # ``_poke_due`` ran: the next look builds a snapshot
         self._closing = False             # every stream ends (the server is stopping)
-        self._wake = asyncio.Event()      # set and cleared: every stream looks again now
+        self._wake = asyncio.Event()      # set, then replaced: every stream looks again now
 
     @property
     def _owner(self) -> bytes | None:
@@ -526,12 +527,15 @@ class Dashboard:
 
     def _poke_due(self) -> None:
         self._poke_later = None
+        self._poke_owed = True      # the loop may run a timer a little early: due all the same
         self._wake_streams()
 
     def _wake_streams(self) -> None:
-        """Every stream looks again now (a fresh snapshot if due, its session)."""
+        """Every stream looks again now (a fresh snapshot if due, its session).
+        A stream takes the event before it looks, so a wake while it writes or
+        checks its session is not lost: the event it then waits on is already set."""
         self._wake.set()
-        self._wake.clear()
+        self._wake = asyncio.Event()
 
     @staticmethod
     def _change(handler):
@@ -726,8 +730,8 @@ class Dashboard:
         page could not parse it); the last good snapshot stays instead."""
         now = time.monotonic()
         age = now - self._snapshot[0] if self._snapshot else math.inf
-        if age >= self.update_every_s or (self._stale and age >= POKE_FLOOR_S):
-            self._stale = False
+        if age >= self.update_every_s or (self._stale and (age >= POKE_FLOOR_S or self._poke_owed)):
+            self._stale = self._poke_owed = False
             try:
                 encoded = json.dumps(self.snapshot(), allow_nan=False).encode()
             except ValueError as exc:
@@ -763,6 +767,7 @@ class Dashboard:
         sent, last_write = b"", time.monotonic()
         started = last_write
         while time.monotonic() - started < STREAM_MAX_S and not self._closing:
+            wake = self._wake       # before looking: a wake from here on is seen
             if not await self.still_allowed(request):
                 break
             body = self._encoded()
@@ -776,7 +781,7 @@ class Dashboard:
             except ConnectionResetError:      # the page went away
                 break
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.update_every_s)
+                await asyncio.wait_for(wake.wait(), self.update_every_s)
         return response
 
     async def _scrape_lag(self) -> None:
